@@ -1,0 +1,228 @@
+/* Outbound capture and per-pod kernel counters.
+ *
+ * np_connect4 / np_connect6 (cgroup/connect4, cgroup/connect6): for a TCP
+ * socket of an enrolled pod, remember the original destination by socket
+ * cookie and rewrite the destination to the proxy's outbound listener on
+ * loopback inside that pod's network namespace.  Loopback destinations and
+ * non-enrolled network namespaces are left alone.  The proxy's own sockets
+ * live in the daemon's cgroup, outside the pod subtree these programs are
+ * attached to, and additionally carry NP_SOCKET_MARK.
+ *
+ * np_sockops (sockops): when a captured socket is established, re-key its
+ * original destination by the socket's local address, which is what the
+ * proxy sees as the peer of the accepted connection; keep per-pod counters
+ * from the kernel's own TCP state (opened, closed, bytes, smoothed RTT).
+ *
+ * Constants come from nodeproxy/capture/constants.py as -D flags.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/socket.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include "maps.h"
+
+#define NP_DIR_OUT 1
+#define NP_DIR_IN 2
+
+BPF_HASH(pods, u64, struct pod_info, NP_MAX_PODS);
+BPF_TABLE("lru_hash", u64, struct orig_dst, origdst_by_cookie, NP_MAX_FLOWS);
+BPF_TABLE("lru_hash", struct tuple_key, struct orig_dst, origdst_by_tuple, NP_MAX_FLOWS);
+BPF_HASH(pod_stats, u32, struct pod_counters, NP_MAX_PODS);
+BPF_SK_STORAGE(sock_states, struct sock_state);
+
+/* bcc 0.26 declares these helpers with a 32-bit result; declare them after
+ * the maps so map fd relocation is unaffected. */
+static u64 (*np_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+static u64 (*np_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
+
+static __always_inline struct pod_counters *counters_of(u32 pod_id)
+{
+    struct pod_counters zero = {};
+    pod_stats.insert(&pod_id, &zero);
+    return pod_stats.lookup(&pod_id);
+}
+
+static __always_inline int is_ours(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    return sk && sk->mark == NP_SOCKET_MARK;
+}
+
+int np_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM || is_ours(ctx))
+        return 1;
+    u64 netns = np_netns_cookie(ctx);
+    struct pod_info *pod = pods.lookup(&netns);
+    if (!pod)
+        return 1;
+    u32 dst = ctx->user_ip4;
+    if ((bpf_ntohl(dst) >> 24) == 127)
+        return 1;
+
+    struct orig_dst od = {};
+    od.ip[0] = dst;
+    od.port = (u16)ctx->user_port;
+    od.family = AF_INET;
+    od.pod_id = pod->pod_id;
+    u64 cookie = np_socket_cookie(ctx);
+    origdst_by_cookie.update(&cookie, &od);
+
+    ctx->user_ip4 = bpf_htonl(0x7f000001);
+    ctx->user_port = bpf_htons(NP_OUTBOUND_PORT);
+    struct pod_counters *c = counters_of(pod->pod_id);
+    if (c)
+        __sync_fetch_and_add(&c->captured, 1);
+    return 1;
+}
+
+int np_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM || is_ours(ctx))
+        return 1;
+    u64 netns = np_netns_cookie(ctx);
+    struct pod_info *pod = pods.lookup(&netns);
+    if (!pod)
+        return 1;
+    u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1];
+    u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+    /* ::1 */
+    if (w0 == 0 && w1 == 0 && w2 == 0 && w3 == bpf_htonl(1))
+        return 1;
+    /* ::ffff:127.0.0.0/104 (IPv4-mapped loopback) */
+    if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff) && (bpf_ntohl(w3) >> 24) == 127)
+        return 1;
+
+    struct orig_dst od = {};
+    od.ip[0] = w0;
+    od.ip[1] = w1;
+    od.ip[2] = w2;
+    od.ip[3] = w3;
+    od.port = (u16)ctx->user_port;
+    od.family = AF_INET6;
+    od.pod_id = pod->pod_id;
+    u64 cookie = np_socket_cookie(ctx);
+    origdst_by_cookie.update(&cookie, &od);
+
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = 0;
+    ctx->user_ip6[3] = bpf_htonl(1);
+    ctx->user_port = bpf_htons(NP_OUTBOUND_PORT);
+    struct pod_counters *c = counters_of(pod->pod_id);
+    if (c)
+        __sync_fetch_and_add(&c->captured, 1);
+    return 1;
+}
+
+static __always_inline void remember_tuple(struct bpf_sock_ops *skops, u64 netns)
+{
+    u64 cookie = np_socket_cookie(skops);
+    struct orig_dst *od = origdst_by_cookie.lookup(&cookie);
+    if (!od)
+        return;
+    struct tuple_key key = {};
+    key.netns_cookie = netns;
+    key.family = skops->family;
+    key.port = skops->local_port;
+    if (skops->family == AF_INET) {
+        key.ip[0] = skops->local_ip4;
+    } else {
+        key.ip[0] = skops->local_ip6[0];
+        key.ip[1] = skops->local_ip6[1];
+        key.ip[2] = skops->local_ip6[2];
+        key.ip[3] = skops->local_ip6[3];
+    }
+    struct orig_dst copy = *od;
+    origdst_by_tuple.update(&key, &copy);
+    origdst_by_cookie.delete(&cookie);
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
+{
+    u64 netns = np_netns_cookie(skops);
+    struct pod_info *pod = pods.lookup(&netns);
+    if (!pod)
+        return;
+    u32 pod_id = pod->pod_id;
+    if (dir == NP_DIR_OUT)
+        remember_tuple(skops, netns);
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
+    struct sock_state *st = sock_states.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!st)
+        return;
+    st->pod_id = pod_id;
+    st->direction = dir;
+    struct pod_counters *c = counters_of(pod_id);
+    if (c) {
+        if (dir == NP_DIR_OUT)
+            __sync_fetch_and_add(&c->out_opened, 1);
+        else
+            __sync_fetch_and_add(&c->in_opened, 1);
+    }
+    bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+static __always_inline struct sock_state *state_of(struct bpf_sock_ops *skops)
+{
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return 0;
+    return sock_states.sk_storage_get(sk, 0, 0);
+}
+
+static __always_inline void on_close(struct bpf_sock_ops *skops)
+{
+    struct sock_state *st = state_of(skops);
+    if (!st || st->direction == 0)
+        return;
+    struct pod_counters *c = counters_of(st->pod_id);
+    if (c) {
+        u64 sent = skops->bytes_acked;
+        u64 received = skops->bytes_received;
+        if (st->direction == NP_DIR_OUT) {
+            __sync_fetch_and_add(&c->out_closed, 1);
+            __sync_fetch_and_add(&c->out_bytes_sent, sent);
+            __sync_fetch_and_add(&c->out_bytes_received, received);
+        } else {
+            __sync_fetch_and_add(&c->in_closed, 1);
+            __sync_fetch_and_add(&c->in_bytes_sent, sent);
+            __sync_fetch_and_add(&c->in_bytes_received, received);
+        }
+    }
+    st->direction = 0;  /* count each socket's close once */
+}
+
+static __always_inline void on_rtt(struct bpf_sock_ops *skops)
+{
+    struct sock_state *st = state_of(skops);
+    if (!st || st->direction == 0)
+        return;
+    struct pod_counters *c = counters_of(st->pod_id);
+    if (c) {
+        __sync_fetch_and_add(&c->rtt_sum_us, skops->srtt_us >> 3);
+        __sync_fetch_and_add(&c->rtt_samples, 1);
+    }
+}
+
+int np_sockops(struct bpf_sock_ops *skops)
+{
+    switch (skops->op) {
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        on_established(skops, NP_DIR_OUT);
+        break;
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+        on_established(skops, NP_DIR_IN);
+        break;
+    case BPF_SOCK_OPS_STATE_CB:
+        if (skops->args[1] == BPF_TCP_CLOSE)
+            on_close(skops);
+        break;
+    case BPF_SOCK_OPS_RTT_CB:
+        on_rtt(skops);
+        break;
+    }
+    return 1;
+}

@@ -1,0 +1,55 @@
+/* Map layouts shared by the eBPF programs and the Python daemon.
+ *
+ * This header is the single definition: bcc compiles it into the programs
+ * and generates the ctypes Key/Leaf classes the daemon uses to read and
+ * write the same maps (nodeproxy/capture/maps.py).  Numeric constants
+ * (ports, map sizes) are passed in by the daemon as -D flags from
+ * nodeproxy/capture/constants.py, so they too have one source.
+ */
+#ifndef NODEPROXY_MAPS_H
+#define NODEPROXY_MAPS_H
+
+/* An enrolled pod, keyed by the cookie of its network namespace. */
+struct pod_info {
+    u32 pod_id;
+    u32 flags;
+};
+
+/* Original destination of a captured connect(), network byte order. */
+struct orig_dst {
+    u32 ip[4];      /* IPv4 in ip[0]; IPv6 in all four words */
+    u16 port;       /* network byte order */
+    u16 family;     /* AF_INET or AF_INET6 */
+    u32 pod_id;
+};
+
+/* The application socket's local address, as the proxy sees it as peer. */
+struct tuple_key {
+    u64 netns_cookie;
+    u32 ip[4];      /* network byte order */
+    u32 port;       /* host byte order */
+    u32 family;
+};
+
+/* Per-pod counters kept by the kernel, read by the daemon at scrape time. */
+struct pod_counters {
+    u64 captured;           /* connect() calls rewritten to the proxy */
+    u64 out_opened;         /* active TCP connections established */
+    u64 in_opened;          /* passive TCP connections established */
+    u64 out_closed;
+    u64 in_closed;
+    u64 out_bytes_sent;     /* tcp_sock bytes_acked at close */
+    u64 out_bytes_received; /* tcp_sock bytes_received at close */
+    u64 in_bytes_sent;
+    u64 in_bytes_received;
+    u64 rtt_sum_us;         /* sum of smoothed RTT samples */
+    u64 rtt_samples;
+};
+
+/* Per-socket state, in socket-local storage. */
+struct sock_state {
+    u32 pod_id;
+    u32 direction;          /* 1 outbound (active), 2 inbound (passive) */
+};
+
+#endif

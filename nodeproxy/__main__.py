@@ -1,0 +1,5 @@
+"""`python -m nodeproxy` is the CLI."""
+
+from nodeproxy.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The node policy model: typed, frozen, validated objects for one node YAML file.
+
+YAML keys are camelCase (as in Kubernetes manifests); Python attributes are
+snake_case.  Unknown keys are errors.  Everything structural is checked here;
+facts about the running machine (does a netns path exist?) are checked by
+nodeproxy.config.environment when the daemon applies a configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "nodeproxy.io/v1alpha1"
+KIND = "NodeProxyConfig"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+PortNumber = Annotated[int, Field(ge=1, le=65535)]
+# RFC 1123 label, as Kubernetes names and namespaces are.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_KEY = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+class Model(BaseModel):
+    """Base for every config object: frozen, strict about unknown keys, camelCase in YAML."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+    )
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name (lowercase letters, digits and '-', at most 63)"
+        )
+    return value
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not _LABEL_KEY.match(key):
+            raise ValueError(f"{key!r} is not a valid label key")
+    return value
+
+
+class NodeSettings(Model):
+    """Which node this daemon serves and where its kernel objects live."""
+
+    name: str
+    # cgroup v2 directory whose subtree holds this node's pods; the capture
+    # programs attach here.  Default: the kubepods subtree of the cgroup v2 mount.
+    pod_cgroup: str | None = None
+    bpffs: str = "/sys/fs/bpf"
+
+    _name = field_validator("name")(_dns_label)
+
+
+class MeshSettings(Model):
+    trust_domain: str = "cluster.local"
+    # What to do with a destination that is neither a service VIP nor a known pod.
+    outbound_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
+
+
+class ProxySettings(Model):
+    outbound_port: PortNumber = 15001
+    inbound_port: PortNumber = 15006
+    hbone_port: PortNumber = 15008
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # SIGTERM: stop accepting, wait this long for open connections, then close them.
+    drain_seconds: float = Field(default=10.0, ge=0, le=3600)
+    # How often enrolled pods' netns paths are checked for having vanished.
+    netns_check_seconds: float = Field(default=1.0, gt=0, le=60)
+
+
+class AdminSettings(Model):
+    admin_address: str = "127.0.0.1"
+    admin_port: PortNumber = 15000
+    metrics_address: str = "0.0.0.0"
+    metrics_port: PortNumber = 15020
+    readiness_port: PortNumber = 15021
+    # Unix socket for runtime enroll/unenroll (the CNI plugin uses it).
+    control_socket: str = "/run/nodeproxy/control.sock"
+
+
+class CaptureSettings(Model):
+    # What a crash leaves behind.  fail_closed keeps the capture programs
+    # attached (pinned links) so pods' outbound traffic is refused until the
+    # daemon restarts and takes over; fail_open detaches them with the
+    # process, so pods talk directly, outside the mesh, until it returns.
+    on_crash: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+
+class Workload(Model):
+    """A pod.  Local pods (on this node) need netns and cgroup; remote ones need only IPs."""
+
+    name: str
+    namespace: str = "default"
+    service_account: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    node: str | None = None  # None: this node
+    netns: str | None = None
+    cgroup: str | None = None
+    ips: list[IPAddress] = Field(min_length=1)
+
+    _names = field_validator("name", "namespace", "service_account")(_dns_label)
+    _label_keys = field_validator("labels")(_labels)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class ServicePort(Model):
+    port: PortNumber
+    target_port: PortNumber | None = None
+    name: str | None = None
+    protocol: Literal["tcp"] = "tcp"
+
+    @property
+    def backend_port(self) -> int:
+        return self.target_port or self.port
+
+
+class Endpoint(Model):
+    """An explicit service endpoint (a backend that is not a listed workload)."""
+
+    address: IPAddress
+    port: PortNumber
+    node: str | None = None
+
+
+class Service(Model):
+    name: str
+    namespace: str = "default"
+    vips: list[IPAddress] = Field(min_length=1)
+    ports: list[ServicePort] = Field(min_length=1)
+    # Workloads whose labels contain all of these are endpoints (on target_port).
+    selector: dict[str, str] | None = None
+    # Extra endpoints, used as given.
+    endpoints: list[Endpoint] = Field(default_factory=list)
+
+    _names = field_validator("name", "namespace")(_dns_label)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @model_validator(mode="after")
+    def _ports_unique(self) -> Service:
+        seen: set[int] = set()
+        for port in self.ports:
+            if port.port in seen:
+                raise ValueError(f"port {port.port} is listed twice")
+            seen.add(port.port)
+        if self.selector is None and not self.endpoints:
+            raise ValueError("a service needs a selector or endpoints")
+        return self
+
+
+class NodeConfig(Model):
+    """One node's whole configuration."""
+
+    api_version: Literal["nodeproxy.io/v1alpha1"]
+    kind: Literal["NodeProxyConfig"]
+    node: NodeSettings
+    mesh: MeshSettings = Field(default_factory=MeshSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    workloads: list[Workload] = Field(default_factory=list)
+    services: list[Service] = Field(default_factory=list)
+
+    def local_workloads(self) -> list[Workload]:
+        return [w for w in self.workloads if w.node in (None, self.node.name)]
+
+
+Problem = tuple[tuple[str | int, ...], str]
+"""A validation problem: the field path in the YAML document and what is wrong."""
+
+
+def cross_check(config: NodeConfig) -> list[Problem]:
+    """Checks that span objects: duplicate names and addresses, local pods' netns and cgroup."""
+    errors: list[Problem] = []
+    workload_at: dict[str, int] = {}
+    ip_at: dict[IPAddress, int] = {}
+    for i, w in enumerate(config.workloads):
+        if w.key in workload_at:
+            errors.append((("workloads", i, "name"),
+                           f"workload {w.key} is already defined at "
+                           f"workloads[{workload_at[w.key]}]"))
+        workload_at.setdefault(w.key, i)
+        for j, ip in enumerate(w.ips):
+            if ip in ip_at and ip_at[ip] != i:
+                errors.append((("workloads", i, "ips", j),
+                               f"IP {ip} is already used by workloads[{ip_at[ip]}]"))
+            ip_at.setdefault(ip, i)
+        if w.node in (None, config.node.name):
+            for needed in ("netns", "cgroup"):
+                if not getattr(w, needed):
+                    errors.append((("workloads", i),
+                                   f"workload {w.key} is on this node, so it needs '{needed}'"))
+    service_at: dict[str, int] = {}
+    vip_at: dict[IPAddress, int] = {}
+    for i, s in enumerate(config.services):
+        if s.key in service_at:
+            errors.append((("services", i, "name"),
+                           f"service {s.key} is already defined at services[{service_at[s.key]}]"))
+        service_at.setdefault(s.key, i)
+        for j, vip in enumerate(s.vips):
+            if vip in vip_at:
+                errors.append((("services", i, "vips", j),
+                               f"VIP {vip} is already used by services[{vip_at[vip]}]"))
+            elif vip in ip_at:
+                errors.append((("services", i, "vips", j),
+                               f"VIP {vip} is also the IP of workloads[{ip_at[vip]}]"))
+            vip_at.setdefault(vip, i)
+    return errors
