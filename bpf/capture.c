@@ -23,6 +23,8 @@
 
 #define NP_DIR_OUT 1
 #define NP_DIR_IN 2
+#define NP_SOCK_FIN_SENT 1
+#define NP_SOCK_FIN_RCVD 2
 
 BPF_HASH(pods, u64, struct pod_info, NP_MAX_PODS);
 BPF_TABLE("lru_hash", u64, struct orig_dst, origdst_by_cookie, NP_MAX_FLOWS);
@@ -155,6 +157,9 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
         return;
     st->pod_id = pod_id;
     st->direction = dir;
+    st->flags = 0;
+    st->acked_base = skops->bytes_acked;        /* the active side's SYN */
+    st->received_base = skops->bytes_received;
     struct pod_counters *c = counters_of(pod_id);
     if (c) {
         if (dir == NP_DIR_OUT)
@@ -173,15 +178,39 @@ static __always_inline struct sock_state *state_of(struct bpf_sock_ops *skops)
     return sock_states.sk_storage_get(sk, 0, 0);
 }
 
-static __always_inline void on_close(struct bpf_sock_ops *skops)
+static __always_inline void on_state(struct bpf_sock_ops *skops)
 {
     struct sock_state *st = state_of(skops);
     if (!st || st->direction == 0)
         return;
+    u32 new = skops->args[1];
+    switch (new) {
+    case BPF_TCP_LAST_ACK:
+        st->flags |= NP_SOCK_FIN_SENT;
+        break;
+    case BPF_TCP_CLOSE_WAIT:
+    case BPF_TCP_CLOSING:
+        st->flags |= NP_SOCK_FIN_RCVD;
+        break;
+    case BPF_TCP_FIN_WAIT1:
+        st->flags |= NP_SOCK_FIN_SENT;
+        /* The peer's FIN can arrive in FIN_WAIT1/2 without a state change we
+         * see (the socket becomes a timewait socket): watch incoming headers
+         * from here on; only this phase pays a callback per packet. */
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+                                  BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
+        break;
+    }
+    if (new != BPF_TCP_CLOSE)
+        return;
     struct pod_counters *c = counters_of(st->pod_id);
     if (c) {
-        u64 sent = skops->bytes_acked;
-        u64 received = skops->bytes_received;
+        u64 sent = skops->bytes_acked - st->acked_base;
+        u64 received = skops->bytes_received - st->received_base;
+        if ((st->flags & NP_SOCK_FIN_SENT) && skops->snd_una == skops->snd_nxt && sent > 0)
+            sent -= 1;
+        if ((st->flags & NP_SOCK_FIN_RCVD) && received > 0)
+            received -= 1;
         if (st->direction == NP_DIR_OUT) {
             __sync_fetch_and_add(&c->out_closed, 1);
             __sync_fetch_and_add(&c->out_bytes_sent, sent);
@@ -193,6 +222,15 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
         }
     }
     st->direction = 0;  /* count each socket's close once */
+}
+
+static __always_inline void on_header(struct bpf_sock_ops *skops)
+{
+    if (!(skops->skb_tcp_flags & 0x01))  /* TCPHDR_FIN */
+        return;
+    struct sock_state *st = state_of(skops);
+    if (st && st->direction != 0)
+        st->flags |= NP_SOCK_FIN_RCVD;
 }
 
 static __always_inline void on_rtt(struct bpf_sock_ops *skops)
@@ -217,8 +255,10 @@ int np_sockops(struct bpf_sock_ops *skops)
         on_established(skops, NP_DIR_IN);
         break;
     case BPF_SOCK_OPS_STATE_CB:
-        if (skops->args[1] == BPF_TCP_CLOSE)
-            on_close(skops);
+        on_state(skops);
+        break;
+    case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+        on_header(skops);
         break;
     case BPF_SOCK_OPS_RTT_CB:
         on_rtt(skops);

@@ -46,10 +46,16 @@ struct pod_counters {
     u64 rtt_samples;
 };
 
-/* Per-socket state, in socket-local storage. */
+/* Per-socket state, in socket-local storage.  bytes_acked and bytes_received
+ * count the SYN and FIN sequence numbers too; the baselines taken at
+ * establishment and the FIN flags let the close handler report data only. */
 struct sock_state {
     u32 pod_id;
     u32 direction;          /* 1 outbound (active), 2 inbound (passive) */
+    u32 flags;              /* NP_SOCK_FIN_SENT | NP_SOCK_FIN_RCVD */
+    u32 pad;
+    u64 acked_base;
+    u64 received_base;
 };
 
 #endif

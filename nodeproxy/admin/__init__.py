@@ -1,0 +1,1 @@
+"""The daemon's HTTP faces: admin (localhost), metrics, readiness, and the control socket."""

@@ -1,0 +1,107 @@
+"""HTTP servers of the daemon (aiohttp).
+
+- admin, 127.0.0.1:15000: /ready, /config_dump, /pods, /metrics
+- metrics, :15020: /metrics and /stats/prometheus (Istio's path)
+- readiness, :15021: /healthz/ready
+- control, a Unix socket: GET/POST /v1/pods, DELETE /v1/pods/{namespace}/{name}
+  (runtime enrollment; the CNI plugin and `nodeproxy enroll` use it)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class DaemonView(Protocol):
+    registry: CollectorRegistry
+
+    def is_ready(self) -> bool: ...
+    def config_dump(self) -> dict[str, Any]: ...
+    def pods_view(self) -> list[dict[str, Any]]: ...
+    async def enroll_request(self, body: Any) -> tuple[int, dict[str, Any]]: ...
+    async def unenroll_request(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]: ...
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, indent=2, default=str) + "\n", status=status,
+                        content_type="application/json")
+
+
+class AdminServers:
+    def __init__(self, daemon: DaemonView):
+        self._d = daemon
+        self._runners: list[web.AppRunner] = []
+
+    def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._d.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _ready(self, _request: web.Request) -> web.Response:
+        if self._d.is_ready():
+            return web.Response(text="ready\n")
+        return web.Response(text="not ready\n", status=503)
+
+    async def _enroll(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _json({"error": f"request body is not JSON: {e}"}, 400)
+        status, data = await self._d.enroll_request(body)
+        return _json(data, status)
+
+    async def _unenroll(self, request: web.Request) -> web.Response:
+        status, data = await self._d.unenroll_request(
+            request.match_info["namespace"], request.match_info["name"])
+        return _json(data, status)
+
+    async def start(self, *, admin_address: str, admin_port: int, metrics_address: str,
+                    metrics_port: int, readiness_port: int, control_socket: str) -> None:
+        admin = web.Application()
+        admin.router.add_get("/ready", self._ready)
+        admin.router.add_get("/config_dump", lambda r: _json(self._d.config_dump()))
+        admin.router.add_get("/pods", lambda r: _json(self._d.pods_view()))
+        admin.router.add_get("/metrics", self._metrics)
+
+        metrics = web.Application()
+        metrics.router.add_get("/metrics", self._metrics)
+        metrics.router.add_get("/stats/prometheus", self._metrics)
+
+        readiness = web.Application()
+        readiness.router.add_get("/healthz/ready", self._ready)
+
+        control = web.Application()
+        control.router.add_get("/v1/pods", lambda r: _json(self._d.pods_view()))
+        control.router.add_post("/v1/pods", self._enroll)
+        control.router.add_delete("/v1/pods/{namespace}/{name}", self._unenroll)
+
+        await self._serve_tcp(admin, admin_address, admin_port)
+        await self._serve_tcp(metrics, metrics_address, metrics_port)
+        await self._serve_tcp(readiness, metrics_address, readiness_port)
+        os.makedirs(os.path.dirname(control_socket) or ".", exist_ok=True)
+        if os.path.exists(control_socket):
+            os.unlink(control_socket)  # left by a crashed instance
+        runner = web.AppRunner(control, access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, control_socket).start()
+        os.chmod(control_socket, 0o600)
+        self._runners.append(runner)
+        self._control_socket = control_socket
+
+    async def _serve_tcp(self, app: web.Application, host: str, port: int) -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        self._runners.append(runner)
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        path = getattr(self, "_control_socket", None)
+        if path and os.path.exists(path):
+            os.unlink(path)

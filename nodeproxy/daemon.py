@@ -1,0 +1,202 @@
+"""The node daemon: wires capture, pods, proxy, telemetry and admin together for one node.
+
+Data flows one way: validated config -> daemon state (enrolled pods,
+destination table) -> kernel maps and proxy listeners.  Start order puts the
+kernel programs in place before pods are enrolled; shutdown stops accepting,
+drains, then removes every attachment and pin it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from nodeproxy.admin.server import AdminServers
+from nodeproxy.capture import kernelfs
+from nodeproxy.capture.maps import CaptureMaps
+from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
+from nodeproxy.config.loader import LoadedConfig, format_path
+from nodeproxy.config.model import Workload
+from nodeproxy.pods.enrollment import EnrollError, Enrollment
+from nodeproxy.proxy.balancer import RoundRobin
+from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.proxy.outbound import OutboundProxy
+from nodeproxy.telemetry.kernel_collector import KernelCollector
+from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, loaded: LoadedConfig):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.registry = CollectorRegistry()
+        self.metrics = ProxyMetrics(self.registry)
+        self._ready = False
+        self._balancer = RoundRobin()
+        self._table = DestinationTable(self.config, (), self._balancer)
+        self._tasks: list[asyncio.Task] = []
+        self.programs: CapturePrograms | None = None
+        self.enrollment: Enrollment | None = None
+        self.proxy: OutboundProxy | None = None
+        self.admin = AdminServers(self)
+        self.started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        kernelfs.ensure_bpffs(cfg.node.bpffs)
+        pod_cgroup = cfg.node.pod_cgroup or kernelfs.default_pod_cgroup(
+            kernelfs.find_cgroup2_mount())
+        self.pod_cgroup = pod_cgroup
+        stale = remove_pins(pin_root(cfg.node.bpffs, cfg.node.name))
+        if stale:
+            log.warning("removed state left by an earlier instance of node %s: %s",
+                        cfg.node.name, ", ".join(stale))
+        self.programs = CapturePrograms(
+            node=cfg.node.name, pod_cgroup=pod_cgroup, bpffs=cfg.node.bpffs,
+            outbound_port=cfg.proxy.outbound_port,
+            pin_links=cfg.capture.on_crash == "fail_closed")
+        t0 = time.monotonic()
+        self.programs.load()
+        log.info("compiled and loaded capture programs in %.2fs", time.monotonic() - t0)
+        self.programs.attach()
+        self.programs.pin_maps()
+        maps = CaptureMaps(self.programs.bpf)
+        self.proxy = OutboundProxy(
+            maps=maps, metrics=self.metrics, table=lambda: self._table,
+            trust_domain=cfg.mesh.trust_domain, port=cfg.proxy.outbound_port,
+            connect_timeout=cfg.proxy.connect_timeout_seconds)
+        self.enrollment = Enrollment(
+            maps=maps, proxy=self.proxy, metrics=self.metrics,
+            trust_domain=cfg.mesh.trust_domain, pod_cgroup=pod_cgroup,
+            on_change=self._rebuild_table)
+        self.registry.register(KernelCollector(maps.pod_counters, self.enrollment.names))
+        for workload in cfg.local_workloads():
+            try:
+                await self.enrollment.enroll(workload, "config")
+            except (EnrollError, OSError) as e:
+                log.error("%s: could not enroll pod %s: %s", self.loaded.source, workload.key, e)
+        a = cfg.admin
+        await self.admin.start(
+            admin_address=a.admin_address, admin_port=a.admin_port,
+            metrics_address=a.metrics_address, metrics_port=a.metrics_port,
+            readiness_port=a.readiness_port, control_socket=a.control_socket)
+        self._tasks.append(asyncio.create_task(
+            self.enrollment.watch_vanished(cfg.proxy.netns_check_seconds)))
+        self._ready = True
+        log.info("node %s ready: %d pods enrolled, capture on %s", cfg.node.name,
+                 len(self.enrollment.pods), pod_cgroup)
+
+    async def stop(self) -> None:
+        """Stop accepting, drain, then remove everything this daemon put in the kernel."""
+        self._ready = False
+        if self.enrollment is not None and self.proxy is not None:
+            for pod in self.enrollment.pods.values():
+                for server in pod.listeners:
+                    server.close()
+            reset = await self.proxy.drain(self.config.proxy.drain_seconds)
+            log.info("drained; %d connections were still open and were reset", reset)
+            await self.enrollment.unenroll_all("shutdown")
+        for task in self._tasks:
+            task.cancel()
+        await self.admin.stop()
+        if self.programs is not None:
+            self.programs.close()
+            self.programs = None
+        log.info("node %s stopped; capture detached and pins removed", self.config.node.name)
+
+    async def serve(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            log.info("signal received: draining for up to %.1fs",
+                     self.config.proxy.drain_seconds)
+        finally:
+            await self.stop()
+
+    # -- state -----------------------------------------------------------
+
+    def _rebuild_table(self) -> None:
+        assert self.enrollment is not None
+        runtime = tuple(p.workload for p in self.enrollment.pods.values()
+                        if p.source == "runtime")
+        self._table = DestinationTable(self.config, runtime, self._balancer)
+
+    # -- admin view (nodeproxy.admin.server.DaemonView) -----------------
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            "source": self.loaded.source,
+            "digest": self.loaded.digest,
+            "loadedAt": self.loaded.loaded_at,
+            "podCgroup": getattr(self, "pod_cgroup", None),
+            "config": self.config.model_dump(mode="json", by_alias=True),
+            "runtimeWorkloads": [
+                p.workload.model_dump(mode="json", by_alias=True)
+                for p in (self.enrollment.pods.values() if self.enrollment else [])
+                if p.source == "runtime"
+            ],
+        }
+
+    def pods_view(self) -> list[dict[str, Any]]:
+        if self.enrollment is None:
+            return []
+        return [
+            {
+                "namespace": p.workload.namespace,
+                "name": p.workload.name,
+                "workload": p.ref.workload,
+                "serviceAccount": p.workload.service_account,
+                "principal": p.principal,
+                "ips": [str(ip) for ip in p.workload.ips],
+                "netns": p.workload.netns,
+                "cgroup": p.workload.cgroup,
+                "podId": p.pod_id,
+                "netnsCookie": p.netns_cookie,
+                "source": p.source,
+            }
+            for p in self.enrollment.pods.values()
+        ]
+
+    async def enroll_request(self, body: Any) -> tuple[int, dict[str, Any]]:
+        if self.enrollment is None:
+            return 503, {"error": "daemon is not started"}
+        try:
+            workload = Workload.model_validate(body)
+        except ValidationError as e:
+            problems = [f"{format_path(tuple(err['loc']))}: {err['msg']}" for err in e.errors()]
+            return 400, {"error": "invalid pod", "problems": problems}
+        if workload.node not in (None, self.config.node.name):
+            return 400, {"error": f"pod {workload.key} is on node {workload.node}, "
+                                  f"not {self.config.node.name}"}
+        try:
+            pod = await self.enrollment.enroll(workload, "runtime")
+        except EnrollError as e:
+            return 409, {"error": str(e)}
+        except OSError as e:
+            return 400, {"error": f"pod {workload.key}: {e}"}
+        return 200, {"enrolled": pod.key, "podId": pod.pod_id}
+
+    async def unenroll_request(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
+        if self.enrollment is None:
+            return 503, {"error": "daemon is not started"}
+        key = f"{namespace}/{name}"
+        if await self.enrollment.unenroll(key, "request"):
+            return 200, {"unenrolled": key}
+        return 404, {"error": f"pod {key} is not enrolled"}

@@ -1,0 +1,1 @@
+"""Pods on this node: their network namespaces and their enrollment in the mesh."""

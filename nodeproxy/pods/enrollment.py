@@ -1,0 +1,148 @@
+"""Enrolling and unenrolling pods: listeners first, then the kernel map, and the reverse.
+
+Order matters: a pod's connects are captured as soon as its netns cookie is in
+the kernel's pods map, so its 15001 listener must already exist; on the way out
+the map entry goes first, so no new connect is steered to a closing listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+from nodeproxy.capture.maps import CaptureMaps
+from nodeproxy.config.model import Workload
+from nodeproxy.pods.netns import Netns
+from nodeproxy.pods.pod import EnrolledPod, spiffe_id
+from nodeproxy.proxy.destinations import WorkloadRef
+from nodeproxy.proxy.outbound import OutboundProxy
+from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+
+class EnrollError(ValueError):
+    """A pod cannot be enrolled; the message names the pod and the reason."""
+
+
+class Enrollment:
+    def __init__(
+        self,
+        *,
+        maps: CaptureMaps,
+        proxy: OutboundProxy,
+        metrics: ProxyMetrics,
+        trust_domain: str,
+        pod_cgroup: str,
+        on_change: Callable[[], None],
+    ):
+        self._maps = maps
+        self._proxy = proxy
+        self._metrics = metrics
+        self._trust_domain = trust_domain
+        self._pod_cgroup = os.path.realpath(pod_cgroup)
+        self._on_change = on_change
+        self.pods: dict[str, EnrolledPod] = {}
+        self._next_id = 1
+        self._lock = asyncio.Lock()
+
+    def names(self) -> dict[int, tuple[str, str]]:
+        return {p.pod_id: (p.workload.namespace, p.workload.name) for p in self.pods.values()}
+
+    async def enroll(self, workload: Workload, source: str) -> EnrolledPod:
+        async with self._lock:
+            return await self._enroll(workload, source)
+
+    async def _enroll(self, workload: Workload, source: str) -> EnrolledPod:
+        existing = self.pods.get(workload.key)
+        if existing is not None:
+            if existing.workload == workload:
+                return existing  # enrolling twice is a no-op (CNI may retry ADD)
+            raise EnrollError(f"pod {workload.key} is already enrolled with other settings")
+        self._check(workload)
+        assert workload.netns is not None
+        try:
+            netns = Netns.open(workload.netns)
+        except OSError as e:
+            raise EnrollError(f"pod {workload.key}: netns {workload.netns}: {e.strerror}") from e
+        try:
+            cookie = netns.cookie()
+            for other in self.pods.values():
+                if other.netns_cookie == cookie:
+                    raise EnrollError(
+                        f"pod {workload.key}: netns {workload.netns} is already the netns of "
+                        f"pod {other.key}")
+            pod = EnrolledPod(
+                workload=workload,
+                ref=WorkloadRef.of(workload),
+                principal=spiffe_id(self._trust_domain, workload.namespace,
+                                    workload.service_account),
+                pod_id=self._next_id,
+                netns=netns,
+                netns_cookie=cookie,
+                source=source,
+            )
+            await self._proxy.open_listeners(pod)
+        except BaseException:
+            netns.close()
+            raise
+        self._next_id += 1
+        self._maps.enroll(cookie, pod.pod_id)
+        self.pods[pod.key] = pod
+        self._metrics.enrolled_pods.set(len(self.pods))
+        self._metrics.pod_enrollments.labels("enroll", source).inc()
+        log.info("enrolled pod %s (id %d, netns %s)", pod.key, pod.pod_id, workload.netns)
+        self._on_change()
+        return pod
+
+    def _check(self, workload: Workload) -> None:
+        if not workload.netns or not workload.cgroup:
+            raise EnrollError(f"pod {workload.key}: netns and cgroup are required")
+        cgroup = os.path.realpath(workload.cgroup)
+        if not os.path.isdir(cgroup):
+            raise EnrollError(f"pod {workload.key}: cgroup {workload.cgroup} does not exist")
+        if os.path.commonpath([cgroup, self._pod_cgroup]) != self._pod_cgroup:
+            raise EnrollError(
+                f"pod {workload.key}: cgroup {workload.cgroup} is outside this node's pod "
+                f"cgroup {self._pod_cgroup}, so its traffic could not be captured")
+        ips = set(workload.ips)
+        for other in self.pods.values():
+            shared = ips & set(other.workload.ips)
+            if shared:
+                raise EnrollError(
+                    f"pod {workload.key}: IP {', '.join(map(str, sorted(shared, key=str)))} "
+                    f"already belongs to pod {other.key}")
+
+    async def unenroll(self, key: str, cause: str) -> bool:
+        async with self._lock:
+            pod = self.pods.pop(key, None)
+            if pod is None:
+                return False
+            self._maps.unenroll(pod.netns_cookie, pod.pod_id)
+            for server in pod.listeners:
+                server.close()
+            pod.listeners.clear()
+            if cause == "netns_vanished":
+                self._proxy.abort_pod(pod)
+            pod.netns.close()
+            self._metrics.enrolled_pods.set(len(self.pods))
+            self._metrics.pod_enrollments.labels("unenroll", cause).inc()
+            log.info("unenrolled pod %s (%s)", key, cause)
+            self._on_change()
+            return True
+
+    async def unenroll_all(self, cause: str) -> None:
+        for key in list(self.pods):
+            await self.unenroll(key, cause)
+
+    async def watch_vanished(self, interval: float) -> None:
+        """Unenroll pods whose network namespace disappeared (pod deleted without DEL)."""
+        while True:
+            await asyncio.sleep(interval)
+            for pod in list(self.pods.values()):
+                if pod.netns.vanished():
+                    log.warning("netns %s of pod %s vanished; unenrolling",
+                                pod.workload.netns, pod.key)
+                    await self.unenroll(pod.key, "netns_vanished")

@@ -1,0 +1,90 @@
+"""Network namespaces: open them, tell whether they vanished, make sockets inside them.
+
+The daemon is one process; it never moves into a pod's netns for longer than
+the one socket() call that must happen there (setns is per thread, and the
+event loop's thread returns to its own netns immediately).  A socket keeps
+the netns it was created in for its whole life.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71  # Linux 5.14+: the cookie the eBPF helpers see for this netns
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def entered(netns_fd: int):
+    """Run the body with this thread in another network namespace."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _setns(netns_fd)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+def netns_cookie_of(sock: socket.socket) -> int:
+    return struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+
+
+@dataclass
+class Netns:
+    """An open handle on a pod's network namespace."""
+
+    path: str
+    fd: int
+    inode: int
+    device: int
+
+    @classmethod
+    def open(cls, path: str) -> Netns:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            # Fails with EINVAL unless fd really is a network namespace.
+            with entered(fd):
+                pass
+        except OSError as e:
+            os.close(fd)
+            raise OSError(e.errno, f"{path} is not a network namespace: {e.strerror}") from e
+        return cls(path=path, fd=fd, inode=st.st_ino, device=st.st_dev)
+
+    def vanished(self) -> bool:
+        """True once the path no longer names the namespace we opened (pod deleted)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_ino, st.st_dev) != (self.inode, self.device)
+
+    def socket(self, family: int, type_: int = socket.SOCK_STREAM) -> socket.socket:
+        with entered(self.fd):
+            return socket.socket(family, type_)
+
+    def cookie(self) -> int:
+        with self.socket(socket.AF_INET) as probe:
+            return netns_cookie_of(probe)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

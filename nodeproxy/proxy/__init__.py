@@ -1,0 +1,1 @@
+"""The proxy data path: listeners in pod namespaces, destination resolution, byte relay."""

@@ -1,0 +1,125 @@
+"""Where a captured connection goes: service VIPs, known pods, or the outbound policy.
+
+Built from the validated config plus runtime-enrolled pods into immutable
+tables; a new table replaces the old one whole when either changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import Enum
+
+from nodeproxy.config.model import NodeConfig, Workload
+from nodeproxy.proxy.balancer import RoundRobin
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+
+
+@dataclass(frozen=True)
+class WorkloadRef:
+    """What telemetry and policy need to know of a pod."""
+
+    name: str
+    namespace: str
+    service_account: str
+    workload: str  # canonical workload name, as Istio derives it from labels
+    node: str | None
+
+    @classmethod
+    def of(cls, w: Workload) -> WorkloadRef:
+        canonical = next((w.labels[k] for k in CANONICAL_NAME_LABELS if k in w.labels), w.name)
+        return cls(w.name, w.namespace, w.service_account, canonical, w.node)
+
+
+@dataclass(frozen=True)
+class Backend:
+    address: IPAddress
+    port: int
+    workload: WorkloadRef | None
+
+
+class Verdict(Enum):
+    SERVICE = "service"          # a service VIP, balanced over its endpoints
+    POD = "pod"                  # a known pod's IP, passed through
+    PASSTHROUGH = "passthrough"  # unknown, allowed by ALLOW_ANY
+    REFUSE = "refuse"            # unknown under REGISTRY_ONLY, or a service with no endpoint
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    backend: Backend | None
+    service: str | None  # destination_service as Istio names it: <name>.<ns>.svc.<domain>
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _ServicePort:
+    fqdn: str
+    backends_v4: tuple[Backend, ...]
+    backends_v6: tuple[Backend, ...]
+
+
+class DestinationTable:
+    """Immutable lookup tables for one config + set of enrolled pods."""
+
+    def __init__(self, config: NodeConfig, runtime_workloads: tuple[Workload, ...] = (),
+                 balancer: RoundRobin | None = None):
+        self.outbound_policy = config.mesh.outbound_policy
+        workloads = {w.key: w for w in config.workloads}
+        for w in runtime_workloads:
+            workloads[w.key] = w
+        self.pods: dict[IPAddress, WorkloadRef] = {}
+        for w in workloads.values():
+            ref = WorkloadRef.of(w)
+            for ip in w.ips:
+                self.pods[ip] = ref
+        self.services: dict[tuple[IPAddress, int], _ServicePort] = {}
+        domain = config.mesh.trust_domain
+        for svc in config.services:
+            fqdn = f"{svc.name}.{svc.namespace}.svc.{domain}"
+            members = [
+                w for w in workloads.values()
+                if svc.selector and w.namespace == svc.namespace
+                and all(w.labels.get(k) == v for k, v in svc.selector.items())
+            ]
+            for sp in svc.ports:
+                backends = [
+                    Backend(ip, sp.backend_port, WorkloadRef.of(w))
+                    for w in sorted(members, key=lambda w: w.key) for ip in w.ips
+                ]
+                backends += [
+                    Backend(e.address, e.port, self.pods.get(e.address))
+                    for e in svc.endpoints
+                ]
+                entry = _ServicePort(
+                    fqdn,
+                    tuple(b for b in backends if b.address.version == 4),
+                    tuple(b for b in backends if b.address.version == 6),
+                )
+                for vip in svc.vips:
+                    self.services[(vip, sp.port)] = entry
+        self._balancer = balancer or RoundRobin()
+
+    def resolve(self, ip: IPAddress, port: int) -> Decision:
+        entry = self.services.get((ip, port))
+        if entry is not None:
+            # Prefer endpoints of the family the client used; fall back to the other.
+            same, other = (
+                (entry.backends_v4, entry.backends_v6) if ip.version == 4
+                else (entry.backends_v6, entry.backends_v4)
+            )
+            candidates = same or other
+            if not candidates:
+                return Decision(Verdict.REFUSE, None, entry.fqdn, "service has no endpoints")
+            backend = self._balancer.pick(entry.fqdn, port, candidates)
+            return Decision(Verdict.SERVICE, backend, entry.fqdn)
+        pod = self.pods.get(ip)
+        if pod is not None:
+            return Decision(Verdict.POD, Backend(ip, port, pod), None)
+        if self.outbound_policy == "REGISTRY_ONLY":
+            return Decision(Verdict.REFUSE, None, None, "not in the registry (REGISTRY_ONLY)")
+        return Decision(Verdict.PASSTHROUGH, Backend(ip, port, None), None)

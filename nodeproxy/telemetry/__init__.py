@@ -1,0 +1,1 @@
+"""Metrics: Istio-compatible proxy series and the kernel's own per-pod counters."""

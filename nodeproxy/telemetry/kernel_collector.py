@@ -1,0 +1,65 @@
+"""Per-pod counters kept by the kernel (sockops), read from the BPF map at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from nodeproxy.capture.maps import PodCounters
+
+POD_LABELS = ["pod_namespace", "pod_name"]
+
+
+class KernelCollector(Collector):
+    """Exposes nodeproxy_kernel_* series for every enrolled pod."""
+
+    def __init__(
+        self,
+        read_counters: Callable[[], dict[int, PodCounters]],
+        pod_names: Callable[[], dict[int, tuple[str, str]]],
+    ):
+        self._read = read_counters
+        self._names = pod_names
+
+    def collect(self) -> Iterator:
+        names = self._names()
+        counters = self._read()
+        directional = POD_LABELS + ["direction"]
+        captured = CounterMetricFamily(
+            "nodeproxy_kernel_connections_captured",
+            "connect() calls the kernel redirected to the proxy", labels=POD_LABELS)
+        opened = CounterMetricFamily(
+            "nodeproxy_kernel_tcp_connections_opened",
+            "TCP connections established, seen by sockops", labels=directional)
+        closed = CounterMetricFamily(
+            "nodeproxy_kernel_tcp_connections_closed",
+            "TCP connections closed, seen by sockops", labels=directional)
+        sent = CounterMetricFamily(
+            "nodeproxy_kernel_tcp_sent_bytes",
+            "Bytes acknowledged by the peer (tcp_sock.bytes_acked) of closed connections",
+            labels=directional)
+        received = CounterMetricFamily(
+            "nodeproxy_kernel_tcp_received_bytes",
+            "Bytes received (tcp_sock.bytes_received) of closed connections",
+            labels=directional)
+        rtt = SummaryMetricFamily(
+            "nodeproxy_kernel_tcp_smoothed_rtt_microseconds",
+            "Smoothed RTT samples of the pod's TCP connections", labels=POD_LABELS)
+        for pod_id, c in sorted(counters.items()):
+            if pod_id not in names:
+                continue
+            pod = list(names[pod_id])
+            captured.add_metric(pod, c.captured)
+            for direction, o, cl, s, r in (
+                ("outbound", c.out_opened, c.out_closed, c.out_bytes_sent, c.out_bytes_received),
+                ("inbound", c.in_opened, c.in_closed, c.in_bytes_sent, c.in_bytes_received),
+            ):
+                labels = pod + [direction]
+                opened.add_metric(labels, o)
+                closed.add_metric(labels, cl)
+                sent.add_metric(labels, s)
+                received.add_metric(labels, r)
+            rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us)
+        yield from (captured, opened, closed, sent, received, rtt)

@@ -1,0 +1,92 @@
+"""Proxy-side series with Istio's names and labels, so existing dashboards work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+TCP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "connection_security_policy",
+)
+
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class TcpLabels:
+    """Label values of one proxied connection, in TCP_LABELS order."""
+
+    reporter: str
+    source_workload: str
+    source_workload_namespace: str
+    source_principal: str
+    destination_workload: str
+    destination_workload_namespace: str
+    destination_principal: str
+    destination_service: str
+    connection_security_policy: str
+
+    def values(self) -> tuple[str, ...]:
+        return tuple(getattr(self, name) for name in TCP_LABELS)
+
+
+class ConnectionMeter:
+    """The four Istio TCP series bound to one connection's labels."""
+
+    def __init__(self, metrics: ProxyMetrics, labels: TcpLabels):
+        values = labels.values()
+        self._opened = metrics.tcp_opened.labels(*values)
+        self._closed = metrics.tcp_closed.labels(*values)
+        self._received = metrics.tcp_received.labels(*values)
+        self._sent = metrics.tcp_sent.labels(*values)
+
+    def opened(self) -> None:
+        self._opened.inc()
+
+    def closed(self) -> None:
+        self._closed.inc()
+
+    def bytes(self, from_downstream: bool, n: int) -> None:
+        # Istio: "received" is what the client sent (request), "sent" what it got back.
+        (self._received if from_downstream else self._sent).inc(n)
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.tcp_opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened through the proxy",
+            TCP_LABELS, registry=registry)
+        self.tcp_closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed through the proxy",
+            TCP_LABELS, registry=registry)
+        self.tcp_received = Counter(
+            "istio_tcp_received_bytes", "Bytes the client sent through the proxy (request)",
+            TCP_LABELS, registry=registry)
+        self.tcp_sent = Counter(
+            "istio_tcp_sent_bytes", "Bytes the proxy sent back to the client (response)",
+            TCP_LABELS, registry=registry)
+        self.refused = Counter(
+            "nodeproxy_outbound_refused", "Captured connections the proxy refused, by reason",
+            ("source_workload_namespace", "source_workload", "reason"), registry=registry)
+        self.upstream_connect_failures = Counter(
+            "nodeproxy_upstream_connect_failures",
+            "Upstream connects that failed or timed out (Envoy's UF)",
+            ("destination_service", "reason"), registry=registry)
+        self.active_connections = Gauge(
+            "nodeproxy_proxy_active_connections", "Connections the proxy is relaying now",
+            registry=registry)
+        self.enrolled_pods = Gauge(
+            "nodeproxy_enrolled_pods", "Pods enrolled in the mesh on this node",
+            registry=registry)
+        self.pod_enrollments = Counter(
+            "nodeproxy_pod_enrollments", "Enroll and unenroll events, by cause",
+            ("event", "cause"), registry=registry)
