@@ -12,13 +12,36 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "nodeproxy.io/v1alpha1"
 KIND = "NodeProxyConfig"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _ip_address(value: object) -> object:
+    """Parse an IP address written as a string (pydantic alone would take 3 as 0.0.0.3)."""
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_address(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not a valid IP address")
+
+
+# An IPv4 or IPv6 address field: one clear error instead of one per union member.
+IPField = Annotated[IPAddress, BeforeValidator(_ip_address)]
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
 # RFC 1123 label, as Kubernetes names and namespaces are.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -108,7 +131,7 @@ class Workload(Model):
     node: str | None = None  # None: this node
     netns: str | None = None
     cgroup: str | None = None
-    ips: list[IPAddress] = Field(min_length=1)
+    ips: list[IPField] = Field(min_length=1)
 
     _names = field_validator("name", "namespace", "service_account")(_dns_label)
     _label_keys = field_validator("labels")(_labels)
@@ -132,7 +155,7 @@ class ServicePort(Model):
 class Endpoint(Model):
     """An explicit service endpoint (a backend that is not a listed workload)."""
 
-    address: IPAddress
+    address: IPField
     port: PortNumber
     node: str | None = None
 
@@ -140,7 +163,7 @@ class Endpoint(Model):
 class Service(Model):
     name: str
     namespace: str = "default"
-    vips: list[IPAddress] = Field(min_length=1)
+    vips: list[IPField] = Field(min_length=1)
     ports: list[ServicePort] = Field(min_length=1)
     # Workloads whose labels contain all of these are endpoints (on target_port).
     selector: dict[str, str] | None = None
@@ -198,7 +221,9 @@ def cross_check(config: NodeConfig) -> list[Problem]:
                            f"workloads[{workload_at[w.key]}]"))
         workload_at.setdefault(w.key, i)
         for j, ip in enumerate(w.ips):
-            if ip in ip_at and ip_at[ip] != i:
+            if ip in w.ips[:j]:
+                errors.append((("workloads", i, "ips", j), f"IP {ip} is listed twice"))
+            elif ip in ip_at and ip_at[ip] != i:
                 errors.append((("workloads", i, "ips", j),
                                f"IP {ip} is already used by workloads[{ip_at[ip]}]"))
             ip_at.setdefault(ip, i)
@@ -215,7 +240,9 @@ def cross_check(config: NodeConfig) -> list[Problem]:
                            f"service {s.key} is already defined at services[{service_at[s.key]}]"))
         service_at.setdefault(s.key, i)
         for j, vip in enumerate(s.vips):
-            if vip in vip_at:
+            if vip in s.vips[:j]:
+                errors.append((("services", i, "vips", j), f"VIP {vip} is listed twice"))
+            elif vip in vip_at:
                 errors.append((("services", i, "vips", j),
                                f"VIP {vip} is already used by services[{vip_at[vip]}]"))
             elif vip in ip_at:
