@@ -8,6 +8,10 @@
  * live in the daemon's cgroup, outside the pod subtree these programs are
  * attached to, and additionally carry NP_SOCKET_MARK.
  *
+ * np_getpeername4 / np_getpeername6 (cgroup/getpeername*): a captured
+ * socket's getpeername() answers the original destination, as it would
+ * without the mesh, instead of the proxy's loopback listener.
+ *
  * np_sockops (sockops): when a captured socket is established, re-key its
  * original destination by the socket's local address, which is what the
  * proxy sees as the peer of the accepted connection; keep per-pod counters
@@ -117,6 +121,31 @@ int np_connect6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+int np_getpeername4(struct bpf_sock_addr *ctx)
+{
+    u64 cookie = np_socket_cookie(ctx);
+    struct orig_dst *od = origdst_by_cookie.lookup(&cookie);
+    if (od && od->family == AF_INET) {
+        ctx->user_ip4 = od->ip[0];
+        ctx->user_port = od->port;
+    }
+    return 1;
+}
+
+int np_getpeername6(struct bpf_sock_addr *ctx)
+{
+    u64 cookie = np_socket_cookie(ctx);
+    struct orig_dst *od = origdst_by_cookie.lookup(&cookie);
+    if (od && od->family == AF_INET6) {
+        ctx->user_ip6[0] = od->ip[0];
+        ctx->user_ip6[1] = od->ip[1];
+        ctx->user_ip6[2] = od->ip[2];
+        ctx->user_ip6[3] = od->ip[3];
+        ctx->user_port = od->port;
+    }
+    return 1;
+}
+
 static __always_inline void remember_tuple(struct bpf_sock_ops *skops, u64 netns)
 {
     u64 cookie = np_socket_cookie(skops);
@@ -137,7 +166,7 @@ static __always_inline void remember_tuple(struct bpf_sock_ops *skops, u64 netns
     }
     struct orig_dst copy = *od;
     origdst_by_tuple.update(&key, &copy);
-    origdst_by_cookie.delete(&cookie);
+    /* The cookie entry stays for getpeername() until the socket closes. */
 }
 
 static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
@@ -222,6 +251,8 @@ static __always_inline void on_state(struct bpf_sock_ops *skops)
         }
     }
     st->direction = 0;  /* count each socket's close once */
+    u64 cookie = np_socket_cookie(skops);
+    origdst_by_cookie.delete(&cookie);
 }
 
 static __always_inline void on_header(struct bpf_sock_ops *skops)

@@ -14,7 +14,7 @@ import signal
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from pydantic import ValidationError
 
 from nodeproxy.admin.server import AdminServers
@@ -37,6 +37,7 @@ class Daemon:
     def __init__(self, loaded: LoadedConfig):
         self.loaded = loaded
         self.config = loaded.config
+        disable_created_metrics()  # Istio exposes no _created series
         self.registry = CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
         self._ready = False

@@ -71,7 +71,7 @@ class CapturePrograms:
         )
 
     def attach(self) -> None:
-        """Attach connect4/connect6/sockops to the pod cgroup subtree as BPF links."""
+        """Attach connect4/6, getpeername4/6 and sockops to the pod cgroup subtree as BPF links."""
         from bcc import BPF, BPFAttachType
 
         assert self.bpf is not None, "load() first"
@@ -80,6 +80,10 @@ class CapturePrograms:
              BPFAttachType.CGROUP_INET4_CONNECT),
             ("connect6", "np_connect6", BPF.CGROUP_SOCK_ADDR,
              BPFAttachType.CGROUP_INET6_CONNECT),
+            ("getpeername4", "np_getpeername4", BPF.CGROUP_SOCK_ADDR,
+             BPFAttachType.CGROUP_INET4_GETPEERNAME),
+            ("getpeername6", "np_getpeername6", BPF.CGROUP_SOCK_ADDR,
+             BPFAttachType.CGROUP_INET6_GETPEERNAME),
             ("sockops", "np_sockops", BPF.SOCK_OPS, BPFAttachType.CGROUP_SOCK_OPS),
         ]
         cgroup_fd = os.open(self.pod_cgroup, os.O_RDONLY | os.O_DIRECTORY)

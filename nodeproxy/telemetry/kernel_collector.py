@@ -45,7 +45,7 @@ class KernelCollector(Collector):
             "Bytes received (tcp_sock.bytes_received) of closed connections",
             labels=directional)
         rtt = SummaryMetricFamily(
-            "nodeproxy_kernel_tcp_smoothed_rtt_microseconds",
+            "nodeproxy_kernel_tcp_smoothed_rtt_seconds",
             "Smoothed RTT samples of the pod's TCP connections", labels=POD_LABELS)
         for pod_id, c in sorted(counters.items()):
             if pod_id not in names:
@@ -61,5 +61,5 @@ class KernelCollector(Collector):
                 closed.add_metric(labels, cl)
                 sent.add_metric(labels, s)
                 received.add_metric(labels, r)
-            rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us)
+            rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us / 1e6)
         yield from (captured, opened, closed, sent, received, rtt)

@@ -1,0 +1,76 @@
+"""Metric names and labels: Istio's where the concept exists, nodeproxy_* for kernel series."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nodeproxy.capture.maps import PodCounters
+from nodeproxy.telemetry.kernel_collector import KernelCollector
+from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics, TcpLabels
+
+LABELS = TcpLabels(
+    reporter="source", source_workload="client", source_workload_namespace="default",
+    source_principal="spiffe://cluster.local/ns/default/sa/client",
+    destination_workload="web", destination_workload_namespace="default",
+    destination_principal="spiffe://cluster.local/ns/default/sa/web",
+    destination_service="web.default.svc.cluster.local", connection_security_policy="none",
+)
+
+
+def exposition() -> str:
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    meter = ConnectionMeter(metrics, LABELS)
+    meter.opened()
+    meter.bytes(True, 100)
+    meter.bytes(False, 250)
+    meter.closed()
+    counters = PodCounters(captured=3, out_opened=3, in_opened=1, out_closed=2, in_closed=1,
+                           out_bytes_sent=1000, out_bytes_received=2000, in_bytes_sent=30,
+                           in_bytes_received=40, rtt_sum_us=500, rtt_samples=5)
+    registry.register(KernelCollector(lambda: {7: counters, 8: counters},
+                                      lambda: {7: ("default", "client-1")}))
+    return generate_latest(registry).decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_istio_tcp_series_and_labels():
+    got = samples(exposition())
+    key = tuple(sorted(vars(LABELS).items()))
+    assert got[("istio_tcp_connections_opened_total", key)] == 1
+    assert got[("istio_tcp_connections_closed_total", key)] == 1
+    # Istio: received = what the client sent; sent = what it got back.
+    assert got[("istio_tcp_received_bytes_total", key)] == 100
+    assert got[("istio_tcp_sent_bytes_total", key)] == 250
+
+
+def test_kernel_series_per_pod_and_direction():
+    got = samples(exposition())
+    pod = (("pod_name", "client-1"), ("pod_namespace", "default"))
+    out = tuple(sorted(pod + (("direction", "outbound"),)))
+    assert got[("nodeproxy_kernel_connections_captured_total", pod)] == 3
+    assert got[("nodeproxy_kernel_tcp_sent_bytes_total", out)] == 1000
+    assert got[("nodeproxy_kernel_tcp_received_bytes_total", out)] == 2000
+    assert got[("nodeproxy_kernel_tcp_smoothed_rtt_seconds_sum", pod)] == 500e-6
+    assert got[("nodeproxy_kernel_tcp_smoothed_rtt_seconds_count", pod)] == 5
+    # Pod 8 is in the map but not enrolled any more: not exported.
+    assert not any(dict(labels).get("pod_name") == "8" for _, labels in got)
+    assert len([k for k in got if k[0] == "nodeproxy_kernel_connections_captured_total"]) == 1
+
+
+def test_exposition_passes_promtool():
+    assert shutil.which("promtool"), "promtool missing: `make setup` installs Debian's prometheus"
+    result = subprocess.run(["promtool", "check", "metrics"], input=exposition(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
