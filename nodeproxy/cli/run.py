@@ -26,7 +26,17 @@ def run(args: argparse.Namespace) -> int:
     )
     from nodeproxy.capture import preflight
 
-    failures = preflight.essential_failures(preflight.run_checks(quick=True))
+    # The checks that need no compiling; the daemon compiles and loads the real
+    # programs next, and a kernel that refuses them fails there with bcc's reason.
+    quick = [
+        preflight.check_privileges(),
+        preflight.check_kernel_version(),
+        preflight.check_bcc()[0],
+        preflight.check_kernel_headers(),
+        preflight.check_cgroup2(),
+        preflight.check_bpffs(),
+    ]
+    failures = preflight.essential_failures(quick)
     if failures:
         print("nodeproxy run: this machine cannot run the daemon:", file=sys.stderr)
         for result in failures:

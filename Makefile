@@ -1,0 +1,27 @@
+# nodeproxy developer entry points.  Everything runs as root on Debian 12;
+# `make setup` is idempotent and every other target runs it first.
+.PHONY: all setup test lint demo clean
+
+VENV := .venv
+SHELL := /bin/bash
+
+all: test
+
+setup:
+	bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check nodeproxy tests
+
+# pytest's own exit status decides: any failure, and also 5 (no tests collected),
+# fails the target.
+test: setup
+	$(VENV)/bin/ruff check nodeproxy tests
+	$(VENV)/bin/pytest -v
+
+demo: setup
+	$(VENV)/bin/nodeproxy demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	find nodeproxy tests -name __pycache__ -type d -prune -exec rm -rf {} +

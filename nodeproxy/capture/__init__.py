@@ -1,0 +1,1 @@
+"""Kernel side: loading, attaching and reading the eBPF programs and maps."""

@@ -1,0 +1,239 @@
+"""`nodeproxy check` and the preflight checks, on this machine's real kernel.
+
+The machine this suite runs on (root, Debian 12, kernel 6.18) is the kind nodeproxy
+targets, so every essential check must pass here: a failure is a real regression
+(or a broken setup) and fails the test with the check's own detail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from nodeproxy.capture import kernelfs, preflight
+from nodeproxy.cli import check as check_cli
+
+pytestmark = pytest.mark.privileged
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def results() -> list[preflight.CheckResult]:
+    return preflight.run_checks()
+
+
+def _bpf_prog_fds() -> list[int]:
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf-prog":
+                fds.append(int(fd))
+        except OSError:
+            continue
+    return fds
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nodeproxy", "check", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_every_essential_check_passes_on_this_machine(results):
+    failures = preflight.essential_failures(results)
+    assert not failures, "essential preflight checks failed:\n" + "\n".join(
+        preflight.format_result(r) for r in failures
+    )
+
+
+def test_checks_cover_every_kernel_feature_the_design_uses(results):
+    names = [r.name for r in results]
+    assert names == preflight.check_names()
+    assert len(set(names)) == len(names)
+    for needed in ("privileges", "kernel-version", "bcc", "kernel-headers", "cgroup-v2",
+                   "bpffs", "bpf-jit", "cgroup/connect4", "cgroup/connect6", "sockops",
+                   "sockhash+sk_msg", "sk_skb-stream-verdict", "sk_lookup",
+                   "cgroup/getsockopt", "netns-cookie-in-sockops", "sk-storage",
+                   "capture-program"):
+        assert needed in names
+        assert next(r for r in results if r.name == needed).essential, needed
+    # Informational only: the design must not depend on them (off in this kernel).
+    for optional in ("kprobes", "kernel-tls", "cni-plugins", "btf"):
+        assert not next(r for r in results if r.name == optional).essential, optional
+
+
+def test_demo_and_tests_prerequisite_cni_plugins_present(results):
+    cni = next(r for r in results if r.name == "cni-plugins")
+    assert cni.ok, preflight.format_result(cni)
+
+
+def test_run_checks_leaves_no_bpf_programs_or_mounts_behind():
+    def ours() -> list[kernelfs.Mount]:
+        # Other tests may mount netns files concurrently: look only at what checks could leave.
+        return [m for m in kernelfs.read_mounts()
+                if m.fstype == "bpf" or "nodeproxy-bpffs-check-" in m.mountpoint]
+
+    before_fds = _bpf_prog_fds()
+    before_mounts = ours()
+    preflight.run_checks()
+    assert _bpf_prog_fds() == before_fds
+    assert ours() == before_mounts
+    assert not list(Path(tempfile.gettempdir()).glob("nodeproxy-bpffs-check-*"))
+
+
+def test_nodeproxy_check_prints_one_line_per_check_and_exits_0(results):
+    proc = _run_cli()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    check_lines = [line for line in lines if line.startswith(("PASS  ", "FAIL  "))]
+    assert [line.split()[1] for line in check_lines] == [r.name for r in results]
+    assert len(lines) == len(results) + 1  # plus the summary
+    assert "nodeproxy can run on this node" in lines[-1]
+    # bcc's compiler and verifier chatter must not leak out around the report.
+    assert proc.stderr == ""
+
+
+def test_nodeproxy_check_json_parses(results):
+    proc = _run_cli("--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(proc.stdout)
+    assert isinstance(data, list)
+    assert [item["name"] for item in data] == [r.name for r in results]
+    for item in data:
+        assert set(item) == {"name", "ok", "detail", "hint", "essential"}
+        assert isinstance(item["ok"], bool) and isinstance(item["essential"], bool)
+        if not item["ok"]:
+            assert item["hint"], item
+
+
+def test_missing_capabilities_fail_with_a_fix_hint_and_exit_1(monkeypatch, capsys):
+    monkeypatch.setattr(preflight, "read_effective_caps", lambda: 0)
+    parser = check_cli_parser()
+    code = check_cli.run(parser.parse_args([]))
+    out = capsys.readouterr().out
+    assert code == 1
+    line = next(line for line in out.splitlines() if line.split()[1:2] == ["privileges"])
+    assert line.startswith("FAIL  privileges")
+    assert "CAP_BPF" in line and "— fix: " in line and "root" in line.split("— fix: ")[1]
+    assert "nodeproxy cannot run on this node" in out.splitlines()[-1]
+
+
+def test_require_essential_raises_with_the_fail_lines(monkeypatch):
+    monkeypatch.setattr(preflight, "read_effective_caps", lambda: 1 << preflight.CAP_BPF)
+    results = [preflight.check_privileges()]
+    with pytest.raises(preflight.PreflightError) as info:
+        preflight.require_essential(results)
+    assert [r.name for r in info.value.failures] == ["privileges"]
+    assert str(info.value).startswith("FAIL  privileges")
+    assert "CAP_NET_ADMIN, CAP_SYS_ADMIN" in str(info.value)
+
+
+def test_optional_failure_is_marked_optional_and_not_essential():
+    r = preflight.CheckResult("kprobes", False, "not there", "not needed", essential=False)
+    assert preflight.format_result(r) == (
+        f"FAIL  {'kprobes':<24}  not there (optional) — fix: not needed"
+    )
+    assert preflight.essential_failures([r]) == []
+    assert "none essential" in preflight.summary_line([r])
+
+
+def check_cli_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    check_cli.add_arguments(parser)
+    return parser
+
+
+# ---------------------------------------------------------------- kernelfs
+
+def test_find_cgroup2_mount_matches_proc_mounts():
+    with open("/proc/mounts", encoding="utf-8") as f:
+        cgroup2 = [line.split()[1] for line in f if line.split()[2] == "cgroup2"]
+    assert cgroup2, "this machine has cgroup v2 mounted"
+    mount = kernelfs.find_cgroup2_mount()
+    assert mount == cgroup2[0]
+    assert os.path.isfile(os.path.join(mount, "cgroup.procs"))
+
+
+def test_find_cgroup2_mount_without_one_is_a_clear_error(tmp_path):
+    fake = tmp_path / "mounts"
+    fake.write_text("proc /proc proc rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n")
+    with pytest.raises(kernelfs.KernelFsError, match="no cgroup v2"):
+        kernelfs.find_cgroup2_mount(str(fake))
+
+
+def test_mount_points_with_spaces_are_unescaped(tmp_path):
+    fake = tmp_path / "mounts"
+    fake.write_text("none /run/my\\040cgroup cgroup2 rw 0 0\n")
+    assert kernelfs.find_cgroup2_mount(str(fake)) == "/run/my cgroup"
+
+
+def test_default_pod_cgroup_prefers_kubepods_slice(tmp_path):
+    assert kernelfs.default_pod_cgroup(str(tmp_path)) == str(tmp_path / "kubepods")
+    (tmp_path / "kubepods").mkdir()
+    assert kernelfs.default_pod_cgroup(str(tmp_path)) == str(tmp_path / "kubepods")
+    (tmp_path / "kubepods.slice").mkdir()
+    assert kernelfs.default_pod_cgroup(str(tmp_path)) == str(tmp_path / "kubepods.slice")
+
+
+def test_ensure_bpffs_mounts_once_and_is_idempotent():
+    scratch = tempfile.mkdtemp(prefix="nodeproxy-test-bpffs-")
+    target = os.path.join(scratch, "bpf")  # does not exist yet: ensure_bpffs creates it
+    try:
+        assert not kernelfs.is_bpffs(target)
+        kernelfs.ensure_bpffs(target)
+        assert kernelfs.is_bpffs(target)
+        kernelfs.ensure_bpffs(target)
+        mounts = [m for m in kernelfs.read_mounts() if m.mountpoint == target]
+        assert [m.fstype for m in mounts] == ["bpf"]
+    finally:
+        while kernelfs.is_bpffs(target):
+            kernelfs.unmount(target)
+        if os.path.isdir(target):
+            os.rmdir(target)
+        os.rmdir(scratch)
+
+
+def test_is_bpffs_is_false_for_other_filesystems(tmp_path):
+    assert not kernelfs.is_bpffs(str(tmp_path))
+    assert not kernelfs.is_bpffs("/proc")
+
+
+def test_a_rejected_or_broken_program_is_reported_with_the_kernels_reason(monkeypatch):
+    bcc = preflight.import_bcc()
+    good = next(f for f in preflight._FEATURES if f.name == "sockops")
+    rejected = dataclasses.replace(good, name="rejected", code="""
+int npchk_sockops(struct bpf_sock_ops *skops) {
+    int *p = (int *)(long)skops->op;
+    return *p;
+}
+""")
+    broken = dataclasses.replace(good, name="broken", programs=(),
+                                 code="int npchk_broken(void *ctx) { return nope; }\n")
+    # Verifier rejection: the verifier's own verdict is in the detail.
+    monkeypatch.setattr(preflight, "_FEATURES", (rejected,))
+    [result] = preflight.check_bpf_features(bcc)
+    assert not result.ok and "invalid mem access" in result.detail, result
+    # A compile error in one feature does not fail the others; the compiler's message is kept.
+    monkeypatch.setattr(preflight, "_FEATURES", (good, broken))
+    ok, bad = preflight.check_bpf_features(bcc)
+    assert ok.ok, preflight.format_result(ok)
+    assert not bad.ok and "does not compile" in bad.detail and "nope" in bad.detail, bad
+
+
+def test_bpffs_check_proves_mountability_when_not_mounted(tmp_path):
+    target = tmp_path / "bpf"
+    result = preflight.check_bpffs(str(target))
+    assert result.ok and "mountable" in result.detail, preflight.format_result(result)
+    assert not target.exists()  # the check only mounted a scratch directory
+    assert not [m for m in kernelfs.read_mounts() if "nodeproxy-bpffs-check-" in m.mountpoint]
