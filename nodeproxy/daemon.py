@@ -44,6 +44,8 @@ class Daemon:
         self._balancer = RoundRobin()
         self._table = DestinationTable(self.config, (), self._balancer)
         self._tasks: list[asyncio.Task] = []
+        # Pods on other nodes registered at run time: known destinations, never captured here.
+        self.remote_workloads: dict[str, Workload] = {}
         self.programs: CapturePrograms | None = None
         self.enrollment: Enrollment | None = None
         self.proxy: OutboundProxy | None = None
@@ -133,7 +135,7 @@ class Daemon:
     def _rebuild_table(self) -> None:
         assert self.enrollment is not None
         runtime = tuple(p.workload for p in self.enrollment.pods.values()
-                        if p.source == "runtime")
+                        if p.source == "runtime") + tuple(self.remote_workloads.values())
         self._table = DestinationTable(self.config, runtime, self._balancer)
 
     # -- admin view (nodeproxy.admin.server.DaemonView) -----------------
@@ -152,7 +154,8 @@ class Daemon:
                 p.workload.model_dump(mode="json", by_alias=True)
                 for p in (self.enrollment.pods.values() if self.enrollment else [])
                 if p.source == "runtime"
-            ],
+            ] + [w.model_dump(mode="json", by_alias=True)
+                 for w in self.remote_workloads.values()],
         }
 
     def pods_view(self) -> list[dict[str, Any]]:
@@ -184,8 +187,10 @@ class Daemon:
             problems = [f"{format_path(tuple(err['loc']))}: {err['msg']}" for err in e.errors()]
             return 400, {"error": "invalid pod", "problems": problems}
         if workload.node not in (None, self.config.node.name):
-            return 400, {"error": f"pod {workload.key} is on node {workload.node}, "
-                                  f"not {self.config.node.name}"}
+            # A pod on another node: a destination this node must know, nothing to capture.
+            self.remote_workloads[workload.key] = workload
+            self._rebuild_table()
+            return 200, {"registered": workload.key, "node": workload.node}
         try:
             pod = await self.enrollment.enroll(workload, "runtime")
         except EnrollError as e:
@@ -198,6 +203,9 @@ class Daemon:
         if self.enrollment is None:
             return 503, {"error": "daemon is not started"}
         key = f"{namespace}/{name}"
+        if self.remote_workloads.pop(key, None) is not None:
+            self._rebuild_table()
+            return 200, {"unregistered": key}
         if await self.enrollment.unenroll(key, "request"):
             return 200, {"unenrolled": key}
         return 404, {"error": f"pod {key} is not enrolled"}

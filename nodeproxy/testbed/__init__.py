@@ -1,0 +1,12 @@
+"""A simulated cluster on one machine: nodes and pods as network namespaces wired by the real CNI plugins, for the demo, tests and benchmarks.
+
+Modules:
+
+- ``netns``: named network namespaces, commands and sockets inside them, HTTP over
+  a netns socket or a Unix socket.
+- ``cni``: the real CNI plugins (bridge + host-local + loopback), invoked as a
+  container runtime does.
+- ``cgroups``: pod cgroups under a node's cgroup v2 subtree.
+- ``cluster``: ``Cluster``, nodes + pods + services + one daemon per node.
+- ``peer``: the traffic tool run inside pods (``python -m nodeproxy.testbed.peer``).
+"""  # noqa: E501
