@@ -22,7 +22,6 @@ from nodeproxy.testbed.cluster import REPO_ROOT, Cluster, sweep_leftovers
 
 pytestmark = [
     pytest.mark.privileged,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, cgroups, CNI)"),
 ]
 
 
