@@ -95,7 +95,8 @@ def connect_error(mesh: Cluster, pod: str, host: str, port: int) -> str:
 
 
 def test_same_node_vip_100mb_both_ways_and_kernel_counters_match(mesh: Cluster):
-    counters = ("nodeproxy_kernel_tcp_sent_bytes_total", "nodeproxy_kernel_tcp_received_bytes_total")
+    counters = ("nodeproxy_kernel_tcp_sent_bytes_total",
+                "nodeproxy_kernel_tcp_received_bytes_total")
     before = [kernel(mesh, "node0", c, "client-0", "outbound") for c in counters]
     opened = kernel(mesh, "node0", "nodeproxy_kernel_tcp_connections_closed_total", "client-0",
                     "outbound")
@@ -139,8 +140,8 @@ def test_destination_sees_the_client_pod_ip_not_the_proxy(mesh: Cluster):
 
 def test_getpeername_shows_the_vip_the_app_dialled(mesh: Cluster):
     vip = mesh.services["default/web"].vip4
-    script = ("import socket; s = socket.create_connection(({vip!r}, 80), 5); "
-              "print(s.getpeername()[0], s.getpeername()[1])").format(vip=vip)
+    script = (f"import socket; s = socket.create_connection(({vip!r}, 80), 5); "
+              "print(s.getpeername()[0], s.getpeername()[1])")
     out = mesh.run_in_pod("client-0", [mesh.python, "-c", script], timeout=15)
     assert out.stdout.split() == [vip, "80"], out.stderr
 
