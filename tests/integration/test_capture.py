@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed.cluster import Cluster
+from tests.integration.probes import connect
 
 pytestmark = pytest.mark.privileged
 
@@ -75,23 +76,6 @@ def whoami(mesh: Cluster, pod: str, target: str) -> dict:
     result = mesh.peer(pod, "whoami", "--to", target)
     assert result["exit_code"] == 0, result
     return result
-
-
-def connect_error(mesh: Cluster, pod: str, host: str, port: int) -> str:
-    """Connect from the pod; return 'connected' or the errno name, within 5 s."""
-    script = textwrap.dedent(f"""
-        import errno, socket
-        s = socket.socket(socket.AF_INET6 if ":" in {host!r} else socket.AF_INET)
-        s.settimeout(5)
-        try:
-            s.connect(({host!r}, {port}))
-            s.sendall(b"W")
-            print("connected", s.recv(200).decode().strip())
-        except OSError as e:
-            print(errno.errorcode.get(e.errno, str(e)))
-    """)
-    out = mesh.run_in_pod(pod, [mesh.python, "-c", script], timeout=15)
-    return out.stdout.strip() or out.stderr.strip()
 
 
 def test_same_node_vip_100mb_both_ways_and_kernel_counters_match(mesh: Cluster):
@@ -165,8 +149,8 @@ def test_proxy_own_upstream_connects_are_not_captured(mesh: Cluster):
 def test_unenrolled_pods_are_untouched(mesh: Cluster):
     vip = mesh.services["default/web"].vip4
     # Outside the mesh a VIP is not routable: the connect fails at once, nothing captures it.
-    assert connect_error(mesh, "outsider", vip, 80) == "EHOSTUNREACH"
-    assert connect_error(mesh, "bystander", vip, 80) == "EHOSTUNREACH"
+    assert connect(mesh, "outsider", vip, 80) == "EHOSTUNREACH"
+    assert connect(mesh, "bystander", vip, 80) == "EHOSTUNREACH"
     # Direct pod-to-pod traffic of an unenrolled pod flows as without the mesh.
     web0 = mesh.pods["web-0"].ip4
     assert whoami(mesh, "bystander", f"{web0}:{PORT}")["peer"].startswith(

@@ -19,6 +19,7 @@ import pytest
 from nodeproxy.capture import libbpf
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
+from tests.integration.probes import connect
 
 pytestmark = pytest.mark.privileged
 
@@ -51,23 +52,6 @@ def attached_programs(cgroup: str) -> list[int]:
 def pins(c: Cluster, node: str) -> list[str]:
     root = os.path.join(c.nodes[node].bpffs, "nodeproxy")
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
-
-
-def connect(c: Cluster, pod: str, host: str, port: int) -> str:
-    """'connected <whoami>' or the errno name of a connect from the pod."""
-    script = textwrap.dedent(f"""
-        import errno, socket
-        s = socket.socket(socket.AF_INET6 if ":" in {host!r} else socket.AF_INET)
-        s.settimeout(5)
-        try:
-            s.connect(({host!r}, {port}))
-            s.sendall(b"W")
-            print("connected", s.recv(200).decode().strip())
-        except OSError as e:
-            print(errno.errorcode.get(e.errno, str(e)))
-    """)
-    out = c.run_in_pod(pod, [c.python, "-c", script], timeout=15)
-    return out.stdout.strip() or out.stderr.strip()
 
 
 def test_registry_only_refuses_unknown_destinations(one_node: Cluster):
