@@ -17,6 +17,10 @@
  * proxy sees as the peer of the accepted connection; keep per-pod counters
  * from the kernel's own TCP state (opened, closed, bytes, smoothed RTT).
  *
+ * connect_denies: identity-free DENY rules (ports, ip blocks) compiled by the
+ * daemon; a matching connect() fails with EPERM in the source pod, counted
+ * per policy and per pod, and never reaches the proxy.
+ *
  * Constants come from nodeproxy/capture/constants.py as -D flags.
  */
 #include <uapi/linux/bpf.h>
@@ -35,6 +39,8 @@ BPF_TABLE("lru_hash", u64, struct orig_dst, origdst_by_cookie, NP_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct tuple_key, struct orig_dst, origdst_by_tuple, NP_MAX_FLOWS);
 BPF_HASH(pod_stats, u32, struct pod_counters, NP_MAX_PODS);
 BPF_SK_STORAGE(sock_states, struct sock_state);
+BPF_HASH(connect_denies, struct deny_key, u32, NP_MAX_DENIES);
+BPF_ARRAY(policy_denials, u64, NP_MAX_POLICIES);
 
 /* bcc 0.26 declares these helpers with a 32-bit result; declare them after
  * the maps so map fd relocation is unaffected. */
@@ -46,6 +52,23 @@ static __always_inline struct pod_counters *counters_of(u32 pod_id)
     struct pod_counters zero = {};
     pod_stats.insert(&pod_id, &zero);
     return pod_stats.lookup(&pod_id);
+}
+
+/* An identity-free DENY for this pod and destination: count it and refuse. */
+static __always_inline int denied(struct pod_info *pod, struct deny_key *key)
+{
+    key->pod_id = pod->pod_id;
+    u32 *policy = connect_denies.lookup(key);
+    if (!policy)
+        return 0;
+    u32 index = *policy;
+    u64 *count = policy_denials.lookup(&index);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    struct pod_counters *c = counters_of(pod->pod_id);
+    if (c)
+        __sync_fetch_and_add(&c->denied, 1);
+    return 1;
 }
 
 static __always_inline int is_ours(struct bpf_sock_addr *ctx)
@@ -65,6 +88,12 @@ int np_connect4(struct bpf_sock_addr *ctx)
     u32 dst = ctx->user_ip4;
     if ((bpf_ntohl(dst) >> 24) == 127)
         return 1;
+    struct deny_key dk = {};
+    dk.ip[0] = dst;
+    dk.port = (u16)ctx->user_port;
+    dk.family = AF_INET;
+    if (denied(pod, &dk))
+        return 0;  /* connect() fails with EPERM */
 
     struct orig_dst od = {};
     od.ip[0] = dst;
@@ -98,6 +127,15 @@ int np_connect6(struct bpf_sock_addr *ctx)
     /* ::ffff:127.0.0.0/104 (IPv4-mapped loopback) */
     if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff) && (bpf_ntohl(w3) >> 24) == 127)
         return 1;
+    struct deny_key dk = {};
+    dk.ip[0] = w0;
+    dk.ip[1] = w1;
+    dk.ip[2] = w2;
+    dk.ip[3] = w3;
+    dk.port = (u16)ctx->user_port;
+    dk.family = AF_INET6;
+    if (denied(pod, &dk))
+        return 0;
 
     struct orig_dst od = {};
     od.ip[0] = w0;

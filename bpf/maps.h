@@ -44,6 +44,32 @@ struct pod_counters {
     u64 in_bytes_received;
     u64 rtt_sum_us;         /* sum of smoothed RTT samples */
     u64 rtt_samples;
+    u64 denied;             /* connect() calls refused with EPERM by policy */
+    u64 inbound_captured;   /* connections to the pod steered to its inbound listener */
+};
+
+/* An identity-free DENY compiled for the kernel: this pod may not connect here. */
+struct deny_key {
+    u32 pod_id;
+    u32 ip[4];      /* network byte order */
+    u16 port;       /* network byte order */
+    u16 family;
+};
+
+/* A connection the proxy itself is making into a pod (transparent source): inbound
+ * capture must let it through to the application.  As sk_lookup sees it. */
+struct dial_key {
+    u32 remote_ip[4];   /* the client address the proxy binds to; network byte order */
+    u32 local_ip[4];    /* the pod address; network byte order */
+    u16 remote_port;    /* network byte order */
+    u16 family;
+    u32 local_port;     /* host byte order */
+};
+
+/* A pod IP that inbound capture steers to the pod's inbound listener. */
+struct ip_key {
+    u32 ip[4];      /* network byte order */
+    u32 family;
 };
 
 /* Per-socket state, in socket-local storage.  bytes_acked and bytes_received

@@ -23,12 +23,22 @@ from nodeproxy.capture.maps import CaptureMaps
 from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
 from nodeproxy.config.loader import LoadedConfig, format_path
 from nodeproxy.config.model import Workload
+from nodeproxy.identity.ca import MeshCA
+from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
+from nodeproxy.policy.kernel_rules import compile_connect_denies
+from nodeproxy.proxy.admission import AdmissionMetrics, Admitter
 from nodeproxy.proxy.balancer import RoundRobin
 from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
+from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+from nodeproxy.tunnel.client import HbonePool
+from nodeproxy.tunnel.metrics import TunnelMetrics
+from nodeproxy.tunnel.server import HboneServer
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +50,21 @@ class Daemon:
         disable_created_metrics()  # Istio exposes no _created series
         self.registry = CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
+        self.tunnel_metrics = TunnelMetrics(self.registry)
+        self._admission_metrics = AdmissionMetrics(self.registry)
+        self._admitter = Admitter(self.config, self._admission_metrics)
+        self.tracker = ConnectionTracker()
         self._ready = False
         self._balancer = RoundRobin()
         self._table = DestinationTable(self.config, (), self._balancer)
+        self._deny_policy_names: list[str] = []
+        self.certificates: CertificateManager | None = None
+        self.pool: HbonePool | None = None
         self._tasks: list[asyncio.Task] = []
         # Pods on other nodes registered at run time: known destinations, never captured here.
         self.remote_workloads: dict[str, Workload] = {}
         self.programs: CapturePrograms | None = None
+        self.maps: CaptureMaps | None = None
         self.enrollment: Enrollment | None = None
         self.proxy: OutboundProxy | None = None
         self.admin = AdminServers(self)
@@ -66,23 +84,58 @@ class Daemon:
                         cfg.node.name, ", ".join(stale))
         self.programs = CapturePrograms(
             node=cfg.node.name, pod_cgroup=pod_cgroup, bpffs=cfg.node.bpffs,
-            outbound_port=cfg.proxy.outbound_port,
+            outbound_port=cfg.proxy.outbound_port, inbound_port=cfg.proxy.inbound_port,
+            hbone_port=cfg.proxy.hbone_port,
             pin_links=cfg.capture.on_crash == "fail_closed")
         t0 = time.monotonic()
         self.programs.load()
         log.info("compiled and loaded capture programs in %.2fs", time.monotonic() - t0)
         self.programs.attach()
         self.programs.pin_maps()
-        maps = CaptureMaps(self.programs.bpf)
+        self.maps = maps = CaptureMaps(self.programs.bpf,
+                                       self.programs.table_fd("inbound_listeners"))
+        hbone = None
+        if cfg.identity.ca_cert and cfg.identity.ca_key:
+            ca = MeshCA.load(cfg.identity.ca_cert, cfg.identity.ca_key, cfg.mesh.trust_domain)
+            self.certificates = CertificateManager(
+                ca, cfg.mesh.trust_domain, ttl_seconds=cfg.identity.cert_ttl_seconds,
+                rotate_fraction=cfg.identity.rotate_at_fraction)
+            self.registry.register(IdentityCollector(self.certificates))
+            self._tasks.append(asyncio.create_task(self.certificates.run_rotation(
+                interval=min(60.0, cfg.identity.cert_ttl_seconds / 20))))
+            self.pool = HbonePool(
+                certificates=self.certificates, trust_domain=cfg.mesh.trust_domain,
+                port=cfg.proxy.hbone_port, settings=cfg.tunnel, metrics=self.tunnel_metrics)
+            self.pool.start()
+            hbone = HboneServer(
+                certificates=self.certificates, trust_domain=cfg.mesh.trust_domain,
+                port=cfg.proxy.hbone_port, announcer=maps,
+                handshake_timeout=cfg.tunnel.handshake_timeout_seconds,
+                connect_timeout=cfg.proxy.connect_timeout_seconds,
+                local_pod=lambda ip: self.enrollment.by_ip.get(ip) if self.enrollment else None,
+                admitter=lambda: self._admitter, table=lambda: self._table,
+                tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics)
+        else:
+            log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         self.proxy = OutboundProxy(
             maps=maps, metrics=self.metrics, table=lambda: self._table,
+            admitter=lambda: self._admitter,
+            local_pod=lambda key: self.enrollment.pods.get(key) if self.enrollment else None,
+            pool=self.pool, tracker=self.tracker, node=cfg.node.name,
             trust_domain=cfg.mesh.trust_domain, port=cfg.proxy.outbound_port,
             connect_timeout=cfg.proxy.connect_timeout_seconds)
+        inbound = InboundProxy(
+            port=cfg.proxy.inbound_port, connect_timeout=cfg.proxy.connect_timeout_seconds,
+            announcer=maps, admitter=lambda: self._admitter, table=lambda: self._table,
+            tracker=self.tracker,
+            metrics=self.metrics)
         self.enrollment = Enrollment(
-            maps=maps, proxy=self.proxy, metrics=self.metrics,
+            maps=maps, programs=self.programs, proxy=self.proxy, inbound=inbound, hbone=hbone,
+            tracker=self.tracker, metrics=self.metrics,
             trust_domain=cfg.mesh.trust_domain, pod_cgroup=pod_cgroup,
             on_change=self._rebuild_table)
-        self.registry.register(KernelCollector(maps.pod_counters, self.enrollment.names))
+        self.registry.register(KernelCollector(
+            maps.pod_counters, self.enrollment.names, self._kernel_policy_denials))
         for workload in cfg.local_workloads():
             try:
                 await self.enrollment.enroll(workload, "config")
@@ -102,12 +155,14 @@ class Daemon:
     async def stop(self) -> None:
         """Stop accepting, drain, then remove everything this daemon put in the kernel."""
         self._ready = False
-        if self.enrollment is not None and self.proxy is not None:
+        if self.enrollment is not None:
             for pod in self.enrollment.pods.values():
                 for server in pod.listeners:
                     server.close()
-            reset = await self.proxy.drain(self.config.proxy.drain_seconds)
+            reset = await self.tracker.drain(self.config.proxy.drain_seconds)
             log.info("drained; %d connections were still open and were reset", reset)
+            if self.pool is not None:
+                self.pool.close()
             await self.enrollment.unenroll_all("shutdown")
         for task in self._tasks:
             task.cancel()
@@ -137,6 +192,21 @@ class Daemon:
         runtime = tuple(p.workload for p in self.enrollment.pods.values()
                         if p.source == "runtime") + tuple(self.remote_workloads.values())
         self._table = DestinationTable(self.config, runtime, self._balancer)
+        workloads = {w.key: w for w in self.config.workloads}
+        workloads.update({w.key: w for w in runtime})
+        self._admitter = Admitter(self.config, self._admission_metrics)
+        compiled = compile_connect_denies(
+            self.config, self._admitter.authorizer,
+            [(p.pod_id, p.workload) for p in self.enrollment.pods.values()],
+            list(workloads.values()), self.config.services)
+        self.maps.replace_denies([(d.source_pod_id, d.ip, d.port, d.policy)
+                                  for d in compiled.denies])
+        self._deny_policy_names = compiled.policy_names
+
+    def _kernel_policy_denials(self) -> dict[str, int]:
+        counts = self.maps.policy_denials() if self.maps is not None else {}
+        return {self._deny_policy_names[i]: n for i, n in counts.items()
+                if i < len(self._deny_policy_names)}
 
     # -- admin view (nodeproxy.admin.server.DaemonView) -----------------
 

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 MAX_PODS = 4096
 MAX_FLOWS = 65536
+MAX_DENIES = 65536
+MAX_POLICIES = 1024
 # SO_MARK on the proxy's own sockets; the capture programs never touch a socket carrying it.
 SOCKET_MARK = 0x4E50  # "NP"
+# SO_MARK on the proxy's transparent connections into a pod (source = the real client's
+# IP). The pod netns accepts it into the app's socket (tcp_fwmark_accept) and routes
+# the app's replies with this mark back to the proxy (an ip rule to a local table).
+TRANSPARENT_MARK = 0x4E51
+TRANSPARENT_ROUTE_TABLE = 15051
 DIRECTION_OUTBOUND = 1
 DIRECTION_INBOUND = 2
 
 
-def cflags(outbound_port: int) -> list[str]:
+def cflags(outbound_port: int = 15001, inbound_port: int = 15006,
+           hbone_port: int = 15008) -> list[str]:
     """The -D flags that give the C programs the same constants as the daemon."""
     return [
         f"-DNP_MAX_PODS={MAX_PODS}",
         f"-DNP_MAX_FLOWS={MAX_FLOWS}",
+        f"-DNP_MAX_DENIES={MAX_DENIES}",
+        f"-DNP_MAX_POLICIES={MAX_POLICIES}",
         f"-DNP_OUTBOUND_PORT={outbound_port}",
+        f"-DNP_INBOUND_PORT={inbound_port}",
+        f"-DNP_HBONE_PORT={hbone_port}",
         f"-DNP_SOCKET_MARK={SOCKET_MARK:#x}",
     ]

@@ -8,6 +8,7 @@ byte order in u32 words.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -51,15 +52,22 @@ class PodCounters:
     in_bytes_received: int
     rtt_sum_us: int
     rtt_samples: int
+    denied: int
+    inbound_captured: int
 
 
 class CaptureMaps:
     """The daemon's view of the capture maps of one loaded bcc.BPF object."""
 
-    def __init__(self, bpf):
+    def __init__(self, bpf, sockmap_fd: int):
         self._pods = bpf["pods"]
         self._by_tuple = bpf["origdst_by_tuple"]
         self._stats = bpf["pod_stats"]
+        self._denies = bpf["connect_denies"]
+        self._policy_denials = bpf["policy_denials"]
+        self._inbound_ips = bpf["inbound_ips"]
+        self._dials = bpf["proxy_dials"]
+        self._sockmap_fd = sockmap_fd
 
     def enroll(self, netns_cookie: int, pod_id: int) -> None:
         leaf = self._pods.Leaf()
@@ -102,6 +110,88 @@ class CaptureMaps:
             port=socket.ntohs(leaf.port),
             pod_id=leaf.pod_id,
         )
+
+    def set_inbound(self, pod_id: int, ips: list[IPAddress],
+                    listeners: dict[int, socket.socket]) -> None:
+        """Steer new connections to these pod IPs to the pod's inbound listeners
+        (one per address family)."""
+        import bcc
+
+        for family, sock in listeners.items():
+            index = ctypes.c_uint32(pod_id * 2 + (1 if family == socket.AF_INET6 else 0))
+            fd = ctypes.c_uint32(sock.fileno())
+            if bcc.lib.bpf_update_elem(self._sockmap_fd, ctypes.byref(index),
+                                       ctypes.byref(fd), 0) != 0:
+                raise OSError(f"pod {pod_id}: cannot put its inbound listener in the sockmap")
+        for ip in ips:
+            self._inbound_ips[self._ip_key(ip)] = ctypes.c_uint32(pod_id)
+
+    def clear_inbound(self, pod_id: int, ips: list[IPAddress]) -> None:
+        import bcc
+
+        for ip in ips:
+            try:
+                del self._inbound_ips[self._ip_key(ip)]
+            except KeyError:
+                pass
+        for offset in (0, 1):
+            index = ctypes.c_uint32(pod_id * 2 + offset)
+            bcc.lib.bpf_delete_elem(self._sockmap_fd, ctypes.byref(index))
+
+    def _ip_key(self, ip: IPAddress):
+        key = self._inbound_ips.Key()
+        key.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        for i, word in enumerate(_words(ip)):
+            key.ip[i] = word
+        return key
+
+    def _dial_key(self, source: tuple[str, int], dest: tuple[str, int]):
+        src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(dest[0])
+        key = self._dials.Key()
+        key.family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+        for i, word in enumerate(_words(src)):
+            key.remote_ip[i] = word
+        for i, word in enumerate(_words(dst)):
+            key.local_ip[i] = word
+        key.remote_port = socket.htons(source[1])
+        key.local_port = dest[1]
+        return key
+
+    def expect_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
+        """The proxy is about to connect from `source` (a client's address) into a pod at
+        `dest`: inbound capture must not steer it back to the proxy."""
+        self._dials[self._dial_key(source, dest)] = ctypes.c_uint32(1)
+
+    def forget_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
+        try:
+            del self._dials[self._dial_key(source, dest)]
+        except KeyError:
+            pass
+
+    def replace_denies(self, denies: list[tuple[int, IPAddress, int, int]]) -> None:
+        """Make the kernel's connect-time DENY set exactly these (pod id, ip, port, policy
+        index) entries: new ones are added before stale ones are removed."""
+        wanted = {}
+        for pod_id, ip, port, policy in denies:
+            key = self._denies.Key()
+            key.pod_id = pod_id
+            key.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            for i, word in enumerate(_words(ip)):
+                key.ip[i] = word
+            key.port = socket.htons(port)
+            wanted[bytes(key)] = (key, policy)
+        for key, policy in wanted.values():
+            self._denies[key] = ctypes.c_uint32(policy)
+        for key in list(self._denies.keys()):
+            if bytes(key) not in wanted:
+                try:
+                    del self._denies[key]
+                except KeyError:
+                    pass
+
+    def policy_denials(self) -> dict[int, int]:
+        """Policy index -> connects the kernel refused for it."""
+        return {k.value: v.value for k, v in self._policy_denials.items() if v.value}
 
     def pod_counters(self) -> dict[int, PodCounters]:
         fields = [name for name, _ in self._stats.Leaf._fields_]

@@ -595,32 +595,24 @@ def check_bpf_features(bcc: ModuleType | None, privileged: bool = True) -> list[
 
 def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_PORT,
                           privileged: bool = True) -> CheckResult:
-    """Compile bpf/capture.c exactly as the daemon does and load its three programs."""
+    """Compile bpf/*.c exactly as the daemon does and load every program (never attach)."""
     name = "capture-program"
-    hint = "bpf/capture.c must compile against this kernel's headers and pass the verifier"
+    hint = "bpf/*.c must compile against this kernel's headers and pass the verifier"
     if bcc is None:
         return _fail(name, "not tried: bcc is not importable", BCC_HINT)
     try:
-        from nodeproxy.capture import constants, programs
+        from nodeproxy.capture import programs
 
         src = programs.bpf_source_dir()
-        cflags = [f"-I{src}", *constants.cflags(outbound_port)]
     except Exception as e:  # noqa: BLE001 - report any failure to locate the sources
-        return _fail(name, f"cannot locate bpf/capture.c: {e}",
-                     "set NODEPROXY_BPF_DIR to the directory holding capture.c")
-    path = src / "capture.c"
+        return _fail(name, f"cannot locate the eBPF sources: {e}",
+                     "set NODEPROXY_BPF_DIR to the directory holding capture.c and inbound.c")
     bpf = None
     with _fd2_captured() as output:
         try:
-            bpf = bcc.BPF(src_file=os.fsencode(path), cflags=cflags)
-            for func, prog_type, attach_type in (
-                ("np_connect4", bcc.BPF.CGROUP_SOCK_ADDR,
-                 bcc.BPFAttachType.CGROUP_INET4_CONNECT),
-                ("np_connect6", bcc.BPF.CGROUP_SOCK_ADDR,
-                 bcc.BPFAttachType.CGROUP_INET6_CONNECT),
-                ("np_sockops", bcc.BPF.SOCK_OPS, -1),
-            ):
-                bpf.load_func(func.encode(), prog_type, attach_type=attach_type)
+            bpf = programs.compile_programs(bcc, outbound_port=outbound_port)
+            for spec in programs.ALL_PROGRAMS:
+                programs.load_program(bpf, spec)
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
             error: BaseException | None = e
         else:
@@ -630,8 +622,9 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
                 bpf.cleanup()
     if error is not None:
         detail, hint = _explain(_why(error, output), hint, privileged)
-        return _fail(name, f"{path}: {detail}", hint)
-    return _pass(name, f"{path} compiled; np_connect4, np_connect6, np_sockops loaded")
+        return _fail(name, f"{src}: {detail}", hint)
+    loaded = ", ".join(spec.function for spec in programs.ALL_PROGRAMS)
+    return _pass(name, f"{src} compiled; {loaded} loaded")
 
 
 # ---------------------------------------------------------------- optional extras

@@ -1,4 +1,8 @@
-"""Compile, load, attach and pin the capture programs (bpf/capture.c) for one node.
+"""Compile, load, attach and pin the eBPF programs (bpf/*.c) for one node.
+
+One bcc compile unit holds every program and map (capture.c, inbound.c).
+The cgroup programs attach to the node's pod cgroup subtree; the inbound
+sk_lookup program attaches to each enrolled pod's network namespace.
 
 Pins live under <bpffs>/nodeproxy/<node>/: maps/ always (for bpftool and the
 next instance), links/ only in fail_closed mode, so a crashed daemon leaves
@@ -13,12 +17,47 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nodeproxy.capture import constants, libbpf
 
 log = logging.getLogger(__name__)
 
-MAPS_TO_PIN = ("pods", "origdst_by_cookie", "origdst_by_tuple", "pod_stats")
+SOURCES = ("capture.c", "inbound.c")
+MAPS_TO_PIN = ("pods", "origdst_by_cookie", "origdst_by_tuple", "pod_stats",
+               "connect_denies", "inbound_ips")
+
+# UAPI values (bcc 0.26 lacks names for some of them).
+PROG_CGROUP_SOCK_ADDR = 18
+PROG_SOCK_OPS = 13
+PROG_SK_LOOKUP = 30
+ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_INET4_CONNECT = 10
+ATTACH_INET6_CONNECT = 11
+ATTACH_INET4_GETPEERNAME = 29
+ATTACH_INET6_GETPEERNAME = 30
+ATTACH_SK_LOOKUP = 36
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    name: str         # link name and pin file
+    function: str     # C function
+    prog_type: int
+    attach_type: int
+
+
+CGROUP_PROGRAMS = (
+    ProgramSpec("connect4", "np_connect4", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT),
+    ProgramSpec("connect6", "np_connect6", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT),
+    ProgramSpec("getpeername4", "np_getpeername4", PROG_CGROUP_SOCK_ADDR,
+                ATTACH_INET4_GETPEERNAME),
+    ProgramSpec("getpeername6", "np_getpeername6", PROG_CGROUP_SOCK_ADDR,
+                ATTACH_INET6_GETPEERNAME),
+    ProgramSpec("sockops", "np_sockops", PROG_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS),
+)
+INBOUND_PROGRAM = ProgramSpec("inbound", "np_inbound_lookup", PROG_SK_LOOKUP, ATTACH_SK_LOOKUP)
+ALL_PROGRAMS = (*CGROUP_PROGRAMS, INBOUND_PROGRAM)
 
 
 def bpf_source_dir() -> Path:
@@ -29,11 +68,26 @@ def bpf_source_dir() -> Path:
         "/usr/share/nodeproxy/bpf",
     ]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "capture.c").is_file():
+        if candidate and all((Path(candidate) / f).is_file() for f in SOURCES):
             return Path(candidate)
     raise FileNotFoundError(
-        "bpf/capture.c not found (set NODEPROXY_BPF_DIR to the directory holding it)"
+        f"bpf/{' and bpf/'.join(SOURCES)} not found (set NODEPROXY_BPF_DIR to their directory)"
     )
+
+
+def compile_programs(bcc: Any, *, outbound_port: int = 15001, inbound_port: int = 15006,
+                     hbone_port: int = 15008) -> Any:
+    """Compile every program into one bcc.BPF object (nothing is loaded or attached)."""
+    src = bpf_source_dir()
+    # One text: bcc only makes programs of functions in the main file, not in includes.
+    text = "\n".join((src / name).read_text() for name in SOURCES)
+    return bcc.BPF(text=text.encode(), cflags=[
+        f"-I{src}", *constants.cflags(outbound_port, inbound_port, hbone_port)])
+
+
+def load_program(bpf: Any, spec: ProgramSpec) -> Any:
+    """Load one program into the kernel (the verifier runs here)."""
+    return bpf.load_func(spec.function.encode(), spec.prog_type, attach_type=spec.attach_type)
 
 
 def pin_root(bpffs: str, node: str) -> Path:
@@ -48,61 +102,64 @@ class _Link:
 
 
 class CapturePrograms:
-    """The loaded capture programs of one node and everything they attached and pinned."""
+    """The loaded programs of one node and everything they attached and pinned."""
 
     def __init__(self, *, node: str, pod_cgroup: str, bpffs: str, outbound_port: int,
-                 pin_links: bool):
+                 inbound_port: int, hbone_port: int, pin_links: bool):
         self.node = node
         self.pod_cgroup = pod_cgroup
         self.pins = pin_root(bpffs, node)
-        self.outbound_port = outbound_port
+        self.ports = {"outbound_port": outbound_port, "inbound_port": inbound_port,
+                      "hbone_port": hbone_port}
         self.pin_links = pin_links
-        self.bpf = None
+        self.bpf: Any = None
         self._links: list[_Link] = []
+        self._netns_links: dict[str, _Link] = {}
+        self._inbound_fd = -1
 
     def load(self) -> None:
-        """Compile with bcc and load into the kernel (the verifier runs here)."""
-        from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no bcc
+        """Compile with bcc and load every program (the verifier runs here)."""
+        import bcc  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
-        src = bpf_source_dir()
-        self.bpf = BPF(
-            src_file=str(src / "capture.c"),
-            cflags=[f"-I{src}", *constants.cflags(self.outbound_port)],
-        )
+        self.bpf = compile_programs(bcc, **self.ports)
+        self._funcs = {spec.name: load_program(self.bpf, spec) for spec in ALL_PROGRAMS}
+        self._inbound_fd = self._funcs[INBOUND_PROGRAM.name].fd
+
+    def _link(self, name: str, prog_fd: int, target_fd: int, attach_type: int) -> _Link:
+        fd = libbpf.link_create(prog_fd, target_fd, attach_type)
+        pin_path = None
+        if self.pin_links:
+            pin_path = self.pins / "links" / name
+            pin_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                libbpf.pin(fd, str(pin_path))
+            except OSError:
+                os.close(fd)
+                raise
+        return _Link(name, fd, pin_path)
 
     def attach(self) -> None:
-        """Attach connect4/6, getpeername4/6 and sockops to the pod cgroup subtree as BPF links."""
-        from bcc import BPF, BPFAttachType
-
+        """Attach the cgroup programs to the pod cgroup subtree as BPF links."""
         assert self.bpf is not None, "load() first"
-        programs = [
-            ("connect4", "np_connect4", BPF.CGROUP_SOCK_ADDR,
-             BPFAttachType.CGROUP_INET4_CONNECT),
-            ("connect6", "np_connect6", BPF.CGROUP_SOCK_ADDR,
-             BPFAttachType.CGROUP_INET6_CONNECT),
-            ("getpeername4", "np_getpeername4", BPF.CGROUP_SOCK_ADDR,
-             BPFAttachType.CGROUP_INET4_GETPEERNAME),
-            ("getpeername6", "np_getpeername6", BPF.CGROUP_SOCK_ADDR,
-             BPFAttachType.CGROUP_INET6_GETPEERNAME),
-            ("sockops", "np_sockops", BPF.SOCK_OPS, BPFAttachType.CGROUP_SOCK_OPS),
-        ]
         cgroup_fd = os.open(self.pod_cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for name, func_name, prog_type, attach_type in programs:
-                if prog_type == BPF.CGROUP_SOCK_ADDR:
-                    func = self.bpf.load_func(func_name, prog_type, attach_type=attach_type)
-                else:
-                    func = self.bpf.load_func(func_name, prog_type)
-                fd = libbpf.link_create(func.fd, cgroup_fd, int(attach_type))
-                pin_path = None
-                if self.pin_links:
-                    pin_path = self.pins / "links" / name
-                    pin_path.parent.mkdir(parents=True, exist_ok=True)
-                    libbpf.pin(fd, str(pin_path))
-                self._links.append(_Link(name, fd, pin_path))
-                log.info("attached %s to %s", func_name, self.pod_cgroup)
+            for spec in CGROUP_PROGRAMS:
+                self._links.append(self._link(spec.name, self._funcs[spec.name].fd,
+                                              cgroup_fd, spec.attach_type))
+                log.info("attached %s to %s", spec.function, self.pod_cgroup)
         finally:
             os.close(cgroup_fd)
+
+    def attach_netns(self, key: str, netns_fd: int) -> None:
+        """Attach inbound capture (sk_lookup) to one pod's network namespace."""
+        pin_name = "inbound-" + key.replace("/", "_")
+        link = self._link(pin_name, self._inbound_fd, netns_fd, INBOUND_PROGRAM.attach_type)
+        self._netns_links[key] = link
+
+    def detach_netns(self, key: str) -> None:
+        link = self._netns_links.pop(key, None)
+        if link is not None:
+            _close_link(link)
 
     def pin_maps(self) -> None:
         assert self.bpf is not None
@@ -111,18 +168,30 @@ class CapturePrograms:
         for name in MAPS_TO_PIN:
             libbpf.pin(self.bpf[name].map_fd, str(maps_dir / name))
 
+    def table_fd(self, name: str) -> int:
+        """A map's fd, also for map types bcc's Table cannot open (sockmap)."""
+        import bcc
+
+        return int(bcc.lib.bpf_table_fd(self.bpf.module, name.encode()))
+
     def close(self) -> None:
         """Detach every link, remove every pin, free the programs.  Safe to call twice."""
+        for key in list(self._netns_links):
+            self.detach_netns(key)
         for link in self._links:
-            if link.pin_path is not None:
-                link.pin_path.unlink(missing_ok=True)
-            os.close(link.fd)
+            _close_link(link)
             log.info("detached %s from %s", link.name, self.pod_cgroup)
         self._links.clear()
         remove_pins(self.pins)
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def _close_link(link: _Link) -> None:
+    if link.pin_path is not None:
+        link.pin_path.unlink(missing_ok=True)
+    os.close(link.fd)
 
 
 def remove_pins(pins: Path) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 # docstring's first line is the subcommand's help.
 SUBCOMMANDS = {
     "run": "nodeproxy.cli.run",
+    "ca": "nodeproxy.cli.ca",
     "check": "nodeproxy.cli.check",
     "validate": "nodeproxy.cli.validate",
     "demo": "nodeproxy.cli.demo",

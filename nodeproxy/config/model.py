@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -188,6 +190,207 @@ class Service(Model):
         return self
 
 
+# --- identity, tunnel, inbound -------------------------------------------------------------
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip_network(value: object) -> object:
+    """Parse "10.0.0.0/8", "fd00::/64" or a bare address (a /32 or /128); refuse host bits."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a valid IP address or CIDR")
+    text = value.strip()
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        masked = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid IP address or CIDR") from None
+    raise ValueError(f"{value!r} has host bits set (did you mean {masked}?)")
+
+
+# An IP address or CIDR block; a bare address means just that address.
+IPNetworkField = Annotated[IPNetwork, BeforeValidator(_ip_network)]
+
+
+class IdentitySettings(Model):
+    """The mesh CA this node signs workload certificates with.  No caCert: mTLS is off."""
+
+    ca_cert: str | None = None  # PEM root certificate
+    ca_key: str | None = None  # PEM private key of that certificate
+    cert_ttl_seconds: int = Field(default=86400, gt=0)
+    # A leaf certificate is renewed when this fraction of its lifetime has passed.
+    rotate_at_fraction: float = Field(default=0.5, gt=0, lt=1)
+
+
+class TunnelSettings(Model):
+    """The HBONE connection pool: HTTP/2 CONNECT over mTLS to other nodes."""
+
+    max_streams_per_connection: int = Field(default=100, ge=1)
+    max_connections_per_key: int = Field(default=4, ge=1)
+    idle_timeout_seconds: float = Field(default=60.0, gt=0, le=86400)
+    keepalive_seconds: float = Field(default=10.0, gt=0, le=3600)
+    handshake_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+
+
+class InboundSettings(Model):
+    # Sources exempt from STRICT mTLS (kubelet probes come from the node's own address).
+    probe_sources: list[IPNetworkField] = Field(default_factory=list)
+
+
+# --- peer authentication and authorization (Istio's shapes) --------------------------------
+
+MtlsMode = Literal["UNSET", "STRICT", "PERMISSIVE", "DISABLE"]
+SPIFFE_SCHEME = "spiffe://"
+
+
+def _optional_dns_label(value: str | None) -> str | None:
+    return None if value is None else _dns_label(value)
+
+
+def _selector(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must not be empty (omit it to select every workload in scope)")
+    return _labels(value)
+
+
+def _match_value(value: str) -> str:
+    """An Istio string match: exact, "prefix*", "*suffix" or "*" (any non-empty value)."""
+    body = value.removeprefix(SPIFFE_SCHEME)
+    if not body:
+        raise ValueError("must not be empty")
+    if body == "*":
+        return value
+    inner = body[1:] if body.startswith("*") else body.removesuffix("*")
+    if "*" in inner:
+        raise ValueError(f"'*' is allowed only alone, at the start or at the end (got {value!r})")
+    return value
+
+
+def _port_string(value: object) -> object:
+    """A port written as Istio writes it ("8080"); a YAML number is accepted too."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return value  # pydantic reports the wrong type
+    text = value.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"must be a port number from 1 to 65535 (got {value!r})")
+    return str(int(text))
+
+
+MatchValue = Annotated[str, AfterValidator(_match_value)]
+PortString = Annotated[str, BeforeValidator(_port_string)]
+
+
+class PeerAuthentication(Model):
+    """Istio's PeerAuthentication: which inbound connections must be mTLS.
+
+    No namespace: mesh-wide.  No selector: the whole namespace (or mesh).  A
+    workload-selector policy beats a namespace-wide one, which beats a mesh-wide
+    one; a port in portLevelMtls beats the policy's mode; UNSET inherits.
+    """
+
+    name: str
+    namespace: str | None = None
+    selector: dict[str, str] | None = None
+    mode: MtlsMode = "UNSET"
+    port_level_mtls: dict[PortNumber, MtlsMode] = Field(default_factory=dict)
+
+    _name = field_validator("name")(_dns_label)
+    _namespace = field_validator("namespace")(_optional_dns_label)
+    _selector = field_validator("selector")(_selector)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace or '*'}/{self.name}"
+
+
+class Source(Model):
+    """Who connects.  Every field present must match; within a field any value does."""
+
+    principals: list[MatchValue] | None = None
+    not_principals: list[MatchValue] | None = None
+    namespaces: list[MatchValue] | None = None
+    not_namespaces: list[MatchValue] | None = None
+    ip_blocks: list[IPNetworkField] | None = None
+    not_ip_blocks: list[IPNetworkField] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Source:
+        if not any(getattr(self, name) for name in type(self).model_fields):
+            raise ValueError(
+                "a source must set at least one of principals, notPrincipals, namespaces, "
+                "notNamespaces, ipBlocks, notIpBlocks"
+            )
+        return self
+
+
+class From(Model):
+    source: Source
+
+
+class Operation(Model):
+    """What is connected to: the destination port (strings, as Istio writes them)."""
+
+    ports: list[PortString] | None = None
+    not_ports: list[PortString] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Operation:
+        if not (self.ports or self.not_ports):
+            raise ValueError("an operation must set ports or notPorts")
+        return self
+
+
+class To(Model):
+    operation: Operation
+
+
+def _non_empty_list(value: list[object] | None) -> list[object] | None:
+    if value is not None and not value:
+        raise ValueError("must not be empty (omit it to match anything)")
+    return value
+
+
+class Rule(Model):
+    """Matches if any `from` matches and any `to` matches; an absent list matches anything."""
+
+    from_: list[From] | None = Field(default=None, alias="from")
+    to: list[To] | None = None
+
+    _lists = field_validator("from_", "to")(_non_empty_list)
+
+
+class AuthorizationPolicy(Model):
+    """Istio's AuthorizationPolicy, L4 subset.
+
+    No namespace: mesh-wide.  A selector narrows it to workloads whose labels
+    contain it.  No rules: ALLOW matches nothing (so it denies everything it
+    selects) and DENY matches nothing; ``rules: [{}]`` matches everything.
+    """
+
+    name: str
+    namespace: str | None = None
+    selector: dict[str, str] | None = None
+    action: Literal["ALLOW", "DENY"] = "ALLOW"
+    rules: list[Rule] = Field(default_factory=list)
+
+    _name = field_validator("name")(_dns_label)
+    _namespace = field_validator("namespace")(_optional_dns_label)
+    _selector = field_validator("selector")(_selector)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace or '*'}/{self.name}"
+
+
 class NodeConfig(Model):
     """One node's whole configuration."""
 
@@ -200,6 +403,11 @@ class NodeConfig(Model):
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
     workloads: list[Workload] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
+    inbound: InboundSettings = Field(default_factory=InboundSettings)
+    peer_authentications: list[PeerAuthentication] = Field(default_factory=list)
+    authorization_policies: list[AuthorizationPolicy] = Field(default_factory=list)
 
     def local_workloads(self) -> list[Workload]:
         return [w for w in self.workloads if w.node in (None, self.node.name)]
@@ -249,4 +457,53 @@ def cross_check(config: NodeConfig) -> list[Problem]:
                 errors.append((("services", i, "vips", j),
                                f"VIP {vip} is also the IP of workloads[{ip_at[vip]}]"))
             vip_at.setdefault(vip, i)
+    errors.extend(_identity_problems(config.identity))
+    errors.extend(_peer_authentication_problems(config.peer_authentications))
+    errors.extend(_duplicate_policy_names("authorizationPolicies", "authorization policy",
+                                          config.authorization_policies))
+    return errors
+
+
+def _identity_problems(identity: IdentitySettings) -> list[Problem]:
+    """caCert and caKey come as a pair: the node signs leaf certificates with the key."""
+    if identity.ca_cert and not identity.ca_key:
+        return [(("identity", "caCert"), "caCert needs caKey (the node signs workload "
+                                         "certificates with it)")]
+    if identity.ca_key and not identity.ca_cert:
+        return [(("identity", "caKey"), "caKey needs caCert")]
+    return []
+
+
+def _duplicate_policy_names(
+    section: str, what: str, policies: Sequence[PeerAuthentication | AuthorizationPolicy]
+) -> list[Problem]:
+    """A policy name is unique within its namespace (mesh-wide policies are one scope)."""
+    errors: list[Problem] = []
+    first: dict[str, int] = {}
+    for i, policy in enumerate(policies):
+        if policy.key in first:
+            scope = f"namespace {policy.namespace}" if policy.namespace else "the mesh-wide scope"
+            errors.append(((section, i, "name"),
+                           f"{what} {policy.name!r} is already defined in {scope} "
+                           f"at {section}[{first[policy.key]}]"))
+        first.setdefault(policy.key, i)
+    return errors
+
+
+def _peer_authentication_problems(policies: list[PeerAuthentication]) -> list[Problem]:
+    """Duplicate names, port-level modes without a selector, two policies for one scope."""
+    errors = _duplicate_policy_names("peerAuthentications", "peer authentication", policies)
+    scope_at: dict[str | None, int] = {}
+    for i, policy in enumerate(policies):
+        if policy.selector is not None:
+            continue
+        if policy.port_level_mtls:
+            errors.append((("peerAuthentications", i, "portLevelMtls"),
+                           "portLevelMtls requires a selector (as in Istio)"))
+        if policy.namespace in scope_at:
+            scope = (f"namespace {policy.namespace}" if policy.namespace else "the mesh")
+            errors.append((("peerAuthentications", i),
+                           f"{scope} already has a peer authentication without a selector "
+                           f"at peerAuthentications[{scope_at[policy.namespace]}]"))
+        scope_at.setdefault(policy.namespace, i)
     return errors

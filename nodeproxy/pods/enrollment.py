@@ -1,8 +1,10 @@
-"""Enrolling and unenrolling pods: listeners first, then the kernel map, and the reverse.
+"""Enrolling and unenrolling pods: listeners first, then the kernel maps, and the reverse.
 
 Order matters: a pod's connects are captured as soon as its netns cookie is in
-the kernel's pods map, so its 15001 listener must already exist; on the way out
-the map entry goes first, so no new connect is steered to a closing listener.
+the kernel's pods map, so its 15001 listener must already exist; its inbound
+traffic is steered once its IPs are in the inbound map, so the 15006 listener
+and the netns's transparent-reply routing must exist before that.  On the way
+out the map entries go first, so nothing new is steered to a closing listener.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import os
 from collections.abc import Callable
 
 from nodeproxy.capture.maps import CaptureMaps
+from nodeproxy.capture.programs import CapturePrograms
 from nodeproxy.config.model import Workload
+from nodeproxy.pods import transparent
 from nodeproxy.pods.netns import Netns
 from nodeproxy.pods.pod import EnrolledPod, spiffe_id
 from nodeproxy.proxy.destinations import WorkloadRef
+from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
+from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+from nodeproxy.tunnel.server import HboneServer
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +39,28 @@ class Enrollment:
         self,
         *,
         maps: CaptureMaps,
+        programs: CapturePrograms,
         proxy: OutboundProxy,
+        inbound: InboundProxy,
+        hbone: HboneServer | None,
+        tracker: ConnectionTracker,
         metrics: ProxyMetrics,
         trust_domain: str,
         pod_cgroup: str,
         on_change: Callable[[], None],
     ):
         self._maps = maps
+        self._programs = programs
         self._proxy = proxy
+        self._inbound = inbound
+        self._hbone = hbone
+        self._tracker = tracker
         self._metrics = metrics
         self._trust_domain = trust_domain
         self._pod_cgroup = os.path.realpath(pod_cgroup)
         self._on_change = on_change
         self.pods: dict[str, EnrolledPod] = {}
-        self._next_id = 1
+        self.by_ip: dict = {}
         self._lock = asyncio.Lock()
 
     def names(self) -> dict[int, tuple[str, str]]:
@@ -67,6 +82,7 @@ class Enrollment:
             netns = Netns.open(workload.netns)
         except OSError as e:
             raise EnrollError(f"pod {workload.key}: netns {workload.netns}: {e.strerror}") from e
+        pod: EnrolledPod | None = None
         try:
             cookie = netns.cookie()
             for other in self.pods.values():
@@ -79,23 +95,38 @@ class Enrollment:
                 ref=WorkloadRef.of(workload),
                 principal=spiffe_id(self._trust_domain, workload.namespace,
                                     workload.service_account),
-                pod_id=self._next_id,
+                pod_id=self._free_id(),
                 netns=netns,
                 netns_cookie=cookie,
                 source=source,
             )
+            await asyncio.to_thread(transparent.prepare, netns)
             await self._proxy.open_listeners(pod)
+            inbound = await self._inbound.open_listeners(pod)
+            if self._hbone is not None:
+                await self._hbone.open_listeners(pod)
+            self._programs.attach_netns(pod.key, netns.fd)
+            self._maps.set_inbound(pod.pod_id, list(workload.ips), inbound)
         except BaseException:
+            for server in pod.listeners if pod is not None else []:
+                server.close()
+            self._programs.detach_netns(workload.key)
             netns.close()
             raise
-        self._next_id += 1
         self._maps.enroll(cookie, pod.pod_id)
         self.pods[pod.key] = pod
+        for ip in workload.ips:
+            self.by_ip[ip] = pod
         self._metrics.enrolled_pods.set(len(self.pods))
         self._metrics.pod_enrollments.labels("enroll", source).inc()
         log.info("enrolled pod %s (id %d, netns %s)", pod.key, pod.pod_id, workload.netns)
         self._on_change()
         return pod
+
+    def _free_id(self) -> int:
+        """The smallest unused pod id: ids index fixed-size kernel maps, so they are reused."""
+        used = {p.pod_id for p in self.pods.values()}
+        return next(i for i in range(1, len(used) + 2) if i not in used)
 
     def _check(self, workload: Workload) -> None:
         if not workload.netns or not workload.cgroup:
@@ -121,11 +152,20 @@ class Enrollment:
             if pod is None:
                 return False
             self._maps.unenroll(pod.netns_cookie, pod.pod_id)
+            self._maps.clear_inbound(pod.pod_id, list(pod.workload.ips))
+            self._programs.detach_netns(pod.key)
+            for ip in pod.workload.ips:
+                self.by_ip.pop(ip, None)
             for server in pod.listeners:
                 server.close()
             pod.listeners.clear()
             if cause == "netns_vanished":
-                self._proxy.abort_pod(pod)
+                self._tracker.abort_pod(pod.key)
+            else:
+                try:
+                    await asyncio.to_thread(transparent.undo, pod.netns)
+                except Exception as e:  # noqa: BLE001 - the pod may be going away
+                    log.info("pod %s: transparent routing not removed: %s", key, e)
             pod.netns.close()
             self._metrics.enrolled_pods.set(len(self.pods))
             self._metrics.pod_enrollments.labels("unenroll", cause).inc()

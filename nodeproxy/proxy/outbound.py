@@ -1,31 +1,50 @@
 """The outbound proxy: listeners on 15001 inside each pod, and what happens per connection.
 
-A captured connection arrives on the pod's own loopback listener; its
-original destination comes from the kernel map (keyed by the pod's netns
-cookie and the client socket's local address).  The destination table
-decides; the upstream socket is created inside the source pod's netns (so
-the destination sees the pod's IP, as without the mesh) and marked so the
-capture programs never touch it.  Then a Relay moves the bytes.
+A captured connection arrives on the pod's own loopback listener; its original
+destination comes from the kernel map (keyed by the pod's netns cookie and the
+client socket's local address).  The destination table picks a backend, and
+the backend decides the path:
+
+- a meshed pod on this node: admission (peer authentication + authorization on the
+  source pod's identity, known from its netns) then a transparent connection into
+  the destination pod, so the application sees the client pod's address; no TLS,
+  both ends are in this process;
+- a meshed pod on another node, with mTLS on: an HBONE stream over a pooled mutual-TLS
+  connection to that node (its proxy admits and connects, transparently);
+- anything else (no mesh identity, or mTLS off): a plain connection made from inside
+  the source pod's netns, marked so the capture programs never touch it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
 from collections.abc import Callable
 
-from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.maps import CaptureMaps
 from nodeproxy.pods.pod import EnrolledPod, spiffe_id
-from nodeproxy.proxy.destinations import Decision, DestinationTable, Verdict
+from nodeproxy.proxy.admission import Admitter
+from nodeproxy.proxy.destinations import Backend, Decision, DestinationTable, Verdict
+from nodeproxy.proxy.dial import dial_from, dial_transparent
 from nodeproxy.proxy.relay import Relay, Side, reset
+from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.tunnel.client import HbonePool, TunnelError
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
+
+
+class Refused(Exception):
+    """The connection is not allowed or cannot be made; `reason` labels the metric."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class OutboundProxy:
@@ -35,6 +54,11 @@ class OutboundProxy:
         maps: CaptureMaps,
         metrics: ProxyMetrics,
         table: Callable[[], DestinationTable],
+        admitter: Callable[[], Admitter],
+        local_pod: Callable[[str], EnrolledPod | None],
+        pool: HbonePool | None,
+        tracker: ConnectionTracker,
+        node: str,
         trust_domain: str,
         port: int,
         connect_timeout: float,
@@ -42,12 +66,14 @@ class OutboundProxy:
         self._maps = maps
         self._metrics = metrics
         self._table = table
+        self._admitter = admitter
+        self._local_pod = local_pod
+        self._pool = pool
+        self._tracker = tracker
+        self._node = node
         self._trust_domain = trust_domain
         self.port = port
         self._connect_timeout = connect_timeout
-        self.relays: set[Relay] = set()
-        self._pending: set[asyncio.Task] = set()
-        self.accepting = True
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
         """Listen on 127.0.0.1 and [::1] at the outbound port inside the pod's netns."""
@@ -65,25 +91,23 @@ class OutboundProxy:
                     lambda pod=pod: _Downstream(self, pod), sock=sock)
             except OSError as e:
                 sock.close()
-                if family == socket.AF_INET6 and e.errno == 99:  # no ::1 in this pod
+                if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
                     log.warning("pod %s has no IPv6 loopback; IPv6 capture off", pod.key)
                     continue
                 raise
             pod.listeners.append(server)
 
     def _accepted(self, pod: EnrolledPod, down: _Downstream) -> None:
-        if not self.accepting:
+        if not self._tracker.accepting:
             reset(down.transport)
             return
-        task = asyncio.get_running_loop().create_task(self._connect(pod, down))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._tracker.spawn(self._serve(pod, down))
 
-    async def _connect(self, pod: EnrolledPod, down: _Downstream) -> None:
+    async def _serve(self, pod: EnrolledPod, down: _Downstream) -> None:
         assert down.transport is not None
         peer = down.transport.get_extra_info("peername")
-        peer_ip = ipaddress.ip_address(peer[0])
-        original = self._maps.take_original_destination(pod.netns_cookie, peer_ip, peer[1])
+        original = self._maps.take_original_destination(
+            pod.netns_cookie, ipaddress.ip_address(peer[0]), peer[1])
         if original is None:
             # Not a captured connect: something dialled 15001 directly.
             self._refuse(pod, down, "no_original_destination")
@@ -95,45 +119,70 @@ class OutboundProxy:
             self._refuse(pod, down, "registry_only" if decision.service is None
                          else "no_endpoints")
             return
-        backend = decision.backend
-        family = socket.AF_INET if backend.address.version == 4 else socket.AF_INET6
-        sock = pod.netns.socket(family)
-        up = Side("upstream", start_paused=True)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCKET_MARK)
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(
-                loop.sock_connect(sock, (str(backend.address), backend.port)),
-                self._connect_timeout)
-            await loop.create_connection(lambda: up, sock=sock)
-        except (TimeoutError, OSError) as e:
-            sock.close()
-            reason = "timeout" if isinstance(e, asyncio.TimeoutError) else (
-                errno_name(e) or "error")
-            log.info("upstream connect %s -> %s:%s failed: %s", pod.key, backend.address,
-                     backend.port, reason)
-            self._metrics.upstream_connect_failures.labels(
-                decision.service or UNKNOWN, reason).inc()
-            reset(down.transport)
+            up, security, pods = await self._open(pod, decision.backend, decision)
+        except Refused as e:
+            log.info("outbound %s -> %s:%d refused (%s): %s", pod.key,
+                     decision.backend.address, decision.backend.port, e.reason, e)
+            self._refuse(pod, down, e.reason)
             return
-        meter = ConnectionMeter(self._metrics, self._labels(pod, decision))
+        meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
-        self.relays.add(relay)
-        self._metrics.active_connections.inc()
+        self._tracker.add(relay, pod.key, *pods)
         meter.opened()
         relay.start()
 
+    async def _open(self, pod: EnrolledPod, backend: Backend, decision: Decision
+                    ) -> tuple[Side, str, tuple[str, ...]]:
+        """Connect to the backend by the right path: (upstream side, security, pods)."""
+        ref = backend.workload
+        source_ip = _source_address(pod, backend.address)
+        try:
+            if ref is not None and ref.node in (None, self._node):
+                target = self._local_pod(f"{ref.namespace}/{ref.name}")
+                if target is not None:
+                    admission = self._admitter().admit(target.workload, pod.principal,
+                                                       source_ip, backend.port)
+                    if not admission.allowed:
+                        raise Refused("denied", f"policy {admission.policy or '-'}: "
+                                                f"{admission.reason}")
+                    up = await dial_transparent(target.netns, source_ip, backend.address,
+                                                backend.port, self._connect_timeout, self._maps)
+                    return up, "mutual_tls", (target.key,)
+            if ref is not None and ref.node not in (None, self._node) and self._pool:
+                stream = await self._pool.open(
+                    source_namespace=pod.workload.namespace,
+                    source_sa=pod.workload.service_account,
+                    destination=spiffe_id(self._trust_domain, ref.namespace,
+                                          ref.service_account),
+                    node=ref.node, ip=backend.address, port=backend.port,
+                    source_ip=source_ip)
+                up = Side("upstream", start_paused=True)
+                stream.set_protocol(up)
+                return up, "mutual_tls", ()
+            up = await dial_from(pod.netns, backend.address, backend.port,
+                                 self._connect_timeout)
+            return up, "none", ()
+        except TunnelError as e:
+            self._metrics.upstream_connect_failures.labels(
+                decision.service or UNKNOWN, e.result).inc()
+            raise Refused("tunnel_" + e.result, str(e)) from e
+        except (TimeoutError, OSError) as e:
+            reason = "timeout" if isinstance(e, asyncio.TimeoutError) else (
+                errno.errorcode.get(e.errno or 0) or "error")
+            self._metrics.upstream_connect_failures.labels(
+                decision.service or UNKNOWN, reason).inc()
+            raise Refused("upstream_" + reason.lower(), str(e)) from e
+
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
-        self.relays.discard(relay)
-        self._metrics.active_connections.dec()
+        self._tracker.discard(relay)
         meter.closed()
 
     def _refuse(self, pod: EnrolledPod, down: _Downstream, reason: str) -> None:
         self._metrics.refused.labels(pod.workload.namespace, pod.ref.workload, reason).inc()
         reset(down.transport)
 
-    def _labels(self, pod: EnrolledPod, decision: Decision) -> TcpLabels:
+    def _labels(self, pod: EnrolledPod, decision: Decision, security: str) -> TcpLabels:
         dest = decision.backend.workload if decision.backend else None
         return TcpLabels(
             reporter="source",
@@ -147,37 +196,17 @@ class OutboundProxy:
                 if dest else UNKNOWN),
             destination_service=decision.service or (
                 str(decision.backend.address) if decision.backend else UNKNOWN),
-            # Plain TCP until the HBONE tunnel exists; same-node needs no TLS.
-            connection_security_policy="none",
+            connection_security_policy=security,
         )
 
-    async def drain(self, grace: float) -> int:
-        """Stop accepting; wait up to `grace` seconds for relays to end; reset the rest.
-        Returns how many had to be reset."""
-        self.accepting = False
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=grace)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self.relays and loop.time() < deadline:
-            await asyncio.wait([r.done for r in self.relays],
-                               timeout=deadline - loop.time())
-        leftover = list(self.relays)
-        for relay in leftover:
-            relay.abort()
-        return len(leftover)
 
-    def abort_pod(self, pod: EnrolledPod) -> None:
-        """Reset the relays whose client is in this pod (its netns vanished)."""
-        for relay in list(self.relays):
-            if getattr(relay.downstream, "pod", None) is pod:
-                relay.abort()
-
-
-def errno_name(e: OSError) -> str | None:
-    import errno
-
-    return errno.errorcode.get(e.errno or 0)
+def _source_address(pod: EnrolledPod, destination: ipaddress.IPv4Address |
+                    ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The pod's own address of the destination's family (its first address otherwise)."""
+    for ip in pod.workload.ips:
+        if ip.version == destination.version:
+            return ip
+    return pod.workload.ips[0]
 
 
 class _Downstream(Side):

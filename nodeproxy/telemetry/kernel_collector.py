@@ -19,9 +19,11 @@ class KernelCollector(Collector):
         self,
         read_counters: Callable[[], dict[int, PodCounters]],
         pod_names: Callable[[], dict[int, tuple[str, str]]],
+        policy_denials: Callable[[], dict[str, int]] = dict,
     ):
         self._read = read_counters
         self._names = pod_names
+        self._policy_denials = policy_denials
 
     def collect(self) -> Iterator:
         names = self._names()
@@ -44,6 +46,20 @@ class KernelCollector(Collector):
             "nodeproxy_kernel_tcp_received_bytes",
             "Bytes received (tcp_sock.bytes_received) of closed connections",
             labels=directional)
+        denied = CounterMetricFamily(
+            "nodeproxy_kernel_connect_denied",
+            "connect() calls refused with EPERM in the source pod by a compiled DENY policy",
+            labels=POD_LABELS)
+        inbound = CounterMetricFamily(
+            "nodeproxy_kernel_inbound_connections_captured",
+            "Connections into the pod steered to its inbound listener (sk_lookup)",
+            labels=POD_LABELS)
+        by_policy = CounterMetricFamily(
+            "nodeproxy_kernel_policy_denials",
+            "connect() calls refused in the kernel, by authorization policy",
+            labels=["policy"])
+        for policy, count in sorted(self._policy_denials().items()):
+            by_policy.add_metric([policy], count)
         rtt = SummaryMetricFamily(
             "nodeproxy_kernel_tcp_smoothed_rtt_seconds",
             "Smoothed RTT samples of the pod's TCP connections", labels=POD_LABELS)
@@ -52,6 +68,8 @@ class KernelCollector(Collector):
                 continue
             pod = list(names[pod_id])
             captured.add_metric(pod, c.captured)
+            denied.add_metric(pod, c.denied)
+            inbound.add_metric(pod, c.inbound_captured)
             for direction, o, cl, s, r in (
                 ("outbound", c.out_opened, c.out_closed, c.out_bytes_sent, c.out_bytes_received),
                 ("inbound", c.in_opened, c.in_closed, c.in_bytes_sent, c.in_bytes_received),
@@ -62,4 +80,4 @@ class KernelCollector(Collector):
                 sent.add_metric(labels, s)
                 received.add_metric(labels, r)
             rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us / 1e6)
-        yield from (captured, opened, closed, sent, received, rtt)
+        yield from (captured, opened, closed, sent, received, rtt, denied, inbound, by_policy)

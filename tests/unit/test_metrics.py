@@ -31,7 +31,8 @@ def exposition() -> str:
     meter.closed()
     counters = PodCounters(captured=3, out_opened=3, in_opened=1, out_closed=2, in_closed=1,
                            out_bytes_sent=1000, out_bytes_received=2000, in_bytes_sent=30,
-                           in_bytes_received=40, rtt_sum_us=500, rtt_samples=5)
+                           in_bytes_received=40, rtt_sum_us=500, rtt_samples=5, denied=0,
+                           inbound_captured=0)
     registry.register(KernelCollector(lambda: {7: counters, 8: counters},
                                       lambda: {7: ("default", "client-1")}))
     return generate_latest(registry).decode()

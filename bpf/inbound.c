@@ -1,0 +1,77 @@
+/* Inbound capture (sk_lookup, attached to each enrolled pod's network namespace).
+ *
+ * A TCP connection arriving from outside the pod (any interface but lo) for
+ * one of the pod's IPs is handed to the daemon's inbound listener in that
+ * pod (np_inbound_listeners: slot = pod slot * 2 + (IPv6 ? 1 : 0)), so
+ * STRICT mTLS and inbound policy hold even against clients outside the mesh.
+ * Left alone: the HBONE port (the tunnel's own listener), the inbound port, and
+ * the daemon's own transparent connections into the pod, which it announces in
+ * np_proxy_dials (4-tuple) just before connecting: local traffic reports the
+ * pod interface as ingress, so no interface test can tell them apart.
+ *
+ * bcc 0.26 gives BPF_SOCKMAP no lookup(); a BPF_TABLE of type "sockmap" has
+ * one, and the verifier accepts the returned socket for bpf_sk_assign.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include "maps.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+BPF_TABLE("sockmap", u32, u32, inbound_listeners, NP_MAX_PODS * 2);
+BPF_HASH(inbound_ips, struct ip_key, u32, NP_MAX_PODS * 4);
+BPF_TABLE("lru_hash", struct dial_key, u32, proxy_dials, NP_MAX_FLOWS);
+
+int np_inbound_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    if (ctx->local_port == NP_HBONE_PORT || ctx->local_port == NP_INBOUND_PORT)
+        return SK_PASS;
+    struct ip_key key = {};
+    struct dial_key dial = {};
+    key.family = ctx->family;
+    dial.family = ctx->family;
+    dial.remote_port = (u16)ctx->remote_port;
+    dial.local_port = ctx->local_port;
+    if (ctx->family == AF_INET) {
+        key.ip[0] = ctx->local_ip4;
+        dial.local_ip[0] = ctx->local_ip4;
+        dial.remote_ip[0] = ctx->remote_ip4;
+    } else {
+        key.ip[0] = ctx->local_ip6[0];
+        key.ip[1] = ctx->local_ip6[1];
+        key.ip[2] = ctx->local_ip6[2];
+        key.ip[3] = ctx->local_ip6[3];
+        dial.local_ip[0] = ctx->local_ip6[0];
+        dial.local_ip[1] = ctx->local_ip6[1];
+        dial.local_ip[2] = ctx->local_ip6[2];
+        dial.local_ip[3] = ctx->local_ip6[3];
+        dial.remote_ip[0] = ctx->remote_ip6[0];
+        dial.remote_ip[1] = ctx->remote_ip6[1];
+        dial.remote_ip[2] = ctx->remote_ip6[2];
+        dial.remote_ip[3] = ctx->remote_ip6[3];
+    }
+    if (proxy_dials.lookup(&dial))
+        return SK_PASS;
+    u32 *slot = inbound_ips.lookup(&key);
+    if (!slot)
+        return SK_PASS;
+    u32 index = *slot * 2 + (ctx->family == AF_INET6 ? 1 : 0);
+    struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&index);
+    if (!sk)
+        return SK_PASS;
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    if (err == 0) {
+        struct pod_counters *c = pod_stats.lookup(slot);
+        if (c)
+            __sync_fetch_and_add(&c->inbound_captured, 1);
+    }
+    return SK_PASS;
+}

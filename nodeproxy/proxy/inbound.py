@@ -1,0 +1,120 @@
+"""Inbound plaintext (15006): connections into a meshed pod from outside the mesh.
+
+The kernel (bpf/inbound.c, sk_lookup) hands a TCP connection arriving for a pod's IP
+to the pod's inbound listener; the accepted socket keeps the original destination
+as its local address.  Peer authentication decides whether plaintext may pass
+(STRICT refuses it unless the source is an exempt probe source), authorization
+decides on the source address (no identity), and the proxy connects to the
+application from inside the pod with the client's address as source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+
+from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.proxy.admission import Admitter
+from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent
+from nodeproxy.proxy.relay import Relay, Side, reset
+from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+
+log = logging.getLogger(__name__)
+
+
+class InboundProxy:
+    def __init__(self, *, port: int, connect_timeout: float, announcer: DialAnnouncer,
+                 admitter: Callable[[], Admitter],
+                 table: Callable[[], DestinationTable], tracker: ConnectionTracker,
+                 metrics: ProxyMetrics):
+        self.port = port
+        self._connect_timeout = connect_timeout
+        self._announcer = announcer
+        self._admitter = admitter
+        self._table = table
+        self._tracker = tracker
+        self._metrics = metrics
+
+    async def open_listeners(self, pod: EnrolledPod) -> dict[int, socket.socket]:
+        """Listen on the inbound port inside the pod; returns the listening sockets by
+        family, for the kernel's sockmap."""
+        loop = asyncio.get_running_loop()
+        sockets: dict[int, socket.socket] = {}
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            sock = pod.netns.socket(family)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, self.port))
+                sock.listen(1024)
+                sock.setblocking(False)
+                server = await loop.create_server(lambda pod=pod: _Accepted(self, pod),
+                                                  sock=sock)
+            except OSError:
+                sock.close()
+                raise
+            pod.listeners.append(server)
+            sockets[family] = server.sockets[0]  # type: ignore[index]
+        return sockets
+
+    def _accepted(self, pod: EnrolledPod, down: _Accepted) -> None:
+        if not self._tracker.accepting:
+            reset(down.transport)
+            return
+        self._tracker.spawn(self._serve(pod, down))
+
+    async def _serve(self, pod: EnrolledPod, down: _Accepted) -> None:
+        assert down.transport is not None
+        local = down.transport.get_extra_info("sockname")
+        peer = down.transport.get_extra_info("peername")
+        dest_ip = ipaddress.ip_address(local[0])
+        source_ip = ipaddress.ip_address(peer[0])
+        port = local[1]
+        admission = self._admitter().admit(pod.workload, None, source_ip, port)
+        if not admission.allowed:
+            reset(down.transport)
+            return
+        try:
+            up = await dial_transparent(pod.netns, source_ip, dest_ip, port,
+                                        self._connect_timeout, self._announcer)
+        except (TimeoutError, OSError) as e:
+            log.info("inbound %s -> %s:%d: connect failed: %s", source_ip, pod.key, port, e)
+            reset(down.transport)
+            return
+        source = self._table().pods.get(source_ip)
+        meter = ConnectionMeter(self._metrics, TcpLabels(
+            reporter="destination",
+            source_workload=source.workload if source else UNKNOWN,
+            source_workload_namespace=source.namespace if source else UNKNOWN,
+            source_principal=UNKNOWN,
+            destination_workload=pod.ref.workload,
+            destination_workload_namespace=pod.workload.namespace,
+            destination_principal=pod.principal,
+            destination_service=UNKNOWN,
+            connection_security_policy="none",
+        ))
+        relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
+        self._tracker.add(relay, pod.key)
+        meter.opened()
+        relay.start()
+
+    def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
+        self._tracker.discard(relay)
+        meter.closed()
+
+
+class _Accepted(Side):
+    def __init__(self, proxy: InboundProxy, pod: EnrolledPod):
+        super().__init__("downstream", start_paused=True)
+        self.proxy = proxy
+        self.pod = pod
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.proxy._accepted(self.pod, self)

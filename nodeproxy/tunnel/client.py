@@ -1,0 +1,196 @@
+"""The HBONE client: pooled mutual-TLS HTTP/2 connections to other nodes' pods.
+
+Connections are pooled per (source identity, destination identity, destination node),
+each carrying many CONNECT streams, so a new pod-to-pod connection does not pay a
+TLS handshake.  A pooled connection is dialled to the first destination pod's
+IP:15008 and serves every pod of that identity on that node (the destination proxy
+is one process per node).  Idle connections close after idle_timeout; every
+keepalive interval each connection is pinged, and one that does not answer is
+dropped; a stream that fails to open on a pooled connection is retried once on a
+fresh one, so a stale connection never fails the user's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from dataclasses import dataclass
+
+from nodeproxy.config.model import TunnelSettings
+from nodeproxy.identity import tls
+from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.spiffe import IdentityError
+from nodeproxy.tunnel.headers import authority, forwarded
+from nodeproxy.tunnel.metrics import TunnelMetrics
+from nodeproxy.tunnel.session import H2Session, StreamTransport
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class TunnelError(ConnectionError):
+    """The tunnel could not carry this connection; `result` is a short label."""
+
+    def __init__(self, result: str, message: str):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    source: str       # SPIFFE ID the client presents
+    destination: str  # SPIFFE ID the server must present
+    node: str
+
+
+class HbonePool:
+    def __init__(self, *, certificates: CertificateManager, trust_domain: str, port: int,
+                 settings: TunnelSettings, metrics: TunnelMetrics):
+        self._certs = certificates
+        self._trust_domain = trust_domain
+        self.port = port
+        self._settings = settings
+        self._metrics = metrics
+        self._pools: dict[PoolKey, list[H2Session]] = {}
+        self._dialing: dict[PoolKey, asyncio.Lock] = {}
+        self.handshakes = 0
+        self._maintainer: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def open(self, *, source_namespace: str, source_sa: str, destination: str,
+                   node: str, ip: IPAddress, port: int, source_ip: IPAddress
+                   ) -> StreamTransport:
+        """A CONNECT stream to ip:port, as the source identity, to the given destination
+        identity on `node`; raises TunnelError."""
+        key = PoolKey(str(self._principal(source_namespace, source_sa)), destination, node)
+        headers = [(":method", "CONNECT"), (":authority", authority(ip, port)),
+                   ("forwarded", forwarded(source_ip))]
+        last: Exception | None = None
+        for attempt in (1, 2):
+            session = await self._session(key, ip, source_namespace, source_sa,
+                                          fresh=attempt == 2)
+            try:
+                stream = session.open_stream(headers)
+                response = await asyncio.wait_for(asyncio.shield(stream.response),
+                                                  self._settings.handshake_timeout_seconds)
+            except (TimeoutError, ConnectionError, Exception) as e:  # noqa: BLE001
+                # A stale pooled connection: drop it and try once on a new one.
+                last = e
+                self._drop(key, session)
+                continue
+            status = response.get(":status", "")
+            if status != "200":
+                stream.abort()
+                self._metrics.streams.labels("client", f"status_{status}").inc()
+                raise TunnelError(f"status_{status}",
+                                  f"tunnel to {ip}:{port} refused with HTTP {status}")
+            self._metrics.streams.labels("client", "ok").inc()
+            return stream
+        self._metrics.streams.labels("client", "failed").inc()
+        raise TunnelError("stream_failed", f"tunnel stream to {ip}:{port} failed: {last}")
+
+    def _principal(self, namespace: str, sa: str) -> str:
+        return f"spiffe://{self._trust_domain}/ns/{namespace}/sa/{sa}"
+
+    async def _session(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str,
+                       fresh: bool) -> H2Session:
+        lock = self._dialing.setdefault(key, asyncio.Lock())
+        async with lock:
+            live = [s for s in self._pools.get(key, []) if not s.closed and not s.goaway]
+            self._pools[key] = live
+            if not fresh:
+                limit = self._settings.max_streams_per_connection
+                room = [s for s in live if len(s.streams) < limit]
+                if room:
+                    return min(room, key=lambda s: len(s.streams))
+                if len(live) >= self._settings.max_connections_per_key:
+                    return min(live, key=lambda s: len(s.streams))
+            session = await self._dial(key, ip, namespace, sa)
+            self._pools[key].append(session)
+            self._metrics.pooled_connections.inc()
+            return session
+
+    async def _dial(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str) -> H2Session:
+        loop = asyncio.get_running_loop()
+        context = tls.client_context(self._certs, namespace, sa)
+        failure: list[IdentityError] = []
+
+        def verify(session: H2Session) -> bool:
+            assert session.transport is not None
+            try:
+                identity = tls.verify_peer(session.transport.get_extra_info("ssl_object"),
+                                           self._trust_domain, expected=key.destination)
+            except IdentityError as e:
+                failure.append(e)
+                return False
+            session.peer_identity = str(identity)
+            return True
+
+        session = H2Session(client_side=True, on_ready=verify,
+                            on_lost=lambda s: self._lost(key, s))
+        try:
+            await loop.create_connection(
+                lambda: session, host=str(ip), port=self.port, ssl=context,
+                server_hostname="", ssl_handshake_timeout=self._settings.handshake_timeout_seconds)
+            await asyncio.wait_for(session.ready, self._settings.handshake_timeout_seconds)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+            reason = failure[0].reason if failure else tls.classify_handshake_error(e)
+            self._metrics.handshakes.labels("client", reason).inc()
+            detail = str(failure[0]) if failure else str(e)
+            log.warning("HBONE handshake to %s:%d (%s) failed (%s): %s", ip, self.port,
+                        key.destination, reason, detail)
+            session.abort()
+            raise TunnelError(reason, f"tunnel to {ip}:{self.port}: {detail}") from e
+        self.handshakes += 1
+        self._metrics.handshakes.labels("client", "ok").inc()
+        return session
+
+    def _lost(self, key: PoolKey, session: H2Session) -> None:
+        sessions = self._pools.get(key, [])
+        if session in sessions:
+            sessions.remove(session)
+            self._metrics.pooled_connections.dec()
+
+    def _drop(self, key: PoolKey, session: H2Session) -> None:
+        self._lost(key, session)
+        session.abort()
+
+    async def _maintain(self) -> None:
+        """Close idle connections; ping the rest and drop those that do not answer."""
+        interval = min(self._settings.keepalive_seconds, self._settings.idle_timeout_seconds)
+        while True:
+            await asyncio.sleep(interval)
+            now = asyncio.get_running_loop().time()
+            for key, sessions in list(self._pools.items()):
+                for session in list(sessions):
+                    if not session.streams and (
+                            now - session.last_activity >= self._settings.idle_timeout_seconds):
+                        self._lost(key, session)
+                        session.close()
+                        continue
+                    try:
+                        await session.ping(self._settings.handshake_timeout_seconds)
+                    except (TimeoutError, ConnectionError):
+                        log.warning("pooled HBONE connection to %s did not answer a ping; "
+                                    "dropping it", key.destination)
+                        self._drop(key, session)
+
+    def close(self) -> None:
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+        for key, sessions in list(self._pools.items()):
+            for session in list(sessions):
+                self._lost(key, session)
+                session.close()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "handshakes": self.handshakes,
+            "connections": {f"{k.source} -> {k.destination} @ {k.node}": len(v)
+                            for k, v in self._pools.items()},
+        }

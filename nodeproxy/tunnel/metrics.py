@@ -1,0 +1,18 @@
+"""Tunnel and identity series."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class TunnelMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.handshakes = Counter(
+            "nodeproxy_hbone_handshakes", "mTLS handshakes of the HBONE tunnel, by side and result",
+            ("side", "result"), registry=registry)
+        self.streams = Counter(
+            "nodeproxy_hbone_streams", "CONNECT streams, by side and result",
+            ("side", "result"), registry=registry)
+        self.pooled_connections = Gauge(
+            "nodeproxy_hbone_pooled_connections", "Open pooled HBONE client connections",
+            registry=registry)

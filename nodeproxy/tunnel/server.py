@@ -1,0 +1,204 @@
+"""The HBONE server: port 15008 inside every enrolled pod, where other nodes' proxies
+deliver their pods' connections as HTTP/2 CONNECT streams over mutual TLS.
+
+TLS is started on each accepted connection explicitly (loop.start_tls), so a failed
+handshake — garbage instead of a ClientHello, a certificate from another CA, an expired
+or wrong-domain one — is classified, counted and logged here, and touches nothing else.
+The listener presents the current certificate of its pod's service account (an SNI
+callback swaps in the current context, so rotation needs no new listener).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from nodeproxy.identity import tls
+from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.spiffe import IdentityError, spiffe_id
+from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.proxy.admission import Admitter
+from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent
+from nodeproxy.proxy.relay import Relay, Side
+from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.tunnel.headers import HeaderError, parse_authority, parse_forwarded
+from nodeproxy.tunnel.metrics import TunnelMetrics
+from nodeproxy.tunnel.session import H2Session, StreamTransport
+
+log = logging.getLogger(__name__)
+
+
+class _Plain(asyncio.Protocol):
+    """Holds an accepted TCP connection until TLS is started on it."""
+
+    def __init__(self, server: HboneServer, pod: EnrolledPod):
+        self.server = server
+        self.pod = pod
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self.server.tracker.spawn(self.server._handshake(self.pod, transport))
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        pass
+
+
+class HboneServer:
+    def __init__(self, *, certificates: CertificateManager, trust_domain: str, port: int,
+                 announcer: DialAnnouncer,
+                 handshake_timeout: float, connect_timeout: float,
+                 local_pod: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address],
+                                     EnrolledPod | None],
+                 admitter: Callable[[], Admitter], table: Callable[[], DestinationTable],
+                 tracker: ConnectionTracker, metrics: ProxyMetrics,
+                 tunnel_metrics: TunnelMetrics):
+        self._certs = certificates
+        self._announcer = announcer
+        self._trust_domain = trust_domain
+        self.port = port
+        self._handshake_timeout = handshake_timeout
+        self._connect_timeout = connect_timeout
+        self._local_pod = local_pod
+        self._admitter = admitter
+        self._table = table
+        self.tracker = tracker
+        self._metrics = metrics
+        self._tunnel = tunnel_metrics
+
+    def _context(self, pod: EnrolledPod) -> ssl.SSLContext:
+        ns, sa = pod.workload.namespace, pod.workload.service_account
+        base = tls.server_context(self._certs, ns, sa)
+
+        def current(ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            ssl_object.context = tls.server_context(self._certs, ns, sa)
+
+        base.sni_callback = current
+        return base
+
+    async def open_listeners(self, pod: EnrolledPod) -> None:
+        loop = asyncio.get_running_loop()
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            sock = pod.netns.socket(family)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, self.port))
+                sock.listen(1024)
+                sock.setblocking(False)
+                server = await loop.create_server(lambda pod=pod: _Plain(self, pod), sock=sock)
+            except OSError:
+                sock.close()
+                raise
+            pod.listeners.append(server)
+
+    async def _handshake(self, pod: EnrolledPod, transport: asyncio.BaseTransport) -> None:
+        if not self.tracker.accepting:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        loop = asyncio.get_running_loop()
+        peer = transport.get_extra_info("peername")
+        session = H2Session(client_side=False, on_request=self._on_request)
+        try:
+            tls_transport = await loop.start_tls(
+                transport, session, self._context(pod), server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=self._handshake_timeout)
+            identity = tls.verify_peer(tls_transport.get_extra_info("ssl_object"),
+                                       self._trust_domain)
+        except IdentityError as e:
+            self._refuse_handshake(transport, peer, pod, e.reason, str(e))
+            return
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+            self._refuse_handshake(transport, peer, pod, tls.classify_handshake_error(e), str(e))
+            return
+        self._tunnel.handshakes.labels("server", "ok").inc()
+        session.peer_identity = str(identity)
+        session.local_identity = spiffe_id(self._trust_domain, pod.workload.namespace,
+                                           pod.workload.service_account)
+        session.connection_made(tls_transport)
+
+    def _refuse_handshake(self, transport: asyncio.BaseTransport, peer, pod: EnrolledPod,
+                          reason: str, detail: str) -> None:
+        self._tunnel.handshakes.labels("server", reason).inc()
+        log.warning("HBONE handshake from %s to pod %s refused (%s): %s", peer, pod.key,
+                    reason, detail)
+        transport.abort()  # type: ignore[attr-defined]
+
+    def _on_request(self, session: H2Session, stream: StreamTransport) -> None:
+        self.tracker.spawn(self._serve(session, stream))
+
+    def _stream_refused(self, session: H2Session, stream: StreamTransport, status: int,
+                        result: str, why: str) -> None:
+        self._tunnel.streams.labels("server", result).inc()
+        log.warning("HBONE stream from %s (%s) refused %d: %s", session.peername,
+                    session.peer_identity, status, why)
+        session.respond(stream, status, end=True)
+
+    async def _serve(self, session: H2Session, stream: StreamTransport) -> None:
+        headers = stream.request_headers
+        if headers.get(":method") != "CONNECT":
+            self._stream_refused(session, stream, 405, "bad_method",
+                                 f"method {headers.get(':method')}")
+            return
+        try:
+            ip, port = parse_authority(headers.get(":authority", ""))
+        except HeaderError as e:
+            self._stream_refused(session, stream, 400, "bad_authority", str(e))
+            return
+        pod = self._local_pod(ip)
+        if pod is None:
+            self._stream_refused(session, stream, 404, "unknown_destination",
+                                 f"{ip} is not a pod on this node")
+            return
+        pod_identity = spiffe_id(self._trust_domain, pod.workload.namespace,
+                                 pod.workload.service_account)
+        if pod_identity != getattr(session, "local_identity", None):
+            self._stream_refused(session, stream, 421, "misdirected",
+                                 f"{ip} is {pod_identity}, the tunnel was opened to "
+                                 f"{getattr(session, 'local_identity', None)}")
+            return
+        peer_ip = ipaddress.ip_address(session.peername[0]) if session.peername else None
+        source_ip = parse_forwarded(headers.get("forwarded")) or peer_ip
+        assert source_ip is not None
+        admission = self._admitter().admit(pod.workload, session.peer_identity, source_ip, port)
+        if not admission.allowed:
+            self._stream_refused(session, stream, 403, "denied",
+                                 f"policy {admission.policy or '-'}: {admission.reason}")
+            return
+        try:
+            up = await dial_transparent(pod.netns, source_ip, ip, port, self._connect_timeout,
+                                        self._announcer)
+        except (TimeoutError, OSError) as e:
+            self._stream_refused(session, stream, 503, "connect_failed",
+                                 f"{ip}:{port}: {e}")
+            return
+        self._tunnel.streams.labels("server", "ok").inc()
+        session.respond(stream, 200)
+        down = Side("downstream", start_paused=True)
+        stream.set_protocol(down)
+        source = self._table().pods.get(source_ip)
+        meter = ConnectionMeter(self._metrics, TcpLabels(
+            reporter="destination",
+            source_workload=source.workload if source else UNKNOWN,
+            source_workload_namespace=source.namespace if source else UNKNOWN,
+            source_principal=session.peer_identity or UNKNOWN,
+            destination_workload=pod.ref.workload,
+            destination_workload_namespace=pod.workload.namespace,
+            destination_principal=pod.principal,
+            destination_service=UNKNOWN,
+            connection_security_policy="mutual_tls",
+        ))
+        relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
+        self.tracker.add(relay, pod.key)
+        meter.opened()
+        relay.start()
+
+    def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
+        self.tracker.discard(relay)
+        meter.closed()
