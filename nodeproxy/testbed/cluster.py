@@ -299,7 +299,8 @@ class Cluster:
     def __init__(self, nodes: int | Sequence[str] = 2, *, run_id: str | None = None,
                  python: str | None = None, config: Mapping[str, Any] | None = None,
                  private_bpffs: bool = True, sweep: bool = True,
-                 plugin_dir: str = cni.DEFAULT_PLUGIN_DIR, pod_vip_unreachable: bool = True):
+                 plugin_dir: str = cni.DEFAULT_PLUGIN_DIR, pod_vip_unreachable: bool = True,
+                 mtls: bool = True, trust_domain: str = "cluster.local"):
         names = [f"node{i}" for i in range(nodes)] if isinstance(nodes, int) else list(nodes)
         if not 1 <= len(names) <= 200:
             raise ValueError("a cluster has 1 to 200 nodes")
@@ -313,6 +314,11 @@ class Cluster:
         self.sweep = sweep
         self.plugin_dir = plugin_dir
         self.pod_vip_unreachable = pod_vip_unreachable
+        # mtls: a mesh CA is made for the run and every node signs identities with it.
+        self.mtls = mtls
+        self.trust_domain = trust_domain
+        self.ca_cert = ""
+        self.ca_key = ""
         self.dir = os.path.join(_run_dirs_root(), PREFIX + self.run_id)
         self.cgroup_root = ""
         self.nodes: dict[str, Node] = {}
@@ -360,7 +366,18 @@ class Cluster:
         for index, node_name in enumerate(self.node_names):
             self._add_node(node_name, index)
         self._link_nodes()
+        if self.mtls:
+            self._make_ca()
         self.timings["build_s"] = time.monotonic() - t0
+
+    def _make_ca(self) -> None:
+        """The run's mesh root CA, made with the real CLI (`nodeproxy ca init`)."""
+        out = os.path.join(self.dir, "ca")
+        subprocess.run([self.python, "-m", "nodeproxy", "ca", "init", "--trust-domain",
+                        self.trust_domain, "--out", out], check=True, capture_output=True,
+                       env=self.child_env())
+        self.ca_cert = os.path.join(out, "root-cert.pem")
+        self.ca_key = os.path.join(out, "root-key.pem")
 
     def _add_node(self, name: str, index: int) -> None:
         ns_name = self.name(name)
@@ -629,7 +646,12 @@ class Cluster:
             "admin": {"controlSocket": n.control_socket},
             "workloads": [p.workload(node) for p in self.pods.values() if p.enrolled],
             "services": [s.config() for s in self.services.values()],
+            # Kubelet-style probes come from the node's bridge address.
+            "inbound": {"probeSources": [n.gateway4]},
         }
+        if self.mtls:
+            config["mesh"] = {"trustDomain": self.trust_domain}
+            config["identity"] = {"caCert": self.ca_cert, "caKey": self.ca_key}
         config = deep_merge(config, self.base_config)
         return deep_merge(config, overrides or {})
 

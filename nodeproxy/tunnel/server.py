@@ -1,8 +1,8 @@
 """The HBONE server: port 15008 inside every enrolled pod, where other nodes' proxies
 deliver their pods' connections as HTTP/2 CONNECT streams over mutual TLS.
 
-TLS is started on each accepted connection explicitly (loop.start_tls), so a failed
-handshake — garbage instead of a ClientHello, a certificate from another CA, an expired
+TLS is started on each accepted socket explicitly (loop.connect_accepted_socket), so a
+failed handshake — garbage instead of a ClientHello, a certificate from another CA, an expired
 or wrong-domain one — is classified, counted and logged here, and touches nothing else.
 The listener presents the current certificate of its pod's service account (an SNI
 callback swaps in the current context, so rotation needs no new listener).
@@ -34,19 +34,28 @@ from nodeproxy.tunnel.session import H2Session, StreamTransport
 log = logging.getLogger(__name__)
 
 
-class _Plain(asyncio.Protocol):
-    """Holds an accepted TCP connection until TLS is started on it."""
+class _AcceptLoop:
+    """Accepts raw TCP connections and starts TLS on each (a closable listener)."""
 
-    def __init__(self, server: HboneServer, pod: EnrolledPod):
-        self.server = server
-        self.pod = pod
+    def __init__(self, sock: socket.socket, handle: Callable[[socket.socket], None]):
+        self._sock = sock
+        self._handle = handle
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]
-        self.server.tracker.spawn(self.server._handshake(self.pod, transport))
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as e:
+                log.warning("HBONE accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            self._handle(conn)
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
+    def close(self) -> None:
+        self._task.cancel()
+        self._sock.close()
 
 
 class HboneServer:
@@ -82,7 +91,6 @@ class HboneServer:
         return base
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
-        loop = asyncio.get_running_loop()
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.socket(family)
             try:
@@ -92,43 +100,60 @@ class HboneServer:
                 sock.bind((host, self.port))
                 sock.listen(1024)
                 sock.setblocking(False)
-                server = await loop.create_server(lambda pod=pod: _Plain(self, pod), sock=sock)
             except OSError:
                 sock.close()
                 raise
-            pod.listeners.append(server)
+            pod.listeners.append(_AcceptLoop(
+                sock, lambda conn, pod=pod: self.tracker.spawn(self._handshake(pod, conn))))
 
-    async def _handshake(self, pod: EnrolledPod, transport: asyncio.BaseTransport) -> None:
+    async def _handshake(self, pod: EnrolledPod, conn: socket.socket) -> None:
         if not self.tracker.accepting:
-            transport.abort()  # type: ignore[attr-defined]
+            conn.close()
             return
         loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
-        session = H2Session(client_side=False, on_request=self._on_request)
         try:
-            tls_transport = await loop.start_tls(
-                transport, session, self._context(pod), server_side=True,  # type: ignore[arg-type]
-                ssl_handshake_timeout=self._handshake_timeout)
-            identity = tls.verify_peer(tls_transport.get_extra_info("ssl_object"),
-                                       self._trust_domain)
-        except IdentityError as e:
-            self._refuse_handshake(transport, peer, pod, e.reason, str(e))
+            peer = conn.getpeername()
+        except OSError:
+            conn.close()
             return
+        failure: list[IdentityError] = []
+        local_identity = spiffe_id(self._trust_domain, pod.workload.namespace,
+                                   pod.workload.service_account)
+
+        def verify(session: H2Session) -> bool:
+            assert session.transport is not None
+            try:
+                identity = tls.verify_peer(session.transport.get_extra_info("ssl_object"),
+                                           self._trust_domain)
+            except IdentityError as e:
+                failure.append(e)
+                return False
+            session.peer_identity = str(identity)
+            session.local_identity = local_identity
+            return True
+
+        session = H2Session(client_side=False, on_request=self._on_request, on_ready=verify)
+        try:
+            # connect_accepted_socket raises the handshake's failure to us, so every
+            # refusal is classified and counted here.
+            await loop.connect_accepted_socket(
+                lambda: session, conn, ssl=self._context(pod),
+                ssl_handshake_timeout=self._handshake_timeout)
+            await asyncio.wait_for(asyncio.shield(session.ready), self._handshake_timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
-            self._refuse_handshake(transport, peer, pod, tls.classify_handshake_error(e), str(e))
+            if failure:
+                self._refuse_handshake(peer, pod, failure[0].reason, str(failure[0]))
+            else:
+                self._refuse_handshake(peer, pod, tls.classify_handshake_error(e), str(e))
+            session.abort()
+            conn.close()
             return
         self._tunnel.handshakes.labels("server", "ok").inc()
-        session.peer_identity = str(identity)
-        session.local_identity = spiffe_id(self._trust_domain, pod.workload.namespace,
-                                           pod.workload.service_account)
-        session.connection_made(tls_transport)
 
-    def _refuse_handshake(self, transport: asyncio.BaseTransport, peer, pod: EnrolledPod,
-                          reason: str, detail: str) -> None:
+    def _refuse_handshake(self, peer, pod: EnrolledPod, reason: str, detail: str) -> None:
         self._tunnel.handshakes.labels("server", reason).inc()
         log.warning("HBONE handshake from %s to pod %s refused (%s): %s", peer, pod.key,
                     reason, detail)
-        transport.abort()  # type: ignore[attr-defined]
 
     def _on_request(self, session: H2Session, stream: StreamTransport) -> None:
         self.tracker.spawn(self._serve(session, stream))

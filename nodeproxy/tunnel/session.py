@@ -32,6 +32,11 @@ HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class StreamTransport:
     """An HTTP/2 stream that looks like an asyncio transport to a protocol."""
 
@@ -40,6 +45,8 @@ class StreamTransport:
         self.stream_id = stream_id
         self.protocol: asyncio.Protocol | None = None
         self.response: asyncio.Future = asyncio.get_running_loop().create_future()
+        # Only a client awaits the response; never leave its failure unretrieved.
+        self.response.add_done_callback(_retrieve)
         self._buffer = bytearray()
         self._eof_pending = False
         self._local_ended = False
@@ -220,6 +227,9 @@ class H2Session(asyncio.Protocol):
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
             })
+        # h2 sizes its inbound frame check when settings are acknowledged; ours are
+        # set before the preface, so tell it directly.
+        self.conn.max_inbound_frame_size = MAX_FRAME
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
