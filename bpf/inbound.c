@@ -69,7 +69,7 @@ int np_inbound_lookup(struct bpf_sk_lookup *ctx)
     long err = bpf_sk_assign(ctx, sk, 0);
     bpf_sk_release(sk);
     if (err == 0) {
-        struct pod_counters *c = pod_stats.lookup(slot);
+        struct pod_counters *c = counters_of(*slot);  /* capture.c, same compile unit */
         if (c)
             __sync_fetch_and_add(&c->inbound_captured, 1);
     }
