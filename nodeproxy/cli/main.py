@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "demo": "nodeproxy.cli.demo",
     "enroll": "nodeproxy.cli.enroll",
     "unenroll": "nodeproxy.cli.unenroll",
+    "uninstall": "nodeproxy.cli.uninstall",
 }
 
 
