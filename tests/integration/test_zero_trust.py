@@ -69,6 +69,10 @@ def mesh() -> Iterator[Cluster]:
                 {"name": "web-from-alpha", "selector": {"app": "web"}, "action": "ALLOW",
                  "rules": [{"from": [{"source": {"principals": [
                      "cluster.local/ns/default/sa/alpha"]}}]}]},
+                # Same node: only alpha may reach guarded (authorized on the netns identity).
+                {"name": "guarded-from-alpha", "selector": {"app": "guarded"},
+                 "action": "ALLOW", "rules": [{"from": [{"source": {"principals": [
+                     "cluster.local/ns/default/sa/alpha"]}}]}]},
                 # Identity-free: nobody may reach guarded's port 9000 -> compiled to the kernel.
                 {"name": "no-guarded-9000", "selector": {"app": "guarded"}, "action": "DENY",
                  "rules": [{"to": [{"operation": {"ports": ["9000"]}}]}]},
@@ -132,6 +136,13 @@ def test_authorization_at_the_destination_by_principal(mesh: Cluster):
     metrics = mesh.metrics("node1")
     assert sample(metrics, "nodeproxy_authorization_decisions_total", result="denied") >= 1
     assert sample(metrics, "nodeproxy_hbone_streams_total", side="server", result="denied") >= 1
+
+
+def test_same_node_connections_are_authorized_too(mesh: Cluster):
+    vip = mesh.services["default/guarded"].vip4
+    assert connect(mesh, "client-a", vip, 80).startswith("connected {")
+    assert not connect(mesh, "client-b", vip, 80).startswith("connected {")
+    assert 'reason="denied"' in mesh.metrics("node0")
 
 
 def test_identity_free_deny_is_refused_in_the_kernel(mesh: Cluster):
@@ -321,3 +332,26 @@ def test_rotation_under_continuous_traffic_fails_no_connection():
         for node in ("node0", "node1"):
             metrics = c.metrics(node)
             assert sample(metrics, "nodeproxy_certificate_rotations_total") >= 2, node
+
+
+def test_a_stale_pooled_connection_does_not_fail_the_next_connection():
+    """The destination node's daemon restarts: the pooled tunnel connection dies with it, and
+    the next connection is carried on a fresh one."""
+    with Cluster(2) as c:
+        c.add_pod("node0", "client", labels={"app": "client"})
+        c.add_pod("node1", "server", labels={"app": "server"})
+        c.add_service("server", port=80, target_port=PORT)
+        c.serve_peer("server", PORT)
+        c.write_configs()
+        c.start_daemons()
+        vip = c.services["default/server"].vip4
+        assert connect(c, "client", vip, 80).startswith("connected {")
+        node1 = c.nodes["node1"]
+        assert node1.daemon is not None
+        node1.daemon.kill()
+        node1.daemon.wait(timeout=10)
+        c.start_daemons(nodes=["node1"])
+        for _ in range(5):
+            assert connect(c, "client", vip, 80).startswith("connected {")
+        assert sample(c.metrics("node0"), "nodeproxy_hbone_handshakes_total", side="client",
+                      result="ok") == 2
