@@ -9,19 +9,24 @@ drains, then removes every attachment and pin it made.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from pydantic import ValidationError
 
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture import kernelfs
 from nodeproxy.capture.maps import CaptureMaps
 from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
-from nodeproxy.config.loader import LoadedConfig, format_path
+from nodeproxy.config import watcher
+from nodeproxy.config.changes import local_workload_changes, restart_only_changes
+from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
 from nodeproxy.config.model import Workload
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
@@ -60,6 +65,17 @@ class Daemon:
         self._deny_policy_names: list[str] = []
         self.certificates: CertificateManager | None = None
         self.pool: HbonePool | None = None
+        self._reload_lock = asyncio.Lock()
+        self._seen_digest = loaded.digest  # last file version applied or refused
+        self._reloads = Counter(
+            "nodeproxy_config_reload", "Reloads of the node policy, by result",
+            ("result",), registry=self.registry)
+        self._config_info = Gauge(
+            "nodeproxy_config_info", "The node policy version in force (sha256 of the file)",
+            ("digest",), registry=self.registry)
+        self._config_info.labels(loaded.digest).set(1)
+        self._state_file = (Path(self.config.node.state_dir) / self.config.node.name
+                            / "runtime-pods.json")
         self._tasks: list[asyncio.Task] = []
         # Pods on other nodes registered at run time: known destinations, never captured here.
         self.remote_workloads: dict[str, Workload] = {}
@@ -141,6 +157,7 @@ class Daemon:
                 await self.enrollment.enroll(workload, "config")
             except (EnrollError, OSError) as e:
                 log.error("%s: could not enroll pod %s: %s", self.loaded.source, workload.key, e)
+        await self._restore_runtime_pods()
         a = cfg.admin
         await self.admin.start(
             admin_address=a.admin_address, admin_port=a.admin_port,
@@ -148,6 +165,9 @@ class Daemon:
             readiness_port=a.readiness_port, control_socket=a.control_socket)
         self._tasks.append(asyncio.create_task(
             self.enrollment.watch_vanished(cfg.proxy.netns_check_seconds)))
+        self._tasks.append(asyncio.create_task(watcher.watch(
+            self.loaded.source, cfg.proxy.netns_check_seconds, lambda: self._seen_digest,
+            lambda: self.reload("file"))))
         self._ready = True
         log.info("node %s ready: %d pods enrolled, capture on %s", cfg.node.name,
                  len(self.enrollment.pods), pod_cgroup)
@@ -177,6 +197,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: self.tracker.spawn(self.reload("sighup")))
         try:
             await self.start()
             await stop.wait()
@@ -184,6 +206,83 @@ class Daemon:
                      self.config.proxy.drain_seconds)
         finally:
             await self.stop()
+
+    # -- reload ----------------------------------------------------------
+
+    async def reload(self, trigger: str) -> str:
+        """Validate the policy file again and apply it whole, or keep the one in force.
+        Returns the result: applied, unchanged or rejected."""
+        async with self._reload_lock:
+            result = await self._reload(trigger)
+        self._reloads.labels(result).inc()
+        return result
+
+    async def _reload(self, trigger: str) -> str:
+        source = self.loaded.source
+        try:
+            new = load_config(source, check_environment=True)
+        except ConfigError as e:
+            self._seen_digest = watcher.file_digest(source) or self._seen_digest
+            log.error("reload (%s) of %s refused; the version in force (%s) stays:\n%s",
+                      trigger, source, self.loaded.digest[:12], e)
+            return "rejected"
+        self._seen_digest = new.digest
+        if new.digest == self.loaded.digest:
+            return "unchanged"
+        restart = restart_only_changes(self.config, new.config)
+        if restart:
+            log.error("reload (%s) of %s refused: %s changed, which takes effect only when "
+                      "the daemon restarts; nothing was applied", trigger, source,
+                      ", ".join(restart))
+            return "rejected"
+        assert self.enrollment is not None
+        changes = local_workload_changes(self.config, new.config)
+        old_digest = self.loaded.digest
+        self.loaded, self.config = new, new.config
+        for w in changes.removed + changes.changed:
+            await self.enrollment.unenroll(w.key, "config")
+        for w in changes.changed + changes.added:
+            try:
+                await self.enrollment.enroll(w, "config")
+            except (EnrollError, OSError) as e:
+                log.error("%s: could not enroll pod %s: %s", source, w.key, e)
+        # Tables, admission and the kernel's deny map switch together, in one step.
+        self._rebuild_table()
+        self._config_info.clear()
+        self._config_info.labels(new.digest).set(1)
+        log.info("reload (%s): %s -> %s applied (%d pods added, %d removed, %d changed)",
+                 trigger, old_digest[:12], new.digest[:12], len(changes.added),
+                 len(changes.removed), len(changes.changed))
+        return "applied"
+
+    # -- pods enrolled at run time survive restarts -----------------------
+
+    def _save_runtime_pods(self) -> None:
+        if self.enrollment is None:
+            return
+        pods = [p.workload.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for p in self.enrollment.pods.values() if p.source == "runtime"]
+        pods += [w.model_dump(mode="json", by_alias=True, exclude_none=True)
+                 for w in self.remote_workloads.values()]
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pods, indent=1))
+        os.replace(tmp, self._state_file)
+
+    async def _restore_runtime_pods(self) -> None:
+        try:
+            saved = json.loads(self._state_file.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error("%s: cannot read pods enrolled before the restart: %s",
+                      self._state_file, e)
+            return
+        for item in saved:
+            status, answer = await self.enroll_request(item, persist=False)
+            if status != 200:
+                log.warning("pod enrolled before the restart not restored: %s", answer)
+        self._save_runtime_pods()
 
     # -- state -----------------------------------------------------------
 
@@ -248,7 +347,8 @@ class Daemon:
             for p in self.enrollment.pods.values()
         ]
 
-    async def enroll_request(self, body: Any) -> tuple[int, dict[str, Any]]:
+    async def enroll_request(self, body: Any, persist: bool = True
+                             ) -> tuple[int, dict[str, Any]]:
         if self.enrollment is None:
             return 503, {"error": "daemon is not started"}
         try:
@@ -260,6 +360,8 @@ class Daemon:
             # A pod on another node: a destination this node must know, nothing to capture.
             self.remote_workloads[workload.key] = workload
             self._rebuild_table()
+            if persist:
+                self._save_runtime_pods()
             return 200, {"registered": workload.key, "node": workload.node}
         try:
             pod = await self.enrollment.enroll(workload, "runtime")
@@ -267,6 +369,8 @@ class Daemon:
             return 409, {"error": str(e)}
         except OSError as e:
             return 400, {"error": f"pod {workload.key}: {e}"}
+        if persist:
+            self._save_runtime_pods()
         return 200, {"enrolled": pod.key, "podId": pod.pod_id}
 
     async def unenroll_request(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
@@ -275,7 +379,9 @@ class Daemon:
         key = f"{namespace}/{name}"
         if self.remote_workloads.pop(key, None) is not None:
             self._rebuild_table()
+            self._save_runtime_pods()
             return 200, {"unregistered": key}
         if await self.enrollment.unenroll(key, "request"):
+            self._save_runtime_pods()
             return 200, {"unenrolled": key}
         return 404, {"error": f"pod {key} is not enrolled"}

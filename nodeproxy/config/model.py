@@ -84,6 +84,8 @@ class NodeSettings(Model):
     # programs attach here.  Default: the kubepods subtree of the cgroup v2 mount.
     pod_cgroup: str | None = None
     bpffs: str = "/sys/fs/bpf"
+    # Where the daemon keeps what must survive a restart (pods enrolled at run time).
+    state_dir: str = "/run/nodeproxy"
 
     _name = field_validator("name")(_dns_label)
 

@@ -635,7 +635,8 @@ class Cluster:
                     ) -> dict[str, Any]:
         """The YAML document of one node, as a dict."""
         n = self.nodes[node]
-        settings: dict[str, Any] = {"name": n.name, "podCgroup": n.cgroup}
+        settings: dict[str, Any] = {"name": n.name, "podCgroup": n.cgroup,
+                                    "stateDir": os.path.join(self.dir, n.name)}
         if n.bpffs:
             settings["bpffs"] = n.bpffs
         config: dict[str, Any] = {

@@ -1,0 +1,41 @@
+"""What a new node policy changes, compared with the one in force.
+
+Pure functions: the daemon applies the result.  Sections that configure the process itself
+(node, admin, capture, proxy, tunnel, identity, mesh.trustDomain) take effect only on restart,
+so a reload that changes them is refused whole with a message naming them; everything else
+(workloads, services, the outbound policy, peer authentication, authorization, probe
+sources) is applied live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nodeproxy.config.model import NodeConfig, Workload
+
+RESTART_ONLY = ("node", "admin", "capture", "proxy", "tunnel", "identity")
+
+
+@dataclass(frozen=True)
+class WorkloadChanges:
+    added: tuple[Workload, ...]
+    removed: tuple[Workload, ...]
+    changed: tuple[Workload, ...]  # the new version of a pod whose settings changed
+
+
+def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
+    """YAML names of the sections that differ but cannot change while running."""
+    changed = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    if old.mesh.trust_domain != new.mesh.trust_domain:
+        changed.append("mesh.trustDomain")
+    return changed
+
+
+def local_workload_changes(old: NodeConfig, new: NodeConfig) -> WorkloadChanges:
+    before = {w.key: w for w in old.local_workloads()}
+    after = {w.key: w for w in new.local_workloads()}
+    return WorkloadChanges(
+        added=tuple(w for key, w in after.items() if key not in before),
+        removed=tuple(w for key, w in before.items() if key not in after),
+        changed=tuple(w for key, w in after.items() if key in before and before[key] != w),
+    )

@@ -1,0 +1,164 @@
+"""Operating a running daemon: policy hot reload (SIGHUP and ConfigMap-style symlink swaps),
+refusal of a bad policy with the last good one kept, and pods enrolled at run time
+surviving a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from nodeproxy.testbed.cluster import Cluster
+from tests.integration.probes import connect
+
+pytestmark = pytest.mark.privileged
+
+PORT = 7000
+
+
+def reloads(c: Cluster, result: str) -> float:
+    for family in text_string_to_metric_families(c.metrics("node0")):
+        for s in family.samples:
+            if s.name == "nodeproxy_config_reload_total" and s.labels["result"] == result:
+                return s.value
+    return 0.0
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.fixture
+def node() -> Iterator[Cluster]:
+    with Cluster(1) as c:
+        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
+        c.add_service("web", port=80, target_port=PORT)
+        c.serve_peer("web-0", PORT)
+        c.write_configs()
+        c.start_daemons()
+        yield c
+
+
+def rewrite(c: Cluster, change) -> None:
+    path = c.nodes["node0"].config_path
+    doc = yaml.safe_load(open(path))
+    change(doc)
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+
+
+def hup(c: Cluster) -> None:
+    daemon = c.nodes["node0"].daemon
+    assert daemon is not None
+    daemon.send_signal(signal.SIGHUP)
+
+
+def test_sighup_applies_a_new_policy_and_open_connections_continue(node: Cluster):
+    c = node
+    vip = c.services["default/web"].vip4
+    assert connect(c, "client", vip, 80).startswith("connected {")
+    digest = c.admin_json("node0", "/config_dump")["digest"]
+    slow = textwrap.dedent(f"""
+        import os, socket, time, hashlib
+        s = socket.create_connection(({vip!r}, 80), 5)
+        s.sendall(b"P")
+        sent = hashlib.sha256(); got = hashlib.sha256()
+        for i in range(25):
+            block = os.urandom(10_000)
+            s.sendall(block); sent.update(block)
+            want = len(block)
+            while want:
+                data = s.recv(want); got.update(data); want -= len(data)
+            time.sleep(0.1)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        print("intact" if sent.digest() == got.digest() else "CORRUPT")
+    """)
+    conversation = c.spawn_in_pod("client", [c.python, "-c", slow], stdout=subprocess.PIPE,
+                                  text=True)
+    time.sleep(0.5)
+    rewrite(c, lambda doc: doc.update(authorizationPolicies=[{
+        "name": "web-only-from-admin", "selector": {"app": "web"}, "action": "ALLOW",
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/admin"]}}]}],
+    }]))
+    hup(c)
+    assert wait_for(lambda: reloads(c, "applied") == 1)
+    assert c.admin_json("node0", "/config_dump")["digest"] != digest
+    assert not connect(c, "client", vip, 80).startswith("connected {")  # new policy in force
+    out, _ = conversation.communicate(timeout=30)
+    assert out.strip() == "intact"  # the connection opened before the reload went on
+
+
+def test_a_bad_policy_is_refused_and_the_last_good_one_stays(node: Cluster):
+    c = node
+    vip = c.services["default/web"].vip4
+    digest = c.admin_json("node0", "/config_dump")["digest"]
+    path = c.nodes["node0"].config_path
+    good = open(path).read()
+    with open(path, "w") as f:
+        f.write(good + "\nmesh: {outboundPolicy: SOMETIMES}\n  bad: [indent\n")
+    hup(c)
+    assert wait_for(lambda: reloads(c, "rejected") >= 1)
+    assert c.admin_json("node0", "/config_dump")["digest"] == digest
+    assert connect(c, "client", vip, 80).startswith("connected {")
+    assert f"reload (sighup) of {path} refused" in c.daemon_output("node0")
+    # A valid file that changes what only a restart can change is refused too.
+    with open(path, "w") as f:
+        f.write(good.replace("drainSeconds: 2.0", "drainSeconds: 3.0"))
+    hup(c)
+    assert wait_for(lambda: "proxy changed, which takes effect only" in c.daemon_output("node0"))
+    assert c.admin_json("node0", "/config_dump")["digest"] == digest
+    assert c.ready("node0")
+
+
+def test_a_configmap_symlink_swap_is_noticed_without_a_signal(node: Cluster):
+    """Kubernetes updates a ConfigMap volume by swapping the `..data` symlink."""
+    c = node
+    n = c.nodes["node0"]
+    # Lay the config out as a ConfigMap volume: node.yaml -> ..data/node.yaml, ..data -> v1.
+    volume = os.path.join(c.dir, "configmap")
+    for version in ("v1", "v2"):
+        os.makedirs(os.path.join(volume, version))
+    doc = yaml.safe_load(open(n.config_path))
+    yaml.safe_dump(doc, open(os.path.join(volume, "v1", "node.yaml"), "w"))
+    os.symlink("v1", os.path.join(volume, "..data"))
+    os.symlink("..data/node.yaml", os.path.join(volume, "node.yaml"))
+    c.stop_daemons()
+    n.config_path = os.path.join(volume, "node.yaml")
+    c.start_daemons()
+    c.serve_peer("web-0", 7100)
+    doc["services"].append({"name": "late", "namespace": "default", "vips": ["10.96.9.9"],
+                            "ports": [{"port": 80, "targetPort": 7100}],
+                            "selector": {"app": "web"}})
+    yaml.safe_dump(doc, open(os.path.join(volume, "v2", "node.yaml"), "w"))
+    os.symlink("v2", os.path.join(volume, "..data_tmp"))
+    os.replace(os.path.join(volume, "..data_tmp"), os.path.join(volume, "..data"))
+    assert wait_for(lambda: reloads(c, "applied") == 1, timeout=10)
+    assert connect(c, "client", "10.96.9.9", 80).startswith("connected {")
+
+
+def test_pods_enrolled_at_run_time_survive_a_restart(node: Cluster):
+    c = node
+    c.add_pod("node0", "late", labels={"app": "late"})  # enrolled through the control socket
+    vip = c.services["default/web"].vip4
+    assert connect(c, "late", vip, 80).startswith("connected {")
+    assert c.stop_daemons() == {"node0": 0}
+    # Without the daemon, the pod is out of the mesh.
+    assert connect(c, "late", vip, 80) == "EHOSTUNREACH"
+    c.start_daemons()
+    names = {p["name"]: p["source"] for p in c.admin_json("node0", "/pods")}
+    assert names.get("late") == "runtime"
+    assert connect(c, "late", vip, 80).startswith("connected {")
