@@ -34,13 +34,25 @@
 #define NP_SOCK_FIN_SENT 1
 #define NP_SOCK_FIN_RCVD 2
 
-BPF_HASH(pods, u64, struct pod_info, NP_MAX_PODS);
-BPF_TABLE("lru_hash", u64, struct orig_dst, origdst_by_cookie, NP_MAX_FLOWS);
-BPF_TABLE("lru_hash", struct tuple_key, struct orig_dst, origdst_by_tuple, NP_MAX_FLOWS);
-BPF_HASH(pod_stats, u32, struct pod_counters, NP_MAX_PODS);
+/* Every map but the per-socket storage is pinned under NP_PIN_DIR and shared by the
+ * daemon instances of one node: a new instance taking over from an old one (upgrade)
+ * finds the same pods, original destinations, counters and rules. */
+BPF_TABLE_PINNED("hash", u64, struct pod_info, pods, NP_MAX_PODS, NP_PIN_DIR "/pods");
+BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, origdst_by_cookie, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/origdst_by_cookie");
+BPF_TABLE_PINNED("lru_hash", struct tuple_key, struct orig_dst, origdst_by_tuple, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/origdst_by_tuple");
+BPF_TABLE_PINNED("hash", u32, struct pod_counters, pod_stats, NP_MAX_PODS,
+                 NP_PIN_DIR "/pod_stats");
+BPF_TABLE_PINNED("hash", struct deny_key, u32, connect_denies, NP_MAX_DENIES,
+                 NP_PIN_DIR "/connect_denies");
+BPF_TABLE_PINNED("array", u32, u64, policy_denials, NP_MAX_POLICIES,
+                 NP_PIN_DIR "/policy_denials");
+/* Sockets already counted by some instance's sockops (two are attached during a
+ * handover): the first to see a socket established counts it. */
+BPF_TABLE_PINNED("lru_hash", u64, u32, counted_sockets, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/counted_sockets");
 BPF_SK_STORAGE(sock_states, struct sock_state);
-BPF_HASH(connect_denies, struct deny_key, u32, NP_MAX_DENIES);
-BPF_ARRAY(policy_denials, u64, NP_MAX_POLICIES);
 
 /* bcc 0.26 declares these helpers with a 32-bit result; declare them after
  * the maps so map fd relocation is unaffected. */
@@ -219,6 +231,10 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
     struct bpf_sock *sk = skops->sk;
     if (!sk)
         return;
+    u64 cookie = np_socket_cookie(skops);
+    u32 one = 1;
+    if (counted_sockets.insert(&cookie, &one) != 0)
+        return;  /* another instance's sockops counts this socket */
     struct sock_state *st = sock_states.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (!st)
         return;
@@ -291,6 +307,7 @@ static __always_inline void on_state(struct bpf_sock_ops *skops)
     st->direction = 0;  /* count each socket's close once */
     u64 cookie = np_socket_cookie(skops);
     origdst_by_cookie.delete(&cookie);
+    counted_sockets.delete(&cookie);
 }
 
 static __always_inline void on_header(struct bpf_sock_ops *skops)

@@ -23,9 +23,12 @@
 #define AF_INET6 10
 #endif
 
-BPF_TABLE("sockmap", u32, u32, inbound_listeners, NP_MAX_PODS * 2);
-BPF_HASH(inbound_ips, struct ip_key, u32, NP_MAX_PODS * 4);
-BPF_TABLE("lru_hash", struct dial_key, u32, proxy_dials, NP_MAX_FLOWS);
+BPF_TABLE_PINNED("sockmap", u32, u32, inbound_listeners, NP_MAX_PODS * 2,
+                 NP_PIN_DIR "/inbound_listeners");
+BPF_TABLE_PINNED("hash", struct ip_key, u32, inbound_ips, NP_MAX_PODS * 4,
+                 NP_PIN_DIR "/inbound_ips");
+BPF_TABLE_PINNED("lru_hash", struct dial_key, u32, proxy_dials, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/proxy_dials");
 
 int np_inbound_lookup(struct bpf_sk_lookup *ctx)
 {

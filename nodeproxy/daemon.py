@@ -24,6 +24,7 @@ from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture import kernelfs
 from nodeproxy.capture.maps import CaptureMaps
 from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
+from nodeproxy.cli.control_client import request
 from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
@@ -48,6 +49,18 @@ from nodeproxy.tunnel.server import HboneServer
 log = logging.getLogger(__name__)
 
 
+async def _instance_alive(control_socket: str) -> bool:
+    """Is a daemon answering on this control socket (one we should take over from)?"""
+    if not os.path.exists(control_socket):
+        return False
+    try:
+        status, _ = await asyncio.to_thread(request, control_socket, "GET", "/v1/pods",
+                                            None, 3.0)
+    except OSError:
+        return False
+    return status == 200
+
+
 class Daemon:
     def __init__(self, loaded: LoadedConfig):
         self.loaded = loaded
@@ -66,6 +79,9 @@ class Daemon:
         self.certificates: CertificateManager | None = None
         self.pool: HbonePool | None = None
         self._reload_lock = asyncio.Lock()
+        self._taking_over = False
+        self._handed_over = False
+        self._stop: asyncio.Event | None = None
         self._seen_digest = loaded.digest  # last file version applied or refused
         self._reloads = Counter(
             "nodeproxy_config_reload", "Reloads of the node policy, by result",
@@ -94,10 +110,15 @@ class Daemon:
         pod_cgroup = cfg.node.pod_cgroup or kernelfs.default_pod_cgroup(
             kernelfs.find_cgroup2_mount())
         self.pod_cgroup = pod_cgroup
-        stale = remove_pins(pin_root(cfg.node.bpffs, cfg.node.name))
-        if stale:
-            log.warning("removed state left by an earlier instance of node %s: %s",
-                        cfg.node.name, ", ".join(stale))
+        self._taking_over = await _instance_alive(cfg.admin.control_socket)
+        if self._taking_over:
+            log.info("another instance of node %s is running: taking over from it",
+                     cfg.node.name)
+        else:
+            stale = remove_pins(pin_root(cfg.node.bpffs, cfg.node.name))
+            if stale:
+                log.warning("removed state left by an earlier instance of node %s: %s",
+                            cfg.node.name, ", ".join(stale))
         self.programs = CapturePrograms(
             node=cfg.node.name, pod_cgroup=pod_cgroup, bpffs=cfg.node.bpffs,
             outbound_port=cfg.proxy.outbound_port, inbound_port=cfg.proxy.inbound_port,
@@ -107,7 +128,6 @@ class Daemon:
         self.programs.load()
         log.info("compiled and loaded capture programs in %.2fs", time.monotonic() - t0)
         self.programs.attach()
-        self.programs.pin_maps()
         self.maps = maps = CaptureMaps(self.programs.bpf,
                                        self.programs.table_fd("inbound_listeners"))
         hbone = None
@@ -158,6 +178,8 @@ class Daemon:
             except (EnrollError, OSError) as e:
                 log.error("%s: could not enroll pod %s: %s", self.loaded.source, workload.key, e)
         await self._restore_runtime_pods()
+        if self._taking_over:
+            await self._take_over(cfg.admin.control_socket)
         a = cfg.admin
         await self.admin.start(
             admin_address=a.admin_address, admin_port=a.admin_port,
@@ -173,8 +195,12 @@ class Daemon:
                  len(self.enrollment.pods), pod_cgroup)
 
     async def stop(self) -> None:
-        """Stop accepting, drain, then remove everything this daemon put in the kernel."""
+        """Stop accepting, drain, then remove everything this daemon put in the kernel —
+        or, after handing over to a new instance, only what is this instance's own."""
         self._ready = False
+        if self._handed_over:
+            await self._stop_after_handover()
+            return
         if self.enrollment is not None:
             for pod in self.enrollment.pods.values():
                 for server in pod.listeners:
@@ -192,8 +218,56 @@ class Daemon:
             self.programs = None
         log.info("node %s stopped; capture detached and pins removed", self.config.node.name)
 
+    # -- upgrade: a new instance takes over from this one -----------------
+
+    async def _take_over(self, control_socket: str) -> None:
+        """Ask the running instance to hand over: it stops accepting and detaches its
+        programs, then drains; our listeners (SO_REUSEPORT) and programs are already in
+        place, on the same pinned maps, so no connection is refused meanwhile."""
+        status, answer = await asyncio.to_thread(
+            request, control_socket, "POST", "/v1/handover", {}, 30.0)
+        if status != 200:
+            raise RuntimeError(f"the running instance refused to hand over: {answer}")
+        log.info("took over from the previous instance (%s connections left to drain there)",
+                 answer.get("openConnections"))
+        assert self.enrollment is not None and self.maps is not None
+        ours = {p.netns_cookie for p in self.enrollment.pods.values()}
+        for cookie, pod_id in self.maps.enrolled().items():
+            if cookie not in ours:  # a pod the new configuration no longer lists
+                self.maps.unenroll(cookie, pod_id)
+
+    async def handover_request(self) -> tuple[int, dict[str, Any]]:
+        """A new instance takes over: stop accepting, detach our programs, then drain."""
+        if self.enrollment is None or self.programs is None or self._handed_over:
+            return 409, {"error": "not running"}
+        self._handed_over = True
+        self._ready = False
+        for task in self._tasks:
+            task.cancel()  # no vanished-pod or reload work on the shared maps any more
+        for pod in self.enrollment.pods.values():
+            for server in pod.listeners:
+                server.close()
+        self.programs.detach()
+        log.info("handed over to a new instance; draining %d connections",
+                 len(self.tracker.relays))
+        if self._stop is not None:
+            self._stop.set()
+        return 200, {"openConnections": len(self.tracker.relays)}
+
+    async def _stop_after_handover(self) -> None:
+        reset = await self.tracker.drain(self.config.proxy.drain_seconds)
+        log.info("drained after handover; %d connections were reset", reset)
+        if self.pool is not None:
+            self.pool.close()
+        await self.admin.stop(unlink_control_socket=False)
+        if self.programs is not None:
+            self.programs.close(keep_maps=True)
+            self.programs = None
+        log.info("node %s: old instance stopped; the new one owns the node", self.config.node.name)
+
     async def serve(self) -> None:
         stop = asyncio.Event()
+        self._stop = stop
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

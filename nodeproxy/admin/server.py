@@ -4,7 +4,8 @@
 - metrics, :15020: /metrics and /stats/prometheus (Istio's path)
 - readiness, :15021: /healthz/ready
 - control, a Unix socket: GET/POST /v1/pods, DELETE /v1/pods/{namespace}/{name}
-  (runtime enrollment; the CNI plugin and `nodeproxy enroll` use it)
+  (runtime enrollment; the CNI plugin and `nodeproxy enroll` use it), and
+  POST /v1/handover (a new instance of the daemon takes over: upgrade)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class DaemonView(Protocol):
     def pods_view(self) -> list[dict[str, Any]]: ...
     async def enroll_request(self, body: Any) -> tuple[int, dict[str, Any]]: ...
     async def unenroll_request(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]: ...
+    async def handover_request(self) -> tuple[int, dict[str, Any]]: ...
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -54,6 +56,10 @@ class AdminServers:
         status, data = await self._d.enroll_request(body)
         return _json(data, status)
 
+    async def _handover(self, _request: web.Request) -> web.Response:
+        status, data = await self._d.handover_request()
+        return _json(data, status)
+
     async def _unenroll(self, request: web.Request) -> web.Response:
         status, data = await self._d.unenroll_request(
             request.match_info["namespace"], request.match_info["name"])
@@ -78,6 +84,7 @@ class AdminServers:
         control.router.add_get("/v1/pods", lambda r: _json(self._d.pods_view()))
         control.router.add_post("/v1/pods", self._enroll)
         control.router.add_delete("/v1/pods/{namespace}/{name}", self._unenroll)
+        control.router.add_post("/v1/handover", self._handover)
 
         await self._serve_tcp(admin, admin_address, admin_port)
         await self._serve_tcp(metrics, metrics_address, metrics_port)
@@ -95,13 +102,16 @@ class AdminServers:
     async def _serve_tcp(self, app: web.Application, host: str, port: int) -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        # reuse_port: during an upgrade the new instance binds while the old one still does.
+        await web.TCPSite(runner, host, port, reuse_address=True, reuse_port=True).start()
         self._runners.append(runner)
 
-    async def stop(self) -> None:
+    async def stop(self, unlink_control_socket: bool = True) -> None:
+        """Close every server; the control socket's path is left alone after a handover
+        (it is the new instance's by then)."""
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
         path = getattr(self, "_control_socket", None)
-        if path and os.path.exists(path):
+        if unlink_control_socket and path and os.path.exists(path):
             os.unlink(path)

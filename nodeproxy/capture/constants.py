@@ -17,10 +17,12 @@ DIRECTION_OUTBOUND = 1
 DIRECTION_INBOUND = 2
 
 
-def cflags(outbound_port: int = 15001, inbound_port: int = 15006,
+def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,
            hbone_port: int = 15008) -> list[str]:
-    """The -D flags that give the C programs the same constants as the daemon."""
+    """The -D flags that give the C programs the same constants as the daemon.
+    pin_dir: the bpffs directory where the shared maps are pinned (and found again)."""
     return [
+        f'-DNP_PIN_DIR="{pin_dir}"',
         f"-DNP_MAX_PODS={MAX_PODS}",
         f"-DNP_MAX_FLOWS={MAX_FLOWS}",
         f"-DNP_MAX_DENIES={MAX_DENIES}",

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -608,9 +609,10 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
         return _fail(name, f"cannot locate the eBPF sources: {e}",
                      "set NODEPROXY_BPF_DIR to the directory holding capture.c and inbound.c")
     bpf = None
+    scratch = f"{kernelfs.DEFAULT_BPFFS}/nodeproxy-preflight-{os.getpid()}"
     with _fd2_captured() as output:
         try:
-            bpf = programs.compile_programs(bcc, outbound_port=outbound_port)
+            bpf = programs.compile_programs(bcc, scratch, outbound_port=outbound_port)
             for spec in programs.ALL_PROGRAMS:
                 programs.load_program(bpf, spec)
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
@@ -620,6 +622,7 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
         finally:
             if bpf is not None:
                 bpf.cleanup()
+            shutil.rmtree(scratch, ignore_errors=True)
     if error is not None:
         detail, hint = _explain(_why(error, output), hint, privileged)
         return _fail(name, f"{src}: {detail}", hint)

@@ -4,10 +4,13 @@ One bcc compile unit holds every program and map (capture.c, inbound.c).
 The cgroup programs attach to the node's pod cgroup subtree; the inbound
 sk_lookup program attaches to each enrolled pod's network namespace.
 
-Pins live under <bpffs>/nodeproxy/<node>/: maps/ always (for bpftool and the
-next instance), links/ only in fail_closed mode, so a crashed daemon leaves
-capture in place and pods' outbound connections are refused, not leaked out
-of the mesh, until a new instance removes the stale links and takes over.
+Pins live under <bpffs>/nodeproxy/<node>/:
+- maps/: every shared map, pinned by bcc at creation (BPF_TABLE_PINNED) and found
+  again by the next instance's compile; so during an upgrade the old and the new
+  daemon work on the same pods, original destinations, counters and rules;
+- links/<instance>/: each instance's links, only in fail_closed mode, so a crashed
+  daemon leaves capture in place and pods' outbound connections are refused, not
+  leaked out of the mesh, until a new instance removes the stale state and takes over.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from nodeproxy.capture import constants, libbpf
 log = logging.getLogger(__name__)
 
 SOURCES = ("capture.c", "inbound.c")
-MAPS_TO_PIN = ("pods", "origdst_by_cookie", "origdst_by_tuple", "pod_stats",
-               "connect_denies", "inbound_ips")
 
 # UAPI values (bcc 0.26 lacks names for some of them).
 PROG_CGROUP_SOCK_ADDR = 18
@@ -75,14 +76,16 @@ def bpf_source_dir() -> Path:
     )
 
 
-def compile_programs(bcc: Any, *, outbound_port: int = 15001, inbound_port: int = 15006,
-                     hbone_port: int = 15008) -> Any:
-    """Compile every program into one bcc.BPF object (nothing is loaded or attached)."""
+def compile_programs(bcc: Any, maps_dir: str | Path, *, outbound_port: int = 15001,
+                     inbound_port: int = 15006, hbone_port: int = 15008) -> Any:
+    """Compile every program into one bcc.BPF object; its maps are pinned in maps_dir (a
+    bpffs directory), reusing maps already pinned there.  Nothing is attached."""
     src = bpf_source_dir()
+    Path(maps_dir).mkdir(parents=True, exist_ok=True)
     # One text: bcc only makes programs of functions in the main file, not in includes.
     text = "\n".join((src / name).read_text() for name in SOURCES)
     return bcc.BPF(text=text.encode(), cflags=[
-        f"-I{src}", *constants.cflags(outbound_port, inbound_port, hbone_port)])
+        f"-I{src}", *constants.cflags(str(maps_dir), outbound_port, inbound_port, hbone_port)])
 
 
 def load_program(bpf: Any, spec: ProgramSpec) -> Any:
@@ -112,6 +115,7 @@ class CapturePrograms:
         self.ports = {"outbound_port": outbound_port, "inbound_port": inbound_port,
                       "hbone_port": hbone_port}
         self.pin_links = pin_links
+        self.instance = str(os.getpid())
         self.bpf: Any = None
         self._links: list[_Link] = []
         self._netns_links: dict[str, _Link] = {}
@@ -121,7 +125,7 @@ class CapturePrograms:
         """Compile with bcc and load every program (the verifier runs here)."""
         import bcc  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
-        self.bpf = compile_programs(bcc, **self.ports)
+        self.bpf = compile_programs(bcc, self.pins / "maps", **self.ports)
         self._funcs = {spec.name: load_program(self.bpf, spec) for spec in ALL_PROGRAMS}
         self._inbound_fd = self._funcs[INBOUND_PROGRAM.name].fd
 
@@ -129,7 +133,7 @@ class CapturePrograms:
         fd = libbpf.link_create(prog_fd, target_fd, attach_type)
         pin_path = None
         if self.pin_links:
-            pin_path = self.pins / "links" / name
+            pin_path = self.pins / "links" / self.instance / name
             pin_path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 libbpf.pin(fd, str(pin_path))
@@ -161,28 +165,28 @@ class CapturePrograms:
         if link is not None:
             _close_link(link)
 
-    def pin_maps(self) -> None:
-        assert self.bpf is not None
-        maps_dir = self.pins / "maps"
-        maps_dir.mkdir(parents=True, exist_ok=True)
-        for name in MAPS_TO_PIN:
-            libbpf.pin(self.bpf[name].map_fd, str(maps_dir / name))
-
     def table_fd(self, name: str) -> int:
         """A map's fd, also for map types bcc's Table cannot open (sockmap)."""
         import bcc
 
         return int(bcc.lib.bpf_table_fd(self.bpf.module, name.encode()))
 
-    def close(self) -> None:
-        """Detach every link, remove every pin, free the programs.  Safe to call twice."""
+    def detach(self) -> None:
+        """Detach every link of this instance (cgroup and netns) and remove their pins."""
         for key in list(self._netns_links):
             self.detach_netns(key)
         for link in self._links:
             _close_link(link)
             log.info("detached %s from %s", link.name, self.pod_cgroup)
         self._links.clear()
-        remove_pins(self.pins)
+        shutil.rmtree(self.pins / "links" / self.instance, ignore_errors=True)
+
+    def close(self, keep_maps: bool = False) -> None:
+        """Detach, free the programs, and (unless another instance took over and uses
+        them: keep_maps) remove every pin of the node.  Safe to call twice."""
+        self.detach()
+        if not keep_maps:
+            remove_pins(self.pins)
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

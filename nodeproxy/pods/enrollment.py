@@ -95,7 +95,7 @@ class Enrollment:
                 ref=WorkloadRef.of(workload),
                 principal=spiffe_id(self._trust_domain, workload.namespace,
                                     workload.service_account),
-                pod_id=self._free_id(),
+                pod_id=self._pod_id(cookie),
                 netns=netns,
                 netns_cookie=cookie,
                 source=source,
@@ -123,9 +123,15 @@ class Enrollment:
         self._on_change()
         return pod
 
-    def _free_id(self) -> int:
-        """The smallest unused pod id: ids index fixed-size kernel maps, so they are reused."""
-        used = {p.pod_id for p in self.pods.values()}
+    def _pod_id(self, cookie: int) -> int:
+        """The pod's id in the kernel maps: the one it already has there (an instance we
+        took over from enrolled it), else the smallest id unused by us and the kernel —
+        ids index fixed-size kernel maps, so they are reused."""
+        kernel = self._maps.enrolled()
+        ours = {p.pod_id for p in self.pods.values()}
+        if cookie in kernel and kernel[cookie] not in ours:
+            return kernel[cookie]
+        used = ours | set(kernel.values())
         return next(i for i in range(1, len(used) + 2) if i not in used)
 
     def _check(self, workload: Workload) -> None:

@@ -1,0 +1,97 @@
+"""Zero-downtime upgrade: a new daemon instance takes over a node under continuous traffic.
+
+The new instance compiles and attaches its programs on the same pinned maps, opens its
+listeners beside the old ones (SO_REUSEPORT), enrolls the same pods (with the same kernel
+ids), then asks the old instance to hand over; the old one stops accepting, detaches its
+programs and drains.  Nothing may fail and no byte may be lost.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from nodeproxy.capture import libbpf
+from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
+from tests.integration.probes import connect
+
+pytestmark = pytest.mark.privileged
+
+PORT = 7000
+
+
+def attached(cgroup: str) -> int:
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return sum(len(libbpf.attached_prog_ids(fd, t)) for t in (10, 11, 29, 30, 3))
+    finally:
+        os.close(fd)
+
+
+def test_upgrade_under_continuous_traffic_fails_nothing():
+    with Cluster(2) as c:
+        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
+        c.add_pod("node1", "web-1", labels={"app": "web"}, service_account="web")
+        for pod in ("web-0", "web-1"):
+            c.serve_peer(pod, PORT)
+        c.add_service("web", port=80, target_port=PORT)
+        c.write_configs(overrides={"proxy": {"drainSeconds": 15}})
+        c.start_daemons()
+        c.add_pod("node0", "late", labels={"app": "client"})  # enrolled at run time (CNI)
+        node = c.nodes["node0"]
+        vip = c.services["default/web"].vip4
+        target = c.services["default/web"].address(4)
+
+        load = c.spawn_in_pod("client", c.peer_argv(
+            "load", "--to", target, "--mode", "transfer", "--send", "50000", "--receive",
+            "50000", "--duration", "8", "--rate", "60", "--concurrency", "8"),
+            stdout=subprocess.PIPE, text=True)
+        conversation = c.spawn_in_pod("late", [c.python, "-c", textwrap.dedent(f"""
+            import os, socket, time, hashlib
+            s = socket.create_connection(({vip!r}, 80), 5)
+            s.sendall(b"P")
+            sent = hashlib.sha256(); got = hashlib.sha256()
+            for i in range(50):
+                block = os.urandom(20_000)
+                s.sendall(block); sent.update(block)
+                want = len(block)
+                while want:
+                    data = s.recv(want); got.update(data); want -= len(data)
+                time.sleep(0.1)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""
+            print("intact" if sent.digest() == got.digest() else "CORRUPT")
+        """)], stdout=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+
+        old = node.daemon
+        assert old is not None
+        with open(node.daemon_log + ".new", "ab") as log:
+            new = subprocess.Popen(c.daemon_argv("node0"), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=REPO_ROOT, env=c.child_env(), start_new_session=True)
+        node.daemon = new  # the cluster stops the new one at the end
+        assert old.wait(timeout=60) == 0, c.daemon_output("node0")
+
+        load_out, _ = load.communicate(timeout=60)
+        conversation_out, _ = conversation.communicate(timeout=60)
+        summary = __import__("json").loads(load_out.strip().splitlines()[-1])
+        assert summary["failed"] == 0, summary
+        assert summary["succeeded"] >= 300, summary
+        assert conversation_out.strip() == "intact"
+
+        log_text = open(node.daemon_log + ".new").read()
+        assert "taking over from it" in log_text, log_text[-3000:]
+        assert new.poll() is None
+        # One set of programs attached, not two; the runtime pod is still meshed.
+        assert attached(node.cgroup) == 5
+        pods = {p["name"]: p["source"] for p in c.admin_json("node0", "/pods")}
+        assert pods.get("late") == "runtime" and "client" in pods
+        assert connect(c, "late", vip, 80).startswith("connected {")
+        assert c.stop_daemons()["node0"] == 0
+        assert attached(node.cgroup) == 0
