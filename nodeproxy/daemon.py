@@ -81,7 +81,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._taking_over = False
         self._handed_over = False
-        self._stop: asyncio.Event | None = None
+        self._drain_task: asyncio.Task | None = None
         self._seen_digest = loaded.digest  # last file version applied or refused
         self._reloads = Counter(
             "nodeproxy_config_reload", "Reloads of the node policy, by result",
@@ -248,18 +248,26 @@ class Daemon:
             for server in pod.listeners:
                 server.close()
         self.programs.detach()
-        log.info("handed over to a new instance; draining %d connections",
-                 len(self.tracker.relays))
-        if self._stop is not None:
-            self._stop.set()
-        return 200, {"openConnections": len(self.tracker.relays)}
+        open_connections = len(self.tracker.relays)
+        log.info("handed over to a new instance; draining %d connections, then idle until "
+                 "stopped", open_connections)
+        # Our admin, metrics and readiness ports are the new instance's now.
+        self._drain_task = asyncio.create_task(self._drain_after_handover())
+        return 200, {"openConnections": open_connections}
 
-    async def _stop_after_handover(self) -> None:
+    async def _drain_after_handover(self) -> None:
+        await self.admin.stop(unlink_control_socket=False)
         reset = await self.tracker.drain(self.config.proxy.drain_seconds)
         log.info("drained after handover; %d connections were reset", reset)
+
+    async def _stop_after_handover(self) -> None:
+        """After a handover the process stays (idle) until it is told to stop: in a
+        DaemonSet, a container that exited by itself would be restarted and take the node
+        back."""
+        if self._drain_task is not None:
+            await self._drain_task
         if self.pool is not None:
             self.pool.close()
-        await self.admin.stop(unlink_control_socket=False)
         if self.programs is not None:
             self.programs.close(keep_maps=True)
             self.programs = None
@@ -267,7 +275,6 @@ class Daemon:
 
     async def serve(self) -> None:
         stop = asyncio.Event()
-        self._stop = stop
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

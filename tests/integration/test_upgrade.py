@@ -76,7 +76,15 @@ def test_upgrade_under_continuous_traffic_fails_nothing():
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    cwd=REPO_ROOT, env=c.child_env(), start_new_session=True)
         node.daemon = new  # the cluster stops the new one at the end
-        assert old.wait(timeout=60) == 0, c.daemon_output("node0")
+        # The old instance hands over, drains, and idles until told to stop (as a
+        # DaemonSet's old pod is, once the new one is ready).
+        deadline = time.monotonic() + 60
+        while "drained after handover" not in c.daemon_output("node0", tail=100_000):
+            assert time.monotonic() < deadline, c.daemon_output("node0")
+            assert old.poll() is None, "the old instance exited by itself"
+            time.sleep(0.2)
+        old.terminate()
+        assert old.wait(timeout=30) == 0, c.daemon_output("node0")
 
         load_out, _ = load.communicate(timeout=60)
         conversation_out, _ = conversation.communicate(timeout=60)

@@ -213,7 +213,8 @@ def test_probes_scrape_annotations_and_the_drain_fit_the_policy():
     assert annotations["prometheus.io/port"] == str(config.admin.metrics_port)
     assert set(daemon["resources"]) == {"requests", "limits"}
     ds = find("DaemonSet", "nodeproxy")["spec"]
-    assert ds["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    # The new daemon takes over from the old one (surge), so no node is ever without one.
+    assert ds["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     assert pod_spec()["terminationGracePeriodSeconds"] > config.proxy.drain_seconds
 
 
