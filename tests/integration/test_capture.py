@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
 from tests.integration.probes import connect
 
@@ -245,3 +246,36 @@ def test_a_resetting_client_affects_only_its_own_connection(mesh: Cluster):
     assert out.strip() == "done"
     assert mesh.admin_get("node0", "/ready")[0] == 200
     transfer(mesh, "client-0", f"{vip}:80", MB, MB)
+
+
+def test_a_client_reset_reaches_the_server_as_a_reset(mesh: Cluster):
+    """RST propagates through the proxy: the server's read fails, it does not see a FIN."""
+    server = mesh.spawn_in_pod("web-1", [mesh.python, "-c", textwrap.dedent("""
+        import socket
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("0.0.0.0", 9300)); l.listen(); print("listening", flush=True)
+        c, _ = l.accept(); c.settimeout(10)
+        try:
+            while c.recv(65536):
+                pass
+            print("FIN")
+        except OSError as e:
+            print(type(e).__name__)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "listening"
+    client = textwrap.dedent(f"""
+        import socket, struct, time
+        s = socket.create_connection(({mesh.pods['web-1'].ip4!r}, 9300), 5)
+        s.sendall(b"x" * 100000); time.sleep(0.5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    """)
+    mesh.run_in_pod("client-0", [mesh.python, "-c", client], timeout=20)
+    out, _ = server.communicate(timeout=20)
+    assert out.strip() == "ConnectionResetError"
+
+
+def test_readiness_port(mesh: Cluster):
+    node = mesh.nodes["node0"]
+    status, body = netns.http_get(node.netns_path, "http://127.0.0.1:15021/healthz/ready", 5)
+    assert (status, body.strip()) == (200, "ready")
