@@ -28,7 +28,9 @@ from nodeproxy.cli.control_client import request
 from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
-from nodeproxy.config.model import Workload
+from nodeproxy.config.model import Service, Workload
+from nodeproxy.discovery.client import KubernetesDiscovery
+from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
@@ -82,6 +84,10 @@ class Daemon:
         self._taking_over = False
         self._handed_over = False
         self._drain_task: asyncio.Task | None = None
+        self.discovery: KubernetesDiscovery | None = None
+        self._discovered_state: DiscoveredState | None = None
+        self._discovered: tuple[tuple[Workload, ...], tuple[Service, ...]] = ((), ())
+        self._skipped: dict[str, str] = {}  # pods the API says are not meshed
         self._seen_digest = loaded.digest  # last file version applied or refused
         self._reloads = Counter(
             "nodeproxy_config_reload", "Reloads of the node policy, by result",
@@ -172,6 +178,8 @@ class Daemon:
             on_change=self._rebuild_table)
         self.registry.register(KernelCollector(
             maps.pod_counters, self.enrollment.names, self._kernel_policy_denials))
+        if cfg.discovery.kubernetes:
+            await self._start_discovery()
         for workload in cfg.local_workloads():
             try:
                 await self.enrollment.enroll(workload, "config")
@@ -213,10 +221,49 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await self.admin.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.programs is not None:
             self.programs.close()
             self.programs = None
         log.info("node %s stopped; capture detached and pins removed", self.config.node.name)
+
+    # -- Kubernetes API discovery ----------------------------------------
+
+    async def _start_discovery(self) -> None:
+        settings = self.config.discovery
+        if settings.api_server:
+            self.discovery = KubernetesDiscovery(settings.api_server, self.config.node.name,
+                                                 self._on_discovery, pods=settings.pods)
+        else:
+            self.discovery = KubernetesDiscovery.in_cluster(
+                self.config.node.name, self._on_discovery, pods=settings.pods)
+        await self.discovery.start()
+        if not await self.discovery.wait_synced(10.0):
+            log.warning("Kubernetes API not synced after 10 s; serving with the node YAML "
+                        "alone until it is")
+
+    def _on_discovery(self, state: DiscoveredState) -> None:
+        self._discovered_state = state
+        self._discovered = state.extras(self.config)
+        if self.enrollment is not None:
+            self._rebuild_table()
+
+    def _from_api(self, workload: Workload) -> tuple[Workload, str | None]:
+        """Complete a pod the CNI plugin enrolls from what the API says of it (service
+        account, labels); the reason it is not meshed (opt-in/opt-out labels), if so."""
+        state = self._discovered_state
+        known = state.pods.get(workload.key) if state else None
+        if state is None or known is None:
+            return workload, None
+        update: dict[str, Any] = {"labels": {**known.labels, **workload.labels}}
+        if workload.service_account == "default":
+            update["service_account"] = known.service_account
+        workload = workload.model_copy(update=update)
+        if not state.is_meshed(workload.namespace, workload.labels):
+            return workload, ("not in the mesh: neither the pod nor its namespace has "
+                              "dataplane-mode=ambient, or the pod opts out")
+        return workload, None
 
     # -- upgrade: a new instance takes over from this one -----------------
 
@@ -268,6 +315,8 @@ class Daemon:
             await self._drain_task
         if self.pool is not None:
             self.pool.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.programs is not None:
             self.programs.close(keep_maps=True)
             self.programs = None
@@ -369,16 +418,22 @@ class Daemon:
 
     def _rebuild_table(self) -> None:
         assert self.enrollment is not None
-        runtime = tuple(p.workload for p in self.enrollment.pods.values()
-                        if p.source == "runtime") + tuple(self.remote_workloads.values())
-        self._table = DestinationTable(self.config, runtime, self._balancer)
-        workloads = {w.key: w for w in self.config.workloads}
+        # Discovered pods first: a pod enrolled here (with its netns) replaces its copy.
+        runtime = self._discovered[0] + tuple(
+            p.workload for p in self.enrollment.pods.values() if p.source == "runtime"
+        ) + tuple(self.remote_workloads.values())
+        config = self.config
+        if self._discovered[1]:
+            config = config.model_copy(
+                update={"services": [*config.services, *self._discovered[1]]})
+        self._table = DestinationTable(config, runtime, self._balancer)
+        workloads = {w.key: w for w in config.workloads}
         workloads.update({w.key: w for w in runtime})
         self._admitter = Admitter(self.config, self._admission_metrics)
         compiled = compile_connect_denies(
             self.config, self._admitter.authorizer,
             [(p.pod_id, p.workload) for p in self.enrollment.pods.values()],
-            list(workloads.values()), self.config.services)
+            list(workloads.values()), config.services)
         self.maps.replace_denies([(d.source_pod_id, d.ip, d.port, d.policy)
                                   for d in compiled.denies])
         self._deny_policy_names = compiled.policy_names
@@ -407,6 +462,15 @@ class Daemon:
             ] + [w.model_dump(mode="json", by_alias=True)
                  for w in self.remote_workloads.values()],
         }
+
+    def pod_view(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
+        key = f"{namespace}/{name}"
+        if key in self._skipped:
+            return 200, {"skipped": key, "reason": self._skipped[key]}
+        for pod in self.pods_view():
+            if f"{pod['namespace']}/{pod['name']}" == key:
+                return 200, pod
+        return 404, {"error": f"pod {key} is not enrolled"}
 
     def pods_view(self) -> list[dict[str, Any]]:
         if self.enrollment is None:
@@ -437,6 +501,11 @@ class Daemon:
         except ValidationError as e:
             problems = [f"{format_path(tuple(err['loc']))}: {err['msg']}" for err in e.errors()]
             return 400, {"error": "invalid pod", "problems": problems}
+        workload, not_meshed = self._from_api(workload)
+        if not_meshed:
+            self._skipped[workload.key] = not_meshed
+            log.info("pod %s not enrolled: %s", workload.key, not_meshed)
+            return 200, {"skipped": workload.key, "reason": not_meshed}
         if workload.node not in (None, self.config.node.name):
             # A pod on another node: a destination this node must know, nothing to capture.
             self.remote_workloads[workload.key] = workload
@@ -458,6 +527,8 @@ class Daemon:
         if self.enrollment is None:
             return 503, {"error": "daemon is not started"}
         key = f"{namespace}/{name}"
+        if self._skipped.pop(key, None) is not None:
+            return 200, {"unenrolled": key, "wasSkipped": True}
         if self.remote_workloads.pop(key, None) is not None:
             self._rebuild_table()
             self._save_runtime_pods()

@@ -126,6 +126,10 @@ def cmd_add(inv: Invocation) -> dict[str, Any]:
     if status != 200:
         raise CniError(ENROLL_REFUSED, f"nodeproxy daemon refused pod {info.key} "
                                        f"(HTTP {status})", json.dumps(data))
+    if isinstance(data, dict) and "skipped" in data:
+        # The daemon's Kubernetes view says the pod is not meshed (opt-in/opt-out labels).
+        log.info("ADD %s: not enrolled: %s", info.key, data.get("reason"))
+        return prev
     log.info("ADD %s: enrolled (%s)", info.key, json.dumps(data))
     return prev
 
@@ -179,6 +183,12 @@ def cmd_del(inv: Invocation) -> None:
     log.info("DEL %s/%s: %s", namespace, name, "unenrolled" if status == 200 else "not enrolled")
 
 
+def _skipped_by_daemon(conf: netconf.NetConf, namespace: str, name: str) -> bool:
+    """Did the daemon leave this pod out of the mesh on purpose (labels, via the API)?"""
+    status, data = _ask(conf, "GET", f"/v1/pods/{namespace}/{name}")
+    return status == 200 and isinstance(data, dict) and "skipped" in data
+
+
 def cmd_check(inv: Invocation) -> None:
     if version_key(inv.conf.cni_version) < version_key(CHECK_SINCE):
         raise CniError(INCOMPATIBLE_VERSION,
@@ -195,6 +205,8 @@ def cmd_check(inv: Invocation) -> None:
             log.warning("CHECK %s: failOpen: %s", info.key, e)
             return
         raise _unreachable(e) from e
+    if entry is None and _skipped_by_daemon(inv.conf, info.namespace, info.name):
+        return
     if entry is None:
         raise CniError(NOT_ENROLLED, f"pod {info.key} is not enrolled in the mesh",
                        f"the daemon at {inv.conf.control_socket} does not list it")

@@ -1,10 +1,10 @@
 """What a new node policy changes, compared with the one in force.
 
-Pure functions: the daemon applies the result.  Sections that configure the process itself
-(node, admin, capture, proxy, tunnel, identity, mesh.trustDomain) take effect only on restart,
-so a reload that changes them is refused whole with a message naming them; everything else
-(workloads, services, the outbound policy, peer authentication, authorization, probe
-sources) is applied live.
+Pure functions: the daemon applies the result.  Sections that configure the process
+itself (node, admin, capture, proxy, tunnel, identity, discovery, mesh.trustDomain) take
+effect only on restart, so a reload that changes them is refused whole with a message
+naming them; everything else (workloads, services, the outbound policy, peer
+authentication, authorization, probe sources) is applied live.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from nodeproxy.config.model import NodeConfig, Workload
 
-RESTART_ONLY = ("node", "admin", "capture", "proxy", "tunnel", "identity")
+RESTART_ONLY = ("node", "admin", "capture", "proxy", "tunnel", "identity", "discovery")
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,17 @@ class CaptureSettings(Model):
     on_crash: Literal["fail_closed", "fail_open"] = "fail_closed"
 
 
+class DiscoverySettings(Model):
+    """Kubernetes API discovery: pods, services, endpointslices and namespaces."""
+
+    kubernetes: bool = False
+    # API server URL without authentication (`kubectl proxy`, tests); None: in-cluster
+    # (service-account token and CA, KUBERNETES_SERVICE_HOST/PORT).
+    api_server: str | None = None
+    # Pods watched: "cluster" (remote endpoints get identities and labels) or "node".
+    pods: Literal["cluster", "node"] = "cluster"
+
+
 class Workload(Model):
     """A pod.  Local pods (on this node) need netns and cgroup; remote ones need only IPs."""
 
@@ -162,6 +173,8 @@ class Endpoint(Model):
     address: IPField
     port: PortNumber
     node: str | None = None
+    # Which of the service's ports this endpoint serves; omitted: every port.
+    service_port: PortNumber | None = None
 
 
 class Service(Model):
@@ -179,6 +192,10 @@ class Service(Model):
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def endpoints_for(self, port: ServicePort) -> list[Endpoint]:
+        """The explicit endpoints that serve this service port."""
+        return [e for e in self.endpoints if e.service_port in (None, port.port)]
 
     @model_validator(mode="after")
     def _ports_unique(self) -> Service:
@@ -403,6 +420,7 @@ class NodeConfig(Model):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
     workloads: list[Workload] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)

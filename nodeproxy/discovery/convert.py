@@ -4,7 +4,7 @@ Pure functions, no I/O.  What is kept and what is skipped:
 
 - Pod -> ``Workload``: name, namespace, ``spec.serviceAccountName`` -> serviceAccount,
   labels, ``status.podIPs`` (else ``status.podIP``) -> ips, ``spec.nodeName`` -> node.
-  Skipped (``None``): pods without an IP yet, pods in phase Succeeded or Failed (their IP
+  Skipped (``None``): pods without an IP or a node yet, pods in phase Succeeded or Failed (their IP
   may already belong to another pod), ``hostNetwork`` pods (they share the node's IP and
   are not captured).
 - Service -> ``Service``: ``spec.clusterIPs`` -> vips, TCP ports with ``targetPort`` when
@@ -87,8 +87,11 @@ def _short(e: ValidationError) -> str:
 def pod_ips(pod: KubeObject) -> list[str]:
     """``status.podIPs`` (dual stack), else ``status.podIP``."""
     status = pod.get("status") or {}
-    ips = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, Mapping)]
-    ips = [ip for ip in ips if isinstance(ip, str) and ip]
+    ips: list[str] = []
+    for entry in status.get("podIPs") or []:
+        ip = entry.get("ip") if isinstance(entry, Mapping) else None
+        if isinstance(ip, str) and ip:
+            ips.append(ip)
     if not ips and isinstance(status.get("podIP"), str) and status["podIP"]:
         ips = [status["podIP"]]
     return ips
@@ -104,19 +107,19 @@ def pod_to_workload(pod: KubeObject) -> Workload | None:
     if status.get("phase") in TERMINAL_PHASES:
         return None
     ips = pod_ips(pod)
-    if not ips:
-        return None
+    if not ips or not spec.get("nodeName"):
+        return None  # no IP yet; or unscheduled (a Workload without a node means *this* one)
     namespace = meta.get("namespace") or "default"
     try:
-        return Workload(
-            name=meta["name"],
-            namespace=namespace,
-            service_account=spec.get("serviceAccountName") or spec.get("serviceAccount")
+        return Workload.model_validate({
+            "name": meta["name"],
+            "namespace": namespace,
+            "service_account": spec.get("serviceAccountName") or spec.get("serviceAccount")
             or "default",
-            labels=_str_map(meta.get("labels")),
-            node=spec.get("nodeName") or None,
-            ips=ips,
-        )
+            "labels": _str_map(meta.get("labels")),
+            "node": spec["nodeName"],
+            "ips": ips,
+        })
     except ValidationError as e:
         raise ConversionError(f"pod {namespace}/{meta['name']}: {_short(e)}") from e
 
@@ -210,7 +213,9 @@ def endpoints_by_port(ports: Iterable[KubeObject],
                 if (address, backend_port) in seen:
                     continue  # the same endpoint in two slices while they are rebalanced
                 seen.add((address, backend_port))
-                endpoints.append(Endpoint(address=address, port=backend_port, node=node))
+                endpoints.append(Endpoint.model_validate(
+                    {"address": address, "port": backend_port, "node": node,
+                     "servicePort": number}))
         out[number] = endpoints
     return out
 
@@ -235,18 +240,19 @@ def service_to_service(service: KubeObject, slices: Iterable[KubeObject]) -> Ser
     if not vips or not ports:
         return None
     own = slices_of(service, slices)
-    by_port = endpoints_by_port(ports, own)
-    endpoints = list(dict.fromkeys(e for port_endpoints in by_port.values()
-                                   for e in port_endpoints))
     try:
-        return Service(
-            name=meta["name"],
-            namespace=namespace,
-            vips=vips,
-            ports=[ServicePort(port=p.get("port"), target_port=target_port(p, own),
-                               name=p.get("name") or None) for p in ports],
-            selector={},
-            endpoints=endpoints,
-        )
+        by_port = endpoints_by_port(ports, own)
+        endpoints = list(dict.fromkeys(e for port_endpoints in by_port.values()
+                                       for e in port_endpoints))
+        return Service.model_validate({
+            "name": meta["name"],
+            "namespace": namespace,
+            "vips": vips,
+            "ports": [ServicePort.model_validate({
+                "port": p.get("port"), "target_port": target_port(p, own),
+                "name": p.get("name") or None}) for p in ports],
+            "selector": {},
+            "endpoints": endpoints,
+        })
     except ValidationError as e:
         raise ConversionError(f"service {namespace}/{meta['name']}: {_short(e)}") from e

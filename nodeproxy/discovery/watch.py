@@ -158,6 +158,7 @@ class ResourceWatch(Generic[T]):
         self.synced = asyncio.Event()
         self.stats = WatchStats()
         self._progress = False
+        self._watch_started = 0.0
 
     # -- the loop --------------------------------------------------------
 
@@ -181,7 +182,7 @@ class ResourceWatch(Generic[T]):
                 self.resource_version = None
                 self.stats.relists += 1
                 log.info("%s: resourceVersion too old (%s); listing again", self.kind, e)
-                if listed and not self._progress:
+                if listed and not self._watch_made_progress():
                     delay = self._failed(f"410 right after a list: {e}")
             except asyncio.CancelledError:
                 raise
@@ -189,6 +190,13 @@ class ResourceWatch(Generic[T]):
                 delay = self._failed(f"{type(e).__name__}: {e}")
             if delay:
                 await asyncio.sleep(delay)
+
+    def _watch_made_progress(self) -> bool:
+        """The last watch delivered an event or stayed open min_stream_seconds."""
+        if not self._progress and \
+                time.monotonic() - self._watch_started >= self.min_stream_seconds:
+            self._made_progress()
+        return self._progress
 
     def _failed(self, reason: str) -> float:
         delay = self.backoff.next_delay()
@@ -254,7 +262,7 @@ class ResourceWatch(Generic[T]):
     async def _watch(self) -> None:
         self._progress = False
         self.stats.watches += 1
-        started = time.monotonic()
+        self._watch_started = time.monotonic()
         response = await self._call(
             watch=True, resource_version=self.resource_version, allow_watch_bookmarks=True,
             timeout_seconds=self.watch_timeout_seconds, _preload_content=False,
@@ -270,8 +278,7 @@ class ResourceWatch(Generic[T]):
                     break
                 if line.strip():
                     self._handle(line)
-        if time.monotonic() - started >= self.min_stream_seconds:
-            self._made_progress()
+        self._watch_made_progress()
 
     def _bad(self, line: bytes, why: str) -> None:
         self.stats.bad_events += 1

@@ -163,7 +163,7 @@ def _backends(service: Service, service_port: ServicePort,
         for w in workloads:
             if selects(service.namespace, service.selector, w.namespace, w.labels):
                 backends.extend((ip, service_port.backend_port) for ip in w.ips)
-    backends.extend((e.address, e.port) for e in service.endpoints)
+    backends.extend((e.address, e.port) for e in service.endpoints_for(service_port))
     return backends
 
 

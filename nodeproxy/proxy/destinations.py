@@ -93,7 +93,7 @@ class DestinationTable:
                 ]
                 backends += [
                     Backend(e.address, e.port, self.pods.get(e.address))
-                    for e in svc.endpoints
+                    for e in svc.endpoints_for(sp)
                 ]
                 entry = _ServicePort(
                     fqdn,

@@ -99,3 +99,21 @@ def test_canonical_workload_name_from_labels():
     t = table()
     assert t.pods[ip("10.244.2.9")].workload == "db"
     assert t.pods[ip("10.244.2.9")].name == "db-1"
+
+
+def test_explicit_endpoints_serve_only_their_service_port():
+    doc = """
+apiVersion: nodeproxy.io/v1alpha1
+kind: NodeProxyConfig
+node: {name: n1}
+services:
+  - name: two
+    vips: [10.96.0.20]
+    ports: [{port: 80, targetPort: 8080}, {port: 90, targetPort: 9090}]
+    endpoints:
+      - {address: 192.0.2.1, port: 8080, servicePort: 80}
+      - {address: 192.0.2.1, port: 9090, servicePort: 90}
+"""
+    t = DestinationTable(parse_config(doc).config)
+    assert {t.resolve(ip("10.96.0.20"), 80).backend.port for _ in range(4)} == {8080}
+    assert {t.resolve(ip("10.96.0.20"), 90).backend.port for _ in range(4)} == {9090}

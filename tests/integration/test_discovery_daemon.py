@@ -1,0 +1,128 @@
+"""The daemon with Kubernetes discovery on, against a fake API server that speaks the
+documented list/watch protocol (no API server runs here; tests/integration/fake_kube_api.py).
+
+The fake server listens inside the node's network namespace, where the daemon lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from nodeproxy.testbed import netns
+from nodeproxy.testbed.cluster import Cluster
+from tests.integration import fake_kube_api as kube
+from tests.integration.probes import connect
+
+pytestmark = pytest.mark.privileged
+
+PORT = 7000
+VIP = "10.96.7.7"
+
+
+class ApiInNetns:
+    """The fake API server on its own event loop thread, listening inside a netns."""
+
+    def __init__(self, netns_path: str):
+        self.api = kube.FakeKubeApi()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        sock = netns.socket_in(netns_path, socket.AF_INET)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        self.url = self.call(self.api.start(sock=sock))
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def do(self, fn, *args):
+        async def run():
+            return fn(*args)
+        return self.call(run())
+
+    def close(self) -> None:
+        self.call(self.api.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[Cluster, ApiInNetns]]:
+    with Cluster(1) as c:
+        c.add_pod("node0", "client", labels={"app": "client"})
+        c.add_pod("node0", "web-0", enroll=False)
+        c.add_pod("node0", "optout", enroll=False)
+        c.serve_peer("web-0", PORT)
+        api = ApiInNetns(c.nodes["node0"].netns_path)
+        try:
+            web_ip = c.pods["web-0"].ip4
+            api.do(api.api.put, "namespaces", kube.namespace(
+                "default", {"istio.io/dataplane-mode": "ambient"}))
+            api.do(api.api.put, "pods", kube.pod("web-0", ip=web_ip, node="node0", sa="web",
+                                                 labels={"app": "web"}))
+            api.do(api.api.put, "pods", kube.pod(
+                "optout", ip=c.pods["optout"].ip4, node="node0",
+                labels={"nodeproxy.io/dataplane-mode": "none"}))
+            api.do(api.api.put, "services", kube.service(
+                "api-web", vips=[VIP], ports=[{"name": "http", "port": 80,
+                                               "targetPort": PORT, "protocol": "TCP"}]))
+            api.do(api.api.put, "endpointslices", kube.endpoint_slice(
+                "api-web-1", "api-web", ports=[{"name": "http", "port": PORT,
+                                                "protocol": "TCP"}],
+                endpoints=[kube.slice_endpoint(web_ip, node="node0")]))
+            c.write_configs(overrides={"discovery": {"kubernetes": True,
+                                                     "apiServer": api.url}})
+            c.start_daemons()
+            yield c, api
+        finally:
+            c.stop_daemons()
+            api.close()
+
+
+def enroll_minimal(c: Cluster, name: str) -> dict:
+    """What the CNI plugin sends: no service account, no labels."""
+    pod = c.pods[name]
+    body = {"name": name, "namespace": "default", "netns": pod.netns_path,
+            "cgroup": pod.cgroup, "ips": pod.ips}
+    status, text = netns.unix_http(c.nodes["node0"].control_socket, "POST", "/v1/pods",
+                                   json.dumps(body).encode(),
+                                   {"Content-Type": "application/json"})
+    assert status == 200, text
+    return json.loads(text)
+
+
+def test_services_and_endpoints_come_from_the_api(cluster):
+    c, api = cluster
+    answer = connect(c, "client", VIP, 80)
+    assert answer.startswith("connected {") and '"name": "web-0"' in answer
+    # A change in the API reaches the running daemon through the watch.
+    api.do(api.api.delete, "services", "default/api-web")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and connect(c, "client", VIP, 80).startswith("connected"):
+        time.sleep(0.3)
+    assert not connect(c, "client", VIP, 80).startswith("connected {")
+
+
+def test_identity_and_labels_of_a_cni_enrolled_pod_come_from_the_api(cluster):
+    c, _ = cluster
+    enroll_minimal(c, "web-0")
+    pods = {p["name"]: p for p in c.admin_json("node0", "/pods")}
+    assert pods["web-0"]["principal"] == "spiffe://cluster.local/ns/default/sa/web"
+    assert pods["web-0"]["workload"] == "web"
+
+
+def test_a_pod_that_opts_out_is_not_enrolled(cluster):
+    c, _ = cluster
+    answer = enroll_minimal(c, "optout")
+    assert answer.get("skipped") == "default/optout"
+    assert "optout" not in {p["name"] for p in c.admin_json("node0", "/pods")}
+    status, text = netns.unix_http(c.nodes["node0"].control_socket, "GET",
+                                   "/v1/pods/default/optout")
+    assert status == 200 and "skipped" in text
