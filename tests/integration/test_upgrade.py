@@ -89,6 +89,7 @@ def test_upgrade_under_continuous_traffic_fails_nothing():
         load_out, _ = load.communicate(timeout=60)
         conversation_out, _ = conversation.communicate(timeout=60)
         summary = __import__("json").loads(load_out.strip().splitlines()[-1])
+        print("upgrade under load:", {k: summary[k] for k in ("requests", "succeeded", "failed")})
         assert summary["failed"] == 0, summary
         assert summary["succeeded"] >= 300, summary
         assert conversation_out.strip() == "intact"
