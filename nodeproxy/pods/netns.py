@@ -80,6 +80,24 @@ class Netns:
         with entered(self.fd):
             return socket.socket(family, type_)
 
+    def listener(self, family: int, host: str, port: int, backlog: int = 4096
+                 ) -> socket.socket:
+        """A non-blocking listening TCP socket inside this netns.  SO_REUSEPORT: during an
+        upgrade the new daemon instance listens beside the old one until it hands over."""
+        sock = self.socket(family)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def cookie(self) -> int:
         with self.socket(socket.AF_INET) as probe:
             return netns_cookie_of(probe)

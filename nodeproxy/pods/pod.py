@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from nodeproxy.config.model import Workload
 from nodeproxy.pods.netns import Netns
 from nodeproxy.proxy.destinations import WorkloadRef
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
@@ -28,3 +29,19 @@ class EnrolledPod:
     @property
     def key(self) -> str:
         return self.workload.key
+
+
+def destination_labels(pod: EnrolledPod, source: WorkloadRef | None, principal: str | None,
+                       security: str) -> TcpLabels:
+    """Istio's labels for a connection this node delivers into one of its pods."""
+    return TcpLabels(
+        reporter="destination",
+        source_workload=source.workload if source else UNKNOWN,
+        source_workload_namespace=source.namespace if source else UNKNOWN,
+        source_principal=principal or UNKNOWN,
+        destination_workload=pod.ref.workload,
+        destination_workload_namespace=pod.workload.namespace,
+        destination_principal=pod.principal,
+        destination_service=UNKNOWN,
+        connection_security_policy=security,
+    )

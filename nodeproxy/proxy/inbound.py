@@ -16,13 +16,13 @@ import logging
 import socket
 from collections.abc import Callable
 
-from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.tracker import ConnectionTracker
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +46,8 @@ class InboundProxy:
         loop = asyncio.get_running_loop()
         sockets: dict[int, socket.socket] = {}
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-            sock = pod.netns.socket(family)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                # An upgraded instance listens alongside until this one hands over.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, self.port))
-                sock.listen(1024)
-                sock.setblocking(False)
-                server = await loop.create_server(lambda pod=pod: _Accepted(self, pod),
-                                                  sock=sock)
-            except OSError:
-                sock.close()
-                raise
+            sock = pod.netns.listener(family, host, self.port)
+            server = await loop.create_server(lambda pod=pod: _Accepted(self, pod), sock=sock)
             pod.listeners.append(server)
             sockets[family] = server.sockets[0]  # type: ignore[index]
         return sockets
@@ -89,18 +76,8 @@ class InboundProxy:
             log.info("inbound %s -> %s:%d: connect failed: %s", source_ip, pod.key, port, e)
             reset(down.transport)
             return
-        source = self._table().pods.get(source_ip)
-        meter = ConnectionMeter(self._metrics, TcpLabels(
-            reporter="destination",
-            source_workload=source.workload if source else UNKNOWN,
-            source_workload_namespace=source.namespace if source else UNKNOWN,
-            source_principal=UNKNOWN,
-            destination_workload=pod.ref.workload,
-            destination_workload_namespace=pod.workload.namespace,
-            destination_principal=pod.principal,
-            destination_service=UNKNOWN,
-            connection_security_policy="none",
-        ))
+        meter = ConnectionMeter(self._metrics, destination_labels(
+            pod, self._table().pods.get(source_ip), None, "none"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
         self._tracker.add(relay, pod.key)
         meter.opened()

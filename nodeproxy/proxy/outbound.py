@@ -79,24 +79,14 @@ class OutboundProxy:
         """Listen on 127.0.0.1 and [::1] at the outbound port inside the pod's netns."""
         loop = asyncio.get_running_loop()
         for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            sock = pod.netns.socket(family)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                # An upgraded instance listens alongside until this one hands over.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, self.port))
-                sock.listen(LISTEN_BACKLOG)
-                sock.setblocking(False)
-                server = await loop.create_server(
-                    lambda pod=pod: _Downstream(self, pod), sock=sock)
+                sock = pod.netns.listener(family, host, self.port, LISTEN_BACKLOG)
             except OSError as e:
-                sock.close()
                 if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
                     log.warning("pod %s has no IPv6 loopback; IPv6 capture off", pod.key)
                     continue
                 raise
+            server = await loop.create_server(lambda pod=pod: _Downstream(self, pod), sock=sock)
             pod.listeners.append(server)
 
     def _accepted(self, pod: EnrolledPod, down: _Downstream) -> None:

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
-from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent
 from nodeproxy.proxy.relay import Relay, Side
 from nodeproxy.proxy.tracker import ConnectionTracker
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 from nodeproxy.tunnel.headers import HeaderError, parse_authority, parse_forwarded
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamTransport
@@ -92,19 +92,7 @@ class HboneServer:
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-            sock = pod.netns.socket(family)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                # An upgraded instance listens alongside until this one hands over.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, self.port))
-                sock.listen(1024)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            sock = pod.netns.listener(family, host, self.port)
             pod.listeners.append(_AcceptLoop(
                 sock, lambda conn, pod=pod: self.tracker.spawn(self._handshake(pod, conn))))
 
@@ -209,18 +197,8 @@ class HboneServer:
         session.respond(stream, 200)
         down = Side("downstream", start_paused=True)
         stream.set_protocol(down)
-        source = self._table().pods.get(source_ip)
-        meter = ConnectionMeter(self._metrics, TcpLabels(
-            reporter="destination",
-            source_workload=source.workload if source else UNKNOWN,
-            source_workload_namespace=source.namespace if source else UNKNOWN,
-            source_principal=session.peer_identity or UNKNOWN,
-            destination_workload=pod.ref.workload,
-            destination_workload_namespace=pod.workload.namespace,
-            destination_principal=pod.principal,
-            destination_service=UNKNOWN,
-            connection_security_policy="mutual_tls",
-        ))
+        meter = ConnectionMeter(self._metrics, destination_labels(
+            pod, self._table().pods.get(source_ip), session.peer_identity, "mutual_tls"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
         self.tracker.add(relay, pod.key)
         meter.opened()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
+from nodeproxy.capture import libbpf
 from nodeproxy.testbed.cluster import Cluster
 
 
@@ -23,3 +25,37 @@ def connect(cluster: Cluster, pod: str, host: str, port: int) -> str:
     """)
     out = cluster.run_in_pod(pod, [cluster.python, "-c", script], timeout=15)
     return out.stdout.strip() or out.stderr.strip()
+
+
+def echo_conversation(vip: str, rounds: int, block: int) -> str:
+    """A script for a pod: a slow echo exchange with the peer server ('P' protocol) through
+    port 80 of `vip`, 0.1 s between rounds; prints 'intact' if every byte came back."""
+    return textwrap.dedent(f"""
+        import os, socket, time, hashlib
+        s = socket.create_connection(({vip!r}, 80), 5)
+        s.sendall(b"P")
+        sent = hashlib.sha256(); got = hashlib.sha256()
+        for i in range({rounds}):
+            block = os.urandom({block})
+            s.sendall(block); sent.update(block)
+            want = len(block)
+            while want:
+                data = s.recv(want); got.update(data); want -= len(data)
+            time.sleep(0.1)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        print("intact" if sent.digest() == got.digest() else "CORRUPT")
+    """)
+
+
+# Attach types of the programs on a node's pod cgroup: connect4/6, getpeername4/6, sockops.
+CGROUP_ATTACH_TYPES = (10, 11, 29, 30, 3)
+
+
+def attached_programs(cgroup: str) -> list[int]:
+    """IDs of the programs attached to the cgroup (by any nodeproxy instance)."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [i for t in CGROUP_ATTACH_TYPES for i in libbpf.attached_prog_ids(fd, t)]
+    finally:
+        os.close(fd)

@@ -10,16 +10,14 @@ import json
 import os
 import signal
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy.capture import libbpf
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.probes import connect
+from tests.integration.probes import attached_programs, connect, echo_conversation
 
 pytestmark = pytest.mark.privileged
 
@@ -36,17 +34,6 @@ def one_node() -> Iterator[Cluster]:
         c.add_service("web", port=80, target_port=PORT)
         c.serve_peer("web-0", PORT)
         yield c
-
-
-def attached_programs(cgroup: str) -> list[int]:
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        ids: list[int] = []
-        for attach_type in (10, 11, 29, 30, 3):  # connect4/6, getpeername4/6, sock_ops
-            ids += libbpf.attached_prog_ids(fd, attach_type)
-        return ids
-    finally:
-        os.close(fd)
 
 
 def pins(c: Cluster, node: str) -> list[str]:
@@ -134,22 +121,7 @@ def test_sigterm_drains_open_connections_then_removes_everything(one_node: Clust
     assert pins(c, "node0")
     vip = c.services["default/web"].vip4
     # A slow echo conversation over 3 s, checked byte for byte.
-    slow = textwrap.dedent(f"""
-        import os, socket, time, hashlib
-        s = socket.create_connection(({vip!r}, 80), 5)
-        s.sendall(b"P")
-        sent = hashlib.sha256(); got = hashlib.sha256(); n = 0
-        for i in range(30):
-            block = os.urandom(10_000)
-            s.sendall(block); sent.update(block)
-            want = len(block)
-            while want:
-                data = s.recv(want); got.update(data); want -= len(data)
-            time.sleep(0.1)
-        s.shutdown(socket.SHUT_WR)
-        assert s.recv(1) == b""
-        print("intact" if sent.digest() == got.digest() else "CORRUPT")
-    """)
+    slow = echo_conversation(vip, rounds=30, block=10_000)
     client = c.spawn_in_pod("client", [c.python, "-c", slow], stdout=subprocess.PIPE, text=True)
     time.sleep(1.0)
     daemon = node.daemon

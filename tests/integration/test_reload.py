@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.probes import connect
+from tests.integration.probes import connect, echo_conversation
 
 pytestmark = pytest.mark.privileged
 
@@ -71,22 +70,7 @@ def test_sighup_applies_a_new_policy_and_open_connections_continue(node: Cluster
     vip = c.services["default/web"].vip4
     assert connect(c, "client", vip, 80).startswith("connected {")
     digest = c.admin_json("node0", "/config_dump")["digest"]
-    slow = textwrap.dedent(f"""
-        import os, socket, time, hashlib
-        s = socket.create_connection(({vip!r}, 80), 5)
-        s.sendall(b"P")
-        sent = hashlib.sha256(); got = hashlib.sha256()
-        for i in range(25):
-            block = os.urandom(10_000)
-            s.sendall(block); sent.update(block)
-            want = len(block)
-            while want:
-                data = s.recv(want); got.update(data); want -= len(data)
-            time.sleep(0.1)
-        s.shutdown(socket.SHUT_WR)
-        assert s.recv(1) == b""
-        print("intact" if sent.digest() == got.digest() else "CORRUPT")
-    """)
+    slow = echo_conversation(vip, rounds=25, block=10_000)
     conversation = c.spawn_in_pod("client", [c.python, "-c", slow], stdout=subprocess.PIPE,
                                   text=True)
     time.sleep(0.5)

@@ -13,23 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy.capture import libbpf
 from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
-from tests.integration.probes import connect
+from tests.integration.probes import attached_programs, connect
 
 pytestmark = pytest.mark.privileged
 
 PORT = 7000
 # connect4/6, getpeername4/6, sock_ops: the attach types of the capture programs.
 ATTACH_TYPES = (10, 11, 29, 30, 3)
-
-
-def attached_programs(cgroup: str) -> list[int]:
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return [i for t in ATTACH_TYPES for i in libbpf.attached_prog_ids(fd, t)]
-    finally:
-        os.close(fd)
 
 
 def pinned_files(c: Cluster, node: str) -> list[str]:

@@ -8,28 +8,17 @@ programs and drains.  Nothing may fail and no byte may be lost.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import textwrap
 import time
 
 import pytest
 
-from nodeproxy.capture import libbpf
 from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
-from tests.integration.probes import connect
+from tests.integration.probes import attached_programs, connect, echo_conversation
 
 pytestmark = pytest.mark.privileged
 
 PORT = 7000
-
-
-def attached(cgroup: str) -> int:
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return sum(len(libbpf.attached_prog_ids(fd, t)) for t in (10, 11, 29, 30, 3))
-    finally:
-        os.close(fd)
 
 
 def test_upgrade_under_continuous_traffic_fails_nothing():
@@ -51,22 +40,9 @@ def test_upgrade_under_continuous_traffic_fails_nothing():
             "load", "--to", target, "--mode", "transfer", "--send", "50000", "--receive",
             "50000", "--duration", "8", "--rate", "60", "--concurrency", "8"),
             stdout=subprocess.PIPE, text=True)
-        conversation = c.spawn_in_pod("late", [c.python, "-c", textwrap.dedent(f"""
-            import os, socket, time, hashlib
-            s = socket.create_connection(({vip!r}, 80), 5)
-            s.sendall(b"P")
-            sent = hashlib.sha256(); got = hashlib.sha256()
-            for i in range(50):
-                block = os.urandom(20_000)
-                s.sendall(block); sent.update(block)
-                want = len(block)
-                while want:
-                    data = s.recv(want); got.update(data); want -= len(data)
-                time.sleep(0.1)
-            s.shutdown(socket.SHUT_WR)
-            assert s.recv(1) == b""
-            print("intact" if sent.digest() == got.digest() else "CORRUPT")
-        """)], stdout=subprocess.PIPE, text=True)
+        conversation = c.spawn_in_pod(
+            "late", [c.python, "-c", echo_conversation(vip, rounds=50, block=20_000)],
+            stdout=subprocess.PIPE, text=True)
         time.sleep(2.0)
 
         old = node.daemon
@@ -98,9 +74,9 @@ def test_upgrade_under_continuous_traffic_fails_nothing():
         assert "taking over from it" in log_text, log_text[-3000:]
         assert new.poll() is None
         # One set of programs attached, not two; the runtime pod is still meshed.
-        assert attached(node.cgroup) == 5
+        assert len(attached_programs(node.cgroup)) == 5
         pods = {p["name"]: p["source"] for p in c.admin_json("node0", "/pods")}
         assert pods.get("late") == "runtime" and "client" in pods
         assert connect(c, "late", vip, 80).startswith("connected {")
         assert c.stop_daemons()["node0"] == 0
-        assert attached(node.cgroup) == 0
+        assert len(attached_programs(node.cgroup)) == 0
