@@ -479,6 +479,7 @@ def cross_check(config: NodeConfig) -> list[Problem]:
             vip_at.setdefault(vip, i)
     errors.extend(_identity_problems(config.identity))
     errors.extend(_peer_authentication_problems(config.peer_authentications))
+    errors.extend(_strict_without_mtls(config))
     errors.extend(_duplicate_policy_names("authorizationPolicies", "authorization policy",
                                           config.authorization_policies))
     return errors
@@ -507,6 +508,22 @@ def _duplicate_policy_names(
                            f"{what} {policy.name!r} is already defined in {scope} "
                            f"at {section}[{first[policy.key]}]"))
         first.setdefault(policy.key, i)
+    return errors
+
+
+def _strict_without_mtls(config: NodeConfig) -> list[Problem]:
+    """STRICT refuses plaintext; with no CA every cross-node connection is plaintext."""
+    if config.identity.ca_cert:
+        return []
+    errors: list[Problem] = []
+    for i, policy in enumerate(config.peer_authentications):
+        if policy.mode == "STRICT":
+            errors.append((("peerAuthentications", i, "mode"),
+                           "STRICT needs mTLS: set identity.caCert and identity.caKey"))
+        for port, mode in policy.port_level_mtls.items():
+            if mode == "STRICT":
+                errors.append((("peerAuthentications", i, "portLevelMtls", port),
+                               "STRICT needs mTLS: set identity.caCert and identity.caKey"))
     return errors
 
 

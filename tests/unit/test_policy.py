@@ -24,8 +24,8 @@ from nodeproxy.policy import (
 HEAD = """\
 apiVersion: nodeproxy.io/v1alpha1
 kind: NodeProxyConfig
-node:
-  name: node-a
+identity: {caCert: /etc/nodeproxy/ca/root-cert.pem, caKey: /etc/nodeproxy/ca/root-key.pem}
+node: {name: node-a}
 """
 
 FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -440,9 +440,13 @@ authorizationPolicies:
 # --- validation --------------------------------------------------------------------------------
 
 
-def problems(text: str) -> list[str]:
+# HEAD without the CA (same number of lines), for tests of the identity section itself.
+HEAD_NO_CA = HEAD.replace(HEAD.splitlines()[2], "# identity: set by the test")
+
+
+def problems(text: str, head: str = HEAD) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_config(HEAD + textwrap.dedent(text), "node.yaml")
+        parse_config(head + textwrap.dedent(text), "node.yaml")
     return info.value.problems
 
 
@@ -623,16 +627,17 @@ def test_identity_and_tunnel_settings() -> None:
           rotateAtFraction: 1
         tunnel:
           maxStreamsPerConnection: 0
-        """) == [
+        """, HEAD_NO_CA) == [
         "node.yaml:7: identity.certTtlSeconds: must be greater than 0 (got 0)",
         "node.yaml:8: identity.rotateAtFraction: must be less than 1 (got 1)",
         "node.yaml:10: tunnel.maxStreamsPerConnection: must be at least 1 (got 0)",
     ]
-    assert problems("identity:\n  caKey: /k\n") == [
+    assert problems("identity:\n  caKey: /k\n", HEAD_NO_CA) == [
         "node.yaml:6: identity.caKey: caKey needs caCert"
     ]
     config = config_with()
-    assert config.identity.ca_cert is None and config.identity.cert_ttl_seconds == 86400
+    assert config.identity.ca_cert == "/etc/nodeproxy/ca/root-cert.pem"
+    assert config.identity.cert_ttl_seconds == 86400
     assert config.tunnel.max_connections_per_key == 4
     assert config.inbound.probe_sources == []
 
@@ -646,3 +651,22 @@ def test_policy_config_round_trips() -> None:
     )
     assert NodeConfig.model_validate(config.model_dump(by_alias=True)) == config
     assert NodeConfig.model_validate_json(config.model_dump_json(by_alias=True)) == config
+
+
+def test_strict_without_a_ca_is_refused_at_load():
+    from nodeproxy.config.loader import ConfigError, parse_config
+
+    doc = """apiVersion: nodeproxy.io/v1alpha1
+kind: NodeProxyConfig
+node: {name: n1}
+peerAuthentications:
+  - name: strict
+    mode: STRICT
+"""
+    try:
+        parse_config(doc, "node.yaml")
+    except ConfigError as e:
+        assert ("node.yaml:6: peerAuthentications[0].mode: STRICT needs mTLS: set "
+                "identity.caCert and identity.caKey") in e.problems
+    else:
+        raise AssertionError("STRICT without a CA was accepted")
