@@ -83,10 +83,18 @@ static __always_inline int denied(struct pod_info *pod, struct deny_key *key)
     return 1;
 }
 
+/* The daemon's own sockets carry one of its marks (its outbound dials, its
+ * transparent dials into pods, its listeners and what they accept).  They are never
+ * captured or counted, also where the daemon's pod shares the pod cgroup subtree. */
+static __always_inline int mark_is_ours(u32 mark)
+{
+    return mark == NP_SOCKET_MARK || mark == NP_TRANSPARENT_MARK;
+}
+
 static __always_inline int is_ours(struct bpf_sock_addr *ctx)
 {
     struct bpf_sock *sk = ctx->sk;
-    return sk && sk->mark == NP_SOCKET_MARK;
+    return sk && mark_is_ours(sk->mark);
 }
 
 int np_connect4(struct bpf_sock_addr *ctx)
@@ -129,7 +137,7 @@ int np_connect6(struct bpf_sock_addr *ctx)
         return 1;
     u64 netns = np_netns_cookie(ctx);
     struct pod_info *pod = pods.lookup(&netns);
-    if (!pod)
+    if (!pod || (pod->flags & NP_POD_NO_IPV6))
         return 1;
     u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1];
     u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
@@ -140,12 +148,18 @@ int np_connect6(struct bpf_sock_addr *ctx)
     if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff) && (bpf_ntohl(w3) >> 24) == 127)
         return 1;
     struct deny_key dk = {};
-    dk.ip[0] = w0;
-    dk.ip[1] = w1;
-    dk.ip[2] = w2;
-    dk.ip[3] = w3;
     dk.port = (u16)ctx->user_port;
-    dk.family = AF_INET6;
+    if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff)) {
+        /* ::ffff:a.b.c.d is an IPv4 destination: policy is keyed on it as such */
+        dk.ip[0] = w3;
+        dk.family = AF_INET;
+    } else {
+        dk.ip[0] = w0;
+        dk.ip[1] = w1;
+        dk.ip[2] = w2;
+        dk.ip[3] = w3;
+        dk.family = AF_INET6;
+    }
     if (denied(pod, &dk))
         return 0;
 
@@ -229,7 +243,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
     if (dir == NP_DIR_OUT)
         remember_tuple(skops, netns);
     struct bpf_sock *sk = skops->sk;
-    if (!sk)
+    if (!sk || mark_is_ours(sk->mark))
         return;
     u64 cookie = np_socket_cookie(skops);
     u32 one = 1;

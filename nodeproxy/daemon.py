@@ -82,6 +82,7 @@ class Daemon:
         self.pool: HbonePool | None = None
         self._reload_lock = asyncio.Lock()
         self._taking_over = False
+        self._took_over = False
         self._handed_over = False
         self._drain_task: asyncio.Task | None = None
         self.discovery: KubernetesDiscovery | None = None
@@ -147,7 +148,8 @@ class Daemon:
                 interval=min(60.0, cfg.identity.cert_ttl_seconds / 20))))
             self.pool = HbonePool(
                 certificates=self.certificates, trust_domain=cfg.mesh.trust_domain,
-                port=cfg.proxy.hbone_port, settings=cfg.tunnel, metrics=self.tunnel_metrics)
+                port=cfg.proxy.hbone_port, settings=cfg.tunnel, metrics=self.tunnel_metrics,
+                connect_timeout=cfg.proxy.connect_timeout_seconds)
             self.pool.start()
             hbone = HboneServer(
                 certificates=self.certificates, trust_domain=cfg.mesh.trust_domain,
@@ -208,6 +210,9 @@ class Daemon:
         self._ready = False
         if self._handed_over:
             await self._stop_after_handover()
+            return
+        if self._taking_over and not self._took_over:
+            await self._abort_takeover()
             return
         if self.enrollment is not None:
             for pod in self.enrollment.pods.values():
@@ -275,6 +280,7 @@ class Daemon:
             request, control_socket, "POST", "/v1/handover", {}, 30.0)
         if status != 200:
             raise RuntimeError(f"the running instance refused to hand over: {answer}")
+        self._took_over = True
         log.info("took over from the previous instance (%s connections left to drain there)",
                  answer.get("openConnections"))
         assert self.enrollment is not None and self.maps is not None
@@ -282,6 +288,24 @@ class Daemon:
         for cookie, pod_id in self.maps.enrolled().items():
             if cookie not in ours:  # a pod the new configuration no longer lists
                 self.maps.unenroll(cookie, pod_id)
+
+    async def _abort_takeover(self) -> None:
+        """Starting beside a running instance failed: remove only what is ours (listeners,
+        links); the pods, maps, pins and routing are the running instance's."""
+        log.error("taking over failed; the running instance keeps the node")
+        if self.enrollment is not None:
+            for pod in self.enrollment.pods.values():
+                for server in pod.listeners + pod.inbound_listeners:
+                    server.close()
+        for task in self._tasks:
+            task.cancel()
+        if self.pool is not None:
+            self.pool.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.programs is not None:
+            self.programs.close(keep_maps=True)
+            self.programs = None
 
     async def handover_request(self) -> tuple[int, dict[str, Any]]:
         """A new instance takes over: stop accepting, detach our programs, then drain."""
@@ -292,9 +316,11 @@ class Daemon:
         for task in self._tasks:
             task.cancel()  # no vanished-pod or reload work on the shared maps any more
         for pod in self.enrollment.pods.values():
-            for server in pod.listeners:
+            for server in pod.listeners + pod.inbound_listeners:
                 server.close()
         self.programs.detach()
+        if self.discovery is not None:
+            self._tasks.append(asyncio.create_task(self.discovery.stop()))
         open_connections = len(self.tracker.relays)
         log.info("handed over to a new instance; draining %d connections, then idle until "
                  "stopped", open_connections)
@@ -342,6 +368,9 @@ class Daemon:
     async def reload(self, trigger: str) -> str:
         """Validate the policy file again and apply it whole, or keep the one in force.
         Returns the result: applied, unchanged or rejected."""
+        if self._handed_over:
+            log.info("reload (%s) ignored: this instance handed the node over", trigger)
+            return "unchanged"
         async with self._reload_lock:
             result = await self._reload(trigger)
         self._reloads.labels(result).inc()
@@ -369,9 +398,12 @@ class Daemon:
         changes = local_workload_changes(self.config, new.config)
         old_digest = self.loaded.digest
         self.loaded, self.config = new, new.config
-        for w in changes.removed + changes.changed:
+        # A pod whose labels or service account changed is updated in place; only a new
+        # netns, cgroup or address needs it enrolled again.
+        again = tuple(w for w in changes.changed if not self.enrollment.update(w))
+        for w in changes.removed + again:
             await self.enrollment.unenroll(w.key, "config")
-        for w in changes.changed + changes.added:
+        for w in again + changes.added:
             try:
                 await self.enrollment.enroll(w, "config")
             except (EnrollError, OSError) as e:
@@ -418,6 +450,8 @@ class Daemon:
 
     def _rebuild_table(self) -> None:
         assert self.enrollment is not None
+        if self._handed_over:
+            return  # the shared maps are the new instance's to write
         # Discovered pods first: a pod enrolled here (with its netns) replaces its copy.
         runtime = self._discovered[0] + tuple(
             p.workload for p in self.enrollment.pods.values() if p.source == "runtime"

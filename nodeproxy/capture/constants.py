@@ -13,6 +13,8 @@ SOCKET_MARK = 0x4E50  # "NP"
 # the app's replies with this mark back to the proxy (an ip rule to a local table).
 TRANSPARENT_MARK = 0x4E51
 TRANSPARENT_ROUTE_TABLE = 15051
+# pod_info.flags: the pod has no IPv6 loopback, so connect6 must not steer it to [::1].
+POD_NO_IPV6 = 0x1
 DIRECTION_OUTBOUND = 1
 DIRECTION_INBOUND = 2
 
@@ -31,4 +33,6 @@ def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,
         f"-DNP_INBOUND_PORT={inbound_port}",
         f"-DNP_HBONE_PORT={hbone_port}",
         f"-DNP_SOCKET_MARK={SOCKET_MARK:#x}",
+        f"-DNP_TRANSPARENT_MARK={TRANSPARENT_MARK:#x}",
+        f"-DNP_POD_NO_IPV6={POD_NO_IPV6:#x}",
     ]

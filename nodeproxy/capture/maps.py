@@ -69,10 +69,10 @@ class CaptureMaps:
         self._dials = bpf["proxy_dials"]
         self._sockmap_fd = sockmap_fd
 
-    def enroll(self, netns_cookie: int, pod_id: int) -> None:
+    def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
         leaf = self._pods.Leaf()
         leaf.pod_id = pod_id
-        leaf.flags = 0
+        leaf.flags = flags
         self._pods[self._pods.Key(netns_cookie)] = leaf
 
     def unenroll(self, netns_cookie: int, pod_id: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ class CapturePrograms:
         self.ports = {"outbound_port": outbound_port, "inbound_port": inbound_port,
                       "hbone_port": hbone_port}
         self.pin_links = pin_links
-        self.instance = str(os.getpid())
+        # Unique across instances: in a DaemonSet every daemon is PID 1 of its container.
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.bpf: Any = None
         self._links: list[_Link] = []
         self._netns_links: dict[str, _Link] = {}

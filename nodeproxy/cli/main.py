@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "enroll": "nodeproxy.cli.enroll",
     "unenroll": "nodeproxy.cli.unenroll",
     "uninstall": "nodeproxy.cli.uninstall",
+    "bench": "nodeproxy.cli.bench",
 }
 
 

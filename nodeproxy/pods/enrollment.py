@@ -108,12 +108,12 @@ class Enrollment:
             self._programs.attach_netns(pod.key, netns.fd)
             self._maps.set_inbound(pod.pod_id, list(workload.ips), inbound)
         except BaseException:
-            for server in pod.listeners if pod is not None else []:
+            for server in (pod.listeners + pod.inbound_listeners) if pod is not None else []:
                 server.close()
             self._programs.detach_netns(workload.key)
             netns.close()
             raise
-        self._maps.enroll(cookie, pod.pod_id)
+        self._maps.enroll(cookie, pod.pod_id, pod.flags)
         self.pods[pod.key] = pod
         for ip in workload.ips:
             self.by_ip[ip] = pod
@@ -122,6 +122,23 @@ class Enrollment:
         log.info("enrolled pod %s (id %d, netns %s)", pod.key, pod.pod_id, workload.netns)
         self._on_change()
         return pod
+
+    def update(self, workload: Workload) -> bool:
+        """Apply new settings of an enrolled pod in place when its netns, cgroup and IPs
+        are unchanged (labels, service account): its listeners, kernel entries and open
+        connections are untouched.  False when it must be enrolled again."""
+        pod = self.pods.get(workload.key)
+        if pod is None:
+            return False
+        old = pod.workload
+        if (old.netns, old.cgroup, old.ips) != (workload.netns, workload.cgroup, workload.ips):
+            return False
+        pod.workload = workload
+        pod.ref = WorkloadRef.of(workload)
+        pod.principal = spiffe_id(self._trust_domain, workload.namespace,
+                                  workload.service_account)
+        self._on_change()
+        return True
 
     def _pod_id(self, cookie: int) -> int:
         """The pod's id in the kernel maps: the one it already has there (an instance we
@@ -162,9 +179,10 @@ class Enrollment:
             self._programs.detach_netns(pod.key)
             for ip in pod.workload.ips:
                 self.by_ip.pop(ip, None)
-            for server in pod.listeners:
+            for server in pod.listeners + pod.inbound_listeners:
                 server.close()
             pod.listeners.clear()
+            pod.inbound_listeners.clear()
             if cause == "netns_vanished":
                 self._tracker.abort_pod(pod.key)
             else:

@@ -15,6 +15,8 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from nodeproxy.capture.constants import SOCKET_MARK
+
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71  # Linux 5.14+: the cookie the eBPF helpers see for this netns
 
@@ -88,6 +90,8 @@ class Netns:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # Accepted sockets inherit the mark: the capture programs leave them alone.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCKET_MARK)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))

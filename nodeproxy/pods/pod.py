@@ -24,7 +24,12 @@ class EnrolledPod:
     netns: Netns
     netns_cookie: int
     source: str  # "config" or "runtime"
+    # Outbound and tunnel listeners (closed first on shutdown and handover).
     listeners: list[asyncio.AbstractServer] = field(default_factory=list)
+    # Inbound (15006) listeners: kept open while draining so inbound capture keeps steering
+    # (and refusing) plaintext instead of letting it reach the application directly.
+    inbound_listeners: list[asyncio.AbstractServer] = field(default_factory=list)
+    flags: int = 0  # pod_info.flags in the kernel (POD_NO_IPV6)
 
     @property
     def key(self) -> str:

@@ -46,6 +46,10 @@ def prepare(netns: Netns) -> None:
     with entered(netns.fd):
         with open("/proc/sys/net/ipv4/tcp_fwmark_accept", "w") as f:
             f.write("1")
+        # When one of two SO_REUSEPORT listeners closes (upgrade handover), its queued
+        # connections move to the other instead of being reset.
+        with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+            f.write("1")
         with IPRoute() as ipr:
             for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
                 _ignore(errno.EEXIST, ipr.rule, "add", family=family, fwmark=TRANSPARENT_MARK,

@@ -48,7 +48,7 @@ class InboundProxy:
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
             server = await loop.create_server(lambda pod=pod: _Accepted(self, pod), sock=sock)
-            pod.listeners.append(server)
+            pod.inbound_listeners.append(server)
             sockets[family] = server.sockets[0]  # type: ignore[index]
         return sockets
 

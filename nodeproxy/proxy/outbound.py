@@ -24,6 +24,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.maps import CaptureMaps
 from nodeproxy.pods.pod import EnrolledPod, spiffe_id
 from nodeproxy.proxy.admission import Admitter
@@ -84,6 +85,7 @@ class OutboundProxy:
             except OSError as e:
                 if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
                     log.warning("pod %s has no IPv6 loopback; IPv6 capture off", pod.key)
+                    pod.flags |= POD_NO_IPV6  # connect6 leaves the pod alone
                     continue
                 raise
             server = await loop.create_server(lambda pod=pod: _Downstream(self, pod), sock=sock)

@@ -18,13 +18,16 @@ import logging
 import ssl
 from dataclasses import dataclass
 
+import h2.errors
+import h2.exceptions
+
 from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError
 from nodeproxy.tunnel.headers import authority, forwarded
 from nodeproxy.tunnel.metrics import TunnelMetrics
-from nodeproxy.tunnel.session import H2Session, StreamTransport
+from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,15 @@ class PoolKey:
 
 class HbonePool:
     def __init__(self, *, certificates: CertificateManager, trust_domain: str, port: int,
-                 settings: TunnelSettings, metrics: TunnelMetrics):
+                 settings: TunnelSettings, metrics: TunnelMetrics,
+                 connect_timeout: float = 5.0):
         self._certs = certificates
         self._trust_domain = trust_domain
         self.port = port
         self._settings = settings
         self._metrics = metrics
+        # The server connects to the application before it answers: wait for that too.
+        self._response_timeout = settings.handshake_timeout_seconds + connect_timeout
         self._pools: dict[PoolKey, list[H2Session]] = {}
         self._dialing: dict[PoolKey, asyncio.Lock] = {}
         self.handshakes = 0
@@ -74,15 +80,23 @@ class HbonePool:
         for attempt in (1, 2):
             session = await self._session(key, ip, source_namespace, source_sa,
                                           fresh=attempt == 2)
+            stream = None
             try:
                 stream = session.open_stream(headers)
                 response = await asyncio.wait_for(asyncio.shield(stream.response),
-                                                  self._settings.handshake_timeout_seconds)
-            except (TimeoutError, ConnectionError, Exception) as e:  # noqa: BLE001
-                # A stale pooled connection: drop it and try once on a new one.
+                                                  self._response_timeout)
+            except Exception as e:  # noqa: BLE001 - sorted below
                 last = e
-                self._drop(key, session)
-                continue
+                if session.closed or isinstance(e, h2.exceptions.ProtocolError) or (
+                        isinstance(e, StreamReset)
+                        and e.code == h2.errors.ErrorCodes.REFUSED_STREAM):
+                    # A stale or draining connection: carry on with a fresh one; the
+                    # streams still open on it are left to finish.
+                    self._retire(key, session)
+                    continue
+                if stream is not None:
+                    stream.abort()  # this stream only; the connection serves others
+                break
             status = response.get(":status", "")
             if status != "200":
                 stream.abort()
@@ -91,8 +105,9 @@ class HbonePool:
                                   f"tunnel to {ip}:{port} refused with HTTP {status}")
             self._metrics.streams.labels("client", "ok").inc()
             return stream
-        self._metrics.streams.labels("client", "failed").inc()
-        raise TunnelError("stream_failed", f"tunnel stream to {ip}:{port} failed: {last}")
+        result = "timeout" if isinstance(last, asyncio.TimeoutError) else "stream_failed"
+        self._metrics.streams.labels("client", result).inc()
+        raise TunnelError(result, f"tunnel stream to {ip}:{port} failed: {last!r}")
 
     def _principal(self, namespace: str, sa: str) -> str:
         return f"spiffe://{self._trust_domain}/ns/{namespace}/sa/{sa}"
@@ -101,7 +116,8 @@ class HbonePool:
                        fresh: bool) -> H2Session:
         lock = self._dialing.setdefault(key, asyncio.Lock())
         async with lock:
-            live = [s for s in self._pools.get(key, []) if not s.closed and not s.goaway]
+            live = [s for s in self._pools.get(key, [])
+                    if not s.closed and not s.goaway and not s.retired]
             self._pools[key] = live
             if not fresh:
                 limit = self._settings.max_streams_per_connection
@@ -159,6 +175,10 @@ class HbonePool:
     def _drop(self, key: PoolKey, session: H2Session) -> None:
         self._lost(key, session)
         session.abort()
+
+    def _retire(self, key: PoolKey, session: H2Session) -> None:
+        self._lost(key, session)
+        session.retire()
 
     async def _maintain(self) -> None:
         """Close idle connections; ping the rest and drop those that do not answer."""

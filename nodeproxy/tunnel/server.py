@@ -17,6 +17,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
+import h2.errors
+
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
@@ -156,6 +158,13 @@ class HboneServer:
         session.respond(stream, status, end=True)
 
     async def _serve(self, session: H2Session, stream: StreamTransport) -> None:
+        if not self.tracker.accepting:
+            # Draining (shutdown or handover): the client retries on a fresh connection,
+            # which reaches the new instance.
+            self._tunnel.streams.labels("server", "refused_draining").inc()
+            session.reset(stream.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            stream._finish(None)
+            return
         headers = stream.request_headers
         if headers.get(":method") != "CONNECT":
             self._stream_refused(session, stream, 405, "bad_method",

@@ -25,11 +25,21 @@ import h2.settings
 
 log = logging.getLogger(__name__)
 
-STREAM_WINDOW = 4 * 1024 * 1024
-CONNECTION_WINDOW = 16 * 1024 * 1024
+# Backpressure is per stream (a paused reader withholds its stream's WINDOW_UPDATEs); the
+# connection window is the protocol's maximum so one slow stream never stalls the others.
+STREAM_WINDOW = 1024 * 1024
+CONNECTION_WINDOW = 2**31 - 1
 MAX_FRAME = 64 * 1024 - 1
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
+
+
+class StreamReset(ConnectionResetError):
+    """The peer reset the stream; `code` is the HTTP/2 error code."""
+
+    def __init__(self, code: int):
+        super().__init__(f"tunnel stream reset ({code})")
+        self.code = code
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -58,6 +68,7 @@ class StreamTransport:
         self._writing_paused = False
         self._early: list[bytes] = []
         self._early_eof = False
+        self._error: BaseException | None = None
         self.request_headers: dict[str, str] = {}
 
     # -- wiring --------------------------------------------------------------
@@ -71,7 +82,7 @@ class StreamTransport:
         if self._early_eof:
             protocol.eof_received()
         if self._finished:
-            protocol.connection_lost(None)
+            protocol.connection_lost(self._error)  # type: ignore[arg-type]
 
     # -- asyncio transport API used by the relay -----------------------------
 
@@ -180,6 +191,7 @@ class StreamTransport:
         if self._finished:
             return
         self._finished = True
+        self._error = exc
         self.session.forget(self.stream_id)
         if not self.response.done():
             self.response.set_exception(exc or ConnectionResetError("stream ended"))
@@ -202,6 +214,7 @@ class H2Session(asyncio.Protocol):
         self.peername: Any = None
         self.closed = False
         self.goaway = False
+        self.retired = False  # takes no new streams; closes when its last stream ends
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.last_activity = asyncio.get_running_loop().time()
         self._on_request = on_request
@@ -301,7 +314,7 @@ class H2Session(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream._finish(ConnectionResetError(f"tunnel stream reset ({event.error_code})"))
+                stream._finish(StreamReset(int(event.error_code)))
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             targets = (list(self.streams.values()) if getattr(event, "stream_id", 0) == 0
                        else [self.streams[event.stream_id]] if event.stream_id in self.streams
@@ -341,7 +354,14 @@ class H2Session(asyncio.Protocol):
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
         self.last_activity = asyncio.get_running_loop().time()
-        if self.goaway and not self.streams:
+        if (self.goaway or self.retired) and not self.streams:
+            self._close_transport()
+
+    def retire(self) -> None:
+        """No new streams; close once the open ones end.  (No GOAWAY: h2 would then refuse
+        the open streams' remaining frames.)"""
+        self.retired = True
+        if not self.streams:
             self._close_transport()
 
     def open_stream(self, headers: list[tuple[str, str]]) -> StreamTransport:
@@ -374,7 +394,8 @@ class H2Session(asyncio.Protocol):
         await asyncio.wait_for(fut, timeout)
 
     def close(self) -> None:
-        """Polite close: GOAWAY, then the connection ends when its streams have."""
+        """GOAWAY and close once no stream is open (h2 refuses frames of open streams after
+        a GOAWAY, so use retire() for a graceful end)."""
         if self.closed:
             return
         try:

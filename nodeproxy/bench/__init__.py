@@ -1,0 +1,18 @@
+"""Benchmarks: nodeproxy against a direct connection and HAProxy, side by side, in one run.
+
+Modules:
+
+- ``settings``: how long and how often (``--quick`` and full).
+- ``model``: configurations, paths, server kinds, metrics and their results.
+- ``configurations``: the configurations compared (direct, nodeproxy, haproxy) and
+  the planned ones this build cannot run yet (the pluggable hook).
+- ``testbed``: the one two-node cluster every configuration runs on, its servers
+  and the HAProxy pod (``haproxy`` writes HAProxy's configuration).
+- ``procstat``: CPU seconds and resident memory of processes, and the machine.
+- ``sockperf``, ``iperf``, ``wrk``, ``connections``, ``enrollment``: one runner per
+  tool or measurement; ``idle`` is the in-pod client that holds idle connections.
+- ``scenarios``: what is measured, as named scenarios producing metrics.
+- ``stats``: median, spread and ratio to ``direct``.
+- ``report``: the JSON document and the markdown table.
+- ``suite``: alternates the configurations over the rounds and collects it all.
+"""

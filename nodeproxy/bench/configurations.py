@@ -1,0 +1,145 @@
+"""The configurations compared: each says how a client reaches a given server.
+
+A configuration is a named object with ``route(bench, kind, path)`` (which client
+pod, which address, which proxy processes are on the way) and optional hooks.
+``CONFIGURATIONS`` is the list a run alternates over, in this order.
+
+Plugging in a new one (the kernel fast paths, when they exist):
+
+- subclass ``Configuration``; ``route`` usually returns the meshed client and the
+  service VIP, like ``NodeProxy``;
+- if it needs the daemons set up differently, return the node-YAML overrides from
+  ``daemon_overrides()``: the suite restarts the daemons with them before each of
+  the configuration's measurements (``BenchCluster.ensure_daemon_overrides``), so
+  list configurations with equal overrides next to each other;
+- ``unavailable()`` returns why it cannot run on this build or machine (or None);
+- replace its ``Planned`` placeholder in ``CONFIGURATIONS``.
+
+The placeholders ``nodeproxy-splice``, ``nodeproxy-nosplice`` and
+``nodeproxy-iptables`` are listed already and reported as "not available in this
+build" with the reason, in the JSON and the markdown, so their absence is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nodeproxy.bench import haproxy
+from nodeproxy.bench.model import NetPath, ProxyProcess, Route, ServerKind
+from nodeproxy.bench.topology import (
+    DIRECT_CLIENT,
+    HAPROXY_POD,
+    HTTP_VIP_PORT,
+    MESH_CLIENT,
+    NODES,
+    BenchCluster,
+    server_pod,
+)
+
+
+class Configuration:
+    """How clients reach servers in one setup; subclasses implement ``route``."""
+
+    name = ""
+    summary = ""
+    has_proxy = True
+
+    def unavailable(self) -> str | None:
+        """Why this configuration cannot run in this build, or None."""
+        return None
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        """Node-YAML overrides the daemons must run with for this configuration."""
+        return {}
+
+    def prepare(self, bench: BenchCluster) -> None:
+        """Called before each measurement of this configuration."""
+        bench.ensure_daemon_overrides(self.daemon_overrides())
+
+    def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        reason = self.unavailable()
+        return {"name": self.name, "summary": self.summary, "available": reason is None,
+                "reason": reason, "daemon_overrides": dict(self.daemon_overrides())}
+
+
+class Direct(Configuration):
+    """The baseline: a pod outside the mesh connects to the server pod's IP."""
+
+    name = "direct"
+    summary = "unenrolled client -> server pod IP (no proxy)"
+    has_proxy = False
+
+    def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
+        server = bench.pod(server_pod(path.node, meshed=False))
+        return Route(DIRECT_CLIENT, server.ip4, kind.port)
+
+
+class NodeProxy(Configuration):
+    """The product as built: meshed client -> service VIP, captured by eBPF.
+
+    Same node: the userspace relay (transparent connection into the server pod).
+    Cross node: HBONE (HTTP/2 CONNECT over mutual TLS) to node1's daemon.
+    """
+
+    name = "nodeproxy"
+    summary = ("meshed client -> service VIP; same node: userspace relay, "
+               "cross node: HBONE mTLS")
+
+    def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
+        service = bench.service(path, kind)
+        assert service.vip4 is not None
+        port = HTTP_VIP_PORT if kind is ServerKind.HTTP else kind.port
+        proxies = [ProxyProcess("nodeproxy-node0", bench.daemon_pid("node0"))]
+        if path is NetPath.CROSS_NODE:
+            proxies.append(ProxyProcess("nodeproxy-node1", bench.daemon_pid("node1")))
+        return Route(MESH_CLIENT, service.vip4, port, tuple(proxies))
+
+
+class HAProxy(Configuration):
+    """HAProxy as the node proxy: mode tcp for L4, mode http for HTTP."""
+
+    name = "haproxy"
+    summary = "unenrolled client -> HAProxy pod on node0 (1 thread; tcp mode, http mode for L7)"
+
+    def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
+        pod = bench.pod(HAPROXY_POD)
+        port = haproxy.frontend_port(NODES.index(path.node), kind)
+        return Route(DIRECT_CLIENT, pod.ip4, port,
+                     (ProxyProcess("haproxy", bench.haproxy_pid()),))
+
+
+class Planned(Configuration):
+    """A configuration this build cannot run yet; reported, never silently missing."""
+
+    def __init__(self, name: str, summary: str, missing: str):
+        self.name, self.summary, self.missing = name, summary, missing
+
+    def unavailable(self) -> str | None:
+        return f"not available in this build: {self.missing}"
+
+    def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
+        raise RuntimeError(self.unavailable())
+
+
+CONFIGURATIONS: list[Configuration] = [
+    Direct(),
+    NodeProxy(),
+    HAProxy(),
+    Planned("nodeproxy-splice",
+            "nodeproxy with same-node flows spliced in the kernel (sockmap sk_skb / sk_msg)",
+            "the sockmap splice and sk_msg fast paths are not implemented yet"),
+    Planned("nodeproxy-nosplice",
+            "nodeproxy with the kernel splice built in but switched off (to isolate its effect)",
+            "there is no splice to switch off yet"),
+    Planned("nodeproxy-iptables",
+            "nodeproxy capturing with iptables REDIRECT instead of cgroup/connect4",
+            "the iptables capture mode is not implemented yet"),
+]
+
+
+def available(configurations: list[Configuration]) -> list[Configuration]:
+    return [c for c in configurations if c.unavailable() is None]

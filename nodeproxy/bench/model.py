@@ -1,0 +1,94 @@
+"""The vocabulary of the suite: paths, servers, routes, metrics and measured cells."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class NetPath(StrEnum):
+    """Where the server is, seen from the clients on node0."""
+
+    SAME_NODE = "same-node"
+    CROSS_NODE = "cross-node"
+
+    @property
+    def node(self) -> str:
+        return "node0" if self is NetPath.SAME_NODE else "node1"
+
+    @property
+    def label(self) -> str:
+        return "same node" if self is NetPath.SAME_NODE else "cross node"
+
+
+class ServerKind(StrEnum):
+    """The servers every server pod runs, each on its own port."""
+
+    SOCKPERF = "sockperf"
+    IPERF3 = "iperf3"
+    HTTP = "http"  # nginx serving a small file
+    ECHO = "echo"  # the testbed peer server (transfer / ping-pong / whoami)
+
+    @property
+    def port(self) -> int:
+        return {"sockperf": 11111, "iperf3": 5201, "http": 8080, "echo": 7000}[self.value]
+
+
+class MeasurementError(RuntimeError):
+    """A measurement ran but produced no usable figure; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProxyProcess:
+    """A proxy process on a route, whose CPU time and memory are accounted."""
+
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a configuration's client reaches one server: from which pod, to which address."""
+
+    client_pod: str
+    host: str
+    port: int
+    proxies: tuple[ProxyProcess, ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of the report, measured for each configuration it applies to."""
+
+    key: str
+    title: str
+    unit: str
+    better: str  # "lower" or "higher"
+    needs_proxy: bool = False  # direct has no figure (no proxy on the path)
+    only: tuple[str, ...] = ()  # if set, only these configurations have the figure
+    digits: int = 1
+
+    def not_applicable(self, configuration: str, has_proxy: bool) -> str | None:
+        """Why this metric has no figure for that configuration, or None if it has one."""
+        if self.only and configuration not in self.only:
+            return f"only measured for {', '.join(self.only)}"
+        if self.needs_proxy and not has_proxy:
+            return "no proxy on the path"
+        return None
+
+
+@dataclass
+class Cell:
+    """Every sample of one metric for one configuration, and why some are missing."""
+
+    samples: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    not_applicable: str | None = None
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.samples)

@@ -1,0 +1,178 @@
+"""What is measured: scenarios, each one run of a tool that yields one or more metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodeproxy.bench import connections, enrollment, iperf, procstat, sockperf, wrk
+from nodeproxy.bench.configurations import Configuration
+from nodeproxy.bench.model import MeasurementError, Metric, NetPath, ServerKind
+from nodeproxy.bench.settings import Settings
+from nodeproxy.bench.topology import BenchCluster
+
+Values = dict[str, float]
+
+
+class Scenario:
+    """A named measurement; ``once`` scenarios run after the rounds, a single time."""
+
+    name = ""
+    once = False
+    metrics: tuple[Metric, ...] = ()
+
+    def applies(self, configuration: Configuration) -> bool:
+        return any(m.not_applicable(configuration.name, configuration.has_proxy) is None
+                   for m in self.metrics)
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        """Metric key -> value, and the raw figures of the run (for the JSON)."""
+        raise NotImplementedError
+
+
+class Latency(Scenario):
+    def __init__(self, path: NetPath):
+        self.path = path
+        self.name = f"latency {path.value}"
+        self.points = {
+            point: Metric(f"latency.{path.value}.{point}",
+                          f"L4 latency {point}, {path.label} (sockperf ping-pong)", "µs",
+                          "lower")
+            for point in sockperf.WANTED.values()}
+        self.metrics = tuple(self.points.values())
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.SOCKPERF, self.path)
+        raw = sockperf.pingpong(bench, route, settings)
+        return {m.key: raw[point] for point, m in self.points.items()}, raw
+
+
+class Throughput(Scenario):
+    def __init__(self, path: NetPath, streams: int):
+        self.path, self.streams = path, streams
+        self.name = f"throughput {path.value} {streams}x"
+        noun = "stream" if streams == 1 else "streams"
+        self.metrics = (Metric(f"throughput.{path.value}.{streams}",
+                               f"L4 throughput, {streams} {noun}, {path.label} (iperf3)",
+                               "Gbit/s", "higher", digits=2),)
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.IPERF3, self.path)
+        raw = iperf.throughput(bench, route, settings, self.streams)
+        return {self.metrics[0].key: raw["gbps"]}, raw
+
+
+class Http(Scenario):
+    def __init__(self, path: NetPath):
+        self.path = path
+        self.name = f"http {path.value}"
+        p = f"http.{path.value}"
+        where = path.label
+        self.metrics = (
+            Metric(f"{p}.rps", f"HTTP requests/s, {where} (wrk, nginx)", "req/s", "higher",
+                   digits=0),
+            Metric(f"{p}.p50", f"HTTP latency p50, {where}", "ms", "lower", digits=2),
+            Metric(f"{p}.p99", f"HTTP latency p99, {where}", "ms", "lower", digits=2),
+            Metric(f"{p}.cpu", f"proxy CPU per 1000 requests, {where}", "CPU s", "lower",
+                   needs_proxy=True, digits=3),
+            Metric(f"{p}.rss", f"proxy RSS after the HTTP run, {where}", "MiB", "lower",
+                   needs_proxy=True),
+        )
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.HTTP, self.path)
+        pids = [p.pid for p in route.proxies]
+        cpu_before = {p.name: procstat.cpu_seconds(p.pid) for p in route.proxies}
+        raw: dict[str, Any] = dict(wrk.saturate(bench, route, settings))
+        cpu = {p.name: procstat.cpu_seconds(p.pid) - cpu_before[p.name] for p in route.proxies}
+        memory = {p.name: procstat.memory_kib(p.pid) for p in route.proxies}
+        rss = {name: m["VmRSS"] / 1024 for name, m in memory.items()}
+        raw.update({"proxy_cpu_s": cpu, "proxy_rss_mib": rss, "proxy_memory_kib": memory,
+                    "proxy_pids": pids})
+        m = {metric.key.rsplit(".", 1)[1]: metric.key for metric in self.metrics}
+        values = {m["rps"]: raw["rps"], m["p50"]: raw["p50_ms"], m["p99"]: raw["p99_ms"]}
+        if route.proxies:
+            values[m["cpu"]] = sum(cpu.values()) / (raw["requests"] / 1000)
+            values[m["rss"]] = rss[route.proxies[0].name]
+        return values, raw
+
+
+class ConnectRate(Scenario):
+    def __init__(self, path: NetPath):
+        self.path = path
+        self.name = f"connect {path.value}"
+        self.metrics = (Metric(f"connect.{path.value}.rate",
+                               f"new connections/s, {path.label} (connect, 25 B, 32 B, close)",
+                               "conn/s", "higher", digits=0),)
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.ECHO, self.path)
+        raw = connections.setup_rate(bench, route, settings)
+        return {self.metrics[0].key: raw["per_s"]}, raw
+
+
+class IdleConnections(Scenario):
+    once = True
+
+    def __init__(self, count: int):
+        self.count = count
+        self.name = "idle connections"
+        self.metrics = (
+            Metric("idle.rss", f"proxy RSS with {count} idle connections, same node", "MiB",
+                   "lower", needs_proxy=True),
+            Metric("idle.per_conn", "proxy memory per idle connection", "KiB", "lower",
+                   needs_proxy=True, digits=2),
+        )
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.ECHO, NetPath.SAME_NODE)
+        raw = connections.idle_memory(bench, route, self.count)
+        return {"idle.rss": raw["rss_mib"], "idle.per_conn": raw["kib_per_conn"]}, raw
+
+
+class Enrollment(Scenario):
+    once = True
+
+    def __init__(self, count: int):
+        self.count = count
+        self.name = "enrollment"
+        only = ("nodeproxy",)
+        self.metrics = (
+            Metric("enroll.total", f"enroll {count} pods (control socket, one by one)", "s",
+                   "lower", only=only, digits=2),
+            Metric("enroll.per_pod", "enroll one pod, median", "ms", "lower", only=only),
+            Metric("enroll.rss", f"daemon RSS with {count} more pods enrolled", "MiB", "lower",
+                   only=only),
+            Metric("enroll.rss_per_pod", "daemon memory per enrolled pod", "KiB", "lower",
+                   only=only, digits=0),
+        )
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        if configuration.name != "nodeproxy":
+            raise MeasurementError("enrollment is a nodeproxy measurement")
+        raw = enrollment.enroll_many(bench, self.count)
+        return {"enroll.total": raw["total_s"], "enroll.per_pod": raw["ms_per_pod"],
+                "enroll.rss": raw["rss_mib"], "enroll.rss_per_pod": raw["kib_per_pod"]}, raw
+
+
+def build(settings: Settings) -> list[Scenario]:
+    """Every scenario, in the order a round runs them (once-scenarios last)."""
+    scenarios: list[Scenario] = []
+    for path in NetPath:
+        scenarios.append(Latency(path))
+    for path in NetPath:
+        for streams in settings.iperf_streams:
+            scenarios.append(Throughput(path, streams))
+    for path in NetPath:
+        scenarios.append(Http(path))
+    for path in NetPath:
+        scenarios.append(ConnectRate(path))
+    scenarios.append(IdleConnections(settings.idle_connections))
+    scenarios.append(Enrollment(settings.enroll_pods))
+    return scenarios

@@ -1,0 +1,57 @@
+"""How long and how often each measurement runs: the quick (CI) and the full profile."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of one benchmark run; all loops are bounded by these."""
+
+    profile: str
+    rounds: int
+    sockperf_seconds: float  # sockperf -t (it adds ~2.2 s of its own set-up and warm-up)
+    sockperf_message: int  # bytes per ping-pong message
+    iperf_seconds: float
+    iperf_streams: tuple[int, ...]
+    wrk_seconds: float
+    wrk_connections: int
+    http_body: int  # size of the file nginx serves
+    connect_seconds: float
+    connect_concurrency: int
+    connect_max: int  # connections per connection-rate run, at most
+    idle_connections: int
+    enroll_pods: int
+    tool_margin: float = 20.0  # seconds a tool may overrun its own duration before it is killed
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["iperf_streams"] = list(self.iperf_streams)
+        return out
+
+
+QUICK = Settings(
+    profile="quick", rounds=1, sockperf_seconds=1.0, sockperf_message=64, iperf_seconds=1.0,
+    iperf_streams=(1, 8), wrk_seconds=2.0, wrk_connections=32, http_body=1024,
+    connect_seconds=1.5, connect_concurrency=16, connect_max=5000, idle_connections=1000,
+    enroll_pods=20,
+)
+
+FULL = Settings(
+    profile="full", rounds=5, sockperf_seconds=4.0, sockperf_message=64, iperf_seconds=4.0,
+    iperf_streams=(1, 8), wrk_seconds=4.0, wrk_connections=32, http_body=1024,
+    connect_seconds=3.0, connect_concurrency=16, connect_max=20000, idle_connections=10000,
+    enroll_pods=100,
+)
+
+
+def choose(quick: bool, rounds: int | None = None) -> Settings:
+    """The quick or full profile, with the number of rounds overridden if asked."""
+    settings = QUICK if quick else FULL
+    if rounds is not None:
+        if not 1 <= rounds <= 50:
+            raise ValueError("--rounds must be between 1 and 50")
+        settings = replace(settings, rounds=rounds)
+    return settings

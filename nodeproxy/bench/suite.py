@@ -1,0 +1,181 @@
+"""One benchmark run: build the cluster once, alternate the configurations over the rounds.
+
+Every round runs every per-round scenario, and within a scenario every
+configuration one after the other (A B C, A B C, ...), so slow drifts of the
+machine (thermal, other load, page cache) spread over all configurations
+instead of favouring the one measured first or last.  The scale scenarios (idle
+connections, enrollment) run once, after the rounds: they leave state behind
+(extra pods) that the other figures must not see.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from nodeproxy.bench import procstat, report, scenarios
+from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration, available
+from nodeproxy.bench.model import Cell, MeasurementError
+from nodeproxy.bench.scenarios import Scenario
+from nodeproxy.bench.settings import Settings
+from nodeproxy.bench.topology import BenchCluster
+from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
+
+Log = Callable[[str], None]
+FD_MARGIN = 1000  # descriptors a daemon needs besides two per proxied connection
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Suite:
+    """The state of one run: results per metric and configuration, the run log, errors."""
+
+    def __init__(self, settings: Settings, configurations: list[Configuration] | None = None,
+                 log: Log = stderr_log, startup_timeout: float = 120.0):
+        self.notes: list[str] = []
+        self.settings = self._fit_nofile(settings)
+        self.configurations = list(configurations or CONFIGURATIONS)
+        self.runnable = available(self.configurations)
+        self.scenarios = scenarios.build(settings)
+        self.log = log
+        self.startup_timeout = startup_timeout
+        self.results: dict[str, dict[str, Cell]] = {}
+        self.runs: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.run_id = ""
+        self.process_ids: list[int] = []
+        self._t0 = time.monotonic()
+        for scenario in self.scenarios:
+            for metric in scenario.metrics:
+                self.results[metric.key] = {
+                    c.name: Cell(not_applicable=metric.not_applicable(c.name, c.has_proxy))
+                    for c in self.runnable}
+
+    def _fit_nofile(self, settings: Settings) -> Settings:
+        """Lift this process's open-file limit (the daemons, servers and clients inherit it)
+        and hold no more idle connections than a proxy can with it."""
+        soft, hard = procstat.lift_own_nofile(2 * settings.idle_connections + FD_MARGIN)
+        self.notes.append(f"open-file limit of every process of the run: {soft} (hard {hard})")
+        fit = (soft - FD_MARGIN) // 2
+        if fit < settings.idle_connections:
+            self.notes.append(
+                f"idle connections reduced from {settings.idle_connections} to {fit}: a proxy "
+                f"needs two descriptors per connection and the open-file hard limit is {hard} "
+                "(raising it needs CAP_SYS_RESOURCE)")
+            settings = replace(settings, idle_connections=fit)
+        return settings
+
+    # -- running --------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Everything, cluster set-up and teardown included; returns the JSON document."""
+        started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        machine = procstat.machine(REPO_ROOT)
+        cluster = Cluster(nodes=2, mtls=True)
+        self.run_id = cluster.run_id
+        with cluster:
+            bench = BenchCluster(cluster, self.settings, self.startup_timeout)
+            t = time.monotonic()
+            try:
+                bench.build()
+            except Exception as e:  # reported; every figure then says why it is missing
+                self._fail_all(f"cluster set-up failed: {type(e).__name__}: {e}")
+                self.errors.append(f"cluster set-up failed: {type(e).__name__}: {e}")
+                for node, text in bench.daemon_logs().items():
+                    self.notes.append(f"{node} daemon log tail: {text[-1500:]}")
+            else:
+                self.timings["setup_s"] = time.monotonic() - t
+                self.log(f"[{self._elapsed()}] cluster ready in {self.timings['setup_s']:.1f}s "
+                         f"(dir {cluster.dir})")
+                self._measure_all(bench)
+            self.process_ids = bench.process_ids()
+            t = time.monotonic()
+        self.timings["teardown_s"] = time.monotonic() - t
+        self.timings.update({f"cluster_{k}": v for k, v in cluster.timings.items()})
+        self.errors += [f"teardown: {problem}" for problem in cluster.teardown_errors]
+        return self.document(started_at, machine)
+
+    def _measure_all(self, bench: BenchCluster) -> None:
+        per_round = [s for s in self.scenarios if not s.once]
+        for round_number in range(1, self.settings.rounds + 1):
+            for scenario in per_round:
+                for configuration in self.runnable:
+                    if scenario.applies(configuration):
+                        self._measure(bench, scenario, configuration, round_number)
+        for scenario in (s for s in self.scenarios if s.once):
+            for configuration in self.runnable:
+                if scenario.applies(configuration):
+                    self._measure(bench, scenario, configuration, 0)
+
+    def _measure(self, bench: BenchCluster, scenario: Scenario, configuration: Configuration,
+                 round_number: int) -> None:
+        t = time.monotonic()
+        values: dict[str, float] = {}
+        raw: dict[str, Any] = {}
+        error: str | None = None
+        try:
+            configuration.prepare(bench)
+            values, raw = scenario.measure(bench, configuration, self.settings)
+        except MeasurementError as e:
+            error = str(e)
+        except Exception as e:  # a crashed daemon, a missing tool: reported per figure
+            error = f"{type(e).__name__}: {e}"
+        for metric in scenario.metrics:
+            cell = self.results[metric.key][configuration.name]
+            if cell.not_applicable:
+                continue
+            if metric.key in values:
+                cell.samples.append(values[metric.key])
+            else:
+                cell.errors.append(error or "the run produced no value for it")
+        seconds = time.monotonic() - t
+        self.runs.append({"round": round_number, "scenario": scenario.name,
+                          "configuration": configuration.name, "seconds": round(seconds, 3),
+                          "values": values, "raw": raw, "error": error})
+        where = f"round {round_number}/{self.settings.rounds}" if round_number else "once"
+        shown = ", ".join(f"{k.split('.', 2)[-1]}={v:.4g}" for k, v in values.items())
+        self.log(f"[{self._elapsed()}] {where} {scenario.name} {configuration.name}: "
+                 f"{shown or 'FAILED: ' + str(error)} ({seconds:.1f}s)")
+
+    def _fail_all(self, reason: str) -> None:
+        for cells in self.results.values():
+            for cell in cells.values():
+                if not cell.not_applicable:
+                    cell.errors.append(reason)
+
+    def _elapsed(self) -> str:
+        return f"{time.monotonic() - self._t0:6.1f}s"
+
+    # -- the document ---------------------------------------------------------
+
+    def document(self, started_at: str, machine: dict[str, Any]) -> dict[str, Any]:
+        metrics = [report.metric_entry(metric, scenario.name, scenario.once,
+                                       self.results[metric.key], self.configurations)
+                   for scenario in self.scenarios for metric in scenario.metrics]
+        missing = report.missing(metrics)
+        return {
+            "schema": report.SCHEMA,
+            "ok": not missing and not self.errors,
+            "started_at": started_at,
+            "duration_s": round(time.monotonic() - self._t0, 1),
+            "machine": machine,
+            "machine_line": procstat.machine_line(machine),
+            "settings": self.settings.as_dict(),
+            "configurations": [c.describe() for c in self.configurations],
+            "order": [c.name for c in self.runnable],
+            "metrics": metrics,
+            "missing": missing,
+            "runs": self.runs,
+            "errors": self.errors,
+            "notes": self.notes,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "run_id": self.run_id,
+            "process_ids": self.process_ids,
+        }

@@ -1,0 +1,224 @@
+"""The one two-node cluster every configuration runs on, its servers and the HAProxy pod.
+
+node0: ``srv-0`` (meshed server pod), ``plain-0`` (the same servers, outside the
+mesh), ``client`` (meshed client), ``client-direct`` (client outside the mesh) and
+``haproxy`` (HAProxy in a pod of its own, outside the mesh).  node1: ``srv-1`` and
+``plain-1``.  Every server pod runs sockperf, iperf3, nginx and the testbed peer.
+
+Why two server pods per node: the mesh steers *every* plaintext connection into a
+meshed pod through the node proxy (``sk_lookup``), so a direct connection to a
+meshed pod is not direct.  The baseline and HAProxy therefore talk to identical
+server processes in an unenrolled pod beside the meshed one, on the same bridge.
+
+Services ``srv<i>-<kind>`` (VIP port = the server's port, 80 for HTTP) select the
+meshed server pod of node i.  Clients reach them by VIP, so the mesh path is the
+product's: capture, admission, then the same-node relay or HBONE to node1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nodeproxy.bench import haproxy
+from nodeproxy.bench.model import NetPath, ServerKind
+from nodeproxy.bench.settings import Settings
+from nodeproxy.testbed import netns
+from nodeproxy.testbed.cluster import Cluster, Pod, Service
+
+NODES = ("node0", "node1")
+MESH_CLIENT, DIRECT_CLIENT, HAPROXY_POD = "client", "client-direct", "haproxy"
+HTTP_VIP_PORT = 80
+HTTP_FILE = "small.bin"
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    default_type application/octet-stream;
+    server {{
+        listen {port};
+        listen [::]:{port};
+        root {dir}/www;
+    }}
+}}
+"""
+
+# Per-netns sysctls of the client and HAProxy pods: connection-rate runs leave many
+# sockets in TIME_WAIT, and the idle-connection test opens thousands at once.
+CLIENT_SYSCTLS = {"net.ipv4.tcp_tw_reuse": 1, "net.ipv4.ip_local_port_range": "10000 65000"}
+
+
+def server_pod(node: str, meshed: bool) -> str:
+    index = NODES.index(node)
+    return f"srv-{index}" if meshed else f"plain-{index}"
+
+
+def service_name(node: str, kind: ServerKind) -> str:
+    return f"srv{NODES.index(node)}-{kind.value}"
+
+
+def wait_listening(netns_path: str, port: int, timeout: float = 15.0) -> None:
+    """Poll ``ss`` inside the netns until something listens on the TCP port.
+
+    A connect probe would not do for meshed pods: the mesh accepts it on the
+    application's behalf (and holds the port, so the application's bind fails).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = netns.run(netns_path, ["ss", "-Hltn", f"sport = :{port}"], check=False)
+        if result.stdout.strip():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on port {port} in {netns_path} "
+                               f"after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+class BenchCluster:
+    """Builds the benchmark topology on a testbed ``Cluster`` and starts every server."""
+
+    def __init__(self, cluster: Cluster, settings: Settings, startup_timeout: float = 120.0):
+        self.cluster = cluster
+        self.settings = settings
+        self.startup_timeout = startup_timeout
+        self.haproxy: subprocess.Popen[Any] | None = None
+        self.daemon_overrides: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    # -- building -------------------------------------------------------------
+
+    def build(self) -> None:
+        """Pods, services, daemons, servers, HAProxy; raises if any does not come up."""
+        c = self.cluster
+        for node in NODES:
+            index = NODES.index(node)
+            c.add_pod(node, server_pod(node, True), labels={"app": f"srv{index}"},
+                      service_account="server")
+            c.add_unenrolled_pod(node, server_pod(node, False), labels={"app": f"plain{index}"})
+            for kind in ServerKind:
+                port = HTTP_VIP_PORT if kind is ServerKind.HTTP else kind.port
+                c.add_service(service_name(node, kind), port=port, target_port=kind.port,
+                              selector={"app": f"srv{index}"})
+        c.add_pod("node0", MESH_CLIENT, labels={"app": "client"}, service_account="client")
+        c.add_unenrolled_pod("node0", DIRECT_CLIENT)
+        c.add_unenrolled_pod("node0", HAPROXY_POD)
+        for name in (MESH_CLIENT, DIRECT_CLIENT, HAPROXY_POD):
+            netns.sysctl(c.pods[name].netns_path, CLIENT_SYSCTLS)
+        c.write_configs()
+        c.start_daemons(timeout=self.startup_timeout)
+        for node in NODES:
+            for meshed in (True, False):
+                self._start_servers(c.pods[server_pod(node, meshed)])
+        self._start_haproxy()
+
+    def _start_servers(self, pod: Pod) -> None:
+        c = self.cluster
+        directory = os.path.join(c.dir, "bench", pod.name)
+        os.makedirs(os.path.join(directory, "www"), exist_ok=True)
+        Path(directory, "www", HTTP_FILE).write_bytes(os.urandom(self.settings.http_body))
+        conf = os.path.join(directory, "nginx.conf")
+        Path(conf).write_text(NGINX_CONF.format(dir=directory, port=ServerKind.HTTP.port))
+        commands = {
+            ServerKind.SOCKPERF: ["sockperf", "server", "--tcp", "-i", "0.0.0.0",
+                                  "-p", str(ServerKind.SOCKPERF.port)],
+            ServerKind.IPERF3: ["iperf3", "-s", "-p", str(ServerKind.IPERF3.port)],
+            ServerKind.HTTP: ["nginx", "-p", directory, "-c", conf,
+                              "-e", os.path.join(directory, "error.log")],
+            ServerKind.ECHO: c.peer_argv("serve", "--port", str(ServerKind.ECHO.port),
+                                         "--name", pod.name),
+        }
+        for kind, argv in commands.items():
+            with open(os.path.join(directory, f"{kind.value}.log"), "wb") as log:
+                c.spawn_in_pod(pod, argv, stdout=log, stderr=subprocess.STDOUT)
+        for kind in ServerKind:
+            wait_listening(pod.netns_path, kind.port)
+
+    def _start_haproxy(self) -> None:
+        c = self.cluster
+        directory = os.path.join(c.dir, "bench", HAPROXY_POD)
+        os.makedirs(directory, exist_ok=True)
+        backends = {NODES.index(node): c.pods[server_pod(node, False)].ip4 for node in NODES}
+        conf = os.path.join(directory, "haproxy.cfg")
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # what haproxy inherits
+        Path(conf).write_text(haproxy.config(backends, directory, haproxy.maxconn(nofile)))
+        check = subprocess.run(["haproxy", "-c", "-f", conf], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c: {check.stdout}{check.stderr}")
+        with open(os.path.join(directory, "haproxy.log"), "wb") as log:
+            self.haproxy = c.spawn_in_pod(HAPROXY_POD, ["haproxy", "-db", "-f", conf],
+                                          stdout=log, stderr=subprocess.STDOUT)
+        pod = c.pods[HAPROXY_POD]
+        for node in NODES:
+            for kind in ServerKind:
+                wait_listening(pod.netns_path, haproxy.frontend_port(NODES.index(node), kind))
+
+    # -- the daemons ----------------------------------------------------------
+
+    def daemon_pid(self, node: str) -> int:
+        daemon = self.cluster.nodes[node].daemon
+        if daemon is None or daemon.poll() is not None:
+            raise RuntimeError(f"the nodeproxy daemon of {node} is not running:\n"
+                               f"{self.cluster.daemon_output(node, 1500)}")
+        return daemon.pid
+
+    def haproxy_pid(self) -> int:
+        if self.haproxy is None or self.haproxy.poll() is not None:
+            raise RuntimeError("haproxy is not running")
+        return self.haproxy.pid
+
+    def ensure_daemon_overrides(self, overrides: Mapping[str, Any]) -> None:
+        """Restart the daemons with these node-YAML overrides unless they already run them.
+
+        The hook for configurations that need the daemon set up differently (a
+        capture mode, splice on or off): the suite calls it before each of their
+        measurements, so keep such configurations next to each other in the list.
+        """
+        wanted = dict(overrides)
+        if wanted == self.daemon_overrides:
+            return
+        c = self.cluster
+        c.stop_daemons()
+        c.write_configs(overrides=wanted)
+        c.start_daemons(timeout=self.startup_timeout)
+        self.daemon_overrides = wanted
+
+    # -- addresses ------------------------------------------------------------
+
+    def service(self, path: NetPath, kind: ServerKind) -> Service:
+        return self.cluster.services[f"default/{service_name(path.node, kind)}"]
+
+    def pod(self, name: str) -> Pod:
+        return self.cluster.pods[name]
+
+    def process_ids(self) -> list[int]:
+        """Every process the run started that is still known: servers, HAProxy, daemons."""
+        c = self.cluster
+        pids = [proc.pid for pod in c.pods.values() for proc in pod.processes]
+        pids += [n.daemon.pid for n in c.nodes.values() if n.daemon is not None]
+        return sorted(set(pids))
+
+    def daemon_logs(self) -> dict[str, str]:
+        out = {}
+        for node in NODES:
+            with contextlib.suppress(KeyError):
+                out[node] = self.cluster.daemon_output(node, 3000)
+        return out

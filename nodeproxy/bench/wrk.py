@@ -1,0 +1,62 @@
+"""L7: wrk against nginx at saturation (keep-alive connections, one small file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nodeproxy.bench.model import MeasurementError, Route
+from nodeproxy.bench.runner import last_json_line, run_tool, tail
+from nodeproxy.bench.settings import Settings
+from nodeproxy.bench.topology import HTTP_FILE, BenchCluster
+
+# wrk calls done() once at the end; it prints one JSON line we parse.
+REPORT_LUA = """\
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "bytes": %d, "connect_errors": %d, ' ..
+    '"read_errors": %d, "write_errors": %d, "status_errors": %d, "timeouts": %d, ' ..
+    '"p50_us": %.1f, "p99_us": %.1f, "mean_us": %.1f, "max_us": %.1f}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99), latency.mean,
+    latency.max))
+end
+"""
+ERROR_FIELDS = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+MAX_ERROR_SHARE = 0.01
+
+
+def script_path(bench: BenchCluster) -> str:
+    path = os.path.join(bench.cluster.dir, "bench", "wrk-report.lua")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Path(path).write_text(REPORT_LUA)
+    return path
+
+
+def saturate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
+    """requests/s, p50/p99 latency (ms) and error counts of one wrk run."""
+    seconds = max(1, round(settings.wrk_seconds))
+    url = f"http://{route.address}/{HTTP_FILE}"
+    argv = ["wrk", "-t1", f"-c{settings.wrk_connections}", f"-d{seconds}s", "--timeout", "5s",
+            "-s", script_path(bench), url]
+    result = run_tool(bench, route.client_pod, argv, timeout=seconds + settings.tool_margin)
+    if result.returncode != 0:
+        raise MeasurementError(f"wrk exited {result.returncode}: "
+                               f"{tail(result.stderr + result.stdout)}")
+    data = last_json_line(result, "wrk")
+    requests = int(data["requests"])
+    errors = sum(int(data[f]) for f in ERROR_FIELDS)
+    if requests == 0:
+        raise MeasurementError(f"wrk completed no request: {tail(result.stdout)}")
+    if errors > MAX_ERROR_SHARE * requests:
+        counts = ", ".join(f"{f}={data[f]}" for f in ERROR_FIELDS if data[f])
+        raise MeasurementError(f"wrk: {errors} errors in {requests} requests ({counts})")
+    return {
+        "rps": requests / (int(data["duration_us"]) / 1e6),
+        "p50_ms": float(data["p50_us"]) / 1000,
+        "p99_ms": float(data["p99_us"]) / 1000,
+        "requests": float(requests),
+        "errors": float(errors),
+    }
