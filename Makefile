@@ -1,6 +1,6 @@
 # nodeproxy developer entry points.  Everything runs as root on Debian 12;
 # `make setup` is idempotent and every other target runs it first.
-.PHONY: all setup test lint demo clean
+.PHONY: all setup test lint demo bench clean
 
 VENV := .venv
 SHELL := /bin/bash
@@ -21,6 +21,10 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/nodeproxy demo
+
+# The full benchmark suite (about 12 minutes on 2 cores); see docs/benchmarks.md.
+bench: setup
+	$(VENV)/bin/nodeproxy bench --json bench-results/latest.json --markdown bench-results/latest.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

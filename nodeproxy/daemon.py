@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -49,6 +50,15 @@ from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.server import HboneServer
 
 log = logging.getLogger(__name__)
+
+
+def _raise_open_file_limit() -> None:
+    """A relayed connection holds two descriptors (four through a tunnel's both ends):
+    use the whole hard limit, not the usual soft 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open-file limit raised from %d to %d", soft, hard)
 
 
 async def _instance_alive(control_socket: str) -> bool:
@@ -113,6 +123,7 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        _raise_open_file_limit()
         kernelfs.ensure_bpffs(cfg.node.bpffs)
         pod_cgroup = cfg.node.pod_cgroup or kernelfs.default_pod_cgroup(
             kernelfs.find_cgroup2_mount())

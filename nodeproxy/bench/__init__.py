@@ -3,12 +3,13 @@
 Modules:
 
 - ``settings``: how long and how often (``--quick`` and full).
-- ``model``: configurations, paths, server kinds, metrics and their results.
+- ``model``: paths, server kinds, routes, metrics and the measured cells.
 - ``configurations``: the configurations compared (direct, nodeproxy, haproxy) and
   the planned ones this build cannot run yet (the pluggable hook).
-- ``testbed``: the one two-node cluster every configuration runs on, its servers
+- ``topology``: the one two-node cluster every configuration runs on, its servers
   and the HAProxy pod (``haproxy`` writes HAProxy's configuration).
 - ``procstat``: CPU seconds and resident memory of processes, and the machine.
+- ``runner``: one bounded tool run inside a pod.
 - ``sockperf``, ``iperf``, ``wrk``, ``connections``, ``enrollment``: one runner per
   tool or measurement; ``idle`` is the in-pod client that holds idle connections.
 - ``scenarios``: what is measured, as named scenarios producing metrics.

@@ -9,9 +9,10 @@ Plugging in a new one (the kernel fast paths, when they exist):
 - subclass ``Configuration``; ``route`` usually returns the meshed client and the
   service VIP, like ``NodeProxy``;
 - if it needs the daemons set up differently, return the node-YAML overrides from
-  ``daemon_overrides()``: the suite restarts the daemons with them before each of
-  the configuration's measurements (``BenchCluster.ensure_daemon_overrides``), so
-  list configurations with equal overrides next to each other;
+  ``daemon_overrides()``: before each of the configuration's measurements the
+  suite restarts the daemons with them if they run with other settings
+  (``BenchCluster.ensure_daemon_overrides``; ``direct`` and ``haproxy`` do not care),
+  so list mesh configurations with equal overrides next to each other;
 - ``unavailable()`` returns why it cannot run on this build or machine (or None);
 - replace its ``Planned`` placeholder in ``CONFIGURATIONS``.
 
@@ -44,6 +45,7 @@ class Configuration:
     name = ""
     summary = ""
     has_proxy = True
+    uses_mesh = True  # False: the daemons' settings do not matter to it
 
     def unavailable(self) -> str | None:
         """Why this configuration cannot run in this build, or None."""
@@ -55,7 +57,8 @@ class Configuration:
 
     def prepare(self, bench: BenchCluster) -> None:
         """Called before each measurement of this configuration."""
-        bench.ensure_daemon_overrides(self.daemon_overrides())
+        if self.uses_mesh:
+            bench.ensure_daemon_overrides(self.daemon_overrides())
 
     def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
         raise NotImplementedError
@@ -72,6 +75,7 @@ class Direct(Configuration):
     name = "direct"
     summary = "unenrolled client -> server pod IP (no proxy)"
     has_proxy = False
+    uses_mesh = False
 
     def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
         server = bench.pod(server_pod(path.node, meshed=False))
@@ -104,6 +108,7 @@ class HAProxy(Configuration):
 
     name = "haproxy"
     summary = "unenrolled client -> HAProxy pod on node0 (1 thread; tcp mode, http mode for L7)"
+    uses_mesh = False
 
     def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
         pod = bench.pod(HAPROXY_POD)

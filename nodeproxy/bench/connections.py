@@ -59,13 +59,15 @@ def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, An
     raise MeasurementError(f"idle client printed nothing within {timeout:.0f}s")
 
 
-def idle_memory(bench: BenchCluster, route: Route, count: int) -> dict[str, Any]:
-    """RSS of the first proxy on the route before and with ``count`` idle connections open."""
-    if not route.proxies:
-        raise MeasurementError("no proxy on the route")
-    proxy = route.proxies[0]
-    nofile = procstat.raise_nofile(proxy.pid, 2 * count + 1000)
-    before = procstat.rss_kib(proxy.pid)
+def idle_connections(bench: BenchCluster, route: Route, count: int) -> dict[str, Any]:
+    """Open ``count`` connections and hold them idle: how long opening took and, if a proxy
+    is on the route, the first proxy's RSS before and with them open."""
+    proxy = route.proxies[0] if route.proxies else None
+    out: dict[str, Any] = {"connections": float(count)}
+    before = 0
+    if proxy is not None:
+        out["nofile"] = procstat.raise_nofile(proxy.pid, 2 * count + 1000)
+        before = procstat.rss_kib(proxy.pid)
     argv = [bench.cluster.python, "-m", "nodeproxy.bench.idle", "--to", route.address,
             "--count", str(count), "--timeout", "60", "--hold", "120"]
     proc = bench.cluster.spawn_in_pod(route.client_pod, argv, stdin=subprocess.PIPE,
@@ -75,9 +77,13 @@ def idle_memory(bench: BenchCluster, route: Route, count: int) -> dict[str, Any]
         if not ready.get("ready") or int(ready.get("open", 0)) < count:
             raise MeasurementError(f"idle client opened {ready.get('open')} of {count}: "
                                    f"{ready.get('errors')}")
-        time.sleep(IDLE_SETTLE_S)
-        memory = procstat.memory_kib(proxy.pid)
-        during = memory["VmRSS"]
+        out["setup_s"] = float(ready["setup_s"])
+        if proxy is not None:
+            time.sleep(IDLE_SETTLE_S)
+            memory = procstat.memory_kib(proxy.pid)
+            out.update({"rss_before_mib": before / 1024, "rss_mib": memory["VmRSS"] / 1024,
+                        "kib_per_conn": (memory["VmRSS"] - before) / count,
+                        "memory_kib": memory})
         assert proc.stdin is not None and proc.stderr is not None
         proc.stdin.close()  # the client closes its connections and exits
         try:
@@ -94,7 +100,4 @@ def idle_memory(bench: BenchCluster, route: Route, count: int) -> dict[str, Any]
         proc_list = bench.cluster.pods[route.client_pod].processes
         if proc in proc_list:
             proc_list.remove(proc)
-    return {"rss_before_mib": before / 1024, "rss_mib": during / 1024,
-            "kib_per_conn": (during - before) / count, "connections": float(count),
-            "setup_s": float(ready.get("setup_s", 0.0)), "nofile": nofile,
-            "memory_kib": memory}
+    return out

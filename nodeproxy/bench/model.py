@@ -86,8 +86,16 @@ class Cell:
     """Every sample of one metric for one configuration, and why some are missing."""
 
     samples: list[float] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # the round of each sample (0: once)
     errors: list[str] = field(default_factory=list)
     not_applicable: str | None = None
+
+    def add(self, value: float, round_number: int) -> None:
+        self.samples.append(value)
+        self.rounds.append(round_number)
+
+    def by_round(self) -> dict[int, float]:
+        return dict(zip(self.rounds, self.samples, strict=True))
 
     @property
     def measured(self) -> bool:

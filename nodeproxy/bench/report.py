@@ -15,7 +15,8 @@ BASELINE = "direct"
 def metric_entry(metric: Metric, scenario: str, once: bool, cells: dict[str, Cell],
                  configurations: list[Configuration]) -> dict[str, Any]:
     """One metric with, per configuration, its samples and summary or why it has none."""
-    baseline = stats.summarize(cells[BASELINE]) if BASELINE in cells else None
+    baseline = cells.get(BASELINE)
+    baseline_median = stats.summarize(baseline)["median"] if baseline else None
     results: dict[str, Any] = {}
     for configuration in configurations:
         reason = configuration.unavailable()
@@ -28,9 +29,11 @@ def metric_entry(metric: Metric, scenario: str, once: bool, cells: dict[str, Cel
             "available": True,
             **summary,
             "spread": stats.spread(summary),
-            "ratio_to_direct": stats.ratio(summary["median"],
-                                           baseline["median"] if baseline else None),
+            "ratio_to_direct": stats.ratio_to_baseline(cell, baseline) if baseline else None,
+            "ratios_by_round": stats.paired_ratios(cell, baseline) if baseline else [],
+            "ratio_of_medians": stats.ratio(summary["median"], baseline_median),
             "samples": cell.samples,
+            "rounds": cell.rounds,
             "errors": cell.errors,
             "not_applicable": cell.not_applicable,
         }
@@ -87,7 +90,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Machine: {doc['machine_line']}.",
         "",
-        "Cells: median (min–max over the rounds) ×ratio to direct; — = not applicable.",
+        "Cells: median (min–max over the rounds) ×ratio to direct (median of the per-round "
+        "ratios); — = not applicable.",
         "",
         "| figure | unit | " + " | ".join(columns) + " |",
         "|---|---|" + "---:|" * len(columns),

@@ -122,6 +122,8 @@ class IdleConnections(Scenario):
         self.count = count
         self.name = "idle connections"
         self.metrics = (
+            Metric("idle.open", f"open {count} concurrent connections, same node", "s",
+                   "lower", digits=2),
             Metric("idle.rss", f"proxy RSS with {count} idle connections, same node", "MiB",
                    "lower", needs_proxy=True),
             Metric("idle.per_conn", "proxy memory per idle connection", "KiB", "lower",
@@ -131,8 +133,11 @@ class IdleConnections(Scenario):
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.ECHO, NetPath.SAME_NODE)
-        raw = connections.idle_memory(bench, route, self.count)
-        return {"idle.rss": raw["rss_mib"], "idle.per_conn": raw["kib_per_conn"]}, raw
+        raw = connections.idle_connections(bench, route, self.count)
+        values = {"idle.open": raw["setup_s"]}
+        if "rss_mib" in raw:
+            values.update({"idle.rss": raw["rss_mib"], "idle.per_conn": raw["kib_per_conn"]})
+        return values, raw
 
 
 class Enrollment(Scenario):

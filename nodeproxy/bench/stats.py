@@ -16,6 +16,24 @@ def summarize(cell: Cell) -> dict[str, Any]:
             "max": max(cell.samples), "n": len(cell.samples)}
 
 
+def paired_ratios(cell: Cell, baseline: Cell) -> list[float]:
+    """value / baseline of the same round, for every round both have."""
+    base = baseline.by_round()
+    return [value / base[r] for r, value in cell.by_round().items() if base.get(r)]
+
+
+def ratio_to_baseline(cell: Cell, baseline: Cell) -> float | None:
+    """The median of the per-round ratios to the baseline.
+
+    Each round measures the configurations back to back, so a ratio within one
+    round compares like with like even when the machine's state changes between
+    rounds (it does, see docs/benchmarks.md); the median over rounds then damps
+    the rounds where it changed in the middle.
+    """
+    ratios = paired_ratios(cell, baseline)
+    return statistics.median(ratios) if ratios else None
+
+
 def ratio(value: float | None, baseline: float | None) -> float | None:
     """value / baseline, or None if either is missing or the baseline is zero."""
     if value is None or baseline is None or baseline == 0:

@@ -42,7 +42,7 @@ class Suite:
         self.settings = self._fit_nofile(settings)
         self.configurations = list(configurations or CONFIGURATIONS)
         self.runnable = available(self.configurations)
-        self.scenarios = scenarios.build(settings)
+        self.scenarios = scenarios.build(self.settings)
         self.log = log
         self.startup_timeout = startup_timeout
         self.results: dict[str, dict[str, Cell]] = {}
@@ -80,27 +80,30 @@ class Suite:
         machine = procstat.machine(REPO_ROOT)
         cluster = Cluster(nodes=2, mtls=True)
         self.run_id = cluster.run_id
-        with cluster:
-            bench = BenchCluster(cluster, self.settings, self.startup_timeout)
-            t = time.monotonic()
-            try:
-                bench.build()
-            except Exception as e:  # reported; every figure then says why it is missing
-                self._fail_all(f"cluster set-up failed: {type(e).__name__}: {e}")
-                self.errors.append(f"cluster set-up failed: {type(e).__name__}: {e}")
-                for node, text in bench.daemon_logs().items():
-                    self.notes.append(f"{node} daemon log tail: {text[-1500:]}")
-            else:
-                self.timings["setup_s"] = time.monotonic() - t
-                self.log(f"[{self._elapsed()}] cluster ready in {self.timings['setup_s']:.1f}s "
-                         f"(dir {cluster.dir})")
-                self._measure_all(bench)
-            self.process_ids = bench.process_ids()
-            t = time.monotonic()
-        self.timings["teardown_s"] = time.monotonic() - t
+        try:
+            with cluster:
+                self._run_on(cluster)
+        except Exception as e:  # the testbed itself failed: reported like any missing figure
+            self._fail(f"cluster failed: {type(e).__name__}: {e}")
         self.timings.update({f"cluster_{k}": v for k, v in cluster.timings.items()})
         self.errors += [f"teardown: {problem}" for problem in cluster.teardown_errors]
         return self.document(started_at, machine)
+
+    def _run_on(self, cluster: Cluster) -> None:
+        bench = BenchCluster(cluster, self.settings, self.startup_timeout)
+        t = time.monotonic()
+        try:
+            bench.build()
+        except Exception as e:  # reported; every figure then says why it is missing
+            self._fail(f"cluster set-up failed: {type(e).__name__}: {e}")
+            for node, text in bench.daemon_logs().items():
+                self.notes.append(f"{node} daemon log tail: {text[-1500:]}")
+        else:
+            self.timings["setup_s"] = time.monotonic() - t
+            self.log(f"[{self._elapsed()}] cluster ready in {self.timings['setup_s']:.1f}s "
+                     f"(dir {cluster.dir})")
+            self._measure_all(bench)
+        self.process_ids = bench.process_ids()
 
     def _measure_all(self, bench: BenchCluster) -> None:
         per_round = [s for s in self.scenarios if not s.once]
@@ -132,7 +135,7 @@ class Suite:
             if cell.not_applicable:
                 continue
             if metric.key in values:
-                cell.samples.append(values[metric.key])
+                cell.add(values[metric.key], round_number)
             else:
                 cell.errors.append(error or "the run produced no value for it")
         seconds = time.monotonic() - t
@@ -144,10 +147,12 @@ class Suite:
         self.log(f"[{self._elapsed()}] {where} {scenario.name} {configuration.name}: "
                  f"{shown or 'FAILED: ' + str(error)} ({seconds:.1f}s)")
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail(self, reason: str) -> None:
+        """A failure that leaves every figure still unmeasured without one."""
+        self.errors.append(reason)
         for cells in self.results.values():
             for cell in cells.values():
-                if not cell.not_applicable:
+                if not cell.not_applicable and not cell.samples:
                     cell.errors.append(reason)
 
     def _elapsed(self) -> str:

@@ -64,7 +64,8 @@ http {{
 
 # Per-netns sysctls of the client and HAProxy pods: connection-rate runs leave many
 # sockets in TIME_WAIT, and the idle-connection test opens thousands at once.
-CLIENT_SYSCTLS = {"net.ipv4.tcp_tw_reuse": 1, "net.ipv4.ip_local_port_range": "10000 65000"}
+CLIENT_SYSCTLS: dict[str, str | int] = {"net.ipv4.tcp_tw_reuse": 1,
+                                        "net.ipv4.ip_local_port_range": "10000 65000"}
 
 
 def server_pod(node: str, meshed: bool) -> str:
@@ -102,7 +103,6 @@ class BenchCluster:
         self.startup_timeout = startup_timeout
         self.haproxy: subprocess.Popen[Any] | None = None
         self.daemon_overrides: dict[str, Any] = {}
-        self.notes: list[str] = []
 
     # -- building -------------------------------------------------------------
 

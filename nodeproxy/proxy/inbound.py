@@ -26,6 +26,9 @@ from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 log = logging.getLogger(__name__)
 
+# create_server(sock=...) calls listen() again: without this it would shrink to 100.
+LISTEN_BACKLOG = 4096
+
 
 class InboundProxy:
     def __init__(self, *, port: int, connect_timeout: float, announcer: DialAnnouncer,
@@ -47,7 +50,8 @@ class InboundProxy:
         sockets: dict[int, socket.socket] = {}
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
-            server = await loop.create_server(lambda pod=pod: _Accepted(self, pod), sock=sock)
+            server = await loop.create_server(lambda pod=pod: _Accepted(self, pod), sock=sock,
+                                              backlog=LISTEN_BACKLOG)
             pod.inbound_listeners.append(server)
             sockets[family] = server.sockets[0]  # type: ignore[index]
         return sockets

@@ -88,7 +88,8 @@ class OutboundProxy:
                     pod.flags |= POD_NO_IPV6  # connect6 leaves the pod alone
                     continue
                 raise
-            server = await loop.create_server(lambda pod=pod: _Downstream(self, pod), sock=sock)
+            server = await loop.create_server(lambda pod=pod: _Downstream(self, pod), sock=sock,
+                                              backlog=LISTEN_BACKLOG)
             pod.listeners.append(server)
 
     def _accepted(self, pod: EnrolledPod, down: _Downstream) -> None:

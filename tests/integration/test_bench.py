@@ -1,0 +1,146 @@
+"""`nodeproxy bench --quick` end to end: every figure present and numeric, nothing left behind.
+
+Speed is not judged here (CI machines differ); only that each configuration
+that should work produced each of its figures, that the planned ones are
+reported as not available, and that the run cleaned up after itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeproxy.testbed import cgroups, netns
+
+pytestmark = pytest.mark.privileged
+
+NODEPROXY = [sys.executable, "-m", "nodeproxy"]
+RUNNABLE = ("direct", "nodeproxy", "haproxy")
+PLANNED = ("nodeproxy-splice", "nodeproxy-nosplice", "nodeproxy-iptables")
+PATHS = ("same-node", "cross-node")
+PROXY_ONLY = {"http.same-node.cpu", "http.same-node.rss", "http.cross-node.cpu",
+              "http.cross-node.rss", "idle.rss", "idle.per_conn"}
+NODEPROXY_ONLY = {"enroll.total", "enroll.per_pod", "enroll.rss", "enroll.rss_per_pod"}
+
+
+def expected_metrics() -> set[str]:
+    keys = set(PROXY_ONLY | NODEPROXY_ONLY)
+    for path in PATHS:
+        keys |= {f"latency.{path}.{p}" for p in ("p50", "p99", "p99.9")}
+        keys |= {f"throughput.{path}.{n}" for n in (1, 8)}
+        keys |= {f"http.{path}.{m}" for m in ("rps", "p50", "p99")}
+        keys.add(f"connect.{path}.rate")
+    keys.add("idle.open")
+    return keys
+
+
+def configurations_with_figure(key: str) -> tuple[str, ...]:
+    if key in NODEPROXY_ONLY:
+        return ("nodeproxy",)
+    if key in PROXY_ONLY:
+        return ("nodeproxy", "haproxy")
+    return RUNNABLE
+
+
+@pytest.fixture(scope="module")
+def bench_run() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path, md_path = Path(tmp, "bench.json"), Path(tmp, "bench.md")
+        result = subprocess.run([*NODEPROXY, "bench", "--quick", "--json", str(json_path),
+                                 "--markdown", str(md_path)],
+                                capture_output=True, text=True, timeout=240)
+        return {"result": result, "doc": json.loads(json_path.read_text()),
+                "markdown": md_path.read_text()}
+
+
+def test_exits_zero_with_every_figure(bench_run: dict[str, Any]) -> None:
+    result, doc = bench_run["result"], bench_run["doc"]
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert doc["ok"] and doc["missing"] == [] and doc["errors"] == []
+    metrics = {m["key"]: m for m in doc["metrics"]}
+    assert expected_metrics() <= set(metrics)
+    for key in expected_metrics():
+        results = metrics[key]["results"]
+        for name in RUNNABLE:
+            result_of = results[name]
+            if name in configurations_with_figure(key):
+                median = result_of["median"]
+                assert isinstance(median, int | float) and math.isfinite(median), (key, name)
+                assert result_of["n"] >= 1 and result_of["samples"], (key, name)
+                if name != "direct" and results["direct"].get("median") is not None:
+                    assert result_of["ratio_to_direct"] is not None, (key, name)
+            else:
+                assert result_of["not_applicable"], (key, name)
+        for name in PLANNED:
+            assert results[name]["available"] is False, (key, name)
+            assert results[name]["reason"].startswith("not available in this build"), (key, name)
+
+
+def test_planned_configurations_are_reported_not_missing(bench_run: dict[str, Any]) -> None:
+    doc, markdown = bench_run["doc"], bench_run["markdown"]
+    described = {c["name"]: c for c in doc["configurations"]}
+    for name in RUNNABLE:
+        assert described[name]["available"], name
+    for name in PLANNED:
+        assert not described[name]["available"]
+        assert described[name]["reason"].startswith("not available in this build")
+        assert f"`{name}`" in markdown and "not available in this build" in markdown
+    assert doc["order"] == list(RUNNABLE)
+
+
+def test_json_describes_the_run_and_the_machine(bench_run: dict[str, Any]) -> None:
+    doc = bench_run["doc"]
+    machine = doc["machine"]
+    assert machine["kernel"] and machine["cpu_model"]
+    assert machine["cores"] >= 1 and machine["memory_mib"] > 0
+    assert doc["settings"]["profile"] == "quick" and doc["settings"]["rounds"] >= 1
+    rounds = {run["round"] for run in doc["runs"]}
+    assert set(range(1, doc["settings"]["rounds"] + 1)) <= rounds
+    # Within a round and scenario the configurations follow one another in order.
+    first = [r["configuration"] for r in doc["runs"] if r["round"] == 1
+             and r["scenario"] == "latency same-node"]
+    assert first == list(RUNNABLE)
+
+
+def test_markdown_has_a_row_per_figure(bench_run: dict[str, Any]) -> None:
+    doc, markdown, stdout = bench_run["doc"], bench_run["markdown"], bench_run["result"].stdout
+    assert "| figure | unit | direct | nodeproxy | haproxy |" in markdown
+    for metric in doc["metrics"]:
+        row = next((line for line in markdown.splitlines()
+                    if line.startswith(f"| {metric['title']} |")), None)
+        assert row is not None, metric["title"]
+        assert row.count("|") == 6
+        assert "not measured" not in row
+    assert doc["machine_line"] in markdown
+    assert markdown in stdout
+
+
+def test_nothing_is_left_behind(bench_run: dict[str, Any]) -> None:
+    doc = bench_run["doc"]
+    prefix = f"npt-{doc['run_id']}"
+    assert doc["run_id"] and doc["process_ids"]
+    assert not [n for n in netns.list_names() if n.startswith(prefix)]
+    assert not os.path.exists(os.path.join(cgroups.cgroup2_mount(), prefix))
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), prefix))
+    with open("/proc/mounts") as f:
+        assert prefix not in f.read()
+    survivors = [pid for pid in doc["process_ids"] if os.path.exists(f"/proc/{pid}")]
+    assert not survivors, survivors
+    leftovers = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if prefix.encode() in cmdline:
+                leftovers.append(int(entry))
+    assert not leftovers, leftovers
