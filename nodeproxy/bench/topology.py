@@ -31,36 +31,13 @@ from nodeproxy.bench.model import NetPath, ServerKind
 from nodeproxy.bench.settings import Settings
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster, Pod, Service
+from nodeproxy.testbed.nginx import nginx_config
 
 NODES = ("node0", "node1")
 MESH_CLIENT, DIRECT_CLIENT, HAPROXY_POD = "client", "client-direct", "haproxy"
 HTTP_VIP_PORT = 80
 HTTP_FILE = "small.bin"
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    default_type application/octet-stream;
-    server {{
-        listen {port};
-        listen [::]:{port};
-        root {dir}/www;
-    }}
-}}
-"""
 
 # Per-netns sysctls of the client and HAProxy pods: connection-rate runs leave many
 # sockets in TIME_WAIT, and the idle-connection test opens thousands at once.
@@ -136,7 +113,11 @@ class BenchCluster:
         os.makedirs(os.path.join(directory, "www"), exist_ok=True)
         Path(directory, "www", HTTP_FILE).write_bytes(os.urandom(self.settings.http_body))
         conf = os.path.join(directory, "nginx.conf")
-        Path(conf).write_text(NGINX_CONF.format(dir=directory, port=ServerKind.HTTP.port))
+        Path(conf).write_text(nginx_config(
+            directory, ServerKind.HTTP.port, f"root {directory}/www;",
+            http="    keepalive_requests 1000000;\n    keepalive_timeout 300s;\n"
+                 "    default_type application/octet-stream;",
+            worker_connections=4096))
         commands = {
             ServerKind.SOCKPERF: ["sockperf", "server", "--tcp", "-i", "0.0.0.0",
                                   "-p", str(ServerKind.SOCKPERF.port)],

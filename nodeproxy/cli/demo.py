@@ -36,28 +36,6 @@ PODS = (  # node, name, app
     ("node0", "client-0", "client"),
     ("node1", "client-1", "client"),
 )
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    default_type text/plain;
-    server {{
-        listen {port};
-        listen [::]:{port};
-        location / {{ return 200 "web from {pod} on {node}\\n"; }}
-    }}
-}}
-"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +240,7 @@ def render(elapsed: float, duration: float, mesh: bool, pods: dict[str, str],
 
 def _start_servers(cluster: Any) -> None:
     from nodeproxy.testbed import netns
+    from nodeproxy.testbed.nginx import nginx_config
 
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     for node, name, app in PODS:
@@ -270,8 +249,10 @@ def _start_servers(cluster: Any) -> None:
             directory = os.path.join(cluster.dir, name)
             os.makedirs(directory, exist_ok=True)
             conf = os.path.join(directory, "nginx.conf")
-            Path(conf).write_text(NGINX_CONF.format(dir=directory, port=WEB_TARGET, pod=name,
-                                                    node=node))
+            Path(conf).write_text(nginx_config(
+                directory, WEB_TARGET,
+                f'location / {{ return 200 "web from {name} on {node}\\n"; }}',
+                http="    default_type text/plain;"))
             log = open(os.path.join(directory, "stderr.log"), "wb")  # noqa: SIM115
             cluster.spawn_in_pod(pod, [nginx, "-p", directory, "-c", conf,
                                        "-e", os.path.join(directory, "error.log")],
