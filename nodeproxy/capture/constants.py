@@ -15,8 +15,6 @@ TRANSPARENT_MARK = 0x4E51
 TRANSPARENT_ROUTE_TABLE = 15051
 # pod_info.flags: the pod has no IPv6 loopback, so connect6 must not steer it to [::1].
 POD_NO_IPV6 = 0x1
-DIRECTION_OUTBOUND = 1
-DIRECTION_INBOUND = 2
 
 
 def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,

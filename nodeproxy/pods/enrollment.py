@@ -17,9 +17,10 @@ from collections.abc import Callable
 from nodeproxy.capture.maps import CaptureMaps
 from nodeproxy.capture.programs import CapturePrograms
 from nodeproxy.config.model import Workload
+from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods import transparent
 from nodeproxy.pods.netns import Netns
-from nodeproxy.pods.pod import EnrolledPod, spiffe_id
+from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.proxy.destinations import WorkloadRef
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy

@@ -11,10 +11,6 @@ from nodeproxy.proxy.destinations import WorkloadRef
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 
 
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
-
-
 @dataclass
 class EnrolledPod:
     workload: Workload

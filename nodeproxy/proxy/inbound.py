@@ -50,19 +50,15 @@ class InboundProxy:
         sockets: dict[int, socket.socket] = {}
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
-            server = await loop.create_server(lambda pod=pod: _Accepted(self, pod), sock=sock,
-                                              backlog=LISTEN_BACKLOG)
+            server = await loop.create_server(
+                lambda pod=pod: self._tracker.client_side(
+                    lambda side, pod=pod: self._serve(pod, side)),
+                sock=sock, backlog=LISTEN_BACKLOG)
             pod.inbound_listeners.append(server)
             sockets[family] = server.sockets[0]  # type: ignore[index]
         return sockets
 
-    def _accepted(self, pod: EnrolledPod, down: _Accepted) -> None:
-        if not self._tracker.accepting:
-            reset(down.transport)
-            return
-        self._tracker.spawn(self._serve(pod, down))
-
-    async def _serve(self, pod: EnrolledPod, down: _Accepted) -> None:
+    async def _serve(self, pod: EnrolledPod, down: Side) -> None:
         assert down.transport is not None
         local = down.transport.get_extra_info("sockname")
         peer = down.transport.get_extra_info("peername")
@@ -90,14 +86,3 @@ class InboundProxy:
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self._tracker.discard(relay)
         meter.closed()
-
-
-class _Accepted(Side):
-    def __init__(self, proxy: InboundProxy, pod: EnrolledPod):
-        super().__init__("downstream", start_paused=True)
-        self.proxy = proxy
-        self.pod = pod
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.proxy._accepted(self.pod, self)

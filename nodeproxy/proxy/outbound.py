@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.maps import CaptureMaps
-from nodeproxy.pods.pod import EnrolledPod, spiffe_id
+from nodeproxy.identity.spiffe import spiffe_id
+from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import Backend, Decision, DestinationTable, Verdict
 from nodeproxy.proxy.dial import dial_from, dial_transparent
@@ -88,17 +89,13 @@ class OutboundProxy:
                     pod.flags |= POD_NO_IPV6  # connect6 leaves the pod alone
                     continue
                 raise
-            server = await loop.create_server(lambda pod=pod: _Downstream(self, pod), sock=sock,
-                                              backlog=LISTEN_BACKLOG)
+            server = await loop.create_server(
+                lambda pod=pod: self._tracker.client_side(
+                    lambda side, pod=pod: self._serve(pod, side)),
+                sock=sock, backlog=LISTEN_BACKLOG)
             pod.listeners.append(server)
 
-    def _accepted(self, pod: EnrolledPod, down: _Downstream) -> None:
-        if not self._tracker.accepting:
-            reset(down.transport)
-            return
-        self._tracker.spawn(self._serve(pod, down))
-
-    async def _serve(self, pod: EnrolledPod, down: _Downstream) -> None:
+    async def _serve(self, pod: EnrolledPod, down: Side) -> None:
         assert down.transport is not None
         peer = down.transport.get_extra_info("peername")
         original = self._maps.take_original_destination(
@@ -173,7 +170,7 @@ class OutboundProxy:
         self._tracker.discard(relay)
         meter.closed()
 
-    def _refuse(self, pod: EnrolledPod, down: _Downstream, reason: str) -> None:
+    def _refuse(self, pod: EnrolledPod, down: Side, reason: str) -> None:
         self._metrics.refused.labels(pod.workload.namespace, pod.ref.workload, reason).inc()
         reset(down.transport)
 
@@ -202,14 +199,3 @@ def _source_address(pod: EnrolledPod, destination: ipaddress.IPv4Address |
         if ip.version == destination.version:
             return ip
     return pod.workload.ips[0]
-
-
-class _Downstream(Side):
-    def __init__(self, proxy: OutboundProxy, pod: EnrolledPod):
-        super().__init__("downstream", start_paused=True)
-        self.proxy = proxy
-        self.pod = pod
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.proxy._accepted(self.pod, self)

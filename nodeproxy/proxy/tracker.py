@@ -4,10 +4,10 @@ resetting a vanished pod's connections."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from nodeproxy.proxy.relay import Relay
+from nodeproxy.proxy.relay import Relay, Side, reset
 
 
 class ConnectionTracker:
@@ -21,6 +21,11 @@ class ConnectionTracker:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def client_side(self, serve: Callable[[Side], Coroutine[Any, Any, None]]) -> Side:
+        """A protocol for a connection accepted on a proxy listener: paused until `serve`
+        has decided where it goes; reset at once while the proxy drains."""
+        return _Accepted(self, serve)
 
     def add(self, relay: Relay, *pods: str) -> None:
         self.relays[relay] = set(pods)
@@ -47,3 +52,18 @@ class ConnectionTracker:
         for relay, pods in list(self.relays.items()):
             if key in pods:
                 relay.abort()
+
+
+class _Accepted(Side):
+    def __init__(self, tracker: ConnectionTracker,
+                 serve: Callable[[Side], Coroutine[Any, Any, None]]):
+        super().__init__("downstream", start_paused=True)
+        self._tracker = tracker
+        self._serve = serve
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._tracker.accepting:
+            reset(self.transport)
+            return
+        self._tracker.spawn(self._serve(self))

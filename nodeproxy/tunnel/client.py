@@ -24,7 +24,7 @@ import h2.exceptions
 from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
-from nodeproxy.identity.spiffe import IdentityError
+from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.tunnel.headers import authority, forwarded
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
@@ -73,7 +73,8 @@ class HbonePool:
                    ) -> StreamTransport:
         """A CONNECT stream to ip:port, as the source identity, to the given destination
         identity on `node`; raises TunnelError."""
-        key = PoolKey(str(self._principal(source_namespace, source_sa)), destination, node)
+        key = PoolKey(spiffe_id(self._trust_domain, source_namespace, source_sa), destination,
+                      node)
         headers = [(":method", "CONNECT"), (":authority", authority(ip, port)),
                    ("forwarded", forwarded(source_ip))]
         last: Exception | None = None
@@ -108,9 +109,6 @@ class HbonePool:
         result = "timeout" if isinstance(last, asyncio.TimeoutError) else "stream_failed"
         self._metrics.streams.labels("client", result).inc()
         raise TunnelError(result, f"tunnel stream to {ip}:{port} failed: {last!r}")
-
-    def _principal(self, namespace: str, sa: str) -> str:
-        return f"spiffe://{self._trust_domain}/ns/{namespace}/sa/{sa}"
 
     async def _session(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str,
                        fresh: bool) -> H2Session:
@@ -207,10 +205,3 @@ class HbonePool:
             for session in list(sessions):
                 self._lost(key, session)
                 session.close()
-
-    def stats(self) -> dict[str, object]:
-        return {
-            "handshakes": self.handshakes,
-            "connections": {f"{k.source} -> {k.destination} @ {k.node}": len(v)
-                            for k, v in self._pools.items()},
-        }
