@@ -250,7 +250,7 @@ def test_garbage_on_the_tunnel_port_is_refused_and_harms_nothing(mesh: Cluster):
     raw.settimeout(5)
     raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(500))
     try:
-        assert raw.recv(100) in (b"",) or True
+        raw.recv(100)  # the server closes it; what it sends first does not matter
     except OSError:
         pass
     raw.close()
