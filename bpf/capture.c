@@ -53,11 +53,19 @@ BPF_TABLE_PINNED("array", u32, u64, policy_denials, NP_MAX_POLICIES,
 BPF_TABLE_PINNED("lru_hash", u64, u32, counted_sockets, NP_MAX_FLOWS,
                  NP_PIN_DIR "/counted_sockets");
 BPF_SK_STORAGE(sock_states, struct sock_state);
+BPF_TABLE_PINNED("array", u32, struct fastpath_counters, fastpath_stats, 1,
+                 NP_PIN_DIR "/fastpath_stats");
 
 /* bcc 0.26 declares these helpers with a 32-bit result; declare them after
  * the maps so map fd relocation is unaffected. */
 static u64 (*np_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 static u64 (*np_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
+
+static __always_inline struct fastpath_counters *fastpath_counters(void)
+{
+    u32 zero = 0;
+    return fastpath_stats.lookup(&zero);
+}
 
 static __always_inline struct pod_counters *counters_of(u32 pod_id)
 {

@@ -84,4 +84,23 @@ struct sock_state {
     u64 received_base;
 };
 
+/* A spliced flow, as one of its two sockets sees it (bpf/splice.c): keyed by that
+ * socket's cookie.  bytes: what the stream verdict moved from this socket to its peer,
+ * which the daemon compares with the peer's TCP write sequence to know when every
+ * spliced byte is in the peer's send queue (before a FIN, before a take-back). */
+struct splice_peer {
+    u64 peer_cookie;
+    u64 bytes;
+};
+
+/* Kernel fast-path counters for the whole node (one slot; bpf/splice.c, bpf/redirect.c). */
+struct fastpath_counters {
+    u64 splice_bytes;        /* bytes the sk_skb verdict redirected socket to socket */
+    u64 splice_misses;       /* data on a spliced socket with no peer entry: left to the proxy */
+    u64 splice_drops;        /* redirects whose target socket was gone (its flow is ending) */
+    u64 msg_redirects;       /* sendmsg() calls the sk_msg program redirected to the peer */
+    u64 msg_redirect_bytes;
+    u64 msg_misses;          /* sendmsg() calls that fell back to the loopback TCP path */
+};
+
 #endif

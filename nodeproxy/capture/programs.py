@@ -27,18 +27,20 @@ from nodeproxy.capture import constants, libbpf
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("capture.c", "inbound.c")
+SOURCES = ("capture.c", "inbound.c", "splice.c")
 
 # UAPI values (bcc 0.26 lacks names for some of them).
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_SOCK_OPS = 13
 PROG_SK_LOOKUP = 30
+PROG_SK_SKB = 14
 ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_INET4_GETPEERNAME = 29
 ATTACH_INET6_GETPEERNAME = 30
 ATTACH_SK_LOOKUP = 36
+ATTACH_SK_SKB_STREAM_VERDICT = 5
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,10 @@ CGROUP_PROGRAMS = (
     ProgramSpec("sockops", "np_sockops", PROG_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS),
 )
 INBOUND_PROGRAM = ProgramSpec("inbound", "np_inbound_lookup", PROG_SK_LOOKUP, ATTACH_SK_LOOKUP)
-ALL_PROGRAMS = (*CGROUP_PROGRAMS, INBOUND_PROGRAM)
+# Attached to the np_splice_sockets sockhash (a map, not a cgroup or netns).
+SPLICE_PROGRAM = ProgramSpec("splice", "np_splice_verdict", PROG_SK_SKB,
+                             ATTACH_SK_SKB_STREAM_VERDICT)
+ALL_PROGRAMS = (*CGROUP_PROGRAMS, INBOUND_PROGRAM, SPLICE_PROGRAM)
 
 
 def bpf_source_dir() -> Path:
@@ -130,6 +135,10 @@ class CapturePrograms:
         self.bpf = compile_programs(bcc, self.pins / "maps", **self.ports)
         self._funcs = {spec.name: load_program(self.bpf, spec) for spec in ALL_PROGRAMS}
         self._inbound_fd = self._funcs[INBOUND_PROGRAM.name].fd
+        # The splice verdict handles data of the sockets in np_splice_sockets; a map
+        # attachment lives as long as the map, which is this instance's alone.
+        bcc.BPF.attach_func(self._funcs[SPLICE_PROGRAM.name], self.table_fd("np_splice_sockets"),
+                            SPLICE_PROGRAM.attach_type)
 
     def _link(self, name: str, prog_fd: int, target_fd: int, attach_type: int) -> _Link:
         fd = libbpf.link_create(prog_fd, target_fd, attach_type)

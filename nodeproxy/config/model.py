@@ -125,6 +125,22 @@ class CaptureSettings(Model):
     on_crash: Literal["fail_closed", "fail_open"] = "fail_closed"
 
 
+class FastPathSettings(Model):
+    """Kernel fast paths (docs/architecture.md, "Fast paths").
+
+    splice: once the proxy has decided a plaintext flow (same-node pod to pod, the
+    inbound plaintext path, a passthrough destination) and policy allows it, both of
+    its sockets go into a sockhash with an sk_skb stream verdict program and the
+    kernel moves the bytes; a workload's ``splice: false`` opts its flows out.
+    sk_msg: the application's socket and the proxy's socket of one loopback
+    connection (app <-> outbound listener) exchange messages through an sk_msg
+    redirect instead of the loopback TCP/IP stack.
+    """
+
+    splice: bool = True
+    sk_msg: bool = True
+
+
 class DiscoverySettings(Model):
     """Kubernetes API discovery: pods, services, endpointslices and namespaces."""
 
@@ -147,6 +163,8 @@ class Workload(Model):
     netns: str | None = None
     cgroup: str | None = None
     ips: list[IPField] = Field(min_length=1)
+    # False: this workload's flows (as source or destination) are never spliced.
+    splice: bool = True
 
     _names = field_validator("name", "namespace", "service_account")(_dns_label)
     _label_keys = field_validator("labels")(_labels)
@@ -420,6 +438,7 @@ class NodeConfig(Model):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    fast_path: FastPathSettings = Field(default_factory=FastPathSettings)
     discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
     workloads: list[Workload] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
