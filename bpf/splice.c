@@ -32,8 +32,13 @@ int np_splice_verdict(struct __sk_buff *skb)
             __sync_fetch_and_add(&c->splice_misses, 1);
         return SK_PASS;  /* to this socket's own reader: the proxy */
     }
-    u64 peer = p->peer_cookie;
     u32 len = skb->len;
+    /* The segment that carried the FIN reaches the verdict with no data: the FIN is
+     * the proxy's to forward, in order; redirected, the peer's send path would fail it
+     * (a zero-byte send is a broken pipe to the kernel's sockmap backlog). */
+    if (len == 0)
+        return SK_DROP;
+    u64 peer = p->peer_cookie;
     __sync_fetch_and_add(&p->bytes, len);
     int verdict = np_splice_targets.sk_redirect_hash(skb, &peer, 0);
     if (c) {

@@ -25,6 +25,7 @@ from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture import kernelfs
 from nodeproxy.capture.maps import CaptureMaps
 from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
+from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.cli.control_client import request
 from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
@@ -41,6 +42,7 @@ from nodeproxy.proxy.balancer import RoundRobin
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
+from nodeproxy.proxy.splice import SpliceMetrics, Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
@@ -116,6 +118,7 @@ class Daemon:
         self.maps: CaptureMaps | None = None
         self.enrollment: Enrollment | None = None
         self.proxy: OutboundProxy | None = None
+        self.splicer: Splicer | None = None
         self.admin = AdminServers(self)
         self.started_at = time.time()
 
@@ -148,6 +151,10 @@ class Daemon:
         self.programs.attach()
         self.maps = maps = CaptureMaps(self.programs.bpf,
                                        self.programs.table_fd("inbound_listeners"))
+        self.splicer = Splicer(
+            SpliceMaps(self.programs.bpf, self.programs.table_fd("np_splice_sockets"),
+                       self.programs.table_fd("np_splice_targets")),
+            SpliceMetrics(self.registry), enabled=cfg.fast_path.splice)
         hbone = None
         if cfg.identity.ca_cert and cfg.identity.ca_key:
             ca = MeshCA.load(cfg.identity.ca_cert, cfg.identity.ca_key, cfg.mesh.trust_domain)
@@ -176,21 +183,21 @@ class Daemon:
             maps=maps, metrics=self.metrics, table=lambda: self._table,
             admitter=lambda: self._admitter,
             local_pod=lambda key: self.enrollment.pods.get(key) if self.enrollment else None,
-            pool=self.pool, tracker=self.tracker, node=cfg.node.name,
+            pool=self.pool, tracker=self.tracker, splicer=self.splicer, node=cfg.node.name,
             trust_domain=cfg.mesh.trust_domain, port=cfg.proxy.outbound_port,
             connect_timeout=cfg.proxy.connect_timeout_seconds)
         inbound = InboundProxy(
             port=cfg.proxy.inbound_port, connect_timeout=cfg.proxy.connect_timeout_seconds,
             announcer=maps, admitter=lambda: self._admitter, table=lambda: self._table,
-            tracker=self.tracker,
-            metrics=self.metrics)
+            tracker=self.tracker, splicer=self.splicer, metrics=self.metrics)
         self.enrollment = Enrollment(
             maps=maps, programs=self.programs, proxy=self.proxy, inbound=inbound, hbone=hbone,
             tracker=self.tracker, metrics=self.metrics,
             trust_domain=cfg.mesh.trust_domain, pod_cgroup=pod_cgroup,
             on_change=self._rebuild_table)
         self.registry.register(KernelCollector(
-            maps.pod_counters, self.enrollment.names, self._kernel_policy_denials))
+            maps.pod_counters, self.enrollment.names, self._kernel_policy_denials,
+            maps.fastpath_counters))
         if cfg.discovery.kubernetes:
             await self._start_discovery()
         for workload in cfg.local_workloads():
@@ -421,12 +428,24 @@ class Daemon:
                 log.error("%s: could not enroll pod %s: %s", source, w.key, e)
         # Tables, admission and the kernel's deny map switch together, in one step.
         self._rebuild_table()
+        await self._apply_fast_path(changes.changed)
         self._config_info.clear()
         self._config_info.labels(new.digest).set(1)
         log.info("reload (%s): %s -> %s applied (%d pods added, %d removed, %d changed)",
                  trigger, old_digest[:12], new.digest[:12], len(changes.added),
                  len(changes.removed), len(changes.changed))
         return "applied"
+
+    async def _apply_fast_path(self, changed: tuple[Workload, ...]) -> None:
+        """Splicing switched off (globally or for a pod): the kernel gives those flows back."""
+        splicer = self.splicer
+        assert splicer is not None
+        splicer.enabled = self.config.fast_path.splice
+        opted_out = {w.key for w in changed if not w.splice}
+        taken = await splicer.take_back(
+            lambda flow: not splicer.enabled or bool(opted_out.intersection(flow.pods)))
+        if taken:
+            log.info("took %d spliced flows back from the kernel", taken)
 
     # -- pods enrolled at run time survive restarts -----------------------
 

@@ -56,6 +56,18 @@ class PodCounters:
     inbound_captured: int
 
 
+@dataclass(frozen=True)
+class FastPathCounters:
+    """The node's kernel fast-path counters (see struct fastpath_counters)."""
+
+    splice_bytes: int = 0
+    splice_misses: int = 0
+    splice_drops: int = 0
+    msg_redirects: int = 0
+    msg_redirect_bytes: int = 0
+    msg_misses: int = 0
+
+
 class CaptureMaps:
     """The daemon's view of the capture maps of one loaded bcc.BPF object."""
 
@@ -65,6 +77,7 @@ class CaptureMaps:
         self._stats = bpf["pod_stats"]
         self._denies = bpf["connect_denies"]
         self._policy_denials = bpf["policy_denials"]
+        self._fastpath = bpf["fastpath_stats"]
         self._inbound_ips = bpf["inbound_ips"]
         self._dials = bpf["proxy_dials"]
         self._sockmap_fd = sockmap_fd
@@ -200,4 +213,7 @@ class CaptureMaps:
             for k, v in self._stats.items()
         }
 
-
+    def fastpath_counters(self) -> FastPathCounters:
+        leaf = self._fastpath[self._fastpath.Key(0)]
+        return FastPathCounters(**{name: int(getattr(leaf, name))
+                                   for name, _ in leaf._fields_})

@@ -5,7 +5,8 @@ to the pod's inbound listener; the accepted socket keeps the original destinatio
 as its local address.  Peer authentication decides whether plaintext may pass
 (STRICT refuses it unless the source is an exempt probe source), authorization
 decides on the source address (no identity), and the proxy connects to the
-application from inside the pod with the client's address as source.
+application from inside the pod with the client's address as source.  Both ends are
+sockets of this process: the splicer may hand the flow to the kernel.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent
 from nodeproxy.proxy.relay import Relay, Side, reset
+from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
@@ -34,13 +36,14 @@ class InboundProxy:
     def __init__(self, *, port: int, connect_timeout: float, announcer: DialAnnouncer,
                  admitter: Callable[[], Admitter],
                  table: Callable[[], DestinationTable], tracker: ConnectionTracker,
-                 metrics: ProxyMetrics):
+                 splicer: Splicer, metrics: ProxyMetrics):
         self.port = port
         self._connect_timeout = connect_timeout
         self._announcer = announcer
         self._admitter = admitter
         self._table = table
         self._tracker = tracker
+        self._splicer = splicer
         self._metrics = metrics
 
     async def open_listeners(self, pod: EnrolledPod) -> dict[int, socket.socket]:
@@ -82,6 +85,7 @@ class InboundProxy:
         self._tracker.add(relay, pod.key)
         meter.opened()
         relay.start()
+        self._splicer.offer(relay, (pod.key,), allowed=pod.workload.splice)
 
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self._tracker.discard(relay)

@@ -13,6 +13,9 @@ the backend decides the path:
   connection to that node (its proxy admits and connects, transparently);
 - anything else (no mesh identity, or mTLS off): a plain connection made from inside
   the source pod's netns, marked so the capture programs never touch it.
+
+Both ends of the first and the last path are sockets of this process, so once the
+relay starts the splicer may hand the flow to the kernel (nodeproxy/proxy/splice.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import Backend, Decision, DestinationTable, Verdict
 from nodeproxy.proxy.dial import dial_from, dial_transparent
 from nodeproxy.proxy.relay import Relay, Side, reset
+from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
 from nodeproxy.tunnel.client import HbonePool, TunnelError
@@ -60,6 +64,7 @@ class OutboundProxy:
         local_pod: Callable[[str], EnrolledPod | None],
         pool: HbonePool | None,
         tracker: ConnectionTracker,
+        splicer: Splicer,
         node: str,
         trust_domain: str,
         port: int,
@@ -72,6 +77,7 @@ class OutboundProxy:
         self._local_pod = local_pod
         self._pool = pool
         self._tracker = tracker
+        self._splicer = splicer
         self._node = node
         self._trust_domain = trust_domain
         self.port = port
@@ -112,7 +118,7 @@ class OutboundProxy:
                          else "no_endpoints")
             return
         try:
-            up, security, pods = await self._open(pod, decision.backend, decision)
+            up, security, targets = await self._open(pod, decision.backend, decision)
         except Refused as e:
             log.info("outbound %s -> %s:%d refused (%s): %s", pod.key,
                      decision.backend.address, decision.backend.port, e.reason, e)
@@ -120,13 +126,17 @@ class OutboundProxy:
             return
         meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
-        self._tracker.add(relay, pod.key, *pods)
+        pods = (pod.key, *(t.key for t in targets))
+        self._tracker.add(relay, *pods)
         meter.opened()
         relay.start()
+        self._splicer.offer(relay, pods, allowed=pod.workload.splice and all(
+            t.workload.splice for t in targets))
 
     async def _open(self, pod: EnrolledPod, backend: Backend, decision: Decision
-                    ) -> tuple[Side, str, tuple[str, ...]]:
-        """Connect to the backend by the right path: (upstream side, security, pods)."""
+                    ) -> tuple[Side, str, tuple[EnrolledPod, ...]]:
+        """Connect to the backend by the right path: (upstream side, security, local
+        destination pods)."""
         ref = backend.workload
         source_ip = _source_address(pod, backend.address)
         try:
@@ -140,7 +150,7 @@ class OutboundProxy:
                                                 f"{admission.reason}")
                     up = await dial_transparent(target.netns, source_ip, backend.address,
                                                 backend.port, self._connect_timeout, self._maps)
-                    return up, "mutual_tls", (target.key,)
+                    return up, "mutual_tls", (target,)
             if ref is not None and ref.node not in (None, self._node) and self._pool:
                 stream = await self._pool.open(
                     source_namespace=pod.workload.namespace,

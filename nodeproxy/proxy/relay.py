@@ -4,6 +4,10 @@ A FIN from one side becomes a FIN (shutdown of writing) on the other once
 everything before it is written; a reset from one side becomes a reset
 (SO_LINGER 0, abort) on the other; each side's write buffer pauses the other
 side's reading so memory stays bounded.  Byte counts go to a callback.
+
+A relay may hand its flow to the kernel (nodeproxy/proxy/splice.py): while spliced,
+its bytes never reach Python; EOFs still arrive here and are forwarded by the splice
+once the kernel has delivered every byte before them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nodeproxy.proxy.splice import SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -38,6 +46,7 @@ class Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.relay: Relay | None = None
         self.got_eof = False
+        self.eof_forwarded = False
         self.lost = False
         self.error: BaseException | None = None
         self._start_paused = start_paused
@@ -104,6 +113,7 @@ class Relay:
         self.done = asyncio.get_running_loop().create_future()
         self.bytes_from_downstream = 0
         self.bytes_from_upstream = 0
+        self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
         downstream.relay = self
         upstream.relay = self
 
@@ -131,18 +141,34 @@ class Relay:
         if dst.transport is None or dst.transport.is_closing():
             return
         dst.transport.write(data)
-        n = len(data)
+        self.account(src, len(data))
+
+    def account(self, src: Side, n: int) -> None:
+        """n bytes went from src to its peer (by Python or by the kernel)."""
         if src is self.downstream:
             self.bytes_from_downstream += n
         else:
             self.bytes_from_upstream += n
         self._on_bytes(src is self.downstream, n)
 
+    def idle(self) -> bool:
+        """Nothing of this relay waits in Python: both write buffers are empty."""
+        return all(side.transport is not None and not side.transport.is_closing()
+                   and side.transport.get_write_buffer_size() == 0
+                   for side in (self.downstream, self.upstream))
+
     def on_eof(self, src: Side) -> None:
+        if self.splice is not None:
+            self.splice.on_eof(src)  # once the kernel has delivered src's bytes
+        else:
+            self.forward_eof(src)
+
+    def forward_eof(self, src: Side) -> None:
         dst = self.peer(src)
         if dst.transport is not None and not dst.transport.is_closing():
             dst.transport.write_eof()  # sent after the buffered bytes
-        if src.got_eof and dst.got_eof:
+        src.eof_forwarded = True
+        if dst.eof_forwarded:
             self.close()
 
     def on_lost(self, src: Side, exc: BaseException | None) -> None:
@@ -165,5 +191,7 @@ class Relay:
 
     def _finish(self) -> None:
         if self.downstream.lost and self.upstream.lost and not self.done.done():
+            if self.splice is not None:
+                self.splice.finish()
             self.done.set_result(None)
             self._on_done(self)

@@ -1,4 +1,5 @@
-"""Per-pod counters kept by the kernel (sockops), read from the BPF map at scrape time."""
+"""Counters kept by the kernel, read from the BPF maps at scrape time: per pod (sockops,
+connect and sk_lookup programs) and for the node's fast paths (splice, sk_msg)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from nodeproxy.capture.maps import PodCounters
+from nodeproxy.capture.maps import FastPathCounters, PodCounters
 
 POD_LABELS = ["pod_namespace", "pod_name"]
 
@@ -20,10 +21,12 @@ class KernelCollector(Collector):
         read_counters: Callable[[], dict[int, PodCounters]],
         pod_names: Callable[[], dict[int, tuple[str, str]]],
         policy_denials: Callable[[], dict[str, int]] = dict,
+        fastpath: Callable[[], FastPathCounters] = FastPathCounters,
     ):
         self._read = read_counters
         self._names = pod_names
         self._policy_denials = policy_denials
+        self._fastpath = fastpath
 
     def collect(self) -> Iterator:
         names = self._names()
@@ -81,3 +84,24 @@ class KernelCollector(Collector):
                 received.add_metric(labels, r)
             rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us / 1e6)
         yield from (captured, opened, closed, sent, received, rtt, denied, inbound, by_policy)
+        yield from self._fastpath_families()
+
+    def _fastpath_families(self) -> Iterator[CounterMetricFamily]:
+        c = self._fastpath()
+        for name, value, doc in (
+            ("splice_bytes", c.splice_bytes,
+             "Bytes the sk_skb splice moved socket to socket, never entering the proxy"),
+            ("splice_misses", c.splice_misses,
+             "Segments on a spliced socket without a peer entry, left to the proxy"),
+            ("splice_drops", c.splice_drops,
+             "Segments whose splice target socket had already closed"),
+            ("msg_redirects", c.msg_redirects,
+             "sendmsg() calls the sk_msg program redirected to the peer socket"),
+            ("msg_redirect_bytes", c.msg_redirect_bytes,
+             "Bytes the sk_msg program redirected, skipping the loopback TCP/IP stack"),
+            ("msg_misses", c.msg_misses,
+             "sendmsg() calls that fell back to the loopback TCP path"),
+        ):
+            family = CounterMetricFamily(f"nodeproxy_kernel_fastpath_{name}", doc)
+            family.add_metric([], value)
+            yield family

@@ -1,0 +1,30 @@
+"""What the kernel's TCP state says about a socket's send side (tcp_info and ioctl)."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+from typing import Any
+
+# struct tcp_info (include/uapi/linux/tcp.h): u64 tcpi_bytes_acked at offset 120, present
+# since Linux 4.1; the whole struct up to it is 128 bytes.
+_BYTES_ACKED_OFFSET = 120
+_TCP_INFO_LEN = 128
+
+
+def sent_total(sock: Any) -> int:
+    """Bytes ever put into this socket's send queue, as a running total: acknowledged
+    bytes (tcpi_bytes_acked, which also counts the SYN of an active opener and a FIN
+    once acknowledged) plus what is queued and not yet acknowledged (SIOCOUTQ).
+
+    Read acknowledged first: an ACK landing between the two reads moves bytes from the
+    queue to acknowledged, so the sum can only be low, never high, until it settles.
+    Compare differences of two readings, never the absolute value."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    (acked,) = struct.unpack_from("Q", info, _BYTES_ACKED_OFFSET)
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    (queued,) = struct.unpack("i", buf)
+    return int(acked) + int(queued)
