@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.proxy.relay import Relay, Side
-from nodeproxy.proxy.tcpstate import sent_total
+from nodeproxy.proxy.tcpstate import is_closed, sent_total
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ RETRIES = 40
 # Polling for the kernel to have delivered a direction's bytes: first wait, ceiling.
 POLL_FIRST = 0.0002
 POLL_MAX = 0.02
+# How often half-closed spliced flows are checked for a reset on their quiet side.
+WATCH_SECONDS = 0.5
 
 
 class SpliceMetrics:
@@ -85,19 +87,40 @@ class SplicedFlow:
             return True  # the peer's socket is gone: nothing left to wait for
         return taken >= self.moved(src)
 
-    async def wait_delivered(self, src: Side) -> None:
+    async def wait_delivered(self, src: Side) -> bool:
+        """Wait until every byte moved from src is in the peer's send queue.  False when
+        the peer's connection died first (it was reset): the relay is reset both ways."""
         delay = POLL_FIRST
+        dst = self.relay.peer(src)
         while not self.relay.done.done() and not self.delivered(src):
+            if self._reset(dst):
+                self.relay.abort()
+                return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
+        return not self.relay.done.done()
+
+    def _reset(self, side: Side) -> bool:
+        """The side's connection is over in the kernel although the proxy never sent its
+        FIN there: only a reset ends a TCP connection that way.  (A connection whose
+        FINs both passed is over too, legitimately: the socket that sent the first FIN
+        leaves TCP_CLOSE behind when it goes to TIME_WAIT.)"""
+        return not self.relay.peer(side).eof_forwarded and is_closed(self._end(side).sock)
+
+    def check_alive(self) -> None:
+        """After a side's EOF nothing reads its socket any more, so a reset arriving
+        there later would go unnoticed while the kernel moves bytes into it: ask the
+        kernel, and pass the reset on."""
+        if not self.relay.done.done() and any(
+                self._reset(side) for side in (self.relay.downstream, self.relay.upstream)):
+            self.relay.abort()
 
     def on_eof(self, src: Side) -> None:
         """src's peer closed its writing: pass the FIN on after src's bytes."""
         self._spawn(self._forward_eof(src))
 
     async def _forward_eof(self, src: Side) -> None:
-        await self.wait_delivered(src)
-        if not self.relay.done.done():
+        if await self.wait_delivered(src):
             self.relay.forward_eof(src)
 
     async def take_back(self) -> None:
@@ -147,6 +170,17 @@ class Splicer:
         self.metrics = metrics
         self.enabled = enabled
         self.flows: set[SplicedFlow] = set()
+        self._watch: asyncio.TimerHandle | None = None
+
+    def _watch_half_closed(self) -> None:
+        """Every WATCH_SECONDS, look for resets on flows with one side half-closed."""
+        self._watch = None
+        for flow in list(self.flows):
+            if flow.relay.downstream.got_eof or flow.relay.upstream.got_eof:
+                flow.check_alive()
+        if self.flows:
+            self._watch = asyncio.get_running_loop().call_later(
+                WATCH_SECONDS, self._watch_half_closed)
 
     def offer(self, relay: Relay, pods: Iterable[str], allowed: bool = True) -> None:
         """A relay has just started; splice it if splicing is on and the flow's
@@ -185,6 +219,9 @@ class Splicer:
             _End(up, socks[1], cookies[1], bases[1])))
         relay.splice = flow
         self.flows.add(flow)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(
+                WATCH_SECONDS, self._watch_half_closed)
         self.metrics.flows.labels("spliced").inc()
         # Bytes that reached a receive queue before the verdict was attached wait for
         # the next data-ready event; setting SO_RCVLOWAT raises one now.
@@ -199,3 +236,4 @@ class Splicer:
         chosen = [flow for flow in list(self.flows) if which(flow)]
         await asyncio.gather(*(flow.take_back() for flow in chosen))
         return len(chosen)
+

@@ -8,6 +8,8 @@ import struct
 import termios
 from typing import Any
 
+TCP_CLOSE = 7  # tcpi_state, include/net/tcp_states.h
+
 # struct tcp_info (include/uapi/linux/tcp.h): u64 tcpi_bytes_acked at offset 120, present
 # since Linux 4.1; the whole struct up to it is 128 bytes.
 _BYTES_ACKED_OFFSET = 120
@@ -28,3 +30,13 @@ def sent_total(sock: Any) -> int:
     fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
     (queued,) = struct.unpack("i", buf)
     return int(acked) + int(queued)
+
+
+def is_closed(sock: Any) -> bool:
+    """The connection is over in the kernel (reset, or both FINs done) while the socket
+    is still open here; also true when the socket cannot be asked any more."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except OSError:
+        return True
+    return info[0] == TCP_CLOSE

@@ -107,6 +107,7 @@ class Pod:
     enrolled: bool
     cni_result: dict[str, Any] = field(default_factory=dict)
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # more workload fields (camelCase)
 
     @property
     def key(self) -> str:
@@ -128,6 +129,7 @@ class Pod:
             "serviceAccount": self.service_account,
             "labels": dict(self.labels),
             "ips": list(self.ips),
+            **self.settings,
         }
         if for_node == self.node:
             entry["netns"] = self.netns_path
@@ -521,8 +523,10 @@ class Cluster:
 
     def add_pod(self, node: str, name: str, namespace: str = "default",
                 service_account: str = "default", labels: Mapping[str, str] | None = None,
-                enroll: bool = True, in_cgroup: bool = True) -> Pod:
+                enroll: bool = True, in_cgroup: bool = True,
+                settings: Mapping[str, Any] | None = None) -> Pod:
         """A pod on ``node``: netns wired by CNI; its cgroup unless in_cgroup=False.
+        ``settings``: more fields of its workload entry (e.g. {"splice": False}).
 
         enroll=True lists it in the node YAMLs and, when daemons run, enrolls it
         through every daemon's control socket at once.
@@ -534,7 +538,7 @@ class Cluster:
         pod = Pod(name=name, namespace=namespace, node=node, service_account=service_account,
                   labels=dict(labels or {}), netns=ns_name, netns_path=netns.path_of(ns_name),
                   cgroup=os.path.join(n.cgroup, "pods", name) if in_cgroup else None,
-                  ips=[], enrolled=False)
+                  ips=[], enrolled=False, settings=dict(settings or {}))
         self.pods[name] = pod
         try:
             netns.add(ns_name)
@@ -823,12 +827,13 @@ class Cluster:
         return out
 
     def serve_peer(self, pod: str | Pod, port: int, timeout: float = 10.0,
-                   **popen_kw: Any) -> subprocess.Popen[Any]:
-        """Start ``peer serve`` in the pod and wait until its port accepts (from the node)."""
+                   *extra: str, **popen_kw: Any) -> subprocess.Popen[Any]:
+        """Start ``peer serve`` in the pod and wait until its port accepts (from the node);
+        ``extra``: more arguments (``--log-connections``)."""
         p = self._pod(pod)
         popen_kw.setdefault("stdout", subprocess.DEVNULL)
         proc = self.spawn_in_pod(p, self.peer_argv("serve", "--port", str(port),
-                                                   "--name", p.name), **popen_kw)
+                                                   "--name", p.name, *extra), **popen_kw)
         netns.wait_for_port(self.nodes[p.node].netns_path, p.ip4, port, timeout)
         return proc
 

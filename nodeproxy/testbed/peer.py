@@ -18,7 +18,11 @@ from ``random.Random(seed)``, so it costs a memory copy to make and catches lost
 duplicated, reordered or corrupted data.
 
 Clients print one JSON line (``load --progress`` adds progress lines before it)
-and exit 0 only when everything verified.  Every client loop is bounded in
+and exit 0 only when everything verified.  ``transfer --random-sizes`` draws each
+connection's sizes up to --send/--receive; ``--reset-fraction`` makes that share of
+connections abort with a reset at a random point (counted apart, not as failures).
+``serve --log-connections`` prints one JSON line per finished transfer connection:
+``{"transfer": "eof" | "reset", "received": N, "sha256": hex}``.  Every client loop is bounded in
 count and in time.
 """
 
@@ -33,6 +37,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -183,8 +188,9 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
 class Server:
     """The peer server: transfer, ping-pong and whoami on one port."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, log_connections: bool = False):
         self.name = name
+        self.log_connections = log_connections
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nodelay(writer)
@@ -205,8 +211,17 @@ class Server:
         header = await reader.readexactly(24)
         length, seed = int.from_bytes(header[:8], "big"), header[8:]
         digest = hashlib.sha256()
-        while data := await reader.read(READ_SIZE):
-            digest.update(data)
+        received = 0
+        try:
+            while data := await reader.read(READ_SIZE):
+                digest.update(data)
+                received += len(data)
+        except OSError:
+            if self.log_connections:
+                emit({"transfer": "reset", "received": received})
+            raise
+        if self.log_connections:
+            emit({"transfer": "eof", "received": received, "sha256": digest.hexdigest()})
         writer.write(digest.digest())
         for chunk in Stream(seed, length).chunks():
             writer.write(chunk)
@@ -255,7 +270,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    server_obj = Server(args.name)
+    server_obj = Server(args.name, args.log_connections)
     sock = listen_socket(args.host, args.port)
     server = await asyncio.start_server(server_obj.handle, sock=sock, limit=STREAM_LIMIT)
     stop = asyncio.Event()
@@ -287,11 +302,25 @@ class Outcome:
     mismatch: bool = False
     error: str | None = None
     seconds: float = 0.0
+    reset: str | None = None  # "send" / "receive": this connection aborted on purpose there
+
+
+class _Abort(Exception):
+    """A connection reaches the point where it was chosen to reset."""
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def transfer_once(host: str, port: int, send: int, receive: int, timeout: float,
-                        rng: random.Random) -> Outcome:
-    """One verified transfer connection."""
+                        rng: random.Random, reset_at: tuple[str, int] | None = None
+                        ) -> Outcome:
+    """One verified transfer connection; with reset_at ("send" or "receive", n) it
+    aborts with a reset once n bytes of that phase have passed (n below the size)."""
     outcome = Outcome()
     started = time.perf_counter()
     writer: asyncio.StreamWriter | None = None
@@ -303,6 +332,12 @@ async def transfer_once(host: str, port: int, send: int, receive: int, timeout: 
         writer.write(TRANSFER + receive.to_bytes(8, "big") + seed)
         digest = hashlib.sha256()
         for chunk in Stream(send_seed, send).chunks():
+            if reset_at and reset_at[0] == "send" and outcome.sent + len(chunk) > reset_at[1]:
+                chunk = chunk[:reset_at[1] - outcome.sent]
+                writer.write(chunk)
+                await writer.drain()
+                outcome.sent += len(chunk)
+                raise _Abort("send")
             digest.update(chunk)
             writer.write(chunk)
             await writer.drain()
@@ -315,6 +350,8 @@ async def transfer_once(host: str, port: int, send: int, receive: int, timeout: 
         while data := await reader.read(READ_SIZE):
             verifier.feed(data)
             outcome.received += len(data)
+            if reset_at and reset_at[0] == "receive" and outcome.received >= reset_at[1]:
+                raise _Abort("receive")
         if not verifier.complete:
             outcome.mismatch = True
         if verifier.position != receive:
@@ -325,6 +362,11 @@ async def transfer_once(host: str, port: int, send: int, receive: int, timeout: 
         outcome.ok = outcome.error is None and not outcome.mismatch
         if outcome.mismatch and outcome.error is None:
             outcome.error = "SHA-256 mismatch"
+    except _Abort as e:
+        outcome.reset = str(e)
+        outcome.ok = not outcome.mismatch
+        if writer is not None:
+            _abort(writer)
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
         outcome.error = describe(e)
     finally:
@@ -377,12 +419,27 @@ async def transfer(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     limit = asyncio.Semaphore(max(1, args.parallel))
 
-    async def one() -> Outcome:
+    def plan() -> tuple[int, int, tuple[str, int] | None]:
+        """One connection's sizes and reset point, drawn from the seeded generator."""
+        send, receive = args.send, args.receive
+        if args.random_sizes:
+            send, receive = rng.randint(0, send), rng.randint(0, receive)
+        reset_at = None
+        if rng.random() < args.reset_fraction:
+            phase = "receive" if receive > 1 and (send <= 1 or rng.random() < 0.5) else "send"
+            if phase == "send":
+                send = max(send, 2)
+            reset_at = (phase, rng.randint(1, (send if phase == "send" else receive) - 1))
+        return send, receive, reset_at
+
+    plans = [plan() for _ in range(args.connections)]
+
+    async def one(send: int, receive: int, reset_at: tuple[str, int] | None) -> Outcome:
         async with limit:
-            return await transfer_once(host, port, args.send, args.receive, args.timeout, rng)
+            return await transfer_once(host, port, send, receive, args.timeout, rng, reset_at)
 
     started = time.perf_counter()
-    outcomes = await asyncio.gather(*(one() for _ in range(args.connections)))
+    outcomes = await asyncio.gather(*(one(*p) for p in plans))
     elapsed = time.perf_counter() - started
     failed = [o for o in outcomes if not o.ok]
     sent = sum(o.sent for o in outcomes)
@@ -395,6 +452,8 @@ async def transfer(args: argparse.Namespace) -> int:
         "sent": sent,
         "received": received,
         "sha_mismatch": sum(1 for o in outcomes if o.mismatch),
+        "resets": {phase: sum(1 for o in outcomes if o.reset == phase)
+                   for phase in ("send", "receive")},
         "elapsed_s": round(elapsed, 6),
         "mbytes_per_s": round((sent + received) / elapsed / 1e6, 3) if elapsed > 0 else 0.0,
     }
@@ -580,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name reported by whoami")
     p.add_argument("--duration", type=float, default=0.0,
                    help="exit after this many seconds (0: until SIGTERM)")
+    p.add_argument("--log-connections", action="store_true",
+                   help="print a JSON line per finished transfer connection")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)
@@ -595,6 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--random-sizes", action="store_true",
+                   help="each connection sends and receives a random size up to the above")
+    p.add_argument("--reset-fraction", type=float, default=0.0,
+                   help="share of connections that abort with a reset at a random point")
 
     p = client("pingpong", "request/response round-trip latency on one connection")
     p.add_argument("--size", type=int, default=100)
