@@ -10,15 +10,16 @@ Plugging in a new one (the kernel fast paths, when they exist):
   service VIP, like ``NodeProxy``;
 - if it needs the daemons set up differently, return the node-YAML overrides from
   ``daemon_overrides()``: before each of the configuration's measurements the
-  suite restarts the daemons with them if they run with other settings
-  (``BenchCluster.ensure_daemon_overrides``; ``direct`` and ``haproxy`` do not care),
-  so list mesh configurations with equal overrides next to each other;
+  suite applies them if the daemons run with other settings
+  (``BenchCluster.ensure_daemon_overrides``: a hot reload for live sections such as
+  fastPath, a restart for restart-only ones such as capture; ``direct`` and
+  ``haproxy`` do not care), so list configurations that need a restart next to
+  each other;
 - ``unavailable()`` returns why it cannot run on this build or machine (or None);
 - replace its ``Planned`` placeholder in ``CONFIGURATIONS``.
 
-The placeholders ``nodeproxy-splice``, ``nodeproxy-nosplice`` and
-``nodeproxy-iptables`` are listed already and reported as "not available in this
-build" with the reason, in the JSON and the markdown, so their absence is visible.
+A ``Planned`` placeholder is reported as "not available in this build" with the
+reason, in the JSON and the markdown, so an absent configuration is visible.
 """
 
 from __future__ import annotations
@@ -83,15 +84,18 @@ class Direct(Configuration):
 
 
 class NodeProxy(Configuration):
-    """The product as built: meshed client -> service VIP, captured by eBPF.
+    """The product as shipped: meshed client -> service VIP, captured by eBPF.
 
-    Same node: the userspace relay (transparent connection into the server pod).
+    Same node: the proxy decides, then splices the flow in the kernel (sk_skb).
     Cross node: HBONE (HTTP/2 CONNECT over mutual TLS) to node1's daemon.
     """
 
-    name = "nodeproxy"
-    summary = ("meshed client -> service VIP; same node: userspace relay, "
-               "cross node: HBONE mTLS")
+    name = "nodeproxy-splice"
+    summary = ("meshed client -> service VIP, eBPF capture; same node: kernel splice "
+               "after the proxy's decision, cross node: HBONE mTLS")
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {"fastPath": {"splice": True}}
 
     def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
         service = bench.service(path, kind)
@@ -101,6 +105,17 @@ class NodeProxy(Configuration):
         if path is NetPath.CROSS_NODE:
             proxies.append(ProxyProcess("nodeproxy-node1", bench.daemon_pid("node1")))
         return Route(MESH_CLIENT, service.vip4, port, tuple(proxies))
+
+
+class NodeProxyNoSplice(NodeProxy):
+    """The same with the splice switched off: every byte goes through the Python relay."""
+
+    name = "nodeproxy-nosplice"
+    summary = ("as nodeproxy-splice with fastPath.splice off: same-node bytes go through "
+               "the userspace (uvloop) relay")
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {"fastPath": {"splice": False}}
 
 
 class HAProxy(Configuration):
@@ -134,12 +149,7 @@ CONFIGURATIONS: list[Configuration] = [
     Direct(),
     NodeProxy(),
     HAProxy(),
-    Planned("nodeproxy-splice",
-            "nodeproxy with same-node flows spliced in the kernel (sockmap sk_skb / sk_msg)",
-            "the sockmap splice and sk_msg fast paths are not implemented yet"),
-    Planned("nodeproxy-nosplice",
-            "nodeproxy with the kernel splice built in but switched off (to isolate its effect)",
-            "there is no splice to switch off yet"),
+    NodeProxyNoSplice(),
     Planned("nodeproxy-iptables",
             "nodeproxy capturing with iptables REDIRECT instead of cgroup/connect4",
             "the iptables capture mode is not implemented yet"),

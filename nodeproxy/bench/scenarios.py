@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodeproxy.bench import connections, enrollment, iperf, procstat, sockperf, wrk
-from nodeproxy.bench.configurations import Configuration
+from nodeproxy.bench.configurations import Configuration, NodeProxy
 from nodeproxy.bench.model import MeasurementError, Metric, NetPath, ServerKind
 from nodeproxy.bench.settings import Settings
 from nodeproxy.bench.topology import BenchCluster
@@ -146,7 +146,7 @@ class Enrollment(Scenario):
     def __init__(self, count: int):
         self.count = count
         self.name = "enrollment"
-        only = ("nodeproxy",)
+        only = (NodeProxy.name,)
         self.metrics = (
             Metric("enroll.total", f"enroll {count} pods (control socket, one by one)", "s",
                    "lower", only=only, digits=2),
@@ -159,7 +159,7 @@ class Enrollment(Scenario):
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
-        if configuration.name != "nodeproxy":
+        if configuration.name != NodeProxy.name:
             raise MeasurementError("enrollment is a nodeproxy measurement")
         raw = enrollment.enroll_many(bench, self.count)
         return {"enroll.total": raw["total_s"], "enroll.per_pod": raw["ms_per_pod"],

@@ -29,6 +29,7 @@ from typing import Any
 from nodeproxy.bench import haproxy
 from nodeproxy.bench.model import NetPath, ServerKind
 from nodeproxy.bench.settings import Settings
+from nodeproxy.config.changes import RESTART_ONLY
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster, Pod, Service
 from nodeproxy.testbed.nginx import nginx_config
@@ -177,9 +178,16 @@ class BenchCluster:
         if wanted == self.daemon_overrides:
             return
         c = self.cluster
-        c.stop_daemons()
-        c.write_configs(overrides=wanted)
-        c.start_daemons(timeout=self.startup_timeout)
+        changed = {key for key in set(wanted) | set(self.daemon_overrides)
+                   if wanted.get(key) != self.daemon_overrides.get(key)}
+        if changed & set(RESTART_ONLY):
+            c.stop_daemons()
+            c.write_configs(overrides=wanted)
+            c.start_daemons(timeout=self.startup_timeout)
+        else:
+            # Live sections (fastPath): a hot reload, as an operator would do it.
+            c.write_configs(overrides=wanted)
+            c.reload_daemons(timeout=self.startup_timeout)
         self.daemon_overrides = wanted
 
     # -- addresses ------------------------------------------------------------

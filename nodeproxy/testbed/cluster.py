@@ -757,6 +757,28 @@ class Cluster:
             node.daemon = None
         return codes
 
+    def reload_daemons(self, timeout: float = 30.0) -> None:
+        """SIGHUP every running daemon (after write_configs) and wait until each has
+        applied a new policy (its nodeproxy_config_reload_total{result="applied"} grew)."""
+        def applied(node: str) -> float:
+            for line in self.metrics(node).splitlines():
+                if line.startswith('nodeproxy_config_reload_total{result="applied"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        running = self._running_nodes()
+        before = {n.name: applied(n.name) for n in running}
+        for n in running:
+            assert n.daemon is not None
+            n.daemon.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        for n in running:
+            while applied(n.name) <= before[n.name]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{n.name}: the daemon did not apply the new policy "
+                                       f"within {timeout:.0f} s:\n{self.daemon_output(n.name)}")
+                time.sleep(0.05)
+
     # -- processes --------------------------------------------------------------
 
     def pod_argv(self, pod: str | Pod, argv: Sequence[str]) -> list[str]:

@@ -23,8 +23,8 @@ from nodeproxy.testbed import cgroups, netns
 pytestmark = pytest.mark.privileged
 
 NODEPROXY = [sys.executable, "-m", "nodeproxy"]
-RUNNABLE = ("direct", "nodeproxy", "haproxy")
-PLANNED = ("nodeproxy-splice", "nodeproxy-nosplice", "nodeproxy-iptables")
+RUNNABLE = ("direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice")
+PLANNED = ("nodeproxy-iptables",)
 PATHS = ("same-node", "cross-node")
 PROXY_ONLY = {"http.same-node.cpu", "http.same-node.rss", "http.cross-node.cpu",
               "http.cross-node.rss", "idle.rss", "idle.per_conn"}
@@ -44,9 +44,9 @@ def expected_metrics() -> set[str]:
 
 def configurations_with_figure(key: str) -> tuple[str, ...]:
     if key in NODEPROXY_ONLY:
-        return ("nodeproxy",)
+        return ("nodeproxy-splice",)
     if key in PROXY_ONLY:
-        return ("nodeproxy", "haproxy")
+        return ("nodeproxy-splice", "haproxy", "nodeproxy-nosplice")
     return RUNNABLE
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed.cluster import Cluster
@@ -90,17 +88,8 @@ def server_log(c: Cluster) -> list[dict]:
 
 def set_splice(c: Cluster, enabled: bool) -> None:
     """Rewrite the node YAML with fastPath.splice and reload it (SIGHUP)."""
-    path = c.nodes["node0"].config_path
-    doc = yaml.safe_load(open(path))
-    doc["fastPath"] = {"splice": enabled}
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f)
-    before = sample(c, "nodeproxy_config_reload_total", result="applied")
-    daemon = c.nodes["node0"].daemon
-    assert daemon is not None
-    daemon.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: sample(c, "nodeproxy_config_reload_total",
-                                   result="applied") > before), c.daemon_output("node0")
+    c.write_configs(overrides={"fastPath": {"splice": enabled}})
+    c.reload_daemons()
 
 
 def test_kernel_counters_equal_the_bytes_the_kernel_moved(node: Cluster):
