@@ -85,18 +85,40 @@ struct sock_state {
 };
 
 /* A spliced flow, as one of its two sockets sees it (bpf/splice.c): keyed by that
- * socket's cookie.  bytes: what the stream verdict moved from this socket to its peer,
- * which the daemon compares with the peer's TCP write sequence to know when every
- * spliced byte is in the peer's send queue (before a FIN, before a take-back). */
+ * socket's cookie.  Written by the daemon once, when the flow is spliced; from then on
+ * only the verdict changes it (its counters).
+ * moved: bytes the verdict redirected from this socket to its peer; the daemon compares
+ *   it with the peer's TCP send queue to know when they are all there (before a FIN,
+ *   before handing the flow back to the proxy).
+ * passed: bytes the verdict left to the proxy instead (paused or taken back). */
 struct splice_peer {
     u64 peer_cookie;
-    u64 bytes;
+    u64 moved;
+    u64 passed;
+};
+
+/* The daemon's instructions for one spliced socket (keyed by its cookie); the verdict
+ * only reads them.  Separate from splice_peer because a map update from user space
+ * replaces the whole value, which would lose the verdict's concurrent increments.
+ * The verdict redirects a segment only while mode is NP_SPLICE_REDIRECT, consumed ==
+ * passed and moved + its length <= credit; otherwise it passes it to the proxy.
+ * consumed: bytes of `passed` the proxy has read and put into the peer's send queue,
+ *   so bytes left to the proxy are never overtaken by redirected ones;
+ * credit: how far `moved` may go: what the peer's send queue has taken plus a window,
+ *   so the kernel never queues more than the window for a peer that lags, even when
+ *   the daemon is not scheduled for a while (the redirect has no flow control). */
+struct splice_control {
+    u64 consumed;
+    u64 credit;
+    u32 mode;       /* NP_SPLICE_REDIRECT or NP_SPLICE_PROXY */
+    u32 pad;
 };
 
 /* Kernel fast-path counters for the whole node (one slot; bpf/splice.c, bpf/redirect.c). */
 struct fastpath_counters {
     u64 splice_bytes;        /* bytes the sk_skb verdict redirected socket to socket */
-    u64 splice_misses;       /* data on a spliced socket with no peer entry: left to the proxy */
+    u64 splice_fallback_bytes; /* bytes on spliced sockets left to the proxy (paused,
+                                * taken back, or no instructions) */
     u64 splice_drops;        /* redirects whose target socket was gone (its flow is ending) */
     u64 msg_redirects;       /* sendmsg() calls the sk_msg program redirected to the peer */
     u64 msg_redirect_bytes;

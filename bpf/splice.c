@@ -1,19 +1,20 @@
 /* Kernel splice of flows the proxy has decided (sk_skb stream verdict).
  *
  * Once the proxy has admitted a plaintext flow it may hand both of its sockets of that
- * flow (client side and server side) to the kernel: each goes into np_splice_targets
- * (a socket a redirect may deliver to) and then np_splice_sockets (a socket whose
- * incoming data this verdict handles), with a splice_flows entry naming its peer.
- * From then on every segment read from one socket is queued straight onto the other's
- * send side by the kernel; no byte enters Python.
+ * flow (client side and server side) to the kernel: each gets a splice_flows entry
+ * naming its peer and a splice_control entry, goes into np_splice_targets (a socket a
+ * redirect may deliver to) and then np_splice_sockets (a socket whose incoming data
+ * this verdict handles).  From then on every segment read from one socket is queued
+ * onto the other's send side by the kernel; no byte enters Python.
  *
- * The two sockhashes are deliberately separate: to take a flow back, the daemon first
- * removes both sockets from np_splice_sockets (the verdict stops; new data stays in
- * the socket's receive queue, in order), waits until the peer's send queue holds every
- * byte already redirected (splice_peer.bytes against the peer's TCP write sequence),
- * and only then removes them from np_splice_targets, which frees the kernel's
- * per-socket state.  A FIN is forwarded by the daemon the same way: after the bytes
- * before it are in the peer's send queue.
+ * The kernel's redirect has no flow control, and detaching the verdict from a socket
+ * that is receiving can drop a segment in flight; so the daemon never detaches a live
+ * socket.  It steers with splice_control instead (credit, mode): a segment beyond the
+ * credit the daemon granted goes to the socket's own reader (the proxy), which holds
+ * it until the kernel's earlier bytes are delivered, then forwards it; meanwhile the
+ * passed bytes count against the socket's receive buffer, so TCP's window holds the
+ * sender back.  Redirecting resumes once the proxy has consumed every passed byte
+ * (ordering).  The sockets leave the maps when they close.
  *
  * The maps are per daemon instance (not pinned): the sockets belong to this process.
  */
@@ -21,25 +22,30 @@
 BPF_SOCKHASH(np_splice_sockets, u64, NP_MAX_FLOWS);
 BPF_SOCKHASH(np_splice_targets, u64, NP_MAX_FLOWS);
 BPF_HASH(splice_flows, u64, struct splice_peer, NP_MAX_FLOWS);
+BPF_HASH(splice_control, u64, struct splice_control, NP_MAX_FLOWS);
 
 int np_splice_verdict(struct __sk_buff *skb)
 {
     u64 cookie = np_socket_cookie(skb);
+    u32 len = skb->len;
     struct fastpath_counters *c = fastpath_counters();
     struct splice_peer *p = splice_flows.lookup(&cookie);
-    if (!p) {
-        if (c)
-            __sync_fetch_and_add(&c->splice_misses, 1);
-        return SK_PASS;  /* to this socket's own reader: the proxy */
-    }
-    u32 len = skb->len;
+    struct splice_control *ctl = splice_control.lookup(&cookie);
     /* The segment that carried the FIN reaches the verdict with no data: the FIN is
      * the proxy's to forward, in order; redirected, the peer's send path would fail it
      * (a zero-byte send is a broken pipe to the kernel's sockmap backlog). */
     if (len == 0)
         return SK_DROP;
+    if (!p || !ctl || ctl->mode != NP_SPLICE_REDIRECT || ctl->consumed != p->passed ||
+        p->moved + len > ctl->credit) {
+        if (p)
+            __sync_fetch_and_add(&p->passed, len);
+        if (c)
+            __sync_fetch_and_add(&c->splice_fallback_bytes, len);
+        return SK_PASS;  /* to this socket's own reader: the proxy */
+    }
     u64 peer = p->peer_cookie;
-    __sync_fetch_and_add(&p->bytes, len);
+    __sync_fetch_and_add(&p->moved, len);
     int verdict = np_splice_targets.sk_redirect_hash(skb, &peer, 0);
     if (c) {
         if (verdict == SK_PASS)

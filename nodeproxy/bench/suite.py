@@ -37,12 +37,14 @@ class Suite:
     """The state of one run: results per metric and configuration, the run log, errors."""
 
     def __init__(self, settings: Settings, configurations: list[Configuration] | None = None,
-                 log: Log = stderr_log, startup_timeout: float = 120.0):
+                 log: Log = stderr_log, startup_timeout: float = 120.0,
+                 only: str | None = None):
         self.notes: list[str] = []
         self.settings = self._fit_nofile(settings)
         self.configurations = list(configurations or CONFIGURATIONS)
         self.runnable = available(self.configurations)
-        self.scenarios = scenarios.build(self.settings)
+        self.scenarios = [s for s in scenarios.build(self.settings)
+                          if only is None or only in s.name]
         self.log = log
         self.startup_timeout = startup_timeout
         self.results: dict[str, dict[str, Cell]] = {}

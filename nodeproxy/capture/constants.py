@@ -15,6 +15,10 @@ TRANSPARENT_MARK = 0x4E51
 TRANSPARENT_ROUTE_TABLE = 15051
 # pod_info.flags: the pod has no IPv6 loopback, so connect6 must not steer it to [::1].
 POD_NO_IPV6 = 0x1
+# splice_control.mode (bpf/splice.c): redirect to the peer (within the credit); pass
+# everything to the proxy.
+SPLICE_REDIRECT = 0
+SPLICE_PROXY = 1
 
 
 def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,
@@ -33,4 +37,6 @@ def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,
         f"-DNP_SOCKET_MARK={SOCKET_MARK:#x}",
         f"-DNP_TRANSPARENT_MARK={TRANSPARENT_MARK:#x}",
         f"-DNP_POD_NO_IPV6={POD_NO_IPV6:#x}",
+        f"-DNP_SPLICE_REDIRECT={SPLICE_REDIRECT}",
+        f"-DNP_SPLICE_PROXY={SPLICE_PROXY}",
     ]

@@ -61,7 +61,7 @@ class FastPathCounters:
     """The node's kernel fast-path counters (see struct fastpath_counters)."""
 
     splice_bytes: int = 0
-    splice_misses: int = 0
+    splice_fallback_bytes: int = 0
     splice_drops: int = 0
     msg_redirects: int = 0
     msg_redirect_bytes: int = 0

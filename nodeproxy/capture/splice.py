@@ -1,8 +1,11 @@
 """The daemon's side of the kernel splice maps (bpf/splice.c): joining two sockets of a
-flow, stopping the verdict on them, releasing them, and reading what was moved.
+flow, steering the verdict per socket (redirect, pause, hand back to the proxy), and
+reading what it moved and what it passed.
 
-The map layout (struct splice_peer) comes from bpf/maps.h through bcc; sockhash maps
-are written through libbcc because bcc's Table cannot open them.
+The layouts (struct splice_peer, struct splice_control) come from bpf/maps.h through
+bcc; sockhash maps are written through libbcc because bcc's Table cannot open them.
+A socket is never removed from the sockhashes while it lives (see bpf/splice.c): the
+kernel removes it when it closes; the daemon then forgets its entries (release()).
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import socket
 import struct
 from typing import Any
 
+from nodeproxy.capture.constants import SPLICE_PROXY, SPLICE_REDIRECT
+
 SO_COOKIE = 57  # not in Python's socket module
+
+MODES = {"redirect": SPLICE_REDIRECT, "proxy": SPLICE_PROXY}
 
 
 class SpliceError(OSError):
@@ -26,15 +33,26 @@ def socket_cookie(sock: Any) -> int:
     return int(struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0])
 
 
+def _kick(sock: Any) -> None:
+    """Bytes that reached the receive queue before the verdict was attached would wait
+    for the next data-ready event; setting SO_RCVLOWAT raises one now."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    except OSError:
+        pass
+
+
 class SpliceMaps:
     """np_splice_sockets (the verdict runs on these), np_splice_targets (a redirect may
-    deliver to these) and splice_flows (each socket's peer and bytes moved)."""
+    deliver to these), splice_flows (peer and counters) and splice_control (mode)."""
 
     def __init__(self, bpf: Any, sockets_fd: int, targets_fd: int):
         import bcc  # Debian's python3-bpfcc, only where the programs are loaded
 
         self._lib = bcc.lib
         self._flows = bpf["splice_flows"]
+        self._control = bpf["splice_control"]
+        self._counters = bpf["fastpath_stats"]
         self._sockets_fd = sockets_fd
         self._targets_fd = targets_fd
 
@@ -45,50 +63,60 @@ class SpliceMaps:
             code = ctypes.get_errno() or errno.EINVAL
             raise SpliceError(code, f"sockhash update: {os.strerror(code)}")
 
-    def _delete(self, map_fd: int, cookie: int) -> None:
-        key = ctypes.c_uint64(cookie)
-        self._lib.bpf_delete_elem(map_fd, ctypes.byref(key))  # absent (closed) is fine
-
-    def join(self, a: Any, b: Any) -> tuple[int, int]:
+    def join(self, a: Any, b: Any, credit: int) -> tuple[int, int]:
         """Splice sockets a and b: from now on the kernel moves each one's incoming data to
-        the other's send queue.  Returns their cookies.  All or nothing."""
+        the other's send queue, `credit` bytes each way to begin with.  Returns their
+        cookies.  All or nothing."""
         ca, cb = socket_cookie(a), socket_cookie(b)
         try:
-            # Targets and peers first: the verdict must find both once it runs.
-            self._update(self._targets_fd, ca, a)
-            self._update(self._targets_fd, cb, b)
+            # Entries and targets first: the verdict must find everything once it runs.
             for me, peer in ((ca, cb), (cb, ca)):
                 leaf = self._flows.Leaf()
                 leaf.peer_cookie = peer
-                leaf.bytes = 0
                 self._flows[self._flows.Key(me)] = leaf
+                self.steer(me, "redirect", 0, credit)
+            self._update(self._targets_fd, ca, a)
+            self._update(self._targets_fd, cb, b)
             self._update(self._sockets_fd, ca, a)
             self._update(self._sockets_fd, cb, b)
         except OSError:
-            self.stop(ca, cb)
+            # Not established any more (a socket in CLOSE_WAIT is refused).  A socket the
+            # verdict already runs on stays until it closes: without entries the verdict
+            # passes all of its data to the proxy.
             self.release(ca, cb)
             raise
+        for sock in (a, b):
+            _kick(sock)
         return ca, cb
 
-    def stop(self, *cookies: int) -> None:
-        """The verdict stops handling these sockets' data; it stays in their receive
-        queues.  What was already redirected is still being delivered."""
-        for cookie in cookies:
-            self._delete(self._sockets_fd, cookie)
+    def steer(self, cookie: int, mode: str, consumed: int, credit: int) -> None:
+        """Tell the verdict what to do with this socket's data (see struct splice_control)."""
+        leaf = self._control.Leaf()
+        leaf.mode = MODES[mode]
+        leaf.consumed = consumed
+        leaf.credit = credit
+        self._control[self._control.Key(cookie)] = leaf
 
     def release(self, *cookies: int) -> None:
-        """Forget the sockets entirely (frees the kernel's per-socket state: only once
-        everything redirected to them is in their send queue)."""
+        """Forget sockets' entries.  The sockhashes keep a live socket (the kernel removes
+        it when it closes): detaching the verdict from a receiving socket can drop a
+        segment in flight."""
         for cookie in cookies:
-            self._delete(self._targets_fd, cookie)
-            try:
-                del self._flows[self._flows.Key(cookie)]
-            except KeyError:
-                pass
+            for table in (self._flows, self._control):
+                try:
+                    del table[table.Key(cookie)]
+                except KeyError:
+                    pass
 
-    def moved(self, cookie: int) -> int:
-        """Bytes the verdict has moved from this socket to its peer so far."""
+    def counters(self, cookie: int) -> tuple[int, int]:
+        """(moved, passed): bytes the verdict redirected from this socket to its peer, and
+        bytes it left to the proxy, so far."""
         try:
-            return int(self._flows[self._flows.Key(cookie)].bytes)
+            leaf = self._flows[self._flows.Key(cookie)]
         except KeyError:
-            return 0
+            return 0, 0
+        return int(leaf.moved), int(leaf.passed)
+
+    def total_moved(self) -> int:
+        """Bytes the verdict has moved on this node, all flows (changes mean activity)."""
+        return int(self._counters[self._counters.Key(0)].splice_bytes)

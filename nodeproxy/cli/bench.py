@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds of the alternated configurations (default: 1 quick, 5 full)")
     parser.add_argument("--json", metavar="FILE", help="write the full results as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the markdown table")
+    parser.add_argument("--only", metavar="TEXT",
+                        help="run only the scenarios whose name contains TEXT (e.g. latency, "
+                             "'throughput same-node'); for investigating, not for the README")
     parser.add_argument("--startup-timeout", type=float, default=120.0,
                         help="seconds to wait for each daemon's /ready (default 120)")
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"nodeproxy bench: {e}", file=sys.stderr)
         return 2
-    doc = Suite(chosen, startup_timeout=args.startup_timeout).run()
+    doc = Suite(chosen, startup_timeout=args.startup_timeout, only=args.only).run()
     table = report.markdown(doc)
     if args.json:
         _write(args.json, json.dumps(doc, indent=2, sort_keys=False) + "\n")

@@ -131,13 +131,15 @@ class FastPathSettings(Model):
     splice: once the proxy has decided a plaintext flow (same-node pod to pod, the
     inbound plaintext path, a passthrough destination) and policy allows it, both of
     its sockets go into a sockhash with an sk_skb stream verdict program and the
-    kernel moves the bytes; a workload's ``splice: false`` opts its flows out.
+    kernel moves the bytes; a workload's ``splice: false`` opts its flows out.  Off by
+    default: opt in per node (the limits found on kernel 6.18 are in the docs).
+    Switching it at reload applies to new flows.
     sk_msg: the application's socket and the proxy's socket of one loopback
     connection (app <-> outbound listener) exchange messages through an sk_msg
     redirect instead of the loopback TCP/IP stack.
     """
 
-    splice: bool = True
+    splice: bool = False
     sk_msg: bool = True
 
 

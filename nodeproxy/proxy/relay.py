@@ -47,6 +47,7 @@ class Side(asyncio.Protocol):
         self.relay: Relay | None = None
         self.got_eof = False
         self.eof_forwarded = False
+        self.write_paused = False  # our write buffer is above its high-water mark
         self.lost = False
         self.error: BaseException | None = None
         self._start_paused = start_paused
@@ -80,10 +81,12 @@ class Side(asyncio.Protocol):
             self.relay.on_lost(self, exc)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.relay is not None:
             self.relay.peer(self).pause()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.relay is not None:
             self.relay.peer(self).resume()
 
@@ -92,6 +95,9 @@ class Side(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
+        """Read again, unless what we read would only pile up in the peer's write buffer."""
+        if self.relay is not None and self.relay.peer(self).write_paused:
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -137,11 +143,15 @@ class Relay:
         return self.upstream if side is self.downstream else self.downstream
 
     def forward(self, src: Side, data: bytes) -> None:
+        if self.splice is not None and self.splice.hold(src, data):
+            return  # the kernel's earlier bytes go first
         dst = self.peer(src)
         if dst.transport is None or dst.transport.is_closing():
             return
         dst.transport.write(data)
         self.account(src, len(data))
+        if self.splice is not None:
+            self.splice.python_forwarded(src, len(data))
 
     def account(self, src: Side, n: int) -> None:
         """n bytes went from src to its peer (by Python or by the kernel)."""

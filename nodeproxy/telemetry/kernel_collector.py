@@ -91,8 +91,8 @@ class KernelCollector(Collector):
         for name, value, doc in (
             ("splice_bytes", c.splice_bytes,
              "Bytes the sk_skb splice moved socket to socket, never entering the proxy"),
-            ("splice_misses", c.splice_misses,
-             "Segments on a spliced socket without a peer entry, left to the proxy"),
+            ("splice_fallback_bytes", c.splice_fallback_bytes,
+             "Bytes on spliced sockets left to the proxy (flow control, taken back)"),
             ("splice_drops", c.splice_drops,
              "Segments whose splice target socket had already closed"),
             ("msg_redirects", c.msg_redirects,
