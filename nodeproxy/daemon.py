@@ -428,7 +428,7 @@ class Daemon:
                 log.error("%s: could not enroll pod %s: %s", source, w.key, e)
         # Tables, admission and the kernel's deny map switch together, in one step.
         self._rebuild_table()
-        self._apply_fast_path()
+        await self._apply_fast_path(changes.changed)
         self._config_info.clear()
         self._config_info.labels(new.digest).set(1)
         log.info("reload (%s): %s -> %s applied (%d pods added, %d removed, %d changed)",
@@ -436,15 +436,16 @@ class Daemon:
                  len(changes.removed), len(changes.changed))
         return "applied"
 
-    def _apply_fast_path(self) -> None:
-        """Splicing switched on or off: applies to new flows; spliced ones end in the kernel
-        (nodeproxy/proxy/splice.py says why they are not handed back)."""
+    async def _apply_fast_path(self, changed: tuple[Workload, ...]) -> None:
+        """Splicing switched off (globally or for a pod): the kernel gives those flows back."""
         splicer = self.splicer
         assert splicer is not None
-        if splicer.enabled != self.config.fast_path.splice:
-            splicer.enabled = self.config.fast_path.splice
-            log.info("splicing %s for new flows; %d spliced flows run on in the kernel",
-                     "on" if splicer.enabled else "off", len(splicer.flows))
+        splicer.enabled = self.config.fast_path.splice
+        opted_out = {w.key for w in changed if not w.splice}
+        taken = await splicer.take_back(
+            lambda flow: not splicer.enabled or bool(opted_out.intersection(flow.pods)))
+        if taken:
+            log.info("took %d spliced flows back from the kernel", taken)
 
     # -- pods enrolled at run time survive restarts -----------------------
 

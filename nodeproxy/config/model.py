@@ -132,8 +132,8 @@ class FastPathSettings(Model):
     inbound plaintext path, a passthrough destination) and policy allows it, both of
     its sockets go into a sockhash with an sk_skb stream verdict program and the
     kernel moves the bytes; a workload's ``splice: false`` opts its flows out.  Off by
-    default: opt in per node (the limits found on kernel 6.18 are in the docs).
-    Switching it at reload applies to new flows.
+    default: opt in per node (docs/architecture.md says what was measured and found on
+    kernel 6.18).  Switched off at reload, running flows are handed back to the proxy.
     sk_msg: the application's socket and the proxy's socket of one loopback
     connection (app <-> outbound listener) exchange messages through an sk_msg
     redirect instead of the loopback TCP/IP stack.

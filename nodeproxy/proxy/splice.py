@@ -26,20 +26,19 @@ against the source socket's receive buffer, so TCP's window holds the sender bac
 also while the daemon is not scheduled.  Once the proxy has put every passed byte
 into the destination's send queue, the verdict redirects again.
 
-A flow's sockets stay in the kernel's maps until they close: detaching the verdict
-from a socket that is receiving dropped a segment in flight here (kernel 6.18).  And a
-running flow is not handed back to Python as a whole when splicing is switched off at
-reload: doing that to both directions at once under load duplicated one segment in
-about 2 of 10 runs here; switching splicing off applies to new flows, running ones end
-in the kernel.  (Pausing one direction for flow control, the same mechanism, passed
-every test; see docs/architecture.md, "Fast paths".)
+A flow is taken back (splicing switched off at reload, or for one workload) the same
+way, for good: the verdict passes everything to the proxy, which holds it until the
+kernel's bytes are delivered.  A flow's sockets stay in the kernel's maps until they
+close: detaching the verdict from a socket that is receiving dropped a segment in
+flight here (kernel 6.18), and so did an earlier take-back that paused reading on
+both sides and waited; the credit-and-hold design passed every run since.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +105,7 @@ class SplicedFlow:
         self._ends = {id(end.side): end for end in ends}
         self._waiters: set[asyncio.Task] = set()
         self._released = False
+        self.taken_back = False
 
     @property
     def holding(self) -> bool:
@@ -166,6 +166,8 @@ class SplicedFlow:
 
     def _renew(self, end: _End) -> None:
         """Tell the verdict what Python has consumed and renew the credit."""
+        if self.taken_back:
+            return
         dst = self.relay.peer(end.side)
         consumed = end.consumed
         if dst.transport is not None and dst.transport.get_write_buffer_size() == 0:
@@ -221,6 +223,18 @@ class SplicedFlow:
         for end in self._ends.values():
             if not end.side.got_eof:
                 self._renew(end)
+
+    async def take_back(self) -> None:
+        """Hand the flow to Python for good: the verdict passes everything from now on,
+        and Python holds what it gets until the kernel's earlier bytes are delivered."""
+        if self._released or self.taken_back:
+            return
+        self.taken_back = True
+        self.splicer.flows.discard(self)
+        for end in self._ends.values():
+            self.maps.steer(end.cookie, "proxy", end.consumed, end.credit)
+        await asyncio.gather(*(self.wait_delivered(end.side) for end in self._ends.values()))
+        self.splicer.metrics.flows.labels("taken_back").inc()
 
     # -- the end ------------------------------------------------------------------
 
@@ -314,3 +328,9 @@ class Splicer:
     def _schedule(self) -> None:
         if self._tick is None and self.flows:
             self._tick = asyncio.get_running_loop().call_later(FLOW_TICK, self._on_tick)
+
+    async def take_back(self, which: Callable[[SplicedFlow], bool] = lambda f: True) -> int:
+        """Take back every spliced flow `which` selects; returns how many."""
+        chosen = [flow for flow in list(self.flows) if which(flow)]
+        await asyncio.gather(*(flow.take_back() for flow in chosen))
+        return len(chosen)
