@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeproxy.bench import stats
+from nodeproxy.bench import stats, targets
 from nodeproxy.bench.configurations import Configuration
 from nodeproxy.bench.model import Cell, Metric
 
@@ -101,6 +101,8 @@ def markdown(doc: dict[str, Any]) -> str:
         cells = [_cell(entry["results"][name], entry["digits"], notes,
                        f"{entry['title']}, {name}", name != BASELINE) for name in columns]
         lines.append(f"| {entry['title']} | {entry['unit']} | " + " | ".join(cells) + " |")
+    if doc.get("targets"):
+        lines += targets.markdown(doc["targets"])
     if notes:
         lines += ["", "Not measured:"]
         lines += [f"{i}. {note}" for i, note in enumerate(notes, 1)]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from nodeproxy.bench import procstat, report, scenarios
+from nodeproxy.bench import procstat, report, scenarios, targets
 from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration, available
 from nodeproxy.bench.model import Cell, MeasurementError
 from nodeproxy.bench.scenarios import Scenario
@@ -178,6 +178,7 @@ class Suite:
             "configurations": [c.describe() for c in self.configurations],
             "order": [c.name for c in self.runnable],
             "metrics": metrics,
+            "targets": targets.evaluate(metrics),
             "missing": missing,
             "runs": self.runs,
             "errors": self.errors,

@@ -1,0 +1,48 @@
+"""The performance targets are judged from one run's medians, and say when they cannot be."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodeproxy.bench import targets
+
+
+def entry(key: str, **medians: float | None) -> dict[str, Any]:
+    return {"key": key, "results": {
+        name: {"available": True, "n": 0 if value is None else 5, "median": value}
+        for name, value in medians.items()}}
+
+
+def by_name(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["target"]: r for r in results}
+
+
+def test_latency_targets_compare_added_latency_within_the_run() -> None:
+    metrics = [entry("latency.same-node.p50", direct=70.0, **{
+        "nodeproxy-splice": 76.0, "nodeproxy-nosplice": 90.0, "nodeproxy-iptables": 95.0})]
+    r = by_name(targets.evaluate(metrics))
+    assert r["same-node L4 latency with splice"]["met"] is True
+    assert r["same-node L4 latency with splice"]["measured"] == "+6.0 µs"
+    assert r["splice against the userspace pump"]["met"] is False  # 6 > 20 / 2
+    assert r["eBPF capture against iptables capture (same pump)"]["met"] is True
+
+
+def test_throughput_and_memory_targets() -> None:
+    metrics = [entry("throughput.same-node.1", direct=10.0, **{"nodeproxy-splice": 9.5}),
+               entry("throughput.same-node.8", direct=10.0, **{"nodeproxy-splice": 8.0}),
+               entry("enroll.rss", **{"nodeproxy-splice": 79.0}),
+               entry("idle.rss", **{"nodeproxy-splice": 300.0})]
+    r = by_name(targets.evaluate(metrics))
+    assert r["same-node throughput with splice, 1 stream"]["met"] is True
+    assert r["same-node throughput with splice, 8 streams"]["met"] is False
+    assert r["daemon memory with many pods enrolled"]["met"] is True
+    assert r["daemon memory with idle connections"]["met"] is False
+
+
+def test_a_missing_figure_is_neither_met_nor_missed() -> None:
+    metrics = [entry("latency.same-node.p50", direct=70.0, **{"nodeproxy-splice": None})]
+    r = by_name(targets.evaluate(metrics))
+    assert r["same-node L4 latency with splice"]["met"] is None
+    assert r["same-node L4 latency with splice"]["measured"] == "no figure in this run"
+    lines = targets.markdown(targets.evaluate(metrics))
+    assert any("not measurable" in line for line in lines)
