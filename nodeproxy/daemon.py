@@ -16,7 +16,7 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from pydantic import ValidationError
@@ -31,7 +31,6 @@ from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
 from nodeproxy.config.model import Service, Workload
-from nodeproxy.discovery.client import KubernetesDiscovery
 from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
@@ -50,6 +49,9 @@ from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.server import HboneServer
+
+if TYPE_CHECKING:  # the client imports kubernetes_asyncio: only when discovery is on
+    from nodeproxy.discovery.client import KubernetesDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +256,8 @@ class Daemon:
     # -- Kubernetes API discovery ----------------------------------------
 
     async def _start_discovery(self) -> None:
+        from nodeproxy.discovery.client import KubernetesDiscovery
+
         settings = self.config.discovery
         if settings.api_server:
             self.discovery = KubernetesDiscovery(settings.api_server, self.config.node.name,

@@ -24,7 +24,18 @@ beyond that protocol (watch caches, priority and fairness, protobuf, WatchList s
 is not exercised.  See docs/discovery.md.
 """
 
-from nodeproxy.discovery.client import DiscoveryUnavailable, KubernetesDiscovery
+from typing import Any
+
 from nodeproxy.discovery.state import DiscoveredState, is_meshed
 
 __all__ = ["DiscoveredState", "DiscoveryUnavailable", "KubernetesDiscovery", "is_meshed"]
+
+
+def __getattr__(name: str) -> Any:
+    # The client pulls in kubernetes_asyncio (~60 MiB of resident memory): only a daemon
+    # with discovery on should pay for it.
+    if name in ("DiscoveryUnavailable", "KubernetesDiscovery"):
+        from nodeproxy.discovery import client
+
+        return getattr(client, name)
+    raise AttributeError(name)
