@@ -100,6 +100,41 @@ class Http(Scenario):
         return values, raw
 
 
+class HttpFixedRate(Scenario):
+    """HTTP at a fixed, moderate rate: the latency a proxy adds when it is not saturated,
+    and its CPU cost per request at that load."""
+
+    def __init__(self, path: NetPath):
+        self.path = path
+        self.name = f"http-rate {path.value}"
+        p = f"http-rate.{path.value}"
+        where = path.label
+        rate = f"~{wrk.FIXED_RATE} req/s"
+        self.metrics = (
+            Metric(f"{p}.rps", f"HTTP at {rate}: achieved, {where}", "req/s", "higher",
+                   digits=0),
+            Metric(f"{p}.p50", f"HTTP at {rate}: latency p50, {where}", "ms", "lower",
+                   digits=3),
+            Metric(f"{p}.p99", f"HTTP at {rate}: latency p99, {where}", "ms", "lower",
+                   digits=3),
+            Metric(f"{p}.cpu", f"HTTP at {rate}: proxy CPU per 1000 requests, {where}",
+                   "CPU s", "lower", needs_proxy=True, digits=3),
+        )
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.HTTP, self.path)
+        cpu_before = {p.name: procstat.cpu_seconds(p.pid) for p in route.proxies}
+        raw: dict[str, Any] = dict(wrk.fixed_rate(bench, route, settings))
+        cpu = {p.name: procstat.cpu_seconds(p.pid) - cpu_before[p.name] for p in route.proxies}
+        raw["proxy_cpu_s"] = cpu
+        m = {metric.key.rsplit(".", 1)[1]: metric.key for metric in self.metrics}
+        values = {m["rps"]: raw["rps"], m["p50"]: raw["p50_ms"], m["p99"]: raw["p99_ms"]}
+        if route.proxies:
+            values[m["cpu"]] = sum(cpu.values()) / (raw["requests"] / 1000)
+        return values, raw
+
+
 class ConnectRate(Scenario):
     def __init__(self, path: NetPath):
         self.path = path
@@ -176,6 +211,8 @@ def build(settings: Settings) -> list[Scenario]:
             scenarios.append(Throughput(path, streams))
     for path in NetPath:
         scenarios.append(Http(path))
+    for path in NetPath:
+        scenarios.append(HttpFixedRate(path))
     for path in NetPath:
         scenarios.append(ConnectRate(path))
     scenarios.append(IdleConnections(settings.idle_connections))

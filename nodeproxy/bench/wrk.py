@@ -1,4 +1,5 @@
-"""L7: wrk against nginx at saturation (keep-alive connections, one small file)."""
+"""L7: wrk against nginx (keep-alive connections, one small file), at saturation and at a
+fixed rate (each connection waits between requests: wrk's delay() hook)."""
 
 from __future__ import annotations
 
@@ -27,20 +28,40 @@ ERROR_FIELDS = ("connect_errors", "read_errors", "write_errors", "status_errors"
 MAX_ERROR_SHARE = 0.01
 
 
-def script_path(bench: BenchCluster) -> str:
-    path = os.path.join(bench.cluster.dir, "bench", "wrk-report.lua")
+# The fixed-rate run: this many requests per second over this many connections.
+FIXED_RATE = 1000
+FIXED_RATE_CONNECTIONS = 10
+
+
+def script_path(bench: BenchCluster, pace_ms: float | None = None) -> str:
+    """The Lua script: the JSON report, and with pace_ms a pause before each request."""
+    name = "wrk-report.lua" if pace_ms is None else f"wrk-report-paced-{pace_ms:g}ms.lua"
+    path = os.path.join(bench.cluster.dir, "bench", name)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        Path(path).write_text(REPORT_LUA)
+        pace = "" if pace_ms is None else f"delay = function() return {pace_ms:g} end\n"
+        Path(path).write_text(pace + REPORT_LUA)
     return path
 
 
 def saturate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
     """requests/s, p50/p99 latency (ms) and error counts of one wrk run."""
+    return _run(bench, route, settings, settings.wrk_connections, None)
+
+
+def fixed_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
+    """The same at about FIXED_RATE requests/s (the achieved rate is reported: each
+    connection pauses between a response and its next request)."""
+    pace_ms = FIXED_RATE_CONNECTIONS * 1000 / FIXED_RATE
+    return _run(bench, route, settings, FIXED_RATE_CONNECTIONS, pace_ms)
+
+
+def _run(bench: BenchCluster, route: Route, settings: Settings, connections: int,
+         pace_ms: float | None) -> dict[str, float]:
     seconds = max(1, round(settings.wrk_seconds))
     url = f"http://{route.address}/{HTTP_FILE}"
-    argv = ["wrk", "-t1", f"-c{settings.wrk_connections}", f"-d{seconds}s", "--timeout", "5s",
-            "-s", script_path(bench), url]
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+            "-s", script_path(bench, pace_ms), url]
     result = run_tool(bench, route.client_pod, argv, timeout=seconds + settings.tool_margin)
     if result.returncode != 0:
         raise MeasurementError(f"wrk exited {result.returncode}: "

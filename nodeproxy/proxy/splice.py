@@ -61,6 +61,8 @@ POLL_MAX = 0.02
 # what a destination's send queue has taken (its backlog never exceeds this).
 FLOW_TICK = 0.005
 CREDIT_WINDOW = 8 * 1024 * 1024
+# A quiet flow is checked at least this often.
+CHECK_MAX = 1.0
 # How often half-closed spliced flows are checked for a reset on their quiet side.
 WATCH_SECONDS = 0.5
 
@@ -91,6 +93,8 @@ class _End:
     from_python: int = 0    # bytes Python read from this socket since the splice
     consumed: int = 0       # ... of which the verdict was told they are in the peer's queue
     held: list[bytes] | None = None  # passed bytes waiting for the kernel's to be delivered
+    checked_moved: int = 0  # moved and the loop time at the last flow-control check
+    checked_at: float = 0.0
 
 
 class SplicedFlow:
@@ -106,6 +110,7 @@ class SplicedFlow:
         self._waiters: set[asyncio.Task] = set()
         self._released = False
         self.taken_back = False
+        self.next_check = 0.0
 
     @property
     def holding(self) -> bool:
@@ -216,13 +221,25 @@ class SplicedFlow:
                 self._reset(side) for side in (self.relay.downstream, self.relay.upstream)):
             self.relay.abort()
 
-    def regulate(self) -> None:
-        """Flow control for both directions (see the module docstring)."""
-        if self._released or self.relay.done.done():
+    def regulate(self, now: float) -> None:
+        """Flow control for both directions (see the module docstring), at most as often
+        as the flow's pace needs: a direction is checked again when, at the rate it moved
+        since the last check, it would have used half of what is left of its credit."""
+        if self._released or self.relay.done.done() or now < self.next_check:
             return
+        wait = CHECK_MAX
         for end in self._ends.values():
-            if not end.side.got_eof:
+            if end.side.got_eof:
+                continue
+            moved = self.moved(end.side)
+            rate = (moved - end.checked_moved) / max(now - end.checked_at, FLOW_TICK)
+            end.checked_moved, end.checked_at = moved, now
+            if end.held is not None or end.credit - moved < CREDIT_WINDOW // 2 or (
+                    end.from_python != end.consumed):
                 self._renew(end)
+            if rate > 0:
+                wait = min(wait, (end.credit - moved) / 2 / rate)
+        self.next_check = now + max(FLOW_TICK, wait)
 
     async def take_back(self) -> None:
         """Hand the flow to Python for good: the verdict passes everything from now on,
@@ -316,8 +333,9 @@ class Splicer:
         total = self.maps.total_moved()
         if total != self._last_total or any(flow.holding for flow in self.flows):
             self._last_total = total
+            now = loop.time()
             for flow in list(self.flows):
-                flow.regulate()
+                flow.regulate(now)
         if loop.time() - self._last_watch >= WATCH_SECONDS:
             self._last_watch = loop.time()
             for flow in list(self.flows):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -758,22 +759,18 @@ class Cluster:
         return codes
 
     def reload_daemons(self, timeout: float = 30.0) -> None:
-        """SIGHUP every running daemon (after write_configs) and wait until each has
-        applied a new policy (its nodeproxy_config_reload_total{result="applied"} grew)."""
-        def applied(node: str) -> float:
-            for line in self.metrics(node).splitlines():
-                if line.startswith('nodeproxy_config_reload_total{result="applied"}'):
-                    return float(line.split()[-1])
-            return 0.0
-
+        """SIGHUP every running daemon (after write_configs) and wait until each runs the
+        file now on disk (its /config_dump digest is the file's SHA-256; the daemon's own
+        file watch may have got there first)."""
         running = self._running_nodes()
-        before = {n.name: applied(n.name) for n in running}
+        wanted = {n.name: hashlib.sha256(Path(n.config_path).read_bytes()).hexdigest()
+                  for n in running}
         for n in running:
             assert n.daemon is not None
             n.daemon.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
         for n in running:
-            while applied(n.name) <= before[n.name]:
+            while self.admin_json(n.name, "/config_dump").get("digest") != wanted[n.name]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{n.name}: the daemon did not apply the new policy "
                                        f"within {timeout:.0f} s:\n{self.daemon_output(n.name)}")

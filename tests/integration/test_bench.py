@@ -27,7 +27,8 @@ RUNNABLE = ("direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice")
 PLANNED = ("nodeproxy-iptables",)
 PATHS = ("same-node", "cross-node")
 PROXY_ONLY = {"http.same-node.cpu", "http.same-node.rss", "http.cross-node.cpu",
-              "http.cross-node.rss", "idle.rss", "idle.per_conn"}
+              "http.cross-node.rss", "http-rate.same-node.cpu", "http-rate.cross-node.cpu",
+              "idle.rss", "idle.per_conn"}
 NODEPROXY_ONLY = {"enroll.total", "enroll.per_pod", "enroll.rss", "enroll.rss_per_pod"}
 
 
@@ -37,6 +38,7 @@ def expected_metrics() -> set[str]:
         keys |= {f"latency.{path}.{p}" for p in ("p50", "p99", "p99.9")}
         keys |= {f"throughput.{path}.{n}" for n in (1, 8)}
         keys |= {f"http.{path}.{m}" for m in ("rps", "p50", "p99")}
+        keys |= {f"http-rate.{path}.{m}" for m in ("rps", "p50", "p99")}
         keys.add(f"connect.{path}.rate")
     keys.add("idle.open")
     return keys
