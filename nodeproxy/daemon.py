@@ -125,9 +125,14 @@ class Daemon:
         cfg = self.config
         _raise_open_file_limit()
         kernelfs.ensure_bpffs(cfg.node.bpffs)
-        pod_cgroup = cfg.node.pod_cgroup or kernelfs.default_pod_cgroup(
-            kernelfs.find_cgroup2_mount())
+        cgroup2 = kernelfs.find_cgroup2_mount()
+        pod_cgroup = cfg.node.pod_cgroup or kernelfs.default_pod_cgroup(cgroup2)
         self.pod_cgroup = pod_cgroup
+        own_cgroup = kernelfs.own_cgroup(cgroup2)
+        if os.path.realpath(own_cgroup) == os.path.realpath(cgroup2):
+            log.warning("the daemon runs in the root cgroup: its SO_ORIGINAL_DST program "
+                        "(which passes every other getsockopt through) sees every process "
+                        "of this machine; run it in a cgroup of its own")
         self._taking_over = await _instance_alive(cfg.admin.control_socket)
         if self._taking_over:
             log.info("another instance of node %s is running: taking over from it",
@@ -141,7 +146,7 @@ class Daemon:
             node=cfg.node.name, pod_cgroup=pod_cgroup, bpffs=cfg.node.bpffs,
             outbound_port=cfg.proxy.outbound_port, inbound_port=cfg.proxy.inbound_port,
             hbone_port=cfg.proxy.hbone_port,
-            pin_links=cfg.capture.on_crash == "fail_closed")
+            pin_links=cfg.capture.on_crash == "fail_closed", own_cgroup=own_cgroup)
         t0 = time.monotonic()
         self.programs.load()
         log.info("compiled and loaded capture programs in %.2fs", time.monotonic() - t0)
@@ -173,7 +178,7 @@ class Daemon:
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         self.proxy = OutboundProxy(
-            maps=maps, metrics=self.metrics, table=lambda: self._table,
+            announcer=maps, metrics=self.metrics, table=lambda: self._table,
             admitter=lambda: self._admitter,
             local_pod=lambda key: self.enrollment.pods.get(key) if self.enrollment else None,
             pool=self.pool, tracker=self.tracker, node=cfg.node.name,

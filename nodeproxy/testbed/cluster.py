@@ -12,7 +12,10 @@ Topology (run id R, node i):
   dual stack, default routes to the bridge) and lo from the loopback plugin;
   the VIP ranges unreachable here too (see ``Cluster``).
 - cgroups: ``<cgroup2>/npt-R/<node>`` is the node's podCgroup, pods live in
-  ``<cgroup2>/npt-R/<node>/pods/<pod>``; daemons stay in the caller's cgroup.
+  ``<cgroup2>/npt-R/<node>/pods/<pod>``; a node's daemons run in
+  ``<cgroup2>/npt-R/daemons/<node>``, outside the pod subtree (ebpf capture attaches
+  its SO_ORIGINAL_DST program to the daemon's own cgroup, which must not be the
+  machine's root).
 - files: ``$TMPDIR/npt-R/`` holds the node YAMLs, control sockets, CNI IPAM
   state, daemon logs, and one private bpffs mount per node
   (``$TMPDIR/npt-R/<node>/bpffs``, the node's ``bpffs``), so daemons of
@@ -70,6 +73,7 @@ class Node:
     netns: str
     netns_path: str
     cgroup: str
+    daemon_cgroup: str
     pod_cidrs: list[str]
     network: cni.CniNetwork
     dir: str
@@ -386,7 +390,8 @@ class Cluster:
         pod_cidrs = [f"10.244.{index}.0/24", f"fd00:10:244:{index:x}::/64"]
         node = Node(
             name=name, index=index, netns=ns_name, netns_path=netns.path_of(ns_name),
-            cgroup=os.path.join(self.cgroup_root, name), pod_cidrs=pod_cidrs,
+            cgroup=os.path.join(self.cgroup_root, name),
+            daemon_cgroup=os.path.join(self.cgroup_root, "daemons", name), pod_cidrs=pod_cidrs,
             network=cni.CniNetwork(name=ns_name, node_netns=netns.path_of(ns_name),
                                    subnets=pod_cidrs, data_dir=os.path.join(node_dir, "ipam"),
                                    plugin_dir=self.plugin_dir),
@@ -413,6 +418,7 @@ class Cluster:
         self._ip(ns_name, "route", "add", "unreachable", VIP_RANGE4)
         self._ip(ns_name, "-6", "route", "add", "unreachable", VIP_RANGE6)
         cgroups.create(os.path.join(node.cgroup, "pods"))
+        cgroups.create(node.daemon_cgroup)
         if node.bpffs:
             os.makedirs(node.bpffs)
             subprocess.run(["mount", "-t", "bpf", "bpf", node.bpffs], check=True,
@@ -670,9 +676,12 @@ class Cluster:
         return paths
 
     def daemon_argv(self, node: str, extra: Sequence[str] = ()) -> list[str]:
+        """argv of a daemon of the node: in the node's netns and its daemon cgroup."""
         n = self.nodes[node]
-        return netns.nsenter_argv(n.netns_path, [self.python, "-m", "nodeproxy", "run",
-                                                 "--config", n.config_path, *extra])
+        inner = netns.nsenter_argv(n.netns_path, [self.python, "-m", "nodeproxy", "run",
+                                                  "--config", n.config_path, *extra])
+        return ["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh",
+                os.path.join(n.daemon_cgroup, "cgroup.procs"), *inner]
 
     def child_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for the processes we start: the repo importable, unbuffered output."""

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,29 @@ def test_bpffs_check_proves_mountability_when_not_mounted(tmp_path):
     assert result.ok and "mountable" in result.detail, preflight.format_result(result)
     assert not target.exists()  # the check only mounted a scratch directory
     assert not [m for m in kernelfs.read_mounts() if "nodeproxy-bpffs-check-" in m.mountpoint]
+
+
+def test_own_cgroup_is_found_also_from_inside_a_cgroup_namespace(tmp_path):
+    """The daemon attaches its SO_ORIGINAL_DST program to its own cgroup.  In a container
+    with a private cgroup namespace /proc/self/cgroup says "/" while the host's hierarchy
+    is mounted: the directory listing the process is found anyway."""
+    mount = kernelfs.find_cgroup2_mount()
+    cgroup = os.path.join(mount, f"nodeproxy-test-own-{os.getpid()}")
+    os.mkdir(cgroup)
+    child = subprocess.Popen(["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec sleep 30'])
+    try:
+        for _ in range(200):
+            if os.path.exists(f"/proc/{child.pid}") and \
+                    str(child.pid) in Path(cgroup, "cgroup.procs").read_text().split():
+                break
+            time.sleep(0.01)
+        fake = tmp_path / "cgroup"
+        for seen in (f"0::/{os.path.basename(cgroup)}\n", "1:name=systemd:/\n0::/\n"):
+            fake.write_text(seen)
+            assert kernelfs.own_cgroup(mount, pid=child.pid, proc_cgroup=str(fake)) == cgroup
+        assert kernelfs.own_cgroup(mount) == os.path.normpath(os.path.join(
+            mount, Path("/proc/self/cgroup").read_text().split("0::", 1)[1].strip().lstrip("/")))
+    finally:
+        child.kill()
+        child.wait()
+        os.rmdir(cgroup)
