@@ -121,8 +121,9 @@ class DenyRule:
         return (self.ip.version, int(self.ip), self.port, self.policy)
 
 
-class IptablesError(RuntimeError):
-    """A rule could not be read, installed or removed; the message names the pod."""
+class IptablesError(OSError):
+    """A rule could not be read, installed or removed; the message names the pod.  An
+    OSError, so enrolling reports it like any other failure to set a pod up."""
 
 
 # ---------------------------------------------------------------- the rule text

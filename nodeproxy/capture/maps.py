@@ -12,6 +12,7 @@ import ctypes
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Protocol
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -160,3 +161,30 @@ class CaptureMaps:
         }
 
 
+
+
+class PodMaps(Protocol):
+    """What enrollment and telemetry need of the kernel maps in either capture mode."""
+
+    def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None: ...
+    def unenroll(self, netns_cookie: int, pod_id: int) -> None: ...
+    def enrolled(self) -> dict[int, int]: ...
+    def pod_counters(self) -> dict[int, PodCounters]: ...
+
+
+class NoKernelMaps:
+    """Stands in for CaptureMaps where no eBPF program could be set up (iptables mode on a
+    kernel or machine without sockops or bcc): nothing is kept, so the kernel counters of
+    pods (connections, bytes, RTT) are not available."""
+
+    def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
+        pass
+
+    def unenroll(self, netns_cookie: int, pod_id: int) -> None:
+        pass
+
+    def enrolled(self) -> dict[int, int]:
+        return {}
+
+    def pod_counters(self) -> dict[int, PodCounters]:
+        return {}

@@ -1,4 +1,9 @@
-"""Per-pod counters kept by the kernel (sockops), read from the BPF map at scrape time."""
+"""Per-pod counters kept by the kernel (sockops), read from the BPF map at scrape time.
+
+Only the series the running capture mode really keeps are exported: without sockops
+(iptables mode where it could not be set up) there are no TCP series, and outside ebpf
+mode no connect()-time denial counts; a series that is not kept is absent, never 0.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +25,15 @@ class KernelCollector(Collector):
         read_counters: Callable[[], dict[int, PodCounters]],
         pod_names: Callable[[], dict[int, tuple[str, str]]],
         policy_denials: Callable[[], dict[str, int]] = dict,
+        *,
+        tcp: bool = True,
+        connect_denials: bool = True,
     ):
         self._read = read_counters
         self._names = pod_names
         self._policy_denials = policy_denials
+        self._tcp = tcp  # sockops keeps the opened/closed/bytes/RTT counters
+        self._connect_denials = connect_denials  # cgroup/connect refuses and counts denies
 
     def collect(self) -> Iterator:
         names = self._names()
@@ -80,4 +90,6 @@ class KernelCollector(Collector):
                 sent.add_metric(labels, s)
                 received.add_metric(labels, r)
             rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us / 1e6)
-        yield from (captured, opened, closed, sent, received, rtt, denied, inbound, by_policy)
+        tcp = (opened, closed, sent, received, rtt) if self._tcp else ()
+        denials = (denied, by_policy) if self._connect_denials else ()
+        yield from (captured, *tcp, *denials[:1], inbound, *denials[1:])
