@@ -291,20 +291,27 @@ class Cluster:
     ``nodes`` is a count (names node0, node1, ...) or a list of node names.
     ``config`` is merged into every node YAML (e.g. mesh or proxy settings).
 
+    ``capture_mode`` (``ebpf`` or ``iptables``) is written into every node YAML
+    (``capture.mode``).
+
     The VIP ranges are unreachable in every node netns and, with
-    ``pod_vip_unreachable`` (default), in every pod netns too: a node's ICMPv6
-    "no route" is a soft error for a connecting TCP socket (kernel >= 6.5,
-    RFC 5461), so without the pod route an uncaptured IPv6 VIP connect would
-    fail only after the first SYN retransmit (~1 s) instead of at once.  The
-    capture hooks run before the route lookup, so they are not affected; turn it
-    off for a capture mode that needs the VIP routed out of the pod (iptables).
+    ``pod_vip_unreachable`` (the default in ebpf mode), in every pod netns too: a
+    node's ICMPv6 "no route" is a soft error for a connecting TCP socket (kernel >=
+    6.5, RFC 5461), so without the pod route an uncaptured IPv6 VIP connect would
+    fail only after the first SYN retransmit (~1 s) instead of at once.  The eBPF
+    capture hooks run before the route lookup, so they are not affected.  iptables
+    capture is: the route lookup happens at connect(), before nat OUTPUT, so in
+    that mode pods route the VIPs to the bridge like any address (their default
+    route), and the node, where the VIPs stay unreachable, answers an uncaptured
+    connect (at once for IPv4).
     """
 
     def __init__(self, nodes: int | Sequence[str] = 2, *, run_id: str | None = None,
                  python: str | None = None, config: Mapping[str, Any] | None = None,
                  private_bpffs: bool = True, sweep: bool = True,
-                 plugin_dir: str = cni.DEFAULT_PLUGIN_DIR, pod_vip_unreachable: bool = True,
-                 mtls: bool = True, trust_domain: str = "cluster.local"):
+                 plugin_dir: str = cni.DEFAULT_PLUGIN_DIR, pod_vip_unreachable: bool | None = None,
+                 mtls: bool = True, trust_domain: str = "cluster.local",
+                 capture_mode: str = "ebpf"):
         names = [f"node{i}" for i in range(nodes)] if isinstance(nodes, int) else list(nodes)
         if not 1 <= len(names) <= 200:
             raise ValueError("a cluster has 1 to 200 nodes")
@@ -317,7 +324,11 @@ class Cluster:
         self.private_bpffs = private_bpffs
         self.sweep = sweep
         self.plugin_dir = plugin_dir
-        self.pod_vip_unreachable = pod_vip_unreachable
+        if capture_mode not in ("ebpf", "iptables"):
+            raise ValueError(f"capture_mode is ebpf or iptables, not {capture_mode!r}")
+        self.capture_mode = capture_mode
+        self.pod_vip_unreachable = (capture_mode == "ebpf" if pod_vip_unreachable is None
+                                    else pod_vip_unreachable)
         # mtls: a mesh CA is made for the run and every node signs identities with it.
         self.mtls = mtls
         self.trust_domain = trust_domain
@@ -651,6 +662,7 @@ class Cluster:
             "node": settings,
             "proxy": {"drainSeconds": 2.0},
             "admin": {"controlSocket": n.control_socket},
+            "capture": {"mode": self.capture_mode},
             "workloads": [p.workload(node) for p in self.pods.values() if p.enrolled],
             "services": [s.config() for s in self.services.values()],
             # Kubelet-style probes come from the node's bridge address.
