@@ -11,14 +11,15 @@ Plugging in a new one (the kernel fast paths, when they exist):
 - if it needs the daemons set up differently, return the node-YAML overrides from
   ``daemon_overrides()``: before each of the configuration's measurements the
   suite restarts the daemons with them if they run with other settings
-  (``BenchCluster.ensure_daemon_overrides``; ``direct`` and ``haproxy`` do not care),
-  so list mesh configurations with equal overrides next to each other;
+  (``BenchCluster.ensure_daemon_overrides``; ``direct`` and ``haproxy`` do not care);
+  the suite measures the configurations of one setting as a block within a round, so
+  the daemons restart about once per round, not once per scenario;
 - ``unavailable()`` returns why it cannot run on this build or machine (or None);
 - replace its ``Planned`` placeholder in ``CONFIGURATIONS``.
 
-The placeholders ``nodeproxy-splice``, ``nodeproxy-nosplice`` and
-``nodeproxy-iptables`` are listed already and reported as "not available in this
-build" with the reason, in the JSON and the markdown, so their absence is visible.
+The placeholders ``nodeproxy-splice`` and ``nodeproxy-nosplice`` are listed already
+and reported as "not available in this build" with the reason, in the JSON and the
+markdown, so their absence is visible.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from nodeproxy.bench.topology import (
     BenchCluster,
     server_pod,
 )
+from nodeproxy.capture import iptables
 
 
 class Configuration:
@@ -54,6 +56,11 @@ class Configuration:
     def daemon_overrides(self) -> Mapping[str, Any]:
         """Node-YAML overrides the daemons must run with for this configuration."""
         return {}
+
+    @property
+    def capture_mode(self) -> str:
+        """The daemons' capture.mode this configuration measures."""
+        return str(self.daemon_overrides().get("capture", {}).get("mode", "ebpf"))
 
     def prepare(self, bench: BenchCluster) -> None:
         """Called before each measurement of this configuration."""
@@ -103,6 +110,24 @@ class NodeProxy(Configuration):
         return Route(MESH_CLIENT, service.vip4, port, tuple(proxies))
 
 
+class NodeProxyIptables(NodeProxy):
+    """The same path as ``nodeproxy``, captured by iptables instead of eBPF: NAT REDIRECT
+    rules in each pod's netns, the original destination from SO_ORIGINAL_DST."""
+
+    name = "nodeproxy-iptables"
+    summary = ("as nodeproxy, but captured by iptables REDIRECT rules in each pod's netns "
+               "(capture.mode: iptables) instead of cgroup/connect4 and sk_lookup")
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {"capture": {"mode": "iptables"}}
+
+    def unavailable(self) -> str | None:
+        missing = iptables.missing_binaries()
+        if missing:
+            return f"iptables capture needs {', '.join(missing)} (apt install iptables)"
+        return None
+
+
 class HAProxy(Configuration):
     """HAProxy as the node proxy: mode tcp for L4, mode http for HTTP."""
 
@@ -140,9 +165,7 @@ CONFIGURATIONS: list[Configuration] = [
     Planned("nodeproxy-nosplice",
             "nodeproxy with the kernel splice built in but switched off (to isolate its effect)",
             "there is no splice to switch off yet"),
-    Planned("nodeproxy-iptables",
-            "nodeproxy capturing with iptables REDIRECT instead of cgroup/connect4",
-            "the iptables capture mode is not implemented yet"),
+    NodeProxyIptables(),
 ]
 
 

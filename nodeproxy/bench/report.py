@@ -83,10 +83,15 @@ def markdown(doc: dict[str, Any]) -> str:
     """The table for the README: one row per figure, one column per configuration that ran."""
     columns = [c["name"] for c in doc["configurations"] if c["available"]]
     settings = doc["settings"]
+    blocks = doc.get("blocks") or [columns]
+    order = f"configurations alternated {' → '.join(blocks[0])} in every round"
+    if len(blocks) > 1:
+        later = "; then ".join(" → ".join(block) for block in blocks[1:])
+        order += (f", then {later} (daemons restarted with their settings; the blocks swap "
+                  "order every other round)")
     lines = [
         f"nodeproxy bench, {settings['profile']} profile: {settings['rounds']} round(s), "
-        f"configurations alternated {' → '.join(columns)} in every round; "
-        f"{doc['duration_s']:.0f} s in all.",
+        f"{order}; {doc['duration_s']:.0f} s in all.",
         "",
         f"Machine: {doc['machine_line']}.",
         "",

@@ -3,14 +3,20 @@
 Every round runs every per-round scenario, and within a scenario every
 configuration one after the other (A B C, A B C, ...), so slow drifts of the
 machine (thermal, other load, page cache) spread over all configurations
-instead of favouring the one measured first or last.  The scale scenarios (idle
-connections, enrollment) run once, after the rounds: they leave state behind
-(extra pods) that the other figures must not see.
+instead of favouring the one measured first or last.  Configurations that need
+the daemons set up differently (``daemon_overrides``, e.g. iptables capture) cost a
+daemon restart (~3 s) to switch to: each such setting is measured as a block of the
+round (every scenario, its configurations one after the other), and the blocks swap
+order every other round, so the daemons restart about once per round and no block
+is always first.  ``direct`` and ``haproxy`` ride with the first block.  The scale
+scenarios (idle connections, enrollment) run once, after the rounds: they leave
+state behind (extra pods) that the other figures must not see.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -78,7 +84,9 @@ class Suite:
         """Everything, cluster set-up and teardown included; returns the JSON document."""
         started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         machine = procstat.machine(REPO_ROOT)
-        cluster = Cluster(nodes=2, mtls=True)
+        # iptables capture needs the VIPs routed out of the pods (see Cluster).
+        routed = any(c.uses_mesh and c.capture_mode == "iptables" for c in self.runnable)
+        cluster = Cluster(nodes=2, mtls=True, pod_vip_unreachable=not routed)
         self.run_id = cluster.run_id
         try:
             with cluster:
@@ -105,15 +113,31 @@ class Suite:
             self._measure_all(bench)
         self.process_ids = bench.process_ids()
 
+    def blocks(self, round_number: int) -> list[list[Configuration]]:
+        """The runnable configurations grouped by the daemon settings they need, in list
+        order, the configurations that do not use the mesh with the first group; the
+        groups in reverse on even rounds."""
+        groups: dict[str, list[Configuration]] = {}
+        for c in self.runnable:
+            key = json.dumps(dict(c.daemon_overrides()), sort_keys=True) if c.uses_mesh else ""
+            groups.setdefault(key, []).append(c)
+        riders = groups.pop("", [])
+        blocks = list(groups.values()) or [[]]
+        blocks[0] = sorted(riders + blocks[0], key=self.runnable.index)
+        return blocks[::-1] if round_number % 2 == 0 else blocks
+
     def _measure_all(self, bench: BenchCluster) -> None:
         per_round = [s for s in self.scenarios if not s.once]
         for round_number in range(1, self.settings.rounds + 1):
-            for scenario in per_round:
-                for configuration in self.runnable:
-                    if scenario.applies(configuration):
-                        self._measure(bench, scenario, configuration, round_number)
+            for block in self.blocks(round_number):
+                for scenario in per_round:
+                    for configuration in block:
+                        if scenario.applies(configuration):
+                            self._measure(bench, scenario, configuration, round_number)
+        # Once-scenarios: starting with the daemons' setting of the last block measured.
+        after = [c for block in self.blocks(self.settings.rounds + 1) for c in block]
         for scenario in (s for s in self.scenarios if s.once):
-            for configuration in self.runnable:
+            for configuration in after:
                 if scenario.applies(configuration):
                     self._measure(bench, scenario, configuration, 0)
 
@@ -175,6 +199,7 @@ class Suite:
             "settings": self.settings.as_dict(),
             "configurations": [c.describe() for c in self.configurations],
             "order": [c.name for c in self.runnable],
+            "blocks": [[c.name for c in block] for block in self.blocks(1)],
             "metrics": metrics,
             "missing": missing,
             "runs": self.runs,
