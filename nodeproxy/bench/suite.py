@@ -4,8 +4,9 @@ Every round runs every per-round scenario, and within a scenario every
 configuration one after the other (A B C, A B C, ...), so slow drifts of the
 machine (thermal, other load, page cache) spread over all configurations
 instead of favouring the one measured first or last.  Configurations that need
-the daemons set up differently (``daemon_overrides``, e.g. iptables capture) cost a
-daemon restart (~3 s) to switch to: each such setting is measured as a block of the
+the daemons set up differently in a section only a restart changes (``daemon_overrides``
+in a RESTART_ONLY section, e.g. iptables capture) cost a daemon restart (~3 s) to
+switch to: each such setting is measured as a block of the
 round (every scenario, its configurations one after the other), and the blocks swap
 order every other round, so the daemons restart about once per round and no block
 is always first.  ``direct`` and ``haproxy`` ride with the first block.  The scale
@@ -29,6 +30,7 @@ from nodeproxy.bench.model import Cell, MeasurementError
 from nodeproxy.bench.scenarios import Scenario
 from nodeproxy.bench.settings import Settings
 from nodeproxy.bench.topology import BenchCluster
+from nodeproxy.config.changes import RESTART_ONLY
 from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
 
 Log = Callable[[str], None]
@@ -114,12 +116,13 @@ class Suite:
         self.process_ids = bench.process_ids()
 
     def blocks(self, round_number: int) -> list[list[Configuration]]:
-        """The runnable configurations grouped by the daemon settings they need, in list
-        order, the configurations that do not use the mesh with the first group; the
-        groups in reverse on even rounds."""
+        """The runnable configurations grouped by the restart-only daemon settings they
+        need (sections a hot reload cannot change), in list order, the configurations that
+        do not use the mesh with the first group; the groups in reverse on even rounds."""
         groups: dict[str, list[Configuration]] = {}
         for c in self.runnable:
-            key = json.dumps(dict(c.daemon_overrides()), sort_keys=True) if c.uses_mesh else ""
+            restart = {k: v for k, v in c.daemon_overrides().items() if k in RESTART_ONLY}
+            key = json.dumps(restart, sort_keys=True) if c.uses_mesh else ""
             groups.setdefault(key, []).append(c)
         riders = groups.pop("", [])
         blocks = list(groups.values()) or [[]]
