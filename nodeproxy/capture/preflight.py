@@ -769,7 +769,10 @@ def check_iptables() -> CheckResult:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and \
             e.stderr else str(e)
-        return _fail(name, f"nat REDIRECT capture does not work here: {detail}", IPTABLES_HINT)
+        hint = IPTABLES_HINT
+        if not check_privileges().ok:
+            hint = f"fix the privileges check first; then: {IPTABLES_HINT}"
+        return _fail(name, f"nat REDIRECT capture does not work here: {detail}", hint)
     return _pass(name, f"{version}: REDIRECT to the outbound port, SO_ORIGINAL_DST and a "
                        "REJECT deny work for IPv4 and IPv6 (tried in a scratch netns)")
 
