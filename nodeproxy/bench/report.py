@@ -34,6 +34,7 @@ def metric_entry(metric: Metric, scenario: str, once: bool, cells: dict[str, Cel
             "ratio_of_medians": stats.ratio(summary["median"], baseline_median),
             "samples": cell.samples,
             "rounds": cell.rounds,
+            "blocks": cell.blocks,
             "errors": cell.errors,
             "not_applicable": cell.not_applicable,
         }
@@ -88,7 +89,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if len(blocks) > 1:
         later = "; then ".join(" → ".join(block) for block in blocks[1:])
         order += (f", then {later} (daemons restarted with their settings; the blocks swap "
-                  "order every other round)")
+                  f"order every other round; {BASELINE} is measured in each block and ratios "
+                  "pair within it)")
     lines = [
         f"nodeproxy bench, {settings['profile']} profile: {settings['rounds']} round(s), "
         f"{order}; {doc['duration_s']:.0f} s in all.",

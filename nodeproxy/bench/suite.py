@@ -9,7 +9,9 @@ in a RESTART_ONLY section, e.g. iptables capture) cost a daemon restart (~3 s) t
 switch to: each such setting is measured as a block of the
 round (every scenario, its configurations one after the other), and the blocks swap
 order every other round, so the daemons restart about once per round and no block
-is always first.  ``direct`` and ``haproxy`` ride with the first block.  The scale
+is always first.  ``direct`` and ``haproxy`` ride with the first block, and ``direct``
+is measured again in each other block, so every ratio to it pairs figures taken
+minutes apart at most, not a block apart.  The scale
 scenarios (idle connections, enrollment) run once, after the rounds: they leave
 state behind (extra pods) that the other figures must not see.
 """
@@ -27,6 +29,7 @@ from typing import Any
 from nodeproxy.bench import procstat, report, scenarios
 from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration, available
 from nodeproxy.bench.model import Cell, MeasurementError
+from nodeproxy.bench.report import BASELINE
 from nodeproxy.bench.scenarios import Scenario
 from nodeproxy.bench.settings import Settings
 from nodeproxy.bench.topology import BenchCluster
@@ -127,25 +130,28 @@ class Suite:
         riders = groups.pop("", [])
         blocks = list(groups.values()) or [[]]
         blocks[0] = sorted(riders + blocks[0], key=self.runnable.index)
+        baseline = [c for c in riders if c.name == BASELINE]
+        blocks[1:] = [baseline + block for block in blocks[1:]]
         return blocks[::-1] if round_number % 2 == 0 else blocks
 
     def _measure_all(self, bench: BenchCluster) -> None:
         per_round = [s for s in self.scenarios if not s.once]
         for round_number in range(1, self.settings.rounds + 1):
-            for block in self.blocks(round_number):
+            for index, block in enumerate(self.blocks(round_number)):
                 for scenario in per_round:
                     for configuration in block:
                         if scenario.applies(configuration):
-                            self._measure(bench, scenario, configuration, round_number)
-        # Once-scenarios: starting with the daemons' setting of the last block measured.
+                            self._measure(bench, scenario, configuration, round_number, index)
+        # Once-scenarios: starting with the daemons' setting of the last block measured,
+        # each configuration once.
         after = [c for block in self.blocks(self.settings.rounds + 1) for c in block]
         for scenario in (s for s in self.scenarios if s.once):
-            for configuration in after:
+            for configuration in dict.fromkeys(after):
                 if scenario.applies(configuration):
                     self._measure(bench, scenario, configuration, 0)
 
     def _measure(self, bench: BenchCluster, scenario: Scenario, configuration: Configuration,
-                 round_number: int) -> None:
+                 round_number: int, block: int = 0) -> None:
         t = time.monotonic()
         values: dict[str, float] = {}
         raw: dict[str, Any] = {}
@@ -162,11 +168,11 @@ class Suite:
             if cell.not_applicable:
                 continue
             if metric.key in values:
-                cell.add(values[metric.key], round_number)
+                cell.add(values[metric.key], round_number, block)
             else:
                 cell.errors.append(error or "the run produced no value for it")
         seconds = time.monotonic() - t
-        self.runs.append({"round": round_number, "scenario": scenario.name,
+        self.runs.append({"round": round_number, "block": block, "scenario": scenario.name,
                           "configuration": configuration.name, "seconds": round(seconds, 3),
                           "values": values, "raw": raw, "error": error})
         where = f"round {round_number}/{self.settings.rounds}" if round_number else "once"
