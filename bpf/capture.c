@@ -17,6 +17,13 @@
  * proxy sees as the peer of the accepted connection; keep per-pod counters
  * from the kernel's own TCP state (opened, closed, bytes, smoothed RTT).
  *
+ * np_original_dst (cgroup/getsockopt, attached to the daemon's own cgroup,
+ * since an accepted socket belongs to the cgroup of the process that made its
+ * listener): the proxy asks an accepted connection for SO_ORIGINAL_DST, as it
+ * would under iptables, and this answers from origdst_by_tuple (the entry is
+ * removed once read).  Only the daemon's marked sockets and that one option
+ * are answered; every other getsockopt passes through untouched.
+ *
  * connect_denies: identity-free DENY rules (ports, ip blocks) compiled by the
  * daemon; a matching connect() fails with EPERM in the source pod, counted
  * per policy and per pod, and never reaches the proxy.
@@ -29,6 +36,9 @@
 #include <linux/tcp.h>
 #include "maps.h"
 
+#define NP_SOL_IP 0
+#define NP_SOL_IPV6 41
+#define NP_SO_ORIGINAL_DST 80  /* SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST alike */
 #define NP_DIR_OUT 1
 #define NP_DIR_IN 2
 #define NP_SOCK_FIN_SENT 1
@@ -215,6 +225,66 @@ int np_getpeername6(struct bpf_sock_addr *ctx)
         ctx->user_ip6[3] = od->ip[3];
         ctx->user_port = od->port;
     }
+    return 1;
+}
+
+int np_original_dst(struct bpf_sockopt *ctx)
+{
+    if (ctx->optname != NP_SO_ORIGINAL_DST)
+        return 1;
+    if (ctx->level != NP_SOL_IP && ctx->level != NP_SOL_IPV6)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || !mark_is_ours(sk->mark))
+        return 1;
+    /* The accepted socket's peer is the captured client socket's local address. */
+    struct tuple_key key = {};
+    key.netns_cookie = np_netns_cookie(ctx);
+    key.family = sk->family;
+    key.port = bpf_ntohs(sk->dst_port);
+    if (sk->family == AF_INET) {
+        key.ip[0] = sk->dst_ip4;
+    } else {
+        key.ip[0] = sk->dst_ip6[0];
+        key.ip[1] = sk->dst_ip6[1];
+        key.ip[2] = sk->dst_ip6[2];
+        key.ip[3] = sk->dst_ip6[3];
+    }
+    struct orig_dst *found = origdst_by_tuple.lookup(&key);
+    if (!found)
+        return 1;
+    struct orig_dst od = *found;
+    __u8 *optval = ctx->optval;
+    if (ctx->level == NP_SOL_IP && od.family == AF_INET) {
+        /* struct sockaddr_in */
+        if (optval + 16 > (__u8 *)ctx->optval_end)
+            return 1;
+        *(u16 *)optval = AF_INET;
+        *(u16 *)(optval + 2) = od.port;
+        *(u32 *)(optval + 4) = od.ip[0];
+        *(u64 *)(optval + 8) = 0;
+        ctx->optlen = 16;
+    } else if (ctx->level == NP_SOL_IPV6 && od.family == AF_INET6) {
+        /* struct sockaddr_in6 */
+        if (optval + 28 > (__u8 *)ctx->optval_end)
+            return 1;
+        *(u16 *)optval = AF_INET6;
+        *(u16 *)(optval + 2) = od.port;
+        *(u32 *)(optval + 4) = 0;       /* flow info */
+        *(u32 *)(optval + 8) = od.ip[0];
+        *(u32 *)(optval + 12) = od.ip[1];
+        *(u32 *)(optval + 16) = od.ip[2];
+        *(u32 *)(optval + 20) = od.ip[3];
+        *(u32 *)(optval + 24) = 0;      /* scope id */
+        ctx->optlen = 28;
+    } else {
+        return 1;
+    }
+    /* Keeps clang from merging the optlen and retval stores into one 8-byte store,
+     * which the verifier refuses. */
+    asm volatile("" ::: "memory");
+    ctx->retval = 0;
+    origdst_by_tuple.delete(&key);
     return 1;
 }
 

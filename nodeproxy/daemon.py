@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from pydantic import ValidationError
 
 from nodeproxy.admin.server import AdminServers
-from nodeproxy.capture import kernelfs
-from nodeproxy.capture.maps import CaptureMaps
+from nodeproxy.capture import iptables, kernelfs
+from nodeproxy.capture.maps import CaptureMaps, NoKernelMaps, PodMaps
 from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
 from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.cli.control_client import request
@@ -35,6 +35,7 @@ from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
+from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
 from nodeproxy.policy.kernel_rules import compile_connect_denies
 from nodeproxy.proxy.admission import AdmissionMetrics, Admitter
 from nodeproxy.proxy.balancer import RoundRobin
@@ -63,6 +64,17 @@ def _raise_open_file_limit() -> None:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         log.info("open-file limit raised from %d to %d", soft, hard)
+
+
+def _own_cgroup() -> str:
+    """The daemon's cgroup, where ebpf mode answers SO_ORIGINAL_DST for its sockets."""
+    cgroup2 = kernelfs.find_cgroup2_mount()
+    own = kernelfs.own_cgroup(cgroup2)
+    if os.path.realpath(own) == os.path.realpath(cgroup2):
+        log.warning("the daemon runs in the root cgroup: its SO_ORIGINAL_DST program (which "
+                    "passes every other getsockopt through) sees every process of this "
+                    "machine; run it in a cgroup of its own")
+    return own
 
 
 async def _instance_alive(control_socket: str) -> bool:
@@ -117,7 +129,7 @@ class Daemon:
         # Pods on other nodes registered at run time: known destinations, never captured here.
         self.remote_workloads: dict[str, Workload] = {}
         self.programs: CapturePrograms | None = None
-        self.maps: CaptureMaps | None = None
+        self.maps: PodMaps | None = None
         self.enrollment: Enrollment | None = None
         self.proxy: OutboundProxy | None = None
         self.splicer: Splicer | None = None
@@ -129,7 +141,6 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.config
         _raise_open_file_limit()
-        kernelfs.ensure_bpffs(cfg.node.bpffs)
         pod_cgroup = cfg.node.pod_cgroup or kernelfs.default_pod_cgroup(
             kernelfs.find_cgroup2_mount())
         self.pod_cgroup = pod_cgroup
@@ -142,20 +153,18 @@ class Daemon:
             if stale:
                 log.warning("removed state left by an earlier instance of node %s: %s",
                             cfg.node.name, ", ".join(stale))
-        self.programs = CapturePrograms(
-            node=cfg.node.name, pod_cgroup=pod_cgroup, bpffs=cfg.node.bpffs,
-            outbound_port=cfg.proxy.outbound_port, inbound_port=cfg.proxy.inbound_port,
-            hbone_port=cfg.proxy.hbone_port,
-            pin_links=cfg.capture.on_crash == "fail_closed")
-        t0 = time.monotonic()
-        self.programs.load()
-        log.info("compiled and loaded capture programs in %.2fs", time.monotonic() - t0)
-        self.programs.attach()
-        self.maps = maps = CaptureMaps(self.programs.bpf,
-                                       self.programs.table_fd("inbound_listeners"))
+        if cfg.capture.mode == "ebpf":
+            self.maps = maps = self._start_programs(pod_cgroup, _own_cgroup())
+            assert self.programs is not None
+            self.steering: Steering = EbpfSteering(self.programs, maps)
+        else:
+            self.maps = maps = self._kernel_counters(pod_cgroup)
+            self.steering = IptablesSteering(iptables.Ports(
+                cfg.proxy.outbound_port, cfg.proxy.inbound_port, cfg.proxy.hbone_port))
         self.splicer = Splicer(
             SpliceMaps(self.programs.bpf, self.programs.table_fd("np_splice_sockets"),
-                       self.programs.table_fd("np_splice_targets")),
+                       self.programs.table_fd("np_splice_targets"))
+            if self.programs is not None else None,
             SpliceMetrics(self.registry), enabled=cfg.fast_path.splice)
         hbone = None
         if cfg.identity.ca_cert and cfg.identity.ca_key:
@@ -173,7 +182,7 @@ class Daemon:
             self.pool.start()
             hbone = HboneServer(
                 certificates=self.certificates, trust_domain=cfg.mesh.trust_domain,
-                port=cfg.proxy.hbone_port, announcer=maps,
+                port=cfg.proxy.hbone_port, announcer=self.steering.announcer,
                 handshake_timeout=cfg.tunnel.handshake_timeout_seconds,
                 connect_timeout=cfg.proxy.connect_timeout_seconds,
                 local_pod=lambda ip: self.enrollment.by_ip.get(ip) if self.enrollment else None,
@@ -182,7 +191,8 @@ class Daemon:
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         self.proxy = OutboundProxy(
-            maps=maps, metrics=self.metrics, table=lambda: self._table,
+            announcer=self.steering.announcer, metrics=self.metrics,
+            table=lambda: self._table, on_captured=self.steering.on_outbound,
             admitter=lambda: self._admitter,
             local_pod=lambda key: self.enrollment.pods.get(key) if self.enrollment else None,
             pool=self.pool, tracker=self.tracker, splicer=self.splicer, node=cfg.node.name,
@@ -190,16 +200,19 @@ class Daemon:
             connect_timeout=cfg.proxy.connect_timeout_seconds)
         inbound = InboundProxy(
             port=cfg.proxy.inbound_port, connect_timeout=cfg.proxy.connect_timeout_seconds,
-            announcer=maps, admitter=lambda: self._admitter, table=lambda: self._table,
-            tracker=self.tracker, splicer=self.splicer, metrics=self.metrics)
+            announcer=self.steering.announcer, admitter=lambda: self._admitter,
+            table=lambda: self._table, tracker=self.tracker, splicer=self.splicer,
+            metrics=self.metrics, on_captured=self.steering.on_inbound)
         self.enrollment = Enrollment(
-            maps=maps, programs=self.programs, proxy=self.proxy, inbound=inbound, hbone=hbone,
+            maps=maps, steering=self.steering, proxy=self.proxy, inbound=inbound, hbone=hbone,
             tracker=self.tracker, metrics=self.metrics,
             trust_domain=cfg.mesh.trust_domain, pod_cgroup=pod_cgroup,
             on_change=self._rebuild_table)
         self.registry.register(KernelCollector(
-            maps.pod_counters, self.enrollment.names, self._kernel_policy_denials,
-            maps.fastpath_counters))
+            lambda: self.steering.counters(maps.pod_counters()), self.enrollment.names,
+            self._kernel_policy_denials, tcp=not isinstance(maps, NoKernelMaps),
+            connect_denials=cfg.capture.mode == "ebpf",
+            fastpath=maps.fastpath_counters if isinstance(maps, CaptureMaps) else None))
         if cfg.discovery.kubernetes:
             await self._start_discovery()
         for workload in cfg.local_workloads():
@@ -221,8 +234,39 @@ class Daemon:
             self.loaded.source, cfg.proxy.netns_check_seconds, lambda: self._seen_digest,
             lambda: self.reload("file"))))
         self._ready = True
-        log.info("node %s ready: %d pods enrolled, capture on %s", cfg.node.name,
-                 len(self.enrollment.pods), pod_cgroup)
+        log.info("node %s ready: %d pods enrolled, %s capture on %s", cfg.node.name,
+                 len(self.enrollment.pods), cfg.capture.mode, pod_cgroup)
+
+    def _start_programs(self, pod_cgroup: str, own_cgroup: str | None) -> CaptureMaps:
+        """Compile, load and attach this capture mode's eBPF programs."""
+        cfg = self.config
+        kernelfs.ensure_bpffs(cfg.node.bpffs)
+        self.programs = CapturePrograms(
+            node=cfg.node.name, pod_cgroup=pod_cgroup, bpffs=cfg.node.bpffs,
+            outbound_port=cfg.proxy.outbound_port, inbound_port=cfg.proxy.inbound_port,
+            hbone_port=cfg.proxy.hbone_port,
+            pin_links=cfg.capture.on_crash == "fail_closed", mode=cfg.capture.mode,
+            own_cgroup=own_cgroup)
+        t0 = time.monotonic()
+        self.programs.load()
+        log.info("compiled and loaded %s capture programs in %.2fs", cfg.capture.mode,
+                 time.monotonic() - t0)
+        self.programs.attach()
+        return CaptureMaps(self.programs.bpf, self.programs.table_fd("inbound_listeners"))
+
+    def _kernel_counters(self, pod_cgroup: str) -> PodMaps:
+        """iptables mode: sockops keeps the per-pod kernel counters where it can; a kernel
+        or machine without it (or without bcc) runs without them."""
+        try:
+            return self._start_programs(pod_cgroup, None)
+        except Exception as e:  # noqa: BLE001 - bcc and the kernel raise anything
+            log.warning("iptables capture runs without kernel counters (no "
+                        "nodeproxy_kernel_tcp_* series; captured connections are counted by "
+                        "the proxy): the sockops program could not be set up: %s", e)
+            if self.programs is not None:
+                self.programs.close(keep_maps=self._taking_over)
+                self.programs = None
+            return NoKernelMaps()
 
     async def stop(self) -> None:
         """Stop accepting, drain, then remove everything this daemon put in the kernel —
@@ -331,7 +375,7 @@ class Daemon:
 
     async def handover_request(self) -> tuple[int, dict[str, Any]]:
         """A new instance takes over: stop accepting, detach our programs, then drain."""
-        if self.enrollment is None or self.programs is None or self._handed_over:
+        if self.enrollment is None or self._handed_over:
             return 409, {"error": "not running"}
         self._handed_over = True
         self._ready = False
@@ -340,7 +384,8 @@ class Daemon:
         for pod in self.enrollment.pods.values():
             for server in pod.listeners + pod.inbound_listeners:
                 server.close()
-        self.programs.detach()
+        if self.programs is not None:
+            self.programs.detach()
         if self.discovery is not None:
             self._tasks.append(asyncio.create_task(self.discovery.stop()))
         open_connections = len(self.tracker.relays)
@@ -502,12 +547,12 @@ class Daemon:
             self.config, self._admitter.authorizer,
             [(p.pod_id, p.workload) for p in self.enrollment.pods.values()],
             list(workloads.values()), config.services)
-        self.maps.replace_denies([(d.source_pod_id, d.ip, d.port, d.policy)
-                                  for d in compiled.denies])
+        self.steering.replace_denies(compiled.denies, compiled.policy_names,
+                                     {p.pod_id: p for p in self.enrollment.pods.values()})
         self._deny_policy_names = compiled.policy_names
 
     def _kernel_policy_denials(self) -> dict[str, int]:
-        counts = self.maps.policy_denials() if self.maps is not None else {}
+        counts = self.steering.policy_denials() if self.enrollment is not None else {}
         return {self._deny_policy_names[i]: n for i, n in counts.items()
                 if i < len(self._deny_policy_names)}
 

@@ -24,6 +24,7 @@ APT_PACKAGES=(
     python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 containernetworking-plugins
     iproute2 python3-venv python3-pip nginx-light haproxy iperf3 sockperf wrk curl socat
     tcpdump prometheus nghttp2-client
+    iptables  # capture.mode: iptables (iptables-nft, ip6tables)
     ruby  # tests/unit/test_vagrant.py: `ruby -c vagrant/Vagrantfile`
     kubectl  # tests/unit/test_manifests.py: `kubectl kustomize config/k8s`
 )

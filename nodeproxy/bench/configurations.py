@@ -13,8 +13,9 @@ Plugging in a new one (the kernel fast paths, when they exist):
   suite applies them if the daemons run with other settings
   (``BenchCluster.ensure_daemon_overrides``: a hot reload for live sections such as
   fastPath, a restart for restart-only ones such as capture; ``direct`` and
-  ``haproxy`` do not care), so list configurations that need a restart next to
-  each other;
+  ``haproxy`` do not care); the suite measures the configurations of one
+  restart-only setting as a block within a round, so the daemons restart about once
+  per round, not once per scenario;
 - ``unavailable()`` returns why it cannot run on this build or machine (or None);
 - replace its ``Planned`` placeholder in ``CONFIGURATIONS``.
 
@@ -38,6 +39,7 @@ from nodeproxy.bench.topology import (
     BenchCluster,
     server_pod,
 )
+from nodeproxy.capture import iptables
 
 
 class Configuration:
@@ -55,6 +57,11 @@ class Configuration:
     def daemon_overrides(self) -> Mapping[str, Any]:
         """Node-YAML overrides the daemons must run with for this configuration."""
         return {}
+
+    @property
+    def capture_mode(self) -> str:
+        """The daemons' capture.mode this configuration measures."""
+        return str(self.daemon_overrides().get("capture", {}).get("mode", "ebpf"))
 
     def prepare(self, bench: BenchCluster) -> None:
         """Called before each measurement of this configuration."""
@@ -118,6 +125,25 @@ class NodeProxyNoSplice(NodeProxy):
         return {"fastPath": {"splice": False}}
 
 
+class NodeProxyIptables(NodeProxy):
+    """The userspace pump of ``nodeproxy-nosplice``, captured by iptables instead of eBPF:
+    NAT REDIRECT rules in each pod's netns, the original destination from
+    SO_ORIGINAL_DST."""
+
+    name = "nodeproxy-iptables"
+    summary = ("as nodeproxy-nosplice, but captured by iptables REDIRECT rules in each pod's "
+               "netns (capture.mode: iptables) instead of cgroup/connect4 and sk_lookup")
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {"capture": {"mode": "iptables"}, "fastPath": {"splice": False}}
+
+    def unavailable(self) -> str | None:
+        missing = iptables.missing_binaries()
+        if missing:
+            return f"iptables capture needs {', '.join(missing)} (apt install iptables)"
+        return None
+
+
 class HAProxy(Configuration):
     """HAProxy as the node proxy: mode tcp for L4, mode http for HTTP."""
 
@@ -150,9 +176,7 @@ CONFIGURATIONS: list[Configuration] = [
     NodeProxy(),
     HAProxy(),
     NodeProxyNoSplice(),
-    Planned("nodeproxy-iptables",
-            "nodeproxy capturing with iptables REDIRECT instead of cgroup/connect4",
-            "the iptables capture mode is not implemented yet"),
+    NodeProxyIptables(),
 ]
 
 

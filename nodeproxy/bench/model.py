@@ -87,15 +87,26 @@ class Cell:
 
     samples: list[float] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)  # the round of each sample (0: once)
+    # The block of the round each sample was taken in (configurations needing other daemon
+    # settings are measured in blocks; direct is measured in each, to pair with).
+    blocks: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     not_applicable: str | None = None
 
-    def add(self, value: float, round_number: int) -> None:
+    def add(self, value: float, round_number: int, block: int = 0) -> None:
         self.samples.append(value)
         self.rounds.append(round_number)
+        self.blocks.append(block)
 
     def by_round(self) -> dict[int, float]:
-        return dict(zip(self.rounds, self.samples, strict=True))
+        """One sample per round (the first, where a round has several)."""
+        out: dict[int, float] = {}
+        for r, value in zip(self.rounds, self.samples, strict=True):
+            out.setdefault(r, value)
+        return out
+
+    def by_slot(self) -> dict[tuple[int, int], float]:
+        return dict(zip(zip(self.rounds, self.blocks, strict=True), self.samples, strict=True))
 
     @property
     def measured(self) -> bool:

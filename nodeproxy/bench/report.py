@@ -34,6 +34,7 @@ def metric_entry(metric: Metric, scenario: str, once: bool, cells: dict[str, Cel
             "ratio_of_medians": stats.ratio(summary["median"], baseline_median),
             "samples": cell.samples,
             "rounds": cell.rounds,
+            "blocks": cell.blocks,
             "errors": cell.errors,
             "not_applicable": cell.not_applicable,
         }
@@ -83,10 +84,16 @@ def markdown(doc: dict[str, Any]) -> str:
     """The table for the README: one row per figure, one column per configuration that ran."""
     columns = [c["name"] for c in doc["configurations"] if c["available"]]
     settings = doc["settings"]
+    blocks = doc.get("blocks") or [columns]
+    order = f"configurations alternated {' → '.join(blocks[0])} in every round"
+    if len(blocks) > 1:
+        later = "; then ".join(" → ".join(block) for block in blocks[1:])
+        order += (f", then {later} (daemons restarted with their settings; the blocks swap "
+                  f"order every other round; {BASELINE} is measured in each block and ratios "
+                  "pair within it)")
     lines = [
         f"nodeproxy bench, {settings['profile']} profile: {settings['rounds']} round(s), "
-        f"configurations alternated {' → '.join(columns)} in every round; "
-        f"{doc['duration_s']:.0f} s in all.",
+        f"{order}; {doc['duration_s']:.0f} s in all.",
         "",
         f"Machine: {doc['machine_line']}.",
         "",

@@ -17,9 +17,15 @@ def summarize(cell: Cell) -> dict[str, Any]:
 
 
 def paired_ratios(cell: Cell, baseline: Cell) -> list[float]:
-    """value / baseline of the same round, for every round both have."""
-    base = baseline.by_round()
-    return [value / base[r] for r, value in cell.by_round().items() if base.get(r)]
+    """value / baseline of the same round, and of the same block of it where the baseline
+    was measured there, for every sample whose round the baseline has."""
+    slots, rounds = baseline.by_slot(), baseline.by_round()
+    out = []
+    for (r, block), value in cell.by_slot().items():
+        base = slots.get((r, block)) or rounds.get(r)
+        if base:
+            out.append(value / base)
+    return out
 
 
 def ratio_to_baseline(cell: Cell, baseline: Cell) -> float | None:

@@ -3,14 +3,23 @@
 Every round runs every per-round scenario, and within a scenario every
 configuration one after the other (A B C, A B C, ...), so slow drifts of the
 machine (thermal, other load, page cache) spread over all configurations
-instead of favouring the one measured first or last.  The scale scenarios (idle
-connections, enrollment) run once, after the rounds: they leave state behind
-(extra pods) that the other figures must not see.
+instead of favouring the one measured first or last.  Configurations that need
+the daemons set up differently in a section only a restart changes (``daemon_overrides``
+in a RESTART_ONLY section, e.g. iptables capture) cost a daemon restart (~3 s) to
+switch to: each such setting is measured as a block of the
+round (every scenario, its configurations one after the other), and the blocks swap
+order every other round, so the daemons restart about once per round and no block
+is always first.  ``direct`` and ``haproxy`` ride with the first block, and ``direct``
+is measured again in each other block, so every ratio to it pairs figures taken
+minutes apart at most, not a block apart.  The scale
+scenarios (idle connections, enrollment) run once, after the rounds: they leave
+state behind (extra pods) that the other figures must not see.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -20,9 +29,11 @@ from typing import Any
 from nodeproxy.bench import procstat, report, scenarios, targets
 from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration, available
 from nodeproxy.bench.model import Cell, MeasurementError
+from nodeproxy.bench.report import BASELINE
 from nodeproxy.bench.scenarios import Scenario
 from nodeproxy.bench.settings import Settings
 from nodeproxy.bench.topology import BenchCluster
+from nodeproxy.config.changes import RESTART_ONLY
 from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
 
 Log = Callable[[str], None]
@@ -80,7 +91,9 @@ class Suite:
         """Everything, cluster set-up and teardown included; returns the JSON document."""
         started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         machine = procstat.machine(REPO_ROOT)
-        cluster = Cluster(nodes=2, mtls=True)
+        # iptables capture needs the VIPs routed out of the pods (see Cluster).
+        routed = any(c.uses_mesh and c.capture_mode == "iptables" for c in self.runnable)
+        cluster = Cluster(nodes=2, mtls=True, pod_vip_unreachable=not routed)
         self.run_id = cluster.run_id
         try:
             with cluster:
@@ -107,20 +120,40 @@ class Suite:
             self._measure_all(bench)
         self.process_ids = bench.process_ids()
 
+    def blocks(self, round_number: int) -> list[list[Configuration]]:
+        """The runnable configurations grouped by the restart-only daemon settings they
+        need (sections a hot reload cannot change), in list order, the configurations that
+        do not use the mesh with the first group; the groups in reverse on even rounds."""
+        groups: dict[str, list[Configuration]] = {}
+        for c in self.runnable:
+            restart = {k: v for k, v in c.daemon_overrides().items() if k in RESTART_ONLY}
+            key = json.dumps(restart, sort_keys=True) if c.uses_mesh else ""
+            groups.setdefault(key, []).append(c)
+        riders = groups.pop("", [])
+        blocks = list(groups.values()) or [[]]
+        blocks[0] = sorted(riders + blocks[0], key=self.runnable.index)
+        baseline = [c for c in riders if c.name == BASELINE]
+        blocks[1:] = [baseline + block for block in blocks[1:]]
+        return blocks[::-1] if round_number % 2 == 0 else blocks
+
     def _measure_all(self, bench: BenchCluster) -> None:
         per_round = [s for s in self.scenarios if not s.once]
         for round_number in range(1, self.settings.rounds + 1):
-            for scenario in per_round:
-                for configuration in self.runnable:
-                    if scenario.applies(configuration):
-                        self._measure(bench, scenario, configuration, round_number)
+            for index, block in enumerate(self.blocks(round_number)):
+                for scenario in per_round:
+                    for configuration in block:
+                        if scenario.applies(configuration):
+                            self._measure(bench, scenario, configuration, round_number, index)
+        # Once-scenarios: starting with the daemons' setting of the last block measured,
+        # each configuration once.
+        after = [c for block in self.blocks(self.settings.rounds + 1) for c in block]
         for scenario in (s for s in self.scenarios if s.once):
-            for configuration in self.runnable:
+            for configuration in dict.fromkeys(after):
                 if scenario.applies(configuration):
                     self._measure(bench, scenario, configuration, 0)
 
     def _measure(self, bench: BenchCluster, scenario: Scenario, configuration: Configuration,
-                 round_number: int) -> None:
+                 round_number: int, block: int = 0) -> None:
         t = time.monotonic()
         values: dict[str, float] = {}
         raw: dict[str, Any] = {}
@@ -137,11 +170,11 @@ class Suite:
             if cell.not_applicable:
                 continue
             if metric.key in values:
-                cell.add(values[metric.key], round_number)
+                cell.add(values[metric.key], round_number, block)
             else:
                 cell.errors.append(error or "the run produced no value for it")
         seconds = time.monotonic() - t
-        self.runs.append({"round": round_number, "scenario": scenario.name,
+        self.runs.append({"round": round_number, "block": block, "scenario": scenario.name,
                           "configuration": configuration.name, "seconds": round(seconds, 3),
                           "values": values, "raw": raw, "error": error})
         where = f"round {round_number}/{self.settings.rounds}" if round_number else "once"
@@ -177,6 +210,7 @@ class Suite:
             "settings": self.settings.as_dict(),
             "configurations": [c.describe() for c in self.configurations],
             "order": [c.name for c in self.runnable],
+            "blocks": [[c.name for c in block] for block in self.blocks(1)],
             "metrics": metrics,
             "targets": targets.evaluate(metrics),
             "missing": missing,

@@ -168,11 +168,12 @@ class BenchCluster:
         return self.haproxy.pid
 
     def ensure_daemon_overrides(self, overrides: Mapping[str, Any]) -> None:
-        """Restart the daemons with these node-YAML overrides unless they already run them.
+        """Give the daemons these node-YAML overrides unless they already run them: a hot
+        reload when only live sections differ (fastPath), else a restart (capture).
 
         The hook for configurations that need the daemon set up differently (a
         capture mode, splice on or off): the suite calls it before each of their
-        measurements, so keep such configurations next to each other in the list.
+        measurements and groups configurations needing a restart into blocks.
         """
         wanted = dict(overrides)
         if wanted == self.daemon_overrides:

@@ -81,6 +81,37 @@ def default_pod_cgroup(cgroup2_mount: str) -> str:
     return os.path.join(cgroup2_mount, KUBEPODS_NAMES[-1])
 
 
+def _cgroup_members(directory: str) -> set[int]:
+    try:
+        with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as f:
+            return {int(line) for line in f if line.strip()}
+    except (OSError, ValueError):
+        return set()
+
+
+def own_cgroup(cgroup2_mount: str, pid: int | None = None,
+               proc_cgroup: str = "/proc/self/cgroup") -> str:
+    """The cgroup v2 directory (under the mount) that this process belongs to.
+
+    /proc/self/cgroup names it relative to the process's cgroup namespace.  That is the
+    mount's root unless the process runs in a container with a private cgroup namespace
+    and the host's hierarchy mounted (the DaemonSet): then the directory whose
+    cgroup.procs lists the process is looked for under the mount."""
+    pid = pid or os.getpid()
+    with open(proc_cgroup, encoding="utf-8") as f:
+        relative = next((line.rstrip("\n").split(":", 2)[2] for line in f
+                         if line.startswith("0::")), None)
+    if relative is not None:
+        candidate = os.path.normpath(os.path.join(cgroup2_mount, relative.lstrip("/")))
+        if pid in _cgroup_members(candidate):
+            return candidate
+    for directory, _subdirs, _files in os.walk(cgroup2_mount):
+        if pid in _cgroup_members(directory):
+            return directory
+    raise KernelFsError(f"process {pid} is in no cgroup under the cgroup v2 mount "
+                        f"{cgroup2_mount} ({proc_cgroup} says {relative!r})")
+
+
 def _mount_entry(path: str, proc_mounts: str = PROC_MOUNTS) -> Mount | None:
     """The topmost mount whose mount point is exactly `path` (symlinks resolved)."""
     target = os.path.realpath(path)

@@ -12,6 +12,7 @@ import ctypes
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Protocol
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -20,21 +21,6 @@ def _words(ip: IPAddress) -> list[int]:
     """An address as the kernel's u32 words (network order in memory)."""
     raw = ip.packed
     return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
-
-
-def _address(family: int, words) -> IPAddress:
-    if family == socket.AF_INET:
-        return ipaddress.IPv4Address(int(words[0]).to_bytes(4, "little"))
-    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
-    address = ipaddress.IPv6Address(raw)
-    return address.ipv4_mapped or address
-
-
-@dataclass(frozen=True)
-class OriginalDestination:
-    ip: IPAddress
-    port: int
-    pod_id: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +59,6 @@ class CaptureMaps:
 
     def __init__(self, bpf, sockmap_fd: int):
         self._pods = bpf["pods"]
-        self._by_tuple = bpf["origdst_by_tuple"]
         self._stats = bpf["pod_stats"]
         self._denies = bpf["connect_denies"]
         self._policy_denials = bpf["policy_denials"]
@@ -98,31 +83,6 @@ class CaptureMaps:
     def enrolled(self) -> dict[int, int]:
         """netns cookie -> pod id, as the kernel has it."""
         return {k.value: v.pod_id for k, v in self._pods.items()}
-
-    def take_original_destination(
-        self, netns_cookie: int, peer_ip: IPAddress, peer_port: int
-    ) -> OriginalDestination | None:
-        """The original destination of the captured socket whose local address is the peer
-        of an accepted proxy connection; the entry is removed once read."""
-        key = self._by_tuple.Key()
-        key.netns_cookie = netns_cookie
-        key.family = socket.AF_INET if peer_ip.version == 4 else socket.AF_INET6
-        for i, word in enumerate(_words(peer_ip)):
-            key.ip[i] = word
-        key.port = peer_port
-        try:
-            leaf = self._by_tuple[key]
-        except KeyError:
-            return None
-        try:
-            del self._by_tuple[key]
-        except KeyError:
-            pass
-        return OriginalDestination(
-            ip=_address(leaf.family, leaf.ip),
-            port=socket.ntohs(leaf.port),
-            pod_id=leaf.pod_id,
-        )
 
     def set_inbound(self, pod_id: int, ips: list[IPAddress],
                     listeners: dict[int, socket.socket]) -> None:
@@ -217,3 +177,31 @@ class CaptureMaps:
         leaf = self._fastpath[self._fastpath.Key(0)]
         return FastPathCounters(**{name: int(getattr(leaf, name))
                                    for name, _ in leaf._fields_})
+
+
+
+class PodMaps(Protocol):
+    """What enrollment and telemetry need of the kernel maps in either capture mode."""
+
+    def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None: ...
+    def unenroll(self, netns_cookie: int, pod_id: int) -> None: ...
+    def enrolled(self) -> dict[int, int]: ...
+    def pod_counters(self) -> dict[int, PodCounters]: ...
+
+
+class NoKernelMaps:
+    """Stands in for CaptureMaps where no eBPF program could be set up (iptables mode on a
+    kernel or machine without sockops or bcc): nothing is kept, so the kernel counters of
+    pods (connections, bytes, RTT) are not available."""
+
+    def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
+        pass
+
+    def unenroll(self, netns_cookie: int, pod_id: int) -> None:
+        pass
+
+    def enrolled(self) -> dict[int, int]:
+        return {}
+
+    def pod_counters(self) -> dict[int, PodCounters]:
+        return {}

@@ -2,18 +2,27 @@
 
 Every check really exercises the feature: eBPF programs are compiled by bcc and
 loaded into the kernel (the verifier runs) but never attached; bpffs is mounted
-on a scratch directory if /sys/fs/bpf is not one yet; CNI plugins are executed.
-`nodeproxy check` prints the results and `nodeproxy run` refuses to start while
-an essential check fails:
+on a scratch directory if /sys/fs/bpf is not one yet; the iptables capture rules
+are installed in a scratch network namespace and a connection is redirected through
+them; CNI plugins are executed.
+
+An essential check is needed by one or both capture modes (``CheckResult.modes``):
+the eBPF programs and what builds them by ebpf mode, iptables by iptables mode,
+privileges and cgroup v2 by both.  `nodeproxy check` prints the results and the
+capture modes this node supports; `nodeproxy run` refuses to start while a check
+its configured mode needs fails:
 
     results = run_checks()
-    require_essential(results)   # raises PreflightError listing the FAIL lines
+    supported_modes(results)             # ["ebpf", "iptables"] on a capable node
+    require_essential(results, "ebpf")   # raises PreflightError listing the FAIL lines
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import ipaddress
 import json
 import os
 import re
@@ -22,15 +31,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
-from nodeproxy.capture import kernelfs
+from nodeproxy.capture import iptables, kernelfs
+from nodeproxy.capture.original_dst import Destination, original_destination
 
 MIN_KERNEL = (5, 15)
 OUTBOUND_PORT = 15001
+CAPTURE_MODES = ("ebpf", "iptables")
 
 # Capability numbers from linux/capability.h.
 CAP_NET_ADMIN = 12
@@ -58,15 +70,24 @@ ROOT_HINT = (
 )
 
 
+IPTABLES_HINT = (
+    "apt install iptables (iptables-nft and ip6tables), on a kernel with netfilter NAT and "
+    "connection tracking for IPv4 and IPv6 (nf_nat, nf_conntrack, REDIRECT, REJECT, the "
+    "conntrack match); or use capture.mode: ebpf"
+)
+
+
 @dataclass(frozen=True)
 class CheckResult:
-    """Outcome of one preflight check; `essential` ones must pass for nodeproxy to run."""
+    """Outcome of one preflight check; an `essential` one must pass for nodeproxy to run in
+    each capture mode of `modes`."""
 
     name: str
     ok: bool
     detail: str
     hint: str
     essential: bool
+    modes: tuple[str, ...] = CAPTURE_MODES
 
 
 class PreflightError(RuntimeError):
@@ -77,12 +98,22 @@ class PreflightError(RuntimeError):
         super().__init__("\n".join(format_result(r) for r in self.failures))
 
 
+def modes_of(name: str) -> tuple[str, ...]:
+    """The capture modes that need a check: iptables mode needs no eBPF program (sockops
+    counters are a bonus it does without), ebpf mode no iptables."""
+    if name == "iptables":
+        return ("iptables",)
+    if name in EBPF_ONLY or name in {f.name for f in _FEATURES}:
+        return ("ebpf",)
+    return CAPTURE_MODES
+
+
 def _pass(name: str, detail: str, *, essential: bool = True) -> CheckResult:
-    return CheckResult(name, True, detail, "", essential)
+    return CheckResult(name, True, detail, "", essential, modes_of(name))
 
 
 def _fail(name: str, detail: str, hint: str, *, essential: bool = True) -> CheckResult:
-    return CheckResult(name, False, detail, hint, essential)
+    return CheckResult(name, False, detail, hint, essential, modes_of(name))
 
 
 # ---------------------------------------------------------------- formatting
@@ -91,25 +122,49 @@ def format_result(r: CheckResult) -> str:
     """One line: `PASS  name  detail` or `FAIL  name  detail — fix: hint`."""
     if r.ok:
         return f"PASS  {r.name:<24}  {r.detail}"
-    optional = "" if r.essential else " (optional)"
-    return f"FAIL  {r.name:<24}  {r.detail}{optional} — fix: {r.hint}"
+    if not r.essential:
+        needed = " (optional)"
+    elif set(r.modes) != set(CAPTURE_MODES):
+        needed = f" (needed by capture mode {', '.join(r.modes)})"
+    else:
+        needed = ""
+    return f"FAIL  {r.name:<24}  {r.detail}{needed} — fix: {r.hint}"
 
 
-def essential_failures(results: Sequence[CheckResult]) -> list[CheckResult]:
-    """The failed checks nodeproxy cannot run without."""
+def supported_modes(results: Sequence[CheckResult]) -> list[str]:
+    """The capture modes every essential check of which passed."""
+    return [m for m in CAPTURE_MODES if not essential_failures(results, m)]
+
+
+def essential_failures(results: Sequence[CheckResult],
+                       mode: str | None = None) -> list[CheckResult]:
+    """The failed checks nodeproxy cannot run without in capture mode `mode`; with no mode,
+    the failures that leave it no mode at all (none while some mode is supported)."""
+    if mode is not None:
+        return [r for r in results if r.essential and not r.ok and mode in r.modes]
+    if supported_modes(results):
+        return []
     return [r for r in results if r.essential and not r.ok]
 
 
 def summary_line(results: Sequence[CheckResult]) -> str:
-    """One line: how many checks passed and whether nodeproxy can run on this node."""
+    """One line: how many checks passed, whether nodeproxy can run on this node, and in
+    which capture modes."""
     failed = [r for r in results if not r.ok]
-    essential = essential_failures(results)
+    essential = [r for r in failed if r.essential]
+    supported = supported_modes(results)
     head = f"{len(results)} checks: {len(results) - len(failed)} passed, {len(failed)} failed"
-    if essential:
+    if not supported:
         return f"{head} ({len(essential)} essential) — nodeproxy cannot run on this node"
-    if failed:
-        return f"{head} (none essential) — nodeproxy can run on this node"
-    return f"{head} — nodeproxy can run on this node"
+    if len(supported) < len(CAPTURE_MODES):
+        lacking = "; ".join(
+            f"{m} needs {', '.join(r.name for r in essential_failures(results, m))}"
+            for m in CAPTURE_MODES if m not in supported)
+        return (f"{head} ({len(essential)} essential) — nodeproxy can run on this node in "
+                f"capture mode {', '.join(supported)} only ({lacking})")
+    note = " (none essential)" if failed else ""
+    return (f"{head}{note} — nodeproxy can run on this node "
+            f"(capture modes: {', '.join(supported)})")
 
 
 def report_lines(results: Sequence[CheckResult]) -> list[str]:
@@ -122,10 +177,12 @@ def to_json(results: Sequence[CheckResult]) -> str:
     return json.dumps([asdict(r) for r in results], indent=2)
 
 
-def require_essential(results: Sequence[CheckResult] | None = None) -> list[CheckResult]:
-    """Run the checks (unless given) and raise PreflightError if an essential one failed."""
+def require_essential(results: Sequence[CheckResult] | None = None,
+                      mode: str | None = None) -> list[CheckResult]:
+    """Run the checks (unless given) and raise PreflightError if one that capture mode
+    `mode` needs failed (no mode: if no mode can run)."""
     results = list(results) if results is not None else run_checks()
-    failures = essential_failures(results)
+    failures = essential_failures(results, mode)
     if failures:
         raise PreflightError(failures)
     return results
@@ -549,7 +606,7 @@ def _load_feature(bpf: Any, bcc: ModuleType, feature: _Feature,
     if error is not None:
         detail, hint = _explain(_why(error, output), feature.hint, privileged)
         return _fail(feature.name, detail, hint, essential=feature.essential)
-    return CheckResult(feature.name, True, detail, "", feature.essential)
+    return _pass(feature.name, detail, essential=feature.essential)
 
 
 def _compile(bcc: ModuleType, text: str) -> tuple[Any, str]:
@@ -630,6 +687,96 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
     return _pass(name, f"{src} compiled; {loaded} loaded")
 
 
+# ---------------------------------------------------------------- iptables capture
+
+_CLONE_NEWNET = 0x40000000
+TEST_NET = {socket.AF_INET: ("192.0.2.0/24", "192.0.2.1", "127.0.0.1"),
+            socket.AF_INET6: ("2001:db8::/32", "2001:db8::1", "::1")}
+
+
+def _in_scratch_netns(fn: Callable[[int], None], timeout: float = 60.0) -> None:
+    """Run fn(netns fd) on a thread of its own in a new, empty network namespace, which
+    goes away with the thread (nothing else ever enters it)."""
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(_CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            try:
+                fn(fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+
+    thread = threading.Thread(target=body, name="nodeproxy-preflight-netns", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"the scratch netns test took more than {timeout:.0f}s")
+    if failure:
+        raise failure[0]
+
+
+def _redirect_and_deny(netns_fd: int) -> None:
+    """In the scratch netns: the capture rules redirect a connection to a test address to
+    the outbound port, SO_ORIGINAL_DST names the test address, and a deny is refused."""
+    for argv in (["ip", "link", "set", "lo", "up"],
+                 *(["ip", "-6" if family == socket.AF_INET6 else "-4", "route", "add", net,
+                    "dev", "lo"] for family, (net, _, _) in TEST_NET.items())):
+        subprocess.run(argv, check=True, capture_output=True, timeout=10)
+    ports = iptables.Ports()
+    denies = [iptables.DenyRule(ipaddress.ip_address(target), 9, "preflight")
+              for _, target, _ in TEST_NET.values()]
+    iptables.install(netns_fd, "scratch netns", ports, denies=denies)
+    for family, (_, target, loopback) in TEST_NET.items():
+        version = "IPv4" if family == socket.AF_INET else "IPv6"
+        with socket.socket(family) as listener, socket.socket(family) as client:
+            listener.bind((loopback, ports.outbound))
+            listener.listen(1)
+            listener.settimeout(5)
+            client.settimeout(5)
+            client.connect((target, 80))
+            conn, _ = listener.accept()
+            with conn:
+                found = original_destination(conn)
+            if found != Destination(ipaddress.ip_address(target), 80):
+                raise RuntimeError(f"{version}: a connection to {target}:80 was redirected but "
+                                   f"SO_ORIGINAL_DST says {found}")
+        with socket.socket(family) as denied:
+            denied.settimeout(5)
+            try:
+                denied.connect((target, 9))
+            except ConnectionRefusedError:
+                continue
+            raise RuntimeError(f"{version}: a REJECT rule did not refuse {target}:9")
+
+
+def check_iptables() -> CheckResult:
+    """iptables capture: the tools exist and their rules work, tried in a scratch netns."""
+    name = "iptables"
+    missing = iptables.missing_binaries()
+    if missing:
+        return _fail(name, f"{', '.join(missing)} not found on PATH", IPTABLES_HINT)
+    try:
+        version = subprocess.run(["iptables", "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip() or "iptables"
+        _in_scratch_netns(_redirect_and_deny)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        detail = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and \
+            e.stderr else str(e)
+        hint = IPTABLES_HINT
+        if not check_privileges().ok:
+            hint = f"fix the privileges check first; then: {IPTABLES_HINT}"
+        return _fail(name, f"nat REDIRECT capture does not work here: {detail}", hint)
+    return _pass(name, f"{version}: REDIRECT to the outbound port, SO_ORIGINAL_DST and a "
+                       "REJECT deny work for IPv4 and IPv6 (tried in a scratch netns)")
+
+
 # ---------------------------------------------------------------- optional extras
 
 def check_kernel_tls() -> CheckResult:
@@ -701,6 +848,7 @@ def run_checks(outbound_port: int = OUTBOUND_PORT) -> list[CheckResult]:
     optional_features = [r for r in features if not r.essential]
     results += essential_features
     results.append(check_capture_program(bcc, outbound_port, privileges.ok))
+    results.append(check_iptables())
     results += optional_features
     results.append(check_kernel_tls())
     results.append(check_cni_plugins())
@@ -711,11 +859,19 @@ def check_names() -> list[str]:
     """Names of the checks run_checks() reports, in order (without running them)."""
     return ["privileges", "kernel-version", "bcc", "kernel-headers", "btf", "cgroup-v2",
             "bpffs", "bpf-jit", *(f.name for f in _FEATURES if f.essential), "capture-program",
-            *(f.name for f in _FEATURES if not f.essential), "kernel-tls", "cni-plugins"]
+            "iptables", *(f.name for f in _FEATURES if not f.essential), "kernel-tls",
+            "cni-plugins"]
+
+
+# Checks only ebpf mode needs (besides the eBPF feature checks): what builds and loads its
+# programs.  iptables mode loads sockops where it can and does without kernel counters
+# otherwise.
+EBPF_ONLY = frozenset({"kernel-version", "bcc", "kernel-headers", "bpffs", "bpf-jit",
+                       "capture-program"})
 
 
 __all__ = [
-    "CheckResult", "PreflightError", "check_names", "essential_failures", "format_result",
-    "read_effective_caps", "report_lines", "require_essential", "run_checks", "summary_line",
-    "to_json",
+    "CAPTURE_MODES", "CheckResult", "PreflightError", "check_iptables", "check_names",
+    "essential_failures", "format_result", "read_effective_caps", "report_lines",
+    "require_essential", "run_checks", "summary_line", "supported_modes", "to_json",
 ]

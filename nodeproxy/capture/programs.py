@@ -1,8 +1,14 @@
 """Compile, load, attach and pin the eBPF programs (bpf/*.c) for one node.
 
 One bcc compile unit holds every program and map (capture.c, inbound.c).
-The cgroup programs attach to the node's pod cgroup subtree; the inbound
-sk_lookup program attaches to each enrolled pod's network namespace.
+Which programs are loaded and attached depends on the capture mode:
+
+- ebpf: the cgroup programs (connect4/6, getpeername4/6, sockops) attach to the
+  node's pod cgroup subtree; np_original_dst (cgroup/getsockopt) to the daemon's
+  own cgroup, where the sockets the proxy accepts belong; the inbound sk_lookup
+  program to each enrolled pod's network namespace;
+- iptables: only sockops (the per-pod kernel counters), on the pod cgroup
+  subtree; iptables rules do the capturing (nodeproxy.capture.iptables).
 
 Pins live under <bpffs>/nodeproxy/<node>/:
 - maps/: every shared map, pinned by bcc at creation (BPF_TABLE_PINNED) and found
@@ -34,7 +40,9 @@ PROG_CGROUP_SOCK_ADDR = 18
 PROG_SOCK_OPS = 13
 PROG_SK_LOOKUP = 30
 PROG_SK_SKB = 14
+PROG_CGROUP_SOCKOPT = 25
 ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_CGROUP_GETSOCKOPT = 21
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_INET4_GETPEERNAME = 29
@@ -60,11 +68,16 @@ CGROUP_PROGRAMS = (
                 ATTACH_INET6_GETPEERNAME),
     ProgramSpec("sockops", "np_sockops", PROG_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS),
 )
+SOCKOPS_PROGRAM = CGROUP_PROGRAMS[-1]
 INBOUND_PROGRAM = ProgramSpec("inbound", "np_inbound_lookup", PROG_SK_LOOKUP, ATTACH_SK_LOOKUP)
-# Attached to the np_splice_sockets sockhash (a map, not a cgroup or netns).
+ORIGINAL_DST_PROGRAM = ProgramSpec("original_dst", "np_original_dst", PROG_CGROUP_SOCKOPT,
+                                   ATTACH_CGROUP_GETSOCKOPT)
+# Attached to the np_splice_sockets sockhash (a map, not a cgroup or netns): it needs no
+# capture hook, so it is loaded in both capture modes.
 SPLICE_PROGRAM = ProgramSpec("splice", "np_splice_verdict", PROG_SK_SKB,
                              ATTACH_SK_SKB_STREAM_VERDICT)
-ALL_PROGRAMS = (*CGROUP_PROGRAMS, INBOUND_PROGRAM, SPLICE_PROGRAM)
+ALL_PROGRAMS = (*CGROUP_PROGRAMS, INBOUND_PROGRAM, ORIGINAL_DST_PROGRAM, SPLICE_PROGRAM)
+CAPTURE_MODES = ("ebpf", "iptables")
 
 
 def bpf_source_dir() -> Path:
@@ -114,9 +127,15 @@ class CapturePrograms:
     """The loaded programs of one node and everything they attached and pinned."""
 
     def __init__(self, *, node: str, pod_cgroup: str, bpffs: str, outbound_port: int,
-                 inbound_port: int, hbone_port: int, pin_links: bool):
+                 inbound_port: int, hbone_port: int, pin_links: bool, mode: str = "ebpf",
+                 own_cgroup: str | None = None):
+        if mode not in CAPTURE_MODES:
+            raise ValueError(f"unknown capture mode {mode!r}")
         self.node = node
         self.pod_cgroup = pod_cgroup
+        self.mode = mode
+        # Where the daemon's sockets belong (ebpf mode answers SO_ORIGINAL_DST there).
+        self.own_cgroup = own_cgroup
         self.pins = pin_root(bpffs, node)
         self.ports = {"outbound_port": outbound_port, "inbound_port": inbound_port,
                       "hbone_port": hbone_port}
@@ -128,13 +147,20 @@ class CapturePrograms:
         self._netns_links: dict[str, _Link] = {}
         self._inbound_fd = -1
 
+    @property
+    def specs(self) -> tuple[ProgramSpec, ...]:
+        """The programs this mode loads: a kernel without the cgroup/connect, sk_lookup
+        or getsockopt hooks must not be asked to load them in iptables mode."""
+        return ALL_PROGRAMS if self.mode == "ebpf" else (SOCKOPS_PROGRAM, SPLICE_PROGRAM)
+
     def load(self) -> None:
-        """Compile with bcc and load every program (the verifier runs here)."""
+        """Compile with bcc and load this mode's programs (the verifier runs here)."""
         import bcc  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
         self.bpf = compile_programs(bcc, self.pins / "maps", **self.ports)
-        self._funcs = {spec.name: load_program(self.bpf, spec) for spec in ALL_PROGRAMS}
-        self._inbound_fd = self._funcs[INBOUND_PROGRAM.name].fd
+        self._funcs = {spec.name: load_program(self.bpf, spec) for spec in self.specs}
+        if INBOUND_PROGRAM.name in self._funcs:
+            self._inbound_fd = self._funcs[INBOUND_PROGRAM.name].fd
         # The splice verdict handles data of the sockets in np_splice_sockets; a map
         # attachment lives as long as the map, which is this instance's alone.
         bcc.BPF.attach_func(self._funcs[SPLICE_PROGRAM.name], self.table_fd("np_splice_sockets"),
@@ -154,16 +180,22 @@ class CapturePrograms:
         return _Link(name, fd, pin_path)
 
     def attach(self) -> None:
-        """Attach the cgroup programs to the pod cgroup subtree as BPF links."""
+        """Attach this mode's cgroup programs as BPF links: to the pod cgroup subtree, and
+        (ebpf) the SO_ORIGINAL_DST answer to the daemon's own cgroup."""
         assert self.bpf is not None, "load() first"
-        cgroup_fd = os.open(self.pod_cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for spec in CGROUP_PROGRAMS:
+        targets = [(spec, self.pod_cgroup) for spec in CGROUP_PROGRAMS if spec in self.specs]
+        if self.mode == "ebpf":
+            if not self.own_cgroup:
+                raise ValueError("ebpf capture needs the daemon's own cgroup (own_cgroup)")
+            targets.append((ORIGINAL_DST_PROGRAM, self.own_cgroup))
+        for spec, cgroup in targets:
+            cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
                 self._links.append(self._link(spec.name, self._funcs[spec.name].fd,
                                               cgroup_fd, spec.attach_type))
-                log.info("attached %s to %s", spec.function, self.pod_cgroup)
-        finally:
-            os.close(cgroup_fd)
+            finally:
+                os.close(cgroup_fd)
+            log.info("attached %s to %s", spec.function, cgroup)
 
     def attach_netns(self, key: str, netns_fd: int) -> None:
         """Attach inbound capture (sk_lookup) to one pod's network namespace."""
@@ -188,7 +220,7 @@ class CapturePrograms:
             self.detach_netns(key)
         for link in self._links:
             _close_link(link)
-            log.info("detached %s from %s", link.name, self.pod_cgroup)
+            log.info("detached %s", link.name)
         self._links.clear()
         shutil.rmtree(self.pins / "links" / self.instance, ignore_errors=True)
 

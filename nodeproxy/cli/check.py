@@ -1,8 +1,9 @@
-"""Check that this node's kernel and tools can run nodeproxy (tries each eBPF feature).
+"""Check that this node's kernel and tools can run nodeproxy (tries each eBPF feature and
+the iptables capture rules).
 
-Prints one PASS/FAIL line per check and a summary; exits 1 if a check nodeproxy
-cannot run without failed. `nodeproxy run` performs the same checks before it
-starts and refuses to start with the same FAIL lines.
+Prints one PASS/FAIL line per check and a summary naming the capture modes this node
+supports; exits 1 if it supports none. `nodeproxy run` performs the checks its
+capture mode needs before it starts and refuses to start with the same FAIL lines.
 """
 
 from __future__ import annotations

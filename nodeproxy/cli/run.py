@@ -1,8 +1,9 @@
 """Run the node daemon: capture enrolled pods' traffic and proxy it.
 
-Refuses to start, with the same lines `nodeproxy check` prints, when this
-machine lacks what the daemon needs; refuses a config that does not validate,
-naming file, line and field.
+Refuses to start, with the same lines `nodeproxy check` prints, when this machine
+lacks what every capture mode needs (privileges); refuses a config that does not
+validate, naming file, line and field; then refuses, the same way, when the machine
+lacks what the configured capture mode (capture.mode) needs.
 """
 
 from __future__ import annotations
@@ -25,31 +26,26 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     from nodeproxy.capture import preflight
-
-    # The checks that need no compiling; the daemon compiles and loads the real
-    # programs next, and a kernel that refuses them fails there with bcc's reason.
-    quick = [
-        preflight.check_privileges(),
-        preflight.check_kernel_version(),
-        preflight.check_bcc()[0],
-        preflight.check_kernel_headers(),
-        preflight.check_cgroup2(),
-        preflight.check_bpffs(),
-    ]
-    failures = preflight.essential_failures(quick)
-    if failures:
-        print("nodeproxy run: this machine cannot run the daemon:", file=sys.stderr)
-        for result in failures:
-            print(preflight.format_result(result), file=sys.stderr)
-        return 1
-
     from nodeproxy.config.loader import ConfigError, load_config
 
+    privileges = preflight.check_privileges()
+    if not privileges.ok:
+        print("nodeproxy run: this machine cannot run the daemon:", file=sys.stderr)
+        print(preflight.format_result(privileges), file=sys.stderr)
+        return 1
     try:
         loaded = load_config(args.config, check_environment=True)
     except ConfigError as e:
         print(f"nodeproxy run: refusing configuration {args.config}:", file=sys.stderr)
         print(str(e), file=sys.stderr)
+        return 1
+
+    failures = preflight_failures(loaded.config.capture.mode)
+    if failures:
+        print(f"nodeproxy run: this machine cannot run the daemon in capture mode "
+              f"{loaded.config.capture.mode}:", file=sys.stderr)
+        for line in failures:
+            print(line, file=sys.stderr)
         return 1
 
     import uvloop
@@ -58,3 +54,22 @@ def run(args: argparse.Namespace) -> int:
 
     uvloop.run(Daemon(loaded).serve())
     return 0
+
+
+def preflight_failures(mode: str) -> list[str]:
+    """The FAIL lines of the other checks this capture mode needs, among those that need no
+    compiling (ebpf: the daemon compiles and loads the real programs next, and a kernel
+    that refuses them fails there with bcc's reason)."""
+    from nodeproxy.capture import preflight
+
+    if mode == "ebpf":
+        quick = [
+            preflight.check_kernel_version(),
+            preflight.check_bcc()[0],
+            preflight.check_kernel_headers(),
+            preflight.check_cgroup2(),
+            preflight.check_bpffs(),
+        ]
+    else:
+        quick = [preflight.check_cgroup2(), preflight.check_iptables()]
+    return [preflight.format_result(r) for r in preflight.essential_failures(quick, mode)]

@@ -118,6 +118,11 @@ class AdminSettings(Model):
 
 
 class CaptureSettings(Model):
+    # How pods' traffic reaches the proxy.  ebpf: cgroup/connect4/6 rewrite each connect()
+    # and sk_lookup steers inbound connections (no rule in the pod).  iptables: NAT
+    # REDIRECT rules inside each enrolled pod's netns (nodeproxy.capture.iptables), for
+    # kernels without those hooks; the original destination comes from SO_ORIGINAL_DST.
+    mode: Literal["ebpf", "iptables"] = "ebpf"
     # What a crash leaves behind.  fail_closed keeps the capture programs
     # attached (pinned links) so pods' outbound traffic is refused until the
     # daemon restarts and takes over; fail_open detaches them with the
@@ -498,12 +503,22 @@ def cross_check(config: NodeConfig) -> list[Problem]:
                 errors.append((("services", i, "vips", j),
                                f"VIP {vip} is also the IP of workloads[{ip_at[vip]}]"))
             vip_at.setdefault(vip, i)
+    errors.extend(_capture_problems(config.capture))
     errors.extend(_identity_problems(config.identity))
     errors.extend(_peer_authentication_problems(config.peer_authentications))
     errors.extend(_strict_without_mtls(config))
     errors.extend(_duplicate_policy_names("authorizationPolicies", "authorization policy",
                                           config.authorization_policies))
     return errors
+
+
+def _capture_problems(capture: CaptureSettings) -> list[Problem]:
+    """iptables rules live in the pods' network namespaces, not in the daemon: they outlive
+    a crash, so that mode cannot fail open."""
+    if capture.mode == "iptables" and capture.on_crash == "fail_open":
+        return [(("capture", "onCrash"), "mode iptables always fails closed (its rules stay in "
+                                         "the pods after a crash): use fail_closed")]
+    return []
 
 
 def _identity_problems(identity: IdentitySettings) -> list[Problem]:

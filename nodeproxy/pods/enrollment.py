@@ -1,10 +1,12 @@
 """Enrolling and unenrolling pods: listeners first, then the kernel maps, and the reverse.
 
 Order matters: a pod's connects are captured as soon as its netns cookie is in
-the kernel's pods map, so its 15001 listener must already exist; its inbound
-traffic is steered once its IPs are in the inbound map, so the 15006 listener
-and the netns's transparent-reply routing must exist before that.  On the way
-out the map entries go first, so nothing new is steered to a closing listener.
+the kernel's pods map (ebpf) or its REDIRECT rules are in place (iptables), so its
+15001 listener must already exist; its inbound traffic is steered once its IPs are
+in the inbound map (or its rules are), so the 15006 listener and the netns's
+transparent-reply routing must exist before that.  On the way out the map entries
+and rules go first, so nothing new is steered to a closing listener.  What steering
+means in each capture mode is nodeproxy.pods.steering's.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import logging
 import os
 from collections.abc import Callable
 
-from nodeproxy.capture.maps import CaptureMaps
-from nodeproxy.capture.programs import CapturePrograms
+from nodeproxy.capture.maps import PodMaps
 from nodeproxy.config.model import Workload
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods import transparent
 from nodeproxy.pods.netns import Netns
 from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.pods.steering import Steering
 from nodeproxy.proxy.destinations import WorkloadRef
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
@@ -39,8 +41,8 @@ class Enrollment:
     def __init__(
         self,
         *,
-        maps: CaptureMaps,
-        programs: CapturePrograms,
+        maps: PodMaps,
+        steering: Steering,
         proxy: OutboundProxy,
         inbound: InboundProxy,
         hbone: HboneServer | None,
@@ -51,7 +53,7 @@ class Enrollment:
         on_change: Callable[[], None],
     ):
         self._maps = maps
-        self._programs = programs
+        self._steering = steering
         self._proxy = proxy
         self._inbound = inbound
         self._hbone = hbone
@@ -84,6 +86,7 @@ class Enrollment:
         except OSError as e:
             raise EnrollError(f"pod {workload.key}: netns {workload.netns}: {e.strerror}") from e
         pod: EnrolledPod | None = None
+        steered = False
         try:
             cookie = netns.cookie()
             for other in self.pods.values():
@@ -106,12 +109,16 @@ class Enrollment:
             inbound = await self._inbound.open_listeners(pod)
             if self._hbone is not None:
                 await self._hbone.open_listeners(pod)
-            self._programs.attach_netns(pod.key, netns.fd)
-            self._maps.set_inbound(pod.pod_id, list(workload.ips), inbound)
+            steered = True
+            await self._steering.steer(pod, inbound)
         except BaseException:
+            if pod is not None and steered:
+                try:
+                    await self._steering.release(pod, netns_gone=False)
+                except Exception as e:  # noqa: BLE001 - the enroll error is the one to raise
+                    log.error("pod %s: steering not undone: %s", workload.key, e)
             for server in (pod.listeners + pod.inbound_listeners) if pod is not None else []:
                 server.close()
-            self._programs.detach_netns(workload.key)
             netns.close()
             raise
         self._maps.enroll(cookie, pod.pod_id, pod.flags)
@@ -176,8 +183,10 @@ class Enrollment:
             if pod is None:
                 return False
             self._maps.unenroll(pod.netns_cookie, pod.pod_id)
-            self._maps.clear_inbound(pod.pod_id, list(pod.workload.ips))
-            self._programs.detach_netns(pod.key)
+            try:
+                await self._steering.release(pod, netns_gone=cause == "netns_vanished")
+            except Exception as e:  # noqa: BLE001 - the pod may be going away
+                log.error("pod %s: steering not removed: %s", key, e)
             for ip in pod.workload.ips:
                 self.by_ip.pop(ip, None)
             for server in pod.listeners + pod.inbound_listeners:

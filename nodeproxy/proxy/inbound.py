@@ -1,8 +1,11 @@
 """Inbound plaintext (15006): connections into a meshed pod from outside the mesh.
 
-The kernel (bpf/inbound.c, sk_lookup) hands a TCP connection arriving for a pod's IP
-to the pod's inbound listener; the accepted socket keeps the original destination
-as its local address.  Peer authentication decides whether plaintext may pass
+The kernel hands a TCP connection arriving for a pod's IP to the pod's inbound
+listener: in ebpf mode sk_lookup (bpf/inbound.c), which keeps the original destination
+as the accepted socket's local address; in iptables mode a REDIRECT rule, which changes
+the local port, so the destination is the socket's SO_ORIGINAL_DST when the kernel knows
+one.  A connection to the inbound port itself is refused (relaying it would dial the
+listener again, without end).  Peer authentication decides whether plaintext may pass
 (STRICT refuses it unless the source is an exempt probe source), authorization
 decides on the source address (no identity), and the proxy connects to the
 application from inside the pod with the client's address as source.  Both ends are
@@ -17,6 +20,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import DestinationTable
@@ -36,8 +40,11 @@ class InboundProxy:
     def __init__(self, *, port: int, connect_timeout: float, announcer: DialAnnouncer,
                  admitter: Callable[[], Admitter],
                  table: Callable[[], DestinationTable], tracker: ConnectionTracker,
-                 splicer: Splicer, metrics: ProxyMetrics):
+                 splicer: Splicer, metrics: ProxyMetrics,
+                 on_captured: Callable[[EnrolledPod], None] | None = None):
         self.port = port
+        # Counts a connection the kernel steered here, where the kernel does not (iptables).
+        self._on_captured = on_captured
         self._connect_timeout = connect_timeout
         self._announcer = announcer
         self._admitter = admitter
@@ -63,11 +70,21 @@ class InboundProxy:
 
     async def _serve(self, pod: EnrolledPod, down: Side) -> None:
         assert down.transport is not None
-        local = down.transport.get_extra_info("sockname")
         peer = down.transport.get_extra_info("peername")
-        dest_ip = ipaddress.ip_address(local[0])
+        original = original_destination(down.transport.get_extra_info("socket"))
+        if original is not None:
+            dest_ip, port = original.ip, original.port
+        else:
+            local = down.transport.get_extra_info("sockname")
+            dest_ip, port = ipaddress.ip_address(local[0]), local[1]
         source_ip = ipaddress.ip_address(peer[0])
-        port = local[1]
+        if port == self.port:
+            log.info("inbound %s -> %s:%d refused: that is the inbound listener itself",
+                     source_ip, pod.key, port)
+            reset(down.transport)
+            return
+        if self._on_captured is not None:
+            self._on_captured(pod)
         admission = self._admitter().admit(pod.workload, None, source_ip, port)
         if not admission.allowed:
             reset(down.transport)

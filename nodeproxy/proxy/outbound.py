@@ -1,9 +1,9 @@
 """The outbound proxy: listeners on 15001 inside each pod, and what happens per connection.
 
 A captured connection arrives on the pod's own loopback listener; its original
-destination comes from the kernel map (keyed by the pod's netns cookie and the
-client socket's local address).  The destination table picks a backend, and
-the backend decides the path:
+destination is the accepted socket's SO_ORIGINAL_DST (answered by netfilter in
+iptables mode, by the np_original_dst eBPF program from the capture maps in ebpf
+mode).  The destination table picks a backend, and the backend decides the path:
 
 - a meshed pod on this node: admission (peer authentication + authorization on the
   source pod's identity, known from its netns) then a transparent connection into
@@ -28,12 +28,12 @@ import socket
 from collections.abc import Callable
 
 from nodeproxy.capture.constants import POD_NO_IPV6
-from nodeproxy.capture.maps import CaptureMaps
+from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import Backend, Decision, DestinationTable, Verdict
-from nodeproxy.proxy.dial import dial_from, dial_transparent
+from nodeproxy.proxy.dial import DialAnnouncer, dial_from, dial_transparent
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
@@ -57,7 +57,7 @@ class OutboundProxy:
     def __init__(
         self,
         *,
-        maps: CaptureMaps,
+        announcer: DialAnnouncer,
         metrics: ProxyMetrics,
         table: Callable[[], DestinationTable],
         admitter: Callable[[], Admitter],
@@ -69,8 +69,11 @@ class OutboundProxy:
         trust_domain: str,
         port: int,
         connect_timeout: float,
+        on_captured: Callable[[EnrolledPod], None] | None = None,
     ):
-        self._maps = maps
+        self._announcer = announcer
+        # Counts a connection the kernel steered here, where the kernel does not (iptables).
+        self._on_captured = on_captured
         self._metrics = metrics
         self._table = table
         self._admitter = admitter
@@ -103,13 +106,14 @@ class OutboundProxy:
 
     async def _serve(self, pod: EnrolledPod, down: Side) -> None:
         assert down.transport is not None
-        peer = down.transport.get_extra_info("peername")
-        original = self._maps.take_original_destination(
-            pod.netns_cookie, ipaddress.ip_address(peer[0]), peer[1])
-        if original is None:
-            # Not a captured connect: something dialled 15001 directly.
+        original = original_destination(down.transport.get_extra_info("socket"))
+        if original is None or original.ip.is_loopback:
+            # Not a captured connect: something dialled 15001 directly (loopback is never
+            # captured, so a loopback answer is the listener itself).
             self._refuse(pod, down, "no_original_destination")
             return
+        if self._on_captured is not None:
+            self._on_captured(pod)
         decision = self._table().resolve(original.ip, original.port)
         if decision.verdict is Verdict.REFUSE or decision.backend is None:
             log.info("refused %s -> %s:%s: %s", pod.key, original.ip, original.port,
@@ -149,7 +153,8 @@ class OutboundProxy:
                         raise Refused("denied", f"policy {admission.policy or '-'}: "
                                                 f"{admission.reason}")
                     up = await dial_transparent(target.netns, source_ip, backend.address,
-                                                backend.port, self._connect_timeout, self._maps)
+                                                backend.port, self._connect_timeout,
+                                                self._announcer)
                     return up, "mutual_tls", (target,)
             if ref is not None and ref.node not in (None, self._node) and self._pool:
                 stream = await self._pool.open(

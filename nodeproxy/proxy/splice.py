@@ -276,10 +276,10 @@ class SplicedFlow:
 class Splicer:
     """Decides which relays the kernel takes over and keeps track of them."""
 
-    def __init__(self, maps: SpliceMaps, metrics: SpliceMetrics, enabled: bool):
-        self.maps = maps
+    def __init__(self, maps: SpliceMaps | None, metrics: SpliceMetrics, enabled: bool):
+        self.maps: SpliceMaps = maps  # type: ignore[assignment]  # None: never splices
         self.metrics = metrics
-        self.enabled = enabled
+        self.enabled = enabled and maps is not None
         self.flows: set[SplicedFlow] = set()
         self._tick: asyncio.TimerHandle | None = None
         self._last_total = -1

@@ -1,5 +1,10 @@
 """Counters kept by the kernel, read from the BPF maps at scrape time: per pod (sockops,
-connect and sk_lookup programs) and for the node's fast paths (splice, sk_msg)."""
+connect and sk_lookup programs) and for the node's fast paths (splice, sk_msg).
+
+Only the series the running capture mode really keeps are exported: without sockops
+(iptables mode where it could not be set up) there are no TCP series, and outside ebpf
+mode no connect()-time denial counts; a series that is not kept is absent, never 0.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +26,17 @@ class KernelCollector(Collector):
         read_counters: Callable[[], dict[int, PodCounters]],
         pod_names: Callable[[], dict[int, tuple[str, str]]],
         policy_denials: Callable[[], dict[str, int]] = dict,
-        fastpath: Callable[[], FastPathCounters] = FastPathCounters,
+        *,
+        tcp: bool = True,
+        connect_denials: bool = True,
+        fastpath: Callable[[], FastPathCounters] | None = None,
     ):
         self._read = read_counters
         self._names = pod_names
         self._policy_denials = policy_denials
-        self._fastpath = fastpath
+        self._tcp = tcp  # sockops keeps the opened/closed/bytes/RTT counters
+        self._connect_denials = connect_denials  # cgroup/connect refuses and counts denies
+        self._fastpath = fastpath  # None: no fast-path programs loaded
 
     def collect(self) -> Iterator:
         names = self._names()
@@ -83,11 +93,13 @@ class KernelCollector(Collector):
                 sent.add_metric(labels, s)
                 received.add_metric(labels, r)
             rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us / 1e6)
-        yield from (captured, opened, closed, sent, received, rtt, denied, inbound, by_policy)
-        yield from self._fastpath_families()
+        tcp = (opened, closed, sent, received, rtt) if self._tcp else ()
+        denials = (denied, by_policy) if self._connect_denials else ()
+        yield from (captured, *tcp, *denials[:1], inbound, *denials[1:])
+        if self._fastpath is not None:
+            yield from self._fastpath_families(self._fastpath())
 
-    def _fastpath_families(self) -> Iterator[CounterMetricFamily]:
-        c = self._fastpath()
+    def _fastpath_families(self, c: FastPathCounters) -> Iterator[CounterMetricFamily]:
         for name, value, doc in (
             ("splice_bytes", c.splice_bytes,
              "Bytes the sk_skb splice moved socket to socket, never entering the proxy"),

@@ -12,7 +12,10 @@ Topology (run id R, node i):
   dual stack, default routes to the bridge) and lo from the loopback plugin;
   the VIP ranges unreachable here too (see ``Cluster``).
 - cgroups: ``<cgroup2>/npt-R/<node>`` is the node's podCgroup, pods live in
-  ``<cgroup2>/npt-R/<node>/pods/<pod>``; daemons stay in the caller's cgroup.
+  ``<cgroup2>/npt-R/<node>/pods/<pod>``; a node's daemons run in
+  ``<cgroup2>/npt-R/daemons/<node>``, outside the pod subtree (ebpf capture attaches
+  its SO_ORIGINAL_DST program to the daemon's own cgroup, which must not be the
+  machine's root).
 - files: ``$TMPDIR/npt-R/`` holds the node YAMLs, control sockets, CNI IPAM
   state, daemon logs, and one private bpffs mount per node
   (``$TMPDIR/npt-R/<node>/bpffs``, the node's ``bpffs``), so daemons of
@@ -71,6 +74,7 @@ class Node:
     netns: str
     netns_path: str
     cgroup: str
+    daemon_cgroup: str
     pod_cidrs: list[str]
     network: cni.CniNetwork
     dir: str
@@ -290,20 +294,27 @@ class Cluster:
     ``nodes`` is a count (names node0, node1, ...) or a list of node names.
     ``config`` is merged into every node YAML (e.g. mesh or proxy settings).
 
+    ``capture_mode`` (``ebpf`` or ``iptables``) is written into every node YAML
+    (``capture.mode``).
+
     The VIP ranges are unreachable in every node netns and, with
-    ``pod_vip_unreachable`` (default), in every pod netns too: a node's ICMPv6
-    "no route" is a soft error for a connecting TCP socket (kernel >= 6.5,
-    RFC 5461), so without the pod route an uncaptured IPv6 VIP connect would
-    fail only after the first SYN retransmit (~1 s) instead of at once.  The
-    capture hooks run before the route lookup, so they are not affected; turn it
-    off for a capture mode that needs the VIP routed out of the pod (iptables).
+    ``pod_vip_unreachable`` (the default in ebpf mode), in every pod netns too: a
+    node's ICMPv6 "no route" is a soft error for a connecting TCP socket (kernel >=
+    6.5, RFC 5461), so without the pod route an uncaptured IPv6 VIP connect would
+    fail only after the first SYN retransmit (~1 s) instead of at once.  The eBPF
+    capture hooks run before the route lookup, so they are not affected.  iptables
+    capture is: the route lookup happens at connect(), before nat OUTPUT, so in
+    that mode pods route the VIPs to the bridge like any address (their default
+    route), and the node, where the VIPs stay unreachable, answers an uncaptured
+    connect (at once for IPv4).
     """
 
     def __init__(self, nodes: int | Sequence[str] = 2, *, run_id: str | None = None,
                  python: str | None = None, config: Mapping[str, Any] | None = None,
                  private_bpffs: bool = True, sweep: bool = True,
-                 plugin_dir: str = cni.DEFAULT_PLUGIN_DIR, pod_vip_unreachable: bool = True,
-                 mtls: bool = True, trust_domain: str = "cluster.local"):
+                 plugin_dir: str = cni.DEFAULT_PLUGIN_DIR, pod_vip_unreachable: bool | None = None,
+                 mtls: bool = True, trust_domain: str = "cluster.local",
+                 capture_mode: str = "ebpf"):
         names = [f"node{i}" for i in range(nodes)] if isinstance(nodes, int) else list(nodes)
         if not 1 <= len(names) <= 200:
             raise ValueError("a cluster has 1 to 200 nodes")
@@ -316,7 +327,11 @@ class Cluster:
         self.private_bpffs = private_bpffs
         self.sweep = sweep
         self.plugin_dir = plugin_dir
-        self.pod_vip_unreachable = pod_vip_unreachable
+        if capture_mode not in ("ebpf", "iptables"):
+            raise ValueError(f"capture_mode is ebpf or iptables, not {capture_mode!r}")
+        self.capture_mode = capture_mode
+        self.pod_vip_unreachable = (capture_mode == "ebpf" if pod_vip_unreachable is None
+                                    else pod_vip_unreachable)
         # mtls: a mesh CA is made for the run and every node signs identities with it.
         self.mtls = mtls
         self.trust_domain = trust_domain
@@ -389,7 +404,8 @@ class Cluster:
         pod_cidrs = [f"10.244.{index}.0/24", f"fd00:10:244:{index:x}::/64"]
         node = Node(
             name=name, index=index, netns=ns_name, netns_path=netns.path_of(ns_name),
-            cgroup=os.path.join(self.cgroup_root, name), pod_cidrs=pod_cidrs,
+            cgroup=os.path.join(self.cgroup_root, name),
+            daemon_cgroup=os.path.join(self.cgroup_root, "daemons", name), pod_cidrs=pod_cidrs,
             network=cni.CniNetwork(name=ns_name, node_netns=netns.path_of(ns_name),
                                    subnets=pod_cidrs, data_dir=os.path.join(node_dir, "ipam"),
                                    plugin_dir=self.plugin_dir),
@@ -416,6 +432,7 @@ class Cluster:
         self._ip(ns_name, "route", "add", "unreachable", VIP_RANGE4)
         self._ip(ns_name, "-6", "route", "add", "unreachable", VIP_RANGE6)
         cgroups.create(os.path.join(node.cgroup, "pods"))
+        cgroups.create(node.daemon_cgroup)
         if node.bpffs:
             os.makedirs(node.bpffs)
             subprocess.run(["mount", "-t", "bpf", "bpf", node.bpffs], check=True,
@@ -650,6 +667,7 @@ class Cluster:
             "node": settings,
             "proxy": {"drainSeconds": 2.0},
             "admin": {"controlSocket": n.control_socket},
+            "capture": {"mode": self.capture_mode},
             "workloads": [p.workload(node) for p in self.pods.values() if p.enrolled],
             "services": [s.config() for s in self.services.values()],
             # Kubelet-style probes come from the node's bridge address.
@@ -675,9 +693,12 @@ class Cluster:
         return paths
 
     def daemon_argv(self, node: str, extra: Sequence[str] = ()) -> list[str]:
+        """argv of a daemon of the node: in the node's netns and its daemon cgroup."""
         n = self.nodes[node]
-        return netns.nsenter_argv(n.netns_path, [self.python, "-m", "nodeproxy", "run",
-                                                 "--config", n.config_path, *extra])
+        inner = netns.nsenter_argv(n.netns_path, [self.python, "-m", "nodeproxy", "run",
+                                                  "--config", n.config_path, *extra])
+        return ["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh",
+                os.path.join(n.daemon_cgroup, "cgroup.procs"), *inner]
 
     def child_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for the processes we start: the repo importable, unbuffered output."""

@@ -48,14 +48,16 @@ def echo_conversation(vip: str, rounds: int, block: int) -> str:
     """)
 
 
-# Attach types of the programs on a node's pod cgroup: connect4/6, getpeername4/6, sockops.
+# Attach types of the programs on a node's pod cgroup: connect4/6, getpeername4/6, sockops;
+# and on the daemon's own cgroup: getsockopt (the SO_ORIGINAL_DST answer).
 CGROUP_ATTACH_TYPES = (10, 11, 29, 30, 3)
+DAEMON_CGROUP_ATTACH_TYPES = (21,)
 
 
-def attached_programs(cgroup: str) -> list[int]:
+def attached_programs(cgroup: str, types: tuple[int, ...] = CGROUP_ATTACH_TYPES) -> list[int]:
     """IDs of the programs attached to the cgroup (by any nodeproxy instance)."""
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return [i for t in CGROUP_ATTACH_TYPES for i in libbpf.attached_prog_ids(fd, t)]
+        return [i for t in types for i in libbpf.attached_prog_ids(fd, t)]
     finally:
         os.close(fd)

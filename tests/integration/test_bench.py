@@ -1,8 +1,8 @@
 """`nodeproxy bench --quick` end to end: every figure present and numeric, nothing left behind.
 
 Speed is not judged here (CI machines differ); only that each configuration
-that should work produced each of its figures, that the planned ones are
-reported as not available, and that the run cleaned up after itself.
+that should work (iptables capture included) produced each of its figures, that the
+planned ones are reported as not available, and that the run cleaned up after itself.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from nodeproxy.testbed import cgroups, netns
 pytestmark = pytest.mark.privileged
 
 NODEPROXY = [sys.executable, "-m", "nodeproxy"]
-RUNNABLE = ("direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice")
-PLANNED = ("nodeproxy-iptables",)
+RUNNABLE = ("direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice",
+            "nodeproxy-iptables")
+PLANNED: tuple[str, ...] = ()
 PATHS = ("same-node", "cross-node")
 PROXY_ONLY = {"http.same-node.cpu", "http.same-node.rss", "http.cross-node.cpu",
               "http.cross-node.rss", "http-rate.same-node.cpu", "http-rate.cross-node.cpu",
@@ -48,7 +49,7 @@ def configurations_with_figure(key: str) -> tuple[str, ...]:
     if key in NODEPROXY_ONLY:
         return ("nodeproxy-splice",)
     if key in PROXY_ONLY:
-        return ("nodeproxy-splice", "haproxy", "nodeproxy-nosplice")
+        return ("nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-iptables")
     return RUNNABLE
 
 
@@ -96,6 +97,10 @@ def test_planned_configurations_are_reported_not_missing(bench_run: dict[str, An
         assert described[name]["reason"].startswith("not available in this build")
         assert f"`{name}`" in markdown and "not available in this build" in markdown
     assert doc["order"] == list(RUNNABLE)
+    # iptables capture needs the daemons restarted: it is measured as a block of its own,
+    # with direct measured again beside it.
+    assert doc["blocks"] == [["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice"],
+                             ["direct", "nodeproxy-iptables"]]
 
 
 def test_json_describes_the_run_and_the_machine(bench_run: dict[str, Any]) -> None:
@@ -109,17 +114,17 @@ def test_json_describes_the_run_and_the_machine(bench_run: dict[str, Any]) -> No
     # Within a round and scenario the configurations follow one another in order.
     first = [r["configuration"] for r in doc["runs"] if r["round"] == 1
              and r["scenario"] == "latency same-node"]
-    assert first == list(RUNNABLE)
+    assert first == [name for block in doc["blocks"] for name in block]
 
 
 def test_markdown_has_a_row_per_figure(bench_run: dict[str, Any]) -> None:
     doc, markdown, stdout = bench_run["doc"], bench_run["markdown"], bench_run["result"].stdout
-    assert "| figure | unit | direct | nodeproxy | haproxy |" in markdown
+    assert "| figure | unit | direct | nodeproxy | haproxy | nodeproxy-iptables |" in markdown
     for metric in doc["metrics"]:
         row = next((line for line in markdown.splitlines()
                     if line.startswith(f"| {metric['title']} |")), None)
         assert row is not None, metric["title"]
-        assert row.count("|") == 6
+        assert row.count("|") == 7
         assert "not measured" not in row
     assert doc["machine_line"] in markdown
     assert markdown in stdout

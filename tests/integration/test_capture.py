@@ -1,10 +1,12 @@
-"""The daemon captures meshed pods' outbound TCP in the kernel and proxies it.
+"""The daemon captures meshed pods' TCP in the kernel and proxies it.
 
-One two-node simulated cluster with a daemon per node serves every test here;
-each test asserts what a user of the pods would notice: bytes arrive intact
-(SHA-256 both ways), the peer is who it should be, an uncaptured connection
-is left alone, a refused one is refused, and the kernel's counters equal the
-bytes sent.
+One two-node simulated cluster with a daemon per node serves every test here, once per
+capture mode: ebpf (cgroup/connect4/6, sk_lookup) and iptables (REDIRECT rules in each
+pod's netns).  Each test asserts what a user of the pods would notice: bytes arrive
+intact (SHA-256 both ways), the peer is who it should be, an uncaptured connection is
+left alone, a refused one is refused, and the kernel's counters equal the bytes sent.
+Where a mode differs by nature (the errno of a connect refused by policy), the test
+says so and checks that mode's own answer.
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.probes import connect
+from tests.integration.probes import attached_programs, connect
 
 pytestmark = pytest.mark.privileged
 
 PORT = 7000
+DENIED_PORT = 9200  # an identity-free DENY: nobody may reach the web pods on it
 MB = 1_000_000
 # The peer's transfer protocol: 'T' + 8-byte length + 16-byte seed up; SHA-256 down.
 REQUEST_HEADER = 25
 RESPONSE_HEADER = 32
 
 
-@pytest.fixture(scope="module")
-def mesh() -> Iterator[Cluster]:
-    with Cluster(2) as c:
+@pytest.fixture(scope="module", params=["ebpf", "iptables"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    with Cluster(2, capture_mode=request.param) as c:
         c.add_pod("node0", "client-0", labels={"app": "client"}, service_account="client")
         c.add_pod("node1", "client-1", labels={"app": "client"}, service_account="client")
         c.add_pod("node0", "web-0", labels={"app": "web", "zone": "z0"}, service_account="web")
@@ -46,7 +49,10 @@ def mesh() -> Iterator[Cluster]:
         c.add_service("web-z1", port=80, target_port=PORT, selector={"zone": "z1"})
         for pod in ("web-0", "web-1", "outsider"):
             c.serve_peer(pod, PORT)
-        c.write_configs()
+        c.serve_peer("web-0", DENIED_PORT)
+        c.write_configs(overrides={"authorizationPolicies": [
+            {"name": "no-web-9200", "selector": {"app": "web"}, "action": "DENY",
+             "rules": [{"to": [{"operation": {"ports": [str(DENIED_PORT)]}}]}]}]})
         c.start_daemons()
         yield c
 
@@ -150,6 +156,8 @@ def test_proxy_own_upstream_connects_are_not_captured(mesh: Cluster):
 def test_unenrolled_pods_are_untouched(mesh: Cluster):
     vip = mesh.services["default/web"].vip4
     # Outside the mesh a VIP is not routable: the connect fails at once, nothing captures it.
+    # (ebpf: the pod's own unreachable route; iptables: the pod routes the VIP to the bridge
+    # and the node, where it is unreachable, answers at once.)
     assert connect(mesh, "outsider", vip, 80) == "EHOSTUNREACH"
     assert connect(mesh, "bystander", vip, 80) == "EHOSTUNREACH"
     # Direct pod-to-pod traffic of an unenrolled pod flows as without the mesh.
@@ -279,3 +287,80 @@ def test_readiness_port(mesh: Cluster):
     node = mesh.nodes["node0"]
     status, body = netns.http_get(node.netns_path, "http://127.0.0.1:15021/healthz/ready", 5)
     assert (status, body.strip()) == (200, "ready")
+
+
+def test_identity_free_deny_is_refused_at_connect_in_the_source_pod(mesh: Cluster):
+    web0 = mesh.pods["web-0"].ip4
+    before = mesh.metrics("node0")
+    captured = sample(before, "nodeproxy_kernel_connections_captured_total", pod_name="client-0")
+    denied = connect(mesh, "client-0", web0, DENIED_PORT)
+    after = mesh.metrics("node0")
+    if mesh.capture_mode == "ebpf":
+        # cgroup/connect4 refuses the connect() itself and counts it, per pod and policy.
+        assert denied == "EPERM"
+        assert sample(after, "nodeproxy_kernel_connect_denied_total", pod_name="client-0") > (
+            sample(before, "nodeproxy_kernel_connect_denied_total", pod_name="client-0"))
+        assert sample(after, "nodeproxy_kernel_policy_denials_total",
+                      policy="*/no-web-9200") >= 1
+    else:
+        # By nature of netfilter: the pod's deny chain REJECTs the SYN with a TCP reset, so
+        # connect() fails with ECONNREFUSED (no rule can make it EPERM); the rule keeps its
+        # own count (iptables -L -v in the pod), the daemon exports none.
+        assert denied == "ECONNREFUSED"
+        assert "nodeproxy_kernel_connect_denied_total" not in after
+    # Refused in the source pod's kernel: the proxy never saw it.
+    assert sample(after, "nodeproxy_kernel_connections_captured_total",
+                  pod_name="client-0") == captured
+    # Other ports of the same pod, and other clients' ports, are unaffected.
+    assert connect(mesh, "client-0", web0, PORT).startswith("connected {")
+    assert connect(mesh, "bystander", web0, PORT).startswith("connected {")
+
+
+def test_plaintext_from_outside_the_mesh_goes_through_the_inbound_proxy(mesh: Cluster):
+    web0 = mesh.pods["web-0"]
+    before = kernel(mesh, "node0", "nodeproxy_kernel_inbound_connections_captured_total",
+                    "web-0")
+    answer = whoami(mesh, "outsider", f"{web0.ip4}:{PORT}")
+    assert answer["name"] == "web-0"
+    # The application sees the real client, as it would without the mesh.
+    assert answer["peer"].rsplit(":", 1)[0] == mesh.pods["outsider"].ip4
+    after = kernel(mesh, "node0", "nodeproxy_kernel_inbound_connections_captured_total",
+                   "web-0")
+    assert after == before + 1
+    answer = whoami(mesh, "outsider", f"[{web0.ip6}]:{PORT}")
+    assert answer["name"] == "web-0"
+    assert answer["peer"].rsplit(":", 1)[0].strip("[]") == mesh.pods["outsider"].ip6
+
+
+def test_a_connection_to_the_inbound_port_itself_is_refused_not_relayed(mesh: Cluster):
+    """Relaying it would dial the inbound listener again, and again, without end."""
+    web0 = mesh.pods["web-0"].ip4
+    for _ in range(3):
+        assert not connect(mesh, "outsider", web0, 15006).startswith("connected {")
+    assert mesh.admin_get("node0", "/ready")[0] == 200
+    assert whoami(mesh, "outsider", f"{web0}:{PORT}")["name"] == "web-0"
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_the_capture_mode_is_the_one_configured(mesh: Cluster):
+    node = mesh.nodes["node0"]
+    rules = netns.run(mesh.pods["client-0"].netns_path, ["iptables-save"]).stdout
+    untouched = netns.run(mesh.pods["bystander"].netns_path, ["iptables-save"]).stdout
+    assert "NODEPROXY" not in untouched
+    if mesh.capture_mode == "ebpf":
+        assert len(attached_programs(node.cgroup)) == 5  # connect4/6, getpeername4/6, sockops
+        assert "NODEPROXY" not in rules
+    else:
+        # Only sockops (the kernel counters) is attached; the pod's rules do the capturing.
+        assert len(attached_programs(node.cgroup)) == 1
+        assert attached_programs(node.cgroup, (3,)) == attached_programs(node.cgroup)
+        assert "-A OUTPUT -p tcp -j NODEPROXY_OUTPUT" in rules
+        assert "-A NODEPROXY_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in rules

@@ -74,3 +74,16 @@ def test_run_without_privileges_refuses_with_the_check_line(tmp_path):
     privileges_line = next(line for line in check.stdout.splitlines()
                            if line.startswith("FAIL  privileges"))
     assert privileges_line in result.stderr
+
+
+def test_run_refuses_a_capture_mode_the_machine_lacks(tmp_path):
+    """iptables mode on a machine without the iptables tools (PATH without them)."""
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("apiVersion: nodeproxy.io/v1alpha1\nkind: NodeProxyConfig\n"
+                   "node: {name: n1}\ncapture: {mode: iptables}\n")
+    env = dict(os.environ, PATH="/nonexistent")
+    result = subprocess.run([*NODEPROXY, "run", "--config", str(cfg)], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "cannot run the daemon in capture mode iptables" in result.stderr
+    assert "FAIL  iptables" in result.stderr and "not found on PATH" in result.stderr

@@ -17,7 +17,12 @@ import pytest
 
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.probes import attached_programs, connect, echo_conversation
+from tests.integration.probes import (
+    DAEMON_CGROUP_ATTACH_TYPES,
+    attached_programs,
+    connect,
+    echo_conversation,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -118,6 +123,7 @@ def test_sigterm_drains_open_connections_then_removes_everything(one_node: Clust
     c.start_daemons()
     node = c.nodes["node0"]
     assert attached_programs(node.cgroup), "capture programs should be attached while running"
+    assert len(attached_programs(node.daemon_cgroup, DAEMON_CGROUP_ATTACH_TYPES)) == 1
     assert pins(c, "node0")
     vip = c.services["default/web"].vip4
     # A slow echo conversation over 3 s, checked byte for byte.
@@ -135,6 +141,7 @@ def test_sigterm_drains_open_connections_then_removes_everything(one_node: Clust
     assert out.strip() == "intact"
     assert daemon.wait(timeout=30) == 0, c.daemon_output("node0")
     assert attached_programs(node.cgroup) == []
+    assert attached_programs(node.daemon_cgroup, DAEMON_CGROUP_ATTACH_TYPES) == []
     assert pins(c, "node0") == []
     assert not os.path.exists(node.control_socket)
     # After a clean exit pods are out of the mesh: the VIP is no longer captured.
@@ -160,8 +167,10 @@ def test_crash_fails_closed_and_a_restart_takes_over(one_node: Cluster):
     assert "removed state left by an earlier instance" in c.daemon_output("node0")
     assert connect(c, "client", vip, 80).startswith("connected")
     assert len(attached_programs(node.cgroup)) == 5  # the old links are gone, not doubled
+    assert len(attached_programs(node.daemon_cgroup, DAEMON_CGROUP_ATTACH_TYPES)) == 1
     assert c.stop_daemons() == {"node0": 0}
     assert attached_programs(node.cgroup) == []
+    assert attached_programs(node.daemon_cgroup, DAEMON_CGROUP_ATTACH_TYPES) == []
     assert pins(c, "node0") == []
 
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
 from tests.integration.probes import attached_programs, connect, echo_conversation
 
@@ -21,11 +22,14 @@ pytestmark = pytest.mark.privileged
 PORT = 7000
 
 
+@pytest.mark.parametrize("mode", ["ebpf", "iptables"])
 @pytest.mark.parametrize("upgraded", ["node0", "node1"],
                          ids=["client-side-node", "server-side-node"])
-def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str):
-    """node0 holds the clients; node1 only serves, through the HBONE tunnel."""
-    with Cluster(2) as c:
+def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str, mode: str):
+    """node0 holds the clients; node1 only serves, through the HBONE tunnel.  In iptables
+    mode the new instance installs the pods' rules over the old one's (the same rules, in
+    one transaction) and the old one leaves them in place when it hands over."""
+    with Cluster(2, capture_mode=mode) as c:
         c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
         c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
         c.add_pod("node1", "web-1", labels={"app": "web"}, service_account="web")
@@ -77,7 +81,11 @@ def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str):
         assert "taking over from it" in log_text, log_text[-3000:]
         assert new.poll() is None
         # One set of programs attached, not two; the runtime pod is still meshed.
-        assert len(attached_programs(node.cgroup)) == 5
+        assert len(attached_programs(node.cgroup)) == (5 if mode == "ebpf" else 1)
+        if mode == "iptables":
+            for pod in (p for p in c.pods.values() if p.node == upgraded):
+                rules = netns.run(pod.netns_path, ["iptables-save"]).stdout
+                assert rules.count("-j NODEPROXY_OUTPUT\n") == 1, (pod.name, rules)
         if upgraded == "node0":
             pods = {p["name"]: p["source"] for p in c.admin_json("node0", "/pods")}
             assert pods.get("late") == "runtime" and "client" in pods
@@ -85,3 +93,5 @@ def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str):
             assert connect(c, "late", vip, 80).startswith("connected {")
         assert c.stop_daemons()[upgraded] == 0
         assert len(attached_programs(node.cgroup)) == 0
+        for pod in c.pods.values():
+            assert "NODEPROXY" not in netns.run(pod.netns_path, ["iptables-save"]).stdout

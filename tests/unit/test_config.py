@@ -24,6 +24,7 @@ from nodeproxy.config import (
     load_config,
     parse_config,
 )
+from nodeproxy.config.changes import restart_only_changes
 from nodeproxy.config.environment import cgroup2_mounts
 from nodeproxy.config.model import NodeConfig
 
@@ -246,6 +247,30 @@ def test_port_out_of_range() -> None:
         "node.yaml:6: proxy.inboundPort: must be at most 65535 (got 70000)",
         "node.yaml:7: proxy.hbonePort: must be at least 1 (got 0)",
     ]
+
+
+def test_capture_mode_defaults_to_ebpf_and_accepts_iptables() -> None:
+    assert parse_config(VALID).config.capture.mode == "ebpf"
+    capture = parse_config(HEAD + "capture:\n  mode: iptables\n").config.capture
+    assert (capture.mode, capture.on_crash) == ("iptables", "fail_closed")
+    assert problems(HEAD + "capture:\n  mode: nftables\n") == [
+        "node.yaml:6: capture.mode: must be one of ebpf, iptables (got 'nftables')"
+    ]
+
+
+def test_iptables_mode_cannot_fail_open() -> None:
+    """Its rules are in the pods' netns, not the daemon: a crash cannot take them away."""
+    assert problems(HEAD + "capture:\n  mode: iptables\n  onCrash: fail_open\n") == [
+        "node.yaml:7: capture.onCrash: mode iptables always fails closed (its rules stay in "
+        "the pods after a crash): use fail_closed"
+    ]
+
+
+def test_changing_the_capture_mode_needs_a_restart() -> None:
+    old = parse_config(VALID).config
+    new = parse_config(VALID + "capture:\n  mode: iptables\n").config
+    assert restart_only_changes(old, new) == ["capture"]
+    assert restart_only_changes(old, old) == []
 
 
 def test_duplicate_workload() -> None:

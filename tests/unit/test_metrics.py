@@ -75,3 +75,18 @@ def test_exposition_passes_promtool():
     result = subprocess.run(["promtool", "check", "metrics"], input=exposition(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_series_a_capture_mode_does_not_keep_are_absent_not_zero():
+    """iptables mode without sockops: captured counts (the proxy's) only; no TCP series and
+    no connect()-time denials, which only ebpf mode refuses and counts."""
+    registry = CollectorRegistry()
+    counters = PodCounters(captured=3, out_opened=0, in_opened=0, out_closed=0, in_closed=0,
+                           out_bytes_sent=0, out_bytes_received=0, in_bytes_sent=0,
+                           in_bytes_received=0, rtt_sum_us=0, rtt_samples=0, denied=0,
+                           inbound_captured=2)
+    registry.register(KernelCollector(lambda: {7: counters}, lambda: {7: ("default", "c")},
+                                      tcp=False, connect_denials=False))
+    names = {name for name, _ in samples(generate_latest(registry).decode())}
+    assert names == {"nodeproxy_kernel_connections_captured_total",
+                     "nodeproxy_kernel_inbound_connections_captured_total"}

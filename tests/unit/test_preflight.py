@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,21 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_essential_check_passes_on_this_machine(results):
-    failures = preflight.essential_failures(results)
-    assert not failures, "essential preflight checks failed:\n" + "\n".join(
-        preflight.format_result(r) for r in failures
-    )
+    for mode in preflight.CAPTURE_MODES:
+        failures = preflight.essential_failures(results, mode)
+        assert not failures, f"essential preflight checks of {mode} failed:\n" + "\n".join(
+            preflight.format_result(r) for r in failures
+        )
+    assert preflight.supported_modes(results) == ["ebpf", "iptables"]
+
+
+def test_each_check_says_which_capture_modes_need_it(results):
+    modes = {r.name: r.modes for r in results}
+    assert modes["privileges"] == modes["cgroup-v2"] == ("ebpf", "iptables")
+    assert modes["iptables"] == ("iptables",)
+    for ebpf_only in ("bcc", "kernel-headers", "cgroup/connect4", "sk_lookup",
+                      "cgroup/getsockopt", "capture-program"):
+        assert modes[ebpf_only] == ("ebpf",), ebpf_only
 
 
 def test_checks_cover_every_kernel_feature_the_design_uses(results):
@@ -63,7 +75,7 @@ def test_checks_cover_every_kernel_feature_the_design_uses(results):
                    "bpffs", "bpf-jit", "cgroup/connect4", "cgroup/connect6", "sockops",
                    "sockhash+sk_msg", "sk_skb-stream-verdict", "sk_lookup",
                    "cgroup/getsockopt", "netns-cookie-in-sockops", "sk-storage",
-                   "capture-program"):
+                   "capture-program", "iptables"):
         assert needed in names
         assert next(r for r in results if r.name == needed).essential, needed
     # Informational only: the design must not depend on them (off in this kernel).
@@ -97,7 +109,7 @@ def test_nodeproxy_check_prints_one_line_per_check_and_exits_0(results):
     check_lines = [line for line in lines if line.startswith(("PASS  ", "FAIL  "))]
     assert [line.split()[1] for line in check_lines] == [r.name for r in results]
     assert len(lines) == len(results) + 1  # plus the summary
-    assert "nodeproxy can run on this node" in lines[-1]
+    assert "nodeproxy can run on this node (capture modes: ebpf, iptables)" in lines[-1]
     # bcc's compiler and verifier chatter must not leak out around the report.
     assert proc.stderr == ""
 
@@ -109,7 +121,8 @@ def test_nodeproxy_check_json_parses(results):
     assert isinstance(data, list)
     assert [item["name"] for item in data] == [r.name for r in results]
     for item in data:
-        assert set(item) == {"name", "ok", "detail", "hint", "essential"}
+        assert set(item) == {"name", "ok", "detail", "hint", "essential", "modes"}
+        assert item["modes"] and set(item["modes"]) <= {"ebpf", "iptables"}
         assert isinstance(item["ok"], bool) and isinstance(item["essential"], bool)
         if not item["ok"]:
             assert item["hint"], item
@@ -125,6 +138,24 @@ def test_missing_capabilities_fail_with_a_fix_hint_and_exit_1(monkeypatch, capsy
     assert line.startswith("FAIL  privileges")
     assert "CAP_BPF" in line and "— fix: " in line and "root" in line.split("— fix: ")[1]
     assert "nodeproxy cannot run on this node" in out.splitlines()[-1]
+
+
+def test_without_iptables_the_node_runs_in_ebpf_mode_only(monkeypatch):
+    """A real missing tool: PATH without the iptables binaries."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = preflight.check_iptables()
+    assert not result.ok and result.essential and result.modes == ("iptables",)
+    line = preflight.format_result(result)
+    assert line.startswith("FAIL  iptables")
+    assert "iptables-restore" in line and "(needed by capture mode iptables)" in line
+    assert "apt install iptables" in line
+    others = [preflight.check_privileges(), preflight.CheckResult(
+        "cgroup/connect4", True, "loaded", "", True, ("ebpf",))]
+    assert preflight.supported_modes([*others, result]) == ["ebpf"]
+    assert preflight.essential_failures([*others, result]) == []
+    assert preflight.essential_failures([*others, result], "iptables") == [result]
+    assert preflight.summary_line([*others, result]).endswith(
+        "nodeproxy can run on this node in capture mode ebpf only (iptables needs iptables)")
 
 
 def test_require_essential_raises_with_the_fail_lines(monkeypatch):
@@ -237,3 +268,29 @@ def test_bpffs_check_proves_mountability_when_not_mounted(tmp_path):
     assert result.ok and "mountable" in result.detail, preflight.format_result(result)
     assert not target.exists()  # the check only mounted a scratch directory
     assert not [m for m in kernelfs.read_mounts() if "nodeproxy-bpffs-check-" in m.mountpoint]
+
+
+def test_own_cgroup_is_found_also_from_inside_a_cgroup_namespace(tmp_path):
+    """The daemon attaches its SO_ORIGINAL_DST program to its own cgroup.  In a container
+    with a private cgroup namespace /proc/self/cgroup says "/" while the host's hierarchy
+    is mounted: the directory listing the process is found anyway."""
+    mount = kernelfs.find_cgroup2_mount()
+    cgroup = os.path.join(mount, f"nodeproxy-test-own-{os.getpid()}")
+    os.mkdir(cgroup)
+    child = subprocess.Popen(["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec sleep 30'])
+    try:
+        for _ in range(200):
+            if os.path.exists(f"/proc/{child.pid}") and \
+                    str(child.pid) in Path(cgroup, "cgroup.procs").read_text().split():
+                break
+            time.sleep(0.01)
+        fake = tmp_path / "cgroup"
+        for seen in (f"0::/{os.path.basename(cgroup)}\n", "1:name=systemd:/\n0::/\n"):
+            fake.write_text(seen)
+            assert kernelfs.own_cgroup(mount, pid=child.pid, proc_cgroup=str(fake)) == cgroup
+        assert kernelfs.own_cgroup(mount) == os.path.normpath(os.path.join(
+            mount, Path("/proc/self/cgroup").read_text().split("0::", 1)[1].strip().lstrip("/")))
+    finally:
+        child.kill()
+        child.wait()
+        os.rmdir(cgroup)
