@@ -34,8 +34,8 @@ class Settings:
 
 QUICK = Settings(
     profile="quick", rounds=1, sockperf_seconds=1.0, sockperf_message=64, iperf_seconds=1.0,
-    iperf_streams=(1, 8), wrk_seconds=2.0, wrk_connections=32, http_body=1024,
-    connect_seconds=1.5, connect_concurrency=16, connect_max=5000, idle_connections=1000,
+    iperf_streams=(1, 8), wrk_seconds=1.0, wrk_connections=32, http_body=1024,
+    connect_seconds=0.5, connect_concurrency=16, connect_max=5000, idle_connections=300,
     enroll_pods=20,
 )
 

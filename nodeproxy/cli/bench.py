@@ -21,7 +21,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="short runs, 1 round, 1000 idle connections, 20 pods (CI)")
+                        help="short runs, 1 round, 300 idle connections, 20 pods (CI)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds of the alternated configurations (default: 1 quick, 5 full)")
     parser.add_argument("--json", metavar="FILE", help="write the full results as JSON")

@@ -119,15 +119,17 @@ def test_json_describes_the_run_and_the_machine(bench_run: dict[str, Any]) -> No
 
 def test_markdown_has_a_row_per_figure(bench_run: dict[str, Any]) -> None:
     doc, markdown, stdout = bench_run["doc"], bench_run["markdown"], bench_run["result"].stdout
-    assert "| figure | unit | direct | nodeproxy | haproxy | nodeproxy-iptables |" in markdown
+    assert "| figure | unit | " + " | ".join(RUNNABLE) + " |" in markdown
     for metric in doc["metrics"]:
         row = next((line for line in markdown.splitlines()
                     if line.startswith(f"| {metric['title']} |")), None)
         assert row is not None, metric["title"]
-        assert row.count("|") == 7
+        assert row.count("|") == len(RUNNABLE) + 3
         assert "not measured" not in row
     assert doc["machine_line"] in markdown
     assert markdown in stdout
+    # The targets are judged in the report, each met, missed or said unmeasurable.
+    assert len(doc["targets"]) >= 7 and "Targets (from the figures above)" in markdown
 
 
 def test_nothing_is_left_behind(bench_run: dict[str, Any]) -> None:
