@@ -13,6 +13,10 @@ the backend decides the path:
   connection to that node (its proxy admits and connects, transparently);
 - anything else (no mesh identity, or mTLS off): a plain connection made from inside
   the source pod's netns, marked so the capture programs never touch it.
+
+A connection the proxy relays itself joins the kernel's sk_msg fast path between the
+application's socket and the proxy's (capture/msg_redirect.py): their messages then skip
+the pod's loopback TCP stack.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 
 from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.maps import CaptureMaps
+from nodeproxy.capture.msg_redirect import MsgRedirect, ProxyReads, counting_reads
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.proxy.admission import Admitter
@@ -64,6 +69,7 @@ class OutboundProxy:
         trust_domain: str,
         port: int,
         connect_timeout: float,
+        msg_redirect: MsgRedirect | None = None,
     ):
         self._maps = maps
         self._metrics = metrics
@@ -76,6 +82,7 @@ class OutboundProxy:
         self._trust_domain = trust_domain
         self.port = port
         self._connect_timeout = connect_timeout
+        self._msg_redirect = msg_redirect
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
         """Listen on 127.0.0.1 and [::1] at the outbound port inside the pod's netns."""
@@ -119,7 +126,9 @@ class OutboundProxy:
             self._refuse(pod, down, e.reason)
             return
         meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
-        relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
+        reads = self._fast_path(pod, down)
+        relay = Relay(down, up, counting_reads(meter.bytes, reads),
+                      lambda r: self._done(r, meter))
         self._tracker.add(relay, pod.key, *pods)
         meter.opened()
         relay.start()
@@ -165,6 +174,15 @@ class OutboundProxy:
             self._metrics.upstream_connect_failures.labels(
                 decision.service or UNKNOWN, reason).inc()
             raise Refused("upstream_" + reason.lower(), str(e)) from e
+
+    def _fast_path(self, pod: EnrolledPod, down: Side) -> ProxyReads | None:
+        """The one place a relayed connection joins the sk_msg fast path, before the proxy
+        writes to it.  A flow the proxy splices in the kernel must not come here: its
+        proxy-side socket would receive by redirect, past the splice verdict."""
+        if self._msg_redirect is None or down.transport is None:
+            return None
+        sock = down.transport.get_extra_info("socket")
+        return self._msg_redirect.enable(sock, pod.netns_cookie) if sock else None
 
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self._tracker.discard(relay)
