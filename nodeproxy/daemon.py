@@ -195,7 +195,8 @@ class Daemon:
             trust_domain=cfg.mesh.trust_domain, pod_cgroup=pod_cgroup,
             on_change=self._rebuild_table)
         self.registry.register(KernelCollector(
-            maps.pod_counters, self.enrollment.names, self._kernel_policy_denials))
+            maps.pod_counters, self.enrollment.names, self._kernel_policy_denials,
+            maps.fastpath_counters))
         if cfg.discovery.kubernetes:
             await self._start_discovery()
         for workload in cfg.local_workloads():

@@ -56,6 +56,18 @@ class PodCounters:
     inbound_captured: int
 
 
+@dataclass(frozen=True)
+class FastPathCounters:
+    """The node's kernel fast-path counters (see struct fastpath_counters)."""
+
+    splice_bytes: int
+    splice_misses: int
+    splice_drops: int
+    msg_redirects: int
+    msg_redirect_bytes: int
+    msg_misses: int
+
+
 class CaptureMaps:
     """The daemon's view of the capture maps of one loaded bcc.BPF object."""
 
@@ -67,6 +79,7 @@ class CaptureMaps:
         self._policy_denials = bpf["policy_denials"]
         self._inbound_ips = bpf["inbound_ips"]
         self._dials = bpf["proxy_dials"]
+        self._fastpath = bpf["fastpath_stats"]
         self._sockmap_fd = sockmap_fd
 
     def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
@@ -200,4 +213,7 @@ class CaptureMaps:
             for k, v in self._stats.items()
         }
 
-
+    def fastpath_counters(self) -> FastPathCounters:
+        leaf = self._fastpath[ctypes.c_int(0)]
+        return FastPathCounters(**{name: int(getattr(leaf, name))
+                                   for name, _ in type(leaf)._fields_})

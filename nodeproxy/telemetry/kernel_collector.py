@@ -1,4 +1,5 @@
-"""Per-pod counters kept by the kernel (sockops), read from the BPF map at scrape time."""
+"""Counters kept by the kernel, read from the BPF maps at scrape time: per pod (sockops,
+connect, sk_lookup) and for the node's fast paths."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from nodeproxy.capture.maps import PodCounters
+from nodeproxy.capture.maps import FastPathCounters, PodCounters
 
 POD_LABELS = ["pod_namespace", "pod_name"]
 
@@ -20,10 +21,12 @@ class KernelCollector(Collector):
         read_counters: Callable[[], dict[int, PodCounters]],
         pod_names: Callable[[], dict[int, tuple[str, str]]],
         policy_denials: Callable[[], dict[str, int]] = dict,
+        fast_path: Callable[[], FastPathCounters] | None = None,
     ):
         self._read = read_counters
         self._names = pod_names
         self._policy_denials = policy_denials
+        self._fast_path = fast_path
 
     def collect(self) -> Iterator:
         names = self._names()
@@ -81,3 +84,24 @@ class KernelCollector(Collector):
                 received.add_metric(labels, r)
             rtt.add_metric(pod, c.rtt_samples, c.rtt_sum_us / 1e6)
         yield from (captured, opened, closed, sent, received, rtt, denied, inbound, by_policy)
+        if self._fast_path is not None:
+            yield from fast_path_families(self._fast_path())
+
+
+def fast_path_families(c: FastPathCounters) -> list[CounterMetricFamily]:
+    """nodeproxy_kernel_fastpath_*: what the kernel fast paths moved, for the whole node."""
+    families = []
+    for name, help_text, value in (
+        ("msg_redirects", "Messages the sk_msg fast path handed from one local socket to "
+         "its peer (application <-> proxy) without the loopback TCP stack",
+         c.msg_redirects),
+        ("msg_redirect_bytes", "Bytes of the messages the sk_msg fast path redirected",
+         c.msg_redirect_bytes),
+        ("msg_misses", "Messages of sockets on the sk_msg fast path that took loopback TCP "
+         "(peer not on the fast path, a direction kept on TCP for order, or over its bound)",
+         c.msg_misses),
+    ):
+        family = CounterMetricFamily(f"nodeproxy_kernel_fastpath_{name}", help_text)
+        family.add_metric([], value)
+        families.append(family)
+    return families
