@@ -449,3 +449,40 @@ def test_an_application_that_stops_reading_holds_back_the_server(mesh: Cluster, 
     """)
     assert int(out) == STALLED
     assert int(srv.communicate(timeout=60)[0]) < TAKEN_AT_MOST
+
+
+def test_bytes_not_yet_read_survive_the_daemon_stopping():
+    """The proxy has relayed a whole answer by redirect and closed; the application has not
+    read it yet when the daemon stops (and its maps go): it still reads every byte."""
+    with Cluster(1) as c:
+        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", "web", labels={"app": "web"}, service_account="web")
+        c.write_configs()
+        c.start_daemons()
+        srv = server(c, "web", 9304, """
+            assert c.recv(100) and c.sendall(b"!") is None
+            assert c.recv(100)
+            c.sendall(b"z" * 1_000_000)
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(1) == b""
+        """)
+        app = c.spawn_in_pod("client", [c.python, "-c", textwrap.dedent(f"""
+            import socket, sys
+            s = socket.create_connection(({c.pods['web'].ip4!r}, 9304), 5)
+            s.sendall(b"x" * 100); assert s.recv(1) == b"!"   # on the fast path now
+            s.sendall(b"x" * 100)
+            s.shutdown(socket.SHUT_WR)
+            print("asked", flush=True); sys.stdin.readline()  # the daemon stops meanwhile
+            got = 0
+            while data := s.recv(1 << 20):
+                got += len(data)
+            print(got, flush=True)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert app.stdin is not None and app.stdout is not None
+        assert app.stdout.readline().strip() == "asked"
+        assert srv.wait(timeout=20) == 0  # answered, and the proxy relayed the FIN
+        assert c.stop_daemons() == {"node0": 0}
+        app.stdin.write("read\n")
+        app.stdin.flush()
+        assert app.stdout.readline().strip() == "1000000"
+        assert app.wait(timeout=10) == 0
