@@ -24,6 +24,9 @@
  * removed once read).  Only the daemon's marked sockets and that one option
  * are answered; every other getsockopt passes through untouched.
  *
+ * Captured application sockets also join the sk_msg fast path here (msg_join, and
+ * msg_settle at close adds the bytes it moved; both in redirect.c).
+ *
  * connect_denies: identity-free DENY rules (ports, ip blocks) compiled by the
  * daemon; a matching connect() fails with EPERM in the source pod, counted
  * per policy and per pod, and never reaches the proxy.
@@ -76,6 +79,10 @@ static __always_inline struct fastpath_counters *fastpath_counters(void)
     u32 zero = 0;
     return fastpath_stats.lookup(&zero);
 }
+
+/* bpf/redirect.c, later in the same compile unit: the sk_msg fast path. */
+static __always_inline void msg_join(struct bpf_sock_ops *skops, u64 netns, u64 cookie);
+static __always_inline void msg_settle(struct bpf_sock_ops *skops, u64 *sent, u64 *received);
 
 static __always_inline struct pod_counters *counters_of(u32 pod_id)
 {
@@ -288,12 +295,13 @@ int np_original_dst(struct bpf_sockopt *ctx)
     return 1;
 }
 
-static __always_inline void remember_tuple(struct bpf_sock_ops *skops, u64 netns)
+/* Returns whether the socket's connect() was captured. */
+static __always_inline int remember_tuple(struct bpf_sock_ops *skops, u64 netns)
 {
     u64 cookie = np_socket_cookie(skops);
     struct orig_dst *od = origdst_by_cookie.lookup(&cookie);
     if (!od)
-        return;
+        return 0;
     struct tuple_key key = {};
     key.netns_cookie = netns;
     key.family = skops->family;
@@ -309,6 +317,7 @@ static __always_inline void remember_tuple(struct bpf_sock_ops *skops, u64 netns
     struct orig_dst copy = *od;
     origdst_by_tuple.update(&key, &copy);
     /* The cookie entry stays for getpeername() until the socket closes. */
+    return 1;
 }
 
 static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
@@ -318,8 +327,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
     if (!pod)
         return;
     u32 pod_id = pod->pod_id;
-    if (dir == NP_DIR_OUT)
-        remember_tuple(skops, netns);
+    int captured = dir == NP_DIR_OUT && remember_tuple(skops, netns);
     struct bpf_sock *sk = skops->sk;
     if (!sk || mark_is_ours(sk->mark))
         return;
@@ -342,6 +350,10 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u32 dir)
         else
             __sync_fetch_and_add(&c->in_opened, 1);
     }
+    /* Only the instance that counts the socket may redirect its bytes: the redirected
+     * ones are added to its counts at close. */
+    if (captured)
+        msg_join(skops, netns, cookie);
     bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
@@ -387,6 +399,7 @@ static __always_inline void on_state(struct bpf_sock_ops *skops)
         if ((st->flags & NP_SOCK_FIN_RCVD) && received > 0)
             received -= 1;
         if (st->direction == NP_DIR_OUT) {
+            msg_settle(skops, &sent, &received);  /* bytes that bypassed TCP */
             __sync_fetch_and_add(&c->out_closed, 1);
             __sync_fetch_and_add(&c->out_bytes_sent, sent);
             __sync_fetch_and_add(&c->out_bytes_received, received);

@@ -114,6 +114,34 @@ struct splice_control {
     u32 pad;
 };
 
+/* The sk_msg fast path (bpf/redirect.c): one captured loopback connection between an
+ * application socket and the proxy's accepted socket, as one of the two sockets sees
+ * itself.  The other socket's key is the same with local and remote swapped, so each
+ * end finds its peer; the network namespace keeps the pods' identical loopback
+ * addresses apart. */
+struct msg_key {
+    u64 netns_cookie;
+    u32 local_ip[4];    /* network byte order; IPv4 in [0] */
+    u32 remote_ip[4];
+    u32 local_port;     /* host byte order */
+    u32 remote_port;    /* host byte order */
+    u32 family;
+    u32 pad;
+};
+
+/* One connection on the sk_msg fast path, keyed by its application socket's msg_key.
+ * Redirected bytes bypass TCP, so the application socket's close adds them to the
+ * pod's byte counters (tcp_sock counts only what took TCP). */
+struct msg_flow {
+    u64 app_cookie;           /* the application socket (np_msg_proxy_read's key) */
+    u64 sent_redirected;      /* app -> proxy bytes the redirect delivered */
+    u64 sent_tcp;             /* app -> proxy bytes that took loopback TCP */
+    u64 received_redirected;  /* proxy -> app bytes the redirect delivered */
+    u32 send_on_tcp;          /* 1: app -> proxy messages take TCP until the proxy has
+                               * read every byte the application sent */
+    u32 receive_on_tcp;       /* 1: proxy -> app messages take TCP for good */
+};
+
 /* Kernel fast-path counters for the whole node (one slot; bpf/splice.c, bpf/redirect.c). */
 struct fastpath_counters {
     u64 splice_bytes;        /* bytes the sk_skb verdict redirected socket to socket */

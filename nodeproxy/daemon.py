@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.maps import CaptureMaps, NoKernelMaps, PodMaps
+from nodeproxy.capture.msg_redirect import MsgRedirect
 from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
 from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.cli.control_client import request
@@ -130,6 +131,7 @@ class Daemon:
         self.remote_workloads: dict[str, Workload] = {}
         self.programs: CapturePrograms | None = None
         self.maps: PodMaps | None = None
+        self.msg_redirect: MsgRedirect | None = None
         self.enrollment: Enrollment | None = None
         self.proxy: OutboundProxy | None = None
         self.splicer: Splicer | None = None
@@ -166,6 +168,10 @@ class Daemon:
                        self.programs.table_fd("np_splice_targets"))
             if self.programs is not None else None,
             SpliceMetrics(self.registry), enabled=cfg.fast_path.splice)
+        if self.programs is not None:
+            self.msg_redirect = MsgRedirect(self.programs.bpf,
+                                            self.programs.table_fd("np_msg_sockets"))
+            self.msg_redirect.set_enabled(cfg.fast_path.sk_msg)
         hbone = None
         if cfg.identity.ca_cert and cfg.identity.ca_key:
             ca = MeshCA.load(cfg.identity.ca_cert, cfg.identity.ca_key, cfg.mesh.trust_domain)
@@ -197,7 +203,7 @@ class Daemon:
             local_pod=lambda key: self.enrollment.pods.get(key) if self.enrollment else None,
             pool=self.pool, tracker=self.tracker, splicer=self.splicer, node=cfg.node.name,
             trust_domain=cfg.mesh.trust_domain, port=cfg.proxy.outbound_port,
-            connect_timeout=cfg.proxy.connect_timeout_seconds)
+            connect_timeout=cfg.proxy.connect_timeout_seconds, msg_redirect=self.msg_redirect)
         inbound = InboundProxy(
             port=cfg.proxy.inbound_port, connect_timeout=cfg.proxy.connect_timeout_seconds,
             announcer=self.steering.announcer, admitter=lambda: self._admitter,
@@ -478,6 +484,8 @@ class Daemon:
         # Tables, admission and the kernel's deny map switch together, in one step.
         self._rebuild_table()
         await self._apply_fast_path(changes.changed)
+        if self.msg_redirect is not None:  # new connections only
+            self.msg_redirect.set_enabled(new.config.fast_path.sk_msg)
         self._config_info.clear()
         self._config_info.labels(new.digest).set(1)
         log.info("reload (%s): %s -> %s applied (%d pods added, %d removed, %d changed)",

@@ -19,6 +19,14 @@ POD_NO_IPV6 = 0x1
 # everything to the proxy.
 SPLICE_REDIRECT = 0
 SPLICE_PROXY = 1
+# sk_msg fast path (bpf/redirect.c): a redirect never blocks its sender, so each direction
+# of a connection has a bound on what the redirect may leave queued at the receiver; over
+# it, the direction takes TCP and its flow control.  App -> proxy: bytes sent but not yet
+# read by the proxy (the daemon posts its reads).  Proxy -> app: the application's reads
+# cannot be seen, so this bounds all the bytes redirected to it over the connection.
+# Both are of the order of TCP's own per-socket buffers (tcp_rmem/tcp_wmem maxima).
+MSG_TO_PROXY_PENDING = 4 << 20
+MSG_TO_APP_BYTES = 8 << 20
 
 
 def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,
@@ -39,4 +47,6 @@ def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,
         f"-DNP_POD_NO_IPV6={POD_NO_IPV6:#x}",
         f"-DNP_SPLICE_REDIRECT={SPLICE_REDIRECT}",
         f"-DNP_SPLICE_PROXY={SPLICE_PROXY}",
+        f"-DNP_MSG_TO_PROXY_PENDING={MSG_TO_PROXY_PENDING}ULL",
+        f"-DNP_MSG_TO_APP_BYTES={MSG_TO_APP_BYTES}ULL",
     ]

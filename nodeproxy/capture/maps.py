@@ -179,7 +179,6 @@ class CaptureMaps:
                                    for name, _ in leaf._fields_})
 
 
-
 class PodMaps(Protocol):
     """What enrollment and telemetry need of the kernel maps in either capture mode."""
 

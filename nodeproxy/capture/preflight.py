@@ -427,6 +427,20 @@ def _try_kprobe(bpf: Any, bcc: ModuleType) -> str:
                        "(kernel without CONFIG_KPROBES?)")
 
 
+_MSG_PASSED = ("created a sockhash keyed by tuple and netns cookie, loaded sockops that fills "
+               "it and an sk_msg verdict that redirects through it, attached the verdict to it")
+
+
+def _attach_msg_verdict(bpf: Any, bcc: ModuleType) -> str:
+    """Attach the loaded verdict to its sockhash (BPF_SK_MSG_VERDICT), as the daemon does,
+    and detach it again; the map holds no socket, so nothing is redirected."""
+    verdict = bpf.load_func(b"npchk_msg_redirect", bcc.BPFProgType.SK_MSG)
+    sockhash = bcc.lib.bpf_table_fd(bpf.module, b"npchk_msg_hash")
+    bcc.BPF.attach_func(verdict, sockhash, bcc.BPFAttachType.SK_MSG_VERDICT)
+    bcc.BPF.detach_func(verdict, sockhash, bcc.BPFAttachType.SK_MSG_VERDICT)
+    return _MSG_PASSED
+
+
 _FEATURES: tuple[_Feature, ...] = (
     _Feature(
         "cgroup/connect4", "loaded a cgroup/connect4 program that rewrites the destination",
@@ -473,24 +487,41 @@ int npchk_sockops(struct bpf_sock_ops *skops) {
 """,
     ),
     _Feature(
-        "sockhash+sk_msg",
-        "created a sockhash, loaded sockops that fills it and sk_msg that redirects through it",
-        _SOCKMAP_HINT,
+        "sockhash+sk_msg", _MSG_PASSED, _SOCKMAP_HINT,
         (_Program("npchk_sockhash_add", "SOCK_OPS", ""),
          _Program("npchk_msg_redirect", "SK_MSG", "")),
-        maps="BPF_SOCKHASH(npchk_msg_hash, u64, 8);",
+        # As bpf/redirect.c: the verdict needs bpf_get_netns_cookie and map lookups in
+        # sk_msg, the sockhash a struct key filled at ACTIVE_ESTABLISHED.
+        maps="""
+struct npchk_msg_key { u64 netns; u32 ports[2]; };
+BPF_SOCKHASH(npchk_msg_hash, struct npchk_msg_key, 8);
+BPF_TABLE("lru_hash", struct npchk_msg_key, u64, npchk_msg_flows, 8);
+""",
+        decls="static u64 (*npchk_msg_netns_cookie)(void *ctx) = "
+              "(void *)BPF_FUNC_get_netns_cookie;",
         code="""
 int npchk_sockhash_add(struct bpf_sock_ops *skops) {
-    u64 key = skops->local_port;
-    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-        npchk_msg_hash.sock_hash_update(skops, &key, BPF_NOEXIST);
+    struct npchk_msg_key key = {};
+    key.netns = npchk_msg_netns_cookie(skops);
+    key.ports[0] = skops->local_port;
+    key.ports[1] = bpf_ntohl(skops->remote_port);
+    if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        long err = npchk_msg_hash.sock_hash_update(skops, &key, BPF_ANY);
+    }
     return 1;
 }
 int npchk_msg_redirect(struct sk_msg_md *msg) {
-    u64 key = msg->remote_port;
-    return npchk_msg_hash.msg_redirect_hash(msg, &key, BPF_F_INGRESS);
+    struct npchk_msg_key key = {};
+    key.netns = npchk_msg_netns_cookie(msg);
+    key.ports[0] = bpf_ntohl(msg->remote_port);
+    key.ports[1] = msg->local_port;
+    if (!npchk_msg_flows.lookup(&key))
+        return SK_PASS;
+    long verdict = npchk_msg_hash.msg_redirect_hash(msg, &key, BPF_F_INGRESS);
+    return SK_PASS;
 }
 """,
+        after_load=_attach_msg_verdict,
     ),
     _Feature(
         "sk_skb-stream-verdict",

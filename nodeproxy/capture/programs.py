@@ -1,7 +1,7 @@
 """Compile, load, attach and pin the eBPF programs (bpf/*.c) for one node.
 
-One bcc compile unit holds every program and map (capture.c, inbound.c).
-Which programs are loaded and attached depends on the capture mode:
+One bcc compile unit holds every program and map (capture.c, inbound.c, splice.c,
+redirect.c).  Which programs are loaded and attached depends on the capture mode:
 
 - ebpf: the cgroup programs (connect4/6, getpeername4/6, sockops) attach to the
   node's pod cgroup subtree; np_original_dst (cgroup/getsockopt) to the daemon's
@@ -9,6 +9,8 @@ Which programs are loaded and attached depends on the capture mode:
   program to each enrolled pod's network namespace;
 - iptables: only sockops (the per-pod kernel counters), on the pod cgroup
   subtree; iptables rules do the capturing (nodeproxy.capture.iptables).
+
+In both, the splice and sk_msg verdicts attach to their own (per-instance) sockhashes.
 
 Pins live under <bpffs>/nodeproxy/<node>/:
 - maps/: every shared map, pinned by bcc at creation (BPF_TABLE_PINNED) and found
@@ -33,7 +35,7 @@ from nodeproxy.capture import constants, libbpf
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("capture.c", "inbound.c", "splice.c")
+SOURCES = ("capture.c", "inbound.c", "splice.c", "redirect.c")
 
 # UAPI values (bcc 0.26 lacks names for some of them).
 PROG_CGROUP_SOCK_ADDR = 18
@@ -41,6 +43,7 @@ PROG_SOCK_OPS = 13
 PROG_SK_LOOKUP = 30
 PROG_SK_SKB = 14
 PROG_CGROUP_SOCKOPT = 25
+PROG_SK_MSG = 16
 ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_CGROUP_GETSOCKOPT = 21
 ATTACH_INET4_CONNECT = 10
@@ -49,6 +52,7 @@ ATTACH_INET4_GETPEERNAME = 29
 ATTACH_INET6_GETPEERNAME = 30
 ATTACH_SK_LOOKUP = 36
 ATTACH_SK_SKB_STREAM_VERDICT = 5
+ATTACH_SK_MSG_VERDICT = 7
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,11 @@ ORIGINAL_DST_PROGRAM = ProgramSpec("original_dst", "np_original_dst", PROG_CGROU
 # capture hook, so it is loaded in both capture modes.
 SPLICE_PROGRAM = ProgramSpec("splice", "np_splice_verdict", PROG_SK_SKB,
                              ATTACH_SK_SKB_STREAM_VERDICT)
-ALL_PROGRAMS = (*CGROUP_PROGRAMS, INBOUND_PROGRAM, ORIGINAL_DST_PROGRAM, SPLICE_PROGRAM)
+# Attached to the np_msg_sockets sockhash: the sk_msg fast path (bpf/redirect.c).
+MSG_REDIRECT_PROGRAM = ProgramSpec("msg_redirect", "np_msg_redirect", PROG_SK_MSG,
+                                   ATTACH_SK_MSG_VERDICT)
+ALL_PROGRAMS = (*CGROUP_PROGRAMS, INBOUND_PROGRAM, ORIGINAL_DST_PROGRAM, SPLICE_PROGRAM,
+                MSG_REDIRECT_PROGRAM)
 CAPTURE_MODES = ("ebpf", "iptables")
 
 
@@ -165,6 +173,9 @@ class CapturePrograms:
         # attachment lives as long as the map, which is this instance's alone.
         bcc.BPF.attach_func(self._funcs[SPLICE_PROGRAM.name], self.table_fd("np_splice_sockets"),
                             SPLICE_PROGRAM.attach_type)
+        # Likewise the sk_msg verdict runs on every send of the sockets in np_msg_sockets.
+        bcc.BPF.attach_func(self._funcs[MSG_REDIRECT_PROGRAM.name],
+                            self.table_fd("np_msg_sockets"), MSG_REDIRECT_PROGRAM.attach_type)
 
     def _link(self, name: str, prog_fd: int, target_fd: int, attach_type: int) -> _Link:
         fd = libbpf.link_create(prog_fd, target_fd, attach_type)

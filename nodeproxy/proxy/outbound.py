@@ -16,6 +16,9 @@ mode).  The destination table picks a backend, and the backend decides the path:
 
 Both ends of the first and the last path are sockets of this process, so once the
 relay starts the splicer may hand the flow to the kernel (nodeproxy/proxy/splice.py).
+A connection the proxy relays itself and does not splice joins the kernel's sk_msg
+fast path between the application's socket and the proxy's (capture/msg_redirect.py):
+their messages then skip the pod's loopback TCP stack.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import socket
 from collections.abc import Callable
 
 from nodeproxy.capture.constants import POD_NO_IPV6
+from nodeproxy.capture.msg_redirect import MsgRedirect, ProxyReads, counting_reads
 from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
@@ -70,6 +74,7 @@ class OutboundProxy:
         port: int,
         connect_timeout: float,
         on_captured: Callable[[EnrolledPod], None] | None = None,
+        msg_redirect: MsgRedirect | None = None,
     ):
         self._announcer = announcer
         # Counts a connection the kernel steered here, where the kernel does not (iptables).
@@ -85,6 +90,7 @@ class OutboundProxy:
         self._trust_domain = trust_domain
         self.port = port
         self._connect_timeout = connect_timeout
+        self._msg_redirect = msg_redirect
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
         """Listen on 127.0.0.1 and [::1] at the outbound port inside the pod's netns."""
@@ -129,13 +135,17 @@ class OutboundProxy:
             self._refuse(pod, down, e.reason)
             return
         meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
-        relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
         pods = (pod.key, *(t.key for t in targets))
+        splice = pod.workload.splice and all(t.workload.splice for t in targets)
+        # sk_msg only for a flow the splicer will not take: a spliced flow's bytes must
+        # reach the splice's stream verdict, not arrive by redirect.
+        reads = None if self._splicer.would_take(up, splice) else self._fast_path(pod, down)
+        relay = Relay(down, up, counting_reads(meter.bytes, reads),
+                      lambda r: self._done(r, meter))
         self._tracker.add(relay, *pods)
         meter.opened()
         relay.start()
-        self._splicer.offer(relay, pods, allowed=pod.workload.splice and all(
-            t.workload.splice for t in targets))
+        self._splicer.offer(relay, pods, allowed=splice)
 
     async def _open(self, pod: EnrolledPod, backend: Backend, decision: Decision
                     ) -> tuple[Side, str, tuple[EnrolledPod, ...]]:
@@ -180,6 +190,15 @@ class OutboundProxy:
             self._metrics.upstream_connect_failures.labels(
                 decision.service or UNKNOWN, reason).inc()
             raise Refused("upstream_" + reason.lower(), str(e)) from e
+
+    def _fast_path(self, pod: EnrolledPod, down: Side) -> ProxyReads | None:
+        """The one place a relayed connection joins the sk_msg fast path, before the proxy
+        writes to it.  A flow the proxy splices in the kernel must not come here: its
+        proxy-side socket would receive by redirect, past the splice verdict."""
+        if self._msg_redirect is None or down.transport is None:
+            return None
+        sock = down.transport.get_extra_info("socket")
+        return self._msg_redirect.enable(sock, pod.netns_cookie) if sock else None
 
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self._tracker.discard(relay)

@@ -285,6 +285,12 @@ class Splicer:
         self._last_total = -1
         self._last_watch = 0.0
 
+    def would_take(self, up: Side, allowed: bool) -> bool:
+        """Whether offer() will try to splice a relay with this upstream side (the sk_msg
+        fast path must then stay away from the flow's proxy-side socket)."""
+        return (self.enabled and allowed and up.transport is not None
+                and up.transport.get_extra_info("socket") is not None)
+
     def offer(self, relay: Relay, pods: Iterable[str], allowed: bool = True) -> None:
         """A relay has just started; splice it if splicing is on and the flow's
         workloads allow it (`allowed`), as soon as nothing of it waits in Python."""

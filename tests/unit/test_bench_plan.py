@@ -17,7 +17,8 @@ def names(blocks) -> list[list[str]]:
 def test_iptables_capture_is_a_block_of_its_own_and_the_blocks_alternate():
     suite = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None)
     # direct is measured in each block, so every ratio pairs figures taken close together.
-    first = [["direct", "nodeproxy", "haproxy"], ["direct", "nodeproxy-iptables"]]
+    first = [["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice"],
+             ["direct", "nodeproxy-iptables"]]
     assert names(suite.blocks(1)) == first
     assert names(suite.blocks(2)) == first[::-1]
     assert names(suite.blocks(3)) == first
@@ -25,9 +26,12 @@ def test_iptables_capture_is_a_block_of_its_own_and_the_blocks_alternate():
     assert {c.name for block in suite.blocks(2) for c in block} == {
         c.name for c in suite.runnable}
     iptables = next(c for c in CONFIGURATIONS if c.name == "nodeproxy-iptables")
-    assert iptables.daemon_overrides() == {"capture": {"mode": "iptables"}}
+    # The same userspace pump as nodeproxy-nosplice, only the capture differs.
+    assert iptables.daemon_overrides() == {"capture": {"mode": "iptables"},
+                                           "fastPath": {"splice": False}}
     assert iptables.capture_mode == "iptables"
-    assert next(c for c in CONFIGURATIONS if c.name == "nodeproxy").capture_mode == "ebpf"
+    assert next(c for c in CONFIGURATIONS
+                if c.name == "nodeproxy-nosplice").capture_mode == "ebpf"
 
 
 def test_ratios_pair_with_the_baseline_of_the_same_block():

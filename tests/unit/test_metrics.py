@@ -8,7 +8,7 @@ import subprocess
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeproxy.capture.maps import PodCounters
+from nodeproxy.capture.maps import FastPathCounters, PodCounters
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics, TcpLabels
 
@@ -33,8 +33,11 @@ def exposition() -> str:
                            out_bytes_sent=1000, out_bytes_received=2000, in_bytes_sent=30,
                            in_bytes_received=40, rtt_sum_us=500, rtt_samples=5, denied=0,
                            inbound_captured=0)
+    fast_path = FastPathCounters(splice_bytes=0, splice_fallback_bytes=0, splice_drops=0,
+                                 msg_redirects=12, msg_redirect_bytes=3400, msg_misses=2)
     registry.register(KernelCollector(lambda: {7: counters, 8: counters},
-                                      lambda: {7: ("default", "client-1")}))
+                                      lambda: {7: ("default", "client-1")},
+                                      fastpath=lambda: fast_path))
     return generate_latest(registry).decode()
 
 
@@ -68,6 +71,13 @@ def test_kernel_series_per_pod_and_direction():
     # Pod 8 is in the map but not enrolled any more: not exported.
     assert not any(dict(labels).get("pod_name") == "8" for _, labels in got)
     assert len([k for k in got if k[0] == "nodeproxy_kernel_connections_captured_total"]) == 1
+
+
+def test_kernel_fast_path_series_for_the_node():
+    got = samples(exposition())
+    assert got[("nodeproxy_kernel_fastpath_msg_redirects_total", ())] == 12
+    assert got[("nodeproxy_kernel_fastpath_msg_redirect_bytes_total", ())] == 3400
+    assert got[("nodeproxy_kernel_fastpath_msg_misses_total", ())] == 2
 
 
 def test_exposition_passes_promtool():

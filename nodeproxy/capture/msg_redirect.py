@@ -1,0 +1,154 @@
+"""The daemon's half of the sk_msg fast path (bpf/redirect.c).
+
+A captured application socket joins the fast path in the kernel when it is established
+(sockops).  The proxy's accepted socket of that connection joins here, from user space,
+once the proxy has decided the connection and relays it itself (`enable`): the kernel
+never sees that socket established (it belongs to the daemon's cgroup, and attaching
+sockops there could mean every socket of the machine), and joining only after the
+decision means a flow the proxy hands to the splice never receives anything by redirect.
+
+While a connection is on the fast path the proxy tells the kernel how much it has read
+from its socket (`ProxyReads`): the application's messages may only be redirected while
+little enough of what the application sent is unread, and a direction that had to take
+TCP (the application wrote before the proxy's socket joined) may be redirected again once
+the proxy has read every byte of it (see bpf/redirect.c, Order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from nodeproxy.capture.constants import MSG_TO_PROXY_PENDING
+
+# Once the application's direction is back on the fast path, the proxy posts its read
+# count every quarter of the pending bound (so a busy connection never hits the bound just
+# because the kernel's count is stale).
+POST_EVERY = MSG_TO_PROXY_PENDING // 4
+BPF_ANY = 0
+
+
+def _lib() -> Any:
+    import bcc  # Debian's python3-bpfcc; imported late so unit tests need no bcc
+
+    return bcc.lib
+
+
+class ProxyReads:
+    """Bytes the proxy has read from its socket of one fast-path connection, posted to the
+    kernel (np_msg_proxy_read).
+
+    While the application's direction takes TCP (it wrote before the proxy's socket
+    joined, or the proxy fell behind), the count is posted after every read: the
+    direction goes back on the fast path at the application's first send after the proxy
+    has read everything, so the exact count must be there at that moment.  Each such read
+    also looks at the flow first, to notice that it is back.  Otherwise the count is
+    posted every POST_EVERY bytes (and the flow looked at again).  Two system calls per
+    read while a direction is on TCP, none per read while it is redirected.
+    """
+
+    def __init__(self, reads_fd: int, app_cookie: int, flows_fd: int, app_key: Any,
+                 flow: Any):
+        self._reads_fd = reads_fd
+        self._cookie = ctypes.c_uint64(app_cookie)
+        self._value = ctypes.c_uint64(0)
+        self._flows_fd = flows_fd
+        self._app_key = app_key
+        self._flow = flow  # a ctypes struct msg_flow, refreshed by each look
+        self._watching = True  # believed on TCP: post after every read
+        self._posted = 0
+        self.total = 0
+
+    def consumed(self, n: int) -> None:
+        self.total += n
+        if not self._watching and self.total - self._posted < POST_EVERY:
+            return
+        on_tcp = self._send_on_tcp()
+        if on_tcp is None:
+            self._watching = False
+            self._posted = self.total  # the flow is gone: nothing more to post
+            return
+        self._watching = on_tcp
+        self._value.value = self.total
+        _lib().bpf_update_elem(self._reads_fd, ctypes.byref(self._cookie),
+                               ctypes.byref(self._value), BPF_ANY)
+        self._posted = self.total
+
+    def _send_on_tcp(self) -> bool | None:
+        """Whether the application's messages take TCP now (None: the flow is gone)."""
+        if _lib().bpf_lookup_elem(self._flows_fd, ctypes.byref(self._app_key),
+                                  ctypes.byref(self._flow)) != 0:
+            return None
+        return bool(self._flow.send_on_tcp)
+
+
+def counting_reads(on_bytes: Callable[[bool, int], None], reads: ProxyReads | None
+                   ) -> Callable[[bool, int], None]:
+    """A relay's byte callback that also reports what it read from the downstream side."""
+    if reads is None:
+        return on_bytes
+
+    def counted(from_downstream: bool, n: int) -> None:
+        on_bytes(from_downstream, n)
+        if from_downstream:
+            reads.consumed(n)
+
+    return counted
+
+
+class MsgRedirect:
+    """np_msg_sockets and its companion maps of one loaded bcc.BPF object."""
+
+    def __init__(self, bpf: Any, sockets_fd: int):
+        self._flows = bpf["np_msg_flows"]
+        self._flows_fd = int(self._flows.map_fd)
+        self._reads_fd = int(bpf["np_msg_proxy_read"].map_fd)
+        self._settings = bpf["np_msg_settings"]
+        self._sockets_fd = sockets_fd
+        self.enabled = False
+
+    def set_enabled(self, on: bool) -> None:
+        """fastPath.skMsg: whether connections established from now on use the fast path
+        (connections already on it keep it until they close)."""
+        self._settings[ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
+        self.enabled = on
+
+    def enable(self, sock: Any, netns_cookie: int) -> ProxyReads | None:
+        """Put the proxy's accepted socket of a captured connection on the fast path.
+
+        Call it before the proxy writes to the socket, and only for a connection the
+        proxy relays itself: never for one it splices.  Returns where to report what the
+        proxy reads from the socket, or None when the connection is not on the fast path
+        (switched off, the application socket did not join, or the connection ended).
+        """
+        if not self.enabled:
+            return None
+        try:
+            local, remote = sock.getsockname(), sock.getpeername()
+        except OSError:
+            return None
+        app_key = self._key(sock.family, netns_cookie, remote, local)
+        try:
+            flow = self._flows[app_key]
+        except KeyError:
+            return None
+        proxy_key = self._key(sock.family, netns_cookie, local, remote)
+        fd = ctypes.c_int(sock.fileno())
+        if _lib().bpf_update_elem(self._sockets_fd, ctypes.byref(proxy_key), ctypes.byref(fd),
+                                  BPF_ANY) != 0:
+            return None  # e.g. the application already closed: nothing left to speed up
+        return ProxyReads(self._reads_fd, int(flow.app_cookie), self._flows_fd, app_key, flow)
+
+    def _key(self, family: int, netns_cookie: int, local: tuple, remote: tuple) -> Any:
+        key = self._flows.Key()
+        key.netns_cookie = netns_cookie
+        key.family = family
+        key.local_port = local[1]
+        key.remote_port = remote[1]
+        for field, address in ((key.local_ip, local[0]), (key.remote_ip, remote[0])):
+            raw = ipaddress.ip_address(address).packed
+            for i in range(0, len(raw), 4):
+                field[i // 4] = int.from_bytes(raw[i:i + 4], "little")
+        return key
