@@ -7,8 +7,8 @@ redirect.c).  Which programs are loaded and attached depends on the capture mode
   node's pod cgroup subtree; np_original_dst (cgroup/getsockopt) to the daemon's
   own cgroup, where the sockets the proxy accepts belong; the inbound sk_lookup
   program to each enrolled pod's network namespace;
-- iptables: only sockops (the per-pod kernel counters), on the pod cgroup
-  subtree; iptables rules do the capturing (nodeproxy.capture.iptables).
+- iptables: of the cgroup programs only sockops (the per-pod kernel counters), on the
+  pod cgroup subtree; iptables rules do the capturing (nodeproxy.capture.iptables).
 
 In both, the splice and sk_msg verdicts attach to their own (per-instance) sockhashes.
 
@@ -159,7 +159,8 @@ class CapturePrograms:
     def specs(self) -> tuple[ProgramSpec, ...]:
         """The programs this mode loads: a kernel without the cgroup/connect, sk_lookup
         or getsockopt hooks must not be asked to load them in iptables mode."""
-        return ALL_PROGRAMS if self.mode == "ebpf" else (SOCKOPS_PROGRAM, SPLICE_PROGRAM)
+        return ALL_PROGRAMS if self.mode == "ebpf" else (
+            SOCKOPS_PROGRAM, SPLICE_PROGRAM, MSG_REDIRECT_PROGRAM)
 
     def load(self) -> None:
         """Compile with bcc and load this mode's programs (the verifier runs here)."""
