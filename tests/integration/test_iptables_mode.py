@@ -19,6 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeproxy.capture.programs import SOURCES
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
 from tests.integration.probes import attached_programs, connect, echo_conversation
@@ -168,7 +169,7 @@ def test_without_ebpf_programs_capture_goes_on_without_kernel_counters(
     what is lost, and captured connections are counted by the proxy."""
     broken = tmp_path / "bpf"
     broken.mkdir()
-    for name in ("capture.c", "inbound.c", "maps.h"):
+    for name in (*SOURCES, "maps.h"):
         (broken / name).write_text("this is not C;\n")
     monkeypatch.setenv("NODEPROXY_BPF_DIR", str(broken))
     c = one_node
