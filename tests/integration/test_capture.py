@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
+from tests.integration.observe import metric_sum as sample
 from tests.integration.probes import attached_programs, connect
 
 pytestmark = pytest.mark.privileged
@@ -341,13 +342,6 @@ def test_a_connection_to_the_inbound_port_itself_is_refused_not_relayed(mesh: Cl
     assert whoami(mesh, "outsider", f"{web0}:{PORT}")["name"] == "web-0"
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def test_the_capture_mode_is_the_one_configured(mesh: Cluster):

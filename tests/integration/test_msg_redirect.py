@@ -18,9 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed.cluster import Cluster
+from tests.integration.observe import metric_sum
 
 pytestmark = pytest.mark.privileged
 
@@ -48,12 +48,7 @@ def mesh() -> Iterator[Cluster]:
 
 
 def samples(mesh: Cluster, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(mesh.metrics("node0")):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return metric_sum(mesh.metrics("node0"), name, **labels)
 
 
 def fast_path(mesh: Cluster) -> dict[str, float]:

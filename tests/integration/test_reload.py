@@ -15,6 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed.cluster import Cluster
+from tests.integration.observe import wait_for
 from tests.integration.probes import connect, echo_conversation
 
 pytestmark = pytest.mark.privileged
@@ -30,13 +31,6 @@ def reloads(c: Cluster, result: str) -> float:
     return 0.0
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 @pytest.fixture

@@ -14,13 +14,12 @@ import json
 import os
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.testbed.cluster import Cluster
+from tests.integration.observe import metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -49,13 +48,7 @@ def node() -> Iterator[Cluster]:
 
 
 def sample(c: Cluster, name: str, **labels: str) -> float:
-    """Sum of the samples of one series whose labels include `labels`."""
-    total = 0.0
-    for family in text_string_to_metric_families(c.metrics("node0")):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return metric_sum(c.metrics("node0"), name, **labels)
 
 
 def spliced(c: Cluster, event: str = "spliced") -> float:
@@ -72,13 +65,6 @@ def spliced_socket_bytes(c: Cluster) -> float:
     return splice_bytes(c) + sample(c, "nodeproxy_kernel_fastpath_splice_fallback_bytes_total")
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def transfer(c: Cluster, pod: str, target: str, *args: str, timeout: float = 240) -> dict:

@@ -24,6 +24,7 @@ from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
+from tests.integration.observe import metric_sum as sample
 from tests.integration.probes import connect
 
 pytestmark = pytest.mark.privileged
@@ -32,13 +33,6 @@ PORT = 7000
 SECRET = "NODEPROXY-PLAINTEXT-MARKER-4b1d"
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 @pytest.fixture(scope="module")
