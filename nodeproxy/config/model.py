@@ -141,7 +141,8 @@ class FastPathSettings(Model):
     kernel 6.18).  Switched off at reload, running flows are handed back to the proxy.
     sk_msg: the application's socket and the proxy's socket of one loopback
     connection (app <-> outbound listener) exchange messages through an sk_msg
-    redirect instead of the loopback TCP/IP stack.
+    redirect instead of the loopback TCP/IP stack.  A reload applies a change to new
+    connections; splice(2) reads of an application's socket do not see redirected bytes.
     """
 
     splice: bool = False

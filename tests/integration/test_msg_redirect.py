@@ -107,8 +107,9 @@ def test_same_bytes_with_and_without_the_fast_path(mesh: Cluster, sk_msg: bool, 
     transfer(mesh, mesh.services[f"default/{ROUTES[route]}"].address(4), size, size)
     delta = moved(before, fast_path(mesh))
     if sk_msg:
-        # The request was written at once, before the proxy's socket joined: it took TCP.
-        assert delta["msg_misses"] >= 1
+        # The request is written at once, usually before the proxy's socket joins: it
+        # takes TCP (unless the client is descheduled after connect() until it has joined).
+        assert delta["msg_misses"] + delta["msg_redirects"] >= 1
         if size > 64 * 1024:
             # The answer came back by redirect.  (A small request and its FIN fit in the
             # socket buffers: the proxy's socket is past ESTABLISHED when the proxy gets
