@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import textwrap
+import time
 
 from nodeproxy.capture import libbpf
 from nodeproxy.testbed.cluster import Cluster
@@ -61,3 +64,21 @@ def attached_programs(cgroup: str, types: tuple[int, ...] = CGROUP_ATTACH_TYPES)
         return [i for t in types for i in libbpf.attached_prog_ids(fd, t)]
     finally:
         os.close(fd)
+
+
+def sigterm_drains(cluster: Cluster, node: str, pod: str, vip: str, port: int = 80) -> None:
+    """SIGTERM the node's daemon during a slow echo conversation from the pod: the
+    conversation finishes intact, new connections are refused at once, the daemon exits 0."""
+    slow = echo_conversation(vip, rounds=30, block=10_000)
+    client = cluster.spawn_in_pod(pod, [cluster.python, "-c", slow], stdout=subprocess.PIPE,
+                                  text=True)
+    time.sleep(1.0)
+    daemon = cluster.nodes[node].daemon
+    assert daemon is not None
+    daemon.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert daemon.poll() is None
+    assert connect(cluster, pod, vip, port) == "ECONNREFUSED"
+    out, _ = client.communicate(timeout=30)
+    assert out.strip() == "intact"
+    assert daemon.wait(timeout=30) == 0, cluster.daemon_output(node)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodeproxy.capture.programs import SOURCES
 from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.probes import attached_programs, connect, echo_conversation
+from tests.integration.probes import attached_programs, connect, sigterm_drains
 
 pytestmark = pytest.mark.privileged
 
@@ -83,18 +82,7 @@ def test_rules_follow_enrollment_and_sigterm_removes_them(one_node: Cluster):
     assert rules(c, "client").count("-A OUTPUT -p tcp -j NODEPROXY_OUTPUT\n") == 1
     assert connect(c, "client", vip, 80).startswith("connected {")
     # SIGTERM: the open conversation drains, new connects are refused at once.
-    slow = echo_conversation(vip, rounds=30, block=10_000)
-    client = c.spawn_in_pod("client", [c.python, "-c", slow], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    daemon = node.daemon
-    assert daemon is not None
-    daemon.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert daemon.poll() is None
-    assert connect(c, "client", vip, 80) == "ECONNREFUSED"
-    out, _ = client.communicate(timeout=30)
-    assert out.strip() == "intact"
-    assert daemon.wait(timeout=30) == 0, c.daemon_output("node0")
+    sigterm_drains(c, "node0", "client", vip)
     for pod in ("client", "web-0"):
         assert_clean(c, pod)
     assert attached_programs(node.cgroup) == []

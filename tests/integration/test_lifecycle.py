@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from tests.integration.probes import (
     DAEMON_CGROUP_ATTACH_TYPES,
     attached_programs,
     connect,
-    echo_conversation,
+    sigterm_drains,
 )
 
 pytestmark = pytest.mark.privileged
@@ -126,20 +125,9 @@ def test_sigterm_drains_open_connections_then_removes_everything(one_node: Clust
     assert len(attached_programs(node.daemon_cgroup, DAEMON_CGROUP_ATTACH_TYPES)) == 1
     assert pins(c, "node0")
     vip = c.services["default/web"].vip4
-    # A slow echo conversation over 3 s, checked byte for byte.
-    slow = echo_conversation(vip, rounds=30, block=10_000)
-    client = c.spawn_in_pod("client", [c.python, "-c", slow], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    daemon = node.daemon
-    assert daemon is not None
-    daemon.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    # Draining: the open conversation goes on, new connections are refused at once.
-    assert daemon.poll() is None
-    assert connect(c, "client", vip, 80) == "ECONNREFUSED"
-    out, _ = client.communicate(timeout=30)
-    assert out.strip() == "intact"
-    assert daemon.wait(timeout=30) == 0, c.daemon_output("node0")
+    # A slow echo conversation over 3 s, checked byte for byte, drains through SIGTERM;
+    # new connections are refused at once.
+    sigterm_drains(c, "node0", "client", vip)
     assert attached_programs(node.cgroup) == []
     assert attached_programs(node.daemon_cgroup, DAEMON_CGROUP_ATTACH_TYPES) == []
     assert pins(c, "node0") == []
