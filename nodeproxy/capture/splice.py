@@ -52,7 +52,6 @@ class SpliceMaps:
         self._lib = bcc.lib
         self._flows = bpf["splice_flows"]
         self._control = bpf["splice_control"]
-        self._counters = bpf["fastpath_stats"]
         self._sockets_fd = sockets_fd
         self._targets_fd = targets_fd
 
@@ -116,7 +115,3 @@ class SpliceMaps:
         except KeyError:
             return 0, 0
         return int(leaf.moved), int(leaf.passed)
-
-    def total_moved(self) -> int:
-        """Bytes the verdict has moved on this node, all flows (changes mean activity)."""
-        return int(self._counters[self._counters.Key(0)].splice_bytes)

@@ -19,7 +19,8 @@ The kernel's sockmap redirect has no flow control of its own: it consumes the so
 socket's receive queue as fast as data arrives and queues what the destination cannot
 take yet, without bound (measured here: 2 GB in 3 s towards a reader that stopped).
 So the verdict redirects a direction only within a credit the splicer grants: what
-the destination's send queue has taken plus CREDIT_WINDOW, renewed every FLOW_TICK.
+the destination's send queue has taken plus CREDIT_WINDOW, renewed by each flow's own timer
+at the pace the flow needs (at most every FLOW_TICK).
 Beyond it the verdict passes segments to the proxy, which holds them until the
 kernel's earlier bytes are delivered and then forwards them; the passed bytes count
 against the source socket's receive buffer, so TCP's window holds the sender back,
@@ -110,11 +111,7 @@ class SplicedFlow:
         self._waiters: set[asyncio.Task] = set()
         self._released = False
         self.taken_back = False
-        self.next_check = 0.0
-
-    @property
-    def holding(self) -> bool:
-        return any(end.held is not None for end in self._ends.values())
+        self._timer: asyncio.TimerHandle | None = None
 
     def _end(self, side: Side) -> _End:
         return self._ends[id(side)]
@@ -124,9 +121,10 @@ class SplicedFlow:
     def moved(self, src: Side) -> int:
         return self.maps.counters(self._end(src).cookie)[0]
 
-    def backlog(self, src: Side) -> int:
+    def backlog(self, src: Side, moved: int | None = None) -> int:
         """Bytes of src's direction not yet in the peer's kernel send queue: what the
-        verdict moved plus what Python wrote, minus what the queue has taken."""
+        verdict moved (`moved`, if the caller has just read it) plus what Python wrote,
+        minus what the queue has taken."""
         end, dst = self._end(src), self.relay.peer(src)
         dst_end = self._end(dst)
         buffered = dst.transport.get_write_buffer_size() if dst.transport else 0
@@ -134,7 +132,9 @@ class SplicedFlow:
             taken = sent_total(dst_end.sock) - dst_end.sent_base
         except OSError:
             return 0  # the peer's socket is gone: nothing left to wait for
-        return max(0, self.moved(src) + end.from_python - buffered - taken)
+        if moved is None:
+            moved = self.moved(src)
+        return max(0, moved + end.from_python - buffered - taken)
 
     def delivered(self, src: Side) -> bool:
         return self.backlog(src) == 0
@@ -169,7 +169,7 @@ class SplicedFlow:
         end.from_python += n
         self._renew(end)
 
-    def _renew(self, end: _End) -> None:
+    def _renew(self, end: _End, moved: int | None = None) -> None:
         """Tell the verdict what Python has consumed and renew the credit."""
         if self.taken_back:
             return
@@ -177,8 +177,9 @@ class SplicedFlow:
         consumed = end.consumed
         if dst.transport is not None and dst.transport.get_write_buffer_size() == 0:
             consumed = end.from_python
-        moved = self.moved(end.side)
-        credit = moved - self.backlog(end.side) + CREDIT_WINDOW
+        if moved is None:
+            moved = self.moved(end.side)
+        credit = moved - self.backlog(end.side, moved) + CREDIT_WINDOW
         if consumed != end.consumed or credit - end.credit > CREDIT_WINDOW // 4:
             end.consumed, end.credit = consumed, max(credit, end.credit)
             self.maps.steer(end.cookie, "redirect", end.consumed, end.credit)
@@ -221,12 +222,28 @@ class SplicedFlow:
                 self._reset(side) for side in (self.relay.downstream, self.relay.upstream)):
             self.relay.abort()
 
-    def regulate(self, now: float) -> None:
-        """Flow control for both directions (see the module docstring), at most as often
-        as the flow's pace needs: a direction is checked again when, at the rate it moved
-        since the last check, it would have used half of what is left of its credit."""
-        if self._released or self.relay.done.done() or now < self.next_check:
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(FLOW_TICK, self._check)
+
+    def _check(self) -> None:
+        """This flow's own timer (the loop's timer heap, so idle flows cost nothing):
+        flow control at the pace the flow needs and, while a side is half-closed, the
+        reset watch every WATCH_SECONDS."""
+        self._timer = None
+        if self._released or self.taken_back or self.relay.done.done():
             return
+        loop = asyncio.get_running_loop()
+        wait = self.regulate(loop.time())
+        if self.relay.downstream.got_eof or self.relay.upstream.got_eof:
+            self.check_alive()
+            wait = min(wait, WATCH_SECONDS)
+        if not self.relay.done.done():
+            self._timer = loop.call_later(wait, self._check)
+
+    def regulate(self, now: float) -> float:
+        """Flow control for both directions (see the module docstring); returns when to
+        look again: when, at the rate a direction moved since the last check, it would
+        have used half of what is left of its credit."""
         wait = CHECK_MAX
         for end in self._ends.values():
             if end.side.got_eof:
@@ -236,10 +253,10 @@ class SplicedFlow:
             end.checked_moved, end.checked_at = moved, now
             if end.held is not None or end.credit - moved < CREDIT_WINDOW // 2 or (
                     end.from_python != end.consumed):
-                self._renew(end)
+                self._renew(end, moved)
             if rate > 0:
                 wait = min(wait, (end.credit - moved) / 2 / rate)
-        self.next_check = now + max(FLOW_TICK, wait)
+        return max(FLOW_TICK, wait)
 
     async def take_back(self) -> None:
         """Hand the flow to Python for good: the verdict passes everything from now on,
@@ -247,6 +264,7 @@ class SplicedFlow:
         if self._released or self.taken_back:
             return
         self.taken_back = True
+        self._cancel_timer()
         self.splicer.flows.discard(self)
         for end in self._ends.values():
             self.maps.steer(end.cookie, "proxy", end.consumed, end.credit)
@@ -260,12 +278,18 @@ class SplicedFlow:
         if self._released:
             return
         self._released = True
+        self._cancel_timer()
         for end in self._ends.values():
             self.relay.account(end.side, self.maps.counters(end.cookie)[0])
         self.maps.release(*(end.cookie for end in self._ends.values()))
         self.splicer.flows.discard(self)
         for task in self._waiters:
             task.cancel()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -281,9 +305,6 @@ class Splicer:
         self.metrics = metrics
         self.enabled = enabled and maps is not None
         self.flows: set[SplicedFlow] = set()
-        self._tick: asyncio.TimerHandle | None = None
-        self._last_total = -1
-        self._last_watch = 0.0
 
     def would_take(self, up: Side, allowed: bool) -> bool:
         """Whether offer() will try to splice a relay with this upstream side (the sk_msg
@@ -328,30 +349,8 @@ class Splicer:
             _End(up, socks[1], cookies[1], bases[1], CREDIT_WINDOW)))
         relay.splice = flow
         self.flows.add(flow)
-        self._schedule()
+        flow.start()
         self.metrics.flows.labels("spliced").inc()
-
-    def _on_tick(self) -> None:
-        """Every FLOW_TICK: flow control where the kernel moved bytes since the last tick
-        or a direction waits; every WATCH_SECONDS: resets on half-closed flows."""
-        self._tick = None
-        loop = asyncio.get_running_loop()
-        total = self.maps.total_moved()
-        if total != self._last_total or any(flow.holding for flow in self.flows):
-            self._last_total = total
-            now = loop.time()
-            for flow in list(self.flows):
-                flow.regulate(now)
-        if loop.time() - self._last_watch >= WATCH_SECONDS:
-            self._last_watch = loop.time()
-            for flow in list(self.flows):
-                if flow.relay.downstream.got_eof or flow.relay.upstream.got_eof:
-                    flow.check_alive()
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if self._tick is None and self.flows:
-            self._tick = asyncio.get_running_loop().call_later(FLOW_TICK, self._on_tick)
 
     async def take_back(self, which: Callable[[SplicedFlow], bool] = lambda f: True) -> int:
         """Take back every spliced flow `which` selects; returns how many."""
