@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from nodeproxy.bench import connections, enrollment, iperf, procstat, sockperf, wrk
 from nodeproxy.bench.configurations import Configuration, NodeProxy
-from nodeproxy.bench.model import MeasurementError, Metric, NetPath, ServerKind
+from nodeproxy.bench.model import MeasurementError, Metric, NetPath, Route, ServerKind
 from nodeproxy.bench.settings import Settings
 from nodeproxy.bench.topology import BenchCluster
 
@@ -64,6 +65,21 @@ class Throughput(Scenario):
         return {self.metrics[0].key: raw["gbps"]}, raw
 
 
+def _wrk_with_proxy_cpu(route: Route, run: Callable[[], dict[str, float]],
+                        metrics: tuple[Metric, ...]) -> tuple[Values, dict[str, Any]]:
+    """One wrk run (saturated or paced) with the CPU the proxies on the route spent in it:
+    the rps/p50/p99 values, CPU seconds per 1000 requests where there is a proxy."""
+    cpu_before = {p.name: procstat.cpu_seconds(p.pid) for p in route.proxies}
+    raw: dict[str, Any] = dict(run())
+    cpu = {p.name: procstat.cpu_seconds(p.pid) - cpu_before[p.name] for p in route.proxies}
+    raw["proxy_cpu_s"] = cpu
+    m = {metric.key.rsplit(".", 1)[1]: metric.key for metric in metrics}
+    values = {m["rps"]: raw["rps"], m["p50"]: raw["p50_ms"], m["p99"]: raw["p99_ms"]}
+    if route.proxies:
+        values[m["cpu"]] = sum(cpu.values()) / (raw["requests"] / 1000)
+    return values, raw
+
+
 class Http(Scenario):
     def __init__(self, path: NetPath):
         self.path = path
@@ -84,19 +100,14 @@ class Http(Scenario):
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.HTTP, self.path)
-        pids = [p.pid for p in route.proxies]
-        cpu_before = {p.name: procstat.cpu_seconds(p.pid) for p in route.proxies}
-        raw: dict[str, Any] = dict(wrk.saturate(bench, route, settings))
-        cpu = {p.name: procstat.cpu_seconds(p.pid) - cpu_before[p.name] for p in route.proxies}
+        values, raw = _wrk_with_proxy_cpu(
+            route, lambda: wrk.saturate(bench, route, settings), self.metrics)
         memory = {p.name: procstat.memory_kib(p.pid) for p in route.proxies}
         rss = {name: m["VmRSS"] / 1024 for name, m in memory.items()}
-        raw.update({"proxy_cpu_s": cpu, "proxy_rss_mib": rss, "proxy_memory_kib": memory,
-                    "proxy_pids": pids})
-        m = {metric.key.rsplit(".", 1)[1]: metric.key for metric in self.metrics}
-        values = {m["rps"]: raw["rps"], m["p50"]: raw["p50_ms"], m["p99"]: raw["p99_ms"]}
+        raw.update({"proxy_rss_mib": rss, "proxy_memory_kib": memory,
+                    "proxy_pids": [p.pid for p in route.proxies]})
         if route.proxies:
-            values[m["cpu"]] = sum(cpu.values()) / (raw["requests"] / 1000)
-            values[m["rss"]] = rss[route.proxies[0].name]
+            values[f"http.{self.path.value}.rss"] = rss[route.proxies[0].name]
         return values, raw
 
 
@@ -124,15 +135,8 @@ class HttpFixedRate(Scenario):
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.HTTP, self.path)
-        cpu_before = {p.name: procstat.cpu_seconds(p.pid) for p in route.proxies}
-        raw: dict[str, Any] = dict(wrk.fixed_rate(bench, route, settings))
-        cpu = {p.name: procstat.cpu_seconds(p.pid) - cpu_before[p.name] for p in route.proxies}
-        raw["proxy_cpu_s"] = cpu
-        m = {metric.key.rsplit(".", 1)[1]: metric.key for metric in self.metrics}
-        values = {m["rps"]: raw["rps"], m["p50"]: raw["p50_ms"], m["p99"]: raw["p99_ms"]}
-        if route.proxies:
-            values[m["cpu"]] = sum(cpu.values()) / (raw["requests"] / 1000)
-        return values, raw
+        return _wrk_with_proxy_cpu(
+            route, lambda: wrk.fixed_rate(bench, route, settings), self.metrics)
 
 
 class ConnectRate(Scenario):
