@@ -371,6 +371,11 @@ class Daemon:
                     server.close()
         for task in self._tasks:
             task.cancel()
+        await self._close_own_beside_another()
+
+    async def _close_own_beside_another(self) -> None:
+        """Close what is this instance's alone while another instance owns the node: its
+        HBONE pool, its discovery watch, its programs (the shared pinned maps stay)."""
         if self.pool is not None:
             self.pool.close()
         if self.discovery is not None:
@@ -412,13 +417,7 @@ class Daemon:
         back."""
         if self._drain_task is not None:
             await self._drain_task
-        if self.pool is not None:
-            self.pool.close()
-        if self.discovery is not None:
-            await self.discovery.stop()
-        if self.programs is not None:
-            self.programs.close(keep_maps=True)
-            self.programs = None
+        await self._close_own_beside_another()
         log.info("node %s: old instance stopped; the new one owns the node", self.config.node.name)
 
     async def serve(self) -> None:
