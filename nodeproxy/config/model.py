@@ -173,6 +173,8 @@ class Workload(Model):
     ips: list[IPField] = Field(min_length=1)
     # False: this workload's flows (as source or destination) are never spliced.
     splice: bool = True
+    # True: one JSON access-log line per HTTP request this workload sends (http.accessLog).
+    access_log: bool = False
 
     _names = field_validator("name", "namespace", "service_account")(_dns_label)
     _label_keys = field_validator("labels")(_labels)
@@ -187,6 +189,10 @@ class ServicePort(Model):
     target_port: PortNumber | None = None
     name: str | None = None
     protocol: Literal["tcp"] = "tcp"
+    # What the port speaks, as Kubernetes' appProtocol says it: http (HTTP/1.1, with
+    # HTTP/2 prior knowledge accepted too), http2, grpc, or tcp (opaque: never parsed).
+    # None: detected from the client's first bytes (nodeproxy/http/detect.py).
+    app_protocol: AppProtocol | None = None
 
     @property
     def backend_port(self) -> int:
@@ -203,6 +209,53 @@ class Endpoint(Model):
     service_port: PortNumber | None = None
 
 
+AppProtocol = Literal["http", "http2", "grpc", "tcp"]
+LoadBalancerPolicy = Literal["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "PEAK_EWMA",
+                             "RING_HASH"]
+
+
+class LoadBalancer(Model):
+    """How each request picks one of the service's endpoints (docs/http.md).
+
+    PEAK_EWMA (Linkerd's default): power of two choices weighed by a peak-sensitive
+    latency average times outstanding requests.  LEAST_REQUEST: power of two choices on
+    outstanding requests (Envoy's).  RING_HASH: a consistent hash of one request header
+    (hashHeader) or of the verified source identity (hashSourceIdentity).
+    """
+
+    policy: LoadBalancerPolicy = "PEAK_EWMA"
+    hash_header: str | None = None
+    hash_source_identity: bool = False
+
+    @model_validator(mode="after")
+    def _hash_key(self) -> LoadBalancer:
+        keys = (self.hash_header is not None) + self.hash_source_identity
+        if self.policy == "RING_HASH" and keys != 1:
+            raise ValueError("RING_HASH needs exactly one of hashHeader, hashSourceIdentity")
+        if self.policy != "RING_HASH" and keys:
+            raise ValueError("hashHeader and hashSourceIdentity belong to policy RING_HASH")
+        return self
+
+
+class RetryBudget(Model):
+    """Retries may add at most `ratio` of the requests of the last `windowSeconds`, plus
+    `minRetriesPerSecond` (Linkerd's budget: 0.2, 10/s, 10 s), so retries cannot
+    multiply an outage's load."""
+
+    ratio: float = Field(default=0.2, ge=0, le=10)
+    min_retries_per_second: float = Field(default=10.0, ge=0, le=100000)
+    window_seconds: float = Field(default=10.0, gt=0, le=600)
+
+
+class TrafficPolicy(Model):
+    """L7 settings of one service's upstream side (Istio's DestinationRule, in short)."""
+
+    load_balancer: LoadBalancer = Field(default_factory=LoadBalancer)
+    retry_budget: RetryBudget = Field(default_factory=RetryBudget)
+    # Pooled upstream connections idle this long are closed (Envoy's default: 1 h).
+    idle_timeout_seconds: float = Field(default=3600.0, gt=0, le=86400)
+
+
 class Service(Model):
     name: str
     namespace: str = "default"
@@ -212,6 +265,7 @@ class Service(Model):
     selector: dict[str, str] | None = None
     # Extra endpoints, used as given.
     endpoints: list[Endpoint] = Field(default_factory=list)
+    traffic_policy: TrafficPolicy = Field(default_factory=TrafficPolicy)
 
     _names = field_validator("name", "namespace")(_dns_label)
 
@@ -436,6 +490,204 @@ class AuthorizationPolicy(Model):
         return f"{self.namespace or '*'}/{self.name}"
 
 
+# --- L7: HTTP settings and routes (Gateway API HTTPRoute, GAMMA style) ---------------------
+
+# Server-first or binary protocols whose ports are never sniffed (Istio's list plus memcached).
+DEFAULT_OPAQUE_PORTS = [25, 587, 3306, 5432, 6379, 11211]
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                "PATCH")
+RetryOn = Literal[
+    "connect-failure", "refused-stream", "reset", "5xx", "gateway-error",
+    "retriable-status-codes",
+    # gRPC status codes, read from grpc-status (Envoy's retry_on names)
+    "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+]
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"invalid regular expression {value!r}: {e}") from None
+    return value
+
+
+def _header_name(value: str) -> str:
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+        raise ValueError(f"{value!r} is not a valid header name")
+    return value.lower()
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+
+class AccessLogSettings(Model):
+    # Where JSON lines go ("-": the daemon's stdout).  Workloads opt in with accessLog.
+    path: str = "-"
+    # Lines waiting for the writer thread; past it lines are dropped and counted.
+    queue_size: int = Field(default=10000, ge=1, le=10_000_000)
+
+
+class HttpSettings(Model):
+    """Node-wide HTTP handling (docs/http.md)."""
+
+    # How long an undeclared port waits for the client's first bytes before treating the
+    # connection as opaque TCP.  Bytes from the server first end the wait at once.
+    detection_timeout_seconds: float = Field(default=0.1, gt=0, le=10)
+    # Ports never sniffed (server-first protocols): plain TCP unless declared.
+    opaque_ports: list[PortNumber] = Field(default_factory=lambda: list(DEFAULT_OPAQUE_PORTS))
+    # Largest request header block accepted (Envoy's default: 60 KiB); larger gets 431.
+    max_header_bytes: int = Field(default=60 * 1024, ge=1024, le=1024 * 1024)
+    # A client connection with no request in flight is closed after this (Envoy's 1 h).
+    idle_timeout_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    # Request bodies up to this size are kept so a retry can resend them.
+    retry_buffer_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
+    access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+
+
+class PathMatch(Model):
+    type: Literal["Exact", "PathPrefix", "RegularExpression"] = "PathPrefix"
+    value: str = "/"
+
+    @model_validator(mode="after")
+    def _valid(self) -> PathMatch:
+        if self.type == "RegularExpression":
+            _regex(self.value)
+        elif not self.value.startswith("/"):
+            raise ValueError(f"a path must start with '/' (got {self.value!r})")
+        return self
+
+
+class ValueMatch(Model):
+    """A header or query parameter match."""
+
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    name: str
+    value: str
+
+    @model_validator(mode="after")
+    def _valid(self) -> ValueMatch:
+        if self.type == "RegularExpression":
+            _regex(self.value)
+        return self
+
+
+class HeaderMatch(ValueMatch):
+    name: HeaderName
+
+
+class RouteMatch(Model):
+    """Every field present must match (Gateway API HTTPRouteMatch)."""
+
+    path: PathMatch | None = None
+    method: str | None = None
+    headers: list[HeaderMatch] = Field(default_factory=list)
+    query_params: list[ValueMatch] = Field(default_factory=list)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str | None) -> str | None:
+        if value is not None and value not in HTTP_METHODS:
+            raise ValueError(f"unknown method {value!r} (one of {', '.join(HTTP_METHODS)})")
+        return value
+
+
+class BackendRef(Model):
+    """A service the rule sends to (in the route's namespace unless given)."""
+
+    name: str
+    namespace: str | None = None
+    port: PortNumber | None = None  # None: the port the request arrived on
+    weight: int = Field(default=1, ge=0, le=1_000_000)
+
+    _names = field_validator("name")(_dns_label)
+    _namespace = field_validator("namespace")(_optional_dns_label)
+
+
+class HttpHeader(Model):
+    name: HeaderName
+    value: str
+
+
+class HeaderModifier(Model):
+    """Gateway API's RequestHeaderModifier / ResponseHeaderModifier."""
+
+    set: list[HttpHeader] = Field(default_factory=list)
+    add: list[HttpHeader] = Field(default_factory=list)
+    remove: list[HeaderName] = Field(default_factory=list)
+
+
+class Backoff(Model):
+    """Exponential backoff with full jitter between attempts (Envoy: 25 ms, cap 10x)."""
+
+    base_seconds: float = Field(default=0.025, gt=0, le=60)
+    max_seconds: float = Field(default=0.25, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _order(self) -> Backoff:
+        if self.max_seconds < self.base_seconds:
+            raise ValueError("maxSeconds must not be below baseSeconds")
+        return self
+
+
+class RetryPolicy(Model):
+    """When a failed attempt is tried again (defaults: Istio's)."""
+
+    attempts: int = Field(default=2, ge=0, le=100)  # retries after the first try
+    on: list[RetryOn] = Field(default_factory=lambda: [
+        "connect-failure", "refused-stream", "unavailable", "cancelled",
+        "retriable-status-codes"])
+    status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=lambda: [503])
+    per_try_timeout_seconds: float | None = Field(default=None, gt=0, le=86400)
+    backoff: Backoff = Field(default_factory=Backoff)
+    # POST, PATCH (and other non-idempotent methods) are retried only if this is set.
+    non_idempotent: bool = False
+
+
+class Timeouts(Model):
+    # The whole exchange, every attempt and backoff included (Envoy's route default: 15 s).
+    # 0 turns it off (streaming calls).
+    request_seconds: float = Field(default=15.0, ge=0, le=86400)
+
+
+class RouteRule(Model):
+    # Any match may match; none listed matches every request (the route's default rule).
+    matches: list[RouteMatch] = Field(default_factory=list)
+    # Weighted split over services; none listed: the route's own service.
+    backend_refs: list[BackendRef] = Field(default_factory=list)
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+    @model_validator(mode="after")
+    def _weights(self) -> RouteRule:
+        if self.backend_refs and sum(b.weight for b in self.backend_refs) == 0:
+            raise ValueError("the backendRefs' weights sum to 0: no request could be routed")
+        return self
+
+
+class HttpRoute(Model):
+    """Gateway API HTTPRoute attached to a service (GAMMA): requests to that service's
+    VIP are matched against its rules.  A service with routes answers a request no rule
+    matches with 404 (response flag NR); a service without routes sends every request to
+    its own endpoints with the default timeouts and retries."""
+
+    name: str
+    namespace: str = "default"
+    service: str  # the parent service, in this namespace
+    port: PortNumber | None = None  # one service port; None: all of them
+    hostnames: list[str] = Field(default_factory=list)
+    rules: list[RouteRule] = Field(min_length=1)
+
+    _names = field_validator("name", "namespace", "service")(_dns_label)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 class NodeConfig(Model):
     """One node's whole configuration."""
 
@@ -453,6 +705,8 @@ class NodeConfig(Model):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
     inbound: InboundSettings = Field(default_factory=InboundSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    http_routes: list[HttpRoute] = Field(default_factory=list)
     peer_authentications: list[PeerAuthentication] = Field(default_factory=list)
     authorization_policies: list[AuthorizationPolicy] = Field(default_factory=list)
 
@@ -504,12 +758,45 @@ def cross_check(config: NodeConfig) -> list[Problem]:
                 errors.append((("services", i, "vips", j),
                                f"VIP {vip} is also the IP of workloads[{ip_at[vip]}]"))
             vip_at.setdefault(vip, i)
+    errors.extend(_route_problems(config))
     errors.extend(_capture_problems(config.capture))
     errors.extend(_identity_problems(config.identity))
     errors.extend(_peer_authentication_problems(config.peer_authentications))
     errors.extend(_strict_without_mtls(config))
     errors.extend(_duplicate_policy_names("authorizationPolicies", "authorization policy",
                                           config.authorization_policies))
+    return errors
+
+
+def _route_problems(config: NodeConfig) -> list[Problem]:
+    """Routes name services and ports that exist; route names are unique per namespace."""
+    errors: list[Problem] = []
+    services = {s.key: s for s in config.services}
+    first: dict[str, int] = {}
+    for i, route in enumerate(config.http_routes):
+        if route.key in first:
+            errors.append((("httpRoutes", i, "name"),
+                           f"HTTP route {route.key} is already defined at "
+                           f"httpRoutes[{first[route.key]}]"))
+        first.setdefault(route.key, i)
+        parent = services.get(f"{route.namespace}/{route.service}")
+        if parent is None:
+            errors.append((("httpRoutes", i, "service"),
+                           f"no service {route.namespace}/{route.service}"))
+            continue
+        if route.port is not None and route.port not in {p.port for p in parent.ports}:
+            errors.append((("httpRoutes", i, "port"),
+                           f"service {parent.key} has no port {route.port}"))
+        for j, rule in enumerate(route.rules):
+            for k, ref in enumerate(rule.backend_refs):
+                target = services.get(f"{ref.namespace or route.namespace}/{ref.name}")
+                where = ("httpRoutes", i, "rules", j, "backendRefs", k)
+                if target is None:
+                    errors.append(((*where, "name"),
+                                   f"no service {ref.namespace or route.namespace}/{ref.name}"))
+                elif ref.port is not None and ref.port not in {p.port for p in target.ports}:
+                    errors.append(((*where, "port"),
+                                   f"service {target.key} has no port {ref.port}"))
     return errors
 
 

@@ -1,0 +1,15 @@
+"""L7: HTTP/1.1, HTTP/2 and gRPC between a captured client and pooled upstream connections.
+
+message.py   protocol-neutral request/response heads and streamed bodies
+detect.py    which protocol a new connection speaks (declared, opaque or sniffed)
+h1.py        HTTP/1.1 codec (httptools): downstream server side, upstream client side
+h2.py        HTTP/2 codec (h2): downstream server side, upstream client side
+routes.py    compiled HTTPRoute tables: request -> rule -> weighted backend service
+balancer.py  per-request endpoint choice (round robin, random, P2C least request,
+             P2C peak-EWMA, ring hash)
+retry.py     retry conditions, backoff with full jitter, the retry budget
+pool.py      upstream connections per endpoint, reused across client connections
+manager.py   one client connection's requests: route, authorize, retry, meter, log
+metrics.py   Istio's request series (istio_requests_total, ...)
+access_log.py  one JSON line per request, written off the event loop
+"""
