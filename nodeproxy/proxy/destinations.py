@@ -54,13 +54,25 @@ class Decision:
     backend: Backend | None
     service: str | None  # destination_service as Istio names it: <name>.<ns>.svc.<domain>
     reason: str = ""
+    port: ServicePortEntry | None = None  # the service port, for a SERVICE verdict
 
 
 @dataclass(frozen=True)
-class _ServicePort:
+class ServicePortEntry:
+    """One port of one service: its endpoints by family and what it speaks."""
+
+    service: str  # "<ns>/<name>"
     fqdn: str
+    port: int
+    app_protocol: str | None
     backends_v4: tuple[Backend, ...]
     backends_v6: tuple[Backend, ...]
+
+    def backends(self, version: int) -> tuple[Backend, ...]:
+        """Endpoints of the client's address family, falling back to the other one."""
+        same, other = ((self.backends_v4, self.backends_v6) if version == 4
+                       else (self.backends_v6, self.backends_v4))
+        return same or other
 
 
 class DestinationTable:
@@ -72,12 +84,14 @@ class DestinationTable:
         workloads = {w.key: w for w in config.workloads}
         for w in runtime_workloads:
             workloads[w.key] = w
+        self.workloads = workloads
         self.pods: dict[IPAddress, WorkloadRef] = {}
         for w in workloads.values():
             ref = WorkloadRef.of(w)
             for ip in w.ips:
                 self.pods[ip] = ref
-        self.services: dict[tuple[IPAddress, int], _ServicePort] = {}
+        self.services: dict[tuple[IPAddress, int], ServicePortEntry] = {}
+        self.service_ports: dict[tuple[str, int], ServicePortEntry] = {}
         domain = config.mesh.trust_domain
         for svc in config.services:
             fqdn = f"{svc.name}.{svc.namespace}.svc.{domain}"
@@ -95,11 +109,12 @@ class DestinationTable:
                     Backend(e.address, e.port, self.pods.get(e.address))
                     for e in svc.endpoints_for(sp)
                 ]
-                entry = _ServicePort(
-                    fqdn,
+                entry = ServicePortEntry(
+                    svc.key, fqdn, sp.port, sp.app_protocol,
                     tuple(b for b in backends if b.address.version == 4),
                     tuple(b for b in backends if b.address.version == 6),
                 )
+                self.service_ports[(svc.key, sp.port)] = entry
                 for vip in svc.vips:
                     self.services[(vip, sp.port)] = entry
         self._balancer = balancer or RoundRobin()
@@ -108,15 +123,12 @@ class DestinationTable:
         entry = self.services.get((ip, port))
         if entry is not None:
             # Prefer endpoints of the family the client used; fall back to the other.
-            same, other = (
-                (entry.backends_v4, entry.backends_v6) if ip.version == 4
-                else (entry.backends_v6, entry.backends_v4)
-            )
-            candidates = same or other
+            candidates = entry.backends(ip.version)
             if not candidates:
-                return Decision(Verdict.REFUSE, None, entry.fqdn, "service has no endpoints")
+                return Decision(Verdict.REFUSE, None, entry.fqdn, "service has no endpoints",
+                                entry)
             backend = self._balancer.pick(entry.fqdn, port, candidates)
-            return Decision(Verdict.SERVICE, backend, entry.fqdn)
+            return Decision(Verdict.SERVICE, backend, entry.fqdn, port=entry)
         pod = self.pods.get(ip)
         if pod is not None:
             return Decision(Verdict.POD, Backend(ip, port, pod), None)

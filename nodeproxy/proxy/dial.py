@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.pods.netns import Netns
@@ -14,15 +14,21 @@ from nodeproxy.pods.transparent import transparent_socket
 from nodeproxy.proxy.relay import Side
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 def _family(ip: IPAddress) -> int:
     return socket.AF_INET if ip.version == 4 else socket.AF_INET6
 
 
-async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float) -> Side:
+def relay_side() -> Side:
+    """The protocol of an L4 upstream: a relay side that waits paused for its relay."""
+    return Side("upstream", start_paused=True)
+
+
+async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
+                   side: P) -> P:
     loop = asyncio.get_running_loop()
-    side = Side("upstream", start_paused=True)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
         await loop.create_connection(lambda: side, sock=sock)
@@ -32,7 +38,8 @@ async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float
     return side
 
 
-async def dial_from(netns: Netns, ip: IPAddress, port: int, timeout: float) -> Side:
+async def dial_from(netns: Netns, ip: IPAddress, port: int, timeout: float,
+                    protocol: P) -> P:
     """Connect from inside a pod's netns (its own address as source), marked as ours."""
     sock = netns.socket(_family(ip))
     try:
@@ -41,7 +48,7 @@ async def dial_from(netns: Netns, ip: IPAddress, port: int, timeout: float) -> S
     except OSError:
         sock.close()
         raise
-    return await _connect(sock, ip, port, timeout)
+    return await _connect(sock, ip, port, timeout, protocol)
 
 
 class DialAnnouncer(Protocol):
@@ -52,7 +59,7 @@ class DialAnnouncer(Protocol):
 
 
 async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port: int,
-                           timeout: float, announcer: DialAnnouncer) -> Side:
+                           timeout: float, announcer: DialAnnouncer, protocol: P) -> P:
     """Connect to an application inside its own pod's netns with the client's address as
     source, so the application sees the real peer (see nodeproxy.pods.transparent).
     The 4-tuple is announced to the kernel first, so inbound capture lets it pass."""
@@ -63,7 +70,7 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
     dest = (str(ip), port)
     announcer.expect_dial(local, dest)
     try:
-        return await _connect(sock, ip, port, timeout)
+        return await _connect(sock, ip, port, timeout, protocol)
     finally:
         announcer.forget_dial(local, dest)
 

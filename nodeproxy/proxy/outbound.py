@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -33,63 +32,48 @@ from collections.abc import Callable
 from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.msg_redirect import MsgRedirect, ProxyReads, counting_reads
 from nodeproxy.capture.original_dst import original_destination
+from nodeproxy.http.detect import PortMode, Sniffed, port_mode, sniff
+from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import Backend, Decision, DestinationTable, Verdict
-from nodeproxy.proxy.dial import DialAnnouncer, dial_from, dial_transparent
+from nodeproxy.proxy.destinations import Decision, DestinationTable, Verdict
+from nodeproxy.proxy.dial import relay_side
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.proxy.upstream import Opened, Refused, Upstreams
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
-from nodeproxy.tunnel.client import HbonePool, TunnelError
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
 
 
-class Refused(Exception):
-    """The connection is not allowed or cannot be made; `reason` labels the metric."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 class OutboundProxy:
     def __init__(
         self,
         *,
-        announcer: DialAnnouncer,
+        upstreams: Upstreams,
+        http: HttpProxy | None,
         metrics: ProxyMetrics,
         table: Callable[[], DestinationTable],
-        admitter: Callable[[], Admitter],
-        local_pod: Callable[[str], EnrolledPod | None],
-        pool: HbonePool | None,
         tracker: ConnectionTracker,
         splicer: Splicer,
-        node: str,
         trust_domain: str,
         port: int,
-        connect_timeout: float,
         on_captured: Callable[[EnrolledPod], None] | None = None,
         msg_redirect: MsgRedirect | None = None,
     ):
-        self._announcer = announcer
+        self._upstreams = upstreams
+        self._http = http
         # Counts a connection the kernel steered here, where the kernel does not (iptables).
         self._on_captured = on_captured
         self._metrics = metrics
         self._table = table
-        self._admitter = admitter
-        self._local_pod = local_pod
-        self._pool = pool
         self._tracker = tracker
         self._splicer = splicer
-        self._node = node
         self._trust_domain = trust_domain
         self.port = port
-        self._connect_timeout = connect_timeout
         self._msg_redirect = msg_redirect
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
@@ -127,13 +111,96 @@ class OutboundProxy:
             self._refuse(pod, down, "registry_only" if decision.service is None
                          else "no_endpoints")
             return
+        mode = self._l7_mode(decision)
+        opened: Opened[Side] | None = None
+        if mode is not PortMode.OPAQUE:
+            if mode is PortMode.DETECT:
+                # Connect at once: a server that speaks first is never kept waiting, and
+                # its first bytes end the detection.
+                opened = await self._open_l4(pod, down, decision)
+                if opened is None:
+                    return
+            if await self._serve_http(pod, down, decision, mode, opened):
+                return
+        if opened is None:
+            opened = await self._open_l4(pod, down, decision)
+            if opened is None:
+                return
+        self._relay(pod, down, decision, opened)
+
+    def _l7_mode(self, decision: Decision) -> PortMode:
+        if self._http is None or decision.verdict is not Verdict.SERVICE or decision.port is None:
+            return PortMode.OPAQUE
+        settings = self._http.settings
+        return port_mode(decision.port.app_protocol, decision.port.port,
+                         frozenset(settings.opaque_ports))
+
+    async def _serve_http(self, pod: EnrolledPod, down: Side, decision: Decision,
+                          mode: PortMode, opened: Opened[Side] | None) -> bool:
+        """Hand the connection to the HTTP layer if it speaks HTTP; False: relay it as TCP."""
+        assert self._http is not None and decision.port is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._http.settings.detection_timeout_seconds
+                                  if mode is PortMode.DETECT
+                                  else self._http.settings.idle_timeout_seconds)
+        sniffed: Sniffed | None = None
+        while sniffed is None and not (down.got_eof or down.lost):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if opened is not None:
+                up = opened.protocol
+                waiters = [loop.create_task(down.wait_early(remaining)),
+                           loop.create_task(up.wait_early(remaining))]
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+                if up.early or up.got_eof or up.lost:
+                    return False  # the server spoke first: not HTTP from this client
+            else:
+                await down.wait_early(remaining)
+            sniffed = sniff(b"".join(down.early))
+            if sniffed is None and down.early:
+                down.pause()
+                down.transport.resume_reading()  # type: ignore[union-attr]
+        if sniffed is None and mode is not PortMode.DETECT and not (down.got_eof or down.lost):
+            sniffed = Sniffed.HTTP1  # declared HTTP: let the parser say what is wrong
+        if sniffed not in (Sniffed.HTTP1, Sniffed.HTTP2) or down.lost:
+            if mode is not PortMode.DETECT:
+                self._refuse(pod, down, "not_http")
+                return True
+            return False
+        if opened is not None:
+            opened.protocol.transport.close()  # type: ignore[union-attr]
+        transport = down.transport
+        assert transport is not None
+        initial = b"".join(down.early)
+        down.early = []
+        http2_client = sniffed is Sniffed.HTTP2
+        http2_upstream = mode is PortMode.HTTP2 or (mode is PortMode.DETECT and http2_client)
+        connection = self._http.serve(
+            pod, decision.port, decision.backend.address.version,  # type: ignore[union-attr]
+            transport, initial, http2_client=http2_client, http2_upstream=http2_upstream)
+        self._tracker.add(connection, pod.key)  # type: ignore[arg-type]
+        connection.done.add_done_callback(
+            lambda _f: self._tracker.discard(connection))  # type: ignore[arg-type]
+        return True
+
+    async def _open_l4(self, pod: EnrolledPod, down: Side, decision: Decision
+                       ) -> Opened[Side] | None:
+        assert decision.backend is not None
         try:
-            up, security, targets = await self._open(pod, decision.backend, decision)
+            return await self._upstreams.open(pod, decision.backend, decision.service,
+                                              relay_side())
         except Refused as e:
             log.info("outbound %s -> %s:%d refused (%s): %s", pod.key,
                      decision.backend.address, decision.backend.port, e.reason, e)
             self._refuse(pod, down, e.reason)
-            return
+            return None
+
+    def _relay(self, pod: EnrolledPod, down: Side, decision: Decision,
+               opened: Opened[Side]) -> None:
+        up, security, targets = opened.protocol, opened.security, opened.targets
         meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
         pods = (pod.key, *(t.key for t in targets))
         splice = pod.workload.splice and all(t.workload.splice for t in targets)
@@ -146,50 +213,6 @@ class OutboundProxy:
         meter.opened()
         relay.start()
         self._splicer.offer(relay, pods, allowed=splice)
-
-    async def _open(self, pod: EnrolledPod, backend: Backend, decision: Decision
-                    ) -> tuple[Side, str, tuple[EnrolledPod, ...]]:
-        """Connect to the backend by the right path: (upstream side, security, local
-        destination pods)."""
-        ref = backend.workload
-        source_ip = _source_address(pod, backend.address)
-        try:
-            if ref is not None and ref.node in (None, self._node):
-                target = self._local_pod(f"{ref.namespace}/{ref.name}")
-                if target is not None:
-                    admission = self._admitter().admit(target.workload, pod.principal,
-                                                       source_ip, backend.port)
-                    if not admission.allowed:
-                        raise Refused("denied", f"policy {admission.policy or '-'}: "
-                                                f"{admission.reason}")
-                    up = await dial_transparent(target.netns, source_ip, backend.address,
-                                                backend.port, self._connect_timeout,
-                                                self._announcer)
-                    return up, "mutual_tls", (target,)
-            if ref is not None and ref.node not in (None, self._node) and self._pool:
-                stream = await self._pool.open(
-                    source_namespace=pod.workload.namespace,
-                    source_sa=pod.workload.service_account,
-                    destination=spiffe_id(self._trust_domain, ref.namespace,
-                                          ref.service_account),
-                    node=ref.node, ip=backend.address, port=backend.port,
-                    source_ip=source_ip)
-                up = Side("upstream", start_paused=True)
-                stream.set_protocol(up)
-                return up, "mutual_tls", ()
-            up = await dial_from(pod.netns, backend.address, backend.port,
-                                 self._connect_timeout)
-            return up, "none", ()
-        except TunnelError as e:
-            self._metrics.upstream_connect_failures.labels(
-                decision.service or UNKNOWN, e.result).inc()
-            raise Refused("tunnel_" + e.result, str(e)) from e
-        except (TimeoutError, OSError) as e:
-            reason = "timeout" if isinstance(e, asyncio.TimeoutError) else (
-                errno.errorcode.get(e.errno or 0) or "error")
-            self._metrics.upstream_connect_failures.labels(
-                decision.service or UNKNOWN, reason).inc()
-            raise Refused("upstream_" + reason.lower(), str(e)) from e
 
     def _fast_path(self, pod: EnrolledPod, down: Side) -> ProxyReads | None:
         """The one place a relayed connection joins the sk_msg fast path, before the proxy
@@ -225,11 +248,3 @@ class OutboundProxy:
             connection_security_policy=security,
         )
 
-
-def _source_address(pod: EnrolledPod, destination: ipaddress.IPv4Address |
-                    ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The pod's own address of the destination's family (its first address otherwise)."""
-    for ip in pod.workload.ips:
-        if ip.version == destination.version:
-            return ip
-    return pod.workload.ips[0]

@@ -54,6 +54,26 @@ class Side(asyncio.Protocol):
         # Bytes that arrived before the relay was joined (uvloop may start
         # reading right after connection_made despite pause_reading there).
         self.early: list[bytes] = []
+        self._arrival: asyncio.Future[None] | None = None
+
+    async def wait_early(self, timeout: float | None) -> None:
+        """Read until something arrives before the relay is joined (bytes, EOF or loss), or
+        the timeout passes.  The proxy sniffs a connection's first bytes this way."""
+        if self.early or self.got_eof or self.lost:
+            return
+        self._arrival = asyncio.get_running_loop().create_future()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._arrival), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._arrival = None
+
+    def _arrived(self) -> None:
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -67,11 +87,13 @@ class Side(asyncio.Protocol):
         else:
             self.early.append(data)
             self.pause()
+            self._arrived()
 
     def eof_received(self) -> bool:
         self.got_eof = True
         if self.relay is not None:
             self.relay.on_eof(self)
+        self._arrived()
         return True  # keep our writing side open: this is a half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -79,6 +101,7 @@ class Side(asyncio.Protocol):
         self.error = exc
         if self.relay is not None:
             self.relay.on_lost(self, exc)
+        self._arrived()
 
     def pause_writing(self) -> None:
         self.write_paused = True

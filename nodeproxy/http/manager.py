@@ -1,0 +1,611 @@
+"""The HTTP connection manager: every request of a captured client connection to a service.
+
+Per request (Envoy's order): match a route rule (none: 404, flag NR), pick the rule's
+backend service by weight, pick an endpoint with the service's balancer, authorize the
+request against the destination workload's policies (403, flag UAEX), send it over a
+pooled upstream connection, and retry a failed attempt when the rule's retry policy, the
+retry budget and the request body allow, after a backoff with full jitter.  A request
+timeout bounds the whole exchange (504, UT); a per-try timeout bounds each attempt.
+The response streams back; a backend that breaks off mid-response resets the client's
+exchange (flag UC) instead of leaving it waiting.  Each request ends in one metric
+observation (Istio's series) and, if the source workload asks, one access-log line.
+
+The proxy acts for the source pod here, as Istio's waypoint does: it authorizes each
+request with the destination's policies itself and marks the HBONE streams it opens,
+so the destination node does not refuse them for rules it cannot see at L4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nodeproxy.config.model import HttpSettings, NodeConfig, RetryPolicy, TrafficPolicy
+from nodeproxy.http.access_log import AccessLog, AccessLogEntry
+from nodeproxy.http.balancer import make_balancer
+from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
+from nodeproxy.http.h2 import H2Server
+from nodeproxy.http.message import (
+    Body,
+    BodyError,
+    Exchange,
+    Headers,
+    ReplayableBody,
+    RequestHead,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+)
+from nodeproxy.http.metrics import RequestLabels, RequestMetrics
+from nodeproxy.http.pool import Endpoint, EndpointPool
+from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
+from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
+from nodeproxy.identity.spiffe import spiffe_id
+from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.policy.authorization import RequestAttributes
+from nodeproxy.proxy.admission import Admitter
+from nodeproxy.proxy.destinations import (
+    Backend,
+    DestinationTable,
+    ServicePortEntry,
+    WorkloadRef,
+)
+from nodeproxy.proxy.dial import relay_side
+from nodeproxy.proxy.relay import Relay, Side, reset
+from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN
+
+log = logging.getLogger(__name__)
+
+# gRPC's mapping of HTTP statuses to gRPC codes, for local replies to gRPC clients.
+GRPC_FOR_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+LOCAL_REPLY_BODY = {
+    403: "RBAC: access denied",
+    404: "no route",
+    503: "no healthy upstream",
+}
+
+
+@dataclass
+class _Cluster:
+    """One service port's endpoints of one address family, and how requests pick them."""
+
+    entry: ServicePortEntry
+    endpoints: list[Endpoint]
+    balancer: object
+    budget: RetryBudget
+    hash_header: str | None
+    hash_source: bool
+
+
+@dataclass
+class _Outcome:
+    """What one request did, for its metric and its access-log line."""
+
+    flags: list[str] = field(default_factory=list)
+    attempts: int = 0
+    status: int = 0
+    grpc_status: str = "-"
+    endpoint: Endpoint | None = None
+    destination: WorkloadRef | None = None
+    service: str = UNKNOWN
+    bytes_sent: int = 0
+
+    @property
+    def flag_text(self) -> str:
+        return ",".join(dict.fromkeys(self.flags)) or "-"
+
+
+class ClientConnection:
+    """A captured client connection served at L7: what drain and pod removal need."""
+
+    def __init__(self, transport: object):
+        self.transport = transport
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def closed(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def abort(self) -> None:
+        reset(self.transport)  # type: ignore[arg-type]
+
+
+class HttpProxy:
+    """Node-wide L7 state: routes, clusters, upstream pools; rebuilt on every config."""
+
+    def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
+                 admitter: Callable[[], Admitter], trust_domain: str,
+                 access_log: AccessLog | None):
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._admitter = admitter
+        self._trust_domain = trust_domain
+        self._access_log = access_log
+        self._random = random.Random()
+        self._settings = HttpSettings()
+        self._routes: Routes | None = None
+        self._table: DestinationTable | None = None
+        self._policies: dict[str, TrafficPolicy] = {}
+        self._clusters: dict[tuple[str, int, int], _Cluster] = {}
+        self._stats: dict[str, Endpoint] = {}  # endpoint key -> endpoint (stats survive)
+        self._budgets: dict[str, RetryBudget] = {}
+        self._pools: dict[tuple[str, str, bool], EndpointPool] = {}
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def update(self, config: NodeConfig, table: DestinationTable) -> None:
+        self._settings = config.http
+        self._routes = Routes(config)
+        self._table = table
+        self._policies = {s.key: s.traffic_policy for s in config.services}
+        self._clusters.clear()
+        budgets = {}
+        for key, policy in self._policies.items():
+            old = self._budgets.get(key)
+            budgets[key] = old if old is not None and old.config == policy.retry_budget \
+                else RetryBudget(policy.retry_budget)
+        self._budgets = budgets
+
+    @property
+    def settings(self) -> HttpSettings:
+        return self._settings
+
+    def _cluster(self, service: str, port: int, version: int) -> _Cluster | None:
+        key = (service, port, version)
+        cluster = self._clusters.get(key)
+        if cluster is not None:
+            return cluster
+        assert self._table is not None
+        entry = self._table.service_ports.get((service, port))
+        if entry is None:
+            return None
+        endpoints = []
+        for backend in entry.backends(version):
+            endpoint = Endpoint(backend)
+            known = self._stats.get(endpoint.key)
+            if known is not None:
+                endpoint.stats = known.stats
+            self._stats[endpoint.key] = endpoint
+            endpoints.append(endpoint)
+        policy = self._policies.get(service, TrafficPolicy())
+        cluster = _Cluster(entry, endpoints, make_balancer(policy.load_balancer),
+                           self._budgets.setdefault(service, RetryBudget(policy.retry_budget)),
+                           policy.load_balancer.hash_header,
+                           policy.load_balancer.hash_source_identity)
+        self._clusters[key] = cluster
+        return cluster
+
+    def clusters_view(self) -> list[dict[str, object]]:
+        """/clusters: every cluster requests have used, with its endpoints' statistics."""
+        view = []
+        for (service, port, version), cluster in sorted(self._clusters.items()):
+            view.append({
+                "service": service, "port": port, "family": f"ipv{version}",
+                "fqdn": cluster.entry.fqdn,
+                "retry_budget": cluster.budget.snapshot(),
+                "endpoints": [{"address": e.key, **e.stats.snapshot()}
+                              for e in cluster.endpoints],
+            })
+        return view
+
+    def forget_pod(self, pod_key: str) -> None:
+        for key in [k for k in self._pools if k[0] == pod_key]:
+            self._pools.pop(key).close()
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    # -- connections -----------------------------------------------------------------------
+
+    def serve(self, pod: EnrolledPod, entry: ServicePortEntry, version: int,
+              transport: asyncio.Transport, initial: bytes, *, http2_client: bool,
+              http2_upstream: bool) -> ClientConnection:
+        """Serve a client connection whose first bytes were `initial`."""
+        connection = ClientConnection(transport)
+        context = _Context(pod, entry, version, http2_upstream, pod.workload.access_log)
+        settings = self._settings
+
+        async def handle(exchange: Exchange) -> None:
+            await self._handle(context, exchange)
+
+        def bad_request(protocol: str) -> Callable[[str], None]:
+            return lambda reason: self._metrics.bad_request(protocol, reason)
+
+        if http2_client:
+            h2_server = H2Server(handle, max_header_bytes=settings.max_header_bytes,
+                                 on_protocol_error=lambda code, message:
+                                 self._metrics.bad_request("http/2", message),
+                                 on_closed=connection.closed)
+            h2_server.attach(transport, initial)
+        else:
+            h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
+                                 idle_timeout=settings.idle_timeout_seconds,
+                                 on_bad_request=bad_request("http/1.1"),
+                                 on_closed=connection.closed)
+            h1_server.attach(transport, initial)
+        return connection
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _handle(self, ctx: _Context, exchange: Exchange) -> None:
+        start = time.monotonic()
+        started_at = time.time()
+        head = exchange.request
+        outcome = _Outcome(service=ctx.entry.fqdn)
+        request_id = head.header("x-request-id")
+        if request_id is None:
+            request_id = str(uuid.uuid4())
+            head.headers.append(("x-request-id", request_id))
+        assert self._routes is not None
+        rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
+        try:
+            if rule is None:
+                outcome.flags.append("NR")
+                await self._local_reply(exchange, outcome, 404)
+            elif isinstance(exchange, H1Exchange) and exchange.upgrade:
+                await self._upgrade(ctx, exchange, rule, outcome)
+            else:
+                timeout = rule.timeouts.request_seconds or None
+                try:
+                    await asyncio.wait_for(self._forward(ctx, exchange, rule, outcome), timeout)
+                except TimeoutError:
+                    outcome.flags.append("UT")
+                    if exchange.responded:
+                        exchange.reset()
+                    else:
+                        await self._local_reply(exchange, outcome, 504,
+                                                "upstream request timeout")
+        except BodyError:
+            outcome.flags.append("DC")
+        except (ConnectionError, OSError):
+            outcome.flags.append("DC")
+        finally:
+            if exchange.client_gone and "DC" not in outcome.flags:
+                outcome.flags.append("DC")
+            self._record(ctx, exchange, outcome, start, started_at, request_id)
+
+    async def _forward(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
+                       outcome: _Outcome) -> None:
+        head = exchange.request
+        policy: RetryPolicy = rule.retry
+        body = ReplayableBody(exchange.body,
+                              self._settings.retry_buffer_bytes if policy.attempts else 0)
+        budget: RetryBudget | None = None
+        last_error: UpstreamError | None = None
+        response: UpstreamResponse | None = None
+        connection: UpstreamConnection | None = None
+        while True:
+            outcome.attempts += 1
+            choice = rule.backend(self._random.random())
+            cluster = self._cluster(choice.service, choice.port or ctx.entry.port, ctx.version)
+            if budget is None and cluster is not None:
+                budget = cluster.budget
+                budget.record_request()
+            if cluster is None or not cluster.endpoints:
+                outcome.flags.append("UH")
+                await self._local_reply(exchange, outcome, 503)
+                return
+            outcome.service = cluster.entry.fqdn
+            endpoint = cluster.balancer.pick(  # type: ignore[attr-defined]
+                cluster.endpoints, self._hash_key(cluster, ctx, head))
+            outcome.endpoint = endpoint
+            outcome.destination = endpoint.backend.workload
+            if not self._authorized(ctx, endpoint.backend, head):
+                outcome.flags.append("UAEX")
+                await self._local_reply(exchange, outcome, 403)
+                return
+            upstream_head = RequestHead(
+                head.method, head.path, head.authority,
+                apply_modifier(head.headers, rule.request_headers), head.scheme,
+                "2" if ctx.http2_upstream else "1.1")
+            if outcome.attempts > 1:
+                upstream_head.headers.append(("x-envoy-attempt-count", str(outcome.attempts)))
+            response, connection, last_error = None, None, None
+            started = endpoint.stats.begin()
+            try:
+                connection = await self._connection(ctx, endpoint, cluster)
+                response = await asyncio.wait_for(
+                    connection.send(upstream_head, body.reader()),
+                    policy.per_try_timeout_seconds)
+            except Refused as e:
+                last_error = UpstreamError("UF", str(e))
+            except UpstreamError as e:
+                last_error = e
+            except TimeoutError:
+                last_error = UpstreamError("UT", "per-try timeout")
+                if connection is not None:
+                    _abort(connection)
+            status = response.head.status if response else None
+            grpc_status = _grpc_status(response.head.headers) if response else None
+            endpoint.stats.end(started, ok=response is not None and status is not None
+                               and status < 500)
+            if last_error is not None and last_error.flag == "DC":
+                raise BodyError(str(last_error))
+            retriable = should_retry(
+                policy, head.method, flag=last_error.flag if last_error else None,
+                refused_stream=bool(last_error and last_error.refused_stream),
+                status=status, grpc_status=grpc_status)
+            retry = (retriable and outcome.attempts <= policy.attempts and body.replayable
+                     and not exchange.client_gone)
+            if retry and budget is not None and not budget.try_retry():
+                self._metrics.retry_budget_exhausted(outcome.service)
+                retry = False
+            if not retry:
+                if retriable and outcome.attempts > 1:
+                    outcome.flags.append("URX")  # retried and still failing
+                break
+            self._metrics.retry(outcome.service, last_error.flag if last_error else str(status))
+            if response is not None:
+                _discard(response, connection)
+            await asyncio.sleep(backoff_delay(outcome.attempts - 1, policy.backoff,
+                                              self._random))
+        if response is None:
+            assert last_error is not None
+            outcome.flags.append(last_error.flag)
+            if last_error.flag == "UT":
+                await self._local_reply(exchange, outcome, 504, "upstream request timeout")
+            else:
+                reason = ("connection failure" if last_error.flag == "UF"
+                          else "connection termination")
+                await self._local_reply(
+                    exchange, outcome, 503,
+                    f"upstream connect error or disconnect/reset before headers. "
+                    f"reset reason: {reason}")
+            return
+        await self._stream_response(exchange, rule, response, connection, outcome)
+
+    async def _stream_response(self, exchange: Exchange, rule: CompiledRule,
+                               response: UpstreamResponse,
+                               connection: UpstreamConnection | None,
+                               outcome: _Outcome) -> None:
+        outcome.status = response.head.status
+        grpc = _grpc_status(response.head.headers)
+        head = ResponseHead(response.head.status,
+                            apply_modifier(response.head.headers, rule.response_headers))
+        body = response.body
+        try:
+            await exchange.respond(head, end=body.ended and body.buffered == 0
+                                   and body.trailers is None)
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                await exchange.send(data)
+                outcome.bytes_sent += len(data)
+                if exchange.client_gone:
+                    raise ConnectionResetError("client went away")
+            if body.trailers:
+                trailer_grpc = _grpc_status(body.trailers)
+                grpc = trailer_grpc if trailer_grpc is not None else grpc
+            await exchange.finish(body.trailers)
+        except BodyError:
+            outcome.flags.append("UC")  # the backend broke off mid-response
+            exchange.reset()
+        except (ConnectionError, OSError):
+            outcome.flags.append("DC")
+            if connection is not None:
+                _abort(connection)
+        if grpc is not None:
+            outcome.grpc_status = str(grpc)
+
+    async def _connection(self, ctx: _Context, endpoint: Endpoint,
+                          cluster: _Cluster) -> UpstreamConnection:
+        key = (ctx.pod.key, endpoint.key, ctx.http2_upstream)
+        pool = self._pools.get(key)
+        if pool is None:
+            policy = self._policies.get(cluster.entry.service, TrafficPolicy())
+            backend, pod, service = endpoint.backend, ctx.pod, cluster.entry.fqdn
+
+            async def connect(protocol: UpstreamConnection) -> object:
+                return await self._upstreams.open(pod, backend, service,
+                                                  protocol, l7_checked=True)  # type: ignore[type-var]
+
+            pool = self._pools[key] = EndpointPool(
+                connect, http2=ctx.http2_upstream, idle_timeout=policy.idle_timeout_seconds)
+        return await pool.acquire()
+
+    def _hash_key(self, cluster: _Cluster, ctx: _Context, head: RequestHead) -> str | None:
+        if cluster.hash_header is not None:
+            return head.header(cluster.hash_header)
+        if cluster.hash_source:
+            return ctx.pod.principal
+        return None
+
+    def _authorized(self, ctx: _Context, backend: Backend, head: RequestHead) -> bool:
+        """The destination's policies, per request (the waypoint's job; see the module
+        docstring).  Endpoints outside the mesh have no policy."""
+        ref = backend.workload
+        if ref is None or self._table is None:
+            return True
+        workload = self._table.workloads.get(f"{ref.namespace}/{ref.name}")
+        if workload is None:
+            return True
+        admission = self._admitter().admit_request(
+            workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
+            backend.port, RequestAttributes(method=head.method, path=head.path,
+                                            host=head.authority, headers=dict(head.headers)))
+        return admission.allowed
+
+    async def _local_reply(self, exchange: Exchange, outcome: _Outcome, status: int,
+                           text: str | None = None) -> None:
+        """A response the proxy makes itself; its body names no internals."""
+        outcome.status = status
+        if exchange.responded:
+            exchange.reset()
+            return
+        message = text or LOCAL_REPLY_BODY.get(status, "")
+        if exchange.request.is_grpc:
+            code = GRPC_FOR_HTTP.get(status, 2)
+            outcome.status = 200
+            outcome.grpc_status = str(code)
+            await exchange.respond(ResponseHead(200, [
+                ("content-type", "application/grpc"), ("grpc-status", str(code)),
+                ("grpc-message", message)]), end=True)
+            return
+        body = message.encode()
+        await exchange.respond(ResponseHead(status, [
+            ("content-type", "text/plain"), ("content-length", str(len(body)))]),
+            end=not body)
+        if body:
+            await exchange.send(body)
+            outcome.bytes_sent += len(body)
+            await exchange.finish()
+
+    async def _upgrade(self, ctx: _Context, exchange: H1Exchange, rule: CompiledRule,
+                       outcome: _Outcome) -> None:
+        """Upgrade (WebSocket): the request goes to one endpoint on a connection of its own,
+        and both connections then carry raw bytes until either ends."""
+        head = exchange.request
+        outcome.attempts = 1
+        choice = rule.backend(self._random.random())
+        cluster = self._cluster(choice.service, choice.port or ctx.entry.port, ctx.version)
+        if cluster is None or not cluster.endpoints:
+            outcome.flags.append("UH")
+            await self._local_reply(exchange, outcome, 503)
+            return
+        outcome.service = cluster.entry.fqdn
+        endpoint = cluster.balancer.pick(  # type: ignore[attr-defined]
+            cluster.endpoints, self._hash_key(cluster, ctx, head))
+        outcome.endpoint, outcome.destination = endpoint, endpoint.backend.workload
+        if not self._authorized(ctx, endpoint.backend, head):
+            outcome.flags.append("UAEX")
+            await self._local_reply(exchange, outcome, 403)
+            return
+        try:
+            opened = await self._upstreams.open(ctx.pod, endpoint.backend,
+                                                cluster.entry.fqdn, relay_side(),
+                                                l7_checked=True)
+        except Refused:
+            outcome.flags.append("UF")
+            await self._local_reply(exchange, outcome, 503)
+            return
+        up = opened.protocol
+        headers = [*apply_modifier(head.headers, rule.request_headers),
+                   ("connection", "upgrade")]
+        raw = encode_request(RequestHead(head.method, head.path, head.authority, headers),
+                             chunked=False)
+        # encode_request drops hop-by-hop headers; an upgrade needs its two back.
+        raw = raw[:-2] + b"upgrade: " + (head.header("upgrade") or "").encode() + \
+            b"\r\nconnection: upgrade\r\n\r\n"
+        assert up.transport is not None
+        up.transport.write(raw)
+        await up.wait_early(rule.timeouts.request_seconds or None)
+        first = b"".join(up.early)
+        status_line = first.split(b"\r\n", 1)[0].split(b" ")
+        outcome.status = int(status_line[1]) if len(status_line) > 1 and \
+            status_line[1].isdigit() else 0
+        if not first:
+            outcome.flags.append("UC" if up.lost or up.got_eof else "UT")
+            reset(up.transport)
+            await self._local_reply(exchange, outcome, 504 if "UT" in outcome.flags else 503)
+            return
+        transport, rest = exchange.take_over()
+        down = Side("downstream", start_paused=True)
+        transport.set_protocol(down)
+        down.connection_made(transport)
+        if rest:
+            down.early.append(rest)
+        done = asyncio.get_running_loop().create_future()
+        relay = Relay(down, up, lambda from_down, n: None,
+                      lambda r: done.done() or done.set_result(None))
+        relay.start()
+        await done
+        outcome.bytes_sent = relay.bytes_from_upstream
+
+    def _record(self, ctx: _Context, exchange: Exchange, outcome: _Outcome, start: float,
+                started_at: float, request_id: str) -> None:
+        duration = time.monotonic() - start
+        head = exchange.request
+        dest = outcome.destination
+        dest_principal = (spiffe_id(self._trust_domain, dest.namespace, dest.service_account)
+                          if dest else UNKNOWN)
+        request_bytes = exchange.body.received
+        labels = RequestLabels(
+            reporter="source",
+            source_workload=ctx.pod.ref.workload,
+            source_workload_namespace=ctx.pod.workload.namespace,
+            source_principal=ctx.pod.principal or UNKNOWN,
+            destination_workload=dest.workload if dest else UNKNOWN,
+            destination_workload_namespace=dest.namespace if dest else UNKNOWN,
+            destination_principal=dest_principal,
+            destination_service=outcome.service,
+            request_protocol=head.protocol,
+            connection_security_policy="mutual_tls" if dest else "none",
+        )
+        self._metrics.observe(labels, code=outcome.status, grpc_status=outcome.grpc_status,
+                              flags=outcome.flag_text, duration_s=duration,
+                              request_bytes=request_bytes, response_bytes=outcome.bytes_sent)
+        if self._access_log is not None and ctx.access_log:
+            self._access_log.write(AccessLogEntry.of(
+                start_time=started_at, head=head, status=outcome.status,
+                grpc_status=outcome.grpc_status, flags=outcome.flag_text,
+                bytes_received=request_bytes, bytes_sent=outcome.bytes_sent,
+                duration_ms=duration * 1000.0,
+                upstream_host=outcome.endpoint.key if outcome.endpoint else None,
+                attempts=outcome.attempts, request_id=request_id,
+                source_principal=ctx.pod.principal, source_workload=ctx.pod.ref.workload,
+                source_namespace=ctx.pod.workload.namespace,
+                destination_principal=dest_principal if dest else None,
+                destination_workload=dest.workload if dest else None,
+                destination_namespace=dest.namespace if dest else None,
+                destination_service=outcome.service))
+
+
+@dataclass(frozen=True)
+class _Context:
+    pod: EnrolledPod
+    entry: ServicePortEntry
+    version: int  # the client's address family
+    http2_upstream: bool
+    access_log: bool
+
+
+def _grpc_status(headers: Headers | None) -> int | None:
+    for name, value in headers or ():
+        if name == "grpc-status":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _abort(connection: UpstreamConnection) -> None:
+    abort = getattr(connection, "abort", None)
+    if abort is not None:
+        abort()
+    else:
+        connection.close()
+
+
+def _discard(response: UpstreamResponse, connection: UpstreamConnection | None) -> None:
+    """A response not passed on (its attempt will be retried): read it to its end in the
+    background so an HTTP/1.1 connection can serve again, or drop the connection."""
+    body: Body = response.body
+    if body.ended and body.buffered == 0:
+        return
+
+    async def drain() -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                while await body.read():
+                    pass
+        except (TimeoutError, BodyError):
+            if connection is not None:
+                _abort(connection)
+
+    task = asyncio.get_running_loop().create_task(drain())
+    _DRAINING.add(task)
+    task.add_done_callback(_DRAINING.discard)
+
+
+_DRAINING: set[asyncio.Task[None]] = set()

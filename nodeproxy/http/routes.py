@@ -1,0 +1,209 @@
+"""HTTPRoute tables: which rule of which route a request to a service port matches.
+
+Compiled once per configuration from the validated model.  Precedence among the rules
+attached to one service port follows Gateway API: an Exact path beats a prefix, a longer
+prefix beats a shorter one, then a method match, then more header matches, then more
+query-parameter matches, then configuration order.  Regular-expression paths rank after
+every prefix (Gateway API leaves their rank to implementations).  Within a rule any of
+its matches may match; a rule without matches matches every request.  A service port
+with no route gets one default rule sending every request to the service itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from nodeproxy.config.model import (
+    HeaderModifier,
+    HttpRoute,
+    NodeConfig,
+    RetryPolicy,
+    RouteMatch,
+    RouteRule,
+    Timeouts,
+)
+from nodeproxy.http.message import Headers, RequestHead
+
+
+@dataclass(frozen=True)
+class WeightedBackend:
+    service: str  # "<ns>/<name>"
+    port: int | None  # None: the port the request arrived on
+    weight: int
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    route: str  # "<ns>/<name>" of the HTTPRoute, "" for a service's default rule
+    backends: tuple[WeightedBackend, ...]
+    request_headers: HeaderModifier | None
+    response_headers: HeaderModifier | None
+    timeouts: Timeouts
+    retry: RetryPolicy
+    total_weight: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total_weight", sum(b.weight for b in self.backends))
+
+    def backend(self, draw: float) -> WeightedBackend:
+        """The backend for a uniform draw in [0, 1): each gets its weight's share."""
+        point = draw * self.total_weight
+        for backend in self.backends:
+            if point < backend.weight:
+                return backend
+            point -= backend.weight
+        return next(b for b in reversed(self.backends) if b.weight)
+
+
+def _value_matcher(kind: str, value: str):  # type: ignore[no-untyped-def]
+    if kind == "RegularExpression":
+        pattern = re.compile(value)
+        return lambda v: v is not None and pattern.fullmatch(v) is not None
+    return lambda v: v == value
+
+
+@dataclass(frozen=True)
+class _Match:
+    rule: CompiledRule
+    hostnames: tuple[str, ...]
+    path_kind: str | None
+    path_value: str
+    method: str | None
+    headers: tuple[tuple[str, object], ...]
+    query: tuple[tuple[str, object], ...]
+    order: int
+    regex: re.Pattern[str] | None = None
+
+    @property
+    def rank(self) -> tuple[int, int, int, int, int, int]:
+        kind = {"Exact": 3, "PathPrefix": 2, "RegularExpression": 1}.get(self.path_kind or "", 2)
+        length = len(self.path_value) if self.path_kind != "RegularExpression" else 0
+        return (-kind, -length, -(self.method is not None), -len(self.headers),
+                -len(self.query), self.order)
+
+    def matches(self, head: RequestHead, path: str, query: Sequence[tuple[str, str]]) -> bool:
+        if self.hostnames and not _host_matches(self.hostnames, head.authority):
+            return False
+        if self.path_kind == "Exact" and path != self.path_value:
+            return False
+        if self.path_kind == "PathPrefix" and not _prefix_matches(self.path_value, path):
+            return False
+        if self.regex is not None and not self.regex.fullmatch(path):
+            return False
+        if self.method is not None and head.method != self.method:
+            return False
+        for name, test in self.headers:
+            if not test(head.header(name)):  # type: ignore[operator]
+                return False
+        for name, test in self.query:
+            if not test(next((v for k, v in query if k == name), None)):  # type: ignore[operator]
+                return False
+        return True
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    """Gateway API PathPrefix: element-wise, so /api matches /api and /api/x, not /apix."""
+    if prefix == "/" or path == prefix:
+        return True
+    base = prefix.rstrip("/")
+    return path.startswith(base + "/") or path == base
+
+
+def _host_matches(hostnames: tuple[str, ...], authority: str) -> bool:
+    host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+    host = host.lower()
+    for name in hostnames:
+        if name.startswith("*.") and host.endswith(name[1:]):
+            return True
+        if host == name:
+            return True
+    return False
+
+
+def _compile_rule(route: HttpRoute | None, rule: RouteRule, service: str) -> CompiledRule:
+    namespace = route.namespace if route else service.split("/", 1)[0]
+    backends = tuple(
+        WeightedBackend(f"{ref.namespace or namespace}/{ref.name}", ref.port, ref.weight)
+        for ref in rule.backend_refs) or (WeightedBackend(service, None, 1),)
+    return CompiledRule(route.key if route else "", backends, rule.request_headers,
+                        rule.response_headers, rule.timeouts, rule.retry)
+
+
+def _compile_match(rule: CompiledRule, route: HttpRoute, match: RouteMatch | None,
+                   order: int) -> _Match:
+    path = match.path if match else None
+    compiled = _Match(
+        rule=rule,
+        hostnames=tuple(h.lower() for h in route.hostnames),
+        path_kind=path.type if path else None,
+        path_value=path.value if path else "/",
+        method=match.method if match else None,
+        headers=tuple((h.name, _value_matcher(h.type, h.value)) for h in match.headers)
+        if match else (),
+        query=tuple((q.name, _value_matcher(q.type, q.value)) for q in match.query_params)
+        if match else (),
+        order=order,
+        regex=re.compile(path.value) if path and path.type == "RegularExpression" else None,
+    )
+    return compiled
+
+
+class RouteTable:
+    """The rules of one service port, in precedence order."""
+
+    def __init__(self, matches: list[_Match], default: CompiledRule | None):
+        self._matches = sorted(matches, key=lambda m: m.rank)
+        self.default = default
+
+    def match(self, head: RequestHead) -> CompiledRule | None:
+        if self.default is not None:
+            return self.default
+        path, _, raw_query = head.path.partition("?")
+        query = parse_qsl(raw_query, keep_blank_values=True) if raw_query else ()
+        for candidate in self._matches:
+            if candidate.matches(head, path, query):
+                return candidate.rule
+        return None
+
+
+class Routes:
+    """Every service port's RouteTable, for one configuration."""
+
+    def __init__(self, config: NodeConfig):
+        attached: dict[tuple[str, int], list[_Match]] = {}
+        ports: dict[str, list[int]] = {s.key: [p.port for p in s.ports] for s in config.services}
+        order = 0
+        for route in config.http_routes:
+            service = f"{route.namespace}/{route.service}"
+            for port in ports.get(service, []):
+                if route.port is not None and route.port != port:
+                    continue
+                bucket = attached.setdefault((service, port), [])
+                for rule in route.rules:
+                    compiled = _compile_rule(route, rule, service)
+                    for match in rule.matches or [None]:
+                        bucket.append(_compile_match(compiled, route, match, order))
+                        order += 1
+        self._tables: dict[tuple[str, int], RouteTable] = {}
+        for service, service_ports in ports.items():
+            for port in service_ports:
+                matches = attached.get((service, port))
+                self._tables[(service, port)] = RouteTable(matches, None) if matches else \
+                    RouteTable([], _compile_rule(None, RouteRule(), service))
+
+    def table(self, service: str, port: int) -> RouteTable:
+        return self._tables[(service, port)]
+
+
+def apply_modifier(headers: Headers, modifier: HeaderModifier | None) -> Headers:
+    """Gateway API header filters: set replaces, add appends, remove deletes."""
+    if modifier is None:
+        return headers
+    drop = {h.name for h in modifier.set} | set(modifier.remove)
+    result = [(n, v) for n, v in headers if n not in drop]
+    result.extend((h.name, h.value) for h in modifier.set)
+    result.extend((h.name, h.value) for h in modifier.add)
+    return result
