@@ -131,6 +131,7 @@ class RetryBudget:
     BUCKETS = 10
 
     def __init__(self, cfg: model.RetryBudget, *, clock: Callable[[], float] = time.monotonic):
+        self.config = cfg
         self.ratio = cfg.ratio
         self.window_seconds = cfg.window_seconds
         self.reserve = cfg.min_retries_per_second * cfg.window_seconds
@@ -198,3 +199,9 @@ class RetryBudget:
         self._retries[slot] += 1
         self._retry_total += 1
         return True
+
+    def snapshot(self) -> dict[str, float | int]:
+        """For /clusters: the window's requests and retries, and refusals so far."""
+        return {"requests_in_window": self.requests_in_window,
+                "retries_in_window": self.retries_in_window,
+                "allowance": round(self.allowance(), 1), "exhausted": self.exhausted}
