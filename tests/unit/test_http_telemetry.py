@@ -1,0 +1,163 @@
+"""L7 telemetry: Istio's request series and nodeproxy's HTTP counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nodeproxy.http.message import RequestHead
+from nodeproxy.http.metrics import (
+    ISTIO_BUCKETS,
+    REQUEST_LABELS,
+    RequestLabels,
+    RequestMetrics,
+    istio_request_protocol,
+)
+from nodeproxy.telemetry.proxy_metrics import TcpLabels
+
+TCP = TcpLabels(
+    reporter="source", source_workload="client", source_workload_namespace="default",
+    source_principal="spiffe://cluster.local/ns/default/sa/client",
+    destination_workload="web", destination_workload_namespace="prod",
+    destination_principal="spiffe://cluster.local/ns/prod/sa/web",
+    destination_service="web.prod.svc.cluster.local", connection_security_policy="unknown",
+)
+LABELS = RequestLabels.from_tcp(TCP, "http", source_app="client")
+
+# Istio's label names for the request series (its proxy's stats filter), sorted.
+ISTIO_REQUEST_LABELS = sorted([
+    "reporter", "source_workload", "source_workload_namespace", "source_principal",
+    "source_app", "source_version", "source_canonical_service", "source_canonical_revision",
+    "source_cluster", "destination_workload", "destination_workload_namespace",
+    "destination_principal", "destination_app", "destination_version", "destination_service",
+    "destination_service_name", "destination_service_namespace",
+    "destination_canonical_service", "destination_canonical_revision", "destination_cluster",
+    "request_protocol", "response_code", "grpc_response_status", "response_flags",
+    "connection_security_policy",
+])
+
+
+def label_dict(labels: RequestLabels, code: str, grpc: str, flags: str) -> dict[str, str]:
+    names = [n for n in REQUEST_LABELS
+             if n not in ("response_code", "grpc_response_status", "response_flags")]
+    out = dict(zip(names, labels.values(), strict=True))
+    out.update(response_code=code, grpc_response_status=grpc, response_flags=flags)
+    return out
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_request_series_values_equal_what_was_observed() -> None:
+    registry = CollectorRegistry()
+    m = RequestMetrics(registry)
+    m.observe(LABELS, code=200, grpc_status="", flags="-", duration_s=0.0032,
+              request_bytes=120, response_bytes=4000)
+    m.observe(LABELS, code=200, grpc_status="", flags="", duration_s=0.0418,
+              request_bytes=80, response_bytes=6000)
+    m.observe(LABELS, code=503, grpc_status="", flags="UF,URX", duration_s=1.5,
+              request_bytes=0, response_bytes=91)
+
+    ok = label_dict(LABELS, "200", "", "-")  # "" flags are Envoy's "-" too
+    bad = label_dict(LABELS, "503", "", "UF,URX")
+    get = registry.get_sample_value
+    assert get("istio_requests_total", ok) == 2
+    assert get("istio_requests_total", bad) == 1
+    assert get("istio_request_duration_milliseconds_count", ok) == 2
+    assert abs(get("istio_request_duration_milliseconds_sum", ok) - 45.0) < 1e-9
+    assert get("istio_request_duration_milliseconds_bucket", {**ok, "le": "5.0"}) == 1
+    assert get("istio_request_duration_milliseconds_bucket", {**ok, "le": "50.0"}) == 2
+    assert get("istio_request_duration_milliseconds_sum", bad) == 1500
+    assert get("istio_request_bytes_sum", ok) == 200
+    assert get("istio_response_bytes_sum", ok) == 10000
+    assert get("istio_response_bytes_count", bad) == 1
+    assert get("istio_response_bytes_bucket", {**bad, "le": "100.0"}) == 1
+    assert get("istio_response_bytes_bucket", {**bad, "le": "50.0"}) == 0
+
+
+def test_grpc_status_label() -> None:
+    registry = CollectorRegistry()
+    m = RequestMetrics(registry)
+    grpc = RequestLabels.from_tcp(TCP, "grpc")
+    m.observe(grpc, code=200, grpc_status="14", flags="-", duration_s=0.01,
+              request_bytes=10, response_bytes=0)
+    assert registry.get_sample_value(
+        "istio_requests_total", label_dict(grpc, "200", "14", "-")) == 1
+
+
+def test_label_names_are_istios() -> None:
+    registry = CollectorRegistry()
+    m = RequestMetrics(registry)
+    m.observe(LABELS, code=0, grpc_status="", flags="DC", duration_s=0.001,
+              request_bytes=1, response_bytes=0)
+    families = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(registry).decode())}
+    for name, sample_name in [("istio_requests", "istio_requests_total"),
+                              ("istio_request_duration_milliseconds",
+                               "istio_request_duration_milliseconds_count"),
+                              ("istio_request_bytes", "istio_request_bytes_count"),
+                              ("istio_response_bytes", "istio_response_bytes_count")]:
+        sample = next(s for s in families[name].samples if s.name == sample_name)
+        assert sorted(sample.labels) == ISTIO_REQUEST_LABELS, name
+    assert families["istio_requests"].type == "counter"
+    assert families["istio_request_duration_milliseconds"].type == "histogram"
+    buckets = [s.labels["le"] for s in families["istio_request_bytes"].samples
+               if s.name == "istio_request_bytes_bucket"]
+    assert [float(b) for b in buckets[:-1]] == [float(b) for b in ISTIO_BUCKETS]
+    assert buckets[-1] == "+Inf"
+
+
+def test_labels_from_tcp_fill_what_istio_derives() -> None:
+    assert LABELS.destination_service_name == "web"
+    assert LABELS.destination_service_namespace == "prod"
+    assert LABELS.source_canonical_service == "client"
+    assert LABELS.destination_canonical_service == "web"
+    assert LABELS.source_app == "client"
+    assert LABELS.destination_app == "unknown"
+    assert LABELS.destination_canonical_revision == "latest"  # Istio's unknown revision
+    # Not a service FQDN (a passthrough address, a Host header): the name is the whole value.
+    raw = RequestLabels.from_tcp(
+        TcpLabels(**{**vars(TCP), "destination_service": "10.0.0.7"}), "http")
+    assert (raw.destination_service_name, raw.destination_service_namespace) == \
+        ("10.0.0.7", "prod")
+
+
+def test_istio_request_protocol() -> None:
+    h2 = RequestHead("GET", "/", "web", version="2")
+    grpc = RequestHead("POST", "/pkg.Svc/M", "web", version="2",
+                       headers=[("content-type", "application/grpc+proto")])
+    assert istio_request_protocol(RequestHead("GET", "/", "web")) == "http"
+    assert istio_request_protocol(h2) == "http"  # Istio reports HTTP/2 as "http"
+    assert istio_request_protocol(grpc) == "grpc"
+
+
+def test_nodeproxy_counters() -> None:
+    registry = CollectorRegistry()
+    m = RequestMetrics(registry)
+    for _ in range(3):
+        m.count_retry("web.prod.svc.cluster.local", "connect-failure")
+    m.count_budget_exhausted("web.prod.svc.cluster.local")
+    m.count_bad_request("http/1.1", "header-too-large")
+    get = registry.get_sample_value
+    assert get("nodeproxy_http_retries_total", {
+        "destination_service": "web.prod.svc.cluster.local", "reason": "connect-failure"}) == 3
+    assert get("nodeproxy_http_retry_budget_exhausted_total",
+               {"destination_service": "web.prod.svc.cluster.local"}) == 1
+    assert get("nodeproxy_http_bad_requests_total",
+               {"protocol": "http/1.1", "reason": "header-too-large"}) == 1
+    m.access_log_dropped.inc(2)
+    assert get("nodeproxy_access_log_dropped_total") == 2
+
+
+def test_child_cache_is_bounded_and_eviction_keeps_counting() -> None:
+    registry = CollectorRegistry()
+    m = RequestMetrics(registry, max_cached=4)
+    for code in range(200, 210):
+        m.observe(LABELS, code=code, grpc_status="", flags="-", duration_s=0.001,
+                  request_bytes=0, response_bytes=0)
+    assert len(m._children) == 4
+    # 200 was evicted from the cache; the series keeps its count.
+    m.observe(LABELS, code=200, grpc_status="", flags="-", duration_s=0.001,
+              request_bytes=0, response_bytes=0)
+    assert registry.get_sample_value(
+        "istio_requests_total", label_dict(LABELS, "200", "", "-")) == 2
