@@ -1,10 +1,19 @@
-"""L7 telemetry: Istio's request series and nodeproxy's HTTP counters."""
+"""L7 telemetry: Istio's request series and the JSON access log."""
 
 from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeproxy.config.model import AccessLogSettings
+from nodeproxy.http.access_log import FIELDS, AccessLog, AccessLogEntry, rfc3339_ms, trace_id
 from nodeproxy.http.message import RequestHead
 from nodeproxy.http.metrics import (
     ISTIO_BUCKETS,
@@ -161,3 +170,141 @@ def test_child_cache_is_bounded_and_eviction_keeps_counting() -> None:
               request_bytes=0, response_bytes=0)
     assert registry.get_sample_value(
         "istio_requests_total", label_dict(LABELS, "200", "", "-")) == 2
+
+
+# --- access log ----------------------------------------------------------------------------
+
+
+def entry(n: int = 0, **over: Any) -> AccessLogEntry:
+    values: dict[str, Any] = dict(
+        start_time=1714564800.1234, source_principal="spiffe://cluster.local/ns/default/sa/client",
+        source_workload="client", source_namespace="default",
+        destination_principal="spiffe://cluster.local/ns/prod/sa/web", destination_workload="web",
+        destination_namespace="prod", destination_service="web.prod.svc.cluster.local",
+        method="GET", authority="web.prod", path=f"/item/{n}?q=1", protocol="HTTP/1.1",
+        status=200, grpc_status=None, response_flags="-", bytes_received=0, bytes_sent=512,
+        duration_ms=3.14159, upstream_host="10.1.2.3:8080", attempts=1,
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736", request_id=f"req-{n}")
+    values.update(over)
+    return AccessLogEntry(**values)
+
+
+EXPECTED_FIELDS = [
+    "start_time", "source_principal", "source_workload", "source_namespace",
+    "destination_principal", "destination_workload", "destination_namespace",
+    "destination_service", "method", "authority", "path", "protocol", "status", "grpc_status",
+    "response_flags", "bytes_received", "bytes_sent", "duration_ms", "upstream_host",
+    "attempts", "trace_id", "request_id",
+]
+
+
+def test_access_log_lines_are_json_one_per_request(tmp_path) -> None:
+    path = tmp_path / "access.log"
+    path.write_text("an earlier line\n")  # appended to, not truncated
+    registry = CollectorRegistry()
+    dropped = RequestMetrics(registry).access_log_dropped
+    log = AccessLog(AccessLogSettings(path=str(path)), dropped)
+    log.write(entry(1))
+    log.write(entry(2, status=0, response_flags="UF", upstream_host=None, attempts=0,
+                    trace_id=None, request_id=None, path='/"quoted"\n'))
+    log.close()
+
+    lines = path.read_text().splitlines()
+    assert lines[0] == "an earlier line"
+    first, second = (json.loads(line) for line in lines[1:])
+    assert list(first) == EXPECTED_FIELDS == list(FIELDS)
+    assert first["start_time"] == "2024-05-01T12:00:00.123Z"
+    assert first["status"] == 200 and first["grpc_status"] is None
+    assert first["duration_ms"] == 3.142
+    assert first["upstream_host"] == "10.1.2.3:8080" and first["request_id"] == "req-1"
+    assert second["status"] == 0 and second["response_flags"] == "UF"
+    assert second["upstream_host"] is None and second["trace_id"] is None
+    assert second["path"] == '/"quoted"\n'
+    assert registry.get_sample_value("nodeproxy_access_log_dropped_total") == 0
+
+
+def test_rfc3339_ms() -> None:
+    assert rfc3339_ms(0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339_ms(1714564800.9999) == "2024-05-01T12:00:00.999Z"
+
+
+class StalledStream(io.StringIO):
+    """A stream whose writes wait until released (a stuck disk or pipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.entered.set()
+        self.release.wait(30)
+        return super().write(s)
+
+
+def test_full_queue_drops_and_counts_without_blocking() -> None:
+    registry = CollectorRegistry()
+    dropped = RequestMetrics(registry).access_log_dropped
+    stream = StalledStream()
+    log = AccessLog(AccessLogSettings(queue_size=100), dropped, stream=stream)
+    try:
+        log.write(entry(0))  # taken by the writer, which then stalls in write()
+        assert stream.entered.wait(5)
+        e = entry(1)
+        timings = []
+        for _ in range(5):  # the best of 5: the cost of write(), not the machine's load
+            t = time.perf_counter()
+            for _ in range(10_000):
+                log.write(e)
+            timings.append(time.perf_counter() - t)
+        assert min(timings) < 0.005, timings
+        assert log.pending == 100
+        assert registry.get_sample_value("nodeproxy_access_log_dropped_total") == \
+            5 * 10_000 - 100
+    finally:
+        stream.release.set()
+        log.close()
+    assert len(stream.getvalue().splitlines()) == 101
+
+
+def test_close_flushes_everything_written_before_it(tmp_path) -> None:
+    path = tmp_path / "access.log"
+    registry = CollectorRegistry()
+    log = AccessLog(AccessLogSettings(path=str(path), queue_size=100_000),
+                    RequestMetrics(registry).access_log_dropped)
+    for n in range(5000):
+        log.write(entry(n))
+    log.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == \
+        [f"req-{n}" for n in range(5000)]
+    log.write(entry(5000))  # after close: dropped and counted, never written
+    assert registry.get_sample_value("nodeproxy_access_log_dropped_total") == 1
+    assert len(path.read_text().splitlines()) == 5000
+
+
+def test_aclose_from_the_event_loop(tmp_path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(AccessLogSettings(path=str(path)),
+                    RequestMetrics(CollectorRegistry()).access_log_dropped)
+
+    async def main() -> None:
+        log.write(entry(1))
+        await log.aclose()
+
+    asyncio.run(main())
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_trace_id() -> None:
+    w3c = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert trace_id([("traceparent", w3c), ("x-b3-traceid", "a" * 16),
+                     ("x-request-id", "r")]) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_id([("x-b3-traceid", "80F198EE56343BA864FE8B2A57D3EFF7")]) == \
+        "80f198ee56343ba864fe8b2a57d3eff7"
+    assert trace_id([("x-b3-traceid", "463ac35c9f6413ad")]) == "463ac35c9f6413ad"
+    # invalid traceparent / b3 (all-zero trace id, bad length): the next source is used
+    zero = "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+    assert trace_id([("traceparent", zero), ("x-b3-traceid", "xyz"),
+                     ("x-request-id", "abc-123")]) == "abc-123"
+    assert trace_id([("content-type", "text/plain")]) is None
