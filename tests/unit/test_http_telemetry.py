@@ -1,4 +1,4 @@
-"""L7 telemetry: Istio's request series and the JSON access log."""
+"""L7 telemetry: Istio's request series, the JSON access log and the admin /clusters page."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import threading
 import time
 from typing import Any
 
+import aiohttp
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeproxy.admin.server import AdminServers
 from nodeproxy.config.model import AccessLogSettings
 from nodeproxy.http.access_log import FIELDS, AccessLog, AccessLogEntry, rfc3339_ms, trace_id
 from nodeproxy.http.message import RequestHead
@@ -308,3 +311,71 @@ def test_trace_id() -> None:
     assert trace_id([("traceparent", zero), ("x-b3-traceid", "xyz"),
                      ("x-request-id", "abc-123")]) == "abc-123"
     assert trace_id([("content-type", "text/plain")]) is None
+
+
+# --- admin /clusters -----------------------------------------------------------------------
+
+
+class Daemon:
+    registry = CollectorRegistry()
+
+    def is_ready(self) -> bool:
+        return True
+
+    def config_dump(self) -> dict[str, Any]:
+        return {}
+
+    def pods_view(self) -> list[dict[str, Any]]:
+        return []
+
+    def pod_view(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
+        return 404, {}
+
+    async def enroll_request(self, body: Any) -> tuple[int, dict[str, Any]]:
+        return 200, {}
+
+    async def unenroll_request(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
+        return 200, {}
+
+    async def handover_request(self) -> tuple[int, dict[str, Any]]:
+        return 200, {}
+
+
+CLUSTERS = [{
+    "service": "web.prod.svc.cluster.local", "port": 8080,
+    "endpoints": [
+        {"address": "10.1.2.3:8080", "active_requests": 2, "latency_ewma_ms": 1.75,
+         "requests": 120, "failures": 1},
+        {"address": "[fd00::5]:8080", "active_requests": 0, "latency_ewma_ms": None,
+         "requests": 0, "failures": 0},
+    ],
+    "retries": 3, "retry_budget_exhausted": 0,
+}]
+
+
+async def get_clusters(servers: AdminServers) -> tuple[int, Any]:
+    runner = web.AppRunner(servers.admin_app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://{host}:{port}/clusters") as response:
+            assert response.content_type == "application/json"
+            return response.status, await response.json()
+    finally:
+        await runner.cleanup()
+
+
+def test_admin_clusters_page() -> None:
+    assert asyncio.run(get_clusters(AdminServers(Daemon(), clusters=lambda: CLUSTERS))) == \
+        (200, CLUSTERS)
+    assert asyncio.run(get_clusters(AdminServers(Daemon()))) == (200, [])
+
+
+def test_admin_clusters_page_survives_a_broken_provider() -> None:
+    def broken() -> list[dict[str, Any]]:
+        raise RuntimeError("pool gone")
+
+    status, body = asyncio.run(get_clusters(AdminServers(Daemon(), clusters=broken)))
+    assert status == 500 and "pool gone" in body["error"]
