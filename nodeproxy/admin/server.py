@@ -1,6 +1,6 @@
 """HTTP servers of the daemon (aiohttp).
 
-- admin, 127.0.0.1:15000: /ready, /config_dump, /pods, /metrics
+- admin, 127.0.0.1:15000: /ready, /config_dump, /pods, /clusters, /metrics
 - metrics, :15020: /metrics and /stats/prometheus (Istio's path)
 - readiness, :15021: /healthz/ready
 - control, a Unix socket: GET/POST /v1/pods, DELETE /v1/pods/{namespace}/{name}
@@ -11,11 +11,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypedDict
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
 
 
 class DaemonView(Protocol):
@@ -30,14 +34,40 @@ class DaemonView(Protocol):
     async def handover_request(self) -> tuple[int, dict[str, Any]]: ...
 
 
+class EndpointView(TypedDict):
+    """One upstream endpoint of a cluster, as /clusters shows it."""
+
+    address: str  # "ip:port" ("[ip6]:port")
+    active_requests: int  # requests in flight to it now
+    latency_ewma_ms: float | None  # the balancer's latency estimate, None before any sample
+    requests: int  # attempts sent to it since it joined
+    failures: int  # attempts that failed, as the balancer counts failures
+
+
+class ClusterView(TypedDict):
+    """One upstream cluster: a destination service's port and its endpoints."""
+
+    service: str  # destination_service FQDN
+    port: int
+    endpoints: list[EndpointView]
+    retries: int  # attempts retried
+    retry_budget_exhausted: int  # retries refused by the retry budget
+
+
+# What the daemon passes for /clusters: the L7 pools' current state, one entry per cluster
+# (ClusterView is the expected shape; any JSON-serializable mappings are shown as given).
+ClustersProvider = Callable[[], Sequence[Mapping[str, Any]]]
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, indent=2, default=str) + "\n", status=status,
                         content_type="application/json")
 
 
 class AdminServers:
-    def __init__(self, daemon: DaemonView):
+    def __init__(self, daemon: DaemonView, clusters: ClustersProvider | None = None):
         self._d = daemon
+        self._clusters = clusters
         self._runners: list[web.AppRunner] = []
 
     def _metrics(self, _request: web.Request) -> web.Response:
@@ -48,6 +78,26 @@ class AdminServers:
         if self._d.is_ready():
             return web.Response(text="ready\n")
         return web.Response(text="not ready\n", status=503)
+
+    async def _clusters_page(self, _request: web.Request) -> web.Response:
+        if self._clusters is None:
+            return _json([])
+        try:
+            clusters = [dict(c) for c in self._clusters()]
+        except Exception as e:  # the admin page must answer even if the provider breaks
+            log.exception("admin: the /clusters provider failed")
+            return _json({"error": f"{type(e).__name__}: {e}"}, 500)
+        return _json(clusters)
+
+    def admin_app(self) -> web.Application:
+        """The 127.0.0.1:15000 application (its own method so tests can serve it alone)."""
+        admin = web.Application()
+        admin.router.add_get("/ready", self._ready)
+        admin.router.add_get("/config_dump", lambda r: _json(self._d.config_dump()))
+        admin.router.add_get("/pods", lambda r: _json(self._d.pods_view()))
+        admin.router.add_get("/clusters", self._clusters_page)
+        admin.router.add_get("/metrics", self._metrics)
+        return admin
 
     async def _enroll(self, request: web.Request) -> web.Response:
         try:
@@ -68,11 +118,7 @@ class AdminServers:
 
     async def start(self, *, admin_address: str, admin_port: int, metrics_address: str,
                     metrics_port: int, readiness_port: int, control_socket: str) -> None:
-        admin = web.Application()
-        admin.router.add_get("/ready", self._ready)
-        admin.router.add_get("/config_dump", lambda r: _json(self._d.config_dump()))
-        admin.router.add_get("/pods", lambda r: _json(self._d.pods_view()))
-        admin.router.add_get("/metrics", self._metrics)
+        admin = self.admin_app()
 
         metrics = web.Application()
         metrics.router.add_get("/metrics", self._metrics)
