@@ -22,6 +22,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from pydantic import ValidationError
 
 from nodeproxy.admin.server import AdminServers
+from nodeproxy.http.access_log import AccessLog
+from nodeproxy.http.manager import HttpProxy
+from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.maps import CaptureMaps, NoKernelMaps, PodMaps
 from nodeproxy.capture.msg_redirect import MsgRedirect
@@ -43,6 +46,7 @@ from nodeproxy.proxy.balancer import RoundRobin
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
+from nodeproxy.proxy.upstream import Upstreams
 from nodeproxy.proxy.splice import SpliceMetrics, Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.identity_collector import IdentityCollector
@@ -135,7 +139,12 @@ class Daemon:
         self.enrollment: Enrollment | None = None
         self.proxy: OutboundProxy | None = None
         self.splicer: Splicer | None = None
-        self.admin = AdminServers(self)
+        self.request_metrics = RequestMetrics(self.registry)
+        self.access_log = AccessLog(self.config.http.access_log,
+                                    self.request_metrics.access_log_dropped)
+        self.http: HttpProxy | None = None
+        self.admin = AdminServers(
+            self, clusters=lambda: self.http.clusters_view() if self.http else [])
         self.started_at = time.time()
 
     # -- lifecycle -------------------------------------------------------
@@ -196,14 +205,21 @@ class Daemon:
                 tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics)
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
-        self.proxy = OutboundProxy(
+        upstreams = Upstreams(
             announcer=self.steering.announcer, metrics=self.metrics,
-            table=lambda: self._table, on_captured=self.steering.on_outbound,
             admitter=lambda: self._admitter,
             local_pod=lambda key: self.enrollment.pods.get(key) if self.enrollment else None,
-            pool=self.pool, tracker=self.tracker, splicer=self.splicer, node=cfg.node.name,
+            pool=self.pool, node=cfg.node.name, trust_domain=cfg.mesh.trust_domain,
+            connect_timeout=cfg.proxy.connect_timeout_seconds)
+        self.http = HttpProxy(upstreams=upstreams, metrics=self.request_metrics,
+                              admitter=lambda: self._admitter,
+                              trust_domain=cfg.mesh.trust_domain, access_log=self.access_log)
+        self.proxy = OutboundProxy(
+            upstreams=upstreams, http=self.http, metrics=self.metrics,
+            table=lambda: self._table, on_captured=self.steering.on_outbound,
+            tracker=self.tracker, splicer=self.splicer,
             trust_domain=cfg.mesh.trust_domain, port=cfg.proxy.outbound_port,
-            connect_timeout=cfg.proxy.connect_timeout_seconds, msg_redirect=self.msg_redirect)
+            msg_redirect=self.msg_redirect)
         inbound = InboundProxy(
             port=cfg.proxy.inbound_port, connect_timeout=cfg.proxy.connect_timeout_seconds,
             announcer=self.steering.announcer, admitter=lambda: self._admitter,
@@ -292,10 +308,13 @@ class Daemon:
             log.info("drained; %d connections were still open and were reset", reset)
             if self.pool is not None:
                 self.pool.close()
+            if self.http is not None:
+                self.http.close()
             await self.enrollment.unenroll_all("shutdown")
         for task in self._tasks:
             task.cancel()
         await self.admin.stop()
+        self.access_log.close()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.programs is not None:
@@ -547,6 +566,8 @@ class Daemon:
             config = config.model_copy(
                 update={"services": [*config.services, *self._discovered[1]]})
         self._table = DestinationTable(config, runtime, self._balancer)
+        if self.http is not None:
+            self.http.update(config, self._table)
         workloads = {w.key: w for w in config.workloads}
         workloads.update({w.key: w for w in runtime})
         self._admitter = Admitter(self.config, self._admission_metrics)

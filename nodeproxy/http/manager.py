@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nodeproxy.config.model import HttpSettings, NodeConfig, RetryPolicy, TrafficPolicy
-from nodeproxy.http.access_log import AccessLog, AccessLogEntry
+from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import make_balancer
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
 from nodeproxy.http.h2 import H2Server
@@ -42,7 +42,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
-from nodeproxy.http.metrics import RequestLabels, RequestMetrics
+from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
 from nodeproxy.http.pool import Endpoint, EndpointPool
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
@@ -59,7 +59,7 @@ from nodeproxy.proxy.destinations import (
 from nodeproxy.proxy.dial import relay_side
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class _Outcome:
     flags: list[str] = field(default_factory=list)
     attempts: int = 0
     status: int = 0
-    grpc_status: str = "-"
+    grpc_status: str = ""  # Istio leaves it empty for requests that are not gRPC
     endpoint: Endpoint | None = None
     destination: WorkloadRef | None = None
     service: str = UNKNOWN
@@ -190,8 +190,8 @@ class HttpProxy:
                 "service": service, "port": port, "family": f"ipv{version}",
                 "fqdn": cluster.entry.fqdn,
                 "retry_budget": cluster.budget.snapshot(),
-                "endpoints": [{"address": e.key, **e.stats.snapshot()}
-                              for e in cluster.endpoints],
+                "retry_budget_exhausted": cluster.budget.exhausted,
+                "endpoints": [_endpoint_view(e) for e in cluster.endpoints],
             })
         return view
 
@@ -218,12 +218,12 @@ class HttpProxy:
             await self._handle(context, exchange)
 
         def bad_request(protocol: str) -> Callable[[str], None]:
-            return lambda reason: self._metrics.bad_request(protocol, reason)
+            return lambda reason: self._metrics.count_bad_request(protocol, reason)
 
         if http2_client:
             h2_server = H2Server(handle, max_header_bytes=settings.max_header_bytes,
                                  on_protocol_error=lambda code, message:
-                                 self._metrics.bad_request("http/2", message),
+                                 self._metrics.count_bad_request("http/2", message),
                                  on_closed=connection.closed)
             h2_server.attach(transport, initial)
         else:
@@ -337,13 +337,14 @@ class HttpProxy:
             retry = (retriable and outcome.attempts <= policy.attempts and body.replayable
                      and not exchange.client_gone)
             if retry and budget is not None and not budget.try_retry():
-                self._metrics.retry_budget_exhausted(outcome.service)
+                self._metrics.count_budget_exhausted(outcome.service)
                 retry = False
             if not retry:
                 if retriable and outcome.attempts > 1:
                     outcome.flags.append("URX")  # retried and still failing
                 break
-            self._metrics.retry(outcome.service, last_error.flag if last_error else str(status))
+            self._metrics.count_retry(outcome.service,
+                                      last_error.flag if last_error else str(status))
             if response is not None:
                 _discard(response, connection)
             await asyncio.sleep(backoff_delay(outcome.attempts - 1, policy.backoff,
@@ -529,7 +530,7 @@ class HttpProxy:
         dest_principal = (spiffe_id(self._trust_domain, dest.namespace, dest.service_account)
                           if dest else UNKNOWN)
         request_bytes = exchange.body.received
-        labels = RequestLabels(
+        labels = RequestLabels.from_tcp(TcpLabels(
             reporter="source",
             source_workload=ctx.pod.ref.workload,
             source_workload_namespace=ctx.pod.workload.namespace,
@@ -538,20 +539,21 @@ class HttpProxy:
             destination_workload_namespace=dest.namespace if dest else UNKNOWN,
             destination_principal=dest_principal,
             destination_service=outcome.service,
-            request_protocol=head.protocol,
             connection_security_policy="mutual_tls" if dest else "none",
-        )
+        ), istio_request_protocol(head))
         self._metrics.observe(labels, code=outcome.status, grpc_status=outcome.grpc_status,
                               flags=outcome.flag_text, duration_s=duration,
                               request_bytes=request_bytes, response_bytes=outcome.bytes_sent)
         if self._access_log is not None and ctx.access_log:
-            self._access_log.write(AccessLogEntry.of(
-                start_time=started_at, head=head, status=outcome.status,
+            self._access_log.write(AccessLogEntry(
+                start_time=started_at, method=head.method, authority=head.authority,
+                path=head.path, protocol=head.protocol, status=outcome.status,
                 grpc_status=outcome.grpc_status, flags=outcome.flag_text,
                 bytes_received=request_bytes, bytes_sent=outcome.bytes_sent,
                 duration_ms=duration * 1000.0,
                 upstream_host=outcome.endpoint.key if outcome.endpoint else None,
                 attempts=outcome.attempts, request_id=request_id,
+                trace_id=trace_id(head.headers),
                 source_principal=ctx.pod.principal, source_workload=ctx.pod.ref.workload,
                 source_namespace=ctx.pod.workload.namespace,
                 destination_principal=dest_principal if dest else None,
@@ -567,6 +569,13 @@ class _Context:
     version: int  # the client's address family
     http2_upstream: bool
     access_log: bool
+
+
+def _endpoint_view(endpoint: Endpoint) -> dict[str, object]:
+    stats = endpoint.stats.snapshot()
+    return {"address": endpoint.key, "active_requests": stats["active"],
+            "latency_ewma_ms": stats["ewma_ms"], "requests": stats["requests"],
+            "failures": stats["failures"]}
 
 
 def _grpc_status(headers: Headers | None) -> int | None:

@@ -66,8 +66,9 @@ def should_retry(policy: model.RetryPolicy, method: str, *, flag: str | None,
     cancelled ... unavailable  grpc_status equals the code (GRPC_RETRY_ON)
     ======================  =================================================
 
-    A method outside IDEMPOTENT_METHODS (POST, PATCH, CONNECT, ...) is never retried
-    unless ``policy.non_idempotent`` is set, whatever the outcome.  Neither is anything
+    A method outside IDEMPOTENT_METHODS (POST, PATCH, CONNECT, ...) is retried only if
+    ``policy.non_idempotent`` is set, or when the upstream cannot have seen the request:
+    a connect failure (UF) or a refused stream, under connect-failure / refused-stream.  Neither is anything
     retried if ``policy.attempts`` is 0; counting attempts beyond that is the caller's.
     """
     if flag is not None and flag not in FLAGS:
@@ -75,7 +76,9 @@ def should_retry(policy: model.RetryPolicy, method: str, *, flag: str | None,
     if policy.attempts == 0:
         return False
     if method not in IDEMPOTENT_METHODS and not policy.non_idempotent:
-        return False
+        unseen = ("connect-failure" in policy.on and flag == CONNECT_FAILURE) or (
+            "refused-stream" in policy.on and refused_stream)
+        return unseen
     no_response = flag is not None or refused_stream
     for name in policy.on:
         if name == "connect-failure":

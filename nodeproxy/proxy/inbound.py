@@ -24,7 +24,7 @@ from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import DestinationTable
-from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent
+from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
@@ -91,7 +91,7 @@ class InboundProxy:
             return
         try:
             up = await dial_transparent(pod.netns, source_ip, dest_ip, port,
-                                        self._connect_timeout, self._announcer)
+                                        self._connect_timeout, self._announcer, relay_side())
         except (TimeoutError, OSError) as e:
             log.info("inbound %s -> %s:%d: connect failed: %s", source_ip, pod.key, port, e)
             reset(down.transport)

@@ -25,7 +25,7 @@ from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import DestinationTable
-from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent
+from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.proxy.relay import Relay, Side
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
@@ -197,7 +197,7 @@ class HboneServer:
             return
         try:
             up = await dial_transparent(pod.netns, source_ip, ip, port, self._connect_timeout,
-                                        self._announcer)
+                                        self._announcer, relay_side())
         except (TimeoutError, OSError) as e:
             self._stream_refused(session, stream, 503, "connect_failed",
                                  f"{ip}:{port}: {e}")
