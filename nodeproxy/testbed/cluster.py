@@ -154,6 +154,8 @@ class Service:
     port: int
     target_port: int
     selector: dict[str, str]
+    app_protocol: str | None = None
+    traffic_policy: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -175,13 +177,20 @@ class Service:
         return f"[{vip}]:{self.port}" if family == 6 else f"{vip}:{self.port}"
 
     def config(self) -> dict[str, Any]:
-        return {
+        port: dict[str, Any] = {"port": self.port, "targetPort": self.target_port,
+                                "name": self.app_protocol or "tcp"}
+        if self.app_protocol:
+            port["appProtocol"] = self.app_protocol
+        config: dict[str, Any] = {
             "name": self.name,
             "namespace": self.namespace,
             "vips": list(self.vips),
-            "ports": [{"port": self.port, "targetPort": self.target_port, "name": "tcp"}],
+            "ports": [port],
             "selector": dict(self.selector),
         }
+        if self.traffic_policy:
+            config["trafficPolicy"] = self.traffic_policy
+        return config
 
 
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -637,8 +646,10 @@ class Cluster:
 
     def add_service(self, name: str, namespace: str = "default", vip4: str | None = None,
                     vip6: str | None = None, port: int = 80, target_port: int | None = None,
-                    selector: Mapping[str, str] | None = None) -> Service:
-        """A service; VIPs default to the next free ones in the VIP ranges, selector to app=name."""
+                    selector: Mapping[str, str] | None = None, app_protocol: str | None = None,
+                    traffic_policy: Mapping[str, Any] | None = None) -> Service:
+        """A service; VIPs default to the next free ones in the VIP ranges, selector to app=name;
+        app_protocol and traffic_policy as the node YAML has them (None: not set)."""
         n = len(self.services)
         vip4 = vip4 or str(ipaddress.ip_network(VIP_RANGE4)[10 + n])
         vip6 = vip6 or str(ipaddress.ip_network(VIP_RANGE6)[10 + n])
@@ -647,7 +658,9 @@ class Cluster:
                 raise ValueError(f"VIP {vip} is outside {vip_range} (blackholed on nodes)")
         service = Service(name=name, namespace=namespace, vips=[vip4, vip6], port=port,
                           target_port=target_port or port,
-                          selector=dict(selector or {"app": name}))
+                          selector=dict(selector or {"app": name}),
+                          app_protocol=app_protocol,
+                          traffic_policy=dict(traffic_policy) if traffic_policy else None)
         self.services[service.key] = service
         return service
 
