@@ -22,9 +22,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from pydantic import ValidationError
 
 from nodeproxy.admin.server import AdminServers
-from nodeproxy.http.access_log import AccessLog
-from nodeproxy.http.manager import HttpProxy
-from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.maps import CaptureMaps, NoKernelMaps, PodMaps
 from nodeproxy.capture.msg_redirect import MsgRedirect
@@ -36,6 +33,9 @@ from nodeproxy.config.changes import local_workload_changes, restart_only_change
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
 from nodeproxy.config.model import Service, Workload
 from nodeproxy.discovery.state import DiscoveredState
+from nodeproxy.http.access_log import AccessLog
+from nodeproxy.http.manager import HttpProxy
+from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
@@ -46,9 +46,9 @@ from nodeproxy.proxy.balancer import RoundRobin
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
-from nodeproxy.proxy.upstream import Upstreams
 from nodeproxy.proxy.splice import SpliceMetrics, Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.proxy.upstream import Upstreams
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics

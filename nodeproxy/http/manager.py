@@ -221,10 +221,11 @@ class HttpProxy:
             return lambda reason: self._metrics.count_bad_request(protocol, reason)
 
         if http2_client:
-            h2_server = H2Server(handle, max_header_bytes=settings.max_header_bytes,
-                                 on_protocol_error=lambda code, message:
-                                 self._metrics.count_bad_request("http/2", message),
-                                 on_closed=connection.closed)
+            h2_server = _ClientH2Server(
+                handle, max_header_bytes=settings.max_header_bytes,
+                on_protocol_error=lambda code, message:
+                self._metrics.count_bad_request("http/2", message))
+            h2_server.on_closed = connection.closed
             h2_server.attach(transport, initial)
         else:
             h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
@@ -560,6 +561,17 @@ class HttpProxy:
                 destination_workload=dest.workload if dest else None,
                 destination_namespace=dest.namespace if dest else None,
                 destination_service=outcome.service))
+
+
+class _ClientH2Server(H2Server):
+    """An HTTP/2 client connection that tells its tracker when it ends."""
+
+    on_closed: Callable[[], None] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.on_closed is not None:
+            self.on_closed()
 
 
 @dataclass(frozen=True)

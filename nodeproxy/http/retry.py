@@ -68,8 +68,8 @@ def should_retry(policy: model.RetryPolicy, method: str, *, flag: str | None,
 
     A method outside IDEMPOTENT_METHODS (POST, PATCH, CONNECT, ...) is retried only if
     ``policy.non_idempotent`` is set, or when the upstream cannot have seen the request:
-    a connect failure (UF) or a refused stream, under connect-failure / refused-stream.  Neither is anything
-    retried if ``policy.attempts`` is 0; counting attempts beyond that is the caller's.
+    a connect failure (UF) or a refused stream, under connect-failure / refused-stream.
+    Nothing is retried if ``policy.attempts`` is 0; counting attempts beyond that is the caller's.
     """
     if flag is not None and flag not in FLAGS:
         raise ValueError(f"unknown response flag {flag!r}")
