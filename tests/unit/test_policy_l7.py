@@ -5,12 +5,32 @@ compiler leaving those rules to the proxy."""
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from nodeproxy.config import ConfigError, parse_config
 from nodeproxy.config.model import Condition, NodeConfig, Operation
-from tests.unit.test_policy import HEAD, config_with
+from nodeproxy.http.message import RequestHead
+from nodeproxy.policy import (
+    L7_CHECKED_UPSTREAM,
+    ConnectionAttributes,
+    DestinationWorkload,
+    RequestAttributes,
+)
+from nodeproxy.policy.authorization import normalize_path
+from tests.unit.test_policy import (
+    FRONTEND,
+    HEAD,
+    WEB,
+    allow,
+    attrs,
+    authorizer,
+    config_with,
+    deny,
+    src,
+)
 
 # --- the model ---------------------------------------------------------------------------------
 
@@ -136,3 +156,244 @@ def test_l7_policy_config_round_trips() -> None:
                             {"key": "destination.port", "values": ["80"]}]}]}])
     assert NodeConfig.model_validate(config.model_dump(by_alias=True)) == config
     assert NodeConfig.model_validate_json(config.model_dump_json(by_alias=True)) == config
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def req(method: str = "GET", path: str = "/", host: str = "web.shop:8080",
+        **headers: str) -> RequestAttributes:
+    return RequestAttributes(method, path, host,
+                             {k.replace("_", "-"): v for k, v in headers.items()})
+
+
+def op(**operation: Any) -> dict[str, Any]:
+    return {"to": [{"operation": operation}]}
+
+
+def when(*conditions: dict[str, Any]) -> dict[str, Any]:
+    return {"when": list(conditions)}
+
+
+@dataclass(frozen=True)
+class L7Case:
+    id: str
+    policies: tuple[dict[str, Any], ...]
+    request: RequestAttributes
+    allowed: bool
+    policy: str | None
+    conn: ConnectionAttributes = attrs()
+
+
+CART = "spiffe://cluster.local/ns/shop/sa/cart"
+
+L7_CASES = [
+    # methods: exact, case-sensitive
+    L7Case("method", (allow(op(methods=["GET", "HEAD"])),), req("GET"), True, "shop/p"),
+    L7Case("method-miss", (allow(op(methods=["GET"])),), req("POST"), False, None),
+    L7Case("method-case", (allow(op(methods=["GET"])),), req("get"), False, None),
+    L7Case("not-methods", (deny(op(notMethods=["GET", "HEAD"])),), req("DELETE"), False,
+           "shop/d"),
+    L7Case("not-methods-spares", (deny(op(notMethods=["GET"])),), req("GET"), True, None),
+    # paths: exact, prefix, suffix, presence; the query string is not part of the path
+    L7Case("path-exact", (allow(op(paths=["/info"])),), req(path="/info"), True, "shop/p"),
+    L7Case("path-exact-query", (allow(op(paths=["/info"])),), req(path="/info?x=1#f"), True,
+           "shop/p"),
+    L7Case("path-exact-miss", (allow(op(paths=["/info"])),), req(path="/info/x"), False, None),
+    L7Case("path-prefix", (allow(op(paths=["/api/*"])),), req(path="/api/v1/items"), True,
+           "shop/p"),
+    L7Case("path-prefix-miss", (allow(op(paths=["/api/*"])),), req(path="/apis"), False, None),
+    L7Case("path-suffix", (allow(op(paths=["*.css"])),), req(path="/s/site.css?v=2"), True,
+           "shop/p"),
+    L7Case("path-suffix-miss", (allow(op(paths=["*.css"])),), req(path="/site.css.map"), False,
+           None),
+    L7Case("path-presence", (allow(op(paths=["*"])),), req(path="/"), True, "shop/p"),
+    L7Case("not-paths", (deny(op(notPaths=["/public/*"])),), req(path="/private"), False,
+           "shop/d"),
+    L7Case("not-paths-spares", (deny(op(notPaths=["/public/*"])),), req(path="/public/a"),
+           True, None),
+    # paths are normalized first: a DENY on /admin is not bypassed by dots or escapes
+    L7Case("path-dot-segments", (deny(op(paths=["/admin*"])),), req(path="/public/../admin"),
+           False, "shop/d"),
+    L7Case("path-escaped-unreserved", (deny(op(paths=["/admin*"])),), req(path="/%61dmin/x"),
+           False, "shop/d"),
+    L7Case("path-escaped-dot", (deny(op(paths=["/admin"])),), req(path="/x/%2e%2e/admin"),
+           False, "shop/d"),
+    L7Case("path-escaped-slash-kept", (deny(op(paths=["/a/b"])),), req(path="/a%2fb"), True,
+           None),
+    # hosts: case-insensitive, the Host header as sent (port included, as in Istio)
+    L7Case("host-exact", (allow(op(hosts=["web.shop"])),), req(host="Web.Shop"), True,
+           "shop/p"),
+    L7Case("host-exact-port", (allow(op(hosts=["web.shop"])),), req(host="web.shop:8080"),
+           False, None),
+    L7Case("host-prefix-port", (allow(op(hosts=["web.shop:*"])),), req(host="web.shop:8080"),
+           True, "shop/p"),
+    L7Case("host-suffix", (allow(op(hosts=["*.Example.com"])),), req(host="a.example.COM"),
+           True, "shop/p"),
+    L7Case("not-hosts", (deny(op(notHosts=["web.shop", "web.shop:*"])),), req(host="evil"),
+           False, "shop/d"),
+    L7Case("not-hosts-spares", (deny(op(notHosts=["web.shop:*"])),), req(host="WEB.shop:80"),
+           True, None),
+    # ports and HTTP fields in one operation: all must match; operations are OR'ed
+    L7Case("port-and-method", (allow(op(ports=["8080"], methods=["GET"])),), req("GET"), True,
+           "shop/p"),
+    L7Case("port-and-method-wrong-port", (allow(op(ports=["9090"], methods=["GET"])),),
+           req("GET"), False, None),
+    L7Case("operations-or", (allow({"to": [{"operation": {"methods": ["POST"]}},
+                                           {"operation": {"paths": ["/x"]}}]}),),
+           req("GET", "/x"), True, "shop/p"),
+    # request headers: name case-insensitive, values are string matches
+    L7Case("header", (allow(when({"key": "request.headers[X-Token]", "values": ["abc*"]})),),
+           req(x_token="abcdef"), True, "shop/p"),
+    L7Case("header-mapping-case", (allow(when({"key": "request.headers[x-token]",
+                                                "values": ["abc"]})),),
+           RequestAttributes("GET", "/", "h", {"X-Token": "abc"}), True, "shop/p"),
+    L7Case("header-miss", (allow(when({"key": "request.headers[x-token]", "values": ["a"]})),),
+           req(x_token="b"), False, None),
+    L7Case("header-absent", (allow(when({"key": "request.headers[x-token]", "values": ["*"]})),),
+           req(), False, None),
+    L7Case("header-not-values", (deny(when({"key": "request.headers[user-agent]",
+                                            "notValues": ["curl/*"]})),),
+           req(user_agent="wget"), False, "shop/d"),
+    L7Case("header-not-values-absent", (deny(when({"key": "request.headers[x-a]",
+                                                   "notValues": ["1"]})),),
+           req(), False, "shop/d"),
+    L7Case("header-values-and-not-values",
+           (allow(when({"key": "request.headers[x-env]", "values": ["prod-*"],
+                        "notValues": ["prod-eu"]})),),
+           req(x_env="prod-eu"), False, None),
+    L7Case("header-callable", (allow(when({"key": "request.headers[x-a]", "values": ["1"]})),),
+           RequestAttributes("GET", "/", "h", {"x-a": "1"}.get), True, "shop/p"),
+    # L4 conditions
+    L7Case("cond-source-ip", (allow(when({"key": "source.ip", "values": ["10.244.1.0/24"]})),),
+           req(), True, "shop/p"),
+    L7Case("cond-source-ip-not", (allow(when({"key": "source.ip",
+                                              "notValues": ["10.244.1.10"]})),),
+           req(), False, None),
+    L7Case("cond-namespace", (allow(when({"key": "source.namespace", "values": ["sh*"]})),),
+           req(), True, "shop/p"),
+    L7Case("cond-principal", (allow(when({"key": "source.principal", "values": [FRONTEND]})),),
+           req(), True, "shop/p"),
+    L7Case("cond-principal-plaintext", (allow(when({"key": "source.principal",
+                                                    "values": ["*"]})),),
+           req(), False, None, attrs(principal=None, namespace=None)),
+    L7Case("cond-port", (deny(when({"key": "destination.port", "values": ["8080"]})),), req(),
+           False, "shop/d"),
+    L7Case("cond-port-not", (deny(when({"key": "destination.port", "notValues": ["8080"]})),),
+           req(), True, None),
+    # combined with principals: every part of a rule must match
+    L7Case("principal-and-method", (allow({**src(principals=[FRONTEND]),
+                                          **op(methods=["GET"])}),), req("GET"), True, "shop/p"),
+    L7Case("principal-and-method-other-source",
+           (allow({**src(principals=[FRONTEND]), **op(methods=["GET"])}),), req("GET"), False,
+           None, attrs(principal=CART)),
+    L7Case("deny-principal-and-path",
+           (allow({}), deny({**src(principals=[CART]), **op(paths=["/admin*"])})),
+           req(path="/admin/users"), False, "shop/d", attrs(principal=CART)),
+    L7Case("deny-principal-and-path-other-source",
+           (allow({}), deny({**src(principals=[CART]), **op(paths=["/admin*"])})),
+           req(path="/admin/users"), True, "shop/p"),
+    L7Case("deny-wins", (allow(op(methods=["GET"])), deny(op(paths=["/secret"]))),
+           req("GET", "/secret"), False, "shop/d"),
+]
+
+
+@pytest.mark.parametrize("case", L7_CASES, ids=[c.id for c in L7_CASES])
+def test_l7_authorization_table(case: L7Case) -> None:
+    az = authorizer(*case.policies)
+    decision = az.decide(WEB, case.conn, case.request)
+    assert (decision.allowed, decision.policy) == (case.allowed, case.policy), decision.reason
+
+
+def test_request_attributes_of_a_request_head() -> None:
+    head = RequestHead("GET", "/a?b", "Web.Shop", [("x-a", "1"), ("x-a", "2"), ("y", "3")])
+    attributes = RequestAttributes.of(head)
+    assert (attributes.method, attributes.path, attributes.host) == ("GET", "/a?b", "Web.Shop")
+    assert attributes.header("x-a") == "1,2" and attributes.header("z") is None
+    az = authorizer(allow(when({"key": "request.headers[X-A]", "values": ["1,2"]})))
+    assert az.decide(WEB, attrs(), attributes).allowed
+
+
+@pytest.mark.parametrize(("raw", "normalized"), [
+    ("/", "/"), ("/a/b", "/a/b"), ("/a/./b", "/a/b"), ("/a/b/../c", "/a/c"), ("/..", "/"),
+    ("/a/..", "/"), ("/a/.", "/a/"), ("/a//b", "/a//b"), ("/a?x=/../b", "/a"),
+    ("/%7euser/%41", "/~user/A"), ("/a%2fb", "/a%2Fb"), ("/a%2E%2E/b", "/a../b"),
+    ("/x/%2E%2E/y", "/y"), ("*", "*"), ("/a#frag", "/a"), ("/.hidden", "/.hidden"),
+])
+def test_normalize_path(raw: str, normalized: str) -> None:
+    assert normalize_path(raw) == normalized
+
+
+# --- rules on HTTP judged without the requests -------------------------------------------------
+
+
+L4 = None  # decide(..., request=None): a connection whose requests the proxy does not see
+
+
+def test_l4_allow_rule_with_http_fields_does_not_match() -> None:
+    az = authorizer(allow({**src(principals=[FRONTEND]), **op(methods=["GET"])}))
+    decision = az.decide(WEB, attrs(), L4)
+    assert (decision.allowed, decision.policy) == (False, None)
+    assert "rules on HTTP requests" in decision.reason
+    # An L4-only rule of the same policy still matches.
+    az = authorizer(allow(op(methods=["GET"]), src(principals=[FRONTEND])))
+    assert az.decide(WEB, attrs(), L4).policy == "shop/p"
+    # A header condition makes a rule L7 just as an operation field does.
+    az = authorizer(allow(when({"key": "request.headers[x-a]", "values": ["1"]})))
+    assert not az.decide(WEB, attrs(), L4).allowed
+
+
+def test_l4_deny_rule_with_http_fields_matches_on_its_other_parts() -> None:
+    az = authorizer(allow({}), deny({**src(principals=[CART]), **op(ports=["8080"],
+                                                                      paths=["/admin*"])}))
+    denied = az.decide(WEB, attrs(principal=CART), L4)
+    assert (denied.allowed, denied.policy) == (False, "shop/d")
+    assert "applied to the whole connection" in denied.reason
+    # Its L4 parts still decide whom it denies: another source, another port.
+    assert az.decide(WEB, attrs(), L4).allowed
+    assert az.decide(WEB, attrs(principal=CART, port=9090), L4).allowed
+    # A header condition counts as matched too; the L4 conditions are still evaluated.
+    az = authorizer(deny(when({"key": "request.headers[x-a]", "values": ["1"]},
+                              {"key": "source.namespace", "values": ["other"]})))
+    assert az.decide(WEB, attrs(namespace="other"), L4).policy == "shop/d"
+    assert az.decide(WEB, attrs(), L4).allowed
+
+
+def test_l7_checked_upstream() -> None:
+    rules = (allow({**src(principals=[FRONTEND]), **op(methods=["GET"])}),
+             deny({**src(principals=[FRONTEND]), **op(paths=["/admin*"])}, name="d"),
+             deny(op(ports=["22"]), name="e"))
+    az = authorizer(*rules)
+    # The per-request check at the source applied the HTTP parts: the stream is allowed by
+    # the ALLOW rule's other parts, and the L7 DENY rule does not match the stream.
+    allowed = az.decide(WEB, attrs(), L7_CHECKED_UPSTREAM)
+    assert (allowed.allowed, allowed.policy) == (True, "shop/p")
+    # The other parts of every rule still hold: sources, ports, L4-only DENY rules.
+    assert not az.decide(WEB, attrs(principal=CART), L7_CHECKED_UPSTREAM).allowed
+    assert az.decide(WEB, attrs(port=22), L7_CHECKED_UPSTREAM).policy == "shop/e"
+    # Unmarked, the same stream fails closed.
+    assert az.decide(WEB, attrs(), L4).policy == "shop/d"
+    # Header conditions too.
+    az = authorizer(allow(when({"key": "request.headers[x-a]", "values": ["1"]},
+                               {"key": "source.namespace", "values": ["shop"]})))
+    assert az.decide(WEB, attrs(), L7_CHECKED_UPSTREAM).allowed
+    assert not az.decide(WEB, attrs(namespace="other"), L7_CHECKED_UPSTREAM).allowed
+
+
+def test_l4_only_policies_ignore_the_mode() -> None:
+    az = authorizer(allow(src(principals=[FRONTEND])), deny(op(ports=["22"])))
+    for request in (L4, L7_CHECKED_UPSTREAM, req()):
+        assert az.decide(WEB, attrs(), request).policy == "shop/p"
+        assert az.decide(WEB, attrs(port=22), request).policy == "shop/d"
+        assert not az.decide(WEB, attrs(principal=CART), request).allowed
+
+
+def test_has_l7_rules_per_destination() -> None:
+    az = authorizer(allow(op(paths=["/a"]), selector={"app": "web"}),
+                    deny(op(ports=["22"]), name="e"),
+                    deny(when({"key": "request.headers[x]", "values": ["1"]}), name="f",
+                         namespace="other"))
+    assert az.has_l7_rules(WEB)
+    assert not az.has_l7_rules(DestinationWorkload("shop", {"app": "db"}))
+    assert az.has_l7_rules(DestinationWorkload("other", {}))
+    assert not az.has_l7_rules(DestinationWorkload("third", {}))
