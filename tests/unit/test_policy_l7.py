@@ -29,6 +29,7 @@ from tests.unit.test_policy import (
     authorizer,
     config_with,
     deny,
+    kernel_denies,
     src,
 )
 
@@ -397,3 +398,41 @@ def test_has_l7_rules_per_destination() -> None:
     assert not az.has_l7_rules(DestinationWorkload("shop", {"app": "db"}))
     assert az.has_l7_rules(DestinationWorkload("other", {}))
     assert not az.has_l7_rules(DestinationWorkload("third", {}))
+
+
+# --- kernel denies -----------------------------------------------------------------------------
+
+
+def test_kernel_never_compiles_rules_on_http() -> None:
+    block = src(ipBlocks=["10.244.1.0/24"])
+    for http in ({"methods": ["POST"]}, {"notMethods": ["GET"]}, {"paths": ["/admin"]},
+                 {"notPaths": ["/"]}, {"hosts": ["x"]}, {"notHosts": ["x"]}):
+        named, compiled = kernel_denies(
+            deny({**block, **op(ports=["8080"], **http)}, selector={"app": "web"}))
+        assert named == set() and compiled.policy_names == [], http
+    named, _ = kernel_denies(deny({**block, **op(ports=["8080"]),
+                                   **when({"key": "request.headers[x-a]", "values": ["1"]})},
+                                  selector={"app": "web"}))
+    assert named == set()
+    # The same rule without its HTTP part compiles (the fixture is sound).
+    named, _ = kernel_denies(deny({**block, **op(ports=["8080"])}, selector={"app": "web"}))
+    assert (1, "10.244.2.20", 8080, "shop/d") in named
+
+
+def test_kernel_conditions() -> None:
+    block = src(ipBlocks=["10.244.1.0/24"])
+    # Identity conditions leave the policy to the proxy.
+    named, _ = kernel_denies(deny({**op(ports=["8080"]),
+                                   **when({"key": "source.namespace", "values": ["shop"]})}))
+    assert named == set()
+    # source.ip conditions narrow the sources, destination.port conditions the ports.
+    named, _ = kernel_denies(deny({**op(ports=["8080", "9000"]),
+                                   **when({"key": "source.ip", "notValues": ["10.244.3.0/24"]},
+                                          {"key": "destination.port", "values": ["9000"]})},
+                                  selector={"app": "web"}))
+    assert {(pod, port) for pod, _, port, _ in named} == {(1, 9000)}
+    # Unchanged when the conditions accept everything the rule names.
+    named, _ = kernel_denies(deny({**block, **op(ports=["8080"]),
+                                   **when({"key": "destination.port", "notValues": ["22"]})},
+                                  selector={"app": "web"}))
+    assert (1, "10.244.2.20", 8080, "shop/d") in named
