@@ -4,14 +4,17 @@ compiler leaving those rules to the proxy."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import textwrap
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from nodeproxy.config import ConfigError, parse_config
-from nodeproxy.config.model import Condition, NodeConfig, Operation
+from nodeproxy.config.model import Condition, NodeConfig, Operation, Workload
 from nodeproxy.http.message import RequestHead
 from nodeproxy.policy import (
     L7_CHECKED_UPSTREAM,
@@ -20,6 +23,7 @@ from nodeproxy.policy import (
     RequestAttributes,
 )
 from nodeproxy.policy.authorization import normalize_path
+from nodeproxy.proxy.admission import AdmissionMetrics, Admitter
 from tests.unit.test_policy import (
     FRONTEND,
     HEAD,
@@ -436,3 +440,73 @@ def test_kernel_conditions() -> None:
                                    **when({"key": "destination.port", "notValues": ["22"]})},
                                   selector={"app": "web"}))
     assert (1, "10.244.2.20", 8080, "shop/d") in named
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+
+def admitter(*policies: dict[str, Any]) -> tuple[Admitter, CollectorRegistry, Workload]:
+    config = config_with(
+        workloads=[{"name": "web", "namespace": "shop", "node": "node-b",
+                    "labels": {"app": "web", "tier": "front"}, "ips": ["10.244.2.20"]}],
+        authorization_policies=list(policies))
+    registry = CollectorRegistry()
+    return Admitter(config, AdmissionMetrics(registry)), registry, config.workloads[0]
+
+
+def decisions(registry: CollectorRegistry, policy: str, action: str, result: str) -> float:
+    value = registry.get_sample_value("nodeproxy_authorization_decisions_total",
+                                      {"policy": policy, "action": action, "result": result})
+    return value or 0.0
+
+
+SOURCE_IP = ipaddress.ip_address("10.244.1.10")
+
+
+def test_admit_request_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    adm, registry, web = admitter(allow({**src(principals=[FRONTEND]), **op(methods=["GET"])}),
+                                  deny(op(paths=["/admin*"])))
+    ok = adm.admit_request(web, FRONTEND, SOURCE_IP, 8080, req("GET", "/a"))
+    assert (ok.allowed, ok.policy) == (True, "shop/p")
+    assert decisions(registry, "shop/p", "ALLOW", "allowed") == 1
+    caplog.set_level(logging.DEBUG, "nodeproxy.proxy.admission")
+    for _ in range(3):
+        denied = adm.admit_request(web, FRONTEND, SOURCE_IP, 8080, req("GET", "/admin\n"))
+        assert (denied.allowed, denied.policy) == (False, "shop/d")
+    assert decisions(registry, "shop/d", "DENY", "denied") == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # rate-limited; the rest at debug
+    message = warnings[0].getMessage()
+    assert FRONTEND in message and "shop/web:8080" in message and "GET /admin\\n" in message
+    assert "shop/d" in message
+    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 2
+    unmatched = adm.admit_request(web, FRONTEND, SOURCE_IP, 8080, req("POST", "/a"))
+    assert (unmatched.allowed, unmatched.policy) == (False, "")
+    assert decisions(registry, "", "ALLOW", "denied") == 1
+
+
+def test_admit_with_and_without_l7_checked() -> None:
+    adm, registry, web = admitter(allow({**src(principals=[FRONTEND]), **op(methods=["GET"])}))
+    assert adm.authorizer.has_l7_rules(DestinationWorkload.of(web))
+    assert not adm.admit(web, FRONTEND, SOURCE_IP, 8080).allowed  # fails closed
+    marked = adm.admit(web, FRONTEND, SOURCE_IP, 8080, l7_checked=True)
+    assert (marked.allowed, marked.policy) == (True, "shop/p")
+    assert not adm.admit(web, CART, SOURCE_IP, 8080, l7_checked=True).allowed
+    assert decisions(registry, "", "ALLOW", "denied") == 2
+    assert decisions(registry, "shop/p", "ALLOW", "allowed") == 1
+
+
+def test_request_denial_log_warns_again_after_the_interval(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodeproxy.proxy import admission
+
+    now = [100.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
+    denials = admission._RequestDenialLog(interval=10)
+    caplog.set_level(logging.WARNING, "nodeproxy.proxy.admission")
+    for t in (100.0, 101.0, 102.0, 111.0):
+        now[0] = t
+        denials.denied(("shop/web", "shop/d"), "denied %s", "x")
+    denials.denied(("shop/web", "shop/e"), "denied %s", "y")  # another policy: its own limit
+    assert [r.getMessage() for r in caplog.records] == [
+        "denied x", "denied x (and 2 more denied by it since the last warning)", "denied y"]
