@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -384,8 +385,21 @@ def _port_string(value: object) -> object:
     return str(int(text))
 
 
+_METHOD = re.compile(r"^[!#$%&'+.^_`|~0-9A-Z-]+$")
+
+
+def _method(value: str) -> str:
+    """An HTTP method token, matched exactly: upper-case, no wildcards (Istio's methods)."""
+    if not _METHOD.match(value):
+        hint = f" (did you mean {value.upper()!r}?)" if _METHOD.match(value.upper()) else ""
+        raise ValueError(f"{value!r} is not an HTTP method: methods match exactly and are "
+                         f"upper-case tokens such as 'GET'{hint}")
+    return value
+
+
 MatchValue = Annotated[str, AfterValidator(_match_value)]
 PortString = Annotated[str, BeforeValidator(_port_string)]
+MethodName = Annotated[str, AfterValidator(_method)]
 
 
 class PeerAuthentication(Model):
@@ -436,16 +450,36 @@ class From(Model):
 
 
 class Operation(Model):
-    """What is connected to: the destination port (strings, as Istio writes them)."""
+    """What is requested.  Every field present must match; within a field any value does.
 
+    ``ports`` apply to every connection; ``hosts``, ``methods`` and ``paths`` (and their
+    ``not`` forms) are HTTP attributes, known only when the proxy sees the requests (see
+    nodeproxy.policy.authorization for how a connection without HTTP is judged).  Hosts and
+    paths are Istio string matches; methods are exact, case-sensitive method tokens.
+    """
+
+    hosts: list[MatchValue] | None = None
+    not_hosts: list[MatchValue] | None = None
     ports: list[PortString] | None = None
     not_ports: list[PortString] | None = None
+    methods: list[MethodName] | None = None
+    not_methods: list[MethodName] | None = None
+    paths: list[MatchValue] | None = None
+    not_paths: list[MatchValue] | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> Operation:
-        if not (self.ports or self.not_ports):
-            raise ValueError("an operation must set ports or notPorts")
+        if not any(getattr(self, name) for name in type(self).model_fields):
+            raise ValueError(
+                "an operation must set at least one of hosts, notHosts, ports, notPorts, "
+                "methods, notMethods, paths, notPaths"
+            )
         return self
+
+    @property
+    def uses_l7(self) -> bool:
+        return any((self.hosts, self.not_hosts, self.methods, self.not_methods, self.paths,
+                    self.not_paths))
 
 
 class To(Model):
@@ -458,17 +492,98 @@ def _non_empty_list(value: list[object] | None) -> list[object] | None:
     return value
 
 
+# `when` condition keys: the attribute a condition reads, and how its values are written.
+CONDITION_KEYS = ("request.headers[<name>]", "source.ip", "source.namespace",
+                  "source.principal", "destination.port")
+_HEADER_KEY = re.compile(r"^request\.headers\[(.*)\]$")
+
+
+def condition_header(key: str) -> str | None:
+    """The (lowercase) header name of a ``request.headers[<name>]`` key, else None."""
+    match = _HEADER_KEY.match(key)
+    return match.group(1).lower() if match else None
+
+
+def _condition_key(value: str) -> str:
+    header = _HEADER_KEY.match(value)
+    if header is not None:
+        _header_name(header.group(1))  # raises with the header's name
+        return value
+    if value not in CONDITION_KEYS:
+        raise ValueError(f"unknown condition key {value!r} (supported: "
+                         f"{', '.join(CONDITION_KEYS)})")
+    return value
+
+
+def _condition_values(values: list[str] | None, key: str | None) -> list[str] | None:
+    """Check each value the way the key reads it: CIDR, port or Istio string match."""
+    if not values or key is None:
+        return values
+    if key == "source.ip":
+        for value in values:
+            _ip_network(value)
+        return values
+    if key == "destination.port":
+        return [str(_port_string(value)) for value in values]
+    return [_match_value(value) for value in values]
+
+
+def _number_as_string(value: object) -> object:
+    """A YAML number where a string is expected (destination.port values: [80])."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+ConditionValue = Annotated[str, BeforeValidator(_number_as_string)]
+
+
+class Condition(Model):
+    """One ``when`` entry: the attribute named by key must match one of values (if set) and
+    none of notValues (if set).  source.ip values are addresses or CIDRs, destination.port
+    values port numbers, the others Istio string matches."""
+
+    key: str
+    values: list[ConditionValue] | None = None
+    not_values: list[ConditionValue] | None = None
+
+    _key = field_validator("key")(_condition_key)
+
+    @field_validator("values", "not_values")
+    @classmethod
+    def _values(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return _condition_values(value, info.data.get("key"))
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Condition:
+        if not (self.values or self.not_values):
+            raise ValueError("a condition must set values or notValues")
+        return self
+
+    @property
+    def uses_l7(self) -> bool:
+        return condition_header(self.key) is not None
+
+
 class Rule(Model):
-    """Matches if any `from` matches and any `to` matches; an absent list matches anything."""
+    """Matches if any `from` matches, any `to` matches and every `when` condition matches;
+    an absent list matches anything."""
 
     from_: list[From] | None = Field(default=None, alias="from")
     to: list[To] | None = None
+    when: list[Condition] | None = None
 
-    _lists = field_validator("from_", "to")(_non_empty_list)
+    _lists = field_validator("from_", "to", "when")(_non_empty_list)
+
+    @property
+    def uses_l7(self) -> bool:
+        """True if matching needs an HTTP request: an L7 operation field or header condition."""
+        return (any(t.operation.uses_l7 for t in self.to or ())
+                or any(c.uses_l7 for c in self.when or ()))
 
 
 class AuthorizationPolicy(Model):
-    """Istio's AuthorizationPolicy, L4 subset.
+    """Istio's AuthorizationPolicy: sources, ports, HTTP operations and conditions.
 
     No namespace: mesh-wide.  A selector narrows it to workloads whose labels
     contain it.  No rules: ALLOW matches nothing (so it denies everything it

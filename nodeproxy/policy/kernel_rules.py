@@ -8,16 +8,23 @@ peer's identity.  So only this is compiled:
 * DENY policies only (a DENY always wins; ALLOW policies could at most add an allow, which
   the kernel has no way to express, so they never compile).
 * Only policies whose every rule depends on nothing but ``ipBlocks``/``notIpBlocks`` in its
-  sources and ``ports``/``notPorts`` in its operations.  A policy that mentions principals
-  or namespaces anywhere is left entirely to the proxy, which knows verified identities.
+  sources, ``ports``/``notPorts`` in its operations and ``source.ip``/``destination.port``
+  conditions.  A policy that mentions principals or namespaces anywhere (sources or
+  conditions) is left entirely to the proxy, which knows verified identities.
+* Never a policy with a rule that uses L7 (HTTP hosts, methods or paths, or a header
+  condition).  The proxy denies a connection by such a rule only when it cannot see the
+  requests; when it can (or the source node checked them), it authorizes each request, so a
+  connect()-time deny would block requests the policy allows.
 * Per rule, only the ports it names explicitly in ``ports`` (minus that operation's own
-  ``notPorts``).  A rule without ``to``, and an operation with only ``notPorts``, match ports
-  that cannot be enumerated: those are left to the proxy.
-* Per local source pod, the rule's source conditions are evaluated on the pod's own IPs of
-  the destination's address family (a connection to an IPv4 address leaves from the pod's
-  IPv4 address).  The rule compiles for that pod and family only if every such IP matches
-  the same way; if the pod's IPs disagree, or it has none of that family, nothing compiles.
-  This assumes a pod's connections leave from the addresses listed for it.
+  ``notPorts``) that its ``destination.port`` conditions also accept.  A rule without
+  ``to``, and an operation with only ``notPorts``, match ports that cannot be enumerated:
+  those are left to the proxy.
+* Per local source pod, the rule's source conditions (and ``source.ip`` conditions) are
+  evaluated on the pod's own IPs of the destination's address family (a connection to an
+  IPv4 address leaves from the pod's IPv4 address).  The rule compiles for that pod and
+  family only if every such IP matches; if one does not, or the pod has none of that
+  family, nothing compiles.  This assumes a pod's connections leave from the addresses
+  listed for it.
 * Destinations: every IP of every workload the policy selects, on each compiled port.  And a
   service VIP:port whose backends (the ones the proxy would pick from for that VIP's family,
   the same fallback as nodeproxy.proxy.destinations) are *all* denied for that source pod
@@ -33,6 +40,7 @@ the "<ns>/<name>" of policy index i ("*/<name>" for a mesh-wide policy).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -47,6 +55,7 @@ from nodeproxy.policy.authorization import (
 )
 
 DenyKey = tuple[int, IPAddress, int]  # (source pod id, destination IP, destination port)
+_ANY_IP = ipaddress.IPv4Address(0)  # stands in for the source when only ports are checked
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ def compile_connect_denies(
     authorizer = authorizer or Authorizer(config, ())
     workloads = list(config.workloads if all_workloads is None else all_workloads)
     services = config.services if services is None else services
-    policies = [p for p in authorizer.policies if p.action == "DENY" and _identity_free(p)]
+    policies = [p for p in authorizer.policies if p.action == "DENY" and _connection_only(p)]
     pod_denies: dict[DenyKey, str] = {}
     for pod_id, source in sorted(local_source_pods, key=lambda item: item[0]):
         for policy in policies:
@@ -94,11 +103,10 @@ def compile_connect_denies(
     return _numbered({**vip_denies, **pod_denies}, [p.name for p in policies])
 
 
-def _identity_free(policy: CompiledPolicy) -> bool:
-    return all(
-        rule.sources is None or not any(s.uses_identity for s in rule.sources)
-        for rule in policy.rules
-    )
+def _connection_only(policy: CompiledPolicy) -> bool:
+    """True if every rule is decided by source IP and destination port alone: no identity,
+    no HTTP."""
+    return not any(rule.uses_identity or rule.uses_l7 for rule in policy.rules)
 
 
 def _policy_denies(policy: CompiledPolicy, pod_id: int, source: Workload,
@@ -119,20 +127,28 @@ def _policy_denies(policy: CompiledPolicy, pod_id: int, source: Workload,
 
 
 def _rule_ports(rule: CompiledRule) -> frozenset[int]:
-    """The ports a rule names explicitly; empty when it matches any port or only notPorts."""
+    """The ports a rule names explicitly (and its destination.port conditions accept); empty
+    when it matches any port or only notPorts."""
     if rule.operations is None:
         return frozenset()
-    return frozenset().union(*(o.explicit_ports() for o in rule.operations))
+    ports = frozenset().union(*(o.explicit_ports() for o in rule.operations))
+    port_conditions = [c for c in rule.conditions if c.kind == "destination.port"]
+    return frozenset(p for p in ports if all(c.matches(None, None, _ANY_IP, p)
+                                             for c in port_conditions))
 
 
 def _source_certainly_matches(rule: CompiledRule, source: Workload, family: int) -> bool:
-    """True if the rule's sources match every IP the pod has in this family (and it has one)."""
+    """True if the rule's sources and source.ip conditions match every IP the pod has in
+    this family (and it has one)."""
     ips = [ip for ip in source.ips if ip.version == family]
     if not ips:
         return False
-    if rule.sources is None:
-        return True
-    return all(any(s.matches_ip(ip) for s in rule.sources) for ip in ips)
+    ip_conditions = [c for c in rule.conditions if c.kind == "source.ip"]
+    return all(
+        (rule.sources is None or any(s.matches_ip(ip) for s in rule.sources))
+        and all(c.matches(None, None, ip, 0) for c in ip_conditions)
+        for ip in ips
+    )
 
 
 def _service_denies(pod_denies: dict[DenyKey, str],

@@ -25,7 +25,7 @@ from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
-from nodeproxy.tunnel.headers import authority, forwarded
+from nodeproxy.tunnel.headers import L7_AUTHORIZED, authority, forwarded
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 
@@ -69,14 +69,20 @@ class HbonePool:
         self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
 
     async def open(self, *, source_namespace: str, source_sa: str, destination: str,
-                   node: str, ip: IPAddress, port: int, source_ip: IPAddress
-                   ) -> StreamTransport:
+                   node: str, ip: IPAddress, port: int, source_ip: IPAddress,
+                   l7_checked: bool = False) -> StreamTransport:
         """A CONNECT stream to ip:port, as the source identity, to the given destination
-        identity on `node`; raises TunnelError."""
+        identity on `node`; raises TunnelError.
+
+        l7_checked: this proxy authorizes every HTTP request it sends on the stream against
+        the destination's policies (Admitter.admit_request), so the destination may judge
+        the stream with L7_CHECKED_UPSTREAM.  Set it only then."""
         key = PoolKey(spiffe_id(self._trust_domain, source_namespace, source_sa), destination,
                       node)
         headers = [(":method", "CONNECT"), (":authority", authority(ip, port)),
                    ("forwarded", forwarded(source_ip))]
+        if l7_checked:
+            headers.append((L7_AUTHORIZED, "1"))
         last: Exception | None = None
         for attempt in (1, 2):
             session = await self._session(key, ip, source_namespace, source_sa,

@@ -1,4 +1,5 @@
-"""The CONNECT request's addressing: :authority and the Forwarded header (RFC 7239)."""
+"""The CONNECT request's headers: :authority and Forwarded (RFC 7239) address it; the
+L7-authorized marker says how the destination should judge it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import ipaddress
 import re
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# On a CONNECT request: every HTTP request this stream will carry was authorized by the
+# source node's proxy (nodeproxy.policy.authorization, L7_CHECKED_UPSTREAM).  Per stream,
+# since one pooled connection carries streams of both kinds.  Only node proxies send CONNECT
+# requests (they alone hold mesh certificates), so workloads cannot set it.
+L7_AUTHORIZED = "x-nodeproxy-l7-authorized"
 
 _FOR = re.compile(r'(?:^|[;,]\s*)for="?\[?([0-9a-fA-F:.]+)\]?(?::\d+)?"?', re.IGNORECASE)
 

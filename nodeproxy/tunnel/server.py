@@ -29,7 +29,12 @@ from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.proxy.relay import Relay, Side
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
-from nodeproxy.tunnel.headers import HeaderError, parse_authority, parse_forwarded
+from nodeproxy.tunnel.headers import (
+    L7_AUTHORIZED,
+    HeaderError,
+    parse_authority,
+    parse_forwarded,
+)
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 
@@ -190,7 +195,11 @@ class HboneServer:
         peer_ip = ipaddress.ip_address(session.peername[0]) if session.peername else None
         source_ip = parse_forwarded(headers.get("forwarded")) or peer_ip
         assert source_ip is not None
-        admission = self._admitter().admit(pod.workload, session.peer_identity, source_ip, port)
+        # The peer passed mTLS with a mesh certificate: a node proxy, which alone can mark
+        # a stream whose requests it authorized (any other value counts as unmarked).
+        l7_checked = headers.get(L7_AUTHORIZED) == "1"
+        admission = self._admitter().admit(pod.workload, session.peer_identity, source_ip, port,
+                                           l7_checked=l7_checked)
         if not admission.allowed:
             self._stream_refused(session, stream, 403, "denied",
                                  f"policy {admission.policy or '-'}: {admission.reason}")

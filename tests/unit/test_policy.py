@@ -586,7 +586,8 @@ def test_empty_selector_source_operation_and_lists() -> None:
         "node.yaml:12: authorizationPolicies[0].rules[0].from: must not be empty "
         "(omit it to match anything)",
         "node.yaml:14: authorizationPolicies[0].rules[1].to[0].operation: "
-        "an operation must set ports or notPorts",
+        "an operation must set at least one of hosts, notHosts, ports, notPorts, methods, "
+        "notMethods, paths, notPaths",
         "node.yaml:16: authorizationPolicies[0].rules[2].from[0].source: a source must set at "
         "least one of principals, notPrincipals, namespaces, notNamespaces, ipBlocks, "
         "notIpBlocks",
