@@ -549,7 +549,7 @@ class HttpProxy:
             self._access_log.write(AccessLogEntry(
                 start_time=started_at, method=head.method, authority=head.authority,
                 path=head.path, protocol=head.protocol, status=outcome.status,
-                grpc_status=outcome.grpc_status, flags=outcome.flag_text,
+                grpc_status=outcome.grpc_status, response_flags=outcome.flag_text,
                 bytes_received=request_bytes, bytes_sent=outcome.bytes_sent,
                 duration_ms=duration * 1000.0,
                 upstream_host=outcome.endpoint.key if outcome.endpoint else None,
