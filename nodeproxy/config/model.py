@@ -185,6 +185,9 @@ class Workload(Model):
         return f"{self.namespace}/{self.name}"
 
 
+AppProtocol = Literal["http", "http2", "grpc", "tcp"]
+
+
 class ServicePort(Model):
     port: PortNumber
     target_port: PortNumber | None = None
@@ -210,7 +213,6 @@ class Endpoint(Model):
     service_port: PortNumber | None = None
 
 
-AppProtocol = Literal["http", "http2", "grpc", "tcp"]
 LoadBalancerPolicy = Literal["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "PEAK_EWMA",
                              "RING_HASH"]
 
@@ -749,7 +751,7 @@ class RetryPolicy(Model):
     """When a failed attempt is tried again (defaults: Istio's)."""
 
     attempts: int = Field(default=2, ge=0, le=100)  # retries after the first try
-    on: list[RetryOn] = Field(default_factory=lambda: [
+    retry_on: list[RetryOn] = Field(default_factory=lambda: [
         "connect-failure", "refused-stream", "unavailable", "cancelled",
         "retriable-status-codes"])
     status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(

@@ -1,7 +1,7 @@
 """Retry decisions: whether a failed attempt may be tried again, how long to wait first,
 and the budget that caps retries relative to original requests.
 
-This module owns the meaning of ``RetryPolicy.on`` (Envoy's ``retry_on`` names), the
+This module owns the meaning of ``RetryPolicy.retry_on`` (Envoy's ``retry_on`` names), the
 idempotency rule, the backoff delay (exponential with full jitter) and ``RetryBudget``
 (Linkerd's budget).  Counting attempts against ``RetryPolicy.attempts``, timeouts and
 picking another endpoint are the caller's (manager.py).  No I/O; time comes from an
@@ -40,7 +40,7 @@ _GATEWAY_ERRORS = frozenset({502, 503, 504})
 
 def should_retry(policy: model.RetryPolicy, method: str, *, flag: str | None,
                  refused_stream: bool, status: int | None, grpc_status: int | None) -> bool:
-    """Whether the failed attempt's outcome matches one of ``policy.on``.
+    """Whether the failed attempt's outcome matches one of ``policy.retry_on``.
 
     The outcome is either no response -- ``flag`` is ``"UF"``, ``"UC"`` or ``"UT"``
     (any other flag is a ValueError), and ``refused_stream`` is set if the upstream
@@ -76,11 +76,11 @@ def should_retry(policy: model.RetryPolicy, method: str, *, flag: str | None,
     if policy.attempts == 0:
         return False
     if method not in IDEMPOTENT_METHODS and not policy.non_idempotent:
-        unseen = ("connect-failure" in policy.on and flag == CONNECT_FAILURE) or (
-            "refused-stream" in policy.on and refused_stream)
+        unseen = ("connect-failure" in policy.retry_on and flag == CONNECT_FAILURE) or (
+            "refused-stream" in policy.retry_on and refused_stream)
         return unseen
     no_response = flag is not None or refused_stream
-    for name in policy.on:
+    for name in policy.retry_on:
         if name == "connect-failure":
             hit = flag == CONNECT_FAILURE
         elif name == "refused-stream":

@@ -581,4 +581,4 @@ def test_validate_unreadable_file_and_usage(tmp_path: Path, cli: typing.Callable
 def test_validate_example(cli: typing.Callable[..., int],
                           capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("validate", str(EXAMPLE)) == 0
-    assert capsys.readouterr().out.endswith(": valid (3 workloads, 2 services)\n")
+    assert capsys.readouterr().out.endswith(": valid (3 workloads, 3 services)\n")

@@ -27,7 +27,7 @@ class FakeClock:
 
 def policy(*on: str, codes: tuple[int, ...] = (503,), non_idempotent: bool = False,
            attempts: int = 2) -> model.RetryPolicy:
-    return model.RetryPolicy(on=list(on), status_codes=list(codes),
+    return model.RetryPolicy(retry_on=list(on), status_codes=list(codes),
                              non_idempotent=non_idempotent, attempts=attempts)
 
 

@@ -1,0 +1,140 @@
+"""L7 config: bad routes and traffic policies are refused at load, with file:line."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from nodeproxy.config.loader import ConfigError, parse_config
+from tests.unit.test_config import VALID
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(textwrap.dedent(text), "node.yaml")
+    return info.value.problems
+
+
+def routes(body: str) -> str:
+    return VALID + "httpRoutes:\n" + textwrap.indent(textwrap.dedent(body), "  ")
+
+
+def test_a_valid_route_loads() -> None:
+    config = parse_config(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - matches: [{path: {type: RegularExpression, value: "/v[0-9]+/.*"}}]
+              backendRefs: [{name: web, weight: 3}]
+        """), "node.yaml")
+    assert config.http_routes[0].rules[0].backend_refs[0].weight == 3
+
+
+def test_invalid_regex_names_its_line() -> None:
+    found = problems(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - matches:
+                - path: {type: RegularExpression, value: "/v[0-9+"}
+        """))
+    assert len(found) == 1
+    assert found[0].startswith("node.yaml:25: httpRoutes[0].rules[0].matches[0].path:")
+    assert "invalid regular expression '/v[0-9+'" in found[0]
+
+
+def test_invalid_header_regex() -> None:
+    found = problems(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - matches:
+                - headers: [{type: RegularExpression, name: x-a, value: "(("}]
+        """))
+    assert "httpRoutes[0].rules[0].matches[0].headers[0]" in found[0]
+
+
+def test_weights_summing_to_zero() -> None:
+    found = problems(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - backendRefs:
+                - {name: web, weight: 0}
+        """))
+    assert found == ["node.yaml:24: httpRoutes[0].rules[0]: the backendRefs' weights sum to "
+                     "0: no request could be routed"]
+
+
+def test_route_to_an_unknown_service() -> None:
+    found = problems(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - backendRefs:
+                - name: nowhere
+        """))
+    assert found == ["node.yaml:25: httpRoutes[0].rules[0].backendRefs[0].name: "
+                     "no service shop/nowhere"]
+
+
+def test_route_on_an_unknown_service_and_port() -> None:
+    found = problems(routes("""\
+        - name: web
+          namespace: shop
+          service: cart
+          rules: [{}]
+        - name: web2
+          namespace: shop
+          service: web
+          port: 81
+          rules: [{}]
+        """))
+    assert found == ["node.yaml:22: httpRoutes[0].service: no service shop/cart",
+                     "node.yaml:27: httpRoutes[1].port: service shop/web has no port 81"]
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("retry: {retryOn: [sometimes]}", "retryOn[0]"),
+    ("retry: {attempts: -1}", "retry.attempts"),
+    ("retry: {backoff: {baseSeconds: 1, maxSeconds: 0.5}}", "maxSeconds must not be below"),
+    ("timeouts: {requestSeconds: -1}", "timeouts.requestSeconds"),
+    ("matches: [{method: FETCH}]", "unknown method 'FETCH'"),
+    ("matches: [{path: {value: no-slash}}]", "a path must start with '/'"),
+    ("requestHeaders: {set: [{name: 'bad header', value: x}]}", "not a valid header name"),
+])
+def test_bad_rule_fields(body: str, expected: str) -> None:
+    found = problems(routes(f"""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - {body}
+        """))
+    assert len(found) == 1 and expected in found[0], found
+    assert found[0].startswith("node.yaml:")
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("{policy: RING_HASH}", "RING_HASH needs exactly one of hashHeader, hashSourceIdentity"),
+    ("{policy: LEAST_REQUEST, hashHeader: x}", "belong to policy RING_HASH"),
+    ("{policy: FASTEST}", "loadBalancer.policy"),
+])
+def test_bad_load_balancer(policy: str, expected: str) -> None:
+    text = VALID + f"    trafficPolicy:\n      loadBalancer: {policy}\n"
+    found = problems(text)
+    assert len(found) == 1 and expected in found[0], found
+    assert found[0].startswith("node.yaml:2")
+
+
+def test_bad_app_protocol() -> None:
+    text = VALID.replace("        targetPort: 8080\n",
+                         "        targetPort: 8080\n        appProtocol: mysql\n")
+    found = problems(text)
+    assert len(found) == 1 and "services[0].ports[0].appProtocol" in found[0]
