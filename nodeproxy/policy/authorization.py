@@ -383,7 +383,7 @@ class CompiledOperation:
             return False
         return self.not_ports is None or port not in self.not_ports
 
-    def matches(self, port: int, request: _Request | None = None) -> bool:
+    def matches(self, port: int, request: _Request | None) -> bool:
         """request None: the HTTP fields count as matched (see CompiledRule.matches)."""
         if not self.matches_port(port):
             return False
@@ -471,7 +471,7 @@ class CompiledCondition:
         return self.kind in ("source.principal", "source.namespace")
 
     def matches(self, principal: str | None, namespace: str | None, ip: IPAddress, port: int,
-                request: _Request | None = None) -> bool:
+                request: _Request | None) -> bool:
         """request None: a header condition counts as matched (see CompiledRule.matches)."""
         kind = self.kind
         value: str | IPAddress | int | None
@@ -491,7 +491,6 @@ class CompiledCondition:
         if self.values is not None and not self.values.matches(value):
             return False
         return self.not_values is None or not self.not_values.matches(value)
-
 
     def _empty_header_matches(self) -> bool:
         def present(match: ValueMatch | None) -> bool:
@@ -536,7 +535,7 @@ class CompiledRule:
                 or any(c.uses_identity for c in self.conditions))
 
     def matches(self, principal: str | None, namespace: str | None, ip: IPAddress,
-                port: int, request: _Request | None = None) -> bool:
+                port: int, request: _Request | None) -> bool:
         """With request None the HTTP parts (operation hosts/methods/paths, header
         conditions) count as matched and the rest is evaluated; whether that is the right
         question for a rule that uses L7 is the caller's decision (see Authorizer.decide)."""
