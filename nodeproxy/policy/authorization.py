@@ -31,7 +31,7 @@ Semantics follow Istio exactly:
     not match ``Host: example.com:8080``; write ``["example.com", "example.com:*"]``.
   - ``request.headers[<name>]``: the header's value (the name is case-insensitive; a
     repeated header's values joined with ","); an absent header matches no ``values``
-    and passes ``notValues``.
+    and passes ``notValues``; a present but empty one matches ``"*"`` (presence) only.
 
 A rule *uses L7* if one of its operations sets hosts, methods or paths (or their ``not``
 forms) or it has a ``request.headers`` condition.  How such a rule is judged depends on
@@ -383,7 +383,7 @@ class CompiledOperation:
             return False
         return self.not_ports is None or port not in self.not_ports
 
-    def matches(self, port: int, request: _Request | None = None) -> bool:
+    def matches(self, port: int, request: _Request | None) -> bool:
         """request None: the HTTP fields count as matched (see CompiledRule.matches)."""
         if not self.matches_port(port):
             return False
@@ -471,7 +471,7 @@ class CompiledCondition:
         return self.kind in ("source.principal", "source.namespace")
 
     def matches(self, principal: str | None, namespace: str | None, ip: IPAddress, port: int,
-                request: _Request | None = None) -> bool:
+                request: _Request | None) -> bool:
         """request None: a header condition counts as matched (see CompiledRule.matches)."""
         kind = self.kind
         value: str | IPAddress | int | None
@@ -480,6 +480,8 @@ class CompiledCondition:
                 return True
             assert self.header is not None
             value = request.attributes.header(self.header)
+            if value == "":  # present but empty: only "*" (presence) can match it
+                return self._empty_header_matches()
         elif kind == "source.ip":
             value = ip
         elif kind == "destination.port":
@@ -489,6 +491,14 @@ class CompiledCondition:
         if self.values is not None and not self.values.matches(value):
             return False
         return self.not_values is None or not self.not_values.matches(value)
+
+    def _empty_header_matches(self) -> bool:
+        def present(match: ValueMatch | None) -> bool:
+            return isinstance(match, StringMatch) and match.presence
+
+        if self.values is not None and not present(self.values):
+            return False
+        return not present(self.not_values)
 
 
 _CONDITION_KINDS: dict[str, ConditionKind] = {
@@ -525,7 +535,7 @@ class CompiledRule:
                 or any(c.uses_identity for c in self.conditions))
 
     def matches(self, principal: str | None, namespace: str | None, ip: IPAddress,
-                port: int, request: _Request | None = None) -> bool:
+                port: int, request: _Request | None) -> bool:
         """With request None the HTTP parts (operation hosts/methods/paths, header
         conditions) count as matched and the rest is evaluated; whether that is the right
         question for a rule that uses L7 is the caller's decision (see Authorizer.decide)."""
@@ -552,7 +562,7 @@ class CompiledPolicy:
     rules: tuple[CompiledRule, ...]
     spec: AuthorizationPolicy
     # The rules to evaluate, per mode (_FULL, _UNSEEN, _UPSTREAM); see the module docstring.
-    views: tuple[tuple[CompiledRule, ...], ...] = ()
+    views: tuple[tuple[CompiledRule, ...], ...]
 
     @classmethod
     def compile(cls, policy: AuthorizationPolicy) -> CompiledPolicy:

@@ -133,7 +133,7 @@ def _rule_ports(rule: CompiledRule) -> frozenset[int]:
         return frozenset()
     ports = frozenset().union(*(o.explicit_ports() for o in rule.operations))
     port_conditions = [c for c in rule.conditions if c.kind == "destination.port"]
-    return frozenset(p for p in ports if all(c.matches(None, None, _ANY_IP, p)
+    return frozenset(p for p in ports if all(c.matches(None, None, _ANY_IP, p, None)
                                              for c in port_conditions))
 
 
@@ -146,7 +146,7 @@ def _source_certainly_matches(rule: CompiledRule, source: Workload, family: int)
     ip_conditions = [c for c in rule.conditions if c.kind == "source.ip"]
     return all(
         (rule.sources is None or any(s.matches_ip(ip) for s in rule.sources))
-        and all(c.matches(None, None, ip, 0) for c in ip_conditions)
+        and all(c.matches(None, None, ip, 0, None) for c in ip_conditions)
         for ip in ips
     )
 
