@@ -21,7 +21,7 @@ def routes(body: str) -> str:
 
 
 def test_a_valid_route_loads() -> None:
-    config = parse_config(routes("""\
+    loaded = parse_config(routes("""\
         - name: web
           namespace: shop
           service: web
@@ -29,7 +29,7 @@ def test_a_valid_route_loads() -> None:
             - matches: [{path: {type: RegularExpression, value: "/v[0-9]+/.*"}}]
               backendRefs: [{name: web, weight: 3}]
         """), "node.yaml")
-    assert config.http_routes[0].rules[0].backend_refs[0].weight == 3
+    assert loaded.config.http_routes[0].rules[0].backend_refs[0].weight == 3
 
 
 def test_invalid_regex_names_its_line() -> None:
@@ -42,7 +42,7 @@ def test_invalid_regex_names_its_line() -> None:
                 - path: {type: RegularExpression, value: "/v[0-9+"}
         """))
     assert len(found) == 1
-    assert found[0].startswith("node.yaml:25: httpRoutes[0].rules[0].matches[0].path:")
+    assert found[0].startswith("node.yaml:30: httpRoutes[0].rules[0].matches[0].path:")
     assert "invalid regular expression '/v[0-9+'" in found[0]
 
 
@@ -67,7 +67,7 @@ def test_weights_summing_to_zero() -> None:
             - backendRefs:
                 - {name: web, weight: 0}
         """))
-    assert found == ["node.yaml:24: httpRoutes[0].rules[0]: the backendRefs' weights sum to "
+    assert found == ["node.yaml:29: httpRoutes[0].rules[0]: the backendRefs' weights sum to "
                      "0: no request could be routed"]
 
 
@@ -80,7 +80,7 @@ def test_route_to_an_unknown_service() -> None:
             - backendRefs:
                 - name: nowhere
         """))
-    assert found == ["node.yaml:25: httpRoutes[0].rules[0].backendRefs[0].name: "
+    assert found == ["node.yaml:30: httpRoutes[0].rules[0].backendRefs[0].name: "
                      "no service shop/nowhere"]
 
 
@@ -96,8 +96,8 @@ def test_route_on_an_unknown_service_and_port() -> None:
           port: 81
           rules: [{}]
         """))
-    assert found == ["node.yaml:22: httpRoutes[0].service: no service shop/cart",
-                     "node.yaml:27: httpRoutes[1].port: service shop/web has no port 81"]
+    assert found == ["node.yaml:27: httpRoutes[0].service: no service shop/cart",
+                     "node.yaml:32: httpRoutes[1].port: service shop/web has no port 81"]
 
 
 @pytest.mark.parametrize("body,expected", [
