@@ -9,4 +9,9 @@ Modules:
 - ``cgroups``: pod cgroups under a node's cgroup v2 subtree.
 - ``cluster``: ``Cluster``, nodes + pods + services + one daemon per node.
 - ``peer``: the traffic tool run inside pods (``python -m nodeproxy.testbed.peer``).
+- ``http_backend``: the HTTP/1.1 backend of the L7 tests (status, delay, failures,
+  resets, bodies, stats, WebSocket, a request log), chosen per request by its path.
+- ``grpc_backend`` and ``grpc_client``: service ``test.Echo`` on raw bytes (unary,
+  streaming, failures with a status) and a client that reports calls as JSON.
+- ``nginx``: nginx configurations for pods, among them an HTTP/2 cleartext backend.
 """  # noqa: E501

@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from nodeproxy.testbed import cgroups, cni, netns
+from nodeproxy.testbed import cgroups, cni, netns, nginx
 
 PREFIX = "npt-"
 VIP_RANGE4 = "10.96.0.0/16"
@@ -864,31 +864,84 @@ class Cluster:
                     timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return netns.run(self.nodes[node].netns_path, argv, check=False, timeout=timeout)
 
+    def tool_argv(self, module: str, *args: str) -> list[str]:
+        """argv of a testbed tool (python -m nodeproxy.testbed.<module> ...)."""
+        return [self.python, "-m", f"nodeproxy.testbed.{module}", *args]
+
     def peer_argv(self, *args: str) -> list[str]:
         """argv of the traffic peer tool (python -m nodeproxy.testbed.peer ...)."""
-        return [self.python, "-m", "nodeproxy.testbed.peer", *args]
+        return self.tool_argv("peer", *args)
 
-    def peer(self, pod: str | Pod, *args: str, timeout: float = 120.0) -> dict[str, Any]:
-        """Run a peer client in the pod; its final JSON line (with ``exit_code`` added)."""
-        result = self.run_in_pod(pod, self.peer_argv(*args), timeout=timeout)
+    def _json_tool(self, pod: str | Pod, argv: Sequence[str], timeout: float
+                   ) -> dict[str, Any]:
+        """Run a tool in the pod; its final JSON line (with ``exit_code`` added)."""
+        result = self.run_in_pod(pod, argv, timeout=timeout)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if not lines:
-            raise RuntimeError(f"peer {' '.join(args)} printed no result "
+            raise RuntimeError(f"{' '.join(argv[2:])} printed no result "
                                f"(exit {result.returncode}): {result.stderr.strip()[-2000:]}")
         out: dict[str, Any] = json.loads(lines[-1])
         out["exit_code"] = result.returncode
         return out
+
+    def peer(self, pod: str | Pod, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run a peer client in the pod; its final JSON line (with ``exit_code`` added)."""
+        return self._json_tool(pod, self.peer_argv(*args), timeout)
+
+    def grpc_client(self, pod: str | Pod, *args: str, timeout: float = 120.0
+                    ) -> dict[str, Any]:
+        """Run the gRPC test client (``grpc_client ... --json``) in the pod; its JSON
+        summary (with ``exit_code`` added)."""
+        return self._json_tool(pod, self.tool_argv("grpc_client", *args, "--json"), timeout)
+
+    def serve(self, pod: str | Pod, argv: Sequence[str], port: int, timeout: float = 10.0,
+              **popen_kw: Any) -> subprocess.Popen[Any]:
+        """Start a server in the pod (killed at teardown) and wait until its port accepts
+        a connection from the node (an error at once if it exits first)."""
+        p = self._pod(pod)
+        popen_kw.setdefault("stdout", subprocess.DEVNULL)
+        proc = self.spawn_in_pod(p, argv, **popen_kw)
+        netns.wait_for_port(self.nodes[p.node].netns_path, p.ip4, port, timeout, process=proc)
+        return proc
 
     def serve_peer(self, pod: str | Pod, port: int, timeout: float = 10.0,
                    *extra: str, **popen_kw: Any) -> subprocess.Popen[Any]:
         """Start ``peer serve`` in the pod and wait until its port accepts (from the node);
         ``extra``: more arguments (``--log-connections``)."""
         p = self._pod(pod)
-        popen_kw.setdefault("stdout", subprocess.DEVNULL)
-        proc = self.spawn_in_pod(p, self.peer_argv("serve", "--port", str(port),
-                                                   "--name", p.name, *extra), **popen_kw)
-        netns.wait_for_port(self.nodes[p.node].netns_path, p.ip4, port, timeout)
-        return proc
+        return self.serve(p, self.peer_argv("serve", "--port", str(port), "--name", p.name,
+                                            *extra), port, timeout, **popen_kw)
+
+    def serve_http(self, pod: str | Pod, port: int, name: str | None = None, *extra: str,
+                   timeout: float = 10.0, **popen_kw: Any) -> subprocess.Popen[Any]:
+        """Start the HTTP/1.1 test backend (``http_backend``) in the pod, named ``name``
+        (default: the pod's), and wait until its port accepts; ``extra``: more arguments
+        (``--log FILE``).  The readiness connect counts in its connections_total."""
+        p = self._pod(pod)
+        return self.serve(p, self.tool_argv("http_backend", "--port", str(port), "--name",
+                                            name or p.name, *extra), port, timeout, **popen_kw)
+
+    def serve_grpc(self, pod: str | Pod, port: int, name: str | None = None, *extra: str,
+                   timeout: float = 10.0, **popen_kw: Any) -> subprocess.Popen[Any]:
+        """Start the gRPC test backend (``grpc_backend``, service test.Echo) in the pod,
+        named ``name`` (default: the pod's), and wait until its port accepts."""
+        p = self._pod(pod)
+        return self.serve(p, self.tool_argv("grpc_backend", "--port", str(port), "--name",
+                                            name or p.name, *extra), port, timeout, **popen_kw)
+
+    def serve_h2c(self, pod: str | Pod, port: int, name: str | None = None,
+                  timeout: float = 10.0) -> subprocess.Popen[Any]:
+        """Start nginx in the pod as an HTTP/2 cleartext backend (prior knowledge; see
+        ``nginx.h2c_config``); its files are in ``<run dir>/h2c/<pod>-<port>/``."""
+        p = self._pod(pod)
+        directory = os.path.join(self.dir, "h2c", f"{p.name}-{port}")
+        os.makedirs(directory, exist_ok=True)
+        Path(directory, "nginx.conf").write_text(nginx.h2c_config(directory, port,
+                                                                  name or p.name))
+        with open(os.path.join(directory, "stderr.log"), "wb") as log:
+            return self.serve(p, nginx.nginx_argv(directory, nginx=shutil.which("nginx")
+                                                  or "/usr/sbin/nginx"),
+                              port, timeout, stdout=log, stderr=subprocess.STDOUT)
 
     # -- observing daemons -------------------------------------------------------
 

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 NETNS_DIR = "/run/netns"
@@ -167,10 +167,15 @@ def connect(name_or_path: str, host: str, port: int, timeout: float = 5.0) -> so
     return sock
 
 
-def wait_for_port(name_or_path: str, host: str, port: int, timeout: float = 10.0) -> None:
-    """Poll until a TCP connect from inside the netns succeeds."""
+def wait_for_port(name_or_path: str, host: str, port: int, timeout: float = 10.0,
+                  process: subprocess.Popen[Any] | None = None) -> None:
+    """Poll until a TCP connect from inside the netns succeeds; with ``process`` (the
+    server), fail at once if it exits first."""
     deadline = time.monotonic() + timeout
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, process.args))} exited with "
+                               f"{process.returncode} before {host}:{port} accepted")
         try:
             connect(name_or_path, host, port, timeout=1.0).close()
             return

@@ -1,6 +1,13 @@
-"""An nginx configuration for a pod of the testbed: foreground, every file in one directory."""
+"""An nginx configuration for a pod of the testbed: foreground, every file in one directory.
+
+``nginx_config`` renders a server block of the caller's; ``h2c_config`` renders the
+HTTP/2 cleartext backend of the L7 tests (nginx-light has http_v2).  Run either with
+``nginx -p DIR -c DIR/nginx.conf -e DIR/error.log`` (``nginx_argv``).
+"""
 
 from __future__ import annotations
+
+import os
 
 TEMPLATE = """\
 daemon off;
@@ -18,16 +25,48 @@ http {{
     scgi_temp_path {dir}/scgi;
 {http}
     server {{
-        listen {port};
-        listen [::]:{port};
+        listen {port}{listen};
+        listen [::]:{port}{listen};
         {server}
     }}
 }}
 """
 
+# Statuses h2c_config answers at /status/<code> (nginx's `return` takes a literal code).
+H2C_STATUSES = (200, 204, 400, 403, 404, 429, 500, 502, 503, 504)
+
 
 def nginx_config(directory: str, port: int, server: str, *, http: str = "",
-                 worker_connections: int = 1024) -> str:
-    """nginx.conf text: `server` goes inside the server block, `http` into the http block."""
+                 worker_connections: int = 1024, listen: str = "") -> str:
+    """nginx.conf text: `server` goes inside the server block, `http` into the http block,
+    `listen` after the port of both listen directives (e.g. " http2")."""
     return TEMPLATE.format(dir=directory, port=port, server=server, http=http,
-                           workers=worker_connections)
+                           workers=worker_connections,
+                           listen=f" {listen.strip()}" if listen.strip() else "")
+
+
+def h2c_config(directory: str, port: int, name: str) -> str:
+    """nginx.conf of an HTTP/2 cleartext server, prior knowledge only (``listen PORT
+    http2`` without TLS: HTTP/1.1 requests fail), every response with
+    ``x-backend: NAME`` and text/plain bodies:
+
+    - ``/status/<code>``: that status for the codes of H2C_STATUSES, body ``NAME <code>``;
+    - ``/request``: ``NAME <method> <uri> <protocol> host=<$host> x-test=<x-test header>``:
+      what reached nginx;
+    - anything else: 200, ``NAME`` and a newline.
+    """
+    q = name.replace("\\", "\\\\").replace('"', '\\"')
+    locations = [f'location = /status/{code} {{ return {code} "{q} {code}\\n"; }}'
+                 for code in H2C_STATUSES]
+    locations.append('location = /request { return 200 "' + q + ' $request_method '
+                     '$request_uri $server_protocol host=$host x-test=$http_x_test\\n"; }')
+    locations.append(f'location / {{ return 200 "{q}\\n"; }}')
+    server = f'add_header x-backend "{q}" always;\n        ' + "\n        ".join(locations)
+    return nginx_config(directory, port, server, listen="http2",
+                        http="    default_type text/plain;\n    http2_max_concurrent_streams 1024;")
+
+
+def nginx_argv(directory: str, conf: str | None = None, nginx: str = "nginx") -> list[str]:
+    """argv of nginx in the foreground with every file in ``directory``."""
+    return [nginx, "-p", directory, "-c", conf or os.path.join(directory, "nginx.conf"),
+            "-e", os.path.join(directory, "error.log")]

@@ -309,11 +309,16 @@ class _Abort(Exception):
     """A connection reaches the point where it was chosen to reset."""
 
 
-def _abort(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
+def reset_transport(transport: asyncio.WriteTransport) -> None:
+    """Close the connection with a TCP reset (SO_LINGER 0), dropping anything unsent."""
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+    transport.abort()
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    reset_transport(writer.transport)
 
 
 async def transfer_once(host: str, port: int, send: int, receive: int, timeout: float,
