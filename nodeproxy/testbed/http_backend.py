@@ -121,9 +121,10 @@ class Connection(RequestHandler):
 class Backend:
     """The server's state (counters, per-key attempts, the request log) and its handler."""
 
-    def __init__(self, name: str, log: IO[str] | None = None):
+    def __init__(self, name: str, log: IO[str] | None = None, delay: float = 0.0):
         self.name = name
         self.log = log
+        self.delay = delay  # added to every request: a slow endpoint for balancing tests
         self.requests_total = 0
         self.connections_total = 0
         self.by_path: Counter[str] = Counter()
@@ -198,6 +199,8 @@ class Backend:
             line["time"] = time.time()
             self.log.write(json.dumps(line, sort_keys=True) + "\n")
             self.log.flush()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         route, params = match_route(request.path)
         handler = getattr(self, f"_{route}")
         response: web.StreamResponse = await handler(request, info, *params)
@@ -354,7 +357,7 @@ async def wait_sent(transport: asyncio.BaseTransport, timeout: float) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     log = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115
-    backend = Backend(args.name, log)
+    backend = Backend(args.name, log, args.delay_ms / 1000.0)
     runner = web.AppRunner(backend.application(), access_log=None, handle_signals=False)
     await runner.setup()
     assert runner.server is not None
@@ -385,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sent as x-backend and in every JSON body")
     parser.add_argument("--log", default=None,
                         help="append one JSON line per request (method, path, headers...)")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="answer every request this much later (a slow endpoint)")
     return parser
 
 
