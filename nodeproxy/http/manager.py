@@ -227,6 +227,7 @@ class HttpProxy:
                 self._metrics.count_bad_request("http/2", message))
             h2_server.on_closed = connection.closed
             h2_server.attach(transport, initial)
+            transport.resume_reading()  # the sniffer left it paused
         else:
             h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
                                  idle_timeout=settings.idle_timeout_seconds,
@@ -348,7 +349,7 @@ class HttpProxy:
                                       last_error.flag if last_error else str(status))
             if response is not None:
                 _discard(response, connection)
-            await asyncio.sleep(backoff_delay(outcome.attempts - 1, policy.backoff,
+            await asyncio.sleep(backoff_delay(outcome.attempts, policy.backoff,
                                               self._random))
         if response is None:
             assert last_error is not None

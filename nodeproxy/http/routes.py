@@ -4,7 +4,7 @@ Compiled once per configuration from the validated model.  Precedence among the 
 attached to one service port follows Gateway API: an Exact path beats a prefix, a longer
 prefix beats a shorter one, then a method match, then more header matches, then more
 query-parameter matches, then configuration order.  Regular-expression paths rank after
-every prefix (Gateway API leaves their rank to implementations).  Within a rule any of
+Exact and before every prefix (Gateway API leaves their rank to implementations).  Within a rule any of
 its matches may match; a rule without matches matches every request.  A service port
 with no route gets one default rule sending every request to the service itself.
 """
@@ -79,7 +79,7 @@ class _Match:
 
     @property
     def rank(self) -> tuple[int, int, int, int, int, int]:
-        kind = {"Exact": 3, "PathPrefix": 2, "RegularExpression": 1}.get(self.path_kind or "", 2)
+        kind = {"Exact": 3, "RegularExpression": 2, "PathPrefix": 1}.get(self.path_kind or "", 1)
         length = len(self.path_value) if self.path_kind != "RegularExpression" else 0
         return (-kind, -length, -(self.method is not None), -len(self.headers),
                 -len(self.query), self.order)
