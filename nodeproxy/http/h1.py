@@ -28,6 +28,7 @@ import httptools
 from nodeproxy.http.message import (
     HOP_BY_HOP,
     Body,
+    MalformedRequest,
     BodyError,
     BodyReader,
     Headers,
@@ -423,7 +424,7 @@ class H1Server(asyncio.Protocol):
         log.info("bad HTTP/1.1 request from %s: %s",
                  self.transport.get_extra_info("peername") if self.transport else "?", reason)
         if self._parsing is not None:
-            self._parsing.body.fail(BodyError(reason))
+            self._parsing.body.fail(MalformedRequest(status, reason))
         if self._current is None and not self._queue:
             body = (REASONS.get(status, "Bad Request") + "\n").encode()
             self.write(b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"

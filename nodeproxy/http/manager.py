@@ -35,6 +35,7 @@ from nodeproxy.http.message import (
     BodyError,
     Exchange,
     Headers,
+    MalformedRequest,
     ReplayableBody,
     RequestHead,
     ResponseHead,
@@ -331,6 +332,11 @@ class HttpProxy:
             endpoint.stats.end(started, ok=response is not None and status is not None
                                and status < 500)
             if last_error is not None and last_error.flag == "DC":
+                broken = exchange.body.error
+                if isinstance(broken, MalformedRequest) and not exchange.responded:
+                    await self._local_reply(exchange, outcome, broken.status,
+                                            "bad request")
+                    return
                 raise BodyError(str(last_error))
             retriable = should_retry(
                 policy, head.method, flag=last_error.flag if last_error else None,

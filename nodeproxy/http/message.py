@@ -67,6 +67,15 @@ class BodyError(Exception):
     """The body stopped before its end: the sender reset or the connection broke."""
 
 
+class MalformedRequest(BodyError):
+    """The client's request turned out malformed after its head was passed on (a bad
+    chunk, say): `status` is what the client gets if nothing was answered yet."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
 class Body:
     """One message body, streamed: a codec feeds chunks, one reader takes them.
 
