@@ -38,8 +38,11 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
+from hyperframe.frame import Frame
 
 from nodeproxy.http.message import (
     HOP_BY_HOP,
@@ -86,6 +89,21 @@ class _StateMachine(h2.connection.H2ConnectionStateMachine):
         return super().process_input(input_)
 
 
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer checks a frame's length once the whole frame has arrived: check it
+    from the header, so an overlong frame is refused before it is buffered."""
+
+    def __next__(self) -> Any:
+        if len(self._data) >= 9:
+            try:
+                _, length = Frame.parse_frame_header(memoryview(self._data[:9]))
+            except (InvalidDataError, InvalidFrameError):
+                pass  # h2's own __next__ reports it
+            else:
+                self._validate_frame_length(length)
+        return super().__next__()
+
+
 class _Connection(h2.connection.H2Connection):
     """H2Connection with a graceful GOAWAY, COMPRESSION_ERROR for undecodable header
     blocks (h2 says PROTOCOL_ERROR) and a header-list limit of our own (see H2Server)."""
@@ -93,6 +111,7 @@ class _Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration, header_limit: int):
         super().__init__(config=config)
         self.state_machine = _StateMachine()
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._header_limit = header_limit
         self.decoder.max_header_list_size = header_limit
         self._keep_outbound = False
@@ -106,6 +125,11 @@ class _Connection(h2.connection.H2Connection):
     def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
         self.state_machine.terminating = True
         super()._terminate_connection(error_code)
+
+    @property
+    def terminated(self) -> bool:
+        """An error GOAWAY has been queued."""
+        return self.state_machine.terminating
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         try:
@@ -277,8 +301,14 @@ class _H2Protocol(asyncio.Protocol):
         raise NotImplementedError
 
     def _protocol_error(self, code: int, message: str) -> None:
-        """h2 has queued a GOAWAY with `code`: send it and close."""
+        """Send the GOAWAY h2 has queued with `code` (or one: a bad preface raises before
+        h2 queues anything) and close."""
         self._failed = True
+        if not self.conn.terminated:
+            try:
+                self.conn.close_connection(code)
+            except h2.exceptions.ProtocolError:
+                pass
         self._flush()
         self._close_transport()
 
