@@ -244,6 +244,7 @@ class _H2Protocol(asyncio.Protocol):
         self._lost = False
         self._failed = False  # a protocol error ended it
         self._write_paused = False
+        self.write_pauses = 0  # times the transport asked us to stop writing
         self._blocked: dict[int, list[asyncio.Future[None]]] = {}
         self._loop = asyncio.get_running_loop()
         self.idle_since: float | None = self._loop.time()
@@ -284,6 +285,7 @@ class _H2Protocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self.write_pauses += 1
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -399,20 +401,15 @@ class _H2Protocol(asyncio.Protocol):
                 self._blocked.setdefault(stream_id, []).append(fut)
                 await fut
                 continue
-            sent = 0
+            chunk = bytes(view[:window])
             try:
-                while view and window > 0:
-                    chunk = bytes(view[:window])
-                    self.conn.send_data(stream_id, chunk)
-                    view = view[len(chunk):]
-                    sent += len(chunk)
-                    window = min(self.conn.local_flow_control_window(stream_id),
-                                 self.conn.max_outbound_frame_size)
+                self.conn.send_data(stream_id, chunk)
             except h2.exceptions.ProtocolError as e:
                 raise ConnectionResetError(f"HTTP/2 stream {stream_id} closed") from e
-            finally:
-                if sent:
-                    self._flush()
+            view = view[len(chunk):]
+            # One frame at a time: the transport's buffer stays within its high-water
+            # mark plus a frame, whatever window the peer grants.
+            self._flush()
 
     def _window_event(self, event: h2.events.Event) -> bool:
         """Wake senders on window and settings changes; True if the event was one."""
@@ -538,6 +535,10 @@ class H2Server(_H2Protocol):
     HPACK decoding stops and the connection ends (GOAWAY ENHANCE_YOUR_CALM).
     Protocol errors send h2's GOAWAY (PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR,
     FLOW_CONTROL_ERROR, ...), call ``on_protocol_error(code, message)`` and close.
+    ``expect: 100-continue`` is answered here (and removed); ``te: trailers`` stays in the
+    request's headers (gRPC needs it end to end), the only hop-by-hop field that does.
+    At most ``max_concurrent_streams`` handlers run at once: a stream past that, even one
+    h2 would allow because earlier ones were reset, is refused (REFUSED_STREAM).
 
     The caller owns the idle timeout: ``active_streams`` and ``idle_since`` (loop time the
     last stream ended, None while one is open) say when; then close() or shutdown().
@@ -561,6 +562,7 @@ class H2Server(_H2Protocol):
             })
         self.handler = handler
         self.max_header_bytes = max_header_bytes
+        self.max_concurrent_streams = max_concurrent_streams
         self.on_protocol_error = on_protocol_error
         self.exchanges: dict[int, H2Exchange] = {}
         self.peername: Any = None
@@ -669,11 +671,19 @@ class H2Server(_H2Protocol):
         if self._draining and (self._last_stream_id is None or stream_id > self._last_stream_id):
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
+        if len(self.exchanges) >= self.max_concurrent_streams:
+            # h2 frees a stream's slot when the client resets it, but its handler runs on:
+            # count the handlers too, so opening and resetting streams (CVE-2023-44487,
+            # "rapid reset") cannot start handlers without bound.
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         pseudo, headers = _split(fields)
         authority = pseudo.get(":authority") or next(
             (value for name, value in headers if name == "host"), "")
+        continue_ = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
         headers = [(n, v) for n, v in headers
-                   if n != "host" and (n not in HOP_BY_HOP or n == "te")]
+                   if n != "host" and (n not in HOP_BY_HOP or n == "te")
+                   and not (continue_ and n == "expect")]
         method = pseudo.get(":method", "")
         request = RequestHead(
             method=method, path=pseudo.get(":path", ""), authority=authority,
@@ -686,6 +696,8 @@ class H2Server(_H2Protocol):
             handler: Callable[[Exchange], Awaitable[None]] = _too_large
         else:
             handler = self.handler
+            if continue_:  # as Envoy does by default: answer it here, do not forward it
+                self._send_headers(exchange, [(b":status", b"100")], end=False)
         task = self._loop.create_task(self._run(exchange, handler))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -886,7 +898,11 @@ class H2Client(_H2Protocol):
         fields += _wire_fields(head.headers)
         if head.is_grpc or "trailers" in te:
             fields.append((b"te", b"trailers"))
-        stream_id = self.conn.get_next_available_stream_id()
+        try:
+            stream_id = self.conn.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError as e:
+            self.shutdown()
+            raise UpstreamError("UC", "HTTP/2 stream ids used up", refused_stream=True) from e
         stream = _ClientStream(self, stream_id)
         end = body.ended and not body.trailers
         try:

@@ -869,3 +869,95 @@ def test_server_speaks_h2_to_a_socket_without_the_sniffer() -> None:
             listener.close()
     run(main)
 
+
+
+def test_rapid_reset_cannot_start_handlers_without_bound() -> None:
+    """CVE-2023-44487: streams opened and reset at once free h2's slots, not handlers."""
+    async def main() -> None:
+        started = 0
+        hold = asyncio.Event()
+
+        async def held(exchange: Exchange) -> None:
+            nonlocal started
+            started += 1
+            await hold.wait()
+
+        async with serve(held, max_concurrent_streams=10) as (port, servers):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            conn = h2.connection.H2Connection()
+            conn.initiate_connection()
+            for _ in range(200):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, [(":method", "POST"), (":path", "/"),
+                                        (":scheme", "http"), (":authority", "a.test")])
+                conn.reset_stream(sid, ErrorCodes.CANCEL)
+            writer.write(conn.data_to_send())
+            await writer.drain()
+            while not servers or servers[0].requests < 10:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert started == 10 and servers[0].active_streams == 10
+            assert all(ex.client_gone for ex in servers[0].exchanges.values())
+            hold.set()
+            while servers[0].active_streams:
+                await asyncio.sleep(0.01)
+            writer.close()
+    run(main)
+
+
+def test_expect_100_continue_is_answered_by_the_server() -> None:
+    async def main() -> None:
+        async with serve(echo_handler) as (port, _):
+            data = payload(300_000, seed=4)
+            proc = await asyncio.create_subprocess_exec(
+                _tool("curl"), "-sS", "--http2-prior-knowledge", "-H", "expect: 100-continue",
+                "--expect100-timeout", "30", "--data-binary", "@-", "-D", "-", "-o",
+                "/dev/null", f"http://127.0.0.1:{port}/continue",
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            started = asyncio.get_running_loop().time()
+            out, _ = await proc.communicate(data)
+            text = out.decode(errors="replace")
+            assert proc.returncode == 0, text
+            assert "HTTP/2 100" in text and f"x-request-sha: {sha(data)}" in text
+            assert "expect" not in text.split("x-header-names:")[1].split("\n")[0]
+            assert asyncio.get_running_loop().time() - started < 10
+    run(main)
+
+
+
+def test_sending_waits_while_the_transport_is_paused() -> None:
+    """The client grants a huge window but stops reading its socket: the server's
+    transport pauses, send() waits for resume_writing, the transport's buffer stays
+    within a frame of its high-water mark, and nothing is lost."""
+    async def main() -> None:
+        data = payload(24 * MB, seed=8)
+        peak = 0
+        progress = 0
+
+        async def sender(exchange: Exchange) -> None:
+            nonlocal peak, progress
+            await exchange.respond(ResponseHead(200))
+            transport = servers[0].transport
+            assert transport is not None
+            transport.set_write_buffer_limits(high=64 * 1024)
+            for i in range(0, len(data), 256 * 1024):
+                await exchange.send(data[i:i + 256 * 1024])
+                progress = i
+                peak = max(peak, transport.get_write_buffer_size())
+            await exchange.finish()
+
+        async with serve(sender) as (port, servers):
+            client = await open_h2c("127.0.0.1", port, stream_window=64 * MB,
+                                    connection_window=64 * MB)
+            response = await client.send(request(method="GET"), reader_of(b"")[1])
+            assert client.transport is not None
+            client.transport.pause_reading()
+            await asyncio.sleep(0.5)
+            stalled_at = progress
+            await asyncio.sleep(0.2)
+            assert servers[0].write_pauses >= 1 and progress == stalled_at < len(data)
+            client.transport.resume_reading()
+            assert sha(await read_all(response.body)) == sha(data)
+            assert peak <= 64 * 1024 + 65535 + 9
+            client.close()
+    run(main)
