@@ -28,6 +28,7 @@ Header names and values are bytes on the wire and str in message.py: latin-1 bot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -66,6 +67,7 @@ CONNECTION_WINDOW = 16 * 1024 * 1024  # per connection, across its streams
 MAX_FRAME = 64 * 1024 - 1  # largest DATA frame we accept
 MAX_CONCURRENT_STREAMS = 1000  # advertised by the server side
 MAX_HEADER_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default
+INITIAL_STREAMS = 100  # what the client side assumes before the server's SETTINGS
 _DEFAULT_WINDOW = 65535  # RFC 9113's initial window
 
 _Connection_States = h2.connection.ConnectionState
@@ -697,7 +699,8 @@ class H2Server(_H2Protocol):
         else:
             handler = self.handler
             if continue_:  # as Envoy does by default: answer it here, do not forward it
-                self._send_headers(exchange, [(b":status", b"100")], end=False)
+                with contextlib.suppress(ConnectionResetError):
+                    self._send_headers(exchange, [(b":status", b"100")], end=False)
         task = self._loop.create_task(self._run(exchange, handler))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -864,8 +867,10 @@ class H2Client(_H2Protocol):
 
     @property
     def max_streams(self) -> int:
-        """The server's SETTINGS_MAX_CONCURRENT_STREAMS (h2 assumes no limit until then)."""
-        return int(self.conn.remote_settings.max_concurrent_streams)
+        """The server's SETTINGS_MAX_CONCURRENT_STREAMS; until its SETTINGS arrive, 100
+        (RFC 9113 5.1.2 asks servers for no fewer; h2 would assume no limit)."""
+        limit = int(self.conn.remote_settings.max_concurrent_streams)
+        return limit if self.ready.done() else min(limit, INITIAL_STREAMS)
 
     def can_take(self) -> bool:
         return not self.closed and self.conn.open_outbound_streams < self.max_streams
@@ -885,14 +890,13 @@ class H2Client(_H2Protocol):
             raise UpstreamError("UC", "upstream HTTP/2 connection closed", refused_stream=True)
         if not self.can_take():
             raise UpstreamError("UC", "no free HTTP/2 stream", refused_stream=True)
-        if not head.authority and head.method != "CONNECT":
-            raise ValueError("an HTTP/2 request needs an authority")
+        authority = head.authority or self._peer_authority()
         fields = [(b":method", _encode(head.method))]
         if head.method == "CONNECT":
-            fields.append((b":authority", _encode(head.authority)))
+            fields.append((b":authority", _encode(authority)))
         else:
             fields += [(b":scheme", _encode(head.scheme or "http")),
-                       (b":authority", _encode(head.authority)),
+                       (b":authority", _encode(authority)),
                        (b":path", _encode(head.path or "/"))]
         te = (head.header("te") or "").lower()
         fields += _wire_fields(head.headers)
@@ -924,6 +928,14 @@ class H2Client(_H2Protocol):
         except asyncio.CancelledError:
             self._cancel(stream)
             raise
+
+    def _peer_authority(self) -> str:
+        """For a request without one (HTTP/1.0 without Host): HTTP/2 requires it."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = str(peer[0])
+            return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return "localhost"
 
     def shutdown(self) -> None:
         """No new streams; GOAWAY and close once the open ones end."""

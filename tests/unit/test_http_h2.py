@@ -221,6 +221,30 @@ def test_many_concurrent_streams_on_one_connection() -> None:
     run(main)
 
 
+def test_client_takes_100_streams_before_the_server_settings() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        silent = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)  # says nothing
+        client = await open_h2c("127.0.0.1", silent.sockets[0].getsockname()[1])
+        assert client.max_streams == 100 and client.can_take()
+        with pytest.raises(asyncio.TimeoutError):
+            await client.wait_ready(0.2)
+        client.close()
+        silent.close()
+    run(main)
+
+
+def test_request_without_authority_gets_the_peer_address() -> None:
+    async def main() -> None:
+        async with serve(echo_handler) as (port, _):
+            client = await open_h2c("127.0.0.1", port)
+            response = await client.send(request(method="GET", authority=""),
+                                         reader_of(b"")[1])
+            assert response.head.header("x-authority") == f"127.0.0.1:{port}"
+            client.close()
+    run(main)
+
+
 def test_peer_max_concurrent_streams_is_respected() -> None:
     async def main() -> None:
         release = asyncio.Event()
@@ -699,6 +723,52 @@ async def forward(upstream: H2Client, exchange: Exchange) -> None:
     while chunk := await body.read():
         await exchange.send(chunk)
     await exchange.finish(body.trailers)
+
+
+def test_backpressure_crosses_the_proxy_both_ways() -> None:
+    """client -> H2Server -> forward() -> H2Client -> server, every window WINDOW: while
+    one end does not read, the other end has sent at most two windows and a frame."""
+    async def main() -> None:
+        total = 8 * MB
+        data = payload(total, seed=12)
+        sent = 0
+        hold = asyncio.Event()
+
+        async def origin(exchange: Exchange) -> None:
+            nonlocal sent
+            if exchange.request.method == "POST":  # upload: read nothing until told
+                await hold.wait()
+                received = await read_all(exchange.body)
+                await exchange.respond(ResponseHead(200, [("x-request-sha", sha(received))]))
+                await exchange.finish()
+                return
+            await exchange.respond(ResponseHead(200))
+            for i in range(0, total, 32 * 1024):
+                await exchange.send(data[i:i + 32 * 1024])
+                sent = i + 32 * 1024
+            await exchange.finish()
+
+        bound = 2 * WINDOW + 64 * 1024
+        windows = {"stream_window": WINDOW, "connection_window": 4 * WINDOW}
+        async with serve(origin, **windows) as (origin_port, _):
+            upstream = await open_h2c("127.0.0.1", origin_port, **windows)
+            async with serve(lambda ex: forward(upstream, ex), **windows) as (port, _):
+                client = await open_h2c("127.0.0.1", port, **windows)
+
+                response = await client.send(request(method="GET"), reader_of(b"")[1])
+                await asyncio.sleep(0.5)
+                assert 0 < sent <= bound
+                assert sha(await read_all(response.body)) == sha(data)
+
+                _, reader = reader_of(data)
+                uploading = asyncio.ensure_future(client.send(request(), reader))
+                await asyncio.sleep(0.5)
+                assert 0 < reader.sent <= bound + 16 * 1024
+                hold.set()
+                assert (await uploading).head.header("x-request-sha") == sha(data)
+                client.close()
+            upstream.close()
+    run(main)
 
 
 def _grpc_server() -> tuple[grpc.Server, int]:
