@@ -575,9 +575,12 @@ class H2Server(_H2Protocol):
 
     def attach(self, transport: asyncio.BaseTransport, initial: bytes = b"") -> H2Server:
         """Take over a connected transport whose first bytes (`initial`, the client's
-        preface onwards) a sniffer has already read."""
+        preface onwards) a sniffer has already read.  Works for asyncio/uvloop transports
+        (whose set_protocol does not call connection_made) and for the tunnel's
+        StreamTransport (whose set_protocol does, and replays what arrived before)."""
         transport.set_protocol(self)
-        self.connection_made(transport)
+        if self.transport is None:
+            self.connection_made(transport)
         if initial:
             self.data_received(initial)
         return self

@@ -26,7 +26,7 @@ import pytest
 import uvloop
 from hyperframe.frame import Frame, GoAwayFrame
 
-from nodeproxy.http.h2 import H2Client, H2Server, UpstreamBody, open_h2c
+from nodeproxy.http.h2 import CONNECTION_WINDOW, H2Client, H2Server, UpstreamBody, open_h2c
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -38,6 +38,7 @@ from nodeproxy.http.message import (
     ResponseHead,
     UpstreamError,
 )
+from nodeproxy.tunnel.session import H2Session, StreamTransport
 
 ErrorCodes = h2.errors.ErrorCodes
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -197,6 +198,48 @@ def test_client_attaches_to_a_connected_transport() -> None:
             response = await client.send(request(method="GET"), reader_of(b"")[1])
             assert response.head.status == 200 and await read_all(response.body) == b""
             client.close()
+    run(main)
+
+
+def test_both_codecs_inside_an_hbone_stream() -> None:
+    """HTTP/2 inside an HBONE CONNECT stream (tunnel/session.py's StreamTransport, over
+    plain TCP here): H2Client and H2Server each attach to a stream end."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        servers: list[H2Server] = []
+
+        def on_request(session: H2Session, stream: StreamTransport) -> None:
+            session.respond(stream, 200)
+            servers.append(H2Server(echo_handler).attach(stream))
+
+        listener = await loop.create_server(
+            lambda: H2Session(client_side=False, on_request=on_request), "127.0.0.1", 0)
+        _, session = await loop.create_connection(
+            lambda: H2Session(client_side=True), "127.0.0.1",
+            listener.sockets[0].getsockname()[1])
+        await session.ready
+        stream = session.open_stream([(":method", "CONNECT"), (":authority", "10.0.0.9:80")])
+        assert (await stream.response)[":status"] == "200"
+        client = H2Client().attach(stream)
+        await client.wait_ready(5)
+        # Started once (StreamTransport.set_protocol calls connection_made itself).
+        assert servers[0].conn.inbound_flow_control_window == CONNECTION_WINDOW
+
+        async def one(i: int, size: int) -> None:
+            data = payload(size, seed=i)
+            trailers = [("x-n", str(i))]
+            response = await client.send(request(f"/{i}", headers=[("x-size", str(size))]),
+                                         reader_of(data, trailers=trailers)[1])
+            assert response.head.header("x-request-sha") == sha(data)
+            assert sha(await read_all(response.body)) == sha(payload(size, seed=7))
+            assert response.body.trailers == trailers
+
+        await asyncio.gather(*(one(i, size) for i, size in enumerate(
+            [0, 1, 70_000, 5 * MB] + [30_000] * 20)))
+        client.close()
+        session.close()
+        listener.close()
     run(main)
 
 
