@@ -28,6 +28,7 @@ Header names and values are bytes on the wire and str in message.py: latin-1 bot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -38,8 +39,11 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
+from hyperframe.frame import Frame
 
 from nodeproxy.http.message import (
     HOP_BY_HOP,
@@ -63,6 +67,7 @@ CONNECTION_WINDOW = 16 * 1024 * 1024  # per connection, across its streams
 MAX_FRAME = 64 * 1024 - 1  # largest DATA frame we accept
 MAX_CONCURRENT_STREAMS = 1000  # advertised by the server side
 MAX_HEADER_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default
+INITIAL_STREAMS = 100  # what the client side assumes before the server's SETTINGS
 _DEFAULT_WINDOW = 65535  # RFC 9113's initial window
 
 _Connection_States = h2.connection.ConnectionState
@@ -86,6 +91,21 @@ class _StateMachine(h2.connection.H2ConnectionStateMachine):
         return super().process_input(input_)
 
 
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer checks a frame's length once the whole frame has arrived: check it
+    from the header, so an overlong frame is refused before it is buffered."""
+
+    def __next__(self) -> Any:
+        if len(self._data) >= 9:
+            try:
+                _, length = Frame.parse_frame_header(memoryview(self._data[:9]))
+            except (InvalidDataError, InvalidFrameError):
+                pass  # h2's own __next__ reports it
+            else:
+                self._validate_frame_length(length)
+        return super().__next__()
+
+
 class _Connection(h2.connection.H2Connection):
     """H2Connection with a graceful GOAWAY, COMPRESSION_ERROR for undecodable header
     blocks (h2 says PROTOCOL_ERROR) and a header-list limit of our own (see H2Server)."""
@@ -93,6 +113,7 @@ class _Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration, header_limit: int):
         super().__init__(config=config)
         self.state_machine = _StateMachine()
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._header_limit = header_limit
         self.decoder.max_header_list_size = header_limit
         self._keep_outbound = False
@@ -106,6 +127,11 @@ class _Connection(h2.connection.H2Connection):
     def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
         self.state_machine.terminating = True
         super()._terminate_connection(error_code)
+
+    @property
+    def terminated(self) -> bool:
+        """An error GOAWAY has been queued."""
+        return self.state_machine.terminating
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         try:
@@ -220,6 +246,7 @@ class _H2Protocol(asyncio.Protocol):
         self._lost = False
         self._failed = False  # a protocol error ended it
         self._write_paused = False
+        self.write_pauses = 0  # times the transport asked us to stop writing
         self._blocked: dict[int, list[asyncio.Future[None]]] = {}
         self._loop = asyncio.get_running_loop()
         self.idle_since: float | None = self._loop.time()
@@ -260,6 +287,7 @@ class _H2Protocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self.write_pauses += 1
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -277,8 +305,14 @@ class _H2Protocol(asyncio.Protocol):
         raise NotImplementedError
 
     def _protocol_error(self, code: int, message: str) -> None:
-        """h2 has queued a GOAWAY with `code`: send it and close."""
+        """Send the GOAWAY h2 has queued with `code` (or one: a bad preface raises before
+        h2 queues anything) and close."""
         self._failed = True
+        if not self.conn.terminated:
+            try:
+                self.conn.close_connection(code)
+            except h2.exceptions.ProtocolError:
+                pass
         self._flush()
         self._close_transport()
 
@@ -369,20 +403,15 @@ class _H2Protocol(asyncio.Protocol):
                 self._blocked.setdefault(stream_id, []).append(fut)
                 await fut
                 continue
-            sent = 0
+            chunk = bytes(view[:window])
             try:
-                while view and window > 0:
-                    chunk = bytes(view[:window])
-                    self.conn.send_data(stream_id, chunk)
-                    view = view[len(chunk):]
-                    sent += len(chunk)
-                    window = min(self.conn.local_flow_control_window(stream_id),
-                                 self.conn.max_outbound_frame_size)
+                self.conn.send_data(stream_id, chunk)
             except h2.exceptions.ProtocolError as e:
                 raise ConnectionResetError(f"HTTP/2 stream {stream_id} closed") from e
-            finally:
-                if sent:
-                    self._flush()
+            view = view[len(chunk):]
+            # One frame at a time: the transport's buffer stays within its high-water
+            # mark plus a frame, whatever window the peer grants.
+            self._flush()
 
     def _window_event(self, event: h2.events.Event) -> bool:
         """Wake senders on window and settings changes; True if the event was one."""
@@ -508,6 +537,10 @@ class H2Server(_H2Protocol):
     HPACK decoding stops and the connection ends (GOAWAY ENHANCE_YOUR_CALM).
     Protocol errors send h2's GOAWAY (PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR,
     FLOW_CONTROL_ERROR, ...), call ``on_protocol_error(code, message)`` and close.
+    ``expect: 100-continue`` is answered here (and removed); ``te: trailers`` stays in the
+    request's headers (gRPC needs it end to end), the only hop-by-hop field that does.
+    At most ``max_concurrent_streams`` handlers run at once: a stream past that, even one
+    h2 would allow because earlier ones were reset, is refused (REFUSED_STREAM).
 
     The caller owns the idle timeout: ``active_streams`` and ``idle_since`` (loop time the
     last stream ended, None while one is open) say when; then close() or shutdown().
@@ -531,6 +564,7 @@ class H2Server(_H2Protocol):
             })
         self.handler = handler
         self.max_header_bytes = max_header_bytes
+        self.max_concurrent_streams = max_concurrent_streams
         self.on_protocol_error = on_protocol_error
         self.exchanges: dict[int, H2Exchange] = {}
         self.peername: Any = None
@@ -541,9 +575,12 @@ class H2Server(_H2Protocol):
 
     def attach(self, transport: asyncio.BaseTransport, initial: bytes = b"") -> H2Server:
         """Take over a connected transport whose first bytes (`initial`, the client's
-        preface onwards) a sniffer has already read."""
+        preface onwards) a sniffer has already read.  Works for asyncio/uvloop transports
+        (whose set_protocol does not call connection_made) and for the tunnel's
+        StreamTransport (whose set_protocol does, and replays what arrived before)."""
         transport.set_protocol(self)
-        self.connection_made(transport)
+        if self.transport is None:
+            self.connection_made(transport)
         if initial:
             self.data_received(initial)
         return self
@@ -639,11 +676,19 @@ class H2Server(_H2Protocol):
         if self._draining and (self._last_stream_id is None or stream_id > self._last_stream_id):
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
+        if len(self.exchanges) >= self.max_concurrent_streams:
+            # h2 frees a stream's slot when the client resets it, but its handler runs on:
+            # count the handlers too, so opening and resetting streams (CVE-2023-44487,
+            # "rapid reset") cannot start handlers without bound.
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         pseudo, headers = _split(fields)
         authority = pseudo.get(":authority") or next(
             (value for name, value in headers if name == "host"), "")
+        continue_ = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
         headers = [(n, v) for n, v in headers
-                   if n != "host" and (n not in HOP_BY_HOP or n == "te")]
+                   if n != "host" and (n not in HOP_BY_HOP or n == "te")
+                   and not (continue_ and n == "expect")]
         method = pseudo.get(":method", "")
         request = RequestHead(
             method=method, path=pseudo.get(":path", ""), authority=authority,
@@ -656,6 +701,9 @@ class H2Server(_H2Protocol):
             handler: Callable[[Exchange], Awaitable[None]] = _too_large
         else:
             handler = self.handler
+            if continue_:  # as Envoy does by default: answer it here, do not forward it
+                with contextlib.suppress(ConnectionResetError):
+                    self._send_headers(exchange, [(b":status", b"100")], end=False)
         task = self._loop.create_task(self._run(exchange, handler))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -822,8 +870,10 @@ class H2Client(_H2Protocol):
 
     @property
     def max_streams(self) -> int:
-        """The server's SETTINGS_MAX_CONCURRENT_STREAMS (h2 assumes no limit until then)."""
-        return int(self.conn.remote_settings.max_concurrent_streams)
+        """The server's SETTINGS_MAX_CONCURRENT_STREAMS; until its SETTINGS arrive, 100
+        (RFC 9113 5.1.2 asks servers for no fewer; h2 would assume no limit)."""
+        limit = int(self.conn.remote_settings.max_concurrent_streams)
+        return limit if self.ready.done() else min(limit, INITIAL_STREAMS)
 
     def can_take(self) -> bool:
         return not self.closed and self.conn.open_outbound_streams < self.max_streams
@@ -843,20 +893,23 @@ class H2Client(_H2Protocol):
             raise UpstreamError("UC", "upstream HTTP/2 connection closed", refused_stream=True)
         if not self.can_take():
             raise UpstreamError("UC", "no free HTTP/2 stream", refused_stream=True)
-        if not head.authority and head.method != "CONNECT":
-            raise ValueError("an HTTP/2 request needs an authority")
+        authority = head.authority or self._peer_authority()
         fields = [(b":method", _encode(head.method))]
         if head.method == "CONNECT":
-            fields.append((b":authority", _encode(head.authority)))
+            fields.append((b":authority", _encode(authority)))
         else:
             fields += [(b":scheme", _encode(head.scheme or "http")),
-                       (b":authority", _encode(head.authority)),
+                       (b":authority", _encode(authority)),
                        (b":path", _encode(head.path or "/"))]
         te = (head.header("te") or "").lower()
         fields += _wire_fields(head.headers)
         if head.is_grpc or "trailers" in te:
             fields.append((b"te", b"trailers"))
-        stream_id = self.conn.get_next_available_stream_id()
+        try:
+            stream_id = self.conn.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError as e:
+            self.shutdown()
+            raise UpstreamError("UC", "HTTP/2 stream ids used up", refused_stream=True) from e
         stream = _ClientStream(self, stream_id)
         end = body.ended and not body.trailers
         try:
@@ -878,6 +931,14 @@ class H2Client(_H2Protocol):
         except asyncio.CancelledError:
             self._cancel(stream)
             raise
+
+    def _peer_authority(self) -> str:
+        """For a request without one (HTTP/1.0 without Host): HTTP/2 requires it."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = str(peer[0])
+            return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return "localhost"
 
     def shutdown(self) -> None:
         """No new streams; GOAWAY and close once the open ones end."""
