@@ -28,10 +28,10 @@ import httptools
 from nodeproxy.http.message import (
     HOP_BY_HOP,
     Body,
-    MalformedRequest,
     BodyError,
     BodyReader,
     Headers,
+    MalformedRequest,
     RequestHead,
     ResponseHead,
     UpstreamError,
@@ -140,7 +140,7 @@ class H1Exchange:
         for name, value in head.headers:
             if name in HOP_BY_HOP:
                 continue
-            lines.append(b"%s: %s\r\n" % (name.encode(), value.encode()))
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
         if not self._no_body:
             if length is not None:
                 self._remaining = int(length)
@@ -181,7 +181,7 @@ class H1Exchange:
         if self.finished:
             return
         if self._chunked:
-            tail = b"".join(b"%s: %s\r\n" % (n.encode(), v.encode())
+            tail = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1"))
                             for n, v in trailers or ())
             self._server.write(b"0\r\n" + tail + b"\r\n")
         elif self._remaining:
@@ -275,7 +275,12 @@ class H1Server(asyncio.Protocol):
         except BadRequest as e:
             self._bad_request(e.status, e.reason)
         except httptools.HttpParserError as e:
-            self._bad_request(400, str(e) or type(e).__name__)
+            # httptools wraps what a callback raises: our own refusals keep their status.
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, BadRequest):
+                self._bad_request(cause.status, cause.reason)
+            else:
+                self._bad_request(400, str(e) or type(e).__name__)
 
     def eof_received(self) -> bool:
         if self._parsing is not None:
@@ -385,9 +390,7 @@ class H1Server(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._run(exchange))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if self._paused and len(self._queue) <= MAX_PIPELINED and not (
-                self._parsing is not None and self._parsing.body.over_high_water):
-            self._resume()
+        self._maybe_resume()
 
     async def _run(self, exchange: H1Exchange) -> None:
         try:
@@ -414,9 +417,16 @@ class H1Server(asyncio.Protocol):
             self._arm_idle()
 
     def body_consumed(self, n: int) -> None:
-        if self._paused and self._parsing is not None and not self._parsing.body.over_high_water \
-                and len(self._queue) <= MAX_PIPELINED:
-            self._resume()
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        """Read again once nothing holds the socket back: the body being parsed is below
+        its high-water mark (or there is none) and few requests wait their turn."""
+        if not self._paused or self._detached or len(self._queue) > MAX_PIPELINED:
+            return
+        if self._parsing is not None and self._parsing.body.over_high_water:
+            return
+        self._resume()
 
     def _bad_request(self, status: int, reason: str) -> None:
         if self._on_bad_request is not None:
@@ -489,7 +499,7 @@ def encode_request(head: RequestHead, *, chunked: bool) -> bytes:
     for name, value in head.headers:
         if name in HOP_BY_HOP or name == "host":
             continue
-        lines.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
+        lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
     if chunked:
         lines.append(b"transfer-encoding: chunked\r\n")
     lines.append(b"\r\n")
@@ -561,7 +571,7 @@ class H1Client(asyncio.Protocol):
                 self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                 await self.writer.drain()
             if chunked and not self._closed:
-                tail = b"".join(b"%s: %s\r\n" % (n.encode(), v.encode())
+                tail = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1"))
                                 for n, v in body.trailers or ())
                 self.transport.write(b"0\r\n" + tail + b"\r\n")
         except BodyError as e:
@@ -647,6 +657,10 @@ class H1Client(asyncio.Protocol):
         if self._body is not None:
             self._body.end()
             self._body = None
+        if self.transport is not None and not self.transport.is_closing():
+            # Reading paused for this body's sake must not outlive it: the next
+            # response on this connection has to be read.
+            self.transport.resume_reading()
         self._status = 0
         sender_done = self._sender is None or self._sender.done()
         if not self._keep_alive or not sender_done:

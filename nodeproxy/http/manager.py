@@ -621,6 +621,10 @@ def _discard(response: UpstreamResponse, connection: UpstreamConnection | None) 
     body: Body = response.body
     if body.ended and body.buffered == 0:
         return
+    cancel = getattr(body, "cancel", None)
+    if cancel is not None:
+        cancel()  # HTTP/2: reset just this stream
+        return
 
     async def drain() -> None:
         try:

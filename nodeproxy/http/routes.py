@@ -4,8 +4,9 @@ Compiled once per configuration from the validated model.  Precedence among the 
 attached to one service port follows Gateway API: an Exact path beats a prefix, a longer
 prefix beats a shorter one, then a method match, then more header matches, then more
 query-parameter matches, then configuration order.  Regular-expression paths rank after
-Exact and before every prefix (Gateway API leaves their rank to implementations).  Within a rule any of
-its matches may match; a rule without matches matches every request.  A service port
+Exact and before every prefix (Gateway API leaves their rank to implementations).
+Within a rule any of its matches may match; a rule without matches matches every
+request.  A service port
 with no route gets one default rule sending every request to the service itself.
 """
 
