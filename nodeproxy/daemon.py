@@ -567,7 +567,7 @@ class Daemon:
                 update={"services": [*config.services, *self._discovered[1]]})
         self._table = DestinationTable(config, runtime, self._balancer)
         if self.http is not None:
-            self.http.update(config, self._table)
+            self.http.update(config, self._table, frozenset(self.enrollment.pods))
         workloads = {w.key: w for w in config.workloads}
         workloads.update({w.key: w for w in runtime})
         self._admitter = Admitter(self.config, self._admission_metrics)

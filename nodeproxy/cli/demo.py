@@ -88,6 +88,7 @@ class ServiceFigures:
     closed: float = 0.0
     sent: float = 0.0
     received: float = 0.0
+    requests: float = 0.0  # HTTP requests (istio_requests_total): the port speaks HTTP
 
 
 _KERNEL = "nodeproxy_kernel_"
@@ -135,12 +136,13 @@ def parse_metrics(texts: Iterable[str]) -> tuple[dict[str, WorkloadFigures],
                                 w.rtt_sum_us += value * scale
                             elif name == prefix + "_count":
                                 w.rtt_count += value
-                elif name in _ISTIO:
+                elif name in _ISTIO or name == "istio_requests_total":
                     service = labels.get("destination_service", "unknown")
                     reporter = labels.get("reporter", "")
                     s = by_reporter.setdefault(reporter, {}).setdefault(service,
                                                                         ServiceFigures())
-                    setattr(s, _ISTIO[name], getattr(s, _ISTIO[name]) + value)
+                    field = _ISTIO.get(name, "requests")
+                    setattr(s, field, getattr(s, field) + value)
     # One proxy reports both ends of a same-node connection: prefer the source's view.
     services = by_reporter.get("source") or next(iter(by_reporter.values()), {})
     return workloads, services
@@ -209,7 +211,7 @@ def render(elapsed: float, duration: float, mesh: bool, pods: dict[str, str],
                      f"{(f'{avg:.0f}' if avg is not None else '-'):>8}")
     lines.append("")
     header = (f"{'SERVICE':<14} {'CLIENT OK':>9} {'FAILED':>7} {'p50 ms':>7} "
-              f"{'MESH CONNS':>10} {'MESH SENT':>10} {'MESH RECV':>10}")
+              f"{'MESH CONNS':>10} {'MESH REQS':>9} {'MESH SENT':>10} {'MESH RECV':>10}")
     lines += [header, "-" * len(header)]
     for service in ("default/web", "default/echo"):
         runs = [c for c in clients if c.service == service]
@@ -220,7 +222,7 @@ def render(elapsed: float, duration: float, mesh: bool, pods: dict[str, str],
         s = next((v for k, v in services.items() if k.startswith(service.split("/")[1] + ".")
                   or k == service), ServiceFigures())
         lines.append(f"{service:<14} {ok:>9} {failed:>7} {p50:>7} {s.opened:>10.0f} "
-                     f"{_human(s.sent):>10} {_human(s.received):>10}")
+                     f"{s.requests:>9.0f} {_human(s.sent):>10} {_human(s.received):>10}")
     errors: dict[str, int] = {}
     for c in clients:
         for message, count in c.latest.get("errors", {}).items():
@@ -420,9 +422,12 @@ def _service_summary(clients: list[ClientRun],
             "latency_ms_p50": max((f.get("latency_ms", {}).get("p50", 0.0) for f in finals),
                                   default=0.0),
             "errors": errors,
-            "mesh_tcp": None if mesh is None else {
+            "mesh_tcp": None if mesh is None or not mesh.opened else {
                 "connections_opened": int(mesh.opened), "connections_closed": int(mesh.closed),
                 "bytes_sent": int(mesh.sent), "bytes_received": int(mesh.received)},
+            # A port the proxy found speaking HTTP is counted per request, as Istio does.
+            "mesh_http": None if mesh is None or not mesh.requests else {
+                "requests": int(mesh.requests)},
             "clients": {c.pod: c.final for c in runs},
         }
     return result

@@ -245,6 +245,7 @@ class H1Server(asyncio.Protocol):
         self._upgrade_rest = b""
         self._idle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
 
     def attach(self, transport: asyncio.Transport, initial: bytes) -> None:
         """Take over a connected transport whose first bytes have already been read."""
@@ -354,8 +355,8 @@ class H1Server(asyncio.Protocol):
             raise BadRequest(400, "request target is not in origin form")
         exchange = H1Exchange(
             self, RequestHead(method, url, authority, headers, version=version),
-            keep_alive=keep_alive, expect_continue=expect_continue, upgrade=upgrade,
-            header_bytes=self._header_bytes)
+            keep_alive=keep_alive and not self._draining, expect_continue=expect_continue,
+            upgrade=upgrade, header_bytes=self._header_bytes)
         self._parsing = exchange
         self._queue.append(exchange)
         if len(self._queue) > MAX_PIPELINED:
@@ -488,6 +489,16 @@ class H1Server(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self._current is None and not self._queue
+
+    def drain(self) -> None:
+        """The proxy is stopping: close now if idle, else after the response in flight."""
+        self._draining = True
+        if self.idle:
+            self._close()
+        elif self._current is not None:
+            self._current.keep_alive = False
+            for exchange in self._queue:
+                exchange.keep_alive = False
 
 
 # --- upstream ----------------------------------------------------------------------------

@@ -104,18 +104,38 @@ class _Outcome:
 
 
 class ClientConnection:
-    """A captured client connection served at L7: what drain and pod removal need."""
+    """A captured client connection served at L7: what drain, idle expiry and pod removal
+    need of it."""
 
-    def __init__(self, transport: object):
+    def __init__(self, transport: asyncio.Transport):
         self.transport = transport
+        self.server: H1Server | _ClientH2Server | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def closed(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
 
+    def begin_drain(self) -> None:
+        """Stop taking requests: close at once if idle, else after the requests in flight
+        (HTTP/1.1: ``connection: close`` on the last response; HTTP/2: GOAWAY)."""
+        if isinstance(self.server, H1Server):
+            self.server.drain()
+        elif self.server is not None:
+            self.server.shutdown()
+
+    def expire(self, now: float, idle_timeout: float) -> None:
+        """HTTP/2 connections idle past the timeout are closed (HTTP/1.1 times itself)."""
+        server = self.server
+        if isinstance(server, _ClientH2Server) and server.idle_since is not None \
+                and now - server.idle_since >= idle_timeout:
+            server.shutdown()
+
     def abort(self) -> None:
-        reset(self.transport)  # type: ignore[arg-type]
+        reset(self.transport)
+
+
+SWEEP_SECONDS = 5.0
 
 
 class HttpProxy:
@@ -138,10 +158,15 @@ class HttpProxy:
         self._stats: dict[str, Endpoint] = {}  # endpoint key -> endpoint (stats survive)
         self._budgets: dict[str, RetryBudget] = {}
         self._pools: dict[tuple[str, str, bool], EndpointPool] = {}
+        self._clients: set[ClientConnection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- configuration ---------------------------------------------------------------------
 
-    def update(self, config: NodeConfig, table: DestinationTable) -> None:
+    def update(self, config: NodeConfig, table: DestinationTable,
+               local_pods: frozenset[str]) -> None:
+        """A new configuration or pod set: rebuild routes and clusters; close the pools of
+        pods no longer enrolled and of endpoints no longer listed."""
         self._settings = config.http
         self._routes = Routes(config)
         self._table = table
@@ -153,6 +178,24 @@ class HttpProxy:
             budgets[key] = old if old is not None and old.config == policy.retry_budget \
                 else RetryBudget(policy.retry_budget)
         self._budgets = budgets
+        endpoints = {Endpoint(b).key for entry in table.service_ports.values()
+                     for b in (*entry.backends_v4, *entry.backends_v6)}
+        for key in [k for k in self._pools if k[0] not in local_pods or k[1] not in endpoints]:
+            self._pools.pop(key).close()
+        self._stats = {k: v for k, v in self._stats.items() if k in endpoints}
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close idle upstream connections and idle HTTP/2 client connections."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            now = loop.time()
+            for pool in list(self._pools.values()):
+                pool.sweep(now)
+            for client in list(self._clients):
+                client.expire(now, self._settings.idle_timeout_seconds)
 
     @property
     def settings(self) -> HttpSettings:
@@ -196,11 +239,9 @@ class HttpProxy:
             })
         return view
 
-    def forget_pod(self, pod_key: str) -> None:
-        for key in [k for k in self._pools if k[0] == pod_key]:
-            self._pools.pop(key).close()
-
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
@@ -212,6 +253,8 @@ class HttpProxy:
               http2_upstream: bool) -> ClientConnection:
         """Serve a client connection whose first bytes were `initial`."""
         connection = ClientConnection(transport)
+        self._clients.add(connection)
+        connection.done.add_done_callback(lambda _f: self._clients.discard(connection))
         context = _Context(pod, entry, version, http2_upstream, pod.workload.access_log)
         settings = self._settings
 
@@ -227,6 +270,7 @@ class HttpProxy:
                 on_protocol_error=lambda code, message:
                 self._metrics.count_bad_request("http/2", message))
             h2_server.on_closed = connection.closed
+            connection.server = h2_server
             h2_server.attach(transport, initial)
             transport.resume_reading()  # the sniffer left it paused
         else:
@@ -234,6 +278,7 @@ class HttpProxy:
                                  idle_timeout=settings.idle_timeout_seconds,
                                  on_bad_request=bad_request("http/1.1"),
                                  on_closed=connection.closed)
+            connection.server = h1_server
             h1_server.attach(transport, initial)
         return connection
 

@@ -46,9 +46,9 @@ class EndpointPool:
     def __init__(self, connector: Connector, *, http2: bool, idle_timeout: float):
         self._connector = connector
         self.http2 = http2
-        self._idle_timeout = idle_timeout
+        self.idle_timeout = idle_timeout
         self._connections: list[UpstreamConnection] = []
-        self._idle_timers: dict[int, asyncio.TimerHandle] = {}
+        self._idle_since: dict[int, float] = {}  # HTTP/1.1 connections back in the pool
         self.opened = 0
 
     async def acquire(self) -> UpstreamConnection:
@@ -57,7 +57,7 @@ class EndpointPool:
         self._connections = [c for c in self._connections if not c.closed]
         for connection in self._connections:
             if connection.can_take():
-                self._touch(connection)
+                self._idle_since.pop(id(connection), None)
                 return connection
         connection: UpstreamConnection
         connection = H2Client() if self.http2 else H1Client(on_idle=self._idle)
@@ -68,28 +68,29 @@ class EndpointPool:
         self._connections.append(connection)
         return connection
 
-    def _touch(self, connection: UpstreamConnection) -> None:
-        timer = self._idle_timers.pop(id(connection), None)
-        if timer is not None:
-            timer.cancel()
-
     def _idle(self, connection: H1Client) -> None:
-        self._touch(connection)
-        self._idle_timers[id(connection)] = asyncio.get_running_loop().call_later(
-            self._idle_timeout, self._expire, connection)
+        self._idle_since[id(connection)] = asyncio.get_running_loop().time()
 
-    def _expire(self, connection: UpstreamConnection) -> None:
-        self._idle_timers.pop(id(connection), None)
-        if connection.can_take():
-            connection.close()
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than the idle timeout."""
+        for connection in self._connections:
+            if connection.closed:
+                continue
+            if isinstance(connection, H2Client):
+                since = connection.idle_since
+            else:
+                since = self._idle_since.get(id(connection)) if connection.can_take() else None
+            if since is not None and now - since >= self.idle_timeout:
+                connection.close()
+        self._connections = [c for c in self._connections if not c.closed]
+        live = {id(c) for c in self._connections}
+        self._idle_since = {k: v for k, v in self._idle_since.items() if k in live}
 
     def close(self) -> None:
-        for timer in self._idle_timers.values():
-            timer.cancel()
-        self._idle_timers.clear()
         for connection in self._connections:
             connection.close()
         self._connections.clear()
+        self._idle_since.clear()
 
     @property
     def size(self) -> int:

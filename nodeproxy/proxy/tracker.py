@@ -41,6 +41,10 @@ class ConnectionTracker:
         deadline = loop.time() + grace
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=grace)
+        for tracked in list(self.relays):
+            begin_drain = getattr(tracked, "begin_drain", None)
+            if begin_drain is not None:
+                begin_drain()  # HTTP: close idle keep-alive connections, GOAWAY the rest
         while self.relays and loop.time() < deadline:
             await asyncio.wait([r.done for r in self.relays], timeout=deadline - loop.time())
         leftover = list(self.relays)
