@@ -7,7 +7,8 @@ Run inside pods as::
         [--authority NAME] [--new-channel] --json
 
 It makes N calls one after the other, on one channel (one HTTP/2 connection) unless
-``--new-channel``; ClientStream and BidiStream send the payload K times.  With
+``--new-channel`` (one each: gRPC's sharing of connections between the channels of a
+process is off); ClientStream and BidiStream send the payload K times.  With
 ``--json`` it prints one JSON line: ``{ok, target, method, count, codes: {name: n},
 latency_ms: {p50, p90, p99, max}, calls: [...]}``, each call being ``{code, details,
 initial_metadata, trailing_metadata, responses: [{len, sha256, text?}], latency_ms}``
@@ -46,10 +47,13 @@ TEXT_LIMIT = 256
 
 
 def channel(target: str, authority: str | None = None) -> grpc.Channel:
-    """An insecure channel without client retries or environment proxies."""
+    """An insecure channel with a connection of its own, without client retries or
+    environment proxies."""
     options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 0),
         ("grpc.enable_http_proxy", 0),
+        # Its own connection: channels of a process otherwise share one per target.
+        ("grpc.use_local_subchannel_pool", 1),
         ("grpc.max_receive_message_length", 64 << 20),
         ("grpc.max_send_message_length", 64 << 20),
     ]
