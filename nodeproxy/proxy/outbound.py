@@ -114,9 +114,11 @@ class OutboundProxy:
         mode = self._l7_mode(decision)
         opened: Opened[Side] | None = None
         if mode is not PortMode.OPAQUE:
-            if mode is PortMode.DETECT:
+            if mode is PortMode.DETECT and decision.backend is not None and \
+                    not self._upstreams.has_l7_policy(decision.backend, self._table()):
                 # Connect at once: a server that speaks first is never kept waiting, and
-                # its first bytes end the detection.
+                # its first bytes end the detection.  (Not to a workload with HTTP
+                # authorization rules: its connections are judged request by request.)
                 opened = await self._open_l4(pod, down, decision)
                 if opened is None:
                     return
@@ -148,9 +150,10 @@ class OutboundProxy:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            seen = len(down.early)
             if opened is not None:
                 up = opened.protocol
-                waiters = [loop.create_task(down.wait_early(remaining)),
+                waiters = [loop.create_task(down.wait_early(remaining, seen)),
                            loop.create_task(up.wait_early(remaining))]
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waiters:
@@ -158,17 +161,16 @@ class OutboundProxy:
                 if up.early or up.got_eof or up.lost:
                     return False  # the server spoke first: not HTTP from this client
             else:
-                await down.wait_early(remaining)
+                await down.wait_early(remaining, seen)
             sniffed = sniff(b"".join(down.early))
-            if sniffed is None and down.early:
-                down.pause()
-                down.transport.resume_reading()  # type: ignore[union-attr]
-        if sniffed is None and mode is not PortMode.DETECT and not (down.got_eof or down.lost):
-            sniffed = Sniffed.HTTP1  # declared HTTP: let the parser say what is wrong
+        if not down.early and (down.got_eof or down.lost):
+            if mode is PortMode.DETECT:
+                return False  # the relay passes the EOF on
+            down.transport.close()  # type: ignore[union-attr]
+            return True
+        if mode is not PortMode.DETECT and sniffed is not Sniffed.HTTP2 and not down.lost:
+            sniffed = Sniffed.HTTP1  # declared HTTP: the parser answers what is not (400)
         if sniffed not in (Sniffed.HTTP1, Sniffed.HTTP2) or down.lost:
-            if mode is not PortMode.DETECT:
-                self._refuse(pod, down, "not_http")
-                return True
             return False
         if opened is not None:
             opened.protocol.transport.close()  # type: ignore[union-attr]
@@ -180,7 +182,8 @@ class OutboundProxy:
         http2_upstream = mode is PortMode.HTTP2 or (mode is PortMode.DETECT and http2_client)
         connection = self._http.serve(
             pod, decision.port, decision.backend.address.version,  # type: ignore[union-attr]
-            transport, initial, http2_client=http2_client, http2_upstream=http2_upstream)
+            transport, initial, http2_client=http2_client, http2_upstream=http2_upstream,
+            client_eof=down.got_eof)
         self._tracker.add(connection, pod.key)  # type: ignore[arg-type]
         connection.done.add_done_callback(
             lambda _f: self._tracker.discard(connection))  # type: ignore[arg-type]

@@ -56,10 +56,11 @@ class Side(asyncio.Protocol):
         self.early: list[bytes] = []
         self._arrival: asyncio.Future[None] | None = None
 
-    async def wait_early(self, timeout: float | None) -> None:
-        """Read until something arrives before the relay is joined (bytes, EOF or loss), or
-        the timeout passes.  The proxy sniffs a connection's first bytes this way."""
-        if self.early or self.got_eof or self.lost:
+    async def wait_early(self, timeout: float | None, seen: int = 0) -> None:
+        """Read until something more arrives before the relay is joined (more than `seen`
+        early chunks, EOF or loss), or the timeout passes.  The proxy sniffs a connection's
+        first bytes this way."""
+        if len(self.early) > seen or self.got_eof or self.lost:
             return
         self._arrival = asyncio.get_running_loop().create_future()
         if self.transport is not None and not self.transport.is_closing():

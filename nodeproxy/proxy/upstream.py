@@ -22,8 +22,9 @@ from typing import Generic, TypeVar
 
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.policy.authorization import DestinationWorkload
 from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import Backend
+from nodeproxy.proxy.destinations import Backend, DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_from, dial_transparent
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
@@ -60,6 +61,15 @@ class Upstreams:
         self._node = node
         self._trust_domain = trust_domain
         self.connect_timeout = connect_timeout
+
+    def has_l7_policy(self, backend: Backend, table: DestinationTable) -> bool:
+        """Does an authorization policy with HTTP rules select the backend's workload?
+        Then a connection to it must not be opened before its requests are seen."""
+        ref = backend.workload
+        workload = table.workloads.get(f"{ref.namespace}/{ref.name}") if ref else None
+        if workload is None:
+            return False
+        return self._admitter().authorizer.has_l7_rules(DestinationWorkload.of(workload))
 
     def local_target(self, backend: Backend) -> EnrolledPod | None:
         ref = backend.workload
