@@ -246,6 +246,7 @@ class H1Server(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
+        self._client_eof = False
 
     def attach(self, transport: asyncio.Transport, initial: bytes) -> None:
         """Take over a connected transport whose first bytes have already been read."""
@@ -284,10 +285,13 @@ class H1Server(asyncio.Protocol):
                 self._bad_request(400, str(e) or type(e).__name__)
 
     def eof_received(self) -> bool:
+        self._client_eof = True
         if self._parsing is not None:
             self._parsing.body.fail(BodyError("client closed during the request body"))
-        # A half-closed client may still read the answers to what it sent.
-        return self._current is not None or bool(self._queue)
+        # A half-closed client may still read the answers to what it sent; then we close.
+        if self.idle:
+            self._close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -414,6 +418,8 @@ class H1Server(asyncio.Protocol):
             return
         if self._queue:
             self._next()
+        elif self._client_eof:
+            self._close()
         else:
             self._arm_idle()
 

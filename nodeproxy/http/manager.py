@@ -29,7 +29,7 @@ from nodeproxy.config.model import HttpSettings, NodeConfig, RetryPolicy, Traffi
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import make_balancer
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
-from nodeproxy.http.h2 import H2Server
+from nodeproxy.http.h2 import H2Client, H2Server
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -250,8 +250,9 @@ class HttpProxy:
 
     def serve(self, pod: EnrolledPod, entry: ServicePortEntry, version: int,
               transport: asyncio.Transport, initial: bytes, *, http2_client: bool,
-              http2_upstream: bool) -> ClientConnection:
-        """Serve a client connection whose first bytes were `initial`."""
+              http2_upstream: bool, client_eof: bool = False) -> ClientConnection:
+        """Serve a client connection whose first bytes were `initial` (and that has already
+        half-closed, if client_eof)."""
         connection = ClientConnection(transport)
         self._clients.add(connection)
         connection.done.add_done_callback(lambda _f: self._clients.discard(connection))
@@ -280,6 +281,8 @@ class HttpProxy:
                                  on_closed=connection.closed)
             connection.server = h1_server
             h1_server.attach(transport, initial)
+            if client_eof:
+                h1_server.eof_received()
         return connection
 
     # -- requests ----------------------------------------------------------------------------
@@ -372,6 +375,13 @@ class HttpProxy:
                 last_error = UpstreamError("UT", "per-try timeout")
                 if connection is not None:
                     _abort(connection)
+            except asyncio.CancelledError:
+                # The request timeout (or the client) ended the exchange mid-attempt: the
+                # connection's response would never be read, so it cannot serve again.
+                endpoint.stats.end(started, ok=False)
+                if connection is not None:
+                    _abort(connection)
+                raise
             status = response.head.status if response else None
             grpc_status = _grpc_status(response.head.headers) if response else None
             endpoint.stats.end(started, ok=response is not None and status is not None
@@ -447,7 +457,11 @@ class HttpProxy:
         except (ConnectionError, OSError):
             outcome.flags.append("DC")
             if connection is not None:
-                _abort(connection)
+                _abort(connection, response)
+        except asyncio.CancelledError:
+            if connection is not None and not (body.ended and body.buffered == 0):
+                _abort(connection, response)  # the rest will never be read
+            raise
         if grpc is not None:
             outcome.grpc_status = str(grpc)
 
@@ -652,7 +666,15 @@ def _grpc_status(headers: Headers | None) -> int | None:
     return None
 
 
-def _abort(connection: UpstreamConnection) -> None:
+def _abort(connection: UpstreamConnection, response: UpstreamResponse | None = None) -> None:
+    """Give up one exchange on a connection.  HTTP/1.1 carries one exchange, so the
+    connection goes; HTTP/2 resets just the stream (cancelling the response body, or the
+    cancelled send did it already) and its other streams carry on."""
+    if isinstance(connection, H2Client):
+        cancel = getattr(response.body, "cancel", None) if response is not None else None
+        if cancel is not None:
+            cancel()
+        return
     abort = getattr(connection, "abort", None)
     if abort is not None:
         abort()
