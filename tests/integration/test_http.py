@@ -45,10 +45,12 @@ def mesh() -> Iterator[Cluster]:
         c.add_pod("node1", "guarded", labels={"app": "guarded"}, service_account="guarded")
         c.add_pod("node1", "grpc-1", labels={"app": "grpc"}, service_account="grpc")
         c.add_pod("node0", "banner", labels={"app": "banner"}, service_account="banner")
+        c.add_pod("node1", "nginx-h2", labels={"app": "h2web"}, service_account="h2web")
         for pod in ("web-a", "web-b", "canary", "single", "fast", "guarded"):
             c.serve_http(pod, APP)
         c.serve_http("slow", APP, "slow", "--delay-ms", "40")
         c.serve_grpc("grpc-1", GRPC)
+        c.serve_h2c("nginx-h2", APP)
         # A server-first protocol on an undeclared port: it greets before the client speaks.
         c.spawn_in_pod("banner", ["socat", f"TCP-LISTEN:{APP},fork,reuseaddr",
                                   "SYSTEM:'echo 220 banner-ready; cat'"])
@@ -72,7 +74,9 @@ def mesh() -> Iterator[Cluster]:
                       app_protocol="http",
                       traffic_policy={"loadBalancer": {"policy": "ROUND_ROBIN"}})
         c.add_service("guarded", port=80, target_port=APP, app_protocol="http")
+        c.add_service("guarded-auto", port=80, target_port=APP, selector={"app": "guarded"})
         c.add_service("grpc", port=GRPC, target_port=GRPC, app_protocol="grpc")
+        c.add_service("h2web", port=80, target_port=APP, app_protocol="http2")
         c.add_service("banner", port=2525, target_port=APP)
         c.add_service("narrow", port=80, target_port=APP, selector={"app": "single"},
                       app_protocol="http")
@@ -175,6 +179,20 @@ def test_detected_http_on_an_undeclared_port(mesh: Cluster):
     assert before >= 3
 
 
+@pytest.mark.parametrize("service", ["detected", "web"])
+def test_a_request_line_split_across_packets(mesh: Cluster, service: str):
+    """The first bytes arrive in pieces: the sniffer waits for enough of them."""
+    svc = mesh.services[f"default/{service}"]
+    script = (
+        f"import socket,time;s=socket.create_connection(('{svc.vip4}',{svc.port}),5);"
+        "s.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1);s.sendall(b'G');"
+        "time.sleep(0.03);s.sendall(b'E');time.sleep(0.03);"
+        "s.sendall(b'T /status/203 HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n');"
+        "s.settimeout(5);print(s.recv(100).split(b'\\r\\n')[0].decode())")
+    out = mesh.run_in_pod("client", [sys.executable, "-c", script], check=True).stdout
+    assert out.strip() == "HTTP/1.1 203 Status" or out.startswith("HTTP/1.1 203"), out
+
+
 def test_server_first_protocol_is_not_delayed(mesh: Cluster):
     """The banner of a server that speaks first arrives before the detection timeout."""
     service = mesh.services["default/banner"]
@@ -224,6 +242,24 @@ def test_http2_prior_knowledge_to_an_http1_backend(mesh: Cluster):
         "curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w",
         "%{http_version} %{http_code}", url(mesh, "web", "/bytes/100000")], check=True).stdout
     assert out == "2 200"
+
+
+def test_h2load_and_curl_through_http2_to_nginx(mesh: Cluster):
+    """h2load's 2000 requests on 4 connections x 10 streams, cross node to nginx speaking
+    HTTP/2 (prior knowledge) upstream: every one answered, each counted once."""
+    address = mesh.services["default/h2web"].address(4)
+    before = metric(mesh, "node0", "istio_requests_total", destination_service=fqdn("h2web"))
+    out = mesh.run_in_pod("client", ["h2load", "-n", "2000", "-c", "4", "-m", "10",
+                                     f"http://{address}/status/200"], timeout=120,
+                          check=True).stdout
+    assert "2000 succeeded, 0 failed, 0 errored" in out, out
+    assert "status codes: 2000 2xx" in out, out
+    curl = mesh.run_in_pod("client", ["curl", "-sS", "-H", "x-test: hello",
+                                      f"http://{address}/request"], check=True).stdout
+    # An HTTP/1.1 client, an HTTP/2 upstream: nginx saw HTTP/2 and the header.
+    assert curl.startswith("nginx-h2 GET /request HTTP/2.0") and "x-test=hello" in curl
+    assert wait_for(lambda: metric(mesh, "node0", "istio_requests_total",
+                                   destination_service=fqdn("h2web")) - before == 2001)
 
 
 def test_grpc_unary_and_streaming_with_trailers(mesh: Cluster):
@@ -412,6 +448,13 @@ def test_l7_authorization_by_path_method_and_identity(mesh: Cluster):
                   response_code="403", response_flags="UAEX") >= 3
 
 
+def test_l7_authorization_on_a_sniffed_port(mesh: Cluster):
+    """Undeclared port: no connection is opened ahead of the first request (it would be
+    judged at L4 and refused); the requests are authorized one by one."""
+    assert requests(mesh, url(mesh, "guarded-auto", "/public/y"))["statuses"] == {"200": 1}
+    assert requests(mesh, url(mesh, "guarded-auto", "/private"))["statuses"] == {"403": 1}
+
+
 def test_l4_connection_to_an_l7_guarded_workload_fails_closed(mesh: Cluster):
     """A connection straight to the pod's IP is not HTTP-routed: the ALLOW rule that
     needs HTTP attributes cannot match it, so it is refused (Istio ztunnel's rule)."""
@@ -480,8 +523,9 @@ def raw_exchange(c: Cluster, data: bytes, service: str = "web") -> str:
         f"s.settimeout(5);s.sendall(open('{payload}','rb').read());d=b''\n"
         "try:\n while True:\n  b=s.recv(65536)\n  if not b: break\n  d+=b\n"
         "except OSError as e: d+=b' <'+type(e).__name__.encode()+b'>'\n"
-        "print(d.decode('latin-1'))")
-    return c.run_in_pod("client", [sys.executable, "-c", script], check=True).stdout
+        "print(d.hex())")
+    out = c.run_in_pod("client", [sys.executable, "-c", script], check=True).stdout
+    return bytes.fromhex(out.strip()).decode("latin-1")
 
 
 @pytest.mark.parametrize("name,data,status", [
@@ -518,13 +562,20 @@ def test_http2_protocol_error_gets_goaway(mesh: Cluster):
     # SETTINGS frame with a length that is not a multiple of 6: FRAME_SIZE_ERROR.
     reply = raw_exchange(mesh, preface + b"\x00\x00\x05\x04\x00\x00\x00\x00\x00abcde")
     data = reply.encode("latin-1")
-    assert b"\x07\x00" in data[:200] or "\x07" in reply, reply  # a GOAWAY frame (type 7)
+    frames = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9:9 + length]))
+        data = data[9 + length:]
+    goaway = [payload for kind, payload in frames if kind == 7]
+    assert goaway, frames
+    assert int.from_bytes(goaway[0][4:8], "big") == 6  # FRAME_SIZE_ERROR
     assert requests(mesh, url(mesh, "web", "/status/200"))["statuses"] == {"200": 1}
 
 
 def test_garbage_to_a_declared_http_port_is_refused_alone(mesh: Cluster):
     reply = raw_exchange(mesh, b"\x16\x03\x01\x02\x00garbage-not-http")
-    assert "HTTP/1.1 400" in reply or "<" in reply or reply.strip() == ""
+    assert reply.startswith("HTTP/1.1 400"), reply
     assert requests(mesh, url(mesh, "web", "/status/200"))["statuses"] == {"200": 1}
 
 
