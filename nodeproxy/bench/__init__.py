@@ -4,8 +4,9 @@ Modules:
 
 - ``settings``: how long and how often (``--quick`` and full).
 - ``model``: paths, server kinds, routes, metrics and the measured cells.
-- ``configurations``: the configurations compared (direct, nodeproxy, haproxy) and
-  the planned ones this build cannot run yet (the pluggable hook).
+- ``configurations``: the configurations compared (direct, nodeproxy at L4 and L7,
+  haproxy in tcp and http mode) and the planned ones this build cannot run yet (the
+  pluggable hook).
 - ``topology``: the one two-node cluster every configuration runs on, its servers
   and the HAProxy pod (``haproxy`` writes HAProxy's configuration).
 - ``procstat``: CPU seconds and resident memory of processes, and the machine.

@@ -16,6 +16,9 @@ Plugging in a new one (the kernel fast paths, when they exist):
   ``haproxy`` do not care); the suite measures the configurations of one
   restart-only setting as a block within a round, so the daemons restart about once
   per round, not once per scenario;
+- ``http_app_protocol`` is what the daemons declare the benchmark's HTTP services as
+  (``tcp``: relayed as bytes, L4; ``http``: parsed, L7); ``http_only`` configurations
+  are measured in the HTTP scenarios only;
 - ``unavailable()`` returns why it cannot run on this build or machine (or None);
 - replace its ``Planned`` placeholder in ``CONFIGURATIONS``.
 
@@ -29,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodeproxy.bench import haproxy
-from nodeproxy.bench.model import NetPath, ProxyProcess, Route, ServerKind
+from nodeproxy.bench.model import NetPath, ProxyProcess, RequestCounter, Route, ServerKind
 from nodeproxy.bench.topology import (
     DIRECT_CLIENT,
     HAPROXY_POD,
@@ -38,6 +41,7 @@ from nodeproxy.bench.topology import (
     NODES,
     BenchCluster,
     server_pod,
+    service_name,
 )
 from nodeproxy.capture import iptables
 
@@ -49,6 +53,10 @@ class Configuration:
     summary = ""
     has_proxy = True
     uses_mesh = True  # False: the daemons' settings do not matter to it
+    http_only = False  # True: measured in the HTTP scenarios only (an L7 configuration)
+    # What the daemons declare the HTTP services' port as (appProtocol) for this
+    # configuration: "tcp" relays the requests as bytes, "http" parses each one.
+    http_app_protocol: str | None = None
 
     def unavailable(self) -> str | None:
         """Why this configuration cannot run in this build, or None."""
@@ -66,7 +74,7 @@ class Configuration:
     def prepare(self, bench: BenchCluster) -> None:
         """Called before each measurement of this configuration."""
         if self.uses_mesh:
-            bench.ensure_daemon_overrides(self.daemon_overrides())
+            bench.ensure_daemon_overrides(self.daemon_overrides(), self.http_app_protocol)
 
     def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
         raise NotImplementedError
@@ -74,7 +82,8 @@ class Configuration:
     def describe(self) -> dict[str, Any]:
         reason = self.unavailable()
         return {"name": self.name, "summary": self.summary, "available": reason is None,
-                "reason": reason, "daemon_overrides": dict(self.daemon_overrides())}
+                "reason": reason, "daemon_overrides": dict(self.daemon_overrides()),
+                "http_app_protocol": self.http_app_protocol, "http_only": self.http_only}
 
 
 class Direct(Configuration):
@@ -91,15 +100,19 @@ class Direct(Configuration):
 
 
 class NodeProxy(Configuration):
-    """The product as shipped: meshed client -> service VIP, captured by eBPF.
+    """The product as shipped, at L4: meshed client -> service VIP, captured by eBPF.
 
     Same node: the proxy decides, then splices the flow in the kernel (sk_skb).
-    Cross node: HBONE (HTTP/2 CONNECT over mutual TLS) to node1's daemon.
+    Cross node: HBONE (HTTP/2 CONNECT over mutual TLS) to node1's daemon.  The HTTP
+    service's port is declared ``appProtocol: tcp``: left undeclared, the proxy would
+    sniff the first bytes, see HTTP and parse it (L7), and these rows would not be L4.
     """
 
     name = "nodeproxy-splice"
     summary = ("meshed client -> service VIP, eBPF capture; same node: kernel splice "
-               "after the proxy's decision, cross node: HBONE mTLS")
+               "after the proxy's decision, cross node: HBONE mTLS; HTTP relayed as bytes "
+               "(appProtocol: tcp)")
+    http_app_protocol = "tcp"
 
     def daemon_overrides(self) -> Mapping[str, Any]:
         return {"fastPath": {"splice": True}}
@@ -111,7 +124,12 @@ class NodeProxy(Configuration):
         proxies = [ProxyProcess("nodeproxy-node0", bench.daemon_pid("node0"))]
         if path is NetPath.CROSS_NODE:
             proxies.append(ProxyProcess("nodeproxy-node1", bench.daemon_pid("node1")))
-        return Route(MESH_CLIENT, service.vip4, port, tuple(proxies))
+        # The client's node parses (or, at L4, must not parse) the requests: its count
+        # says which the run measured.
+        counter = (RequestCounter("node0", service_name(path.node, kind),
+                                  parsed=self.http_app_protocol == "http")
+                   if kind is ServerKind.HTTP else None)
+        return Route(MESH_CLIENT, service.vip4, port, tuple(proxies), counter)
 
 
 class NodeProxyNoSplice(NodeProxy):
@@ -123,6 +141,47 @@ class NodeProxyNoSplice(NodeProxy):
 
     def daemon_overrides(self) -> Mapping[str, Any]:
         return {"fastPath": {"splice": False}}
+
+
+def http_routes() -> list[dict[str, Any]]:
+    """nodeproxy-l7's HTTPRoutes, one per HTTP service: a rule for a path no request of
+    the benchmark takes, then the rule wrk's requests match (a path prefix) with a retry
+    policy and a request header filter.  No catch-all rule: a request no rule matches
+    gets 404, which wrk counts as an error, so every measured request was routed."""
+    header, value = haproxy.ROUTE_HEADER
+    return [
+        {"name": f"{service_name(node, ServerKind.HTTP)}-bench",
+         "service": service_name(node, ServerKind.HTTP),
+         "port": HTTP_VIP_PORT,
+         "rules": [
+             {"matches": [{"path": {"type": "Exact", "value": "/healthz"}, "method": "GET"}],
+              "retry": {"attempts": 0}},
+             {"matches": [{"path": {"type": "PathPrefix",
+                                    "value": haproxy.ROUTE_PATH_PREFIX}}],
+              "retry": {"attempts": haproxy.RETRIES,
+                        "retryOn": ["5xx", "connect-failure"]},
+              "requestHeaders": {"set": [{"name": header, "value": value}]}},
+         ]}
+        for node in NODES
+    ]
+
+
+class NodeProxyL7(NodeProxy):
+    """nodeproxy's L7 path: the HTTP services declared ``appProtocol: http`` and an
+    HTTPRoute on each, so every request is parsed, matched to a rule, given a header,
+    sent over a pooled upstream connection with a retry policy, and counted in Istio's
+    request metrics (always on).  Otherwise as nodeproxy-nosplice; a hot reload."""
+
+    name = "nodeproxy-l7"
+    summary = ("as nodeproxy-nosplice, but the HTTP service is appProtocol: http with an "
+               "HTTPRoute (path match, retries: 2 on 5xx/connect-failure, a request header "
+               "set): every request parsed, routed, retried if it fails, counted in "
+               "istio_requests_total; HTTP scenarios only")
+    http_only = True
+    http_app_protocol = "http"
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {"fastPath": {"splice": False}, "httpRoutes": http_routes()}
 
 
 class NodeProxyIptables(NodeProxy):
@@ -145,17 +204,35 @@ class NodeProxyIptables(NodeProxy):
 
 
 class HAProxy(Configuration):
-    """HAProxy as the node proxy: mode tcp for L4, mode http for HTTP."""
+    """HAProxy as an L4 node proxy: mode tcp for everything, HTTP included."""
 
     name = "haproxy"
-    summary = "unenrolled client -> HAProxy pod on node0 (1 thread; tcp mode, http mode for L7)"
+    summary = ("unenrolled client -> HAProxy pod on node0 (1 thread), mode tcp: HTTP "
+               "relayed as bytes")
     uses_mesh = False
+
+    def port(self, kind: ServerKind, node_index: int) -> int:
+        return haproxy.frontend_port(node_index, kind)
 
     def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
         pod = bench.pod(HAPROXY_POD)
-        port = haproxy.frontend_port(NODES.index(path.node), kind)
-        return Route(DIRECT_CLIENT, pod.ip4, port,
+        return Route(DIRECT_CLIENT, pod.ip4, self.port(kind, NODES.index(path.node)),
                      (ProxyProcess("haproxy", bench.haproxy_pid()),))
+
+
+class HAProxyHttp(HAProxy):
+    """HAProxy as an L7 node proxy, nodeproxy-l7's reference: mode http."""
+
+    name = "haproxy-http"
+    summary = ("the same HAProxy, mode http: a path ACL routes the request, a header set, "
+               "retries 2 on conn-failure/5xx, keep-alive to the backend (http-reuse always); "
+               "HTTP scenarios only")
+    http_only = True
+
+    def port(self, kind: ServerKind, node_index: int) -> int:
+        if kind is not ServerKind.HTTP:
+            raise ValueError(f"{self.name} proxies HTTP only, not {kind.value}")
+        return haproxy.http_mode_port(node_index)
 
 
 class Planned(Configuration):
@@ -176,6 +253,8 @@ CONFIGURATIONS: list[Configuration] = [
     NodeProxy(),
     HAProxy(),
     NodeProxyNoSplice(),
+    NodeProxyL7(),
+    HAProxyHttp(),
     NodeProxyIptables(),
 ]
 

@@ -1,8 +1,17 @@
-"""HAProxy as the reference node proxy: one frontend per (server node, server kind).
+"""HAProxy as the reference node proxy: one listener per (server node, server kind) in
+``mode tcp``, and per server node one more for HTTP in ``mode http``.
 
-HTTP is proxied in ``mode http`` (HAProxy parses and forwards each request, keeping
-connections alive on both sides), everything else in ``mode tcp``.  HAProxy gets one
-thread, like nodeproxy's one event loop, so the two are compared core for core.
+``mode tcp`` is the L4 reference (the ``haproxy`` configuration, every scenario, HTTP
+included: bytes relayed unparsed, like nodeproxy's L4 configurations).  The ``mode http``
+listener is the L7 reference (``haproxy-http``, the HTTP scenarios): HAProxy parses each
+request and does what ``nodeproxy-l7``'s HTTPRoute asks of nodeproxy: a path match
+(``use_backend`` on a path ACL; a request no rule matches gets 503 — nodeproxy's 404),
+a request header set, and up to 2 retries on 5xx or a failed connect; connections kept
+alive on both sides (``http-reuse always``).  HAProxy's per-frontend/backend counters
+are always on, as nodeproxy's request metrics are.
+
+HAProxy gets one thread, like nodeproxy's one event loop, so the two are compared core
+for core.
 """
 
 from __future__ import annotations
@@ -13,12 +22,24 @@ from nodeproxy.bench.model import ServerKind
 
 BASE_PORT = 20000
 _OFFSETS = {ServerKind.SOCKPERF: 1, ServerKind.IPERF3: 2, ServerKind.HTTP: 3, ServerKind.ECHO: 4}
+_HTTP_MODE_OFFSET = 5
 MAXCONN = 40000  # at most; fewer when the open-file limit is lower (two per connection)
+
+# The L7 work both proxies do per request (nodeproxy-l7's HTTPRoute says the same).
+ROUTE_PATH_PREFIX = "/bench"  # the benchmark's file is under it (topology.HTTP_FILE)
+ROUTE_HEADER = ("x-bench-route", "l7")
+RETRIES = 2
 
 
 def frontend_port(node_index: int, kind: ServerKind) -> int:
-    """The HAProxy port that leads to ``kind`` on the server pod of node ``node_index``."""
+    """The HAProxy port (mode tcp) that leads to ``kind`` on the server pod of node
+    ``node_index``."""
     return BASE_PORT + 100 * node_index + _OFFSETS[kind]
+
+
+def http_mode_port(node_index: int) -> int:
+    """The HAProxy port (mode http) that leads to nginx on the server pod of the node."""
+    return BASE_PORT + 100 * node_index + _HTTP_MODE_OFFSET
 
 
 def maxconn(nofile: int) -> int:
@@ -50,9 +71,27 @@ def config(backends: Mapping[int, str], directory: str, max_connections: int) ->
             lines += [
                 f"listen {name}",
                 f"    bind 0.0.0.0:{frontend_port(index, kind)}",
-                f"    mode {'http' if kind is ServerKind.HTTP else 'tcp'}",
+                "    mode tcp",
+                f"    server {name} {address}:{kind.port}",
+                "",
             ]
-            if kind is ServerKind.HTTP:
-                lines += ["    option http-keep-alive", "    http-reuse always"]
-            lines += [f"    server {name} {address}:{kind.port}", ""]
+        name = f"http-l7-node{index}"
+        header, value = ROUTE_HEADER
+        lines += [
+            f"frontend {name}",
+            f"    bind 0.0.0.0:{http_mode_port(index)}",
+            "    mode http",
+            "    option http-keep-alive",
+            f"    acl routed path_beg {ROUTE_PATH_PREFIX}/",
+            f"    use_backend {name} if routed",
+            "",
+            f"backend {name}",
+            "    mode http",
+            "    http-reuse always",
+            f"    http-request set-header {header} {value}",
+            f"    retries {RETRIES}",
+            "    retry-on conn-failure 500 501 502 503 504",
+            f"    server {name} {address}:{ServerKind.HTTP.port}",
+            "",
+        ]
     return "\n".join(lines)

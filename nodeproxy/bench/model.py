@@ -47,6 +47,18 @@ class ProxyProcess:
 
 
 @dataclass(frozen=True)
+class RequestCounter:
+    """Where nodeproxy counts the HTTP requests of a route it parses: the
+    ``istio_requests_total`` samples (reporter=source) of one node's daemon for one
+    destination service.  ``parsed``: the configuration claims L7 (every request the
+    client made is counted there) or L4 (none is: the bytes are relayed unparsed)."""
+
+    node: str
+    service: str  # destination_service_name
+    parsed: bool
+
+
+@dataclass(frozen=True)
 class Route:
     """How a configuration's client reaches one server: from which pod, to which address."""
 
@@ -54,6 +66,7 @@ class Route:
     host: str
     port: int
     proxies: tuple[ProxyProcess, ...] = ()
+    counter: RequestCounter | None = None  # nodeproxy's request count for an HTTP route
 
     @property
     def address(self) -> str:
@@ -71,14 +84,28 @@ class Metric:
     needs_proxy: bool = False  # direct has no figure (no proxy on the path)
     only: tuple[str, ...] = ()  # if set, only these configurations have the figure
     digits: int = 1
+    http: bool = False  # an HTTP figure: the HTTP-only configurations (L7) have it too
 
-    def not_applicable(self, configuration: str, has_proxy: bool) -> str | None:
-        """Why this metric has no figure for that configuration, or None if it has one."""
+    def not_applicable(self, configuration: str, has_proxy: bool,
+                       http_only: bool = False) -> str | None:
+        """Why this metric has no figure for that configuration, or None if it has one.
+        ``http_only``: the configuration is measured in the HTTP scenarios only."""
         if self.only and configuration not in self.only:
             return f"only measured for {', '.join(self.only)}"
         if self.needs_proxy and not has_proxy:
             return "no proxy on the path"
+        if http_only and not self.http:
+            return "an HTTP (L7) configuration: measured in the HTTP scenarios only"
         return None
+
+
+@dataclass(frozen=True)
+class Added:
+    """A figure derived after the run: a configuration's ``of`` figure minus direct's
+    of the same round and block (e.g. the latency a proxy adds)."""
+
+    metric: Metric
+    of: str  # the key of the measured figure
 
 
 @dataclass

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from nodeproxy.bench import connections, enrollment, iperf, procstat, sockperf, wrk
 from nodeproxy.bench.configurations import Configuration, NodeProxy
-from nodeproxy.bench.model import MeasurementError, Metric, NetPath, Route, ServerKind
+from nodeproxy.bench.model import (
+    Added,
+    MeasurementError,
+    Metric,
+    NetPath,
+    RequestCounter,
+    Route,
+    ServerKind,
+)
 from nodeproxy.bench.settings import Settings
 from nodeproxy.bench.topology import BenchCluster
 
@@ -15,14 +24,17 @@ Values = dict[str, float]
 
 
 class Scenario:
-    """A named measurement; ``once`` scenarios run after the rounds, a single time."""
+    """A named measurement; ``once`` scenarios run after the rounds, a single time.
+    ``added``: figures the suite derives from ``metrics`` after the run (minus direct's)."""
 
     name = ""
     once = False
     metrics: tuple[Metric, ...] = ()
+    added: tuple[Added, ...] = ()
 
     def applies(self, configuration: Configuration) -> bool:
-        return any(m.not_applicable(configuration.name, configuration.has_proxy) is None
+        return any(m.not_applicable(configuration.name, configuration.has_proxy,
+                                    configuration.http_only) is None
                    for m in self.metrics)
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
@@ -65,10 +77,47 @@ class Throughput(Scenario):
         return {self.metrics[0].key: raw["gbps"]}, raw
 
 
-def _wrk_with_proxy_cpu(route: Route, run: Callable[[], dict[str, float]],
-                        metrics: tuple[Metric, ...]) -> tuple[Values, dict[str, Any]]:
+# nodeproxy's count of an L7 route's requests may differ from wrk's by the requests in
+# flight when wrk stops (the proxy counts them, wrk does not) and by this share.
+COUNT_TOLERANCE = 0.03
+COUNT_SETTLE_S = 2.0  # how long the requests in flight at wrk's end may take to be counted
+
+
+def _requests_counted(bench: BenchCluster, counter: RequestCounter | None) -> float | None:
+    return None if counter is None else bench.requests_counted(counter.node, counter.service)
+
+
+def check_request_count(counter: RequestCounter, counted: float, requests: float,
+                        in_flight: int) -> str | None:
+    """Why nodeproxy's request count does not fit the configuration's claim, or None.
+
+    L7: every request wrk completed was counted, and at most the ones in flight at its
+    end more (within COUNT_TOLERANCE).  L4: none was (the bytes were not parsed)."""
+    if not counter.parsed:
+        if counted:
+            return (f"{counted:.0f} of the requests were parsed by nodeproxy "
+                    "(istio_requests_total grew), yet this configuration claims L4")
+        return None
+    low = requests * (1 - COUNT_TOLERANCE)
+    high = requests * (1 + COUNT_TOLERANCE) + in_flight
+    if not low <= counted <= high:
+        return (f"nodeproxy counted {counted:.0f} requests to {counter.service} "
+                f"(istio_requests_total) where wrk completed {requests:.0f}: the requests "
+                "did not all take the L7 path")
+    return None
+
+
+def _wrk_with_proxy_cpu(bench: BenchCluster, route: Route, run: Callable[[], dict[str, float]],
+                        metrics: tuple[Metric, ...],
+                        in_flight: int) -> tuple[Values, dict[str, Any]]:
     """One wrk run (saturated or paced) with the CPU the proxies on the route spent in it:
-    the rps/p50/p99 values, CPU seconds per 1000 requests where there is a proxy."""
+    the rps/p50/p99 values, CPU seconds per 1000 requests where there is a proxy, and
+    requests per proxy CPU-second (rps per core busy) where the scenario has that figure.
+
+    Where nodeproxy is on the route, its istio_requests_total for the service is read
+    before and after (outside the CPU window): an L7 configuration's figures count only
+    if it counted wrk's requests, an L4 one's only if it parsed none."""
+    counted_before = _requests_counted(bench, route.counter)
     cpu_before = {p.name: procstat.cpu_seconds(p.pid) for p in route.proxies}
     raw: dict[str, Any] = dict(run())
     cpu = {p.name: procstat.cpu_seconds(p.pid) - cpu_before[p.name] for p in route.proxies}
@@ -76,7 +125,28 @@ def _wrk_with_proxy_cpu(route: Route, run: Callable[[], dict[str, float]],
     m = {metric.key.rsplit(".", 1)[1]: metric.key for metric in metrics}
     values = {m["rps"]: raw["rps"], m["p50"]: raw["p50_ms"], m["p99"]: raw["p99_ms"]}
     if route.proxies:
-        values[m["cpu"]] = sum(cpu.values()) / (raw["requests"] / 1000)
+        cpu_total = sum(cpu.values())
+        raw["proxy_cores"] = cpu_total / raw["duration_s"]
+        values[m["cpu"]] = cpu_total / (raw["requests"] / 1000)
+        if "rps_per_core" in m:
+            if cpu_total <= 0:
+                raise MeasurementError("the proxies used no measurable CPU time")
+            values[m["rps_per_core"]] = raw["requests"] / cpu_total
+    if route.counter is not None and counted_before is not None:
+        counter, requests = route.counter, raw["requests"]
+        deadline = time.monotonic() + COUNT_SETTLE_S
+        while True:
+            counted = _requests_counted(bench, counter) or 0.0
+            counted -= counted_before
+            if not counter.parsed or counted >= requests or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        raw["proxy_requests_counted"] = counted
+        raw["proxy_requests_counted_by"] = {"node": counter.node, "service": counter.service,
+                                            "parsed": counter.parsed}
+        problem = check_request_count(counter, counted, requests, in_flight)
+        if problem:
+            raise MeasurementError(problem)
     return values, raw
 
 
@@ -88,20 +158,26 @@ class Http(Scenario):
         where = path.label
         self.metrics = (
             Metric(f"{p}.rps", f"HTTP requests/s, {where} (wrk, nginx)", "req/s", "higher",
-                   digits=0),
-            Metric(f"{p}.p50", f"HTTP latency p50, {where}", "ms", "lower", digits=2),
-            Metric(f"{p}.p99", f"HTTP latency p99, {where}", "ms", "lower", digits=2),
+                   digits=0, http=True),
+            Metric(f"{p}.p50", f"HTTP latency p50, {where}", "ms", "lower", digits=2,
+                   http=True),
+            Metric(f"{p}.p99", f"HTTP latency p99, {where}", "ms", "lower", digits=2,
+                   http=True),
             Metric(f"{p}.cpu", f"proxy CPU per 1000 requests, {where}", "CPU s", "lower",
-                   needs_proxy=True, digits=3),
+                   needs_proxy=True, digits=3, http=True),
+            Metric(f"{p}.rps_per_core",
+                   f"HTTP requests/s per proxy CPU core (requests per CPU-second), {where}",
+                   "req/s/core", "higher", needs_proxy=True, digits=0, http=True),
             Metric(f"{p}.rss", f"proxy RSS after the HTTP run, {where}", "MiB", "lower",
-                   needs_proxy=True),
+                   needs_proxy=True, http=True),
         )
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.HTTP, self.path)
         values, raw = _wrk_with_proxy_cpu(
-            route, lambda: wrk.saturate(bench, route, settings), self.metrics)
+            bench, route, lambda: wrk.saturate(bench, route, settings), self.metrics,
+            settings.wrk_connections)
         memory = {p.name: procstat.memory_kib(p.pid) for p in route.proxies}
         rss = {name: m["VmRSS"] / 1024 for name, m in memory.items()}
         raw.update({"proxy_rss_mib": rss, "proxy_memory_kib": memory,
@@ -123,20 +199,28 @@ class HttpFixedRate(Scenario):
         rate = f"~{wrk.FIXED_RATE} req/s"
         self.metrics = (
             Metric(f"{p}.rps", f"HTTP at {rate}: achieved, {where}", "req/s", "higher",
-                   digits=0),
+                   digits=0, http=True),
             Metric(f"{p}.p50", f"HTTP at {rate}: latency p50, {where}", "ms", "lower",
-                   digits=3),
+                   digits=3, http=True),
             Metric(f"{p}.p99", f"HTTP at {rate}: latency p99, {where}", "ms", "lower",
-                   digits=3),
+                   digits=3, http=True),
             Metric(f"{p}.cpu", f"HTTP at {rate}: proxy CPU per 1000 requests, {where}",
-                   "CPU s", "lower", needs_proxy=True, digits=3),
+                   "CPU s", "lower", needs_proxy=True, digits=3, http=True),
         )
+        # The latency the proxy adds: its percentile minus direct's, same round and block.
+        self.added = tuple(
+            Added(Metric(f"{p}.{point}_added",
+                         f"HTTP at {rate}: added latency {point} (− direct's), {where}", "ms",
+                         "lower", needs_proxy=True, digits=3, http=True),
+                  of=f"{p}.{point}")
+            for point in ("p50", "p99"))
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.HTTP, self.path)
         return _wrk_with_proxy_cpu(
-            route, lambda: wrk.fixed_rate(bench, route, settings), self.metrics)
+            bench, route, lambda: wrk.fixed_rate(bench, route, settings), self.metrics,
+            wrk.FIXED_RATE_CONNECTIONS)
 
 
 class ConnectRate(Scenario):

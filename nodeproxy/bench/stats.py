@@ -28,6 +28,21 @@ def paired_ratios(cell: Cell, baseline: Cell) -> list[float]:
     return out
 
 
+def paired_differences(cell: Cell, baseline: Cell) -> Cell:
+    """value - baseline of the same round (and block, as ``paired_ratios`` pairs them), as a
+    cell with the rounds and blocks of ``cell``; samples without a baseline are left out
+    and said in its errors."""
+    slots, rounds = baseline.by_slot(), baseline.by_round()
+    out = Cell()
+    for (r, block), value in cell.by_slot().items():
+        base = slots.get((r, block), rounds.get(r))
+        if base is None:
+            out.errors.append(f"the baseline has no figure in round {r} to subtract")
+        else:
+            out.add(value - base, r, block)
+    return out
+
+
 def ratio_to_baseline(cell: Cell, baseline: Cell) -> float | None:
     """The median of the per-round ratios to the baseline.
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from nodeproxy.bench import procstat, report, scenarios, targets
+from nodeproxy.bench import procstat, report, scenarios, stats, targets
 from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration, available
 from nodeproxy.bench.model import Cell, MeasurementError
 from nodeproxy.bench.report import BASELINE
@@ -66,9 +66,10 @@ class Suite:
         self.process_ids: list[int] = []
         self._t0 = time.monotonic()
         for scenario in self.scenarios:
-            for metric in scenario.metrics:
+            for metric in (*scenario.metrics, *(a.metric for a in scenario.added)):
                 self.results[metric.key] = {
-                    c.name: Cell(not_applicable=metric.not_applicable(c.name, c.has_proxy))
+                    c.name: Cell(not_applicable=metric.not_applicable(c.name, c.has_proxy,
+                                                                      c.http_only))
                     for c in self.runnable}
 
     def _fit_nofile(self, settings: Settings) -> Settings:
@@ -151,6 +152,27 @@ class Suite:
             for configuration in dict.fromkeys(after):
                 if scenario.applies(configuration):
                     self._measure(bench, scenario, configuration, 0)
+        self._derive()
+
+    def _derive(self) -> None:
+        """The scenarios' added figures: each sample minus direct's of the same round and
+        block (a configuration without its own sample has none, with the reason)."""
+        for scenario in self.scenarios:
+            for added in scenario.added:
+                measured = self.results[added.of]
+                baseline = measured.get(BASELINE)
+                for name, cell in self.results[added.metric.key].items():
+                    if cell.not_applicable:
+                        continue
+                    source = measured[name]
+                    if baseline is None or not baseline.samples:
+                        cell.errors.append(f"{BASELINE} has no {added.of} figure to subtract")
+                        continue
+                    derived = stats.paired_differences(source, baseline)
+                    for value, r, block in zip(derived.samples, derived.rounds,
+                                               derived.blocks, strict=True):
+                        cell.add(value, r, block)
+                    cell.errors += derived.errors + source.errors
 
     def _measure(self, bench: BenchCluster, scenario: Scenario, configuration: Configuration,
                  round_number: int, block: int = 0) -> None:
@@ -198,7 +220,8 @@ class Suite:
     def document(self, started_at: str, machine: dict[str, Any]) -> dict[str, Any]:
         metrics = [report.metric_entry(metric, scenario.name, scenario.once,
                                        self.results[metric.key], self.configurations)
-                   for scenario in self.scenarios for metric in scenario.metrics]
+                   for scenario in self.scenarios
+                   for metric in (*scenario.metrics, *(a.metric for a in scenario.added))]
         missing = report.missing(metrics)
         return {
             "schema": report.SCHEMA,

@@ -12,7 +12,10 @@ server processes in an unenrolled pod beside the meshed one, on the same bridge.
 
 Services ``srv<i>-<kind>`` (VIP port = the server's port, 80 for HTTP) select the
 meshed server pod of node i.  Clients reach them by VIP, so the mesh path is the
-product's: capture, admission, then the same-node relay or HBONE to node1.
+product's: capture, admission, then the same-node relay or HBONE to node1.  The HTTP
+services' ``appProtocol`` is what the configuration measured declares (``tcp``: relayed
+as bytes; ``http``: parsed, routed, retried and counted per request), switched by a hot
+reload like the other live settings.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from nodeproxy.bench import haproxy
 from nodeproxy.bench.model import NetPath, ServerKind
 from nodeproxy.bench.settings import Settings
@@ -37,7 +42,7 @@ from nodeproxy.testbed.nginx import nginx_config
 NODES = ("node0", "node1")
 MESH_CLIENT, DIRECT_CLIENT, HAPROXY_POD = "client", "client-direct", "haproxy"
 HTTP_VIP_PORT = 80
-HTTP_FILE = "small.bin"
+HTTP_FILE = "bench/small.bin"  # under the path prefix nodeproxy-l7 and haproxy-http route
 
 
 # Per-netns sysctls of the client and HAProxy pods: connection-rate runs leave many
@@ -81,6 +86,7 @@ class BenchCluster:
         self.startup_timeout = startup_timeout
         self.haproxy: subprocess.Popen[Any] | None = None
         self.daemon_overrides: dict[str, Any] = {}
+        self.http_app_protocol: str | None = None  # as the daemons run: None = undeclared
 
     # -- building -------------------------------------------------------------
 
@@ -111,8 +117,9 @@ class BenchCluster:
     def _start_servers(self, pod: Pod) -> None:
         c = self.cluster
         directory = os.path.join(c.dir, "bench", pod.name)
-        os.makedirs(os.path.join(directory, "www"), exist_ok=True)
-        Path(directory, "www", HTTP_FILE).write_bytes(os.urandom(self.settings.http_body))
+        served = Path(directory, "www", HTTP_FILE)
+        served.parent.mkdir(parents=True, exist_ok=True)
+        served.write_bytes(os.urandom(self.settings.http_body))
         conf = os.path.join(directory, "nginx.conf")
         Path(conf).write_text(nginx_config(
             directory, ServerKind.HTTP.port, f"root {directory}/www;",
@@ -152,6 +159,7 @@ class BenchCluster:
         for node in NODES:
             for kind in ServerKind:
                 wait_listening(pod.netns_path, haproxy.frontend_port(NODES.index(node), kind))
+            wait_listening(pod.netns_path, haproxy.http_mode_port(NODES.index(node)))
 
     # -- the daemons ----------------------------------------------------------
 
@@ -167,18 +175,25 @@ class BenchCluster:
             raise RuntimeError("haproxy is not running")
         return self.haproxy.pid
 
-    def ensure_daemon_overrides(self, overrides: Mapping[str, Any]) -> None:
-        """Give the daemons these node-YAML overrides unless they already run them: a hot
-        reload when only live sections differ (fastPath), else a restart (capture).
+    def ensure_daemon_overrides(self, overrides: Mapping[str, Any],
+                                http_app_protocol: str | None = None) -> None:
+        """Give the daemons these node-YAML overrides, and the HTTP services this
+        ``appProtocol``, unless they already run them: a hot reload when only live
+        sections differ (fastPath, services, httpRoutes), else a restart (capture).
 
         The hook for configurations that need the daemon set up differently (a
-        capture mode, splice on or off): the suite calls it before each of their
-        measurements and groups configurations needing a restart into blocks.
+        capture mode, splice on or off, HTTP parsed or relayed): the suite calls it
+        before each of their measurements and groups configurations needing a
+        restart into blocks.  The reload returns once every daemon runs the new file
+        (its config digest), so the next connection sees the new settings.
         """
         wanted = dict(overrides)
-        if wanted == self.daemon_overrides:
+        if wanted == self.daemon_overrides and http_app_protocol == self.http_app_protocol:
             return
         c = self.cluster
+        for node in NODES:
+            c.services[f"default/{service_name(node, ServerKind.HTTP)}"].app_protocol = \
+                http_app_protocol
         changed = {key for key in set(wanted) | set(self.daemon_overrides)
                    if wanted.get(key) != self.daemon_overrides.get(key)}
         if changed & set(RESTART_ONLY):
@@ -186,10 +201,24 @@ class BenchCluster:
             c.write_configs(overrides=wanted)
             c.start_daemons(timeout=self.startup_timeout)
         else:
-            # Live sections (fastPath): a hot reload, as an operator would do it.
+            # Live sections (fastPath, services, httpRoutes): a hot reload, as an operator
+            # would do it.
             c.write_configs(overrides=wanted)
             c.reload_daemons(timeout=self.startup_timeout)
         self.daemon_overrides = wanted
+        self.http_app_protocol = http_app_protocol
+
+    def requests_counted(self, node: str, service: str) -> float:
+        """nodeproxy's istio_requests_total (reporter=source) on the node's daemon for
+        requests to that destination service, every response code and flag summed."""
+        total = 0.0
+        for family in text_string_to_metric_families(self.cluster.metrics(node)):
+            for sample in family.samples:
+                if (sample.name == "istio_requests_total"
+                        and sample.labels.get("reporter") == "source"
+                        and sample.labels.get("destination_service_name") == service):
+                    total += sample.value
+        return total
 
     # -- addresses ------------------------------------------------------------
 

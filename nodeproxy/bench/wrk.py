@@ -74,8 +74,10 @@ def _run(bench: BenchCluster, route: Route, settings: Settings, connections: int
     if errors > MAX_ERROR_SHARE * requests:
         counts = ", ".join(f"{f}={data[f]}" for f in ERROR_FIELDS if data[f])
         raise MeasurementError(f"wrk: {errors} errors in {requests} requests ({counts})")
+    duration_s = int(data["duration_us"]) / 1e6
     return {
-        "rps": requests / (int(data["duration_us"]) / 1e6),
+        "rps": requests / duration_s,
+        "duration_s": duration_s,
         "p50_ms": float(data["p50_us"]) / 1000,
         "p99_ms": float(data["p99_us"]) / 1000,
         "requests": float(requests),

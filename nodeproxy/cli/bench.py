@@ -1,12 +1,14 @@
 """Benchmark nodeproxy against a direct connection and HAProxy on a simulated two-node cluster.
 
 Builds the cluster once (mTLS on), then alternates the configurations (direct,
-nodeproxy, haproxy) over the rounds for L4 latency (sockperf), L4 throughput
-(iperf3), HTTP at saturation (wrk + nginx, with proxy CPU and memory) and
-connection set-up rate, then measures memory with idle connections and
-enrollment of many pods.  Prints a markdown table; --json writes every figure,
-the configurations, the rounds and the machine.  Exits 1 if any figure that
-should have been measured was not (each missing one is listed with the reason).
+nodeproxy at L4, haproxy in tcp mode, and for HTTP nodeproxy-l7 and haproxy in http
+mode) over the rounds for L4 latency (sockperf), L4 throughput (iperf3), HTTP at
+saturation and at ~1000 req/s (wrk + nginx, with proxy CPU per request, requests
+per proxy core, memory and the latency added) and connection set-up rate, then
+measures memory with idle connections and enrollment of many pods.  Prints a
+markdown table; --json writes every figure, the configurations, the rounds and the
+machine.  Exits 1 if any figure that should have been measured was not (each
+missing one is listed with the reason).
 Needs root.  --quick is the CI profile (about 2 minutes); see docs/benchmarks.md.
 """
 

@@ -1,37 +1,159 @@
 """The benchmark's order of measurements: configurations that need other daemon settings
-(a restart) are measured as blocks, which swap order every other round."""
+(a restart) are measured as blocks, which swap order every other round; the L7
+configurations are measured in the HTTP scenarios only, and their figures count only if
+nodeproxy's own request count says the requests took the path claimed."""
 
 from __future__ import annotations
 
-from nodeproxy.bench import stats
-from nodeproxy.bench.configurations import CONFIGURATIONS
-from nodeproxy.bench.model import Cell
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nodeproxy.bench import haproxy, scenarios, stats
+from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration
+from nodeproxy.bench.model import Cell, RequestCounter, ServerKind
 from nodeproxy.bench.settings import QUICK
 from nodeproxy.bench.suite import Suite
+from nodeproxy.bench.topology import HTTP_FILE, HTTP_VIP_PORT
+from nodeproxy.config.loader import parse_config
+from nodeproxy.http.message import RequestHead
+from nodeproxy.http.routes import Routes
+
+FIRST_BLOCK = ["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",
+               "haproxy-http"]
 
 
 def names(blocks) -> list[list[str]]:
     return [[c.name for c in block] for block in blocks]
 
 
+def configuration(name: str) -> Configuration:
+    return next(c for c in CONFIGURATIONS if c.name == name)
+
+
+def quiet_suite() -> Suite:
+    return Suite(QUICK, CONFIGURATIONS, log=lambda _message: None)
+
+
 def test_iptables_capture_is_a_block_of_its_own_and_the_blocks_alternate():
-    suite = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None)
+    suite = quiet_suite()
     # direct is measured in each block, so every ratio pairs figures taken close together.
-    first = [["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice"],
-             ["direct", "nodeproxy-iptables"]]
+    # The L7 configuration needs only live settings (services, httpRoutes): a hot reload,
+    # so it is in the first block with the L4 ones.
+    first = [FIRST_BLOCK, ["direct", "nodeproxy-iptables"]]
     assert names(suite.blocks(1)) == first
     assert names(suite.blocks(2)) == first[::-1]
     assert names(suite.blocks(3)) == first
     # Every runnable configuration is measured in every round.
     assert {c.name for block in suite.blocks(2) for c in block} == {
         c.name for c in suite.runnable}
-    iptables = next(c for c in CONFIGURATIONS if c.name == "nodeproxy-iptables")
+    iptables = configuration("nodeproxy-iptables")
     # The same userspace pump as nodeproxy-nosplice, only the capture differs.
     assert iptables.daemon_overrides() == {"capture": {"mode": "iptables"},
                                            "fastPath": {"splice": False}}
     assert iptables.capture_mode == "iptables"
-    assert next(c for c in CONFIGURATIONS
-                if c.name == "nodeproxy-nosplice").capture_mode == "ebpf"
+    assert configuration("nodeproxy-nosplice").capture_mode == "ebpf"
+
+
+def test_l4_configurations_relay_http_and_the_l7_one_parses_it():
+    # Left undeclared, the HTTP port would be sniffed and parsed: the L4 rows declare tcp.
+    for name in ("nodeproxy-splice", "nodeproxy-nosplice", "nodeproxy-iptables"):
+        assert configuration(name).http_app_protocol == "tcp", name
+        assert not configuration(name).http_only
+    l7 = configuration("nodeproxy-l7")
+    assert l7.http_app_protocol == "http" and l7.http_only
+    # As nodeproxy-nosplice otherwise, and nothing that needs a restart.
+    assert l7.daemon_overrides()["fastPath"] == {"splice": False}
+    assert set(l7.daemon_overrides()) == {"fastPath", "httpRoutes"}
+    assert configuration("haproxy-http").http_only
+    assert not configuration("haproxy").http_only
+
+
+def test_l7_configurations_are_measured_in_the_http_scenarios_only():
+    suite = quiet_suite()
+    for scenario in suite.scenarios:
+        http = scenario.name.startswith(("http ", "http-rate "))
+        for name in ("nodeproxy-l7", "haproxy-http"):
+            assert scenario.applies(configuration(name)) is http, (scenario.name, name)
+        assert scenario.applies(configuration("nodeproxy-nosplice")) is (
+            scenario.name != "enrollment")
+    # Their cells outside HTTP are not applicable (reported as —, never as missing).
+    assert suite.results["latency.same-node.p50"]["nodeproxy-l7"].not_applicable
+    assert not suite.results["http.same-node.rps_per_core"]["nodeproxy-l7"].not_applicable
+    assert suite.results["http.same-node.rps_per_core"]["direct"].not_applicable
+    assert not suite.results["http-rate.cross-node.p99_added"]["haproxy-http"].not_applicable
+
+
+def bench_config() -> Routes:
+    """The node YAML the daemons run for nodeproxy-l7, as far as routes go."""
+    l7 = configuration("nodeproxy-l7")
+    doc = {
+        "apiVersion": "nodeproxy.io/v1alpha1", "kind": "NodeProxyConfig",
+        "node": {"name": "node0"},
+        "services": [{"name": f"srv{i}-http", "namespace": "default",
+                      "vips": [f"10.96.0.{20 + i}"],
+                      "ports": [{"port": HTTP_VIP_PORT, "targetPort": 8080,
+                                 "appProtocol": l7.http_app_protocol}],
+                      "selector": {"app": f"srv{i}"}} for i in (0, 1)],
+        **l7.daemon_overrides(),
+    }
+    return Routes(parse_config(yaml.safe_dump(doc), "bench.yaml").config)
+
+
+def test_the_l7_route_takes_the_benchmark_request_with_retries_and_a_header():
+    routes = bench_config()
+    for service in ("default/srv0-http", "default/srv1-http"):
+        table = routes.table(service, HTTP_VIP_PORT)
+        rule = table.match(RequestHead("GET", f"/{HTTP_FILE}", "10.96.0.20"))
+        assert rule is not None and rule.route.endswith("-bench")
+        assert rule.retry.attempts == 2
+        assert set(rule.retry.retry_on) == {"5xx", "connect-failure"}
+        assert rule.request_headers is not None
+        assert [(h.name, h.value) for h in rule.request_headers.set] == [haproxy.ROUTE_HEADER]
+        # No catch-all: a request off the route is refused (404), so wrk's error check
+        # proves each measured request was routed.
+        assert table.match(RequestHead("GET", "/other", "10.96.0.20")) is None
+        assert table.match(RequestHead("GET", "/healthz", "10.96.0.20")) is not rule
+
+
+def test_haproxy_relays_http_in_tcp_mode_and_parses_it_on_its_own_port(tmp_path: Path):
+    text = haproxy.config({0: "10.244.0.3", 1: "10.244.1.3"}, str(tmp_path), 1000)
+    for index in (0, 1):
+        tcp = text.split(f"listen http-node{index}\n", 1)[1].split("\n\n", 1)[0]
+        assert "mode tcp" in tcp
+        assert f"bind 0.0.0.0:{haproxy.frontend_port(index, ServerKind.HTTP)}" in tcp
+        front = text.split(f"frontend http-l7-node{index}\n", 1)[1].split("\n\n", 1)[0]
+        assert "mode http" in front and f"bind 0.0.0.0:{haproxy.http_mode_port(index)}" in front
+        assert f"path_beg {haproxy.ROUTE_PATH_PREFIX}/" in front
+        back = text.split(f"backend http-l7-node{index}\n", 1)[1].split("\n\n", 1)[0]
+        assert "http-reuse always" in back and f"retries {haproxy.RETRIES}" in back
+        assert "set-header " + " ".join(haproxy.ROUTE_HEADER) in back
+    assert HTTP_FILE.startswith(haproxy.ROUTE_PATH_PREFIX.lstrip("/") + "/")
+    ports = [haproxy.frontend_port(i, k) for i in (0, 1) for k in ServerKind]
+    ports += [haproxy.http_mode_port(i) for i in (0, 1)]
+    assert len(set(ports)) == len(ports)
+    if shutil.which("haproxy"):
+        path = tmp_path / "haproxy.cfg"
+        path.write_text(text)
+        check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True,
+                               text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_request_count_must_fit_the_claim():
+    l7 = RequestCounter("node0", "srv0-http", parsed=True)
+    l4 = RequestCounter("node0", "srv0-http", parsed=False)
+    check = scenarios.check_request_count
+    assert check(l7, 10_000, 10_000, 32) is None
+    assert check(l7, 10_030, 10_000, 32) is None  # requests in flight when wrk stopped
+    assert check(l7, 9_800, 10_000, 32) is None  # within the tolerance
+    assert "did not all take the L7 path" in (check(l7, 5_000, 10_000, 32) or "")
+    assert check(l7, 10_700, 10_000, 32) is not None
+    assert check(l4, 0, 10_000, 32) is None
+    assert "claims L4" in (check(l4, 12, 10_000, 32) or "")
 
 
 def test_ratios_pair_with_the_baseline_of_the_same_block():
@@ -43,3 +165,23 @@ def test_ratios_pair_with_the_baseline_of_the_same_block():
     iptables.add(30.0, 2, 1)  # no direct in that block: the round's first direct sample
     assert stats.paired_ratios(iptables, direct) == [2.0, 3.0]
     assert stats.ratio_to_baseline(iptables, direct) == 2.5
+    added = stats.paired_differences(iptables, direct)
+    assert (added.samples, added.rounds, added.blocks) == ([20.0, 20.0], [1, 2], [1, 1])
+    lonely = Cell()
+    lonely.add(5.0, 3, 0)
+    assert stats.paired_differences(lonely, direct).errors
+
+
+def test_added_latency_is_derived_after_the_run():
+    suite = quiet_suite()
+    key = "http-rate.same-node.p50"
+    suite.results[key]["direct"].add(0.2, 1, 0)
+    suite.results[key]["nodeproxy-l7"].add(1.2, 1, 0)
+    suite.results[key]["haproxy-http"].add(0.45, 1, 0)
+    suite._derive()
+    added = suite.results[f"{key}_added"]
+    assert added["nodeproxy-l7"].samples == pytest.approx([1.0])
+    assert added["haproxy-http"].samples == pytest.approx([0.25])
+    assert added["direct"].not_applicable  # direct adds nothing to itself
+    # A configuration without its own figure has no added one either (reported missing).
+    assert not added["nodeproxy-splice"].samples

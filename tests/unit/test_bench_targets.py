@@ -46,3 +46,21 @@ def test_a_missing_figure_is_neither_met_nor_missed() -> None:
     assert r["same-node L4 latency with splice"]["measured"] == "no figure in this run"
     lines = targets.markdown(targets.evaluate(metrics))
     assert any("not measurable" in line for line in lines)
+
+
+def test_l7_targets_compare_cpu_per_request_with_haproxy_http() -> None:
+    metrics = [entry("http.same-node.cpu", **{"nodeproxy-l7": 0.08, "haproxy-http": 0.02})]
+    r = by_name(targets.evaluate(metrics))
+    against = next(v for k, v in r.items() if k.startswith("L7 HTTP/1.1 CPU per request"))
+    assert against["met"] is False  # 4x HAProxy's CPU: 0.25x its requests per CPU-second
+    assert against["measured"].startswith("0.25× HAProxy's")
+    absolute = next(v for k, v in r.items() if k.startswith("L7 HTTP/1.1 CPU per 1000"))
+    assert absolute["met"] is True and absolute["measured"] == "0.080 CPU s"
+    metrics = [entry("http.same-node.cpu", **{"nodeproxy-l7": 0.03, "haproxy-http": 0.02})]
+    r = by_name(targets.evaluate(metrics))
+    assert next(v for k, v in r.items() if k.startswith("L7 HTTP/1.1 CPU per request"))["met"]
+    # Without haproxy-http's figure the comparison is neither met nor missed.
+    metrics = [entry("http.same-node.cpu", **{"nodeproxy-l7": 0.03, "haproxy-http": None})]
+    r = by_name(targets.evaluate(metrics))
+    assert next(v for k, v in r.items()
+                if k.startswith("L7 HTTP/1.1 CPU per request"))["met"] is None
