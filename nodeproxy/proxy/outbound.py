@@ -145,7 +145,8 @@ class OutboundProxy:
         deadline = loop.time() + (self._http.settings.detection_timeout_seconds
                                   if mode is PortMode.DETECT
                                   else self._http.settings.idle_timeout_seconds)
-        sniffed: Sniffed | None = None
+        # Bytes may be here already (read before the decision was made).
+        sniffed = sniff(b"".join(down.early))
         while sniffed is None and not (down.got_eof or down.lost):
             remaining = deadline - loop.time()
             if remaining <= 0:
