@@ -118,6 +118,7 @@ class H1Exchange:
         self._chunked = False
         self._remaining: int | None = None  # declared Content-Length still to send
         self._no_body = False
+        self._head_bytes = b""
         if expect_continue:
             self.body = _ContinueBody(self, server.body_consumed)
 
@@ -159,7 +160,7 @@ class H1Exchange:
         lines.append(b"\r\n")
         data = b"".join(lines)
         self.bytes_sent += len(data)
-        self._server.write(data)
+        self._head_bytes = data  # goes out with the first body bytes: one write, one packet
         if end:
             await self.finish()
 
@@ -171,15 +172,19 @@ class H1Exchange:
                 data = data[:self._remaining]  # never more than the head declared
             self._remaining -= len(data)
         self.bytes_sent += len(data)
+        head, self._head_bytes = self._head_bytes, b""
         if self._chunked:
-            self._server.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self._server.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
         else:
-            self._server.write(data)
+            self._server.write(head + data if head else data)
         await self._server.writer.drain()
 
     async def finish(self, trailers: Headers | None = None) -> None:
         if self.finished:
             return
+        head, self._head_bytes = self._head_bytes, b""
+        if head:
+            self._server.write(head)
         if self._chunked:
             tail = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1"))
                             for n, v in trailers or ())
@@ -244,6 +249,7 @@ class H1Server(asyncio.Protocol):
         self._detached = False
         self._upgrade_rest = b""
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # loop time the last request ended
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._client_eof = False
@@ -389,9 +395,7 @@ class H1Server(asyncio.Protocol):
         if self._current is not None or not self._queue or self.lost:
             return
         exchange = self._current = self._queue.popleft()
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._idle_since = None
         task = asyncio.get_running_loop().create_task(self._run(exchange))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -472,9 +476,26 @@ class H1Server(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._close)
+        """Idle from now on.  One timer serves many requests: it is re-armed only when it
+        fires before the connection has been idle long enough (a timer per response costs
+        more than the request's parsing)."""
+        loop = asyncio.get_running_loop()
+        self._idle_since = loop.time()
+        if self._idle is None:
+            self._idle = loop.call_later(self._idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle = None
+        if self._idle_since is None:
+            if not self.lost:  # busy now: look again a full timeout later
+                self._idle = asyncio.get_running_loop().call_later(
+                    self._idle_timeout, self._idle_check)
+            return
+        left = self._idle_since + self._idle_timeout - asyncio.get_running_loop().time()
+        if left <= 0:
+            self._close()
+        else:
+            self._idle = asyncio.get_running_loop().call_later(left, self._idle_check)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

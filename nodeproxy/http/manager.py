@@ -25,7 +25,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nodeproxy.config.model import HttpSettings, NodeConfig, RetryPolicy, TrafficPolicy
+from nodeproxy.config.model import (
+    HttpSettings,
+    NodeConfig,
+    RetryPolicy,
+    TrafficPolicy,
+    Workload,
+)
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import make_balancer
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
@@ -49,7 +55,7 @@ from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.policy.authorization import RequestAttributes
+from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
 from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.destinations import (
     Backend,
@@ -159,6 +165,9 @@ class HttpProxy:
         self._budgets: dict[str, RetryBudget] = {}
         self._pools: dict[tuple[str, str, bool], EndpointPool] = {}
         self._clients: set[ClientConnection] = set()
+        self._policed_for: Admitter | None = None
+        self._policed_cache: dict[str, bool] = {}
+        self._labels: dict[tuple[object, ...], RequestLabels] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- configuration ---------------------------------------------------------------------
@@ -294,7 +303,7 @@ class HttpProxy:
         outcome = _Outcome(service=ctx.entry.fqdn)
         request_id = head.header("x-request-id")
         if request_id is None:
-            request_id = str(uuid.uuid4())
+            request_id = self._request_id()
             head.headers.append(("x-request-id", request_id))
         assert self._routes is not None
         rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
@@ -307,7 +316,9 @@ class HttpProxy:
             else:
                 timeout = rule.timeouts.request_seconds or None
                 try:
-                    await asyncio.wait_for(self._forward(ctx, exchange, rule, outcome), timeout)
+                    # asyncio.timeout, not wait_for: no extra task per request.
+                    async with asyncio.timeout(timeout):
+                        await self._forward(ctx, exchange, rule, outcome)
                 except TimeoutError:
                     outcome.flags.append("UT")
                     if exchange.responded:
@@ -364,9 +375,11 @@ class HttpProxy:
             started = endpoint.stats.begin()
             try:
                 connection = await self._connection(ctx, endpoint, cluster)
-                response = await asyncio.wait_for(
-                    connection.send(upstream_head, body.reader()),
-                    policy.per_try_timeout_seconds)
+                if policy.per_try_timeout_seconds is None:
+                    response = await connection.send(upstream_head, body.reader())
+                else:
+                    async with asyncio.timeout(policy.per_try_timeout_seconds):
+                        response = await connection.send(upstream_head, body.reader())
             except Refused as e:
                 last_error = UpstreamError("UF", str(e))
             except UpstreamError as e:
@@ -481,6 +494,12 @@ class HttpProxy:
                 connect, http2=ctx.http2_upstream, idle_timeout=policy.idle_timeout_seconds)
         return await pool.acquire()
 
+    def _request_id(self) -> str:
+        """A random (version 4) UUID, from the proxy's PRNG: uuid4() reads the kernel's
+        random pool on every call, a system call per request for an id that only has to
+        be unique, not secret."""
+        return str(uuid.UUID(int=self._random.getrandbits(128), version=4))
+
     def _hash_key(self, cluster: _Cluster, ctx: _Context, head: RequestHead) -> str | None:
         if cluster.hash_header is not None:
             return head.header(cluster.hash_header)
@@ -497,11 +516,26 @@ class HttpProxy:
         workload = self._table.workloads.get(f"{ref.namespace}/{ref.name}")
         if workload is None:
             return True
-        admission = self._admitter().admit_request(
+        admitter = self._admitter()
+        if not self._policed(admitter, workload):
+            return True
+        admission = admitter.admit_request(
             workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
             backend.port, RequestAttributes(method=head.method, path=head.path,
                                             host=head.authority, headers=dict(head.headers)))
         return admission.allowed
+
+    def _policed(self, admitter: Admitter, workload: Workload) -> bool:
+        """Does any authorization policy select the workload?  Remembered per admitter (one
+        per configuration); a request to an unpoliced workload skips the check."""
+        if admitter is not self._policed_for:
+            self._policed_for, self._policed_cache = admitter, {}
+        key = workload.key
+        policed = self._policed_cache.get(key)
+        if policed is None:
+            policed = bool(admitter.authorizer.applicable(DestinationWorkload.of(workload)))
+            self._policed_cache[key] = policed
+        return policed
 
     async def _local_reply(self, exchange: Exchange, outcome: _Outcome, status: int,
                            text: str | None = None) -> None:
@@ -597,7 +631,23 @@ class HttpProxy:
         dest_principal = (spiffe_id(self._trust_domain, dest.namespace, dest.service_account)
                           if dest else UNKNOWN)
         request_bytes = exchange.body.received
-        labels = RequestLabels.from_tcp(TcpLabels(
+        label_key = (ctx.pod.key, ctx.pod.principal, dest, outcome.service, head.is_grpc)
+        labels = self._labels.get(label_key)
+        if labels is None:
+            if len(self._labels) > 4096:
+                self._labels.clear()
+            labels = self._labels[label_key] = self._request_labels(ctx, dest, dest_principal,
+                                                                    outcome.service, head)
+        self._metrics.observe(labels, code=outcome.status, grpc_status=outcome.grpc_status,
+                              flags=outcome.flag_text, duration_s=duration,
+                              request_bytes=request_bytes, response_bytes=outcome.bytes_sent)
+        self._log(ctx, head, outcome, started_at, duration, request_bytes, request_id,
+                  dest, dest_principal)
+
+    @staticmethod
+    def _request_labels(ctx: _Context, dest: WorkloadRef | None, dest_principal: str,
+                        service: str, head: RequestHead) -> RequestLabels:
+        return RequestLabels.from_tcp(TcpLabels(
             reporter="source",
             source_workload=ctx.pod.ref.workload,
             source_workload_namespace=ctx.pod.workload.namespace,
@@ -605,12 +655,13 @@ class HttpProxy:
             destination_workload=dest.workload if dest else UNKNOWN,
             destination_workload_namespace=dest.namespace if dest else UNKNOWN,
             destination_principal=dest_principal,
-            destination_service=outcome.service,
+            destination_service=service,
             connection_security_policy="mutual_tls" if dest else "none",
         ), istio_request_protocol(head))
-        self._metrics.observe(labels, code=outcome.status, grpc_status=outcome.grpc_status,
-                              flags=outcome.flag_text, duration_s=duration,
-                              request_bytes=request_bytes, response_bytes=outcome.bytes_sent)
+
+    def _log(self, ctx: _Context, head: RequestHead, outcome: _Outcome, started_at: float,
+             duration: float, request_bytes: int, request_id: str, dest: WorkloadRef | None,
+             dest_principal: str) -> None:
         if self._access_log is not None and ctx.access_log:
             self._access_log.write(AccessLogEntry(
                 start_time=started_at, method=head.method, authority=head.authority,
