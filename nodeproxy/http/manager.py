@@ -33,7 +33,7 @@ from nodeproxy.config.model import (
     Workload,
 )
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
-from nodeproxy.http.balancer import make_balancer
+from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
 from nodeproxy.http.h2 import H2Client, H2Server
 from nodeproxy.http.message import (
@@ -85,7 +85,7 @@ class _Cluster:
 
     entry: ServicePortEntry
     endpoints: list[Endpoint]
-    balancer: object
+    balancer: Balancer
     budget: RetryBudget
     hash_header: str | None
     hash_source: bool
@@ -347,24 +347,13 @@ class HttpProxy:
         connection: UpstreamConnection | None = None
         while True:
             outcome.attempts += 1
-            choice = rule.backend(self._random.random())
-            cluster = self._cluster(choice.service, choice.port or ctx.entry.port, ctx.version)
-            if budget is None and cluster is not None:
+            chosen = await self._choose(ctx, exchange, rule, outcome)
+            if chosen is None:
+                return
+            cluster, endpoint = chosen
+            if budget is None:
                 budget = cluster.budget
                 budget.record_request()
-            if cluster is None or not cluster.endpoints:
-                outcome.flags.append("UH")
-                await self._local_reply(exchange, outcome, 503)
-                return
-            outcome.service = cluster.entry.fqdn
-            endpoint = cluster.balancer.pick(  # type: ignore[attr-defined]
-                cluster.endpoints, self._hash_key(cluster, ctx, head))
-            outcome.endpoint = endpoint
-            outcome.destination = endpoint.backend.workload
-            if not self._authorized(ctx, endpoint.backend, head):
-                outcome.flags.append("UAEX")
-                await self._local_reply(exchange, outcome, 403)
-                return
             upstream_head = RequestHead(
                 head.method, head.path, head.authority,
                 apply_modifier(head.headers, rule.request_headers), head.scheme,
@@ -439,6 +428,26 @@ class HttpProxy:
                     f"reset reason: {reason}")
             return
         await self._stream_response(exchange, rule, response, connection, outcome)
+
+    async def _choose(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
+                      outcome: _Outcome) -> tuple[_Cluster, Endpoint] | None:
+        """The rule's backend service by weight, then an endpoint by its balancer, then the
+        destination's authorization.  None: answered already (503 UH, or 403 UAEX)."""
+        head = exchange.request
+        choice = rule.backend(self._random.random())
+        cluster = self._cluster(choice.service, choice.port or ctx.entry.port, ctx.version)
+        if cluster is None or not cluster.endpoints:
+            outcome.flags.append("UH")
+            await self._local_reply(exchange, outcome, 503)
+            return None
+        outcome.service = cluster.entry.fqdn
+        endpoint = cluster.balancer.pick(cluster.endpoints, self._hash_key(cluster, ctx, head))
+        outcome.endpoint, outcome.destination = endpoint, endpoint.backend.workload
+        if not self._authorized(ctx, endpoint.backend, head):
+            outcome.flags.append("UAEX")
+            await self._local_reply(exchange, outcome, 403)
+            return None
+        return cluster, endpoint
 
     async def _stream_response(self, exchange: Exchange, rule: CompiledRule,
                                response: UpstreamResponse,
@@ -568,20 +577,10 @@ class HttpProxy:
         and both connections then carry raw bytes until either ends."""
         head = exchange.request
         outcome.attempts = 1
-        choice = rule.backend(self._random.random())
-        cluster = self._cluster(choice.service, choice.port or ctx.entry.port, ctx.version)
-        if cluster is None or not cluster.endpoints:
-            outcome.flags.append("UH")
-            await self._local_reply(exchange, outcome, 503)
+        chosen = await self._choose(ctx, exchange, rule, outcome)
+        if chosen is None:
             return
-        outcome.service = cluster.entry.fqdn
-        endpoint = cluster.balancer.pick(  # type: ignore[attr-defined]
-            cluster.endpoints, self._hash_key(cluster, ctx, head))
-        outcome.endpoint, outcome.destination = endpoint, endpoint.backend.workload
-        if not self._authorized(ctx, endpoint.backend, head):
-            outcome.flags.append("UAEX")
-            await self._local_reply(exchange, outcome, 403)
-            return
+        cluster, endpoint = chosen
         try:
             opened = await self._upstreams.open(ctx.pod, endpoint.backend,
                                                 cluster.entry.fqdn, relay_side(),
