@@ -161,6 +161,9 @@ class _Connection(h2.connection.H2Connection):
         return changes
 
 
+_BODY_EVENTS = (h2.events.DataReceived, h2.events.TrailersReceived, h2.events.StreamEnded)
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -345,6 +348,23 @@ class _H2Protocol(asyncio.Protocol):
         n = min(n, inflow.outstanding)
         inflow.outstanding -= n
         self._acknowledge(stream_id, n)
+
+    def _body_event(self, event: h2.events.Event, stream: Any) -> None:
+        """A message body's data, trailers or end, for either side's stream state (an
+        exchange or a client stream: inflow, body, trailers, remote_ended); None: a stream
+        no longer tracked (its data still returns its flow-control credit)."""
+        if isinstance(event, h2.events.DataReceived):
+            if stream is None:
+                self._received(event.stream_id, None, None, event)
+            else:
+                self._received(event.stream_id, stream.inflow, stream.body, event)
+        elif stream is None:
+            return
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream.trailers = _split(event.headers or [])[1]
+        else:  # StreamEnded
+            stream.remote_ended = True
+            stream.body.end(stream.trailers)
 
     def _received(self, stream_id: int, inflow: _Inflow | None, body: Body | None,
                   event: h2.events.DataReceived) -> None:
@@ -642,21 +662,8 @@ class H2Server(_H2Protocol):
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self._request(event.stream_id, event.headers or [])
-        elif isinstance(event, h2.events.DataReceived):
-            exchange = self.exchanges.get(event.stream_id)
-            if exchange is None:
-                self._received(event.stream_id, None, None, event)
-            else:
-                self._received(event.stream_id, exchange.inflow, exchange.body, event)
-        elif isinstance(event, h2.events.TrailersReceived):
-            exchange = self.exchanges.get(event.stream_id)
-            if exchange is not None:
-                exchange.trailers = _split(event.headers or [])[1]
-        elif isinstance(event, h2.events.StreamEnded):
-            exchange = self.exchanges.get(event.stream_id)
-            if exchange is not None:
-                exchange.remote_ended = True
-                exchange.body.end(exchange.trailers)
+        elif isinstance(event, _BODY_EVENTS):
+            self._body_event(event, self.exchanges.get(event.stream_id))
         elif isinstance(event, h2.events.StreamReset):
             exchange = self.exchanges.get(event.stream_id)
             if exchange is not None:
@@ -1006,21 +1013,10 @@ class H2Client(_H2Protocol):
                 head = ResponseHead(status, [(n, v) for n, v in headers
                                              if n not in HOP_BY_HOP])
                 stream.response.set_result(UpstreamResponse(head, stream.body))
-        elif isinstance(event, h2.events.DataReceived):
+        elif isinstance(event, _BODY_EVENTS):
             stream = self.streams.get(event.stream_id)
-            if stream is None:
-                self._received(event.stream_id, None, None, event)
-            else:
-                self._received(event.stream_id, stream.inflow, stream.body, event)
-        elif isinstance(event, h2.events.TrailersReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.trailers = _split(event.headers or [])[1]
-        elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.remote_ended = True
-                stream.body.end(stream.trailers)
+            self._body_event(event, stream)
+            if stream is not None and isinstance(event, h2.events.StreamEnded):
                 self._maybe_done(stream)
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
