@@ -9,13 +9,18 @@ Pure functions, no I/O.  What is kept and what is skipped:
   are not captured).
 - Service -> ``Service``: ``spec.clusterIPs`` -> vips, TCP ports with ``targetPort`` when
   it is a number (a named targetPort is resolved through the EndpointSlices' ports, when
-  they all agree on one number), and the ready EndpointSlice addresses as explicit
-  endpoints.  The Kubernetes selector is *not* carried: the EndpointSlice controller has
-  already applied it, with readiness, and the node model would add every matching pod a
-  second time, ready or not.  A discovered service therefore has ``selector: {}`` (selects
-  nothing), so one with no ready endpoint is still a known VIP that refuses connections
-  instead of passing them through.  Skipped: ExternalName services, headless services
-  (no cluster IP: clients dial the pods), services with no TCP port.
+  they all agree on one number), each port's ``app_protocol`` (below), and the ready
+  EndpointSlice addresses as explicit endpoints. The Kubernetes selector is *not* carried:
+  the EndpointSlice controller has already applied it, with readiness, and the node model
+  would add every matching pod a second time, ready or not. A discovered service therefore
+  has ``selector: {}`` (selects nothing), so one with no ready endpoint is still a known
+  VIP that refuses connections instead of passing them through. Skipped: ExternalName
+  services, headless services (no cluster IP: clients dial the pods), services with no TCP
+  port.
+- A port's ``appProtocol`` (``http``, ``http2``, ``grpc``, ``tcp``; also Kubernetes'
+  ``kubernetes.io/h2c``) says what it speaks; without one, Istio's port-name convention
+  (``http``, ``http-web``, ``grpc-api``, ``tcp-db``...) does.  Anything else: not declared,
+  so the proxy sniffs it.
 - EndpointSlice -> endpoints per service port: the first address of each endpoint whose
   ``conditions.ready`` is not false (nil means ready, as the API says), on the slice's
   port number for that service port's name, with ``nodeName``.  FQDN slices are skipped.
@@ -227,6 +232,22 @@ def service_vips(service: KubeObject) -> list[str]:
     return [ip for ip in ips if isinstance(ip, str) and ip and ip != "None"]
 
 
+_APP_PROTOCOLS = {"http": "http", "http2": "http2", "grpc": "grpc", "tcp": "tcp",
+                  "kubernetes.io/h2c": "http2", "h2c": "http2", "grpc-web": "http"}
+
+
+def app_protocol(port: KubeObject) -> str | None:
+    """What the port speaks: its appProtocol, else the prefix of its name (Istio's rule:
+    "<protocol>[-<suffix>]"); None when neither says (the proxy then sniffs)."""
+    declared = port.get("appProtocol")
+    if isinstance(declared, str) and declared.lower() in _APP_PROTOCOLS:
+        return _APP_PROTOCOLS[declared.lower()]
+    name = port.get("name")
+    if isinstance(name, str) and name:
+        return _APP_PROTOCOLS.get(name.lower().split("-", 1)[0])
+    return None
+
+
 def service_to_service(service: KubeObject, slices: Iterable[KubeObject]) -> Service | None:
     """A Service and its EndpointSlices as one node-model Service (None: not proxied)."""
     meta = _meta(service)
@@ -250,7 +271,8 @@ def service_to_service(service: KubeObject, slices: Iterable[KubeObject]) -> Ser
             "vips": vips,
             "ports": [ServicePort.model_validate({
                 "port": p.get("port"), "target_port": target_port(p, own),
-                "name": p.get("name") or None}) for p in ports],
+                "name": p.get("name") or None, "app_protocol": app_protocol(p)})
+                for p in ports],
             "selector": {},
             "endpoints": endpoints,
         })

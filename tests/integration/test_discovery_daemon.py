@@ -70,11 +70,13 @@ def cluster() -> Iterator[tuple[Cluster, ApiInNetns]]:
             api.do(api.api.put, "pods", kube.pod(
                 "optout", ip=c.pods["optout"].ip4, node="node0",
                 labels={"nodeproxy.io/dataplane-mode": "none"}))
+            # The peer protocol is not HTTP: the port is named as Istio's convention
+            # says (a port named "http" would be parsed as HTTP).
             api.do(api.api.put, "services", kube.service(
-                "api-web", vips=[VIP], ports=[{"name": "http", "port": 80,
+                "api-web", vips=[VIP], ports=[{"name": "tcp-peer", "port": 80,
                                                "targetPort": PORT, "protocol": "TCP"}]))
             api.do(api.api.put, "endpointslices", kube.endpoint_slice(
-                "api-web-1", "api-web", ports=[{"name": "http", "port": PORT,
+                "api-web-1", "api-web", ports=[{"name": "tcp-peer", "port": PORT,
                                                 "protocol": "TCP"}],
                 endpoints=[kube.slice_endpoint(web_ip, node="node0")]))
             c.write_configs(overrides={"discovery": {"kubernetes": True,

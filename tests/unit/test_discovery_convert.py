@@ -11,6 +11,7 @@ from nodeproxy.config.loader import parse_config
 from nodeproxy.config.model import Endpoint
 from nodeproxy.discovery.convert import (
     ConversionError,
+    app_protocol,
     endpoints_by_port,
     namespace_labels,
     object_key,
@@ -305,3 +306,23 @@ def test_service_without_ready_endpoints_refuses_instead_of_passing_through():
     table = DestinationTable(config.model_copy(update={"services": [*config.services,
                                                                     *services]}))
     assert table.resolve(ip("10.96.0.30"), 80).verdict is Verdict.REFUSE
+
+
+@pytest.mark.parametrize("port,expected", [
+    ({"name": "http", "port": 80}, "http"),
+    ({"name": "http-web", "port": 80}, "http"),
+    ({"name": "grpc-api", "port": 9090}, "grpc"),
+    ({"name": "http2", "port": 80}, "http2"),
+    ({"name": "tcp-db", "port": 5432}, "tcp"),
+    ({"name": "web", "port": 80}, None),              # no convention: sniffed
+    ({"port": 80}, None),
+    ({"name": "web", "port": 80, "appProtocol": "grpc"}, "grpc"),
+    ({"name": "http", "port": 80, "appProtocol": "kubernetes.io/h2c"}, "http2"),
+    ({"name": "http", "port": 80, "appProtocol": "TCP"}, "tcp"),  # appProtocol wins
+    ({"name": "mysql", "port": 3306, "appProtocol": "mysql"}, None),
+])
+def test_app_protocol_from_app_protocol_or_port_name(port, expected):
+    assert app_protocol(port) == expected
+    svc = service("web", "shop", vips=["10.96.0.10"], ports=[{**port, "protocol": "TCP"}])
+    converted = service_to_service(svc, [])
+    assert converted is not None and converted.ports[0].app_protocol == expected
