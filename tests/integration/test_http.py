@@ -171,6 +171,17 @@ def test_requests_are_balanced_per_request_over_pooled_connections(mesh: Cluster
     assert last["connections_total"] - first["connections_total"] <= 2, (first, last)
 
 
+def test_ipv6_vip(mesh: Cluster):
+    """A client of the IPv6 VIP is balanced over the IPv6 endpoints, cross node too."""
+    result = requests(mesh, url(mesh, "rr", "/bytes/2000", family=6), 10)
+    assert result["statuses"] == {"200": 10}
+    assert result["backends"] == {"web-a": 5, "web-b": 5}
+    body = requests(mesh, url(mesh, "rr", "/headers", family=6), 2)["results"]
+    peers = {json.loads(r["body"])["peer"].rsplit(":", 1)[0] for r in body}
+    # The backends listen dual stack: an IPv4 client would show as ::ffff:a.b.c.d.
+    assert all(":" in peer and "::ffff:" not in peer for peer in peers), peers
+
+
 def test_detected_http_on_an_undeclared_port(mesh: Cluster):
     result = requests(mesh, url(mesh, "detected", "/echo"), 3, "--method", "POST",
                       "--body-bytes", "100000")
