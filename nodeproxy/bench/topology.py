@@ -100,8 +100,11 @@ class BenchCluster:
             c.add_unenrolled_pod(node, server_pod(node, False), labels={"app": f"plain{index}"})
             for kind in ServerKind:
                 port = HTTP_VIP_PORT if kind is ServerKind.HTTP else kind.port
+                # The L4 servers' ports are declared tcp: never sniffed, so always spliced
+                # under nodeproxy-splice (a sniffed flow is not spliced).
                 c.add_service(service_name(node, kind), port=port, target_port=kind.port,
-                              selector={"app": f"srv{index}"})
+                              selector={"app": f"srv{index}"},
+                              app_protocol=None if kind is ServerKind.HTTP else "tcp")
         c.add_pod("node0", MESH_CLIENT, labels={"app": "client"}, service_account="client")
         c.add_unenrolled_pod("node0", DIRECT_CLIENT)
         c.add_unenrolled_pod("node0", HAPROXY_POD)

@@ -36,8 +36,8 @@ def node() -> Iterator[Cluster]:
         c.add_pod("node0", "quiet-0", labels={"app": "quiet"}, service_account="quiet",
                   settings={"splice": False})
         c.add_unenrolled_pod("node0", "outsider")
-        c.add_service("web", port=80, target_port=PORT)
-        c.add_service("quiet", port=80, target_port=PORT)
+        c.add_service("web", port=80, target_port=PORT, app_protocol="tcp")
+        c.add_service("quiet", port=80, target_port=PORT, app_protocol="tcp")
         log = open(os.path.join(c.dir, "web-0-connections.jsonl"), "w")  # noqa: SIM115
         c.serve_peer("web-0", PORT, 10.0, "--log-connections", stdout=log)
         c.serve_peer("quiet-0", PORT)
