@@ -46,6 +46,8 @@ def _ip_address(value: object) -> object:
 # An IPv4 or IPv6 address field: one clear error instead of one per union member.
 IPField = Annotated[IPAddress, BeforeValidator(_ip_address)]
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
+# A share of requests, in percent (Istio's Percent: fault injection, mirroring, sampling).
+Percent = Annotated[float, Field(ge=0, le=100)]
 # RFC 1123 label, as Kubernetes names and namespaces are.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nodeproxy.config.model import (
@@ -547,24 +547,27 @@ class HttpProxy:
         return policed
 
     async def _local_reply(self, exchange: Exchange, outcome: _Outcome, status: int,
-                           text: str | None = None) -> None:
-        """A response the proxy makes itself; its body names no internals."""
+                           text: str | None = None, *, grpc_code: int | None = None,
+                           headers: Sequence[tuple[str, str]] = ()) -> None:
+        """A response the proxy makes itself; its body names no internals.  A gRPC client
+        gets a trailers-only response whose code is grpc_code, or the gRPC mapping of
+        status; extra headers go on either form."""
         outcome.status = status
         if exchange.responded:
             exchange.reset()
             return
         message = text or LOCAL_REPLY_BODY.get(status, "")
         if exchange.request.is_grpc:
-            code = GRPC_FOR_HTTP.get(status, 2)
+            code = grpc_code if grpc_code is not None else GRPC_FOR_HTTP.get(status, 2)
             outcome.status = 200
             outcome.grpc_status = str(code)
             await exchange.respond(ResponseHead(200, [
                 ("content-type", "application/grpc"), ("grpc-status", str(code)),
-                ("grpc-message", message)]), end=True)
+                ("grpc-message", message), *headers]), end=True)
             return
         body = message.encode()
         await exchange.respond(ResponseHead(status, [
-            ("content-type", "text/plain"), ("content-length", str(len(body)))]),
+            ("content-type", "text/plain"), ("content-length", str(len(body))), *headers]),
             end=not body)
         if body:
             await exchange.send(body)
