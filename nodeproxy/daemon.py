@@ -51,6 +51,7 @@ from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.proxy.upstream import Upstreams
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
+from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool
 from nodeproxy.tunnel.metrics import TunnelMetrics
@@ -143,8 +144,11 @@ class Daemon:
         self.access_log = AccessLog(self.config.http.access_log,
                                     self.request_metrics.access_log_dropped)
         self.http: HttpProxy | None = None
+        keep = self.config.admin.live_stats_seconds
+        self.live = self.metrics.live = LiveStats(keep) if keep else None
         self.admin = AdminServers(
-            self, clusters=lambda: self.http.clusters_view() if self.http else [])
+            self, clusters=lambda: self.http.clusters_view() if self.http else [],
+            live=self._live_view if self.live is not None else None)
         self.started_at = time.time()
 
     # -- lifecycle -------------------------------------------------------
@@ -213,7 +217,8 @@ class Daemon:
             connect_timeout=cfg.proxy.connect_timeout_seconds)
         self.http = HttpProxy(upstreams=upstreams, metrics=self.request_metrics,
                               admitter=lambda: self._admitter,
-                              trust_domain=cfg.mesh.trust_domain, access_log=self.access_log)
+                              trust_domain=cfg.mesh.trust_domain, access_log=self.access_log,
+                              live=self.live)
         self.proxy = OutboundProxy(
             upstreams=upstreams, http=self.http, metrics=self.metrics,
             table=lambda: self._table, on_captured=self.steering.on_outbound,
@@ -588,6 +593,11 @@ class Daemon:
 
     def is_ready(self) -> bool:
         return self._ready
+
+    def _live_view(self, window: int, namespace: str | None) -> dict[str, Any]:
+        """/stats/live: the live figures of this node's proxy."""
+        assert self.live is not None
+        return {"node": self.config.node.name, **self.live.snapshot(window, namespace)}
 
     def config_dump(self) -> dict[str, Any]:
         return {

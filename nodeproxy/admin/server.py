@@ -1,6 +1,7 @@
 """HTTP servers of the daemon (aiohttp).
 
-- admin, 127.0.0.1:15000: /ready, /config_dump, /pods, /clusters, /metrics
+- admin, 127.0.0.1:15000: /ready, /config_dump, /pods, /clusters, /metrics,
+  /stats/live?window=SECONDS&namespace=NS (`nodeproxy top` and `nodeproxy stat` read it)
 - metrics, :15020: /metrics and /stats/prometheus (Istio's path)
 - readiness, :15021: /healthz/ready
 - control, a Unix socket: GET/POST /v1/pods, DELETE /v1/pods/{namespace}/{name}
@@ -57,6 +58,9 @@ class ClusterView(TypedDict):
 # What the daemon passes for /clusters: the L7 pools' current state, one entry per cluster
 # (ClusterView is the expected shape; any JSON-serializable mappings are shown as given).
 ClustersProvider = Callable[[], Sequence[Mapping[str, Any]]]
+# What the daemon passes for /stats/live: (window seconds, namespace or None) -> the
+# figures (nodeproxy.telemetry.live_stats); ValueError for a window it does not keep.
+LiveProvider = Callable[[int, str | None], Mapping[str, Any]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -65,9 +69,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 class AdminServers:
-    def __init__(self, daemon: DaemonView, clusters: ClustersProvider | None = None):
+    def __init__(self, daemon: DaemonView, clusters: ClustersProvider | None = None,
+                 live: LiveProvider | None = None):
         self._d = daemon
         self._clusters = clusters
+        self._live = live
         self._runners: list[web.AppRunner] = []
 
     def _metrics(self, _request: web.Request) -> web.Response:
@@ -89,6 +95,19 @@ class AdminServers:
             return _json({"error": f"{type(e).__name__}: {e}"}, 500)
         return _json(clusters)
 
+    async def _live_page(self, request: web.Request) -> web.Response:
+        if self._live is None:
+            return _json({"error": "live figures are not kept (admin.liveStatsSeconds: 0)"},
+                         404)
+        raw = request.query.get("window", "60")
+        if not raw.isdigit():
+            return _json({"error": f"window must be a whole number of seconds, not {raw!r}"},
+                         400)
+        try:
+            return _json(dict(self._live(int(raw), request.query.get("namespace") or None)))
+        except ValueError as e:
+            return _json({"error": str(e)}, 400)
+
     def admin_app(self) -> web.Application:
         """The 127.0.0.1:15000 application (its own method so tests can serve it alone)."""
         admin = web.Application()
@@ -96,6 +115,7 @@ class AdminServers:
         admin.router.add_get("/config_dump", lambda r: _json(self._d.config_dump()))
         admin.router.add_get("/pods", lambda r: _json(self._d.pods_view()))
         admin.router.add_get("/clusters", self._clusters_page)
+        admin.router.add_get("/stats/live", self._live_page)
         admin.router.add_get("/metrics", self._metrics)
         return admin
 

@@ -118,6 +118,9 @@ class AdminSettings(Model):
     readiness_port: PortNumber = 15021
     # Unix socket for runtime enroll/unenroll (the CNI plugin uses it).
     control_socket: str = "/run/nodeproxy/control.sock"
+    # Seconds of per-workload and per-route figures kept in memory for `nodeproxy top` /
+    # `nodeproxy stat` (GET /stats/live on the admin port); 0 keeps none.
+    live_stats_seconds: int = Field(default=60, ge=0, le=600)
 
 
 class CaptureSettings(Model):

@@ -66,6 +66,7 @@ from nodeproxy.proxy.destinations import (
 from nodeproxy.proxy.dial import relay_side
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
+from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class _Outcome:
     destination: WorkloadRef | None = None
     service: str = UNKNOWN
     bytes_sent: int = 0
+    route: str | None = None  # the matched rule's HTTPRoute ("" default, None: no match)
 
     @property
     def flag_text(self) -> str:
@@ -149,8 +151,9 @@ class HttpProxy:
 
     def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
                  admitter: Callable[[], Admitter], trust_domain: str,
-                 access_log: AccessLog | None):
+                 access_log: AccessLog | None, live: LiveStats | None = None):
         self._upstreams = upstreams
+        self._live = live
         self._metrics = metrics
         self._admitter = admitter
         self._trust_domain = trust_domain
@@ -307,6 +310,8 @@ class HttpProxy:
             head.headers.append(("x-request-id", request_id))
         assert self._routes is not None
         rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
+        if rule is not None:
+            outcome.route = rule.route
         try:
             if rule is None:
                 outcome.flags.append("NR")
@@ -643,6 +648,9 @@ class HttpProxy:
         self._metrics.observe(labels, code=outcome.status, grpc_status=outcome.grpc_status,
                               flags=outcome.flag_text, duration_s=duration,
                               request_bytes=request_bytes, response_bytes=outcome.bytes_sent)
+        if self._live is not None:
+            self._live.request(ctx.entry.service, route_name(outcome.route), labels,
+                               outcome.status, outcome.grpc_status, duration, start + duration)
         self._log(ctx, head, outcome, started_at, duration, request_bytes, request_id,
                   dest, dest_principal)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+if TYPE_CHECKING:
+    from nodeproxy.telemetry.live_stats import LiveStats
 
 TCP_LABELS = (
     "reporter",
@@ -40,7 +44,8 @@ class TcpLabels:
 
 
 class ConnectionMeter:
-    """The four Istio TCP series bound to one connection's labels."""
+    """The four Istio TCP series bound to one connection's labels (and its share of the
+    live figures of `nodeproxy top`, when they are kept)."""
 
     def __init__(self, metrics: ProxyMetrics, labels: TcpLabels):
         values = labels.values()
@@ -48,19 +53,29 @@ class ConnectionMeter:
         self._closed = metrics.tcp_closed.labels(*values)
         self._received = metrics.tcp_received.labels(*values)
         self._sent = metrics.tcp_sent.labels(*values)
+        self._live = metrics.live.flow(labels) if metrics.live is not None else None
 
     def opened(self) -> None:
         self._opened.inc()
+        if self._live is not None:
+            self._live.opened()
 
     def closed(self) -> None:
         self._closed.inc()
+        if self._live is not None:
+            self._live.closed()
 
     def bytes(self, from_downstream: bool, n: int) -> None:
         # Istio: "received" is what the client sent (request), "sent" what it got back.
         (self._received if from_downstream else self._sent).inc(n)
+        if self._live is not None:
+            self._live.bytes(from_downstream, n)
 
 
 class ProxyMetrics:
+    # The live figures relayed connections feed (set by the daemon; None: not kept).
+    live: LiveStats | None = None
+
     def __init__(self, registry: CollectorRegistry):
         self.tcp_opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened through the proxy",

@@ -249,6 +249,14 @@ def test_port_out_of_range() -> None:
     ]
 
 
+def test_live_stats_window_is_bounded() -> None:
+    assert parse_config(VALID).config.admin.live_stats_seconds == 60
+    assert parse_config(HEAD + "admin:\n  liveStatsSeconds: 0\n").config.admin \
+        .live_stats_seconds == 0
+    assert problems(HEAD + "admin:\n  liveStatsSeconds: 601\n") == [
+        "node.yaml:6: admin.liveStatsSeconds: must be at most 600 (got 601)"]
+
+
 def test_capture_mode_defaults_to_ebpf_and_accepts_iptables() -> None:
     assert parse_config(VALID).config.capture.mode == "ebpf"
     capture = parse_config(HEAD + "capture:\n  mode: iptables\n").config.capture
