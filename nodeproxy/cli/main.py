@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "unenroll": "nodeproxy.cli.unenroll",
     "uninstall": "nodeproxy.cli.uninstall",
     "bench": "nodeproxy.cli.bench",
+    "stat": "nodeproxy.cli.stat",
+    "top": "nodeproxy.cli.top",
 }
 
 
