@@ -594,7 +594,7 @@ class Daemon:
     def is_ready(self) -> bool:
         return self._ready
 
-    def _live_view(self, window: int, namespace: str | None) -> dict[str, Any]:
+    def _live_view(self, window: int | None, namespace: str | None) -> dict[str, Any]:
         """/stats/live: the live figures of this node's proxy."""
         assert self.live is not None
         return {"node": self.config.node.name, **self.live.snapshot(window, namespace)}

@@ -58,9 +58,10 @@ class ClusterView(TypedDict):
 # What the daemon passes for /clusters: the L7 pools' current state, one entry per cluster
 # (ClusterView is the expected shape; any JSON-serializable mappings are shown as given).
 ClustersProvider = Callable[[], Sequence[Mapping[str, Any]]]
-# What the daemon passes for /stats/live: (window seconds, namespace or None) -> the
-# figures (nodeproxy.telemetry.live_stats); ValueError for a window it does not keep.
-LiveProvider = Callable[[int, str | None], Mapping[str, Any]]
+# What the daemon passes for /stats/live: (window seconds or None for its default,
+# namespace or None) -> the figures (nodeproxy.telemetry.live_stats); ValueError for a
+# window it does not keep.
+LiveProvider = Callable[[int | None, str | None], Mapping[str, Any]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -99,14 +100,18 @@ class AdminServers:
         if self._live is None:
             return _json({"error": "live figures are not kept (admin.liveStatsSeconds: 0)"},
                          404)
-        raw = request.query.get("window", "60")
-        if not raw.isdigit():
+        raw = request.query.get("window")
+        if raw is not None and not raw.isdigit():
             return _json({"error": f"window must be a whole number of seconds, not {raw!r}"},
                          400)
         try:
-            return _json(dict(self._live(int(raw), request.query.get("namespace") or None)))
+            window = int(raw) if raw is not None else None
+            return _json(dict(self._live(window, request.query.get("namespace") or None)))
         except ValueError as e:
             return _json({"error": str(e)}, 400)
+        except Exception as e:  # the admin page must answer even if the provider breaks
+            log.exception("admin: the /stats/live provider failed")
+            return _json({"error": f"{type(e).__name__}: {e}"}, 500)
 
     def admin_app(self) -> web.Application:
         """The 127.0.0.1:15000 application (its own method so tests can serve it alone)."""

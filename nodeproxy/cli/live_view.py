@@ -21,9 +21,9 @@ class AdminUnreachable(Exception):
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", default=DEFAULT_ADMIN,
                         help="the daemon's admin API (default %(default)s)")
-    parser.add_argument("--window", type=int, default=60,
+    parser.add_argument("--window", type=int, default=None,
                         help="seconds of traffic the figures cover, up to the daemon's "
-                             "admin.liveStatsSeconds (default %(default)s)")
+                             "admin.liveStatsSeconds (default 60, or all it keeps if less)")
     parser.add_argument("-n", "--namespace", default=None,
                         help="only workloads and routes of this namespace")
     parser.add_argument("--by", choices=("all", "workload", "route"), default="all",
@@ -32,12 +32,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the daemon's JSON document instead of tables")
 
 
-def fetch(admin: str, window: int, namespace: str | None, timeout: float = 5.0
+def fetch(admin: str, window: int | None, namespace: str | None, timeout: float = 5.0
           ) -> dict[str, Any]:
-    query = {"window": str(window)}
+    query = {"window": str(window)} if window is not None else {}
     if namespace:
         query["namespace"] = namespace
-    url = f"{admin.rstrip('/')}/stats/live?{urllib.parse.urlencode(query)}"
+    url = f"{admin.rstrip('/')}/stats/live"
+    if query:
+        url += f"?{urllib.parse.urlencode(query)}"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
             document: dict[str, Any] = json.load(response)

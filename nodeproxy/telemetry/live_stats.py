@@ -45,6 +45,7 @@ QUANTILE_ERROR = GROWTH - 1.0  # a reported quantile is in [true, true * (1 + th
 _LOG_GROWTH = math.log(GROWTH)
 MIN_MS = 0.001  # durations at or below 1 µs share the first bucket
 QUANTILES = (0.5, 0.95, 0.99)
+DEFAULT_WINDOW = 60  # seconds, as `linkerd viz stat`
 UNKNOWN = "unknown"
 DEFAULT_ROUTE = "[default]"  # a service with no HTTPRoute: its one implicit rule
 NO_ROUTE = "[no route]"  # a request no rule matched (answered 404, flag NR)
@@ -233,10 +234,13 @@ class LiveStats:
 
     # -- queries -------------------------------------------------------------------------
 
-    def snapshot(self, window: int, namespace: str | None = None,
+    def snapshot(self, window: int | None = None, namespace: str | None = None,
                  now: float | None = None) -> dict[str, Any]:
-        """The figures of the last `window` seconds (1..keep_seconds), as JSON-ready
-        data: ``window_seconds``, ``workloads`` and ``routes`` (see docs/http.md)."""
+        """The figures of the last `window` seconds (1..keep_seconds; None: DEFAULT_WINDOW
+        or all that is kept, if less), as JSON-ready data: ``window_seconds``,
+        ``workloads`` and ``routes`` (see docs/http.md)."""
+        if window is None:
+            window = min(DEFAULT_WINDOW, self.keep_seconds)
         if not 1 <= window <= self.keep_seconds:
             raise ValueError(f"window must be 1..{self.keep_seconds} seconds, not {window}")
         now = self.clock() if now is None else now

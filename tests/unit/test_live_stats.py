@@ -213,6 +213,8 @@ def test_admin_live_page() -> None:
     assert [r["requests"] for r in body["routes"]] == [1]
     status, body = asyncio.run(get_live(servers, "?window=30&namespace=shop"))
     assert (status, body["workloads"], len(body["routes"])) == (200, [], 1)
+    status, body = asyncio.run(get_live(servers, ""))  # all it keeps: 30 s
+    assert (status, body["window_seconds"]) == (200, 30)
     assert asyncio.run(get_live(servers, "?window=31")) == \
         (400, {"error": "window must be 1..30 seconds, not 31"})
     assert asyncio.run(get_live(servers, "?window=abc")) == \
