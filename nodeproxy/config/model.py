@@ -726,6 +726,25 @@ class BackendRef(Model):
     _namespace = field_validator("namespace")(_optional_dns_label)
 
 
+class MirrorRef(Model):
+    """The service a mirror copies requests to (in the route's namespace unless given)."""
+
+    name: str
+    namespace: str | None = None
+    port: PortNumber | None = None  # None: the port the request arrived on
+
+    _names = field_validator("name")(_dns_label)
+    _namespace = field_validator("namespace")(_optional_dns_label)
+
+
+class RequestMirror(Model):
+    """Gateway API's RequestMirror filter (Istio: mirror + mirrorPercentage): a share of the
+    rule's requests is copied to another service, fire and forget (docs/http.md)."""
+
+    backend_ref: MirrorRef
+    percentage: Percent = 100.0
+
+
 class HttpHeader(Model):
     name: HeaderName
     value: str
@@ -782,6 +801,8 @@ class RouteRule(Model):
     response_headers: HeaderModifier | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    # Copies of requests sent to shadow services; their responses are discarded.
+    mirrors: list[RequestMirror] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _weights(self) -> RouteRule:
@@ -916,6 +937,16 @@ def _route_problems(config: NodeConfig) -> list[Problem]:
                 if target is None:
                     errors.append(((*where, "name"),
                                    f"no service {ref.namespace or route.namespace}/{ref.name}"))
+                elif ref.port is not None and ref.port not in {p.port for p in target.ports}:
+                    errors.append(((*where, "port"),
+                                   f"service {target.key} has no port {ref.port}"))
+            for k, mirror in enumerate(rule.mirrors):
+                ref = mirror.backend_ref
+                target = services.get(f"{ref.namespace or route.namespace}/{ref.name}")
+                where = ("httpRoutes", i, "rules", j, "mirrors", k, "backendRef")
+                if target is None:
+                    errors.append(((*where, "name"), f"no service to mirror to: "
+                                   f"{ref.namespace or route.namespace}/{ref.name}"))
                 elif ref.port is not None and ref.port not in {p.port for p in target.ports}:
                     errors.append(((*where, "port"),
                                    f"service {target.key} has no port {ref.port}"))

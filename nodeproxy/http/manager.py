@@ -50,6 +50,7 @@ from nodeproxy.http.message import (
     UpstreamResponse,
 )
 from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
+from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.pool import Endpoint, EndpointPool
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
@@ -105,6 +106,7 @@ class _Outcome:
     service: str = UNKNOWN
     bytes_sent: int = 0
     route: str | None = None  # the matched rule's HTTPRoute ("" default, None: no match)
+    mirror_tap: BodyTap | None = None  # the request's body, copied for mirrors
 
     @property
     def flag_text(self) -> str:
@@ -172,6 +174,9 @@ class HttpProxy:
         self._policed_cache: dict[str, bool] = {}
         self._labels: dict[tuple[object, ...], RequestLabels] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._mirrors = Mirrors(metrics, self._random, cluster=self._cluster,
+                                hash_key=self._hash_key, authorized=self._authorized,
+                                connect=self._connection)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -254,6 +259,7 @@ class HttpProxy:
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._mirrors.close()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
@@ -338,13 +344,20 @@ class HttpProxy:
         finally:
             if exchange.client_gone and "DC" not in outcome.flags:
                 outcome.flags.append("DC")
+            if outcome.mirror_tap is not None:
+                outcome.mirror_tap.primary_done()
             self._record(ctx, exchange, outcome, start, started_at, request_id)
 
     async def _forward(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
                        outcome: _Outcome) -> None:
         head = exchange.request
         policy: RetryPolicy = rule.retry
-        body = ReplayableBody(exchange.body,
+        source: Body = exchange.body
+        if rule.mirrors:  # copies for shadow services; the body is read through a tap
+            outcome.mirror_tap = self._mirrors.start(
+                ctx, head, source, rule, self._settings.retry_buffer_bytes)
+            source = outcome.mirror_tap or source  # type: ignore[assignment]
+        body = ReplayableBody(source,
                               self._settings.retry_buffer_bytes if policy.attempts else 0)
         budget: RetryBudget | None = None
         last_error: UpstreamError | None = None

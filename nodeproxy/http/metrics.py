@@ -25,7 +25,8 @@ Label values follow Istio's proxy filter:
   Istio reports as "latest" when unknown
 
 nodeproxy's own series, beside them: retries (``nodeproxy_http_retries_total``), retry
-budget refusals (``nodeproxy_http_retry_budget_exhausted_total``), malformed requests
+budget refusals (``nodeproxy_http_retry_budget_exhausted_total``), mirrored requests
+(``nodeproxy_http_mirrored_requests_total``, see mirror.py), malformed requests
 refused (``nodeproxy_http_bad_requests_total``) and access-log lines dropped
 (``nodeproxy_access_log_dropped_total``).
 
@@ -215,6 +216,10 @@ class RequestMetrics:
             "nodeproxy_http_bad_requests_total",
             "Malformed requests the proxy refused, by protocol and reason",
             ("protocol", "reason"), registry=registry)
+        self.mirrored = Counter(
+            "nodeproxy_http_mirrored_requests_total",
+            "Mirrored (shadow) requests, by result (sent, failed, skipped) and reason",
+            ("destination_service", "result", "reason"), registry=registry)
         self.access_log_dropped = Counter(
             "nodeproxy_access_log_dropped_total",
             "Access-log lines dropped (the writer fell behind or could not write)",
@@ -242,6 +247,9 @@ class RequestMetrics:
 
     def count_budget_exhausted(self, destination_service: str) -> None:
         self._child(self.retry_budget_exhausted, (destination_service,)).inc()
+
+    def count_mirror(self, destination_service: str, result: str, reason: str) -> None:
+        self._child(self.mirrored, (destination_service, result, reason)).inc()
 
     def count_bad_request(self, protocol: str, reason: str) -> None:
         self._child(self.bad_requests, (protocol, reason)).inc()

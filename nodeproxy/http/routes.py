@@ -37,6 +37,15 @@ class WeightedBackend:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """A shadow service a rule copies a share of its requests to (mirror.py sends them)."""
+
+    service: str  # "<ns>/<name>"
+    port: int | None  # None: the port the request arrived on
+    percentage: float  # 0..100
+
+
+@dataclass(frozen=True)
 class CompiledRule:
     route: str  # "<ns>/<name>" of the HTTPRoute, "" for a service's default rule
     backends: tuple[WeightedBackend, ...]
@@ -44,6 +53,7 @@ class CompiledRule:
     response_headers: HeaderModifier | None
     timeouts: Timeouts
     retry: RetryPolicy
+    mirrors: tuple[Mirror, ...] = ()  # empty: the request path checks only this
     total_weight: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,8 +139,12 @@ def _compile_rule(route: HttpRoute | None, rule: RouteRule, service: str) -> Com
     backends = tuple(
         WeightedBackend(f"{ref.namespace or namespace}/{ref.name}", ref.port, ref.weight)
         for ref in rule.backend_refs) or (WeightedBackend(service, None, 1),)
+    mirrors = tuple(
+        Mirror(f"{m.backend_ref.namespace or namespace}/{m.backend_ref.name}",
+               m.backend_ref.port, m.percentage)
+        for m in rule.mirrors if m.percentage > 0)
     return CompiledRule(route.key if route else "", backends, rule.request_headers,
-                        rule.response_headers, rule.timeouts, rule.retry)
+                        rule.response_headers, rule.timeouts, rule.retry, mirrors)
 
 
 def _compile_match(rule: CompiledRule, route: HttpRoute, match: RouteMatch | None,

@@ -138,3 +138,54 @@ def test_bad_app_protocol() -> None:
                          "        targetPort: 8080\n        appProtocol: mysql\n")
     found = problems(text)
     assert len(found) == 1 and "services[0].ports[0].appProtocol" in found[0]
+
+
+def test_a_mirror_loads_with_istios_default_percentage() -> None:
+    loaded = parse_config(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - mirrors: [{backendRef: {name: web, port: 80}}]
+        """), "node.yaml")
+    mirror = loaded.config.http_routes[0].rules[0].mirrors[0]
+    assert (mirror.backend_ref.name, mirror.backend_ref.port, mirror.percentage) == \
+        ("web", 80, 100.0)
+
+
+def test_a_mirror_to_an_unknown_service_or_port_names_its_line() -> None:
+    found = problems(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - mirrors:
+                - backendRef: {name: shadow}
+                - backendRef:
+                    name: web
+                    port: 81
+        """))
+    assert found == [
+        "node.yaml:30: httpRoutes[0].rules[0].mirrors[0].backendRef.name: "
+        "no service to mirror to: shop/shadow",
+        "node.yaml:33: httpRoutes[0].rules[0].mirrors[1].backendRef.port: "
+        "service shop/web has no port 81"]
+
+
+@pytest.mark.parametrize("mirror,expected", [
+    ("{backendRef: {name: web}, percentage: 101}", "mirrors[0].percentage"),
+    ("{backendRef: {name: web}, percentage: -1}", "mirrors[0].percentage"),
+    ("{backendRef: {name: Web}}", "is not a valid name"),
+    ("{backendRef: {name: web, weight: 3}}", "mirrors[0].backendRef.weight"),
+    ("{percentage: 50}", "mirrors[0].backendRef"),
+])
+def test_bad_mirror_fields(mirror: str, expected: str) -> None:
+    found = problems(routes(f"""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - mirrors: [{mirror}]
+        """))
+    assert len(found) == 1 and expected in found[0], found
+    assert found[0].startswith("node.yaml:29: ")

@@ -1,0 +1,304 @@
+"""Request mirroring (shadowing): copies of a share of a rule's requests to shadow services.
+
+This module owns what happens to a mirrored copy, from the draw that picks it to its
+count in ``nodeproxy_http_mirrored_requests_total``:
+
+- the authority rewrite (``shadow_authority``: ``-shadow`` on the host, before any port,
+  as Envoy does);
+- the request body (``BodyTap``): the primary reads the client's body as before, and the
+  tap keeps a copy while the whole body stays within ``http.retryBufferBytes``.  A copy
+  is sent only once the body is complete, so a shadow never sees a truncated request; a
+  larger body is not mirrored (reason ``body_too_large``).  The tap never waits for a
+  mirror, so a mirror cannot hold the primary back;
+- the copy itself (``Mirrors``): endpoint picked by the shadow service's balancer,
+  authorized like any request, sent over the same pools (HBONE to other nodes, with the
+  source pod's identity), its response read and discarded, under its own timeout (the
+  rule's request timeout) and a cap of ``MAX_IN_FLIGHT`` copies per shadow service;
+- counting and logging (rate limited) of every copy that was skipped or failed.
+
+Nothing here touches the client's exchange: the primary's response, status, latency and
+metrics are the same with or without mirrors.  Mirrored copies are not counted in
+``istio_requests_total`` (Istio's client-side proxy does not count them either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from nodeproxy.http.h2 import H2Client
+from nodeproxy.http.message import (
+    Body,
+    BodyError,
+    Headers,
+    ReplayableBody,
+    RequestHead,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+)
+from nodeproxy.http.metrics import RequestMetrics
+from nodeproxy.http.routes import CompiledRule, Mirror, apply_modifier
+from nodeproxy.proxy.destinations import Backend
+from nodeproxy.proxy.upstream import Refused
+
+if TYPE_CHECKING:
+    from nodeproxy.http.manager import _Cluster, _Context
+    from nodeproxy.http.pool import Endpoint
+
+log = logging.getLogger(__name__)
+
+SHADOW_SUFFIX = "-shadow"
+# Copies in flight per shadow service; past it a copy is skipped (reason "overloaded").
+MAX_IN_FLIGHT = 1024
+# One log line per (service, result, reason) per this many seconds, with the count since.
+LOG_INTERVAL_SECONDS = 10.0
+
+SENT, FAILED, SKIPPED = "sent", "failed", "skipped"
+_FLAG_REASON = {"UF": "connect_failure", "UC": "reset", "UT": "timeout"}
+
+
+def shadow_authority(authority: str) -> str:
+    """The authority a mirrored copy carries: ``-shadow`` after the host, before any port
+    (Envoy's rule since it stopped appending after the port): ``web:8080`` gives
+    ``web-shadow:8080``, ``web.default.svc.cluster.local`` gives
+    ``web.default.svc.cluster.local-shadow``, ``[fd00::1]:80`` gives ``[fd00::1]-shadow:80``."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end != -1:
+            return authority[:end + 1] + SHADOW_SUFFIX + authority[end + 1:]
+        return authority + SHADOW_SUFFIX
+    host, sep, port = authority.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return f"{host}{SHADOW_SUFFIX}:{port}"
+    return authority + SHADOW_SUFFIX
+
+
+def chosen(mirrors: tuple[Mirror, ...], rng: random.Random) -> list[Mirror]:
+    """The mirrors one request is copied to: each draws on its own percentage."""
+    return [m for m in mirrors if m.percentage >= 100.0 or rng.random() * 100.0 < m.percentage]
+
+
+class BodyTap:
+    """The client's request body as the primary reads it (ReplayableBody's source), with
+    a copy kept for mirrors while the whole body stays within ``limit`` bytes.
+
+    ``copy()`` waits until the body is complete and returns it, or returns why there is
+    none: ``body_too_large`` (past the limit, or a Content-Length above it),
+    ``body_incomplete`` (the client broke off, or the primary ended without reading it
+    all).  Reading never waits for a mirror.
+    """
+
+    def __init__(self, source: Body, limit: int, content_length: int | None):
+        self.source = source
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._settled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if content_length is not None and content_length > limit:
+            self._settle("body_too_large")
+        elif source.ended and source.buffered == 0:
+            self._settle("")
+
+    # What ReplayableBody reads of its source.
+    @property
+    def ended(self) -> bool:
+        return self.source.ended
+
+    @property
+    def buffered(self) -> int:
+        return self.source.buffered
+
+    @property
+    def trailers(self) -> Headers | None:
+        return self.source.trailers
+
+    async def read(self) -> bytes:
+        try:
+            data = await self.source.read()
+        except BodyError:
+            self._settle("body_incomplete")
+            raise
+        if self._settled.done():
+            return data
+        if not data:
+            self._settle("")
+        else:
+            self._size += len(data)
+            if self._size > self._limit:
+                self._chunks.clear()
+                self._settle("body_too_large")
+            else:
+                self._chunks.append(data)
+        return data
+
+    def primary_done(self) -> None:
+        """The primary exchange ended: a body not read to its end cannot be mirrored."""
+        self._settle("body_incomplete")
+
+    def _settle(self, reason: str) -> None:
+        if not self._settled.done():
+            self._settled.set_result(reason)
+
+    async def copy(self) -> Body | str:
+        """The whole body (a fresh Body, trailers included), or the reason there is none."""
+        reason = await self._settled
+        if reason:
+            return reason
+        body = Body()
+        for chunk in self._chunks:
+            body.feed(chunk)
+        body.end(self.source.trailers)
+        return body
+
+
+# What Mirrors needs of the HTTP proxy (manager.py's HttpProxy methods, bound).
+ClusterLookup = Callable[[str, int, int], "_Cluster | None"]
+HashKey = Callable[["_Cluster", "_Context", RequestHead], "str | None"]
+Authorize = Callable[["_Context", Backend, RequestHead], bool]
+Connect = Callable[["_Context", "Endpoint", "_Cluster"], Awaitable[UpstreamConnection]]
+
+
+class Mirrors:
+    """Starts and tracks the mirrored copies of requests, node-wide."""
+
+    def __init__(self, metrics: RequestMetrics, rng: random.Random, *,
+                 cluster: ClusterLookup, hash_key: HashKey, authorized: Authorize,
+                 connect: Connect, max_in_flight: int = MAX_IN_FLIGHT):
+        self._metrics = metrics
+        self._random = rng
+        self._cluster = cluster
+        self._hash_key = hash_key
+        self._authorized = authorized
+        self._connect = connect
+        self._max_in_flight = max_in_flight
+        self.in_flight: Counter[str] = Counter()  # per shadow service fqdn
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._logged: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def start(self, ctx: _Context, head: RequestHead, body: Body, rule: CompiledRule,
+              limit: int) -> BodyTap | None:
+        """Start the copies of one request (call once, before the primary reads the body).
+        Returns the tap the primary must read the body through, or None if no copy was
+        started (the primary then reads the body directly)."""
+        tap: BodyTap | None = None
+        for mirror in chosen(rule.mirrors, self._random):
+            cluster = self._cluster(mirror.service, mirror.port or ctx.entry.port, ctx.version)
+            if cluster is None:
+                self._count(mirror.service, SKIPPED, "unknown_port")
+                continue
+            service = cluster.entry.fqdn
+            if not cluster.endpoints:
+                self._count(service, SKIPPED, "no_endpoints")
+                continue
+            if self.in_flight[service] >= self._max_in_flight:
+                self._count(service, SKIPPED, "overloaded")
+                continue
+            shadow = RequestHead(head.method, head.path, shadow_authority(head.authority),
+                                 list(apply_modifier(head.headers, rule.request_headers)),
+                                 head.scheme, "2" if ctx.http2_upstream else "1.1")
+            endpoint = cluster.balancer.pick(cluster.endpoints,
+                                             self._hash_key(cluster, ctx, shadow))
+            if not self._authorized(ctx, endpoint.backend, shadow):
+                self._count(service, SKIPPED, "denied")
+                continue
+            if tap is None:
+                tap = BodyTap(body, limit, _content_length(head))
+            self.in_flight[service] += 1
+            task = asyncio.get_running_loop().create_task(
+                self._run(ctx, shadow, rule, cluster, endpoint, tap, service))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return tap
+
+    async def _run(self, ctx: _Context, head: RequestHead, rule: CompiledRule,
+                   cluster: _Cluster, endpoint: Endpoint, tap: BodyTap, service: str) -> None:
+        try:
+            body = await tap.copy()  # settled by the primary's end at the latest
+            if isinstance(body, str):
+                self._count(service, SKIPPED, body)
+                return
+            result, reason = await self._send(ctx, head, rule, cluster, endpoint, body)
+            self._count(service, result, reason)
+        except Exception:  # a bug here must not go unnoticed, nor reach the client
+            log.exception("mirror to %s failed unexpectedly", service)
+            self._count(service, FAILED, "error")
+        finally:
+            self.in_flight[service] -= 1
+            if self.in_flight[service] <= 0:
+                del self.in_flight[service]
+
+    async def _send(self, ctx: _Context, head: RequestHead, rule: CompiledRule,
+                    cluster: _Cluster, endpoint: Endpoint, body: Body) -> tuple[str, str]:
+        """Send one copy and read its response to the end: (result, reason)."""
+        status: int | None = None
+        connection: UpstreamConnection | None = None
+        response: UpstreamResponse | None = None
+        started = endpoint.stats.begin()
+        try:
+            async with asyncio.timeout(rule.timeouts.request_seconds or None):
+                connection = await self._connect(ctx, endpoint, cluster)
+                response = await connection.send(head, ReplayableBody(body, 0).reader())
+                status = response.head.status
+                while await response.body.read():
+                    pass
+            return SENT, str(status)
+        except Refused:
+            return FAILED, "connect_failure"
+        except UpstreamError as e:
+            return FAILED, _FLAG_REASON.get(e.flag, "reset")
+        except (TimeoutError, BodyError, ConnectionError, OSError) as e:
+            if connection is not None:
+                _abort(connection, response)
+            if status is not None:
+                return SENT, str(status)  # the shadow got it and answered; the rest is lost
+            return FAILED, "timeout" if isinstance(e, TimeoutError) else "reset"
+        finally:
+            endpoint.stats.end(started, ok=status is not None and status < 500)
+
+    def _count(self, service: str, result: str, reason: str) -> None:
+        self._metrics.count_mirror(service, result, reason)
+        if result == SENT:
+            return
+        key = (service, result, reason)
+        now = time.monotonic()
+        last, suppressed = self._logged.get(key, (-LOG_INTERVAL_SECONDS, 0))
+        if now - last < LOG_INTERVAL_SECONDS:
+            self._logged[key] = (last, suppressed + 1)
+            return
+        if len(self._logged) > 1024:
+            self._logged.clear()
+        self._logged[key] = (now, 0)
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        log.warning("mirror to %s %s: %s%s", service, result, reason, more)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _content_length(head: RequestHead) -> int | None:
+    value = head.header("content-length")
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def _abort(connection: UpstreamConnection, response: UpstreamResponse | None) -> None:
+    """The copy was given up mid-exchange.  HTTP/2: reset just its stream (a send that was
+    cancelled did that already); HTTP/1.1: the connection cannot serve again."""
+    if isinstance(connection, H2Client):
+        cancel = getattr(response.body, "cancel", None) if response is not None else None
+        if cancel is not None:
+            cancel()
+        return
+    abort = getattr(connection, "abort", None)
+    if abort is not None:
+        abort()
+    else:
+        connection.close()
