@@ -23,11 +23,15 @@ behaves as ``/status/503``; route tests can put their own prefixes in front):
 - ``/echo`` (any method): the request body sent back unchanged, in chunks, with
   ``x-sha256`` and ``x-length`` of it.  ``?stream=1`` sends each piece back as it
   arrives instead (no ``x-sha256``: it is only known at the end).
-- ``/stats``: ``{name, requests_total, by_path, connections_total}``; connections_total
-  counts accepted TCP connections, including connections that sent no request (a
-  readiness probe) and the one asking; compare two readings.
+- ``/stats``: ``{name, requests_total, by_path, connections_total, bodies}``;
+  connections_total counts accepted TCP connections, including connections that sent no
+  request (a readiness probe) and the one asking; bodies counts the request bodies read
+  whole, by SHA-256 (mirroring tests); compare two readings.
 - ``/ws``: a WebSocket echo (text as text, binary as binary).
 - anything else: 200.
+
+``--status CODE`` answers every request with that status instead (after reading its
+body): an endpoint that always fails, whatever the path.
 
 Other responses have a JSON body describing the request: name, method, path, query
 (raw), args (parsed), http_version, headers (lower-case names, repeated ones joined
@@ -121,13 +125,16 @@ class Connection(RequestHandler):
 class Backend:
     """The server's state (counters, per-key attempts, the request log) and its handler."""
 
-    def __init__(self, name: str, log: IO[str] | None = None, delay: float = 0.0):
+    def __init__(self, name: str, log: IO[str] | None = None, delay: float = 0.0,
+                 status: int | None = None):
         self.name = name
         self.log = log
         self.delay = delay  # added to every request: a slow endpoint for balancing tests
+        self.status = status  # every request gets it: an always-failing endpoint
         self.requests_total = 0
         self.connections_total = 0
         self.by_path: Counter[str] = Counter()
+        self.bodies: Counter[str] = Counter()  # request bodies read whole, by SHA-256
         self.attempts: Counter[tuple[str, str]] = Counter()
         self._digests: dict[tuple[bytes, int], str] = {}
 
@@ -201,6 +208,9 @@ class Backend:
             self.log.flush()
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.status is not None:
+            await self._read_body(request, info)
+            return self._json(info, self.status)
         route, params = match_route(request.path)
         handler = getattr(self, f"_{route}")
         response: web.StreamResponse = await handler(request, info, *params)
@@ -208,8 +218,9 @@ class Backend:
 
     async def _read_body(self, request: web.Request, info: dict[str, Any]) -> bytes:
         body = await request.read()
-        info["body_sha256"] = hashlib.sha256(body).hexdigest()
+        info["body_sha256"] = digest = hashlib.sha256(body).hexdigest()
         info["body_length"] = len(body)
+        self.bodies[digest] += 1
         return body
 
     def _json(self, info: dict[str, Any], status: int = 200) -> web.Response:
@@ -302,7 +313,9 @@ class Backend:
             await response.write_eof()
             return response
         body = await request.read()
-        response = self._octets(request, len(body), hashlib.sha256(body).hexdigest())
+        digest = hashlib.sha256(body).hexdigest()
+        self.bodies[digest] += 1
+        response = self._octets(request, len(body), digest)
         await response.prepare(request)
         for chunk in pieces(body):
             await response.write(chunk)
@@ -322,7 +335,8 @@ class Backend:
         await self._read_body(request, info)
         return self._json({"name": self.name, "requests_total": self.requests_total,
                            "by_path": dict(self.by_path),
-                           "connections_total": self.connections_total})
+                           "connections_total": self.connections_total,
+                           "bodies": dict(self.bodies)})
 
     async def _ws(self, request: web.Request, info: dict[str, Any]) -> web.StreamResponse:
         ws = web.WebSocketResponse()
@@ -357,7 +371,7 @@ async def wait_sent(transport: asyncio.BaseTransport, timeout: float) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     log = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115
-    backend = Backend(args.name, log, args.delay_ms / 1000.0)
+    backend = Backend(args.name, log, args.delay_ms / 1000.0, args.status)
     runner = web.AppRunner(backend.application(), access_log=None, handle_signals=False)
     await runner.setup()
     assert runner.server is not None
@@ -390,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="append one JSON line per request (method, path, headers...)")
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="answer every request this much later (a slow endpoint)")
+    parser.add_argument("--status", type=int, default=None,
+                        help="answer every request with this status (a failing endpoint)")
     return parser
 
 

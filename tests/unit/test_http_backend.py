@@ -288,3 +288,24 @@ def test_dual_stack_by_default() -> None:
     finally:
         stop(proc)
     assert proc.returncode == 0  # SIGTERM is a clean stop
+
+
+def test_stats_count_request_bodies_by_digest(backend: SimpleNamespace) -> None:
+    body = os.urandom(3000)
+    digest = hashlib.sha256(body).hexdigest()
+    assert request(backend.port, "POST", "/anything", body=body).status == 200
+    assert request(backend.port, "PUT", "/echo", body=body).status == 200
+    stats = request(backend.port, "GET", "/stats").json()
+    assert stats["bodies"][digest] == 2
+
+
+def test_status_option_fails_every_request() -> None:
+    proc, ready = start_tool("http_backend", "--host", "127.0.0.1", "--name", "bad",
+                             "--status", "503")
+    try:
+        port = port_of(ready)
+        for path in ("/", "/echo", "/status/200"):
+            reply = request(port, "POST", path, body=b"x")
+            assert reply.status == 503 and reply.headers["x-backend"] == "bad"
+    finally:
+        stop(proc)
