@@ -10,6 +10,7 @@ balancer.py  per-request endpoint choice (round robin, random, P2C least request
 retry.py     retry conditions, backoff with full jitter, the retry budget
 pool.py      upstream connections per endpoint, reused across client connections
 manager.py   one client connection's requests: route, authorize, retry, meter, log
+mirror.py    request mirroring: -shadow copies to shadow services, fire and forget
 metrics.py   Istio's request series (istio_requests_total, ...)
 access_log.py  one JSON line per request, written off the event loop
 """

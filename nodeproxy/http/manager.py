@@ -9,6 +9,7 @@ timeout bounds the whole exchange (504, UT); a per-try timeout bounds each attem
 The response streams back; a backend that breaks off mid-response resets the client's
 exchange (flag UC) instead of leaving it waiting.  Each request ends in one metric
 observation (Istio's series) and, if the source workload asks, one access-log line.
+A rule with mirrors also starts copies of the request to its shadow services (mirror.py).
 
 The proxy acts for the source pod here, as Istio's waypoint does: it authorizes each
 request with the destination's policies itself and marks the HBONE streams it opens,

@@ -26,6 +26,7 @@ from tests.integration.observe import metric_sum, wait_for
 pytestmark = pytest.mark.privileged
 
 APP = 8080
+GRPC = 50051
 HOST = "web.default.svc.cluster.local"
 MIRRORED = "nodeproxy_http_mirrored_requests_total"
 
@@ -55,9 +56,16 @@ def mesh() -> Iterator[Cluster]:
         c.serve_http("slow-b", APP, None, "--delay-ms", "1000",
                      "--log", os.path.join(c.dir, "slow-b.jsonl"))
         c.serve_http("failing-b", APP, None, "--status", "503")
+        c.add_pod("node0", "grpc-a", labels={"app": "grpc"}, service_account="grpc")
+        c.add_pod("node1", "grpc-shadow-b", labels={"app": "grpc-shadow"},
+                  service_account="grpc")
+        c.serve_grpc("grpc-a", GRPC)
+        c.serve_grpc("grpc-shadow-b", GRPC)
         # dead-b serves nothing: a connection to it is refused.
         for name in ("web", "shadow", "slow-shadow", "failing-shadow", "dead-shadow"):
             c.add_service(name, port=80, target_port=APP, app_protocol="http")
+        for name in ("grpc", "grpc-shadow"):
+            c.add_service(name, port=GRPC, target_port=GRPC, app_protocol="grpc")
         c.add_service("empty-shadow", port=80, target_port=APP, app_protocol="http",
                       selector={"app": "nobody"})
         c.write_configs(overrides={"httpRoutes": [{"name": "web", "service": "web", "rules": [
@@ -68,7 +76,8 @@ def mesh() -> Iterator[Cluster]:
             mirror_rule("/dead", "dead-shadow"),
             mirror_rule("/empty", "empty-shadow"),
             {},  # everything else: not mirrored
-        ]}]})
+        ]}, {"name": "grpc", "service": "grpc", "rules": [
+            {"mirrors": [{"backendRef": {"name": "grpc-shadow"}}]}]}]})
         c.start_daemons()
         yield c
 
@@ -236,3 +245,27 @@ def test_a_post_body_is_mirrored_intact_and_a_larger_one_not_at_all(mesh: Cluste
     assert wait_for(lambda: mirrored(mesh, "shadow", "skipped", "body_too_large")
                     - too_large == 3)
     assert digest(large) not in backend_stats(mesh, "shadow-b")["bodies"]
+
+
+def test_grpc_calls_are_mirrored_over_http2(mesh: Cluster):
+    """HTTP/2 upstream, a body without Content-Length, trailers: the shadow serves each
+    call once with the same payload, and the client sees only the primary's answers.
+    The backends count calls per key (Fail's ``key:0:code`` never fails, and its
+    x-attempt trailer is the key's count)."""
+    grpc = mesh.services["default/grpc"]
+    key = token()
+    sent_before = mirrored(mesh, "grpc-shadow", "sent", "200")
+    n = 10
+    calls = mesh.grpc_client("client", "--target", f"{grpc.vip4}:{GRPC}", "--method",
+                             "Fail", "--payload", f"{key}:0:14", "--count", str(n))
+    assert calls["codes"] == {"OK": n}, calls
+    trailers = [dict(c["trailing_metadata"]) for c in calls["calls"]]
+    assert {t.get("x-backend") for t in trailers} == {"grpc-a"}
+    assert [t.get("x-attempt") for t in trailers] == [str(i) for i in range(1, n + 1)]
+    assert wait_for(lambda: mirrored(mesh, "grpc-shadow", "sent", "200") - sent_before == n)
+    # Asked directly (the shadow service has no route, so this call is not mirrored).
+    shadow = mesh.services["default/grpc-shadow"]
+    direct = mesh.grpc_client("client", "--target", f"{shadow.vip4}:{GRPC}", "--method",
+                              "Fail", "--payload", f"{key}:0:14")
+    assert direct["codes"] == {"OK": 1}, direct
+    assert dict(direct["calls"][0]["trailing_metadata"]).get("x-attempt") == str(n + 1)
