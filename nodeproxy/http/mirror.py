@@ -199,9 +199,11 @@ class Mirrors:
             if self.in_flight[service] >= self._max_in_flight:
                 self._count(service, SKIPPED, "overloaded")
                 continue
+            # The copy goes with its whole body at once: no Expect: 100-continue.
+            headers = [(n, v) for n, v in apply_modifier(head.headers, rule.request_headers)
+                       if n != "expect"]
             shadow = RequestHead(head.method, head.path, shadow_authority(head.authority),
-                                 list(apply_modifier(head.headers, rule.request_headers)),
-                                 head.scheme, "2" if ctx.http2_upstream else "1.1")
+                                 headers, head.scheme, "2" if ctx.http2_upstream else "1.1")
             endpoint = cluster.balancer.pick(cluster.endpoints,
                                              self._hash_key(cluster, ctx, shadow))
             if not self._authorized(ctx, endpoint.backend, shadow):

@@ -234,7 +234,8 @@ def test_a_copy_carries_the_shadow_authority_route_headers_and_the_whole_body():
     async def main() -> None:
         h = Harness(FakeConnection())
         head = RequestHead("POST", "/echo?x=1", "web.default.svc.cluster.local",
-                           [("content-length", "5"), ("x-request-id", "abc")])
+                           [("content-length", "5"), ("x-request-id", "abc"),
+                            ("expect", "100-continue")])
         body = Body()
         modifier = HeaderModifier(set=[HttpHeader(name="x-route", value="r")])
         tap = h.mirrors.start(h.ctx, head, body, rule(SHADOW, headers=modifier), 1024)
@@ -247,6 +248,7 @@ def test_a_copy_carries_the_shadow_authority_route_headers_and_the_whole_body():
         assert sent.authority == "web.default.svc.cluster.local-shadow"
         assert sent.method == "POST" and sent.path == "/echo?x=1" and data == b"hello"
         assert ("x-route", "r") in sent.headers and ("x-request-id", "abc") in sent.headers
+        assert sent.header("expect") is None  # the body goes at once
         assert head.authority == "web.default.svc.cluster.local"  # the primary's is untouched
         assert ("x-route", "r") not in head.headers
         assert h.count("sent", "200") == 1
