@@ -378,7 +378,10 @@ class HttpProxy:
                 apply_modifier(head.headers, rule.request_headers), head.scheme,
                 "2" if ctx.http2_upstream else "1.1")
             if outcome.attempts > 1:
-                upstream_head.headers.append(("x-envoy-attempt-count", str(outcome.attempts)))
+                # A copy: without header modifiers the list is the client's own, and an
+                # append would pile one count per attempt onto it.
+                upstream_head.headers = [*upstream_head.headers,
+                                         ("x-envoy-attempt-count", str(outcome.attempts))]
             response, connection, last_error = None, None, None
             started = endpoint.stats.begin()
             try:

@@ -360,15 +360,22 @@ def test_weighted_split_90_10(mesh: Cluster):
 
 
 def test_backend_failing_twice_then_succeeding_gives_200_with_two_retries(mesh: Cluster):
+    # "detected" (one endpoint, the default retry budget): "single"'s tight budget would
+    # allow only one retry when this test runs alone.
     before = metric(mesh, "node0", "nodeproxy_http_retries_total",
-                    destination_service=fqdn("single"))
-    result = requests(mesh, url(mesh, "single", "/fail/twice-1/2/503"))
+                    destination_service=fqdn("detected"))
+    result = requests(mesh, url(mesh, "detected", "/fail/twice-1/2/503"))
     assert result["statuses"] == {"200": 1}
     after = metric(mesh, "node0", "nodeproxy_http_retries_total",
-                   destination_service=fqdn("single"))
+                   destination_service=fqdn("detected"))
     assert after - before == 2
     log = access_log_lines(mesh, "/fail/twice-1/2/503")
     assert [line["attempts"] for line in log] == [3]
+    # The answering (third) attempt carries one attempt count, not one per retry.
+    out = mesh.run_in_pod("client", ["curl", "-s", url(mesh, "detected", "/fail/twice-2/2/503")],
+                          check=True)
+    sent = json.loads(out.stdout)["header_list"]
+    assert [v for k, v in sent if k.lower() == "x-envoy-attempt-count"] == ["3"]
 
 
 def test_reset_before_response_is_retried(mesh: Cluster):
