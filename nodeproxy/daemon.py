@@ -53,6 +53,7 @@ from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+from nodeproxy.telemetry.tracing import Tracing
 from nodeproxy.tunnel.client import HbonePool
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.server import HboneServer
@@ -218,7 +219,8 @@ class Daemon:
         self.http = HttpProxy(upstreams=upstreams, metrics=self.request_metrics,
                               admitter=lambda: self._admitter,
                               trust_domain=cfg.mesh.trust_domain, access_log=self.access_log,
-                              live=self.live)
+                              live=self.live,
+                              tracing=Tracing(self.registry, cfg.node.name))
         self.proxy = OutboundProxy(
             upstreams=upstreams, http=self.http, metrics=self.metrics,
             table=lambda: self._table, on_captured=self.steering.on_outbound,

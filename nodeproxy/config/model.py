@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
@@ -667,6 +668,47 @@ class HttpSettings(Model):
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
 
 
+def _otlp_http_url(value: str) -> str:
+    """An OTLP/HTTP endpoint: http(s)://host[:port]/path, the host a name or an IP."""
+    parsed = urllib.parse.urlsplit(value)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port in (-1, 0) \
+            or parsed.query or parsed.fragment or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an OTLP/HTTP URL "
+                         f"(http://host:port/v1/traces)")
+    return value
+
+
+class TracingSettings(Model):
+    """Spans of the proxy's HTTP requests, exported over OTLP/HTTP (docs/http.md)."""
+
+    enabled: bool = False
+    # The collector's OTLP/HTTP traces URL (protobuf); unreachable: failures are counted.
+    endpoint: Annotated[str, AfterValidator(_otlp_http_url)] = \
+        "http://127.0.0.1:4318/v1/traces"
+    # Requests that arrive without a sampling decision and get a span (Istio's default 1%).
+    sampling_percent: Percent = 1.0
+    # Spans waiting for the exporter thread; past it new spans are dropped and counted.
+    max_queue_size: int = Field(default=2048, ge=1, le=1_000_000)
+    max_export_batch_size: int = Field(default=512, ge=1, le=100_000)
+    # How long spans wait to be batched before an export (OTel's scheduledDelay).
+    schedule_delay_seconds: float = Field(default=5.0, gt=0, le=300)
+    # One export request to the collector, retries included.
+    export_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    service_name: str = Field(default="nodeproxy", min_length=1)
+
+    @field_validator("max_export_batch_size")
+    @classmethod
+    def _batch_fits_queue(cls, value: int, info: ValidationInfo) -> int:
+        queue = info.data.get("max_queue_size")
+        if queue is not None and value > queue:
+            raise ValueError(f"must not exceed maxQueueSize ({queue})")
+        return value
+
+
 class PathMatch(Model):
     type: Literal["Exact", "PathPrefix", "RegularExpression"] = "PathPrefix"
     value: str = "/"
@@ -850,6 +892,7 @@ class NodeConfig(Model):
     inbound: InboundSettings = Field(default_factory=InboundSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     http_routes: list[HttpRoute] = Field(default_factory=list)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     peer_authentications: list[PeerAuthentication] = Field(default_factory=list)
     authorization_policies: list[AuthorizationPolicy] = Field(default_factory=list)
 

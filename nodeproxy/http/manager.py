@@ -70,6 +70,7 @@ from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.tracing import RequestSpan, Tracer, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +155,16 @@ class HttpProxy:
 
     def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
                  admitter: Callable[[], Admitter], trust_domain: str,
-                 access_log: AccessLog | None, live: LiveStats | None = None):
+                 access_log: AccessLog | None, live: LiveStats | None = None,
+                 tracing: Tracing | None = None):
         self._upstreams = upstreams
         self._live = live
         self._metrics = metrics
         self._admitter = admitter
         self._trust_domain = trust_domain
         self._access_log = access_log
+        self._tracing = tracing
+        self._tracer: Tracer | None = None  # None: tracing off, one check per request
         self._random = random.Random()
         self._settings = HttpSettings()
         self._routes: Routes | None = None
@@ -186,6 +190,8 @@ class HttpProxy:
         """A new configuration or pod set: rebuild routes and clusters; close the pools of
         pods no longer enrolled and of endpoints no longer listed."""
         self._settings = config.http
+        if self._tracing is not None:
+            self._tracer = self._tracing.configure(config.tracing)
         self._routes = Routes(config)
         self._table = table
         self._policies = {s.key: s.traffic_policy for s in config.services}
@@ -264,6 +270,8 @@ class HttpProxy:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        if self._tracing is not None:
+            self._tracing.close()
 
     # -- connections -----------------------------------------------------------------------
 
@@ -315,6 +323,8 @@ class HttpProxy:
         if request_id is None:
             request_id = self._request_id()
             head.headers.append(("x-request-id", request_id))
+        span = None if self._tracer is None else \
+            self._tracer.begin(head, request_id, int(started_at * 1e9))
         assert self._routes is not None
         rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
         if rule is not None:
@@ -347,7 +357,7 @@ class HttpProxy:
                 outcome.flags.append("DC")
             if outcome.mirror_tap is not None:
                 outcome.mirror_tap.primary_done()
-            self._record(ctx, exchange, outcome, start, started_at, request_id)
+            self._record(ctx, exchange, outcome, start, started_at, request_id, span)
 
     async def _forward(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
                        outcome: _Outcome) -> None:
@@ -648,7 +658,7 @@ class HttpProxy:
         outcome.bytes_sent = relay.bytes_from_upstream
 
     def _record(self, ctx: _Context, exchange: Exchange, outcome: _Outcome, start: float,
-                started_at: float, request_id: str) -> None:
+                started_at: float, request_id: str, span: RequestSpan | None = None) -> None:
         duration = time.monotonic() - start
         head = exchange.request
         dest = outcome.destination
@@ -670,6 +680,15 @@ class HttpProxy:
                                outcome.status, outcome.grpc_status, duration, start + duration)
         self._log(ctx, head, outcome, started_at, duration, request_bytes, request_id,
                   dest, dest_principal)
+        if span is not None:
+            endpoint = outcome.endpoint
+            span.finish(status=outcome.status, grpc_status=outcome.grpc_status,
+                        flags=outcome.flag_text, attempts=outcome.attempts,
+                        upstream=(str(endpoint.backend.address), endpoint.backend.port)
+                        if endpoint else None, service=outcome.service,
+                        source=(ctx.pod.ref.workload, ctx.pod.workload.namespace),
+                        destination=(dest.workload, dest.namespace) if dest else None,
+                        end_ns=int((started_at + duration) * 1e9))
 
     @staticmethod
     def _request_labels(ctx: _Context, dest: WorkloadRef | None, dest_principal: str,

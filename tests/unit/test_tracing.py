@@ -1,0 +1,304 @@
+"""Tracing: reading and writing W3C and B3 trace context, the tracing config section, and
+the SDK pipeline end to end against a loopback OTLP/HTTP receiver (no daemon)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from nodeproxy.config.loader import ConfigError, parse_config
+from nodeproxy.config.model import TracingSettings
+from nodeproxy.http.message import RequestHead
+from nodeproxy.telemetry import trace_context as tc
+from nodeproxy.telemetry.tracing import Tracer, Tracing, TracingMetrics
+from nodeproxy.testbed.otlp_receiver import make_server, read_spans
+from tests.unit.test_config import VALID
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
+TP = f"00-{TRACE}-{SPAN}-01"
+
+
+# -- extraction ------------------------------------------------------------------------
+
+
+def test_w3c_traceparent_and_tracestate() -> None:
+    got = tc.extract([("traceparent", TP), ("tracestate", "a=1"), ("tracestate", "b=2")])
+    assert (got.trace_id, got.span_id, got.sampled) == (int(TRACE, 16), int(SPAN, 16), True)
+    assert got.tracestate == "a=1,b=2"
+    assert got.invalid == ()
+    assert tc.extract([("traceparent", TP[:-2] + "00")]).sampled is False
+
+
+@pytest.mark.parametrize("value", [
+    f"ff-{TRACE}-{SPAN}-01",                 # version ff is invalid
+    f"00-{'0' * 32}-{SPAN}-01",              # all-zero trace id
+    f"00-{TRACE}-{'0' * 16}-01",             # all-zero parent id
+    f"00-{TRACE.upper()}-{SPAN}-01",         # uppercase hex
+    f"00-{TRACE[:-1]}-{SPAN}-01",            # short trace id
+    f"00-{TRACE}-{SPAN}0-01",                # long parent id
+    f"00-{TRACE}-{SPAN}-01-extra",           # version 00 has exactly four fields
+    f"00-{TRACE}-{SPAN}-1",                  # one-digit flags
+    f"0x-{TRACE}-{SPAN}-01",                 # non-hex version
+    "garbage",
+    "",
+])
+def test_malformed_traceparent_is_reported_and_ignored(value: str) -> None:
+    got = tc.extract([("traceparent", value), ("tracestate", "a=1")])
+    assert got.invalid == (tc.W3C,)
+    assert got.trace_id == 0 and got.sampled is None
+    assert got.tracestate is None  # dropped with its invalid traceparent
+
+
+def test_later_traceparent_version_may_carry_more_fields() -> None:
+    got = tc.extract([("traceparent", f"01-{TRACE}-{SPAN}-01-future")])
+    assert got.trace_id == int(TRACE, 16) and got.invalid == ()
+
+
+def test_two_traceparents_are_invalid() -> None:
+    assert tc.extract([("traceparent", TP), ("traceparent", TP)]).invalid == (tc.W3C,)
+
+
+def test_b3_multi() -> None:
+    got = tc.extract([("x-b3-traceid", TRACE[:16]), ("x-b3-spanid", SPAN),
+                      ("x-b3-parentspanid", "1" * 16), ("x-b3-sampled", "0")])
+    assert (got.trace_id, got.span_id, got.sampled) == (int(TRACE[:16], 16), int(SPAN, 16),
+                                                        False)
+    assert got.b3_multi and not got.b3_single
+    debug = tc.extract([("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN), ("x-b3-flags", "1")])
+    assert debug.sampled is True and debug.debug
+
+
+@pytest.mark.parametrize("headers", [
+    [("x-b3-traceid", TRACE)],                                   # no span id
+    [("x-b3-traceid", "abc"), ("x-b3-spanid", SPAN)],            # bad length
+    [("x-b3-traceid", TRACE), ("x-b3-spanid", "0" * 16)],        # zero span id
+    [("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN), ("x-b3-sampled", "yes")],
+])
+def test_malformed_b3_multi(headers: list[tuple[str, str]]) -> None:
+    got = tc.extract(headers)
+    assert got.invalid == (tc.B3_MULTI,) and got.trace_id == 0
+
+
+def test_b3_single() -> None:
+    got = tc.extract([("b3", f"{TRACE}-{SPAN}-1-{'2' * 16}")])
+    assert (got.trace_id, got.span_id, got.sampled) == (int(TRACE, 16), int(SPAN, 16), True)
+    assert got.b3_single
+    assert tc.extract([("b3", f"{TRACE}-{SPAN}")]).sampled is None
+    deny = tc.extract([("b3", "0")])
+    assert (deny.trace_id, deny.sampled, deny.invalid) == (0, False, ())
+    assert tc.extract([("b3", "d")]).debug
+
+
+@pytest.mark.parametrize("value", ["x", f"{TRACE}", f"{TRACE}-{SPAN}-2",
+                                   f"{TRACE}-{SPAN}-1-zz", f"{TRACE}-{SPAN}-1-{SPAN}-9"])
+def test_malformed_b3_single(value: str) -> None:
+    assert tc.extract([("b3", value)]).invalid == (tc.B3_SINGLE,)
+
+
+def test_w3c_wins_over_b3_and_a_bad_w3c_falls_back_to_b3() -> None:
+    b3 = ("b3", f"{'a' * 32}-{'b' * 16}-1")
+    assert tc.extract([b3, ("traceparent", TP)]).trace_id == int(TRACE, 16)
+    got = tc.extract([("traceparent", "bad"), b3])
+    assert got.trace_id == int("a" * 32, 16) and got.invalid == (tc.W3C,)
+
+
+def test_no_context() -> None:
+    assert tc.extract([("x-request-id", "r")]) is tc.NONE
+
+
+# -- injection -------------------------------------------------------------------------
+
+
+def test_inject_replaces_every_trace_header() -> None:
+    headers = [("traceparent", TP), ("tracestate", "a=1"), ("x-b3-traceid", TRACE),
+               ("x-b3-spanid", SPAN), ("x-b3-sampled", "1"), ("b3", f"{TRACE}-{SPAN}-1"),
+               ("x-other", "kept")]
+    incoming = tc.extract(headers)
+    tc.inject(headers, incoming, int(TRACE, 16), 0xabc, True)
+    got = dict(headers)
+    assert len(headers) == len(got)  # none twice
+    assert got["traceparent"] == f"00-{TRACE}-0000000000000abc-01"
+    assert got["tracestate"] == "a=1"
+    assert got["x-b3-traceid"] == TRACE and got["x-b3-spanid"] == "0000000000000abc"
+    assert got["x-b3-parentspanid"] == SPAN and got["x-b3-sampled"] == "1"
+    assert got["b3"] == f"{TRACE}-0000000000000abc-1-{SPAN}"
+    assert got["x-other"] == "kept"
+
+
+def test_inject_w3c_only_when_no_b3_arrived_and_keeps_a_64_bit_b3_trace_id() -> None:
+    headers: list[tuple[str, str]] = []
+    tc.inject(headers, tc.NONE, 5, 6, False)
+    assert headers == [("traceparent", f"00-{5:032x}-{6:016x}-00")]
+    multi = [("x-b3-traceid", TRACE[:16]), ("x-b3-spanid", SPAN)]
+    tc.inject(multi, tc.extract(multi), int(TRACE[:16], 16), 7, True)
+    assert dict(multi)["x-b3-traceid"] == TRACE[:16]
+    assert dict(multi)["traceparent"] == f"00-{'0' * 16}{TRACE[:16]}-{7:016x}-01"
+
+
+def test_roundtrip_is_valid() -> None:
+    headers = [("b3", f"{TRACE}-{SPAN}-0")]
+    tc.inject(headers, tc.extract(headers), int(TRACE, 16), 99, False)
+    again = tc.extract(headers)
+    assert again.invalid == () and again.span_id == 99 and again.sampled is False
+
+
+# -- config ----------------------------------------------------------------------------
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "node.yaml")
+    return info.value.problems
+
+
+def tracing(body: str) -> str:
+    return VALID + "tracing:\n" + textwrap.indent(textwrap.dedent(body), "  ")
+
+
+def test_tracing_defaults_off() -> None:
+    settings = parse_config(VALID, "node.yaml").config.tracing
+    assert settings == TracingSettings()
+    assert not settings.enabled and settings.sampling_percent == 1.0
+    assert settings.endpoint == "http://127.0.0.1:4318/v1/traces"
+
+
+def test_tracing_section_loads() -> None:
+    settings = parse_config(tracing("""\
+        enabled: true
+        endpoint: http://otel-collector.observability:4318/v1/traces
+        samplingPercent: 12.5
+        """), "node.yaml").config.tracing
+    assert settings.enabled and settings.sampling_percent == 12.5
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("endpoint: otel-collector:4318", "is not an OTLP/HTTP URL"),
+    ("endpoint: ftp://collector/v1/traces", "is not an OTLP/HTTP URL"),
+    ("endpoint: http://collector:99999/v1/traces", "is not an OTLP/HTTP URL"),
+    ("endpoint: 'http:///v1/traces'", "is not an OTLP/HTTP URL"),
+    ("samplingPercent: 101", "samplingPercent: must be at most 100"),
+    ("maxQueueSize: 0", "maxQueueSize: must be at least 1"),
+    ("{maxQueueSize: 10, maxExportBatchSize: 20}",
+     "maxExportBatchSize: must not exceed maxQueueSize (10)"),
+    ("sampling: 5", "unknown field (did you mean 'samplingPercent'?)"),
+])
+def test_bad_tracing_config_names_its_line(body: str, expected: str) -> None:
+    line = VALID.count("\n") + 2
+    found = problems(tracing(body))
+    assert len(found) == 1, found
+    assert found[0].startswith(f"node.yaml:{line}: tracing"), found
+    assert expected in found[0]
+
+
+# -- the SDK pipeline against a loopback receiver --------------------------------------
+
+
+@pytest.fixture
+def receiver(tmp_path: os.PathLike[str]) -> Iterator[tuple[str, str]]:
+    out = os.path.join(tmp_path, "spans.jsonl")
+    server = make_server("127.0.0.1", 0, out)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces", out
+    server.shutdown()
+    server.server_close()
+
+
+def head(*headers: tuple[str, str]) -> RequestHead:
+    return RequestHead("GET", "/items?x=1", "web.shop:80", list(headers))
+
+
+def finish(span: object, status: int = 200) -> None:
+    span.finish(status=status, grpc_status="", flags="-", attempts=1,  # type: ignore[attr-defined]
+                upstream=("10.0.0.1", 8080), service="web.shop.svc.cluster.local",
+                source=("client", "shop"), destination=("web", "shop"),
+                end_ns=time.time_ns())
+
+
+def test_sampled_spans_reach_the_receiver_with_their_parent(
+        receiver: tuple[str, str]) -> None:
+    endpoint, out = receiver
+    registry = CollectorRegistry()
+    metrics = TracingMetrics(registry)
+    tracer = Tracer(TracingSettings(enabled=True, endpoint=endpoint, sampling_percent=100,
+                                    schedule_delay_seconds=0.05), metrics, "node-a")
+    request = head(("traceparent", TP))
+    span = tracer.begin(request, "req-1", time.time_ns())
+    finish(span, 503)
+    tracer.shutdown()
+    spans = read_spans(out)
+    assert len(spans) == 1
+    got = spans[0]
+    assert (got["trace_id"], got["parent_span_id"]) == (TRACE, SPAN)
+    assert got["span_id"] == f"{span.span_id:016x}"
+    assert request.header("traceparent") == f"00-{TRACE}-{got['span_id']}-01"
+    assert got["kind"] == "SPAN_KIND_CLIENT" and got["status"] == "STATUS_CODE_ERROR"
+    assert got["attributes"]["http.request.method"] == "GET"
+    assert got["attributes"]["url.path"] == "/items"
+    assert got["attributes"]["server.address"] == "web.shop"
+    assert got["attributes"]["server.port"] == 80
+    assert got["attributes"]["http.response.status_code"] == 503
+    assert got["resource"]["service.name"] == "nodeproxy"
+    assert registry.get_sample_value("nodeproxy_tracing_spans_exported_total") == 1
+
+
+def test_unsampled_requests_propagate_and_export_nothing(receiver: tuple[str, str]) -> None:
+    endpoint, out = receiver
+    metrics = TracingMetrics(CollectorRegistry())
+    tracer = Tracer(TracingSettings(enabled=True, endpoint=endpoint, sampling_percent=0,
+                                    schedule_delay_seconds=0.05), metrics, "node-a")
+    for _ in range(20):
+        request = head()
+        span = tracer.begin(request, "r", time.time_ns())
+        finish(span)
+        parsed = tc.parse_traceparent(request.header("traceparent") or "")
+        assert parsed == (span.trace_id, span.span_id, False)
+    tracer.shutdown()
+    assert read_spans(out) == []
+
+
+def test_a_full_queue_drops_new_spans_and_counts_them() -> None:
+    with socket.socket() as s:  # a port nothing listens on: every export fails
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    registry = CollectorRegistry()
+    tracer = Tracer(TracingSettings(
+        enabled=True, endpoint=f"http://127.0.0.1:{port}/v1/traces", sampling_percent=100,
+        max_queue_size=10, max_export_batch_size=10, schedule_delay_seconds=60,
+        export_timeout_seconds=0.5), TracingMetrics(registry), "node-a")
+    t0 = time.monotonic()
+    for _ in range(25):
+        finish(tracer.begin(head(), "r", time.time_ns()))
+    elapsed = time.monotonic() - t0
+    assert elapsed < 0.5, elapsed  # ending spans never waits for the collector
+    value = registry.get_sample_value
+    deadline = time.monotonic() + 10
+    while value("nodeproxy_tracing_export_failures_total") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tracer.shutdown()
+    dropped = value("nodeproxy_tracing_spans_dropped_total", {"reason": "queue_full"})
+    failed = value("nodeproxy_tracing_spans_dropped_total", {"reason": "export_failed"})
+    assert dropped == 15
+    assert failed == 10
+    assert value("nodeproxy_tracing_export_failures_total") == 1
+    assert value("nodeproxy_tracing_spans_exported_total") == 0
+
+
+def test_tracing_holder_swaps_tracers_only_on_change() -> None:
+    tracing = Tracing(CollectorRegistry(), "node-a")
+    assert tracing.configure(TracingSettings()) is None
+    on = TracingSettings(enabled=True, sampling_percent=0)
+    first = tracing.configure(on)
+    assert first is not None and tracing.configure(on) is first
+    second = tracing.configure(TracingSettings(enabled=True, sampling_percent=50))
+    assert second is not None and second is not first
+    assert tracing.configure(TracingSettings()) is None
+    tracing.close()
