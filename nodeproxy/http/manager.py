@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nodeproxy.config.model import (
     HttpSettings,
@@ -70,7 +71,10 @@ from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
-from nodeproxy.telemetry.tracing import RequestSpan, Tracer, Tracing
+from nodeproxy.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from nodeproxy.telemetry.tracer import RequestSpan, Tracer
 
 log = logging.getLogger(__name__)
 

@@ -57,6 +57,7 @@ class Incoming:
     b3_multi: bool = False
     b3_single: bool = False
     invalid: tuple[str, ...] = ()
+    b3_short: bool = False  # the parent's B3 trace id had 16 hex digits: B3 out keeps that
 
 
 NONE = Incoming()
@@ -176,6 +177,7 @@ def extract(headers: Headers) -> Incoming:
             elif name == "x-b3-flags":
                 b3_flags = value
     invalid: list[str] = []
+    short = False  # the B3 parent's trace id had 16 hex digits
     found: tuple[int, int, bool | None, bool] | None = None
     state = None
     if traceparent:
@@ -194,6 +196,7 @@ def extract(headers: Headers) -> Incoming:
         elif found is None:
             if multi[0]:
                 found = multi
+                short = len((b3_trace or "").strip()) == 16
             else:
                 decision, debug = multi[2], multi[3]
     if b3 is not None:
@@ -203,11 +206,13 @@ def extract(headers: Headers) -> Incoming:
         elif found is None:
             if single[0]:
                 found = single
+                short = len(b3.strip().split("-", 1)[0]) == 16
             elif decision is None:
                 decision, debug = single[2], single[3]
     if found is not None:
         return Incoming(found[0], found[1], found[2], found[3], state, seen_multi,
-                        b3 is not None, tuple(invalid))
+                        b3 is not None, tuple(invalid),
+                        short)
     if decision is None and not debug and not seen_multi and b3 is None and not invalid:
         return NONE
     return Incoming(0, 0, decision, debug, None, seen_multi, b3 is not None, tuple(invalid))
@@ -217,8 +222,8 @@ def traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
-def _b3_trace(trace_id: int) -> str:
-    return f"{trace_id:016x}" if trace_id < 1 << 64 else f"{trace_id:032x}"
+def _b3_trace(trace_id: int, short: bool) -> str:
+    return f"{trace_id:016x}" if short and trace_id < 1 << 64 else f"{trace_id:032x}"
 
 
 def inject(headers: Headers, incoming: Incoming, trace_id: int, span_id: int,
@@ -231,7 +236,7 @@ def inject(headers: Headers, incoming: Incoming, trace_id: int, span_id: int,
     if incoming.tracestate is not None:
         headers.append(("tracestate", incoming.tracestate))
     if incoming.b3_multi:
-        headers.append(("x-b3-traceid", _b3_trace(trace_id)))
+        headers.append(("x-b3-traceid", _b3_trace(trace_id, incoming.b3_short)))
         headers.append(("x-b3-spanid", f"{span_id:016x}"))
         if incoming.span_id:
             headers.append(("x-b3-parentspanid", f"{incoming.span_id:016x}"))
@@ -241,7 +246,7 @@ def inject(headers: Headers, incoming: Incoming, trace_id: int, span_id: int,
             headers.append(("x-b3-sampled", "1" if sampled else "0"))
     if incoming.b3_single:
         flag = "d" if incoming.debug else ("1" if sampled else "0")
-        value = f"{_b3_trace(trace_id)}-{span_id:016x}-{flag}"
+        value = f"{_b3_trace(trace_id, incoming.b3_short)}-{span_id:016x}-{flag}"
         if incoming.span_id:
             value += f"-{incoming.span_id:016x}"
         headers.append(("b3", value))

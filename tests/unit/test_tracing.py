@@ -17,7 +17,8 @@ from nodeproxy.config.loader import ConfigError, parse_config
 from nodeproxy.config.model import TracingSettings
 from nodeproxy.http.message import RequestHead
 from nodeproxy.telemetry import trace_context as tc
-from nodeproxy.telemetry.tracing import Tracer, Tracing, TracingMetrics
+from nodeproxy.telemetry.tracer import Tracer
+from nodeproxy.telemetry.tracing import Tracing, TracingMetrics
 from nodeproxy.testbed.otlp_receiver import make_server, read_spans
 from tests.unit.test_config import VALID
 
