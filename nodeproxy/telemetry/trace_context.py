@@ -10,7 +10,9 @@ Formats, in the order they are trusted when several arrive:
   exactly 55 characters; a later version may carry more fields after the flags (ignored);
   all-zero trace or parent ids are invalid; two ``traceparent`` headers are invalid.
   ``tracestate`` is passed on unchanged (its headers joined with ",") when the
-  ``traceparent`` was valid, and dropped otherwise, as the spec asks.
+  ``traceparent`` was valid, and dropped otherwise, as the spec asks; a malformed one
+  (a bad member, a key twice, over 32 members) is dropped and reported as
+  ``tracestate``.
 - B3 multi-header (``x-b3-traceid`` 16 or 32 hex, ``x-b3-spanid`` 16 hex,
   ``x-b3-sampled`` "1"/"0", ``x-b3-flags`` "1" = debug, which implies sampled).  Only
   ``x-b3-sampled`` or ``x-b3-flags`` without ids is a sampling decision with no parent.
@@ -24,6 +26,7 @@ malformed header reaches the upstream.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from nodeproxy.http.message import Headers
 
 W3C = "w3c"
+TRACESTATE = "tracestate"
 B3_MULTI = "b3multi"
 B3_SINGLE = "b3single"
 
@@ -38,6 +42,12 @@ B3_SINGLE = "b3single"
 TRACE_HEADERS = frozenset({"traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid",
                            "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3"})
 _HEX = frozenset("0123456789abcdef")
+# A tracestate list member (W3C Trace Context: simple or multi-tenant key, value of
+# printable ASCII without "," and "=", not ending in a space).
+_MEMBER = re.compile(r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}"
+                     r"@[a-z][a-z0-9_\-*/]{0,13})"
+                     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+MAX_TRACESTATE_MEMBERS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +97,21 @@ def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
     if not trace_id or not span_id:
         return None
     return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+def valid_tracestate(value: str) -> bool:
+    """At most 32 well-formed list members with distinct keys (empty members allowed)."""
+    keys = set()
+    for member in value.split(","):
+        member = member.strip(" \t")
+        if not member:
+            continue
+        if not _MEMBER.fullmatch(member):
+            return False
+        keys.add(member.split("=", 1)[0])
+        if len(keys) > MAX_TRACESTATE_MEMBERS:
+            return False
+    return len(keys) == sum(1 for m in value.split(",") if m.strip(" \t"))
 
 
 def _b3_sampled(value: str) -> tuple[bool | None, bool] | None:
@@ -187,6 +212,9 @@ def extract(headers: Headers) -> Incoming:
         else:
             found = (w3c[0], w3c[1], w3c[2], False)
             state = ",".join(tracestate) if tracestate else None
+            if state is not None and not valid_tracestate(state):
+                invalid.append(TRACESTATE)
+                state = None
     decision: bool | None = None
     debug = False
     if seen_multi:

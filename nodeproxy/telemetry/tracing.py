@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
 
-from nodeproxy.telemetry.trace_context import B3_MULTI, B3_SINGLE, W3C
+from nodeproxy.telemetry.trace_context import B3_MULTI, B3_SINGLE, TRACESTATE, W3C
 
 if TYPE_CHECKING:
     from nodeproxy.config.model import TracingSettings
@@ -38,7 +38,7 @@ class TracingMetrics:
             "nodeproxy_tracing_invalid_context",
             "Requests whose trace headers were malformed and replaced, by format",
             ("format",), registry=registry)
-        self.invalid = {f: invalid.labels(f) for f in (W3C, B3_MULTI, B3_SINGLE)}
+        self.invalid = {f: invalid.labels(f) for f in (W3C, TRACESTATE, B3_MULTI, B3_SINGLE)}
         self.exported = Counter("nodeproxy_tracing_spans_exported",
                                 "Spans the collector accepted", registry=registry)
         dropped = Counter(

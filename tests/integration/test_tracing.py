@@ -191,6 +191,18 @@ def test_a_malformed_traceparent_is_replaced_and_counted(mesh: Cluster):
         - before == 2
 
 
+def test_a_malformed_tracestate_is_dropped_and_counted(mesh: Cluster):
+    before = metric(mesh, "nodeproxy_tracing_invalid_context_total", format="tracestate")
+    trace = os.urandom(16).hex()
+    seen = get(mesh, "/bad-state", f"traceparent: 00-{trace}-{PARENT}-01",
+               "tracestate: Vendor=has space,x")[0]["seen"]
+    assert "tracestate" not in seen
+    assert seen["traceparent"].split("-")[1] == trace  # the traceparent still counts
+    assert span_of_trace(mesh, trace)["parent_span_id"] == PARENT
+    assert metric(mesh, "nodeproxy_tracing_invalid_context_total",
+                  format="tracestate") - before == 1
+
+
 def test_an_unsampled_parent_is_honoured(mesh: Cluster):
     trace = os.urandom(16).hex()
     seen = get(mesh, "/unsampled", f"traceparent: 00-{trace}-{PARENT}-00")[0]["seen"]

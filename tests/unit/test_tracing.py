@@ -58,6 +58,25 @@ def test_malformed_traceparent_is_reported_and_ignored(value: str) -> None:
     assert got.tracestate is None  # dropped with its invalid traceparent
 
 
+@pytest.mark.parametrize("value", [
+    "a=1,b=2", "vendor@tenant=x y", "a=1,,b=2 ", "k=" + "v" * 256,
+    ",".join(f"k{i}=v" for i in range(32)),
+])
+def test_valid_tracestate_passes(value: str) -> None:
+    got = tc.extract([("traceparent", TP), ("tracestate", value)])
+    assert got.tracestate == value and got.invalid == ()
+
+
+@pytest.mark.parametrize("value", [
+    "bad value!!", "A=1", "a=1,a=2", "a=", "a=x,b=1=2", "a=1\x01",
+    ",".join(f"k{i}=v" for i in range(33)), "k=" + "v" * 257,
+])
+def test_malformed_tracestate_is_dropped_and_reported(value: str) -> None:
+    got = tc.extract([("traceparent", TP), ("tracestate", value)])
+    assert got.trace_id == int(TRACE, 16)  # the traceparent still counts
+    assert got.tracestate is None and got.invalid == (tc.TRACESTATE,)
+
+
 def test_later_traceparent_version_may_carry_more_fields() -> None:
     got = tc.extract([("traceparent", f"01-{TRACE}-{SPAN}-01-future")])
     assert got.trace_id == int(TRACE, 16) and got.invalid == ()
