@@ -143,6 +143,18 @@ def test_w3c_context_gets_the_proxy_span_as_parent(mesh: Cluster):
     assert lines[-1]["request_id"] == seen["x-request-id"]
 
 
+def test_http2_requests_carry_the_context_too(mesh: Cluster):
+    trace = os.urandom(16).hex()
+    out = mesh.run_in_pod("client", [
+        "curl", "-sS", "--http2-prior-knowledge", "-H", f"traceparent: 00-{trace}-{PARENT}-01",
+        f"http://{mesh.services['default/web'].address(4)}/h2"], check=True).stdout
+    seen = json.loads(out)["headers"]
+    span = span_of_trace(mesh, trace)
+    assert seen["traceparent"] == f"00-{trace}-{span['span_id']}-01"
+    assert span["parent_span_id"] == PARENT
+    assert span["attributes"]["network.protocol.version"] == "2"
+
+
 @pytest.mark.parametrize("form", ["multi", "single"])
 def test_b3_in_gives_b3_out(mesh: Cluster, form: str):
     trace = os.urandom(16).hex()

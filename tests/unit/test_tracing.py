@@ -293,7 +293,9 @@ def test_a_full_queue_drops_new_spans_and_counts_them() -> None:
     tracer = Tracer(TracingSettings(
         enabled=True, endpoint=f"http://127.0.0.1:{port}/v1/traces", sampling_percent=100,
         max_queue_size=10, max_export_batch_size=10, schedule_delay_seconds=60,
-        export_timeout_seconds=0.5), TracingMetrics(registry), "node-a")
+        # The first batch's export then waits out one retry (about 1 s) while the rest
+        # of the spans arrive: they find 10 spans not yet through the exporter.
+        export_timeout_seconds=2), TracingMetrics(registry), "node-a")
     t0 = time.monotonic()
     for _ in range(25):
         finish(tracer.begin(head(), "r", time.time_ns()))
