@@ -167,6 +167,19 @@ class DiscoverySettings(Model):
     pods: Literal["cluster", "node"] = "cluster"
 
 
+class RateLimit(Model):
+    """A local token bucket (docs/http.md): it holds `burst` tokens, starts full and
+    refills at requestsPerSecond; a request takes one token or is refused (429, flag RL).
+    Over any T seconds at most burst + requestsPerSecond * T requests pass."""
+
+    requests_per_second: float = Field(gt=0, le=1_000_000)
+    # The bucket's size: requests that may pass at once after a quiet spell.
+    # None: one second's worth (requestsPerSecond rounded up).
+    burst: int | None = Field(default=None, ge=1, le=10_000_000)
+    # True: a bucket per source identity (SPIFFE principal) instead of one shared.
+    per_source_identity: bool = False
+
+
 class Workload(Model):
     """A pod.  Local pods (on this node) need netns and cgroup; remote ones need only IPs."""
 
@@ -182,6 +195,8 @@ class Workload(Model):
     splice: bool = True
     # True: one JSON access-log line per HTTP request this workload sends (http.accessLog).
     access_log: bool = False
+    # Requests TO this workload, as this node's proxy routes them (docs/http.md).
+    rate_limit: RateLimit | None = None
 
     _names = field_validator("name", "namespace", "service_account")(_dns_label)
     _label_keys = field_validator("labels")(_labels)
@@ -834,6 +849,63 @@ class Timeouts(Model):
     request_seconds: float = Field(default=15.0, ge=0, le=86400)
 
 
+GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+              "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+              "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+              "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+
+
+def _grpc_code(value: object) -> object:
+    """A gRPC status: its number (0..16) or its name (UNAVAILABLE, ...)."""
+    if isinstance(value, str) and not value.strip().isdigit():
+        name = value.strip().upper()
+        if name not in GRPC_CODES:
+            raise ValueError(f"unknown gRPC status {value!r} (a number 0..16 or one of "
+                             f"{', '.join(GRPC_CODES)})")
+        return GRPC_CODES.index(name)
+    return value
+
+
+GrpcCode = Annotated[int, BeforeValidator(_grpc_code), Field(ge=0, le=16)]
+
+
+class FaultDelay(Model):
+    """Hold a share of requests for a fixed time before sending them on (flag DI)."""
+
+    fixed_delay_seconds: float = Field(gt=0, le=3600)
+    percentage: Percent = 100.0
+
+
+class FaultAbort(Model):
+    """Answer a share of requests at once, without sending them (flag FI): with
+    httpStatus, or with grpcStatus (gRPC requests only)."""
+
+    http_status: int | None = Field(default=None, ge=200, le=599)
+    grpc_status: GrpcCode | None = None
+    percentage: Percent = 100.0
+
+    @model_validator(mode="after")
+    def _one_status(self) -> FaultAbort:
+        if (self.http_status is None) == (self.grpc_status is None):
+            raise ValueError("an abort needs exactly one of httpStatus, grpcStatus")
+        return self
+
+
+class FaultInjection(Model):
+    """Istio's HTTPFaultInjection on a rule: delay, then abort (a delayed request may also
+    be aborted); with headers, only requests matching every one are eligible."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+    headers: list[HeaderMatch] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something(self) -> FaultInjection:
+        if self.delay is None and self.abort is None:
+            raise ValueError("a fault needs a delay, an abort or both")
+        return self
+
+
 class RouteRule(Model):
     # Any match may match; none listed matches every request (the route's default rule).
     matches: list[RouteMatch] = Field(default_factory=list)
@@ -845,6 +917,9 @@ class RouteRule(Model):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     # Copies of requests sent to shadow services; their responses are discarded.
     mirrors: list[RequestMirror] = Field(default_factory=list)
+    # Requests matched by this rule, through this node's proxy (docs/http.md).
+    rate_limit: RateLimit | None = None
+    fault: FaultInjection | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> RouteRule:

@@ -10,6 +10,9 @@ The response streams back; a backend that breaks off mid-response resets the cli
 exchange (flag UC) instead of leaving it waiting.  Each request ends in one metric
 observation (Istio's series) and, if the source workload asks, one access-log line.
 A rule with mirrors also starts copies of the request to its shadow services (mirror.py).
+Local rate limits (rate_limit.py) and injected faults (fault.py) act in this order: the
+rule's limit (429, RL), the rule's fault delay (DI) and abort (FI), then per attempt,
+after the endpoint is picked and authorized, its workload's limit (429, RL).
 
 The proxy acts for the source pod here, as Istio's waypoint does: it authorizes each
 request with the destination's policies itself and marks the HBONE streams it opens,
@@ -36,6 +39,7 @@ from nodeproxy.config.model import (
 )
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import Balancer, make_balancer
+from nodeproxy.http.fault import ABORT_BODY, Fault
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
 from nodeproxy.http.h2 import H2Client, H2Server
 from nodeproxy.http.message import (
@@ -54,6 +58,7 @@ from nodeproxy.http.message import (
 from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
 from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.pool import Endpoint, EndpointPool
+from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
 from nodeproxy.identity.spiffe import spiffe_id
@@ -84,7 +89,9 @@ LOCAL_REPLY_BODY = {
     403: "RBAC: access denied",
     404: "no route",
     503: "no healthy upstream",
+    429: "local_rate_limited",
 }
+RESOURCE_EXHAUSTED = 8  # a gRPC client refused by a rate limit gets this code
 
 
 @dataclass
@@ -172,6 +179,8 @@ class HttpProxy:
         self._random = random.Random()
         self._settings = HttpSettings()
         self._routes: Routes | None = None
+        self._limiters = Limiters()
+        self._workload_limits: dict[tuple[str, str], Limiter] = {}
         self._table: DestinationTable | None = None
         self._policies: dict[str, TrafficPolicy] = {}
         self._clusters: dict[tuple[str, int, int], _Cluster] = {}
@@ -196,7 +205,9 @@ class HttpProxy:
         self._settings = config.http
         if self._tracing is not None:
             self._tracer = self._tracing.configure(config.tracing)
-        self._routes = Routes(config)
+        self._limiters = Limiters(self._limiters)
+        self._routes = Routes(config, self._limiters)
+        self._workload_limits = self._limiters.workloads(config)
         self._table = table
         self._policies = {s.key: s.traffic_policy for s in config.services}
         self._clusters.clear()
@@ -337,6 +348,11 @@ class HttpProxy:
             if rule is None:
                 outcome.flags.append("NR")
                 await self._local_reply(exchange, outcome, 404)
+            elif rule.rate_limit is not None and \
+                    await self._limited(ctx, exchange, rule.rate_limit, outcome, "route"):
+                pass
+            elif rule.fault is not None and await self._inject(exchange, rule.fault, outcome):
+                pass
             elif isinstance(exchange, H1Exchange) and exchange.upgrade:
                 await self._upgrade(ctx, exchange, rule, outcome)
             else:
@@ -483,7 +499,46 @@ class HttpProxy:
             outcome.flags.append("UAEX")
             await self._local_reply(exchange, outcome, 403)
             return None
+        if self._workload_limits and endpoint.backend.workload is not None:
+            ref = endpoint.backend.workload
+            limiter = self._workload_limits.get((ref.namespace, ref.name))
+            if limiter is not None and \
+                    await self._limited(ctx, exchange, limiter, outcome, "workload"):
+                return None
         return cluster, endpoint
+
+    async def _limited(self, ctx: _Context, exchange: Exchange, limiter: Limiter,
+                       outcome: _Outcome, scope: str) -> bool:
+        """Take a token from limiter; without one, answer 429 (gRPC: RESOURCE_EXHAUSTED)
+        with Retry-After, flag RL, and say True."""
+        wait = limiter.take(ctx.pod.principal)
+        if not wait:
+            return False
+        outcome.flags.append("RL")
+        self._metrics.count_rate_limited(outcome.service, scope)
+        await self._local_reply(exchange, outcome, 429, grpc_code=RESOURCE_EXHAUSTED,
+                                headers=[("retry-after", retry_after(wait))])
+        return True
+
+    async def _inject(self, exchange: Exchange, fault: Fault, outcome: _Outcome) -> bool:
+        """The rule's faults: maybe hold the request (DI), then maybe answer it at once
+        (FI, and say True).  The delay is outside the request timeout, as Envoy's is."""
+        head = exchange.request
+        if not fault.eligible(head):
+            return False
+        delay = fault.delay(self._random)
+        if delay:
+            outcome.flags.append("DI")
+            self._metrics.count_fault(outcome.service, "delay")
+            await asyncio.sleep(delay)
+        abort = fault.abort(head, self._random)
+        if abort is None:
+            return False
+        outcome.flags.append("FI")
+        self._metrics.count_fault(outcome.service, "abort")
+        await self._local_reply(exchange, outcome, abort.http_status, ABORT_BODY,
+                                grpc_code=abort.grpc_code)
+        return True
 
     async def _stream_response(self, exchange: Exchange, rule: CompiledRule,
                                response: UpstreamResponse,

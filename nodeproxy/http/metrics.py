@@ -26,7 +26,9 @@ Label values follow Istio's proxy filter:
 
 nodeproxy's own series, beside them: retries (``nodeproxy_http_retries_total``), retry
 budget refusals (``nodeproxy_http_retry_budget_exhausted_total``), mirrored requests
-(``nodeproxy_http_mirrored_requests_total``, see mirror.py), malformed requests
+(``nodeproxy_http_mirrored_requests_total``, see mirror.py), requests refused by a
+local rate limit (``nodeproxy_http_rate_limited_total``), injected faults
+(``nodeproxy_http_faults_total``), malformed requests
 refused (``nodeproxy_http_bad_requests_total``) and access-log lines dropped
 (``nodeproxy_access_log_dropped_total``).
 
@@ -220,6 +222,14 @@ class RequestMetrics:
             "nodeproxy_http_mirrored_requests_total",
             "Mirrored (shadow) requests, by result (sent, failed, skipped) and reason",
             ("destination_service", "result", "reason"), registry=registry)
+        self.rate_limited = Counter(
+            "nodeproxy_http_rate_limited_total",
+            "Requests refused (429) by a local rate limit, by scope (route, workload)",
+            ("destination_service", "scope"), registry=registry)
+        self.faults = Counter(
+            "nodeproxy_http_faults_total",
+            "Faults injected into requests, by kind (delay, abort)",
+            ("destination_service", "kind"), registry=registry)
         self.access_log_dropped = Counter(
             "nodeproxy_access_log_dropped_total",
             "Access-log lines dropped (the writer fell behind or could not write)",
@@ -250,6 +260,12 @@ class RequestMetrics:
 
     def count_mirror(self, destination_service: str, result: str, reason: str) -> None:
         self._child(self.mirrored, (destination_service, result, reason)).inc()
+
+    def count_rate_limited(self, destination_service: str, scope: str) -> None:
+        self._child(self.rate_limited, (destination_service, scope)).inc()
+
+    def count_fault(self, destination_service: str, kind: str) -> None:
+        self._child(self.faults, (destination_service, kind)).inc()
 
     def count_bad_request(self, protocol: str, reason: str) -> None:
         self._child(self.bad_requests, (protocol, reason)).inc()

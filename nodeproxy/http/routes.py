@@ -26,7 +26,9 @@ from nodeproxy.config.model import (
     RouteRule,
     Timeouts,
 )
+from nodeproxy.http.fault import Fault
 from nodeproxy.http.message import Headers, RequestHead
+from nodeproxy.http.rate_limit import Limiter, Limiters
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class CompiledRule:
     timeouts: Timeouts
     retry: RetryPolicy
     mirrors: tuple[Mirror, ...] = ()  # empty: the request path checks only this
+    rate_limit: Limiter | None = None  # None: the request path checks only this
+    fault: Fault | None = None  # None: the request path checks only this
     total_weight: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,7 +138,8 @@ def _host_matches(hostnames: tuple[str, ...], authority: str) -> bool:
     return False
 
 
-def _compile_rule(route: HttpRoute | None, rule: RouteRule, service: str) -> CompiledRule:
+def _compile_rule(route: HttpRoute | None, rule: RouteRule, service: str,
+                  limiters: Limiters | None = None, key: str = "") -> CompiledRule:
     namespace = route.namespace if route else service.split("/", 1)[0]
     backends = tuple(
         WeightedBackend(f"{ref.namespace or namespace}/{ref.name}", ref.port, ref.weight)
@@ -143,8 +148,12 @@ def _compile_rule(route: HttpRoute | None, rule: RouteRule, service: str) -> Com
         Mirror(f"{m.backend_ref.namespace or namespace}/{m.backend_ref.name}",
                m.backend_ref.port, m.percentage)
         for m in rule.mirrors if m.percentage > 0)
+    limiter = None
+    if rule.rate_limit is not None:
+        limiter = (limiters or Limiters()).get(key, rule.rate_limit)
     return CompiledRule(route.key if route else "", backends, rule.request_headers,
-                        rule.response_headers, rule.timeouts, rule.retry, mirrors)
+                        rule.response_headers, rule.timeouts, rule.retry, mirrors,
+                        limiter, Fault(rule.fault) if rule.fault is not None else None)
 
 
 def _compile_match(rule: CompiledRule, route: HttpRoute, match: RouteMatch | None,
@@ -185,9 +194,11 @@ class RouteTable:
 
 
 class Routes:
-    """Every service port's RouteTable, for one configuration."""
+    """Every service port's RouteTable, for one configuration.  Rate-limited rules take
+    their buckets from limiters (a rule on several ports shares one)."""
 
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, limiters: Limiters | None = None):
+        limiters = limiters or Limiters()
         attached: dict[tuple[str, int], list[_Match]] = {}
         ports: dict[str, list[int]] = {s.key: [p.port for p in s.ports] for s in config.services}
         order = 0
@@ -197,8 +208,9 @@ class Routes:
                 if route.port is not None and route.port != port:
                     continue
                 bucket = attached.setdefault((service, port), [])
-                for rule in route.rules:
-                    compiled = _compile_rule(route, rule, service)
+                for index, rule in enumerate(route.rules):
+                    compiled = _compile_rule(route, rule, service, limiters,
+                                             f"route/{route.key}/rules[{index}]")
                     for match in rule.matches or [None]:
                         bucket.append(_compile_match(compiled, route, match, order))
                         order += 1

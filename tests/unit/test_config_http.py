@@ -189,3 +189,57 @@ def test_bad_mirror_fields(mirror: str, expected: str) -> None:
         """))
     assert len(found) == 1 and expected in found[0], found
     assert found[0].startswith("node.yaml:29: ")
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("rateLimit: {requestsPerSecond: -5}", "rateLimit.requestsPerSecond"),
+    ("rateLimit: {requestsPerSecond: 0}", "rateLimit.requestsPerSecond"),
+    ("rateLimit: {requestsPerSecond: 5, burst: -1}", "rateLimit.burst"),
+    ("rateLimit: {requestsPerSecond: 5, burst: 0}", "rateLimit.burst"),
+    ("rateLimit: {burst: 3}", "rateLimit.requestsPerSecond"),
+    ("fault: {abort: {httpStatus: 503, percentage: 101}}", "fault.abort.percentage"),
+    ("fault: {delay: {fixedDelaySeconds: 1, percentage: -0.5}}", "fault.delay.percentage"),
+    ("fault: {delay: {fixedDelaySeconds: -1}}", "fault.delay.fixedDelaySeconds"),
+    ("fault: {abort: {httpStatus: 99}}", "fault.abort.httpStatus"),
+    ("fault: {abort: {grpcStatus: SOMETIMES}}", "unknown gRPC status 'SOMETIMES'"),
+    ("fault: {abort: {grpcStatus: 17}}", "fault.abort.grpcStatus"),
+    ("fault: {abort: {httpStatus: 503, grpcStatus: 14}}", "exactly one of httpStatus"),
+    ("fault: {abort: {percentage: 5}}", "exactly one of httpStatus"),
+    ("fault: {headers: [{name: x-f, value: y}]}", "a fault needs a delay, an abort"),
+])
+def test_bad_limits_and_faults(body: str, expected: str) -> None:
+    found = problems(routes(f"""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - {body}
+        """))
+    assert len(found) == 1 and expected in found[0], found
+    assert found[0].startswith("node.yaml:29: "), found
+
+
+def test_limits_and_faults_load() -> None:
+    loaded = parse_config(routes("""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - rateLimit: {requestsPerSecond: 2.5, burst: 4, perSourceIdentity: true}
+              fault:
+                delay: {fixedDelaySeconds: 0.2, percentage: 10}
+                abort: {grpcStatus: unavailable, percentage: 5}
+                headers: [{name: X-Fault, value: "on"}]
+        """), "node.yaml")
+    rule = loaded.config.http_routes[0].rules[0]
+    assert rule.rate_limit is not None and rule.rate_limit.burst == 4
+    assert rule.fault is not None and rule.fault.abort is not None
+    assert rule.fault.abort.grpc_status == 14 and rule.fault.headers[0].name == "x-fault"
+
+
+def test_bad_workload_rate_limit_names_its_line() -> None:
+    text = VALID.replace("    labels: {app: web}\n",
+                         "    labels: {app: web}\n    rateLimit: {requestsPerSecond: -1}\n")
+    found = problems(text)
+    assert len(found) == 1 and "workloads[0].rateLimit.requestsPerSecond" in found[0], found
+    assert found[0].startswith("node.yaml:")
