@@ -1,9 +1,10 @@
 """A scripted HTTP/1.1 client for the L7 tests, run inside a client pod.
 
 ``python -m nodeproxy.testbed.http_requests --url http://10.96.0.10/path -n 100 --json``
-sends n requests (over one keep-alive connection unless --new-connections), bounded
-in count and by --deadline, and prints what a user would look at: each status, the
-x-backend that answered, the body's SHA-256 and the latency.  Standard library only
+sends n requests (over one keep-alive connection unless --new-connections; --interval
+seconds apart), bounded in count and by --deadline, and prints what a user would look
+at: each status, the x-backend that answered, the body's SHA-256, the latency and when
+it was sent (``at``: seconds after the first).  Standard library only
 (http.client), so the client is not the code under test.
 """
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-connections", action="store_true")
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--deadline", type=float, default=60.0)
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="seconds between one response and the next request")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     url = urlsplit(args.url)
@@ -39,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     connection: http.client.HTTPConnection | None = None
     connections = 0
-    end = time.monotonic() + args.deadline
-    for _ in range(args.count):
+    first = time.monotonic()
+    end = first + args.deadline
+    for i in range(args.count):
+        if i and args.interval:
+            time.sleep(args.interval)
         if time.monotonic() > end:
             break
         if connection is None or args.new_connections:
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({
                 "status": response.status, "backend": response.getheader("x-backend"),
                 "sha256": hashlib.sha256(data).hexdigest(), "length": len(data),
-                "seconds": time.monotonic() - start,
+                "seconds": time.monotonic() - start, "at": start - first,
                 "headers": {k.lower(): v for k, v in response.getheaders()},
                 "body": data[:2000].decode("utf-8", "replace")})
             if response.will_close:
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 connection = None
         except (OSError, http.client.HTTPException) as e:
             results.append({"status": None, "error": f"{type(e).__name__}: {e}",
-                            "seconds": time.monotonic() - start})
+                            "seconds": time.monotonic() - start, "at": start - first})
             connection.close()
             connection = None
     summary = {
