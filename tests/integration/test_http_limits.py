@@ -136,16 +136,20 @@ def within_four_sigma(hits: int, n: int, share: float) -> bool:
 
 def test_route_rate_limit_admits_burst_plus_rate_times_window(mesh: Cluster):
     """5 rps, burst 5: 60 requests 30 ms apart (about 2 s).  The first 5 pass at once,
-    the 6th is refused, and in all 5 + 5 * window pass (±1 for the clocks' offsets)."""
+    and in all 5 + 5 * window pass, the window measured by the client (±1.5: the
+    proxy sees each request a little later than the client sent it, and the last
+    token may be just short of whole)."""
     before = metric(mesh, LIMITED, destination_service=fqdn("lim"), scope="route")
+    flagged = metric(mesh, "istio_requests_total", destination_service=fqdn("lim"),
+                     response_code="429", response_flags="RL")
     result = requests(mesh, url(mesh, "lim", "/rl"), 60, "--interval", "0.03")
     got = statuses(result)
     assert set(got) <= {200, 429}, got
     admitted = got.count(200)
     window = result["results"][-1]["at"] - result["results"][0]["at"]
     assert 1.5 < window < 10, window
-    assert abs(admitted - (5 + 5 * window)) <= 1.0, (admitted, window, got)
-    assert got[:5] == [200] * 5 and got[5] == 429, got
+    assert abs(admitted - (5 + 5 * window)) <= 1.5, (admitted, window, got)
+    assert got[:5] == [200] * 5, got
     refused = [r for r in result["results"] if r["status"] == 429]
     assert all(r["headers"].get("retry-after") == "1" for r in refused)  # 1/5 s, rounded up
     assert all(r["body"] == "local_rate_limited" for r in refused)
@@ -153,7 +157,7 @@ def test_route_rate_limit_admits_burst_plus_rate_times_window(mesh: Cluster):
     assert wait_for(lambda: metric(mesh, LIMITED, destination_service=fqdn("lim"),
                                    scope="route") - before == len(refused))
     assert metric(mesh, "istio_requests_total", destination_service=fqdn("lim"),
-                  response_code="429", response_flags="RL") == len(refused)
+                  response_code="429", response_flags="RL") - flagged == len(refused)
     lines = access_log(mesh, "/rl", 60)
     assert Counter(line["response_flags"] for line in lines) == \
         {"-": admitted, "RL": len(refused)}
@@ -189,18 +193,22 @@ def test_workload_rate_limit(mesh: Cluster):
 
 
 def test_grpc_rate_limit_is_resource_exhausted(mesh: Cluster):
+    """1 rps, burst 2: six calls in well under a second get two through (one more per
+    whole second the run took, measured by the client)."""
     target = f"{mesh.services['default/grpc'].vip4}:{GRPC}"
     result = mesh.grpc_client("client", "--target", target, "--method", "Unary",
                               "--payload", "hi", "--count", "6")
     codes = [call["code"] for call in result["calls"]]
-    assert codes == ["OK"] * 2 + ["RESOURCE_EXHAUSTED"] * 4, codes
-    refused = result["calls"][2]
+    took = sum(call["latency_ms"] for call in result["calls"]) / 1000
+    passed = 2 + int(took)
+    assert codes == ["OK"] * passed + ["RESOURCE_EXHAUSTED"] * (6 - passed), (codes, took)
+    refused = result["calls"][-1]
     assert refused["details"] == "local_rate_limited"
     metadata = {**refused["initial_metadata"], **refused["trailing_metadata"]}
     assert metadata.get("retry-after") == "1", refused
     assert wait_for(lambda: metric(mesh, "istio_requests_total",
                                    destination_service=fqdn("grpc"), grpc_response_status="8",
-                                   response_flags="RL") == 4)
+                                   response_flags="RL") == 6 - passed)
 
 
 # --- faults -------------------------------------------------------------------------------
@@ -209,6 +217,7 @@ def test_grpc_rate_limit_is_resource_exhausted(mesh: Cluster):
 def test_abort_share_and_status(mesh: Cluster):
     n = 400
     before = metric(mesh, FAULTS, destination_service=fqdn("lim"), kind="abort")
+    delays = metric(mesh, FAULTS, destination_service=fqdn("lim"), kind="delay")
     result = requests(mesh, url(mesh, "lim", "/abort"), n)
     got = Counter(statuses(result))
     assert set(got) <= {200, 503}, got
@@ -221,7 +230,7 @@ def test_abort_share_and_status(mesh: Cluster):
                                    kind="abort") - before == aborted)
     assert metric(mesh, "istio_requests_total", destination_service=fqdn("lim"),
                   response_code="503", response_flags="FI") == aborted
-    assert metric(mesh, FAULTS, destination_service=fqdn("lim"), kind="delay") == 0
+    assert metric(mesh, FAULTS, destination_service=fqdn("lim"), kind="delay") == delays
 
 
 def test_delay_holds_every_request(mesh: Cluster):
