@@ -271,11 +271,39 @@ class RetryBudget(Model):
     window_seconds: float = Field(default=10.0, gt=0, le=600)
 
 
+class ConnectionPool(Model):
+    """Circuit-breaker limits of one service, per node proxy, over all its client pods
+    (Envoy's cluster thresholds and defaults; Istio's connectionPool).  A request past a
+    limit fails fast: 503, flag UO (nodeproxy/http/circuit_breaker.py)."""
+
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    max_pending_requests: int = Field(default=1024, ge=0, le=1_000_000)
+    max_requests: int = Field(default=1024, ge=1, le=1_000_000)
+    max_retries: int = Field(default=3, ge=0, le=1_000_000)
+
+
+class OutlierDetection(Model):
+    """Passive health checking of one service's endpoints (Envoy's consecutive-error
+    ejection; Istio's outlierDetection field names).  A threshold of 0 turns that check
+    off (nodeproxy/http/outlier.py)."""
+
+    consecutive_5xx_errors: int = Field(default=5, ge=0, le=1_000_000,
+                                        alias="consecutive5xxErrors")
+    consecutive_gateway_errors: int = Field(default=5, ge=0, le=1_000_000)
+    interval_seconds: float = Field(default=10.0, gt=0, le=3600)
+    base_ejection_time_seconds: float = Field(default=30.0, gt=0, le=86400)
+    max_ejection_percent: Percent = 10.0
+    allow_last_healthy_ejection: bool = False
+
+
 class TrafficPolicy(Model):
     """L7 settings of one service's upstream side (Istio's DestinationRule, in short)."""
 
     load_balancer: LoadBalancer = Field(default_factory=LoadBalancer)
     retry_budget: RetryBudget = Field(default_factory=RetryBudget)
+    connection_pool: ConnectionPool = Field(default_factory=ConnectionPool)
+    # None: no outlier detection (as in Envoy and Istio).
+    outlier_detection: OutlierDetection | None = None
     # Pooled upstream connections idle this long are closed (Envoy's default: 1 h).
     idle_timeout_seconds: float = Field(default=3600.0, gt=0, le=86400)
 

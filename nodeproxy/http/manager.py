@@ -39,6 +39,7 @@ from nodeproxy.config.model import (
 )
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import Balancer, make_balancer
+from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
 from nodeproxy.http.h2 import H2Client, H2Server
@@ -57,8 +58,10 @@ from nodeproxy.http.message import (
 )
 from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
 from nodeproxy.http.mirror import BodyTap, Mirrors
+from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool
 from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
+from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
 from nodeproxy.identity.spiffe import spiffe_id
@@ -104,6 +107,8 @@ class _Cluster:
     budget: RetryBudget
     hash_header: str | None
     hash_source: bool
+    breaker: CircuitBreaker
+    outlier: OutlierDetector[Endpoint] | None  # None: no outlier detection
 
 
 @dataclass
@@ -186,7 +191,8 @@ class HttpProxy:
         self._clusters: dict[tuple[str, int, int], _Cluster] = {}
         self._stats: dict[str, Endpoint] = {}  # endpoint key -> endpoint (stats survive)
         self._budgets: dict[str, RetryBudget] = {}
-        self._pools: dict[tuple[str, str, bool], EndpointPool] = {}
+        self._pools: dict[tuple[str, str, bool, str], EndpointPool] = {}
+        self._resilience = Resilience(metrics.resilience)
         self._clients: set[ClientConnection] = set()
         self._policed_for: Admitter | None = None
         self._policed_cache: dict[str, bool] = {}
@@ -217,6 +223,7 @@ class HttpProxy:
             budgets[key] = old if old is not None and old.config == policy.retry_budget \
                 else RetryBudget(policy.retry_budget)
         self._budgets = budgets
+        self._resilience.update(self._policies)
         endpoints = {Endpoint(b).key for entry in table.service_ports.values()
                      for b in (*entry.backends_v4, *entry.backends_v6)}
         for key in [k for k in self._pools if k[0] not in local_pods or k[1] not in endpoints]:
@@ -261,7 +268,9 @@ class HttpProxy:
         cluster = _Cluster(entry, endpoints, make_balancer(policy.load_balancer),
                            self._budgets.setdefault(service, RetryBudget(policy.retry_budget)),
                            policy.load_balancer.hash_header,
-                           policy.load_balancer.hash_source_identity)
+                           policy.load_balancer.hash_source_identity,
+                           self._resilience.breaker(service, entry.fqdn),
+                           self._resilience.detector(key, entry.fqdn, endpoints))
         self._clusters[key] = cluster
         return cluster
 
@@ -274,7 +283,9 @@ class HttpProxy:
                 "fqdn": cluster.entry.fqdn,
                 "retry_budget": cluster.budget.snapshot(),
                 "retry_budget_exhausted": cluster.budget.exhausted,
-                "endpoints": [_endpoint_view(e) for e in cluster.endpoints],
+                "circuit_breaker": cluster.breaker.snapshot(),
+                "outlier_detection": cluster.outlier is not None,
+                "endpoints": [_endpoint_view(e, cluster.outlier) for e in cluster.endpoints],
             })
         return view
 
@@ -282,6 +293,7 @@ class HttpProxy:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._mirrors.close()
+        self._resilience.close()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
@@ -381,6 +393,14 @@ class HttpProxy:
 
     async def _forward(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
                        outcome: _Outcome) -> None:
+        slots = Slots()  # the circuit-breaker slots the request holds
+        try:
+            await self._forward_attempts(ctx, exchange, rule, outcome, slots)
+        finally:
+            slots.release()
+
+    async def _forward_attempts(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
+                                outcome: _Outcome, slots: Slots) -> None:
         head = exchange.request
         policy: RetryPolicy = rule.retry
         source: Body = exchange.body
@@ -415,6 +435,7 @@ class HttpProxy:
             response, connection, last_error = None, None, None
             started = endpoint.stats.begin()
             try:
+                slots.request(cluster.breaker)
                 connection = await self._connection(ctx, endpoint, cluster)
                 if policy.per_try_timeout_seconds is None:
                     response = await connection.send(upstream_head, body.reader())
@@ -423,6 +444,11 @@ class HttpProxy:
                         response = await connection.send(upstream_head, body.reader())
             except Refused as e:
                 last_error = UpstreamError("UF", str(e))
+            except Overflow:
+                endpoint.stats.end(started, ok=False)
+                outcome.flags.append("UO")
+                await self._local_reply(exchange, outcome, 503, OVERFLOW_TEXT)
+                return
             except UpstreamError as e:
                 last_error = e
             except TimeoutError:
@@ -440,6 +466,9 @@ class HttpProxy:
             grpc_status = _grpc_status(response.head.headers) if response else None
             endpoint.stats.end(started, ok=response is not None and status is not None
                                and status < 500)
+            slots.attempt_done()
+            if cluster.outlier is not None and (last_error is None or last_error.flag != "DC"):
+                cluster.outlier.record(endpoint.key, status)
             if last_error is not None and last_error.flag == "DC":
                 broken = exchange.body.error
                 if isinstance(broken, MalformedRequest) and not exchange.responded:
@@ -456,6 +485,8 @@ class HttpProxy:
             if retry and budget is not None and not budget.try_retry():
                 self._metrics.count_budget_exhausted(outcome.service)
                 retry = False
+            if retry and not slots.retry(cluster.breaker):
+                retry = False  # maxRetries retries in progress: counted as an overflow
             if not retry:
                 if retriable and outcome.attempts > 1:
                     outcome.flags.append("URX")  # retried and still failing
@@ -493,7 +524,12 @@ class HttpProxy:
             await self._local_reply(exchange, outcome, 503)
             return None
         outcome.service = cluster.entry.fqdn
-        endpoint = cluster.balancer.pick(cluster.endpoints, self._hash_key(cluster, ctx, head))
+        endpoints = cluster.endpoints if cluster.outlier is None else cluster.outlier.available
+        if not endpoints:  # all ejected (allowLastHealthyEjection)
+            outcome.flags.append("UH")
+            await self._local_reply(exchange, outcome, 503)
+            return None
+        endpoint = cluster.balancer.pick(endpoints, self._hash_key(cluster, ctx, head))
         outcome.endpoint, outcome.destination = endpoint, endpoint.backend.workload
         if not self._authorized(ctx, endpoint.backend, head):
             outcome.flags.append("UAEX")
@@ -580,7 +616,7 @@ class HttpProxy:
 
     async def _connection(self, ctx: _Context, endpoint: Endpoint,
                           cluster: _Cluster) -> UpstreamConnection:
-        key = (ctx.pod.key, endpoint.key, ctx.http2_upstream)
+        key = (ctx.pod.key, endpoint.key, ctx.http2_upstream, cluster.entry.service)
         pool = self._pools.get(key)
         if pool is None:
             policy = self._policies.get(cluster.entry.service, TrafficPolicy())
@@ -591,7 +627,8 @@ class HttpProxy:
                                                   protocol, l7_checked=True)  # type: ignore[type-var]
 
             pool = self._pools[key] = EndpointPool(
-                connect, http2=ctx.http2_upstream, idle_timeout=policy.idle_timeout_seconds)
+                connect, http2=ctx.http2_upstream, idle_timeout=policy.idle_timeout_seconds,
+                breaker=cluster.breaker)
         return await pool.acquire()
 
     def _request_id(self) -> str:
@@ -805,11 +842,16 @@ class _Context:
     access_log: bool
 
 
-def _endpoint_view(endpoint: Endpoint) -> dict[str, object]:
+def _endpoint_view(endpoint: Endpoint,
+                   outlier: OutlierDetector[Endpoint] | None) -> dict[str, object]:
     stats = endpoint.stats.snapshot()
-    return {"address": endpoint.key, "active_requests": stats["active"],
-            "latency_ewma_ms": stats["ewma_ms"], "requests": stats["requests"],
-            "failures": stats["failures"]}
+    view: dict[str, object] = {
+        "address": endpoint.key, "active_requests": stats["active"],
+        "latency_ewma_ms": stats["ewma_ms"], "requests": stats["requests"],
+        "failures": stats["failures"]}
+    if outlier is not None:
+        view.update(outlier.endpoint_view(endpoint.key))
+    return view
 
 
 def _grpc_status(headers: Headers | None) -> int | None:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from nodeproxy.http.resilience_metrics import ResilienceMetrics
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 
 if TYPE_CHECKING:
@@ -234,6 +235,8 @@ class RequestMetrics:
             "nodeproxy_access_log_dropped_total",
             "Access-log lines dropped (the writer fell behind or could not write)",
             registry=registry)
+        # Circuit breaking and outlier detection (resilience_metrics.py).
+        self.resilience = ResilienceMetrics(registry)
         self._max_cached = max_cached
         self._children: dict[tuple[tuple[str, ...], int, str, str], _Children] = {}
         self._counters: dict[tuple[Counter, tuple[str, ...]], Any] = {}

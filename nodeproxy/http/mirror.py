@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from nodeproxy.http.circuit_breaker import Overflow
 from nodeproxy.http.h2 import H2Client
 from nodeproxy.http.message import (
     Body,
@@ -204,8 +205,12 @@ class Mirrors:
                        if n != "expect"]
             shadow = RequestHead(head.method, head.path, shadow_authority(head.authority),
                                  headers, head.scheme, "2" if ctx.http2_upstream else "1.1")
-            endpoint = cluster.balancer.pick(cluster.endpoints,
-                                             self._hash_key(cluster, ctx, shadow))
+            endpoints = cluster.endpoints if cluster.outlier is None \
+                else cluster.outlier.available  # not to ejected endpoints
+            if not endpoints:
+                self._count(service, SKIPPED, "no_endpoints")
+                continue
+            endpoint = cluster.balancer.pick(endpoints, self._hash_key(cluster, ctx, shadow))
             if not self._authorized(ctx, endpoint.backend, shadow):
                 self._count(service, SKIPPED, "denied")
                 continue
@@ -252,6 +257,8 @@ class Mirrors:
             return SENT, str(status)
         except Refused:
             return FAILED, "connect_failure"
+        except Overflow:  # the shadow service's circuit breaker: no connection for it
+            return SKIPPED, "overloaded"
         except UpstreamError as e:
             return FAILED, _FLAG_REASON.get(e.flag, "reset")
         except (TimeoutError, BodyError, ConnectionError, OSError) as e:

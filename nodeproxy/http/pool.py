@@ -7,6 +7,9 @@ pods never share one.  HTTP/1.1 connections carry one request at a time and go b
 the pool when their response ends; HTTP/2 connections carry many streams.  Connections
 idle for the service's idleTimeoutSeconds are closed.  Each endpoint keeps its
 balancing statistics (balancer.EndpointStats) across configuration reloads.
+
+A pool belongs to one service, whose circuit breaker (circuit_breaker.py) counts its
+connections and makes requests wait (pending) when the service is at maxConnections.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nodeproxy.http.balancer import EndpointStats
+from nodeproxy.http.circuit_breaker import CircuitBreaker
 from nodeproxy.http.h1 import H1Client
 from nodeproxy.http.h2 import H2Client
 from nodeproxy.http.message import UpstreamConnection, UpstreamError
@@ -43,33 +47,79 @@ class Endpoint:
 
 
 class EndpointPool:
-    def __init__(self, connector: Connector, *, http2: bool, idle_timeout: float):
+    def __init__(self, connector: Connector, *, http2: bool, idle_timeout: float,
+                 breaker: CircuitBreaker | None = None):
         self._connector = connector
         self.http2 = http2
         self.idle_timeout = idle_timeout
+        self.breaker = breaker
         self._connections: list[UpstreamConnection] = []
         self._idle_since: dict[int, float] = {}  # HTTP/1.1 connections back in the pool
         self.opened = 0
+        self._connecting = 0  # connections being opened
 
-    async def acquire(self) -> UpstreamConnection:
-        """A connection that can take a request now: pooled, or newly opened.  The caller
-        must call send() before its next await (that is what marks it taken)."""
+    def _take(self) -> UpstreamConnection | None:
         self._connections = [c for c in self._connections if not c.closed]
         for connection in self._connections:
             if connection.can_take():
                 self._idle_since.pop(id(connection), None)
                 return connection
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        """A connection that can take a request now: pooled, or newly opened, or (the
+        service at maxConnections) the next one to come free, waiting as a pending
+        request (circuit_breaker.Overflow past maxPendingRequests).  The caller must call
+        send() before its next await (that is what marks it taken)."""
+        connection = self._take()
+        if connection is not None:
+            return connection
+        breaker = self.breaker
+        if breaker is None or breaker.may_open(len(self._connections) + self._connecting):
+            return await self._open()
+        breaker.begin_pending()
+        try:
+            woken = False
+            while True:
+                await breaker.wait(self, front=woken)
+                woken = True
+                connection = self._take()
+                if connection is not None:
+                    return connection
+                if breaker.may_open(len(self._connections) + self._connecting):
+                    return await self._open()
+        finally:
+            breaker.end_pending()
+
+    async def _open(self) -> UpstreamConnection:
         connection: UpstreamConnection
-        connection = H2Client() if self.http2 else H1Client(on_idle=self._idle)
-        await self._connector(connection)
+        breaker = self.breaker
+        if breaker is None:
+            connection = H2Client() if self.http2 else H1Client(on_idle=self._idle)
+        else:
+            breaker.opened()
+            release = _once(breaker.closed)
+            connection = (_CountedH2(release) if self.http2
+                          else _CountedH1(release, on_idle=self._idle))
+        self._connecting += 1
+        try:
+            await self._connector(connection)
+        except BaseException:
+            connection.close()
+            raise
+        finally:
+            self._connecting -= 1
         self.opened += 1
         if connection.closed:
+            connection.close()
             raise UpstreamError("UF", "upstream connection closed at once")
         self._connections.append(connection)
         return connection
 
     def _idle(self, connection: H1Client) -> None:
         self._idle_since[id(connection)] = asyncio.get_running_loop().time()
+        if self.breaker is not None:
+            self.breaker.idle(self)
 
     def sweep(self, now: float) -> None:
         """Close connections idle for longer than the idle timeout."""
@@ -95,3 +145,48 @@ class EndpointPool:
     @property
     def size(self) -> int:
         return sum(not c.closed for c in self._connections)
+
+
+def _once(callback: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            callback()
+
+    return call
+
+
+class _CountedH1(H1Client):
+    """An HTTP/1.1 connection that tells its service's circuit breaker when it ends."""
+
+    def __init__(self, release: Callable[[], None],
+                 on_idle: Callable[[H1Client], None] | None = None):
+        super().__init__(on_idle=on_idle)
+        self._release = release
+
+    def close(self) -> None:
+        super().close()
+        self._release()
+
+    def abort(self) -> None:
+        super().abort()
+        self._release()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._release()
+
+
+class _CountedH2(H2Client):
+    """An HTTP/2 connection that tells its service's circuit breaker when it ends."""
+
+    def __init__(self, release: Callable[[], None]):
+        super().__init__(on_lost=lambda _c: release())
+        self._release = release
+
+    def close(self) -> None:
+        super().close()
+        self._release()

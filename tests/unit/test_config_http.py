@@ -243,3 +243,37 @@ def test_bad_workload_rate_limit_names_its_line() -> None:
     found = problems(text)
     assert len(found) == 1 and "workloads[0].rateLimit.requestsPerSecond" in found[0], found
     assert found[0].startswith("node.yaml:")
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("connectionPool: {maxConnections: -1}", "trafficPolicy.connectionPool.maxConnections"),
+    ("connectionPool: {maxRequests: 0}", "trafficPolicy.connectionPool.maxRequests"),
+    ("connectionPool: {maxPendingRequests: -5}",
+     "trafficPolicy.connectionPool.maxPendingRequests"),
+    ("connectionPool: {maxRetries: -1}", "trafficPolicy.connectionPool.maxRetries"),
+    ("connectionPool: {maxRequest: 4}", "connectionPool.maxRequest"),
+    ("outlierDetection: {consecutive5xxErrors: -1}",
+     "trafficPolicy.outlierDetection.consecutive5xxErrors"),
+    ("outlierDetection: {intervalSeconds: 0}", "outlierDetection.intervalSeconds"),
+    ("outlierDetection: {baseEjectionTimeSeconds: -3}",
+     "outlierDetection.baseEjectionTimeSeconds"),
+    ("outlierDetection: {maxEjectionPercent: 120}", "outlierDetection.maxEjectionPercent"),
+])
+def test_bad_resilience_settings(policy: str, expected: str) -> None:
+    text = VALID + f"    trafficPolicy:\n      {policy}\n"
+    found = problems(text)
+    assert len(found) == 1 and expected in found[0], found
+    assert found[0].startswith("node.yaml:2"), found
+
+
+def test_resilience_settings_load() -> None:
+    text = VALID + ("    trafficPolicy:\n      connectionPool: {maxRequests: 4}\n"
+                    "      outlierDetection: {consecutive5xxErrors: 2}\n")
+    policy = parse_config(text, "node.yaml").config.services[0].traffic_policy
+    assert policy.connection_pool.max_requests == 4
+    assert policy.connection_pool.max_connections == 1024
+    assert policy.outlier_detection is not None
+    assert policy.outlier_detection.consecutive_5xx_errors == 2
+    assert policy.outlier_detection.base_ejection_time_seconds == 30.0
+    assert parse_config(VALID, "node.yaml").config.services[0].traffic_policy \
+        .outlier_detection is None

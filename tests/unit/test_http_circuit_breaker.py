@@ -1,0 +1,228 @@
+"""Circuit breaking (nodeproxy/http/circuit_breaker.py, resilience.Slots and the pool's
+pending queue): limits refuse exactly past the configured count, counts return to zero,
+and a pending request gets the connection that frees up (a real HTTP/1.1 server on
+127.0.0.1 whose answers the test releases)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nodeproxy.config.model import ConnectionPool
+from nodeproxy.http.circuit_breaker import (
+    CONNECTIONS,
+    PENDING,
+    REQUESTS,
+    RETRIES,
+    CircuitBreaker,
+    Overflow,
+)
+from nodeproxy.http.h1 import H1Server
+from nodeproxy.http.message import Body, ReplayableBody, RequestHead, ResponseHead
+from nodeproxy.http.pool import EndpointPool
+from nodeproxy.http.resilience import Slots
+
+
+def breaker(**limits: int) -> tuple[CircuitBreaker, list[str]]:
+    seen: list[str] = []
+    return CircuitBreaker(ConnectionPool.model_validate(limits), on_overflow=seen.append), seen
+
+
+def test_defaults_are_envoys() -> None:
+    cfg = ConnectionPool()
+    assert (cfg.max_connections, cfg.max_pending_requests, cfg.max_requests,
+            cfg.max_retries) == (1024, 1024, 1024, 3)
+
+
+def test_requests_past_the_limit_overflow_and_free_slots_return() -> None:
+    b, seen = breaker(maxRequests=3)
+    for _ in range(3):
+        b.begin_request()
+    with pytest.raises(Overflow) as info:
+        b.begin_request()
+    assert info.value.limit == REQUESTS and seen == [REQUESTS]
+    b.end_request()
+    b.begin_request()
+    assert b.requests == 3 and b.overflows[REQUESTS] == 1
+
+
+def test_retries_past_the_limit_are_refused() -> None:
+    b, seen = breaker(maxRetries=2)
+    assert b.begin_retry() and b.begin_retry()
+    assert not b.begin_retry()
+    b.end_retry()
+    assert b.begin_retry()
+    assert seen == [RETRIES] and b.retries == 2
+
+
+def test_zero_retries_allows_none() -> None:
+    b, _ = breaker(maxRetries=0)
+    assert not b.begin_retry()
+
+
+def test_slots_hold_one_request_slot_per_request_and_release_everything() -> None:
+    b, _ = breaker(maxRequests=1, maxRetries=1)
+    other, _ = breaker()
+    slots = Slots()
+    slots.request(b)
+    slots.request(b)  # a retry of the same request takes no second slot
+    assert b.requests == 1
+    assert slots.retry(b) and b.retries == 1
+    slots.attempt_done()
+    assert b.retries == 0
+    slots.request(other)  # a retry that went to another service moves the slot
+    assert (b.requests, other.requests) == (0, 1)
+    assert slots.retry(other)
+    slots.release()
+    assert (other.requests, other.retries) == (0, 0)
+
+
+class Gate:
+    """An HTTP/1.1 server on 127.0.0.1 that answers each request when released."""
+
+    def __init__(self) -> None:
+        self.waiting: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        async def answer(exchange):  # type: ignore[no-untyped-def]
+            release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            await self.waiting.put(release)
+            await release
+            await exchange.respond(ResponseHead(200, [("content-length", "2")]), end=False)
+            await exchange.send(b"ok")
+            await exchange.finish()
+
+        def factory() -> H1Server:
+            self.connections += 1
+            return H1Server(answer, max_header_bytes=8192, idle_timeout=5)
+
+        self.server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def release_one(self) -> None:
+        (await asyncio.wait_for(self.waiting.get(), 5)).set_result(None)
+
+    def pool(self, b: CircuitBreaker) -> EndpointPool:
+        async def connect(protocol):  # type: ignore[no-untyped-def]
+            await asyncio.get_running_loop().create_connection(
+                lambda: protocol, "127.0.0.1", self.port)
+            return protocol
+
+        return EndpointPool(connect, http2=False, idle_timeout=60, breaker=b)
+
+
+async def request(pool: EndpointPool) -> int:
+    connection = await pool.acquire()
+    body = ReplayableBody(Body.of(b""), 0)
+    response = await connection.send(RequestHead("GET", "/", "a", []), body.reader())
+    while await response.body.read():
+        pass
+    return response.head.status
+
+
+def test_pending_requests_wait_for_the_connection_and_overflow_past_the_limit() -> None:
+    async def main() -> None:
+        gate = Gate()
+        await gate.start()
+        b, seen = breaker(maxConnections=1, maxPendingRequests=1)
+        pool = gate.pool(b)
+        first = asyncio.create_task(request(pool))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(request(pool))  # waits: the one connection is busy
+        await asyncio.sleep(0.05)
+        assert (b.connections, b.pending) == (1, 1)
+        with pytest.raises(Overflow) as info:
+            await request(pool)  # a second waiter is past maxPendingRequests
+        assert info.value.limit == PENDING and seen == [PENDING]
+        await gate.release_one()
+        assert await asyncio.wait_for(first, 5) == 200
+        await gate.release_one()  # the second request went out on the freed connection
+        assert await asyncio.wait_for(second, 5) == 200
+        assert (gate.connections, b.connections, b.pending) == (1, 1, 0)
+        pool.close()
+        assert b.connections == 0
+        assert gate.server is not None
+        gate.server.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    async def main() -> None:
+        gate = Gate()
+        await gate.start()
+        b, _ = breaker(maxConnections=1, maxPendingRequests=1)
+        pool = gate.pool(b)
+        first = asyncio.create_task(request(pool))
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(request(pool), 0.05)  # the request timeout
+        assert b.pending == 0
+        second = asyncio.create_task(request(pool))  # the queue has room again
+        await asyncio.sleep(0.05)
+        assert b.pending == 1
+        await gate.release_one()
+        await gate.release_one()
+        assert await asyncio.wait_for(first, 5) == 200
+        assert await asyncio.wait_for(second, 5) == 200
+        pool.close()
+        assert gate.server is not None
+        gate.server.close()
+
+    asyncio.run(main())
+
+
+def test_a_pool_without_connections_may_always_open_one() -> None:
+    async def main() -> None:
+        gate = Gate()
+        await gate.start()
+        b, seen = breaker(maxConnections=1, maxPendingRequests=0)
+        one, two = gate.pool(b), gate.pool(b)
+        first = asyncio.create_task(request(one))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(request(two))  # another endpoint: opens past the limit
+        await asyncio.sleep(0.05)
+        assert b.connections == 2 and seen == [CONNECTIONS]
+        with pytest.raises(Overflow):
+            await request(one)  # no pending allowed
+        await gate.release_one()
+        await gate.release_one()
+        assert await asyncio.wait_for(first, 5) == 200
+        assert await asyncio.wait_for(second, 5) == 200
+        one.close()
+        two.close()
+        assert b.connections == 0
+        assert gate.server is not None
+        gate.server.close()
+
+    asyncio.run(main())
+
+
+def test_a_connection_closing_wakes_a_waiter_of_another_pool() -> None:
+    async def main() -> None:
+        gate = Gate()
+        await gate.start()
+        b, _ = breaker(maxConnections=2, maxPendingRequests=5)
+        one, two = gate.pool(b), gate.pool(b)
+        first = asyncio.create_task(request(one))
+        await gate.release_one()
+        assert await asyncio.wait_for(first, 5) == 200  # pool one: an idle connection
+        second = asyncio.create_task(request(two))
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(request(two))  # at the limit, pool two busy: waits
+        await asyncio.sleep(0.05)
+        assert (b.connections, b.pending) == (2, 1)
+        one.close()  # room: the waiter of pool two opens a connection
+        await gate.release_one()
+        await gate.release_one()
+        assert await asyncio.wait_for(asyncio.gather(second, third), 5) == [200, 200]
+        assert (gate.connections, b.connections, b.pending) == (3, 2, 0)
+        two.close()
+        assert gate.server is not None
+        gate.server.close()
+
+    asyncio.run(main())
