@@ -485,8 +485,11 @@ class HttpProxy:
             if retry and budget is not None and not budget.try_retry():
                 self._metrics.count_budget_exhausted(outcome.service)
                 retry = False
-            if retry and not slots.retry(cluster.breaker):
-                retry = False  # maxRetries retries in progress: counted as an overflow
+            # maxRetries retries in progress: no retry, counted as an overflow.  A refused
+            # stream (the upstream did not process it, e.g. above a GOAWAY) is exempt.
+            if retry and not (last_error is not None and last_error.refused_stream) \
+                    and not slots.retry(cluster.breaker):
+                retry = False
             if not retry:
                 if retriable and outcome.attempts > 1:
                     outcome.flags.append("URX")  # retried and still failing

@@ -165,19 +165,19 @@ class _CountedH1(H1Client):
     def __init__(self, release: Callable[[], None],
                  on_idle: Callable[[H1Client], None] | None = None):
         super().__init__(on_idle=on_idle)
-        self._release = release
+        self._on_breaker_close = release
 
     def close(self) -> None:
         super().close()
-        self._release()
+        self._on_breaker_close()
 
     def abort(self) -> None:
         super().abort()
-        self._release()
+        self._on_breaker_close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._release()
+        self._on_breaker_close()
 
 
 class _CountedH2(H2Client):
@@ -185,8 +185,8 @@ class _CountedH2(H2Client):
 
     def __init__(self, release: Callable[[], None]):
         super().__init__(on_lost=lambda _c: release())
-        self._release = release
+        self._on_breaker_close = release
 
     def close(self) -> None:
         super().close()
-        self._release()
+        self._on_breaker_close()
