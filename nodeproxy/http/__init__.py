@@ -9,6 +9,10 @@ balancer.py  per-request endpoint choice (round robin, random, P2C least request
              P2C peak-EWMA, ring hash)
 retry.py     retry conditions, backoff with full jitter, the retry budget
 pool.py      upstream connections per endpoint, reused across client connections
+circuit_breaker.py  per-service limits: connections, pending, requests, retries (503 UO)
+outlier.py   per-endpoint consecutive-error ejection and return
+resilience.py  which breaker and detector each cluster uses, across reloads
+resilience_metrics.py  the overflow and ejection series
 manager.py   one client connection's requests: route, authorize, retry, meter, log
 mirror.py    request mirroring: -shadow copies to shadow services, fire and forget
 metrics.py   Istio's request series (istio_requests_total, ...)

@@ -19,8 +19,10 @@ at once, unless the cap refuses it:
 An ejection lasts ``baseEjectionTimeSeconds`` times the number of times the endpoint
 has been ejected (the multiplier), at most ``max(base, 300 s)`` (Envoy's
 max_ejection_time).  Every ``intervalSeconds`` a timer returns the endpoints whose time
-is up and lowers by one the multiplier of each endpoint that is not ejected, so an
-endpoint that recovered for good is ejected for the base time again if it relapses.
+is up, and lowers by one the multiplier of each endpoint that has stayed in for another
+``baseEjectionTimeSeconds`` since its return (or its last lowering): an endpoint ejected
+again soon after its return stays out longer, one that recovered for good is ejected for
+the base time again if it relapses much later.
 The timer runs only while some endpoint is ejected or has a multiplier.
 
 ``available`` is what the balancer picks from: the endpoints not ejected (recomputed
@@ -77,7 +79,8 @@ class EndpointHealth:
     consecutive_5xx: int = 0
     consecutive_gateway: int = 0
     ejected_until: float | None = None  # clock time; None: not ejected
-    multiplier: int = 0  # ejections in a row (lowered by one per healthy interval)
+    multiplier: int = 0  # ejections in a row (lowered by one per base time back in)
+    back_since: float = 0.0  # clock time of the return or of the last lowering
     ejections: int = 0  # ejections, ever
 
 
@@ -195,16 +198,19 @@ class OutlierDetector(Generic[E]):
 
     def sweep(self) -> None:
         """One interval: return endpoints whose ejection is over; lower the multiplier of
-        the others that are not ejected."""
+        those back in for a base ejection time."""
         now = self._clock()
+        base = self.config.base_ejection_time_seconds
         returned = []
         for key, health in self._health.items():
             if health.ejected_until is not None:
                 if now >= health.ejected_until:
                     health.ejected_until = None
+                    health.back_since = now
                     returned.append(key)
-            elif health.multiplier:
+            elif health.multiplier and now - health.back_since >= base:
                 health.multiplier -= 1
+                health.back_since = now
         if returned:
             self._refresh()
             for key in returned:

@@ -140,12 +140,23 @@ def test_ejection_time_grows_with_the_multiplier_and_decays_while_healthy() -> N
     d.record("e0", 500)
     clock.now += 10
     timer.fire()  # returns; multiplier stays 1
-    d.record("e0", 500)  # ejected again at once: 2 x 10 s
+    clock.now += 9
+    timer.fire()  # back for less than the base time: still 1
+    d.record("e0", 500)  # ejected again soon: 2 x 10 s
     assert d.endpoint_view("e0")["ejection_remaining_seconds"] == 20.0
     clock.now += 20
     timer.fire()
     assert "e0" in keys(d) and d.health("e0").multiplier == 2  # type: ignore[union-attr]
+    clock.now += 9.5
     timer.fire()
+    assert d.health("e0").multiplier == 2  # type: ignore[union-attr]
+    clock.now += 0.5
+    timer.fire()  # a base time back in: lowered by one
+    assert d.health("e0").multiplier == 1  # type: ignore[union-attr]
+    clock.now += 5
+    timer.fire()
+    assert d.health("e0").multiplier == 1  # type: ignore[union-attr]
+    clock.now += 5
     timer.fire()
     assert d.health("e0").multiplier == 0  # type: ignore[union-attr]
     assert not timer.pending  # nothing left to watch: the timer stops
