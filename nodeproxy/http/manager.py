@@ -226,7 +226,8 @@ class HttpProxy:
         self._resilience.update(self._policies)
         endpoints = {Endpoint(b).key for entry in table.service_ports.values()
                      for b in (*entry.backends_v4, *entry.backends_v6)}
-        for key in [k for k in self._pools if k[0] not in local_pods or k[1] not in endpoints]:
+        for key in [k for k in self._pools if k[0] not in local_pods or k[1] not in endpoints
+                    or k[3] not in self._policies]:
             self._pools.pop(key).close()
         self._stats = {k: v for k, v in self._stats.items() if k in endpoints}
         if self._sweeper is None:

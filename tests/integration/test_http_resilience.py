@@ -75,6 +75,9 @@ def mesh() -> Iterator[Cluster]:
                       app_protocol="http",
                       traffic_policy={"connectionPool": {"maxConnections": 1,
                                                          "maxPendingRequests": 2}})
+        c.add_service("retried", port=80, target_port=APP, selector={"app": "slow"},
+                      app_protocol="http",
+                      traffic_policy={"connectionPool": {"maxRetries": 1}})
         rr = {"policy": "ROUND_ROBIN"}
         c.add_service("flaky", port=80, target_port=APP, selector={"flaky": "1"},
                       app_protocol="http",
@@ -102,7 +105,10 @@ def mesh() -> Iterator[Cluster]:
             # No retries: every client request is exactly one attempt, so counts are exact.
             "httpRoutes": [{"name": f"{s}-routes", "service": s, "rules": NO_RETRY}
                            for s in ("limited", "queued", "flaky", "capped", "lonely",
-                                     "abandoned")],
+                                     "abandoned")] + [
+                {"name": "retried-routes", "service": "retried", "rules": [{"retry": {
+                    "attempts": 1, "retryOn": ["5xx"],
+                    "backoff": {"baseSeconds": 0.001, "maxSeconds": 0.001}}}]}],
         })
         c.start_daemons()
         yield c
@@ -217,6 +223,28 @@ def test_max_connections_queues_pending_requests_up_to_the_limit(mesh: Cluster):
     assert last["connections_total"] == first["connections_total"], (first, last)
     breaker = cluster_view(mesh, "queued")["circuit_breaker"]
     assert (breaker["connections"], breaker["pending"], breaker["requests"]) == (1, 0, 0)
+
+
+def test_max_retries_caps_retries_in_progress(mesh: Cluster):
+    """maxRetries 1: four requests at once, each failing (503 after 0.6 s) and allowed one
+    retry: one retry is made, the three others are not (their 503 goes back as it is,
+    at once) and count as retry overflows."""
+    service = fqdn("retried")
+    overflow = metric(mesh, "nodeproxy_http_overflow_total", destination_service=service,
+                      limit="retries")
+    retries = metric(mesh, "nodeproxy_http_retries_total", destination_service=service)
+    results = parallel(mesh, "retried", 4, "/status/503")
+    assert [r["status"] for r in results] == [503] * 4 and \
+        all(r["backend"] == "slow" for r in results), results
+    durations = sorted(r["seconds"] for r in results)
+    delay = DELAY_MS / 1000
+    assert durations[2] < 1.5 * delay <= 2 * delay * 0.95 <= durations[3], durations
+    assert wait_for(lambda: metric(mesh, "nodeproxy_http_overflow_total",
+                                   destination_service=service,
+                                   limit="retries") - overflow == 3)
+    assert metric(mesh, "nodeproxy_http_retries_total", destination_service=service) \
+        - retries == 1
+    assert cluster_view(mesh, "retried")["circuit_breaker"]["retries"] == 0
 
 
 # --- outlier detection --------------------------------------------------------------------

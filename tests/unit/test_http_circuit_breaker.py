@@ -6,10 +6,11 @@ and a pending request gets the connection that frees up (a real HTTP/1.1 server 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 
 import pytest
 
-from nodeproxy.config.model import ConnectionPool
+from nodeproxy.config.model import ConnectionPool, OutlierDetection, TrafficPolicy
 from nodeproxy.http.circuit_breaker import (
     CONNECTIONS,
     PENDING,
@@ -20,8 +21,9 @@ from nodeproxy.http.circuit_breaker import (
 )
 from nodeproxy.http.h1 import H1Server
 from nodeproxy.http.message import Body, ReplayableBody, RequestHead, ResponseHead
-from nodeproxy.http.pool import EndpointPool
-from nodeproxy.http.resilience import Slots
+from nodeproxy.http.pool import Endpoint, EndpointPool
+from nodeproxy.http.resilience import Resilience, Slots
+from nodeproxy.proxy.destinations import Backend
 
 
 def breaker(**limits: int) -> tuple[CircuitBreaker, list[str]]:
@@ -224,5 +226,40 @@ def test_a_connection_closing_wakes_a_waiter_of_another_pool() -> None:
         two.close()
         assert gate.server is not None
         gate.server.close()
+
+    asyncio.run(main())
+
+
+def test_breakers_and_detectors_survive_a_reload_unless_their_policy_changes() -> None:
+    async def main() -> None:
+        detection = OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100)
+        policy = TrafficPolicy(connection_pool=ConnectionPool(max_requests=2),
+                               outlier_detection=detection)
+        resilience = Resilience(None)
+        resilience.update({"ns/a": policy, "ns/b": TrafficPolicy()})
+        breaker = resilience.breaker("ns/a", "a.ns.svc.cluster.local")
+        breaker.begin_request()
+        endpoints = [Endpoint(Backend(ipaddress.ip_address(f"10.0.0.{i}"), 80, None))
+                     for i in (1, 2)]
+        detector = resilience.detector(("ns/a", 80, 4), "a", endpoints)
+        assert detector is not None
+        assert resilience.detector(("ns/b", 80, 4), "b", endpoints) is None
+        detector.record("10.0.0.1:80", 500)
+        assert [e.key for e in detector.available] == ["10.0.0.2:80"]
+        # A reload with new limits and the same detection: the counts and ejections stay.
+        resilience.update({"ns/a": policy.model_copy(update={
+            "connection_pool": ConnectionPool(max_requests=5)})})
+        assert resilience.breaker("ns/a", "a") is breaker
+        assert (breaker.requests, breaker.limits.max_requests) == (1, 5)
+        same = resilience.detector(("ns/a", 80, 4), "a", endpoints)
+        assert same is detector and [e.key for e in same.available] == ["10.0.0.2:80"]
+        # Changed detection: a fresh detector, nothing ejected.
+        resilience.update({"ns/a": policy.model_copy(update={
+            "outlier_detection": detection.model_copy(update={"interval_seconds": 1})})})
+        fresh = resilience.detector(("ns/a", 80, 4), "a", endpoints)
+        assert fresh is not None and fresh is not detector and len(fresh.available) == 2
+        resilience.update({})
+        assert not resilience.breakers and not resilience.detectors
+        resilience.close()
 
     asyncio.run(main())
