@@ -435,6 +435,7 @@ class HttpProxy:
                                          ("x-envoy-attempt-count", str(outcome.attempts))]
             response, connection, last_error = None, None, None
             started = endpoint.stats.begin()
+            judged = True  # does the result say something about the endpoint (outliers)?
             try:
                 slots.request(cluster.breaker)
                 connection = await self._connection(ctx, endpoint, cluster)
@@ -445,6 +446,7 @@ class HttpProxy:
                         response = await connection.send(upstream_head, body.reader())
             except Refused as e:
                 last_error = UpstreamError("UF", str(e))
+                judged = e.reason != "denied"  # a policy refusal is not the endpoint's
             except Overflow:
                 endpoint.stats.end(started, ok=False)
                 outcome.flags.append("UO")
@@ -468,7 +470,8 @@ class HttpProxy:
             endpoint.stats.end(started, ok=response is not None and status is not None
                                and status < 500)
             slots.attempt_done()
-            if cluster.outlier is not None and (last_error is None or last_error.flag != "DC"):
+            if cluster.outlier is not None and judged and \
+                    (last_error is None or last_error.flag != "DC"):
                 cluster.outlier.record(endpoint.key, status)
             if last_error is not None and last_error.flag == "DC":
                 broken = exchange.body.error
