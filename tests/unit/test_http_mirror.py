@@ -191,7 +191,7 @@ class Harness:
                     for i in range(endpoints)]
         self.cluster = SimpleNamespace(entry=SimpleNamespace(fqdn=FQDN),
                                        endpoints=[Endpoint(b) for b in backends],
-                                       balancer=RoundRobin())
+                                       balancer=RoundRobin(), outlier=None)
         self.connection = connection
         self.ctx = SimpleNamespace(entry=SimpleNamespace(port=80), version=4,
                                    http2_upstream=False)
@@ -323,4 +323,47 @@ def test_a_body_over_the_limit_is_skipped_and_the_primary_still_reads_it_all():
         assert await read_all(tap) == b"0123456789"
         await h.settle()
         assert h.count("skipped", "body_too_large") == 1 and not h.connection.sent
+    asyncio.run(main())
+
+
+def test_copies_avoid_ejected_endpoints_and_skip_on_a_breaker_overflow():
+    from nodeproxy.config.model import OutlierDetection
+    from nodeproxy.http.circuit_breaker import PENDING, Overflow
+    from nodeproxy.http.outlier import OutlierDetector
+
+    async def main() -> None:
+        h = Harness(FakeConnection(), endpoints=2)
+        detector = OutlierDetector(OutlierDetection(consecutive_5xx_errors=1,
+                                                    max_ejection_percent=100,
+                                                    allow_last_healthy_ejection=True),
+                                   service=FQDN)
+        detector.attach(h.cluster.endpoints)
+        h.cluster.outlier = detector
+        detector.record("10.0.0.1:8080", 503)
+        picked: list[str] = []
+        connect = h.mirrors._connect
+
+        async def recording(ctx: Any, endpoint: Any, cluster: Any) -> FakeConnection:
+            picked.append(endpoint.key)
+            return await connect(ctx, endpoint, cluster)
+
+        h.mirrors._connect = recording  # type: ignore[method-assign]
+        for _ in range(3):
+            h.mirrors.start(h.ctx, RequestHead("GET", "/", "web"), Body.empty(),
+                            rule(SHADOW), 1024)
+            await h.settle()
+        assert picked == ["10.0.0.2:8080"] * 3
+        detector.record("10.0.0.2:8080", 503)  # all ejected: nothing to copy to
+        h.mirrors.start(h.ctx, RequestHead("GET", "/", "web"), Body.empty(), rule(SHADOW), 1024)
+        assert h.count("skipped", "no_endpoints") == 1
+        detector.close()
+        h.cluster.outlier = None
+
+        async def overflowing(ctx: Any, endpoint: Any, cluster: Any) -> FakeConnection:
+            raise Overflow(PENDING)
+
+        h.mirrors._connect = overflowing  # type: ignore[method-assign]
+        h.mirrors.start(h.ctx, RequestHead("GET", "/", "web"), Body.empty(), rule(SHADOW), 1024)
+        await h.settle()
+        assert h.count("skipped", "overloaded") == 1 and h.count("failed", "error") == 0
     asyncio.run(main())
