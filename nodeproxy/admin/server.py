@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -43,6 +43,13 @@ class EndpointView(TypedDict):
     latency_ewma_ms: float | None  # the balancer's latency estimate, None before any sample
     requests: int  # attempts sent to it since it joined
     failures: int  # attempts that failed, as the balancer counts failures
+    # With outlier detection (nodeproxy/http/outlier.py OutlierDetector.endpoint_view):
+    ejected: NotRequired[bool]
+    ejection_remaining_seconds: NotRequired[float]
+    ejection_multiplier: NotRequired[int]  # ejections in a row
+    times_ejected: NotRequired[int]  # ejections, ever
+    consecutive_5xx: NotRequired[int]
+    consecutive_gateway_errors: NotRequired[int]
 
 
 class ClusterView(TypedDict):
@@ -53,6 +60,8 @@ class ClusterView(TypedDict):
     endpoints: list[EndpointView]
     retries: int  # attempts retried
     retry_budget_exhausted: int  # retries refused by the retry budget
+    circuit_breaker: dict[str, Any]  # limits, live counts, overflows (CircuitBreaker.snapshot)
+    outlier_detection: bool  # whether endpoints carry the outlier fields
 
 
 # What the daemon passes for /clusters: the L7 pools' current state, one entry per cluster
