@@ -21,9 +21,10 @@ could starve another endpoint forever); such an opening is counted as a connecti
 overflow.  Every refusal is counted per limit (``overflows`` and the metric callback).
 
 Waiting: a pending request waits on its own pool's queue; a connection that goes idle
-wakes the oldest waiter of its pool, a connection that closes wakes the oldest waiter
-of the service.  A woken waiter that finds nothing (a new request took the connection
-first) queues again at the front.  Waiting is bounded by the request timeout only.
+(HTTP/1.1) or ends a stream (HTTP/2) wakes the oldest waiter of its pool, a connection
+that closes wakes the oldest waiter of the service.  A woken waiter that finds nothing
+(a new request took the connection first) queues again at the front.  Waiting is
+bounded by the request timeout only.
 
 The limits may change on reload without losing the counts (``limits`` is replaced in
 place).  No I/O, no timers.

@@ -1,7 +1,7 @@
 """Upstream HTTP connections per endpoint, reused across client connections.
 
-A pool is keyed by (source pod, endpoint address and port, upstream protocol): the
-connection's path depends on the source (a transparent connection into a local pod
+A pool is keyed by (source pod, endpoint address and port, upstream protocol, service):
+the connection's path depends on the source (a transparent connection into a local pod
 carries the client pod's address; an HBONE stream carries its identity), so two source
 pods never share one.  HTTP/1.1 connections carry one request at a time and go back to
 the pool when their response ends; HTTP/2 connections carry many streams.  Connections
@@ -9,7 +9,9 @@ idle for the service's idleTimeoutSeconds are closed.  Each endpoint keeps its
 balancing statistics (balancer.EndpointStats) across configuration reloads.
 
 A pool belongs to one service, whose circuit breaker (circuit_breaker.py) counts its
-connections and makes requests wait (pending) when the service is at maxConnections.
+connections and makes requests wait (pending) when the service is at maxConnections;
+an HTTP/1.1 connection going idle or an HTTP/2 stream ending wakes the pool's oldest
+waiter.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nodeproxy.http.balancer import EndpointStats
 from nodeproxy.http.circuit_breaker import CircuitBreaker
@@ -99,7 +102,7 @@ class EndpointPool:
         else:
             breaker.opened()
             release = _once(breaker.closed)
-            connection = (_CountedH2(release) if self.http2
+            connection = (_CountedH2(release, lambda: breaker.idle(self)) if self.http2
                           else _CountedH1(release, on_idle=self._idle))
         self._connecting += 1
         try:
@@ -181,11 +184,17 @@ class _CountedH1(H1Client):
 
 
 class _CountedH2(H2Client):
-    """An HTTP/2 connection that tells its service's circuit breaker when it ends."""
+    """An HTTP/2 connection that tells its service's circuit breaker when it ends, and
+    when one of its streams ends (a request waiting for a stream may go)."""
 
-    def __init__(self, release: Callable[[], None]):
+    def __init__(self, release: Callable[[], None], stream_ended: Callable[[], None]):
         super().__init__(on_lost=lambda _c: release())
         self._on_breaker_close = release
+        self._on_stream_end = stream_ended
+
+    def _forget(self, stream: Any) -> None:
+        super()._forget(stream)
+        self._on_stream_end()
 
     def close(self) -> None:
         super().close()

@@ -263,3 +263,53 @@ def test_breakers_and_detectors_survive_a_reload_unless_their_policy_changes() -
         resilience.close()
 
     asyncio.run(main())
+
+
+def test_an_http2_request_waits_for_a_stream_to_end() -> None:
+    """maxConnections 1 and a server allowing one stream at a time: the second request
+    waits as pending and goes out on the same connection when the first stream ends."""
+    from nodeproxy.http.h2 import H2Server
+
+    async def main() -> None:
+        gate = Gate()
+        opened = 0
+
+        async def answer(exchange):  # type: ignore[no-untyped-def]
+            release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            await gate.waiting.put(release)
+            await release
+            await exchange.respond(ResponseHead(200, [("content-length", "2")]), end=False)
+            await exchange.send(b"ok")
+            await exchange.finish()
+
+        def factory() -> H2Server:
+            nonlocal opened
+            opened += 1
+            return H2Server(answer, max_concurrent_streams=1)
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def connect(protocol):  # type: ignore[no-untyped-def]
+            await asyncio.get_running_loop().create_connection(lambda: protocol,
+                                                               "127.0.0.1", port)
+            await protocol.wait_ready(5)
+            return protocol
+
+        b, _ = breaker(maxConnections=1, maxPendingRequests=1)
+        pool = EndpointPool(connect, http2=True, idle_timeout=60, breaker=b)
+        first = asyncio.create_task(request(pool))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(request(pool))
+        await asyncio.sleep(0.05)
+        assert (b.connections, b.pending) == (1, 1)
+        await gate.release_one()
+        assert await asyncio.wait_for(first, 5) == 200
+        await gate.release_one()
+        assert await asyncio.wait_for(second, 5) == 200
+        assert (opened, b.pending) == (1, 0)
+        pool.close()
+        assert b.connections == 0
+        server.close()
+
+    asyncio.run(main())
