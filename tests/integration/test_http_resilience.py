@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from tests.integration.observe import metric_sum, wait_for
 pytestmark = pytest.mark.privileged
 
 APP = 8080
+GRPC = 50051
 DELAY_MS = 600
 NO_RETRY = [{"retry": {"attempts": 0}}]
 
@@ -63,7 +65,11 @@ def mesh() -> Iterator[Cluster]:
                   service_account="web")
         c.add_pod("node0", "bad-2", labels={"capped": "1", "lonely": "1"},
                   service_account="web")
+        c.add_pod("node1", "grpc-1", labels={"app": "grpc"}, service_account="grpc")
         c.serve_http("slow", APP, "slow", "--delay-ms", str(DELAY_MS))
+        c.serve_grpc("grpc-1", GRPC)
+        c.add_service("grpc", port=GRPC, target_port=GRPC, app_protocol="grpc",
+                      traffic_policy={"connectionPool": {"maxRequests": 1}})
         for pod in ("good-1", "good-2"):
             c.serve_http(pod, APP)
         for pod in ("bad-1", "bad-2"):
@@ -198,6 +204,37 @@ def test_max_requests_overflow_fails_fast_with_503_uo_and_recovers(mesh: Cluster
     again = parallel(mesh, "limited", 4)
     assert Counter(r["status"] for r in again) == {200: 4}, again
     assert uo_requests(mesh, "limited") - uo_before == 8
+
+
+def test_a_grpc_client_past_the_limit_gets_unavailable(mesh: Cluster):
+    """maxRequests 1 on a gRPC service: while one call sleeps, another gets UNAVAILABLE
+    (a trailers-only response with the overflow message), counted as flag UO."""
+    target = f"{mesh.services['default/grpc'].vip4}:{GRPC}"
+    uo_before = metric(mesh, "istio_requests_total", destination_service=fqdn("grpc"),
+                       response_flags="UO", grpc_response_status="14")
+    sleeper = mesh.spawn_in_pod("client", mesh.tool_argv(
+        "grpc_client", "--target", target, "--method", "Sleep", "--payload", "1500",
+        "--json"), stdout=subprocess.PIPE, text=True)
+    try:
+        def in_flight() -> int:  # the cluster appears with its first request
+            views = [cl for cl in mesh.admin_json("node0", "/clusters")
+                     if cl["service"] == "default/grpc"]
+            return sum(v["circuit_breaker"]["requests"] for v in views)
+
+        assert wait_for(lambda: in_flight() == 1, timeout=5), \
+            "the sleeping call never reached the proxy"
+        refused = mesh.grpc_client("client", "--target", target, "--method", "Unary",
+                                   "--payload", "hello")
+        assert refused["codes"] == {"UNAVAILABLE": 1}, refused
+        assert "reset reason: overflow" in refused["calls"][0]["details"]
+        out, _ = sleeper.communicate(timeout=30)
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+    assert json.loads(out)["codes"] == {"OK": 1}
+    assert wait_for(lambda: metric(mesh, "istio_requests_total",
+                                   destination_service=fqdn("grpc"), response_flags="UO",
+                                   grpc_response_status="14") - uo_before == 1)
 
 
 def test_max_connections_queues_pending_requests_up_to_the_limit(mesh: Cluster):
