@@ -38,7 +38,9 @@ from nodeproxy.bench.topology import (
     HAPROXY_POD,
     HTTP_VIP_PORT,
     MESH_CLIENT,
+    MESH_CLIENT_ACCOUNT,
     NODES,
+    OTLP_PORT,
     BenchCluster,
     server_pod,
     service_name,
@@ -57,6 +59,8 @@ class Configuration:
     # What the daemons declare the HTTP services' port as (appProtocol) for this
     # configuration: "tcp" relays the requests as bytes, "http" parses each one.
     http_app_protocol: str | None = None
+    # The HTTP services' trafficPolicy for this configuration (None: the defaults).
+    http_traffic_policy: Mapping[str, Any] | None = None
 
     def unavailable(self) -> str | None:
         """Why this configuration cannot run in this build, or None."""
@@ -74,7 +78,8 @@ class Configuration:
     def prepare(self, bench: BenchCluster) -> None:
         """Called before each measurement of this configuration."""
         if self.uses_mesh:
-            bench.ensure_daemon_overrides(self.daemon_overrides(), self.http_app_protocol)
+            bench.ensure_daemon_overrides(self.daemon_overrides(), self.http_app_protocol,
+                                          self.http_traffic_policy)
 
     def route(self, bench: BenchCluster, kind: ServerKind, path: NetPath) -> Route:
         raise NotImplementedError
@@ -184,6 +189,55 @@ class NodeProxyL7(NodeProxy):
         return {"fastPath": {"splice": False}, "httpRoutes": http_routes()}
 
 
+FAULT_HEADER = "x-bench-fault"  # no benchmark request carries it: the fault never fires
+
+
+def full_routes() -> list[dict[str, Any]]:
+    """nodeproxy-l7's routes, with a rate limit and a fault on the measured rule, set so
+    that neither ever acts: what they cost is the check on every request."""
+    routes = http_routes()
+    for route in routes:
+        rule = route["rules"][1]
+        rule["rateLimit"] = {"requestsPerSecond": 1_000_000, "burst": 1_000_000}
+        rule["fault"] = {"headers": [{"name": FAULT_HEADER, "value": "on"}],
+                         "abort": {"httpStatus": 503, "percentage": 100}}
+    return routes
+
+
+def l7_authorization() -> list[dict[str, Any]]:
+    """An HTTP AuthorizationPolicy on the servers' namespace: the benchmark's client may
+    GET under the benchmark's path prefix, nothing else; checked on every request."""
+    return [{
+        "name": "bench-l7", "namespace": "default", "action": "ALLOW",
+        "rules": [{"from": [{"source": {"principals": [
+                      f"cluster.local/ns/default/sa/{MESH_CLIENT_ACCOUNT}"]}}],
+                   "to": [{"operation": {"methods": ["GET"],
+                                         "paths": [f"{haproxy.ROUTE_PATH_PREFIX}/*"]}}]}],
+    }]
+
+
+class NodeProxyL7Full(NodeProxyL7):
+    """nodeproxy-l7 with everything a demanding mesh user turns on, none of it tripping:
+    what the features cost per request, beside nodeproxy-l7 in the same run."""
+
+    name = "nodeproxy-l7-full"
+    summary = ("as nodeproxy-l7, plus an HTTP AuthorizationPolicy (principal, method, path), "
+               "a route rate limit and a header-gated fault that never act, outlier "
+               "detection, the circuit breakers' defaults, and tracing sampled at 1% to an "
+               "OTLP/HTTP receiver on the node; HTTP scenarios only")
+    http_traffic_policy: Mapping[str, Any] | None = {"outlierDetection": {}}
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {"fastPath": {"splice": False}, "httpRoutes": full_routes(),
+                "authorizationPolicies": l7_authorization(),
+                "tracing": {"enabled": True, "samplingPercent": 1,
+                            "endpoint": f"http://127.0.0.1:{OTLP_PORT}/v1/traces"}}
+
+    def prepare(self, bench: BenchCluster) -> None:
+        bench.ensure_collectors()
+        super().prepare(bench)
+
+
 class NodeProxyIptables(NodeProxy):
     """The userspace pump of ``nodeproxy-nosplice``, captured by iptables instead of eBPF:
     NAT REDIRECT rules in each pod's netns, the original destination from
@@ -254,6 +308,7 @@ CONFIGURATIONS: list[Configuration] = [
     HAProxy(),
     NodeProxyNoSplice(),
     NodeProxyL7(),
+    NodeProxyL7Full(),
     HAProxyHttp(),
     NodeProxyIptables(),
 ]

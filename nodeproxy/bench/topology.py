@@ -42,6 +42,8 @@ from nodeproxy.testbed.nginx import nginx_config
 NODES = ("node0", "node1")
 MESH_CLIENT, DIRECT_CLIENT, HAPROXY_POD = "client", "client-direct", "haproxy"
 HTTP_VIP_PORT = 80
+MESH_CLIENT_ACCOUNT = "client"  # the meshed client's service account
+OTLP_PORT = 4318  # the trace collector of the configurations that export spans
 HTTP_FILE = "bench/small.bin"  # under the path prefix nodeproxy-l7 and haproxy-http route
 
 
@@ -87,6 +89,8 @@ class BenchCluster:
         self.haproxy: subprocess.Popen[Any] | None = None
         self.daemon_overrides: dict[str, Any] = {}
         self.http_app_protocol: str | None = None  # as the daemons run: None = undeclared
+        self.http_traffic_policy: dict[str, Any] | None = None  # the HTTP services' policy
+        self.collectors: list[subprocess.Popen[Any]] = []  # OTLP receivers, one per node
 
     # -- building -------------------------------------------------------------
 
@@ -105,7 +109,8 @@ class BenchCluster:
                 c.add_service(service_name(node, kind), port=port, target_port=kind.port,
                               selector={"app": f"srv{index}"},
                               app_protocol=None if kind is ServerKind.HTTP else "tcp")
-        c.add_pod("node0", MESH_CLIENT, labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", MESH_CLIENT, labels={"app": "client"},
+                  service_account=MESH_CLIENT_ACCOUNT)
         c.add_unenrolled_pod("node0", DIRECT_CLIENT)
         c.add_unenrolled_pod("node0", HAPROXY_POD)
         for name in (MESH_CLIENT, DIRECT_CLIENT, HAPROXY_POD):
@@ -179,10 +184,12 @@ class BenchCluster:
         return self.haproxy.pid
 
     def ensure_daemon_overrides(self, overrides: Mapping[str, Any],
-                                http_app_protocol: str | None = None) -> None:
+                                http_app_protocol: str | None = None,
+                                http_traffic_policy: Mapping[str, Any] | None = None) -> None:
         """Give the daemons these node-YAML overrides, and the HTTP services this
-        ``appProtocol``, unless they already run them: a hot reload when only live
-        sections differ (fastPath, services, httpRoutes), else a restart (capture).
+        ``appProtocol`` and ``trafficPolicy``, unless they already run them: a hot reload
+        when only live sections differ (fastPath, services, httpRoutes), else a restart
+        (capture).
 
         The hook for configurations that need the daemon set up differently (a
         capture mode, splice on or off, HTTP parsed or relayed): the suite calls it
@@ -191,12 +198,15 @@ class BenchCluster:
         (its config digest), so the next connection sees the new settings.
         """
         wanted = dict(overrides)
-        if wanted == self.daemon_overrides and http_app_protocol == self.http_app_protocol:
+        policy = dict(http_traffic_policy) if http_traffic_policy else None
+        if wanted == self.daemon_overrides and http_app_protocol == self.http_app_protocol \
+                and policy == self.http_traffic_policy:
             return
         c = self.cluster
         for node in NODES:
-            c.services[f"default/{service_name(node, ServerKind.HTTP)}"].app_protocol = \
-                http_app_protocol
+            service = c.services[f"default/{service_name(node, ServerKind.HTTP)}"]
+            service.app_protocol = http_app_protocol
+            service.traffic_policy = policy
         changed = {key for key in set(wanted) | set(self.daemon_overrides)
                    if wanted.get(key) != self.daemon_overrides.get(key)}
         if changed & set(RESTART_ONLY):
@@ -210,6 +220,20 @@ class BenchCluster:
             c.reload_daemons(timeout=self.startup_timeout)
         self.daemon_overrides = wanted
         self.http_app_protocol = http_app_protocol
+        self.http_traffic_policy = policy
+
+    def ensure_collectors(self) -> None:
+        """An OTLP/HTTP trace receiver on 127.0.0.1:OTLP_PORT in each node's netns, where
+        that node's daemon exports its spans (started once, stopped at teardown)."""
+        if self.collectors and all(p.poll() is None for p in self.collectors):
+            return
+        c = self.cluster
+        for node in NODES:
+            self.collectors.append(c.spawn_in_node(
+                node, c.tool_argv("otlp_receiver", "--port", str(OTLP_PORT),
+                                  "--out", "/dev/null"),
+                stdout=subprocess.DEVNULL))
+            wait_listening(c.nodes[node].netns_path, OTLP_PORT)
 
     def requests_counted(self, node: str, service: str) -> float:
         """nodeproxy's istio_requests_total (reporter=source) on the node's daemon for

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.privileged
 
 NODEPROXY = [sys.executable, "-m", "nodeproxy"]
 RUNNABLE = ("direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",
-            "haproxy-http", "nodeproxy-iptables")
-HTTP_ONLY = ("nodeproxy-l7", "haproxy-http")  # measured in the HTTP scenarios only
+            "nodeproxy-l7-full", "haproxy-http", "nodeproxy-iptables")
+L7_NODEPROXY = ("nodeproxy-l7", "nodeproxy-l7-full")
+HTTP_ONLY = (*L7_NODEPROXY, "haproxy-http")  # measured in the HTTP scenarios only
 PROXIES = tuple(name for name in RUNNABLE if name != "direct")
 L4_NODEPROXY = ("nodeproxy-splice", "nodeproxy-nosplice", "nodeproxy-iptables")
 PLANNED: tuple[str, ...] = ()
@@ -109,7 +110,7 @@ def test_planned_configurations_are_reported_not_missing(bench_run: dict[str, An
     # with direct measured again beside it.
     # nodeproxy-l7 is switched to by a hot reload (services, httpRoutes): first block.
     assert doc["blocks"] == [["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice",
-                              "nodeproxy-l7", "haproxy-http"],
+                              "nodeproxy-l7", "nodeproxy-l7-full", "haproxy-http"],
                              ["direct", "nodeproxy-iptables"]]
 
 
@@ -157,12 +158,13 @@ def median(doc: dict[str, Any], key: str, configuration: str) -> float:
 
 def test_l7_requests_took_the_l7_path_and_l4_ones_did_not(bench_run: dict[str, Any]) -> None:
     """nodeproxy's own istio_requests_total (node0, reporter=source) for the HTTP service
-    grew by the requests wrk completed for nodeproxy-l7 (a few more: those in flight when
-    wrk stopped), and not at all for the L4 configurations: each row is what it claims."""
+    grew by the requests wrk completed for the L7 configurations (a few more: those in
+    flight when wrk stopped), and not at all for the L4 configurations: each row is what
+    it claims."""
     doc = bench_run["doc"]
     for prefix, in_flight in (("http ", 32), ("http-rate ", 10)):
-        l7_runs = runs_of(doc, "nodeproxy-l7", prefix)
-        assert len(l7_runs) == len(PATHS) * doc["settings"]["rounds"], prefix
+        l7_runs = [r for name in L7_NODEPROXY for r in runs_of(doc, name, prefix)]
+        assert len(l7_runs) == len(L7_NODEPROXY) * len(PATHS) * doc["settings"]["rounds"]
         for run in l7_runs:
             raw = run["raw"]
             requests, counted = raw["requests"], raw["proxy_requests_counted"]
@@ -181,7 +183,7 @@ def test_l7_requests_took_the_l7_path_and_l4_ones_did_not(bench_run: dict[str, A
 def test_l7_figures_are_sane(bench_run: dict[str, Any]) -> None:
     doc = bench_run["doc"]
     for path in PATHS:
-        for name in ("nodeproxy-l7", "haproxy-http"):
+        for name in HTTP_ONLY:
             rps = median(doc, f"http.{path}.rps", name)
             cpu = median(doc, f"http.{path}.cpu", name)
             per_core = median(doc, f"http.{path}.rps_per_core", name)
