@@ -86,14 +86,26 @@ class AdminServers:
         self._live = live
         self._runners: list[web.AppRunner] = []
 
-    def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self._d.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _ready(self, _request: web.Request) -> web.Response:
+    async def _ready(self, _request: web.Request) -> web.Response:
         if self._d.is_ready():
             return web.Response(text="ready\n")
         return web.Response(text="not ready\n", status=503)
+
+    # aiohttp handlers are coroutines (plain functions are deprecated there).
+    async def _config_dump(self, _request: web.Request) -> web.Response:
+        return _json(self._d.config_dump())
+
+    async def _pods(self, _request: web.Request) -> web.Response:
+        return _json(self._d.pods_view())
+
+    async def _pod(self, request: web.Request) -> web.Response:
+        status, view = self._d.pod_view(request.match_info["namespace"],
+                                        request.match_info["name"])
+        return _json(view, status)
 
     async def _clusters_page(self, _request: web.Request) -> web.Response:
         if self._clusters is None:
@@ -126,8 +138,8 @@ class AdminServers:
         """The 127.0.0.1:15000 application (its own method so tests can serve it alone)."""
         admin = web.Application()
         admin.router.add_get("/ready", self._ready)
-        admin.router.add_get("/config_dump", lambda r: _json(self._d.config_dump()))
-        admin.router.add_get("/pods", lambda r: _json(self._d.pods_view()))
+        admin.router.add_get("/config_dump", self._config_dump)
+        admin.router.add_get("/pods", self._pods)
         admin.router.add_get("/clusters", self._clusters_page)
         admin.router.add_get("/stats/live", self._live_page)
         admin.router.add_get("/metrics", self._metrics)
@@ -162,13 +174,10 @@ class AdminServers:
         readiness.router.add_get("/healthz/ready", self._ready)
 
         control = web.Application()
-        control.router.add_get("/v1/pods", lambda r: _json(self._d.pods_view()))
+        control.router.add_get("/v1/pods", self._pods)
         control.router.add_post("/v1/pods", self._enroll)
         control.router.add_delete("/v1/pods/{namespace}/{name}", self._unenroll)
-        control.router.add_get(
-            "/v1/pods/{namespace}/{name}",
-            lambda r: _json(*reversed(self._d.pod_view(r.match_info["namespace"],
-                                                       r.match_info["name"]))))
+        control.router.add_get("/v1/pods/{namespace}/{name}", self._pod)
         control.router.add_post("/v1/handover", self._handover)
 
         await self._serve_tcp(admin, admin_address, admin_port)

@@ -23,7 +23,7 @@ from nodeproxy.http.message import RequestHead
 from nodeproxy.http.routes import Routes
 
 FIRST_BLOCK = ["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",
-               "haproxy-http"]
+               "nodeproxy-l7-full", "haproxy-http"]
 
 
 def names(blocks) -> list[list[str]]:
