@@ -42,7 +42,7 @@ from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
-from nodeproxy.http.h2 import H2Client, H2Server
+from nodeproxy.http.h2 import H2Server
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -59,7 +59,7 @@ from nodeproxy.http.message import (
 from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
 from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.outlier import OutlierDetector
-from nodeproxy.http.pool import Endpoint, EndpointPool
+from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
 from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
 from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
@@ -457,13 +457,13 @@ class HttpProxy:
             except TimeoutError:
                 last_error = UpstreamError("UT", "per-try timeout")
                 if connection is not None:
-                    _abort(connection)
+                    abort_exchange(connection)
             except asyncio.CancelledError:
                 # The request timeout (or the client) ended the exchange mid-attempt: the
                 # connection's response would never be read, so it cannot serve again.
                 endpoint.stats.end(started, ok=False)
                 if connection is not None:
-                    _abort(connection)
+                    abort_exchange(connection)
                 raise
             status = response.head.status if response else None
             grpc_status = _grpc_status(response.head.headers) if response else None
@@ -613,10 +613,10 @@ class HttpProxy:
         except (ConnectionError, OSError):
             outcome.flags.append("DC")
             if connection is not None:
-                _abort(connection, response)
+                abort_exchange(connection, response)
         except asyncio.CancelledError:
             if connection is not None and not (body.ended and body.buffered == 0):
-                _abort(connection, response)  # the rest will never be read
+                abort_exchange(connection, response)  # the rest will never be read
             raise
         if grpc is not None:
             outcome.grpc_status = str(grpc)
@@ -871,21 +871,6 @@ def _grpc_status(headers: Headers | None) -> int | None:
     return None
 
 
-def _abort(connection: UpstreamConnection, response: UpstreamResponse | None = None) -> None:
-    """Give up one exchange on a connection.  HTTP/1.1 carries one exchange, so the
-    connection goes; HTTP/2 resets just the stream (cancelling the response body, or the
-    cancelled send did it already) and its other streams carry on."""
-    if isinstance(connection, H2Client):
-        cancel = getattr(response.body, "cancel", None) if response is not None else None
-        if cancel is not None:
-            cancel()
-        return
-    abort = getattr(connection, "abort", None)
-    if abort is not None:
-        abort()
-    else:
-        connection.close()
-
 
 def _discard(response: UpstreamResponse, connection: UpstreamConnection | None) -> None:
     """A response not passed on (its attempt will be retried): read it to its end in the
@@ -905,7 +890,7 @@ def _discard(response: UpstreamResponse, connection: UpstreamConnection | None) 
                     pass
         except (TimeoutError, BodyError):
             if connection is not None:
-                _abort(connection)
+                abort_exchange(connection)
 
     task = asyncio.get_running_loop().create_task(drain())
     _DRAINING.add(task)

@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from nodeproxy.http.circuit_breaker import Overflow
-from nodeproxy.http.h2 import H2Client
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -44,6 +43,7 @@ from nodeproxy.http.message import (
     UpstreamResponse,
 )
 from nodeproxy.http.metrics import RequestMetrics
+from nodeproxy.http.pool import abort_exchange
 from nodeproxy.http.routes import CompiledRule, Mirror, apply_modifier
 from nodeproxy.proxy.destinations import Backend
 from nodeproxy.proxy.upstream import Refused
@@ -263,7 +263,7 @@ class Mirrors:
             return FAILED, _FLAG_REASON.get(e.flag, "reset")
         except (TimeoutError, BodyError, ConnectionError, OSError) as e:
             if connection is not None:
-                _abort(connection, response)
+                abort_exchange(connection, response)
             if status is not None:
                 return SENT, str(status)  # the shadow got it and answered; the rest is lost
             return FAILED, "timeout" if isinstance(e, TimeoutError) else "reset"
@@ -297,17 +297,3 @@ def _content_length(head: RequestHead) -> int | None:
         return None
     return int(value)
 
-
-def _abort(connection: UpstreamConnection, response: UpstreamResponse | None) -> None:
-    """The copy was given up mid-exchange.  HTTP/2: reset just its stream (a send that was
-    cancelled did that already); HTTP/1.1: the connection cannot serve again."""
-    if isinstance(connection, H2Client):
-        cancel = getattr(response.body, "cancel", None) if response is not None else None
-        if cancel is not None:
-            cancel()
-        return
-    abort = getattr(connection, "abort", None)
-    if abort is not None:
-        abort()
-    else:
-        connection.close()

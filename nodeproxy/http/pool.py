@@ -26,7 +26,7 @@ from nodeproxy.http.balancer import EndpointStats
 from nodeproxy.http.circuit_breaker import CircuitBreaker
 from nodeproxy.http.h1 import H1Client
 from nodeproxy.http.h2 import H2Client
-from nodeproxy.http.message import UpstreamConnection, UpstreamError
+from nodeproxy.http.message import UpstreamConnection, UpstreamError, UpstreamResponse
 from nodeproxy.proxy.destinations import Backend
 
 log = logging.getLogger(__name__)
@@ -199,3 +199,20 @@ class _CountedH2(H2Client):
     def close(self) -> None:
         super().close()
         self._on_breaker_close()
+
+
+def abort_exchange(connection: UpstreamConnection,
+                   response: UpstreamResponse | None = None) -> None:
+    """Give up one exchange on a pooled connection.  HTTP/1.1 carries one exchange, so the
+    connection goes; HTTP/2 resets just the stream (cancelling the response body, or the
+    cancelled send did it already) and its other streams carry on."""
+    if isinstance(connection, H2Client):
+        cancel = getattr(response.body, "cancel", None) if response is not None else None
+        if cancel is not None:
+            cancel()
+        return
+    abort = getattr(connection, "abort", None)
+    if abort is not None:
+        abort()
+    else:
+        connection.close()

@@ -1,9 +1,13 @@
-"""What a test reads back from a running daemon: metric samples, and waiting for them."""
+"""What a test reads back from a running daemon: metric samples, access-log lines, and
+waiting for them."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,3 +31,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
             return True
         time.sleep(interval)
     return predicate()
+
+
+def fqdn(service: str, namespace: str = "default") -> str:
+    """A service's name as Istio's destination_service label has it."""
+    return f"{service}.{namespace}.svc.cluster.local"
+
+
+def access_log_entries(cluster_dir: str) -> list[dict[str, Any]]:
+    """Every JSON line of the testbed's access log (Cluster.dir/access.log), [] if none."""
+    path = os.path.join(cluster_dir, "access.log")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.observe import metric_sum, wait_for
+from tests.integration.observe import access_log_entries, fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -147,9 +147,6 @@ def url(c: Cluster, service: str, path: str = "/", family: int = 4) -> str:
 def metric(c: Cluster, node: str, name: str, **labels: str) -> float:
     return metric_sum(c.metrics(node), name, **labels)
 
-
-def fqdn(service: str) -> str:
-    return f"{service}.default.svc.cluster.local"
 
 
 # --- protocol handling ---------------------------------------------------------------------
@@ -491,18 +488,14 @@ def test_l4_connection_to_an_l7_guarded_workload_fails_closed(mesh: Cluster):
 
 
 def access_log_lines(c: Cluster, path: str) -> list[dict[str, Any]]:
-    log_path = os.path.join(c.dir, "access.log")
     found: list[dict[str, Any]] = []
 
     def read() -> bool:
-        found.clear()
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                found.extend(json.loads(line) for line in f if path in line)
+        found[:] = [line for line in access_log_entries(c.dir) if line["path"] == path]
         return bool(found)
 
     wait_for(read, timeout=5)
-    return [line for line in found if line["path"] == path]
+    return found
 
 
 def test_metrics_and_access_log_match_the_requests_one_for_one(mesh: Cluster):

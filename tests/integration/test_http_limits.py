@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.observe import metric_sum, wait_for
+from tests.integration.observe import access_log_entries, fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -30,9 +30,6 @@ GRPC = 50051
 LIMITED = "nodeproxy_http_rate_limited_total"
 FAULTS = "nodeproxy_http_faults_total"
 
-
-def fqdn(service: str) -> str:
-    return f"{service}.default.svc.cluster.local"
 
 
 def on(path: str, **rule: Any) -> dict[str, Any]:
@@ -113,14 +110,10 @@ def statuses(result: dict[str, Any]) -> list[int | None]:
 
 def access_log(c: Cluster, path: str, expected: int) -> list[dict[str, Any]]:
     """The access-log lines of path, once there are `expected` of them."""
-    log_path = os.path.join(c.dir, "access.log")
     found: list[dict[str, Any]] = []
 
     def read() -> bool:
-        found.clear()
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                found.extend(line for line in map(json.loads, f) if line["path"] == path)
+        found[:] = [line for line in access_log_entries(c.dir) if line["path"] == path]
         return len(found) >= expected
 
     wait_for(read, timeout=10)

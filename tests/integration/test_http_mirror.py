@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.observe import metric_sum, wait_for
+from tests.integration.observe import fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -30,9 +30,6 @@ GRPC = 50051
 HOST = "web.default.svc.cluster.local"
 MIRRORED = "nodeproxy_http_mirrored_requests_total"
 
-
-def fqdn(service: str) -> str:
-    return f"{service}.default.svc.cluster.local"
 
 
 def mirror_rule(prefix: str, shadow: str, percentage: float = 100) -> dict[str, Any]:

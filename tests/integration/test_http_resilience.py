@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from nodeproxy.testbed.cluster import Cluster
-from tests.integration.observe import metric_sum, wait_for
+from tests.integration.observe import access_log_entries, fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -120,9 +120,6 @@ def mesh() -> Iterator[Cluster]:
         yield c
 
 
-def fqdn(service: str) -> str:
-    return f"{service}.default.svc.cluster.local"
-
 
 def vip(c: Cluster, service: str) -> str:
     return c.services[f"default/{service}"].vip4
@@ -167,9 +164,7 @@ def uo_requests(c: Cluster, service: str) -> float:
 
 
 def access_log_flags(c: Cluster, service: str) -> Counter[str]:
-    with open(os.path.join(c.dir, "access.log")) as f:
-        lines = [json.loads(line) for line in f]
-    return Counter(line["response_flags"] for line in lines
+    return Counter(line["response_flags"] for line in access_log_entries(c.dir)
                    if line["destination_service"] == fqdn(service))
 
 
