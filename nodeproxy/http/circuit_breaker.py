@@ -138,10 +138,15 @@ class CircuitBreaker:
             self._wake(queue)
 
     @staticmethod
-    def _wake(queue: deque[tuple[int, asyncio.Future[None]]]) -> None:
-        _, future = queue.popleft()
-        if not future.done():
-            future.set_result(None)
+    def _wake(queue: deque[tuple[int, asyncio.Future[None]]]) -> bool:
+        """Wake the oldest live waiter of queue; waiters already cancelled (their request
+        timed out or its client left) are skipped, so the wake is not lost on them."""
+        while queue:
+            _, future = queue.popleft()
+            if not future.done():
+                future.set_result(None)
+                return True
+        return False
 
     def begin_pending(self) -> None:
         """A request starts waiting for a connection, or Overflow(PENDING)."""
@@ -166,6 +171,11 @@ class CircuitBreaker:
             queue.append(entry)
         try:
             await future
+        except BaseException:
+            # Woken, then cancelled before it could use the wake: pass it on.
+            if future.done() and not future.cancelled():
+                self._wake(queue)
+            raise
         finally:
             if not future.done():
                 future.cancel()

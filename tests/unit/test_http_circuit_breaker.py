@@ -313,3 +313,22 @@ def test_an_http2_request_waits_for_a_stream_to_end() -> None:
         server.close()
 
     asyncio.run(main())
+
+
+def test_a_wake_is_not_lost_on_a_cancelled_waiter() -> None:
+    """A waiter cancelled before its task left the queue, and one woken and then
+    cancelled before it resumed: in both cases the next waiter gets the wake."""
+    async def main() -> None:
+        b, _ = breaker()
+        pool = object()
+        gone = asyncio.create_task(b.wait(pool))
+        woken_then_gone = asyncio.create_task(b.wait(pool))
+        live = asyncio.create_task(b.wait(pool))
+        await asyncio.sleep(0)
+        gone.cancel()  # its future is cancelled; its entry is still queued
+        b.idle(pool)  # must skip it and wake the next
+        woken_then_gone.cancel()  # woken, cancelled before it resumed: passes the wake on
+        await asyncio.wait_for(live, 1)
+        assert gone.cancelled() and woken_then_gone.cancelled()
+
+    asyncio.run(main())
