@@ -100,6 +100,17 @@ def test_route_on_an_unknown_service_and_port() -> None:
                      "node.yaml:32: httpRoutes[1].port: service shop/web has no port 81"]
 
 
+
+def rule_problems(body: str) -> list[str]:
+    """The load problems of one route rule (body: its YAML flow mapping) on shop/web."""
+    return problems(routes(f"""\
+        - name: web
+          namespace: shop
+          service: web
+          rules:
+            - {body}
+        """))
+
 @pytest.mark.parametrize("body,expected", [
     ("retry: {retryOn: [sometimes]}", "retryOn[0]"),
     ("retry: {attempts: -1}", "retry.attempts"),
@@ -110,13 +121,7 @@ def test_route_on_an_unknown_service_and_port() -> None:
     ("requestHeaders: {set: [{name: 'bad header', value: x}]}", "not a valid header name"),
 ])
 def test_bad_rule_fields(body: str, expected: str) -> None:
-    found = problems(routes(f"""\
-        - name: web
-          namespace: shop
-          service: web
-          rules:
-            - {body}
-        """))
+    found = rule_problems(body)
     assert len(found) == 1 and expected in found[0], found
     assert found[0].startswith("node.yaml:")
 
@@ -208,13 +213,7 @@ def test_bad_mirror_fields(mirror: str, expected: str) -> None:
     ("fault: {headers: [{name: x-f, value: y}]}", "a fault needs a delay, an abort"),
 ])
 def test_bad_limits_and_faults(body: str, expected: str) -> None:
-    found = problems(routes(f"""\
-        - name: web
-          namespace: shop
-          service: web
-          rules:
-            - {body}
-        """))
+    found = rule_problems(body)
     assert len(found) == 1 and expected in found[0], found
     assert found[0].startswith("node.yaml:29: "), found
 
