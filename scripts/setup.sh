@@ -25,9 +25,13 @@ APT_PACKAGES=(
     iproute2 python3-venv python3-pip nginx-light haproxy iperf3 sockperf wrk curl socat
     tcpdump prometheus nghttp2-client
     iptables  # capture.mode: iptables (iptables-nft, ip6tables)
+    nftables  # `nft`: iptables mode removes an emptied nf_tables table; its tests list rules
     ruby  # tests/unit/test_vagrant.py: `ruby -c vagrant/Vagrantfile`
-    kubectl  # tests/unit/test_manifests.py: `kubectl kustomize config/k8s`
 )
+# tests/unit/test_manifests.py runs `kubectl kustomize`.  Debian's package is
+# kubernetes-client; a machine that already has a kubectl (another vendor's package,
+# which owns /usr/bin/kubectl too) keeps it.
+command -v kubectl >/dev/null 2>&1 || APT_PACKAGES+=(kubernetes-client)
 # Services the packages above ship; tests and benchmarks run their own instances.
 SERVICES=(nginx haproxy prometheus prometheus-node-exporter iperf3)
 
@@ -63,8 +67,14 @@ disable_service() {
             say "service $svc: stopping"
             "/etc/init.d/$svc" stop
         fi
-        say "service $svc: disabling at boot (update-rc.d $svc disable)"
-        update-rc.d "$svc" disable >/dev/null 2>&1
+        # A package that ships no runlevel links (iperf3 on a minimal root) makes
+        # update-rc.d exit 1 with "no runlevel symlinks to modify": nothing to disable.
+        if ls /etc/rc?.d/S??"$svc" >/dev/null 2>&1; then
+            say "service $svc: disabling at boot (update-rc.d $svc disable)"
+            update-rc.d "$svc" disable >/dev/null
+        else
+            say "service $svc: not started at boot (no runlevel links)"
+        fi
     fi
 }
 
