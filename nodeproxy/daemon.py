@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import resource
 import signal
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from nodeproxy.cli.control_client import request
 from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
-from nodeproxy.config.model import Service, Workload
+from nodeproxy.config.model import LimitSettings, PodShare, Service, Workload
 from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
@@ -43,7 +42,9 @@ from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
 from nodeproxy.policy.kernel_rules import compile_connect_denies
 from nodeproxy.proxy.admission import AdmissionMetrics, Admitter
 from nodeproxy.proxy.balancer import RoundRobin
+from nodeproxy.proxy.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
 from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.proxy.fairshare import ShareLimits, SourceShares
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
 from nodeproxy.proxy.splice import SpliceMetrics, Splicer
@@ -64,13 +65,35 @@ if TYPE_CHECKING:  # the client imports kubernetes_asyncio: only when discovery 
 log = logging.getLogger(__name__)
 
 
-def _raise_open_file_limit() -> None:
-    """A relayed connection holds two descriptors (four through a tunnel's both ends):
-    use the whole hard limit, not the usual soft 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log.info("open-file limit raised from %d to %d", soft, hard)
+def _pod_share(limits: PodShare) -> ShareLimits:
+    return ShareLimits(max_connections=limits.max_connections,
+                       connections_per_second=limits.connections_per_second,
+                       connection_burst=limits.connection_burst,
+                       max_requests=limits.max_requests)
+
+
+def _set_descriptor_budget(settings: LimitSettings) -> OpenFileLimit:
+    """A relayed connection holds two descriptors (four through a tunnel's both ends): take
+    as many as the kernel allows, and keep the reserve out of proxied traffic's reach
+    (proxy/descriptors.py)."""
+    limit = raise_open_file_limit(settings.open_files)
+    reserved = settings.reserved_files
+    if reserved >= limit.soft // 2:
+        reserved = max(limit.soft // 8, 16)
+        log.warning("open-file limit %d is too low for limits.reservedFiles %d: reserving %d",
+                    limit.soft, settings.reserved_files, reserved)
+    BUDGET.configure(limit.soft, reserved)
+    log.info("proxied connections may use descriptors below %d; %d reserved for admin, "
+             "metrics, readiness, control, BPF and reloads", BUDGET.ceiling, reserved)
+    return limit
+
+
+def _open_descriptors() -> float:
+    """How many descriptors the daemon has open (read at scrape time)."""
+    try:
+        return float(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        return float("nan")
 
 
 def _own_cgroup() -> str:
@@ -130,6 +153,17 @@ class Daemon:
             "nodeproxy_config_info", "The node policy version in force (sha256 of the file)",
             ("digest",), registry=self.registry)
         self._config_info.labels(loaded.digest).set(1)
+        # Each source's fair share of the proxy (proxy/fairshare.py); caps change live.
+        limits = self.config.limits
+        self.pod_shares = SourceShares(_pod_share(limits.per_pod))
+        self.node_shares = SourceShares(ShareLimits(limits.inbound.max_streams_per_node))
+        self.plaintext_shares = SourceShares(
+            ShareLimits(limits.inbound.max_plaintext_per_source))
+        self._open_files = Gauge(
+            "nodeproxy_open_files", "The daemon's descriptor budget: limit (RLIMIT_NOFILE), "
+            "reserved (never used by proxied connections), open (now)",
+            ("kind",), registry=self.registry)
+        self._open_files.labels("open").set_function(_open_descriptors)
         self._state_file = (Path(self.config.node.state_dir) / self.config.node.name
                             / "runtime-pods.json")
         self._tasks: list[asyncio.Task] = []
@@ -156,7 +190,9 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
-        _raise_open_file_limit()
+        limit = _set_descriptor_budget(cfg.limits)
+        self._open_files.labels("limit").set(limit.soft)
+        self._open_files.labels("reserved").set(BUDGET.reserved)
         pod_cgroup = cfg.node.pod_cgroup or kernelfs.default_pod_cgroup(
             kernelfs.find_cgroup2_mount())
         self.pod_cgroup = pod_cgroup
@@ -207,7 +243,8 @@ class Daemon:
                 connect_timeout=cfg.proxy.connect_timeout_seconds,
                 local_pod=lambda ip: self.enrollment.by_ip.get(ip) if self.enrollment else None,
                 admitter=lambda: self._admitter, table=lambda: self._table,
-                tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics)
+                tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics,
+                shares=self.node_shares)
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         upstreams = Upstreams(
@@ -220,18 +257,20 @@ class Daemon:
                               admitter=lambda: self._admitter,
                               trust_domain=cfg.mesh.trust_domain, access_log=self.access_log,
                               live=self.live,
-                              tracing=Tracing(self.registry, cfg.node.name))
+                              tracing=Tracing(self.registry, cfg.node.name),
+                              shares=self.pod_shares)
         self.proxy = OutboundProxy(
             upstreams=upstreams, http=self.http, metrics=self.metrics,
             table=lambda: self._table, on_captured=self.steering.on_outbound,
             tracker=self.tracker, splicer=self.splicer,
             trust_domain=cfg.mesh.trust_domain, port=cfg.proxy.outbound_port,
-            msg_redirect=self.msg_redirect)
+            msg_redirect=self.msg_redirect, shares=self.pod_shares)
         inbound = InboundProxy(
             port=cfg.proxy.inbound_port, connect_timeout=cfg.proxy.connect_timeout_seconds,
             announcer=self.steering.announcer, admitter=lambda: self._admitter,
             table=lambda: self._table, tracker=self.tracker, splicer=self.splicer,
-            metrics=self.metrics, on_captured=self.steering.on_inbound)
+            metrics=self.metrics, on_captured=self.steering.on_inbound,
+            shares=self.plaintext_shares)
         self.enrollment = Enrollment(
             maps=maps, steering=self.steering, proxy=self.proxy, inbound=inbound, hbone=hbone,
             tracker=self.tracker, metrics=self.metrics,
@@ -511,12 +550,19 @@ class Daemon:
         await self._apply_fast_path(changes.changed)
         if self.msg_redirect is not None:  # new connections only
             self.msg_redirect.set_enabled(new.config.fast_path.sk_msg)
+        self._apply_limits()
         self._config_info.clear()
         self._config_info.labels(new.digest).set(1)
         log.info("reload (%s): %s -> %s applied (%d pods added, %d removed, %d changed)",
                  trigger, old_digest[:12], new.digest[:12], len(changes.added),
                  len(changes.removed), len(changes.changed))
         return "applied"
+
+    def _apply_limits(self) -> None:
+        limits = self.config.limits
+        self.pod_shares.update(_pod_share(limits.per_pod))
+        self.node_shares.update(ShareLimits(limits.inbound.max_streams_per_node))
+        self.plaintext_shares.update(ShareLimits(limits.inbound.max_plaintext_per_source))
 
     async def _apply_fast_path(self, changed: tuple[Workload, ...]) -> None:
         """Splicing switched off (globally or for a pod): the kernel gives those flows back."""

@@ -1,7 +1,8 @@
 """What a new node policy changes, compared with the one in force.
 
 Pure functions: the daemon applies the result.  Sections that configure the process
-itself (node, admin, capture, proxy, tunnel, identity, discovery, mesh.trustDomain) take
+itself (node, admin, capture, proxy, tunnel, identity, discovery, mesh.trustDomain,
+limits.openFiles, limits.reservedFiles) take
 effect only on restart, so a reload that changes them is refused whole with a message
 naming them; everything else (workloads, services, the outbound policy, peer
 authentication, authorization, probe sources) is applied live.
@@ -28,6 +29,11 @@ def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
     changed = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
     if old.mesh.trust_domain != new.mesh.trust_domain:
         changed.append("mesh.trustDomain")
+    # The open-file limit and its reserve are set once, at start; the caps are live.
+    if old.limits.open_files != new.limits.open_files:
+        changed.append("limits.openFiles")
+    if old.limits.reserved_files != new.limits.reserved_files:
+        changed.append("limits.reservedFiles")
     return changed
 
 

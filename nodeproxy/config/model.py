@@ -156,6 +156,54 @@ class FastPathSettings(Model):
     sk_msg: bool = True
 
 
+class PodShare(Model):
+    """What one enrolled pod may hold of the node proxy, as a source (its outbound
+    listener); docs/architecture.md, "Limits".  A pod over a cap is refused at once."""
+
+    # Connections open at once, from accept until they end (Envoy's circuit-breaker
+    # default is 1024 per cluster; a pod talks to many): 110 pods (kubelet's default
+    # maxPods) x 4096 x 2 descriptors fit in fs.nr_open's default 1048576.
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
+    # New connections per second, a token bucket refilled at this rate.
+    connections_per_second: float = Field(default=1000.0, gt=0, le=1_000_000)
+    # The bucket's size; None: two seconds' worth of connectionsPerSecond.
+    connection_burst: int | None = Field(default=None, ge=1, le=10_000_000)
+    # HTTP requests in flight at once over all the pod's connections (503, flag OM);
+    # Envoy's maxRequests / maxPendingRequests defaults.
+    max_requests: int = Field(default=1024, ge=1, le=1_000_000)
+
+
+class InboundShare(Model):
+    """What one source outside this node may hold of the proxy's inbound side."""
+
+    # HBONE streams open at once from one remote node (the peer address of its mTLS
+    # connections): it carries the connections of every pod on that node.
+    max_streams_per_node: int = Field(default=16384, ge=1, le=1_000_000)
+    # Plaintext connections (15006) open at once from one client address.
+    max_plaintext_per_source: int = Field(default=4096, ge=1, le=1_000_000)
+
+
+class LimitSettings(Model):
+    """The daemon's descriptors and each source's fair share (docs/architecture.md,
+    "Limits")."""
+
+    # RLIMIT_NOFILE set at start.  None: as high as the kernel allows (the hard limit,
+    # raised to fs.nr_open first where the daemon may: a privileged DaemonSet can).
+    open_files: int | None = Field(default=None, ge=256, le=1 << 30)
+    # Descriptors proxied connections never take: admin, metrics, readiness, the control
+    # socket, BPF programs and maps, reloads.
+    reserved_files: int = Field(default=1024, ge=32, le=1 << 20)
+    per_pod: PodShare = Field(default_factory=PodShare)
+    inbound: InboundShare = Field(default_factory=InboundShare)
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> LimitSettings:
+        if self.open_files is not None and self.reserved_files >= self.open_files // 2:
+            raise ValueError(f"reservedFiles ({self.reserved_files}) must be less than half "
+                             f"of openFiles ({self.open_files})")
+        return self
+
+
 class DiscoverySettings(Model):
     """Kubernetes API discovery: pods, services, endpointslices and namespaces."""
 
@@ -706,6 +754,13 @@ class HttpSettings(Model):
     max_header_bytes: int = Field(default=60 * 1024, ge=1024, le=1024 * 1024)
     # A client connection with no request in flight is closed after this (Envoy's 1 h).
     idle_timeout_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    # A request head (line and headers; an HTTP/2 header block) must arrive whole within
+    # this many seconds of its first byte, and a new connection must send its first
+    # request head within it; else 408 and close (HAProxy's `timeout http-request`).
+    request_headers_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # A whole request (head and body) must be received within this many seconds of its
+    # head; else 408 (if nothing was answered yet) and close.  0: no limit.
+    request_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
     # Request bodies up to this size are kept so a retry can resend them.
     retry_buffer_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
@@ -994,6 +1049,7 @@ class NodeConfig(Model):
     tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
     inbound: InboundSettings = Field(default_factory=InboundSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     http_routes: list[HttpRoute] = Field(default_factory=list)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     peer_authentications: list[PeerAuthentication] = Field(default_factory=list)

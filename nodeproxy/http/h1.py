@@ -12,6 +12,13 @@ its limit (431) and any transfer coding but ``chunked`` (501, as Envoy does).  E
 malformed request gets its error response and the connection is closed; nothing else
 is touched.
 
+Request-header timeout (HAProxy's ``timeout http-request``): a request head must be
+complete within ``request_headers_timeout`` of its first byte, and a new connection must
+complete its first head within it of being accepted.  Past it the client gets 408 and
+the connection closes; a connection that sent nothing at all is closed without a
+response (a browser's pre-connect would take a 408 for the answer to its next request).
+Between requests the keep-alive idle timeout applies instead.
+
 H1Client is the upstream side: one request at a time on a pooled connection, the
 request body framed by its Content-Length or chunked, the response streamed back.
 """
@@ -111,6 +118,7 @@ class H1Exchange:
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.header_bytes = header_bytes
+        server.head_received()
         self._expect_continue = expect_continue
         self.responded = False
         self.finished = False
@@ -229,8 +237,15 @@ class H1Server(asyncio.Protocol):
     def __init__(self, handler: Handler, *, max_header_bytes: int,
                  idle_timeout: float,
                  on_bad_request: Callable[[str], None] | None = None,
-                 on_closed: Callable[[], None] | None = None):
+                 on_closed: Callable[[], None] | None = None,
+                 request_headers_timeout: float | None = None,
+                 on_timeout: Callable[[str], None] | None = None):
         self._handler = handler
+        self._headers_timeout = request_headers_timeout
+        self._on_timeout = on_timeout
+        self._head_since: float | None = None  # loop time an unfinished head began
+        self._head_empty = True  # nothing of that head has arrived yet (a new connection)
+        self._head_timer: asyncio.TimerHandle | None = None
         self._max_header_bytes = max_header_bytes
         self._idle_timeout = idle_timeout
         self._on_bad_request = on_bad_request
@@ -254,10 +269,14 @@ class H1Server(asyncio.Protocol):
         self._draining = False
         self._client_eof = False
 
-    def attach(self, transport: asyncio.Transport, initial: bytes) -> None:
-        """Take over a connected transport whose first bytes have already been read."""
+    def attach(self, transport: asyncio.Transport, initial: bytes,
+               waiting_since: float | None = None) -> None:
+        """Take over a connected transport whose first bytes have already been read (the
+        first request head has been awaited since `waiting_since`, loop time)."""
         transport.set_protocol(self)
         self.connection_made(transport)
+        if waiting_since is not None and self._head_since is not None:
+            self._head_since = min(self._head_since, waiting_since)
         if initial:
             self.data_received(initial)
 
@@ -269,6 +288,7 @@ class H1Server(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.transport.resume_reading()
         self._arm_idle()
+        self._head_begins()  # the first request's head is awaited from now
 
     def data_received(self, data: bytes) -> None:
         if self._detached:
@@ -304,6 +324,8 @@ class H1Server(asyncio.Protocol):
         self.writer.lost()
         if self._idle is not None:
             self._idle.cancel()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         for exchange in (self._parsing, self._current, *self._queue):
             if exchange is not None:
                 exchange.body.fail(BodyError("client connection lost"))
@@ -322,6 +344,8 @@ class H1Server(asyncio.Protocol):
         self._url.clear()
         self._headers = []
         self._header_bytes = 0
+        self._head_begins()
+        self._head_empty = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -439,11 +463,51 @@ class H1Server(asyncio.Protocol):
             return
         self._resume()
 
+    # -- request-header timeout --------------------------------------------------------------
+
+    def _head_begins(self) -> None:
+        if self._headers_timeout is None or self._head_since is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._head_since = loop.time()
+        self._head_empty = True
+        if self._head_timer is None:
+            self._head_timer = loop.call_later(self._headers_timeout, self._head_check)
+
+    def head_received(self) -> None:
+        """A request head is complete (its exchange is being made)."""
+        self._head_since = None
+
+    def _head_check(self) -> None:
+        self._head_timer = None
+        if self._head_since is None or self.lost or self._detached \
+                or self._headers_timeout is None:
+            return  # no head pending: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        left = self._head_since + self._headers_timeout - loop.time()
+        if left > 0:
+            self._head_timer = loop.call_later(left, self._head_check)
+            return
+        self._head_since = None
+        if self._on_timeout is not None:
+            self._on_timeout("request_headers")
+        log.info("HTTP/1.1 request head from %s not complete within %.1fs: closing",
+                 self.transport.get_extra_info("peername") if self.transport else "?",
+                 self._headers_timeout)
+        if self._head_empty and self.idle:
+            self._close()  # nothing sent at all: no response to misread
+        else:
+            self._answer_and_close(408, "request header timeout")
+
     def _bad_request(self, status: int, reason: str) -> None:
         if self._on_bad_request is not None:
             self._on_bad_request(reason)
         log.info("bad HTTP/1.1 request from %s: %s",
                  self.transport.get_extra_info("peername") if self.transport else "?", reason)
+        self._answer_and_close(status, reason)
+
+    def _answer_and_close(self, status: int, reason: str) -> None:
+        """Answer `status` and close, after the requests before this one are answered."""
         if self._parsing is not None:
             self._parsing.body.fail(MalformedRequest(status, reason))
         if self._current is None and not self._queue:

@@ -72,6 +72,7 @@ _DEFAULT_WINDOW = 65535  # RFC 9113's initial window
 
 _Connection_States = h2.connection.ConnectionState
 _Inputs = h2.connection.ConnectionInputs
+_HEADERS, _CONTINUATION = 0x1, 0x9  # frame types
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 
@@ -104,6 +105,17 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             else:
                 self._validate_frame_length(length)
         return super().__next__()
+
+    @property
+    def head_pending(self) -> bool:
+        """Has a header block begun and not ended (HEADERS without END_HEADERS and its
+        CONTINUATIONs, or such a frame, or any frame header, partly received)?  The
+        request-header timeout runs meanwhile."""
+        if self._headers_buffer:
+            return True
+        if not self._data:
+            return False
+        return len(self._data) < 9 or self._data[3] in (_HEADERS, _CONTINUATION)
 
 
 class _Connection(h2.connection.H2Connection):

@@ -14,6 +14,13 @@ Local rate limits (rate_limit.py) and injected faults (fault.py) act in this ord
 rule's limit (429, RL), the rule's fault delay (DI) and abort (FI), then per attempt,
 after the endpoint is picked and authorized, its workload's limit (429, RL).
 
+Fair share: a source pod may have ``limits.perPod.maxRequests`` requests in flight over
+all its connections; past it a request is answered 503 at once (flag OM, as Envoy's
+overload manager), counted in nodeproxy_http_refused_total.  A client too slow to send
+is cut off: no whole request head within ``http.requestHeadersTimeoutSeconds`` (h1.py;
+HTTP/2: _ClientH2Server), or no whole request within ``http.requestTimeoutSeconds``
+of its head (408 if nothing was answered yet, and the connection closes).
+
 The proxy acts for the source pod here, as Istio's waypoint does: it authorizes each
 request with the destination's policies itself and marks the HBONE streams it opens,
 so the destination node does not refuse them for rules it cannot see at L4.
@@ -42,7 +49,7 @@ from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
-from nodeproxy.http.h2 import H2Server
+from nodeproxy.http.h2 import ErrorCodes, H2Server
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -75,6 +82,7 @@ from nodeproxy.proxy.destinations import (
     WorkloadRef,
 )
 from nodeproxy.proxy.dial import relay_side
+from nodeproxy.proxy.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
@@ -94,6 +102,7 @@ LOCAL_REPLY_BODY = {
     503: "no healthy upstream",
     429: "local_rate_limited",
 }
+OVERLOAD_TEXT = "overloaded: too many requests in flight from this pod"
 RESOURCE_EXHAUSTED = 8  # a gRPC client refused by a rate limit gets this code
 
 
@@ -172,8 +181,9 @@ class HttpProxy:
     def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
                  admitter: Callable[[], Admitter], trust_domain: str,
                  access_log: AccessLog | None, live: LiveStats | None = None,
-                 tracing: Tracing | None = None):
+                 tracing: Tracing | None = None, shares: SourceShares | None = None):
         self._upstreams = upstreams
+        self._shares = shares  # requests in flight per source pod
         self._live = live
         self._metrics = metrics
         self._admitter = admitter
@@ -193,6 +203,7 @@ class HttpProxy:
         self._budgets: dict[str, RetryBudget] = {}
         self._pools: dict[tuple[str, str, bool, str], EndpointPool] = {}
         self._resilience = Resilience(metrics.resilience)
+        self._refusals = RefusalLog(log)
         self._clients: set[ClientConnection] = set()
         self._policed_for: Admitter | None = None
         self._policed_cache: dict[str, bool] = {}
@@ -305,9 +316,11 @@ class HttpProxy:
 
     def serve(self, pod: EnrolledPod, entry: ServicePortEntry, version: int,
               transport: asyncio.Transport, initial: bytes, *, http2_client: bool,
-              http2_upstream: bool, client_eof: bool = False) -> ClientConnection:
+              http2_upstream: bool, client_eof: bool = False,
+              accepted_at: float | None = None) -> ClientConnection:
         """Serve a client connection whose first bytes were `initial` (and that has already
-        half-closed, if client_eof)."""
+        half-closed, if client_eof); its first request has been awaited since
+        `accepted_at` (loop time)."""
         connection = ClientConnection(transport)
         self._clients.add(connection)
         connection.done.add_done_callback(lambda _f: self._clients.discard(connection))
@@ -320,12 +333,17 @@ class HttpProxy:
         def bad_request(protocol: str) -> Callable[[str], None]:
             return lambda reason: self._metrics.count_bad_request(protocol, reason)
 
+        def timed_out(protocol: str) -> Callable[[str], None]:
+            return lambda kind: self._metrics.count_downstream_timeout(protocol, kind)
+
         if http2_client:
             h2_server = _ClientH2Server(
                 handle, max_header_bytes=settings.max_header_bytes,
                 on_protocol_error=lambda code, message:
                 self._metrics.count_bad_request("http/2", message))
             h2_server.on_closed = connection.closed
+            h2_server.watch_heads(settings.request_headers_timeout_seconds, accepted_at,
+                                  timed_out("http/2"))
             connection.server = h2_server
             h2_server.attach(transport, initial)
             transport.resume_reading()  # the sniffer left it paused
@@ -333,9 +351,11 @@ class HttpProxy:
             h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
                                  idle_timeout=settings.idle_timeout_seconds,
                                  on_bad_request=bad_request("http/1.1"),
-                                 on_closed=connection.closed)
+                                 on_closed=connection.closed,
+                                 request_headers_timeout=settings.request_headers_timeout_seconds,
+                                 on_timeout=timed_out("http/1.1"))
             connection.server = h1_server
-            h1_server.attach(transport, initial)
+            h1_server.attach(transport, initial, accepted_at)
             if client_eof:
                 h1_server.eof_received()
         return connection
@@ -343,6 +363,54 @@ class HttpProxy:
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, ctx: _Context, exchange: Exchange) -> None:
+        shares = self._shares
+        if shares is not None and not shares.begin_request(ctx.pod.key):
+            await self._overloaded(ctx, exchange)
+            return
+        try:
+            await self._handle_admitted(ctx, exchange)
+        finally:
+            if shares is not None:
+                shares.end_request(ctx.pod.key)
+
+    async def _overloaded(self, ctx: _Context, exchange: Exchange) -> None:
+        """The source pod has maxRequests in flight: 503 OM at once, counted and logged
+        (rate-limited); the request is recorded like any other."""
+        start, started_at = time.monotonic(), time.time()
+        outcome = _Outcome(service=ctx.entry.fqdn, flags=["OM"])
+        reason = "pod_" + REQUEST_LIMIT
+        self._metrics.count_refused(ctx.pod.workload.namespace, ctx.pod.ref.workload, reason)
+        self._refusals.refused(ctx.pod.key, reason, "HTTP request")
+        request_id = exchange.request.header("x-request-id") or self._request_id()
+        try:
+            await self._local_reply(exchange, outcome, 503, OVERLOAD_TEXT)
+        except (ConnectionError, OSError, BodyError):
+            outcome.flags.append("DC")
+        finally:
+            self._record(ctx, exchange, outcome, start, started_at, request_id)
+
+    def _request_timer(self, exchange: Exchange) -> asyncio.TimerHandle | None:
+        """http.requestTimeoutSeconds for the rest of the request to arrive (none needed
+        when the head ended it)."""
+        seconds = self._settings.request_timeout_seconds
+        if not seconds or exchange.body.ended:
+            return None
+        return asyncio.get_running_loop().call_later(seconds, self._request_timed_out,
+                                                     exchange)
+
+    def _request_timed_out(self, exchange: Exchange) -> None:
+        body = exchange.body
+        if body.ended or body.error is not None:
+            return
+        self._metrics.count_downstream_timeout(
+            "http/2" if exchange.request.version == "2" else "http/1.1", "request")
+        if isinstance(exchange, H1Exchange):
+            exchange.keep_alive = False  # the rest of its body cannot be told from a request
+        # The forwarding path sees a malformed request and answers its status, unless it
+        # has answered already (then the exchange is reset).
+        body.fail(MalformedRequest(408, "request timeout"))
+
+    async def _handle_admitted(self, ctx: _Context, exchange: Exchange) -> None:
         start = time.monotonic()
         started_at = time.time()
         head = exchange.request
@@ -357,6 +425,10 @@ class HttpProxy:
         rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
         if rule is not None:
             outcome.route = rule.route
+        # A rule without a request timeout is declared streaming: its requests may take
+        # as long as they take to arrive, too.
+        receiving = self._request_timer(exchange) if rule is None or \
+            rule.timeouts.request_seconds else None
         try:
             if rule is None:
                 outcome.flags.append("NR")
@@ -386,6 +458,8 @@ class HttpProxy:
         except (ConnectionError, OSError):
             outcome.flags.append("DC")
         finally:
+            if receiving is not None:
+                receiving.cancel()
             if exchange.client_gone and "DC" not in outcome.flags:
                 outcome.flags.append("DC")
             if outcome.mirror_tap is not None:
@@ -477,7 +551,8 @@ class HttpProxy:
                 broken = exchange.body.error
                 if isinstance(broken, MalformedRequest) and not exchange.responded:
                     await self._local_reply(exchange, outcome, broken.status,
-                                            "bad request")
+                                            "request timeout" if broken.status == 408
+                                            else "bad request")
                     return
                 raise BodyError(str(last_error))
             retriable = should_retry(
@@ -830,11 +905,67 @@ class HttpProxy:
 
 
 class _ClientH2Server(H2Server):
-    """An HTTP/2 client connection that tells its tracker when it ends."""
+    """An HTTP/2 client connection that tells its tracker when it ends, and holds the
+    client to the request-header timeout: its first request's header block must be
+    complete within it of the connection's start, and any header block (HEADERS and its
+    CONTINUATIONs: h2 refuses every other frame until it ends, so one unfinished block
+    stalls the whole connection) within it of its first byte.  Past it: GOAWAY
+    (ENHANCE_YOUR_CALM) and close."""
 
     on_closed: Callable[[], None] | None = None
+    _headers_timeout: float | None = None
+    _on_timeout: Callable[[str], None] | None = None
+    _head_since: float | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def watch_heads(self, timeout: float, since: float | None,
+                    on_timeout: Callable[[str], None]) -> None:
+        """Start the first request's clock (at loop time `since`, default now)."""
+        self._headers_timeout = timeout
+        self._on_timeout = on_timeout
+        self._head_since = since if since is not None else self._loop.time()
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._headers_timeout is None or self.requests == 0:
+            return  # before the first request the connection's own clock runs
+        if self.conn.incoming_buffer.head_pending:
+            if self._head_since is None:
+                self._head_since = self._loop.time()
+                self._arm_head_timer()
+        else:
+            self._head_since = None
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and self._headers_timeout is not None \
+                and self._head_since is not None:
+            delay = self._head_since + self._headers_timeout - self._loop.time()
+            self._head_timer = self._loop.call_later(max(delay, 0.0), self._head_check)
+
+    def _head_check(self) -> None:
+        self._head_timer = None
+        if self._head_since is None or not self.usable or self._headers_timeout is None:
+            return
+        if self.requests and not self.conn.incoming_buffer.head_pending:
+            self._head_since = None
+            return
+        left = self._head_since + self._headers_timeout - self._loop.time()
+        if left > 0:
+            self._arm_head_timer()
+            return
+        self._head_since = None
+        if self._on_timeout is not None:
+            self._on_timeout("request_headers")
+        log.info("HTTP/2 client %s sent no whole request head within %.1fs: closing",
+                 self.peername, self._headers_timeout)
+        # Past H2Server's override: a timeout is counted as one, not as a bad request.
+        super(H2Server, self)._protocol_error(int(ErrorCodes.ENHANCE_YOUR_CALM),
+                                              "request header timeout")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         super().connection_lost(exc)
         if self.on_closed is not None:
             self.on_closed()

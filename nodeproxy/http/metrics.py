@@ -231,6 +231,17 @@ class RequestMetrics:
             "nodeproxy_http_faults_total",
             "Faults injected into requests, by kind (delay, abort)",
             ("destination_service", "kind"), registry=registry)
+        self.refused = Counter(
+            "nodeproxy_http_refused_total",
+            "Requests refused (503, flag OM) because their source pod had maxRequests in "
+            "flight, by source and reason",
+            ("source_workload_namespace", "source_workload", "reason"), registry=registry)
+        self.downstream_timeouts = Counter(
+            "nodeproxy_http_downstream_timeouts_total",
+            "Client connections and requests ended because the client was too slow to "
+            "send: request_headers (no complete head in time), request (no complete "
+            "request in time), by protocol",
+            ("protocol", "timeout"), registry=registry)
         self.access_log_dropped = Counter(
             "nodeproxy_access_log_dropped_total",
             "Access-log lines dropped (the writer fell behind or could not write)",
@@ -269,6 +280,12 @@ class RequestMetrics:
 
     def count_fault(self, destination_service: str, kind: str) -> None:
         self._child(self.faults, (destination_service, kind)).inc()
+
+    def count_refused(self, namespace: str, workload: str, reason: str) -> None:
+        self._child(self.refused, (namespace, workload, reason)).inc()
+
+    def count_downstream_timeout(self, protocol: str, timeout: str) -> None:
+        self._child(self.downstream_timeouts, (protocol, timeout)).inc()
 
     def count_bad_request(self, protocol: str, reason: str) -> None:
         self._child(self.bad_requests, (protocol, reason)).inc()

@@ -55,6 +55,10 @@ class TokenBucket:
         self._tokens = tokens
         return (1.0 - tokens) / self._rate
 
+    def full(self, now: float) -> bool:
+        """Would the bucket be full at `now` (so a fresh one would be the same)?"""
+        return self._tokens + (now - self._stamp) * self._rate >= self._capacity
+
 
 class Limiter:
     """One configured limit: a single bucket, or one per source identity."""

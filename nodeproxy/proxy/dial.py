@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.pods.netns import Netns
 from nodeproxy.pods.transparent import transparent_socket
+from nodeproxy.proxy.descriptors import check_socket
 from nodeproxy.proxy.relay import Side
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -30,6 +31,7 @@ async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float
                    side: P) -> P:
     loop = asyncio.get_running_loop()
     try:
+        check_socket(sock)  # an upstream never takes a descriptor of the reserve
         await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:

@@ -10,6 +10,10 @@ listener again, without end).  Peer authentication decides whether plaintext may
 decides on the source address (no identity), and the proxy connects to the
 application from inside the pod with the client's address as source.  Both ends are
 sockets of this process: the splicer may hand the flow to the kernel.
+
+Fair share: at accept, a connection that would take a reserved descriptor, or one from a
+client address already holding ``limits.inbound.maxPlaintextPerSource`` connections, is
+reset at once and counted (nodeproxy_inbound_refused_total).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from collections.abc import Callable
 from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
+from nodeproxy.proxy.descriptors import BUDGET
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
+from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
@@ -41,8 +47,11 @@ class InboundProxy:
                  admitter: Callable[[], Admitter],
                  table: Callable[[], DestinationTable], tracker: ConnectionTracker,
                  splicer: Splicer, metrics: ProxyMetrics,
-                 on_captured: Callable[[EnrolledPod], None] | None = None):
+                 on_captured: Callable[[EnrolledPod], None] | None = None,
+                 shares: SourceShares | None = None):
         self.port = port
+        self._shares = shares  # per client address
+        self._refusals = RefusalLog(log)
         # Counts a connection the kernel steered here, where the kernel does not (iptables).
         self._on_captured = on_captured
         self._connect_timeout = connect_timeout
@@ -62,11 +71,33 @@ class InboundProxy:
             sock = pod.netns.listener(family, host, self.port)
             server = await loop.create_server(
                 lambda pod=pod: self._tracker.client_side(
-                    lambda side, pod=pod: self._serve(pod, side)),
+                    lambda side, pod=pod: self._serve(pod, side),
+                    lambda side, pod=pod: self._admit(pod, side)),
                 sock=sock, backlog=LISTEN_BACKLOG)
             pod.inbound_listeners.append(server)
             sockets[family] = server.sockets[0]  # type: ignore[index]
         return sockets
+
+    def _admit(self, pod: EnrolledPod, down: Side) -> Lease | None:
+        """At accept: the descriptor reserve, then the client address's share."""
+        assert down.transport is not None
+        source = str((down.transport.get_extra_info("peername") or ("?",))[0])
+        reason = None
+        lease: Lease | str = Lease(None, source)
+        if not BUDGET.admits_socket(down.transport.get_extra_info("socket"), headroom=1):
+            reason = DESCRIPTORS
+        elif self._shares is not None:
+            lease = self._shares.admit_connection(source)
+            if isinstance(lease, str):
+                reason = "source_" + lease
+        if reason is None:
+            assert isinstance(lease, Lease)
+            return lease
+        self._metrics.inbound_refused.labels(pod.workload.namespace, pod.ref.workload,
+                                             reason).inc()
+        self._refusals.refused(source, reason, f"inbound connection to {pod.key}")
+        reset(down.transport)
+        return None
 
     async def _serve(self, pod: EnrolledPod, down: Side) -> None:
         assert down.transport is not None
@@ -99,7 +130,7 @@ class InboundProxy:
         meter = ConnectionMeter(self._metrics, destination_labels(
             pod, self._table().pods.get(source_ip), None, "none"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
-        self._tracker.add(relay, pod.key)
+        self._tracker.add(relay, pod.key, lease=down.lease)
         meter.opened()
         relay.start()
         self._splicer.offer(relay, (pod.key,), allowed=pod.workload.splice)

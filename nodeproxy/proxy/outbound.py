@@ -36,8 +36,10 @@ from nodeproxy.http.detect import PortMode, Sniffed, port_mode, sniff
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.proxy.descriptors import BUDGET
 from nodeproxy.proxy.destinations import Decision, DestinationTable, Verdict
 from nodeproxy.proxy.dial import relay_side
+from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
@@ -63,8 +65,12 @@ class OutboundProxy:
         port: int,
         on_captured: Callable[[EnrolledPod], None] | None = None,
         msg_redirect: MsgRedirect | None = None,
+        shares: SourceShares | None = None,
     ):
         self._upstreams = upstreams
+        # Each source pod's fair share: connections at once and per second (fairshare.py).
+        self._shares = shares
+        self._refusals = RefusalLog(log)
         self._http = http
         # Counts a connection the kernel steered here, where the kernel does not (iptables).
         self._on_captured = on_captured
@@ -90,9 +96,29 @@ class OutboundProxy:
                 raise
             server = await loop.create_server(
                 lambda pod=pod: self._tracker.client_side(
-                    lambda side, pod=pod: self._serve(pod, side)),
+                    lambda side, pod=pod: self._serve(pod, side),
+                    lambda side, pod=pod: self._admit(pod, side)),
                 sock=sock, backlog=LISTEN_BACKLOG)
             pod.listeners.append(server)
+
+    def _admit(self, pod: EnrolledPod, down: Side) -> Lease | None:
+        """At accept, before anything else: the descriptor reserve, then the pod's fair
+        share.  None: refused (reset and counted)."""
+        assert down.transport is not None
+        if not BUDGET.admits_socket(down.transport.get_extra_info("socket"), headroom=1):
+            self._refuse_share(pod, down, DESCRIPTORS)
+            return None
+        if self._shares is None:
+            return Lease(None, pod.key)  # no caps: a lease that holds nothing
+        lease = self._shares.admit_connection(pod.key)
+        if isinstance(lease, str):
+            self._refuse_share(pod, down, "pod_" + lease)
+            return None
+        return lease
+
+    def _refuse_share(self, pod: EnrolledPod, down: Side, reason: str) -> None:
+        self._refusals.refused(pod.key, reason, "outbound connection")
+        self._refuse(pod, down, reason)
 
     async def _serve(self, pod: EnrolledPod, down: Side) -> None:
         assert down.transport is not None
@@ -145,9 +171,12 @@ class OutboundProxy:
         """Hand the connection to the HTTP layer if it speaks HTTP; False: relay it as TCP."""
         assert self._http is not None and decision.port is not None
         loop = asyncio.get_running_loop()
+        accepted_at = loop.time()
+        # A declared HTTP port waits for the first request head as long as the request
+        # header timeout allows: a silent connection does not hold its descriptors longer.
         deadline = loop.time() + (self._http.settings.detection_timeout_seconds
                                   if mode is PortMode.DETECT
-                                  else self._http.settings.idle_timeout_seconds)
+                                  else self._http.settings.request_headers_timeout_seconds)
         # Bytes may be here already (read before the decision was made).
         sniffed = sniff(b"".join(down.early))
         while sniffed is None and not (down.got_eof or down.lost):
@@ -187,8 +216,8 @@ class OutboundProxy:
         connection = self._http.serve(
             pod, decision.port, decision.backend.address.version,  # type: ignore[union-attr]
             transport, initial, http2_client=http2_client, http2_upstream=http2_upstream,
-            client_eof=down.got_eof)
-        self._tracker.add(connection, pod.key)  # type: ignore[arg-type]
+            client_eof=down.got_eof, accepted_at=accepted_at)
+        self._tracker.add(connection, pod.key, lease=down.lease)  # type: ignore[arg-type]
         connection.done.add_done_callback(
             lambda _f: self._tracker.discard(connection))  # type: ignore[arg-type]
         return True
@@ -217,7 +246,7 @@ class OutboundProxy:
         reads = None if self._splicer.would_take(up, splice) else self._fast_path(pod, down)
         relay = Relay(down, up, counting_reads(meter.bytes, reads),
                       lambda r: self._done(r, meter))
-        self._tracker.add(relay, *pods)
+        self._tracker.add(relay, *pods, lease=down.lease)
         meter.opened()
         relay.start()
         self._splicer.offer(relay, pods, allowed=splice)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from nodeproxy.proxy.fairshare import Lease
     from nodeproxy.proxy.splice import SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
@@ -55,6 +56,8 @@ class Side(asyncio.Protocol):
         # reading right after connection_made despite pause_reading there).
         self.early: list[bytes] = []
         self._arrival: asyncio.Future[None] | None = None
+        # An accepted connection's hold on its source's fair share (proxy/fairshare.py).
+        self.lease: Lease | None = None
 
     async def wait_early(self, timeout: float | None, seen: int = 0) -> None:
         """Read until something more arrives before the relay is joined (more than `seen`

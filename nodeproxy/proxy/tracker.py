@@ -1,5 +1,7 @@
 """Every connection the proxy is relaying, whatever path it came by: for drain and for
-resetting a vanished pod's connections."""
+resetting a vanished pod's connections.  A connection accepted under a fair-share lease
+(proxy/fairshare.py) gives it back when it leaves the tracker, or, if it never joined
+(refused, failed), when its set-up ends."""
 
 from __future__ import annotations
 
@@ -7,12 +9,18 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from nodeproxy.proxy.fairshare import Lease
 from nodeproxy.proxy.relay import Relay, Side, reset
+
+# Decides on an accepted connection before anything is spawned for it: its lease, or None
+# (refused: the gate has reset the connection and counted why).
+Gate = Callable[[Side], Lease | None]
 
 
 class ConnectionTracker:
     def __init__(self) -> None:
         self.relays: dict[Relay, set[str]] = {}  # relay -> keys of the local pods it touches
+        self._leases: dict[Relay, Lease] = {}
         self._pending: set[asyncio.Task] = set()
         self.accepting = True
 
@@ -22,16 +30,24 @@ class ConnectionTracker:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def client_side(self, serve: Callable[[Side], Coroutine[Any, Any, None]]) -> Side:
+    def client_side(self, serve: Callable[[Side], Coroutine[Any, Any, None]],
+                    gate: Gate | None = None) -> Side:
         """A protocol for a connection accepted on a proxy listener: paused until `serve`
-        has decided where it goes; reset at once while the proxy drains."""
-        return _Accepted(self, serve)
+        has decided where it goes; reset at once while the proxy drains or when `gate`
+        refuses it."""
+        return _Accepted(self, serve, gate)
 
-    def add(self, relay: Relay, *pods: str) -> None:
+    def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> None:
         self.relays[relay] = set(pods)
+        if lease is not None:
+            lease.adopted = True
+            self._leases[relay] = lease
 
     def discard(self, relay: Relay) -> None:
         self.relays.pop(relay, None)
+        lease = self._leases.pop(relay, None)
+        if lease is not None:
+            lease.release()
 
     async def drain(self, grace: float) -> int:
         """Stop accepting; wait up to `grace` seconds for relays to end; reset the rest.
@@ -60,14 +76,27 @@ class ConnectionTracker:
 
 class _Accepted(Side):
     def __init__(self, tracker: ConnectionTracker,
-                 serve: Callable[[Side], Coroutine[Any, Any, None]]):
+                 serve: Callable[[Side], Coroutine[Any, Any, None]], gate: Gate | None):
         super().__init__("downstream", start_paused=True)
         self._tracker = tracker
         self._serve = serve
+        self._gate = gate
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if not self._tracker.accepting:
             reset(self.transport)
             return
-        self._tracker.spawn(self._serve(self))
+        if self._gate is not None:
+            self.lease = self._gate(self)
+            if self.lease is None:
+                return
+        self._tracker.spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self._serve(self)
+        finally:
+            lease = self.lease
+            if lease is not None and not lease.adopted:
+                lease.release()  # refused or failed before a relay took the connection

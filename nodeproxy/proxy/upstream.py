@@ -24,6 +24,7 @@ from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.policy.authorization import DestinationWorkload
 from nodeproxy.proxy.admission import Admitter
+from nodeproxy.proxy.descriptors import OverBudget
 from nodeproxy.proxy.destinations import Backend, DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_from, dial_transparent
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics
@@ -110,6 +111,8 @@ class Upstreams:
             opened = await dial_from(pod.netns, backend.address, backend.port,
                                      self.connect_timeout, protocol)
             return Opened(opened, "none", ())
+        except OverBudget as e:
+            raise Refused(OverBudget.reason, str(e)) from e
         except TunnelError as e:
             self._metrics.upstream_connect_failures.labels(service or UNKNOWN, e.result).inc()
             raise Refused("tunnel_" + e.result, str(e)) from e

@@ -92,6 +92,12 @@ class ProxyMetrics:
         self.refused = Counter(
             "nodeproxy_outbound_refused", "Captured connections the proxy refused, by reason",
             ("source_workload_namespace", "source_workload", "reason"), registry=registry)
+        self.inbound_refused = Counter(
+            "nodeproxy_inbound_refused",
+            "Connections into local pods refused at accept, by reason (descriptors, "
+            "source_connection_limit; HBONE: node_stream_limit)",
+            ("destination_workload_namespace", "destination_workload", "reason"),
+            registry=registry)
         self.upstream_connect_failures = Counter(
             "nodeproxy_upstream_connect_failures",
             "Upstream connects that failed or timed out (Envoy's UF)",

@@ -6,15 +6,22 @@ failed handshake — garbage instead of a ClientHello, a certificate from anothe
 or wrong-domain one — is classified, counted and logged here, and touches nothing else.
 The listener presents the current certificate of its pod's service account (an SNI
 callback swaps in the current context, so rotation needs no new listener).
+
+Fair share: an accepted connection that would take a reserved descriptor is closed at
+once, and one remote node (the peer address of its mTLS connections) may have at most
+``limits.inbound.maxStreamsPerNode`` streams open here; past it a stream is answered 503
+(both counted in nodeproxy_inbound_refused_total and nodeproxy_hbone_streams_total).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 
 import h2.errors
@@ -24,8 +31,10 @@ from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
+from nodeproxy.proxy.descriptors import BUDGET
 from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
+from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
@@ -73,8 +82,10 @@ class HboneServer:
                                      EnrolledPod | None],
                  admitter: Callable[[], Admitter], table: Callable[[], DestinationTable],
                  tracker: ConnectionTracker, metrics: ProxyMetrics,
-                 tunnel_metrics: TunnelMetrics):
+                 tunnel_metrics: TunnelMetrics, shares: SourceShares | None = None):
         self._certs = certificates
+        self._shares = shares  # streams per remote node
+        self._refusals = RefusalLog(log)
         self._announcer = announcer
         self._trust_domain = trust_domain
         self.port = port
@@ -101,7 +112,18 @@ class HboneServer:
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
             pod.listeners.append(_AcceptLoop(
-                sock, lambda conn, pod=pod: self.tracker.spawn(self._handshake(pod, conn))))
+                sock, lambda conn, pod=pod: self._accepted(pod, conn)))
+
+    def _accepted(self, pod: EnrolledPod, conn: socket.socket) -> None:
+        if not BUDGET.admits_socket(conn, headroom=1):
+            self._metrics.inbound_refused.labels(pod.workload.namespace, pod.ref.workload,
+                                                 DESCRIPTORS).inc()
+            self._refusals.refused(pod.key, DESCRIPTORS, "HBONE connection")
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            return
+        self.tracker.spawn(self._handshake(pod, conn))
 
     async def _handshake(self, pod: EnrolledPod, conn: socket.socket) -> None:
         if not self.tracker.accepting:
@@ -185,6 +207,27 @@ class HboneServer:
             self._stream_refused(session, stream, 404, "unknown_destination",
                                  f"{ip} is not a pod on this node")
             return
+        node = str(session.peername[0]) if session.peername else "?"
+        lease = self._shares.admit_connection(node) if self._shares is not None \
+            else Lease(None, node)
+        if isinstance(lease, str):
+            reason = "node_stream_limit" if lease == "connection_limit" else "node_" + lease
+            self._metrics.inbound_refused.labels(pod.workload.namespace, pod.ref.workload,
+                                                 reason).inc()
+            self._refusals.refused(node, reason, f"HBONE stream to {pod.key}")
+            self._tunnel.streams.labels("server", reason).inc()
+            session.respond(stream, 503, end=True)
+            return
+        try:
+            await self._serve_admitted(session, stream, pod, ip, port, headers, lease)
+        finally:
+            if not lease.adopted:
+                lease.release()
+
+    async def _serve_admitted(self, session: H2Session, stream: StreamTransport,
+                              pod: EnrolledPod, ip: ipaddress.IPv4Address |
+                              ipaddress.IPv6Address, port: int, headers: dict[str, str],
+                              lease: Lease) -> None:
         pod_identity = spiffe_id(self._trust_domain, pod.workload.namespace,
                                  pod.workload.service_account)
         if pod_identity != getattr(session, "local_identity", None):
@@ -218,7 +261,7 @@ class HboneServer:
         meter = ConnectionMeter(self._metrics, destination_labels(
             pod, self._table().pods.get(source_ip), session.peer_identity, "mutual_tls"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
-        self.tracker.add(relay, pod.key)
+        self.tracker.add(relay, pod.key, lease=lease)
         meter.opened()
         relay.start()
 
