@@ -1,0 +1,343 @@
+"""One hostile pod must not take the node proxy from its neighbours (issue 13, items 6 and
+7): per-pod caps on connections, new connections per second and HTTP requests in flight;
+the descriptor reserve that keeps /ready and /metrics answering; request-header timeouts
+against slowloris.  Scaled down by config (low caps, a low open-file limit, a 2 s header
+timeout) so every run is small and bounded; judged by what the clients saw, by nginx's own
+access log and by the daemon's counters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from nodeproxy.testbed.cluster import Cluster, deep_merge
+from tests.integration import hostile
+from tests.integration.observe import access_log_entries, metric_sum, wait_for
+
+pytestmark = pytest.mark.privileged
+
+HEADER_TIMEOUT = 2.0
+MARGIN = 1.5  # the proxy's timer fires within this of the deadline (loaded 2-core machine)
+TCP_SERVICE = "tcp-near"  # nginx in an unguarded pod behind an opaque (tcp) port
+PLAIN = "plain-web"  # that pod: no policy selects it, so its L4 flows are allowed
+SLOW_SERVICE = "slow-near"
+SLOW_PORT = 8090
+
+
+def backend_log_path(cluster: Cluster) -> str:
+    return f"{cluster.dir}/plain-http.log"
+
+
+def backend_requests(cluster: Cluster, prefix: str) -> int:
+    """Requests the HTTP backend itself received whose path starts with prefix."""
+    try:
+        with open(backend_log_path(cluster)) as f:
+            return sum(1 for line in f if line.strip()
+                       and str(json.loads(line).get("path", "")).startswith(prefix))
+    except FileNotFoundError:
+        return 0
+GENEROUS = {"maxConnections": 1000, "connectionsPerSecond": 10000, "maxRequests": 1000}
+
+
+def _base(cluster: Cluster) -> dict[str, Any]:
+    """What hostile.build wrote, so a rewrite keeps it."""
+    return {"http": {"accessLog": {"path": f"{cluster.dir}/access.log"},
+                     "requestHeadersTimeoutSeconds": HEADER_TIMEOUT},
+            "authorizationPolicies": list(hostile.POLICIES)}
+
+
+def _apply(mesh: hostile.HostileMesh, overrides: Mapping[str, Any], *,
+           restart: bool = False) -> None:
+    c = mesh.cluster
+    c.write_configs(overrides=deep_merge(_base(c), overrides))
+    if restart:
+        c.stop_daemons()
+        c.start_daemons()
+    else:
+        c.reload_daemons()
+
+
+def _build(cluster: Cluster) -> hostile.HostileMesh:
+    base = _base(cluster)
+    del base["authorizationPolicies"]  # build adds them itself
+    mesh = hostile.build(cluster, base, extra_pods=[("node0", PLAIN)])
+    cluster.serve_guarded(PLAIN, hostile.APP_H1)
+    cluster.add_service(TCP_SERVICE, port=80, target_port=hostile.APP_H1,
+                        selector={"app": PLAIN}, app_protocol="tcp")
+    # The testbed's HTTP backend (/delay/<ms> holds a request), logging what it served.
+    cluster.serve_http(PLAIN, SLOW_PORT, PLAIN, "--log", backend_log_path(cluster))
+    cluster.add_service(SLOW_SERVICE, port=80, target_port=SLOW_PORT,
+                        selector={"app": PLAIN}, app_protocol="http")
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[hostile.HostileMesh]:
+    with Cluster(2) as c:
+        m = _build(c)
+        _apply(m, {"limits": {"perPod": GENEROUS}})
+        yield m
+
+
+# --- clients ------------------------------------------------------------------------------
+
+
+class Flood:
+    """nodeproxy.testbed.flood in a pod: started, read until its "held" line, released."""
+
+    def __init__(self, mesh: hostile.HostileMesh, pod: str, argv: list[str]):
+        self._proc = mesh.cluster.spawn_in_pod(
+            pod, [sys.executable, "-m", "nodeproxy.testbed.flood", *argv],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def held(self, timeout: float = 60.0) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self._proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        raise AssertionError(f"flood gave no result: {self._proc.stderr.read()}")  # type: ignore[union-attr]
+
+    def release(self) -> dict[str, Any]:
+        out, err = self._proc.communicate(input="", timeout=30)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        assert lines, err
+        return dict(json.loads(lines[-1]))
+
+
+def flood(mesh: hostile.HostileMesh, pod: str, mode: str, service: str, count: int,
+          *extra: str) -> Flood:
+    return Flood(mesh, pod, [mode, "--host", mesh.vip(service), "--port", "80",
+                             "--count", str(count), *extra])
+
+
+def neighbour_requests(mesh: hostile.HostileMesh, tag: str, n: int) -> list[str]:
+    """n sequential requests from the neighbour with curl, each on a new connection; the
+    status codes it saw."""
+    url = f"http://{mesh.vip('deny-near')}/public/{tag}-"
+    codes = []
+    for i in range(n):
+        out = mesh.cluster.run_in_pod(hostile.NEIGHBOUR, [
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+            url + str(i)], timeout=20)
+        codes.append(out.stdout.strip())
+    return codes
+
+
+def served(mesh: hostile.HostileMesh, tag: str) -> int:
+    """Requests with this tag deny-near's nginx itself served (its access log)."""
+    log = hostile.backend_log(mesh.targets["deny-near"].h1_dir)
+    return sum(1 for e in log if str(e.get("uri", "")).startswith(f"/public/{tag}-"))
+
+
+def metrics(mesh: hostile.HostileMesh) -> str:
+    return mesh.cluster.metrics("node0")
+
+
+def refused(exposition: str, name: str, **labels: str) -> float:
+    return metric_sum(exposition, name, **labels)
+
+
+# --- per-pod caps -------------------------------------------------------------------------
+
+
+def test_a_pod_past_its_connection_cap_is_refused_and_its_neighbour_is_not(mesh):
+    _apply(mesh, {"limits": {"perPod": {**GENEROUS, "maxConnections": 20}}})
+    before = metrics(mesh)
+    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 30, "--hold", "60")
+    held = attack.held()
+    try:
+        codes = neighbour_requests(mesh, "cap", 20)
+        after = metrics(mesh)
+    finally:
+        attack.release()
+    assert held["connected"] == 30 and held["open"] == 20, held
+    assert held["reset"] + held["closed"] == 10, held
+    assert codes == ["200"] * 20
+    assert wait_for(lambda: served(mesh, "cap") == 20)
+    name = "nodeproxy_outbound_refused_total"
+    assert refused(after, name, source_workload=hostile.ATTACKER,
+                   reason="pod_connection_limit") - \
+        refused(before, name, source_workload=hostile.ATTACKER,
+                reason="pod_connection_limit") == 10
+    assert refused(after, name, source_workload=hostile.NEIGHBOUR) == \
+        refused(before, name, source_workload=hostile.NEIGHBOUR)
+    # Leaving gives the places back: the attacker connects again.
+    again = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 5, "--hold", "5")
+    assert again.held()["open"] == 5
+    again.release()
+
+
+def test_new_connections_per_second_are_capped_per_pod(mesh):
+    _apply(mesh, {"limits": {"perPod": {**GENEROUS, "connectionsPerSecond": 5,
+                                        "connectionBurst": 10}}})
+    time.sleep(2.5)  # buckets full (a reload with a new rate starts them again anyway)
+    before = metrics(mesh)
+    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 40, "--hold", "30")
+    held = attack.held()
+    try:
+        codes = neighbour_requests(mesh, "rate", 8)  # its own bucket: within its burst
+        after = metrics(mesh)
+    finally:
+        attack.release()
+    seconds = float(held["seconds"])
+    assert held["connected"] == 40
+    # burst + rate * elapsed, at most (elapsed includes the settle second).
+    assert 10 <= held["open"] <= 10 + 5 * seconds + 1, held
+    assert codes == ["200"] * 8
+    name = "nodeproxy_outbound_refused_total"
+    assert refused(after, name, source_workload=hostile.ATTACKER,
+                   reason="pod_connection_rate") - \
+        refused(before, name, source_workload=hostile.ATTACKER,
+                reason="pod_connection_rate") == 40 - held["open"]
+
+
+def test_requests_in_flight_past_the_pod_cap_get_503_om(mesh):
+    """Requests the backend holds for 8 s: four in flight, the next six refused at once,
+    never reaching the backend; the neighbour's requests meanwhile are served."""
+    _apply(mesh, {"limits": {"perPod": {**GENEROUS, "maxRequests": 4}}})
+    before = metrics(mesh)
+    head = b"GET /inflight/delay/8000 HTTP/1.1\r\nHost: slow-near\r\n\r\n"
+    attack = flood(mesh, hostile.ATTACKER, "hold", SLOW_SERVICE, 10, "--send-hex", head.hex(),
+                   "--settle", "1.5", "--hold", "30")
+    held = attack.held()
+    try:
+        codes = neighbour_requests(mesh, "inflight", 10)
+        after = metrics(mesh)
+    finally:
+        attack.release()
+    answers = held["answers"]
+    assert sum(1 for a in answers if a.startswith("HTTP/1.1 503")) == 6, held
+    assert answers.count("") == 4, held  # still waiting for the backend
+    assert codes == ["200"] * 10
+    assert wait_for(lambda: served(mesh, "inflight") == 10)
+    assert wait_for(lambda: backend_requests(mesh.cluster, "/inflight/") == 4, 15)
+    name = "nodeproxy_http_refused_total"
+    assert refused(after, name, source_workload=hostile.ATTACKER, reason="pod_request_limit") \
+        - refused(before, name, source_workload=hostile.ATTACKER,
+                  reason="pod_request_limit") == 6
+    assert refused(after, name, source_workload=hostile.NEIGHBOUR) == 0
+    om = [e for e in _access_log(mesh) if e.get("response_flags") == "OM"
+          and str(e.get("path", "")).startswith("/inflight/")]
+    assert len(om) == 6 and all(e["status"] == 503 for e in om), om
+
+
+def _access_log(mesh: hostile.HostileMesh) -> list[dict[str, Any]]:
+    return access_log_entries(mesh.cluster.dir)
+
+
+# --- timeouts -----------------------------------------------------------------------------
+
+
+def test_slowloris_connections_are_closed_by_the_header_timeout(mesh):
+    _apply(mesh, {"limits": {"perPod": GENEROUS}})
+    before = metrics(mesh)
+    result = json.loads(mesh.cluster.run_in_pod(hostile.ATTACKER, [
+        sys.executable, "-m", "nodeproxy.testbed.flood", "slowloris",
+        "--host", mesh.vip("deny-near"), "--port", "80", "--count", "20",
+        "--interval", "0.5", "--duration", str(HEADER_TIMEOUT + 8)],
+        timeout=60, check=True).stdout.splitlines()[-1])
+    codes = neighbour_requests(mesh, "slow", 5)
+    after = metrics(mesh)
+    conns = result["connections"]
+    assert len(conns) == 20 and not any("connect_error" in c for c in conns)
+    closed = [c["closed_after"] for c in conns]
+    assert all(t is not None and HEADER_TIMEOUT - 0.1 <= t <= HEADER_TIMEOUT + MARGIN
+               for t in closed), closed
+    assert all(c["received"].startswith("HTTP/1.1 408 ") for c in conns), conns
+    assert codes == ["200"] * 5
+    name = "nodeproxy_http_downstream_timeouts_total"
+    labels = {"protocol": "http/1.1", "timeout": "request_headers"}
+    assert refused(after, name, **labels) - refused(before, name, **labels) == 20
+    print(f"slowloris: 20 connections closed after {min(closed):.2f}..{max(closed):.2f} s "
+          f"(timeout {HEADER_TIMEOUT} s)")
+
+
+def test_silent_connections_do_not_hold_descriptors(mesh):
+    """Nothing sent at all: a declared HTTP port closes at the header timeout without a
+    response; an undeclared port stops sniffing after detectionTimeoutSeconds and relays."""
+    attack = flood(mesh, hostile.ATTACKER, "hold", "deny-near", 10,
+                   "--settle", str(HEADER_TIMEOUT + MARGIN), "--hold", "10")
+    held = attack.held()
+    attack.release()
+    assert held["connected"] == 10 and held["closed"] == 10, held
+    assert all(a == "" for a in held["answers"]), held
+
+
+def test_h2_header_block_never_finished_is_closed(mesh):
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+    # HEADERS on stream 1 without END_HEADERS (":method GET" indexed), never continued.
+    headers = bytes([0, 0, 1, 0x1, 0x1, 0, 0, 0, 1]) + b"\x82"
+    before = metrics(mesh)
+    result = mesh.raw(mesh.vip("deny-near-h2"), [preface + headers],
+                      read_seconds=HEADER_TIMEOUT + 5)
+    after = metrics(mesh)
+    assert result["closed_by_peer"] or result["reset"], result
+    assert result["seconds"] <= HEADER_TIMEOUT + MARGIN, result
+    goaway = result["received"].find(bytes([0x7]) + b"\x00\x00\x00\x00\x00")
+    assert goaway > 0 and result["received"][goaway + 10:goaway + 14] == b"\x00\x00\x00\x0b"
+    labels = {"protocol": "http/2", "timeout": "request_headers"}
+    name = "nodeproxy_http_downstream_timeouts_total"
+    assert refused(after, name, **labels) - refused(before, name, **labels) == 1
+
+
+# --- the descriptor reserve ---------------------------------------------------------------
+
+
+def test_descriptor_reserve_keeps_ready_and_metrics_answering():
+    """A low open-file limit (scaled down from the issue's 20,000): the attacker fills the
+    proxied share of the table; /ready and /metrics still answer, the neighbour gets
+    through while the share lasts, and refusals are counted."""
+    reserved = 64
+    cap = 40
+    with Cluster(2) as c:
+        mesh = _build(c)
+        _apply(mesh, {"limits": {"perPod": GENEROUS}})
+        baseline = metric_sum(c.metrics("node0"), "nodeproxy_open_files", kind="open")
+        # Room above the baseline: the attacker's cap (two descriptors a connection) and
+        # about 40 more for the neighbour.
+        limit = int(baseline) + reserved + 2 * cap + 40
+        _apply(mesh, {"limits": {"openFiles": limit, "reservedFiles": reserved,
+                                 "perPod": {**GENEROUS, "maxConnections": cap}}},
+               restart=True)
+        exposition = c.metrics("node0")
+        assert metric_sum(exposition, "nodeproxy_open_files", kind="limit") == limit
+        first = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, cap, "--hold", "120")
+        assert first.held()["open"] == cap
+        try:
+            # Nearly spent: the neighbour still gets through.
+            codes = neighbour_requests(mesh, "reserve", 10)
+            assert codes == ["200"] * 10
+            # Lift the pod cap (live) and take the rest: now the table's share runs out.
+            _apply(mesh, {"limits": {"openFiles": limit, "reservedFiles": reserved,
+                                     "perPod": GENEROUS}})
+            second = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 200, "--hold", "120")
+            held = second.held()
+            try:
+                assert held["open"] < 200 and held["reset"] + held["closed"] > 0, held
+                status, _ = c.admin_get("node0", "/ready")
+                assert status == 200
+                exposition = c.metrics("node0")
+                assert metric_sum(exposition, "nodeproxy_outbound_refused_total",
+                                  reason="descriptors") > 0
+                open_now = metric_sum(exposition, "nodeproxy_open_files", kind="open")
+                assert open_now < limit, (open_now, limit)
+                print(f"descriptors: limit {limit}, reserve {reserved}, baseline "
+                      f"{baseline:.0f}, open under attack {open_now:.0f}; attacker held "
+                      f"{cap + held['open']} connections, {held['reset'] + held['closed']} "
+                      f"refused")
+            finally:
+                second.release()
+        finally:
+            first.release()
+        # The attacker gone, the neighbour is served again.
+        assert wait_for(lambda: neighbour_requests(mesh, "after", 1) == ["200"], 10)
