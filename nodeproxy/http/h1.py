@@ -246,6 +246,7 @@ class H1Server(asyncio.Protocol):
         self._head_since: float | None = None  # loop time an unfinished head began
         self._head_empty = True  # nothing of that head has arrived yet (a new connection)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._waiting_since: float | None = None  # the first head was awaited since
         self._max_header_bytes = max_header_bytes
         self._idle_timeout = idle_timeout
         self._on_bad_request = on_bad_request
@@ -274,9 +275,8 @@ class H1Server(asyncio.Protocol):
         """Take over a connected transport whose first bytes have already been read (the
         first request head has been awaited since `waiting_since`, loop time)."""
         transport.set_protocol(self)
+        self._waiting_since = waiting_since
         self.connection_made(transport)
-        if waiting_since is not None and self._head_since is not None:
-            self._head_since = min(self._head_since, waiting_since)
         if initial:
             self.data_received(initial)
 
@@ -469,10 +469,13 @@ class H1Server(asyncio.Protocol):
         if self._headers_timeout is None or self._head_since is not None:
             return
         loop = asyncio.get_running_loop()
-        self._head_since = loop.time()
+        now = loop.time()
+        since, self._waiting_since = self._waiting_since, None
+        self._head_since = min(since, now) if since is not None else now
         self._head_empty = True
         if self._head_timer is None:
-            self._head_timer = loop.call_later(self._headers_timeout, self._head_check)
+            self._head_timer = loop.call_later(
+                max(0.0, self._head_since + self._headers_timeout - now), self._head_check)
 
     def head_received(self) -> None:
         """A request head is complete (its exchange is being made)."""

@@ -4,7 +4,7 @@ For the fair-share tests; every run is bounded in count and time.
     python -m nodeproxy.testbed.flood hold --host H --port P --count N [--send-hex HEX]
         [--settle S] [--hold S]
     python -m nodeproxy.testbed.flood slowloris --host H --port P --count N
-        [--interval S] [--duration S]
+        [--interval S] [--duration S] [--silent]
 
 hold: opens N connections one after another (each may first write the given bytes), waits
 ``--settle`` seconds, then reports how many are still open and how many the peer reset or
@@ -14,7 +14,7 @@ have passed or stdin reaches EOF, closes them and prints a final line.
 slowloris: opens N connections, writes ``GET / HTTP/1.1\\r\\nHost: x\\r\\nX-A: `` on each and
 then one more header byte every ``--interval`` seconds, never ending the head; reports, per
 connection, when (seconds after its connect) the peer closed it and the first bytes it
-answered, or that it was still open after ``--duration``.
+answered, or that it was still open after ``--duration``.  ``--silent``: send nothing.
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def slowloris(args: argparse.Namespace) -> dict[str, object]:
                                    "received": ""}
         conns.append(info)
         socks[sock] = info
+        if args.silent:
+            continue
         try:
             sock.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-A: ")
         except OSError:
@@ -130,7 +132,7 @@ def slowloris(args: argparse.Namespace) -> dict[str, object]:
             info["closed_after"] = round(time.monotonic() - float(info["opened"]), 3)  # type: ignore[arg-type]
             del socks[sock]
             sock.close()
-        if time.monotonic() >= next_drip:
+        if time.monotonic() >= next_drip and not args.silent:
             next_drip += args.interval
             for sock in list(socks):
                 try:
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--silent", action="store_true",
+                        help="slowloris: send nothing at all, only measure when it closes")
     parser.add_argument("--connect-timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
     if args.count > 5000 or args.hold > 300 or args.duration > 300:
