@@ -247,6 +247,7 @@ class H1Server(asyncio.Protocol):
         self._head_empty = True  # nothing of that head has arrived yet (a new connection)
         self._head_timer: asyncio.TimerHandle | None = None
         self._waiting_since: float | None = None  # the first head was awaited since
+        self._upgraded = False  # detached for an upgrade (the relay owns the transport)
         self._max_header_bytes = max_header_bytes
         self._idle_timeout = idle_timeout
         self._on_bad_request = on_bad_request
@@ -433,6 +434,10 @@ class H1Server(asyncio.Protocol):
             exchange.reset()
         if not exchange.finished:
             exchange.reset()
+        if self._upgraded and self._on_closed is not None:
+            # The upgraded connection's relay has ended (the handler waited for it), and its
+            # transport's protocol is the relay's now: this server sees no connection_lost.
+            self._on_closed()
 
     def exchange_done(self, exchange: H1Exchange) -> None:
         if exchange is not self._current:
@@ -575,8 +580,11 @@ class H1Server(asyncio.Protocol):
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         assert self.transport is not None
         self._detached = True
+        self._upgraded = True
         if self._idle is not None:
             self._idle.cancel()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         rest, self._upgrade_rest = self._upgrade_rest, b""
         return self.transport, rest
 

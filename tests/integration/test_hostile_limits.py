@@ -26,6 +26,9 @@ HEADER_TIMEOUT = 2.0
 MARGIN = 1.5  # the proxy's timer fires within this of the deadline (loaded 2-core machine)
 TCP_SERVICE = "tcp-near"  # nginx in an unguarded pod behind an opaque (tcp) port
 PLAIN = "plain-web"  # that pod: no policy selects it, so its L4 flows are allowed
+PLAIN_FAR = "plain-far"  # an unguarded pod on node1, behind TCP_FAR (opaque)
+TCP_FAR = "tcp-far"
+OUTSIDER = "outsider"  # an unenrolled pod on node0: plaintext into the mesh (15006)
 SLOW_SERVICE = "slow-near"
 SLOW_PORT = 8090
 
@@ -66,8 +69,12 @@ def _apply(mesh: hostile.HostileMesh, overrides: Mapping[str, Any], *,
 def _build(cluster: Cluster) -> hostile.HostileMesh:
     base = _base(cluster)
     del base["authorizationPolicies"]  # build adds them itself
-    mesh = hostile.build(cluster, base, extra_pods=[("node0", PLAIN)])
+    mesh = hostile.build(cluster, base, extra_pods=[("node0", PLAIN), ("node1", PLAIN_FAR)])
     cluster.serve_guarded(PLAIN, hostile.APP_H1)
+    cluster.serve_guarded(PLAIN_FAR, hostile.APP_H1)
+    cluster.add_service(TCP_FAR, port=80, target_port=hostile.APP_H1,
+                        selector={"app": PLAIN_FAR}, app_protocol="tcp")
+    cluster.add_unenrolled_pod("node0", OUTSIDER)
     cluster.add_service(TCP_SERVICE, port=80, target_port=hostile.APP_H1,
                         selector={"app": PLAIN}, app_protocol="tcp")
     # The testbed's HTTP backend (/delay/<ms> holds a request), logging what it served.
@@ -115,8 +122,8 @@ class Flood:
 
 
 def flood(mesh: hostile.HostileMesh, pod: str, mode: str, service: str, count: int,
-          *extra: str) -> Flood:
-    return Flood(mesh, pod, [mode, "--host", mesh.vip(service), "--port", "80",
+          *extra: str, host: str | None = None, port: int = 80) -> Flood:
+    return Flood(mesh, pod, [mode, "--host", host or mesh.vip(service), "--port", str(port),
                              "--count", str(count), *extra])
 
 
@@ -229,6 +236,60 @@ def test_requests_in_flight_past_the_pod_cap_get_503_om(mesh):
     om = [e for e in _access_log(mesh) if e.get("response_flags") == "OM"
           and str(e.get("path", "")).startswith("/inflight/")]
     assert len(om) == 6 and all(e["status"] == 503 for e in om), om
+
+
+def test_upgraded_connections_give_their_place_back(mesh):
+    """A WebSocket upgrade leaves HTTP; when it ends, its connection leaves the pod's
+    share: five WebSocket sessions one after another (aiohttp) under a cap of three."""
+    _apply(mesh, {"limits": {"perPod": {**GENEROUS, "maxConnections": 3}}})
+    script = (
+        "import asyncio,aiohttp\n"
+        "async def m():\n"
+        "  for i in range(5):\n"
+        "    async with aiohttp.ClientSession() as s:\n"
+        "      async with s.ws_connect('http://%s/ws') as ws:\n"
+        "        await ws.send_str(f'ping-{i}'); print((await ws.receive()).data)\n"
+        "asyncio.run(m())" % mesh.vip(SLOW_SERVICE))
+    out = mesh.cluster.run_in_pod(hostile.ATTACKER, [sys.executable, "-c", script],
+                                  timeout=60, check=True).stdout
+    assert out.split() == [f"ping-{i}" for i in range(5)]
+
+
+def test_plaintext_from_one_address_is_capped_at_the_inbound_listener(mesh):
+    """An unenrolled pod (outside the mesh) connects straight to a meshed pod's port: the
+    inbound listener (15006) holds it to maxPlaintextPerSource."""
+    _apply(mesh, {"limits": {"perPod": GENEROUS, "inbound": {"maxPlaintextPerSource": 5}}})
+    before = metrics(mesh)
+    attack = flood(mesh, OUTSIDER, "hold", "", 12, "--hold", "30",
+                   host=mesh.cluster.pods[PLAIN].ip4, port=hostile.APP_H1)
+    held = attack.held()
+    try:
+        codes = neighbour_requests(mesh, "inbound", 5)
+        after = metrics(mesh)
+    finally:
+        attack.release()
+    assert held["connected"] == 12 and held["open"] == 5, held
+    assert codes == ["200"] * 5
+    name = "nodeproxy_inbound_refused_total"
+    labels = {"destination_workload": PLAIN, "reason": "source_connection_limit"}
+    assert refused(after, name, **labels) - refused(before, name, **labels) == 7
+
+
+def test_hbone_streams_from_one_node_are_capped(mesh):
+    """Cross node: node1 holds node0's HBONE streams to maxStreamsPerNode; past it the
+    stream is refused and node0 resets the client's connection."""
+    _apply(mesh, {"limits": {"perPod": GENEROUS, "inbound": {"maxStreamsPerNode": 6}}})
+    node1 = mesh.cluster.metrics("node1")
+    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_FAR, 10, "--hold", "30")
+    held = attack.held()
+    try:
+        after = mesh.cluster.metrics("node1")
+    finally:
+        attack.release()
+    assert held["connected"] == 10 and held["open"] == 6, held
+    name = "nodeproxy_inbound_refused_total"
+    labels = {"destination_workload": PLAIN_FAR, "reason": "node_stream_limit"}
+    assert refused(after, name, **labels) - refused(node1, name, **labels) == 4
 
 
 def _access_log(mesh: hostile.HostileMesh) -> list[dict[str, Any]]:
