@@ -165,7 +165,7 @@ class PodShare(Model):
     # maxPods) x 4096 x 2 descriptors fit in fs.nr_open's default 1048576.
     max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     # New connections per second, a token bucket refilled at this rate.
-    connections_per_second: float = Field(default=1000.0, gt=0, le=1_000_000)
+    connections_per_second: float = Field(default=250.0, gt=0, le=1_000_000)
     # The bucket's size; None: two seconds' worth of connectionsPerSecond.
     connection_burst: int | None = Field(default=None, ge=1, le=10_000_000)
     # HTTP requests in flight at once over all the pod's connections (503, flag OM);

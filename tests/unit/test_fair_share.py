@@ -206,7 +206,7 @@ def test_limit_defaults_and_camel_case():
     limits = LimitSettings()
     assert limits.open_files is None and limits.reserved_files == 1024
     assert limits.per_pod.max_connections == 4096
-    assert limits.per_pod.connections_per_second == 1000
+    assert limits.per_pod.connections_per_second == 250
     assert limits.per_pod.max_requests == 1024
     config = _config(openFiles=2048, reservedFiles=128,
                      perPod={"maxConnections": 8, "connectionsPerSecond": 5,
