@@ -249,7 +249,7 @@ def test_upgraded_connections_give_their_place_back(mesh):
         "    async with aiohttp.ClientSession() as s:\n"
         "      async with s.ws_connect('http://%s/ws') as ws:\n"
         "        await ws.send_str(f'ping-{i}'); print((await ws.receive()).data)\n"
-        "asyncio.run(m())" % mesh.vip(SLOW_SERVICE))
+        "asyncio.run(m())" % mesh.vip(SLOW_SERVICE))  # noqa: UP031
     out = mesh.cluster.run_in_pod(hostile.ATTACKER, [sys.executable, "-c", script],
                                   timeout=60, check=True).stdout
     assert out.split() == [f"ping-{i}" for i in range(5)]

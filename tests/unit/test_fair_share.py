@@ -385,3 +385,56 @@ def test_h2_connection_without_a_request_is_closed():
         writer.close()
         server.close()
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_NOFILE"), reason="no RLIMIT_NOFILE")
+def test_open_file_limit_goes_to_nr_open_where_the_process_may():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        result = raise_open_file_limit(None)
+        if result.nr_open is not None and not result.note:  # privileged: hard raised too
+            assert result.soft == result.hard == result.nr_open
+        else:
+            assert result.soft == result.hard  # at least the hard limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- the tracker gives leases back ---------------------------------------------------------
+
+
+def test_tracker_releases_a_lease_whichever_way_a_connection_ends():
+    from nodeproxy.proxy.relay import Side
+    from nodeproxy.proxy.tracker import ConnectionTracker
+
+    async def main() -> None:
+        shares = SourceShares(ShareLimits(max_connections=1))
+        tracker = ConnectionTracker()
+        served: list[Side] = []
+
+        async def serve(side: Side) -> None:
+            served.append(side)  # set-up ends without a relay (refused, failed...)
+
+        def gate(side: Side) -> Lease | None:
+            lease = shares.admit_connection("p")
+            if isinstance(lease, str):
+                assert side.transport is not None
+                side.transport.abort()
+                return None
+            return lease
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: tracker.client_side(serve, gate),
+                                          "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(3):  # one place, three connections in turn: each gives it back
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(100):
+                if served and shares.connections("p") == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert shares.connections("p") == 0
+            served.clear()
+            writer.close()
+        server.close()
+    asyncio.run(main())
