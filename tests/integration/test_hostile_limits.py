@@ -242,14 +242,15 @@ def test_upgraded_connections_give_their_place_back(mesh):
     """A WebSocket upgrade leaves HTTP; when it ends, its connection leaves the pod's
     share: five WebSocket sessions one after another (aiohttp) under a cap of three."""
     _apply(mesh, {"limits": {"perPod": {**GENEROUS, "maxConnections": 3}}})
+    url = f"http://{mesh.vip(SLOW_SERVICE)}/ws"
     script = (
         "import asyncio,aiohttp\n"
         "async def m():\n"
         "  for i in range(5):\n"
         "    async with aiohttp.ClientSession() as s:\n"
-        "      async with s.ws_connect('http://%s/ws') as ws:\n"
+        f"      async with s.ws_connect({url!r}) as ws:\n"
         "        await ws.send_str(f'ping-{i}'); print((await ws.receive()).data)\n"
-        "asyncio.run(m())" % mesh.vip(SLOW_SERVICE))  # noqa: UP031
+        "asyncio.run(m())")
     out = mesh.cluster.run_in_pod(hostile.ATTACKER, [sys.executable, "-c", script],
                                   timeout=60, check=True).stdout
     assert out.split() == [f"ping-{i}" for i in range(5)]
