@@ -2,11 +2,12 @@
 For the fair-share tests; every run is bounded in count and time.
 
     python -m nodeproxy.testbed.flood hold --host H --port P --count N [--send-hex HEX]
-        [--settle S] [--hold S]
+        [--rate R] [--settle S] [--hold S]
     python -m nodeproxy.testbed.flood slowloris --host H --port P --count N
         [--interval S] [--duration S] [--silent]
 
-hold: opens N connections one after another (each may first write the given bytes), waits
+hold: opens N connections one after another, at most ``--rate`` a second if given (each
+may first write the given bytes), waits
 ``--settle`` seconds, then reports how many are still open and how many the peer reset or
 closed (one JSON line, ``"phase": "held"``); keeps the open ones until ``--hold`` seconds
 have passed or stdin reaches EOF, closes them and prints a final line.
@@ -63,9 +64,11 @@ def hold(args: argparse.Namespace) -> dict[str, object]:
     socks: list[socket.socket] = []
     errors: dict[str, int] = {}
     start = time.monotonic()
-    for _ in range(args.count):
+    for i in range(args.count):
         if time.monotonic() - start > args.hold:
             break
+        if args.rate:
+            time.sleep(max(0.0, start + i / args.rate - time.monotonic()))
         sock = _connect(args.host, args.port, args.connect_timeout)
         if isinstance(sock, str):
             errors[sock] = errors.get(sock, 0) + 1
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="hold: connections per second (0: one after another at once)")
     parser.add_argument("--silent", action="store_true",
                         help="slowloris: send nothing at all, only measure when it closes")
     parser.add_argument("--connect-timeout", type=float, default=3.0)
