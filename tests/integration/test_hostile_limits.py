@@ -347,6 +347,24 @@ def test_silent_connections_do_not_hold_descriptors(mesh):
     assert refused(after, name, **labels) - refused(before, name, **labels) == 10
 
 
+def test_a_body_that_never_ends_gets_408_at_the_request_timeout(mesh):
+    """Head whole, body stalled (slow POST, the head already streamed to the backend): the
+    request timeout answers 408 and closes."""
+    timeout = 2.0
+    _apply(mesh, {"limits": {"perPod": GENEROUS}, "http": {"requestTimeoutSeconds": timeout}})
+    before = metrics(mesh)
+    head = (b"POST /stalled/echo HTTP/1.1\r\nHost: slow-near\r\n"
+            b"Content-Length: 100\r\n\r\n0123456789")
+    result = mesh.raw(mesh.vip(SLOW_SERVICE), [head], read_seconds=timeout + 5)
+    after = metrics(mesh)
+    assert result["received"].startswith(b"HTTP/1.1 408 "), result
+    assert result["closed_by_peer"] or result["reset"], result
+    assert timeout - 0.1 <= result["seconds"] <= timeout + MARGIN, result
+    name = "nodeproxy_http_downstream_timeouts_total"
+    labels = {"protocol": "http/1.1", "timeout": "request"}
+    assert refused(after, name, **labels) - refused(before, name, **labels) == 1
+
+
 def test_h2_header_block_never_finished_is_closed(mesh):
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
     # HEADERS on stream 1 without END_HEADERS (":method GET" indexed), never continued.
