@@ -54,6 +54,7 @@ from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+from nodeproxy.telemetry.share_collector import PodShareCollector
 from nodeproxy.telemetry.tracing import Tracing
 from nodeproxy.tunnel.client import HbonePool
 from nodeproxy.tunnel.metrics import TunnelMetrics
@@ -164,6 +165,7 @@ class Daemon:
             "reserved (never used by proxied connections), open (now)",
             ("kind",), registry=self.registry)
         self._open_files.labels("open").set_function(_open_descriptors)
+        self.registry.register(PodShareCollector(self.pod_shares))
         self._state_file = (Path(self.config.node.state_dir) / self.config.node.name
                             / "runtime-pods.json")
         self._tasks: list[asyncio.Task] = []

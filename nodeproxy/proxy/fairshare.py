@@ -119,6 +119,12 @@ class SourceShares:
     def __len__(self) -> int:
         return len(self._shares)
 
+    def snapshot(self) -> list[tuple[str, int, int]]:
+        """(key, connections, requests) of every source holding something, sorted."""
+        return sorted((key, share.connections, share.requests)
+                      for key, share in self._shares.items()
+                      if share.connections or share.requests)
+
     # -- connections ------------------------------------------------------------------
 
     def admit_connection(self, key: str) -> Lease | str:

@@ -178,6 +178,7 @@ def test_a_pod_past_its_connection_cap_is_refused_and_its_neighbour_is_not(mesh)
                 reason="pod_connection_limit") == 10
     assert refused(after, name, source_workload=hostile.NEIGHBOUR) == \
         refused(before, name, source_workload=hostile.NEIGHBOUR)
+    assert refused(after, "nodeproxy_pod_connections", pod=hostile.ATTACKER) == 20
     # Leaving gives the places back: the attacker connects again.
     again = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 5, "--hold", "5")
     assert again.held()["open"] == 5
@@ -247,6 +248,8 @@ def test_upgraded_connections_give_their_place_back(mesh):
     """A WebSocket upgrade leaves HTTP; when it ends, its connection leaves the pod's
     share: five WebSocket sessions one after another (aiohttp) under a cap of three."""
     _apply(mesh, {"limits": {"perPod": {**GENEROUS, "maxConnections": 3}}})
+    assert wait_for(lambda: refused(metrics(mesh), "nodeproxy_pod_connections",
+                                    pod=hostile.ATTACKER) == 0, 20)
     url = f"http://{mesh.vip(SLOW_SERVICE)}/ws"
     script = (
         "import asyncio,aiohttp\n"

@@ -438,3 +438,25 @@ def test_tracker_releases_a_lease_whichever_way_a_connection_ends():
             writer.close()
         server.close()
     asyncio.run(main())
+
+
+def test_pod_share_gauges_show_what_each_pod_holds():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from nodeproxy.telemetry.share_collector import PodShareCollector
+
+    shares = SourceShares(ShareLimits(max_connections=10, max_requests=10))
+    registry = CollectorRegistry()
+    registry.register(PodShareCollector(shares))
+    held = [shares.admit_connection("ns/a") for _ in range(3)]
+    shares.begin_request("ns/a")
+    shares.admit_connection("ns/b")
+    text = generate_latest(registry).decode()
+    assert 'nodeproxy_pod_connections{pod="a",pod_namespace="ns"} 3.0' in text
+    assert 'nodeproxy_pod_requests_in_flight{pod="a",pod_namespace="ns"} 1.0' in text
+    assert 'nodeproxy_pod_connections{pod="b",pod_namespace="ns"} 1.0' in text
+    for lease in held:
+        assert isinstance(lease, Lease)
+        lease.release()
+    shares.end_request("ns/a")
+    assert 'pod="a"' not in generate_latest(registry).decode()
