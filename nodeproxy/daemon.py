@@ -300,6 +300,7 @@ class Daemon:
             readiness_port=a.readiness_port, control_socket=a.control_socket)
         self._tasks.append(asyncio.create_task(
             self.enrollment.watch_vanished(cfg.proxy.netns_check_seconds)))
+        self._tasks.append(asyncio.create_task(self._close_idle_flows()))
         self._tasks.append(asyncio.create_task(watcher.watch(
             self.loaded.source, cfg.proxy.netns_check_seconds, lambda: self._seen_digest,
             lambda: self.reload("file"))))
@@ -559,6 +560,18 @@ class Daemon:
                  trigger, old_digest[:12], new.digest[:12], len(changes.added),
                  len(changes.removed), len(changes.changed))
         return "applied"
+
+    async def _close_idle_flows(self) -> None:
+        """limits.tcpIdleTimeoutSeconds, checked a few times per timeout (live on reload)."""
+        while True:
+            timeout = self.config.limits.tcp_idle_timeout_seconds
+            await asyncio.sleep(min(5.0, max(0.25, timeout / 4)))
+            closed = self.tracker.close_idle(self.config.limits.tcp_idle_timeout_seconds,
+                                             time.monotonic())
+            if closed:
+                self.metrics.tcp_idle_closed.inc(closed)
+                log.info("closed %d relayed TCP flows idle for %.0fs", closed,
+                         self.config.limits.tcp_idle_timeout_seconds)
 
     def _apply_limits(self) -> None:
         limits = self.config.limits

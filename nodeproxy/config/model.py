@@ -195,6 +195,10 @@ class LimitSettings(Model):
     reserved_files: int = Field(default=1024, ge=32, le=1 << 20)
     per_pod: PodShare = Field(default_factory=PodShare)
     inbound: InboundShare = Field(default_factory=InboundShare)
+    # A relayed (opaque TCP) flow that moves no byte either way this long is closed, so a
+    # silent connection never holds its descriptors for good (Envoy's tcp_proxy idle
+    # timeout: 1 h).  Spliced flows are the kernel's and are not timed.
+    tcp_idle_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
 
     @model_validator(mode="after")
     def _reserve_fits(self) -> LimitSettings:

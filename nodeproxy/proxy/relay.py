@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -147,6 +148,7 @@ class Relay:
         self.bytes_from_downstream = 0
         self.bytes_from_upstream = 0
         self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
+        self.last_active = time.monotonic()  # the last byte either way (idle timeout)
         downstream.relay = self
         upstream.relay = self
 
@@ -182,6 +184,7 @@ class Relay:
 
     def account(self, src: Side, n: int) -> None:
         """n bytes went from src to its peer (by Python or by the kernel)."""
+        self.last_active = time.monotonic()
         if src is self.downstream:
             self.bytes_from_downstream += n
         else:

@@ -68,6 +68,17 @@ class ConnectionTracker:
             relay.abort()
         return len(leftover)
 
+    def close_idle(self, idle_seconds: float, now: float) -> int:
+        """Close relayed (opaque TCP) flows that moved no byte either way for idle_seconds;
+        how many.  Spliced flows are the kernel's (their bytes are not seen here) and HTTP
+        connections have timeouts of their own."""
+        idle = [relay for relay in self.relays
+                if isinstance(relay, Relay) and relay.splice is None
+                and now - relay.last_active >= idle_seconds]
+        for relay in idle:
+            relay.close()
+        return len(idle)
+
     def abort_pod(self, key: str) -> None:
         for relay, pods in list(self.relays.items()):
             if key in pods:

@@ -98,6 +98,10 @@ class ProxyMetrics:
             "source_connection_limit; HBONE: node_stream_limit)",
             ("destination_workload_namespace", "destination_workload", "reason"),
             registry=registry)
+        self.tcp_idle_closed = Counter(
+            "nodeproxy_tcp_idle_timeouts",
+            "Relayed TCP flows closed after limits.tcpIdleTimeoutSeconds without a byte",
+            registry=registry)
         self.upstream_connect_failures = Counter(
             "nodeproxy_upstream_connect_failures",
             "Upstream connects that failed or timed out (Envoy's UF)",

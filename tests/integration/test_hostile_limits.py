@@ -373,6 +373,20 @@ def test_a_body_that_never_ends_gets_408_at_the_request_timeout(mesh):
     assert refused(after, name, **labels) - refused(before, name, **labels) == 1
 
 
+def test_idle_tcp_flows_are_closed_at_the_idle_timeout(mesh):
+    """A silent connection to an opaque port (nothing to sniff, no HTTP timeout) does not
+    hold its descriptors for good: limits.tcpIdleTimeoutSeconds closes it."""
+    _apply(mesh, {"limits": {"perPod": GENEROUS, "tcpIdleTimeoutSeconds": 2}})
+    before = metrics(mesh)
+    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 5, "--settle", "0",
+                   "--hold", "30")
+    assert attack.held()["open"] == 5
+    assert wait_for(lambda: refused(metrics(mesh), "nodeproxy_tcp_idle_timeouts_total")
+                    - refused(before, "nodeproxy_tcp_idle_timeouts_total") == 5, 15)
+    attack.release()
+    assert refused(metrics(mesh), "nodeproxy_pod_connections", pod=hostile.ATTACKER) == 0
+
+
 def test_h2_header_block_never_finished_is_closed(mesh):
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
     # HEADERS on stream 1 without END_HEADERS (":method GET" indexed), never continued.

@@ -460,3 +460,25 @@ def test_pod_share_gauges_show_what_each_pod_holds():
         lease.release()
     shares.end_request("ns/a")
     assert 'pod="a"' not in generate_latest(registry).decode()
+
+
+def test_idle_relays_are_closed_and_busy_ones_are_not():
+    from nodeproxy.proxy.relay import Relay, Side
+    from nodeproxy.proxy.tracker import ConnectionTracker
+
+    async def main() -> None:
+        tracker = ConnectionTracker()
+        relays = []
+        for _ in range(2):
+            relay = Relay(Side("downstream"), Side("upstream"), lambda *_: None,
+                          tracker.discard)
+            closed: list[bool] = []
+            relay.close = lambda closed=closed: closed.append(True)  # type: ignore[method-assign]
+            tracker.add(relay, "p")
+            relays.append((relay, closed))
+        now = time.monotonic()
+        relays[0][0].last_active = now - 10
+        relays[1][0].account(relays[1][0].downstream, 5)  # just moved bytes
+        assert tracker.close_idle(5.0, time.monotonic()) == 1
+        assert relays[0][1] == [True] and relays[1][1] == []
+    asyncio.run(main())
