@@ -46,6 +46,16 @@ MESH_CLIENT_ACCOUNT = "client"  # the meshed client's service account
 OTLP_PORT = 4318  # the trace collector of the configurations that export spans
 HTTP_FILE = "bench/small.bin"  # under the path prefix nodeproxy-l7 and haproxy-http route
 
+# The noisy-neighbour scenario's hostile pod (meshed, node0) and what it attacks: a
+# service of its own on node0 (appProtocol http: parsed, HTTP/1.1 or HTTP/2 prior
+# knowledge), served by a second nginx in srv-0, so the attack shares the node proxy with
+# the quiet client but not the quiet client's nginx.  Made on first use only
+# (``ensure_attacker``): no other scenario sees them.
+ATTACKER_POD, ATTACKER_ACCOUNT = "attacker", "attacker"
+ATTACK_SERVICE = "attack-target"
+ATTACK_TARGET_PORT = 8081
+ATTACK_WORKER_CONNECTIONS = 16384
+
 
 # Per-netns sysctls of the client and HAProxy pods: connection-rate runs leave many
 # sockets in TIME_WAIT, and the idle-connection test opens thousands at once.
@@ -91,6 +101,7 @@ class BenchCluster:
         self.http_app_protocol: str | None = None  # as the daemons run: None = undeclared
         self.http_traffic_policy: dict[str, Any] | None = None  # the HTTP services' policy
         self.collectors: list[subprocess.Popen[Any]] = []  # OTLP receivers, one per node
+        self.attack_nginx: subprocess.Popen[Any] | None = None
 
     # -- building -------------------------------------------------------------
 
@@ -234,6 +245,40 @@ class BenchCluster:
                                   "--out", "/dev/null"),
                 stdout=subprocess.DEVNULL))
             wait_listening(c.nodes[node].netns_path, OTLP_PORT)
+
+    def ensure_attacker(self) -> Service:
+        """The hostile pod (enrolled on node0, service account ``attacker``), the service it
+        attacks (``attack-target``, VIP port 80, appProtocol http) and that service's
+        nginx in srv-0 (port 8081, a 2-byte answer); made once, on first use.  The daemons
+        get the service by a hot reload with their current settings."""
+        c = self.cluster
+        if self.attack_nginx is not None and self.attack_nginx.poll() is None:
+            return c.services[f"default/{ATTACK_SERVICE}"]
+        server = c.pods[server_pod("node0", True)]
+        directory = os.path.join(c.dir, "bench", ATTACK_SERVICE)
+        os.makedirs(directory, exist_ok=True)
+        conf = os.path.join(directory, "nginx.conf")
+        Path(conf).write_text(nginx_config(
+            directory, ATTACK_TARGET_PORT, 'location / { return 200 "a\\n"; }',
+            http="    keepalive_requests 1000000;\n    keepalive_timeout 300s;",
+            worker_connections=ATTACK_WORKER_CONNECTIONS))
+        with open(os.path.join(directory, "nginx.log"), "wb") as log:
+            self.attack_nginx = c.spawn_in_pod(
+                server, ["nginx", "-p", directory, "-c", conf,
+                         "-e", os.path.join(directory, "error.log")],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_listening(server.netns_path, ATTACK_TARGET_PORT)
+        key = f"default/{ATTACK_SERVICE}"
+        if key not in c.services:
+            c.add_service(ATTACK_SERVICE, port=HTTP_VIP_PORT, target_port=ATTACK_TARGET_PORT,
+                          selector={"app": "srv0"}, app_protocol="http")
+        if ATTACKER_POD not in c.pods:
+            c.add_pod("node0", ATTACKER_POD, labels={"app": ATTACKER_POD},
+                      service_account=ATTACKER_ACCOUNT)
+            netns.sysctl(c.pods[ATTACKER_POD].netns_path, CLIENT_SYSCTLS)
+        c.write_configs(overrides=self.daemon_overrides)
+        c.reload_daemons(timeout=self.startup_timeout)
+        return c.services[key]
 
     def requests_counted(self, node: str, service: str) -> float:
         """nodeproxy's istio_requests_total (reporter=source) on the node's daemon for

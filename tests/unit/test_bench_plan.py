@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nodeproxy.bench import haproxy, scenarios, stats
+from nodeproxy.bench import haproxy, noisy, scenarios, stats
 from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration
 from nodeproxy.bench.model import Cell, RequestCounter, ServerKind
 from nodeproxy.bench.settings import QUICK
@@ -21,6 +21,7 @@ from nodeproxy.bench.topology import HTTP_FILE, HTTP_VIP_PORT
 from nodeproxy.config.loader import parse_config
 from nodeproxy.http.message import RequestHead
 from nodeproxy.http.routes import Routes
+from nodeproxy.testbed import attack
 
 FIRST_BLOCK = ["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",
                "nodeproxy-l7-full", "haproxy-http"]
@@ -76,10 +77,11 @@ def test_l7_configurations_are_measured_in_the_http_scenarios_only():
     suite = quiet_suite()
     for scenario in suite.scenarios:
         http = scenario.name.startswith(("http ", "http-rate "))
-        for name in ("nodeproxy-l7", "haproxy-http"):
-            assert scenario.applies(configuration(name)) is http, (scenario.name, name)
+        noisy = scenario.name == "noisy neighbour"
+        assert scenario.applies(configuration("nodeproxy-l7")) is (http or noisy), scenario.name
+        assert scenario.applies(configuration("haproxy-http")) is http, scenario.name
         assert scenario.applies(configuration("nodeproxy-nosplice")) is (
-            scenario.name != "enrollment")
+            scenario.name not in ("enrollment", "noisy neighbour"))
     # Their cells outside HTTP are not applicable (reported as —, never as missing).
     assert suite.results["latency.same-node.p50"]["nodeproxy-l7"].not_applicable
     assert not suite.results["http.same-node.rps_per_core"]["nodeproxy-l7"].not_applicable
@@ -185,3 +187,60 @@ def test_added_latency_is_derived_after_the_run():
     assert added["direct"].not_applicable  # direct adds nothing to itself
     # A configuration without its own figure has no added one either (reported missing).
     assert not added["nodeproxy-splice"].samples
+
+
+def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7():
+    suite = quiet_suite()
+    scenario = suite.scenarios[-1]
+    assert scenario.name == "noisy neighbour" and scenario.once
+    # After the other once-scenarios: the attack may leave state no other figure should see.
+    assert [s.name for s in suite.scenarios if s.once] == [
+        "idle connections", "enrollment", "noisy neighbour"]
+    measured = [c.name for c in CONFIGURATIONS if scenario.applies(c)]
+    assert measured == ["nodeproxy-splice", "nodeproxy-l7"]
+    # Every figure is a row of its own, "—" for the other configurations, never missing.
+    for metric in scenario.metrics:
+        assert suite.results[metric.key]["direct"].not_applicable
+        assert suite.results[metric.key]["haproxy-http"].not_applicable
+        assert not suite.results[metric.key]["nodeproxy-l7"].not_applicable
+    # --only selects it by name.
+    only = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None, only="noisy")
+    assert [s.name for s in only.scenarios] == ["noisy neighbour"]
+
+
+def test_noisy_neighbour_attacks_are_bounded_and_aimed_at_the_attack_service():
+    runs = noisy.attacks(7.0)
+    assert [r.kind for r in runs] == ["rapid-reset", "flood", "slowloris"]
+    for run in runs:
+        argv = noisy.attack_argv("/py", run, "10.96.0.30", 80)
+        assert argv[:4] == ["/py", "-m", "nodeproxy.testbed.attack", run.kind]
+        # The attack tool itself accepts them: its own bounds hold.
+        plan, as_json = attack.parse(argv[3:])
+        assert as_json and plan.host == "10.96.0.30" and plan.port == 80
+        assert plan.duration == 7.0 and plan.connections <= attack.MAX_CONNECTIONS
+    rapid = attack.parse(noisy.attack_argv("/py", runs[0], "h", 80)[3:])[0]
+    assert rapid.rate == noisy.RAPID_RESET_RATE  # paced, not as fast as one core can
+    held = sum(attack.parse(noisy.attack_argv("/py", r, "h", 80)[3:])[0].connections
+               for r in runs)
+    assert held == noisy.HELD_CONNECTIONS
+    # The bound on memory is what the attack holds, not what it sends.
+    assert noisy.rss_growth_bound_mib() == pytest.approx(
+        held * noisy.RSS_PER_HELD_KIB / 1024 + noisy.RSS_MARGIN_MIB)
+    # The attack runs around the quiet pod's run, its duration a few tens of seconds.
+    assert QUICK.noisy_seconds + noisy.LEAD_S + noisy.TAIL_S < 30
+
+
+def wrk_result(requests: float, **errors: float) -> dict[str, float]:
+    fields = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    return {"requests": requests, **{f: errors.get(f, 0.0) for f in fields}}
+
+
+def test_quiet_pod_success_counts_every_lost_or_failed_request():
+    assert noisy.success_percent(wrk_result(1000)) == 100.0
+    # A non-2xx answer is a completed request that failed.
+    assert noisy.success_percent(wrk_result(1000, status_errors=10)) == pytest.approx(99.0)
+    # Timeouts and broken connections are requests that never completed.
+    assert noisy.success_percent(wrk_result(990, timeouts=5, read_errors=5)) == \
+        pytest.approx(99.0)
+    assert noisy.success_percent(wrk_result(0, connect_errors=3)) == 0.0
+    assert noisy.success_percent(wrk_result(0)) == 0.0
