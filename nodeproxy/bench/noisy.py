@@ -70,8 +70,9 @@ class AttackRun:
 
 
 def attacks(seconds: float) -> list[AttackRun]:
-    """The three attacks, each for ``seconds``."""
-    duration = ("--duration", f"{seconds:g}")
+    """The three attacks, each for ``seconds``, each reconnecting what the proxy closes."""
+    # --reconnect: a slot the proxy closes (a GOAWAY, a timeout, a cap) is opened again.
+    duration = ("--duration", f"{seconds:g}", "--reconnect")
     return [
         AttackRun("rapid-reset", (*duration, "--connections", str(RAPID_RESET_CONNECTIONS),
                                   "--rate", str(RAPID_RESET_RATE))),

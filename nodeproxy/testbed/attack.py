@@ -2,7 +2,7 @@
 bounded, reporting what the proxy did about it.
 
     python -m nodeproxy.testbed.attack KIND --host H --port P [--duration S]
-        [--connections N] [--rate R] [--path P] [--json]
+        [--connections N] [--rate R] [--path P] [--reconnect] [--json]
 
 Kinds:
 
@@ -19,6 +19,10 @@ Kinds:
   byte every ``--interval`` seconds, until ``--duration``.  Reports how many the peer
   closed (and after how long: p50/max), how many got a response and its status (a
   ``408``), how many are still open at the end.
+
+With ``--reconnect`` each of the N connection slots opens a new connection when the
+peer ends (or refuses) one, as a real attacker would: a GOAWAY or a header timeout then
+costs the attacker nothing but a reconnect.
 
 Every kind prints one JSON object (one line with ``--json``).  Bounded: at most
 MAX_CONNECTIONS connections and MAX_DURATION_S seconds, every connect has a timeout,
@@ -53,6 +57,8 @@ FD_MARGIN = 256
 BATCH = 50  # rapid-reset pairs per write
 LINGER_S = 1.0  # after the last pair: how long to wait for a GOAWAY or a close
 GRACE_S = 10.0  # the whole run is cancelled this long after --duration
+MAX_OPENS_PER_WORKER = 100  # --reconnect: connections one worker opens at most
+RECONNECT_PAUSE_S = 0.05  # --reconnect: between a connection's end and the next
 
 
 # ---------------------------------------------------------------------------
@@ -179,6 +185,7 @@ class Plan:
     interval: float
     parallel: int
     connect_timeout: float
+    reconnect: bool = False
 
 
 @dataclass
@@ -235,9 +242,19 @@ async def _connect(plan: Plan, tally: Tally, limit: asyncio.Semaphore,
 async def _paced(plan: Plan, one: Callable[[int, float], Awaitable[None]],
                  rate: float) -> None:
     """Run ``one(index, deadline)`` for each connection, ``rate`` starts per second (0: all
-    at once), until the plan's duration is over."""
+    at once), until the plan's duration is over.  With ``--reconnect`` a worker whose
+    connection ended before the deadline (closed or refused by the peer) opens another,
+    RECONNECT_PAUSE_S later, at most MAX_OPENS_PER_WORKER times."""
     start = time.monotonic()
     deadline = start + plan.duration
+
+    async def worker(index: int) -> None:
+        for _ in range(MAX_OPENS_PER_WORKER if plan.reconnect else 1):
+            await one(index, deadline)
+            if time.monotonic() + RECONNECT_PAUSE_S >= deadline:
+                return
+            await asyncio.sleep(RECONNECT_PAUSE_S)
+
     tasks = []
     for i, offset in enumerate(start_offsets(plan.connections, rate)):
         wait = start + offset - time.monotonic()
@@ -245,7 +262,7 @@ async def _paced(plan: Plan, one: Callable[[int, float], Awaitable[None]],
             await asyncio.sleep(wait)
         if time.monotonic() >= deadline:
             break
-        tasks.append(asyncio.ensure_future(one(i, deadline)))
+        tasks.append(asyncio.ensure_future(worker(i)))
     await asyncio.gather(*tasks)
 
 
@@ -475,6 +492,9 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, bool]:
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
                         help="connects in flight at once")
     parser.add_argument("--connect-timeout", type=float, default=5.0)
+    parser.add_argument("--reconnect", action="store_true",
+                        help="open a new connection when the peer ends one (or refuses "
+                             f"it), at most {MAX_OPENS_PER_WORKER} per connection slot")
     parser.add_argument("--json", action="store_true", help="one line of JSON")
     args = parser.parse_args(argv)
     if not 0 < args.duration <= MAX_DURATION_S:
@@ -494,7 +514,8 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, bool]:
     return Plan(kind=args.kind, host=args.host, port=args.port, duration=args.duration,
                 connections=args.connections, rate=args.rate, path=args.path,
                 authority=authority, pairs=args.pairs, interval=args.interval,
-                parallel=args.parallel, connect_timeout=args.connect_timeout), args.json
+                parallel=args.parallel, connect_timeout=args.connect_timeout,
+                reconnect=args.reconnect), args.json
 
 
 async def run(plan: Plan) -> dict[str, Any]:
@@ -506,7 +527,8 @@ async def run(plan: Plan) -> dict[str, Any]:
     except TimeoutError:
         report, timed_out = {}, True
     return {"kind": plan.kind, "target": f"{plan.host}:{plan.port}",
-            "duration_s": plan.duration, "seconds": round(time.monotonic() - started, 3),
+            "duration_s": plan.duration, "reconnect": plan.reconnect,
+            "seconds": round(time.monotonic() - started, 3),
             "cancelled_at_bound": timed_out, **report}
 
 

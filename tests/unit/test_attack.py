@@ -3,6 +3,9 @@ status lines, summaries, and the bounds its command line enforces."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import h2.config
 import h2.connection
 import h2.errors
@@ -117,3 +120,37 @@ def test_command_line_defaults_and_authority() -> None:
 def test_command_line_refuses_unbounded_or_bad_values(extra: list[str]) -> None:
     with pytest.raises(SystemExit):
         attack.parse(["slowloris", "--host", "h", "--port", "1", *extra])
+
+
+def plan(**changes: object) -> attack.Plan:
+    base = attack.parse(["flood", "--host", "h", "--port", "1"])[0]
+    return attack.Plan(**{**base.__dict__, **changes})
+
+
+def test_workers_stop_by_themselves_even_when_every_connection_ends_at_once() -> None:
+    calls: list[int] = []
+
+    async def one(index: int, deadline: float) -> None:
+        calls.append(index)  # a connection the peer refuses at once
+
+    started = time.monotonic()
+    asyncio.run(attack._paced(plan(duration=0.3, connections=3, reconnect=True), one, 0))
+    assert time.monotonic() - started < 1.0
+    assert set(calls) == {0, 1, 2}
+    assert len(calls) <= 3 * attack.MAX_OPENS_PER_WORKER
+    assert len(calls) > 3  # reconnected
+    calls.clear()
+    asyncio.run(attack._paced(plan(duration=0.3, connections=3, reconnect=False), one, 0))
+    assert sorted(calls) == [0, 1, 2]  # one connection per slot without --reconnect
+
+
+def test_workers_start_at_the_rate_and_none_after_the_deadline() -> None:
+    starts: list[float] = []
+
+    async def one(index: int, deadline: float) -> None:
+        starts.append(time.monotonic())
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+    asyncio.run(attack._paced(plan(duration=0.5, connections=100), one, 20.0))
+    # 20 per second for 0.5 s: about 10 started, not 100.
+    assert 8 <= len(starts) <= 11

@@ -218,6 +218,7 @@ def test_noisy_neighbour_attacks_are_bounded_and_aimed_at_the_attack_service():
         plan, as_json = attack.parse(argv[3:])
         assert as_json and plan.host == "10.96.0.30" and plan.port == 80
         assert plan.duration == 7.0 and plan.connections <= attack.MAX_CONNECTIONS
+        assert plan.reconnect  # what the proxy closes, the attacker opens again
     rapid = attack.parse(noisy.attack_argv("/py", runs[0], "h", 80)[3:])[0]
     assert rapid.rate == noisy.RAPID_RESET_RATE  # paced, not as fast as one core can
     held = sum(attack.parse(noisy.attack_argv("/py", r, "h", 80)[3:])[0].connections
