@@ -10,8 +10,10 @@ Two phases in one run, same configuration, back to back:
    slowloris.  The attacks start LEAD_S before the quiet pod's run and stop after it.
 
 Reported: the quiet pod's success share, p99 and achieved rate in both phases (its p99
-under attack as a multiple of its own baseline), the daemon's peak RSS and CPU (cores) in
-each phase, and what each attack saw (GOAWAYs, connections closed by the proxy).  Every
+under attack as a multiple of its own baseline), the proxy's peak RSS and CPU (cores) in
+each phase, and what each attack saw (GOAWAYs, connections closed by the proxy).  For
+HAProxy (the reference) the unenrolled ``attacker-direct`` does the same through
+HAProxy's attack frontend.  Every
 load is bounded in connections, rate and time (the constants below).
 """
 
@@ -24,11 +26,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nodeproxy.bench import procstat, wrk
+from nodeproxy.bench import cpulimit, haproxy, procstat, wrk
 from nodeproxy.bench.model import MeasurementError, Route
 from nodeproxy.bench.runner import tail
 from nodeproxy.bench.settings import Settings
-from nodeproxy.bench.topology import ATTACKER_POD, BenchCluster
+from nodeproxy.bench.topology import (
+    ATTACKER_DIRECT_POD,
+    ATTACKER_POD,
+    HAPROXY_POD,
+    BenchCluster,
+)
 
 # The attack, fixed so that the figures of two runs compare and the RSS bound holds.
 RAPID_RESET_CONNECTIONS = 2
@@ -37,6 +44,10 @@ FLOOD_CONNECTIONS = 2000  # opened 64 at a time, held silent
 SLOWLORIS_CONNECTIONS = 500
 SLOWLORIS_INTERVAL_S = 1.0  # one byte of an unfinished request head per connection
 HELD_CONNECTIONS = RAPID_RESET_CONNECTIONS + FLOOD_CONNECTIONS + SLOWLORIS_CONNECTIONS
+# The attacker's processes share one CPU quota, as a pod's CPU limit would set it: the
+# attack tools are Python and would otherwise take a core of this 2-core machine from
+# every process, the quiet pod's included, whatever the proxy did.
+ATTACKER_CPU_CORES = 0.5
 LEAD_S = 2.0  # the attacks run this long before the quiet pod's run starts
 TAIL_S = 1.0  # ... and at least this long after it ends
 ATTACK_GRACE_S = 15.0  # the attack tool's own bound past its duration, and some
@@ -59,6 +70,26 @@ RSS_MARGIN_MIB = 16
 def rss_growth_bound_mib() -> float:
     """How much the daemon's peak RSS may grow from the baseline phase to the attack."""
     return HELD_CONNECTIONS * RSS_PER_HELD_KIB / 1024 + RSS_MARGIN_MIB
+
+
+@dataclass(frozen=True)
+class AttackTarget:
+    """Where the attacks come from and go: a pod and the address it attacks."""
+
+    pod: str
+    host: str
+    port: int
+
+
+def attack_target(bench: BenchCluster, meshed: bool) -> AttackTarget:
+    """For nodeproxy (``meshed``): the enrolled ``attacker`` against the VIP of
+    ``attack-target``, through node0's daemon.  For HAProxy: ``attacker-direct`` against
+    HAProxy's attack frontend.  Both reach a second nginx, not the quiet pod's."""
+    service = bench.ensure_attacker()
+    if meshed:
+        assert service.vip4 is not None
+        return AttackTarget(ATTACKER_POD, service.vip4, service.port)
+    return AttackTarget(ATTACKER_DIRECT_POD, bench.pod(HAPROXY_POD).ip4, haproxy.ATTACK_PORT)
 
 
 @dataclass(frozen=True)
@@ -129,7 +160,7 @@ class PeakRss(threading.Thread):
 def _quiet_run(bench: BenchCluster, route: Route, settings: Settings,
                pid: int) -> dict[str, Any]:
     """The quiet pod's wrk at ~1000 req/s, errors reported rather than fatal (a run that
-    completed no request at all is 0 % success, with wrk's complaint), with the daemon's
+    completed no request at all is 0 % success, with wrk's complaint), with the proxy's
     CPU (cores) and peak RSS over it."""
     sampler = PeakRss(pid)
     sampler.start()
@@ -149,50 +180,62 @@ def _quiet_run(bench: BenchCluster, route: Route, settings: Settings,
         peak = sampler.stop()
     wall = time.monotonic() - started
     result.update({
-                   "daemon_cores": (procstat.cpu_seconds(pid) - cpu_before) / wall,
-                   "daemon_rss_peak_mib": peak / 1024, "rss_samples": sampler.samples})
+                   "proxy_cores": (procstat.cpu_seconds(pid) - cpu_before) / wall,
+                   "proxy_rss_peak_mib": peak / 1024, "rss_samples": sampler.samples})
     return result
 
 
-def measure(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, Any]:
-    """Both phases; raises MeasurementError if the quiet pod got no answer at all or an
-    attack tool did not report."""
-    target = bench.ensure_attacker()
-    assert target.vip4 is not None
-    pid = bench.daemon_pid("node0")
-    out: dict[str, Any] = {"rss_idle_mib": procstat.rss_kib(pid) / 1024}
+def measure(bench: BenchCluster, route: Route, settings: Settings,
+            meshed: bool) -> dict[str, Any]:
+    """Both phases; the first proxy on the quiet pod's route is the one whose CPU and
+    memory are reported (node0's daemon, or HAProxy).  Raises MeasurementError if the
+    quiet pod got no answer alone or an attack tool did not report."""
+    if not route.proxies:
+        raise MeasurementError("no proxy on the route: nothing to share")
+    target = attack_target(bench, meshed)
+    proxy = route.proxies[0]
+    pid = proxy.pid
+    out: dict[str, Any] = {"proxy": proxy.name, "attacker": target.pod,
+                           "attack_target": f"{target.host}:{target.port}",
+                           "rss_idle_mib": procstat.rss_kib(pid) / 1024}
     out["baseline"] = _quiet_run(bench, route, settings, pid)
     seconds = LEAD_S + settings.noisy_seconds + TAIL_S
     c = bench.cluster
     procs: dict[str, subprocess.Popen[str]] = {}
-    try:
-        for run in attacks(seconds):
-            procs[run.kind] = c.spawn_in_pod(
-                ATTACKER_POD, attack_argv(c.python, run, target.vip4, target.port),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(LEAD_S)
-        out["attack"] = _quiet_run(bench, route, settings, pid)
-        out["attacks"] = {kind: _attack_report(kind, proc, seconds)
-                          for kind, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
-            pod_procs = c.pods[ATTACKER_POD].processes
-            if proc in pod_procs:
-                pod_procs.remove(proc)
+    with cpulimit.CpuLimit(f"{c.run_id}-{target.pod}", ATTACKER_CPU_CORES) as limit:
+        out["attacker_cpu_limit"] = ATTACKER_CPU_CORES if limit.active else limit.reason
+        try:
+            for run in attacks(seconds):
+                argv = limit.wrap(attack_argv(c.python, run, target.host, target.port))
+                procs[run.kind] = c.spawn_in_pod(target.pod, argv, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True)
+            time.sleep(LEAD_S)
+            out["attack"] = _quiet_run(bench, route, settings, pid)
+            out["attacks"] = {kind: _attack_report(kind, proc, seconds)
+                              for kind, proc in procs.items()}
+            out["attacker_cpu_stat"] = limit.stat()
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+                pod_procs = c.pods[target.pod].processes
+                if proc in pod_procs:
+                    pod_procs.remove(proc)
     time.sleep(1.0)  # what stays after the attacker has gone
-    pid = bench.daemon_pid("node0")  # raises if the attack killed the daemon
-    out["rss_after_mib"] = procstat.rss_kib(pid) / 1024
-    out["ready_after"] = c.ready("node0")
+    try:
+        out["rss_after_mib"] = procstat.rss_kib(pid) / 1024
+    except OSError as e:
+        raise MeasurementError(f"{proxy.name} did not survive the attack") from e
+    if meshed:
+        out["ready_after"] = c.ready("node0")
     baseline, attack = out["baseline"], out["attack"]
     if baseline.get("p99_is_lower_bound"):
         raise MeasurementError("the quiet pod's baseline run got no answer: "
                                f"{baseline.get('error', '')}")
     if baseline["p99_ms"] > 0:
         out["p99_ratio"] = attack["p99_ms"] / baseline["p99_ms"]
-    out["rss_growth_mib"] = attack["daemon_rss_peak_mib"] - baseline["daemon_rss_peak_mib"]
+    out["rss_growth_mib"] = attack["proxy_rss_peak_mib"] - baseline["proxy_rss_peak_mib"]
     return out
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nodeproxy.bench import connections, enrollment, iperf, noisy, procstat, sockperf, wrk
-from nodeproxy.bench.configurations import Configuration, NodeProxy, NodeProxyL7
+from nodeproxy.bench.configurations import Configuration, HAProxyHttp, NodeProxy, NodeProxyL7
 from nodeproxy.bench.model import (
     Added,
     MeasurementError,
@@ -291,14 +291,15 @@ class Enrollment(Scenario):
 
 class NoisyNeighbour(Scenario):
     """The quiet client's HTTP at ~1000 req/s alone, then while a hostile pod on the same
-    node attacks the same node proxy (``noisy``).  Once, after the other scale scenarios:
-    an attack may leave state behind (pooled connections, memory) that no other figure
-    should see.  nodeproxy only: with the quiet pod's HTTP relayed as bytes and spliced
-    (nodeproxy-splice, the product's default capture and fast path) and parsed at L7
-    (nodeproxy-l7); the attack itself is the same for both."""
+    node attacks the same proxy (``noisy``).  Once, after the other scale scenarios: an
+    attack may leave state behind (pooled connections, memory) that no other figure
+    should see.  nodeproxy with the quiet pod's HTTP relayed as bytes and spliced
+    (nodeproxy-splice: the product's default capture and fast path) and parsed at L7
+    (nodeproxy-l7), and HAProxy in mode http (haproxy-http) as the reference; the attack
+    is the same for all (an HTTP service of the attacker's own on the same proxy)."""
 
     once = True
-    CONFIGURATIONS = (NodeProxy.name, NodeProxyL7.name)
+    CONFIGURATIONS = (NodeProxy.name, NodeProxyL7.name, HAProxyHttp.name)
 
     def __init__(self, settings: Settings):
         self.name = "noisy neighbour"
@@ -324,19 +325,20 @@ class NoisyNeighbour(Scenario):
                    digits=0),
             metric("p99_ratio", "quiet pod's p99 under attack ÷ alone", "×", "lower",
                    digits=2),
-            metric("baseline.cpu", "daemon CPU, quiet pod alone", "cores", "lower",
+            metric("baseline.cpu", "proxy CPU, quiet pod alone", "cores", "lower",
                    digits=2),
-            metric("attack.cpu", "daemon CPU under attack", "cores", "lower", digits=2),
-            metric("attack.rss", "daemon peak RSS under attack", "MiB", "lower"),
-            metric("rss_growth", "daemon peak RSS growth, attack − alone", "MiB", "lower"),
+            metric("attack.cpu", "proxy CPU under attack", "cores", "lower", digits=2),
+            metric("attack.rss", "proxy peak RSS under attack", "MiB", "lower"),
+            metric("rss_growth", "proxy peak RSS growth, attack − alone", "MiB", "lower"),
         )
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         if configuration.name not in self.CONFIGURATIONS:
-            raise MeasurementError("the noisy neighbour is a nodeproxy measurement")
+            raise MeasurementError(f"the noisy neighbour is not measured for "
+                                   f"{configuration.name}")
         route = configuration.route(bench, ServerKind.HTTP, NetPath.SAME_NODE)
-        raw = noisy.measure(bench, route, settings)
+        raw = noisy.measure(bench, route, settings, meshed=configuration.uses_mesh)
         baseline, attack = raw["baseline"], raw["attack"]
         values = {
             "noisy.baseline.success": baseline["success_percent"],
@@ -345,13 +347,12 @@ class NoisyNeighbour(Scenario):
             "noisy.attack.success": attack["success_percent"],
             "noisy.attack.p99": attack["p99_ms"],
             "noisy.attack.rps": attack["rps"],
-            "noisy.baseline.cpu": baseline["daemon_cores"],
-            "noisy.attack.cpu": attack["daemon_cores"],
-            "noisy.attack.rss": attack["daemon_rss_peak_mib"],
+            "noisy.attack.max": attack["max_ms"],
+            "noisy.baseline.cpu": baseline["proxy_cores"],
+            "noisy.attack.cpu": attack["proxy_cores"],
+            "noisy.attack.rss": attack["proxy_rss_peak_mib"],
             "noisy.rss_growth": raw["rss_growth_mib"],
         }
-        if "max_ms" in attack:
-            values["noisy.attack.max"] = attack["max_ms"]
         if "p99_ratio" in raw:
             values["noisy.p99_ratio"] = raw["p99_ratio"]
         return values, raw

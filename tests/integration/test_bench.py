@@ -37,12 +37,12 @@ PROXY_ONLY = {"idle.rss", "idle.per_conn"} | {
                         ("http-rate", "cpu"), ("http-rate", "p50_added"),
                         ("http-rate", "p99_added"))}
 NODEPROXY_ONLY = {"enroll.total", "enroll.per_pod", "enroll.rss", "enroll.rss_per_pod"}
-# The noisy neighbour: nodeproxy at L4 (spliced) and at L7, once each.
+# The noisy neighbour: nodeproxy at L4 (spliced) and at L7, HAProxy http, once each.
 NOISY = {f"noisy.{m}" for m in (
     "baseline.success", "baseline.p99", "baseline.rps", "attack.success", "attack.p99",
     "attack.rps", "attack.max", "p99_ratio", "baseline.cpu", "attack.cpu", "attack.rss",
     "rss_growth")}
-NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7")
+NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7", "haproxy-http")
 
 
 def expected_metrics() -> set[str]:

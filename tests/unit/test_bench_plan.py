@@ -79,7 +79,8 @@ def test_l7_configurations_are_measured_in_the_http_scenarios_only():
         http = scenario.name.startswith(("http ", "http-rate "))
         noisy = scenario.name == "noisy neighbour"
         assert scenario.applies(configuration("nodeproxy-l7")) is (http or noisy), scenario.name
-        assert scenario.applies(configuration("haproxy-http")) is http, scenario.name
+        assert scenario.applies(configuration("haproxy-http")) is (http or noisy), \
+            scenario.name
         assert scenario.applies(configuration("nodeproxy-nosplice")) is (
             scenario.name not in ("enrollment", "noisy neighbour"))
     # Their cells outside HTTP are not applicable (reported as —, never as missing).
@@ -122,7 +123,8 @@ def test_the_l7_route_takes_the_benchmark_request_with_retries_and_a_header():
 
 
 def test_haproxy_relays_http_in_tcp_mode_and_parses_it_on_its_own_port(tmp_path: Path):
-    text = haproxy.config({0: "10.244.0.3", 1: "10.244.1.3"}, str(tmp_path), 1000)
+    text = haproxy.config({0: "10.244.0.3", 1: "10.244.1.3"}, str(tmp_path), 1000,
+                          attack_backend="10.244.0.4:8081")
     for index in (0, 1):
         tcp = text.split(f"listen http-node{index}\n", 1)[1].split("\n\n", 1)[0]
         assert "mode tcp" in tcp
@@ -136,7 +138,12 @@ def test_haproxy_relays_http_in_tcp_mode_and_parses_it_on_its_own_port(tmp_path:
     assert HTTP_FILE.startswith(haproxy.ROUTE_PATH_PREFIX.lstrip("/") + "/")
     ports = [haproxy.frontend_port(i, k) for i in (0, 1) for k in ServerKind]
     ports += [haproxy.http_mode_port(i) for i in (0, 1)]
+    ports.append(haproxy.ATTACK_PORT)
     assert len(set(ports)) == len(ports)
+    # The noisy neighbour's attack frontend parses HTTP like nodeproxy's attack-target.
+    attack_front = text.split("frontend attack\n", 1)[1].split("\n\n", 1)[0]
+    assert "mode http" in attack_front and f"bind 0.0.0.0:{haproxy.ATTACK_PORT}" in attack_front
+    assert "server attack 10.244.0.4:8081" in text
     if shutil.which("haproxy"):
         path = tmp_path / "haproxy.cfg"
         path.write_text(text)
@@ -189,7 +196,7 @@ def test_added_latency_is_derived_after_the_run():
     assert not added["nodeproxy-splice"].samples
 
 
-def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7():
+def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7_and_haproxy_http():
     suite = quiet_suite()
     scenario = suite.scenarios[-1]
     assert scenario.name == "noisy neighbour" and scenario.once
@@ -197,12 +204,13 @@ def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7():
     assert [s.name for s in suite.scenarios if s.once] == [
         "idle connections", "enrollment", "noisy neighbour"]
     measured = [c.name for c in CONFIGURATIONS if scenario.applies(c)]
-    assert measured == ["nodeproxy-splice", "nodeproxy-l7"]
+    assert measured == ["nodeproxy-splice", "nodeproxy-l7", "haproxy-http"]
     # Every figure is a row of its own, "—" for the other configurations, never missing.
     for metric in scenario.metrics:
         assert suite.results[metric.key]["direct"].not_applicable
-        assert suite.results[metric.key]["haproxy-http"].not_applicable
+        assert suite.results[metric.key]["nodeproxy-nosplice"].not_applicable
         assert not suite.results[metric.key]["nodeproxy-l7"].not_applicable
+        assert not suite.results[metric.key]["haproxy-http"].not_applicable
     # --only selects it by name.
     only = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None, only="noisy")
     assert [s.name for s in only.scenarios] == ["noisy neighbour"]
