@@ -56,6 +56,12 @@ RSS_SAMPLE_S = 0.2
 # about a millisecond, not answered within a second, is a failure to its user.  wrk checks
 # every 2 s and counts one timeout per connection whose request is older than this.
 QUIET_TIMEOUT_S = 1.0
+# Before each phase alone and after the attack: wait (at most SETTLE_MAX_S) until the
+# proxy is idle, below SETTLE_CORES over a SETTLE_WINDOW_S window, so a baseline does not
+# carry the end of a previous attack.
+SETTLE_CORES = 0.1
+SETTLE_WINDOW_S = 0.5
+SETTLE_MAX_S = 15.0
 
 # The daemon's memory under attack may grow by what the attacker *holds* (its
 # connections) but not with what it *sends* (cancelled streams, requests never finished,
@@ -131,6 +137,18 @@ def success_percent(result: dict[str, float]) -> float:
     return 100.0 * (requests - result["status_errors"]) / attempted
 
 
+def settle(pid: int) -> float:
+    """Seconds until the process used less than SETTLE_CORES over a SETTLE_WINDOW_S
+    window (SETTLE_MAX_S at most, then the caller goes on regardless)."""
+    started = time.monotonic()
+    while time.monotonic() - started < SETTLE_MAX_S:
+        before = procstat.cpu_seconds(pid)
+        time.sleep(SETTLE_WINDOW_S)
+        if procstat.cpu_seconds(pid) - before < SETTLE_CORES * SETTLE_WINDOW_S:
+            break
+    return time.monotonic() - started
+
+
 class PeakRss(threading.Thread):
     """Samples a process's RSS every RSS_SAMPLE_S until stopped; keeps the peak (KiB)."""
 
@@ -197,6 +215,7 @@ def measure(bench: BenchCluster, route: Route, settings: Settings,
     pid = proxy.pid
     out: dict[str, Any] = {"proxy": proxy.name, "attacker": target.pod,
                            "attack_target": f"{target.host}:{target.port}",
+                           "settle_before_s": settle(pid),
                            "rss_idle_mib": procstat.rss_kib(pid) / 1024}
     out["baseline"] = _quiet_run(bench, route, settings, pid)
     seconds = LEAD_S + settings.noisy_seconds + TAIL_S
@@ -222,8 +241,8 @@ def measure(bench: BenchCluster, route: Route, settings: Settings,
                 pod_procs = c.pods[target.pod].processes
                 if proc in pod_procs:
                     pod_procs.remove(proc)
-    time.sleep(1.0)  # what stays after the attacker has gone
-    try:
+    try:  # what stays after the attacker has gone
+        out["busy_after_s"] = settle(pid)
         out["rss_after_mib"] = procstat.rss_kib(pid) / 1024
     except OSError as e:
         raise MeasurementError(f"{proxy.name} did not survive the attack") from e

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,16 @@ def test_quiet_pod_success_counts_every_lost_or_failed_request():
         pytest.approx(99.0)
     assert noisy.success_percent(wrk_result(0, connect_errors=3)) == 0.0
     assert noisy.success_percent(wrk_result(0)) == 0.0
+
+
+def test_settle_waits_for_a_busy_proxy_within_its_bound(monkeypatch):
+    idle = subprocess.Popen(["sleep", "30"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert noisy.settle(idle.pid) < 2 * noisy.SETTLE_WINDOW_S + 0.5
+        monkeypatch.setattr(noisy, "SETTLE_MAX_S", 1.2)
+        assert noisy.settle(busy.pid) >= 1.2  # never idle: waits the whole bound, no more
+    finally:
+        for proc in (idle, busy):
+            proc.kill()
+            proc.wait()
