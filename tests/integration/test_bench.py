@@ -76,7 +76,7 @@ def bench_run() -> dict[str, Any]:
         json_path, md_path = Path(tmp, "bench.json"), Path(tmp, "bench.md")
         result = subprocess.run([*NODEPROXY, "bench", "--quick", "--json", str(json_path),
                                  "--markdown", str(md_path)],
-                                capture_output=True, text=True, timeout=300)
+                                capture_output=True, text=True, timeout=400)
         return {"result": result, "doc": json.loads(json_path.read_text()),
                 "markdown": md_path.read_text()}
 
