@@ -330,6 +330,14 @@ class NoisyNeighbour(Scenario):
             metric("attack.cpu", "proxy CPU under attack", "cores", "lower", digits=2),
             metric("attack.rss", "proxy peak RSS under attack", "MiB", "lower"),
             metric("rss_growth", "proxy peak RSS growth, attack − alone", "MiB", "lower"),
+            # What the proxy did to the attacker (it pushes back: fewer pairs got through,
+            # more GOAWAYs, fewer connections held).
+            metric("attacker.pairs", "attacker's HTTP/2 HEADERS+RST_STREAM pairs sent",
+                   "pairs", "lower", digits=0),
+            metric("attacker.goaways", "attacker's HTTP/2 connections ended by GOAWAY",
+                   "conns", "higher", digits=0),
+            metric("attacker.held", "attacker's flood and slowloris connections open at "
+                   "the end", "conns", "lower", digits=0),
         )
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
@@ -355,6 +363,14 @@ class NoisyNeighbour(Scenario):
         }
         if "p99_ratio" in raw:
             values["noisy.p99_ratio"] = raw["p99_ratio"]
+        # An attack tool cancelled at its own bound has no report: those figures are
+        # missing, with the reason, the quiet pod's are not.
+        rapid, flood, slow = (raw["attacks"][k] for k in ("rapid-reset", "flood", "slowloris"))
+        if "pairs_sent" in rapid:
+            values["noisy.attacker.pairs"] = rapid["pairs_sent"]
+            values["noisy.attacker.goaways"] = rapid["goaway"]
+        if "open_at_end" in flood and "open_at_end" in slow:
+            values["noisy.attacker.held"] = flood["open_at_end"] + slow["open_at_end"]
         return values, raw
 
 

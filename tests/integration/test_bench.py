@@ -41,7 +41,7 @@ NODEPROXY_ONLY = {"enroll.total", "enroll.per_pod", "enroll.rss", "enroll.rss_pe
 NOISY = {f"noisy.{m}" for m in (
     "baseline.success", "baseline.p99", "baseline.rps", "attack.success", "attack.p99",
     "attack.rps", "attack.max", "p99_ratio", "baseline.cpu", "attack.cpu", "attack.rss",
-    "rss_growth")}
+    "rss_growth", "attacker.pairs", "attacker.goaways", "attacker.held")}
 NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7", "haproxy-http")
 
 
