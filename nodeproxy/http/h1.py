@@ -119,6 +119,10 @@ class _Writer:
 class H1Exchange:
     """One request of a client connection (the Exchange interface of message.py)."""
 
+    # An upgrade request that declares a body (Content-Length above 0, Transfer-Encoding):
+    # llhttp treats what follows its head as the upgraded protocol, not as that body.
+    declares_body = False
+
     def __init__(self, server: H1Server, head: RequestHead, *, keep_alive: bool,
                  expect_continue: bool, upgrade: bool, header_bytes: int):
         self._server = server
@@ -398,6 +402,10 @@ class H1Server(asyncio.Protocol):
             self, RequestHead(method, url, authority, headers, version=version),
             keep_alive=keep_alive and not self._draining, expect_continue=expect_continue,
             upgrade=upgrade, header_bytes=self._header_bytes)
+        if upgrade:
+            exchange.declares_body = any(
+                n == "transfer-encoding" or (n == "content-length" and v.strip() != "0")
+                for n, v in self._headers)
         self._parsing = exchange
         self._queue.append(exchange)
         if len(self._queue) > MAX_PIPELINED:

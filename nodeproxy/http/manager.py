@@ -760,7 +760,7 @@ class HttpProxy:
         if decision.verdict is Verdict.REFUSE:
             await self._refuse_upgrade(exchange, outcome, decision.reason)
             return None
-        if not (exchange.body.ended and exchange.body.received == 0):
+        if exchange.declares_body:
             # Where a body ends and the new protocol begins is where requests hide.
             await self._refuse_upgrade(exchange, outcome, WITH_BODY, 400)
             return None

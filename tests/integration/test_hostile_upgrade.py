@@ -106,6 +106,32 @@ def test_request_pipelined_behind_an_upgrade_is_never_forwarded(mesh: HostileMes
     assert result["closed_by_peer"] or result["reset"]  # the connection does not go on
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("name", TARGETS)
+def test_upgrade_request_with_a_body_is_refused(mesh: HostileMesh, name: str, framing: str):
+    """The body is the smuggled request: where a body ends and the upgraded protocol
+    begins is exactly where a proxy and a backend may disagree."""
+    t = target(mesh, name)
+    if framing == "chunked":
+        extra, body = b"Transfer-Encoding: chunked\r\n", \
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+    else:
+        extra, body = b"Content-Length: %d\r\n" % len(SMUGGLED), SMUGGLED
+    result = mesh.raw(mesh.vip(t.h1_service), [upgrade_request(extra=extra) + body + SMUGGLED])
+    assert violations(t) == []
+    assert responses(result["received"]) == [400]
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_upgrade_to_an_http2_service_smuggles_nothing(mesh: HostileMesh, name: str):
+    """An HTTP/1.1 client upgrading on a service declared HTTP/2 (nginx speaks h2c only)."""
+    t = target(mesh, name)
+    result = mesh.raw(mesh.vip(t.h2_service), [upgrade_request() + SMUGGLED])
+    assert violations(t) == []
+    assert b"ADMIN-SECRET" not in result["received"]
+    assert len(responses(result["received"])) == 1, result["received"][:300]
+
+
 @pytest.mark.parametrize("name", TARGETS)
 def test_empty_upgrade_is_plain_http_and_each_request_is_authorized(mesh: HostileMesh,
                                                                     name: str):

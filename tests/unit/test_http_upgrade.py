@@ -176,6 +176,28 @@ def test_too_many_early_bytes_reset_the_connection():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("extra,declares", [
+    (b"", False), (b"Content-Length: 0\r\n", False), (b"Content-Length: 5\r\n", True),
+    (b"Transfer-Encoding: chunked\r\n", True)])
+def test_an_upgrade_request_declaring_a_body_is_marked(extra: bytes, declares: bool):
+    async def main() -> None:
+        marks: list[bool] = []
+
+        async def note(exchange: H1Exchange) -> None:
+            marks.append(exchange.declares_body)
+            await exchange.respond(ResponseHead(400, []), end=True)
+
+        server, port, _ = await serve(note)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(UPGRADE[:-2] + extra + b"\r\nhello")
+        await read_all(reader)
+        writer.close()
+        server.close()
+        assert marks == [declares]
+
+    asyncio.run(main())
+
+
 async def upstream(answer: bytes) -> tuple[asyncio.Server, int, list[bytes]]:
     """A raw server: writes `answer` once the request head is in; records what it read."""
     received: list[bytes] = []
