@@ -229,16 +229,10 @@ print(json.dumps(out))
 @pytest.mark.parametrize("name", TARGETS)
 def test_http2_connect_is_refused(mesh: HostileMesh, name: str, extended: bool):
     t = target(mesh, name)
-    out = mesh.cluster.run_in_pod(
-        ATTACKER, [sys.executable, "-c", H2_CLIENT, mesh.vip(t.h2_service), "80",
-                   "1" if extended else "0"], check=True, timeout=30).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = h2_connect(mesh, t.h2_service, extended)
     assert violations(t) == []
-    # Refused: a 403, or the stream (or connection) reset before any answer.
-    assert result["status"] in ("403", None), result
-    assert "ADMIN-SECRET" not in result["data"]
-    if result["status"] is None:
-        assert result["reset"] is not None, result
+    assert result["status"] == "403", result
+    assert result["data"] == "upgrade not allowed"
 
 
 # --- real upgrades (http_backend: WebSocket echo, /switch) -----------------------------
@@ -378,9 +372,40 @@ def test_101_naming_the_offer_is_relayed(mesh: HostileMesh, pod: str):
     assert result["received"].endswith(b"\r\n\r\nswitched:websocket\n")
 
 
-def test_refusals_are_counted(mesh: HostileMesh):
-    exposition = mesh.cluster.metrics("node0")
-    for reason in ("not_allowed", "several_tokens", "h2c_stripped", "connect",
-                   "not_switched"):
-        assert metric_sum(exposition, "nodeproxy_http_upgrade_refusals_total",
-                          reason=reason) > 0, reason
+def h2_connect(mesh: HostileMesh, service: str, extended: bool) -> dict[str, Any]:
+    out = mesh.cluster.run_in_pod(
+        ATTACKER, [sys.executable, "-c", H2_CLIENT, mesh.vip(service), "80",
+                   "1" if extended else "0"], check=True, timeout=30).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def test_each_refusal_is_counted_once(mesh: HostileMesh):
+    t = target(mesh, "deny-near")
+    vip = mesh.vip(t.h1_service)
+    sends = {
+        "not_allowed": upgrade_request(token="x-tunnel"),
+        "several_tokens": upgrade_request(token="websocket, x-tunnel"),
+        "h2c_stripped": upgrade_request(token="h2c"),
+        "connect": b"CONNECT %s:80 HTTP/1.1\r\nHost: x\r\n\r\n" % vip.encode(),
+        "with_body": upgrade_request(extra=b"Content-Length: 3\r\n") + b"abc",
+        "not_switched": upgrade_request(),
+    }
+
+    def counts() -> dict[tuple[str, str], float]:
+        exposition = mesh.cluster.metrics("node0")
+        return {(p, r): metric_sum(exposition, "nodeproxy_http_upgrade_refusals_total",
+                                   protocol=p, reason=r)
+                for p in ("http/1.1", "http/2")
+                for r in (*sends, "connect", "extended_connect")}
+
+    before = counts()
+    for data in sends.values():
+        mesh.raw(vip, [data])
+    assert h2_connect(mesh, t.h2_service, False)["status"] == "403"
+    assert h2_connect(mesh, t.h2_service, True)["status"] == "403"
+    after = counts()
+    expected = {key: 1.0 if key in {("http/1.1", r) for r in sends} | {
+        ("http/2", "connect"), ("http/2", "extended_connect")} else 0.0 for key in before}
+    assert {k: after[k] - before[k] for k in before} == expected
+    assert violations(t) == []
