@@ -764,9 +764,9 @@ class HttpProxy:
             # Where a body ends and the new protocol begins is where requests hide.
             await self._refuse_upgrade(exchange, outcome, WITH_BODY, 400)
             return None
-        head.headers = [(n, v) for n, v in head.headers
-                        if n not in ("upgrade", "http2-settings")]
         if decision.verdict is Verdict.PLAIN:  # h2c: an ordinary request, then close
+            # (Upgrade is hop-by-hop: never forwarded; HTTP2-Settings goes with it.)
+            head.headers = [(n, v) for n, v in head.headers if n != "http2-settings"]
             self._metrics.count_upgrade_refusal(_wire(head), decision.reason)
             await self._forward_timed(ctx, exchange, rule, outcome)
             return None
