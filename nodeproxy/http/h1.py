@@ -308,10 +308,11 @@ class H1Server(asyncio.Protocol):
             offset = e.args[0] if e.args else len(data)
             self._upgraded = True
             self._pause()  # the rest belongs to the upgraded protocol, if the upstream agrees
-            # Whatever the handler does, this connection never parses HTTP again.
-            for exchange in (self._current, *self._queue):
-                if exchange is not None:
-                    exchange.keep_alive = False
+            # Whatever the handler does, this connection never parses HTTP again: it ends
+            # after the upgrade request (the last parsed), unless taken over.
+            upgrading = self._queue[-1] if self._queue else self._current
+            if upgrading is not None:
+                upgrading.keep_alive = False
             self._hold(data[offset:])
         except BadRequest as e:
             self._bad_request(e.status, e.reason)

@@ -134,6 +134,27 @@ def test_declined_upgrade_closes_and_never_parses_what_followed():
     asyncio.run(main())
 
 
+def test_requests_before_an_upgrade_are_answered_and_kept_alive():
+    async def main() -> None:
+        async def answer(exchange: H1Exchange) -> None:
+            await exchange.respond(ResponseHead(200, [("content-length", "1")]))
+            await exchange.send(b"u" if exchange.upgrade else b"p")
+            await exchange.finish()
+
+        server, port, seen = await serve(answer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n" + UPGRADE + SMUGGLED)
+        data, _ = await read_all(reader)
+        writer.close()
+        server.close()
+        first, second = data.split(b"HTTP/1.1 ")[1:]
+        assert b"connection: close" not in first and first.endswith(b"p")
+        assert b"connection: close" in second and second.endswith(b"u")
+        assert seen == ["/plain", "/ws"]
+
+    asyncio.run(main())
+
+
 def test_bytes_after_an_upgrade_are_held_for_the_taker():
     async def main() -> None:
         got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
