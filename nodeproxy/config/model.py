@@ -694,6 +694,13 @@ class AccessLogSettings(Model):
     queue_size: int = Field(default=10000, ge=1, le=10_000_000)
 
 
+# Istio's meshConfig pathNormalization modes and Envoy's path_with_escaped_slashes_action
+# (docs/http.md, "Request targets"; nodeproxy/http/request_target.py applies them).
+PathNormalizationMode = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
+EscapedSlashAction = Literal["KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
+                             "UNESCAPE_AND_FORWARD"]
+
+
 class HttpSettings(Model):
     """Node-wide HTTP handling (docs/http.md)."""
 
@@ -708,7 +715,29 @@ class HttpSettings(Model):
     idle_timeout_seconds: float = Field(default=3600.0, gt=0, le=86400)
     # Request bodies up to this size are kept so a retry can resend them.
     retry_buffer_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
+    # How request paths are normalized before routing, authorization and forwarding.
+    path_normalization: PathNormalizationMode = "MERGE_SLASHES"
+    # What a path with %2F or %5C gets; None: the mode's choice (NONE: KEEP_UNCHANGED,
+    # BASE and MERGE_SLASHES: REJECT_REQUEST, DECODE_AND_MERGE_SLASHES: UNESCAPE_AND_FORWARD).
+    escaped_slashes_action: EscapedSlashAction | None = None
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+
+    @model_validator(mode="after")
+    def _escaped_slashes_fit_the_mode(self) -> HttpSettings:
+        if self.path_normalization == "DECODE_AND_MERGE_SLASHES" and \
+                self.escaped_slashes_action in ("KEEP_UNCHANGED", "REJECT_REQUEST"):
+            raise ValueError(
+                f"escapedSlashesAction {self.escaped_slashes_action} contradicts "
+                "pathNormalization DECODE_AND_MERGE_SLASHES, which decodes escaped slashes "
+                "(use MERGE_SLASHES with it, or UNESCAPE_AND_FORWARD / UNESCAPE_AND_REDIRECT)")
+        return self
+
+    @property
+    def escaped_slashes_in_effect(self) -> EscapedSlashAction:
+        if self.escaped_slashes_action is not None:
+            return self.escaped_slashes_action
+        return {"NONE": "KEEP_UNCHANGED", "DECODE_AND_MERGE_SLASHES": "UNESCAPE_AND_FORWARD"}.get(
+            self.path_normalization, "REJECT_REQUEST")  # type: ignore[return-value]
 
 
 def _otlp_http_url(value: str) -> str:

@@ -37,6 +37,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.request_target import Refusal, check_authority, check_target
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,15 @@ def _no_body_status(status: int) -> bool:
 
 
 class BadRequest(Exception):
-    """A request the proxy refuses to parse further: `status` is what the client gets."""
+    """A request the proxy refuses to parse further: `status` is what the client gets,
+    `label` the fixed reason it is counted under (`reason`, which may quote the request,
+    is only logged)."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, label: str | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.label = label or reason
 
 
 class _Writer:
@@ -281,13 +285,13 @@ class H1Server(asyncio.Protocol):
             self._upgrade_rest = bytes(data[offset:])
             self._pause()  # the rest belongs to the upgraded protocol
         except BadRequest as e:
-            self._bad_request(e.status, e.reason)
+            self._bad_request(e.status, e.reason, e.label)
         except httptools.HttpParserError as e:
             # httptools wraps what a callback raises: our own refusals keep their status.
             cause = e.__cause__ or e.__context__
             if isinstance(cause, BadRequest):
-                self._bad_request(cause.status, cause.reason)
-            else:
+                self._bad_request(cause.status, cause.reason, cause.label)
+            else:  # llhttp's messages are fixed texts ("Invalid header value char", ...)
                 self._bad_request(400, str(e) or type(e).__name__)
 
     def eof_received(self) -> bool:
@@ -339,17 +343,20 @@ class H1Server(asyncio.Protocol):
         authority = ""
         connection: set[str] = set()
         expect_continue = upgrade = False
+        hosts = 0
         for name, value in self._headers:
             if name == "host":
                 authority = value
+                hosts += 1
             elif name == "connection":
                 connection.update(t.strip().lower() for t in value.split(","))
             elif name == "transfer-encoding":
                 if value.strip().lower() != "chunked":
-                    raise BadRequest(501, f"transfer coding {value!r} not supported")
+                    raise BadRequest(501, f"transfer coding {value!r} not supported",
+                                     "transfer_coding")
             elif name == "expect":
                 if value.strip().lower() != "100-continue":
-                    raise BadRequest(417, f"unsupported expectation {value!r}")
+                    raise BadRequest(417, f"unsupported expectation {value!r}", "expectation")
                 expect_continue = version == "1.1"
             elif name == "upgrade":
                 upgrade = True
@@ -357,12 +364,17 @@ class H1Server(asyncio.Protocol):
             elif name not in HOP_BY_HOP:
                 headers.append((name, value))
         if version == "1.1" and not authority:
-            raise BadRequest(400, "HTTP/1.1 request without Host")
+            raise BadRequest(400, "HTTP/1.1 request without Host", "no_host")
+        if hosts > 1:
+            raise BadRequest(400, f"Host sent {hosts} times", "repeated_host")
         upgrade = upgrade and "upgrade" in connection and parser.should_upgrade()
         keep_alive = parser.should_keep_alive() and not upgrade
         url = bytes(self._url).decode("latin-1")
-        if not url.startswith("/") and not (method == "OPTIONS" and url == "*"):
-            raise BadRequest(400, "request target is not in origin form")
+        try:  # RFC 9112 3.2 and 3.2.2; normalizing is the manager's (request_target.py)
+            check_authority(authority)
+            check_target(method, url)
+        except Refusal as e:
+            raise BadRequest(400, str(e), e.reason) from e
         exchange = H1Exchange(
             self, RequestHead(method, url, authority, headers, version=version),
             keep_alive=keep_alive and not self._draining, expect_continue=expect_continue,
@@ -389,7 +401,8 @@ class H1Server(asyncio.Protocol):
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self._max_header_bytes:
-            raise BadRequest(431, f"request header block over {self._max_header_bytes} bytes")
+            raise BadRequest(431, f"request header block over {self._max_header_bytes} bytes",
+                             "header_too_large")
 
     def _next(self) -> None:
         if self._current is not None or not self._queue or self.lost:
@@ -439,9 +452,9 @@ class H1Server(asyncio.Protocol):
             return
         self._resume()
 
-    def _bad_request(self, status: int, reason: str) -> None:
+    def _bad_request(self, status: int, reason: str, label: str | None = None) -> None:
         if self._on_bad_request is not None:
-            self._on_bad_request(reason)
+            self._on_bad_request(label or reason)
         log.info("bad HTTP/1.1 request from %s: %s",
                  self.transport.get_extra_info("peername") if self.transport else "?", reason)
         if self._parsing is not None:

@@ -42,7 +42,8 @@ from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
 from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
-from nodeproxy.http.h2 import H2Server
+from nodeproxy.http.h2 import ErrorCodes, H2Server
+from nodeproxy.http.header_fields import one_view
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -61,6 +62,7 @@ from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
 from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
+from nodeproxy.http.request_target import Normalized, Refusal, TargetPolicy, normalize
 from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
@@ -183,6 +185,7 @@ class HttpProxy:
         self._tracer: Tracer | None = None  # None: tracing off, one check per request
         self._random = random.Random()
         self._settings = HttpSettings()
+        self._target_policy = TargetPolicy.of(self._settings)
         self._routes: Routes | None = None
         self._limiters = Limiters()
         self._workload_limits: dict[tuple[str, str], Limiter] = {}
@@ -209,6 +212,7 @@ class HttpProxy:
         """A new configuration or pod set: rebuild routes and clusters; close the pools of
         pods no longer enrolled and of endpoints no longer listed."""
         self._settings = config.http
+        self._target_policy = TargetPolicy.of(config.http)
         if self._tracing is not None:
             self._tracer = self._tracing.configure(config.tracing)
         self._limiters = Limiters(self._limiters)
@@ -324,7 +328,8 @@ class HttpProxy:
             h2_server = _ClientH2Server(
                 handle, max_header_bytes=settings.max_header_bytes,
                 on_protocol_error=lambda code, message:
-                self._metrics.count_bad_request("http/2", message))
+                self._metrics.count_bad_request("http/2", _h2_error_label(code)),
+                on_bad_request=bad_request("http/2"))
             h2_server.on_closed = connection.closed
             connection.server = h2_server
             h2_server.attach(transport, initial)
@@ -347,6 +352,10 @@ class HttpProxy:
         started_at = time.time()
         head = exchange.request
         outcome = _Outcome(service=ctx.entry.fqdn)
+        refusal = self._one_meaning(head)
+        if refusal is not None:
+            await self._refuse(ctx, exchange, outcome, refusal, start, started_at)
+            return
         request_id = head.header("x-request-id")
         if request_id is None:
             request_id = self._request_id()
@@ -391,6 +400,42 @@ class HttpProxy:
             if outcome.mirror_tap is not None:
                 outcome.mirror_tap.primary_done()
             self._record(ctx, exchange, outcome, start, started_at, request_id, span)
+
+    def _one_meaning(self, head: RequestHead) -> Refusal | Normalized | None:
+        """Give the request the one meaning routing, authorization and the upstream all
+        use: its header fields one per name (header_fields.py) and its target normalized
+        (request_target.py), in place.  A Refusal, or the Normalized target when it is to
+        be redirected to; None when the request goes on."""
+        try:
+            head.headers = one_view(head.headers)
+            normalized = normalize(head.path, self._target_policy)
+        except Refusal as e:
+            return e
+        if normalized.redirect:
+            return normalized
+        head.path = normalized.target
+        return None
+
+    async def _refuse(self, ctx: _Context, exchange: Exchange, outcome: _Outcome,
+                      refusal: Refusal | Normalized, start: float, started_at: float) -> None:
+        """Answer a request refused before routing: 400 (counted by reason), or 307 to its
+        normalized target (UNESCAPE_AND_REDIRECT).  Nothing is forwarded."""
+        head = exchange.request
+        request_id = head.header("x-request-id") or self._request_id()
+        protocol = "http/2" if head.version == "2" else "http/1.1"
+        try:
+            if isinstance(refusal, Refusal):
+                log.info("request refused (%s): %s", refusal.reason, refusal)
+                self._metrics.count_bad_request(protocol, refusal.reason)
+                outcome.flags.append("DPE")
+                await self._local_reply(exchange, outcome, 400, "bad request")
+            else:
+                await self._local_reply(exchange, outcome, 307, "",
+                                        headers=[("location", refusal.target)])
+        except (BodyError, ConnectionError, OSError):
+            outcome.flags.append("DC")
+        finally:
+            self._record(ctx, exchange, outcome, start, started_at, request_id)
 
     async def _forward(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
                        outcome: _Outcome) -> None:
@@ -667,6 +712,8 @@ class HttpProxy:
             workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
             backend.port, RequestAttributes(method=head.method, path=head.path,
                                             host=head.authority, headers=dict(head.headers)))
+        # head is _one_meaning's: one line per header name, so the dict loses nothing, and
+        # the path and authority are what the upstream gets.
         return admission.allowed
 
     def _policed(self, admitter: Admitter, workload: Workload) -> bool:
@@ -859,6 +906,14 @@ def _endpoint_view(endpoint: Endpoint,
     if outlier is not None:
         view.update(outlier.endpoint_view(endpoint.key))
     return view
+
+
+def _h2_error_label(code: int) -> str:
+    """A bounded label for an HTTP/2 connection error (h2's messages quote the peer)."""
+    try:
+        return "h2_" + ErrorCodes(code).name.lower()
+    except ValueError:
+        return "h2_error"
 
 
 def _grpc_status(headers: Headers | None) -> int | None:
