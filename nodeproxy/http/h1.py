@@ -333,7 +333,10 @@ class H1Server(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header_bytes(len(name) + len(value) + 4)
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        # RFC 9110 5.5: whitespace around a value is not part of it (llhttp leaves the
+        # trailing part); policy must see the value the backend will.
+        self._headers.append((name.decode("latin-1").lower(),
+                              value.decode("latin-1").strip(" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
