@@ -62,7 +62,13 @@ from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
 from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
-from nodeproxy.http.request_target import Normalized, Refusal, TargetPolicy, normalize
+from nodeproxy.http.request_target import (
+    Normalized,
+    Refusal,
+    TargetPolicy,
+    normalize,
+    normalize_authority,
+)
 from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
@@ -409,6 +415,7 @@ class HttpProxy:
         try:
             head.headers = one_view(head.headers)
             normalized = normalize(head.path, self._target_policy)
+            head.authority = normalize_authority(head.authority)
         except Refusal as e:
             return e
         if normalized.redirect:

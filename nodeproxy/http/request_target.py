@@ -198,6 +198,18 @@ def normalize(target: str, policy: TargetPolicy) -> Normalized:
     return Normalized(normalized + mark + query, normalized, redirect)
 
 
+def normalize_authority(authority: str) -> str:
+    """The Host / :authority policies match and the upstream gets: the host's trailing
+    dot dropped (``web.shop.`` is ``web.shop``, as nginx and DNS read it), the rest as
+    sent (policies compare hosts case-insensitively)."""
+    if authority.startswith("["):  # an IP literal: nothing to drop
+        return authority
+    host, colon, port = authority.partition(":")  # check_authority: one colon at most
+    if host.endswith(".") and host.strip("."):
+        return host.rstrip(".") + colon + port
+    return authority
+
+
 def path_of(target: str) -> str:
     """The path part of a target, what routes and policies match (no query string)."""
     cut = target.find("?")

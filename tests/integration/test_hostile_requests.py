@@ -36,10 +36,19 @@ from tests.integration.observe import metric_sum
 pytestmark = pytest.mark.privileged
 
 PROTOCOL_ERROR = 0x1
+OMIT = "<omit>"  # a pseudo-header value: leave the field out
 REFUSED = "refused"  # 400 (HTTP/1.1), RST_STREAM PROTOCOL_ERROR or 400 (HTTP/2), or GOAWAY
 DENIED = "denied"  # 403 from the proxy
 SERVED = "served"  # 200 from nginx
 ANY = "any"  # the answer depends on the variant; only the judge's verdict counts
+
+
+# One more DENY on the deny variant's backends: by host, what name-based virtual hosting
+# acts on (nginx logs $host: lowercase, without port and trailing dot).
+EVIL_HOST = "evil.test"
+HOST_POLICY = {"name": "deny-evil-host", "namespace": "default",
+               "selector": {"app": "deny-web"}, "action": "DENY",
+               "rules": [{"to": [{"operation": {"hosts": [EVIL_HOST, f"{EVIL_HOST}:*"]}}]}]}
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,21 @@ HEADER_VARIANTS = [
             headers=(("content-type", "text/plain"), ("content-type", "text/html"))),
     Variant("x-request-id-twice", "/public/a", both(REFUSED),
             headers=(("x-request-id", "a"), ("x-request-id", "b"))),
+    Variant("host-evil", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", EVIL_HOST),)),
+    Variant("host-evil-upper", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", "EVIL.Test"),)),
+    Variant("host-evil-port", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", EVIL_HOST + ":8080"),)),
+    Variant("host-evil-dot", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", EVIL_HOST + "."),)),
+    Variant("host-evil-dot-port", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", EVIL_HOST + ".:80"),)),
+    Variant("host-evil-dots", "/public/a", deny_only(ANY, ANY),
+            headers=(("@host", EVIL_HOST + ".."),)),
+    Variant("h2-host-without-authority", "/public/a", deny_only(DENIED, SERVED),
+            protocols=("h2",), pseudo=((":authority", OMIT),),
+            headers=(("host", EVIL_HOST + "."),)),
     Variant("host-twice", "/admin", both(REFUSED), headers=(("host", "other"),),
             protocols=("h1",)),
     Variant("host-userinfo", "/admin", both(REFUSED), protocols=("h1",),
@@ -220,7 +244,14 @@ _probe = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[HostileMesh]:
-    yield from hostile.hostile_mesh()
+    yield from hostile.hostile_mesh({"authorizationPolicies": [HOST_POLICY]})
+
+
+def host_violations(target: Target) -> list[dict[str, Any]]:
+    if target.variant != "deny":
+        return []
+    return [e for d in (target.h1_dir, target.h2_dir) for e in backend_log(d)
+            if e.get("host") == EVIL_HOST]
 
 
 def with_probe(path: str, probe: int) -> str:
@@ -244,9 +275,13 @@ def h1_bytes(v: Variant, path: str, authority: str) -> bytes:
 def h2_fields(v: Variant, path: str, authority: str) -> list[tuple[str, str]]:
     """The header block as sent: the four pseudo-headers (``pseudo`` replaces their
     values), ``extra_pseudo`` after them, then the regular fields."""
-    pseudo = {":method": v.method, ":scheme": "http", ":authority": authority,
-              ":path": path, **dict(v.pseudo)}
-    return [*pseudo.items(), *v.extra_pseudo, *v.headers]
+    hosts = [value for name, value in v.headers if name == "@host"]
+    pseudo = {":method": v.method, ":scheme": "http",
+              ":authority": hosts[0] if hosts else authority, ":path": path,
+              **dict(v.pseudo)}
+    regular = [(n, val) for n, val in v.headers if n != "@host"]
+    return [*((n, val) for n, val in pseudo.items() if val != OMIT), *v.extra_pseudo,
+            *regular]
 
 
 @dataclass
@@ -333,7 +368,7 @@ def check(mesh: HostileMesh, sent: list[Sent]) -> None:
     """The judge first (nothing forbidden reached nginx), then each answer."""
     by_probe = {s.probe: s for s in sent}
     for target in mesh.targets.values():
-        bad = violations(target)
+        bad = violations(target) + host_violations(target)
         named = [(by_probe[p].label if p in by_probe else "?", e)
                  for p, e in logged(target).items() if e in bad]
         assert bad == [], f"nginx acted on requests the policy forbids: {named or bad}"
@@ -420,7 +455,7 @@ def test_decode_and_merge_slashes(mesh: HostileMesh) -> None:
     settings = {"pathNormalization": "DECODE_AND_MERGE_SLASHES"}
     c.write_configs(overrides={
         "http": {"accessLog": {"path": os.path.join(c.dir, "access.log")}, **settings},
-        "authorizationPolicies": hostile.POLICIES})
+        "authorizationPolicies": [*hostile.POLICIES, HOST_POLICY]})
     c.reload_daemons()
     try:
         escaped = [Variant(v.name, v.path, both(DENIED)) for v in PATH_VARIANTS
@@ -437,5 +472,5 @@ def test_decode_and_merge_slashes(mesh: HostileMesh) -> None:
     finally:
         c.write_configs(overrides={
             "http": {"accessLog": {"path": os.path.join(c.dir, "access.log")}},
-            "authorizationPolicies": hostile.POLICIES})
+            "authorizationPolicies": [*hostile.POLICIES, HOST_POLICY]})
         c.reload_daemons()

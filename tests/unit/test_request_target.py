@@ -20,6 +20,7 @@ from nodeproxy.http.request_target import (
     check_method,
     check_target,
     normalize,
+    normalize_authority,
     path_of,
 )
 
@@ -285,3 +286,11 @@ def test_decode_mode_refuses_an_action_that_contradicts_it(action: str) -> None:
 def test_unknown_values_are_refused(value: dict[str, str]) -> None:
     with pytest.raises(ValidationError):
         HttpSettings.model_validate(value)
+
+
+@pytest.mark.parametrize(("authority", "normalized"), [
+    ("web", "web"), ("web.", "web"), ("web.:80", "web:80"), ("Web.Shop.:8080", "Web.Shop:8080"),
+    ("web..", "web"), ("10.0.0.1.:80", "10.0.0.1:80"), ("[fd00::1]", "[fd00::1]"),
+    ("[fd00::1]:80", "[fd00::1]:80"), (".", "."), ("", ""), (":80", ":80")])
+def test_authority_loses_its_trailing_dot(authority: str, normalized: str) -> None:
+    assert normalize_authority(authority) == normalized
