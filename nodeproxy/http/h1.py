@@ -8,7 +8,10 @@ hands Upgrade requests over whole (``H1Exchange.take_over``).  llhttp is strict 
 default: conflicting Content-Length and Transfer-Encoding, duplicate Content-Length,
 invalid chunk sizes, bare LF line ends, obsolete line folding, and control characters
 in the request line are errors.  On top of it this codec refuses a header block over
-its limit (431) and any transfer coding but ``chunked`` (501, as Envoy does).  Every
+its limit (431), any transfer coding but ``chunked`` (501, as Envoy does), Host sent
+twice, and a target or Host that request_target.py finds malformed (400: absolute
+form, ``*`` but for OPTIONS, a fragment, a bad escape, userinfo); header values lose
+surrounding whitespace.  Every
 malformed request gets its error response and the connection is closed; nothing else
 is touched.
 

@@ -560,6 +560,9 @@ class H2Server(_H2Protocol):
     FLOW_CONTROL_ERROR, ...), call ``on_protocol_error(code, message)`` and close.
     ``expect: 100-continue`` is answered here (and removed); ``te: trailers`` stays in the
     request's headers (gRPC needs it end to end), the only hop-by-hop field that does.
+    A request whose pseudo-headers RFC 9113 8.3 forbids beyond what h2 checks
+    (``check_pseudo_headers``) is reset (PROTOCOL_ERROR) without the handler, and
+    ``on_bad_request(reason)`` is called; CONNECT is answered 501.
     At most ``max_concurrent_streams`` handlers run at once: a stream past that, even one
     h2 would allow because earlier ones were reset, is refused (REFUSED_STREAM).
 

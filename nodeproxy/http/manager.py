@@ -1,6 +1,8 @@
 """The HTTP connection manager: every request of a captured client connection to a service.
 
-Per request (Envoy's order): match a route rule (none: 404, flag NR), pick the rule's
+Per request (Envoy's order): give the request its one meaning (request_target.py,
+header_fields.py: the target normalized, one value per header name; a refusal is 400,
+flag DPE), match a route rule (none: 404, flag NR), pick the rule's
 backend service by weight, pick an endpoint with the service's balancer, authorize the
 request against the destination workload's policies (403, flag UAEX), send it over a
 pooled upstream connection, and retry a failed attempt when the rule's retry policy, the
