@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, NamedTuple, get_args
 
 from nodeproxy.config.model import EscapedSlashAction, PathNormalizationMode
 
@@ -80,8 +80,7 @@ class TargetPolicy:
         return cls(settings.path_normalization, settings.escaped_slashes_in_effect)
 
 
-@dataclass(frozen=True, slots=True)
-class Normalized:
+class Normalized(NamedTuple):
     """A normalized target: ``target`` goes upstream (path and query), ``path`` is what
     routes and policies match; ``redirect``: answer 307 to ``target`` instead
     (UNESCAPE_AND_REDIRECT found escaped slashes)."""
@@ -126,7 +125,7 @@ def check_target(method: str, target: str) -> None:
                                               "visible ASCII")
     if "#" in target:
         raise Refusal("fragment", f"target {target[:64]!r} carries a fragment")
-    if _BAD_ESCAPE.search(target):
+    if "%" in target and _BAD_ESCAPE.search(target):
         raise Refusal("bad_escape", f"target {target[:64]!r} has a malformed % escape")
 
 
@@ -193,6 +192,8 @@ def normalize_path(path: str, policy: TargetPolicy) -> tuple[str, bool]:
 def normalize(target: str, policy: TargetPolicy) -> Normalized:
     """A validated target (see check_target) normalized: see the module docstring."""
     path, mark, query = target.partition("?")
+    if "%" not in path and "\\" not in path and "//" not in path and "/." not in path:
+        return Normalized(target, path)  # nearly every request: nothing to do
     normalized, unescaped = normalize_path(path, policy)
     redirect = unescaped and policy.escaped_slashes == "UNESCAPE_AND_REDIRECT"
     return Normalized(normalized + mark + query, normalized, redirect)
