@@ -12,8 +12,8 @@ lists every request nginx acted on that the policy forbids, as nginx understood 
 Each request carries a ``probe=<n>`` query parameter, so a violation names its variant.
 
 The default settings (``pathNormalization: MERGE_SLASHES``, escaped slashes refused) are
-tested first; ``test_decode_and_merge_slashes`` then reloads the nodes with the other
-safe setting and runs the escaped-slash variants again.
+tested first; ``test_decode_and_merge_slashes`` and ``test_unescape_and_redirect`` then
+reload the nodes with the other safe settings and run the escaped-slash variants again.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ OMIT = "<omit>"  # a pseudo-header value: leave the field out
 REFUSED = "refused"  # 400 (HTTP/1.1), RST_STREAM PROTOCOL_ERROR or 400 (HTTP/2), or GOAWAY
 DENIED = "denied"  # 403 from the proxy
 SERVED = "served"  # 200 from nginx
+REDIRECTED = "redirected"  # 307 from the proxy (UNESCAPE_AND_REDIRECT)
 ANY = "any"  # the answer depends on the variant; only the judge's verdict counts
 
 
@@ -305,14 +306,16 @@ class Sent:
             status = received[9:12].decode("latin-1") if received.startswith(b"HTTP/") \
                 else ""
             body = received.partition(b"\r\n\r\n")[2]
-            kind = {"400": REFUSED, "403": DENIED, "200": SERVED}.get(status, status)
+            kind = {"400": REFUSED, "403": DENIED, "200": SERVED,
+                    "307": REDIRECTED}.get(status, status)
             if not received and (r["closed_by_peer"] or r["reset"]):
                 kind = REFUSED  # closed without an answer: nothing was served
             return kind, received[:200].decode("latin-1")
         body = bytes.fromhex(r["body_hex"])
         if r["reset"] == PROTOCOL_ERROR or r["goaway"] == PROTOCOL_ERROR:
             return REFUSED, f"reset={r['reset']} goaway={r['goaway']}"
-        kind = {400: REFUSED, 403: DENIED, 200: SERVED}.get(r["status"], str(r["status"]))
+        kind = {400: REFUSED, 403: DENIED, 200: SERVED,
+                307: REDIRECTED}.get(r["status"], str(r["status"]))
         return kind, f"{r['status']} {body[:100]!r} {r['error'] or ''}"
 
     @property
@@ -449,17 +452,24 @@ def test_refusals_are_counted_by_reason(mesh: HostileMesh) -> None:
     assert delta("http/2", "bad_scheme") == targets
 
 
-def test_decode_and_merge_slashes(mesh: HostileMesh) -> None:
-    """The other safe setting: escaped slashes decoded, then judged and forwarded."""
+def reconfigure(mesh: HostileMesh, settings: dict[str, Any]) -> None:
+    """Reload both nodes with the fixture's configuration and these `http` settings."""
     c = mesh.cluster
-    settings = {"pathNormalization": "DECODE_AND_MERGE_SLASHES"}
     c.write_configs(overrides={
         "http": {"accessLog": {"path": os.path.join(c.dir, "access.log")}, **settings},
         "authorizationPolicies": [*hostile.POLICIES, HOST_POLICY]})
     c.reload_daemons()
+
+
+ESCAPED_SLASH_VARIANTS = [v for v in PATH_VARIANTS if v.name.startswith(
+    ("pct-slash", "pct-backslash", "pct-dotdot-slash"))]
+
+
+def test_decode_and_merge_slashes(mesh: HostileMesh) -> None:
+    """The other safe setting: escaped slashes decoded, then judged and forwarded."""
+    reconfigure(mesh, {"pathNormalization": "DECODE_AND_MERGE_SLASHES"})
     try:
-        escaped = [Variant(v.name, v.path, both(DENIED)) for v in PATH_VARIANTS
-                   if v.name.startswith(("pct-slash", "pct-backslash", "pct-dotdot-slash"))]
+        escaped = [Variant(v.name, v.path, both(DENIED)) for v in ESCAPED_SLASH_VARIANTS]
         legit = Variant("public-escaped-slash", "/public/a%2Fb", both(SERVED),
                         served_as="/public/a/b")
         sent = send(mesh, [*escaped, legit], PAIRS)
@@ -470,7 +480,21 @@ def test_decode_and_merge_slashes(mesh: HostileMesh) -> None:
                 assert entry is not None and \
                     entry["request_uri"] == with_probe("/public/a/b", s.probe), s.label
     finally:
-        c.write_configs(overrides={
-            "http": {"accessLog": {"path": os.path.join(c.dir, "access.log")}},
-            "authorizationPolicies": [*hostile.POLICIES, HOST_POLICY]})
-        c.reload_daemons()
+        reconfigure(mesh, {})
+
+
+def test_unescape_and_redirect(mesh: HostileMesh) -> None:
+    """307 to the decoded path; nothing reaches nginx until the client asks again."""
+    reconfigure(mesh, {"escapedSlashesAction": "UNESCAPE_AND_REDIRECT"})
+    try:
+        variants = [Variant(v.name, v.path, both(REDIRECTED)) for v in ESCAPED_SLASH_VARIANTS]
+        legit = Variant("public-escaped-slash", "/public/a%2Fb", both(REDIRECTED))
+        sent = send(mesh, [*variants, legit], [("h1", "h1"), ("h2", "h2")])
+        check(mesh, sent)
+        for s in sent:
+            assert logged(s.target).get(s.probe) is None, s.label
+            if s.variant is legit and s.client == "h1":
+                head = bytes.fromhex(s.result["received_hex"]).partition(b"\r\n\r\n")[0]
+                assert f"location: /public/a/b?probe={s.probe}".encode() in head, head
+    finally:
+        reconfigure(mesh, {})

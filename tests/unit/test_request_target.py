@@ -294,3 +294,37 @@ def test_unknown_values_are_refused(value: dict[str, str]) -> None:
     ("[fd00::1]:80", "[fd00::1]:80"), (".", "."), ("", ""), (":80", ":80")])
 def test_authority_loses_its_trailing_dot(authority: str, normalized: str) -> None:
     assert normalize_authority(authority) == normalized
+
+
+# --- routing and policy see the same request ------------------------------------------------
+
+def test_routes_and_policies_see_the_same_header_value_and_path() -> None:
+    """What _one_meaning does to a head (one_view, normalize) is all either ever sees:
+    a route on x-role "ok" and a DENY on x-role "blocked" agree on "blocked, ok"."""
+    from nodeproxy.config.loader import parse_config
+    from nodeproxy.http.message import RequestHead
+    from nodeproxy.http.routes import Routes
+    from nodeproxy.policy.authorization import RequestAttributes
+    from tests.unit.test_config import HEAD
+    from tests.unit.test_http_routes import SERVICES
+
+    text = HEAD + SERVICES + """\
+httpRoutes:
+  - name: r
+    service: web
+    rules:
+      - matches: [{path: {value: /admin}, headers: [{name: x-role, value: "blocked, ok"}]}]
+        backendRefs: [{name: v2}]
+      - matches: [{path: {value: /admin}, headers: [{name: x-role, value: ok}]}]
+        backendRefs: [{name: plain}]
+"""
+    table = Routes(parse_config(text, "node.yaml").config).table("default/web", 80)
+    head = RequestHead("GET", "/public//../admin?x=1", "web",
+                       [("x-role", "blocked"), ("x-role", "ok")])
+    head.headers = one_view(head.headers)
+    head.path = normalize(head.path, TargetPolicy()).target
+    rule = table.match(head)
+    assert rule is not None and rule.backends[0].service == "default/v2"
+    attributes = RequestAttributes(head.method, head.path, head.authority, dict(head.headers))
+    assert attributes.header("x-role") == "blocked, ok" == head.header("x-role")
+    assert path_of(attributes.path) == "/admin"
