@@ -702,7 +702,7 @@ class H2Server(_H2Protocol):
         try:  # RFC 9113 8.3; h2 has checked the rest of 8.2 and 8.3 (see the docstring)
             check_pseudo_headers(pseudo, authority)
         except Refusal as e:
-            log.info("malformed HTTP/2 request from %s (stream %d): %s",
+            log.debug("malformed HTTP/2 request from %s (stream %d): %s",
                      self.peername, stream_id, e)
             if self.on_bad_request is not None:
                 self.on_bad_request(e.reason)

@@ -434,7 +434,7 @@ class HttpProxy:
         protocol = "http/2" if head.version == "2" else "http/1.1"
         try:
             if isinstance(refusal, Refusal):
-                log.info("request refused (%s): %s", refusal.reason, refusal)
+                log.debug("request refused (%s): %s", refusal.reason, refusal)
                 self._metrics.count_bad_request(protocol, refusal.reason)
                 outcome.flags.append("DPE")
                 await self._local_reply(exchange, outcome, 400, "bad request")
