@@ -31,10 +31,11 @@ SINGLETONS = frozenset({
     "origin",  # RFC 6454 7
     "access-control-request-method",  # Fetch
     "sec-websocket-key",  # RFC 6455 11.3.1
-    "traceparent",  # W3C Trace Context: more than one is invalid
     "x-request-id",  # the request's id in logs and traces: two would name two requests
     "grpc-timeout", "grpc-encoding",  # gRPC over HTTP/2
 })
+# Not here: traceparent (W3C Trace Context makes a repeated one invalid, which the
+# tracing code answers with a fresh trace, not a refusal).
 # Joined with "; " instead of ", ".
 SEMICOLON_JOINED = frozenset({"cookie"})
 
