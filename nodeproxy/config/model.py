@@ -695,7 +695,7 @@ class AccessLogSettings(Model):
 
 
 # Istio's meshConfig pathNormalization modes and Envoy's path_with_escaped_slashes_action
-# (docs/http.md, "Request targets"; nodeproxy/http/request_target.py applies them).
+# (docs/http.md, "One request, one meaning"; nodeproxy/http/request_target.py applies them).
 PathNormalizationMode = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
 EscapedSlashAction = Literal["KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
                              "UNESCAPE_AND_FORWARD"]
