@@ -8,7 +8,10 @@ hands Upgrade requests over whole (``H1Exchange.take_over``).  llhttp is strict 
 default: conflicting Content-Length and Transfer-Encoding, duplicate Content-Length,
 invalid chunk sizes, bare LF line ends, obsolete line folding, and control characters
 in the request line are errors.  On top of it this codec refuses a header block over
-its limit (431) and any transfer coding but ``chunked`` (501, as Envoy does).  Every
+its limit (431), any transfer coding but ``chunked`` (501, as Envoy does), Host sent
+twice, and a target or Host that request_target.py finds malformed (400: absolute
+form, ``*`` but for OPTIONS, a fragment, a bad escape, userinfo); header values lose
+surrounding whitespace.  Every
 malformed request gets its error response and the connection is closed; nothing else
 is touched.
 
@@ -49,6 +52,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.request_target import Refusal, check_authority, check_target
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +84,15 @@ def _no_body_status(status: int) -> bool:
 
 
 class BadRequest(Exception):
-    """A request the proxy refuses to parse further: `status` is what the client gets."""
+    """A request the proxy refuses to parse further: `status` is what the client gets,
+    `label` the fixed reason it is counted under (`reason`, which may quote the request,
+    is only logged)."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, label: str | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.label = label or reason
 
 
 class _Writer:
@@ -315,13 +322,13 @@ class H1Server(asyncio.Protocol):
                 upgrading.keep_alive = False
             self._hold(data[offset:])
         except BadRequest as e:
-            self._bad_request(e.status, e.reason)
+            self._bad_request(e.status, e.reason, e.label)
         except httptools.HttpParserError as e:
             # httptools wraps what a callback raises: our own refusals keep their status.
             cause = e.__cause__ or e.__context__
             if isinstance(cause, BadRequest):
-                self._bad_request(cause.status, cause.reason)
-            else:
+                self._bad_request(cause.status, cause.reason, cause.label)
+            else:  # llhttp's messages are fixed texts ("Invalid header value char", ...)
                 self._bad_request(400, str(e) or type(e).__name__)
 
     def eof_received(self) -> bool:
@@ -363,7 +370,10 @@ class H1Server(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header_bytes(len(name) + len(value) + 4)
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        # RFC 9110 5.5: whitespace around a value is not part of it (llhttp leaves the
+        # trailing part); policy must see the value the backend will.
+        self._headers.append((name.decode("latin-1").lower(),
+                              value.decode("latin-1").strip(" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -373,17 +383,20 @@ class H1Server(asyncio.Protocol):
         authority = ""
         connection: set[str] = set()
         expect_continue = upgrade = False
+        hosts = 0
         for name, value in self._headers:
             if name == "host":
                 authority = value
+                hosts += 1
             elif name == "connection":
                 connection.update(t.strip().lower() for t in value.split(","))
             elif name == "transfer-encoding":
                 if value.strip().lower() != "chunked":
-                    raise BadRequest(501, f"transfer coding {value!r} not supported")
+                    raise BadRequest(501, f"transfer coding {value!r} not supported",
+                                     "transfer_coding")
             elif name == "expect":
                 if value.strip().lower() != "100-continue":
-                    raise BadRequest(417, f"unsupported expectation {value!r}")
+                    raise BadRequest(417, f"unsupported expectation {value!r}", "expectation")
                 expect_continue = version == "1.1"
             elif name == "upgrade":
                 upgrade = True
@@ -391,13 +404,19 @@ class H1Server(asyncio.Protocol):
             elif name not in HOP_BY_HOP:
                 headers.append((name, value))
         if version == "1.1" and not authority:
-            raise BadRequest(400, "HTTP/1.1 request without Host")
+            raise BadRequest(400, "HTTP/1.1 request without Host", "no_host")
+        if hosts > 1:
+            raise BadRequest(400, f"Host sent {hosts} times", "repeated_host")
         upgrade = upgrade and "upgrade" in connection and parser.should_upgrade()
         url = bytes(self._url).decode("latin-1")
         if method == "CONNECT":
             upgrade = True  # llhttp ends HTTP parsing after it; the handler refuses it
-        elif not url.startswith("/") and not (method == "OPTIONS" and url == "*"):
-            raise BadRequest(400, "request target is not in origin form")
+        else:
+            try:  # RFC 9112 3.2 and 3.2.2; normalizing is the manager's (request_target.py)
+                check_authority(authority)
+                check_target(method, url)
+            except Refusal as e:
+                raise BadRequest(400, str(e), e.reason) from e
         keep_alive = parser.should_keep_alive() and not upgrade
         exchange = H1Exchange(
             self, RequestHead(method, url, authority, headers, version=version),
@@ -440,7 +459,8 @@ class H1Server(asyncio.Protocol):
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self._max_header_bytes:
-            raise BadRequest(431, f"request header block over {self._max_header_bytes} bytes")
+            raise BadRequest(431, f"request header block over {self._max_header_bytes} bytes",
+                             "header_too_large")
 
     def _next(self) -> None:
         if self._current is not None or not self._queue or self.lost:
@@ -491,9 +511,9 @@ class H1Server(asyncio.Protocol):
             return
         self._resume()
 
-    def _bad_request(self, status: int, reason: str) -> None:
+    def _bad_request(self, status: int, reason: str, label: str | None = None) -> None:
         if self._on_bad_request is not None:
-            self._on_bad_request(reason)
+            self._on_bad_request(label or reason)
         log.info("bad HTTP/1.1 request from %s: %s",
                  self.transport.get_extra_info("peername") if self.transport else "?", reason)
         if self._parsing is not None:

@@ -1,6 +1,8 @@
 """The HTTP connection manager: every request of a captured client connection to a service.
 
-Per request (Envoy's order): match a route rule (none: 404, flag NR), pick the rule's
+Per request (Envoy's order): give the request its one meaning (request_target.py,
+header_fields.py: the target normalized, one value per header name; a refusal is 400,
+flag DPE), match a route rule (none: 404, flag NR), pick the rule's
 backend service by weight, pick an endpoint with the service's balancer, authorize the
 request against the destination workload's policies (403, flag UAEX), send it over a
 pooled upstream connection, and retry a failed attempt when the rule's retry policy, the
@@ -51,7 +53,8 @@ from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
 from nodeproxy.http.h1 import H1Client, H1Exchange, H1Server
-from nodeproxy.http.h2 import H2Server
+from nodeproxy.http.h2 import ErrorCodes, H2Server
+from nodeproxy.http.header_fields import one_view
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -70,6 +73,13 @@ from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
 from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
+from nodeproxy.http.request_target import (
+    Normalized,
+    Refusal,
+    TargetPolicy,
+    normalize,
+    normalize_authority,
+)
 from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
@@ -203,6 +213,7 @@ class HttpProxy:
         self._tracer: Tracer | None = None  # None: tracing off, one check per request
         self._random = random.Random()
         self._settings = HttpSettings()
+        self._target_policy = TargetPolicy.of(self._settings)
         self._routes: Routes | None = None
         self._limiters = Limiters()
         self._workload_limits: dict[tuple[str, str], Limiter] = {}
@@ -229,6 +240,7 @@ class HttpProxy:
         """A new configuration or pod set: rebuild routes and clusters; close the pools of
         pods no longer enrolled and of endpoints no longer listed."""
         self._settings = config.http
+        self._target_policy = TargetPolicy.of(config.http)
         if self._tracing is not None:
             self._tracer = self._tracing.configure(config.tracing)
         self._limiters = Limiters(self._limiters)
@@ -344,7 +356,8 @@ class HttpProxy:
             h2_server = _ClientH2Server(
                 handle, max_header_bytes=settings.max_header_bytes,
                 on_protocol_error=lambda code, message:
-                self._metrics.count_bad_request("http/2", message))
+                self._metrics.count_bad_request("http/2", _h2_error_label(code)),
+                on_bad_request=bad_request("http/2"))
             h2_server.on_closed = connection.closed
             connection.server = h2_server
             h2_server.attach(transport, initial)
@@ -367,6 +380,10 @@ class HttpProxy:
         started_at = time.time()
         head = exchange.request
         outcome = _Outcome(service=ctx.entry.fqdn)
+        refusal = self._one_meaning(head)
+        if refusal is not None:
+            await self._refuse(ctx, exchange, outcome, refusal, start, started_at)
+            return
         request_id = head.header("x-request-id")
         if request_id is None:
             request_id = self._request_id()
@@ -421,6 +438,45 @@ class HttpProxy:
                 exchange.reset()
             else:
                 await self._local_reply(exchange, outcome, 504, "upstream request timeout")
+
+    def _one_meaning(self, head: RequestHead) -> Refusal | Normalized | None:
+        """Give the request the one meaning routing, authorization and the upstream all
+        use: its header fields one per name (header_fields.py) and its target normalized
+        (request_target.py), in place.  A Refusal, or the Normalized target when it is to
+        be redirected to; None when the request goes on.  CONNECT's target is an
+        authority, not a path: it is refused whole in _handle (upgrade.py)."""
+        if head.method == "CONNECT":
+            return None
+        try:
+            head.headers = one_view(head.headers)
+            normalized = normalize(head.path, self._target_policy)
+            head.authority = normalize_authority(head.authority)
+        except Refusal as e:
+            return e
+        if normalized.redirect:
+            return normalized
+        head.path = normalized.target
+        return None
+
+    async def _refuse(self, ctx: _Context, exchange: Exchange, outcome: _Outcome,
+                      refusal: Refusal | Normalized, start: float, started_at: float) -> None:
+        """Answer a request refused before routing: 400 (counted by reason), or 307 to its
+        normalized target (UNESCAPE_AND_REDIRECT).  Nothing is forwarded."""
+        head = exchange.request
+        request_id = head.header("x-request-id") or self._request_id()
+        try:
+            if isinstance(refusal, Refusal):
+                log.debug("request refused (%s): %s", refusal.reason, refusal)
+                self._metrics.count_bad_request(_wire(head), refusal.reason)
+                outcome.flags.append("DPE")
+                await self._local_reply(exchange, outcome, 400, "bad request")
+            else:
+                await self._local_reply(exchange, outcome, 307, "",
+                                        headers=[("location", refusal.target)])
+        except (BodyError, ConnectionError, OSError):
+            outcome.flags.append("DC")
+        finally:
+            self._record(ctx, exchange, outcome, start, started_at, request_id)
 
     async def _forward(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
                        outcome: _Outcome) -> None:
@@ -703,6 +759,8 @@ class HttpProxy:
             workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
             backend.port, RequestAttributes(method=head.method, path=head.path,
                                             host=head.authority, headers=dict(head.headers)))
+        # head is _one_meaning's: one line per header name, so the dict loses nothing, and
+        # the path and authority are what the upstream gets.
         return admission.allowed
 
     def _policed(self, admitter: Admitter, workload: Workload) -> bool:
@@ -1006,6 +1064,14 @@ def _endpoint_view(endpoint: Endpoint,
 def _wire(head: RequestHead) -> str:
     """The protocol label of the proxy's own counters ("http/1.1", "http/2")."""
     return "http/2" if head.version == "2" else "http/1.1"
+
+
+def _h2_error_label(code: int) -> str:
+    """A bounded label for an HTTP/2 connection error (h2's messages quote the peer)."""
+    try:
+        return "h2_" + ErrorCodes(code).name.lower()
+    except ValueError:
+        return "h2_error"
 
 
 def _grpc_status(headers: Headers | None) -> int | None:
