@@ -260,7 +260,7 @@ class Daemon:
                               trust_domain=cfg.mesh.trust_domain, access_log=self.access_log,
                               live=self.live,
                               tracing=Tracing(self.registry, cfg.node.name),
-                              shares=self.pod_shares)
+                              tcp_metrics=self.metrics, shares=self.pod_shares)
         self.proxy = OutboundProxy(
             upstreams=upstreams, http=self.http, metrics=self.metrics,
             table=lambda: self._table, on_captured=self.steering.on_outbound,
