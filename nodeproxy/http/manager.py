@@ -322,9 +322,10 @@ class HttpProxy:
 
         if http2_client:
             h2_server = _ClientH2Server(
-                handle, max_header_bytes=settings.max_header_bytes,
+                handle, max_header_bytes=settings.max_header_bytes, limits=settings.http2,
                 on_protocol_error=lambda code, message:
-                self._metrics.count_bad_request("http/2", message))
+                self._metrics.count_bad_request("http/2", message),
+                on_abuse=self._metrics.count_http2_abuse)
             h2_server.on_closed = connection.closed
             connection.server = h2_server
             h2_server.attach(transport, initial)
