@@ -502,7 +502,7 @@ class H2Exchange:
         self.body = Body(on_consumed=lambda n: server._consumed(stream_id, self.inflow, n))
         self.trailers: Headers | None = None
         self.reset_code: int | None = None  # the client's RST_STREAM code
-        self.started = server._loop.time()
+        self.started = server.guard.now()
         self.counted = False  # its end is counted in the server's FrameGuard
         self.done = False  # its handler has ended
         self.task: asyncio.Task[None] | None = None  # the handler's
@@ -635,8 +635,8 @@ class H2Server(_H2Protocol):
         self.on_abuse = on_abuse
         self.exchanges: dict[int, H2Exchange] = {}
         self.guard = self.conn.guard = FrameGuard(
-            limits or Http2Limits(), clock=self._loop.time,
-            is_open=self.exchanges.__contains__)
+            limits or Http2Limits(), clock=self._loop.time, is_open=self._stream_open)
+        self.conn.processed_stream_id = 0
         self.peername: Any = None
         self.requests = 0  # streams accepted so far
         self._tasks: set[asyncio.Task[None]] = set()
@@ -714,6 +714,11 @@ class H2Server(_H2Protocol):
         super()._abuse(abuse)
         if self.on_abuse is not None:
             self.on_abuse(abuse.reason)
+
+    def _stream_open(self, stream_id: int) -> bool:
+        """Is the stream open in h2 (judged as a frame arrives, before its events)?"""
+        stream = self.conn.streams.get(stream_id)
+        return stream is not None and not stream.closed
 
     @staticmethod
     def _cancel(exchange: H2Exchange) -> None:

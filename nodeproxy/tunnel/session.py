@@ -259,8 +259,7 @@ class H2Session(asyncio.Protocol):
         self._on_abuse = on_abuse
         if limits is not None and not client_side:
             self.guard = self.conn.guard = FrameGuard(
-                limits, clock=asyncio.get_running_loop().time,
-                is_open=self.streams.__contains__)
+                limits, clock=asyncio.get_running_loop().time, is_open=self._stream_open)
 
     # -- asyncio protocol ----------------------------------------------------
 
@@ -308,6 +307,11 @@ class H2Session(asyncio.Protocol):
             if self.closed or (self.transport is not None and self.transport.is_closing()):
                 break
         self.flush()
+
+    def _stream_open(self, stream_id: int) -> bool:
+        """Is the stream open in h2 (judged as a frame arrives, before its events)?"""
+        stream = self.conn.streams.get(stream_id)
+        return stream is not None and not stream.closed
 
     def _abuse(self, abuse: Abuse) -> None:
         """A budget was spent: GOAWAY ENHANCE_YOUR_CALM (h2 queued it if a frame raised),
