@@ -71,6 +71,7 @@ MAX_CONCURRENT_STREAMS = 1000  # advertised by the server side
 MAX_HEADER_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default
 INITIAL_STREAMS = 100  # what the client side assumes before the server's SETTINGS
 _DEFAULT_WINDOW = 65535  # RFC 9113's initial window
+ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 
 _Connection_States = h2.connection.ConnectionState
 _Inputs = h2.connection.ConnectionInputs
@@ -336,7 +337,9 @@ class _H2Protocol(asyncio.Protocol):
 
     def _abuse(self, abuse: Abuse) -> None:
         """A budget was spent (h2_guard.py): GOAWAY ENHANCE_YOUR_CALM (queued by h2 when
-        raised from a frame) naming the last stream a handler took, and close."""
+        raised from a frame) naming the last stream a handler took; stop reading, and
+        close a moment later (Envoy's delayed close), so the GOAWAY is read before the
+        close resets the connection under what the client is still sending."""
         self._failed = True
         if not self.conn.terminated:
             try:
@@ -345,7 +348,15 @@ class _H2Protocol(asyncio.Protocol):
             except h2.exceptions.ProtocolError:
                 pass
         self._flush()
-        self._close_transport()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            transport.pause_reading()
+        with contextlib.suppress(Exception):
+            if transport.can_write_eof():
+                transport.write_eof()
+        self._loop.call_later(ABUSE_CLOSE_DELAY, self._close_transport)
 
     def _protocol_error(self, code: int, message: str) -> None:
         """Send the GOAWAY h2 has queued with `code` (or one: a bad preface raises before
@@ -712,6 +723,9 @@ class H2Server(_H2Protocol):
         log.warning("HTTP/2 client %s over its budget (%s): %s; GOAWAY ENHANCE_YOUR_CALM",
                     self.peername, abuse.reason, abuse)
         super()._abuse(abuse)
+        for exchange in list(self.exchanges.values()):
+            exchange._client_left("the connection was closed for abuse")
+            self._cancel(exchange)
         if self.on_abuse is not None:
             self.on_abuse(abuse.reason)
 

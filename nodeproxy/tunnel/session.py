@@ -39,6 +39,7 @@ STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 2**31 - 1
 MAX_FRAME = 64 * 1024 - 1
 HIGH_WATER = 1024 * 1024
+ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 LOW_WATER = 256 * 1024
 
 
@@ -257,6 +258,7 @@ class H2Session(asyncio.Protocol):
         self.local_identity: str | None = None
         self.guard: FrameGuard | None = None
         self._on_abuse = on_abuse
+        self._abused = False
         if limits is not None and not client_side:
             self.guard = self.conn.guard = FrameGuard(
                 limits, clock=asyncio.get_running_loop().time, is_open=self._stream_open)
@@ -289,6 +291,8 @@ class H2Session(asyncio.Protocol):
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self._abused:
+            return
         if self.transport is None:  # TLS delivered data before we were started
             self._before_start.append(data)
             return
@@ -304,7 +308,8 @@ class H2Session(asyncio.Protocol):
             return
         for event in events:
             self._dispatch(event)
-            if self.closed or (self.transport is not None and self.transport.is_closing()):
+            if self._abused or self.closed or \
+                    (self.transport is not None and self.transport.is_closing()):
                 break
         self.flush()
 
@@ -319,13 +324,19 @@ class H2Session(asyncio.Protocol):
         log.warning("HBONE peer %s (%s) over its HTTP/2 budget (%s): %s; "
                     "GOAWAY ENHANCE_YOUR_CALM", self.peername, self.peer_identity,
                     abuse.reason, abuse)
+        self._abused = True
         try:
             self.conn.close_connection(abuse.error_code)
         except h2.exceptions.ProtocolError:
             pass  # h2 has queued it already
         self.flush()
         self.goaway = True
-        self._close_transport()
+        for stream in list(self.streams.values()):
+            stream._finish(ConnectionResetError("tunnel closed for abuse"))
+        if self.transport is not None:
+            # Read nothing more; close a moment later, so the GOAWAY is read first.
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(ABUSE_CLOSE_DELAY, self._close_transport)
         if self._on_abuse is not None:
             self._on_abuse(abuse.reason)
 

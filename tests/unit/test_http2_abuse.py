@@ -24,16 +24,25 @@ import uvloop
 from hyperframe.frame import RstStreamFrame
 
 from nodeproxy.config.model import Http2Limits
+from nodeproxy.http import h2 as h2_module
 from nodeproxy.http import h2_guard
 from nodeproxy.http.h2 import H2Client, H2Server
 from nodeproxy.http.h2_guard import FrameGuard, TokenBucket
 from nodeproxy.http.message import Body, Exchange, ReplayableBody, RequestHead, ResponseHead
 from nodeproxy.http.pool import EndpointPool
+from nodeproxy.tunnel import session as session_module
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 
 ErrorCodes = h2.errors.ErrorCodes
 CALM = ErrorCodes.ENHANCE_YOUR_CALM
 HEADERS = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "a.test")]
+
+
+@pytest.fixture(autouse=True)
+def quick_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The close after an ENHANCE_YOUR_CALM GOAWAY comes at once here."""
+    monkeypatch.setattr(h2_module, "ABUSE_CLOSE_DELAY", 0.01)
+    monkeypatch.setattr(session_module, "ABUSE_CLOSE_DELAY", 0.01)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -155,13 +164,14 @@ async def ok(exchange: Exchange) -> None:
     await exchange.finish()
 
 
-def assert_calm(peer: Peer, server: H2Server | H2Session, abuses: list[str], reason: str,
+async def assert_calm(peer: Peer, server: H2Server | H2Session, abuses: list[str], reason: str,
                 *, last_stream_id: int) -> None:
     goaway = peer.goaway()
     assert goaway is not None, "no GOAWAY"
     assert goaway.error_code == CALM
     assert goaway.last_stream_id == last_stream_id
     assert abuses == [reason]
+    await asyncio.sleep(0.05)  # the delayed close
     assert peer.transport.closing
 
 
@@ -195,7 +205,7 @@ def test_rapid_reset_trips_one_reset_past_half_of_the_minimum() -> None:
         sid = peer.open()
         peer.conn.reset_stream(sid, ErrorCodes.CANCEL)
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.PREMATURE_RESETS, last_stream_id=sid)
+        await assert_calm(peer, server, abuses, h2_guard.PREMATURE_RESETS, last_stream_id=sid)
     run(main)
 
 
@@ -215,7 +225,8 @@ def test_rapid_reset_burst_names_the_last_stream_taken() -> None:
             sid = peer.open()
             peer.conn.reset_stream(sid, ErrorCodes.CANCEL)
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.PREMATURE_RESETS, last_stream_id=2 * 251 - 1)
+        await assert_calm(peer, server, abuses, h2_guard.PREMATURE_RESETS,
+                          last_stream_id=2 * 251 - 1)
         assert server.requests == 251
         await asyncio.sleep(0.01)
         assert taken == [] and server.active_streams == 0
@@ -284,7 +295,7 @@ def test_stream_rate_trips_on_the_first_stream_past_the_bucket() -> None:
         assert_untouched(peer, abuses)
         last = peer.open()
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.STREAM_RATE, last_stream_id=last - 2)
+        await assert_calm(peer, server, abuses, h2_guard.STREAM_RATE, last_stream_id=last - 2)
     run(main)
 
 
@@ -329,7 +340,7 @@ def test_control_flood_trips_past_the_burst(kind: str) -> None:
         peer.send()
         reason = {"ping": h2_guard.PING_FLOOD, "settings": h2_guard.SETTINGS_FLOOD,
                   "stray_reset": h2_guard.CONTROL_FLOOD}[kind]
-        assert_calm(peer, server, abuses, reason, last_stream_id=sid)
+        await assert_calm(peer, server, abuses, reason, last_stream_id=sid)
     run(main)
 
 
@@ -352,7 +363,7 @@ def test_pings_answered_while_the_client_reads_are_fine_and_unread_ones_are_not(
         for i in range(6):
             peer.conn.ping(i.to_bytes(8, "big"))
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.UNREAD_CONTROL, last_stream_id=0)
+        await assert_calm(peer, server, abuses, h2_guard.UNREAD_CONTROL, last_stream_id=0)
     run(main)
 
 
@@ -369,7 +380,7 @@ def test_priority_frames_past_ten_plus_the_per_stream_allowance() -> None:
         assert_untouched(peer, abuses)
         peer.conn.prioritize(201, weight=16)
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.PRIORITY_FLOOD, last_stream_id=sid)
+        await assert_calm(peer, server, abuses, h2_guard.PRIORITY_FLOOD, last_stream_id=sid)
     run(main)
 
 
@@ -388,7 +399,7 @@ def test_window_updates_past_what_the_data_sent_explains() -> None:
         assert_untouched(peer, abuses)
         peer.conn.increment_flow_control_window(1)
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.WINDOW_UPDATE_FLOOD, last_stream_id=sid)
+        await assert_calm(peer, server, abuses, h2_guard.WINDOW_UPDATE_FLOOD, last_stream_id=sid)
     run(main)
 
 
@@ -405,7 +416,7 @@ def test_consecutive_empty_data_frames() -> None:
         assert_untouched(peer, abuses)
         peer.conn.send_data(sid, b"")
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.EMPTY_FRAMES, last_stream_id=sid)
+        await assert_calm(peer, server, abuses, h2_guard.EMPTY_FRAMES, last_stream_id=sid)
     run(main)
 
 
@@ -430,7 +441,7 @@ def test_abuse_cancels_the_open_handlers() -> None:
         sid = peer.open(end=False)
         peer.conn.send_data(sid, b"")  # in the same read as its HEADERS: never started
         peer.send()
-        assert_calm(peer, server, abuses, h2_guard.EMPTY_FRAMES, last_stream_id=sid - 2)
+        await assert_calm(peer, server, abuses, h2_guard.EMPTY_FRAMES, last_stream_id=sid - 2)
         await asyncio.sleep(0.01)
         assert cancelled == [1, 1, 1] and server.active_streams == 0
     run(main)
@@ -530,6 +541,7 @@ def test_hbone_server_rapid_reset_of_connect_streams() -> None:
         goaway = peer.goaway()
         assert goaway is not None and goaway.error_code == CALM
         assert goaway.last_stream_id <= sid
+        await asyncio.sleep(0.05)
         assert abuses == [h2_guard.PREMATURE_RESETS] and transport.closing
     run(main)
 
@@ -549,6 +561,7 @@ def test_hbone_server_ping_flood() -> None:
         peer.send()
         goaway = peer.goaway()
         assert goaway is not None and goaway.error_code == CALM
+        await asyncio.sleep(0.05)
         assert abuses == [h2_guard.PING_FLOOD] and transport.closing
     run(main)
 

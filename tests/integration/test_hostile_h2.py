@@ -1,0 +1,226 @@
+"""HTTP/2 abuse from an enrolled pod (issue 13, item 5): rapid reset and control-frame
+floods against the node proxy, judged by nginx's own access log, the daemon's metrics
+and /clusters, and a neighbour pod's requests.
+
+The attacker is tests/integration/h2_flood.py (the `h2` library, prior-knowledge h2c to a
+service VIP, captured by the proxy), bounded in frames and seconds.  Backends are the
+hostile ground's nginx over h2c (``<variant>-<site>-h2``; near: node0 like the attacker,
+far: node1, across HBONE), plus a slow HTTP/1.1 backend per site whose connections show
+whether a cancel reached it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nodeproxy.testbed.cluster import Cluster
+from tests.integration import hostile
+from tests.integration.hostile import ATTACKER, NEIGHBOUR, HostileMesh, backend_log
+from tests.integration.observe import metric_sum, wait_for
+
+pytestmark = pytest.mark.privileged
+
+FLOOD = os.path.join(os.path.dirname(__file__), "h2_flood.py")
+ABUSE = "nodeproxy_http2_abuse_total"
+CALM = 0xB
+SLOW_PORT = 8090
+# The default budget: the connection ends at the 251st premature reset (more than half
+# of 500), so at most 251 of its requests are ever started.
+PREMATURE_BUDGET = 251
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[HostileMesh]:
+    with Cluster(2) as c:
+        for site, node in hostile.SITES.items():
+            name = f"slow-{site}"
+            c.add_pod(node, name, labels={"app": name}, service_account="slow")
+            c.serve_http(name, SLOW_PORT, name, "--log", os.path.join(c.dir, f"{name}.log"))
+            c.add_service(name, port=80, target_port=SLOW_PORT, selector={"app": name},
+                          app_protocol="http")
+        yield hostile.build(c)
+
+
+def run_flood(mesh: HostileMesh, mode: str, service: str, *args: str, pod: str = ATTACKER,
+              timeout: float = 90.0) -> dict[str, Any]:
+    vip = mesh.vip(service)
+    out = mesh.cluster.run_in_pod(pod, [sys.executable, FLOOD, mode, "--host", vip,
+                                        "--authority", service, *args], timeout=timeout)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"{mode}: no result (exit {out.returncode}): {out.stderr[-2000:]}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def abuse_count(mesh: HostileMesh, reason: str, node: str = "node0") -> float:
+    return metric_sum(mesh.cluster.metrics(node), ABUSE, reason=reason)
+
+
+def daemon_cpu_seconds(mesh: HostileMesh, node: str = "node0") -> float:
+    """The daemon's CPU time so far, from its cgroup (a figure, never asserted)."""
+    path = os.path.join(mesh.cluster.nodes[node].daemon_cgroup, "cpu.stat")
+    with open(path) as f:
+        for line in f:
+            key, value = line.split()
+            if key == "usage_usec":
+                return int(value) / 1e6
+    return 0.0
+
+
+def upstream_connections(mesh: HostileMesh, service: str, node: str = "node0") -> int:
+    """Open upstream connections of a service, from /clusters (its circuit breaker's
+    count, over every pool)."""
+    total = 0
+    for cluster in mesh.cluster.admin_json(node, "/clusters"):
+        if cluster["fqdn"].startswith(f"{service}."):
+            total += int(cluster["circuit_breaker"]["connections"])
+    return total
+
+
+def figure(name: str, **values: Any) -> None:
+    print(f"\nFIGURE {name}: {json.dumps(values)}", flush=True)
+
+
+@pytest.mark.parametrize("site", ["near", "far"])
+def test_rapid_reset_gets_goaway_and_barely_reaches_the_backend(mesh: HostileMesh,
+                                                                site: str) -> None:
+    target = mesh.targets[f"deny-{site}"]
+    served_before = len(backend_log(target.h2_dir))
+    abuse_before = abuse_count(mesh, "premature_resets")
+    cpu_before, t0 = daemon_cpu_seconds(mesh), time.monotonic()
+    result = run_flood(mesh, "rapid-reset", target.h2_service, "--count", "10000",
+                       "--seconds", "20")
+    cpu = daemon_cpu_seconds(mesh) - cpu_before
+    elapsed = time.monotonic() - t0
+    assert result["goaways"], result
+    goaway = result["goaways"][0]
+    assert goaway["code"] == CALM, result
+    # The GOAWAY names a stream the attacker opened, at most the budget's last one.
+    assert 0 < goaway["last_stream_id"] <= 2 * PREMATURE_BUDGET - 1, result
+    assert result["sent"] < 10_000  # it was stopped well before its 10,000 pairs
+    assert wait_for(lambda: abuse_count(mesh, "premature_resets") == abuse_before + 1)
+    time.sleep(1.0)  # anything still on its way to nginx gets there
+    served = len(backend_log(target.h2_dir)) - served_before
+    # The budget alone would let 251 requests through; cancelled streams are never sent
+    # (a pair that a read splits may start one handler, whose request is then reset).
+    assert served < 50, served
+    connections = upstream_connections(mesh, target.h2_service)
+    # A connection per 100 streams in flight at most (before: ~1,000 after one burst).
+    assert connections <= 3, connections
+    figure(f"rapid_reset_{site}", pairs_sent=result["sent"], goaway=goaway,
+           nginx_served=served, upstream_connections=connections,
+           daemon_cpu_s=round(cpu, 3), wall_s=round(elapsed, 3))
+
+
+@pytest.mark.parametrize("site", ["near", "far"])
+def test_a_reset_stream_is_cancelled_at_the_backend(mesh: HostileMesh, site: str) -> None:
+    """A request in flight to a slow HTTP/1.1 backend, then RST_STREAM (the client's
+    connection stays open): the proxy closes the upstream connection at once (far: the
+    other node's relay closes its own), long before the backend would have answered."""
+    c = mesh.cluster
+    pod = f"slow-{site}"
+    log_path = os.path.join(c.dir, f"{pod}.log")
+    path = f"/delay/15000?cancel={site}"
+
+    def started() -> bool:
+        return os.path.exists(log_path) and path in open(log_path).read()
+
+    def established() -> int:
+        out = c.run_in_pod(pod, ["ss", "-Htn", "state", "established",
+                                 f"( sport = :{SLOW_PORT} )"])
+        return len([line for line in out.stdout.splitlines() if line.strip()])
+
+    client = c.spawn_in_pod(ATTACKER, [sys.executable, FLOOD, "cancel", "--host",
+                                       mesh.vip(pod), "--authority", pod, "--path", path,
+                                       "--wait", "2", "--seconds", "20"],
+                            stdout=open(os.path.join(c.dir, f"cancel-{site}.out"), "w"))
+    try:
+        assert wait_for(started, timeout=10), "the request never reached the backend"
+        assert established() >= 1
+        t0 = time.monotonic()
+        # The reset comes 2 s after sending; the backend would answer after 15 s.
+        assert wait_for(lambda: established() == 0, timeout=8, interval=0.1), \
+            "the upstream connection outlived the client's reset"
+        figure(f"cancel_{site}", upstream_closed_after_s=round(time.monotonic() - t0, 2))
+        assert client.poll() is None  # the client's connection was never closed
+    finally:
+        client.kill()
+        client.wait()
+
+
+def test_rapid_reset_with_reconnects_spares_the_neighbour(mesh: HostileMesh) -> None:
+    """The attacker resets streams on connection after connection for 10 s; a neighbour
+    pod's requests to another service on the same proxy all succeed meanwhile."""
+    c = mesh.cluster
+    target = mesh.targets["deny-near"]
+    quiet = mesh.targets["allow-near"]
+    served_before = len(backend_log(target.h2_dir))
+    abuse_before = abuse_count(mesh, "premature_resets")
+    baseline = run_flood(mesh, "neighbour", quiet.h1_service, "--seconds", "5",
+                         "--interval", "0.01", "--path", "/public/n", pod=NEIGHBOUR)
+    cpu_before = daemon_cpu_seconds(mesh)
+    out_path = os.path.join(c.dir, "reconnect-flood.out")
+    with open(out_path, "w") as out:
+        attacker = c.spawn_in_pod(ATTACKER, [
+            sys.executable, FLOOD, "rapid-reset", "--host", mesh.vip(target.h2_service),
+            "--authority", target.h2_service, "--count", "300000", "--seconds", "10",
+            "--reconnect"], stdout=out)
+        try:
+            during = run_flood(mesh, "neighbour", quiet.h1_service, "--seconds", "10",
+                               "--interval", "0.01", "--path", "/public/n", pod=NEIGHBOUR)
+            attacker.wait(timeout=60)
+        finally:
+            if attacker.poll() is None:
+                attacker.kill()
+                attacker.wait()
+    cpu = daemon_cpu_seconds(mesh) - cpu_before
+    flood = json.loads(open(out_path).read().strip().splitlines()[-1])
+    assert during["failed"] == 0, during
+    assert set(during["statuses"]) == {"200"}, during
+    assert flood["connections"] >= 2 and all(g.get("code") == CALM for g in flood["goaways"]
+                                             if "code" in g), flood
+    assert abuse_count(mesh, "premature_resets") - abuse_before >= flood["connections"] - 1
+    time.sleep(1.0)
+    served = len(backend_log(target.h2_dir)) - served_before
+    assert served <= PREMATURE_BUDGET * flood["connections"], served
+    connections = upstream_connections(mesh, target.h2_service)
+    assert connections <= 3, connections
+    figure("rapid_reset_reconnecting", pairs_sent=flood["sent"],
+           connections=flood["connections"], nginx_served=served,
+           upstream_connections=connections, daemon_cpu_s=round(cpu, 3),
+           daemon_cpu_share=round(cpu / 10.0, 3),
+           neighbour_baseline={k: baseline[k] for k in ("requests", "p50_ms", "p99_ms")},
+           neighbour_during={k: during[k] for k in ("requests", "p50_ms", "p99_ms")})
+
+
+@pytest.mark.parametrize("mode, reason", [("ping", "ping_flood"),
+                                          ("settings", "settings_flood"),
+                                          ("window-update", "window_update_flood")])
+def test_control_frame_floods_get_goaway(mesh: HostileMesh, mode: str, reason: str) -> None:
+    target = mesh.targets["allow-far"]
+    before = abuse_count(mesh, reason)
+    result = run_flood(mesh, mode, target.h2_service, "--count", "10000", "--seconds", "20")
+    assert [g.get("code") for g in result["goaways"]] == [CALM], result
+    assert result["goaways"][0]["last_stream_id"] == 0  # it opened no stream
+    assert result["sent"] < 10_000, result
+    assert wait_for(lambda: abuse_count(mesh, reason) == before + 1)
+    figure(f"flood_{mode}", frames_sent=result["sent"])
+
+
+def test_a_normal_h2_client_is_untouched(mesh: HostileMesh) -> None:
+    """nghttp's many requests on one connection, with its own settings and window
+    updates: all answered, no abuse counted."""
+    target = mesh.targets["allow-near"]
+    before = metric_sum(mesh.cluster.metrics("node0"), ABUSE)
+    url = f"http://{mesh.vip(target.h2_service)}/public/normal"
+    out = mesh.cluster.run_in_pod(ATTACKER, ["h2load", "-n", "2000", "-c", "1", "-m", "50",
+                                             url], timeout=60)
+    assert "2000 succeeded" in out.stdout, out.stdout[-2000:]
+    assert metric_sum(mesh.cluster.metrics("node0"), ABUSE) == before
