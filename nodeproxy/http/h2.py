@@ -513,8 +513,6 @@ class H2Exchange:
         self.body = Body(on_consumed=lambda n: server._consumed(stream_id, self.inflow, n))
         self.trailers: Headers | None = None
         self.reset_code: int | None = None  # the client's RST_STREAM code
-        self.started = server.guard.now()
-        self.counted = False  # its end is counted in the server's FrameGuard
         self.done = False  # its handler has ended
         self.task: asyncio.Task[None] | None = None  # the handler's
         self._responded = False
@@ -558,6 +556,7 @@ class H2Exchange:
         informational = head.status < 200
         self.server._send_headers(self, fields, end=end and not informational)
         if not informational:
+            self.server.guard.responded(self.stream_id)
             self._responded = True
             if end:
                 self._local_ended = True
@@ -754,16 +753,9 @@ class H2Server(_H2Protocol):
             if exchange is not None:
                 exchange.reset_code = int(event.error_code)
                 exchange.remote_ended = True
-                gone = exchange.client_gone
                 exchange._client_left(f"the client reset the stream ({event.error_code!r})")
                 self._wake(event.stream_id)
-                self._cancel(exchange)
-                if not gone and not exchange.local_ended:
-                    abuse = self.guard.stream_closed(premature=self.guard.is_premature(
-                        exchange.started, exchange.responded))
-                    exchange.counted = True
-                    if abuse is not None:
-                        self._abuse(abuse)
+                self._cancel(exchange)  # the guard judged the reset as its frame came
         elif isinstance(event, h2.events.ConnectionTerminated):
             # The client goes away: nothing new will come; what is open may finish.
             self._draining = True
@@ -774,12 +766,14 @@ class H2Server(_H2Protocol):
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]]) -> None:
         if self._draining and (self._last_stream_id is None or stream_id > self._last_stream_id):
+            self.guard.forget(stream_id)
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         if len(self.exchanges) >= self.max_concurrent_streams:
             # h2 frees a stream's slot when the client resets it, but its handler runs on:
             # count the handlers too, so opening and resetting streams (CVE-2023-44487,
             # "rapid reset") cannot start handlers without bound.
+            self.guard.forget(stream_id)
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         pseudo, headers = _split(fields)
@@ -824,9 +818,7 @@ class H2Server(_H2Protocol):
         if exchange.done:
             return
         exchange.done = True
-        if not exchange.counted:
-            exchange.counted = True
-            self.guard.stream_closed(premature=False)
+        self.guard.stream_ended(exchange.stream_id)
         if not exchange.client_gone and not exchange._reset_sent:
             if not exchange.local_ended:
                 exchange.reset(ErrorCodes.INTERNAL_ERROR)

@@ -3,9 +3,10 @@ to show for it (CVE-2023-44487 "rapid reset"; CVE-2019-9512..9518: ping, setting
 empty-frame, reset and priority floods).
 
 h2 enforces the protocol; a well-formed flood passes it.  A FrameGuard sees every frame a
-server connection receives, before h2 acts on it, and the end of every stream; past a
-budget it raises (``frame``) or returns (``stream_closed``) an Abuse, and the connection
-answers GOAWAY ENHANCE_YOUR_CALM and closes.  The budgets are Envoy's answers to the same
+server connection receives, before h2 acts on it, and is told when a stream's response
+began and when a stream ended; past a budget ``frame`` raises an Abuse from inside h2's
+frame loop (h2 parses nothing more of what was read), and the connection answers GOAWAY
+ENHANCE_YOUR_CALM and closes.  The budgets are Envoy's answers to the same
 CVEs, by the same names where it has one (config.model.Http2Limits):
 
 - premature resets: streams the client reset before their response began or within
@@ -118,6 +119,8 @@ class FrameGuard:
         self.empty_run = 0  # consecutive DATA frames without payload or END_STREAM
         self.unread_control = 0  # answer-needing frames received while writes are paused
         self.writes_paused = False
+        self._started: dict[int, float] = {}  # open streams: when their HEADERS came
+        self._responded: set[int] = set()  # open streams whose response head went out
 
     # -- what the connection tells the guard -------------------------------------------------
 
@@ -136,7 +139,9 @@ class FrameGuard:
             if frame.stream_id > self.highest_stream_id and frame.stream_id % 2 == 1:
                 self.highest_stream_id = frame.stream_id
                 self.streams_opened += 1
-                if not self._stream_bucket.take(self._clock()):
+                now = self._clock()
+                self._started[frame.stream_id] = now
+                if not self._stream_bucket.take(now):
                     raise Abuse(STREAM_RATE, "more than "
                                 f"{self.limits.max_streams_per_second} new streams a second")
         elif isinstance(frame, WindowUpdateFrame):
@@ -161,7 +166,14 @@ class FrameGuard:
                     raise Abuse(UNREAD_CONTROL, f"{self.unread_control} PING/SETTINGS "
                                 "frames while the answers to earlier ones went unread")
         elif isinstance(frame, RstStreamFrame):
-            if self._is_open is None or not self._is_open(frame.stream_id):
+            started = self._started.pop(frame.stream_id, None)
+            if started is not None:
+                responded = frame.stream_id in self._responded
+                self._responded.discard(frame.stream_id)
+                abuse = self.stream_closed(premature=self.is_premature(started, responded))
+                if abuse is not None:
+                    raise abuse
+            elif self._is_open is None or not self._is_open(frame.stream_id):
                 self._control(CONTROL_FLOOD, "RST_STREAM of a stream not open")
         elif isinstance(frame, ExtensionFrame | GoAwayFrame):
             self._control(CONTROL_FLOOD, type(frame).__name__)
@@ -172,9 +184,25 @@ class FrameGuard:
             raise Abuse(reason, f"{what}: more than {limits.control_frame_burst} control "
                         f"frames at once or {limits.max_control_frames_per_second} a second")
 
+    def responded(self, stream_id: int) -> None:
+        """The stream's response head went out: a reset from now on may be late."""
+        if stream_id in self._started:
+            self._responded.add(stream_id)
+
+    def stream_ended(self, stream_id: int) -> None:
+        """The server is done with a stream (answered, or reset by itself)."""
+        if self._started.pop(stream_id, None) is not None:
+            self._responded.discard(stream_id)
+            self.stream_closed(premature=False)
+
+    def forget(self, stream_id: int) -> None:
+        """A stream refused before any work (REFUSED_STREAM): not counted."""
+        self._started.pop(stream_id, None)
+        self._responded.discard(stream_id)
+
     def stream_closed(self, *, premature: bool) -> Abuse | None:
-        """A stream ended (premature: the client reset it early, see the module docstring);
-        an Abuse when premature resets are past their budget."""
+        """Count a stream's end (premature: the client reset it early, see the module
+        docstring); an Abuse when premature resets are past their budget."""
         self.streams_closed += 1
         if not premature:
             return None

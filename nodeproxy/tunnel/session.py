@@ -79,9 +79,6 @@ class StreamTransport:
         self._early_eof = False
         self._error: BaseException | None = None
         self.request_headers: dict[str, str] = {}
-        self.started = asyncio.get_running_loop().time()
-        self.responded = False  # the response head went out
-        self.counted = False  # its end is counted in the session's FrameGuard
 
     # -- wiring --------------------------------------------------------------
 
@@ -390,15 +387,8 @@ class H2Session(asyncio.Protocol):
                 stream._ended()
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                abuse = None
-                if self.guard is not None and not stream.counted:
-                    stream.counted = True
-                    abuse = self.guard.stream_closed(premature=self.guard.is_premature(
-                        stream.started, stream.responded))
+            if stream is not None:  # the guard judged the reset as its frame came
                 stream._finish(StreamReset(int(event.error_code)))
-                if abuse is not None:
-                    self._abuse(abuse)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             targets = (list(self.streams.values()) if getattr(event, "stream_id", 0) == 0
                        else [self.streams[event.stream_id]] if event.stream_id in self.streams
@@ -436,10 +426,9 @@ class H2Session(asyncio.Protocol):
         self.flush()
 
     def forget(self, stream_id: int) -> None:
-        stream = self.streams.pop(stream_id, None)
-        if stream is not None and self.guard is not None and not stream.counted:
-            stream.counted = True
-            self.guard.stream_closed(premature=False)
+        self.streams.pop(stream_id, None)
+        if self.guard is not None:
+            self.guard.stream_ended(stream_id)
         self.last_activity = asyncio.get_running_loop().time()
         if (self.goaway or self.retired) and not self.streams:
             self._close_transport()
@@ -461,7 +450,8 @@ class H2Session(asyncio.Protocol):
         return stream
 
     def respond(self, stream: StreamTransport, status: int, end: bool = False) -> None:
-        stream.responded = True
+        if self.guard is not None:
+            self.guard.responded(stream.stream_id)
         try:
             self.conn.send_headers(stream.stream_id, [(":status", str(status))], end_stream=end)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
