@@ -4,6 +4,7 @@ by tests/integration/test_hostile_h2.py; also the neighbour's steady HTTP/1.1 cl
     python h2_flood.py rapid-reset --host VIP [--count 10000] [--seconds 20] [--reconnect]
     python h2_flood.py ping|settings|window-update --host VIP [--count 10000]
     python h2_flood.py cancel --host VIP --path /delay/8000 --wait 1 --seconds 10
+    python h2_flood.py cancel-h1 --host VIP --path /delay/8000 --wait 1 --seconds 10
     python h2_flood.py neighbour --host VIP --seconds 10
 
 Every mode is bounded in frames (``--count``) and time (``--seconds``).  The floods send in
@@ -21,6 +22,7 @@ import http.client
 import json
 import select
 import socket
+import struct
 import time
 from typing import Any
 
@@ -164,6 +166,21 @@ def cancel(args: argparse.Namespace) -> dict[str, Any]:
             "goaway": None if f.goaway is None else int(f.goaway.error_code)}
 
 
+def cancel_h1(args: argparse.Namespace) -> dict[str, Any]:
+    """HTTP/1.1: one request, then the client resets its connection after --wait seconds
+    (SO_LINGER 0; a FIN alone is a half-close the proxy honours); then idles for
+    --seconds."""
+    sock = socket.create_connection((args.host, args.port), timeout=10)
+    sock.sendall(f"GET {args.path} HTTP/1.1\r\nhost: {args.authority or args.host}\r\n"
+                 "\r\n".encode())
+    time.sleep(args.wait)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    print(json.dumps({"mode": "cancel-h1", "closed": True}), flush=True)
+    time.sleep(args.seconds)
+    return {"mode": "cancel-h1", "closed": True}
+
+
 def neighbour(args: argparse.Namespace) -> dict[str, Any]:
     """Steady HTTP/1.1 GETs on one keep-alive connection (a new one after a failure)."""
     deadline = time.monotonic() + args.seconds
@@ -202,7 +219,7 @@ def neighbour(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=["rapid-reset", "ping", "settings", "window-update",
-                                         "cancel", "neighbour"])
+                                         "cancel", "cancel-h1", "neighbour"])
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--authority", default="")
@@ -217,6 +234,8 @@ def main() -> None:
         result = neighbour(args)
     elif args.mode == "cancel":
         result = cancel(args)
+    elif args.mode == "cancel-h1":
+        result = cancel_h1(args)
     else:
         result = flood(args)
     print(json.dumps(result), flush=True)

@@ -120,15 +120,18 @@ def test_rapid_reset_gets_goaway_and_barely_reaches_the_backend(mesh: HostileMes
            daemon_cpu_s=round(cpu, 3), wall_s=round(elapsed, 3))
 
 
-@pytest.mark.parametrize("site", ["near", "far"])
-def test_a_reset_stream_is_cancelled_at_the_backend(mesh: HostileMesh, site: str) -> None:
+@pytest.mark.parametrize("site, mode", [("near", "cancel"), ("far", "cancel"),
+                                        ("far", "cancel-h1")])
+def test_a_reset_stream_is_cancelled_at_the_backend(mesh: HostileMesh, site: str,
+                                                     mode: str) -> None:
     """A request in flight to a slow HTTP/1.1 backend, then RST_STREAM (the client's
-    connection stays open): the proxy closes the upstream connection at once (far: the
-    other node's relay closes its own), long before the backend would have answered."""
+    connection stays open), or for an HTTP/1.1 client its connection reset: the proxy
+    closes the upstream connection at once (far: the other node's relay closes its own),
+    long before the backend would have answered."""
     c = mesh.cluster
     pod = f"slow-{site}"
     log_path = os.path.join(c.dir, f"{pod}.log")
-    path = f"/cancel-{site}/delay/15000"
+    path = f"/{mode}-{site}/delay/15000"
 
     def started() -> bool:
         return os.path.exists(log_path) and path in open(log_path).read()
@@ -138,10 +141,10 @@ def test_a_reset_stream_is_cancelled_at_the_backend(mesh: HostileMesh, site: str
                                  f"( sport = :{SLOW_PORT} )"])
         return len([line for line in out.stdout.splitlines() if line.strip()])
 
-    client = c.spawn_in_pod(ATTACKER, [sys.executable, FLOOD, "cancel", "--host",
+    client = c.spawn_in_pod(ATTACKER, [sys.executable, FLOOD, mode, "--host",
                                        mesh.vip(pod), "--authority", pod, "--path", path,
                                        "--wait", "2", "--seconds", "20"],
-                            stdout=open(os.path.join(c.dir, f"cancel-{site}.out"), "w"))
+                            stdout=open(os.path.join(c.dir, f"{mode}-{site}.out"), "w"))
     try:
         assert wait_for(started, timeout=10), "the request never reached the backend"
         assert established() >= 1
@@ -149,8 +152,8 @@ def test_a_reset_stream_is_cancelled_at_the_backend(mesh: HostileMesh, site: str
         # The reset comes 2 s after sending; the backend would answer after 15 s.
         assert wait_for(lambda: established() == 0, timeout=8, interval=0.1), \
             "the upstream connection outlived the client's reset"
-        figure(f"cancel_{site}", upstream_closed_after_s=round(time.monotonic() - t0, 2))
-        assert client.poll() is None  # the client's connection was never closed
+        figure(f"{mode}_{site}", upstream_closed_after_s=round(time.monotonic() - t0, 2))
+        assert client.poll() is None  # still there (h2: its connection still open)
     finally:
         client.kill()
         client.wait()
