@@ -722,6 +722,18 @@ class Http2Limits(Model):
     # Frames that need an answer (PING, SETTINGS) received while the client does not read
     # the answers already queued (Envoy's maxOutboundControlFrames, 1000).
     max_outbound_control_frames: int = Field(default=1000, ge=1, le=1_000_000)
+    # A pod one of whose connections was closed for abuse gets, for this long, a tenth of
+    # the premature-reset and control-frame budgets on its new HTTP/2 connections (a
+    # reconnecting attacker costs a tenth as much); 0: no penalty.
+    abuse_penalty_seconds: float = Field(default=60.0, ge=0, le=86400)
+
+    def penalized(self) -> Http2Limits:
+        """The budgets of a pod under an abuse penalty: a tenth of the count-based ones."""
+        return self.model_copy(update={
+            "premature_reset_min_streams": max(2, self.premature_reset_min_streams // 10),
+            "control_frame_burst": max(1, self.control_frame_burst // 10),
+            "max_control_frames_per_second": max(1, self.max_control_frames_per_second // 10),
+        })
 
 
 class HttpSettings(Model):

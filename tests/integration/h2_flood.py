@@ -125,11 +125,11 @@ def flood(args: argparse.Namespace) -> dict[str, Any]:
         connections += 1
         while sent < args.count and time.monotonic() < deadline and f.goaway is None \
                 and not f.closed:
-            for _ in range(min(BATCH, args.count - sent)):
+            for _ in range(min(args.batch, args.count - sent)):
                 f.one(args.mode, sent)
                 sent += 1
             f.flush()
-            f.read(0)
+            f.read(args.pause)
         f.finish(3.0)
         responses += f.responses
         if f.goaway is not None:
@@ -227,6 +227,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--reconnect", action="store_true")
+    parser.add_argument("--batch", type=int, default=BATCH, help="frames per write")
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="seconds to wait (reading) between writes")
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--wait", type=float, default=1.0, help="cancel: seconds to reset")
     args = parser.parse_args()

@@ -224,7 +224,23 @@ def test_a_normal_h2_client_is_untouched(mesh: HostileMesh) -> None:
     target = mesh.targets["allow-near"]
     before = metric_sum(mesh.cluster.metrics("node0"), ABUSE)
     url = f"http://{mesh.vip(target.h2_service)}/public/normal"
-    out = mesh.cluster.run_in_pod(ATTACKER, ["h2load", "-n", "2000", "-c", "1", "-m", "50",
-                                             url], timeout=60)
+    out = mesh.cluster.run_in_pod(NEIGHBOUR, ["h2load", "-n", "2000", "-c", "1", "-m", "50",
+                                              url], timeout=60)
     assert "2000 succeeded" in out.stdout, out.stdout[-2000:]
     assert metric_sum(mesh.cluster.metrics("node0"), ABUSE) == before
+
+
+def test_a_pod_that_abused_gets_a_tenth_of_the_reset_budget(mesh: HostileMesh) -> None:
+    """Small writes (so each read is dispatched before the next): a pod with no abuse
+    behind it gets through its 250 early resets; right after its GOAWAY, its next
+    connection is cut after 25.  (Last in this file: it penalizes the neighbour.)"""
+    target = mesh.targets["deny-near"]
+    args = ("--count", "5000", "--seconds", "30", "--batch", "5", "--pause", "0.002")
+    first = run_flood(mesh, "rapid-reset", target.h2_service, *args, pod=NEIGHBOUR)
+    second = run_flood(mesh, "rapid-reset", target.h2_service, *args, pod=NEIGHBOUR)
+    last_first = first["goaways"][0]["last_stream_id"]
+    last_second = second["goaways"][0]["last_stream_id"]
+    # Each stream of the last read before the budget ran out was taken: within a write.
+    assert 2 * (PREMATURE_BUDGET - 10) <= last_first <= 2 * PREMATURE_BUDGET, first
+    assert last_second <= 2 * 26, second
+    figure("penalty", last_stream_first=last_first, last_stream_second=last_second)

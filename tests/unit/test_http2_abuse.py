@@ -507,6 +507,15 @@ def test_is_premature() -> None:
     assert guard.is_premature(started=0.0, responded=False)
 
 
+def test_penalized_limits_are_a_tenth_of_the_count_budgets() -> None:
+    limits = Http2Limits().penalized()
+    assert limits.premature_reset_min_streams == 50
+    assert limits.max_streams_per_second == 5000 and limits.control_frame_burst == 100
+    assert limits.max_control_frames_per_second == 10
+    assert Http2Limits(premature_reset_min_streams=2).penalized() \
+        .premature_reset_min_streams == 2
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError):
         Http2Limits(max_streams_per_second=0)
