@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 
+from nodeproxy.identity import tls
+from nodeproxy.identity.ca import MeshCA
+from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.testbed import netns
 from nodeproxy.testbed.cluster import Cluster
 from tests.integration import hostile
 from tests.integration.hostile import ATTACKER, NEIGHBOUR, HostileMesh, backend_log
@@ -216,6 +224,76 @@ def test_control_frame_floods_get_goaway(mesh: HostileMesh, mode: str, reason: s
     assert result["sent"] < 10_000, result
     assert wait_for(lambda: abuse_count(mesh, reason) == before + 1)
     figure(f"flood_{mode}", frames_sent=result["sent"])
+
+
+def test_a_compromised_node_resetting_connect_streams_gets_goaway(mesh: HostileMesh) -> None:
+    """A peer with a valid mesh certificate (a compromised node) opens HBONE CONNECT
+    streams to a pod on node1 and resets each at once: node1's tunnel server sends GOAWAY
+    ENHANCE_YOUR_CALM, dials few of them, and keeps serving the mesh."""
+    c = mesh.cluster
+    target = mesh.targets["deny-far"]
+    pod_ip = c.pods[target.pod].ip4
+    before = metric_sum(c.metrics("node1"), "nodeproxy_hbone_abuse_total",
+                        reason="premature_resets")
+    dialled_before = metric_sum(c.metrics("node1"), "nodeproxy_hbone_streams_total",
+                                side="server")
+    manager = CertificateManager(MeshCA.load(c.ca_cert, c.ca_key, c.trust_domain),
+                                 c.trust_domain, ttl_seconds=3600)
+    raw = netns.connect(c.nodes["node0"].netns_path, pod_ip, 15008)
+    raw.settimeout(5)
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    goaway: h2.events.ConnectionTerminated | None = None
+    sent = 0
+    with tls.client_context(manager, "default", ATTACKER).wrap_socket(
+            raw, server_hostname=None) as s:
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 20
+        while goaway is None and sent < 10_000 and time.monotonic() < deadline:
+            for _ in range(100):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, [(":method", "CONNECT"),
+                                        (":authority", f"{pod_ip}:{hostile.APP_H1}")])
+                conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                sent += 1
+            try:
+                s.sendall(conn.data_to_send())
+                s.settimeout(0.001)
+                for event in conn.receive_data(s.recv(1 << 20)):
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        goaway = event
+            except (TimeoutError, ssl.SSLWantReadError):
+                pass
+            except OSError:
+                break
+            finally:
+                s.settimeout(5)
+        while goaway is None and time.monotonic() < deadline:
+            try:
+                data = s.recv(1 << 20)
+            except OSError:
+                break
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    goaway = event
+    assert goaway is not None and goaway.error_code == CALM, sent
+    assert sent < 10_000
+    assert wait_for(lambda: metric_sum(c.metrics("node1"), "nodeproxy_hbone_abuse_total",
+                                       reason="premature_resets") == before + 1)
+    streams = metric_sum(c.metrics("node1"), "nodeproxy_hbone_streams_total",
+                         side="server") - dialled_before
+    assert streams <= PREMATURE_BUDGET, streams
+    # The mesh still works through node1: a neighbour's request to the far backend.
+    result = run_flood(mesh, "neighbour", mesh.targets["allow-far"].h1_service,
+                       "--seconds", "2", "--count", "20", "--path", "/public/after",
+                       pod=NEIGHBOUR)
+    assert result["failed"] == 0 and set(result["statuses"]) == {"200"}, result
+    cancelled = metric_sum(c.metrics("node1"), "nodeproxy_hbone_streams_total",
+                           side="server", result="cancelled")
+    figure("hbone_rapid_reset", pairs_sent=sent, goaway_last_stream=goaway.last_stream_id,
+           streams_handled=streams, cancelled_before_dialling=cancelled)
 
 
 def test_a_normal_h2_client_is_untouched(mesh: HostileMesh) -> None:
