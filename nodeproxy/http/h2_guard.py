@@ -58,6 +58,10 @@ PRIORITY_FLOOD = "priority_flood"
 WINDOW_UPDATE_FLOOD = "window_update_flood"
 EMPTY_FRAMES = "empty_frames"
 UNREAD_CONTROL = "unread_control_frames"
+# Streams whose start the guard remembers before pruning those h2 has closed: twice the
+# concurrent streams a server allows (h2.MAX_CONCURRENT_STREAMS).
+TRACKED_STREAMS = 2048
+
 REASONS = (PREMATURE_RESETS, STREAM_RATE, PING_FLOOD, SETTINGS_FLOOD, CONTROL_FLOOD,
            PRIORITY_FLOOD, WINDOW_UPDATE_FLOOD, EMPTY_FRAMES, UNREAD_CONTROL)
 
@@ -140,6 +144,8 @@ class FrameGuard:
                 self.highest_stream_id = frame.stream_id
                 self.streams_opened += 1
                 now = self._clock()
+                if len(self._started) >= TRACKED_STREAMS:
+                    self._prune()
                 self._started[frame.stream_id] = now
                 if not self._stream_bucket.take(now):
                     raise Abuse(STREAM_RATE, "more than "
@@ -177,6 +183,17 @@ class FrameGuard:
                 self._control(CONTROL_FLOOD, "RST_STREAM of a stream not open")
         elif isinstance(frame, ExtensionFrame | GoAwayFrame):
             self._control(CONTROL_FLOOD, type(frame).__name__)
+
+    def _prune(self) -> None:
+        """Forget streams that ended without the server saying so (reset by h2 or by a
+        check before any handler): only open ones stay, so the map stays bounded."""
+        is_open = self._is_open
+        keep = {sid: t for sid, t in self._started.items()
+                if is_open is not None and is_open(sid)}
+        if len(keep) >= TRACKED_STREAMS:  # no way to tell: keep the newest half
+            keep = dict(list(keep.items())[TRACKED_STREAMS // 2:])
+        self._started = keep
+        self._responded &= keep.keys()
 
     def _control(self, reason: str, what: str) -> None:
         if not self._control_bucket.take(self._clock()):

@@ -21,7 +21,7 @@ import h2.errors
 import h2.events
 import pytest
 import uvloop
-from hyperframe.frame import RstStreamFrame
+from hyperframe.frame import HeadersFrame, RstStreamFrame
 
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.http import h2 as h2_module
@@ -497,6 +497,21 @@ def test_premature_reset_rule_past_the_minimum_is_more_than_half() -> None:
     abuse = guard.stream_closed(premature=True)
     assert abuse is not None and abuse.reason == h2_guard.PREMATURE_RESETS
     assert abuse.error_code == CALM
+
+
+def test_streams_ended_without_the_server_saying_so_are_forgotten() -> None:
+    """Streams reset before a handler (by h2, or by a check in front of the handler) do
+    not pile up in the guard: it keeps only streams h2 still has open."""
+    open_streams = {1, 3}
+    guard = FrameGuard(Http2Limits(max_streams_per_second=1_000_000), clock=lambda: 0.0,
+                       is_open=open_streams.__contains__)
+    for sid in range(1, 2 * 10_000, 2):
+        guard.frame(HeadersFrame(sid))
+    assert len(guard._started) <= h2_guard.TRACKED_STREAMS
+    assert 1 in guard._started and 3 in guard._started  # still open: still judged
+    frame = RstStreamFrame(3)
+    guard.frame(frame)
+    assert guard.premature_resets == 1
 
 
 def test_is_premature() -> None:
