@@ -132,8 +132,12 @@ class HboneServer:
             session.local_identity = local_identity
             return True
 
+        # A tunnel stream is a TCP connection: short ones are normal, and a client that
+        # closes first ends its stream with END_STREAM then CANCEL.  Only a reset before
+        # the response (200) is premature here, whatever the stream's age.
+        limits = self._limits().model_copy(update={"premature_reset_lifetime_seconds": 0.0})
         session = H2Session(client_side=False, on_request=self._on_request, on_ready=verify,
-                            limits=self._limits(),
+                            limits=limits,
                             on_abuse=lambda reason: self._tunnel.abuse.labels(reason).inc())
         try:
             # connect_accepted_socket raises the handshake's failure to us, so every
