@@ -5,6 +5,7 @@ by tests/integration/test_hostile_h2.py; also the neighbour's steady HTTP/1.1 cl
     python h2_flood.py ping|settings|window-update --host VIP [--count 10000]
     python h2_flood.py cancel --host VIP --path /delay/8000 --wait 1 --seconds 10
     python h2_flood.py cancel-h1 --host VIP --path /delay/8000 --wait 1 --seconds 10
+    python h2_flood.py grpc-cancel --host VIP --port 50051 --streams 4 --reset-when FILE
     python h2_flood.py neighbour --host VIP --seconds 10
 
 Every mode is bounded in frames (``--count``) and time (``--seconds``).  The floods send in
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import select
 import socket
 import struct
@@ -166,6 +168,39 @@ def cancel(args: argparse.Namespace) -> dict[str, Any]:
             "goaway": None if f.goaway is None else int(f.goaway.error_code)}
 
 
+def grpc_cancel(args: argparse.Namespace) -> dict[str, Any]:
+    """--streams gRPC calls /test.Echo/Sleep of 15 s on one connection; once the file
+    --reset-when exists, RST_STREAM(CANCEL) each (the connection stays open); then hold
+    it for --seconds."""
+    f = Flood(args.host, args.port, args.authority or args.host, "/test.Echo/Sleep")
+    headers = [(":method", "POST"), (":path", "/test.Echo/Sleep"), (":scheme", "http"),
+               (":authority", args.authority or args.host),
+               ("content-type", "application/grpc"), ("te", "trailers")]
+    message = b"15000"
+    sids = []
+    for _ in range(args.streams):
+        sid = f.conn.get_next_available_stream_id()
+        f.conn.send_headers(sid, headers)
+        f.conn.send_data(sid, b"\0" + len(message).to_bytes(4, "big") + message,
+                         end_stream=True)
+        sids.append(sid)
+    f.flush()
+    deadline = time.monotonic() + args.seconds
+    while not os.path.exists(args.reset_when) and time.monotonic() < deadline:
+        f.read(0.05)
+    for sid in sids:
+        f.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    f.flush()
+    print(json.dumps({"mode": "grpc-cancel", "reset": len(sids)}), flush=True)
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline and not f.closed:
+        f.read(0.1)
+    closed = f.closed
+    f.sock.close()
+    return {"mode": "grpc-cancel", "reset": len(sids), "responses": f.responses,
+            "closed_by_proxy": closed}
+
+
 def cancel_h1(args: argparse.Namespace) -> dict[str, Any]:
     """HTTP/1.1: one request, then the client resets its connection after --wait seconds
     (SO_LINGER 0; a FIN alone is a half-close the proxy honours); then idles for
@@ -219,7 +254,8 @@ def neighbour(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=["rapid-reset", "ping", "settings", "window-update",
-                                         "cancel", "cancel-h1", "neighbour"])
+                                         "cancel", "cancel-h1", "grpc-cancel",
+                                         "neighbour"])
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--authority", default="")
@@ -232,6 +268,8 @@ def main() -> None:
                         help="seconds to wait (reading) between writes")
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--wait", type=float, default=1.0, help="cancel: seconds to reset")
+    parser.add_argument("--streams", type=int, default=4, help="grpc-cancel: calls")
+    parser.add_argument("--reset-when", default="", help="grpc-cancel: reset once it exists")
     args = parser.parse_args()
     if args.mode == "neighbour":
         result = neighbour(args)
@@ -239,6 +277,8 @@ def main() -> None:
         result = cancel(args)
     elif args.mode == "cancel-h1":
         result = cancel_h1(args)
+    elif args.mode == "grpc-cancel":
+        result = grpc_cancel(args)
     else:
         result = flood(args)
     print(json.dumps(result), flush=True)

@@ -39,6 +39,8 @@ FLOOD = os.path.join(os.path.dirname(__file__), "h2_flood.py")
 ABUSE = "nodeproxy_http2_abuse_total"
 CALM = 0xB
 SLOW_PORT = 8090
+GRPC_PORT = 50051
+GRPC_WORKERS = 4  # the gRPC backend serves this many calls at once, refuses the next
 # The default budget: the connection ends at the 251st premature reset (more than half
 # of 500), so at most 251 of its requests are ever started.
 PREMATURE_BUDGET = 251
@@ -53,6 +55,11 @@ def mesh() -> Iterator[HostileMesh]:
             c.serve_http(name, SLOW_PORT, name, "--log", os.path.join(c.dir, f"{name}.log"))
             c.add_service(name, port=80, target_port=SLOW_PORT, selector={"app": name},
                           app_protocol="http")
+            grpc_name = f"grpc-slow-{site}"
+            c.add_pod(node, grpc_name, labels={"app": grpc_name}, service_account="slow")
+            c.serve_grpc(grpc_name, GRPC_PORT, grpc_name, "--workers", str(GRPC_WORKERS))
+            c.add_service(grpc_name, port=GRPC_PORT, target_port=GRPC_PORT,
+                          selector={"app": grpc_name}, app_protocol="grpc")
         yield hostile.build(c)
 
 
@@ -162,6 +169,41 @@ def test_a_reset_stream_is_cancelled_at_the_backend(mesh: HostileMesh, site: str
             "the upstream connection outlived the client's reset"
         figure(f"{mode}_{site}", upstream_closed_after_s=round(time.monotonic() - t0, 2))
         assert client.poll() is None  # still there (h2: its connection still open)
+    finally:
+        client.kill()
+        client.wait()
+
+
+@pytest.mark.parametrize("site", ["near", "far"])
+def test_cancelled_grpc_calls_free_the_backend_at_once(mesh: HostileMesh, site: str) -> None:
+    """HTTP/2 upstream: four 15 s gRPC calls fill a backend that serves four at once (a
+    fifth is refused RESOURCE_EXHAUSTED); the client resets them, its connection open:
+    the proxy's RST_STREAM(CANCEL) reaches the backend (far: inside the HBONE stream, to
+    the other node and through its relay), which is free again at once."""
+    c = mesh.cluster
+    service = f"grpc-slow-{site}"
+    target = f"{mesh.vip(service)}:{GRPC_PORT}"
+    signal = os.path.join(c.dir, f"grpc-reset-{site}")
+
+    def probe() -> str:
+        out = c.grpc_client(NEIGHBOUR, "--target", target, "--method", "Unary",
+                            "--payload", "x", "--timeout", "5", "--authority", service)
+        return next(iter(out["codes"]))
+
+    client = c.spawn_in_pod(ATTACKER, [
+        sys.executable, FLOOD, "grpc-cancel", "--host", mesh.vip(service), "--port",
+        str(GRPC_PORT), "--authority", service, "--streams", str(GRPC_WORKERS),
+        "--reset-when", signal, "--seconds", "30"],
+        stdout=open(os.path.join(c.dir, f"grpc-cancel-{site}.out"), "w"))
+    try:
+        assert wait_for(lambda: probe() == "RESOURCE_EXHAUSTED", timeout=10), \
+            "the four calls never filled the backend"
+        t0 = time.monotonic()
+        open(signal, "w").close()
+        assert wait_for(lambda: probe() == "OK", timeout=8, interval=0.2), \
+            "the backend stayed busy with calls the client had reset"
+        figure(f"grpc_cancel_{site}", backend_free_after_s=round(time.monotonic() - t0, 2))
+        assert client.poll() is None
     finally:
         client.kill()
         client.wait()
