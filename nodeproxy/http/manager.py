@@ -334,7 +334,8 @@ class HttpProxy:
             h2_server.on_closed = connection.closed
             connection.server = h2_server
             h2_server.attach(transport, initial)
-            transport.resume_reading()  # the sniffer left it paused
+            if not h2_server.closed:  # (closed for abuse already: it stays unread)
+                transport.resume_reading()  # the sniffer left it paused
         else:
             h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
                                  idle_timeout=settings.idle_timeout_seconds,
