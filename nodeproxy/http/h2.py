@@ -59,6 +59,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.request_target import Refusal, check_authority, check_method, check_target
 
 log = logging.getLogger(__name__)
 
@@ -613,6 +614,9 @@ class H2Server(_H2Protocol):
     FLOW_CONTROL_ERROR, ...), call ``on_protocol_error(code, message)`` and close.
     ``expect: 100-continue`` is answered here (and removed); ``te: trailers`` stays in the
     request's headers (gRPC needs it end to end), the only hop-by-hop field that does.
+    A request whose pseudo-headers RFC 9113 8.3 forbids beyond what h2 checks
+    (``check_pseudo_headers``) is reset (PROTOCOL_ERROR) without the handler, and
+    ``on_bad_request(reason)`` is called; CONNECT goes to the handler, which refuses it.
     At most ``max_concurrent_streams`` handlers run at once: a stream past that, even one
     h2 would allow because earlier ones were reset, is refused (REFUSED_STREAM).
 
@@ -629,6 +633,7 @@ class H2Server(_H2Protocol):
                  connection_window: int = CONNECTION_WINDOW,
                  limits: Http2Limits | None = None,
                  on_protocol_error: Callable[[int, str], None] | None = None,
+                 on_bad_request: Callable[[str], None] | None = None,
                  on_abuse: Callable[[str], None] | None = None):
         super().__init__(
             stream_window=stream_window, connection_window=connection_window,
@@ -643,6 +648,7 @@ class H2Server(_H2Protocol):
         self.max_concurrent_streams = max_concurrent_streams
         self.on_protocol_error = on_protocol_error
         self.on_abuse = on_abuse
+        self.on_bad_request = on_bad_request
         self.exchanges: dict[int, H2Exchange] = {}
         self.guard = self.conn.guard = FrameGuard(
             limits or Http2Limits(), clock=self._loop.time, is_open=self._stream_open)
@@ -779,6 +785,22 @@ class H2Server(_H2Protocol):
         pseudo, headers = _split(fields)
         authority = pseudo.get(":authority") or next(
             (value for name, value in headers if name == "host"), "")
+        handler: Callable[[Exchange], Awaitable[None]] = self.handler
+        try:  # RFC 9113 8.3; h2 has checked the rest of 8.2 and 8.3 (see the docstring)
+            check_pseudo_headers(pseudo, authority)
+        except Refusal as e:
+            # CONNECT (and extended CONNECT) is well formed: the manager refuses it with
+            # 403 and counts it as an upgrade refusal (nodeproxy/http/upgrade.py).
+            if e.reason != "connect":
+                log.debug("malformed HTTP/2 request from %s (stream %d): %s",
+                          self.peername, stream_id, e)
+                if self.on_bad_request is not None:
+                    self.on_bad_request(e.reason)
+                self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+                abuse = self.guard.stream_refused(stream_id)
+                if abuse is not None:
+                    self._abuse(abuse)
+                return
         continue_ = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
         headers = [(n, v) for n, v in headers
                    if n != "host" and (n not in HOP_BY_HOP or n == "te")
@@ -792,9 +814,8 @@ class H2Server(_H2Protocol):
         self.idle_since = None
         self.requests += 1
         if _list_size(fields) > self.max_header_bytes:
-            handler: Callable[[Exchange], Awaitable[None]] = _too_large
-        else:
-            handler = self.handler
+            handler = _too_large
+        elif handler is self.handler:
             if continue_:  # as Envoy does by default: answer it here, do not forward it
                 with contextlib.suppress(ConnectionResetError):
                     self._send_headers(exchange, [(b":status", b"100")], end=False)
@@ -872,6 +893,21 @@ class H2Server(_H2Protocol):
 
 async def _too_large(exchange: Exchange) -> None:
     await exchange.respond(ResponseHead(431, [("content-length", "0")]), end=True)
+
+
+def check_pseudo_headers(pseudo: dict[str, str], authority: str) -> None:
+    """What RFC 9113 8.3 asks of a request's pseudo-headers beyond h2's own checks
+    (presence, order, repetition, names): ``:method`` a token, ``:scheme`` http or
+    https, ``:path`` in origin form (``*`` for OPTIONS), the authority without userinfo.
+    Raises Refusal."""
+    method = pseudo.get(":method", "")
+    check_method(method)
+    if method == "CONNECT":
+        raise Refusal("connect", "CONNECT is not proxied")
+    if pseudo.get(":scheme") not in ("http", "https"):
+        raise Refusal("bad_scheme", f":scheme {pseudo.get(':scheme', '')[:32]!r}")
+    check_authority(authority)
+    check_target(method, pseudo.get(":path", ""))
 
 
 # --- upstream: the client side ---------------------------------------------------------------

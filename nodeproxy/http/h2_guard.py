@@ -10,8 +10,9 @@ ENHANCE_YOUR_CALM and closes.  The budgets are Envoy's answers to the same
 CVEs, by the same names where it has one (config.model.Http2Limits):
 
 - premature resets: streams the client reset before their response began or within
-  ``premature_reset_lifetime_seconds``; too many once half the streams that ended were
-  (judged from ``premature_reset_min_streams`` streams on, before that at half of it);
+  ``premature_reset_lifetime_seconds``, and requests refused as malformed; too many once
+  more than half the streams that ended were (judged from ``premature_reset_min_streams``
+  streams on, before that at half of it);
 - new streams per second (a token bucket of one second's worth);
 - control frames (PING, SETTINGS, unknown types, GOAWAY, RST_STREAM of a stream not
   open): a token bucket, ``max_control_frames_per_second`` with a burst;
@@ -50,6 +51,7 @@ from nodeproxy.config.model import Http2Limits
 # Reasons, as nodeproxy_http2_abuse_total{reason} and nodeproxy_hbone_abuse_total{reason}
 # label them.
 PREMATURE_RESETS = "premature_resets"
+MALFORMED_STREAMS = "malformed_streams"
 STREAM_RATE = "stream_rate"
 PING_FLOOD = "ping_flood"
 SETTINGS_FLOOD = "settings_flood"
@@ -62,8 +64,8 @@ UNREAD_CONTROL = "unread_control_frames"
 # concurrent streams a server allows (h2.MAX_CONCURRENT_STREAMS).
 TRACKED_STREAMS = 2048
 
-REASONS = (PREMATURE_RESETS, STREAM_RATE, PING_FLOOD, SETTINGS_FLOOD, CONTROL_FLOOD,
-           PRIORITY_FLOOD, WINDOW_UPDATE_FLOOD, EMPTY_FRAMES, UNREAD_CONTROL)
+REASONS = (PREMATURE_RESETS, MALFORMED_STREAMS, STREAM_RATE, PING_FLOOD, SETTINGS_FLOOD,
+           CONTROL_FLOOD, PRIORITY_FLOOD, WINDOW_UPDATE_FLOOD, EMPTY_FRAMES, UNREAD_CONTROL)
 
 
 class Abuse(h2.exceptions.ProtocolError):
@@ -212,12 +214,21 @@ class FrameGuard:
             self._responded.discard(stream_id)
             self.stream_closed(premature=False)
 
+    def stream_refused(self, stream_id: int) -> Abuse | None:
+        """The server refused a malformed request (its stream reset, no handler): counted
+        as a premature end, so malformed streams cannot be mixed with legitimate ones to
+        dilute the premature-reset budget, nor flood the connection for free."""
+        self._started.pop(stream_id, None)
+        self._responded.discard(stream_id)
+        return self.stream_closed(premature=True, reason=MALFORMED_STREAMS)
+
     def forget(self, stream_id: int) -> None:
         """A stream refused before any work (REFUSED_STREAM): not counted."""
         self._started.pop(stream_id, None)
         self._responded.discard(stream_id)
 
-    def stream_closed(self, *, premature: bool) -> Abuse | None:
+    def stream_closed(self, *, premature: bool,
+                      reason: str = PREMATURE_RESETS) -> Abuse | None:
         """Count a stream's end (premature: the client reset it early, see the module
         docstring); an Abuse when premature resets are past their budget."""
         self.streams_closed += 1
@@ -226,8 +237,8 @@ class FrameGuard:
         self.premature_resets += 1
         judged = max(self.streams_closed, self.limits.premature_reset_min_streams)
         if 2 * self.premature_resets > judged:
-            return Abuse(PREMATURE_RESETS, f"{self.premature_resets} of "
-                         f"{self.streams_closed} streams reset early by the client")
+            return Abuse(reason, f"{self.premature_resets} of {self.streams_closed} "
+                         "streams reset early by the client or refused as malformed")
         return None
 
     def is_premature(self, started: float, responded: bool) -> bool:

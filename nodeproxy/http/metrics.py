@@ -220,6 +220,11 @@ class RequestMetrics:
             "nodeproxy_http_bad_requests_total",
             "Malformed requests the proxy refused, by protocol and reason",
             ("protocol", "reason"), registry=registry)
+        self.upgrade_refusals = Counter(
+            "nodeproxy_http_upgrade_refusals_total",
+            "Upgrade and CONNECT requests not switched to a byte stream, by reason "
+            "(nodeproxy.http.upgrade.REASONS)",
+            ("protocol", "reason"), registry=registry)
         self.mirrored = Counter(
             "nodeproxy_http_mirrored_requests_total",
             "Mirrored (shadow) requests, by result (sent, failed, skipped) and reason",
@@ -278,6 +283,9 @@ class RequestMetrics:
 
     def count_http2_abuse(self, reason: str) -> None:
         self._child(self.http2_abuse, (reason,)).inc()
+
+    def count_upgrade_refusal(self, protocol: str, reason: str) -> None:
+        self._child(self.upgrade_refusals, (protocol, reason)).inc()
 
     def count_bad_request(self, protocol: str, reason: str) -> None:
         self._child(self.bad_requests, (protocol, reason)).inc()

@@ -99,7 +99,9 @@ def backend_log(directory: str) -> list[dict[str, Any]]:
     path = os.path.join(directory, "access.log")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
+    # nginx's escape=json passes bytes above 0x7f as they came (a hostile path's
+    # overlong UTF-8, say): read them without failing, each as a lone surrogate.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

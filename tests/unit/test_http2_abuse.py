@@ -275,6 +275,33 @@ def test_late_resets_and_a_few_early_ones_are_not_premature_abuse() -> None:
     run(main)
 
 
+def test_malformed_requests_count_against_the_premature_budget() -> None:
+    """Requests refused as malformed (here a :scheme that is not http/https) take no
+    handler; they count as early ends, so they can neither flood the connection for free
+    nor dilute the budget of a rapid reset mixed in with them."""
+    async def main() -> None:
+        limits = Http2Limits(premature_reset_min_streams=20)
+        abuses: list[str] = []
+        server, peer = guarded_server(hold, limits, Clock(), abuses)
+        bad = [(":method", "GET"), (":path", "/"), (":scheme", "gopher"),
+               (":authority", "a.test")]
+        for _ in range(5):  # 5 malformed + 5 reset: 10 of 20
+            peer.conn.send_headers(peer.conn.get_next_available_stream_id(), bad,
+                                   end_stream=True)
+            sid = peer.open()
+            peer.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        peer.send()
+        await asyncio.sleep(0.01)
+        assert_untouched(peer, abuses)
+        assert server.guard.premature_resets == 10
+        sid = peer.conn.get_next_available_stream_id()
+        peer.conn.send_headers(sid, bad, end_stream=True)
+        peer.send()
+        await assert_calm(peer, server, abuses, h2_guard.MALFORMED_STREAMS,
+                          last_stream_id=sid - 2)
+    run(main)
+
+
 # --- stream rate --------------------------------------------------------------------------
 
 
