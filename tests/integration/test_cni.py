@@ -135,7 +135,7 @@ def cni_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     if not CONSOLE_SCRIPT.exists():
         pytest.fail(f"{CONSOLE_SCRIPT} is missing: run `make setup` (pip install -e .)")
     root = tmp_path_factory.mktemp("cni")
-    zipapp, _ = install.install_binary(root / "installed", interpreter="/usr/bin/python3")
+    zipapp, _ = install.install_zipapp(root / "installed", interpreter="/usr/bin/python3")
     return {"console-script": str(plugin_dir(root / "bin-script", CONSOLE_SCRIPT)),
             "zipapp": str(plugin_dir(root / "bin-zipapp", zipapp))}
 
