@@ -103,8 +103,8 @@ nice -n 10 "${PODMAN[@]}" build "${RUNTIME[@]}" "${ULIMITS[@]}" "${SECRETS[@]}" 
     --pull=never --layers --build-arg "BASE_IMAGE=$BASE" -f "$REPO/Containerfile" \
     -t "$IMAGE" "$REPO"
 image_id="$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$IMAGE")"
-# Layers of earlier builds that no tag names any more.
-"${PODMAN[@]}" image prune -f >/dev/null
+# Intermediate layers stay in the store: they are the cache of the next build
+# (`make clean` removes the store).
 
 # ------------------------------------------------------------------ 5. the archive
 if [ -s "$ARCHIVE" ] && [ "$(cat "$ARCHIVE.id" 2>/dev/null)" = "$image_id" ]; then

@@ -225,8 +225,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             for name in reversed(names):
                 podman.remove(name)
             podman.reset()
-            subprocess.run(["umount", "--recursive", "--lazy", str(bpffs)],
-                           capture_output=True)
+            # The bpffs mount-bpffs made sits on the shared bind mount: both go.
+            for _ in range(4):
+                if subprocess.run(["umount", "--recursive", "--lazy", str(bpffs)],
+                                  capture_output=True).returncode != 0:
+                    break
             remove_cgroup_tree(cgroup_parent)
 
 
@@ -238,6 +241,17 @@ def _on_stand_ins(arg: str, host: Path) -> str:
                 rewritten = str(host / stand_in) + value[len(node_path):]
                 return f"{key}{sep}{rewritten}" if sep else rewritten
     return arg
+
+
+def diagnosis(d: Deployment) -> str:
+    """The daemon's log tail and what it has enrolled, for a failing assertion."""
+    try:
+        pods = json.dumps(d.cluster.admin_json("node0", "/pods"))[:3000]
+    except Exception as e:  # noqa: BLE001 - a diagnosis never raises
+        pods = repr(e)
+    text = f"pods: {pods}\nlog:\n{d.podman.logs(d.daemon)}"
+    print(text)  # whole, where pytest's assertion message would cut it
+    return text
 
 
 def daemon_pid(d: Deployment) -> int:
@@ -301,7 +315,8 @@ def test_service_traffic_from_a_pod_flows_through_the_containerized_daemon(
     # The VIP is unreachable on the node: only capture by the daemon gets here, and
     # the server sees the client pod's own address.
     answer = connect(c, "client-0", vip, 80)
-    assert answer.startswith("connected") and c.pods["client-0"].ip4 in answer, answer
+    assert answer.startswith("connected") and c.pods["client-0"].ip4 in answer, (
+        answer, diagnosis(deployment))
     result = c.peer("client-0", "transfer", "--to", f"{vip}:80", "--send", "1MiB",
                     "--receive", "1MiB", "--connections", "4", "--timeout", "60",
                     timeout=180)
