@@ -231,6 +231,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                                   capture_output=True).returncode != 0:
                     break
             remove_cgroup_tree(cgroup_parent)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _on_stand_ins(arg: str, host: Path) -> str:
