@@ -11,6 +11,8 @@
 #      imports and the Python runtime into one ELF (still linked to glibc/zlib);
 #   2. staticx bundles that ELF with its loader and shared libraries into a
 #      static executable (so glibc-less or old-glibc nodes run it too);
+#      --no-compress: 2.3 MB larger, but it starts in about 0.35 s instead of
+#      0.6 s (xz unpacking on every run; the plugin runs at every pod ADD/DEL);
 #   3. objcopy adds the section .nodeproxy_cni (JSON: who built it, version),
 #      the marker `nodeproxy uninstall` looks for before removing the file.
 # The Containerfile's build stage runs this same script.
@@ -47,7 +49,7 @@ say "PyInstaller --onefile nodeproxy/cni/__main__.py"
     --paths "$REPO" --distpath "$WORK/dist" --workpath "$WORK/build" --specpath "$WORK" \
     "$REPO/nodeproxy/cni/__main__.py"
 say "staticx (loader and shared libraries bundled)"
-"$PYTHON" -m staticx "$WORK/dist/nodeproxy-cni" "$WORK/static"
+"$PYTHON" -m staticx --no-compress "$WORK/dist/nodeproxy-cni" "$WORK/static"
 version="$(cd "$REPO" && "$PYTHON" -c 'import nodeproxy; print(nodeproxy.__version__)')"
 printf '{"installedBy": "nodeproxy.cni.install", "version": "%s"}\n' "$version" >"$WORK/marker.json"
 objcopy --add-section .nodeproxy_cni="$WORK/marker.json" \
