@@ -189,7 +189,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 spec = dict(container)
                 # Node paths in args (the control socket the plugin dials) are the
                 # stand-ins', as the node would see them.
-                spec["args"] = [_on_stand_ins(a, host) for a in container.get("args", [])]
+                spec["args"] = [on_stand_ins(a, host) for a in container.get("args", [])]
                 return container_argv(spec, pod_spec, image=image, name=name,
                                       volumes=volumes, fields=fields,
                                       network=node.netns_path, machine=machine)
@@ -234,13 +234,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _on_stand_ins(arg: str, host: Path) -> str:
+def on_stand_ins(arg: str, host: Path) -> str:
+    """A container argument naming a node path (``--control-socket=/run/nodeproxy/...``)
+    with this test's stand-in for that path; paths inside the container (/host/...) stay."""
+    key, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
     for node_path, stand_in in STAND_INS.items():
-        for prefix in ("=", ""):
-            key, sep, value = arg.partition("=") if prefix else ("", "", arg)
-            if value == node_path or value.startswith(node_path + "/"):
-                rewritten = str(host / stand_in) + value[len(node_path):]
-                return f"{key}{sep}{rewritten}" if sep else rewritten
+        if value == node_path or value.startswith(node_path + "/"):
+            return f"{key}{sep}{host / stand_in}{value[len(node_path):]}"
     return arg
 
 
