@@ -36,7 +36,7 @@ $(CNI_PLUGIN): $(CNI_SOURCES) scripts/build-cni-plugin.sh pyproject.toml | setup
 	nice -n 10 bash scripts/build-cni-plugin.sh $@ $(VENV)/bin/python
 
 # The DaemonSet's image from Debian's packages (mmdebstrap + podman), as an OCI
-# archive: build/nodeproxy-image.tar; docs/install.md.
+# archive: build/nodeproxy-image.tar; docs/install.md.  Needs no venv (no setup).
 image:
 	bash scripts/build-image.sh
 
@@ -44,7 +44,8 @@ image:
 # removes it (rm alone can trip on files its user namespace owns).
 clean:
 	if [ -d build/containers ]; then \
-		podman --root build/containers/root --runroot build/containers/run system reset -f; \
+		podman --root $(CURDIR)/build/containers/root --runroot $(CURDIR)/build/containers/run \
+			--storage-driver overlay system reset -f; \
 	fi
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
 	find nodeproxy tests -name __pycache__ -type d -prune -exec rm -rf {} +
