@@ -93,7 +93,8 @@ def elf_section(path: str | os.PathLike[str], name: str,
                 return None
             (table_offset,) = struct.unpack_from("<Q", header, 0x28)
             entry_size, count, names_index = struct.unpack_from("<HHH", header, 0x3A)
-            if entry_size < 64 or names_index >= count:
+            # ELF64 section headers are 64 bytes: the table is at most 4 MiB to read.
+            if entry_size != 64 or names_index >= count:
                 return None
             f.seek(table_offset)
             table = f.read(entry_size * count)
