@@ -246,7 +246,7 @@ class Daemon:
                 local_pod=lambda ip: self.enrollment.by_ip.get(ip) if self.enrollment else None,
                 admitter=lambda: self._admitter, table=lambda: self._table,
                 tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics,
-                shares=self.node_shares)
+                http2_limits=lambda: self.config.http.http2, shares=self.node_shares)
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         upstreams = Upstreams(
