@@ -291,13 +291,8 @@ def test_the_daemon_runs_with_exactly_the_manifest_s_privileges(deployment: Depl
     status = dict(line.split(":\t", 1) for line in
                   Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
     effective = int(status["CapEff"], 16)
-    # CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_SYS_RESOURCE 24, CAP_BPF 39: nothing else.
-    assert effective == (1 << 12) | (1 << 21) | (1 << 24) | (1 << 39), hex(effective)
-    # CAP_SYS_RESOURCE is there for one thing: the open-file limit raised to fs.nr_open.
-    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
-    limits = {line[:26].strip(): line[26:].split()
-              for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]}
-    assert limits["Max open files"][:2] == [str(nr_open), str(nr_open)], limits
+    # CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_BPF 39: nothing else.
+    assert effective == (1 << 12) | (1 << 21) | (1 << 39), hex(effective)
     assert status["NoNewPrivs"].strip() == "1"
     inspect = json.loads(d.podman.run(["inspect", d.daemon]).stdout)[0]
     assert inspect["HostConfig"]["ReadonlyRootfs"] is True

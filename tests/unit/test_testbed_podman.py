@@ -36,7 +36,7 @@ def test_the_daemon_container_gets_the_manifest_s_settings():
     assert "--pid" not in argv  # hostPID: false
     assert pairs(argv, "--env") == ["NODE_NAME=node7", "POD_NAMESPACE=nodeproxy-system"]
     assert pairs(argv, "--cap-drop") == ["all"]
-    assert pairs(argv, "--cap-add") == ["bpf", "net_admin", "sys_admin", "sys_resource"]
+    assert pairs(argv, "--cap-add") == ["bpf", "net_admin", "sys_admin"]
     assert "--privileged" not in argv
     assert "--read-only" in argv and "--read-only-tmpfs=false" in argv
     assert "no-new-privileges" in pairs(argv, "--security-opt")
