@@ -25,7 +25,7 @@ from nodeproxy.config.loader import parse_config
 
 K8S = Path(__file__).resolve().parents[2] / "config" / "k8s"
 KUBERNETES_VERSIONS = ["1.35", "1.36", "1.37"]
-CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"}
+CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN"}
 
 
 def manifest_files() -> list[Path]:
