@@ -55,6 +55,10 @@ REASONS = {
 }
 
 
+# What a Host value (uri-host [":" port]) never holds; llhttp already refuses CR, LF, NUL.
+_NOT_IN_HOST = frozenset(chr(c) for c in (*range(0x21), 0x7f))
+
+
 def _reason(status: int) -> bytes:
     return REASONS.get(status, "Status").encode()
 
@@ -336,11 +340,13 @@ class H1Server(asyncio.Protocol):
         version = parser.get_http_version()
         method = parser.get_method().decode()
         headers: Headers = []
-        authority = ""
+        authority: str | None = None
         connection: set[str] = set()
         expect_continue = upgrade = False
         for name, value in self._headers:
             if name == "host":
+                if authority is not None:  # RFC 9112 3.2: one Host, or 400
+                    raise BadRequest(400, "more than one Host header")
                 authority = value
             elif name == "connection":
                 connection.update(t.strip().lower() for t in value.split(","))
@@ -358,7 +364,16 @@ class H1Server(asyncio.Protocol):
                 headers.append((name, value))
         if version == "1.1" and not authority:
             raise BadRequest(400, "HTTP/1.1 request without Host")
+        authority = authority or ""
+        if any(c in _NOT_IN_HOST for c in authority):
+            raise BadRequest(400, f"Host {authority!r} has whitespace or control characters")
+        # RFC 9110 7.6.1: the fields Connection names are hop-by-hop too.
+        named = connection - {"close", "keep-alive", "upgrade"}
+        if named:
+            headers = [(n, v) for n, v in headers if n not in named]
         upgrade = upgrade and "upgrade" in connection and parser.should_upgrade()
+        if not upgrade:  # an Upgrade the Connection header does not name is hop-by-hop only
+            headers = [(n, v) for n, v in headers if n != "upgrade"]
         keep_alive = parser.should_keep_alive() and not upgrade
         url = bytes(self._url).decode("latin-1")
         if not url.startswith("/") and not (method == "OPTIONS" and url == "*"):

@@ -212,6 +212,38 @@ def _split(fields: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
     return pseudo, headers
 
 
+_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _malformed_request(pseudo: dict[str, str], headers: Headers) -> str | None:
+    """Why a request's pseudo-headers make it malformed (RFC 9113 8.3.1), or None: the
+    method a token; for CONNECT no :scheme or :path; otherwise :scheme http or https and a
+    :path in origin form (``*`` only for OPTIONS); no whitespace or control character in
+    :path or :authority, and a Host header only if it agrees with :authority."""
+    method = pseudo.get(":method", "")
+    if not _METHOD.match(method):
+        return f":method {method!r} is not a token"
+    authority = pseudo.get(":authority", "")
+    if _CONTROL_OR_SPACE.search(authority):
+        return f":authority {authority!r} has whitespace or control characters"
+    hosts = [value for name, value in headers if name == "host"]
+    if len(hosts) > 1 or (hosts and authority and hosts[0] != authority):
+        return "Host headers disagree with :authority"
+    if hosts and _CONTROL_OR_SPACE.search(hosts[0]):
+        return f"Host {hosts[0]!r} has whitespace or control characters"
+    if method == "CONNECT":
+        return None
+    path = pseudo.get(":path", "")
+    if pseudo.get(":scheme") not in ("http", "https"):
+        return f":scheme {pseudo.get(':scheme')!r} is not http or https"
+    if not (path.startswith("/") or (method == "OPTIONS" and path == "*")):
+        return f":path {path!r} is not in origin form"
+    if _CONTROL_OR_SPACE.search(path):
+        return f":path {path!r} has whitespace or control characters"
+    return None
+
+
 def _list_size(fields: list[tuple[bytes, bytes]]) -> int:
     """The header list size as SETTINGS_MAX_HEADER_LIST_SIZE counts it."""
     return sum(len(name) + len(value) + 32 for name, value in fields)
@@ -690,6 +722,12 @@ class H2Server(_H2Protocol):
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         pseudo, headers = _split(fields)
+        malformed = _malformed_request(pseudo, headers)
+        if malformed is not None:
+            # RFC 9113 8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR.
+            log.info("malformed HTTP/2 request from %s: %s", self.peername, malformed)
+            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
         authority = pseudo.get(":authority") or next(
             (value for name, value in headers if name == "host"), "")
         continue_ = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
