@@ -184,11 +184,16 @@ class Decision:
 
 # --- request paths ---------------------------------------------------------------------------
 
-_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+# An escape, or a "%" that starts none (RFC 3986 allows no bare "%").
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})?")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 def _unescape(match: re.Match[str]) -> str:
+    if match.group(1) is None:
+        # A bare "%" is taken as the character "%": escaped, so the "%32%65" after the
+        # "%" of "/%%32%65" cannot decode into a new escape ("%2e") on a second pass.
+        return "%25"
     char = chr(int(match.group(1), 16))
     return char if char in _UNRESERVED else "%" + match.group(1).upper()
 

@@ -126,6 +126,7 @@ async def _drive(data: bytes) -> None:
         "admission was not asked once per CONNECT to the local pod, with the marker as sent"
     assert frames and isinstance(frames[0], SettingsFrame), "the server's first frame"
     decoder = Decoder()
+    decoder.max_allowed_table_size = 2**32  # whatever table size the peer's SETTINGS allow
     answered = {f.stream_id for f in frames if isinstance(f, RstStreamFrame)}
     for f in frames:
         if isinstance(f, HeadersFrame):
