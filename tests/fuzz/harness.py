@@ -108,8 +108,6 @@ class Trouble(logging.Handler):
 
 
 TROUBLE = Trouble()
-logging.getLogger("nodeproxy").addHandler(TROUBLE)
-logging.getLogger("nodeproxy").setLevel(logging.ERROR)  # info lines cost time, say nothing
 
 _LOOP: asyncio.AbstractEventLoop | None = None
 
@@ -130,6 +128,10 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     ev = loop()
     asyncio.set_event_loop(ev)
     TROUBLE.take()
+    logger = logging.getLogger("nodeproxy")
+    level = logger.level
+    logger.addHandler(TROUBLE)
+    logger.setLevel(logging.ERROR)  # info lines cost time and say nothing here
     try:
         ev.run_until_complete(coro_fn())
     finally:
@@ -138,9 +140,20 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
             task.cancel()
         if pending:
             ev.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        logger.removeHandler(TROUBLE)
+        logger.setLevel(level)
+        asyncio.set_event_loop(None)
     trouble = TROUBLE.take()
     assert not trouble, "the code under test reported a failure of its own:\n" + "\n".join(
         trouble)
+
+
+def close_loop() -> None:
+    """Close the shared loop (a test process that replayed inputs in-process)."""
+    global _LOOP
+    if _LOOP is not None and not _LOOP.is_closed():
+        _LOOP.close()
+    _LOOP = None
 
 
 async def settle(rounds: int = 40) -> None:

@@ -24,7 +24,7 @@ TARGETS = ("fuzz_h1_server", "fuzz_h2_server", "fuzz_hbone_server", "fuzz_config
 def main(argv: list[str]) -> None:
     import atheris
 
-    if len(argv) < 2 or argv[1] not in TARGETS:
+    if len(argv) < 2 or argv[1] not in (*TARGETS, "selftest_crash"):
         sys.exit(f"usage: python -m tests.fuzz.run {{{','.join(TARGETS)}}} "
                  "[libFuzzer options] [corpus dirs]")
     with atheris.instrument_imports(include=INSTRUMENTED):
