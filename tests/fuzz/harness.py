@@ -165,10 +165,12 @@ async def settle(rounds: int = 40) -> None:
 
 def chunks(data: bytes) -> list[bytes]:
     """How one input is delivered: at once, or split into small reads, chosen from the
-    input's length, so the same bytes are also seen arriving a piece at a time."""
+    input's length, so the same bytes are also seen arriving a piece at a time (at most
+    64 pieces: a long input in 1-byte reads would cost more than it finds)."""
     size = (0, 1, 3, 7, 64)[len(data) % 5]
     if size == 0 or not data:
         return [data]
+    size = max(size, -(-len(data) // 64))
     return [data[i:i + size] for i in range(0, len(data), size)]
 
 
