@@ -41,7 +41,7 @@ fuzz: setup
 			-artifact_prefix=$$out/ $$out/corpus tests/fuzz/corpus/$$target \
 			>$$out/log 2>&1 || { status=1; echo "fuzz: $$target FOUND A CRASH:"; \
 			ls $$out/crash-* $$out/timeout-* $$out/oom-* 2>/dev/null; }; \
-		grep -E "^#[0-9]+ +(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec)" \
+		grep -E "^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec)" \
 			$$out/log | sed 's/^/    /'; \
 	done; exit $$status
 
