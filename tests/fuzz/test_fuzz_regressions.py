@@ -30,6 +30,7 @@ from nodeproxy.policy.authorization import (
     RequestAttributes,
     normalize_path,
 )
+from nodeproxy.tunnel.session import H2Session
 from tests.fuzz import (
     fuzz_authorization,
     fuzz_cni_netconf,
@@ -184,6 +185,37 @@ def test_hbone_finds_kept() -> None:
         "hB8AAB0AAAAAAAFHRVQgLyBIVFRQLzEuMQ0KSG9zdDogd2ViDQoNCg==",
     ):
         fuzz_hbone_server.check(base64.b64decode(encoded))
+
+
+def test_hbone_a_header_value_that_is_not_utf8_ends_the_connection_cleanly() -> None:
+    """Found by fuzz_hbone_server (a 4-minute run): h2 decodes field values as UTF-8 for
+    the HBONE session and raised UnicodeDecodeError out of data_received (asyncio then
+    dropped the TLS connection without a GOAWAY)."""
+    data = base64.b64decode(
+        "UFJJICogSFRUUC8yLjANCg0KU00NCg0KAAAqBAAAAAAAAAEAABAAAAIAAAABAAQAAP//AAUAAEAAAAgA"
+        "AAAAAAMAAABkAAYAAQAAAABDAQQAAAABQoe9q06cF7f/QYwIFxNNLiXEC48B4H9Ah5T2eB2S0k+LlPZA"
+        "EC4mmlwrhB9Ak/K1R5C12H8+lqHVh2pnPYb2WT+BDwAAIgEEAAAAA8FBjf/csgAXLggf/P//TP9/AY+U"
+        "9kH8/+5ZKQuXAg/+fz8=")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"10.244.2.20:80"),
+                            (b"x-bad", b"\xff\xfe")], end_stream=False)
+    for stream in (data, client.data_to_send()):
+        transport = harness.MemoryTransport()
+
+        async def main(stream: bytes = stream, transport: Any = transport) -> None:
+            session = H2Session(client_side=False, on_request=lambda *_: None)
+            transport.set_protocol(session)
+            session.connection_made(transport)
+            session.data_received(stream)  # must not raise
+            session.connection_lost(None)
+
+        harness.run(main)
+        goaways = [f for f in fuzz_h2_server.written_frames(bytes(transport.written))
+                   if isinstance(f, GoAwayFrame)]
+        assert [f.error_code for f in goaways] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+        assert transport.closed
+    fuzz_hbone_server.check(data)
 
 
 # --- node YAML ---------------------------------------------------------------------------
