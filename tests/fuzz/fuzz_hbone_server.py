@@ -13,7 +13,7 @@ Invariants, beyond "nothing raises":
   IP:port (port 1..65535), with an IP address as its source, and with ``l7_checked``
   exactly when the marker header is ``1``;
 - every CONNECT stream the session accepted is answered (a 4xx ``:status``) or reset,
-  unless the connection itself ended on a protocol error; never 2xx;
+  unless the connection itself ended (a GOAWAY either way); never 2xx;
 - everything written is well-formed HTTP/2 frames, SETTINGS first.
 """
 
@@ -111,6 +111,7 @@ async def _drive(data: bytes) -> None:
         await harness.settle(4)
     await harness.settle()
     frames = written_frames(bytes(transport.written))
+    peer_goaway = session.goaway
     session.connection_lost(None)
     await harness.settle()
 
@@ -143,7 +144,9 @@ async def _drive(data: bytes) -> None:
             assert status[:1] == "4" or status == "503", \
                 f"stream {f.stream_id} answered {status!r}"
             answered.add(f.stream_id)
-    if not any(isinstance(f, GoAwayFrame) for f in frames):
+    # After a GOAWAY either way h2 sends nothing more (python-hyper/h2#1181, see
+    # nodeproxy/http/h2.py): a stream then ends with the connection, unanswered.
+    if not any(isinstance(f, GoAwayFrame) for f in frames) and not peer_goaway:
         unanswered = set(accepted) - answered - reset_by_peer
         assert not unanswered, f"streams {sorted(unanswered)} got no answer"
 

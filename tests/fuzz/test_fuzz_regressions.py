@@ -173,8 +173,9 @@ def test_h2_a_well_formed_request_still_passes() -> None:
 
 
 def test_hbone_finds_kept() -> None:
-    """Two fuzz_hbone_server reports were the target's own mistakes (a stream the peer
-    reset needs no answer; the peer may enlarge its HPACK table): the inputs stay."""
+    """Three fuzz_hbone_server reports were the target's own mistakes (a stream the peer
+    reset needs no answer; the peer may enlarge its HPACK table; after the peer's GOAWAY
+    h2 answers nothing, the connection just ends): the inputs stay."""
     for encoded in (
         "UFJJICogSFRUUC8yLjANCg0KU00NCg0KAAAqBAAAAAAAAAEAABAAAAIAAAABAAQAAP//AAUAAEAAAAgAAAAA"
         "AAMAAABkAAYAAQAAAAAXAQQAAAABQoe9q06cF7f/QYwIFxNNLiXEC48B4H8AAAQDAAAAAAEAAAAACAAIBgAA"
@@ -183,6 +184,10 @@ def test_hbone_finds_kept() -> None:
         "UFJJICogSFRUUC8yLjANCg0KU00NCg0KAAAqBAAAAAAAAAEAABAIAAIAAAABAAQAAP//AAUAAEAAAAgAAAAA"
         "AAMAAABkAAYAAQAAAAAsAQQAAAABQoe9q06cF7f/QYwIFxNNLiXEC48B4H9Ah5T2eB2SFk+LlPZAEC4mmlwr"
         "hB8AAB0AAAAAAAFHRVQgLyBIVFRQLzEuMQ0KSG9zdDogd2ViDQoNCg==",
+        "UFJJICogSFRUUC8yLjANCg0KU00NCg0KAAAqBAAAAAAAAAEAABAAAAIAAAABAAQAAP//AAUAAEAAAAgA"
+        "AAAAAAMAAABkAAYA//8AAAAXAQQAAAABQoe9q06cF7f/QYwXLk0TCCXEC48B4H8AAAQoAAAAAAEAAAAI"
+        "AAAIBgAAAAAAYWJjZGVmZ2gAAAQKAAAAAAAAAQPoAAAIBwAAAAAAAAAAAExMTExMTExMjExMaWlpaWlp"
+        "aWlpaWlpAAAAAA==",
     ):
         fuzz_hbone_server.check(base64.b64decode(encoded))
 
