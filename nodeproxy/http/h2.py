@@ -214,19 +214,26 @@ def _split(fields: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
 
 _METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+_CONTROL_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _malformed_request(pseudo: dict[str, str], headers: Headers) -> str | None:
     """Why a request's pseudo-headers make it malformed (RFC 9113 8.3.1), or None: the
     method a token; for CONNECT no :scheme or :path; otherwise :scheme http or https and a
     :path in origin form (``*`` only for OPTIONS); no whitespace or control character in
-    :path or :authority, and a Host header only if it agrees with :authority."""
+    :path or :authority, field names tokens and values without control characters (HTAB
+    aside), and a Host header only if it agrees with :authority."""
     method = pseudo.get(":method", "")
     if not _METHOD.match(method):
         return f":method {method!r} is not a token"
     authority = pseudo.get(":authority", "")
     if _CONTROL_OR_SPACE.search(authority):
         return f":authority {authority!r} has whitespace or control characters"
+    for name, value in headers:
+        if not _METHOD.match(name) or _CONTROL_IN_VALUE.search(value):
+            # RFC 9110 5.5: no control character but HTAB in a value (h2 checks only
+            # CR, LF and NUL); an HTTP/1.1 upstream must never see one.
+            return f"header field {name!r} is malformed"
     hosts = [value for name, value in headers if name == "host"]
     if len(hosts) > 1 or (hosts and authority and hosts[0] != authority):
         return "Host headers disagree with :authority"
