@@ -220,7 +220,8 @@ class Daemon:
                               admitter=lambda: self._admitter,
                               trust_domain=cfg.mesh.trust_domain, access_log=self.access_log,
                               live=self.live,
-                              tracing=Tracing(self.registry, cfg.node.name))
+                              tracing=Tracing(self.registry, cfg.node.name),
+                              tcp_metrics=self.metrics)
         self.proxy = OutboundProxy(
             upstreams=upstreams, http=self.http, metrics=self.metrics,
             table=lambda: self._table, on_captured=self.steering.on_outbound,

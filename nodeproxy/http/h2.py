@@ -57,6 +57,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.request_target import Refusal, check_authority, check_method, check_target
 
 log = logging.getLogger(__name__)
 
@@ -212,43 +213,18 @@ def _split(fields: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
     return pseudo, headers
 
 
-_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _CONTROL_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _malformed_request(pseudo: dict[str, str], headers: Headers) -> str | None:
-    """Why a request's pseudo-headers make it malformed (RFC 9113 8.3.1), or None: the
-    method a token; for CONNECT no :scheme or :path; otherwise :scheme http or https and a
-    :path in origin form (``*`` only for OPTIONS); no whitespace or control character in
-    :path or :authority, field names tokens and values without control characters (HTAB
-    aside), and a Host header only if it agrees with :authority."""
-    method = pseudo.get(":method", "")
-    if not _METHOD.match(method):
-        return f":method {method!r} is not a token"
-    authority = pseudo.get(":authority", "")
-    if _CONTROL_OR_SPACE.search(authority):
-        return f":authority {authority!r} has whitespace or control characters"
+def check_fields(headers: Headers) -> None:
+    """Regular fields as RFC 9110 5.1 and 5.5 write them: a name is a (lowercase) token, a
+    value holds no control character but HTAB.  h2 itself refuses only CR, LF and NUL in
+    a value (RFC 9113 8.2.1); an HTTP/1.1 upstream must never see the rest.  Raises
+    Refusal ("bad_field")."""
     for name, value in headers:
-        if not _METHOD.match(name) or _CONTROL_IN_VALUE.search(value):
-            # RFC 9110 5.5: no control character but HTAB in a value (h2 checks only
-            # CR, LF and NUL); an HTTP/1.1 upstream must never see one.
-            return f"header field {name!r} is malformed"
-    hosts = [value for name, value in headers if name == "host"]
-    if len(hosts) > 1 or (hosts and authority and hosts[0] != authority):
-        return "Host headers disagree with :authority"
-    if hosts and _CONTROL_OR_SPACE.search(hosts[0]):
-        return f"Host {hosts[0]!r} has whitespace or control characters"
-    if method == "CONNECT":
-        return None
-    path = pseudo.get(":path", "")
-    if pseudo.get(":scheme") not in ("http", "https"):
-        return f":scheme {pseudo.get(':scheme')!r} is not http or https"
-    if not (path.startswith("/") or (method == "OPTIONS" and path == "*")):
-        return f":path {path!r} is not in origin form"
-    if _CONTROL_OR_SPACE.search(path):
-        return f":path {path!r} has whitespace or control characters"
-    return None
+        if not _FIELD_NAME.fullmatch(name) or _CONTROL_IN_VALUE.search(value):
+            raise Refusal("bad_field", f"header field {name[:32]!r} is malformed")
 
 
 def _list_size(fields: list[tuple[bytes, bytes]]) -> int:
@@ -598,6 +574,9 @@ class H2Server(_H2Protocol):
     FLOW_CONTROL_ERROR, ...), call ``on_protocol_error(code, message)`` and close.
     ``expect: 100-continue`` is answered here (and removed); ``te: trailers`` stays in the
     request's headers (gRPC needs it end to end), the only hop-by-hop field that does.
+    A request whose pseudo-headers RFC 9113 8.3 forbids beyond what h2 checks
+    (``check_pseudo_headers``) is reset (PROTOCOL_ERROR) without the handler, and
+    ``on_bad_request(reason)`` is called; CONNECT goes to the handler, which refuses it.
     At most ``max_concurrent_streams`` handlers run at once: a stream past that, even one
     h2 would allow because earlier ones were reset, is refused (REFUSED_STREAM).
 
@@ -612,7 +591,8 @@ class H2Server(_H2Protocol):
                  max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
                  stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW,
-                 on_protocol_error: Callable[[int, str], None] | None = None):
+                 on_protocol_error: Callable[[int, str], None] | None = None,
+                 on_bad_request: Callable[[str], None] | None = None):
         super().__init__(
             stream_window=stream_window, connection_window=connection_window,
             header_limit=max(2 * max_header_bytes, 16 * 1024),
@@ -625,6 +605,7 @@ class H2Server(_H2Protocol):
         self.max_header_bytes = max_header_bytes
         self.max_concurrent_streams = max_concurrent_streams
         self.on_protocol_error = on_protocol_error
+        self.on_bad_request = on_bad_request
         self.exchanges: dict[int, H2Exchange] = {}
         self.peername: Any = None
         self.requests = 0  # streams accepted so far
@@ -729,14 +710,22 @@ class H2Server(_H2Protocol):
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         pseudo, headers = _split(fields)
-        malformed = _malformed_request(pseudo, headers)
-        if malformed is not None:
-            # RFC 9113 8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR.
-            log.info("malformed HTTP/2 request from %s: %s", self.peername, malformed)
-            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
-            return
         authority = pseudo.get(":authority") or next(
             (value for name, value in headers if name == "host"), "")
+        handler: Callable[[Exchange], Awaitable[None]] = self.handler
+        try:  # RFC 9113 8.3; h2 has checked the rest of 8.2 and 8.3 (see the docstring)
+            check_fields(headers)
+            check_pseudo_headers(pseudo, authority)
+        except Refusal as e:
+            # CONNECT (and extended CONNECT) is well formed: the manager refuses it with
+            # 403 and counts it as an upgrade refusal (nodeproxy/http/upgrade.py).
+            if e.reason != "connect":
+                log.debug("malformed HTTP/2 request from %s (stream %d): %s",
+                          self.peername, stream_id, e)
+                if self.on_bad_request is not None:
+                    self.on_bad_request(e.reason)
+                self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+                return
         continue_ = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
         headers = [(n, v) for n, v in headers
                    if n != "host" and (n not in HOP_BY_HOP or n == "te")
@@ -750,9 +739,8 @@ class H2Server(_H2Protocol):
         self.idle_since = None
         self.requests += 1
         if _list_size(fields) > self.max_header_bytes:
-            handler: Callable[[Exchange], Awaitable[None]] = _too_large
-        else:
-            handler = self.handler
+            handler = _too_large
+        elif handler is self.handler:
             if continue_:  # as Envoy does by default: answer it here, do not forward it
                 with contextlib.suppress(ConnectionResetError):
                     self._send_headers(exchange, [(b":status", b"100")], end=False)
@@ -823,6 +811,21 @@ class H2Server(_H2Protocol):
 
 async def _too_large(exchange: Exchange) -> None:
     await exchange.respond(ResponseHead(431, [("content-length", "0")]), end=True)
+
+
+def check_pseudo_headers(pseudo: dict[str, str], authority: str) -> None:
+    """What RFC 9113 8.3 asks of a request's pseudo-headers beyond h2's own checks
+    (presence, order, repetition, names): ``:method`` a token, ``:scheme`` http or
+    https, ``:path`` in origin form (``*`` for OPTIONS), the authority without userinfo.
+    Raises Refusal."""
+    method = pseudo.get(":method", "")
+    check_method(method)
+    if method == "CONNECT":
+        raise Refusal("connect", "CONNECT is not proxied")
+    if pseudo.get(":scheme") not in ("http", "https"):
+        raise Refusal("bad_scheme", f":scheme {pseudo.get(':scheme', '')[:32]!r}")
+    check_authority(authority)
+    check_target(method, pseudo.get(":path", ""))
 
 
 # --- upstream: the client side ---------------------------------------------------------------

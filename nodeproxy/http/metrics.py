@@ -219,6 +219,11 @@ class RequestMetrics:
             "nodeproxy_http_bad_requests_total",
             "Malformed requests the proxy refused, by protocol and reason",
             ("protocol", "reason"), registry=registry)
+        self.upgrade_refusals = Counter(
+            "nodeproxy_http_upgrade_refusals_total",
+            "Upgrade and CONNECT requests not switched to a byte stream, by reason "
+            "(nodeproxy.http.upgrade.REASONS)",
+            ("protocol", "reason"), registry=registry)
         self.mirrored = Counter(
             "nodeproxy_http_mirrored_requests_total",
             "Mirrored (shadow) requests, by result (sent, failed, skipped) and reason",
@@ -269,6 +274,9 @@ class RequestMetrics:
 
     def count_fault(self, destination_service: str, kind: str) -> None:
         self._child(self.faults, (destination_service, kind)).inc()
+
+    def count_upgrade_refusal(self, protocol: str, reason: str) -> None:
+        self._child(self.upgrade_refusals, (protocol, reason)).inc()
 
     def count_bad_request(self, protocol: str, reason: str) -> None:
         self._child(self.bad_requests, (protocol, reason)).inc()

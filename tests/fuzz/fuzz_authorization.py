@@ -16,8 +16,13 @@ Invariants:
   L7_CHECKED_UPSTREAM and with each request, and its Decision is consistent: a DENY
   action denies and names a DENY policy that selects the workload; an allow naming a
   policy names an ALLOW one;
-- one request, one meaning: the decision on a path equals the decision on the path
-  normalized (what the proxy forwards once paths are normalized);
+- one request, one meaning: a request target the codecs accept
+  (nodeproxy.http.request_target.check_target) is normalized under every
+  ``pathNormalization`` mode and escaped-slash action; the normalized target passes the
+  codecs' check again, normalizing it again changes neither it nor the decision, and
+  (modes MERGE_SLASHES and DECODE_AND_MERGE_SLASHES, escaped slashes not kept) a backend
+  that decodes once, merges slashes and resolves dot segments, as nginx does, reads the
+  very path the policies judged;
 - a catch-all DENY policy (``rules: [{}]``) added to the set denies everything.
 """
 
@@ -25,11 +30,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import ValidationError
 
 from nodeproxy.config.model import AuthorizationPolicy
+from nodeproxy.http.request_target import (
+    Refusal,
+    TargetPolicy,
+    check_target,
+    normalize,
+    remove_dot_segments,
+)
 from nodeproxy.policy.authorization import (
     L7_CHECKED_UPSTREAM,
     Authorizer,
@@ -37,8 +51,10 @@ from nodeproxy.policy.authorization import (
     Decision,
     DestinationWorkload,
     RequestAttributes,
-    normalize_path,
 )
+
+MODES = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
+ACTIONS = ("KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT", "UNESCAPE_AND_FORWARD")
 
 # What the recipe reading draws its strings from, beside raw ones.
 WORDS = ["/admin", "/admin/*", "/public/*", "*", "/", "*.svc", "GET", "POST", "get",
@@ -191,9 +207,40 @@ def check(data: bytes) -> None:
             assert not deny_all.decide(dest, attrs, request).allowed, \
                 "a catch-all DENY policy did not deny"
             if isinstance(request, RequestAttributes):
-                normalized = RequestAttributes(request.method, normalize_path(request.path),
-                                               request.host, request.headers)
-                again = authorizer.decide(dest, attrs, normalized)
-                assert again.allowed == decision.allowed, (
-                    f"{request.path!r} and its normalized form "
-                    f"{normalize_path(request.path)!r} are decided differently")
+                _one_meaning(authorizer, dest, attrs, request)
+
+
+def backend_view(path: str) -> str:
+    """The path a backend such as nginx serves: escapes decoded once, slashes merged, dot
+    segments resolved."""
+    path = re.sub(r"/{2,}", "/", unquote(path, errors="surrogateescape"))
+    return remove_dot_segments(path) if path.startswith("/") else path
+
+
+def _one_meaning(authorizer: Authorizer, dest: DestinationWorkload,
+                 attrs: ConnectionAttributes, request: RequestAttributes) -> None:
+    try:
+        check_target(request.method, request.path)
+    except Refusal:
+        return  # the codecs refuse it: nothing is decided
+    for mode in MODES:
+        for action in ACTIONS:
+            policy = TargetPolicy(mode, action)  # type: ignore[arg-type]
+            try:
+                first = normalize(request.path, policy)
+            except Refusal:
+                continue
+            check_target(request.method, first.target)  # what goes upstream is valid
+            second = normalize(first.target, policy)
+            assert (second.target, second.path) == (first.target, first.path), \
+                f"{mode}/{action}: {request.path!r} normalizes to {first} then {second}"
+            decided = [authorizer.decide(dest, attrs, RequestAttributes(
+                request.method, n.target, request.host, request.headers)).allowed
+                for n in (first, second)]
+            assert decided[0] == decided[1], f"{mode}/{action}: {request.path!r}"
+            if mode in ("MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES") and \
+                    action != "KEEP_UNCHANGED":
+                judged = unquote(first.path, errors="surrogateescape")
+                assert backend_view(first.path) == judged, (
+                    f"{mode}/{action}: policies judged {first.path!r}, a backend reads "
+                    f"{backend_view(first.path)!r}")

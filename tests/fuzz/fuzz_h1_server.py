@@ -8,9 +8,10 @@ forward, reads the body and answers 200.
 Invariants, beyond "nothing raises":
 - what the handler receives is well formed: the method a token, the path in origin form
   (or ``*`` for OPTIONS) without whitespace or control characters, header names lowercase
-  tokens, no hop-by-hop header (Upgrade only on an upgrade request), no field the
-  Connection header names, no Host beside the authority, one Content-Length at most, an
-  authority without whitespace or control characters;
+  tokens, no hop-by-hop header but Upgrade (policies see it; the upgrade path never
+  forwards it as sent), no field the Connection header names, no Host beside the
+  authority, one Content-Length at most, an authority without whitespace or control
+  characters;
 - a request with more than one Host is refused (RFC 9112 3.2);
 - a refused request gets a 4xx (or 501 for a transfer coding) with ``connection: close``
   and the connection closes; requests before it are answered first, none after it is
@@ -81,8 +82,8 @@ class _Requests:
 def _check_request(exchange: H1Exchange, sent: list[tuple[str, str]] | None) -> None:
     head = exchange.request
     harness.check_origin_form(head.method, head.path)
-    allow = frozenset({"upgrade"}) if exchange.upgrade else frozenset()
-    harness.check_header_fields(head.headers, HOP_BY_HOP, allow=allow)
+    # Policies see the client's Upgrade (it is never forwarded as sent: upgrade.py).
+    harness.check_header_fields(head.headers, HOP_BY_HOP, allow=frozenset({"upgrade"}))
     assert not harness.CONTROL_OR_SPACE.search(head.authority), \
         f"authority {head.authority!r} has whitespace or control characters"
     if head.version == "1.1":
