@@ -7,7 +7,7 @@ forward, reads the body and answers 200.
 
 Invariants, beyond "nothing raises":
 - what the handler receives is well formed: the method a token, the path in origin form
-  (or ``*`` for OPTIONS) without whitespace or control characters, header names lowercase
+  (or ``*`` for OPTIONS; CONNECT only as an upgrade, which the manager refuses) without whitespace or control characters, header names lowercase
   tokens, no hop-by-hop header but Upgrade (policies see it; the upgrade path never
   forwards it as sent), no field the Connection header names, no Host beside the
   authority, one Content-Length at most, an authority without whitespace or control
@@ -81,7 +81,12 @@ class _Requests:
 
 def _check_request(exchange: H1Exchange, sent: list[tuple[str, str]] | None) -> None:
     head = exchange.request
-    harness.check_origin_form(head.method, head.path)
+    if head.method == "CONNECT":
+        # Passed on only as an upgrade: the manager refuses CONNECT (403) before anything
+        # reads its target (nodeproxy/http/upgrade.py).
+        assert exchange.upgrade, "CONNECT passed on as an ordinary request"
+    else:
+        harness.check_origin_form(head.method, head.path)
     # Policies see the client's Upgrade (it is never forwarded as sent: upgrade.py).
     harness.check_header_fields(head.headers, HOP_BY_HOP, allow=frozenset({"upgrade"}))
     assert not harness.CONTROL_OR_SPACE.search(head.authority), \
