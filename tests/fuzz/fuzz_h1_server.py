@@ -85,8 +85,8 @@ def _check_request(exchange: H1Exchange, sent: list[tuple[str, str]] | None) -> 
         # Passed on only as an upgrade: the manager refuses CONNECT (403) before anything
         # reads its target (nodeproxy/http/upgrade.py).
         assert exchange.upgrade, "CONNECT passed on as an ordinary request"
-    else:
-        harness.check_origin_form(head.method, head.path)
+        return  # neither its target nor its Host is checked by the codec
+    harness.check_origin_form(head.method, head.path)
     # Policies see the client's Upgrade (it is never forwarded as sent: upgrade.py).
     harness.check_header_fields(head.headers, HOP_BY_HOP, allow=frozenset({"upgrade"}))
     assert not harness.CONTROL_OR_SPACE.search(head.authority), \
