@@ -7,11 +7,11 @@ forward, reads the body and answers 200.
 
 Invariants, beyond "nothing raises":
 - what the handler receives is well formed: the method a token, the path in origin form
-  (or ``*`` for OPTIONS; CONNECT only as an upgrade, which the manager refuses) without whitespace or control characters, header names lowercase
-  tokens, no hop-by-hop header but Upgrade (policies see it; the upgrade path never
-  forwards it as sent), no field the Connection header names, no Host beside the
+  (or ``*`` for OPTIONS) without whitespace or control characters, header names
+  lowercase tokens, no hop-by-hop header but Upgrade (policies see it; the upgrade path
+  never forwards it as sent), no field the Connection header names, no Host beside the
   authority, one Content-Length at most, an authority without whitespace or control
-  characters;
+  characters; a CONNECT only as an upgrade (the manager refuses it, target unread);
 - a request with more than one Host is refused (RFC 9112 3.2);
 - a refused request gets a 4xx (or 501 for a transfer coding) with ``connection: close``
   and the connection closes; requests before it are answered first, none after it is
