@@ -207,7 +207,8 @@ class Daemon:
                 connect_timeout=cfg.proxy.connect_timeout_seconds,
                 local_pod=lambda ip: self.enrollment.by_ip.get(ip) if self.enrollment else None,
                 admitter=lambda: self._admitter, table=lambda: self._table,
-                tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics)
+                tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics,
+                http2_limits=lambda: self.config.http.http2)
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         upstreams = Upstreams(

@@ -348,6 +348,11 @@ class H1Server(asyncio.Protocol):
         for exchange in (self._parsing, self._current, *self._queue):
             if exchange is not None:
                 exchange.body.fail(BodyError("client connection lost"))
+        if not self._detached:
+            # The client is gone: what its request set going upstream is given up (an
+            # upstream connection mid-request is closed, a request not sent never is).
+            for task in list(self._tasks):
+                task.cancel()
         if self._on_closed is not None:
             self._on_closed()
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nodeproxy.config.model import (
+    Http2Limits,
     HttpSettings,
     NodeConfig,
     RetryPolicy,
@@ -225,6 +226,8 @@ class HttpProxy:
         self._pools: dict[tuple[str, str, bool, str], EndpointPool] = {}
         self._resilience = Resilience(metrics.resilience)
         self._clients: set[ClientConnection] = set()
+        # Pods whose HTTP/2 connection was closed for abuse: loop time it last happened.
+        self._h2_abusers: dict[str, float] = {}
         self._policed_for: Admitter | None = None
         self._policed_cache: dict[str, bool] = {}
         self._labels: dict[tuple[object, ...], RequestLabels] = {}
@@ -262,6 +265,7 @@ class HttpProxy:
                     or k[3] not in self._policies]:
             self._pools.pop(key).close()
         self._stats = {k: v for k, v in self._stats.items() if k in endpoints}
+        self._h2_abusers = {k: v for k, v in self._h2_abusers.items() if k in local_pods}
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -355,13 +359,16 @@ class HttpProxy:
         if http2_client:
             h2_server = _ClientH2Server(
                 handle, max_header_bytes=settings.max_header_bytes,
+                limits=self._http2_limits(pod),
                 on_protocol_error=lambda code, message:
                 self._metrics.count_bad_request("http/2", _h2_error_label(code)),
-                on_bad_request=bad_request("http/2"))
+                on_bad_request=bad_request("http/2"),
+                on_abuse=lambda reason: self._http2_abuse(pod, reason))
             h2_server.on_closed = connection.closed
             connection.server = h2_server
             h2_server.attach(transport, initial)
-            transport.resume_reading()  # the sniffer left it paused
+            if not h2_server.closed:  # (closed for abuse already: it stays unread)
+                transport.resume_reading()  # the sniffer left it paused
         else:
             h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
                                  idle_timeout=settings.idle_timeout_seconds,
@@ -372,6 +379,23 @@ class HttpProxy:
             if client_eof:
                 h1_server.eof_received()
         return connection
+
+    def _http2_limits(self, pod: EnrolledPod) -> Http2Limits:
+        """The HTTP/2 budgets of a new connection from the pod: a tenth of them while the
+        pod is under an abuse penalty (Http2Limits.abuse_penalty_seconds)."""
+        limits = self._settings.http2
+        since = self._h2_abusers.get(pod.key)
+        if since is None:
+            return limits
+        if asyncio.get_running_loop().time() - since < limits.abuse_penalty_seconds:
+            return limits.penalized()
+        del self._h2_abusers[pod.key]
+        return limits
+
+    def _http2_abuse(self, pod: EnrolledPod, reason: str) -> None:
+        self._metrics.count_http2_abuse(reason)
+        if self._settings.http2.abuse_penalty_seconds:
+            self._h2_abusers[pod.key] = asyncio.get_running_loop().time()
 
     # -- requests ----------------------------------------------------------------------------
 
