@@ -62,11 +62,21 @@ def _typed(conf: dict[str, Any], key: str, kind: type | tuple[type, ...], what: 
     return value
 
 
+def _path(conf: dict[str, Any], key: str) -> str | None:
+    """A path-valued key: a string the OS can take (no NUL byte)."""
+    value = _typed(conf, key, str, "a path")
+    if value is not None and "\x00" in value:
+        raise CniError(INVALID_NETWORK_CONFIG,
+                       f"network configuration: {key!r} must be a path (it holds a NUL byte)")
+    return value
+
+
 def decode(raw: bytes | str) -> dict[str, Any]:
     """stdin as a JSON object, or a CniError (code 6)."""
     try:
         conf = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        # RecursionError: nesting deeper than the interpreter's stack (``[[[[...``).
         raise CniError(DECODE_FAILURE, "network configuration on stdin is not valid JSON",
                        str(e)) from e
     if not isinstance(conf, dict):
@@ -89,6 +99,9 @@ def parse(conf: dict[str, Any]) -> NetConf:
     if prev is not None and not isinstance(prev, dict):
         raise CniError(INVALID_NETWORK_CONFIG, "network configuration: 'prevResult' "
                        "must be an object (the previous plugin's result)")
+    if prev is not None and not isinstance(prev.get("ips") or [], list):
+        raise CniError(INVALID_NETWORK_CONFIG, "network configuration: 'prevResult.ips' "
+                       "must be a list (the previous plugin's addresses)")
     args = _typed(conf, "args", dict, "an object") or {}
     hints = args.get("cni")
     hints = {} if hints is None else hints
@@ -98,12 +111,12 @@ def parse(conf: dict[str, Any]) -> NetConf:
     return NetConf(
         cni_version=version,
         name=str(conf.get("name") or ""),
-        control_socket=_typed(conf, "controlSocket", str, "a path") or DEFAULT_CONTROL_SOCKET,
+        control_socket=_path(conf, "controlSocket") or DEFAULT_CONTROL_SOCKET,
         fail_open=bool(_typed(conf, "failOpen", bool, "true or false")),
         timeout_seconds=float(timeout or DEFAULT_TIMEOUT_SECONDS),
         exclude_namespaces=tuple(excluded),
-        cgroup_root=_typed(conf, "cgroupRoot", str, "a path"),
-        log_file=_typed(conf, "logFile", str, "a path"),
+        cgroup_root=_path(conf, "cgroupRoot"),
+        log_file=_path(conf, "logFile"),
         prev_result=prev,
         hints=hints,
     )

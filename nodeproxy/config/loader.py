@@ -97,8 +97,12 @@ def parse_config(
 
 
 def _load(text: str, source: str, digest: str, check_environment: bool) -> LoadedConfig:
-    doc = _parse_yaml(text, source)
-    config, problems = _validate(doc, check_environment)
+    try:
+        doc = _parse_yaml(text, source)
+        config, problems = _validate(doc, check_environment)
+    except RecursionError:
+        # PyYAML composes and constructs recursively: ``[[[[...`` thousands deep.
+        raise ConfigError([f"{source}:1: YAML nested too deeply to read"]) from None
     if problems or config is None:
         raise ConfigError(_render(source, doc, problems))
     return LoadedConfig(config=config, source=source, digest=digest, loaded_at=time.time())
@@ -121,7 +125,11 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _parse_yaml(text: str, source: str) -> _Document:
-    loader = _LineLoader(text)
+    try:
+        # The reader checks the text as it is constructed: a control character raises here.
+        loader = _LineLoader(text)
+    except yaml.reader.ReaderError as e:
+        raise ConfigError([_reader_problem(source, text, e)]) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -132,6 +140,8 @@ def _parse_yaml(text: str, source: str) -> _Document:
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         raise ConfigError([_syntax_problem(source, text, e)]) from None
+    except yaml.reader.ReaderError as e:
+        raise ConfigError([_reader_problem(source, text, e)]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{source}:1: YAML syntax error: {e}"]) from None
     finally:
@@ -141,6 +151,13 @@ def _parse_yaml(text: str, source: str) -> _Document:
                              f"(got {_describe_value(data)})"))
         data = None
     return _Document(data=data, lines=lines, problems=problems)
+
+
+def _reader_problem(source: str, text: str, e: yaml.reader.ReaderError) -> str:
+    """A character YAML does not allow (a control character, say), at its line."""
+    line = text[: e.position].count("\n") + 1
+    what = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+    return f"{source}:{line}: YAML syntax error: unacceptable character {what} ({e.reason})"
 
 
 def _syntax_problem(source: str, text: str, e: yaml.MarkedYAMLError) -> str:

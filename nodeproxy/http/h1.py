@@ -436,6 +436,10 @@ class H1Server(asyncio.Protocol):
             raise BadRequest(400, "HTTP/1.1 request without Host", "no_host")
         if hosts > 1:
             raise BadRequest(400, f"Host sent {hosts} times", "repeated_host")
+        # RFC 9110 7.6.1: the fields Connection names are hop-by-hop too.
+        named = connection - {"close", "keep-alive", "upgrade"}
+        if named:
+            headers = [(n, v) for n, v in headers if n not in named]
         upgrade = upgrade and "upgrade" in connection and parser.should_upgrade()
         url = bytes(self._url).decode("latin-1")
         if method == "CONNECT":

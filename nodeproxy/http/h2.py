@@ -244,6 +244,20 @@ def _split(fields: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
     return pseudo, headers
 
 
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_CONTROL_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_fields(headers: Headers) -> None:
+    """Regular fields as RFC 9110 5.1 and 5.5 write them: a name is a (lowercase) token, a
+    value holds no control character but HTAB.  h2 itself refuses only CR, LF and NUL in
+    a value (RFC 9113 8.2.1); an HTTP/1.1 upstream must never see the rest.  Raises
+    Refusal ("bad_field")."""
+    for name, value in headers:
+        if not _FIELD_NAME.fullmatch(name) or _CONTROL_IN_VALUE.search(value):
+            raise Refusal("bad_field", f"header field {name[:32]!r} is malformed")
+
+
 def _list_size(fields: list[tuple[bytes, bytes]]) -> int:
     """The header list size as SETTINGS_MAX_HEADER_LIST_SIZE counts it."""
     return sum(len(name) + len(value) + 32 for name, value in fields)
@@ -799,6 +813,7 @@ class H2Server(_H2Protocol):
             (value for name, value in headers if name == "host"), "")
         handler: Callable[[Exchange], Awaitable[None]] = self.handler
         try:  # RFC 9113 8.3; h2 has checked the rest of 8.2 and 8.3 (see the docstring)
+            check_fields(headers)
             check_pseudo_headers(pseudo, authority)
         except Refusal as e:
             # CONNECT (and extended CONNECT) is well formed: the manager refuses it with

@@ -303,6 +303,17 @@ class H2Session(asyncio.Protocol):
             self.flush()  # h2 queued a GOAWAY with the error code
             self._close_transport()
             return
+        except UnicodeDecodeError as e:
+            # header_encoding="utf-8": h2 decodes field values as it parses, and a value
+            # that is not UTF-8 escapes as this, not as a ProtocolError.
+            log.info("HTTP/2 header field from %s is not UTF-8: %s", self.peername, e)
+            try:
+                self.conn.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.flush()
+            self._close_transport()
+            return
         for event in events:
             self._dispatch(event)
             if self._abused or self.closed or \
