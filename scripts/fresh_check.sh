@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# fresh_check.sh: prove that scripts/setup.sh sets up a fresh Debian 12 machine from nothing.
+#
+# `make fresh-check` (and .ci/run) call this, as root, on a Debian 12 host.  It
+#   1. installs what it needs on the host itself (mmdebstrap, git), idempotently;
+#   2. builds a minimal Debian 12 root with mmdebstrap --variant=minbase from
+#      Debian's archive through the host's apt sources: essential + required
+#      packages + apt, what a minimal install or Debian's container image has.
+#      Nothing of the project's is included: setup.sh must install it all;
+#   3. gives the root what a fresh machine on this network would have: the host's
+#      apt sources and Acquire:: settings, CA bundle, resolv.conf, a stock
+#      /etc/hosts, and pip's configuration (/etc/pip.conf, /etc/xdg/pip, root's
+#      ~/.config/pip, PIP_* variables) with the local directories it names
+#      (file:// indexes, find-links) bind-mounted read-only;
+#   4. copies the repository in (tracked and untracked files that git does not
+#      ignore, so no .venv, no caches) to /root/nodeproxy;
+#   5. in a private mount and PID namespace, bind-mounts the root onto itself
+#      (`ip netns exec` needs / to be a mount point), mounts /proc, /sys, cgroup2
+#      at /sys/fs/cgroup and /dev, chroots on the host kernel and runs, failing
+#      at the first step that fails, with its name:
+#        bash scripts/setup.sh   (must also mount bpffs at /sys/fs/bpf itself)
+#        bash scripts/setup.sh   (again: must find everything in place)
+#        nodeproxy check
+#        make demo
+#   6. removes everything it made, also on failure and on Ctrl-C: the namespaces'
+#      mounts and processes die with them (every process in the PID namespace is
+#      killed when it ends), then the root's directory is deleted without
+#      crossing into any other file system.
+#
+# Only downloaded .deb files are kept between runs (FRESH_CHECK_APT_CACHE, default
+# /var/cache/nodeproxy-fresh-check/apt; set it empty to keep nothing): apt checks
+# every cached file against the archive's index before using it, and setup.sh still
+# installs every package into the new root.  Run time is printed per step.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SUITE=bookworm
+APT_CACHE="${FRESH_CHECK_APT_CACHE-/var/cache/nodeproxy-fresh-check/apt}"
+INNER_REPO=/root/nodeproxy   # where the repository lies inside the root
+
+say() { printf 'fresh-check: %s\n' "$*"; }
+die() { printf 'fresh-check: FAILED: %s\n' "$*" >&2; exit 1; }
+
+# ============================================================== inside the namespaces
+# `fresh_check.sh --inside ROOT BIND...` runs as PID 1 of a new PID namespace, in a
+# private mount namespace, so every mount below and every process started here
+# goes away when it exits, however it exits.  BIND is SRC=DST (read-only).
+inside() {
+    local root="$1" bind src dst
+    shift
+    mount --bind "$root" "$root"   # the chroot's / must be a mount point
+    mount -t proc proc "$root/proc"
+    mount -t sysfs sysfs "$root/sys"
+    mount -t cgroup2 cgroup2 "$root/sys/fs/cgroup"
+    mount --rbind /dev "$root/dev"
+    mount --make-rslave "$root/dev"
+    for bind in "$@"; do
+        src="${bind%%=*}" dst="$root${bind#*=}"
+        mkdir -p "$dst"
+        mount --bind "$src" "$dst"
+        case "$bind" in
+        */var/cache/apt/archives) ;;   # the .deb cache is written to
+        *) mount -o remount,bind,ro "$dst" ;;
+        esac
+    done
+
+    local -a env=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+        HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" DEBIAN_FRONTEND=noninteractive)
+    local var
+    for var in $(compgen -e); do
+        case "$var" in PIP_*) env+=("$var=${!var}") ;; esac
+    done
+    in_root() { chroot "$root" /usr/bin/env -i "${env[@]}" "$@"; }
+
+    local step t0 out
+    step() {   # step NAME COMMAND...: run it in the root, from the repository
+        step="$1"
+        shift
+        say "---- $step"
+        t0=$SECONDS
+        if ! in_root /bin/bash -c 'cd "$0" && exec "$@"' "$INNER_REPO" "$@"; then
+            die "step '$step' exited non-zero (its output is above)"
+        fi
+        say "---- $step: ok in $((SECONDS - t0))s"
+    }
+
+    step "setup.sh on the fresh root" bash scripts/setup.sh
+    awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' \
+        "$root/proc/mounts" || die "setup.sh left no bpffs at /sys/fs/bpf"
+    say "---- setup.sh a second time (must find everything in place)"
+    t0=$SECONDS
+    out="$(in_root /bin/bash -c 'cd "$0" && bash scripts/setup.sh' "$INNER_REPO" 2>&1)" ||
+        { printf '%s\n' "$out"; die "the second setup.sh exited non-zero"; }
+    printf '%s\n' "$out"
+    grep -q '^setup: apt packages: all [0-9]* installed$' <<<"$out" ||
+        die "the second setup.sh still installed packages"
+    grep -q '^setup: python packages: up to date' <<<"$out" ||
+        die "the second setup.sh reinstalled the python packages"
+    say "---- setup.sh a second time: ok in $((SECONDS - t0))s"
+    step "nodeproxy check" .venv/bin/nodeproxy check
+    step "make demo" make demo
+    # Keep the .deb cache to what the archive still offers.
+    [ -z "$APT_CACHE" ] || in_root apt-get autoclean -q >/dev/null || true
+}
+
+if [ "${1:-}" = "--inside" ]; then
+    shift
+    inside "$@"
+    exit 0
+fi
+
+# ============================================================== on the host
+[ "$(id -u)" -eq 0 ] || die "run as root: it builds a root file system, mounts and chroots"
+START=$SECONDS
+
+# ---------------------------------------------------------------- host tools
+host_tools() {
+    local -a missing=()
+    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    command -v git >/dev/null || missing+=(git)
+    command -v unshare >/dev/null && command -v chroot >/dev/null ||
+        die "unshare/chroot not found (util-linux, coreutils)"
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "host: apt-get install ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+}
+
+# ---------------------------------------------------------------- clean-up
+WORK=""
+CHILD=""
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
+        # Ctrl-C reached the steps too (same process group); give the demo time
+        # to take its nodes down before the namespace is killed.
+        local i
+        for i in $(seq 30); do
+            kill -0 "$CHILD" 2>/dev/null || break
+            sleep 1
+        done
+        kill -KILL "$CHILD" 2>/dev/null || true
+        wait "$CHILD" 2>/dev/null || true
+    fi
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        # Mounts were made in the child's own mount namespace; were one visible
+        # here, deleting would reach into it: refuse instead.
+        if awk -v w="$WORK/" 'index($2 "/", w) == 1 { found = 1 } END { exit !found }' \
+            /proc/self/mounts; then
+            printf 'fresh-check: mounts remain under %s; not deleting it\n' "$WORK" >&2
+            rc=1
+        else
+            rm -rf --one-file-system "$WORK"
+        fi
+    fi
+    if [ "$rc" -eq 0 ]; then
+        say "passed in $((SECONDS - START))s"
+    else
+        printf 'fresh-check: FAILED (exit %s) after %ss\n' "$rc" "$((SECONDS - START))" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# ---------------------------------------------------------------- build the root
+apt_sources() {   # the host's active source files
+    local f
+    [ -s /etc/apt/sources.list ] && grep -q '^[[:space:]]*deb' /etc/apt/sources.list &&
+        printf '%s\n' /etc/apt/sources.list
+    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] && printf '%s\n' "$f"
+    done
+}
+
+build_root() {
+    local root="$1" f
+    local -a args=(--variant=minbase --mode=root --format=directory)
+    # apt settings the host needs to reach its sources (proxies, snapshot validity).
+    for f in /etc/apt/apt.conf.d/*; do
+        [ -f "$f" ] && grep -q '^[[:space:]]*Acquire' "$f" && args+=(--aptopt="$f")
+    done
+    if [ -n "$APT_CACHE" ]; then
+        mkdir -p "$APT_CACHE"
+        args+=(--skip=download/empty
+            --setup-hook="mkdir -p \"\$1\"/var/cache/apt/archives"
+            --setup-hook="sync-in $APT_CACHE /var/cache/apt/archives"
+            --customize-hook="sync-out /var/cache/apt/archives $APT_CACHE")
+    fi
+    mapfile -t sources < <(apt_sources)
+    [ "${#sources[@]}" -gt 0 ] || die "no apt sources on the host (/etc/apt/sources.list*)"
+    say "mmdebstrap ${args[*]} $SUITE $root ${sources[*]}"
+    mmdebstrap --quiet "${args[@]}" "$SUITE" "$root" "${sources[@]}" ||
+        die "mmdebstrap could not build the root"
+    # Keyrings the sources name that the root lacks (a third-party repository's).
+    local key
+    for key in $(grep -hoE '(Signed-By:|signed-by=)[[:space:]]*/[^] ]+' "${sources[@]}" |
+        sed -E 's/^(Signed-By:|signed-by=)[[:space:]]*//' | sort -u); do
+        [ -e "$root$key" ] || [ ! -f "$key" ] || install -D -m 644 "$key" "$root$key"
+    done
+}
+
+# Absolute local paths named in pip's configuration (cert, constraint, find-links,
+# file:// index URLs), one a line.
+pip_paths() {
+    local -a files=(/etc/pip.conf /etc/xdg/pip/pip.conf /root/.config/pip/pip.conf
+        /root/.pip/pip.conf)
+    local var
+    {
+        cat "${files[@]}" 2>/dev/null | grep -v '^[[:space:]]*[#;]' | sed -n 's/^[^=]*=//p'
+        for var in $(compgen -e); do
+            case "$var" in PIP_*) printf '%s\n' "${!var}" ;; esac
+        done
+    } | tr ' \t' '\n\n' | sed -E 's#^file://##' | grep '^/' | sort -u
+}
+
+BINDS=()
+furnish_root() {
+    local root="$1" f p
+    install -D -m 644 /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+    [ -e "$root/etc/hosts" ] || printf '%s\n' '127.0.0.1	localhost' \
+        '::1		localhost ip6-localhost ip6-loopback' \
+        'ff02::1		ip6-allnodes' 'ff02::2		ip6-allrouters' >"$root/etc/hosts"
+    for f in /etc/pip.conf /root/.config/pip/pip.conf /root/.pip/pip.conf; do
+        [ -f "$f" ] && install -D -m 644 "$f" "$root$f"
+    done
+    [ -d /etc/xdg/pip ] && mkdir -p "$root/etc/xdg" && cp -a /etc/xdg/pip "$root/etc/xdg/"
+    while read -r p; do
+        # A local "simple" index links to ../../files: carry the directory above it.
+        [[ "$p" == */simple ]] && p="${p%/simple}"
+        [ -e "$root$p" ] && continue
+        if [ -d "$p" ]; then
+            BINDS+=("$p=$p")
+        elif [ -f "$p" ]; then
+            install -D -m 644 "$p" "$root$p"
+        fi
+    done < <(pip_paths | sed 's#/$##' | sort -u)
+    if [ -n "$APT_CACHE" ]; then
+        BINDS+=("$APT_CACHE=/var/cache/apt/archives")
+    fi
+}
+
+copy_repository() {
+    local root="$1"
+    mkdir -p "$root$INNER_REPO"
+    if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        # What is in the work tree, less what git ignores (.venv, caches, results).
+        (cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
+            while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+            tar --null -T - -cf -) | tar -xf - -C "$root$INNER_REPO"
+    else
+        tar -C "$REPO" --exclude=.venv --exclude=__pycache__ --exclude=.pytest_cache \
+            --exclude=.ruff_cache --exclude='*.egg-info' -cf - . | tar -xf - -C "$root$INNER_REPO"
+    fi
+}
+
+host_tools
+WORK="$(mktemp -d /var/tmp/nodeproxy-fresh-check.XXXXXX)"
+ROOT="$WORK/root"
+t0=$SECONDS
+build_root "$ROOT"
+say "root built in $((SECONDS - t0))s ($(du -sh --one-file-system "$ROOT" | cut -f1))"
+furnish_root "$ROOT"
+copy_repository "$ROOT"
+say "running the steps in $ROOT (chroot, private mount and PID namespaces)"
+unshare --mount --propagation private --pid --fork --kill-child \
+    bash "$REPO/scripts/fresh_check.sh" --inside "$ROOT" "${BINDS[@]}" &
+CHILD=$!
+wait "$CHILD" || die "see the step above"
+CHILD=""
