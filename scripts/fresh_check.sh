@@ -132,7 +132,8 @@ WORK=""
 CHILD=""
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM HUP
+    trap - EXIT
+    trap '' INT TERM HUP   # finish cleaning up
     if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
         # Ctrl-C reached the steps too (same process group); give the demo time
         # to take its nodes down before the namespace is killed.
@@ -180,21 +181,27 @@ apt_sources() {   # the host's active source files
 build_root() {
     local root="$1" f
     local -a args=(--variant=minbase --mode=root --format=directory)
-    # apt settings the host needs to reach its sources (proxies, snapshot validity).
+    # apt settings the host needs to reach its sources (proxies, TLS, snapshot validity).
     for f in /etc/apt/apt.conf.d/*; do
-        [ -f "$f" ] && grep -q '^[[:space:]]*Acquire' "$f" && args+=(--aptopt="$f")
+        [ -f "$f" ] && grep -qE \
+            '^[[:space:]]*Acquire::(.*::)?(Proxy|Check-Valid-Until|Check-Date|CaInfo|Verify-Peer)' \
+            "$f" && args+=(--aptopt="$f")
     done
     if [ -n "$APT_CACHE" ]; then
-        mkdir -p "$APT_CACHE"
+        # The cache is mounted over the root's archive directory while mmdebstrap
+        # installs, and unmounted before its clean-up empties that directory.
+        mkdir -p "$APT_CACHE/partial"
         args+=(--skip=download/empty
             --setup-hook="mkdir -p \"\$1\"/var/cache/apt/archives"
-            --setup-hook="sync-in $APT_CACHE /var/cache/apt/archives"
-            --customize-hook="sync-out /var/cache/apt/archives $APT_CACHE")
+            --setup-hook="mount --bind '$APT_CACHE' \"\$1\"/var/cache/apt/archives"
+            --customize-hook="umount \"\$1\"/var/cache/apt/archives")
     fi
     mapfile -t sources < <(apt_sources)
     [ "${#sources[@]}" -gt 0 ] || die "no apt sources on the host (/etc/apt/sources.list*)"
     say "mmdebstrap ${args[*]} $SUITE $root ${sources[*]}"
-    mmdebstrap --quiet "${args[@]}" "$SUITE" "$root" "${sources[@]}" ||
+    # In a mount namespace of its own: whatever it mounts goes away with it.
+    unshare --mount --propagation private \
+        mmdebstrap --quiet "${args[@]}" "$SUITE" "$root" "${sources[@]}" ||
         die "mmdebstrap could not build the root"
     # Keyrings the sources name that the root lacks (a third-party repository's).
     local key
@@ -218,10 +225,34 @@ pip_paths() {
     } | tr ' \t' '\n\n' | sed -E 's#^file://##' | grep '^/' | sort -u
 }
 
+# The certificates of the host's CA bundle that Debian's ca-certificates does not
+# ship (a local CA the network's package mirrors are signed with), as PEM.
+local_ca_certs() {
+    awk '
+        FNR == 1 { stock = FILENAME != "/etc/ssl/certs/ca-certificates.crt" }
+        /-----BEGIN CERTIFICATE-----/ { body = ""; pem = $0 "\n"; inside = 1; next }
+        inside { pem = pem $0 "\n" }
+        /-----END CERTIFICATE-----/ {
+            inside = 0
+            if (stock) seen[body] = 1; else if (!(body in seen)) printf "%s", pem
+            next
+        }
+        inside { body = body $0 }
+    ' $(find /usr/share/ca-certificates -name '*.crt' 2>/dev/null) \
+        /etc/ssl/certs/ca-certificates.crt
+}
+
 BINDS=()
 furnish_root() {
     local root="$1" f p
+    # The bundle as the host has it, for what runs before ca-certificates is
+    # installed; its local certificates also where update-ca-certificates keeps
+    # them when setup.sh's packages pull ca-certificates in and rebuild the bundle.
     install -D -m 644 /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    mkdir -p "$root/usr/local/share/ca-certificates"
+    local_ca_certs | awk -v dir="$root/usr/local/share/ca-certificates" '
+        /-----BEGIN CERTIFICATE-----/ { n++ }
+        { print > (dir "/host-local-ca-" n ".crt") }'
     cp -L /etc/resolv.conf "$root/etc/resolv.conf"
     [ -e "$root/etc/hosts" ] || printf '%s\n' '127.0.0.1	localhost' \
         '::1		localhost ip6-localhost ip6-loopback' \
@@ -271,5 +302,5 @@ say "running the steps in $ROOT (chroot, private mount and PID namespaces)"
 unshare --mount --propagation private --pid --fork --kill-child \
     bash "$REPO/scripts/fresh_check.sh" --inside "$ROOT" "${BINDS[@]}" &
 CHILD=$!
-wait "$CHILD" || die "see the step above"
+wait "$CHILD" || die "in the fresh root (exit $?)"
 CHILD=""
