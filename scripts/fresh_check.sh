@@ -14,18 +14,19 @@
 #      (file:// indexes, find-links) bind-mounted read-only;
 #   4. copies the repository in (tracked and untracked files that git does not
 #      ignore, so no .venv, no caches) to /root/nodeproxy;
-#   5. in a private mount and PID namespace, bind-mounts the root onto itself
-#      (`ip netns exec` needs / to be a mount point), mounts /proc, /sys, cgroup2
-#      at /sys/fs/cgroup and /dev, chroots on the host kernel and runs, failing
-#      at the first step that fails, with its name:
+#   5. in mount, PID and cgroup namespaces of its own (its cgroup2 shows only a
+#      cgroup made for this run), bind-mounts the root onto itself (`ip netns
+#      exec` needs / to be a mount point), mounts /proc, /sys, cgroup2 at
+#      /sys/fs/cgroup and /dev, chroots on the host kernel and runs, failing at
+#      the first step that fails, with its name:
 #        bash scripts/setup.sh   (must also mount bpffs at /sys/fs/bpf itself)
 #        bash scripts/setup.sh   (again: must find everything in place)
 #        nodeproxy check
 #        make demo
 #   6. removes everything it made, also on failure and on Ctrl-C: the namespaces'
 #      mounts and processes die with them (every process in the PID namespace is
-#      killed when it ends), then the root's directory is deleted without
-#      crossing into any other file system.
+#      killed when it ends), the run's cgroup subtree is removed, then the root's
+#      directory is deleted without crossing into any other file system.
 #
 # Only downloaded .deb files are kept between runs (FRESH_CHECK_APT_CACHE, default
 # /var/cache/nodeproxy-fresh-check/apt; set it empty to keep nothing): apt checks
@@ -127,6 +128,33 @@ host_tools() {
     fi
 }
 
+# ---------------------------------------------------------------- cgroup
+# The steps run in a cgroup of their own and a cgroup namespace rooted there, so the
+# cgroup2 they mount at /sys/fs/cgroup shows only their own subtree.  The cgroup
+# hierarchy is the host's: without this, the testbed's sweep of leftovers (npt-*
+# cgroups whose run directory it cannot see) would take the host's test clusters
+# for leftovers and kill them, and a cluster on the host would kill the root's.
+CGROUP=""
+make_cgroup() {
+    local mnt
+    mnt="$(awk '$3 == "cgroup2" { print $2; exit }' /proc/self/mounts)"
+    [ -n "$mnt" ] || die "no cgroup2 file system is mounted on the host (see /proc/mounts)"
+    CGROUP="$mnt/nodeproxy-fresh-check.${WORK##*.}"
+    mkdir "$CGROUP"
+}
+
+remove_cgroup() {
+    [ -n "$CGROUP" ] && [ -d "$CGROUP" ] || return 0
+    local i
+    for i in $(seq 50); do   # every process left in the subtree, killed
+        grep -q '^populated 0$' "$CGROUP/cgroup.events" && break
+        echo 1 >"$CGROUP/cgroup.kill" 2>/dev/null || true
+        sleep 0.2
+    done
+    find "$CGROUP" -depth -type d -delete 2>/dev/null ||
+        printf 'fresh-check: could not remove the cgroup %s\n' "$CGROUP" >&2
+}
+
 # ---------------------------------------------------------------- clean-up
 WORK=""
 CHILD=""
@@ -145,6 +173,7 @@ cleanup() {
         kill -KILL "$CHILD" 2>/dev/null || true
         wait "$CHILD" 2>/dev/null || true
     fi
+    remove_cgroup
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
         # Mounts were made in the child's own mount namespace; were one visible
         # here, deleting would reach into it: refuse instead.
@@ -261,6 +290,9 @@ furnish_root() {
         [ -f "$f" ] && install -D -m 644 "$f" "$root$f"
     done
     [ -d /etc/xdg/pip ] && mkdir -p "$root/etc/xdg" && cp -a /etc/xdg/pip "$root/etc/xdg/"
+    # dpkg without an fsync per file (as in Debian's container images): the root is
+    # thrown away, and on a busy disk the fsyncs made up most of setup.sh's time.
+    printf 'force-unsafe-io\n' >"$root/etc/dpkg/dpkg.cfg.d/fresh-check-unsafe-io"
     while read -r p; do
         # A local "simple" index links to ../../files: carry the directory above it.
         [[ "$p" == */simple ]] && p="${p%/simple}"
@@ -298,8 +330,11 @@ build_root "$ROOT"
 say "root built in $((SECONDS - t0))s ($(du -sh --one-file-system "$ROOT" | cut -f1))"
 furnish_root "$ROOT"
 copy_repository "$ROOT"
-say "running the steps in $ROOT (chroot, private mount and PID namespaces)"
-unshare --mount --propagation private --pid --fork --kill-child \
+make_cgroup
+say "running the steps in $ROOT (chroot; mount, PID and cgroup namespaces of their own)"
+# shellcheck disable=SC2016  # $$ and $1 are the inner shell's
+bash -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' fresh-check "$CGROUP" \
+    unshare --cgroup --mount --propagation private --pid --fork --kill-child \
     bash "$REPO/scripts/fresh_check.sh" --inside "$ROOT" "${BINDS[@]}" &
 CHILD=$!
 wait "$CHILD" || die "in the fresh root (exit $?)"
