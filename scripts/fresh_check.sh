@@ -28,15 +28,18 @@
 #      killed when it ends), the run's cgroup subtree is removed, then the root's
 #      directory is deleted without crossing into any other file system.
 #
-# Only downloaded .deb files are kept between runs (FRESH_CHECK_APT_CACHE, default
-# /var/cache/nodeproxy-fresh-check/apt; set it empty to keep nothing): apt checks
-# every cached file against the archive's index before using it, and setup.sh still
-# installs every package into the new root.  Run time is printed per step.
+# Only downloads are kept between runs: apt's .deb files (FRESH_CHECK_APT_CACHE,
+# default /var/cache/nodeproxy-fresh-check/apt) and pip's cache (FRESH_CHECK_PIP_CACHE,
+# default /var/cache/nodeproxy-fresh-check/pip); set one empty to keep nothing.  apt
+# checks every cached file against the archive's index before using it, pip still
+# resolves every requirement against the indexes, and setup.sh still installs every
+# package into the new root.  Run time is printed per step.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SUITE=bookworm
 APT_CACHE="${FRESH_CHECK_APT_CACHE-/var/cache/nodeproxy-fresh-check/apt}"
+PIP_CACHE="${FRESH_CHECK_PIP_CACHE-/var/cache/nodeproxy-fresh-check/pip}"
 INNER_REPO=/root/nodeproxy   # where the repository lies inside the root
 
 say() { printf 'fresh-check: %s\n' "$*"; }
@@ -60,7 +63,7 @@ inside() {
         mkdir -p "$dst"
         mount --bind "$src" "$dst"
         case "$bind" in
-        */var/cache/apt/archives) ;;   # the .deb cache is written to
+        *=/var/cache/apt/archives | *=/root/.cache/pip) ;;   # the caches are written to
         *) mount -o remount,bind,ro "$dst" ;;
         esac
     done
@@ -104,14 +107,7 @@ inside() {
     [ -z "$APT_CACHE" ] || in_root apt-get autoclean -q >/dev/null || true
 }
 
-if [ "${1:-}" = "--inside" ]; then
-    shift
-    inside "$@"
-    exit 0
-fi
-
 # ============================================================== on the host
-[ "$(id -u)" -eq 0 ] || die "run as root: it builds a root file system, mounts and chroots"
 START=$SECONDS
 
 # ---------------------------------------------------------------- host tools
@@ -143,16 +139,43 @@ make_cgroup() {
     mkdir "$CGROUP"
 }
 
-remove_cgroup() {
-    [ -n "$CGROUP" ] && [ -d "$CGROUP" ] || return 0
-    local i
-    for i in $(seq 50); do   # every process left in the subtree, killed
-        grep -q '^populated 0$' "$CGROUP/cgroup.events" && break
-        echo 1 >"$CGROUP/cgroup.kill" 2>/dev/null || true
+remove_cgroup() {   # remove_cgroup DIR: kill what is left in it, then remove it
+    local cg="$1" i
+    [ -n "$cg" ] && [ -d "$cg" ] || return 0
+    for i in $(seq 50); do
+        grep -q '^populated 0$' "$cg/cgroup.events" && break
+        echo 1 >"$cg/cgroup.kill" 2>/dev/null || true
         sleep 0.2
     done
-    find "$CGROUP" -depth -type d -delete 2>/dev/null ||
-        printf 'fresh-check: could not remove the cgroup %s\n' "$CGROUP" >&2
+    find "$cg" -depth -type d -delete 2>/dev/null ||
+        printf 'fresh-check: could not remove the cgroup %s\n' "$cg" >&2
+}
+
+remove_work() {   # remove_work DIR: the root's directory, never through a mount
+    local dir="$1"
+    [ -n "$dir" ] && [ -d "$dir" ] || return 0
+    # Mounts are made in namespaces of their own; were one visible here, deleting
+    # would reach into it: refuse instead.
+    if awk -v w="$dir/" 'index($2 "/", w) == 1 { found = 1 } END { exit !found }' \
+        /proc/self/mounts; then
+        printf 'fresh-check: mounts remain under %s; not deleting it\n' "$dir" >&2
+        return 1
+    fi
+    rm -rf --one-file-system "$dir"
+}
+
+# What a run killed outright (SIGKILL, power loss) left: its directory and cgroup.  A
+# run holds a lock on its directory while it lives; one that can be locked is stale.
+sweep_stale_runs() {
+    local dir mnt
+    mnt="$(awk '$3 == "cgroup2" { print $2; exit }' /proc/self/mounts)"
+    for dir in /var/tmp/nodeproxy-fresh-check.*; do
+        [ -d "$dir" ] && [ -e "$dir/lock" ] || continue
+        flock -n "$dir/lock" true || continue
+        say "removing what a killed run left: $dir"
+        [ -z "$mnt" ] || remove_cgroup "$mnt/nodeproxy-fresh-check.${dir##*.}"
+        remove_work "$dir" || true
+    done
 }
 
 # ---------------------------------------------------------------- clean-up
@@ -173,18 +196,8 @@ cleanup() {
         kill -KILL "$CHILD" 2>/dev/null || true
         wait "$CHILD" 2>/dev/null || true
     fi
-    remove_cgroup
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        # Mounts were made in the child's own mount namespace; were one visible
-        # here, deleting would reach into it: refuse instead.
-        if awk -v w="$WORK/" 'index($2 "/", w) == 1 { found = 1 } END { exit !found }' \
-            /proc/self/mounts; then
-            printf 'fresh-check: mounts remain under %s; not deleting it\n' "$WORK" >&2
-            rc=1
-        else
-            rm -rf --one-file-system "$WORK"
-        fi
-    fi
+    remove_cgroup "$CGROUP"
+    remove_work "$WORK" || rc=1
     if [ "$rc" -eq 0 ]; then
         say "passed in $((SECONDS - START))s"
     else
@@ -192,10 +205,6 @@ cleanup() {
     fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
 
 # ---------------------------------------------------------------- build the root
 apt_sources() {   # the host's active source files
@@ -306,6 +315,10 @@ furnish_root() {
     if [ -n "$APT_CACHE" ]; then
         BINDS+=("$APT_CACHE=/var/cache/apt/archives")
     fi
+    if [ -n "$PIP_CACHE" ]; then
+        mkdir -p "$PIP_CACHE"
+        BINDS+=("$PIP_CACHE=/root/.cache/pip")
+    fi
 }
 
 copy_repository() {
@@ -322,20 +335,38 @@ copy_repository() {
     fi
 }
 
-host_tools
-WORK="$(mktemp -d /var/tmp/nodeproxy-fresh-check.XXXXXX)"
-ROOT="$WORK/root"
-t0=$SECONDS
-build_root "$ROOT"
-say "root built in $((SECONDS - t0))s ($(du -sh --one-file-system "$ROOT" | cut -f1))"
-furnish_root "$ROOT"
-copy_repository "$ROOT"
-make_cgroup
-say "running the steps in $ROOT (chroot; mount, PID and cgroup namespaces of their own)"
-# shellcheck disable=SC2016  # $$ and $1 are the inner shell's
-bash -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' fresh-check "$CGROUP" \
-    unshare --cgroup --mount --propagation private --pid --fork --kill-child \
-    bash "$REPO/scripts/fresh_check.sh" --inside "$ROOT" "${BINDS[@]}" &
-CHILD=$!
-wait "$CHILD" || die "in the fresh root (exit $?)"
-CHILD=""
+main() {
+    if [ "${1:-}" = "--inside" ]; then
+        shift
+        inside "$@"
+        return
+    fi
+    [ "$(id -u)" -eq 0 ] || die "run as root: it builds a root file system, mounts and chroots"
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    trap 'exit 129' HUP
+    host_tools
+    sweep_stale_runs
+    WORK="$(mktemp -d /var/tmp/nodeproxy-fresh-check.XXXXXX)"
+    exec 9>"$WORK/lock"
+    flock -n 9 || die "cannot lock $WORK/lock"
+    ROOT="$WORK/root"
+    t0=$SECONDS
+    build_root "$ROOT"
+    say "root built in $((SECONDS - t0))s ($(du -sh --one-file-system "$ROOT" | cut -f1))"
+    furnish_root "$ROOT"
+    copy_repository "$ROOT"
+    make_cgroup
+    say "running the steps in $ROOT (chroot; mount, PID and cgroup namespaces of their own)"
+    # shellcheck disable=SC2016  # $$ and $1 are the inner shell's
+    bash -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' fresh-check "$CGROUP" \
+        unshare --cgroup --mount --propagation private --pid --fork --kill-child \
+        bash "$REPO/scripts/fresh_check.sh" --inside "$ROOT" "${BINDS[@]}" &
+    CHILD=$!
+    wait "$CHILD" || die "in the fresh root (exit $?)"
+    CHILD=""
+}
+
+# One call at the end: bash has read the whole file before anything runs.
+main "$@"
