@@ -14,19 +14,18 @@
 #      (file:// indexes, find-links) bind-mounted read-only;
 #   4. copies the repository in (tracked and untracked files that git does not
 #      ignore, so no .venv, no caches) to /root/nodeproxy;
-#   5. in mount, PID and cgroup namespaces of its own (its cgroup2 shows only a
-#      cgroup made for this run), bind-mounts the root onto itself (`ip netns
-#      exec` needs / to be a mount point), mounts /proc, /sys, cgroup2 at
-#      /sys/fs/cgroup and /dev, chroots on the host kernel and runs, failing at
-#      the first step that fails, with its name:
+#   5. mounts /proc, /sys, cgroup2 at /sys/fs/cgroup and /dev in the root (a
+#      tmpfs, so `ip netns exec` finds / a mount point), chroots on the host
+#      kernel and runs, failing at the first step that fails, with its name:
 #        bash scripts/setup.sh   (must also mount bpffs at /sys/fs/bpf itself)
 #        bash scripts/setup.sh   (again: must find everything in place)
 #        nodeproxy check
 #        make demo
-#   6. removes everything it made, also on failure and on Ctrl-C: the namespaces'
-#      mounts and processes die with them (every process in the PID namespace is
-#      killed when it ends), the run's cgroup subtree is removed, then the root's
-#      directory is deleted without crossing into any other file system.
+#   6. removes everything it made, also on failure and on Ctrl-C.  Steps 2-5 run
+#      in mount, PID and cgroup namespaces of their own (the cgroup2 they see is a
+#      cgroup made for the run): the root's tmpfs, every mount and every process
+#      die with them, however the run ends; the run's cgroup and its (empty)
+#      directory under /var/tmp are removed after.
 #
 # Only downloads are kept between runs: apt's .deb files (FRESH_CHECK_APT_CACHE,
 # default /var/cache/nodeproxy-fresh-check/apt) and pip's cache (FRESH_CHECK_PIP_CACHE,
@@ -46,19 +45,26 @@ say() { printf 'fresh-check: %s\n' "$*"; }
 die() { printf 'fresh-check: FAILED: %s\n' "$*" >&2; exit 1; }
 
 # ============================================================== inside the namespaces
-# `fresh_check.sh --inside ROOT BIND...` runs as PID 1 of a new PID namespace, in a
-# private mount namespace, so every mount below and every process started here
-# goes away when it exits, however it exits.  BIND is SRC=DST (read-only).
+# `fresh_check.sh --inside WORK` runs as PID 1 of a new PID namespace, in private
+# mount and cgroup namespaces, so every mount below (the root itself is a tmpfs)
+# and every process started here goes away when it exits, however it exits.
 inside() {
-    local root="$1" bind src dst
-    shift
-    mount --bind "$root" "$root"   # the chroot's / must be a mount point
+    local root="$1/root" bind src dst t0
+    mkdir -p "$root"
+    # A tmpfs is a mount point, as the chroot's / must be for `ip netns exec`.
+    mount -t tmpfs -o mode=755,size=8g fresh-check-root "$root"
+    t0=$SECONDS
+    build_root "$root"
+    say "root built in $((SECONDS - t0))s ($(du -sh --one-file-system "$root" | cut -f1))"
+    furnish_root "$root"
+    copy_repository "$root"
+
     mount -t proc proc "$root/proc"
     mount -t sysfs sysfs "$root/sys"
     mount -t cgroup2 cgroup2 "$root/sys/fs/cgroup"
     mount --rbind /dev "$root/dev"
     mount --make-rslave "$root/dev"
-    for bind in "$@"; do
+    for bind in "${BINDS[@]}"; do
         src="${bind%%=*}" dst="$root${bind#*=}"
         mkdir -p "$dst"
         mount --bind "$src" "$dst"
@@ -76,7 +82,7 @@ inside() {
     done
     in_root() { chroot "$root" /usr/bin/env -i "${env[@]}" "$@"; }
 
-    local step t0 out
+    local step out
     step() {   # step NAME COMMAND...: run it in the root, from the repository
         step="$1"
         shift
@@ -140,9 +146,9 @@ make_cgroup() {
 }
 
 remove_cgroup() {   # remove_cgroup DIR: kill what is left in it, then remove it
-    local cg="$1" i
+    local cg="$1"
     [ -n "$cg" ] && [ -d "$cg" ] || return 0
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
         grep -q '^populated 0$' "$cg/cgroup.events" && break
         echo 1 >"$cg/cgroup.kill" 2>/dev/null || true
         sleep 0.2
@@ -186,10 +192,15 @@ cleanup() {
     trap - EXIT
     trap '' INT TERM HUP   # finish cleaning up
     if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
-        # Ctrl-C reached the steps too (same process group); give the demo time
-        # to take its nodes down before the namespace is killed.
-        local i
-        for i in $(seq 30); do
+        # Ask every process of the run to stop (Ctrl-C reached them already: same
+        # process group) and give the demo time to take its nodes down before the
+        # namespace is killed.
+        if [ -n "$CGROUP" ] && [ -d "$CGROUP" ]; then
+            # shellcheck disable=SC2038  # the files hold PIDs
+            find "$CGROUP" -name cgroup.procs -exec cat {} + 2>/dev/null |
+                xargs -r kill -TERM 2>/dev/null || true
+        fi
+        for _ in $(seq 30); do
             kill -0 "$CHILD" 2>/dev/null || break
             sleep 1
         done
@@ -237,9 +248,7 @@ build_root() {
     mapfile -t sources < <(apt_sources)
     [ "${#sources[@]}" -gt 0 ] || die "no apt sources on the host (/etc/apt/sources.list*)"
     say "mmdebstrap ${args[*]} $SUITE $root ${sources[*]}"
-    # In a mount namespace of its own: whatever it mounts goes away with it.
-    unshare --mount --propagation private \
-        mmdebstrap --quiet "${args[@]}" "$SUITE" "$root" "${sources[@]}" ||
+    mmdebstrap --quiet "${args[@]}" "$SUITE" "$root" "${sources[@]}" ||
         die "mmdebstrap could not build the root"
     # Keyrings the sources name that the root lacks (a third-party repository's).
     local key
@@ -266,6 +275,8 @@ pip_paths() {
 # The certificates of the host's CA bundle that Debian's ca-certificates does not
 # ship (a local CA the network's package mirrors are signed with), as PEM.
 local_ca_certs() {
+    local -a stock
+    mapfile -t stock < <(find /usr/share/ca-certificates -name '*.crt' 2>/dev/null)
     awk '
         FNR == 1 { stock = FILENAME != "/etc/ssl/certs/ca-certificates.crt" }
         /-----BEGIN CERTIFICATE-----/ { body = ""; pem = $0 "\n"; inside = 1; next }
@@ -276,8 +287,7 @@ local_ca_certs() {
             next
         }
         inside { body = body $0 }
-    ' $(find /usr/share/ca-certificates -name '*.crt' 2>/dev/null) \
-        /etc/ssl/certs/ca-certificates.crt
+    ' "${stock[@]}" /etc/ssl/certs/ca-certificates.crt
 }
 
 BINDS=()
@@ -299,8 +309,8 @@ furnish_root() {
         [ -f "$f" ] && install -D -m 644 "$f" "$root$f"
     done
     [ -d /etc/xdg/pip ] && mkdir -p "$root/etc/xdg" && cp -a /etc/xdg/pip "$root/etc/xdg/"
-    # dpkg without an fsync per file (as in Debian's container images): the root is
-    # thrown away, and on a busy disk the fsyncs made up most of setup.sh's time.
+    # dpkg without an fsync per file, as in Debian's container images: the root is
+    # thrown away.
     printf 'force-unsafe-io\n' >"$root/etc/dpkg/dpkg.cfg.d/fresh-check-unsafe-io"
     while read -r p; do
         # A local "simple" index links to ../../files: carry the directory above it.
@@ -351,18 +361,13 @@ main() {
     WORK="$(mktemp -d /var/tmp/nodeproxy-fresh-check.XXXXXX)"
     exec 9>"$WORK/lock"
     flock -n 9 || die "cannot lock $WORK/lock"
-    ROOT="$WORK/root"
-    t0=$SECONDS
-    build_root "$ROOT"
-    say "root built in $((SECONDS - t0))s ($(du -sh --one-file-system "$ROOT" | cut -f1))"
-    furnish_root "$ROOT"
-    copy_repository "$ROOT"
     make_cgroup
-    say "running the steps in $ROOT (chroot; mount, PID and cgroup namespaces of their own)"
+    say "building a root on a tmpfs at $WORK/root and running the steps in it (chroot;" \
+        "mount, PID and cgroup namespaces of their own)"
     # shellcheck disable=SC2016  # $$ and $1 are the inner shell's
     bash -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' fresh-check "$CGROUP" \
         unshare --cgroup --mount --propagation private --pid --fork --kill-child \
-        bash "$REPO/scripts/fresh_check.sh" --inside "$ROOT" "${BINDS[@]}" &
+        --mount-proc bash "$REPO/scripts/fresh_check.sh" --inside "$WORK" &
     CHILD=$!
     wait "$CHILD" || die "in the fresh root (exit $?)"
     CHILD=""

@@ -209,7 +209,7 @@ install_python_packages() {
     fi
     say "python packages: pip install -e '.[test]'"
     local t0=$SECONDS
-    "$VENV/bin/pip" install --disable-pip-version-check -q -e "$REPO[test]"
+    "$VENV/bin/pip" install --disable-pip-version-check -q -e "${REPO}[test]"
     say "python packages: installed in $((SECONDS - t0))s"
     printf '%s\n' "$want" >"$STAMP"
 }
