@@ -364,8 +364,11 @@ main() {
     make_cgroup
     say "building a root on a tmpfs at $WORK/root and running the steps in it (chroot;" \
         "mount, PID and cgroup namespaces of their own)"
+    # Into the run's cgroup, then unshare (killed if this script is: --pdeathsig),
+    # whose child, PID 1 of the namespace, is killed with it (--kill-child).
     # shellcheck disable=SC2016  # $$ and $1 are the inner shell's
     bash -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' fresh-check "$CGROUP" \
+        setpriv --pdeathsig KILL \
         unshare --cgroup --mount --propagation private --pid --fork --kill-child \
         --mount-proc bash "$REPO/scripts/fresh_check.sh" --inside "$WORK" &
     CHILD=$!
