@@ -95,8 +95,9 @@ inside() {
     }
 
     step "setup.sh on the fresh root" bash scripts/setup.sh
-    awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' \
-        "$root/proc/mounts" || die "setup.sh left no bpffs at /sys/fs/bpf"
+    # Read in the root: its /proc/mounts shows paths as the chroot sees them.
+    in_root awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' \
+        /proc/mounts || die "setup.sh left no bpffs at /sys/fs/bpf"
     say "---- setup.sh a second time (must find everything in place)"
     t0=$SECONDS
     out="$(in_root /bin/bash -c 'cd "$0" && bash scripts/setup.sh' "$INNER_REPO" 2>&1)" ||
