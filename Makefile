@@ -1,6 +1,6 @@
 # nodeproxy developer entry points.  Everything runs as root on Debian 12;
 # `make setup` is idempotent and every other target runs it first.
-.PHONY: all setup test lint demo bench fresh-check ci clean
+.PHONY: all setup test lint demo bench fresh-check ci cni-plugin image clean
 
 VENV := .venv
 SHELL := /bin/bash
@@ -40,6 +40,26 @@ ci:
 bench: setup
 	$(VENV)/bin/nodeproxy bench --json bench-results/latest.json --markdown bench-results/latest.md
 
+# nodeproxy-cni as one static executable (no python3 on the node); docs/install.md.
+CNI_PLUGIN := build/nodeproxy-cni
+CNI_SOURCES := $(wildcard nodeproxy/cni/*.py) nodeproxy/cli/control_client.py nodeproxy/__init__.py
+cni-plugin: $(CNI_PLUGIN)
+$(CNI_PLUGIN): $(CNI_SOURCES) scripts/build-cni-plugin.sh pyproject.toml | setup
+	$(VENV)/bin/python -c 'import PyInstaller, staticx' 2>/dev/null || \
+		$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[build]'
+	nice -n 10 bash scripts/build-cni-plugin.sh $@ $(VENV)/bin/python
+
+# The DaemonSet's image from Debian's packages (mmdebstrap + podman), as an OCI
+# archive: build/nodeproxy-image.tar; docs/install.md.  Needs no venv (no setup).
+image:
+	bash scripts/build-image.sh
+
+# build/ holds the image build's own container store (overlay layers): podman
+# removes it (rm alone can trip on files its user namespace owns).
 clean:
+	if [ -d build/containers ]; then \
+		podman --root $(CURDIR)/build/containers/root --runroot $(CURDIR)/build/containers/run \
+			--storage-driver overlay system reset -f; \
+	fi
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
 	find nodeproxy tests -name __pycache__ -type d -prune -exec rm -rf {} +

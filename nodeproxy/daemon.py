@@ -207,7 +207,8 @@ class Daemon:
                 connect_timeout=cfg.proxy.connect_timeout_seconds,
                 local_pod=lambda ip: self.enrollment.by_ip.get(ip) if self.enrollment else None,
                 admitter=lambda: self._admitter, table=lambda: self._table,
-                tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics)
+                tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics,
+                http2_limits=lambda: self.config.http.http2)
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         upstreams = Upstreams(
@@ -220,7 +221,8 @@ class Daemon:
                               admitter=lambda: self._admitter,
                               trust_domain=cfg.mesh.trust_domain, access_log=self.access_log,
                               live=self.live,
-                              tracing=Tracing(self.registry, cfg.node.name))
+                              tracing=Tracing(self.registry, cfg.node.name),
+                              tcp_metrics=self.metrics)
         self.proxy = OutboundProxy(
             upstreams=upstreams, http=self.http, metrics=self.metrics,
             table=lambda: self._table, on_captured=self.steering.on_outbound,

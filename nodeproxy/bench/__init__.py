@@ -13,6 +13,9 @@ Modules:
 - ``runner``: one bounded tool run inside a pod.
 - ``sockperf``, ``iperf``, ``wrk``, ``connections``, ``enrollment``: one runner per
   tool or measurement; ``idle`` is the in-pod client that holds idle connections.
+- ``noisy``: the noisy neighbour, a quiet pod's HTTP alone and while another pod attacks
+  the same proxy (with ``nodeproxy.testbed.attack``); ``cpulimit`` caps the attacker's
+  CPU as a pod limit would.
 - ``scenarios``: what is measured, as named scenarios producing metrics.
 - ``stats``: median, spread and ratio to ``direct``.
 - ``report``: the JSON document and the markdown table.

@@ -23,6 +23,7 @@ from nodeproxy.bench.model import ServerKind
 BASE_PORT = 20000
 _OFFSETS = {ServerKind.SOCKPERF: 1, ServerKind.IPERF3: 2, ServerKind.HTTP: 3, ServerKind.ECHO: 4}
 _HTTP_MODE_OFFSET = 5
+ATTACK_PORT = BASE_PORT + 90  # mode http, to the attack nginx of node0's plain server pod
 MAXCONN = 40000  # at most; fewer when the open-file limit is lower (two per connection)
 
 # The L7 work both proxies do per request (nodeproxy-l7's HTTPRoute says the same).
@@ -47,8 +48,12 @@ def maxconn(nofile: int) -> int:
     return max(100, min(MAXCONN, (nofile - 200) // 2))
 
 
-def config(backends: Mapping[int, str], directory: str, max_connections: int) -> str:
-    """haproxy.cfg for server pods by node index (their IPv4 addresses)."""
+def config(backends: Mapping[int, str], directory: str, max_connections: int,
+           attack_backend: str | None = None) -> str:
+    """haproxy.cfg for server pods by node index (their IPv4 addresses); with
+    ``attack_backend`` (HOST:PORT) also the noisy-neighbour scenario's attack target, a
+    ``mode http`` frontend on ATTACK_PORT (HTTP/1.1, or HTTP/2 when the client sends the
+    prior-knowledge preface), as nodeproxy's ``attack-target`` service is."""
     lines = [
         "global",
         "    nbthread 1",
@@ -92,6 +97,20 @@ def config(backends: Mapping[int, str], directory: str, max_connections: int) ->
             f"    retries {RETRIES}",
             "    retry-on conn-failure 500 501 502 503 504",
             f"    server {name} {address}:{ServerKind.HTTP.port}",
+            "",
+        ]
+    if attack_backend is not None:
+        lines += [
+            "frontend attack",
+            f"    bind 0.0.0.0:{ATTACK_PORT}",
+            "    mode http",
+            "    option http-keep-alive",
+            "    default_backend attack",
+            "",
+            "backend attack",
+            "    mode http",
+            "    http-reuse always",
+            f"    server attack {attack_backend}",
             "",
         ]
     return "\n".join(lines)

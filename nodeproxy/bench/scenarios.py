@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nodeproxy.bench import connections, enrollment, iperf, procstat, sockperf, wrk
-from nodeproxy.bench.configurations import Configuration, NodeProxy
+from nodeproxy.bench import connections, enrollment, iperf, noisy, procstat, sockperf, wrk
+from nodeproxy.bench.configurations import Configuration, HAProxyHttp, NodeProxy, NodeProxyL7
 from nodeproxy.bench.model import (
     Added,
     MeasurementError,
@@ -289,6 +289,91 @@ class Enrollment(Scenario):
                 "enroll.rss": raw["rss_mib"], "enroll.rss_per_pod": raw["kib_per_pod"]}, raw
 
 
+class NoisyNeighbour(Scenario):
+    """The quiet client's HTTP at ~1000 req/s alone, then while a hostile pod on the same
+    node attacks the same proxy (``noisy``).  Once, after the other scale scenarios: an
+    attack may leave state behind (pooled connections, memory) that no other figure
+    should see.  nodeproxy with the quiet pod's HTTP relayed as bytes and spliced
+    (nodeproxy-splice: the product's default capture and fast path) and parsed at L7
+    (nodeproxy-l7), and HAProxy in mode http (haproxy-http) as the reference; the attack
+    is the same for all (an HTTP service of the attacker's own on the same proxy)."""
+
+    once = True
+    CONFIGURATIONS = (NodeProxy.name, NodeProxyL7.name, HAProxyHttp.name)
+
+    def __init__(self, settings: Settings):
+        self.name = "noisy neighbour"
+        only = self.CONFIGURATIONS
+        rate = f"~{wrk.FIXED_RATE} req/s"
+
+        def metric(key: str, title: str, unit: str, better: str, digits: int = 1) -> Metric:
+            return Metric(f"noisy.{key}", f"noisy neighbour: {title}", unit, better,
+                          only=only, digits=digits, http=True)
+
+        self.metrics = (
+            metric("baseline.success", f"quiet pod's HTTP at {rate} alone, success", "%",
+                   "higher", digits=2),
+            metric("baseline.p99", "quiet pod's p99 alone", "ms", "lower", digits=3),
+            metric("baseline.rps", "quiet pod's achieved rate alone", "req/s", "higher",
+                   digits=0),
+            metric("attack.success", "quiet pod's success under attack", "%", "higher",
+                   digits=2),
+            metric("attack.p99", "quiet pod's p99 under attack", "ms", "lower", digits=3),
+            metric("attack.rps", "quiet pod's achieved rate under attack", "req/s", "higher",
+                   digits=0),
+            metric("attack.max", "quiet pod's slowest request under attack", "ms", "lower",
+                   digits=0),
+            metric("p99_ratio", "quiet pod's p99 under attack ÷ alone", "×", "lower",
+                   digits=2),
+            metric("baseline.cpu", "proxy CPU, quiet pod alone", "cores", "lower",
+                   digits=2),
+            metric("attack.cpu", "proxy CPU under attack", "cores", "lower", digits=2),
+            metric("attack.rss", "proxy peak RSS under attack", "MiB", "lower"),
+            metric("rss_growth", "proxy peak RSS growth, attack − alone", "MiB", "lower"),
+            # What the proxy did to the attacker (it pushes back: fewer pairs got through,
+            # more GOAWAYs, fewer connections held).
+            metric("attacker.pairs", "attacker's HTTP/2 HEADERS+RST_STREAM pairs sent",
+                   "pairs", "lower", digits=0),
+            metric("attacker.goaways", "attacker's HTTP/2 connections ended by GOAWAY",
+                   "conns", "higher", digits=0),
+            metric("attacker.held", "attacker's flood and slowloris connections open at "
+                   "the end", "conns", "lower", digits=0),
+        )
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        if configuration.name not in self.CONFIGURATIONS:
+            raise MeasurementError(f"the noisy neighbour is not measured for "
+                                   f"{configuration.name}")
+        route = configuration.route(bench, ServerKind.HTTP, NetPath.SAME_NODE)
+        raw = noisy.measure(bench, route, settings, meshed=configuration.uses_mesh)
+        baseline, attack = raw["baseline"], raw["attack"]
+        values = {
+            "noisy.baseline.success": baseline["success_percent"],
+            "noisy.baseline.p99": baseline["p99_ms"],
+            "noisy.baseline.rps": baseline["rps"],
+            "noisy.attack.success": attack["success_percent"],
+            "noisy.attack.p99": attack["p99_ms"],
+            "noisy.attack.rps": attack["rps"],
+            "noisy.attack.max": attack["max_ms"],
+            "noisy.baseline.cpu": baseline["proxy_cores"],
+            "noisy.attack.cpu": attack["proxy_cores"],
+            "noisy.attack.rss": attack["proxy_rss_peak_mib"],
+            "noisy.rss_growth": raw["rss_growth_mib"],
+        }
+        if "p99_ratio" in raw:
+            values["noisy.p99_ratio"] = raw["p99_ratio"]
+        # An attack tool cancelled at its own bound has no report: those figures are
+        # missing, with the reason, the quiet pod's are not.
+        rapid, flood, slow = (raw["attacks"][k] for k in ("rapid-reset", "flood", "slowloris"))
+        if "pairs_sent" in rapid:
+            values["noisy.attacker.pairs"] = rapid["pairs_sent"]
+            values["noisy.attacker.goaways"] = rapid["goaway"]
+        if "open_at_end" in flood and "open_at_end" in slow:
+            values["noisy.attacker.held"] = flood["open_at_end"] + slow["open_at_end"]
+        return values, raw
+
+
 def build(settings: Settings) -> list[Scenario]:
     """Every scenario, in the order a round runs them (once-scenarios last)."""
     scenarios: list[Scenario] = []
@@ -305,4 +390,5 @@ def build(settings: Settings) -> list[Scenario]:
         scenarios.append(ConnectRate(path))
     scenarios.append(IdleConnections(settings.idle_connections))
     scenarios.append(Enrollment(settings.enroll_pods))
+    scenarios.append(NoisyNeighbour(settings))
     return scenarios

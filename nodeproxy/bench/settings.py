@@ -25,6 +25,7 @@ class Settings:
     idle_connections: int
     enroll_pods: int
     tool_margin: float = 20.0  # seconds a tool may overrun its own duration before it is killed
+    noisy_seconds: float = 5.0  # each phase of the noisy-neighbour scenario (quiet pod's wrk)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -36,14 +37,14 @@ QUICK = Settings(
     profile="quick", rounds=1, sockperf_seconds=1.0, sockperf_message=64, iperf_seconds=1.0,
     iperf_streams=(1, 8), wrk_seconds=1.0, wrk_connections=32, http_body=1024,
     connect_seconds=0.5, connect_concurrency=16, connect_max=5000, idle_connections=300,
-    enroll_pods=20,
+    enroll_pods=20, noisy_seconds=4.0,
 )
 
 FULL = Settings(
     profile="full", rounds=5, sockperf_seconds=4.0, sockperf_message=64, iperf_seconds=4.0,
     iperf_streams=(1, 8), wrk_seconds=4.0, wrk_connections=32, http_body=1024,
     connect_seconds=3.0, connect_concurrency=16, connect_max=20000, idle_connections=10000,
-    enroll_pods=100,
+    enroll_pods=100, noisy_seconds=6.0,
 )
 
 

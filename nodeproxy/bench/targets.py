@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nodeproxy.bench import noisy
+
 Medians = Callable[[str, str], float | None]  # (metric key, configuration) -> median
 
 
@@ -90,6 +92,57 @@ def _l7_features(m: Medians) -> tuple[str, bool] | None:
             "per 1000 requests)", full <= 1.25 * l7)
 
 
+NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7")
+
+
+def _noisy_success(config: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        value, alone = m("noisy.attack.success", config), m("noisy.baseline.success", config)
+        if value is None:
+            return None
+        return (f"{value:.2f} % (alone: {alone:.2f} %)" if alone is not None
+                else f"{value:.2f} %"), value >= 100.0
+    return check
+
+
+def _noisy_p99(config: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        ratio = m("noisy.p99_ratio", config)
+        attack, alone = m("noisy.attack.p99", config), m("noisy.baseline.p99", config)
+        if ratio is None or attack is None or alone is None:
+            return None
+        return f"{ratio:.2f}× ({attack:.2f} ms against {alone:.2f} ms)", ratio <= 2.0
+    return check
+
+
+def _noisy_rss(config: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        growth, peak = m("noisy.rss_growth", config), m("noisy.attack.rss", config)
+        if growth is None:
+            return None
+        shown = f"{growth:+.1f} MiB" + (f" (peak {peak:.0f} MiB)" if peak is not None else "")
+        return shown, growth <= noisy.rss_growth_bound_mib()
+    return check
+
+
+def noisy_targets() -> tuple[Target, ...]:
+    """The noisy-neighbour targets, for each nodeproxy configuration the scenario runs."""
+    bound = (f"≤ {noisy.rss_growth_bound_mib():.0f} MiB over the phase alone "
+             f"({noisy.HELD_CONNECTIONS} connections held × {noisy.RSS_PER_HELD_KIB} KiB "
+             f"+ {noisy.RSS_MARGIN_MIB} MiB)")
+    out: list[Target] = []
+    for config in NOISY_CONFIGURATIONS:
+        where = f"noisy neighbour ({config}): "
+        out += [
+            Target(where + "quiet pod's success while another pod attacks the node proxy",
+                   "100 %", _noisy_success(config)),
+            Target(where + "quiet pod's p99 under attack", "≤ 2× its p99 alone, same run",
+                   _noisy_p99(config)),
+            Target(where + "daemon memory under attack", bound, _noisy_rss(config)),
+        ]
+    return tuple(out)
+
+
 TARGETS = (
     Target("same-node L4 latency with splice", "added p50 ≤ 10 µs over direct",
            _splice_latency),
@@ -112,6 +165,7 @@ TARGETS = (
     Target("L7 HTTP/1.1 CPU per request with authorization, rate limit, fault, outlier "
            "detection and 1% tracing on (nodeproxy-l7-full against nodeproxy-l7)",
            "≤ 1.25× nodeproxy-l7's", _l7_features),
+    *noisy_targets(),
 )
 
 # What the suite cannot judge yet, said in the report rather than left out.

@@ -46,6 +46,19 @@ MESH_CLIENT_ACCOUNT = "client"  # the meshed client's service account
 OTLP_PORT = 4318  # the trace collector of the configurations that export spans
 HTTP_FILE = "bench/small.bin"  # under the path prefix nodeproxy-l7 and haproxy-http route
 
+# The noisy-neighbour scenario's hostile pods on node0 and what they attack.  ``attacker``
+# (meshed) attacks a service of its own (``attack-target``, appProtocol http: parsed,
+# HTTP/1.1 or HTTP/2 prior knowledge), served by a second nginx in srv-0, so the attack
+# shares the node proxy with the quiet client but not the quiet client's nginx.
+# ``attacker-direct`` (unenrolled) does the same through HAProxy (its ``attack`` frontend,
+# to the same second nginx in plain-0).  Made on first use only (``ensure_attacker``): no
+# other scenario sees them.
+ATTACKER_POD, ATTACKER_ACCOUNT = "attacker", "attacker"
+ATTACKER_DIRECT_POD = "attacker-direct"
+ATTACK_SERVICE = "attack-target"
+ATTACK_TARGET_PORT = 8081
+ATTACK_WORKER_CONNECTIONS = 16384
+
 
 # Per-netns sysctls of the client and HAProxy pods: connection-rate runs leave many
 # sockets in TIME_WAIT, and the idle-connection test opens thousands at once.
@@ -91,6 +104,7 @@ class BenchCluster:
         self.http_app_protocol: str | None = None  # as the daemons run: None = undeclared
         self.http_traffic_policy: dict[str, Any] | None = None  # the HTTP services' policy
         self.collectors: list[subprocess.Popen[Any]] = []  # OTLP receivers, one per node
+        self.attack_nginx: list[subprocess.Popen[Any]] = []  # noisy neighbour's targets
 
     # -- building -------------------------------------------------------------
 
@@ -156,7 +170,9 @@ class BenchCluster:
         backends = {NODES.index(node): c.pods[server_pod(node, False)].ip4 for node in NODES}
         conf = os.path.join(directory, "haproxy.cfg")
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # what haproxy inherits
-        Path(conf).write_text(haproxy.config(backends, directory, haproxy.maxconn(nofile)))
+        attack = f"{c.pods[server_pod('node0', False)].ip4}:{ATTACK_TARGET_PORT}"
+        Path(conf).write_text(haproxy.config(backends, directory, haproxy.maxconn(nofile),
+                                             attack_backend=attack))
         check = subprocess.run(["haproxy", "-c", "-f", conf], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"haproxy -c: {check.stdout}{check.stderr}")
@@ -168,6 +184,7 @@ class BenchCluster:
             for kind in ServerKind:
                 wait_listening(pod.netns_path, haproxy.frontend_port(NODES.index(node), kind))
             wait_listening(pod.netns_path, haproxy.http_mode_port(NODES.index(node)))
+        wait_listening(pod.netns_path, haproxy.ATTACK_PORT)
 
     # -- the daemons ----------------------------------------------------------
 
@@ -234,6 +251,51 @@ class BenchCluster:
                                   "--out", "/dev/null"),
                 stdout=subprocess.DEVNULL))
             wait_listening(c.nodes[node].netns_path, OTLP_PORT)
+
+    def ensure_attacker(self) -> Service:
+        """The hostile pods (``attacker`` enrolled on node0 with service account
+        ``attacker``, ``attacker-direct`` unenrolled), the service ``attacker`` attacks
+        (``attack-target``, VIP port 80, appProtocol http) and the nginx behind it and
+        behind HAProxy's attack frontend (port 8081 of srv-0 and plain-0, a 2-byte
+        answer); made once, on first use.  The daemons get the service by a hot reload
+        with their current settings."""
+        c = self.cluster
+        key = f"default/{ATTACK_SERVICE}"
+        if self.attack_nginx:
+            if any(p.poll() is not None for p in self.attack_nginx):
+                raise RuntimeError("an attack-target nginx has exited")
+            return c.services[key]
+        for meshed in (True, False):
+            self.attack_nginx.append(self._start_attack_nginx(c.pods[server_pod("node0",
+                                                                                 meshed)]))
+        if key not in c.services:
+            c.add_service(ATTACK_SERVICE, port=HTTP_VIP_PORT, target_port=ATTACK_TARGET_PORT,
+                          selector={"app": "srv0"}, app_protocol="http")
+        if ATTACKER_POD not in c.pods:
+            c.add_pod("node0", ATTACKER_POD, labels={"app": ATTACKER_POD},
+                      service_account=ATTACKER_ACCOUNT)
+            c.add_unenrolled_pod("node0", ATTACKER_DIRECT_POD)
+            for name in (ATTACKER_POD, ATTACKER_DIRECT_POD):
+                netns.sysctl(c.pods[name].netns_path, CLIENT_SYSCTLS)
+        c.write_configs(overrides=self.daemon_overrides)
+        c.reload_daemons(timeout=self.startup_timeout)
+        return c.services[key]
+
+    def _start_attack_nginx(self, pod: Pod) -> subprocess.Popen[Any]:
+        directory = os.path.join(self.cluster.dir, "bench", f"{ATTACK_SERVICE}-{pod.name}")
+        os.makedirs(directory, exist_ok=True)
+        conf = os.path.join(directory, "nginx.conf")
+        Path(conf).write_text(nginx_config(
+            directory, ATTACK_TARGET_PORT, 'location / { return 200 "a\\n"; }',
+            http="    keepalive_requests 1000000;\n    keepalive_timeout 300s;",
+            worker_connections=ATTACK_WORKER_CONNECTIONS))
+        with open(os.path.join(directory, "nginx.log"), "wb") as log:
+            proc = self.cluster.spawn_in_pod(
+                pod, ["nginx", "-p", directory, "-c", conf,
+                      "-e", os.path.join(directory, "error.log")],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_listening(pod.netns_path, ATTACK_TARGET_PORT)
+        return proc
 
     def requests_counted(self, node: str, service: str) -> float:
         """nodeproxy's istio_requests_total (reporter=source) on the node's daemon for

@@ -26,6 +26,7 @@ end
 """
 ERROR_FIELDS = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
 MAX_ERROR_SHARE = 0.01
+TIMEOUT_S = 5.0  # wrk --timeout
 
 
 # The fixed-rate run: this many requests per second over this many connections.
@@ -49,18 +50,25 @@ def saturate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str,
     return _run(bench, route, settings, settings.wrk_connections, None)
 
 
-def fixed_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
+def fixed_rate(bench: BenchCluster, route: Route, settings: Settings,
+               seconds: float | None = None, max_error_share: float = MAX_ERROR_SHARE,
+               timeout_s: float = TIMEOUT_S) -> dict[str, float]:
     """The same at about FIXED_RATE requests/s (the achieved rate is reported: each
-    connection pauses between a response and its next request)."""
+    connection pauses between a response and its next request); ``seconds`` instead of
+    the profile's, ``max_error_share`` 1.0 to report errors instead of failing, and
+    wrk's ``--timeout``."""
     pace_ms = FIXED_RATE_CONNECTIONS * 1000 / FIXED_RATE
-    return _run(bench, route, settings, FIXED_RATE_CONNECTIONS, pace_ms)
+    return _run(bench, route, settings, FIXED_RATE_CONNECTIONS, pace_ms, seconds,
+                max_error_share, timeout_s)
 
 
 def _run(bench: BenchCluster, route: Route, settings: Settings, connections: int,
-         pace_ms: float | None) -> dict[str, float]:
-    seconds = max(1, round(settings.wrk_seconds))
+         pace_ms: float | None, seconds_wanted: float | None = None,
+         max_error_share: float = MAX_ERROR_SHARE,
+         timeout_s: float = TIMEOUT_S) -> dict[str, float]:
+    seconds = max(1, round(seconds_wanted or settings.wrk_seconds))
     url = f"http://{route.address}/{HTTP_FILE}"
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", f"{timeout_s:g}s",
             "-s", script_path(bench, pace_ms), url]
     result = run_tool(bench, route.client_pod, argv, timeout=seconds + settings.tool_margin)
     if result.returncode != 0:
@@ -71,7 +79,7 @@ def _run(bench: BenchCluster, route: Route, settings: Settings, connections: int
     errors = sum(int(data[f]) for f in ERROR_FIELDS)
     if requests == 0:
         raise MeasurementError(f"wrk completed no request: {tail(result.stdout)}")
-    if errors > MAX_ERROR_SHARE * requests:
+    if errors > max_error_share * requests:
         counts = ", ".join(f"{f}={data[f]}" for f in ERROR_FIELDS if data[f])
         raise MeasurementError(f"wrk: {errors} errors in {requests} requests ({counts})")
     duration_s = int(data["duration_us"]) / 1e6
@@ -80,6 +88,8 @@ def _run(bench: BenchCluster, route: Route, settings: Settings, connections: int
         "duration_s": duration_s,
         "p50_ms": float(data["p50_us"]) / 1000,
         "p99_ms": float(data["p99_us"]) / 1000,
+        "max_ms": float(data["max_us"]) / 1000,
         "requests": float(requests),
         "errors": float(errors),
+        **{field: float(data[field]) for field in ERROR_FIELDS},
     }

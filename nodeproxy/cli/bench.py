@@ -5,7 +5,8 @@ nodeproxy at L4, haproxy in tcp mode, and for HTTP nodeproxy-l7 and haproxy in h
 mode) over the rounds for L4 latency (sockperf), L4 throughput (iperf3), HTTP at
 saturation and at ~1000 req/s (wrk + nginx, with proxy CPU per request, requests
 per proxy core, memory and the latency added) and connection set-up rate, then
-measures memory with idle connections and enrollment of many pods.  Prints a
+measures memory with idle connections, enrollment of many pods and a noisy
+neighbour (a quiet pod's HTTP while another pod attacks the same proxy).  Prints a
 markdown table; --json writes every figure, the configurations, the rounds and the
 machine.  Exits 1 if any figure that should have been measured was not (each
 missing one is listed with the reason).

@@ -694,6 +694,57 @@ class AccessLogSettings(Model):
     queue_size: int = Field(default=10000, ge=1, le=10_000_000)
 
 
+# An HTTP token (RFC 9110 5.6.2), optionally with a protocol version ("websocket", "foo/2").
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
+# Istio's meshConfig pathNormalization modes and Envoy's path_with_escaped_slashes_action
+# (docs/http.md, "One request, one meaning"; nodeproxy/http/request_target.py applies them).
+PathNormalizationMode = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
+EscapedSlashAction = Literal["KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
+                             "UNESCAPE_AND_FORWARD"]
+
+
+class Http2Limits(Model):
+    """Per-connection budgets of an HTTP/2 client connection (and of an HBONE peer's
+    connection), against floods that cost the proxy work without a request to show for it
+    (CVE-2023-44487 "rapid reset", CVE-2019-9512..9518).  Past any budget the connection
+    gets GOAWAY ENHANCE_YOUR_CALM and is closed (docs/http.md, "HTTP/2 abuse")."""
+
+    # Resets by the client count as premature if the stream had no response head yet or
+    # lived less than prematureResetLifetimeSeconds (Envoy's 1 s).  The connection is
+    # closed once premature resets are at least half of the streams that ended, judged
+    # from prematureResetMinStreams streams on (before that: at half of it), as Envoy does.
+    premature_reset_min_streams: int = Field(default=500, ge=2, le=1_000_000)
+    premature_reset_lifetime_seconds: float = Field(default=1.0, ge=0, le=3600)
+    # New streams per second (a token bucket that holds one second's worth).
+    max_streams_per_second: int = Field(default=5000, ge=1, le=1_000_000)
+    # PING, SETTINGS and other frames that ask work but carry no request (unknown frame
+    # types, RST_STREAM for streams not open): per second, and how many may come at once.
+    max_control_frames_per_second: int = Field(default=100, ge=1, le=1_000_000)
+    control_frame_burst: int = Field(default=1000, ge=1, le=1_000_000)
+    # PRIORITY frames: 10 plus this many per stream opened (Envoy's default 100).
+    max_priority_frames_per_stream: int = Field(default=100, ge=0, le=1_000_000)
+    # WINDOW_UPDATE frames: 10 plus 2 per stream opened plus this many per DATA frame the
+    # proxy sent (Envoy's default 10).
+    max_window_updates_per_data_frame: int = Field(default=10, ge=1, le=1_000_000)
+    # DATA frames in a row with no payload and no END_STREAM (Envoy's default 1).
+    max_consecutive_empty_frames: int = Field(default=1, ge=0, le=1_000_000)
+    # Frames that need an answer (PING, SETTINGS) received while the client does not read
+    # the answers already queued (Envoy's maxOutboundControlFrames, 1000).
+    max_outbound_control_frames: int = Field(default=1000, ge=1, le=1_000_000)
+    # A pod one of whose connections was closed for abuse gets, for this long, a tenth of
+    # the premature-reset and control-frame budgets on its new HTTP/2 connections (a
+    # reconnecting attacker costs a tenth as much); 0: no penalty.
+    abuse_penalty_seconds: float = Field(default=60.0, ge=0, le=86400)
+
+    def penalized(self) -> Http2Limits:
+        """The budgets of a pod under an abuse penalty: a tenth of the count-based ones."""
+        return self.model_copy(update={
+            "premature_reset_min_streams": max(2, self.premature_reset_min_streams // 10),
+            "control_frame_burst": max(1, self.control_frame_burst // 10),
+            "max_control_frames_per_second": max(1, self.max_control_frames_per_second // 10),
+        })
+
+
 class HttpSettings(Model):
     """Node-wide HTTP handling (docs/http.md)."""
 
@@ -708,7 +759,48 @@ class HttpSettings(Model):
     idle_timeout_seconds: float = Field(default=3600.0, gt=0, le=86400)
     # Request bodies up to this size are kept so a retry can resend them.
     retry_buffer_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
+    # HTTP/1.1 Upgrade tokens the proxy lets through (Envoy's upgrade_configs; matched
+    # case-insensitively).  Others get 403; h2c is never allowed (served as plain HTTP).
+    allowed_upgrades: list[str] = Field(default_factory=lambda: ["websocket"])
+    # How request paths are normalized before routing, authorization and forwarding.
+    path_normalization: PathNormalizationMode = "MERGE_SLASHES"
+    # What a path with %2F or %5C gets; None: the mode's choice (NONE: KEEP_UNCHANGED,
+    # BASE and MERGE_SLASHES: REJECT_REQUEST, DECODE_AND_MERGE_SLASHES: UNESCAPE_AND_FORWARD).
+    escaped_slashes_action: EscapedSlashAction | None = None
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+    # Budgets of each HTTP/2 connection (the L7 front end and the HBONE server).
+    http2: Http2Limits = Field(default_factory=Http2Limits)
+
+    @field_validator("allowed_upgrades")
+    @classmethod
+    def _upgrade_tokens(cls, value: list[str]) -> list[str]:
+        for token in value:
+            if not _HTTP_TOKEN.fullmatch(token):
+                raise ValueError(f"{token!r} is not an HTTP token (RFC 9110 5.6.2)")
+            if token.lower() == "h2c":
+                raise ValueError("h2c cannot be allowed: HTTP/2 on an upgraded connection "
+                                 "would carry requests the proxy never authorizes")
+        lowered = [t.lower() for t in value]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("an upgrade token is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _escaped_slashes_fit_the_mode(self) -> HttpSettings:
+        if self.path_normalization == "DECODE_AND_MERGE_SLASHES" and \
+                self.escaped_slashes_action in ("KEEP_UNCHANGED", "REJECT_REQUEST"):
+            raise ValueError(
+                f"escapedSlashesAction {self.escaped_slashes_action} contradicts "
+                "pathNormalization DECODE_AND_MERGE_SLASHES, which decodes escaped slashes "
+                "(use MERGE_SLASHES with it, or UNESCAPE_AND_FORWARD / UNESCAPE_AND_REDIRECT)")
+        return self
+
+    @property
+    def escaped_slashes_in_effect(self) -> EscapedSlashAction:
+        if self.escaped_slashes_action is not None:
+            return self.escaped_slashes_action
+        return {"NONE": "KEEP_UNCHANGED", "DECODE_AND_MERGE_SLASHES": "UNESCAPE_AND_FORWARD"}.get(
+            self.path_normalization, "REJECT_REQUEST")  # type: ignore[return-value]
 
 
 def _otlp_http_url(value: str) -> str:

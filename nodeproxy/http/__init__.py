@@ -2,6 +2,9 @@
 
 message.py   protocol-neutral request/response heads and streamed bodies
 detect.py    which protocol a new connection speaks (declared, opaque or sniffed)
+request_target.py  the request target validated and normalized once (Istio's
+             pathNormalization, Envoy's escaped-slash actions): the one path used
+header_fields.py   one value per header name (RFC 9110 lists joined, singletons refused)
 h1.py        HTTP/1.1 codec (httptools): downstream server side, upstream client side
 h2.py        HTTP/2 codec (h2): downstream server side, upstream client side
 routes.py    compiled HTTPRoute tables: request -> rule -> weighted backend service

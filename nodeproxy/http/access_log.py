@@ -23,7 +23,9 @@ destination_service    the service FQDN the request was routed to
 method                 the request's method, authority (Host / :authority) and path
 authority              (path: origin form, query included)
 path
-protocol               the request's protocol ("HTTP/1.1", "HTTP/2")
+protocol               the request's protocol ("HTTP/1.1", "HTTP/2"); on the line an
+                       upgraded connection writes when it ends, the upgrade token
+                       ("websocket"), with its bytes each way and its lifetime
 status                 the response code sent to the client, 0 when none was
 grpc_status            the gRPC status (a number, as a string), null when not gRPC
 response_flags         Envoy's response flags ("UF", "UH,URX", ...), "-" when none

@@ -8,12 +8,27 @@ hands Upgrade requests over whole (``H1Exchange.take_over``).  llhttp is strict 
 default: conflicting Content-Length and Transfer-Encoding, duplicate Content-Length,
 invalid chunk sizes, bare LF line ends, obsolete line folding, and control characters
 in the request line are errors.  On top of it this codec refuses a header block over
-its limit (431) and any transfer coding but ``chunked`` (501, as Envoy does).  Every
+its limit (431), any transfer coding but ``chunked`` (501, as Envoy does), Host sent
+twice, and a target or Host that request_target.py finds malformed (400: absolute
+form, ``*`` but for OPTIONS, a fragment, a bad escape, userinfo); header values lose
+surrounding whitespace.  Every
 malformed request gets its error response and the connection is closed; nothing else
 is touched.
 
+An upgrade request (``Connection: upgrade`` with ``Upgrade``, or CONNECT) ends HTTP
+parsing on its connection for good: what the client sends after its head is held, unread
+by any parser and unforwarded (at most MAX_UPGRADE_EARLY_BYTES, beyond which the
+connection is reset), until the handler either takes the connection over
+(``H1Exchange.take_over``, after the upstream's 101) or answers with an ordinary
+response, after which the connection closes and the held bytes are dropped.  They are
+never parsed as a next request: a request smuggled behind an upgrade never skips policy.
+
 H1Client is the upstream side: one request at a time on a pooled connection, the
-request body framed by its Content-Length or chunked, the response streamed back.
+request body framed by its Content-Length or chunked, the response streamed back.  An
+upgrade request (``send(..., upgrade=token)``, on a connection of its own) completes
+with a 101 response whose ``upgraded_to`` is the upstream's Upgrade token; the bytes after
+the 101 head are held for ``detach``.  A 101 to a request that offered no upgrade is an
+upstream protocol error (flag UPE).
 """
 
 from __future__ import annotations
@@ -37,11 +52,16 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.request_target import Refusal, check_authority, check_target
 
 log = logging.getLogger(__name__)
 
 WRITE_HIGH_WATER = 256 * 1024
 MAX_PIPELINED = 16  # parsed requests waiting for their turn before reading pauses
+# Bytes a client may send after an upgrade request's head before the upstream's 101: held,
+# neither parsed nor forwarded; more resets the connection (a WebSocket client sends
+# nothing before the handshake completes, RFC 6455 4.1).
+MAX_UPGRADE_EARLY_BYTES = 64 * 1024
 
 REASONS = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created",
@@ -64,12 +84,15 @@ def _no_body_status(status: int) -> bool:
 
 
 class BadRequest(Exception):
-    """A request the proxy refuses to parse further: `status` is what the client gets."""
+    """A request the proxy refuses to parse further: `status` is what the client gets,
+    `label` the fixed reason it is counted under (`reason`, which may quote the request,
+    is only logged)."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, label: str | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.label = label or reason
 
 
 class _Writer:
@@ -102,6 +125,10 @@ class _Writer:
 
 class H1Exchange:
     """One request of a client connection (the Exchange interface of message.py)."""
+
+    # An upgrade request that declares a body (Content-Length above 0, Transfer-Encoding):
+    # llhttp treats what follows its head as the upgraded protocol, not as that body.
+    declares_body = False
 
     def __init__(self, server: H1Server, head: RequestHead, *, keep_alive: bool,
                  expect_continue: bool, upgrade: bool, header_bytes: int):
@@ -203,9 +230,14 @@ class H1Exchange:
 
     def take_over(self) -> tuple[asyncio.Transport, bytes]:
         """An upgraded connection (WebSocket...) leaves HTTP: the raw transport and the bytes
-        the client sent after the request head."""
+        the client sent after the request head.  Call only after the upstream's 101; the
+        caller owns the transport from now on and calls `released` when it has closed."""
         self.finished = True
         return self._server.detach()
+
+    def released(self) -> None:
+        """The taken-over connection has ended (its tracker may forget it)."""
+        self._server.detached_closed()
 
 
 class _ContinueBody(Body):
@@ -246,8 +278,9 @@ class H1Server(asyncio.Protocol):
         self._headers: Headers = []
         self._header_bytes = 0
         self._paused = False
-        self._detached = False
-        self._upgrade_rest = b""
+        self._detached = False  # after a malformed request, or taken over: input ignored
+        self._upgraded = False  # llhttp saw an upgrade: HTTP parsing has ended for good
+        self._upgrade_rest = bytearray()  # held client bytes after the upgrade head
         self._idle: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None  # loop time the last request ended
         self._tasks: set[asyncio.Task[None]] = set()
@@ -271,23 +304,31 @@ class H1Server(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            self._hold(data)
+            return
         if self._detached:
-            self._upgrade_rest += data
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             offset = e.args[0] if e.args else len(data)
-            self._upgrade_rest = bytes(data[offset:])
-            self._pause()  # the rest belongs to the upgraded protocol
+            self._upgraded = True
+            self._pause()  # the rest belongs to the upgraded protocol, if the upstream agrees
+            # Whatever the handler does, this connection never parses HTTP again: it ends
+            # after the upgrade request (the last parsed), unless taken over.
+            upgrading = self._queue[-1] if self._queue else self._current
+            if upgrading is not None:
+                upgrading.keep_alive = False
+            self._hold(data[offset:])
         except BadRequest as e:
-            self._bad_request(e.status, e.reason)
+            self._bad_request(e.status, e.reason, e.label)
         except httptools.HttpParserError as e:
             # httptools wraps what a callback raises: our own refusals keep their status.
             cause = e.__cause__ or e.__context__
             if isinstance(cause, BadRequest):
-                self._bad_request(cause.status, cause.reason)
-            else:
+                self._bad_request(cause.status, cause.reason, cause.label)
+            else:  # llhttp's messages are fixed texts ("Invalid header value char", ...)
                 self._bad_request(400, str(e) or type(e).__name__)
 
     def eof_received(self) -> bool:
@@ -307,6 +348,11 @@ class H1Server(asyncio.Protocol):
         for exchange in (self._parsing, self._current, *self._queue):
             if exchange is not None:
                 exchange.body.fail(BodyError("client connection lost"))
+        if not self._detached:
+            # The client is gone: what its request set going upstream is given up (an
+            # upstream connection mid-request is closed, a request not sent never is).
+            for task in list(self._tasks):
+                task.cancel()
         if self._on_closed is not None:
             self._on_closed()
 
@@ -329,7 +375,10 @@ class H1Server(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header_bytes(len(name) + len(value) + 4)
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        # RFC 9110 5.5: whitespace around a value is not part of it (llhttp leaves the
+        # trailing part); policy must see the value the backend will.
+        self._headers.append((name.decode("latin-1").lower(),
+                              value.decode("latin-1").strip(" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -339,17 +388,20 @@ class H1Server(asyncio.Protocol):
         authority = ""
         connection: set[str] = set()
         expect_continue = upgrade = False
+        hosts = 0
         for name, value in self._headers:
             if name == "host":
                 authority = value
+                hosts += 1
             elif name == "connection":
                 connection.update(t.strip().lower() for t in value.split(","))
             elif name == "transfer-encoding":
                 if value.strip().lower() != "chunked":
-                    raise BadRequest(501, f"transfer coding {value!r} not supported")
+                    raise BadRequest(501, f"transfer coding {value!r} not supported",
+                                     "transfer_coding")
             elif name == "expect":
                 if value.strip().lower() != "100-continue":
-                    raise BadRequest(417, f"unsupported expectation {value!r}")
+                    raise BadRequest(417, f"unsupported expectation {value!r}", "expectation")
                 expect_continue = version == "1.1"
             elif name == "upgrade":
                 upgrade = True
@@ -357,16 +409,28 @@ class H1Server(asyncio.Protocol):
             elif name not in HOP_BY_HOP:
                 headers.append((name, value))
         if version == "1.1" and not authority:
-            raise BadRequest(400, "HTTP/1.1 request without Host")
+            raise BadRequest(400, "HTTP/1.1 request without Host", "no_host")
+        if hosts > 1:
+            raise BadRequest(400, f"Host sent {hosts} times", "repeated_host")
         upgrade = upgrade and "upgrade" in connection and parser.should_upgrade()
-        keep_alive = parser.should_keep_alive() and not upgrade
         url = bytes(self._url).decode("latin-1")
-        if not url.startswith("/") and not (method == "OPTIONS" and url == "*"):
-            raise BadRequest(400, "request target is not in origin form")
+        if method == "CONNECT":
+            upgrade = True  # llhttp ends HTTP parsing after it; the handler refuses it
+        else:
+            try:  # RFC 9112 3.2 and 3.2.2; normalizing is the manager's (request_target.py)
+                check_authority(authority)
+                check_target(method, url)
+            except Refusal as e:
+                raise BadRequest(400, str(e), e.reason) from e
+        keep_alive = parser.should_keep_alive() and not upgrade
         exchange = H1Exchange(
             self, RequestHead(method, url, authority, headers, version=version),
             keep_alive=keep_alive and not self._draining, expect_continue=expect_continue,
             upgrade=upgrade, header_bytes=self._header_bytes)
+        if upgrade:
+            exchange.declares_body = any(
+                n == "transfer-encoding" or (n == "content-length" and v.strip() != "0")
+                for n, v in self._headers)
         self._parsing = exchange
         self._queue.append(exchange)
         if len(self._queue) > MAX_PIPELINED:
@@ -386,10 +450,22 @@ class H1Server(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _hold(self, data: bytes) -> None:
+        """Client bytes after an upgrade request: kept for the upgraded protocol, bounded."""
+        self._upgrade_rest += data
+        if len(self._upgrade_rest) > MAX_UPGRADE_EARLY_BYTES:
+            log.info("client sent over %d bytes before its upgrade was answered: reset",
+                     MAX_UPGRADE_EARLY_BYTES)
+            if self._on_bad_request is not None:
+                self._on_bad_request("early upgrade data over limit")
+            self._upgrade_rest.clear()
+            self.abort()
+
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self._max_header_bytes:
-            raise BadRequest(431, f"request header block over {self._max_header_bytes} bytes")
+            raise BadRequest(431, f"request header block over {self._max_header_bytes} bytes",
+                             "header_too_large")
 
     def _next(self) -> None:
         if self._current is not None or not self._queue or self.lost:
@@ -433,15 +509,16 @@ class H1Server(asyncio.Protocol):
     def _maybe_resume(self) -> None:
         """Read again once nothing holds the socket back: the body being parsed is below
         its high-water mark (or there is none) and few requests wait their turn."""
-        if not self._paused or self._detached or len(self._queue) > MAX_PIPELINED:
+        if not self._paused or self._detached or self._upgraded \
+                or len(self._queue) > MAX_PIPELINED:
             return
         if self._parsing is not None and self._parsing.body.over_high_water:
             return
         self._resume()
 
-    def _bad_request(self, status: int, reason: str) -> None:
+    def _bad_request(self, status: int, reason: str, label: str | None = None) -> None:
         if self._on_bad_request is not None:
-            self._on_bad_request(reason)
+            self._on_bad_request(label or reason)
         log.info("bad HTTP/1.1 request from %s: %s",
                  self.transport.get_extra_info("peername") if self.transport else "?", reason)
         if self._parsing is not None:
@@ -510,8 +587,15 @@ class H1Server(asyncio.Protocol):
         self._detached = True
         if self._idle is not None:
             self._idle.cancel()
-        rest, self._upgrade_rest = self._upgrade_rest, b""
+        rest = bytes(self._upgrade_rest)
+        self._upgrade_rest.clear()
         return self.transport, rest
+
+    def detached_closed(self) -> None:
+        """The connection taken over by detach has closed."""
+        self.lost = True
+        if self._on_closed is not None:
+            self._on_closed()
 
     @property
     def idle(self) -> bool:
@@ -531,7 +615,9 @@ class H1Server(asyncio.Protocol):
 # --- upstream ----------------------------------------------------------------------------
 
 
-def encode_request(head: RequestHead, *, chunked: bool) -> bytes:
+def encode_request(head: RequestHead, *, chunked: bool, upgrade: str | None = None) -> bytes:
+    """The request head for an upstream; hop-by-hop headers are the proxy's own, so only
+    an `upgrade` offer (a token the proxy allowed) brings Upgrade and Connection back."""
     lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (
         head.method.encode(), head.path.encode("latin-1"), head.authority.encode("latin-1"))]
     for name, value in head.headers:
@@ -540,6 +626,8 @@ def encode_request(head: RequestHead, *, chunked: bool) -> bytes:
         lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
     if chunked:
         lines.append(b"transfer-encoding: chunked\r\n")
+    if upgrade is not None:
+        lines.append(b"upgrade: %s\r\nconnection: upgrade\r\n" % upgrade.encode("latin-1"))
     lines.append(b"\r\n")
     return b"".join(lines)
 
@@ -563,6 +651,10 @@ class H1Client(asyncio.Protocol):
         self._keep_alive = True
         self._sender: asyncio.Task[None] | None = None
         self.requests = 0
+        self._offered: str | None = None  # the Upgrade token of the request in flight
+        self.upgraded_to: str | None = None  # a 101's Upgrade header (None: none yet)
+        self._switched = False  # a 101 arrived: what follows is not HTTP
+        self._upgrade_rest = bytearray()
 
     # -- UpstreamConnection ------------------------------------------------------------
 
@@ -573,16 +665,20 @@ class H1Client(asyncio.Protocol):
     def can_take(self) -> bool:
         return not self._busy and not self._closed
 
-    async def send(self, head: RequestHead, body: BodyReader) -> UpstreamResponse:
+    async def send(self, head: RequestHead, body: BodyReader, *,
+                   upgrade: str | None = None) -> UpstreamResponse:
+        """Send one request; its response head.  With `upgrade` (an Upgrade token) the
+        request offers that upgrade and a 101 answers it (then see `detach`)."""
         if not self.can_take() or self.transport is None:
             raise UpstreamError("UC", "upstream connection is not available")
         self._busy = True
         self.requests += 1
         self._method = head.method
+        self._offered = upgrade
         self._head = asyncio.get_running_loop().create_future()
         has_length = head.header("content-length") is not None
         chunked = not has_length and not body.ended
-        self.transport.write(encode_request(head, chunked=chunked))
+        self.transport.write(encode_request(head, chunked=chunked, upgrade=upgrade))
         if not body.ended:
             self._sender = asyncio.get_running_loop().create_task(self._send_body(body, chunked))
         return await self._head
@@ -625,11 +721,32 @@ class H1Client(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.transport.resume_reading()
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the raw transport (reading paused) and the bytes the upstream sent
+        after the 101 head.  The caller owns the transport from now on."""
+        assert self.transport is not None and self._switched
+        self._closed = True  # never pooled again
+        rest = bytes(self._upgrade_rest)
+        self._upgrade_rest.clear()
+        return self.transport, rest
+
     def data_received(self, data: bytes) -> None:
+        if self._switched:
+            self._upgrade_rest += data
+            return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # Only a 101 stops llhttp's response parser; on_headers_complete judged it.
+            if self._switched:
+                offset = e.args[0] if e.args else len(data)
+                self._upgrade_rest += data[offset:]
         except httptools.HttpParserError as e:
-            self._fail(UpstreamError("UC", f"malformed response from upstream: {e}"))
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            else:
+                self._fail(UpstreamError("UC", f"malformed response from upstream: {e}"))
             self.abort()
 
     def eof_received(self) -> bool:
@@ -662,6 +779,9 @@ class H1Client(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status == 101:
+            self._switch_protocols()
+            return
         if 100 <= status < 200:
             return  # 100 Continue and friends: the final response follows
         self._status = status
@@ -680,6 +800,22 @@ class H1Client(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
             self._complete()
 
+    def _switch_protocols(self) -> None:
+        """A 101: the answer to an upgrade offer, or an upstream protocol error."""
+        if self._offered is None:
+            self._fail(UpstreamError("UPE", "101 Switching Protocols to a request that "
+                                            "offered no upgrade"))
+            self._closed = True
+            raise UpstreamError("UPE", "unexpected 101")  # ends parsing; data_received aborts
+        self._switched = True
+        if self.transport is not None:
+            self.transport.pause_reading()  # what follows waits for its relay
+        self.upgraded_to = next((v for n, v in self._headers if n == "upgrade"), "")
+        headers = [(n, v) for n, v in self._headers if n not in HOP_BY_HOP]
+        response = UpstreamResponse(ResponseHead(101, headers), Body.empty())
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
             self._body.feed(body)
@@ -687,8 +823,8 @@ class H1Client(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self._status == 0:
-            return  # an informational response
+        if self._status == 0 or self._switched:
+            return  # an informational response, or a 101 (llhttp stops right after)
         self._complete()
 
     def _complete(self) -> None:

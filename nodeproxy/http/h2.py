@@ -45,6 +45,8 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
 
+from nodeproxy.config.model import Http2Limits
+from nodeproxy.http.h2_guard import Abuse, FrameGuard
 from nodeproxy.http.message import (
     HOP_BY_HOP,
     Body,
@@ -57,6 +59,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.request_target import Refusal, check_authority, check_method, check_target
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ MAX_CONCURRENT_STREAMS = 1000  # advertised by the server side
 MAX_HEADER_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default
 INITIAL_STREAMS = 100  # what the client side assumes before the server's SETTINGS
 _DEFAULT_WINDOW = 65535  # RFC 9113's initial window
+ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 
 _Connection_States = h2.connection.ConnectionState
 _Inputs = h2.connection.ConnectionInputs
@@ -108,7 +112,8 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
 class _Connection(h2.connection.H2Connection):
     """H2Connection with a graceful GOAWAY, COMPRESSION_ERROR for undecodable header
-    blocks (h2 says PROTOCOL_ERROR) and a header-list limit of our own (see H2Server)."""
+    blocks (h2 says PROTOCOL_ERROR), a header-list limit of our own (see H2Server) and,
+    on a server, a FrameGuard that sees each frame first (h2_guard.py)."""
 
     def __init__(self, config: h2.config.H2Configuration, header_limit: int):
         super().__init__(config=config)
@@ -117,6 +122,10 @@ class _Connection(h2.connection.H2Connection):
         self._header_limit = header_limit
         self.decoder.max_header_list_size = header_limit
         self._keep_outbound = False
+        self.guard: FrameGuard | None = None
+        # The last stream handed to a handler: an ENHANCE_YOUR_CALM GOAWAY names it, not
+        # streams h2 parsed in the same read whose requests were never started.
+        self.processed_stream_id: int | None = None
 
     def close_connection(self, error_code: int = 0, additional_data: bytes | None = None,
                          last_stream_id: int | None = None) -> None:
@@ -126,6 +135,9 @@ class _Connection(h2.connection.H2Connection):
 
     def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
         self.state_machine.terminating = True
+        if error_code == ErrorCodes.ENHANCE_YOUR_CALM and self.processed_stream_id is not None:
+            self.close_connection(error_code, last_stream_id=self.processed_stream_id)
+            return
         super()._terminate_connection(error_code)
 
     @property
@@ -134,6 +146,8 @@ class _Connection(h2.connection.H2Connection):
         return self.state_machine.terminating
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        if self.guard is not None:
+            self.guard.frame(frame)  # Abuse: h2 sends GOAWAY ENHANCE_YOUR_CALM
         try:
             return super()._receive_frame(frame)
         except h2.exceptions.ProtocolError as e:
@@ -150,6 +164,12 @@ class _Connection(h2.connection.H2Connection):
             return super()._receive_goaway_frame(frame)
         finally:
             self._keep_outbound = False
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False,
+                  pad_length: Any = None) -> None:
+        super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+        if self.guard is not None and data:
+            self.guard.data_frame_sent()
 
     def clear_outbound_data_buffer(self) -> None:
         if not self._keep_outbound:
@@ -273,6 +293,9 @@ class _H2Protocol(asyncio.Protocol):
             return
         try:
             events = self.conn.receive_data(data)
+        except Abuse as e:
+            self._abuse(e)
+            return
         except h2.exceptions.ProtocolError as e:
             self._protocol_error(int(e.error_code), str(e) or type(e).__name__)
             return
@@ -286,14 +309,20 @@ class _H2Protocol(asyncio.Protocol):
             return
         for event in events:
             self._dispatch(event)
+            if self._failed:
+                return
         self._flush()
 
     def pause_writing(self) -> None:
         self._write_paused = True
         self.write_pauses += 1
+        if self.conn.guard is not None:
+            self.conn.guard.paused()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.conn.guard is not None:
+            self.conn.guard.resumed()
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -306,6 +335,29 @@ class _H2Protocol(asyncio.Protocol):
 
     def _dispatch(self, event: h2.events.Event) -> None:
         raise NotImplementedError
+
+    def _abuse(self, abuse: Abuse) -> None:
+        """A budget was spent (h2_guard.py): GOAWAY ENHANCE_YOUR_CALM (queued by h2 when
+        raised from a frame) naming the last stream a handler took; stop reading, and
+        close a moment later (Envoy's delayed close), so the GOAWAY is read before the
+        close resets the connection under what the client is still sending."""
+        self._failed = True
+        if not self.conn.terminated:
+            try:
+                self.conn.close_connection(int(abuse.error_code),
+                                           last_stream_id=self.conn.processed_stream_id)
+            except h2.exceptions.ProtocolError:
+                pass
+        self._flush()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            transport.pause_reading()
+        with contextlib.suppress(Exception):
+            if transport.can_write_eof():
+                transport.write_eof()
+        self._loop.call_later(ABUSE_CLOSE_DELAY, self._close_transport)
 
     def _protocol_error(self, code: int, message: str) -> None:
         """Send the GOAWAY h2 has queued with `code` (or one: a bad preface raises before
@@ -462,6 +514,8 @@ class H2Exchange:
         self.body = Body(on_consumed=lambda n: server._consumed(stream_id, self.inflow, n))
         self.trailers: Headers | None = None
         self.reset_code: int | None = None  # the client's RST_STREAM code
+        self.done = False  # its handler has ended
+        self.task: asyncio.Task[None] | None = None  # the handler's
         self._responded = False
         self._local_ended = False
         self.remote_ended = False
@@ -503,6 +557,7 @@ class H2Exchange:
         informational = head.status < 200
         self.server._send_headers(self, fields, end=end and not informational)
         if not informational:
+            self.server.guard.responded(self.stream_id)
             self._responded = True
             if end:
                 self._local_ended = True
@@ -559,6 +614,9 @@ class H2Server(_H2Protocol):
     FLOW_CONTROL_ERROR, ...), call ``on_protocol_error(code, message)`` and close.
     ``expect: 100-continue`` is answered here (and removed); ``te: trailers`` stays in the
     request's headers (gRPC needs it end to end), the only hop-by-hop field that does.
+    A request whose pseudo-headers RFC 9113 8.3 forbids beyond what h2 checks
+    (``check_pseudo_headers``) is reset (PROTOCOL_ERROR) without the handler, and
+    ``on_bad_request(reason)`` is called; CONNECT goes to the handler, which refuses it.
     At most ``max_concurrent_streams`` handlers run at once: a stream past that, even one
     h2 would allow because earlier ones were reset, is refused (REFUSED_STREAM).
 
@@ -573,7 +631,10 @@ class H2Server(_H2Protocol):
                  max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
                  stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW,
-                 on_protocol_error: Callable[[int, str], None] | None = None):
+                 limits: Http2Limits | None = None,
+                 on_protocol_error: Callable[[int, str], None] | None = None,
+                 on_bad_request: Callable[[str], None] | None = None,
+                 on_abuse: Callable[[str], None] | None = None):
         super().__init__(
             stream_window=stream_window, connection_window=connection_window,
             header_limit=max(2 * max_header_bytes, 16 * 1024),
@@ -586,7 +647,12 @@ class H2Server(_H2Protocol):
         self.max_header_bytes = max_header_bytes
         self.max_concurrent_streams = max_concurrent_streams
         self.on_protocol_error = on_protocol_error
+        self.on_abuse = on_abuse
+        self.on_bad_request = on_bad_request
         self.exchanges: dict[int, H2Exchange] = {}
+        self.guard = self.conn.guard = FrameGuard(
+            limits or Http2Limits(), clock=self._loop.time, is_open=self._stream_open)
+        self.conn.processed_stream_id = 0
         self.peername: Any = None
         self.requests = 0  # streams accepted so far
         self._tasks: set[asyncio.Task[None]] = set()
@@ -649,6 +715,7 @@ class H2Server(_H2Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for exchange in list(self.exchanges.values()):
             exchange._client_left("the client connection was lost")
+            self._cancel(exchange)
         super().connection_lost(exc)
 
     def _protocol_error(self, code: int, message: str) -> None:
@@ -656,6 +723,29 @@ class H2Server(_H2Protocol):
         super()._protocol_error(code, message)
         if self.on_protocol_error is not None:
             self.on_protocol_error(code, message)
+
+    def _abuse(self, abuse: Abuse) -> None:
+        log.warning("HTTP/2 client %s over its budget (%s): %s; GOAWAY ENHANCE_YOUR_CALM",
+                    self.peername, abuse.reason, abuse)
+        super()._abuse(abuse)
+        for exchange in list(self.exchanges.values()):
+            exchange._client_left("the connection was closed for abuse")
+            self._cancel(exchange)
+        if self.on_abuse is not None:
+            self.on_abuse(abuse.reason)
+
+    def _stream_open(self, stream_id: int) -> bool:
+        """Is the stream open in h2 (judged as a frame arrives, before its events)?"""
+        stream = self.conn.streams.get(stream_id)
+        return stream is not None and not stream.closed
+
+    @staticmethod
+    def _cancel(exchange: H2Exchange) -> None:
+        """The client is gone: stop its handler, so whatever the request set going upstream
+        is given up (a stream reset, a connection closed, a request never sent)."""
+        task = exchange.task
+        if task is not None and not task.done():
+            task.cancel()
 
     # -- events ----------------------------------------------------------------------------
 
@@ -671,6 +761,7 @@ class H2Server(_H2Protocol):
                 exchange.remote_ended = True
                 exchange._client_left(f"the client reset the stream ({event.error_code!r})")
                 self._wake(event.stream_id)
+                self._cancel(exchange)  # the guard judged the reset as its frame came
         elif isinstance(event, h2.events.ConnectionTerminated):
             # The client goes away: nothing new will come; what is open may finish.
             self._draining = True
@@ -681,17 +772,35 @@ class H2Server(_H2Protocol):
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]]) -> None:
         if self._draining and (self._last_stream_id is None or stream_id > self._last_stream_id):
+            self.guard.forget(stream_id)
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         if len(self.exchanges) >= self.max_concurrent_streams:
             # h2 frees a stream's slot when the client resets it, but its handler runs on:
             # count the handlers too, so opening and resetting streams (CVE-2023-44487,
             # "rapid reset") cannot start handlers without bound.
+            self.guard.forget(stream_id)
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         pseudo, headers = _split(fields)
         authority = pseudo.get(":authority") or next(
             (value for name, value in headers if name == "host"), "")
+        handler: Callable[[Exchange], Awaitable[None]] = self.handler
+        try:  # RFC 9113 8.3; h2 has checked the rest of 8.2 and 8.3 (see the docstring)
+            check_pseudo_headers(pseudo, authority)
+        except Refusal as e:
+            # CONNECT (and extended CONNECT) is well formed: the manager refuses it with
+            # 403 and counts it as an upgrade refusal (nodeproxy/http/upgrade.py).
+            if e.reason != "connect":
+                log.debug("malformed HTTP/2 request from %s (stream %d): %s",
+                          self.peername, stream_id, e)
+                if self.on_bad_request is not None:
+                    self.on_bad_request(e.reason)
+                self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+                abuse = self.guard.stream_refused(stream_id)
+                if abuse is not None:
+                    self._abuse(abuse)
+                return
         continue_ = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
         headers = [(n, v) for n, v in headers
                    if n != "host" and (n not in HOP_BY_HOP or n == "te")
@@ -705,15 +814,17 @@ class H2Server(_H2Protocol):
         self.idle_since = None
         self.requests += 1
         if _list_size(fields) > self.max_header_bytes:
-            handler: Callable[[Exchange], Awaitable[None]] = _too_large
-        else:
-            handler = self.handler
+            handler = _too_large
+        elif handler is self.handler:
             if continue_:  # as Envoy does by default: answer it here, do not forward it
                 with contextlib.suppress(ConnectionResetError):
                     self._send_headers(exchange, [(b":status", b"100")], end=False)
-        task = self._loop.create_task(self._run(exchange, handler))
+        task = exchange.task = self._loop.create_task(self._run(exchange, handler))
+        self.conn.processed_stream_id = stream_id
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task cancelled before it ran never enters _run: its exchange still ends.
+        task.add_done_callback(lambda _t: self._done(exchange))
 
     async def _run(self, exchange: H2Exchange,
                    handler: Callable[[Exchange], Awaitable[None]]) -> None:
@@ -725,6 +836,10 @@ class H2Server(_H2Protocol):
             self._done(exchange)
 
     def _done(self, exchange: H2Exchange) -> None:
+        if exchange.done:
+            return
+        exchange.done = True
+        self.guard.stream_ended(exchange.stream_id)
         if not exchange.client_gone and not exchange._reset_sent:
             if not exchange.local_ended:
                 exchange.reset(ErrorCodes.INTERNAL_ERROR)
@@ -778,6 +893,21 @@ class H2Server(_H2Protocol):
 
 async def _too_large(exchange: Exchange) -> None:
     await exchange.respond(ResponseHead(431, [("content-length", "0")]), end=True)
+
+
+def check_pseudo_headers(pseudo: dict[str, str], authority: str) -> None:
+    """What RFC 9113 8.3 asks of a request's pseudo-headers beyond h2's own checks
+    (presence, order, repetition, names): ``:method`` a token, ``:scheme`` http or
+    https, ``:path`` in origin form (``*`` for OPTIONS), the authority without userinfo.
+    Raises Refusal."""
+    method = pseudo.get(":method", "")
+    check_method(method)
+    if method == "CONNECT":
+        raise Refusal("connect", "CONNECT is not proxied")
+    if pseudo.get(":scheme") not in ("http", "https"):
+        raise Refusal("bad_scheme", f":scheme {pseudo.get(':scheme', '')[:32]!r}")
+    check_authority(authority)
+    check_target(method, pseudo.get(":path", ""))
 
 
 # --- upstream: the client side ---------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The HTTP connection manager: every request of a captured client connection to a service.
 
-Per request (Envoy's order): match a route rule (none: 404, flag NR), pick the rule's
+Per request (Envoy's order): give the request its one meaning (request_target.py,
+header_fields.py: the target normalized, one value per header name; a refusal is 400,
+flag DPE), match a route rule (none: 404, flag NR), pick the rule's
 backend service by weight, pick an endpoint with the service's balancer, authorize the
 request against the destination workload's policies (403, flag UAEX), send it over a
 pooled upstream connection, and retry a failed attempt when the rule's retry policy, the
@@ -17,6 +19,15 @@ after the endpoint is picked and authorized, its workload's limit (429, RL).
 The proxy acts for the source pod here, as Istio's waypoint does: it authorizes each
 request with the destination's policies itself and marks the HBONE streams it opens,
 so the destination node does not refuse them for rules it cannot see at L4.
+
+Upgrades (upgrade.py decides which): an allowed HTTP/1.1 upgrade request is authorized
+like any request and sent to one endpoint on a connection of its own; nothing else goes
+upstream until that endpoint answers it with a 101 naming the offered protocol.  Then
+the request is recorded (status 101) and both connections become one new L4 flow (Istio's
+TCP series, and an access-log line when it ends), the client's early bytes first.  Any
+other answer goes back as an ordinary response and the client connection closes, its
+early bytes unread; a 101 naming another protocol is an upstream protocol error (502,
+UPE).  CONNECT, in both protocols, is refused (403).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nodeproxy.config.model import (
+    Http2Limits,
     HttpSettings,
     NodeConfig,
     RetryPolicy,
@@ -41,8 +53,9 @@ from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
-from nodeproxy.http.h1 import H1Exchange, H1Server, encode_request
-from nodeproxy.http.h2 import H2Server
+from nodeproxy.http.h1 import H1Client, H1Exchange, H1Server
+from nodeproxy.http.h2 import ErrorCodes, H2Server
+from nodeproxy.http.header_fields import one_view
 from nodeproxy.http.message import (
     Body,
     BodyError,
@@ -61,9 +74,26 @@ from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
 from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
+from nodeproxy.http.request_target import (
+    Normalized,
+    Refusal,
+    TargetPolicy,
+    normalize,
+    normalize_authority,
+)
 from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
+from nodeproxy.http.upgrade import (
+    NOT_SWITCHED,
+    UNEXPECTED_101,
+    WITH_BODY,
+    WRONG_PROTOCOL,
+    Verdict,
+    completes,
+    connect_refusal,
+    decide_upgrade,
+)
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
@@ -74,11 +104,10 @@ from nodeproxy.proxy.destinations import (
     ServicePortEntry,
     WorkloadRef,
 )
-from nodeproxy.proxy.dial import relay_side
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
 from nodeproxy.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -94,6 +123,7 @@ LOCAL_REPLY_BODY = {
     503: "no healthy upstream",
     429: "local_rate_limited",
 }
+UPGRADE_REFUSED = "upgrade not allowed"
 RESOURCE_EXHAUSTED = 8  # a gRPC client refused by a rate limit gets this code
 
 
@@ -172,8 +202,9 @@ class HttpProxy:
     def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
                  admitter: Callable[[], Admitter], trust_domain: str,
                  access_log: AccessLog | None, live: LiveStats | None = None,
-                 tracing: Tracing | None = None):
+                 tracing: Tracing | None = None, tcp_metrics: ProxyMetrics | None = None):
         self._upstreams = upstreams
+        self._tcp_metrics = tcp_metrics  # upgraded connections are counted as TCP flows
         self._live = live
         self._metrics = metrics
         self._admitter = admitter
@@ -183,6 +214,7 @@ class HttpProxy:
         self._tracer: Tracer | None = None  # None: tracing off, one check per request
         self._random = random.Random()
         self._settings = HttpSettings()
+        self._target_policy = TargetPolicy.of(self._settings)
         self._routes: Routes | None = None
         self._limiters = Limiters()
         self._workload_limits: dict[tuple[str, str], Limiter] = {}
@@ -194,6 +226,8 @@ class HttpProxy:
         self._pools: dict[tuple[str, str, bool, str], EndpointPool] = {}
         self._resilience = Resilience(metrics.resilience)
         self._clients: set[ClientConnection] = set()
+        # Pods whose HTTP/2 connection was closed for abuse: loop time it last happened.
+        self._h2_abusers: dict[str, float] = {}
         self._policed_for: Admitter | None = None
         self._policed_cache: dict[str, bool] = {}
         self._labels: dict[tuple[object, ...], RequestLabels] = {}
@@ -209,6 +243,7 @@ class HttpProxy:
         """A new configuration or pod set: rebuild routes and clusters; close the pools of
         pods no longer enrolled and of endpoints no longer listed."""
         self._settings = config.http
+        self._target_policy = TargetPolicy.of(config.http)
         if self._tracing is not None:
             self._tracer = self._tracing.configure(config.tracing)
         self._limiters = Limiters(self._limiters)
@@ -230,6 +265,7 @@ class HttpProxy:
                     or k[3] not in self._policies]:
             self._pools.pop(key).close()
         self._stats = {k: v for k, v in self._stats.items() if k in endpoints}
+        self._h2_abusers = {k: v for k, v in self._h2_abusers.items() if k in local_pods}
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -323,12 +359,16 @@ class HttpProxy:
         if http2_client:
             h2_server = _ClientH2Server(
                 handle, max_header_bytes=settings.max_header_bytes,
+                limits=self._http2_limits(pod),
                 on_protocol_error=lambda code, message:
-                self._metrics.count_bad_request("http/2", message))
+                self._metrics.count_bad_request("http/2", _h2_error_label(code)),
+                on_bad_request=bad_request("http/2"),
+                on_abuse=lambda reason: self._http2_abuse(pod, reason))
             h2_server.on_closed = connection.closed
             connection.server = h2_server
             h2_server.attach(transport, initial)
-            transport.resume_reading()  # the sniffer left it paused
+            if not h2_server.closed:  # (closed for abuse already: it stays unread)
+                transport.resume_reading()  # the sniffer left it paused
         else:
             h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
                                  idle_timeout=settings.idle_timeout_seconds,
@@ -340,6 +380,23 @@ class HttpProxy:
                 h1_server.eof_received()
         return connection
 
+    def _http2_limits(self, pod: EnrolledPod) -> Http2Limits:
+        """The HTTP/2 budgets of a new connection from the pod: a tenth of them while the
+        pod is under an abuse penalty (Http2Limits.abuse_penalty_seconds)."""
+        limits = self._settings.http2
+        since = self._h2_abusers.get(pod.key)
+        if since is None:
+            return limits
+        if asyncio.get_running_loop().time() - since < limits.abuse_penalty_seconds:
+            return limits.penalized()
+        del self._h2_abusers[pod.key]
+        return limits
+
+    def _http2_abuse(self, pod: EnrolledPod, reason: str) -> None:
+        self._metrics.count_http2_abuse(reason)
+        if self._settings.http2.abuse_penalty_seconds:
+            self._h2_abusers[pod.key] = asyncio.get_running_loop().time()
+
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, ctx: _Context, exchange: Exchange) -> None:
@@ -347,6 +404,10 @@ class HttpProxy:
         started_at = time.time()
         head = exchange.request
         outcome = _Outcome(service=ctx.entry.fqdn)
+        refusal = self._one_meaning(head)
+        if refusal is not None:
+            await self._refuse(ctx, exchange, outcome, refusal, start, started_at)
+            return
         request_id = head.header("x-request-id")
         if request_id is None:
             request_id = self._request_id()
@@ -357,8 +418,12 @@ class HttpProxy:
         rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
         if rule is not None:
             outcome.route = rule.route
+        tunnel: _Tunnel | None = None
         try:
-            if rule is None:
+            if head.method == "CONNECT":
+                await self._refuse_upgrade(exchange, outcome,
+                                           connect_refusal(head.path, head.version))
+            elif rule is None:
                 outcome.flags.append("NR")
                 await self._local_reply(exchange, outcome, 404)
             elif rule.rate_limit is not None and \
@@ -367,20 +432,9 @@ class HttpProxy:
             elif rule.fault is not None and await self._inject(exchange, rule.fault, outcome):
                 pass
             elif isinstance(exchange, H1Exchange) and exchange.upgrade:
-                await self._upgrade(ctx, exchange, rule, outcome)
+                tunnel = await self._upgrade(ctx, exchange, rule, outcome)
             else:
-                timeout = rule.timeouts.request_seconds or None
-                try:
-                    # asyncio.timeout, not wait_for: no extra task per request.
-                    async with asyncio.timeout(timeout):
-                        await self._forward(ctx, exchange, rule, outcome)
-                except TimeoutError:
-                    outcome.flags.append("UT")
-                    if exchange.responded:
-                        exchange.reset()
-                    else:
-                        await self._local_reply(exchange, outcome, 504,
-                                                "upstream request timeout")
+                await self._forward_timed(ctx, exchange, rule, outcome)
         except BodyError:
             outcome.flags.append("DC")
         except (ConnectionError, OSError):
@@ -391,6 +445,62 @@ class HttpProxy:
             if outcome.mirror_tap is not None:
                 outcome.mirror_tap.primary_done()
             self._record(ctx, exchange, outcome, start, started_at, request_id, span)
+        if tunnel is not None:
+            await self._relay_upgraded(ctx, exchange, tunnel, outcome, request_id)
+
+    async def _forward_timed(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
+                             outcome: _Outcome) -> None:
+        """Forward under the rule's request timeout (504, UT, when it passes)."""
+        timeout = rule.timeouts.request_seconds or None
+        try:
+            # asyncio.timeout, not wait_for: no extra task per request.
+            async with asyncio.timeout(timeout):
+                await self._forward(ctx, exchange, rule, outcome)
+        except TimeoutError:
+            outcome.flags.append("UT")
+            if exchange.responded:
+                exchange.reset()
+            else:
+                await self._local_reply(exchange, outcome, 504, "upstream request timeout")
+
+    def _one_meaning(self, head: RequestHead) -> Refusal | Normalized | None:
+        """Give the request the one meaning routing, authorization and the upstream all
+        use: its header fields one per name (header_fields.py) and its target normalized
+        (request_target.py), in place.  A Refusal, or the Normalized target when it is to
+        be redirected to; None when the request goes on.  CONNECT's target is an
+        authority, not a path: it is refused whole in _handle (upgrade.py)."""
+        if head.method == "CONNECT":
+            return None
+        try:
+            head.headers = one_view(head.headers)
+            normalized = normalize(head.path, self._target_policy)
+            head.authority = normalize_authority(head.authority)
+        except Refusal as e:
+            return e
+        if normalized.redirect:
+            return normalized
+        head.path = normalized.target
+        return None
+
+    async def _refuse(self, ctx: _Context, exchange: Exchange, outcome: _Outcome,
+                      refusal: Refusal | Normalized, start: float, started_at: float) -> None:
+        """Answer a request refused before routing: 400 (counted by reason), or 307 to its
+        normalized target (UNESCAPE_AND_REDIRECT).  Nothing is forwarded."""
+        head = exchange.request
+        request_id = head.header("x-request-id") or self._request_id()
+        try:
+            if isinstance(refusal, Refusal):
+                log.debug("request refused (%s): %s", refusal.reason, refusal)
+                self._metrics.count_bad_request(_wire(head), refusal.reason)
+                outcome.flags.append("DPE")
+                await self._local_reply(exchange, outcome, 400, "bad request")
+            else:
+                await self._local_reply(exchange, outcome, 307, "",
+                                        headers=[("location", refusal.target)])
+        except (BodyError, ConnectionError, OSError):
+            outcome.flags.append("DC")
+        finally:
+            self._record(ctx, exchange, outcome, start, started_at, request_id)
 
     async def _forward(self, ctx: _Context, exchange: Exchange, rule: CompiledRule,
                        outcome: _Outcome) -> None:
@@ -480,6 +590,12 @@ class HttpProxy:
                                             "bad request")
                     return
                 raise BodyError(str(last_error))
+            if last_error is not None and last_error.flag == "UPE":
+                # A 101 to a request that offered no upgrade: never a tunnel, never retried.
+                self._metrics.count_upgrade_refusal(_wire(head), UNEXPECTED_101)
+                outcome.flags.append("UPE")
+                await self._local_reply(exchange, outcome, 502, "upstream protocol error")
+                return
             retriable = should_retry(
                 policy, head.method, flag=last_error.flag if last_error else None,
                 refused_stream=bool(last_error and last_error.refused_stream),
@@ -667,6 +783,8 @@ class HttpProxy:
             workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
             backend.port, RequestAttributes(method=head.method, path=head.path,
                                             host=head.authority, headers=dict(head.headers)))
+        # head is _one_meaning's: one line per header name, so the dict loses nothing, and
+        # the path and authority are what the upstream gets.
         return admission.allowed
 
     def _policed(self, admitter: Admitter, workload: Workload) -> bool:
@@ -709,56 +827,149 @@ class HttpProxy:
             outcome.bytes_sent += len(body)
             await exchange.finish()
 
+    async def _refuse_upgrade(self, exchange: Exchange, outcome: _Outcome,
+                              reason: str, status: int = 403) -> None:
+        self._metrics.count_upgrade_refusal(_wire(exchange.request), reason)
+        await self._local_reply(exchange, outcome, status,
+                                UPGRADE_REFUSED if status == 403 else "bad request")
+
     async def _upgrade(self, ctx: _Context, exchange: H1Exchange, rule: CompiledRule,
-                       outcome: _Outcome) -> None:
-        """Upgrade (WebSocket): the request goes to one endpoint on a connection of its own,
-        and both connections then carry raw bytes until either ends."""
+                       outcome: _Outcome) -> _Tunnel | None:
+        """An HTTP/1.1 upgrade request (see the module docstring).  Returns the tunnel to
+        relay once the request is recorded, or None when it was answered otherwise."""
         head = exchange.request
+        decision = decide_upgrade(head.header("upgrade"), self._settings.allowed_upgrades)
+        if decision.verdict is Verdict.REFUSE:
+            await self._refuse_upgrade(exchange, outcome, decision.reason)
+            return None
+        if exchange.declares_body:
+            # Where a body ends and the new protocol begins is where requests hide.
+            await self._refuse_upgrade(exchange, outcome, WITH_BODY, 400)
+            return None
+        if decision.verdict is Verdict.PLAIN:  # h2c: an ordinary request, then close
+            # (Upgrade is hop-by-hop: never forwarded; HTTP2-Settings goes with it.)
+            head.headers = [(n, v) for n, v in head.headers if n != "http2-settings"]
+            self._metrics.count_upgrade_refusal(_wire(head), decision.reason)
+            await self._forward_timed(ctx, exchange, rule, outcome)
+            return None
         outcome.attempts = 1
         chosen = await self._choose(ctx, exchange, rule, outcome)
         if chosen is None:
-            return
+            return None
         cluster, endpoint = chosen
+        client = H1Client()
         try:
-            opened = await self._upstreams.open(ctx.pod, endpoint.backend,
-                                                cluster.entry.fqdn, relay_side(),
-                                                l7_checked=True)
+            opened = await self._upstreams.open(ctx.pod, endpoint.backend, cluster.entry.fqdn,
+                                                client, l7_checked=True)
         except Refused:
             outcome.flags.append("UF")
             await self._local_reply(exchange, outcome, 503)
-            return
-        up = opened.protocol
-        headers = [*apply_modifier(head.headers, rule.request_headers),
-                   ("connection", "upgrade")]
-        raw = encode_request(RequestHead(head.method, head.path, head.authority, headers),
-                             chunked=False)
-        # encode_request drops hop-by-hop headers; an upgrade needs its two back.
-        raw = raw[:-2] + b"upgrade: " + (head.header("upgrade") or "").encode() + \
-            b"\r\nconnection: upgrade\r\n\r\n"
-        assert up.transport is not None
-        up.transport.write(raw)
-        await up.wait_early(rule.timeouts.request_seconds or None)
-        first = b"".join(up.early)
-        status_line = first.split(b"\r\n", 1)[0].split(b" ")
-        outcome.status = int(status_line[1]) if len(status_line) > 1 and \
-            status_line[1].isdigit() else 0
-        if not first:
-            outcome.flags.append("UC" if up.lost or up.got_eof else "UT")
-            reset(up.transport)
-            await self._local_reply(exchange, outcome, 504 if "UT" in outcome.flags else 503)
-            return
-        transport, rest = exchange.take_over()
+            return None
+        upstream_head = RequestHead(head.method, head.path, head.authority,
+                                    apply_modifier(head.headers, rule.request_headers))
+        try:
+            async with asyncio.timeout(rule.timeouts.request_seconds or None):
+                response = await client.send(upstream_head, Body.empty(),
+                                             upgrade=decision.token)
+        except TimeoutError:
+            client.abort()
+            outcome.flags.append("UT")
+            await self._local_reply(exchange, outcome, 504, "upstream request timeout")
+            return None
+        except UpstreamError as e:
+            client.abort()
+            outcome.flags.append(e.flag)
+            await self._local_reply(exchange, outcome, 503,
+                                    "upstream connect error or disconnect/reset before "
+                                    "headers. reset reason: connection termination")
+            return None
+        except asyncio.CancelledError:
+            client.abort()
+            raise
+        if response.head.status != 101:
+            # Declined: an ordinary response; the client connection closes after it.
+            self._metrics.count_upgrade_refusal(_wire(head), NOT_SWITCHED)
+            try:
+                await self._stream_response(exchange, rule, response, client, outcome)
+            finally:
+                client.close()
+            return None
+        if not completes(decision.token, client.upgraded_to):
+            self._metrics.count_upgrade_refusal(_wire(head), WRONG_PROTOCOL)
+            client.abort()
+            outcome.flags.append("UPE")
+            await self._local_reply(exchange, outcome, 502, "upstream protocol error")
+            return None
+        up_transport, up_rest = client.detach()
+        if exchange.client_gone or up_transport.is_closing():
+            reset(up_transport)
+            outcome.flags.append("DC" if exchange.client_gone else "UC")
+            outcome.status = 101
+            exchange.reset()
+            return None
+        down_transport, down_rest = exchange.take_over()
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in apply_modifier(response.head.headers, rule.response_headers):
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        lines.append(b"upgrade: %s\r\nconnection: upgrade\r\n\r\n"
+                     % (client.upgraded_to or decision.token).encode("latin-1"))
+        switched = b"".join(lines)
+        down_transport.write(switched)
+        outcome.status = 101
+        outcome.bytes_sent = len(switched)
+        return _Tunnel(decision.token, opened.security, down_transport, down_rest,
+                       up_transport, up_rest)
+
+    async def _relay_upgraded(self, ctx: _Context, exchange: H1Exchange, tunnel: _Tunnel,
+                              outcome: _Outcome, request_id: str) -> None:
+        """The byte stream after a 101: a new L4 flow, counted with Istio's TCP series and
+        logged (one access-log line, protocol = the upgrade token) when it ends."""
+        start, started_at = time.monotonic(), time.time()
         down = Side("downstream", start_paused=True)
-        transport.set_protocol(down)
-        down.connection_made(transport)
-        if rest:
-            down.early.append(rest)
+        tunnel.down_transport.set_protocol(down)
+        down.connection_made(tunnel.down_transport)
+        up = Side("upstream", start_paused=True)
+        tunnel.up_transport.set_protocol(up)
+        up.connection_made(tunnel.up_transport)  # (an HBONE stream calls it too: no harm)
+        if tunnel.down_rest:
+            down.early.append(tunnel.down_rest)  # held until the 101, relayed first
+        if tunnel.up_rest:
+            up.early.append(tunnel.up_rest)
+        dest = outcome.destination
+        meter = None if self._tcp_metrics is None else ConnectionMeter(
+            self._tcp_metrics, TcpLabels(
+                reporter="source", source_workload=ctx.pod.ref.workload,
+                source_workload_namespace=ctx.pod.workload.namespace,
+                source_principal=ctx.pod.principal or UNKNOWN,
+                destination_workload=dest.workload if dest else UNKNOWN,
+                destination_workload_namespace=dest.namespace if dest else UNKNOWN,
+                destination_principal=(spiffe_id(self._trust_domain, dest.namespace,
+                                                 dest.service_account) if dest else UNKNOWN),
+                destination_service=outcome.service,
+                connection_security_policy=tunnel.security))
         done = asyncio.get_running_loop().create_future()
-        relay = Relay(down, up, lambda from_down, n: None,
-                      lambda r: done.done() or done.set_result(None))
+        relay = Relay(down, up, meter.bytes if meter else (lambda _d, _n: None),
+                      lambda _r: done.done() or done.set_result(None))
+        if meter is not None:
+            meter.opened()
         relay.start()
-        await done
-        outcome.bytes_sent = relay.bytes_from_upstream
+        try:
+            await done
+        except asyncio.CancelledError:
+            relay.abort()
+            raise
+        finally:
+            if meter is not None:
+                meter.closed()
+            exchange.released()
+            head = exchange.request
+            flow = _Outcome(flags=outcome.flags, attempts=outcome.attempts, status=101,
+                            endpoint=outcome.endpoint, destination=dest,
+                            service=outcome.service, bytes_sent=relay.bytes_from_upstream)
+            self._log(ctx, head, flow, started_at, time.monotonic() - start,
+                      relay.bytes_from_downstream, request_id, dest,
+                      spiffe_id(self._trust_domain, dest.namespace, dest.service_account)
+                      if dest else UNKNOWN, protocol=tunnel.token)
 
     def _record(self, ctx: _Context, exchange: Exchange, outcome: _Outcome, start: float,
                 started_at: float, request_id: str, span: RequestSpan | None = None) -> None:
@@ -810,11 +1021,11 @@ class HttpProxy:
 
     def _log(self, ctx: _Context, head: RequestHead, outcome: _Outcome, started_at: float,
              duration: float, request_bytes: int, request_id: str, dest: WorkloadRef | None,
-             dest_principal: str) -> None:
+             dest_principal: str, *, protocol: str | None = None) -> None:
         if self._access_log is not None and ctx.access_log:
             self._access_log.write(AccessLogEntry(
                 start_time=started_at, method=head.method, authority=head.authority,
-                path=head.path, protocol=head.protocol, status=outcome.status,
+                path=head.path, protocol=protocol or head.protocol, status=outcome.status,
                 grpc_status=outcome.grpc_status, response_flags=outcome.flag_text,
                 bytes_received=request_bytes, bytes_sent=outcome.bytes_sent,
                 duration_ms=duration * 1000.0,
@@ -841,6 +1052,19 @@ class _ClientH2Server(H2Server):
 
 
 @dataclass(frozen=True)
+class _Tunnel:
+    """An upgrade the upstream accepted (101): both connections, taken out of HTTP, and
+    the bytes each side sent after its head (the client's held since its request)."""
+
+    token: str
+    security: str  # connection_security_policy of the upstream connection
+    down_transport: asyncio.Transport
+    down_rest: bytes
+    up_transport: asyncio.Transport
+    up_rest: bytes
+
+
+@dataclass(frozen=True)
 class _Context:
     pod: EnrolledPod
     entry: ServicePortEntry
@@ -859,6 +1083,19 @@ def _endpoint_view(endpoint: Endpoint,
     if outlier is not None:
         view.update(outlier.endpoint_view(endpoint.key))
     return view
+
+
+def _wire(head: RequestHead) -> str:
+    """The protocol label of the proxy's own counters ("http/1.1", "http/2")."""
+    return "http/2" if head.version == "2" else "http/1.1"
+
+
+def _h2_error_label(code: int) -> str:
+    """A bounded label for an HTTP/2 connection error (h2's messages quote the peer)."""
+    try:
+        return "h2_" + ErrorCodes(code).name.lower()
+    except ValueError:
+        return "h2_error"
 
 
 def _grpc_status(headers: Headers | None) -> int | None:

@@ -29,7 +29,8 @@ budget refusals (``nodeproxy_http_retry_budget_exhausted_total``), mirrored requ
 (``nodeproxy_http_mirrored_requests_total``, see mirror.py), requests refused by a
 local rate limit (``nodeproxy_http_rate_limited_total``), injected faults
 (``nodeproxy_http_faults_total``), malformed requests
-refused (``nodeproxy_http_bad_requests_total``) and access-log lines dropped
+refused (``nodeproxy_http_bad_requests_total``), HTTP/2 connections closed for abuse
+(``nodeproxy_http2_abuse_total``, h2_guard.py) and access-log lines dropped
 (``nodeproxy_access_log_dropped_total``).
 
 Per request the cost is one dict lookup plus four prometheus_client updates: the labelled
@@ -219,6 +220,11 @@ class RequestMetrics:
             "nodeproxy_http_bad_requests_total",
             "Malformed requests the proxy refused, by protocol and reason",
             ("protocol", "reason"), registry=registry)
+        self.upgrade_refusals = Counter(
+            "nodeproxy_http_upgrade_refusals_total",
+            "Upgrade and CONNECT requests not switched to a byte stream, by reason "
+            "(nodeproxy.http.upgrade.REASONS)",
+            ("protocol", "reason"), registry=registry)
         self.mirrored = Counter(
             "nodeproxy_http_mirrored_requests_total",
             "Mirrored (shadow) requests, by result (sent, failed, skipped) and reason",
@@ -231,6 +237,11 @@ class RequestMetrics:
             "nodeproxy_http_faults_total",
             "Faults injected into requests, by kind (delay, abort)",
             ("destination_service", "kind"), registry=registry)
+        self.http2_abuse = Counter(
+            "nodeproxy_http2_abuse_total",
+            "HTTP/2 client connections closed with GOAWAY ENHANCE_YOUR_CALM, by the "
+            "budget they spent (h2_guard.py)",
+            ("reason",), registry=registry)
         self.access_log_dropped = Counter(
             "nodeproxy_access_log_dropped_total",
             "Access-log lines dropped (the writer fell behind or could not write)",
@@ -269,6 +280,12 @@ class RequestMetrics:
 
     def count_fault(self, destination_service: str, kind: str) -> None:
         self._child(self.faults, (destination_service, kind)).inc()
+
+    def count_http2_abuse(self, reason: str) -> None:
+        self._child(self.http2_abuse, (reason,)).inc()
+
+    def count_upgrade_refusal(self, protocol: str, reason: str) -> None:
+        self._child(self.upgrade_refusals, (protocol, reason)).inc()
 
     def count_bad_request(self, protocol: str, reason: str) -> None:
         self._child(self.bad_requests, (protocol, reason)).inc()

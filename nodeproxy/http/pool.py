@@ -8,6 +8,13 @@ the pool when their response ends; HTTP/2 connections carry many streams.  Conne
 idle for the service's idleTimeoutSeconds are closed.  Each endpoint keeps its
 balancing statistics (balancer.EndpointStats) across configuration reloads.
 
+HTTP/2 connections grow with the streams in use, not with requests: a request that finds
+no free stream waits for a connection being opened while that one's first streams
+(h2.INITIAL_STREAMS) are not all spoken for, as Envoy's pool does, rather than open a
+connection of its own; and an HTTP/2 pool keeps at most one connection idle past a sweep.
+A burst of requests (or of a client's cancelled streams) opens one connection per
+INITIAL_STREAMS requests in flight and leaves one behind.
+
 A pool belongs to one service, whose circuit breaker (circuit_breaker.py) counts its
 connections and makes requests wait (pending) when the service is at maxConnections;
 an HTTP/1.1 connection going idle or an HTTP/2 stream ending wakes the pool's oldest
@@ -25,7 +32,7 @@ from typing import Any
 from nodeproxy.http.balancer import EndpointStats
 from nodeproxy.http.circuit_breaker import CircuitBreaker
 from nodeproxy.http.h1 import H1Client
-from nodeproxy.http.h2 import H2Client
+from nodeproxy.http.h2 import INITIAL_STREAMS, H2Client
 from nodeproxy.http.message import UpstreamConnection, UpstreamError, UpstreamResponse
 from nodeproxy.proxy.destinations import Backend
 
@@ -60,6 +67,8 @@ class EndpointPool:
         self._idle_since: dict[int, float] = {}  # HTTP/1.1 connections back in the pool
         self.opened = 0
         self._connecting = 0  # connections being opened
+        self._joined = 0  # HTTP/2 requests waiting for a connection being opened
+        self._opening_waiters: list[asyncio.Future[None]] = []
 
     def _take(self) -> UpstreamConnection | None:
         self._connections = [c for c in self._connections if not c.closed]
@@ -77,6 +86,10 @@ class EndpointPool:
         connection = self._take()
         if connection is not None:
             return connection
+        if self.http2:
+            connection = await self._join_opening()
+            if connection is not None:
+                return connection
         breaker = self.breaker
         if breaker is None or breaker.may_open(len(self._connections) + self._connecting):
             return await self._open()
@@ -93,6 +106,32 @@ class EndpointPool:
                     return await self._open()
         finally:
             breaker.end_pending()
+
+    async def _join_opening(self) -> UpstreamConnection | None:
+        """HTTP/2: wait for a connection being opened while its first streams are not all
+        spoken for; None when there is none to wait for (open one)."""
+        loop = asyncio.get_running_loop()
+        while self._connecting and self._joined < self._connecting * INITIAL_STREAMS:
+            future: asyncio.Future[None] = loop.create_future()
+            self._opening_waiters.append(future)
+            self._joined += 1
+            try:
+                await future
+            finally:
+                self._joined -= 1
+                if not future.done():
+                    future.cancel()
+                    self._opening_waiters.remove(future)
+            connection = self._take()
+            if connection is not None:
+                return connection
+        return None
+
+    def _opening_done(self) -> None:
+        waiters, self._opening_waiters = self._opening_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
 
     async def _open(self) -> UpstreamConnection:
         connection: UpstreamConnection
@@ -112,6 +151,10 @@ class EndpointPool:
             raise
         finally:
             self._connecting -= 1
+            if self.http2:
+                # Wake the joined requests after ours has taken its stream (a failure
+                # wakes them now: they try the pool, then open their own).
+                asyncio.get_running_loop().call_soon(self._opening_done)
         self.opened += 1
         if connection.closed:
             connection.close()
@@ -125,15 +168,21 @@ class EndpointPool:
             self.breaker.idle(self)
 
     def sweep(self, now: float) -> None:
-        """Close connections idle for longer than the idle timeout."""
+        """Close connections idle for longer than the idle timeout, and every idle
+        HTTP/2 connection but one."""
+        h2_idle_kept = False
         for connection in self._connections:
             if connection.closed:
                 continue
             if isinstance(connection, H2Client):
                 since = connection.idle_since
+                if since is not None and now - since < self.idle_timeout and not h2_idle_kept:
+                    h2_idle_kept = True
+                    continue
             else:
                 since = self._idle_since.get(id(connection)) if connection.can_take() else None
-            if since is not None and now - since >= self.idle_timeout:
+            if since is not None and (isinstance(connection, H2Client)
+                                      or now - since >= self.idle_timeout):
                 connection.close()
         self._connections = [c for c in self._connections if not c.closed]
         live = {id(c) for c in self._connections}

@@ -21,6 +21,7 @@ import socket
 from pyroute2 import IPRoute
 
 from nodeproxy.capture.constants import TRANSPARENT_MARK, TRANSPARENT_ROUTE_TABLE
+from nodeproxy.pods import sysctl
 from nodeproxy.pods.netns import Netns, entered
 
 IP_TRANSPARENT = 19
@@ -44,12 +45,11 @@ def prepare(netns: Netns) -> None:
 
     Blocking (pyroute2 runs its own event loop): call it from a worker thread."""
     with entered(netns.fd):
-        with open("/proc/sys/net/ipv4/tcp_fwmark_accept", "w") as f:
-            f.write("1")
+        # sysctl.write: also where /proc/sys is read-only (the DaemonSet's container).
+        sysctl.write("net/ipv4/tcp_fwmark_accept", "1")
         # When one of two SO_REUSEPORT listeners closes (upgrade handover), its queued
         # connections move to the other instead of being reset.
-        with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
-            f.write("1")
+        sysctl.write("net/ipv4/tcp_migrate_req", "1")
         with IPRoute() as ipr:
             for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
                 _ignore(errno.EEXIST, ipr.rule, "add", family=family, fwmark=TRANSPARENT_MARK,

@@ -21,17 +21,19 @@ Semantics follow Istio exactly:
 * HTTP attributes (see RequestAttributes):
 
   - ``methods``: exact and case-sensitive, as HTTP methods are.
-  - ``paths``: the request path without its query string or fragment, normalized as
-    Istio's default (BASE) normalization does so that ``/a/../admin`` or ``/%61dmin``
-    cannot slip past a rule about ``/admin``: percent-encoded unreserved characters are
-    decoded, other escapes upper-cased, and ``.``/``..`` segments resolved.  ``%2F``
-    stays encoded and ``//`` is not merged.
+  - ``paths``: the request path without its query string, as the node's
+    ``http.pathNormalization`` made it (nodeproxy/http/request_target.py, the one place
+    paths are normalized): the proxy matches and forwards that same path, so
+    ``/a/../admin`` or ``/%61dmin`` reach neither the rule nor the backend as anything
+    but ``/admin``.
   - ``hosts``: the Host header (HTTP/2 ``:authority``) exactly as sent, compared
     case-insensitively.  As in Istio the port is *not* stripped: ``"example.com"`` does
     not match ``Host: example.com:8080``; write ``["example.com", "example.com:*"]``.
-  - ``request.headers[<name>]``: the header's value (the name is case-insensitive; a
-    repeated header's values joined with ","); an absent header matches no ``values``
-    and passes ``notValues``; a present but empty one matches ``"*"`` (presence) only.
+  - ``request.headers[<name>]``: the header's value (the name is case-insensitive), the
+    one value the upstream also gets (nodeproxy/http/header_fields.py: a repeated
+    list-valued or unknown header's lines joined with ", ", a repeated single-valued one
+    refused before policy); an absent header matches no ``values`` and passes
+    ``notValues``; a present but empty one matches ``"*"`` (presence) only.
 
 A rule *uses L7* if one of its operations sets hosts, methods or paths (or their ``not``
 forms) or it has a ``request.headers`` condition.  How such a rule is judged depends on
@@ -60,7 +62,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -76,6 +77,7 @@ from nodeproxy.config.model import (
     Workload,
     condition_header,
 )
+from nodeproxy.http.request_target import path_of
 
 if TYPE_CHECKING:
     from nodeproxy.http.message import RequestHead
@@ -103,9 +105,10 @@ class ConnectionAttributes:
 class RequestAttributes:
     """One HTTP request, as the policies see it.
 
-    path: as requested (origin form; the query string is ignored).  host: the Host header or
-    HTTP/2 :authority, as sent.  headers: a mapping (lowercase names are looked up directly,
-    other spellings found by a scan) or a function from a lowercase name to the value.
+    path: the normalized target (request_target.py; the query string is ignored).  host:
+    the Host header or HTTP/2 :authority, as sent and forwarded.  headers: a mapping
+    (lowercase names are looked up directly, other spellings found by a scan) or a
+    function from a lowercase name to the value.
     """
 
     method: str
@@ -115,12 +118,13 @@ class RequestAttributes:
 
     @classmethod
     def of(cls, head: RequestHead) -> RequestAttributes:
-        """From a parsed request head (nodeproxy.http); repeated headers joined with ","."""
+        """From a parsed request head (nodeproxy.http), whose fields are one per name
+        (header_fields.one_view); a name found twice anyway is joined as one_view does."""
         pairs = head.headers
 
         def lookup(name: str) -> str | None:
             values = [v for k, v in pairs if k == name]
-            return ",".join(values) if values else None
+            return ", ".join(values) if values else None
 
         return cls(head.method, head.path, head.authority, lookup)
 
@@ -182,52 +186,9 @@ class Decision:
     reason: str
 
 
-# --- request paths ---------------------------------------------------------------------------
-
-_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-
-
-def _unescape(match: re.Match[str]) -> str:
-    char = chr(int(match.group(1), 16))
-    return char if char in _UNRESERVED else "%" + match.group(1).upper()
-
-
-def _remove_dot_segments(path: str) -> str:
-    """RFC 3986 5.2.4 for an absolute path; anything else (``*``) is left alone."""
-    if not path.startswith("/"):
-        return path
-    segments = path.split("/")[1:]
-    out: list[str] = []
-    last = len(segments) - 1
-    for i, segment in enumerate(segments):
-        if segment in (".", ".."):
-            if segment == ".." and out:
-                out.pop()
-            if i == last:
-                out.append("")
-        else:
-            out.append(segment)
-    return "/" + "/".join(out)
-
-
-def normalize_path(path: str) -> str:
-    """The path policies match: no query or fragment, unreserved escapes decoded, dot
-    segments resolved (see the module docstring)."""
-    for separator in "?#":
-        cut = path.find(separator)
-        if cut != -1:
-            path = path[:cut]
-    if "%" in path:
-        path = _ESCAPE.sub(_unescape, path)
-    if "/." in path:
-        path = _remove_dot_segments(path)
-    return path
-
-
 @dataclass(frozen=True, slots=True)
 class _Request:
-    """A request prepared for matching: path normalized, host lowercased."""
+    """A request prepared for matching: the path without its query, host lowercased."""
 
     method: str
     path: str
@@ -236,7 +197,7 @@ class _Request:
 
     @classmethod
     def of(cls, request: RequestAttributes) -> _Request:
-        return cls(request.method, normalize_path(request.path), request.host.lower(), request)
+        return cls(request.method, path_of(request.path), request.host.lower(), request)
 
 
 # --- compiled matchers -----------------------------------------------------------------------

@@ -14,4 +14,6 @@ Modules:
 - ``grpc_backend`` and ``grpc_client``: service ``test.Echo`` on raw bytes (unary,
   streaming, failures with a status) and a client that reports calls as JSON.
 - ``nginx``: nginx configurations for pods, among them an HTTP/2 cleartext backend.
+- ``attack``: a hostile pod's client (HTTP/2 rapid reset, connection flood, slowloris),
+  bounded, reporting what the proxy did about it.
 """  # noqa: E501

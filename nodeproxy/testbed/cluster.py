@@ -943,6 +943,23 @@ class Cluster:
                                                   or "/usr/sbin/nginx"),
                               port, timeout, stdout=log, stderr=subprocess.STDOUT)
 
+    def serve_guarded(self, pod: str | Pod, port: int, *, http2: bool = False,
+                      timeout: float = 10.0) -> str:
+        """Start nginx in the pod as the backend adversarial tests attack (HTTP/1.1, or
+        HTTP/2 cleartext with ``http2``; see ``nginx.guarded_config``).  Returns its
+        directory, ``<run dir>/guarded/<pod>-<port>/``, whose ``access.log`` has one JSON
+        line per request nginx served."""
+        p = self._pod(pod)
+        directory = os.path.join(self.dir, "guarded", f"{p.name}-{port}")
+        os.makedirs(directory, exist_ok=True)
+        Path(directory, "nginx.conf").write_text(
+            nginx.guarded_config(directory, port, p.name, http2=http2))
+        with open(os.path.join(directory, "stderr.log"), "wb") as log:
+            self.serve(p, nginx.nginx_argv(directory, nginx=shutil.which("nginx")
+                                           or "/usr/sbin/nginx"),
+                       port, timeout, stdout=log, stderr=subprocess.STDOUT)
+        return directory
+
     # -- observing daemons -------------------------------------------------------
 
     def admin_get(self, node: str, path: str, timeout: float = 5.0) -> tuple[int, str]:

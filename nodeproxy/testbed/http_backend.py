@@ -28,6 +28,9 @@ behaves as ``/status/503``; route tests can put their own prefixes in front):
   request (a readiness probe) and the one asking; bodies counts the request bodies read
   whole, by SHA-256 (mirroring tests); compare two readings.
 - ``/ws``: a WebSocket echo (text as text, binary as binary).
+- ``/switch/<token>``: ``101 Switching Protocols`` with ``Upgrade: <token>`` whatever the
+  request offered (a backend that switches unasked, or to another protocol), then the
+  bytes ``switched:<token>\n``; the connection closes a second later.
 - anything else: 200.
 
 ``--status CODE`` answers every request with that status instead (after reading its
@@ -88,6 +91,7 @@ ROUTES: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pattern)) for nam
     ("echo", r"(?:^|/)echo$"),
     ("stats", r"(?:^|/)stats$"),
     ("ws", r"(?:^|/)ws$"),
+    ("switch", r"(?:^|/)switch/([!#$%&'*+.^_`|~0-9A-Za-z-]+)$"),
 )]
 
 
@@ -351,6 +355,20 @@ class Backend:
             elif message.type == WSMsgType.BINARY:
                 await ws.send_bytes(message.data)
         return ws
+
+
+    async def _switch(self, request: web.Request, info: dict[str, Any],
+                      token: str) -> web.StreamResponse:
+        """A raw 101 naming `token` (see the module docstring); the response returned is
+        never sent (the connection is closed by then)."""
+        transport = request.transport
+        if transport is not None:
+            name = token.encode()
+            transport.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: %s\r\n"
+                            b"connection: upgrade\r\n\r\nswitched:%s\n" % (name, name))
+            await asyncio.sleep(1.0)
+            transport.close()
+        return web.Response(status=500)
 
 
 async def wait_sent(transport: asyncio.BaseTransport, timeout: float) -> None:

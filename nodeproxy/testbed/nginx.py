@@ -66,6 +66,52 @@ def h2c_config(directory: str, port: int, name: str) -> str:
                         http="    default_type text/plain;\n    http2_max_concurrent_streams 1024;")
 
 
+# What guarded_config's locations answer: a test that finds one of these bodies in a
+# response knows which location nginx resolved the request to.
+GUARDED_BODIES = {"admin": "ADMIN-SECRET", "member": "MEMBER-AREA", "public": "PUBLIC-PAGE",
+                  "other": "OTHER-PAGE"}
+
+
+def guarded_config(directory: str, port: int, name: str, *, http2: bool = False) -> str:
+    """nginx.conf of the backend the adversarial tests attack (tests/integration/hostile.py):
+    HTTP/1.1 (or HTTP/2 cleartext, prior knowledge, with ``http2``), every request logged
+    as one JSON line in ``DIR/access.log`` with what nginx itself made of it (``request``:
+    the request line as received, ``uri``: nginx's normalized path, ``request_uri``,
+    ``x_role``: the first x-role header, as nginx reads repeated headers), and answered by
+    location:
+
+    - ``/admin``, ``/admin/...``: 200 ``ADMIN-SECRET`` (what a DENY policy guards);
+    - ``/member/...``: 200 ``MEMBER-AREA``;
+    - ``/public/...``: 200 ``PUBLIC-PAGE``;
+    - anything else: 200 ``OTHER-PAGE``.
+
+    nginx resolves ``//``, ``/./``, ``/../`` and percent-escapes (``%2F`` too) in ``uri`` its
+    own way (merge_slashes on, the default), which is the point: the proxy must check
+    what nginx will act on.
+    """
+    q = name.replace("\\", "\\\\").replace('"', '\\"')
+    b = GUARDED_BODIES
+    locations = [
+        f'location = /admin {{ return 200 "{b["admin"]} {q}\\n"; }}',
+        f'location /admin/ {{ return 200 "{b["admin"]} {q}\\n"; }}',
+        f'location /member/ {{ return 200 "{b["member"]} {q}\\n"; }}',
+        f'location /public/ {{ return 200 "{b["public"]} {q}\\n"; }}',
+        f'location / {{ return 200 "{b["other"]} {q}\\n"; }}',
+    ]
+    log_format = ("log_format guarded escape=json '{\"request\":\"$request\","
+                  "\"uri\":\"$uri\",\"request_uri\":\"$request_uri\","
+                  "\"method\":\"$request_method\",\"status\":$status,"
+                  "\"host\":\"$host\",\"x_role\":\"$http_x_role\","
+                  "\"protocol\":\"$server_protocol\"}';")
+    http = (f"    default_type text/plain;\n    {log_format}\n"
+            f"    access_log {directory}/access.log guarded;\n"
+            "    http2_max_concurrent_streams 1024;\n    keepalive_requests 100000;")
+    server = "\n        ".join(locations)
+    return TEMPLATE.replace("    access_log off;\n", "").format(
+        dir=directory, port=port, server=server, http=http, workers=4096,
+        listen=" http2" if http2 else "")
+
+
 def nginx_argv(directory: str, conf: str | None = None, nginx: str = "nginx") -> list[str]:
     """argv of nginx in the foreground with every file in ``directory``."""
     return [nginx, "-p", directory, "-c", conf or os.path.join(directory, "nginx.conf"),

@@ -76,7 +76,10 @@ class HbonePool:
 
         l7_checked: this proxy authorizes every HTTP request it sends on the stream against
         the destination's policies (Admitter.admit_request), so the destination may judge
-        the stream with L7_CHECKED_UPSTREAM.  Set it only then."""
+        the stream with L7_CHECKED_UPSTREAM.  Set it only then.  An upgrade's stream
+        qualifies because nothing but its one authorized request enters it before the
+        upstream's 101 (nodeproxy.http.manager); after that it carries the upgraded
+        protocol, which no node parses."""
         key = PoolKey(spiffe_id(self._trust_domain, source_namespace, source_sa), destination,
                       node)
         headers = [(":method", "CONNECT"), (":authority", authority(ip, port)),

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import h2.errors
 
+from nodeproxy.config.model import Http2Limits
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
@@ -73,7 +74,8 @@ class HboneServer:
                                      EnrolledPod | None],
                  admitter: Callable[[], Admitter], table: Callable[[], DestinationTable],
                  tracker: ConnectionTracker, metrics: ProxyMetrics,
-                 tunnel_metrics: TunnelMetrics):
+                 tunnel_metrics: TunnelMetrics,
+                 http2_limits: Callable[[], Http2Limits] = Http2Limits):
         self._certs = certificates
         self._announcer = announcer
         self._trust_domain = trust_domain
@@ -86,6 +88,7 @@ class HboneServer:
         self.tracker = tracker
         self._metrics = metrics
         self._tunnel = tunnel_metrics
+        self._limits = http2_limits
 
     def _context(self, pod: EnrolledPod) -> ssl.SSLContext:
         ns, sa = pod.workload.namespace, pod.workload.service_account
@@ -129,7 +132,13 @@ class HboneServer:
             session.local_identity = local_identity
             return True
 
-        session = H2Session(client_side=False, on_request=self._on_request, on_ready=verify)
+        # A tunnel stream is a TCP connection: short ones are normal, and a client that
+        # closes first ends its stream with END_STREAM then CANCEL.  Only a reset before
+        # the response (200) is premature here, whatever the stream's age.
+        limits = self._limits().model_copy(update={"premature_reset_lifetime_seconds": 0.0})
+        session = H2Session(client_side=False, on_request=self._on_request, on_ready=verify,
+                            limits=limits,
+                            on_abuse=lambda reason: self._tunnel.abuse.labels(reason).inc())
         try:
             # connect_accepted_socket raises the handshake's failure to us, so every
             # refusal is classified and counted here.
@@ -163,6 +172,9 @@ class HboneServer:
         session.respond(stream, status, end=True)
 
     async def _serve(self, session: H2Session, stream: StreamTransport) -> None:
+        if stream.is_closing():  # reset by the peer before we got to it: nothing to do
+            self._tunnel.streams.labels("server", "cancelled").inc()
+            return
         if not self.tracker.accepting:
             # Draining (shutdown or handover): the client retries on a fresh connection,
             # which reaches the new instance.
@@ -210,6 +222,11 @@ class HboneServer:
         except (TimeoutError, OSError) as e:
             self._stream_refused(session, stream, 503, "connect_failed",
                                  f"{ip}:{port}: {e}")
+            return
+        if stream.is_closing():  # the peer reset the stream while we connected
+            self._tunnel.streams.labels("server", "cancelled").inc()
+            if up.transport is not None:
+                up.transport.close()
             return
         self._tunnel.streams.labels("server", "ok").inc()
         session.respond(stream, 200)

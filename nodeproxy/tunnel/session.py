@@ -7,6 +7,11 @@ write() queues and sends within the peer's flow-control window and pauses
 the writer past a high-water mark; pause_reading() withholds WINDOW_UPDATEs,
 so backpressure crosses the tunnel both ways; write_eof() ends the stream;
 abort() resets it.
+
+A server session keeps the HTTP/2 budgets of the L7 front end (nodeproxy/http/h2_guard.py):
+a peer node passed mTLS, but a compromised one must not be able to flood the proxy with
+CONNECT streams it resets at once, or with control frames; past a budget the session
+sends GOAWAY ENHANCE_YOUR_CALM and closes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from nodeproxy.config.model import Http2Limits
+from nodeproxy.http.h2_guard import Abuse, FrameGuard
+
 log = logging.getLogger(__name__)
 
 # Backpressure is per stream (a paused reader withholds its stream's WINDOW_UPDATEs); the
@@ -31,6 +39,7 @@ STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 2**31 - 1
 MAX_FRAME = 64 * 1024 - 1
 HIGH_WATER = 1024 * 1024
+ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 LOW_WATER = 256 * 1024
 
 
@@ -199,15 +208,35 @@ class StreamTransport:
             self.protocol.connection_lost(exc)  # type: ignore[arg-type]
 
 
+class _GuardedConnection(h2.connection.H2Connection):
+    """An H2Connection whose FrameGuard sees each frame before h2 acts on it."""
+
+    guard: FrameGuard | None = None
+
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        if self.guard is not None:
+            self.guard.frame(frame)  # Abuse: h2 sends GOAWAY ENHANCE_YOUR_CALM
+        return super()._receive_frame(frame)
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False,
+                  pad_length: Any = None) -> None:
+        super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+        if self.guard is not None and data:
+            self.guard.data_frame_sent()
+
+
 class H2Session(asyncio.Protocol):
-    """The HTTP/2 side of one TLS connection; client or server."""
+    """The HTTP/2 side of one TLS connection; client or server.  A server with `limits`
+    enforces them (h2_guard.py) and reports a spent budget to ``on_abuse(reason)``."""
 
     def __init__(self, *, client_side: bool,
                  on_request: Callable[[H2Session, StreamTransport], None] | None = None,
                  on_ready: Callable[[H2Session], bool] | None = None,
-                 on_lost: Callable[[H2Session], None] | None = None):
+                 on_lost: Callable[[H2Session], None] | None = None,
+                 limits: Http2Limits | None = None,
+                 on_abuse: Callable[[str], None] | None = None):
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = _GuardedConnection(config=config)
         self.client_side = client_side
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamTransport] = {}
@@ -224,6 +253,12 @@ class H2Session(asyncio.Protocol):
         self._before_start: list[bytes] = []
         self.peer_identity: str | None = None
         self.local_identity: str | None = None
+        self.guard: FrameGuard | None = None
+        self._on_abuse = on_abuse
+        self._abused = False
+        if limits is not None and not client_side:
+            self.guard = self.conn.guard = FrameGuard(
+                limits, clock=asyncio.get_running_loop().time, is_open=self._stream_open)
 
     # -- asyncio protocol ----------------------------------------------------
 
@@ -253,11 +288,16 @@ class H2Session(asyncio.Protocol):
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self._abused:
+            return
         if self.transport is None:  # TLS delivered data before we were started
             self._before_start.append(data)
             return
         try:
             events = self.conn.receive_data(data)
+        except Abuse as e:
+            self._abuse(e)
+            return
         except h2.exceptions.ProtocolError as e:
             log.info("HTTP/2 protocol error from %s: %s", self.peername, e)
             self.flush()  # h2 queued a GOAWAY with the error code
@@ -265,7 +305,37 @@ class H2Session(asyncio.Protocol):
             return
         for event in events:
             self._dispatch(event)
+            if self._abused or self.closed or \
+                    (self.transport is not None and self.transport.is_closing()):
+                break
         self.flush()
+
+    def _stream_open(self, stream_id: int) -> bool:
+        """Is the stream open in h2 (judged as a frame arrives, before its events)?"""
+        stream = self.conn.streams.get(stream_id)
+        return stream is not None and not stream.closed
+
+    def _abuse(self, abuse: Abuse) -> None:
+        """A budget was spent: GOAWAY ENHANCE_YOUR_CALM (h2 queued it if a frame raised),
+        every stream ends, the connection closes."""
+        log.warning("HBONE peer %s (%s) over its HTTP/2 budget (%s): %s; "
+                    "GOAWAY ENHANCE_YOUR_CALM", self.peername, self.peer_identity,
+                    abuse.reason, abuse)
+        self._abused = True
+        try:
+            self.conn.close_connection(abuse.error_code)
+        except h2.exceptions.ProtocolError:
+            pass  # h2 has queued it already
+        self.flush()
+        self.goaway = True
+        for stream in list(self.streams.values()):
+            stream._finish(ConnectionResetError("tunnel closed for abuse"))
+        if self.transport is not None:
+            # Read nothing more; close a moment later, so the GOAWAY is read first.
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(ABUSE_CLOSE_DELAY, self._close_transport)
+        if self._on_abuse is not None:
+            self._on_abuse(abuse.reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -280,10 +350,14 @@ class H2Session(asyncio.Protocol):
             self._on_lost(self)
 
     def pause_writing(self) -> None:
-        pass  # flow control windows bound what is queued
+        # Flow control windows bound what is queued; the guard counts the PINGs and
+        # SETTINGS that still come while their answers go unread.
+        if self.guard is not None:
+            self.guard.paused()
 
     def resume_writing(self) -> None:
-        pass
+        if self.guard is not None:
+            self.guard.resumed()
 
     # -- events ----------------------------------------------------------------
 
@@ -313,7 +387,7 @@ class H2Session(asyncio.Protocol):
                 stream._ended()
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
-            if stream is not None:
+            if stream is not None:  # the guard judged the reset as its frame came
                 stream._finish(StreamReset(int(event.error_code)))
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             targets = (list(self.streams.values()) if getattr(event, "stream_id", 0) == 0
@@ -353,6 +427,8 @@ class H2Session(asyncio.Protocol):
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        if self.guard is not None:
+            self.guard.stream_ended(stream_id)
         self.last_activity = asyncio.get_running_loop().time()
         if (self.goaway or self.retired) and not self.streams:
             self._close_transport()
@@ -374,6 +450,8 @@ class H2Session(asyncio.Protocol):
         return stream
 
     def respond(self, stream: StreamTransport, status: int, end: bool = False) -> None:
+        if self.guard is not None:
+            self.guard.responded(stream.stream_id)
         try:
             self.conn.send_headers(stream.stream_id, [(":status", str(status))], end_stream=end)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):

@@ -6,8 +6,10 @@ node's netns with CNI_COMMAND / CNI_CONTAINERID / CNI_NETNS / CNI_IFNAME /
 CNI_PATH / CNI_ARGS and its netconf on stdin, ADD in order with each result fed
 to the next as ``prevResult``, CHECK in order and DEL in reverse with the final
 result.  CNI_PATH is a directory of this test's that links Debian's plugins and
-nodeproxy-cni: the venv's console script, or the zipapp the init container
-installs (run by the system's /usr/bin/python3, outside the venv).
+nodeproxy-cni: the venv's console script, or the zipapp ``--zipapp`` installs
+(run by the system's /usr/bin/python3, outside the venv).  The self-contained
+executable the init container installs by default (``make cni-plugin``) runs in
+the same chain from a root filesystem without python3 (``bare_root``).
 
 The input-error tests at the end run the plugin alone and need no root.
 """
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ import pytest
 
 from nodeproxy.cni import install
 from nodeproxy.testbed import cgroups, cni, netns
-from nodeproxy.testbed.cluster import VIP_RANGE4, VIP_RANGE6, Cluster, Pod
+from nodeproxy.testbed.cluster import REPO_ROOT, VIP_RANGE4, VIP_RANGE6, Cluster, Pod
 from tests.integration.probes import connect
 
 PORT = 7000
@@ -69,6 +73,8 @@ class Chain:
     node_netns: str
     cni_path: str
     conflist: dict[str, Any]
+    # argv before the plugin's path (in the node's netns), e.g. a chroot (see bare_root)
+    runner: tuple[str, ...] = ()
 
     def invoke(self, plugin: Mapping[str, Any], command: str, container_id: str,
                netns_path: str, cni_args: str, prev_result: Any = None,
@@ -87,7 +93,7 @@ class Chain:
             "CNI_ARGS": cni_args,
         }
         binary = os.path.join(self.cni_path, plugin["type"])
-        proc = subprocess.run(netns.nsenter_argv(self.node_netns, [binary]),
+        proc = subprocess.run(netns.nsenter_argv(self.node_netns, [*self.runner, binary]),
                               input=json.dumps(conf), capture_output=True, text=True, env=env,
                               timeout=60)
         return PluginRun(plugin["type"], proc.returncode, proc.stdout, proc.stderr)
@@ -135,7 +141,7 @@ def cni_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     if not CONSOLE_SCRIPT.exists():
         pytest.fail(f"{CONSOLE_SCRIPT} is missing: run `make setup` (pip install -e .)")
     root = tmp_path_factory.mktemp("cni")
-    zipapp, _ = install.install_binary(root / "installed", interpreter="/usr/bin/python3")
+    zipapp, _ = install.install_zipapp(root / "installed", interpreter="/usr/bin/python3")
     return {"console-script": str(plugin_dir(root / "bin-script", CONSOLE_SCRIPT)),
             "zipapp": str(plugin_dir(root / "bin-zipapp", zipapp))}
 
@@ -152,12 +158,13 @@ def mesh() -> Iterator[Cluster]:
         yield c
 
 
-def chain(c: Cluster, cni_path: str, **plugin_conf: Any) -> Chain:
+def chain(c: Cluster, cni_path: str, runner: tuple[str, ...] = (), **plugin_conf: Any
+          ) -> Chain:
     node = c.nodes["node0"]
     conflist = node.network.conflist()
     conflist["plugins"].append({"type": PLUGIN, "controlSocket": node.control_socket,
                                 "timeoutSeconds": 20, **plugin_conf})
-    return Chain(node.netns_path, cni_path, conflist)
+    return Chain(node.netns_path, cni_path, conflist, runner)
 
 
 def new_sandbox(c: Cluster, name: str, namespace: str = "default") -> Pod:
@@ -355,6 +362,138 @@ def test_daemon_unreachable_fails_closed_unless_fail_open(mesh: Cluster,
     assert all(r.returncode == 0 for r in ch.delete(pod.netns, pod.netns_path,
                                                      k8s_args(pod), result))
     c.remove_pod(pod.name)
+
+
+# ---------------------------------------------------------------------------
+# The self-contained executable (make cni-plugin), on a node without python3
+
+# Runs argv[2:] chrooted into $1 in a private mount namespace (nothing mounted here
+# outlives the plugin run or propagates back to the machine), with what a node's
+# root always has: /proc, and the paths the runtime hands the plugin (the netns
+# files, the node's directory with the IPAM state and the daemon's control socket).
+CHROOT = """set -e
+root=$1 node_dir=$2; shift 2
+mount -t proc proc "$root/proc"
+mount --rbind /run/netns "$root/run/netns"
+mount --bind "$node_dir" "$root$node_dir"
+exec chroot "$root" "$@"
+"""
+
+
+def chroot_runner(root: Path, node_dir: str) -> tuple[str, ...]:
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", CHROOT, "sh",
+            str(root), node_dir)
+
+
+@pytest.fixture(scope="module")
+def static_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """nodeproxy-cni built by scripts/build-cni-plugin.sh, as `make cni-plugin` builds it."""
+    out = tmp_path_factory.mktemp("cni-build") / PLUGIN
+    build = subprocess.run(["nice", "-n", "10", "bash", "scripts/build-cni-plugin.sh", str(out),
+                            sys.executable], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert build.returncode == 0, build.stdout + build.stderr
+    return out
+
+
+def libraries_of(binary: Path) -> list[str]:
+    """The shared objects (and the loader) a dynamically linked binary needs (ldd)."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        words = line.split()
+        path = words[2] if "=>" in words and len(words) > 2 else words[0]
+        if path.startswith("/"):
+            found.append(path)
+    return found
+
+
+def python_anywhere(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith("python")]
+
+
+@pytest.fixture(scope="module")
+def bare_root(mesh: Cluster, static_plugin: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A node root filesystem with no python3: Debian's CNI plugins and the C library
+    they link, the plugin the init container's installer copied, empty /proc, /tmp,
+    /run/netns and the node directory's mount point."""
+    root = tmp_path_factory.mktemp("bare-root")
+    bin_dir = root / "opt" / "cni" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("bridge", "host-local", "loopback"):
+        shutil.copy2(DEBIAN_PLUGINS / name, bin_dir / name)
+        for library in libraries_of(DEBIAN_PLUGINS / name):
+            target = root / library.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(library), target)
+    install.install_executable(bin_dir, static_plugin)
+    (root / "tmp").mkdir()
+    os.chmod(root / "tmp", 0o1777)
+    for directory in ("proc", "run/netns", mesh.nodes["node0"].dir.lstrip("/")):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    assert python_anywhere(root) == []
+    return root
+
+
+@pytest.mark.privileged
+def test_static_plugin_needs_nothing_but_proc_and_tmp(static_plugin: Path,
+                                                      tmp_path: Path):
+    """Alone in a root with no loader, no libc, no python3, the executable answers
+    VERSION, and leaves nothing behind in /tmp (it unpacks itself there per run)."""
+    root = tmp_path / "root"
+    (root / "proc").mkdir(parents=True)
+    (root / "tmp").mkdir()
+    os.chmod(root / "tmp", 0o1777)
+    installed, _ = install.install_executable(root / "bin", static_plugin)
+    assert install.installed_by_us(installed)
+    assert sorted(p.name for p in (root / "bin").iterdir()) == [PLUGIN]
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t proc proc "$1/proc" && exec chroot "$1" /bin/nodeproxy-cni', "sh",
+            str(root)]
+    run = subprocess.run(argv, input='{"cniVersion": "1.0.0"}', capture_output=True,
+                         text=True, env={"CNI_COMMAND": "VERSION"}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["supportedVersions"][-1] == "1.0.0"
+    assert list((root / "tmp").iterdir()) == []
+    # Bad input still gets the plugin's own CNI error, not a crash of the packing.
+    run = subprocess.run(argv, input="{", capture_output=True, text=True,
+                         env={"CNI_COMMAND": "ADD"}, timeout=60)
+    error = cni_error(PluginRun(PLUGIN, run.returncode, run.stdout, run.stderr))
+    assert error["code"] == 6 and "not valid JSON" in error["msg"]
+
+
+@pytest.mark.privileged
+def test_static_plugin_adds_and_deletes_a_pod_from_a_root_without_python(
+        mesh: Cluster, bare_root: Path):
+    c = mesh
+    node = c.nodes["node0"]
+    ch = chain(c, "/opt/cni/bin", chroot_runner(bare_root, node.dir))
+    pod = new_sandbox(c, "cni-static")
+    args = k8s_args(pod)
+    tmp_before = sorted((bare_root / "tmp").rglob("*"))
+    started = time.monotonic()
+    result, runs = ch.add(pod.netns, pod.netns_path, args)
+    add_seconds = time.monotonic() - started
+    pod.cni_result, pod.ips = result, cni.result_ips(result)
+    assert [r.plugin for r in runs] == ["bridge", "loopback", PLUGIN]
+    assert runs[-1].json() == runs[-2].json()
+    listed = enrolled(c)[pod.key]
+    assert listed["netns"] == pod.netns_path and sorted(listed["ips"]) == sorted(pod.ips)
+    answer = connect(c, pod.name, c.services["default/web"].vip4, 80)
+    assert answer.startswith("connected") and pod.ip4 in answer, answer
+    assert all(r.returncode == 0 for r in ch.check(pod.netns, pod.netns_path, args, result))
+    first = ch.invoke(ch.plugin(PLUGIN), "DEL", pod.netns, pod.netns_path, args, result)
+    assert first.returncode == 0 and first.stdout.strip() == "", first
+    assert pod.key not in enrolled(c)
+    assert connect(c, pod.name, c.services["default/web"].vip4, 80) == "EHOSTUNREACH"
+    assert all(r.returncode == 0 for r in ch.delete(pod.netns, pod.netns_path, args, result))
+    c.remove_pod(pod.name)
+    # Still no python3 in the root, and nothing left in its /tmp (the plugin unpacks
+    # itself there on every run).
+    assert python_anywhere(bare_root) == []
+    assert sorted((bare_root / "tmp").rglob("*")) == tmp_before
+    print(f"whole chain ADD from the bare root: {add_seconds:.2f} s")
 
 
 # ---------------------------------------------------------------------------

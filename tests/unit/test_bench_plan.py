@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from nodeproxy.bench import haproxy, scenarios, stats
+from nodeproxy.bench import haproxy, noisy, scenarios, stats
 from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration
 from nodeproxy.bench.model import Cell, RequestCounter, ServerKind
 from nodeproxy.bench.settings import QUICK
@@ -21,6 +22,7 @@ from nodeproxy.bench.topology import HTTP_FILE, HTTP_VIP_PORT
 from nodeproxy.config.loader import parse_config
 from nodeproxy.http.message import RequestHead
 from nodeproxy.http.routes import Routes
+from nodeproxy.testbed import attack
 
 FIRST_BLOCK = ["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",
                "nodeproxy-l7-full", "haproxy-http"]
@@ -76,10 +78,12 @@ def test_l7_configurations_are_measured_in_the_http_scenarios_only():
     suite = quiet_suite()
     for scenario in suite.scenarios:
         http = scenario.name.startswith(("http ", "http-rate "))
-        for name in ("nodeproxy-l7", "haproxy-http"):
-            assert scenario.applies(configuration(name)) is http, (scenario.name, name)
+        noisy = scenario.name == "noisy neighbour"
+        assert scenario.applies(configuration("nodeproxy-l7")) is (http or noisy), scenario.name
+        assert scenario.applies(configuration("haproxy-http")) is (http or noisy), \
+            scenario.name
         assert scenario.applies(configuration("nodeproxy-nosplice")) is (
-            scenario.name != "enrollment")
+            scenario.name not in ("enrollment", "noisy neighbour"))
     # Their cells outside HTTP are not applicable (reported as —, never as missing).
     assert suite.results["latency.same-node.p50"]["nodeproxy-l7"].not_applicable
     assert not suite.results["http.same-node.rps_per_core"]["nodeproxy-l7"].not_applicable
@@ -120,7 +124,8 @@ def test_the_l7_route_takes_the_benchmark_request_with_retries_and_a_header():
 
 
 def test_haproxy_relays_http_in_tcp_mode_and_parses_it_on_its_own_port(tmp_path: Path):
-    text = haproxy.config({0: "10.244.0.3", 1: "10.244.1.3"}, str(tmp_path), 1000)
+    text = haproxy.config({0: "10.244.0.3", 1: "10.244.1.3"}, str(tmp_path), 1000,
+                          attack_backend="10.244.0.4:8081")
     for index in (0, 1):
         tcp = text.split(f"listen http-node{index}\n", 1)[1].split("\n\n", 1)[0]
         assert "mode tcp" in tcp
@@ -134,7 +139,12 @@ def test_haproxy_relays_http_in_tcp_mode_and_parses_it_on_its_own_port(tmp_path:
     assert HTTP_FILE.startswith(haproxy.ROUTE_PATH_PREFIX.lstrip("/") + "/")
     ports = [haproxy.frontend_port(i, k) for i in (0, 1) for k in ServerKind]
     ports += [haproxy.http_mode_port(i) for i in (0, 1)]
+    ports.append(haproxy.ATTACK_PORT)
     assert len(set(ports)) == len(ports)
+    # The noisy neighbour's attack frontend parses HTTP like nodeproxy's attack-target.
+    attack_front = text.split("frontend attack\n", 1)[1].split("\n\n", 1)[0]
+    assert "mode http" in attack_front and f"bind 0.0.0.0:{haproxy.ATTACK_PORT}" in attack_front
+    assert "server attack 10.244.0.4:8081" in text
     if shutil.which("haproxy"):
         path = tmp_path / "haproxy.cfg"
         path.write_text(text)
@@ -185,3 +195,78 @@ def test_added_latency_is_derived_after_the_run():
     assert added["direct"].not_applicable  # direct adds nothing to itself
     # A configuration without its own figure has no added one either (reported missing).
     assert not added["nodeproxy-splice"].samples
+
+
+def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7_and_haproxy_http():
+    suite = quiet_suite()
+    scenario = suite.scenarios[-1]
+    assert scenario.name == "noisy neighbour" and scenario.once
+    # After the other once-scenarios: the attack may leave state no other figure should see.
+    assert [s.name for s in suite.scenarios if s.once] == [
+        "idle connections", "enrollment", "noisy neighbour"]
+    measured = [c.name for c in CONFIGURATIONS if scenario.applies(c)]
+    assert measured == ["nodeproxy-splice", "nodeproxy-l7", "haproxy-http"]
+    # Every figure is a row of its own, "—" for the other configurations, never missing.
+    for metric in scenario.metrics:
+        assert suite.results[metric.key]["direct"].not_applicable
+        assert suite.results[metric.key]["nodeproxy-nosplice"].not_applicable
+        assert not suite.results[metric.key]["nodeproxy-l7"].not_applicable
+        assert not suite.results[metric.key]["haproxy-http"].not_applicable
+    # --only selects it by name.
+    only = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None, only="noisy")
+    assert [s.name for s in only.scenarios] == ["noisy neighbour"]
+
+
+def test_noisy_neighbour_attacks_are_bounded_and_aimed_at_the_attack_service():
+    runs = noisy.attacks(7.0)
+    assert [r.kind for r in runs] == ["rapid-reset", "flood", "slowloris"]
+    for run in runs:
+        argv = noisy.attack_argv("/py", run, "10.96.0.30", 80)
+        assert argv[:4] == ["/py", "-m", "nodeproxy.testbed.attack", run.kind]
+        # The attack tool itself accepts them: its own bounds hold.
+        plan, as_json = attack.parse(argv[3:])
+        assert as_json and plan.host == "10.96.0.30" and plan.port == 80
+        assert plan.duration == 7.0 and plan.connections <= attack.MAX_CONNECTIONS
+        assert plan.reconnect  # what the proxy closes, the attacker opens again
+    rapid = attack.parse(noisy.attack_argv("/py", runs[0], "h", 80)[3:])[0]
+    assert rapid.rate == noisy.RAPID_RESET_RATE  # paced, not as fast as one core can
+    held = sum(attack.parse(noisy.attack_argv("/py", r, "h", 80)[3:])[0].connections
+               for r in runs)
+    assert held == noisy.HELD_CONNECTIONS
+    # The bound on memory is what the attack holds, not what it sends.
+    assert noisy.rss_growth_bound_mib() == pytest.approx(
+        held * noisy.RSS_PER_HELD_KIB / 1024 + noisy.RSS_MARGIN_MIB)
+    # The attack runs around the quiet pod's run, its duration a few tens of seconds.
+    assert QUICK.noisy_seconds + noisy.LEAD_S + noisy.TAIL_S < 30
+
+
+def wrk_result(requests: float, **errors: float) -> dict[str, float]:
+    fields = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    return {"requests": requests, **{f: errors.get(f, 0.0) for f in fields}}
+
+
+def test_quiet_pod_success_counts_every_lost_late_or_failed_request():
+    assert noisy.success_percent(wrk_result(1000)) == 100.0
+    # A status of 400 or more is a completed request that failed.
+    assert noisy.success_percent(wrk_result(1000, status_errors=10)) == pytest.approx(99.0)
+    # wrk's requests include the late answers, which it also counts as timeouts.
+    assert noisy.success_percent(wrk_result(1000, timeouts=10)) == pytest.approx(99.0)
+    # A broken connection loses a request wrk counts nowhere else.
+    assert noisy.success_percent(wrk_result(990, read_errors=10)) == pytest.approx(99.0)
+    assert noisy.success_percent(wrk_result(0, connect_errors=3)) == 0.0
+    assert noisy.success_percent(wrk_result(0)) == 0.0
+    # A late answer that is also an error is not a negative success.
+    assert noisy.success_percent(wrk_result(5, status_errors=5, timeouts=5)) == 0.0
+
+
+def test_settle_waits_for_a_busy_proxy_within_its_bound(monkeypatch):
+    idle = subprocess.Popen(["sleep", "30"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert noisy.settle(idle.pid) < 2 * noisy.SETTLE_WINDOW_S + 0.5
+        monkeypatch.setattr(noisy, "SETTLE_MAX_S", 1.2)
+        assert noisy.settle(busy.pid) >= 1.2  # never idle: waits the whole bound, no more
+    finally:
+        for proc in (idle, busy):
+            proc.kill()
+            proc.wait()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeproxy.bench import targets
+from nodeproxy.bench import noisy, targets
 
 
 def entry(key: str, **medians: float | None) -> dict[str, Any]:
@@ -64,3 +64,42 @@ def test_l7_targets_compare_cpu_per_request_with_haproxy_http() -> None:
     r = by_name(targets.evaluate(metrics))
     assert next(v for k, v in r.items()
                 if k.startswith("L7 HTTP/1.1 CPU per request"))["met"] is None
+
+
+def noisy_metrics(config: str, *, success: float, alone_p99: float, attack_p99: float,
+                  growth: float) -> list[dict[str, Any]]:
+    return [entry("noisy.baseline.success", **{config: 100.0}),
+            entry("noisy.attack.success", **{config: success}),
+            entry("noisy.baseline.p99", **{config: alone_p99}),
+            entry("noisy.attack.p99", **{config: attack_p99}),
+            entry("noisy.p99_ratio", **{config: attack_p99 / alone_p99}),
+            entry("noisy.attack.rss", **{config: 300.0 + growth}),
+            entry("noisy.rss_growth", **{config: growth})]
+
+
+def noisy_results(metrics: list[dict[str, Any]], config: str) -> dict[str, dict[str, Any]]:
+    prefix = f"noisy neighbour ({config}): "
+    return {k.removeprefix(prefix): v for k, v in by_name(targets.evaluate(metrics)).items()
+            if k.startswith(prefix)}
+
+
+def test_noisy_neighbour_targets_met() -> None:
+    bound = noisy.rss_growth_bound_mib()
+    metrics = noisy_metrics("nodeproxy-splice", success=100.0, alone_p99=2.0,
+                            attack_p99=4.0, growth=bound)
+    r = noisy_results(metrics, "nodeproxy-splice")
+    assert len(r) == 3 and all(v["met"] is True for v in r.values()), r
+    assert r["quiet pod's p99 under attack"]["measured"].startswith("2.00×")
+    # The other configuration was not measured: neither met nor missed.
+    assert all(v["met"] is None for v in noisy_results(metrics, "nodeproxy-l7").values())
+
+
+def test_noisy_neighbour_targets_missed() -> None:
+    bound = noisy.rss_growth_bound_mib()
+    metrics = noisy_metrics("nodeproxy-l7", success=99.9, alone_p99=2.0, attack_p99=4.2,
+                            growth=bound + 1)
+    r = noisy_results(metrics, "nodeproxy-l7")
+    assert r["quiet pod's success while another pod attacks the node proxy"]["met"] is False
+    assert r["quiet pod's p99 under attack"]["met"] is False
+    memory = r["daemon memory under attack"]
+    assert memory["met"] is False and f"{noisy.HELD_CONNECTIONS} connections" in memory["goal"]

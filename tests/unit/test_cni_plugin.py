@@ -145,10 +145,10 @@ def test_insert_without_a_primary_config_fails_clearly(tmp_path: Path):
 
 
 def test_installed_binary_is_a_marked_zipapp_the_system_python_runs(tmp_path: Path):
-    binary, changed = install.install_binary(tmp_path, interpreter="/usr/bin/python3")
+    binary, changed = install.install_zipapp(tmp_path, interpreter="/usr/bin/python3")
     assert changed and install.installed_by_us(binary)
     assert stat.S_IMODE(binary.stat().st_mode) == 0o755
-    assert install.install_binary(tmp_path, interpreter="/usr/bin/python3") == (binary, False)
+    assert install.install_zipapp(tmp_path, interpreter="/usr/bin/python3") == (binary, False)
     # The node's python, isolated from this venv and from the source tree.
     out = subprocess.run([str(binary)], input='{"cniVersion": "1.0.0"}', capture_output=True,
                          text=True, env={"CNI_COMMAND": "VERSION"}, cwd=tmp_path, timeout=30)

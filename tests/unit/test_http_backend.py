@@ -264,6 +264,18 @@ def test_websocket_echo(backend: SimpleNamespace) -> None:
     assert request(backend.port, "GET", "/ws").status == 400  # not an upgrade
 
 
+def test_switch_answers_101_unasked(backend: SimpleNamespace) -> None:
+    with socket.create_connection(("127.0.0.1", backend.port), timeout=5) as sock:
+        sock.sendall(b"GET /x/switch/made-up HTTP/1.1\r\nHost: b\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"upgrade: made-up" in head.lower()
+    assert rest == b"switched:made-up\n"
+
+
 def test_request_log(backend: SimpleNamespace) -> None:
     request(backend.port, "DELETE", "/logged/thing?q=1", headers=[("X-Trace", "t-1")])
     curl(f"http://127.0.0.1:{backend.port}/reset/logged/1")

@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import threading
-import time
 from typing import Any
 
 import aiohttp
@@ -254,13 +253,12 @@ def test_full_queue_drops_and_counts_without_blocking() -> None:
         log.write(entry(0))  # taken by the writer, which then stalls in write()
         assert stream.entered.wait(5)
         e = entry(1)
-        timings = []
-        for _ in range(5):  # the best of 5: the cost of write(), not the machine's load
-            t = time.perf_counter()
-            for _ in range(10_000):
-                log.write(e)
-            timings.append(time.perf_counter() - t)
-        assert min(timings) < 0.005, timings
+        # The writer is stalled until release: a write() that waited for room would never
+        # return, so finishing at all (a generous bound for a busy machine) is the proof.
+        writer = threading.Thread(target=lambda: [log.write(e) for _ in range(5 * 10_000)])
+        writer.start()
+        writer.join(60)
+        assert not writer.is_alive(), "write() blocked on a full queue"
         assert log.pending == 100
         assert registry.get_sample_value("nodeproxy_access_log_dropped_total") == \
             5 * 10_000 - 100

@@ -31,7 +31,7 @@ def node_dir(tmp_path: Path) -> tuple[Path, Path]:
     (conf / "10-k8s.conflist").write_text(json.dumps(PRIMARY))
     (conf / "20-other.conflist").write_text('{"plugins": [{"type": "ptp"}]}')
     conflist.insert(conf, install.plugin_entry())
-    install.install_binary(bin_dir)
+    install.install_zipapp(bin_dir)
     return conf, bin_dir
 
 
