@@ -1,6 +1,6 @@
 # nodeproxy developer entry points.  Everything runs as root on Debian 12;
 # `make setup` is idempotent and every other target runs it first.
-.PHONY: all setup test lint demo bench fuzz cni-plugin image clean
+.PHONY: all setup test lint demo bench fuzz fresh-check ci cni-plugin image clean
 
 VENV := .venv
 SHELL := /bin/bash
@@ -21,6 +21,20 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/nodeproxy demo
+
+# Prove that scripts/setup.sh sets up a fresh machine: a minimal Debian 12 root from
+# Debian's archive, setup.sh, `nodeproxy check` and `make demo` inside it (chroot on
+# this kernel).  Needs no `make setup` here; see docs/install.md.
+fresh-check:
+	bash scripts/fresh_check.sh
+
+# What CI runs (.ci/run): the fresh-machine check, then the whole suite; both always
+# run, and either failing fails the target.
+ci:
+	@status=0; \
+	$(MAKE) --no-print-directory fresh-check || status=$$?; \
+	$(MAKE) --no-print-directory test || status=$$?; \
+	exit $$status
 
 # The full benchmark suite (about 12 minutes on 2 cores); see docs/benchmarks.md.
 bench: setup

@@ -27,6 +27,8 @@ APT_PACKAGES=(
     iptables  # capture.mode: iptables (iptables-nft, ip6tables)
     nftables  # `nft`: iptables mode removes an emptied nf_tables table; its tests list rules
     ruby  # tests/unit/test_vagrant.py: `ruby -c vagrant/Vagrantfile`
+    make  # `make demo`, `make test` (a minimal Debian 12 has no make)
+    procps  # `sysctl`: the testbed sets each simulated node's forwarding (not in minbase)
 )
 # tests/unit/test_manifests.py runs `kubectl kustomize`.  Debian's package is
 # kubernetes-client; a machine that already has a kubectl (another vendor's package,
@@ -113,7 +115,9 @@ install_packages() {
     say "apt-get update"
     apt-get update -q
     say "apt-get install ${missing[*]}"
+    local t0=$SECONDS
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+    say "apt packages: installed in $((SECONDS - t0))s"
     remove_policy
     # Disable only the services this run brought in; an admin's own are left alone.
     for svc in "${new_services[@]}"; do
@@ -204,7 +208,9 @@ install_python_packages() {
         return
     fi
     say "python packages: pip install -e '.[test]'"
-    "$VENV/bin/pip" install --disable-pip-version-check -q -e "$REPO[test]"
+    local t0=$SECONDS
+    "$VENV/bin/pip" install --disable-pip-version-check -q -e "${REPO}[test]"
+    say "python packages: installed in $((SECONDS - t0))s"
     printf '%s\n' "$want" >"$STAMP"
 }
 

@@ -159,9 +159,17 @@ def test_outbound_inbound_marks_loopback_and_denies(scratch: Scratch):
 
 def test_install_is_idempotent_and_replaces_leftovers_then_removal_is_exact(scratch: Scratch):
     pod = scratch.pod
+    # Somebody else's rules in each IPv4 table we write to (nat, raw, filter); IPv6 has
+    # none, so there every table is ours alone and must go away again.
     foreign = "-A OUTPUT -d 192.0.2.1/32 -p udp -j ACCEPT"
     netns.run(pod.path, ["iptables", "-t", "nat", *foreign.split()])
+    netns.run(pod.path, ["iptables", "-t", "raw", "-A", "PREROUTING", "-s", "192.0.2.2/32",
+                         "-j", "ACCEPT"])
+    netns.run(pod.path, ["iptables", "-t", "filter", "-A", "INPUT", "-s", "192.0.2.3/32",
+                         "-j", "ACCEPT"])
     before_v4, before_v6 = scratch.save(), scratch.save("ip6tables-save")
+    before_tables = nft_tables(scratch)
+    assert sorted(before_tables) == ["table ip filter {", "table ip nat {", "table ip raw {"]
     # A crashed instance with other ports left its rules; a new one installs twice.
     iptables.install(pod.fd, "pod scratch", Ports(outbound=16001, inbound=16006))
     iptables.install(pod.fd, "pod scratch", PORTS)
@@ -195,11 +203,16 @@ def test_install_is_idempotent_and_replaces_leftovers_then_removal_is_exact(scra
     def body(text: str) -> list[str]:
         return [line for line in text.splitlines() if not line.startswith("#")]
 
+    # Every table somebody else uses is as it was, their rules in place; the IPv6 tables
+    # only we used are dropped, not left empty.
     assert body(scratch.save()) == body(before_v4)
     assert body(scratch.save("ip6tables-save")) == body(before_v6) == []
-    # Only the table somebody else uses remains.
-    assert [line for line in scratch.nft().splitlines() if line.startswith("table")] == [
-        "table ip nat {"]
+    assert nft_tables(scratch) == before_tables
+
+
+def nft_tables(scratch: Scratch) -> list[str]:
+    """The nf_tables tables of the pod netns, as `nft list ruleset` opens them."""
+    return [line for line in scratch.nft().splitlines() if line.startswith("table")]
 
 
 def test_a_failing_rule_names_the_pod(scratch: Scratch):
