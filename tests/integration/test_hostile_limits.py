@@ -96,11 +96,12 @@ def mesh() -> Iterator[hostile.HostileMesh]:
 
 
 class Flood:
-    """nodeproxy.testbed.flood in a pod: started, read until its "held" line, released."""
+    """nodeproxy.testbed.attack's flood in a pod: started, read until its "held" report,
+    released (stdin closed)."""
 
     def __init__(self, mesh: hostile.HostileMesh, pod: str, argv: list[str]):
         self._proc = mesh.cluster.spawn_in_pod(
-            pod, [sys.executable, "-m", "nodeproxy.testbed.flood", *argv],
+            pod, [sys.executable, "-m", "nodeproxy.testbed.attack", "flood", *argv],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def held(self, timeout: float = 60.0) -> dict[str, Any]:
@@ -111,7 +112,9 @@ class Flood:
             if not line:
                 break
             if line.startswith("{"):
-                return dict(json.loads(line))
+                report = dict(json.loads(line))
+                assert report.get("phase") == "held", report
+                return report
         raise AssertionError(f"flood gave no result: {self._proc.stderr.read()}")  # type: ignore[union-attr]
 
     def release(self) -> dict[str, Any]:
@@ -121,10 +124,20 @@ class Flood:
         return dict(json.loads(lines[-1]))
 
 
-def flood(mesh: hostile.HostileMesh, pod: str, mode: str, service: str, count: int,
-          *extra: str, host: str | None = None, port: int = 80) -> Flood:
-    return Flood(mesh, pod, [mode, "--host", host or mesh.vip(service), "--port", str(port),
-                             "--count", str(count), *extra])
+def flood(mesh: hostile.HostileMesh, pod: str, service: str, count: int, *extra: str,
+          hold: float = 30.0, settle: float = 1.0, host: str | None = None,
+          port: int = 80) -> Flood:
+    """``count`` connections held (``--send-hex``: after writing those bytes), reported
+    ``settle`` s after the last connect, released by the test or after ``hold`` s."""
+    return Flood(mesh, pod, ["--host", host or mesh.vip(service), "--port", str(port),
+                             "--connections", str(count), "--settle", str(settle),
+                             "--duration", str(hold), "--connect-timeout", "3", "--json",
+                             *extra])
+
+
+def refused_or_closed(held: dict[str, Any]) -> int:
+    """Connections of a held report the peer reset or closed."""
+    return int(held["reset_by_peer"]) + int(held["closed_by_peer"])
 
 
 def neighbour_requests(mesh: hostile.HostileMesh, tag: str, n: int) -> list[str]:
@@ -160,15 +173,15 @@ def refused(exposition: str, name: str, **labels: str) -> float:
 def test_a_pod_past_its_connection_cap_is_refused_and_its_neighbour_is_not(mesh):
     _apply(mesh, {"limits": {"perPod": {**GENEROUS, "maxConnections": 20}}})
     before = metrics(mesh)
-    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 30, "--hold", "60")
+    attack = flood(mesh, hostile.ATTACKER, TCP_SERVICE, 30, hold=60)
     held = attack.held()
     try:
         codes = neighbour_requests(mesh, "cap", 20)
         after = metrics(mesh)
     finally:
         attack.release()
-    assert held["connected"] == 30 and held["open"] == 20, held
-    assert held["reset"] + held["closed"] == 10, held
+    assert held["opened"] == 30 and held["open_at_end"] == 20, held
+    assert refused_or_closed(held) == 10, held
     assert codes == ["200"] * 20
     assert wait_for(lambda: served(mesh, "cap") == 20)
     name = "nodeproxy_outbound_refused_total"
@@ -180,8 +193,8 @@ def test_a_pod_past_its_connection_cap_is_refused_and_its_neighbour_is_not(mesh)
         refused(before, name, source_workload=hostile.NEIGHBOUR)
     assert refused(after, "nodeproxy_pod_connections", pod=hostile.ATTACKER) == 20
     # Leaving gives the places back: the attacker connects again.
-    again = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 5, "--hold", "5")
-    assert again.held()["open"] == 5
+    again = flood(mesh, hostile.ATTACKER, TCP_SERVICE, 5, hold=5)
+    assert again.held()["open_at_end"] == 5
     again.release()
 
 
@@ -190,7 +203,7 @@ def test_new_connections_per_second_are_capped_per_pod(mesh):
                                         "connectionBurst": 10}}})
     time.sleep(2.5)  # buckets full (a reload with a new rate starts them again anyway)
     before = metrics(mesh)
-    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 40, "--hold", "30")
+    attack = flood(mesh, hostile.ATTACKER, TCP_SERVICE, 40)
     held = attack.held()
     try:
         codes = neighbour_requests(mesh, "rate", 8)  # its own bucket: within its burst
@@ -198,15 +211,15 @@ def test_new_connections_per_second_are_capped_per_pod(mesh):
     finally:
         attack.release()
     seconds = float(held["seconds"])
-    assert held["connected"] == 40
+    assert held["opened"] == 40
     # burst + rate * elapsed, at most (elapsed includes the settle second).
-    assert 10 <= held["open"] <= 10 + 5 * seconds + 1, held
+    assert 10 <= held["open_at_end"] <= 10 + 5 * seconds + 1, held
     assert codes == ["200"] * 8
     name = "nodeproxy_outbound_refused_total"
     assert refused(after, name, source_workload=hostile.ATTACKER,
                    reason="pod_connection_rate") - \
         refused(before, name, source_workload=hostile.ATTACKER,
-                reason="pod_connection_rate") == 40 - held["open"]
+                reason="pod_connection_rate") == 40 - held["open_at_end"]
 
 
 def test_requests_in_flight_past_the_pod_cap_get_503_om(mesh):
@@ -215,15 +228,15 @@ def test_requests_in_flight_past_the_pod_cap_get_503_om(mesh):
     _apply(mesh, {"limits": {"perPod": {**GENEROUS, "maxRequests": 4}}})
     before = metrics(mesh)
     head = b"GET /inflight/delay/8000 HTTP/1.1\r\nHost: slow-near\r\n\r\n"
-    attack = flood(mesh, hostile.ATTACKER, "hold", SLOW_SERVICE, 10, "--send-hex", head.hex(),
-                   "--settle", "1.5", "--hold", "30")
+    attack = flood(mesh, hostile.ATTACKER, SLOW_SERVICE, 10, "--send-hex", head.hex(),
+                   "--per-connection", settle=1.5)
     held = attack.held()
     try:
         codes = neighbour_requests(mesh, "inflight", 10)
         after = metrics(mesh)
     finally:
         attack.release()
-    answers = held["answers"]
+    answers = [c["answer"] for c in held["per_connection"]]
     assert sum(1 for a in answers if a.startswith("HTTP/1.1 503")) == 6, held
     assert answers.count("") == 4, held  # still waiting for the backend
     assert codes == ["200"] * 10
@@ -269,15 +282,15 @@ def test_plaintext_from_one_address_is_capped_at_the_inbound_listener(mesh):
     inbound listener (15006) holds it to maxPlaintextPerSource."""
     _apply(mesh, {"limits": {"perPod": GENEROUS, "inbound": {"maxPlaintextPerSource": 5}}})
     before = metrics(mesh)
-    attack = flood(mesh, OUTSIDER, "hold", "", 12, "--hold", "30",
-                   host=mesh.cluster.pods[PLAIN].ip4, port=hostile.APP_H1)
+    attack = flood(mesh, OUTSIDER, "", 12, host=mesh.cluster.pods[PLAIN].ip4,
+                   port=hostile.APP_H1)
     held = attack.held()
     try:
         codes = neighbour_requests(mesh, "inbound", 5)
         after = metrics(mesh)
     finally:
         attack.release()
-    assert held["connected"] == 12 and held["open"] == 5, held
+    assert held["opened"] == 12 and held["open_at_end"] == 5, held
     assert codes == ["200"] * 5
     name = "nodeproxy_inbound_refused_total"
     labels = {"destination_workload": PLAIN, "reason": "source_connection_limit"}
@@ -289,13 +302,13 @@ def test_hbone_streams_from_one_node_are_capped(mesh):
     stream is refused and node0 resets the client's connection."""
     _apply(mesh, {"limits": {"perPod": GENEROUS, "inbound": {"maxStreamsPerNode": 6}}})
     node1 = mesh.cluster.metrics("node1")
-    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_FAR, 10, "--hold", "30")
+    attack = flood(mesh, hostile.ATTACKER, TCP_FAR, 10)
     held = attack.held()
     try:
         after = mesh.cluster.metrics("node1")
     finally:
         attack.release()
-    assert held["connected"] == 10 and held["open"] == 6, held
+    assert held["opened"] == 10 and held["open_at_end"] == 6, held
     name = "nodeproxy_inbound_refused_total"
     labels = {"destination_workload": PLAIN_FAR, "reason": "node_stream_limit"}
     assert refused(after, name, **labels) - refused(node1, name, **labels) == 4
@@ -316,10 +329,10 @@ def test_slowloris_connections_are_closed_by_the_header_timeout(mesh):
     conns = slow_clients(mesh, "deny-near", 20, "--interval", "0.5")
     codes = neighbour_requests(mesh, "slow", 5)
     after = metrics(mesh)
-    closed = [c["closed_after"] for c in conns]
+    closed = [c["ended_after"] for c in conns]
     assert all(t is not None and HEADER_TIMEOUT - 0.1 <= t <= HEADER_TIMEOUT + MARGIN
                for t in closed), closed
-    assert all(c["received"].startswith("HTTP/1.1 408 ") for c in conns), conns
+    assert all(c["answer"].startswith("HTTP/1.1 408 ") for c in conns), conns
     assert codes == ["200"] * 5
     name = "nodeproxy_http_downstream_timeouts_total"
     labels = {"protocol": "http/1.1", "timeout": "request_headers"}
@@ -330,13 +343,17 @@ def test_slowloris_connections_are_closed_by_the_header_timeout(mesh):
 
 def slow_clients(mesh: hostile.HostileMesh, service: str, count: int,
                  *extra: str) -> list[dict[str, Any]]:
+    """``count`` slowloris connections (the request line and Host header at once, then a
+    header byte per ``--interval``; or ``--silent``): what each saw."""
     result = json.loads(mesh.cluster.run_in_pod(hostile.ATTACKER, [
-        sys.executable, "-m", "nodeproxy.testbed.flood", "slowloris",
-        "--host", mesh.vip(service), "--port", "80", "--count", str(count),
-        "--duration", str(HEADER_TIMEOUT + 8), *extra],
+        sys.executable, "-m", "nodeproxy.testbed.attack", "slowloris",
+        "--host", mesh.vip(service), "--port", "80", "--connections", str(count),
+        "--duration", str(HEADER_TIMEOUT + 8), "--connect-timeout", "3", "--head-at-once",
+        "--per-connection", "--json", *extra],
         timeout=60, check=True).stdout.splitlines()[-1])
-    conns: list[dict[str, Any]] = result["connections"]
-    assert len(conns) == count and not any("connect_error" in c for c in conns), conns
+    conns: list[dict[str, Any]] = result["per_connection"]
+    assert result["opened"] == count and result["connect_failed"] == 0, result
+    assert len(conns) == count, conns
     return conns
 
 
@@ -346,10 +363,10 @@ def test_silent_connections_do_not_hold_descriptors(mesh):
     before = metrics(mesh)
     conns = slow_clients(mesh, "deny-near", 10, "--silent")
     after = metrics(mesh)
-    closed = [c["closed_after"] for c in conns]
+    closed = [c["ended_after"] for c in conns]
     assert all(t is not None and HEADER_TIMEOUT - 0.1 <= t <= HEADER_TIMEOUT + MARGIN
                for t in closed), closed
-    assert all(c["received"] == "" for c in conns), conns
+    assert all(c["answer"] == "" for c in conns), conns
     name = "nodeproxy_http_downstream_timeouts_total"
     labels = {"protocol": "http/1.1", "timeout": "request_headers"}
     assert refused(after, name, **labels) - refused(before, name, **labels) == 10
@@ -378,9 +395,8 @@ def test_idle_tcp_flows_are_closed_at_the_idle_timeout(mesh):
     hold its descriptors for good: limits.tcpIdleTimeoutSeconds closes it."""
     _apply(mesh, {"limits": {"perPod": GENEROUS, "tcpIdleTimeoutSeconds": 2}})
     before = metrics(mesh)
-    attack = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 5, "--settle", "0",
-                   "--hold", "30")
-    assert attack.held()["open"] == 5
+    attack = flood(mesh, hostile.ATTACKER, TCP_SERVICE, 5, settle=0)
+    assert attack.held()["open_at_end"] == 5
     assert wait_for(lambda: refused(metrics(mesh), "nodeproxy_tcp_idle_timeouts_total")
                     - refused(before, "nodeproxy_tcp_idle_timeouts_total") == 5, 15)
     attack.release()
@@ -425,8 +441,8 @@ def test_descriptor_reserve_keeps_ready_and_metrics_answering():
                restart=True)
         exposition = c.metrics("node0")
         assert metric_sum(exposition, "nodeproxy_open_files", kind="limit") == limit
-        first = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, cap, "--hold", "120")
-        assert first.held()["open"] == cap
+        first = flood(mesh, hostile.ATTACKER, TCP_SERVICE, cap, hold=120)
+        assert first.held()["open_at_end"] == cap
         try:
             # Nearly spent: the neighbour still gets through.
             codes = neighbour_requests(mesh, "reserve", 10)
@@ -434,10 +450,10 @@ def test_descriptor_reserve_keeps_ready_and_metrics_answering():
             # Lift the pod cap (live) and take the rest: now the table's share runs out.
             _apply(mesh, {"limits": {"openFiles": limit, "reservedFiles": reserved,
                                      "perPod": GENEROUS}})
-            second = flood(mesh, hostile.ATTACKER, "hold", TCP_SERVICE, 200, "--hold", "120")
+            second = flood(mesh, hostile.ATTACKER, TCP_SERVICE, 200, hold=120)
             held = second.held()
             try:
-                assert held["open"] < 200 and held["reset"] + held["closed"] > 0, held
+                assert held["open_at_end"] < 200 and refused_or_closed(held) > 0, held
                 status, _ = c.admin_get("node0", "/ready")
                 assert status == 200
                 exposition = c.metrics("node0")
@@ -447,7 +463,7 @@ def test_descriptor_reserve_keeps_ready_and_metrics_answering():
                 assert open_now < limit, (open_now, limit)
                 print(f"descriptors: limit {limit}, reserve {reserved}, baseline "
                       f"{baseline:.0f}, open under attack {open_now:.0f}; attacker held "
-                      f"{cap + held['open']} connections, {held['reset'] + held['closed']} "
+                      f"{cap + held['open_at_end']} connections, {refused_or_closed(held)} "
                       f"refused")
             finally:
                 second.release()

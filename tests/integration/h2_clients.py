@@ -1,19 +1,16 @@
-"""A hostile HTTP/2 client (prior-knowledge h2c, the `h2` library), run inside a test pod
-by tests/integration/test_hostile_h2.py; also the neighbour's steady HTTP/1.1 client.
+"""The well-behaved HTTP/2 and HTTP/1.1 clients of tests/integration/test_hostile_h2.py,
+run inside a test pod: a client that cancels its request in flight (RST_STREAM, or for
+HTTP/1.1 a reset connection) and the neighbour's steady HTTP/1.1 client.  The attacks
+themselves (rapid reset, control-frame floods) are nodeproxy.testbed.attack's.
 
-    python h2_flood.py rapid-reset --host VIP [--count 10000] [--seconds 20] [--reconnect]
-    python h2_flood.py ping|settings|window-update --host VIP [--count 10000]
-    python h2_flood.py cancel --host VIP --path /delay/8000 --wait 1 --seconds 10
-    python h2_flood.py cancel-h1 --host VIP --path /delay/8000 --wait 1 --seconds 10
-    python h2_flood.py grpc-cancel --host VIP --port 50051 --streams 4 --reset-when FILE
-    python h2_flood.py neighbour --host VIP --seconds 10
+    python h2_clients.py cancel --host VIP --path /delay/8000 --wait 1 --seconds 10
+    python h2_clients.py cancel-h1 --host VIP --path /delay/8000 --wait 1 --seconds 10
+    python h2_clients.py grpc-cancel --host VIP --port 50051 --streams 4 --reset-when FILE
+    python h2_clients.py neighbour --host VIP --seconds 10
 
-Every mode is bounded in frames (``--count``) and time (``--seconds``).  The floods send in
-batches as fast as the socket takes them and stop at the server's GOAWAY or when the
-connection ends; ``--reconnect`` (rapid reset) opens a new connection after each and goes
-on.  The last line printed is a JSON summary: frames sent, connections, the GOAWAYs seen
-(code, last stream id), responses received; the neighbour's: requests, statuses, failures,
-latency percentiles.
+Every mode is bounded in requests (``--count``) and time (``--seconds``).  The last line
+printed is a JSON summary; the neighbour's: requests, statuses, failures, latency
+percentiles.
 """
 
 from __future__ import annotations
@@ -33,12 +30,12 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import h2.settings
-
-BATCH = 100
 
 
-class Flood:
+class H2Client:
+    """One prior-knowledge h2c connection on a non-blocking socket; what the server
+    sends is read and answered by ``h2``, its responses and GOAWAY noted."""
+
     def __init__(self, host: str, port: int, authority: str, path: str):
         self.sock = socket.create_connection((host, port), timeout=10)
         self.sock.setblocking(False)
@@ -92,62 +89,11 @@ class Flood:
                 self.responses += 1
         self.conn.data_to_send()  # our answers (ACKs) are not the point: drop them
 
-    def one(self, mode: str, i: int) -> None:
-        if mode == "rapid-reset":
-            sid = self.conn.get_next_available_stream_id()
-            self.conn.send_headers(sid, self.headers, end_stream=True)
-            self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
-        elif mode == "ping":
-            self.conn.ping(i.to_bytes(8, "big"))
-        elif mode == "settings":
-            self.conn.update_settings({h2.settings.SettingCodes.ENABLE_PUSH: 0})
-        elif mode == "window-update":
-            self.conn.increment_flow_control_window(1)
-
-    def finish(self, seconds: float) -> None:
-        """Read until the GOAWAY and the close, or `seconds`."""
-        deadline = time.monotonic() + seconds
-        while not self.closed and time.monotonic() < deadline:
-            self.read(0.1)
-        self.sock.close()
-
-
-def flood(args: argparse.Namespace) -> dict[str, Any]:
-    start = time.monotonic()
-    deadline = start + args.seconds
-    sent = connections = responses = 0
-    goaways: list[dict[str, int]] = []
-    while sent < args.count and time.monotonic() < deadline:
-        try:
-            f = Flood(args.host, args.port, args.authority or args.host, args.path)
-        except OSError as e:
-            goaways.append({"connect_error": str(e)})  # type: ignore[dict-item]
-            time.sleep(0.05)
-            continue
-        connections += 1
-        while sent < args.count and time.monotonic() < deadline and f.goaway is None \
-                and not f.closed:
-            for _ in range(min(args.batch, args.count - sent)):
-                f.one(args.mode, sent)
-                sent += 1
-            f.flush()
-            f.read(args.pause)
-        f.finish(3.0)
-        responses += f.responses
-        if f.goaway is not None:
-            goaways.append({"code": int(f.goaway.error_code),
-                            "last_stream_id": int(f.goaway.last_stream_id or 0)})
-        if not args.reconnect:
-            break
-    return {"mode": args.mode, "sent": sent, "connections": connections,
-            "goaways": goaways, "responses": responses,
-            "elapsed_s": round(time.monotonic() - start, 3)}
-
 
 def cancel(args: argparse.Namespace) -> dict[str, Any]:
     """One request; RST_STREAM(CANCEL) after --wait seconds; the connection stays open
     for --seconds more (so only the stream reset can tell the proxy)."""
-    f = Flood(args.host, args.port, args.authority or args.host, args.path)
+    f = H2Client(args.host, args.port, args.authority or args.host, args.path)
     sid = f.conn.get_next_available_stream_id()
     f.conn.send_headers(sid, f.headers, end_stream=True)
     f.flush()
@@ -172,7 +118,7 @@ def grpc_cancel(args: argparse.Namespace) -> dict[str, Any]:
     """--streams gRPC calls /test.Echo/Sleep of 15 s on one connection; once the file
     --reset-when exists, RST_STREAM(CANCEL) each (the connection stays open); then hold
     it for --seconds."""
-    f = Flood(args.host, args.port, args.authority or args.host, "/test.Echo/Sleep")
+    f = H2Client(args.host, args.port, args.authority or args.host, "/test.Echo/Sleep")
     headers = [(":method", "POST"), (":path", "/test.Echo/Sleep"), (":scheme", "http"),
                (":authority", args.authority or args.host),
                ("content-type", "application/grpc"), ("te", "trailers")]
@@ -253,19 +199,13 @@ def neighbour(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["rapid-reset", "ping", "settings", "window-update",
-                                         "cancel", "cancel-h1", "grpc-cancel",
-                                         "neighbour"])
+    parser.add_argument("mode", choices=["cancel", "cancel-h1", "grpc-cancel", "neighbour"])
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--authority", default="")
-    parser.add_argument("--path", default="/public/flood")
-    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--path", default="/")
+    parser.add_argument("--count", type=int, default=10_000, help="neighbour: requests")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--reconnect", action="store_true")
-    parser.add_argument("--batch", type=int, default=BATCH, help="frames per write")
-    parser.add_argument("--pause", type=float, default=0.0,
-                        help="seconds to wait (reading) between writes")
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--wait", type=float, default=1.0, help="cancel: seconds to reset")
     parser.add_argument("--streams", type=int, default=4, help="grpc-cancel: calls")
@@ -277,10 +217,8 @@ def main() -> None:
         result = cancel(args)
     elif args.mode == "cancel-h1":
         result = cancel_h1(args)
-    elif args.mode == "grpc-cancel":
-        result = grpc_cancel(args)
     else:
-        result = flood(args)
+        result = grpc_cancel(args)
     print(json.dumps(result), flush=True)
 
 
