@@ -291,6 +291,11 @@ class Tally:
         return out
 
 
+# What a write or read on a connection the peer closed raises: OSError from asyncio,
+# RuntimeError ("the handler is closed") from uvloop's transports.
+PEER_CLOSED = (OSError, RuntimeError)
+
+
 async def _connect(plan: Plan, tally: Tally, limit: asyncio.Semaphore,
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Connection] | None:
     async with limit:
@@ -314,7 +319,7 @@ async def _on_connection(plan: Plan, tally: Tally, limit: asyncio.Semaphore,
     reader, writer, conn = opened
     try:
         await body(reader, writer, conn)
-    except OSError:
+    except PEER_CLOSED:
         tally.ended(conn, reset=True)
     finally:
         writer.close()
@@ -537,7 +542,7 @@ async def _h2_one(plan: Plan, deadline: float) -> H2Outcome:
                 pending = conn.data_to_send()
                 if pending:
                     writer.write(pending)
-        except OSError:
+        except PEER_CLOSED:
             out.reset_by_peer = True
         finally:
             ended.set()
@@ -566,7 +571,7 @@ async def _h2_one(plan: Plan, deadline: float) -> H2Outcome:
     except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as e:
         if out.goaway_code is None:
             out.error = f"h2: {describe(e)}: {e}"
-    except OSError:
+    except PEER_CLOSED:
         out.reset_by_peer = True
     finally:
         receiver.cancel()

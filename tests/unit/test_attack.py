@@ -239,3 +239,4 @@ def test_flood_reports_held_then_holds_until_released(capsys: pytest.CaptureFixt
     assert sum(a.startswith("HTTP/1.1 503") for a in answers) == 2 and answers.count("") == 3
     assert done["phase"] == "done" and done["open_at_end"] == 3
     assert time.monotonic() - started >= 1.4  # held until the duration
+
