@@ -504,19 +504,24 @@ class H2Outcome:
     error: str | None = None
 
 
-async def _h2_one(plan: Plan, deadline: float) -> H2Outcome:
-    out = H2Outcome()
+async def _h2_one(plan: Plan, deadline: float, out: H2Outcome) -> None:
+    """One connection of an H2_KINDS attack, recorded in ``out`` as it goes."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(plan.host, plan.port),
                                                 plan.connect_timeout)
     except (OSError, TimeoutError) as e:
         out.error = f"connect: {describe(e)}"
-        return out
+        return
     out.connected = True
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                 header_encoding=None))
     conn.initiate_connection()
-    writer.write(conn.data_to_send())
+    try:  # a pod over its caps is reset at accept: the preface may meet a closed transport
+        writer.write(conn.data_to_send())
+    except PEER_CLOSED:
+        out.reset_by_peer = True
+        writer.close()
+        return
     headers = request_headers(plan.authority, plan.path)
     ended = asyncio.Event()
 
@@ -576,7 +581,6 @@ async def _h2_one(plan: Plan, deadline: float) -> H2Outcome:
     finally:
         receiver.cancel()
         writer.close()
-    return out
 
 
 async def h2_flood(plan: Plan) -> dict[str, Any]:
@@ -584,7 +588,12 @@ async def h2_flood(plan: Plan) -> dict[str, Any]:
     results: list[H2Outcome] = []
 
     async def one(_: int, deadline: float) -> None:
-        results.append(await _h2_one(plan, deadline))
+        out = H2Outcome()
+        results.append(out)
+        try:
+            await _h2_one(plan, deadline, out)
+        except PEER_CLOSED:  # whatever write met the closed connection: it ends this one
+            out.reset_by_peer = True
 
     await _paced(plan, one, 0.0)  # --rate paces the units here, not the connects
     goaways = Counter(r.goaway_code for r in results if r.goaway_code is not None)

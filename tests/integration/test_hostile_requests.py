@@ -243,9 +243,17 @@ PAIRS = [("h1", "h1"), ("h2", "h2"), ("h2", "h1"), ("h1", "h2")]
 _probe = itertools.count(1)
 
 
+# These tests send hundreds of requests, each on a new connection, from the attacker pod
+# at the machine's speed: its new-connection rate cap (a defence of its own, proven in
+# test_hostile_limits.py) would refuse some of them, and what is judged here is what a
+# request means, not how many a pod may open.
+UNCAPPED = {"perPod": {"connectionsPerSecond": 1_000_000, "connectionBurst": 1_000_000}}
+
+
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[HostileMesh]:
-    yield from hostile.hostile_mesh({"authorizationPolicies": [HOST_POLICY]})
+    yield from hostile.hostile_mesh({"authorizationPolicies": [HOST_POLICY],
+                                     "limits": UNCAPPED})
 
 
 def host_violations(target: Target) -> list[dict[str, Any]]:
@@ -457,7 +465,7 @@ def reconfigure(mesh: HostileMesh, settings: dict[str, Any]) -> None:
     c = mesh.cluster
     c.write_configs(overrides={
         "http": {"accessLog": {"path": os.path.join(c.dir, "access.log")}, **settings},
-        "authorizationPolicies": [*hostile.POLICIES, HOST_POLICY]})
+        "limits": UNCAPPED, "authorizationPolicies": [*hostile.POLICIES, HOST_POLICY]})
     c.reload_daemons()
 
 

@@ -240,3 +240,4 @@ def test_flood_reports_held_then_holds_until_released(capsys: pytest.CaptureFixt
     assert done["phase"] == "done" and done["open_at_end"] == 3
     assert time.monotonic() - started >= 1.4  # held until the duration
 
+
