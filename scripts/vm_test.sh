@@ -20,7 +20,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 KERNEL="${1:-${KERNEL:-6.1}}"
 OUT="$REPO/build/vm/$KERNEL"
-[ -f "$OUT/box.box" ] || vm_die "no box for kernel $KERNEL: run make vm-box KERNEL=$KERNEL"
+vagrant box list 2>/dev/null | grep -q "^nodeproxy/bookworm-$KERNEL " ||
+    vm_die "no box nodeproxy/bookworm-$KERNEL: run make vm-box KERNEL=$KERNEL"
 [ "$(id -u)" -eq 0 ] || vm_die "run as root (libvirt)"
 
 # Kernel-focused and bounded (everything runs 5-11x slower under emulation):
