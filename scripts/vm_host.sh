@@ -68,8 +68,14 @@ vm_start_libvirt() {
 # Networks that came up meanwhile (vagrant-libvirt's management network: a bridge,
 # a dnsmasq and NAT rules) are destroyed first: they outlive libvirtd otherwise.
 vm_stop_libvirt() {
-    local i pid net
+    local i pid net others
     [ "${#VM_STARTED_PIDS[@]}" -gt 0 ] || return 0
+    # Another run's VM still needs them (a second kernel tested at the same time).
+    others="$(virsh -c qemu:///system list --name 2>/dev/null | grep -v '^$' || true)"
+    if [ -n "$others" ]; then
+        vm_say "libvirtd left running: domains still up: $(echo $others)"
+        return 0
+    fi
     for net in $(virsh -c qemu:///system net-list --name 2>/dev/null); do
         grep -qxF "$net" <<<"$VM_NETWORKS_BEFORE" && continue
         vm_say "virsh net-destroy $net"

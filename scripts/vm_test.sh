@@ -50,13 +50,15 @@ DEFAULT_TESTS=(
 )
 read -r -a TESTS <<<"${VM_TESTS:-${DEFAULT_TESTS[*]}}"
 TEST_TIMEOUT="${VM_TEST_TIMEOUT:-900}"     # per test, inside the VM
-RUN_TIMEOUT="${VM_RUN_TIMEOUT:-3600}"      # the whole pytest run
+RUN_TIMEOUT="${VM_RUN_TIMEOUT:-3600}"      # the whole pytest run (then SIGINT: pytest
+                                           # still prints what passed and failed)
 
 export VAGRANT_CWD="$REPO/vagrant"
 export VAGRANT_DOTFILE_PATH="$OUT/vagrant"   # one VM state per kernel, outside vagrant/
 export VAGRANT_DEFAULT_PROVIDER=libvirt
 export NODEPROXY_BOX="nodeproxy/bookworm-$KERNEL"
 export NODEPROXY_KEEP_KERNEL=1              # the point is this kernel, not backports'
+export NODEPROXY_VM_PREFIX="nodeproxy-vm-$KERNEL-"  # one libvirt domain per kernel
 SUMMARY="$OUT/summary.txt"
 LOG="$OUT/pytest.log"
 
@@ -92,7 +94,7 @@ vagrant ssh nodeproxy -c 'cd /nodeproxy && sudo .venv/bin/nodeproxy check' 2>&1 
 
 vm_say "pytest in the VM: ${#TESTS[@]} selections, up to ${RUN_TIMEOUT}s"
 set +e
-vagrant ssh nodeproxy -c "cd /nodeproxy && sudo timeout ${RUN_TIMEOUT} .venv/bin/pytest -v -rfE \
+vagrant ssh nodeproxy -c "cd /nodeproxy && sudo timeout -s INT -k 120 ${RUN_TIMEOUT} .venv/bin/pytest -v -rfE \
     -p no:cacheprovider --timeout=${TEST_TIMEOUT} --durations=15 ${TESTS[*]}" 2>&1 |
     tr -d '\r' | tee "$LOG"
 rc=${PIPESTATUS[0]}
