@@ -94,7 +94,7 @@ vagrant ssh nodeproxy -c 'cd /nodeproxy && sudo .venv/bin/nodeproxy check' 2>&1 
 
 vm_say "pytest in the VM: ${#TESTS[@]} selections, up to ${RUN_TIMEOUT}s"
 set +e
-vagrant ssh nodeproxy -c "cd /nodeproxy && sudo timeout -s INT -k 120 ${RUN_TIMEOUT} .venv/bin/pytest -v -rfE \
+vagrant ssh nodeproxy -c "cd /nodeproxy && sudo PYTHONUNBUFFERED=1 timeout -s INT -k 120 ${RUN_TIMEOUT} .venv/bin/pytest -v -rfE \
     -p no:cacheprovider --timeout=${TEST_TIMEOUT} --durations=15 ${TESTS[*]}" 2>&1 |
     tr -d '\r' | tee "$LOG"
 rc=${PIPESTATUS[0]}
