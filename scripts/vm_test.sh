@@ -50,6 +50,7 @@ DEFAULT_TESTS=(
 )
 read -r -a TESTS <<<"${VM_TESTS:-${DEFAULT_TESTS[*]}}"
 TEST_TIMEOUT="${VM_TEST_TIMEOUT:-900}"     # per test, inside the VM
+SLOWDOWN="${VM_SLOWDOWN:-5}"               # the testbed's waits (daemon start) times this
 RUN_TIMEOUT="${VM_RUN_TIMEOUT:-3600}"      # the whole pytest run (then SIGINT: pytest
                                            # still prints what passed and failed)
 
@@ -94,7 +95,7 @@ vagrant ssh nodeproxy -c 'cd /nodeproxy && sudo .venv/bin/nodeproxy check' 2>&1 
 
 vm_say "pytest in the VM: ${#TESTS[@]} selections, up to ${RUN_TIMEOUT}s"
 set +e
-vagrant ssh nodeproxy -c "cd /nodeproxy && sudo PYTHONUNBUFFERED=1 timeout -s INT -k 120 ${RUN_TIMEOUT} .venv/bin/pytest -v -rfE \
+vagrant ssh nodeproxy -c "cd /nodeproxy && sudo PYTHONUNBUFFERED=1 NODEPROXY_TESTBED_SLOWDOWN=${SLOWDOWN} timeout -s INT -k 120 ${RUN_TIMEOUT} .venv/bin/pytest -v -rfE \
     -p no:cacheprovider --timeout=${TEST_TIMEOUT} --durations=15 ${TESTS[*]}" 2>&1 |
     tr -d '\r' | tee "$LOG"
 rc=${PIPESTATUS[0]}
