@@ -94,10 +94,11 @@ vagrant ssh nodeproxy -c 'cd /nodeproxy && sudo .venv/bin/nodeproxy check' 2>&1 
     tr -d '\r' | tee "$OUT/check.txt" || true
 
 vm_say "pytest in the VM: ${#TESTS[@]} selections, up to ${RUN_TIMEOUT}s"
+t2=$(now)
 set +e
 vagrant ssh nodeproxy -c "cd /nodeproxy && sudo PYTHONUNBUFFERED=1 NODEPROXY_TESTBED_SLOWDOWN=${SLOWDOWN} timeout -s INT -k 120 ${RUN_TIMEOUT} .venv/bin/pytest -v -rfE \
     -p no:cacheprovider --timeout=${TEST_TIMEOUT} --durations=15 ${TESTS[*]}" 2>&1 |
-    tr -d '\r' | tee "$LOG"
+    sed -u 's/\r$//' | tee "$LOG"
 rc=${PIPESTATUS[0]}
 set -e
 t3=$(now)
