@@ -89,5 +89,26 @@ vm_stop_libvirt() {
         timeout 20 tail --pid="$pid" -f /dev/null || kill -9 "$pid" 2>/dev/null || true
     done
     VM_STARTED_PIDS=()
-VM_NETWORKS_BEFORE=""
+    vm_remove_libvirt_chains
+}
+
+# libvirtd adds empty LIBVIRT_* chains (and jumps to them) to iptables and ip6tables
+# and leaves them behind when it stops: remove those that are empty.
+vm_remove_libvirt_chains() {
+    local tool table rule chain
+    for tool in iptables ip6tables; do
+        command -v "$tool" >/dev/null || continue
+        for table in filter nat mangle; do
+            "$tool" -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ -j LIBVIRT_[A-Z]+$' |
+                while read -r rule; do
+                    chain="${rule##* }"
+                    [ "$("$tool" -t "$table" -S "$chain" | wc -l)" -eq 1 ] || continue
+                    # shellcheck disable=SC2086  # the rule's words are the arguments
+                    "$tool" -t "$table" -D ${rule#-A } && vm_say "$tool -t $table: removed $rule"
+                done
+            for chain in $("$tool" -t "$table" -S 2>/dev/null | sed -n 's/^-N \(LIBVIRT_[A-Z]*\)$/\1/p'); do
+                "$tool" -t "$table" -X "$chain" 2>/dev/null || true
+            done
+        done
+    done
 }
