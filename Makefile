@@ -1,6 +1,6 @@
 # nodeproxy developer entry points.  Everything runs as root on Debian 12;
 # `make setup` is idempotent and every other target runs it first.
-.PHONY: all setup test lint demo bench fuzz fresh-check ci cni-plugin image clean
+.PHONY: all setup test lint demo bench fuzz fresh-check ci cni-plugin image clean vm-box vm-test
 
 VENV := .venv
 SHELL := /bin/bash
@@ -72,6 +72,16 @@ $(CNI_PLUGIN): $(CNI_SOURCES) scripts/build-cni-plugin.sh pyproject.toml | setup
 # archive: build/nodeproxy-image.tar; docs/install.md.  Needs no venv (no setup).
 image:
 	bash scripts/build-image.sh
+
+# The Vagrant VM on one of Debian 12's kernels (QEMU software emulation; see
+# docs/kernels.md).  vm-box builds the box from Debian's packages; vm-test boots
+# it, provisions it and runs the kernel-focused tests inside, then destroys it.
+KERNEL ?= 6.1
+vm-box:
+	bash scripts/vm_box.sh $(KERNEL)
+
+vm-test: vm-box
+	bash scripts/vm_test.sh $(KERNEL)
 
 # build/ holds the image build's own container store (overlay layers): podman
 # removes it (rm alone can trip on files its user namespace owns).

@@ -36,7 +36,9 @@
 #include <uapi/linux/bpf.h>
 #include <linux/socket.h>
 #include <linux/in.h>
-#include <linux/tcp.h>
+#include <linux/net.h>  /* SOCK_STREAM; not linux/tcp.h: from 6.10 on it drags in
+                          * include/linux/bpf.h, which needs struct bpf_wq that bcc 0.26's
+                          * own uapi bpf.h lacks (every program fails to compile) */
 #include "maps.h"
 
 #define NP_SOL_IP 0

@@ -297,6 +297,19 @@ def sweep_leftovers() -> list[str]:
 # The cluster
 
 
+def testbed_slowdown() -> float:
+    """$NODEPROXY_TESTBED_SLOWDOWN: how many times slower than this project's machines the
+    testbed runs (>= 1; scripts/vm_test.sh sets it for the emulated VM)."""
+    raw = os.environ.get("NODEPROXY_TESTBED_SLOWDOWN", "1")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"NODEPROXY_TESTBED_SLOWDOWN={raw!r} is not a number") from None
+    if not value >= 1:
+        raise ValueError(f"NODEPROXY_TESTBED_SLOWDOWN={raw!r} must be >= 1")
+    return value
+
+
 class Cluster:
     """N simulated nodes on this machine; use as a context manager.
 
@@ -724,7 +737,12 @@ class Cluster:
 
     def start_daemons(self, timeout: float = 60.0, nodes: Sequence[str] | None = None,
                       extra_args: Sequence[str] = ()) -> None:
-        """Start one daemon per node inside its netns and wait until each answers /ready."""
+        """Start one daemon per node inside its netns and wait until each answers /ready.
+
+        The wait is ``timeout`` times $NODEPROXY_TESTBED_SLOWDOWN (default 1): under
+        QEMU's software emulation (`make vm-test`) compiling the programs alone takes
+        longer than a minute."""
+        timeout *= testbed_slowdown()
         targets = [self.nodes[n] for n in (nodes or self.nodes)]
         if any(not n.config for n in targets):
             self.write_configs()

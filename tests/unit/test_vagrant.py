@@ -10,6 +10,7 @@ these tests fail, they do not skip.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -77,15 +78,20 @@ def ruby() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def calls(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    stub = tmp_path_factory.mktemp("vagrant") / "stub.rb"
+def evaluate(stub_dir: Path, **env: str) -> list[dict[str, Any]]:
+    stub = stub_dir / "stub.rb"
     stub.write_text(STUB)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NODEPROXY_")}
     out = subprocess.run([ruby(), str(stub), str(VAGRANTFILE)], capture_output=True,
-                         text=True, timeout=60, cwd=VAGRANTFILE.parent)
+                         text=True, timeout=60, cwd=VAGRANTFILE.parent, env=environ | env)
     assert out.returncode == 0, out.stderr
     recorded: list[dict[str, Any]] = json.loads(out.stdout)
     return recorded
+
+
+@pytest.fixture(scope="module")
+def calls(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return evaluate(tmp_path_factory.mktemp("vagrant"))
 
 
 def named(calls: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
@@ -118,6 +124,8 @@ def test_the_repo_is_synced_into_the_guest(calls: list[dict[str, Any]]):
     repo = folders["/nodeproxy"]
     assert Path(repo["args"][0]) == REPO and repo["kwargs"]["type"] == "rsync"
     assert ".venv/" in repo["kwargs"]["rsync__exclude"]
+    # build/ holds the VM boxes (GBs of disk images): never copied into the guest.
+    assert "build/" in repo["kwargs"]["rsync__exclude"]
 
 
 def test_provisioning_runs_the_readme_commands(calls: list[dict[str, Any]]):
@@ -147,3 +155,40 @@ def test_readme_documents_vagrant_up_and_the_test_command():
     text = (REPO / "vagrant" / "README.md").read_text()
     for command in ("vagrant up", "--provision-with test", "make test"):
         assert command in text, command
+
+
+def test_a_local_box_keeps_its_own_kernel_and_skips_the_reboot(tmp_path: Path):
+    """`make vm-test` boots a box on a chosen Debian kernel: the kernel step must not
+    move it to the backports kernel, and must not reboot for nothing."""
+    steps = provisioners(evaluate(tmp_path, NODEPROXY_BOX="nodeproxy/bookworm-6.1",
+                                  NODEPROXY_KEEP_KERNEL="1"))
+    kernel = steps["kernel"]
+    assert kernel["reboot"] is False and kernel["env"] == {"NODEPROXY_KEEP_KERNEL": "1"}
+    script = tmp_path / "kernel.sh"
+    script.write_text(kernel["inline"])
+    # The script leaves before it could touch apt (it would fail here: not root,
+    # or no network) and says which kernel it keeps.
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", "NODEPROXY_KEEP_KERNEL": "1"})
+    assert out.returncode == 0, out.stderr
+    assert f"keeping the box's kernel {os.uname().release}" in out.stdout
+    box = evaluate(tmp_path, NODEPROXY_BOX="nodeproxy/bookworm-6.1")
+    assert named(box, "config.vm.box")[0]["value"] == "nodeproxy/bookworm-6.1"
+
+
+def test_vm_scripts_are_valid_shell_and_the_box_carries_setup_packages():
+    for script in ("vm_box.sh", "vm_test.sh", "vm_host.sh"):
+        out = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, f"{script}: {out.stderr}"
+    # vm_box.sh reads setup.sh's APT_PACKAGES the same way: the list must parse and
+    # hold setup.sh's packages, or the box would miss one and setup would install it
+    # slowly under emulation (or not at all).
+    text = (REPO / "scripts" / "setup.sh").read_text()
+    out = subprocess.run(
+        ["bash", "-c", 'eval "$(sed -n "/^APT_PACKAGES=(/,/^)/p" "$1")"; '
+         'printf "%s\\n" "${APT_PACKAGES[@]}"', "_", str(REPO / "scripts" / "setup.sh")],
+        capture_output=True, text=True, timeout=30)
+    packages = out.stdout.split()
+    assert out.returncode == 0 and "python3-bpfcc" in packages and "nftables" in packages
+    assert all(p in text for p in packages) and len(packages) >= 20
