@@ -460,8 +460,7 @@ class HttpProxy:
         body = exchange.body
         if body.ended or body.error is not None:
             return
-        self._metrics.count_downstream_timeout(
-            "http/2" if exchange.request.version == "2" else "http/1.1", "request")
+        self._metrics.count_downstream_timeout(_wire(exchange.request), "request")
         if isinstance(exchange, H1Exchange):
             exchange.keep_alive = False  # the rest of its body cannot be told from a request
         # The forwarding path sees a malformed request and answers its status, unless it
