@@ -11,12 +11,12 @@ setup:
 	bash scripts/setup.sh
 
 lint: setup
-	$(VENV)/bin/ruff check nodeproxy tests
+	$(VENV)/bin/ruff check nodeproxy nodeproxy_dev tests
 
 # pytest's own exit status decides: any failure, and also 5 (no tests collected),
 # fails the target.
 test: setup
-	$(VENV)/bin/ruff check nodeproxy tests
+	$(VENV)/bin/ruff check nodeproxy nodeproxy_dev tests
 	$(VENV)/bin/pytest -v
 
 demo: setup
@@ -91,4 +91,4 @@ clean:
 			--storage-driver overlay system reset -f; \
 	fi
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
-	find nodeproxy tests -name __pycache__ -type d -prune -exec rm -rf {} +
+	find nodeproxy nodeproxy_dev tests -name __pycache__ -type d -prune -exec rm -rf {} +

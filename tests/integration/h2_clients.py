@@ -1,7 +1,7 @@
 """The well-behaved HTTP/2 and HTTP/1.1 clients of tests/integration/test_hostile_h2.py,
 run inside a test pod: a client that cancels its request in flight (RST_STREAM, or for
 HTTP/1.1 a reset connection) and the neighbour's steady HTTP/1.1 client.  The attacks
-themselves (rapid reset, control-frame floods) are nodeproxy.testbed.attack's.
+themselves (rapid reset, control-frame floods) are nodeproxy_dev.testbed.attack's.
 
     python h2_clients.py cancel --host VIP --path /delay/8000 --wait 1 --seconds 10
     python h2_clients.py cancel-h1 --host VIP --path /delay/8000 --wait 1 --seconds 10

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 
 APP_H1 = 8080
 APP_H2 = 8081
@@ -77,7 +77,7 @@ class HostileMesh:
     def raw(self, host: str, writes: Sequence[bytes], *, port: int = 80, gap: float = 0.0,
             read_seconds: float = 3.0, half_close: bool = False, pod: str = ATTACKER,
             timeout: float = 60.0) -> dict[str, Any]:
-        """Run nodeproxy.testbed.raw_exchange in the pod: the writes, then what came back
+        """Run nodeproxy_dev.testbed.raw_exchange in the pod: the writes, then what came back
         (``received`` as bytes added to its JSON)."""
         first, *rest = writes
         argv = ["--host", host, "--port", str(port), "--send-hex", first.hex(),
@@ -87,7 +87,7 @@ class HostileMesh:
         if half_close:
             argv.append("--half-close")
         out = self.cluster.run_in_pod(pod, [sys.executable, "-m",
-                                            "nodeproxy.testbed.raw_exchange", *argv],
+                                            "nodeproxy_dev.testbed.raw_exchange", *argv],
                                       timeout=timeout, check=True)
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         result["received"] = bytes.fromhex(result["received_hex"])

@@ -9,7 +9,7 @@ import textwrap
 import time
 
 from nodeproxy.capture import libbpf
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 
 
 def connect(cluster: Cluster, pod: str, host: str, port: int) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed import cgroups, netns
+from nodeproxy_dev.testbed import cgroups, netns
 
 pytestmark = pytest.mark.privileged
 

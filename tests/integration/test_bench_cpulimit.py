@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.bench import cpulimit
+from nodeproxy_dev.bench import cpulimit
 
 pytestmark = pytest.mark.privileged
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeproxy.testbed import netns
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed import netns
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum as sample
 from tests.integration.probes import attached_programs, connect
 

@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from nodeproxy.cni import install
-from nodeproxy.testbed import cgroups, cni, netns
-from nodeproxy.testbed.cluster import REPO_ROOT, VIP_RANGE4, VIP_RANGE6, Cluster, Pod
+from nodeproxy_dev.testbed import cgroups, cni, netns
+from nodeproxy_dev.testbed.cluster import REPO_ROOT, VIP_RANGE4, VIP_RANGE6, Cluster, Pod
 from tests.integration.probes import connect
 
 PORT = 7000

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy.testbed import netns
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed import netns
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration import fake_kube_api as kube
 from tests.integration.probes import connect
 

@@ -2,7 +2,7 @@
 floods against the node proxy, judged by nginx's own access log, the daemon's metrics
 and /clusters, and a neighbour pod's requests.
 
-The attacker is nodeproxy.testbed.attack (the `h2` library, prior-knowledge h2c to a
+The attacker is nodeproxy_dev.testbed.attack (the `h2` library, prior-knowledge h2c to a
 service VIP, captured by the proxy), bounded in frames and seconds; the clients that
 cancel and the neighbour's are tests/integration/h2_clients.py.  Backends are the
 hostile ground's nginx over h2c (``<variant>-<site>-h2``; near: node0 like the attacker,
@@ -28,8 +28,8 @@ import pytest
 from nodeproxy.identity import tls
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
-from nodeproxy.testbed import netns
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed import netns
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration import hostile
 from tests.integration.hostile import ATTACKER, NEIGHBOUR, HostileMesh, backend_log
 from tests.integration.observe import metric_sum, wait_for
@@ -66,8 +66,8 @@ def mesh() -> Iterator[HostileMesh]:
 
 
 def attack_argv(mesh: HostileMesh, kind: str, service: str, *args: str) -> list[str]:
-    """nodeproxy.testbed.attack's ``kind`` at a service's VIP, port 80, one line of JSON."""
-    return [sys.executable, "-m", "nodeproxy.testbed.attack", kind, "--host",
+    """nodeproxy_dev.testbed.attack's ``kind`` at a service's VIP, port 80, one line of JSON."""
+    return [sys.executable, "-m", "nodeproxy_dev.testbed.attack", kind, "--host",
             mesh.vip(service), "--port", "80", "--authority", service, "--path",
             "/public/flood", "--json", *args]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster, deep_merge
+from nodeproxy_dev.testbed.cluster import Cluster, deep_merge
 from tests.integration import hostile
 from tests.integration.observe import access_log_entries, metric_sum, wait_for
 
@@ -96,12 +96,12 @@ def mesh() -> Iterator[hostile.HostileMesh]:
 
 
 class Flood:
-    """nodeproxy.testbed.attack's flood in a pod: started, read until its "held" report,
+    """nodeproxy_dev.testbed.attack's flood in a pod: started, read until its "held" report,
     released (stdin closed)."""
 
     def __init__(self, mesh: hostile.HostileMesh, pod: str, argv: list[str]):
         self._proc = mesh.cluster.spawn_in_pod(
-            pod, [sys.executable, "-m", "nodeproxy.testbed.attack", "flood", *argv],
+            pod, [sys.executable, "-m", "nodeproxy_dev.testbed.attack", "flood", *argv],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def held(self, timeout: float = 60.0) -> dict[str, Any]:
@@ -359,7 +359,7 @@ def slow_clients(mesh: hostile.HostileMesh, service: str, count: int,
     """``count`` slowloris connections (the request line and Host header at once, then a
     header byte per ``--interval``; or ``--silent``): what each saw."""
     result = json.loads(mesh.cluster.run_in_pod(hostile.ATTACKER, [
-        sys.executable, "-m", "nodeproxy.testbed.attack", "slowloris",
+        sys.executable, "-m", "nodeproxy_dev.testbed.attack", "slowloris",
         "--host", mesh.vip(service), "--port", "80", "--connections", str(count),
         "--duration", str(HEADER_TIMEOUT + 8), "--connect-timeout", "3", "--head-at-once",
         "--per-connection", "--json", *extra],

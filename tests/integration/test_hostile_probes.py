@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration import hostile
 from tests.integration.hostile import ATTACKER, HostileMesh, Target, backend_log, violations
 

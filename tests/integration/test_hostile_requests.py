@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed.nginx import GUARDED_BODIES
+from nodeproxy_dev.testbed.nginx import GUARDED_BODIES
 from tests.integration import hostile
 from tests.integration.hostile import HostileMesh, Target, backend_log, violations
 from tests.integration.observe import metric_sum
@@ -358,7 +358,7 @@ def send(mesh: HostileMesh, variants: Sequence[Variant], pairs: Sequence[tuple[s
     with open(batch, "w") as f:
         json.dump(requests, f)
     out = mesh.cluster.run_in_pod(
-        hostile.ATTACKER, [sys.executable, "-m", "nodeproxy.testbed.raw_batch", batch,
+        hostile.ATTACKER, [sys.executable, "-m", "nodeproxy_dev.testbed.raw_batch", batch,
                            "--seconds", "5"], timeout=600, check=True)
     results = json.loads(out.stdout.strip().splitlines()[-1])
     return [Sent(v, t, c, s, p, r) for (v, t, c, s, p), r in zip(plan, results, strict=True)]

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.hostile import ATTACKER, HostileMesh, Target, build, violations
 from tests.integration.observe import access_log_entries, fqdn, metric_sum, wait_for
 

@@ -1,5 +1,5 @@
 """L7 HTTP through the daemons on the simulated cluster: real HTTP servers in pods
-(nodeproxy.testbed.http_backend, grpcio), real clients (curl, the stdlib client, a
+(nodeproxy_dev.testbed.http_backend, grpcio), real clients (curl, the stdlib client, a
 grpcio client), mTLS between nodes.  Each test asserts what a user would see: who
 answered, the status, the bytes, the timing, and the metrics and log lines that
 count it.
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import access_log_entries, fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
@@ -135,7 +135,7 @@ def mesh() -> Iterator[Cluster]:
 
 def requests(c: Cluster, url: str, n: int = 1, *extra: str, pod: str = "client",
              timeout: float = 120.0) -> dict[str, Any]:
-    out = c.run_in_pod(pod, [sys.executable, "-m", "nodeproxy.testbed.http_requests",
+    out = c.run_in_pod(pod, [sys.executable, "-m", "nodeproxy_dev.testbed.http_requests",
                              "--url", url, "-n", str(n), *extra], timeout=timeout, check=True)
     return json.loads(out.stdout)
 
@@ -425,7 +425,7 @@ def test_backend_reset_mid_response_is_reported_and_never_hangs(mesh: Cluster):
 def test_balancers_prefer_the_fast_endpoint(mesh: Cluster, service: str):
     """The slow endpoint takes 40 ms per request; 4 concurrent clients, 50 requests each."""
     procs = [mesh.spawn_in_pod("client", [
-        sys.executable, "-m", "nodeproxy.testbed.http_requests", "--url",
+        sys.executable, "-m", "nodeproxy_dev.testbed.http_requests", "--url",
         url(mesh, service, "/"), "-n", "50"], stdout=subprocess.PIPE, text=True)
         for _ in range(4)]
     counts: dict[str, int] = {}

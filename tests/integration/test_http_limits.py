@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import access_log_entries, fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
@@ -84,7 +84,7 @@ def mesh() -> Iterator[Cluster]:
 
 def requests(c: Cluster, url: str, n: int = 1, *extra: str, pod: str = "client"
              ) -> dict[str, Any]:
-    out = c.run_in_pod(pod, [sys.executable, "-m", "nodeproxy.testbed.http_requests",
+    out = c.run_in_pod(pod, [sys.executable, "-m", "nodeproxy_dev.testbed.http_requests",
                              "--url", url, "-n", str(n), "--deadline", "60", *extra],
                        timeout=120, check=True)
     return json.loads(out.stdout)

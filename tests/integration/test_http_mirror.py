@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
@@ -82,7 +82,7 @@ def mesh() -> Iterator[Cluster]:
 def requests(c: Cluster, path: str, n: int = 1, *extra: str, host: str = HOST
              ) -> dict[str, Any]:
     url = f"http://{c.services['default/web'].address(4)}{path}"
-    out = c.run_in_pod("client", [sys.executable, "-m", "nodeproxy.testbed.http_requests",
+    out = c.run_in_pod("client", [sys.executable, "-m", "nodeproxy_dev.testbed.http_requests",
                                   "--url", url, "-n", str(n), "--header", f"host: {host}",
                                   *extra], timeout=120, check=True)
     return json.loads(out.stdout)

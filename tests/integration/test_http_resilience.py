@@ -1,5 +1,5 @@
 """Circuit breaking and outlier detection through the daemons on the simulated cluster:
-real HTTP backends in pods (nodeproxy.testbed.http_backend, some slow, some failing every
+real HTTP backends in pods (nodeproxy_dev.testbed.http_backend, some slow, some failing every
 request), real clients in the client pod, each test on a service of its own.  The
 assertions are what a user sees: how many requests got 200 and how many 503 UO, how
 fast, which backend answered, when an ejected endpoint comes back, and the metrics and
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import access_log_entries, fqdn, metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
@@ -138,7 +138,7 @@ def parallel(c: Cluster, service: str, n: int, path: str = "/") -> list[dict[str
 
 
 def sequential(c: Cluster, service: str, n: int, path: str = "/") -> list[dict[str, Any]]:
-    out = c.run_in_pod("client", [sys.executable, "-m", "nodeproxy.testbed.http_requests",
+    out = c.run_in_pod("client", [sys.executable, "-m", "nodeproxy_dev.testbed.http_requests",
                                   "--url", f"http://{vip(c, service)}:80{path}", "-n", str(n)],
                        timeout=60, check=True)
     results: list[dict[str, Any]] = json.loads(out.stdout)["results"]

@@ -3,7 +3,7 @@
 The pod template is read from the manifest itself: its init containers run in
 order (mount-bpffs, privileged; install-cni), then the daemon container, each
 with the manifest's command, args, env, securityContext, volumeMounts,
-resources and grace period (nodeproxy.testbed.podman), on a simulated node of
+resources and grace period (nodeproxy_dev.testbed.podman), on a simulated node of
 the testbed.  The node's "host" is the machine, except where the manifest's
 host paths would touch it: hostNetwork is the node's netns; /sys/fs/bpf,
 /run/nodeproxy, /etc/cni/net.d and /opt/cni/bin are directories of this test;
@@ -35,9 +35,9 @@ import pytest
 import yaml
 
 from nodeproxy.cni import install
-from nodeproxy.testbed import cni, netns
-from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
-from nodeproxy.testbed.podman import Podman, Volume, container_argv, machine_argv, memory_bytes
+from nodeproxy_dev.testbed import cni, netns
+from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
+from nodeproxy_dev.testbed.podman import Podman, Volume, container_argv, machine_argv, memory_bytes
 from tests.integration.probes import connect
 from tests.integration.test_cni import Chain, k8s_args, new_sandbox
 

@@ -23,7 +23,7 @@ from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.iptables import IPV4, IPV6, DenyRule, Ports
 from nodeproxy.capture.original_dst import Destination, original_destination
 from nodeproxy.pods.netns import Netns
-from nodeproxy.testbed import netns
+from nodeproxy_dev.testbed import netns
 
 pytestmark = pytest.mark.privileged
 

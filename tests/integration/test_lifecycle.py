@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy.testbed import netns
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed import netns
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.probes import (
     DAEMON_CGROUP_ATTACH_TYPES,
     attached_programs,

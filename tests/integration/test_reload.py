@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import wait_for
 from tests.integration.probes import connect, echo_conversation
 

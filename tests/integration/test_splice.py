@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged

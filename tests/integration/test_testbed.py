@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from nodeproxy.config.model import NodeConfig, cross_check
-from nodeproxy.testbed import cgroups, netns, peer
-from nodeproxy.testbed.cluster import REPO_ROOT, Cluster, sweep_leftovers
+from nodeproxy_dev.testbed import cgroups, netns, peer
+from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster, sweep_leftovers
 
 pytestmark = [
     pytest.mark.privileged,
@@ -198,7 +198,7 @@ def test_cluster_cleans_up_on_exception() -> None:
 
 SCRIPT = textwrap.dedent("""
     import sys, time
-    from nodeproxy.testbed.cluster import Cluster
+    from nodeproxy_dev.testbed.cluster import Cluster
     with Cluster() as c:
         c.add_pod("node0", "a")
         c.add_pod("node1", "b")

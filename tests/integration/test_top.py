@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from nodeproxy.telemetry.live_stats import QUANTILE_ERROR
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import wait_for
 
 pytestmark = pytest.mark.privileged
@@ -61,7 +61,7 @@ def cli(c: Cluster, node: str, *args: str) -> Any:
 
 def requests(c: Cluster, pod: str, service: str, path: str, n: int) -> dict[str, Any]:
     url = f"http://{c.services[f'default/{service}'].vip4}{path}"
-    out = c.run_in_pod(pod, [sys.executable, "-m", "nodeproxy.testbed.http_requests",
+    out = c.run_in_pod(pod, [sys.executable, "-m", "nodeproxy_dev.testbed.http_requests",
                              "--url", url, "-n", str(n)], timeout=60, check=True)
     return json.loads(out.stdout)
 

@@ -1,7 +1,7 @@
 """Request tracing through the daemons: a client's trace context reaches the backend with
 the proxy's span as its parent, and that span reaches a collector.
 
-The collector is ``nodeproxy.testbed.otlp_receiver`` (OTLP/HTTP, parsed with
+The collector is ``nodeproxy_dev.testbed.otlp_receiver`` (OTLP/HTTP, parsed with
 opentelemetry-proto's classes) on 127.0.0.1:4318 inside node0's netns, where node0's
 daemon runs; the client is on node0 and the backend on node1, so each request crosses
 the nodes.  The backend echoes the headers it got.  Tests that change the ``tracing``
@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from nodeproxy.telemetry.trace_context import parse_traceparent
-from nodeproxy.testbed import netns
-from nodeproxy.testbed.cluster import Cluster
-from nodeproxy.testbed.otlp_receiver import read_spans
+from nodeproxy_dev.testbed import netns
+from nodeproxy_dev.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.otlp_receiver import read_spans
 from tests.integration.observe import metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
@@ -89,7 +89,7 @@ def span_of_trace(c: Cluster, trace_id: str, timeout: float = 10.0) -> dict[str,
 def get(c: Cluster, path: str = "/", *headers: str, n: int = 1) -> list[dict[str, Any]]:
     """n requests from the client to the web service; each result with the headers the
     backend saw (``seen``)."""
-    argv = [sys.executable, "-m", "nodeproxy.testbed.http_requests", "--url",
+    argv = [sys.executable, "-m", "nodeproxy_dev.testbed.http_requests", "--url",
             f"http://{c.services['default/web'].address(4)}{path}", "-n", str(n)]
     for header in headers:
         argv += ["--header", header]

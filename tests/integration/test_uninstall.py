@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
+from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
 from tests.integration.probes import attached_programs, connect
 
 pytestmark = pytest.mark.privileged

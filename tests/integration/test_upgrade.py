@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from nodeproxy.testbed import netns
-from nodeproxy.testbed.cluster import REPO_ROOT, Cluster
+from nodeproxy_dev.testbed import netns
+from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
 from tests.integration.probes import attached_programs, connect, echo_conversation
 
 pytestmark = pytest.mark.privileged

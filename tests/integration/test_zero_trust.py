@@ -22,8 +22,8 @@ from nodeproxy.identity import tls
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.testbed import netns
-from nodeproxy.testbed.cluster import Cluster
+from nodeproxy_dev.testbed import netns
+from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum as sample
 from tests.integration.probes import connect
 

@@ -30,9 +30,9 @@ def child_env() -> dict[str, str]:
 
 
 def start_tool(module: str, *args: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """python -m nodeproxy.testbed.<module> --port 0 ...; the process and its ready line."""
+    """python -m nodeproxy_dev.testbed.<module> --port 0 ...; the process and its ready line."""
     with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", f"nodeproxy.testbed.{module}",
+        proc = subprocess.Popen([sys.executable, "-m", f"nodeproxy_dev.testbed.{module}",
                                  "--port", "0", *args], stdout=subprocess.PIPE, stderr=stderr,
                                 stdin=subprocess.DEVNULL, env=child_env(), cwd=REPO)
         assert proc.stdout is not None

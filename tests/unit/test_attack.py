@@ -13,7 +13,7 @@ import h2.connection
 import h2.errors
 import pytest
 
-from nodeproxy.testbed import attack
+from nodeproxy_dev.testbed import attack
 
 
 def test_start_offsets_evenly_at_the_rate_or_all_at_once() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.bench import cpulimit
+from nodeproxy_dev.bench import cpulimit
 
 
 def test_quota_per_period() -> None:

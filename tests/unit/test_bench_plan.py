@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nodeproxy.bench import haproxy, noisy, scenarios, stats
-from nodeproxy.bench.configurations import CONFIGURATIONS, Configuration
-from nodeproxy.bench.model import Cell, RequestCounter, ServerKind
-from nodeproxy.bench.settings import QUICK
-from nodeproxy.bench.suite import Suite
-from nodeproxy.bench.topology import HTTP_FILE, HTTP_VIP_PORT
 from nodeproxy.config.loader import parse_config
 from nodeproxy.http.message import RequestHead
 from nodeproxy.http.routes import Routes
-from nodeproxy.testbed import attack
+from nodeproxy_dev.bench import haproxy, noisy, scenarios, stats
+from nodeproxy_dev.bench.configurations import CONFIGURATIONS, Configuration
+from nodeproxy_dev.bench.model import Cell, RequestCounter, ServerKind
+from nodeproxy_dev.bench.settings import QUICK
+from nodeproxy_dev.bench.suite import Suite
+from nodeproxy_dev.bench.topology import HTTP_FILE, HTTP_VIP_PORT
+from nodeproxy_dev.testbed import attack
 
 FIRST_BLOCK = ["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",
                "nodeproxy-l7-full", "haproxy-http"]
@@ -222,7 +222,7 @@ def test_noisy_neighbour_attacks_are_bounded_and_aimed_at_the_attack_service():
     assert [r.kind for r in runs] == ["rapid-reset", "flood", "slowloris"]
     for run in runs:
         argv = noisy.attack_argv("/py", run, "10.96.0.30", 80)
-        assert argv[:4] == ["/py", "-m", "nodeproxy.testbed.attack", run.kind]
+        assert argv[:4] == ["/py", "-m", "nodeproxy_dev.testbed.attack", run.kind]
         # The attack tool itself accepts them: its own bounds hold.
         plan, as_json = attack.parse(argv[3:])
         assert as_json and plan.host == "10.96.0.30" and plan.port == 80

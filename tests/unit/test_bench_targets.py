@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeproxy.bench import noisy, targets
+from nodeproxy_dev.bench import noisy, targets
 
 
 def entry(key: str, **medians: float | None) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from nodeproxy.testbed import grpc_client
-from nodeproxy.testbed.grpc_backend import status_code
-from nodeproxy.testbed.peer import Stream
+from nodeproxy_dev.testbed import grpc_client
+from nodeproxy_dev.testbed.grpc_backend import status_code
+from nodeproxy_dev.testbed.peer import Stream
 from tests.unit.servers import REPO, child_env, port_of, start_tool, stop
 
 
@@ -143,7 +143,7 @@ def test_status_code_names_and_numbers() -> None:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nodeproxy.testbed.grpc_client", *args],
+    return subprocess.run([sys.executable, "-m", "nodeproxy_dev.testbed.grpc_client", *args],
                           capture_output=True, text=True, timeout=60, env=child_env(), cwd=REPO)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from nodeproxy.testbed.peer import Stream
+from nodeproxy_dev.testbed.peer import Stream
 from tests.unit.servers import curl, port_of, request, start_tool, stop
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nodeproxy.testbed import podman
-from nodeproxy.testbed.podman import ManifestError, Volume
+from nodeproxy_dev.testbed import podman
+from nodeproxy_dev.testbed.podman import ManifestError, Volume
 
 MANIFEST = Path(__file__).resolve().parents[2] / "config" / "k8s" / "daemonset.yaml"
 POD = yaml.safe_load(MANIFEST.read_text())["spec"]["template"]["spec"]

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nodeproxy.testbed.cluster import Cluster, Pod
-from nodeproxy.testbed.nginx import H2C_STATUSES, h2c_config, nginx_argv, nginx_config
+from nodeproxy_dev.testbed.cluster import Cluster, Pod
+from nodeproxy_dev.testbed.nginx import H2C_STATUSES, h2c_config, nginx_argv, nginx_config
 from tests.unit.servers import NGINX, curl, free_port, request, stop, wait_port
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from nodeproxy.http.message import RequestHead
 from nodeproxy.telemetry import trace_context as tc
 from nodeproxy.telemetry.tracer import Tracer
 from nodeproxy.telemetry.tracing import Tracing, TracingMetrics
-from nodeproxy.testbed.otlp_receiver import make_server, read_spans
+from nodeproxy_dev.testbed.otlp_receiver import make_server, read_spans
 from tests.unit.test_config import VALID
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

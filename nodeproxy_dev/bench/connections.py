@@ -1,0 +1,103 @@
+"""Connection set-up rate (the testbed peer, closed loop) and memory per idle connection."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import time
+from typing import Any
+
+from nodeproxy_dev.bench import procstat
+from nodeproxy_dev.bench.model import MeasurementError, Route
+from nodeproxy_dev.bench.runner import last_json_line, run_tool, tail
+from nodeproxy_dev.bench.settings import Settings
+from nodeproxy_dev.bench.topology import BenchCluster
+
+IDLE_SETTLE_S = 1.0
+
+
+def setup_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
+    """Connections per second: connect, 25-byte request, 32-byte answer, close; closed loop.
+
+    The client is the testbed peer (Python + uvloop), bounded by duration and count;
+    every connection's answer is verified.
+    """
+    argv = bench.cluster.peer_argv(
+        "load", "--to", route.address, "--mode", "transfer", "--send", "0", "--receive", "0",
+        "--rate", "0", "--concurrency", str(settings.connect_concurrency),
+        "--duration", str(settings.connect_seconds), "--max-requests", str(settings.connect_max),
+        "--timeout", "5")
+    result = run_tool(bench, route.client_pod, argv,
+                      timeout=settings.connect_seconds + 10 + settings.tool_margin)
+    data = last_json_line(result, "peer load")
+    succeeded, failed = int(data.get("succeeded", 0)), int(data.get("failed", 0))
+    elapsed = float(data.get("elapsed_s", 0.0))
+    if succeeded == 0 or elapsed <= 0:
+        raise MeasurementError(f"no connection succeeded: {data.get('errors')}")
+    if failed > 0.01 * (succeeded + failed):
+        raise MeasurementError(f"{failed} of {succeeded + failed} connections failed: "
+                               f"{data.get('errors')}")
+    return {"per_s": succeeded / elapsed, "connections": float(succeeded),
+            "failed": float(failed)}
+
+
+def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                value: dict[str, Any] = json.loads(line)
+                return value
+    raise MeasurementError(f"idle client printed nothing within {timeout:.0f}s")
+
+
+def idle_connections(bench: BenchCluster, route: Route, count: int) -> dict[str, Any]:
+    """Open ``count`` connections and hold them idle: how long opening took and, if a proxy
+    is on the route, the first proxy's RSS before and with them open."""
+    proxy = route.proxies[0] if route.proxies else None
+    out: dict[str, Any] = {"connections": float(count)}
+    before = 0
+    if proxy is not None:
+        out["nofile"] = procstat.raise_nofile(proxy.pid, 2 * count + 1000)
+        before = procstat.rss_kib(proxy.pid)
+    argv = [bench.cluster.python, "-m", "nodeproxy_dev.bench.idle", "--to", route.address,
+            "--count", str(count), "--timeout", "60", "--hold", "120"]
+    proc = bench.cluster.spawn_in_pod(route.client_pod, argv, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = _read_json_line(proc, timeout=90)
+        if not ready.get("ready") or int(ready.get("open", 0)) < count:
+            raise MeasurementError(f"idle client opened {ready.get('open')} of {count}: "
+                                   f"{ready.get('errors')}")
+        out["setup_s"] = float(ready["setup_s"])
+        if proxy is not None:
+            time.sleep(IDLE_SETTLE_S)
+            memory = procstat.memory_kib(proxy.pid)
+            out.update({"rss_before_mib": before / 1024, "rss_mib": memory["VmRSS"] / 1024,
+                        "kib_per_conn": (memory["VmRSS"] - before) / count,
+                        "memory_kib": memory})
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.close()  # the client closes its connections and exits
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired as e:
+            raise MeasurementError("idle client did not exit") from e
+        if proc.returncode != 0:
+            raise MeasurementError(f"idle client exited {proc.returncode}: "
+                                   f"{tail(proc.stderr.read())}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc_list = bench.cluster.pods[route.client_pod].processes
+        if proc in proc_list:
+            proc_list.remove(proc)
+    return out
