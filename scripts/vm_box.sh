@@ -35,6 +35,9 @@ esac
 BOX_NAME="nodeproxy/bookworm-$KERNEL"
 OUT="$REPO/build/vm/$KERNEL"
 DISK_SIZE=20G
+GUEST_VENV=/nodeproxy/.venv                 # vagrant/Vagrantfile's GUEST_REPO + setup.sh's .venv
+WHEELHOUSE=/var/cache/nodeproxy/wheels
+EXTRA_SOURCES=()                            # apt sources beyond this machine's own
 START=$SECONDS
 
 vm_install_host_packages
@@ -46,6 +49,30 @@ mapfile -t SETUP_PACKAGES < <(bash -c '
     printf "%s\n" "${APT_PACKAGES[@]}" kubernetes-client' _ "$REPO/scripts/setup.sh")
 GUEST_PACKAGES=(systemd-sysv systemd-resolved udev openssh-server sudo rsync ca-certificates
     iproute2 make procps less "$IMAGE_PKG" "$HEADERS_PKG" "${SETUP_PACKAGES[@]}")
+
+# The venv's Python requirements, read from pyproject.toml (runtime, [test] and the
+# extras it names of nodeproxy itself), plus what an editable install builds with.
+python_requirements() {
+    /usr/bin/python3 - "$REPO/pyproject.toml" <<'PY'
+import re, sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = project.get("optional-dependencies", {})
+seen, todo, out = set(), ["test"], list(project["dependencies"])
+while todo:
+    extra = todo.pop()
+    if extra in seen:
+        continue
+    seen.add(extra)
+    for req in extras[extra]:
+        own = re.fullmatch(r"nodeproxy\[([\w,\s-]+)\]", req.strip())
+        if own:
+            todo += [e.strip() for e in own.group(1).split(",")]
+        else:
+            out.append(req)
+print("\n".join(out + ["setuptools>=61", "wheel"]))
+PY
+}
+mapfile -t PYTHON_REQUIREMENTS < <(python_requirements)
 
 kernel_version="$(apt-cache policy "$IMAGE_PKG" | sed -n 's/ *Candidate: //p')"
 [ -n "$kernel_version" ] && [ "$kernel_version" != "(none)" ] ||
@@ -76,6 +103,7 @@ build_disk_image() {
     sources=(/etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list)
     mirrors=()
     for f in "${sources[@]}"; do [ -f "$f" ] && mirrors+=("$f"); done
+    mirrors+=("${EXTRA_SOURCES[@]}")
     if ! nice -n 19 mmdebstrap --mode=root --variant=apt --format=directory \
         --include="$(IFS=,; echo "${GUEST_PACKAGES[*]}")" \
         --aptopt='APT::Install-Recommends "false"' \
@@ -117,10 +145,32 @@ build_disk_image() {
     mkdir -p "$ROOT/etc/systemd/system/ssh.service.d"
     printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
         >"$ROOT/etc/systemd/system/ssh.service.d/host-keys.conf"
-    # The host's network gives pip a TLS-intercepting CA: carry its bundle and pip.conf.
-    cp /etc/ssl/certs/ca-certificates.crt "$ROOT/usr/local/share/ca-certificates/host-bundle.crt"
-    chroot "$ROOT" update-ca-certificates >/dev/null 2>&1 || true
-    [ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$ROOT/etc/pip.conf"
+    # The Python side, baked in: pip under emulation takes ~12 minutes and the VM
+    # reaches no package index.  Wheels of every requirement are built here from
+    # this machine's own pip configuration (its indexes), the venv setup.sh would
+    # make is made in the root (chroot: native speed) from those wheels alone, and
+    # the guest's pip is pointed at the wheelhouse only, so provisioning's
+    # `pip install -e .[test]` finds everything installed and builds nodeproxy
+    # alone, offline.
+    vm_say "wheelhouse: pip wheel of ${#PYTHON_REQUIREMENTS[@]} requirements, venv $GUEST_VENV"
+    t0=$SECONDS
+    mkdir -p "$ROOT$WHEELHOUSE"
+    printf '%s\n' "${PYTHON_REQUIREMENTS[@]}" >"$ROOT$WHEELHOUSE/requirements.txt"
+    if ! nice -n 19 /usr/bin/python3 -m pip wheel -q --disable-pip-version-check \
+        --wheel-dir "$ROOT$WHEELHOUSE" -r "$ROOT$WHEELHOUSE/requirements.txt" \
+        >"$WORK/pip-wheel.log" 2>&1; then
+        grep -v "is ignored: it is neither" "$WORK/pip-wheel.log" | tail -n 20 >&2
+        vm_die "pip wheel failed (this machine's pip indexes lack a requirement?)"
+    fi
+    printf '[global]\nno-index = true\nfind-links = %s\ndisable-pip-version-check = true\n' \
+        "$WHEELHOUSE" >"$ROOT/etc/pip.conf"
+    # A clean environment: this machine's PIP_* variables name its own indexes.
+    chroot "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+        /usr/bin/python3 -m venv --system-site-packages "$GUEST_VENV"
+    chroot "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+        "$GUEST_VENV/bin/pip" install -q -r "$WHEELHOUSE/requirements.txt" ||
+        vm_die "pip install from the wheelhouse failed in the root"
+    vm_say "wheelhouse and venv in $((SECONDS - t0))s ($(du -sh "$ROOT$WHEELHOUSE" | cut -f1) of wheels)"
     rm -rf "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/lib/apt/lists/*_Packages
 
     vm_say "ext4 image ($DISK_SIZE sparse) from the root, then qcow2"
@@ -162,6 +212,7 @@ VAGRANT
 
 mkdir -p "$OUT"
 image_stamp="$( { declare -f build_disk_image; printf '%s\n' "${GUEST_PACKAGES[@]}" \
+    "${PYTHON_REQUIREMENTS[@]}" "${EXTRA_SOURCES[@]}" \
     "$kernel_version" "$DISK_SIZE"; } | sha256sum | cut -d' ' -f1)"
 if [ -f "$OUT/box.img" ] && [ "$(cat "$OUT/image.stamp" 2>/dev/null)" = "$image_stamp" ]; then
     vm_say "disk image up to date ($IMAGE_PKG $kernel_version)"

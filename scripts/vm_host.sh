@@ -38,12 +38,15 @@ vm_configure_qemu_user() {
 }
 
 VM_STARTED_PIDS=()
-VM_NETWORKS_BEFORE=""
+VM_POOLS_BEFORE=""
+VM_RUNDIR_NEW=0
 _vm_running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+vm_virsh() { virsh -c qemu:///system "$@"; }
 
 # Starts virtlogd and libvirtd unless they already run (under nice: QEMU, which
 # libvirtd spawns, inherits it and shares the machine's cores politely).
 vm_start_libvirt() {
+    [ -e /run/libvirt ] && VM_RUNDIR_NEW=0 || VM_RUNDIR_NEW=1
     if ! _vm_running /run/virtlogd.pid; then
         vm_say "starting virtlogd -d"
         nice -n 19 virtlogd -d
@@ -60,27 +63,55 @@ vm_start_libvirt() {
         done
         VM_STARTED_PIDS+=("$(cat /run/libvirtd.pid)")
     fi
-    virsh -c qemu:///system version >/dev/null || vm_die "libvirtd does not answer"
-    VM_NETWORKS_BEFORE="$(virsh -c qemu:///system net-list --name)"
+    vm_virsh version >/dev/null || vm_die "libvirtd does not answer"
+    VM_POOLS_BEFORE="$(vm_virsh pool-list --all --name)"
+}
+
+# Removes every libvirt object whose name matches the extended regex $1: domains
+# (stopped, undefined with their storage), networks (stopped, undefined) and
+# volumes of every active pool (vagrant-libvirt's upload of the box, the domain's
+# disk).  Then the storage pools that appeared since vm_start_libvirt (vagrant-libvirt
+# defines "default" when there is none), once empty.  Idempotent: a run calls it
+# before `vagrant up` (what a killed run left) and on its way out.
+vm_remove_libvirt_objects() {
+    local re="$1" name pool vol
+    for name in $(vm_virsh list --all --name 2>/dev/null | grep -E "$re"); do
+        vm_say "virsh: removing domain $name"
+        vm_virsh destroy "$name" >/dev/null 2>&1 || true
+        vm_virsh undefine "$name" --remove-all-storage >/dev/null 2>&1 ||
+            vm_virsh undefine "$name" >/dev/null 2>&1 || true
+    done
+    for name in $(vm_virsh net-list --all --name 2>/dev/null | grep -E "$re"); do
+        vm_say "virsh: removing network $name"
+        vm_virsh net-destroy "$name" >/dev/null 2>&1 || true
+        vm_virsh net-undefine "$name" >/dev/null 2>&1 || true
+    done
+    for pool in $(vm_virsh pool-list --name 2>/dev/null); do
+        for vol in $(vm_virsh vol-list --pool "$pool" 2>/dev/null |
+            awk 'NR > 2 && NF { print $1 }' | grep -E "$re"); do
+            vm_say "virsh: removing volume $pool/$vol"
+            vm_virsh vol-delete --pool "$pool" "$vol" >/dev/null || true
+        done
+    done
+    for pool in $(vm_virsh pool-list --all --name 2>/dev/null); do
+        grep -qxF "$pool" <<<"$VM_POOLS_BEFORE" && continue
+        [ -z "$(vm_virsh vol-list --pool "$pool" 2>/dev/null | awk 'NR > 2 && NF')" ] || continue
+        vm_say "virsh: removing storage pool $pool (its directory stays)"
+        vm_virsh pool-destroy "$pool" >/dev/null 2>&1 || true
+        vm_virsh pool-undefine "$pool" >/dev/null 2>&1 || true
+    done
 }
 
 # Stops what vm_start_libvirt started (libvirtd first), by PID, and waits for it.
-# Networks that came up meanwhile (vagrant-libvirt's management network: a bridge,
-# a dnsmasq and NAT rules) are destroyed first: they outlive libvirtd otherwise.
 vm_stop_libvirt() {
-    local i pid net others
+    local i pid others
     [ "${#VM_STARTED_PIDS[@]}" -gt 0 ] || return 0
     # Another run's VM still needs them (a second kernel tested at the same time).
-    others="$(virsh -c qemu:///system list --name 2>/dev/null | grep -v '^$' || true)"
+    others="$(vm_virsh list --name 2>/dev/null | grep -v '^$' || true)"
     if [ -n "$others" ]; then
         vm_say "libvirtd left running: domains still up: $(echo $others)"
         return 0
     fi
-    for net in $(virsh -c qemu:///system net-list --name 2>/dev/null); do
-        grep -qxF "$net" <<<"$VM_NETWORKS_BEFORE" && continue
-        vm_say "virsh net-destroy $net"
-        virsh -c qemu:///system net-destroy "$net" >/dev/null || true
-    done
     for ((i = ${#VM_STARTED_PIDS[@]} - 1; i >= 0; i--)); do
         pid="${VM_STARTED_PIDS[$i]}"
         kill -0 "$pid" 2>/dev/null || continue
@@ -90,6 +121,12 @@ vm_stop_libvirt() {
     done
     VM_STARTED_PIDS=()
     vm_remove_libvirt_chains
+    # The daemons' runtime state (pid files, a pool's and a network's status); it
+    # would otherwise tell the next libvirtd of objects that no longer exist.
+    if [ "$VM_RUNDIR_NEW" = 1 ] && ! _vm_running /run/libvirtd.pid; then
+        vm_say "removing /run/libvirt (runtime state of the libvirtd it stopped)"
+        rm -rf /run/libvirt
+    fi
 }
 
 # libvirtd adds empty LIBVIRT_* chains (and jumps to them) to iptables and ip6tables

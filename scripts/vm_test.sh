@@ -6,11 +6,18 @@
 #
 # Needs the box from scripts/vm_box.sh.  libvirtd and virtlogd are started by
 # hand when none runs (and stopped again, by PID, at the end); the VM runs under
-# QEMU's software emulation (the box's own Vagrantfile), provisions with
-# scripts/setup.sh through its NAT network (Debian's archive and PyPI only), and
-# runs VM_TESTS (default below: capture, fast paths, kernel counters, zero trust,
-# an L7 smoke, iptables mode, upgrade handover).  The pytest log and a summary
-# with wall times land in build/vm/<kernel>/; docs/kernels.md records them.
+# QEMU's software emulation (the box's own Vagrantfile) on an isolated management
+# network of its own (no route out: the box carries every Debian package and
+# Python wheel), provisions with scripts/setup.sh, and runs VM_TESTS (default
+# below: capture, fast paths, kernel counters, zero trust, upgrade handover, an L7
+# smoke, iptables mode).  The pytest log and a summary with wall times land in
+# build/vm/<kernel>/; docs/kernels.md records them.
+#
+# What it makes it removes, also when it fails or is interrupted: the VM, the
+# libvirt domain, network and volumes named after this kernel (box upload, disk),
+# a storage pool vagrant-libvirt defined, Vagrant's state, and libvirtd/virtlogd
+# if it started them (with the empty LIBVIRT_* iptables chains libvirtd leaves).
+# A run first removes what a killed run of the same kernel left.
 set -euo pipefail
 
 VM_SCRIPT=vm_test
@@ -39,6 +46,7 @@ DEFAULT_TESTS=(
     "tests/integration/test_splice.py::test_inbound_plaintext_flows_are_spliced"
     "tests/integration/test_msg_redirect.py::test_kernel_byte_counters_still_equal_the_application_bytes"
     "tests/integration/test_msg_redirect.py::test_ipv6_connections_take_the_fast_path"
+    "tests/integration/test_upgrade.py"
     "tests/integration/test_zero_trust.py::test_traffic_between_nodes_is_encrypted"
     "tests/integration/test_zero_trust.py::test_destination_sees_each_client_identity"
     "tests/integration/test_zero_trust.py::test_identity_free_deny_is_refused_in_the_kernel"
@@ -46,11 +54,11 @@ DEFAULT_TESTS=(
     "tests/integration/test_http.py::test_websocket_upgrade"
     "tests/integration/test_http.py::test_http2_prior_knowledge_to_an_http1_backend"
     "tests/integration/test_iptables_mode.py"
-    "tests/integration/test_upgrade.py"
 )
 read -r -a TESTS <<<"${VM_TESTS:-${DEFAULT_TESTS[*]}}"
 TEST_TIMEOUT="${VM_TEST_TIMEOUT:-900}"     # per test, inside the VM
-SLOWDOWN="${VM_SLOWDOWN:-5}"               # the testbed's waits (daemon start) times this
+SLOWDOWN="${VM_SLOWDOWN:-5}"               # NODEPROXY_TESTBED_SLOWDOWN: every testbed
+                                           # and wait_for bound times this
 RUN_TIMEOUT="${VM_RUN_TIMEOUT:-3600}"      # the whole pytest run (then SIGINT: pytest
                                            # still prints what passed and failed)
 
@@ -60,26 +68,44 @@ export VAGRANT_DEFAULT_PROVIDER=libvirt
 export NODEPROXY_BOX="nodeproxy/bookworm-$KERNEL"
 export NODEPROXY_KEEP_KERNEL=1              # the point is this kernel, not backports'
 export NODEPROXY_VM_PREFIX="nodeproxy-vm-$KERNEL-"  # one libvirt domain per kernel
+export NODEPROXY_VM_NETWORK="nodeproxy-vm-$KERNEL"  # its isolated management network
+# Everything libvirt holds for this kernel's run: domain, network, box upload, disk.
+OURS="^(nodeproxy-vm-${KERNEL//./\\.}(-|$)|nodeproxy-VAGRANTSLASH-bookworm-${KERNEL//./\\.}_vagrant_box_image_)"
 SUMMARY="$OUT/summary.txt"
 LOG="$OUT/pytest.log"
+mkdir -p "$OUT"
 
-vm_install_host_packages
-vm_configure_qemu_user
-vm_start_libvirt
+now() { date +%s; }
+: >"$SUMMARY"
+note() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
+T_START=$(now)
+
+remove_vm() {
+    if [ -d "$VAGRANT_DOTFILE_PATH" ]; then
+        vm_say "vagrant destroy -f"
+        vagrant destroy -f >/dev/null 2>&1 || vagrant destroy -f || true
+    fi
+    vm_remove_libvirt_objects "$OURS"
+    rm -rf "$VAGRANT_DOTFILE_PATH"
+}
 
 finish() {
-    local rc=$?
-    vm_say "vagrant destroy -f"
-    vagrant destroy -f >/dev/null 2>&1 || vagrant destroy -f || true
+    local rc=$? t
+    set +e
+    trap - INT TERM
+    t=$(now)
+    remove_vm
     vm_stop_libvirt
+    note "teardown: $(($(now) - t)) s; whole run: $(($(now) - T_START)) s (exit $rc)"
     exit "$rc"
 }
 trap finish EXIT
 trap 'exit 130' INT TERM
 
-now() { date +%s; }
-: >"$SUMMARY"
-note() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
+vm_install_host_packages
+vm_configure_qemu_user
+vm_start_libvirt
+remove_vm   # what a killed run of this kernel left behind
 
 t0=$(now)
 vm_say "vagrant up (box $NODEPROXY_BOX, kernel and setup provisioners)"
@@ -90,8 +116,10 @@ vagrant provision nodeproxy --provision-with kernel,setup
 t2=$(now)
 note "provisioning (scripts/setup.sh in the VM): $((t2 - t1)) s"
 note "kernel: $(vagrant ssh nodeproxy -c 'uname -r' 2>/dev/null | tr -d '\r')"
+t=$(now)
 vagrant ssh nodeproxy -c 'cd /nodeproxy && sudo .venv/bin/nodeproxy check' 2>&1 |
     tr -d '\r' | tee "$OUT/check.txt" || true
+note "nodeproxy check: $(($(now) - t)) s"
 
 vm_say "pytest in the VM: ${#TESTS[@]} selections, up to ${RUN_TIMEOUT}s"
 t2=$(now)

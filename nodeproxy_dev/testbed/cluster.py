@@ -299,7 +299,10 @@ def sweep_leftovers() -> list[str]:
 
 def testbed_slowdown() -> float:
     """$NODEPROXY_TESTBED_SLOWDOWN: how many times slower than this project's machines the
-    testbed runs (>= 1; scripts/vm_test.sh sets it for the emulated VM)."""
+    testbed runs (>= 1; scripts/vm_test.sh sets it for the emulated VM).  Every wait the
+    testbed bounds (a daemon's /ready, a backend's port, a reload, a command in a pod, an
+    admin request, a daemon's exit) and the integration tests' ``wait_for`` are this many
+    times longer; a wait that is met returns as early as before."""
     raw = os.environ.get("NODEPROXY_TESTBED_SLOWDOWN", "1")
     try:
         value = float(raw)
@@ -308,6 +311,11 @@ def testbed_slowdown() -> float:
     if not value >= 1:
         raise ValueError(f"NODEPROXY_TESTBED_SLOWDOWN={raw!r} must be >= 1")
     return value
+
+
+def scaled(seconds: float) -> float:
+    """A wait bound of this project's machines, stretched by $NODEPROXY_TESTBED_SLOWDOWN."""
+    return seconds * testbed_slowdown()
 
 
 class Cluster:
@@ -742,7 +750,7 @@ class Cluster:
         The wait is ``timeout`` times $NODEPROXY_TESTBED_SLOWDOWN (default 1): under
         QEMU's software emulation (`make vm-test`) compiling the programs alone takes
         longer than a minute."""
-        timeout *= testbed_slowdown()
+        timeout = scaled(timeout)
         targets = [self.nodes[n] for n in (nodes or self.nodes)]
         if any(not n.config for n in targets):
             self.write_configs()
@@ -802,7 +810,7 @@ class Cluster:
             drain = float(node.config.get("proxy", {}).get("drainSeconds", 10.0))
             try:
                 codes[node.name] = node.daemon.wait(timeout if timeout is not None
-                                                    else drain + 10.0)
+                                                    else scaled(drain + 10.0))
             except subprocess.TimeoutExpired:
                 node.daemon.kill()
                 node.daemon.wait()
@@ -820,6 +828,7 @@ class Cluster:
         for n in running:
             assert n.daemon is not None
             n.daemon.send_signal(signal.SIGHUP)
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         for n in running:
             while self.admin_json(n.name, "/config_dump").get("digest") != wanted[n.name]:
@@ -856,7 +865,7 @@ class Cluster:
         proc = self.spawn_in_pod(pod, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(timeout=scaled(timeout))
         except subprocess.TimeoutExpired:
             _kill(proc)
             raise
@@ -919,7 +928,8 @@ class Cluster:
         p = self._pod(pod)
         popen_kw.setdefault("stdout", subprocess.DEVNULL)
         proc = self.spawn_in_pod(p, argv, **popen_kw)
-        netns.wait_for_port(self.nodes[p.node].netns_path, p.ip4, port, timeout, process=proc)
+        netns.wait_for_port(self.nodes[p.node].netns_path, p.ip4, port, scaled(timeout),
+                            process=proc)
         return proc
 
     def serve_peer(self, pod: str | Pod, port: int, timeout: float = 10.0,
@@ -983,7 +993,8 @@ class Cluster:
     def admin_get(self, node: str, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET http://127.0.0.1:<admin port><path> inside the node netns: (status, body)."""
         n = self.nodes[node]
-        return netns.http_get(n.netns_path, f"http://127.0.0.1:{n.admin_port()}{path}", timeout)
+        return netns.http_get(n.netns_path, f"http://127.0.0.1:{n.admin_port()}{path}",
+                              scaled(timeout))
 
     def admin_json(self, node: str, path: str, timeout: float = 5.0) -> Any:
         status, body = self.admin_get(node, path, timeout)
@@ -995,7 +1006,8 @@ class Cluster:
         """The node daemon's Prometheus text (GET :15020/metrics inside the node netns)."""
         n = self.nodes[node]
         status, body = netns.http_get(n.netns_path,
-                                      f"http://127.0.0.1:{n.metrics_port()}/metrics", timeout)
+                                      f"http://127.0.0.1:{n.metrics_port()}/metrics",
+                                      scaled(timeout))
         if status != 200:
             raise DaemonError(f"GET /metrics on {node}: HTTP {status}")
         return body

@@ -20,7 +20,9 @@ duplicated, reordered or corrupted data.
 Clients print one JSON line (``load --progress`` adds progress lines before it)
 and exit 0 only when everything verified.  ``transfer --random-sizes`` draws each
 connection's sizes up to --send/--receive; ``--reset-fraction`` makes that share of
-connections abort with a reset at a random point (counted apart, not as failures).
+connections abort with a reset at a random point (counted apart, not as failures);
+``--start-when PATH`` holds every connected connection's first byte until PATH exists
+(a test creates it once what it waits for, such as the proxy splicing the flows, holds).
 ``serve --log-connections`` prints one JSON line per finished transfer connection:
 ``{"transfer": "eof" | "reset", "received": N, "sha256": hex}``.  Every client loop is bounded in
 count and in time.
@@ -321,11 +323,18 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     reset_transport(writer.transport)
 
 
+async def wait_for_file(path: str) -> None:
+    """Until `path` exists (the caller bounds the wait)."""
+    while not os.path.exists(path):
+        await asyncio.sleep(0.01)
+
+
 async def transfer_once(host: str, port: int, send: int, receive: int, timeout: float,
-                        rng: random.Random, reset_at: tuple[str, int] | None = None
-                        ) -> Outcome:
+                        rng: random.Random, reset_at: tuple[str, int] | None = None,
+                        start_when: str | None = None) -> Outcome:
     """One verified transfer connection; with reset_at ("send" or "receive", n) it
-    aborts with a reset once n bytes of that phase have passed (n below the size)."""
+    aborts with a reset once n bytes of that phase have passed (n below the size); with
+    start_when, connected, it sends nothing until that file exists."""
     outcome = Outcome()
     started = time.perf_counter()
     writer: asyncio.StreamWriter | None = None
@@ -333,6 +342,8 @@ async def transfer_once(host: str, port: int, send: int, receive: int, timeout: 
     async def run() -> None:
         nonlocal writer
         reader, writer = await open_connection(host, port, timeout)
+        if start_when is not None:
+            await wait_for_file(start_when)
         seed, send_seed = rng.randbytes(16), rng.randbytes(16)
         writer.write(TRANSFER + receive.to_bytes(8, "big") + seed)
         digest = hashlib.sha256()
@@ -441,7 +452,8 @@ async def transfer(args: argparse.Namespace) -> int:
 
     async def one(send: int, receive: int, reset_at: tuple[str, int] | None) -> Outcome:
         async with limit:
-            return await transfer_once(host, port, send, receive, args.timeout, rng, reset_at)
+            return await transfer_once(host, port, send, receive, args.timeout, rng, reset_at,
+                                       args.start_when)
 
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(one(*p) for p in plans))
@@ -665,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each connection sends and receives a random size up to the above")
     p.add_argument("--reset-fraction", type=float, default=0.0,
                    help="share of connections that abort with a reset at a random point")
+    p.add_argument("--start-when", metavar="PATH", default=None,
+                   help="each connection, once connected, sends nothing until PATH exists "
+                        "(within --timeout)")
 
     p = client("pingpong", "request/response round-trip latency on one connection")
     p.add_argument("--size", type=int, default=100)

@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeproxy_dev.testbed.cluster import scaled
+
 
 def metric_sum(exposition: str, name: str, **labels: str) -> float:
     """Sum of the samples of one series whose labels include `labels` (0 if none)."""
@@ -24,8 +26,9 @@ def metric_sum(exposition: str, name: str, **labels: str) -> float:
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
              interval: float = 0.05) -> bool:
-    """Poll until the predicate holds or the timeout passes; its last answer."""
-    deadline = time.monotonic() + timeout
+    """Poll until the predicate holds or the timeout passes; its last answer.  The timeout
+    stretches with $NODEPROXY_TESTBED_SLOWDOWN (the emulated VM of `make vm-test`)."""
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return True

@@ -30,15 +30,20 @@ def connect(cluster: Cluster, pod: str, host: str, port: int) -> str:
     return out.stdout.strip() or out.stderr.strip()
 
 
-def echo_conversation(vip: str, rounds: int, block: int) -> str:
+def echo_conversation(vip: str, rounds: int, block: int, until: str | None = None,
+                      limit: float = 600.0) -> str:
     """A script for a pod: a slow echo exchange with the peer server ('P' protocol) through
-    port 80 of `vip`, 0.1 s between rounds; prints 'intact' if every byte came back."""
+    port 80 of `vip`, 0.1 s between rounds; prints 'intact' if every byte came back.  With
+    `until` (a file), it goes on past `rounds` until that file exists (at most `limit`
+    seconds): the test ends it once what it waits for has happened."""
     return textwrap.dedent(f"""
         import os, socket, time, hashlib
         s = socket.create_connection(({vip!r}, 80), 5)
         s.sendall(b"P")
         sent = hashlib.sha256(); got = hashlib.sha256()
-        for i in range({rounds}):
+        until, end, i = {until!r}, time.monotonic() + {limit!r}, 0
+        while i < {rounds} or (until and not os.path.exists(until) and time.monotonic() < end):
+            i += 1
             block = os.urandom({block})
             s.sendall(block); sent.update(block)
             want = len(block)

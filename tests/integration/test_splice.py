@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodeproxy_dev.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.cluster import Cluster, scaled
 from tests.integration.observe import metric_sum, wait_for
 
 pytestmark = pytest.mark.privileged
@@ -53,6 +53,31 @@ def sample(c: Cluster, name: str, **labels: str) -> float:
 
 def spliced(c: Cluster, event: str = "spliced") -> float:
     return sample(c, "nodeproxy_splice_flows_total", event=event)
+
+
+def splice_events(c: Cluster) -> dict[str, float]:
+    """nodeproxy_splice_flows_total by event: why a flow was not spliced (busy: its relay
+    never went idle within the retries) when a test's wait fails."""
+    return {event: spliced(c, event) for event in ("spliced", "busy", "failed", "taken_back")}
+
+
+def held_transfer(c: Cluster, pod: str, target: str, go: str, *args: str,
+                  timeout: float) -> subprocess.Popen[str]:
+    """A peer transfer whose connections connect, then send nothing until the file `go`
+    exists: the test lets the bytes flow once the proxy has spliced the flows (under
+    emulation a flow that streams from its first moment keeps its relay busy past the
+    splice retries, and stays in Python)."""
+    return c.spawn_in_pod(pod, c.peer_argv(
+        "transfer", "--to", target, "--timeout", str(scaled(timeout)), "--start-when", go,
+        *args), stdout=subprocess.PIPE, text=True)
+
+
+def transfer_result(proc: subprocess.Popen[str], timeout: float) -> dict:
+    try:
+        out, _ = proc.communicate(timeout=scaled(timeout))
+    finally:
+        proc.kill()
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def splice_bytes(c: Cluster) -> float:
@@ -147,19 +172,21 @@ def test_a_flow_taken_back_mid_stream_continues_intact(node: Cluster):
     two bytes; the transfers finish intact and new flows stay in Python."""
     target = f"{node.services['default/web'].vip4}:80"
     moved = spliced_socket_bytes(node)
-    taken = spliced(node, "taken_back")
-    proc = node.spawn_in_pod("client", node.peer_argv(
-        "transfer", "--to", target, "--send", str(400 * MB), "--receive", str(400 * MB),
-        "--connections", "2", "--parallel", "2", "--timeout", "120"),
-        stdout=subprocess.PIPE, text=True)
+    flows, taken = spliced(node), spliced(node, "taken_back")
+    go = os.path.join(node.dir, "taken-back.go")
+    proc = held_transfer(node, "client", target, go, "--send", str(400 * MB),
+                         "--receive", str(400 * MB), "--connections", "2", "--parallel", "2",
+                         timeout=120)
     try:
+        assert wait_for(lambda: spliced(node) - flows == 2, 30), splice_events(node)
+        open(go, "w").close()
         assert wait_for(lambda: spliced_socket_bytes(node) - moved > 100 * MB, 60)
         set_splice(node, False)
-        assert wait_for(lambda: spliced(node, "taken_back") - taken == 2)
-        out, _ = proc.communicate(timeout=180)
-    finally:
+        assert wait_for(lambda: spliced(node, "taken_back") - taken == 2), splice_events(node)
+    except BaseException:
         proc.kill()
-    result = json.loads(out.strip().splitlines()[-1])
+        raise
+    result = transfer_result(proc, 180)
     assert result["ok"] and result["received"] == 800 * MB, result
     flows = spliced(node)
     transfer(node, "client", target, "--send", str(MB), "--receive", str(MB))
@@ -178,9 +205,21 @@ def test_a_workload_that_opted_out_is_never_spliced(node: Cluster):
 
 def test_inbound_plaintext_flows_are_spliced(node: Cluster):
     """A client outside the mesh reaches a meshed pod by IP: the inbound path splices."""
-    flows = spliced(node)
-    transfer(node, "outsider", f"{node.pods['web-0'].ip4}:{PORT}",
-             "--send", str(20 * MB), "--receive", str(20 * MB))
+    flows, moved = spliced(node), spliced_socket_bytes(node)
+    go = os.path.join(node.dir, "inbound.go")
+    proc = held_transfer(node, "outsider", f"{node.pods['web-0'].ip4}:{PORT}", go,
+                         "--send", str(20 * MB), "--receive", str(20 * MB), timeout=240)
+    try:
+        assert wait_for(lambda: spliced(node) == flows + 1, 30), splice_events(node)
+        open(go, "w").close()
+    except BaseException:
+        proc.kill()
+        raise
+    result = transfer_result(proc, 300)
+    assert result["ok"] and result["received"] == 20 * MB, result
+    # Every byte both ways arrived on the spliced sockets: the transfer's header (25
+    # bytes) and 20 MB one way, the digest (32 bytes) and 20 MB back.
+    assert spliced_socket_bytes(node) - moved == 2 * 20 * MB + 25 + 32
     assert spliced(node) == flows + 1
 
 

@@ -8,18 +8,22 @@ programs and drains.  Nothing may fail and no byte may be lost.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import time
 
 import pytest
 
 from nodeproxy_dev.testbed import netns
-from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
+from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster, scaled
 from tests.integration.probes import attached_programs, connect, echo_conversation
 
 pytestmark = pytest.mark.privileged
 
 PORT = 7000
+LOAD_SECONDS = 8  # the load runs at least this long, and on until the handover is over
 
 
 @pytest.mark.parametrize("mode", ["ebpf", "iptables"])
@@ -43,12 +47,19 @@ def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str, mode: str
         vip = c.services["default/web"].vip4
         target = c.services["default/web"].address(4)
 
+        # Both run into the handover, however long the new instance takes to start
+        # (minutes under emulation): the conversation (one connection, through the old
+        # instance) ends once the new one has taken over, the load once the old one has
+        # drained.
+        took_over = os.path.join(c.dir, "took-over")
+        started = time.monotonic()
         load = c.spawn_in_pod("client", c.peer_argv(
             "load", "--to", target, "--mode", "transfer", "--send", "50000", "--receive",
-            "50000", "--duration", "8", "--rate", "60", "--concurrency", "8"),
-            stdout=subprocess.PIPE, text=True)
+            "50000", "--duration", str(LOAD_SECONDS + scaled(120)), "--rate", "60",
+            "--concurrency", "8"), stdout=subprocess.PIPE, text=True)
         conversation = c.spawn_in_pod(
-            "late", [c.python, "-c", echo_conversation(vip, rounds=50, block=20_000)],
+            "late", [c.python, "-c", echo_conversation(vip, rounds=50, block=20_000,
+                                                      until=took_over, limit=scaled(180))],
             stdout=subprocess.PIPE, text=True)
         time.sleep(2.0)
 
@@ -61,17 +72,25 @@ def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str, mode: str
         node.daemon = new  # the cluster stops the new one at the end
         # The old instance hands over, drains, and idles until told to stop (as a
         # DaemonSet's old pod is, once the new one is ready).
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while "drained after handover" not in c.daemon_output(upgraded, tail=100_000):
             assert time.monotonic() < deadline, c.daemon_output(upgraded)
             assert old.poll() is None, "the old instance exited by itself"
+            if not os.path.exists(took_over) and "taking over from it" in open(
+                    node.daemon_log + ".new").read():
+                assert conversation.poll() is None, "the conversation ended before the handover"
+                open(took_over, "w").close()
             time.sleep(0.2)
         old.terminate()
-        assert old.wait(timeout=30) == 0, c.daemon_output(upgraded)
+        assert old.wait(timeout=scaled(30)) == 0, c.daemon_output(upgraded)
 
-        load_out, _ = load.communicate(timeout=60)
-        conversation_out, _ = conversation.communicate(timeout=60)
-        summary = __import__("json").loads(load_out.strip().splitlines()[-1])
+        # The load was still running when the old instance had drained; now it ends.
+        assert os.path.exists(took_over) and load.poll() is None, "the load ended too early"
+        time.sleep(max(0.0, started + LOAD_SECONDS - time.monotonic()))
+        load.send_signal(signal.SIGINT)  # stops issuing, finishes what is in flight
+        load_out, _ = load.communicate(timeout=scaled(60))
+        conversation_out, _ = conversation.communicate(timeout=scaled(60))
+        summary = json.loads(load_out.strip().splitlines()[-1])
         print("upgrade under load:", {k: summary[k] for k in ("requests", "succeeded", "failed")})
         assert summary["failed"] == 0, summary
         assert summary["succeeded"] >= 300, summary
