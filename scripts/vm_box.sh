@@ -2,7 +2,7 @@
 # Builds a vagrant-libvirt box of Debian 12 from Debian's own packages, on one of
 # Debian 12's kernels, and adds it to Vagrant as nodeproxy/bookworm-<kernel>.
 #
-#   scripts/vm_box.sh 6.1|6.12        (make vm-box KERNEL=6.1|6.12)
+#   scripts/vm_box.sh 6.1|6.12|5.10   (make vm-box KERNEL=6.1|6.12|5.10)
 #
 # Steps: host packages (vagrant, vagrant-libvirt, libvirt, QEMU, mmdebstrap);
 # mmdebstrap a Debian 12 root with the kernel and its headers, openssh-server,
@@ -23,12 +23,21 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$REPO/scripts/vm_host.sh"
 
 KERNEL="${1:-${KERNEL:-6.1}}"
+EXTRA_SOURCES=()                            # apt sources beyond this machine's own
 case "$KERNEL" in
 6.1) IMAGE_PKG=linux-image-amd64 HEADERS_PKG=linux-headers-amd64 ;;
 # Debian 12 ships 6.12 in bookworm-security (linux-image-6.12-amd64, for the
 # 12.x point releases' "newer kernel" track).
 6.12) IMAGE_PKG=linux-image-6.12-amd64 HEADERS_PKG=linux-headers-6.12-amd64 ;;
-*) vm_die "KERNEL must be 6.1 or 6.12, not '$KERNEL'" ;;
+# Debian 11's kernel (bullseye-security) under the same Debian 12 root: the kernel is
+# what is tried; bullseye's own Python (3.9) is older than nodeproxy's (3.11).  Its
+# headers package wants bullseye's gcc-10, hence bullseye main too.
+5.10)
+    IMAGE_PKG=linux-image-amd64/bullseye-security HEADERS_PKG=linux-headers-amd64/bullseye-security
+    EXTRA_SOURCES=("deb http://deb.debian.org/debian bullseye main"
+        "deb http://deb.debian.org/debian-security bullseye-security main")
+    ;;
+*) vm_die "KERNEL must be 6.1, 6.12 or 5.10, not '$KERNEL'" ;;
 esac
 [ "$(id -u)" -eq 0 ] || vm_die "run as root (mmdebstrap, libvirt)"
 
@@ -37,7 +46,6 @@ OUT="$REPO/build/vm/$KERNEL"
 DISK_SIZE=20G
 GUEST_VENV=/nodeproxy/.venv                 # vagrant/Vagrantfile's GUEST_REPO + setup.sh's .venv
 WHEELHOUSE=/var/cache/nodeproxy/wheels
-EXTRA_SOURCES=()                            # apt sources beyond this machine's own
 START=$SECONDS
 
 vm_install_host_packages
@@ -74,9 +82,14 @@ PY
 }
 mapfile -t PYTHON_REQUIREMENTS < <(python_requirements)
 
-kernel_version="$(apt-cache policy "$IMAGE_PKG" | sed -n 's/ *Candidate: //p')"
-[ -n "$kernel_version" ] && [ "$kernel_version" != "(none)" ] ||
-    vm_die "$IMAGE_PKG is not in this machine's apt sources (apt-get update?)"
+if [ "${#EXTRA_SOURCES[@]}" -gt 0 ]; then
+    # Not in this machine's apt lists: mmdebstrap resolves it; the stamp names the suite.
+    kernel_version="${IMAGE_PKG#*/} (latest)"
+else
+    kernel_version="$(apt-cache policy "$IMAGE_PKG" | sed -n 's/ *Candidate: //p')"
+    [ -n "$kernel_version" ] && [ "$kernel_version" != "(none)" ] ||
+        vm_die "$IMAGE_PKG is not in this machine's apt sources (apt-get update?)"
+fi
 
 WORK=""
 cleanup() {
