@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from nodeproxy_dev.testbed.cluster import scaled, testbed_slowdown
+from nodeproxy_dev.testbed import cluster
+from nodeproxy_dev.testbed.cluster import scaled
 
 
 def test_unset_leaves_every_bound_as_written(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("NODEPROXY_TESTBED_SLOWDOWN", raising=False)
-    assert testbed_slowdown() == 1
+    assert cluster.testbed_slowdown() == 1
     assert scaled(10.0) == 10.0
 
 
