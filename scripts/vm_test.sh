@@ -109,7 +109,8 @@ remove_vm   # what a killed run of this kernel left behind
 
 t0=$(now)
 vm_say "vagrant up (box $NODEPROXY_BOX, kernel and setup provisioners)"
-vagrant up --provider=libvirt --no-provision nodeproxy
+# The volume upload's progress is one \r-separated line of thousands of updates: drop it.
+vagrant up --provider=libvirt --no-provision nodeproxy 2>&1 | tr '\r' '\n' | grep --line-buffered -v 'Progress: '
 t1=$(now)
 note "boot to ssh: $((t1 - t0)) s"
 vagrant provision nodeproxy --provision-with kernel,setup

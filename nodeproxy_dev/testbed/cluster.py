@@ -301,7 +301,8 @@ def testbed_slowdown() -> float:
     """$NODEPROXY_TESTBED_SLOWDOWN: how many times slower than this project's machines the
     testbed runs (>= 1; scripts/vm_test.sh sets it for the emulated VM).  Every wait the
     testbed bounds (a daemon's /ready, a backend's port, a reload, a command in a pod, an
-    admin request, a daemon's exit) and the integration tests' ``wait_for`` are this many
+    admin request, a daemon's exit), the integration tests' ``wait_for`` and, above 1, the
+    daemons' upstream connect timeout (proxy.connectTimeoutSeconds, 5 s) are this many
     times longer; a wait that is met returns as early as before."""
     raw = os.environ.get("NODEPROXY_TESTBED_SLOWDOWN", "1")
     try:
@@ -707,6 +708,10 @@ class Cluster:
             # Kubelet-style probes come from the node's bridge address.
             "inbound": {"probeSources": [n.gateway4]},
         }
+        if testbed_slowdown() > 1:
+            # The daemon's own bound on an upstream connect (default 5 s): under emulation
+            # a daemon compiling its programs starves the others' event loops for longer.
+            config["proxy"]["connectTimeoutSeconds"] = min(300.0, scaled(5.0))
         if self.mtls:
             config["mesh"] = {"trustDomain": self.trust_domain}
             config["identity"] = {"caCert": self.ca_cert, "caKey": self.ca_key}
