@@ -57,6 +57,7 @@ from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.telemetry.share_collector import PodShareCollector
 from nodeproxy.telemetry.tracing import Tracing
 from nodeproxy.tunnel.client import HbonePool
+from nodeproxy.tunnel.l7_gate import DestinationGate, GateMetrics
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.server import HboneServer
 
@@ -246,7 +247,14 @@ class Daemon:
                 local_pod=lambda ip: self.enrollment.by_ip.get(ip) if self.enrollment else None,
                 admitter=lambda: self._admitter, table=lambda: self._table,
                 tracker=self.tracker, metrics=self.metrics, tunnel_metrics=self.tunnel_metrics,
-                http2_limits=lambda: self.config.http.http2, shares=self.node_shares)
+                http2_limits=lambda: self.config.http.http2, shares=self.node_shares,
+                gate=DestinationGate(
+                    admitter=lambda: self._admitter, settings=lambda: self.config.http,
+                    announcer=self.steering.announcer,
+                    connect_timeout=cfg.proxy.connect_timeout_seconds,
+                    metrics=GateMetrics(self.registry),
+                    request_metrics=self.request_metrics),
+                trust_marker=lambda: self.config.tunnel.trust_source_l7_authorization)
         else:
             log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
         upstreams = Upstreams(

@@ -438,6 +438,11 @@ class TunnelSettings(Model):
     idle_timeout_seconds: float = Field(default=60.0, gt=0, le=86400)
     keepalive_seconds: float = Field(default=10.0, gt=0, le=3600)
     handshake_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Believe the `x-nodeproxy-l7-authorized` marker a source node sets on a CONNECT: the
+    # destination then skips judging that stream's HTTP requests itself.  Off: a node
+    # that can present a mesh certificate could otherwise switch off this node's L7 rules
+    # (docs/security.md, "A compromised node").
+    trust_source_l7_authorization: bool = False
 
 
 class InboundSettings(Model):

@@ -45,6 +45,7 @@ from nodeproxy.tunnel.headers import (
     parse_authority,
     parse_forwarded,
 )
+from nodeproxy.tunnel.l7_gate import DestinationGate
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 
@@ -85,8 +86,12 @@ class HboneServer:
                  tracker: ConnectionTracker, metrics: ProxyMetrics,
                  tunnel_metrics: TunnelMetrics,
                  http2_limits: Callable[[], Http2Limits] = Http2Limits,
-                 shares: SourceShares | None = None):
+                 shares: SourceShares | None = None,
+                 gate: DestinationGate | None = None,
+                 trust_marker: Callable[[], bool] = lambda: False):
         self._certs = certificates
+        self._gate = gate  # None: a stream refused for rules on HTTP stays refused
+        self._trust_marker = trust_marker  # tunnel.trustSourceL7Authorization
         self._shares = shares  # streams per remote node
         self._refusals = RefusalLog(log)
         self._announcer = announcer
@@ -251,14 +256,22 @@ class HboneServer:
         peer_ip = ipaddress.ip_address(session.peername[0]) if session.peername else None
         source_ip = parse_forwarded(headers.get("forwarded")) or peer_ip
         assert source_ip is not None
-        # The peer passed mTLS with a mesh certificate: a node proxy, which alone can mark
-        # a stream whose requests it authorized (any other value counts as unmarked).
-        l7_checked = headers.get(L7_AUTHORIZED) == "1"
-        admission = self._admitter().admit(pod.workload, session.peer_identity, source_ip, port,
-                                           l7_checked=l7_checked)
+        # A source node marks a stream whose requests it authorized; believed only if
+        # tunnel.trustSourceL7Authorization says so (any value but "1" is unmarked).
+        # Otherwise a stream refused only for rules on HTTP is judged request by request
+        # here (l7_gate.py).
+        admitter = self._admitter()
+        trusted = headers.get(L7_AUTHORIZED) == "1" and self._trust_marker()
+        gated = not trusted and self._gate is not None and admitter.needs_requests(
+            pod.workload, session.peer_identity, source_ip, port)
+        admission = admitter.admit(pod.workload, session.peer_identity, source_ip, port,
+                                   l7_checked=trusted or gated)
         if not admission.allowed:
             self._stream_refused(session, stream, 403, "denied",
                                  f"policy {admission.policy or '-'}: {admission.reason}")
+            return
+        if gated:
+            self._serve_gated(session, stream, pod, ip, port, source_ip, lease)
             return
         try:
             up = await dial_transparent(pod.netns, source_ip, ip, port, self._connect_timeout,
@@ -282,6 +295,27 @@ class HboneServer:
         self.tracker.add(relay, pod.key, lease=lease)
         meter.opened()
         relay.start()
+
+    def _serve_gated(self, session: H2Session, stream: StreamTransport, pod: EnrolledPod,
+                     ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+                     source_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                     lease: Lease) -> None:
+        """The stream's requests are judged here one by one (DestinationGate); the
+        application is dialled per request, so nothing is connected before the 200."""
+        assert self._gate is not None
+        self._tunnel.streams.labels("server", "ok").inc()
+        session.respond(stream, 200)
+        meter = ConnectionMeter(self._metrics, destination_labels(
+            pod, self._table().pods.get(source_ip), session.peer_identity, "mutual_tls"))
+        lease.adopted = True
+        meter.opened()
+
+        def closed() -> None:
+            lease.release()
+            meter.closed()
+
+        self._gate.serve(stream, pod, str(session.peer_identity), source_ip, ip, port,
+                         closed)  # type: ignore[arg-type]
 
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self.tracker.discard(relay)
