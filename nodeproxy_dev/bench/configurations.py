@@ -293,7 +293,7 @@ def server_policies() -> list[dict[str, Any]]:
     """An ALLOW policy with a rule on HTTP on every meshed server: only the benchmark's
     client, only GET under the benchmark's path prefix.  Its requests all pass; what is
     measured is who checks them."""
-    return [{"name": "bench-servers", "namespace": "default",
+    return [{"name": f"bench-srv{index}", "namespace": "default",
              "selector": {"app": f"srv{index}"}, "action": "ALLOW",
              "rules": [{"from": [{"source": {"principals": [
                  f"cluster.local/ns/default/sa/{MESH_CLIENT_ACCOUNT}"]}}],
