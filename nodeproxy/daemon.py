@@ -35,7 +35,6 @@ from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.http.metrics import RequestMetrics
-from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
@@ -50,6 +49,7 @@ from nodeproxy.proxy.outbound import OutboundProxy
 from nodeproxy.proxy.splice import SpliceMetrics, Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.proxy.upstream import Upstreams
+from nodeproxy.signer.remote_certificates import node_certificates
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.live_stats import LiveStats
@@ -226,11 +226,8 @@ class Daemon:
                                             self.programs.table_fd("np_msg_sockets"))
             self.msg_redirect.set_enabled(cfg.fast_path.sk_msg)
         hbone = None
-        if cfg.identity.ca_cert and cfg.identity.ca_key:
-            ca = MeshCA.load(cfg.identity.ca_cert, cfg.identity.ca_key, cfg.mesh.trust_domain)
-            self.certificates = CertificateManager(
-                ca, cfg.mesh.trust_domain, ttl_seconds=cfg.identity.cert_ttl_seconds,
-                rotate_fraction=cfg.identity.rotate_at_fraction)
+        if cfg.identity.ca_cert:  # with caKey, or with the signing service (signer)
+            self.certificates = node_certificates(cfg.identity, cfg.mesh.trust_domain)
             self.registry.register(IdentityCollector(self.certificates))
             self._tasks.append(asyncio.create_task(self.certificates.run_rotation(
                 interval=min(60.0, cfg.identity.cert_ttl_seconds / 20))))
@@ -664,6 +661,11 @@ class Daemon:
 
     def is_ready(self) -> bool:
         return self._ready
+
+    def ready_detail(self) -> list[str]:
+        """Lines /ready adds below its verdict: the mesh signer's state, when one is used."""
+        status = getattr(self.certificates, "signer_status", None)
+        return [f"signer: {status()}"] if status is not None else []
 
     def _live_view(self, window: int | None, namespace: str | None) -> dict[str, Any]:
         """/stats/live: the live figures of this node's proxy."""

@@ -91,9 +91,11 @@ class AdminServers:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _ready(self, _request: web.Request) -> web.Response:
+        detail_of = getattr(self._d, "ready_detail", None)
+        detail = "".join(f"{line}\n" for line in detail_of()) if detail_of else ""
         if self._d.is_ready():
-            return web.Response(text="ready\n")
-        return web.Response(text="not ready\n", status=503)
+            return web.Response(text="ready\n" + detail)
+        return web.Response(text="not ready\n" + detail, status=503)
 
     # aiohttp handlers are coroutines (plain functions are deprecated there).
     async def _config_dump(self, _request: web.Request) -> web.Response:

@@ -8,4 +8,7 @@
 - `server`: the HTTPS service itself: POST /v1/sign, metrics, refusals counted and logged.
 - `client`: what a node daemon uses: make a key and CSR in memory, authenticate with its
   projected, audience-bound ServiceAccount token, get the signed chain back.
+- `remote_certificates`: the node's CertificateManager when it holds no CA key: leaves
+  signed ahead of use and renewed at half-life; the node keeps serving while the signer
+  is away, and says so.
 """

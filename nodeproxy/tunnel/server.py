@@ -118,6 +118,11 @@ class HboneServer:
         return base
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
+        # Certificates from the mesh signing service are signed ahead of the handshakes
+        # that need them (nodeproxy/signer/remote_certificates.py).
+        prepare = getattr(self._certs, "prepare", None)
+        if prepare is not None:
+            await prepare(pod.workload.namespace, pod.workload.service_account)
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
             pod.listeners.append(_AcceptLoop(
@@ -174,7 +179,8 @@ class HboneServer:
                 lambda: session, conn, ssl=self._context(pod),
                 ssl_handshake_timeout=self._handshake_timeout)
             await asyncio.wait_for(asyncio.shield(session.ready), self._handshake_timeout)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError, IdentityError) as e:
+            # (IdentityError: this pod has no leaf yet, see remote_certificates.py)
             if failure:
                 self._refuse_handshake(peer, pod, failure[0].reason, str(failure[0]))
             else:
