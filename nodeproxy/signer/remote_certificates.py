@@ -124,7 +124,7 @@ class RemoteCertificates(CertificateManager):
         due = self.next_rotation()
         if due is None:
             return interval
-        return max(0.5, min(interval, due - self.clock()))
+        return max(min(0.5, interval), min(interval, due - self.clock()))
 
     def _want(self, key: tuple[str, str]) -> None:
         if key not in self._wanted:
