@@ -124,8 +124,9 @@ class _Sniffer(asyncio.Protocol):
             self._decided(Sniffed.OPAQUE, b"")
 
 
-class _Stream:
-    """One gated stream: its HTTP server, its upstream pool, and what it was opened as."""
+class GatedStream:
+    """One gated stream: its HTTP server, its upstream pool, and what it was opened as.
+    Tracked like a relay (ConnectionTracker): `done`, `begin_drain`, `abort`."""
 
     def __init__(self, gate: DestinationGate, transport: asyncio.Transport,
                  pod: EnrolledPod, peer: str, source_ip: IPAddress, dest_ip: IPAddress,
@@ -139,6 +140,8 @@ class _Stream:
         self.port = port
         self._on_closed = on_closed
         self._closed = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._server: H1Server | H2Server | None = None
         self.pool: EndpointPool | None = None
         self.http2 = False
         self.settings = gate.settings()
@@ -150,6 +153,20 @@ class _Stream:
 
     def start(self) -> None:
         self.transport.set_protocol(self.sniffer)
+
+    def begin_drain(self) -> None:
+        """Stop taking requests: after the ones in flight (HTTP/1.1 `connection: close`,
+        HTTP/2 GOAWAY), or at once before the first."""
+        if isinstance(self._server, H1Server):
+            self._server.drain()
+        elif self._server is not None:
+            self._server.shutdown()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self.transport.abort()  # type: ignore[attr-defined]
+        self.closed()
 
     def _sniffed(self, verdict: Sniffed, initial: bytes) -> None:
         if self._timer is not None:
@@ -170,6 +187,7 @@ class _Stream:
             server = H2Server(self._handle, max_header_bytes=settings.max_header_bytes,
                               limits=settings.http2,
                               on_bad_request=lambda _reason: None)
+            self._server = server
             server.attach(self.transport, initial)
             asyncio.get_running_loop().create_task(self._h2_closed(server))
         else:
@@ -177,6 +195,7 @@ class _Stream:
                           idle_timeout=settings.idle_timeout_seconds,
                           on_closed=self.closed,
                           request_headers_timeout=settings.request_headers_timeout_seconds)
+            self._server = h1
             h1.attach(self.transport, initial)
 
     async def _h2_closed(self, server: H2Server) -> None:
@@ -192,6 +211,8 @@ class _Stream:
             self._timer.cancel()
         if self.pool is not None:
             self.pool.close()
+        if not self.done.done():
+            self.done.set_result(None)
         self._on_closed()
 
     async def _connect(self, protocol: UpstreamConnection) -> object:
@@ -384,9 +405,9 @@ class DestinationGate:
             self._request_metrics.count_upgrade_refusal(
                 "http/2" if head.version == "2" else "http/1.1", reason)
 
-    def serve(self, transport: asyncio.Transport, pod: EnrolledPod, peer: str,
-              source_ip: IPAddress, dest_ip: IPAddress, port: int,
-              on_closed: Callable[[], None]) -> None:
-        """Take over an accepted stream (answered 200 already); `on_closed` runs once when
-        it ends."""
-        _Stream(self, transport, pod, peer, source_ip, dest_ip, port, on_closed).start()
+    def open(self, transport: asyncio.Transport, pod: EnrolledPod, peer: str,
+             source_ip: IPAddress, dest_ip: IPAddress, port: int,
+             on_closed: Callable[[], None]) -> GatedStream:
+        """A gated stream for an accepted stream (answered 200 already); `start` it once
+        it is tracked.  `on_closed` runs once when it ends."""
+        return GatedStream(self, transport, pod, peer, source_ip, dest_ip, port, on_closed)

@@ -313,15 +313,17 @@ class HboneServer:
         session.respond(stream, 200)
         meter = ConnectionMeter(self._metrics, destination_labels(
             pod, self._table().pods.get(source_ip), session.peer_identity, "mutual_tls"))
-        lease.adopted = True
         meter.opened()
 
         def closed() -> None:
-            lease.release()
+            self.tracker.discard(gated)  # type: ignore[arg-type]  (releases the lease)
             meter.closed()
 
-        self._gate.serve(stream, pod, str(session.peer_identity), source_ip, ip, port,
-                         closed)  # type: ignore[arg-type]
+        gated = self._gate.open(stream, pod, str(session.peer_identity), source_ip, ip, port,
+                                closed)  # type: ignore[arg-type]
+        # Tracked as relays are: drained at shutdown, aborted with its pod.
+        self.tracker.add(gated, pod.key, lease=lease)  # type: ignore[arg-type]
+        gated.start()
 
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self.tracker.discard(relay)
