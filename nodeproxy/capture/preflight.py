@@ -37,11 +37,12 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
+from nodeproxy import ports
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.original_dst import Destination, original_destination
 
 MIN_KERNEL = (5, 15)
-OUTBOUND_PORT = 15001
+OUTBOUND_PORT = ports.OUTBOUND_PORT
 CAPTURE_MODES = ("ebpf", "iptables")
 
 # Capability numbers from linux/capability.h.
@@ -401,10 +402,11 @@ class _Feature:
     after_load: Callable[[Any, ModuleType], str] | None = field(default=None, compare=False)
 
 
-_PRELUDE = """
+_PRELUDE = f"""
 #include <uapi/linux/bpf.h>
 #include <linux/socket.h>
 #include <linux/in.h>
+#define NPCHK_OUTBOUND_PORT {OUTBOUND_PORT}
 """
 
 _KERNEL_HINT = "this kernel lacks it: use a kernel >= 5.15 built with CONFIG_BPF_SYSCALL=y"
@@ -451,7 +453,7 @@ int npchk_connect4(struct bpf_sock_addr *ctx) {
     if (ctx->type != 1 /* SOCK_STREAM */)
         return 1;
     ctx->user_ip4 = bpf_htonl(0x7f000001);
-    ctx->user_port = bpf_htons(15001);
+    ctx->user_port = bpf_htons(NPCHK_OUTBOUND_PORT);
     return 1;
 }
 """,
@@ -468,7 +470,7 @@ int npchk_connect6(struct bpf_sock_addr *ctx) {
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = 0;
     ctx->user_ip6[3] = bpf_htonl(1);
-    ctx->user_port = bpf_htons(15001);
+    ctx->user_port = bpf_htons(NPCHK_OUTBOUND_PORT);
     return 1;
 }
 """,
