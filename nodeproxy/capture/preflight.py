@@ -37,12 +37,11 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
-from nodeproxy import ports
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.original_dst import Destination, original_destination
+from nodeproxy.ports import OUTBOUND_PORT
 
 MIN_KERNEL = (5, 15)
-OUTBOUND_PORT = ports.OUTBOUND_PORT
 CAPTURE_MODES = ("ebpf", "iptables")
 
 # Capability numbers from linux/capability.h.
