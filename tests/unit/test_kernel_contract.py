@@ -269,6 +269,16 @@ def test_the_reader_sees_every_struct_and_map_of_maps_h():
     assert len(decls) == len(re.findall(r"^BPF_\w+\(", text, re.M)) == len(contract.MAPS)
 
 
+def test_no_source_declares_a_map_of_its_own():
+    # A map declared in a .c file would escape this test (the load-time check and
+    # tests/integration/test_bpf_compile.py would still refuse it, but only as root).
+    sources = sorted(p for p in MAPS_H.parent.glob("*.[ch]") if p != MAPS_H)
+    assert len(sources) >= 5, sources
+    declared = {p.name: re.findall(r"\bBPF_[A-Z0-9_]+\s*\(", strip_comments_and_directives(
+        p.read_text())) for p in sources}
+    assert {name: found for name, found in declared.items() if found} == {}
+
+
 def test_every_map_layout_of_the_view_is_a_struct_of_the_view():
     named = set(contract.STRUCTS.values())
     for spec in contract.MAPS:
