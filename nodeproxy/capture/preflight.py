@@ -685,13 +685,14 @@ def check_bpf_features(bcc: ModuleType | None, privileged: bool = True) -> list[
 
 def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_PORT,
                           privileged: bool = True) -> CheckResult:
-    """Compile bpf/*.c exactly as the daemon does and load every program (never attach)."""
+    """Compile bpf/*.c exactly as the daemon does, load every program (never attach) and
+    check the maps against the daemon's view of them (capture/contract.py)."""
     name = "capture-program"
     hint = "bpf/*.c must compile against this kernel's headers and pass the verifier"
     if bcc is None:
         return _fail(name, "not tried: bcc is not importable", BCC_HINT)
     try:
-        from nodeproxy.capture import programs
+        from nodeproxy.capture import contract, programs
 
         src = programs.bpf_source_dir()
     except Exception as e:  # noqa: BLE001 - report any failure to locate the sources
@@ -704,6 +705,7 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
             bpf = programs.compile_programs(bcc, scratch, outbound_port=outbound_port)
             for spec in programs.ALL_PROGRAMS:
                 programs.load_program(bpf, spec)
+            contract.check_compiled(bpf)  # as the daemon's load() does
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
             error: BaseException | None = e
         else:
@@ -716,7 +718,7 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
         detail, hint = _explain(_why(error, output), hint, privileged)
         return _fail(name, f"{src}: {detail}", hint)
     loaded = ", ".join(spec.function for spec in programs.ALL_PROGRAMS)
-    return _pass(name, f"{src} compiled; {loaded} loaded")
+    return _pass(name, f"{src} compiled; {loaded} loaded; maps as capture/contract.py")
 
 
 # ---------------------------------------------------------------- iptables capture

@@ -84,3 +84,15 @@ def test_a_python_view_that_differs_from_what_bcc_compiled_is_refused(scratch: P
                     contract.check_compiled(bpf)
     finally:
         bpf.cleanup()
+
+
+def test_nodeproxy_check_reports_a_view_that_differs(monkeypatch: pytest.MonkeyPatch):
+    import bcc
+
+    from nodeproxy.capture import preflight
+
+    assert preflight.check_capture_program(bcc).ok
+    monkeypatch.setattr(contract, "MAPS", contract.MAPS[:-1])
+    result = preflight.check_capture_program(bcc)
+    assert not result.ok and "np_msg_settings" in result.detail, result
+    assert not os.path.exists(f"{kernelfs.DEFAULT_BPFFS}/nodeproxy-preflight-{os.getpid()}")
