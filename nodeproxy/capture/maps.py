@@ -12,7 +12,10 @@ import ctypes
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from nodeproxy.capture.programs import CapturePrograms
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -66,6 +69,11 @@ class CaptureMaps:
         self._inbound_ips = bpf["inbound_ips"]
         self._dials = bpf["proxy_dials"]
         self._sockmap_fd = sockmap_fd
+
+    @classmethod
+    def of(cls, programs: CapturePrograms) -> CaptureMaps:
+        """The maps of loaded capture programs (the inbound sockmap by its fd)."""
+        return cls(programs.bpf, programs.table_fd("inbound_listeners"))
 
     def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
         leaf = self._pods.Leaf()

@@ -19,9 +19,12 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeproxy.capture.constants import MSG_TO_PROXY_PENDING
+
+if TYPE_CHECKING:
+    from nodeproxy.capture.programs import CapturePrograms
 
 # Once the application's direction is back on the fast path, the proxy posts its read
 # count every quarter of the pending bound (so a busy connection never hits the bound just
@@ -108,6 +111,11 @@ class MsgRedirect:
         self._settings = bpf["np_msg_settings"]
         self._sockets_fd = sockets_fd
         self.enabled = False
+
+    @classmethod
+    def of(cls, programs: CapturePrograms) -> MsgRedirect:
+        """The sk_msg maps of loaded capture programs."""
+        return cls(programs.bpf, programs.table_fd("np_msg_sockets"))
 
     def set_enabled(self, on: bool) -> None:
         """fastPath.skMsg: whether connections established from now on use the fast path

@@ -15,9 +15,12 @@ import errno
 import os
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeproxy.capture.constants import SPLICE_PROXY, SPLICE_REDIRECT
+
+if TYPE_CHECKING:
+    from nodeproxy.capture.programs import CapturePrograms
 
 SO_COOKIE = 57  # not in Python's socket module
 
@@ -54,6 +57,12 @@ class SpliceMaps:
         self._control = bpf["splice_control"]
         self._sockets_fd = sockets_fd
         self._targets_fd = targets_fd
+
+    @classmethod
+    def of(cls, programs: CapturePrograms) -> SpliceMaps:
+        """The splice maps of loaded capture programs."""
+        return cls(programs.bpf, programs.table_fd("np_splice_sockets"),
+                   programs.table_fd("np_splice_targets"))
 
     def _update(self, map_fd: int, cookie: int, sock: Any) -> None:
         key = ctypes.c_uint64(cookie)
