@@ -26,18 +26,16 @@ from collections.abc import Callable
 
 import h2.errors
 
-from nodeproxy.config.model import Http2Limits
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
-from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.descriptors import BUDGET
-from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side
 from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.state.holder import MeshState
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 from nodeproxy.tunnel.headers import (
     L7_AUTHORIZED,
@@ -82,16 +80,13 @@ class HboneServer:
                  handshake_timeout: float, connect_timeout: float,
                  local_pod: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address],
                                      EnrolledPod | None],
-                 admitter: Callable[[], Admitter], table: Callable[[], DestinationTable],
+                 state: MeshState,
                  tracker: ConnectionTracker, metrics: ProxyMetrics,
                  tunnel_metrics: TunnelMetrics,
-                 http2_limits: Callable[[], Http2Limits] = Http2Limits,
                  shares: SourceShares | None = None,
-                 gate: DestinationGate | None = None,
-                 trust_marker: Callable[[], bool] = lambda: False):
+                 gate: DestinationGate | None = None):
         self._certs = certificates
         self._gate = gate  # None: a stream refused for rules on HTTP stays refused
-        self._trust_marker = trust_marker  # tunnel.trustSourceL7Authorization
         self._shares = shares  # streams per remote node
         self._refusals = RefusalLog(log)
         self._announcer = announcer
@@ -100,12 +95,10 @@ class HboneServer:
         self._handshake_timeout = handshake_timeout
         self._connect_timeout = connect_timeout
         self._local_pod = local_pod
-        self._admitter = admitter
-        self._table = table
+        self._state = state
         self.tracker = tracker
         self._metrics = metrics
         self._tunnel = tunnel_metrics
-        self._limits = http2_limits
 
     def _context(self, pod: EnrolledPod) -> ssl.SSLContext:
         ns, sa = pod.workload.namespace, pod.workload.service_account
@@ -168,7 +161,8 @@ class HboneServer:
         # A tunnel stream is a TCP connection: short ones are normal, and a client that
         # closes first ends its stream with END_STREAM then CANCEL.  Only a reset before
         # the response (200) is premature here, whatever the stream's age.
-        limits = self._limits().model_copy(update={"premature_reset_lifetime_seconds": 0.0})
+        limits = self._state.current.config.http.http2.model_copy(
+            update={"premature_reset_lifetime_seconds": 0.0})
         session = H2Session(client_side=False, on_request=self._on_request, on_ready=verify,
                             limits=limits,
                             on_abuse=lambda reason: self._tunnel.abuse.labels(reason).inc())
@@ -266,8 +260,10 @@ class HboneServer:
         # tunnel.trustSourceL7Authorization says so (any value but "1" is unmarked).
         # Otherwise a stream refused only for rules on HTTP is judged request by request
         # here (l7_gate.py).
-        admitter = self._admitter()
-        trusted = headers.get(L7_AUTHORIZED) == "1" and self._trust_marker()
+        snapshot = self._state.current
+        admitter = snapshot.admitter
+        trusted = (headers.get(L7_AUTHORIZED) == "1"
+                   and snapshot.config.tunnel.trust_source_l7_authorization)
         gated = not trusted and self._gate is not None and admitter.needs_requests(
             pod.workload, session.peer_identity, source_ip, port)
         admission = admitter.admit(pod.workload, session.peer_identity, source_ip, port,
@@ -296,7 +292,8 @@ class HboneServer:
         down = Side("downstream", start_paused=True)
         stream.set_protocol(down)
         meter = ConnectionMeter(self._metrics, destination_labels(
-            pod, self._table().pods.get(source_ip), session.peer_identity, "mutual_tls"))
+            pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
+            "mutual_tls"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
         self.tracker.add(relay, pod.key, lease=lease)
         meter.opened()
@@ -312,7 +309,8 @@ class HboneServer:
         self._tunnel.streams.labels("server", "ok").inc()
         session.respond(stream, 200)
         meter = ConnectionMeter(self._metrics, destination_labels(
-            pod, self._table().pods.get(source_ip), session.peer_identity, "mutual_tls"))
+            pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
+            "mutual_tls"))
         meter.opened()
 
         def closed() -> None:

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -63,9 +64,12 @@ async def _marker_round_trip(trusted: bool) -> tuple[list[dict[str, Any]], list[
         certificates=None, trust_domain="cluster.local", port=15008,
         announcer=None, handshake_timeout=1, connect_timeout=1,
         local_pod=lambda ip: FakePod(FakeWorkload()) if ip == POD_IP else None,
-        admitter=lambda: admitter, table=None,
+        state=SimpleNamespace(current=SimpleNamespace(
+            admitter=admitter, table=None,
+            config=SimpleNamespace(tunnel=TunnelSettings.model_validate(
+                {"trustSourceL7Authorization": trusted})))),
         tracker=ConnectionTracker(), metrics=ProxyMetrics(registry),
-        tunnel_metrics=tunnel_metrics, trust_marker=lambda: trusted)
+        tunnel_metrics=tunnel_metrics)
 
     def server_ready(session: H2Session) -> bool:
         session.peer_identity = PEER  # what mTLS verification would have set
