@@ -72,7 +72,8 @@ def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str, mode: str
         node.daemon = new  # the cluster stops the new one at the end
         # The old instance hands over, drains, and idles until told to stop (as a
         # DaemonSet's old pod is, once the new one is ready).
-        deadline = time.monotonic() + scaled(60)
+        # Bounds the new instance's start (compiling its programs) and the handover.
+        deadline = time.monotonic() + scaled(120)
         while "drained after handover" not in c.daemon_output(upgraded, tail=100_000):
             assert time.monotonic() < deadline, c.daemon_output(upgraded)
             assert old.poll() is None, "the old instance exited by itself"
