@@ -365,10 +365,26 @@ def _why(exc: BaseException, output: Sequence[str]) -> str:
     return str(exc)
 
 
+# BPF helpers the programs call that older kernels lack, and from which release on the
+# program types that call them may (the verifier's "unknown func NAME#ID" otherwise).
+_HELPER_SINCE = {
+    "bpf_get_netns_cookie": "5.15 (sockops and sk_msg; cgroup/connect from 5.7)",
+}
+
+
 def _explain(why: str, hint: str, privileged: bool) -> tuple[str, str]:
-    """(detail, hint) for a bcc failure, by what failed: compiler, map creation, permission."""
+    """(detail, hint) for a bcc failure, by what failed: compiler, map creation, a BPF
+    helper the kernel does not offer, permission."""
+    helper = re.search(r"unknown func (\w+)#\d+", why)
     if "could not open bpf map" in why:
         detail = f"map creation failed: {why}"
+    elif helper:
+        # The feature itself may be there (a sockhash on 5.10): name what is missing.
+        name = helper.group(1)
+        detail = f"the kernel does not offer the BPF helper {name} to this program: {why}"
+        since = _HELPER_SINCE.get(name)
+        hint = (f"{name} needs kernel >= {since}" if since
+                else f"a kernel that offers {name} to this program type")
     elif re.search(r"\.[ch]:\d+:\d+: error:", why):
         detail = f"does not compile: {why}"
         hint = f"{hint}; if every bcc check fails to compile: {HEADERS_HINT}"

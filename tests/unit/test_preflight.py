@@ -294,3 +294,17 @@ def test_own_cgroup_is_found_also_from_inside_a_cgroup_namespace(tmp_path):
         child.kill()
         child.wait()
         os.rmdir(cgroup)
+
+
+def test_a_helper_the_kernel_lacks_is_named_not_blamed_on_the_feature():
+    """Debian 11's 5.10 has sockhash and sk_msg; its verifier refuses only the netns cookie
+    helper: the line names the helper and the kernel it needs, not a missing config."""
+    why = ("Failed to load BPF program b'npchk_sockhash_add': Invalid argument: "
+           "unknown func bpf_get_netns_cookie#122")
+    detail, hint = preflight._explain(why, preflight._SOCKMAP_HINT, privileged=True)
+    assert "BPF helper bpf_get_netns_cookie" in detail and "#122" in detail
+    assert hint.startswith("bpf_get_netns_cookie needs kernel >= 5.15")
+    assert "CONFIG_" not in hint
+    _, other = preflight._explain(why.replace("bpf_get_netns_cookie", "bpf_new_thing"),
+                                  preflight._SOCKMAP_HINT, privileged=True)
+    assert other == "a kernel that offers bpf_new_thing to this program type"
