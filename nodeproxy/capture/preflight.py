@@ -39,6 +39,7 @@ from typing import Any
 
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.original_dst import Destination, original_destination
+from nodeproxy.pods.netns import netns_cookie_of
 from nodeproxy.ports import OUTBOUND_PORT
 
 MIN_KERNEL = (5, 15)
@@ -827,6 +828,21 @@ def check_iptables() -> CheckResult:
                        "REJECT deny work for IPv4 and IPv6 (tried in a scratch netns)")
 
 
+def check_netns_cookie_sockopt() -> CheckResult:
+    """getsockopt(SO_NETNS_COOKIE): enrolling a pod reads its netns cookie this way (the
+    pod's id and its key in the kernel maps), in every capture mode."""
+    name = "netns-cookie-sockopt"
+    try:
+        with socket.socket() as probe:
+            cookie = netns_cookie_of(probe)
+    except OSError as e:
+        return _fail(name, f"getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) failed: {e.strerror}; "
+                     "no pod can be enrolled",
+                     "SO_NETNS_COOKIE needs kernel >= 5.14 (both capture modes need it)")
+    return _pass(name, f"getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) answers ({cookie}): "
+                 "pods can be enrolled")
+
+
 # ---------------------------------------------------------------- optional extras
 
 def check_kernel_tls() -> CheckResult:
@@ -886,6 +902,7 @@ def run_checks(outbound_port: int = OUTBOUND_PORT) -> list[CheckResult]:
     results = [
         privileges,
         check_kernel_version(),
+        check_netns_cookie_sockopt(),
         bcc_result,
         check_kernel_headers(),
         check_btf(),
@@ -907,8 +924,9 @@ def run_checks(outbound_port: int = OUTBOUND_PORT) -> list[CheckResult]:
 
 def check_names() -> list[str]:
     """Names of the checks run_checks() reports, in order (without running them)."""
-    return ["privileges", "kernel-version", "bcc", "kernel-headers", "btf", "cgroup-v2",
-            "bpffs", "bpf-jit", *(f.name for f in _FEATURES if f.essential), "capture-program",
+    return ["privileges", "kernel-version", "netns-cookie-sockopt", "bcc", "kernel-headers",
+            "btf", "cgroup-v2", "bpffs", "bpf-jit", *(f.name for f in _FEATURES if f.essential),
+            "capture-program",
             "iptables", *(f.name for f in _FEATURES if not f.essential), "kernel-tls",
             "cni-plugins"]
 

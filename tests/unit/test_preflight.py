@@ -8,6 +8,7 @@ targets, so every essential check must pass here: a failure is a real regression
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -75,7 +76,7 @@ def test_checks_cover_every_kernel_feature_the_design_uses(results):
                    "bpffs", "bpf-jit", "cgroup/connect4", "cgroup/connect6", "sockops",
                    "sockhash+sk_msg", "sk_skb-stream-verdict", "sk_lookup",
                    "cgroup/getsockopt", "netns-cookie-in-sockops", "sk-storage",
-                   "capture-program", "iptables"):
+                   "capture-program", "iptables", "netns-cookie-sockopt"):
         assert needed in names
         assert next(r for r in results if r.name == needed).essential, needed
     # Informational only: the design must not depend on them (off in this kernel).
@@ -308,3 +309,16 @@ def test_a_helper_the_kernel_lacks_is_named_not_blamed_on_the_feature():
     _, other = preflight._explain(why.replace("bpf_get_netns_cookie", "bpf_new_thing"),
                                   preflight._SOCKMAP_HINT, privileged=True)
     assert other == "a kernel that offers bpf_new_thing to this program type"
+
+
+def test_without_so_netns_cookie_no_capture_mode_can_run(monkeypatch):
+    """Debian 11's 5.10 answers getsockopt(SO_NETNS_COOKIE) with ENOPROTOOPT (5.14+):
+    enrollment reads each pod's cookie that way, so iptables mode cannot run either."""
+    def refuse(_sock):
+        raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+    monkeypatch.setattr(preflight, "netns_cookie_of", refuse)
+    result = preflight.check_netns_cookie_sockopt()
+    assert not result.ok and result.essential
+    assert set(result.modes) == {"ebpf", "iptables"}
+    line = preflight.format_result(result)
+    assert "Protocol not available" in line and "kernel >= 5.14" in line
