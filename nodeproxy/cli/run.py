@@ -65,11 +65,13 @@ def preflight_failures(mode: str) -> list[str]:
     if mode == "ebpf":
         quick = [
             preflight.check_kernel_version(),
+            preflight.check_netns_cookie_sockopt(),
             preflight.check_bcc()[0],
             preflight.check_kernel_headers(),
             preflight.check_cgroup2(),
             preflight.check_bpffs(),
         ]
     else:
-        quick = [preflight.check_cgroup2(), preflight.check_iptables()]
+        quick = [preflight.check_netns_cookie_sockopt(), preflight.check_cgroup2(),
+                 preflight.check_iptables()]
     return [preflight.format_result(r) for r in preflight.essential_failures(quick, mode)]

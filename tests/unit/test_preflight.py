@@ -322,3 +322,17 @@ def test_without_so_netns_cookie_no_capture_mode_can_run(monkeypatch):
     assert set(result.modes) == {"ebpf", "iptables"}
     line = preflight.format_result(result)
     assert "Protocol not available" in line and "kernel >= 5.14" in line
+
+
+@pytest.mark.parametrize("mode", ["ebpf", "iptables"])
+def test_run_refuses_in_either_mode_without_so_netns_cookie(monkeypatch, mode):
+    """`nodeproxy run` stops with the check's line rather than running with no pod."""
+    from nodeproxy.cli import run as run_cli
+
+    def refuse(_sock):
+        raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+    monkeypatch.setattr(preflight, "netns_cookie_of", refuse)
+    lines = run_cli.preflight_failures(mode)
+    assert any(line.startswith("FAIL  netns-cookie-sockopt") for line in lines), lines
+    monkeypatch.undo()
+    assert not any("netns-cookie-sockopt" in line for line in run_cli.preflight_failures(mode))
