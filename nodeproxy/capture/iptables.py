@@ -43,7 +43,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from nodeproxy.capture.constants import SOCKET_MARK, TRANSPARENT_MARK
-from nodeproxy.pods.netns import entered
+from nodeproxy.capture.namespaces import entered
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

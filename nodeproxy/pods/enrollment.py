@@ -16,11 +16,11 @@ import logging
 import os
 from collections.abc import Callable
 
+from nodeproxy.capture import transparent
 from nodeproxy.capture.maps import PodMaps
+from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.pods import transparent
-from nodeproxy.pods.netns import Netns
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.pods.steering import Steering
 from nodeproxy.proxy.destinations import WorkloadRef

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
-from nodeproxy.pods.netns import Netns
 from nodeproxy.proxy.destinations import WorkloadRef
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 

@@ -9,8 +9,8 @@ import socket
 from typing import Protocol, TypeVar
 
 from nodeproxy.capture.constants import SOCKET_MARK
-from nodeproxy.pods.netns import Netns
-from nodeproxy.pods.transparent import transparent_socket
+from nodeproxy.capture.namespaces import Netns
+from nodeproxy.capture.transparent import transparent_socket
 from nodeproxy.proxy.descriptors import check_socket
 from nodeproxy.proxy.relay import Side
 
@@ -63,7 +63,7 @@ class DialAnnouncer(Protocol):
 async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port: int,
                            timeout: float, announcer: DialAnnouncer, protocol: P) -> P:
     """Connect to an application inside its own pod's netns with the client's address as
-    source, so the application sees the real peer (see nodeproxy.pods.transparent).
+    source, so the application sees the real peer (see nodeproxy.capture.transparent).
     The 4-tuple is announced to the kernel first, so inbound capture lets it pass."""
     if source.version != ip.version:
         source = _same_family_fallback(source, ip)

@@ -20,9 +20,9 @@ import socket
 
 from pyroute2 import IPRoute
 
+from nodeproxy.capture import sysctl
 from nodeproxy.capture.constants import TRANSPARENT_MARK, TRANSPARENT_ROUTE_TABLE
-from nodeproxy.pods import sysctl
-from nodeproxy.pods.netns import Netns, entered
+from nodeproxy.capture.namespaces import Netns, entered
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
