@@ -31,6 +31,10 @@ from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
 from nodeproxy.config.model import LimitSettings, PodShare, Service, Workload
+from nodeproxy.connections.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
+from nodeproxy.connections.fairshare import ShareLimits, SourceShares
+from nodeproxy.connections.splicer import SpliceMetrics, Splicer
+from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
@@ -42,13 +46,9 @@ from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
 from nodeproxy.policy.kernel_rules import compile_connect_denies
 from nodeproxy.proxy.admission import AdmissionMetrics, Admitter
 from nodeproxy.proxy.balancer import RoundRobin
-from nodeproxy.proxy.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
 from nodeproxy.proxy.destinations import DestinationTable
-from nodeproxy.proxy.fairshare import ShareLimits, SourceShares
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
-from nodeproxy.proxy.splice import SpliceMetrics, Splicer
-from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.proxy.upstream import Upstreams
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
@@ -76,7 +76,7 @@ def _pod_share(limits: PodShare) -> ShareLimits:
 def _set_descriptor_budget(settings: LimitSettings) -> OpenFileLimit:
     """A relayed connection holds two descriptors (four through a tunnel's both ends): take
     as many as the kernel allows, and keep the reserve out of proxied traffic's reach
-    (proxy/descriptors.py)."""
+    (connections/descriptors.py)."""
     limit = raise_open_file_limit(settings.open_files)
     reserved = settings.reserved_files
     if reserved >= limit.soft // 2:
@@ -154,7 +154,7 @@ class Daemon:
             "nodeproxy_config_info", "The node policy version in force (sha256 of the file)",
             ("digest",), registry=self.registry)
         self._config_info.labels(loaded.digest).set(1)
-        # Each source's fair share of the proxy (proxy/fairshare.py); caps change live.
+        # Each source's fair share of the proxy (connections/fairshare.py); caps change live.
         limits = self.config.limits
         self.pod_shares = SourceShares(_pod_share(limits.per_pod))
         self.node_shares = SourceShares(ShareLimits(limits.inbound.max_streams_per_node))

@@ -56,6 +56,8 @@ from nodeproxy.config.model import (
     TrafficPolicy,
     Workload,
 )
+from nodeproxy.connections.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
+from nodeproxy.connections.relay import Relay, Side, reset
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
@@ -111,8 +113,6 @@ from nodeproxy.proxy.destinations import (
     ServicePortEntry,
     WorkloadRef,
 )
-from nodeproxy.proxy.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
-from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels

@@ -20,13 +20,13 @@ from nodeproxy.capture import transparent
 from nodeproxy.capture.maps import PodMaps
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
+from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.pods.steering import Steering
 from nodeproxy.proxy.destinations import WorkloadRef
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
-from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.server import HboneServer
 

@@ -25,15 +25,15 @@ import socket
 from collections.abc import Callable
 
 from nodeproxy.capture.original_dst import original_destination
+from nodeproxy.connections.descriptors import BUDGET
+from nodeproxy.connections.dial import DialAnnouncer, dial_transparent, relay_side
+from nodeproxy.connections.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
+from nodeproxy.connections.relay import Relay, Side, reset
+from nodeproxy.connections.splicer import Splicer
+from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
 from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.descriptors import BUDGET
 from nodeproxy.proxy.destinations import DestinationTable
-from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
-from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
-from nodeproxy.proxy.relay import Relay, Side, reset
-from nodeproxy.proxy.splice import Splicer
-from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 log = logging.getLogger(__name__)

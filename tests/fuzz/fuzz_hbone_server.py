@@ -27,8 +27,8 @@ from hpack import Decoder
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 from prometheus_client import CollectorRegistry
 
+from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.proxy.admission import Admission
-from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.headers import L7_AUTHORIZED, HeaderError, parse_authority
 from nodeproxy.tunnel.metrics import TunnelMetrics
