@@ -268,7 +268,7 @@ class ServicePort(Model):
     protocol: Literal["tcp"] = "tcp"
     # What the port speaks, as Kubernetes' appProtocol says it: http (HTTP/1.1, with
     # HTTP/2 prior knowledge accepted too), http2, grpc, or tcp (opaque: never parsed).
-    # None: detected from the client's first bytes (nodeproxy/http/detect.py).
+    # None: detected from the client's first bytes (nodeproxy/codec/detect.py).
     app_protocol: AppProtocol | None = None
 
     @property
@@ -749,7 +749,7 @@ class AccessLogSettings(Model):
 # An HTTP token (RFC 9110 5.6.2), optionally with a protocol version ("websocket", "foo/2").
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
 # Istio's meshConfig pathNormalization modes and Envoy's path_with_escaped_slashes_action
-# (docs/http.md, "One request, one meaning"; nodeproxy/http/request_target.py applies them).
+# (docs/http.md, "One request, one meaning"; nodeproxy/codec/request_target.py applies them).
 PathNormalizationMode = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
 EscapedSlashAction = Literal["KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
                              "UNESCAPE_AND_FORWARD"]

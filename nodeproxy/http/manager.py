@@ -48,6 +48,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nodeproxy.codec.h1 import H1Client, H1Exchange, H1Server
+from nodeproxy.codec.h2 import ErrorCodes, H2Server
+from nodeproxy.codec.header_fields import one_view
+from nodeproxy.codec.message import (
+    Body,
+    BodyError,
+    Exchange,
+    Headers,
+    MalformedRequest,
+    ReplayableBody,
+    RequestHead,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+)
+from nodeproxy.codec.request_target import (
+    Normalized,
+    Refusal,
+    TargetPolicy,
+    normalize,
+    normalize_authority,
+)
+from nodeproxy.codec.upgrade import (
+    NOT_SWITCHED,
+    UNEXPECTED_101,
+    WITH_BODY,
+    WRONG_PROTOCOL,
+    Verdict,
+    completes,
+    connect_refusal,
+    decide_upgrade,
+)
 from nodeproxy.config.model import (
     Http2Limits,
     HttpSettings,
@@ -62,47 +95,14 @@ from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
-from nodeproxy.http.h1 import H1Client, H1Exchange, H1Server
-from nodeproxy.http.h2 import ErrorCodes, H2Server
-from nodeproxy.http.header_fields import one_view
-from nodeproxy.http.message import (
-    Body,
-    BodyError,
-    Exchange,
-    Headers,
-    MalformedRequest,
-    ReplayableBody,
-    RequestHead,
-    ResponseHead,
-    UpstreamConnection,
-    UpstreamError,
-    UpstreamResponse,
-)
 from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
 from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
 from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
-from nodeproxy.http.request_target import (
-    Normalized,
-    Refusal,
-    TargetPolicy,
-    normalize,
-    normalize_authority,
-)
 from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
-from nodeproxy.http.upgrade import (
-    NOT_SWITCHED,
-    UNEXPECTED_101,
-    WITH_BODY,
-    WRONG_PROTOCOL,
-    Verdict,
-    completes,
-    connect_refusal,
-    decide_upgrade,
-)
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes

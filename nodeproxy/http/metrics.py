@@ -48,7 +48,7 @@ from nodeproxy.http.resilience_metrics import ResilienceMetrics
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 
 if TYPE_CHECKING:
-    from nodeproxy.http.message import RequestHead
+    from nodeproxy.codec.message import RequestHead
 
 # Envoy's default histogram buckets (ms for durations, bytes for sizes); Istio's request
 # histograms use them unless overridden.
@@ -223,7 +223,7 @@ class RequestMetrics:
         self.upgrade_refusals = Counter(
             "nodeproxy_http_upgrade_refusals_total",
             "Upgrade and CONNECT requests not switched to a byte stream, by reason "
-            "(nodeproxy.http.upgrade.REASONS)",
+            "(nodeproxy.codec.upgrade.REASONS)",
             ("protocol", "reason"), registry=registry)
         self.mirrored = Counter(
             "nodeproxy_http_mirrored_requests_total",

@@ -31,8 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from nodeproxy.http.circuit_breaker import Overflow
-from nodeproxy.http.message import (
+from nodeproxy.codec.message import (
     Body,
     BodyError,
     Headers,
@@ -42,6 +41,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.circuit_breaker import Overflow
 from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.http.pool import abort_exchange
 from nodeproxy.http.routes import CompiledRule, Mirror, apply_modifier

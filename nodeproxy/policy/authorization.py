@@ -22,7 +22,7 @@ Semantics follow Istio exactly:
 
   - ``methods``: exact and case-sensitive, as HTTP methods are.
   - ``paths``: the request path without its query string, as the node's
-    ``http.pathNormalization`` made it (nodeproxy/http/request_target.py, the one place
+    ``http.pathNormalization`` made it (nodeproxy/codec/request_target.py, the one place
     paths are normalized): the proxy matches and forwards that same path, so
     ``/a/../admin`` or ``/%61dmin`` reach neither the rule nor the backend as anything
     but ``/admin``.
@@ -30,7 +30,7 @@ Semantics follow Istio exactly:
     case-insensitively.  As in Istio the port is *not* stripped: ``"example.com"`` does
     not match ``Host: example.com:8080``; write ``["example.com", "example.com:*"]``.
   - ``request.headers[<name>]``: the header's value (the name is case-insensitive), the
-    one value the upstream also gets (nodeproxy/http/header_fields.py: a repeated
+    one value the upstream also gets (nodeproxy/codec/header_fields.py: a repeated
     list-valued or unknown header's lines joined with ", ", a repeated single-valued one
     refused before policy); an absent header matches no ``values`` and passes
     ``notValues``; a present but empty one matches ``"*"`` (presence) only.
@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from nodeproxy.codec.request_target import path_of
 from nodeproxy.config.model import (
     SPIFFE_SCHEME,
     AuthorizationPolicy,
@@ -77,10 +78,9 @@ from nodeproxy.config.model import (
     Workload,
     condition_header,
 )
-from nodeproxy.http.request_target import path_of
 
 if TYPE_CHECKING:
-    from nodeproxy.http.message import RequestHead
+    from nodeproxy.codec.message import RequestHead
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -32,13 +32,13 @@ from collections.abc import Callable
 from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.msg_redirect import MsgRedirect, ProxyReads, counting_reads
 from nodeproxy.capture.original_dst import original_destination
+from nodeproxy.codec.detect import PortMode, Sniffed, port_mode, sniff
 from nodeproxy.connections.descriptors import BUDGET
 from nodeproxy.connections.dial import relay_side
 from nodeproxy.connections.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.connections.relay import Relay, Side, reset
 from nodeproxy.connections.splicer import Splicer
 from nodeproxy.connections.tracker import ConnectionTracker
-from nodeproxy.http.detect import PortMode, Sniffed, port_mode, sniff
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nodeproxy.http.message import Headers
+    from nodeproxy.codec.message import Headers
 
 W3C = "w3c"
 TRACESTATE = "tracestate"

@@ -46,8 +46,8 @@ from nodeproxy.telemetry.trace_context import extract, inject
 from nodeproxy.telemetry.tracing import RateLimited, TracingMetrics
 
 if TYPE_CHECKING:
+    from nodeproxy.codec.message import RequestHead
     from nodeproxy.config.model import TracingSettings
-    from nodeproxy.http.message import RequestHead
 
 # The SDK exporter's logger: its messages are the reason our own failure log gives.
 _OTLP_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"

@@ -145,7 +145,7 @@ async def _drive(data: bytes) -> None:
                 f"stream {f.stream_id} answered {status!r}"
             answered.add(f.stream_id)
     # After a GOAWAY either way h2 sends nothing more (python-hyper/h2#1181, see
-    # nodeproxy/http/h2.py): a stream then ends with the connection, unanswered.
+    # nodeproxy/codec/h2.py): a stream then ends with the connection, unanswered.
     if not any(isinstance(f, GoAwayFrame) for f in frames) and not peer_goaway:
         unanswered = set(accepted) - answered - reset_by_peer
         assert not unanswered, f"streams {sorted(unanswered)} got no answer"

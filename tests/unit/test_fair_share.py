@@ -16,6 +16,8 @@ import h2.events
 import pytest
 from pydantic import ValidationError
 
+from nodeproxy.codec.h1 import H1Exchange, H1Server
+from nodeproxy.codec.message import ResponseHead
 from nodeproxy.config.changes import restart_only_changes
 from nodeproxy.config.model import LimitSettings, NodeConfig
 from nodeproxy.connections import descriptors
@@ -28,9 +30,7 @@ from nodeproxy.connections.fairshare import (
     ShareLimits,
     SourceShares,
 )
-from nodeproxy.http.h1 import H1Exchange, H1Server
 from nodeproxy.http.manager import _ClientH2Server
-from nodeproxy.http.message import ResponseHead
 
 
 class Clock:

@@ -13,10 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nodeproxy.config.loader import parse_config
-from nodeproxy.config.model import HeaderModifier, HttpHeader, Timeouts
-from nodeproxy.http.balancer import RoundRobin
-from nodeproxy.http.message import (
+from nodeproxy.codec.message import (
     Body,
     BodyError,
     ReplayableBody,
@@ -25,6 +22,9 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.config.loader import parse_config
+from nodeproxy.config.model import HeaderModifier, HttpHeader, Timeouts
+from nodeproxy.http.balancer import RoundRobin
 from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.http.mirror import BodyTap, Mirrors, chosen, shadow_authority
 from nodeproxy.http.pool import Endpoint

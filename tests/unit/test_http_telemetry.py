@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.admin.server import AdminServers
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import AccessLogSettings
 from nodeproxy.http.access_log import FIELDS, AccessLog, AccessLogEntry, rfc3339_ms, trace_id
-from nodeproxy.http.message import RequestHead
 from nodeproxy.http.metrics import (
     ISTIO_BUCKETS,
     REQUEST_LABELS,

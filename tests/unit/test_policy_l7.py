@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config import ConfigError, parse_config
 from nodeproxy.config.model import Condition, NodeConfig, Operation, Workload
-from nodeproxy.http.message import RequestHead
 from nodeproxy.policy import (
     L7_CHECKED_UPSTREAM,
     ConnectionAttributes,

@@ -2,7 +2,7 @@
 two interfaces every codec implements (the downstream exchange and the upstream connection).
 
 HTTP/1.1 (h1.py) and HTTP/2 (h2.py) both turn wire bytes into these objects, so routing,
-retries, balancing, authorization and telemetry (manager.py) never see a protocol.
+retries, balancing, authorization and telemetry (http/manager.py) never see a protocol.
 Header names are lowercase; hop-by-hop headers and HTTP/2 pseudo-headers are not in
 ``headers`` (the head's own fields carry method, path, authority, scheme and status).
 """

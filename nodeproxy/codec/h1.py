@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 
 import httptools
 
-from nodeproxy.http.message import (
+from nodeproxy.codec.message import (
     HOP_BY_HOP,
     Body,
     BodyError,
@@ -59,7 +59,7 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
-from nodeproxy.http.request_target import Refusal, check_authority, check_target
+from nodeproxy.codec.request_target import Refusal, check_authority, check_target
 
 log = logging.getLogger(__name__)
 

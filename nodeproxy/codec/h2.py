@@ -45,9 +45,8 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
 
-from nodeproxy.config.model import Http2Limits
-from nodeproxy.http.h2_guard import Abuse, FrameGuard
-from nodeproxy.http.message import (
+from nodeproxy.codec.h2_guard import Abuse, FrameGuard
+from nodeproxy.codec.message import (
     HOP_BY_HOP,
     Body,
     BodyError,
@@ -59,7 +58,8 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
-from nodeproxy.http.request_target import Refusal, check_authority, check_method, check_target
+from nodeproxy.codec.request_target import Refusal, check_authority, check_method, check_target
+from nodeproxy.config.model import Http2Limits
 
 log = logging.getLogger(__name__)
 
@@ -817,7 +817,7 @@ class H2Server(_H2Protocol):
             check_pseudo_headers(pseudo, authority)
         except Refusal as e:
             # CONNECT (and extended CONNECT) is well formed: the manager refuses it with
-            # 403 and counts it as an upgrade refusal (nodeproxy/http/upgrade.py).
+            # 403 and counts it as an upgrade refusal (nodeproxy/codec/upgrade.py).
             if e.reason != "connect":
                 log.debug("malformed HTTP/2 request from %s (stream %d): %s",
                           self.peername, stream_id, e)

@@ -18,8 +18,8 @@ A head without a repeated name (nearly every request) is returned as it is.
 
 from __future__ import annotations
 
-from nodeproxy.http.message import Headers
-from nodeproxy.http.request_target import Refusal
+from nodeproxy.codec.message import Headers
+from nodeproxy.codec.request_target import Refusal
 
 # Request fields whose grammar is one value (RFC 9110 and the specifications named).
 SINGLETONS = frozenset({
