@@ -38,22 +38,22 @@ from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
-from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.mesh.destinations import DestinationTable
+from nodeproxy.mesh.round_robin import RoundRobin
+from nodeproxy.mesh.upstream import Upstreams
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
+from nodeproxy.policy.admission import AdmissionMetrics, Admitter
 from nodeproxy.policy.kernel_rules import compile_connect_denies
-from nodeproxy.proxy.admission import AdmissionMetrics, Admitter
-from nodeproxy.proxy.balancer import RoundRobin
-from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
-from nodeproxy.proxy.upstream import Upstreams
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 from nodeproxy.telemetry.share_collector import PodShareCollector
 from nodeproxy.telemetry.tracing import Tracing
 from nodeproxy.tunnel.client import HbonePool

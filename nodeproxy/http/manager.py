@@ -95,7 +95,6 @@ from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
 from nodeproxy.http.fault import ABORT_BODY, Fault
-from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
 from nodeproxy.http.mirror import BodyTap, Mirrors
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
@@ -104,18 +103,23 @@ from nodeproxy.http.resilience import Resilience, Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
 from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
-from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import (
+from nodeproxy.mesh.destinations import (
     Backend,
     DestinationTable,
     ServicePortEntry,
     WorkloadRef,
 )
-from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.mesh.upstream import Refused, Upstreams, source_address
+from nodeproxy.policy.admission import Admitter
+from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.request_metrics import (
+    RequestLabels,
+    RequestMetrics,
+    istio_request_protocol,
+)
 from nodeproxy.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:

@@ -42,11 +42,11 @@ from nodeproxy.codec.message import (
     UpstreamResponse,
 )
 from nodeproxy.http.circuit_breaker import Overflow
-from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.http.pool import abort_exchange
 from nodeproxy.http.routes import CompiledRule, Mirror, apply_modifier
-from nodeproxy.proxy.destinations import Backend
-from nodeproxy.proxy.upstream import Refused
+from nodeproxy.mesh.destinations import Backend
+from nodeproxy.mesh.upstream import Refused
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 
 if TYPE_CHECKING:
     from nodeproxy.http.manager import _Cluster, _Context

@@ -34,7 +34,7 @@ from nodeproxy.codec.h2 import INITIAL_STREAMS, H2Client
 from nodeproxy.codec.message import UpstreamConnection, UpstreamError, UpstreamResponse
 from nodeproxy.http.balancer import EndpointStats
 from nodeproxy.http.circuit_breaker import CircuitBreaker
-from nodeproxy.proxy.destinations import Backend
+from nodeproxy.mesh.destinations import Backend
 
 log = logging.getLogger(__name__)
 

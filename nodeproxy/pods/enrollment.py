@@ -22,9 +22,9 @@ from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
 from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.mesh.destinations import WorkloadRef
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.pods.steering import Steering
-from nodeproxy.proxy.destinations import WorkloadRef
 from nodeproxy.proxy.inbound import InboundProxy
 from nodeproxy.proxy.outbound import OutboundProxy
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics

@@ -31,7 +31,7 @@ from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.maps import CaptureMaps, PodCounters
 from nodeproxy.capture.programs import CapturePrograms
 from nodeproxy.connections.dial import DialAnnouncer
-from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.policy.kernel_rules import KernelDeny
 
 log = logging.getLogger(__name__)

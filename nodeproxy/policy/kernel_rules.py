@@ -27,7 +27,7 @@ peer's identity.  So only this is compiled:
   listed for it.
 * Destinations: every IP of every workload the policy selects, on each compiled port.  And a
   service VIP:port whose backends (the ones the proxy would pick from for that VIP's family,
-  the same fallback as nodeproxy.proxy.destinations) are *all* denied for that source pod
+  the same fallback as nodeproxy.mesh.destinations) are *all* denied for that source pod
   by the entries above; a VIP that could still reach an allowed endpoint, or one without
   endpoints, is left to the proxy.  An explicit service endpoint that is no listed workload
   is never denied here, so its VIP never compiles.

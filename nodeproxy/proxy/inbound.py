@@ -31,9 +31,9 @@ from nodeproxy.connections.fairshare import DESCRIPTORS, Lease, RefusalLog, Sour
 from nodeproxy.connections.relay import Relay, Side, reset
 from nodeproxy.connections.splicer import Splicer
 from nodeproxy.connections.tracker import ConnectionTracker
-from nodeproxy.pods.pod import EnrolledPod, destination_labels
-from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.mesh.destinations import DestinationTable
+from nodeproxy.mesh.enrolled_pod import EnrolledPod, destination_labels
+from nodeproxy.policy.admission import Admitter
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 log = logging.getLogger(__name__)

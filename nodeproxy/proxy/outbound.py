@@ -41,9 +41,9 @@ from nodeproxy.connections.splicer import Splicer
 from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.proxy.destinations import Decision, DestinationTable, Verdict
-from nodeproxy.proxy.upstream import Opened, Refused, Upstreams
+from nodeproxy.mesh.destinations import Decision, DestinationTable, Verdict
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.mesh.upstream import Opened, Refused, Upstreams
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
 
 log = logging.getLogger(__name__)

@@ -35,9 +35,9 @@ from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
-from nodeproxy.pods.pod import EnrolledPod, destination_labels
-from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.mesh.destinations import DestinationTable
+from nodeproxy.mesh.enrolled_pod import EnrolledPod, destination_labels
+from nodeproxy.policy.admission import Admitter
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 from nodeproxy.tunnel.headers import (
     L7_AUTHORIZED,

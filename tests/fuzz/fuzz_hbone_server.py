@@ -28,7 +28,7 @@ from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, Settings
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.connections.tracker import ConnectionTracker
-from nodeproxy.proxy.admission import Admission
+from nodeproxy.policy.admission import Admission
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.headers import L7_AUTHORIZED, HeaderError, parse_authority
 from nodeproxy.tunnel.metrics import TunnelMetrics

@@ -6,7 +6,7 @@ import ipaddress
 from collections import Counter
 
 from nodeproxy.config.loader import parse_config
-from nodeproxy.proxy.destinations import DestinationTable, Verdict
+from nodeproxy.mesh.destinations import DestinationTable, Verdict
 
 DOC = """
 apiVersion: nodeproxy.io/v1alpha1

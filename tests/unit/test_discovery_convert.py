@@ -21,7 +21,7 @@ from nodeproxy.discovery.convert import (
     trim,
 )
 from nodeproxy.discovery.state import DiscoveredState, is_meshed
-from nodeproxy.proxy.destinations import DestinationTable, Verdict
+from nodeproxy.mesh.destinations import DestinationTable, Verdict
 from tests.integration.fake_kube_api import (
     endpoint_slice,
     namespace,

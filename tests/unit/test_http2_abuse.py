@@ -23,12 +23,12 @@ import pytest
 import uvloop
 from hyperframe.frame import HeadersFrame, RstStreamFrame
 
+from nodeproxy.codec import h2 as h2_module
 from nodeproxy.codec import h2_guard
 from nodeproxy.codec.h2 import H2Client, H2Server
 from nodeproxy.codec.h2_guard import FrameGuard, TokenBucket
 from nodeproxy.codec.message import Body, Exchange, ReplayableBody, RequestHead, ResponseHead
 from nodeproxy.config.model import Http2Limits
-from nodeproxy.http import h2 as h2_module
 from nodeproxy.http.pool import EndpointPool
 from nodeproxy.tunnel import session as session_module
 from nodeproxy.tunnel.session import H2Session, StreamTransport

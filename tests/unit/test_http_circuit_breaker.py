@@ -23,7 +23,7 @@ from nodeproxy.http.circuit_breaker import (
 )
 from nodeproxy.http.pool import Endpoint, EndpointPool
 from nodeproxy.http.resilience import Resilience, Slots
-from nodeproxy.proxy.destinations import Backend
+from nodeproxy.mesh.destinations import Backend
 
 
 def breaker(**limits: int) -> tuple[CircuitBreaker, list[str]]:

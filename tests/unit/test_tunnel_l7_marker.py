@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeproxy.config.model import TunnelSettings
 from nodeproxy.connections.tracker import ConnectionTracker
-from nodeproxy.proxy.admission import Admission
+from nodeproxy.policy.admission import Admission
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 from nodeproxy.tunnel.metrics import TunnelMetrics

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from nodeproxy.config.model import NodeConfig, Workload
-from nodeproxy.proxy.balancer import RoundRobin
+from nodeproxy.mesh.round_robin import RoundRobin
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

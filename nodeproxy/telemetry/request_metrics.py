@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from nodeproxy.http.resilience_metrics import ResilienceMetrics
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.resilience_metrics import ResilienceMetrics
 
 if TYPE_CHECKING:
     from nodeproxy.codec.message import RequestHead

@@ -1,0 +1,9 @@
+"""The mesh's decisions about one connection, after capture and before any listener.
+
+destinations.py  where a captured connection goes: a service VIP's endpoint, a known pod,
+                 or the outbound policy (an immutable table, rebuilt whole)
+round_robin.py   the L4 endpoint choice per service port
+enrolled_pod.py  an enrolled pod: its workload, identity, network namespace and kernel id
+upstream.py      by which path a backend is reached: transparent into a local pod, an
+                 HBONE stream to another node, or plain
+"""
