@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from pydantic import ValidationError
 
+from nodeproxy.admin.control_client import request
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.maps import CaptureMaps, NoKernelMaps, PodMaps
 from nodeproxy.capture.msg_redirect import MsgRedirect
 from nodeproxy.capture.programs import CapturePrograms, pin_root, remove_pins
 from nodeproxy.capture.splice import SpliceMaps
-from nodeproxy.cli.control_client import request
 from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
@@ -40,6 +40,9 @@ from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.listeners.inbound_hbone import HboneServer
+from nodeproxy.listeners.inbound_plaintext import InboundProxy
+from nodeproxy.listeners.outbound import OutboundProxy
 from nodeproxy.mesh.destinations import DestinationTable
 from nodeproxy.mesh.round_robin import RoundRobin
 from nodeproxy.mesh.upstream import Upstreams
@@ -47,8 +50,6 @@ from nodeproxy.pods.enrollment import EnrollError, Enrollment
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
 from nodeproxy.policy.admission import AdmissionMetrics, Admitter
 from nodeproxy.policy.kernel_rules import compile_connect_denies
-from nodeproxy.proxy.inbound import InboundProxy
-from nodeproxy.proxy.outbound import OutboundProxy
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.live_stats import LiveStats
@@ -58,7 +59,6 @@ from nodeproxy.telemetry.share_collector import PodShareCollector
 from nodeproxy.telemetry.tracing import Tracing
 from nodeproxy.tunnel.client import HbonePool
 from nodeproxy.tunnel.metrics import TunnelMetrics
-from nodeproxy.tunnel.server import HboneServer
 
 if TYPE_CHECKING:  # the client imports kubernetes_asyncio: only when discovery is on
     from nodeproxy.discovery.client import KubernetesDiscovery

@@ -22,13 +22,13 @@ from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
 from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.identity.spiffe import spiffe_id
+from nodeproxy.listeners.inbound_hbone import HboneServer
+from nodeproxy.listeners.inbound_plaintext import InboundProxy
+from nodeproxy.listeners.outbound import OutboundProxy
 from nodeproxy.mesh.destinations import WorkloadRef
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.pods.steering import Steering
-from nodeproxy.proxy.inbound import InboundProxy
-from nodeproxy.proxy.outbound import OutboundProxy
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
-from nodeproxy.tunnel.server import HboneServer
 
 log = logging.getLogger(__name__)
 

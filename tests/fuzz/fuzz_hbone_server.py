@@ -1,5 +1,5 @@
 """Fuzz target: the HBONE server's frame handling (nodeproxy.tunnel.session.H2Session in
-server mode, requests served by nodeproxy.tunnel.server.HboneServer._serve).
+server mode, requests served by nodeproxy.listeners.inbound_hbone.HboneServer._serve).
 
 One input is what a peer node's proxy sends after the mutual-TLS handshake: the HTTP/2
 preface and frames carrying CONNECT requests (seeds: real CONNECT streams with
@@ -28,11 +28,11 @@ from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, Settings
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.connections.tracker import ConnectionTracker
+from nodeproxy.listeners.inbound_hbone import HboneServer
 from nodeproxy.policy.admission import Admission
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.headers import L7_AUTHORIZED, HeaderError, parse_authority
 from nodeproxy.tunnel.metrics import TunnelMetrics
-from nodeproxy.tunnel.server import HboneServer
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 from tests.fuzz import harness
 from tests.fuzz.fuzz_h2_server import written_frames
