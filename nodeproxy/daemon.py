@@ -38,13 +38,13 @@ from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
-from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.listeners.inbound_hbone import HboneServer
 from nodeproxy.listeners.inbound_plaintext import InboundProxy
 from nodeproxy.listeners.outbound import OutboundProxy
 from nodeproxy.mesh.destinations import DestinationTable
-from nodeproxy.mesh.round_robin import RoundRobin
+from nodeproxy.mesh.round_robin import PortRoundRobin
 from nodeproxy.mesh.upstream import Upstreams
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
@@ -61,7 +61,7 @@ from nodeproxy.tunnel.client import HbonePool
 from nodeproxy.tunnel.metrics import TunnelMetrics
 
 if TYPE_CHECKING:  # the client imports kubernetes_asyncio: only when discovery is on
-    from nodeproxy.discovery.client import KubernetesDiscovery
+    from nodeproxy.discovery.kubernetes import KubernetesDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Daemon:
         self._admitter = Admitter(self.config, self._admission_metrics)
         self.tracker = ConnectionTracker()
         self._ready = False
-        self._balancer = RoundRobin()
+        self._balancer = PortRoundRobin()
         self._table = DestinationTable(self.config, (), self._balancer)
         self._deny_policy_names: list[str] = []
         self.certificates: CertificateManager | None = None
@@ -374,7 +374,7 @@ class Daemon:
     # -- Kubernetes API discovery ----------------------------------------
 
     async def _start_discovery(self) -> None:
-        from nodeproxy.discovery.client import KubernetesDiscovery
+        from nodeproxy.discovery.kubernetes import KubernetesDiscovery
 
         settings = self.config.discovery
         if settings.api_server:

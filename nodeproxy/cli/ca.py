@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from nodeproxy.identity.ca import DEFAULT_ROOT_DAYS, CAError, MeshCA
+from nodeproxy.identity.mesh_ca import DEFAULT_ROOT_DAYS, CAError, MeshCA
 from nodeproxy.identity.spiffe import IdentityError, validate_trust_domain
 
 CERT_FILE = "root-cert.pem"

@@ -78,8 +78,11 @@ class Abuse(h2.exceptions.ProtocolError):
         self.error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
-class TokenBucket:
-    """``rate`` tokens a second, at most ``capacity`` saved up (full at the start)."""
+class FrameBucket:
+    """A token bucket that answers yes or no: ``rate`` tokens a second, at most ``capacity``
+    saved up (full at the start).  A frame past its budget is never delayed, it ends the
+    connection; the rate limits' bucket, which says how long to wait, is
+    nodeproxy/connections/token_bucket.py."""
 
     def __init__(self, rate: float, capacity: float, now: float):
         self.rate = rate
@@ -111,9 +114,9 @@ class FrameGuard:
         self._clock = clock
         self._is_open = is_open
         now = clock()
-        self._stream_bucket = TokenBucket(limits.max_streams_per_second,
+        self._stream_bucket = FrameBucket(limits.max_streams_per_second,
                                           limits.max_streams_per_second, now)
-        self._control_bucket = TokenBucket(limits.max_control_frames_per_second,
+        self._control_bucket = FrameBucket(limits.max_control_frames_per_second,
                                            limits.control_frame_burst, now)
         self.highest_stream_id = 0
         self.streams_opened = 0

@@ -123,7 +123,7 @@ from nodeproxy.telemetry.request_metrics import (
 from nodeproxy.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
-    from nodeproxy.telemetry.tracer import RequestSpan, Tracer
+    from nodeproxy.telemetry.request_spans import RequestSpan, Tracer
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from nodeproxy.connections.splicer import Splicer
 from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.mesh.destinations import Decision, DestinationTable, Verdict
+from nodeproxy.mesh.destinations import DestinationTable, Resolution, ResolutionKind
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.upstream import Opened, Refused, Upstreams
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
@@ -131,7 +131,7 @@ class OutboundProxy:
         if self._on_captured is not None:
             self._on_captured(pod)
         decision = self._table().resolve(original.ip, original.port)
-        if decision.verdict is Verdict.REFUSE or decision.backend is None:
+        if decision.verdict is ResolutionKind.REFUSE or decision.backend is None:
             log.info("refused %s -> %s:%s: %s", pod.key, original.ip, original.port,
                      decision.reason)
             self._refuse(pod, down, "registry_only" if decision.service is None
@@ -159,14 +159,15 @@ class OutboundProxy:
         # docs/architecture.md, "Fast paths".  Declare the port (appProtocol: tcp) to splice.
         self._relay(pod, down, decision, opened, spliceable=mode is not PortMode.DETECT)
 
-    def _l7_mode(self, decision: Decision) -> PortMode:
-        if self._http is None or decision.verdict is not Verdict.SERVICE or decision.port is None:
+    def _l7_mode(self, decision: Resolution) -> PortMode:
+        if (self._http is None or decision.verdict is not ResolutionKind.SERVICE
+                or decision.port is None):
             return PortMode.OPAQUE
         settings = self._http.settings
         return port_mode(decision.port.app_protocol, decision.port.port,
                          frozenset(settings.opaque_ports))
 
-    async def _serve_http(self, pod: EnrolledPod, down: Side, decision: Decision,
+    async def _serve_http(self, pod: EnrolledPod, down: Side, decision: Resolution,
                           mode: PortMode, opened: Opened[Side] | None) -> bool:
         """Hand the connection to the HTTP layer if it speaks HTTP; False: relay it as TCP."""
         assert self._http is not None and decision.port is not None
@@ -222,7 +223,7 @@ class OutboundProxy:
             lambda _f: self._tracker.discard(connection))  # type: ignore[arg-type]
         return True
 
-    async def _open_l4(self, pod: EnrolledPod, down: Side, decision: Decision
+    async def _open_l4(self, pod: EnrolledPod, down: Side, decision: Resolution
                        ) -> Opened[Side] | None:
         assert decision.backend is not None
         try:
@@ -234,7 +235,7 @@ class OutboundProxy:
             self._refuse(pod, down, e.reason)
             return None
 
-    def _relay(self, pod: EnrolledPod, down: Side, decision: Decision,
+    def _relay(self, pod: EnrolledPod, down: Side, decision: Resolution,
                opened: Opened[Side], *, spliceable: bool) -> None:
         up, security, targets = opened.protocol, opened.security, opened.targets
         meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
@@ -268,7 +269,7 @@ class OutboundProxy:
         self._metrics.refused.labels(pod.workload.namespace, pod.ref.workload, reason).inc()
         reset(down.transport)
 
-    def _labels(self, pod: EnrolledPod, decision: Decision, security: str) -> TcpLabels:
+    def _labels(self, pod: EnrolledPod, decision: Resolution, security: str) -> TcpLabels:
         dest = decision.backend.workload if decision.backend else None
         return TcpLabels(
             reporter="source",

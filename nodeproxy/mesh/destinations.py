@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from nodeproxy.config.model import NodeConfig, Workload
-from nodeproxy.mesh.round_robin import RoundRobin
+from nodeproxy.mesh.round_robin import PortRoundRobin
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -41,7 +41,9 @@ class Backend:
     workload: WorkloadRef | None
 
 
-class Verdict(Enum):
+class ResolutionKind(Enum):
+    """Which of the four answers ``DestinationTable.resolve`` gave."""
+
     SERVICE = "service"          # a service VIP, balanced over its endpoints
     POD = "pod"                  # a known pod's IP, passed through
     PASSTHROUGH = "passthrough"  # unknown, allowed by ALLOW_ANY
@@ -49,8 +51,10 @@ class Verdict(Enum):
 
 
 @dataclass(frozen=True)
-class Decision:
-    verdict: Verdict
+class Resolution:
+    """Where one captured connection goes (whether it may is admission's: policy/)."""
+
+    verdict: ResolutionKind
     backend: Backend | None
     service: str | None  # destination_service as Istio names it: <name>.<ns>.svc.<domain>
     reason: str = ""
@@ -79,7 +83,7 @@ class DestinationTable:
     """Immutable lookup tables for one config + set of enrolled pods."""
 
     def __init__(self, config: NodeConfig, runtime_workloads: tuple[Workload, ...] = (),
-                 balancer: RoundRobin | None = None):
+                 balancer: PortRoundRobin | None = None):
         self.outbound_policy = config.mesh.outbound_policy
         workloads = {w.key: w for w in config.workloads}
         for w in runtime_workloads:
@@ -117,21 +121,22 @@ class DestinationTable:
                 self.service_ports[(svc.key, sp.port)] = entry
                 for vip in svc.vips:
                     self.services[(vip, sp.port)] = entry
-        self._balancer = balancer or RoundRobin()
+        self._balancer = balancer or PortRoundRobin()
 
-    def resolve(self, ip: IPAddress, port: int) -> Decision:
+    def resolve(self, ip: IPAddress, port: int) -> Resolution:
         entry = self.services.get((ip, port))
         if entry is not None:
             # Prefer endpoints of the family the client used; fall back to the other.
             candidates = entry.backends(ip.version)
             if not candidates:
-                return Decision(Verdict.REFUSE, None, entry.fqdn, "service has no endpoints",
-                                entry)
+                return Resolution(ResolutionKind.REFUSE, None, entry.fqdn,
+                                  "service has no endpoints", entry)
             backend = self._balancer.pick(entry.fqdn, port, candidates)
-            return Decision(Verdict.SERVICE, backend, entry.fqdn, port=entry)
+            return Resolution(ResolutionKind.SERVICE, backend, entry.fqdn, port=entry)
         pod = self.pods.get(ip)
         if pod is not None:
-            return Decision(Verdict.POD, Backend(ip, port, pod), None)
+            return Resolution(ResolutionKind.POD, Backend(ip, port, pod), None)
         if self.outbound_policy == "REGISTRY_ONLY":
-            return Decision(Verdict.REFUSE, None, None, "not in the registry (REGISTRY_ONLY)")
-        return Decision(Verdict.PASSTHROUGH, Backend(ip, port, None), None)
+            return Resolution(ResolutionKind.REFUSE, None, None,
+                              "not in the registry (REGISTRY_ONLY)")
+        return Resolution(ResolutionKind.PASSTHROUGH, Backend(ip, port, None), None)

@@ -1,4 +1,9 @@
-"""Endpoint selection.  Round robin per service port; per-request policies come with L7."""
+"""The L4 endpoint choice: round robin per service port, for connections relayed as bytes.
+
+Each (service, port) starts at its first endpoint.  Requests the HTTP proxy handles are
+balanced per request by nodeproxy/http/balancer.py instead (its round robin starts at a
+random place).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-class RoundRobin:
-    """Cycles through each key's candidates in order, independently per key."""
+class PortRoundRobin:
+    """Cycles through each (service, port)'s candidates in order, independently per key."""
 
     def __init__(self) -> None:
         self._next: dict[Hashable, int] = {}

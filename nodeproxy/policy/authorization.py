@@ -345,7 +345,7 @@ class CompiledOperation:
         return self.not_ports is None or port not in self.not_ports
 
     def matches(self, port: int, request: _Request | None) -> bool:
-        """request None: the HTTP fields count as matched (see CompiledRule.matches)."""
+        """request None: the HTTP fields count as matched (see CompiledPolicyRule.matches)."""
         if not self.matches_port(port):
             return False
         if request is None:
@@ -433,7 +433,7 @@ class CompiledCondition:
 
     def matches(self, principal: str | None, namespace: str | None, ip: IPAddress, port: int,
                 request: _Request | None) -> bool:
-        """request None: a header condition counts as matched (see CompiledRule.matches)."""
+        """request None: a header condition counts as matched (see CompiledPolicyRule.matches)."""
         kind = self.kind
         value: str | IPAddress | int | None
         if kind == "header":
@@ -469,13 +469,13 @@ _CONDITION_KINDS: dict[str, ConditionKind] = {
 
 
 @dataclass(frozen=True)
-class CompiledRule:
+class CompiledPolicyRule:
     sources: tuple[CompiledSource, ...] | None  # None: any source
     operations: tuple[CompiledOperation, ...] | None  # None: any operation
     conditions: tuple[CompiledCondition, ...] = ()  # all must match
 
     @classmethod
-    def compile(cls, rule: Rule) -> CompiledRule:
+    def compile(cls, rule: Rule) -> CompiledPolicyRule:
         sources = (tuple(CompiledSource.compile(f.source) for f in rule.from_)
                    if rule.from_ else None)
         operations = (tuple(CompiledOperation.compile(t.operation) for t in rule.to)
@@ -520,14 +520,14 @@ class CompiledPolicy:
     namespace: str | None
     selector: Mapping[str, str] | None
     action: Action
-    rules: tuple[CompiledRule, ...]
+    rules: tuple[CompiledPolicyRule, ...]
     spec: AuthorizationPolicy
     # The rules to evaluate, per mode (_FULL, _UNSEEN, _UPSTREAM); see the module docstring.
-    views: tuple[tuple[CompiledRule, ...], ...]
+    views: tuple[tuple[CompiledPolicyRule, ...], ...]
 
     @classmethod
     def compile(cls, policy: AuthorizationPolicy) -> CompiledPolicy:
-        rules = tuple(CompiledRule.compile(r) for r in policy.rules)
+        rules = tuple(CompiledPolicyRule.compile(r) for r in policy.rules)
         without_l7 = tuple(r for r in rules if not r.uses_l7)
         if policy.action == "ALLOW":
             views = (rules, without_l7, rules)
@@ -544,7 +544,7 @@ class CompiledPolicy:
         return selects(self.namespace, self.selector, namespace, labels)
 
     def matching_rule(self, principal: str | None, namespace: str | None, ip: IPAddress,
-                      port: int, request: _Request | None, mode: int) -> CompiledRule | None:
+                      port: int, request: _Request | None, mode: int) -> CompiledPolicyRule | None:
         """The first rule that matches in this mode (request: set in _FULL mode only)."""
         for rule in self.views[mode]:
             if rule.matches(principal, namespace, ip, port, request):

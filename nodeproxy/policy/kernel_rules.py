@@ -49,7 +49,7 @@ from nodeproxy.config.model import NodeConfig, Service, ServicePort, Workload
 from nodeproxy.policy.authorization import (
     Authorizer,
     CompiledPolicy,
-    CompiledRule,
+    CompiledPolicyRule,
     IPAddress,
     selects,
 )
@@ -126,7 +126,7 @@ def _policy_denies(policy: CompiledPolicy, pod_id: int, source: Workload,
                         yield from ((pod_id, ip, port) for port in sorted(ports))
 
 
-def _rule_ports(rule: CompiledRule) -> frozenset[int]:
+def _rule_ports(rule: CompiledPolicyRule) -> frozenset[int]:
     """The ports a rule names explicitly (and its destination.port conditions accept); empty
     when it matches any port or only notPorts."""
     if rule.operations is None:
@@ -137,7 +137,7 @@ def _rule_ports(rule: CompiledRule) -> frozenset[int]:
                                              for c in port_conditions))
 
 
-def _source_certainly_matches(rule: CompiledRule, source: Workload, family: int) -> bool:
+def _source_certainly_matches(rule: CompiledPolicyRule, source: Workload, family: int) -> bool:
     """True if the rule's sources and source.ip conditions match every IP the pod has in
     this family (and it has one)."""
     ips = [ip for ip in source.ips if ip.version == family]

@@ -26,7 +26,7 @@ from hyperframe.frame import HeadersFrame, RstStreamFrame
 from nodeproxy.codec import h2 as h2_module
 from nodeproxy.codec import h2_guard
 from nodeproxy.codec.h2 import H2Client, H2Server
-from nodeproxy.codec.h2_guard import FrameGuard, TokenBucket
+from nodeproxy.codec.h2_guard import FrameBucket, FrameGuard
 from nodeproxy.codec.message import Body, Exchange, ReplayableBody, RequestHead, ResponseHead
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.http.pool import EndpointPool
@@ -509,7 +509,7 @@ def test_a_grpc_like_client_stays_within_every_budget() -> None:
 
 
 def test_token_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
-    bucket = TokenBucket(rate=10, capacity=3, now=0.0)
+    bucket = FrameBucket(rate=10, capacity=3, now=0.0)
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
     assert bucket.take(0.1) and not bucket.take(0.1)
     assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]

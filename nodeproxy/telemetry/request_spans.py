@@ -3,12 +3,12 @@
 Imported only when tracing is enabled (``nodeproxy.telemetry.tracing`` does it), so a
 daemon without tracing never loads the OpenTelemetry SDK.
 
-Per request (``Tracer.begin``): the incoming context is read (``trace_context.extract``;
+Per request (``Tracer.begin``): the incoming context is read (``trace_headers.extract``;
 malformed headers are counted in ``nodeproxy_tracing_invalid_context_total{format}``,
 logged at most every 10 s, and replaced), the sampling decision is made (an incoming
 decision is honoured, parent-based; else ``samplingPercent`` with the tracer's PRNG),
 and the request's trace headers are rewritten with the proxy's span as the parent
-(``trace_context.inject``) before routing, so every attempt and the access log's
+(``trace_headers.inject``) before routing, so every attempt and the access log's
 ``trace_id`` carry it.  Only a sampled request makes an SDK span (kind CLIENT: the proxy
 acts for the source pod, as a sidecar's outbound or a waypoint does, and the span is
 the call to the destination); an unsampled one only gets ids from the PRNG and the
@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from nodeproxy.telemetry.trace_context import extract, inject
+from nodeproxy.telemetry.trace_headers import extract, inject
 from nodeproxy.telemetry.tracing import RateLimited, TracingMetrics
 
 if TYPE_CHECKING:
