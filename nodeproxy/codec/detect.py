@@ -5,7 +5,7 @@ tcp: never).  Undeclared, the well-known server-first ports (``http.opaquePorts`
 are opaque too.  Anything else is sniffed from the client's first bytes: the HTTP/2
 connection preface (prior knowledge), or an HTTP/1.x request line's method.  The
 sniff never waits on a server-first protocol: the proxy connects upstream at once
-and bytes from the server end the detection (outbound.py).
+and bytes from the server end the detection (listeners/outbound.py).
 """
 
 from __future__ import annotations
