@@ -31,10 +31,6 @@ from nodeproxy.config import watcher
 from nodeproxy.config.changes import local_workload_changes, restart_only_changes
 from nodeproxy.config.loader import ConfigError, LoadedConfig, format_path, load_config
 from nodeproxy.config.model import LimitSettings, PodShare, Service, Workload
-from nodeproxy.connections.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
-from nodeproxy.connections.fairshare import ShareLimits, SourceShares
-from nodeproxy.connections.splicer import SpliceMetrics, Splicer
-from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
@@ -50,6 +46,10 @@ from nodeproxy.pods.enrollment import EnrollError, Enrollment
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
 from nodeproxy.policy.admission import AdmissionMetrics, Admitter
 from nodeproxy.policy.kernel_rules import compile_connect_denies
+from nodeproxy.tcp.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
+from nodeproxy.tcp.fairshare import ShareLimits, SourceShares
+from nodeproxy.tcp.splicer import SpliceMetrics, Splicer
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.live_stats import LiveStats
@@ -76,7 +76,7 @@ def _pod_share(limits: PodShare) -> ShareLimits:
 def _set_descriptor_budget(settings: LimitSettings) -> OpenFileLimit:
     """A relayed connection holds two descriptors (four through a tunnel's both ends): take
     as many as the kernel allows, and keep the reserve out of proxied traffic's reach
-    (connections/descriptors.py)."""
+    (tcp/descriptors.py)."""
     limit = raise_open_file_limit(settings.open_files)
     reserved = settings.reserved_files
     if reserved >= limit.soft // 2:
@@ -154,7 +154,7 @@ class Daemon:
             "nodeproxy_config_info", "The node policy version in force (sha256 of the file)",
             ("digest",), registry=self.registry)
         self._config_info.labels(loaded.digest).set(1)
-        # Each source's fair share of the proxy (connections/fairshare.py); caps change live.
+        # Each source's fair share of the proxy (tcp/fairshare.py); caps change live.
         limits = self.config.limits
         self.pod_shares = SourceShares(_pod_share(limits.per_pod))
         self.node_shares = SourceShares(ShareLimits(limits.inbound.max_streams_per_node))

@@ -650,7 +650,7 @@ class H1Server(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        from nodeproxy.connections.relay import reset
+        from nodeproxy.tcp.relay import reset
         reset(self.transport)
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
@@ -763,7 +763,7 @@ class H1Client(asyncio.Protocol):
 
     def abort(self) -> None:
         self._closed = True
-        from nodeproxy.connections.relay import reset
+        from nodeproxy.tcp.relay import reset
         reset(self.transport)
 
     async def _send_body(self, body: BodyReader, chunked: bool) -> None:

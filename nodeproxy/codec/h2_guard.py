@@ -82,7 +82,7 @@ class FrameBucket:
     """A token bucket that answers yes or no: ``rate`` tokens a second, at most ``capacity``
     saved up (full at the start).  A frame past its budget is never delayed, it ends the
     connection; the rate limits' bucket, which says how long to wait, is
-    nodeproxy/connections/token_bucket.py."""
+    nodeproxy/tcp/token_bucket.py."""
 
     def __init__(self, rate: float, capacity: float, now: float):
         self.rate = rate

@@ -89,8 +89,6 @@ from nodeproxy.config.model import (
     TrafficPolicy,
     Workload,
 )
-from nodeproxy.connections.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
-from nodeproxy.connections.relay import Relay, Side, reset
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
@@ -113,6 +111,8 @@ from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.upstream import Refused, Upstreams, source_address
 from nodeproxy.policy.admission import Admitter
 from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
+from nodeproxy.tcp.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
+from nodeproxy.tcp.relay import Relay, Side, reset
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
 from nodeproxy.telemetry.request_metrics import (

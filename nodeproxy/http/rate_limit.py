@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from nodeproxy.config.model import NodeConfig, RateLimit
-from nodeproxy.connections.token_bucket import TokenBucket
+from nodeproxy.tcp.token_bucket import TokenBucket
 
 # Per-identity buckets kept per limit; past it the least recently used goes.
 MAX_KEYS = 10_000

@@ -27,17 +27,17 @@ from collections.abc import Callable
 import h2.errors
 
 from nodeproxy.config.model import Http2Limits
-from nodeproxy.connections.descriptors import BUDGET
-from nodeproxy.connections.dial import DialAnnouncer, dial_transparent, relay_side
-from nodeproxy.connections.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
-from nodeproxy.connections.relay import Relay, Side
-from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.mesh.destinations import DestinationTable
 from nodeproxy.mesh.enrolled_pod import EnrolledPod, destination_labels
 from nodeproxy.policy.admission import Admitter
+from nodeproxy.tcp.descriptors import BUDGET
+from nodeproxy.tcp.dial import DialAnnouncer, dial_transparent, relay_side
+from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
+from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 from nodeproxy.tunnel.headers import (
     L7_AUTHORIZED,

@@ -25,15 +25,15 @@ import socket
 from collections.abc import Callable
 
 from nodeproxy.capture.original_dst import original_destination
-from nodeproxy.connections.descriptors import BUDGET
-from nodeproxy.connections.dial import DialAnnouncer, dial_transparent, relay_side
-from nodeproxy.connections.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
-from nodeproxy.connections.relay import Relay, Side, reset
-from nodeproxy.connections.splicer import Splicer
-from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.mesh.destinations import DestinationTable
 from nodeproxy.mesh.enrolled_pod import EnrolledPod, destination_labels
 from nodeproxy.policy.admission import Admitter
+from nodeproxy.tcp.descriptors import BUDGET
+from nodeproxy.tcp.dial import DialAnnouncer, dial_transparent, relay_side
+from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
+from nodeproxy.tcp.relay import Relay, Side, reset
+from nodeproxy.tcp.splicer import Splicer
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 log = logging.getLogger(__name__)

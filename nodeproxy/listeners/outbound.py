@@ -15,7 +15,7 @@ mode).  The destination table picks a backend, and the backend decides the path:
   the source pod's netns, marked so the capture programs never touch it.
 
 Both ends of the first and the last path are sockets of this process, so once the
-relay starts the splicer may hand the flow to the kernel (nodeproxy/connections/splicer.py).
+relay starts the splicer may hand the flow to the kernel (nodeproxy/tcp/splicer.py).
 A connection the proxy relays itself and does not splice joins the kernel's sk_msg
 fast path between the application's socket and the proxy's (capture/msg_redirect.py):
 their messages then skip the pod's loopback TCP stack.
@@ -33,17 +33,17 @@ from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.msg_redirect import MsgRedirect, ProxyReads, counting_reads
 from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.codec.detect import PortMode, Sniffed, port_mode, sniff
-from nodeproxy.connections.descriptors import BUDGET
-from nodeproxy.connections.dial import relay_side
-from nodeproxy.connections.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
-from nodeproxy.connections.relay import Relay, Side, reset
-from nodeproxy.connections.splicer import Splicer
-from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.mesh.destinations import DestinationTable, Resolution, ResolutionKind
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.upstream import Opened, Refused, Upstreams
+from nodeproxy.tcp.descriptors import BUDGET
+from nodeproxy.tcp.dial import relay_side
+from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
+from nodeproxy.tcp.relay import Relay, Side, reset
+from nodeproxy.tcp.splicer import Splicer
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from nodeproxy.connections.descriptors import OverBudget
-from nodeproxy.connections.dial import DialAnnouncer, dial_from, dial_transparent
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.mesh.destinations import Backend, DestinationTable
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.policy.admission import Admitter
 from nodeproxy.policy.authorization import DestinationWorkload
+from nodeproxy.tcp.descriptors import OverBudget
+from nodeproxy.tcp.dial import DialAnnouncer, dial_from, dial_transparent
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 

@@ -20,7 +20,6 @@ from nodeproxy.capture import transparent
 from nodeproxy.capture.maps import PodMaps
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
-from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.listeners.inbound_hbone import HboneServer
 from nodeproxy.listeners.inbound_plaintext import InboundProxy
@@ -28,6 +27,7 @@ from nodeproxy.listeners.outbound import OutboundProxy
 from nodeproxy.mesh.destinations import WorkloadRef
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.pods.steering import Steering
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)

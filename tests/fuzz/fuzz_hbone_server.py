@@ -27,9 +27,9 @@ from hpack import Decoder
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 from prometheus_client import CollectorRegistry
 
-from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.listeners.inbound_hbone import HboneServer
 from nodeproxy.policy.admission import Admission
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.headers import L7_AUTHORIZED, HeaderError, parse_authority
 from nodeproxy.tunnel.metrics import TunnelMetrics

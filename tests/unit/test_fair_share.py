@@ -20,9 +20,10 @@ from nodeproxy.codec.h1 import H1Exchange, H1Server
 from nodeproxy.codec.message import ResponseHead
 from nodeproxy.config.changes import restart_only_changes
 from nodeproxy.config.model import LimitSettings, NodeConfig
-from nodeproxy.connections import descriptors
-from nodeproxy.connections.descriptors import DescriptorBudget, OverBudget, raise_open_file_limit
-from nodeproxy.connections.fairshare import (
+from nodeproxy.http.manager import _ClientH2Server
+from nodeproxy.tcp import descriptors
+from nodeproxy.tcp.descriptors import DescriptorBudget, OverBudget, raise_open_file_limit
+from nodeproxy.tcp.fairshare import (
     CONNECTION_LIMIT,
     CONNECTION_RATE,
     Lease,
@@ -30,7 +31,6 @@ from nodeproxy.connections.fairshare import (
     ShareLimits,
     SourceShares,
 )
-from nodeproxy.http.manager import _ClientH2Server
 
 
 class Clock:
@@ -404,8 +404,8 @@ def test_open_file_limit_goes_to_nr_open_where_the_process_may():
 
 
 def test_tracker_releases_a_lease_whichever_way_a_connection_ends():
-    from nodeproxy.connections.relay import Side
-    from nodeproxy.connections.tracker import ConnectionTracker
+    from nodeproxy.tcp.relay import Side
+    from nodeproxy.tcp.tracker import ConnectionTracker
 
     async def main() -> None:
         shares = SourceShares(ShareLimits(max_connections=1))
@@ -463,8 +463,8 @@ def test_pod_share_gauges_show_what_each_pod_holds():
 
 
 def test_idle_relays_are_closed_and_busy_ones_are_not():
-    from nodeproxy.connections.relay import Relay, Side
-    from nodeproxy.connections.tracker import ConnectionTracker
+    from nodeproxy.tcp.relay import Relay, Side
+    from nodeproxy.tcp.tracker import ConnectionTracker
 
     async def main() -> None:
         tracker = ConnectionTracker()

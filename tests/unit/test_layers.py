@@ -20,7 +20,7 @@ RUNTIME = Path(nodeproxy.__file__).parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "config"),                          # what the node is told
     ("identity", "discovery", "capture"),    # who it is, what the cluster says, the kernel
-    ("connections",),                        # one TCP connection's machinery
+    ("tcp",),                                # one TCP connection's machinery
     ("codec",),                              # HTTP on the wire
     ("policy", "tunnel", "telemetry"),       # admission, HBONE, series and traces
     ("mesh",),                               # where a connection goes, by which path
@@ -142,7 +142,7 @@ def test_an_upward_import_is_named_by_file_line_and_module(tmp_path: Path):
         "    from nodeproxy.http.manager import HttpProxy\n"     # up, type only
         "def serve():\n"
         "    from ..listeners import outbound\n"                 # up, lazy, relative
-        "    import nodeproxy.connections.relay\n"               # down: fine
+        "    import nodeproxy.tcp.relay\n"               # down: fine
         "    from nodeproxy.codec.h2 import H2Server\n"          # own package: fine
         "    from nodeproxy.tunnel.session import H2Session\n")  # up a tier
     assert upward_imports(runtime_files(package)) == [

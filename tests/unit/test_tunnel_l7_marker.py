@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.config.model import TunnelSettings
-from nodeproxy.connections.tracker import ConnectionTracker
 from nodeproxy.listeners.inbound_hbone import HboneServer
 from nodeproxy.policy.admission import Admission
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 from nodeproxy.tunnel.metrics import TunnelMetrics

@@ -1,6 +1,6 @@
 """Every connection the proxy is relaying, whatever path it came by: for drain and for
 resetting a vanished pod's connections.  A connection accepted under a fair-share lease
-(connections/fairshare.py) gives it back when it leaves the tracker, or, if it never joined
+(tcp/fairshare.py) gives it back when it leaves the tracker, or, if it never joined
 (refused, failed), when its set-up ends."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from nodeproxy.connections.fairshare import Lease
-from nodeproxy.connections.relay import Relay, Side, reset
+from nodeproxy.tcp.fairshare import Lease
+from nodeproxy.tcp.relay import Relay, Side, reset
 
 # Decides on an accepted connection before anything is spawned for it: its lease, or None
 # (refused: the gate has reset the connection and counted why).

@@ -11,8 +11,8 @@ from typing import Protocol, TypeVar
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.capture.transparent import transparent_socket
-from nodeproxy.connections.descriptors import check_socket
-from nodeproxy.connections.relay import Side
+from nodeproxy.tcp.descriptors import check_socket
+from nodeproxy.tcp.relay import Side
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 P = TypeVar("P", bound=asyncio.Protocol)

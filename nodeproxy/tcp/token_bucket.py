@@ -1,7 +1,7 @@
 """A token bucket: ``rate`` tokens a second, at most ``capacity`` saved up, full at the start.
 
 The one bucket of the request rate limits (http/rate_limit.py) and of each source's
-connection rate (connections/fairshare.py).  No I/O; the caller passes the time.
+connection rate (tcp/fairshare.py).  No I/O; the caller passes the time.
 """
 
 from __future__ import annotations

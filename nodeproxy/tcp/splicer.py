@@ -46,8 +46,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.capture.splice import SpliceMaps
-from nodeproxy.connections.relay import Relay, Side
-from nodeproxy.connections.tcpstate import is_closed, sent_total
+from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.tcp.send_state import is_closed, sent_total
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodeproxy.connections.token_bucket import TokenBucket
+from nodeproxy.tcp.token_bucket import TokenBucket
 
 Clock = Callable[[], float]
 

@@ -5,7 +5,7 @@ everything before it is written; a reset from one side becomes a reset
 (SO_LINGER 0, abort) on the other; each side's write buffer pauses the other
 side's reading so memory stays bounded.  Byte counts go to a callback.
 
-A relay may hand its flow to the kernel (nodeproxy/connections/splicer.py): while spliced,
+A relay may hand its flow to the kernel (nodeproxy/tcp/splicer.py): while spliced,
 its bytes never reach Python; EOFs still arrive here and are forwarded by the splice
 once the kernel has delivered every byte before them.
 """
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nodeproxy.connections.fairshare import Lease
-    from nodeproxy.connections.splicer import SplicedFlow
+    from nodeproxy.tcp.fairshare import Lease
+    from nodeproxy.tcp.splicer import SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -57,7 +57,7 @@ class Side(asyncio.Protocol):
         # reading right after connection_made despite pause_reading there).
         self.early: list[bytes] = []
         self._arrival: asyncio.Future[None] | None = None
-        # An accepted connection's hold on its source's fair share (connections/fairshare.py).
+        # An accepted connection's hold on its source's fair share (tcp/fairshare.py).
         self.lease: Lease | None = None
 
     async def wait_early(self, timeout: float | None, seen: int = 0) -> None:
