@@ -216,13 +216,10 @@ class Daemon:
             self.steering = IptablesSteering(iptables.Ports(
                 cfg.proxy.outbound_port, cfg.proxy.inbound_port, cfg.proxy.hbone_port))
         self.splicer = Splicer(
-            SpliceMaps(self.programs.bpf, self.programs.table_fd("np_splice_sockets"),
-                       self.programs.table_fd("np_splice_targets"))
-            if self.programs is not None else None,
+            SpliceMaps(self.programs.bpf) if self.programs is not None else None,
             SpliceMetrics(self.registry), enabled=cfg.fast_path.splice)
         if self.programs is not None:
-            self.msg_redirect = MsgRedirect(self.programs.bpf,
-                                            self.programs.table_fd("np_msg_sockets"))
+            self.msg_redirect = MsgRedirect(self.programs.bpf)
             self.msg_redirect.set_enabled(cfg.fast_path.sk_msg)
         hbone = None
         if cfg.identity.ca_cert and cfg.identity.ca_key:
@@ -323,7 +320,7 @@ class Daemon:
         log.info("compiled and loaded %s capture programs in %.2fs", cfg.capture.mode,
                  time.monotonic() - t0)
         self.programs.attach()
-        return CaptureMaps(self.programs.bpf, self.programs.table_fd("inbound_listeners"))
+        return CaptureMaps(self.programs.bpf)
 
     def _kernel_counters(self, pod_cgroup: str) -> PodMaps:
         """iptables mode: sockops keeps the per-pod kernel counters where it can; a kernel

@@ -18,7 +18,8 @@ RUNTIME = Path(nodeproxy.__file__).parent
 # package root (nodeproxy/__init__.py: the version); a top-level module (daemon.py) is
 # a package of its own.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("", "config"),                          # what the node is told
+    ("", "ports"),                           # the default ports (the root: the version)
+    ("config",),                             # what the node is told
     ("identity", "discovery", "capture"),    # who it is, what the cluster says, the kernel
     ("tcp",),                                # one TCP connection's machinery
     ("codec",),                              # HTTP on the wire
@@ -51,7 +52,7 @@ class Import:
 
 
 def shown(path: Path) -> str:
-    """The path from the directory that holds the package (nodeproxy/http/h1.py)."""
+    """The path from the directory that holds the package (nodeproxy/codec/h1.py)."""
     root = next(p for p in path.parents if p.name == "nodeproxy").parent
     return str(path.relative_to(root))
 
@@ -147,11 +148,11 @@ def test_an_upward_import_is_named_by_file_line_and_module(tmp_path: Path):
         "    from nodeproxy.tunnel.session import H2Session\n")  # up a tier
     assert upward_imports(runtime_files(package)) == [
         "nodeproxy/codec/wire.py:5 imports nodeproxy.http.manager.HttpProxy "
-        "(tier 6 'http', from tier 3 'codec')",
+        "(tier 7 'http', from tier 4 'codec')",
         "nodeproxy/codec/wire.py:7 imports nodeproxy.listeners.outbound "
-        "(tier 7 'listeners', from tier 3 'codec')",
+        "(tier 8 'listeners', from tier 4 'codec')",
         "nodeproxy/codec/wire.py:10 imports nodeproxy.tunnel.session.H2Session "
-        "(tier 4 'tunnel', from tier 3 'codec')",
+        "(tier 5 'tunnel', from tier 4 'codec')",
     ]
 
 
