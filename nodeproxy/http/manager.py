@@ -84,7 +84,6 @@ from nodeproxy.codec.upgrade import (
 from nodeproxy.config.model import (
     Http2Limits,
     HttpSettings,
-    NodeConfig,
     RetryPolicy,
     TrafficPolicy,
     Workload,
@@ -103,11 +102,12 @@ from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.mesh.destinations import (
     Backend,
-    DestinationTable,
     ServicePortEntry,
     WorkloadRef,
 )
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.snapshot import MeshSnapshot
 from nodeproxy.mesh.upstream import Refused, Upstreams, source_address
 from nodeproxy.policy.admission import Admitter
 from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
@@ -213,7 +213,7 @@ class HttpProxy:
     """Node-wide L7 state: routes, clusters, upstream pools; rebuilt on every config."""
 
     def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
-                 admitter: Callable[[], Admitter], trust_domain: str,
+                 state: MeshState, trust_domain: str,
                  access_log: AccessLog | None, live: LiveStats | None = None,
                  tracing: Tracing | None = None, tcp_metrics: ProxyMetrics | None = None,
                  shares: SourceShares | None = None):
@@ -222,7 +222,7 @@ class HttpProxy:
         self._shares = shares  # requests in flight per source pod
         self._live = live
         self._metrics = metrics
-        self._admitter = admitter
+        self._state = state  # read at each decision; its watcher rebuilds what follows
         self._trust_domain = trust_domain
         self._access_log = access_log
         self._tracing = tracing
@@ -233,7 +233,6 @@ class HttpProxy:
         self._routes: Routes | None = None
         self._limiters = Limiters()
         self._workload_limits: dict[tuple[str, str], Limiter] = {}
-        self._table: DestinationTable | None = None
         self._policies: dict[str, TrafficPolicy] = {}
         self._clusters: dict[tuple[str, int, int], _Cluster] = {}
         self._stats: dict[str, Endpoint] = {}  # endpoint key -> endpoint (stats survive)
@@ -251,13 +250,15 @@ class HttpProxy:
         self._mirrors = Mirrors(metrics, self._random, cluster=self._cluster,
                                 hash_key=self._hash_key, authorized=self._authorized,
                                 connect=self._connection)
+        self._refresh(state.current)
+        state.watch(self._refresh)
 
     # -- configuration ---------------------------------------------------------------------
 
-    def update(self, config: NodeConfig, table: DestinationTable,
-               local_pods: frozenset[str]) -> None:
-        """A new configuration or pod set: rebuild routes and clusters; close the pools of
-        pods no longer enrolled and of endpoints no longer listed."""
+    def _refresh(self, snapshot: MeshSnapshot) -> None:
+        """A new mesh snapshot (configuration or pod set): rebuild routes and clusters;
+        close the pools of pods no longer enrolled and of endpoints no longer listed."""
+        config, table, local_pods = snapshot.config, snapshot.table, snapshot.local_pods
         self._settings = config.http
         self._target_policy = TargetPolicy.of(config.http)
         if self._tracing is not None:
@@ -265,7 +266,6 @@ class HttpProxy:
         self._limiters = Limiters(self._limiters)
         self._routes = Routes(config, self._limiters)
         self._workload_limits = self._limiters.workloads(config)
-        self._table = table
         self._policies = {s.key: s.traffic_policy for s in config.services}
         self._clusters.clear()
         budgets = {}
@@ -305,8 +305,7 @@ class HttpProxy:
         cluster = self._clusters.get(key)
         if cluster is not None:
             return cluster
-        assert self._table is not None
-        entry = self._table.service_ports.get((service, port))
+        entry = self._state.current.table.service_ports.get((service, port))
         if entry is None:
             return None
         endpoints = []
@@ -850,12 +849,13 @@ class HttpProxy:
         """The destination's policies, per request (the waypoint's job; see the module
         docstring).  Endpoints outside the mesh have no policy."""
         ref = backend.workload
-        if ref is None or self._table is None:
+        if ref is None:
             return True
-        workload = self._table.workloads.get(f"{ref.namespace}/{ref.name}")
+        snapshot = self._state.current
+        workload = snapshot.table.workloads.get(f"{ref.namespace}/{ref.name}")
         if workload is None:
             return True
-        admitter = self._admitter()
+        admitter = snapshot.admitter
         if not self._policed(admitter, workload):
             return True
         admission = admitter.admit_request(

@@ -35,8 +35,9 @@ from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.codec.detect import PortMode, Sniffed, port_mode, sniff
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.mesh.destinations import DestinationTable, Resolution, ResolutionKind
+from nodeproxy.mesh.destinations import Resolution, ResolutionKind
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.upstream import Opened, Refused, Upstreams
 from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.dial import relay_side
@@ -58,7 +59,7 @@ class OutboundProxy:
         upstreams: Upstreams,
         http: HttpProxy | None,
         metrics: ProxyMetrics,
-        table: Callable[[], DestinationTable],
+        state: MeshState,
         tracker: ConnectionTracker,
         splicer: Splicer,
         trust_domain: str,
@@ -75,7 +76,7 @@ class OutboundProxy:
         # Counts a connection the kernel steered here, where the kernel does not (iptables).
         self._on_captured = on_captured
         self._metrics = metrics
-        self._table = table
+        self._state = state
         self._tracker = tracker
         self._splicer = splicer
         self._trust_domain = trust_domain
@@ -130,7 +131,8 @@ class OutboundProxy:
             return
         if self._on_captured is not None:
             self._on_captured(pod)
-        decision = self._table().resolve(original.ip, original.port)
+        table = self._state.current.table
+        decision = table.resolve(original.ip, original.port)
         if decision.verdict is ResolutionKind.REFUSE or decision.backend is None:
             log.info("refused %s -> %s:%s: %s", pod.key, original.ip, original.port,
                      decision.reason)
@@ -141,7 +143,7 @@ class OutboundProxy:
         opened: Opened[Side] | None = None
         if mode is not PortMode.OPAQUE:
             if mode is PortMode.DETECT and decision.backend is not None and \
-                    not self._upstreams.has_l7_policy(decision.backend, self._table()):
+                    not self._upstreams.has_l7_policy(decision.backend, table):
                 # Connect at once: a server that speaks first is never kept waiting, and
                 # its first bytes end the detection.  (Not to a workload with HTTP
                 # authorization rules: its connections are judged request by request.)
