@@ -4,7 +4,7 @@ parts, each of which lives in its own module of this package.
 Start puts the kernel programs in place before pods are enrolled, and enrolls before the
 admin ports and the control socket answer (`/ready` turns 200 last).  Every change of what
 the node knows (the node file, the Kubernetes API, pods enrolled or registered at run
-time) builds one new mesh snapshot (nodeproxy/mesh/snapshot.py) and puts it in force in one step.
+time) builds one new mesh snapshot (nodeproxy.state) and puts it in force in one step.
 Stop stops accepting, drains, then removes every attachment and pin this instance made —
 or, after handing the node over to a new instance, only what is its own.
 """
@@ -47,6 +47,7 @@ from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.round_robin import PortRoundRobin
 from nodeproxy.mesh.snapshot import LocalPod, MeshInputs, MeshSnapshot, build_snapshot
 from nodeproxy.pods.enrollment import EnrollError
+from nodeproxy.signer.remote_certificates import RemoteCertificates
 from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.tracker import ConnectionTracker
 
@@ -275,6 +276,13 @@ class Daemon:
 
     def is_ready(self) -> bool:
         return self._ready
+
+    def ready_detail(self) -> list[str]:
+        """Lines /ready adds below its verdict: the mesh signer's state, when one is used."""
+        certificates = self.proxies.certificates if self.proxies is not None else None
+        if isinstance(certificates, RemoteCertificates):
+            return [f"signer: {certificates.signer_status()}"]
+        return []
 
     def config_dump(self) -> dict[str, Any]:
         return views.config_dump(

@@ -36,8 +36,8 @@ from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.certificates import CertificateManager
-from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.listeners.inbound_hbone import HboneServer
+from nodeproxy.listeners.inbound_hbone_l7 import DestinationGate, GateMetrics
 from nodeproxy.listeners.inbound_plaintext import InboundProxy
 from nodeproxy.listeners.outbound import OutboundProxy
 from nodeproxy.mesh.destinations import IPAddress
@@ -48,6 +48,7 @@ from nodeproxy.mesh.upstream import Upstreams
 from nodeproxy.pods.enrollment import Enrollment
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
 from nodeproxy.policy.admission import AdmissionMetrics
+from nodeproxy.signer.remote_certificates import node_certificates
 from nodeproxy.tcp.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
 from nodeproxy.tcp.fairshare import ShareLimits, SourceShares
 from nodeproxy.tcp.splicer import SpliceMetrics, Splicer
@@ -284,11 +285,8 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
     cfg = config
     certificates = pool = hbone = None
     steering = kernel.steering
-    if cfg.identity.ca_cert and cfg.identity.ca_key:
-        ca = MeshCA.load(cfg.identity.ca_cert, cfg.identity.ca_key, cfg.mesh.trust_domain)
-        certificates = CertificateManager(
-            ca, cfg.mesh.trust_domain, ttl_seconds=cfg.identity.cert_ttl_seconds,
-            rotate_fraction=cfg.identity.rotate_at_fraction)
+    if cfg.identity.ca_cert:  # with caKey, or with the signing service (identity.signer)
+        certificates = node_certificates(cfg.identity, cfg.mesh.trust_domain)
         telemetry.registry.register(IdentityCollector(certificates))
         pool = HbonePool(
             certificates=certificates, trust_domain=cfg.mesh.trust_domain,
@@ -305,7 +303,12 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
             handshake_timeout=cfg.tunnel.handshake_timeout_seconds,
             connect_timeout=cfg.proxy.connect_timeout_seconds,
             local_pod=pods.by_ip, state=state, tracker=tracker, metrics=telemetry.proxy,
-            tunnel_metrics=telemetry.tunnel, shares=shares.nodes)
+            tunnel_metrics=telemetry.tunnel, shares=shares.nodes,
+            gate=DestinationGate(
+                admitter=lambda: state.current.admitter,
+                settings=lambda: state.current.config.http, announcer=steering.announcer,
+                connect_timeout=cfg.proxy.connect_timeout_seconds,
+                metrics=GateMetrics(telemetry.registry), request_metrics=telemetry.requests))
     upstreams = Upstreams(
         announcer=steering.announcer, metrics=telemetry.proxy, state=state,
         local_pod=pods.by_key, pool=pool, node=cfg.node.name,

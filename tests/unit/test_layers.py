@@ -21,7 +21,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "ports"),                           # the default ports (the root: the version)
     ("config",),                             # what the node is told
     ("identity", "discovery", "capture"),    # who it is, what the cluster says, the kernel
-    ("tcp",),                                # one TCP connection's machinery
+    ("tcp", "signer"),                       # one TCP connection's machinery; the
+                                             # signing service and its node client
     ("codec",),                              # HTTP on the wire
     ("policy", "tunnel", "telemetry"),       # admission, HBONE, series and traces
     ("mesh",),                               # where a connection goes, by which path
