@@ -15,7 +15,7 @@ RUNTIME = Path(nodeproxy.__file__).parent
 
 # Lowest first.  A module may import its own package and packages of a strictly lower
 # tier, nothing else: never a package of its own tier, never one above.  "" is the
-# package root (nodeproxy/__init__.py: the version); a top-level module (daemon.py) is
+# package root (nodeproxy/__init__.py: the version); a top-level module (ports.py) is
 # a package of its own.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "ports"),                           # the default ports (the root: the version)
@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
                                              # signing service and its node client
     ("codec",),                              # HTTP on the wire
     ("policy", "tunnel", "telemetry"),       # admission, HBONE, series and traces
-    ("mesh",),                               # where a connection goes, by which path
+    ("mesh",),                               # the mesh snapshot; where a connection goes
     ("http",),                               # the L7 proxy
     ("listeners",),                          # 15001, 15008, 15006
     ("pods",),                               # enrollment: listeners, then steering
