@@ -48,21 +48,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nodeproxy.config.model import (
-    Http2Limits,
-    HttpSettings,
-    RetryPolicy,
-    TrafficPolicy,
-    Workload,
-)
-from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
-from nodeproxy.http.balancer import Balancer, make_balancer
-from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
-from nodeproxy.http.fault import ABORT_BODY, Fault
-from nodeproxy.http.h1 import H1Client, H1Exchange, H1Server
-from nodeproxy.http.h2 import ErrorCodes, H2Server
-from nodeproxy.http.header_fields import one_view
-from nodeproxy.http.message import (
+from nodeproxy.codec.h1 import H1Client, H1Exchange, H1Server
+from nodeproxy.codec.h2 import ErrorCodes, H2Server
+from nodeproxy.codec.header_fields import one_view
+from nodeproxy.codec.message import (
     Body,
     BodyError,
     Exchange,
@@ -75,22 +64,14 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
-from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
-from nodeproxy.http.mirror import BodyTap, Mirrors
-from nodeproxy.http.outlier import OutlierDetector
-from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
-from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
-from nodeproxy.http.request_target import (
+from nodeproxy.codec.request_target import (
     Normalized,
     Refusal,
     TargetPolicy,
     normalize,
     normalize_authority,
 )
-from nodeproxy.http.resilience import Resilience, Slots
-from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
-from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
-from nodeproxy.http.upgrade import (
+from nodeproxy.codec.upgrade import (
     NOT_SWITCHED,
     UNEXPECTED_101,
     WITH_BODY,
@@ -100,26 +81,49 @@ from nodeproxy.http.upgrade import (
     connect_refusal,
     decide_upgrade,
 )
+from nodeproxy.config.model import (
+    Http2Limits,
+    HttpSettings,
+    RetryPolicy,
+    TrafficPolicy,
+    Workload,
+)
+from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
+from nodeproxy.http.balancer import Balancer, make_balancer
+from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker, Overflow
+from nodeproxy.http.fault import ABORT_BODY, Fault
+from nodeproxy.http.mirror import BodyTap, Mirrors
+from nodeproxy.http.outlier import OutlierDetector
+from nodeproxy.http.pool import Endpoint, EndpointPool, abort_exchange
+from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
+from nodeproxy.http.resilience import Resilience, Slots
+from nodeproxy.http.retry import RetryBudget, backoff_delay, should_retry
+from nodeproxy.http.routes import CompiledRule, Routes, apply_modifier
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
-from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import (
+from nodeproxy.mesh.destinations import (
     Backend,
     ServicePortEntry,
     WorkloadRef,
 )
-from nodeproxy.proxy.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
-from nodeproxy.proxy.relay import Relay, Side, reset
-from nodeproxy.proxy.upstream import Refused, Upstreams, source_address
-from nodeproxy.state.holder import MeshState
-from nodeproxy.state.snapshot import MeshSnapshot
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.snapshot import MeshSnapshot
+from nodeproxy.mesh.upstream import Refused, Upstreams, source_address
+from nodeproxy.policy.admission import Admitter
+from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
+from nodeproxy.tcp.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
+from nodeproxy.tcp.relay import Relay, Side, reset
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.request_metrics import (
+    RequestLabels,
+    RequestMetrics,
+    istio_request_protocol,
+)
 from nodeproxy.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
-    from nodeproxy.telemetry.tracer import RequestSpan, Tracer
+    from nodeproxy.telemetry.request_spans import RequestSpan, Tracer
 
 log = logging.getLogger(__name__)
 
