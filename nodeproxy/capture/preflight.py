@@ -38,8 +38,8 @@ from types import ModuleType
 from typing import Any
 
 from nodeproxy.capture import iptables, kernelfs
+from nodeproxy.capture.namespaces import netns_cookie_of
 from nodeproxy.capture.original_dst import Destination, original_destination
-from nodeproxy.pods.netns import netns_cookie_of
 from nodeproxy.ports import OUTBOUND_PORT
 
 MIN_KERNEL = (5, 15)
