@@ -16,7 +16,17 @@ circuit_breaker.py  per-service limits: connections, pending, requests, retries 
 outlier.py   per-endpoint consecutive-error ejection and return
 resilience.py  which breaker and detector each cluster uses, across reloads
 resilience_metrics.py  the overflow and ejection series
-manager.py   one client connection's requests: route, authorize, retry, meter, log
+manager.py   HttpProxy: builds the parts below and hands them each configuration
+connections.py  client connections: HTTP/1.1 or HTTP/2 server protocol, connection limits
+handler.py   one request: fair share, one meaning, route, rate limit, faults, its record
+router.py    one routed request upstream, attempt by attempt
+attempts.py  the router's pure decision after each attempt: retry, reply, or respond
+clusters.py  upstream clusters: endpoints, budgets, breakers, detectors, pools, /clusters
+authorize.py per-request authorization with the destination's policies
+local_reply.py  responses the proxy makes itself (HTTP or gRPC form), 429s
+upgrade_flow.py  an allowed HTTP/1.1 upgrade carried out, and its L4 flow after the 101
+recorder.py  a request's metric, live sample, access-log line and span
+context.py   what a request carries: its connection's context, its outcome so far
 mirror.py    request mirroring: -shadow copies to shadow services, fire and forget
 metrics.py   Istio's request series (istio_requests_total, ...)
 access_log.py  one JSON line per request, written off the event loop
