@@ -229,7 +229,7 @@ class Router:
             cluster.outlier.record(endpoint.key, status)
         if response is not None:
             assert status is not None
-            return (Result.response(status, grpc_status_of(response.head.headers)),
+            return (Result(Ended.RESPONSE, status, grpc_status_of(response.head.headers)),
                     response, connection, None)
         assert error is not None
         if error.flag == "DC":
