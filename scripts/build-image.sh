@@ -40,16 +40,11 @@ die() { printf 'image: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (mmdebstrap and podman's own store)"
 
 # ------------------------------------------------------------------ 1. packages
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" = "install ok installed" ] ||
-        missing+=("$pkg")
-done
+. "$REPO/scripts/lib/apt.sh"
+mapfile -t missing < <(apt_missing "${PACKAGES[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     say "apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt_install "${missing[@]}"
 else
     say "packages: ${PACKAGES[*]} installed"
 fi

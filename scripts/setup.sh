@@ -46,13 +46,7 @@ command -v apt-get >/dev/null && command -v dpkg-query >/dev/null ||
     die "apt-get/dpkg-query not found: this script is for Debian 12"
 
 # ------------------------------------------------------------------ 1. packages
-missing_packages() {
-    local pkg status
-    for pkg in "${APT_PACKAGES[@]}"; do
-        status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
-        [ "$status" = "install ok installed" ] || printf '%s\n' "$pkg"
-    done
-}
+. "$REPO/scripts/lib/apt.sh"
 
 service_exists() {
     [ -e "/etc/init.d/$1" ] || [ -e "/lib/systemd/system/$1.service" ] ||
@@ -92,7 +86,7 @@ trap remove_policy EXIT
 
 install_packages() {
     local missing svc
-    mapfile -t missing < <(missing_packages)
+    mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")
     if [ "${#missing[@]}" -eq 0 ]; then
         say "apt packages: all ${#APT_PACKAGES[@]} installed"
         return
@@ -111,12 +105,9 @@ install_packages() {
         chmod 755 "$POLICY_RC"
         CREATED_POLICY=1
     fi
-    export DEBIAN_FRONTEND=noninteractive
-    say "apt-get update"
-    apt-get update -q
-    say "apt-get install ${missing[*]}"
+    say "apt-get update; apt-get install ${missing[*]}"
     local t0=$SECONDS
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt_install "${missing[@]}"
     say "apt packages: installed in $((SECONDS - t0))s"
     remove_policy
     # Disable only the services this run brought in; an admin's own are left alone.

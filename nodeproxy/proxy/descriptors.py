@@ -6,9 +6,11 @@ the admin, metrics and readiness listeners and their connections, the control so
 the BPF programs and maps, a reload's file reads.  So:
 
 - at start the daemon raises its open-file limit (RLIMIT_NOFILE) to the hard limit, and
-  tries to raise the hard limit itself to ``/proc/sys/fs/nr_open`` first (it needs
-  CAP_SYS_RESOURCE, which a privileged DaemonSet has); ``limits.openFiles`` sets the
-  limit instead (tests, or an operator who wants less);
+  tries to raise the hard limit itself to ``/proc/sys/fs/nr_open`` first.  That needs
+  CAP_SYS_RESOURCE, which config/k8s/daemonset.yaml does not grant: there the daemon
+  gets the container runtime's hard limit (commonly 1048576), plenty
+  for a node; ``limits.openFiles`` sets the limit instead (tests, or an operator who
+  wants less);
 - proxied sockets never take the last ``limits.reservedFiles`` descriptors.
 
 The budget is checked on the descriptor number itself.  Linux gives a new socket the

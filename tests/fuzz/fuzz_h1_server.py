@@ -122,15 +122,7 @@ async def _drive(data: bytes) -> None:
     server = H1Server(handler, max_header_bytes=8192, idle_timeout=3600,
                       on_bad_request=refusals.append)
     transport = harness.MemoryTransport()
-    transport.set_protocol(server)
-    server.connection_made(transport)
-    for piece in harness.chunks(data):
-        if transport.closed:
-            break
-        if not transport.reading_paused:
-            server.data_received(piece)
-        await harness.settle(4)
-    await harness.settle()
+    await harness.feed(server, transport, data)
     if not transport.closed:
         server.eof_received()
         await harness.settle()

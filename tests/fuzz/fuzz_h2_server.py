@@ -83,14 +83,7 @@ async def _drive(data: bytes) -> None:
     server = H2Server(handler, max_header_bytes=8192, max_concurrent_streams=100,
                       on_protocol_error=lambda code, why: errors.append((code, why)))
     transport = harness.MemoryTransport()
-    transport.set_protocol(server)
-    server.connection_made(transport)
-    for piece in harness.chunks(data):
-        if transport.closed:
-            break
-        server.data_received(piece)
-        await harness.settle(4)
-    await harness.settle()
+    await harness.feed(server, transport, data)
     server.connection_lost(None)
     await harness.settle()
 

@@ -102,14 +102,7 @@ async def _drive(data: bytes) -> None:
     _ADMITTER.calls.clear()
     session = H2Session(client_side=False, on_request=on_request, on_ready=verified)
     transport = harness.MemoryTransport(peer=("10.0.1.5", 51000))
-    transport.set_protocol(session)
-    session.connection_made(transport)
-    for piece in harness.chunks(data):
-        if transport.closed:
-            break
-        session.data_received(piece)
-        await harness.settle(4)
-    await harness.settle()
+    await harness.feed(session, transport, data)
     frames = written_frames(bytes(transport.written))
     peer_goaway = session.goaway
     session.connection_lost(None)

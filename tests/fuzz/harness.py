@@ -174,6 +174,21 @@ def chunks(data: bytes) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)]
 
 
+async def feed(protocol: asyncio.Protocol, transport: MemoryTransport, data: bytes) -> None:
+    """Connect `protocol` to `transport` and give it `data` in the fuzzer's chunks, letting
+    the loop run between them, until the data ends or the protocol closes the transport
+    (a paused transport is not read, as the event loop would not read it)."""
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    for piece in chunks(data):
+        if transport.closed:
+            break
+        if not transport.reading_paused:
+            protocol.data_received(piece)
+        await settle(4)
+    await settle()
+
+
 def check_header_fields(headers: list[tuple[str, str]], hop_by_hop: frozenset[str], *,
                         allow: frozenset[str] = frozenset()) -> None:
     """Regular header fields as every codec must pass them on: lowercase token names, no
