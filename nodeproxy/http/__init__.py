@@ -17,7 +17,7 @@ outlier.py   per-endpoint consecutive-error ejection and return
 resilience.py  which breaker and detector each cluster uses, across reloads
 resilience_metrics.py  the overflow and ejection series
 manager.py   HttpProxy: builds the parts below and hands them each configuration
-connections.py  client connections: HTTP/1.1 or HTTP/2 server protocol, connection limits
+client_connections.py  HTTP/1.1 or HTTP/2 server protocol per client connection, its limits
 handler.py   one request: fair share, one meaning, route, rate limit, faults, its record
 router.py    one routed request upstream, attempt by attempt
 attempts.py  the router's pure decision after each attempt: retry, reply, or respond

@@ -1,7 +1,7 @@
 """What one request carries along the L7 path: its client connection's facts and its
 outcome so far.
 
-``RequestContext`` is fixed when a client connection is served (connections.py) and
+``RequestContext`` is fixed when a client connection is served (client_connections.py) and
 read by every later stage: the source pod, the service port the client dialled, the
 client's address family, the upstream protocol and whether to write access-log lines.
 ``Outcome`` is filled in as the request goes (handler.py, router.py, local_reply.py) and

@@ -5,7 +5,7 @@ speak HTTP), ``settings``, ``clusters_view`` (/clusters) and ``close``.
 
 The request path, in the order a request meets it (Envoy's division of the same work):
 
-- connections.py  the client connection: HTTP/1.1 or HTTP/2 server protocol,
+- client_connections.py  the client connection: HTTP/1.1 or HTTP/2 server protocol,
                   request-header and idle timeouts, HTTP/2 abuse budgets
                   (uvicorn's protocol classes; Envoy's HTTP connection manager's codec)
 - handler.py      one request: fair share, one meaning, route match, rate limit,
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from nodeproxy.config.model import HttpSettings, NodeConfig
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.authorize import RequestAuthorizer
+from nodeproxy.http.client_connections import ClientConnection, ClientConnections
 from nodeproxy.http.clusters import Clusters
-from nodeproxy.http.connections import ClientConnection, Connections
 from nodeproxy.http.handler import RequestHandler
 from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.http.mirror import Mirrors
@@ -75,7 +75,7 @@ class HttpProxy:
         self._handler = RequestHandler(router=self._router, upgrades=self._upgrades,
                                        recorder=recorder, metrics=metrics, shares=shares,
                                        rng=rng)
-        self._connections = Connections(self._handler.handle, metrics)
+        self._connections = ClientConnections(self._handler.handle, metrics)
         self._sweeper: asyncio.Task[None] | None = None
 
     def update(self, config: NodeConfig, table: DestinationTable,
@@ -114,7 +114,7 @@ class HttpProxy:
               transport: asyncio.Transport, initial: bytes, *, http2_client: bool,
               http2_upstream: bool, client_eof: bool = False,
               accepted_at: float | None = None) -> ClientConnection:
-        """Serve a client connection at L7 (connections.Connections.serve)."""
+        """Serve a client connection at L7 (client_connections.ClientConnections.serve)."""
         return self._connections.serve(pod, entry, version, transport, initial,
                                        http2_client=http2_client,
                                        http2_upstream=http2_upstream, client_eof=client_eof,

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from nodeproxy.config.changes import restart_only_changes
 from nodeproxy.config.model import LimitSettings, NodeConfig
-from nodeproxy.http.connections import ClientH2Server as _ClientH2Server
+from nodeproxy.http.client_connections import ClientH2Server as _ClientH2Server
 from nodeproxy.http.h1 import H1Exchange, H1Server
 from nodeproxy.http.message import ResponseHead
 from nodeproxy.proxy import descriptors

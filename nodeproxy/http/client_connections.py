@@ -2,7 +2,7 @@
 each, and the connection-level limits (uvicorn's protocol classes' job; Envoy's HTTP
 connection manager's codec side).
 
-``Connections.serve`` takes a client connection the outbound listener detected (or was
+``ClientConnections.serve`` takes a client connection the outbound listener detected (or was
 told) speaks HTTP, wraps it in h1.H1Server or ``ClientH2Server`` and hands every request
 the codec parses to the request handler (handler.py), with the connection's
 ``RequestContext``.  This module owns what lives as long as a connection:
@@ -69,7 +69,7 @@ class ClientConnection:
         reset(self.transport)
 
 
-class Connections:
+class ClientConnections:
     """The node's L7 client connections (see the module docstring)."""
 
     def __init__(self, handle: Handle, metrics: RequestMetrics):
