@@ -31,15 +31,10 @@
  * daemon; a matching connect() fails with EPERM in the source pod, counted
  * per policy and per pod, and never reaches the proxy.
  *
- * Constants come from nodeproxy/capture/constants.py as -D flags.
+ * The maps are declared in maps.h.  Constants come from nodeproxy/capture/constants.py
+ * as -D flags.
  */
-#include <uapi/linux/bpf.h>
-#include <linux/socket.h>
-#include <linux/in.h>
-#include <linux/net.h>  /* SOCK_STREAM; not linux/tcp.h: from 6.10 on it drags in
-                          * include/linux/bpf.h, which needs struct bpf_wq that bcc 0.26's
-                          * own uapi bpf.h lacks (every program fails to compile) */
-#include "maps.h"
+#include "common.h"  /* kernel headers, maps.h, what the sources share */
 
 #define NP_SOL_IP 0
 #define NP_SOL_IPV6 41
@@ -49,42 +44,11 @@
 #define NP_SOCK_FIN_SENT 1
 #define NP_SOCK_FIN_RCVD 2
 
-/* Every map but the per-socket storage is pinned under NP_PIN_DIR and shared by the
- * daemon instances of one node: a new instance taking over from an old one (upgrade)
- * finds the same pods, original destinations, counters and rules. */
-BPF_TABLE_PINNED("hash", u64, struct pod_info, pods, NP_MAX_PODS, NP_PIN_DIR "/pods");
-BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, origdst_by_cookie, NP_MAX_FLOWS,
-                 NP_PIN_DIR "/origdst_by_cookie");
-BPF_TABLE_PINNED("lru_hash", struct tuple_key, struct orig_dst, origdst_by_tuple, NP_MAX_FLOWS,
-                 NP_PIN_DIR "/origdst_by_tuple");
-BPF_TABLE_PINNED("hash", u32, struct pod_counters, pod_stats, NP_MAX_PODS,
-                 NP_PIN_DIR "/pod_stats");
-BPF_TABLE_PINNED("hash", struct deny_key, u32, connect_denies, NP_MAX_DENIES,
-                 NP_PIN_DIR "/connect_denies");
-BPF_TABLE_PINNED("array", u32, u64, policy_denials, NP_MAX_POLICIES,
-                 NP_PIN_DIR "/policy_denials");
-/* Sockets already counted by some instance's sockops (two are attached during a
- * handover): the first to see a socket established counts it. */
-BPF_TABLE_PINNED("lru_hash", u64, u32, counted_sockets, NP_MAX_FLOWS,
-                 NP_PIN_DIR "/counted_sockets");
-BPF_SK_STORAGE(sock_states, struct sock_state);
-BPF_TABLE_PINNED("array", u32, struct fastpath_counters, fastpath_stats, 1,
-                 NP_PIN_DIR "/fastpath_stats");
-
-/* bcc 0.26 declares these helpers with a 32-bit result; declare them after
- * the maps so map fd relocation is unaffected. */
-static u64 (*np_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
-static u64 (*np_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
-
 static __always_inline struct fastpath_counters *fastpath_counters(void)
 {
     u32 zero = 0;
     return fastpath_stats.lookup(&zero);
 }
-
-/* bpf/redirect.c, later in the same compile unit: the sk_msg fast path. */
-static __always_inline void msg_join(struct bpf_sock_ops *skops, u64 netns, u64 cookie);
-static __always_inline void msg_settle(struct bpf_sock_ops *skops, u64 *sent, u64 *received);
 
 static __always_inline struct pod_counters *counters_of(u32 pod_id)
 {

@@ -2,33 +2,16 @@
  *
  * A TCP connection arriving from outside the pod (any interface but lo) for
  * one of the pod's IPs is handed to the daemon's inbound listener in that
- * pod (np_inbound_listeners: slot = pod slot * 2 + (IPv6 ? 1 : 0)), so
+ * pod (inbound_listeners: slot = pod slot * 2 + (IPv6 ? 1 : 0)), so
  * STRICT mTLS and inbound policy hold even against clients outside the mesh.
  * Left alone: the HBONE port (the tunnel's own listener), the inbound port, and
  * the daemon's own transparent connections into the pod, which it announces in
- * np_proxy_dials (4-tuple) just before connecting: local traffic reports the
+ * proxy_dials (4-tuple) just before connecting: local traffic reports the
  * pod interface as ingress, so no interface test can tell them apart.
  *
- * bcc 0.26 gives BPF_SOCKMAP no lookup(); a BPF_TABLE of type "sockmap" has
- * one, and the verifier accepts the returned socket for bpf_sk_assign.
+ * The maps (inbound_listeners, inbound_ips, proxy_dials) are declared in maps.h.
  */
-#include <uapi/linux/bpf.h>
-#include <linux/in.h>
-#include "maps.h"
-
-#ifndef AF_INET
-#define AF_INET 2
-#endif
-#ifndef AF_INET6
-#define AF_INET6 10
-#endif
-
-BPF_TABLE_PINNED("sockmap", u32, u32, inbound_listeners, NP_MAX_PODS * 2,
-                 NP_PIN_DIR "/inbound_listeners");
-BPF_TABLE_PINNED("hash", struct ip_key, u32, inbound_ips, NP_MAX_PODS * 4,
-                 NP_PIN_DIR "/inbound_ips");
-BPF_TABLE_PINNED("lru_hash", struct dial_key, u32, proxy_dials, NP_MAX_FLOWS,
-                 NP_PIN_DIR "/proxy_dials");
+#include "common.h"
 
 int np_inbound_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -72,7 +55,7 @@ int np_inbound_lookup(struct bpf_sk_lookup *ctx)
     long err = bpf_sk_assign(ctx, sk, 0);
     bpf_sk_release(sk);
     if (err == 0) {
-        struct pod_counters *c = counters_of(*slot);  /* capture.c, same compile unit */
+        struct pod_counters *c = counters_of(*slot);  /* capture.c */
         if (c)
             __sync_fetch_and_add(&c->inbound_captured, 1);
     }

@@ -1,10 +1,18 @@
-/* Map layouts shared by the eBPF programs and the Python daemon.
+/* The contract between the eBPF programs and the Python daemon: every map they share
+ * (name, kind, key, value, pin) and every struct those maps hold.
  *
- * This header is the single definition: bcc compiles it into the programs
- * and generates the ctypes Key/Leaf classes the daemon uses to read and
- * write the same maps (nodeproxy/capture/maps.py).  Numeric constants
- * (ports, map sizes) are passed in by the daemon as -D flags from
- * nodeproxy/capture/constants.py, so they too have one source.
+ * This header is the single definition on the C side.  Its Python view is
+ * nodeproxy/capture/contract.py (ctypes layouts and map specs), used everywhere the
+ * daemon names a map; tests/unit/test_kernel_contract.py parses this file and checks
+ * every struct's fields, types, offsets and size and every map against that view
+ * (no root, no bcc), and the daemon checks the view again against what bcc compiled
+ * when it loads the programs.  Numeric constants (ports, map sizes) are passed in by
+ * the daemon as -D flags from nodeproxy/capture/constants.py, so they too have one
+ * source.
+ *
+ * Map declarations use bcc's macros in the forms the contract test reads:
+ * BPF_TABLE_PINNED, BPF_TABLE, BPF_HASH, BPF_ARRAY, BPF_SOCKHASH, BPF_SK_STORAGE.
+ * Pinned maps are pinned as NP_PIN_DIR "/<map name>".
  */
 #ifndef NODEPROXY_MAPS_H
 #define NODEPROXY_MAPS_H
@@ -152,5 +160,56 @@ struct fastpath_counters {
     u64 msg_redirect_bytes;
     u64 msg_misses;          /* sendmsg() calls that fell back to the loopback TCP path */
 };
+
+/* ---- Maps ---------------------------------------------------------------------------
+ * Every map but the per-instance ones and the per-socket storage is pinned under
+ * NP_PIN_DIR and shared by the daemon instances of one node: a new instance taking over
+ * from an old one (upgrade) finds the same pods, original destinations, counters and
+ * rules. */
+
+/* Outbound capture and per-pod counters (bpf/capture.c). */
+BPF_TABLE_PINNED("hash", u64, struct pod_info, pods, NP_MAX_PODS, NP_PIN_DIR "/pods");
+BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, origdst_by_cookie, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/origdst_by_cookie");
+BPF_TABLE_PINNED("lru_hash", struct tuple_key, struct orig_dst, origdst_by_tuple, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/origdst_by_tuple");
+BPF_TABLE_PINNED("hash", u32, struct pod_counters, pod_stats, NP_MAX_PODS,
+                 NP_PIN_DIR "/pod_stats");
+BPF_TABLE_PINNED("hash", struct deny_key, u32, connect_denies, NP_MAX_DENIES,
+                 NP_PIN_DIR "/connect_denies");
+BPF_TABLE_PINNED("array", u32, u64, policy_denials, NP_MAX_POLICIES,
+                 NP_PIN_DIR "/policy_denials");
+/* Sockets already counted by some instance's sockops (two are attached during a
+ * handover): the first to see a socket established counts it. */
+BPF_TABLE_PINNED("lru_hash", u64, u32, counted_sockets, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/counted_sockets");
+BPF_SK_STORAGE(sock_states, struct sock_state);
+BPF_TABLE_PINNED("array", u32, struct fastpath_counters, fastpath_stats, 1,
+                 NP_PIN_DIR "/fastpath_stats");
+
+/* Inbound capture (bpf/inbound.c).  bcc 0.26 gives BPF_SOCKMAP no lookup(); a BPF_TABLE
+ * of type "sockmap" has one, and the verifier accepts the returned socket for
+ * bpf_sk_assign.  Slot = pod id * 2 + (IPv6 ? 1 : 0). */
+BPF_TABLE_PINNED("sockmap", u32, u32, inbound_listeners, NP_MAX_PODS * 2,
+                 NP_PIN_DIR "/inbound_listeners");
+BPF_TABLE_PINNED("hash", struct ip_key, u32, inbound_ips, NP_MAX_PODS * 4,
+                 NP_PIN_DIR "/inbound_ips");
+BPF_TABLE_PINNED("lru_hash", struct dial_key, u32, proxy_dials, NP_MAX_FLOWS,
+                 NP_PIN_DIR "/proxy_dials");
+
+/* Kernel splice (bpf/splice.c): per daemon instance, not pinned (the sockets belong to
+ * this process). */
+BPF_SOCKHASH(np_splice_sockets, u64, NP_MAX_FLOWS);
+BPF_SOCKHASH(np_splice_targets, u64, NP_MAX_FLOWS);
+BPF_HASH(splice_flows, u64, struct splice_peer, NP_MAX_FLOWS);
+BPF_HASH(splice_control, u64, struct splice_control, NP_MAX_FLOWS);
+
+/* The sk_msg fast path (bpf/redirect.c): per daemon instance, not pinned. */
+BPF_SOCKHASH(np_msg_sockets, struct msg_key, NP_MAX_FLOWS);
+BPF_TABLE("lru_hash", struct msg_key, struct msg_flow, np_msg_flows, NP_MAX_FLOWS);
+/* application socket cookie -> bytes the proxy has read from its side (daemon-written) */
+BPF_TABLE("lru_hash", u64, u64, np_msg_proxy_read, NP_MAX_FLOWS);
+/* [0]: 1 while new connections join the fast path (fastPath.skMsg) */
+BPF_ARRAY(np_msg_settings, u32, 1);
 
 #endif

@@ -35,15 +35,11 @@
  * (msg_settle, from capture.c's close handler); fastpath_stats counts redirected
  * messages, their bytes, and messages of fast-path sockets that took TCP (misses).
  *
- * The maps are this daemon instance's own (not pinned), like the splice's.
+ * The maps are this daemon instance's own (not pinned), like the splice's; they are
+ * declared in maps.h.
  */
 
-BPF_SOCKHASH(np_msg_sockets, struct msg_key, NP_MAX_FLOWS);
-BPF_TABLE("lru_hash", struct msg_key, struct msg_flow, np_msg_flows, NP_MAX_FLOWS);
-/* application socket cookie -> bytes the proxy has read from its side (daemon-written) */
-BPF_TABLE("lru_hash", u64, u64, np_msg_proxy_read, NP_MAX_FLOWS);
-/* [0]: 1 while new connections join the fast path (fastPath.skMsg) */
-BPF_ARRAY(np_msg_settings, u32, 1);
+#include "common.h"
 
 /* sock_ops keeps the remote port in network order in its upper 16 bits. */
 static __always_inline void msg_key_of(struct bpf_sock_ops *skops, u64 netns,

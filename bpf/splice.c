@@ -17,12 +17,10 @@
  * (ordering).  The sockets leave the maps when they close.
  *
  * The maps are per daemon instance (not pinned): the sockets belong to this process.
+ * They are declared in maps.h.
  */
 
-BPF_SOCKHASH(np_splice_sockets, u64, NP_MAX_FLOWS);
-BPF_SOCKHASH(np_splice_targets, u64, NP_MAX_FLOWS);
-BPF_HASH(splice_flows, u64, struct splice_peer, NP_MAX_FLOWS);
-BPF_HASH(splice_control, u64, struct splice_control, NP_MAX_FLOWS);
+#include "common.h"
 
 int np_splice_verdict(struct __sk_buff *skb)
 {

@@ -4,9 +4,8 @@
   /stats/live?window=SECONDS&namespace=NS (`nodeproxy top` and `nodeproxy stat` read it)
 - metrics, :15020: /metrics and /stats/prometheus (Istio's path)
 - readiness, :15021: /healthz/ready
-- control, a Unix socket: GET/POST /v1/pods, DELETE /v1/pods/{namespace}/{name}
-  (runtime enrollment; the CNI plugin and `nodeproxy enroll` use it), and
-  POST /v1/handover (a new instance of the daemon takes over: upgrade)
+- control, a Unix socket (mode 0600): the application nodeproxy.daemon.control_api makes
+  (runtime enrollment, used by the CNI plugin and `nodeproxy enroll`; the upgrade handover)
 """
 
 from __future__ import annotations
@@ -29,10 +28,6 @@ class DaemonView(Protocol):
     def is_ready(self) -> bool: ...
     def config_dump(self) -> dict[str, Any]: ...
     def pods_view(self) -> list[dict[str, Any]]: ...
-    def pod_view(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]: ...
-    async def enroll_request(self, body: Any) -> tuple[int, dict[str, Any]]: ...
-    async def unenroll_request(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]: ...
-    async def handover_request(self) -> tuple[int, dict[str, Any]]: ...
 
 
 class EndpointView(TypedDict):
@@ -85,6 +80,7 @@ class AdminServers:
         self._clusters = clusters
         self._live = live
         self._runners: list[web.AppRunner] = []
+        self._control_socket: str | None = None
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self._d.registry)
@@ -101,11 +97,6 @@ class AdminServers:
 
     async def _pods(self, _request: web.Request) -> web.Response:
         return _json(self._d.pods_view())
-
-    async def _pod(self, request: web.Request) -> web.Response:
-        status, view = self._d.pod_view(request.match_info["namespace"],
-                                        request.match_info["name"])
-        return _json(view, status)
 
     async def _clusters_page(self, _request: web.Request) -> web.Response:
         if self._clusters is None:
@@ -145,25 +136,9 @@ class AdminServers:
         admin.router.add_get("/metrics", self._metrics)
         return admin
 
-    async def _enroll(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _json({"error": f"request body is not JSON: {e}"}, 400)
-        status, data = await self._d.enroll_request(body)
-        return _json(data, status)
-
-    async def _handover(self, _request: web.Request) -> web.Response:
-        status, data = await self._d.handover_request()
-        return _json(data, status)
-
-    async def _unenroll(self, request: web.Request) -> web.Response:
-        status, data = await self._d.unenroll_request(
-            request.match_info["namespace"], request.match_info["name"])
-        return _json(data, status)
-
     async def start(self, *, admin_address: str, admin_port: int, metrics_address: str,
-                    metrics_port: int, readiness_port: int, control_socket: str) -> None:
+                    metrics_port: int, readiness_port: int, control_socket: str,
+                    control: web.Application) -> None:
         admin = self.admin_app()
 
         metrics = web.Application()
@@ -172,13 +147,6 @@ class AdminServers:
 
         readiness = web.Application()
         readiness.router.add_get("/healthz/ready", self._ready)
-
-        control = web.Application()
-        control.router.add_get("/v1/pods", self._pods)
-        control.router.add_post("/v1/pods", self._enroll)
-        control.router.add_delete("/v1/pods/{namespace}/{name}", self._unenroll)
-        control.router.add_get("/v1/pods/{namespace}/{name}", self._pod)
-        control.router.add_post("/v1/handover", self._handover)
 
         await self._serve_tcp(admin, admin_address, admin_port)
         await self._serve_tcp(metrics, metrics_address, metrics_port)
@@ -206,6 +174,6 @@ class AdminServers:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        path = getattr(self, "_control_socket", None)
+        path = self._control_socket
         if unlink_control_socket and path and os.path.exists(path):
             os.unlink(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nodeproxy.ports import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT
+
 MAX_PODS = 4096
 MAX_FLOWS = 65536
 MAX_DENIES = 65536
@@ -29,8 +31,8 @@ MSG_TO_PROXY_PENDING = 4 << 20
 MSG_TO_APP_BYTES = 8 << 20
 
 
-def cflags(pin_dir: str, outbound_port: int = 15001, inbound_port: int = 15006,
-           hbone_port: int = 15008) -> list[str]:
+def cflags(pin_dir: str, outbound_port: int = OUTBOUND_PORT, inbound_port: int = INBOUND_PORT,
+           hbone_port: int = HBONE_PORT) -> list[str]:
     """The -D flags that give the C programs the same constants as the daemon.
     pin_dir: the bpffs directory where the shared maps are pinned (and found again)."""
     return [

@@ -42,6 +42,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from nodeproxy import ports
 from nodeproxy.capture.constants import SOCKET_MARK, TRANSPARENT_MARK
 from nodeproxy.pods.netns import entered
 
@@ -104,9 +105,9 @@ BINARIES = ("iptables", "ip6tables", IPV4.save, IPV4.restore, IPV6.save, IPV6.re
 class Ports:
     """The proxy's ports inside the pod."""
 
-    outbound: int = 15001
-    inbound: int = 15006
-    hbone: int = 15008
+    outbound: int = ports.OUTBOUND_PORT
+    inbound: int = ports.INBOUND_PORT
+    hbone: int = ports.HBONE_PORT
 
 
 @dataclass(frozen=True)

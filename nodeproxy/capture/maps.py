@@ -1,9 +1,8 @@
 """Typed access to the capture maps.
 
-Key and value layouts come from bpf/maps.h through the ctypes classes bcc
-generates for each table (Table.Key / Table.Leaf), so the C and Python sides
-share one definition.  Addresses are kept as the kernel stores them: network
-byte order in u32 words.
+Maps and their key and value layouts are those of nodeproxy/capture/contract.py, the
+Python view of bpf/maps.h (a unit test holds the two equal).  Addresses are kept as the
+kernel stores them: network byte order in u32 words.
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ import ctypes
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from nodeproxy.capture import contract
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -25,7 +26,8 @@ def _words(ip: IPAddress) -> list[int]:
 
 @dataclass(frozen=True)
 class PodCounters:
-    """One pod's kernel-kept TCP counters (see struct pod_counters)."""
+    """One pod's kernel-kept TCP counters: a snapshot of struct pod_counters (its fields,
+    in its order: tests/unit/test_kernel_contract.py)."""
 
     captured: int
     out_opened: int
@@ -44,7 +46,8 @@ class PodCounters:
 
 @dataclass(frozen=True)
 class FastPathCounters:
-    """The node's kernel fast-path counters (see struct fastpath_counters)."""
+    """The node's kernel fast-path counters: a snapshot of struct fastpath_counters (its
+    fields, in its order)."""
 
     splice_bytes: int = 0
     splice_fallback_bytes: int = 0
@@ -57,15 +60,15 @@ class FastPathCounters:
 class CaptureMaps:
     """The daemon's view of the capture maps of one loaded bcc.BPF object."""
 
-    def __init__(self, bpf, sockmap_fd: int):
-        self._pods = bpf["pods"]
-        self._stats = bpf["pod_stats"]
-        self._denies = bpf["connect_denies"]
-        self._policy_denials = bpf["policy_denials"]
-        self._fastpath = bpf["fastpath_stats"]
-        self._inbound_ips = bpf["inbound_ips"]
-        self._dials = bpf["proxy_dials"]
-        self._sockmap_fd = sockmap_fd
+    def __init__(self, bpf: Any):
+        self._pods = contract.open_table(bpf, contract.PODS)
+        self._stats = contract.open_table(bpf, contract.POD_STATS)
+        self._denies = contract.open_table(bpf, contract.CONNECT_DENIES)
+        self._policy_denials = contract.open_table(bpf, contract.POLICY_DENIALS)
+        self._fastpath = contract.open_table(bpf, contract.FASTPATH_STATS)
+        self._inbound_ips = contract.open_table(bpf, contract.INBOUND_IPS)
+        self._dials = contract.open_table(bpf, contract.PROXY_DIALS)
+        self._sockmap_fd = contract.map_fd(bpf, contract.INBOUND_LISTENERS)
 
     def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
         leaf = self._pods.Leaf()
@@ -90,14 +93,15 @@ class CaptureMaps:
         (one per address family)."""
         import bcc
 
+        spec = contract.INBOUND_LISTENERS
         for family, sock in listeners.items():
-            index = ctypes.c_uint32(pod_id * 2 + (1 if family == socket.AF_INET6 else 0))
-            fd = ctypes.c_uint32(sock.fileno())
+            index = spec.key(pod_id * 2 + (1 if family == socket.AF_INET6 else 0))
+            fd = spec.value(sock.fileno())
             if bcc.lib.bpf_update_elem(self._sockmap_fd, ctypes.byref(index),
                                        ctypes.byref(fd), 0) != 0:
                 raise OSError(f"pod {pod_id}: cannot put its inbound listener in the sockmap")
         for ip in ips:
-            self._inbound_ips[self._ip_key(ip)] = ctypes.c_uint32(pod_id)
+            self._inbound_ips[self._ip_key(ip)] = self._inbound_ips.Leaf(pod_id)
 
     def clear_inbound(self, pod_id: int, ips: list[IPAddress]) -> None:
         import bcc
@@ -108,7 +112,7 @@ class CaptureMaps:
             except KeyError:
                 pass
         for offset in (0, 1):
-            index = ctypes.c_uint32(pod_id * 2 + offset)
+            index = contract.INBOUND_LISTENERS.key(pod_id * 2 + offset)
             bcc.lib.bpf_delete_elem(self._sockmap_fd, ctypes.byref(index))
 
     def _ip_key(self, ip: IPAddress):
@@ -133,7 +137,7 @@ class CaptureMaps:
     def expect_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
         """The proxy is about to connect from `source` (a client's address) into a pod at
         `dest`: inbound capture must not steer it back to the proxy."""
-        self._dials[self._dial_key(source, dest)] = ctypes.c_uint32(1)
+        self._dials[self._dial_key(source, dest)] = self._dials.Leaf(1)
 
     def forget_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
         try:
@@ -154,7 +158,7 @@ class CaptureMaps:
             key.port = socket.htons(port)
             wanted[bytes(key)] = (key, policy)
         for key, policy in wanted.values():
-            self._denies[key] = ctypes.c_uint32(policy)
+            self._denies[key] = self._denies.Leaf(policy)
         for key in list(self._denies.keys()):
             if bytes(key) not in wanted:
                 try:

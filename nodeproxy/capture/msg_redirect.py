@@ -21,6 +21,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
+from nodeproxy.capture import contract
 from nodeproxy.capture.constants import MSG_TO_PROXY_PENDING
 
 # Once the application's direction is back on the fast path, the proxy posts its read
@@ -49,14 +50,14 @@ class ProxyReads:
     read while a direction is on TCP, none per read while it is redirected.
     """
 
-    def __init__(self, reads_fd: int, app_cookie: int, flows_fd: int, app_key: Any,
-                 flow: Any):
+    def __init__(self, reads_fd: int, app_cookie: int, flows_fd: int,
+                 app_key: contract.CMsgKey, flow: contract.CMsgFlow):
         self._reads_fd = reads_fd
-        self._cookie = ctypes.c_uint64(app_cookie)
-        self._value = ctypes.c_uint64(0)
+        self._cookie = contract.MSG_PROXY_READ.key(app_cookie)
+        self._value = contract.MSG_PROXY_READ.value(0)
         self._flows_fd = flows_fd
         self._app_key = app_key
-        self._flow = flow  # a ctypes struct msg_flow, refreshed by each look
+        self._flow = flow  # refreshed by each look
         self._watching = True  # believed on TCP: post after every read
         self._posted = 0
         self.total = 0
@@ -99,20 +100,21 @@ def counting_reads(on_bytes: Callable[[bool, int], None], reads: ProxyReads | No
 
 
 class MsgRedirect:
-    """np_msg_sockets and its companion maps of one loaded bcc.BPF object."""
+    """np_msg_sockets and its companion maps (np_msg_flows, np_msg_proxy_read,
+    np_msg_settings) of one loaded bcc.BPF object."""
 
-    def __init__(self, bpf: Any, sockets_fd: int):
-        self._flows = bpf["np_msg_flows"]
+    def __init__(self, bpf: Any):
+        self._flows = contract.open_table(bpf, contract.MSG_FLOWS)
         self._flows_fd = int(self._flows.map_fd)
-        self._reads_fd = int(bpf["np_msg_proxy_read"].map_fd)
-        self._settings = bpf["np_msg_settings"]
-        self._sockets_fd = sockets_fd
+        self._reads_fd = contract.map_fd(bpf, contract.MSG_PROXY_READ)
+        self._settings = contract.open_table(bpf, contract.MSG_SETTINGS)
+        self._sockets_fd = contract.map_fd(bpf, contract.MSG_SOCKETS)
         self.enabled = False
 
     def set_enabled(self, on: bool) -> None:
         """fastPath.skMsg: whether connections established from now on use the fast path
         (connections already on it keep it until they close)."""
-        self._settings[ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
+        self._settings[self._settings.Key(0)] = self._settings.Leaf(1 if on else 0)
         self.enabled = on
 
     def enable(self, sock: Any, netns_cookie: int) -> ProxyReads | None:
@@ -135,14 +137,15 @@ class MsgRedirect:
         except KeyError:
             return None
         proxy_key = self._key(sock.family, netns_cookie, local, remote)
-        fd = ctypes.c_int(sock.fileno())
+        fd = contract.MSG_SOCKETS.value(sock.fileno())
         if _lib().bpf_update_elem(self._sockets_fd, ctypes.byref(proxy_key), ctypes.byref(fd),
                                   BPF_ANY) != 0:
             return None  # e.g. the application already closed: nothing left to speed up
         return ProxyReads(self._reads_fd, int(flow.app_cookie), self._flows_fd, app_key, flow)
 
-    def _key(self, family: int, netns_cookie: int, local: tuple, remote: tuple) -> Any:
-        key = self._flows.Key()
+    def _key(self, family: int, netns_cookie: int, local: tuple, remote: tuple
+             ) -> contract.CMsgKey:
+        key = contract.CMsgKey()
         key.netns_cookie = netns_cookie
         key.family = family
         key.local_port = local[1]

@@ -39,9 +39,9 @@ from typing import Any
 
 from nodeproxy.capture import iptables, kernelfs
 from nodeproxy.capture.original_dst import Destination, original_destination
+from nodeproxy.ports import OUTBOUND_PORT
 
 MIN_KERNEL = (5, 15)
-OUTBOUND_PORT = 15001
 CAPTURE_MODES = ("ebpf", "iptables")
 
 # Capability numbers from linux/capability.h.
@@ -401,10 +401,11 @@ class _Feature:
     after_load: Callable[[Any, ModuleType], str] | None = field(default=None, compare=False)
 
 
-_PRELUDE = """
+_PRELUDE = f"""
 #include <uapi/linux/bpf.h>
 #include <linux/socket.h>
 #include <linux/in.h>
+#define NPCHK_OUTBOUND_PORT {OUTBOUND_PORT}
 """
 
 _KERNEL_HINT = "this kernel lacks it: use a kernel >= 5.15 built with CONFIG_BPF_SYSCALL=y"
@@ -451,7 +452,7 @@ int npchk_connect4(struct bpf_sock_addr *ctx) {
     if (ctx->type != 1 /* SOCK_STREAM */)
         return 1;
     ctx->user_ip4 = bpf_htonl(0x7f000001);
-    ctx->user_port = bpf_htons(15001);
+    ctx->user_port = bpf_htons(NPCHK_OUTBOUND_PORT);
     return 1;
 }
 """,
@@ -468,7 +469,7 @@ int npchk_connect6(struct bpf_sock_addr *ctx) {
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = 0;
     ctx->user_ip6[3] = bpf_htonl(1);
-    ctx->user_port = bpf_htons(15001);
+    ctx->user_port = bpf_htons(NPCHK_OUTBOUND_PORT);
     return 1;
 }
 """,
@@ -684,13 +685,14 @@ def check_bpf_features(bcc: ModuleType | None, privileged: bool = True) -> list[
 
 def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_PORT,
                           privileged: bool = True) -> CheckResult:
-    """Compile bpf/*.c exactly as the daemon does and load every program (never attach)."""
+    """Compile bpf/*.c exactly as the daemon does, load every program (never attach) and
+    check the maps against the daemon's view of them (capture/contract.py)."""
     name = "capture-program"
     hint = "bpf/*.c must compile against this kernel's headers and pass the verifier"
     if bcc is None:
         return _fail(name, "not tried: bcc is not importable", BCC_HINT)
     try:
-        from nodeproxy.capture import programs
+        from nodeproxy.capture import contract, programs
 
         src = programs.bpf_source_dir()
     except Exception as e:  # noqa: BLE001 - report any failure to locate the sources
@@ -703,6 +705,7 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
             bpf = programs.compile_programs(bcc, scratch, outbound_port=outbound_port)
             for spec in programs.ALL_PROGRAMS:
                 programs.load_program(bpf, spec)
+            contract.check_compiled(bpf)  # as the daemon's load() does
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
             error: BaseException | None = e
         else:
@@ -715,7 +718,7 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
         detail, hint = _explain(_why(error, output), hint, privileged)
         return _fail(name, f"{src}: {detail}", hint)
     loaded = ", ".join(spec.function for spec in programs.ALL_PROGRAMS)
-    return _pass(name, f"{src} compiled; {loaded} loaded")
+    return _pass(name, f"{src} compiled; {loaded} loaded; maps as capture/contract.py")
 
 
 # ---------------------------------------------------------------- iptables capture

@@ -1,7 +1,9 @@
 """Compile, load, attach and pin the eBPF programs (bpf/*.c) for one node.
 
-One bcc compile unit holds every program and map (capture.c, inbound.c, splice.c,
-redirect.c).  Which programs are loaded and attached depends on the capture mode:
+One bcc compile unit holds every program and map: bcc makes programs only of functions in
+its main text, so the sources (capture.c, inbound.c, splice.c, redirect.c) are
+concatenated; each includes common.h (and through it maps.h, every map), so their order
+does not matter.  Which programs are loaded and attached depends on the capture mode:
 
 - ebpf: the cgroup programs (connect4/6, getpeername4/6, sockops) attach to the
   node's pod cgroup subtree; np_original_dst (cgroup/getsockopt) to the daemon's
@@ -27,15 +29,19 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodeproxy.capture import constants, libbpf
+from nodeproxy.capture import constants, contract, libbpf
+from nodeproxy.ports import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("capture.c", "inbound.c", "splice.c", "redirect.c")
+# What every source includes: the shared declarations, and the maps and their layouts.
+HEADERS = ("common.h", "maps.h")
 
 # UAPI values (bcc 0.26 lacks names for some of them).
 PROG_CGROUP_SOCK_ADDR = 18
@@ -96,21 +102,26 @@ def bpf_source_dir() -> Path:
         "/usr/share/nodeproxy/bpf",
     ]
     for candidate in candidates:
-        if candidate and all((Path(candidate) / f).is_file() for f in SOURCES):
+        if candidate and all((Path(candidate) / f).is_file() for f in (*SOURCES, *HEADERS)):
             return Path(candidate)
     raise FileNotFoundError(
-        f"bpf/{' and bpf/'.join(SOURCES)} not found (set NODEPROXY_BPF_DIR to their directory)"
+        f"bpf/{' and bpf/'.join((*SOURCES, *HEADERS))} not found "
+        "(set NODEPROXY_BPF_DIR to their directory)"
     )
 
 
-def compile_programs(bcc: Any, maps_dir: str | Path, *, outbound_port: int = 15001,
-                     inbound_port: int = 15006, hbone_port: int = 15008) -> Any:
+def compile_programs(bcc: Any, maps_dir: str | Path, *, outbound_port: int = OUTBOUND_PORT,
+                     inbound_port: int = INBOUND_PORT, hbone_port: int = HBONE_PORT,
+                     sources: Sequence[str] = SOURCES) -> Any:
     """Compile every program into one bcc.BPF object; its maps are pinned in maps_dir (a
-    bpffs directory), reusing maps already pinned there.  Nothing is attached."""
+    bpffs directory), reusing maps already pinned there.  Nothing is attached.
+    sources: SOURCES in any order (the order must not matter; a test compiles others)."""
+    if sorted(sources) != sorted(SOURCES):
+        raise ValueError(f"sources must be {SOURCES} in some order, not {tuple(sources)}")
     src = bpf_source_dir()
     Path(maps_dir).mkdir(parents=True, exist_ok=True)
     # One text: bcc only makes programs of functions in the main file, not in includes.
-    text = "\n".join((src / name).read_text() for name in SOURCES)
+    text = "\n".join((src / name).read_text() for name in sources)
     return bcc.BPF(text=text.encode(), cflags=[
         f"-I{src}", *constants.cflags(str(maps_dir), outbound_port, inbound_port, hbone_port)])
 
@@ -167,16 +178,19 @@ class CapturePrograms:
         import bcc  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
         self.bpf = compile_programs(bcc, self.pins / "maps", **self.ports)
+        contract.check_compiled(self.bpf)  # the daemon's view of every map is the C one
         self._funcs = {spec.name: load_program(self.bpf, spec) for spec in self.specs}
         if INBOUND_PROGRAM.name in self._funcs:
             self._inbound_fd = self._funcs[INBOUND_PROGRAM.name].fd
         # The splice verdict handles data of the sockets in np_splice_sockets; a map
         # attachment lives as long as the map, which is this instance's alone.
-        bcc.BPF.attach_func(self._funcs[SPLICE_PROGRAM.name], self.table_fd("np_splice_sockets"),
+        bcc.BPF.attach_func(self._funcs[SPLICE_PROGRAM.name],
+                            contract.map_fd(self.bpf, contract.SPLICE_SOCKETS),
                             SPLICE_PROGRAM.attach_type)
         # Likewise the sk_msg verdict runs on every send of the sockets in np_msg_sockets.
         bcc.BPF.attach_func(self._funcs[MSG_REDIRECT_PROGRAM.name],
-                            self.table_fd("np_msg_sockets"), MSG_REDIRECT_PROGRAM.attach_type)
+                            contract.map_fd(self.bpf, contract.MSG_SOCKETS),
+                            MSG_REDIRECT_PROGRAM.attach_type)
 
     def _link(self, name: str, prog_fd: int, target_fd: int, attach_type: int) -> _Link:
         fd = libbpf.link_create(prog_fd, target_fd, attach_type)
@@ -219,12 +233,6 @@ class CapturePrograms:
         link = self._netns_links.pop(key, None)
         if link is not None:
             _close_link(link)
-
-    def table_fd(self, name: str) -> int:
-        """A map's fd, also for map types bcc's Table cannot open (sockmap)."""
-        import bcc
-
-        return int(bcc.lib.bpf_table_fd(self.bpf.module, name.encode()))
 
     def detach(self) -> None:
         """Detach every link of this instance (cgroup and netns) and remove their pins."""

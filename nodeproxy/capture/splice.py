@@ -2,8 +2,9 @@
 flow, steering the verdict per socket (redirect, pause, hand back to the proxy), and
 reading what it moved and what it passed.
 
-The layouts (struct splice_peer, struct splice_control) come from bpf/maps.h through
-bcc; sockhash maps are written through libbcc because bcc's Table cannot open them.
+The maps and layouts (struct splice_peer, struct splice_control) are those of
+nodeproxy/capture/contract.py (bpf/maps.h); sockhash maps are written through libbcc
+because bcc's Table cannot open them.
 A socket is never removed from the sockhashes while it lives (see bpf/splice.c): the
 kernel removes it when it closes; the daemon then forgets its entries (release()).
 """
@@ -17,6 +18,7 @@ import socket
 import struct
 from typing import Any
 
+from nodeproxy.capture import contract
 from nodeproxy.capture.constants import SPLICE_PROXY, SPLICE_REDIRECT
 
 SO_COOKIE = 57  # not in Python's socket module
@@ -46,18 +48,19 @@ class SpliceMaps:
     """np_splice_sockets (the verdict runs on these), np_splice_targets (a redirect may
     deliver to these), splice_flows (peer and counters) and splice_control (mode)."""
 
-    def __init__(self, bpf: Any, sockets_fd: int, targets_fd: int):
+    def __init__(self, bpf: Any):
         import bcc  # Debian's python3-bpfcc, only where the programs are loaded
 
         self._lib = bcc.lib
-        self._flows = bpf["splice_flows"]
-        self._control = bpf["splice_control"]
-        self._sockets_fd = sockets_fd
-        self._targets_fd = targets_fd
+        self._flows = contract.open_table(bpf, contract.SPLICE_FLOWS)
+        self._control = contract.open_table(bpf, contract.SPLICE_CONTROL)
+        self._sockets_fd = contract.map_fd(bpf, contract.SPLICE_SOCKETS)
+        self._targets_fd = contract.map_fd(bpf, contract.SPLICE_TARGETS)
 
     def _update(self, map_fd: int, cookie: int, sock: Any) -> None:
-        key = ctypes.c_uint64(cookie)
-        value = ctypes.c_uint32(sock.fileno())
+        # np_splice_sockets and np_splice_targets: one layout (socket cookie -> fd).
+        key = contract.SPLICE_SOCKETS.key(cookie)
+        value = contract.SPLICE_SOCKETS.value(sock.fileno())
         if self._lib.bpf_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), 0) < 0:
             code = ctypes.get_errno() or errno.EINVAL
             raise SpliceError(code, f"sockhash update: {os.strerror(code)}")

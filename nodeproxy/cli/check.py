@@ -12,12 +12,13 @@ import argparse
 import sys
 
 from nodeproxy.capture import preflight
+from nodeproxy.ports import OUTBOUND_PORT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the results as a JSON list instead of text lines")
-    parser.add_argument("--outbound-port", type=int, default=preflight.OUTBOUND_PORT,
+    parser.add_argument("--outbound-port", type=int, default=OUTBOUND_PORT,
                         help="outbound listener port the capture program is compiled with "
                              "(default %(default)s)")
 

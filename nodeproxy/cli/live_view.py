@@ -11,7 +11,9 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-DEFAULT_ADMIN = "http://127.0.0.1:15000"
+from nodeproxy.ports import ADMIN_PORT
+
+DEFAULT_ADMIN = f"http://127.0.0.1:{ADMIN_PORT}"
 
 
 class AdminUnreachable(Exception):

@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from nodeproxy import ports
+
 API_VERSION = "nodeproxy.io/v1alpha1"
 KIND = "NodeProxyConfig"
 
@@ -101,9 +103,9 @@ class MeshSettings(Model):
 
 
 class ProxySettings(Model):
-    outbound_port: PortNumber = 15001
-    inbound_port: PortNumber = 15006
-    hbone_port: PortNumber = 15008
+    outbound_port: PortNumber = ports.OUTBOUND_PORT
+    inbound_port: PortNumber = ports.INBOUND_PORT
+    hbone_port: PortNumber = ports.HBONE_PORT
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     # SIGTERM: stop accepting, wait this long for open connections, then close them.
     drain_seconds: float = Field(default=10.0, ge=0, le=3600)
@@ -113,10 +115,10 @@ class ProxySettings(Model):
 
 class AdminSettings(Model):
     admin_address: str = "127.0.0.1"
-    admin_port: PortNumber = 15000
+    admin_port: PortNumber = ports.ADMIN_PORT
     metrics_address: str = "0.0.0.0"
-    metrics_port: PortNumber = 15020
-    readiness_port: PortNumber = 15021
+    metrics_port: PortNumber = ports.METRICS_PORT
+    readiness_port: PortNumber = ports.READINESS_PORT
     # Unix socket for runtime enroll/unenroll (the CNI plugin uses it).
     control_socket: str = "/run/nodeproxy/control.sock"
     # Seconds of per-workload and per-route figures kept in memory for `nodeproxy top` /

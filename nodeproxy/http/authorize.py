@@ -6,43 +6,39 @@ AuthorizationPolicies itself, on the request's one meaning (request_target.py,
 header_fields.py), and marks the HBONE streams it opens so the destination node does not
 refuse them for rules it cannot see at L4.  Endpoints outside the mesh have no policy; a
 workload no policy selects skips the check (remembered per admitter, i.e. per
-configuration).
+configuration).  The destination table and the admitter are the mesh snapshot's in
+force (state/holder.py), read at each decision.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from nodeproxy.config.model import Workload
 from nodeproxy.http.context import RequestContext
 from nodeproxy.http.message import RequestHead
 from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
 from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import Backend, DestinationTable
+from nodeproxy.proxy.destinations import Backend
 from nodeproxy.proxy.upstream import source_address
+from nodeproxy.state.holder import MeshState
 
 
 class RequestAuthorizer:
-    def __init__(self, admitter: Callable[[], Admitter]):
-        self._admitter = admitter
-        self._table: DestinationTable | None = None
+    def __init__(self, state: MeshState):
+        self._state = state
         self._policed_for: Admitter | None = None
         self._policed_cache: dict[str, bool] = {}
-
-    def update(self, table: DestinationTable) -> None:
-        """The destination table whose workloads requests are judged against."""
-        self._table = table
 
     def allows(self, ctx: RequestContext, backend: Backend, head: RequestHead) -> bool:
         """May the request go to backend?  (head is one line per header name, so the dict
         below loses nothing, and its path and authority are what the upstream gets.)"""
         ref = backend.workload
-        if ref is None or self._table is None:
+        if ref is None:
             return True
-        workload = self._table.workloads.get(f"{ref.namespace}/{ref.name}")
+        snapshot = self._state.current
+        workload = snapshot.table.workloads.get(f"{ref.namespace}/{ref.name}")
         if workload is None:
             return True
-        admitter = self._admitter()
+        admitter = snapshot.admitter
         if not self._policed(admitter, workload):
             return True
         admission = admitter.admit_request(

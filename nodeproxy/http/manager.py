@@ -1,7 +1,8 @@
-"""The node's L7 proxy: builds the request path's parts and hands them each
-configuration.  Its surface is what the daemon and the outbound listener use:
-``update`` (a new configuration or pod set), ``serve`` (a client connection found to
-speak HTTP), ``settings``, ``clusters_view`` (/clusters) and ``close``.
+"""The node's L7 proxy: builds the request path's parts and hands them each new mesh
+snapshot (state/holder.py: it reads the one in force when it starts, then watches for
+the next).  Its surface is what the daemon and the outbound listener use: ``serve`` (a
+client connection found to speak HTTP), ``settings``, ``clusters_view`` (/clusters) and
+``close``.
 
 The request path, in the order a request meets it (Envoy's division of the same work):
 
@@ -21,9 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 
-from nodeproxy.config.model import HttpSettings, NodeConfig
+from nodeproxy.config.model import HttpSettings
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.authorize import RequestAuthorizer
 from nodeproxy.http.client_connections import ClientConnection, ClientConnections
@@ -37,10 +37,11 @@ from nodeproxy.http.router import Router
 from nodeproxy.http.routes import Routes
 from nodeproxy.http.upgrade_flow import Upgrades
 from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import DestinationTable, ServicePortEntry
+from nodeproxy.proxy.destinations import ServicePortEntry
 from nodeproxy.proxy.fairshare import SourceShares
 from nodeproxy.proxy.upstream import Upstreams
+from nodeproxy.state.holder import MeshState
+from nodeproxy.state.snapshot import MeshSnapshot
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.telemetry.tracing import Tracing
@@ -52,7 +53,7 @@ class HttpProxy:
     """Node-wide L7 state: routes, clusters, upstream pools; rebuilt on every config."""
 
     def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
-                 admitter: Callable[[], Admitter], trust_domain: str,
+                 state: MeshState, trust_domain: str,
                  access_log: AccessLog | None, live: LiveStats | None = None,
                  tracing: Tracing | None = None, tcp_metrics: ProxyMetrics | None = None,
                  shares: SourceShares | None = None):
@@ -61,7 +62,7 @@ class HttpProxy:
         self._limiters = Limiters()
         rng = random.Random()
         self._clusters = Clusters(upstreams, metrics.resilience)
-        self._authorizer = RequestAuthorizer(admitter)
+        self._authorizer = RequestAuthorizer(state)
         self._mirrors = Mirrors(metrics, rng, cluster=self._clusters.get,
                                 hash_key=self._clusters.hash_key,
                                 authorized=self._authorizer.allows,
@@ -77,17 +78,18 @@ class HttpProxy:
                                        rng=rng)
         self._connections = ClientConnections(self._handler.handle, metrics)
         self._sweeper: asyncio.Task[None] | None = None
+        self._refresh(state.current)
+        state.watch(self._refresh)
 
-    def update(self, config: NodeConfig, table: DestinationTable,
-               local_pods: frozenset[str]) -> None:
-        """A new configuration or pod set: rebuild routes and clusters; close the pools of
-        pods no longer enrolled and of endpoints no longer listed."""
+    def _refresh(self, snapshot: MeshSnapshot) -> None:
+        """A new mesh snapshot (configuration or pod set): rebuild routes and clusters;
+        close the pools of pods no longer enrolled and of endpoints no longer listed."""
+        config, table, local_pods = snapshot.config, snapshot.table, snapshot.local_pods
         settings = self._settings = config.http
         tracer = self._tracing.configure(config.tracing) if self._tracing is not None \
             else None
         self._limiters = Limiters(self._limiters)
         routes = Routes(config, self._limiters)
-        self._authorizer.update(table)
         self._clusters.update({s.key: s.traffic_policy for s in config.services}, table,
                               local_pods)
         self._router.update(settings, self._limiters.workloads(config))

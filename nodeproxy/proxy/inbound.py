@@ -26,14 +26,13 @@ from collections.abc import Callable
 
 from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
-from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.descriptors import BUDGET
-from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.state.holder import MeshState
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,7 @@ LISTEN_BACKLOG = 4096
 
 class InboundProxy:
     def __init__(self, *, port: int, connect_timeout: float, announcer: DialAnnouncer,
-                 admitter: Callable[[], Admitter],
-                 table: Callable[[], DestinationTable], tracker: ConnectionTracker,
+                 state: MeshState, tracker: ConnectionTracker,
                  splicer: Splicer, metrics: ProxyMetrics,
                  on_captured: Callable[[EnrolledPod], None] | None = None,
                  shares: SourceShares | None = None):
@@ -56,8 +54,7 @@ class InboundProxy:
         self._on_captured = on_captured
         self._connect_timeout = connect_timeout
         self._announcer = announcer
-        self._admitter = admitter
-        self._table = table
+        self._state = state
         self._tracker = tracker
         self._splicer = splicer
         self._metrics = metrics
@@ -116,7 +113,7 @@ class InboundProxy:
             return
         if self._on_captured is not None:
             self._on_captured(pod)
-        admission = self._admitter().admit(pod.workload, None, source_ip, port)
+        admission = self._state.current.admitter.admit(pod.workload, None, source_ip, port)
         if not admission.allowed:
             reset(down.transport)
             return
@@ -128,7 +125,7 @@ class InboundProxy:
             reset(down.transport)
             return
         meter = ConnectionMeter(self._metrics, destination_labels(
-            pod, self._table().pods.get(source_ip), None, "none"))
+            pod, self._state.current.table.pods.get(source_ip), None, "none"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
         self._tracker.add(relay, pod.key, lease=down.lease)
         meter.opened()

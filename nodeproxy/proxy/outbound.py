@@ -37,13 +37,14 @@ from nodeproxy.http.manager import HttpProxy
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.proxy.descriptors import BUDGET
-from nodeproxy.proxy.destinations import Decision, DestinationTable, Verdict
+from nodeproxy.proxy.destinations import Decision, Verdict
 from nodeproxy.proxy.dial import relay_side
 from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side, reset
 from nodeproxy.proxy.splice import Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.proxy.upstream import Opened, Refused, Upstreams
+from nodeproxy.state.holder import MeshState
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class OutboundProxy:
         upstreams: Upstreams,
         http: HttpProxy | None,
         metrics: ProxyMetrics,
-        table: Callable[[], DestinationTable],
+        state: MeshState,
         tracker: ConnectionTracker,
         splicer: Splicer,
         trust_domain: str,
@@ -75,7 +76,7 @@ class OutboundProxy:
         # Counts a connection the kernel steered here, where the kernel does not (iptables).
         self._on_captured = on_captured
         self._metrics = metrics
-        self._table = table
+        self._state = state
         self._tracker = tracker
         self._splicer = splicer
         self._trust_domain = trust_domain
@@ -130,7 +131,8 @@ class OutboundProxy:
             return
         if self._on_captured is not None:
             self._on_captured(pod)
-        decision = self._table().resolve(original.ip, original.port)
+        table = self._state.current.table
+        decision = table.resolve(original.ip, original.port)
         if decision.verdict is Verdict.REFUSE or decision.backend is None:
             log.info("refused %s -> %s:%s: %s", pod.key, original.ip, original.port,
                      decision.reason)
@@ -141,7 +143,7 @@ class OutboundProxy:
         opened: Opened[Side] | None = None
         if mode is not PortMode.OPAQUE:
             if mode is PortMode.DETECT and decision.backend is not None and \
-                    not self._upstreams.has_l7_policy(decision.backend, self._table()):
+                    not self._upstreams.has_l7_policy(decision.backend, table):
                 # Connect at once: a server that speaks first is never kept waiting, and
                 # its first bytes end the detection.  (Not to a workload with HTTP
                 # authorization rules: its connections are judged request by request.)

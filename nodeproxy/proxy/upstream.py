@@ -23,10 +23,10 @@ from typing import Generic, TypeVar
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.policy.authorization import DestinationWorkload
-from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.descriptors import OverBudget
 from nodeproxy.proxy.destinations import Backend, DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_from, dial_transparent
+from nodeproxy.state.holder import MeshState
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 
@@ -51,12 +51,12 @@ class Opened(Generic[P]):
 
 class Upstreams:
     def __init__(self, *, announcer: DialAnnouncer, metrics: ProxyMetrics,
-                 admitter: Callable[[], Admitter],
+                 state: MeshState,
                  local_pod: Callable[[str], EnrolledPod | None], pool: HbonePool | None,
                  node: str, trust_domain: str, connect_timeout: float):
         self._announcer = announcer
         self._metrics = metrics
-        self._admitter = admitter
+        self._state = state
         self._local_pod = local_pod
         self._pool = pool
         self._node = node
@@ -70,7 +70,8 @@ class Upstreams:
         workload = table.workloads.get(f"{ref.namespace}/{ref.name}") if ref else None
         if workload is None:
             return False
-        return self._admitter().authorizer.has_l7_rules(DestinationWorkload.of(workload))
+        authorizer = self._state.current.admitter.authorizer
+        return authorizer.has_l7_rules(DestinationWorkload.of(workload))
 
     def local_target(self, backend: Backend) -> EnrolledPod | None:
         ref = backend.workload
@@ -89,7 +90,7 @@ class Upstreams:
             target = self.local_target(backend)
             if target is not None:
                 if not l7_checked:
-                    admission = self._admitter().admit(target.workload, pod.principal,
+                    admission = self._state.current.admitter.admit(target.workload, pod.principal,
                                                        source_ip, backend.port)
                     if not admission.allowed:
                         raise Refused("denied", f"policy {admission.policy or '-'}: "

@@ -26,18 +26,16 @@ from collections.abc import Callable
 
 import h2.errors
 
-from nodeproxy.config.model import Http2Limits
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.pods.pod import EnrolledPod, destination_labels
-from nodeproxy.proxy.admission import Admitter
 from nodeproxy.proxy.descriptors import BUDGET
-from nodeproxy.proxy.destinations import DestinationTable
 from nodeproxy.proxy.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.proxy.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.proxy.relay import Relay, Side
 from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.state.holder import MeshState
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 from nodeproxy.tunnel.headers import (
     L7_AUTHORIZED,
@@ -81,10 +79,9 @@ class HboneServer:
                  handshake_timeout: float, connect_timeout: float,
                  local_pod: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address],
                                      EnrolledPod | None],
-                 admitter: Callable[[], Admitter], table: Callable[[], DestinationTable],
+                 state: MeshState,
                  tracker: ConnectionTracker, metrics: ProxyMetrics,
                  tunnel_metrics: TunnelMetrics,
-                 http2_limits: Callable[[], Http2Limits] = Http2Limits,
                  shares: SourceShares | None = None):
         self._certs = certificates
         self._shares = shares  # streams per remote node
@@ -95,12 +92,10 @@ class HboneServer:
         self._handshake_timeout = handshake_timeout
         self._connect_timeout = connect_timeout
         self._local_pod = local_pod
-        self._admitter = admitter
-        self._table = table
+        self._state = state
         self.tracker = tracker
         self._metrics = metrics
         self._tunnel = tunnel_metrics
-        self._limits = http2_limits
 
     def _context(self, pod: EnrolledPod) -> ssl.SSLContext:
         ns, sa = pod.workload.namespace, pod.workload.service_account
@@ -158,7 +153,8 @@ class HboneServer:
         # A tunnel stream is a TCP connection: short ones are normal, and a client that
         # closes first ends its stream with END_STREAM then CANCEL.  Only a reset before
         # the response (200) is premature here, whatever the stream's age.
-        limits = self._limits().model_copy(update={"premature_reset_lifetime_seconds": 0.0})
+        limits = self._state.current.config.http.http2.model_copy(
+            update={"premature_reset_lifetime_seconds": 0.0})
         session = H2Session(client_side=False, on_request=self._on_request, on_ready=verify,
                             limits=limits,
                             on_abuse=lambda reason: self._tunnel.abuse.labels(reason).inc())
@@ -254,8 +250,8 @@ class HboneServer:
         # The peer passed mTLS with a mesh certificate: a node proxy, which alone can mark
         # a stream whose requests it authorized (any other value counts as unmarked).
         l7_checked = headers.get(L7_AUTHORIZED) == "1"
-        admission = self._admitter().admit(pod.workload, session.peer_identity, source_ip, port,
-                                           l7_checked=l7_checked)
+        admission = self._state.current.admitter.admit(pod.workload, session.peer_identity,
+                                                       source_ip, port, l7_checked=l7_checked)
         if not admission.allowed:
             self._stream_refused(session, stream, 403, "denied",
                                  f"policy {admission.policy or '-'}: {admission.reason}")
@@ -277,7 +273,8 @@ class HboneServer:
         down = Side("downstream", start_paused=True)
         stream.set_protocol(down)
         meter = ConnectionMeter(self._metrics, destination_labels(
-            pod, self._table().pods.get(source_ip), session.peer_identity, "mutual_tls"))
+            pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
+            "mutual_tls"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
         self.tracker.add(relay, pod.key, lease=lease)
         meter.opened()

@@ -50,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from nodeproxy import ports
 from nodeproxy_dev.testbed import cgroups, cni, netns, nginx
 
 PREFIX = "npt-"
@@ -90,10 +91,10 @@ class Node:
         return str(next(ipaddress.ip_network(self.pod_cidrs[0]).hosts()))
 
     def admin_port(self) -> int:
-        return int(self.config.get("admin", {}).get("adminPort", 15000))
+        return int(self.config.get("admin", {}).get("adminPort", ports.ADMIN_PORT))
 
     def metrics_port(self) -> int:
-        return int(self.config.get("admin", {}).get("metricsPort", 15020))
+        return int(self.config.get("admin", {}).get("metricsPort", ports.METRICS_PORT))
 
 
 @dataclass

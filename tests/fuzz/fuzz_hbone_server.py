@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from hpack import Decoder
@@ -78,7 +79,7 @@ def _server() -> HboneServer:
             certificates=None, trust_domain="cluster.local", port=15008,  # type: ignore[arg-type]
             announcer=None, handshake_timeout=1, connect_timeout=1,  # type: ignore[arg-type]
             local_pod=lambda ip: _Pod(_Workload()) if ip in (POD_IP, POD_IP6) else None,  # type: ignore[arg-type,return-value]
-            admitter=lambda: _ADMITTER, table=None,  # type: ignore[arg-type,return-value]
+            state=SimpleNamespace(current=SimpleNamespace(admitter=_ADMITTER)),  # type: ignore[arg-type]
             tracker=ConnectionTracker(), metrics=ProxyMetrics(_REGISTRY),
             tunnel_metrics=TunnelMetrics(_REGISTRY))
     return _SERVER

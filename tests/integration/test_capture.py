@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeproxy.ports import INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum as sample
@@ -286,7 +287,8 @@ def test_a_client_reset_reaches_the_server_as_a_reset(mesh: Cluster):
 
 def test_readiness_port(mesh: Cluster):
     node = mesh.nodes["node0"]
-    status, body = netns.http_get(node.netns_path, "http://127.0.0.1:15021/healthz/ready", 5)
+    status, body = netns.http_get(
+        node.netns_path, f"http://127.0.0.1:{READINESS_PORT}/healthz/ready", 5)
     assert (status, body.strip()) == (200, "ready")
 
 
@@ -337,7 +339,7 @@ def test_a_connection_to_the_inbound_port_itself_is_refused_not_relayed(mesh: Cl
     """Relaying it would dial the inbound listener again, and again, without end."""
     web0 = mesh.pods["web-0"].ip4
     for _ in range(3):
-        assert not connect(mesh, "outsider", web0, 15006).startswith("connected {")
+        assert not connect(mesh, "outsider", web0, INBOUND_PORT).startswith("connected {")
     assert mesh.admin_get("node0", "/ready")[0] == 200
     assert whoami(mesh, "outsider", f"{web0}:{PORT}")["name"] == "web-0"
 
@@ -357,4 +359,4 @@ def test_the_capture_mode_is_the_one_configured(mesh: Cluster):
         assert len(attached_programs(node.cgroup)) == 1
         assert attached_programs(node.cgroup, (3,)) == attached_programs(node.cgroup)
         assert "-A OUTPUT -p tcp -j NODEPROXY_OUTPUT" in rules
-        assert "-A NODEPROXY_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in rules
+        assert f"-A NODEPROXY_OUTPUT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}" in rules

@@ -28,6 +28,7 @@ import pytest
 from nodeproxy.identity import tls
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.ports import HBONE_PORT
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration import hostile
@@ -302,7 +303,7 @@ def test_a_compromised_node_resetting_connect_streams_gets_goaway(mesh: HostileM
                                 side="server")
     manager = CertificateManager(MeshCA.load(c.ca_cert, c.ca_key, c.trust_domain),
                                  c.trust_domain, ttl_seconds=3600)
-    raw = netns.connect(c.nodes["node0"].netns_path, pod_ip, 15008)
+    raw = netns.connect(c.nodes["node0"].netns_path, pod_ip, HBONE_PORT)
     raw.settimeout(5)
     conn = h2.connection.H2Connection()
     conn.initiate_connection()

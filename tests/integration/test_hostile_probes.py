@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from nodeproxy.ports import HBONE_PORT
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration import hostile
 from tests.integration.hostile import ATTACKER, HostileMesh, Target, backend_log, violations
@@ -186,7 +187,7 @@ def test_hbone_port_gives_a_pod_without_a_mesh_certificate_nothing(
         pod_ip = mesh.cluster.pods[target.pod].ip4
         before = len(backend_log(target.h1_dir))
         run = mesh.cluster.run_in_pod(source, [sys.executable, "-c", TLS_PROBE, pod_ip,
-                                                 "15008", mode], timeout=30, check=True)
+                                                 str(HBONE_PORT), mode], timeout=30, check=True)
         out = json.loads(run.stdout.strip().splitlines()[-1])
         # No HTTP answer ever comes back, and nothing reaches the application.
         assert "ADMIN" not in out["received"] and "HTTP/1.1 200" not in out["received"], out

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeproxy.capture.programs import SOURCES
+from nodeproxy.capture.programs import HEADERS, SOURCES
+from nodeproxy.ports import OUTBOUND_PORT
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.probes import attached_programs, connect, sigterm_drains
@@ -71,7 +72,7 @@ def test_rules_follow_enrollment_and_sigterm_removes_them(one_node: Cluster):
     vip = c.services["default/web"].vip4
     for pod in ("client", "web-0"):
         for tool in ("iptables-save", "ip6tables-save"):
-            assert "-j REDIRECT --to-ports 15001" in rules(c, pod, tool), (pod, tool)
+            assert f"-j REDIRECT --to-ports {OUTBOUND_PORT}" in rules(c, pod, tool), (pod, tool)
     assert connect(c, "client", vip, 80).startswith("connected {")
     # Unenrolled: the pod is exactly as before the mesh, and the VIP is not captured.
     c.unenroll("client")
@@ -111,7 +112,7 @@ def test_a_crash_fails_closed_and_the_next_instance_replaces_the_rules(one_node:
                      "-A PREROUTING -p tcp -j NODEPROXY_PREROUTING",
                      "-A OUTPUT -p tcp -j NODEPROXY_DENY"):
             assert saved.count(jump + "\n") == 1, (tool, jump, saved)
-        assert saved.count("-j REDIRECT --to-ports 15001") == 1
+        assert saved.count(f"-j REDIRECT --to-ports {OUTBOUND_PORT}") == 1
     assert c.stop_daemons() == {"node0": 0}
     assert_clean(c, "client")
 
@@ -157,7 +158,7 @@ def test_without_ebpf_programs_capture_goes_on_without_kernel_counters(
     what is lost, and captured connections are counted by the proxy."""
     broken = tmp_path / "bpf"
     broken.mkdir()
-    for name in (*SOURCES, "maps.h"):
+    for name in (*SOURCES, *HEADERS):
         (broken / name).write_text("this is not C;\n")
     monkeypatch.setenv("NODEPROXY_BPF_DIR", str(broken))
     c = one_node

@@ -106,13 +106,13 @@ def test_outbound_inbound_marks_loopback_and_denies(scratch: Scratch):
     iptables.install(pod.fd, "pod scratch", PORTS, denies=[
         DenyRule(ipaddress.ip_address(PEER4), 9000, "default/no-9000"),
         DenyRule(ipaddress.ip_address(PEER6), 9000, "default/no-9000")])
-    outbound = {socket.AF_INET: listen(pod, socket.AF_INET, "127.0.0.1", 15001, mark=True),
-                socket.AF_INET6: listen(pod, socket.AF_INET6, "::1", 15001, mark=True)}
-    inbound = {socket.AF_INET: listen(pod, socket.AF_INET, "0.0.0.0", 15006, mark=True),
-               socket.AF_INET6: listen(pod, socket.AF_INET6, "::", 15006, mark=True)}
+    outbound = {socket.AF_INET: listen(pod, socket.AF_INET, "127.0.0.1", PORTS.outbound, mark=True),
+                socket.AF_INET6: listen(pod, socket.AF_INET6, "::1", PORTS.outbound, mark=True)}
+    inbound = {socket.AF_INET: listen(pod, socket.AF_INET, "0.0.0.0", PORTS.inbound, mark=True),
+               socket.AF_INET6: listen(pod, socket.AF_INET6, "::", PORTS.inbound, mark=True)}
     servers = {socket.AF_INET: listen(peer, socket.AF_INET, PEER4, 80),
                socket.AF_INET6: listen(peer, socket.AF_INET6, PEER6, 80)}
-    hbone = listen(pod, socket.AF_INET, POD4, 15008)
+    hbone = listen(pod, socket.AF_INET, POD4, PORTS.hbone)
     local = listen(pod, socket.AF_INET, "127.0.0.1", 9100)
     try:
         for family, peer_ip, pod_ip in ((socket.AF_INET, PEER4, POD4),
@@ -140,10 +140,10 @@ def test_outbound_inbound_marks_loopback_and_denies(scratch: Scratch):
                 ipaddress.ip_address(pod_ip), 7000)
             client.close()
         # HBONE's port is not redirected.
-        client = dial(peer, POD4, 15008)
+        client = dial(peer, POD4, PORTS.hbone)
         assert isinstance(client, socket.socket), client
         conn, _ = hbone.accept()
-        assert conn.getsockname() == (POD4, 15008)
+        assert conn.getsockname() == (POD4, PORTS.hbone)
         conn.close()
         client.close()
         # Loopback stays loopback.
@@ -178,7 +178,7 @@ def test_install_is_idempotent_and_replaces_leftovers_then_removal_is_exact(scra
         chains = iptables.installed_chains(pod.fd, "pod scratch", family)
         assert sorted(chains) == ["NODEPROXY_DENY", "NODEPROXY_NOTRACK", "NODEPROXY_OUTPUT",
                                   "NODEPROXY_PREROUTING"]
-        assert chains["NODEPROXY_OUTPUT"][-1] == "-p tcp -j REDIRECT --to-ports 15001"
+        assert chains["NODEPROXY_OUTPUT"][-1] == f"-p tcp -j REDIRECT --to-ports {PORTS.outbound}"
         assert not [r for rules in chains.values() for r in rules if "1600" in r]
     saved = scratch.save()
     for jump in ("-A OUTPUT -j NODEPROXY_NOTRACK", "-A OUTPUT -p tcp -j NODEPROXY_OUTPUT",

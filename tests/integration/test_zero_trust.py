@@ -22,6 +22,7 @@ from nodeproxy.identity import tls
 from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import spiffe_id
+from nodeproxy.ports import HBONE_PORT
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum as sample
@@ -200,7 +201,7 @@ def _tls_client(mesh: Cluster, ca: MeshCA, identity_ns: str = "default",
 
 def _handshake(mesh: Cluster, context: ssl.SSLContext, pod: str = "web-1") -> str:
     """Open TLS to a pod's 15008 from node0; 'ok' or the error text."""
-    raw = netns.connect(mesh.nodes["node0"].netns_path, mesh.pods[pod].ip4, 15008)
+    raw = netns.connect(mesh.nodes["node0"].netns_path, mesh.pods[pod].ip4, HBONE_PORT)
     raw.settimeout(5)
     try:
         with context.wrap_socket(raw, server_hostname=None) as s:
@@ -240,7 +241,7 @@ def test_bad_client_certificates_are_refused_and_counted(mesh: Cluster):
 def test_garbage_on_the_tunnel_port_is_refused_and_harms_nothing(mesh: Cluster):
     before = sample(mesh.metrics("node1"), "nodeproxy_hbone_handshakes_total", side="server",
                     result="protocol_error")
-    raw = netns.connect(mesh.nodes["node0"].netns_path, mesh.pods["web-1"].ip4, 15008)
+    raw = netns.connect(mesh.nodes["node0"].netns_path, mesh.pods["web-1"].ip4, HBONE_PORT)
     raw.settimeout(5)
     raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(500))
     try:
@@ -266,7 +267,7 @@ def test_stream_to_a_destination_that_is_not_a_local_pod_is_refused(mesh: Cluste
     import h2.events
 
     trusted = MeshCA.load(mesh.ca_cert, mesh.ca_key, "cluster.local")
-    raw = netns.connect(mesh.nodes["node0"].netns_path, mesh.pods["web-1"].ip4, 15008)
+    raw = netns.connect(mesh.nodes["node0"].netns_path, mesh.pods["web-1"].ip4, HBONE_PORT)
     raw.settimeout(5)
     manager = CertificateManager(trusted, "cluster.local", ttl_seconds=3600)
     with tls.client_context(manager, "default", "alpha").wrap_socket(

@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -61,7 +62,7 @@ async def _marker_round_trip() -> tuple[list[dict[str, Any]], list[str]]:
         certificates=None, trust_domain="cluster.local", port=15008,
         announcer=None, handshake_timeout=1, connect_timeout=1,
         local_pod=lambda ip: FakePod(FakeWorkload()) if ip == POD_IP else None,
-        admitter=lambda: admitter, table=None,
+        state=SimpleNamespace(current=SimpleNamespace(admitter=admitter, table=None)),
         tracker=ConnectionTracker(), metrics=ProxyMetrics(registry),
         tunnel_metrics=tunnel_metrics)
 

@@ -1,0 +1,182 @@
+"""Pods enrolled and unenrolled at run time (the CNI plugin, `nodeproxy enroll`): the
+domain operations behind the control socket, with typed results and errors (what HTTP
+status each becomes is nodeproxy.daemon.control_api's business).
+
+- A pod on this node is enrolled: listeners, steering, kernel maps
+  (nodeproxy.pods.enrollment).  With Kubernetes discovery on, what the CNI plugin sends is
+  completed from the API first (labels, service account).
+- A pod the API says is not meshed (Istio's opt-in/opt-out labels) is only remembered as
+  skipped, so `GET /v1/pods/{ns}/{name}` can say why.
+- A pod on another node is registered: a destination this node must know, nothing to
+  capture here.
+
+Every change is saved (nodeproxy.daemon.saved_pods) and restored at start, pod by pod:
+one that cannot be restored is logged and the others still are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from nodeproxy.config.loader import format_path
+from nodeproxy.config.model import Workload
+from nodeproxy.daemon.saved_pods import SavedPods
+from nodeproxy.discovery.state import DiscoveredState
+from nodeproxy.pods.enrollment import EnrollError, Enrollment
+from nodeproxy.state.snapshot import RUNTIME
+
+log = logging.getLogger(__name__)
+
+NOT_MESHED = ("not in the mesh: neither the pod nor its namespace has "
+              "dataplane-mode=ambient, or the pod opts out")
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """Enrolled on this node (or already was, with the same settings)."""
+
+    key: str
+    pod_id: int
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A pod on another node, now a known destination."""
+
+    key: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Not meshed, by its labels or its namespace's: nothing done."""
+
+    key: str
+    reason: str
+
+
+EnrollResult = Enrolled | Registered | Skipped
+
+
+@dataclass(frozen=True)
+class Unenrolled:
+    key: str
+    was: str  # "enrolled", "registered" (another node's pod) or "skipped"
+
+
+class InvalidPod(ValueError):
+    """A pod description that is not a valid workload; `problems` name each field."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("invalid pod: " + "; ".join(problems))
+        self.problems = problems
+
+
+class PodSetupFailed(Exception):
+    """The kernel refused a step of setting the pod up (its netns, listeners, routing)."""
+
+
+class NotEnrolled(LookupError):
+    """No pod of that name is enrolled, registered or skipped here."""
+
+    def __init__(self, key: str):
+        super().__init__(f"pod {key} is not enrolled")
+        self.key = key
+
+
+def parse_workload(body: Any) -> Workload:
+    """A pod as the control socket and the saved file carry it; InvalidPod if it is not."""
+    try:
+        return Workload.model_validate(body)
+    except ValidationError as e:
+        raise InvalidPod([f"{format_path(tuple(err['loc']))}: {err['msg']}"
+                          for err in e.errors()]) from e
+
+
+def complete_from_api(workload: Workload, state: DiscoveredState | None
+                      ) -> tuple[Workload, str | None]:
+    """Complete a pod the CNI plugin enrolls from what the API says of it (its labels under
+    the plugin's, the API's service account unless the plugin named one); the reason it is
+    not meshed, if so.  Unchanged when discovery does not know the pod."""
+    known = state.pods.get(workload.key) if state else None
+    if state is None or known is None:
+        return workload, None
+    update: dict[str, Any] = {"labels": {**known.labels, **workload.labels}}
+    if workload.service_account == "default":
+        update["service_account"] = known.service_account
+    workload = workload.model_copy(update=update)
+    if not state.is_meshed(workload.namespace, workload.labels):
+        return workload, NOT_MESHED
+    return workload, None
+
+
+class RuntimePods:
+    def __init__(self, *, node: str, enrollment: Enrollment,
+                 discovered: Callable[[], DiscoveredState | None], saved: SavedPods,
+                 on_change: Callable[[], None]):
+        self._node = node
+        self._enrollment = enrollment
+        self._discovered = discovered
+        self._saved = saved
+        self._on_change = on_change  # the remote pods changed: the mesh state follows
+        self.skipped: dict[str, str] = {}  # namespace/name -> why it is not meshed
+        self.remote: dict[str, Workload] = {}  # pods on other nodes, by namespace/name
+
+    def workloads(self) -> list[Workload]:
+        """Every pod enrolled or registered at run time, as saved."""
+        return [p.workload for p in self._enrollment.pods.values() if p.source == RUNTIME] \
+            + list(self.remote.values())
+
+    async def enroll(self, workload: Workload, *, persist: bool = True) -> EnrollResult:
+        """Enroll, register or skip the pod.  Raises EnrollError (it conflicts with an
+        enrolled pod, or its cgroup or netns is not acceptable) or PodSetupFailed."""
+        workload, not_meshed = complete_from_api(workload, self._discovered())
+        if not_meshed:
+            self.skipped[workload.key] = not_meshed
+            log.info("pod %s not enrolled: %s", workload.key, not_meshed)
+            return Skipped(workload.key, not_meshed)
+        if workload.node not in (None, self._node):
+            self.remote[workload.key] = workload
+            self._on_change()
+            if persist:
+                self.save()
+            return Registered(workload.key, workload.node)
+        try:
+            pod = await self._enrollment.enroll(workload, RUNTIME)
+        except OSError as e:
+            raise PodSetupFailed(f"pod {workload.key}: {e}") from e
+        if persist:
+            self.save()
+        return Enrolled(pod.key, pod.pod_id)
+
+    async def unenroll(self, namespace: str, name: str) -> Unenrolled:
+        """Forget a skipped pod, unregister another node's pod or unenroll one of ours;
+        NotEnrolled if the name is none of these."""
+        key = f"{namespace}/{name}"
+        if self.skipped.pop(key, None) is not None:
+            return Unenrolled(key, "skipped")
+        if self.remote.pop(key, None) is not None:
+            self._on_change()
+            self.save()
+            return Unenrolled(key, "registered")
+        if await self._enrollment.unenroll(key, "request"):
+            self.save()
+            return Unenrolled(key, "enrolled")
+        raise NotEnrolled(key)
+
+    def save(self) -> None:
+        self._saved.save(self.workloads())
+
+    async def restore(self) -> None:
+        """Enroll again the pods saved before a restart; one that fails is logged."""
+        for item in self._saved.load():
+            try:
+                await self.enroll(parse_workload(item), persist=False)
+            except (InvalidPod, EnrollError, PodSetupFailed) as e:
+                log.warning("pod enrolled before the restart not restored: %s", e)
+        self.save()
