@@ -26,6 +26,7 @@ class DaemonView(Protocol):
     registry: CollectorRegistry
 
     def is_ready(self) -> bool: ...
+    def ready_detail(self) -> list[str]: ...
     def config_dump(self) -> dict[str, Any]: ...
     def pods_view(self) -> list[dict[str, Any]]: ...
 
@@ -87,9 +88,10 @@ class AdminServers:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _ready(self, _request: web.Request) -> web.Response:
+        detail = "".join(f"{line}\n" for line in self._d.ready_detail())
         if self._d.is_ready():
-            return web.Response(text="ready\n")
-        return web.Response(text="not ready\n", status=503)
+            return web.Response(text="ready\n" + detail)
+        return web.Response(text="not ready\n" + detail, status=503)
 
     # aiohttp handlers are coroutines (plain functions are deprecated there).
     async def _config_dump(self, _request: web.Request) -> web.Response:

@@ -422,11 +422,27 @@ def _ip_network(value: object) -> object:
 IPNetworkField = Annotated[IPNetwork, BeforeValidator(_ip_network)]
 
 
+class SignerSettings(Model):
+    """The mesh signing service (`nodeproxy ca serve`) a node that holds no CA key gets its
+    workload certificates from (nodeproxy/signer/)."""
+
+    address: str = Field(pattern=r"^https://[^/\s]+$")  # https://host:port
+    # The DNS name in the service's certificate (default: the address's host).
+    server_name: str | None = None
+    # The node daemon's projected ServiceAccount token, bound to the signer's audience.
+    token_path: str = "/var/run/secrets/nodeproxy/token"
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # After a failed signing (refused or unreachable): try again this often.
+    retry_seconds: float = Field(default=2.0, gt=0, le=300)
+
+
 class IdentitySettings(Model):
-    """The mesh CA this node signs workload certificates with.  No caCert: mTLS is off."""
+    """The mesh CA this node signs workload certificates with, or the signing service it
+    asks (then caCert is only the trust anchor).  No caCert: mTLS is off."""
 
     ca_cert: str | None = None  # PEM root certificate
     ca_key: str | None = None  # PEM private key of that certificate
+    signer: SignerSettings | None = None
     cert_ttl_seconds: int = Field(default=86400, gt=0)
     # A leaf certificate is renewed when this fraction of its lifetime has passed.
     rotate_at_fraction: float = Field(default=0.5, gt=0, lt=1)
@@ -440,6 +456,11 @@ class TunnelSettings(Model):
     idle_timeout_seconds: float = Field(default=60.0, gt=0, le=86400)
     keepalive_seconds: float = Field(default=10.0, gt=0, le=3600)
     handshake_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Believe the `x-nodeproxy-l7-authorized` marker a source node sets on a CONNECT: the
+    # destination then skips judging that stream's HTTP requests itself.  Off: a node
+    # that can present a mesh certificate could otherwise switch off this node's L7 rules
+    # (docs/security.md, "A compromised node").
+    trust_source_l7_authorization: bool = False
 
 
 class InboundSettings(Model):
@@ -1263,7 +1284,16 @@ def _capture_problems(capture: CaptureSettings) -> list[Problem]:
 
 
 def _identity_problems(identity: IdentitySettings) -> list[Problem]:
-    """caCert and caKey come as a pair: the node signs leaf certificates with the key."""
+    """caCert and caKey come as a pair: the node signs leaf certificates with the key;
+    with a signer, caCert (the root to trust) and no key at all."""
+    if identity.signer is not None:
+        if identity.ca_key:
+            return [(("identity", "caKey"), "a node with identity.signer holds no CA key: "
+                                            "remove caKey")]
+        if not identity.ca_cert:
+            return [(("identity", "signer"), "identity.signer needs caCert (the mesh root "
+                                             "the signer and peers are verified against)")]
+        return []
     if identity.ca_cert and not identity.ca_key:
         return [(("identity", "caCert"), "caCert needs caKey (the node signs workload "
                                          "certificates with it)")]

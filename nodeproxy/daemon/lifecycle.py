@@ -47,6 +47,7 @@ from nodeproxy.pods.enrollment import EnrollError
 from nodeproxy.proxy.balancer import RoundRobin
 from nodeproxy.proxy.descriptors import BUDGET
 from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.signer.remote_certificates import RemoteCertificates
 from nodeproxy.state.holder import MeshState
 from nodeproxy.state.snapshot import LocalPod, MeshInputs, MeshSnapshot, build_snapshot
 
@@ -275,6 +276,13 @@ class Daemon:
 
     def is_ready(self) -> bool:
         return self._ready
+
+    def ready_detail(self) -> list[str]:
+        """Lines /ready adds below its verdict: the mesh signer's state, when one is used."""
+        certificates = self.proxies.certificates if self.proxies is not None else None
+        if isinstance(certificates, RemoteCertificates):
+            return [f"signer: {certificates.signer_status()}"]
+        return []
 
     def config_dump(self) -> dict[str, Any]:
         return views.config_dump(

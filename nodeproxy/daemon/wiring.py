@@ -36,7 +36,6 @@ from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
 from nodeproxy.http.metrics import RequestMetrics
-from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.pods.enrollment import Enrollment
 from nodeproxy.pods.pod import EnrolledPod
@@ -50,6 +49,7 @@ from nodeproxy.proxy.outbound import OutboundProxy
 from nodeproxy.proxy.splice import SpliceMetrics, Splicer
 from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.proxy.upstream import Upstreams
+from nodeproxy.signer.remote_certificates import node_certificates
 from nodeproxy.state.holder import MeshState
 from nodeproxy.state.snapshot import MeshSnapshot
 from nodeproxy.telemetry.identity_collector import IdentityCollector
@@ -59,6 +59,7 @@ from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.telemetry.share_collector import PodShareCollector
 from nodeproxy.telemetry.tracing import Tracing
 from nodeproxy.tunnel.client import HbonePool
+from nodeproxy.tunnel.l7_gate import DestinationGate, GateMetrics
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.server import HboneServer
 
@@ -284,11 +285,8 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
     cfg = config
     certificates = pool = hbone = None
     steering = kernel.steering
-    if cfg.identity.ca_cert and cfg.identity.ca_key:
-        ca = MeshCA.load(cfg.identity.ca_cert, cfg.identity.ca_key, cfg.mesh.trust_domain)
-        certificates = CertificateManager(
-            ca, cfg.mesh.trust_domain, ttl_seconds=cfg.identity.cert_ttl_seconds,
-            rotate_fraction=cfg.identity.rotate_at_fraction)
+    if cfg.identity.ca_cert:  # with caKey, or with the signing service (identity.signer)
+        certificates = node_certificates(cfg.identity, cfg.mesh.trust_domain)
         telemetry.registry.register(IdentityCollector(certificates))
         pool = HbonePool(
             certificates=certificates, trust_domain=cfg.mesh.trust_domain,
@@ -305,7 +303,12 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
             handshake_timeout=cfg.tunnel.handshake_timeout_seconds,
             connect_timeout=cfg.proxy.connect_timeout_seconds,
             local_pod=pods.by_ip, state=state, tracker=tracker, metrics=telemetry.proxy,
-            tunnel_metrics=telemetry.tunnel, shares=shares.nodes)
+            tunnel_metrics=telemetry.tunnel, shares=shares.nodes,
+            gate=DestinationGate(
+                admitter=lambda: state.current.admitter,
+                settings=lambda: state.current.config.http, announcer=steering.announcer,
+                connect_timeout=cfg.proxy.connect_timeout_seconds,
+                metrics=GateMetrics(telemetry.registry), request_metrics=telemetry.requests))
     upstreams = Upstreams(
         announcer=steering.announcer, metrics=telemetry.proxy, state=state,
         local_pod=pods.by_key, pool=pool, node=cfg.node.name,

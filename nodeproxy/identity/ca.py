@@ -36,6 +36,7 @@ Clock = Callable[[], float]
 
 CLOCK_SKEW_SECONDS = 60          # leaves are valid from 60 s before issuance
 DEFAULT_ROOT_DAYS = 3650
+DEFAULT_INTERMEDIATE_DAYS = 365
 MIN_RSA_BITS = 2048
 _SUPPORTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
@@ -153,21 +154,81 @@ def create_root(
     return cert, key
 
 
+def create_intermediate(
+    trust_domain: str, root_cert: x509.Certificate, root_key: CAPrivateKey, *,
+    days: int = DEFAULT_INTERMEDIATE_DAYS, now: float | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """An ECDSA P-256 intermediate CA signed by the root, for the signing service: it may
+    sign leaves only (pathLength 0), and never outlives the root."""
+    validate_trust_domain(trust_domain)
+    if days < 1:
+        raise ValueError("an intermediate must be valid for at least one day")
+    now = time.time() if now is None else now
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(now + days * 86400, root_cert.not_valid_after_utc.timestamp())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodeproxy"),
+            x509.NameAttribute(NameOID.COMMON_NAME,
+                               f"nodeproxy mesh intermediate ({trust_domain})"),
+        ]))
+        .issuer_name(root_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_utc(now - CLOCK_SKEW_SECONDS))
+        .not_valid_after(_utc(not_after))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(root_cert)),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            critical=False,
+        )
+        .sign(root_key, _hash_for(root_key))
+    )
+    return cert, key
+
+
+LeafPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
 def _sign_leaf(
     ca_cert: x509.Certificate,
     ca_key: CAPrivateKey,
     uris: Sequence[str],
     not_before: float,
     not_after: float,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Sign a workload leaf with the given URI SANs (no checks: `MeshCA.issue` does those)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    public_key: LeafPublicKey | None = None,
+    dns_names: Sequence[str] = (),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | None]:
+    """Sign a leaf with the given URI SANs (no checks: `MeshCA.issue` does those) for
+    `public_key` (a CSR's: the private key stays with the requester), or for a new key
+    returned with it.  `dns_names`: a server certificate (the signing service's own)."""
+    key = None
+    if public_key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        public_key = key.public_key()
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    names += [x509.DNSName(d) for d in dns_names]
     cert = (
         x509.CertificateBuilder()
         # Empty subject, identity in a critical SAN (RFC 5280 4.2.1.6), as SPIFFE and Istio do.
         .subject_name(x509.Name([]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(_utc(not_before))
         .not_valid_after(_utc(not_after))
@@ -185,16 +246,13 @@ def _sign_leaf(
                                    ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                        critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(ca_cert)),
             critical=False,
         )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
-            critical=True,
-        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
         .sign(ca_key, _hash_for(ca_key))
     )
     return cert, key
@@ -280,6 +338,11 @@ class MeshCA:
         """The CA certificate followed by its issuers (what `load` reads back)."""
         return b"".join(_pem(c) for c in (self.certificate, *self._issuers))
 
+    @property
+    def signing_key(self) -> CAPrivateKey:
+        """The CA's private key (`nodeproxy ca init` signs an intermediate with a root's)."""
+        return self._key
+
     def private_key_pem(self) -> bytes:
         """The CA key, unencrypted PKCS#8 PEM (only `nodeproxy ca init` writes it out)."""
         return self._key.private_bytes(
@@ -312,6 +375,7 @@ class MeshCA:
         cert, key = _sign_leaf(
             self.certificate, self._key, [parsed.uri], now - CLOCK_SKEW_SECONDS, not_after
         )
+        assert key is not None
         return IssuedCert(
             spiffe_id=parsed.uri,
             cert_pem=_pem(cert),
@@ -326,6 +390,46 @@ class MeshCA:
             serial=cert.serial_number,
             certificate=cert,
         )
+
+
+    def sign_public_key(
+        self, identity: SpiffeId, public_key: LeafPublicKey, ttl_seconds: float, *,
+        now: float | None = None,
+    ) -> x509.Certificate:
+        """Sign a leaf for `identity` over a requester's public key (a CSR's), valid as
+        `issue`'s leaves are.  The caller has decided the requester may hold `identity`."""
+        if identity.trust_domain != self.trust_domain:
+            raise IdentityError(
+                "wrong_trust_domain",
+                f"cannot issue {identity.uri}: this CA signs for {self.trust_domain!r}",
+            )
+        if ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be positive (got {ttl_seconds})")
+        now = self._clock() if now is None else now
+        not_after = min(now + ttl_seconds, self.not_after)
+        if not_after <= now:
+            raise CAError(f"the mesh CA certificate expired at {_utc(self.not_after)}")
+        cert, _ = _sign_leaf(self.certificate, self._key, [identity.uri],
+                             now - CLOCK_SKEW_SECONDS, not_after, public_key)
+        return cert
+
+    def server_certificate(self, dns_names: Sequence[str], ttl_seconds: float
+                           ) -> tuple[bytes, bytes]:
+        """A TLS server certificate for the signing service itself (DNS SANs), chain and
+        key PEM: nodes verify it against the mesh root they already trust."""
+        now = self._clock()
+        cert, key = _sign_leaf(self.certificate, self._key, [], now - CLOCK_SKEW_SECONDS,
+                               min(now + ttl_seconds, self.not_after), dns_names=dns_names)
+        assert key is not None
+        key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return _pem(cert) + b"".join(self._chain_pems), key_pem
+
+    @property
+    def chain_pems(self) -> tuple[bytes, ...]:
+        """What follows a leaf on the wire (the signing CA and intermediates, not the root)."""
+        return self._chain_pems
 
 
 # -- loading and checking -------------------------------------------------------------------

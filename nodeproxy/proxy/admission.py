@@ -131,6 +131,22 @@ class Admitter:
                         decision.policy or "-", decision.reason)
         return Admission(decision.allowed, decision.policy or "", decision.reason)
 
+    def needs_requests(self, dest: Workload, source_principal: str,
+                       source_ip: IPAddress, port: int) -> bool:
+        """Would this mesh connection be refused as a whole only because its HTTP requests
+        are not seen (rules on HTTP failing closed), while judging each request could allow
+        some?  Then the destination parses it and judges every request (tunnel.l7_gate).
+        Pure: counts and logs nothing."""
+        target = DestinationWorkload.of(dest)
+        if not self._authorizer.has_l7_rules(target):
+            return False
+        attributes = ConnectionAttributes(
+            source_principal=source_principal,
+            source_namespace=_source_namespace(source_principal),
+            source_ip=source_ip, destination_port=port)
+        return (not self._authorizer.decide(target, attributes, None).allowed
+                and self._authorizer.decide(target, attributes, L7_CHECKED_UPSTREAM).allowed)
+
     def admit_request(self, dest: Workload, source_principal: str | None,
                       source_ip: IPAddress, port: int,
                       request: RequestAttributes) -> Admission:

@@ -26,5 +26,19 @@ class IdentityCollector(Collector):
             "nodeproxy_certificate_rotations", "Leaf certificates replaced before expiry",
             value=self._certs.rotations)
         yield CounterMetricFamily(
-            "nodeproxy_certificates_issued", "Leaf certificates signed by this node",
+            "nodeproxy_certificates_issued",
+            "Leaf certificates this node obtained (signed itself, or by the signing service)",
             value=self._certs.issued)
+        up = getattr(self._certs, "signer_up", None)
+        if up is not None:  # certificates come from the mesh signing service
+            yield GaugeMetricFamily(
+                "nodeproxy_identity_signer_up",
+                "1 while the mesh signing service answers; 0: current leaves keep serving",
+                value=1.0 if up else 0.0)
+            failures = CounterMetricFamily(
+                "nodeproxy_identity_signer_failures",
+                "Signing requests that got no certificate, by reason (the signer's refusal "
+                "reason, or unavailable)", labels=["reason"])
+            for reason, count in sorted(getattr(self._certs, "failures", {}).items()):
+                failures.add_metric([reason], count)
+            yield failures

@@ -140,7 +140,11 @@ class HbonePool:
 
     async def _dial(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str) -> H2Session:
         loop = asyncio.get_running_loop()
-        context = tls.client_context(self._certs, namespace, sa)
+        try:
+            context = tls.client_context(self._certs, namespace, sa)
+        except IdentityError as e:  # no leaf yet (the signing service has not answered)
+            self._metrics.handshakes.labels("client", e.reason).inc()
+            raise TunnelError(e.reason, f"tunnel to {ip}:{self.port}: {e}") from e
         failure: list[IdentityError] = []
 
         def verify(session: H2Session) -> bool:

@@ -43,6 +43,7 @@ from nodeproxy.tunnel.headers import (
     parse_authority,
     parse_forwarded,
 )
+from nodeproxy.tunnel.l7_gate import DestinationGate
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 
@@ -82,8 +83,10 @@ class HboneServer:
                  state: MeshState,
                  tracker: ConnectionTracker, metrics: ProxyMetrics,
                  tunnel_metrics: TunnelMetrics,
-                 shares: SourceShares | None = None):
+                 shares: SourceShares | None = None,
+                 gate: DestinationGate | None = None):
         self._certs = certificates
+        self._gate = gate  # None: a stream refused for rules on HTTP stays refused
         self._shares = shares  # streams per remote node
         self._refusals = RefusalLog(log)
         self._announcer = announcer
@@ -108,6 +111,11 @@ class HboneServer:
         return base
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
+        # Certificates from the mesh signing service are signed ahead of the handshakes
+        # that need them (nodeproxy/signer/remote_certificates.py).
+        prepare = getattr(self._certs, "prepare", None)
+        if prepare is not None:
+            await prepare(pod.workload.namespace, pod.workload.service_account)
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
             pod.listeners.append(_AcceptLoop(
@@ -165,7 +173,8 @@ class HboneServer:
                 lambda: session, conn, ssl=self._context(pod),
                 ssl_handshake_timeout=self._handshake_timeout)
             await asyncio.wait_for(asyncio.shield(session.ready), self._handshake_timeout)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError, IdentityError) as e:
+            # (IdentityError: this pod has no leaf yet, see remote_certificates.py)
             if failure:
                 self._refuse_handshake(peer, pod, failure[0].reason, str(failure[0]))
             else:
@@ -247,14 +256,24 @@ class HboneServer:
         peer_ip = ipaddress.ip_address(session.peername[0]) if session.peername else None
         source_ip = parse_forwarded(headers.get("forwarded")) or peer_ip
         assert source_ip is not None
-        # The peer passed mTLS with a mesh certificate: a node proxy, which alone can mark
-        # a stream whose requests it authorized (any other value counts as unmarked).
-        l7_checked = headers.get(L7_AUTHORIZED) == "1"
-        admission = self._state.current.admitter.admit(pod.workload, session.peer_identity,
-                                                       source_ip, port, l7_checked=l7_checked)
+        # A source node marks a stream whose requests it authorized; believed only if
+        # tunnel.trustSourceL7Authorization says so (any value but "1" is unmarked).
+        # Otherwise a stream refused only for rules on HTTP is judged request by request
+        # here (l7_gate.py).
+        snapshot = self._state.current
+        admitter = snapshot.admitter
+        trusted = (headers.get(L7_AUTHORIZED) == "1"
+                   and snapshot.config.tunnel.trust_source_l7_authorization)
+        gated = not trusted and self._gate is not None and admitter.needs_requests(
+            pod.workload, session.peer_identity, source_ip, port)
+        admission = admitter.admit(pod.workload, session.peer_identity, source_ip, port,
+                                   l7_checked=trusted or gated)
         if not admission.allowed:
             self._stream_refused(session, stream, 403, "denied",
                                  f"policy {admission.policy or '-'}: {admission.reason}")
+            return
+        if gated:
+            self._serve_gated(session, stream, pod, ip, port, source_ip, lease)
             return
         try:
             up = await dial_transparent(pod.netns, source_ip, ip, port, self._connect_timeout,
@@ -279,6 +298,30 @@ class HboneServer:
         self.tracker.add(relay, pod.key, lease=lease)
         meter.opened()
         relay.start()
+
+    def _serve_gated(self, session: H2Session, stream: StreamTransport, pod: EnrolledPod,
+                     ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+                     source_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                     lease: Lease) -> None:
+        """The stream's requests are judged here one by one (DestinationGate); the
+        application is dialled per request, so nothing is connected before the 200."""
+        assert self._gate is not None
+        self._tunnel.streams.labels("server", "ok").inc()
+        session.respond(stream, 200)
+        meter = ConnectionMeter(self._metrics, destination_labels(
+            pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
+            "mutual_tls"))
+        meter.opened()
+
+        def closed() -> None:
+            self.tracker.discard(gated)  # type: ignore[arg-type]  (releases the lease)
+            meter.closed()
+
+        gated = self._gate.open(stream, pod, str(session.peer_identity), source_ip, ip, port,
+                                closed)  # type: ignore[arg-type]
+        # Tracked as relays are: drained at shutdown, aborted with its pod.
+        self.tracker.add(gated, pod.key, lease=lease)  # type: ignore[arg-type]
+        gated.start()
 
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self.tracker.discard(relay)

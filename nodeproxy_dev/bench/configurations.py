@@ -289,6 +289,46 @@ class HAProxyHttp(HAProxy):
         return haproxy.http_mode_port(node_index)
 
 
+def server_policies() -> list[dict[str, Any]]:
+    """An ALLOW policy with a rule on HTTP on every meshed server: only the benchmark's
+    client, only GET under the benchmark's path prefix.  Its requests all pass; what is
+    measured is who checks them."""
+    return [{"name": f"bench-srv{index}", "namespace": "default",
+             "selector": {"app": f"srv{index}"}, "action": "ALLOW",
+             "rules": [{"from": [{"source": {"principals": [
+                 f"cluster.local/ns/default/sa/{MESH_CLIENT_ACCOUNT}"]}}],
+                        "to": [{"operation": {"methods": ["GET"],
+                                              "paths": [f"{haproxy.ROUTE_PATH_PREFIX}/*"]}}]}]}
+            for index, _node in enumerate(NODES)]
+
+
+class NodeProxyL7Authz(NodeProxyL7):
+    """nodeproxy-l7 with an L7 AuthorizationPolicy on the servers, as shipped: the source
+    node authorizes each request, and across nodes the destination parses the HBONE
+    stream and authorizes each request again (tunnel.trustSourceL7Authorization off)."""
+
+    name = "nodeproxy-l7-authz"
+    summary = ("as nodeproxy-l7, with an ALLOW policy on HTTP (GET /bench/* from the "
+               "client) on the servers; cross node the destination judges every request "
+               "again; HTTP scenarios only")
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {**super().daemon_overrides(), "authorizationPolicies": server_policies()}
+
+
+class NodeProxyL7AuthzTrusted(NodeProxyL7Authz):
+    """The same, with the source's marker believed: the destination relays the stream's
+    bytes without parsing them (the trust docs/security.md describes)."""
+
+    name = "nodeproxy-l7-authz-trusted"
+    summary = ("as nodeproxy-l7-authz with tunnel.trustSourceL7Authorization: the "
+               "destination believes the source node's check; HTTP scenarios only")
+
+    def daemon_overrides(self) -> Mapping[str, Any]:
+        return {**super().daemon_overrides(),
+                "tunnel": {"trustSourceL7Authorization": True}}
+
+
 class Planned(Configuration):
     """A configuration this build cannot run yet; reported, never silently missing."""
 
@@ -312,6 +352,24 @@ CONFIGURATIONS: list[Configuration] = [
     HAProxyHttp(),
     NodeProxyIptables(),
 ]
+
+
+# Measured only when asked for by name (nodeproxy bench --configuration NAME).
+OPTIONAL_CONFIGURATIONS: list[Configuration] = [
+    NodeProxyL7Authz(),
+    NodeProxyL7AuthzTrusted(),
+]
+
+
+def by_names(names: list[str]) -> list[Configuration]:
+    """The configurations named, from both lists, in the order given; ValueError names an
+    unknown one."""
+    known = {c.name: c for c in (*CONFIGURATIONS, *OPTIONAL_CONFIGURATIONS)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(known)}")
+    return [known[n] for n in names]
 
 
 def available(configurations: list[Configuration]) -> list[Configuration]:

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", metavar="TEXT",
                         help="run only the scenarios whose name contains TEXT (e.g. latency, "
                              "'throughput same-node'); for investigating, not for the README")
+    parser.add_argument("--configuration", action="append", metavar="NAME",
+                        help="measure only this configuration (repeatable; also the optional "
+                             "ones, e.g. nodeproxy-l7-authz, nodeproxy-l7-authz-trusted)")
     parser.add_argument("--startup-timeout", type=float, default=120.0,
                         help="seconds to wait for each daemon's /ready (default 120)")
 
@@ -56,7 +59,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"nodeproxy bench: {e}", file=sys.stderr)
         return 2
-    doc = Suite(chosen, startup_timeout=args.startup_timeout, only=args.only).run()
+    configurations = None
+    if args.configuration:
+        from nodeproxy_dev.bench.configurations import by_names
+        try:
+            configurations = by_names(args.configuration)
+        except ValueError as e:
+            print(f"nodeproxy bench: --configuration: {e}", file=sys.stderr)
+            return 2
+    doc = Suite(chosen, configurations, startup_timeout=args.startup_timeout,
+                only=args.only).run()
     table = report.markdown(doc)
     if args.json:
         _write(args.json, json.dumps(doc, indent=2, sort_keys=False) + "\n")

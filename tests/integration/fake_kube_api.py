@@ -13,6 +13,13 @@ Enough of it for nodeproxy.discovery's tests, no more:
   A resourceVersion older than the last ``compact()`` gets an ERROR event with a 410
   Status ("too old resource version") and the stream ends.  ``timeoutSeconds`` ends the
   stream; so does ``close_watches()``, at any time.  Bookmarks are sent on request.
+- ``GET /api/v1/namespaces/<ns>/pods/<name>``: one pod (404 Status when absent).
+- ``POST /apis/authentication.k8s.io/v1/tokenreviews``: a TokenReview of a token the test
+  issued with ``issue_token`` (a projected ServiceAccount token: its audiences and the pod
+  it is bound to).  As the API server does, a token none of whose audiences is among
+  ``spec.audiences`` is not authenticated (status.error names the audiences), an unknown
+  one neither, and an authenticated one carries ``authentication.kubernetes.io/pod-name``
+  and ``pod-uid`` in ``user.extra`` and the audiences it matched.
 - Test controls: ``fail_next(n, status)`` answers the next n requests with that status,
   ``send_raw`` writes any line to open watches, ``requests`` records every query, and
   ``require_token`` checks a bearer token.  Serves HTTPS when given an SSL context.
@@ -118,6 +125,8 @@ class FakeKubeApi:
         self._token = require_token
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self.tokens: dict[str, dict[str, Any]] = {}  # issue_token
+        self.reviews: list[dict[str, Any]] = []  # every TokenReview spec received
 
     # -- server ----------------------------------------------------------
 
@@ -127,6 +136,9 @@ class FakeKubeApi:
         app = web.Application()
         for resource, path in PATHS.items():
             app.router.add_get(path, self._handler(resource))
+        app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}", self._get_pod)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews",
+                            self._token_review)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site: web.BaseSite
@@ -179,6 +191,64 @@ class FakeKubeApi:
         self.history.clear()
 
     # -- test controls ---------------------------------------------------
+
+    def issue_token(self, token: str, *, namespace: str, service_account: str,
+                    pod_name: str | None, pod_uid: str | None,
+                    audiences: list[str]) -> str:
+        """Make `token` a projected ServiceAccount token of namespace/service_account,
+        bound to a pod (None: a legacy token bound to nothing), for `audiences`."""
+        self.tokens[token] = {"namespace": namespace, "service_account": service_account,
+                              "pod_name": pod_name, "pod_uid": pod_uid,
+                              "audiences": list(audiences)}
+        return token
+
+    async def _get_pod(self, request: web.Request) -> web.Response:
+        key = f"{request.match_info['namespace']}/{request.match_info['name']}"
+        self.requests.append(Seen("pods", {"get": key}, request.headers.get("Authorization")))
+        if self._failures:
+            code = self._failures.pop(0)
+            return web.json_response(status(code, "InternalError", "injected failure"),
+                                     status=code)
+        obj = self.objects["pods"].get(key)
+        if obj is None:
+            return web.json_response(status(404, "NotFound", f'pods "{key}" not found'),
+                                     status=404)
+        return web.json_response(obj)
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        if self._failures:
+            code = self._failures.pop(0)
+            return web.json_response(status(code, "InternalError", "injected failure"),
+                                     status=code)
+        review = await request.json()
+        spec = review.get("spec") or {}
+        self.reviews.append(spec)
+        token = self.tokens.get(spec.get("token", ""))
+        wanted = spec.get("audiences") or []
+        answer: dict[str, Any] = {"authenticated": False}
+        if token is None:
+            answer["error"] = "invalid bearer token"
+        elif wanted and not set(wanted) & set(token["audiences"]):
+            answer["error"] = (f"invalid bearer token, token audiences {token['audiences']} "
+                               f"is invalid for the target audiences {wanted}")
+        else:
+            extra: dict[str, list[str]] = {}
+            if token["pod_name"] is not None:
+                extra["authentication.kubernetes.io/pod-name"] = [token["pod_name"]]
+                extra["authentication.kubernetes.io/pod-uid"] = [token["pod_uid"]]
+            ns, sa = token["namespace"], token["service_account"]
+            answer = {"authenticated": True,
+                      "user": {"username": f"system:serviceaccount:{ns}:{sa}",
+                               "uid": f"uid-sa-{ns}-{sa}",
+                               "groups": ["system:serviceaccounts",
+                                          f"system:serviceaccounts:{ns}",
+                                          "system:authenticated"],
+                               "extra": extra},
+                      "audiences": [a for a in wanted if a in token["audiences"]]
+                      if wanted else token["audiences"]}
+        return web.json_response({"kind": "TokenReview",
+                                  "apiVersion": "authentication.k8s.io/v1",
+                                  "spec": spec, "status": answer}, status=201)
 
     def fail_next(self, count: int, code: int = 500) -> None:
         self._failures.extend([code] * count)

@@ -157,8 +157,13 @@ def test_example_config_uses_every_field() -> None:
             for item in value:
                 collect(item)
 
-    collect(yaml.safe_load(EXAMPLE.read_text()))
-    assert all_aliases(NodeConfig) - used == set()
+    text = EXAMPLE.read_text()
+    collect(yaml.safe_load(text))
+    # Exclusive alternatives cannot both be set: the one left out is shown commented out.
+    alternatives = {"caKey": "signer"}
+    for field_name, chosen in alternatives.items():
+        assert chosen in used and f"# {field_name}: " in text, field_name
+    assert all_aliases(NodeConfig) - used - set(alternatives) == set()
 
 
 def all_aliases(model: type[BaseModel]) -> set[str]:
@@ -590,3 +595,18 @@ def test_validate_example(cli: typing.Callable[..., int],
                           capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("validate", str(EXAMPLE)) == 0
     assert capsys.readouterr().out.endswith(": valid (3 workloads, 3 services)\n")
+
+
+def test_identity_signer_replaces_the_ca_key() -> None:
+    signer = ("identity:\n  caCert: /etc/ca/root-cert.pem\n  signer:\n"
+              "    address: https://nodeproxy-ca.nodeproxy-system.svc:15012\n")
+    config = parse_config(HEAD + signer).config
+    assert config.identity.ca_key is None
+    assert config.identity.signer is not None
+    assert config.identity.signer.token_path == "/var/run/secrets/nodeproxy/token"
+    assert config.identity.signer.retry_seconds == 2.0
+    [problem] = problems(HEAD + signer.replace("  signer:", "  caKey: /k.pem\n  signer:"))
+    assert "identity.caKey" in problem and "holds no CA key" in problem
+    [problem] = problems(HEAD + signer.replace("  caCert: /etc/ca/root-cert.pem\n", ""))
+    assert "identity.signer" in problem and "needs caCert" in problem
+    assert problems(HEAD + signer.replace("https://", "http://"))  # TLS only

@@ -320,6 +320,9 @@ class Daemon:
     def is_ready(self) -> bool:
         return True
 
+    def ready_detail(self) -> list[str]:
+        return []
+
     def config_dump(self) -> dict[str, Any]:
         return {}
 

@@ -312,9 +312,16 @@ def test_ca_init_writes_files_and_refuses_overwrite(
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     printed = capsys.readouterr().out
     assert str(cert) in printed and str(key) in printed
-    assert sorted(p.name for p in out.iterdir()) == ["root-cert.pem", "root-key.pem"]
+    assert sorted(p.name for p in out.iterdir()) == ["ca-cert.pem", "ca-key.pem",
+                                                     "root-cert.pem", "root-key.pem"]
     loaded = MeshCA.load(cert, key, "mesh.example")
     assert loaded.not_after - time.time() == pytest.approx(30 * 86400, abs=120)
+    # The intermediate the signing service holds: signed by that root, no longer-lived.
+    intermediate = MeshCA.load(out / "ca-cert.pem", out / "ca-key.pem", "mesh.example")
+    assert intermediate.root == loaded.certificate
+    assert intermediate.certificate != loaded.certificate
+    assert intermediate.not_after <= loaded.not_after
+    assert stat.S_IMODE((out / "ca-key.pem").stat().st_mode) == 0o600
     assert _cli("check", "--cert", str(cert), "--key", str(key),
                 "--trust-domain", "mesh.example") == 0
 
@@ -326,6 +333,16 @@ def test_ca_init_writes_files_and_refuses_overwrite(
     assert _cli("init", "--trust-domain", "mesh.example", "--out", str(out), "--force") == 0
     assert key.read_bytes() != before[1]
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    # A new intermediate under the existing root (rotation): the root files stay as they are.
+    root_before = (cert.read_bytes(), key.read_bytes())
+    old_intermediate = (out / "ca-cert.pem").read_bytes()
+    assert _cli("init", "--trust-domain", "mesh.example", "--out", str(out), "--force",
+                "--root-cert", str(cert), "--root-key", str(key)) == 0
+    assert (cert.read_bytes(), key.read_bytes()) == root_before
+    assert (out / "ca-cert.pem").read_bytes() != old_intermediate
+    assert MeshCA.load(out / "ca-cert.pem", out / "ca-key.pem", "mesh.example").root == \
+        MeshCA.load(cert, key, "mesh.example").certificate
 
     assert _cli("init", "--trust-domain", "Not Valid", "--out", str(tmp_path / "x")) == 2
     assert _cli("check", "--cert", str(key), "--key", str(key),

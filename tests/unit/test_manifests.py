@@ -103,7 +103,9 @@ def test_kustomize_builds(directory: Path):
     if directory == K8S:
         kinds = sorted(d["kind"] for d in built)
         assert kinds == sorted(["Namespace", "ServiceAccount", "ClusterRole",
-                                "ClusterRoleBinding", "ConfigMap", "Secret", "DaemonSet"])
+                                "ClusterRoleBinding", "ConfigMap", "Secret", "DaemonSet",
+                                "ConfigMap", "ServiceAccount", "ClusterRole",
+                                "ClusterRoleBinding", "Deployment", "Service"])
 
 
 def test_node_policy_in_the_configmap_is_a_valid_config():
@@ -240,16 +242,88 @@ def test_install_cni_and_pre_stop_commands_parse_and_agree_with_the_policy():
     assert (stop.cni_conf_dir, stop.cni_bin_dir) == (args.conf_dir, args.bin_dir)
 
 
-def test_ca_secret_is_a_placeholder_mounted_where_the_policy_points():
-    secret = find("Secret", "nodeproxy-ca")
-    assert set(secret["stringData"]) == {"root-cert.pem", "root-key.pem"}
-    assert all(v.startswith("REPLACE-ME") for v in secret["stringData"].values())
+def test_nodes_mount_the_root_certificate_and_no_ca_key():
+    """Issue 19: a node holds no CA key; it trusts the root and asks the signer."""
+    root = find("ConfigMap", "nodeproxy-ca-root")
+    assert set(root["data"]) == {"root-cert.pem"}
+    assert root["data"]["root-cert.pem"].startswith("REPLACE-ME")
+    spec = pod_spec()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["ca"]["configMap"]["name"] == "nodeproxy-ca-root"
+    assert not [v for v in spec["volumes"] if "secret" in v]  # no Secret at all
     mounts = {m["name"]: m["mountPath"] for m in container("nodeproxy")["volumeMounts"]}
     assert mounts["ca"] == "/etc/nodeproxy/ca"
-    assert "nodeproxy ca init" in (K8S / "secret.yaml").read_text()
     identity = parse_config(node_policy()).config.identity
-    assert (identity.ca_cert, identity.ca_key) == ("/etc/nodeproxy/ca/root-cert.pem",
-                                                   "/etc/nodeproxy/ca/root-key.pem")
+    assert identity.ca_cert == "/etc/nodeproxy/ca/root-cert.pem"
+    assert identity.ca_key is None and identity.signer is not None
+    # The token the signer authenticates the node by: projected, for its audience,
+    # mounted where the policy says.
+    [source] = volumes["signer-token"]["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert f"{mounts['signer-token']}/{token['path']}" == identity.signer.token_path
+    assert token["expirationSeconds"] <= 3600
+    signer_args = dict(a.removeprefix("--").split("=", 1)
+                       for a in signer_container()["args"] if a.startswith("--"))
+    assert token["audience"] == signer_args["audience"]
+    assert signer_args["node-agent"] == \
+        f"system:serviceaccount:nodeproxy-system:{spec['serviceAccountName']}"
+    service = find("Service", "nodeproxy-ca")
+    host, port = identity.signer.address.removeprefix("https://").rsplit(":", 1)
+    assert host in signer_args_all("dns-name")
+    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+    assert signer_args["listen"].endswith(f":{port}")
+
+
+def signer_container() -> dict[str, Any]:
+    deployment = find("Deployment", "nodeproxy-ca")
+    [signer] = deployment["spec"]["template"]["spec"]["containers"]
+    return signer
+
+
+def signer_args_all(name: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in signer_container()["args"]
+            if a.startswith(f"--{name}=")]
+
+
+def test_the_signer_holds_the_intermediate_only_and_may_read_only_what_it_checks():
+    secret = find("Secret", "nodeproxy-ca-signing")
+    assert set(secret["stringData"]) == {"ca-cert.pem", "ca-key.pem"}
+    assert all(v.startswith("REPLACE-ME") for v in secret["stringData"].values())
+    text = (K8S / "secret.yaml").read_text()
+    assert "nodeproxy ca init" in text and "root-key.pem stays offline" in text
+    for path in manifest_files():
+        assert "root-key.pem:" not in path.read_text(), path  # no manifest carries the root key
+    deployment = find("Deployment", "nodeproxy-ca")
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "nodeproxy-ca"
+    [volume] = spec["volumes"]
+    assert volume["secret"]["secretName"] == "nodeproxy-ca-signing"
+    [mount] = signer_container()["volumeMounts"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in signer_container()["args"]
+                if a.startswith("--"))
+    assert args["cert"] == f"{mount['mountPath']}/ca-cert.pem"
+    assert args["key"] == f"{mount['mountPath']}/ca-key.pem"
+    assert args["trust-domain"] == parse_config(node_policy()).config.mesh.trust_domain
+    security = signer_container()["securityContext"]
+    assert security["capabilities"]["drop"] == ["ALL"] and security["readOnlyRootFilesystem"]
+    assert spec["securityContext"]["runAsNonRoot"]
+    # RBAC: create TokenReviews, get/list pods; nothing else.
+    role = find("ClusterRole", "nodeproxy-ca")
+    assert [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"]] == [
+        (["authentication.k8s.io"], ["tokenreviews"], ["create"]),
+        ([""], ["pods"], ["get", "list"])]
+    binding = find("ClusterRoleBinding", "nodeproxy-ca")
+    assert binding["roleRef"]["name"] == "nodeproxy-ca"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nodeproxy-ca",
+                                    "namespace": "nodeproxy-system"}]
+    # The serve command line parses (the same parser the CLI uses).
+    from nodeproxy.cli import ca as ca_cli
+    parser = argparse.ArgumentParser()
+    ca_cli.add_arguments(parser)
+    assert signer_container()["command"] == ["nodeproxy"] and signer_container()["args"][0] == "ca"
+    parsed = parser.parse_args(signer_container()["args"][1:])
+    assert parsed.ca_command == "serve" and parsed.audience == "nodeproxy-ca"
 
 
 def test_example_app_policy_is_valid_and_names_the_app_services():

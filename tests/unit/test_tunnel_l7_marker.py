@@ -1,6 +1,8 @@
 """The HBONE L7-authorized marker: HbonePool.open(l7_checked=True) sends it on that stream
-only, and the server passes it to admission.  Real HTTP/2 sessions over a socketpair; TLS
-and the pool's dialling are left out (the marker is per stream, not per connection)."""
+only, and the server passes it to admission only when tunnel.trustSourceL7Authorization
+says to believe it (by default a marked stream is judged as an unmarked one).  Real
+HTTP/2 sessions over a socketpair; TLS and the pool's dialling are left out (the marker
+is per stream, not per connection)."""
 
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class RecordingAdmitter:
         return Admission(False, "shop/d", "recorded")
 
 
-async def _marker_round_trip() -> tuple[list[dict[str, Any]], list[str]]:
+async def _marker_round_trip(trusted: bool) -> tuple[list[dict[str, Any]], list[str]]:
     loop = asyncio.get_running_loop()
     registry = CollectorRegistry()
     tunnel_metrics = TunnelMetrics(registry)
@@ -62,7 +64,10 @@ async def _marker_round_trip() -> tuple[list[dict[str, Any]], list[str]]:
         certificates=None, trust_domain="cluster.local", port=15008,
         announcer=None, handshake_timeout=1, connect_timeout=1,
         local_pod=lambda ip: FakePod(FakeWorkload()) if ip == POD_IP else None,
-        state=SimpleNamespace(current=SimpleNamespace(admitter=admitter, table=None)),
+        state=SimpleNamespace(current=SimpleNamespace(
+            admitter=admitter, table=None,
+            config=SimpleNamespace(tunnel=TunnelSettings.model_validate(
+                {"trustSourceL7Authorization": trusted})))),
         tracker=ConnectionTracker(), metrics=ProxyMetrics(registry),
         tunnel_metrics=tunnel_metrics)
 
@@ -99,9 +104,16 @@ async def _marker_round_trip() -> tuple[list[dict[str, Any]], list[str]]:
     return admitter.calls, results
 
 
-def test_l7_marker_is_per_stream_and_reaches_admission() -> None:
-    calls, results = asyncio.run(_marker_round_trip())
+def test_l7_marker_is_per_stream_and_reaches_admission_when_trusted() -> None:
+    calls, results = asyncio.run(_marker_round_trip(trusted=True))
     assert results == ["status_403"] * 3  # all refused by the recording admitter
     assert [c["l7_checked"] for c in calls] == [True, False, True]  # one connection, 3 streams
     assert {(c["principal"], c["source_ip"], c["port"]) for c in calls} == {
         (PEER, SOURCE_IP, 8080)}
+
+
+def test_l7_marker_is_ignored_by_default() -> None:
+    """A source node's marker alone never relaxes the destination's decision."""
+    calls, results = asyncio.run(_marker_round_trip(trusted=False))
+    assert results == ["status_403"] * 3
+    assert [c["l7_checked"] for c in calls] == [False, False, False]
