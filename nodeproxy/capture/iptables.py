@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from nodeproxy import ports
 from nodeproxy.capture.constants import SOCKET_MARK, TRANSPARENT_MARK
-from nodeproxy.pods.netns import entered
+from nodeproxy.capture.namespaces import entered
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

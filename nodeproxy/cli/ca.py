@@ -11,7 +11,7 @@ existing root (rotation, docs/security.md).
 `nodeproxy ca check --cert F --key F --trust-domain D` loads a CA as the daemon would.
 
 `nodeproxy ca serve --cert ca-cert.pem --key ca-key.pem --trust-domain D ...` runs the
-signing service (nodeproxy/signer/server.py): it refuses a root (a self-signed CA) as its
+signing service (nodeproxy/signer/signing_service.py): it refuses a root (a self-signed CA) as its
 key, since the root stays offline.
 
 Exit status: 0 done, 1 refused or invalid, 2 usage error.
@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from nodeproxy.identity.ca import (
+from nodeproxy.identity.mesh_ca import (
     DEFAULT_INTERMEDIATE_DAYS,
     DEFAULT_ROOT_DAYS,
     CAError,
@@ -32,7 +32,7 @@ from nodeproxy.identity.ca import (
     create_intermediate,
 )
 from nodeproxy.identity.spiffe import IdentityError, validate_trust_domain
-from nodeproxy.signer.server import DEFAULT_AUDIENCE, DEFAULT_MAX_TTL, DEFAULT_PORT
+from nodeproxy.signer.signing_service import DEFAULT_AUDIENCE, DEFAULT_MAX_TTL, DEFAULT_PORT
 
 DEFAULT_DNS_NAME = "nodeproxy-ca.nodeproxy-system.svc"
 DEFAULT_NODE_AGENT = "system:serviceaccount:nodeproxy-system:nodeproxy"
@@ -163,7 +163,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import logging
 
     from nodeproxy.signer.kube import KubeApi, KubeError
-    from nodeproxy.signer.server import SigningService, serve
+    from nodeproxy.signer.signing_service import SigningService, serve
 
     try:
         ca = MeshCA.load(args.cert, args.key, args.trust_domain)

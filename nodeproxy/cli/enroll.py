@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from nodeproxy.cli.control_client import DEFAULT_SOCKET, request
+from nodeproxy.admin.control_client import DEFAULT_SOCKET, request
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,8 +31,8 @@ import os
 import sys
 from pathlib import Path
 
+from nodeproxy.admin.control_client import DEFAULT_SOCKET, request
 from nodeproxy.capture.programs import pin_root, remove_pins
-from nodeproxy.cli.control_client import DEFAULT_SOCKET, request
 from nodeproxy.cni import conflist, kubeapi
 from nodeproxy.cni.install import BINARY_NAME, installed_by_us
 

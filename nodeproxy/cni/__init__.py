@@ -6,7 +6,7 @@ calico ...): on ADD it asks the daemon over its control socket to enroll the pod
 it unenrolls the pod; CHECK asks whether the pod is enrolled.
 
 Everything in this package uses the Python standard library only (plus
-``nodeproxy.cli.control_client``, itself stdlib-only), so ``nodeproxy.cni.install``
+``nodeproxy.admin.control_client``, itself stdlib-only), so ``nodeproxy.cni.install``
 can pack it into one self-contained zipapp that a node's own ``python3`` runs from
 the CNI bin directory, outside the nodeproxy container image.
 """

@@ -57,8 +57,8 @@ def _sources() -> dict[str, Path]:
     """Archive name -> source file of every module the plugin imports."""
     root = Path(nodeproxy.__file__).resolve().parent
     files = {"nodeproxy/__init__.py": root / "__init__.py",
-             "nodeproxy/cli/__init__.py": root / "cli" / "__init__.py",
-             "nodeproxy/cli/control_client.py": root / "cli" / "control_client.py"}
+             "nodeproxy/admin/__init__.py": root / "admin" / "__init__.py",
+             "nodeproxy/admin/control_client.py": root / "admin" / "control_client.py"}
     for path in sorted((root / "cni").glob("*.py")):
         files[f"nodeproxy/cni/{path.name}"] = path
     return files

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nodeproxy.cli import control_client
+from nodeproxy.admin import control_client
 from nodeproxy.cni import netconf, pod
 from nodeproxy.cni.spec import (
     CHECK_SINCE,

@@ -270,7 +270,7 @@ class ServicePort(Model):
     protocol: Literal["tcp"] = "tcp"
     # What the port speaks, as Kubernetes' appProtocol says it: http (HTTP/1.1, with
     # HTTP/2 prior knowledge accepted too), http2, grpc, or tcp (opaque: never parsed).
-    # None: detected from the client's first bytes (nodeproxy/http/detect.py).
+    # None: detected from the client's first bytes (nodeproxy/codec/detect.py).
     app_protocol: AppProtocol | None = None
 
     @property
@@ -278,7 +278,7 @@ class ServicePort(Model):
         return self.target_port or self.port
 
 
-class Endpoint(Model):
+class ServiceEndpoint(Model):
     """An explicit service endpoint (a backend that is not a listed workload)."""
 
     address: IPField
@@ -315,7 +315,7 @@ class LoadBalancer(Model):
         return self
 
 
-class RetryBudget(Model):
+class RetryBudgetSettings(Model):
     """Retries may add at most `ratio` of the requests of the last `windowSeconds`, plus
     `minRetriesPerSecond` (Linkerd's budget: 0.2, 10/s, 10 s), so retries cannot
     multiply an outage's load."""
@@ -354,7 +354,7 @@ class TrafficPolicy(Model):
     """L7 settings of one service's upstream side (Istio's DestinationRule, in short)."""
 
     load_balancer: LoadBalancer = Field(default_factory=LoadBalancer)
-    retry_budget: RetryBudget = Field(default_factory=RetryBudget)
+    retry_budget: RetryBudgetSettings = Field(default_factory=RetryBudgetSettings)
     connection_pool: ConnectionPool = Field(default_factory=ConnectionPool)
     # None: no outlier detection (as in Envoy and Istio).
     outlier_detection: OutlierDetection | None = None
@@ -370,7 +370,7 @@ class Service(Model):
     # Workloads whose labels contain all of these are endpoints (on target_port).
     selector: dict[str, str] | None = None
     # Extra endpoints, used as given.
-    endpoints: list[Endpoint] = Field(default_factory=list)
+    endpoints: list[ServiceEndpoint] = Field(default_factory=list)
     traffic_policy: TrafficPolicy = Field(default_factory=TrafficPolicy)
 
     _names = field_validator("name", "namespace")(_dns_label)
@@ -379,7 +379,7 @@ class Service(Model):
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    def endpoints_for(self, port: ServicePort) -> list[Endpoint]:
+    def endpoints_for(self, port: ServicePort) -> list[ServiceEndpoint]:
         """The explicit endpoints that serve this service port."""
         return [e for e in self.endpoints if e.service_port in (None, port.port)]
 
@@ -772,7 +772,7 @@ class AccessLogSettings(Model):
 # An HTTP token (RFC 9110 5.6.2), optionally with a protocol version ("websocket", "foo/2").
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
 # Istio's meshConfig pathNormalization modes and Envoy's path_with_escaped_slashes_action
-# (docs/http.md, "One request, one meaning"; nodeproxy/http/request_target.py applies them).
+# (docs/http.md, "One request, one meaning"; nodeproxy/codec/request_target.py applies them).
 PathNormalizationMode = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
 EscapedSlashAction = Literal["KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
                              "UNESCAPE_AND_FORWARD"]
@@ -1017,14 +1017,14 @@ class HeaderModifier(Model):
     remove: list[HeaderName] = Field(default_factory=list)
 
 
-class Backoff(Model):
+class RetryBackoff(Model):
     """Exponential backoff with full jitter between attempts (Envoy: 25 ms, cap 10x)."""
 
     base_seconds: float = Field(default=0.025, gt=0, le=60)
     max_seconds: float = Field(default=0.25, gt=0, le=600)
 
     @model_validator(mode="after")
-    def _order(self) -> Backoff:
+    def _order(self) -> RetryBackoff:
         if self.max_seconds < self.base_seconds:
             raise ValueError("maxSeconds must not be below baseSeconds")
         return self
@@ -1040,7 +1040,7 @@ class RetryPolicy(Model):
     status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(
         default_factory=lambda: [503])
     per_try_timeout_seconds: float | None = Field(default=None, gt=0, le=86400)
-    backoff: Backoff = Field(default_factory=Backoff)
+    backoff: RetryBackoff = Field(default_factory=RetryBackoff)
     # POST, PATCH (and other non-idempotent methods) are retried only if this is set.
     non_idempotent: bool = False
 

@@ -12,7 +12,7 @@ node, and runs them.  One module per job:
 - control_api.py: the control socket's HTTP API, typed errors to HTTP statuses.
 - views.py: what /config_dump and /pods show.
 
-The mesh state the parts read is nodeproxy.state's.
+The mesh state the parts read is nodeproxy.mesh's.
 """
 
 from nodeproxy.daemon.lifecycle import Daemon

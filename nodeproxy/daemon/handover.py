@@ -30,7 +30,7 @@ from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture.maps import PodMaps
 from nodeproxy.daemon.wiring import Kernel
 from nodeproxy.pods.enrollment import Enrollment
-from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.tunnel.client import HbonePool
 
 log = logging.getLogger(__name__)

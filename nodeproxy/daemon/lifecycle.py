@@ -43,16 +43,16 @@ from nodeproxy.daemon.wiring import (
     start_kernel,
 )
 from nodeproxy.discovery.state import DiscoveredState
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.round_robin import PortRoundRobin
+from nodeproxy.mesh.snapshot import LocalPod, MeshInputs, MeshSnapshot, build_snapshot
 from nodeproxy.pods.enrollment import EnrollError
-from nodeproxy.proxy.balancer import RoundRobin
-from nodeproxy.proxy.descriptors import BUDGET
-from nodeproxy.proxy.tracker import ConnectionTracker
 from nodeproxy.signer.remote_certificates import RemoteCertificates
-from nodeproxy.state.holder import MeshState
-from nodeproxy.state.snapshot import LocalPod, MeshInputs, MeshSnapshot, build_snapshot
+from nodeproxy.tcp.descriptors import BUDGET
+from nodeproxy.tcp.tracker import ConnectionTracker
 
 if TYPE_CHECKING:  # the client imports kubernetes_asyncio: only when discovery is on
-    from nodeproxy.discovery.client import KubernetesDiscovery
+    from nodeproxy.discovery.kubernetes import KubernetesDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Daemon:
         self.tracker = ConnectionTracker()
         self.shares = Shares.of(config.limits)  # each source's fair share; caps change live
         self.reloader = ConfigReloader(loaded, self.registry)
-        self._balancer = RoundRobin()  # round-robin positions outlive each snapshot
+        self._balancer = PortRoundRobin()  # round-robin positions outlive each snapshot
         self.state = MeshState(self._build(MeshInputs(config)))
         self._discovered: DiscoveredState | None = None  # the API's last snapshot
         self.discovery: KubernetesDiscovery | None = None
@@ -243,7 +243,7 @@ class Daemon:
     # -- Kubernetes API discovery ----------------------------------------------------------
 
     async def _start_discovery(self) -> None:
-        from nodeproxy.discovery.client import KubernetesDiscovery
+        from nodeproxy.discovery.kubernetes import KubernetesDiscovery
 
         settings = self.config.discovery
         if settings.api_server:

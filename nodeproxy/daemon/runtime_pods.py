@@ -27,8 +27,8 @@ from nodeproxy.config.loader import format_path
 from nodeproxy.config.model import Workload
 from nodeproxy.daemon.saved_pods import SavedPods
 from nodeproxy.discovery.state import DiscoveredState
+from nodeproxy.mesh.snapshot import RUNTIME
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
-from nodeproxy.state.snapshot import RUNTIME
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from nodeproxy.config.loader import LoadedConfig
 from nodeproxy.config.model import Workload
-from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
 
 
 def pod_view(pod: EnrolledPod) -> dict[str, Any]:

@@ -6,7 +6,7 @@
   maps or iptables rules), the splicer, the sk_msg redirect.
 - `build_proxies`: identity, the HBONE pool and server, the upstream dialer, the HTTP
   layer, the outbound and inbound proxies, enrollment and runtime pods.  Every part that
-  decides reads the mesh state from one holder (nodeproxy.state.holder); none holds a
+  decides reads the mesh state from one holder (nodeproxy.mesh.holder); none holds a
   getter into the daemon.
 - `register_collectors`: what is read from the kernel and the parts at scrape time.
 
@@ -35,33 +35,33 @@ from nodeproxy.daemon.saved_pods import SavedPods
 from nodeproxy.discovery.state import DiscoveredState
 from nodeproxy.http.access_log import AccessLog
 from nodeproxy.http.manager import HttpProxy
-from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.listeners.inbound_hbone import HboneServer
+from nodeproxy.listeners.inbound_hbone_l7 import DestinationGate, GateMetrics
+from nodeproxy.listeners.inbound_plaintext import InboundProxy
+from nodeproxy.listeners.outbound import OutboundProxy
+from nodeproxy.mesh.destinations import IPAddress
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.snapshot import MeshSnapshot
+from nodeproxy.mesh.upstream import Upstreams
 from nodeproxy.pods.enrollment import Enrollment
-from nodeproxy.pods.pod import EnrolledPod
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
-from nodeproxy.proxy.admission import AdmissionMetrics
-from nodeproxy.proxy.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
-from nodeproxy.proxy.destinations import IPAddress
-from nodeproxy.proxy.fairshare import ShareLimits, SourceShares
-from nodeproxy.proxy.inbound import InboundProxy
-from nodeproxy.proxy.outbound import OutboundProxy
-from nodeproxy.proxy.splice import SpliceMetrics, Splicer
-from nodeproxy.proxy.tracker import ConnectionTracker
-from nodeproxy.proxy.upstream import Upstreams
+from nodeproxy.policy.admission import AdmissionMetrics
 from nodeproxy.signer.remote_certificates import node_certificates
-from nodeproxy.state.holder import MeshState
-from nodeproxy.state.snapshot import MeshSnapshot
+from nodeproxy.tcp.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
+from nodeproxy.tcp.fairshare import ShareLimits, SourceShares
+from nodeproxy.tcp.splicer import SpliceMetrics, Splicer
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.identity_collector import IdentityCollector
 from nodeproxy.telemetry.kernel_collector import KernelCollector
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 from nodeproxy.telemetry.share_collector import PodShareCollector
 from nodeproxy.telemetry.tracing import Tracing
 from nodeproxy.tunnel.client import HbonePool
-from nodeproxy.tunnel.l7_gate import DestinationGate, GateMetrics
 from nodeproxy.tunnel.metrics import TunnelMetrics
-from nodeproxy.tunnel.server import HboneServer
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Telemetry:
                    live=live)
 
 
-# -- each source's fair share of the proxy (proxy/fairshare.py) ---------------------------
+# -- each source's fair share of the proxy (tcp/fairshare.py) ---------------------------
 
 
 def _pod_share(limits: PodShare) -> ShareLimits:
@@ -129,7 +129,7 @@ class Shares:
 def set_descriptor_budget(settings: LimitSettings) -> OpenFileLimit:
     """A relayed connection holds two descriptors (four through a tunnel's both ends): take
     as many as the kernel allows, and keep the reserve out of proxied traffic's reach
-    (proxy/descriptors.py)."""
+    (tcp/descriptors.py)."""
     limit = raise_open_file_limit(settings.open_files)
     reserved = settings.reserved_files
     if reserved >= limit.soft // 2:

@@ -9,7 +9,7 @@ node's state.
 - ``state``: ``DiscoveredState``, the immutable merged snapshot, the opt-in/opt-out rule
   (``istio.io/dataplane-mode`` / ``nodeproxy.io/dataplane-mode``) and the precedence of
   the node YAML over what is discovered.
-- ``client``: ``KubernetesDiscovery``, which runs the four loops with ``kubernetes_asyncio``
+- ``kubernetes``: ``KubernetesDiscovery``, which runs the four loops with ``kubernetes_asyncio``
   and delivers debounced snapshots to a callback.
 
 What the tests cover: no API server can run where nodeproxy is built and tested, so
@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
     # The client pulls in kubernetes_asyncio (~60 MiB of resident memory): only a daemon
     # with discovery on should pay for it.
     if name in ("DiscoveryUnavailable", "KubernetesDiscovery"):
-        from nodeproxy.discovery import client
+        from nodeproxy.discovery import kubernetes
 
-        return getattr(client, name)
+        return getattr(kubernetes, name)
     raise AttributeError(name)

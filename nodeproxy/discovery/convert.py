@@ -39,7 +39,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from nodeproxy.config.model import Endpoint, Service, ServicePort, Workload
+from nodeproxy.config.model import Service, ServiceEndpoint, ServicePort, Workload
 
 KubeObject = Mapping[str, Any]
 
@@ -199,26 +199,26 @@ def _ready_addresses(slice_: KubeObject) -> list[tuple[str, str | None]]:
 
 
 def endpoints_by_port(ports: Iterable[KubeObject],
-                      slices: Iterable[KubeObject]) -> dict[int, list[Endpoint]]:
+                      slices: Iterable[KubeObject]) -> dict[int, list[ServiceEndpoint]]:
     """Service port -> the ready endpoints serving it (address, backend port, node).
 
     A slice's port whose name is the service port's name gives the backend port number
     for that slice's endpoints (a named targetPort may resolve differently per slice).
     """
     slices = list(slices)
-    out: dict[int, list[Endpoint]] = {}
+    out: dict[int, list[ServiceEndpoint]] = {}
     for port in ports:
         number = port.get("port")
         if not isinstance(number, int) or not _tcp(port.get("protocol")):
             continue
         seen: set[tuple[str, int]] = set()
-        endpoints: list[Endpoint] = []
+        endpoints: list[ServiceEndpoint] = []
         for i, backend_port in _slice_port_numbers(port.get("name") or "", slices):
             for address, node in _ready_addresses(slices[i]):
                 if (address, backend_port) in seen:
                     continue  # the same endpoint in two slices while they are rebalanced
                 seen.add((address, backend_port))
-                endpoints.append(Endpoint.model_validate(
+                endpoints.append(ServiceEndpoint.model_validate(
                     {"address": address, "port": backend_port, "node": node,
                      "servicePort": number}))
         out[number] = endpoints

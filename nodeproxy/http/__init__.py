@@ -1,12 +1,8 @@
-"""L7: HTTP/1.1, HTTP/2 and gRPC between a captured client and pooled upstream connections.
+"""L7: the HTTP proxy between a captured client and pooled upstream connections.
 
-message.py   protocol-neutral request/response heads and streamed bodies
-detect.py    which protocol a new connection speaks (declared, opaque or sniffed)
-request_target.py  the request target validated and normalized once (Istio's
-             pathNormalization, Envoy's escaped-slash actions): the one path used
-header_fields.py   one value per header name (RFC 9110 lists joined, singletons refused)
-h1.py        HTTP/1.1 codec (httptools): downstream server side, upstream client side
-h2.py        HTTP/2 codec (h2): downstream server side, upstream client side
+The codecs and messages it speaks are nodeproxy/codec/; its series are
+nodeproxy/telemetry/request_metrics.py and resilience_metrics.py.
+
 routes.py    compiled HTTPRoute tables: request -> rule -> weighted backend service
 balancer.py  per-request endpoint choice (round robin, random, P2C least request,
              P2C peak-EWMA, ring hash)
@@ -15,8 +11,9 @@ pool.py      upstream connections per endpoint, reused across client connections
 circuit_breaker.py  per-service limits: connections, pending, requests, retries (503 UO)
 outlier.py   per-endpoint consecutive-error ejection and return
 resilience.py  which breaker and detector each cluster uses, across reloads
-resilience_metrics.py  the overflow and ejection series
-manager.py   HttpProxy: builds the parts below and hands them each configuration
+rate_limit.py  local rate limits per route, destination workload and source identity
+fault.py     fault injection: delays and aborts
+manager.py   HttpProxy: builds the parts below and hands them each mesh snapshot
 client_connections.py  HTTP/1.1 or HTTP/2 server protocol per client connection, its limits
 handler.py   one request: fair share, one meaning, route, rate limit, faults, its record
 router.py    one routed request upstream, attempt by attempt
@@ -28,6 +25,5 @@ upgrade_flow.py  an allowed HTTP/1.1 upgrade carried out, and its L4 flow after 
 recorder.py  a request's metric, live sample, access-log line and span
 context.py   what a request carries: its connection's context, its outcome so far
 mirror.py    request mirroring: -shadow copies to shadow services, fire and forget
-metrics.py   Istio's request series (istio_requests_total, ...)
 access_log.py  one JSON line per request, written off the event loop
 """

@@ -54,8 +54,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol, TextIO
 
 if TYPE_CHECKING:
+    from nodeproxy.codec.message import Headers
     from nodeproxy.config.model import AccessLogSettings
-    from nodeproxy.http.message import Headers
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,19 @@ header_fields.py), and marks the HBONE streams it opens so the destination node 
 refuse them for rules it cannot see at L4.  Endpoints outside the mesh have no policy; a
 workload no policy selects skips the check (remembered per admitter, i.e. per
 configuration).  The destination table and the admitter are the mesh snapshot's in
-force (state/holder.py), read at each decision.
+force (mesh/holder.py), read at each decision.
 """
 
 from __future__ import annotations
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import Workload
 from nodeproxy.http.context import RequestContext
-from nodeproxy.http.message import RequestHead
+from nodeproxy.mesh.destinations import Backend
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.upstream import source_address
+from nodeproxy.policy.admission import Admitter
 from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
-from nodeproxy.proxy.admission import Admitter
-from nodeproxy.proxy.destinations import Backend
-from nodeproxy.proxy.upstream import source_address
-from nodeproxy.state.holder import MeshState
 
 
 class RequestAuthorizer:

@@ -21,15 +21,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
+from nodeproxy.codec.h1 import H1Server
+from nodeproxy.codec.h2 import ErrorCodes, H2Server
+from nodeproxy.codec.message import Exchange
 from nodeproxy.config.model import Http2Limits, HttpSettings
 from nodeproxy.http.context import RequestContext
-from nodeproxy.http.h1 import H1Server
-from nodeproxy.http.h2 import ErrorCodes, H2Server
-from nodeproxy.http.message import Exchange
-from nodeproxy.http.metrics import RequestMetrics
-from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.proxy.destinations import ServicePortEntry
-from nodeproxy.proxy.relay import reset
+from nodeproxy.mesh.destinations import ServicePortEntry
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.tcp.relay import reset
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 

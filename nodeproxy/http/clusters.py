@@ -23,18 +23,18 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from nodeproxy.codec.message import RequestHead, UpstreamConnection
 from nodeproxy.config.model import TrafficPolicy
 from nodeproxy.http.balancer import Balancer, make_balancer
 from nodeproxy.http.circuit_breaker import CircuitBreaker
 from nodeproxy.http.context import RequestContext
-from nodeproxy.http.message import RequestHead, UpstreamConnection
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint, EndpointPool
 from nodeproxy.http.resilience import Resilience
-from nodeproxy.http.resilience_metrics import ResilienceMetrics
 from nodeproxy.http.retry import RetryBudget
-from nodeproxy.proxy.destinations import DestinationTable, ServicePortEntry
-from nodeproxy.proxy.upstream import Upstreams
+from nodeproxy.mesh.destinations import DestinationTable, ServicePortEntry
+from nodeproxy.mesh.upstream import Upstreams
+from nodeproxy.telemetry.resilience_metrics import ResilienceMetrics
 
 ClusterKey = tuple[str, int, int]  # service key, port, address family
 PoolKey = tuple[str, str, bool, str]  # source pod, endpoint, HTTP/2 upstream, service

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.proxy.destinations import ServicePortEntry, WorkloadRef
+from nodeproxy.mesh.destinations import ServicePortEntry, WorkloadRef
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN
 
 if TYPE_CHECKING:

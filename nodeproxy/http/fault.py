@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import FaultInjection, HeaderMatch
-from nodeproxy.http.message import RequestHead
 
 ABORT_BODY = "fault filter abort"
 

@@ -25,30 +25,30 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from nodeproxy.config.model import HttpSettings
-from nodeproxy.http.context import Outcome, RequestContext
-from nodeproxy.http.fault import ABORT_BODY, Fault
-from nodeproxy.http.h1 import H1Exchange
-from nodeproxy.http.header_fields import one_view
-from nodeproxy.http.local_reply import local_reply, rate_limited
-from nodeproxy.http.message import BodyError, Exchange, MalformedRequest, RequestHead
-from nodeproxy.http.metrics import RequestMetrics, wire_protocol
-from nodeproxy.http.recorder import Recorder
-from nodeproxy.http.request_target import (
+from nodeproxy.codec.h1 import H1Exchange
+from nodeproxy.codec.header_fields import one_view
+from nodeproxy.codec.message import BodyError, Exchange, MalformedRequest, RequestHead
+from nodeproxy.codec.request_target import (
     Normalized,
     Refusal,
     TargetPolicy,
     normalize,
     normalize_authority,
 )
+from nodeproxy.codec.upgrade import connect_refusal
+from nodeproxy.config.model import HttpSettings
+from nodeproxy.http.context import Outcome, RequestContext
+from nodeproxy.http.fault import ABORT_BODY, Fault
+from nodeproxy.http.local_reply import local_reply, rate_limited
+from nodeproxy.http.recorder import Recorder
 from nodeproxy.http.router import Router
 from nodeproxy.http.routes import Routes
-from nodeproxy.http.upgrade import connect_refusal
 from nodeproxy.http.upgrade_flow import Tunnel, Upgrades
-from nodeproxy.proxy.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
+from nodeproxy.tcp.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
+from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
 if TYPE_CHECKING:
-    from nodeproxy.telemetry.tracer import Tracer
+    from nodeproxy.telemetry.request_spans import Tracer
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from nodeproxy.codec.message import Exchange, ResponseHead
 from nodeproxy.http.context import Outcome, RequestContext
-from nodeproxy.http.message import Exchange, ResponseHead
-from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.http.rate_limit import Limiter, retry_after
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 
 # gRPC's mapping of HTTP statuses to gRPC codes, for local replies to gRPC clients.
 GRPC_FOR_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}

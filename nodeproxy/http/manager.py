@@ -1,5 +1,5 @@
 """The node's L7 proxy: builds the request path's parts and hands them each new mesh
-snapshot (state/holder.py: it reads the one in force when it starts, then watches for
+snapshot (mesh/holder.py: it reads the one in force when it starts, then watches for
 the next).  Its surface is what the daemon and the outbound listener use: ``serve`` (a
 client connection found to speak HTTP), ``settings``, ``clusters_view`` (/clusters) and
 ``close``.
@@ -29,21 +29,21 @@ from nodeproxy.http.authorize import RequestAuthorizer
 from nodeproxy.http.client_connections import ClientConnection, ClientConnections
 from nodeproxy.http.clusters import Clusters
 from nodeproxy.http.handler import RequestHandler
-from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.http.mirror import Mirrors
 from nodeproxy.http.rate_limit import Limiters
 from nodeproxy.http.recorder import Recorder
 from nodeproxy.http.router import Router
 from nodeproxy.http.routes import Routes
 from nodeproxy.http.upgrade_flow import Upgrades
-from nodeproxy.pods.pod import EnrolledPod
-from nodeproxy.proxy.destinations import ServicePortEntry
-from nodeproxy.proxy.fairshare import SourceShares
-from nodeproxy.proxy.upstream import Upstreams
-from nodeproxy.state.holder import MeshState
-from nodeproxy.state.snapshot import MeshSnapshot
+from nodeproxy.mesh.destinations import ServicePortEntry
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.snapshot import MeshSnapshot
+from nodeproxy.mesh.upstream import Upstreams
+from nodeproxy.tcp.fairshare import SourceShares
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 from nodeproxy.telemetry.tracing import Tracing
 
 SWEEP_SECONDS = 5.0

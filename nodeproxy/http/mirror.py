@@ -31,8 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from nodeproxy.http.circuit_breaker import Overflow
-from nodeproxy.http.message import (
+from nodeproxy.codec.message import (
     Body,
     BodyError,
     Headers,
@@ -42,11 +41,12 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
-from nodeproxy.http.metrics import RequestMetrics
+from nodeproxy.http.circuit_breaker import Overflow
 from nodeproxy.http.pool import abort_exchange
 from nodeproxy.http.routes import CompiledRule, Mirror, apply_modifier
-from nodeproxy.proxy.destinations import Backend
-from nodeproxy.proxy.upstream import Refused
+from nodeproxy.mesh.destinations import Backend
+from nodeproxy.mesh.upstream import Refused
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 
 if TYPE_CHECKING:
     from nodeproxy.http.clusters import Cluster

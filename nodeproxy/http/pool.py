@@ -29,12 +29,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeproxy.codec.h1 import H1Client
+from nodeproxy.codec.h2 import INITIAL_STREAMS, H2Client
+from nodeproxy.codec.message import UpstreamConnection, UpstreamError, UpstreamResponse
 from nodeproxy.http.balancer import EndpointStats
 from nodeproxy.http.circuit_breaker import CircuitBreaker
-from nodeproxy.http.h1 import H1Client
-from nodeproxy.http.h2 import INITIAL_STREAMS, H2Client
-from nodeproxy.http.message import UpstreamConnection, UpstreamError, UpstreamResponse
-from nodeproxy.proxy.destinations import Backend
+from nodeproxy.mesh.destinations import Backend
 
 log = logging.getLogger(__name__)
 

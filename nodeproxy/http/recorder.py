@@ -12,17 +12,21 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from nodeproxy.codec.message import Exchange, RequestHead
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.context import Outcome, RequestContext
-from nodeproxy.http.message import Exchange, RequestHead
-from nodeproxy.http.metrics import RequestLabels, RequestMetrics, istio_request_protocol
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.proxy.destinations import WorkloadRef
+from nodeproxy.mesh.destinations import WorkloadRef
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.request_metrics import (
+    RequestLabels,
+    RequestMetrics,
+    istio_request_protocol,
+)
 
 if TYPE_CHECKING:
-    from nodeproxy.telemetry.tracer import RequestSpan
+    from nodeproxy.telemetry.request_spans import RequestSpan
 
 MAX_CACHED_LABELS = 4096
 

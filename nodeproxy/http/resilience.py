@@ -15,7 +15,7 @@ from nodeproxy.config.model import TrafficPolicy
 from nodeproxy.http.circuit_breaker import CircuitBreaker
 from nodeproxy.http.outlier import OutlierDetector
 from nodeproxy.http.pool import Endpoint
-from nodeproxy.http.resilience_metrics import ResilienceMetrics
+from nodeproxy.telemetry.resilience_metrics import ResilienceMetrics
 
 ClusterKey = tuple[str, int, int]  # service key, port, address family
 

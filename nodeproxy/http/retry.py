@@ -100,7 +100,7 @@ def should_retry(policy: model.RetryPolicy, method: str, *, flag: str | None,
     return False
 
 
-def backoff_delay(retry_number: int, backoff: model.Backoff, rng: random.Random) -> float:
+def backoff_delay(retry_number: int, backoff: model.RetryBackoff, rng: random.Random) -> float:
     """Seconds to wait before retry ``retry_number`` (1 for the first retry): exponential
     backoff with full jitter, uniform in [0, min(max_seconds, base_seconds * 2**(n-1)))."""
     if retry_number < 1:
@@ -133,7 +133,8 @@ class RetryBudget:
 
     BUCKETS = 10
 
-    def __init__(self, cfg: model.RetryBudget, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, cfg: model.RetryBudgetSettings, *,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = cfg
         self.ratio = cfg.ratio
         self.window_seconds = cfg.window_seconds

@@ -18,15 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from nodeproxy.config.model import HttpSettings
-from nodeproxy.http import attempts
-from nodeproxy.http.attempts import Action, Ended, Progress, Result, Step, next_step
-from nodeproxy.http.authorize import RequestAuthorizer
-from nodeproxy.http.circuit_breaker import Overflow
-from nodeproxy.http.clusters import Cluster, Clusters
-from nodeproxy.http.context import Outcome, RequestContext
-from nodeproxy.http.local_reply import local_reply, rate_limited
-from nodeproxy.http.message import (
+from nodeproxy.codec.message import (
     Body,
     BodyError,
     Exchange,
@@ -39,15 +31,23 @@ from nodeproxy.http.message import (
     UpstreamResponse,
     grpc_status_of,
 )
-from nodeproxy.http.metrics import RequestMetrics, wire_protocol
+from nodeproxy.codec.upgrade import UNEXPECTED_101
+from nodeproxy.config.model import HttpSettings
+from nodeproxy.http import attempts
+from nodeproxy.http.attempts import Action, Ended, Progress, Result, Step, next_step
+from nodeproxy.http.authorize import RequestAuthorizer
+from nodeproxy.http.circuit_breaker import Overflow
+from nodeproxy.http.clusters import Cluster, Clusters
+from nodeproxy.http.context import Outcome, RequestContext
+from nodeproxy.http.local_reply import local_reply, rate_limited
 from nodeproxy.http.mirror import Mirrors
 from nodeproxy.http.pool import Endpoint, abort_exchange
 from nodeproxy.http.rate_limit import Limiter
 from nodeproxy.http.resilience import Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay
 from nodeproxy.http.routes import CompiledRule, apply_modifier
-from nodeproxy.http.upgrade import UNEXPECTED_101
-from nodeproxy.proxy.upstream import Refused
+from nodeproxy.mesh.upstream import Refused
+from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
 Picked = tuple[Cluster, Endpoint]
 

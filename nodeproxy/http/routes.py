@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
+from nodeproxy.codec.message import Headers, RequestHead
 from nodeproxy.config.model import (
     HeaderModifier,
     HttpRoute,
@@ -27,7 +28,6 @@ from nodeproxy.config.model import (
     Timeouts,
 )
 from nodeproxy.http.fault import Fault
-from nodeproxy.http.message import Headers, RequestHead
 from nodeproxy.http.rate_limit import Limiter, Limiters
 
 

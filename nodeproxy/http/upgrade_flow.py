@@ -16,16 +16,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from nodeproxy.config.model import HttpSettings
-from nodeproxy.http.context import Outcome, RequestContext
-from nodeproxy.http.h1 import H1Client, H1Exchange
-from nodeproxy.http.local_reply import local_reply
-from nodeproxy.http.message import Body, Exchange, RequestHead, UpstreamError
-from nodeproxy.http.metrics import RequestMetrics, wire_protocol
-from nodeproxy.http.recorder import Recorder
-from nodeproxy.http.router import Router, stream_response
-from nodeproxy.http.routes import CompiledRule, apply_modifier
-from nodeproxy.http.upgrade import (
+from nodeproxy.codec.h1 import H1Client, H1Exchange
+from nodeproxy.codec.message import Body, Exchange, RequestHead, UpstreamError
+from nodeproxy.codec.upgrade import (
     NOT_SWITCHED,
     WITH_BODY,
     WRONG_PROTOCOL,
@@ -33,9 +26,16 @@ from nodeproxy.http.upgrade import (
     completes,
     decide_upgrade,
 )
-from nodeproxy.proxy.relay import Relay, Side, reset
-from nodeproxy.proxy.upstream import Refused, Upstreams
+from nodeproxy.config.model import HttpSettings
+from nodeproxy.http.context import Outcome, RequestContext
+from nodeproxy.http.local_reply import local_reply
+from nodeproxy.http.recorder import Recorder
+from nodeproxy.http.router import Router, stream_response
+from nodeproxy.http.routes import CompiledRule, apply_modifier
+from nodeproxy.mesh.upstream import Refused, Upstreams
+from nodeproxy.tcp.relay import Relay, Side, reset
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
 UPGRADE_REFUSED = "upgrade not allowed"
 

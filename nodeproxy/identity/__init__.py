@@ -10,8 +10,8 @@
 - `tls`: mutual TLS 1.3 `ssl.SSLContext`s for HBONE and `verify_peer` for the peer's ID.
 """
 
-from nodeproxy.identity.ca import CAError, IssuedCert, MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.mesh_ca import CAError, IssuedCert, MeshCA
 from nodeproxy.identity.spiffe import IdentityError, SpiffeId, parse_spiffe_id, spiffe_id
 from nodeproxy.identity.tls import (
     classify_handshake_error,

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from nodeproxy.identity.ca import Clock, IssuedCert, MeshCA
+from nodeproxy.identity.mesh_ca import Clock, IssuedCert, MeshCA
 from nodeproxy.identity.spiffe import spiffe_id
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from nodeproxy.identity.ca import MIN_RSA_BITS, LeafPublicKey
+from nodeproxy.identity.mesh_ca import MIN_RSA_BITS, LeafPublicKey
 from nodeproxy.identity.spiffe import IdentityError, SpiffeId, parse_spiffe_id
 
 MAX_CSR_BYTES = 16 * 1024

@@ -29,8 +29,8 @@ from typing import Protocol
 
 from cryptography import x509
 
-from nodeproxy.identity.ca import IssuedCert, uri_sans
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.mesh_ca import IssuedCert, uri_sans
 from nodeproxy.identity.spiffe import IdentityError, SpiffeId, parse_spiffe_id
 
 ALPN_PROTOCOLS = ["h2"]

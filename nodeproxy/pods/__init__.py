@@ -1,1 +1,1 @@
-"""Pods on this node: their network namespaces and their enrollment in the mesh."""
+"""Pods on this node: enrolling them in the mesh (their listeners, then their steering)."""

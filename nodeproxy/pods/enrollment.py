@@ -16,19 +16,19 @@ import logging
 import os
 from collections.abc import Callable
 
+from nodeproxy.capture import transparent
 from nodeproxy.capture.maps import PodMaps
+from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
 from nodeproxy.identity.spiffe import spiffe_id
-from nodeproxy.pods import transparent
-from nodeproxy.pods.netns import Netns
-from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.listeners.inbound_hbone import HboneServer
+from nodeproxy.listeners.inbound_plaintext import InboundProxy
+from nodeproxy.listeners.outbound import OutboundProxy
+from nodeproxy.mesh.destinations import WorkloadRef
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.pods.steering import Steering
-from nodeproxy.proxy.destinations import WorkloadRef
-from nodeproxy.proxy.inbound import InboundProxy
-from nodeproxy.proxy.outbound import OutboundProxy
-from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
-from nodeproxy.tunnel.server import HboneServer
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from nodeproxy.capture import iptables
 from nodeproxy.capture.constants import POD_NO_IPV6
 from nodeproxy.capture.maps import CaptureMaps, PodCounters
 from nodeproxy.capture.programs import CapturePrograms
-from nodeproxy.pods.pod import EnrolledPod
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.policy.kernel_rules import KernelDeny
-from nodeproxy.proxy.dial import DialAnnouncer
+from nodeproxy.tcp.dial import DialAnnouncer
 
 log = logging.getLogger(__name__)
 

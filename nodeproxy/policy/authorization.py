@@ -22,7 +22,7 @@ Semantics follow Istio exactly:
 
   - ``methods``: exact and case-sensitive, as HTTP methods are.
   - ``paths``: the request path without its query string, as the node's
-    ``http.pathNormalization`` made it (nodeproxy/http/request_target.py, the one place
+    ``http.pathNormalization`` made it (nodeproxy/codec/request_target.py, the one place
     paths are normalized): the proxy matches and forwards that same path, so
     ``/a/../admin`` or ``/%61dmin`` reach neither the rule nor the backend as anything
     but ``/admin``.
@@ -30,7 +30,7 @@ Semantics follow Istio exactly:
     case-insensitively.  As in Istio the port is *not* stripped: ``"example.com"`` does
     not match ``Host: example.com:8080``; write ``["example.com", "example.com:*"]``.
   - ``request.headers[<name>]``: the header's value (the name is case-insensitive), the
-    one value the upstream also gets (nodeproxy/http/header_fields.py: a repeated
+    one value the upstream also gets (nodeproxy/codec/header_fields.py: a repeated
     list-valued or unknown header's lines joined with ", ", a repeated single-valued one
     refused before policy); an absent header matches no ``values`` and passes
     ``notValues``; a present but empty one matches ``"*"`` (presence) only.
@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from nodeproxy.codec.request_target import path_of
 from nodeproxy.config.model import (
     SPIFFE_SCHEME,
     AuthorizationPolicy,
@@ -77,10 +78,9 @@ from nodeproxy.config.model import (
     Workload,
     condition_header,
 )
-from nodeproxy.http.request_target import path_of
 
 if TYPE_CHECKING:
-    from nodeproxy.http.message import RequestHead
+    from nodeproxy.codec.message import RequestHead
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -345,7 +345,7 @@ class CompiledOperation:
         return self.not_ports is None or port not in self.not_ports
 
     def matches(self, port: int, request: _Request | None) -> bool:
-        """request None: the HTTP fields count as matched (see CompiledRule.matches)."""
+        """request None: the HTTP fields count as matched (see CompiledPolicyRule.matches)."""
         if not self.matches_port(port):
             return False
         if request is None:
@@ -433,7 +433,7 @@ class CompiledCondition:
 
     def matches(self, principal: str | None, namespace: str | None, ip: IPAddress, port: int,
                 request: _Request | None) -> bool:
-        """request None: a header condition counts as matched (see CompiledRule.matches)."""
+        """request None: a header condition counts as matched (see CompiledPolicyRule.matches)."""
         kind = self.kind
         value: str | IPAddress | int | None
         if kind == "header":
@@ -469,13 +469,13 @@ _CONDITION_KINDS: dict[str, ConditionKind] = {
 
 
 @dataclass(frozen=True)
-class CompiledRule:
+class CompiledPolicyRule:
     sources: tuple[CompiledSource, ...] | None  # None: any source
     operations: tuple[CompiledOperation, ...] | None  # None: any operation
     conditions: tuple[CompiledCondition, ...] = ()  # all must match
 
     @classmethod
-    def compile(cls, rule: Rule) -> CompiledRule:
+    def compile(cls, rule: Rule) -> CompiledPolicyRule:
         sources = (tuple(CompiledSource.compile(f.source) for f in rule.from_)
                    if rule.from_ else None)
         operations = (tuple(CompiledOperation.compile(t.operation) for t in rule.to)
@@ -520,14 +520,14 @@ class CompiledPolicy:
     namespace: str | None
     selector: Mapping[str, str] | None
     action: Action
-    rules: tuple[CompiledRule, ...]
+    rules: tuple[CompiledPolicyRule, ...]
     spec: AuthorizationPolicy
     # The rules to evaluate, per mode (_FULL, _UNSEEN, _UPSTREAM); see the module docstring.
-    views: tuple[tuple[CompiledRule, ...], ...]
+    views: tuple[tuple[CompiledPolicyRule, ...], ...]
 
     @classmethod
     def compile(cls, policy: AuthorizationPolicy) -> CompiledPolicy:
-        rules = tuple(CompiledRule.compile(r) for r in policy.rules)
+        rules = tuple(CompiledPolicyRule.compile(r) for r in policy.rules)
         without_l7 = tuple(r for r in rules if not r.uses_l7)
         if policy.action == "ALLOW":
             views = (rules, without_l7, rules)
@@ -544,7 +544,7 @@ class CompiledPolicy:
         return selects(self.namespace, self.selector, namespace, labels)
 
     def matching_rule(self, principal: str | None, namespace: str | None, ip: IPAddress,
-                      port: int, request: _Request | None, mode: int) -> CompiledRule | None:
+                      port: int, request: _Request | None, mode: int) -> CompiledPolicyRule | None:
         """The first rule that matches in this mode (request: set in _FULL mode only)."""
         for rule in self.views[mode]:
             if rule.matches(principal, namespace, ip, port, request):

@@ -27,7 +27,7 @@ peer's identity.  So only this is compiled:
   listed for it.
 * Destinations: every IP of every workload the policy selects, on each compiled port.  And a
   service VIP:port whose backends (the ones the proxy would pick from for that VIP's family,
-  the same fallback as nodeproxy.proxy.destinations) are *all* denied for that source pod
+  the same fallback as nodeproxy.mesh.destinations) are *all* denied for that source pod
   by the entries above; a VIP that could still reach an allowed endpoint, or one without
   endpoints, is left to the proxy.  An explicit service endpoint that is no listed workload
   is never denied here, so its VIP never compiles.
@@ -49,7 +49,7 @@ from nodeproxy.config.model import NodeConfig, Service, ServicePort, Workload
 from nodeproxy.policy.authorization import (
     Authorizer,
     CompiledPolicy,
-    CompiledRule,
+    CompiledPolicyRule,
     IPAddress,
     selects,
 )
@@ -126,7 +126,7 @@ def _policy_denies(policy: CompiledPolicy, pod_id: int, source: Workload,
                         yield from ((pod_id, ip, port) for port in sorted(ports))
 
 
-def _rule_ports(rule: CompiledRule) -> frozenset[int]:
+def _rule_ports(rule: CompiledPolicyRule) -> frozenset[int]:
     """The ports a rule names explicitly (and its destination.port conditions accept); empty
     when it matches any port or only notPorts."""
     if rule.operations is None:
@@ -137,7 +137,7 @@ def _rule_ports(rule: CompiledRule) -> frozenset[int]:
                                              for c in port_conditions))
 
 
-def _source_certainly_matches(rule: CompiledRule, source: Workload, family: int) -> bool:
+def _source_certainly_matches(rule: CompiledPolicyRule, source: Workload, family: int) -> bool:
     """True if the rule's sources and source.ip conditions match every IP the pod has in
     this family (and it has one)."""
     ips = [ip for ip in source.ips if ip.version == family]

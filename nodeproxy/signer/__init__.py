@@ -5,8 +5,8 @@
   with that service account scheduled there).  Refusals carry a reason from `REASONS`.
 - `kube`: the three Kubernetes API calls the service makes (TokenReview, get a pod, list
   the running pods of a node), over the documented REST protocol.
-- `server`: the HTTPS service itself: POST /v1/sign, metrics, refusals counted and logged.
-- `client`: what a node daemon uses: make a key and CSR in memory, authenticate with its
+- `signing_service`: the HTTPS service itself: POST /v1/sign, metrics, refusals counted and logged.
+- `signing_client`: what a node daemon uses: make a key and CSR in memory, authenticate with its
   projected, audience-bound ServiceAccount token, get the signed chain back.
 - `remote_certificates`: the node's CertificateManager when it holds no CA key: leaves
   signed ahead of use and renewed at half-life; the node keeps serving while the signer

@@ -41,7 +41,7 @@ REASONS = (
 )
 
 
-class Refused(Exception):
+class SigningRefused(Exception):
     """A signing request refused; `reason` is one of REASONS, the message says why."""
 
     def __init__(self, reason: str, message: str):
@@ -62,40 +62,41 @@ class Caller:
 
 
 def caller_of(review: Mapping[str, Any], audience: str, node_agent: str) -> Caller:
-    """The caller a TokenReview's `status` describes; Refused otherwise.  `node_agent` is
+    """The caller a TokenReview's `status` describes; SigningRefused otherwise.  `node_agent` is
     the daemon's service account, `system:serviceaccount:<ns>:<name>`."""
     if not review.get("authenticated"):
         error = str(review.get("error") or "not authenticated")
         reason = "wrong_audience" if "audience" in error.lower() else "token_invalid"
-        raise Refused(reason, f"token refused by TokenReview: {error}")
+        raise SigningRefused(reason, f"token refused by TokenReview: {error}")
     audiences = review.get("audiences")
     if audiences is not None and audience not in audiences:
-        raise Refused("wrong_audience",
+        raise SigningRefused("wrong_audience",
                       f"token is for {audiences}, this service is {audience!r}")
     user = review.get("user") or {}
     username = str(user.get("username", ""))
     if username != node_agent:
-        raise Refused("not_node_agent", f"{username or 'an unnamed user'} is not {node_agent}")
+        raise SigningRefused("not_node_agent",
+                             f"{username or 'an unnamed user'} is not {node_agent}")
     extra = user.get("extra") or {}
     names, uids = extra.get(POD_NAME) or [], extra.get(POD_UID) or []
     if len(names) != 1 or len(uids) != 1:
-        raise Refused("no_bound_pod", "the token is not bound to a pod (use a projected "
+        raise SigningRefused("no_bound_pod", "the token is not bound to a pod (use a projected "
                                       "ServiceAccount token)")
     namespace = username.split(":")[2]
     return Caller(username, namespace, str(names[0]), str(uids[0]))
 
 
 def node_of(caller: Caller, pod: Mapping[str, Any] | None) -> str:
-    """The node the caller's bound pod runs on; Refused if that pod is gone, replaced (another
-    uid under the same name) or not running on a node."""
+    """The node the caller's bound pod runs on; SigningRefused if that pod is gone, replaced
+    (another uid under the same name) or not running on a node."""
     if pod is None or (pod.get("metadata") or {}).get("uid") != caller.pod_uid:
-        raise Refused("caller_pod_gone",
+        raise SigningRefused("caller_pod_gone",
                       f"pod {caller.pod_namespace}/{caller.pod_name} ({caller.pod_uid}) "
                       "the token is bound to no longer exists")
     node = (pod.get("spec") or {}).get("nodeName")
     if not node or (pod.get("status") or {}).get("phase") != "Running" \
             or (pod.get("metadata") or {}).get("deletionTimestamp"):
-        raise Refused("caller_pod_not_running",
+        raise SigningRefused("caller_pod_not_running",
                       f"pod {caller.pod_namespace}/{caller.pod_name} is not running on a node")
     return str(node)
 
@@ -113,7 +114,7 @@ def meshable(pod: Mapping[str, Any]) -> bool:
 
 
 def check_may_hold(identity: SpiffeId, node: str, pods: Iterable[Mapping[str, Any]]) -> str:
-    """The name of a running pod on `node` with `identity`'s service account; Refused
+    """The name of a running pod on `node` with `identity`'s service account; SigningRefused
     ("no_such_pod_on_node") if there is none."""
     for pod in pods:
         meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
@@ -121,6 +122,6 @@ def check_may_hold(identity: SpiffeId, node: str, pods: Iterable[Mapping[str, An
                 meshable(pod) and \
                 (spec.get("serviceAccountName") or "default") == identity.service_account:
             return str(meta.get("name"))
-    raise Refused("no_such_pod_on_node",
+    raise SigningRefused("no_such_pod_on_node",
                   f"no running pod (of its own network) with service account {identity.namespace}/"
                   f"{identity.service_account} is scheduled on node {node}")

@@ -1,7 +1,7 @@
 """Workload certificates from the mesh signing service, for a node that holds no CA key.
 
 `RemoteCertificates` is a `CertificateManager` whose leaves come from `nodeproxy ca
-serve` (nodeproxy.signer.client): the key of each identity is made here, in memory, and
+serve` (nodeproxy.signer.signing_client): the key of each identity is made here, in memory, and
 only its CSR leaves the node.  Signing is a network call, so it never happens on the
 path of a handshake:
 
@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from nodeproxy.config.model import IdentitySettings
-from nodeproxy.identity.ca import CAError, Clock, IssuedCert, MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.mesh_ca import CAError, Clock, IssuedCert, MeshCA
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
-from nodeproxy.signer.client import SignerClient, SignerError
+from nodeproxy.signer.signing_client import SignerClient, SignerError
 
 log = logging.getLogger(__name__)
 

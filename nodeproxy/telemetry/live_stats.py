@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nodeproxy.http.metrics import RequestLabels
     from nodeproxy.telemetry.proxy_metrics import TcpLabels
+    from nodeproxy.telemetry.request_metrics import RequestLabels
 
 GROWTH = 2.0 ** (1.0 / 32.0)
 QUANTILE_ERROR = GROWTH - 1.0  # a reported quantile is in [true, true * (1 + this)]

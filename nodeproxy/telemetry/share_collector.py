@@ -1,4 +1,4 @@
-"""Each enrolled pod's use of its fair share (proxy/fairshare.py), read at scrape time: how
+"""Each enrolled pod's use of its fair share (tcp/fairshare.py), read at scrape time: how
 close a pod is to its caps, before it is refused."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nodeproxy.proxy.fairshare import SourceShares
+from nodeproxy.tcp.fairshare import SourceShares
 
 
 class PodShareCollector(Collector):

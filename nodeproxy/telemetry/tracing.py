@@ -2,10 +2,10 @@
 
 ``Tracing.configure`` (every config) returns the active ``Tracer`` or None when
 ``tracing.enabled`` is false, so a request pays one None check when tracing is off and
-the OpenTelemetry SDK (``nodeproxy.telemetry.tracer``) is only imported once tracing is
+the OpenTelemetry SDK (``nodeproxy.telemetry.request_spans``) is only imported once tracing is
 enabled.  A changed ``tracing`` section makes a new ``Tracer``; the old one is shut
 down on a thread of its own (it flushes what it queued), never on the event loop.
-See ``nodeproxy.telemetry.tracer`` for what a request's span does and how export is
+See ``nodeproxy.telemetry.request_spans`` for what a request's span does and how export is
 bounded and counted.
 """
 
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
 
-from nodeproxy.telemetry.trace_context import B3_MULTI, B3_SINGLE, TRACESTATE, W3C
+from nodeproxy.telemetry.trace_headers import B3_MULTI, B3_SINGLE, TRACESTATE, W3C
 
 if TYPE_CHECKING:
     from nodeproxy.config.model import TracingSettings
-    from nodeproxy.telemetry.tracer import Tracer
+    from nodeproxy.telemetry.request_spans import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Tracing:
         old, self._settings = self._tracer, settings
         self._tracer = None
         if settings.enabled:
-            from nodeproxy.telemetry.tracer import Tracer  # the SDK: only when used
+            from nodeproxy.telemetry.request_spans import Tracer  # the SDK: only when used
 
             self._tracer = Tracer(settings, self.metrics, self._node)
         if old is not None:

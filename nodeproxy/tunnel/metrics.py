@@ -16,7 +16,7 @@ class TunnelMetrics:
         self.abuse = Counter(
             "nodeproxy_hbone_abuse_total",
             "HBONE server connections closed with GOAWAY ENHANCE_YOUR_CALM, by the HTTP/2 "
-            "budget the peer spent (nodeproxy/http/h2_guard.py)",
+            "budget the peer spent (nodeproxy/codec/h2_guard.py)",
             ("reason",), registry=registry)
         self.pooled_connections = Gauge(
             "nodeproxy_hbone_pooled_connections", "Open pooled HBONE client connections",

@@ -8,7 +8,7 @@ the writer past a high-water mark; pause_reading() withholds WINDOW_UPDATEs,
 so backpressure crosses the tunnel both ways; write_eof() ends the stream;
 abort() resets it.
 
-A server session keeps the HTTP/2 budgets of the L7 front end (nodeproxy/http/h2_guard.py):
+A server session keeps the HTTP/2 budgets of the L7 front end (nodeproxy/codec/h2_guard.py):
 a peer node passed mTLS, but a compromised one must not be able to flood the proxy with
 CONNECT streams it resets at once, or with control frames; past a budget the session
 sends GOAWAY ENHANCE_YOUR_CALM and closes.
@@ -28,8 +28,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.config.model import Http2Limits
-from nodeproxy.http.h2_guard import Abuse, FrameGuard
 
 log = logging.getLogger(__name__)
 

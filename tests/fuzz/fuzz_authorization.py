@@ -17,7 +17,7 @@ Invariants:
   action denies and names a DENY policy that selects the workload; an allow naming a
   policy names an ALLOW one;
 - one request, one meaning: a request target the codecs accept
-  (nodeproxy.http.request_target.check_target) is normalized under every
+  (nodeproxy.codec.request_target.check_target) is normalized under every
   ``pathNormalization`` mode and escaped-slash action; the normalized target passes the
   codecs' check again, normalizing it again changes neither it nor the decision, and
   (modes MERGE_SLASHES and DECODE_AND_MERGE_SLASHES, escaped slashes not kept) a backend
@@ -36,14 +36,14 @@ from urllib.parse import unquote
 
 from pydantic import ValidationError
 
-from nodeproxy.config.model import AuthorizationPolicy
-from nodeproxy.http.request_target import (
+from nodeproxy.codec.request_target import (
     Refusal,
     TargetPolicy,
     check_target,
     normalize,
     remove_dot_segments,
 )
+from nodeproxy.config.model import AuthorizationPolicy
 from nodeproxy.policy.authorization import (
     L7_CHECKED_UPSTREAM,
     Authorizer,

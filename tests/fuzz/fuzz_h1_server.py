@@ -1,4 +1,4 @@
-"""Fuzz target: the HTTP/1.1 front end (nodeproxy.http.h1.H1Server).
+"""Fuzz target: the HTTP/1.1 front end (nodeproxy.codec.h1.H1Server).
 
 One input is the byte stream a client pod sends on one connection (pipelined requests,
 bodies, garbage), delivered at once or in small reads through an in-memory transport on a
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import httptools
 
-from nodeproxy.http.h1 import H1Exchange, H1Server
-from nodeproxy.http.message import HOP_BY_HOP, BodyError, ResponseHead
+from nodeproxy.codec.h1 import H1Exchange, H1Server
+from nodeproxy.codec.message import HOP_BY_HOP, BodyError, ResponseHead
 from tests.fuzz import harness
 
 
@@ -83,7 +83,7 @@ def _check_request(exchange: H1Exchange, sent: list[tuple[str, str]] | None) -> 
     head = exchange.request
     if head.method == "CONNECT":
         # Passed on only as an upgrade: the manager refuses CONNECT (403) before anything
-        # reads its target (nodeproxy/http/upgrade.py).
+        # reads its target (nodeproxy/codec/upgrade.py).
         assert exchange.upgrade, "CONNECT passed on as an ordinary request"
         return  # neither its target nor its Host is checked by the codec
     harness.check_origin_form(head.method, head.path)

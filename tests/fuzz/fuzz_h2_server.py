@@ -1,4 +1,4 @@
-"""Fuzz target: the HTTP/2 front end (nodeproxy.http.h2.H2Server, h2 underneath).
+"""Fuzz target: the HTTP/2 front end (nodeproxy.codec.h2.H2Server, h2 underneath).
 
 One input is what a client pod sends on one prior-knowledge h2c connection: the
 connection preface and frames (the seeds are real clients' bytes: requests with bodies,
@@ -22,8 +22,8 @@ from __future__ import annotations
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import Frame, GoAwayFrame, SettingsFrame
 
-from nodeproxy.http.h2 import H2Exchange, H2Server
-from nodeproxy.http.message import HOP_BY_HOP, BodyError, ResponseHead
+from nodeproxy.codec.h2 import H2Exchange, H2Server
+from nodeproxy.codec.message import HOP_BY_HOP, BodyError, ResponseHead
 from tests.fuzz import harness
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

@@ -1,5 +1,5 @@
 """Fuzz target: the HBONE server's frame handling (nodeproxy.tunnel.session.H2Session in
-server mode, requests served by nodeproxy.tunnel.server.HboneServer._serve).
+server mode, requests served by nodeproxy.listeners.inbound_hbone.HboneServer._serve).
 
 One input is what a peer node's proxy sends after the mutual-TLS handshake: the HTTP/2
 preface and frames carrying CONNECT requests (seeds: real CONNECT streams with
@@ -28,12 +28,12 @@ from hpack import Decoder
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 from prometheus_client import CollectorRegistry
 
-from nodeproxy.proxy.admission import Admission
-from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.listeners.inbound_hbone import HboneServer
+from nodeproxy.policy.admission import Admission
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.headers import L7_AUTHORIZED, HeaderError, parse_authority
 from nodeproxy.tunnel.metrics import TunnelMetrics
-from nodeproxy.tunnel.server import HboneServer
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 from tests.fuzz import harness
 from tests.fuzz.fuzz_h2_server import written_frames
@@ -79,7 +79,12 @@ def _server() -> HboneServer:
             certificates=None, trust_domain="cluster.local", port=15008,  # type: ignore[arg-type]
             announcer=None, handshake_timeout=1, connect_timeout=1,  # type: ignore[arg-type]
             local_pod=lambda ip: _Pod(_Workload()) if ip in (POD_IP, POD_IP6) else None,  # type: ignore[arg-type,return-value]
-            state=SimpleNamespace(current=SimpleNamespace(admitter=_ADMITTER)),  # type: ignore[arg-type]
+            # The source's marker believed (tunnel.trustSourceL7Authorization), so what is
+            # checked is that exactly a marker of "1" is: the default, never believing it,
+            # is tests/integration/test_hostile_marker.py's.
+            state=SimpleNamespace(current=SimpleNamespace(  # type: ignore[arg-type]
+                admitter=_ADMITTER, config=SimpleNamespace(tunnel=SimpleNamespace(
+                    trust_source_l7_authorization=True)))),
             tracker=ConnectionTracker(), metrics=ProxyMetrics(_REGISTRY),
             tunnel_metrics=TunnelMetrics(_REGISTRY))
     return _SERVER
@@ -139,7 +144,7 @@ async def _drive(data: bytes) -> None:
                 f"stream {f.stream_id} answered {status!r}"
             answered.add(f.stream_id)
     # After a GOAWAY either way h2 sends nothing more (python-hyper/h2#1181, see
-    # nodeproxy/http/h2.py): a stream then ends with the connection, unanswered.
+    # nodeproxy/codec/h2.py): a stream then ends with the connection, unanswered.
     if not any(isinstance(f, GoAwayFrame) for f in frames) and not peer_goaway:
         unanswered = set(accepted) - answered - reset_by_peer
         assert not unanswered, f"streams {sorted(unanswered)} got no answer"

@@ -18,12 +18,12 @@ from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from nodeproxy.cni import netconf, plugin
 from nodeproxy.cni.spec import CniError
+from nodeproxy.codec.h1 import H1Exchange, H1Server
+from nodeproxy.codec.h2 import H2Server
+from nodeproxy.codec.message import RequestHead, ResponseHead
+from nodeproxy.codec.request_target import Refusal, TargetPolicy, check_target, normalize
 from nodeproxy.config.loader import ConfigError, parse_config
 from nodeproxy.config.model import AuthorizationPolicy
-from nodeproxy.http.h1 import H1Exchange, H1Server
-from nodeproxy.http.h2 import H2Server
-from nodeproxy.http.message import RequestHead, ResponseHead
-from nodeproxy.http.request_target import Refusal, TargetPolicy, check_target, normalize
 from nodeproxy.policy.authorization import (
     Authorizer,
     ConnectionAttributes,

@@ -26,8 +26,8 @@ import h2.events
 import pytest
 
 from nodeproxy.identity import tls
-from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.ports import HBONE_PORT
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster

@@ -4,8 +4,8 @@ The attacker here is a node, not a pod: it holds a mesh certificate (any identit
 pods may have) and talks HBONE to another node's pods directly, setting
 ``x-nodeproxy-l7-authorized: 1`` on its CONNECT streams, which tells a destination that
 believes it "I already applied your HTTP rules".  By default the destination does not
-believe it: it parses the stream and judges every request itself (nodeproxy/tunnel/
-l7_gate.py).  The judge is nginx's own access log (tests/integration/hostile.py): a
+believe it: it parses the stream and judges every request itself (nodeproxy/listeners/
+inbound_hbone_l7.py).  The judge is nginx's own access log (tests/integration/hostile.py): a
 request the destination's policy forbids must never reach it, and a permitted one must
 (so a destination that simply refused every forged stream would fail too).
 """
@@ -21,8 +21,8 @@ import h2.events
 import pytest
 
 from nodeproxy.identity import tls
-from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.tunnel.headers import L7_AUTHORIZED
 from nodeproxy_dev.testbed import netns
 from tests.integration.hostile import (

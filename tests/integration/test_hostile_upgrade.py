@@ -375,7 +375,7 @@ def test_smuggled_request_behind_a_real_upgrade_goes_to_the_upgraded_protocol(
 @pytest.mark.parametrize("pod", WS_SITES)
 def test_101_to_a_request_without_upgrade_is_a_502(mesh: HostileMesh, pod: str):
     # Counted by the node that sees the 101: across nodes the destination, which judges
-    # the stream's requests itself (nodeproxy/tunnel/l7_gate.py).
+    # the stream's requests itself (nodeproxy/listeners/inbound_hbone_l7.py).
     node = WS_SITES[pod]
     before = metric_sum(mesh.cluster.metrics(node), "nodeproxy_http_upgrade_refusals_total",
                         reason="unexpected_101")

@@ -21,8 +21,8 @@ import pytest
 from nodeproxy.capture import iptables
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.iptables import IPV4, IPV6, DenyRule, Ports
+from nodeproxy.capture.namespaces import Netns
 from nodeproxy.capture.original_dst import Destination, original_destination
-from nodeproxy.pods.netns import Netns
 from nodeproxy_dev.testbed import netns
 
 pytestmark = pytest.mark.privileged

@@ -4,7 +4,7 @@ daemon gets from it.
 The Kubernetes API is the suite's stand-in speaking the documented protocol
 (tests/integration/fake_kube_api.py: TokenReview, pods by name and by node).  Two node
 daemons are represented by their projected ServiceAccount tokens, bound to their pods
-on node-a and node-b; they ask through the real client (nodeproxy.signer.client), which
+on node-a and node-b; they ask through the real client (nodeproxy.signer.signing_client), which
 makes the key and CSR in memory and checks the answer.  The leaves are verified against
 the mesh root with OpenSSL (a TLS handshake between two of them).
 """
@@ -27,9 +27,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.identity import tls
-from nodeproxy.identity.ca import IssuedCert
 from nodeproxy.identity.csr import make_csr
-from nodeproxy.signer.client import SignerClient, SignerError
+from nodeproxy.identity.mesh_ca import IssuedCert
+from nodeproxy.signer.signing_client import SignerClient, SignerError
 from tests.integration import fake_kube_api as kube
 
 TD = "cluster.local"

@@ -1,4 +1,4 @@
-"""nodeproxy.pods.sysctl where /proc/sys is read-only, as in the DaemonSet's container."""
+"""nodeproxy.capture.sysctl where /proc/sys is read-only, as in the DaemonSet's container."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 READ_ONLY_PROC_SYS = ('mount -o bind,ro /proc/sys /proc/sys '
                       '&& mount -o remount,bind,ro /proc/sys && exec "$@"')
 SCRIPT = """
-from nodeproxy.pods import sysctl
+from nodeproxy.capture import sysctl
 try:
     open("/proc/sys/net/ipv4/tcp_fwmark_accept", "w").write("1")
 except OSError as e:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.telemetry.trace_context import parse_traceparent
+from nodeproxy.telemetry.trace_headers import parse_traceparent
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from nodeproxy_dev.testbed.otlp_receiver import read_spans

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.identity import tls
-from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.ports import HBONE_PORT
 from nodeproxy_dev.testbed import netns

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.loader import parse_config
-from nodeproxy.http.message import RequestHead
 from nodeproxy.http.routes import Routes
 from nodeproxy_dev.bench import haproxy, noisy, scenarios, stats
 from nodeproxy_dev.bench.configurations import CONFIGURATIONS, Configuration

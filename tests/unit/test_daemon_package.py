@@ -1,8 +1,9 @@
 """The daemon package keeps to wiring and lifecycle: read from the source (no imports run).
 
-- Every attribute a class of nodeproxy/daemon/ (or nodeproxy/state/) sets is declared in its
-  __init__ (or as a dataclass field), so a reader finds the whole state of an object in
-  one place (no attribute that exists only after start, looked up with getattr).
+- Every attribute a class of nodeproxy/daemon/ (or of the mesh snapshot and its holder,
+  nodeproxy/mesh/snapshot.py and holder.py) sets is declared in its __init__ (or as a
+  dataclass field), so a reader finds the whole state of an object in one place (no
+  attribute that exists only after start, looked up with getattr).
 - It never imports the CLI layer above it.
 """
 
@@ -14,11 +15,13 @@ from pathlib import Path
 import nodeproxy
 
 RUNTIME = Path(nodeproxy.__file__).parent
-PACKAGES = ("daemon", "state")
+PACKAGES = ("daemon",)
+MESH_STATE = ("mesh/holder.py", "mesh/snapshot.py")
 
 
 def _sources() -> list[Path]:
-    return sorted(p for package in PACKAGES for p in (RUNTIME / package).glob("*.py"))
+    return sorted([p for package in PACKAGES for p in (RUNTIME / package).glob("*.py")]
+                  + [RUNTIME / path for path in MESH_STATE])
 
 
 def _self_attributes(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:

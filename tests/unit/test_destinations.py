@@ -6,7 +6,7 @@ import ipaddress
 from collections import Counter
 
 from nodeproxy.config.loader import parse_config
-from nodeproxy.proxy.destinations import DestinationTable, Verdict
+from nodeproxy.mesh.destinations import DestinationTable, ResolutionKind
 
 DOC = """
 apiVersion: nodeproxy.io/v1alpha1
@@ -48,7 +48,7 @@ def ip(s: str):
 def test_vip_round_robins_over_selected_endpoints_in_namespace():
     t = table()
     picks = [t.resolve(ip("10.96.0.10"), 80) for _ in range(9)]
-    assert {p.verdict for p in picks} == {Verdict.SERVICE}
+    assert {p.verdict for p in picks} == {ResolutionKind.SERVICE}
     assert {p.service for p in picks} == {"web.default.svc.cluster.local"}
     counts = Counter(str(p.backend.address) for p in picks)
     # Three web pods in namespace default, each picked equally; prod's is not an endpoint.
@@ -68,12 +68,12 @@ def test_ipv6_vip_prefers_ipv6_endpoints():
 
 def test_unknown_port_on_vip_is_not_a_service():
     d = table("REGISTRY_ONLY").resolve(ip("10.96.0.10"), 81)
-    assert d.verdict is Verdict.REFUSE
+    assert d.verdict is ResolutionKind.REFUSE
 
 
 def test_service_without_endpoints_is_refused():
     d = table().resolve(ip("10.96.0.11"), 80)
-    assert d.verdict is Verdict.REFUSE and d.reason == "service has no endpoints"
+    assert d.verdict is ResolutionKind.REFUSE and d.reason == "service has no endpoints"
 
 
 def test_explicit_endpoints():
@@ -83,15 +83,15 @@ def test_explicit_endpoints():
 
 def test_pod_ip_passes_through_with_identity():
     d = table().resolve(ip("10.244.2.2"), 9000)
-    assert d.verdict is Verdict.POD
+    assert d.verdict is ResolutionKind.POD
     assert (d.backend.workload.workload, d.backend.workload.service_account) == ("web", "web")
     assert d.backend.port == 9000
 
 
 def test_unknown_destination_follows_outbound_policy():
-    assert table("ALLOW_ANY").resolve(ip("203.0.113.5"), 443).verdict is Verdict.PASSTHROUGH
+    assert table("ALLOW_ANY").resolve(ip("203.0.113.5"), 443).verdict is ResolutionKind.PASSTHROUGH
     refused = table("REGISTRY_ONLY").resolve(ip("203.0.113.5"), 443)
-    assert refused.verdict is Verdict.REFUSE
+    assert refused.verdict is ResolutionKind.REFUSE
     assert "REGISTRY_ONLY" in refused.reason
 
 

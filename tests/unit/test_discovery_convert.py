@@ -8,7 +8,7 @@ from types import MappingProxyType
 import pytest
 
 from nodeproxy.config.loader import parse_config
-from nodeproxy.config.model import Endpoint
+from nodeproxy.config.model import ServiceEndpoint
 from nodeproxy.discovery.convert import (
     ConversionError,
     app_protocol,
@@ -21,7 +21,7 @@ from nodeproxy.discovery.convert import (
     trim,
 )
 from nodeproxy.discovery.state import DiscoveredState, is_meshed
-from nodeproxy.proxy.destinations import DestinationTable, Verdict
+from nodeproxy.mesh.destinations import DestinationTable, ResolutionKind
 from tests.integration.fake_kube_api import (
     endpoint_slice,
     namespace,
@@ -113,9 +113,9 @@ def test_service_with_numeric_target_port_and_ready_endpoints():
     assert [(p.port, p.target_port, p.name) for p in s.ports] == [(80, 8080, "http")]
     assert s.selector == {}  # the slices already applied the selector, with readiness
     assert s.endpoints == [
-        Endpoint(address="10.244.1.5", port=8080, node="node-a", service_port=80),
-        Endpoint(address="10.244.2.5", port=8080, node="node-b", service_port=80),
-        Endpoint(address="fd00::1:5", port=8080, node="node-a", service_port=80),
+        ServiceEndpoint(address="10.244.1.5", port=8080, node="node-a", service_port=80),
+        ServiceEndpoint(address="10.244.2.5", port=8080, node="node-b", service_port=80),
+        ServiceEndpoint(address="fd00::1:5", port=8080, node="node-a", service_port=80),
     ]
 
 
@@ -157,7 +157,7 @@ def test_endpoints_dedup_fqdn_and_udp():
     s = service_to_service(service("web", ports=ports), slices)
     assert s is not None
     assert [p.port for p in s.ports] == [80]  # UDP is not proxied
-    assert s.endpoints == [Endpoint(address="10.244.1.5", port=8080, node="node-a",
+    assert s.endpoints == [ServiceEndpoint(address="10.244.1.5", port=8080, node="node-a",
                                     service_port=80)]
 
 
@@ -286,14 +286,14 @@ def test_extras_feed_the_destination_table():
     merged = config.model_copy(update={"services": [*config.services, *services]})
     table = DestinationTable(merged, workloads)
     d = table.resolve(ip("10.96.0.20"), 80)
-    assert d.verdict is Verdict.SERVICE and d.service == "api.shop.svc.cluster.local"
+    assert d.verdict is ResolutionKind.SERVICE and d.service == "api.shop.svc.cluster.local"
     backends = [table.resolve(ip("10.96.0.20"), 80).backend for _ in range(4)]
     picks = {(str(b.address), b.port, b.workload is not None) for b in backends if b}
     # The meshed pod is a workload (reached over HBONE); the unmeshed one a plain endpoint.
     assert picks == {("10.244.2.2", 8080, True), ("10.244.2.3", 8080, False)}
     ref = table.resolve(ip("10.244.2.2"), 8080).backend.workload  # type: ignore[union-attr]
     assert ref is not None and (ref.node, ref.service_account) == ("node-b", "web")
-    assert table.resolve(ip("10.244.2.3"), 8080).verdict is Verdict.PASSTHROUGH
+    assert table.resolve(ip("10.244.2.3"), 8080).verdict is ResolutionKind.PASSTHROUGH
     # The YAML's web service and pod are untouched by what the API said.
     assert table.resolve(ip("10.244.2.1"), 80).backend.workload.service_account == "from-yaml"  # type: ignore[union-attr]
 
@@ -305,7 +305,7 @@ def test_service_without_ready_endpoints_refuses_instead_of_passing_through():
     _, services = state.extras(config)
     table = DestinationTable(config.model_copy(update={"services": [*config.services,
                                                                     *services]}))
-    assert table.resolve(ip("10.96.0.30"), 80).verdict is Verdict.REFUSE
+    assert table.resolve(ip("10.96.0.30"), 80).verdict is ResolutionKind.REFUSE
 
 
 @pytest.mark.parametrize("port,expected", [

@@ -16,14 +16,14 @@ import h2.events
 import pytest
 from pydantic import ValidationError
 
+from nodeproxy.codec.h1 import H1Exchange, H1Server
+from nodeproxy.codec.message import ResponseHead
 from nodeproxy.config.changes import restart_only_changes
 from nodeproxy.config.model import LimitSettings, NodeConfig
 from nodeproxy.http.client_connections import ClientH2Server as _ClientH2Server
-from nodeproxy.http.h1 import H1Exchange, H1Server
-from nodeproxy.http.message import ResponseHead
-from nodeproxy.proxy import descriptors
-from nodeproxy.proxy.descriptors import DescriptorBudget, OverBudget, raise_open_file_limit
-from nodeproxy.proxy.fairshare import (
+from nodeproxy.tcp import descriptors
+from nodeproxy.tcp.descriptors import DescriptorBudget, OverBudget, raise_open_file_limit
+from nodeproxy.tcp.fairshare import (
     CONNECTION_LIMIT,
     CONNECTION_RATE,
     Lease,
@@ -404,8 +404,8 @@ def test_open_file_limit_goes_to_nr_open_where_the_process_may():
 
 
 def test_tracker_releases_a_lease_whichever_way_a_connection_ends():
-    from nodeproxy.proxy.relay import Side
-    from nodeproxy.proxy.tracker import ConnectionTracker
+    from nodeproxy.tcp.relay import Side
+    from nodeproxy.tcp.tracker import ConnectionTracker
 
     async def main() -> None:
         shares = SourceShares(ShareLimits(max_connections=1))
@@ -463,8 +463,8 @@ def test_pod_share_gauges_show_what_each_pod_holds():
 
 
 def test_idle_relays_are_closed_and_busy_ones_are_not():
-    from nodeproxy.proxy.relay import Relay, Side
-    from nodeproxy.proxy.tracker import ConnectionTracker
+    from nodeproxy.tcp.relay import Relay, Side
+    from nodeproxy.tcp.tracker import ConnectionTracker
 
     async def main() -> None:
         tracker = ConnectionTracker()

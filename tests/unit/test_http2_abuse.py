@@ -1,4 +1,4 @@
-"""HTTP/2 abuse budgets (nodeproxy/http/h2_guard.py) on the proxy's HTTP/2 servers.
+"""HTTP/2 abuse budgets (nodeproxy/codec/h2_guard.py) on the proxy's HTTP/2 servers.
 
 H2Server (the L7 front end) and the HBONE server's H2Session are driven by the `h2`
 library as a client over an in-memory transport: every budget trips exactly one frame
@@ -23,12 +23,12 @@ import pytest
 import uvloop
 from hyperframe.frame import HeadersFrame, RstStreamFrame
 
+from nodeproxy.codec import h2 as h2_module
+from nodeproxy.codec import h2_guard
+from nodeproxy.codec.h2 import H2Client, H2Server
+from nodeproxy.codec.h2_guard import FrameBucket, FrameGuard
+from nodeproxy.codec.message import Body, Exchange, ReplayableBody, RequestHead, ResponseHead
 from nodeproxy.config.model import Http2Limits
-from nodeproxy.http import h2 as h2_module
-from nodeproxy.http import h2_guard
-from nodeproxy.http.h2 import H2Client, H2Server
-from nodeproxy.http.h2_guard import FrameGuard, TokenBucket
-from nodeproxy.http.message import Body, Exchange, ReplayableBody, RequestHead, ResponseHead
 from nodeproxy.http.pool import EndpointPool
 from nodeproxy.tunnel import session as session_module
 from nodeproxy.tunnel.session import H2Session, StreamTransport
@@ -509,7 +509,7 @@ def test_a_grpc_like_client_stays_within_every_budget() -> None:
 
 
 def test_token_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
-    bucket = TokenBucket(rate=10, capacity=3, now=0.0)
+    bucket = FrameBucket(rate=10, capacity=3, now=0.0)
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
     assert bucket.take(0.1) and not bucket.take(0.1)
     assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]

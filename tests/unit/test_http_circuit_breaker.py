@@ -10,6 +10,8 @@ import ipaddress
 
 import pytest
 
+from nodeproxy.codec.h1 import H1Server
+from nodeproxy.codec.message import Body, ReplayableBody, RequestHead, ResponseHead
 from nodeproxy.config.model import ConnectionPool, OutlierDetection, TrafficPolicy
 from nodeproxy.http.circuit_breaker import (
     CONNECTIONS,
@@ -19,11 +21,9 @@ from nodeproxy.http.circuit_breaker import (
     CircuitBreaker,
     Overflow,
 )
-from nodeproxy.http.h1 import H1Server
-from nodeproxy.http.message import Body, ReplayableBody, RequestHead, ResponseHead
 from nodeproxy.http.pool import Endpoint, EndpointPool
 from nodeproxy.http.resilience import Resilience, Slots
-from nodeproxy.proxy.destinations import Backend
+from nodeproxy.mesh.destinations import Backend
 
 
 def breaker(**limits: int) -> tuple[CircuitBreaker, list[str]]:
@@ -268,7 +268,7 @@ def test_breakers_and_detectors_survive_a_reload_unless_their_policy_changes() -
 def test_an_http2_request_waits_for_a_stream_to_end() -> None:
     """maxConnections 1 and a server allowing one stream at a time: the second request
     waits as pending and goes out on the same connection when the first stream ends."""
-    from nodeproxy.http.h2 import H2Server
+    from nodeproxy.codec.h2 import H2Server
 
     async def main() -> None:
         gate = Gate()

@@ -9,7 +9,7 @@ from typing import Any
 from nodeproxy.config.loader import parse_config
 from nodeproxy.config.model import NodeConfig
 from nodeproxy.http.clusters import Clusters
-from nodeproxy.proxy.destinations import DestinationTable
+from nodeproxy.mesh.destinations import DestinationTable
 
 DOC = """
 apiVersion: nodeproxy.io/v1alpha1

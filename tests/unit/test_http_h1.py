@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from nodeproxy.http.h1 import H1Client, H1Exchange, H1Server
-from nodeproxy.http.message import Body, ReplayableBody, RequestHead, ResponseHead
+from nodeproxy.codec.h1 import H1Client, H1Exchange, H1Server
+from nodeproxy.codec.message import Body, ReplayableBody, RequestHead, ResponseHead
 
 Handler = Callable[[H1Exchange], Awaitable[None]]
 

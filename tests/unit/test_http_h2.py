@@ -1,4 +1,4 @@
-"""The HTTP/2 codec (nodeproxy/http/h2.py) over real loopback sockets, in one event loop.
+"""The HTTP/2 codec (nodeproxy/codec/h2.py) over real loopback sockets, in one event loop.
 
 H2Server takes connections from a sniffing listener (as the proxy does: it reads the
 first bytes, then attaches); H2Client talks to it, to a real gRPC server, and is talked
@@ -26,8 +26,8 @@ import pytest
 import uvloop
 from hyperframe.frame import Frame, GoAwayFrame
 
-from nodeproxy.http.h2 import CONNECTION_WINDOW, H2Client, H2Server, UpstreamBody, open_h2c
-from nodeproxy.http.message import (
+from nodeproxy.codec.h2 import CONNECTION_WINDOW, H2Client, H2Server, UpstreamBody, open_h2c
+from nodeproxy.codec.message import (
     Body,
     BodyError,
     BodyReader,

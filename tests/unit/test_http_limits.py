@@ -8,12 +8,13 @@ import textwrap
 
 import pytest
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.loader import parse_config
 from nodeproxy.config.model import FaultInjection, RateLimit
 from nodeproxy.http.fault import Fault
-from nodeproxy.http.message import RequestHead
-from nodeproxy.http.rate_limit import Limiter, Limiters, TokenBucket, retry_after
+from nodeproxy.http.rate_limit import Limiter, Limiters, retry_after
 from nodeproxy.http.routes import Routes
+from nodeproxy.tcp.token_bucket import TokenBucket
 from tests.unit.test_config import VALID
 
 

@@ -13,10 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nodeproxy.config.loader import parse_config
-from nodeproxy.config.model import HeaderModifier, HttpHeader, Timeouts
-from nodeproxy.http.balancer import RoundRobin
-from nodeproxy.http.message import (
+from nodeproxy.codec.message import (
     Body,
     BodyError,
     ReplayableBody,
@@ -25,12 +22,15 @@ from nodeproxy.http.message import (
     UpstreamError,
     UpstreamResponse,
 )
-from nodeproxy.http.metrics import RequestMetrics
+from nodeproxy.config.loader import parse_config
+from nodeproxy.config.model import HeaderModifier, HttpHeader, Timeouts
+from nodeproxy.http.balancer import RoundRobin
 from nodeproxy.http.mirror import BodyTap, Mirrors, chosen, shadow_authority
 from nodeproxy.http.pool import Endpoint
 from nodeproxy.http.routes import CompiledRule, Mirror, Routes, WeightedBackend
-from nodeproxy.proxy.destinations import Backend
-from nodeproxy.proxy.upstream import Refused
+from nodeproxy.mesh.destinations import Backend
+from nodeproxy.mesh.upstream import Refused
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 from tests.unit.test_config import HEAD
 
 FQDN = "shadow.default.svc.cluster.local"

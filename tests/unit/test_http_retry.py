@@ -154,7 +154,7 @@ def test_an_unknown_flag_is_an_error():
 
 
 def test_backoff_never_exceeds_the_exponential_bound_or_the_cap():
-    backoff = model.Backoff(base_seconds=0.025, max_seconds=0.25)
+    backoff = model.RetryBackoff(base_seconds=0.025, max_seconds=0.25)
     rng = random.Random(1)
     for n, bound in [(1, 0.025), (2, 0.05), (3, 0.1), (4, 0.2), (5, 0.25), (6, 0.25),
                      (40, 0.25), (5000, 0.25)]:
@@ -166,7 +166,7 @@ def test_backoff_never_exceeds_the_exponential_bound_or_the_cap():
 
 
 def test_backoff_is_reproducible_with_a_seeded_rng():
-    backoff = model.Backoff()
+    backoff = model.RetryBackoff()
     a = [backoff_delay(n, backoff, random.Random(9)) for n in range(1, 6)]
     b = [backoff_delay(n, backoff, random.Random(9)) for n in range(1, 6)]
     assert a == b
@@ -174,7 +174,7 @@ def test_backoff_is_reproducible_with_a_seeded_rng():
 
 def test_backoff_counts_retries_from_one():
     with pytest.raises(ValueError):
-        backoff_delay(0, model.Backoff(), random.Random())
+        backoff_delay(0, model.RetryBackoff(), random.Random())
 
 
 # Budget
@@ -182,7 +182,7 @@ def test_backoff_counts_retries_from_one():
 
 def budget(clock: FakeClock, ratio: float = 0.2, per_second: float = 0.0,
            window: float = 10.0) -> RetryBudget:
-    cfg = model.RetryBudget(ratio=ratio, min_retries_per_second=per_second,
+    cfg = model.RetryBudgetSettings(ratio=ratio, min_retries_per_second=per_second,
                             window_seconds=window)
     return RetryBudget(cfg, clock=clock)
 

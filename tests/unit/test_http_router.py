@@ -13,6 +13,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from nodeproxy.codec.message import (
+    Body,
+    RequestHead,
+    ResponseHead,
+    UpstreamError,
+    UpstreamResponse,
+)
 from nodeproxy.config import model
 from nodeproxy.http import attempts
 from nodeproxy.http.attempts import (
@@ -32,20 +39,13 @@ from nodeproxy.http.balancer import RoundRobin
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker
 from nodeproxy.http.clusters import Cluster
 from nodeproxy.http.context import Outcome
-from nodeproxy.http.message import (
-    Body,
-    RequestHead,
-    ResponseHead,
-    UpstreamError,
-    UpstreamResponse,
-)
-from nodeproxy.http.metrics import RequestMetrics
 from nodeproxy.http.mirror import Mirrors
 from nodeproxy.http.pool import Endpoint
 from nodeproxy.http.retry import RetryBudget
 from nodeproxy.http.router import Router
 from nodeproxy.http.routes import CompiledRule, WeightedBackend
-from nodeproxy.proxy.destinations import Backend
+from nodeproxy.mesh.destinations import Backend
+from nodeproxy.telemetry.request_metrics import RequestMetrics
 
 
 def policy(*on: str, attempts: int = 2, codes: tuple[int, ...] = (503,),
@@ -53,7 +53,7 @@ def policy(*on: str, attempts: int = 2, codes: tuple[int, ...] = (503,),
     return model.RetryPolicy(retry_on=list(on or ("5xx",)), attempts=attempts,
                              status_codes=list(codes), non_idempotent=non_idempotent,
                              per_try_timeout_seconds=per_try,
-                             backoff=model.Backoff(base_seconds=0.001, max_seconds=0.002))
+                             backoff=model.RetryBackoff(base_seconds=0.001, max_seconds=0.002))
 
 
 FIRST = Progress(attempts=1)
@@ -323,7 +323,7 @@ class Context:
 
 
 def make_router(script: list[int | UpstreamError | str], *, max_retries: int = 3,
-                budget: model.RetryBudget | None = None
+                budget: model.RetryBudgetSettings | None = None
                 ) -> tuple[Router, Cluster, ScriptedConnection, CollectorRegistry]:
     registry = CollectorRegistry()
     metrics = RequestMetrics(registry)
@@ -331,7 +331,7 @@ def make_router(script: list[int | UpstreamError | str], *, max_retries: int = 3
     backend = Backend(ipaddress.ip_address("10.0.0.1"), 8080, None)
     cluster = Cluster(
         entry=Context.entry, endpoints=[Endpoint(backend)],  # type: ignore[arg-type]
-        balancer=RoundRobin(), budget=RetryBudget(budget or model.RetryBudget()),
+        balancer=RoundRobin(), budget=RetryBudget(budget or model.RetryBudgetSettings()),
         hash_header=None, hash_source=False,
         breaker=CircuitBreaker(model.ConnectionPool(max_retries=max_retries)), outlier=None)
     clusters = FakeClusters(cluster, connection)
@@ -386,7 +386,7 @@ def test_the_router_answers_the_last_failure_locally_with_urx():
 
 def test_the_router_stops_on_an_empty_budget_and_counts_it():
     # No floor and no ratio: the first retry is refused.
-    budget = model.RetryBudget(ratio=0.0, min_retries_per_second=0)
+    budget = model.RetryBudgetSettings(ratio=0.0, min_retries_per_second=0)
     router, cluster, connection, registry = make_router([503, 200], budget=budget)
     exchange, outcome = forward(router, rule(policy("retriable-status-codes")))
     assert exchange.status == 503 and outcome.attempts == 1 and len(connection.sent) == 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from nodeproxy.codec.detect import H2_PREFACE, PortMode, Sniffed, port_mode, sniff
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.loader import parse_config
 from nodeproxy.config.model import HeaderModifier
-from nodeproxy.http.detect import H2_PREFACE, PortMode, Sniffed, port_mode, sniff
-from nodeproxy.http.message import RequestHead
 from nodeproxy.http.routes import Routes, apply_modifier
 from tests.unit.test_config import HEAD
 

@@ -14,17 +14,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.admin.server import AdminServers
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import AccessLogSettings
 from nodeproxy.http.access_log import FIELDS, AccessLog, AccessLogEntry, rfc3339_ms, trace_id
-from nodeproxy.http.message import RequestHead
-from nodeproxy.http.metrics import (
+from nodeproxy.telemetry.proxy_metrics import TcpLabels
+from nodeproxy.telemetry.request_metrics import (
     ISTIO_BUCKETS,
     REQUEST_LABELS,
     RequestLabels,
     RequestMetrics,
     istio_request_protocol,
 )
-from nodeproxy.telemetry.proxy_metrics import TcpLabels
 
 TCP = TcpLabels(
     reporter="source", source_workload="client", source_workload_namespace="default",

@@ -1,4 +1,4 @@
-"""Upgrades: which the proxy lets through (nodeproxy.http.upgrade), how the HTTP/1.1 codec
+"""Upgrades: which the proxy lets through (nodeproxy.codec.upgrade), how the HTTP/1.1 codec
 holds a client's bytes after an upgrade request, and how the upstream side takes a 101.
 Codec tests run over real loopback sockets."""
 
@@ -9,10 +9,9 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from nodeproxy.config.model import HttpSettings
-from nodeproxy.http.h1 import MAX_UPGRADE_EARLY_BYTES, H1Client, H1Exchange, H1Server
-from nodeproxy.http.message import Body, RequestHead, ResponseHead, UpstreamError
-from nodeproxy.http.upgrade import (
+from nodeproxy.codec.h1 import MAX_UPGRADE_EARLY_BYTES, H1Client, H1Exchange, H1Server
+from nodeproxy.codec.message import Body, RequestHead, ResponseHead, UpstreamError
+from nodeproxy.codec.upgrade import (
     CONNECT,
     EMPTY,
     EXTENDED_CONNECT,
@@ -25,6 +24,7 @@ from nodeproxy.http.upgrade import (
     connect_refusal,
     decide_upgrade,
 )
+from nodeproxy.config.model import HttpSettings
 
 ALLOWED = ["websocket"]
 

@@ -42,7 +42,7 @@ from nodeproxy.identity import (
     verify_peer,
 )
 from nodeproxy.identity import tls as tls_mod
-from nodeproxy.identity.ca import _sign_leaf, create_root
+from nodeproxy.identity.mesh_ca import _sign_leaf, create_root
 
 TD = "cluster.local"
 TIMEOUT = 2.0

@@ -14,7 +14,6 @@ from aiohttp import web
 
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.cli import live_view
-from nodeproxy.http.metrics import RequestLabels
 from nodeproxy.telemetry.live_stats import (
     DEFAULT_ROUTE,
     NO_ROUTE,
@@ -27,6 +26,7 @@ from nodeproxy.telemetry.live_stats import (
     route_name,
 )
 from nodeproxy.telemetry.proxy_metrics import TcpLabels
+from nodeproxy.telemetry.request_metrics import RequestLabels
 from tests.unit.test_http_telemetry import Daemon
 
 

@@ -1,5 +1,5 @@
 """The mesh state as a pure function: what a config change, a discovery update and a
-runtime enrollment each produce (nodeproxy.state), and the holder that swaps it."""
+runtime enrollment each produce (nodeproxy/mesh/snapshot.py), and the holder that swaps it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from prometheus_client import CollectorRegistry
 from nodeproxy.config.loader import parse_config
 from nodeproxy.config.model import NodeConfig, Service, Workload
 from nodeproxy.discovery.state import DiscoveredState
-from nodeproxy.proxy.admission import AdmissionMetrics
-from nodeproxy.proxy.balancer import RoundRobin
-from nodeproxy.proxy.destinations import Verdict
-from nodeproxy.state.holder import MeshState
-from nodeproxy.state.snapshot import (
+from nodeproxy.mesh.destinations import ResolutionKind
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.round_robin import PortRoundRobin
+from nodeproxy.mesh.snapshot import (
     CONFIG,
     RUNTIME,
     LocalPod,
@@ -24,6 +23,7 @@ from nodeproxy.state.snapshot import (
     MeshSnapshot,
     build_snapshot,
 )
+from nodeproxy.policy.admission import AdmissionMetrics
 
 NODE = """
 apiVersion: nodeproxy.io/v1alpha1
@@ -64,9 +64,9 @@ def workload(**fields: object) -> Workload:
     return Workload.model_validate(fields)
 
 
-def build(inputs: MeshInputs, balancer: RoundRobin | None = None) -> MeshSnapshot:
+def build(inputs: MeshInputs, balancer: PortRoundRobin | None = None) -> MeshSnapshot:
     return build_snapshot(inputs, admission_metrics=AdmissionMetrics(CollectorRegistry()),
-                          balancer=balancer or RoundRobin())
+                          balancer=balancer or PortRoundRobin())
 
 
 def client(cfg: NodeConfig) -> LocalPod:
@@ -90,7 +90,7 @@ def backends(snapshot: MeshSnapshot, vip: str, port: int) -> set[str]:
 def test_config_alone_gives_its_destinations_and_no_kernel_denies() -> None:
     snapshot = build(MeshInputs(config(DENY_DB)))
     assert backends(snapshot, "10.96.0.9", 5432) == {"10.244.2.9"}
-    assert snapshot.table.resolve(ip("10.244.2.9"), 5432).verdict is Verdict.POD
+    assert snapshot.table.resolve(ip("10.244.2.9"), 5432).verdict is ResolutionKind.POD
     # The policy is in force for the proxy, but no pod is enrolled to compile it for.
     assert snapshot.admitter.authorizer.policies
     assert denies(snapshot) == set() and snapshot.local_pods == frozenset()
@@ -134,8 +134,8 @@ def test_a_runtime_enrollment_adds_a_destination_a_backend_and_a_deny_source() -
                    ips=["10.244.1.3"], labels={"app": "db"})
     before = build(MeshInputs(cfg, local_pods=(client(cfg),)))
     after = build(MeshInputs(cfg, local_pods=(client(cfg), LocalPod(2, db2, RUNTIME))))
-    assert before.table.resolve(ip("10.244.1.3"), 5432).verdict is Verdict.PASSTHROUGH
-    assert after.table.resolve(ip("10.244.1.3"), 5432).verdict is Verdict.POD
+    assert before.table.resolve(ip("10.244.1.3"), 5432).verdict is ResolutionKind.PASSTHROUGH
+    assert after.table.resolve(ip("10.244.1.3"), 5432).verdict is ResolutionKind.POD
     assert backends(after, "10.96.0.9", 5432) == {"10.244.2.9", "10.244.1.3"}
     # The new pod is a destination the client may not reach, and a source too (its own
     # address is in the policy's ipBlocks).
@@ -186,9 +186,9 @@ def test_a_discovery_update_adds_meshed_pods_and_services_the_yaml_lacks() -> No
     after = build(MeshInputs(cfg, discovered=state))
     assert (ip("10.96.0.20"), 80) not in before.table.services
     decision = after.table.resolve(ip("10.96.0.20"), 80)
-    assert decision.verdict is Verdict.SERVICE and decision.backend is not None
+    assert decision.verdict is ResolutionKind.SERVICE and decision.backend is not None
     assert (str(decision.backend.address), decision.backend.port) == ("10.244.2.20", 8080)
-    assert after.table.resolve(ip("10.244.2.21"), 80).verdict is Verdict.PASSTHROUGH
+    assert after.table.resolve(ip("10.244.2.21"), 80).verdict is ResolutionKind.PASSTHROUGH
     assert (ip("10.96.0.99"), 1) not in after.table.services
     # What routes and clusters are built from carries the discovered service; the node
     # file in the inputs does not change.
@@ -231,7 +231,7 @@ def test_round_robin_continues_across_snapshots() -> None:
     cfg = parse_config(NODE.replace(
         "services:", "  - {name: db-2, node: n2, ips: [10.244.2.8], labels: {app: db}}\n"
         "services:")).config
-    balancer = RoundRobin()
+    balancer = PortRoundRobin()
     picks = []
     for _ in range(4):
         snapshot = build(MeshInputs(cfg), balancer)

@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config import ConfigError, parse_config
 from nodeproxy.config.model import Condition, NodeConfig, Operation, Workload
-from nodeproxy.http.message import RequestHead
 from nodeproxy.policy import (
     L7_CHECKED_UPSTREAM,
     ConnectionAttributes,
     DestinationWorkload,
     RequestAttributes,
 )
-from nodeproxy.proxy.admission import AdmissionMetrics, Admitter
+from nodeproxy.policy.admission import AdmissionMetrics, Admitter
 from tests.unit.test_policy import (
     FRONTEND,
     HEAD,
@@ -462,7 +462,7 @@ def test_admit_request_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None
     ok = adm.admit_request(web, FRONTEND, SOURCE_IP, 8080, req("GET", "/a"))
     assert (ok.allowed, ok.policy) == (True, "shop/p")
     assert decisions(registry, "shop/p", "ALLOW", "allowed") == 1
-    caplog.set_level(logging.DEBUG, "nodeproxy.proxy.admission")
+    caplog.set_level(logging.DEBUG, "nodeproxy.policy.admission")
     for _ in range(3):
         denied = adm.admit_request(web, FRONTEND, SOURCE_IP, 8080, req("GET", "/admin\n"))
         assert (denied.allowed, denied.policy) == (False, "shop/d")
@@ -491,12 +491,12 @@ def test_admit_with_and_without_l7_checked() -> None:
 
 def test_request_denial_log_warns_again_after_the_interval(
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nodeproxy.proxy import admission
+    from nodeproxy.policy import admission
 
     now = [100.0]
     monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
     denials = admission._RequestDenialLog(interval=10)
-    caplog.set_level(logging.WARNING, "nodeproxy.proxy.admission")
+    caplog.set_level(logging.WARNING, "nodeproxy.policy.admission")
     for t in (100.0, 101.0, 102.0, 111.0):
         now[0] = t
         denials.denied(("shop/web", "shop/d"), "denied %s", "x")

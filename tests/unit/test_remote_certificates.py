@@ -9,10 +9,10 @@ import asyncio
 
 import pytest
 
-from nodeproxy.identity.ca import IssuedCert, MeshCA
+from nodeproxy.identity.mesh_ca import IssuedCert, MeshCA
 from nodeproxy.identity.spiffe import IdentityError
-from nodeproxy.signer.client import SignerError
 from nodeproxy.signer.remote_certificates import RemoteCertificates
+from nodeproxy.signer.signing_client import SignerError
 
 
 class Clock:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from nodeproxy.config.model import HttpSettings
-from nodeproxy.http.header_fields import SINGLETONS, one_view
-from nodeproxy.http.request_target import (
+from nodeproxy.codec.header_fields import SINGLETONS, one_view
+from nodeproxy.codec.request_target import (
     ESCAPED_SLASH_ACTIONS,
     MODES,
     Refusal,
@@ -23,6 +22,7 @@ from nodeproxy.http.request_target import (
     normalize_authority,
     path_of,
 )
+from nodeproxy.config.model import HttpSettings
 
 NONE, BASE, MERGE, DECODE = MODES
 
@@ -301,8 +301,8 @@ def test_authority_loses_its_trailing_dot(authority: str, normalized: str) -> No
 def test_routes_and_policies_see_the_same_header_value_and_path() -> None:
     """What _one_meaning does to a head (one_view, normalize) is all either ever sees:
     a route on x-role "ok" and a DENY on x-role "blocked" agree on "blocked, ok"."""
+    from nodeproxy.codec.message import RequestHead
     from nodeproxy.config.loader import parse_config
-    from nodeproxy.http.message import RequestHead
     from nodeproxy.http.routes import Routes
     from nodeproxy.policy.authorization import RequestAttributes
     from tests.unit.test_config import HEAD

@@ -15,9 +15,9 @@ import h2.errors
 import h2.events
 import pytest
 
-from nodeproxy.http.h1 import H1Server
-from nodeproxy.http.h2 import H2Server
-from nodeproxy.http.message import Exchange, ResponseHead
+from nodeproxy.codec.h1 import H1Server
+from nodeproxy.codec.h2 import H2Server
+from nodeproxy.codec.message import Exchange, ResponseHead
 
 ErrorCodes = h2.errors.ErrorCodes
 TIMEOUT = 20

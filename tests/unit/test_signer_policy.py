@@ -10,10 +10,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nodeproxy.identity.ca import MeshCA
 from nodeproxy.identity.csr import make_csr, requested_identity
+from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.identity.spiffe import IdentityError, parse_spiffe_id
-from nodeproxy.signer.policy import POD_NAME, POD_UID, Refused, caller_of, check_may_hold, node_of
+from nodeproxy.signer.policy import (
+    POD_NAME,
+    POD_UID,
+    SigningRefused,
+    caller_of,
+    check_may_hold,
+    node_of,
+)
 
 AGENT = "system:serviceaccount:nodeproxy-system:nodeproxy"
 
@@ -37,7 +44,7 @@ def pod(name: str, ns: str, sa: str, node: str, *, phase: str = "Running", uid: 
 
 
 def reason(call: Any) -> str:
-    with pytest.raises(Refused) as info:
+    with pytest.raises(SigningRefused) as info:
         call()
     return info.value.reason
 

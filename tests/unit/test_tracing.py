@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.loader import ConfigError, parse_config
 from nodeproxy.config.model import TracingSettings
-from nodeproxy.http.message import RequestHead
-from nodeproxy.telemetry import trace_context as tc
-from nodeproxy.telemetry.tracer import Tracer
+from nodeproxy.telemetry import trace_headers as tc
+from nodeproxy.telemetry.request_spans import Tracer
 from nodeproxy.telemetry.tracing import Tracing, TracingMetrics
 from nodeproxy_dev.testbed.otlp_receiver import make_server, read_spans
 from tests.unit.test_config import VALID

@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.config.model import TunnelSettings
-from nodeproxy.proxy.admission import Admission
-from nodeproxy.proxy.tracker import ConnectionTracker
+from nodeproxy.listeners.inbound_hbone import HboneServer
+from nodeproxy.policy.admission import Admission
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 from nodeproxy.tunnel.metrics import TunnelMetrics
-from nodeproxy.tunnel.server import HboneServer
 from nodeproxy.tunnel.session import H2Session
 
 POD_IP = ipaddress.ip_address("10.244.2.20")

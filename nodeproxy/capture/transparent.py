@@ -1,0 +1,87 @@
+"""Transparent connections into a pod: the application sees the real client's address.
+
+The proxy connects to the application from inside the pod's netns with a
+socket bound (IP_TRANSPARENT) to the client's IP and marked TRANSPARENT_MARK.
+Two settings of the pod's netns make the replies come back to the proxy
+without iptables:
+- net.ipv4.tcp_fwmark_accept=1: the application's accepted socket inherits
+  the mark of the proxy's SYN;
+- `ip rule fwmark TRANSPARENT_MARK lookup TABLE` with `local default dev lo`
+  in TABLE (v4 and v6): packets carrying the mark are delivered locally, to
+  the proxy's transparent socket, instead of being routed out of the pod.
+Only sockets of connections the proxy made carry the mark, so the pod's own
+traffic is routed as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from pyroute2 import IPRoute
+
+from nodeproxy.capture import sysctl
+from nodeproxy.capture.constants import TRANSPARENT_MARK, TRANSPARENT_ROUTE_TABLE
+from nodeproxy.capture.namespaces import Netns, entered
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+RULE_PRIORITY = 15051
+
+
+_GONE = (errno.ENOENT, errno.ESRCH)
+
+
+def _ignore(codes: int | tuple[int, ...], fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # pyroute2's NetlinkError carries .code
+        if getattr(e, "code", None) not in (codes if isinstance(codes, tuple) else (codes,)):
+            raise
+
+
+def prepare(netns: Netns) -> None:
+    """Make the pod's netns route marked replies back to the proxy (idempotent).
+
+    Blocking (pyroute2 runs its own event loop): call it from a worker thread."""
+    with entered(netns.fd):
+        # sysctl.write: also where /proc/sys is read-only (the DaemonSet's container).
+        sysctl.write("net/ipv4/tcp_fwmark_accept", "1")
+        # When one of two SO_REUSEPORT listeners closes (upgrade handover), its queued
+        # connections move to the other instead of being reset.
+        sysctl.write("net/ipv4/tcp_migrate_req", "1")
+        with IPRoute() as ipr:
+            for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+                _ignore(errno.EEXIST, ipr.rule, "add", family=family, fwmark=TRANSPARENT_MARK,
+                        table=TRANSPARENT_ROUTE_TABLE, priority=RULE_PRIORITY)
+                _ignore(errno.EEXIST, ipr.route, "add", family=family, dst=dst, type="local",
+                        scope=254, oif=1, table=TRANSPARENT_ROUTE_TABLE)
+
+
+def undo(netns: Netns) -> None:
+    """Remove what prepare() added (the pod leaves the mesh)."""
+    with entered(netns.fd):
+        with IPRoute() as ipr:
+            for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+                _ignore(_GONE, ipr.rule, "del", family=family, fwmark=TRANSPARENT_MARK,
+                        table=TRANSPARENT_ROUTE_TABLE, priority=RULE_PRIORITY)
+                _ignore(_GONE, ipr.route, "del", family=family, dst=dst, type="local",
+                        scope=254, oif=1, table=TRANSPARENT_ROUTE_TABLE)
+
+
+def transparent_socket(netns: Netns, source_ip: str, family: int) -> socket.socket:
+    """A non-blocking socket inside the pod's netns, bound to the client's address."""
+    sock = netns.socket(family)
+    try:
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TRANSPARENT_MARK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((source_ip, 0))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

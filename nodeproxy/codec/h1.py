@@ -1,0 +1,930 @@
+"""HTTP/1.1 codec on httptools (llhttp, Node's parser): both sides of the proxy.
+
+H1Server is the downstream side.  It parses a client connection's requests (keep-alive,
+pipelining: requests are answered in order, one at a time), streams bodies with
+backpressure (a full body buffer pauses the socket), answers ``Expect: 100-continue``
+when the body is first read (so a request refused before that never uploads), and
+hands Upgrade requests over whole (``H1Exchange.take_over``).  llhttp is strict by
+default: conflicting Content-Length and Transfer-Encoding, duplicate Content-Length,
+invalid chunk sizes, bare LF line ends, obsolete line folding, and control characters
+in the request line are errors.  On top of it this codec refuses a header block over
+its limit (431), any transfer coding but ``chunked`` (501, as Envoy does), Host sent
+twice, and a target or Host that request_target.py finds malformed (400: absolute
+form, ``*`` but for OPTIONS, a fragment, a bad escape, userinfo); header values lose
+surrounding whitespace.  Every
+malformed request gets its error response and the connection is closed; nothing else
+is touched.
+
+Request-header timeout (HAProxy's ``timeout http-request``): a request head must be
+complete within ``request_headers_timeout`` of its first byte, and a new connection must
+complete its first head within it of being accepted.  Past it the client gets 408 and
+the connection closes; a connection that sent nothing at all is closed without a
+response (a browser's pre-connect would take a 408 for the answer to its next request).
+Between requests the keep-alive idle timeout applies instead.
+
+An upgrade request (``Connection: upgrade`` with ``Upgrade``, or CONNECT) ends HTTP
+parsing on its connection for good: what the client sends after its head is held, unread
+by any parser and unforwarded (at most MAX_UPGRADE_EARLY_BYTES, beyond which the
+connection is reset), until the handler either takes the connection over
+(``H1Exchange.take_over``, after the upstream's 101) or answers with an ordinary
+response, after which the connection closes and the held bytes are dropped.  They are
+never parsed as a next request: a request smuggled behind an upgrade never skips policy.
+
+H1Client is the upstream side: one request at a time on a pooled connection, the
+request body framed by its Content-Length or chunked, the response streamed back.  An
+upgrade request (``send(..., upgrade=token)``, on a connection of its own) completes
+with a 101 response whose ``upgraded_to`` is the upstream's Upgrade token; the bytes after
+the 101 head are held for ``detach``.  A 101 to a request that offered no upgrade is an
+upstream protocol error (flag UPE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import httptools
+
+from nodeproxy.codec.message import (
+    HOP_BY_HOP,
+    Body,
+    BodyError,
+    BodyReader,
+    Headers,
+    MalformedRequest,
+    RequestHead,
+    ResponseHead,
+    UpstreamError,
+    UpstreamResponse,
+)
+from nodeproxy.codec.request_target import Refusal, check_authority, check_target
+
+log = logging.getLogger(__name__)
+
+WRITE_HIGH_WATER = 256 * 1024
+MAX_PIPELINED = 16  # parsed requests waiting for their turn before reading pauses
+# Bytes a client may send after an upgrade request's head before the upstream's 101: held,
+# neither parsed nor forwarded; more resets the connection (a WebSocket client sends
+# nothing before the handshake completes, RFC 6455 4.1).
+MAX_UPGRADE_EARLY_BYTES = 64 * 1024
+
+REASONS = {
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created",
+    202: "Accepted", 204: "No Content", 206: "Partial Content", 301: "Moved Permanently",
+    302: "Found", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    413: "Payload Too Large", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def _reason(status: int) -> bytes:
+    return REASONS.get(status, "Status").encode()
+
+
+def _no_body_status(status: int) -> bool:
+    return 100 <= status < 200 or status in (204, 304)
+
+
+class BadRequest(Exception):
+    """A request the proxy refuses to parse further: `status` is what the client gets,
+    `label` the fixed reason it is counted under (`reason`, which may quote the request,
+    is only logged)."""
+
+    def __init__(self, status: int, reason: str, label: str | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.label = label or reason
+
+
+class _Writer:
+    """Write-side flow control shared by both codecs: await while the socket is full."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._resumed: asyncio.Future[None] | None = None
+        self.paused = False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+
+    def lost(self) -> None:
+        self.resume_writing()
+
+    async def drain(self) -> None:
+        while self.paused and self.transport is not None and not self.transport.is_closing():
+            self._resumed = asyncio.get_running_loop().create_future()
+            await self._resumed
+
+
+# --- downstream --------------------------------------------------------------------------
+
+
+class H1Exchange:
+    """One request of a client connection (the Exchange interface of message.py)."""
+
+    # An upgrade request that declares a body (Content-Length above 0, Transfer-Encoding):
+    # llhttp treats what follows its head as the upgraded protocol, not as that body.
+    declares_body = False
+
+    def __init__(self, server: H1Server, head: RequestHead, *, keep_alive: bool,
+                 expect_continue: bool, upgrade: bool, header_bytes: int):
+        self._server = server
+        self.request = head
+        self.body = Body(on_consumed=server.body_consumed)
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.header_bytes = header_bytes
+        server.head_received()
+        self._expect_continue = expect_continue
+        self.responded = False
+        self.finished = False
+        self.bytes_sent = 0
+        self._chunked = False
+        self._remaining: int | None = None  # declared Content-Length still to send
+        self._no_body = False
+        self._head_bytes = b""
+        if expect_continue:
+            self.body = _ContinueBody(self, server.body_consumed)
+
+    @property
+    def client_gone(self) -> bool:
+        return self._server.lost and not self.finished
+
+    def send_continue(self) -> None:
+        if self._expect_continue and not self.responded:
+            self._expect_continue = False
+            self._server.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def respond(self, head: ResponseHead, *, end: bool = False) -> None:
+        if self.responded:
+            raise RuntimeError("response already started")
+        self.responded = True
+        lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, _reason(head.status))]
+        length = head.header("content-length")
+        self._no_body = self.request.method == "HEAD" or _no_body_status(head.status)
+        for name, value in head.headers:
+            if name in HOP_BY_HOP:
+                continue
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        if not self._no_body:
+            if length is not None:
+                self._remaining = int(length)
+            elif end:
+                lines.append(b"content-length: 0\r\n")
+                self._remaining = 0
+            elif self.request.version == "1.1":
+                lines.append(b"transfer-encoding: chunked\r\n")
+                self._chunked = True
+            else:
+                self.keep_alive = False  # an HTTP/1.0 client reads to the close
+        elif length is not None and self.request.method == "HEAD":
+            self._remaining = 0
+        if not self.keep_alive:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        data = b"".join(lines)
+        self.bytes_sent += len(data)
+        self._head_bytes = data  # goes out with the first body bytes: one write, one packet
+        if end:
+            await self.finish()
+
+    async def send(self, data: bytes) -> None:
+        if not data or self._no_body or self.finished:
+            return
+        if self._remaining is not None:
+            if len(data) > self._remaining:
+                data = data[:self._remaining]  # never more than the head declared
+            self._remaining -= len(data)
+        self.bytes_sent += len(data)
+        head, self._head_bytes = self._head_bytes, b""
+        if self._chunked:
+            self._server.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
+        else:
+            self._server.write(head + data if head else data)
+        await self._server.writer.drain()
+
+    async def finish(self, trailers: Headers | None = None) -> None:
+        if self.finished:
+            return
+        head, self._head_bytes = self._head_bytes, b""
+        if head:
+            self._server.write(head)
+        if self._chunked:
+            tail = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1"))
+                            for n, v in trailers or ())
+            self._server.write(b"0\r\n" + tail + b"\r\n")
+        elif self._remaining:
+            # Fewer bytes than the Content-Length announced: the client must not take a
+            # truncated body for a whole one.
+            self.reset()
+            return
+        self.finished = True
+        self._server.exchange_done(self)
+
+    def reset(self) -> None:
+        self.finished = True
+        self._server.abort()
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """An upgraded connection (WebSocket...) leaves HTTP: the raw transport and the bytes
+        the client sent after the request head.  Call only after the upstream's 101; the
+        caller owns the transport from now on and calls `released` when it has closed."""
+        self.finished = True
+        return self._server.detach()
+
+    def released(self) -> None:
+        """The taken-over connection has ended (its tracker may forget it)."""
+        self._server.detached_closed()
+
+
+class _ContinueBody(Body):
+    """A body that answers ``Expect: 100-continue`` when it is first read."""
+
+    def __init__(self, exchange: H1Exchange, on_consumed: Callable[[int], None]):
+        super().__init__(on_consumed)
+        self._exchange = exchange
+
+    async def read(self) -> bytes:
+        self._exchange.send_continue()
+        return await super().read()
+
+
+Handler = Callable[[H1Exchange], Awaitable[None]]
+
+
+class H1Server(asyncio.Protocol):
+    """A client connection speaking HTTP/1.x (see the module docstring)."""
+
+    def __init__(self, handler: Handler, *, max_header_bytes: int,
+                 idle_timeout: float,
+                 on_bad_request: Callable[[str], None] | None = None,
+                 on_closed: Callable[[], None] | None = None,
+                 request_headers_timeout: float | None = None,
+                 on_timeout: Callable[[str], None] | None = None):
+        self._handler = handler
+        self._headers_timeout = request_headers_timeout
+        self._on_timeout = on_timeout
+        self._head_since: float | None = None  # loop time an unfinished head began
+        self._head_empty = True  # nothing of that head has arrived yet (a new connection)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._waiting_since: float | None = None  # the first head was awaited since
+        self._max_header_bytes = max_header_bytes
+        self._idle_timeout = idle_timeout
+        self._on_bad_request = on_bad_request
+        self._on_closed = on_closed
+        self._parser = httptools.HttpRequestParser(self)
+        self.writer = _Writer()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self._queue: deque[H1Exchange] = deque()  # parsed, waiting their turn
+        self._current: H1Exchange | None = None  # being answered
+        self._parsing: H1Exchange | None = None  # its body is being parsed
+        self._url = bytearray()
+        self._headers: Headers = []
+        self._header_bytes = 0
+        self._paused = False
+        self._detached = False  # after a malformed request, or taken over: input ignored
+        self._upgraded = False  # llhttp saw an upgrade: HTTP parsing has ended for good
+        self._upgrade_rest = bytearray()  # held client bytes after the upgrade head
+        self._idle: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # loop time the last request ended
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._client_eof = False
+
+    def attach(self, transport: asyncio.Transport, initial: bytes,
+               waiting_since: float | None = None) -> None:
+        """Take over a connected transport whose first bytes have already been read (the
+        first request head has been awaited since `waiting_since`, loop time)."""
+        transport.set_protocol(self)
+        self._waiting_since = waiting_since
+        self.connection_made(transport)
+        if initial:
+            self.data_received(initial)
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.writer.transport = self.transport
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.resume_reading()
+        self._arm_idle()
+        self._head_begins()  # the first request's head is awaited from now
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            self._hold(data)
+            return
+        if self._detached:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0] if e.args else len(data)
+            self._upgraded = True
+            self._pause()  # the rest belongs to the upgraded protocol, if the upstream agrees
+            # Whatever the handler does, this connection never parses HTTP again: it ends
+            # after the upgrade request (the last parsed), unless taken over.
+            upgrading = self._queue[-1] if self._queue else self._current
+            if upgrading is not None:
+                upgrading.keep_alive = False
+            self._hold(data[offset:])
+        except BadRequest as e:
+            self._bad_request(e.status, e.reason, e.label)
+        except httptools.HttpParserError as e:
+            # httptools wraps what a callback raises: our own refusals keep their status.
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, BadRequest):
+                self._bad_request(cause.status, cause.reason, cause.label)
+            else:  # llhttp's messages are fixed texts ("Invalid header value char", ...)
+                self._bad_request(400, str(e) or type(e).__name__)
+
+    def eof_received(self) -> bool:
+        self._client_eof = True
+        if self._parsing is not None:
+            self._parsing.body.fail(BodyError("client closed during the request body"))
+        # A half-closed client may still read the answers to what it sent; then we close.
+        if self.idle:
+            self._close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.writer.lost()
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        for exchange in (self._parsing, self._current, *self._queue):
+            if exchange is not None:
+                exchange.body.fail(BodyError("client connection lost"))
+        if not self._detached:
+            # The client is gone: what its request set going upstream is given up (an
+            # upstream connection mid-request is closed, a request not sent never is).
+            for task in list(self._tasks):
+                task.cancel()
+        if self._on_closed is not None:
+            self._on_closed()
+
+    def pause_writing(self) -> None:
+        self.writer.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.writer.resume_writing()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._headers = []
+        self._header_bytes = 0
+        self._head_begins()
+        self._head_empty = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        # RFC 9110 5.5: whitespace around a value is not part of it (llhttp leaves the
+        # trailing part); policy must see the value the backend will.
+        self._headers.append((name.decode("latin-1").lower(),
+                              value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        method = parser.get_method().decode()
+        headers: Headers = []
+        authority = ""
+        connection: set[str] = set()
+        expect_continue = upgrade = False
+        hosts = 0
+        for name, value in self._headers:
+            if name == "host":
+                authority = value
+                hosts += 1
+            elif name == "connection":
+                connection.update(t.strip().lower() for t in value.split(","))
+            elif name == "transfer-encoding":
+                if value.strip().lower() != "chunked":
+                    raise BadRequest(501, f"transfer coding {value!r} not supported",
+                                     "transfer_coding")
+            elif name == "expect":
+                if value.strip().lower() != "100-continue":
+                    raise BadRequest(417, f"unsupported expectation {value!r}", "expectation")
+                expect_continue = version == "1.1"
+            elif name == "upgrade":
+                upgrade = True
+                headers.append((name, value))
+            elif name not in HOP_BY_HOP:
+                headers.append((name, value))
+        if version == "1.1" and not authority:
+            raise BadRequest(400, "HTTP/1.1 request without Host", "no_host")
+        if hosts > 1:
+            raise BadRequest(400, f"Host sent {hosts} times", "repeated_host")
+        # RFC 9110 7.6.1: the fields Connection names are hop-by-hop too.
+        named = connection - {"close", "keep-alive", "upgrade"}
+        if named:
+            headers = [(n, v) for n, v in headers if n not in named]
+        upgrade = upgrade and "upgrade" in connection and parser.should_upgrade()
+        url = bytes(self._url).decode("latin-1")
+        if method == "CONNECT":
+            upgrade = True  # llhttp ends HTTP parsing after it; the handler refuses it
+        else:
+            try:  # RFC 9112 3.2 and 3.2.2; normalizing is the manager's (request_target.py)
+                check_authority(authority)
+                check_target(method, url)
+            except Refusal as e:
+                raise BadRequest(400, str(e), e.reason) from e
+        keep_alive = parser.should_keep_alive() and not upgrade
+        exchange = H1Exchange(
+            self, RequestHead(method, url, authority, headers, version=version),
+            keep_alive=keep_alive and not self._draining, expect_continue=expect_continue,
+            upgrade=upgrade, header_bytes=self._header_bytes)
+        if upgrade:
+            exchange.declares_body = any(
+                n == "transfer-encoding" or (n == "content-length" and v.strip() != "0")
+                for n, v in self._headers)
+        self._parsing = exchange
+        self._queue.append(exchange)
+        if len(self._queue) > MAX_PIPELINED:
+            self._pause()
+        self._next()
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.body.feed(body)
+            if self._parsing.body.over_high_water:
+                self._pause()
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.body.end()
+            self._parsing = None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _hold(self, data: bytes) -> None:
+        """Client bytes after an upgrade request: kept for the upgraded protocol, bounded."""
+        self._upgrade_rest += data
+        if len(self._upgrade_rest) > MAX_UPGRADE_EARLY_BYTES:
+            log.info("client sent over %d bytes before its upgrade was answered: reset",
+                     MAX_UPGRADE_EARLY_BYTES)
+            if self._on_bad_request is not None:
+                self._on_bad_request("early upgrade data over limit")
+            self._upgrade_rest.clear()
+            self.abort()
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self._max_header_bytes:
+            raise BadRequest(431, f"request header block over {self._max_header_bytes} bytes",
+                             "header_too_large")
+
+    def _next(self) -> None:
+        if self._current is not None or not self._queue or self.lost:
+            return
+        exchange = self._current = self._queue.popleft()
+        self._idle_since = None
+        task = asyncio.get_running_loop().create_task(self._run(exchange))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._maybe_resume()
+
+    async def _run(self, exchange: H1Exchange) -> None:
+        try:
+            await self._handler(exchange)
+        except Exception:
+            log.exception("HTTP/1.1 request handler failed")
+            exchange.reset()
+        if not exchange.finished:
+            exchange.reset()
+
+    def exchange_done(self, exchange: H1Exchange) -> None:
+        if exchange is not self._current:
+            return
+        self._current = None
+        if not exchange.keep_alive or (exchange.body.error is None and not exchange.body.ended
+                                       and exchange is self._parsing):
+            # Not keeping the connection, or the response ended before the request body:
+            # what follows on the socket cannot be parsed as the next request.
+            self._close()
+            return
+        if self._queue:
+            self._next()
+        elif self._client_eof:
+            self._close()
+        else:
+            self._arm_idle()
+
+    def body_consumed(self, n: int) -> None:
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        """Read again once nothing holds the socket back: the body being parsed is below
+        its high-water mark (or there is none) and few requests wait their turn."""
+        if not self._paused or self._detached or self._upgraded \
+                or len(self._queue) > MAX_PIPELINED:
+            return
+        if self._parsing is not None and self._parsing.body.over_high_water:
+            return
+        self._resume()
+
+    # -- request-header timeout --------------------------------------------------------------
+
+    def _head_begins(self) -> None:
+        if self._headers_timeout is None or self._head_since is not None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        since, self._waiting_since = self._waiting_since, None
+        self._head_since = min(since, now) if since is not None else now
+        self._head_empty = True
+        if self._head_timer is None:
+            self._head_timer = loop.call_later(
+                max(0.0, self._head_since + self._headers_timeout - now), self._head_check)
+
+    def head_received(self) -> None:
+        """A request head is complete (its exchange is being made)."""
+        self._head_since = None
+
+    def _head_check(self) -> None:
+        self._head_timer = None
+        if self._head_since is None or self.lost or self._detached \
+                or self._headers_timeout is None:
+            return  # no head pending: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        left = self._head_since + self._headers_timeout - loop.time()
+        if left > 0:
+            self._head_timer = loop.call_later(left, self._head_check)
+            return
+        self._head_since = None
+        if self._on_timeout is not None:
+            self._on_timeout("request_headers")
+        log.info("HTTP/1.1 request head from %s not complete within %.1fs: closing",
+                 self.transport.get_extra_info("peername") if self.transport else "?",
+                 self._headers_timeout)
+        if self._head_empty and self.idle:
+            self._close()  # nothing sent at all: no response to misread
+        else:
+            self._answer_and_close(408, "request header timeout")
+
+    def _bad_request(self, status: int, reason: str, label: str | None = None) -> None:
+        if self._on_bad_request is not None:
+            self._on_bad_request(label or reason)
+        log.info("bad HTTP/1.1 request from %s: %s",
+                 self.transport.get_extra_info("peername") if self.transport else "?", reason)
+        self._answer_and_close(status, reason)
+
+    def _answer_and_close(self, status: int, reason: str) -> None:
+        """Answer `status` and close, after the requests before this one are answered."""
+        if self._parsing is not None:
+            self._parsing.body.fail(MalformedRequest(status, reason))
+        if self._current is None and not self._queue:
+            body = (REASONS.get(status, "Bad Request") + "\n").encode()
+            self.write(b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                       % (status, _reason(status), len(body), body))
+            self._close()
+        else:
+            # Requests before the bad one are answered first; then the connection closes.
+            for exchange in self._queue:
+                exchange.keep_alive = False
+            if self._current is not None:
+                self._current.keep_alive = False
+            self._pause()
+            self._parser = httptools.HttpRequestParser(self)
+            self._detached = True  # ignore anything further
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _arm_idle(self) -> None:
+        """Idle from now on.  One timer serves many requests: it is re-armed only when it
+        fires before the connection has been idle long enough (a timer per response costs
+        more than the request's parsing)."""
+        loop = asyncio.get_running_loop()
+        self._idle_since = loop.time()
+        if self._idle is None:
+            self._idle = loop.call_later(self._idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle = None
+        if self._idle_since is None:
+            if not self.lost:  # busy now: look again a full timeout later
+                self._idle = asyncio.get_running_loop().call_later(
+                    self._idle_timeout, self._idle_check)
+            return
+        left = self._idle_since + self._idle_timeout - asyncio.get_running_loop().time()
+        if left <= 0:
+            self._close()
+        else:
+            self._idle = asyncio.get_running_loop().call_later(left, self._idle_check)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        from nodeproxy.tcp.relay import reset
+        reset(self.transport)
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        assert self.transport is not None
+        self._detached = True
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        rest = bytes(self._upgrade_rest)
+        self._upgrade_rest.clear()
+        return self.transport, rest
+
+    def detached_closed(self) -> None:
+        """The connection taken over by detach has closed."""
+        self.lost = True
+        if self._on_closed is not None:
+            self._on_closed()
+
+    @property
+    def idle(self) -> bool:
+        return self._current is None and not self._queue
+
+    def drain(self) -> None:
+        """The proxy is stopping: close now if idle, else after the response in flight."""
+        self._draining = True
+        if self.idle:
+            self._close()
+        elif self._current is not None:
+            self._current.keep_alive = False
+            for exchange in self._queue:
+                exchange.keep_alive = False
+
+
+# --- upstream ----------------------------------------------------------------------------
+
+
+def encode_request(head: RequestHead, *, chunked: bool, upgrade: str | None = None) -> bytes:
+    """The request head for an upstream; hop-by-hop headers are the proxy's own, so only
+    an `upgrade` offer (a token the proxy allowed) brings Upgrade and Connection back."""
+    lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (
+        head.method.encode(), head.path.encode("latin-1"), head.authority.encode("latin-1"))]
+    for name, value in head.headers:
+        if name in HOP_BY_HOP or name == "host":
+            continue
+        lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    if chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    if upgrade is not None:
+        lines.append(b"upgrade: %s\r\nconnection: upgrade\r\n" % upgrade.encode("latin-1"))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class H1Client(asyncio.Protocol):
+    """One upstream HTTP/1.1 connection (the UpstreamConnection interface of message.py)."""
+
+    def __init__(self, on_idle: Callable[[H1Client], None] | None = None):
+        self._on_idle = on_idle
+        self.transport: asyncio.Transport | None = None
+        self.writer = _Writer()
+        self._parser = httptools.HttpResponseParser(self)
+        self._busy = False
+        self._closed = False
+        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._body: Body | None = None
+        self._method = "GET"
+        self._status = 0
+        self._headers: Headers = []
+        self._framed = False
+        self._keep_alive = True
+        self._sender: asyncio.Task[None] | None = None
+        self.requests = 0
+        self._offered: str | None = None  # the Upgrade token of the request in flight
+        self.upgraded_to: str | None = None  # a 101's Upgrade header (None: none yet)
+        self._switched = False  # a 101 arrived: what follows is not HTTP
+        self._upgrade_rest = bytearray()
+
+    # -- UpstreamConnection ------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def can_take(self) -> bool:
+        return not self._busy and not self._closed
+
+    async def send(self, head: RequestHead, body: BodyReader, *,
+                   upgrade: str | None = None) -> UpstreamResponse:
+        """Send one request; its response head.  With `upgrade` (an Upgrade token) the
+        request offers that upgrade and a 101 answers it (then see `detach`)."""
+        if not self.can_take() or self.transport is None:
+            raise UpstreamError("UC", "upstream connection is not available")
+        self._busy = True
+        self.requests += 1
+        self._method = head.method
+        self._offered = upgrade
+        self._head = asyncio.get_running_loop().create_future()
+        has_length = head.header("content-length") is not None
+        chunked = not has_length and not body.ended
+        self.transport.write(encode_request(head, chunked=chunked, upgrade=upgrade))
+        if not body.ended:
+            self._sender = asyncio.get_running_loop().create_task(self._send_body(body, chunked))
+        return await self._head
+
+    def close(self) -> None:
+        self._closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        from nodeproxy.tcp.relay import reset
+        reset(self.transport)
+
+    async def _send_body(self, body: BodyReader, chunked: bool) -> None:
+        assert self.transport is not None
+        try:
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                if self._closed:
+                    return
+                self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                await self.writer.drain()
+            if chunked and not self._closed:
+                tail = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1"))
+                                for n, v in body.trailers or ())
+                self.transport.write(b"0\r\n" + tail + b"\r\n")
+        except BodyError as e:
+            # The client's request broke off: the upstream must not see it as complete.
+            self._fail(UpstreamError("DC", str(e)))
+            self.abort()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.writer.transport = self.transport
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.resume_reading()
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the raw transport (reading paused) and the bytes the upstream sent
+        after the 101 head.  The caller owns the transport from now on."""
+        assert self.transport is not None and self._switched
+        self._closed = True  # never pooled again
+        rest = bytes(self._upgrade_rest)
+        self._upgrade_rest.clear()
+        return self.transport, rest
+
+    def data_received(self, data: bytes) -> None:
+        if self._switched:
+            self._upgrade_rest += data
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # Only a 101 stops llhttp's response parser; on_headers_complete judged it.
+            if self._switched:
+                offset = e.args[0] if e.args else len(data)
+                self._upgrade_rest += data[offset:]
+        except httptools.HttpParserError as e:
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            else:
+                self._fail(UpstreamError("UC", f"malformed response from upstream: {e}"))
+            self.abort()
+
+    def eof_received(self) -> bool:
+        if self._body is not None and not self._framed:
+            self._body.end()  # a close-delimited body ends here
+            self._body = None
+        self._closed = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.writer.lost()
+        self._fail(UpstreamError("UC", f"upstream connection closed ({exc or 'EOF'})"))
+        if self._sender is not None:
+            self._sender.cancel()
+
+    def pause_writing(self) -> None:
+        self.writer.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.writer.resume_writing()
+
+    # -- httptools callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status == 101:
+            self._switch_protocols()
+            return
+        if 100 <= status < 200:
+            return  # 100 Continue and friends: the final response follows
+        self._status = status
+        self._keep_alive = self._parser.should_keep_alive()
+        names = {n for n, _ in self._headers}
+        self._framed = "content-length" in names or "transfer-encoding" in names or (
+            self._method == "HEAD" or _no_body_status(status))
+        headers = [(n, v) for n, v in self._headers if n not in HOP_BY_HOP]
+        self._body = Body(on_consumed=self._consumed)
+        response = UpstreamResponse(ResponseHead(status, headers), self._body)
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+        if self._method == "HEAD" or _no_body_status(status):
+            # No body follows, whatever Content-Length says; llhttp cannot be told about
+            # HEAD, so this parser is done and the next response gets a fresh one.
+            self._parser = httptools.HttpResponseParser(self)
+            self._complete()
+
+    def _switch_protocols(self) -> None:
+        """A 101: the answer to an upgrade offer, or an upstream protocol error."""
+        if self._offered is None:
+            self._fail(UpstreamError("UPE", "101 Switching Protocols to a request that "
+                                            "offered no upgrade"))
+            self._closed = True
+            raise UpstreamError("UPE", "unexpected 101")  # ends parsing; data_received aborts
+        self._switched = True
+        if self.transport is not None:
+            self.transport.pause_reading()  # what follows waits for its relay
+        self.upgraded_to = next((v for n, v in self._headers if n == "upgrade"), "")
+        headers = [(n, v) for n, v in self._headers if n not in HOP_BY_HOP]
+        response = UpstreamResponse(ResponseHead(101, headers), Body.empty())
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(body)
+            if self._body.over_high_water and self.transport is not None:
+                self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._status == 0 or self._switched:
+            return  # an informational response, or a 101 (llhttp stops right after)
+        self._complete()
+
+    def _complete(self) -> None:
+        if self._body is not None:
+            self._body.end()
+            self._body = None
+        if self.transport is not None and not self.transport.is_closing():
+            # Reading paused for this body's sake must not outlive it: the next
+            # response on this connection has to be read.
+            self.transport.resume_reading()
+        self._status = 0
+        sender_done = self._sender is None or self._sender.done()
+        if not self._keep_alive or not sender_done:
+            self.close()
+            return
+        self._busy = False
+        self._sender = None
+        if self._on_idle is not None and not self._closed:
+            self._on_idle(self)
+
+    def _consumed(self, n: int) -> None:
+        if self._body is not None and not self._body.over_high_water and self.transport:
+            self.transport.resume_reading()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        if self._body is not None:
+            self._body.fail(error)
+            self._body = None

@@ -1,0 +1,306 @@
+"""Protocol-neutral HTTP messages: request and response heads, streamed bodies, and the
+two interfaces every codec implements (the downstream exchange and the upstream connection).
+
+HTTP/1.1 (h1.py) and HTTP/2 (h2.py) both turn wire bytes into these objects, so routing,
+retries, balancing, authorization and telemetry (http/handler.py, http/router.py) never
+see a protocol.
+Header names are lowercase; hop-by-hop headers and HTTP/2 pseudo-headers are not in
+``headers`` (the head's own fields carry method, path, authority, scheme and status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Headers = list[tuple[str, str]]
+
+# Hop-by-hop headers (RFC 9110 7.6.1) never cross the proxy; HTTP/2 forbids them outright.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
+    "trailer", "proxy-authenticate", "proxy-authorization",
+})
+
+
+def header_value(headers: Headers, name: str) -> str | None:
+    """The first value of a (lowercase) header name, None when absent."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def grpc_status_of(headers: Headers | None) -> int | None:
+    """The grpc-status a response head or trailers carry; None if absent or not a number."""
+    for name, value in headers or ():
+        if name == "grpc-status":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+@dataclass
+class RequestHead:
+    method: str
+    path: str  # origin form: /path?query
+    authority: str  # Host (HTTP/1.1) or :authority (HTTP/2)
+    headers: Headers = field(default_factory=list)
+    scheme: str = "http"
+    version: str = "1.1"  # "1.0", "1.1" or "2"
+
+    def header(self, name: str) -> str | None:
+        return header_value(self.headers, name)
+
+    @property
+    def protocol(self) -> str:
+        """request_protocol as Istio labels it."""
+        return "grpc" if self.is_grpc else ("http/2" if self.version == "2" else "http")
+
+    @property
+    def is_grpc(self) -> bool:
+        return (self.header("content-type") or "").startswith("application/grpc")
+
+
+@dataclass
+class ResponseHead:
+    status: int
+    headers: Headers = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        return header_value(self.headers, name)
+
+
+class BodyError(Exception):
+    """The body stopped before its end: the sender reset or the connection broke."""
+
+
+class MalformedRequest(BodyError):
+    """The client's request turned out malformed after its head was passed on (a bad
+    chunk, say): `status` is what the client gets if nothing was answered yet."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class Body:
+    """One message body, streamed: a codec feeds chunks, one reader takes them.
+
+    ``on_consumed(n)`` runs as the reader takes n bytes; a codec uses it to resume a
+    paused socket (HTTP/1.1) or to open the flow-control window (HTTP/2), so a slow
+    reader holds the sender back instead of the proxy buffering the body.
+    """
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self, on_consumed: Callable[[int], None] | None = None):
+        self._chunks: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_consumed = on_consumed
+        self.buffered = 0
+        self.received = 0  # body bytes fed so far
+        self.ended = False
+        self.error: BaseException | None = None
+        self.trailers: Headers | None = None
+
+    @classmethod
+    def empty(cls) -> Body:
+        body = cls()
+        body.end()
+        return body
+
+    @classmethod
+    def of(cls, data: bytes) -> Body:
+        body = cls()
+        if data:
+            body.feed(data)
+        body.end()
+        return body
+
+    @property
+    def over_high_water(self) -> bool:
+        return self.buffered >= self.HIGH_WATER
+
+    def feed(self, data: bytes) -> None:
+        if self.ended or self.error is not None or not data:
+            return
+        self._chunks.append(data)
+        self.buffered += len(data)
+        self.received += len(data)
+        self._wake()
+
+    def end(self, trailers: Headers | None = None) -> None:
+        if self.ended or self.error is not None:
+            return
+        self.trailers = trailers
+        self.ended = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.ended or self.error is not None:
+            return
+        self.error = exc
+        self._wake()
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end.  Raises BodyError if the body broke off."""
+        while not self._chunks:
+            if self.error is not None:
+                raise BodyError(str(self.error)) from self.error
+            if self.ended:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self.buffered -= len(data)
+        if self._on_consumed is not None:
+            self._on_consumed(len(data))
+        return data
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class ReplayableBody:
+    """A request body an attempt can be re-sent from, while it stays small.
+
+    Each attempt reads through its own ``reader()``: recorded chunks first, then new ones
+    from the source, recorded while the total stays within ``limit`` (Envoy and Linkerd
+    retry only bodies they could keep: 64 KiB by default).  Past the limit the record is
+    dropped and ``replayable`` turns False: no further attempt may start.
+    """
+
+    def __init__(self, source: Body, limit: int):
+        self.source = source
+        self._limit = limit
+        self._recorded: list[bytes] = []
+        self._pulled = 0  # chunks taken from the source so far
+        self._size = 0
+        self.replayable = True
+
+    @property
+    def trailers(self) -> Headers | None:
+        return self.source.trailers
+
+    def reader(self) -> BodyReader:
+        if not self.replayable:
+            raise BodyError("the request body outgrew the retry buffer")
+        return BodyReader(self)
+
+    async def chunk(self, index: int) -> bytes:
+        """Chunk number `index` (b"" at the end)."""
+        if index < len(self._recorded) and self.replayable:
+            return self._recorded[index]
+        if index != self._pulled:
+            raise BodyError("the request body outgrew the retry buffer")
+        data = await self.source.read()
+        if not data:
+            return data
+        self._pulled += 1
+        self._size += len(data)
+        if self.replayable and self._size > self._limit:
+            self.replayable = False
+            self._recorded.clear()
+        elif self.replayable:
+            self._recorded.append(data)
+        return data
+
+    def complete(self, index: int) -> bool:
+        """Has a reader at `index` seen the whole body?"""
+        return self.source.ended and self.source.buffered == 0 and index >= self._pulled
+
+
+class BodyReader:
+    """One attempt's view of a ReplayableBody."""
+
+    def __init__(self, body: ReplayableBody):
+        self._body = body
+        self._index = 0
+        self.sent = 0
+
+    @property
+    def trailers(self) -> Headers | None:
+        return self._body.trailers
+
+    @property
+    def ended(self) -> bool:
+        return self._body.complete(self._index)
+
+    async def read(self) -> bytes:
+        """The next chunk for this attempt; b"" at the end."""
+        data = await self._body.chunk(self._index)
+        if data:
+            self._index += 1
+            self.sent += len(data)
+        return data
+
+
+# --- the two codec interfaces -------------------------------------------------------------
+
+
+class Exchange(Protocol):
+    """One request as a downstream (server-side) codec hands it to the manager."""
+
+    request: RequestHead
+    body: Body
+
+    @property
+    def client_gone(self) -> bool:
+        """The client closed or reset before the response ended (Envoy's DC)."""
+        ...
+
+    @property
+    def responded(self) -> bool:
+        """The response head has been sent (a retry is no longer possible)."""
+        ...
+
+    async def respond(self, head: ResponseHead, *, end: bool = False) -> None: ...
+    async def send(self, data: bytes) -> None: ...
+    async def finish(self, trailers: Headers | None = None) -> None: ...
+
+    def reset(self) -> None:
+        """Break the exchange off: HTTP/1.1 closes the connection, HTTP/2 resets the stream."""
+        ...
+
+
+class UpstreamError(Exception):
+    """An attempt failed before a complete response: `flag` is Envoy's response flag
+    (UF connect failure, UC upstream connection termination/reset)."""
+
+    def __init__(self, flag: str, message: str, *, refused_stream: bool = False):
+        super().__init__(message)
+        self.flag = flag
+        self.refused_stream = refused_stream
+
+
+@dataclass
+class UpstreamResponse:
+    head: ResponseHead
+    body: Body
+
+
+class UpstreamConnection(Protocol):
+    """A connection (TCP or HBONE stream) to one endpoint, kept in a pool."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def can_take(self) -> bool:
+        """May another request be sent now (HTTP/1.1: idle; HTTP/2: a stream is free)?"""
+        ...
+
+    async def send(self, head: RequestHead, body: BodyReader) -> UpstreamResponse:
+        """Send a request, return when the response head arrives.  The body keeps
+        streaming in the background.  Raises UpstreamError."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,195 @@
+"""The one decision point for connections into a local pod, and for the HTTP requests they
+carry: peer authentication, then authorization, on the verified identity.  Every decision
+is counted by policy; every denial is logged with source identity, destination and policy.
+
+Inbound plaintext (15006), HBONE streams (15008) and same-node mesh traffic all
+ask here before the proxy connects to the application; nothing else decides.  When a
+destination has policies on HTTP (Authorizer.has_l7_rules), the proxy that sees the
+requests asks admit_request for each of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+from nodeproxy.config.model import NodeConfig, Workload
+from nodeproxy.identity.spiffe import IdentityError, parse_spiffe_id
+from nodeproxy.policy.authorization import (
+    L7_CHECKED_UPSTREAM,
+    Authorizer,
+    ConnectionAttributes,
+    Decision,
+    DestinationWorkload,
+    RequestAttributes,
+    RequestInput,
+)
+from nodeproxy.policy.peer_authentication import PeerAuthenticator
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Request denials: at most one warning per (destination, policy) in this many seconds; the
+# others go to debug and are counted in the next warning.
+REQUEST_WARNING_INTERVAL = 10.0
+_WARNING_KEYS_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class Admission:
+    allowed: bool
+    policy: str  # deciding policy name, "" when none
+    reason: str
+
+
+class AdmissionMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.decisions = Counter(
+            "nodeproxy_authorization_decisions",
+            "Authorization decisions on connections into local pods and on their HTTP "
+            "requests, by policy and result",
+            ("policy", "action", "result"), registry=registry)
+        self.plaintext_refused = Counter(
+            "nodeproxy_peer_authentication_refused",
+            "Plaintext connections refused by STRICT peer authentication",
+            ("destination_workload_namespace", "destination_workload"), registry=registry)
+
+
+@functools.lru_cache(maxsize=4096)
+def _source_namespace(principal: str) -> str | None:
+    try:
+        return parse_spiffe_id(principal).namespace
+    except IdentityError:
+        return None
+
+
+class _RequestDenialLog:
+    """Per-request denials could be one per request: warn once per interval and key."""
+
+    def __init__(self, interval: float = REQUEST_WARNING_INTERVAL):
+        self._interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def denied(self, key: tuple[str, str], message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            log.debug(message, *args)
+            return
+        if len(self._last) >= _WARNING_KEYS_LIMIT:
+            self._last.clear()
+            self._suppressed.clear()
+        self._last[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            log.warning(message + " (and %d more denied by it since the last warning)",
+                        *args, suppressed)
+        else:
+            log.warning(message, *args)
+
+
+class Admitter:
+    """Built from one config; replaced whole when the config changes."""
+
+    def __init__(self, config: NodeConfig, metrics: AdmissionMetrics):
+        self._authorizer = Authorizer(config)
+        self._peer_auth = PeerAuthenticator(config)
+        self._probe_sources = tuple(config.inbound.probe_sources)
+        self._metrics = metrics
+        self._request_denials = _RequestDenialLog()
+
+    @property
+    def authorizer(self) -> Authorizer:
+        return self._authorizer
+
+    def admit(self, dest: Workload, source_principal: str | None, source_ip: IPAddress,
+              port: int, *, l7_checked: bool = False) -> Admission:
+        """May this connection reach `dest` on `port`?  source_principal is the verified
+        SPIFFE ID (mTLS or same-node netns identity), None for plaintext.
+
+        l7_checked: the connection is an HBONE stream whose every HTTP request the source
+        node's proxy authorized (nodeproxy.policy.authorization, L7_CHECKED_UPSTREAM).
+        Otherwise rules on HTTP are judged for the whole connection, failing closed."""
+        target = DestinationWorkload.of(dest)
+        refused = self._peer_refused(dest, target, source_principal, source_ip, port)
+        if refused is not None:
+            return refused
+        decision = self._decide(target, source_principal, source_ip, port,
+                                L7_CHECKED_UPSTREAM if l7_checked else None)
+        if not decision.allowed:
+            log.warning("denied %s (%s) -> %s:%d%s by policy %s: %s",
+                        source_principal or "plaintext", source_ip, dest.key, port,
+                        " (requests checked at the source)" if l7_checked else "",
+                        decision.policy or "-", decision.reason)
+        return Admission(decision.allowed, decision.policy or "", decision.reason)
+
+    def needs_requests(self, dest: Workload, source_principal: str,
+                       source_ip: IPAddress, port: int) -> bool:
+        """Would this mesh connection be refused as a whole only because its HTTP requests
+        are not seen (rules on HTTP failing closed), while judging each request could allow
+        some?  Then the destination parses it and judges every request
+        (listeners/inbound_hbone_l7.py).
+        Pure: counts and logs nothing."""
+        target = DestinationWorkload.of(dest)
+        if not self._authorizer.has_l7_rules(target):
+            return False
+        attributes = ConnectionAttributes(
+            source_principal=source_principal,
+            source_namespace=_source_namespace(source_principal),
+            source_ip=source_ip, destination_port=port)
+        return (not self._authorizer.decide(target, attributes, None).allowed
+                and self._authorizer.decide(target, attributes, L7_CHECKED_UPSTREAM).allowed)
+
+    def admit_request(self, dest: Workload, source_principal: str | None,
+                      source_ip: IPAddress, port: int,
+                      request: RequestAttributes) -> Admission:
+        """May this HTTP request, on a connection from source_principal/source_ip to `dest`
+        on `port`, reach the application?  Counted as connections are; denials are logged
+        as warnings at most every REQUEST_WARNING_INTERVAL per destination and policy."""
+        target = DestinationWorkload.of(dest)
+        refused = self._peer_refused(dest, target, source_principal, source_ip, port)
+        if refused is not None:
+            return refused
+        decision = self._decide(target, source_principal, source_ip, port, request)
+        if not decision.allowed:
+            policy = decision.policy or "-"
+            self._request_denials.denied(
+                (dest.key, policy), "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
+                source_principal or "plaintext", source_ip, dest.key, port,
+                _printable(request.method), _printable(request.path), policy, decision.reason)
+        return Admission(decision.allowed, decision.policy or "", decision.reason)
+
+    def _peer_refused(self, dest: Workload, target: DestinationWorkload,
+                      source_principal: str | None, source_ip: IPAddress,
+                      port: int) -> Admission | None:
+        if source_principal is None and not self._peer_auth.accepts_plaintext(
+                target, port, source_ip, self._probe_sources):
+            self._metrics.plaintext_refused.labels(dest.namespace, dest.name).inc()
+            log.warning("denied plaintext %s -> %s:%d: peer authentication STRICT",
+                        source_ip, dest.key, port)
+            return Admission(False, "", "plaintext refused (STRICT)")
+        return None
+
+    def _decide(self, target: DestinationWorkload, source_principal: str | None,
+                source_ip: IPAddress, port: int, request: RequestInput) -> Decision:
+        namespace = _source_namespace(source_principal) if source_principal else None
+        decision = self._authorizer.decide(target, ConnectionAttributes(
+            source_principal=source_principal, source_namespace=namespace,
+            source_ip=source_ip, destination_port=port), request)
+        self._metrics.decisions.labels(decision.policy or "", decision.action,
+                                       "allowed" if decision.allowed else "denied").inc()
+        return decision
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """A request field as it may go into a log line: bounded, control characters escaped."""
+    shown = text[:limit] + ("..." if len(text) > limit else "")
+    return shown.encode("unicode_escape").decode("ascii") if not shown.isprintable() else shown

@@ -1,1 +1,0 @@
-"""The proxy data path: listeners in pod namespaces, destination resolution, byte relay."""

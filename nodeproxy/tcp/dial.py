@@ -1,0 +1,84 @@
+"""Opening upstream connections as the proxy does: from a pod's netns, marked, optionally
+with the real client's address as source (transparent, into the destination pod)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import Protocol, TypeVar
+
+from nodeproxy.capture.constants import SOCKET_MARK
+from nodeproxy.capture.namespaces import Netns
+from nodeproxy.capture.transparent import transparent_socket
+from nodeproxy.tcp.descriptors import check_socket
+from nodeproxy.tcp.relay import Side
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+def _family(ip: IPAddress) -> int:
+    return socket.AF_INET if ip.version == 4 else socket.AF_INET6
+
+
+def relay_side() -> Side:
+    """The protocol of an L4 upstream: a relay side that waits paused for its relay."""
+    return Side("upstream", start_paused=True)
+
+
+async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
+                   side: P) -> P:
+    loop = asyncio.get_running_loop()
+    try:
+        check_socket(sock)  # an upstream never takes a descriptor of the reserve
+        await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
+        await loop.create_connection(lambda: side, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return side
+
+
+async def dial_from(netns: Netns, ip: IPAddress, port: int, timeout: float,
+                    protocol: P) -> P:
+    """Connect from inside a pod's netns (its own address as source), marked as ours."""
+    sock = netns.socket(_family(ip))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCKET_MARK)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return await _connect(sock, ip, port, timeout, protocol)
+
+
+class DialAnnouncer(Protocol):
+    """Tells inbound capture about the proxy's own connections (CaptureMaps has these)."""
+
+    def expect_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None: ...
+    def forget_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None: ...
+
+
+async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port: int,
+                           timeout: float, announcer: DialAnnouncer, protocol: P) -> P:
+    """Connect to an application inside its own pod's netns with the client's address as
+    source, so the application sees the real peer (see nodeproxy.capture.transparent).
+    The 4-tuple is announced to the kernel first, so inbound capture lets it pass."""
+    if source.version != ip.version:
+        source = _same_family_fallback(source, ip)
+    sock = transparent_socket(netns, str(source), _family(ip))
+    local = sock.getsockname()[:2]
+    dest = (str(ip), port)
+    announcer.expect_dial(local, dest)
+    try:
+        return await _connect(sock, ip, port, timeout, protocol)
+    finally:
+        announcer.forget_dial(local, dest)
+
+
+def _same_family_fallback(source: IPAddress, ip: IPAddress) -> IPAddress:
+    """A client of the other family: use its IPv4-mapped form for IPv6 or give up."""
+    if ip.version == 6 and source.version == 4:
+        return ipaddress.IPv6Address(f"::ffff:{source}")
+    raise OSError(f"cannot present {source} as the source of a connection to {ip}")

@@ -1,0 +1,237 @@
+"""Moving bytes between two TCP connections, both ways, as a transparent proxy must.
+
+A FIN from one side becomes a FIN (shutdown of writing) on the other once
+everything before it is written; a reset from one side becomes a reset
+(SO_LINGER 0, abort) on the other; each side's write buffer pauses the other
+side's reading so memory stays bounded.  Byte counts go to a callback.
+
+A relay may hand its flow to the kernel (nodeproxy/tcp/splicer.py): while spliced,
+its bytes never reach Python; EOFs still arrive here and are forwarded by the splice
+once the kernel has delivered every byte before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nodeproxy.tcp.fairshare import Lease
+    from nodeproxy.tcp.splicer import SplicedFlow
+
+WRITE_HIGH_WATER = 512 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close a connection with RST instead of FIN."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
+class Side(asyncio.Protocol):
+    """One of the two connections of a relay."""
+
+    def __init__(self, name: str, start_paused: bool = False):
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.relay: Relay | None = None
+        self.got_eof = False
+        self.eof_forwarded = False
+        self.write_paused = False  # our write buffer is above its high-water mark
+        self.lost = False
+        self.error: BaseException | None = None
+        self._start_paused = start_paused
+        # Bytes that arrived before the relay was joined (uvloop may start
+        # reading right after connection_made despite pause_reading there).
+        self.early: list[bytes] = []
+        self._arrival: asyncio.Future[None] | None = None
+        # An accepted connection's hold on its source's fair share (tcp/fairshare.py).
+        self.lease: Lease | None = None
+
+    async def wait_early(self, timeout: float | None, seen: int = 0) -> None:
+        """Read until something more arrives before the relay is joined (more than `seen`
+        early chunks, EOF or loss), or the timeout passes.  The proxy sniffs a connection's
+        first bytes this way."""
+        if len(self.early) > seen or self.got_eof or self.lost:
+            return
+        self._arrival = asyncio.get_running_loop().create_future()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._arrival), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._arrival = None
+
+    def _arrived(self) -> None:
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self._start_paused:
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.forward(self, data)
+        else:
+            self.early.append(data)
+            self.pause()
+            self._arrived()
+
+    def eof_received(self) -> bool:
+        self.got_eof = True
+        if self.relay is not None:
+            self.relay.on_eof(self)
+        self._arrived()
+        return True  # keep our writing side open: this is a half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
+        if self.relay is not None:
+            self.relay.on_lost(self, exc)
+        self._arrived()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.relay is not None:
+            self.relay.peer(self).pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.relay is not None:
+            self.relay.peer(self).resume()
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        """Read again, unless what we read would only pile up in the peer's write buffer."""
+        if self.relay is not None and self.relay.peer(self).write_paused:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class Relay:
+    """Joins a downstream (client) side and an upstream (server) side."""
+
+    def __init__(
+        self,
+        downstream: Side,
+        upstream: Side,
+        on_bytes: Callable[[bool, int], None],
+        on_done: Callable[[Relay], None],
+    ):
+        self.downstream = downstream
+        self.upstream = upstream
+        self._on_bytes = on_bytes  # (from_downstream, n)
+        self._on_done = on_done
+        self.done = asyncio.get_running_loop().create_future()
+        self.bytes_from_downstream = 0
+        self.bytes_from_upstream = 0
+        self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
+        self.last_active = time.monotonic()  # the last byte either way (idle timeout)
+        downstream.relay = self
+        upstream.relay = self
+
+    def start(self) -> None:
+        """Both sides are connected: let bytes flow, replaying anything that already ended."""
+        for side in (self.downstream, self.upstream):
+            early, side.early = side.early, []
+            for data in early:
+                self.forward(side, data)
+        for side in (self.downstream, self.upstream):
+            if side.lost:
+                self.on_lost(side, side.error)
+                return
+        for side in (self.downstream, self.upstream):
+            if side.got_eof:
+                self.on_eof(side)
+        self.downstream.resume()
+        self.upstream.resume()
+
+    def peer(self, side: Side) -> Side:
+        return self.upstream if side is self.downstream else self.downstream
+
+    def forward(self, src: Side, data: bytes) -> None:
+        if self.splice is not None and self.splice.hold(src, data):
+            return  # the kernel's earlier bytes go first
+        dst = self.peer(src)
+        if dst.transport is None or dst.transport.is_closing():
+            return
+        dst.transport.write(data)
+        self.account(src, len(data))
+        if self.splice is not None:
+            self.splice.python_forwarded(src, len(data))
+
+    def account(self, src: Side, n: int) -> None:
+        """n bytes went from src to its peer (by Python or by the kernel)."""
+        self.last_active = time.monotonic()
+        if src is self.downstream:
+            self.bytes_from_downstream += n
+        else:
+            self.bytes_from_upstream += n
+        self._on_bytes(src is self.downstream, n)
+
+    def idle(self) -> bool:
+        """Nothing of this relay waits in Python: both write buffers are empty."""
+        return all(side.transport is not None and not side.transport.is_closing()
+                   and side.transport.get_write_buffer_size() == 0
+                   for side in (self.downstream, self.upstream))
+
+    def on_eof(self, src: Side) -> None:
+        if self.splice is not None:
+            self.splice.on_eof(src)  # once the kernel has delivered src's bytes
+        else:
+            self.forward_eof(src)
+
+    def forward_eof(self, src: Side) -> None:
+        dst = self.peer(src)
+        if dst.transport is not None and not dst.transport.is_closing():
+            dst.transport.write_eof()  # sent after the buffered bytes
+        src.eof_forwarded = True
+        if dst.eof_forwarded:
+            self.close()
+
+    def on_lost(self, src: Side, exc: BaseException | None) -> None:
+        dst = self.peer(src)
+        if exc is not None:
+            reset(dst.transport)
+        elif dst.transport is not None and not dst.transport.is_closing():
+            dst.transport.close()
+        self._finish()
+
+    def close(self) -> None:
+        for side in (self.downstream, self.upstream):
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.close()
+
+    def abort(self) -> None:
+        """Reset both sides (drain deadline passed, or the pod went away)."""
+        reset(self.downstream.transport)
+        reset(self.upstream.transport)
+
+    def _finish(self) -> None:
+        if self.downstream.lost and self.upstream.lost and not self.done.done():
+            if self.splice is not None:
+                self.splice.finish()
+            self.done.set_result(None)
+            self._on_done(self)

@@ -1,0 +1,113 @@
+"""Every connection the proxy is relaying, whatever path it came by: for drain and for
+resetting a vanished pod's connections.  A connection accepted under a fair-share lease
+(tcp/fairshare.py) gives it back when it leaves the tracker, or, if it never joined
+(refused, failed), when its set-up ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from nodeproxy.tcp.fairshare import Lease
+from nodeproxy.tcp.relay import Relay, Side, reset
+
+# Decides on an accepted connection before anything is spawned for it: its lease, or None
+# (refused: the gate has reset the connection and counted why).
+Gate = Callable[[Side], Lease | None]
+
+
+class ConnectionTracker:
+    def __init__(self) -> None:
+        self.relays: dict[Relay, set[str]] = {}  # relay -> keys of the local pods it touches
+        self._leases: dict[Relay, Lease] = {}
+        self._pending: set[asyncio.Task] = set()
+        self.accepting = True
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's set-up; drain waits for it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def client_side(self, serve: Callable[[Side], Coroutine[Any, Any, None]],
+                    gate: Gate | None = None) -> Side:
+        """A protocol for a connection accepted on a proxy listener: paused until `serve`
+        has decided where it goes; reset at once while the proxy drains or when `gate`
+        refuses it."""
+        return _Accepted(self, serve, gate)
+
+    def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> None:
+        self.relays[relay] = set(pods)
+        if lease is not None:
+            lease.adopted = True
+            self._leases[relay] = lease
+
+    def discard(self, relay: Relay) -> None:
+        self.relays.pop(relay, None)
+        lease = self._leases.pop(relay, None)
+        if lease is not None:
+            lease.release()
+
+    async def drain(self, grace: float) -> int:
+        """Stop accepting; wait up to `grace` seconds for relays to end; reset the rest.
+        Returns how many had to be reset."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=grace)
+        for tracked in list(self.relays):
+            begin_drain = getattr(tracked, "begin_drain", None)
+            if begin_drain is not None:
+                begin_drain()  # HTTP: close idle keep-alive connections, GOAWAY the rest
+        while self.relays and loop.time() < deadline:
+            await asyncio.wait([r.done for r in self.relays], timeout=deadline - loop.time())
+        leftover = list(self.relays)
+        for relay in leftover:
+            relay.abort()
+        return len(leftover)
+
+    def close_idle(self, idle_seconds: float, now: float) -> int:
+        """Close relayed (opaque TCP) flows that moved no byte either way for idle_seconds;
+        how many.  Spliced flows are the kernel's (their bytes are not seen here) and HTTP
+        connections have timeouts of their own."""
+        idle = [relay for relay in self.relays
+                if isinstance(relay, Relay) and relay.splice is None
+                and now - relay.last_active >= idle_seconds]
+        for relay in idle:
+            relay.close()
+        return len(idle)
+
+    def abort_pod(self, key: str) -> None:
+        for relay, pods in list(self.relays.items()):
+            if key in pods:
+                relay.abort()
+
+
+class _Accepted(Side):
+    def __init__(self, tracker: ConnectionTracker,
+                 serve: Callable[[Side], Coroutine[Any, Any, None]], gate: Gate | None):
+        super().__init__("downstream", start_paused=True)
+        self._tracker = tracker
+        self._serve = serve
+        self._gate = gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._tracker.accepting:
+            reset(self.transport)
+            return
+        if self._gate is not None:
+            self.lease = self._gate(self)
+            if self.lease is None:
+                return
+        self._tracker.spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self._serve(self)
+        finally:
+            lease = self.lease
+            if lease is not None and not lease.adopted:
+                lease.release()  # refused or failed before a relay took the connection

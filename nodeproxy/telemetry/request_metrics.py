@@ -1,0 +1,340 @@
+"""Istio's HTTP request series, so Istio's dashboards, Kiali and alerts work unchanged.
+
+The four standard request series, with Istio's names, label names and buckets:
+
+- ``istio_requests_total``: counter, one per request (response or not)
+- ``istio_request_duration_milliseconds``: histogram, the request's duration
+- ``istio_request_bytes`` / ``istio_response_bytes``: histograms, the request's and the
+  response's sizes (Istio's filter records the downstream connection's bytes for the
+  request, headers included; ``RequestMetrics.observe`` records what its caller measured)
+
+All three histograms use Envoy's default buckets (``ISTIO_BUCKETS``), which Istio keeps
+unless a pod overrides them.
+
+Label values follow Istio's proxy filter:
+
+- ``request_protocol``: "grpc" for gRPC, "http" otherwise: HTTP/1.1 and HTTP/2 alike
+  (``istio_request_protocol``)
+- ``response_code``: the status sent to the client, "0" when none was
+- ``grpc_response_status``: the numeric gRPC status ("0", "14", ...), "" when the request
+  is not gRPC or ended with no status (an empty label is an absent label to Prometheus)
+- ``response_flags``: Envoy's short flags ("UF", "UH,URX", ...), "-" when none
+- ``connection_security_policy``: "mutual_tls" or "none" (reporter=destination),
+  "unknown" (reporter=source, as Istio's client side reports it)
+- peer labels nodeproxy cannot know are "unknown", except the canonical revisions, which
+  Istio reports as "latest" when unknown
+
+nodeproxy's own series, beside them: retries (``nodeproxy_http_retries_total``), retry
+budget refusals (``nodeproxy_http_retry_budget_exhausted_total``), mirrored requests
+(``nodeproxy_http_mirrored_requests_total``, see mirror.py), requests refused by a
+local rate limit (``nodeproxy_http_rate_limited_total``), injected faults
+(``nodeproxy_http_faults_total``), malformed requests
+refused (``nodeproxy_http_bad_requests_total``), HTTP/2 connections closed for abuse
+(``nodeproxy_http2_abuse_total``, h2_guard.py) and access-log lines dropped
+(``nodeproxy_access_log_dropped_total``).
+
+Per request the cost is one dict lookup plus four prometheus_client updates: the labelled
+children are cached per label tuple (``.labels()`` validates and locks on every call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.resilience_metrics import ResilienceMetrics
+
+if TYPE_CHECKING:
+    from nodeproxy.codec.message import RequestHead
+
+# Envoy's default histogram buckets (ms for durations, bytes for sizes); Istio's request
+# histograms use them unless overridden.
+ISTIO_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+                 60000, 300000, 600000, 1800000, 3600000)
+
+# Istio's value for an unknown canonical revision.
+LATEST = "latest"
+# response_flags when there is none (Envoy's "-").
+NO_FLAGS = "-"
+
+# The labels every request series carries, as Istio names them.
+REQUEST_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+
+# Set per response, not per request stream: observe()'s arguments.
+RESPONSE_LABELS = ("response_code", "grpc_response_status", "response_flags")
+
+
+def istio_request_protocol(head: RequestHead) -> str:
+    """request_protocol as Istio's proxy reports it: "grpc" or "http" (HTTP/2 included)."""
+    return "grpc" if head.is_grpc else "http"
+
+
+def wire_protocol(head: RequestHead) -> str:
+    """The protocol label of the proxy's own counters ("http/1.1", "http/2")."""
+    return "http/2" if head.version == "2" else "http/1.1"
+
+
+def _service_name_and_namespace(service: str, workload_namespace: str) -> tuple[str, str]:
+    """destination_service_name/namespace from destination_service, as Istio derives them:
+    <name>.<namespace>.svc.<domain> gives name and namespace; any other value (a Host
+    header, an address) is the name whole, and the namespace is the destination
+    workload's."""
+    parts = service.split(".")
+    if len(parts) >= 4 and parts[2] == "svc":
+        return parts[0], parts[1]
+    return service, workload_namespace
+
+
+@dataclass(frozen=True)
+class RequestLabels:
+    """Label values of one request, all but the RESPONSE_LABELS (REQUEST_LABELS order).
+
+    One client connection to one destination usually shares one RequestLabels for all its
+    requests: build it once (``from_tcp``) and pass it to every ``observe``.
+    """
+
+    reporter: str
+    source_workload: str
+    source_workload_namespace: str
+    source_principal: str
+    destination_workload: str
+    destination_workload_namespace: str
+    destination_principal: str
+    destination_service: str
+    request_protocol: str
+    connection_security_policy: str
+    source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_canonical_revision: str = LATEST
+    source_cluster: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    destination_canonical_service: str = UNKNOWN
+    destination_canonical_revision: str = LATEST
+    destination_cluster: str = UNKNOWN
+    # The values in REQUEST_LABELS order, without the response labels (computed once).
+    _values: tuple[str, ...] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_values", tuple(
+            getattr(self, name) for name in REQUEST_LABELS if name not in RESPONSE_LABELS))
+
+    def values(self) -> tuple[str, ...]:
+        """Label values in REQUEST_LABELS order, the three response labels left out."""
+        return self._values
+
+    @classmethod
+    def from_tcp(cls, tcp: TcpLabels, request_protocol: str, **extra: str) -> RequestLabels:
+        """A connection's TCP labels plus what HTTP adds.
+
+        destination_service_name/namespace come from destination_service; the canonical
+        services are the workloads (nodeproxy's workload label already is the canonical
+        name, by Istio's rule); ``extra`` sets or overrides any other label (source_app,
+        destination_version, ...).
+        """
+        name, namespace = (
+            (UNKNOWN, UNKNOWN) if tcp.destination_service == UNKNOWN
+            else _service_name_and_namespace(tcp.destination_service,
+                                             tcp.destination_workload_namespace))
+        values: dict[str, Any] = {
+            "reporter": tcp.reporter,
+            "source_workload": tcp.source_workload,
+            "source_workload_namespace": tcp.source_workload_namespace,
+            "source_principal": tcp.source_principal,
+            "destination_workload": tcp.destination_workload,
+            "destination_workload_namespace": tcp.destination_workload_namespace,
+            "destination_principal": tcp.destination_principal,
+            "destination_service": tcp.destination_service,
+            "connection_security_policy": tcp.connection_security_policy,
+            "request_protocol": request_protocol,
+            "source_canonical_service": tcp.source_workload,
+            "destination_canonical_service": tcp.destination_workload,
+            "destination_service_name": name,
+            "destination_service_namespace": namespace,
+        }
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = set(extra) - known
+        if unknown:
+            raise TypeError(f"not request labels: {sorted(unknown)}")
+        values.update(extra)
+        return cls(**values)
+
+
+_Children = tuple[Any, Any, Any, Any]  # requests, duration, request bytes, response bytes
+
+
+class RequestMetrics:
+    """Istio's request series and nodeproxy's HTTP counters, in one registry.
+
+    Use from the event loop's thread (the child caches are not locked).
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, max_cached: int = 4096):
+        self.requests = Counter(
+            "istio_requests_total", "Requests the proxy handled",
+            REQUEST_LABELS, registry=registry)
+        self.request_duration = Histogram(
+            "istio_request_duration_milliseconds", "Request duration in milliseconds",
+            REQUEST_LABELS, buckets=ISTIO_BUCKETS, registry=registry)
+        self.request_bytes = Histogram(
+            "istio_request_bytes", "Request size in bytes",
+            REQUEST_LABELS, buckets=ISTIO_BUCKETS, registry=registry)
+        self.response_bytes = Histogram(
+            "istio_response_bytes", "Response size in bytes",
+            REQUEST_LABELS, buckets=ISTIO_BUCKETS, registry=registry)
+        self.retries = Counter(
+            "nodeproxy_http_retries_total", "Request attempts retried, by retry reason",
+            ("destination_service", "reason"), registry=registry)
+        self.retry_budget_exhausted = Counter(
+            "nodeproxy_http_retry_budget_exhausted_total",
+            "Retries not made because the destination's retry budget was spent",
+            ("destination_service",), registry=registry)
+        self.bad_requests = Counter(
+            "nodeproxy_http_bad_requests_total",
+            "Malformed requests the proxy refused, by protocol and reason",
+            ("protocol", "reason"), registry=registry)
+        self.upgrade_refusals = Counter(
+            "nodeproxy_http_upgrade_refusals_total",
+            "Upgrade and CONNECT requests not switched to a byte stream, by reason "
+            "(nodeproxy.codec.upgrade.REASONS)",
+            ("protocol", "reason"), registry=registry)
+        self.mirrored = Counter(
+            "nodeproxy_http_mirrored_requests_total",
+            "Mirrored (shadow) requests, by result (sent, failed, skipped) and reason",
+            ("destination_service", "result", "reason"), registry=registry)
+        self.rate_limited = Counter(
+            "nodeproxy_http_rate_limited_total",
+            "Requests refused (429) by a local rate limit, by scope (route, workload)",
+            ("destination_service", "scope"), registry=registry)
+        self.faults = Counter(
+            "nodeproxy_http_faults_total",
+            "Faults injected into requests, by kind (delay, abort)",
+            ("destination_service", "kind"), registry=registry)
+        self.refused = Counter(
+            "nodeproxy_http_refused_total",
+            "Requests refused (503, flag OM) because their source pod had maxRequests in "
+            "flight, by source and reason",
+            ("source_workload_namespace", "source_workload", "reason"), registry=registry)
+        self.downstream_timeouts = Counter(
+            "nodeproxy_http_downstream_timeouts_total",
+            "Client connections and requests ended because the client was too slow to "
+            "send: request_headers (no complete head in time), request (no complete "
+            "request in time), by protocol",
+            ("protocol", "timeout"), registry=registry)
+        self.http2_abuse = Counter(
+            "nodeproxy_http2_abuse_total",
+            "HTTP/2 client connections closed with GOAWAY ENHANCE_YOUR_CALM, by the "
+            "budget they spent (h2_guard.py)",
+            ("reason",), registry=registry)
+        self.access_log_dropped = Counter(
+            "nodeproxy_access_log_dropped_total",
+            "Access-log lines dropped (the writer fell behind or could not write)",
+            registry=registry)
+        # Circuit breaking and outlier detection (resilience_metrics.py).
+        self.resilience = ResilienceMetrics(registry)
+        self._max_cached = max_cached
+        self._children: dict[tuple[tuple[str, ...], int, str, str], _Children] = {}
+        self._counters: dict[tuple[Counter, tuple[str, ...]], Any] = {}
+
+    def observe(self, labels: RequestLabels, *, code: int, grpc_status: str, flags: str,
+                duration_s: float, request_bytes: int, response_bytes: int) -> None:
+        """Count one finished request (code 0: no response was sent; flags "" or "-":
+        none; grpc_status "" unless gRPC)."""
+        key = (labels.values(), code, grpc_status, flags)
+        children = self._children.get(key)
+        if children is None:
+            children = self._bind(key)
+        requests, duration, req_bytes, resp_bytes = children
+        requests.inc()
+        duration.observe(duration_s * 1000.0)
+        req_bytes.observe(request_bytes)
+        resp_bytes.observe(response_bytes)
+
+    def count_retry(self, destination_service: str, reason: str) -> None:
+        self._child(self.retries, (destination_service, reason)).inc()
+
+    def count_budget_exhausted(self, destination_service: str) -> None:
+        self._child(self.retry_budget_exhausted, (destination_service,)).inc()
+
+    def count_mirror(self, destination_service: str, result: str, reason: str) -> None:
+        self._child(self.mirrored, (destination_service, result, reason)).inc()
+
+    def count_rate_limited(self, destination_service: str, scope: str) -> None:
+        self._child(self.rate_limited, (destination_service, scope)).inc()
+
+    def count_fault(self, destination_service: str, kind: str) -> None:
+        self._child(self.faults, (destination_service, kind)).inc()
+
+    def count_refused(self, namespace: str, workload: str, reason: str) -> None:
+        self._child(self.refused, (namespace, workload, reason)).inc()
+
+    def count_downstream_timeout(self, protocol: str, timeout: str) -> None:
+        self._child(self.downstream_timeouts, (protocol, timeout)).inc()
+    def count_http2_abuse(self, reason: str) -> None:
+        self._child(self.http2_abuse, (reason,)).inc()
+
+    def count_upgrade_refusal(self, protocol: str, reason: str) -> None:
+        self._child(self.upgrade_refusals, (protocol, reason)).inc()
+
+    def count_bad_request(self, protocol: str, reason: str) -> None:
+        self._child(self.bad_requests, (protocol, reason)).inc()
+
+    def _bind(self, key: tuple[tuple[str, ...], int, str, str]) -> _Children:
+        values, code, grpc_status, flags = key
+        by_name = dict(zip((n for n in REQUEST_LABELS if n not in RESPONSE_LABELS), values,
+                           strict=True))
+        by_name.update(response_code=str(code), grpc_response_status=grpc_status,
+                       response_flags=flags or NO_FLAGS)
+        ordered = [by_name[name] for name in REQUEST_LABELS]
+        children = (self.requests.labels(*ordered), self.request_duration.labels(*ordered),
+                    self.request_bytes.labels(*ordered), self.response_bytes.labels(*ordered))
+        _remember(self._children, key, children, self._max_cached)
+        return children
+
+    def _child(self, metric: Counter, values: tuple[str, ...]) -> Any:
+        key = (metric, values)
+        child = self._counters.get(key)
+        if child is None:
+            child = metric.labels(*values)
+            _remember(self._counters, key, child, self._max_cached)
+        return child
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Insert, evicting the oldest entry past `limit` (the series itself stays exported:
+    only the shortcut to it goes)."""
+    if len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
