@@ -2,7 +2,8 @@
 two interfaces every codec implements (the downstream exchange and the upstream connection).
 
 HTTP/1.1 (h1.py) and HTTP/2 (h2.py) both turn wire bytes into these objects, so routing,
-retries, balancing, authorization and telemetry (http/manager.py) never see a protocol.
+retries, balancing, authorization and telemetry (http/handler.py, http/router.py) never
+see a protocol.
 Header names are lowercase; hop-by-hop headers and HTTP/2 pseudo-headers are not in
 ``headers`` (the head's own fields carry method, path, authority, scheme and status).
 """
@@ -29,6 +30,17 @@ def header_value(headers: Headers, name: str) -> str | None:
     for key, value in headers:
         if key == name:
             return value
+    return None
+
+
+def grpc_status_of(headers: Headers | None) -> int | None:
+    """The grpc-status a response head or trailers carry; None if absent or not a number."""
+    for name, value in headers or ():
+        if name == "grpc-status":
+            try:
+                return int(value)
+            except ValueError:
+                return None
     return None
 
 

@@ -1,5 +1,5 @@
 """Which protocol switches the proxy lets a client make, and whether an upstream's 101
-completes the one offered: pure decisions that http/manager.py acts on.
+completes the one offered: pure decisions that http/upgrade_flow.py acts on.
 
 An HTTP/1.1 request with ``Connection: upgrade`` offers the protocols in its ``Upgrade``
 header.  As Envoy does, only configured upgrade types pass (``http.allowedUpgrades``,

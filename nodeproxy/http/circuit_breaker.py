@@ -92,9 +92,13 @@ class CircuitBreaker:
         if self.requests > 0:
             self.requests -= 1
 
+    def retry_slot_free(self) -> bool:
+        """Would ``begin_retry()`` give a slot now?  (Takes nothing.)"""
+        return self.retries < self.limits.max_retries
+
     def begin_retry(self) -> bool:
         """Take a retry slot; False (counted) if maxRetries retries are in progress."""
-        if self.retries >= self.limits.max_retries:
+        if not self.retry_slot_free():
             self.overflow(RETRIES)
             return False
         self.retries += 1

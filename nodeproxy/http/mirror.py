@@ -49,7 +49,8 @@ from nodeproxy.mesh.upstream import Refused
 from nodeproxy.telemetry.request_metrics import RequestMetrics
 
 if TYPE_CHECKING:
-    from nodeproxy.http.manager import _Cluster, _Context
+    from nodeproxy.http.clusters import Cluster
+    from nodeproxy.http.context import RequestContext
     from nodeproxy.http.pool import Endpoint
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,12 @@ class BodyTap:
         return body
 
 
-# What Mirrors needs of the HTTP proxy (manager.py's HttpProxy methods, bound).
-ClusterLookup = Callable[[str, int, int], "_Cluster | None"]
-HashKey = Callable[["_Cluster", "_Context", RequestHead], "str | None"]
-Authorize = Callable[["_Context", Backend, RequestHead], bool]
-Connect = Callable[["_Context", "Endpoint", "_Cluster"], Awaitable[UpstreamConnection]]
+# What Mirrors needs of the request path, all public: clusters.Clusters.get,
+# clusters.Clusters.hash_key, authorize.RequestAuthorizer.allows, clusters.Clusters.connect.
+ClusterLookup = Callable[[str, int, int], "Cluster | None"]
+HashKey = Callable[["Cluster", "RequestContext", RequestHead], "str | None"]
+Authorize = Callable[["RequestContext", Backend, RequestHead], bool]
+Connect = Callable[["RequestContext", "Endpoint", "Cluster"], Awaitable[UpstreamConnection]]
 
 
 class Mirrors:
@@ -182,7 +184,7 @@ class Mirrors:
         self._tasks: set[asyncio.Task[None]] = set()
         self._logged: dict[tuple[str, str, str], tuple[float, int]] = {}
 
-    def start(self, ctx: _Context, head: RequestHead, body: Body, rule: CompiledRule,
+    def start(self, ctx: RequestContext, head: RequestHead, body: Body, rule: CompiledRule,
               limit: int) -> BodyTap | None:
         """Start the copies of one request (call once, before the primary reads the body).
         Returns the tap the primary must read the body through, or None if no copy was
@@ -223,8 +225,8 @@ class Mirrors:
             task.add_done_callback(self._tasks.discard)
         return tap
 
-    async def _run(self, ctx: _Context, head: RequestHead, rule: CompiledRule,
-                   cluster: _Cluster, endpoint: Endpoint, tap: BodyTap, service: str) -> None:
+    async def _run(self, ctx: RequestContext, head: RequestHead, rule: CompiledRule,
+                   cluster: Cluster, endpoint: Endpoint, tap: BodyTap, service: str) -> None:
         try:
             body = await tap.copy()  # settled by the primary's end at the latest
             if isinstance(body, str):
@@ -240,8 +242,8 @@ class Mirrors:
             if self.in_flight[service] <= 0:
                 del self.in_flight[service]
 
-    async def _send(self, ctx: _Context, head: RequestHead, rule: CompiledRule,
-                    cluster: _Cluster, endpoint: Endpoint, body: Body) -> tuple[str, str]:
+    async def _send(self, ctx: RequestContext, head: RequestHead, rule: CompiledRule,
+                    cluster: Cluster, endpoint: Endpoint, body: Body) -> tuple[str, str]:
         """Send one copy and read its response to the end: (result, reason)."""
         status: int | None = None
         connection: UpstreamConnection | None = None

@@ -4,8 +4,8 @@ and the budget that caps retries relative to original requests.
 This module owns the meaning of ``RetryPolicy.retry_on`` (Envoy's ``retry_on`` names), the
 idempotency rule, the backoff delay (exponential with full jitter) and ``RetryBudget``
 (Linkerd's budget).  Counting attempts against ``RetryPolicy.attempts``, timeouts and
-picking another endpoint are the caller's (manager.py).  No I/O; time comes from an
-injectable clock.
+picking another endpoint are the router's (attempts.py decides, router.py acts).  No
+I/O; time comes from an injectable clock.
 """
 
 from __future__ import annotations
@@ -192,14 +192,19 @@ class RetryBudget:
         self._advance()
         return self.ratio * self._request_total + self.reserve
 
-    def try_retry(self) -> bool:
-        """Withdraws one retry from the budget; False (and ``exhausted`` += 1) if empty."""
-        slot = self._advance()
+    def has_room(self) -> bool:
+        """Would ``try_retry()`` admit a retry now?  (Withdraws nothing.)"""
+        self._advance()
         allowed = self.ratio * self._request_total + self.reserve
         # The epsilon keeps float rounding (0.7 * 100 < 70) from refusing the last retry.
-        if self._retry_total + 1 > allowed + 1e-9:
+        return self._retry_total + 1 <= allowed + 1e-9
+
+    def try_retry(self) -> bool:
+        """Withdraws one retry from the budget; False (and ``exhausted`` += 1) if empty."""
+        if not self.has_room():
             self.exhausted += 1
             return False
+        slot = self._epoch % self.BUCKETS
         self._retries[slot] += 1
         self._retry_total += 1
         return True

@@ -126,31 +126,9 @@ def create_root(
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodeproxy"),
         x509.NameAttribute(NameOID.COMMON_NAME, f"nodeproxy mesh root ({trust_domain})"),
     ])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_utc(now - CLOCK_SKEW_SECONDS))
-        .not_valid_after(_utc(now + days * 86400))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert = _ca_certificate(trust_domain, name, key, issuer=name, issuer_key=key,
+                           not_before=now - CLOCK_SKEW_SECONDS, not_after=now + days * 86400,
+                           path_length=None, authority=None)
     return cert, key
 
 
@@ -166,19 +144,32 @@ def create_intermediate(
     now = time.time() if now is None else now
     key = ec.generate_private_key(ec.SECP256R1())
     not_after = min(now + days * 86400, root_cert.not_valid_after_utc.timestamp())
-    cert = (
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodeproxy"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"nodeproxy mesh intermediate ({trust_domain})"),
+    ])
+    cert = _ca_certificate(trust_domain, name, key, issuer=root_cert.subject,
+                           issuer_key=root_key, not_before=now - CLOCK_SKEW_SECONDS,
+                           not_after=not_after, path_length=0, authority=_ski(root_cert))
+    return cert, key
+
+
+def _ca_certificate(
+    trust_domain: str, subject: x509.Name, key: ec.EllipticCurvePrivateKey, *,
+    issuer: x509.Name, issuer_key: CAPrivateKey, not_before: float, not_after: float,
+    path_length: int | None, authority: x509.SubjectKeyIdentifier | None,
+) -> x509.Certificate:
+    """A CA certificate of the trust domain (the root signs itself; an intermediate is
+    signed by the root and names it as its authority)."""
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodeproxy"),
-            x509.NameAttribute(NameOID.COMMON_NAME,
-                               f"nodeproxy mesh intermediate ({trust_domain})"),
-        ]))
-        .issuer_name(root_cert.subject)
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_utc(now - CLOCK_SKEW_SECONDS))
+        .not_valid_before(_utc(not_before))
         .not_valid_after(_utc(not_after))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False, content_commitment=False, key_encipherment=False,
@@ -189,17 +180,15 @@ def create_intermediate(
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                        critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(root_cert)),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
-            critical=False,
-        )
-        .sign(root_key, _hash_for(root_key))
     )
-    return cert, key
+    if authority is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority),
+            critical=False)
+    return builder.add_extension(
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+        critical=False,
+    ).sign(issuer_key, _hash_for(issuer_key))
 
 
 LeafPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey

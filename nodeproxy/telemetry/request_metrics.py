@@ -98,6 +98,11 @@ def istio_request_protocol(head: RequestHead) -> str:
     return "grpc" if head.is_grpc else "http"
 
 
+def wire_protocol(head: RequestHead) -> str:
+    """The protocol label of the proxy's own counters ("http/1.1", "http/2")."""
+    return "http/2" if head.version == "2" else "http/1.1"
+
+
 def _service_name_and_namespace(service: str, workload_namespace: str) -> tuple[str, str]:
     """destination_service_name/namespace from destination_service, as Istio derives them:
     <name>.<namespace>.svc.<domain> gives name and namespace; any other value (a Host

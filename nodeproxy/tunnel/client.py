@@ -78,7 +78,7 @@ class HbonePool:
         the destination's policies (Admitter.admit_request), so the destination may judge
         the stream with L7_CHECKED_UPSTREAM.  Set it only then.  An upgrade's stream
         qualifies because nothing but its one authorized request enters it before the
-        upstream's 101 (nodeproxy.http.manager); after that it carries the upgraded
+        upstream's 101 (nodeproxy.http.upgrade_flow); after that it carries the upgraded
         protocol, which no node parses."""
         key = PoolKey(spiffe_id(self._trust_domain, source_namespace, source_sa), destination,
                       node)

@@ -79,7 +79,12 @@ def _server() -> HboneServer:
             certificates=None, trust_domain="cluster.local", port=15008,  # type: ignore[arg-type]
             announcer=None, handshake_timeout=1, connect_timeout=1,  # type: ignore[arg-type]
             local_pod=lambda ip: _Pod(_Workload()) if ip in (POD_IP, POD_IP6) else None,  # type: ignore[arg-type,return-value]
-            state=SimpleNamespace(current=SimpleNamespace(admitter=_ADMITTER)),  # type: ignore[arg-type]
+            # The source's marker believed (tunnel.trustSourceL7Authorization), so what is
+            # checked is that exactly a marker of "1" is: the default, never believing it,
+            # is tests/integration/test_hostile_marker.py's.
+            state=SimpleNamespace(current=SimpleNamespace(  # type: ignore[arg-type]
+                admitter=_ADMITTER, config=SimpleNamespace(tunnel=SimpleNamespace(
+                    trust_source_l7_authorization=True)))),
             tracker=ConnectionTracker(), metrics=ProxyMetrics(_REGISTRY),
             tunnel_metrics=TunnelMetrics(_REGISTRY))
     return _SERVER

@@ -20,6 +20,8 @@ Enough of it for nodeproxy.discovery's tests, no more:
   ``spec.audiences`` is not authenticated (status.error names the audiences), an unknown
   one neither, and an authenticated one carries ``authentication.kubernetes.io/pod-name``
   and ``pod-uid`` in ``user.extra`` and the audiences it matched.
+- ``ApiThread`` runs one on its own event loop thread, for tests whose other side is a
+  process or a blocking client (on loopback, or on a socket the test opened in a netns).
 - Test controls: ``fail_next(n, status)`` answers the next n requests with that status,
   ``send_raw`` writes any line to open watches, ``requests`` records every query, and
   ``require_token`` checks a bearer token.  Serves HTTPS when given an SSL context.
@@ -32,7 +34,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import socket
 import ssl
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -354,6 +358,42 @@ class FakeKubeApi:
         elif not now and not (type_ == "DELETED" and before):
             return
         watcher.queue.put_nowait(_line({"type": type_, "object": change.obj}))
+
+
+class ApiThread:
+    """A FakeKubeApi on its own event loop thread: listening on loopback, or on `sock`
+    (e.g. one bound inside a simulated node's netns)."""
+
+    def __init__(self, sock: Any = None) -> None:
+        self.api = FakeKubeApi()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.url: str = self.call(self.api.start(sock=sock))
+
+    @classmethod
+    def in_netns(cls, netns_path: str) -> ApiThread:
+        """One listening on 127.0.0.1 inside that network namespace."""
+        from nodeproxy_dev.testbed import netns
+
+        sock = netns.socket_in(netns_path, socket.AF_INET)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        return cls(sock)
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run fn(*args, **kwargs) on the API's loop (its state is the loop's alone)."""
+        async def run() -> Any:
+            return fn(*args, **kwargs)
+        return self.call(run())
+
+    def close(self) -> None:
+        self.call(self.api.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 def _line(event: dict[str, Any]) -> bytes:

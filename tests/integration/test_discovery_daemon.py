@@ -6,10 +6,7 @@ The fake server listens inside the node's network namespace, where the daemon li
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -26,41 +23,14 @@ PORT = 7000
 VIP = "10.96.7.7"
 
 
-class ApiInNetns:
-    """The fake API server on its own event loop thread, listening inside a netns."""
-
-    def __init__(self, netns_path: str):
-        self.api = kube.FakeKubeApi()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        sock = netns.socket_in(netns_path, socket.AF_INET)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        self.url = self.call(self.api.start(sock=sock))
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def do(self, fn, *args):
-        async def run():
-            return fn(*args)
-        return self.call(run())
-
-    def close(self) -> None:
-        self.call(self.api.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture
-def cluster() -> Iterator[tuple[Cluster, ApiInNetns]]:
+def cluster() -> Iterator[tuple[Cluster, kube.ApiThread]]:
     with Cluster(1) as c:
         c.add_pod("node0", "client", labels={"app": "client"})
         c.add_pod("node0", "web-0", enroll=False)
         c.add_pod("node0", "optout", enroll=False)
         c.serve_peer("web-0", PORT)
-        api = ApiInNetns(c.nodes["node0"].netns_path)
+        api = kube.ApiThread.in_netns(c.nodes["node0"].netns_path)
         try:
             web_ip = c.pods["web-0"].ip4
             api.do(api.api.put, "namespaces", kube.namespace(

@@ -472,16 +472,26 @@ def test_l7_authorization_on_a_sniffed_port(mesh: Cluster):
     assert requests(mesh, url(mesh, "guarded-auto", "/private"))["statuses"] == {"403": 1}
 
 
-def test_l4_connection_to_an_l7_guarded_workload_fails_closed(mesh: Cluster):
-    """A connection straight to the pod's IP is not HTTP-routed: the ALLOW rule that
-    needs HTTP attributes cannot match it, so it is refused (Istio ztunnel's rule)."""
+def test_l4_connection_to_an_l7_guarded_workload_is_judged_request_by_request(mesh: Cluster):
+    """A connection straight to the pod's IP is not HTTP-routed by the source node; the
+    guarded pod is on another node, whose proxy judges each request on the HBONE stream
+    itself (the source's say is not believed): the rule's GET /public* passes, anything
+    else is refused before it reaches the application."""
     guarded = mesh.pods["guarded"]
-    script = ("import socket\ntry:\n s=socket.create_connection(('%s',%d),5)\n"  # noqa: UP031
-              " s.sendall(b'GET /public HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
-              " print(s.recv(100)[:12])\nexcept OSError as e: print('refused', e)"
-              % (guarded.ip4, APP))
-    out = mesh.run_in_pod("client", [sys.executable, "-c", script]).stdout
-    assert "HTTP/1.1 200" not in out, out
+
+    def first_line(request: bytes) -> str:
+        script = ("import socket\ntry:\n s=socket.create_connection(('%s',%d),5)\n"  # noqa: UP031
+                  " s.sendall(%r)\n"
+                  " print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
+                  "except OSError as e: print('refused', e)" % (guarded.ip4, APP, request))
+        return mesh.run_in_pod("client", [sys.executable, "-c", script]).stdout.strip()
+
+    assert first_line(b"GET /public HTTP/1.1\r\nHost: x\r\n\r\n") == "HTTP/1.1 200 OK"
+    for refused in (b"GET /private HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"POST /public HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\n\r\n",
+                    b"GET /%70ublic/../private HTTP/1.1\r\nHost: x\r\n\r\n"):
+        line = first_line(refused)
+        assert not line.startswith("HTTP/1.1 2"), (refused, line)
 
 
 # --- observability --------------------------------------------------------------------------

@@ -38,30 +38,6 @@ AGENT_NS, AGENT_SA = "nodeproxy-system", "nodeproxy"
 DNS = "signer.test"
 
 
-class Api:
-    """The stand-in API server on its own event loop thread, on loopback."""
-
-    def __init__(self) -> None:
-        self.api = kube.FakeKubeApi()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.url = self.call(self.api.start())
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        async def run() -> Any:
-            return fn(*args, **kwargs)
-        return self.call(run())
-
-    def close(self) -> None:
-        self.call(self.api.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 class Signer:
     """`nodeproxy ca serve` as a child process; restartable on the same port."""
 
@@ -172,7 +148,7 @@ class Env:
                               "--trust-domain", TD, "--out", str(directory)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        self.api = Api()
+        self.api = kube.ApiThread()
         self.signer = Signer(directory, self.api.url)
         self.signer.start()
 

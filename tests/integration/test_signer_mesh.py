@@ -10,19 +10,15 @@ reach it over the simulated network.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration import fake_kube_api as kube
 from tests.integration.observe import metric_sum as sample
@@ -37,35 +33,8 @@ AUDIENCE = "nodeproxy-ca"
 TTL = 90  # leaves live 150 s (60 s of clock-skew allowance): renewed 15 s after issue
 
 
-class ApiInNetns:
-    """The stand-in API on its own event loop thread, listening inside a netns."""
-
-    def __init__(self, netns_path: str):
-        self.api = kube.FakeKubeApi()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        sock = netns.socket_in(netns_path, socket.AF_INET)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        self.url = self.call(self.api.start(sock=sock))
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        async def run() -> Any:
-            return fn(*args, **kwargs)
-        return self.call(run())
-
-    def close(self) -> None:
-        self.call(self.api.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 class Mesh:
-    def __init__(self, cluster: Cluster, api: ApiInNetns):
+    def __init__(self, cluster: Cluster, api: kube.ApiThread):
         self.c = cluster
         self.api = api
         self.signer: subprocess.Popen[bytes] | None = None
@@ -121,7 +90,7 @@ def mesh() -> Iterator[Mesh]:
         c.add_pod("node1", "web-1", labels={"app": "web"}, service_account="web")
         c.add_service("web", port=80, target_port=PORT, selector={"app": "web"})
         c.serve_peer("web-1", PORT)
-        api = ApiInNetns(c.nodes["node0"].netns_path)
+        api = kube.ApiThread.in_netns(c.nodes["node0"].netns_path)
         m = Mesh(c, api)
         try:
             per_node = {}

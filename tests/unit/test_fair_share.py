@@ -20,7 +20,7 @@ from nodeproxy.codec.h1 import H1Exchange, H1Server
 from nodeproxy.codec.message import ResponseHead
 from nodeproxy.config.changes import restart_only_changes
 from nodeproxy.config.model import LimitSettings, NodeConfig
-from nodeproxy.http.manager import _ClientH2Server
+from nodeproxy.http.client_connections import ClientH2Server as _ClientH2Server
 from nodeproxy.tcp import descriptors
 from nodeproxy.tcp.descriptors import DescriptorBudget, OverBudget, raise_open_file_limit
 from nodeproxy.tcp.fairshare import (

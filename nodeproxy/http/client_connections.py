@@ -1,0 +1,234 @@
+"""Serving captured client connections at L7: the HTTP/1.1 or HTTP/2 server protocol on
+each, and the connection-level limits (uvicorn's protocol classes' job; Envoy's HTTP
+connection manager's codec side).
+
+``ClientConnections.serve`` takes a client connection the outbound listener detected (or was
+told) speaks HTTP, wraps it in h1.H1Server or ``ClientH2Server`` and hands every request
+the codec parses to the request handler (handler.py), with the connection's
+``RequestContext``.  This module owns what lives as long as a connection:
+
+- the request-header timeout (HTTP/1.1: h1.py; HTTP/2: ``ClientH2Server`` below) and
+  the idle timeout of HTTP/2 connections (``expire``, from the proxy's sweep);
+- the HTTP/2 abuse budgets of a new connection, a tenth of them while its pod is
+  penalized for an earlier abuse (``http.http2.abusePenaltySeconds``);
+- the set of live client connections, for drain, idle expiry and pod removal
+  (``ClientConnection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection
+
+from nodeproxy.codec.h1 import H1Server
+from nodeproxy.codec.h2 import ErrorCodes, H2Server
+from nodeproxy.codec.message import Exchange
+from nodeproxy.config.model import Http2Limits, HttpSettings
+from nodeproxy.http.context import RequestContext
+from nodeproxy.mesh.destinations import ServicePortEntry
+from nodeproxy.mesh.enrolled_pod import EnrolledPod
+from nodeproxy.tcp.relay import reset
+from nodeproxy.telemetry.request_metrics import RequestMetrics
+
+log = logging.getLogger(__name__)
+
+# Serves one request of a connection: handler.RequestHandler.handle, bound.
+Handle = Callable[[RequestContext, Exchange], Awaitable[None]]
+
+
+class ClientConnection:
+    """A captured client connection served at L7: what drain, idle expiry and pod removal
+    need of it."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.server: H1Server | ClientH2Server | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def closed(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def begin_drain(self) -> None:
+        """Stop taking requests: close at once if idle, else after the requests in flight
+        (HTTP/1.1: ``connection: close`` on the last response; HTTP/2: GOAWAY)."""
+        if isinstance(self.server, H1Server):
+            self.server.drain()
+        elif self.server is not None:
+            self.server.shutdown()
+
+    def expire(self, now: float, idle_timeout: float) -> None:
+        """HTTP/2 connections idle past the timeout are closed (HTTP/1.1 times itself)."""
+        server = self.server
+        if isinstance(server, ClientH2Server) and server.idle_since is not None \
+                and now - server.idle_since >= idle_timeout:
+            server.shutdown()
+
+    def abort(self) -> None:
+        reset(self.transport)
+
+
+class ClientConnections:
+    """The node's L7 client connections (see the module docstring)."""
+
+    def __init__(self, handle: Handle, metrics: RequestMetrics):
+        self._handle = handle
+        self._metrics = metrics
+        self._settings = HttpSettings()
+        self._clients: set[ClientConnection] = set()
+        # Pods whose HTTP/2 connection was closed for abuse: loop time it last happened.
+        self._h2_abusers: dict[str, float] = {}
+
+    def update(self, settings: HttpSettings, local_pods: Collection[str]) -> None:
+        """A new configuration or pod set: pods no longer enrolled lose their penalty."""
+        self._settings = settings
+        self._h2_abusers = {k: v for k, v in self._h2_abusers.items() if k in local_pods}
+
+    def expire(self, now: float) -> None:
+        """Close HTTP/2 client connections idle past http.idleTimeoutSeconds."""
+        for client in list(self._clients):
+            client.expire(now, self._settings.idle_timeout_seconds)
+
+    def serve(self, pod: EnrolledPod, entry: ServicePortEntry, version: int,
+              transport: asyncio.Transport, initial: bytes, *, http2_client: bool,
+              http2_upstream: bool, client_eof: bool = False,
+              accepted_at: float | None = None) -> ClientConnection:
+        """Serve a client connection whose first bytes were `initial` (and that has already
+        half-closed, if client_eof); its first request has been awaited since
+        `accepted_at` (loop time)."""
+        connection = ClientConnection(transport)
+        self._clients.add(connection)
+        connection.done.add_done_callback(lambda _f: self._clients.discard(connection))
+        context = RequestContext(pod, entry, version, http2_upstream, pod.workload.access_log)
+        settings = self._settings
+        serve_request = self._handle
+
+        async def handle(exchange: Exchange) -> None:
+            await serve_request(context, exchange)
+
+        def bad_request(protocol: str) -> Callable[[str], None]:
+            return lambda reason: self._metrics.count_bad_request(protocol, reason)
+
+        def timed_out(protocol: str) -> Callable[[str], None]:
+            return lambda kind: self._metrics.count_downstream_timeout(protocol, kind)
+
+        if http2_client:
+            h2_server = ClientH2Server(
+                handle, max_header_bytes=settings.max_header_bytes,
+                limits=self._http2_limits(pod),
+                on_protocol_error=lambda code, message:
+                self._metrics.count_bad_request("http/2", _h2_error_label(code)),
+                on_bad_request=bad_request("http/2"),
+                on_abuse=lambda reason: self._http2_abuse(pod, reason))
+            h2_server.on_closed = connection.closed
+            h2_server.watch_heads(settings.request_headers_timeout_seconds, accepted_at,
+                                  timed_out("http/2"))
+            connection.server = h2_server
+            h2_server.attach(transport, initial)
+            if not h2_server.closed:  # (closed for abuse already: it stays unread)
+                transport.resume_reading()  # the sniffer left it paused
+        else:
+            h1_server = H1Server(handle, max_header_bytes=settings.max_header_bytes,
+                                 idle_timeout=settings.idle_timeout_seconds,
+                                 on_bad_request=bad_request("http/1.1"),
+                                 on_closed=connection.closed,
+                                 request_headers_timeout=settings.request_headers_timeout_seconds,
+                                 on_timeout=timed_out("http/1.1"))
+            connection.server = h1_server
+            h1_server.attach(transport, initial, accepted_at)
+            if client_eof:
+                h1_server.eof_received()
+        return connection
+
+    def _http2_limits(self, pod: EnrolledPod) -> Http2Limits:
+        """The HTTP/2 budgets of a new connection from the pod: a tenth of them while the
+        pod is under an abuse penalty (Http2Limits.abuse_penalty_seconds)."""
+        limits = self._settings.http2
+        since = self._h2_abusers.get(pod.key)
+        if since is None:
+            return limits
+        if asyncio.get_running_loop().time() - since < limits.abuse_penalty_seconds:
+            return limits.penalized()
+        del self._h2_abusers[pod.key]
+        return limits
+
+    def _http2_abuse(self, pod: EnrolledPod, reason: str) -> None:
+        self._metrics.count_http2_abuse(reason)
+        if self._settings.http2.abuse_penalty_seconds:
+            self._h2_abusers[pod.key] = asyncio.get_running_loop().time()
+
+
+class ClientH2Server(H2Server):
+    """An HTTP/2 client connection that tells its tracker when it ends, and holds the
+    client to the request-header timeout: its first request's header block must be
+    complete within it of the connection's start, and any header block (HEADERS and its
+    CONTINUATIONs: h2 refuses every other frame until it ends, so one unfinished block
+    stalls the whole connection) within it of its first byte.  Past it: GOAWAY
+    (ENHANCE_YOUR_CALM) and close."""
+
+    on_closed: Callable[[], None] | None = None
+    _headers_timeout: float | None = None
+    _on_timeout: Callable[[str], None] | None = None
+    _head_since: float | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def watch_heads(self, timeout: float, since: float | None,
+                    on_timeout: Callable[[str], None]) -> None:
+        """Start the first request's clock (at loop time `since`, default now)."""
+        self._headers_timeout = timeout
+        self._on_timeout = on_timeout
+        self._head_since = since if since is not None else self._loop.time()
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._headers_timeout is None or self.requests == 0:
+            return  # before the first request the connection's own clock runs
+        if self.conn.incoming_buffer.head_pending:
+            if self._head_since is None:
+                self._head_since = self._loop.time()
+                self._arm_head_timer()
+        else:
+            self._head_since = None
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and self._headers_timeout is not None \
+                and self._head_since is not None:
+            delay = self._head_since + self._headers_timeout - self._loop.time()
+            self._head_timer = self._loop.call_later(max(delay, 0.0), self._head_check)
+
+    def _head_check(self) -> None:
+        self._head_timer = None
+        if self._head_since is None or not self.usable or self._headers_timeout is None:
+            return
+        if self.requests and not self.conn.incoming_buffer.head_pending:
+            self._head_since = None
+            return
+        left = self._head_since + self._headers_timeout - self._loop.time()
+        if left > 0:
+            self._arm_head_timer()
+            return
+        self._head_since = None
+        if self._on_timeout is not None:
+            self._on_timeout("request_headers")
+        log.info("HTTP/2 client %s sent no whole request head within %.1fs: closing",
+                 self.peername, self._headers_timeout)
+        # Past H2Server's override: a timeout is counted as one, not as a bad request.
+        super(H2Server, self)._protocol_error(int(ErrorCodes.ENHANCE_YOUR_CALM),
+                                              "request header timeout")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+        if self.on_closed is not None:
+            self.on_closed()
+
+
+def _h2_error_label(code: int) -> str:
+    """A bounded label for an HTTP/2 connection error (h2's messages quote the peer)."""
+    try:
+        return "h2_" + ErrorCodes(code).name.lower()
+    except ValueError:
+        return "h2_error"
