@@ -91,9 +91,11 @@ def test_demo_and_tests_prerequisite_cni_plugins_present(results):
 
 def test_run_checks_leaves_no_bpf_programs_or_mounts_behind():
     def ours() -> list[kernelfs.Mount]:
-        # Other tests may mount netns files concurrently: look only at what checks could leave.
+        # Other tests (and other runs on the machine) mount bpffs and netns files
+        # concurrently: look only at what the checks could leave, their probe mounts and
+        # the node's /sys/fs/bpf.
         return [m for m in kernelfs.read_mounts()
-                if m.fstype == "bpf" or "nodeproxy-bpffs-check-" in m.mountpoint]
+                if "nodeproxy-bpffs-check-" in m.mountpoint or m.mountpoint == "/sys/fs/bpf"]
 
     before_fds = _bpf_prog_fds()
     before_mounts = ours()
