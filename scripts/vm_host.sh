@@ -11,19 +11,17 @@ QEMU_CONF=/etc/libvirt/qemu.conf
 vm_say() { printf '%s: %s\n' "${VM_SCRIPT:-vm}" "$*"; }
 vm_die() { printf '%s: error: %s\n' "${VM_SCRIPT:-vm}" "$*" >&2; exit 1; }
 
+. "$REPO/scripts/lib/apt.sh"
+
 vm_install_host_packages() {
-    local pkg missing=()
-    for pkg in "${VM_HOST_PACKAGES[@]}"; do
-        [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] ||
-            missing+=("$pkg")
-    done
+    local missing
+    mapfile -t missing < <(apt_missing "${VM_HOST_PACKAGES[@]}")
     if [ "${#missing[@]}" -eq 0 ]; then
         vm_say "host packages: all installed"
         return
     fi
     vm_say "host packages: apt-get install ${missing[*]}"
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt_install "${missing[@]}"
 }
 
 # The box boots its own kernel and initrd (direct kernel boot), which live under
