@@ -10,7 +10,12 @@ host paths would touch it: hostNetwork is the node's netns; /sys/fs/bpf,
 the machine's own paths are mounted only where the manifest mounts them
 read-only (cgroups, netns files, /lib/modules, /usr/src: bcc compiles against
 the node's kernel headers there).  The ConfigMap's node.yaml is the testbed
-node's policy with the manifest's in-container paths; the Secret is the run's CA.
+node's policy with the manifest's in-container paths; the root ConfigMap is the run's
+root certificate alone: as the manifest says, the daemon holds no CA key and gets its
+pods' certificates from the signing service (`nodeproxy ca serve`, a process in the
+node's netns holding the run's intermediate), authenticated by the projected token,
+which the suite's stand-in Kubernetes API (tests/integration/fake_kube_api.py, its
+documented TokenReview protocol) issued and reviews.
 
 Podman uses a container store of the test's own: the image it loads, its
 containers and their cgroups are removed at the end, also on failure.
@@ -38,6 +43,7 @@ from nodeproxy.cni import install
 from nodeproxy_dev.testbed import cni, netns
 from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
 from nodeproxy_dev.testbed.podman import Podman, Volume, container_argv, machine_argv, memory_bytes
+from tests.integration import fake_kube_api as kube
 from tests.integration.probes import connect
 from tests.integration.test_cni import Chain, k8s_args, new_sandbox
 
@@ -52,8 +58,13 @@ STAND_INS = {"/sys/fs/bpf": "bpffs", "/run/nodeproxy": "run", "/etc/cni/net.d": 
 # Where the manifest's containers see the volumes (configmap.yaml's paths).
 IN_CONTAINER = {"node": {"bpffs": "/sys/fs/bpf", "stateDir": "/run/nodeproxy"},
                 "admin": {"controlSocket": "/run/nodeproxy/control.sock"},
-                "identity": {"caCert": "/etc/nodeproxy/ca/root-cert.pem",
-                             "caKey": "/etc/nodeproxy/ca/root-key.pem"}}
+                "identity": {"caCert": "/etc/nodeproxy/ca/root-cert.pem", "caKey": None,
+                             "signer": {"address": "https://127.0.0.1:15012",
+                                        "serverName": "nodeproxy-ca.test",
+                                        "tokenPath": "/var/run/secrets/nodeproxy/token",
+                                        "retrySeconds": 1}}}
+SIGNER_LISTEN = "127.0.0.1:15012"   # in node0's netns, where the daemon container runs
+SIGNER_AUDIENCE = "nodeproxy-ca"    # the manifest's projected token's audience
 
 
 @dataclass
@@ -90,8 +101,8 @@ def build_image() -> None:
     assert build.returncode == 0, (build.stdout + build.stderr)[-6000:]
 
 
-def volumes_for(pod_spec: dict[str, Any], host: Path, policy: Path, ca: Path
-                ) -> dict[str, Volume]:
+def volumes_for(pod_spec: dict[str, Any], host: Path, policy: Path, ca: Path,
+                token: Path) -> dict[str, Volume]:
     """Each pod volume's source here; a machine path only where every mount is read-only."""
     mounts = [m for c in (*pod_spec["initContainers"], *pod_spec["containers"])
               for m in c.get("volumeMounts", [])]
@@ -110,9 +121,14 @@ def volumes_for(pod_spec: dict[str, Any], host: Path, policy: Path, ca: Path
             assert not writers, f"hostPath {path} is mounted writable; give it a stand-in"
             volumes[name] = Volume(path)
         elif "configMap" in volume:
-            volumes[name] = Volume(str(policy))
-        elif "secret" in volume:
-            volumes[name] = Volume(str(ca))
+            config_map = volume["configMap"]["name"]
+            assert config_map in ("nodeproxy-policy", "nodeproxy-ca-root"), config_map
+            volumes[name] = Volume(str(policy if config_map == "nodeproxy-policy" else ca))
+        elif "projected" in volume:
+            sources = volume["projected"]["sources"]
+            assert [sorted(src) for src in sources] == [["serviceAccountToken"]], sources
+            assert sources[0]["serviceAccountToken"]["audience"] == SIGNER_AUDIENCE
+            volumes[name] = Volume(str(token))
         elif volume.get("emptyDir", {}).get("medium") == "Memory":
             limit = volume["emptyDir"].get("sizeLimit", "64Mi")
             volumes[name] = Volume("", tmpfs_size=str(memory_bytes(limit)))
@@ -149,11 +165,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     pod_spec = manifest["spec"]["template"]["spec"]
     fields = {"spec.nodeName": "node0", "metadata.namespace": manifest["metadata"]["namespace"]}
     work = tmp_path_factory.mktemp("image")
-    host, policy, ca = work / "host", work / "policy", work / "ca"
-    for directory in (host, policy, ca):
+    host, policy, ca, token = work / "host", work / "policy", work / "ca", work / "token"
+    for directory in (host, policy, ca, token):
         directory.mkdir()
     podman = Podman(work / "store")
     names: list[str] = []
+    signer: subprocess.Popen[bytes] | None = None
+    api: kube.ApiThread | None = None
     with Cluster(1) as c:
         cgroup_parent = f"/{c.name('podman')}"
         bpffs = host / STAND_INS["/sys/fs/bpf"]
@@ -168,11 +186,32 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             c.write_configs(overrides=IN_CONTAINER)
             document = dict(node.config, node=dict(node.config["node"], name="this-node"))
             (policy / "node.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-            # The Secret (defaultMode 0400).
-            for name in ("root-cert.pem", "root-key.pem"):
-                shutil.copy(os.path.join(c.dir, "ca", name), ca / name)
-                os.chmod(ca / name, 0o400)
-            volumes = volumes_for(pod_spec, host, policy, ca)
+            # The root ConfigMap: the certificate, no key.
+            shutil.copy(os.path.join(c.dir, "ca", "root-cert.pem"), ca / "root-cert.pem")
+            # The API the signer asks: the daemon's own pod (its token is bound to it)
+            # and the workloads on node0, then the signer.
+            api = kube.ApiThread.in_netns(node.netns_path)
+            agent = kube.pod("nodeproxy-node0", "nodeproxy-system", node="node0",
+                             sa="nodeproxy", host_network=True)
+            api.do(api.api.put, "pods", agent)
+            for name in ("web-0", "client-0"):
+                api.do(api.api.put, "pods", kube.pod(name, node="node0",
+                                                     ip=c.pods[name].ip4))
+            (token / "token").write_text(api.do(
+                api.api.issue_token, "token-node0", namespace="nodeproxy-system",
+                service_account="nodeproxy", pod_name="nodeproxy-node0",
+                pod_uid=agent["metadata"]["uid"], audiences=[SIGNER_AUDIENCE]))
+            with open(work / "signer.log", "wb") as signer_log:
+                signer = c.spawn_in_node("node0", [
+                    c.python, "-m", "nodeproxy", "ca", "serve",
+                    "--cert", os.path.join(c.dir, "ca", "ca-cert.pem"),
+                    "--key", os.path.join(c.dir, "ca", "ca-key.pem"),
+                    "--trust-domain", c.trust_domain, "--listen", SIGNER_LISTEN,
+                    "--dns-name", "nodeproxy-ca.test", "--kube-api", api.url,
+                    "--audience", SIGNER_AUDIENCE,
+                    "--node-agent", "system:serviceaccount:nodeproxy-system:nodeproxy"],
+                    stdout=signer_log, stderr=subprocess.STDOUT)
+            volumes = volumes_for(pod_spec, host, policy, ca, token)
             # Bidirectional propagation needs a shared mount at the source.
             subprocess.run(["mount", "--bind", str(bpffs), str(bpffs)], check=True)
             subprocess.run(["mount", "--make-shared", str(bpffs)], check=True)
@@ -224,6 +263,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         finally:
             for name in reversed(names):
                 podman.remove(name)
+            if signer is not None:
+                signer.terminate()
+                signer.wait(10)
+            if api is not None:
+                api.close()
             podman.reset()
             # The bpffs mount-bpffs made sits on the shared bind mount: both go.
             for _ in range(4):
