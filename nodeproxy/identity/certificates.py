@@ -23,6 +23,15 @@ RotateCallback = Callable[[str, IssuedCert], None]
 """Called as `callback(spiffe_id, new_cert)` after every issuance that replaced a cert."""
 
 
+def check_rotation(ttl_seconds: float, rotate_fraction: float) -> None:
+    """A leaf lifetime and the fraction of it after which the leaf is renewed, or
+    ValueError (shared by every certificate source)."""
+    if ttl_seconds <= 0:
+        raise ValueError(f"ttl_seconds must be positive (got {ttl_seconds})")
+    if not 0 < rotate_fraction < 1:
+        raise ValueError(f"rotate_fraction must be between 0 and 1 (got {rotate_fraction})")
+
+
 class CertificateManager:
     """Issues, caches and rotates the leaf certificates of the workloads on this node."""
 
@@ -38,10 +47,7 @@ class CertificateManager:
             raise ValueError(
                 f"trust domain {trust_domain!r} differs from the CA's {ca.trust_domain!r}"
             )
-        if ttl_seconds <= 0:
-            raise ValueError(f"ttl_seconds must be positive (got {ttl_seconds})")
-        if not 0 < rotate_fraction < 1:
-            raise ValueError(f"rotate_fraction must be between 0 and 1 (got {rotate_fraction})")
+        check_rotation(ttl_seconds, rotate_fraction)
         self.ca = ca
         self.trust_domain = trust_domain
         self.ttl_seconds = ttl_seconds

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from nodeproxy.config.model import IdentitySettings
-from nodeproxy.identity.certificates import CertificateManager
+from nodeproxy.identity.certificates import CertificateManager, check_rotation
 from nodeproxy.identity.mesh_ca import CAError, Clock, IssuedCert, MeshCA
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.signer.signing_client import SignerClient, SignerError
@@ -38,10 +38,7 @@ class RemoteCertificates(CertificateManager):
     def __init__(self, client: SignerClient, trust_bundle_pem: bytes, trust_domain: str,
                  ttl_seconds: float = 86400, rotate_fraction: float = 0.5,
                  clock: Clock = time.time, retry_seconds: float = RETRY_SECONDS) -> None:
-        if ttl_seconds <= 0:
-            raise ValueError(f"ttl_seconds must be positive (got {ttl_seconds})")
-        if not 0 < rotate_fraction < 1:
-            raise ValueError(f"rotate_fraction must be between 0 and 1 (got {rotate_fraction})")
+        check_rotation(ttl_seconds, rotate_fraction)
         self.client = client
         self._trust_bundle = trust_bundle_pem
         self.trust_domain = trust_domain
