@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nodeproxy.capture.constants import SOCKET_MARK
 
@@ -56,6 +56,8 @@ class Netns:
     fd: int
     inode: int
     device: int
+    # net.ipv4.ip_local_port_range inside it, read on first use (transparent.local_ports)
+    local_ports: range | None = field(default=None, compare=False)
 
     @classmethod
     def open(cls, path: str) -> Netns:

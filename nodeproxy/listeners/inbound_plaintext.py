@@ -119,7 +119,8 @@ class InboundProxy:
             return
         try:
             up = await dial_transparent(pod.netns, source_ip, dest_ip, port,
-                                        self._connect_timeout, self._announcer, relay_side())
+                                        self._connect_timeout, self._announcer, relay_side(),
+                                        source_port=peer[1])
         except (TimeoutError, OSError) as e:
             log.info("inbound %s -> %s:%d: connect failed: %s", source_ip, pod.key, port, e)
             reset(down.transport)

@@ -4,13 +4,14 @@ with the real client's address as source (transparent, into the destination pod)
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from typing import Protocol, TypeVar
 
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.namespaces import Netns
-from nodeproxy.capture.transparent import transparent_socket
+from nodeproxy.capture.transparent import local_ports, transparent_socket
 from nodeproxy.tcp.descriptors import check_socket
 from nodeproxy.tcp.relay import Side
 
@@ -60,16 +61,55 @@ class DialAnnouncer(Protocol):
     def forget_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None: ...
 
 
+# The kept port is taken: bound by another socket in the pod's netns (bind), or the
+# 4-tuple is (connect; e.g. one client port dialled to two VIPs of the same pod port).
+_PORT_TAKEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+
+
+def kept_port(client_port: int, ephemeral: range) -> int:
+    """The client's own source port if the dial may keep it, else 0.  Only a port of the
+    destination pod's ephemeral range: any other might be one its application listens on
+    (a client chooses its source port; the pod's services do not live in that range)."""
+    return client_port if client_port in ephemeral else 0
+
+
 async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port: int,
-                           timeout: float, announcer: DialAnnouncer, protocol: P) -> P:
+                           timeout: float, announcer: DialAnnouncer, protocol: P,
+                           source_port: int = 0) -> P:
     """Connect to an application inside its own pod's netns with the client's address as
     source, so the application sees the real peer (see nodeproxy.capture.transparent).
-    The 4-tuple is announced to the kernel first, so inbound capture lets it pass."""
+    The 4-tuple is announced to the kernel first, so inbound capture lets it pass.
+
+    source_port: the client's own port (0: unknown).  Kept when it is one of the pod's
+    ephemeral ports and free there; otherwise the kernel searches one at bind time."""
     if source.version != ip.version:
         source = _same_family_fallback(source, ip)
+    kept = kept_port(source_port, local_ports(netns)) if source_port else 0
+    if kept:
+        try:
+            sock = transparent_socket(netns, str(source), _family(ip), kept)
+        except OSError as e:
+            if e.errno not in _PORT_TAKEN:
+                raise
+        else:
+            try:
+                return await _announced_connect(sock, ip, port, timeout, announcer,
+                                                protocol)
+            except OSError as e:
+                if e.errno not in _PORT_TAKEN:
+                    raise
     sock = transparent_socket(netns, str(source), _family(ip))
-    local = sock.getsockname()[:2]
+    return await _announced_connect(sock, ip, port, timeout, announcer, protocol)
+
+
+async def _announced_connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
+                             announcer: DialAnnouncer, protocol: P) -> P:
     dest = (str(ip), port)
+    try:
+        local = sock.getsockname()[:2]
+    except OSError:
+        sock.close()
+        raise
     announcer.expect_dial(local, dest)
     try:
         return await _connect(sock, ip, port, timeout, protocol)
