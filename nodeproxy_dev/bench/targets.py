@@ -14,7 +14,9 @@ from typing import Any
 
 from nodeproxy_dev.bench import noisy
 
-Medians = Callable[[str, str], float | None]  # (metric key, configuration) -> median
+# (metric key, configuration[, statistic]) -> that configuration's median of the figure, or
+# with statistic "min" its lowest sample (a round); None where there is no figure.
+Medians = Callable[..., float | None]
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,79 @@ def _l7_features(m: Medians) -> tuple[str, bool] | None:
             "per 1000 requests)", full <= 1.25 * l7)
 
 
+# Connection scale: nodeproxy as shipped (eBPF capture, splice) against HAProxy in mode tcp,
+# the same clients and servers, the same run.
+SCALE_CONFIGURATION = "nodeproxy-splice"
+
+
+def _rate_against_haproxy(key: str, factor: float) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        ours, theirs = m(key, SCALE_CONFIGURATION), m(key, "haproxy")
+        if ours is None or not theirs:
+            return None
+        return (f"{ours / theirs:.2f}× HAProxy's ({ours:.0f} vs {theirs:.0f} conn/s)",
+                ours >= factor * theirs)
+    return check
+
+
+def _no_low_round(key: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        median, lowest = m(key, SCALE_CONFIGURATION), m(key, SCALE_CONFIGURATION, "min")
+        if median is None or lowest is None or median <= 0:
+            return None
+        return (f"lowest round {lowest / median:.2f}× the median ({lowest:.0f} vs "
+                f"{median:.0f} conn/s)", lowest >= 0.8 * median)
+    return check
+
+
+def _sustained(path: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        lowest = m(f"sustained.{path}.lowest", SCALE_CONFIGURATION)
+        rate = m(f"sustained.{path}.rate", SCALE_CONFIGURATION)
+        failed = m(f"sustained.{path}.failed", SCALE_CONFIGURATION)
+        if lowest is None or rate is None:
+            return None
+        shown = f"lowest window {lowest:.2f}× the median window ({rate:.0f} conn/s)"
+        if failed:
+            shown += f", {failed:.0f} connections failed"
+        return shown, lowest >= 0.8 and not failed
+    return check
+
+
+def _open_against_haproxy(key: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        ours, theirs = m(key, SCALE_CONFIGURATION), m(key, "haproxy")
+        if ours is None or not theirs:
+            return None
+        return (f"{ours / theirs:.2f}× HAProxy's time ({ours:.2f} s vs {theirs:.2f} s)",
+                ours <= 2.0 * theirs)
+    return check
+
+
+def scale_targets(idle_connections: str = "10,000 (fewer where the open-file limit says so: "
+                                          "see the notes)") -> tuple[Target, ...]:
+    """Issue 16's connection-scale targets, for nodeproxy-splice against haproxy."""
+    out: list[Target] = []
+    for path, label, factor in (("same-node", "same node", 0.9), ("cross-node",
+                                                                  "cross node (HBONE)", 0.8)):
+        out += [
+            Target(f"new connections/s, {label}, against HAProxy tcp",
+                   f"≥ {factor}× HAProxy's", _rate_against_haproxy(f"connect.{path}.rate",
+                                                                   factor)),
+            Target(f"new connections/s, {label}: no cliff over the rounds",
+                   "no round below 0.8× the median", _no_low_round(f"connect.{path}.rate")),
+            Target(f"sustained connect, {label}: no cliff as sockets pile up",
+                   "no window below 0.8× the median window, none failed", _sustained(path)),
+        ]
+    out += [
+        Target(f"open {idle_connections} concurrent connections, same node",
+               "≤ 2× HAProxy's time", _open_against_haproxy("idle.open")),
+        Target(f"open {idle_connections} concurrent connections, cross node",
+               "≤ 2× HAProxy's time", _open_against_haproxy("idle.cross-node.open")),
+    ]
+    return tuple(out)
+
+
 NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7")
 
 
@@ -165,6 +240,7 @@ TARGETS = (
     Target("L7 HTTP/1.1 CPU per request with authorization, rate limit, fault, outlier "
            "detection and 1% tracing on (nodeproxy-l7-full against nodeproxy-l7)",
            "≤ 1.25× nodeproxy-l7's", _l7_features),
+    *scale_targets(),
     *noisy_targets(),
 )
 
@@ -180,11 +256,11 @@ def evaluate(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every target with its measured figure and whether it is met (None: no figure)."""
     by_key = {entry["key"]: entry["results"] for entry in metrics}
 
-    def median(key: str, config: str) -> float | None:
+    def median(key: str, config: str, statistic: str = "median") -> float | None:
         result = by_key.get(key, {}).get(config) or {}
         if not result.get("available") or not result.get("n"):
             return None
-        return float(result["median"])
+        return float(result[statistic])
 
     out = []
     for target in TARGETS:
