@@ -81,7 +81,10 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
     The 4-tuple is announced to the kernel first, so inbound capture lets it pass.
 
     source_port: the client's own port (0: unknown).  Kept when it is one of the pod's
-    ephemeral ports and free there; otherwise the kernel searches one at bind time."""
+    ephemeral ports and free there; otherwise the kernel searches one at bind time.  Pass
+    it only where the client's own connection does not end in the destination's netns:
+    inbound capture's accepted socket there is (dest <- client:port), the very tuple the
+    application's side of a kept-port dial would be, and connect() cannot see it."""
     if source.version != ip.version:
         source = _same_family_fallback(source, ip)
     kept = kept_port(source_port, local_ports(netns)) if source_port else 0
