@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import procstat
+from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed.cluster import Cluster
 
 PORT = 7000
@@ -120,6 +121,7 @@ def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float
     result["connections_per_s"] = summary.get("succeeded", 0) / max(
         summary.get("elapsed_s", 1.0), 1e-9)
     result["failed"] = summary.get("failed")
+    result["errors"] = summary.get("errors")
     return result
 
 
@@ -173,7 +175,7 @@ def build(cluster: Cluster) -> None:
     cluster.add_service("web-z1", port=80, target_port=PORT, selector={"zone": "z1"})
     for name in ("web-0", "web-1"):
         cluster.serve_peer(name, PORT)
-    cluster.write_configs()
+    cluster.write_configs(overrides=BENCH_LIMITS)  # the per-pod caps lifted, as in the bench
 
 
 def main(argv: list[str] | None = None) -> int:
