@@ -83,12 +83,17 @@ def progress_points(stdout: str) -> list[tuple[float, float]]:
 
 
 def steadiness(rates: list[float]) -> dict[str, float]:
-    """The median window's rate and the lowest window against it (1.0: no dip at all)."""
+    """The median window's rate; whether the rate held (the median window of the last third
+    of the run against that of the first third: a rate that falls as sockets pile up falls
+    below 1, whatever the noise of single windows); the lowest window against the median."""
     if not rates:
         raise MeasurementError("the sustained run produced no full window")
     median = statistics.median(rates)
+    third = max(1, len(rates) // 3)
+    first, last = statistics.median(rates[:third]), statistics.median(rates[-third:])
     return {"median_per_s": median, "lowest_per_s": min(rates),
-            "lowest_ratio": min(rates) / median if median > 0 else 0.0}
+            "lowest_ratio": min(rates) / median if median > 0 else 0.0,
+            "held_ratio": last / first if first > 0 else 0.0}
 
 
 def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, Any]:

@@ -254,6 +254,8 @@ class SustainedConnect(Scenario):
         self.metrics = (
             Metric(f"{p}.rate", f"new connections/s held for {span} window: median window, "
                    f"{path.label}", "conn/s", "higher", digits=0),
+            Metric(f"{p}.held", f"new connections/s held for {span} window: last third's "
+                   f"median window ÷ first third's, {path.label}", "×", "higher", digits=2),
             Metric(f"{p}.lowest", f"new connections/s held for {span} window: lowest window "
                    f"÷ median window, {path.label}", "×", "higher", digits=2),
             Metric(f"{p}.failed", f"new connections held for {span} window: failed, "
@@ -264,9 +266,9 @@ class SustainedConnect(Scenario):
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.ECHO, self.path)
         raw = connections.sustained_rate(bench, route, settings)
-        rate, lowest, failed = (m.key for m in self.metrics)
-        return {rate: raw["median_per_s"], lowest: raw["lowest_ratio"],
-                failed: raw["failed"]}, raw
+        rate, held, lowest, failed = (m.key for m in self.metrics)
+        return {rate: raw["median_per_s"], held: raw["held_ratio"],
+                lowest: raw["lowest_ratio"], failed: raw["failed"]}, raw
 
 
 class IdleConnections(Scenario):

@@ -54,7 +54,7 @@ def expected_metrics() -> set[str]:
         keys |= {f"http.{path}.{m}" for m in ("rps", "p50", "p99")}
         keys |= {f"http-rate.{path}.{m}" for m in ("rps", "p50", "p99")}
         keys.add(f"connect.{path}.rate")
-        keys |= {f"sustained.{path}.{m}" for m in ("rate", "lowest", "failed")}
+        keys |= {f"sustained.{path}.{m}" for m in ("rate", "held", "lowest", "failed")}
     keys |= {"idle.open", "idle.cross-node.open"}
     return keys
 

@@ -28,8 +28,15 @@ def test_a_cliff_shows_as_a_low_lowest_window():
     steady = connections.steadiness([1000, 980, 1010, 990])
     assert steady["median_per_s"] == pytest.approx(995)
     assert steady["lowest_ratio"] == pytest.approx(980 / 995)
+    assert steady["held_ratio"] == pytest.approx(990 / 1000)
     cliff = connections.steadiness([1200, 1150, 600, 300])
     assert cliff["lowest_ratio"] == pytest.approx(300 / 875)
+    # The run of the old dial: 615 conn/s at first, ~110 after 15 s; the median window is
+    # already the fallen rate, so only the first third against the last shows the cliff.
+    before = connections.steadiness([615.5, 522.8, 340.4, 136.5, 189.9, 94.3, 147.6, 109.5,
+                                     151.4, 100.6, 79.0, 115.7])
+    assert before["held_ratio"] == pytest.approx(108.1 / 431.6, rel=0.01)
+    assert before["lowest_ratio"] > 0.5
     with pytest.raises(MeasurementError):
         connections.steadiness([])
 
@@ -48,4 +55,5 @@ def test_the_full_profile_holds_a_minute_in_five_second_windows():
     scenario = SustainedConnect(NetPath.SAME_NODE, FULL)
     assert scenario.once and scenario.name == "sustained connect same-node"
     assert [m.key for m in scenario.metrics] == [
-        "sustained.same-node.rate", "sustained.same-node.lowest", "sustained.same-node.failed"]
+        "sustained.same-node.rate", "sustained.same-node.held", "sustained.same-node.lowest",
+        "sustained.same-node.failed"]

@@ -135,8 +135,9 @@ def test_connection_rate_targets_compare_with_haproxy_and_look_for_a_cliff() -> 
 
 
 def test_sustained_connect_fails_on_a_dip_or_on_failed_connections() -> None:
-    def run(lowest: float, failed: float) -> dict[str, Any]:
-        metrics = [entry("sustained.same-node.lowest", **{"nodeproxy-splice": lowest}),
+    def run(held: float, failed: float) -> dict[str, Any]:
+        metrics = [entry("sustained.same-node.held", **{"nodeproxy-splice": held}),
+                   entry("sustained.same-node.lowest", **{"nodeproxy-splice": 0.5}),
                    entry("sustained.same-node.rate", **{"nodeproxy-splice": 900.0}),
                    entry("sustained.same-node.failed", **{"nodeproxy-splice": failed})]
         return by_name(targets.evaluate(metrics))[
