@@ -21,6 +21,7 @@ import pytest
 from nodeproxy.capture import transparent
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.tcp.dial import dial_transparent
+from nodeproxy_dev.testbed import netns as testbed_netns
 from nodeproxy_dev.testbed.cluster import Cluster
 
 pytestmark = pytest.mark.privileged
@@ -170,6 +171,26 @@ def test_a_port_outside_the_pods_ephemeral_range_is_never_kept(pod):
     answer, bound = run(held_while_binding())
     assert peer_port(answer) != LOW
     assert bound == "bound"
+
+
+def test_the_range_is_the_destination_pods_own(pod):
+    """A pod that narrowed its ephemeral ports: the dial keeps only ports of that range
+    (read in the pod's netns, not the daemon's), and searches the others."""
+    c, _ = pod
+    name = c.pods["web"].netns
+    before = c.run_in_pod("web", ["sysctl", "-n", "net.ipv4.ip_local_port_range"]).stdout
+    testbed_netns.sysctl(name, {"net.ipv4.ip_local_port_range": "50000 50100"})
+    fresh = Netns.open(c.pods["web"].netns_path)  # the range is read once per handle
+    try:
+        dest = ipaddress.ip_address(c.pods["web"].ip4)
+        inside, _ = run(whoami(fresh, CLIENT4, dest, 50050, Recorder()))
+        outside, _ = run(whoami(fresh, CLIENT4, dest, KEPT + 60, Recorder()))
+    finally:
+        fresh.close()
+        testbed_netns.sysctl(name, {"net.ipv4.ip_local_port_range": before.strip()})
+    assert peer_port(inside) == 50050
+    assert peer_port(outside) != KEPT + 60
+    assert 50000 <= peer_port(outside) <= 50100  # the kernel's search, in the pod's range
 
 
 def test_the_same_port_again_right_after_close_is_kept(pod):
