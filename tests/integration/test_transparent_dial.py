@@ -218,6 +218,36 @@ def test_the_same_port_again_right_after_close_is_kept(pod):
     assert tw.strip(), "the dial's socket was not in TIME_WAIT: the test proves nothing"
 
 
+def test_the_dials_own_time_wait_is_taken_over(pod):
+    """The proxy closes first (it relays the client's FIN), so its socket is the one in
+    TIME_WAIT: the next dial from the same client port takes that 4-tuple over (an
+    explicitly bound connect may, with timestamps) instead of falling back to the search."""
+    c, netns = pod
+    dest = ipaddress.ip_address(c.pods["web"].ip4)
+    port = KEPT + 70
+
+    async def echo_and_close_first() -> int:
+        up = await dial_transparent(netns, CLIENT4, dest, PORT, 5.0, Recorder(), Collect(),
+                                    source_port=port)
+        assert up.transport is not None
+        local_port = up.transport.get_extra_info("sockname")[1]
+        up.transport.write(b"Px")  # the peer's ping-pong: echoes until EOF
+        for _ in range(100):
+            if up.data == b"x":
+                break
+            await asyncio.sleep(0.01)
+        assert up.data == b"x"
+        up.transport.close()  # our FIN first
+        await asyncio.sleep(0.2)
+        return local_port
+
+    ports = [run(echo_and_close_first()) for _ in range(3)]
+    ours = c.run_in_pod("web", ["ss", "-Htan", "state", "time-wait", "src",
+                                f"{CLIENT4}:{port}"]).stdout
+    assert ours.strip(), "the dial's own socket is not in TIME_WAIT: the test proves nothing"
+    assert ports == [port] * 3
+
+
 def test_an_ipv4_client_of_an_ipv6_destination_is_refused_cleanly(pod):
     """An IPv4 client can only be presented to an IPv6 destination IPv4-mapped, which the
     kernel does not route: the dial fails with an error, announces nothing it keeps, and
