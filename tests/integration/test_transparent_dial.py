@@ -194,9 +194,9 @@ def test_the_range_is_the_destination_pods_own(pod):
 
 
 def test_the_same_port_again_right_after_close_is_kept(pod):
-    """The dial closes first, so its socket waits in TIME_WAIT in the pod: an explicitly
-    bound connect may take that 4-tuple over (timestamps keep it safe), so a client that
-    cycles through its ports quickly does not push the dial onto the search."""
+    """The application closes first (whoami answers and closes), so its accepted socket
+    waits in TIME_WAIT in the pod: a new SYN on that 4-tuple is accepted there, and the
+    dial keeps the port every time."""
     c, netns = pod
     dest = ipaddress.ip_address(c.pods["web"].ip4)
 
@@ -215,7 +215,7 @@ def test_the_same_port_again_right_after_close_is_kept(pod):
     assert [peer_port(a) for a in answers] == [KEPT + 30] * 3
     tw = c.run_in_pod("web", ["ss", "-Htan", "state", "time-wait",
                               "dst", f"{CLIENT4}:{KEPT + 30}"]).stdout
-    assert tw.strip(), "the dial's socket was not in TIME_WAIT: the test proves nothing"
+    assert tw.strip(), "the application's socket was not in TIME_WAIT: this proves nothing"
 
 
 def test_the_dials_own_time_wait_is_taken_over(pod):
