@@ -67,10 +67,18 @@ _PORT_TAKEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 
 
 def kept_port(client_port: int, ephemeral: range) -> int:
-    """The client's own source port if the dial may keep it, else 0.  Only a port of the
-    destination pod's ephemeral range: any other might be one its application listens on
-    (a client chooses its source port; the pod's services do not live in that range)."""
-    return client_port if client_port in ephemeral else 0
+    """The port the dial binds for a client's source port (0: unknown, let the kernel
+    search): the client's own if it is one of the destination pod's ephemeral ports, else
+    the client's port folded into that range.  Never a port outside it: any other might be
+    one the pod's application listens on (a client chooses its source port; the pod's
+    services do not live in its ephemeral range).  Folded, not searched: the same client
+    port always gives the same port, so the dial still takes over its own TIME_WAIT tuple
+    when the client reuses the port (clients often have wider ranges than pods)."""
+    if not client_port or not ephemeral:
+        return 0
+    if client_port in ephemeral:
+        return client_port
+    return ephemeral[(client_port - ephemeral.start) % len(ephemeral)]
 
 
 async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port: int,
@@ -81,7 +89,8 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
     The 4-tuple is announced to the kernel first, so inbound capture lets it pass.
 
     source_port: the client's own port (0: unknown).  Kept when it is one of the pod's
-    ephemeral ports and free there; otherwise the kernel searches one at bind time.  Pass
+    ephemeral ports, folded into them when not (kept_port); when that port or 4-tuple is
+    taken in the pod, the kernel searches one at bind time.  Pass
     it only where the client's own connection does not end in the destination's netns:
     inbound capture's accepted socket there is (dest <- client:port), the very tuple the
     application's side of a kept-port dial would be, and connect() cannot see it."""
