@@ -846,16 +846,18 @@ def check_iptables() -> CheckResult:
 
 
 def check_netns_cookie_sockopt() -> CheckResult:
-    """getsockopt(SO_NETNS_COOKIE): enrolling a pod reads its netns cookie this way (the
-    pod's id and its key in the kernel maps), in every capture mode."""
+    """getsockopt(SO_NETNS_COOKIE): enrolling a pod reads its netns cookie this way (its
+    key in the kernel maps).  ebpf mode needs it; iptables mode on a kernel without it
+    keys pods by their netns inode and runs without kernel counters (Netns.pod_key)."""
     name = "netns-cookie-sockopt"
     try:
         with socket.socket() as probe:
             cookie = netns_cookie_of(probe)
     except OSError as e:
         return _fail(name, f"getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) failed: {e.strerror}; "
-                     "no pod can be enrolled",
-                     "SO_NETNS_COOKIE needs kernel >= 5.14 (both capture modes need it)")
+                     "ebpf mode cannot enroll pods",
+                     "SO_NETNS_COOKIE needs kernel >= 5.14; iptables mode runs without it "
+                     "(pods keyed by netns inode, no kernel counters)")
     return _pass(name, f"getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) answers ({cookie}): "
                  "pods can be enrolled")
 
@@ -951,8 +953,8 @@ def check_names() -> list[str]:
 # Checks only ebpf mode needs (besides the eBPF feature checks): what builds and loads its
 # programs.  iptables mode loads sockops where it can and does without kernel counters
 # otherwise.
-EBPF_ONLY = frozenset({"kernel-version", "bcc", "kernel-headers", "bpffs", "bpf-jit",
-                       "capture-program"})
+EBPF_ONLY = frozenset({"kernel-version", "netns-cookie-sockopt", "bcc", "kernel-headers",
+                       "bpffs", "bpf-jit", "capture-program"})
 
 
 __all__ = [

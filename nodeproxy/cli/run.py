@@ -72,6 +72,5 @@ def preflight_failures(mode: str) -> list[str]:
             preflight.check_bpffs(),
         ]
     else:
-        quick = [preflight.check_netns_cookie_sockopt(), preflight.check_cgroup2(),
-                 preflight.check_iptables()]
+        quick = [preflight.check_cgroup2(), preflight.check_iptables()]
     return [preflight.format_result(r) for r in preflight.essential_failures(quick, mode)]
