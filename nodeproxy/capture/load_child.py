@@ -165,6 +165,7 @@ def load(bcc: Any, request: LoadRequest) -> tuple[dict[str, int], dict[str, int]
 
 
 def child_main(sock_fd: int, request_json: str) -> int:
+    """Load as the daemon asked and answer on sock_fd; exits the process."""
     import time
 
     started = time.monotonic()
@@ -181,8 +182,11 @@ def child_main(sock_fd: int, request_json: str) -> int:
                   "seconds": round(time.monotonic() - started, 3)}
         socket.send_fds(sock, [json.dumps(answer).encode()],
                         [*programs.values(), *maps.values()])
-        bpf.cleanup()
-    return 0
+    # The daemon has its own descriptors and waits for this exit: skip bcc's and LLVM's
+    # teardown (the kernel releases what this process held; pins stay, as with cleanup()).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
