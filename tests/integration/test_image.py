@@ -43,7 +43,7 @@ from nodeproxy.cni import install
 from nodeproxy_dev.testbed import cni, netns
 from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
 from nodeproxy_dev.testbed.podman import Podman, Volume, container_argv, machine_argv, memory_bytes
-from nodeproxy_dev.testbed.signer import signer_argv
+from nodeproxy_dev.testbed.signer_process import signer_argv
 from tests.integration import fake_kube_api as kube
 from tests.integration.probes import connect
 from tests.integration.test_cni import Chain, k8s_args, new_sandbox

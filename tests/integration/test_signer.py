@@ -30,7 +30,7 @@ from nodeproxy.identity import tls
 from nodeproxy.identity.csr import make_csr
 from nodeproxy.identity.mesh_ca import IssuedCert
 from nodeproxy.signer.signing_client import SignerClient, SignerError
-from nodeproxy_dev.testbed.signer import signer_argv, wait_listening
+from nodeproxy_dev.testbed.signer_process import signer_argv, wait_listening
 from tests.integration import fake_kube_api as kube
 
 TD = "cluster.local"

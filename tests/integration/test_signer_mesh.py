@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from nodeproxy_dev.testbed.cluster import Cluster
-from nodeproxy_dev.testbed.signer import signer_argv, wait_listening
+from nodeproxy_dev.testbed.signer_process import signer_argv, wait_listening
 from tests.integration import fake_kube_api as kube
 from tests.integration.observe import metric_sum as sample
 
