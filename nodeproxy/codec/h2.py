@@ -492,6 +492,16 @@ class _H2Protocol(asyncio.Protocol):
         n, inflow.outstanding = inflow.outstanding, 0
         self._acknowledge(stream_id, n)
 
+    def _goaway_and_close(self) -> None:
+        """GOAWAY(NO_ERROR) if the connection can still carry it, then close."""
+        if self.usable:
+            try:
+                self.conn.close_connection(ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._flush()
+        self._close_transport()
+
     def _reset(self, stream_id: int, code: int) -> None:
         if not self.usable:
             return
@@ -755,13 +765,7 @@ class H2Server(_H2Protocol):
 
     def close(self) -> None:
         """GOAWAY(NO_ERROR) and close now; open exchanges see client_gone."""
-        if self.usable:
-            try:
-                self.conn.close_connection(ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass
-            self._flush()
-        self._close_transport()
+        self._goaway_and_close()
 
     # -- asyncio protocol ------------------------------------------------------------------
 
@@ -1146,13 +1150,7 @@ class H2Client(_H2Protocol):
         if self._closing:
             return
         self._closing = True
-        if self.usable:
-            try:
-                self.conn.close_connection(ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass
-            self._flush()
-        self._close_transport()
+        self._goaway_and_close()
 
     # -- the request body ------------------------------------------------------------------
 
