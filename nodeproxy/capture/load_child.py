@@ -27,7 +27,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +83,8 @@ def load_in_child(request: LoadRequest) -> LoadedObjects:
     """Compile and load in a child; returns the descriptors it sent.  Raises what the
     load raised (ProgramLoadError for bcc's and the verifier's errors)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours, tempfile.TemporaryFile() as stderr:
+    # The child's output in memory (no file system needed: the root may be read-only).
+    with ours, open(os.memfd_create("nodeproxy-load-child"), "w+b") as stderr:
         try:
             child = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()),
