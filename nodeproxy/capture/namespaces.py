@@ -9,6 +9,7 @@ the netns it was created in for its whole life.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -129,6 +130,20 @@ class Netns:
     def cookie(self) -> int:
         with self.socket(socket.AF_INET) as probe:
             return netns_cookie_of(probe)
+
+    def pod_key(self, kernel_keeps_pods: bool) -> int:
+        """The key a pod in this netns is known by: its netns cookie (SO_NETNS_COOKIE,
+        Linux 5.14+), which the eBPF programs see.  On an older kernel (Debian 11's 5.10)
+        where no eBPF program keeps pods (iptables mode, which then runs without kernel
+        counters: kernel_keeps_pods False), the namespace's inode number instead: unique
+        among live namespaces, and this handle keeps the namespace alive while the pod is
+        enrolled."""
+        try:
+            return self.cookie()
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT or kernel_keeps_pods:
+                raise
+            return self.inode
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -247,6 +247,23 @@ def check_bcc() -> tuple[CheckResult, ModuleType | None]:
     return _pass(name, f"bcc {version} from {os.path.dirname(bcc.__file__ or '?')}"), bcc
 
 
+def check_bcc_findable() -> CheckResult:
+    """bcc is there, found without importing it: `nodeproxy run` keeps bcc (and its LLVM)
+    out of the daemon; the loading child imports it (and fails with its reason)."""
+    import importlib.util
+
+    name = "bcc"
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError) as e:
+        spec, why = None, str(e)
+    else:
+        why = "No module named 'bcc'"
+    if spec is None or spec.origin is None:
+        return _fail(name, f"cannot import bcc: {why} (python {sys.executable})", BCC_HINT)
+    return _pass(name, f"bcc at {os.path.dirname(spec.origin)} (imported by the loading child)")
+
+
 def check_kernel_headers() -> CheckResult:
     name = "kernel-headers"
     release = os.uname().release
@@ -709,9 +726,9 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
     if bcc is None:
         return _fail(name, "not tried: bcc is not importable", BCC_HINT)
     try:
-        from nodeproxy.capture import contract, programs
+        from nodeproxy.capture import bpf_build, contract
 
-        src = programs.bpf_source_dir()
+        src = bpf_build.bpf_source_dir()
     except Exception as e:  # noqa: BLE001 - report any failure to locate the sources
         return _fail(name, f"cannot locate the eBPF sources: {e}",
                      "set NODEPROXY_BPF_DIR to the directory holding capture.c and inbound.c")
@@ -719,9 +736,9 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
     scratch = f"{kernelfs.DEFAULT_BPFFS}/nodeproxy-preflight-{os.getpid()}"
     with _fd2_captured() as output:
         try:
-            bpf = programs.compile_programs(bcc, scratch, outbound_port=outbound_port)
-            for spec in programs.ALL_PROGRAMS:
-                programs.load_program(bpf, spec)
+            bpf = bpf_build.compile_programs(bcc, scratch, outbound_port=outbound_port)
+            for spec in bpf_build.ALL_PROGRAMS:
+                bpf_build.load_program(bpf, spec)
             contract.check_compiled(bpf)  # as the daemon's load() does
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
             error: BaseException | None = e
@@ -734,7 +751,7 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
     if error is not None:
         detail, hint = _explain(_why(error, output), hint, privileged)
         return _fail(name, f"{src}: {detail}", hint)
-    loaded = ", ".join(spec.function for spec in programs.ALL_PROGRAMS)
+    loaded = ", ".join(spec.function for spec in bpf_build.ALL_PROGRAMS)
     return _pass(name, f"{src} compiled; {loaded} loaded; maps as capture/contract.py")
 
 
@@ -829,16 +846,18 @@ def check_iptables() -> CheckResult:
 
 
 def check_netns_cookie_sockopt() -> CheckResult:
-    """getsockopt(SO_NETNS_COOKIE): enrolling a pod reads its netns cookie this way (the
-    pod's id and its key in the kernel maps), in every capture mode."""
+    """getsockopt(SO_NETNS_COOKIE): enrolling a pod reads its netns cookie this way (its
+    key in the kernel maps).  ebpf mode needs it; iptables mode on a kernel without it
+    keys pods by their netns inode and runs without kernel counters (Netns.pod_key)."""
     name = "netns-cookie-sockopt"
     try:
         with socket.socket() as probe:
             cookie = netns_cookie_of(probe)
     except OSError as e:
         return _fail(name, f"getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) failed: {e.strerror}; "
-                     "no pod can be enrolled",
-                     "SO_NETNS_COOKIE needs kernel >= 5.14 (both capture modes need it)")
+                     "ebpf mode cannot enroll pods",
+                     "SO_NETNS_COOKIE needs kernel >= 5.14; iptables mode runs without it "
+                     "(pods keyed by netns inode, no kernel counters)")
     return _pass(name, f"getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) answers ({cookie}): "
                  "pods can be enrolled")
 
@@ -934,8 +953,8 @@ def check_names() -> list[str]:
 # Checks only ebpf mode needs (besides the eBPF feature checks): what builds and loads its
 # programs.  iptables mode loads sockops where it can and does without kernel counters
 # otherwise.
-EBPF_ONLY = frozenset({"kernel-version", "bcc", "kernel-headers", "bpffs", "bpf-jit",
-                       "capture-program"})
+EBPF_ONLY = frozenset({"kernel-version", "netns-cookie-sockopt", "bcc", "kernel-headers",
+                       "bpffs", "bpf-jit", "capture-program"})
 
 
 __all__ = [

@@ -53,6 +53,7 @@ from nodeproxy.codec.message import (
     BodyReader,
     Exchange,
     Headers,
+    MalformedRequest,
     RequestHead,
     ResponseHead,
     UpstreamError,
@@ -258,6 +259,31 @@ def check_fields(headers: Headers) -> None:
             raise Refusal("bad_field", f"header field {name[:32]!r} is malformed")
 
 
+# Fields a trailer section must not carry (RFC 9110 6.5.1: framing, routing, request
+# modifiers, authentication, response control, content format) and hop-by-hop ones:
+# a recipient that merged them would act on what no check saw; they are not forwarded.
+TRAILER_FORBIDDEN = frozenset({
+    "content-length", "transfer-encoding", "host", "connection", "keep-alive",
+    "proxy-connection", "upgrade", "te", "trailer", "expect", "max-forwards", "range",
+    "if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range",
+    "cache-control", "pragma", "authorization", "proxy-authorization", "cookie",
+    "set-cookie", "www-authenticate", "proxy-authenticate", "age", "expires", "date",
+    "location", "retry-after", "vary", "content-encoding", "content-type", "content-range",
+})
+
+
+def forwardable_trailers(trailers: Headers) -> Headers:
+    """A received trailer section as it may go on: each field well formed (check_fields:
+    an HTTP/1.1 peer gets them as lines of a chunked body's end, where a name with a
+    colon or a space would read as another field), TRAILER_FORBIDDEN ones left out.
+    Raises Refusal ("bad_trailer") for a malformed field."""
+    try:
+        check_fields(trailers)
+    except Refusal as e:
+        raise Refusal("bad_trailer", f"trailer {e}") from e
+    return [(name, value) for name, value in trailers if name not in TRAILER_FORBIDDEN]
+
+
 def _list_size(fields: list[tuple[bytes, bytes]]) -> int:
     """The header list size as SETTINGS_MAX_HEADER_LIST_SIZE counts it."""
     return sum(len(name) + len(value) + 32 for name, value in fields)
@@ -439,7 +465,12 @@ class _H2Protocol(asyncio.Protocol):
         elif stream is None:
             return
         elif isinstance(event, h2.events.TrailersReceived):
-            stream.trailers = _split(event.headers or [])[1]
+            try:
+                stream.trailers = forwardable_trailers(_split(event.headers or [])[1])
+            except Refusal as e:  # RFC 9113 8.1.1: a malformed message is a stream error
+                log.debug("malformed trailers (stream %d): %s", event.stream_id, e)
+                stream.body.fail(MalformedRequest(400, str(e)))
+                self._reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
         else:  # StreamEnded
             stream.remote_ended = True
             stream.body.end(stream.trailers)
@@ -460,6 +491,16 @@ class _H2Protocol(asyncio.Protocol):
         """Give back the window of data its reader will never take."""
         n, inflow.outstanding = inflow.outstanding, 0
         self._acknowledge(stream_id, n)
+
+    def _goaway_and_close(self) -> None:
+        """GOAWAY(NO_ERROR) if the connection can still carry it, then close."""
+        if self.usable:
+            try:
+                self.conn.close_connection(ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._flush()
+        self._close_transport()
 
     def _reset(self, stream_id: int, code: int) -> None:
         if not self.usable:
@@ -724,13 +765,7 @@ class H2Server(_H2Protocol):
 
     def close(self) -> None:
         """GOAWAY(NO_ERROR) and close now; open exchanges see client_gone."""
-        if self.usable:
-            try:
-                self.conn.close_connection(ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass
-            self._flush()
-        self._close_transport()
+        self._goaway_and_close()
 
     # -- asyncio protocol ------------------------------------------------------------------
 
@@ -1115,13 +1150,7 @@ class H2Client(_H2Protocol):
         if self._closing:
             return
         self._closing = True
-        if self.usable:
-            try:
-                self.conn.close_connection(ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass
-            self._flush()
-        self._close_transport()
+        self._goaway_and_close()
 
     # -- the request body ------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol, TypeVar
 
 from nodeproxy.config.model import LoadBalancer
@@ -136,6 +136,16 @@ C = TypeVar("C", bound=Candidate)
 def _check(candidates: Sequence[C]) -> None:
     if not candidates:
         raise ValueError("no candidates to pick from")
+
+
+def untried(candidates: Sequence[C], tried: Collection[str]) -> Sequence[C]:
+    """A retry's candidates: those no earlier attempt of the same request went to (by
+    key), as Istio's retries do by default (Envoy's ``previous_hosts`` predicate); every
+    candidate when each has been tried (a retry still goes somewhere)."""
+    if not tried:
+        return candidates
+    fresh = [c for c in candidates if c.key not in tried]
+    return fresh or candidates
 
 
 class Balancer(ABC):

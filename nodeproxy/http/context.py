@@ -40,6 +40,7 @@ class Outcome:
 
     flags: list[str] = field(default_factory=list)
     attempts: int = 0
+    tried: set[str] = field(default_factory=set)  # endpoint keys earlier attempts went to
     status: int = 0
     grpc_status: str = ""  # Istio leaves it empty for requests that are not gRPC
     endpoint: Endpoint | None = None

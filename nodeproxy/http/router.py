@@ -36,6 +36,7 @@ from nodeproxy.config.model import HttpSettings
 from nodeproxy.http import attempts
 from nodeproxy.http.attempts import Action, Ended, Progress, Result, Step, next_step
 from nodeproxy.http.authorize import RequestAuthorizer
+from nodeproxy.http.balancer import untried
 from nodeproxy.http.circuit_breaker import Overflow
 from nodeproxy.http.clusters import Cluster, Clusters
 from nodeproxy.http.context import Outcome, RequestContext
@@ -116,7 +117,9 @@ class Router:
         endpoints = cluster.available
         if not endpoints:  # all ejected (allowLastHealthyEjection)
             return Result(Ended.NO_HEALTHY_UPSTREAM)
-        endpoint = cluster.balancer.pick(endpoints, cluster.hash_key(ctx, head))
+        endpoint = cluster.balancer.pick(untried(endpoints, outcome.tried),
+                                         cluster.hash_key(ctx, head))
+        outcome.tried.add(endpoint.key)
         outcome.endpoint, outcome.destination = endpoint, endpoint.backend.workload
         if not self._authorizer.allows(ctx, endpoint.backend, head):
             return Result(Ended.DENIED)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 
 from nodeproxy.capture import transparent
-from nodeproxy.capture.maps import PodMaps
+from nodeproxy.capture.maps import NoKernelMaps, PodMaps
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
 from nodeproxy.identity.spiffe import spiffe_id
@@ -88,7 +88,7 @@ class Enrollment:
         pod: EnrolledPod | None = None
         steered = False
         try:
-            cookie = netns.cookie()
+            cookie = netns.pod_key(kernel_keeps_pods=not isinstance(self._maps, NoKernelMaps))
             for other in self.pods.values():
                 if other.netns_cookie == cookie:
                     raise EnrollError(

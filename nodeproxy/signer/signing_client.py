@@ -3,7 +3,7 @@ projected ServiceAccount token (audience-bound, re-read for every call: the kube
 rotates it), HTTPS to the service verified against the mesh root, and the signed chain
 checked before use (the leaf names exactly the identity asked for, over our key).
 
-`SignerError.reason` is the service's refusal reason (nodeproxy.signer.policy.REASONS) or
+`SignerError.reason` is the service's refusal reason (nodeproxy.signer.node_authorizer.REASONS) or
 "unavailable" (no answer, a 5xx, not the API's JSON).
 """
 

@@ -30,7 +30,7 @@ from nodeproxy.identity.csr import requested_identity
 from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.identity.spiffe import IdentityError
 from nodeproxy.signer.kube import KubeApi, KubeError
-from nodeproxy.signer.policy import SigningRefused, caller_of, check_may_hold, node_of
+from nodeproxy.signer.node_authorizer import SigningRefused, caller_of, check_may_hold, node_of
 
 log = logging.getLogger(__name__)
 

@@ -89,6 +89,7 @@ class Verifier:
         self.stream = stream
         self.position = 0
         self.matches = True
+        self.first_difference: int | None = None  # stream offset of the first wrong byte
         self._index = -1
         self._block = b""
 
@@ -96,7 +97,7 @@ class Verifier:
         start = 0
         while start < len(data):
             if self.position >= self.stream.length:
-                self.matches = False  # more than expected
+                self._differs(self.position)  # more than expected
                 self.position += len(data) - start
                 return
             index, offset = divmod(self.position, BLOCK)
@@ -104,9 +105,15 @@ class Verifier:
                 self._index, self._block = index, self.stream.block(index)
             n = min(len(data) - start, len(self._block) - offset)
             if data[start:start + n] != self._block[offset:offset + n]:
-                self.matches = False
+                self._differs(self.position + next(
+                    i for i in range(n) if data[start + i] != self._block[offset + i]))
             start += n
             self.position += n
+
+    def _differs(self, offset: int) -> None:
+        self.matches = False
+        if self.first_difference is None:
+            self.first_difference = offset
 
     @property
     def complete(self) -> bool:
@@ -372,6 +379,9 @@ async def transfer_once(host: str, port: int, send: int, receive: int, timeout: 
             outcome.mismatch = True
         if verifier.position != receive:
             outcome.error = f"received {verifier.position} bytes, expected {receive}"
+        if verifier.first_difference is not None:  # where to look when it happens
+            outcome.error = (f"{outcome.error or 'SHA-256 mismatch'}; the first byte that "
+                             f"differs is at offset {verifier.first_difference}")
 
     try:
         await asyncio.wait_for(run(), timeout)

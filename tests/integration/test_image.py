@@ -43,6 +43,7 @@ from nodeproxy.cni import install
 from nodeproxy_dev.testbed import cni, netns
 from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
 from nodeproxy_dev.testbed.podman import Podman, Volume, container_argv, machine_argv, memory_bytes
+from nodeproxy_dev.testbed.signer_process import signer_argv
 from tests.integration import fake_kube_api as kube
 from tests.integration.probes import connect
 from tests.integration.test_cni import Chain, k8s_args, new_sandbox
@@ -202,15 +203,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 service_account="nodeproxy", pod_name="nodeproxy-node0",
                 pod_uid=agent["metadata"]["uid"], audiences=[SIGNER_AUDIENCE]))
             with open(work / "signer.log", "wb") as signer_log:
-                signer = c.spawn_in_node("node0", [
-                    c.python, "-m", "nodeproxy", "ca", "serve",
-                    "--cert", os.path.join(c.dir, "ca", "ca-cert.pem"),
-                    "--key", os.path.join(c.dir, "ca", "ca-key.pem"),
-                    "--trust-domain", c.trust_domain, "--listen", SIGNER_LISTEN,
-                    "--dns-name", "nodeproxy-ca.test", "--kube-api", api.url,
-                    "--audience", SIGNER_AUDIENCE,
-                    "--node-agent", "system:serviceaccount:nodeproxy-system:nodeproxy"],
-                    stdout=signer_log, stderr=subprocess.STDOUT)
+                signer = c.spawn_in_node("node0", signer_argv(
+                    c.python, os.path.join(c.dir, "ca"), trust_domain=c.trust_domain,
+                    listen=SIGNER_LISTEN, kube_api=api.url, dns_name="nodeproxy-ca.test",
+                    audience=SIGNER_AUDIENCE), stdout=signer_log, stderr=subprocess.STDOUT)
             volumes = volumes_for(pod_spec, host, policy, ca, token)
             # Bidirectional propagation needs a shared mount at the source.
             subprocess.run(["mount", "--bind", str(bpffs), str(bpffs)], check=True)

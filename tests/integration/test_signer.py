@@ -30,6 +30,7 @@ from nodeproxy.identity import tls
 from nodeproxy.identity.csr import make_csr
 from nodeproxy.identity.mesh_ca import IssuedCert
 from nodeproxy.signer.signing_client import SignerClient, SignerError
+from nodeproxy_dev.testbed.signer_process import signer_argv, wait_listening
 from tests.integration import fake_kube_api as kube
 
 TD = "cluster.local"
@@ -52,25 +53,16 @@ class Signer:
         self.log = directory / "signer.log"
 
     def argv(self, cert: str = "ca-cert.pem", key: str = "ca-key.pem") -> list[str]:
-        return [sys.executable, "-m", "nodeproxy", "ca", "serve",
-                "--cert", str(self.dir / cert), "--key", str(self.dir / key),
-                "--trust-domain", TD, "--listen", f"127.0.0.1:{self.port}",
-                "--dns-name", DNS, "--kube-api", self.api_url, "--audience", AUDIENCE,
-                "--node-agent", f"system:serviceaccount:{AGENT_NS}:{AGENT_SA}",
-                "--max-ttl-seconds", "3600"]
+        return signer_argv(sys.executable, self.dir, trust_domain=TD,
+                           listen=f"127.0.0.1:{self.port}", kube_api=self.api_url,
+                           dns_name=DNS, audience=AUDIENCE, max_ttl_seconds=3600,
+                           cert=cert, key=key)
 
     def start(self) -> None:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"signer exited: {self.log.read_text()[-2000:]}")
-            if "listening on" in self.log.read_text()[offset:]:
-                return
-            time.sleep(0.05)
-        raise RuntimeError("signer did not start")
+        wait_listening(self.proc, self.log, offset)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

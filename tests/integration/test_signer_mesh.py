@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from nodeproxy_dev.testbed.cluster import Cluster
+from nodeproxy_dev.testbed.signer_process import signer_argv, wait_listening
 from tests.integration import fake_kube_api as kube
 from tests.integration.observe import metric_sum as sample
 
@@ -44,22 +45,11 @@ class Mesh:
         ca_dir = os.path.dirname(self.c.ca_cert)
         offset = os.path.getsize(self.signer_log) if os.path.exists(self.signer_log) else 0
         with open(self.signer_log, "ab") as log:
-            self.signer = self.c.spawn_in_node("node0", [
-                self.c.python, "-m", "nodeproxy", "ca", "serve",
-                "--cert", os.path.join(ca_dir, "ca-cert.pem"),
-                "--key", os.path.join(ca_dir, "ca-key.pem"),
-                "--trust-domain", self.c.trust_domain,
-                "--listen", f"{SIGNER_IP}:{SIGNER_PORT}", "--dns-name", DNS,
-                "--kube-api", self.api.url, "--audience", AUDIENCE,
-                "--node-agent", "system:serviceaccount:nodeproxy-system:nodeproxy",
-                "--max-ttl-seconds", str(TTL)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.signer.poll() is None, self.log()[-2000:]
-            if "listening on" in self.log()[offset:]:
-                return
-            time.sleep(0.05)
-        raise AssertionError("signer did not start")
+            self.signer = self.c.spawn_in_node("node0", signer_argv(
+                self.c.python, ca_dir, trust_domain=self.c.trust_domain,
+                listen=f"{SIGNER_IP}:{SIGNER_PORT}", kube_api=self.api.url, dns_name=DNS,
+                audience=AUDIENCE, max_ttl_seconds=TTL), stdout=log, stderr=subprocess.STDOUT)
+        wait_listening(self.signer, self.signer_log, offset)
 
     def stop_signer(self) -> None:
         assert self.signer is not None

@@ -177,21 +177,27 @@ def test_a_flow_taken_back_mid_stream_continues_intact(node: Cluster):
     proc = held_transfer(node, "client", target, go, "--send", str(400 * MB),
                          "--receive", str(400 * MB), "--connections", "2", "--parallel", "2",
                          timeout=120)
+    switched_off = False
     try:
-        assert wait_for(lambda: spliced(node) - flows == 2, 30), splice_events(node)
-        open(go, "w").close()
-        assert wait_for(lambda: spliced_socket_bytes(node) - moved > 100 * MB, 60)
-        set_splice(node, False)
-        assert wait_for(lambda: spliced(node, "taken_back") - taken == 2), splice_events(node)
-    except BaseException:
-        proc.kill()
-        raise
-    result = transfer_result(proc, 180)
-    assert result["ok"] and result["received"] == 800 * MB, result
-    flows = spliced(node)
-    transfer(node, "client", target, "--send", str(MB), "--receive", str(MB))
-    assert spliced(node) == flows
-    set_splice(node, True)
+        try:
+            assert wait_for(lambda: spliced(node) - flows == 2, 30), splice_events(node)
+            open(go, "w").close()
+            assert wait_for(lambda: spliced_socket_bytes(node) - moved > 100 * MB, 60)
+            switched_off = True
+            set_splice(node, False)
+            assert wait_for(lambda: spliced(node, "taken_back") - taken == 2), \
+                splice_events(node)
+        except BaseException:
+            proc.kill()
+            raise
+        result = transfer_result(proc, 180)
+        assert result["ok"] and result["received"] == 800 * MB, result
+        flows = spliced(node)
+        transfer(node, "client", target, "--send", str(MB), "--receive", str(MB))
+        assert spliced(node) == flows
+    finally:
+        if switched_off:  # the tests after this one splice again, also when it failed
+            set_splice(node, True)
     transfer(node, "client", target, "--send", str(MB), "--receive", str(MB))
     assert spliced(node) == flows + 1
 

@@ -361,3 +361,18 @@ def test_make_balancer_follows_the_policy(cfg, kind):
     assert type(balancer) is kind
     eps = endpoints(3)
     assert balancer.pick(eps, "key") in eps
+
+
+def test_untried_leaves_out_what_earlier_attempts_used_until_nothing_is_left():
+    from nodeproxy.http.balancer import untried
+
+    class C:
+        def __init__(self, key: str):
+            self.key = key
+            self.stats = EndpointStats()
+
+    a, b, c = C("a:1"), C("b:1"), C("c:1")
+    assert untried([a, b, c], set()) == [a, b, c]
+    assert untried([a, b, c], {"a:1"}) == [b, c]
+    assert untried([a, b, c], {"a:1", "c:1", "gone:1"}) == [b]
+    assert untried([a, b, c], {"a:1", "b:1", "c:1"}) == [a, b, c]

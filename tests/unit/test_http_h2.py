@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import h2.config
 import h2.connection
 import h2.errors
 import h2.events
@@ -33,6 +34,7 @@ from nodeproxy.codec.message import (
     BodyReader,
     Exchange,
     Headers,
+    MalformedRequest,
     ReplayableBody,
     RequestHead,
     ResponseHead,
@@ -1077,3 +1079,90 @@ def test_sending_waits_while_the_transport_is_paused() -> None:
             assert peak <= 64 * 1024 + 65535 + 9
             client.close()
     run(main)
+
+
+# -- trailers a hostile client sends ------------------------------------------------------------
+
+async def _send_with_trailers(port: int, trailers: list[tuple[str, str]]) -> list[Any]:
+    """A raw client (h2 without its own checks) sends a request whose trailer section is
+    `trailers`; returns the events it got back, to the stream's reset or response end."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "http"),
+                          (":authority", "x")])
+    conn.send_data(1, b"body")
+    conn.send_headers(1, trailers, end_stream=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(conn.data_to_send())
+    events: list[Any] = []
+    try:
+        while not any(isinstance(e, h2.events.StreamReset | h2.events.StreamEnded
+                                 | h2.events.ConnectionTerminated) for e in events):
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            if not data:
+                break
+            events += conn.receive_data(data)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    return events
+
+
+def _trailer_server_run(trailers: list[tuple[str, str]]) -> tuple[list[Any], list[Any]]:
+    seen: list[Any] = []
+    events: list[Any] = []
+
+    async def handler(exchange: Exchange) -> None:
+        try:
+            await read_all(exchange.body)
+        except BodyError as e:
+            seen.append(e)
+            return
+        seen.append(exchange.body.trailers)
+        await exchange.respond(ResponseHead(200), end=True)
+
+    async def main() -> None:
+        async with serve(handler) as (port, _):
+            events.extend(await _send_with_trailers(port, trailers))
+    run(main)
+    return seen, events
+
+
+@pytest.mark.parametrize("field", [
+    ("x-v", "a\x0bb"),       # a control character in the value: ours to refuse
+    ("x-v", "a\x7fb"),
+    ("x-v", "a\x1bb"),
+])
+def test_a_malformed_trailer_value_fails_the_request_and_resets_the_stream(field) -> None:
+    seen, events = _trailer_server_run([("x-ok", "1"), field])
+    assert len(seen) == 1 and isinstance(seen[0], BodyError), seen
+    assert isinstance(seen[0].__cause__, MalformedRequest), seen[0].__cause__
+    resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
+    assert [r.error_code for r in resets] == [ErrorCodes.PROTOCOL_ERROR], events
+
+
+@pytest.mark.parametrize("field", [
+    ("x y", "1"),            # a space: an HTTP/1.1 peer would read "x y: 1" its own way
+    ("x:y", "1"),            # a colon: "x:y: 1" is field "x" with value "y: 1" there
+    ("", "1"),               # no name
+    ("transfer-encoding", "chunked"),  # connection-specific (RFC 9113 8.2.2)
+])
+def test_a_malformed_trailer_name_closes_the_connection_before_any_handler_sees_it(
+        field) -> None:
+    """h2 refuses these itself, as a connection error; bounded by this test so a newer
+    h2 that let them through would meet forwardable_trailers instead."""
+    seen, events = _trailer_server_run([("x-ok", "1"), field])
+    assert not any(isinstance(item, list) for item in seen), seen
+    ended = [e for e in events if isinstance(e, h2.events.ConnectionTerminated
+                                             | h2.events.StreamReset)]
+    assert ended and ended[0].error_code == ErrorCodes.PROTOCOL_ERROR, events
+
+
+def test_trailers_that_would_change_framing_routing_or_auth_are_not_forwarded() -> None:
+    seen, events = _trailer_server_run([
+        ("content-length", "5"), ("x-checksum", "abc"), ("host", "admin.internal"),
+        ("authorization", "Bearer stolen"), ("grpc-status", "0"), ("cookie", "a=b"),
+        ("content-type", "text/html"), ("expect", "100-continue")])
+    assert seen == [[("x-checksum", "abc"), ("grpc-status", "0")]], seen
+    assert any(isinstance(e, h2.events.ResponseReceived) for e in events), events

@@ -424,3 +424,29 @@ def test_a_per_try_timeout_is_retried_and_counts_against_the_endpoint():
     assert sample(registry, "nodeproxy_http_retries_total",
                   destination_service="web.default.svc.cluster.local", reason="UT") == 1
     assert cluster.endpoints[0].stats.failures == 1
+
+
+class FirstCandidate:
+    """A balancer that would send every attempt to the same endpoint."""
+
+    def pick(self, candidates: Any, hash_key: str | None = None) -> Any:
+        return candidates[0]
+
+
+def test_a_retry_goes_to_an_endpoint_no_earlier_attempt_used_then_to_any():
+    """Istio's default (Envoy's previous_hosts): retry elsewhere while there is an
+    elsewhere; with every endpoint tried, the next attempt still goes somewhere."""
+    router, cluster, connection, registry = make_router([503, 503, 503, 200], max_retries=5)
+    cluster.endpoints = [Endpoint(Backend(ipaddress.ip_address(f"10.0.0.{i}"), 8080, None))
+                         for i in (1, 2, 3)]
+    cluster.balancer = FirstCandidate()  # type: ignore[assignment]
+    used: list[str] = []
+    connect = router._clusters.connect  # type: ignore[attr-defined]
+
+    async def recording(ctx: Any, endpoint: Endpoint, c: Cluster) -> ScriptedConnection:
+        used.append(endpoint.key)
+        return await connect(ctx, endpoint, c)
+    router._clusters.connect = recording  # type: ignore[attr-defined]
+    exchange, outcome = forward(router, rule(policy("retriable-status-codes", attempts=3)))
+    assert exchange.status == 200 and outcome.attempts == 4
+    assert used == ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080", "10.0.0.1:8080"]

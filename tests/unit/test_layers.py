@@ -229,6 +229,14 @@ def test_no_two_modules_share_a_basename():
     assert shared == {}
 
 
+def test_no_module_is_named_like_a_package():
+    """`signer/policy.py` beside the `policy/` package would read as the same idea."""
+    packages = {path.parent.name for path in runtime_files() if path.name == "__init__.py"}
+    clashes = [shown(path) for path in runtime_files()
+               if path.stem in packages and path.name != "__init__.py"]
+    assert clashes == []
+
+
 def test_no_two_classes_share_a_name():
     by_name: dict[str, list[str]] = defaultdict(list)
     for path in runtime_files():

@@ -313,28 +313,31 @@ def test_a_helper_the_kernel_lacks_is_named_not_blamed_on_the_feature():
     assert other == "a kernel that offers bpf_new_thing to this program type"
 
 
-def test_without_so_netns_cookie_no_capture_mode_can_run(monkeypatch):
+def test_without_so_netns_cookie_only_iptables_mode_can_run(monkeypatch):
     """Debian 11's 5.10 answers getsockopt(SO_NETNS_COOKIE) with ENOPROTOOPT (5.14+):
-    enrollment reads each pod's cookie that way, so iptables mode cannot run either."""
+    ebpf mode cannot key pods in its maps; iptables mode keys them by netns inode."""
     def refuse(_sock):
         raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
     monkeypatch.setattr(preflight, "netns_cookie_of", refuse)
     result = preflight.check_netns_cookie_sockopt()
     assert not result.ok and result.essential
-    assert set(result.modes) == {"ebpf", "iptables"}
+    assert set(result.modes) == {"ebpf"}
     line = preflight.format_result(result)
     assert "Protocol not available" in line and "kernel >= 5.14" in line
+    assert "iptables mode runs without it" in line
 
 
-@pytest.mark.parametrize("mode", ["ebpf", "iptables"])
-def test_run_refuses_in_either_mode_without_so_netns_cookie(monkeypatch, mode):
-    """`nodeproxy run` stops with the check's line rather than running with no pod."""
+def test_run_refuses_ebpf_mode_without_so_netns_cookie_and_allows_iptables(monkeypatch):
+    """`nodeproxy run` in ebpf mode stops with the check's line rather than running with
+    no pod; in iptables mode the check is not in its way."""
     from nodeproxy.cli import run as run_cli
 
     def refuse(_sock):
         raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
     monkeypatch.setattr(preflight, "netns_cookie_of", refuse)
-    lines = run_cli.preflight_failures(mode)
+    lines = run_cli.preflight_failures("ebpf")
     assert any(line.startswith("FAIL  netns-cookie-sockopt") for line in lines), lines
+    assert not any("netns-cookie-sockopt" in line
+                   for line in run_cli.preflight_failures("iptables"))
     monkeypatch.undo()
-    assert not any("netns-cookie-sockopt" in line for line in run_cli.preflight_failures(mode))
+    assert not any("netns-cookie-sockopt" in line for line in run_cli.preflight_failures("ebpf"))

@@ -1,4 +1,4 @@
-"""The signing service's decisions (nodeproxy.signer.policy) and CSR checks
+"""The signing service's decisions (nodeproxy.signer.node_authorizer) and CSR checks
 (nodeproxy.identity.csr), as pure functions over what the Kubernetes API answers."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nodeproxy.identity.csr import make_csr, requested_identity
 from nodeproxy.identity.mesh_ca import MeshCA
 from nodeproxy.identity.spiffe import IdentityError, parse_spiffe_id
-from nodeproxy.signer.policy import (
+from nodeproxy.signer.node_authorizer import (
     POD_NAME,
     POD_UID,
     SigningRefused,

@@ -1,0 +1,52 @@
+"""The names of h2's internals that nodeproxy's HTTP/2 integrations override or read
+(nodeproxy/codec/h2.py, nodeproxy/tunnel/session.py).  pyproject.toml bounds h2 below its
+next major version; this test fails, naming what went away, if a release within the bound
+drops or reshapes one of them, instead of the proxy misbehaving at run time."""
+
+from __future__ import annotations
+
+import inspect
+
+import h2.config
+import h2.connection
+import h2.frame_buffer
+import pytest
+
+# (object, method name, the parameters our override passes on)
+OVERRIDDEN_METHODS = [
+    (h2.connection.H2Connection, "_receive_frame", ["frame"]),
+    (h2.connection.H2Connection, "_terminate_connection", ["error_code"]),
+    (h2.connection.H2Connection, "_receive_goaway_frame", ["frame"]),
+    (h2.connection.H2Connection, "_local_settings_acked", []),
+    (h2.connection.H2Connection, "clear_outbound_data_buffer", []),
+    (h2.connection.H2Connection, "close_connection",
+     ["error_code", "additional_data", "last_stream_id"]),
+    (h2.connection.H2Connection, "send_data", ["stream_id", "data", "end_stream", "pad_length"]),
+    (h2.connection.H2ConnectionStateMachine, "process_input", ["input_"]),
+    (h2.frame_buffer.FrameBuffer, "__next__", []),
+    (h2.frame_buffer.FrameBuffer, "_validate_frame_length", ["length"]),
+]
+
+
+@pytest.mark.parametrize(("owner", "name", "params"), OVERRIDDEN_METHODS,
+                         ids=[f"{o.__name__}.{n}" for o, n, _ in OVERRIDDEN_METHODS])
+def test_an_overridden_method_is_still_there_with_its_parameters(owner, name, params) -> None:
+    method = getattr(owner, name, None)
+    assert callable(method), f"h2 no longer has {owner.__name__}.{name}"
+    found = [p for p in inspect.signature(method).parameters if p != "self"]
+    assert found[:len(params)] == params, (owner.__name__, name, found)
+
+
+def test_the_attributes_read_and_replaced_are_still_there() -> None:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    # codec/h2.py replaces these two and reads the decoder's header-list limit
+    assert isinstance(conn.state_machine, h2.connection.H2ConnectionStateMachine)
+    assert isinstance(conn.incoming_buffer, h2.frame_buffer.FrameBuffer)
+    assert hasattr(conn.decoder, "max_header_list_size")
+    assert isinstance(conn.streams, dict)
+    assert hasattr(conn.state_machine, "state")
+    buffer = conn.incoming_buffer
+    assert isinstance(buffer._data, bytearray | bytes), type(buffer._data)
+    assert isinstance(buffer._headers_buffer, list), type(buffer._headers_buffer)
+    assert {"SEND_GOAWAY", "RECV_GOAWAY"} <= set(h2.connection.ConnectionInputs.__members__)
+    assert "CLOSED" in h2.connection.ConnectionState.__members__
