@@ -18,9 +18,10 @@ lookup.  Binding port 0 instead makes the kernel search the pod's ephemeral
 range for a port no socket on that address holds, TIME_WAIT ones included, at
 bind time (before the destination is known, so it cannot share a port between
 destinations as connect() does): a search that grows with every bound and
-TIME_WAIT socket the pod's netns holds, and the connection rate with it.  A
-kept port is one of the pod's own ephemeral ports (local_ports), so a client
-choosing its source port cannot occupy a port the pod's application listens on.
+TIME_WAIT socket the pod's netns holds, and the connection rate with it.  The
+bound port is always one of the pod's own ephemeral ports (local_ports; a client
+port outside them is folded into them), so a client choosing its source port
+cannot occupy a port the pod's application listens on.
 """
 
 from __future__ import annotations
