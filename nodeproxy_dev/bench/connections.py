@@ -16,7 +16,6 @@ from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import last_json_line, run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
-from nodeproxy_dev.testbed import netns
 
 IDLE_SETTLE_S = 1.0
 
@@ -44,13 +43,6 @@ def setup_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[st
                                f"{data.get('errors')}")
     return {"per_s": succeeded / elapsed, "connections": float(succeeded),
             "failed": float(failed)}
-
-
-# The client pod reuses its own TIME_WAIT ports (it closes first): without it a client
-# that opens more than ~470 connections/s to one address runs out of ports within the
-# minute (28,232 ports, 60 s of TIME_WAIT) whatever is on the way, and that wall, not the
-# proxy's, is what the scenario would show.  Only the client's netns; restored after.
-CLIENT_SYSCTLS = {"net.ipv4.tcp_tw_reuse": "1"}
 
 
 def window_rates(points: list[tuple[float, float]], window: float) -> list[float]:
@@ -100,22 +92,18 @@ def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dic
     """Back-to-back short connections (as setup_rate) for settings.sustained_seconds, the
     peer reporting its cumulative count every window: the rate per window, its median and
     its lowest.  Failed connections are counted, not fatal: running out of ports or
-    descriptors is what the scenario looks for."""
-    pod = bench.cluster.pods[route.client_pod]
-    before = {k: netns.run(pod.netns, ["sysctl", "-n", k]).stdout.strip()
-              for k in CLIENT_SYSCTLS}
-    netns.sysctl(pod.netns, CLIENT_SYSCTLS)
-    try:
-        argv = bench.cluster.peer_argv(
-            "load", "--to", route.address, "--mode", "transfer", "--send", "0",
-            "--receive", "0", "--rate", "0", "--concurrency", str(settings.connect_concurrency),
-            "--duration", str(settings.sustained_seconds),
-            "--max-requests", str(int(settings.sustained_seconds * 20000)),
-            "--progress", str(settings.sustained_window), "--timeout", "5")
-        result = run_tool(bench, route.client_pod, argv,
-                          timeout=settings.sustained_seconds + 10 + settings.tool_margin)
-    finally:
-        netns.sysctl(pod.netns, before)
+    descriptors is what the scenario looks for.  The client pods reuse their own TIME_WAIT
+    ports (topology.CLIENT_SYSCTLS): a client closes first, and without reuse one that
+    opens more than ~470 connections/s to one address runs out of ports within the minute
+    whatever is on the way."""
+    argv = bench.cluster.peer_argv(
+        "load", "--to", route.address, "--mode", "transfer", "--send", "0",
+        "--receive", "0", "--rate", "0", "--concurrency", str(settings.connect_concurrency),
+        "--duration", str(settings.sustained_seconds),
+        "--max-requests", str(int(settings.sustained_seconds * 20000)),
+        "--progress", str(settings.sustained_window), "--timeout", "5")
+    result = run_tool(bench, route.client_pod, argv,
+                      timeout=settings.sustained_seconds + 10 + settings.tool_margin)
     final = last_json_line(result, "peer load")
     points = progress_points(result.stdout)
     points.append((float(final.get("elapsed_s", 0.0)), float(final.get("succeeded", 0))))
@@ -124,8 +112,7 @@ def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dic
     rates = window_rates(points, settings.sustained_window)
     return {**steadiness(rates), "windows_per_s": [round(r, 1) for r in rates],
             "window_s": settings.sustained_window, "succeeded": float(final["succeeded"]),
-            "failed": float(final.get("failed", 0)), "errors": final.get("errors", {}),
-            "client_sysctls": CLIENT_SYSCTLS}
+            "failed": float(final.get("failed", 0)), "errors": final.get("errors", {})}
 
 
 def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
