@@ -64,6 +64,7 @@ import enum
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 from nodeproxy.codec.request_target import path_of
@@ -162,8 +163,9 @@ class DestinationWorkload:
     def of(cls, workload: Workload) -> DestinationWorkload:
         return cls(workload.namespace, dict(workload.labels))
 
-    @property
+    @cached_property
     def scope_key(self) -> ScopeKey:
+        """(namespace, labels): computed once (policy decisions look it up per request)."""
         return (self.namespace, frozenset(self.labels.items()))
 
     def __hash__(self) -> int:
