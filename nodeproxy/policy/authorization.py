@@ -545,6 +545,11 @@ class CompiledPolicy:
     def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
         return selects(self.namespace, self.selector, namespace, labels)
 
+    @cached_property
+    def allowed(self) -> Decision:
+        """The verdict when this (ALLOW) policy matches: one object, not one per request."""
+        return Decision(True, self.name, "ALLOW", f"allowed by ALLOW policy {self.name}")
+
     def matching_rule(self, principal: str | None, namespace: str | None, ip: IPAddress,
                       port: int, request: _Request | None, mode: int) -> CompiledPolicyRule | None:
         """The first rule that matches in this mode (request: set in _FULL mode only)."""
@@ -640,8 +645,7 @@ class Authorizer:
             return Decision(True, None, "ALLOW", "no ALLOW policy selects this workload")
         for policy in scoped.allow:
             if policy.matching_rule(principal, namespace, ip, port, prepared, mode) is not None:
-                return Decision(True, policy.name, "ALLOW",
-                                f"allowed by ALLOW policy {policy.name}")
+                return policy.allowed
         if mode == _UNSEEN and any(p.uses_l7 for p in scoped.allow):
             return Decision(False, None, "ALLOW", "no ALLOW policy matched (rules on HTTP "
                                                   "requests match no connection as a whole)")
