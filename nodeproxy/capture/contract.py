@@ -2,9 +2,10 @@
 a ctypes layout (C<Name> is struct <name>), and every map, by name, kind, key and value.
 
 This module is the one place in nodeproxy/ that names a map or restates a layout:
-CaptureMaps, SpliceMaps, MsgRedirect and the program loader open maps through the specs
-here (`open_table`, `map_fd`), so a table's Key and Leaf are these classes, not ones bcc
-derives at run time.  Two checks keep it equal to the C side:
+CaptureMaps, SpliceMaps and MsgRedirect reach maps through map_access.BpfMap, which
+reads and writes these layouts (never ones bcc derives at run time); the loading child
+finds each map's descriptor by the names here (`map_fd`).  Two checks keep it equal to
+the C side:
 - tests/unit/test_kernel_contract.py parses bpf/maps.h (no root, no bcc) and compares
   every struct's fields, types, offsets and size and every map with what is here;
 - `check_compiled` compares it with what bcc compiled, each time the programs load.
@@ -179,14 +180,8 @@ MAPS: tuple[MapSpec, ...] = (
 )
 
 
-def open_table(bpf: Any, spec: MapSpec) -> Any:
-    """bcc's Table for one map of a loaded bcc.BPF, with this module's Key and Leaf.
-    (Socket maps and socket storage have no Table: use `map_fd`.)"""
-    return bpf.get_table(spec.name, keytype=spec.key, leaftype=spec.value)
-
-
 def map_fd(bpf: Any, spec: MapSpec) -> int:
-    """A map's fd, also for the map types bcc's Table cannot open (sockmap, sockhash)."""
+    """A map's fd in a compiled bcc.BPF (where bcc runs: the loading child, preflight)."""
     import bcc  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
     fd = int(bcc.lib.bpf_table_fd(bpf.module, spec.name.encode()))

@@ -1,4 +1,7 @@
-"""BPF links and pins through the system's libbpf (ctypes).
+"""BPF links, pins and map elements through the system's libbpf (ctypes).
+
+The daemon reaches the kernel's programs and maps only through this module: bcc (and its
+LLVM) stays in the short-lived child that compiles and loads them.
 
 bcc 0.26 attaches cgroup programs with BPF_PROG_ATTACH, which outlives the
 process that made it.  A BPF link instead belongs to its file descriptor (or
@@ -35,6 +38,14 @@ def _lib() -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_uint32),
     ]
     lib.bpf_prog_query.restype = ctypes.c_int
+    for name in ("bpf_map_lookup_elem", "bpf_map_get_next_key"):
+        getattr(lib, name).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_int
+    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_uint64]
+    lib.bpf_map_update_elem.restype = ctypes.c_int
+    lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_map_delete_elem.restype = ctypes.c_int
     return lib
 
 
@@ -67,3 +78,33 @@ def attached_prog_ids(cgroup_fd: int, attach_type: int) -> list[int]:
     _check(_lib().bpf_prog_query(cgroup_fd, attach_type, 0, ctypes.byref(flags), ids,
                                  ctypes.byref(count)), "bpf_prog_query")
     return list(ids[: count.value])
+
+
+def _errno(result: int) -> int:
+    """The error of a libbpf call that failed (libbpf 1.x returns -errno and sets errno)."""
+    return -result if result < -1 else (ctypes.get_errno() or 22)
+
+
+def map_lookup(fd: int, key: ctypes.c_void_p, value: ctypes.c_void_p) -> int:
+    """Read one element into value; 0, or the errno (ENOENT: no such key)."""
+    result = _lib().bpf_map_lookup_elem(fd, key, value)
+    return 0 if result >= 0 else _errno(result)
+
+
+def map_update(fd: int, key: ctypes.c_void_p, value: ctypes.c_void_p, flags: int = 0) -> int:
+    """Write one element; 0, or the errno."""
+    result = _lib().bpf_map_update_elem(fd, key, value, flags)
+    return 0 if result >= 0 else _errno(result)
+
+
+def map_delete(fd: int, key: ctypes.c_void_p) -> int:
+    """Remove one element; 0, or the errno (ENOENT: no such key)."""
+    result = _lib().bpf_map_delete_elem(fd, key)
+    return 0 if result >= 0 else _errno(result)
+
+
+def map_next_key(fd: int, key: ctypes.c_void_p | None, next_key: ctypes.c_void_p) -> int:
+    """The key after key (None: the first) into next_key; 0, or the errno (ENOENT: no
+    more)."""
+    result = _lib().bpf_map_get_next_key(fd, key, next_key)
+    return 0 if result >= 0 else _errno(result)

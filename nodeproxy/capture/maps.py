@@ -7,13 +7,13 @@ kernel stores them: network byte order in u32 words.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from nodeproxy.capture import contract
+from nodeproxy.capture.map_access import MapSet
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -58,30 +58,24 @@ class FastPathCounters:
 
 
 class CaptureMaps:
-    """The daemon's view of the capture maps of one loaded bcc.BPF object."""
+    """The daemon's view of the capture maps of one loaded program set."""
 
-    def __init__(self, bpf: Any):
-        self._pods = contract.open_table(bpf, contract.PODS)
-        self._stats = contract.open_table(bpf, contract.POD_STATS)
-        self._denies = contract.open_table(bpf, contract.CONNECT_DENIES)
-        self._policy_denials = contract.open_table(bpf, contract.POLICY_DENIALS)
-        self._fastpath = contract.open_table(bpf, contract.FASTPATH_STATS)
-        self._inbound_ips = contract.open_table(bpf, contract.INBOUND_IPS)
-        self._dials = contract.open_table(bpf, contract.PROXY_DIALS)
-        self._sockmap_fd = contract.map_fd(bpf, contract.INBOUND_LISTENERS)
+    def __init__(self, maps: MapSet):
+        self._pods = maps.open(contract.PODS)
+        self._stats = maps.open(contract.POD_STATS)
+        self._denies = maps.open(contract.CONNECT_DENIES)
+        self._policy_denials = maps.open(contract.POLICY_DENIALS)
+        self._fastpath = maps.open(contract.FASTPATH_STATS)
+        self._inbound_ips = maps.open(contract.INBOUND_IPS)
+        self._dials = maps.open(contract.PROXY_DIALS)
+        self._listeners = maps.open(contract.INBOUND_LISTENERS)
 
     def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
-        leaf = self._pods.Leaf()
-        leaf.pod_id = pod_id
-        leaf.flags = flags
-        self._pods[self._pods.Key(netns_cookie)] = leaf
+        self._pods.put(netns_cookie, contract.CPodInfo(pod_id=pod_id, flags=flags))
 
     def unenroll(self, netns_cookie: int, pod_id: int) -> None:
-        for table, key in ((self._pods, netns_cookie), (self._stats, pod_id)):
-            try:
-                del table[table.Key(key)]
-            except KeyError:
-                pass
+        self._pods.delete(netns_cookie)
+        self._stats.delete(pod_id)
 
     def enrolled(self) -> dict[int, int]:
         """netns cookie -> pod id, as the kernel has it."""
@@ -91,40 +85,32 @@ class CaptureMaps:
                     listeners: dict[int, socket.socket]) -> None:
         """Steer new connections to these pod IPs to the pod's inbound listeners
         (one per address family)."""
-        import bcc
-
-        spec = contract.INBOUND_LISTENERS
         for family, sock in listeners.items():
-            index = spec.key(pod_id * 2 + (1 if family == socket.AF_INET6 else 0))
-            fd = spec.value(sock.fileno())
-            if bcc.lib.bpf_update_elem(self._sockmap_fd, ctypes.byref(index),
-                                       ctypes.byref(fd), 0) != 0:
-                raise OSError(f"pod {pod_id}: cannot put its inbound listener in the sockmap")
+            index = pod_id * 2 + (1 if family == socket.AF_INET6 else 0)
+            try:
+                self._listeners.put(index, sock.fileno())
+            except OSError as e:
+                raise OSError(e.errno, f"pod {pod_id}: cannot put its inbound listener in "
+                              f"the sockmap: {e.strerror}") from e
         for ip in ips:
-            self._inbound_ips[self._ip_key(ip)] = self._inbound_ips.Leaf(pod_id)
+            self._inbound_ips.put(self._ip_key(ip), pod_id)
 
     def clear_inbound(self, pod_id: int, ips: list[IPAddress]) -> None:
-        import bcc
-
         for ip in ips:
-            try:
-                del self._inbound_ips[self._ip_key(ip)]
-            except KeyError:
-                pass
+            self._inbound_ips.delete(self._ip_key(ip))
         for offset in (0, 1):
-            index = contract.INBOUND_LISTENERS.key(pod_id * 2 + offset)
-            bcc.lib.bpf_delete_elem(self._sockmap_fd, ctypes.byref(index))
+            self._listeners.delete(pod_id * 2 + offset)
 
-    def _ip_key(self, ip: IPAddress):
-        key = self._inbound_ips.Key()
+    def _ip_key(self, ip: IPAddress) -> contract.CIpKey:
+        key = contract.CIpKey()
         key.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
         for i, word in enumerate(_words(ip)):
             key.ip[i] = word
         return key
 
-    def _dial_key(self, source: tuple[str, int], dest: tuple[str, int]):
+    def _dial_key(self, source: tuple[str, int], dest: tuple[str, int]) -> contract.CDialKey:
         src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(dest[0])
-        key = self._dials.Key()
+        key = contract.CDialKey()
         key.family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
         for i, word in enumerate(_words(src)):
             key.remote_ip[i] = word
@@ -137,20 +123,17 @@ class CaptureMaps:
     def expect_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
         """The proxy is about to connect from `source` (a client's address) into a pod at
         `dest`: inbound capture must not steer it back to the proxy."""
-        self._dials[self._dial_key(source, dest)] = self._dials.Leaf(1)
+        self._dials.put(self._dial_key(source, dest), 1)
 
     def forget_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
-        try:
-            del self._dials[self._dial_key(source, dest)]
-        except KeyError:
-            pass
+        self._dials.delete(self._dial_key(source, dest))
 
     def replace_denies(self, denies: list[tuple[int, IPAddress, int, int]]) -> None:
         """Make the kernel's connect-time DENY set exactly these (pod id, ip, port, policy
         index) entries: new ones are added before stale ones are removed."""
         wanted = {}
         for pod_id, ip, port, policy in denies:
-            key = self._denies.Key()
+            key = contract.CDenyKey()
             key.pod_id = pod_id
             key.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             for i, word in enumerate(_words(ip)):
@@ -158,29 +141,26 @@ class CaptureMaps:
             key.port = socket.htons(port)
             wanted[bytes(key)] = (key, policy)
         for key, policy in wanted.values():
-            self._denies[key] = self._denies.Leaf(policy)
-        for key in list(self._denies.keys()):
+            self._denies.put(key, policy)
+        for key in self._denies.keys():
             if bytes(key) not in wanted:
-                try:
-                    del self._denies[key]
-                except KeyError:
-                    pass
+                self._denies.delete(key)
 
     def policy_denials(self) -> dict[int, int]:
         """Policy index -> connects the kernel refused for it."""
         return {k.value: v.value for k, v in self._policy_denials.items() if v.value}
 
     def pod_counters(self) -> dict[int, PodCounters]:
-        fields = [name for name, _ in self._stats.Leaf._fields_]
+        fields = [name for name, _ in contract.CPodCounters._fields_]
         return {
             k.value: PodCounters(**{name: int(getattr(v, name)) for name in fields})
             for k, v in self._stats.items()
         }
 
     def fastpath_counters(self) -> FastPathCounters:
-        leaf = self._fastpath[self._fastpath.Key(0)]
+        leaf = self._fastpath.get(0) or contract.CFastpathCounters()
         return FastPathCounters(**{name: int(getattr(leaf, name))
-                                   for name, _ in leaf._fields_})
+                                   for name, _ in contract.CFastpathCounters._fields_})
 
 
 class PodMaps(Protocol):

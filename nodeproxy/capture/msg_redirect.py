@@ -16,25 +16,18 @@ the proxy has read every byte of it (see bpf/redirect.c, Order).
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 from nodeproxy.capture import contract
 from nodeproxy.capture.constants import MSG_TO_PROXY_PENDING
+from nodeproxy.capture.map_access import BpfMap, MapSet
 
 # Once the application's direction is back on the fast path, the proxy posts its read
 # count every quarter of the pending bound (so a busy connection never hits the bound just
 # because the kernel's count is stale).
 POST_EVERY = MSG_TO_PROXY_PENDING // 4
-BPF_ANY = 0
-
-
-def _lib() -> Any:
-    import bcc  # Debian's python3-bpfcc; imported late so unit tests need no bcc
-
-    return bcc.lib
 
 
 class ProxyReads:
@@ -50,12 +43,12 @@ class ProxyReads:
     read while a direction is on TCP, none per read while it is redirected.
     """
 
-    def __init__(self, reads_fd: int, app_cookie: int, flows_fd: int,
+    def __init__(self, reads: BpfMap, app_cookie: int, flows: BpfMap,
                  app_key: contract.CMsgKey, flow: contract.CMsgFlow):
-        self._reads_fd = reads_fd
+        self._reads = reads
         self._cookie = contract.MSG_PROXY_READ.key(app_cookie)
         self._value = contract.MSG_PROXY_READ.value(0)
-        self._flows_fd = flows_fd
+        self._flows = flows
         self._app_key = app_key
         self._flow = flow  # refreshed by each look
         self._watching = True  # believed on TCP: post after every read
@@ -73,14 +66,18 @@ class ProxyReads:
             return
         self._watching = on_tcp
         self._value.value = self.total
-        _lib().bpf_update_elem(self._reads_fd, ctypes.byref(self._cookie),
-                               ctypes.byref(self._value), BPF_ANY)
+        try:
+            self._reads.put(self._cookie, self._value)
+        except OSError:
+            pass  # the kernel's LRU is full of others: this flow's count is posted next read
         self._posted = self.total
 
     def _send_on_tcp(self) -> bool | None:
         """Whether the application's messages take TCP now (None: the flow is gone)."""
-        if _lib().bpf_lookup_elem(self._flows_fd, ctypes.byref(self._app_key),
-                                  ctypes.byref(self._flow)) != 0:
+        try:
+            if not self._flows.read_into(self._app_key, self._flow):
+                return None
+        except OSError:
             return None
         return bool(self._flow.send_on_tcp)
 
@@ -101,20 +98,19 @@ def counting_reads(on_bytes: Callable[[bool, int], None], reads: ProxyReads | No
 
 class MsgRedirect:
     """np_msg_sockets and its companion maps (np_msg_flows, np_msg_proxy_read,
-    np_msg_settings) of one loaded bcc.BPF object."""
+    np_msg_settings) of one loaded program set."""
 
-    def __init__(self, bpf: Any):
-        self._flows = contract.open_table(bpf, contract.MSG_FLOWS)
-        self._flows_fd = int(self._flows.map_fd)
-        self._reads_fd = contract.map_fd(bpf, contract.MSG_PROXY_READ)
-        self._settings = contract.open_table(bpf, contract.MSG_SETTINGS)
-        self._sockets_fd = contract.map_fd(bpf, contract.MSG_SOCKETS)
+    def __init__(self, maps: MapSet):
+        self._flows = maps.open(contract.MSG_FLOWS)
+        self._reads = maps.open(contract.MSG_PROXY_READ)
+        self._settings = maps.open(contract.MSG_SETTINGS)
+        self._sockets = maps.open(contract.MSG_SOCKETS)
         self.enabled = False
 
     def set_enabled(self, on: bool) -> None:
         """fastPath.skMsg: whether connections established from now on use the fast path
         (connections already on it keep it until they close)."""
-        self._settings[self._settings.Key(0)] = self._settings.Leaf(1 if on else 0)
+        self._settings.put(0, 1 if on else 0)
         self.enabled = on
 
     def enable(self, sock: Any, netns_cookie: int) -> ProxyReads | None:
@@ -133,15 +129,17 @@ class MsgRedirect:
             return None
         app_key = self._key(sock.family, netns_cookie, remote, local)
         try:
-            flow = self._flows[app_key]
-        except KeyError:
+            flow = self._flows.get(app_key)
+        except OSError:
+            return None
+        if flow is None:
             return None
         proxy_key = self._key(sock.family, netns_cookie, local, remote)
-        fd = contract.MSG_SOCKETS.value(sock.fileno())
-        if _lib().bpf_update_elem(self._sockets_fd, ctypes.byref(proxy_key), ctypes.byref(fd),
-                                  BPF_ANY) != 0:
+        try:
+            self._sockets.put(proxy_key, sock.fileno())
+        except OSError:
             return None  # e.g. the application already closed: nothing left to speed up
-        return ProxyReads(self._reads_fd, int(flow.app_cookie), self._flows_fd, app_key, flow)
+        return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key, flow)
 
     def _key(self, family: int, netns_cookie: int, local: tuple, remote: tuple
              ) -> contract.CMsgKey:

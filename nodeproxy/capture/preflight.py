@@ -247,6 +247,23 @@ def check_bcc() -> tuple[CheckResult, ModuleType | None]:
     return _pass(name, f"bcc {version} from {os.path.dirname(bcc.__file__ or '?')}"), bcc
 
 
+def check_bcc_findable() -> CheckResult:
+    """bcc is there, found without importing it: `nodeproxy run` keeps bcc (and its LLVM)
+    out of the daemon; the loading child imports it (and fails with its reason)."""
+    import importlib.util
+
+    name = "bcc"
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError) as e:
+        spec, why = None, str(e)
+    else:
+        why = "No module named 'bcc'"
+    if spec is None or spec.origin is None:
+        return _fail(name, f"cannot import bcc: {why} (python {sys.executable})", BCC_HINT)
+    return _pass(name, f"bcc at {os.path.dirname(spec.origin)} (imported by the loading child)")
+
+
 def check_kernel_headers() -> CheckResult:
     name = "kernel-headers"
     release = os.uname().release
@@ -709,9 +726,9 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
     if bcc is None:
         return _fail(name, "not tried: bcc is not importable", BCC_HINT)
     try:
-        from nodeproxy.capture import contract, programs
+        from nodeproxy.capture import bpf_build, contract
 
-        src = programs.bpf_source_dir()
+        src = bpf_build.bpf_source_dir()
     except Exception as e:  # noqa: BLE001 - report any failure to locate the sources
         return _fail(name, f"cannot locate the eBPF sources: {e}",
                      "set NODEPROXY_BPF_DIR to the directory holding capture.c and inbound.c")
@@ -719,9 +736,9 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
     scratch = f"{kernelfs.DEFAULT_BPFFS}/nodeproxy-preflight-{os.getpid()}"
     with _fd2_captured() as output:
         try:
-            bpf = programs.compile_programs(bcc, scratch, outbound_port=outbound_port)
-            for spec in programs.ALL_PROGRAMS:
-                programs.load_program(bpf, spec)
+            bpf = bpf_build.compile_programs(bcc, scratch, outbound_port=outbound_port)
+            for spec in bpf_build.ALL_PROGRAMS:
+                bpf_build.load_program(bpf, spec)
             contract.check_compiled(bpf)  # as the daemon's load() does
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
             error: BaseException | None = e
@@ -734,7 +751,7 @@ def check_capture_program(bcc: ModuleType | None, outbound_port: int = OUTBOUND_
     if error is not None:
         detail, hint = _explain(_why(error, output), hint, privileged)
         return _fail(name, f"{src}: {detail}", hint)
-    loaded = ", ".join(spec.function for spec in programs.ALL_PROGRAMS)
+    loaded = ", ".join(spec.function for spec in bpf_build.ALL_PROGRAMS)
     return _pass(name, f"{src} compiled; {loaded} loaded; maps as capture/contract.py")
 
 

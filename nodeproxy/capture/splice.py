@@ -3,23 +3,20 @@ flow, steering the verdict per socket (redirect, pause, hand back to the proxy),
 reading what it moved and what it passed.
 
 The maps and layouts (struct splice_peer, struct splice_control) are those of
-nodeproxy/capture/contract.py (bpf/maps.h); sockhash maps are written through libbcc
-because bcc's Table cannot open them.
+nodeproxy/capture/contract.py (bpf/maps.h), reached through map_access (libbpf).
 A socket is never removed from the sockhashes while it lives (see bpf/splice.c): the
 kernel removes it when it closes; the daemon then forgets its entries (release()).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
 import socket
 import struct
 from typing import Any
 
 from nodeproxy.capture import contract
 from nodeproxy.capture.constants import SPLICE_PROXY, SPLICE_REDIRECT
+from nodeproxy.capture.map_access import BpfMap, MapSet
 
 SO_COOKIE = 57  # not in Python's socket module
 
@@ -48,22 +45,19 @@ class SpliceMaps:
     """np_splice_sockets (the verdict runs on these), np_splice_targets (a redirect may
     deliver to these), splice_flows (peer and counters) and splice_control (mode)."""
 
-    def __init__(self, bpf: Any):
-        import bcc  # Debian's python3-bpfcc, only where the programs are loaded
+    def __init__(self, maps: MapSet):
+        self._flows = maps.open(contract.SPLICE_FLOWS)
+        self._control = maps.open(contract.SPLICE_CONTROL)
+        self._sockets = maps.open(contract.SPLICE_SOCKETS)
+        self._targets = maps.open(contract.SPLICE_TARGETS)
 
-        self._lib = bcc.lib
-        self._flows = contract.open_table(bpf, contract.SPLICE_FLOWS)
-        self._control = contract.open_table(bpf, contract.SPLICE_CONTROL)
-        self._sockets_fd = contract.map_fd(bpf, contract.SPLICE_SOCKETS)
-        self._targets_fd = contract.map_fd(bpf, contract.SPLICE_TARGETS)
-
-    def _update(self, map_fd: int, cookie: int, sock: Any) -> None:
+    @staticmethod
+    def _update(sockhash: BpfMap, cookie: int, sock: Any) -> None:
         # np_splice_sockets and np_splice_targets: one layout (socket cookie -> fd).
-        key = contract.SPLICE_SOCKETS.key(cookie)
-        value = contract.SPLICE_SOCKETS.value(sock.fileno())
-        if self._lib.bpf_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), 0) < 0:
-            code = ctypes.get_errno() or errno.EINVAL
-            raise SpliceError(code, f"sockhash update: {os.strerror(code)}")
+        try:
+            sockhash.put(cookie, sock.fileno())
+        except OSError as e:
+            raise SpliceError(e.errno, f"sockhash update: {e.strerror}") from e
 
     def join(self, a: Any, b: Any, credit: int) -> tuple[int, int]:
         """Splice sockets a and b: from now on the kernel moves each one's incoming data to
@@ -73,14 +67,12 @@ class SpliceMaps:
         try:
             # Entries and targets first: the verdict must find everything once it runs.
             for me, peer in ((ca, cb), (cb, ca)):
-                leaf = self._flows.Leaf()
-                leaf.peer_cookie = peer
-                self._flows[self._flows.Key(me)] = leaf
+                self._flows.put(me, contract.CSplicePeer(peer_cookie=peer))
                 self.steer(me, "redirect", 0, credit)
-            self._update(self._targets_fd, ca, a)
-            self._update(self._targets_fd, cb, b)
-            self._update(self._sockets_fd, ca, a)
-            self._update(self._sockets_fd, cb, b)
+            self._update(self._targets, ca, a)
+            self._update(self._targets, cb, b)
+            self._update(self._sockets, ca, a)
+            self._update(self._sockets, cb, b)
         except OSError:
             # Not established any more (a socket in CLOSE_WAIT is refused).  A socket the
             # verdict already runs on stays until it closes: without entries the verdict
@@ -93,28 +85,21 @@ class SpliceMaps:
 
     def steer(self, cookie: int, mode: str, consumed: int, credit: int) -> None:
         """Tell the verdict what to do with this socket's data (see struct splice_control)."""
-        leaf = self._control.Leaf()
-        leaf.mode = MODES[mode]
-        leaf.consumed = consumed
-        leaf.credit = credit
-        self._control[self._control.Key(cookie)] = leaf
+        self._control.put(cookie, contract.CSpliceControl(
+            mode=MODES[mode], consumed=consumed, credit=credit))
 
     def release(self, *cookies: int) -> None:
         """Forget sockets' entries.  The sockhashes keep a live socket (the kernel removes
         it when it closes): detaching the verdict from a receiving socket can drop a
         segment in flight."""
         for cookie in cookies:
-            for table in (self._flows, self._control):
-                try:
-                    del table[table.Key(cookie)]
-                except KeyError:
-                    pass
+            self._flows.delete(cookie)
+            self._control.delete(cookie)
 
     def counters(self, cookie: int) -> tuple[int, int]:
         """(moved, passed): bytes the verdict redirected from this socket to its peer, and
         bytes it left to the proxy, so far."""
-        try:
-            leaf = self._flows[self._flows.Key(cookie)]
-        except KeyError:
+        leaf = self._flows.get(cookie)
+        if leaf is None:
             return 0, 0
         return int(leaf.moved), int(leaf.passed)

@@ -58,15 +58,15 @@ def run(args: argparse.Namespace) -> int:
 
 def preflight_failures(mode: str) -> list[str]:
     """The FAIL lines of the other checks this capture mode needs, among those that need no
-    compiling (ebpf: the daemon compiles and loads the real programs next, and a kernel
-    that refuses them fails there with bcc's reason)."""
+    compiling (ebpf: the daemon's loading child compiles and loads the real programs next,
+    and a kernel that refuses them fails there with bcc's reason)."""
     from nodeproxy.capture import preflight
 
     if mode == "ebpf":
         quick = [
             preflight.check_kernel_version(),
             preflight.check_netns_cookie_sockopt(),
-            preflight.check_bcc()[0],
+            preflight.check_bcc_findable(),  # never imported here: no LLVM in the daemon
             preflight.check_kernel_headers(),
             preflight.check_cgroup2(),
             preflight.check_bpffs(),

@@ -200,10 +200,12 @@ def _programs(config: NodeConfig, pod_cgroup: str, own: str | None) -> CapturePr
 
 
 def _load(programs: CapturePrograms, mode: str) -> None:
-    """Compile, load and attach them."""
+    """Compile and load them (in a child process: the daemon never maps bcc's LLVM), then
+    attach them."""
     t0 = time.monotonic()
-    programs.load()
-    log.info("compiled and loaded %s capture programs in %.2fs", mode, time.monotonic() - t0)
+    child_seconds = programs.load()
+    log.info("compiled and loaded %s capture programs in %.2fs (%.2fs in the loading child)",
+             mode, time.monotonic() - t0, child_seconds)
     programs.attach()
 
 
@@ -216,14 +218,14 @@ def start_kernel(config: NodeConfig, pod_cgroup: str, registry: CollectorRegistr
         if config.capture.mode == "ebpf":
             programs = _programs(config, pod_cgroup, own_cgroup())
             _load(programs, config.capture.mode)
-            maps: PodMaps = CaptureMaps(programs.bpf)
+            maps: PodMaps = CaptureMaps(programs.maps)
             steering: Steering = EbpfSteering(programs, maps)
         else:
             try:  # sockops keeps the per-pod kernel counters where it can
                 programs = _programs(config, pod_cgroup, None)
                 _load(programs, config.capture.mode)
-                maps = CaptureMaps(programs.bpf)
-            except Exception as e:  # noqa: BLE001 - bcc and the kernel raise anything
+                maps = CaptureMaps(programs.maps)
+            except Exception as e:  # noqa: BLE001 - the loading child and the kernel raise anything
                 log.warning("iptables capture runs without kernel counters (no "
                             "nodeproxy_kernel_tcp_* series; captured connections are counted "
                             "by the proxy): the sockops program could not be set up: %s", e)
@@ -233,11 +235,11 @@ def start_kernel(config: NodeConfig, pod_cgroup: str, registry: CollectorRegistr
                 maps = NoKernelMaps()
             steering = IptablesSteering(iptables.Ports(
                 config.proxy.outbound_port, config.proxy.inbound_port, config.proxy.hbone_port))
-        splicer = Splicer(SpliceMaps(programs.bpf) if programs is not None else None,
+        splicer = Splicer(SpliceMaps(programs.maps) if programs is not None else None,
                           SpliceMetrics(registry), enabled=config.fast_path.splice)
         msg_redirect = None
         if programs is not None:
-            msg_redirect = MsgRedirect(programs.bpf)
+            msg_redirect = MsgRedirect(programs.maps)
             msg_redirect.set_enabled(config.fast_path.sk_msg)
     except BaseException:
         if programs is not None:

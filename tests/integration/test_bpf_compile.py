@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.capture import contract, kernelfs, programs
+from nodeproxy.capture import bpf_build, contract, kernelfs
 
 pytestmark = pytest.mark.privileged
 
-ROTATIONS = [programs.SOURCES[i:] + programs.SOURCES[:i]
-             for i in range(len(programs.SOURCES))]
-ORDERS = [*ROTATIONS[1:], tuple(reversed(programs.SOURCES))]
+ROTATIONS = [bpf_build.SOURCES[i:] + bpf_build.SOURCES[:i]
+             for i in range(len(bpf_build.SOURCES))]
+ORDERS = [*ROTATIONS[1:], tuple(reversed(bpf_build.SOURCES))]
 
 
 @pytest.fixture
@@ -40,18 +40,18 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def compiled(maps_dir: Path, sources: tuple[str, ...] = programs.SOURCES) -> Any:
+def compiled(maps_dir: Path, sources: tuple[str, ...] = bpf_build.SOURCES) -> Any:
     import bcc
 
-    return programs.compile_programs(bcc, maps_dir, sources=sources)
+    return bpf_build.compile_programs(bcc, maps_dir, sources=sources)
 
 
 @pytest.mark.parametrize("order", ORDERS, ids=["-".join(o) for o in ORDERS])
 def test_the_sources_compile_and_load_in_another_order(scratch: Path, order: tuple[str, ...]):
     bpf = compiled(scratch, order)
     try:
-        for spec in programs.ALL_PROGRAMS:
-            programs.load_program(bpf, spec)  # the verifier runs here
+        for spec in bpf_build.ALL_PROGRAMS:
+            bpf_build.load_program(bpf, spec)  # the verifier runs here
         contract.check_compiled(bpf)
     finally:
         bpf.cleanup()

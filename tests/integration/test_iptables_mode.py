@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeproxy.capture.programs import HEADERS, SOURCES
+from nodeproxy.capture.bpf_build import HEADERS, SOURCES
 from nodeproxy.ports import OUTBOUND_PORT
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
