@@ -80,6 +80,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--config", choices=("l7", "full", "authz"), default="l7")
+    parser.add_argument("--client", choices=("wrk", "h2load"), default="wrk",
+                        help="h2load: HTTP/2 (prior knowledge) from the client, 10 streams "
+                             "per connection, for --seconds")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--perf", action="store_true",
                         help="also sample the daemon with perf (kernel and native frames): "
@@ -110,16 +113,17 @@ def main() -> int:
              args.out + ".perf", "--", "sleep", str(args.seconds)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.perf else None
         cpu0 = cpu_seconds(daemon.pid)
-        result = c.run_in_pod("client", ["wrk", "-t1", "-c", str(args.connections), "-d",
-                                         f"{int(args.seconds)}s", url],
-                              timeout=args.seconds + 30)
+        load = (["h2load", "-t1", "-c", str(args.connections), "-m", "10", "-D",
+                 str(int(args.seconds)), url] if args.client == "h2load" else
+                ["wrk", "-t1", "-c", str(args.connections), "-d", f"{int(args.seconds)}s", url])
+        result = c.run_in_pod("client", load, timeout=args.seconds + 30)
         cpu = cpu_seconds(daemon.pid) - cpu0
         for sampler in (spy, perf):
             if sampler is not None:
                 sampler.wait(timeout=30)
     text = result.stdout if isinstance(result.stdout, str) else result.stdout.decode()
     print(text)
-    match = re.search(r"(\d+) requests in", text)
+    match = re.search(r"(\d+) requests in", text) or re.search(r"(\d+) succeeded", text)
     if match:
         requests = int(match.group(1))
         print(f"daemon CPU: {cpu:.2f} s for {requests} requests = "
