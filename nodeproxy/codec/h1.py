@@ -300,6 +300,9 @@ class H1Server(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None  # loop time the last request ended
         self._tasks: set[asyncio.Task[None]] = set()
+        self._worker: asyncio.Task[None] | None = None  # serves the requests in turn
+        self._wakeup: asyncio.Future[H1Exchange] | None = None  # the worker waits on it
+        self._handoff: H1Exchange | None = None  # next, while the worker ends the last
         self._draining = False
         self._client_eof = False
 
@@ -500,10 +503,40 @@ class H1Server(asyncio.Protocol):
             return
         exchange = self._current = self._queue.popleft()
         self._idle_since = None
-        task = asyncio.get_running_loop().create_task(self._run(exchange))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(exchange)
         self._maybe_resume()
+
+    def _start(self, exchange: H1Exchange) -> None:
+        """Hand the exchange whose turn it is to the connection's worker task, which serves
+        the connection's requests one after another (a task per request costs more than
+        parsing the request): wake it if it waits, leave it to take this one next if it is
+        still finishing the previous request, start it if there is none."""
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(exchange)
+        elif self._worker is not None:
+            self._handoff = exchange
+        else:
+            task = self._worker = asyncio.get_running_loop().create_task(self._work(exchange))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _work(self, exchange: H1Exchange) -> None:
+        """The worker: each exchange handed to it, in order, until the connection is lost
+        (connection_lost cancels it) or leaves HTTP (detached: taken over or refused)."""
+        try:
+            while True:
+                await self._run(exchange)
+                following, self._handoff = self._handoff, None
+                if following is None:
+                    if self.lost or self._detached:
+                        return
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                    following = await self._wakeup
+                exchange = following
+        finally:
+            self._worker = self._wakeup = self._handoff = None
 
     async def _run(self, exchange: H1Exchange) -> None:
         try:

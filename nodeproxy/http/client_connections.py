@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from functools import partial
 
 from nodeproxy.codec.h1 import H1Server
 from nodeproxy.codec.h2 import ErrorCodes, H2Server
@@ -102,10 +103,8 @@ class ClientConnections:
         connection.done.add_done_callback(lambda _f: self._clients.discard(connection))
         context = RequestContext(pod, entry, version, http2_upstream, pod.workload.access_log)
         settings = self._settings
-        serve_request = self._handle
-
-        async def handle(exchange: Exchange) -> None:
-            await serve_request(context, exchange)
+        # The handler bound to this connection's context: no wrapper coroutine per request.
+        handle = partial(self._handle, context)
 
         def bad_request(protocol: str) -> Callable[[str], None]:
             return lambda reason: self._metrics.count_bad_request(protocol, reason)

@@ -22,7 +22,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from nodeproxy.codec.h1 import H1Exchange
@@ -246,4 +245,15 @@ class RequestHandler:
         """A random (version 4) UUID, from the proxy's PRNG: uuid4() reads the kernel's
         random pool on every call, a system call per request for an id that only has to
         be unique, not secret."""
-        return str(uuid.UUID(int=self._random.getrandbits(128), version=4))
+        return request_id(self._random.getrandbits(128))
+
+
+_UUID_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))  # the variant and version bits
+_UUID_V4 = (0x8000 << 48) | (4 << 76)  # RFC 9562: variant 10, version 4
+
+
+def request_id(bits: int) -> str:
+    """``str(uuid.UUID(int=bits, version=4))`` without the UUID object (a request's id
+    is made on every request that arrives without one)."""
+    h = "%032x" % ((bits & _UUID_CLEAR) | _UUID_V4)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

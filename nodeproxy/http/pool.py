@@ -27,6 +27,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from nodeproxy.codec.h1 import H1Client
@@ -49,8 +50,9 @@ class Endpoint:
     backend: Backend
     stats: EndpointStats = field(default_factory=EndpointStats)
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """"address:port" ("[v6]:port"): computed once, read several times per request."""
         address = self.backend.address
         host = f"[{address}]" if address.version == 6 else str(address)
         return f"{host}:{self.backend.port}"
@@ -71,12 +73,22 @@ class EndpointPool:
         self._opening_waiters: list[asyncio.Future[None]] = []
 
     def _take(self) -> UpstreamConnection | None:
-        self._connections = [c for c in self._connections if not c.closed]
+        """The first connection that can take a request now, or None; closed connections
+        met on the way are dropped (all of them when None is returned, so the count the
+        circuit breaker is asked about holds only live ones)."""
+        stale = False
+        found = None
         for connection in self._connections:
-            if connection.can_take():
-                self._idle_since.pop(id(connection), None)
-                return connection
-        return None
+            if connection.closed:
+                stale = True
+            elif connection.can_take():
+                found = connection
+                break
+        if stale:
+            self._connections = [c for c in self._connections if not c.closed]
+        if found is not None:
+            self._idle_since.pop(id(found), None)
+        return found
 
     async def acquire(self) -> UpstreamConnection:
         """A connection that can take a request now: pooled, or newly opened, or (the

@@ -39,11 +39,20 @@ class Recorder:
         self._access_log = access_log
         self._trust_domain = trust_domain
         self._labels: dict[tuple[object, ...], RequestLabels] = {}
+        self._principals: dict[WorkloadRef, str] = {}
 
     def principal(self, dest: WorkloadRef | None) -> str:
-        """The destination's SPIFFE ID, or "unknown" outside the mesh."""
-        return (spiffe_id(self._trust_domain, dest.namespace, dest.service_account)
-                if dest else UNKNOWN)
+        """The destination's SPIFFE ID, or "unknown" outside the mesh (remembered per
+        destination: spiffe_id validates its parts, too much to do per request)."""
+        if dest is None:
+            return UNKNOWN
+        principal = self._principals.get(dest)
+        if principal is None:
+            if len(self._principals) > MAX_CACHED_LABELS:
+                self._principals.clear()
+            principal = self._principals[dest] = spiffe_id(
+                self._trust_domain, dest.namespace, dest.service_account)
+        return principal
 
     def record(self, ctx: RequestContext, exchange: Exchange, outcome: Outcome,
                start: float, started_at: float, request_id: str,

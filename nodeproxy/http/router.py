@@ -40,6 +40,7 @@ from nodeproxy.http.balancer import untried
 from nodeproxy.http.circuit_breaker import Overflow
 from nodeproxy.http.clusters import Cluster, Clusters
 from nodeproxy.http.context import Outcome, RequestContext
+from nodeproxy.http.deadlines import Deadlines
 from nodeproxy.http.local_reply import local_reply, rate_limited
 from nodeproxy.http.mirror import Mirrors
 from nodeproxy.http.pool import Endpoint, abort_exchange
@@ -65,6 +66,7 @@ class Router:
         self._random = rng
         self._settings = HttpSettings()
         self._workload_limits: dict[tuple[str, str], Limiter] = {}
+        self._deadlines = Deadlines()
 
     def update(self, settings: HttpSettings,
                workload_limits: dict[tuple[str, str], Limiter]) -> None:
@@ -77,8 +79,9 @@ class Router:
         """Forward under the rule's request timeout (504, UT, when it passes)."""
         timeout = rule.timeouts.request_seconds or None
         try:
-            # asyncio.timeout, not wait_for: no extra task per request.
-            async with asyncio.timeout(timeout):
+            # As asyncio.timeout (not wait_for: no extra task per request), without a loop
+            # timer per request (deadlines.py).
+            async with self._deadlines.timeout(timeout):
                 slots = Slots()  # the circuit-breaker slots the request holds
                 try:
                     await self._attempts(ctx, exchange, rule, outcome, slots)
@@ -204,7 +207,7 @@ class Router:
             if per_try is None:
                 response = await connection.send(head, body.reader())
             else:
-                async with asyncio.timeout(per_try):
+                async with self._deadlines.timeout(per_try):
                     response = await connection.send(head, body.reader())
         except Refused as e:
             error = UpstreamError("UF", str(e))

@@ -65,6 +65,9 @@ class CompiledRule:
 
     def backend(self, draw: float) -> WeightedBackend:
         """The backend for a uniform draw in [0, 1): each gets its weight's share."""
+        backends = self.backends
+        if len(backends) == 1 and backends[0].weight > 0:
+            return backends[0]  # nearly every rule
         point = draw * self.total_weight
         for backend in self.backends:
             if point < backend.weight:

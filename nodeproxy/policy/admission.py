@@ -59,6 +59,18 @@ class AdmissionMetrics:
             "nodeproxy_peer_authentication_refused",
             "Plaintext connections refused by STRICT peer authentication",
             ("destination_workload_namespace", "destination_workload"), registry=registry)
+        # The decisions' children by labels: looked up per request, so kept rather than
+        # found through labels() each time (policy names come from the configuration).
+        self._decided: dict[tuple[str, str, str], Counter] = {}
+
+    def count_decision(self, policy: str, action: str, result: str) -> None:
+        key = (policy, action, result)
+        child = self._decided.get(key)
+        if child is None:
+            if len(self._decided) > _WARNING_KEYS_LIMIT:
+                self._decided.clear()
+            child = self._decided[key] = self.decisions.labels(policy, action, result)
+        child.inc()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -105,6 +117,19 @@ class Admitter:
         self._probe_sources = tuple(config.inbound.probe_sources)
         self._metrics = metrics
         self._request_denials = _RequestDenialLog()
+        # Each workload's policy view, by id: made once, not on every request (the
+        # workload is kept beside it, so an id is never taken for another's).
+        self._targets: dict[int, tuple[Workload, DestinationWorkload]] = {}
+
+    def _target(self, dest: Workload) -> DestinationWorkload:
+        known = self._targets.get(id(dest))
+        if known is not None and known[0] is dest:
+            return known[1]
+        if len(self._targets) > _WARNING_KEYS_LIMIT:
+            self._targets.clear()
+        target = DestinationWorkload.of(dest)
+        self._targets[id(dest)] = (dest, target)
+        return target
 
     @property
     def authorizer(self) -> Authorizer:
@@ -118,7 +143,7 @@ class Admitter:
         l7_checked: the connection is an HBONE stream whose every HTTP request the source
         node's proxy authorized (nodeproxy.policy.authorization, L7_CHECKED_UPSTREAM).
         Otherwise rules on HTTP are judged for the whole connection, failing closed."""
-        target = DestinationWorkload.of(dest)
+        target = self._target(dest)
         refused = self._peer_refused(dest, target, source_principal, source_ip, port)
         if refused is not None:
             return refused
@@ -138,7 +163,7 @@ class Admitter:
         some?  Then the destination parses it and judges every request
         (listeners/inbound_hbone_l7.py).
         Pure: counts and logs nothing."""
-        target = DestinationWorkload.of(dest)
+        target = self._target(dest)
         if not self._authorizer.has_l7_rules(target):
             return False
         attributes = ConnectionAttributes(
@@ -154,7 +179,7 @@ class Admitter:
         """May this HTTP request, on a connection from source_principal/source_ip to `dest`
         on `port`, reach the application?  Counted as connections are; denials are logged
         as warnings at most every REQUEST_WARNING_INTERVAL per destination and policy."""
-        target = DestinationWorkload.of(dest)
+        target = self._target(dest)
         refused = self._peer_refused(dest, target, source_principal, source_ip, port)
         if refused is not None:
             return refused
@@ -184,8 +209,8 @@ class Admitter:
         decision = self._authorizer.decide(target, ConnectionAttributes(
             source_principal=source_principal, source_namespace=namespace,
             source_ip=source_ip, destination_port=port), request)
-        self._metrics.decisions.labels(decision.policy or "", decision.action,
-                                       "allowed" if decision.allowed else "denied").inc()
+        self._metrics.count_decision(decision.policy or "", decision.action,
+                                     "allowed" if decision.allowed else "denied")
         return decision
 
 

@@ -64,6 +64,7 @@ import enum
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 from nodeproxy.codec.request_target import path_of
@@ -162,8 +163,9 @@ class DestinationWorkload:
     def of(cls, workload: Workload) -> DestinationWorkload:
         return cls(workload.namespace, dict(workload.labels))
 
-    @property
+    @cached_property
     def scope_key(self) -> ScopeKey:
+        """(namespace, labels): computed once (policy decisions look it up per request)."""
         return (self.namespace, frozenset(self.labels.items()))
 
     def __hash__(self) -> int:
@@ -543,6 +545,11 @@ class CompiledPolicy:
     def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
         return selects(self.namespace, self.selector, namespace, labels)
 
+    @cached_property
+    def allowed(self) -> Decision:
+        """The verdict when this (ALLOW) policy matches: one object, not one per request."""
+        return Decision(True, self.name, "ALLOW", f"allowed by ALLOW policy {self.name}")
+
     def matching_rule(self, principal: str | None, namespace: str | None, ip: IPAddress,
                       port: int, request: _Request | None, mode: int) -> CompiledPolicyRule | None:
         """The first rule that matches in this mode (request: set in _FULL mode only)."""
@@ -638,8 +645,7 @@ class Authorizer:
             return Decision(True, None, "ALLOW", "no ALLOW policy selects this workload")
         for policy in scoped.allow:
             if policy.matching_rule(principal, namespace, ip, port, prepared, mode) is not None:
-                return Decision(True, policy.name, "ALLOW",
-                                f"allowed by ALLOW policy {policy.name}")
+                return policy.allowed
         if mode == _UNSEEN and any(p.uses_l7 for p in scoped.allow):
             return Decision(False, None, "ALLOW", "no ALLOW policy matched (rules on HTTP "
                                                   "requests match no connection as a whole)")

@@ -349,6 +349,7 @@ CONFIGURATIONS: list[Configuration] = [
     NodeProxyNoSplice(),
     NodeProxyL7(),
     NodeProxyL7Full(),
+    NodeProxyL7Authz(),  # the authorization policy alone, beside the whole bundle
     HAProxyHttp(),
     NodeProxyIptables(),
 ]
@@ -356,7 +357,6 @@ CONFIGURATIONS: list[Configuration] = [
 
 # Measured only when asked for by name (nodeproxy bench --configuration NAME).
 OPTIONAL_CONFIGURATIONS: list[Configuration] = [
-    NodeProxyL7Authz(),
     NodeProxyL7AuthzTrusted(),
 ]
 

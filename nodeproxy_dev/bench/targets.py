@@ -84,14 +84,19 @@ def _l7_cpu(m: Medians) -> tuple[str, bool] | None:
     return None if value is None else (f"{value:.3f} CPU s", value <= 0.1)
 
 
-def _l7_features(m: Medians) -> tuple[str, bool] | None:
-    """What turning on authorization, rate limits, faults, outlier detection and tracing
-    (nodeproxy-l7-full) costs per request over nodeproxy-l7, same node, at saturation."""
-    full, l7 = (m("http.same-node.cpu", c) for c in ("nodeproxy-l7-full", "nodeproxy-l7"))
-    if full is None or l7 is None or l7 <= 0:
-        return None
-    return (f"{full / l7:.2f}× nodeproxy-l7's CPU per request ({full:.3f} vs {l7:.3f} CPU s "
-            "per 1000 requests)", full <= 1.25 * l7)
+FEATURES_BOUND = 1.15  # issue 18: every feature on costs at most 15% more per request
+
+
+def _over_l7(config: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    """What `config`'s features cost per request over nodeproxy-l7, same node, at
+    saturation: at most FEATURES_BOUND times nodeproxy-l7's CPU per request."""
+    def check(m: Medians) -> tuple[str, bool] | None:
+        more, l7 = m("http.same-node.cpu", config), m("http.same-node.cpu", "nodeproxy-l7")
+        if more is None or l7 is None or l7 <= 0:
+            return None
+        return (f"{more / l7:.2f}× nodeproxy-l7's CPU per request ({more:.3f} vs {l7:.3f} "
+                "CPU s per 1000 requests)", more <= FEATURES_BOUND * l7)
+    return check
 
 
 # Connection scale: nodeproxy as shipped (eBPF capture, splice) against HAProxy in mode tcp,
@@ -245,16 +250,19 @@ TARGETS = (
            "≤ 0.1 CPU s", _l7_cpu),
     Target("L7 HTTP/1.1 CPU per request with authorization, rate limit, fault, outlier "
            "detection and 1% tracing on (nodeproxy-l7-full against nodeproxy-l7)",
-           "≤ 1.25× nodeproxy-l7's", _l7_features),
+           f"≤ {FEATURES_BOUND}× nodeproxy-l7's", _over_l7("nodeproxy-l7-full")),
+    Target("L7 HTTP/1.1 CPU per request with an HTTP authorization policy alone "
+           "(nodeproxy-l7-authz against nodeproxy-l7, same node: the source node checks)",
+           f"≤ {FEATURES_BOUND}× nodeproxy-l7's (what the whole bundle may cost)",
+           _over_l7("nodeproxy-l7-authz")),
     *scale_targets(),
     *noisy_targets(),
 )
 
 # What the suite cannot judge yet, said in the report rather than left out.
 NOT_MEASURABLE = (
-    ("L7 HTTP/1.1 with an HTTP authorization policy alone", "nodeproxy-l7-full measures "
-     "the policy together with rate limits, faults, outlier detection and tracing; the "
-     "policy's own share of that cost is not separated"),
+    ("L7 HTTP/2 and gRPC against HAProxy (h2load, a gRPC unary benchmark)", "the suite "
+     "drives HTTP/1.1 only (wrk); no HTTP/2 or gRPC load scenario exists yet"),
 )
 
 

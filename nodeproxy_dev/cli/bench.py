@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'throughput same-node'); for investigating, not for the README")
     parser.add_argument("--configuration", action="append", metavar="NAME",
                         help="measure only this configuration (repeatable; also the optional "
-                             "ones, e.g. nodeproxy-l7-authz, nodeproxy-l7-authz-trusted)")
+                             "ones, e.g. nodeproxy-l7-authz-trusted)")
     parser.add_argument("--startup-timeout", type=float, default=120.0,
                         help="seconds to wait for each daemon's /ready (default 120)")
 

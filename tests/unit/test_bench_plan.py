@@ -25,7 +25,7 @@ from nodeproxy_dev.bench.topology import HTTP_FILE, HTTP_VIP_PORT
 from nodeproxy_dev.testbed import attack
 
 FIRST_BLOCK = ["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",
-               "nodeproxy-l7-full", "haproxy-http"]
+               "nodeproxy-l7-full", "nodeproxy-l7-authz", "haproxy-http"]
 
 
 def names(blocks) -> list[list[str]]:

@@ -332,3 +332,32 @@ def test_a_wake_is_not_lost_on_a_cancelled_waiter() -> None:
         assert gone.cancelled() and woken_then_gone.cancelled()
 
     asyncio.run(main())
+
+
+class Stub:
+    """A pooled connection's state as the pool reads it."""
+
+    def __init__(self, *, closed: bool = False, busy: bool = False):
+        self.closed, self.busy = closed, busy
+
+    def can_take(self) -> bool:
+        return not self.closed and not self.busy
+
+
+def test_a_pool_takes_its_first_free_connection_and_drops_the_closed_ones_it_meets() -> None:
+    async def never(_protocol):  # type: ignore[no-untyped-def]
+        raise AssertionError("no connection is opened here")
+
+    pool = EndpointPool(never, http2=False, idle_timeout=60)
+    gone, busy, free, later_free = (Stub(closed=True), Stub(busy=True), Stub(), Stub())
+    pool._connections = [gone, busy, free, later_free]  # type: ignore[list-item]
+    pool._idle_since = {id(free): 1.0, id(later_free): 2.0}
+    assert pool._take() is free
+    assert pool._connections == [busy, free, later_free]
+    assert pool._idle_since == {id(later_free): 2.0}  # taken: no longer idle
+    # Nothing free: every closed connection is dropped, so what the circuit breaker is
+    # asked about (the pool's size) counts only live ones.
+    free.busy = later_free.busy = True
+    later_free.closed = True
+    assert pool._take() is None
+    assert pool._connections == [busy, free]

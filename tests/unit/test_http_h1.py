@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -167,5 +169,85 @@ def test_upstream_client_reuses_its_connection_and_skips_head_bodies():
             await asyncio.sleep(0)
         assert connections == 1
         client.close()
+        server.close()
+    run(main())
+
+
+def test_one_worker_task_serves_a_connections_requests_and_ends_with_it():
+    """Requests of one keep-alive connection are served by one task, in turn, with work
+    left after the response (the record) finished before the next request starts; the
+    task ends when the client goes, also while it waits for a next request."""
+    async def main() -> None:
+        tasks: list[asyncio.Task[None] | None] = []
+        events: list[str] = []
+        servers: list[H1Server] = []
+
+        async def handler(exchange: H1Exchange) -> None:
+            path = exchange.request.path
+            tasks.append(asyncio.current_task())
+            events.append("start " + path)
+            await exchange.respond(ResponseHead(200, [("content-length", "2")]))
+            await exchange.send(b"ok")
+            await exchange.finish()
+            await asyncio.sleep(0.02)  # after the response: the next waits for this
+            events.append("end " + path)
+
+        loop = asyncio.get_running_loop()
+
+        def make() -> H1Server:
+            servers.append(H1Server(handler, max_header_bytes=8192, idle_timeout=5))
+            return servers[-1]
+        server = await loop.create_server(make, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for path in (b"/a", b"/b", b"/c"):
+            writer.write(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+        # Pipelined: both answered, in order, by the same task.
+        writer.write(b"GET /d HTTP/1.1\r\nHost: a\r\n\r\nGET /e HTTP/1.1\r\nHost: a\r\n\r\n")
+        for _ in range(2):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await asyncio.wait_for(reader.readexactly(2), 5)
+        await asyncio.sleep(0.05)
+        assert len(tasks) == 5 and len(set(tasks)) == 1
+        assert events == [e for p in "abcde" for e in ("start /" + p, "end /" + p)]
+        worker = tasks[0]
+        assert worker is not None and not worker.done()  # waiting for the next request
+        writer.close()
+        await asyncio.wait_for(asyncio.wait([worker]), 5)
+        assert worker.cancelled() and not servers[0]._tasks
+        server.close()
+    run(main())
+
+
+def test_a_client_gone_mid_request_cancels_its_handler_and_a_new_connection_gets_a_new_task():
+    async def main() -> None:
+        started: list[asyncio.Task[None] | None] = []
+        cancelled = asyncio.Event()
+
+        async def handler(exchange: H1Exchange) -> None:
+            started.append(asyncio.current_task())
+            if exchange.request.path == "/hang":
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+            await exchange.respond(ResponseHead(204, []), end=True)
+
+        server, port = await serve(handler)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+        while not started:
+            await asyncio.sleep(0.01)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset: the connection is lost, not half-closed
+        await asyncio.wait_for(cancelled.wait(), 5)
+        reply = await exchange_raw(port, b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n", b"\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 204")
+        assert len(started) == 2 and started[0] is not started[1]
         server.close()
     run(main())

@@ -503,3 +503,18 @@ def test_request_denial_log_warns_again_after_the_interval(
     denials.denied(("shop/web", "shop/e"), "denied %s", "y")  # another policy: its own limit
     assert [r.getMessage() for r in caplog.records] == [
         "denied x", "denied x (and 2 more denied by it since the last warning)", "denied y"]
+
+
+def test_a_workload_s_policy_view_is_remembered_per_workload_object_not_per_name() -> None:
+    """The admitter keeps each workload's policy view between requests; a workload of the
+    same name with other labels (a pod re-enrolled, relabelled) is judged by its own."""
+    adm, registry, web = admitter(allow({**src(principals=[FRONTEND]), **op(methods=["GET"])},
+                                        selector={"app": "web"}))
+    for _ in range(3):
+        assert adm.admit_request(web, FRONTEND, SOURCE_IP, 8080, req("POST", "/a")).allowed \
+            is False
+    relabelled = web.model_copy(update={"labels": {"app": "api"}})
+    assert relabelled.key == web.key
+    assert adm.admit_request(relabelled, FRONTEND, SOURCE_IP, 8080, req("POST", "/a")).allowed
+    assert decisions(registry, "", "ALLOW", "denied") == 3
+    assert decisions(registry, "", "ALLOW", "allowed") == 1
