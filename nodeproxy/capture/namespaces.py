@@ -13,8 +13,9 @@ import errno
 import os
 import socket
 import struct
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nodeproxy.capture.constants import SOCKET_MARK
 
@@ -31,18 +32,39 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+class _Home:
+    """The calling thread's own netns as a descriptor, closed when the thread ends."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+_home = threading.local()
+
+
+def _own_netns() -> int:
+    """A descriptor of the calling thread's own netns, opened on its first entered(): every
+    transparent dial enters a pod's netns, and opening /proc/thread-self/ns/net each time
+    cost an open() and a close() per connection.  A thread leaves its netns only inside
+    entered(), so the one it was in at its first call is the one to return to."""
+    home: _Home | None = getattr(_home, "home", None)
+    if home is None:
+        home = _home.home = _Home()
+    return home.fd
+
+
 @contextmanager
 def entered(netns_fd: int):
     """Run the body with this thread in another network namespace."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    own = _own_netns()
+    _setns(netns_fd)
     try:
-        _setns(netns_fd)
-        try:
-            yield
-        finally:
-            _setns(own)
+        yield
     finally:
-        os.close(own)
+        _setns(own)
 
 
 def netns_cookie_of(sock: socket.socket) -> int:
@@ -57,6 +79,8 @@ class Netns:
     fd: int
     inode: int
     device: int
+    # net.ipv4.ip_local_port_range inside it, read on first use (transparent.local_ports)
+    local_ports: range | None = field(default=None, compare=False)
 
     @classmethod
     def open(cls, path: str) -> Netns:

@@ -1,4 +1,5 @@
-"""Write sysctls of the calling thread's network namespace, also from inside a container.
+"""Read and write sysctls of the calling thread's network namespace, also from inside a
+container.
 
 Container runtimes mount /proc/sys read-only in every unprivileged container, and
 the DaemonSet's daemon is one (config/k8s/daemonset.yaml): writing
@@ -33,6 +34,12 @@ def write(name: str, value: str) -> None:
         if e.errno != errno.EROFS:
             raise
     _write(os.path.join(private_proc(), "sys", name), value)
+
+
+def read(name: str) -> str:
+    """The value of sysctl ``name`` in the current netns (reading works read-only too)."""
+    with open(os.path.join("/proc/sys", name)) as f:
+        return f.read().strip()
 
 
 def _write(path: str, value: str) -> None:

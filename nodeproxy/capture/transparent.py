@@ -11,6 +11,17 @@ without iptables:
   the proxy's transparent socket, instead of being routed out of the pod.
 Only sockets of connections the proxy made carry the mark, so the pod's own
 traffic is routed as before.
+
+The source port: the proxy keeps the client's own port where it can
+(nodeproxy.tcp.dial), binding exactly that port, which costs one bind-hash
+lookup.  Binding port 0 instead makes the kernel search the pod's ephemeral
+range for a port no socket on that address holds, TIME_WAIT ones included, at
+bind time (before the destination is known, so it cannot share a port between
+destinations as connect() does): a search that grows with every bound and
+TIME_WAIT socket the pod's netns holds, and the connection rate with it.  The
+bound port is always one of the pod's own ephemeral ports (local_ports; a client
+port outside them is folded into them), so a client choosing its source port
+cannot occupy a port the pod's application listens on.
 """
 
 from __future__ import annotations
@@ -69,8 +80,19 @@ def undo(netns: Netns) -> None:
                         scope=254, oif=1, table=TRANSPARENT_ROUTE_TABLE)
 
 
-def transparent_socket(netns: Netns, source_ip: str, family: int) -> socket.socket:
-    """A non-blocking socket inside the pod's netns, bound to the client's address."""
+def local_ports(netns: Netns) -> range:
+    """The pod's ephemeral ports (net.ipv4.ip_local_port_range), read on first use."""
+    if netns.local_ports is None:
+        with entered(netns.fd):
+            low, high = (int(n) for n in sysctl.read("net/ipv4/ip_local_port_range").split())
+        netns.local_ports = range(low, high + 1)
+    return netns.local_ports
+
+
+def transparent_socket(netns: Netns, source_ip: str, family: int,
+                       port: int = 0) -> socket.socket:
+    """A non-blocking socket inside the pod's netns, bound to the client's address and
+    `port` (0: a port the kernel searches).  OSError EADDRINUSE if `port` is taken."""
     sock = netns.socket(family)
     try:
         if family == socket.AF_INET:
@@ -79,7 +101,7 @@ def transparent_socket(netns: Netns, source_ip: str, family: int) -> socket.sock
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TRANSPARENT_MARK)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((source_ip, 0))
+        sock.bind((source_ip, port))
         sock.setblocking(False)
     except OSError:
         sock.close()

@@ -40,9 +40,11 @@ from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 from nodeproxy.tunnel.headers import (
     L7_AUTHORIZED,
+    SOURCE_PORT,
     HeaderError,
     parse_authority,
     parse_forwarded,
+    parse_source_port,
 )
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamTransport
@@ -277,7 +279,8 @@ class HboneServer:
             return
         try:
             up = await dial_transparent(pod.netns, source_ip, ip, port, self._connect_timeout,
-                                        self._announcer, relay_side())
+                                        self._announcer, relay_side(),
+                                        source_port=parse_source_port(headers.get(SOURCE_PORT)))
         except (TimeoutError, OSError) as e:
             self._stream_refused(session, stream, 503, "connect_failed",
                                  f"{ip}:{port}: {e}")

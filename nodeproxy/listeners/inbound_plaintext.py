@@ -117,6 +117,9 @@ class InboundProxy:
         if not admission.allowed:
             reset(down.transport)
             return
+        # No source_port: the client's port is never kept here.  The captured connection
+        # itself (client:port -> dest:port, accepted in this very netns) holds the tuple the
+        # application's side of a kept-port dial would need, so the SYN would meet it.
         try:
             up = await dial_transparent(pod.netns, source_ip, dest_ip, port,
                                         self._connect_timeout, self._announcer, relay_side())

@@ -228,9 +228,11 @@ class OutboundProxy:
     async def _open_l4(self, pod: EnrolledPod, down: Side, decision: Resolution
                        ) -> Opened[Side] | None:
         assert decision.backend is not None
+        peer = down.transport.get_extra_info("peername") if down.transport else None
         try:
             return await self._upstreams.open(pod, decision.backend, decision.service,
-                                              relay_side())
+                                              relay_side(),
+                                              source_port=peer[1] if peer else 0)
         except Refused as e:
             log.info("outbound %s -> %s:%d refused (%s): %s", pod.key,
                      decision.backend.address, decision.backend.port, e.reason, e)

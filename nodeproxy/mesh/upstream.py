@@ -80,10 +80,14 @@ class Upstreams:
         return self._local_pod(f"{ref.namespace}/{ref.name}")
 
     async def open(self, pod: EnrolledPod, backend: Backend, service: str | None,
-                   protocol: P, *, l7_checked: bool = False) -> Opened[P]:
+                   protocol: P, *, l7_checked: bool = False, source_port: int = 0
+                   ) -> Opened[P]:
         """Connect `protocol` to the backend for `pod`.  An L4 flow (l7_checked False) is
         admitted here when its destination is on this node; an L7 flow's requests are
-        authorized one by one by the HTTP layer instead.  Raises Refused."""
+        authorized one by one by the HTTP layer instead.  Raises Refused.
+
+        source_port: the client's own port where one client owns the connection (L4); the
+        transparent dial keeps it if it can (nodeproxy.tcp.dial), HBONE passes it on."""
         ref = backend.workload
         source_ip = source_address(pod, backend.address)
         try:
@@ -97,7 +101,8 @@ class Upstreams:
                                                 f"{admission.reason}")
                 opened = await dial_transparent(target.netns, source_ip, backend.address,
                                                 backend.port, self.connect_timeout,
-                                                self._announcer, protocol)
+                                                self._announcer, protocol,
+                                                source_port=source_port)
                 return Opened(opened, "mutual_tls", (target,))
             if ref is not None and ref.node not in (None, self._node) and self._pool:
                 stream = await self._pool.open(
@@ -106,7 +111,7 @@ class Upstreams:
                     destination=spiffe_id(self._trust_domain, ref.namespace,
                                           ref.service_account),
                     node=ref.node, ip=backend.address, port=backend.port,
-                    source_ip=source_ip, l7_checked=l7_checked)
+                    source_ip=source_ip, l7_checked=l7_checked, source_port=source_port)
                 stream.set_protocol(protocol)
                 return Opened(protocol, "mutual_tls", ())
             opened = await dial_from(pod.netns, backend.address, backend.port,

@@ -4,13 +4,14 @@ with the real client's address as source (transparent, into the destination pod)
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from typing import Protocol, TypeVar
 
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.namespaces import Netns
-from nodeproxy.capture.transparent import transparent_socket
+from nodeproxy.capture.transparent import local_ports, transparent_socket
 from nodeproxy.tcp.descriptors import check_socket
 from nodeproxy.tcp.relay import Side
 
@@ -60,16 +61,67 @@ class DialAnnouncer(Protocol):
     def forget_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None: ...
 
 
+# The kept port is taken: bound by another socket in the pod's netns (bind), or the
+# 4-tuple is (connect; e.g. one client port dialled to two VIPs of the same pod port).
+_PORT_TAKEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+
+
+def kept_port(client_port: int, ephemeral: range) -> int:
+    """The port the dial binds for a client's source port (0: unknown, let the kernel
+    search): the client's own if it is one of the destination pod's ephemeral ports, else
+    the client's port folded into that range.  Never a port outside it: any other might be
+    one the pod's application listens on (a client chooses its source port; the pod's
+    services do not live in its ephemeral range).  Folded, not searched: the same client
+    port always gives the same port, so the dial still takes over its own TIME_WAIT tuple
+    when the client reuses the port (clients often have wider ranges than pods)."""
+    if not client_port or not ephemeral:
+        return 0
+    if client_port in ephemeral:
+        return client_port
+    return ephemeral[(client_port - ephemeral.start) % len(ephemeral)]
+
+
 async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port: int,
-                           timeout: float, announcer: DialAnnouncer, protocol: P) -> P:
+                           timeout: float, announcer: DialAnnouncer, protocol: P,
+                           source_port: int = 0) -> P:
     """Connect to an application inside its own pod's netns with the client's address as
     source, so the application sees the real peer (see nodeproxy.capture.transparent).
-    The 4-tuple is announced to the kernel first, so inbound capture lets it pass."""
+    The 4-tuple is announced to the kernel first, so inbound capture lets it pass.
+
+    source_port: the client's own port (0: unknown).  Kept when it is one of the pod's
+    ephemeral ports, folded into them when not (kept_port); when that port or 4-tuple is
+    taken in the pod, the kernel searches one at bind time.  Pass
+    it only where the client's own connection does not end in the destination's netns:
+    inbound capture's accepted socket there is (dest <- client:port), the very tuple the
+    application's side of a kept-port dial would be, and connect() cannot see it."""
     if source.version != ip.version:
         source = _same_family_fallback(source, ip)
+    kept = kept_port(source_port, local_ports(netns)) if source_port else 0
+    if kept:
+        try:
+            sock = transparent_socket(netns, str(source), _family(ip), kept)
+        except OSError as e:
+            if e.errno not in _PORT_TAKEN:
+                raise
+        else:
+            try:
+                return await _announced_connect(sock, ip, port, timeout, announcer,
+                                                protocol)
+            except OSError as e:
+                if e.errno not in _PORT_TAKEN:
+                    raise
     sock = transparent_socket(netns, str(source), _family(ip))
-    local = sock.getsockname()[:2]
+    return await _announced_connect(sock, ip, port, timeout, announcer, protocol)
+
+
+async def _announced_connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
+                             announcer: DialAnnouncer, protocol: P) -> P:
     dest = (str(ip), port)
+    try:
+        local = sock.getsockname()[:2]
+    except OSError:
+        sock.close()
+        raise
     announcer.expect_dial(local, dest)
     try:
         return await _connect(sock, ip, port, timeout, protocol)

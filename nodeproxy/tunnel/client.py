@@ -25,7 +25,7 @@ from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
-from nodeproxy.tunnel.headers import L7_AUTHORIZED, authority, forwarded
+from nodeproxy.tunnel.headers import L7_AUTHORIZED, SOURCE_PORT, authority, forwarded
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 
@@ -70,7 +70,7 @@ class HbonePool:
 
     async def open(self, *, source_namespace: str, source_sa: str, destination: str,
                    node: str, ip: IPAddress, port: int, source_ip: IPAddress,
-                   l7_checked: bool = False) -> StreamTransport:
+                   l7_checked: bool = False, source_port: int = 0) -> StreamTransport:
         """A CONNECT stream to ip:port, as the source identity, to the given destination
         identity on `node`; raises TunnelError.
 
@@ -79,13 +79,17 @@ class HbonePool:
         the stream with L7_CHECKED_UPSTREAM.  Set it only then.  An upgrade's stream
         qualifies because nothing but its one authorized request enters it before the
         upstream's 101 (nodeproxy.http.upgrade_flow); after that it carries the upgraded
-        protocol, which no node parses."""
+        protocol, which no node parses.
+
+        source_port: the client's own port, sent as a hint (SOURCE_PORT); 0 sends none."""
         key = PoolKey(spiffe_id(self._trust_domain, source_namespace, source_sa), destination,
                       node)
         headers = [(":method", "CONNECT"), (":authority", authority(ip, port)),
                    ("forwarded", forwarded(source_ip))]
         if l7_checked:
             headers.append((L7_AUTHORIZED, "1"))
+        if source_port:
+            headers.append((SOURCE_PORT, str(source_port)))
         last: Exception | None = None
         for attempt in (1, 2):
             session = await self._session(key, ip, source_namespace, source_sa,

@@ -14,6 +14,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # requests (they alone hold mesh certificates), so workloads cannot set it.
 L7_AUTHORIZED = "x-nodeproxy-l7-authorized"
 
+# On a CONNECT request: the client's own source port, so the destination node's dial into
+# the pod can keep it instead of searching a free port (nodeproxy.tcp.dial).  A hint only:
+# absent (ztunnel) or bad, the destination searches one as before.
+SOURCE_PORT = "x-nodeproxy-source-port"
+
 _FOR = re.compile(r'(?:^|[;,]\s*)for="?\[?([0-9a-fA-F:.]+)\]?(?::\d+)?"?', re.IGNORECASE)
 
 
@@ -41,6 +46,14 @@ def parse_authority(value: str) -> tuple[IPAddress, int]:
 
 def forwarded(ip: IPAddress) -> str:
     return f'for="[{ip}]"' if ip.version == 6 else f"for={ip}"
+
+
+def parse_source_port(value: str | None) -> int:
+    """The SOURCE_PORT header's port, or 0 when it is absent or not a port."""
+    if not value or not value.isascii() or not value.isdigit() or len(value) > 5:
+        return 0
+    number = int(value)
+    return number if 0 < number < 65536 else 0
 
 
 def parse_forwarded(value: str | None) -> IPAddress | None:

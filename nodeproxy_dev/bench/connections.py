@@ -1,9 +1,12 @@
-"""Connection set-up rate (the testbed peer, closed loop) and memory per idle connection."""
+"""Connection set-up rate (the testbed peer, closed loop), held for a minute (sustained:
+the rate per window, so a cliff shows), and memory per idle connection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import selectors
+import statistics
 import subprocess
 import time
 from typing import Any
@@ -42,6 +45,76 @@ def setup_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[st
             "failed": float(failed)}
 
 
+def window_rates(points: list[tuple[float, float]], window: float) -> list[float]:
+    """Connections/s in each window between cumulative (elapsed s, succeeded) points, the
+    start (0, 0) implied; a last window shorter than half a window is left out (too few
+    connections to be a rate)."""
+    rates = []
+    last_t, last_n = 0.0, 0.0
+    for t, n in sorted(points):
+        span = t - last_t
+        if span <= 0:
+            continue
+        if span >= window / 2:
+            rates.append((n - last_n) / span)
+        last_t, last_n = t, n
+    return rates
+
+
+def progress_points(stdout: str) -> list[tuple[float, float]]:
+    """(elapsed s, succeeded) of each of the peer's ``load --progress`` lines."""
+    points = []
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            data = json.loads(line)
+            if isinstance(data, dict) and data.get("progress"):
+                points.append((float(data["elapsed_s"]), float(data["succeeded"])))
+    return points
+
+
+def steadiness(rates: list[float]) -> dict[str, float]:
+    """The median window's rate; whether the rate held (the median window of the last third
+    of the run against that of the first third: a rate that falls as sockets pile up falls
+    below 1, whatever the noise of single windows); the lowest window against the median."""
+    if not rates:
+        raise MeasurementError("the sustained run produced no full window")
+    median = statistics.median(rates)
+    third = max(1, len(rates) // 3)
+    first, last = statistics.median(rates[:third]), statistics.median(rates[-third:])
+    return {"median_per_s": median, "lowest_per_s": min(rates),
+            "lowest_ratio": min(rates) / median if median > 0 else 0.0,
+            "held_ratio": last / first if first > 0 else 0.0}
+
+
+def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, Any]:
+    """Back-to-back short connections (as setup_rate) for settings.sustained_seconds, the
+    peer reporting its cumulative count every window: the rate per window, its median and
+    its lowest.  Failed connections are counted, not fatal: running out of ports or
+    descriptors is what the scenario looks for.  The client pods reuse their own TIME_WAIT
+    ports (topology.CLIENT_SYSCTLS): a client closes first, and without reuse one that
+    opens more than ~470 connections/s to one address runs out of ports within the minute
+    whatever is on the way."""
+    argv = bench.cluster.peer_argv(
+        "load", "--to", route.address, "--mode", "transfer", "--send", "0",
+        "--receive", "0", "--rate", "0", "--concurrency", str(settings.connect_concurrency),
+        "--duration", str(settings.sustained_seconds),
+        "--max-requests", str(int(settings.sustained_seconds * 20000)),
+        "--progress", str(settings.sustained_window), "--timeout", "5")
+    result = run_tool(bench, route.client_pod, argv,
+                      timeout=settings.sustained_seconds + 10 + settings.tool_margin)
+    final = last_json_line(result, "peer load")
+    points = progress_points(result.stdout)
+    points.append((float(final.get("elapsed_s", 0.0)), float(final.get("succeeded", 0))))
+    if not final.get("succeeded"):
+        raise MeasurementError(f"no connection succeeded: {final.get('errors')}")
+    rates = window_rates(points, settings.sustained_window)
+    return {**steadiness(rates), "windows_per_s": [round(r, 1) for r in rates],
+            "window_s": settings.sustained_window, "succeeded": float(final["succeeded"]),
+            "failed": float(final.get("failed", 0)), "errors": final.get("errors", {})}
+
+
 def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -65,8 +138,9 @@ def idle_connections(bench: BenchCluster, route: Route, count: int) -> dict[str,
     proxy = route.proxies[0] if route.proxies else None
     out: dict[str, Any] = {"connections": float(count)}
     before = 0
+    # Every proxy on the way holds the connections (cross node: both node proxies).
+    out["nofile"] = [procstat.raise_nofile(p.pid, 2 * count + 1000) for p in route.proxies]
     if proxy is not None:
-        out["nofile"] = procstat.raise_nofile(proxy.pid, 2 * count + 1000)
         before = procstat.rss_kib(proxy.pid)
     argv = [bench.cluster.python, "-m", "nodeproxy_dev.bench.idle", "--to", route.address,
             "--count", str(count), "--timeout", "60", "--hold", "120"]

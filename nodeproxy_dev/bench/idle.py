@@ -56,7 +56,8 @@ async def hold(args: argparse.Namespace) -> int:
                 if echo != b"x":
                     raise ValueError("wrong echo")
                 writers.append(writer)
-            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
+            except (OSError, TimeoutError, ValueError, RuntimeError,
+                    asyncio.IncompleteReadError) as e:  # RuntimeError: closed under us
                 errors[describe(e)] += 1
                 writer.close()
 

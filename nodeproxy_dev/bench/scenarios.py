@@ -238,28 +238,70 @@ class ConnectRate(Scenario):
         return {self.metrics[0].key: raw["per_s"]}, raw
 
 
-class IdleConnections(Scenario):
+class SustainedConnect(Scenario):
+    """The connect scenario's short connections back to back for a minute (full profile),
+    the rate taken per window: a proxy whose per-connection cost grows with the sockets
+    earlier connections left behind (bound, TIME_WAIT) shows a falling rate, which a
+    3-second run cannot.  Once, after the rounds: a minute per configuration and path."""
+
     once = True
 
-    def __init__(self, count: int):
-        self.count = count
-        self.name = "idle connections"
+    def __init__(self, path: NetPath, settings: Settings):
+        self.path = path
+        self.name = f"sustained connect {path.value}"
+        p = f"sustained.{path.value}"
+        span = f"{settings.sustained_seconds:.0f} s, per {settings.sustained_window:.0f} s"
         self.metrics = (
-            Metric("idle.open", f"open {count} concurrent connections, same node", "s",
-                   "lower", digits=2),
-            Metric("idle.rss", f"proxy RSS with {count} idle connections, same node", "MiB",
-                   "lower", needs_proxy=True),
-            Metric("idle.per_conn", "proxy memory per idle connection", "KiB", "lower",
-                   needs_proxy=True, digits=2),
+            Metric(f"{p}.rate", f"new connections/s held for {span} window: median window, "
+                   f"{path.label}", "conn/s", "higher", digits=0),
+            Metric(f"{p}.held", f"new connections/s held for {span} window: last third's "
+                   f"median window ÷ first third's, {path.label}", "×", "higher", digits=2),
+            Metric(f"{p}.lowest", f"new connections/s held for {span} window: lowest window "
+                   f"÷ median window, {path.label}", "×", "higher", digits=2),
+            Metric(f"{p}.failed", f"new connections held for {span} window: failed, "
+                   f"{path.label}", "conns", "lower", digits=0),
         )
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
-        route = configuration.route(bench, ServerKind.ECHO, NetPath.SAME_NODE)
+        route = configuration.route(bench, ServerKind.ECHO, self.path)
+        raw = connections.sustained_rate(bench, route, settings)
+        rate, held, lowest, failed = (m.key for m in self.metrics)
+        return {rate: raw["median_per_s"], held: raw["held_ratio"],
+                lowest: raw["lowest_ratio"], failed: raw["failed"]}, raw
+
+
+class IdleConnections(Scenario):
+    """Open ``count`` connections 64 at a time and hold them idle.  Same node the figures
+    keep their first keys (idle.open, idle.rss, idle.per_conn); cross node they are
+    idle.cross-node.*, the RSS that of the client's node proxy."""
+
+    once = True
+
+    def __init__(self, count: int, path: NetPath = NetPath.SAME_NODE):
+        self.count, self.path = count, path
+        self.name = ("idle connections" if path is NetPath.SAME_NODE
+                     else f"idle connections {path.value}")
+        p = "idle" if path is NetPath.SAME_NODE else f"idle.{path.value}"
+        self.keys = {"open": f"{p}.open", "rss": f"{p}.rss", "per_conn": f"{p}.per_conn"}
+        where = path.label
+        self.metrics = (
+            Metric(self.keys["open"], f"open {count} concurrent connections, {where}", "s",
+                   "lower", digits=2),
+            Metric(self.keys["rss"], f"proxy RSS with {count} idle connections, {where}",
+                   "MiB", "lower", needs_proxy=True),
+            Metric(self.keys["per_conn"], f"proxy memory per idle connection, {where}", "KiB",
+                   "lower", needs_proxy=True, digits=2),
+        )
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.ECHO, self.path)
         raw = connections.idle_connections(bench, route, self.count)
-        values = {"idle.open": raw["setup_s"]}
+        values = {self.keys["open"]: raw["setup_s"]}
         if "rss_mib" in raw:
-            values.update({"idle.rss": raw["rss_mib"], "idle.per_conn": raw["kib_per_conn"]})
+            values.update({self.keys["rss"]: raw["rss_mib"],
+                           self.keys["per_conn"]: raw["kib_per_conn"]})
         return values, raw
 
 
@@ -388,7 +430,10 @@ def build(settings: Settings) -> list[Scenario]:
         scenarios.append(HttpFixedRate(path))
     for path in NetPath:
         scenarios.append(ConnectRate(path))
-    scenarios.append(IdleConnections(settings.idle_connections))
+    for path in NetPath:
+        scenarios.append(SustainedConnect(path, settings))
+    for path in NetPath:
+        scenarios.append(IdleConnections(settings.idle_connections, path))
     scenarios.append(Enrollment(settings.enroll_pods))
     scenarios.append(NoisyNeighbour(settings))
     return scenarios

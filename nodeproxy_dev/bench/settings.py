@@ -22,6 +22,8 @@ class Settings:
     connect_seconds: float
     connect_concurrency: int
     connect_max: int  # connections per connection-rate run, at most
+    sustained_seconds: float  # one sustained-connect run: back-to-back short connections
+    sustained_window: float  # the rate is reported per window of this many seconds
     idle_connections: int
     enroll_pods: int
     tool_margin: float = 20.0  # seconds a tool may overrun its own duration before it is killed
@@ -36,14 +38,16 @@ class Settings:
 QUICK = Settings(
     profile="quick", rounds=1, sockperf_seconds=1.0, sockperf_message=64, iperf_seconds=1.0,
     iperf_streams=(1, 8), wrk_seconds=1.0, wrk_connections=32, http_body=1024,
-    connect_seconds=0.5, connect_concurrency=16, connect_max=5000, idle_connections=300,
+    connect_seconds=0.5, connect_concurrency=16, connect_max=5000, sustained_seconds=6.0,
+    sustained_window=2.0, idle_connections=300,
     enroll_pods=20, noisy_seconds=4.0,
 )
 
 FULL = Settings(
     profile="full", rounds=5, sockperf_seconds=4.0, sockperf_message=64, iperf_seconds=4.0,
     iperf_streams=(1, 8), wrk_seconds=4.0, wrk_connections=32, http_body=1024,
-    connect_seconds=3.0, connect_concurrency=16, connect_max=20000, idle_connections=10000,
+    connect_seconds=3.0, connect_concurrency=16, connect_max=20000, sustained_seconds=60.0,
+    sustained_window=5.0, idle_connections=10000,
     enroll_pods=100, noisy_seconds=6.0,
 )
 

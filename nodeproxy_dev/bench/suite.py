@@ -27,6 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from nodeproxy.config.changes import RESTART_ONLY
+from nodeproxy.config.model import LimitSettings
 from nodeproxy_dev.bench import procstat, report, scenarios, stats, targets
 from nodeproxy_dev.bench.configurations import CONFIGURATIONS, Configuration, available
 from nodeproxy_dev.bench.model import Cell, MeasurementError
@@ -37,7 +38,11 @@ from nodeproxy_dev.bench.topology import BenchCluster
 from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
 
 Log = Callable[[str], None]
-FD_MARGIN = 1000  # descriptors a daemon needs besides two per proxied connection
+# Descriptors a daemon needs besides two per proxied connection: the ones proxied sockets
+# never take (limits.reservedFiles, nodeproxy.tcp.descriptors) and its own (BPF programs
+# and maps, per-pod listeners, admin).  With less, the last connections of the idle
+# scenario are refused by the proxy's own budget, not held.
+FD_MARGIN = LimitSettings().reserved_files + 1000
 
 
 def stderr_log(message: str) -> None:

@@ -14,7 +14,9 @@ from typing import Any
 
 from nodeproxy_dev.bench import noisy
 
-Medians = Callable[[str, str], float | None]  # (metric key, configuration) -> median
+# (metric key, configuration[, statistic]) -> that configuration's median of the figure, or
+# with statistic "min" its lowest sample (a round); None where there is no figure.
+Medians = Callable[..., float | None]
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,85 @@ def _over_l7(config: str) -> Callable[[Medians], tuple[str, bool] | None]:
     return check
 
 
+# Connection scale: nodeproxy as shipped (eBPF capture, splice) against HAProxy in mode tcp,
+# the same clients and servers, the same run.
+SCALE_CONFIGURATION = "nodeproxy-splice"
+
+
+def _rate_against_haproxy(key: str, factor: float) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        ours, theirs = m(key, SCALE_CONFIGURATION), m(key, "haproxy")
+        if ours is None or not theirs:
+            return None
+        return (f"{ours / theirs:.2f}× HAProxy's ({ours:.0f} vs {theirs:.0f} conn/s)",
+                ours >= factor * theirs)
+    return check
+
+
+def _no_low_round(key: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        median, lowest = m(key, SCALE_CONFIGURATION), m(key, SCALE_CONFIGURATION, "min")
+        if median is None or lowest is None or median <= 0:
+            return None
+        return (f"lowest round {lowest / median:.2f}× the median ({lowest:.0f} vs "
+                f"{median:.0f} conn/s)", lowest >= 0.8 * median)
+    return check
+
+
+def _sustained(path: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    """The rate held over the minute: the last third's median window ≥ 0.8× the first
+    third's (single windows are too noisy on a shared machine: direct's own lowest window
+    is often below 0.8× its median), and no connection failed."""
+    def check(m: Medians) -> tuple[str, bool] | None:
+        held = m(f"sustained.{path}.held", SCALE_CONFIGURATION)
+        lowest = m(f"sustained.{path}.lowest", SCALE_CONFIGURATION)
+        rate = m(f"sustained.{path}.rate", SCALE_CONFIGURATION)
+        failed = m(f"sustained.{path}.failed", SCALE_CONFIGURATION)
+        if held is None or rate is None:
+            return None
+        shown = f"last third {held:.2f}× the first ({rate:.0f} conn/s median window"
+        shown += f", lowest window {lowest:.2f}× it)" if lowest is not None else ")"
+        if failed:
+            shown += f", {failed:.0f} connections failed"
+        return shown, held >= 0.8 and not failed
+    return check
+
+
+def _open_against_haproxy(key: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        ours, theirs = m(key, SCALE_CONFIGURATION), m(key, "haproxy")
+        if ours is None or not theirs:
+            return None
+        return (f"{ours / theirs:.2f}× HAProxy's time ({ours:.2f} s vs {theirs:.2f} s)",
+                ours <= 2.0 * theirs)
+    return check
+
+
+def scale_targets(idle_connections: str = "10,000 (fewer where the open-file limit says so: "
+                                          "see the notes)") -> tuple[Target, ...]:
+    """Issue 16's connection-scale targets, for nodeproxy-splice against haproxy."""
+    out: list[Target] = []
+    for path, label, factor in (("same-node", "same node", 0.9), ("cross-node",
+                                                                  "cross node (HBONE)", 0.8)):
+        out += [
+            Target(f"new connections/s, {label}, against HAProxy tcp",
+                   f"≥ {factor}× HAProxy's", _rate_against_haproxy(f"connect.{path}.rate",
+                                                                   factor)),
+            Target(f"new connections/s, {label}: no cliff over the rounds",
+                   "no round below 0.8× the median", _no_low_round(f"connect.{path}.rate")),
+            Target(f"sustained connect, {label}: no cliff as sockets pile up",
+                   "the last third's rate ≥ 0.8× the first third's, none failed",
+                   _sustained(path)),
+        ]
+    out += [
+        Target(f"open {idle_connections} concurrent connections, same node",
+               "≤ 2× HAProxy's time", _open_against_haproxy("idle.open")),
+        Target(f"open {idle_connections} concurrent connections, cross node",
+               "≤ 2× HAProxy's time", _open_against_haproxy("idle.cross-node.open")),
+    ]
+    return tuple(out)
+
+
 NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7")
 
 
@@ -174,6 +255,7 @@ TARGETS = (
            "(nodeproxy-l7-authz against nodeproxy-l7, same node: the source node checks)",
            f"≤ {FEATURES_BOUND}× nodeproxy-l7's (what the whole bundle may cost)",
            _over_l7("nodeproxy-l7-authz")),
+    *scale_targets(),
     *noisy_targets(),
 )
 
@@ -188,11 +270,11 @@ def evaluate(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every target with its measured figure and whether it is met (None: no figure)."""
     by_key = {entry["key"]: entry["results"] for entry in metrics}
 
-    def median(key: str, config: str) -> float | None:
+    def median(key: str, config: str, statistic: str = "median") -> float | None:
         result = by_key.get(key, {}).get(config) or {}
         if not result.get("available") or not result.get("n"):
             return None
-        return float(result["median"])
+        return float(result[statistic])
 
     out = []
     for target in TARGETS:

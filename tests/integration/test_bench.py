@@ -31,7 +31,8 @@ PROXIES = tuple(name for name in RUNNABLE if name != "direct")
 L4_NODEPROXY = ("nodeproxy-splice", "nodeproxy-nosplice", "nodeproxy-iptables")
 PLANNED: tuple[str, ...] = ()
 PATHS = ("same-node", "cross-node")
-PROXY_ONLY = {"idle.rss", "idle.per_conn"} | {
+PROXY_ONLY = {"idle.rss", "idle.per_conn", "idle.cross-node.rss",
+              "idle.cross-node.per_conn"} | {
     f"{scenario}.{path}.{m}" for path in PATHS
     for scenario, m in (("http", "cpu"), ("http", "rss"), ("http", "rps_per_core"),
                         ("http-rate", "cpu"), ("http-rate", "p50_added"),
@@ -53,7 +54,8 @@ def expected_metrics() -> set[str]:
         keys |= {f"http.{path}.{m}" for m in ("rps", "p50", "p99")}
         keys |= {f"http-rate.{path}.{m}" for m in ("rps", "p50", "p99")}
         keys.add(f"connect.{path}.rate")
-    keys.add("idle.open")
+        keys |= {f"sustained.{path}.{m}" for m in ("rate", "held", "lowest", "failed")}
+    keys |= {"idle.open", "idle.cross-node.open"}
     return keys
 
 
@@ -76,7 +78,7 @@ def bench_run() -> dict[str, Any]:
         json_path, md_path = Path(tmp, "bench.json"), Path(tmp, "bench.md")
         result = subprocess.run([*NODEPROXY, "bench", "--quick", "--json", str(json_path),
                                  "--markdown", str(md_path)],
-                                capture_output=True, text=True, timeout=400)
+                                capture_output=True, text=True, timeout=520)
         return {"result": result, "doc": json.loads(json_path.read_text()),
                 "markdown": md_path.read_text()}
 

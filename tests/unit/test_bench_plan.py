@@ -203,7 +203,8 @@ def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7_and_haproxy_h
     assert scenario.name == "noisy neighbour" and scenario.once
     # After the other once-scenarios: the attack may leave state no other figure should see.
     assert [s.name for s in suite.scenarios if s.once] == [
-        "idle connections", "enrollment", "noisy neighbour"]
+        "sustained connect same-node", "sustained connect cross-node", "idle connections",
+        "idle connections cross-node", "enrollment", "noisy neighbour"]
     measured = [c.name for c in CONFIGURATIONS if scenario.applies(c)]
     assert measured == ["nodeproxy-splice", "nodeproxy-l7", "haproxy-http"]
     # Every figure is a row of its own, "—" for the other configurations, never missing.

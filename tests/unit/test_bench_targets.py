@@ -103,3 +103,58 @@ def test_noisy_neighbour_targets_missed() -> None:
     assert r["quiet pod's p99 under attack"]["met"] is False
     memory = r["daemon memory under attack"]
     assert memory["met"] is False and f"{noisy.HELD_CONNECTIONS} connections" in memory["goal"]
+
+
+def scale_entry(key: str, **results: tuple[float, float] | None) -> dict[str, Any]:
+    """(median, lowest round) per configuration."""
+    return {"key": key, "results": {
+        name: {"available": True, "n": 0 if v is None else 3,
+               "median": None if v is None else v[0], "min": None if v is None else v[1]}
+        for name, v in results.items()}}
+
+
+def test_connection_rate_targets_compare_with_haproxy_and_look_for_a_cliff() -> None:
+    metrics = [scale_entry("connect.same-node.rate", haproxy=(1000.0, 950.0),
+                           **{"nodeproxy-splice": (950.0, 800.0)}),
+               scale_entry("connect.cross-node.rate", haproxy=(1000.0, 990.0),
+                           **{"nodeproxy-splice": (700.0, 650.0)})]
+    r = by_name(targets.evaluate(metrics))
+    same = r["new connections/s, same node, against HAProxy tcp"]
+    assert same["met"] is True and same["measured"].startswith("0.95× HAProxy's")
+    # 800 of a median of 950: 0.84, above 0.8.
+    assert r["new connections/s, same node: no cliff over the rounds"]["met"] is True
+    cross = r["new connections/s, cross node (HBONE), against HAProxy tcp"]
+    assert cross["met"] is False  # 0.7 < 0.8
+    assert r["new connections/s, cross node (HBONE): no cliff over the rounds"]["met"] is True
+    # The issue's measured cliff: one round of 191 against a median of 1,111.
+    metrics = [scale_entry("connect.same-node.rate", haproxy=(1760.0, 1700.0),
+                           **{"nodeproxy-splice": (1111.0, 191.0)})]
+    r = by_name(targets.evaluate(metrics))
+    cliff = r["new connections/s, same node: no cliff over the rounds"]
+    assert cliff["met"] is False and cliff["measured"].startswith("lowest round 0.17×")
+
+
+def test_sustained_connect_fails_on_a_dip_or_on_failed_connections() -> None:
+    def run(held: float, failed: float) -> dict[str, Any]:
+        metrics = [entry("sustained.same-node.held", **{"nodeproxy-splice": held}),
+                   entry("sustained.same-node.lowest", **{"nodeproxy-splice": 0.5}),
+                   entry("sustained.same-node.rate", **{"nodeproxy-splice": 900.0}),
+                   entry("sustained.same-node.failed", **{"nodeproxy-splice": failed})]
+        return by_name(targets.evaluate(metrics))[
+            "sustained connect, same node: no cliff as sockets pile up"]
+
+    assert run(0.85, 0.0)["met"] is True
+    assert run(0.5, 0.0)["met"] is False
+    failing = run(0.95, 12.0)
+    assert failing["met"] is False and "12 connections failed" in failing["measured"]
+    assert by_name(targets.evaluate([]))[
+        "sustained connect, cross node (HBONE): no cliff as sockets pile up"]["met"] is None
+
+
+def test_opening_many_connections_is_judged_against_haproxys_time() -> None:
+    metrics = [entry("idle.open", haproxy=2.0, **{"nodeproxy-splice": 3.9}),
+               entry("idle.cross-node.open", haproxy=2.0, **{"nodeproxy-splice": 4.1})]
+    r = {k.split(",")[-1].strip(): v for k, v in by_name(targets.evaluate(metrics)).items()
+         if k.startswith("open ")}
+    assert r["same node"]["met"] is True and r["same node"]["measured"].startswith("1.95×")
+    assert r["cross node"]["met"] is False

@@ -1,0 +1,218 @@
+"""Where a proxied connection's CPU and memory go in the daemon: a profile, not a benchmark.
+
+Run as ``python -m nodeproxy_dev.bench.connprofile [--seconds S] [--idle N] [--out DIR]``
+(root).  One testbed cluster (two nodes, a meshed client on node0, a server pod on each
+node, a service for each), then:
+
+- CPU: the connect scenario's load (short connections back to back, 16 in flight) to the
+  same-node and to the cross-node service for S seconds each, with py-spy sampling every
+  daemon on the way at 200 Hz (``py-spy record --format raw``: folded stacks).  Printed:
+  the connections made, the share of samples in which the daemon was busy, and the
+  functions with the largest inclusive share of the busy samples.
+- Memory: the daemons restarted with tracemalloc on (a ``sitecustomize`` of this module's
+  own, active only in ``nodeproxy run``, dumps a snapshot on SIGUSR2); N idle connections
+  opened same node (``nodeproxy_dev.bench.idle``), and the snapshot difference after
+  against before, per allocating line, divided by N.  RSS before and after too.
+
+Bounded: every tool has a timeout; the cluster is torn down at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from nodeproxy_dev.bench import procstat
+from nodeproxy_dev.bench.topology import BENCH_LIMITS
+from nodeproxy_dev.testbed.cluster import Cluster
+
+PORT = 7000
+SAMPLE_RATE = 200
+TOP = 18
+
+SITECUSTOMIZE = '''
+import os, signal
+def _nodeproxy_daemon():
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(b"\\0")
+    except OSError:
+        return False
+    return b"nodeproxy" in argv and b"run" in argv
+if os.environ.get("NODEPROXY_PROFILE_DIR") and _nodeproxy_daemon():
+    import tracemalloc
+    tracemalloc.start(1)
+    def _dump(signum, frame):
+        path = os.path.join(os.environ["NODEPROXY_PROFILE_DIR"], f"{os.getpid()}.snapshot")
+        tracemalloc.take_snapshot().dump(path + ".part")
+        os.replace(path + ".part", path)
+    signal.signal(signal.SIGUSR2, _dump)
+'''
+
+
+def folded_shares(raw: str, expected: float, top: int = TOP) -> dict[str, Any]:
+    """From py-spy's folded stacks (``frame;frame;... count`` per line; py-spy leaves out
+    the samples of an idle thread, the loop waiting in epoll): the busy samples, their share
+    of the ``expected`` ones (rate x seconds), and each function's inclusive share of them."""
+    busy = 0
+    inclusive: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        busy += count
+        for name in dict.fromkeys(_function(f) for f in stack.split(";")):
+            inclusive[name] += count
+    return {"samples": busy, "busy_share": busy / expected if expected else 0.0,
+            "top": [(name, round(n / busy, 4)) for name, n in inclusive.most_common(top)]
+            if busy else []}
+
+
+def _function(frame: str) -> str:
+    """'run_forever (asyncio/base_events.py:608)' -> 'run_forever (asyncio/base_events.py)'."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(found).exists():
+        raise SystemExit("py-spy not found: pip install py-spy (the profile extra)")
+    return found
+
+
+def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float,
+                out: Path) -> dict[str, Any]:
+    vip = cluster.services[f"default/{service}"].address(4)
+    load = cluster.spawn_in_pod("client", cluster.peer_argv(
+        "load", "--to", vip, "--mode", "transfer", "--send", "0", "--receive", "0",
+        "--rate", "0", "--concurrency", "16", "--duration", str(seconds + 2),
+        "--max-requests", "200000", "--timeout", "5"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # past the first connections' warm-up
+    spies = {}
+    for node in nodes:
+        path = out / f"{service}-{node}.folded"
+        pid = cluster.nodes[node].daemon.pid  # type: ignore[union-attr]
+        spies[node] = (path, subprocess.Popen(
+            [_py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
+             str(int(seconds)), "--format", "raw", "--output", str(path), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    result: dict[str, Any] = {"service": service}
+    for node, (path, spy) in spies.items():
+        spy.wait(timeout=seconds + 60)
+        result[node] = folded_shares(path.read_text() if path.exists() else "",
+                                     SAMPLE_RATE * int(seconds))
+    stdout, _ = load.communicate(timeout=seconds + 60)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    summary = json.loads(lines[-1]) if lines else {}
+    result["connections_per_s"] = summary.get("succeeded", 0) / max(
+        summary.get("elapsed_s", 1.0), 1e-9)
+    result["failed"] = summary.get("failed")
+    result["errors"] = summary.get("errors")
+    return result
+
+
+def memory_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
+    pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
+    snapshot_path = out / f"{pid}.snapshot"
+
+    def snapshot() -> tracemalloc.Snapshot:
+        snapshot_path.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while not snapshot_path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon wrote no tracemalloc snapshot")
+            time.sleep(0.2)
+        return tracemalloc.Snapshot.load(str(snapshot_path))
+
+    rss_before = procstat.rss_kib(pid)
+    before = snapshot()
+    procstat.raise_nofile(pid, 2 * count + 2000)
+    vip = cluster.services["default/web-z0"].address(4)
+    idle = cluster.spawn_in_pod("client", [cluster.python, "-m", "nodeproxy_dev.bench.idle",
+                                           "--to", vip, "--count", str(count), "--timeout",
+                                           "60", "--hold", "300"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert idle.stdout is not None and idle.stdin is not None
+        ready = json.loads(idle.stdout.readline())
+        time.sleep(1.0)
+        rss_after = procstat.rss_kib(pid)
+        after = snapshot()
+    finally:
+        if idle.stdin is not None:
+            idle.stdin.close()
+        idle.wait(timeout=60)
+    diff = after.compare_to(before, "lineno")
+    grown = sum(s.size_diff for s in diff)
+    return {"connections": ready.get("open"), "rss_kib_per_conn": (rss_after - rss_before) /
+            count, "traced_kib_per_conn": grown / 1024 / count,
+            "top": [(str(s.traceback[0]), s.size_diff / count, s.count_diff / count)
+                    for s in diff[:TOP]]}
+
+
+def build(cluster: Cluster) -> None:
+    cluster.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+    cluster.add_pod("node0", "web-0", labels={"app": "web", "zone": "z0"},
+                    service_account="web")
+    cluster.add_pod("node1", "web-1", labels={"app": "web", "zone": "z1"},
+                    service_account="web")
+    cluster.add_service("web-z0", port=80, target_port=PORT, selector={"zone": "z0"})
+    cluster.add_service("web-z1", port=80, target_port=PORT, selector={"zone": "z1"})
+    for name in ("web-0", "web-1"):
+        cluster.serve_peer(name, PORT)
+    cluster.write_configs(overrides=BENCH_LIMITS)  # the per-pod caps lifted, as in the bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nodeproxy_dev.bench.connprofile",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--idle", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not 1 <= args.seconds <= 120 or not 1 <= args.idle <= 9000:
+        parser.error("--seconds 1..120, --idle 1..9000")
+    procstat.lift_own_nofile(4 * args.idle + 4000)
+    out = args.out or Path(tempfile.mkdtemp(prefix="nodeproxy-connprofile-"))
+    out.mkdir(parents=True, exist_ok=True)
+    site = out / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    report: dict[str, Any] = {}
+    with Cluster(2, mtls=True) as cluster:
+        build(cluster)
+        cluster.start_daemons()
+        report["cpu"] = [cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out),
+                         cpu_profile(cluster, "web-z1", ["node0", "node1"], args.seconds, out)]
+        cluster.stop_daemons()
+        os.environ["NODEPROXY_PROFILE_DIR"] = str(out)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+        try:
+            cluster.start_daemons()
+            report["memory"] = memory_profile(cluster, args.idle, out)
+        finally:
+            os.environ.pop("NODEPROXY_PROFILE_DIR", None)
+    (out / "profile.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    print(f"folded stacks and snapshots in {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
