@@ -492,6 +492,21 @@ class _H2Protocol(asyncio.Protocol):
         n, inflow.outstanding = inflow.outstanding, 0
         self._acknowledge(stream_id, n)
 
+    def _describe(self) -> str:
+        """The connection, as a log line names it."""
+        return "HTTP/2 connection"
+
+    def _fatal(self, exc: Exception) -> None:
+        """Our own side failed (a bug, not the peer): GOAWAY INTERNAL_ERROR and close."""
+        log.warning("%s failed: %s", self._describe(), exc)
+        try:
+            self.conn.close_connection(ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+        self._failed = True
+        self._close_transport()
+
     def _goaway_and_close(self) -> None:
         """GOAWAY(NO_ERROR) if the connection can still carry it, then close."""
         if self.usable:
@@ -942,15 +957,8 @@ class H2Server(_H2Protocol):
             raise ConnectionResetError("the stream is closed") from e
         self._flush()
 
-    def _fatal(self, exc: Exception) -> None:
-        log.warning("HTTP/2 connection to %s failed: %s", self.peername, exc)
-        try:
-            self.conn.close_connection(ErrorCodes.INTERNAL_ERROR)
-        except h2.exceptions.ProtocolError:
-            pass
-        self._flush()
-        self._failed = True
-        self._close_transport()
+    def _describe(self) -> str:
+        return f"HTTP/2 connection to {self.peername}"
 
 
 async def _too_large(exchange: Exchange) -> None:
@@ -1280,15 +1288,8 @@ class H2Client(_H2Protocol):
             if self.goaway and not self._lost:
                 self.close()
 
-    def _fatal(self, exc: Exception) -> None:
-        log.warning("upstream HTTP/2 connection failed: %s", exc)
-        try:
-            self.conn.close_connection(ErrorCodes.INTERNAL_ERROR)
-        except h2.exceptions.ProtocolError:
-            pass
-        self._flush()
-        self._failed = True
-        self._close_transport()
+    def _describe(self) -> str:
+        return "upstream HTTP/2 connection"
 
 
 def _code_name(code: int) -> str:
