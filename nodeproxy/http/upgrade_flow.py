@@ -186,17 +186,12 @@ class Upgrades:
                 destination_principal=self._recorder.principal(dest),
                 destination_service=outcome.service,
                 connection_security_policy=tunnel.security))
-        done = asyncio.get_running_loop().create_future()
         relay = Relay(down, up, meter.bytes if meter else (lambda _d, _n: None),
-                      lambda _r: done.done() or done.set_result(None))
+                      lambda _r: None)
         if meter is not None:
             meter.opened()
-        relay.start()
         try:
-            await done
-        except asyncio.CancelledError:
-            relay.abort()
-            raise
+            await relay.run()
         finally:
             if meter is not None:
                 meter.closed()

@@ -316,15 +316,8 @@ class GatedStream:
             down.early.append(down_rest)
         if up_rest:
             up.early.append(up_rest)
-        done = asyncio.get_running_loop().create_future()
-        relay = Relay(down, up, lambda _d, _n: None,
-                      lambda _r: done.done() or done.set_result(None))
-        relay.start()
         try:
-            await done
-        except asyncio.CancelledError:
-            relay.abort()
-            raise
+            await Relay(down, up, lambda _d, _n: None, lambda _r: None).run()
         finally:
             exchange.released()
 

@@ -168,6 +168,15 @@ class Relay:
         self.downstream.resume()
         self.upstream.resume()
 
+    async def run(self) -> None:
+        """Start, then wait until both sides are closed; cancelled, both are reset."""
+        self.start()
+        try:
+            await asyncio.shield(self.done)  # the future is the relay's, not the waiter's
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
     def peer(self, side: Side) -> Side:
         return self.upstream if side is self.downstream else self.downstream
 
@@ -235,3 +244,4 @@ class Relay:
                 self.splice.finish()
             self.done.set_result(None)
             self._on_done(self)
+
