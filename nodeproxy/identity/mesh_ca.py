@@ -154,6 +154,33 @@ def create_intermediate(
     return cert, key
 
 
+def _certificate_builder(subject: x509.Name, issuer: x509.Name, public_key: LeafPublicKey,
+                         not_before: float, not_after: float, *, ca: bool,
+                         path_length: int | None) -> x509.CertificateBuilder:
+    """What a CA certificate and a leaf share: names, key, serial, validity, basic
+    constraints, key usage (a CA signs certificates and CRLs, a leaf signs handshakes)
+    and its subject key identifier."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_utc(not_before))
+        .not_valid_after(_utc(not_after))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=ca,
+                crl_sign=ca, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
 def _ca_certificate(
     trust_domain: str, subject: x509.Name, key: ec.EllipticCurvePrivateKey, *,
     issuer: x509.Name, issuer_key: CAPrivateKey, not_before: float, not_after: float,
@@ -161,26 +188,9 @@ def _ca_certificate(
 ) -> x509.Certificate:
     """A CA certificate of the trust domain (the root signs itself; an intermediate is
     signed by the root and names it as its authority)."""
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_utc(not_before))
-        .not_valid_after(_utc(not_after))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-    )
+    builder = _certificate_builder(
+        subject, issuer, key.public_key(), not_before, not_after, ca=True,
+        path_length=path_length)
     if authority is not None:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority),
@@ -212,31 +222,15 @@ def _sign_leaf(
         public_key = key.public_key()
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     names += [x509.DNSName(d) for d in dns_names]
+    # Empty subject, identity in a critical SAN (RFC 5280 4.2.1.6), as SPIFFE and Istio do.
     cert = (
-        x509.CertificateBuilder()
-        # Empty subject, identity in a critical SAN (RFC 5280 4.2.1.6), as SPIFFE and Istio do.
-        .subject_name(x509.Name([]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_utc(not_before))
-        .not_valid_after(_utc(not_after))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        _certificate_builder(x509.Name([]), ca_cert.subject, public_key, not_before,
+                             not_after, ca=False, path_length=None)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                    ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                       critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(ca_cert)),
             critical=False,
