@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from nodeproxy_dev.testbed.cluster import Cluster
+from tests.integration.meshes import two_zone_mesh
 from tests.integration.observe import metric_sum
 
 pytestmark = pytest.mark.privileged
@@ -33,16 +34,7 @@ ROUTES = {"same-node": "web-z0", "cross-node": "web-z1"}
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Cluster]:
-    with Cluster(2) as c:
-        c.add_pod("node0", "client-0", labels={"app": "client"}, service_account="client")
-        c.add_pod("node0", "web-0", labels={"app": "web", "zone": "z0"}, service_account="web")
-        c.add_pod("node1", "web-1", labels={"app": "web", "zone": "z1"}, service_account="web")
-        c.add_service("web-z0", port=80, target_port=PORT, selector={"zone": "z0"})
-        c.add_service("web-z1", port=80, target_port=PORT, selector={"zone": "z1"})
-        for pod in ("web-0", "web-1"):
-            c.serve_peer(pod, PORT)
-        c.write_configs()
-        c.start_daemons()
+    with two_zone_mesh("client-0", PORT) as c:
         yield c
 
 

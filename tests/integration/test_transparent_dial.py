@@ -23,6 +23,7 @@ from nodeproxy.capture.namespaces import Netns
 from nodeproxy.tcp.dial import dial_transparent, kept_port
 from nodeproxy_dev.testbed import netns as testbed_netns
 from nodeproxy_dev.testbed.cluster import Cluster
+from tests.integration.meshes import two_zone_mesh
 
 pytestmark = pytest.mark.privileged
 
@@ -283,16 +284,7 @@ def _open_sockets() -> int:
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Cluster]:
-    with Cluster(2) as c:
-        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
-        c.add_pod("node0", "web-0", labels={"app": "web", "zone": "z0"}, service_account="web")
-        c.add_pod("node1", "web-1", labels={"app": "web", "zone": "z1"}, service_account="web")
-        c.add_service("web-z0", port=80, target_port=PORT, selector={"zone": "z0"})
-        c.add_service("web-z1", port=80, target_port=PORT, selector={"zone": "z1"})
-        for name in ("web-0", "web-1"):
-            c.serve_peer(name, PORT)
-        c.write_configs()
-        c.start_daemons()
+    with two_zone_mesh("client", PORT) as c:
         yield c
 
 
