@@ -344,20 +344,8 @@ class MeshCA:
         trust domain.
         """
         parsed = identity if isinstance(identity, SpiffeId) else parse_spiffe_id(identity)
-        if parsed.trust_domain != self.trust_domain:
-            raise IdentityError(
-                "wrong_trust_domain",
-                f"cannot issue {parsed.uri}: this CA signs for {self.trust_domain!r}",
-            )
-        if ttl_seconds <= 0:
-            raise ValueError(f"ttl_seconds must be positive (got {ttl_seconds})")
-        now = self._clock() if now is None else now
-        not_after = min(now + ttl_seconds, self.not_after)
-        if not_after <= now:
-            raise CAError(f"the mesh CA certificate expired at {_utc(self.not_after)}")
-        cert, key = _sign_leaf(
-            self.certificate, self._key, [parsed.uri], now - CLOCK_SKEW_SECONDS, not_after
-        )
+        not_before, not_after = self._leaf_validity(parsed, ttl_seconds, now)
+        cert, key = _sign_leaf(self.certificate, self._key, [parsed.uri], not_before, not_after)
         assert key is not None
         return IssuedCert(
             spiffe_id=parsed.uri,
@@ -381,6 +369,16 @@ class MeshCA:
     ) -> x509.Certificate:
         """Sign a leaf for `identity` over a requester's public key (a CSR's), valid as
         `issue`'s leaves are.  The caller has decided the requester may hold `identity`."""
+        not_before, not_after = self._leaf_validity(identity, ttl_seconds, now)
+        cert, _ = _sign_leaf(self.certificate, self._key, [identity.uri], not_before,
+                             not_after, public_key)
+        return cert
+
+    def _leaf_validity(self, identity: SpiffeId, ttl_seconds: float,
+                       now: float | None) -> tuple[float, float]:
+        """A leaf's (not_before, not_after) for `identity`: from CLOCK_SKEW_SECONDS before
+        `now`, never past the CA's own expiry.  Refuses an identity of another trust
+        domain (IdentityError), a TTL that is not positive, an expired CA (CAError)."""
         if identity.trust_domain != self.trust_domain:
             raise IdentityError(
                 "wrong_trust_domain",
@@ -392,9 +390,7 @@ class MeshCA:
         not_after = min(now + ttl_seconds, self.not_after)
         if not_after <= now:
             raise CAError(f"the mesh CA certificate expired at {_utc(self.not_after)}")
-        cert, _ = _sign_leaf(self.certificate, self._key, [identity.uri],
-                             now - CLOCK_SKEW_SECONDS, not_after, public_key)
-        return cert
+        return now - CLOCK_SKEW_SECONDS, not_after
 
     def server_certificate(self, dns_names: Sequence[str], ttl_seconds: float
                            ) -> tuple[bytes, bytes]:
