@@ -136,12 +136,7 @@ class FrameGuard:
     def frame(self, frame: Frame) -> None:
         """A frame arrived (before h2 handles it); raises Abuse past a budget."""
         if isinstance(frame, DataFrame):
-            if not frame.data and not frame.pad_length and "END_STREAM" not in frame.flags:
-                self.empty_run += 1
-                if self.empty_run > self.limits.max_consecutive_empty_frames:
-                    raise Abuse(EMPTY_FRAMES, f"{self.empty_run} empty DATA frames in a row")
-                return
-            self.empty_run = 0
+            self.data_frame(bool(frame.data or frame.pad_length or "END_STREAM" in frame.flags))
             return
         self.empty_run = 0
         if isinstance(frame, HeadersFrame):
@@ -156,12 +151,7 @@ class FrameGuard:
                     raise Abuse(STREAM_RATE, "more than "
                                 f"{self.limits.max_streams_per_second} new streams a second")
         elif isinstance(frame, WindowUpdateFrame):
-            self.window_updates += 1
-            allowed = (10 + 2 * self.streams_opened
-                       + self.limits.max_window_updates_per_data_frame * self.data_frames_sent)
-            if self.window_updates > allowed:
-                raise Abuse(WINDOW_UPDATE_FLOOD, f"{self.window_updates} WINDOW_UPDATE "
-                            f"frames for {self.data_frames_sent} DATA frames sent")
+            self.window_update()
         elif isinstance(frame, PriorityFrame):
             self.priority_frames += 1
             allowed = 10 + self.limits.max_priority_frames_per_stream * self.streams_opened
@@ -188,6 +178,27 @@ class FrameGuard:
                 self._control(CONTROL_FLOOD, "RST_STREAM of a stream not open")
         elif isinstance(frame, ExtensionFrame | GoAwayFrame):
             self._control(CONTROL_FLOOD, type(frame).__name__)
+
+    def data_frame(self, useful: bool) -> None:
+        """A DATA frame arrived; ``useful``: it has a payload, padding or END_STREAM.  (The
+        tunnel's own DATA framing calls this and window_update() for the frames it parses
+        without h2; ``frame`` calls them for the rest.)"""
+        if useful:
+            self.empty_run = 0
+            return
+        self.empty_run += 1
+        if self.empty_run > self.limits.max_consecutive_empty_frames:
+            raise Abuse(EMPTY_FRAMES, f"{self.empty_run} empty DATA frames in a row")
+
+    def window_update(self) -> None:
+        """A WINDOW_UPDATE frame arrived."""
+        self.empty_run = 0
+        self.window_updates += 1
+        allowed = (10 + 2 * self.streams_opened
+                   + self.limits.max_window_updates_per_data_frame * self.data_frames_sent)
+        if self.window_updates > allowed:
+            raise Abuse(WINDOW_UPDATE_FLOOD, f"{self.window_updates} WINDOW_UPDATE "
+                        f"frames for {self.data_frames_sent} DATA frames sent")
 
     def _prune(self) -> None:
         """Forget streams that ended without the server saying so (reset by h2 or by a

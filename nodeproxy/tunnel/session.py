@@ -1,23 +1,40 @@
 """One HTTP/2 connection (over mutual TLS) carrying CONNECT streams: HBONE's framing.
 
-h2 does the framing and the protocol rules; this module joins it to asyncio.
-Each stream is exposed as a transport (StreamTransport) so the same Relay
-that joins two TCP connections joins a TCP connection and a tunnel stream:
-write() queues and sends within the peer's flow-control window and pauses
-the writer past a high-water mark; pause_reading() withholds WINDOW_UPDATEs,
-so backpressure crosses the tunnel both ways; write_eof() ends the stream;
-abort() resets it.
+h2 keeps the protocol's rules for everything but the bytes of an established stream:
+HEADERS, SETTINGS, PING, RST_STREAM, GOAWAY and the stream states.  DATA and
+WINDOW_UPDATE frames, which are nearly all of a busy tunnel's frames, are framed and
+parsed here (tunnel/frames.py) with exact flow-control accounting, so each costs a few
+integer operations instead of h2's per-frame state machine and copies:
 
-A server session keeps the HTTP/2 budgets of the L7 front end (nodeproxy/codec/h2_guard.py):
-a peer node passed mTLS, but a compromised one must not be able to flood the proxy with
-CONNECT streams it resets at once, or with control frames; past a budget the session
-sends GOAWAY ENHANCE_YOUR_CALM and closes.
+- received DATA is handed on in the pieces TLS delivered, without waiting for a whole
+  frame (padded frames excepted); the peer's connection window is checked and credited
+  at once, its stream window only as the stream's reader takes the bytes (a paused
+  reader withholds its WINDOW_UPDATEs), so backpressure crosses the tunnel per stream and
+  one slow stream never stalls the others; a peer that sends past a window it was given
+  is a connection FLOW_CONTROL_ERROR.  END_STREAM (and DATA on a stream this side does not
+  serve) reach h2 as an empty DATA frame, so its stream states stay exact;
+- sent DATA is framed straight from the writer's chunks (no copy but the one join per
+  batch), as large as the peer allows, within the peer's stream and connection windows;
+  everything a turn produced (frames of every stream, acknowledgements, h2's own output,
+  in order) leaves in one transport write.
+
+Each stream is exposed as a transport (StreamTransport) so the same Relay that joins two
+TCP connections joins a TCP connection and a tunnel stream: write() queues and sends within
+the peer's flow-control window and pauses the writer past a high-water mark;
+pause_reading() withholds WINDOW_UPDATEs; write_eof() ends the stream; abort() resets it.
+
+A server session keeps the HTTP/2 budgets of the L7 front end (nodeproxy/codec/h2_guard.py)
+for every frame, those parsed here included: a peer node passed mTLS, but a compromised
+one must not be able to flood the proxy with CONNECT streams it resets at once, with
+control frames or with empty DATA frames; past a budget the session sends GOAWAY
+ENHANCE_YOUR_CALM and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,17 +47,27 @@ import h2.settings
 
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.config.model import Http2Limits
+from nodeproxy.tunnel import frames
+from nodeproxy.tunnel.frames import FrameError
 
 log = logging.getLogger(__name__)
 
-# Backpressure is per stream (a paused reader withholds its stream's WINDOW_UPDATEs); the
-# connection window is the protocol's maximum so one slow stream never stalls the others.
-STREAM_WINDOW = 1024 * 1024
-CONNECTION_WINDOW = 2**31 - 1
-MAX_FRAME = 64 * 1024 - 1
+# ztunnel's sizes.  The stream window bounds what one stream may have in flight (and so
+# what it may leave in this process while its reader is paused); the connection window
+# is credited as soon as DATA arrives, so it never holds one stream up for another's
+# slowness: it only bounds what the peer sends ahead of this side's reading.
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+# The largest frame accepted (SETTINGS_MAX_FRAME_SIZE): DATA streams through whatever its
+# size; another frame is held whole before h2 parses it, so this bounds that buffer.
+MAX_FRAME = 1024 * 1024
+# Credit a window once this share of it was consumed: one WINDOW_UPDATE per quarter of a
+# window instead of one per DATA frame.
+ACK_SHARE = 4
 HIGH_WATER = 1024 * 1024
-ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 LOW_WATER = 256 * 1024
+ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
+PREFACE_LENGTH = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", a server's first bytes
 
 
 class StreamReset(ConnectionResetError):
@@ -66,7 +93,11 @@ class StreamTransport:
         self.response: asyncio.Future = asyncio.get_running_loop().create_future()
         # Only a client awaits the response; never leave its failure unretrieved.
         self.response.add_done_callback(_retrieve)
-        self._buffer = bytearray()
+        self._pending: deque[bytes | memoryview] = deque()  # written, not yet framed
+        self._pending_size = 0
+        # What the peer still lets us send, and what we still let it send.
+        self.send_window = session.conn.remote_settings.initial_window_size
+        self.receive_window = STREAM_WINDOW
         self._eof_pending = False
         self._local_ended = False
         self._remote_ended = False
@@ -103,15 +134,21 @@ class StreamTransport:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass  # the stream's own limits (flow control) apply
 
+    def get_write_buffer_size(self) -> int:
+        return self._pending_size
+
     def is_closing(self) -> bool:
         return self._closing or self._finished
 
-    def write(self, data: bytes) -> None:
-        if self.is_closing() or self._local_ended:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.is_closing() or self._local_ended or not data:
             return
-        self._buffer += data
+        if type(data) is not bytes:
+            data = bytes(data)  # the caller may reuse its buffer
+        self._pending.append(data)
+        self._pending_size += len(data)
         self._flush()
-        if len(self._buffer) > HIGH_WATER and not self._writing_paused and self.protocol:
+        if self._pending_size > HIGH_WATER and not self._writing_paused and self.protocol:
             self._writing_paused = True
             self.protocol.pause_writing()
 
@@ -128,8 +165,7 @@ class StreamTransport:
     def resume_reading(self) -> None:
         self._reading_paused = False
         if self._unacked and not self._finished:
-            n, self._unacked = self._unacked, 0
-            self.session.acknowledge(self.stream_id, n)
+            self._acknowledge()
 
     def close(self) -> None:
         if self._finished:
@@ -149,40 +185,70 @@ class StreamTransport:
 
     # -- called by the session -------------------------------------------------
 
+    def _frame(self, out: list[bytes | memoryview]) -> None:
+        """Move what the windows allow from the pending chunks into DATA frames on `out`
+        (the chunks themselves, not copies)."""
+        session = self.session
+        max_frame = session.conn.max_outbound_frame_size
+        pending = self._pending
+        while self._pending_size:
+            size = min(self.send_window, session.send_window, max_frame, self._pending_size)
+            if size <= 0:
+                break
+            out.append(frames.data_header(size, self.stream_id))
+            left = size
+            while left:
+                chunk = pending[0]
+                if len(chunk) <= left:
+                    pending.popleft()
+                    out.append(chunk)
+                    left -= len(chunk)
+                else:
+                    view = memoryview(chunk)
+                    out.append(view[:left])
+                    pending[0] = view[left:]
+                    left = 0
+            self._pending_size -= size
+            self.send_window -= size
+            session.send_window -= size
+            if session.guard is not None:
+                session.guard.data_frame_sent()
+
     def _flush(self) -> None:
         if self._finished:
             return
-        conn = self.session.conn
-        try:
-            while self._buffer:
-                window = min(conn.local_flow_control_window(self.stream_id),
-                             conn.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                chunk = bytes(self._buffer[:window])
-                conn.send_data(self.stream_id, chunk)
-                del self._buffer[:window]
-            if not self._buffer and self._eof_pending and not self._local_ended:
-                conn.end_stream(self.stream_id)
-                self._local_ended = True
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self._finish(ConnectionResetError("tunnel stream closed"))
-            return
-        self.session.flush()
-        if self._writing_paused and len(self._buffer) < LOW_WATER and self.protocol:
+        session = self.session
+        if self._pending_size:
+            session.queue_frames(self)
+        if not self._pending_size and self._eof_pending and not self._local_ended:
+            try:
+                session.conn.end_stream(self.stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self._finish(ConnectionResetError("tunnel stream closed"))
+                return
+            self._local_ended = True
+        session.flush()
+        if self._writing_paused and self._pending_size < LOW_WATER and self.protocol:
             self._writing_paused = False
             self.protocol.resume_writing()
         self._maybe_done()
 
     def _data(self, data: bytes, flow_controlled: int) -> None:
+        """DATA for this stream: `data` to the reader; `flow_controlled` bytes of the window
+        to credit once the reader takes more."""
         if self.protocol is None:
             self._early.append(data)
         else:
             self.protocol.data_received(data)
-        if self._reading_paused or self.protocol is None:
-            self._unacked += flow_controlled
-        elif flow_controlled and not self._finished:
-            self.session.acknowledge(self.stream_id, flow_controlled)
+        self._unacked += flow_controlled
+        if not (self._reading_paused or self.protocol is None or self._finished) \
+                and self._unacked >= STREAM_WINDOW // ACK_SHARE:
+            self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        n, self._unacked = self._unacked, 0
+        self.receive_window += n
+        self.session.send_window_update(self.stream_id, n)
 
     def _ended(self) -> None:
         self._remote_ended = True
@@ -193,7 +259,7 @@ class StreamTransport:
         self._maybe_done()
 
     def _maybe_done(self) -> None:
-        if self._remote_ended and self._local_ended and not self._buffer:
+        if self._remote_ended and self._local_ended and not self._pending_size:
             self._finish(None)
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -201,6 +267,8 @@ class StreamTransport:
             return
         self._finished = True
         self._error = exc
+        self._pending.clear()
+        self._pending_size = 0
         self.session.forget(self.stream_id)
         if not self.response.done():
             self.response.set_exception(exc or ConnectionResetError("stream ended"))
@@ -209,20 +277,16 @@ class StreamTransport:
 
 
 class _GuardedConnection(h2.connection.H2Connection):
-    """An H2Connection whose FrameGuard sees each frame before h2 acts on it."""
+    """An H2Connection whose FrameGuard sees each frame before h2 acts on it (but the
+    empty DATA frames the session makes up for h2: their real frame was judged already)."""
 
     guard: FrameGuard | None = None
+    guard_off = False
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
-        if self.guard is not None:
+        if self.guard is not None and not self.guard_off:
             self.guard.frame(frame)  # Abuse: h2 sends GOAWAY ENHANCE_YOUR_CALM
         return super()._receive_frame(frame)
-
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False,
-                  pad_length: Any = None) -> None:
-        super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
-        if self.guard is not None and data:
-            self.guard.data_frame_sent()
 
 
 class H2Session(asyncio.Protocol):
@@ -256,6 +320,26 @@ class H2Session(asyncio.Protocol):
         self.guard: FrameGuard | None = None
         self._on_abuse = on_abuse
         self._abused = False
+        self._failed = False  # a connection error was sent: nothing more is read
+        # Connection flow control: what the peer still lets us send (its WINDOW_UPDATEs
+        # and SETTINGS are read here, h2 never sees them), what we still let it send,
+        # and what it used that we have not credited yet.
+        self.send_window = 65535
+        self.receive_window = 65535
+        self._receive_unacked = 0
+        # The frame reader's state (see _receive).
+        self._preface_left = 0 if client_side else PREFACE_LENGTH
+        self._head = bytearray()  # a frame header cut by the end of a read
+        self._frame_head = b""  # the header of the frame being collected whole
+        self._frame_body = bytearray()
+        self._frame_left = 0
+        self._data_left = 0  # payload bytes of the DATA frame being streamed
+        self._data_stream: StreamTransport | None = None  # its stream (None: dropped)
+        self._data_end = False  # it carries END_STREAM
+        self._continuation = False  # a header block is open: only CONTINUATION may come
+        # What this turn sends (frames, h2's output), written at once.
+        self._out: list[bytes | memoryview] = []
+        self._receiving = False
         if limits is not None and not client_side:
             self.guard = self.conn.guard = FrameGuard(
                 limits, clock=asyncio.get_running_loop().time, is_open=self._stream_open)
@@ -279,7 +363,8 @@ class H2Session(asyncio.Protocol):
         # set before the preface, so tell it directly.
         self.conn.max_inbound_frame_size = MAX_FRAME
         self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.send_window_update(0, CONNECTION_WINDOW - self.receive_window)
+        self.receive_window = CONNECTION_WINDOW
         self.flush()
         if not self.ready.done():
             self.ready.set_result(self)
@@ -288,38 +373,208 @@ class H2Session(asyncio.Protocol):
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        if self._abused:
+        if self._abused or self._failed:
             return
         if self.transport is None:  # TLS delivered data before we were started
             self._before_start.append(data)
             return
+        self._receiving = True
         try:
-            events = self.conn.receive_data(data)
+            self._receive(data)
         except Abuse as e:
+            self._receiving = False
             self._abuse(e)
             return
+        except FrameError as e:
+            self._receiving = False
+            self._connection_error(e.code, str(e))
+            return
         except h2.exceptions.ProtocolError as e:
+            self._receiving = False
             log.info("HTTP/2 protocol error from %s: %s", self.peername, e)
+            self._failed = True
             self.flush()  # h2 queued a GOAWAY with the error code
             self._close_transport()
             return
         except UnicodeDecodeError as e:
             # header_encoding="utf-8": h2 decodes field values as it parses, and a value
             # that is not UTF-8 escapes as this, not as a ProtocolError.
-            log.info("HTTP/2 header field from %s is not UTF-8: %s", self.peername, e)
-            try:
-                self.conn.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass
-            self.flush()
-            self._close_transport()
+            self._receiving = False
+            self._connection_error(h2.errors.ErrorCodes.PROTOCOL_ERROR,
+                                   f"header field is not UTF-8: {e}")
             return
+        self._receiving = False
+        self.flush()
+
+    def _stopped(self) -> bool:
+        return self._abused or self._failed or self.closed or \
+            (self.transport is not None and self.transport.is_closing())
+
+    # -- the frame reader ------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        """Split what TLS delivered into frames: DATA payloads stream to their stream as
+        they arrive, WINDOW_UPDATEs are applied here, every other frame goes to h2 whole."""
+        end = len(data)
+        pos = 0
+        view = memoryview(data)
+        if self._preface_left:  # a server: the client's preface is h2's to check
+            n = min(self._preface_left, end)
+            self._preface_left -= n
+            self._to_h2(data[:n])
+            pos = n
+        while pos < end and not self._stopped():
+            if self._data_left:
+                n = min(self._data_left, end - pos)
+                self._data_left -= n
+                stream = self._data_stream
+                if stream is not None and not stream._finished:
+                    stream._data(data if n == end else bytes(view[pos:pos + n]), n)
+                pos += n
+                if not self._data_left:
+                    self._data_done()
+                continue
+            if self._frame_left:
+                n = min(self._frame_left, end - pos)
+                self._frame_body += view[pos:pos + n]
+                self._frame_left -= n
+                pos += n
+                if not self._frame_left:
+                    body, self._frame_body = bytes(self._frame_body), bytearray()
+                    self._frame(self._frame_head, body)
+                continue
+            if self._head or end - pos < frames.HEADER_LENGTH:
+                n = min(frames.HEADER_LENGTH - len(self._head), end - pos)
+                self._head += view[pos:pos + n]
+                pos += n
+                if len(self._head) < frames.HEADER_LENGTH:
+                    break
+                head = bytes(self._head)
+                self._head.clear()
+            else:
+                head = data[pos:pos + frames.HEADER_LENGTH]
+                pos += frames.HEADER_LENGTH
+            length, frame_type, flags, stream_id = frames.parse_header(head)
+            if length > MAX_FRAME:
+                raise FrameError(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
+                                 f"a {length}-byte frame (type {frame_type}); at most "
+                                 f"{MAX_FRAME} were allowed")
+            if frame_type == frames.DATA and not flags & frames.PADDED \
+                    and not self._continuation:
+                self._data_begin(length, flags, stream_id)
+                if not length:
+                    self._data_done()
+            elif end - pos >= length:  # the whole frame is here
+                body = data[pos:pos + length]
+                pos += length
+                self._frame(head, body)
+            else:
+                self._frame_head = head
+                self._frame_left = length
+                self._frame_body += view[pos:]
+                self._frame_left -= end - pos
+                pos = end
+
+    def _frame(self, head: bytes, body: bytes) -> None:
+        """A whole frame other than an unpadded DATA frame."""
+        length, frame_type, flags, stream_id = frames.parse_header(head)
+        if self._continuation or frame_type not in (frames.DATA, frames.WINDOW_UPDATE):
+            if frame_type in (frames.HEADERS, frames.PUSH_PROMISE, frames.CONTINUATION):
+                self._continuation = not flags & frames.END_HEADERS
+            self._to_h2(head + body)
+        elif frame_type == frames.DATA:  # PADDED
+            content = frames.unpad(body)
+            self._data_begin(length, flags, stream_id)
+            self._data_left = 0
+            stream = self._data_stream
+            if stream is not None:
+                stream._data(bytes(content), length)
+            self._data_done()
+        else:
+            self._window_update(head, body, stream_id)
+
+    def _to_h2(self, data: bytes, *, made_up: bool = False) -> None:
+        """Frames (or the preface) for h2 to parse; its events are acted on at once, so a
+        stream h2 opens exists before the next frame is read."""
+        self.conn.guard_off = made_up
+        try:
+            events = self.conn.receive_data(data)
+        finally:
+            self.conn.guard_off = False
         for event in events:
             self._dispatch(event)
-            if self._abused or self.closed or \
-                    (self.transport is not None and self.transport.is_closing()):
+            if self._stopped():
                 break
+
+    def _data_begin(self, length: int, flags: int, stream_id: int) -> None:
+        """A DATA frame's header: judge it and charge the windows, before its payload."""
+        if self.guard is not None:
+            self.guard.data_frame(bool(length or flags & frames.END_STREAM))
+        if stream_id == 0:
+            raise FrameError(h2.errors.ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")
+        self.receive_window = frames.consume(self.receive_window, length, "connection")
+        if length:
+            # Credited at once: the stream windows bound what waits for a reader.
+            self._receive_unacked += length
+            if self._receive_unacked >= CONNECTION_WINDOW // ACK_SHARE:
+                n, self._receive_unacked = self._receive_unacked, 0
+                self.receive_window += n
+                self.send_window_update(0, n)
+        end_stream = bool(flags & frames.END_STREAM)
+        stream = self.streams.get(stream_id)
+        self._data_left = length
+        self._data_end = end_stream
+        self._data_stream = None
+        if stream is None or stream._remote_ended or stream._finished:
+            # Not a stream we serve (closed, reset, never opened): h2 answers by its
+            # rules (STREAM_CLOSED, or a connection error); the payload is dropped.
+            self._to_h2(frames.empty_data(stream_id, end_stream), made_up=True)
+            return
+        if self.client_side and not stream.response.done():
+            # DATA before the CONNECT response: no tunnel yet.
+            self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            stream._finish(ConnectionResetError("DATA before the tunnel's response"))
+            return
+        stream.receive_window = frames.consume(stream.receive_window, length, "stream")
+        self._data_stream = stream
+
+    def _data_done(self) -> None:
+        stream = self._data_stream
+        self._data_stream = None
+        if stream is not None and self._data_end and not stream._finished:
+            # h2 keeps the stream's state: its StreamEnded reaches the stream.
+            self._to_h2(frames.empty_data(stream.stream_id, True), made_up=True)
+
+    def _window_update(self, head: bytes, body: bytes, stream_id: int) -> None:
+        increment = frames.window_increment(body)
+        stream = self.streams.get(stream_id) if stream_id else None
+        if increment == 0 or (stream_id and (stream is None or stream._finished)):
+            self._to_h2(head + body)  # h2's rules: an error, or a closed stream's
+            return
+        if self.guard is not None:
+            self.guard.window_update()
+        if stream is None:
+            self.send_window = frames.credit(self.send_window, increment)
+            self.queue_all()
+            return
+        try:
+            stream.send_window = frames.credit(stream.send_window, increment)
+        except FrameError:
+            self.reset(stream_id, h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
+            stream._finish(ConnectionResetError("stream window overflowed"))
+            return
+        stream._flush()
+
+    def _connection_error(self, code: h2.errors.ErrorCodes, detail: str) -> None:
+        log.info("HTTP/2 connection error from %s (%s): %s", self.peername, code.name,
+                 detail)
+        self._failed = True
+        try:
+            self.conn.close_connection(code)
+        except h2.exceptions.ProtocolError:
+            pass
         self.flush()
+        self._close_transport()
 
     def _stream_open(self, stream_id: int) -> bool:
         """Is the stream open in h2 (judged as a frame arrives, before its events)?"""
@@ -350,6 +605,7 @@ class H2Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._out.clear()
         if not self.ready.done():
             self.ready.set_exception(exc or ConnectionResetError("tunnel closed"))
         for stream in list(self.streams.values()):
@@ -376,22 +632,15 @@ class H2Session(asyncio.Protocol):
         if isinstance(event, h2.events.RequestReceived):
             stream = StreamTransport(self, event.stream_id)
             stream.request_headers = dict(event.headers)
-            self.streams[event.stream_id] = stream
             if self._on_request is None:
                 self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
+                self.streams[event.stream_id] = stream
                 self._on_request(self, stream)
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.response.done():
                 stream.response.set_result(dict(event.headers))
-        elif isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream._data(event.data, event.flow_controlled_length)
-            else:
-                self.conn.acknowledge_received_data(event.flow_controlled_length,
-                                                    event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -400,12 +649,13 @@ class H2Session(asyncio.Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is not None:  # the guard judged the reset as its frame came
                 stream._finish(StreamReset(int(event.error_code)))
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            targets = (list(self.streams.values()) if getattr(event, "stream_id", 0) == 0
-                       else [self.streams[event.stream_id]] if event.stream_id in self.streams
-                       else [])
-            for stream in targets:
-                stream._flush()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            changed = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+            if changed is not None:
+                delta = changed.new_value - changed.original_value
+                for stream in self.streams.values():
+                    stream.send_window = frames.credit(stream.send_window, delta)
+            self.queue_all()
         elif isinstance(event, h2.events.PingAckReceived):
             fut = self._pings.pop(event.ping_data, None)
             if fut is not None and not fut.done():
@@ -414,20 +664,47 @@ class H2Session(asyncio.Protocol):
             self.goaway = True
             if not self.streams:
                 self._close_transport()
+        # DataReceived: only the empty frames made up above reach h2; their (absent)
+        # bytes went to the stream already.
 
     # -- operations ------------------------------------------------------------
 
-    def flush(self) -> None:
+    def queue_frames(self, stream: StreamTransport) -> None:
+        """The stream's DATA frames that the windows allow, after h2's output so far."""
+        self._take_h2_output()
+        stream._frame(self._out)
+
+    def queue_all(self) -> None:
+        """The windows grew: every stream sends what it can."""
+        for stream in list(self.streams.values()):
+            if stream._pending_size or stream._eof_pending:
+                stream._flush()
+
+    def send_window_update(self, stream_id: int, increment: int) -> None:
+        self._take_h2_output()
+        self._out.append(frames.window_update(stream_id, increment))
+        self.flush()
+
+    def _take_h2_output(self) -> None:
         data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        if data:
+            self._out.append(data)
+
+    def flush(self) -> None:
+        """Write what this turn produced, in one write (while a read is being handled,
+        at its end)."""
+        self._take_h2_output()
+        if self._receiving or not self._out:
+            return
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def acknowledge(self, stream_id: int, n: int) -> None:
-        try:
-            self.conn.acknowledge_received_data(n, stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        self.flush()
+        """Credit n bytes of the stream's window (and the connection's) now."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._acknowledge()
 
     def reset(self, stream_id: int, code: int) -> None:
         try:
@@ -501,5 +778,7 @@ class H2Session(asyncio.Protocol):
             self.transport.abort()
 
     def _close_transport(self) -> None:
+        self._receiving = False
+        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
