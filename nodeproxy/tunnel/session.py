@@ -47,6 +47,7 @@ import h2.settings
 
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.config.model import Http2Limits
+from nodeproxy.tcp.relay import Side
 from nodeproxy.tunnel import frames
 from nodeproxy.tunnel.frames import FrameError
 
@@ -106,7 +107,8 @@ class StreamTransport:
         self._reading_paused = False
         self._unacked = 0
         self._writing_paused = False
-        self._early: list[bytes] = []
+        self._early: list[bytes | memoryview] = []
+        self._takes_views = False
         self._early_eof = False
         self._error: BaseException | None = None
         self.request_headers: dict[str, str] = {}
@@ -115,10 +117,11 @@ class StreamTransport:
 
     def set_protocol(self, protocol: asyncio.Protocol) -> None:
         self.protocol = protocol
+        self._takes_views = isinstance(protocol, Side)
         protocol.connection_made(self)  # type: ignore[arg-type]
         early, self._early = self._early, []
         for data in early:
-            protocol.data_received(data)
+            protocol.data_received(data if self._takes_views else bytes(data))  # type: ignore[arg-type]
         if self._early_eof:
             protocol.eof_received()
         if self._finished:
@@ -233,9 +236,13 @@ class StreamTransport:
             self.protocol.resume_writing()
         self._maybe_done()
 
-    def _data(self, data: bytes, flow_controlled: int) -> None:
+    def _data(self, data: bytes | memoryview, flow_controlled: int) -> None:
         """DATA for this stream: `data` to the reader; `flow_controlled` bytes of the window
-        to credit once the reader takes more."""
+        to credit once the reader takes more.  A piece of a read comes as a memoryview of
+        it (immutable bytes); only a relay's side (which just writes it on) takes that
+        uncopied, any other reader gets bytes."""
+        if type(data) is not bytes and not self._takes_views:
+            data = bytes(data)
         if self.protocol is None:
             self._early.append(data)
         else:
@@ -415,6 +422,8 @@ class H2Session(asyncio.Protocol):
     def _receive(self, data: bytes) -> None:
         """Split what TLS delivered into frames: DATA payloads stream to their stream as
         they arrive, WINDOW_UPDATEs are applied here, every other frame goes to h2 whole."""
+        if type(data) is not bytes:
+            data = bytes(data)  # pieces of it are handed on: never of a buffer reused
         end = len(data)
         pos = 0
         view = memoryview(data)
@@ -429,7 +438,7 @@ class H2Session(asyncio.Protocol):
                 self._data_left -= n
                 stream = self._data_stream
                 if stream is not None and not stream._finished:
-                    stream._data(data if n == end else bytes(view[pos:pos + n]), n)
+                    stream._data(data if n == end else view[pos:pos + n], n)
                 pos += n
                 if not self._data_left:
                     self._data_done()
