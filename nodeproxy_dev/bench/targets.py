@@ -178,6 +178,54 @@ def scale_targets(idle_connections: str = "10,000 (fewer where the open-file lim
     return tuple(out)
 
 
+# Cross-node traffic rides HBONE (issue 17): nodeproxy as shipped at L4, cross node,
+# against direct in the same run.
+HBONE_CONFIGURATION = "nodeproxy-splice"
+
+
+def _hbone_throughput(streams: int, factor: float
+                      ) -> Callable[[Medians], tuple[str, bool] | None]:
+    def check(m: Medians) -> tuple[str, bool] | None:
+        key = f"throughput.cross-node.{streams}"
+        value, direct = m(key, HBONE_CONFIGURATION), m(key, "direct")
+        if value is None or not direct:
+            return None
+        return (f"{value / direct:.2f}× direct ({value:.2f} vs {direct:.2f} Gbit/s)",
+                value >= factor * direct)
+    return check
+
+
+def _hbone_latency(m: Medians) -> tuple[str, bool] | None:
+    added = _added(m, "latency.cross-node.p50", HBONE_CONFIGURATION)
+    return None if added is None else (f"{added:+.1f} µs", added <= 40.0)
+
+
+def _hbone_paced_p99(m: Medians) -> tuple[str, bool] | None:
+    added = m("http-rate.cross-node.p99_added", HBONE_CONFIGURATION)
+    return None if added is None else (f"{added:+.3f} ms", added <= 0.3)
+
+
+def _hbone_http_cpu(m: Medians) -> tuple[str, bool] | None:
+    value = m("http.cross-node.cpu", HBONE_CONFIGURATION)
+    return None if value is None else (f"{value:.3f} CPU s", value <= 0.03)
+
+
+def hbone_targets() -> tuple[Target, ...]:
+    """Issue 17's cross-node (HBONE) targets, for nodeproxy-splice against direct."""
+    return (
+        Target("cross-node throughput over HBONE, 1 stream", "≥ 0.5× direct",
+               _hbone_throughput(1, 0.5)),
+        Target("cross-node throughput over HBONE, 8 streams", "≥ 0.4× direct",
+               _hbone_throughput(8, 0.4)),
+        Target("cross-node L4 latency over HBONE (ping-pong)", "added p50 ≤ 40 µs over direct",
+               _hbone_latency),
+        Target("HTTP through L4 cross node at the paced rate (HBONE)",
+               "added p99 ≤ 0.3 ms over direct", _hbone_paced_p99),
+        Target("HTTP relayed through L4 cross node, saturated: CPU of both node proxies",
+               "≤ 0.03 CPU s per 1000 requests", _hbone_http_cpu),
+    )
+
+
 NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7")
 
 
@@ -256,6 +304,7 @@ TARGETS = (
            f"≤ {FEATURES_BOUND}× nodeproxy-l7's (what the whole bundle may cost)",
            _over_l7("nodeproxy-l7-authz")),
     *scale_targets(),
+    *hbone_targets(),
     *noisy_targets(),
 )
 
