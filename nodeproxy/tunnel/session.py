@@ -709,12 +709,6 @@ class H2Session(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def acknowledge(self, stream_id: int, n: int) -> None:
-        """Credit n bytes of the stream's window (and the connection's) now."""
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            stream._acknowledge()
-
     def reset(self, stream_id: int, code: int) -> None:
         try:
             self.conn.reset_stream(stream_id, error_code=code)

@@ -21,6 +21,7 @@ import pytest
 import uvloop
 
 from nodeproxy.config.model import Http2Limits
+from nodeproxy.tcp.relay import Side
 from nodeproxy.tunnel import frames, session
 from nodeproxy.tunnel.frames import FrameError
 from nodeproxy.tunnel.session import H2Session
@@ -394,3 +395,45 @@ async def test_a_peer_that_never_credits_a_stream_stalls_only_that_stream() -> N
     assert bytes(peer.received[flowing]) == big
     assert len(peer.received[stuck]) == 65535
     assert peer.goaway() is None
+
+
+class RelaySide(Side):
+    """A relay's side (which takes memoryviews): records what it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__("tunnel")
+        self.data = bytearray()
+        self.types: set[type] = set()
+        self.ended = asyncio.Event()
+
+    def data_received(self, data) -> None:
+        self.types.add(type(data))
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.ended.set()
+        return True
+
+
+@on_uvloop
+async def test_a_relay_side_gets_pieces_of_reads_uncopied_and_intact() -> None:
+    """Frames larger than a read arrive in pieces: a relay's side gets them as views of
+    the (immutable) read, any other reader as bytes; either way the bytes are intact."""
+    loop = asyncio.get_running_loop()
+    side = RelaySide()
+    server = Server()
+    server.on_request = lambda sess, stream: (sess.respond(stream, 200),
+                                              stream.set_protocol(side))
+    sock = await server.start()
+    client = H2Session(client_side=True)
+    await loop.create_connection(lambda: client, sock=sock)
+    stream = client.open_stream(CONNECT)
+    await asyncio.wait_for(stream.response, TIMEOUT)
+    stream.set_protocol(Reader())
+    payload = os.urandom(3 * session.MAX_FRAME + 5)
+    stream.write(payload)
+    stream.write_eof()
+    await asyncio.wait_for(side.ended.wait(), TIMEOUT)
+    assert hashlib.sha256(side.data).digest() == hashlib.sha256(payload).digest()
+    assert memoryview in side.types
+    client.close()
