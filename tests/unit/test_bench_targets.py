@@ -39,6 +39,24 @@ def test_throughput_and_memory_targets() -> None:
     assert r["daemon memory with idle connections"]["met"] is False
 
 
+def test_hbone_targets_judge_cross_node_against_direct_in_the_run() -> None:
+    """Issue 17: throughput ratios, added ping-pong p50, added paced p99, CPU per 1000."""
+    metrics = [entry("throughput.cross-node.1", direct=17.0, **{"nodeproxy-splice": 8.6}),
+               entry("throughput.cross-node.8", direct=28.0, **{"nodeproxy-splice": 11.0}),
+               entry("latency.cross-node.p50", direct=67.0, **{"nodeproxy-splice": 108.0}),
+               entry("http-rate.cross-node.p99_added", **{"nodeproxy-splice": 0.25}),
+               entry("http.cross-node.cpu", **{"nodeproxy-splice": 0.031})]
+    r = by_name(targets.evaluate(metrics))
+    one = r["cross-node throughput over HBONE, 1 stream"]
+    assert one["met"] is True and one["measured"].startswith("0.51× direct")
+    assert r["cross-node throughput over HBONE, 8 streams"]["met"] is False  # 0.39 < 0.4
+    latency = r["cross-node L4 latency over HBONE (ping-pong)"]
+    assert latency["met"] is False and latency["measured"] == "+41.0 µs"
+    assert r["HTTP through L4 cross node at the paced rate (HBONE)"]["met"] is True
+    cpu = r["HTTP relayed through L4 cross node, saturated: CPU of both node proxies"]
+    assert cpu["met"] is False and cpu["measured"] == "0.031 CPU s"
+
+
 def test_a_missing_figure_is_neither_met_nor_missed() -> None:
     metrics = [entry("latency.same-node.p50", direct=70.0, **{"nodeproxy-splice": None})]
     r = by_name(targets.evaluate(metrics))
@@ -159,20 +177,3 @@ def test_opening_many_connections_is_judged_against_haproxys_time() -> None:
     assert r["same node"]["met"] is True and r["same node"]["measured"].startswith("1.95×")
     assert r["cross node"]["met"] is False
 
-
-def test_hbone_targets_judge_cross_node_against_direct_in_the_run() -> None:
-    """Issue 17: throughput ratios, added ping-pong p50, added paced p99, CPU per 1000."""
-    metrics = [entry("throughput.cross-node.1", direct=17.0, **{"nodeproxy-splice": 8.6}),
-               entry("throughput.cross-node.8", direct=28.0, **{"nodeproxy-splice": 11.0}),
-               entry("latency.cross-node.p50", direct=67.0, **{"nodeproxy-splice": 108.0}),
-               entry("http-rate.cross-node.p99_added", **{"nodeproxy-splice": 0.25}),
-               entry("http.cross-node.cpu", **{"nodeproxy-splice": 0.031})]
-    r = by_name(targets.evaluate(metrics))
-    one = r["cross-node throughput over HBONE, 1 stream"]
-    assert one["met"] is True and one["measured"].startswith("0.51× direct")
-    assert r["cross-node throughput over HBONE, 8 streams"]["met"] is False  # 0.39 < 0.4
-    latency = r["cross-node L4 latency over HBONE (ping-pong)"]
-    assert latency["met"] is False and latency["measured"] == "+41.0 µs"
-    assert r["HTTP through L4 cross node at the paced rate (HBONE)"]["met"] is True
-    cpu = r["HTTP relayed through L4 cross node, saturated: CPU of both node proxies"]
-    assert cpu["met"] is False and cpu["measured"] == "0.031 CPU s"
