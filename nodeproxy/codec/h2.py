@@ -18,8 +18,9 @@ streams.  Sending waits for the peer's window and for the transport to resume wr
 
 GOAWAY.  h2 treats any GOAWAY as the end of the connection (python-hyper/h2#1181) and then
 refuses every further frame; a graceful GOAWAY (the peer's, or our own NO_ERROR one) must
-let streams at or below its last stream id finish, so _Connection keeps h2's connection
-state open after one; only an error GOAWAY closes it.  The codecs enforce "no new streams".
+let streams at or below its last stream id finish, so the connection
+(codec/h2_connection.py) keeps h2's connection state open after one; only an error GOAWAY
+closes it.  The codecs enforce "no new streams".
 
 Header names and values are bytes on the wire and str in message.py: latin-1 both ways
 (lossless), values that latin-1 cannot encode go out as UTF-8.
@@ -39,12 +40,9 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import h2.frame_buffer
 import h2.settings
-from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import Frame
 
+from nodeproxy.codec.h2_connection import ProxyH2Connection
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.codec.message import (
     HOP_BY_HOP,
@@ -75,123 +73,8 @@ INITIAL_STREAMS = 100  # what the client side assumes before the server's SETTIN
 _DEFAULT_WINDOW = 65535  # RFC 9113's initial window
 ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 
-_Connection_States = h2.connection.ConnectionState
-_Inputs = h2.connection.ConnectionInputs
-_HEADERS, _CONTINUATION = 0x1, 0x9  # frame types
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
-
-
-# --- h2 adjustments --------------------------------------------------------------------------
-
-
-class _StateMachine(h2.connection.H2ConnectionStateMachine):
-    """Stays open across a graceful GOAWAY (sent with NO_ERROR, or received)."""
-
-    terminating = False
-
-    def process_input(self, input_: h2.connection.ConnectionInputs) -> list[h2.events.Event]:
-        if (input_ in (_Inputs.SEND_GOAWAY, _Inputs.RECV_GOAWAY) and not self.terminating
-                and self.state != _Connection_States.CLOSED):
-            return []
-        return super().process_input(input_)
-
-
-class _FrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer checks a frame's length once the whole frame has arrived: check it
-    from the header, so an overlong frame is refused before it is buffered."""
-
-    def __next__(self) -> Any:
-        if len(self._data) >= 9:
-            try:
-                _, length = Frame.parse_frame_header(memoryview(self._data[:9]))
-            except (InvalidDataError, InvalidFrameError):
-                pass  # h2's own __next__ reports it
-            else:
-                self._validate_frame_length(length)
-        return super().__next__()
-
-    @property
-    def head_pending(self) -> bool:
-        """Has a header block begun and not ended (HEADERS without END_HEADERS and its
-        CONTINUATIONs, or such a frame, or any frame header, partly received)?  The
-        request-header timeout runs meanwhile."""
-        if self._headers_buffer:
-            return True
-        if not self._data:
-            return False
-        return len(self._data) < 9 or self._data[3] in (_HEADERS, _CONTINUATION)
-
-
-class _Connection(h2.connection.H2Connection):
-    """H2Connection with a graceful GOAWAY, COMPRESSION_ERROR for undecodable header
-    blocks (h2 says PROTOCOL_ERROR), a header-list limit of our own (see H2Server) and,
-    on a server, a FrameGuard that sees each frame first (h2_guard.py)."""
-
-    def __init__(self, config: h2.config.H2Configuration, header_limit: int):
-        super().__init__(config=config)
-        self.state_machine = _StateMachine()
-        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
-        self._header_limit = header_limit
-        self.decoder.max_header_list_size = header_limit
-        self._keep_outbound = False
-        self.guard: FrameGuard | None = None
-        # The last stream handed to a handler: an ENHANCE_YOUR_CALM GOAWAY names it, not
-        # streams h2 parsed in the same read whose requests were never started.
-        self.processed_stream_id: int | None = None
-
-    def close_connection(self, error_code: int = 0, additional_data: bytes | None = None,
-                         last_stream_id: int | None = None) -> None:
-        if error_code:
-            self.state_machine.terminating = True
-        super().close_connection(error_code, additional_data, last_stream_id)
-
-    def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
-        self.state_machine.terminating = True
-        if error_code == ErrorCodes.ENHANCE_YOUR_CALM and self.processed_stream_id is not None:
-            self.close_connection(error_code, last_stream_id=self.processed_stream_id)
-            return
-        super()._terminate_connection(error_code)
-
-    @property
-    def terminated(self) -> bool:
-        """An error GOAWAY has been queued."""
-        return self.state_machine.terminating
-
-    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
-        if self.guard is not None:
-            self.guard.frame(frame)  # Abuse: h2 sends GOAWAY ENHANCE_YOUR_CALM
-        try:
-            return super()._receive_frame(frame)
-        except h2.exceptions.ProtocolError as e:
-            cause = e.__cause__
-            if isinstance(cause, HPACKError) and not isinstance(cause, OversizedHeaderListError):
-                e.error_code = ErrorCodes.COMPRESSION_ERROR  # RFC 9113 4.3
-            raise
-
-    def _receive_goaway_frame(self, frame: Any) -> Any:
-        # h2 drops queued output on a GOAWAY (a SETTINGS ACK, WINDOW_UPDATEs); streams
-        # below the last stream id still need it.
-        self._keep_outbound = True
-        try:
-            return super()._receive_goaway_frame(frame)
-        finally:
-            self._keep_outbound = False
-
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False,
-                  pad_length: Any = None) -> None:
-        super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
-        if self.guard is not None and data:
-            self.guard.data_frame_sent()
-
-    def clear_outbound_data_buffer(self) -> None:
-        if not self._keep_outbound:
-            super().clear_outbound_data_buffer()
-
-    def _local_settings_acked(self) -> Any:
-        changes = super()._local_settings_acked()
-        self.decoder.max_header_list_size = self._header_limit  # h2 resets it to ours
-        return changes
 
 
 _BODY_EVENTS = (h2.events.DataReceived, h2.events.TrailersReceived, h2.events.StreamEnded)
@@ -309,7 +192,7 @@ class _H2Protocol(asyncio.Protocol):
     def __init__(self, *, stream_window: int, connection_window: int, header_limit: int,
                  settings: dict[int, int]):
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
-        self.conn = _Connection(config, header_limit)
+        self.conn = ProxyH2Connection(config, header_limit)
         self.transport: asyncio.Transport | None = None
         self._stream_window = stream_window
         self._connection_window = connection_window

@@ -1,6 +1,7 @@
 """One HTTP/2 connection (over mutual TLS) carrying CONNECT streams: HBONE's framing.
 
-h2 keeps the protocol's rules for everything but the bytes of an established stream:
+h2 (through the proxy's one h2 integration, codec/h2_connection.py, which the L7 codec
+drives too) keeps the protocol's rules for everything but the bytes of an established stream:
 HEADERS, SETTINGS, PING, RST_STREAM, GOAWAY and the stream states.  DATA and
 WINDOW_UPDATE frames, which are nearly all of a busy tunnel's frames, are framed and
 parsed here (tunnel/frames.py) with exact flow-control accounting, so each costs a few
@@ -39,12 +40,13 @@ from collections.abc import Callable
 from typing import Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 
+from nodeproxy.codec.h2 import MAX_HEADER_BYTES
+from nodeproxy.codec.h2_connection import ProxyH2Connection
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
@@ -283,19 +285,6 @@ class StreamTransport:
             self.protocol.connection_lost(exc)  # type: ignore[arg-type]
 
 
-class _GuardedConnection(h2.connection.H2Connection):
-    """An H2Connection whose FrameGuard sees each frame before h2 acts on it (but the
-    empty DATA frames the session makes up for h2: their real frame was judged already)."""
-
-    guard: FrameGuard | None = None
-    guard_off = False
-
-    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
-        if self.guard is not None and not self.guard_off:
-            self.guard.frame(frame)  # Abuse: h2 sends GOAWAY ENHANCE_YOUR_CALM
-        return super()._receive_frame(frame)
-
-
 class H2Session(asyncio.Protocol):
     """The HTTP/2 side of one TLS connection; client or server.  A server with `limits`
     enforces them (h2_guard.py) and reports a spent budget to ``on_abuse(reason)``."""
@@ -307,7 +296,7 @@ class H2Session(asyncio.Protocol):
                  limits: Http2Limits | None = None,
                  on_abuse: Callable[[str], None] | None = None):
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        self.conn = _GuardedConnection(config=config)
+        self.conn = ProxyH2Connection(config, MAX_HEADER_BYTES)
         self.client_side = client_side
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamTransport] = {}
@@ -505,11 +494,13 @@ class H2Session(asyncio.Protocol):
     def _to_h2(self, data: bytes, *, made_up: bool = False) -> None:
         """Frames (or the preface) for h2 to parse; its events are acted on at once, so a
         stream h2 opens exists before the next frame is read."""
-        self.conn.guard_off = made_up
+        guard = self.conn.guard
+        if made_up:  # its real frame was judged already
+            self.conn.guard = None
         try:
             events = self.conn.receive_data(data)
         finally:
-            self.conn.guard_off = False
+            self.conn.guard = guard
         for event in events:
             self._dispatch(event)
             if self._stopped():
@@ -725,8 +716,7 @@ class H2Session(asyncio.Protocol):
             self._close_transport()
 
     def retire(self) -> None:
-        """No new streams; close once the open ones end.  (No GOAWAY: h2 would then refuse
-        the open streams' remaining frames.)"""
+        """No new streams; close once the open ones end (the pool opens no more on it)."""
         self.retired = True
         if not self.streams:
             self._close_transport()
@@ -763,8 +753,7 @@ class H2Session(asyncio.Protocol):
         await asyncio.wait_for(fut, timeout)
 
     def close(self) -> None:
-        """GOAWAY and close once no stream is open (h2 refuses frames of open streams after
-        a GOAWAY, so use retire() for a graceful end)."""
+        """GOAWAY (NO_ERROR: the open streams may finish) and close once none is open."""
         if self.closed:
             return
         try:

@@ -1,7 +1,8 @@
-"""The names of h2's internals that nodeproxy's HTTP/2 integrations override or read
-(nodeproxy/codec/h2.py, nodeproxy/tunnel/session.py).  pyproject.toml bounds h2 below its
-next major version; this test fails, naming what went away, if a release within the bound
-drops or reshapes one of them, instead of the proxy misbehaving at run time."""
+"""The names of h2's internals that nodeproxy's one HTTP/2 integration overrides or reads
+(nodeproxy/codec/h2_connection.py, driven by the L7 codec and the HBONE tunnel).
+pyproject.toml bounds h2 below its next major version; this test fails, naming what went
+away, if a release within the bound drops or reshapes one of them, instead of the proxy
+misbehaving at run time."""
 
 from __future__ import annotations
 

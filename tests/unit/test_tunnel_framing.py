@@ -20,6 +20,7 @@ import h2.events
 import pytest
 import uvloop
 
+from nodeproxy.codec.h2_connection import ProxyH2Connection
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
 from nodeproxy.tunnel import frames, session
@@ -437,3 +438,17 @@ async def test_a_relay_side_gets_pieces_of_reads_uncopied_and_intact() -> None:
     assert hashlib.sha256(side.data).digest() == hashlib.sha256(payload).digest()
     assert memoryview in side.types
     client.close()
+
+
+@on_uvloop
+async def test_the_tunnel_rides_the_proxys_one_h2_integration_graceful_goaway() -> None:
+    """The session drives codec/h2_connection.py's connection (as the L7 codec does): a
+    graceful GOAWAY from the peer lets its open stream finish, bytes intact."""
+    server = Server()
+    peer = Peer(await server.start())
+    sid = await peer.open()
+    assert isinstance(server.session.conn, ProxyH2Connection)
+    peer.conn.close_connection(h2.errors.ErrorCodes.NO_ERROR)
+    await peer.send(data_frame(sid, b"after the goaway", frames.END_STREAM))
+    await asyncio.wait_for(server.readers[sid].eof.wait(), TIMEOUT)
+    assert bytes(server.readers[sid].data) == b"after the goaway"
