@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import sys
 import time
@@ -43,7 +44,7 @@ def percentile(sorted_values: list[float], point: float) -> float:
     """Nearest-rank percentile of an ascending list (0 for an empty one)."""
     if not sorted_values:
         return 0.0
-    rank = max(1, min(len(sorted_values), round(point / 100 * len(sorted_values) + 0.5)))
+    rank = max(1, min(len(sorted_values), math.ceil(point / 100 * len(sorted_values))))
     return sorted_values[rank - 1]
 
 

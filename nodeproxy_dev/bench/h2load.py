@@ -6,7 +6,8 @@ file (h2load's DATA bytes = requests × the file's size): a request that fails, 
 answer short or long, fails the run.  The latency percentiles come from h2load's
 per-request log (``--log-file``: start, status, µs to the end of the response), the rate
 from its wall time.  Before the load, one request by curl (HTTP/2 prior knowledge)
-compares the bytes themselves with the file served.
+compares the bytes themselves with the file served (outside the measured window: it is
+neither timed nor counted).
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def latencies_us(log: str) -> list[float]:
 
 
 def saturate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
-    """requests/s, p50/p99 latency (ms) of one h2load run, every answer checked."""
+    """requests/s, p50/p99 latency (ms) of one h2load run, every answer checked (by its
+    size: ``check_bytes`` checks the bytes, once, before)."""
     url = f"http://{route.address}/{HTTP_FILE}"
-    check_bytes(bench, route, url, settings)
     directory = os.path.join(bench.cluster.dir, "bench")
     os.makedirs(directory, exist_ok=True)
     log = os.path.join(directory, f"h2load-{route.client_pod}-{route.port}.tsv")
@@ -118,8 +119,9 @@ def saturate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str,
             "data_bytes": float(summary.data_bytes)}
 
 
-def check_bytes(bench: BenchCluster, route: Route, url: str, settings: Settings) -> None:
+def check_bytes(bench: BenchCluster, route: Route, settings: Settings) -> None:
     """One request over HTTP/2 prior knowledge: the bytes are the file's."""
+    url = f"http://{route.address}/{HTTP_FILE}"
     out = os.path.join(bench.cluster.dir, "bench", f"h2-check-{route.client_pod}.bin")
     result = run_tool(bench, route.client_pod,
                       ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "10",

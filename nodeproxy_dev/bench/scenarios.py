@@ -279,6 +279,7 @@ class Http2(Scenario):
         route = configuration.route(bench, ServerKind.HTTP, self.path)
         if not configuration.has_proxy:
             route = replace(route, port=H2C_PORT)  # nginx's own HTTP/2
+        h2load.check_bytes(bench, route, settings)
         return _load_with_proxy_cpu(
             bench, route, lambda: h2load.saturate(bench, route, settings), self.metrics,
             settings.h2_connections * settings.h2_streams)

@@ -234,6 +234,10 @@ def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7_and_haproxy_h
     # --only selects it by name.
     only = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None, only="noisy")
     assert [s.name for s in only.scenarios] == ["noisy neighbour"]
+    # Several names, comma-separated.
+    only = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None, only="http2,grpc")
+    assert [s.name for s in only.scenarios] == ["http2 same-node", "http2 cross-node",
+                                                "grpc same-node", "grpc cross-node"]
 
 
 def test_noisy_neighbour_attacks_are_bounded_and_aimed_at_the_attack_service():
