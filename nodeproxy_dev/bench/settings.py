@@ -56,7 +56,7 @@ FULL = Settings(
     iperf_streams=(1, 8), wrk_seconds=4.0, wrk_connections=32, http_body=1024,
     connect_seconds=3.0, connect_concurrency=16, connect_max=20000, sustained_seconds=60.0,
     sustained_window=5.0, idle_connections=10000,
-    enroll_pods=100, noisy_seconds=6.0, h2_requests=20000, grpc_calls=12000,
+    enroll_pods=100, noisy_seconds=6.0, h2_requests=10000, grpc_calls=6000,
 )
 
 
