@@ -3,7 +3,8 @@
 node0: ``srv-0`` (meshed server pod), ``plain-0`` (the same servers, outside the
 mesh), ``client`` (meshed client), ``client-direct`` (client outside the mesh) and
 ``haproxy`` (HAProxy in a pod of its own, outside the mesh).  node1: ``srv-1`` and
-``plain-1``.  Every server pod runs sockperf, iperf3, nginx and the testbed peer.
+``plain-1``.  Every server pod runs sockperf, iperf3, nginx (HTTP/1.1, and HTTP/2 prior
+knowledge on H2C_PORT), the testbed peer and the gRPC unary benchmark's server.
 
 Why two server pods per node: the mesh steers *every* plaintext connection into a
 meshed pod through the node proxy (``sk_lookup``), so a direct connection to a
