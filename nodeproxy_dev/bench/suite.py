@@ -60,7 +60,7 @@ class Suite:
         self.configurations = list(configurations or CONFIGURATIONS)
         self.runnable = available(self.configurations)
         self.scenarios = [s for s in scenarios.build(self.settings)
-                          if only is None or only in s.name]
+                          if only is None or any(part in s.name for part in only.split(","))]
         self.log = log
         self.startup_timeout = startup_timeout
         self.results: dict[str, dict[str, Cell]] = {}
