@@ -49,6 +49,16 @@ def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def select(chosen: list[Scenario], only: str | None) -> list[Scenario]:
+    """The scenarios --only picks: the one named exactly `only` if there is one (so
+    "connect same-node" leaves out "sustained connect same-node"), else every one whose
+    name contains it."""
+    if only is None:
+        return chosen
+    exact = [s for s in chosen if s.name == only]
+    return exact or [s for s in chosen if only in s.name]
+
+
 class Suite:
     """The state of one run: results per metric and configuration, the run log, errors."""
 
@@ -59,8 +69,7 @@ class Suite:
         self.settings = self._fit_nofile(settings)
         self.configurations = list(configurations or CONFIGURATIONS)
         self.runnable = available(self.configurations)
-        self.scenarios = [s for s in scenarios.build(self.settings)
-                          if only is None or only in s.name]
+        self.scenarios = select(scenarios.build(self.settings), only)
         self.log = log
         self.startup_timeout = startup_timeout
         self.results: dict[str, dict[str, Cell]] = {}
