@@ -16,7 +16,6 @@ the proxy has read every byte of it (see bpf/redirect.c, Order).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -141,15 +140,8 @@ class MsgRedirect:
             return None  # e.g. the application already closed: nothing left to speed up
         return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key, flow)
 
-    def _key(self, family: int, netns_cookie: int, local: tuple, remote: tuple
+    @staticmethod
+    def _key(family: int, netns_cookie: int, local: tuple, remote: tuple
              ) -> contract.CMsgKey:
-        key = contract.CMsgKey()
-        key.netns_cookie = netns_cookie
-        key.family = family
-        key.local_port = local[1]
-        key.remote_port = remote[1]
-        for field, address in ((key.local_ip, local[0]), (key.remote_ip, remote[0])):
-            raw = ipaddress.ip_address(address).packed
-            for i in range(0, len(raw), 4):
-                field[i // 4] = int.from_bytes(raw[i:i + 4], "little")
-        return key
+        return contract.msg_key(netns_cookie, family, contract.packed_address(family, local[0]),
+                                local[1], contract.packed_address(family, remote[0]), remote[1])

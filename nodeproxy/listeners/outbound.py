@@ -212,8 +212,7 @@ class OutboundProxy:
             opened.protocol.transport.close()  # type: ignore[union-attr]
         transport = down.transport
         assert transport is not None
-        initial = b"".join(down.early)
-        down.early = []
+        initial = down.take_early()
         http2_client = sniffed is Sniffed.HTTP2
         http2_upstream = mode is PortMode.HTTP2 or (mode is PortMode.DETECT and http2_client)
         connection = self._http.serve(
@@ -242,7 +241,7 @@ class OutboundProxy:
     def _relay(self, pod: EnrolledPod, down: Side, decision: Resolution,
                opened: Opened[Side], *, spliceable: bool) -> None:
         up, security, targets = opened.protocol, opened.security, opened.targets
-        meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
+        meter = self._metrics.meter(self._labels(pod, decision, security))
         pods = (pod.key, *(t.key for t in targets))
         splice = spliceable and pod.workload.splice and all(
             t.workload.splice for t in targets)

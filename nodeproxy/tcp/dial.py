@@ -33,7 +33,8 @@ async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float
     loop = asyncio.get_running_loop()
     try:
         check_socket(sock)  # an upstream never takes a descriptor of the reserve
-        await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
+        async with asyncio.timeout(timeout):  # no second task per dial, as wait_for makes
+            await loop.sock_connect(sock, (str(ip), port))
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()

@@ -82,7 +82,7 @@ class SpliceMetrics:
             registry=registry)
 
 
-@dataclass
+@dataclass(slots=True)
 class _End:
     """One socket of a spliced flow, as the source of its direction."""
 
@@ -101,20 +101,24 @@ class _End:
 class SplicedFlow:
     """One relay whose bytes the kernel moves."""
 
+    __slots__ = ("_down", "_ends", "_released", "_timer", "_up", "_waiters", "maps", "pods",
+                 "relay", "splicer", "taken_back")
+
     def __init__(self, splicer: Splicer, relay: Relay, pods: tuple[str, ...],
                  ends: tuple[_End, _End]):
         self.splicer = splicer
         self.maps = splicer.maps
         self.relay = relay
         self.pods = pods
-        self._ends = {id(end.side): end for end in ends}
-        self._waiters: set[asyncio.Task] = set()
+        self._ends = ends  # downstream's, upstream's
+        self._down, self._up = ends
+        self._waiters: set[asyncio.Task] | None = None  # made for the first waiter
         self._released = False
         self.taken_back = False
         self._timer: asyncio.TimerHandle | None = None
 
     def _end(self, side: Side) -> _End:
-        return self._ends[id(side)]
+        return self._down if side is self._down.side else self._up
 
     # -- what the kernel and Python have moved -----------------------------------
 
@@ -245,7 +249,7 @@ class SplicedFlow:
         look again: when, at the rate a direction moved since the last check, it would
         have used half of what is left of its credit."""
         wait = CHECK_MAX
-        for end in self._ends.values():
+        for end in self._ends:
             if end.side.got_eof:
                 continue
             moved = self.moved(end.side)
@@ -266,9 +270,9 @@ class SplicedFlow:
         self.taken_back = True
         self._cancel_timer()
         self.splicer.flows.discard(self)
-        for end in self._ends.values():
+        for end in self._ends:
             self.maps.steer(end.cookie, "proxy", end.consumed, end.credit)
-        await asyncio.gather(*(self.wait_delivered(end.side) for end in self._ends.values()))
+        await asyncio.gather(*(self.wait_delivered(end.side) for end in self._ends))
         self.splicer.metrics.flows.labels("taken_back").inc()
 
     # -- the end ------------------------------------------------------------------
@@ -279,11 +283,11 @@ class SplicedFlow:
             return
         self._released = True
         self._cancel_timer()
-        for end in self._ends.values():
+        for end in self._ends:
             self.relay.account(end.side, self.maps.counters(end.cookie)[0])
-        self.maps.release(*(end.cookie for end in self._ends.values()))
+        self.maps.release(*(end.cookie for end in self._ends))
         self.splicer.flows.discard(self)
-        for task in self._waiters:
+        for task in self._waiters or ():
             task.cancel()
 
     def _cancel_timer(self) -> None:
@@ -293,6 +297,8 @@ class SplicedFlow:
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
+        if self._waiters is None:
+            self._waiters = set()
         self._waiters.add(task)
         task.add_done_callback(self._waiters.discard)
 
