@@ -40,16 +40,22 @@ class ProxyReads:
     also looks at the flow first, to notice that it is back.  Otherwise the count is
     posted every POST_EVERY bytes (and the flow looked at again).  Two system calls per
     read while a direction is on TCP, none per read while it is redirected.
+
+    One per relayed connection, idle ones included: slots, and the value and flow buffers
+    each post and look fill and use at once are shared (one event-loop thread).
     """
 
+    __slots__ = ("_app_key", "_cookie", "_flows", "_posted", "_reads", "_watching", "total")
+
+    _value = contract.MSG_PROXY_READ.value(0)  # scratch: filled, then written
+    _flow = contract.CMsgFlow()  # scratch: each look reads into it, then tests it
+
     def __init__(self, reads: BpfMap, app_cookie: int, flows: BpfMap,
-                 app_key: contract.CMsgKey, flow: contract.CMsgFlow):
+                 app_key: contract.CMsgKey):
         self._reads = reads
         self._cookie = contract.MSG_PROXY_READ.key(app_cookie)
-        self._value = contract.MSG_PROXY_READ.value(0)
         self._flows = flows
         self._app_key = app_key
-        self._flow = flow  # refreshed by each look
         self._watching = True  # believed on TCP: post after every read
         self._posted = 0
         self.total = 0
@@ -81,18 +87,26 @@ class ProxyReads:
         return bool(self._flow.send_on_tcp)
 
 
+class _CountedReads:
+    """A relay's byte callback that also reports what it read from the downstream side
+    (a slotted object: smaller than a closure, and one per connection)."""
+
+    __slots__ = ("_on_bytes", "_reads")
+
+    def __init__(self, on_bytes: Callable[[bool, int], None], reads: ProxyReads):
+        self._on_bytes = on_bytes
+        self._reads = reads
+
+    def __call__(self, from_downstream: bool, n: int) -> None:
+        self._on_bytes(from_downstream, n)
+        if from_downstream:
+            self._reads.consumed(n)
+
+
 def counting_reads(on_bytes: Callable[[bool, int], None], reads: ProxyReads | None
                    ) -> Callable[[bool, int], None]:
     """A relay's byte callback that also reports what it read from the downstream side."""
-    if reads is None:
-        return on_bytes
-
-    def counted(from_downstream: bool, n: int) -> None:
-        on_bytes(from_downstream, n)
-        if from_downstream:
-            reads.consumed(n)
-
-    return counted
+    return on_bytes if reads is None else _CountedReads(on_bytes, reads)
 
 
 class MsgRedirect:
@@ -138,7 +152,7 @@ class MsgRedirect:
             self._sockets.put(proxy_key, sock.fileno())
         except OSError:
             return None  # e.g. the application already closed: nothing left to speed up
-        return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key, flow)
+        return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key)
 
     @staticmethod
     def _key(family: int, netns_cookie: int, local: tuple, remote: tuple
