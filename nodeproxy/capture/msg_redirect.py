@@ -16,6 +16,7 @@ the proxy has read every byte of it (see bpf/redirect.c, Order).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -126,8 +127,11 @@ class MsgRedirect:
         self._settings.put(0, 1 if on else 0)
         self.enabled = on
 
-    def enable(self, sock: Any, netns_cookie: int) -> ProxyReads | None:
+    def enable(self, sock: Any, netns_cookie: int, local: tuple, remote: tuple
+               ) -> ProxyReads | None:
         """Put the proxy's accepted socket of a captured connection on the fast path.
+        `local` and `remote` are its addresses (what its transport already knows: asking
+        uvloop's socket object makes a system call and keeps a copy per connection).
 
         Call it before the proxy writes to the socket, and only for a connection the
         proxy relays itself: never for one it splices.  Returns where to report what the
@@ -136,18 +140,15 @@ class MsgRedirect:
         """
         if not self.enabled:
             return None
-        try:
-            local, remote = sock.getsockname(), sock.getpeername()
-        except OSError:
-            return None
-        app_key = self._key(sock.family, netns_cookie, remote, local)
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        app_key = self._key(family, netns_cookie, remote, local)
         try:
             flow = self._flows.get(app_key)
         except OSError:
             return None
         if flow is None:
             return None
-        proxy_key = self._key(sock.family, netns_cookie, local, remote)
+        proxy_key = self._key(family, netns_cookie, local, remote)
         try:
             self._sockets.put(proxy_key, sock.fileno())
         except OSError:

@@ -267,8 +267,12 @@ class OutboundProxy:
         proxy-side socket would receive by redirect, past the splice verdict."""
         if self._msg_redirect is None or down.transport is None:
             return None
-        sock = down.transport.get_extra_info("socket")
-        return self._msg_redirect.enable(sock, pod.netns_cookie) if sock else None
+        transport = down.transport
+        sock = transport.get_extra_info("socket")
+        local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if sock is None or local is None or remote is None:
+            return None
+        return self._msg_redirect.enable(sock, pod.netns_cookie, local, remote)
 
     def _ender(self, meter: ConnectionMeter) -> Callable[[Relay], None]:
         """What a relay calls when it ends, one per meter (not a closure per connection)."""

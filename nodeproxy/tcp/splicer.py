@@ -62,8 +62,13 @@ POLL_MAX = 0.02
 # what a destination's send queue has taken (its backlog never exceeds this).
 FLOW_TICK = 0.005
 CREDIT_WINDOW = 8 * 1024 * 1024
-# A quiet flow is checked at least this often.
+# A flow is checked at least this often while it moves bytes; one that moved nothing since
+# its last check waits twice as long each time, up to QUIET_MAX (an idle spliced flow then
+# costs the daemon a look every QUIET_MAX, not every second: thousands of idle keep-alive
+# connections add up).  Python's part in the flow (bytes passed to it, an EOF) brings the
+# pace back at once.
 CHECK_MAX = 1.0
+QUIET_MAX = 16.0
 # How often half-closed spliced flows are checked for a reset on their quiet side.
 WATCH_SECONDS = 0.5
 
@@ -101,8 +106,8 @@ class _End:
 class SplicedFlow:
     """One relay whose bytes the kernel moves."""
 
-    __slots__ = ("_down", "_ends", "_released", "_timer", "_up", "_waiters", "maps", "pods",
-                 "relay", "splicer", "taken_back")
+    __slots__ = ("_down", "_ends", "_quiet", "_released", "_timer", "_up", "_waiters", "maps",
+                 "pods", "relay", "splicer", "taken_back")
 
     def __init__(self, splicer: Splicer, relay: Relay, pods: tuple[str, ...],
                  ends: tuple[_End, _End]):
@@ -116,6 +121,7 @@ class SplicedFlow:
         self._released = False
         self.taken_back = False
         self._timer: asyncio.TimerHandle | None = None
+        self._quiet = CHECK_MAX  # the next wait if the flow stays quiet (next_wait)
 
     def _end(self, side: Side) -> _End:
         return self._down if side is self._down.side else self._up
@@ -153,6 +159,7 @@ class SplicedFlow:
         if end.held is None:
             end.held = []
             self.splicer.metrics.held.inc()
+            self._wake()
             self._spawn(self._release_held(src))
         end.held.append(data)
         src.pause()
@@ -172,6 +179,7 @@ class SplicedFlow:
         end = self._end(src)
         end.from_python += n
         self._renew(end)
+        self._wake()
 
     def _renew(self, end: _End, moved: int | None = None) -> None:
         """Tell the verdict what Python has consumed and renew the credit."""
@@ -205,6 +213,7 @@ class SplicedFlow:
 
     def on_eof(self, src: Side) -> None:
         """src's peer closed its writing: pass the FIN on after src's bytes."""
+        self._wake()  # the reset watch of a half-closed flow
         self._spawn(self._forward_eof(src))
 
     async def _forward_eof(self, src: Side) -> None:
@@ -237,12 +246,26 @@ class SplicedFlow:
         if self._released or self.taken_back or self.relay.done.done():
             return
         loop = asyncio.get_running_loop()
+        before = self._down.checked_moved + self._up.checked_moved
         wait = self.regulate(loop.time())
-        if self.relay.downstream.got_eof or self.relay.upstream.got_eof:
+        half_closed = self.relay.downstream.got_eof or self.relay.upstream.got_eof
+        if half_closed:
             self.check_alive()
             wait = min(wait, WATCH_SECONDS)
+        quiet = (self._down.checked_moved + self._up.checked_moved == before
+                 and self._down.held is None and self._up.held is None)
+        wait, self._quiet = next_wait(wait, self._quiet, quiet and not half_closed)
         if not self.relay.done.done():
             self._timer = loop.call_later(wait, self._check)
+
+    def _wake(self) -> None:
+        """Python has a part in the flow again: if a quiet flow's check is far off, bring
+        it to the next FLOW_TICK."""
+        if self._quiet > CHECK_MAX:
+            self._quiet = CHECK_MAX
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = asyncio.get_running_loop().call_later(FLOW_TICK, self._check)
 
     def regulate(self, now: float) -> float:
         """Flow control for both directions (see the module docstring); returns when to
@@ -301,6 +324,16 @@ class SplicedFlow:
             self._waiters = set()
         self._waiters.add(task)
         task.add_done_callback(self._waiters.discard)
+
+
+def next_wait(wait: float, quiet_wait: float, quiet: bool) -> tuple[float, float]:
+    """(when to check a flow next, the wait after that if it stays quiet): a flow that moved
+    nothing since its last check waits quiet_wait (at least `wait`, what flow control
+    asks), doubling each quiet check up to QUIET_MAX; one that moved goes back to the
+    flow-control pace and CHECK_MAX."""
+    if not quiet:
+        return wait, CHECK_MAX
+    return max(wait, quiet_wait), min(quiet_wait * 2, QUIET_MAX)
 
 
 class Splicer:
