@@ -81,19 +81,18 @@ def packed_address(family: int, text: str) -> bytes:
 
 
 def dial_key(family: int, remote_ip: bytes, remote_port: int, local_ip: bytes,
-             local_port: int) -> CDialKey:
-    """struct dial_key of a dial from remote_ip:remote_port (the client's address, bound
-    by the proxy) to local_ip:local_port (in the pod); the remote port in network order,
-    as sk_lookup has it."""
-    return CDialKey.from_buffer_copy(_DIAL_KEY.pack(
-        remote_ip, local_ip, socket.htons(remote_port), family, local_port))
+             local_port: int) -> bytes:
+    """struct dial_key, packed, of a dial from remote_ip:remote_port (the client's address,
+    bound by the proxy) to local_ip:local_port (in the pod); the remote port in network
+    order, as sk_lookup has it."""
+    return _DIAL_KEY.pack(remote_ip, local_ip, socket.htons(remote_port), family, local_port)
 
 
 def msg_key(netns_cookie: int, family: int, local_ip: bytes, local_port: int,
-            remote_ip: bytes, remote_port: int) -> CMsgKey:
-    """struct msg_key of one socket of a connection, seen from that socket."""
-    return CMsgKey.from_buffer_copy(_MSG_KEY.pack(
-        netns_cookie, local_ip, remote_ip, local_port, remote_port, family, 0))
+            remote_ip: bytes, remote_port: int) -> bytes:
+    """struct msg_key, packed, of one socket of a connection, seen from that socket."""
+    return _MSG_KEY.pack(netns_cookie, local_ip, remote_ip, local_port, remote_port,
+                         family, 0)
 
 
 class CIpKey(ctypes.Structure):

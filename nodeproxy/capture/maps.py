@@ -109,7 +109,7 @@ class CaptureMaps:
         return key
 
     @staticmethod
-    def _dial_key(source: tuple[str, int], dest: tuple[str, int]) -> contract.CDialKey:
+    def _dial_key(source: tuple[str, int], dest: tuple[str, int]) -> bytes:
         family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
         return contract.dial_key(family, contract.packed_address(family, source[0]), source[1],
                                  contract.packed_address(family, dest[0]), dest[1])

@@ -17,12 +17,15 @@ the proxy has read every byte of it (see bpf/redirect.c, Order).
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from nodeproxy.capture import contract
 from nodeproxy.capture.constants import MSG_TO_PROXY_PENDING
 from nodeproxy.capture.map_access import BpfMap, MapSet
+
+_COOKIE = struct.Struct("=Q")  # np_msg_proxy_read's key: the application socket's cookie
 
 # Once the application's direction is back on the fast path, the proxy posts its read
 # count every quarter of the pending bound (so a busy connection never hits the bound just
@@ -52,9 +55,9 @@ class ProxyReads:
     _flow = contract.CMsgFlow()  # scratch: each look reads into it, then tests it
 
     def __init__(self, reads: BpfMap, app_cookie: int, flows: BpfMap,
-                 app_key: contract.CMsgKey):
+                 app_key: bytes):
         self._reads = reads
-        self._cookie = contract.MSG_PROXY_READ.key(app_cookie)
+        self._cookie = _COOKIE.pack(app_cookie)  # the key, packed
         self._flows = flows
         self._app_key = app_key
         self._watching = True  # believed on TCP: post after every read
@@ -156,7 +159,6 @@ class MsgRedirect:
         return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key)
 
     @staticmethod
-    def _key(family: int, netns_cookie: int, local: tuple, remote: tuple
-             ) -> contract.CMsgKey:
+    def _key(family: int, netns_cookie: int, local: tuple, remote: tuple) -> bytes:
         return contract.msg_key(netns_cookie, family, contract.packed_address(family, local[0]),
                                 local[1], contract.packed_address(family, remote[0]), remote[1])

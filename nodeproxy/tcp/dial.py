@@ -29,11 +29,13 @@ def relay_side() -> Side:
     return Side("upstream", start_paused=True)
 
 
-async def connect_socket(sock: socket.socket, address: tuple[str, int]) -> None:
+async def connect_socket(sock: socket.socket, address: tuple[str, int],
+                         timeout: float | None = None) -> None:
     """Connect a non-blocking socket to a numeric address, as loop.sock_connect would,
     without its name resolution: uvloop's sock_connect passes every address, numeric or
     not, to getaddrinfo in its thread pool (a thread hop per dial, and a queue when many
-    dials start at once).  OSError as connect() reports it."""
+    dials start at once).  OSError as connect() reports it; TimeoutError after `timeout`
+    seconds (a timer only when the connect does not complete at once)."""
     err = sock.connect_ex(address)
     if err == 0:
         return
@@ -43,10 +45,13 @@ async def connect_socket(sock: socket.socket, address: tuple[str, int]) -> None:
     writable: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
     loop.add_writer(fd, _set_done, writable)
+    timer = None if timeout is None else loop.call_later(timeout, _expire, writable)
     try:
         await writable
     finally:
         loop.remove_writer(fd)
+        if timer is not None:
+            timer.cancel()
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
@@ -57,13 +62,17 @@ def _set_done(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("connect timed out"))
+
+
 async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
                    side: P) -> P:
     loop = asyncio.get_running_loop()
     try:
         check_socket(sock)  # an upstream never takes a descriptor of the reserve
-        async with asyncio.timeout(timeout):  # no second task per dial, as wait_for makes
-            await connect_socket(sock, (str(ip), port))
+        await connect_socket(sock, (str(ip), port), timeout)
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()

@@ -68,3 +68,17 @@ def test_packed_address_is_the_kernel_form_and_refuses_garbage():
                          (socket.AF_INET6, "not-an-address")):
         with pytest.raises(OSError):
             contract.packed_address(family, text)
+
+
+def test_a_packed_key_of_the_wrong_size_never_reaches_the_kernel():
+    from nodeproxy.capture.map_access import BpfMap
+
+    dials = BpfMap(contract.PROXY_DIALS, -1)  # no map: the check comes before any call
+    key = contract.dial_key(socket.AF_INET, bytes(4), 1, bytes(4), 2)
+    assert len(key) == contract.ctypes.sizeof(contract.CDialKey)
+    assert dials._key_ref(key) is key
+    for wrong in (key[:-1], key + b"\0", b""):
+        with pytest.raises(ValueError, match="proxy_dials"):
+            dials.put(wrong, 1)
+        with pytest.raises(ValueError):
+            dials.delete(wrong)

@@ -60,10 +60,16 @@ def test_a_timed_out_connect_leaves_no_writer_behind():
                     fillers.append(filler)
                     filler.connect_ex(srv.getsockname())
                 with _client() as sock:
+                    started = loop.time()
                     with pytest.raises(TimeoutError):
-                        async with asyncio.timeout(0.3):
-                            await connect_socket(sock, srv.getsockname())
+                        await connect_socket(sock, srv.getsockname(), timeout=0.3)
+                    assert 0.25 <= loop.time() - started < 5
                     assert not loop.remove_writer(sock.fileno())  # nothing was left
+                with _client() as sock:  # cancelled from outside: the same
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.2):
+                            await connect_socket(sock, srv.getsockname(), timeout=60)
+                    assert not loop.remove_writer(sock.fileno())
             finally:
                 for filler in fillers:
                     filler.close()
