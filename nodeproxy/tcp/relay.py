@@ -153,7 +153,7 @@ class Relay:
     """Joins a downstream (client) side and an upstream (server) side."""
 
     __slots__ = ("_on_bytes", "_on_done", "bytes_from_downstream", "bytes_from_upstream",
-                 "done", "downstream", "last_active", "splice", "upstream")
+                 "_done", "downstream", "finished", "last_active", "splice", "upstream")
 
     def __init__(
         self,
@@ -166,7 +166,8 @@ class Relay:
         self.upstream = upstream
         self._on_bytes = on_bytes  # (from_downstream, n)
         self._on_done = on_done
-        self.done = asyncio.get_running_loop().create_future()
+        self._done: asyncio.Future[None] | None = None  # made when someone waits (done)
+        self.finished = False  # both sides closed
         self.bytes_from_downstream = 0
         self.bytes_from_upstream = 0
         self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
@@ -189,6 +190,16 @@ class Relay:
                 self.on_eof(side)
         self.downstream.resume()
         self.upstream.resume()
+
+    @property
+    def done(self) -> asyncio.Future[None]:
+        """Resolved once both sides are closed.  Made on first use (drain, run): an idle
+        relay holds no future."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self.finished:
+                self._done.set_result(None)
+        return self._done
 
     async def run(self) -> None:
         """Start, then wait until both sides are closed; cancelled, both are reset."""
@@ -261,9 +272,11 @@ class Relay:
         reset(self.upstream.transport)
 
     def _finish(self) -> None:
-        if self.downstream.lost and self.upstream.lost and not self.done.done():
+        if self.downstream.lost and self.upstream.lost and not self.finished:
+            self.finished = True
             if self.splice is not None:
                 self.splice.finish()
-            self.done.set_result(None)
+            if self._done is not None:
+                self._done.set_result(None)
             self._on_done(self)
 

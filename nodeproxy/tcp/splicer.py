@@ -203,13 +203,13 @@ class SplicedFlow:
         when the peer's connection died first (it was reset): the relay is reset."""
         delay = POLL_FIRST
         dst = self.relay.peer(src)
-        while not self.relay.done.done() and not self.delivered(src):
+        while not self.relay.finished and not self.delivered(src):
             if self._reset(dst):
                 self.relay.abort()
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
-        return not self.relay.done.done()
+        return not self.relay.finished
 
     def on_eof(self, src: Side) -> None:
         """src's peer closed its writing: pass the FIN on after src's bytes."""
@@ -231,7 +231,7 @@ class SplicedFlow:
         """After a side's EOF nothing reads its socket any more, so a reset arriving
         there later would go unnoticed while the kernel moves bytes into it: ask the
         kernel, and pass the reset on."""
-        if not self.relay.done.done() and any(
+        if not self.relay.finished and any(
                 self._reset(side) for side in (self.relay.downstream, self.relay.upstream)):
             self.relay.abort()
 
@@ -243,7 +243,7 @@ class SplicedFlow:
         flow control at the pace the flow needs and, while a side is half-closed, the
         reset watch every WATCH_SECONDS."""
         self._timer = None
-        if self._released or self.taken_back or self.relay.done.done():
+        if self._released or self.taken_back or self.relay.finished:
             return
         loop = asyncio.get_running_loop()
         before = self._down.checked_moved + self._up.checked_moved
@@ -255,7 +255,7 @@ class SplicedFlow:
         quiet = (self._down.checked_moved + self._up.checked_moved == before
                  and self._down.held is None and self._up.held is None)
         wait, self._quiet = next_wait(wait, self._quiet, quiet and not half_closed)
-        if not self.relay.done.done():
+        if not self.relay.finished:
             self._timer = loop.call_later(wait, self._check)
 
     def _wake(self) -> None:
@@ -359,7 +359,7 @@ class Splicer:
         self._attempt(relay, tuple(pods), RETRIES)
 
     def _attempt(self, relay: Relay, pods: tuple[str, ...], retries: int) -> None:
-        if relay.done.done() or relay.splice is not None or not self.enabled:
+        if relay.finished or relay.splice is not None or not self.enabled:
             return
         if not relay.idle():
             if retries > 0:
