@@ -78,7 +78,8 @@ class SpliceMetrics:
         self.flows = Counter(
             "nodeproxy_splice_flows",
             "Flows handed to the kernel (spliced), or that could not be (failed: the kernel "
-            "refused a socket; busy: data kept waiting in the proxy)",
+            "refused a socket; busy: data kept waiting in the proxy; ended: a side had "
+            "closed its writing before the splice)",
             ("event",), registry=registry)
         self.held = Counter(
             "nodeproxy_splice_held",
@@ -360,6 +361,12 @@ class Splicer:
 
     def _attempt(self, relay: Relay, pods: tuple[str, ...], retries: int) -> None:
         if relay.finished or relay.splice is not None or not self.enabled:
+            return
+        if relay.downstream.got_eof or relay.upstream.got_eof:
+            # A socket whose FIN the proxy has read is in CLOSE_WAIT, which the sockhash
+            # refuses: the attempt would fail.  Short connections end this way before their
+            # splice (a request, an answer, a close); the relay finishes them.
+            self.metrics.flows.labels("ended").inc()
             return
         if not relay.idle():
             if retries > 0:

@@ -27,3 +27,31 @@ def test_a_flow_that_moved_goes_back_to_flow_controls_pace_at_once():
 def test_flow_control_is_never_slowed_below_what_it_asks_for_when_moving():
     for asked in (FLOW_TICK, 0.1, CHECK_MAX):
         assert next_wait(asked, 8.0, quiet=False)[0] == asked
+
+
+def test_a_flow_with_a_closed_side_is_not_offered_to_the_kernel_and_counted_ended():
+    """A socket whose FIN the proxy has read is in CLOSE_WAIT, which the sockhash refuses:
+    such a flow (a request, an answer, a close) is left to the relay, without a join."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from nodeproxy.tcp.relay import Relay, Side
+    from nodeproxy.tcp.splicer import SpliceMetrics, Splicer
+
+    class NoJoin:  # the kernel maps must not be touched
+        def join(self, *args: object) -> None:
+            raise AssertionError("a closing flow was offered to the kernel")
+
+    async def main() -> None:
+        registry = CollectorRegistry()
+        splicer = Splicer(NoJoin(), SpliceMetrics(registry), enabled=True)  # type: ignore[arg-type]
+        for closed in ("downstream", "upstream"):
+            relay = Relay(Side("downstream"), Side("upstream"), lambda *_: None,
+                          lambda _r: None)
+            getattr(relay, closed).got_eof = True
+            splicer.offer(relay, ("ns/a",))
+            assert relay.splice is None
+        assert registry.get_sample_value(
+            "nodeproxy_splice_flows_total", {"event": "ended"}) == 2
+    asyncio.run(main())
