@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,11 @@ CREDIT_WINDOW = 8 * 1024 * 1024
 # its last check waits twice as long each time, up to QUIET_MAX (an idle spliced flow then
 # costs the daemon a look every QUIET_MAX, not every second: thousands of idle keep-alive
 # connections add up).  Python's part in the flow (bytes passed to it, an EOF) brings the
-# pace back at once.
+# pace back at once.  A quiet flow waits without a timer of its own (about 600 bytes in
+# uvloop): in the splicer's wheel, one slot per second, turned by one timer.
 CHECK_MAX = 1.0
 QUIET_MAX = 16.0
+WHEEL_TICK = 1.0
 # How often half-closed spliced flows are checked for a reset on their quiet side.
 WATCH_SECONDS = 0.5
 
@@ -107,8 +110,8 @@ class _End:
 class SplicedFlow:
     """One relay whose bytes the kernel moves."""
 
-    __slots__ = ("_down", "_ends", "_quiet", "_released", "_timer", "_up", "_waiters", "maps",
-                 "pods", "relay", "splicer", "taken_back")
+    __slots__ = ("_down", "_ends", "_parked", "_quiet", "_released", "_timer", "_up",
+                 "_waiters", "maps", "pods", "relay", "splicer", "taken_back")
 
     def __init__(self, splicer: Splicer, relay: Relay, pods: tuple[str, ...],
                  ends: tuple[_End, _End]):
@@ -123,6 +126,7 @@ class SplicedFlow:
         self.taken_back = False
         self._timer: asyncio.TimerHandle | None = None
         self._quiet = CHECK_MAX  # the next wait if the flow stays quiet (next_wait)
+        self._parked: int | None = None  # the wheel slot a quiet flow waits in
 
     def _end(self, side: Side) -> _End:
         return self._down if side is self._down.side else self._up
@@ -256,17 +260,26 @@ class SplicedFlow:
         quiet = (self._down.checked_moved + self._up.checked_moved == before
                  and self._down.held is None and self._up.held is None)
         wait, self._quiet = next_wait(wait, self._quiet, quiet and not half_closed)
-        if not self.relay.finished:
+        if self.relay.finished:
+            return
+        if quiet and not half_closed:
+            self._parked = self.splicer.park(self, loop.time() + wait)
+        else:
             self._timer = loop.call_later(wait, self._check)
 
     def _wake(self) -> None:
         """Python has a part in the flow again: if a quiet flow's check is far off, bring
         it to the next FLOW_TICK."""
-        if self._quiet > CHECK_MAX:
-            self._quiet = CHECK_MAX
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = asyncio.get_running_loop().call_later(FLOW_TICK, self._check)
+        self._quiet = CHECK_MAX
+        if self._parked is not None:
+            self.splicer.unpark(self, self._parked)
+            self._parked = None
+            self._timer = asyncio.get_running_loop().call_later(FLOW_TICK, self._check)
+
+    def turned(self) -> None:
+        """The wheel reached this flow's slot."""
+        self._parked = None
+        self._check()
 
     def regulate(self, now: float) -> float:
         """Flow control for both directions (see the module docstring); returns when to
@@ -318,6 +331,9 @@ class SplicedFlow:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._parked is not None:
+            self.splicer.unpark(self, self._parked)
+            self._parked = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -345,6 +361,35 @@ class Splicer:
         self.metrics = metrics
         self.enabled = enabled and maps is not None
         self.flows: set[SplicedFlow] = set()
+        # Quiet flows by the loop second their next look is due (SplicedFlow._check).
+        self._wheel: dict[int, set[SplicedFlow]] = {}
+        self._wheel_timer: asyncio.TimerHandle | None = None
+
+    def park(self, flow: SplicedFlow, due: float) -> int:
+        """Keep a quiet flow until `due` (loop time; looked at within WHEEL_TICK after it);
+        returns its slot."""
+        slot = math.ceil(due)
+        self._wheel.setdefault(slot, set()).add(flow)
+        if self._wheel_timer is None:
+            self._wheel_timer = asyncio.get_running_loop().call_later(WHEEL_TICK, self._turn)
+        return slot
+
+    def unpark(self, flow: SplicedFlow, slot: int) -> None:
+        waiting = self._wheel.get(slot)
+        if waiting is not None:
+            waiting.discard(flow)
+            if not waiting:
+                del self._wheel[slot]
+
+    def _turn(self) -> None:
+        """Look at every parked flow whose slot is due; turn again while any is parked."""
+        self._wheel_timer = None
+        now = asyncio.get_running_loop().time()
+        for slot in sorted(slot for slot in self._wheel if slot <= now):
+            for flow in self._wheel.pop(slot):
+                flow.turned()
+        if self._wheel:
+            self._wheel_timer = asyncio.get_running_loop().call_later(WHEEL_TICK, self._turn)
 
     def would_take(self, up: Side, allowed: bool) -> bool:
         """Whether offer() will try to splice a relay with this upstream side (the sk_msg
