@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.tcp.relay import Relay, Side
-from nodeproxy.tcp.send_state import is_closed, sent_total
+from nodeproxy.tcp.send_state import is_closed, send_state, sent_total
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +429,13 @@ class Splicer:
         if any(s is None for s in socks):
             return  # not a socket (an HBONE stream): nothing for the kernel to join
         try:
-            bases = [sent_total(s) for s in socks]
+            states = [send_state(s) for s in socks]
+            if not all(established for established, _ in states):
+                # A FIN arrived that the relay has not read yet (CLOSE_WAIT): the kernel
+                # would refuse the socket.  The flow is ending; the relay finishes it.
+                self.metrics.flows.labels("ended").inc()
+                return
+            bases = [sent for _, sent in states]
             cookies = self.maps.join(socks[0], socks[1], CREDIT_WINDOW)
         except OSError as e:
             log.info("could not splice %s: %s", "/".join(pods) or "flow", e)
