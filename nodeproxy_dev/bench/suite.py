@@ -50,13 +50,17 @@ def stderr_log(message: str) -> None:
 
 
 def select(chosen: list[Scenario], only: str | None) -> list[Scenario]:
-    """The scenarios --only picks: the one named exactly `only` if there is one (so
+    """The scenarios --only picks, in their own order.  `only` is one text or several,
+    comma-separated; each picks the scenario named exactly that if there is one (so
     "connect same-node" leaves out "sustained connect same-node"), else every one whose
     name contains it."""
     if only is None:
         return chosen
-    exact = [s for s in chosen if s.name == only]
-    return exact or [s for s in chosen if only in s.name]
+    picked: set[str] = set()
+    for part in only.split(","):
+        exact = [s.name for s in chosen if s.name == part]
+        picked.update(exact or [s.name for s in chosen if part in s.name])
+    return [s for s in chosen if s.name in picked]
 
 
 class Suite:
