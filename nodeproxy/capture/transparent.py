@@ -100,7 +100,8 @@ def transparent_socket(netns: Netns, source_ip: str, family: int,
                        port: int = 0) -> socket.socket:
     """A non-blocking socket inside the pod's netns, bound to the client's address and
     `port` (0: a port the kernel searches).  OSError EADDRINUSE if `port` is taken."""
-    sock = netns.socket(family)
+    # Made non-blocking by socket() itself: one system call less than setblocking().
+    sock = netns.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         if family == socket.AF_INET:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
@@ -109,7 +110,6 @@ def transparent_socket(netns: Netns, source_ip: str, family: int,
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TRANSPARENT_MARK)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((source_ip, port))
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise

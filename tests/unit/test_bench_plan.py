@@ -293,3 +293,19 @@ def test_settle_waits_for_a_busy_proxy_within_its_bound(monkeypatch):
         for proc in (idle, busy):
             proc.kill()
             proc.wait()
+
+
+def test_only_takes_the_exact_name_before_the_substring():
+    quiet = {"log": lambda _message: None}
+    exact = Suite(QUICK, CONFIGURATIONS, only="connect same-node", **quiet)
+    assert [s.name for s in exact.scenarios] == ["connect same-node"]
+    idle = Suite(QUICK, CONFIGURATIONS, only="idle connections", **quiet)
+    assert [s.name for s in idle.scenarios] == ["idle connections"]
+    # Each comma-separated part is taken the same way.
+    both = Suite(QUICK, CONFIGURATIONS, only="idle connections,connect same-node", **quiet)
+    assert [s.name for s in both.scenarios] == ["connect same-node", "idle connections"]
+    # No scenario is called "connect": every one whose name has it, as before.
+    broad = Suite(QUICK, CONFIGURATIONS, only="connect", **quiet)
+    assert [s.name for s in broad.scenarios] == [
+        "connect same-node", "connect cross-node", "sustained connect same-node",
+        "sustained connect cross-node", "idle connections", "idle connections cross-node"]
