@@ -6,10 +6,13 @@ shrinks it, then joins the records into yet another bytes; on a bulk HBONE strea
 receiving node spent 2–3× the CPU per byte of this module (docs/benchmarks.md, "TLS layer
 under HBONE"). Here:
 
-- The socket is read into one reused 256 KiB buffer (a `BufferedProtocol`), all of it
-  given to OpenSSL at once; every complete record is decrypted *into* one reused 256 KiB
-  plaintext buffer (`SSLObject.read(n, buffer)`: no allocation per record), and each full
-  buffer, then the rest, reaches the protocol as one `bytes`: one copy per byte.
+- The socket is read into a 256 KiB buffer (a `BufferedProtocol`), all of it given to
+  OpenSSL at once; every complete record is decrypted *into* a 256 KiB plaintext buffer
+  (`SSLObject.read(n, buffer)`: no allocation per record), and each full buffer, then the
+  rest, reaches the protocol as one `bytes`: one copy per byte. The two buffers are shared
+  by every connection of the thread (`_Buffers`): their content matters only from a read
+  to the copy that follows it, with no other code in between, so an idle connection holds
+  none of them.
 - A write is encrypted at once; the ciphertext of all the writes of one event-loop turn
   goes to the socket in one `write` (at most `FLUSH_AT` bytes wait), so a burst of HTTP/2
   frames is one `send`. Flow control is the TCP transport's: its pause_writing and
@@ -32,11 +35,29 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 from typing import Any
 
 READ_BUFFER = 256 * 1024     # ciphertext read from the socket at once
 PLAIN_BUFFER = 256 * 1024    # plaintext decrypted before it is handed to the protocol
 FLUSH_AT = 256 * 1024        # ciphertext sent at once rather than at the end of the turn
+
+
+class _Buffers(threading.local):
+    """The read buffers of this thread's connections (see the module docstring)."""
+
+    cipher: memoryview | None = None
+    plain: memoryview | None = None
+
+    def get(self) -> tuple[memoryview, memoryview]:
+        if self.cipher is None or len(self.cipher) != READ_BUFFER:
+            self.cipher = memoryview(bytearray(READ_BUFFER))
+        if self.plain is None or len(self.plain) != PLAIN_BUFFER:
+            self.plain = memoryview(bytearray(PLAIN_BUFFER))
+        return self.cipher, self.plain
+
+
+_BUFFERS = _Buffers()
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -122,8 +143,6 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self._lost = False            # app.connection_lost was called
         self._error: BaseException | None = None
         self._flush_scheduled = False
-        self._cipher_view = memoryview(bytearray(READ_BUFFER))
-        self._plain_view = memoryview(bytearray(PLAIN_BUFFER))
         self._loop = asyncio.get_running_loop()
 
     def tcp(self) -> asyncio.Transport:
@@ -151,10 +170,10 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self._handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._cipher_view
+        return _BUFFERS.get()[0]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.incoming.write(self._cipher_view[:nbytes])
+        self.incoming.write(_BUFFERS.get()[0][:nbytes])
         if not self._handshaken:
             self._handshake()
             if not self._handshaken:
@@ -208,7 +227,8 @@ class _TlsRecords(asyncio.BufferedProtocol):
     def _decrypt(self) -> None:
         """Decrypt every complete record into the plaintext buffer; hand each full buffer,
         then the rest, to the protocol as one bytes."""
-        view, size, filled = self._plain_view, PLAIN_BUFFER, 0
+        view = _BUFFERS.get()[1]    # copied out before any other code runs
+        size, filled = len(view), 0
         eof = False
         try:
             while self.incoming.pending or self.sslobj.pending():

@@ -149,8 +149,8 @@ class _Pump(asyncio.Protocol):
 
 
 async def _start(candidate: str, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol,
-                 sock: socket.socket, context: ssl.SSLContext | None, server_side: bool
-                 ) -> asyncio.Transport:
+                 sock: socket.socket, context: ssl.SSLContext | None, server_side: bool,
+                 buffer_size: int = 0) -> asyncio.Transport:
     """Connect `protocol` over `sock` (connected or accepted) the candidate's way."""
     factory: Callable[[], asyncio.BaseProtocol] = lambda: protocol  # noqa: E731
     if candidate == "plain":
@@ -177,6 +177,8 @@ async def _start(candidate: str, loop: asyncio.AbstractEventLoop, protocol: asyn
         await waiter
     elif candidate == "memorybio":
         from nodeproxy.identity import tls_transport
+        if buffer_size:
+            tls_transport.READ_BUFFER = tls_transport.PLAIN_BUFFER = buffer_size
         if server_side:
             await tls_transport.accept(protocol, context, sock, handshake_timeout=10)
         else:
@@ -220,7 +222,8 @@ async def _receive(args: argparse.Namespace) -> dict[str, Any]:
     listener.close()
     done = loop.create_future()
     counter = _Counter(args.bytes, done)
-    transport = await _start(args.candidate, loop, counter, conn, context, server_side=True)
+    transport = await _start(args.candidate, loop, counter, conn, context, server_side=True,
+                             buffer_size=args.tls_buffer)
     await done
     assert counter.first is not None and counter.last is not None
     result = {
@@ -242,7 +245,8 @@ async def _send(args: argparse.Namespace) -> dict[str, Any]:
     sock.setblocking(False)
     done = loop.create_future()
     pump = _Pump(args.bytes, args.chunk, done)
-    transport = await _start(args.candidate, loop, pump, sock, context, server_side=False)
+    transport = await _start(args.candidate, loop, pump, sock, context, server_side=False,
+                             buffer_size=args.tls_buffer)
     if args.write_high:
         transport.set_write_buffer_limits(high=args.write_high)
     print("ready", flush=True)
@@ -309,6 +313,8 @@ def _worker_argv(role: str, candidate: str, material: Path, args: argparse.Names
             "--timeout", str(args.timeout), "--port", str(port)]
     if args.write_high:
         argv += ["--write-high", str(args.write_high)]
+    if args.tls_buffer:
+        argv += ["--tls-buffer", str(args.tls_buffer)]
     return argv
 
 
@@ -430,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", default="1", help="comma list: pairs run at once")
     parser.add_argument("--write-high", type=int, default=0,
                         help="sender's transport write high-water mark (0: the default)")
+    parser.add_argument("--tls-buffer", type=int, default=0,
+                        help="memorybio: its ciphertext and plaintext buffers (0: 256 KiB)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--crypto", action="store_true", help="also run openssl speed")
     parser.add_argument("--json", type=Path)
@@ -475,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "settings": {"mib": args.mib, "chunk": args.chunk, "rounds": args.rounds,
-                         "parallel": parallels, "write_high": args.write_high},
+                         "parallel": parallels, "write_high": args.write_high,
+                         "tls_buffer": args.tls_buffer},
             "rows": [asdict(m) for m in rows], "skipped": skipped, "crypto": ceiling,
             "versions": {"python": sys.version.split()[0], "openssl": ssl.OPENSSL_VERSION,
                          "uvloop": uvloop.__version__},

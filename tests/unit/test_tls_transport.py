@@ -138,6 +138,9 @@ def test_bulk_both_ways_intact(manager: CertificateManager, loop_kind: str) -> N
             "up": server.digest.digest(), "down": client.digest.digest(),
             "up_len": server.received, "down_len": client.received,
             "can_write_eof": client_transport.can_write_eof(),
+            # No resumption between nodes: the server sends no ticket.
+            "ticket": getattr(client_transport.get_extra_info("ssl_object").session,
+                              "has_ticket", False),
         }
         client_transport.close()        # close_notify: the server sees EOF, then the end
         seen["server_lost"] = await asyncio.wait_for(server.lost, TIMEOUT)
@@ -155,6 +158,7 @@ def test_bulk_both_ways_intact(manager: CertificateManager, loop_kind: str) -> N
     assert seen["peername"][0] == "127.0.0.1"
     assert seen["paused"] > 0           # the writers met backpressure and went on
     assert seen["can_write_eof"] is False
+    assert seen["ticket"] is False
     assert seen["server_eof"] is True and seen["server_lost"] is None
     assert seen["client_lost"] is None
 
