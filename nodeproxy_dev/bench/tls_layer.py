@@ -403,25 +403,28 @@ def crypto_ceiling() -> dict[str, float]:
 def _table(rows: Sequence[Measured]) -> str:
     """One line per (candidate, connections): median and best MB/s over the rounds, the
     median of the per-round ratios to uvloop (taken in the same round: machine noise
-    largely cancels), CPU seconds per GB of each side."""
+    largely cancels), CPU seconds per GB of each side, median and lowest (other load on
+    the machine only ever adds to them: the lowest is the least disturbed)."""
     by: dict[tuple[str, int], list[Measured]] = {}
     for m in rows:
         by.setdefault((m.candidate, m.parallel), []).append(m)
     uvloop_mbs = {(m.parallel, m.round): m.mb_per_s for m in rows if m.candidate == "uvloop"}
     lines = ["| candidate | connections (processes per side) | MB/s median | best | "
-             "÷ uvloop (same round, median) | sender CPU s/GB | receiver CPU s/GB | "
-             "peak RSS per process MiB | cipher |",
+             "÷ uvloop (same round, median) | sender CPU s/GB median (lowest) | "
+             "receiver CPU s/GB median (lowest) | peak RSS per process MiB | cipher |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (candidate, parallel), ms in by.items():
         mbs = [m.mb_per_s for m in ms]
+        send = [m.send_cpu_s_per_gb for m in ms]
+        recv = [m.recv_cpu_s_per_gb for m in ms]
         ratios = [m.mb_per_s / uvloop_mbs[(parallel, m.round)] for m in ms
                   if uvloop_mbs.get((parallel, m.round))]
         ratio = f"{statistics.median(ratios):.2f}" if ratios else "—"
         lines.append(
             f"| {candidate} | {parallel} | {statistics.median(mbs):.0f} | {max(mbs):.0f} "
             f"| {ratio} "
-            f"| {statistics.median(m.send_cpu_s_per_gb for m in ms):.2f} "
-            f"| {statistics.median(m.recv_cpu_s_per_gb for m in ms):.2f} "
+            f"| {statistics.median(send):.2f} ({min(send):.2f}) "
+            f"| {statistics.median(recv):.2f} ({min(recv):.2f}) "
             f"| {max(m.rss_kib_per_process for m in ms) / 1024:.1f} | {ms[0].cipher} |")
     return "\n".join(lines)
 
