@@ -1,6 +1,6 @@
 """The TLS layer under HBONE alone: one mutual-TLS 1.3 connection, bulk bytes one way.
 
-Run as root or not, from the repository, holding the machine's bench lock::
+Run from the repository (no root needed), holding the machine's bench lock::
 
     flock /work/bench.lock python -m nodeproxy_dev.bench.tls_layer \
         [--mib 512] [--chunk 65536] [--rounds 3] [--parallel 1,2] [--candidates ...] \
