@@ -8,12 +8,13 @@ hands Upgrade requests over whole (``H1Exchange.take_over``).  llhttp is strict 
 default: conflicting Content-Length and Transfer-Encoding, duplicate Content-Length,
 invalid chunk sizes, bare LF line ends, obsolete line folding, and control characters
 in the request line are errors.  On top of it this codec refuses a header block over
-its limit (431), any transfer coding but ``chunked`` (501, as Envoy does), Host sent
-twice, and a target or Host that request_target.py finds malformed (400: absolute
-form, ``*`` but for OPTIONS, a fragment, a bad escape, userinfo); header values lose
-surrounding whitespace.  Every
-malformed request gets its error response and the connection is closed; nothing else
-is touched.
+its limit (431; also while one field is still arriving: llhttp hands a field over only
+when it ends and buffers it until then, so the bytes fed since the parser last handed
+anything over are bounded too, ``_quiet_bytes``), any transfer coding but ``chunked``
+(501, as Envoy does), Host sent twice, and a target or Host that request_target.py
+finds malformed (400: absolute form, ``*`` but for OPTIONS, a fragment, a bad escape,
+userinfo); header values lose surrounding whitespace.  Every malformed request gets its
+error response and the connection is closed; nothing else is touched.
 
 Request-header timeout (HAProxy's ``timeout http-request``): a request head must be
 complete within ``request_headers_timeout`` of its first byte, and a new connection must
@@ -35,7 +36,9 @@ request body framed by its Content-Length or chunked, the response streamed back
 upgrade request (``send(..., upgrade=token)``, on a connection of its own) completes
 with a 101 response whose ``upgraded_to`` is the upstream's Upgrade token; the bytes after
 the 101 head are held for ``detach``.  A 101 to a request that offered no upgrade is an
-upstream protocol error (flag UPE).
+upstream protocol error (flag UPE).  An upstream is bounded like a client: a response
+header block over ``max_header_bytes``, counted as the server side counts it, fails the
+response (flag UC) and closes the connection.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import httptools
 
 from nodeproxy.codec.message import (
     HOP_BY_HOP,
+    MAX_HEADER_BYTES,
     Body,
     BodyError,
     BodyReader,
@@ -263,6 +267,15 @@ class _ContinueBody(Body):
 Handler = Callable[[H1Exchange], Awaitable[None]]
 
 
+def _unfinished_field(in_head: bool, limit: int) -> BadRequest:
+    """Over `limit` bytes fed with nothing handed over: one header field (or a trailer
+    field, after the head) that does not end, which llhttp would buffer whole."""
+    if in_head:
+        return BadRequest(431, f"request header block over {limit} bytes",
+                          "header_too_large")
+    return BadRequest(400, f"trailer field over {limit} bytes", "trailer_too_large")
+
+
 class H1Server(asyncio.Protocol):
     """A client connection speaking HTTP/1.x (see the module docstring)."""
 
@@ -293,6 +306,7 @@ class H1Server(asyncio.Protocol):
         self._url = bytearray()
         self._headers: Headers = []
         self._header_bytes = 0
+        self._quiet_bytes = 0  # fed since llhttp last handed anything over
         self._paused = False
         self._detached = False  # after a malformed request, or taken over: input ignored
         self._upgraded = False  # llhttp saw an upgrade: HTTP parsing has ended for good
@@ -333,7 +347,10 @@ class H1Server(asyncio.Protocol):
         if self._detached:
             return
         try:
+            self._quiet_bytes += len(data)  # a callback resets it
             self._parser.feed_data(data)
+            if self._quiet_bytes > self._max_header_bytes:
+                raise _unfinished_field(self._parsing is None, self._max_header_bytes)
         except httptools.HttpParserUpgrade as e:
             offset = e.args[0] if e.args else len(data)
             self._upgraded = True
@@ -390,6 +407,7 @@ class H1Server(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._quiet_bytes = 0
         self._url.clear()
         self._headers = []
         self._header_bytes = 0
@@ -397,10 +415,12 @@ class H1Server(asyncio.Protocol):
         self._head_empty = False
 
     def on_url(self, url: bytes) -> None:
+        self._quiet_bytes = 0
         self._url += url
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._quiet_bytes = 0
         self._count_header_bytes(len(name) + len(value) + 4)
         # RFC 9110 5.5: whitespace around a value is not part of it (llhttp leaves the
         # trailing part); policy must see the value the backend will.
@@ -469,12 +489,14 @@ class H1Server(asyncio.Protocol):
         self._next()
 
     def on_body(self, body: bytes) -> None:
+        self._quiet_bytes = 0
         if self._parsing is not None:
             self._parsing.body.feed(body)
             if self._parsing.body.over_high_water:
                 self._pause()
 
     def on_message_complete(self) -> None:
+        self._quiet_bytes = 0
         if self._parsing is not None:
             self._parsing.body.end()
             self._parsing = None
@@ -741,8 +763,12 @@ def encode_request(head: RequestHead, *, chunked: bool, upgrade: str | None = No
 class H1Client(asyncio.Protocol):
     """One upstream HTTP/1.1 connection (the UpstreamConnection interface of message.py)."""
 
-    def __init__(self, on_idle: Callable[[H1Client], None] | None = None):
+    def __init__(self, on_idle: Callable[[H1Client], None] | None = None, *,
+                 max_header_bytes: int = MAX_HEADER_BYTES):
         self._on_idle = on_idle
+        self._max_header_bytes = max_header_bytes
+        self._header_bytes = 0
+        self._quiet_bytes = 0  # fed since llhttp last handed anything over
         self.transport: asyncio.Transport | None = None
         self.writer = _Writer()
         self._parser = httptools.HttpResponseParser(self)
@@ -841,7 +867,12 @@ class H1Client(asyncio.Protocol):
             self._upgrade_rest += data
             return
         try:
+            self._quiet_bytes += len(data)  # a callback resets it
             self._parser.feed_data(data)
+            if self._quiet_bytes > self._max_header_bytes:
+                self._fail(UpstreamError("UC", "a response header or trailer field from "
+                                               f"upstream over {self._max_header_bytes} bytes"))
+                self.abort()
         except httptools.HttpParserUpgrade as e:
             # Only a 101 stops llhttp's response parser; on_headers_complete judged it.
             if self._switched:
@@ -878,9 +909,16 @@ class H1Client(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._quiet_bytes = 0
+        self._header_bytes = 0
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._quiet_bytes = 0
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header_bytes:
+            raise UpstreamError("UC", "response header block from upstream over "
+                                      f"{self._max_header_bytes} bytes")
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -923,12 +961,14 @@ class H1Client(asyncio.Protocol):
             self._head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
+        self._quiet_bytes = 0
         if self._body is not None:
             self._body.feed(body)
             if self._body.over_high_water and self.transport is not None:
                 self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        self._quiet_bytes = 0
         if self._status == 0 or self._switched:
             return  # an informational response, or a 101 (llhttp stops right after)
         self._complete()

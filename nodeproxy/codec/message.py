@@ -18,6 +18,10 @@ from typing import Protocol
 
 Headers = list[tuple[str, str]]
 
+# A header block's bound where no setting gives one (an upstream's response head):
+# Envoy's max_request_headers_kb and max_response_headers_kb default.
+MAX_HEADER_BYTES = 60 * 1024
+
 # Hop-by-hop headers (RFC 9110 7.6.1) never cross the proxy; HTTP/2 forbids them outright.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",

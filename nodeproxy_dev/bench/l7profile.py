@@ -84,6 +84,9 @@ def main() -> int:
                         help="h2load: HTTP/2 (prior knowledge) from the client, 10 streams "
                              "per connection, for --seconds")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--native", action="store_true",
+                        help="py-spy --native: C frames (uvloop, llhttp, compiled modules) "
+                             "under the Python ones")
     parser.add_argument("--perf", action="store_true",
                         help="also sample the daemon with perf (kernel and native frames): "
                              "OUT.perf")
@@ -107,7 +110,8 @@ def main() -> int:
         spy = None if args.no_profile else subprocess.Popen(
             [pyspy, "record", "--pid", str(daemon.pid), "--rate", "200",
              "--format", "raw", "-o", args.out + ".raw", "--duration",
-             str(int(args.seconds))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             str(int(args.seconds))] + (["--native"] if args.native else []),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         perf = subprocess.Popen(
             ["perf", "record", "-F", "499", "-g", "-p", str(daemon.pid), "-o",
              args.out + ".perf", "--", "sleep", str(args.seconds)],
