@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +66,33 @@ class CDialKey(ctypes.Structure):
 
     _fields_ = [("remote_ip", IP_WORDS), ("local_ip", IP_WORDS), ("remote_port", u16),
                 ("family", u16), ("local_port", u32)]
+
+
+# struct dial_key and struct msg_key packed in one call from packed addresses (what
+# socket.inet_pton and ipaddress's .packed give; 4 or 16 bytes, zero-padded to the four
+# words): a proxied connection builds them without parsing address strings.
+_DIAL_KEY = struct.Struct("=16s16sHHI")
+_MSG_KEY = struct.Struct("=Q16s16sIIII")
+
+
+def packed_address(family: int, text: str) -> bytes:
+    """An address string as the kernel keeps it (inet_pton; a scope suffix is dropped)."""
+    return socket.inet_pton(family, text.partition("%")[0])
+
+
+def dial_key(family: int, remote_ip: bytes, remote_port: int, local_ip: bytes,
+             local_port: int) -> bytes:
+    """struct dial_key, packed, of a dial from remote_ip:remote_port (the client's address,
+    bound by the proxy) to local_ip:local_port (in the pod); the remote port in network
+    order, as sk_lookup has it."""
+    return _DIAL_KEY.pack(remote_ip, local_ip, socket.htons(remote_port), family, local_port)
+
+
+def msg_key(netns_cookie: int, family: int, local_ip: bytes, local_port: int,
+            remote_ip: bytes, remote_port: int) -> bytes:
+    """struct msg_key, packed, of one socket of a connection, seen from that socket."""
+    return _MSG_KEY.pack(netns_cookie, local_ip, remote_ip, local_port, remote_port,
+                         family, 0)
 
 
 class CIpKey(ctypes.Structure):

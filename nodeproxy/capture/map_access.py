@@ -3,7 +3,9 @@ nodeproxy/capture/contract.py (bpf/maps.h), through libbpf.
 
 The loading child (nodeproxy.capture.load_child) hands the daemon a descriptor for every
 map; CaptureMaps, SpliceMaps and MsgRedirect read and write them only through `BpfMap`.
-Keys and values are the contract's ctypes layouts; a plain int stands for a scalar one.
+Keys and values are the contract's ctypes layouts; a plain int stands for a scalar one,
+and a key may also be given packed, as bytes of exactly the key's size (contract.dial_key,
+contract.msg_key: a per-connection key without a ctypes object).
 """
 
 from __future__ import annotations
@@ -25,9 +27,20 @@ class BpfMap:
     def __init__(self, spec: contract.MapSpec, fd: int):
         self.spec = spec
         self.fd = fd
+        self._key_size = ctypes.sizeof(spec.key)
 
     def key(self, key: Any) -> Any:
         return self.spec.key(key) if isinstance(key, int) else key
+
+    def _key_ref(self, key: Any) -> Any:
+        """What libbpf takes as the key: a packed key as it is (its size checked: the
+        kernel reads the key's full size from it), a layout or int by reference."""
+        if isinstance(key, bytes):
+            if len(key) != self._key_size:
+                raise ValueError(f"{self.spec.name}: a key is {self._key_size} bytes, "
+                                 f"not {len(key)}")
+            return key
+        return ctypes.byref(self.key(key))
 
     def value(self, value: Any) -> Any:
         return self.spec.value(value) if isinstance(value, int) else value
@@ -40,7 +53,7 @@ class BpfMap:
     def read_into(self, key: Any, value: Any) -> bool:
         """Read the value at key into value (no allocation: for per-read paths); False
         when there is no such key."""
-        code = libbpf.map_lookup(self.fd, ctypes.byref(self.key(key)), ctypes.byref(value))
+        code = libbpf.map_lookup(self.fd, self._key_ref(key), ctypes.byref(value))
         if code == errno.ENOENT:
             return False
         if code:
@@ -49,14 +62,14 @@ class BpfMap:
 
     def put(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
         """Write value at key (for a sockmap or sockhash, value is a socket's fd)."""
-        code = libbpf.map_update(self.fd, ctypes.byref(self.key(key)),
+        code = libbpf.map_update(self.fd, self._key_ref(key),
                                  ctypes.byref(self.value(value)), flags)
         if code:
             raise OSError(code, f"{self.spec.name}: update: {os.strerror(code)}")
 
     def delete(self, key: Any) -> bool:
         """Remove key; False when it was not there."""
-        code = libbpf.map_delete(self.fd, ctypes.byref(self.key(key)))
+        code = libbpf.map_delete(self.fd, self._key_ref(key))
         if code in (errno.ENOENT, errno.EINVAL) and self.spec.kind in ("sockmap", "array"):
             return False  # an empty sockmap slot; array slots cannot be deleted
         if code == errno.ENOENT:

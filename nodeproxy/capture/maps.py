@@ -108,17 +108,11 @@ class CaptureMaps:
             key.ip[i] = word
         return key
 
-    def _dial_key(self, source: tuple[str, int], dest: tuple[str, int]) -> contract.CDialKey:
-        src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(dest[0])
-        key = contract.CDialKey()
-        key.family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-        for i, word in enumerate(_words(src)):
-            key.remote_ip[i] = word
-        for i, word in enumerate(_words(dst)):
-            key.local_ip[i] = word
-        key.remote_port = socket.htons(source[1])
-        key.local_port = dest[1]
-        return key
+    @staticmethod
+    def _dial_key(source: tuple[str, int], dest: tuple[str, int]) -> bytes:
+        family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
+        return contract.dial_key(family, contract.packed_address(family, source[0]), source[1],
+                                 contract.packed_address(family, dest[0]), dest[1])
 
     def expect_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
         """The proxy is about to connect from `source` (a client's address) into a pod at

@@ -16,13 +16,16 @@ the proxy has read every byte of it (see bpf/redirect.c, Order).
 
 from __future__ import annotations
 
-import ipaddress
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from nodeproxy.capture import contract
 from nodeproxy.capture.constants import MSG_TO_PROXY_PENDING
 from nodeproxy.capture.map_access import BpfMap, MapSet
+
+_COOKIE = struct.Struct("=Q")  # np_msg_proxy_read's key: the application socket's cookie
 
 # Once the application's direction is back on the fast path, the proxy posts its read
 # count every quarter of the pending bound (so a busy connection never hits the bound just
@@ -41,16 +44,22 @@ class ProxyReads:
     also looks at the flow first, to notice that it is back.  Otherwise the count is
     posted every POST_EVERY bytes (and the flow looked at again).  Two system calls per
     read while a direction is on TCP, none per read while it is redirected.
+
+    One per relayed connection, idle ones included: slots, and the value and flow buffers
+    each post and look fill and use at once are shared (one event-loop thread).
     """
 
+    __slots__ = ("_app_key", "_cookie", "_flows", "_posted", "_reads", "_watching", "total")
+
+    _value = contract.MSG_PROXY_READ.value(0)  # scratch: filled, then written
+    _flow = contract.CMsgFlow()  # scratch: each look reads into it, then tests it
+
     def __init__(self, reads: BpfMap, app_cookie: int, flows: BpfMap,
-                 app_key: contract.CMsgKey, flow: contract.CMsgFlow):
+                 app_key: bytes):
         self._reads = reads
-        self._cookie = contract.MSG_PROXY_READ.key(app_cookie)
-        self._value = contract.MSG_PROXY_READ.value(0)
+        self._cookie = _COOKIE.pack(app_cookie)  # the key, packed
         self._flows = flows
         self._app_key = app_key
-        self._flow = flow  # refreshed by each look
         self._watching = True  # believed on TCP: post after every read
         self._posted = 0
         self.total = 0
@@ -82,18 +91,26 @@ class ProxyReads:
         return bool(self._flow.send_on_tcp)
 
 
+class _CountedReads:
+    """A relay's byte callback that also reports what it read from the downstream side
+    (a slotted object: smaller than a closure, and one per connection)."""
+
+    __slots__ = ("_on_bytes", "_reads")
+
+    def __init__(self, on_bytes: Callable[[bool, int], None], reads: ProxyReads):
+        self._on_bytes = on_bytes
+        self._reads = reads
+
+    def __call__(self, from_downstream: bool, n: int) -> None:
+        self._on_bytes(from_downstream, n)
+        if from_downstream:
+            self._reads.consumed(n)
+
+
 def counting_reads(on_bytes: Callable[[bool, int], None], reads: ProxyReads | None
                    ) -> Callable[[bool, int], None]:
     """A relay's byte callback that also reports what it read from the downstream side."""
-    if reads is None:
-        return on_bytes
-
-    def counted(from_downstream: bool, n: int) -> None:
-        on_bytes(from_downstream, n)
-        if from_downstream:
-            reads.consumed(n)
-
-    return counted
+    return on_bytes if reads is None else _CountedReads(on_bytes, reads)
 
 
 class MsgRedirect:
@@ -113,8 +130,11 @@ class MsgRedirect:
         self._settings.put(0, 1 if on else 0)
         self.enabled = on
 
-    def enable(self, sock: Any, netns_cookie: int) -> ProxyReads | None:
+    def enable(self, sock: Any, netns_cookie: int, local: tuple, remote: tuple
+               ) -> ProxyReads | None:
         """Put the proxy's accepted socket of a captured connection on the fast path.
+        `local` and `remote` are its addresses (what its transport already knows: asking
+        uvloop's socket object makes a system call and keeps a copy per connection).
 
         Call it before the proxy writes to the socket, and only for a connection the
         proxy relays itself: never for one it splices.  Returns where to report what the
@@ -123,33 +143,22 @@ class MsgRedirect:
         """
         if not self.enabled:
             return None
-        try:
-            local, remote = sock.getsockname(), sock.getpeername()
-        except OSError:
-            return None
-        app_key = self._key(sock.family, netns_cookie, remote, local)
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        app_key = self._key(family, netns_cookie, remote, local)
         try:
             flow = self._flows.get(app_key)
         except OSError:
             return None
         if flow is None:
             return None
-        proxy_key = self._key(sock.family, netns_cookie, local, remote)
+        proxy_key = self._key(family, netns_cookie, local, remote)
         try:
             self._sockets.put(proxy_key, sock.fileno())
         except OSError:
             return None  # e.g. the application already closed: nothing left to speed up
-        return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key, flow)
+        return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key)
 
-    def _key(self, family: int, netns_cookie: int, local: tuple, remote: tuple
-             ) -> contract.CMsgKey:
-        key = contract.CMsgKey()
-        key.netns_cookie = netns_cookie
-        key.family = family
-        key.local_port = local[1]
-        key.remote_port = remote[1]
-        for field, address in ((key.local_ip, local[0]), (key.remote_ip, remote[0])):
-            raw = ipaddress.ip_address(address).packed
-            for i in range(0, len(raw), 4):
-                field[i // 4] = int.from_bytes(raw[i:i + 4], "little")
-        return key
+    @staticmethod
+    def _key(family: int, netns_cookie: int, local: tuple, remote: tuple) -> bytes:
+        return contract.msg_key(netns_cookie, family, contract.packed_address(family, local[0]),
+                                local[1], contract.packed_address(family, remote[0]), remote[1])

@@ -104,8 +104,13 @@ class Netns:
         return (st.st_ino, st.st_dev) != (self.inode, self.device)
 
     def socket(self, family: int, type_: int = socket.SOCK_STREAM) -> socket.socket:
-        with entered(self.fd):
+        # entered(), without a generator: every transparent dial comes here.
+        own = _own_netns()
+        _setns(self.fd)
+        try:
             return socket.socket(family, type_)
+        finally:
+            _setns(own)
 
     def listener(self, family: int, host: str, port: int, backlog: int = 4096
                  ) -> socket.socket:

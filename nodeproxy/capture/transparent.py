@@ -8,7 +8,12 @@ without iptables:
   the mark of the proxy's SYN;
 - `ip rule fwmark TRANSPARENT_MARK lookup TABLE` with `local default dev lo`
   in TABLE (v4 and v6): packets carrying the mark are delivered locally, to
-  the proxy's transparent socket, instead of being routed out of the pod.
+  the proxy's transparent socket, instead of being routed out of the pod;
+- net.ipv4.fwmark_reflect=1 and net.ipv6.fwmark_reflect=1: a reply the kernel
+  sends for no socket (the reset to a SYN for a port nothing listens on)
+  carries the mark of the packet it answers, so it too comes back: the dial is
+  refused at once instead of hanging until its connect timeout.  The pod's own
+  packets carry no mark, so their resets and ICMP replies are as before.
 Only sockets of connections the proxy made carry the mark, so the pod's own
 traffic is routed as before.
 
@@ -58,6 +63,8 @@ def prepare(netns: Netns) -> None:
     with entered(netns.fd):
         # sysctl.write: also where /proc/sys is read-only (the DaemonSet's container).
         sysctl.write("net/ipv4/tcp_fwmark_accept", "1")
+        sysctl.write("net/ipv4/fwmark_reflect", "1")
+        sysctl.write("net/ipv6/fwmark_reflect", "1")
         # When one of two SO_REUSEPORT listeners closes (upgrade handover), its queued
         # connections move to the other instead of being reset.
         sysctl.write("net/ipv4/tcp_migrate_req", "1")
@@ -93,7 +100,8 @@ def transparent_socket(netns: Netns, source_ip: str, family: int,
                        port: int = 0) -> socket.socket:
     """A non-blocking socket inside the pod's netns, bound to the client's address and
     `port` (0: a port the kernel searches).  OSError EADDRINUSE if `port` is taken."""
-    sock = netns.socket(family)
+    # Made non-blocking by socket() itself: one system call less than setblocking().
+    sock = netns.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         if family == socket.AF_INET:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
@@ -102,7 +110,6 @@ def transparent_socket(netns: Netns, source_ip: str, family: int,
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TRANSPARENT_MARK)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((source_ip, port))
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise

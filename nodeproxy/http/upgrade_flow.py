@@ -172,9 +172,9 @@ class Upgrades:
         tunnel.up_transport.set_protocol(up)
         up.connection_made(tunnel.up_transport)  # (an HBONE stream calls it too: no harm)
         if tunnel.down_rest:
-            down.early.append(tunnel.down_rest)  # held until the 101, relayed first
+            down.hold_early(tunnel.down_rest)  # held until the 101, relayed first
         if tunnel.up_rest:
-            up.early.append(tunnel.up_rest)
+            up.hold_early(tunnel.up_rest)
         dest = outcome.destination
         meter = None if self._tcp_metrics is None else ConnectionMeter(
             self._tcp_metrics, TcpLabels(

@@ -313,9 +313,9 @@ class GatedStream:
         up_transport.set_protocol(up)
         up.connection_made(up_transport)
         if down_rest:
-            down.early.append(down_rest)
+            down.hold_early(down_rest)
         if up_rest:
-            up.early.append(up_rest)
+            up.hold_early(up_rest)
         try:
             await Relay(down, up, lambda _d, _n: None, lambda _r: None).run()
         finally:

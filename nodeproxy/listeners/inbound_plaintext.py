@@ -127,7 +127,7 @@ class InboundProxy:
             log.info("inbound %s -> %s:%d: connect failed: %s", source_ip, pod.key, port, e)
             reset(down.transport)
             return
-        meter = ConnectionMeter(self._metrics, destination_labels(
+        meter = self._metrics.meter(destination_labels(
             pod, self._state.current.table.pods.get(source_ip), None, "none"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
         self._tracker.add(relay, pod.key, lease=down.lease)

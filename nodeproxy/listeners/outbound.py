@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class OutboundProxy:
         self._trust_domain = trust_domain
         self.port = port
         self._msg_redirect = msg_redirect
+        self._enders: dict[ConnectionMeter, Callable[[Relay], None]] = {}
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
         """Listen on 127.0.0.1 and [::1] at the outbound port inside the pod's netns."""
@@ -95,12 +97,17 @@ class OutboundProxy:
                     pod.flags |= POD_NO_IPV6  # connect6 leaves the pod alone
                     continue
                 raise
-            server = await loop.create_server(
-                lambda pod=pod: self._tracker.client_side(
-                    lambda side, pod=pod: self._serve(pod, side),
-                    lambda side, pod=pod: self._admit(pod, side)),
-                sock=sock, backlog=LISTEN_BACKLOG)
+            server = await loop.create_server(self._accepting(pod), sock=sock,
+                                              backlog=LISTEN_BACKLOG)
             pod.listeners.append(server)
+
+    def _accepting(self, pod: EnrolledPod) -> Callable[[], Side]:
+        """The protocol factory of a pod's listeners: what it passes on is made once per
+        pod, not per accepted connection."""
+        serve = functools.partial(self._serve, pod)
+        admit = functools.partial(self._admit, pod)
+        client_side = self._tracker.client_side
+        return lambda: client_side(serve, admit)
 
     def _admit(self, pod: EnrolledPod, down: Side) -> Lease | None:
         """At accept, before anything else: the descriptor reserve, then the pod's fair
@@ -212,8 +219,7 @@ class OutboundProxy:
             opened.protocol.transport.close()  # type: ignore[union-attr]
         transport = down.transport
         assert transport is not None
-        initial = b"".join(down.early)
-        down.early = []
+        initial = down.take_early()
         http2_client = sniffed is Sniffed.HTTP2
         http2_upstream = mode is PortMode.HTTP2 or (mode is PortMode.DETECT and http2_client)
         connection = self._http.serve(
@@ -242,15 +248,14 @@ class OutboundProxy:
     def _relay(self, pod: EnrolledPod, down: Side, decision: Resolution,
                opened: Opened[Side], *, spliceable: bool) -> None:
         up, security, targets = opened.protocol, opened.security, opened.targets
-        meter = ConnectionMeter(self._metrics, self._labels(pod, decision, security))
+        meter = self._metrics.meter(self._labels(pod, decision, security))
         pods = (pod.key, *(t.key for t in targets))
         splice = spliceable and pod.workload.splice and all(
             t.workload.splice for t in targets)
         # sk_msg only for a flow the splicer will not take: a spliced flow's bytes must
         # reach the splice's stream verdict, not arrive by redirect.
         reads = None if self._splicer.would_take(up, splice) else self._fast_path(pod, down)
-        relay = Relay(down, up, counting_reads(meter.bytes, reads),
-                      lambda r: self._done(r, meter))
+        relay = Relay(down, up, counting_reads(meter.bytes, reads), self._ender(meter))
         self._tracker.add(relay, *pods, lease=down.lease)
         meter.opened()
         relay.start()
@@ -262,10 +267,21 @@ class OutboundProxy:
         proxy-side socket would receive by redirect, past the splice verdict."""
         if self._msg_redirect is None or down.transport is None:
             return None
-        sock = down.transport.get_extra_info("socket")
-        return self._msg_redirect.enable(sock, pod.netns_cookie) if sock else None
+        transport = down.transport
+        sock = transport.get_extra_info("socket")
+        local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if sock is None or local is None or remote is None:
+            return None
+        return self._msg_redirect.enable(sock, pod.netns_cookie, local, remote)
 
-    def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
+    def _ender(self, meter: ConnectionMeter) -> Callable[[Relay], None]:
+        """What a relay calls when it ends, one per meter (not a closure per connection)."""
+        ender = self._enders.get(meter)
+        if ender is None:
+            ender = self._enders[meter] = functools.partial(self._done, meter)
+        return ender
+
+    def _done(self, meter: ConnectionMeter, relay: Relay) -> None:
         self._tracker.discard(relay)
         meter.closed()
 

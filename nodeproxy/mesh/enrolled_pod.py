@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 
 from nodeproxy.capture.namespaces import Netns
@@ -27,8 +28,10 @@ class EnrolledPod:
     inbound_listeners: list[asyncio.AbstractServer] = field(default_factory=list)
     flags: int = 0  # pod_info.flags in the kernel (POD_NO_IPV6)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """namespace/name, made once: every connection of the pod names it (a re-applied
+        workload keeps its namespace and name, nodeproxy.pods.enrollment)."""
         return self.workload.key
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 from typing import Protocol, TypeVar
 
@@ -28,12 +29,50 @@ def relay_side() -> Side:
     return Side("upstream", start_paused=True)
 
 
+async def connect_socket(sock: socket.socket, address: tuple[str, int],
+                         timeout: float | None = None) -> None:
+    """Connect a non-blocking socket to a numeric address, as loop.sock_connect would,
+    without its name resolution: uvloop's sock_connect passes every address, numeric or
+    not, to getaddrinfo in its thread pool (a thread hop per dial, and a queue when many
+    dials start at once).  OSError as connect() reports it; TimeoutError after `timeout`
+    seconds (a timer only when the connect does not complete at once)."""
+    err = sock.connect_ex(address)
+    if err == 0:
+        return
+    if err not in (errno.EINPROGRESS, errno.EINTR):  # EINTR: it goes on, as EINPROGRESS
+        raise OSError(err, os.strerror(err))
+    loop = asyncio.get_running_loop()
+    writable: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _set_done, writable)
+    timer = None if timeout is None else loop.call_later(timeout, _expire, writable)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+        if timer is not None:
+            timer.cancel()
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("connect timed out"))
+
+
 async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
                    side: P) -> P:
     loop = asyncio.get_running_loop()
     try:
         check_socket(sock)  # an upstream never takes a descriptor of the reserve
-        await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
+        await connect_socket(sock, (str(ip), port), timeout)
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()

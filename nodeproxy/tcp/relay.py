@@ -41,7 +41,13 @@ def reset(transport: asyncio.BaseTransport | None) -> None:
 
 
 class Side(asyncio.Protocol):
-    """One of the two connections of a relay."""
+    """One of the two connections of a relay.
+
+    Thousands of these sit idle at once (two per proxied connection), so they have slots
+    and allocate nothing until bytes come: `early` is a shared empty tuple until then."""
+
+    __slots__ = ("_arrival", "_start_paused", "early", "eof_forwarded", "error", "got_eof",
+                 "lease", "lost", "name", "relay", "transport", "write_paused")
 
     def __init__(self, name: str, start_paused: bool = False):
         self.name = name
@@ -54,11 +60,24 @@ class Side(asyncio.Protocol):
         self.error: BaseException | None = None
         self._start_paused = start_paused
         # Bytes that arrived before the relay was joined (uvloop may start
-        # reading right after connection_made despite pause_reading there).
-        self.early: list[bytes] = []
+        # reading right after connection_made despite pause_reading there): a list once
+        # something came, the empty tuple before (take_early / hold_early).
+        self.early: list[bytes] | tuple[()] = ()
         self._arrival: asyncio.Future[None] | None = None
         # An accepted connection's hold on its source's fair share (tcp/fairshare.py).
         self.lease: Lease | None = None
+
+    def hold_early(self, data: bytes) -> None:
+        """Keep bytes for the relay to send first once it joins."""
+        if self.early:
+            self.early.append(data)  # type: ignore[union-attr]
+        else:
+            self.early = [data]
+
+    def take_early(self) -> bytes:
+        """Every byte held so far, joined; nothing is held afterwards."""
+        early, self.early = self.early, ()
+        return b"".join(early)
 
     async def wait_early(self, timeout: float | None, seen: int = 0) -> None:
         """Read until something more arrives before the relay is joined (more than `seen`
@@ -90,7 +109,7 @@ class Side(asyncio.Protocol):
         if self.relay is not None:
             self.relay.forward(self, data)
         else:
-            self.early.append(data)
+            self.hold_early(data)
             self.pause()
             self._arrived()
 
@@ -133,6 +152,9 @@ class Side(asyncio.Protocol):
 class Relay:
     """Joins a downstream (client) side and an upstream (server) side."""
 
+    __slots__ = ("_on_bytes", "_on_done", "bytes_from_downstream", "bytes_from_upstream",
+                 "_done", "downstream", "finished", "last_active", "splice", "upstream")
+
     def __init__(
         self,
         downstream: Side,
@@ -144,7 +166,8 @@ class Relay:
         self.upstream = upstream
         self._on_bytes = on_bytes  # (from_downstream, n)
         self._on_done = on_done
-        self.done = asyncio.get_running_loop().create_future()
+        self._done: asyncio.Future[None] | None = None  # made when someone waits (done)
+        self.finished = False  # both sides closed
         self.bytes_from_downstream = 0
         self.bytes_from_upstream = 0
         self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
@@ -155,7 +178,7 @@ class Relay:
     def start(self) -> None:
         """Both sides are connected: let bytes flow, replaying anything that already ended."""
         for side in (self.downstream, self.upstream):
-            early, side.early = side.early, []
+            early, side.early = side.early, ()
             for data in early:
                 self.forward(side, data)
         for side in (self.downstream, self.upstream):
@@ -167,6 +190,16 @@ class Relay:
                 self.on_eof(side)
         self.downstream.resume()
         self.upstream.resume()
+
+    @property
+    def done(self) -> asyncio.Future[None]:
+        """Resolved once both sides are closed.  Made on first use (drain, run): an idle
+        relay holds no future."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self.finished:
+                self._done.set_result(None)
+        return self._done
 
     async def run(self) -> None:
         """Start, then wait until both sides are closed; cancelled, both are reset."""
@@ -239,9 +272,11 @@ class Relay:
         reset(self.upstream.transport)
 
     def _finish(self) -> None:
-        if self.downstream.lost and self.upstream.lost and not self.done.done():
+        if self.downstream.lost and self.upstream.lost and not self.finished:
+            self.finished = True
             if self.splice is not None:
                 self.splice.finish()
-            self.done.set_result(None)
+            if self._done is not None:
+                self._done.set_result(None)
             self._on_done(self)
 

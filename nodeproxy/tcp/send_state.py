@@ -8,7 +8,8 @@ import struct
 import termios
 from typing import Any
 
-TCP_CLOSE = 7  # tcpi_state, include/net/tcp_states.h
+TCP_ESTABLISHED = 1  # tcpi_state, include/net/tcp_states.h
+TCP_CLOSE = 7
 
 # struct tcp_info (include/uapi/linux/tcp.h): u64 tcpi_bytes_acked at offset 120, present
 # since Linux 4.1; the whole struct up to it is 128 bytes.
@@ -24,12 +25,19 @@ def sent_total(sock: Any) -> int:
     Read acknowledged first: an ACK landing between the two reads moves bytes from the
     queue to acknowledged, so the sum can only be low, never high, until it settles.
     Compare differences of two readings, never the absolute value."""
+    return send_state(sock)[1]
+
+
+def send_state(sock: Any) -> tuple[bool, int]:
+    """(whether the connection is ESTABLISHED, sent_total) from one tcp_info read.  A
+    socket that has received its peer's FIN (CLOSE_WAIT), read or not, is not: the
+    splice maps refuse it."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     (acked,) = struct.unpack_from("Q", info, _BYTES_ACKED_OFFSET)
     buf = bytearray(4)
     fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
     (queued,) = struct.unpack("i", buf)
-    return int(acked) + int(queued)
+    return info[0] == TCP_ESTABLISHED, int(acked) + int(queued)
 
 
 def is_closed(sock: Any) -> bool:

@@ -19,7 +19,7 @@ Gate = Callable[[Side], Lease | None]
 
 class ConnectionTracker:
     def __init__(self) -> None:
-        self.relays: dict[Relay, set[str]] = {}  # relay -> keys of the local pods it touches
+        self.relays: dict[Relay, tuple[str, ...]] = {}  # relay -> keys of the local pods it touches
         self._leases: dict[Relay, Lease] = {}
         self._pending: set[asyncio.Task] = set()
         self.accepting = True
@@ -38,7 +38,7 @@ class ConnectionTracker:
         return _Accepted(self, serve, gate)
 
     def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> None:
-        self.relays[relay] = set(pods)
+        self.relays[relay] = pods
         if lease is not None:
             lease.adopted = True
             self._leases[relay] = lease
@@ -86,6 +86,8 @@ class ConnectionTracker:
 
 
 class _Accepted(Side):
+    __slots__ = ("_gate", "_serve", "_tracker")
+
     def __init__(self, tracker: ConnectionTracker,
                  serve: Callable[[Side], Coroutine[Any, Any, None]], gate: Gate | None):
         super().__init__("downstream", start_paused=True)

@@ -44,8 +44,11 @@ class TcpLabels:
 
 
 class ConnectionMeter:
-    """The four Istio TCP series bound to one connection's labels (and its share of the
-    live figures of `nodeproxy top`, when they are kept)."""
+    """The four Istio TCP series bound to one set of connection labels (and its share of the
+    live figures of `nodeproxy top`, when they are kept).  It holds nothing of one
+    connection: every connection with the same labels shares one (ProxyMetrics.meter)."""
+
+    __slots__ = ("_closed", "_live", "_opened", "_received", "_sent")
 
     def __init__(self, metrics: ProxyMetrics, labels: TcpLabels):
         values = labels.values()
@@ -74,9 +77,27 @@ class ConnectionMeter:
 
 class ProxyMetrics:
     # The live figures relayed connections feed (set by the daemon; None: not kept).
-    live: LiveStats | None = None
+    _live: LiveStats | None = None
+
+    @property
+    def live(self) -> LiveStats | None:
+        return self._live
+
+    @live.setter
+    def live(self, live: LiveStats | None) -> None:
+        self._live = live
+        self._meters.clear()  # bound to the previous live figures
+
+    def meter(self, labels: TcpLabels) -> ConnectionMeter:
+        """The meter of these labels, made once: a connection does not look its four
+        series up again (the series themselves live as long as the registry)."""
+        meter = self._meters.get(labels)
+        if meter is None:
+            meter = self._meters[labels] = ConnectionMeter(self, labels)
+        return meter
 
     def __init__(self, registry: CollectorRegistry):
+        self._meters: dict[TcpLabels, ConnectionMeter] = {}
         self.tcp_opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened through the proxy",
             TCP_LABELS, registry=registry)

@@ -11,8 +11,9 @@ Modules:
   and the HAProxy pod (``haproxy`` writes HAProxy's configuration).
 - ``procstat``: CPU seconds and resident memory of processes, and the machine.
 - ``runner``: one bounded tool run inside a pod.
-- ``sockperf``, ``iperf``, ``wrk``, ``connections``, ``enrollment``: one runner per
-  tool or measurement; ``idle`` is the in-pod client that holds idle connections.
+- ``sockperf``, ``iperf``, ``wrk``, ``h2load``, ``grpcload``, ``connections``,
+  ``enrollment``: one runner per tool or measurement; ``grpcunary`` is the gRPC unary
+  server and client the pods run; ``idle`` is the in-pod client that holds idle connections.
 - ``noisy``: the noisy neighbour, a quiet pod's HTTP alone and while another pod attacks
   the same proxy (with ``nodeproxy_dev.testbed.attack``); ``cpulimit`` caps the attacker's
   CPU as a pod limit would.

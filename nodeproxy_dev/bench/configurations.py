@@ -131,9 +131,13 @@ class NodeProxy(Configuration):
             proxies.append(ProxyProcess("nodeproxy-node1", bench.daemon_pid("node1")))
         # The client's node parses (or, at L4, must not parse) the requests: its count
         # says which the run measured.
-        counter = (RequestCounter("node0", service_name(path.node, kind),
-                                  parsed=self.http_app_protocol == "http")
-                   if kind is ServerKind.HTTP else None)
+        # The gRPC service is declared grpc whatever the configuration: always parsed.
+        counter = None
+        if kind is ServerKind.HTTP:
+            counter = RequestCounter("node0", service_name(path.node, kind),
+                                     parsed=self.http_app_protocol == "http")
+        elif kind is ServerKind.GRPC:
+            counter = RequestCounter("node0", service_name(path.node, kind), parsed=True)
         return Route(MESH_CLIENT, service.vip4, port, tuple(proxies), counter)
 
 
@@ -284,8 +288,10 @@ class HAProxyHttp(HAProxy):
     http_only = True
 
     def port(self, kind: ServerKind, node_index: int) -> int:
+        if kind is ServerKind.GRPC:
+            return haproxy.grpc_mode_port(node_index)
         if kind is not ServerKind.HTTP:
-            raise ValueError(f"{self.name} proxies HTTP only, not {kind.value}")
+            raise ValueError(f"{self.name} proxies HTTP and gRPC only, not {kind.value}")
         return haproxy.http_mode_port(node_index)
 
 

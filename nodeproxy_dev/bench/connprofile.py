@@ -1,8 +1,11 @@
 """Where a proxied connection's CPU and memory go in the daemon: a profile, not a benchmark.
 
-Run as ``python -m nodeproxy_dev.bench.connprofile [--seconds S] [--idle N] [--out DIR]``
-(root).  One testbed cluster (two nodes, a meshed client on node0, a server pod on each
-node, a service for each), then:
+Run as ``python -m nodeproxy_dev.bench.connprofile [--seconds S] [--idle N] [--out DIR]
+[--app-protocol tcp|detect] [--splice]`` (root).  One testbed cluster (two nodes, a meshed client on
+node0, a server pod on each node, a service for each, its port declared ``appProtocol:
+tcp`` as the bench's L4 servers are, so same-node flows are spliced; ``detect`` leaves it
+undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast path;
+``--splice`` turns fastPath.splice on, as the bench's nodeproxy-splice does), then:
 
 - CPU: the connect scenario's load (short connections back to back, 16 in flight) to the
   same-node and to the cross-node service for S seconds each, with py-spy sampling every
@@ -165,17 +168,21 @@ def memory_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
                     for s in diff[:TOP]]}
 
 
-def build(cluster: Cluster) -> None:
+def build(cluster: Cluster, app_protocol: str | None = "tcp", splice: bool = False) -> None:
     cluster.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
     cluster.add_pod("node0", "web-0", labels={"app": "web", "zone": "z0"},
                     service_account="web")
     cluster.add_pod("node1", "web-1", labels={"app": "web", "zone": "z1"},
                     service_account="web")
-    cluster.add_service("web-z0", port=80, target_port=PORT, selector={"zone": "z0"})
-    cluster.add_service("web-z1", port=80, target_port=PORT, selector={"zone": "z1"})
+    cluster.add_service("web-z0", port=80, target_port=PORT, selector={"zone": "z0"},
+                        app_protocol=app_protocol)
+    cluster.add_service("web-z1", port=80, target_port=PORT, selector={"zone": "z1"},
+                        app_protocol=app_protocol)
     for name in ("web-0", "web-1"):
         cluster.serve_peer(name, PORT)
-    cluster.write_configs(overrides=BENCH_LIMITS)  # the per-pod caps lifted, as in the bench
+    # The per-pod caps lifted, as in the bench.
+    overrides = {**BENCH_LIMITS, "fastPath": {"splice": True}} if splice else BENCH_LIMITS
+    cluster.write_configs(overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--idle", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--app-protocol", choices=("tcp", "detect"), default="tcp")
+    parser.add_argument("--splice", action="store_true")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 1 <= args.idle <= 9000:
         parser.error("--seconds 1..120, --idle 1..9000")
@@ -195,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     report: dict[str, Any] = {}
     with Cluster(2, mtls=True) as cluster:
-        build(cluster)
+        build(cluster, None if args.app_protocol == "detect" else args.app_protocol,
+              args.splice)
         cluster.start_daemons()
         report["cpu"] = [cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out),
                          cpu_profile(cluster, "web-z1", ["node0", "node1"], args.seconds, out)]

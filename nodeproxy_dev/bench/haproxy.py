@@ -1,6 +1,12 @@
 """HAProxy as the reference node proxy: one listener per (server node, server kind) in
 ``mode tcp``, and per server node one more for HTTP in ``mode http``.
 
+The ``mode http`` listener also answers HTTP/2 with prior knowledge (HAProxy sees the
+preface), forwarding HTTP/1.1 to nginx as nodeproxy-l7 does (the HTTP/2 scenario).  For
+gRPC a third listener per server node takes HTTP/2 only (``proto h2``) and talks HTTP/2 to
+the gRPC server (``server ... proto h2``), pooled (``http-reuse always``): nodeproxy-l7's
+work on an ``appProtocol: grpc`` service, which has no HTTPRoute.
+
 ``mode tcp`` is the L4 reference (the ``haproxy`` configuration, every scenario, HTTP
 included: bytes relayed unparsed, like nodeproxy's L4 configurations).  The ``mode http``
 listener is the L7 reference (``haproxy-http``, the HTTP scenarios): HAProxy parses each
@@ -21,8 +27,10 @@ from collections.abc import Mapping
 from nodeproxy_dev.bench.model import ServerKind
 
 BASE_PORT = 20000
-_OFFSETS = {ServerKind.SOCKPERF: 1, ServerKind.IPERF3: 2, ServerKind.HTTP: 3, ServerKind.ECHO: 4}
+_OFFSETS = {ServerKind.SOCKPERF: 1, ServerKind.IPERF3: 2, ServerKind.HTTP: 3, ServerKind.ECHO: 4,
+            ServerKind.GRPC: 6}
 _HTTP_MODE_OFFSET = 5
+_GRPC_MODE_OFFSET = 7
 ATTACK_PORT = BASE_PORT + 90  # mode http, to the attack nginx of node0's plain server pod
 MAXCONN = 40000  # at most; fewer when the open-file limit is lower (two per connection)
 
@@ -41,6 +49,12 @@ def frontend_port(node_index: int, kind: ServerKind) -> int:
 def http_mode_port(node_index: int) -> int:
     """The HAProxy port (mode http) that leads to nginx on the server pod of the node."""
     return BASE_PORT + 100 * node_index + _HTTP_MODE_OFFSET
+
+
+def grpc_mode_port(node_index: int) -> int:
+    """The HAProxy port (mode http, HTTP/2 only) that leads to the gRPC server of the
+    server pod of the node, over HTTP/2 (``proto h2``)."""
+    return BASE_PORT + 100 * node_index + _GRPC_MODE_OFFSET
 
 
 def maxconn(nofile: int) -> int:
@@ -97,6 +111,16 @@ def config(backends: Mapping[int, str], directory: str, max_connections: int,
             f"    retries {RETRIES}",
             "    retry-on conn-failure 500 501 502 503 504",
             f"    server {name} {address}:{ServerKind.HTTP.port}",
+            "",
+            f"frontend grpc-l7-node{index}",
+            f"    bind 0.0.0.0:{grpc_mode_port(index)} proto h2",
+            "    mode http",
+            f"    default_backend grpc-l7-node{index}",
+            "",
+            f"backend grpc-l7-node{index}",
+            "    mode http",
+            "    http-reuse always",
+            f"    server grpc-l7-node{index} {address}:{ServerKind.GRPC.port} proto h2",
             "",
         ]
     if attack_backend is not None:

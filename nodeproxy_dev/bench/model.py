@@ -28,10 +28,12 @@ class ServerKind(StrEnum):
     IPERF3 = "iperf3"
     HTTP = "http"  # nginx serving a small file
     ECHO = "echo"  # the testbed peer server (transfer / ping-pong / whoami)
+    GRPC = "grpc"  # the gRPC unary benchmark's server (bench/grpcunary.py)
 
     @property
     def port(self) -> int:
-        return {"sockperf": 11111, "iperf3": 5201, "http": 8080, "echo": 7000}[self.value]
+        return {"sockperf": 11111, "iperf3": 5201, "http": 8080, "echo": 7000,
+                "grpc": 50051}[self.value]
 
 
 class MeasurementError(RuntimeError):

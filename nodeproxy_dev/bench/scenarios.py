@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from nodeproxy_dev.bench import connections, enrollment, iperf, noisy, procstat, sockperf, wrk
-from nodeproxy_dev.bench.configurations import Configuration, HAProxyHttp, NodeProxy, NodeProxyL7
+from nodeproxy_dev.bench import (
+    connections,
+    enrollment,
+    grpcload,
+    h2load,
+    iperf,
+    noisy,
+    procstat,
+    sockperf,
+    wrk,
+)
+from nodeproxy_dev.bench.configurations import (
+    Configuration,
+    Direct,
+    HAProxyHttp,
+    NodeProxy,
+    NodeProxyL7,
+    NodeProxyL7Full,
+)
 from nodeproxy_dev.bench.model import (
     Added,
     MeasurementError,
@@ -18,7 +36,7 @@ from nodeproxy_dev.bench.model import (
     ServerKind,
 )
 from nodeproxy_dev.bench.settings import Settings
-from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.topology import H2C_PORT, BenchCluster
 
 Values = dict[str, float]
 
@@ -107,10 +125,11 @@ def check_request_count(counter: RequestCounter, counted: float, requests: float
     return None
 
 
-def _wrk_with_proxy_cpu(bench: BenchCluster, route: Route, run: Callable[[], dict[str, float]],
+def _load_with_proxy_cpu(bench: BenchCluster, route: Route, run: Callable[[], dict[str, float]],
                         metrics: tuple[Metric, ...],
                         in_flight: int) -> tuple[Values, dict[str, Any]]:
-    """One wrk run (saturated or paced) with the CPU the proxies on the route spent in it:
+    """One load run (wrk saturated or paced, h2load, the gRPC client) with the CPU the
+    proxies on the route spent in it:
     the rps/p50/p99 values, CPU seconds per 1000 requests where there is a proxy, and
     requests per proxy CPU-second (rps per core busy) where the scenario has that figure.
 
@@ -175,7 +194,7 @@ class Http(Scenario):
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.HTTP, self.path)
-        values, raw = _wrk_with_proxy_cpu(
+        values, raw = _load_with_proxy_cpu(
             bench, route, lambda: wrk.saturate(bench, route, settings), self.metrics,
             settings.wrk_connections)
         memory = {p.name: procstat.memory_kib(p.pid) for p in route.proxies}
@@ -218,9 +237,75 @@ class HttpFixedRate(Scenario):
     def measure(self, bench: BenchCluster, configuration: Configuration,
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         route = configuration.route(bench, ServerKind.HTTP, self.path)
-        return _wrk_with_proxy_cpu(
+        return _load_with_proxy_cpu(
             bench, route, lambda: wrk.fixed_rate(bench, route, settings), self.metrics,
             wrk.FIXED_RATE_CONNECTIONS)
+
+
+def _load_metrics(prefix: str, noun: str, tool: str, where: str, only: tuple[str, ...]
+                  ) -> tuple[Metric, ...]:
+    """rate, p50, p99, proxy CPU per 1000 and per CPU-second of one L7 load scenario."""
+    def metric(key: str, title: str, unit: str, better: str, digits: int,
+               needs_proxy: bool = False) -> Metric:
+        return Metric(f"{prefix}.{key}", title, unit, better, needs_proxy=needs_proxy,
+                      only=only, digits=digits, http=True)
+    return (
+        metric("rps", f"{noun}/s, {where} ({tool})", f"{noun}/s", "higher", 0),
+        metric("p50", f"{noun} latency p50, {where} ({tool})", "ms", "lower", 2),
+        metric("p99", f"{noun} latency p99, {where} ({tool})", "ms", "lower", 2),
+        metric("cpu", f"proxy CPU per 1000 {noun}, {where} ({tool})", "CPU s", "lower", 3,
+               needs_proxy=True),
+        metric("rps_per_core", f"{noun} per proxy CPU-second, {where} ({tool})",
+               f"{noun}/s/core", "higher", 0, needs_proxy=True),
+    )
+
+
+class Http2(Scenario):
+    """HTTP/2 from the client (h2load, prior knowledge) at saturation, to the nginx file:
+    nodeproxy-l7 (and -full) take HTTP/2 on the HTTP service (``appProtocol: http``) and
+    send HTTP/1.1 to nginx, as haproxy-http does (its mode http frontend sees the
+    preface); direct speaks HTTP/2 to nginx itself (its h2c port)."""
+
+    CONFIGURATIONS = (Direct.name, NodeProxyL7.name, NodeProxyL7Full.name, HAProxyHttp.name)
+
+    def __init__(self, path: NetPath):
+        self.path = path
+        self.name = f"http2 {path.value}"
+        self.metrics = _load_metrics(f"http2.{path.value}", "HTTP/2 requests", "h2load",
+                                     path.label, self.CONFIGURATIONS)
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.HTTP, self.path)
+        if not configuration.has_proxy:
+            route = replace(route, port=H2C_PORT)  # nginx's own HTTP/2
+        h2load.check_bytes(bench, route, settings)
+        return _load_with_proxy_cpu(
+            bench, route, lambda: h2load.saturate(bench, route, settings), self.metrics,
+            settings.h2_connections * settings.h2_streams)
+
+
+class GrpcUnary(Scenario):
+    """gRPC unary calls (bench/grpcunary.py: a bounded count, a fixed number in flight on
+    one channel) to the gRPC server: nodeproxy-l7 on the ``appProtocol: grpc`` service
+    (parsed, counted, HTTP/2 upstream), haproxy-http's HTTP/2 listener (``proto h2`` both
+    sides), and direct.  nodeproxy-l7-full is left out: its authorization policy allows
+    GET under /bench/ only, which a gRPC call is not."""
+
+    CONFIGURATIONS = (Direct.name, NodeProxyL7.name, HAProxyHttp.name)
+
+    def __init__(self, path: NetPath):
+        self.path = path
+        self.name = f"grpc {path.value}"
+        self.metrics = _load_metrics(f"grpc.{path.value}", "gRPC calls", "unary",
+                                     path.label, self.CONFIGURATIONS)
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.GRPC, self.path)
+        return _load_with_proxy_cpu(
+            bench, route, lambda: grpcload.unary(bench, route, settings), self.metrics,
+            settings.grpc_concurrency)
 
 
 class ConnectRate(Scenario):
@@ -428,6 +513,10 @@ def build(settings: Settings) -> list[Scenario]:
         scenarios.append(Http(path))
     for path in NetPath:
         scenarios.append(HttpFixedRate(path))
+    for path in NetPath:
+        scenarios.append(Http2(path))
+    for path in NetPath:
+        scenarios.append(GrpcUnary(path))
     for path in NetPath:
         scenarios.append(ConnectRate(path))
     for path in NetPath:

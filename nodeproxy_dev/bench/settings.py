@@ -28,6 +28,14 @@ class Settings:
     enroll_pods: int
     tool_margin: float = 20.0  # seconds a tool may overrun its own duration before it is killed
     noisy_seconds: float = 5.0  # each phase of the noisy-neighbour scenario (quiet pod's wrk)
+    # HTTP/2 (h2load): this many requests, over h2_connections connections with
+    # h2_streams requests in flight on each; gRPC unary: this many calls, grpc_concurrency
+    # in flight on one channel.  Counts, not durations: every request is checked.
+    h2_requests: int = 4000
+    h2_connections: int = 16
+    h2_streams: int = 8
+    grpc_calls: int = 3000
+    grpc_concurrency: int = 16
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -48,7 +56,7 @@ FULL = Settings(
     iperf_streams=(1, 8), wrk_seconds=4.0, wrk_connections=32, http_body=1024,
     connect_seconds=3.0, connect_concurrency=16, connect_max=20000, sustained_seconds=60.0,
     sustained_window=5.0, idle_connections=10000,
-    enroll_pods=100, noisy_seconds=6.0,
+    enroll_pods=100, noisy_seconds=6.0, h2_requests=10000, grpc_calls=6000,
 )
 
 

@@ -49,6 +49,20 @@ def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def select(chosen: list[Scenario], only: str | None) -> list[Scenario]:
+    """The scenarios --only picks, in their own order.  `only` is one text or several,
+    comma-separated; each picks the scenario named exactly that if there is one (so
+    "connect same-node" leaves out "sustained connect same-node"), else every one whose
+    name contains it."""
+    if only is None:
+        return chosen
+    picked: set[str] = set()
+    for part in only.split(","):
+        exact = [s.name for s in chosen if s.name == part]
+        picked.update(exact or [s.name for s in chosen if part in s.name])
+    return [s for s in chosen if s.name in picked]
+
+
 class Suite:
     """The state of one run: results per metric and configuration, the run log, errors."""
 
@@ -59,8 +73,7 @@ class Suite:
         self.settings = self._fit_nofile(settings)
         self.configurations = list(configurations or CONFIGURATIONS)
         self.runnable = available(self.configurations)
-        self.scenarios = [s for s in scenarios.build(self.settings)
-                          if only is None or only in s.name]
+        self.scenarios = select(scenarios.build(self.settings), only)
         self.log = log
         self.startup_timeout = startup_timeout
         self.results: dict[str, dict[str, Cell]] = {}

@@ -3,7 +3,8 @@
 node0: ``srv-0`` (meshed server pod), ``plain-0`` (the same servers, outside the
 mesh), ``client`` (meshed client), ``client-direct`` (client outside the mesh) and
 ``haproxy`` (HAProxy in a pod of its own, outside the mesh).  node1: ``srv-1`` and
-``plain-1``.  Every server pod runs sockperf, iperf3, nginx and the testbed peer.
+``plain-1``.  Every server pod runs sockperf, iperf3, nginx (HTTP/1.1, and HTTP/2 prior
+knowledge on H2C_PORT), the testbed peer and the gRPC unary benchmark's server.
 
 Why two server pods per node: the mesh steers *every* plaintext connection into a
 meshed pod through the node proxy (``sk_lookup``), so a direct connection to a
@@ -45,6 +46,10 @@ HTTP_VIP_PORT = 80
 MESH_CLIENT_ACCOUNT = "client"  # the meshed client's service account
 OTLP_PORT = 4318  # the trace collector of the configurations that export spans
 HTTP_FILE = "bench/small.bin"  # under the path prefix nodeproxy-l7 and haproxy-http route
+# nginx also serves the file over HTTP/2 prior knowledge (h2c) here: the direct baseline
+# of the HTTP/2 scenario (the proxies take HTTP/2 from the client and speak HTTP/1.1 to
+# nginx's HTTP port).
+H2C_PORT = 8082
 
 # The noisy-neighbour scenario's hostile pods on node0 and what they attack.  ``attacker``
 # (meshed) attacks a service of its own (``attack-target``, appProtocol http: parsed,
@@ -112,6 +117,9 @@ class BenchCluster:
         self.http_traffic_policy: dict[str, Any] | None = None  # the HTTP services' policy
         self.collectors: list[subprocess.Popen[Any]] = []  # OTLP receivers, one per node
         self.attack_nginx: list[subprocess.Popen[Any]] = []  # noisy neighbour's targets
+        # The file every nginx serves (the same bytes in every server pod: a client can
+        # check what it got whichever pod answered).
+        self.http_body = os.urandom(settings.http_body)
 
     # -- building -------------------------------------------------------------
 
@@ -127,9 +135,11 @@ class BenchCluster:
                 port = HTTP_VIP_PORT if kind is ServerKind.HTTP else kind.port
                 # The L4 servers' ports are declared tcp: never sniffed, so always spliced
                 # under nodeproxy-splice (a sniffed flow is not spliced).
+                # The gRPC server's is declared grpc: parsed, HTTP/2 upstream (only the
+                # L7 configurations measure it).
+                protocol = {ServerKind.HTTP: None, ServerKind.GRPC: "grpc"}.get(kind, "tcp")
                 c.add_service(service_name(node, kind), port=port, target_port=kind.port,
-                              selector={"app": f"srv{index}"},
-                              app_protocol=None if kind is ServerKind.HTTP else "tcp")
+                              selector={"app": f"srv{index}"}, app_protocol=protocol)
         c.add_pod("node0", MESH_CLIENT, labels={"app": "client"},
                   service_account=MESH_CLIENT_ACCOUNT)
         c.add_unenrolled_pod("node0", DIRECT_CLIENT)
@@ -148,12 +158,13 @@ class BenchCluster:
         directory = os.path.join(c.dir, "bench", pod.name)
         served = Path(directory, "www", HTTP_FILE)
         served.parent.mkdir(parents=True, exist_ok=True)
-        served.write_bytes(os.urandom(self.settings.http_body))
+        served.write_bytes(self.http_body)
         conf = os.path.join(directory, "nginx.conf")
         Path(conf).write_text(nginx_config(
             directory, ServerKind.HTTP.port, f"root {directory}/www;",
             http="    keepalive_requests 1000000;\n    keepalive_timeout 300s;\n"
-                 "    default_type application/octet-stream;",
+                 "    default_type application/octet-stream;\n"
+                 f"    server {{ listen 0.0.0.0:{H2C_PORT} http2; root {directory}/www; }}",
             worker_connections=4096))
         commands = {
             ServerKind.SOCKPERF: ["sockperf", "server", "--tcp", "-i", "0.0.0.0",
@@ -163,12 +174,15 @@ class BenchCluster:
                               "-e", os.path.join(directory, "error.log")],
             ServerKind.ECHO: c.peer_argv("serve", "--port", str(ServerKind.ECHO.port),
                                          "--name", pod.name),
+            ServerKind.GRPC: [c.python, "-m", "nodeproxy_dev.bench.grpcunary", "serve",
+                              "--port", str(ServerKind.GRPC.port)],
         }
         for kind, argv in commands.items():
             with open(os.path.join(directory, f"{kind.value}.log"), "wb") as log:
                 c.spawn_in_pod(pod, argv, stdout=log, stderr=subprocess.STDOUT)
         for kind in ServerKind:
             wait_listening(pod.netns_path, kind.port)
+        wait_listening(pod.netns_path, H2C_PORT)
 
     def _start_haproxy(self) -> None:
         c = self.cluster
@@ -191,6 +205,7 @@ class BenchCluster:
             for kind in ServerKind:
                 wait_listening(pod.netns_path, haproxy.frontend_port(NODES.index(node), kind))
             wait_listening(pod.netns_path, haproxy.http_mode_port(NODES.index(node)))
+            wait_listening(pod.netns_path, haproxy.grpc_mode_port(NODES.index(node)))
         wait_listening(pod.netns_path, haproxy.ATTACK_PORT)
 
     # -- the daemons ----------------------------------------------------------

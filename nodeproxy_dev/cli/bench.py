@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the full results as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the markdown table")
     parser.add_argument("--only", metavar="TEXT",
-                        help="run only the scenarios whose name contains TEXT (e.g. latency, "
-                             "'throughput same-node'); for investigating, not for the README")
+                        help="run only the scenario named TEXT, or if none is, those whose name "
+                             "contains TEXT; several comma-separated (e.g. latency, "
+                             "'throughput same-node', 'http2,grpc', 'connect same-node'); for "
+                             "investigating, not for the README")
     parser.add_argument("--configuration", action="append", metavar="NAME",
                         help="measure only this configuration (repeatable; also the optional "
                              "ones, e.g. nodeproxy-l7-authz-trusted)")

@@ -44,6 +44,11 @@ NOISY = {f"noisy.{m}" for m in (
     "attack.rps", "attack.max", "p99_ratio", "baseline.cpu", "attack.cpu", "attack.rss",
     "rss_growth", "attacker.pairs", "attacker.goaways", "attacker.held")}
 NOISY_CONFIGURATIONS = ("nodeproxy-splice", "nodeproxy-l7", "haproxy-http")
+# HTTP/2 (h2load) and gRPC unary: L7 against HAProxy http and direct.
+HTTP2_CONFIGURATIONS = ("direct", "nodeproxy-l7", "nodeproxy-l7-full", "haproxy-http")
+GRPC_CONFIGURATIONS = ("direct", "nodeproxy-l7", "haproxy-http")
+LOAD = {f"{kind}.{path}.{m}" for kind in ("http2", "grpc") for path in PATHS
+        for m in ("rps", "p50", "p99", "cpu", "rps_per_core")}
 
 
 def expected_metrics() -> set[str]:
@@ -56,7 +61,7 @@ def expected_metrics() -> set[str]:
         keys.add(f"connect.{path}.rate")
         keys |= {f"sustained.{path}.{m}" for m in ("rate", "held", "lowest", "failed")}
     keys |= {"idle.open", "idle.cross-node.open"}
-    return keys
+    return keys | LOAD
 
 
 def is_http(key: str) -> bool:
@@ -68,6 +73,10 @@ def configurations_with_figure(key: str) -> tuple[str, ...]:
         return ("nodeproxy-splice",)
     if key in NOISY:
         return NOISY_CONFIGURATIONS
+    if key in LOAD:
+        names = HTTP2_CONFIGURATIONS if key.startswith("http2.") else GRPC_CONFIGURATIONS
+        proxy_only = key.endswith((".cpu", ".rps_per_core"))
+        return tuple(n for n in names if not proxy_only or n != "direct")
     names = PROXIES if key in PROXY_ONLY else RUNNABLE
     return names if is_http(key) else tuple(n for n in names if n not in HTTP_ONLY)
 

@@ -58,7 +58,8 @@ def spliced(c: Cluster, event: str = "spliced") -> float:
 def splice_events(c: Cluster) -> dict[str, float]:
     """nodeproxy_splice_flows_total by event: why a flow was not spliced (busy: its relay
     never went idle within the retries) when a test's wait fails."""
-    return {event: spliced(c, event) for event in ("spliced", "busy", "failed", "taken_back")}
+    return {event: spliced(c, event)
+            for event in ("spliced", "busy", "failed", "taken_back", "ended")}
 
 
 def held_transfer(c: Cluster, pod: str, target: str, go: str, *args: str,

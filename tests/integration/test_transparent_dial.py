@@ -269,6 +269,26 @@ def test_an_ipv4_client_of_an_ipv6_destination_is_refused_cleanly(pod):
     assert _open_sockets() <= before
 
 
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6], ids=["ipv4", "ipv6"])
+def test_a_port_nothing_listens_on_is_refused_not_left_hanging(pod, client):
+    """The pod's kernel answers the SYN with a reset that no socket sends: it must carry
+    the dial's mark (fwmark_reflect) to be routed back to the proxy's transparent socket.
+    Unmarked, it was routed out of the pod to the client's address and lost, and the dial
+    hung until its connect timeout (found by the bench's gRPC scenario: calls to a dead
+    backend waited out the route's 15 s instead of failing UNAVAILABLE at once)."""
+    c, netns = pod
+    dest = ipaddress.ip_address(c.pods["web"].ip4 if client.version == 4 else c.pods["web"].ip6)
+    recorder = Recorder()
+
+    async def dial() -> None:
+        await dial_transparent(netns, client, dest, PORT + 1, 20.0, recorder, Collect(),
+                               source_port=KEPT + 50 + client.version)
+
+    with pytest.raises(ConnectionRefusedError):
+        run(dial())
+    assert not recorder.live
+
+
 def _open_sockets() -> int:
     import os
     count = 0

@@ -78,12 +78,24 @@ def test_l7_configurations_are_measured_in_the_http_scenarios_only():
     suite = quiet_suite()
     for scenario in suite.scenarios:
         http = scenario.name.startswith(("http ", "http-rate "))
+        h2, grpc = scenario.name.startswith("http2 "), scenario.name.startswith("grpc ")
         noisy = scenario.name == "noisy neighbour"
-        assert scenario.applies(configuration("nodeproxy-l7")) is (http or noisy), scenario.name
-        assert scenario.applies(configuration("haproxy-http")) is (http or noisy), \
-            scenario.name
+        l7 = http or h2 or grpc or noisy
+        assert scenario.applies(configuration("nodeproxy-l7")) is l7, scenario.name
+        assert scenario.applies(configuration("haproxy-http")) is l7, scenario.name
+        # HTTP/2 and gRPC: L7 only; -full not on gRPC (its policy allows GETs only).
         assert scenario.applies(configuration("nodeproxy-nosplice")) is (
-            scenario.name not in ("enrollment", "noisy neighbour"))
+            scenario.name not in ("enrollment", "noisy neighbour") and not h2 and not grpc)
+        assert scenario.applies(configuration("nodeproxy-l7-full")) is (http or h2), \
+            scenario.name
+        assert scenario.applies(configuration("direct")) is (scenario.name not in (
+            "enrollment", "noisy neighbour")), scenario.name
+    assert {s.name for s in suite.scenarios} >= {"http2 same-node", "http2 cross-node",
+                                                  "grpc same-node", "grpc cross-node"}
+    assert suite.results["grpc.same-node.cpu"]["direct"].not_applicable
+    assert not suite.results["grpc.same-node.rps"]["direct"].not_applicable
+    assert suite.results["grpc.cross-node.rps"]["nodeproxy-l7-full"].not_applicable
+    assert not suite.results["http2.cross-node.rps_per_core"]["haproxy-http"].not_applicable
     # Their cells outside HTTP are not applicable (reported as —, never as missing).
     assert suite.results["latency.same-node.p50"]["nodeproxy-l7"].not_applicable
     assert not suite.results["http.same-node.rps_per_core"]["nodeproxy-l7"].not_applicable
@@ -136,9 +148,15 @@ def test_haproxy_relays_http_in_tcp_mode_and_parses_it_on_its_own_port(tmp_path:
         back = text.split(f"backend http-l7-node{index}\n", 1)[1].split("\n\n", 1)[0]
         assert "http-reuse always" in back and f"retries {haproxy.RETRIES}" in back
         assert "set-header " + " ".join(haproxy.ROUTE_HEADER) in back
+        # gRPC: HTTP/2 on both sides of a mode http listener of its own.
+        front = text.split(f"frontend grpc-l7-node{index}\n", 1)[1].split("\n\n", 1)[0]
+        assert f"bind 0.0.0.0:{haproxy.grpc_mode_port(index)} proto h2" in front
+        back = text.split(f"backend grpc-l7-node{index}\n", 1)[1].split("\n\n", 1)[0]
+        assert f":{ServerKind.GRPC.port} proto h2" in back and "mode http" in back
     assert HTTP_FILE.startswith(haproxy.ROUTE_PATH_PREFIX.lstrip("/") + "/")
     ports = [haproxy.frontend_port(i, k) for i in (0, 1) for k in ServerKind]
     ports += [haproxy.http_mode_port(i) for i in (0, 1)]
+    ports += [haproxy.grpc_mode_port(i) for i in (0, 1)]
     ports.append(haproxy.ATTACK_PORT)
     assert len(set(ports)) == len(ports)
     # The noisy neighbour's attack frontend parses HTTP like nodeproxy's attack-target.
@@ -216,6 +234,10 @@ def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7_and_haproxy_h
     # --only selects it by name.
     only = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None, only="noisy")
     assert [s.name for s in only.scenarios] == ["noisy neighbour"]
+    # Several names, comma-separated.
+    only = Suite(QUICK, CONFIGURATIONS, log=lambda _message: None, only="http2,grpc")
+    assert [s.name for s in only.scenarios] == ["http2 same-node", "http2 cross-node",
+                                                "grpc same-node", "grpc cross-node"]
 
 
 def test_noisy_neighbour_attacks_are_bounded_and_aimed_at_the_attack_service():
@@ -271,3 +293,19 @@ def test_settle_waits_for_a_busy_proxy_within_its_bound(monkeypatch):
         for proc in (idle, busy):
             proc.kill()
             proc.wait()
+
+
+def test_only_takes_the_exact_name_before_the_substring():
+    quiet = {"log": lambda _message: None}
+    exact = Suite(QUICK, CONFIGURATIONS, only="connect same-node", **quiet)
+    assert [s.name for s in exact.scenarios] == ["connect same-node"]
+    idle = Suite(QUICK, CONFIGURATIONS, only="idle connections", **quiet)
+    assert [s.name for s in idle.scenarios] == ["idle connections"]
+    # Each comma-separated part is taken the same way.
+    both = Suite(QUICK, CONFIGURATIONS, only="idle connections,connect same-node", **quiet)
+    assert [s.name for s in both.scenarios] == ["connect same-node", "idle connections"]
+    # No scenario is called "connect": every one whose name has it, as before.
+    broad = Suite(QUICK, CONFIGURATIONS, only="connect", **quiet)
+    assert [s.name for s in broad.scenarios] == [
+        "connect same-node", "connect cross-node", "sustained connect same-node",
+        "sustained connect cross-node", "idle connections", "idle connections cross-node"]
