@@ -8,6 +8,7 @@
 - `certificates`: `CertificateManager` keeps one leaf per (namespace, service account) on
   this node and rotates it before expiry; private keys stay in memory.
 - `tls`: mutual TLS 1.3 `ssl.SSLContext`s for HBONE and `verify_peer` for the peer's ID.
+- `tls_transport`: the TLS transport HBONE runs on (MemoryBIO records over plain TCP).
 """
 
 from nodeproxy.identity.certificates import CertificateManager

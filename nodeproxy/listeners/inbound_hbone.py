@@ -1,7 +1,7 @@
 """The HBONE server: port 15008 inside every enrolled pod, where other nodes' proxies
 deliver their pods' connections as HTTP/2 CONNECT streams over mutual TLS.
 
-TLS is started on each accepted socket explicitly (loop.connect_accepted_socket), so a
+TLS is started on each accepted socket explicitly (identity.tls_transport.accept), so a
 failed handshake — garbage instead of a ClientHello, a certificate from another CA, an expired
 or wrong-domain one — is classified, counted and logged here, and touches nothing else.
 The listener presents the current certificate of its pod's service account (an SNI
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import h2.errors
 
-from nodeproxy.identity import tls
+from nodeproxy.identity import tls, tls_transport
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.listeners.inbound_hbone_l7 import DestinationGate
@@ -138,7 +138,6 @@ class HboneServer:
         if not self.tracker.accepting:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
         try:
             peer = conn.getpeername()
         except OSError:
@@ -169,11 +168,10 @@ class HboneServer:
                             limits=limits,
                             on_abuse=lambda reason: self._tunnel.abuse.labels(reason).inc())
         try:
-            # connect_accepted_socket raises the handshake's failure to us, so every
+            # tls_transport.accept raises the handshake's failure to us, so every
             # refusal is classified and counted here.
-            await loop.connect_accepted_socket(
-                lambda: session, conn, ssl=self._context(pod),
-                ssl_handshake_timeout=self._handshake_timeout)
+            await tls_transport.accept(session, self._context(pod), conn,
+                                       handshake_timeout=self._handshake_timeout)
             await asyncio.wait_for(asyncio.shield(session.ready), self._handshake_timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError, IdentityError) as e:
             # (IdentityError: this pod has no leaf yet, see remote_certificates.py)

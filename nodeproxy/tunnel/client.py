@@ -22,7 +22,7 @@ import h2.errors
 import h2.exceptions
 
 from nodeproxy.config.model import TunnelSettings
-from nodeproxy.identity import tls
+from nodeproxy.identity import tls, tls_transport
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.tunnel.headers import L7_AUTHORIZED, SOURCE_PORT, authority, forwarded
@@ -143,7 +143,6 @@ class HbonePool:
             return session
 
     async def _dial(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str) -> H2Session:
-        loop = asyncio.get_running_loop()
         try:
             context = tls.client_context(self._certs, namespace, sa)
         except IdentityError as e:  # no leaf yet (the signing service has not answered)
@@ -165,9 +164,9 @@ class HbonePool:
         session = H2Session(client_side=True, on_ready=verify,
                             on_lost=lambda s: self._lost(key, s))
         try:
-            await loop.create_connection(
-                lambda: session, host=str(ip), port=self.port, ssl=context,
-                server_hostname="", ssl_handshake_timeout=self._settings.handshake_timeout_seconds)
+            await tls_transport.connect(
+                session, context, str(ip), self.port,
+                handshake_timeout=self._settings.handshake_timeout_seconds)
             await asyncio.wait_for(session.ready, self._settings.handshake_timeout_seconds)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             reason = failure[0].reason if failure else tls.classify_handshake_error(e)

@@ -21,4 +21,6 @@ Modules:
 - ``stats``: median, spread and ratio to ``direct``.
 - ``report``: the JSON document and the markdown table.
 - ``suite``: alternates the configurations over the rounds and collects it all.
+- ``tls_layer``: the TLS layer under HBONE alone (one mutual-TLS connection, bulk bytes,
+  TLS transports compared); run on its own, not part of the suite.
 """

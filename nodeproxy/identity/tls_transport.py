@@ -1,0 +1,367 @@
+"""The TLS transport HBONE runs on: `ssl.MemoryBIO` records over a plain TCP transport.
+
+Why not uvloop's own SSL transport (``loop.create_connection(ssl=...)``): it decrypts one
+16 KiB record per `SSLObject.read(256 KiB)` call, each of which allocates a 256 KiB bytes and
+shrinks it, then joins the records into yet another bytes; on a bulk HBONE stream the
+receiving node spent 2–3× the CPU per byte of this module (docs/benchmarks.md, "TLS layer
+under HBONE"). Here:
+
+- The socket is read into a 256 KiB buffer (a `BufferedProtocol`), all of it given to
+  OpenSSL at once; every complete record is decrypted *into* a 256 KiB plaintext buffer
+  (`SSLObject.read(n, buffer)`: no allocation per record), and each full buffer, then the
+  rest, reaches the protocol as one `bytes`: one copy per byte. The two buffers are shared
+  by every connection of the thread (`_Buffers`): their content matters only from a read
+  to the copy that follows it, with no other code in between, so an idle connection holds
+  none of them.
+- A write is encrypted at once; the ciphertext of all the writes of one event-loop turn
+  goes to the socket in one `write` (at most `FLUSH_AT` bytes wait), so a burst of HTTP/2
+  frames is one `send`. Flow control is the TCP transport's: its pause_writing and
+  resume_writing reach the protocol unchanged, and the write buffer size counts the
+  ciphertext not yet handed over too.
+- TLS 1.3 only (the contexts of `nodeproxy.identity.tls`): no renegotiation; no
+  half-close (`can_write_eof` is False); `close` sends close_notify, then closes once the
+  queued bytes are out; a close_notify from the peer is `eof_received`, then a close.
+
+The handshake's failure is raised to the caller as the `ssl` exception it is (or
+TimeoutError after `handshake_timeout`, ConnectionResetError if the peer closes), the socket
+closed, so `tls.classify_handshake_error` labels it as before. A TLS error after the
+handshake (in TLS 1.3 a client learns that the server refused its certificate this way)
+reaches the protocol's `connection_lost` as that exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+from typing import Any
+
+READ_BUFFER = 256 * 1024     # ciphertext read from the socket at once
+PLAIN_BUFFER = 256 * 1024    # plaintext decrypted before it is handed to the protocol
+FLUSH_AT = 256 * 1024        # ciphertext sent at once rather than at the end of the turn
+
+
+class _Buffers(threading.local):
+    """The read buffers of this thread's connections (see the module docstring)."""
+
+    cipher: memoryview | None = None
+    plain: memoryview | None = None
+
+    def get(self) -> tuple[memoryview, memoryview]:
+        if self.cipher is None or len(self.cipher) != READ_BUFFER:
+            self.cipher = memoryview(bytearray(READ_BUFFER))
+        if self.plain is None or len(self.plain) != PLAIN_BUFFER:
+            self.plain = memoryview(bytearray(PLAIN_BUFFER))
+        return self.cipher, self.plain
+
+
+_BUFFERS = _Buffers()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class TlsTransport(asyncio.Transport):
+    """The protocol's side: plaintext in and out over `_TlsRecords`' TCP transport."""
+
+    def __init__(self, records: _TlsRecords):
+        super().__init__()
+        self._records = records
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._records.extra(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._records.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self._records.write(data)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS has no half-close")
+
+    def is_closing(self) -> bool:
+        return self._records.closing
+
+    def close(self) -> None:
+        self._records.close()
+
+    def abort(self) -> None:
+        self._records.abort(None)
+
+    def pause_reading(self) -> None:
+        self._records.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._records.resume_reading()
+
+    def is_reading(self) -> bool:
+        return not self._records.reading_paused
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._records.tcp().set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._records.tcp().get_write_buffer_limits()
+
+    def get_write_buffer_size(self) -> int:
+        return self._records.tcp().get_write_buffer_size() + self._records.outgoing.pending
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._records.app = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._records.app
+
+
+class _TlsRecords(asyncio.BufferedProtocol):
+    """The TCP side: ciphertext in and out; runs the handshake, then the records."""
+
+    def __init__(self, app: asyncio.Protocol, context: ssl.SSLContext, *, server_side: bool,
+                 waiter: asyncio.Future):
+        self.app = app
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        # No SNI from a client: the server's SPIFFE ID is what is checked (tls.verify_peer).
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                       server_hostname=None)
+        self.transport: asyncio.Transport | None = None
+        self.app_transport = TlsTransport(self)
+        self.closing = False
+        self.reading_paused = False
+        self._waiter = waiter
+        waiter.add_done_callback(_retrieve)   # a handshake abandoned by its caller too
+        self._handshaken = False      # app.connection_made was called
+        self._lost = False            # app.connection_lost was called
+        self._error: BaseException | None = None
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    def tcp(self) -> asyncio.Transport:
+        if self.transport is None:
+            raise RuntimeError("the TLS transport has no connection yet")
+        return self.transport
+
+    def extra(self, name: str, default: Any) -> Any:
+        if name == "ssl_object":
+            return self.sslobj
+        if name == "sslcontext":
+            return self.sslobj.context
+        if name == "peercert":
+            return self.sslobj.getpeercert()
+        if name == "cipher":
+            return self.sslobj.cipher()
+        if name == "compression":
+            return self.sslobj.compression()
+        return self.tcp().get_extra_info(name, default)
+
+    # -- TCP protocol --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._handshake()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _BUFFERS.get()[0]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.incoming.write(_BUFFERS.get()[0][:nbytes])
+        if not self._handshaken:
+            self._handshake()
+            if not self._handshaken:
+                return
+        if not self.reading_paused:
+            self._decrypt()
+
+    def eof_received(self) -> bool:
+        # The peer closed TCP without a close_notify (a truncation, or a peer that died).
+        if not self._handshaken:
+            self._fail(ConnectionResetError("the peer closed the connection during the "
+                                            "TLS handshake"))
+        elif not self.closing:
+            self.app.eof_received()
+            self.abort(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if not self._waiter.done():
+            self._waiter.set_exception(exc or ConnectionResetError(
+                "the connection was lost during the TLS handshake"))
+        if self._handshaken and not self._lost:
+            self._lost = True
+            self.app.connection_lost(exc or self._error)  # type: ignore[arg-type]
+
+    def pause_writing(self) -> None:
+        self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.app.resume_writing()
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except Exception as e:  # noqa: BLE001 - the handshake's failure goes to the waiter
+            self._flush()   # the alert, if OpenSSL wrote one
+            self._fail(e)
+            return
+        self._handshaken = True
+        self._flush()
+        if not self._waiter.done():
+            self._waiter.set_result(None)
+        self.app.connection_made(self.app_transport)
+
+    def _decrypt(self) -> None:
+        """Decrypt every complete record into the plaintext buffer; hand each full buffer,
+        then the rest, to the protocol as one bytes."""
+        view = _BUFFERS.get()[1]    # copied out before any other code runs
+        size, filled = len(view), 0
+        eof = False
+        try:
+            while self.incoming.pending or self.sslobj.pending():
+                n = self.sslobj.read(size - filled, view[filled:])
+                if not n:
+                    eof = True
+                    break
+                filled += n
+                if filled == size:
+                    filled = 0
+                    self.app.data_received(bytes(view))
+                    if self.reading_paused or self.closing:
+                        break
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as e:   # a bad record, or the peer's alert
+            if filled:
+                self.app.data_received(bytes(view[:filled]))
+            self._flush()
+            self.abort(e)
+            return
+        if filled:
+            self.app.data_received(bytes(view[:filled]))
+        if self.outgoing.pending:
+            self._flush()
+        if eof and not self.closing:  # close_notify
+            self.app.eof_received()
+            self.close()
+
+    def _fail(self, exc: BaseException, *, drop: bool = False) -> None:
+        """The handshake failed: tell the waiter; close (the alert OpenSSL wrote goes out
+        first), or drop the connection at once."""
+        self.closing = True
+        if not self._waiter.done():
+            self._waiter.set_exception(exc)
+        if self.transport is not None:
+            if drop:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.outgoing.pending and self.transport is not None \
+                and not self.transport.is_closing():
+            self.transport.write(self.outgoing.read())
+
+    # -- the protocol's calls --------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing or not data:
+            return
+        try:
+            self.sslobj.write(data)
+        except ssl.SSLError as e:
+            self.abort(e)
+            return
+        if self.outgoing.pending >= FLUSH_AT:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        with contextlib.suppress(ssl.SSLError):
+            self.sslobj.unwrap()          # queues close_notify; the peer's is not awaited
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, exc: BaseException | None) -> None:
+        self.closing = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if self.reading_paused:
+            return
+        self.reading_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.reading_paused:
+            return
+        self.reading_paused = False
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+            self._decrypt()   # what was read before the pause
+
+
+async def _established(records: _TlsRecords, timeout: float) -> TlsTransport:
+    try:
+        await asyncio.wait_for(asyncio.shield(records._waiter), max(timeout, 0.0))
+    except BaseException:
+        records._fail(ConnectionAbortedError("TLS handshake abandoned"), drop=True)
+        raise
+    return records.app_transport
+
+
+async def connect(app: asyncio.Protocol, context: ssl.SSLContext, host: str, port: int, *,
+                  handshake_timeout: float) -> TlsTransport:
+    """Dial host:port and run the client handshake; `app` gets `connection_made` once it is
+    done. Raises what the handshake raised (TimeoutError past `handshake_timeout`)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + handshake_timeout
+    records = _TlsRecords(app, context, server_side=False, waiter=loop.create_future())
+    await asyncio.wait_for(loop.create_connection(lambda: records, host, port),
+                           handshake_timeout)
+    return await _established(records, deadline - loop.time())
+
+
+async def connect_socket(app: asyncio.Protocol, context: ssl.SSLContext, sock: socket.socket,
+                         *, handshake_timeout: float) -> TlsTransport:
+    """The client handshake on an already connected socket (as `connect`)."""
+    loop = asyncio.get_running_loop()
+    records = _TlsRecords(app, context, server_side=False, waiter=loop.create_future())
+    sock.setblocking(False)
+    await loop.create_connection(lambda: records, sock=sock)
+    return await _established(records, handshake_timeout)
+
+
+async def accept(app: asyncio.Protocol, context: ssl.SSLContext, sock: socket.socket, *,
+                 handshake_timeout: float) -> TlsTransport:
+    """The server handshake on an accepted socket; `app` gets `connection_made` once it is
+    done. Raises what the handshake raised (TimeoutError past `handshake_timeout`)."""
+    loop = asyncio.get_running_loop()
+    records = _TlsRecords(app, context, server_side=True, waiter=loop.create_future())
+    sock.setblocking(False)
+    await loop.connect_accepted_socket(lambda: records, sock)
+    return await _established(records, handshake_timeout)

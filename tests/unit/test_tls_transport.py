@@ -1,0 +1,303 @@
+"""The MemoryBIO TLS transport HBONE runs on, over real loopback sockets and the mesh's
+own contexts: bytes intact both ways through backpressure, identities, close_notify, and
+every handshake refusal raised and labelled as before (tls.classify_handshake_error)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from nodeproxy.identity import (
+    CertificateManager,
+    MeshCA,
+    SpiffeId,
+    classify_handshake_error,
+    client_context,
+    server_context,
+    tls_transport,
+    verify_peer,
+)
+from nodeproxy.identity.tls import build_context
+
+TD = "cluster.local"
+TIMEOUT = 5.0
+CART = "spiffe://cluster.local/ns/shop/sa/cart"
+
+
+@pytest.fixture(scope="module")
+def ca() -> MeshCA:
+    return MeshCA.generate(TD)
+
+
+@pytest.fixture()
+def manager(ca: MeshCA) -> CertificateManager:
+    return CertificateManager(ca, TD, ttl_seconds=3600)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, Any]], loop_kind: str) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(main(), 30)
+    return (uvloop.run if loop_kind == "uvloop" else asyncio.run)(bounded())
+
+
+class Collector(asyncio.Protocol):
+    """Hashes what it receives; pauses its reading now and then (backpressure)."""
+
+    def __init__(self, pause_every: int = 0):
+        self.transport: asyncio.Transport | None = None
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.eof = False
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.paused_writing = 0
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self._pause_every = pause_every
+        self._next_pause = pause_every
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.received += len(data)
+        if self._pause_every and self.received >= self._next_pause:
+            self._next_pause += self._pause_every
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(0.005, self.transport.resume_reading)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused_writing += 1
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    async def send(self, payload: bytes, chunk: int) -> None:
+        assert self.transport is not None
+        for i in range(0, len(payload), chunk):
+            await self.can_write.wait()
+            self.transport.write(payload[i:i + chunk])
+
+
+async def _listener() -> tuple[socket.socket, int]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    return listener, listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_bulk_both_ways_intact(manager: CertificateManager, loop_kind: str) -> None:
+    up, down = os.urandom(6 * 1024 * 1024 + 123), os.urandom(3 * 1024 * 1024 + 7)
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        listener, port = await _listener()
+        server = Collector(pause_every=512 * 1024)
+        client = Collector(pause_every=256 * 1024)
+
+        async def serve() -> tls_transport.TlsTransport:
+            conn, _ = await loop.sock_accept(listener)
+            return await tls_transport.accept(server, server_context(manager, "shop", "cart"),
+                                              conn, handshake_timeout=TIMEOUT)
+
+        accepting = asyncio.create_task(serve())
+        client_transport = await tls_transport.connect(
+            client, client_context(manager, "web", "frontend"), "127.0.0.1", port,
+            handshake_timeout=TIMEOUT)
+        server_transport = await accepting
+        listener.close()
+        # Small writes (one turn's ciphertext is sent at once) and large ones.
+        await asyncio.gather(server.send(down, 1000), client.send(up, 200_000))
+        while server.received < len(up) or client.received < len(down):
+            await asyncio.sleep(0.01)
+        seen = {
+            "client_peer": verify_peer(client_transport.get_extra_info("ssl_object"), TD,
+                                       expected=CART),
+            "server_peer": verify_peer(server_transport.get_extra_info("ssl_object"), TD),
+            "cipher": client_transport.get_extra_info("cipher"),
+            "peername": server_transport.get_extra_info("peername"),
+            "paused": client.paused_writing + server.paused_writing,
+            "up": server.digest.digest(), "down": client.digest.digest(),
+            "up_len": server.received, "down_len": client.received,
+            "can_write_eof": client_transport.can_write_eof(),
+            # No resumption between nodes: the server sends no ticket.
+            "ticket": getattr(client_transport.get_extra_info("ssl_object").session,
+                              "has_ticket", False),
+        }
+        client_transport.close()        # close_notify: the server sees EOF, then the end
+        seen["server_lost"] = await asyncio.wait_for(server.lost, TIMEOUT)
+        seen["server_eof"] = server.eof
+        seen["client_lost"] = await asyncio.wait_for(client.lost, TIMEOUT)
+        return seen
+
+    seen = run(main, loop_kind)
+    assert (seen["up_len"], seen["down_len"]) == (len(up), len(down))
+    assert seen["up"] == hashlib.sha256(up).digest()
+    assert seen["down"] == hashlib.sha256(down).digest()
+    assert seen["client_peer"] == SpiffeId(TD, "shop", "cart")
+    assert seen["server_peer"] == SpiffeId(TD, "web", "frontend")
+    assert seen["cipher"][1] == "TLSv1.3"
+    assert seen["peername"][0] == "127.0.0.1"
+    assert seen["paused"] > 0           # the writers met backpressure and went on
+    assert seen["can_write_eof"] is False
+    assert seen["ticket"] is False
+    assert seen["server_eof"] is True and seen["server_lost"] is None
+    assert seen["client_lost"] is None
+
+
+def _untrusted_context(mesh: MeshCA, server_side: bool) -> ssl.SSLContext:
+    """Trusts the mesh's root but presents a leaf of another CA (same trust domain)."""
+    leaf = MeshCA.generate(TD).issue("spiffe://cluster.local/ns/web/sa/frontend", 3600)
+    return build_context(leaf, mesh.trust_anchor_pem, server_side=server_side)
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_refusals_are_raised_and_labelled(ca: MeshCA, manager: CertificateManager,
+                                          loop_kind: str) -> None:
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        listener, port = await _listener()
+        server_reasons: list[str] = []
+        served: list[Collector] = []
+
+        async def serve_one(conn: socket.socket) -> None:
+            proto = Collector()
+            try:
+                await tls_transport.accept(proto, server_context(manager, "shop", "cart"),
+                                           conn, handshake_timeout=0.5)
+            except Exception as e:  # noqa: BLE001 - labelled as the listener does
+                server_reasons.append(classify_handshake_error(e))
+                return
+            served.append(proto)
+
+        async def accept_loop() -> None:
+            tasks = set()
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                task = asyncio.create_task(serve_one(conn))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        async def wait_reasons(n: int) -> list[str]:
+            for _ in range(300):
+                if len(server_reasons) >= n:
+                    break
+                await asyncio.sleep(0.01)
+            return list(server_reasons)
+
+        acceptor = asyncio.create_task(accept_loop())
+        seen: dict[str, Any] = {}
+        # A client certificate from another CA: the server refuses it; in TLS 1.3 the
+        # client learns it as an error after its own handshake finished.
+        client = Collector()
+        await tls_transport.connect(client, _untrusted_context(ca, False), "127.0.0.1", port,
+                                    handshake_timeout=TIMEOUT)
+        lost = await asyncio.wait_for(client.lost, TIMEOUT)
+        seen["client_side"] = classify_handshake_error(lost) if lost else None
+        seen["untrusted"] = await wait_reasons(1)
+        # Garbage, a stalled ClientHello, a peer that leaves mid-handshake.
+        for i, (data, close) in enumerate(((b"GET / HTTP/1.1\r\n\r\n", False),
+                                           (b"\x16", False), (b"\x16\x03\x01", True))):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(data)
+            await writer.drain()
+            if close:
+                writer.close()
+            else:
+                assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+                writer.close()
+            await wait_reasons(2 + i)
+        seen["early"] = await wait_reasons(4)
+        # The client refuses a server from another CA: raised from connect itself.
+        evil_listener, evil_port = await _listener()
+
+        async def evil() -> None:
+            conn, _ = await loop.sock_accept(evil_listener)
+            try:
+                await tls_transport.accept(Collector(), _untrusted_context(ca, True), conn,
+                                           handshake_timeout=TIMEOUT)
+            except Exception:  # noqa: BLE001 - the client's refusal, expected
+                pass
+
+        evil_task = asyncio.create_task(evil())
+        with pytest.raises(ssl.SSLError) as info:
+            await tls_transport.connect(Collector(), client_context(manager, "web", "frontend"),
+                                        "127.0.0.1", evil_port, handshake_timeout=TIMEOUT)
+        seen["client_refused"] = classify_handshake_error(info.value)
+        await asyncio.wait_for(evil_task, TIMEOUT)
+        evil_listener.close()
+        # A server that never answers: the client's handshake times out.
+        mute = socket.create_server(("127.0.0.1", 0))
+        with pytest.raises(TimeoutError) as timeout_info:
+            await tls_transport.connect(Collector(), client_context(manager, "web", "frontend"),
+                                        "127.0.0.1", mute.getsockname()[1],
+                                        handshake_timeout=0.3)
+        seen["client_timeout"] = classify_handshake_error(timeout_info.value)
+        mute.close()
+        seen["served"] = len(served)
+        acceptor.cancel()
+        listener.close()
+        return seen
+
+    seen = run(main, loop_kind)
+    assert seen["untrusted"] == ["untrusted_ca"]
+    assert seen["client_side"] == "peer_rejected"
+    assert sorted(seen["early"][1:]) == ["connection_closed", "protocol_error", "timeout"]
+    assert seen["client_refused"] == "untrusted_ca"
+    assert seen["client_timeout"] == "timeout"
+    assert seen["served"] == 0          # no refused peer ever reached the protocol
+
+
+def test_peer_vanishing_without_close_notify_ends_the_protocol(
+        manager: CertificateManager) -> None:
+    async def main() -> tuple[bool, Any, int]:
+        loop = asyncio.get_running_loop()
+        listener, port = await _listener()
+        server = Collector()
+
+        async def serve() -> tls_transport.TlsTransport:
+            conn, _ = await loop.sock_accept(listener)
+            return await tls_transport.accept(server, server_context(manager, "shop", "cart"),
+                                              conn, handshake_timeout=TIMEOUT)
+
+        accepting = asyncio.create_task(serve())
+        raw = socket.create_connection(("127.0.0.1", port))
+        dup = raw.dup()             # the transport's socket cannot be shut down through it
+        client = Collector()
+        transport = await tls_transport.connect_socket(
+            client, client_context(manager, "web", "frontend"), raw,
+            handshake_timeout=TIMEOUT)
+        await accepting
+        transport.write(b"x" * 1000)
+        while server.received < 1000:
+            await asyncio.sleep(0.01)
+        # The client's TCP goes away with no TLS close_notify (a crashed node).
+        dup.shutdown(socket.SHUT_WR)
+        lost = await asyncio.wait_for(server.lost, TIMEOUT)
+        dup.close()
+        transport.abort()
+        listener.close()
+        return server.eof, lost, server.received
+
+    eof, lost, received = run(main, "uvloop")
+    assert received == 1000
+    assert eof is True
+    assert lost is None
