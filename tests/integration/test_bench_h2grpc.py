@@ -22,7 +22,12 @@ from nodeproxy_dev.testbed.cluster import Cluster
 
 pytestmark = pytest.mark.privileged
 
-SETTINGS = replace(QUICK, h2_requests=300, h2_connections=4, h2_streams=4, grpc_calls=300,
+# Enough for HAProxy's CPU to reach several 10 ms clock ticks (it needs ~0.03 ms per
+# HTTP/2 request, ~0.08 ms per gRPC call): with 300 it read 0 ticks and the run failed.
+H2_REQUESTS = 3000
+GRPC_CALLS = 2000
+SETTINGS = replace(QUICK, h2_requests=H2_REQUESTS, h2_connections=4, h2_streams=4,
+                   grpc_calls=GRPC_CALLS,
                    grpc_concurrency=4)
 DIRECT, L7, HA = by_names(["direct", "nodeproxy-l7", "haproxy-http"])
 
@@ -50,11 +55,12 @@ def test_each_configuration_yields_checked_figures(bench: BenchCluster,
         for configuration in (DIRECT, L7, HA):
             values, raw = measure(bench, scenario, configuration)
             where = (path.value, configuration.name)
-            assert raw["requests"] == 300, where
+            count = H2_REQUESTS if scenario_class is Http2 else GRPC_CALLS
+            assert raw["requests"] == count, where
             assert values[f"{prefix}.rps"] > 0, where
             assert 0 < values[f"{prefix}.p50"] <= values[f"{prefix}.p99"], where
             if scenario_class is Http2:
-                assert raw["data_bytes"] == 300 * SETTINGS.http_body, where
+                assert raw["data_bytes"] == count * SETTINGS.http_body, where
             if configuration is DIRECT:
                 assert f"{prefix}.cpu" not in values and raw["proxy_cpu_s"] == {}
                 continue
@@ -62,7 +68,7 @@ def test_each_configuration_yields_checked_figures(bench: BenchCluster,
             if configuration is L7:
                 # nodeproxy parsed and counted every request (HTTP/2 in, HTTP/1.1 out to
                 # nginx; gRPC over HTTP/2 both ways), cross node on both daemons' CPU.
-                assert raw["proxy_requests_counted"] == 300, where
+                assert raw["proxy_requests_counted"] == count, where
                 assert len(raw["proxy_cpu_s"]) == (1 if path is NetPath.SAME_NODE else 2)
             else:
                 assert list(raw["proxy_cpu_s"]) == ["haproxy"]
@@ -94,5 +100,5 @@ def test_failed_calls_fail_the_grpc_run(bench: BenchCluster) -> None:
     assert len(servers) == 1
     os.kill(servers[0].pid, signal.SIGKILL)
     servers[0].wait(timeout=10)
-    with pytest.raises(MeasurementError, match=r"of 300 calls answered right"):
+    with pytest.raises(MeasurementError, match=rf"of {GRPC_CALLS} calls answered right"):
         measure(bench, GrpcUnary(NetPath.SAME_NODE), L7)
