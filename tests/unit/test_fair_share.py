@@ -161,23 +161,22 @@ def test_descriptor_budget_arithmetic():
 
 
 def test_a_socket_in_the_reserve_is_closed_and_refused(monkeypatch: pytest.MonkeyPatch):
-    """Numbers are the lowest free: open sockets until one lands in the reserve."""
-    probe = socket.socket()
-    floor = probe.fileno()
-    probe.close()
-    monkeypatch.setattr(descriptors, "BUDGET", DescriptorBudget(floor + 4, 2))
-    held = []
+    """Three sockets; the budget's ceiling is the highest one's number, so the two below
+    it are admitted and the one at it is closed and refused.  (Built from the numbers the
+    sockets got, not from the lowest free one: another thread of the test process, grpc's
+    among them, may take descriptors at any moment.)"""
+    sockets = sorted((socket.socket() for _ in range(3)), key=lambda s: s.fileno())
+    top = sockets[-1]
+    monkeypatch.setattr(descriptors, "BUDGET", DescriptorBudget(top.fileno() + 2, 2))
     try:
-        for _ in range(2):
-            sock = socket.socket()
+        for sock in sockets[:2]:
             descriptors.check_socket(sock)
-            held.append(sock)
-        sock = socket.socket()
-        with pytest.raises(OverBudget):
-            descriptors.check_socket(sock)
-        assert sock.fileno() == -1  # closed by the check
+            assert sock.fileno() >= 0
+        with pytest.raises(OverBudget, match=f"descriptor {top.fileno()} is in the reserve"):
+            descriptors.check_socket(top)
+        assert top.fileno() == -1  # closed by the check
     finally:
-        for sock in held:
+        for sock in sockets:
             sock.close()
 
 
