@@ -346,7 +346,7 @@ async def connect(app: asyncio.Protocol, context: ssl.SSLContext, host: str, por
     return await _established(records, deadline - loop.time())
 
 
-async def connect_socket(app: asyncio.Protocol, context: ssl.SSLContext, sock: socket.socket,
+async def handshake_connected(app: asyncio.Protocol, context: ssl.SSLContext, sock: socket.socket,
                          *, handshake_timeout: float) -> TlsTransport:
     """The client handshake on an already connected socket (as `connect`)."""
     loop = asyncio.get_running_loop()

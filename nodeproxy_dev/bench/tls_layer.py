@@ -182,7 +182,7 @@ async def _start(candidate: str, loop: asyncio.AbstractEventLoop, protocol: asyn
         if server_side:
             await tls_transport.accept(protocol, context, sock, handshake_timeout=10)
         else:
-            await tls_transport.connect_socket(protocol, context, sock, handshake_timeout=10)
+            await tls_transport.handshake_connected(protocol, context, sock, handshake_timeout=10)
     elif candidate == "aiofastnet":
         import aiofastnet
         if server_side:

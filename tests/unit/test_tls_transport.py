@@ -282,7 +282,7 @@ def test_peer_vanishing_without_close_notify_ends_the_protocol(
         raw = socket.create_connection(("127.0.0.1", port))
         dup = raw.dup()             # the transport's socket cannot be shut down through it
         client = Collector()
-        transport = await tls_transport.connect_socket(
+        transport = await tls_transport.handshake_connected(
             client, client_context(manager, "web", "frontend"), raw,
             handshake_timeout=TIMEOUT)
         await accepting
