@@ -25,7 +25,7 @@ from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls, tls_transport
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
-from nodeproxy.tunnel.headers import L7_AUTHORIZED, SOURCE_PORT, authority, forwarded
+from nodeproxy.tunnel.header_block import connect_block, source_port_field
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 
@@ -84,21 +84,19 @@ class HbonePool:
         source_port: the client's own port, sent as a hint (SOURCE_PORT); 0 sends none."""
         key = PoolKey(spiffe_id(self._trust_domain, source_namespace, source_sa), destination,
                       node)
-        headers = [(":method", "CONNECT"), (":authority", authority(ip, port)),
-                   ("forwarded", forwarded(source_ip))]
-        if l7_checked:
-            headers.append((L7_AUTHORIZED, "1"))
+        # Encoded once per destination (header_block.py), not by h2 per connection.
+        block, target = connect_block(ip, port, source_ip, l7_checked)
         if source_port:
-            headers.append((SOURCE_PORT, str(source_port)))
+            block += source_port_field(source_port)
         last: Exception | None = None
         for attempt in (1, 2):
             session = await self._session(key, ip, source_namespace, source_sa,
                                           fresh=attempt == 2)
             stream = None
             try:
-                stream = session.open_stream(headers)
-                response = await asyncio.wait_for(asyncio.shield(stream.response),
-                                                  self._response_timeout)
+                stream = session.open_encoded_stream(block, target)
+                async with asyncio.timeout(self._response_timeout):
+                    response = await asyncio.shield(stream.response)
             except Exception as e:  # noqa: BLE001 - sorted below
                 last = e
                 if session.closed or isinstance(e, h2.exceptions.ProtocolError) or (

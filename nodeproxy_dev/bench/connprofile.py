@@ -1,7 +1,8 @@
 """Where a proxied connection's CPU and memory go in the daemon: a profile, not a benchmark.
 
 Run as ``python -m nodeproxy_dev.bench.connprofile [--seconds S] [--idle N] [--out DIR]
-[--app-protocol tcp|detect] [--splice]`` (root).  One testbed cluster (two nodes, a meshed client on
+[--app-protocol tcp|detect] [--splice] [--only same-node|cross-node]`` (root; ``--idle 0``
+skips the memory part).  One testbed cluster (two nodes, a meshed client on
 node0, a server pod on each node, a service for each, its port declared ``appProtocol:
 tcp`` as the bench's L4 servers are, so same-node flows are spliced; ``detect`` leaves it
 undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast path;
@@ -193,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--app-protocol", choices=("tcp", "detect"), default="tcp")
     parser.add_argument("--splice", action="store_true")
+    parser.add_argument("--only", choices=("same-node", "cross-node"), default=None,
+                        help="profile only this connect load (default: both)")
     args = parser.parse_args(argv)
-    if not 1 <= args.seconds <= 120 or not 1 <= args.idle <= 9000:
-        parser.error("--seconds 1..120, --idle 1..9000")
+    if not 1 <= args.seconds <= 120 or not 0 <= args.idle <= 9000:
+        parser.error("--seconds 1..120, --idle 0..9000 (0: no memory profile)")
     procstat.lift_own_nofile(4 * args.idle + 4000)
     out = args.out or Path(tempfile.mkdtemp(prefix="nodeproxy-connprofile-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -207,8 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         build(cluster, None if args.app_protocol == "detect" else args.app_protocol,
               args.splice)
         cluster.start_daemons()
-        report["cpu"] = [cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out),
-                         cpu_profile(cluster, "web-z1", ["node0", "node1"], args.seconds, out)]
+        report["cpu"] = []
+        if args.only in (None, "same-node"):
+            report["cpu"].append(cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out))
+        if args.only in (None, "cross-node"):
+            report["cpu"].append(cpu_profile(cluster, "web-z1", ["node0", "node1"],
+                                             args.seconds, out))
+        if not args.idle:
+            cluster.stop_daemons()
+            (out / "profile.json").write_text(json.dumps(report, indent=1))
+            print(json.dumps(report, indent=1))
+            print(f"folded stacks in {out}", file=sys.stderr)
+            return 0
         cluster.stop_daemons()
         os.environ["NODEPROXY_PROFILE_DIR"] = str(out)
         os.environ["PYTHONPATH"] = os.pathsep.join(
