@@ -11,7 +11,8 @@ undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast 
 - CPU: the connect scenario's load (short connections back to back, 16 in flight) to the
   same-node and to the cross-node service for S seconds each, with py-spy sampling every
   daemon on the way at 200 Hz (``py-spy record --format raw``: folded stacks).  Printed:
-  the connections made, the share of samples in which the daemon was busy, and the
+  the connections made, each daemon's CPU time (user + system) per connection over the
+  load, the share of samples in which the daemon was busy, and the
   functions with the largest inclusive share of the busy samples.
 - Memory: the daemons restarted with tracemalloc on (a ``sitecustomize`` of this module's
   own, active only in ``nodeproxy run``, dumps a snapshot on SIGUSR2); N idle connections
@@ -100,6 +101,8 @@ def _py_spy() -> str:
 def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float,
                 out: Path) -> dict[str, Any]:
     vip = cluster.services[f"default/{service}"].address(4)
+    daemons = {node: cluster.nodes[node].daemon.pid for node in nodes}  # type: ignore[union-attr]
+    cpu_before = {node: procstat.cpu_seconds(pid) for node, pid in daemons.items()}
     load = cluster.spawn_in_pod("client", cluster.peer_argv(
         "load", "--to", vip, "--mode", "transfer", "--send", "0", "--receive", "0",
         "--rate", "0", "--concurrency", "16", "--duration", str(seconds + 2),
@@ -122,6 +125,12 @@ def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float
     stdout, _ = load.communicate(timeout=seconds + 60)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else {}
+    # The daemons' own CPU (user + system, all threads) over the whole load, per
+    # connection made: less moved by other processes on the cores than a rate is.
+    made = max(summary.get("succeeded", 0), 1)
+    for node, pid in daemons.items():
+        result[node]["cpu_ms_per_connection"] = round(
+            (procstat.cpu_seconds(pid) - cpu_before[node]) * 1000 / made, 4)
     result["connections_per_s"] = summary.get("succeeded", 0) / max(
         summary.get("elapsed_s", 1.0), 1e-9)
     result["failed"] = summary.get("failed")
