@@ -96,7 +96,7 @@ class HbonePool:
             try:
                 stream = session.open_encoded_stream(block, target)
                 async with asyncio.timeout(self._response_timeout):
-                    response = await asyncio.shield(stream.response)
+                    response = await stream.response
             except Exception as e:  # noqa: BLE001 - sorted below
                 last = e
                 if session.closed or isinstance(e, h2.exceptions.ProtocolError) or (
@@ -123,6 +123,10 @@ class HbonePool:
 
     async def _session(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str,
                        fresh: bool) -> H2Session:
+        if not fresh:
+            pooled = self._pooled(key)
+            if pooled is not None:
+                return pooled
         lock = self._dialing.setdefault(key, asyncio.Lock())
         async with lock:
             live = [s for s in self._pools.get(key, [])
@@ -139,6 +143,19 @@ class HbonePool:
             self._pools[key].append(session)
             self._metrics.pooled_connections.inc()
             return session
+
+    def _pooled(self, key: PoolKey) -> H2Session | None:
+        """The least busy live connection of the key with room for a stream, without the
+        dial lock (what nearly every stream finds); None: ask under the lock."""
+        best: H2Session | None = None
+        limit = self._settings.max_streams_per_connection
+        for session in self._pools.get(key, ()):
+            if session.closed or session.goaway or session.retired:
+                continue
+            if len(session.streams) < limit and (
+                    best is None or len(session.streams) < len(best.streams)):
+                best = session
+        return best
 
     async def _dial(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str) -> H2Session:
         try:
