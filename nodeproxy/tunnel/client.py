@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls, tls_transport
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
+from nodeproxy.tcp.dial import connect_socket
 from nodeproxy.tunnel.header_block import connect_block, source_port_field
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
@@ -178,11 +180,23 @@ class HbonePool:
 
         session = H2Session(client_side=True, on_ready=verify,
                             on_lost=lambda s: self._lost(key, s))
+        timeout = self._settings.handshake_timeout_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sock = socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6,
+                             socket.SOCK_STREAM)
         try:
-            await tls_transport.connect(
-                session, context, str(ip), self.port,
-                handshake_timeout=self._settings.handshake_timeout_seconds)
-            await asyncio.wait_for(session.ready, self._settings.handshake_timeout_seconds)
+            # Our own connect (tcp/dial.py), not loop.create_connection(host, port):
+            # uvloop sends even a numeric address to getaddrinfo in its thread pool.
+            try:
+                sock.setblocking(False)
+                await connect_socket(sock, (str(ip), self.port), timeout)
+            except BaseException:
+                sock.close()  # not a transport's yet (after that, the transport's to close)
+                raise
+            await tls_transport.handshake_connected(
+                session, context, sock, handshake_timeout=max(deadline - loop.time(), 0.0))
+            await asyncio.wait_for(session.ready, timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             reason = failure[0].reason if failure else tls.classify_handshake_error(e)
             self._metrics.handshakes.labels("client", reason).inc()
