@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR = 2
@@ -48,6 +48,8 @@ _BODY = struct.Struct("=BBBBBBBBI")   # struct rtmsg and struct fib_rule_hdr: sa
 _ATTR = struct.Struct("=HH")          # struct nlattr
 _ERROR = struct.Struct("=i")          # struct nlmsgerr's error (then the request's header)
 _U32 = struct.Struct("=I")
+
+ANSWER_TIMEOUT = 5.0  # seconds; past it the request fails with TimeoutError (an OSError)
 
 
 def _attrs(pairs: Iterable[tuple[int, int]]) -> bytes:
@@ -105,6 +107,8 @@ class RouteSocket:
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                    NETLINK_ROUTE)
+        # The kernel answers at once; a bound keeps a worker thread from waiting forever.
+        self._sock.settimeout(ANSWER_TIMEOUT)
         self._seq = 0
 
     def __enter__(self) -> RouteSocket:
@@ -116,7 +120,8 @@ class RouteSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def request(self, build, *args: int, ignore: tuple[int, ...] = ()) -> None:
+    def request(self, build: Callable[..., bytes], *args: int,
+                ignore: tuple[int, ...] = ()) -> None:
         """Send ``build(*args, seq=...)`` and wait for its acknowledgement; OSError with
         the kernel's errno unless that errno is in `ignore`."""
         self._seq += 1
