@@ -29,6 +29,8 @@ KEPT_OUT = {
     "nodeproxy.cni": "the CNI plugin and its installer",
     "nodeproxy.signer.signing_service": "the CA's signing service (`nodeproxy ca serve`)",
     "nodeproxy.signer.kube": "the signing service's Kubernetes client",
+    "cryptography": "only with mTLS (identity.caCert): the CA or the signing client loads it "
+                    "at start-up (signer/node_identity.py); about 7 MiB",
     **{f"nodeproxy.cli.{name}": "another subcommand"
        for name in ("ca", "check", "validate", "enroll", "unenroll", "uninstall", "stat",
                     "top")},
