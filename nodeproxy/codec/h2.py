@@ -191,7 +191,12 @@ class _H2Protocol(asyncio.Protocol):
 
     def __init__(self, *, stream_window: int, connection_window: int, header_limit: int,
                  settings: dict[int, int]):
-        config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
+        # The server side sends only what _wire_fields made (lowercase token names, no
+        # pseudo-header or hop-by-hop field, no CR/LF/NUL) and a :status: h2's outbound
+        # checks of the same, a chain of generators per header block, are off for it.
+        # The client side keeps them: its pseudo-headers come from the request.
+        config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None,
+                                           validate_outbound_headers=self.client_side)
         self.conn = ProxyH2Connection(config, header_limit)
         self.transport: asyncio.Transport | None = None
         self._stream_window = stream_window
@@ -452,7 +457,7 @@ class _H2Protocol(asyncio.Protocol):
                 self._blocked.setdefault(stream_id, []).append(fut)
                 await fut
                 continue
-            chunk = bytes(view[:window])
+            chunk = view[:window]
             try:
                 self.conn.send_data(stream_id, chunk)
             except h2.exceptions.ProtocolError as e:
