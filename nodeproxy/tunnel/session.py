@@ -45,13 +45,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from nodeproxy.codec import h2_frames as frames
 from nodeproxy.codec.h2 import MAX_HEADER_BYTES
 from nodeproxy.codec.h2_connection import ProxyH2Connection
+from nodeproxy.codec.h2_frames import FrameError
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
-from nodeproxy.codec import h2_frames as frames
-from nodeproxy.codec.h2_frames import FrameError
 
 log = logging.getLogger(__name__)
 

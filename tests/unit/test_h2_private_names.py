@@ -6,11 +6,15 @@ misbehaving at run time."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 
 import h2.config
 import h2.connection
+import h2.exceptions
 import h2.frame_buffer
+import h2.stream
 import pytest
 
 # (object, method name, the parameters our override passes on)
@@ -51,3 +55,54 @@ def test_the_attributes_read_and_replaced_are_still_there() -> None:
     assert isinstance(buffer._headers_buffer, list), type(buffer._headers_buffer)
     assert {"SEND_GOAWAY", "RECV_GOAWAY"} <= set(h2.connection.ConnectionInputs.__members__)
     assert "CLOSED" in h2.connection.ConnectionState.__members__
+
+
+def test_receive_frame_is_still_the_shape_its_quiet_copy_repeats() -> None:
+    """ProxyH2Connection._dispatch_frame is h2's _receive_frame without its first
+    statement (the trace log's eager repr).  If h2 changes that method, the copy must be
+    made again: this fails on any change to its statements."""
+    source = textwrap.dedent(inspect.getsource(h2.connection.H2Connection._receive_frame))
+    body = ast.parse(source).body[0].body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    body = [s for s in body if not isinstance(s, ast.AnnAssign)]  # `events: list[Event]`
+    first = ast.unparse(body[0])
+    assert first == "self.config.logger.trace('Received frame: %s', repr(frame))", first
+    rest = "\n".join(ast.unparse(s) for s in body[1:])
+    for statement in (
+            "frames, events = self._frame_dispatch_table[frame.__class__](frame)",
+            "except StreamClosedError as e:", "if self._stream_is_closed_by_reset(e.stream_id):",
+            "f = RstStreamFrame(e.stream_id)", "f.error_code = e.error_code",
+            "self._prepare_for_sending([f])", "events = e._events",
+            "except StreamIDTooLowError as e:", "f.error_code = ErrorCodes.STREAM_CLOSED",
+            "events = []", "elif self._stream_is_closed_by_end(e.stream_id):",
+            "raise StreamClosedError(e.stream_id) from e",
+            "self._prepare_for_sending(frames)", "return events"):
+        assert statement in rest, statement
+    assert rest.count("except ") == 2 and rest.count("raise") == 3, rest
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    assert isinstance(conn._frame_dispatch_table, dict)
+    for name in ("_stream_is_closed_by_reset", "_stream_is_closed_by_end",
+                 "_prepare_for_sending"):
+        assert callable(getattr(conn, name, None)), name
+    assert hasattr(h2.exceptions.StreamClosedError(1), "_events")
+    assert type(conn.config.logger) is h2.config.DummyLogger
+
+
+def test_the_names_the_data_framing_reads_and_charges_are_still_there() -> None:
+    """ProxyH2Connection.send_data frames DATA on open streams itself: it reads the states
+    h2 allows DATA in and charges h2's window counters, and appends to h2's output."""
+    assert {"OPEN", "HALF_CLOSED_REMOTE"} <= set(h2.stream.StreamState.__members__)
+    assert {"CLIENT_OPEN", "SERVER_OPEN"} <= set(h2.connection.ConnectionState.__members__)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    assert isinstance(conn._data_to_send, bytearray)
+    assert isinstance(conn.outbound_flow_control_window, int)
+    assert isinstance(conn.max_outbound_frame_size, int)
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "a"),
+                          (":path", "/")])
+    stream = conn.streams[1]
+    assert isinstance(stream.outbound_flow_control_window, int)
+    assert stream.state_machine.state is h2.stream.StreamState.OPEN
+    assert conn.local_flow_control_window(1) == min(stream.outbound_flow_control_window,
+                                                    conn.outbound_flow_control_window)

@@ -20,12 +20,12 @@ import h2.events
 import pytest
 import uvloop
 
+from nodeproxy.codec import h2_frames as frames
 from nodeproxy.codec.h2_connection import ProxyH2Connection
+from nodeproxy.codec.h2_frames import FrameError
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
-from nodeproxy.codec import h2_frames as frames
 from nodeproxy.tunnel import session
-from nodeproxy.codec.h2_frames import FrameError
 from nodeproxy.tunnel.session import H2Session
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
