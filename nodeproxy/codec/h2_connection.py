@@ -35,6 +35,7 @@ from hyperframe.frame import RstStreamFrame
 
 from nodeproxy.codec import h2_frames
 from nodeproxy.codec.h2_guard import FrameGuard
+from nodeproxy.codec.h2_header_checks import check_received
 
 ErrorCodes = h2.errors.ErrorCodes
 _Connection_States = h2.connection.ConnectionState
@@ -88,6 +89,12 @@ class ProxyH2Connection(h2.connection.H2Connection):
     on a server, a FrameGuard that sees each frame first (h2_guard.py)."""
 
     def __init__(self, config: h2.config.H2Configuration, header_limit: int):
+        # h2's inbound header checks are made by check_received instead (same verdicts,
+        # one pass) where h2 hands header blocks over as bytes.
+        self._check_headers = bool(config.validate_inbound_headers) and \
+            not isinstance(config.header_encoding, str)
+        if self._check_headers:
+            config.validate_inbound_headers = False
         super().__init__(config=config)
         self.state_machine = GracefulStateMachine()
         self.incoming_buffer = CheckedFrameBuffer(server=not config.client_side)
@@ -164,6 +171,21 @@ class ProxyH2Connection(h2.connection.H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        frames, events = super()._receive_headers_frame(frame)
+        if self._check_headers and events:
+            first = events[0]  # the header block's event; PRIORITY's follows it
+            kind = type(first)
+            if kind is h2.events.RequestReceived:
+                check_received(first.headers, request=True, trailer=False)
+            elif kind is h2.events.TrailersReceived:
+                check_received(first.headers, request=not self.config.client_side,
+                               trailer=True)
+            elif kind in (h2.events.ResponseReceived,
+                          h2.events.InformationalResponseReceived):
+                check_received(first.headers, request=False, trailer=False)
+        return frames, events
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         # h2 drops queued output on a GOAWAY (a SETTINGS ACK, WINDOW_UPDATEs); streams

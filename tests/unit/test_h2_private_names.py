@@ -12,9 +12,12 @@ import textwrap
 
 import h2.config
 import h2.connection
+import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.stream
+import h2.utilities
+import hyperframe.frame
 import pytest
 
 # (object, method name, the parameters our override passes on)
@@ -22,6 +25,7 @@ OVERRIDDEN_METHODS = [
     (h2.connection.H2Connection, "_receive_frame", ["frame"]),
     (h2.connection.H2Connection, "_terminate_connection", ["error_code"]),
     (h2.connection.H2Connection, "_receive_goaway_frame", ["frame"]),
+    (h2.connection.H2Connection, "_receive_headers_frame", ["frame"]),
     (h2.connection.H2Connection, "_local_settings_acked", []),
     (h2.connection.H2Connection, "clear_outbound_data_buffer", []),
     (h2.connection.H2Connection, "close_connection",
@@ -106,3 +110,27 @@ def test_the_names_the_data_framing_reads_and_charges_are_still_there() -> None:
     assert stream.state_machine.state is h2.stream.StreamState.OPEN
     assert conn.local_flow_control_window(1) == min(stream.outbound_flow_control_window,
                                                     conn.outbound_flow_control_window)
+
+
+def test_the_header_checks_taken_over_are_still_h2s_to_switch_off() -> None:
+    """codec/h2_header_checks.py makes h2's inbound header checks (h2_connection.py turns
+    h2's off): the switch, the constant it shares and the order of a header block's
+    events (the block's own first, PRIORITY's after it) must still be h2's."""
+    config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+    assert config.validate_inbound_headers is True
+    assert {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+            b"upgrade"} == set(h2.utilities.CONNECTION_HEADERS)
+    server = h2.connection.H2Connection(config)
+    server.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "a"),
+                            (":path", "/")], end_stream=True, priority_weight=200)
+    data = client.data_to_send()
+    frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data[:9]))
+    frame.parse_body(memoryview(data[9:9 + length]))
+    assert "PRIORITY" in frame.flags
+    _, events = server._receive_headers_frame(frame)
+    assert [type(e) for e in events] == [h2.events.RequestReceived, h2.events.StreamEnded,
+                                         h2.events.PriorityUpdated], events
