@@ -551,6 +551,10 @@ class H2Exchange:
     def _consumed(self, n: int) -> None:
         self.server._consumed(self.stream_id, self.inflow, n)
 
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.server._tasks.discard(task)
+        self.server._done(self)
+
     @property
     def client_gone(self) -> bool:
         return self._gone
@@ -840,9 +844,8 @@ class H2Server(_H2Protocol):
         task = exchange.task = self._loop.create_task(self._run(exchange, handler))
         self.conn.processed_stream_id = stream_id
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         # A task cancelled before it ran never enters _run: its exchange still ends.
-        task.add_done_callback(lambda _t: self._done(exchange))
+        task.add_done_callback(exchange._task_done)
 
     async def _run(self, exchange: H2Exchange,
                    handler: Callable[[Exchange], Awaitable[None]]) -> None:

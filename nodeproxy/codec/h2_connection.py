@@ -30,6 +30,7 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.stream
+import h2.utilities
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import RstStreamFrame
 
@@ -45,6 +46,8 @@ _HEADERS, _CONTINUATION = 0x1, 0x9  # frame types
 # nothing in these states).
 _DATA_STREAM_STATES = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
 _DATA_CONNECTION_STATES = (_Connection_States.CLIENT_OPEN, _Connection_States.SERVER_OPEN)
+_StreamInputs = h2.stream.StreamInputs
+_END_STREAM, _END_HEADERS = 0x1, 0x4
 
 
 class GracefulStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -107,6 +110,9 @@ class ProxyH2Connection(h2.connection.H2Connection):
         self.processed_stream_id: int | None = None
         # No trace log to format received frames for (see _dispatch_frame).
         self._quiet = type(config.logger) is h2.config.DummyLogger
+        # h2 would send header fields as given: a response head can be framed here.
+        self._frame_headers = not (config.client_side or config.normalize_outbound_headers
+                                   or config.validate_outbound_headers)
 
     def close_connection(self, error_code: int = 0, additional_data: bytes | None = None,
                          last_stream_id: int | None = None) -> None:
@@ -195,6 +201,46 @@ class ProxyH2Connection(h2.connection.H2Connection):
             return super()._receive_goaway_frame(frame)
         finally:
             self._keep_outbound = False
+
+    def send_headers(self, stream_id: int, headers: Any, end_stream: bool = False,
+                     priority_weight: Any = None, priority_depends_on: Any = None,
+                     priority_exclusive: Any = None) -> None:
+        """h2's send_headers; a server's final response head or trailer section (fields as
+        bytes, h2's outbound checks off) on an open stream is encoded and framed here,
+        with the connection's and the stream's state machines given h2's inputs: the
+        same bytes and states, without h2's Frame objects and header pipelines."""
+        stream = self.streams.get(stream_id)
+        if (not self._frame_headers or stream is None or not headers
+                or priority_weight is not None or priority_depends_on is not None
+                or priority_exclusive is not None
+                or stream.state_machine.state not in _DATA_STREAM_STATES
+                or h2.utilities.is_informational_response(headers)):
+            super().send_headers(stream_id, headers, end_stream, priority_weight,
+                                 priority_depends_on, priority_exclusive)
+            return
+        self.state_machine.process_input(_Inputs.SEND_HEADERS)
+        machine = stream.state_machine
+        machine.process_input(_StreamInputs.SEND_HEADERS)  # a response, or its trailers
+        block = self.encoder.encode(headers)
+        if end_stream:
+            machine.process_input(_StreamInputs.SEND_END_STREAM)
+        if machine.trailers_sent and not end_stream:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        # h2 also sets stream.request_method from these fields: None for a response
+        # (no :method), as it already is on a server's stream (h2 reads it for a
+        # client's responses only).
+        size = self.max_outbound_frame_size
+        out = self._data_to_send
+        first = block[:size]
+        flags = (_END_STREAM if end_stream else 0) | (_END_HEADERS if len(block) <= size else 0)
+        out += h2_frames.header(len(first), h2_frames.HEADERS, flags, stream_id)
+        out += first
+        for at in range(size, len(block), size):
+            piece = block[at:at + size]
+            last = at + size >= len(block)
+            out += h2_frames.header(len(piece), h2_frames.CONTINUATION,
+                                    _END_HEADERS if last else 0, stream_id)
+            out += piece
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False,
                   pad_length: Any = None) -> None:

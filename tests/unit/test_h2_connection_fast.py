@@ -16,6 +16,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import hyperframe.frame
 import pytest
 
@@ -28,16 +29,21 @@ RESPONSE = [(b":status", b"200")]
 SETTINGS = h2.settings.SettingCodes
 
 
-def _config(client_side: bool) -> h2.config.H2Configuration:
-    return h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+def _config(client_side: bool, *, raw_out: bool = False) -> h2.config.H2Configuration:
+    """raw_out: h2's outbound header checks and normalization off, as the L7 codec's
+    server side has them (ProxyH2Connection then frames response heads itself)."""
+    return h2.config.H2Configuration(
+        client_side=client_side, header_encoding=None,
+        validate_outbound_headers=not raw_out, normalize_outbound_headers=not raw_out)
 
 
 class Twins:
     """A server ProxyH2Connection and a plain h2 server fed the same bytes and calls."""
 
-    def __init__(self, client_window: int = 65535, client_frame: int = 16384):
-        self.proxy = ProxyH2Connection(_config(False), 64 * 1024)
-        self.plain = h2.connection.H2Connection(_config(False))
+    def __init__(self, client_window: int = 65535, client_frame: int = 16384,
+                 raw_out: bool = False):
+        self.proxy = ProxyH2Connection(_config(False, raw_out=raw_out), 64 * 1024)
+        self.plain = h2.connection.H2Connection(_config(False, raw_out=raw_out))
         self.client = h2.connection.H2Connection(_config(True))
         self.client.local_settings = h2.settings.Settings(client=True, initial_values={
             SETTINGS.INITIAL_WINDOW_SIZE: client_window,
@@ -82,6 +88,15 @@ class Twins:
         proxy, plain = self.proxy.data_to_send(), self.plain.data_to_send()
         assert proxy == plain
         return proxy
+
+    def states(self, stream_id: int) -> object:
+        """The stream's state on both (the same), None once forgotten."""
+        a, b = (conn.streams.get(stream_id) for conn in (self.proxy, self.plain))
+        got = [None if x is None else (x.state_machine.state, x.state_machine.headers_sent,
+                                       x.state_machine.trailers_sent, x.request_method)
+               for x in (a, b)]
+        assert got[0] == got[1], got
+        return got[0]
 
     def windows(self, stream_id: int) -> int:
         a = self.proxy.local_flow_control_window(stream_id)
@@ -276,3 +291,87 @@ def test_a_frame_header_is_judged_by_its_length_before_its_payload_arrives():
         struct.pack(">I", sid)
     with pytest.raises(h2.exceptions.FrameTooLargeError):
         t.proxy.receive_data(over)  # no payload sent at all
+
+
+# -- response heads framed by the proxy (the L7 server side: h2's outbound pipeline off) --
+
+BIG = [(b":status", b"200")] + [(b"x-%d" % i, bytes([97 + i % 26]) * 900) for i in range(60)]
+
+
+@pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed-remote"])
+@pytest.mark.parametrize("shape", ["head-data-trailers", "head-ends", "head-data-end",
+                                   "continue-then-head", "continuation", "never-indexed"])
+def test_response_heads_are_framed_byte_for_byte_as_h2_frames_them(shape, half_closed):
+    t = Twins(raw_out=True)
+    assert t.proxy._frame_headers
+    for _ in range(2):  # twice: the second block uses the HPACK table the first filled
+        sid = t.client.get_next_available_stream_id()
+        t.client.send_headers(sid, REQUEST, end_stream=half_closed)
+        t.feed(t.client.data_to_send())
+        head = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"x-a", b"1")]
+        if shape == "head-ends":
+            assert t.call("send_headers", sid, head, end_stream=True) is None
+        elif shape == "continue-then-head":
+            assert t.call("send_headers", sid, [(b":status", b"100")]) is None
+            assert t.call("send_headers", sid, head) is None
+            assert t.call("send_data", sid, b"x", end_stream=True) is None
+        elif shape == "continuation":
+            assert t.call("send_headers", sid, BIG) is None  # 54 KB: four frames
+            assert t.call("send_headers", sid, BIG[1:], end_stream=True) is None
+        elif shape == "never-indexed":
+            head.append(hpack.NeverIndexedHeaderTuple(b"authorization", b"secret"))
+            assert t.call("send_headers", sid, head, end_stream=True) is None
+        else:
+            assert t.call("send_headers", sid, head) is None
+            assert t.states(sid)[1]  # headers_sent
+            assert t.call("send_data", sid, b"body") is None
+            if shape == "head-data-trailers":
+                assert t.call("send_headers", sid, [(b"grpc-status", b"0")],
+                              end_stream=True) is None
+            else:
+                assert t.call("end_stream", sid) is None
+        t.states(sid)
+        events = t.client.receive_data(t.server_bytes())
+        assert h2.events.StreamEnded in [type(e) for e in events], events
+        if shape == "continuation":
+            got = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+            assert [tuple(f) for f in got[0].headers] == BIG
+        t.feed(t.client.data_to_send())
+
+
+def test_response_head_mistakes_get_h2s_errors():
+    t = Twins(raw_out=True)
+    sid = t.open_stream()  # a head sent already (through the shortcut)
+    # A second header block without END_STREAM is trailers that do not end: refused.
+    assert t.call("send_headers", sid, [(b"x-t", b"1")]) is h2.exceptions.ProtocolError
+    t.server_bytes()  # both encoded it before refusing, as h2 does
+    assert t.call("send_headers", sid, [(b":status", b"100")],
+                  end_stream=True) is h2.exceptions.ProtocolError
+    other = t.open_stream()
+    assert t.call("send_headers", other, [(b"x-t", b"1")], end_stream=True) is None
+    t.states(other)
+    assert t.call("send_headers", other, [(b"x-t", b"1")]) is not None  # closed
+    reset = t.client.get_next_available_stream_id()
+    t.client.send_headers(reset, REQUEST)
+    t.client.reset_stream(reset, h2.errors.ErrorCodes.CANCEL)
+    t.feed(t.client.data_to_send())
+    assert t.call("send_headers", reset, RESPONSE) is h2.exceptions.StreamClosedError
+    assert t.call("send_headers", 99, RESPONSE) is not None  # never opened by the peer
+    t.server_bytes()
+
+
+def test_after_an_error_goaway_a_response_head_is_refused_as_h2_refuses_it():
+    t = Twins(raw_out=True)
+    sid = t.client.get_next_available_stream_id()
+    t.client.send_headers(sid, REQUEST)
+    t.feed(t.client.data_to_send())
+    with pytest.raises(h2.exceptions.ProtocolError):
+        t.feed(_raw(0x4, 0, 1, b""))  # SETTINGS on a stream: connection error
+    t.server_bytes()
+    assert t.call("send_headers", sid, RESPONSE) is h2.exceptions.ProtocolError
+    assert t.server_bytes() == b""
+
+
+def test_a_client_or_a_normalizing_server_keeps_h2s_header_framing():
+    assert not ProxyH2Connection(_config(True, raw_out=True), 1024)._frame_headers
+    assert not ProxyH2Connection(_config(False), 1024)._frame_headers

@@ -31,6 +31,9 @@ OVERRIDDEN_METHODS = [
     (h2.connection.H2Connection, "close_connection",
      ["error_code", "additional_data", "last_stream_id"]),
     (h2.connection.H2Connection, "send_data", ["stream_id", "data", "end_stream", "pad_length"]),
+    (h2.connection.H2Connection, "send_headers",
+     ["stream_id", "headers", "end_stream", "priority_weight", "priority_depends_on",
+      "priority_exclusive"]),
     (h2.connection.H2ConnectionStateMachine, "process_input", ["input_"]),
     (h2.frame_buffer.FrameBuffer, "__next__", []),
     (h2.frame_buffer.FrameBuffer, "_validate_frame_length", ["length"]),
@@ -134,3 +137,37 @@ def test_the_header_checks_taken_over_are_still_h2s_to_switch_off() -> None:
     _, events = server._receive_headers_frame(frame)
     assert [type(e) for e in events] == [h2.events.RequestReceived, h2.events.StreamEnded,
                                          h2.events.PriorityUpdated], events
+
+
+def _statements(function) -> str:
+    source = textwrap.dedent(inspect.getsource(function))
+    return "\n".join(ast.unparse(s) for s in ast.walk(ast.parse(source))
+                     if isinstance(s, ast.stmt))
+
+
+def test_the_response_head_framing_still_mirrors_h2s_send_headers() -> None:
+    """ProxyH2Connection.send_headers frames a server's response head itself, giving the
+    state machines the inputs h2's H2Stream.send_headers gives them, in its order; this
+    fails if h2 changes what that method does."""
+    stream_send = _statements(h2.stream.H2Stream.send_headers)
+    for statement in (
+            "input_ = StreamInputs.SEND_HEADERS",
+            "events = self.state_machine.process_input(input_)",
+            "self.state_machine.process_input(StreamInputs.SEND_END_STREAM)",
+            "frames[0].flags.add('END_STREAM')",
+            "if self.state_machine.trailers_sent and (not end_stream):",
+            "self.request_method = extract_method_header(bytes_headers)"):
+        assert statement in stream_send, statement
+    build = _statements(h2.stream.H2Stream._build_headers_frames)
+    for statement in ("encoded_headers = encoder.encode(headers)",
+                      "frames[-1].flags.add('END_HEADERS')",
+                      "cf = ContinuationFrame(self.stream_id)"):
+        assert statement in build, statement
+    conn_send = _statements(h2.connection.H2Connection.send_headers)
+    assert "self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)" in conn_send
+    assert {"SEND_HEADERS", "SEND_END_STREAM"} <= set(h2.stream.StreamInputs.__members__)
+    machine = h2.stream.H2StreamStateMachine(1)
+    assert machine.headers_sent is None or machine.headers_sent is False
+    assert machine.trailers_sent is None or machine.trailers_sent is False
+    assert h2.utilities.is_informational_response([(b":status", b"103")])
+    assert not h2.utilities.is_informational_response([(b":status", b"200")])
