@@ -10,10 +10,10 @@ and the HBONE tunnel (tunnel/session.py) drive, with what h2 lacks for a proxy.
 - On a server, a FrameGuard (h2_guard.py) sees each frame before h2 acts on it.
 - Per-frame work h2 does for nothing is skipped: a received frame is not formatted for a
   trace log that is off (h2 calls ``repr(frame)`` eagerly), a frame's header is read once
-  more for its length only, and DATA on an open stream within the peer's windows is framed
-  here (codec/h2_frames.py) with h2's own window counters charged, as h2 would; every
-  other case (padding, END_STREAM, a closed stream, a window overrun) is h2's to frame
-  or refuse.
+  more for its length only, and DATA on an open stream within the peer's windows (and the
+  empty DATA frame that ends a stream) is framed here (codec/h2_frames.py) with h2's own
+  window counters charged and state machines driven, as h2 would; every other case
+  (padding, a closed stream, a window overrun) is h2's to frame or refuse.
 
 It overrides private methods of h2 (tests/unit/test_h2_private_names.py names each, and
 fails if a release within pyproject.toml's bound drops or reshapes one).
@@ -241,6 +241,18 @@ class ProxyH2Connection(h2.connection.H2Connection):
             out += h2_frames.header(len(piece), h2_frames.CONTINUATION,
                                     _END_HEADERS if last else 0, stream_id)
             out += piece
+
+    def end_stream(self, stream_id: int) -> None:
+        """h2's end_stream; on an open stream the empty END_STREAM DATA frame is framed
+        here, the state machines given h2's inputs (SEND_DATA, SEND_END_STREAM)."""
+        stream = self.streams.get(stream_id)
+        if (stream is None or stream.state_machine.state not in _DATA_STREAM_STATES
+                or self.state_machine.state not in _DATA_CONNECTION_STATES):
+            super().end_stream(stream_id)
+            return
+        self.state_machine.process_input(_Inputs.SEND_DATA)
+        stream.state_machine.process_input(_StreamInputs.SEND_END_STREAM)
+        self._data_to_send += h2_frames.empty_data(stream_id, True)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False,
                   pad_length: Any = None) -> None:

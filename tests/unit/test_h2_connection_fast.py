@@ -375,3 +375,21 @@ def test_after_an_error_goaway_a_response_head_is_refused_as_h2_refuses_it():
 def test_a_client_or_a_normalizing_server_keeps_h2s_header_framing():
     assert not ProxyH2Connection(_config(True, raw_out=True), 1024)._frame_headers
     assert not ProxyH2Connection(_config(False), 1024)._frame_headers
+
+
+@pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed-remote"])
+def test_ending_a_stream_is_framed_as_h2_frames_it_and_refused_where_h2_refuses(half_closed):
+    t = Twins()
+    sid = t.open_stream(end=half_closed)
+    assert t.call("send_data", sid, b"last") is None
+    assert t.call("end_stream", sid) is None
+    t.states(sid)
+    kinds = [type(e) for e in t.client.receive_data(t.server_bytes())]
+    assert kinds == [h2.events.DataReceived, h2.events.DataReceived, h2.events.StreamEnded]
+    assert t.call("end_stream", sid) is not None  # ended already
+    reset = t.open_stream()
+    t.client.reset_stream(reset, h2.errors.ErrorCodes.CANCEL)
+    t.feed(t.client.data_to_send())
+    assert t.call("end_stream", reset) is not None
+    t.states(reset)
+    assert t.server_bytes() == b""

@@ -146,9 +146,9 @@ def _statements(function) -> str:
 
 
 def test_the_response_head_framing_still_mirrors_h2s_send_headers() -> None:
-    """ProxyH2Connection.send_headers frames a server's response head itself, giving the
-    state machines the inputs h2's H2Stream.send_headers gives them, in its order; this
-    fails if h2 changes what that method does."""
+    """ProxyH2Connection.send_headers frames a server's response head itself (and
+    end_stream its END_STREAM frame), giving the state machines the inputs h2's
+    methods give them, in their order; this fails if h2 changes what they do."""
     stream_send = _statements(h2.stream.H2Stream.send_headers)
     for statement in (
             "input_ = StreamInputs.SEND_HEADERS",
@@ -163,6 +163,12 @@ def test_the_response_head_framing_still_mirrors_h2s_send_headers() -> None:
                       "frames[-1].flags.add('END_HEADERS')",
                       "cf = ContinuationFrame(self.stream_id)"):
         assert statement in build, statement
+    ending = _statements(h2.connection.H2Connection.end_stream) + \
+        _statements(h2.stream.H2Stream.end_stream)
+    for statement in ("self.state_machine.process_input(ConnectionInputs.SEND_DATA)",
+                      "self.state_machine.process_input(StreamInputs.SEND_END_STREAM)",
+                      "df.flags.add('END_STREAM')"):
+        assert statement in ending, statement
     conn_send = _statements(h2.connection.H2Connection.send_headers)
     assert "self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)" in conn_send
     assert {"SEND_HEADERS", "SEND_END_STREAM"} <= set(h2.stream.StreamInputs.__members__)
