@@ -146,7 +146,7 @@ class BenchCluster:
         c.add_unenrolled_pod("node0", HAPROXY_POD)
         for name in (MESH_CLIENT, DIRECT_CLIENT, HAPROXY_POD):
             netns.sysctl(c.pods[name].netns_path, CLIENT_SYSCTLS)
-        c.write_configs(overrides=BENCH_LIMITS)
+        self._write_configs({})
         c.start_daemons(timeout=self.startup_timeout)
         for node in NODES:
             for meshed in (True, False):
@@ -250,12 +250,12 @@ class BenchCluster:
                    if wanted.get(key) != self.daemon_overrides.get(key)}
         if changed & set(RESTART_ONLY):
             c.stop_daemons()
-            c.write_configs(overrides=deep_merge(dict(BENCH_LIMITS), wanted))
+            self._write_configs(wanted)
             c.start_daemons(timeout=self.startup_timeout)
         else:
             # Live sections (fastPath, services, httpRoutes): a hot reload, as an operator
             # would do it.
-            c.write_configs(overrides=deep_merge(dict(BENCH_LIMITS), wanted))
+            self._write_configs(wanted)
             c.reload_daemons(timeout=self.startup_timeout)
         self.daemon_overrides = wanted
         self.http_app_protocol = http_app_protocol
@@ -299,9 +299,14 @@ class BenchCluster:
             c.add_unenrolled_pod("node0", ATTACKER_DIRECT_POD)
             for name in (ATTACKER_POD, ATTACKER_DIRECT_POD):
                 netns.sysctl(c.pods[name].netns_path, CLIENT_SYSCTLS)
-        c.write_configs(overrides=self.daemon_overrides)
+        self._write_configs(self.daemon_overrides)
         c.reload_daemons(timeout=self.startup_timeout)
         return c.services[key]
+
+    def _write_configs(self, overrides: Mapping[str, Any]) -> None:
+        """Every node's YAML: the bench's own limits, then the configuration's overrides
+        (so a reload for a new service keeps both)."""
+        self.cluster.write_configs(overrides=deep_merge(BENCH_LIMITS, overrides))
 
     def _start_attack_nginx(self, pod: Pod) -> subprocess.Popen[Any]:
         directory = os.path.join(self.cluster.dir, "bench", f"{ATTACK_SERVICE}-{pod.name}")

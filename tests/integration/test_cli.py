@@ -22,7 +22,8 @@ def test_demo_json_shows_traffic_on_every_service():
     assert summary["ok"] and summary["mesh"]
     assert len(summary["services"]) >= 2
     for name, service in summary["services"].items():
-        assert service["requests_ok"] > 0 and service["requests_failed"] == 0, name
+        assert service["requests_ok"] > 0 and service["requests_failed"] == 0, (
+            name, service["errors"], result.stderr[-3000:])
         # The mesh's own count for the service equals the clients' requests: per request
         # where the port speaks HTTP (web, nginx, detected), per connection elsewhere (echo).
         if name == "default/web":
