@@ -6,6 +6,7 @@ in the short-lived ``load_child`` and in ``preflight``: the daemon never imports
 programs and their maps (``programs``, ``map_access``, ``maps``, ``splice``,
 ``msg_redirect``, ``libbpf``, ``kernelfs``), the
 iptables rules of the fallback mode (``iptables``), transparent connections into a pod
-and the routing that brings the application's replies back (``transparent``), where a
+and the routing that brings the application's replies back (``transparent``, its rules
+and routes made with ``rtnetlink``), where a
 captured connection was going (``original_dst``), and the node checks (``preflight``).
 """

@@ -34,32 +34,22 @@ from __future__ import annotations
 import errno
 import socket
 
-from pyroute2 import IPRoute
-
 from nodeproxy.capture import sysctl
 from nodeproxy.capture.constants import TRANSPARENT_MARK, TRANSPARENT_ROUTE_TABLE
 from nodeproxy.capture.namespaces import Netns, entered
+from nodeproxy.capture.rtnetlink import GONE, RouteSocket
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 RULE_PRIORITY = 15051
-
-
-_GONE = (errno.ENOENT, errno.ESRCH)
-
-
-def _ignore(codes: int | tuple[int, ...], fn, *args, **kwargs) -> None:
-    try:
-        fn(*args, **kwargs)
-    except Exception as e:  # pyroute2's NetlinkError carries .code
-        if getattr(e, "code", None) not in (codes if isinstance(codes, tuple) else (codes,)):
-            raise
+LOOPBACK_IFINDEX = 1  # lo is always interface 1 of a network namespace
 
 
 def prepare(netns: Netns) -> None:
     """Make the pod's netns route marked replies back to the proxy (idempotent).
 
-    Blocking (pyroute2 runs its own event loop): call it from a worker thread."""
+    Blocking (netlink requests, each waiting for the kernel's answer): call it from a
+    worker thread."""
     with entered(netns.fd):
         # sysctl.write: also where /proc/sys is read-only (the DaemonSet's container).
         sysctl.write("net/ipv4/tcp_fwmark_accept", "1")
@@ -68,23 +58,23 @@ def prepare(netns: Netns) -> None:
         # When one of two SO_REUSEPORT listeners closes (upgrade handover), its queued
         # connections move to the other instead of being reset.
         sysctl.write("net/ipv4/tcp_migrate_req", "1")
-        with IPRoute() as ipr:
-            for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
-                _ignore(errno.EEXIST, ipr.rule, "add", family=family, fwmark=TRANSPARENT_MARK,
-                        table=TRANSPARENT_ROUTE_TABLE, priority=RULE_PRIORITY)
-                _ignore(errno.EEXIST, ipr.route, "add", family=family, dst=dst, type="local",
-                        scope=254, oif=1, table=TRANSPARENT_ROUTE_TABLE)
+        with RouteSocket() as rtnl:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                rtnl.rule(True, family, TRANSPARENT_MARK, TRANSPARENT_ROUTE_TABLE,
+                          RULE_PRIORITY, ignore=(errno.EEXIST,))
+                rtnl.local_default_route(True, family, TRANSPARENT_ROUTE_TABLE,
+                                         LOOPBACK_IFINDEX, ignore=(errno.EEXIST,))
 
 
 def undo(netns: Netns) -> None:
     """Remove what prepare() added (the pod leaves the mesh)."""
     with entered(netns.fd):
-        with IPRoute() as ipr:
-            for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
-                _ignore(_GONE, ipr.rule, "del", family=family, fwmark=TRANSPARENT_MARK,
-                        table=TRANSPARENT_ROUTE_TABLE, priority=RULE_PRIORITY)
-                _ignore(_GONE, ipr.route, "del", family=family, dst=dst, type="local",
-                        scope=254, oif=1, table=TRANSPARENT_ROUTE_TABLE)
+        with RouteSocket() as rtnl:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                rtnl.rule(False, family, TRANSPARENT_MARK, TRANSPARENT_ROUTE_TABLE,
+                          RULE_PRIORITY, ignore=GONE)
+                rtnl.local_default_route(False, family, TRANSPARENT_ROUTE_TABLE,
+                                         LOOPBACK_IFINDEX, ignore=GONE)
 
 
 def local_ports(netns: Netns) -> range:

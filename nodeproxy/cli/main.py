@@ -27,18 +27,29 @@ SUBCOMMANDS = {
 DEV_SUBCOMMANDS_PACKAGE = "nodeproxy_dev.cli"
 
 
-def subcommands() -> dict[str, str]:
-    """Subcommand name -> module: the runtime's, plus the development ones if present."""
+def subcommands(command: str | None = None) -> dict[str, str]:
+    """Subcommand name -> module: the runtime's, plus the development ones if present
+    (not looked for when `command` is one of the runtime's: `nodeproxy run` never imports
+    nodeproxy_dev)."""
     found = dict(SUBCOMMANDS)
+    if command in SUBCOMMANDS:
+        return found
     if importlib.util.find_spec(DEV_SUBCOMMANDS_PACKAGE.split(".")[0]) is not None:
         found.update(importlib.import_module(DEV_SUBCOMMANDS_PACKAGE).SUBCOMMANDS)
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's module is imported (the others
+    are names without options or help), so a daemon does not carry every other
+    subcommand's imports (the CA's signing service, the CNI installer, ...) for its life.
+    Without it (no subcommand, --help), every module is imported for its help line."""
     parser = argparse.ArgumentParser(prog="nodeproxy", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in subcommands().items():
+    for name, module_name in subcommands(command).items():
+        if command is not None and name != command:
+            subparsers.add_parser(name)
+            continue
         module = importlib.import_module(module_name)
         help_line = (module.__doc__ or "").strip().splitlines()[0]
         sub = subparsers.add_parser(name, help=help_line, description=module.__doc__)
@@ -48,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

@@ -42,12 +42,12 @@ ErrorCodes = h2.errors.ErrorCodes
 _Connection_States = h2.connection.ConnectionState
 _Inputs = h2.connection.ConnectionInputs
 _HEADERS, _CONTINUATION = 0x1, 0x9  # frame types
+_END_STREAM, _END_HEADERS = 0x1, 0x4  # flags
+_StreamInputs = h2.stream.StreamInputs
 # Where DATA may be sent without END_STREAM (h2's SEND_DATA transitions, which change
 # nothing in these states).
 _DATA_STREAM_STATES = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
 _DATA_CONNECTION_STATES = (_Connection_States.CLIENT_OPEN, _Connection_States.SERVER_OPEN)
-_StreamInputs = h2.stream.StreamInputs
-_END_STREAM, _END_HEADERS = 0x1, 0x4
 
 
 class GracefulStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -253,6 +253,39 @@ class ProxyH2Connection(h2.connection.H2Connection):
         self.state_machine.process_input(_Inputs.SEND_DATA)
         stream.state_machine.process_input(_StreamInputs.SEND_END_STREAM)
         self._data_to_send += h2_frames.empty_data(stream_id, True)
+
+    def send_encoded_headers(self, stream_id: int, block: bytes, *, end_stream: bool = False,
+                             method: bytes | None = None, authority: bytes | None = None
+                             ) -> None:
+        """send_headers for a header block encoded by the caller without the dynamic table
+        (tunnel/header_block.py): one HEADERS frame, h2's connection and stream states as
+        send_headers leaves them, the encoder untouched; a client passes the request's
+        method and authority, which h2 keeps on the stream.  A request or a final
+        response only (no informational response, no trailers)."""
+        if len(block) > self.max_outbound_frame_size:
+            raise h2.exceptions.FrameTooLargeError(
+                f"a {len(block)}-byte header block in one frame")
+        if stream_id not in self.streams:
+            value = self.open_outbound_streams
+            if value + 1 > self.remote_settings.max_concurrent_streams:
+                raise h2.exceptions.TooManyStreamsError(
+                    f"Max outbound streams is {self.remote_settings.max_concurrent_streams}, "
+                    f"{value} open")
+        self.state_machine.process_input(_Inputs.SEND_HEADERS)
+        stream = self._get_or_create_stream(
+            stream_id, h2.connection.AllowedStreamIDs(self.config.client_side))
+        stream.state_machine.process_input(_StreamInputs.SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            stream.state_machine.process_input(_StreamInputs.SEND_END_STREAM)
+            flags |= _END_STREAM
+        if self.config.client_side:
+            if stream._authority is None:
+                stream._authority = authority
+            stream.request_method = method
+        length = len(block)
+        self._data_to_send += bytes((length >> 16, (length >> 8) & 0xFF, length & 0xFF,
+                                     _HEADERS, flags)) + stream_id.to_bytes(4, "big") + block
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False,
                   pad_length: Any = None) -> None:

@@ -47,7 +47,6 @@ from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.round_robin import PortRoundRobin
 from nodeproxy.mesh.snapshot import LocalPod, MeshInputs, MeshSnapshot, build_snapshot
 from nodeproxy.pods.enrollment import EnrollError
-from nodeproxy.signer.remote_certificates import RemoteCertificates
 from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.tracker import ConnectionTracker
 
@@ -280,9 +279,8 @@ class Daemon:
     def ready_detail(self) -> list[str]:
         """Lines /ready adds below its verdict: the mesh signer's state, when one is used."""
         certificates = self.proxies.certificates if self.proxies is not None else None
-        if isinstance(certificates, RemoteCertificates):
-            return [f"signer: {certificates.signer_status()}"]
-        return []
+        status = certificates.signer_status() if certificates is not None else None
+        return [f"signer: {status}"] if status is not None else []
 
     def config_dump(self) -> dict[str, Any]:
         return views.config_dump(

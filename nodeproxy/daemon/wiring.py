@@ -48,7 +48,7 @@ from nodeproxy.mesh.upstream import Upstreams
 from nodeproxy.pods.enrollment import Enrollment
 from nodeproxy.pods.steering import EbpfSteering, IptablesSteering, Steering
 from nodeproxy.policy.admission import AdmissionMetrics
-from nodeproxy.signer.remote_certificates import node_certificates
+from nodeproxy.signer.node_identity import node_certificates
 from nodeproxy.tcp.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
 from nodeproxy.tcp.fairshare import ShareLimits, SourceShares
 from nodeproxy.tcp.splicer import SpliceMetrics, Splicer

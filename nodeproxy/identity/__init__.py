@@ -11,15 +11,37 @@
 - `tls_transport`: the TLS transport HBONE runs on (MemoryBIO records over plain TCP).
 """
 
-from nodeproxy.identity.certificates import CertificateManager
-from nodeproxy.identity.mesh_ca import CAError, IssuedCert, MeshCA
-from nodeproxy.identity.spiffe import IdentityError, SpiffeId, parse_spiffe_id, spiffe_id
-from nodeproxy.identity.tls import (
-    classify_handshake_error,
-    client_context,
-    server_context,
-    verify_peer,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# The names this package offers, by the module that defines them.  Imported when first
+# asked for (PEP 562), not with the package: `nodeproxy.identity.spiffe` is imported by
+# most of the daemon, and the CA's module would bring cryptography (about 7 MiB) into a
+# node that has no mTLS.
+_EXPORTS = {
+    "CertificateManager": "certificates",
+    "CAError": "mesh_ca",
+    "IssuedCert": "mesh_ca",
+    "MeshCA": "mesh_ca",
+    "IdentityError": "spiffe",
+    "SpiffeId": "spiffe",
+    "parse_spiffe_id": "spiffe",
+    "spiffe_id": "spiffe",
+    "classify_handshake_error": "tls",
+    "client_context": "tls",
+    "server_context": "tls",
+    "verify_peer": "tls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "CAError",

@@ -13,13 +13,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from nodeproxy.identity.mesh_ca import Clock, IssuedCert, MeshCA
 from nodeproxy.identity.spiffe import spiffe_id
+
+if TYPE_CHECKING:  # cryptography: only where a CA or a signer client is made
+    from nodeproxy.identity.mesh_ca import Clock, IssuedCert, MeshCA
 
 log = logging.getLogger(__name__)
 
-RotateCallback = Callable[[str, IssuedCert], None]
+RotateCallback = Callable[[str, "IssuedCert"], None]
 """Called as `callback(spiffe_id, new_cert)` after every issuance that replaced a cert."""
 
 
@@ -62,6 +65,11 @@ class CertificateManager:
     def trust_bundle_pem(self) -> bytes:
         """PEM of the root(s) peers are verified against."""
         return self.ca.trust_anchor_pem
+
+    def signer_status(self) -> str | None:
+        """What /ready says about the mesh signing service: nothing here (this node signs
+        with its own CA key); RemoteCertificates says whether the signer answers."""
+        return None
 
     def get(self, namespace: str, service_account: str) -> IssuedCert:
         """The current certificate of an identity, issuing or renewing it when needed."""

@@ -8,6 +8,7 @@ alphabet, a port, userinfo, a query or a fragment) is refused with `IdentityErro
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -77,8 +78,11 @@ def _validate_segment(what: str, value: str, uri: str | None = None) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    """The SPIFFE ID URI of a workload; raises IdentityError if a part is not valid."""
+    """The SPIFFE ID URI of a workload; raises IdentityError if a part is not valid.
+    Pure, and asked for on every proxied connection: the last few thousand are kept (a
+    refusal is not, it is raised again)."""
     validate_trust_domain(trust_domain)
     _validate_segment("namespace", namespace)
     _validate_segment("service account", service_account)

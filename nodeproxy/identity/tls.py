@@ -25,13 +25,13 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Protocol
 
 from nodeproxy.identity.certificates import CertificateManager
-from nodeproxy.identity.mesh_ca import IssuedCert, uri_sans
 from nodeproxy.identity.spiffe import IdentityError, SpiffeId, parse_spiffe_id
+
+if TYPE_CHECKING:
+    from nodeproxy.identity.mesh_ca import IssuedCert
 
 ALPN_PROTOCOLS = ["h2"]
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -250,6 +250,13 @@ def verify_peer(
         raise IdentityError("no_certificate", "the peer presented no certificate")
     if not isinstance(der, bytes):
         raise TypeError("getpeercert(binary_form=True) did not return bytes")
+    # Imported here, not with the module: a node without mTLS never loads cryptography
+    # (about 7 MiB).  With mTLS its certificate source (mesh_ca, signing_client) loaded
+    # it at start-up, so this is a lookup in sys.modules, not an import, per handshake.
+    from cryptography import x509
+
+    from nodeproxy.identity.mesh_ca import uri_sans
+
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -101,6 +102,7 @@ class HboneServer:
         self.tracker = tracker
         self._metrics = metrics
         self._tunnel = tunnel_metrics
+        self._enders: dict[ConnectionMeter, Callable[[Relay], None]] = {}
 
     def _context(self, pod: EnrolledPod) -> ssl.SSLContext:
         ns, sa = pod.workload.namespace, pod.workload.service_account
@@ -253,9 +255,10 @@ class HboneServer:
                                  f"{ip} is {pod_identity}, the tunnel was opened to "
                                  f"{getattr(session, 'local_identity', None)}")
             return
-        peer_ip = ipaddress.ip_address(session.peername[0]) if session.peername else None
-        source_ip = parse_forwarded(headers.get("forwarded")) or peer_ip
-        assert source_ip is not None
+        source_ip = parse_forwarded(headers.get("forwarded"))
+        if source_ip is None:  # no Forwarded: the peer node's own address
+            assert session.peername
+            source_ip = ipaddress.ip_address(session.peername[0])
         # A source node marks a stream whose requests it authorized; believed only if
         # tunnel.trustSourceL7Authorization says so (any value but "1" is unmarked).
         # Otherwise a stream refused only for rules on HTTP is judged request by request
@@ -292,10 +295,10 @@ class HboneServer:
         session.respond(stream, 200)
         down = Side("downstream", start_paused=True)
         stream.set_protocol(down)
-        meter = ConnectionMeter(self._metrics, destination_labels(
+        meter = self._metrics.meter(destination_labels(
             pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
             "mutual_tls"))
-        relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
+        relay = Relay(down, up, meter.bytes, self._ender(meter))
         self.tracker.add(relay, pod.key, lease=lease)
         meter.opened()
         relay.start()
@@ -309,7 +312,7 @@ class HboneServer:
         assert self._gate is not None
         self._tunnel.streams.labels("server", "ok").inc()
         session.respond(stream, 200)
-        meter = ConnectionMeter(self._metrics, destination_labels(
+        meter = self._metrics.meter(destination_labels(
             pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
             "mutual_tls"))
         meter.opened()
@@ -324,6 +327,13 @@ class HboneServer:
         self.tracker.add(gated, pod.key, lease=lease)  # type: ignore[arg-type]
         gated.start()
 
-    def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
+    def _ender(self, meter: ConnectionMeter) -> Callable[[Relay], None]:
+        """What a relay calls when it ends, one per meter (not a closure per stream)."""
+        ender = self._enders.get(meter)
+        if ender is None:
+            ender = self._enders[meter] = functools.partial(self._done, meter)
+        return ender
+
+    def _done(self, meter: ConnectionMeter, relay: Relay) -> None:
         self.tracker.discard(relay)
         meter.closed()

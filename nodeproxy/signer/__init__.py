@@ -11,4 +11,6 @@
 - `remote_certificates`: the node's CertificateManager when it holds no CA key: leaves
   signed ahead of use and renewed at half-life; the node keeps serving while the signer
   is away, and says so.
+- `node_identity`: the daemon's certificate source for its identity settings (a local CA
+  key or the signing service), made at start-up; where cryptography is first imported.
 """

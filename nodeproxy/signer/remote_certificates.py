@@ -21,11 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 
-from nodeproxy.config.model import IdentitySettings
 from nodeproxy.identity.certificates import CertificateManager, check_rotation
-from nodeproxy.identity.mesh_ca import CAError, Clock, IssuedCert, MeshCA
+from nodeproxy.identity.mesh_ca import Clock, IssuedCert
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.signer.signing_client import SignerClient, SignerError
 
@@ -165,30 +163,3 @@ class RemoteCertificates(CertificateManager):
                     except Exception:
                         log.exception("on_rotate callback %r failed", callback)
             return True
-
-
-def node_certificates(identity: IdentitySettings, trust_domain: str) -> CertificateManager:
-    """The node's certificate manager for its identity settings: signing locally with
-    caKey, or through the mesh signing service (identity.signer) with no key here."""
-    if identity.signer is None:
-        assert identity.ca_cert and identity.ca_key
-        ca = MeshCA.load(identity.ca_cert, identity.ca_key, trust_domain)
-        return CertificateManager(ca, trust_domain, ttl_seconds=identity.cert_ttl_seconds,
-                                  rotate_fraction=identity.rotate_at_fraction)
-    assert identity.ca_cert
-    signer = identity.signer
-    try:
-        bundle = Path(identity.ca_cert).read_bytes()
-    except OSError as e:
-        raise CAError(f"{identity.ca_cert}: cannot read: {e.strerror or e}") from None
-    if b"-----BEGIN CERTIFICATE-----" not in bundle:
-        raise CAError(f"{identity.ca_cert}: no PEM certificate found")
-    host = signer.address.removeprefix("https://").rsplit(":", 1)[0].strip("[]")
-    client = SignerClient(signer.address, trust_bundle_pem=bundle,
-                          token_file=signer.token_path,
-                          server_name=signer.server_name or host,
-                          timeout=signer.timeout_seconds)
-    return RemoteCertificates(client, bundle, trust_domain,
-                              ttl_seconds=identity.cert_ttl_seconds,
-                              rotate_fraction=identity.rotate_at_fraction,
-                              retry_seconds=signer.retry_seconds)

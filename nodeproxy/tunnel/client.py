@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls, tls_transport
 from nodeproxy.identity.certificates import CertificateManager
 from nodeproxy.identity.spiffe import IdentityError, spiffe_id
-from nodeproxy.tunnel.headers import L7_AUTHORIZED, SOURCE_PORT, authority, forwarded
+from nodeproxy.tcp.dial import connect_socket
+from nodeproxy.tunnel.header_block import connect_block, source_port_field
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 
@@ -84,21 +86,19 @@ class HbonePool:
         source_port: the client's own port, sent as a hint (SOURCE_PORT); 0 sends none."""
         key = PoolKey(spiffe_id(self._trust_domain, source_namespace, source_sa), destination,
                       node)
-        headers = [(":method", "CONNECT"), (":authority", authority(ip, port)),
-                   ("forwarded", forwarded(source_ip))]
-        if l7_checked:
-            headers.append((L7_AUTHORIZED, "1"))
+        # Encoded once per destination (header_block.py), not by h2 per connection.
+        block, target = connect_block(ip, port, source_ip, l7_checked)
         if source_port:
-            headers.append((SOURCE_PORT, str(source_port)))
+            block += source_port_field(source_port)
         last: Exception | None = None
         for attempt in (1, 2):
             session = await self._session(key, ip, source_namespace, source_sa,
                                           fresh=attempt == 2)
             stream = None
             try:
-                stream = session.open_stream(headers)
-                response = await asyncio.wait_for(asyncio.shield(stream.response),
-                                                  self._response_timeout)
+                stream = session.open_encoded_stream(block, target)
+                async with asyncio.timeout(self._response_timeout):
+                    response = await stream.response
             except Exception as e:  # noqa: BLE001 - sorted below
                 last = e
                 if session.closed or isinstance(e, h2.exceptions.ProtocolError) or (
@@ -125,6 +125,10 @@ class HbonePool:
 
     async def _session(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str,
                        fresh: bool) -> H2Session:
+        if not fresh:
+            pooled = self._pooled(key)
+            if pooled is not None:
+                return pooled
         lock = self._dialing.setdefault(key, asyncio.Lock())
         async with lock:
             live = [s for s in self._pools.get(key, [])
@@ -141,6 +145,19 @@ class HbonePool:
             self._pools[key].append(session)
             self._metrics.pooled_connections.inc()
             return session
+
+    def _pooled(self, key: PoolKey) -> H2Session | None:
+        """The least busy live connection of the key with room for a stream, without the
+        dial lock (what nearly every stream finds); None: ask under the lock."""
+        best: H2Session | None = None
+        limit = self._settings.max_streams_per_connection
+        for session in self._pools.get(key, ()):
+            if session.closed or session.goaway or session.retired:
+                continue
+            if len(session.streams) < limit and (
+                    best is None or len(session.streams) < len(best.streams)):
+                best = session
+        return best
 
     async def _dial(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str) -> H2Session:
         try:
@@ -163,11 +180,23 @@ class HbonePool:
 
         session = H2Session(client_side=True, on_ready=verify,
                             on_lost=lambda s: self._lost(key, s))
+        timeout = self._settings.handshake_timeout_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sock = socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6,
+                             socket.SOCK_STREAM)
         try:
-            await tls_transport.connect(
-                session, context, str(ip), self.port,
-                handshake_timeout=self._settings.handshake_timeout_seconds)
-            await asyncio.wait_for(session.ready, self._settings.handshake_timeout_seconds)
+            # Our own connect (tcp/dial.py), not loop.create_connection(host, port):
+            # uvloop sends even a numeric address to getaddrinfo in its thread pool.
+            try:
+                sock.setblocking(False)
+                await connect_socket(sock, (str(ip), self.port), timeout)
+            except BaseException:
+                sock.close()  # not a transport's yet (after that, the transport's to close)
+                raise
+            await tls_transport.handshake_connected(
+                session, context, sock, handshake_timeout=max(deadline - loop.time(), 0.0))
+            await asyncio.wait_for(session.ready, timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             reason = failure[0].reason if failure else tls.classify_handshake_error(e)
             self._metrics.handshakes.labels("client", reason).inc()

@@ -3,6 +3,7 @@ L7-authorized marker says how the destination should judge it."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -19,6 +20,10 @@ L7_AUTHORIZED = "x-nodeproxy-l7-authorized"
 # absent (ztunnel) or bad, the destination searches one as before.
 SOURCE_PORT = "x-nodeproxy-source-port"
 
+# The parsers below are pure and see the same few values on every stream to a pod: the
+# last few thousand answers are kept (a HeaderError is raised again, not kept).
+PARSED_KEPT = 4096
+
 _FOR = re.compile(r'(?:^|[;,]\s*)for="?\[?([0-9a-fA-F:.]+)\]?(?::\d+)?"?', re.IGNORECASE)
 
 
@@ -30,6 +35,7 @@ def authority(ip: IPAddress, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
+@functools.lru_cache(maxsize=PARSED_KEPT)
 def parse_authority(value: str) -> tuple[IPAddress, int]:
     host, sep, port = value.rpartition(":")
     if not sep:
@@ -56,6 +62,7 @@ def parse_source_port(value: str | None) -> int:
     return number if 0 < number < 65536 else 0
 
 
+@functools.lru_cache(maxsize=PARSED_KEPT)
 def parse_forwarded(value: str | None) -> IPAddress | None:
     if not value:
         return None

@@ -52,6 +52,7 @@ from nodeproxy.codec.h2_frames import FrameError
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
+from nodeproxy.tunnel.header_block import status_block
 
 log = logging.getLogger(__name__)
 
@@ -730,11 +731,24 @@ class H2Session(asyncio.Protocol):
         self.flush()
         return stream
 
+    def open_encoded_stream(self, block: bytes, authority: bytes) -> StreamTransport:
+        """open_stream for a CONNECT request whose header block is already encoded
+        (tunnel/header_block.py: the same bytes for every connection to a destination)."""
+        stream_id = self.conn.get_next_available_stream_id()
+        stream = StreamTransport(self, stream_id)
+        self.streams[stream_id] = stream
+        self.last_activity = asyncio.get_running_loop().time()
+        self.conn.send_encoded_headers(stream_id, block, method=b"CONNECT",
+                                       authority=authority)
+        self.flush()
+        return stream
+
     def respond(self, stream: StreamTransport, status: int, end: bool = False) -> None:
         if self.guard is not None:
             self.guard.responded(stream.stream_id)
         try:
-            self.conn.send_headers(stream.stream_id, [(":status", str(status))], end_stream=end)
+            self.conn.send_encoded_headers(stream.stream_id, status_block(status),
+                                           end_stream=end)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             stream._finish(ConnectionResetError("stream closed before the response"))
             return

@@ -21,6 +21,8 @@ Modules:
 - ``stats``: median, spread and ratio to ``direct``.
 - ``report``: the JSON document and the markdown table.
 - ``suite``: alternates the configurations over the rounds and collects it all.
+- ``importprofile``: where the daemon's start-up memory goes, import by import (RSS and
+  Python allocations); run on its own, not part of the suite.
 - ``tls_layer``: the TLS layer under HBONE alone (one mutual-TLS connection, bulk bytes,
   TLS transports compared); run on its own, not part of the suite.
 """

@@ -1,7 +1,8 @@
 """Where a proxied connection's CPU and memory go in the daemon: a profile, not a benchmark.
 
 Run as ``python -m nodeproxy_dev.bench.connprofile [--seconds S] [--idle N] [--out DIR]
-[--app-protocol tcp|detect] [--splice]`` (root).  One testbed cluster (two nodes, a meshed client on
+[--app-protocol tcp|detect] [--splice] [--only same-node|cross-node]`` (root; ``--idle 0``
+skips the memory part).  One testbed cluster (two nodes, a meshed client on
 node0, a server pod on each node, a service for each, its port declared ``appProtocol:
 tcp`` as the bench's L4 servers are, so same-node flows are spliced; ``detect`` leaves it
 undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast path;
@@ -10,7 +11,8 @@ undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast 
 - CPU: the connect scenario's load (short connections back to back, 16 in flight) to the
   same-node and to the cross-node service for S seconds each, with py-spy sampling every
   daemon on the way at 200 Hz (``py-spy record --format raw``: folded stacks).  Printed:
-  the connections made, the share of samples in which the daemon was busy, and the
+  the connections made, each daemon's CPU time (user + system) per connection over the
+  load, the share of samples in which the daemon was busy, and the
   functions with the largest inclusive share of the busy samples.
 - Memory: the daemons restarted with tracemalloc on (a ``sitecustomize`` of this module's
   own, active only in ``nodeproxy run``, dumps a snapshot on SIGUSR2); N idle connections
@@ -99,6 +101,8 @@ def _py_spy() -> str:
 def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float,
                 out: Path) -> dict[str, Any]:
     vip = cluster.services[f"default/{service}"].address(4)
+    daemons = {node: cluster.nodes[node].daemon.pid for node in nodes}  # type: ignore[union-attr]
+    cpu_before = {node: procstat.cpu_seconds(pid) for node, pid in daemons.items()}
     load = cluster.spawn_in_pod("client", cluster.peer_argv(
         "load", "--to", vip, "--mode", "transfer", "--send", "0", "--receive", "0",
         "--rate", "0", "--concurrency", "16", "--duration", str(seconds + 2),
@@ -121,6 +125,12 @@ def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float
     stdout, _ = load.communicate(timeout=seconds + 60)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else {}
+    # The daemons' own CPU (user + system, all threads) over the whole load, per
+    # connection made: less moved by other processes on the cores than a rate is.
+    made = max(summary.get("succeeded", 0), 1)
+    for node, pid in daemons.items():
+        result[node]["cpu_ms_per_connection"] = round(
+            (procstat.cpu_seconds(pid) - cpu_before[node]) * 1000 / made, 4)
     result["connections_per_s"] = summary.get("succeeded", 0) / max(
         summary.get("elapsed_s", 1.0), 1e-9)
     result["failed"] = summary.get("failed")
@@ -193,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--app-protocol", choices=("tcp", "detect"), default="tcp")
     parser.add_argument("--splice", action="store_true")
+    parser.add_argument("--only", choices=("same-node", "cross-node"), default=None,
+                        help="profile only this connect load (default: both)")
     args = parser.parse_args(argv)
-    if not 1 <= args.seconds <= 120 or not 1 <= args.idle <= 9000:
-        parser.error("--seconds 1..120, --idle 1..9000")
+    if not 1 <= args.seconds <= 120 or not 0 <= args.idle <= 9000:
+        parser.error("--seconds 1..120, --idle 0..9000 (0: no memory profile)")
     procstat.lift_own_nofile(4 * args.idle + 4000)
     out = args.out or Path(tempfile.mkdtemp(prefix="nodeproxy-connprofile-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -207,8 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         build(cluster, None if args.app_protocol == "detect" else args.app_protocol,
               args.splice)
         cluster.start_daemons()
-        report["cpu"] = [cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out),
-                         cpu_profile(cluster, "web-z1", ["node0", "node1"], args.seconds, out)]
+        report["cpu"] = []
+        if args.only in (None, "same-node"):
+            report["cpu"].append(cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out))
+        if args.only in (None, "cross-node"):
+            report["cpu"].append(cpu_profile(cluster, "web-z1", ["node0", "node1"],
+                                             args.seconds, out))
+        if not args.idle:
+            cluster.stop_daemons()
+            (out / "profile.json").write_text(json.dumps(report, indent=1))
+            print(json.dumps(report, indent=1))
+            print(f"folded stacks in {out}", file=sys.stderr)
+            return 0
         cluster.stop_daemons()
         os.environ["NODEPROXY_PROFILE_DIR"] = str(out)
         os.environ["PYTHONPATH"] = os.pathsep.join(

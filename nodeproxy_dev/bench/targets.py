@@ -182,6 +182,18 @@ def _open_against_haproxy(key: str) -> Callable[[Medians], tuple[str, bool] | No
     return check
 
 
+def _per_connection_against_haproxy(key: str) -> Callable[[Medians], tuple[str, bool] | None]:
+    """Issue 16: what one more idle proxied connection adds to the proxy's resident set,
+    against HAProxy's in the same run (its RSS growth over the connections opened)."""
+    def check(m: Medians) -> tuple[str, bool] | None:
+        ours, theirs = m(key, SCALE_CONFIGURATION), m(key, "haproxy")
+        if ours is None or not theirs:
+            return None
+        return (f"{ours / theirs:.2f}× HAProxy's ({ours:.2f} vs {theirs:.2f} KiB)",
+                ours <= theirs)
+    return check
+
+
 def scale_targets(idle_connections: str = "10,000 (fewer where the open-file limit says so: "
                                           "see the notes)") -> tuple[Target, ...]:
     """Issue 16's connection-scale targets, for nodeproxy-splice against haproxy."""
@@ -203,6 +215,8 @@ def scale_targets(idle_connections: str = "10,000 (fewer where the open-file lim
                "≤ 2× HAProxy's time", _open_against_haproxy("idle.open")),
         Target(f"open {idle_connections} concurrent connections, cross node",
                "≤ 2× HAProxy's time", _open_against_haproxy("idle.cross-node.open")),
+        Target("proxy memory per idle connection, same node", "≤ HAProxy's",
+               _per_connection_against_haproxy("idle.per_conn")),
     ]
     return tuple(out)
 

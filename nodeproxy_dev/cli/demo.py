@@ -260,7 +260,7 @@ def _start_servers(cluster: Any) -> None:
                                        "-e", os.path.join(directory, "error.log")],
                                  stdout=log, stderr=subprocess.STDOUT)
             log.close()
-            netns.wait_for_port(cluster.nodes[node].netns_path, pod.ip4, WEB_TARGET, 15.0)
+            netns.wait_for_listener(pod.netns_path, WEB_TARGET, 15.0)
         elif app == "echo":
             cluster.serve_peer(pod, ECHO_PORT, timeout=15.0)
 

@@ -929,11 +929,15 @@ class Cluster:
 
     def serve(self, pod: str | Pod, argv: Sequence[str], port: int, timeout: float = 10.0,
               **popen_kw: Any) -> subprocess.Popen[Any]:
-        """Start a server in the pod (killed at teardown) and wait until its port accepts
-        a connection from the node (an error at once if it exits first)."""
+        """Start a server in the pod (killed at teardown) and wait until it listens on the
+        port and the port accepts a connection from the node (an error at once if it
+        exits first)."""
         p = self._pod(pod)
         popen_kw.setdefault("stdout", subprocess.DEVNULL)
         proc = self.spawn_in_pod(p, argv, **popen_kw)
+        # The server's own listener first: from the node, an enrolled pod's port accepts
+        # (the proxy's inbound listener) before the server is up.
+        netns.wait_for_listener(p.netns_path, port, scaled(timeout), process=proc)
         netns.wait_for_port(self.nodes[p.node].netns_path, p.ip4, port, scaled(timeout),
                             process=proc)
         return proc

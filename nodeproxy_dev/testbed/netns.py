@@ -185,6 +185,28 @@ def wait_for_port(name_or_path: str, host: str, port: int, timeout: float = 10.0
             time.sleep(0.05)
 
 
+def listens(name_or_path: str, port: int) -> bool:
+    """Whether a TCP socket in the netns listens on the port (any address)."""
+    result = run(name_or_path, ["ss", "-Hltn", f"sport = :{port}"], check=False)
+    return bool(result.stdout.strip())
+
+
+def wait_for_listener(name_or_path: str, port: int, timeout: float = 10.0,
+                      process: subprocess.Popen[Any] | None = None) -> None:
+    """Poll until a socket in the netns listens on the port; with ``process`` (the
+    server), fail at once if it exits first.  In an enrolled pod this is the way to know
+    the application is up: a connect from outside the pod is accepted by the proxy's
+    inbound listener (inbound capture) whether the application listens or not."""
+    deadline = time.monotonic() + timeout
+    while not listens(name_or_path, port):
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, process.args))} exited with "
+                               f"{process.returncode} before it listened on port {port}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on port {port} in {name_or_path}")
+        time.sleep(0.05)
+
+
 class _Connection(http.client.HTTPConnection):
     """An HTTPConnection whose socket comes from a factory (netns or Unix socket)."""
 

@@ -41,6 +41,18 @@ def test_throughput_and_memory_targets() -> None:
     assert r["daemon memory with idle connections"]["met"] is False
 
 
+def test_memory_per_idle_connection_is_judged_against_haproxys_in_the_run() -> None:
+    """Issue 16: at most HAProxy's KiB per idle connection, from the same run."""
+    for ours, met in ((4.16, False), (3.47, True), (2.9, True)):
+        r = by_name(targets.evaluate([entry("idle.per_conn", haproxy=3.47,
+                                            **{"nodeproxy-splice": ours})]))
+        judged = r["proxy memory per idle connection, same node"]
+        assert judged["met"] is met
+        assert judged["measured"].startswith(f"{ours / 3.47:.2f}× HAProxy's")
+    missing = by_name(targets.evaluate([entry("idle.per_conn", **{"nodeproxy-splice": 4.0})]))
+    assert missing["proxy memory per idle connection, same node"]["met"] is None
+
+
 def test_hbone_targets_judge_cross_node_against_direct_in_the_run() -> None:
     """Issue 17: throughput ratios, added ping-pong p50, added paced p99, CPU per 1000."""
     metrics = [entry("throughput.cross-node.1", direct=17.0, **{"nodeproxy-splice": 8.6}),

@@ -177,3 +177,21 @@ def test_the_response_head_framing_still_mirrors_h2s_send_headers() -> None:
     assert machine.trailers_sent is None or machine.trailers_sent is False
     assert h2.utilities.is_informational_response([(b":status", b"103")])
     assert not h2.utilities.is_informational_response([(b":status", b"200")])
+
+
+def test_what_send_encoded_headers_drives_is_still_there() -> None:
+    """codec/h2_connection.py send_encoded_headers: h2's states for a header block the
+    tunnel encoded itself (tunnel/header_block.py)."""
+    import h2.stream
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    assert isinstance(client._data_to_send, bytearray), type(client._data_to_send)
+    assert isinstance(client.open_outbound_streams, int)
+    assert "SEND_HEADERS" in h2.connection.ConnectionInputs.__members__
+    assert {"SEND_HEADERS", "SEND_END_STREAM"} <= set(h2.stream.StreamInputs.__members__)
+    found = [p for p in inspect.signature(client._get_or_create_stream).parameters]
+    assert found == ["stream_id", "allowed_ids"], found
+    stream = client._get_or_create_stream(1, h2.connection.AllowedStreamIDs(True))
+    assert isinstance(stream, h2.stream.H2Stream)
+    assert stream._authority is None and stream.request_method is None

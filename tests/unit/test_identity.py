@@ -32,6 +32,7 @@ from nodeproxy.identity import (
     CAError,
     CertificateManager,
     IdentityError,
+    IssuedCert,
     MeshCA,
     SpiffeId,
     classify_handshake_error,
@@ -497,7 +498,7 @@ def test_client_refuses_expired_server(ca: MeshCA, manager: CertificateManager) 
 def _context_with_sans(ca: MeshCA, sans: list[str], server_side: bool) -> ssl.SSLContext:
     now = time.time()
     cert, key = _sign_leaf(ca.certificate, ca._key, sans, now - 60, now + 600)
-    issued = tls_mod.IssuedCert(
+    issued = IssuedCert(
         spiffe_id=sans[0] if sans else "", certificate=cert, chain=(),
         cert_pem=cert.public_bytes(serialization.Encoding.PEM),
         key_pem=key.private_bytes(serialization.Encoding.PEM,
