@@ -592,6 +592,7 @@ class _Scoped:
     deny: tuple[CompiledPolicy, ...]
     allow: tuple[CompiledPolicy, ...]
     uses_l7: bool  # some rule of these policies needs the HTTP request
+    headers: tuple[str, ...] = ()  # the request headers their conditions read (lowercase)
 
 
 class Authorizer:
@@ -616,6 +617,12 @@ class Authorizer:
         """The policies that select dest: DENY ones first, then ALLOW, each in config order."""
         scoped = self._scoped(dest)
         return scoped.deny + scoped.allow
+
+    def headers_read(self, dest: DestinationWorkload) -> tuple[str, ...]:
+        """The request headers (lowercase names) the policies that select dest read: with
+        the connection's attributes and the request's method, path and host, all a request
+        decision on dest depends on."""
+        return self._scoped(dest).headers
 
     def has_l7_rules(self, dest: DestinationWorkload) -> bool:
         """Whether a policy that selects dest has a rule that uses L7: only then do its
@@ -660,6 +667,8 @@ class Authorizer:
             chosen = [p for p in self.policies if p.selects(dest.namespace, dest.labels)]
             scoped = _Scoped(tuple(p for p in chosen if p.action == "DENY"),
                              tuple(p for p in chosen if p.action == "ALLOW"),
-                             any(p.uses_l7 for p in chosen))
+                             any(p.uses_l7 for p in chosen),
+                             tuple(sorted({c.header for p in chosen for r in p.rules
+                                           for c in r.conditions if c.header is not None})))
             self._cache[key] = scoped
         return scoped
