@@ -19,7 +19,7 @@ from nodeproxy.mesh.destinations import Backend
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.upstream import source_address
 from nodeproxy.policy.admission import Admitter
-from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
+from nodeproxy.policy.authorization import DestinationWorkload
 
 
 class RequestAuthorizer:
@@ -44,7 +44,7 @@ class RequestAuthorizer:
             return True
         admission = admitter.admit_request(
             workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
-            backend.port, RequestAttributes.of(head))
+            backend.port, head)
         return admission.allowed
 
     def _policed(self, admitter: Admitter, workload: Workload) -> bool:

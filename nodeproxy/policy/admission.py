@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import NodeConfig, Workload
 from nodeproxy.identity.spiffe import IdentityError, parse_spiffe_id
 from nodeproxy.policy.authorization import (
@@ -28,6 +29,7 @@ from nodeproxy.policy.authorization import (
     DestinationWorkload,
     RequestAttributes,
     RequestInput,
+    joined_header,
 )
 from nodeproxy.policy.peer_authentication import PeerAuthenticator
 
@@ -183,10 +185,12 @@ class Admitter:
 
     def admit_request(self, dest: Workload, source_principal: str | None,
                       source_ip: IPAddress, port: int,
-                      request: RequestAttributes) -> Admission:
+                      request: RequestAttributes | RequestHead) -> Admission:
         """May this HTTP request, on a connection from source_principal/source_ip to `dest`
         on `port`, reach the application?  Counted as connections are; denials are logged
-        as warnings at most every REQUEST_WARNING_INTERVAL per destination and policy."""
+        as warnings at most every REQUEST_WARNING_INTERVAL per destination and policy.
+        A parsed request head (one field per name) is judged as RequestAttributes.of(head)
+        is, without making that object when the decision is remembered."""
         target = self._target(dest)
         refused = self._peer_refused(dest, target, source_principal, source_ip, port)
         if refused is not None:
@@ -213,20 +217,28 @@ class Admitter:
 
     def _decide_request(self, target: DestinationWorkload, source_principal: str | None,
                         source_ip: IPAddress, port: int,
-                        request: RequestAttributes) -> Decision:
+                        request: RequestAttributes | RequestHead) -> Decision:
         """_decide for one HTTP request, remembered: the verdict is a pure function of the
         destination's policies (its scope key), the connection's identity, address and
         port, the request's method, path and host and the values of the headers those
         policies read, so the same inputs are looked up, not judged again.  Counted per
         request all the same."""
         headers = self._authorizer.headers_read(target)
-        key: tuple[object, ...] = (
-            target.scope_key, source_principal, source_ip, port, request.method,
-            request.path, request.host, *[request.header(name) for name in headers])
+        if isinstance(request, RequestHead):
+            pairs = request.headers
+            key: tuple[object, ...] = (
+                target.scope_key, source_principal, source_ip, port, request.method,
+                request.path, request.authority,
+                *[joined_header(pairs, name) for name in headers])
+        else:
+            key = (target.scope_key, source_principal, source_ip, port, request.method,
+                   request.path, request.host, *[request.header(name) for name in headers])
         decision = self._decisions.get(key)
         if decision is None:
-            decision = self._decide(target, source_principal, source_ip, port, request)
-            if len(request.path) + len(request.host) + sum(
+            attributes = request if isinstance(request, RequestAttributes) \
+                else RequestAttributes.of(request)
+            decision = self._decide(target, source_principal, source_ip, port, attributes)
+            if len(attributes.path) + len(attributes.host) + sum(
                     len(v) for v in key[7:] if isinstance(v, str)) <= DECISION_KEY_CHARS:
                 if len(self._decisions) >= DECISION_CACHE_LIMIT:
                     self._decisions.clear()

@@ -124,8 +124,7 @@ class RequestAttributes:
         pairs = head.headers
 
         def lookup(name: str) -> str | None:
-            values = [v for k, v in pairs if k == name]
-            return ", ".join(values) if values else None
+            return joined_header(pairs, name)
 
         return cls(head.method, head.path, head.authority, lookup)
 
@@ -140,6 +139,13 @@ class RequestAttributes:
                 if key.lower() == name:
                     return candidate
         return value
+
+
+def joined_header(pairs: Sequence[tuple[str, str]], name: str) -> str | None:
+    """A (lowercase) header's lines in a request head joined with ", " as one_view joins
+    them; None when absent: the value RequestAttributes.of gives the policies."""
+    values = [v for k, v in pairs if k == name]
+    return ", ".join(values) if values else None
 
 
 class L7Checked(enum.Enum):

@@ -567,3 +567,33 @@ def test_remembered_request_decisions_equal_fresh_ones_for_every_input() -> None
     counted = sum(decisions(registry, policy, action, result) for policy, action, result in (
         ("shop/p", "ALLOW", "allowed"), ("shop/d", "DENY", "denied"), ("", "ALLOW", "denied")))
     assert counted == len(order)  # plaintext too: peer authentication is PERMISSIVE here
+
+
+def test_a_request_head_is_judged_as_its_attributes_remembered_or_not() -> None:
+    """The proxy hands admit_request the parsed head itself (no RequestAttributes made
+    when the decision is remembered): the verdict is RequestAttributes.of(head)'s, a
+    header sent twice included (joined, as the policies see it)."""
+    policies = (allow({**src(principals=[FRONTEND]), **op(paths=["/p*"]),
+                       **when({"key": "request.headers[x-tenant]", "values": ["blue"]})}),)
+    cached, registry, web = admitter(*policies)
+    heads = [
+        [("x-tenant", "blue")], [("x-tenant", "red")], [],
+        [("x-tenant", "blue"), ("x-tenant", "blue")],  # "blue, blue": not "blue"
+        [("x-tenant", "red"), ("x-tenant", "blue")],
+        [("x-other", "1"), ("x-tenant", "blue")],
+    ]
+    verdicts = []
+    for _ in range(3):
+        for fields in heads:
+            for path in ("/p/1", "/q"):
+                head = RequestHead("GET", path, "web.shop", list(fields))
+                got = cached.admit_request(web, FRONTEND, SOURCE_IP, 8080, head)
+                fresh, _, _ = admitter(*policies)
+                want = fresh.admit_request(web, FRONTEND, SOURCE_IP, 8080,
+                                           RequestAttributes.of(head))
+                assert (got.allowed, got.policy) == (want.allowed, want.policy), (fields, path)
+                verdicts.append(got.allowed)
+    assert verdicts[:12] == [True, False, False, False, False, False, False, False,
+                             False, False, True, False]
+    assert decisions(registry, "shop/p", "ALLOW", "allowed") == 6
+    assert decisions(registry, "", "ALLOW", "denied") == 30
