@@ -74,6 +74,7 @@ class EndpointPool:
         self._connecting = 0  # connections being opened
         self._joined = 0  # HTTP/2 requests waiting for a connection being opened
         self._opening_waiters: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by the first open
 
     def take(self) -> UpstreamConnection | None:
         """A pooled connection that can take a request now, or None (then acquire()); as
@@ -170,6 +171,7 @@ class EndpointPool:
             release = _once(breaker.closed)
             connection = (_CountedH2(release, lambda: breaker.idle(self)) if self.http2
                           else _CountedH1(release, on_idle=self._idle))
+        self._loop = asyncio.get_running_loop()
         self._connecting += 1
         try:
             await self._connector(connection)
@@ -190,7 +192,8 @@ class EndpointPool:
         return connection
 
     def _idle(self, connection: H1Client) -> None:
-        self._idle_since[id(connection)] = asyncio.get_running_loop().time()
+        loop = self._loop or asyncio.get_running_loop()
+        self._idle_since[id(connection)] = loop.time()
         self._free.append(connection)
         if self.breaker is not None:
             self.breaker.idle(self)
