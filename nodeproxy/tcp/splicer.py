@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import select
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ class SplicedFlow:
         self._timer: asyncio.TimerHandle | None = None
         self._quiet = CHECK_MAX  # the next wait if the flow stays quiet (next_wait)
         self._parked: int | None = None  # the wheel slot a quiet flow waits in
-        # Asleep: the two transports closed, each socket watched by one add_reader
+        # Asleep: the two transports closed, the sockets watched by the splicer's epoll
         # (sleep/wake below); waking: new transports being made.
         self._asleep = False
         self._waking: asyncio.Task | None = None
@@ -284,8 +285,12 @@ class SplicedFlow:
         if self.relay.finished:
             return
         if quiet and not half_closed:
+            if not self.sleep():
+                # Something of the flow is still in Python (bytes just forwarded, its
+                # transports being made): look again within CHECK_MAX, not after a
+                # quiet flow's growing wait, so that it sleeps soon.
+                wait, self._quiet = min(wait, CHECK_MAX), CHECK_MAX
             self._parked = self.splicer.park(self, loop.time() + wait)
-            self.sleep()
         else:
             self._timer = loop.call_later(wait, self._check)
 
@@ -355,20 +360,22 @@ class SplicedFlow:
 
     # -- asleep: no transports while Python has no part in the flow -----------------
 
-    def sleep(self) -> None:
+    def sleep(self) -> bool:
         """Close the two transports and watch the sockets instead (about 1 KiB less per
         idle flow), if nothing of the flow is in Python: no byte in a write buffer, none
         held or passed and not yet consumed, no EOF, the flow not taken back.  A socket
         becoming readable (bytes the verdict passed to Python, an EOF, a reset) wakes
-        the flow; so do take-back, abort and close."""
-        if self._asleep or self._waking is not None or self._released or self.taken_back:
-            return
+        the flow; so do take-back, abort and close.  True when the flow is asleep."""
+        if self._asleep:
+            return True
+        if self._waking is not None or self._released or self.taken_back:
+            return False
         for end in self._ends:
             side, transport = end.side, end.side.transport
             if (transport is None or transport.is_closing() or side.got_eof or side.lost
                     or transport.get_write_buffer_size() or end.held is not None
                     or end.from_python != end.consumed or side.early):
-                return
+                return False
         socks: list[socket.socket] = []
         try:
             for end in self._ends:
@@ -380,13 +387,18 @@ class SplicedFlow:
             for end, sock in zip(self._ends, socks, strict=False):
                 end.side.transport, end.sock = None, sock
             self._wake_asleep(socks, self._ends[:len(socks)])
-            return
-        loop = asyncio.get_running_loop()
+            return False
         for end, sock in zip(self._ends, socks, strict=True):
             end.side.transport, end.sock = None, sock
-            loop.add_reader(sock.fileno(), self.wake)
         self._asleep = True
         self.splicer.metrics.sleeps.inc()
+        try:
+            for end in self._ends:
+                self.splicer.watch(end.sock.fileno(), self)
+        except OSError:
+            self.wake()  # the kernel would not watch it (memory): transports back
+            return False
+        return True
 
     def wake(self) -> None:
         """Give an asleep flow its transports back (a socket became readable, or the flow
@@ -422,9 +434,8 @@ class SplicedFlow:
 
     def _unwatch(self) -> None:
         if self._asleep:
-            loop = asyncio.get_running_loop()
             for end in self._ends:
-                loop.remove_reader(end.sock.fileno())
+                self.splicer.unwatch(end.sock.fileno())
 
     def end_asleep(self, how_reset: bool) -> bool:
         """Close an asleep flow's sockets (reset, or FIN) and end the relay; True when it
@@ -486,6 +497,38 @@ class Splicer:
         # Quiet flows by the loop second their next look is due (SplicedFlow._check).
         self._wheel: dict[int, set[SplicedFlow]] = {}
         self._wheel_timer: asyncio.TimerHandle | None = None
+        # The sockets of sleeping flows (SplicedFlow.sleep): one epoll of the splicer's,
+        # watched by the loop as one descriptor; the kernel keeps each socket's entry (a
+        # loop.add_reader per socket costs about 640 bytes of the daemon's memory).
+        self._epoll: select.epoll | None = None
+        self._sleeping: dict[int, SplicedFlow] = {}
+
+    def watch(self, fd: int, flow: SplicedFlow) -> None:
+        """Wake `flow` when the socket fd is readable, has hung up or failed."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._ready)
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._sleeping[fd] = flow
+
+    def unwatch(self, fd: int) -> None:
+        if self._sleeping.pop(fd, None) is not None and self._epoll is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # never registered (watch failed for it)
+
+    def _ready(self) -> None:
+        assert self._epoll is not None
+        for fd, _events in self._epoll.poll(0, 256):
+            flow = self._sleeping.get(fd)
+            if flow is not None:
+                flow.wake()  # unwatches both of its sockets
+            else:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
 
     def park(self, flow: SplicedFlow, due: float) -> int:
         """Keep a quiet flow until `due` (loop time; looked at within WHEEL_TICK after it);
