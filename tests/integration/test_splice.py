@@ -435,3 +435,45 @@ def test_a_reset_on_a_sleeping_flow_reaches_the_other_side(node: Cluster, who: s
     assert run.returncode == 0, run.stderr
     assert sorted([run.stdout.strip(), out.strip()]) == ["ConnectionResetError", "reset"]
     assert spliced(node) == flows + 1 and sleeps(node) > slept
+
+
+def test_drain_resets_both_ends_of_a_sleeping_flow_at_its_deadline():
+    """SIGTERM drains: a spliced flow asleep past the drain deadline is reset both ways
+    (the proxy has no transports for it to abort: it resets the sockets themselves)."""
+    with Cluster(1) as c:
+        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
+        c.write_configs(overrides={"fastPath": {"splice": True},
+                                   "proxy": {"drainSeconds": 1}})
+        c.start_daemons()
+        server = serve_script(c, """
+            import socket
+            l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            l.bind(("0.0.0.0", 9405)); l.listen(); print("listening", flush=True)
+            c, _ = l.accept(); c.settimeout(30); c.sendall(b"hello")
+            try:
+                print("FIN" if c.recv(10) == b"" else "data", flush=True)
+            except OSError as e:
+                print(type(e).__name__, flush=True)
+        """)
+        client = c.spawn_in_pod("client", [c.python, "-c", textwrap.dedent(f"""
+            import socket
+            s = socket.create_connection(({c.pods['web-0'].ip4!r}, 9405), 5)
+            s.settimeout(30); assert s.recv(5) == b"hello"
+            print("ready", flush=True)
+            try:
+                print("FIN" if s.recv(10) == b"" else "data", flush=True)
+            except OSError as e:
+                print(type(e).__name__, flush=True)
+        """)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout is not None and client.stdout.readline().strip() == "ready"
+            assert wait_for(lambda: sample(c, "nodeproxy_splice_sleeps_total") >= 1, 10)
+            assert c.stop_daemons() == {"node0": 0}
+            out, _ = client.communicate(timeout=20)
+            served, _ = server.communicate(timeout=20)
+        finally:
+            client.kill()
+            server.kill()
+        assert (out.strip(), served.strip()) == ("ConnectionResetError",
+                                                 "ConnectionResetError")
