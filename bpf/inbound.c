@@ -8,8 +8,13 @@
  * the daemon's own transparent connections into the pod, which it announces in
  * proxy_dials (4-tuple) just before connecting: local traffic reports the
  * pod interface as ingress, so no interface test can tell them apart.
+ * Also left alone: connections from a probe source (inbound.probeSources, the LPM
+ * trie probe_sources), so kubelet's probes reach the application itself, as without
+ * a mesh: a tcpSocket probe fails when the application does not listen (steered, the
+ * inbound listener would accept it whatever the application does).
  *
- * The maps (inbound_listeners, inbound_ips, proxy_dials) are declared in maps.h.
+ * The maps (inbound_listeners, inbound_ips, proxy_dials, probe_sources) are declared
+ * in maps.h.
  */
 #include "common.h"
 
@@ -21,7 +26,10 @@ int np_inbound_lookup(struct bpf_sk_lookup *ctx)
         return SK_PASS;
     struct ip_key key = {};
     struct dial_key dial = {};
+    struct probe_key probe = {};
     key.family = ctx->family;
+    probe.prefixlen = 32 + 128;
+    probe.family = ctx->family;
     dial.family = ctx->family;
     dial.remote_port = (u16)ctx->remote_port;
     dial.local_port = ctx->local_port;
@@ -29,6 +37,7 @@ int np_inbound_lookup(struct bpf_sk_lookup *ctx)
         key.ip[0] = ctx->local_ip4;
         dial.local_ip[0] = ctx->local_ip4;
         dial.remote_ip[0] = ctx->remote_ip4;
+        probe.ip[0] = ctx->remote_ip4;
     } else {
         key.ip[0] = ctx->local_ip6[0];
         key.ip[1] = ctx->local_ip6[1];
@@ -42,11 +51,17 @@ int np_inbound_lookup(struct bpf_sk_lookup *ctx)
         dial.remote_ip[1] = ctx->remote_ip6[1];
         dial.remote_ip[2] = ctx->remote_ip6[2];
         dial.remote_ip[3] = ctx->remote_ip6[3];
+        probe.ip[0] = ctx->remote_ip6[0];
+        probe.ip[1] = ctx->remote_ip6[1];
+        probe.ip[2] = ctx->remote_ip6[2];
+        probe.ip[3] = ctx->remote_ip6[3];
     }
     if (proxy_dials.lookup(&dial))
         return SK_PASS;
     u32 *slot = inbound_ips.lookup(&key);
     if (!slot)
+        return SK_PASS;
+    if (probe_sources.lookup(&probe))
         return SK_PASS;
     u32 index = *slot * 2 + (ctx->family == AF_INET6 ? 1 : 0);
     struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&index);

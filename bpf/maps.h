@@ -80,6 +80,15 @@ struct ip_key {
     u32 family;
 };
 
+/* A probe source prefix (inbound.probeSources) in the LPM trie probe_sources:
+ * connections from it are left to the pod (not steered by inbound capture).
+ * prefixlen counts the matched bits of family and ip together: 32 + the prefix length. */
+struct probe_key {
+    u32 prefixlen;
+    u32 family;     /* AF_INET or AF_INET6 */
+    u32 ip[4];      /* network byte order; IPv4 in ip[0] */
+};
+
 /* Per-socket state, in socket-local storage.  bytes_acked and bytes_received
  * count the SYN and FIN sequence numbers too; the baselines taken at
  * establishment and the FIN flags let the close handler report data only. */
@@ -196,6 +205,9 @@ BPF_TABLE_PINNED("hash", struct ip_key, u32, inbound_ips, NP_MAX_PODS * 4,
                  NP_PIN_DIR "/inbound_ips");
 BPF_TABLE_PINNED("lru_hash", struct dial_key, u32, proxy_dials, NP_MAX_FLOWS,
                  NP_PIN_DIR "/proxy_dials");
+/* inbound.probeSources, written by the daemon from the node config (kubelet probes). */
+BPF_TABLE_PINNED("lpm_trie", struct probe_key, u32, probe_sources, NP_MAX_PROBE_SOURCES,
+                 NP_PIN_DIR "/probe_sources", BPF_F_NO_PREALLOC);
 
 /* Kernel splice (bpf/splice.c): per daemon instance, not pinned (the sockets belong to
  * this process). */

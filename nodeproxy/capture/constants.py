@@ -8,6 +8,9 @@ MAX_PODS = 4096
 MAX_FLOWS = 65536
 MAX_DENIES = 65536
 MAX_POLICIES = 1024
+# probe_sources (LPM trie) slots: as many as inbound.probeSources may list (the config
+# model's MAX_PROBE_SOURCES; not imported here, so the loading child needs no pydantic).
+MAX_PROBE_SOURCES = 256
 # SO_MARK on the proxy's own sockets; the capture programs never touch a socket carrying it.
 SOCKET_MARK = 0x4E50  # "NP"
 # SO_MARK on the proxy's transparent connections into a pod (source = the real client's
@@ -41,6 +44,7 @@ def cflags(pin_dir: str, outbound_port: int = OUTBOUND_PORT, inbound_port: int =
         f"-DNP_MAX_FLOWS={MAX_FLOWS}",
         f"-DNP_MAX_DENIES={MAX_DENIES}",
         f"-DNP_MAX_POLICIES={MAX_POLICIES}",
+        f"-DNP_MAX_PROBE_SOURCES={MAX_PROBE_SOURCES}",
         f"-DNP_OUTBOUND_PORT={outbound_port}",
         f"-DNP_INBOUND_PORT={inbound_port}",
         f"-DNP_HBONE_PORT={hbone_port}",

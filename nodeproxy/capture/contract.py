@@ -101,6 +101,13 @@ class CIpKey(ctypes.Structure):
     _fields_ = [("ip", IP_WORDS), ("family", u32)]
 
 
+class CProbeKey(ctypes.Structure):
+    """struct probe_key: a probe source prefix in the LPM trie (prefixlen counts the
+    family's 32 bits too)."""
+
+    _fields_ = [("prefixlen", u32), ("family", u32), ("ip", IP_WORDS)]
+
+
 class CSockState(ctypes.Structure):
     """struct sock_state: per-socket state in socket-local storage (kernel only)."""
 
@@ -151,6 +158,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "deny_key": CDenyKey,
     "dial_key": CDialKey,
     "ip_key": CIpKey,
+    "probe_key": CProbeKey,
     "sock_state": CSockState,
     "splice_peer": CSplicePeer,
     "splice_control": CSpliceControl,
@@ -165,8 +173,8 @@ class MapSpec:
     """One map of bpf/maps.h.
 
     kind: bcc's map type name ("hash", "lru_hash", "array", "sockmap", "sockhash",
-    "sk_storage"); pinned: under the node's maps/ pin directory, by this name, and shared
-    by the instances of one node (otherwise the instance's own)."""
+    "sk_storage", "lpm_trie"); pinned: under the node's maps/ pin directory, by this name,
+    and shared by the instances of one node (otherwise the instance's own)."""
 
     name: str
     kind: str
@@ -189,6 +197,7 @@ FASTPATH_STATS = MapSpec("fastpath_stats", "array", u32, CFastpathCounters, pinn
 INBOUND_LISTENERS = MapSpec("inbound_listeners", "sockmap", u32, u32, pinned=True)
 INBOUND_IPS = MapSpec("inbound_ips", "hash", CIpKey, u32, pinned=True)
 PROXY_DIALS = MapSpec("proxy_dials", "lru_hash", CDialKey, u32, pinned=True)
+PROBE_SOURCES = MapSpec("probe_sources", "lpm_trie", CProbeKey, u32, pinned=True)
 # Kernel splice (bpf/splice.c).  Sockhash values are socket fds.
 SPLICE_SOCKETS = MapSpec("np_splice_sockets", "sockhash", u64, ctypes.c_int32, pinned=False)
 SPLICE_TARGETS = MapSpec("np_splice_targets", "sockhash", u64, ctypes.c_int32, pinned=False)
@@ -203,7 +212,7 @@ MSG_SETTINGS = MapSpec("np_msg_settings", "array", ctypes.c_int32, u32, pinned=F
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIGDST_BY_COOKIE, ORIGDST_BY_TUPLE, POD_STATS, CONNECT_DENIES, POLICY_DENIALS,
     COUNTED_SOCKETS, SOCK_STATES, FASTPATH_STATS,
-    INBOUND_LISTENERS, INBOUND_IPS, PROXY_DIALS,
+    INBOUND_LISTENERS, INBOUND_IPS, PROXY_DIALS, PROBE_SOURCES,
     SPLICE_SOCKETS, SPLICE_TARGETS, SPLICE_FLOWS, SPLICE_CONTROL,
     MSG_SOCKETS, MSG_FLOWS, MSG_PROXY_READ, MSG_SETTINGS,
 )

@@ -14,6 +14,8 @@ four chains of ours, each jumped to from the top of a built-in chain:
                              the proxy's own sockets (SOCKET_MARK, TRANSPARENT_MARK)
 ``nat PREROUTING``           ``NODEPROXY_PREROUTING``: TCP arriving for the pod is REDIRECTed to
                              the inbound port, except the HBONE and inbound ports themselves
+                             and connections from a probe source (inbound.probeSources), which
+                             reach the application itself
 ``filter OUTPUT``            ``NODEPROXY_DENY``: identity-free DENY rules (the ones eBPF mode
                              answers in cgroup/connect with EPERM) as REJECT with a TCP reset, so
                              the pod's connect() fails at once with ECONNREFUSED; matched on the
@@ -47,6 +49,7 @@ from nodeproxy.capture.constants import SOCKET_MARK, TRANSPARENT_MARK
 from nodeproxy.capture.namespaces import entered
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PREFIX = "NODEPROXY_"
 NOTRACK = "NODEPROXY_NOTRACK"
@@ -130,8 +133,12 @@ class IptablesError(OSError):
 # ---------------------------------------------------------------- the rule text
 
 
-def capture_rules(family: Family, ports: Ports) -> dict[str, list[str]]:
-    """The rules of our capture chains, by table, as iptables-restore lines."""
+def capture_rules(family: Family, ports: Ports,
+                  probe_sources: Iterable[IPNetwork] = ()) -> dict[str, list[str]]:
+    """The rules of our capture chains, by table, as iptables-restore lines.
+    probe_sources: connections from them are not redirected (those of this family)."""
+    probes = [f"-A {PREROUTING} -s {net} -j RETURN"
+              for net in dict.fromkeys(probe_sources) if net.version == family.version]
     mark = f"-m mark --mark {SOCKET_MARK:#x}"
     transparent = f"-m mark --mark {TRANSPARENT_MARK:#x}"
     return {
@@ -144,6 +151,7 @@ def capture_rules(family: Family, ports: Ports) -> dict[str, list[str]]:
             f"-A {PREROUTING} -p tcp --dport {ports.hbone} -j RETURN",
             f"-A {PREROUTING} -p tcp --dport {ports.inbound} -j RETURN",
             f"-A {PREROUTING} {transparent} -j RETURN",
+            *probes,
             f"-A {PREROUTING} -p tcp -j REDIRECT --to-ports {ports.inbound}",
         ],
         "filter": [],
@@ -215,10 +223,11 @@ def _ours(state: TableState) -> list[str]:
 
 
 def install_script(family: Family, ports: Ports, saved: SavedRules,
-                   denies: Iterable[DenyRule] = ()) -> str:
+                   denies: Iterable[DenyRule] = (),
+                   probe_sources: Iterable[IPNetwork] = ()) -> str:
     """An ``iptables-restore --noflush`` input that makes the pod's rules of this family
     exactly ours, whatever an earlier instance left (``saved``: the current rules)."""
-    rules = capture_rules(family, ports)
+    rules = capture_rules(family, ports, probe_sources)
     rules["filter"] = deny_rules(family, denies)
     out: list[str] = []
     for table in TABLES:
@@ -305,14 +314,15 @@ def read(netns_fd: int, family: Family, what: str) -> SavedRules:
 
 
 def install(netns_fd: int, what: str, ports: Ports, families: Sequence[Family] = FAMILIES,
-            denies: Iterable[DenyRule] = ()) -> None:
+            denies: Iterable[DenyRule] = (), probe_sources: Iterable[IPNetwork] = ()) -> None:
     """Install (or replace) the capture rules of these families in the netns.  Blocking:
-    call from a worker thread.  ``what`` names the pod in errors."""
-    denies = list(denies)
+    call from a worker thread.  ``what`` names the pod in errors.  Replacing is one
+    transaction per family: no packet meets a half-written chain."""
+    denies, probe_sources = list(denies), list(probe_sources)
     for family in families:
         saved = read(netns_fd, family, what)
         _run(netns_fd, [family.restore, "-w", "--noflush"], what,
-             install_script(family, ports, saved, denies))
+             install_script(family, ports, saved, denies, probe_sources))
 
 
 def set_denies(netns_fd: int, what: str, denies: Iterable[DenyRule],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,12 +17,24 @@ from nodeproxy.capture import contract
 from nodeproxy.capture.map_access import MapSet
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _words(ip: IPAddress) -> list[int]:
     """An address as the kernel's u32 words (network order in memory)."""
     raw = ip.packed
     return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+
+
+def probe_key(network: IPNetwork) -> contract.CProbeKey:
+    """struct probe_key of a probe source prefix: the trie matches the family's 32 bits,
+    then the prefix's (host bits are zeroed, as the kernel compares only the prefix)."""
+    key = contract.CProbeKey()
+    key.prefixlen = 32 + network.prefixlen
+    key.family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+    for i, word in enumerate(_words(network.network_address)):
+        key.ip[i] = word
+    return key
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,7 @@ class CaptureMaps:
         self._inbound_ips = maps.open(contract.INBOUND_IPS)
         self._dials = maps.open(contract.PROXY_DIALS)
         self._listeners = maps.open(contract.INBOUND_LISTENERS)
+        self._probe_sources = maps.open(contract.PROBE_SOURCES)
 
     def enroll(self, netns_cookie: int, pod_id: int, flags: int = 0) -> None:
         self._pods.put(netns_cookie, contract.CPodInfo(pod_id=pod_id, flags=flags))
@@ -139,6 +153,27 @@ class CaptureMaps:
         for key in self._denies.keys():
             if bytes(key) not in wanted:
                 self._denies.delete(key)
+
+    def replace_probe_sources(self, networks: Iterable[IPNetwork]) -> None:
+        """Make the kernel's probe sources (connections inbound capture leaves to the pod)
+        exactly these prefixes: new ones are added before stale ones are removed, so a
+        source in both the old and the new set is never captured in between."""
+        wanted = {bytes(key): key for key in map(probe_key, networks)}
+        for key in wanted.values():
+            self._probe_sources.put(key, 1)
+        for key in self._probe_sources.keys():
+            if bytes(key) not in wanted:
+                self._probe_sources.delete(key)
+
+    def probe_sources(self) -> list[IPNetwork]:
+        """The probe source prefixes as the kernel has them."""
+        out: list[IPNetwork] = []
+        for key in self._probe_sources.keys():
+            network: type[IPNetwork] = (ipaddress.IPv4Network if key.family == socket.AF_INET
+                                        else ipaddress.IPv6Network)
+            packed = bytes(key.ip)[:network._max_prefixlen // 8]
+            out.append(network((packed, key.prefixlen - 32)))
+        return out
 
     def policy_denials(self) -> dict[int, int]:
         """Policy index -> connects the kernel refused for it."""

@@ -41,6 +41,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 
 from nodeproxy.codec.h2_connection import ProxyH2Connection
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
@@ -73,6 +74,7 @@ INITIAL_STREAMS = 100  # what the client side assumes before the server's SETTIN
 _DEFAULT_WINDOW = 65535  # RFC 9113's initial window
 ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 
+_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 
@@ -99,7 +101,10 @@ def _decode(data: bytes | str) -> str:
 def _wire_fields(headers: Headers, *, keep_te: bool = False) -> list[tuple[bytes, bytes]]:
     """Regular header fields as h2 will accept them: lowercase names, no pseudo-headers,
     no hop-by-hop or Host (``:authority`` carries it), no CR/LF/NUL, no surrounding
-    whitespace.  What h2 would refuse is dropped here, before HPACK sees it."""
+    whitespace.  What h2 would refuse is dropped here, before HPACK sees it.  Credentials
+    (Authorization, Proxy-Authorization, a Cookie under 20 bytes) are never indexed by
+    HPACK, as h2's outbound normalization would mark them (the server side has it off:
+    this is all it did for these fields)."""
     fields: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         key = name.lower()
@@ -112,7 +117,10 @@ def _wire_fields(headers: Headers, *, keep_te: bool = False) -> list[tuple[bytes
         raw_name, raw_value = _encode(key), _encode(value.strip(" \t"))
         if not _TOKEN.match(raw_name) or _BAD_VALUE.search(raw_value):
             continue
-        fields.append((raw_name, raw_value))
+        if raw_name in _NEVER_INDEXED or (raw_name == b"cookie" and len(raw_value) < 20):
+            fields.append(NeverIndexedHeaderTuple(raw_name, raw_value))
+        else:
+            fields.append((raw_name, raw_value))
     return fields
 
 
@@ -167,9 +175,43 @@ def forwardable_trailers(trailers: Headers) -> Headers:
     return [(name, value) for name, value in trailers if name not in TRAILER_FORBIDDEN]
 
 
-def _list_size(fields: list[tuple[bytes, bytes]]) -> int:
-    """The header list size as SETTINGS_MAX_HEADER_LIST_SIZE counts it."""
-    return sum(len(name) + len(value) + 32 for name, value in fields)
+_FORWARDED_HOP_BY_HOP = frozenset({"te"})  # gRPC needs `te: trailers` end to end
+_NOT_FORWARDED = frozenset({"host"}) | (HOP_BY_HOP - _FORWARDED_HOP_BY_HOP)
+
+
+def _request_fields(fields: list[tuple[bytes, bytes]]
+                    ) -> tuple[dict[str, str], Headers, int, str, bool]:
+    """A request's received header block in one pass: its pseudo-headers; the regular
+    fields to forward (no Host, no hop-by-hop field but TE, no ``expect: 100-continue``,
+    which the server answers); the header list size as SETTINGS_MAX_HEADER_LIST_SIZE
+    counts it; the first Host field's value ("" without one); whether it expects
+    100-continue.  Each regular field is checked as check_fields checks it (Refusal
+    "bad_field")."""
+    pseudo: dict[str, str] = {}
+    headers: Headers = []
+    size = 0
+    host: str | None = None
+    continue_ = False
+    name_ok, bad_value = _FIELD_NAME.fullmatch, _CONTROL_IN_VALUE.search
+    for name, value in fields:
+        size += len(name) + len(value) + 32
+        key = name if isinstance(name, str) else name.decode("latin-1")
+        text = value if isinstance(value, str) else value.decode("latin-1")
+        if key[:1] == ":":
+            pseudo[key] = text
+            continue
+        if not name_ok(key) or bad_value(text):
+            raise Refusal("bad_field", f"header field {key[:32]!r} is malformed")
+        if key in _NOT_FORWARDED:
+            if key == "host" and host is None:
+                host = text
+            continue
+        if key == "expect" and text.lower() == "100-continue":
+            continue_ = True
+        headers.append((key, text))
+    if continue_:
+        headers = [(n, v) for n, v in headers if n != "expect"]
+    return pseudo, headers, size, host or "", continue_
 
 
 class _Inflow:
@@ -191,7 +233,14 @@ class _H2Protocol(asyncio.Protocol):
 
     def __init__(self, *, stream_window: int, connection_window: int, header_limit: int,
                  settings: dict[int, int]):
-        config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
+        # The server side sends only what _wire_fields made (lowercase token names, no
+        # pseudo-header or hop-by-hop field, no CR/LF/NUL, no surrounding whitespace,
+        # credentials never indexed) and a :status: h2's outbound checks and
+        # normalization of the same, chains of generators per header block, are off.
+        # The client side keeps them: its pseudo-headers come from the request.
+        config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None,
+                                           validate_outbound_headers=self.client_side,
+                                           normalize_outbound_headers=self.client_side)
         self.conn = ProxyH2Connection(config, header_limit)
         self.transport: asyncio.Transport | None = None
         self._stream_window = stream_window
@@ -452,7 +501,7 @@ class _H2Protocol(asyncio.Protocol):
                 self._blocked.setdefault(stream_id, []).append(fut)
                 await fut
                 continue
-            chunk = bytes(view[:window])
+            chunk = view[:window]
             try:
                 self.conn.send_data(stream_id, chunk)
             except h2.exceptions.ProtocolError as e:
@@ -488,7 +537,7 @@ class H2Exchange:
         self.stream_id = stream_id
         self.request = request
         self.inflow = _Inflow()
-        self.body = Body(on_consumed=lambda n: server._consumed(stream_id, self.inflow, n))
+        self.body = Body(on_consumed=self._consumed)
         self.trailers: Headers | None = None
         self.reset_code: int | None = None  # the client's RST_STREAM code
         self.done = False  # its handler has ended
@@ -498,6 +547,13 @@ class H2Exchange:
         self.remote_ended = False
         self._gone = False
         self._reset_sent = False
+
+    def _consumed(self, n: int) -> None:
+        self.server._consumed(self.stream_id, self.inflow, n)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.server._tasks.discard(task)
+        self.server._done(self)
 
     @property
     def client_gone(self) -> bool:
@@ -753,12 +809,10 @@ class H2Server(_H2Protocol):
             self.guard.forget(stream_id)
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        pseudo, headers = _split(fields)
-        authority = pseudo.get(":authority") or next(
-            (value for name, value in headers if name == "host"), "")
         handler: Callable[[Exchange], Awaitable[None]] = self.handler
         try:  # RFC 9113 8.3; h2 has checked the rest of 8.2 and 8.3 (see the docstring)
-            check_fields(headers)
+            pseudo, headers, size, host, continue_ = _request_fields(fields)
+            authority = pseudo.get(":authority") or host
             check_pseudo_headers(pseudo, authority)
         except Refusal as e:
             # CONNECT (and extended CONNECT) is well formed: the manager refuses it with
@@ -773,10 +827,6 @@ class H2Server(_H2Protocol):
                 if abuse is not None:
                     self._abuse(abuse)
                 return
-        continue_ = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
-        headers = [(n, v) for n, v in headers
-                   if n != "host" and (n not in HOP_BY_HOP or n == "te")
-                   and not (continue_ and n == "expect")]
         method = pseudo.get(":method", "")
         request = RequestHead(
             method=method, path=pseudo.get(":path", ""), authority=authority,
@@ -785,7 +835,7 @@ class H2Server(_H2Protocol):
         self.exchanges[stream_id] = exchange
         self.idle_since = None
         self.requests += 1
-        if _list_size(fields) > self.max_header_bytes:
+        if size > self.max_header_bytes:
             handler = _too_large
         elif handler is self.handler:
             if continue_:  # as Envoy does by default: answer it here, do not forward it
@@ -794,9 +844,8 @@ class H2Server(_H2Protocol):
         task = exchange.task = self._loop.create_task(self._run(exchange, handler))
         self.conn.processed_stream_id = stream_id
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         # A task cancelled before it ran never enters _run: its exchange still ends.
-        task.add_done_callback(lambda _t: self._done(exchange))
+        task.add_done_callback(exchange._task_done)
 
     async def _run(self, exchange: H2Exchange,
                    handler: Callable[[Exchange], Awaitable[None]]) -> None:

@@ -463,9 +463,17 @@ class TunnelSettings(Model):
     trust_source_l7_authorization: bool = False
 
 
+# inbound.probeSources entries at most: the slots of the kernel's probe_sources map
+# (nodeproxy.capture.constants.MAX_PROBE_SOURCES; a unit test keeps the two equal).
+MAX_PROBE_SOURCES = 256
+
+
 class InboundSettings(Model):
-    # Sources exempt from STRICT mTLS (kubelet probes come from the node's own address).
-    probe_sources: list[IPNetworkField] = Field(default_factory=list)
+    # Sources of kubelet's probes (the node's own addresses): exempt from STRICT mTLS,
+    # and in capture.mode ebpf or iptables not captured at all, so a probe reaches the
+    # application itself (docs/architecture.md, "Inbound capture").
+    probe_sources: list[IPNetworkField] = Field(default_factory=list,
+                                                max_length=MAX_PROBE_SOURCES)
 
 
 # --- peer authentication and authorization (Istio's shapes) --------------------------------

@@ -220,6 +220,8 @@ def start_kernel(config: NodeConfig, pod_cgroup: str, registry: CollectorRegistr
             _load(programs, config.capture.mode)
             maps: PodMaps = CaptureMaps(programs.maps)
             steering: Steering = EbpfSteering(programs, maps)
+            # Before any pod is steered: a probe is never captured, not even at start.
+            steering.replace_probe_sources(config.inbound.probe_sources, {})
         else:
             try:  # sockops keeps the per-pod kernel counters where it can
                 programs = _programs(config, pod_cgroup, None)
@@ -340,6 +342,13 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
                                 {p.pod_id: p for p in enrollment.pods.values()})
 
     state.watch(write_denies)  # after the HTTP layer's, as before
+
+    def write_probe_sources(snapshot: MeshSnapshot) -> None:
+        """Inbound capture's exemption for kubelet probes follows inbound.probeSources."""
+        steering.replace_probe_sources(snapshot.config.inbound.probe_sources,
+                                       {p.pod_id: p for p in enrollment.pods.values()})
+
+    state.watch(write_probe_sources)
     runtime = RuntimePods(node=cfg.node.name, enrollment=enrollment, discovered=discovered,
                           saved=SavedPods(cfg.node.state_dir, cfg.node.name),
                           on_change=on_change)

@@ -8,12 +8,14 @@ identity-free denies it compiles from the policy (nodeproxy.policy.kernel_rules)
   kernel's pods map (Enrollment writes it) are captured by cgroup/connect4/6; inbound,
   the pod's netns gets the sk_lookup program and its IPs and 15006 listeners go into
   the inbound maps.  Denies go into connect_denies: connect() fails with EPERM, counted
-  per policy by the kernel.
+  per policy by the kernel.  Probe sources (inbound.probeSources) go into probe_sources:
+  sk_lookup leaves their connections to the pod's own sockets.
 - ``IptablesSteering`` (``capture.mode: iptables``): the pod's netns gets the rules of
   nodeproxy.capture.iptables.  Denies are REJECT rules in the pod's own deny chain:
   connect() fails with ECONNREFUSED, and no per-policy count is kept.  The kernel counts
   no captured connection either, so the proxy counts each one it accepts (the
-  ``captured`` and ``inbound_captured`` fields of the pod's counters).
+  ``captured`` and ``inbound_captured`` fields of the pod's counters).  Probe sources
+  are RETURN rules ahead of the inbound REDIRECT; a change rewrites each pod's rules.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Protocol
 
 from nodeproxy.capture import iptables
 from nodeproxy.capture.constants import POD_NO_IPV6
-from nodeproxy.capture.maps import CaptureMaps, PodCounters
+from nodeproxy.capture.maps import CaptureMaps, IPNetwork, PodCounters
 from nodeproxy.capture.programs import CapturePrograms
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.policy.kernel_rules import KernelDeny
@@ -48,6 +50,8 @@ class Steering(Protocol):
     async def release(self, pod: EnrolledPod, netns_gone: bool) -> None: ...
     def replace_denies(self, denies: Sequence[KernelDeny], policy_names: Sequence[str],
                        pods: Mapping[int, EnrolledPod]) -> None: ...
+    def replace_probe_sources(self, networks: Sequence[IPNetwork],
+                              pods: Mapping[int, EnrolledPod]) -> None: ...
     def policy_denials(self) -> dict[int, int]: ...
     def counters(self, kernel: dict[int, PodCounters]) -> dict[int, PodCounters]: ...
 
@@ -59,6 +63,7 @@ class EbpfSteering:
         self.announcer: DialAnnouncer = maps
         self.on_outbound: Callable[[EnrolledPod], None] | None = None
         self.on_inbound: Callable[[EnrolledPod], None] | None = None
+        self._probe_sources: tuple[IPNetwork, ...] | None = None  # as written
 
     async def steer(self, pod: EnrolledPod, inbound: dict[int, socket.socket]) -> None:
         self._programs.attach_netns(pod.key, pod.netns.fd)
@@ -71,6 +76,15 @@ class EbpfSteering:
     def replace_denies(self, denies: Sequence[KernelDeny], policy_names: Sequence[str],
                        pods: Mapping[int, EnrolledPod]) -> None:
         self._maps.replace_denies([(d.source_pod_id, d.ip, d.port, d.policy) for d in denies])
+
+    def replace_probe_sources(self, networks: Sequence[IPNetwork],
+                              pods: Mapping[int, EnrolledPod]) -> None:
+        """The kernel's probe_sources map (shared by every pod) follows the config; written
+        only when it changed (each new mesh snapshot calls this)."""
+        wanted = tuple(networks)
+        if wanted != self._probe_sources:
+            self._maps.replace_probe_sources(wanted)
+            self._probe_sources = wanted
 
     def policy_denials(self) -> dict[int, int]:
         return self._maps.policy_denials()
@@ -101,6 +115,7 @@ class IptablesSteering:
         self.on_inbound: Callable[[EnrolledPod], None] | None = self._count_inbound
         self._denies: dict[int, frozenset[iptables.DenyRule]] = {}  # wanted, by pod id
         self._applied: dict[str, frozenset[iptables.DenyRule]] = {}  # in the pod, by key
+        self._probe_sources: tuple[IPNetwork, ...] = ()
         self._outbound: Counter[int] = Counter()
         self._inbound: Counter[int] = Counter()
 
@@ -112,7 +127,7 @@ class IptablesSteering:
     async def steer(self, pod: EnrolledPod, inbound: dict[int, socket.socket]) -> None:
         denies = self._denies.get(pod.pod_id, frozenset())
         await asyncio.to_thread(iptables.install, pod.netns.fd, f"pod {pod.key}", self._ports,
-                                self._families(pod), denies)
+                                self._families(pod), denies, self._probe_sources)
         self._applied[pod.key] = denies
 
     async def release(self, pod: EnrolledPod, netns_gone: bool) -> None:
@@ -141,6 +156,24 @@ class IptablesSteering:
                 log.error("identity-free denies not applied: %s", e)
                 continue
             self._applied[pod.key] = rules
+
+    def replace_probe_sources(self, networks: Sequence[IPNetwork],
+                              pods: Mapping[int, EnrolledPod]) -> None:
+        """Rewrite the capture rules of every steered pod when the probe sources changed
+        (blocking, a few milliseconds per pod; only a reload that changes
+        inbound.probeSources does it)."""
+        wanted = tuple(networks)
+        if wanted == self._probe_sources:
+            return
+        self._probe_sources = wanted
+        for pod in pods.values():
+            if pod.key not in self._applied:
+                continue
+            try:
+                iptables.install(pod.netns.fd, f"pod {pod.key}", self._ports,
+                                 self._families(pod), self._applied[pod.key], wanted)
+            except iptables.IptablesError as e:
+                log.error("probe sources not applied: %s", e)
 
     def policy_denials(self) -> dict[int, int]:
         return {}  # REJECT rules keep their own counters (iptables -L -v in the pod)

@@ -4,7 +4,7 @@ h2 (through the proxy's one h2 integration, codec/h2_connection.py, which the L7
 drives too) keeps the protocol's rules for everything but the bytes of an established stream:
 HEADERS, SETTINGS, PING, RST_STREAM, GOAWAY and the stream states.  DATA and
 WINDOW_UPDATE frames, which are nearly all of a busy tunnel's frames, are framed and
-parsed here (tunnel/frames.py) with exact flow-control accounting, so each costs a few
+parsed here (codec/h2_frames.py) with exact flow-control accounting, so each costs a few
 integer operations instead of h2's per-frame state machine and copies:
 
 - received DATA is handed on in the pieces TLS delivered, without waiting for a whole
@@ -45,13 +45,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from nodeproxy.codec import h2_frames as frames
 from nodeproxy.codec.h2 import MAX_HEADER_BYTES
 from nodeproxy.codec.h2_connection import ProxyH2Connection
+from nodeproxy.codec.h2_frames import FrameError
 from nodeproxy.codec.h2_guard import Abuse, FrameGuard
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
-from nodeproxy.tunnel import frames
-from nodeproxy.tunnel.frames import FrameError
 from nodeproxy.tunnel.header_block import status_block
 
 log = logging.getLogger(__name__)

@@ -90,6 +90,10 @@ class Node:
     def gateway4(self) -> str:
         return str(next(ipaddress.ip_network(self.pod_cidrs[0]).hosts()))
 
+    @property
+    def gateway6(self) -> str:
+        return str(next(ipaddress.ip_network(self.pod_cidrs[1]).hosts()))
+
     def admin_port(self) -> int:
         return int(self.config.get("admin", {}).get("adminPort", ports.ADMIN_PORT))
 
@@ -706,8 +710,8 @@ class Cluster:
             "capture": {"mode": self.capture_mode},
             "workloads": [p.workload(node) for p in self.pods.values() if p.enrolled],
             "services": [s.config() for s in self.services.values()],
-            # Kubelet-style probes come from the node's bridge address.
-            "inbound": {"probeSources": [n.gateway4]},
+            # Kubelet-style probes come from the node's bridge addresses.
+            "inbound": {"probeSources": [n.gateway4, n.gateway6]},
         }
         if testbed_slowdown() > 1:
             # The daemon's own bound on an upstream connect (default 5 s): under emulation

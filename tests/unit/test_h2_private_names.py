@@ -6,11 +6,18 @@ misbehaving at run time."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 
 import h2.config
 import h2.connection
+import h2.events
+import h2.exceptions
 import h2.frame_buffer
+import h2.stream
+import h2.utilities
+import hyperframe.frame
 import pytest
 
 # (object, method name, the parameters our override passes on)
@@ -18,11 +25,15 @@ OVERRIDDEN_METHODS = [
     (h2.connection.H2Connection, "_receive_frame", ["frame"]),
     (h2.connection.H2Connection, "_terminate_connection", ["error_code"]),
     (h2.connection.H2Connection, "_receive_goaway_frame", ["frame"]),
+    (h2.connection.H2Connection, "_receive_headers_frame", ["frame"]),
     (h2.connection.H2Connection, "_local_settings_acked", []),
     (h2.connection.H2Connection, "clear_outbound_data_buffer", []),
     (h2.connection.H2Connection, "close_connection",
      ["error_code", "additional_data", "last_stream_id"]),
     (h2.connection.H2Connection, "send_data", ["stream_id", "data", "end_stream", "pad_length"]),
+    (h2.connection.H2Connection, "send_headers",
+     ["stream_id", "headers", "end_stream", "priority_weight", "priority_depends_on",
+      "priority_exclusive"]),
     (h2.connection.H2ConnectionStateMachine, "process_input", ["input_"]),
     (h2.frame_buffer.FrameBuffer, "__next__", []),
     (h2.frame_buffer.FrameBuffer, "_validate_frame_length", ["length"]),
@@ -51,6 +62,121 @@ def test_the_attributes_read_and_replaced_are_still_there() -> None:
     assert isinstance(buffer._headers_buffer, list), type(buffer._headers_buffer)
     assert {"SEND_GOAWAY", "RECV_GOAWAY"} <= set(h2.connection.ConnectionInputs.__members__)
     assert "CLOSED" in h2.connection.ConnectionState.__members__
+
+
+def test_receive_frame_is_still_the_shape_its_quiet_copy_repeats() -> None:
+    """ProxyH2Connection._dispatch_frame is h2's _receive_frame without its first
+    statement (the trace log's eager repr).  If h2 changes that method, the copy must be
+    made again: this fails on any change to its statements."""
+    source = textwrap.dedent(inspect.getsource(h2.connection.H2Connection._receive_frame))
+    body = ast.parse(source).body[0].body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    body = [s for s in body if not isinstance(s, ast.AnnAssign)]  # `events: list[Event]`
+    first = ast.unparse(body[0])
+    assert first == "self.config.logger.trace('Received frame: %s', repr(frame))", first
+    rest = "\n".join(ast.unparse(s) for s in body[1:])
+    for statement in (
+            "frames, events = self._frame_dispatch_table[frame.__class__](frame)",
+            "except StreamClosedError as e:", "if self._stream_is_closed_by_reset(e.stream_id):",
+            "f = RstStreamFrame(e.stream_id)", "f.error_code = e.error_code",
+            "self._prepare_for_sending([f])", "events = e._events",
+            "except StreamIDTooLowError as e:", "f.error_code = ErrorCodes.STREAM_CLOSED",
+            "events = []", "elif self._stream_is_closed_by_end(e.stream_id):",
+            "raise StreamClosedError(e.stream_id) from e",
+            "self._prepare_for_sending(frames)", "return events"):
+        assert statement in rest, statement
+    assert rest.count("except ") == 2 and rest.count("raise") == 3, rest
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    assert isinstance(conn._frame_dispatch_table, dict)
+    for name in ("_stream_is_closed_by_reset", "_stream_is_closed_by_end",
+                 "_prepare_for_sending"):
+        assert callable(getattr(conn, name, None)), name
+    assert hasattr(h2.exceptions.StreamClosedError(1), "_events")
+    assert type(conn.config.logger) is h2.config.DummyLogger
+
+
+def test_the_names_the_data_framing_reads_and_charges_are_still_there() -> None:
+    """ProxyH2Connection.send_data frames DATA on open streams itself: it reads the states
+    h2 allows DATA in and charges h2's window counters, and appends to h2's output."""
+    assert {"OPEN", "HALF_CLOSED_REMOTE"} <= set(h2.stream.StreamState.__members__)
+    assert {"CLIENT_OPEN", "SERVER_OPEN"} <= set(h2.connection.ConnectionState.__members__)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    assert isinstance(conn._data_to_send, bytearray)
+    assert isinstance(conn.outbound_flow_control_window, int)
+    assert isinstance(conn.max_outbound_frame_size, int)
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "a"),
+                          (":path", "/")])
+    stream = conn.streams[1]
+    assert isinstance(stream.outbound_flow_control_window, int)
+    assert stream.state_machine.state is h2.stream.StreamState.OPEN
+    assert conn.local_flow_control_window(1) == min(stream.outbound_flow_control_window,
+                                                    conn.outbound_flow_control_window)
+
+
+def test_the_header_checks_taken_over_are_still_h2s_to_switch_off() -> None:
+    """codec/h2_header_checks.py makes h2's inbound header checks (h2_connection.py turns
+    h2's off): the switch, the constant it shares and the order of a header block's
+    events (the block's own first, PRIORITY's after it) must still be h2's."""
+    config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+    assert config.validate_inbound_headers is True
+    assert {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+            b"upgrade"} == set(h2.utilities.CONNECTION_HEADERS)
+    server = h2.connection.H2Connection(config)
+    server.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "a"),
+                            (":path", "/")], end_stream=True, priority_weight=200)
+    data = client.data_to_send()
+    frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data[:9]))
+    frame.parse_body(memoryview(data[9:9 + length]))
+    assert "PRIORITY" in frame.flags
+    _, events = server._receive_headers_frame(frame)
+    assert [type(e) for e in events] == [h2.events.RequestReceived, h2.events.StreamEnded,
+                                         h2.events.PriorityUpdated], events
+
+
+def _statements(function) -> str:
+    source = textwrap.dedent(inspect.getsource(function))
+    return "\n".join(ast.unparse(s) for s in ast.walk(ast.parse(source))
+                     if isinstance(s, ast.stmt))
+
+
+def test_the_response_head_framing_still_mirrors_h2s_send_headers() -> None:
+    """ProxyH2Connection.send_headers frames a server's response head itself (and
+    end_stream its END_STREAM frame), giving the state machines the inputs h2's
+    methods give them, in their order; this fails if h2 changes what they do."""
+    stream_send = _statements(h2.stream.H2Stream.send_headers)
+    for statement in (
+            "input_ = StreamInputs.SEND_HEADERS",
+            "events = self.state_machine.process_input(input_)",
+            "self.state_machine.process_input(StreamInputs.SEND_END_STREAM)",
+            "frames[0].flags.add('END_STREAM')",
+            "if self.state_machine.trailers_sent and (not end_stream):",
+            "self.request_method = extract_method_header(bytes_headers)"):
+        assert statement in stream_send, statement
+    build = _statements(h2.stream.H2Stream._build_headers_frames)
+    for statement in ("encoded_headers = encoder.encode(headers)",
+                      "frames[-1].flags.add('END_HEADERS')",
+                      "cf = ContinuationFrame(self.stream_id)"):
+        assert statement in build, statement
+    ending = _statements(h2.connection.H2Connection.end_stream) + \
+        _statements(h2.stream.H2Stream.end_stream)
+    for statement in ("self.state_machine.process_input(ConnectionInputs.SEND_DATA)",
+                      "self.state_machine.process_input(StreamInputs.SEND_END_STREAM)",
+                      "df.flags.add('END_STREAM')"):
+        assert statement in ending, statement
+    conn_send = _statements(h2.connection.H2Connection.send_headers)
+    assert "self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)" in conn_send
+    assert {"SEND_HEADERS", "SEND_END_STREAM"} <= set(h2.stream.StreamInputs.__members__)
+    machine = h2.stream.H2StreamStateMachine(1)
+    assert machine.headers_sent is None or machine.headers_sent is False
+    assert machine.trailers_sent is None or machine.trailers_sent is False
+    assert h2.utilities.is_informational_response([(b":status", b"103")])
+    assert not h2.utilities.is_informational_response([(b":status", b"200")])
 
 
 def test_what_send_encoded_headers_drives_is_still_there() -> None:

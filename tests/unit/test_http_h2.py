@@ -25,6 +25,7 @@ import h2.events
 import hpack
 import pytest
 import uvloop
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import Frame, GoAwayFrame
 
 from nodeproxy.codec.h2 import CONNECTION_WINDOW, H2Client, H2Server, UpstreamBody, open_h2c
@@ -1166,3 +1167,69 @@ def test_trailers_that_would_change_framing_routing_or_auth_are_not_forwarded() 
         ("content-type", "text/html"), ("expect", "100-continue")])
     assert seen == [[("x-checksum", "abc"), ("grpc-status", "0")]], seen
     assert any(isinstance(e, h2.events.ResponseReceived) for e in events), events
+
+
+# -- what the server sends without h2's outbound checks ----------------------------------
+
+HOSTILE_FIELDS: Headers = [
+    ("X-Upper", "kept, lowercased"), ("x-space", "  padded\t"), ("connection", "close"),
+    ("keep-alive", "5"), ("transfer-encoding", "chunked"), ("upgrade", "h2c"),
+    ("te", "trailers"), ("host", "evil"), (":status", "500"), (":path", "/x"),
+    ("x-crlf", "a\r\nx-injected: 1"), ("x-nul", "a\x00b"), ("bad name", "1"),
+    ("x-colon:y", "1"), ("", "empty name"), ("authorization", "Bearer secret"),
+    ("proxy-authorization", "Basic c2VjcmV0"), ("cookie", "short=1"),
+    ("cookie", "long=" + "c" * 40), ("x-utf8", "é"),
+]
+
+
+def test_hostile_response_fields_reach_a_strict_client_cleaned_and_credentials_unindexed(
+) -> None:
+    """The server side sends with h2's outbound checks and normalization off
+    (_wire_fields does that work): what an upstream or a handler puts in a response head
+    or its trailers must still reach a strict HTTP/2 client (h2 with every inbound check)
+    as a valid header block, the forbidden fields dropped (Proxy-Authorization is
+    hop-by-hop), names lowercased, values
+    trimmed, and credentials HPACK never-indexed (CRIME-style probing of the compression
+    context)."""
+    events: list[Any] = []
+
+    async def handler(exchange: Exchange) -> None:
+        await exchange.respond(ResponseHead(200, HOSTILE_FIELDS), end=False)
+        await exchange.send(b"body")
+        await exchange.finish(HOSTILE_FIELDS)
+
+    async def main() -> None:
+        async with serve(handler) as (port, _):
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(
+                client_side=True, header_encoding=None, normalize_inbound_headers=False))
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                  (":authority", "x")], end_stream=True)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(conn.data_to_send())
+            try:
+                while not any(isinstance(e, h2.events.StreamEnded | h2.events.StreamReset
+                                         | h2.events.ConnectionTerminated) for e in events):
+                    data = await asyncio.wait_for(reader.read(65536), 10)
+                    if not data:
+                        break
+                    events.extend(conn.receive_data(data))  # raises on a bad block
+                    writer.write(conn.data_to_send())
+            finally:
+                writer.close()
+    run(main)
+    kinds = [type(e) for e in events]
+    assert h2.events.StreamEnded in kinds, events
+    response = next(e.headers for e in events if isinstance(e, h2.events.ResponseReceived))
+    trailers = next(e.headers for e in events if isinstance(e, h2.events.TrailersReceived))
+    expected = [(b"x-upper", b"kept, lowercased"), (b"x-space", b"padded"),
+                (b"authorization", b"Bearer secret"), (b"cookie", b"short=1"),
+                (b"cookie", b"long=" + b"c" * 40), (b"x-utf8", "é".encode("latin-1"))]
+    assert [tuple(f) for f in response] == [(b":status", b"200")] + expected
+    assert [tuple(f) for f in trailers] == expected
+    for fields in (response, trailers):
+        unindexed = {bytes(f[0]) + b"=" + bytes(f[1])[:5] for f in fields
+                     if isinstance(f, NeverIndexedHeaderTuple)}
+        assert unindexed == {b"authorization=Beare", b"cookie=short"}, fields
+    data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert data == b"body"

@@ -36,6 +36,18 @@ def test_inbound_tcp_is_redirected_except_hbone_and_the_inbound_port():
     ]
 
 
+def test_probe_sources_of_the_family_return_before_the_inbound_redirect():
+    probes = [ipaddress.ip_network(n) for n in
+              ("10.244.1.1/32", "fd00:10:244:1::1/128", "192.168.0.0/16", "10.244.1.1/32")]
+    for family, wanted in ((IPV4, ["10.244.1.1/32", "192.168.0.0/16"]),
+                           (IPV6, ["fd00:10:244:1::1/128"])):
+        nat = iptables.capture_rules(family, Ports(), probes)["nat"]
+        prerouting = [r for r in nat if r.startswith("-A NODEPROXY_PREROUTING")]
+        assert prerouting[3:] == [
+            *(f"-A NODEPROXY_PREROUTING -s {net} -j RETURN" for net in wanted),
+            "-A NODEPROXY_PREROUTING -p tcp -j REDIRECT --to-ports 15006"]
+
+
 def test_the_proxys_transparent_connections_are_not_tracked():
     assert iptables.capture_rules(IPV6, Ports())["raw"] == [
         "-A NODEPROXY_NOTRACK -m mark --mark 0x4e51 -j CT --notrack"]

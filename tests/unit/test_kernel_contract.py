@@ -58,6 +58,7 @@ class MapDecl:
     key: str    # a C type: "u64", "struct pod_info"
     value: str
     pin: str | None  # the pin path expression, e.g. 'NP_PIN_DIR "/pods"'
+    flags: str = "0"  # map_flags, e.g. BPF_F_NO_PREALLOC
 
 
 def strip_comments_and_directives(text: str) -> str:
@@ -90,8 +91,9 @@ def map_decl(macro: str, args: list[str]) -> MapDecl:
     n = len(args)
     if macro == "BPF_TABLE" and n == 5:
         return MapDecl(args[3], kind(args[0]), args[1], args[2], None)
-    if macro == "BPF_TABLE_PINNED" and n == 6:
-        return MapDecl(args[3], kind(args[0]), args[1], args[2], args[5])
+    if macro == "BPF_TABLE_PINNED" and n in (6, 7):
+        return MapDecl(args[3], kind(args[0]), args[1], args[2], args[5],
+                       args[6] if n == 7 else "0")
     if macro == "BPF_HASH" and 1 <= n <= 4:
         key, value = (args + ["u64", "u64"])[1:3]
         return MapDecl(args[0], "hash", key, value, None)
@@ -254,6 +256,9 @@ def differences(header: str, view_structs: dict[str, type[ctypes.Structure]] | N
             found.append(f"map {name}: pinned in Python, maps.h pins it at {d.pin}, not {pin}")
         if not spec.pinned and d.pin is not None:
             found.append(f"map {name}: per instance in Python, pinned in maps.h ({d.pin})")
+        if d.kind == "lpm_trie" and d.flags != "BPF_F_NO_PREALLOC":
+            found.append(f"map {name}: an lpm_trie needs BPF_F_NO_PREALLOC (the kernel "
+                         f"refuses it otherwise), maps.h has flags {d.flags}")
     return found
 
 
@@ -343,6 +348,14 @@ def edited(old: str, new: str) -> str:
      "map splice_control: per instance in Python"),
     ("BPF_ARRAY(np_msg_settings, u32, 1);", "BPF_ARRAY(np_msg_settings, u64, 1);",
      "map np_msg_settings value (u64): maps.h u64, Python u32"),
+    # the probe source trie: its key's family narrowed, its flags lost, re-kinded
+    ("    u32 family;     /* AF_INET or AF_INET6 */\n    u32 ip[4];      /* network byte order; "
+     "IPv4 in ip[0] */", "    u16 family;\n    u32 ip[4];",
+     "struct probe_key: field family: maps.h u16 at 4, Python u32 at 4"),
+    (' NP_PIN_DIR "/probe_sources", BPF_F_NO_PREALLOC);', ' NP_PIN_DIR "/probe_sources");',
+     "map probe_sources: an lpm_trie needs BPF_F_NO_PREALLOC"),
+    ('BPF_TABLE_PINNED("lpm_trie", struct probe_key,', 'BPF_TABLE_PINNED("hash", struct probe_key,',
+     "map probe_sources: kind hash in maps.h, lpm_trie in Python"),
 ])
 def test_a_header_changed_on_one_side_only_is_caught(old, new, expected):
     found = differences(edited(old, new))
@@ -361,6 +374,30 @@ def test_a_field_added_in_python_only_is_caught():
         "struct pod_counters: fields only in maps.h [], only in Python ['refused']",
         "map pod_stats value (struct pod_counters): fields only in maps.h [], "
         "only in Python ['refused']"]
+
+
+def test_the_probe_source_trie_has_as_many_slots_as_the_config_allows_entries():
+    # The config refuses more probe sources than the kernel map holds, with a message,
+    # instead of a reload that fails half-way writing the map.
+    from nodeproxy.capture import constants
+    from nodeproxy.config import model
+
+    assert constants.MAX_PROBE_SOURCES == model.MAX_PROBE_SOURCES
+    assert f"-DNP_MAX_PROBE_SOURCES={model.MAX_PROBE_SOURCES}" in constants.cflags("/x")
+
+
+@pytest.mark.parametrize("prefix, prefixlen, family, words", [
+    ("10.244.1.1/32", 64, 2, [0x0101F40A, 0, 0, 0]),
+    ("10.244.7.9/16", 48, 2, [0x0000F40A, 0, 0, 0]),  # host bits dropped
+    ("fd00:10:244:1::1/128", 160, 10, [0x100000FD, 0x01004402, 0, 0x01000000]),
+    ("::/0", 32, 10, [0, 0, 0, 0]),  # every IPv6 source, and no IPv4 one
+])
+def test_a_probe_source_key_matches_the_family_then_the_prefix(prefix, prefixlen, family,
+                                                               words):
+    import ipaddress
+
+    key = maps.probe_key(ipaddress.ip_network(prefix, strict=False))
+    assert (key.prefixlen, key.family, list(key.ip)) == (prefixlen, family, words)
 
 
 def test_a_map_only_python_names_is_caught():

@@ -470,6 +470,16 @@ def test_unknown_mode_and_action() -> None:
     ]
 
 
+def test_more_probe_sources_than_the_kernel_map_holds_are_refused() -> None:
+    sources = ", ".join(f"10.0.{i // 256}.{i % 256}" for i in range(257))
+    found = problems(f"""\
+        inbound:
+          probeSources: [{sources}]
+        """)
+    assert [line.split(": ", 1)[1] for line in found] == [
+        "inbound.probeSources: must have at most 256 items"]
+
+
 def test_bad_cidrs() -> None:
     assert problems("""\
         inbound:

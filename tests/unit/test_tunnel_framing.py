@@ -1,4 +1,4 @@
-"""The tunnel's own DATA / WINDOW_UPDATE framing (tunnel/session.py, tunnel/frames.py)
+"""The tunnel's own DATA / WINDOW_UPDATE framing (tunnel/session.py, codec/h2_frames.py)
 against a hostile peer: a server H2Session over a socketpair, the peer a real h2 client
 connection for the handshake and HEADERS and raw bytes for what h2 would refuse to send.
 Every test checks what the peer (or the stream's reader) sees: the bytes, or the GOAWAY
@@ -20,11 +20,12 @@ import h2.events
 import pytest
 import uvloop
 
+from nodeproxy.codec import h2_frames as frames
 from nodeproxy.codec.h2_connection import ProxyH2Connection
+from nodeproxy.codec.h2_frames import FrameError
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
-from nodeproxy.tunnel import frames, session
-from nodeproxy.tunnel.frames import FrameError
+from nodeproxy.tunnel import session
 from nodeproxy.tunnel.session import H2Session
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]

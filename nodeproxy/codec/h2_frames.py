@@ -1,8 +1,10 @@
-"""The HTTP/2 frame layout the tunnel frames and parses itself (RFC 9113 §4.1, §6.1, §6.9):
-DATA and WINDOW_UPDATE, and the empty DATA frame that tells h2 a stream ended.
+"""The HTTP/2 frame layout the proxy frames and parses itself, beside h2 (RFC 9113 §4.1,
+§6.1, §6.9): DATA and WINDOW_UPDATE, and the empty DATA frame that tells h2 a stream ended.
+The HBONE tunnel (tunnel/session.py) frames and parses both on established streams; the
+L7 codec's connection (codec/h2_connection.py) frames the DATA it sends.
 
-Pure: bytes in, numbers out (or a FrameError naming the HTTP/2 error code); the session
-(tunnel/session.py) keeps the state.
+Pure: bytes in, numbers out (or a FrameError naming the HTTP/2 error code); the callers
+keep the state.
 """
 
 from __future__ import annotations
