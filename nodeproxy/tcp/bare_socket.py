@@ -70,14 +70,14 @@ async def adopt(socks: list[socket.socket], protocols: list[asyncio.Protocol]) -
     Each protocol's connection_made is not called again: its `transport` attribute is
     set, then whatever the transport reported meanwhile (bytes, EOF, loss) is passed on,
     in order, once every transport is made.  A socket that cannot have a transport
-    (OSError) is reported lost with that error; it is closed."""
+    (OSError, ValueError) is reported lost with that error; it is closed."""
     loop = asyncio.get_running_loop()
     adopting: list[_Adopting] = []
     for sock in socks:
         first = _Adopting()
         try:
             await loop.connect_accepted_socket(lambda first=first: first, sock=sock)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: no descriptor any more
             sock.close()
             first.events.append(("lost", e))
         adopting.append(first)
