@@ -281,15 +281,17 @@ class SplicedFlow:
             wait = min(wait, WATCH_SECONDS)
         quiet = (self._down.checked_moved + self._up.checked_moved == before
                  and self._down.held is None and self._up.held is None)
+        was_quiet = self._quiet > CHECK_MAX  # the check before found it quiet too
         wait, self._quiet = next_wait(wait, self._quiet, quiet and not half_closed)
         if self.relay.finished:
             return
         if quiet and not half_closed:
-            if not self.sleep():
-                # Something of the flow is still in Python (bytes just forwarded, its
-                # transports being made): look again within CHECK_MAX, not after a
-                # quiet flow's growing wait, so that it sleeps soon.
-                wait, self._quiet = min(wait, CHECK_MAX), CHECK_MAX
+            # A flow sleeps once quiet at two checks in a row (not in a pause of a
+            # transfer); refused for a passing reason (bytes just forwarded or passed and
+            # not read yet, its transports being made), it is looked at again within
+            # CHECK_MAX, not after a quiet flow's growing wait.
+            if was_quiet and not self.sleep():
+                wait, self._quiet = min(wait, CHECK_MAX), 2 * CHECK_MAX
             self._parked = self.splicer.park(self, loop.time() + wait)
         else:
             self._timer = loop.call_later(wait, self._check)
@@ -363,7 +365,7 @@ class SplicedFlow:
     def sleep(self) -> bool:
         """Close the two transports and watch the sockets instead (about 1 KiB less per
         idle flow), if nothing of the flow is in Python: no byte in a write buffer, none
-        held or passed and not yet consumed, no EOF, the flow not taken back.  A socket
+        held, passed and not yet read or consumed, no EOF, the flow not taken back.  A socket
         becoming readable (bytes the verdict passed to Python, an EOF, a reset) wakes
         the flow; so do take-back, abort and close.  True when the flow is asleep."""
         if self._asleep:
@@ -376,6 +378,8 @@ class SplicedFlow:
                     or transport.get_write_buffer_size() or end.held is not None
                     or end.from_python != end.consumed or side.early):
                 return False
+            if self.maps.counters(end.cookie)[1] != end.from_python:
+                return False  # the verdict passed bytes that Python has not read yet
         socks: list[socket.socket] = []
         try:
             for end in self._ends:

@@ -399,14 +399,23 @@ def test_a_reset_on_a_sleeping_flow_reaches_the_other_side(node: Cluster, who: s
     """A spliced flow asleep (no transports in the proxy): a reset from either end
     reaches the other as a reset."""
     port = 9403 if who == "client" else 9404
+    asleep = os.path.join(node.dir, f"reset-{who}-asleep")
+    wait_asleep = textwrap.dedent(f"""
+        def wait_asleep():
+            deadline = time.monotonic() + 30
+            while not os.path.exists({asleep!r}):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    """)
     server = serve_script(node, f"""
-        import socket, struct, time
+        import os, socket, struct, time
+        {textwrap.indent(wait_asleep, "        ").strip()}
         l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         l.bind(("0.0.0.0", {port})); l.listen(); print("listening", flush=True)
-        c, _ = l.accept(); c.settimeout(20)
+        c, _ = l.accept(); c.settimeout(30)
         c.sendall(b"hello")
         if {who == "server"}:
-            time.sleep(1.5)
+            wait_asleep()
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.close(); print("reset", flush=True)
         else:
@@ -416,25 +425,31 @@ def test_a_reset_on_a_sleeping_flow_reaches_the_other_side(node: Cluster, who: s
                 print(type(e).__name__, flush=True)
     """)
     slept, flows = sleeps(node), spliced(node)
-    client = textwrap.dedent(f"""
-        import socket, struct, time
+    client = node.spawn_in_pod("client", [node.python, "-c", textwrap.dedent(f"""
+        import os, socket, struct, time
+        {textwrap.indent(wait_asleep, "        ").strip()}
         s = socket.create_connection(({node.pods['web-0'].ip4!r}, {port}), 5)
-        s.settimeout(20); assert s.recv(5) == b"hello"
+        s.settimeout(30); assert s.recv(5) == b"hello"
         if {who == "client"}:
-            time.sleep(1.5)
+            wait_asleep()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close(); print("reset")
+            s.close(); print("reset", flush=True)
         else:
             try:
-                print("FIN" if s.recv(10) == b"" else "data")
+                print("FIN" if s.recv(10) == b"" else "data", flush=True)
             except OSError as e:
-                print(type(e).__name__)
-    """)
-    run = node.run_in_pod("client", [node.python, "-c", client], timeout=30)
-    out, _ = server.communicate(timeout=30)
-    assert run.returncode == 0, run.stderr
-    assert sorted([run.stdout.strip(), out.strip()]) == ["ConnectionResetError", "reset"]
-    assert spliced(node) == flows + 1 and sleeps(node) > slept
+                print(type(e).__name__, flush=True)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: sleeps(node) > slept, 20), splice_events(node)
+        open(asleep, "w").close()
+        out, err = client.communicate(timeout=30)
+        served, _ = server.communicate(timeout=30)
+    finally:
+        client.kill()
+        server.kill()
+    assert sorted([out.strip(), served.strip()]) == ["ConnectionResetError", "reset"], err
+    assert spliced(node) == flows + 1
 
 
 def test_drain_resets_both_ends_of_a_sleeping_flow_at_its_deadline():
