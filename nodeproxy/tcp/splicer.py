@@ -238,12 +238,20 @@ class SplicedFlow:
         task that waits for them.  (A task per EOF made thousands of idle flows closing at
         once cost the daemon 9-13 MiB that it kept: docs/benchmarks.md.)"""
         self._wake()  # the reset watch of a half-closed flow
-        if not self.relay.finished and self.delivered(src):
+        if (not self.relay.finished and self._end(src).held is None
+                and self.delivered(src)):
             self.relay.forward_eof(src)
             return
         self._spawn(self._forward_eof(src))
 
     async def _forward_eof(self, src: Side) -> None:
+        # Bytes held before the FIN go first.  (An awake flow stops reading while it
+        # holds, so its FIN comes after; a sleeping flow's new transports read what
+        # waited, bytes and FIN, at once: bare_socket.adopt.)
+        end, delay = self._end(src), POLL_FIRST
+        while end.held is not None and not self.relay.finished:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
         if await self.wait_delivered(src):
             self.relay.forward_eof(src)
 
