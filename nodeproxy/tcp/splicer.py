@@ -289,17 +289,15 @@ class SplicedFlow:
             wait = min(wait, WATCH_SECONDS)
         quiet = (self._down.checked_moved + self._up.checked_moved == before
                  and self._down.held is None and self._up.held is None)
-        was_quiet = self._quiet > CHECK_MAX  # the check before found it quiet too
         wait, self._quiet = next_wait(wait, self._quiet, quiet and not half_closed)
         if self.relay.finished:
             return
         if quiet and not half_closed:
-            # A flow sleeps once quiet at two checks in a row (not in a pause of a
-            # transfer); refused for a passing reason (bytes just forwarded or passed and
-            # not read yet, its transports being made), it is looked at again within
-            # CHECK_MAX, not after a quiet flow's growing wait.
-            if was_quiet and not self.sleep():
-                wait, self._quiet = min(wait, CHECK_MAX), 2 * CHECK_MAX
+            # A quiet flow sleeps; refused for a passing reason (bytes just forwarded or
+            # passed and not read yet, its transports being made), it is looked at again
+            # within CHECK_MAX, not after a quiet flow's growing wait.
+            if not self.sleep():
+                wait, self._quiet = min(wait, CHECK_MAX), CHECK_MAX
             self._parked = self.splicer.park(self, loop.time() + wait)
         else:
             self._timer = loop.call_later(wait, self._check)
