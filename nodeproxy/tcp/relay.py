@@ -7,7 +7,9 @@ side's reading so memory stays bounded.  Byte counts go to a callback.
 
 A relay may hand its flow to the kernel (nodeproxy/tcp/splicer.py): while spliced,
 its bytes never reach Python; EOFs still arrive here and are forwarded by the splice
-once the kernel has delivered every byte before them.
+once the kernel has delivered every byte before them.  While Python has no part in a
+spliced flow its sides may have no transport at all (SplicedFlow.sleep): the splice
+gives them new ones before anything here needs them.
 """
 
 from __future__ import annotations
@@ -262,14 +264,23 @@ class Relay:
         self._finish()
 
     def close(self) -> None:
+        if self.splice is not None and self.splice.end_asleep(how_reset=False):
+            return
         for side in (self.downstream, self.upstream):
             if side.transport is not None and not side.transport.is_closing():
                 side.transport.close()
 
     def abort(self) -> None:
         """Reset both sides (drain deadline passed, or the pod went away)."""
+        if self.splice is not None and self.splice.end_asleep(how_reset=True):
+            return
         reset(self.downstream.transport)
         reset(self.upstream.transport)
+
+    def finish_lost(self) -> None:
+        """Both sides' sockets were closed without their transports (an asleep splice,
+        tcp/splicer.py): the relay is over."""
+        self._finish()
 
     def _finish(self) -> None:
         if self.downstream.lost and self.upstream.lost and not self.finished:

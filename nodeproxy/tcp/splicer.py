@@ -40,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import select
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +49,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.capture.splice import SpliceMaps
-from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.tcp.bare_socket import adopt, detach
+from nodeproxy.tcp.relay import _LINGER_RESET, Relay, Side
 from nodeproxy.tcp.send_state import is_closed, send_state, sent_total
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,14 @@ class SpliceMetrics:
             "Times a spliced direction ran out of credit (its destination lagged) and the "
             "proxy held what the kernel passed it until the kernel's bytes were delivered",
             registry=registry)
+        self.sleeps = Counter(
+            "nodeproxy_splice_sleeps",
+            "Times a quiet spliced flow with nothing in the proxy gave up its two "
+            "transports (the proxy then only watches its sockets)", registry=registry)
+        self.wakes = Counter(
+            "nodeproxy_splice_wakes",
+            "Times a sleeping spliced flow got transports back (bytes passed to the proxy, "
+            "an EOF or reset, a take-back)", registry=registry)
 
 
 @dataclass(slots=True)
@@ -110,8 +121,9 @@ class _End:
 class SplicedFlow:
     """One relay whose bytes the kernel moves."""
 
-    __slots__ = ("_down", "_ends", "_parked", "_quiet", "_released", "_timer", "_up",
-                 "_waiters", "maps", "pods", "relay", "splicer", "taken_back")
+    __slots__ = ("_asleep", "_down", "_ends", "_parked", "_quiet", "_released", "_timer",
+                 "_up", "_waking", "_waiters", "maps", "pods", "relay", "splicer",
+                 "taken_back")
 
     def __init__(self, splicer: Splicer, relay: Relay, pods: tuple[str, ...],
                  ends: tuple[_End, _End]):
@@ -127,6 +139,10 @@ class SplicedFlow:
         self._timer: asyncio.TimerHandle | None = None
         self._quiet = CHECK_MAX  # the next wait if the flow stays quiet (next_wait)
         self._parked: int | None = None  # the wheel slot a quiet flow waits in
+        # Asleep: the two transports closed, the sockets watched by the splicer's epoll
+        # (sleep/wake below); waking: new transports being made.
+        self._asleep = False
+        self._waking: asyncio.Task | None = None
 
     def _end(self, side: Side) -> _End:
         return self._down if side is self._down.side else self._up
@@ -222,12 +238,20 @@ class SplicedFlow:
         task that waits for them.  (A task per EOF made thousands of idle flows closing at
         once cost the daemon 9-13 MiB that it kept: docs/benchmarks.md.)"""
         self._wake()  # the reset watch of a half-closed flow
-        if not self.relay.finished and self.delivered(src):
+        if (not self.relay.finished and self._end(src).held is None
+                and self.delivered(src)):
             self.relay.forward_eof(src)
             return
         self._spawn(self._forward_eof(src))
 
     async def _forward_eof(self, src: Side) -> None:
+        # Bytes held before the FIN go first.  (An awake flow stops reading while it
+        # holds, so its FIN comes after; a sleeping flow's new transports read what
+        # waited, bytes and FIN, at once: bare_socket.adopt.)
+        end, delay = self._end(src), POLL_FIRST
+        while end.held is not None and not self.relay.finished:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
         if await self.wait_delivered(src):
             self.relay.forward_eof(src)
 
@@ -269,6 +293,11 @@ class SplicedFlow:
         if self.relay.finished:
             return
         if quiet and not half_closed:
+            # A quiet flow sleeps; refused for a passing reason (bytes just forwarded or
+            # passed and not read yet, its transports being made), it is looked at again
+            # within CHECK_MAX, not after a quiet flow's growing wait.
+            if not self.sleep():
+                wait, self._quiet = min(wait, CHECK_MAX), CHECK_MAX
             self._parked = self.splicer.park(self, loop.time() + wait)
         else:
             self._timer = loop.call_later(wait, self._check)
@@ -310,6 +339,9 @@ class SplicedFlow:
         and Python holds what it gets until the kernel's earlier bytes are delivered."""
         if self._released or self.taken_back:
             return
+        await self.awake()
+        if self._released or self.taken_back:
+            return
         self.taken_back = True
         self._cancel_timer()
         self.splicer.flows.discard(self)
@@ -326,12 +358,117 @@ class SplicedFlow:
             return
         self._released = True
         self._cancel_timer()
+        self._unwatch()
         for end in self._ends:
             self.relay.account(end.side, self.maps.counters(end.cookie)[0])
         self.maps.release(*(end.cookie for end in self._ends))
         self.splicer.flows.discard(self)
         for task in self._waiters or ():
             task.cancel()
+
+    # -- asleep: no transports while Python has no part in the flow -----------------
+
+    def sleep(self) -> bool:
+        """Close the two transports and watch the sockets instead (about 1 KiB less per
+        idle flow), if nothing of the flow is in Python: no byte in a write buffer, none
+        held, passed and not yet read or consumed, no EOF, the flow not taken back.  A socket
+        becoming readable (bytes the verdict passed to Python, an EOF, a reset) wakes
+        the flow; so do take-back, abort and close.  True when the flow is asleep."""
+        if self._asleep:
+            return True
+        if self._waking is not None or self._released or self.taken_back:
+            return False
+        for end in self._ends:
+            side, transport = end.side, end.side.transport
+            if (transport is None or transport.is_closing() or side.got_eof or side.lost
+                    or transport.get_write_buffer_size() or end.held is not None
+                    or end.from_python != end.consumed or side.early):
+                return False
+            if self.maps.counters(end.cookie)[1] != end.from_python:
+                return False  # the verdict passed bytes that Python has not read yet
+        socks: list[socket.socket] = []
+        try:
+            for end in self._ends:
+                socks.append(detach(end.side.transport))  # type: ignore[arg-type]
+        except OSError:
+            # The first transport was detached, the second not: give the first its
+            # transport back (no descriptor free: the flow simply stays awake).
+            self._asleep = True
+            for end, sock in zip(self._ends, socks, strict=False):
+                end.side.transport, end.sock = None, sock
+            self._wake_asleep(socks, self._ends[:len(socks)])
+            return False
+        for end, sock in zip(self._ends, socks, strict=True):
+            end.side.transport, end.sock = None, sock
+        self._asleep = True
+        self.splicer.metrics.sleeps.inc()
+        try:
+            for end in self._ends:
+                self.splicer.watch(end.sock.fileno(), self)
+        except OSError:
+            self.wake()  # the kernel would not watch it (memory): transports back
+            return False
+        return True
+
+    def wake(self) -> None:
+        """Give an asleep flow its transports back (a socket became readable, or the flow
+        needs them); they read once both are made."""
+        if not self._asleep:
+            return
+        self._unwatch()
+        self._wake_asleep([end.sock for end in self._ends], self._ends)
+        self.splicer.metrics.wakes.inc()
+
+    def _wake_asleep(self, socks: list[socket.socket], ends: tuple[_End, ...]) -> None:
+        self._asleep = False
+        self._waking = asyncio.get_running_loop().create_task(self._adopt(socks, ends))
+
+    async def _adopt(self, socks: list[socket.socket], ends: tuple[_End, ...]) -> None:
+        try:
+            await adopt(socks, [end.side for end in ends])
+            for end in ends:
+                if end.side.transport is not None:
+                    # As before the sleep: the transport's own socket object (it keeps
+                    # answering for the descriptor after the transport closed).
+                    end.sock = end.side.transport.get_extra_info("socket") or end.sock
+        finally:
+            self._waking = None
+        for end in ends:
+            end.side.resume()
+
+    async def awake(self) -> None:
+        """Return once the flow has its transports."""
+        self.wake()
+        if self._waking is not None:
+            await asyncio.shield(self._waking)
+
+    def _unwatch(self) -> None:
+        if self._asleep:
+            for end in self._ends:
+                self.splicer.unwatch(end.sock.fileno())
+
+    def end_asleep(self, how_reset: bool) -> bool:
+        """Close an asleep flow's sockets (reset, or FIN) and end the relay; True when it
+        was asleep.  A flow whose transports are being made is reset or closed by the
+        relay once they are."""
+        if self._waking is not None:
+            self._waking.add_done_callback(
+                lambda _t: self.relay.abort() if how_reset else self.relay.close())
+            return True
+        if not self._asleep:
+            return False
+        self._unwatch()
+        self._asleep = False
+        for end in self._ends:
+            if how_reset:
+                try:
+                    end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                except OSError:
+                    pass
+            end.sock.close()
+            end.side.lost = True
+        self.relay.finish_lost()
+        return True
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -370,6 +507,38 @@ class Splicer:
         # Quiet flows by the loop second their next look is due (SplicedFlow._check).
         self._wheel: dict[int, set[SplicedFlow]] = {}
         self._wheel_timer: asyncio.TimerHandle | None = None
+        # The sockets of sleeping flows (SplicedFlow.sleep): one epoll of the splicer's,
+        # watched by the loop as one descriptor; the kernel keeps each socket's entry (a
+        # loop.add_reader per socket costs about 640 bytes of the daemon's memory).
+        self._epoll: select.epoll | None = None
+        self._sleeping: dict[int, SplicedFlow] = {}
+
+    def watch(self, fd: int, flow: SplicedFlow) -> None:
+        """Wake `flow` when the socket fd is readable, has hung up or failed."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._ready)
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._sleeping[fd] = flow
+
+    def unwatch(self, fd: int) -> None:
+        if self._sleeping.pop(fd, None) is not None and self._epoll is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # never registered (watch failed for it)
+
+    def _ready(self) -> None:
+        assert self._epoll is not None
+        for fd, _events in self._epoll.poll(0, 256):
+            flow = self._sleeping.get(fd)
+            if flow is not None:
+                flow.wake()  # unwatches both of its sockets
+            else:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
 
     def park(self, flow: SplicedFlow, due: float) -> int:
         """Keep a quiet flow until `due` (loop time; looked at within WHEEL_TICK after it);

@@ -174,6 +174,7 @@ def test_a_flow_taken_back_mid_stream_continues_intact(node: Cluster):
     target = f"{node.services['default/web'].vip4}:80"
     moved = spliced_socket_bytes(node)
     flows, taken = spliced(node), spliced(node, "taken_back")
+    slept = sleeps(node)
     go = os.path.join(node.dir, "taken-back.go")
     proc = held_transfer(node, "client", target, go, "--send", str(400 * MB),
                          "--receive", str(400 * MB), "--connections", "2", "--parallel", "2",
@@ -182,6 +183,9 @@ def test_a_flow_taken_back_mid_stream_continues_intact(node: Cluster):
     try:
         try:
             assert wait_for(lambda: spliced(node) - flows == 2, 30), splice_events(node)
+            # both flows quiet until `go`: asleep, without transports, when the bytes
+            # start and when they are taken back
+            assert wait_for(lambda: sleeps(node) - slept >= 2, 10)
             open(go, "w").close()
             assert wait_for(lambda: spliced_socket_bytes(node) - moved > 100 * MB, 60)
             switched_off = True
@@ -299,3 +303,192 @@ def test_a_slow_reader_holds_the_sender_back(node: Cluster):
         "nodeproxy_kernel_fastpath_splice_fallback_bytes_total")],
         node.daemon_output("node0", 20000)[-3000:])
     assert sample(node, "nodeproxy_splice_held_total") > held
+
+
+def sleeps(c: Cluster) -> float:
+    return sample(c, "nodeproxy_splice_sleeps_total")
+
+
+def wakes(c: Cluster) -> float:
+    return sample(c, "nodeproxy_splice_wakes_total")
+
+
+def serve_script(c: Cluster, script: str) -> subprocess.Popen[str]:
+    server = c.spawn_in_pod("web-0", [c.python, "-c", textwrap.dedent(script)],
+                            stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    return server
+
+
+def test_a_sleeping_flow_falls_back_and_comes_back_intact_with_fins_both_ways(
+        node: Cluster):
+    """A quiet spliced flow gives up its transports; bytes the verdict passes to the
+    proxy (a slow reader runs a direction out of credit) wake it, it sleeps again once
+    quiet, in both directions; every byte is intact (SHA-256) and each FIN arrives after
+    the bytes before it, the server answering after the client's FIN."""
+    n = 40 * MB
+    server = serve_script(node, f"""
+        import hashlib, os, socket, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("0.0.0.0", 9402)); l.listen(); print("listening", flush=True)
+        c, _ = l.accept(); c.settimeout(60)
+        got = hashlib.sha256(); size = 0
+        while size < {n}:                       # round 1: read slowly
+            chunk = c.recv(min(65536, {n} - size)); assert chunk
+            got.update(chunk); size += len(chunk); time.sleep(0.0005)
+        c.sendall(got.digest())
+        data = os.urandom({n}); c.recv(1)       # round 2 starts when the client says
+        c.sendall(data)
+        assert c.recv(32) == hashlib.sha256(data).digest()
+        rest = c.recv(1)                        # the client's FIN, after a quiet while
+        c.sendall(b"after your FIN"); c.shutdown(socket.SHUT_WR)
+        print(size, got.hexdigest(), repr(rest), flush=True)
+    """)
+    slept, woke, flows = sleeps(node), wakes(node), spliced(node)
+    passed = sample(node, "nodeproxy_kernel_fastpath_splice_fallback_bytes_total")
+    phase = os.path.join(node.dir, "sleeping-phase")
+    client = node.spawn_in_pod("client", [node.python, "-c", textwrap.dedent(f"""
+        import hashlib, os, socket, time
+        def wait_for_phase(k):                  # the test has seen the flow asleep
+            deadline = time.monotonic() + 60
+            while not os.path.exists({phase!r} + str(k)):
+                assert time.monotonic() < deadline, k
+                time.sleep(0.05)
+        s = socket.create_connection(({node.pods['web-0'].ip4!r}, 9402), 5)
+        s.settimeout(60); wait_for_phase(1)
+        data = os.urandom({n}); s.sendall(data)
+        digest = b""
+        while len(digest) < 32:
+            chunk = s.recv(32 - len(digest)); assert chunk; digest += chunk
+        assert digest == hashlib.sha256(data).digest(), "round 1"
+        wait_for_phase(2)
+        s.sendall(b"g"); got = hashlib.sha256(); size = 0
+        while size < {n}:                       # round 2: read slowly
+            chunk = s.recv(min(65536, {n} - size)); assert chunk
+            got.update(chunk); size += len(chunk); time.sleep(0.0005)
+        s.sendall(got.digest())
+        wait_for_phase(3)
+        s.shutdown(socket.SHUT_WR); tail = b""
+        while chunk := s.recv(100):
+            tail += chunk
+        print(hashlib.sha256(data).hexdigest(), tail.decode(), flush=True)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for k in (1, 2, 3):  # asleep before each round and before the FIN
+            assert wait_for(lambda k=k: sleeps(node) - slept >= k, 30), (
+                k, sleeps(node) - slept, wakes(node) - woke)
+            open(phase + str(k), "w").close()
+            if k > 1:  # the round before woke it
+                assert wakes(node) - woke >= k - 1, (k, wakes(node) - woke)
+        run_out, run_err = client.communicate(timeout=120)
+    finally:
+        client.kill()
+    out, _ = server.communicate(timeout=30)
+    assert client.returncode == 0, (run_err, out)
+    sent_digest, *tail = run_out.split()
+    assert out.split() == [str(n), sent_digest, "b''"]
+    assert " ".join(tail) == "after your FIN"
+    assert spliced(node) == flows + 1
+    # each round fell back (its wake was bytes passed to the proxy: no EOF came yet)
+    assert sample(node, "nodeproxy_kernel_fastpath_splice_fallback_bytes_total") > passed
+    assert wakes(node) - woke >= 3  # the last by the client's FIN
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_a_reset_on_a_sleeping_flow_reaches_the_other_side(node: Cluster, who: str):
+    """A spliced flow asleep (no transports in the proxy): a reset from either end
+    reaches the other as a reset."""
+    port = 9403 if who == "client" else 9404
+    asleep = os.path.join(node.dir, f"reset-{who}-asleep")
+    wait_asleep = textwrap.dedent(f"""
+        def wait_asleep():
+            deadline = time.monotonic() + 30
+            while not os.path.exists({asleep!r}):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    """)
+    server = serve_script(node, f"""
+        import os, socket, struct, time
+        {textwrap.indent(wait_asleep, "        ").strip()}
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("0.0.0.0", {port})); l.listen(); print("listening", flush=True)
+        c, _ = l.accept(); c.settimeout(30)
+        c.sendall(b"hello")
+        if {who == "server"}:
+            wait_asleep()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close(); print("reset", flush=True)
+        else:
+            try:
+                print("FIN" if c.recv(10) == b"" else "data", flush=True)
+            except OSError as e:
+                print(type(e).__name__, flush=True)
+    """)
+    slept, flows = sleeps(node), spliced(node)
+    client = node.spawn_in_pod("client", [node.python, "-c", textwrap.dedent(f"""
+        import os, socket, struct, time
+        {textwrap.indent(wait_asleep, "        ").strip()}
+        s = socket.create_connection(({node.pods['web-0'].ip4!r}, {port}), 5)
+        s.settimeout(30); assert s.recv(5) == b"hello"
+        if {who == "client"}:
+            wait_asleep()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close(); print("reset", flush=True)
+        else:
+            try:
+                print("FIN" if s.recv(10) == b"" else "data", flush=True)
+            except OSError as e:
+                print(type(e).__name__, flush=True)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: sleeps(node) > slept, 20), splice_events(node)
+        open(asleep, "w").close()
+        out, err = client.communicate(timeout=30)
+        served, _ = server.communicate(timeout=30)
+    finally:
+        client.kill()
+        server.kill()
+    assert sorted([out.strip(), served.strip()]) == ["ConnectionResetError", "reset"], err
+    assert spliced(node) == flows + 1
+
+
+def test_drain_resets_both_ends_of_a_sleeping_flow_at_its_deadline():
+    """SIGTERM drains: a spliced flow asleep past the drain deadline is reset both ways
+    (the proxy has no transports for it to abort: it resets the sockets themselves)."""
+    with Cluster(1) as c:
+        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
+        c.write_configs(overrides={"fastPath": {"splice": True},
+                                   "proxy": {"drainSeconds": 1}})
+        c.start_daemons()
+        server = serve_script(c, """
+            import socket
+            l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            l.bind(("0.0.0.0", 9405)); l.listen(); print("listening", flush=True)
+            c, _ = l.accept(); c.settimeout(30); c.sendall(b"hello")
+            try:
+                print("FIN" if c.recv(10) == b"" else "data", flush=True)
+            except OSError as e:
+                print(type(e).__name__, flush=True)
+        """)
+        client = c.spawn_in_pod("client", [c.python, "-c", textwrap.dedent(f"""
+            import socket
+            s = socket.create_connection(({c.pods['web-0'].ip4!r}, 9405), 5)
+            s.settimeout(30); assert s.recv(5) == b"hello"
+            print("ready", flush=True)
+            try:
+                print("FIN" if s.recv(10) == b"" else "data", flush=True)
+            except OSError as e:
+                print(type(e).__name__, flush=True)
+        """)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout is not None and client.stdout.readline().strip() == "ready"
+            assert wait_for(lambda: sample(c, "nodeproxy_splice_sleeps_total") >= 1, 10)
+            assert c.stop_daemons() == {"node0": 0}
+            out, _ = client.communicate(timeout=20)
+            served, _ = server.communicate(timeout=20)
+        finally:
+            client.kill()
+            server.kill()
+        assert (out.strip(), served.strip()) == ("ConnectionResetError",
+                                                 "ConnectionResetError")
