@@ -41,6 +41,8 @@ from nodeproxy_dev.testbed.cluster import Cluster
 PORT = 5201
 PINGPONG_PORT = 11111
 MESSAGE = 64
+PACED_RATE = 1000
+IDLE_SECONDS = 4
 TOP = 30
 _OBSERVATIONS = re.compile(r"Total\s+(\d+)\s+observations")
 _STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
@@ -52,13 +54,18 @@ def build(cluster: Cluster) -> None:
     cluster.add_service("iperf", port=PORT, target_port=PORT, selector={"app": "server"})
     cluster.add_service("sockperf", port=PINGPONG_PORT, target_port=PINGPONG_PORT,
                         selector={"app": "server"})
+    # The direct baseline of the ping-pong: the same tools in two pods outside the mesh.
+    cluster.add_unenrolled_pod("node0", "client-direct", labels={"app": "client-direct"})
+    cluster.add_unenrolled_pod("node1", "plain", labels={"app": "plain"})
     cluster.write_configs(overrides=BENCH_LIMITS)
 
 
-def _pingpong(cluster: Cluster, vip: str, seconds: int) -> subprocess.Popen[str]:
-    return cluster.spawn_in_pod("client", [
+def _pingpong(cluster: Cluster, vip: str, seconds: int, mps: int | None = None,
+              client: str = "client") -> subprocess.Popen[str]:
+    paced = [] if mps is None else ["--mps", str(mps)]
+    return cluster.spawn_in_pod(client, [
         "sockperf", "ping-pong", "--tcp", "-i", vip, "-p", str(PINGPONG_PORT), "-m",
-        str(MESSAGE), "-t", str(seconds), "--full-rtt"], stdout=subprocess.PIPE,
+        str(MESSAGE), "-t", str(seconds), "--full-rtt", *paced], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
 
 
@@ -79,14 +86,23 @@ def strace_counts(text: str) -> dict[str, int]:
 
 def profile_pingpong(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any]:
     """Per round trip of a small-message ping-pong: CPU, py-spy shares, system calls."""
-    cluster.serve("server", ["sockperf", "server", "--tcp", "-p", str(PINGPONG_PORT)],
-                  PINGPONG_PORT)
+    for pod in ("server", "plain"):
+        cluster.serve(pod, ["sockperf", "server", "--tcp", "-p", str(PINGPONG_PORT)],
+                      PINGPONG_PORT)
     vip = cluster.services["default/sockperf"].vip4
     assert vip is not None
     cluster.run_in_pod("client", ["sockperf", "ping-pong", "--tcp", "-i", vip, "-p",
                                   str(PINGPONG_PORT), "-t", "1"], timeout=30)  # warm-up
     pids = {node: cluster.nodes[node].daemon.pid for node in ("node0", "node1")}  # type: ignore[union-attr]
     result: dict[str, Any] = {"load": "pingpong", "message": MESSAGE, "seconds": seconds}
+    # 0. idle: what the daemons spend with no traffic (it counts in the paced run's CPU per
+    # round trip).
+    idle = {node: _user_system(pid) for node, pid in pids.items()}
+    time.sleep(IDLE_SECONDS)
+    for node, pid in pids.items():
+        after = _user_system(pid)
+        result[f"{node}_idle_cpu_ms_per_s"] = round(
+            (sum(after) - sum(idle[node])) / IDLE_SECONDS * 1e3, 2)
     # 1. plain: latency and CPU per round trip.
     cpu = {node: _user_system(pid) for node, pid in pids.items()}
     load = _pingpong(cluster, vip, seconds)
@@ -100,6 +116,24 @@ def profile_pingpong(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any
         result[f"{node}_cpu_us_per_round_trip"] = {
             "user": round(user / max(n, 1) * 1e6, 1),
             "system": round(system / max(n, 1) * 1e6, 1)}
+    # 1b. paced at PACED_RATE round trips a second (the processes sleep between them, as
+    # at the bench's ~1000 req/s): latency and CPU per round trip.
+    cpu = {node: _user_system(pid) for node, pid in pids.items()}
+    output, _ = _pingpong(cluster, vip, seconds, PACED_RATE).communicate(timeout=seconds + 60)
+    paced = _observations(output)
+    result["paced"] = {"rate": PACED_RATE, "round_trips": paced,
+                       "sockperf": sockperf.parse(output) if paced else output[-2000:]}
+    for node, pid in pids.items():
+        (user_before, system_before), (user_after, system_after) = cpu[node], _user_system(pid)
+        result["paced"][f"{node}_cpu_us_per_round_trip"] = {
+            "user": round((user_after - user_before) / max(paced, 1) * 1e6, 1),
+            "system": round((system_after - system_before) / max(paced, 1) * 1e6, 1)}
+    # The same two runs direct (outside the mesh), for the added latency.
+    direct = cluster.pods["plain"].ip4
+    for key, mps in (("direct_sockperf", None), ("paced_direct_sockperf", PACED_RATE)):
+        output, _ = _pingpong(cluster, direct, seconds, mps, "client-direct").communicate(
+            timeout=seconds + 60)
+        result[key] = sockperf.parse(output) if _observations(output) else output[-2000:]
     # 2. py-spy on both daemons.
     load = _pingpong(cluster, vip, seconds + 2)
     time.sleep(1.0)
