@@ -151,7 +151,7 @@ class StreamTransport:
         return self._closing or self._finished
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.is_closing() or self._local_ended or not data:
+        if self._closing or self._finished or self._local_ended or not data:
             return
         if type(data) is not bytes:
             data = bytes(data)  # the caller may reuse its buffer
