@@ -14,9 +14,10 @@ under HBONE"). Here:
   to the copy that follows it, with no other code in between, so an idle connection holds
   none of them.
 - A write is encrypted at once. The first write of an event-loop turn goes to the socket
-  at once (a lone small message waits for nothing); the ciphertext of the turn's later
-  writes goes in one `write` at the end of the turn (at most `FLUSH_AT` bytes wait), so
-  under load a burst of HTTP/2 frames is two `send`s at most. Flow control is the TCP
+  at once (a lone small message waits for nothing) unless the previous turn that wrote had
+  several writes (load); the ciphertext of the turn's other writes goes in one `write` at
+  the end of the turn (at most `FLUSH_AT` bytes wait), so under load a burst of HTTP/2
+  frames is one `send`, as a quiet flow's message is. Flow control is the TCP
   transport's: its pause_writing and resume_writing reach the protocol unchanged, and the
   write buffer size counts the ciphertext not yet handed over too.
 - TLS 1.3 only (the contexts of `nodeproxy.identity.tls`): no renegotiation; no
@@ -144,6 +145,8 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self._lost = False            # app.connection_lost was called
         self._error: BaseException | None = None
         self._flush_scheduled = False
+        self._turn_writes = 0         # writes in the current turn
+        self._busy = False            # the last turn that wrote had several writes
         self._loop = asyncio.get_running_loop()
         self._buffers = _BUFFERS.get()
 
@@ -275,9 +278,10 @@ class _TlsRecords(asyncio.BufferedProtocol):
                 self.transport.close()
 
     def _end_turn(self) -> None:
-        """The turn that wrote first is over: what its later writes queued goes in one send,
-        and the next write leaves at once again."""
+        """The turn that wrote is over: what it queued goes in one send; whether the next
+        turn's first write may leave at once depends on how many writes this one had."""
         self._flush_scheduled = False
+        self._busy = self._turn_writes > 1
         if self.outgoing.pending:
             self._send()
 
@@ -297,13 +301,18 @@ class _TlsRecords(asyncio.BufferedProtocol):
             self.abort(e)
             return
         if not self._flush_scheduled:
-            # The turn's first write leaves at once (a lone small message is not held to
-            # the end of the turn: that would be a loop turn on the latency path); any
-            # later writes of this turn are batched into one send at its end.
+            # The turn's first write leaves at once unless the last turn had several (a
+            # lone small message is not held to the end of the turn: that would be a loop
+            # pass on the latency path); later writes of the turn, and all of a turn after
+            # a busy one (under load), are batched into one send at its end.
             self._flush_scheduled = True
+            self._turn_writes = 1
             self._loop.call_soon(self._end_turn)
-            self._send()
-        elif self.outgoing.pending >= FLUSH_AT:
+            if not self._busy:
+                self._send()
+            return
+        self._turn_writes += 1
+        if self.outgoing.pending >= FLUSH_AT:
             self._send()
 
     def close(self) -> None:

@@ -308,7 +308,8 @@ def test_a_turns_first_write_leaves_at_once_the_rest_in_one_send(
         manager: CertificateManager, loop_kind: str) -> None:
     """A lone small write is not held to the end of the event-loop turn (that would add a
     turn to every message's latency); the turn's later writes wait for its end and leave
-    together. A burst of small writes arrives intact and in order."""
+    together, and so does the first write of a turn after a busy one (load). A burst of
+    small writes arrives intact and in order."""
 
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -340,6 +341,16 @@ def test_a_turns_first_write_leaves_at_once_the_rest_in_one_send(
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         seen["held_after_turn"] = transport.get_write_buffer_size()
+        # After a busy turn (load) the next turn's lone write is batched too; after a
+        # turn with one write, a lone write leaves at once again.
+        transport.write(b"after-burst")
+        sent += b"after-burst"
+        seen["held_after_busy_turn"] = transport.get_write_buffer_size()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        transport.write(b"quiet")
+        sent += b"quiet"
+        seen["held_after_quiet_turn"] = transport.get_write_buffer_size()
         while server.received < len(sent):
             await asyncio.sleep(0.01)
         seen["digest"] = server.digest.digest()
@@ -352,4 +363,6 @@ def test_a_turns_first_write_leaves_at_once_the_rest_in_one_send(
     assert seen["held_after_first"] == 0     # sent before the turn ended
     assert seen["held_after_burst"] > 0      # batched behind it
     assert seen["held_after_turn"] == 0
+    assert seen["held_after_busy_turn"] > 0
+    assert seen["held_after_quiet_turn"] == 0
     assert seen["digest"] == seen["expected"]
