@@ -312,6 +312,7 @@ class H1Server(asyncio.Protocol):
         self._upgraded = False  # llhttp saw an upgrade: HTTP parsing has ended for good
         self._upgrade_rest = bytearray()  # held client bytes after the upgrade head
         self._idle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set when connected
         self._idle_since: float | None = None  # loop time the last request ended
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None  # serves the requests in turn
@@ -337,6 +338,7 @@ class H1Server(asyncio.Protocol):
         self.writer.transport = self.transport
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.transport.resume_reading()
+        self._loop = asyncio.get_running_loop()  # the idle and head timers' clock
         self._arm_idle()
         self._head_begins()  # the first request's head is awaited from now
 
@@ -554,7 +556,7 @@ class H1Server(asyncio.Protocol):
                 if following is None:
                     if self.lost or self._detached:
                         return
-                    self._wakeup = asyncio.get_running_loop().create_future()
+                    self._wakeup = (self._loop or asyncio.get_running_loop()).create_future()
                     following = await self._wakeup
                 exchange = following
         finally:
@@ -604,7 +606,7 @@ class H1Server(asyncio.Protocol):
     def _head_begins(self) -> None:
         if self._headers_timeout is None or self._head_since is not None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         since, self._waiting_since = self._waiting_since, None
         self._head_since = min(since, now) if since is not None else now
@@ -682,7 +684,7 @@ class H1Server(asyncio.Protocol):
         """Idle from now on.  One timer serves many requests: it is re-armed only when it
         fires before the connection has been idle long enough (a timer per response costs
         more than the request's parsing)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         self._idle_since = loop.time()
         if self._idle is None:
             self._idle = loop.call_later(self._idle_timeout, self._idle_check)

@@ -19,7 +19,7 @@ from nodeproxy.mesh.destinations import Backend
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.upstream import source_address
 from nodeproxy.policy.admission import Admitter
-from nodeproxy.policy.authorization import DestinationWorkload, RequestAttributes
+from nodeproxy.policy.authorization import DestinationWorkload
 
 
 class RequestAuthorizer:
@@ -29,8 +29,9 @@ class RequestAuthorizer:
         self._policed_cache: dict[str, bool] = {}
 
     def allows(self, ctx: RequestContext, backend: Backend, head: RequestHead) -> bool:
-        """May the request go to backend?  (head is one line per header name, so the dict
-        below loses nothing, and its path and authority are what the upstream gets.)"""
+        """May the request go to backend?  (head is one line per header name, so the
+        policies read each header's one value, and its path and authority are what the
+        upstream gets.)"""
         ref = backend.workload
         if ref is None:
             return True
@@ -43,8 +44,7 @@ class RequestAuthorizer:
             return True
         admission = admitter.admit_request(
             workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
-            backend.port, RequestAttributes(method=head.method, path=head.path,
-                                            host=head.authority, headers=dict(head.headers)))
+            backend.port, head)
         return admission.allowed
 
     def _policed(self, admitter: Admitter, workload: Workload) -> bool:

@@ -136,6 +136,13 @@ class Clusters:
         """Cluster.hash_key, in the shape mirror.Mirrors takes."""
         return cluster.hash_key(ctx, head)
 
+    def pooled(self, ctx: RequestContext, endpoint: Endpoint,
+               cluster: Cluster) -> UpstreamConnection | None:
+        """A pooled connection ready to send on now, without awaiting; None: connect()."""
+        pool = self._pools.get((ctx.pod.key, endpoint.key, ctx.http2_upstream,
+                                cluster.entry.service))
+        return None if pool is None else pool.take()
+
     async def connect(self, ctx: RequestContext, endpoint: Endpoint,
                       cluster: Cluster) -> UpstreamConnection:
         """A pooled connection from the request's source pod to the endpoint, ready to

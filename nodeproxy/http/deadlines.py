@@ -3,12 +3,14 @@
 ``asyncio.timeout(seconds)`` arms a loop timer on entry and cancels it on exit; under
 uvloop that is a timer handle made and closed per request, a few microseconds each, for
 a deadline that almost never passes.  ``Deadlines.timeout(seconds)`` gives the same
-context manager (an ``asyncio.Timeout``: on expiry the task is cancelled and
-``TimeoutError`` raised at the block's end, exactly as asyncio does it) but keeps the
-deadline in a queue per length: deadlines of one length arrive in time order, so one
-loop timer, armed for the oldest live one, serves them all.  An exited block's entry is
-marked done and dropped when it reaches the queue's head, or when done entries
-outnumber the live ones (so a long request at the head does not pin the rest).
+context manager semantics as ``asyncio.Timeout`` (CPython 3.11's: on expiry the task is
+cancelled, and at the block's end the cancellation is taken back and ``TimeoutError``
+raised, unless another cancellation is outstanding), in one small object of its own per
+block, and keeps the deadline in a queue per length: deadlines of one length arrive in
+time order, so one loop timer, armed for the oldest live one, serves them all.  An
+exited block's entry is marked done and dropped when it reaches the queue's head, or
+when done entries outnumber the live ones (so a long request at the head does not pin
+the rest).  ``timeout(None)`` is no deadline and costs nothing.
 """
 
 from __future__ import annotations
@@ -17,13 +19,8 @@ import asyncio
 from collections import deque
 from types import TracebackType
 
-
-class _Entry:
-    __slots__ = ("when", "timeout")
-
-    def __init__(self, when: float, timeout: asyncio.Timeout):
-        self.when = when
-        self.timeout: asyncio.Timeout | None = timeout  # None: its block has ended
+# A block's states, as asyncio.Timeout's: in force, cancelled by its deadline, ended.
+_ENTERED, _EXPIRING, _ENDED = 0, 1, 2
 
 
 class _Queue:
@@ -31,26 +28,24 @@ class _Queue:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.entries: deque[_Entry] = deque()
+        self.entries: deque[_Deadline] = deque()
         self.live = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, entry: _Entry) -> None:
+    def add(self, entry: _Deadline) -> None:
         self.entries.append(entry)
         self.live += 1
         if self._timer is None:
             self._timer = self.loop.call_at(self.entries[0].when, self._fire)
 
-    def done(self, entry: _Entry) -> None:
-        if entry.timeout is None:
-            return  # fired already
-        entry.timeout = None
+    def done(self, entry: _Deadline) -> None:
+        """entry's block ended before its deadline."""
         self.live -= 1
         entries = self.entries
-        while entries and entries[0].timeout is None:
+        while entries and entries[0].state != _ENTERED:
             entries.popleft()
         if len(entries) > 64 and len(entries) > 2 * self.live:
-            self.entries = deque(e for e in entries if e.timeout is not None)
+            self.entries = deque(e for e in entries if e.state == _ENTERED)
         if not self.entries and self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -61,12 +56,11 @@ class _Queue:
         entries = self.entries
         while entries:
             entry = entries[0]
-            if entry.timeout is not None:
+            if entry.state == _ENTERED:
                 if entry.when > now:
                     break
-                timeout, entry.timeout = entry.timeout, None
                 self.live -= 1
-                timeout.reschedule(now)  # asyncio cancels the task and raises at exit
+                entry.expire()
             entries.popleft()
         if entries:
             self._timer = self.loop.call_at(entries[0].when, self._fire)
@@ -78,8 +72,10 @@ class Deadlines:
     def __init__(self) -> None:
         self._queues: dict[float, _Queue] = {}
 
-    def timeout(self, seconds: float | None) -> _Deadline:
+    def timeout(self, seconds: float | None) -> _Deadline | _NoDeadline:
         """As ``asyncio.timeout(seconds)``; None: no deadline."""
+        if seconds is None:
+            return _NO_DEADLINE
         return _Deadline(self, seconds)
 
     def _queue(self, seconds: float) -> _Queue:
@@ -90,28 +86,54 @@ class Deadlines:
         return queue
 
 
-class _Deadline:
-    """One block's deadline: an ``asyncio.Timeout`` without a timer of its own."""
+class _NoDeadline:
+    """``timeout(None)``: a block without a deadline."""
 
-    __slots__ = ("_owner", "_seconds", "_timeout", "_queue", "_entry")
-
-    def __init__(self, owner: Deadlines, seconds: float | None):
-        self._owner = owner
-        self._seconds = seconds
-        self._timeout = asyncio.timeout(None)
-        self._queue: _Queue | None = None
-        self._entry: _Entry | None = None
-
-    async def __aenter__(self) -> _Deadline:
-        await self._timeout.__aenter__()
-        if self._seconds is not None:
-            queue = self._queue = self._owner._queue(self._seconds)
-            self._entry = _Entry(queue.loop.time() + self._seconds, self._timeout)
-            queue.add(self._entry)
+    async def __aenter__(self) -> _NoDeadline:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
-        if self._queue is not None and self._entry is not None:
-            self._queue.done(self._entry)
-        return await self._timeout.__aexit__(exc_type, exc, tb)
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+
+_NO_DEADLINE = _NoDeadline()
+
+
+class _Deadline:
+    """One block's deadline: asyncio.Timeout's behaviour without a timer of its own."""
+
+    __slots__ = ("_owner", "_seconds", "_queue", "_task", "when", "state")
+
+    def __init__(self, owner: Deadlines, seconds: float):
+        self._owner = owner
+        self._seconds = seconds
+
+    async def __aenter__(self) -> _Deadline:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Timeout should be used inside a task")
+        self._task = task
+        self.state = _ENTERED
+        queue = self._queue = self._owner._queue(self._seconds)
+        self.when = queue.loop.time() + self._seconds
+        queue.add(self)
+        return self
+
+    def expire(self) -> None:
+        """The deadline passed: cancel the task (the block's end turns it into
+        TimeoutError)."""
+        self.state = _EXPIRING
+        self._task.cancel()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.state == _ENTERED:
+            self.state = _ENDED
+            self._queue.done(self)
+            return None
+        self.state = _ENDED
+        if self._task.uncancel() == 0 and exc_type is asyncio.CancelledError:
+            # No other cancellation is outstanding: this one was the deadline's.
+            raise TimeoutError
+        return None

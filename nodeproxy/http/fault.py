@@ -52,7 +52,10 @@ class Fault:
 
     def eligible(self, head: RequestHead) -> bool:
         """Does the request carry every header the fault asks for?"""
-        return all(test(head.header(name)) for name, test in self._headers)
+        for name, test in self._headers:
+            if not test(head.header(name)):
+                return False
+        return True
 
     def delay(self, rng: random.Random) -> float:
         """Seconds to hold this request (0: none)."""

@@ -38,7 +38,7 @@ from nodeproxy.codec.upgrade import connect_refusal
 from nodeproxy.config.model import HttpSettings
 from nodeproxy.http.context import Outcome, RequestContext
 from nodeproxy.http.fault import ABORT_BODY, Fault
-from nodeproxy.http.local_reply import local_reply, rate_limited
+from nodeproxy.http.local_reply import local_reply, refuse_rate_limited
 from nodeproxy.http.recorder import Recorder
 from nodeproxy.http.router import Router
 from nodeproxy.http.routes import Routes
@@ -157,10 +157,11 @@ class RequestHandler:
             elif rule is None:
                 outcome.flags.append("NR")
                 await local_reply(exchange, outcome, 404)
-            elif rule.rate_limit is not None and await rate_limited(
-                    ctx, exchange, rule.rate_limit, outcome, self._metrics, "route"):
-                pass
-            elif rule.fault is not None and await self._inject(exchange, rule.fault, outcome):
+            elif rule.rate_limit is not None and (
+                    wait := rule.rate_limit.take(ctx.pod.principal)):  # no coroutine per pass
+                await refuse_rate_limited(exchange, wait, outcome, self._metrics, "route")
+            elif rule.fault is not None and rule.fault.eligible(head) and await self._inject(
+                    exchange, rule.fault, outcome):
                 pass
             elif isinstance(exchange, H1Exchange) and exchange.upgrade:
                 tunnel = await self._upgrades.start(ctx, exchange, rule, outcome)
@@ -223,10 +224,9 @@ class RequestHandler:
 
     async def _inject(self, exchange: Exchange, fault: Fault, outcome: Outcome) -> bool:
         """The rule's faults: maybe hold the request (DI), then maybe answer it at once
-        (FI, and say True).  The delay is outside the request timeout, as Envoy's is."""
+        (FI, and say True); the caller has checked fault.eligible.  The delay is outside
+        the request timeout, as Envoy's is."""
         head = exchange.request
-        if not fault.eligible(head):
-            return False
         delay = fault.delay(self._random)
         if delay:
             outcome.flags.append("DI")

@@ -63,8 +63,15 @@ async def rate_limited(ctx: RequestContext, exchange: Exchange, limiter: Limiter
     wait = limiter.take(ctx.pod.principal)
     if not wait:
         return False
+    await refuse_rate_limited(exchange, wait, outcome, metrics, scope)
+    return True
+
+
+async def refuse_rate_limited(exchange: Exchange, wait: float, outcome: Outcome,
+                              metrics: RequestMetrics, scope: str) -> None:
+    """rate_limited's answer, for a caller that took the token itself (limiter.take
+    said wait seconds): 429 with Retry-After, flag RL, counted."""
     outcome.flags.append("RL")
     metrics.count_rate_limited(outcome.service, scope)
     await local_reply(exchange, outcome, 429, grpc_code=RESOURCE_EXHAUSTED,
                       headers=[("retry-after", retry_after(wait))])
-    return True

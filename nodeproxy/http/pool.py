@@ -67,15 +67,31 @@ class EndpointPool:
         self.breaker = breaker
         self._connections: list[UpstreamConnection] = []
         self._idle_since: dict[int, float] = {}  # HTTP/1.1 connections back in the pool
+        # HTTP/1.1 connections as they went idle, the latest last: a request takes the
+        # latest without walking the busy ones (entries are checked when taken).
+        self._free: list[UpstreamConnection] = []
         self.opened = 0
         self._connecting = 0  # connections being opened
         self._joined = 0  # HTTP/2 requests waiting for a connection being opened
         self._opening_waiters: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by the first open
+
+    def take(self) -> UpstreamConnection | None:
+        """A pooled connection that can take a request now, or None (then acquire()); as
+        acquire, the caller must call send() before its next await."""
+        return self._take()
 
     def _take(self) -> UpstreamConnection | None:
-        """The first connection that can take a request now, or None; closed connections
-        met on the way are dropped (all of them when None is returned, so the count the
-        circuit breaker is asked about holds only live ones)."""
+        """The HTTP/1.1 connection that went idle last, else the first connection that can
+        take a request now, or None; closed connections met on the way are dropped (all
+        of them when None is returned, so the count the circuit breaker is asked about
+        holds only live ones)."""
+        free = self._free
+        while free:
+            connection = free.pop()
+            if connection.can_take():
+                self._idle_since.pop(id(connection), None)
+                return connection
         stale = False
         found = None
         for connection in self._connections:
@@ -155,6 +171,7 @@ class EndpointPool:
             release = _once(breaker.closed)
             connection = (_CountedH2(release, lambda: breaker.idle(self)) if self.http2
                           else _CountedH1(release, on_idle=self._idle))
+        self._loop = asyncio.get_running_loop()
         self._connecting += 1
         try:
             await self._connector(connection)
@@ -175,7 +192,9 @@ class EndpointPool:
         return connection
 
     def _idle(self, connection: H1Client) -> None:
-        self._idle_since[id(connection)] = asyncio.get_running_loop().time()
+        loop = self._loop or asyncio.get_running_loop()
+        self._idle_since[id(connection)] = loop.time()
+        self._free.append(connection)
         if self.breaker is not None:
             self.breaker.idle(self)
 
@@ -199,12 +218,14 @@ class EndpointPool:
         self._connections = [c for c in self._connections if not c.closed]
         live = {id(c) for c in self._connections}
         self._idle_since = {k: v for k, v in self._idle_since.items() if k in live}
+        self._free = [c for c in self._free if c.can_take()]
 
     def close(self) -> None:
         for connection in self._connections:
             connection.close()
         self._connections.clear()
         self._idle_since.clear()
+        self._free.clear()
 
     @property
     def size(self) -> int:

@@ -95,8 +95,14 @@ class Router:
         """The rule's backend service by weight, then an endpoint by its balancer, then the
         destination's authorization and its workload's rate limit.  None: answered already
         (503 UH, 403 UAEX, 429 RL)."""
+        return await self._admit(ctx, exchange, rule, outcome,
+                                 self._pick(ctx, exchange.request, rule, outcome))
+
+    async def _admit(self, ctx: RequestContext, exchange: Exchange, rule: CompiledRule,
+                     outcome: Outcome, picked: Picked | Result) -> Picked | None:
+        """choose() after the pick: answer a pick that failed, apply the workload's rate
+        limit.  None: answered already."""
         head = exchange.request
-        picked = self._pick(ctx, head, rule, outcome)
         if isinstance(picked, Result):
             await _answer(exchange, outcome, next_step(rule.retry, head.method, picked,
                                                        Progress(outcome.attempts)))
@@ -142,9 +148,12 @@ class Router:
         budget: RetryBudget | None = None  # the first attempt's service's
         while True:
             outcome.attempts += 1
-            picked = await self.choose(ctx, exchange, rule, outcome)
-            if picked is None:
-                return
+            picked = self._pick(ctx, head, rule, outcome)
+            if isinstance(picked, Result) or self._workload_limits:  # else: choose()'s
+                admitted = await self._admit(ctx, exchange, rule, outcome, picked)
+                if admitted is None:
+                    return
+                picked = admitted
             cluster, endpoint = picked
             if budget is None:
                 budget = cluster.budget
@@ -203,7 +212,9 @@ class Router:
         judged = True  # does the result say something about the endpoint (outliers)?
         try:
             slots.request(cluster.breaker)
-            connection = await self._clusters.connect(ctx, endpoint, cluster)
+            connection = self._clusters.pooled(ctx, endpoint, cluster)
+            if connection is None:
+                connection = await self._clusters.connect(ctx, endpoint, cluster)
             if per_try is None:
                 response = await connection.send(head, body.reader())
             else:

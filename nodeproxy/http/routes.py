@@ -232,8 +232,27 @@ def apply_modifier(headers: Headers, modifier: HeaderModifier | None) -> Headers
     """Gateway API header filters: set replaces, add appends, remove deletes."""
     if modifier is None:
         return headers
-    drop = {h.name for h in modifier.set} | set(modifier.remove)
+    known = _MODIFIERS.get(id(modifier))
+    if known is None or known[0] is not modifier:
+        known = _compile_modifier(modifier)
+    _, drop, appended = known
     result = [(n, v) for n, v in headers if n not in drop]
-    result.extend((h.name, h.value) for h in modifier.set)
-    result.extend((h.name, h.value) for h in modifier.add)
+    result.extend(appended)
     return result
+
+
+# Each modifier's names to drop and fields to append, made once per modifier (a rule's
+# modifiers apply to every request it matches); the modifier is kept beside them, so an
+# id is never taken for another's.
+_MODIFIERS: dict[int, tuple[HeaderModifier, frozenset[str], tuple[tuple[str, str], ...]]] = {}
+_MODIFIERS_LIMIT = 4096
+
+
+def _compile_modifier(modifier: HeaderModifier
+                      ) -> tuple[HeaderModifier, frozenset[str], tuple[tuple[str, str], ...]]:
+    if len(_MODIFIERS) >= _MODIFIERS_LIMIT:
+        _MODIFIERS.clear()
+    compiled = _MODIFIERS[id(modifier)] = (
+        modifier, frozenset({h.name for h in modifier.set} | set(modifier.remove)),
+        tuple((h.name, h.value) for h in (*modifier.set, *modifier.add)))
+    return compiled

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import NodeConfig, Workload
 from nodeproxy.identity.spiffe import IdentityError, parse_spiffe_id
 from nodeproxy.policy.authorization import (
@@ -28,6 +29,7 @@ from nodeproxy.policy.authorization import (
     DestinationWorkload,
     RequestAttributes,
     RequestInput,
+    joined_header,
 )
 from nodeproxy.policy.peer_authentication import PeerAuthenticator
 
@@ -38,6 +40,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Request denials: at most one warning per (destination, policy) in this many seconds; the
 # others go to debug and are counted in the next warning.
 REQUEST_WARNING_INTERVAL = 10.0
+# Request decisions remembered per admitter (one configuration): at most this many, and
+# only for requests whose path, host and policy-read header values together fit in
+# DECISION_KEY_CHARS (a hostile pod's long paths are decided, not kept).
+DECISION_CACHE_LIMIT = 4096
+DECISION_KEY_CHARS = 1024
 _WARNING_KEYS_LIMIT = 1024
 
 
@@ -120,6 +127,9 @@ class Admitter:
         # Each workload's policy view, by id: made once, not on every request (the
         # workload is kept beside it, so an id is never taken for another's).
         self._targets: dict[int, tuple[Workload, DestinationWorkload]] = {}
+        # Request decisions by everything they depend on (_decide_request); this admitter's
+        # policies only, so a new configuration starts with none.
+        self._decisions: dict[tuple[object, ...], Decision] = {}
 
     def _target(self, dest: Workload) -> DestinationWorkload:
         known = self._targets.get(id(dest))
@@ -175,15 +185,17 @@ class Admitter:
 
     def admit_request(self, dest: Workload, source_principal: str | None,
                       source_ip: IPAddress, port: int,
-                      request: RequestAttributes) -> Admission:
+                      request: RequestAttributes | RequestHead) -> Admission:
         """May this HTTP request, on a connection from source_principal/source_ip to `dest`
         on `port`, reach the application?  Counted as connections are; denials are logged
-        as warnings at most every REQUEST_WARNING_INTERVAL per destination and policy."""
+        as warnings at most every REQUEST_WARNING_INTERVAL per destination and policy.
+        A parsed request head (one field per name) is judged as RequestAttributes.of(head)
+        is, without making that object when the decision is remembered."""
         target = self._target(dest)
         refused = self._peer_refused(dest, target, source_principal, source_ip, port)
         if refused is not None:
             return refused
-        decision = self._decide(target, source_principal, source_ip, port, request)
+        decision = self._decide_request(target, source_principal, source_ip, port, request)
         if not decision.allowed:
             policy = decision.policy or "-"
             self._request_denials.denied(
@@ -203,14 +215,49 @@ class Admitter:
             return Admission(False, "", "plaintext refused (STRICT)")
         return None
 
+    def _decide_request(self, target: DestinationWorkload, source_principal: str | None,
+                        source_ip: IPAddress, port: int,
+                        request: RequestAttributes | RequestHead) -> Decision:
+        """_decide for one HTTP request, remembered: the verdict is a pure function of the
+        destination's policies (its scope key), the connection's identity, address and
+        port, the request's method, path and host and the values of the headers those
+        policies read, so the same inputs are looked up, not judged again.  Counted per
+        request all the same."""
+        headers = self._authorizer.headers_read(target)
+        if isinstance(request, RequestHead):
+            pairs = request.headers
+            key: tuple[object, ...] = (
+                target.scope_key, source_principal, source_ip, port, request.method,
+                request.path, request.authority,
+                *[joined_header(pairs, name) for name in headers])
+        else:
+            key = (target.scope_key, source_principal, source_ip, port, request.method,
+                   request.path, request.host, *[request.header(name) for name in headers])
+        decision = self._decisions.get(key)
+        if decision is None:
+            attributes = request if isinstance(request, RequestAttributes) \
+                else RequestAttributes.of(request)
+            decision = self._decide(target, source_principal, source_ip, port, attributes)
+            if len(attributes.path) + len(attributes.host) + sum(
+                    len(v) for v in key[7:] if isinstance(v, str)) <= DECISION_KEY_CHARS:
+                if len(self._decisions) >= DECISION_CACHE_LIMIT:
+                    self._decisions.clear()
+                self._decisions[key] = decision
+            return decision
+        self._count(decision)
+        return decision
+
+    def _count(self, decision: Decision) -> None:
+        self._metrics.count_decision(decision.policy or "", decision.action,
+                                     "allowed" if decision.allowed else "denied")
+
     def _decide(self, target: DestinationWorkload, source_principal: str | None,
                 source_ip: IPAddress, port: int, request: RequestInput) -> Decision:
         namespace = _source_namespace(source_principal) if source_principal else None
         decision = self._authorizer.decide(target, ConnectionAttributes(
             source_principal=source_principal, source_namespace=namespace,
             source_ip=source_ip, destination_port=port), request)
-        self._metrics.count_decision(decision.policy or "", decision.action,
-                                     "allowed" if decision.allowed else "denied")
+        self._count(decision)
         return decision
 
 

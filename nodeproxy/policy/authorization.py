@@ -124,8 +124,7 @@ class RequestAttributes:
         pairs = head.headers
 
         def lookup(name: str) -> str | None:
-            values = [v for k, v in pairs if k == name]
-            return ", ".join(values) if values else None
+            return joined_header(pairs, name)
 
         return cls(head.method, head.path, head.authority, lookup)
 
@@ -140,6 +139,13 @@ class RequestAttributes:
                 if key.lower() == name:
                     return candidate
         return value
+
+
+def joined_header(pairs: Sequence[tuple[str, str]], name: str) -> str | None:
+    """A (lowercase) header's lines in a request head joined with ", " as one_view joins
+    them; None when absent: the value RequestAttributes.of gives the policies."""
+    values = [v for k, v in pairs if k == name]
+    return ", ".join(values) if values else None
 
 
 class L7Checked(enum.Enum):
@@ -592,6 +598,7 @@ class _Scoped:
     deny: tuple[CompiledPolicy, ...]
     allow: tuple[CompiledPolicy, ...]
     uses_l7: bool  # some rule of these policies needs the HTTP request
+    headers: tuple[str, ...] = ()  # the request headers their conditions read (lowercase)
 
 
 class Authorizer:
@@ -616,6 +623,12 @@ class Authorizer:
         """The policies that select dest: DENY ones first, then ALLOW, each in config order."""
         scoped = self._scoped(dest)
         return scoped.deny + scoped.allow
+
+    def headers_read(self, dest: DestinationWorkload) -> tuple[str, ...]:
+        """The request headers (lowercase names) the policies that select dest read: with
+        the connection's attributes and the request's method, path and host, all a request
+        decision on dest depends on."""
+        return self._scoped(dest).headers
 
     def has_l7_rules(self, dest: DestinationWorkload) -> bool:
         """Whether a policy that selects dest has a rule that uses L7: only then do its
@@ -660,6 +673,8 @@ class Authorizer:
             chosen = [p for p in self.policies if p.selects(dest.namespace, dest.labels)]
             scoped = _Scoped(tuple(p for p in chosen if p.action == "DENY"),
                              tuple(p for p in chosen if p.action == "ALLOW"),
-                             any(p.uses_l7 for p in chosen))
+                             any(p.uses_l7 for p in chosen),
+                             tuple(sorted({c.header for p in chosen for r in p.rules
+                                           for c in r.conditions if c.header is not None})))
             self._cache[key] = scoped
         return scoped

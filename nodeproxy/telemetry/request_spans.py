@@ -160,6 +160,12 @@ class RequestSpan:
         self.trace_id, self.span_id, self.sampled, self._span = \
             trace_id, span_id, sampled, span
 
+    @property
+    def recording(self) -> bool:
+        """Sampled: finish has a span to end (the recorder builds its arguments only
+        then)."""
+        return self._span is not None
+
     def finish(self, *, status: int, grpc_status: str, flags: str, attempts: int,
                upstream: tuple[str, int] | None, service: str,
                source: tuple[str, str], destination: tuple[str, str] | None,

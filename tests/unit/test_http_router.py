@@ -304,6 +304,9 @@ class FakeClusters:
     def get(self, service: str, port: int, version: int) -> Cluster | None:
         return self.cluster
 
+    def pooled(self, ctx: Any, endpoint: Endpoint, cluster: Cluster) -> None:
+        return None  # connect() every time
+
     async def connect(self, ctx: Any, endpoint: Endpoint, cluster: Cluster
                       ) -> ScriptedConnection:
         return self.connection

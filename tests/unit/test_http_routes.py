@@ -127,6 +127,16 @@ def test_header_modifier():
     assert apply_modifier(headers, modifier) == [
         ("x-b", "1"), ("x-d", "kept"), ("x-a", "new"), ("x-b", "2")]
     assert apply_modifier(headers, None) is headers
+    # Made once per modifier: applied again, the same; the input is never changed.
+    assert apply_modifier(headers, modifier) == [
+        ("x-b", "1"), ("x-d", "kept"), ("x-a", "new"), ("x-b", "2")]
+    assert headers == [("x-a", "old"), ("x-b", "1"), ("x-c", "gone"), ("x-d", "kept")]
+    # Another modifier (a reload's) is its own, even were it given the same id.
+    for _ in range(3):
+        other = HeaderModifier.model_validate({"remove": ["x-d"]})
+        assert apply_modifier(headers, other) == [("x-a", "old"), ("x-b", "1"),
+                                                  ("x-c", "gone")]
+        del other
 
 
 @pytest.mark.parametrize("first,expected", [

@@ -518,3 +518,82 @@ def test_a_workload_s_policy_view_is_remembered_per_workload_object_not_per_name
     assert adm.admit_request(relabelled, FRONTEND, SOURCE_IP, 8080, req("POST", "/a")).allowed
     assert decisions(registry, "", "ALLOW", "denied") == 3
     assert decisions(registry, "", "ALLOW", "allowed") == 1
+
+
+def test_remembered_request_decisions_equal_fresh_ones_for_every_input() -> None:
+    """The admitter remembers request decisions (admit_request); every input a decision
+    depends on -- principal, source address, port, method, path, host, the headers the
+    policies read -- changes the remembered verdict as it changes a fresh one, and every
+    request is counted, remembered or not."""
+    import itertools
+    import random
+
+    policies = (
+        allow({**src(principals=[FRONTEND], ipBlocks=["10.244.1.0/24"]),
+               **op(methods=["GET"], paths=["/public*"], hosts=["web.shop*"]),
+               **when({"key": "request.headers[x-tenant]", "values": ["blue"]},
+                      {"key": "destination.port", "values": ["8080"]})}),
+        deny({**op(paths=["/public/secret*"]),
+              **when({"key": "request.headers[x-debug]", "values": ["*"]})}),
+    )
+    cached, registry, web = admitter(*policies)
+    sources = [(FRONTEND, "10.244.1.10"), (CART, "10.244.1.10"), (FRONTEND, "10.244.9.9"),
+               (None, "10.244.1.10")]
+    requests = [
+        ("GET", "/public/a", "web.shop:8080", {"x-tenant": "blue"}),
+        ("GET", "/public/a", "web.shop:8080", {"x-tenant": "red"}),
+        ("GET", "/public/a", "web.shop:8080", {}),
+        ("GET", "/public/a", "evil:8080", {"x-tenant": "blue"}),
+        ("POST", "/public/a", "web.shop:8080", {"x-tenant": "blue"}),
+        ("GET", "/private", "web.shop:8080", {"x-tenant": "blue"}),
+        ("GET", "/public/secret", "web.shop:8080", {"x-tenant": "blue"}),
+        ("GET", "/public/secret", "web.shop:8080", {"x-tenant": "blue", "x-debug": ""}),
+        ("GET", "/public/secret", "web.shop:8080", {"x-tenant": "blue", "x-debug": "1"}),
+        ("GET", "/public/" + "a" * 2000, "web.shop:8080", {"x-tenant": "blue"}),
+    ]
+    cases = list(itertools.product(sources, (8080, 9090), requests))
+    order = [*cases, *random.Random(7).choices(cases, k=600)]  # each seen first, then repeats
+    outcomes = set()
+    for (principal, ip), port, (method, path, host, headers) in order:
+        request = RequestAttributes(method, path, host, headers)
+        got = cached.admit_request(web, principal, ipaddress.ip_address(ip), port, request)
+        fresh, _, _ = admitter(*policies)
+        want = fresh.admit_request(web, principal, ipaddress.ip_address(ip), port, request)
+        assert (got.allowed, got.policy, got.reason) == (want.allowed, want.policy,
+                                                         want.reason), (principal, ip, port,
+                                                                        method, path, headers)
+        outcomes.add((got.allowed, got.policy))
+    assert outcomes == {(True, "shop/p"), (False, "shop/d"), (False, "")}
+    counted = sum(decisions(registry, policy, action, result) for policy, action, result in (
+        ("shop/p", "ALLOW", "allowed"), ("shop/d", "DENY", "denied"), ("", "ALLOW", "denied")))
+    assert counted == len(order)  # plaintext too: peer authentication is PERMISSIVE here
+
+
+def test_a_request_head_is_judged_as_its_attributes_remembered_or_not() -> None:
+    """The proxy hands admit_request the parsed head itself (no RequestAttributes made
+    when the decision is remembered): the verdict is RequestAttributes.of(head)'s, a
+    header sent twice included (joined, as the policies see it)."""
+    policies = (allow({**src(principals=[FRONTEND]), **op(paths=["/p*"]),
+                       **when({"key": "request.headers[x-tenant]", "values": ["blue"]})}),)
+    cached, registry, web = admitter(*policies)
+    heads = [
+        [("x-tenant", "blue")], [("x-tenant", "red")], [],
+        [("x-tenant", "blue"), ("x-tenant", "blue")],  # "blue, blue": not "blue"
+        [("x-tenant", "red"), ("x-tenant", "blue")],
+        [("x-other", "1"), ("x-tenant", "blue")],
+    ]
+    verdicts = []
+    for _ in range(3):
+        for fields in heads:
+            for path in ("/p/1", "/q"):
+                head = RequestHead("GET", path, "web.shop", list(fields))
+                got = cached.admit_request(web, FRONTEND, SOURCE_IP, 8080, head)
+                fresh, _, _ = admitter(*policies)
+                want = fresh.admit_request(web, FRONTEND, SOURCE_IP, 8080,
+                                           RequestAttributes.of(head))
+                assert (got.allowed, got.policy) == (want.allowed, want.policy), (fields, path)
+                verdicts.append(got.allowed)
+    assert verdicts[:12] == [True, False, False, False, False, False, False, False,
+                             False, False, True, False]
+    assert decisions(registry, "shop/p", "ALLOW", "allowed") == 6
+    assert decisions(registry, "", "ALLOW", "denied") == 30
