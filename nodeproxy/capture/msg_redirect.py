@@ -16,6 +16,7 @@ the proxy has read every byte of it (see bpf/redirect.c, Order).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 from collections.abc import Callable
@@ -31,6 +32,8 @@ _COOKIE = struct.Struct("=Q")  # np_msg_proxy_read's key: the application socket
 # count every quarter of the pending bound (so a busy connection never hits the bound just
 # because the kernel's count is stale).
 POST_EVERY = MSG_TO_PROXY_PENDING // 4
+# While a direction takes TCP, at most one post per this many seconds (ProxyReads).
+WATCH_INTERVAL = 0.001
 
 
 class ProxyReads:
@@ -38,18 +41,22 @@ class ProxyReads:
     kernel (np_msg_proxy_read).
 
     While the application's direction takes TCP (it wrote before the proxy's socket
-    joined, or the proxy fell behind), the count is posted after every read: the
-    direction goes back on the fast path at the application's first send after the proxy
-    has read everything, so the exact count must be there at that moment.  Each such read
-    also looks at the flow first, to notice that it is back.  Otherwise the count is
-    posted every POST_EVERY bytes (and the flow looked at again).  Two system calls per
-    read while a direction is on TCP, none per read while it is redirected.
+    joined, or the proxy fell behind), the exact count must reach the kernel once the
+    proxy has read everything: the direction goes back on the fast path at the
+    application's first send after that.  A read then posts at once (and looks at the
+    flow, to notice that it is back), but at most one post per WATCH_INTERVAL: reads
+    within it only add up, and a timer posts their count at its end.  A late count only
+    keeps the direction on TCP that much longer (the kernel never redirects on a count
+    lower than what was sent), so a bulk flow on TCP costs two system calls per interval,
+    not per read.  Otherwise the count is posted every POST_EVERY bytes (and the flow
+    looked at again); none per read while the direction is redirected.
 
     One per relayed connection, idle ones included: slots, and the value and flow buffers
     each post and look fill and use at once are shared (one event-loop thread).
     """
 
-    __slots__ = ("_app_key", "_cookie", "_flows", "_posted", "_reads", "_watching", "total")
+    __slots__ = ("_app_key", "_cookie", "_flows", "_posted", "_reads", "_timer", "_watching",
+                 "total")
 
     _value = contract.MSG_PROXY_READ.value(0)  # scratch: filled, then written
     _flow = contract.CMsgFlow()  # scratch: each look reads into it, then tests it
@@ -60,14 +67,32 @@ class ProxyReads:
         self._cookie = _COOKIE.pack(app_cookie)  # the key, packed
         self._flows = flows
         self._app_key = app_key
-        self._watching = True  # believed on TCP: post after every read
+        self._watching = True  # believed on TCP: post what is read (within WATCH_INTERVAL)
+        self._timer: asyncio.TimerHandle | None = None  # the interval's end, while watching
         self._posted = 0
         self.total = 0
 
     def consumed(self, n: int) -> None:
         self.total += n
-        if not self._watching and self.total - self._posted < POST_EVERY:
-            return
+        if self._watching:
+            if self._timer is None:
+                self._post()
+                self._hold()
+        elif self.total - self._posted >= POST_EVERY:
+            self._post()
+
+    def _hold(self) -> None:
+        """Posts wait for the interval's end while the direction is still on TCP."""
+        if self._watching:
+            self._timer = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._settle)
+
+    def _settle(self) -> None:
+        self._timer = None
+        if self._watching and self.total != self._posted:
+            self._post()
+            self._hold()
+
+    def _post(self) -> None:
         on_tcp = self._send_on_tcp()
         if on_tcp is None:
             self._watching = False

@@ -13,11 +13,13 @@ under HBONE"). Here:
   by every connection of the thread (`_Buffers`): their content matters only from a read
   to the copy that follows it, with no other code in between, so an idle connection holds
   none of them.
-- A write is encrypted at once; the ciphertext of all the writes of one event-loop turn
-  goes to the socket in one `write` (at most `FLUSH_AT` bytes wait), so a burst of HTTP/2
-  frames is one `send`. Flow control is the TCP transport's: its pause_writing and
-  resume_writing reach the protocol unchanged, and the write buffer size counts the
-  ciphertext not yet handed over too.
+- A write is encrypted at once. The first write of an event-loop turn goes to the socket
+  at once (a lone small message waits for nothing) unless the previous turn that wrote had
+  several writes (load); the ciphertext of the turn's other writes goes in one `write` at
+  the end of the turn (at most `FLUSH_AT` bytes wait), so under load a burst of HTTP/2
+  frames is one `send`, as a quiet flow's message is. Flow control is the TCP
+  transport's: its pause_writing and resume_writing reach the protocol unchanged, and the
+  write buffer size counts the ciphertext not yet handed over too.
 - TLS 1.3 only (the contexts of `nodeproxy.identity.tls`): no renegotiation; no
   half-close (`can_write_eof` is False); `close` sends close_notify, then closes once the
   queued bytes are out; a close_notify from the peer is `eof_received`, then a close.
@@ -143,7 +145,10 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self._lost = False            # app.connection_lost was called
         self._error: BaseException | None = None
         self._flush_scheduled = False
+        self._turn_writes = 0         # writes in the current turn
+        self._busy = False            # the last turn that wrote had several writes
         self._loop = asyncio.get_running_loop()
+        self._buffers = _BUFFERS.get()
 
     def tcp(self) -> asyncio.Transport:
         if self.transport is None:
@@ -170,10 +175,12 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self._handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _BUFFERS.get()[0]
+        # The thread's shared buffers (a reference, not a buffer of this connection's own).
+        self._buffers = _BUFFERS.get()
+        return self._buffers[0]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.incoming.write(_BUFFERS.get()[0][:nbytes])
+        self.incoming.write(self._buffers[0][:nbytes])
         if not self._handshaken:
             self._handshake()
             if not self._handshaken:
@@ -212,14 +219,14 @@ class _TlsRecords(asyncio.BufferedProtocol):
         try:
             self.sslobj.do_handshake()
         except ssl.SSLWantReadError:
-            self._flush()
+            self._send()
             return
         except Exception as e:  # noqa: BLE001 - the handshake's failure goes to the waiter
-            self._flush()   # the alert, if OpenSSL wrote one
+            self._send()   # the alert, if OpenSSL wrote one
             self._fail(e)
             return
         self._handshaken = True
-        self._flush()
+        self._send()
         if not self._waiter.done():
             self._waiter.set_result(None)
         self.app.connection_made(self.app_transport)
@@ -227,7 +234,7 @@ class _TlsRecords(asyncio.BufferedProtocol):
     def _decrypt(self) -> None:
         """Decrypt every complete record into the plaintext buffer; hand each full buffer,
         then the rest, to the protocol as one bytes."""
-        view = _BUFFERS.get()[1]    # copied out before any other code runs
+        view = self._buffers[1]     # copied out before any other code runs
         size, filled = len(view), 0
         eof = False
         try:
@@ -247,13 +254,13 @@ class _TlsRecords(asyncio.BufferedProtocol):
         except ssl.SSLError as e:   # a bad record, or the peer's alert
             if filled:
                 self.app.data_received(bytes(view[:filled]))
-            self._flush()
+            self._send()
             self.abort(e)
             return
         if filled:
             self.app.data_received(bytes(view[:filled]))
         if self.outgoing.pending:
-            self._flush()
+            self._send()
         if eof and not self.closing:  # close_notify
             self.app.eof_received()
             self.close()
@@ -270,8 +277,15 @@ class _TlsRecords(asyncio.BufferedProtocol):
             else:
                 self.transport.close()
 
-    def _flush(self) -> None:
+    def _end_turn(self) -> None:
+        """The turn that wrote is over: what it queued goes in one send; whether the next
+        turn's first write may leave at once depends on how many writes this one had."""
         self._flush_scheduled = False
+        self._busy = self._turn_writes > 1
+        if self.outgoing.pending:
+            self._send()
+
+    def _send(self) -> None:
         if self.outgoing.pending and self.transport is not None \
                 and not self.transport.is_closing():
             self.transport.write(self.outgoing.read())
@@ -286,11 +300,20 @@ class _TlsRecords(asyncio.BufferedProtocol):
         except ssl.SSLError as e:
             self.abort(e)
             return
-        if self.outgoing.pending >= FLUSH_AT:
-            self._flush()
-        elif not self._flush_scheduled:
+        if not self._flush_scheduled:
+            # The turn's first write leaves at once unless the last turn had several (a
+            # lone small message is not held to the end of the turn: that would be a loop
+            # pass on the latency path); later writes of the turn, and all of a turn after
+            # a busy one (under load), are batched into one send at its end.
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._turn_writes = 1
+            self._loop.call_soon(self._end_turn)
+            if not self._busy:
+                self._send()
+            return
+        self._turn_writes += 1
+        if self.outgoing.pending >= FLUSH_AT:
+            self._send()
 
     def close(self) -> None:
         if self.closing:
@@ -298,7 +321,7 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self.closing = True
         with contextlib.suppress(ssl.SSLError):
             self.sslobj.unwrap()          # queues close_notify; the peer's is not awaited
-        self._flush()
+        self._send()
         if self.transport is not None:
             self.transport.close()
 

@@ -216,15 +216,25 @@ class Relay:
         return self.upstream if side is self.downstream else self.downstream
 
     def forward(self, src: Side, data: bytes) -> None:
+        """Every read of either side comes here: kept to a few operations (account is
+        written out inline)."""
         if self.splice is not None and self.splice.hold(src, data):
             return  # the kernel's earlier bytes go first
-        dst = self.peer(src)
-        if dst.transport is None or dst.transport.is_closing():
+        from_downstream = src is self.downstream
+        dst = self.upstream if from_downstream else self.downstream
+        transport = dst.transport
+        if transport is None or transport.is_closing():
             return
-        dst.transport.write(data)
-        self.account(src, len(data))
+        transport.write(data)
+        n = len(data)
+        self.last_active = time.monotonic()
+        if from_downstream:
+            self.bytes_from_downstream += n
+        else:
+            self.bytes_from_upstream += n
+        self._on_bytes(from_downstream, n)
         if self.splice is not None:
-            self.splice.python_forwarded(src, len(data))
+            self.splice.python_forwarded(src, n)
 
     def account(self, src: Side, n: int) -> None:
         """n bytes went from src to its peer (by Python or by the kernel)."""

@@ -1,12 +1,20 @@
-"""Where the HBONE data path's CPU goes: a profile of both daemons under one iperf3 stream.
+"""Where the HBONE data path's CPU goes: a profile of both daemons under one iperf3 stream,
+or per round trip of a small-message ping-pong.
 
-Run as ``python -m nodeproxy_dev.bench.hboneprofile [--seconds S] [--streams N] [--out DIR]``
-(root; hold /work/bench.lock or the machine's equivalent, it loads both cores).  One
-testbed cluster (two nodes, mTLS), a meshed client on node0 and an iperf3 server pod on
-node1 behind a service: every byte goes client -> node0's daemon -> HBONE -> node1's
-daemon -> server.  While iperf3 runs, py-spy (``--native``, folded stacks) samples both
-daemons; printed: the throughput iperf3 measured and each daemon's busy share and
-functions with the largest inclusive share of its busy samples (connprofile's format).
+Run as ``python -m nodeproxy_dev.bench.hboneprofile [--seconds S] [--streams N] [--out DIR]
+[--load bulk|pingpong]`` (root; hold /work/bench.lock or the machine's equivalent, it loads
+both cores).  One testbed cluster (two nodes, mTLS), a meshed client on node0 and a server
+pod on node1 behind a service: every byte goes client -> node0's daemon -> HBONE -> node1's
+daemon -> server.
+
+- ``bulk`` (default): while iperf3 runs, py-spy (``--native``, folded stacks) samples both
+  daemons; printed: the throughput iperf3 measured and each daemon's busy share and
+  functions with the largest inclusive share of its busy samples (connprofile's format).
+- ``pingpong``: sockperf ping-pong (64-byte messages, one connection) three times: once
+  plain (round-trip percentiles and each daemon's CPU µs per round trip), once under py-spy
+  (as above), once under ``strace -c -f`` on both daemons (system calls per round trip,
+  by name: ``epoll_wait`` calls are event-loop turns that waited, ``write``/``sendto`` the
+  sends, a TLS record per send on the tunnel side).
 
 Bounded: iperf3 and py-spy have timeouts; the cluster is torn down at the end.
 """
@@ -15,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,19 +33,155 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nodeproxy_dev.bench import sockperf
 from nodeproxy_dev.bench.connprofile import SAMPLE_RATE, _py_spy, folded_shares
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed.cluster import Cluster
 
 PORT = 5201
+PINGPONG_PORT = 11111
+MESSAGE = 64
+PACED_RATE = 1000
+IDLE_SECONDS = 4
 TOP = 30
+_OBSERVATIONS = re.compile(r"Total\s+(\d+)\s+observations")
+_STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
 def build(cluster: Cluster) -> None:
     cluster.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
     cluster.add_pod("node1", "server", labels={"app": "server"}, service_account="server")
     cluster.add_service("iperf", port=PORT, target_port=PORT, selector={"app": "server"})
+    cluster.add_service("sockperf", port=PINGPONG_PORT, target_port=PINGPONG_PORT,
+                        selector={"app": "server"})
+    # The direct baseline of the ping-pong: the same tools in two pods outside the mesh.
+    cluster.add_unenrolled_pod("node0", "client-direct", labels={"app": "client-direct"})
+    cluster.add_unenrolled_pod("node1", "plain", labels={"app": "plain"})
     cluster.write_configs(overrides=BENCH_LIMITS)
+
+
+def _pingpong(cluster: Cluster, vip: str, seconds: int, mps: int | None = None,
+              client: str = "client") -> subprocess.Popen[str]:
+    paced = [] if mps is None else ["--mps", str(mps)]
+    return cluster.spawn_in_pod(client, [
+        "sockperf", "ping-pong", "--tcp", "-i", vip, "-p", str(PINGPONG_PORT), "-m",
+        str(MESSAGE), "-t", str(seconds), "--full-rtt", *paced], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+
+def _observations(output: str) -> int:
+    found = _OBSERVATIONS.search(re.sub(r"\x1b\[[0-9;]*m", "", output))
+    return int(found.group(1)) if found else 0
+
+
+def strace_counts(text: str) -> dict[str, int]:
+    """System calls by name from ``strace -c``'s table."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        row = _STRACE_ROW.match(line)
+        if row and row.group(2) != "total":
+            counts[row.group(2)] = int(row.group(1))
+    return counts
+
+
+def profile_pingpong(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any]:
+    """Per round trip of a small-message ping-pong: CPU, py-spy shares, system calls."""
+    for pod in ("server", "plain"):
+        cluster.serve(pod, ["sockperf", "server", "--tcp", "-p", str(PINGPONG_PORT)],
+                      PINGPONG_PORT)
+    vip = cluster.services["default/sockperf"].vip4
+    assert vip is not None
+    cluster.run_in_pod("client", ["sockperf", "ping-pong", "--tcp", "-i", vip, "-p",
+                                  str(PINGPONG_PORT), "-t", "1"], timeout=30)  # warm-up
+    pids = {node: cluster.nodes[node].daemon.pid for node in ("node0", "node1")}  # type: ignore[union-attr]
+    result: dict[str, Any] = {"load": "pingpong", "message": MESSAGE, "seconds": seconds}
+    # 0. idle: what the daemons spend with no traffic (it counts in the paced run's CPU per
+    # round trip).
+    idle = {node: _user_system(pid) for node, pid in pids.items()}
+    time.sleep(IDLE_SECONDS)
+    for node, pid in pids.items():
+        after = _user_system(pid)
+        result[f"{node}_idle_cpu_ms_per_s"] = round(
+            (sum(after) - sum(idle[node])) / IDLE_SECONDS * 1e3, 2)
+    # 1. plain: latency and CPU per round trip.
+    cpu = {node: _user_system(pid) for node, pid in pids.items()}
+    load = _pingpong(cluster, vip, seconds)
+    output, _ = load.communicate(timeout=seconds + 60)
+    n = _observations(output)
+    result["round_trips"] = n
+    result["sockperf"] = sockperf.parse(output) if n else output[-2000:]
+    for node, pid in pids.items():
+        (user_before, system_before), (user_after, system_after) = cpu[node], _user_system(pid)
+        user, system = user_after - user_before, system_after - system_before
+        result[f"{node}_cpu_us_per_round_trip"] = {
+            "user": round(user / max(n, 1) * 1e6, 1),
+            "system": round(system / max(n, 1) * 1e6, 1)}
+    # 1b. paced at PACED_RATE round trips a second (the processes sleep between them, as
+    # at the bench's ~1000 req/s): latency and CPU per round trip.
+    cpu = {node: _user_system(pid) for node, pid in pids.items()}
+    output, _ = _pingpong(cluster, vip, seconds, PACED_RATE).communicate(timeout=seconds + 60)
+    paced = _observations(output)
+    result["paced"] = {"rate": PACED_RATE, "round_trips": paced,
+                       "sockperf": sockperf.parse(output) if paced else output[-2000:]}
+    for node, pid in pids.items():
+        (user_before, system_before), (user_after, system_after) = cpu[node], _user_system(pid)
+        result["paced"][f"{node}_cpu_us_per_round_trip"] = {
+            "user": round((user_after - user_before) / max(paced, 1) * 1e6, 1),
+            "system": round((system_after - system_before) / max(paced, 1) * 1e6, 1)}
+    # The same two runs direct (outside the mesh), for the added latency.
+    direct = cluster.pods["plain"].ip4
+    for key, mps in (("direct_sockperf", None), ("paced_direct_sockperf", PACED_RATE)):
+        output, _ = _pingpong(cluster, direct, seconds, mps, "client-direct").communicate(
+            timeout=seconds + 60)
+        result[key] = sockperf.parse(output) if _observations(output) else output[-2000:]
+    # 2. py-spy on both daemons.
+    load = _pingpong(cluster, vip, seconds + 2)
+    time.sleep(1.0)
+    spies = {node: _spy(pid, out / f"{node}.folded", seconds) for node, pid in pids.items()}
+    for node, spy in spies.items():
+        _, err = spy.communicate(timeout=seconds + 60)
+        path = out / f"{node}.folded"
+        if spy.returncode:
+            result[f"{node}_py_spy"] = err[-2000:]
+        result[node] = folded_shares(path.read_text() if path.exists() else "",
+                                     SAMPLE_RATE * seconds, top=TOP)
+    load.communicate(timeout=seconds + 60)
+    # 3. strace -c -f on both daemons around a whole sockperf run (strace slows them; the
+    # counts are per round trip sockperf made, all of them while traced).
+    tracers = {node: subprocess.Popen(
+        ["timeout", "-s", "INT", str(seconds + 6), "strace", "-c", "-f", "-p", str(pid),
+         "-o", str(out / f"{node}.strace")], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL) for node, pid in pids.items()}
+    time.sleep(1.0)
+    output, _ = _pingpong(cluster, vip, seconds).communicate(timeout=seconds + 60)
+    for tracer in tracers.values():
+        tracer.send_signal(signal.SIGINT)  # strace prints its table on SIGINT
+    for tracer in tracers.values():
+        tracer.wait(timeout=30)
+    traced = _observations(output)
+    result["traced_round_trips"] = traced
+    for node in pids:
+        path = out / f"{node}.strace"
+        counts = strace_counts(path.read_text() if path.exists() else "")
+        per = max(traced, 1)
+        result[f"{node}_syscalls_per_round_trip"] = {
+            name: round(count / per, 2) for name, count in
+            sorted(counts.items(), key=lambda kv: -kv[1]) if count / per >= 0.05}
+    return result
+
+
+def _user_system(pid: int) -> tuple[float, float]:
+    """utime and stime of the process (all threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def _spy(pid: int, path: Path, seconds: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [_py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE),
+         "--duration", str(seconds), "--native", "--format", "raw", "--output", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def profile(cluster: Cluster, seconds: int, streams: int, out: Path) -> dict[str, Any]:
@@ -81,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--load", choices=("bulk", "pingpong"), default="bulk")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 1 <= args.streams <= 64:
         parser.error("--seconds 1..120, --streams 1..64")
@@ -89,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     with Cluster(2, mtls=True) as cluster:
         build(cluster)
         cluster.start_daemons()
-        report = profile(cluster, args.seconds, args.streams, out)
+        if args.load == "pingpong":
+            report = profile_pingpong(cluster, args.seconds, out)
+        else:
+            report = profile(cluster, args.seconds, args.streams, out)
     (out / "profile.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     print(f"folded stacks in {out}", file=sys.stderr)

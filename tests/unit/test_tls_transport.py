@@ -301,3 +301,68 @@ def test_peer_vanishing_without_close_notify_ends_the_protocol(
     assert received == 1000
     assert eof is True
     assert lost is None
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_a_turns_first_write_leaves_at_once_the_rest_in_one_send(
+        manager: CertificateManager, loop_kind: str) -> None:
+    """A lone small write is not held to the end of the event-loop turn (that would add a
+    turn to every message's latency); the turn's later writes wait for its end and leave
+    together, and so does the first write of a turn after a busy one (load). A burst of
+    small writes arrives intact and in order."""
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        listener, port = await _listener()
+        server, client = Collector(), Collector()
+
+        async def serve() -> tls_transport.TlsTransport:
+            conn, _ = await loop.sock_accept(listener)
+            return await tls_transport.accept(server, server_context(manager, "shop", "cart"),
+                                              conn, handshake_timeout=TIMEOUT)
+
+        accepting = asyncio.create_task(serve())
+        transport = await tls_transport.connect(
+            client, client_context(manager, "web", "frontend"), "127.0.0.1", port,
+            handshake_timeout=TIMEOUT)
+        await accepting
+        listener.close()
+        await asyncio.sleep(0.05)       # the handshake's last bytes are out
+        sent = bytearray()
+        seen: dict[str, Any] = {}
+        transport.write(b"first")
+        sent += b"first"
+        seen["held_after_first"] = transport.get_write_buffer_size()
+        for i in range(1000):
+            chunk = i.to_bytes(2, "big") * (1 + i % 7)
+            transport.write(chunk)
+            sent += chunk
+        seen["held_after_burst"] = transport.get_write_buffer_size()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        seen["held_after_turn"] = transport.get_write_buffer_size()
+        # After a busy turn (load) the next turn's lone write is batched too; after a
+        # turn with one write, a lone write leaves at once again.
+        transport.write(b"after-burst")
+        sent += b"after-burst"
+        seen["held_after_busy_turn"] = transport.get_write_buffer_size()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        transport.write(b"quiet")
+        sent += b"quiet"
+        seen["held_after_quiet_turn"] = transport.get_write_buffer_size()
+        while server.received < len(sent):
+            await asyncio.sleep(0.01)
+        seen["digest"] = server.digest.digest()
+        seen["expected"] = hashlib.sha256(sent).digest()
+        transport.close()
+        await asyncio.wait_for(server.lost, TIMEOUT)
+        return seen
+
+    seen = run(main, loop_kind)
+    assert seen["held_after_first"] == 0     # sent before the turn ended
+    assert seen["held_after_burst"] > 0      # batched behind it
+    assert seen["held_after_turn"] == 0
+    assert seen["held_after_busy_turn"] > 0
+    assert seen["held_after_quiet_turn"] == 0
+    assert seen["digest"] == seen["expected"]

@@ -17,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import pytest
 import uvloop
 
@@ -453,3 +454,65 @@ async def test_the_tunnel_rides_the_proxys_one_h2_integration_graceful_goaway() 
     await peer.send(data_frame(sid, b"after the goaway", frames.END_STREAM))
     await asyncio.wait_for(server.readers[sid].eof.wait(), TIMEOUT)
     assert bytes(server.readers[sid].data) == b"after the goaway"
+
+
+# -- the small-write path (StreamTransport.write straight to the transport) -----------------
+
+@on_uvloop
+async def test_a_burst_of_small_writes_arrives_intact_and_in_order() -> None:
+    """Small writes one per turn (each its own DATA frame at once), many in one turn (the
+    first at once, the rest queued behind it) and mixed with a large one: the reader gets
+    every byte in order, and so does the echo coming back."""
+    loop = asyncio.get_running_loop()
+    server = Server(echo=True)
+    sock = await server.start()
+    client = H2Session(client_side=True)
+    await loop.create_connection(lambda: client, sock=sock)
+    stream = client.open_stream(CONNECT)
+    await asyncio.wait_for(stream.response, TIMEOUT)
+    back = Reader()
+    stream.set_protocol(back)
+    sent = bytearray()
+
+    def write(chunk: bytes) -> None:
+        stream.write(chunk)
+        sent.extend(chunk)
+
+    for i in range(200):  # one per turn
+        write(bytes([i % 251]) * (1 + i % 97))
+        await asyncio.sleep(0)
+    for i in range(2000):  # one turn
+        write(i.to_bytes(2, "big") * (1 + i % 13))
+    write(os.urandom(session.SMALL_FRAME + 1))  # not small: framed behind the queue
+    for i in range(50):
+        write(b"%d," % i)
+    stream.write_eof()
+    await asyncio.wait_for(back.eof.wait(), TIMEOUT)
+    assert bytes(server.readers[1].data) == bytes(sent)
+    assert bytes(back.data) == bytes(sent)
+    client.close()
+
+
+@on_uvloop
+async def test_small_writes_stop_at_the_peers_stream_window() -> None:
+    """Small writes take the direct path only inside the windows: against a peer that gives
+    a 100-byte stream window and never credits it, exactly 100 bytes leave, the rest wait;
+    once credited, the rest arrive in order."""
+    server = Server()
+    peer = Peer(await server.start())
+    peer.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    peer.ack = False
+    sid = await peer.open()
+    await peer.until(lambda: 1 in server.readers)
+    stream = server.session.streams[sid]  # type: ignore[union-attr]
+    payload = b"".join(b"%03d" % i for i in range(100))  # 300 bytes in 3-byte writes
+    for i in range(0, len(payload), 3):
+        stream.write(payload[i:i + 3])
+    for _ in range(5):
+        await peer.pump(0.05)
+    assert bytes(peer.received.get(sid, b"")) == payload[:100]
+    assert stream.send_window == 0
+    peer.conn.increment_flow_control_window(1000, stream_id=sid)
+    await peer.send()
+    await peer.until(lambda: len(peer.received.get(sid, b"")) == len(payload))
+    assert bytes(peer.received[sid]) == payload

@@ -1,0 +1,177 @@
+"""Python calls and CPU per small-message round trip through both ends of an HBONE tunnel,
+in one process: no cluster, no root, a few seconds.
+
+Run as ``python -m nodeproxy_dev.bench.hbonecalls [--round-trips N] [--profile]``.  The
+path is the daemons' own objects over loopback: a client socket -> a relay (tcp/relay.py)
+-> a tunnel stream (tunnel/session.py) over the TLS transport (identity/tls_transport.py,
+the mesh's contexts) -> the serving session -> a relay -> an echo socket, and back.
+Printed: wall and CPU µs per 64-byte round trip; with ``--profile`` (cProfile) the
+Python calls per round trip and the functions called most.  The relays count bytes into
+a no-op here (the daemon's metrics cost comes on top); see docs/benchmarks.md,
+"Small-message round trips".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import socket
+import sys
+import time
+
+import uvloop
+
+from nodeproxy.identity import (
+    CertificateManager,
+    MeshCA,
+    client_context,
+    server_context,
+    tls_transport,
+)
+from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.tunnel.session import H2Session, StreamTransport
+
+CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+MESSAGE = b"x" * 64
+WARM_UP = 200
+TOP = 25
+
+
+class _Ping(asyncio.Protocol):
+    """The client application: sends a message, waits for its echo, `left` times."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.left = 0
+        self.done: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def start(self, n: int) -> asyncio.Future[None]:
+        assert self.transport is not None
+        self.left = n
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(MESSAGE)
+        return self.done
+
+    def data_received(self, data: bytes) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            assert self.done is not None
+            self.done.set_result(None)
+        else:
+            assert self.transport is not None
+            self.transport.write(MESSAGE)
+
+
+class _Echo(asyncio.Protocol):
+    """The server application."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def _no_bytes(from_downstream: bool, n: int) -> None:
+    pass
+
+
+def _no_end(relay: Relay) -> None:
+    pass
+
+
+async def _side(sock: socket.socket) -> Side:
+    _, side = await asyncio.get_running_loop().create_connection(lambda: Side("tcp"),
+                                                                 sock=sock)
+    return side
+
+
+async def _path() -> _Ping:
+    """Builds the tunnel and both relays; returns the client application."""
+    loop = asyncio.get_running_loop()
+    ca = MeshCA.generate("cluster.local")
+    manager = CertificateManager(ca, "cluster.local", ttl_seconds=3600)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    relays: list[Relay] = []
+
+    async def serve_stream(session: H2Session, stream: StreamTransport) -> None:
+        session.respond(stream, 200)
+        down = Side("tunnel")
+        stream.set_protocol(down)
+        near, far = socket.socketpair()
+        up = await _side(near)
+        await loop.create_connection(_Echo, sock=far)
+        relays.append(Relay(down, up, _no_bytes, _no_end))
+        relays[-1].start()
+
+    server = H2Session(client_side=False, on_request=lambda session, stream:
+                       loop.create_task(serve_stream(session, stream)))
+
+    async def accept() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        await tls_transport.accept(server, server_context(manager, "shop", "cart"), conn,
+                                   handshake_timeout=5)
+
+    accepting = loop.create_task(accept())
+    client = H2Session(client_side=True)
+    await tls_transport.connect(client, client_context(manager, "web", "frontend"),
+                                "127.0.0.1", listener.getsockname()[1], handshake_timeout=5)
+    await accepting
+    listener.close()
+    stream = client.open_stream(CONNECT)
+    await asyncio.wait_for(stream.response, 5)
+    up = Side("tunnel")
+    stream.set_protocol(up)  # type: ignore[arg-type]
+    near, far = socket.socketpair()
+    down = await _side(near)
+    relays.append(Relay(down, up, _no_bytes, _no_end))
+    relays[-1].start()
+    _, ping = await loop.create_connection(_Ping, sock=far)
+    return ping
+
+
+async def _measure(round_trips: int, profile: bool) -> None:
+    ping = await _path()
+    await asyncio.wait_for(ping.start(WARM_UP), 30)
+    profiler = cProfile.Profile() if profile else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    if profiler is not None:
+        profiler.enable()
+    await asyncio.wait_for(ping.start(round_trips), 300)
+    if profiler is not None:
+        profiler.disable()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"{round_trips} round trips of {len(MESSAGE)} bytes: "
+          f"{wall / round_trips * 1e6:.1f} µs wall, {cpu / round_trips * 1e6:.1f} µs CPU each"
+          + (" (profiled)" if profile else ""))
+    if profiler is None:
+        return
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    calls = sum(row[1] for row in stats.values())
+    print(f"Python calls per round trip: {calls / round_trips:.1f} "
+          "(both tunnel ends, both relays, the two applications)")
+    for (path, line, name), row in sorted(stats.items(), key=lambda kv: -kv[1][1])[:TOP]:
+        print(f"  {row[1] / round_trips:6.2f}  {path.rsplit('/', 1)[-1]}:{line} {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nodeproxy_dev.bench.hbonecalls",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--round-trips", type=int, default=20_000)
+    parser.add_argument("--profile", action="store_true",
+                        help="count Python calls (cProfile; slows the run)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.round_trips <= 1_000_000:
+        parser.error("--round-trips 1..1000000")
+    uvloop.run(_measure(args.round_trips, args.profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""When the daemon posts its read count of a fast-path connection to the kernel
+(capture/msg_redirect.py ProxyReads): while the application's direction takes TCP, the first
+read posts at once, later reads within WATCH_INTERVAL only add up and the interval's end
+posts their exact total; a direction back on the fast path posts every POST_EVERY bytes.
+The kernel's maps are stood in for by a recorder of the two calls the class makes (the real
+maps and the kernel's use of the count: tests/integration/test_msg_redirect.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+
+from nodeproxy.capture import msg_redirect
+from nodeproxy.capture.msg_redirect import POST_EVERY, WATCH_INTERVAL, ProxyReads
+
+
+class Maps:
+    """np_msg_flows and np_msg_proxy_read of one connection: what was posted, and whether
+    the application's sends take TCP."""
+
+    def __init__(self) -> None:
+        self.posted: list[int] = []
+        self.looks = 0
+        self.on_tcp = True
+        self.gone = False
+
+    def put(self, key: bytes, value: ctypes.c_uint64) -> None:
+        self.posted.append(value.value)
+
+    def read_into(self, key: bytes, flow: ctypes.Structure) -> bool:
+        self.looks += 1
+        if self.gone:
+            return False
+        flow.send_on_tcp = int(self.on_tcp)  # type: ignore[attr-defined]
+        return True
+
+
+def reads(maps: Maps) -> ProxyReads:
+    return ProxyReads(maps, 7, maps, b"k")  # type: ignore[arg-type]
+
+
+def test_on_tcp_one_post_per_interval_and_the_exact_total_at_its_end() -> None:
+    async def main() -> None:
+        maps = Maps()
+        counter = reads(maps)
+        for _ in range(500):          # a burst of reads within one interval
+            counter.consumed(100)
+        assert maps.posted == [100]   # the first read at once, the rest add up
+        assert maps.looks == 1
+        await asyncio.sleep(WATCH_INTERVAL * 5)
+        assert maps.posted == [100, 50_000]   # the exact total once the interval ended
+        await asyncio.sleep(WATCH_INTERVAL * 5)
+        assert maps.posted == [100, 50_000]   # nothing new: no more posts, no timer
+        counter.consumed(1)                   # a read after a quiet interval: at once
+        assert maps.posted == [100, 50_000, 50_001]
+
+    asyncio.run(main())
+
+
+def test_back_on_the_fast_path_posts_every_post_every_bytes() -> None:
+    async def main() -> None:
+        maps = Maps()
+        counter = reads(maps)
+        maps.on_tcp = False
+        counter.consumed(10)          # the look finds the direction redirected again
+        assert maps.posted == [10]
+        looks = maps.looks
+        chunk = POST_EVERY // 64
+        for _ in range(63):
+            counter.consumed(chunk)
+        assert maps.posted == [10] and maps.looks == looks   # no map access per read
+        counter.consumed(chunk)
+        assert maps.posted == [10, 10 + 64 * chunk]
+        await asyncio.sleep(WATCH_INTERVAL * 5)
+        assert maps.posted == [10, 10 + 64 * chunk]
+
+    asyncio.run(main())
+
+
+def test_a_gone_flow_stops_the_posts() -> None:
+    async def main() -> None:
+        maps = Maps()
+        counter = reads(maps)
+        counter.consumed(5)
+        maps.gone = True
+        counter.consumed(5)
+        await asyncio.sleep(WATCH_INTERVAL * 5)
+        assert maps.posted == [5]
+        looks = maps.looks
+        counter.consumed(5)
+        await asyncio.sleep(WATCH_INTERVAL * 5)
+        assert maps.looks == looks and maps.posted == [5]
+
+    asyncio.run(main())
+
+
+def test_the_interval_is_short() -> None:
+    """A direction stuck on TCP waits at most this long for its count to go back."""
+    assert msg_redirect.WATCH_INTERVAL <= 0.005
