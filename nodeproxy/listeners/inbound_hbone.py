@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import logging
 import socket
@@ -38,7 +37,7 @@ from nodeproxy.tcp.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.tcp.relay import Relay, Side
 from nodeproxy.tcp.tracker import ConnectionTracker
-from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
+from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.headers import (
     L7_AUTHORIZED,
     SOURCE_PORT,
@@ -102,7 +101,6 @@ class HboneServer:
         self.tracker = tracker
         self._metrics = metrics
         self._tunnel = tunnel_metrics
-        self._enders: dict[ConnectionMeter, Callable[[Relay], None]] = {}
 
     def _context(self, pod: EnrolledPod) -> ssl.SSLContext:
         ns, sa = pod.workload.namespace, pod.workload.service_account
@@ -298,7 +296,7 @@ class HboneServer:
         meter = self._metrics.meter(destination_labels(
             pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
             "mutual_tls"))
-        relay = Relay(down, up, meter.bytes, self._ender(meter))
+        relay = Relay(down, up, meter.bytes, self.tracker.ender(meter))
         self.tracker.add(relay, pod.key, lease=lease)
         meter.opened()
         relay.start()
@@ -326,14 +324,3 @@ class HboneServer:
         # Tracked as relays are: drained at shutdown, aborted with its pod.
         self.tracker.add(gated, pod.key, lease=lease)  # type: ignore[arg-type]
         gated.start()
-
-    def _ender(self, meter: ConnectionMeter) -> Callable[[Relay], None]:
-        """What a relay calls when it ends, one per meter (not a closure per stream)."""
-        ender = self._enders.get(meter)
-        if ender is None:
-            ender = self._enders[meter] = functools.partial(self._done, meter)
-        return ender
-
-    def _done(self, meter: ConnectionMeter, relay: Relay) -> None:
-        self.tracker.discard(relay)
-        meter.closed()

@@ -46,7 +46,7 @@ from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.tcp.relay import Relay, Side, reset
 from nodeproxy.tcp.splicer import Splicer
 from nodeproxy.tcp.tracker import ConnectionTracker
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics, TcpLabels
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ class OutboundProxy:
         self._trust_domain = trust_domain
         self.port = port
         self._msg_redirect = msg_redirect
-        self._enders: dict[ConnectionMeter, Callable[[Relay], None]] = {}
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
         """Listen on 127.0.0.1 and [::1] at the outbound port inside the pod's netns."""
@@ -255,7 +254,7 @@ class OutboundProxy:
         # sk_msg only for a flow the splicer will not take: a spliced flow's bytes must
         # reach the splice's stream verdict, not arrive by redirect.
         reads = None if self._splicer.would_take(up, splice) else self._fast_path(pod, down)
-        relay = Relay(down, up, counting_reads(meter.bytes, reads), self._ender(meter))
+        relay = Relay(down, up, counting_reads(meter.bytes, reads), self._tracker.ender(meter))
         self._tracker.add(relay, *pods, lease=down.lease)
         meter.opened()
         relay.start()
@@ -273,17 +272,6 @@ class OutboundProxy:
         if sock is None or local is None or remote is None:
             return None
         return self._msg_redirect.enable(sock, pod.netns_cookie, local, remote)
-
-    def _ender(self, meter: ConnectionMeter) -> Callable[[Relay], None]:
-        """What a relay calls when it ends, one per meter (not a closure per connection)."""
-        ender = self._enders.get(meter)
-        if ender is None:
-            ender = self._enders[meter] = functools.partial(self._done, meter)
-        return ender
-
-    def _done(self, meter: ConnectionMeter, relay: Relay) -> None:
-        self._tracker.discard(relay)
-        meter.closed()
 
     def _refuse(self, pod: EnrolledPod, down: Side, reason: str) -> None:
         self._metrics.refused.labels(pod.workload.namespace, pod.ref.workload, reason).inc()

@@ -6,8 +6,9 @@ resetting a vanished pod's connections.  A connection accepted under a fair-shar
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from nodeproxy.tcp.fairshare import Lease
 from nodeproxy.tcp.relay import Relay, Side, reset
@@ -17,11 +18,18 @@ from nodeproxy.tcp.relay import Relay, Side, reset
 Gate = Callable[[Side], Lease | None]
 
 
+class Meter(Protocol):
+    """What counts a connection's end (telemetry's ConnectionMeter)."""
+
+    def closed(self) -> None: ...
+
+
 class ConnectionTracker:
     def __init__(self) -> None:
         self.relays: dict[Relay, tuple[str, ...]] = {}  # relay -> keys of the local pods it touches
         self._leases: dict[Relay, Lease] = {}
         self._pending: set[asyncio.Task] = set()
+        self._enders: dict[Meter, Callable[[Relay], None]] = {}
         self.accepting = True
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -42,6 +50,18 @@ class ConnectionTracker:
         if lease is not None:
             lease.adopted = True
             self._leases[relay] = lease
+
+    def ender(self, meter: Meter) -> Callable[[Relay], None]:
+        """What a relay calls when it ends: leave the tracker and count the end on meter.
+        One per meter (a label set), not a closure per connection."""
+        ender = self._enders.get(meter)
+        if ender is None:
+            ender = self._enders[meter] = functools.partial(self._ended, meter)
+        return ender
+
+    def _ended(self, meter: Meter, relay: Relay) -> None:
+        self.discard(relay)
+        meter.closed()
 
     def discard(self, relay: Relay) -> None:
         self.relays.pop(relay, None)
