@@ -27,7 +27,7 @@ from nodeproxy.codec.h2_frames import FrameError
 from nodeproxy.config.model import Http2Limits
 from nodeproxy.tcp.relay import Side
 from nodeproxy.tunnel import session
-from nodeproxy.tunnel.session import H2Session
+from nodeproxy.tunnel.session import H2Session, StreamTransport
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
 TIMEOUT = 10.0
@@ -187,6 +187,20 @@ def test_window_rules() -> None:
     assert e.value.code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
 
 
+async def echo_stream() -> tuple[Server, H2Session, StreamTransport, Reader]:
+    """A client session to an echoing server session, one CONNECT stream open and
+    answered, a Reader on what comes back."""
+    server = Server(echo=True)
+    sock = await server.start()
+    client = H2Session(client_side=True)
+    await asyncio.get_running_loop().create_connection(lambda: client, sock=sock)
+    stream = client.open_stream(CONNECT)
+    await asyncio.wait_for(stream.response, TIMEOUT)
+    back = Reader()
+    stream.set_protocol(back)
+    return server, client, stream, back
+
+
 # -- bytes intact ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [1, 16_384, 65_537, session.MAX_FRAME + 3,
@@ -195,15 +209,7 @@ def test_window_rules() -> None:
 async def test_bytes_intact_through_two_sessions(size: int) -> None:
     """Our framing on both ends (client session to server session), echoed back: the
     checksum both ways, past a whole stream window (so WINDOW_UPDATEs must flow)."""
-    loop = asyncio.get_running_loop()
-    server = Server(echo=True)
-    sock = await server.start()
-    client = H2Session(client_side=True)
-    await loop.create_connection(lambda: client, sock=sock)
-    stream = client.open_stream(CONNECT)
-    await asyncio.wait_for(stream.response, TIMEOUT)
-    back = Reader()
-    stream.set_protocol(back)
+    server, client, stream, back = await echo_stream()
     payload = os.urandom(size)
     for i in range(0, size, 100_000):
         stream.write(payload[i:i + 100_000])
@@ -463,15 +469,7 @@ async def test_a_burst_of_small_writes_arrives_intact_and_in_order() -> None:
     """Small writes one per turn (each its own DATA frame at once), many in one turn (the
     first at once, the rest queued behind it) and mixed with a large one: the reader gets
     every byte in order, and so does the echo coming back."""
-    loop = asyncio.get_running_loop()
-    server = Server(echo=True)
-    sock = await server.start()
-    client = H2Session(client_side=True)
-    await loop.create_connection(lambda: client, sock=sock)
-    stream = client.open_stream(CONNECT)
-    await asyncio.wait_for(stream.response, TIMEOUT)
-    back = Reader()
-    stream.set_protocol(back)
+    server, client, stream, back = await echo_stream()
     sent = bytearray()
 
     def write(chunk: bytes) -> None:
