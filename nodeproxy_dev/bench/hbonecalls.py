@@ -1,7 +1,9 @@
 """Python calls and CPU per small-message round trip through both ends of an HBONE tunnel,
 in one process: no cluster, no root, a few seconds.
 
-Run as ``python -m nodeproxy_dev.bench.hbonecalls [--round-trips N] [--profile]``.  The
+Run as ``python -m nodeproxy_dev.bench.hbonecalls [--round-trips N] [--connections C]
+[--profile]``; with C > 1, C ping-pong flows run at once, each on its own stream of the one
+tunnel (a loaded daemon's batching: several messages per event-loop turn).  The
 path is the daemons' own objects over loopback: a client socket -> a relay (tcp/relay.py)
 -> a tunnel stream (tunnel/session.py) over the TLS transport (identity/tls_transport.py,
 the mesh's contexts) -> the serving session -> a relay -> an echo socket, and back.
@@ -91,8 +93,9 @@ async def _side(sock: socket.socket) -> Side:
     return side
 
 
-async def _path() -> _Ping:
-    """Builds the tunnel and both relays; returns the client application."""
+async def _path(connections: int) -> list[_Ping]:
+    """Builds the tunnel and, per connection, a stream and both relays; returns the client
+    applications."""
     loop = asyncio.get_running_loop()
     ca = MeshCA.generate("cluster.local")
     manager = CertificateManager(ca, "cluster.local", ttl_seconds=3600)
@@ -124,32 +127,37 @@ async def _path() -> _Ping:
                                 "127.0.0.1", listener.getsockname()[1], handshake_timeout=5)
     await accepting
     listener.close()
-    stream = client.open_stream(CONNECT)
-    await asyncio.wait_for(stream.response, 5)
-    up = Side("tunnel")
-    stream.set_protocol(up)  # type: ignore[arg-type]
-    near, far = socket.socketpair()
-    down = await _side(near)
-    relays.append(Relay(down, up, _no_bytes, _no_end))
-    relays[-1].start()
-    _, ping = await loop.create_connection(_Ping, sock=far)
-    return ping
+    pings = []
+    for _ in range(connections):
+        stream = client.open_stream(CONNECT)
+        await asyncio.wait_for(stream.response, 5)
+        up = Side("tunnel")
+        stream.set_protocol(up)  # type: ignore[arg-type]
+        near, far = socket.socketpair()
+        down = await _side(near)
+        relays.append(Relay(down, up, _no_bytes, _no_end))
+        relays[-1].start()
+        _, ping = await loop.create_connection(_Ping, sock=far)
+        pings.append(ping)
+    return pings
 
 
-async def _measure(round_trips: int, profile: bool) -> None:
-    ping = await _path()
-    await asyncio.wait_for(ping.start(WARM_UP), 30)
+async def _measure(round_trips: int, profile: bool, connections: int) -> None:
+    pings = await _path(connections)
+    await asyncio.wait_for(asyncio.gather(*(p.start(WARM_UP) for p in pings)), 30)
+    each = max(1, round_trips // connections)
+    round_trips = each * connections
     profiler = cProfile.Profile() if profile else None
     wall, cpu = time.perf_counter(), time.process_time()
     if profiler is not None:
         profiler.enable()
-    await asyncio.wait_for(ping.start(round_trips), 300)
+    await asyncio.wait_for(asyncio.gather(*(p.start(each) for p in pings)), 300)
     if profiler is not None:
         profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{round_trips} round trips of {len(MESSAGE)} bytes: "
-          f"{wall / round_trips * 1e6:.1f} µs wall, {cpu / round_trips * 1e6:.1f} µs CPU each"
-          + (" (profiled)" if profile else ""))
+    print(f"{round_trips} round trips of {len(MESSAGE)} bytes on {connections} "
+          f"connection(s) at once: {wall / round_trips * 1e6:.1f} µs wall, "
+          f"{cpu / round_trips * 1e6:.1f} µs CPU each" + (" (profiled)" if profile else ""))
     if profiler is None:
         return
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
@@ -164,12 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodeproxy_dev.bench.hbonecalls",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--round-trips", type=int, default=20_000)
+    parser.add_argument("--connections", type=int, default=1,
+                        help="ping-pong flows at once, each its stream on the one tunnel "
+                             "(several: the batching of a loaded daemon)")
     parser.add_argument("--profile", action="store_true",
                         help="count Python calls (cProfile; slows the run)")
     args = parser.parse_args(argv)
     if not 1 <= args.round_trips <= 1_000_000:
         parser.error("--round-trips 1..1000000")
-    uvloop.run(_measure(args.round_trips, args.profile))
+    if not 1 <= args.connections <= 256:
+        parser.error("--connections 1..256")
+    uvloop.run(_measure(args.round_trips, args.profile, args.connections))
     return 0
 
 

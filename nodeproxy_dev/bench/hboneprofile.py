@@ -2,7 +2,7 @@
 or per round trip of a small-message ping-pong.
 
 Run as ``python -m nodeproxy_dev.bench.hboneprofile [--seconds S] [--streams N] [--out DIR]
-[--load bulk|pingpong]`` (root; hold /work/bench.lock or the machine's equivalent, it loads
+[--load bulk|pingpong|http]`` (root; hold /work/bench.lock or the machine's equivalent, it loads
 both cores).  One testbed cluster (two nodes, mTLS), a meshed client on node0 and a server
 pod on node1 behind a service: every byte goes client -> node0's daemon -> HBONE -> node1's
 daemon -> server.
@@ -15,6 +15,10 @@ daemon -> server.
   (as above), once under ``strace -c -f`` on both daemons (system calls per round trip,
   by name: ``epoll_wait`` calls are event-loop turns that waited, ``write``/``sendto`` the
   sends, a TLS record per send on the tunnel side).
+- ``http``: wrk (one thread, 32 keep-alive connections, the bench's saturated run) against
+  nginx serving a 1 KiB file, relayed through L4 over HBONE: each daemon's CPU µs per
+  request (user, system) unprofiled, then py-spy on both daemons, then ``strace -c -f``
+  (system calls per request).
 
 Bounded: iperf3 and py-spy have timeouts; the cluster is torn down at the end.
 """
@@ -36,12 +40,16 @@ from typing import Any
 from nodeproxy_dev.bench import sockperf
 from nodeproxy_dev.bench.connprofile import SAMPLE_RATE, _py_spy, folded_shares
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
+from nodeproxy_dev.testbed import nginx
 from nodeproxy_dev.testbed.cluster import Cluster
 
 PORT = 5201
 PINGPONG_PORT = 11111
 MESSAGE = 64
 PACED_RATE = 1000
+HTTP_PORT = 8080
+HTTP_BODY = 1024
+HTTP_CONNECTIONS = 32
 IDLE_SECONDS = 4
 TOP = 30
 _OBSERVATIONS = re.compile(r"Total\s+(\d+)\s+observations")
@@ -54,6 +62,9 @@ def build(cluster: Cluster) -> None:
     cluster.add_service("iperf", port=PORT, target_port=PORT, selector={"app": "server"})
     cluster.add_service("sockperf", port=PINGPONG_PORT, target_port=PINGPONG_PORT,
                         selector={"app": "server"})
+    # appProtocol tcp: relayed as bytes, as the bench's nodeproxy-splice (not parsed).
+    cluster.add_service("web", port=HTTP_PORT, target_port=HTTP_PORT,
+                        selector={"app": "server"}, app_protocol="tcp")
     # The direct baseline of the ping-pong: the same tools in two pods outside the mesh.
     cluster.add_unenrolled_pod("node0", "client-direct", labels={"app": "client-direct"})
     cluster.add_unenrolled_pod("node1", "plain", labels={"app": "plain"})
@@ -170,6 +181,78 @@ def profile_pingpong(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any
     return result
 
 
+def _wrk(cluster: Cluster, url: str, seconds: int) -> int:
+    """Requests wrk made in one saturated run (0 if it failed)."""
+    result = cluster.run_in_pod("client", [
+        "wrk", "-t1", f"-c{HTTP_CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s", url],
+        timeout=seconds + 60, check=False)
+    found = re.search(r"(\d+) requests in", result.stdout or "")
+    return int(found.group(1)) if found else 0
+
+
+def profile_http(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any]:
+    """Per request of keep-alive HTTP relayed through L4 over HBONE: CPU, py-spy shares,
+    system calls."""
+    directory = out / "www"
+    (directory / "www").mkdir(parents=True, exist_ok=True)
+    (directory / "www" / "small.bin").write_bytes(os.urandom(HTTP_BODY))
+    (directory / "nginx.conf").write_text(nginx.nginx_config(
+        str(directory), HTTP_PORT, f"root {directory}/www;",
+        http="    keepalive_requests 1000000;\n    keepalive_timeout 300s;\n"
+             "    default_type application/octet-stream;\n"))
+    cluster.serve("server", nginx.nginx_argv(str(directory)), HTTP_PORT)
+    vip = cluster.services["default/web"].vip4
+    url = f"http://{vip}:{HTTP_PORT}/small.bin"
+    _wrk(cluster, url, 1)  # warm-up: the pooled HBONE connection exists
+    pids = {node: cluster.nodes[node].daemon.pid for node in ("node0", "node1")}  # type: ignore[union-attr]
+    result: dict[str, Any] = {"load": "http", "connections": HTTP_CONNECTIONS,
+                              "seconds": seconds}
+    # 1. plain: requests/s and CPU per request.
+    cpu = {node: _user_system(pid) for node, pid in pids.items()}
+    n = _wrk(cluster, url, seconds)
+    result["requests"] = n
+    result["requests_per_s"] = round(n / seconds)
+    for node, pid in pids.items():
+        (user_before, system_before), (user_after, system_after) = cpu[node], _user_system(pid)
+        result[f"{node}_cpu_us_per_request"] = {
+            "user": round((user_after - user_before) / max(n, 1) * 1e6, 1),
+            "system": round((system_after - system_before) / max(n, 1) * 1e6, 1)}
+    # 2. py-spy on both daemons.
+    load = cluster.spawn_in_pod("client", [
+        "wrk", "-t1", f"-c{HTTP_CONNECTIONS}", f"-d{seconds + 2}s", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    spies = {node: _spy(pid, out / f"{node}.folded", seconds) for node, pid in pids.items()}
+    for node, spy in spies.items():
+        _, err = spy.communicate(timeout=seconds + 60)
+        path = out / f"{node}.folded"
+        if spy.returncode:
+            result[f"{node}_py_spy"] = err[-2000:]
+        result[node] = folded_shares(path.read_text() if path.exists() else "",
+                                     SAMPLE_RATE * seconds, top=TOP)
+    load.wait(timeout=seconds + 60)
+    # 3. strace -c -f on both daemons around a whole wrk run.
+    tracers = {node: subprocess.Popen(
+        ["timeout", "-s", "INT", str(seconds + 6), "strace", "-c", "-f", "-p", str(pid),
+         "-o", str(out / f"{node}.strace")], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL) for node, pid in pids.items()}
+    time.sleep(1.0)
+    traced = _wrk(cluster, url, seconds)
+    for tracer in tracers.values():
+        tracer.send_signal(signal.SIGINT)
+    for tracer in tracers.values():
+        tracer.wait(timeout=30)
+    result["traced_requests"] = traced
+    for node in pids:
+        path = out / f"{node}.strace"
+        counts = strace_counts(path.read_text() if path.exists() else "")
+        per = max(traced, 1)
+        result[f"{node}_syscalls_per_request"] = {
+            name: round(count / per, 2) for name, count in
+            sorted(counts.items(), key=lambda kv: -kv[1]) if count / per >= 0.05}
+    return result
+
+
 def _user_system(pid: int) -> tuple[float, float]:
     """utime and stime of the process (all threads), seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -228,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--load", choices=("bulk", "pingpong"), default="bulk")
+    parser.add_argument("--load", choices=("bulk", "pingpong", "http"), default="bulk")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 1 <= args.streams <= 64:
         parser.error("--seconds 1..120, --streams 1..64")
@@ -239,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start_daemons()
         if args.load == "pingpong":
             report = profile_pingpong(cluster, args.seconds, out)
+        elif args.load == "http":
+            report = profile_http(cluster, args.seconds, out)
         else:
             report = profile(cluster, args.seconds, args.streams, out)
     (out / "profile.json").write_text(json.dumps(report, indent=1))
