@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,9 +47,17 @@ class TcpLabels:
 class ConnectionMeter:
     """The four Istio TCP series bound to one set of connection labels (and its share of the
     live figures of `nodeproxy top`, when they are kept).  It holds nothing of one
-    connection: every connection with the same labels shares one (ProxyMetrics.meter)."""
+    connection: every connection with the same labels shares one (ProxyMetrics.meter).
 
-    __slots__ = ("_closed", "_live", "_opened", "_received", "_sent")
+    Relayed bytes come once per relay read, several per event-loop turn under load (every
+    relayed request and response of every connection with these labels): they are added
+    up here and reach the counters and the live figures once, at the end of the turn
+    (`loop.call_soon`), so a turn's reads cost one counter update per direction instead of
+    one each.  A scrape runs in a turn of its own, so it sees every byte relayed before it;
+    outside an event loop (and at `closed`) they are counted at once."""
+
+    __slots__ = ("_closed", "_live", "_opened", "_received", "_sent", "_held_received",
+                 "_held_sent", "_flush_due")
 
     def __init__(self, metrics: ProxyMetrics, labels: TcpLabels):
         values = labels.values()
@@ -57,6 +66,9 @@ class ConnectionMeter:
         self._received = metrics.tcp_received.labels(*values)
         self._sent = metrics.tcp_sent.labels(*values)
         self._live = metrics.live.flow(labels) if metrics.live is not None else None
+        self._held_received = 0  # bytes of this turn not counted yet, from the client
+        self._held_sent = 0      # and to it
+        self._flush_due = False  # the end-of-turn count is scheduled
 
     def opened(self) -> None:
         self._opened.inc()
@@ -64,15 +76,41 @@ class ConnectionMeter:
             self._live.opened()
 
     def closed(self) -> None:
+        self.flush()
         self._closed.inc()
         if self._live is not None:
             self._live.closed()
 
     def bytes(self, from_downstream: bool, n: int) -> None:
         # Istio: "received" is what the client sent (request), "sent" what it got back.
-        (self._received if from_downstream else self._sent).inc(n)
-        if self._live is not None:
-            self._live.bytes(from_downstream, n)
+        if from_downstream:
+            self._held_received += n
+        else:
+            self._held_sent += n
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Count the bytes held since the last flush."""
+        self._flush_due = False
+        received, sent = self._held_received, self._held_sent
+        self._held_received = self._held_sent = 0
+        live = self._live
+        if received:
+            self._received.inc(received)
+            if live is not None:
+                live.bytes(True, received)
+        if sent:
+            self._sent.inc(sent)
+            if live is not None:
+                live.bytes(False, sent)
 
 
 class ProxyMetrics:
