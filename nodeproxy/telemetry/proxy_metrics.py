@@ -57,7 +57,7 @@ class ConnectionMeter:
     outside an event loop (and at `closed`) they are counted at once."""
 
     __slots__ = ("_closed", "_live", "_opened", "_received", "_sent", "_held_received",
-                 "_held_sent", "_flush_due")
+                 "_held_sent", "_flush_due", "_loop")
 
     def __init__(self, metrics: ProxyMetrics, labels: TcpLabels):
         values = labels.values()
@@ -69,6 +69,7 @@ class ConnectionMeter:
         self._held_received = 0  # bytes of this turn not counted yet, from the client
         self._held_sent = 0      # and to it
         self._flush_due = False  # the end-of-turn count is scheduled
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it is scheduled on
 
     def opened(self) -> None:
         self._opened.inc()
@@ -89,11 +90,14 @@ class ConnectionMeter:
             self._held_sent += n
         if self._flush_due:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            # Looked up once (get_running_loop makes a getpid system call each time).
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
         self._flush_due = True
         loop.call_soon(self.flush)
 
