@@ -432,6 +432,8 @@ class H2Session(asyncio.Protocol):
     def _receive(self, data: bytes) -> None:
         """Split what TLS delivered into frames: DATA payloads stream to their stream as
         they arrive, WINDOW_UPDATEs are applied here, every other frame goes to h2 whole."""
+        if self._stopped():
+            return
         if type(data) is not bytes:
             data = bytes(data)  # pieces of it are handed on: never of a buffer reused
         end = len(data)
@@ -442,7 +444,7 @@ class H2Session(asyncio.Protocol):
             self._preface_left -= n
             self._to_h2(data[:n])
             pos = n
-        while pos < end and not self._stopped():
+        while pos < end:
             if self._data_left:
                 n = min(self._data_left, end - pos)
                 self._data_left -= n
@@ -462,6 +464,10 @@ class H2Session(asyncio.Protocol):
                     body, self._frame_body = bytes(self._frame_body), bytearray()
                     self._frame(self._frame_head, body)
                 continue
+            # A new frame: judged only while the session still reads (checked once per
+            # frame; a DATA frame's payload follows its header without another look).
+            if self._stopped():
+                break
             if self._head or end - pos < frames.HEADER_LENGTH:
                 n = min(frames.HEADER_LENGTH - len(self._head), end - pos)
                 self._head += view[pos:pos + n]
@@ -533,7 +539,9 @@ class H2Session(asyncio.Protocol):
             self.guard.data_frame(bool(length or flags & frames.END_STREAM))
         if stream_id == 0:
             raise FrameError(h2.errors.ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")
-        self.receive_window = frames.consume(self.receive_window, length, "connection")
+        if length > self.receive_window:
+            frames.consume(self.receive_window, length, "connection")  # raises
+        self.receive_window -= length
         if length:
             # Credited at once: the stream windows bound what waits for a reader.
             self._receive_unacked += length
@@ -556,7 +564,9 @@ class H2Session(asyncio.Protocol):
             self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             stream._finish(ConnectionResetError("DATA before the tunnel's response"))
             return
-        stream.receive_window = frames.consume(stream.receive_window, length, "stream")
+        if length > stream.receive_window:
+            frames.consume(stream.receive_window, length, "stream")  # raises
+        stream.receive_window -= length
         self._data_stream = stream
 
     def _data_done(self) -> None:
