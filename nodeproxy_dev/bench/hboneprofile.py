@@ -17,8 +17,8 @@ daemon -> server.
   sends, a TLS record per send on the tunnel side).
 - ``http``: wrk (one thread, 32 keep-alive connections, the bench's saturated run) against
   nginx serving a 1 KiB file, relayed through L4 over HBONE: each daemon's CPU µs per
-  request (user, system) unprofiled, then py-spy on both daemons, then ``strace -c -f``
-  (system calls per request).
+  request (user, system) unprofiled (``--runs N`` times), then (unless ``--cpu-only``)
+  py-spy on both daemons, then ``strace -c -f`` (system calls per request).
 
 Bounded: iperf3 and py-spy have timeouts; the cluster is torn down at the end.
 """
@@ -190,9 +190,10 @@ def _wrk(cluster: Cluster, url: str, seconds: int) -> int:
     return int(found.group(1)) if found else 0
 
 
-def profile_http(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any]:
-    """Per request of keep-alive HTTP relayed through L4 over HBONE: CPU, py-spy shares,
-    system calls."""
+def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
+                 cpu_only: bool = False) -> dict[str, Any]:
+    """Per request of keep-alive HTTP relayed through L4 over HBONE: CPU (``runs`` wrk runs,
+    each's figures), then unless ``cpu_only`` py-spy shares and system calls."""
     directory = out / "www"
     (directory / "www").mkdir(parents=True, exist_ok=True)
     (directory / "www" / "small.bin").write_bytes(os.urandom(HTTP_BODY))
@@ -207,16 +208,25 @@ def profile_http(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any]:
     pids = {node: cluster.nodes[node].daemon.pid for node in ("node0", "node1")}  # type: ignore[union-attr]
     result: dict[str, Any] = {"load": "http", "connections": HTTP_CONNECTIONS,
                               "seconds": seconds}
-    # 1. plain: requests/s and CPU per request.
-    cpu = {node: _user_system(pid) for node, pid in pids.items()}
-    n = _wrk(cluster, url, seconds)
-    result["requests"] = n
-    result["requests_per_s"] = round(n / seconds)
-    for node, pid in pids.items():
-        (user_before, system_before), (user_after, system_after) = cpu[node], _user_system(pid)
-        result[f"{node}_cpu_us_per_request"] = {
-            "user": round((user_after - user_before) / max(n, 1) * 1e6, 1),
-            "system": round((system_after - system_before) / max(n, 1) * 1e6, 1)}
+    # 1. plain: requests/s and CPU per request (both daemons summed: "total").
+    result["runs"] = []
+    for _ in range(runs):
+        cpu = {node: _user_system(pid) for node, pid in pids.items()}
+        n = _wrk(cluster, url, seconds)
+        run: dict[str, Any] = {"requests": n, "requests_per_s": round(n / seconds)}
+        total = 0.0
+        for node, pid in pids.items():
+            (user_before, system_before), (user_after, system_after) = \
+                cpu[node], _user_system(pid)
+            user, system = user_after - user_before, system_after - system_before
+            total += user + system
+            run[f"{node}_cpu_us_per_request"] = {
+                "user": round(user / max(n, 1) * 1e6, 1),
+                "system": round(system / max(n, 1) * 1e6, 1)}
+        run["cpu_s_per_1000_requests"] = round(total / max(n, 1) * 1e3, 4)
+        result["runs"].append(run)
+    if cpu_only:
+        return result
     # 2. py-spy on both daemons.
     load = cluster.spawn_in_pod("client", [
         "wrk", "-t1", f"-c{HTTP_CONNECTIONS}", f"-d{seconds + 2}s", url],
@@ -312,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--load", choices=("bulk", "pingpong", "http"), default="bulk")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="http: unprofiled wrk runs for the CPU per request")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="http: only the CPU per request (no py-spy, no strace)")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 1 <= args.streams <= 64:
         parser.error("--seconds 1..120, --streams 1..64")
@@ -323,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.load == "pingpong":
             report = profile_pingpong(cluster, args.seconds, out)
         elif args.load == "http":
-            report = profile_http(cluster, args.seconds, out)
+            report = profile_http(cluster, args.seconds, out, args.runs, args.cpu_only)
         else:
             report = profile(cluster, args.seconds, args.streams, out)
     (out / "profile.json").write_text(json.dumps(report, indent=1))
