@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 
@@ -100,3 +101,36 @@ def test_series_a_capture_mode_does_not_keep_are_absent_not_zero():
     names = {name for name, _ in samples(generate_latest(registry).decode())}
     assert names == {"nodeproxy_kernel_connections_captured_total",
                      "nodeproxy_kernel_inbound_connections_captured_total"}
+
+
+def test_meter_bytes_of_a_turn_are_counted_at_its_end_exactly():
+    """In the daemon's loop a turn's relayed bytes reach the series once, at the turn's end
+    (not a counter update per read): a scrape, which runs in a turn of its own, sees every
+    byte relayed before it, and a connection's end counts what is held at once."""
+
+    async def main() -> list[tuple[float, float]]:
+        registry = CollectorRegistry()
+        meter = ConnectionMeter(ProxyMetrics(registry), LABELS)
+        key = tuple(sorted(vars(LABELS).items()))
+
+        def read() -> tuple[float, float]:
+            got = samples(generate_latest(registry).decode())
+            return (got[("istio_tcp_received_bytes_total", key)],
+                    got[("istio_tcp_sent_bytes_total", key)])
+
+        seen = []
+        meter.opened()
+        for _ in range(1000):
+            meter.bytes(True, 7)
+            meter.bytes(False, 3)
+        seen.append(read())               # the same turn: not counted yet
+        await asyncio.sleep(0)
+        seen.append(read())               # the next turn: all of it
+        meter.bytes(True, 5)
+        meter.closed()                    # the end counts what is held at once
+        seen.append(read())
+        await asyncio.sleep(0)
+        seen.append(read())               # and nothing twice
+        return seen
+
+    assert asyncio.run(main()) == [(0, 0), (7000, 3000), (7005, 3000), (7005, 3000)]
