@@ -9,8 +9,9 @@ path is the daemons' own objects over loopback: a client socket -> a relay (tcp/
 the mesh's contexts) -> the serving session -> a relay -> an echo socket, and back.
 Printed: wall and CPU µs per 64-byte round trip; with ``--profile`` (cProfile) the
 Python calls per round trip and the functions called most.  The relays count bytes into
-a no-op here (the daemon's metrics cost comes on top); see docs/benchmarks.md,
-"Small-message round trips".
+a no-op, or with ``--metrics`` as the daemon's do (the Istio TCP series of one label set
+and the live figures); see docs/benchmarks.md, "Small-message round trips" and "HTTP
+through L4 cross node, sixth round".
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pstats
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 import uvloop
 
@@ -33,6 +35,8 @@ from nodeproxy.identity import (
     tls_transport,
 )
 from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.telemetry.live_stats import LiveStats
+from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics, TcpLabels
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
@@ -83,6 +87,18 @@ def _no_bytes(from_downstream: bool, n: int) -> None:
     pass
 
 
+def _daemon_bytes() -> Callable[[bool, int], None]:
+    """The daemon's byte callback: the Istio TCP series of one label set and its live
+    figures (what every relay read of the daemon feeds)."""
+    from prometheus_client import CollectorRegistry
+    metrics = ProxyMetrics(CollectorRegistry())
+    metrics.live = LiveStats(60)
+    return metrics.meter(TcpLabels(*(UNKNOWN,) * 9)).bytes
+
+
+_ON_BYTES: list[Callable[[bool, int], None]] = [_no_bytes]
+
+
 def _no_end(relay: Relay) -> None:
     pass
 
@@ -110,7 +126,7 @@ async def _path(connections: int) -> list[_Ping]:
         near, far = socket.socketpair()
         up = await _side(near)
         await loop.create_connection(_Echo, sock=far)
-        relays.append(Relay(down, up, _no_bytes, _no_end))
+        relays.append(Relay(down, up, _ON_BYTES[0], _no_end))
         relays[-1].start()
 
     server = H2Session(client_side=False, on_request=lambda session, stream:
@@ -135,7 +151,7 @@ async def _path(connections: int) -> list[_Ping]:
         stream.set_protocol(up)  # type: ignore[arg-type]
         near, far = socket.socketpair()
         down = await _side(near)
-        relays.append(Relay(down, up, _no_bytes, _no_end))
+        relays.append(Relay(down, up, _ON_BYTES[0], _no_end))
         relays[-1].start()
         _, ping = await loop.create_connection(_Ping, sock=far)
         pings.append(ping)
@@ -175,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=1,
                         help="ping-pong flows at once, each its stream on the one tunnel "
                              "(several: the batching of a loaded daemon)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="the relays count bytes as the daemon's do (Istio TCP series "
+                             "and live figures), not into a no-op")
     parser.add_argument("--profile", action="store_true",
                         help="count Python calls (cProfile; slows the run)")
     args = parser.parse_args(argv)
@@ -182,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--round-trips 1..1000000")
     if not 1 <= args.connections <= 256:
         parser.error("--connections 1..256")
+    if args.metrics:
+        _ON_BYTES[0] = _daemon_bytes()
     uvloop.run(_measure(args.round_trips, args.profile, args.connections))
     return 0
 
