@@ -113,7 +113,7 @@ class ProxySettings(Model):
     netns_check_seconds: float = Field(default=1.0, gt=0, le=60)
     # How often the daemon looks whether a burst of connections is over, to give the
     # heap's freed memory back to the kernel (glibc malloc_trim); 0: never.
-    memory_trim_seconds: float = Field(default=5.0, ge=0, le=3600)
+    memory_trim_seconds: float = Field(default=1.0, ge=0, le=3600)
 
 
 class AdminSettings(Model):

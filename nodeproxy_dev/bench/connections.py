@@ -17,7 +17,12 @@ from nodeproxy_dev.bench.runner import last_json_line, run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
 
-IDLE_SETTLE_S = 1.0
+# The proxy's RSS with the idle connections is read this long after the last one opened
+# (its figure), and also after the first second (`rss_1s_mib`, in the JSON): a proxy may
+# tidy up after a burst (nodeproxy's memory trim looks every second), and connections
+# left idle stay for far longer than this.
+IDLE_EARLY_S = 1.0
+IDLE_SETTLE_S = 3.0
 
 
 def setup_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
@@ -153,7 +158,9 @@ def idle_connections(bench: BenchCluster, route: Route, count: int) -> dict[str,
                                    f"{ready.get('errors')}")
         out["setup_s"] = float(ready["setup_s"])
         if proxy is not None:
-            time.sleep(IDLE_SETTLE_S)
+            time.sleep(IDLE_EARLY_S)
+            out["rss_1s_mib"] = procstat.rss_kib(proxy.pid) / 1024
+            time.sleep(IDLE_SETTLE_S - IDLE_EARLY_S)
             memory = procstat.memory_kib(proxy.pid)
             out.update({"rss_before_mib": before / 1024, "rss_mib": memory["VmRSS"] / 1024,
                         "kib_per_conn": (memory["VmRSS"] - before) / count,
