@@ -8,7 +8,8 @@ connections opened or closed (docs/benchmarks.md, "Idle memory, sixth round").
 A low-rate housekeeping check (proxy.memoryTrimSeconds) trims once the connections
 opened and closed since the last trim reach MIN_CHURN and the last interval was quiet
 (at most QUIET_CHURN of them): after a burst, not in the middle of one, where the pages
-would only be faulted back in.  HAProxy likewise trims its pools when it releases memory.
+would only be faulted back in; and once at its first check, after start-up.  HAProxy
+likewise trims its pools when it releases memory.
 
 glibc only: on another C library (musl has no `malloc_trim`) the check does nothing.
 pymalloc's arenas (Python objects up to 512 bytes) are returned by Python itself when
@@ -35,9 +36,13 @@ QUIET_CHURN = 16
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def trim_due(churn_since_trim: int, churn_last_interval: int) -> bool:
-    """Whether to trim now: enough connections came and went since the last trim to have
-    left freed memory behind, and the last interval was quiet (the burst is over)."""
+def trim_due(churn_since_trim: int, churn_last_interval: int, first: bool = False) -> bool:
+    """Whether to trim now: at the first check after start-up (what parsing the config,
+    compiling policies and enrolling the pods left free), else when enough connections
+    came and went since the last trim to have left freed memory behind and the last
+    interval was quiet (the burst is over)."""
+    if first:
+        return True
     return churn_since_trim >= MIN_CHURN and churn_last_interval <= QUIET_CHURN
 
 
@@ -81,6 +86,7 @@ class MemoryTrimmer:
         self._rss = rss
         self._at_trim = 0      # churn at the last trim
         self._at_check = 0     # churn at the last check
+        self._checked = False  # the first check trims what start-up left
 
     @property
     def unavailable(self) -> bool:
@@ -90,7 +96,8 @@ class MemoryTrimmer:
         """One housekeeping look; True when it trimmed."""
         since_trim, last_interval = churn - self._at_trim, churn - self._at_check
         self._at_check = churn
-        if self._trim is None or not trim_due(since_trim, last_interval):
+        first, self._checked = not self._checked, True
+        if self._trim is None or not trim_due(since_trim, last_interval, first):
             return False
         self._at_trim = churn
         before = self._rss()

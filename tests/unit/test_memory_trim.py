@@ -19,7 +19,9 @@ from nodeproxy.daemon.memory_trim import (
 )
 
 
-def test_trim_due_only_after_a_burst_that_is_over() -> None:
+def test_trim_due_only_after_start_up_and_after_a_burst_that_is_over() -> None:
+    assert trim_due(0, 0, first=True)                  # what start-up left
+    assert trim_due(0, 1000, first=True)
     assert not trim_due(0, 0)                          # nothing happened
     assert not trim_due(MIN_CHURN - 1, 0)              # too little came and went
     assert trim_due(MIN_CHURN, 0)                      # a burst, then quiet
@@ -51,6 +53,10 @@ def test_trims_once_per_burst_after_it_ends() -> None:
     heap = FakeHeap()
     t, metrics = trimmer(heap)
     churn = 0
+    assert t.check(churn)              # the first check: after start-up
+    heap.trims = 0
+    metrics.trims._value.set(0)
+    metrics.trimmed._value.set(0)
     for step in (300, 300, 300):       # a burst over three checks: never mid-burst
         churn += step
         assert not t.check(churn)
@@ -71,6 +77,7 @@ def test_trims_once_per_burst_after_it_ends() -> None:
 def test_a_slow_trickle_adds_up_to_a_trim() -> None:
     heap = FakeHeap()
     t, _ = trimmer(heap)
+    assert t.check(0)
     churn, trimmed_at = 0, []
     for check in range(100):
         churn += QUIET_CHURN           # always quiet, but it adds up
