@@ -63,11 +63,18 @@ if os.environ.get("NODEPROXY_RSS_DIR") and _nodeproxy_daemon():
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
         if action == "collect":
             import gc
+            from collections import Counter
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what the garbage was, by type
+            gc.collect()
+            kinds = Counter(type(o).__qualname__ for o in gc.garbage).most_common(12)
+            gc.garbage.clear()
+            gc.set_debug(0)
             before, t0 = rss(), time.thread_time()
             found = gc.collect()
             report["collect"] = {"rss_before_kib": before, "rss_after_kib": rss(),
                                  "cpu_ms": (time.thread_time() - t0) * 1000,
-                                 "unreachable": found, "objects": len(gc.get_objects())}
+                                 "unreachable": found, "objects": len(gc.get_objects()),
+                                 "garbage_kinds": kinds}
         if action == "trim":
             before, t0 = rss(), time.thread_time()
             libc.malloc_trim(0)
