@@ -18,6 +18,9 @@ from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
 
 IDLE_SETTLE_S = 1.0
+# The capacity scenario stops when a step's time per connection grows to this multiple of
+# the first step's: the route is slowing down, not holding.
+CAPACITY_SLOW_FACTOR = 4.0
 
 
 def setup_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
@@ -113,6 +116,33 @@ def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dic
     return {**steadiness(rates), "windows_per_s": [round(r, 1) for r in rates],
             "window_s": settings.sustained_window, "succeeded": float(final["succeeded"]),
             "failed": float(final.get("failed", 0)), "errors": final.get("errors", {})}
+
+
+def capacity(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, Any]:
+    """How many concurrent connections the route holds: the capacity client opens them
+    settings.capacity_step at a time until one is refused or a step slows to
+    CAPACITY_SLOW_FACTOR times the first step's time per connection, or
+    settings.capacity_max are held (nodeproxy_dev.bench.capacity).  The proxies' open-file
+    limits are raised as far as the run's hard limit allows first."""
+    out: dict[str, Any] = {"nofile": [procstat.raise_nofile(p.pid, 2 * settings.capacity_max
+                                                            + 1000)
+                                      for p in route.proxies]}
+    deadline = settings.capacity_deadline
+    argv = [bench.cluster.python, "-m", "nodeproxy_dev.bench.capacity", "--to", route.address,
+            "--max", str(settings.capacity_max), "--step", str(settings.capacity_step),
+            "--slow-factor", str(CAPACITY_SLOW_FACTOR), "--timeout", "5",
+            "--deadline", str(deadline)]
+    result = run_tool(bench, route.client_pod, argv, timeout=deadline + 60)
+    found = last_json_line(result, "capacity client")
+    if not found.get("held"):
+        raise MeasurementError(f"no connection held: {found.get('errors')}")
+    steps = [float(s) for s in found.get("step_ms_per_conn", [])]
+    out.update(found)
+    out["slowdown"] = steps[-1] / steps[0] if len(steps) > 1 and steps[0] > 0 else 1.0
+    errors = ", ".join(f"{k} ×{v}" for k, v in found.get("errors", {}).items())
+    out["note"] = (f"held {found['held']} of at most {found['max']} ({found['reason']}"
+                   f"{': ' + errors if errors else ''})")
+    return out
 
 
 def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
