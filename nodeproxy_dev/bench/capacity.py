@@ -9,8 +9,8 @@ the first of:
 
 - ``refused``: a connection of the step failed (reset, refused, or no echo within
   ``--timeout``), or a held connection no longer echoes;
-- ``slowed``: the step took more than ``--slow-factor`` times the first step's time per
-  connection;
+- ``slowed``: the step took more than ``--slow-factor`` times the median time per
+  connection of the steps before it;
 - ``cap``: ``--max`` connections are held.
 
 Prints one JSON line: ``held`` (connections open and echoing when it stopped), the
@@ -27,17 +27,29 @@ import asyncio
 import json
 import random
 import resource
+import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from nodeproxy_dev.testbed.peer import PINGPONG, describe, parse_target
+from nodeproxy_dev.testbed.peer import PINGPONG, parse_target
+from nodeproxy_dev.testbed.peer import describe as describe_error
 
 MAX_CONNECTIONS = 60000
 PARALLEL = 64  # connects in flight: below the proxies' listen backlog
 SAMPLE = 16  # held connections checked after each step
+
+
+def slowdown(step_seconds: Sequence[float]) -> float:
+    """The last step's time per connection against the median of the steps before it
+    (1.0 with one step): the median, not the first, since a route's first step also pays
+    its warm-up."""
+    if len(step_seconds) < 2:
+        return 1.0
+    before = statistics.median(step_seconds[:-1])
+    return step_seconds[-1] / before if before > 0 else 1.0
 
 
 def stop_reason(step_seconds: Sequence[float], step_failed: int, held: int, cap: int,
@@ -47,7 +59,7 @@ def stop_reason(step_seconds: Sequence[float], step_failed: int, held: int, cap:
     that failed."""
     if step_failed:
         return "refused"
-    if len(step_seconds) > 1 and step_seconds[-1] > slow_factor * step_seconds[0]:
+    if slowdown(step_seconds) > slow_factor:
         return "slowed"
     if held >= cap:
         return "cap"
@@ -63,6 +75,13 @@ def fit_nofile(wanted: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return max(0, soft - 64)
+
+
+def describe(error: BaseException) -> str:
+    """The error's name and text, without the addresses a closed transport's repr has."""
+    if isinstance(error, RuntimeError):
+        return "RuntimeError: the transport was closed"
+    return describe_error(error)
 
 
 class Held:
@@ -136,6 +155,7 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
                                  args.slow_factor)
         return {"held": len(held.writers), "reason": reason, "max": args.max,
                 "step": args.step, "step_ms_per_conn": [round(s * 1000, 3) for s in steps],
+                "slowdown": round(slowdown(steps), 3),
                 "errors": dict(held.errors.most_common(5))}
     finally:
         held.close()
@@ -152,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per connect and per echo")
     parser.add_argument("--slow-factor", type=float, default=4.0,
                         help="stop when a step's time per connection exceeds this "
-                             "multiple of the first step's")
+                             "multiple of the median of the steps before it")
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds in all")
     args = parser.parse_args(argv)
     if not 1 <= args.max <= MAX_CONNECTIONS or args.step < 1:

@@ -19,7 +19,7 @@ from nodeproxy_dev.bench.topology import BenchCluster
 
 IDLE_SETTLE_S = 1.0
 # The capacity scenario stops when a step's time per connection grows to this multiple of
-# the first step's: the route is slowing down, not holding.
+# the earlier steps' median: the route is slowing down, not holding.
 CAPACITY_SLOW_FACTOR = 4.0
 
 
@@ -121,7 +121,7 @@ def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dic
 def capacity(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, Any]:
     """How many concurrent connections the route holds: the capacity client opens them
     settings.capacity_step at a time until one is refused or a step slows to
-    CAPACITY_SLOW_FACTOR times the first step's time per connection, or
+    CAPACITY_SLOW_FACTOR times the earlier steps' median time per connection, or
     settings.capacity_max are held (nodeproxy_dev.bench.capacity).  The proxies' open-file
     limits are raised as far as the run's hard limit allows first."""
     out: dict[str, Any] = {"nofile": [procstat.raise_nofile(p.pid, 2 * settings.capacity_max
@@ -136,9 +136,7 @@ def capacity(bench: BenchCluster, route: Route, settings: Settings) -> dict[str,
     found = last_json_line(result, "capacity client")
     if not found.get("held"):
         raise MeasurementError(f"no connection held: {found.get('errors')}")
-    steps = [float(s) for s in found.get("step_ms_per_conn", [])]
     out.update(found)
-    out["slowdown"] = steps[-1] / steps[0] if len(steps) > 1 and steps[0] > 0 else 1.0
     errors = ", ".join(f"{k} ×{v}" for k, v in found.get("errors", {}).items())
     out["note"] = (f"held {found['held']} of at most {found['max']} ({found['reason']}"
                    f"{': ' + errors if errors else ''})")

@@ -404,7 +404,8 @@ class ConnectionCapacity(Scenario):
                    f"step slows {connections.CAPACITY_SLOW_FACTOR:g}× or the cap, same node",
                    "conns", "higher", digits=0),
             Metric("capacity.slowdown", "connection capacity: the last step's time per "
-                   "connection ÷ the first step's, same node", "×", "lower", digits=2),
+                   "connection ÷ the earlier steps' median, same node", "×", "lower",
+                   digits=2),
         )
 
     def measure(self, bench: BenchCluster, configuration: Configuration,
@@ -412,7 +413,7 @@ class ConnectionCapacity(Scenario):
         route = configuration.route(bench, ServerKind.ECHO, NetPath.SAME_NODE)
         raw = connections.capacity(bench, route, settings)
         held, slowdown = (m.key for m in self.metrics)
-        return {held: float(raw["held"]), slowdown: raw["slowdown"]}, raw
+        return {held: float(raw["held"]), slowdown: float(raw["slowdown"])}, raw
 
 
 class Enrollment(Scenario):
