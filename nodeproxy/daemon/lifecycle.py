@@ -180,6 +180,7 @@ class Daemon:
         if self.discovery is not None:
             await self.discovery.stop()
         if self.kernel is not None:
+            await self.kernel.probe_snat.close()
             self.kernel.close_programs()
         log.info("node %s stopped; capture detached and pins removed", self.config.node.name)
 

@@ -23,6 +23,9 @@ from nodeproxy_dev.bench.topology import BenchCluster
 # left idle stay for far longer than this.
 IDLE_EARLY_S = 1.0
 IDLE_SETTLE_S = 3.0
+# The capacity scenario stops when a step's time per connection grows to this multiple of
+# the earlier steps' median: the route is slowing down, not holding.
+CAPACITY_SLOW_FACTOR = 4.0
 
 
 def setup_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
@@ -118,6 +121,31 @@ def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dic
     return {**steadiness(rates), "windows_per_s": [round(r, 1) for r in rates],
             "window_s": settings.sustained_window, "succeeded": float(final["succeeded"]),
             "failed": float(final.get("failed", 0)), "errors": final.get("errors", {})}
+
+
+def capacity(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, Any]:
+    """How many concurrent connections the route holds: the capacity client opens them
+    settings.capacity_step at a time until one is refused or a step slows to
+    CAPACITY_SLOW_FACTOR times the earlier steps' median time per connection, or
+    settings.capacity_max are held (nodeproxy_dev.bench.capacity).  The proxies' open-file
+    limits are raised as far as the run's hard limit allows first."""
+    out: dict[str, Any] = {"nofile": [procstat.raise_nofile(p.pid, 2 * settings.capacity_max
+                                                            + 1000)
+                                      for p in route.proxies]}
+    deadline = settings.capacity_deadline
+    argv = [bench.cluster.python, "-m", "nodeproxy_dev.bench.capacity", "--to", route.address,
+            "--max", str(settings.capacity_max), "--step", str(settings.capacity_step),
+            "--slow-factor", str(CAPACITY_SLOW_FACTOR), "--timeout", "5",
+            "--deadline", str(deadline)]
+    result = run_tool(bench, route.client_pod, argv, timeout=deadline + 60)
+    found = last_json_line(result, "capacity client")
+    if not found.get("held"):
+        raise MeasurementError(f"no connection held: {found.get('errors')}")
+    out.update(found)
+    errors = ", ".join(f"{k} ×{v}" for k, v in found.get("errors", {}).items())
+    out["note"] = (f"held {found['held']} of at most {found['max']} ({found['reason']}"
+                   f"{': ' + errors if errors else ''})")
+    return out
 
 
 def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
