@@ -42,7 +42,7 @@ from nodeproxy.tunnel.session import H2Session, StreamTransport
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
 MESSAGE = b"x" * 64
 WARM_UP = 200
-TOP = 60
+TOP = 25
 
 
 class _Ping(asyncio.Protocol):
