@@ -62,7 +62,7 @@ def ctx() -> Any:
 
 
 def test_each_snapshot_is_judged_by_its_own_policies_for_the_same_backend() -> None:
-    first = snapshot(ONLY_PUBLIC)
+    first = snapshot()  # no policy selects web: not checked, and that is remembered
     state = MeshState(first)
     check = RequestAuthorizer(state)
     web = next(w for w in first.config.workloads if w.name == "web-1")
@@ -71,14 +71,16 @@ def test_each_snapshot_is_judged_by_its_own_policies_for_the_same_backend() -> N
     def allows(path: str) -> bool:
         return check.allows(ctx(), backend, RequestHead("GET", path, "web:8080", []))
 
+    for _ in range(3):
+        assert allows("/private") and allows("/public/a")
+    # A policy now selects it: what the last snapshot said (not policed) must not be kept.
+    state.replace(snapshot(ONLY_PUBLIC))
     for _ in range(3):  # remembered, and the same answers
         assert allows("/public/a") and not allows("/private")
-    state.replace(snapshot())  # no policy: the workload is not policed any more
-    assert allows("/private") and allows("/public/a")
     state.replace(snapshot(NOTHING))
     assert not allows("/public/a") and not allows("/private")
-    state.replace(snapshot(ONLY_PUBLIC))
-    assert allows("/public/a") and not allows("/private")
+    state.replace(snapshot())
+    assert allows("/private") and allows("/public/a")
 
 
 def test_a_backend_outside_the_snapshot_or_the_mesh_is_not_checked() -> None:
