@@ -37,6 +37,7 @@ keep connection tracking on in it).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import shutil
@@ -212,6 +213,12 @@ def parse_save(text: str) -> SavedRules:
     return SavedRules(tables, nf_tables)
 
 
+def jumps_to(state: TableState, chain: str) -> list[str]:
+    """Rules of built-in chains that jump to this chain (as written by iptables-save)."""
+    return [rule for rule in state.rules if rule.endswith(f" -j {chain}")
+            and not rule.startswith(chain + " ")]
+
+
 def _jumps_to_ours(state: TableState) -> list[str]:
     """Rules of built-in chains that jump to a chain of ours (as written by iptables-save)."""
     return [rule for rule in state.rules
@@ -292,12 +299,13 @@ def missing_binaries() -> list[str]:
     return [name for name in BINARIES if shutil.which(name) is None]
 
 
-def _run(netns_fd: int, argv: Sequence[str], what: str, stdin: str = "") -> str:
-    """Run one tool inside the netns (the child inherits this thread's netns)."""
+def _run(netns_fd: int | None, argv: Sequence[str], what: str, stdin: str = "") -> str:
+    """Run one tool inside the netns (the child inherits this thread's netns); None: in
+    the daemon's own."""
     if shutil.which(argv[0]) is None:
         raise IptablesError(f"{what}: {argv[0]} not found on PATH (apt install iptables)")
     try:
-        with entered(netns_fd):
+        with entered(netns_fd) if netns_fd is not None else contextlib.nullcontext():
             result = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
                                     timeout=RUN_TIMEOUT, check=False)
     except (OSError, subprocess.SubprocessError) as e:
@@ -309,8 +317,13 @@ def _run(netns_fd: int, argv: Sequence[str], what: str, stdin: str = "") -> str:
     return result.stdout
 
 
-def read(netns_fd: int, family: Family, what: str) -> SavedRules:
+def read(netns_fd: int | None, family: Family, what: str) -> SavedRules:
     return parse_save(_run(netns_fd, [family.save], what))
+
+
+def restore(netns_fd: int | None, family: Family, what: str, script: str) -> None:
+    """Apply an ``iptables-restore --noflush`` input: one transaction per table."""
+    _run(netns_fd, [family.restore, "-w", "--noflush"], what, script)
 
 
 def install(netns_fd: int, what: str, ports: Ports, families: Sequence[Family] = FAMILIES,
@@ -321,15 +334,15 @@ def install(netns_fd: int, what: str, ports: Ports, families: Sequence[Family] =
     denies, probe_sources = list(denies), list(probe_sources)
     for family in families:
         saved = read(netns_fd, family, what)
-        _run(netns_fd, [family.restore, "-w", "--noflush"], what,
-             install_script(family, ports, saved, denies, probe_sources))
+        restore(netns_fd, family, what,
+                install_script(family, ports, saved, denies, probe_sources))
 
 
 def set_denies(netns_fd: int, what: str, denies: Iterable[DenyRule],
                families: Sequence[Family] = FAMILIES) -> None:
     denies = list(denies)
     for family in families:
-        _run(netns_fd, [family.restore, "-w", "--noflush"], what, deny_script(family, denies))
+        restore(netns_fd, family, what, deny_script(family, denies))
 
 
 def remove(netns_fd: int, what: str, families: Sequence[Family] = FAMILIES) -> None:
@@ -341,7 +354,7 @@ def remove(netns_fd: int, what: str, families: Sequence[Family] = FAMILIES) -> N
             saved = read(netns_fd, family, what)
             script = removal_script(saved)
             if script:
-                _run(netns_fd, [family.restore, "-w", "--noflush"], what, script)
+                restore(netns_fd, family, what, script)
             if saved.nf_tables and shutil.which("nft"):
                 for table in tables_left_empty(saved):
                     _run(netns_fd, ["nft", "delete", "table", family.nft_family, table], what)

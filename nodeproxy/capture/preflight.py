@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
-from nodeproxy.capture import iptables, kernelfs
+from nodeproxy.capture import iptables, kernelfs, probe_snat
 from nodeproxy.capture.namespaces import netns_cookie_of
 from nodeproxy.capture.original_dst import Destination, original_destination
+from nodeproxy.config.model import PROBE_SNAT_IPV4, PROBE_SNAT_IPV6
 from nodeproxy.ports import OUTBOUND_PORT
 
 MIN_KERNEL = (5, 15)
@@ -822,6 +823,16 @@ def _redirect_and_deny(netns_fd: int) -> None:
             except ConnectionRefusedError:
                 continue
             raise RuntimeError(f"{version}: a REJECT rule did not refuse {target}:9")
+    # inbound.probeSnat's chain (in the node's nat table): the owner match and SNAT.
+    rules = probe_snat.ProbeSnatRules(
+        PROBE_SNAT_IPV4, PROBE_SNAT_IPV6,
+        frozenset(ipaddress.ip_address(target) for _, target, _ in TEST_NET.values()))
+    probe_snat.install(rules)
+    for family in iptables.FAMILIES:
+        wanted = [line.split(" ", 2)[2] for line in probe_snat.snat_rules(family, rules)]
+        if probe_snat.installed(family) != wanted:
+            raise RuntimeError(f"{family.name}: the probe SNAT chain reads back as "
+                               f"{probe_snat.installed(family)}, not {wanted}")
 
 
 def check_iptables() -> CheckResult:
@@ -841,8 +852,9 @@ def check_iptables() -> CheckResult:
         if not check_privileges().ok:
             hint = f"fix the privileges check first; then: {IPTABLES_HINT}"
         return _fail(name, f"nat REDIRECT capture does not work here: {detail}", hint)
-    return _pass(name, f"{version}: REDIRECT to the outbound port, SO_ORIGINAL_DST and a "
-                       "REJECT deny work for IPv4 and IPv6 (tried in a scratch netns)")
+    return _pass(name, f"{version}: REDIRECT to the outbound port, SO_ORIGINAL_DST, a "
+                       "REJECT deny and inbound.probeSnat's SNAT rules work for IPv4 and "
+                       "IPv6 (tried in a scratch netns)")
 
 
 def check_netns_cookie_sockopt() -> CheckResult:

@@ -111,6 +111,9 @@ class ProxySettings(Model):
     drain_seconds: float = Field(default=10.0, ge=0, le=3600)
     # How often enrolled pods' netns paths are checked for having vanished.
     netns_check_seconds: float = Field(default=1.0, gt=0, le=60)
+    # How often the daemon looks whether a burst of connections is over, to give the
+    # heap's freed memory back to the kernel (glibc malloc_trim); 0: never.
+    memory_trim_seconds: float = Field(default=1.0, ge=0, le=3600)
 
 
 class AdminSettings(Model):
@@ -468,12 +471,73 @@ class TunnelSettings(Model):
 MAX_PROBE_SOURCES = 256
 
 
+# The probe addresses Istio ambient's CNI rewrites kubelet's probes to: link-local for
+# IPv4; for IPv6 a unique-local address no pod range is carved from in practice.
+PROBE_SNAT_IPV4 = ipaddress.IPv4Address("169.254.7.127")
+PROBE_SNAT_IPV6 = ipaddress.IPv6Address("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+_LINK_LOCAL_V4 = ipaddress.IPv4Network("169.254.0.0/16")
+
+
+class ProbeSnatSettings(Model):
+    """Kubelet's probes from an address of their own (nodeproxy.capture.probe_snat): the
+    node rewrites the source of the TCP connections its own processes open to enrolled
+    pods to these addresses, which inbound capture then leaves alone.  Forwarded traffic
+    (a NodePort connection masqueraded to the node's address) is not rewritten, so it
+    is captured.  None for a family: its probes are not rewritten."""
+
+    ipv4: ipaddress.IPv4Address | None = PROBE_SNAT_IPV4
+    ipv6: ipaddress.IPv6Address | None = PROBE_SNAT_IPV6
+
+    @field_validator("ipv4", mode="before")
+    @classmethod
+    def _link_local(cls, value: object) -> object:
+        if value is None:
+            return None
+        parsed = _ip_address(value)
+        if not isinstance(parsed, ipaddress.IPv4Address) or parsed not in _LINK_LOCAL_V4:
+            raise ValueError(f"{value!r} is not an IPv4 link-local address (169.254.0.0/16):"
+                             " the probe address must be one no pod or node owns")
+        return parsed
+
+    @field_validator("ipv6", mode="before")
+    @classmethod
+    def _unicast(cls, value: object) -> object:
+        if value is None:
+            return None
+        parsed = _ip_address(value)
+        if (not isinstance(parsed, ipaddress.IPv6Address) or parsed.is_multicast
+                or parsed.is_loopback or parsed.is_unspecified or parsed.is_link_local
+                or parsed.ipv4_mapped is not None):
+            raise ValueError(f"{value!r} is not a unicast IPv6 address outside fe80::/10, "
+                             "::1 and ::ffff:0:0/96")
+        return parsed
+
+    def addresses(self) -> list[IPAddress]:
+        return [a for a in (self.ipv4, self.ipv6) if a is not None]
+
+
 class InboundSettings(Model):
     # Sources of kubelet's probes (the node's own addresses): exempt from STRICT mTLS,
     # and in capture.mode ebpf or iptables not captured at all, so a probe reaches the
     # application itself (docs/architecture.md, "Inbound capture").
     probe_sources: list[IPNetworkField] = Field(default_factory=list,
                                                 max_length=MAX_PROBE_SOURCES)
+    # Rewrite the node's own connections to enrolled pods to a probe address, which is
+    # then a probe source too (docs/security.md, "Probe sources are not captured").
+    probe_snat: ProbeSnatSettings | None = None
+
+    @model_validator(mode="after")
+    def _room_for_probe_addresses(self) -> InboundSettings:
+        if len(self.all_probe_sources()) > MAX_PROBE_SOURCES:
+            raise ValueError(f"probeSources and probeSnat's addresses: at most "
+                             f"{MAX_PROBE_SOURCES} together")
+        return self
+
+    def all_probe_sources(self) -> list[IPNetwork]:
+        """What inbound capture and STRICT exempt: probeSources and the probe addresses."""
+        snat = self.probe_snat.addresses() if self.probe_snat is not None else []
+        return list(dict.fromkeys([*self.probe_sources,
+                                   *(ipaddress.ip_network(a) for a in snat)]))
 
 
 # --- peer authentication and authorization (Istio's shapes) --------------------------------

@@ -26,7 +26,7 @@ from nodeproxy.config import watcher
 from nodeproxy.config.changes import WorkloadChanges
 from nodeproxy.config.loader import LoadedConfig
 from nodeproxy.config.model import NodeConfig
-from nodeproxy.daemon import views
+from nodeproxy.daemon import memory_trim, views
 from nodeproxy.daemon.control_api import ControlApi
 from nodeproxy.daemon.handover import Handover, HandoverRefused, close_listeners
 from nodeproxy.daemon.reload import UNCHANGED, ConfigReloader, apply_config
@@ -78,6 +78,8 @@ class Daemon:
             "reserved (never used by proxied connections), open (now)",
             ("kind",), registry=self.registry)
         self._open_files.labels("open").set_function(open_descriptors)
+        self._trimmer = memory_trim.MemoryTrimmer(
+            memory_trim.MemoryTrimMetrics(self.registry), memory_trim.glibc_trim())
         self.admin = AdminServers(
             self, clusters=self._clusters_view,
             live=self._live_view if self.telemetry.live is not None else None)
@@ -138,6 +140,8 @@ class Daemon:
         self._tasks.append(asyncio.create_task(
             proxies.enrollment.watch_vanished(cfg.proxy.netns_check_seconds)))
         self._tasks.append(asyncio.create_task(self._close_idle_flows()))
+        self._tasks.append(asyncio.create_task(memory_trim.run(
+            self._trimmer, lambda: self.tracker.churn, cfg.proxy.memory_trim_seconds)))
         self._tasks.append(asyncio.create_task(watcher.watch(
             self.loaded.source, cfg.proxy.netns_check_seconds,
             lambda: self.reloader.seen_digest, lambda: self.reload("file"))))
@@ -176,6 +180,7 @@ class Daemon:
         if self.discovery is not None:
             await self.discovery.stop()
         if self.kernel is not None:
+            await self.kernel.probe_snat.close()
             self.kernel.close_programs()
         log.info("node %s stopped; capture detached and pins removed", self.config.node.name)
 

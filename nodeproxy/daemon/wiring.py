@@ -3,7 +3,8 @@
 - `Telemetry.create`: the metrics registry and the recorders every part writes to.
 - `start_kernel`: the capture programs (ebpf; in iptables mode sockops alone, for the
   per-pod counters, where the kernel has it) and what drives their maps: steering (ebpf
-  maps or iptables rules), the splicer, the sk_msg redirect.
+  maps or iptables rules), the splicer, the sk_msg redirect; and the node's probe SNAT
+  rules (inbound.probeSnat), which follow the enrolled pods.
 - `build_proxies`: identity, the HBONE pool and server, the upstream dialer, the HTTP
   layer, the outbound and inbound proxies, enrollment and runtime pods.  Every part that
   decides reads the mesh state from one holder (nodeproxy.mesh.holder); none holds a
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from nodeproxy.capture import iptables, kernelfs
+from nodeproxy.capture import iptables, kernelfs, probe_snat
 from nodeproxy.capture.maps import CaptureMaps, NoKernelMaps, PodMaps
 from nodeproxy.capture.msg_redirect import MsgRedirect
 from nodeproxy.capture.programs import CapturePrograms
@@ -179,6 +180,7 @@ class Kernel:
     steering: Steering
     splicer: Splicer
     msg_redirect: MsgRedirect | None  # None without programs
+    probe_snat: probe_snat.ProbeSnatKeeper
 
     def close_programs(self, *, keep_maps: bool = False) -> None:
         """Detach and unload our programs (once); keep_maps leaves the pinned maps to
@@ -213,6 +215,7 @@ def start_kernel(config: NodeConfig, pod_cgroup: str, registry: CollectorRegistr
                  taking_over: bool) -> Kernel:
     """The kernel side of this capture mode.  If a step fails, what was loaded is closed
     again (the pinned maps stay when another instance shares them)."""
+    keeper = _probe_snat_keeper(config, taking_over=taking_over)  # before anything loads
     programs: CapturePrograms | None = None
     try:
         if config.capture.mode == "ebpf":
@@ -221,7 +224,7 @@ def start_kernel(config: NodeConfig, pod_cgroup: str, registry: CollectorRegistr
             maps: PodMaps = CaptureMaps(programs.maps)
             steering: Steering = EbpfSteering(programs, maps)
             # Before any pod is steered: a probe is never captured, not even at start.
-            steering.replace_probe_sources(config.inbound.probe_sources, {})
+            steering.replace_probe_sources(config.inbound.all_probe_sources(), {})
         else:
             try:  # sockops keeps the per-pod kernel counters where it can
                 programs = _programs(config, pod_cgroup, None)
@@ -248,7 +251,23 @@ def start_kernel(config: NodeConfig, pod_cgroup: str, registry: CollectorRegistr
             programs.close(keep_maps=taking_over)
         raise
     return Kernel(pod_cgroup=pod_cgroup, programs=programs, maps=maps, steering=steering,
-                  splicer=splicer, msg_redirect=msg_redirect)
+                  splicer=splicer, msg_redirect=msg_redirect, probe_snat=keeper)
+
+
+def _probe_snat_keeper(config: NodeConfig, *, taking_over: bool) -> probe_snat.ProbeSnatKeeper:
+    """The keeper of the node's probe SNAT rules.  Without inbound.probeSnat, rules an
+    earlier instance left (it crashed) are removed, unless this one takes over from it."""
+    missing = iptables.missing_binaries()
+    if config.inbound.probe_snat is not None and missing:
+        raise OSError(f"inbound.probeSnat needs {', '.join(missing)} on PATH "
+                      "(apt install iptables)")
+    if config.inbound.probe_snat is None and not missing and not taking_over:
+        try:
+            probe_snat.remove()
+        except iptables.IptablesError as e:
+            log.warning("could not check for probe SNAT rules left by an earlier "
+                        "instance: %s", e)
+    return probe_snat.ProbeSnatKeeper()
 
 
 # -- the proxies ---------------------------------------------------------------------------
@@ -345,10 +364,20 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
 
     def write_probe_sources(snapshot: MeshSnapshot) -> None:
         """Inbound capture's exemption for kubelet probes follows inbound.probeSources."""
-        steering.replace_probe_sources(snapshot.config.inbound.probe_sources,
+        steering.replace_probe_sources(snapshot.config.inbound.all_probe_sources(),
                                        {p.pod_id: p for p in enrollment.pods.values()})
 
     state.watch(write_probe_sources)
+
+    def write_probe_snat(snapshot: MeshSnapshot) -> None:
+        """The node's probe SNAT rules follow inbound.probeSnat and the enrolled pods."""
+        settings = snapshot.config.inbound.probe_snat
+        kernel.probe_snat.want(
+            settings.ipv4 if settings is not None else None,
+            settings.ipv6 if settings is not None else None,
+            [ip for pod in enrollment.pods.values() for ip in pod.workload.ips])
+
+    state.watch(write_probe_snat)
     runtime = RuntimePods(node=cfg.node.name, enrollment=enrollment, discovered=discovered,
                           saved=SavedPods(cfg.node.state_dir, cfg.node.name),
                           on_change=on_change)

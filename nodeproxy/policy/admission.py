@@ -147,7 +147,7 @@ class Admitter:
     def __init__(self, config: NodeConfig, metrics: AdmissionMetrics):
         self._authorizer = Authorizer(config)
         self._peer_auth = PeerAuthenticator(config)
-        self._probe_sources = tuple(config.inbound.probe_sources)
+        self._probe_sources = tuple(config.inbound.all_probe_sources())
         self._metrics = metrics
         self._request_denials = _RequestDenialLog()
         # Each workload's policy view, by id: made once, not on every request (the

@@ -12,8 +12,10 @@ so no byte, EOF or reset reaches a relay whose other side has no transport yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from nodeproxy.tcp.relay import WRITE_HIGH_WATER
@@ -63,6 +65,20 @@ class _Adopting(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.events.append(("lost", exc))
+
+
+@contextlib.contextmanager
+def borrowed(sock: socket.socket | int) -> Iterator[socket.socket]:
+    """A socket object for a bare descriptor, for the length of a query (getsockopt,
+    ioctl): the descriptor stays open and owned by the caller.  A socket is lent as is."""
+    if not isinstance(sock, int):
+        yield sock
+        return
+    lent = socket.socket(fileno=sock)
+    try:
+        yield lent
+    finally:
+        lent.detach()
 
 
 async def adopt(socks: list[socket.socket], protocols: list[asyncio.Protocol]) -> None:

@@ -38,8 +38,10 @@ both sides and waited; the credit-and-hold design passed every run since.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
 import select
 import socket
 from collections.abc import Callable, Iterable
@@ -49,7 +51,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.capture.splice import SpliceMaps
-from nodeproxy.tcp.bare_socket import adopt, detach
+from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
 from nodeproxy.tcp.relay import _LINGER_RESET, Relay, Side
 from nodeproxy.tcp.send_state import is_closed, send_state, sent_total
 
@@ -77,6 +79,13 @@ QUIET_MAX = 16.0
 WHEEL_TICK = 1.0
 # How often half-closed spliced flows are checked for a reset on their quiet side.
 WATCH_SECONDS = 0.5
+
+
+# What an end's `sock` becomes once its descriptor is gone (a failed wake): every query
+# on it fails (EBADF), as on the transport's own socket after it closed; never a bare
+# number that another connection's socket may have taken since.
+_GONE = socket.socket()
+_GONE.close()
 
 
 class SpliceMetrics:
@@ -107,7 +116,7 @@ class _End:
     """One socket of a spliced flow, as the source of its direction."""
 
     side: Side
-    sock: Any
+    sock: Any               # the transport's socket; asleep, the kept descriptor's number
     cookie: int
     sent_base: int          # sent_total() of this socket when the splice began
     credit: int             # as granted to the verdict
@@ -121,7 +130,7 @@ class _End:
 class SplicedFlow:
     """One relay whose bytes the kernel moves."""
 
-    __slots__ = ("_asleep", "_down", "_ends", "_parked", "_quiet", "_released", "_timer",
+    __slots__ = ("_asleep", "_down", "_parked", "_quiet", "_released", "_timer",
                  "_up", "_waking", "_waiters", "maps", "pods", "relay", "splicer",
                  "taken_back")
 
@@ -131,8 +140,7 @@ class SplicedFlow:
         self.maps = splicer.maps
         self.relay = relay
         self.pods = pods
-        self._ends = ends  # downstream's, upstream's
-        self._down, self._up = ends
+        self._down, self._up = ends  # downstream's, upstream's
         self._waiters: set[asyncio.Task] | None = None  # made for the first waiter
         self._released = False
         self.taken_back = False
@@ -143,6 +151,10 @@ class SplicedFlow:
         # (sleep/wake below); waking: new transports being made.
         self._asleep = False
         self._waking: asyncio.Task | None = None
+
+    @property
+    def _ends(self) -> tuple[_End, _End]:
+        return self._down, self._up
 
     def _end(self, side: Side) -> _End:
         return self._down if side is self._down.side else self._up
@@ -160,7 +172,8 @@ class SplicedFlow:
         dst_end = self._end(dst)
         buffered = dst.transport.get_write_buffer_size() if dst.transport else 0
         try:
-            taken = sent_total(dst_end.sock) - dst_end.sent_base
+            with borrowed(dst_end.sock) as sock:
+                taken = sent_total(sock) - dst_end.sent_base
         except OSError:
             return 0  # the peer's socket is gone: nothing left to wait for
         if moved is None:
@@ -260,7 +273,13 @@ class SplicedFlow:
         FIN there: only a reset ends a TCP connection that way.  (A connection whose
         FINs both passed is over too, legitimately: the socket that sent the first FIN
         leaves TCP_CLOSE behind when it goes to TIME_WAIT.)"""
-        return not self.relay.peer(side).eof_forwarded and is_closed(self._end(side).sock)
+        if self.relay.peer(side).eof_forwarded:
+            return False
+        try:
+            with borrowed(self._end(side).sock) as sock:
+                return is_closed(sock)
+        except OSError:
+            return True
 
     def check_alive(self) -> None:
         """After a side's EOF nothing reads its socket any more, so a reset arriving
@@ -365,6 +384,11 @@ class SplicedFlow:
         self.splicer.flows.discard(self)
         for task in self._waiters or ():
             task.cancel()
+        # No reference cycle outlives the flow (relay <-> flow <-> ends -> sides <->
+        # relay): freed when the last reference goes, not at the collector's next full
+        # pass, which thousands of flows closing at once wait for with several MiB.
+        self.relay.splice = None
+        asyncio.get_running_loop().call_soon(_unlink, self.relay)
 
     # -- asleep: no transports while Python has no part in the flow -----------------
 
@@ -399,12 +423,13 @@ class SplicedFlow:
             self._wake_asleep(socks, self._ends[:len(socks)])
             return False
         for end, sock in zip(self._ends, socks, strict=True):
-            end.side.transport, end.sock = None, sock
+            # Only the descriptor's number is kept (a socket object is 88 bytes more).
+            end.side.transport, end.sock = None, sock.detach()
         self._asleep = True
         self.splicer.metrics.sleeps.inc()
         try:
             for end in self._ends:
-                self.splicer.watch(end.sock.fileno(), self)
+                self.splicer.watch(end.sock, self)
         except OSError:
             self.wake()  # the kernel would not watch it (memory): transports back
             return False
@@ -416,6 +441,13 @@ class SplicedFlow:
         if not self._asleep:
             return
         self._unwatch()
+        for end in self._ends:
+            try:
+                end.sock = socket.socket(fileno=end.sock)  # owns the descriptor again
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.close(end.sock)
+                end.sock = _GONE  # adopt reports it lost
         self._wake_asleep([end.sock for end in self._ends], self._ends)
         self.splicer.metrics.wakes.inc()
 
@@ -427,10 +459,12 @@ class SplicedFlow:
         try:
             await adopt(socks, [end.side for end in ends])
             for end in ends:
-                if end.side.transport is not None:
-                    # As before the sleep: the transport's own socket object (it keeps
-                    # answering for the descriptor after the transport closed).
-                    end.sock = end.side.transport.get_extra_info("socket") or end.sock
+                # As before the sleep: the transport's own socket object (it keeps
+                # answering for the descriptor after the transport closed); none made,
+                # adopt closed the descriptor.
+                transport = end.side.transport
+                end.sock = (transport.get_extra_info("socket") or _GONE
+                            if transport is not None else _GONE)
         finally:
             self._waking = None
         for end in ends:
@@ -445,7 +479,7 @@ class SplicedFlow:
     def _unwatch(self) -> None:
         if self._asleep:
             for end in self._ends:
-                self.splicer.unwatch(end.sock.fileno())
+                self.splicer.unwatch(end.sock)
 
     def end_asleep(self, how_reset: bool) -> bool:
         """Close an asleep flow's sockets (reset, or FIN) and end the relay; True when it
@@ -460,12 +494,12 @@ class SplicedFlow:
         self._unwatch()
         self._asleep = False
         for end in self._ends:
+            fd, end.sock = end.sock, _GONE
             if how_reset:
-                try:
-                    end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
-            end.sock.close()
+                with contextlib.suppress(OSError), borrowed(fd) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            with contextlib.suppress(OSError):
+                os.close(fd)
             end.side.lost = True
         self.relay.finish_lost()
         return True
@@ -484,6 +518,11 @@ class SplicedFlow:
             self._waiters = set()
         self._waiters.add(task)
         task.add_done_callback(self._waiters.discard)
+
+
+def _unlink(relay: Relay) -> None:
+    """After a spliced relay ended and everything it called has run: its sides forget it."""
+    relay.downstream.relay = relay.upstream.relay = None
 
 
 def next_wait(wait: float, quiet_wait: float, quiet: bool) -> tuple[float, float]:

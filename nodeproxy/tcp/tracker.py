@@ -31,6 +31,9 @@ class ConnectionTracker:
         self._pending: set[asyncio.Task] = set()
         self._enders: dict[Meter, Callable[[Relay], None]] = {}
         self.accepting = True
+        # Connections added plus those that left since start: how much came and went
+        # (the daemon's memory trim waits for a burst of them to be over).
+        self.churn = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a connection's set-up; drain waits for it."""
@@ -47,6 +50,7 @@ class ConnectionTracker:
 
     def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> None:
         self.relays[relay] = pods
+        self.churn += 1
         if lease is not None:
             lease.adopted = True
             self._leases[relay] = lease
@@ -64,7 +68,8 @@ class ConnectionTracker:
         meter.closed()
 
     def discard(self, relay: Relay) -> None:
-        self.relays.pop(relay, None)
+        if self.relays.pop(relay, None) is not None:
+            self.churn += 1
         lease = self._leases.pop(relay, None)
         if lease is not None:
             lease.release()

@@ -17,7 +17,15 @@ from nodeproxy_dev.bench.runner import last_json_line, run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
 
-IDLE_SETTLE_S = 1.0
+# The proxy's RSS with the idle connections is read this long after the last one opened
+# (its figure), and also after the first second (`rss_1s_mib`, in the JSON): a proxy may
+# tidy up after a burst (nodeproxy's memory trim looks every second), and connections
+# left idle stay for far longer than this.
+IDLE_EARLY_S = 1.0
+IDLE_SETTLE_S = 3.0
+# The capacity scenario stops when a step's time per connection grows to this multiple of
+# the earlier steps' median: the route is slowing down, not holding.
+CAPACITY_SLOW_FACTOR = 4.0
 
 
 def setup_rate(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, float]:
@@ -115,6 +123,31 @@ def sustained_rate(bench: BenchCluster, route: Route, settings: Settings) -> dic
             "failed": float(final.get("failed", 0)), "errors": final.get("errors", {})}
 
 
+def capacity(bench: BenchCluster, route: Route, settings: Settings) -> dict[str, Any]:
+    """How many concurrent connections the route holds: the capacity client opens them
+    settings.capacity_step at a time until one is refused or a step slows to
+    CAPACITY_SLOW_FACTOR times the earlier steps' median time per connection, or
+    settings.capacity_max are held (nodeproxy_dev.bench.capacity).  The proxies' open-file
+    limits are raised as far as the run's hard limit allows first."""
+    out: dict[str, Any] = {"nofile": [procstat.raise_nofile(p.pid, 2 * settings.capacity_max
+                                                            + 1000)
+                                      for p in route.proxies]}
+    deadline = settings.capacity_deadline
+    argv = [bench.cluster.python, "-m", "nodeproxy_dev.bench.capacity", "--to", route.address,
+            "--max", str(settings.capacity_max), "--step", str(settings.capacity_step),
+            "--slow-factor", str(CAPACITY_SLOW_FACTOR), "--timeout", "5",
+            "--deadline", str(deadline)]
+    result = run_tool(bench, route.client_pod, argv, timeout=deadline + 60)
+    found = last_json_line(result, "capacity client")
+    if not found.get("held"):
+        raise MeasurementError(f"no connection held: {found.get('errors')}")
+    out.update(found)
+    errors = ", ".join(f"{k} ×{v}" for k, v in found.get("errors", {}).items())
+    out["note"] = (f"held {found['held']} of at most {found['max']} ({found['reason']}"
+                   f"{': ' + errors if errors else ''})")
+    return out
+
+
 def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -153,7 +186,9 @@ def idle_connections(bench: BenchCluster, route: Route, count: int) -> dict[str,
                                    f"{ready.get('errors')}")
         out["setup_s"] = float(ready["setup_s"])
         if proxy is not None:
-            time.sleep(IDLE_SETTLE_S)
+            time.sleep(IDLE_EARLY_S)
+            out["rss_1s_mib"] = procstat.rss_kib(proxy.pid) / 1024
+            time.sleep(IDLE_SETTLE_S - IDLE_EARLY_S)
             memory = procstat.memory_kib(proxy.pid)
             out.update({"rss_before_mib": before / 1024, "rss_mib": memory["VmRSS"] / 1024,
                         "kib_per_conn": (memory["VmRSS"] - before) / count,

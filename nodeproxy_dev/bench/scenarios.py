@@ -390,6 +390,32 @@ class IdleConnections(Scenario):
         return values, raw
 
 
+class ConnectionCapacity(Scenario):
+    """How many concurrent connections one proxy holds on this machine: opened a step at
+    a time and kept open until the route refuses one, a step slows down, or the cap
+    (connections.capacity).  Same node, once; the reason it stopped is in the notes."""
+
+    once = True
+
+    def __init__(self) -> None:
+        self.name = "connection capacity"
+        self.metrics = (
+            Metric("capacity.held", "concurrent connections held until one is refused, a "
+                   f"step slows {connections.CAPACITY_SLOW_FACTOR:g}× or the cap, same node",
+                   "conns", "higher", digits=0),
+            Metric("capacity.slowdown", "connection capacity: the last step's time per "
+                   "connection ÷ the earlier steps' median, same node", "×", "lower",
+                   digits=2),
+        )
+
+    def measure(self, bench: BenchCluster, configuration: Configuration,
+                settings: Settings) -> tuple[Values, dict[str, Any]]:
+        route = configuration.route(bench, ServerKind.ECHO, NetPath.SAME_NODE)
+        raw = connections.capacity(bench, route, settings)
+        held, slowdown = (m.key for m in self.metrics)
+        return {held: float(raw["held"]), slowdown: float(raw["slowdown"])}, raw
+
+
 class Enrollment(Scenario):
     once = True
 
@@ -523,6 +549,7 @@ def build(settings: Settings) -> list[Scenario]:
         scenarios.append(SustainedConnect(path, settings))
     for path in NetPath:
         scenarios.append(IdleConnections(settings.idle_connections, path))
+    scenarios.append(ConnectionCapacity())
     scenarios.append(Enrollment(settings.enroll_pods))
     scenarios.append(NoisyNeighbour(settings))
     return scenarios

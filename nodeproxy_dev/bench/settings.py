@@ -36,6 +36,11 @@ class Settings:
     h2_streams: int = 8
     grpc_calls: int = 3000
     grpc_concurrency: int = 16
+    # Connection capacity: open this many at a time, up to capacity_max (fewer where the
+    # open-file limits say so), within capacity_deadline seconds per configuration.
+    capacity_max: int = 400
+    capacity_step: int = 100
+    capacity_deadline: float = 60.0
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -57,6 +62,7 @@ FULL = Settings(
     connect_seconds=3.0, connect_concurrency=16, connect_max=20000, sustained_seconds=60.0,
     sustained_window=5.0, idle_connections=10000,
     enroll_pods=100, noisy_seconds=6.0, h2_requests=10000, grpc_calls=6000,
+    capacity_max=60000, capacity_step=1000, capacity_deadline=300.0,
 )
 
 

@@ -214,6 +214,8 @@ class Suite:
             else:
                 cell.errors.append(error or "the run produced no value for it")
         seconds = time.monotonic() - t
+        if raw.get("note"):
+            self.notes.append(f"{scenario.name}, {configuration.name}: {raw['note']}")
         self.runs.append({"round": round_number, "block": block, "scenario": scenario.name,
                           "configuration": configuration.name, "seconds": round(seconds, 3),
                           "values": values, "raw": raw, "error": error})

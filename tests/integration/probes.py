@@ -1,4 +1,5 @@
-"""What a test asks from inside a pod: can it connect, and what did it get back."""
+"""What a test asks from inside a pod (or from a node, as kubelet's probes do): can it
+connect, and what did it get back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,24 @@ import textwrap
 import time
 
 from nodeproxy.capture import libbpf
+from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
+
+
+def probe_from_node(cluster: Cluster, node: str, host: str, port: int) -> str:
+    """A connection from the node (as kubelet's tcpSocket probe opens it) and a question to
+    the peer server: 'connected <its answer>', or the name of the error."""
+    try:
+        sock = netns.connect(cluster.nodes[node].netns_path, host, port)
+    except OSError as e:
+        return type(e).__name__
+    try:
+        sock.sendall(b"W")
+        return "connected " + sock.recv(300).decode()
+    except OSError as e:
+        return type(e).__name__
+    finally:
+        sock.close()
 
 
 def connect(cluster: Cluster, pod: str, host: str, port: int) -> str:

@@ -60,7 +60,7 @@ def expected_metrics() -> set[str]:
         keys |= {f"http-rate.{path}.{m}" for m in ("rps", "p50", "p99")}
         keys.add(f"connect.{path}.rate")
         keys |= {f"sustained.{path}.{m}" for m in ("rate", "held", "lowest", "failed")}
-    keys |= {"idle.open", "idle.cross-node.open"}
+    keys |= {"idle.open", "idle.cross-node.open", "capacity.held", "capacity.slowdown"}
     return keys | LOAD
 
 

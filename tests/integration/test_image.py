@@ -63,7 +63,10 @@ IN_CONTAINER = {"node": {"bpffs": "/sys/fs/bpf", "stateDir": "/run/nodeproxy"},
                              "signer": {"address": "https://127.0.0.1:15012",
                                         "serverName": "nodeproxy-ca.test",
                                         "tokenPath": "/var/run/secrets/nodeproxy/token",
-                                        "retrySeconds": 1}}}
+                                        "retrySeconds": 1}},
+                # As configmap.yaml: the probe SNAT chain, written from inside the
+                # container (its capabilities, its read-only root, its iptables).
+                "inbound": {"probeSources": [], "probeSnat": {}}}
 SIGNER_LISTEN = "127.0.0.1:15012"   # in node0's netns, where the daemon container runs
 SIGNER_AUDIENCE = "nodeproxy-ca"    # the manifest's projected token's audience
 
@@ -396,6 +399,33 @@ def test_a_pod_added_through_the_installed_chain_is_enrolled(deployment: Deploym
     c.remove_pod(pod.name)
 
 
+def _probe_snat_chain(c: Cluster) -> list[str] | None:
+    out = c.run_in_node("node0", ["iptables-save", "-t", "nat"])
+    assert out.returncode == 0, out.stderr
+    if ":NODEPROXY_PROBE_SNAT - [0:0]" not in out.stdout.splitlines():
+        return None
+    return [line for line in out.stdout.splitlines()
+            if line.startswith("-A NODEPROXY_PROBE_SNAT ")]
+
+
+@pytest.mark.privileged
+def test_the_containerized_daemon_gives_probes_their_own_address(deployment: Deployment):
+    """configmap.yaml's inbound.probeSnat works with the manifest's privileges: the node's
+    chain names every enrolled pod, and a probe to a port nothing listens on is refused
+    by the pod itself (not accepted by the proxy)."""
+    c = deployment.cluster
+    rules = _probe_snat_chain(c)
+    assert rules is not None, diagnosis(deployment)
+    for name in ("web-0", "client-0"):
+        assert any(f"-d {c.pods[name].ip4}/32 " in rule for rule in rules), (rules, name)
+    try:
+        netns.connect(c.nodes["node0"].netns_path, c.pods["web-0"].ip4, PORT + 1).close()
+        outcome = "connected"
+    except OSError as e:
+        outcome = type(e).__name__
+    assert outcome == "ConnectionRefusedError", outcome
+
+
 @pytest.mark.privileged
 def test_sigterm_drains_and_the_daemon_exits_cleanly(deployment: Deployment):
     d = deployment
@@ -406,3 +436,4 @@ def test_sigterm_drains_and_the_daemon_exits_cleanly(deployment: Deployment):
     code = d.podman.run(["inspect", "--format", "{{.State.ExitCode}}", d.daemon]).stdout
     assert int(code) == 0, d.podman.logs(d.daemon)
     assert stopped < grace, stopped  # by itself, not by SIGKILL at the end of the grace
+    assert _probe_snat_chain(d.cluster) is None  # nothing left in the node's nat table

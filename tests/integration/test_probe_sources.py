@@ -19,7 +19,7 @@ import pytest
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum as sample
-from tests.integration.probes import connect
+from tests.integration.probes import connect, probe_from_node
 
 pytestmark = pytest.mark.privileged
 
@@ -48,19 +48,7 @@ def _captured(c: Cluster) -> float:
 
 
 def _probe(c: Cluster, host: str, port: int) -> str:
-    """A connection from the node, as a tcpSocket probe opens it, then a question to the
-    peer server: 'connected <its answer>', or the name of the error."""
-    try:
-        sock = netns.connect(c.nodes["node0"].netns_path, host, port)
-    except OSError as e:
-        return type(e).__name__
-    try:
-        sock.sendall(b"W")
-        return "connected " + sock.recv(300).decode()
-    except OSError as e:
-        return type(e).__name__
-    finally:
-        sock.close()
+    return probe_from_node(c, "node0", host, port)
 
 
 def _from_the_node(c: Cluster, host: str, port: int) -> dict[str, str]:

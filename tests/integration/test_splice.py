@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -492,3 +493,75 @@ def test_drain_resets_both_ends_of_a_sleeping_flow_at_its_deadline():
             server.kill()
         assert (out.strip(), served.strip()) == ("ConnectionResetError",
                                                  "ConnectionResetError")
+
+
+def settled_trims(c: Cluster) -> float:
+    """nodeproxy_memory_trims_total once it stayed the same over more than two of the
+    daemon's checks (proxy.memoryTrimSeconds, 1 s): no trim is still due."""
+    last = sample(c, "nodeproxy_memory_trims_total")
+    for _ in range(10):
+        time.sleep(2.5)
+        now = sample(c, "nodeproxy_memory_trims_total")
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the daemon kept trimming while nothing happened")
+
+
+def test_a_burst_of_idle_flows_sleeps_bare_is_trimmed_after_and_wakes_intact(node: Cluster):
+    """300 spliced flows opened at once and left quiet: each sleeps (no transports, its
+    two sockets kept as bare descriptors), and once the burst is over the daemon gives
+    the heap's freed memory back (nodeproxy_memory_trims_total).  Then every flow wakes
+    on bytes both ways and echoes a random-sized payload intact (SHA-256 per flow); once
+    they closed, the daemon trims again and every flow ended in the proxy too."""
+    n = 300
+    go = os.path.join(node.dir, "burst-go")
+    labels = {"destination_service": "web.default.svc.cluster.local"}
+    trims = settled_trims(node)  # what earlier tests' connections were due is done
+    slept, woke, flows = sleeps(node), wakes(node), spliced(node)
+    client = node.spawn_in_pod("client", [node.python, "-c", textwrap.dedent(f"""
+        import hashlib, os, random, socket, sys, threading, time
+        rng = random.Random(20261206)
+        conns = []
+        for _ in range({n}):
+            s = socket.create_connection(({node.services['default/web'].vip4!r}, 80), 10)
+            s.settimeout(30); s.sendall(b"Px")
+            assert s.recv(1) == b"x"
+            conns.append(s)
+        print("ready", flush=True)
+        deadline = time.monotonic() + 60
+        while not os.path.exists({go!r}):
+            assert time.monotonic() < deadline, "never told to go"
+            time.sleep(0.05)
+        bad = 0
+        for s in conns:
+            data = rng.randbytes(rng.randint(1, 256 * 1024))
+            sender = threading.Thread(target=s.sendall, args=(data,)); sender.start()
+            got = hashlib.sha256(); size = 0
+            while size < len(data):
+                chunk = s.recv(1 << 18)
+                if not chunk:
+                    break
+                got.update(chunk); size += len(chunk)
+            sender.join()
+            bad += size != len(data) or got.digest() != hashlib.sha256(data).digest()
+        for s in conns:
+            s.close()
+        print("bad", bad, flush=True)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "ready"
+        assert wait_for(lambda: sleeps(node) - slept >= n, 30), (
+            sleeps(node) - slept, splice_events(node))
+        assert spliced(node) - flows == n
+        assert wait_for(lambda: sample(node, "nodeproxy_memory_trims_total") > trims, 20)
+        trims = sample(node, "nodeproxy_memory_trims_total")
+        open(go, "w").close()
+        out, _ = client.communicate(timeout=scaled(120))
+    finally:
+        client.kill()
+    assert out.strip().splitlines()[-1] == "bad 0", out
+    assert wakes(node) - woke >= n
+    assert wait_for(lambda: sample(node, "istio_tcp_connections_closed_total", **labels)
+                    == sample(node, "istio_tcp_connections_opened_total", **labels), 30)
+    assert wait_for(lambda: sample(node, "nodeproxy_memory_trims_total") > trims, 20)

@@ -40,7 +40,8 @@ def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str, mode: str
         for pod in ("web-0", "web-1"):
             c.serve_peer(pod, PORT)
         c.add_service("web", port=80, target_port=PORT)
-        c.write_configs(overrides={"proxy": {"drainSeconds": 15}})
+        c.write_configs(overrides={"proxy": {"drainSeconds": 15},
+                                   "inbound": {"probeSnat": {}}})
         c.start_daemons()
         c.add_pod("node0", "late", labels={"app": "client"})  # enrolled at run time (CNI)
         node = c.nodes[upgraded]
@@ -111,7 +112,15 @@ def test_upgrade_under_continuous_traffic_fails_nothing(upgraded: str, mode: str
             assert pods.get("late") == "runtime" and "client" in pods
         for _ in range(4):  # both endpoints, through the new instance
             assert connect(c, "late", vip, 80).startswith("connected {")
+        # The node's probe SNAT chain: the old instance left it to the new one, which
+        # rewrote it with its own pods (one jump, one rule per enrolled pod address).
+        nat = netns.run(node.netns_path, ["iptables-save", "-t", "nat"]).stdout
+        assert nat.count("-A POSTROUTING -j NODEPROXY_PROBE_SNAT\n") == 1, nat
+        assert sorted(line.split()[3] for line in nat.splitlines()
+                      if line.startswith("-A NODEPROXY_PROBE_SNAT ")) == sorted(
+            f"{p.ip4}/32" for p in c.pods.values() if p.node == upgraded), nat
         assert c.stop_daemons()[upgraded] == 0
         assert len(attached_programs(node.cgroup)) == 0
+        assert "NODEPROXY" not in netns.run(node.netns_path, ["iptables-save"]).stdout
         for pod in c.pods.values():
             assert "NODEPROXY" not in netns.run(pod.netns_path, ["iptables-save"]).stdout

@@ -9,7 +9,7 @@ import struct
 
 import uvloop
 
-from nodeproxy.tcp.bare_socket import adopt, detach
+from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
 
 
 class Recorder(asyncio.Protocol):
@@ -95,5 +95,35 @@ def test_adopting_a_closed_socket_reports_it_lost() -> None:
         await adopt([sock], [lost])
         assert lost.transport is None and lost.events[0][0] == "lost"
         peer.close()
+
+    uvloop.run(main())
+
+
+def test_a_borrowed_descriptor_stays_open_and_answers() -> None:
+    """An asleep spliced flow keeps only its sockets' descriptor numbers: a query through
+    `borrowed` answers for the socket and leaves the descriptor open and the caller's."""
+    a, b = socket.socketpair()
+    fd = a.detach()
+    try:
+        for _ in range(3):
+            with borrowed(fd) as sock:
+                assert sock.fileno() == fd
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
+        b.sendall(b"still here")
+        again = socket.socket(fileno=fd)
+        assert again.recv(32) == b"still here"
+        again.close()
+    finally:
+        b.close()
+
+
+def test_adopting_a_closed_socket_object_is_lost_not_an_error() -> None:
+    """A wake whose descriptor could not be taken back passes a closed socket: lost."""
+    async def main() -> None:
+        gone = socket.socket()
+        gone.close()
+        lost = Recorder()
+        await adopt([gone], [lost])
+        assert lost.transport is None and lost.events[0][0] == "lost"
 
     uvloop.run(main())

@@ -222,7 +222,7 @@ def test_noisy_neighbour_runs_once_last_for_nodeproxy_at_l4_and_l7_and_haproxy_h
     # After the other once-scenarios: the attack may leave state no other figure should see.
     assert [s.name for s in suite.scenarios if s.once] == [
         "sustained connect same-node", "sustained connect cross-node", "idle connections",
-        "idle connections cross-node", "enrollment", "noisy neighbour"]
+        "idle connections cross-node", "connection capacity", "enrollment", "noisy neighbour"]
     measured = [c.name for c in CONFIGURATIONS if scenario.applies(c)]
     assert measured == ["nodeproxy-splice", "nodeproxy-l7", "haproxy-http"]
     # Every figure is a row of its own, "—" for the other configurations, never missing.
@@ -308,4 +308,5 @@ def test_only_takes_the_exact_name_before_the_substring():
     broad = Suite(QUICK, CONFIGURATIONS, only="connect", **quiet)
     assert [s.name for s in broad.scenarios] == [
         "connect same-node", "connect cross-node", "sustained connect same-node",
-        "sustained connect cross-node", "idle connections", "idle connections cross-node"]
+        "sustained connect cross-node", "idle connections", "idle connections cross-node",
+        "connection capacity"]

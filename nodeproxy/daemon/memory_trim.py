@@ -1,0 +1,119 @@
+"""Giving the heap's freed memory back to the kernel once a burst of connections is over.
+
+Thousands of connections opened or closed at once leave glibc's heap with free chunks in
+the middle of it (the burst's transient buffers, tasks and transports) that it keeps for
+later instead of returning them: 4-10 MiB of the daemon's RSS after 9,000 idle
+connections opened or closed (docs/benchmarks.md, "Idle memory, sixth round").
+`malloc_trim(0)` gives the free pages back (madvise), in about 1-2 ms for such a heap.
+A low-rate housekeeping check (proxy.memoryTrimSeconds) trims once the connections
+opened and closed since the last trim reach MIN_CHURN and the last interval was quiet
+(at most QUIET_CHURN of them): after a burst, not in the middle of one, where the pages
+would only be faulted back in; and once at its first check, after start-up.  HAProxy
+likewise trims its pools when it releases memory.
+
+glibc only: on another C library (musl has no `malloc_trim`) the check does nothing.
+pymalloc's arenas (Python objects up to 512 bytes) are returned by Python itself when
+empty and are not touched here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter
+
+log = logging.getLogger(__name__)
+
+# Connections opened plus closed since the last trim before another is worth it.
+MIN_CHURN = 256
+# At most this many in the last interval: the burst is over.
+QUIET_CHURN = 16
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def trim_due(churn_since_trim: int, churn_last_interval: int, first: bool = False) -> bool:
+    """Whether to trim now: at the first check after start-up (what parsing the config,
+    compiling policies and enrolling the pods left free), else when enough connections
+    came and went since the last trim to have left freed memory behind and the last
+    interval was quiet (the burst is over)."""
+    if first:
+        return True
+    return churn_since_trim >= MIN_CHURN and churn_last_interval <= QUIET_CHURN
+
+
+def glibc_trim() -> Callable[[], int] | None:
+    """glibc's malloc_trim(0), or None where the C library has none (musl, ...)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: int(trim(0))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class MemoryTrimMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.trims = Counter(
+            "nodeproxy_memory_trims",
+            "Times the daemon gave its heap's free memory back to the kernel "
+            "(malloc_trim) after a burst of connections (proxy.memoryTrimSeconds)",
+            registry=registry)
+        self.trimmed = Counter(
+            "nodeproxy_memory_trimmed_bytes",
+            "Resident memory the daemon's trims gave back (RSS before less after)",
+            registry=registry)
+
+
+class MemoryTrimmer:
+    """Decides at each check, from the tracker's count of connections opened and closed
+    (`churn`), whether to trim; trims with `trim` (None: never)."""
+
+    def __init__(self, metrics: MemoryTrimMetrics, trim: Callable[[], int] | None,
+                 rss: Callable[[], int] = rss_bytes):
+        self.metrics = metrics
+        self._trim = trim
+        self._rss = rss
+        self._at_trim = 0      # churn at the last trim
+        self._at_check = 0     # churn at the last check
+        self._checked = False  # the first check trims what start-up left
+
+    @property
+    def unavailable(self) -> bool:
+        return self._trim is None
+
+    def check(self, churn: int) -> bool:
+        """One housekeeping look; True when it trimmed."""
+        since_trim, last_interval = churn - self._at_trim, churn - self._at_check
+        self._at_check = churn
+        first, self._checked = not self._checked, True
+        if self._trim is None or not trim_due(since_trim, last_interval, first):
+            return False
+        self._at_trim = churn
+        before = self._rss()
+        self._trim()
+        given = max(0, before - self._rss())
+        self.metrics.trims.inc()
+        self.metrics.trimmed.inc(given)
+        log.debug("malloc_trim after %d connections opened or closed: %d KiB back",
+                  since_trim, given // 1024)
+        return True
+
+
+async def run(trimmer: MemoryTrimmer, churn: Callable[[], int], seconds: float) -> None:
+    """Check every `seconds` (proxy.memoryTrimSeconds; 0: never)."""
+    if not seconds or trimmer.unavailable:
+        return
+    while True:
+        await asyncio.sleep(seconds)
+        trimmer.check(churn())
