@@ -6,7 +6,8 @@ AuthorizationPolicies itself, on the request's one meaning (request_target.py,
 header_fields.py), and marks the HBONE streams it opens so the destination node does not
 refuse them for rules it cannot see at L4.  Endpoints outside the mesh have no policy; a
 workload no policy selects skips the check (remembered per admitter, i.e. per
-configuration).  The destination table and the admitter are the mesh snapshot's in
+configuration; the workload and that answer are looked up once per destination and
+mesh snapshot).  The destination table and the admitter are the mesh snapshot's in
 force (mesh/holder.py), read at each decision.
 """
 
@@ -15,11 +16,14 @@ from __future__ import annotations
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import Workload
 from nodeproxy.http.context import RequestContext
-from nodeproxy.mesh.destinations import Backend
+from nodeproxy.mesh.destinations import Backend, WorkloadRef
 from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.snapshot import MeshSnapshot
 from nodeproxy.mesh.upstream import source_address
 from nodeproxy.policy.admission import Admitter
 from nodeproxy.policy.authorization import DestinationWorkload
+
+MAX_REMEMBERED_REFS = 4096  # destination workloads looked up (emptied past it)
 
 
 class RequestAuthorizer:
@@ -27,6 +31,10 @@ class RequestAuthorizer:
         self._state = state
         self._policed_for: Admitter | None = None
         self._policed_cache: dict[str, bool] = {}
+        # Per destination workload reference (by id, the object kept beside it so an id
+        # is never taken for another's): the snapshot it was looked up in, the workload
+        # there and whether a policy selects it.  A new snapshot looks it up again.
+        self._refs: dict[int, tuple[WorkloadRef, MeshSnapshot, Workload | None, bool]] = {}
 
     def allows(self, ctx: RequestContext, backend: Backend, head: RequestHead) -> bool:
         """May the request go to backend?  (head is one line per header name, so the
@@ -36,16 +44,25 @@ class RequestAuthorizer:
         if ref is None:
             return True
         snapshot = self._state.current
-        workload = snapshot.table.workloads.get(f"{ref.namespace}/{ref.name}")
-        if workload is None:
+        known = self._refs.get(id(ref))
+        if known is None or known[0] is not ref or known[1] is not snapshot:
+            known = self._look_up(ref, snapshot)
+        workload = known[2]
+        if workload is None or not known[3]:
             return True
-        admitter = snapshot.admitter
-        if not self._policed(admitter, workload):
-            return True
-        admission = admitter.admit_request(
+        admission = snapshot.admitter.admit_request(
             workload, ctx.pod.principal, source_address(ctx.pod, backend.address),
             backend.port, head)
         return admission.allowed
+
+    def _look_up(self, ref: WorkloadRef, snapshot: MeshSnapshot
+                 ) -> tuple[WorkloadRef, MeshSnapshot, Workload | None, bool]:
+        workload = snapshot.table.workloads.get(f"{ref.namespace}/{ref.name}")
+        policed = workload is not None and self._policed(snapshot.admitter, workload)
+        if len(self._refs) >= MAX_REMEMBERED_REFS:
+            self._refs.clear()
+        known = self._refs[id(ref)] = (ref, snapshot, workload, policed)
+        return known
 
     def _policed(self, admitter: Admitter, workload: Workload) -> bool:
         """Does any authorization policy select the workload?  Remembered per admitter (one

@@ -78,7 +78,7 @@ class Recorder:
                                outcome.status, outcome.grpc_status, duration, start + duration)
         self.log(ctx, head, outcome, started_at, duration, request_bytes, request_id,
                  dest, dest_principal)
-        if span is not None and span.recording:  # unsampled: nothing to end
+        if span is not None:  # sampled (an unsampled request has none)
             endpoint = outcome.endpoint
             span.finish(status=outcome.status, grpc_status=outcome.grpc_status,
                         flags=outcome.flag_text, attempts=outcome.attempts,

@@ -14,9 +14,12 @@ import functools
 import ipaddress
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import NodeConfig, Workload
@@ -55,29 +58,49 @@ class Admission:
     reason: str
 
 
-class AdmissionMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.decisions = Counter(
+DecisionLabels = tuple[str, str, str]  # policy, action, result
+
+
+class DecisionCounts(Collector):
+    """``nodeproxy_authorization_decisions_total`` as plain counts per (policy, action,
+    result), exposed at scrape: a decision is made per connection and, where policies
+    read HTTP, per request, and prometheus_client's ``Counter`` takes a lock on every
+    ``inc``.  The event loop counts and the admin server's scrape (the same loop) reads:
+    no lock needed."""
+
+    def __init__(self) -> None:
+        self.counts: dict[DecisionLabels, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
             "nodeproxy_authorization_decisions",
             "Authorization decisions on connections into local pods and on their HTTP "
-            "requests, by policy and result",
-            ("policy", "action", "result"), registry=registry)
+            "requests, by policy and result", labels=("policy", "action", "result"))
+        for labels, count in list(self.counts.items()):
+            family.add_metric(labels, count)
+        yield family
+
+
+class AdmissionMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.decisions = DecisionCounts()
+        registry.register(self.decisions)
         self.plaintext_refused = Counter(
             "nodeproxy_peer_authentication_refused",
             "Plaintext connections refused by STRICT peer authentication",
             ("destination_workload_namespace", "destination_workload"), registry=registry)
-        # The decisions' children by labels: looked up per request, so kept rather than
-        # found through labels() each time (policy names come from the configuration).
-        self._decided: dict[tuple[str, str, str], Counter] = {}
 
     def count_decision(self, policy: str, action: str, result: str) -> None:
-        key = (policy, action, result)
-        child = self._decided.get(key)
-        if child is None:
-            if len(self._decided) > _WARNING_KEYS_LIMIT:
-                self._decided.clear()
-            child = self._decided[key] = self.decisions.labels(policy, action, result)
-        child.inc()
+        self.count((policy, action, result))
+
+    def count(self, labels: DecisionLabels) -> None:
+        counts = self.decisions.counts
+        counts[labels] = counts.get(labels, 0) + 1
+
+
+def _labels(decision: Decision) -> DecisionLabels:
+    return (decision.policy or "", decision.action,
+            "allowed" if decision.allowed else "denied")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -115,6 +138,9 @@ class _RequestDenialLog:
             log.warning(message, *args)
 
 
+_Remembered = tuple[Decision, Admission, DecisionLabels]
+
+
 class Admitter:
     """Built from one config; replaced whole when the config changes."""
 
@@ -129,7 +155,7 @@ class Admitter:
         self._targets: dict[int, tuple[Workload, DestinationWorkload]] = {}
         # Request decisions by everything they depend on (_decide_request); this admitter's
         # policies only, so a new configuration starts with none.
-        self._decisions: dict[tuple[object, ...], Decision] = {}
+        self._decisions: dict[tuple[object, ...], _Remembered] = {}
 
     def _target(self, dest: Workload) -> DestinationWorkload:
         known = self._targets.get(id(dest))
@@ -192,17 +218,19 @@ class Admitter:
         A parsed request head (one field per name) is judged as RequestAttributes.of(head)
         is, without making that object when the decision is remembered."""
         target = self._target(dest)
-        refused = self._peer_refused(dest, target, source_principal, source_ip, port)
-        if refused is not None:
-            return refused
-        decision = self._decide_request(target, source_principal, source_ip, port, request)
-        if not decision.allowed:
+        if source_principal is None:  # only plaintext can be refused by peer authentication
+            refused = self._peer_refused(dest, target, source_principal, source_ip, port)
+            if refused is not None:
+                return refused
+        decision, admission, _ = self._decide_request(target, source_principal, source_ip,
+                                                      port, request)
+        if not admission.allowed:
             policy = decision.policy or "-"
             self._request_denials.denied(
                 (dest.key, policy), "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
                 source_principal or "plaintext", source_ip, dest.key, port,
                 _printable(request.method), _printable(request.path), policy, decision.reason)
-        return Admission(decision.allowed, decision.policy or "", decision.reason)
+        return admission
 
     def _peer_refused(self, dest: Workload, target: DestinationWorkload,
                       source_principal: str | None, source_ip: IPAddress,
@@ -217,12 +245,13 @@ class Admitter:
 
     def _decide_request(self, target: DestinationWorkload, source_principal: str | None,
                         source_ip: IPAddress, port: int,
-                        request: RequestAttributes | RequestHead) -> Decision:
+                        request: RequestAttributes | RequestHead) -> _Remembered:
         """_decide for one HTTP request, remembered: the verdict is a pure function of the
         destination's policies (its scope key), the connection's identity, address and
         port, the request's method, path and host and the values of the headers those
-        policies read, so the same inputs are looked up, not judged again.  Counted per
-        request all the same."""
+        policies read, so the same inputs are looked up, not judged again (with the
+        Admission answered and the counter's labels: nothing made per request).  Counted
+        per request all the same."""
         headers = self._authorizer.headers_read(target)
         if isinstance(request, RequestHead):
             pairs = request.headers
@@ -233,23 +262,24 @@ class Admitter:
         else:
             key = (target.scope_key, source_principal, source_ip, port, request.method,
                    request.path, request.host, *[request.header(name) for name in headers])
-        decision = self._decisions.get(key)
-        if decision is None:
+        remembered = self._decisions.get(key)
+        if remembered is None:
             attributes = request if isinstance(request, RequestAttributes) \
                 else RequestAttributes.of(request)
             decision = self._decide(target, source_principal, source_ip, port, attributes)
+            remembered = (decision, Admission(decision.allowed, decision.policy or "",
+                                              decision.reason), _labels(decision))
             if len(attributes.path) + len(attributes.host) + sum(
                     len(v) for v in key[7:] if isinstance(v, str)) <= DECISION_KEY_CHARS:
                 if len(self._decisions) >= DECISION_CACHE_LIMIT:
                     self._decisions.clear()
-                self._decisions[key] = decision
-            return decision
-        self._count(decision)
-        return decision
+                self._decisions[key] = remembered
+            return remembered
+        self._metrics.count(remembered[2])
+        return remembered
 
     def _count(self, decision: Decision) -> None:
-        self._metrics.count_decision(decision.policy or "", decision.action,
-                                     "allowed" if decision.allowed else "denied")
+        self._metrics.count(_labels(decision))
 
     def _decide(self, target: DestinationWorkload, source_principal: str | None,
                 source_ip: IPAddress, port: int, request: RequestInput) -> Decision:

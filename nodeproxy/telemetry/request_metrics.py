@@ -33,16 +33,26 @@ refused (``nodeproxy_http_bad_requests_total``), HTTP/2 connections closed for a
 (``nodeproxy_http2_abuse_total``, h2_guard.py) and access-log lines dropped
 (``nodeproxy_access_log_dropped_total``).
 
-Per request the cost is one dict lookup plus four prometheus_client updates: the labelled
-children are cached per label tuple (``.labels()`` validates and locks on every call).
+Per request the cost is one dict lookup and plain integer and float additions: the four
+Istio series are kept by ``IstioRequestSeries`` (a collector of the project's own) as
+counts per label set, bucketed with ``bisect``, and turned into Prometheus families only
+when scraped.  prometheus_client's own ``Counter`` and ``Histogram`` take a lock on every
+``inc`` and ``observe`` and walk a histogram's buckets in Python, which was about a tenth
+of the Python work a proxied request costs.  The event loop updates the counts and the
+admin server's scrape (on the same loop) reads them, so nothing needs a lock.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
 from nodeproxy.telemetry.resilience_metrics import ResilienceMetrics
@@ -192,7 +202,94 @@ class RequestLabels:
         return cls(**values)
 
 
-_Children = tuple[Any, Any, Any, Any]  # requests, duration, request bytes, response bytes
+class _Series:
+    """One label set's counts: requests, and per histogram (duration in ms, request
+    bytes, response bytes) the observations per bucket (the last one past every bound,
+    "+Inf"; not cumulative) and their sum."""
+
+    __slots__ = ("requests", "duration", "duration_sum", "request_bytes",
+                 "request_bytes_sum", "response_bytes", "response_bytes_sum")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.duration = [0] * (len(ISTIO_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.request_bytes = [0] * (len(ISTIO_BUCKETS) + 1)
+        self.request_bytes_sum = 0.0
+        self.response_bytes = [0] * (len(ISTIO_BUCKETS) + 1)
+        self.response_bytes_sum = 0.0
+
+
+_LE = [floatToGoString(b) for b in ISTIO_BUCKETS] + ["+Inf"]  # as prometheus_client writes
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    """Prometheus's cumulative buckets of per-bucket counts."""
+    out = []
+    total = 0
+    for le, n in zip(_LE, counts, strict=True):
+        total += n
+        out.append((le, total))
+    return out
+
+
+class IstioRequestSeries(Collector):
+    """Istio's four request series as plain counts per label set, exposed at scrape
+    (see the module docstring).  Not thread-safe: one event loop updates and reads it."""
+
+    def __init__(self) -> None:
+        # (request label values, code, grpc status, flags) -> counts; a series once made
+        # is exported for good, as a prometheus_client child is.
+        self.series: dict[tuple[tuple[str, ...], int, str, str], _Series] = {}
+
+    def observe(self, values: tuple[str, ...], code: int, grpc_status: str, flags: str,
+                duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        key = (values, code, grpc_status, flags or NO_FLAGS)  # "" and "-" are one series
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _Series()
+        series.requests += 1
+        series.duration[bisect_left(ISTIO_BUCKETS, duration_ms)] += 1
+        series.duration_sum += duration_ms
+        series.request_bytes[bisect_left(ISTIO_BUCKETS, request_bytes)] += 1
+        series.request_bytes_sum += request_bytes
+        series.response_bytes[bisect_left(ISTIO_BUCKETS, response_bytes)] += 1
+        series.response_bytes_sum += response_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("istio_requests", "Requests the proxy handled",
+                                       labels=REQUEST_LABELS)
+        duration = HistogramMetricFamily("istio_request_duration_milliseconds",
+                                         "Request duration in milliseconds",
+                                         labels=REQUEST_LABELS)
+        request_bytes = HistogramMetricFamily("istio_request_bytes", "Request size in bytes",
+                                              labels=REQUEST_LABELS)
+        response_bytes = HistogramMetricFamily("istio_response_bytes",
+                                               "Response size in bytes", labels=REQUEST_LABELS)
+        for key, series in list(self.series.items()):
+            labels = _label_values(key)
+            requests.add_metric(labels, series.requests)
+            duration.add_metric(labels, _buckets(series.duration), series.duration_sum)
+            request_bytes.add_metric(labels, _buckets(series.request_bytes),
+                                     series.request_bytes_sum)
+            response_bytes.add_metric(labels, _buckets(series.response_bytes),
+                                      series.response_bytes_sum)
+        yield requests
+        yield duration
+        yield request_bytes
+        yield response_bytes
+
+
+_REQUEST_ONLY = tuple(n for n in REQUEST_LABELS if n not in RESPONSE_LABELS)
+
+
+def _label_values(key: tuple[tuple[str, ...], int, str, str]) -> list[str]:
+    """Every label value in REQUEST_LABELS order, the response's among them."""
+    values, code, grpc_status, flags = key
+    by_name = dict(zip(_REQUEST_ONLY, values, strict=True))
+    by_name.update(response_code=str(code), grpc_response_status=grpc_status,
+                   response_flags=flags)
+    return [by_name[name] for name in REQUEST_LABELS]
 
 
 class RequestMetrics:
@@ -202,18 +299,8 @@ class RequestMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, *, max_cached: int = 4096):
-        self.requests = Counter(
-            "istio_requests_total", "Requests the proxy handled",
-            REQUEST_LABELS, registry=registry)
-        self.request_duration = Histogram(
-            "istio_request_duration_milliseconds", "Request duration in milliseconds",
-            REQUEST_LABELS, buckets=ISTIO_BUCKETS, registry=registry)
-        self.request_bytes = Histogram(
-            "istio_request_bytes", "Request size in bytes",
-            REQUEST_LABELS, buckets=ISTIO_BUCKETS, registry=registry)
-        self.response_bytes = Histogram(
-            "istio_response_bytes", "Response size in bytes",
-            REQUEST_LABELS, buckets=ISTIO_BUCKETS, registry=registry)
+        self.istio = IstioRequestSeries()
+        registry.register(self.istio)
         self.retries = Counter(
             "nodeproxy_http_retries_total", "Request attempts retried, by retry reason",
             ("destination_service", "reason"), registry=registry)
@@ -265,22 +352,14 @@ class RequestMetrics:
         # Circuit breaking and outlier detection (resilience_metrics.py).
         self.resilience = ResilienceMetrics(registry)
         self._max_cached = max_cached
-        self._children: dict[tuple[tuple[str, ...], int, str, str], _Children] = {}
         self._counters: dict[tuple[Counter, tuple[str, ...]], Any] = {}
 
     def observe(self, labels: RequestLabels, *, code: int, grpc_status: str, flags: str,
                 duration_s: float, request_bytes: int, response_bytes: int) -> None:
         """Count one finished request (code 0: no response was sent; flags "" or "-":
         none; grpc_status "" unless gRPC)."""
-        key = (labels.values(), code, grpc_status, flags)
-        children = self._children.get(key)
-        if children is None:
-            children = self._bind(key)
-        requests, duration, req_bytes, resp_bytes = children
-        requests.inc()
-        duration.observe(duration_s * 1000.0)
-        req_bytes.observe(request_bytes)
-        resp_bytes.observe(response_bytes)
+        self.istio.observe(labels.values(), code, grpc_status, flags, duration_s * 1000.0,
+                           request_bytes, response_bytes)
 
     def count_retry(self, destination_service: str, reason: str) -> None:
         self._child(self.retries, (destination_service, reason)).inc()
@@ -310,18 +389,6 @@ class RequestMetrics:
 
     def count_bad_request(self, protocol: str, reason: str) -> None:
         self._child(self.bad_requests, (protocol, reason)).inc()
-
-    def _bind(self, key: tuple[tuple[str, ...], int, str, str]) -> _Children:
-        values, code, grpc_status, flags = key
-        by_name = dict(zip((n for n in REQUEST_LABELS if n not in RESPONSE_LABELS), values,
-                           strict=True))
-        by_name.update(response_code=str(code), grpc_response_status=grpc_status,
-                       response_flags=flags or NO_FLAGS)
-        ordered = [by_name[name] for name in REQUEST_LABELS]
-        children = (self.requests.labels(*ordered), self.request_duration.labels(*ordered),
-                    self.request_bytes.labels(*ordered), self.response_bytes.labels(*ordered))
-        _remember(self._children, key, children, self._max_cached)
-        return children
 
     def _child(self, metric: Counter, values: tuple[str, ...]) -> Any:
         key = (metric, values)

@@ -12,8 +12,11 @@ and the request's trace headers are rewritten with the proxy's span as the paren
 ``trace_id`` carry it.  Only a sampled request makes an SDK span (kind CLIENT: the proxy
 acts for the source pod, as a sidecar's outbound or a waypoint does, and the span is
 the call to the destination); an unsampled one only gets ids from the PRNG and the
-headers, with the sampled flag 0.  ``RequestSpan.finish`` sets the OpenTelemetry HTTP
-client attributes and the status and ends the span with the request's own times.
+headers, with the sampled flag 0, and no object (``begin`` returns None).  A request
+that arrives with no trace header at all is decided before anything is parsed: unsampled,
+it costs two draws from the PRNG and one appended ``traceparent``.  ``RequestSpan.finish``
+sets the OpenTelemetry HTTP client attributes and the status and ends the span with the
+request's own times.
 
 Export never holds the data path: ended spans go to the SDK's ``BatchSpanProcessor``,
 whose thread batches them to ``OTLPSpanExporter`` (OTLP/HTTP protobuf).  The SDK's queue
@@ -42,7 +45,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from nodeproxy.telemetry.trace_headers import extract, inject
+from nodeproxy.telemetry.trace_headers import NONE, TRACE_HEADERS, Incoming, extract, inject
 from nodeproxy.telemetry.tracing import RateLimited, TracingMetrics
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 
 # The SDK exporter's logger: its messages are the reason our own failure log gives.
 _OTLP_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+_SPAN_MASK = (1 << 64) - 1
 
 
 class _Reasons(logging.Handler):
@@ -150,31 +154,21 @@ class _BoundedProcessor(SpanProcessor):
 
 
 class RequestSpan:
-    """One request's trace: its ids (for the headers and the access log) and, when
-    sampled, the SDK span that ``finish`` ends."""
+    """A sampled request's trace: its ids and the SDK span that ``finish`` ends (an
+    unsampled request has none)."""
 
-    __slots__ = ("trace_id", "span_id", "sampled", "_span")
+    __slots__ = ("trace_id", "span_id", "_span")
 
-    def __init__(self, trace_id: int, span_id: int, sampled: bool,
-                 span: trace_api.Span | None):
-        self.trace_id, self.span_id, self.sampled, self._span = \
-            trace_id, span_id, sampled, span
-
-    @property
-    def recording(self) -> bool:
-        """Sampled: finish has a span to end (the recorder builds its arguments only
-        then)."""
-        return self._span is not None
+    def __init__(self, trace_id: int, span_id: int, span: trace_api.Span):
+        self.trace_id, self.span_id, self._span = trace_id, span_id, span
 
     def finish(self, *, status: int, grpc_status: str, flags: str, attempts: int,
                upstream: tuple[str, int] | None, service: str,
                source: tuple[str, str], destination: tuple[str, str] | None,
                end_ns: int) -> None:
-        """End the span (unsampled: nothing to do).  source/destination: (workload,
-        namespace); upstream: the last attempt's endpoint (address, port)."""
+        """End the span.  source/destination: (workload, namespace); upstream: the last
+        attempt's endpoint (address, port)."""
         span = self._span
-        if span is None:
-            return
         attributes: dict[str, str | int] = {
             "nodeproxy.response_flags": flags,
             "nodeproxy.destination.service": service,
@@ -230,10 +224,26 @@ class Tracer:
         self._provider.add_span_processor(self._processor)
         self._tracer = self._provider.get_tracer("nodeproxy.http")
 
-    def begin(self, head: RequestHead, request_id: str, start_ns: int) -> RequestSpan:
+    def begin(self, head: RequestHead, request_id: str, start_ns: int) -> RequestSpan | None:
         """The request's span: its context from the headers, its sampling decision; the
-        headers rewritten to carry it (see the module docstring)."""
-        incoming = extract(head.headers)
+        headers rewritten to carry it (see the module docstring).  None: not sampled
+        (the headers carry new ids with the sampled flag 0, and there is nothing to end).
+
+        A request that brought no trace header at all (most do) is decided first and,
+        unsampled, costs one random draw, one for its ids and a ``traceparent``
+        appended: no parsing, no header list rebuilt, no objects."""
+        headers = head.headers
+        for name, _ in headers:
+            if name in TRACE_HEADERS:
+                break
+        else:  # no context arrived
+            if self._random.random() >= self._ratio:
+                bits = self._random.getrandbits(192)
+                headers.append(("traceparent", f"00-{(bits >> 64) or 1:032x}-"
+                                                f"{(bits & _SPAN_MASK) or 1:016x}-00"))
+                return None
+            return self._sampled(head, NONE, request_id, start_ns)
+        incoming = extract(headers)
         for fmt in incoming.invalid:
             self._metrics.invalid[fmt].inc()
             self._invalid_log.warn("tracing: malformed %s trace context from a client "
@@ -242,39 +252,43 @@ class Tracer:
         if sampled is None:
             sampled = self._random.random() < self._ratio
         if sampled:
-            if incoming.trace_id:
-                parent = trace_api.SpanContext(
-                    incoming.trace_id, incoming.span_id, is_remote=True,
-                    trace_flags=trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED),
-                    trace_state=trace_api.TraceState.from_header([incoming.tracestate])
-                    if incoming.tracestate else None)
-                context = trace_api.set_span_in_context(trace_api.NonRecordingSpan(parent))
-            else:
-                context = Context()  # a root: not whatever the task's context holds
-            host, _, port = head.authority.rpartition(":") if _has_port(head.authority) \
-                else (head.authority, "", "")
-            attributes: dict[str, str | int] = {
-                "http.request.method": head.method,
-                "url.path": head.path.split("?", 1)[0],
-                "url.scheme": head.scheme,
-                "server.address": host.strip("[]"),
-                "network.protocol.version": head.version,
-                "http.request.header.x-request-id": request_id,
-            }
-            if port.isdigit():
-                attributes["server.port"] = int(port)
-            span = self._tracer.start_span(head.method, context, SpanKind.CLIENT,
-                                           attributes, start_time=start_ns,
-                                           record_exception=False,
-                                           set_status_on_exception=False)
-            own = span.get_span_context()
-            trace_id, span_id = own.trace_id, own.span_id
+            return self._sampled(head, incoming, request_id, start_ns)
+        trace_id = incoming.trace_id or (self._random.getrandbits(128) or 1)
+        span_id = self._random.getrandbits(64) or 1
+        inject(headers, incoming, trace_id, span_id, False)
+        return None
+
+    def _sampled(self, head: RequestHead, incoming: Incoming, request_id: str,
+                 start_ns: int) -> RequestSpan:
+        """A sampled request's SDK span, its context written into the headers."""
+        if incoming.trace_id:
+            parent = trace_api.SpanContext(
+                incoming.trace_id, incoming.span_id, is_remote=True,
+                trace_flags=trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED),
+                trace_state=trace_api.TraceState.from_header([incoming.tracestate])
+                if incoming.tracestate else None)
+            context = trace_api.set_span_in_context(trace_api.NonRecordingSpan(parent))
         else:
-            span = None
-            trace_id = incoming.trace_id or (self._random.getrandbits(128) or 1)
-            span_id = self._random.getrandbits(64) or 1
-        inject(head.headers, incoming, trace_id, span_id, sampled)
-        return RequestSpan(trace_id, span_id, sampled, span)
+            context = Context()  # a root: not whatever the task's context holds
+        host, _, port = head.authority.rpartition(":") if _has_port(head.authority) \
+            else (head.authority, "", "")
+        attributes: dict[str, str | int] = {
+            "http.request.method": head.method,
+            "url.path": head.path.split("?", 1)[0],
+            "url.scheme": head.scheme,
+            "server.address": host.strip("[]"),
+            "network.protocol.version": head.version,
+            "http.request.header.x-request-id": request_id,
+        }
+        if port.isdigit():
+            attributes["server.port"] = int(port)
+        span = self._tracer.start_span(head.method, context, SpanKind.CLIENT,
+                                       attributes, start_time=start_ns,
+                                       record_exception=False,
+                                       set_status_on_exception=False)
+        own = span.get_span_context()
+        inject(head.headers, incoming, own.trace_id, own.span_id, True)
+        return RequestSpan(own.trace_id, own.span_id, span)
 
     def shutdown(self) -> None:
         """Flush what is queued (up to the export timeout) and stop the exporter thread;

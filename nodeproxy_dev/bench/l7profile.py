@@ -1,6 +1,8 @@
 """Profile the node proxy's L7 request path: one simulated node, a meshed client pod, an
-nginx backend behind an ``appProtocol: http`` service with nodeproxy-l7's HTTPRoute
-(configurations.http_routes), wrk for a bounded time, py-spy sampling the daemon.
+nginx backend behind an ``appProtocol: http`` service, the daemon set up as the bench's
+L7 configuration of that name (configurations.py: its node YAML overrides, the bench's
+limits, the service's trafficPolicy, an OTLP receiver where it traces), wrk for a
+bounded time, py-spy sampling the daemon.
 
 ``python -m nodeproxy_dev.bench.l7profile OUT [--seconds S] [--config l7|full|authz]``
 writes OUT.raw (py-spy's collapsed stacks), OUT.txt (the top functions, self and
@@ -21,33 +23,37 @@ import sys
 from typing import Any
 
 from nodeproxy_dev.bench import configurations, haproxy
+from nodeproxy_dev.bench.model import ServerKind
 from nodeproxy_dev.bench.procstat import cpu_seconds
-from nodeproxy_dev.testbed.cluster import Cluster
+from nodeproxy_dev.bench.topology import (
+    BENCH_LIMITS,
+    HTTP_VIP_PORT,
+    MESH_CLIENT,
+    MESH_CLIENT_ACCOUNT,
+    OTLP_PORT,
+    server_pod,
+    service_name,
+    wait_listening,
+)
+from nodeproxy_dev.testbed.cluster import Cluster, deep_merge
 
-PORT = 80
-APP = 8080
+# The bench's names (configurations.py's routes and policies refer to them): node0's
+# meshed server pod and its HTTP service, and the meshed client.
+SERVICE = service_name("node0", ServerKind.HTTP)
+SERVER = server_pod("node0", meshed=True)
+PORT = HTTP_VIP_PORT
+APP = ServerKind.HTTP.port
+# --config NAME: the bench configuration of that name, set up as the bench does.
+PROFILED: dict[str, configurations.NodeProxyL7] = {
+    "l7": configurations.NodeProxyL7(), "full": configurations.NodeProxyL7Full(),
+    "authz": configurations.NodeProxyL7Authz()}
 
 
-def _overrides(kind: str) -> dict[str, Any]:
-    routes = configurations.http_routes()
-    for route in routes:
-        route["service"] = "web"
-        route["name"] = "web-bench"
-    routes = routes[:1]
-    out: dict[str, Any] = {"fastPath": {"splice": False}, "httpRoutes": routes}
-    if kind in ("full", "authz"):
-        out["authorizationPolicies"] = [{
-            "name": "bench-l7", "namespace": "default", "action": "ALLOW",
-            "selector": {"app": "web"},
-            "rules": [{"from": [{"source": {"principals": [
-                "cluster.local/ns/default/sa/client"]}}],
-                "to": [{"operation": {"methods": ["GET"],
-                                      "paths": [f"{haproxy.ROUTE_PATH_PREFIX}/*"]}}]}]}]
-    if kind == "full":
-        rule = routes[0]["rules"][1]
-        rule["rateLimit"] = {"requestsPerSecond": 1_000_000, "burst": 1_000_000}
-        rule["fault"] = {"headers": [{"name": configurations.FAULT_HEADER, "value": "on"}],
-                         "abort": {"httpStatus": 503, "percentage": 100}}
+def overrides(config: configurations.NodeProxyL7) -> dict[str, Any]:
+    """The node YAML overrides of the bench configuration (the bench's limits, then the
+    configuration's own), its routes cut to the one service this harness builds."""
+    out = deep_merge(BENCH_LIMITS, config.daemon_overrides())
+    out["httpRoutes"] = [r for r in out.get("httpRoutes", []) if r["service"] == SERVICE]
     return out
 
 
@@ -79,7 +85,10 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--config", choices=("l7", "full", "authz"), default="l7")
+    parser.add_argument("--config", choices=tuple(PROFILED), default="l7",
+                        help="l7: nodeproxy-l7, full: nodeproxy-l7-full (its tracing "
+                             "exported to an OTLP receiver in the node), authz: "
+                             "nodeproxy-l7-authz; as the bench sets them up")
     parser.add_argument("--client", choices=("wrk", "h2load"), default="wrk",
                         help="h2load: HTTP/2 (prior knowledge) from the client, 10 streams "
                              "per connection, for --seconds")
@@ -94,18 +103,30 @@ def main() -> int:
     if not 1 <= args.seconds <= 60:
         parser.error("--seconds must be in [1, 60]")
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    config = PROFILED[args.config]
+    settings = overrides(config)
     with Cluster(1) as c:
-        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
-        c.add_pod("node0", "web", labels={"app": "web"}, service_account="web")
-        c.serve_guarded("web", APP)
-        c.add_service("web", port=PORT, target_port=APP, app_protocol="http")
-        c.write_configs(overrides=_overrides(args.config))
+        c.add_pod("node0", MESH_CLIENT, labels={"app": "client"},
+                  service_account=MESH_CLIENT_ACCOUNT)
+        c.add_pod("node0", SERVER, labels={"app": "srv0"}, service_account="server")
+        c.serve_guarded(SERVER, APP)
+        c.add_service(SERVICE, port=PORT, target_port=APP, selector={"app": "srv0"},
+                      app_protocol=config.http_app_protocol,
+                      traffic_policy=config.http_traffic_policy)
+        if settings.get("tracing", {}).get("enabled"):  # where the bench's receiver is
+            c.spawn_in_node("node0", c.tool_argv("otlp_receiver", "--port", str(OTLP_PORT),
+                                                 "--out", "/dev/null"),
+                            stdout=subprocess.DEVNULL)
+            wait_listening(c.nodes["node0"].netns_path, OTLP_PORT)
+        c.write_configs(overrides=settings)
         c.start_daemons()
         daemon = c.nodes["node0"].daemon
         assert daemon is not None
-        url = f"http://{c.services['default/web'].vip4}:{PORT}{haproxy.ROUTE_PATH_PREFIX}/x"
-        c.run_in_pod("client", ["curl", "-sf", "-o", "/dev/null", url], timeout=10)
-        c.run_in_pod("client", ["wrk", "-t1", "-c", str(args.connections), "-d", "2", url],
+        url = (f"http://{c.services[f'default/{SERVICE}'].vip4}:{PORT}"
+               f"{haproxy.ROUTE_PATH_PREFIX}/x")
+        c.run_in_pod(MESH_CLIENT, ["curl", "-sf", "-o", "/dev/null", url], timeout=10,
+                     check=True)
+        c.run_in_pod(MESH_CLIENT, ["wrk", "-t1", "-c", str(args.connections), "-d", "2", url],
                      timeout=30)  # warm-up: pools, caches
         spy = None if args.no_profile else subprocess.Popen(
             [pyspy, "record", "--pid", str(daemon.pid), "--rate", "200",
@@ -120,7 +141,7 @@ def main() -> int:
         load = (["h2load", "-t1", "-c", str(args.connections), "-m", "10", "-D",
                  str(int(args.seconds)), url] if args.client == "h2load" else
                 ["wrk", "-t1", "-c", str(args.connections), "-d", f"{int(args.seconds)}s", url])
-        result = c.run_in_pod("client", load, timeout=args.seconds + 30)
+        result = c.run_in_pod(MESH_CLIENT, load, timeout=args.seconds + 30)
         cpu = cpu_seconds(daemon.pid) - cpu0
         for sampler in (spy, perf):
             if sampler is not None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 import threading
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.admin.server import AdminServers
@@ -160,18 +161,61 @@ def test_nodeproxy_counters() -> None:
     assert get("nodeproxy_access_log_dropped_total") == 2
 
 
-def test_child_cache_is_bounded_and_eviction_keeps_counting() -> None:
-    registry = CollectorRegistry()
-    m = RequestMetrics(registry, max_cached=4)
-    for code in range(200, 210):
-        m.observe(LABELS, code=code, grpc_status="", flags="-", duration_s=0.001,
-                  request_bytes=0, response_bytes=0)
-    assert len(m._children) == 4
-    # 200 was evicted from the cache; the series keeps its count.
-    m.observe(LABELS, code=200, grpc_status="", flags="-", duration_s=0.001,
-              request_bytes=0, response_bytes=0)
-    assert registry.get_sample_value(
-        "istio_requests_total", label_dict(LABELS, "200", "", "-")) == 2
+def test_request_series_expose_exactly_what_prometheus_client_would() -> None:
+    """The project's own Istio series (counts per label set, read at scrape) against
+    prometheus_client's Counter and Histogram fed the same requests: the same text,
+    bucket edges (a value equal to a bound is in that bucket), +Inf and sums included."""
+    rng = random.Random(7)
+    ours = CollectorRegistry()
+    m = RequestMetrics(ours)
+    theirs = CollectorRegistry()
+    requests = Counter("istio_requests_total", "Requests the proxy handled",
+                       REQUEST_LABELS, registry=theirs)
+    hist = {name: Histogram(name, doc, REQUEST_LABELS, buckets=ISTIO_BUCKETS,
+                            registry=theirs)
+            for name, doc in (("istio_request_duration_milliseconds",
+                               "Request duration in milliseconds"),
+                              ("istio_request_bytes", "Request size in bytes"),
+                              ("istio_response_bytes", "Response size in bytes"))}
+    other = RequestLabels.from_tcp(TCP, "grpc")
+    edges = [*ISTIO_BUCKETS, 0, 7_200_000]
+    for _ in range(3000):
+        labels = rng.choice((LABELS, other))
+        code, grpc, flags = rng.choice(((200, "", "-"), (503, "", "UF,URX"), (0, "", ""),
+                                        (200, "14", "-")))
+        duration_ms = rng.choice((rng.random() * 20_000, float(rng.choice(edges))))
+        sizes = [rng.choice((rng.randrange(0, 5_000_000), int(rng.choice(edges))))
+                 for _ in range(2)]
+        m.observe(labels, code=code, grpc_status=grpc, flags=flags,
+                  duration_s=duration_ms / 1000.0, request_bytes=sizes[0],
+                  response_bytes=sizes[1])
+        values = label_dict(labels, str(code), grpc, flags or "-")
+        ordered = [values[name] for name in REQUEST_LABELS]
+        requests.labels(*ordered).inc()
+        for h, value in zip(hist.values(), (duration_ms, *sizes), strict=True):
+            h.labels(*ordered).observe(value)
+
+    def families(registry: CollectorRegistry) -> dict[str, list[tuple[str, str, float]]]:
+        out = {}
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            out[family.name] = sorted(
+                (s.name, repr(sorted(s.labels.items())), round(s.value, 6))
+                for s in family.samples if not s.name.endswith("_created"))
+        return out
+
+    got, want = families(ours), families(theirs)
+    for name in ("istio_requests", "istio_request_duration_milliseconds",
+                 "istio_request_bytes", "istio_response_bytes"):
+        assert got[name] == want[name], name
+        assert got[name]  # something was compared
+    assert registry_value(ours, "istio_requests_total", label_dict(LABELS, "200", "", "-")) \
+        == registry_value(theirs, "istio_requests_total", label_dict(LABELS, "200", "", "-"))
+
+
+def registry_value(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
+    value = registry.get_sample_value(name, labels)
+    assert value is not None and value > 0
+    return value
 
 
 # --- access log ----------------------------------------------------------------------------

@@ -275,14 +275,48 @@ def test_unsampled_requests_propagate_and_export_nothing(receiver: tuple[str, st
     metrics = TracingMetrics(CollectorRegistry())
     tracer = Tracer(TracingSettings(enabled=True, endpoint=endpoint, sampling_percent=0,
                                     schedule_delay_seconds=0.05), metrics, "node-a")
+    ids = set()
     for _ in range(20):
-        request = head()
-        span = tracer.begin(request, "r", time.time_ns())
-        finish(span)
+        request = head(("accept", "*/*"))
+        # Unsampled: no span to end, only the headers carry the new context.
+        assert tracer.begin(request, "r", time.time_ns()) is None
+        assert [name for name, _ in request.headers] == ["accept", "traceparent"]
         parsed = tc.parse_traceparent(request.header("traceparent") or "")
-        assert parsed == (span.trace_id, span.span_id, False)
+        assert parsed is not None and parsed[2] is False
+        ids.add(parsed[:2])
+    assert len(ids) == 20 and len({t for t, _ in ids}) == 20  # a new trace each
+    # An unsampled parent is continued, not replaced; its B3 form is answered in B3 too.
+    request = head(("traceparent", f"00-{TRACE}-{SPAN}-00"), ("x-b3-sampled", "0"))
+    assert tracer.begin(request, "r", time.time_ns()) is None
+    parsed = tc.parse_traceparent(request.header("traceparent") or "")
+    assert parsed is not None and f"{parsed[0]:032x}" == TRACE and not parsed[2]
+    assert f"{parsed[1]:016x}" != SPAN  # the proxy's own span id as the new parent
+    assert request.header("x-b3-sampled") == "0"
     tracer.shutdown()
     assert read_spans(out) == []
+
+
+def test_sampling_percent_is_kept_by_requests_without_context() -> None:
+    """The fast path of a request with no trace header samples samplingPercent of them,
+    and a sampled one gets a span whose ids its traceparent carries."""
+    tracer = Tracer(TracingSettings(enabled=True, endpoint="http://127.0.0.1:9/v1/traces",
+                                    sampling_percent=25, schedule_delay_seconds=60),
+                    TracingMetrics(CollectorRegistry()), "node-a")
+    sampled = 0
+    try:
+        for _ in range(4000):
+            request = head()
+            span = tracer.begin(request, "r", time.time_ns())
+            parsed = tc.parse_traceparent(request.header("traceparent") or "")
+            assert parsed is not None
+            if span is not None:
+                sampled += 1
+                assert parsed == (span.trace_id, span.span_id, True)
+            else:
+                assert parsed[2] is False
+    finally:
+        tracer.shutdown()
+    assert 800 < sampled < 1200, sampled
 
 
 def test_a_full_queue_drops_new_spans_and_counts_them() -> None:

@@ -1,0 +1,91 @@
+"""The source-side request check (nodeproxy/http/authorize.py) across mesh snapshots: the
+destination workload and whether a policy selects it are remembered per snapshot, so a
+configuration change is seen by the very next request, for the same backend object."""
+
+from __future__ import annotations
+
+import ipaddress
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from nodeproxy.codec.message import RequestHead
+from nodeproxy.config.loader import parse_config
+from nodeproxy.http.authorize import RequestAuthorizer
+from nodeproxy.mesh.destinations import Backend, WorkloadRef
+from nodeproxy.mesh.holder import MeshState
+from nodeproxy.mesh.round_robin import PortRoundRobin
+from nodeproxy.mesh.snapshot import MeshInputs, MeshSnapshot, build_snapshot
+from nodeproxy.policy.admission import AdmissionMetrics
+
+NODE = """
+apiVersion: nodeproxy.io/v1alpha1
+kind: NodeProxyConfig
+node: {name: n1}
+workloads:
+  - {name: client, node: n1, netns: /run/netns/c, cgroup: /sys/fs/cgroup/c,
+     ips: [10.244.1.2], labels: {app: client}, serviceAccount: client}
+  - {name: web-1, node: n2, ips: [10.244.2.9], labels: {app: web}, serviceAccount: web}
+"""
+ONLY_PUBLIC = """
+authorizationPolicies:
+  - name: web-public
+    namespace: default
+    action: ALLOW
+    selector: {app: web}
+    rules:
+      - to: [{operation: {methods: [GET], paths: ["/public/*"]}}]
+"""
+NOTHING = """
+authorizationPolicies:
+  - name: web-closed
+    namespace: default
+    action: DENY
+    selector: {app: web}
+    rules:
+      - to: [{operation: {paths: ["*"]}}]
+"""
+CLIENT = "spiffe://cluster.local/ns/default/sa/client"
+
+
+def snapshot(extra: str = "") -> MeshSnapshot:
+    return build_snapshot(MeshInputs(parse_config(NODE + extra).config),
+                          admission_metrics=AdmissionMetrics(CollectorRegistry()),
+                          balancer=PortRoundRobin())
+
+
+def ctx() -> Any:
+    # The two things the check reads of the source pod: its principal and addresses.
+    return SimpleNamespace(pod=SimpleNamespace(
+        principal=CLIENT, workload=SimpleNamespace(ips=[ipaddress.ip_address("10.244.1.2")])))
+
+
+def test_each_snapshot_is_judged_by_its_own_policies_for_the_same_backend() -> None:
+    first = snapshot()  # no policy selects web: not checked, and that is remembered
+    state = MeshState(first)
+    check = RequestAuthorizer(state)
+    web = next(w for w in first.config.workloads if w.name == "web-1")
+    backend = Backend(ipaddress.ip_address("10.244.2.9"), 8080, WorkloadRef.of(web))
+
+    def allows(path: str) -> bool:
+        return check.allows(ctx(), backend, RequestHead("GET", path, "web:8080", []))
+
+    for _ in range(3):
+        assert allows("/private") and allows("/public/a")
+    # A policy now selects it: what the last snapshot said (not policed) must not be kept.
+    state.replace(snapshot(ONLY_PUBLIC))
+    for _ in range(3):  # remembered, and the same answers
+        assert allows("/public/a") and not allows("/private")
+    state.replace(snapshot(NOTHING))
+    assert not allows("/public/a") and not allows("/private")
+    state.replace(snapshot())
+    assert allows("/private") and allows("/public/a")
+
+
+def test_a_backend_outside_the_snapshot_or_the_mesh_is_not_checked() -> None:
+    check = RequestAuthorizer(MeshState(snapshot(NOTHING)))
+    head = RequestHead("GET", "/", "web:8080", [])
+    gone = WorkloadRef("web-9", "default", "web", "web", "n2")  # not in the table
+    assert check.allows(ctx(), Backend(ipaddress.ip_address("10.244.2.10"), 80, gone), head)
+    assert check.allows(ctx(), Backend(ipaddress.ip_address("192.0.2.1"), 80, None), head)
