@@ -33,7 +33,6 @@ from typing import Any
 
 from nodeproxy.capture import iptables
 from nodeproxy_dev.bench import haproxy
-from nodeproxy_dev.bench.model import NetPath, ProxyProcess, RequestCounter, Route, ServerKind
 from nodeproxy_dev.bench.topology import (
     DIRECT_CLIENT,
     HAPROXY_POD,
@@ -46,6 +45,7 @@ from nodeproxy_dev.bench.topology import (
     server_pod,
     service_name,
 )
+from nodeproxy_dev.bench.vocabulary import NetPath, ProxyProcess, RequestCounter, Route, ServerKind
 
 
 class Configuration:

@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from nodeproxy_dev.bench import procstat
-from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import last_json_line, run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError, Route
 
 # The proxy's RSS with the idle connections is read this long after the last one opened
 # (its figure), and also after the first second (`rss_1s_mib`, in the JSON): a proxy may

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import last_json_line, run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError, Route
 
 MODULE = "nodeproxy_dev.bench.grpcunary"
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodeproxy_dev.bench.grpcunary import percentile
-from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import HTTP_FILE, BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError, Route
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _FINISHED = re.compile(r"^finished in ([\d.]+)(us|ms|s),", re.M)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from nodeproxy_dev.bench.model import ServerKind
+from nodeproxy_dev.bench.vocabulary import ServerKind
 
 BASE_PORT = 20000
 _OFFSETS = {ServerKind.SOCKPERF: 1, ServerKind.IPERF3: 2, ServerKind.HTTP: 3, ServerKind.ECHO: 4,

@@ -6,10 +6,10 @@ import json
 import time
 from typing import Any
 
-from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError, Route
 
 BUSY_RETRIES = 3
 

@@ -23,7 +23,6 @@ import sys
 from typing import Any
 
 from nodeproxy_dev.bench import configurations, haproxy
-from nodeproxy_dev.bench.model import ServerKind
 from nodeproxy_dev.bench.procstat import cpu_seconds
 from nodeproxy_dev.bench.topology import (
     BENCH_LIMITS,
@@ -35,6 +34,7 @@ from nodeproxy_dev.bench.topology import (
     service_name,
     wait_listening,
 )
+from nodeproxy_dev.bench.vocabulary import ServerKind
 from nodeproxy_dev.testbed.cluster import Cluster, deep_merge
 
 # The bench's names (configurations.py's routes and policies refer to them): node0's

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeproxy_dev.bench import cpulimit, haproxy, procstat, wrk
-from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import (
@@ -36,6 +35,7 @@ from nodeproxy_dev.bench.topology import (
     HAPROXY_POD,
     BenchCluster,
 )
+from nodeproxy_dev.bench.vocabulary import MeasurementError, Route
 
 # The attack, fixed so that the figures of two runs compare and the RSS bound holds.
 RAPID_RESET_CONNECTIONS = 2

@@ -6,7 +6,7 @@ from typing import Any
 
 from nodeproxy_dev.bench import stats, targets
 from nodeproxy_dev.bench.configurations import Configuration
-from nodeproxy_dev.bench.model import Cell, Metric
+from nodeproxy_dev.bench.vocabulary import Cell, Metric
 
 SCHEMA = "nodeproxy-bench/1"
 BASELINE = "direct"

@@ -7,8 +7,8 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from nodeproxy_dev.bench.model import MeasurementError
 from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError
 
 
 def run_tool(bench: BenchCluster, pod: str, argv: Sequence[str],

@@ -9,7 +9,7 @@ from typing import Any
 
 from nodeproxy_dev.bench import (
     connections,
-    enrollment,
+    enroll_scale,
     grpcload,
     h2load,
     iperf,
@@ -26,7 +26,9 @@ from nodeproxy_dev.bench.configurations import (
     NodeProxyL7,
     NodeProxyL7Full,
 )
-from nodeproxy_dev.bench.model import (
+from nodeproxy_dev.bench.settings import Settings
+from nodeproxy_dev.bench.topology import H2C_PORT, BenchCluster
+from nodeproxy_dev.bench.vocabulary import (
     Added,
     MeasurementError,
     Metric,
@@ -35,8 +37,6 @@ from nodeproxy_dev.bench.model import (
     Route,
     ServerKind,
 )
-from nodeproxy_dev.bench.settings import Settings
-from nodeproxy_dev.bench.topology import H2C_PORT, BenchCluster
 
 Values = dict[str, float]
 
@@ -437,7 +437,7 @@ class Enrollment(Scenario):
                 settings: Settings) -> tuple[Values, dict[str, Any]]:
         if configuration.name != NodeProxy.name:
             raise MeasurementError("enrollment is a nodeproxy measurement")
-        raw = enrollment.enroll_many(bench, self.count)
+        raw = enroll_scale.enroll_many(bench, self.count)
         return {"enroll.total": raw["total_s"], "enroll.per_pod": raw["ms_per_pod"],
                 "enroll.rss": raw["rss_mib"], "enroll.rss_per_pod": raw["kib_per_pod"]}, raw
 

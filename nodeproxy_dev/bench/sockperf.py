@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError, Route
 
 # sockperf spends ~2.2 s of its own around the measured time (connect, warm-up, 2 s sleep).
 OVERHEAD_S = 3.0

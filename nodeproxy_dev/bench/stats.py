@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from nodeproxy_dev.bench.model import Cell
+from nodeproxy_dev.bench.vocabulary import Cell
 
 
 def summarize(cell: Cell) -> dict[str, Any]:

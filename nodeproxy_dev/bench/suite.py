@@ -30,11 +30,11 @@ from nodeproxy.config.changes import RESTART_ONLY
 from nodeproxy.config.model import LimitSettings
 from nodeproxy_dev.bench import procstat, report, scenarios, stats, targets
 from nodeproxy_dev.bench.configurations import CONFIGURATIONS, Configuration, available
-from nodeproxy_dev.bench.model import Cell, MeasurementError
 from nodeproxy_dev.bench.report import BASELINE
 from nodeproxy_dev.bench.scenarios import Scenario
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.vocabulary import Cell, MeasurementError
 from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster
 
 Log = Callable[[str], None]

@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.config.changes import RESTART_ONLY
 from nodeproxy_dev.bench import haproxy
-from nodeproxy_dev.bench.model import NetPath, ServerKind
 from nodeproxy_dev.bench.settings import Settings
+from nodeproxy_dev.bench.vocabulary import NetPath, ServerKind
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster, Pod, Service, deep_merge
 from nodeproxy_dev.testbed.nginx import nginx_config

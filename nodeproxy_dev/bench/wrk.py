@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nodeproxy_dev.bench.model import MeasurementError, Route
 from nodeproxy_dev.bench.runner import last_json_line, run_tool, tail
 from nodeproxy_dev.bench.settings import Settings
 from nodeproxy_dev.bench.topology import HTTP_FILE, BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError, Route
 
 # wrk calls done() once at the end; it prints one JSON line we parse.
 REPORT_LUA = """\

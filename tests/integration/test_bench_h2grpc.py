@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from nodeproxy_dev.bench.configurations import by_names
-from nodeproxy_dev.bench.model import MeasurementError, NetPath
 from nodeproxy_dev.bench.scenarios import GrpcUnary, Http2
 from nodeproxy_dev.bench.settings import QUICK
 from nodeproxy_dev.bench.topology import HTTP_FILE, BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError, NetPath
 from nodeproxy_dev.testbed.cluster import Cluster
 
 pytestmark = pytest.mark.privileged

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from nodeproxy_dev.bench import grpcload, grpcunary, h2load
-from nodeproxy_dev.bench.model import MeasurementError
+from nodeproxy_dev.bench.vocabulary import MeasurementError
 
 # h2load -t1 -c4 -m10 -n 400 --log-file=... http://127.0.0.1:18082/bench/small.bin
 # (nginx h2c, a 1024-byte file)

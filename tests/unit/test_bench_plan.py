@@ -18,10 +18,10 @@ from nodeproxy.config.loader import parse_config
 from nodeproxy.http.routes import Routes
 from nodeproxy_dev.bench import haproxy, noisy, scenarios, stats
 from nodeproxy_dev.bench.configurations import CONFIGURATIONS, Configuration
-from nodeproxy_dev.bench.model import Cell, RequestCounter, ServerKind
 from nodeproxy_dev.bench.settings import QUICK
 from nodeproxy_dev.bench.suite import Suite
 from nodeproxy_dev.bench.topology import HTTP_FILE, HTTP_VIP_PORT
+from nodeproxy_dev.bench.vocabulary import Cell, RequestCounter, ServerKind
 from nodeproxy_dev.testbed import attack
 
 FIRST_BLOCK = ["direct", "nodeproxy-splice", "haproxy", "nodeproxy-nosplice", "nodeproxy-l7",

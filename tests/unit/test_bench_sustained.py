@@ -8,9 +8,9 @@ import json
 import pytest
 
 from nodeproxy_dev.bench import connections
-from nodeproxy_dev.bench.model import MeasurementError, NetPath
 from nodeproxy_dev.bench.scenarios import SustainedConnect
 from nodeproxy_dev.bench.settings import FULL, QUICK
+from nodeproxy_dev.bench.vocabulary import MeasurementError, NetPath
 
 
 def test_rates_are_taken_per_window_between_cumulative_counts():

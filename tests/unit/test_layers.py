@@ -229,6 +229,16 @@ def test_no_two_modules_share_a_basename():
     assert shared == {}
 
 
+def test_the_development_tree_names_no_module_like_a_runtime_one():
+    """`nodeproxy_dev/bench/enrollment.py` beside `nodeproxy/pods/enrollment.py` would read
+    as the same idea: a tool's module says what it measures or builds."""
+    runtime = {path.name for path in runtime_files()} - {"__init__.py", "__main__.py"}
+    dev = RUNTIME.parent / "nodeproxy_dev"
+    clashes = [str(path.relative_to(dev.parent)) for path in runtime_files(dev)
+               if path.name in runtime]
+    assert clashes == []
+
+
 def test_no_module_is_named_like_a_package():
     """`signer/policy.py` beside the `policy/` package would read as the same idea."""
     packages = {path.parent.name for path in runtime_files() if path.name == "__init__.py"}

@@ -7,8 +7,8 @@ import statistics
 import time
 
 from nodeproxy_dev.bench import procstat
-from nodeproxy_dev.bench.model import MeasurementError
 from nodeproxy_dev.bench.topology import BenchCluster
+from nodeproxy_dev.bench.vocabulary import MeasurementError
 from nodeproxy_dev.testbed import netns
 
 NODE = "node0"
