@@ -15,8 +15,9 @@ the call to the destination); an unsampled one only gets ids from the PRNG and t
 headers, with the sampled flag 0, and no object (``begin`` returns None).  A request
 that arrives with no trace header at all is decided before anything is parsed: unsampled,
 it costs two draws from the PRNG and one appended ``traceparent``.  ``RequestSpan.finish``
-sets the OpenTelemetry HTTP client attributes and the status and ends the span with the
-request's own times.
+sets the OpenTelemetry HTTP client attributes (the request's, kept since ``begin``, and
+the response's, in one ``set_attributes``: the SDK validates and copies per call) and
+the status and ends the span with the request's own times.
 
 Export never holds the data path: ended spans go to the SDK's ``BatchSpanProcessor``,
 whose thread batches them to ``OTLPSpanExporter`` (OTLP/HTTP protobuf).  The SDK's queue
@@ -154,13 +155,16 @@ class _BoundedProcessor(SpanProcessor):
 
 
 class RequestSpan:
-    """A sampled request's trace: its ids and the SDK span that ``finish`` ends (an
-    unsampled request has none)."""
+    """A sampled request's trace: its ids, the SDK span that ``finish`` ends (an
+    unsampled request has none) and the request's attributes, given to the span with
+    the response's in one call at the end (the SDK checks and copies them per call)."""
 
-    __slots__ = ("trace_id", "span_id", "_span")
+    __slots__ = ("trace_id", "span_id", "_span", "_attributes")
 
-    def __init__(self, trace_id: int, span_id: int, span: trace_api.Span):
+    def __init__(self, trace_id: int, span_id: int, span: trace_api.Span,
+                 attributes: dict[str, str | int]):
         self.trace_id, self.span_id, self._span = trace_id, span_id, span
+        self._attributes = attributes
 
     def finish(self, *, status: int, grpc_status: str, flags: str, attempts: int,
                upstream: tuple[str, int] | None, service: str,
@@ -169,12 +173,11 @@ class RequestSpan:
         """End the span.  source/destination: (workload, namespace); upstream: the last
         attempt's endpoint (address, port)."""
         span = self._span
-        attributes: dict[str, str | int] = {
-            "nodeproxy.response_flags": flags,
-            "nodeproxy.destination.service": service,
-            "nodeproxy.source.workload": source[0],
-            "nodeproxy.source.namespace": source[1],
-        }
+        attributes = self._attributes
+        attributes["nodeproxy.response_flags"] = flags
+        attributes["nodeproxy.destination.service"] = service
+        attributes["nodeproxy.source.workload"] = source[0]
+        attributes["nodeproxy.source.namespace"] = source[1]
         if status:
             attributes["http.response.status_code"] = status
         if attempts > 1:
@@ -283,12 +286,12 @@ class Tracer:
         if port.isdigit():
             attributes["server.port"] = int(port)
         span = self._tracer.start_span(head.method, context, SpanKind.CLIENT,
-                                       attributes, start_time=start_ns,
+                                       start_time=start_ns,
                                        record_exception=False,
                                        set_status_on_exception=False)
         own = span.get_span_context()
         inject(head.headers, incoming, own.trace_id, own.span_id, True)
-        return RequestSpan(own.trace_id, own.span_id, span)
+        return RequestSpan(own.trace_id, own.span_id, span, attributes)
 
     def shutdown(self) -> None:
         """Flush what is queued (up to the export timeout) and stop the exporter thread;

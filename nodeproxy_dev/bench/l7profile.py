@@ -4,8 +4,8 @@ L7 configuration of that name (configurations.py: its node YAML overrides, the b
 limits, the service's trafficPolicy, an OTLP receiver where it traces), wrk for a
 bounded time, py-spy sampling the daemon.
 
-``python -m nodeproxy_dev.bench.l7profile OUT [--seconds S] [--config l7|full|authz]``
-writes OUT.raw (py-spy's collapsed stacks), OUT.txt (the top functions, self and
+``python -m nodeproxy_dev.bench.l7profile OUT [--seconds S] [--config l7|full|authz]
+[--sampling PERCENT] [--threads]`` writes OUT.raw (py-spy's collapsed stacks), OUT.txt (the top functions, self and
 inclusive) and prints wrk's summary with the daemon's CPU seconds per 1000 requests.
 A development aid, not a benchmark: py-spy's sampling costs the daemon a little.
 Needs root and py-spy (``pip install py-spy``).  Everything is torn down at the end.
@@ -92,6 +92,13 @@ def main() -> int:
     parser.add_argument("--client", choices=("wrk", "h2load"), default="wrk",
                         help="h2load: HTTP/2 (prior knowledge) from the client, 10 streams "
                              "per connection, for --seconds")
+    parser.add_argument("--sampling", type=float, metavar="PERCENT",
+                        help="trace this percentage of requests instead of the "
+                             "configuration's (turns tracing on, to the node's OTLP "
+                             "receiver, where the configuration has none)")
+    parser.add_argument("--threads", action="store_true",
+                        help="py-spy --threads --idle: every thread's samples (the span "
+                             "exporter's too, waiting or not), each stack under its thread")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--native", action="store_true",
                         help="py-spy --native: C frames (uvloop, llhttp, compiled modules) "
@@ -105,6 +112,12 @@ def main() -> int:
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     config = PROFILED[args.config]
     settings = overrides(config)
+    if args.sampling is not None:
+        if not 0 <= args.sampling <= 100:
+            parser.error("--sampling must be in [0, 100]")
+        settings["tracing"] = {**settings.get("tracing", {}), "enabled": True,
+                               "samplingPercent": args.sampling,
+                               "endpoint": f"http://127.0.0.1:{OTLP_PORT}/v1/traces"}
     with Cluster(1) as c:
         c.add_pod("node0", MESH_CLIENT, labels={"app": "client"},
                   service_account=MESH_CLIENT_ACCOUNT)
@@ -131,7 +144,8 @@ def main() -> int:
         spy = None if args.no_profile else subprocess.Popen(
             [pyspy, "record", "--pid", str(daemon.pid), "--rate", "200",
              "--format", "raw", "-o", args.out + ".raw", "--duration",
-             str(int(args.seconds))] + (["--native"] if args.native else []),
+             str(int(args.seconds))] + (["--native"] if args.native else [])
+            + (["--threads", "--idle"] if args.threads else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         perf = subprocess.Popen(
             ["perf", "record", "-F", "499", "-g", "-p", str(daemon.pid), "-o",

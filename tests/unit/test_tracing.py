@@ -261,11 +261,17 @@ def test_sampled_spans_reach_the_receiver_with_their_parent(
     assert got["span_id"] == f"{span.span_id:016x}"
     assert request.header("traceparent") == f"00-{TRACE}-{got['span_id']}-01"
     assert got["kind"] == "SPAN_KIND_CLIENT" and got["status"] == "STATUS_CODE_ERROR"
-    assert got["attributes"]["http.request.method"] == "GET"
-    assert got["attributes"]["url.path"] == "/items"
-    assert got["attributes"]["server.address"] == "web.shop"
-    assert got["attributes"]["server.port"] == 80
-    assert got["attributes"]["http.response.status_code"] == 503
+    # The request's attributes (kept from begin) and the response's, every one exported.
+    assert got["attributes"] == {
+        "http.request.method": "GET", "url.path": "/items", "url.scheme": "http",
+        "server.address": "web.shop", "server.port": 80,
+        "network.protocol.version": "1.1", "http.request.header.x-request-id": "req-1",
+        "nodeproxy.response_flags": "-",
+        "nodeproxy.destination.service": "web.shop.svc.cluster.local",
+        "nodeproxy.source.workload": "client", "nodeproxy.source.namespace": "shop",
+        "http.response.status_code": 503, "network.peer.address": "10.0.0.1",
+        "network.peer.port": 8080, "nodeproxy.destination.workload": "web",
+        "nodeproxy.destination.namespace": "shop", "error.type": "503"}
     assert got["resource"]["service.name"] == "nodeproxy"
     assert registry.get_sample_value("nodeproxy_tracing_spans_exported_total") == 1
 
