@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import procstat
+from nodeproxy_dev.bench.daemon_hook import startup_hook
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed.cluster import Cluster
 
@@ -211,9 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     procstat.lift_own_nofile(4 * args.idle + 4000)
     out = args.out or Path(tempfile.mkdtemp(prefix="nodeproxy-connprofile-"))
     out.mkdir(parents=True, exist_ok=True)
-    site = out / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     report: dict[str, Any] = {}
     with Cluster(2, mtls=True) as cluster:
         build(cluster, None if args.app_protocol == "detect" else args.app_protocol,
@@ -232,14 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"folded stacks in {out}", file=sys.stderr)
             return 0
         cluster.stop_daemons()
-        os.environ["NODEPROXY_PROFILE_DIR"] = str(out)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            [str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-        try:
+        with startup_hook(out, SITECUSTOMIZE, "NODEPROXY_PROFILE_DIR", str(out)):
             cluster.start_daemons()
             report["memory"] = memory_profile(cluster, args.idle, out)
-        finally:
-            os.environ.pop("NODEPROXY_PROFILE_DIR", None)
     (out / "profile.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     print(f"folded stacks and snapshots in {out}", file=sys.stderr)

@@ -39,6 +39,7 @@ from typing import Any
 
 from nodeproxy_dev.bench import procstat
 from nodeproxy_dev.bench.connprofile import build
+from nodeproxy_dev.bench.daemon_hook import startup_hook
 from nodeproxy_dev.testbed.cluster import Cluster
 
 SITECUSTOMIZE = r'''
@@ -231,19 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     procstat.lift_own_nofile(4 * args.idle + 4000)
     out = args.out or Path(tempfile.mkdtemp(prefix="nodeproxy-rssprofile-"))
     out.mkdir(parents=True, exist_ok=True)
-    site = out / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    os.environ["NODEPROXY_RSS_DIR"] = str(out)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    try:
-        with Cluster(2, mtls=True) as cluster:
-            build(cluster, "tcp", args.splice)
-            cluster.start_daemons()
-            report = profile(cluster, args.idle, out, args.settle)
-    finally:
-        os.environ.pop("NODEPROXY_RSS_DIR", None)
+    with startup_hook(out, SITECUSTOMIZE, "NODEPROXY_RSS_DIR", str(out)), \
+            Cluster(2, mtls=True) as cluster:
+        build(cluster, "tcp", args.splice)
+        cluster.start_daemons()
+        report = profile(cluster, args.idle, out, args.settle)
     (out / "profile.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     print(f"reports in {out}", file=sys.stderr)

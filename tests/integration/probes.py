@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -12,6 +13,8 @@ import time
 from nodeproxy.capture import libbpf
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
+
+IP_TRANSPARENT = 19  # linux/in.h; the socket module does not name it
 
 
 def probe_from_node(cluster: Cluster, node: str, host: str, port: int) -> str:
@@ -28,6 +31,28 @@ def probe_from_node(cluster: Cluster, node: str, host: str, port: int) -> str:
         return type(e).__name__
     finally:
         sock.close()
+
+
+def connect_as(cluster: Cluster, pod: str, source: str, host: str, port: int) -> str:
+    """A connection from the pod with a source address it does not own (IP_TRANSPARENT:
+    a forged source, as a pod with CAP_NET_ADMIN could send), then a question to the peer
+    server: 'connected <its answer>', or the name of the error (within 2 s)."""
+    sock = netns.socket_in(cluster.pods[pod].netns_path, socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((source, 0))
+        sock.settimeout(2)
+        sock.connect((host, port))
+        sock.sendall(b"W")
+        return "connected " + sock.recv(300).decode()
+    except OSError as e:
+        return type(e).__name__
+    finally:
+        sock.close()
+
+
+# What a forged source gets: the SYN-ACK goes to the address's real owner.
+NO_HANDSHAKE = ("TimeoutError", "ConnectionRefusedError", "ConnectionResetError")
 
 
 def connect(cluster: Cluster, pod: str, host: str, port: int) -> str:

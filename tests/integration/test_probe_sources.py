@@ -11,7 +11,6 @@ unenrolled one, in the capture mode of each parameter.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum as sample
-from tests.integration.probes import connect, probe_from_node
+from tests.integration.probes import NO_HANDSHAKE, connect, connect_as, probe_from_node
 
 pytestmark = pytest.mark.privileged
 
@@ -98,23 +97,7 @@ def test_a_pod_claiming_the_probe_source_gets_no_connection(node: Cluster):
     """A hostile pod that sends its SYN from the node's address is left uncaptured, but
     the application's SYN-ACK goes to the real node, which resets it: no handshake."""
     app, n = node.pods["app"], node.nodes["node0"]
-    stranger = node.pods["stranger"]
-
-    def spoofed() -> str:
-        sock = netns.socket_in(stranger.netns_path, socket.AF_INET)
-        try:
-            sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: bind a foreign address
-            sock.bind((n.gateway4, 0))
-            sock.settimeout(2)
-            sock.connect((app.ip4, PORT))
-            sock.sendall(b"W")
-            return "connected " + sock.recv(300).decode()
-        except OSError as e:
-            return type(e).__name__
-        finally:
-            sock.close()
-
-    assert spoofed() in ("TimeoutError", "ConnectionRefusedError", "ConnectionResetError")
+    assert connect_as(node, "stranger", n.gateway4, app.ip4, PORT) in NO_HANDSHAKE
     # The real node still probes as before.
     assert _from_the_node(node, app.ip4, PORT)["name"] == "app"
 
