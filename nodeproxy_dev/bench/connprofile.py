@@ -25,6 +25,7 @@ Bounded: every tool has a timeout; the cluster is torn down at the end, also on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ import tempfile
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,23 @@ def memory_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
 
     rss_before = procstat.rss_kib(pid)
     before = snapshot()
+    with idle_connections(cluster, pid, count) as ready:
+        time.sleep(1.0)
+        rss_after = procstat.rss_kib(pid)
+        after = snapshot()
+    diff = after.compare_to(before, "lineno")
+    grown = sum(s.size_diff for s in diff)
+    return {"connections": ready.get("open"), "rss_kib_per_conn": (rss_after - rss_before) /
+            count, "traced_kib_per_conn": grown / 1024 / count,
+            "top": [(str(s.traceback[0]), s.size_diff / count, s.count_diff / count)
+                    for s in diff[:TOP]]}
+
+
+@contextlib.contextmanager
+def idle_connections(cluster: Cluster, pid: int, count: int) -> Iterator[dict[str, Any]]:
+    """``count`` idle connections from the client pod to web-z0 through node0's daemon
+    (``pid``, its open-file limit raised to fit), held for the block; yields the idle
+    client's ready line.  The client closes them and exits at the block's end."""
     procstat.raise_nofile(pid, 2 * count + 2000)
     vip = cluster.services["default/web-z0"].address(4)
     idle = cluster.spawn_in_pod("client", [cluster.python, "-m", "nodeproxy_dev.bench.idle",
@@ -163,20 +182,11 @@ def memory_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert idle.stdout is not None and idle.stdin is not None
-        ready = json.loads(idle.stdout.readline())
-        time.sleep(1.0)
-        rss_after = procstat.rss_kib(pid)
-        after = snapshot()
+        yield json.loads(idle.stdout.readline())
     finally:
         if idle.stdin is not None:
             idle.stdin.close()
         idle.wait(timeout=60)
-    diff = after.compare_to(before, "lineno")
-    grown = sum(s.size_diff for s in diff)
-    return {"connections": ready.get("open"), "rss_kib_per_conn": (rss_after - rss_before) /
-            count, "traced_kib_per_conn": grown / 1024 / count,
-            "top": [(str(s.traceback[0]), s.size_diff / count, s.count_diff / count)
-                    for s in diff[:TOP]]}
 
 
 def build(cluster: Cluster, app_protocol: str | None = "tcp", splice: bool = False) -> None:

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import procstat
-from nodeproxy_dev.bench.connprofile import build
+from nodeproxy_dev.bench.connprofile import build, idle_connections
 from nodeproxy_dev.bench.daemon_hook import startup_hook
 from nodeproxy_dev.testbed.cluster import Cluster
 
@@ -193,24 +192,12 @@ def take(pid: int, out: Path, name: str, action: str = "") -> dict[str, Any]:
 def profile(cluster: Cluster, count: int, out: Path, settle: float) -> dict[str, Any]:
     pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
     report: dict[str, Any] = {"before": take(pid, out, "before")}
-    procstat.raise_nofile(pid, 2 * count + 2000)
-    vip = cluster.services["default/web-z0"].address(4)
-    idle = cluster.spawn_in_pod("client", [cluster.python, "-m", "nodeproxy_dev.bench.idle",
-                                           "--to", vip, "--count", str(count), "--timeout",
-                                           "60", "--hold", "300"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert idle.stdout is not None and idle.stdin is not None
-        ready = json.loads(idle.stdout.readline())
+    with idle_connections(cluster, pid, count) as ready:
         report["ready"] = ready
         time.sleep(settle)
         report["idle"] = take(pid, out, "idle")
         report["idle_collected"] = take(pid, out, "collected", "collect")
         report["idle_trimmed"] = take(pid, out, "trimmed", "trim")
-    finally:
-        if idle.stdin is not None:
-            idle.stdin.close()
-        idle.wait(timeout=60)
     time.sleep(settle)
     report["closed"] = take(pid, out, "closed")
     report["closed_collected"] = take(pid, out, "closed-collected", "collect")
