@@ -29,6 +29,7 @@ that arrive meanwhile coalesced into the next.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Iterable
@@ -142,17 +143,22 @@ class ProbeSnatKeeper:
     ``want`` is cheap and synchronous (the daemon calls it with every mesh snapshot);
     the writes run one at a time in a worker thread.  A write that fails is logged and
     tried again every RETRY_SECONDS while it is still wanted; the rules written before
-    stay in force meanwhile."""
+    stay in force meanwhile.  ``close`` lets a write in progress finish (a worker thread
+    cannot be cancelled: one still running would write its rules after the removal) and
+    then removes the chain."""
 
     def __init__(self) -> None:
         self._wanted: ProbeSnatRules | None = None  # None: no rules wanted
         self._applied: ProbeSnatRules | None = None
         self._touched = False  # something of ours may be in the node's tables
         self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     def want(self, ipv4: ipaddress.IPv4Address | None, ipv6: ipaddress.IPv6Address | None,
              pod_ips: Iterable[IPAddress]) -> None:
-        """Ask for these rules (both addresses None: none at all)."""
+        """Ask for these rules (both addresses None: none at all).  Ignored once closing."""
+        if self._closing.is_set():
+            return
         wanted = (None if ipv4 is None and ipv6 is None
                   else ProbeSnatRules(ipv4, ipv6, frozenset(pod_ips)))
         if wanted == self._wanted:
@@ -161,9 +167,12 @@ class ProbeSnatKeeper:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._write())
 
+    def _behind(self) -> bool:
+        return self._applied != self._wanted or (self._wanted is None and self._touched)
+
     async def _write(self) -> None:
         last_error = ""
-        while self._applied != self._wanted or (self._wanted is None and self._touched):
+        while not self._closing.is_set() and self._behind():
             wanted = self._wanted
             try:
                 if wanted is None:
@@ -176,7 +185,8 @@ class ProbeSnatKeeper:
                 if str(e) != last_error:
                     log.error("inbound.probeSnat: %s; retrying every %.0fs", e, RETRY_SECONDS)
                     last_error = str(e)
-                await asyncio.sleep(RETRY_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), RETRY_SECONDS)
                 continue
             self._applied = wanted
             if last_error:
@@ -190,13 +200,11 @@ class ProbeSnatKeeper:
 
     async def close(self) -> None:
         """Stop writing and remove what this daemon wrote (not after a handover: the new
-        instance keeps the chain, rewritten with its own pods)."""
+        instance keeps the chain, rewritten with its own pods).  A write in progress
+        finishes first, so nothing is written after the removal."""
+        self._closing.set()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.shield(self._task)
         if self._touched:
             try:
                 await asyncio.to_thread(remove)

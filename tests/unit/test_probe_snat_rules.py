@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 
 import pytest
 from pydantic import ValidationError
@@ -125,6 +126,52 @@ def test_the_keeper_retries_a_failed_write(monkeypatch: pytest.MonkeyPatch):
 
     asyncio.run(scenario())
     assert len(attempts) == 2
+
+
+def test_close_lets_a_write_in_progress_finish_then_removes(monkeypatch: pytest.MonkeyPatch):
+    """A worker thread cannot be cancelled: a close that did not wait for it would remove
+    the chain and then see the thread write it again (the daemon stopping while pods are
+    unenrolled left the chain behind in a CI run)."""
+    order: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def install(rules: ProbeSnatRules) -> None:
+        started.set()
+        release.wait(5)
+        order.append("install " + ",".join(sorted(map(str, rules.pod_ips))))
+
+    monkeypatch.setattr(probe_snat, "install", install)
+    monkeypatch.setattr(probe_snat, "remove", lambda: order.append("remove"))
+
+    async def scenario() -> None:
+        keeper = ProbeSnatKeeper()
+        keeper.want(PROBE_SNAT_IPV4, None, [ip("10.0.0.1")])
+        await asyncio.to_thread(started.wait, 5)
+        closing = asyncio.create_task(keeper.close())
+        await asyncio.sleep(0.05)
+        keeper.want(PROBE_SNAT_IPV4, None, [ip("10.0.0.2")])  # closing: ignored
+        release.set()
+        await asyncio.wait_for(closing, 5)
+
+    asyncio.run(scenario())
+    assert order == ["install 10.0.0.1", "remove"]
+
+
+def test_close_ends_a_retry_wait_at_once(monkeypatch: pytest.MonkeyPatch):
+    def install(rules: ProbeSnatRules) -> None:
+        raise iptables.IptablesError("iptables-restore failed (exit 4): busy")
+
+    monkeypatch.setattr(probe_snat, "install", install)
+    monkeypatch.setattr(probe_snat, "remove", lambda: None)
+    monkeypatch.setattr(probe_snat, "RETRY_SECONDS", 30.0)
+
+    async def scenario() -> None:
+        keeper = ProbeSnatKeeper()
+        keeper.want(PROBE_SNAT_IPV4, None, [ip("10.0.0.1")])
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(keeper.close(), 5)
+
+    asyncio.run(scenario())
 
 
 def test_a_keeper_that_wrote_nothing_removes_nothing(monkeypatch: pytest.MonkeyPatch):
