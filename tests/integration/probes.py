@@ -24,6 +24,12 @@ def probe_from_node(cluster: Cluster, node: str, host: str, port: int) -> str:
         sock = netns.connect(cluster.nodes[node].netns_path, host, port)
     except OSError as e:
         return type(e).__name__
+    return _ask_peer(sock)
+
+
+def _ask_peer(sock: socket.socket) -> str:
+    """Ask the peer server who we are on a connected socket (closed after): 'connected
+    <its answer>', or the name of the error."""
     try:
         sock.sendall(b"W")
         return "connected " + sock.recv(300).decode()
@@ -43,12 +49,10 @@ def connect_as(cluster: Cluster, pod: str, source: str, host: str, port: int) ->
         sock.bind((source, 0))
         sock.settimeout(2)
         sock.connect((host, port))
-        sock.sendall(b"W")
-        return "connected " + sock.recv(300).decode()
     except OSError as e:
-        return type(e).__name__
-    finally:
         sock.close()
+        return type(e).__name__
+    return _ask_peer(sock)
 
 
 # What a forged source gets: the SYN-ACK goes to the address's real owner.
