@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import procstat
-from nodeproxy_dev.bench.daemon_hook import startup_hook
+from nodeproxy_dev.bench.daemon_hook import DAEMON_CHECK, startup_hook
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed.cluster import Cluster
 
@@ -49,15 +49,7 @@ PORT = 7000
 SAMPLE_RATE = 200
 TOP = 18
 
-SITECUSTOMIZE = '''
-import os, signal
-def _nodeproxy_daemon():
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            argv = f.read().split(b"\\0")
-    except OSError:
-        return False
-    return b"nodeproxy" in argv and b"run" in argv
+SITECUSTOMIZE = DAEMON_CHECK + '''
 if os.environ.get("NODEPROXY_PROFILE_DIR") and _nodeproxy_daemon():
     import tracemalloc
     tracemalloc.start(1)

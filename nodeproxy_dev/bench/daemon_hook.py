@@ -1,7 +1,7 @@
 """How a profiling tool reaches inside the daemons it starts: Python code every process
 started meanwhile runs at interpreter start (a ``sitecustomize`` module first on
-PYTHONPATH), told by one environment variable where to write.  The code itself checks
-that it runs in a nodeproxy daemon (connprofile's and rssprofile's do)."""
+PYTHONPATH), told by one environment variable where to write.  The code starts with
+DAEMON_CHECK and acts only where ``_nodeproxy_daemon()`` is true."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+# The first lines of every hook: whether this process is a nodeproxy daemon (`nodeproxy
+# run`), read from its command line; other processes the tool starts ignore the hook.
+DAEMON_CHECK = r'''
+import os, signal
+def _nodeproxy_daemon():
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"nodeproxy" in argv and b"run" in argv
+'''
 
 
 @contextlib.contextmanager

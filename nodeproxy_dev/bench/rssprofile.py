@@ -38,18 +38,10 @@ from typing import Any
 
 from nodeproxy_dev.bench import procstat
 from nodeproxy_dev.bench.connprofile import build, idle_connections
-from nodeproxy_dev.bench.daemon_hook import startup_hook
+from nodeproxy_dev.bench.daemon_hook import DAEMON_CHECK, startup_hook
 from nodeproxy_dev.testbed.cluster import Cluster
 
-SITECUSTOMIZE = r'''
-import os, signal
-def _nodeproxy_daemon():
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"nodeproxy" in argv and b"run" in argv
+SITECUSTOMIZE = DAEMON_CHECK + r'''
 if os.environ.get("NODEPROXY_RSS_DIR") and _nodeproxy_daemon():
     def _report(signum, frame):
         import ctypes, json, sys, time
