@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,36 +149,14 @@ def profile_pingpong(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any
     # 2. py-spy on both daemons.
     load = _pingpong(cluster, vip, seconds + 2)
     time.sleep(1.0)
-    spies = {node: _spy(pid, out / f"{node}.folded", seconds) for node, pid in pids.items()}
-    for node, spy in spies.items():
-        _, err = spy.communicate(timeout=seconds + 60)
-        path = out / f"{node}.folded"
-        if spy.returncode:
-            result[f"{node}_py_spy"] = err[-2000:]
-        result[node] = folded_shares(path.read_text() if path.exists() else "",
-                                     SAMPLE_RATE * seconds, top=TOP)
+    _spy_all(pids, out, seconds, result)
     load.communicate(timeout=seconds + 60)
     # 3. strace -c -f on both daemons around a whole sockperf run (strace slows them; the
     # counts are per round trip sockperf made, all of them while traced).
-    tracers = {node: subprocess.Popen(
-        ["timeout", "-s", "INT", str(seconds + 6), "strace", "-c", "-f", "-p", str(pid),
-         "-o", str(out / f"{node}.strace")], stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL) for node, pid in pids.items()}
-    time.sleep(1.0)
-    output, _ = _pingpong(cluster, vip, seconds).communicate(timeout=seconds + 60)
-    for tracer in tracers.values():
-        tracer.send_signal(signal.SIGINT)  # strace prints its table on SIGINT
-    for tracer in tracers.values():
-        tracer.wait(timeout=30)
-    traced = _observations(output)
-    result["traced_round_trips"] = traced
-    for node in pids:
-        path = out / f"{node}.strace"
-        counts = strace_counts(path.read_text() if path.exists() else "")
-        per = max(traced, 1)
-        result[f"{node}_syscalls_per_round_trip"] = {
-            name: round(count / per, 2) for name, count in
-            sorted(counts.items(), key=lambda kv: -kv[1]) if count / per >= 0.05}
+    result["traced_round_trips"] = _syscalls_all(
+        pids, out, seconds, "round_trip", result,
+        lambda: _observations(_pingpong(cluster, vip, seconds).communicate(
+            timeout=seconds + 60)[0]))
     return result
 
 
@@ -232,34 +211,11 @@ def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
         "wrk", "-t1", f"-c{HTTP_CONNECTIONS}", f"-d{seconds + 2}s", url],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
-    spies = {node: _spy(pid, out / f"{node}.folded", seconds) for node, pid in pids.items()}
-    for node, spy in spies.items():
-        _, err = spy.communicate(timeout=seconds + 60)
-        path = out / f"{node}.folded"
-        if spy.returncode:
-            result[f"{node}_py_spy"] = err[-2000:]
-        result[node] = folded_shares(path.read_text() if path.exists() else "",
-                                     SAMPLE_RATE * seconds, top=TOP)
+    _spy_all(pids, out, seconds, result)
     load.wait(timeout=seconds + 60)
     # 3. strace -c -f on both daemons around a whole wrk run.
-    tracers = {node: subprocess.Popen(
-        ["timeout", "-s", "INT", str(seconds + 6), "strace", "-c", "-f", "-p", str(pid),
-         "-o", str(out / f"{node}.strace")], stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL) for node, pid in pids.items()}
-    time.sleep(1.0)
-    traced = _wrk(cluster, url, seconds)
-    for tracer in tracers.values():
-        tracer.send_signal(signal.SIGINT)
-    for tracer in tracers.values():
-        tracer.wait(timeout=30)
-    result["traced_requests"] = traced
-    for node in pids:
-        path = out / f"{node}.strace"
-        counts = strace_counts(path.read_text() if path.exists() else "")
-        per = max(traced, 1)
-        result[f"{node}_syscalls_per_request"] = {
-            name: round(count / per, 2) for name, count in
-            sorted(counts.items(), key=lambda kv: -kv[1]) if count / per >= 0.05}
+    result["traced_requests"] = _syscalls_all(pids, out, seconds, "request", result,
+                                              lambda: _wrk(cluster, url, seconds))
     return result
 
 
@@ -268,6 +224,45 @@ def _user_system(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def _spy_all(pids: dict[str, int], out: Path, seconds: int, result: dict[str, Any]) -> None:
+    """py-spy on every daemon for ``seconds`` while a load runs: each one's shares of its
+    samples in result[node] (py-spy's error in result[node + "_py_spy"])."""
+    spies = {node: _spy(pid, out / f"{node}.folded", seconds) for node, pid in pids.items()}
+    for node, spy in spies.items():
+        _, err = spy.communicate(timeout=seconds + 60)
+        path = out / f"{node}.folded"
+        if spy.returncode:
+            result[f"{node}_py_spy"] = err[-2000:]
+        result[node] = folded_shares(path.read_text() if path.exists() else "",
+                                     SAMPLE_RATE * seconds, top=TOP)
+
+
+def _syscalls_all(pids: dict[str, int], out: Path, seconds: int, unit: str,
+                  result: dict[str, Any], run: Callable[[], int]) -> int:
+    """strace -c -f on every daemon around ``run`` (a whole load, returning how many units
+    it made; strace slows the daemons, so every unit counted was traced): each daemon's
+    system calls per unit in result[node + "_syscalls_per_" + unit].  Returns run's
+    count."""
+    tracers = {node: subprocess.Popen(
+        ["timeout", "-s", "INT", str(seconds + 6), "strace", "-c", "-f", "-p", str(pid),
+         "-o", str(out / f"{node}.strace")], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL) for node, pid in pids.items()}
+    time.sleep(1.0)
+    done = run()
+    for tracer in tracers.values():
+        tracer.send_signal(signal.SIGINT)  # strace prints its table on SIGINT
+    for tracer in tracers.values():
+        tracer.wait(timeout=30)
+    per = max(done, 1)
+    for node in pids:
+        path = out / f"{node}.strace"
+        counts = strace_counts(path.read_text() if path.exists() else "")
+        result[f"{node}_syscalls_per_{unit}"] = {
+            name: round(count / per, 2) for name, count in
+            sorted(counts.items(), key=lambda kv: -kv[1]) if count / per >= 0.05}
+    return done
 
 
 def _spy(pid: int, path: Path, seconds: int) -> subprocess.Popen[str]:
