@@ -5,12 +5,17 @@ limits, the service's trafficPolicy, an OTLP receiver where it traces), wrk for 
 bounded time, py-spy sampling the daemon.
 
 ``python -m nodeproxy_dev.bench.l7profile OUT [--seconds S] [--config l7|full|authz]
-[--sampling PERCENT] [--threads]`` writes OUT.raw (py-spy's collapsed stacks), OUT.txt
-(the top functions, self and inclusive) and prints wrk's summary with the daemon's CPU
-seconds per 1000 requests.  ``--sampling`` traces that percentage of requests to the
-node's OTLP receiver (tracing's cost at 1 % against 0 %); ``--threads`` samples every
-thread (idle too), each stack under its thread's name, so the span exporter's share
-shows beside the event loop's.
+[--sampling PERCENT] [--threads] [--paced] [--timeline] [--calls]`` writes OUT.raw
+(py-spy's collapsed stacks), OUT.txt (the top functions, self and inclusive) and prints
+wrk's summary with the daemon's CPU seconds per 1000 requests.  ``--sampling`` traces
+that percentage of requests to the node's OTLP receiver (tracing's cost at 1 % against
+0 %); ``--threads`` samples every thread (idle too), each stack under its thread's name,
+so the span exporter's share shows beside the event loop's.  ``--paced`` runs the bench's
+fixed-rate load instead (wrk -c10, 10 ms between a response and the next request, about
+1000 requests/s; ``--connections N`` keeps the rate over N connections) with wrk's
+latency percentiles; ``--timeline`` times each request's phases inside the daemon
+(l7timeline.py); ``--calls`` counts the event loop's Python function calls per request
+under cProfile (OUT.calls.txt), a figure the machine's load does not move.
 A development aid, not a benchmark: py-spy's sampling costs the daemon a little.
 Needs root and py-spy (``pip install py-spy``).  Everything is torn down at the end.
 """
