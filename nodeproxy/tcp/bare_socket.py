@@ -18,6 +18,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.relay import WRITE_HIGH_WATER
 
 
@@ -33,8 +34,13 @@ _DETACHED = _Detached()
 def detach(transport: asyncio.Transport) -> socket.socket:
     """The transport's socket, kept; the transport is closed (its descriptor only: the
     connection goes on).  Call only with nothing in its write buffer.  OSError (the
-    socket has no descriptor any more, or no descriptor is free) leaves it as it was."""
+    socket has no descriptor any more, no descriptor is free, or the duplicate would be
+    one of the reserve proxied sockets never take: limits.reservedFiles) leaves it as it
+    was."""
     fd = os.dup(transport.get_extra_info("socket").fileno())
+    if not BUDGET.admits(fd):
+        os.close(fd)
+        raise OSError(f"descriptor {fd} is in the reserve (ceiling {BUDGET.ceiling})")
     sock = socket.socket(fileno=fd)
     transport.set_protocol(_DETACHED)
     transport.close()
