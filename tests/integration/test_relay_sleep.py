@@ -291,3 +291,22 @@ def test_a_vanished_pod_has_its_sleeping_relays_reset(node: Cluster):
     assert outcomes(client, server) == ["ConnectionResetError", "ConnectionResetError"]
     assert 'cause="netns_vanished"' in node.metrics("node0")
     assert wait_for(lambda: asleep(node) == 0, 10)
+
+
+def test_drain_resets_both_ends_of_a_sleeping_relay_at_its_deadline():
+    """SIGTERM drains: a relayed flow asleep past the drain deadline is reset both ways
+    (the proxy has no transports to abort: it resets the sockets themselves)."""
+    with Cluster(1) as c:
+        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
+        c.write_configs(overrides={"proxy": {"drainSeconds": 1}})
+        c.start_daemons()
+        client, server = quiet_pair(c, 9506, "client", LAST_WORD, LAST_WORD)
+        try:
+            await_sleeps(c, 0, 1)
+            assert c.stop_daemons() == {"node0": 0}
+        except BaseException:
+            client.kill()
+            server.kill()
+            raise
+        assert outcomes(client, server) == ["ConnectionResetError", "ConnectionResetError"]
