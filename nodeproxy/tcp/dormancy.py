@@ -30,6 +30,14 @@ from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
 from nodeproxy.tcp.relay import _LINGER_RESET, Side
 
 WHEEL_TICK = 1.0
+# Flows looked at per loop iteration when many are due at once; the rest in the next
+# iterations.  Falling asleep closes a transport a loop turn after its socket was
+# duplicated, so a turn that put thousands of flows to sleep at once held thousands of
+# descriptors more until the next: an upstream dial in between got a number in
+# limits.reservedFiles and was refused (measured: 2 of 8,988 connections opening while
+# the first ones slept; docs/benchmarks.md, "Idle relayed flows, seventh round").  At
+# most 2 x TURN_BATCH descriptors are duplicated at once.
+TURN_BATCH = 64
 
 # What a socket becomes once its descriptor is gone (a failed wake): every query on it
 # fails (EBADF), as on a transport's own socket after it closed; never a bare number that
@@ -53,7 +61,7 @@ class Dormancy:
     def __init__(self) -> None:
         # Quiet flows by the loop second their next look is due.
         self._wheel: dict[int, set[Parked]] = {}
-        self._wheel_timer: asyncio.TimerHandle | None = None
+        self._wheel_timer: asyncio.Handle | None = None
         # The sockets of sleeping flows: one epoll, watched by the loop as one
         # descriptor; the kernel keeps each socket's entry (a loop.add_reader per socket
         # costs about 640 bytes of the daemon's memory).
@@ -108,14 +116,24 @@ class Dormancy:
                 del self._wheel[slot]
 
     def _turn(self) -> None:
-        """Look at every parked flow whose slot is due; turn again while any is parked."""
+        """Look at the parked flows whose slot is due, at most TURN_BATCH of them (the
+        rest at the next loop iteration); turn again while any is parked."""
         self._wheel_timer = None
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now, budget = loop.time(), TURN_BATCH
         for slot in sorted(slot for slot in self._wheel if slot <= now):
-            for flow in self._wheel.pop(slot):
-                flow.turned()
-        if self._wheel:
-            self._wheel_timer = asyncio.get_running_loop().call_later(WHEEL_TICK, self._turn)
+            flows = self._wheel[slot]
+            while flows and budget:
+                budget -= 1
+                flows.pop().turned()
+            if not flows and self._wheel.get(slot) is flows:
+                del self._wheel[slot]
+            if not budget:
+                break
+        if any(slot <= now for slot in self._wheel):
+            self._wheel_timer = loop.call_soon(self._turn)
+        elif self._wheel:
+            self._wheel_timer = loop.call_later(WHEEL_TICK, self._turn)
 
 
 def quiet_side(side: Side) -> bool:
