@@ -118,6 +118,8 @@ class RelayNap:
     def park(self, since: float) -> None:
         """Look at the relay once it may have been quiet long enough since `since`
         (time.monotonic(), as relay.last_active)."""
+        if self._parked is not None:  # never in two slots at once
+            self._naps.dormancy.unpark(self, self._parked)
         loop = asyncio.get_running_loop()
         due = loop.time() + max(0.0, since + quiet_wait(self._restless) - time.monotonic())
         self._parked = self._naps.dormancy.park(self, due)
