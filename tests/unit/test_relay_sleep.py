@@ -160,3 +160,32 @@ def test_a_half_closed_relay_never_sleeps(quick: None):
         await until(lambda: flow.ended)
         flow.client.close()
     uvloop.run(main())
+
+
+def test_a_sleep_that_would_take_a_reserved_descriptor_is_refused_and_the_relay_works(
+        quick: None):
+    """limits.reservedFiles: the duplicate a sleep makes never takes a reserved number;
+    refused, the relay stays awake (looked at again later) and relays as before."""
+    from nodeproxy.tcp.descriptors import BUDGET
+
+    async def main() -> None:
+        naps = RelayNaps(Dormancy(), RelaySleepMetrics(CollectorRegistry()))
+        flow = Flow()
+        relay = await flow.start(naps)
+        limit, reserved = BUDGET.limit, BUDGET.reserved
+        BUDGET.configure(1 << 20, (1 << 20) - 3)  # every descriptor but 0-2 is reserved
+        try:
+            await asyncio.sleep(2.5)  # two turns of the wheel
+            assert naps.asleep == 0 and relay.nap is not None
+            assert relay.downstream.transport is not None
+            assert relay.upstream.transport is not None
+        finally:
+            BUDGET.configure(limit, reserved)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(flow.client, b"ping")
+        assert await read_exactly(flow.server, 4) == b"ping"
+        await until(lambda: naps.asleep == 1)  # the reserve lifted: it sleeps
+        relay.abort()
+        for sock in (flow.client, flow.server):
+            sock.close()
+    uvloop.run(main())
