@@ -4,7 +4,7 @@ A spliced flow's bytes are the kernel's (tcp/splicer.py): while Python has no pa
 it, the two transports only wait, at about 1.1 KiB each in uvloop.  `detach` keeps the
 socket (a duplicate descriptor of it) and closes the transport without touching the
 connection: no FIN, no reset, the socket stays in the kernel's maps.  The caller then
-watches the descriptor with one `loop.add_reader` (about 0.6 KiB).  `adopt` gives the
+watches the descriptor (tcp/dormancy.py: one epoll for all sleeping sockets).  `adopt` gives the
 sockets new transports, each reporting to its protocol only once all of them are made,
 so no byte, EOF or reset reaches a relay whose other side has no transport yet.
 """

@@ -68,10 +68,6 @@ class Dormancy:
         self._epoll: select.epoll | None = None
         self._sleeping: dict[int, Sleeper] = {}
 
-    @property
-    def sleeping_sockets(self) -> int:
-        return len(self._sleeping)
-
     def watch(self, fd: int, sleeper: Sleeper) -> None:
         """Wake `sleeper` when the socket fd is readable, has hung up or failed."""
         if self._epoll is None:
