@@ -111,10 +111,6 @@ class RelayNap:
         self._restless = 0
         self._slept_at = 0.0
 
-    @property
-    def asleep(self) -> bool:
-        return self._fds is not None
-
     def park(self, since: float) -> None:
         """Look at the relay once it may have been quiet long enough since `since`
         (time.monotonic(), as relay.last_active)."""
