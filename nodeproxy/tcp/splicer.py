@@ -373,11 +373,9 @@ class SplicedFlow:
         self.splicer.flows.discard(self)
         for task in self._waiters or ():
             task.cancel()
-        # No reference cycle outlives the flow (relay <-> flow <-> ends -> sides <->
-        # relay): freed when the last reference goes, not at the collector's next full
-        # pass, which thousands of flows closing at once wait for with several MiB.
+        # No reference cycle outlives the flow (relay <-> flow <-> ends -> sides): the
+        # relay unlinks its sides when it ends (tcp/relay.py), the flow here.
         self.relay.splice = None
-        asyncio.get_running_loop().call_soon(_unlink, self.relay)
 
     # -- asleep: no transports while Python has no part in the flow -----------------
 
@@ -493,10 +491,6 @@ class SplicedFlow:
         self._waiters.add(task)
         task.add_done_callback(self._waiters.discard)
 
-
-def _unlink(relay: Relay) -> None:
-    """After a spliced relay ended and everything it called has run: its sides forget it."""
-    relay.downstream.relay = relay.upstream.relay = None
 
 
 def next_wait(wait: float, quiet_wait: float, quiet: bool) -> tuple[float, float]:

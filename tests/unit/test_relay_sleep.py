@@ -6,6 +6,7 @@ an abort resets both ends of an asleep relay, and a half-closed relay never slee
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 
 import pytest
@@ -189,3 +190,35 @@ def test_a_sleep_that_would_take_a_reserved_descriptor_is_refused_and_the_relay_
         for sock in (flow.client, flow.server):
             sock.close()
     uvloop.run(main())
+
+
+@pytest.mark.parametrize("slept", [False, True], ids=["awake", "after-sleep"])
+def test_an_ended_relay_leaves_no_reference_cycle(quick: None, slept: bool):
+    """Its relay, sides and transports are freed when the last reference goes, not at
+    the cyclic collector's next full pass (thousands of flows ending at once would
+    wait for it with megabytes, and make that pass longer)."""
+    async def main() -> None:
+        naps = RelayNaps(Dormancy(), RelaySleepMetrics(CollectorRegistry()))
+        flow = Flow()
+        await flow.start(naps)
+        if slept:
+            await until(lambda: naps.asleep == 1)
+        flow.client.close()
+        flow.server.close()
+        await until(lambda: flow.ended)
+        del flow.relay
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gc.collect()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage
+    try:
+        uvloop.run(main())
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, (Relay, Side))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == []
