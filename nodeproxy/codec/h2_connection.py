@@ -261,6 +261,15 @@ class ProxyH2Connection(h2.connection.H2Connection):
                          for name, value in fields] if encoding else list(fields)
         return event
 
+    def forget_closed(self, stream_id: int) -> None:
+        """Drop a closed stream as h2 drops them when it next counts open streams
+        (_open_streams: its closing kept for the frames that may still come on it), so
+        the count walks live streams only."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = stream.closed_by
+
     def _idle_buffer(self) -> bool:
         """Has h2 no frame or header block partly received?"""
         buffer = self.incoming_buffer
@@ -330,11 +339,14 @@ class ProxyH2Connection(h2.connection.H2Connection):
             raise h2.exceptions.FrameTooLargeError(
                 f"a {len(block)}-byte header block in one frame")
         if stream_id not in self.streams:
-            value = self.open_outbound_streams
-            if value + 1 > self.remote_settings.max_concurrent_streams:
-                raise h2.exceptions.TooManyStreamsError(
-                    f"Max outbound streams is {self.remote_settings.max_concurrent_streams}, "
-                    f"{value} open")
+            limit = self.remote_settings.max_concurrent_streams
+            # Every open stream is in self.streams (closed ones too until culled): below
+            # the limit there, the exact count (which walks them all) cannot reach it.
+            if len(self.streams) + 1 > limit:
+                value = self.open_outbound_streams
+                if value + 1 > limit:
+                    raise h2.exceptions.TooManyStreamsError(
+                        f"Max outbound streams is {limit}, {value} open")
         self.state_machine.process_input(_Inputs.SEND_HEADERS)
         stream = self._get_or_create_stream(
             stream_id, h2.connection.AllowedStreamIDs(self.config.client_side))

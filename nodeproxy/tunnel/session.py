@@ -756,6 +756,7 @@ class H2Session(asyncio.Protocol):
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self.conn.forget_closed(stream_id)
         if self.guard is not None:
             self.guard.stream_ended(stream_id)
         self.last_activity = asyncio.get_running_loop().time()

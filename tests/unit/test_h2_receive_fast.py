@@ -13,6 +13,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import h2.stream
 import pytest
 
@@ -230,3 +231,72 @@ def test_only_the_known_block_on_a_known_stream_on_a_client_is_taken() -> None:
         h2.config.H2Configuration(client_side=False, header_encoding="utf-8"), 64 * 1024)
     server_proxy.initiate_connection()
     assert server_proxy.receive_known_response(1, OK_BLOCK) is None
+
+
+# -- the stream count ------------------------------------------------------------------
+
+
+# :method CONNECT and :authority, literals without indexing (tunnel/header_block.py)
+_CONNECT_BLOCK = b"\x02\x07CONNECT\x01\x0b10.0.0.1:80"
+
+
+def _limited_pair(limit: int) -> tuple[ProxyH2Connection, h2.connection.H2Connection]:
+    client, server = _pair(client_proxy=True)
+    server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limit})
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    return client, server
+
+
+def _ended_both_ways(client: ProxyH2Connection, server: h2.connection.H2Connection,
+                     stream_id: int) -> None:
+    client.end_stream(stream_id)
+    server.receive_data(client.data_to_send())
+    server.send_headers(stream_id, [(":status", "200")], end_stream=True)
+    client.receive_data(server.data_to_send())
+    assert client.streams[stream_id].closed
+
+
+def test_the_peers_stream_limit_still_holds_and_a_forgotten_stream_frees_its_place() -> None:
+    """send_encoded_headers counts open streams only when the dict could be at the limit;
+    forget_closed drops a closed stream as h2's count would (its closing remembered)."""
+    client, server = _limited_pair(2)
+    block = _CONNECT_BLOCK
+    client.send_encoded_headers(1, block)
+    client.send_encoded_headers(3, block)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        client.send_encoded_headers(5, block)
+    _ended_both_ways(client, server, 1)
+    client.forget_closed(1)
+    client.forget_closed(3)  # open: kept
+    assert 1 not in client.streams and 3 in client.streams
+    assert client._stream_closed_by(1) == h2.stream.StreamClosedBy.RECV_END_STREAM
+    client.send_encoded_headers(5, block)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        client.send_encoded_headers(7, block)
+
+
+def test_frames_on_a_forgotten_stream_get_the_answer_of_one_h2_culled() -> None:
+    answers = []
+    for forget in (True, False):
+        client, server = _limited_pair(10)
+        client.send_encoded_headers(1, _CONNECT_BLOCK)
+        _ended_both_ways(client, server, 1)
+        if forget:
+            client.forget_closed(1)
+        else:
+            assert client.open_outbound_streams == 0  # h2's own count culls it
+        assert 1 not in client.streams
+        answers.append([_through_h2(client, frame) for frame in (
+            h2_frames.empty_data(1, False), h2_frames.window_update(1, 5),
+            h2_frames.empty_data(1, True))])
+    assert answers[0] == answers[1], answers
+
+
+def test_a_stream_closed_and_never_forgotten_is_counted_out_by_h2() -> None:
+    client, server = _limited_pair(1)
+    block = _CONNECT_BLOCK
+    client.send_encoded_headers(1, block)
+    client.reset_stream(1)  # closed, left in the dict
+    client.send_encoded_headers(3, block)  # the exact count culls it
+    assert 1 not in client.streams
