@@ -240,7 +240,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
 
     def receive_known_response(self, stream_id: int, block: bytes) -> Any:
         """A client's HEADERS frame with END_HEADERS alone (no END_STREAM, padding or
-        priority) whose header block is one of KNOWN_RESPONSE_BLOCKS: the
+        priority: the caller read the flags) whose header block is one of
+        KNOWN_RESPONSE_BLOCKS: the
         ResponseReceived h2's _receive_headers_frame would give, with the same state
         changes, where its outcome is fixed (the stream open, no response yet, the
         connection open, no frame partly parsed, no guard).  None: nothing was done, the
