@@ -784,6 +784,7 @@ class H1Client(asyncio.Protocol):
         self._framed = False
         self._keep_alive = True
         self._sender: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set when connected
         self.requests = 0
         self._offered: str | None = None  # the Upgrade token of the request in flight
         self.upgraded_to: str | None = None  # a 101's Upgrade header (None: none yet)
@@ -809,12 +810,14 @@ class H1Client(asyncio.Protocol):
         self.requests += 1
         self._method = head.method
         self._offered = upgrade
-        self._head = asyncio.get_running_loop().create_future()
+        # The connection's loop, kept: get_running_loop() is a getpid system call on 3.11.
+        loop = self._loop or asyncio.get_running_loop()
+        self._head = loop.create_future()
         has_length = head.header("content-length") is not None
         chunked = not has_length and not body.ended
         self.transport.write(encode_request(head, chunked=chunked, upgrade=upgrade))
         if not body.ended:
-            self._sender = asyncio.get_running_loop().create_task(self._send_body(body, chunked))
+            self._sender = loop.create_task(self._send_body(body, chunked))
         return await self._head
 
     def close(self) -> None:
@@ -854,6 +857,7 @@ class H1Client(asyncio.Protocol):
         self.writer.transport = self.transport
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.transport.resume_reading()
+        self._loop = asyncio.get_running_loop()
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """After a 101: the raw transport (reading paused) and the bytes the upstream sent

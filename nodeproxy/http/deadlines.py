@@ -67,10 +67,13 @@ class _Queue:
 
 
 class Deadlines:
-    """Deadlines for one event loop at a time (see the module docstring)."""
+    """Deadlines for one event loop at a time, in one thread (see the module docstring)."""
 
     def __init__(self) -> None:
         self._queues: dict[float, _Queue] = {}
+        # The loop the last block ran on: asking it for the current task answers without
+        # asyncio.get_running_loop(), which makes a getpid system call on CPython 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def timeout(self, seconds: float | None) -> _Deadline | _NoDeadline:
         """As ``asyncio.timeout(seconds)``; None: no deadline."""
@@ -78,8 +81,22 @@ class Deadlines:
             return _NO_DEADLINE
         return _Deadline(self, seconds)
 
-    def _queue(self, seconds: float) -> _Queue:
-        loop = asyncio.get_running_loop()
+    def _entered(self) -> tuple[asyncio.Task[object], asyncio.AbstractEventLoop]:
+        """The task entering a block and its loop.  The loop of the last block is asked
+        first: its current task is the caller only if it is the running loop (a loop
+        not running a task in this thread has none), else the running loop is looked
+        up as asyncio.timeout does."""
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None:
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            if task is None:
+                raise RuntimeError("Timeout should be used inside a task")
+        assert loop is not None
+        return task, loop
+
+    def _queue(self, loop: asyncio.AbstractEventLoop, seconds: float) -> _Queue:
         queue = self._queues.get(seconds)
         if queue is None or queue.loop is not loop:
             queue = self._queues[seconds] = _Queue(loop)
@@ -110,12 +127,10 @@ class _Deadline:
         self._seconds = seconds
 
     async def __aenter__(self) -> _Deadline:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Timeout should be used inside a task")
-        self._task = task
+        owner = self._owner
+        self._task, loop = owner._entered()
         self.state = _ENTERED
-        queue = self._queue = self._owner._queue(self._seconds)
+        queue = self._queue = owner._queue(loop, self._seconds)
         self.when = queue.loop.time() + self._seconds
         queue.add(self)
         return self

@@ -5,12 +5,17 @@ limits, the service's trafficPolicy, an OTLP receiver where it traces), wrk for 
 bounded time, py-spy sampling the daemon.
 
 ``python -m nodeproxy_dev.bench.l7profile OUT [--seconds S] [--config l7|full|authz]
-[--sampling PERCENT] [--threads]`` writes OUT.raw (py-spy's collapsed stacks), OUT.txt
-(the top functions, self and inclusive) and prints wrk's summary with the daemon's CPU
-seconds per 1000 requests.  ``--sampling`` traces that percentage of requests to the
-node's OTLP receiver (tracing's cost at 1 % against 0 %); ``--threads`` samples every
-thread (idle too), each stack under its thread's name, so the span exporter's share
-shows beside the event loop's.
+[--sampling PERCENT] [--threads] [--paced] [--timeline] [--calls]`` writes OUT.raw
+(py-spy's collapsed stacks), OUT.txt (the top functions, self and inclusive) and prints
+wrk's summary with the daemon's CPU seconds per 1000 requests.  ``--sampling`` traces
+that percentage of requests to the node's OTLP receiver (tracing's cost at 1 % against
+0 %); ``--threads`` samples every thread (idle too), each stack under its thread's name,
+so the span exporter's share shows beside the event loop's.  ``--paced`` runs the bench's
+fixed-rate load instead (wrk -c10, 10 ms between a response and the next request, about
+1000 requests/s; ``--connections N`` keeps the rate over N connections) with wrk's
+latency percentiles; ``--timeline`` times each request's phases inside the daemon
+(l7timeline.py); ``--calls`` counts the event loop's Python function calls per request
+under cProfile (OUT.calls.txt), a figure the machine's load does not move.
 A development aid, not a benchmark: py-spy's sampling costs the daemon a little.
 Needs root and py-spy (``pip install py-spy``).  Everything is torn down at the end.
 """
@@ -19,14 +24,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
-from nodeproxy_dev.bench import configurations, haproxy
+from nodeproxy_dev.bench import configurations, haproxy, l7timeline, wrk
+from nodeproxy_dev.bench.daemon_hook import startup_hook
 from nodeproxy_dev.bench.procstat import cpu_seconds
 from nodeproxy_dev.bench.topology import (
     BENCH_LIMITS,
@@ -47,6 +57,9 @@ SERVICE = service_name("node0", ServerKind.HTTP)
 SERVER = server_pod("node0", meshed=True)
 PORT = HTTP_VIP_PORT
 APP = ServerKind.HTTP.port
+# --paced: the bench's fixed-rate load (wrk.py: FIXED_RATE requests/s, by default over
+# FIXED_RATE_CONNECTIONS connections, each pausing connections * 1000 / FIXED_RATE ms).
+PACED_CONNECTIONS = wrk.FIXED_RATE_CONNECTIONS
 # --config NAME: the bench configuration of that name, set up as the bench does.
 PROFILED: dict[str, configurations.NodeProxyL7] = {
     "l7": configurations.NodeProxyL7(), "full": configurations.NodeProxyL7Full(),
@@ -88,7 +101,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int,
+                        help="wrk's connections (default 32; with --paced 10)")
     parser.add_argument("--config", choices=tuple(PROFILED), default="l7",
                         help="l7: nodeproxy-l7, full: nodeproxy-l7-full (its tracing "
                              "exported to an OTLP receiver in the node), authz: "
@@ -103,6 +117,19 @@ def main() -> int:
     parser.add_argument("--threads", action="store_true",
                         help="py-spy --threads --idle: every thread's samples (the span "
                              "exporter's too, waiting or not), each stack under its thread")
+    parser.add_argument("--paced", action="store_true",
+                        help="the bench's fixed-rate load instead of saturation: wrk -c10, "
+                             "each connection pausing 10 ms between a response and its next "
+                             "request (about 1000 requests/s); prints wrk's latency "
+                             "percentiles")
+    parser.add_argument("--timeline", action="store_true",
+                        help="time each request's phases inside the daemon (l7timeline.py: "
+                             "its own part, the upstream's, the pause between requests) "
+                             "and print their percentiles")
+    parser.add_argument("--calls", action="store_true",
+                        help="the event loop under cProfile during the run: Python function "
+                             "calls per request, exact whatever the machine's load "
+                             "(OUT.calls.txt)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--native", action="store_true",
                         help="py-spy --native: C frames (uvloop, llhttp, compiled modules) "
@@ -113,6 +140,7 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.seconds <= 60:
         parser.error("--seconds must be in [1, 60]")
+    connections = args.connections or (PACED_CONNECTIONS if args.paced else 32)
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     config = PROFILED[args.config]
     settings = overrides(config)
@@ -122,7 +150,20 @@ def main() -> int:
         settings["tracing"] = {**settings.get("tracing", {}), "enabled": True,
                                "samplingPercent": args.sampling,
                                "endpoint": f"http://127.0.0.1:{OTLP_PORT}/v1/traces"}
-    with Cluster(1) as c:
+    hooks = contextlib.ExitStack()
+    timeline_dir = Path(args.out + ".timeline")
+    if args.timeline and args.calls:
+        parser.error("--timeline and --calls both use SIGUSR2: one at a time")
+    if args.calls:
+        timeline_dir.mkdir(parents=True, exist_ok=True)
+        hooks.enter_context(startup_hook(timeline_dir, l7timeline.CALLS_SITECUSTOMIZE,
+                                         l7timeline.CALLS_VARIABLE,
+                                         str(timeline_dir.resolve())))
+    if args.timeline:
+        timeline_dir.mkdir(parents=True, exist_ok=True)
+        hooks.enter_context(startup_hook(timeline_dir, l7timeline.SITECUSTOMIZE,
+                                         l7timeline.VARIABLE, str(timeline_dir.resolve())))
+    with hooks, Cluster(1) as c:
         c.add_pod("node0", MESH_CLIENT, labels={"app": "client"},
                   service_account=MESH_CLIENT_ACCOUNT)
         c.add_pod("node0", SERVER, labels={"app": "srv0"}, service_account="server")
@@ -143,7 +184,7 @@ def main() -> int:
                f"{haproxy.ROUTE_PATH_PREFIX}/x")
         c.run_in_pod(MESH_CLIENT, ["curl", "-sf", "-o", "/dev/null", url], timeout=10,
                      check=True)
-        c.run_in_pod(MESH_CLIENT, ["wrk", "-t1", "-c", str(args.connections), "-d", "2", url],
+        c.run_in_pod(MESH_CLIENT, ["wrk", "-t1", "-c", str(connections), "-d", "2", url],
                      timeout=30)  # warm-up: pools, caches
         spy = None if args.no_profile else subprocess.Popen(
             [pyspy, "record", "--pid", str(daemon.pid), "--rate", "200",
@@ -156,14 +197,37 @@ def main() -> int:
              args.out + ".perf", "--", "sleep", str(args.seconds)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.perf else None
         cpu0 = cpu_seconds(daemon.pid)
-        load = (["h2load", "-t1", "-c", str(args.connections), "-m", "10", "-D",
+        paced = []
+        if args.paced:
+            script = Path(args.out + ".paced.lua")
+            pace_ms = connections * 1000 / wrk.FIXED_RATE
+            script.write_text(f"delay = function() return {pace_ms:g} end\n")
+            paced = ["--latency", "-s", str(script.resolve())]
+        if args.timeline or args.calls:  # the warm-up's figures are not the run's
+            os.kill(daemon.pid, signal.SIGUSR2)
+        load = (["h2load", "-t1", "-c", str(connections), "-m", "10", "-D",
                  str(int(args.seconds)), url] if args.client == "h2load" else
-                ["wrk", "-t1", "-c", str(args.connections), "-d", f"{int(args.seconds)}s", url])
+                ["wrk", "-t1", "-c", str(connections),
+                 "-d", f"{int(args.seconds)}s", *paced, url])
         result = c.run_in_pod(MESH_CLIENT, load, timeout=args.seconds + 30)
         cpu = cpu_seconds(daemon.pid) - cpu0
         for sampler in (spy, perf):
             if sampler is not None:
                 sampler.wait(timeout=30)
+        if args.calls:
+            os.kill(daemon.pid, signal.SIGUSR2)
+            deadline = time.monotonic() + 10
+            while not list(timeline_dir.glob("calls-*.prof")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)  # written whole by now
+        if args.timeline:
+            for dump in timeline_dir.glob("timeline-*.json"):
+                dump.unlink()
+            os.kill(daemon.pid, signal.SIGUSR2)
+            deadline = time.monotonic() + 10
+            while not list(timeline_dir.glob("timeline-*.json")) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.1)
     text = result.stdout if isinstance(result.stdout, str) else result.stdout.decode()
     print(text)
     match = re.search(r"(\d+) requests in", text) or re.search(r"(\d+) succeeded", text)
@@ -171,6 +235,13 @@ def main() -> int:
         requests = int(match.group(1))
         print(f"daemon CPU: {cpu:.2f} s for {requests} requests = "
               f"{1000 * cpu / requests:.4f} CPU s per 1000 requests")
+        for dump in timeline_dir.glob("calls-*.prof") if args.calls else ():
+            summary = l7timeline.calls_summary(dump, requests)
+            Path(args.out + ".calls.txt").write_text(summary)
+            print(summary)
+    for dump in timeline_dir.glob("timeline-*.json") if args.timeline else ():
+        time.sleep(0.2)  # written whole by now
+        print(l7timeline.summarize(dump))
     if spy is not None and os.path.exists(args.out + ".raw"):
         summary = summarize(args.out + ".raw")
         with open(args.out + ".txt", "w") as f:

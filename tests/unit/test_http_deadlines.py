@@ -138,3 +138,55 @@ def test_one_deadlines_object_serves_one_loop_after_another() -> None:
                 await asyncio.sleep(1)
     run(main())
     run(main())
+
+
+def test_a_remembered_loop_still_open_does_not_lend_its_task_to_another_loops_block() -> None:
+    """The loop of the last block is asked for the current task first (no getpid per
+    block); a block on another loop, the first one still open but idle, must bind its
+    own task: its deadline cancels that task, and the first loop is served again after."""
+    deadlines = Deadlines()
+    first = asyncio.new_event_loop()
+    second = asyncio.new_event_loop()
+    try:
+        async def expires() -> asyncio.Task[object] | None:
+            with pytest.raises(TimeoutError):
+                async with deadlines.timeout(0.02):
+                    await asyncio.sleep(1)
+            return asyncio.current_task()
+
+        async def in_time() -> None:
+            async with deadlines.timeout(5):
+                await asyncio.sleep(0)
+
+        first.run_until_complete(in_time())  # first is remembered, and stays open
+        assert deadlines._loop is first
+        task = second.run_until_complete(expires())
+        assert deadlines._loop is second and task is not None and task.get_loop() is second
+        assert deadlines._queues[0.02].loop is second
+        first.run_until_complete(expires())  # and back, its deadline still enforced
+        assert deadlines._loop is first
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_block_outside_a_task_is_refused_as_asyncio_timeout_refuses_it() -> None:
+    deadlines = Deadlines()
+    loop = asyncio.new_event_loop()
+    try:
+        async def in_task() -> None:
+            async with deadlines.timeout(5):
+                pass
+        loop.run_until_complete(in_task())
+
+        def outside() -> None:
+            block = deadlines.timeout(5)
+            coro = block.__aenter__()
+            with pytest.raises(RuntimeError, match="inside a task"):
+                coro.send(None)
+
+        loop.call_soon(outside)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
