@@ -8,6 +8,12 @@ and the HBONE tunnel (tunnel/session.py) drive, with what h2 lacks for a proxy.
 - An undecodable header block is COMPRESSION_ERROR (RFC 9113 §4.3; h2 says
   PROTOCOL_ERROR); the header-list limit is the caller's and survives SETTINGS.
 - On a server, a FrameGuard (h2_guard.py) sees each frame before h2 acts on it.
+- A frame whose outcome is fixed is handled without h2's frame parser, with h2's state
+  machines given the inputs its handler would give them: END_STREAM without payload on
+  an open stream (receive_end_stream) and, on a client, a final response whose header
+  block is a known static-table reference (receive_known_response).  Any other state
+  (a closed or reset stream, a declared content-length, a header block open, a guard to
+  judge the frame) is h2's, so a peer gets the same answer as before.
 - Per-frame work h2 does for nothing is skipped: a received frame is not formatted for a
   trace log that is off (h2 calls ``repr(frame)`` eagerly), a frame's header is read once
   more for its length only, and DATA on an open stream within the peer's windows (and the
@@ -48,6 +54,16 @@ _StreamInputs = h2.stream.StreamInputs
 # nothing in these states).
 _DATA_STREAM_STATES = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
 _DATA_CONNECTION_STATES = (_Connection_States.CLIENT_OPEN, _Connection_States.SERVER_OPEN)
+# Where END_STREAM may be received (h2's RECV_DATA and RECV_END_STREAM transitions: to
+# half-closed (remote) or closed).
+_END_STREAM_STATES = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
+# Response header blocks whose fields are known without decoding them: static-table
+# references only (RFC 7541 Appendix A: index 8 is ":status: 200"), which leave the
+# decoder's dynamic table as it was whatever its state, and whose fields pass every
+# check h2 makes of a response.
+KNOWN_RESPONSE_BLOCKS: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {
+    b"\x88": ((b":status", b"200"),),
+}
 
 
 class GracefulStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -202,6 +218,64 @@ class ProxyH2Connection(h2.connection.H2Connection):
         finally:
             self._keep_outbound = False
 
+    def receive_end_stream(self, stream_id: int) -> bool:
+        """An empty DATA frame with END_STREAM on `stream_id`, judged (FrameGuard) and
+        flow-controlled (no payload) by the caller: handled as h2's _receive_data_frame
+        would, without a Frame, where its outcome is fixed (the stream open or half-closed
+        (local) after its headers, no content-length to check, the connection open, no
+        frame partly parsed).  Its StreamEnded is the caller's to act on.  False: nothing
+        was done, the frame is h2's to handle (refuse)."""
+        stream = self.streams.get(stream_id)
+        if (stream is None or not self._idle_buffer()
+                or self.state_machine.state not in _DATA_CONNECTION_STATES):
+            return False
+        machine = stream.state_machine
+        if (machine.state not in _END_STREAM_STATES or not machine.headers_received
+                or stream._expected_content_length is not None):
+            return False
+        self.state_machine.process_input(_Inputs.RECV_DATA)
+        machine.process_input(_StreamInputs.RECV_DATA)  # DataReceived: no bytes
+        machine.process_input(_StreamInputs.RECV_END_STREAM)  # StreamEnded
+        return True
+
+    def receive_known_response(self, stream_id: int, block: bytes) -> Any:
+        """A client's HEADERS frame with END_HEADERS alone (no END_STREAM, padding or
+        priority: the caller read the flags) whose header block is one of
+        KNOWN_RESPONSE_BLOCKS: the
+        ResponseReceived h2's _receive_headers_frame would give, with the same state
+        changes, where its outcome is fixed (the stream open, no response yet, the
+        connection open, no frame partly parsed, no guard).  None: nothing was done, the
+        frame is h2's."""
+        fields = KNOWN_RESPONSE_BLOCKS.get(block)
+        stream = self.streams.get(stream_id)
+        if (fields is None or stream is None or not self.config.client_side
+                or self.guard is not None or not self._idle_buffer()
+                or self.state_machine.state not in _DATA_CONNECTION_STATES):
+            return None
+        machine = stream.state_machine
+        if machine.state not in _END_STREAM_STATES or machine.headers_received:
+            return None
+        self.state_machine.process_input(_Inputs.RECV_HEADERS)
+        event = machine.process_input(_StreamInputs.RECV_HEADERS)[0]  # ResponseReceived
+        encoding = self.config.header_encoding
+        event.headers = [(name.decode(encoding), value.decode(encoding))
+                         for name, value in fields] if encoding else list(fields)
+        return event
+
+    def forget_closed(self, stream_id: int) -> None:
+        """Drop a closed stream as h2 drops them when it next counts open streams
+        (_open_streams: its closing kept for the frames that may still come on it), so
+        the count walks live streams only."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = stream.closed_by
+
+    def _idle_buffer(self) -> bool:
+        """Has h2 no frame or header block partly received?"""
+        buffer = self.incoming_buffer
+        return not buffer._data and not buffer._headers_buffer
+
     def send_headers(self, stream_id: int, headers: Any, end_stream: bool = False,
                      priority_weight: Any = None, priority_depends_on: Any = None,
                      priority_exclusive: Any = None) -> None:
@@ -266,11 +340,14 @@ class ProxyH2Connection(h2.connection.H2Connection):
             raise h2.exceptions.FrameTooLargeError(
                 f"a {len(block)}-byte header block in one frame")
         if stream_id not in self.streams:
-            value = self.open_outbound_streams
-            if value + 1 > self.remote_settings.max_concurrent_streams:
-                raise h2.exceptions.TooManyStreamsError(
-                    f"Max outbound streams is {self.remote_settings.max_concurrent_streams}, "
-                    f"{value} open")
+            limit = self.remote_settings.max_concurrent_streams
+            # Every open stream is in self.streams (closed ones too until culled): below
+            # the limit there, the exact count (which walks them all) cannot reach it.
+            if len(self.streams) + 1 > limit:
+                value = self.open_outbound_streams
+                if value + 1 > limit:
+                    raise h2.exceptions.TooManyStreamsError(
+                        f"Max outbound streams is {limit}, {value} open")
         self.state_machine.process_input(_Inputs.SEND_HEADERS)
         stream = self._get_or_create_stream(
             stream_id, h2.connection.AllowedStreamIDs(self.config.client_side))

@@ -289,7 +289,7 @@ class HboneServer:
             if up.transport is not None:
                 up.transport.close()
             return
-        self._tunnel.streams.labels("server", "ok").inc()
+        self._tunnel.stream("server", "ok")
         session.respond(stream, 200)
         down = Side("downstream", start_paused=True)
         stream.set_protocol(down)
@@ -308,7 +308,7 @@ class HboneServer:
         """The stream's requests are judged here one by one (DestinationGate); the
         application is dialled per request, so nothing is connected before the 200."""
         assert self._gate is not None
-        self._tunnel.streams.labels("server", "ok").inc()
+        self._tunnel.stream("server", "ok")
         session.respond(stream, 200)
         meter = self._metrics.meter(destination_labels(
             pod, self._state.current.table.pods.get(source_ip), session.peer_identity,

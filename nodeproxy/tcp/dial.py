@@ -67,12 +67,12 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(TimeoutError("connect timed out"))
 
 
-async def _connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
+async def _connect(sock: socket.socket, dest: tuple[str, int], timeout: float,
                    side: P) -> P:
     loop = asyncio.get_running_loop()
     try:
         check_socket(sock)  # an upstream never takes a descriptor of the reserve
-        await connect_socket(sock, (str(ip), port), timeout)
+        await connect_socket(sock, dest, timeout)
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()
@@ -90,7 +90,7 @@ async def dial_from(netns: Netns, ip: IPAddress, port: int, timeout: float,
     except OSError:
         sock.close()
         raise
-    return await _connect(sock, ip, port, timeout, protocol)
+    return await _connect(sock, (str(ip), port), timeout, protocol)
 
 
 class DialAnnouncer(Protocol):
@@ -135,35 +135,42 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
     application's side of a kept-port dial would be, and connect() cannot see it."""
     if source.version != ip.version:
         source = _same_family_fallback(source, ip)
+    family = _family(ip)
+    source_ip = str(source)
+    dest = (str(ip), port)
     kept = kept_port(source_port, local_ports(netns)) if source_port else 0
     if kept:
         try:
-            sock = transparent_socket(netns, str(source), _family(ip), kept)
+            sock = transparent_socket(netns, source_ip, family, kept)
         except OSError as e:
             if e.errno not in _PORT_TAKEN:
                 raise
         else:
             try:
-                return await _announced_connect(sock, ip, port, timeout, announcer,
-                                                protocol)
+                # Bound to exactly (source_ip, kept): no getsockname() to learn it.
+                return await _announced_connect(sock, (source_ip, kept), dest, timeout,
+                                                announcer, protocol)
             except OSError as e:
                 if e.errno not in _PORT_TAKEN:
                     raise
-    sock = transparent_socket(netns, str(source), _family(ip))
-    return await _announced_connect(sock, ip, port, timeout, announcer, protocol)
+    sock = transparent_socket(netns, source_ip, family)
+    return await _announced_connect(sock, None, dest, timeout, announcer, protocol)
 
 
-async def _announced_connect(sock: socket.socket, ip: IPAddress, port: int, timeout: float,
+async def _announced_connect(sock: socket.socket, local: tuple[str, int] | None,
+                             dest: tuple[str, int], timeout: float,
                              announcer: DialAnnouncer, protocol: P) -> P:
-    dest = (str(ip), port)
-    try:
-        local = sock.getsockname()[:2]
-    except OSError:
-        sock.close()
-        raise
+    """Announce (local, dest) while the socket connects; `local` None: the port the
+    kernel chose at bind time, asked of the socket."""
+    if local is None:
+        try:
+            local = sock.getsockname()[:2]
+        except OSError:
+            sock.close()
+            raise
     announcer.expect_dial(local, dest)
     try:
-        return await _connect(sock, ip, port, timeout, protocol)
+        return await _connect(sock, dest, timeout, protocol)
     finally:
         announcer.forget_dial(local, dest)
 

@@ -117,7 +117,7 @@ class HbonePool:
                 self._metrics.streams.labels("client", f"status_{status}").inc()
                 raise TunnelError(f"status_{status}",
                                   f"tunnel to {ip}:{port} refused with HTTP {status}")
-            self._metrics.streams.labels("client", "ok").inc()
+            self._metrics.stream("client", "ok")
             return stream
         result = "timeout" if isinstance(last, asyncio.TimeoutError) else "stream_failed"
         self._metrics.streams.labels("client", result).inc()

@@ -12,8 +12,13 @@ integer operations instead of h2's per-frame state machine and copies:
   at once, its stream window only as the stream's reader takes the bytes (a paused
   reader withholds its WINDOW_UPDATEs), so backpressure crosses the tunnel per stream and
   one slow stream never stalls the others; a peer that sends past a window it was given
-  is a connection FLOW_CONTROL_ERROR.  END_STREAM (and DATA on a stream this side does not
-  serve) reach h2 as an empty DATA frame, so its stream states stay exact;
+  is a connection FLOW_CONTROL_ERROR.  END_STREAM on an open stream moves h2's stream
+  state directly (ProxyH2Connection.receive_end_stream); in any other state it, and DATA
+  on a stream this side does not serve, reach h2 as an empty DATA frame, so its stream
+  states and refusals stay exact;
+- a client's CONNECT response that is the one-byte static ":status: 200" block becomes
+  h2's ResponseReceived without h2's frame parser, HPACK decoder and header checks
+  (ProxyH2Connection.receive_known_response); any other response is h2's;
 - sent DATA is framed straight from the writer's chunks (no copy but the one join per
   batch), as large as the peer allows, within the peer's stream and connection windows;
   everything a turn produced (frames of every stream, acknowledgements, h2's own output,
@@ -504,6 +509,13 @@ class H2Session(asyncio.Protocol):
         """A whole frame other than an unpadded DATA frame."""
         length, frame_type, flags, stream_id = frames.parse_header(head)
         if self._continuation or frame_type not in (frames.DATA, frames.WINDOW_UPDATE):
+            if frame_type == frames.HEADERS and flags == frames.END_HEADERS \
+                    and self.client_side and not self._continuation:
+                # The CONNECT response: a 200 is known without h2's parser.
+                event = self.conn.receive_known_response(stream_id, body)
+                if event is not None:
+                    self._dispatch(event)
+                    return
             if frame_type in (frames.HEADERS, frames.PUSH_PROMISE, frames.CONTINUATION):
                 self._continuation = not flags & frames.END_HEADERS
             self._to_h2(head + body)
@@ -573,8 +585,13 @@ class H2Session(asyncio.Protocol):
         stream = self._data_stream
         self._data_stream = None
         if stream is not None and self._data_end and not stream._finished:
-            # h2 keeps the stream's state: its StreamEnded reaches the stream.
-            self._to_h2(frames.empty_data(stream.stream_id, True), made_up=True)
+            # h2's stream state takes the END_STREAM: directly where the outcome is fixed
+            # (an open stream), else through h2's parser, whose StreamEnded (or refusal)
+            # reaches the stream.
+            if self.conn.receive_end_stream(stream.stream_id):
+                stream._ended()
+            else:
+                self._to_h2(frames.empty_data(stream.stream_id, True), made_up=True)
 
     def _window_update(self, head: bytes, body: bytes, stream_id: int) -> None:
         increment = frames.window_increment(body)
@@ -739,6 +756,7 @@ class H2Session(asyncio.Protocol):
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self.conn.forget_closed(stream_id)
         if self.guard is not None:
             self.guard.stream_ended(stream_id)
         self.last_activity = asyncio.get_running_loop().time()

@@ -2,8 +2,11 @@
 in one process: no cluster, no root, a few seconds.
 
 Run as ``python -m nodeproxy_dev.bench.hbonecalls [--round-trips N] [--connections C]
-[--profile]``; with C > 1, C ping-pong flows run at once, each on its own stream of the one
-tunnel (a loaded daemon's batching: several messages per event-loop turn).  The
+[--profile]``, or with ``--streams N`` the tunnel's per-stream cost instead (short
+connections' streams, C at once: the CONNECT, its 200, a few bytes and END_STREAM each
+way; no dial, no relay).  With C > 1, C ping-pong flows run at once, each on its own
+stream of the one tunnel (a loaded daemon's batching: several messages per event-loop
+turn).  The
 path is the daemons' own objects over loopback: a client socket -> a relay (tcp/relay.py)
 -> a tunnel stream (tunnel/session.py) over the TLS transport (identity/tls_transport.py,
 the mesh's contexts) -> the serving session -> a relay -> an echo socket, and back.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import ipaddress
 import pstats
 import socket
 import sys
@@ -37,6 +41,7 @@ from nodeproxy.identity import (
 from nodeproxy.tcp.relay import Relay, Side
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics, TcpLabels
+from nodeproxy.tunnel.header_block import connect_block, source_port_field
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
@@ -184,6 +189,124 @@ async def _measure(round_trips: int, profile: bool, connections: int) -> None:
         print(f"  {row[1] / round_trips:6.2f}  {path.rsplit('/', 1)[-1]}:{line} {name}")
 
 
+class _StreamClient(asyncio.Protocol):
+    """One short connection's application on the source side: the request's bytes and
+    its end at once, then waits for the answer and the stream's end."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(REQUEST)  # type: ignore[attr-defined]
+        transport.write_eof()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class _StreamServer(asyncio.Protocol):
+    """The destination's side: answers once the request ended, then ends too."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        self.transport.write(ANSWER)  # type: ignore[attr-defined]
+        self.transport.write_eof()  # type: ignore[attr-defined]
+        return True
+
+
+REQUEST, ANSWER = b"q" * 25, b"a" * 32  # the bench's connect scenario's sizes
+
+
+async def _tunnel() -> H2Session:
+    """A client session connected to a serving session that answers every CONNECT 200
+    and serves it with _StreamServer (no dial: the tunnel's own per-stream work)."""
+    loop = asyncio.get_running_loop()
+    ca = MeshCA.generate("cluster.local")
+    manager = CertificateManager(ca, "cluster.local", ttl_seconds=3600)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+
+    def on_request(session: H2Session, stream: StreamTransport) -> None:
+        session.respond(stream, 200)
+        stream.set_protocol(_StreamServer())
+
+    server = H2Session(client_side=False, on_request=on_request)
+
+    async def accept() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        await tls_transport.accept(server, server_context(manager, "shop", "cart"), conn,
+                                   handshake_timeout=5)
+
+    accepting = loop.create_task(accept())
+    client = H2Session(client_side=True)
+    await tls_transport.connect(client, client_context(manager, "web", "frontend"),
+                                "127.0.0.1", listener.getsockname()[1], handshake_timeout=5)
+    await accepting
+    listener.close()
+    return client
+
+
+async def _measure_streams(streams: int, in_flight: int, profile: bool) -> None:
+    """Short connections' streams, `in_flight` at once: open (the encoded CONNECT),
+    the 200, 25 bytes and END_STREAM one way, 32 bytes and END_STREAM back."""
+    client = await _tunnel()
+    loop = asyncio.get_running_loop()
+    block, target = connect_block(ipaddress.ip_address("10.0.0.1"), 80,
+                                  ipaddress.ip_address("10.0.1.1"), False)
+    port = [20000]
+
+    async def one() -> None:
+        port[0] += 1
+        stream = client.open_encoded_stream(block + source_port_field(port[0]), target)
+        await stream.response
+        done: asyncio.Future[None] = loop.create_future()
+        stream.set_protocol(_StreamClient(done))
+        await done
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await one()
+
+    async def run(total: int) -> None:
+        each = max(1, total // in_flight)
+        await asyncio.wait_for(asyncio.gather(*(worker(each) for _ in range(in_flight))), 300)
+
+    await run(WARM_UP * 2)
+    total = max(1, streams // in_flight) * in_flight
+    profiler = cProfile.Profile() if profile else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    if profiler is not None:
+        profiler.enable()
+    await run(total)
+    if profiler is not None:
+        profiler.disable()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"{total} streams, {in_flight} at once (CONNECT, 200, {len(REQUEST)} B and "
+          f"END_STREAM, {len(ANSWER)} B and END_STREAM): {wall / total * 1e6:.1f} µs wall, "
+          f"{cpu / total * 1e6:.1f} µs CPU each, both tunnel ends"
+          + (" (profiled)" if profile else ""))
+    if profiler is None:
+        return
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    calls = sum(row[1] for row in stats.values())
+    print(f"Python calls per stream: {calls / total:.1f} (both tunnel ends, both "
+          "applications)")
+    for (path, line, name), row in sorted(stats.items(), key=lambda kv: -kv[1][1])[:TOP]:
+        print(f"  {row[1] / total:6.2f}  {path.rsplit('/', 1)[-1]}:{line} {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodeproxy_dev.bench.hbonecalls",
                                      description=__doc__.split("\n\n")[0])
@@ -196,7 +319,18 @@ def main(argv: list[str] | None = None) -> int:
                              "and live figures), not into a no-op")
     parser.add_argument("--profile", action="store_true",
                         help="count Python calls (cProfile; slows the run)")
+    parser.add_argument("--streams", type=int, default=0,
+                        help="instead of round trips: this many short connections' "
+                             "streams (open, 200, a few bytes and END_STREAM each way), "
+                             "--connections of them at once: the tunnel's per-stream cost")
     args = parser.parse_args(argv)
+    if args.streams:
+        if not 1 <= args.streams <= 1_000_000:
+            parser.error("--streams 1..1000000")
+        if not 1 <= args.connections <= 256:
+            parser.error("--connections 1..256")
+        uvloop.run(_measure_streams(args.streams, args.connections, args.profile))
+        return 0
     if not 1 <= args.round_trips <= 1_000_000:
         parser.error("--round-trips 1..1000000")
     if not 1 <= args.connections <= 256:

@@ -15,6 +15,8 @@ import h2.connection
 import h2.errors
 import h2.settings
 
+from nodeproxy.codec import h2_frames
+
 CORPUS = Path(__file__).parent / "corpus"
 Client = h2.connection.H2Connection
 
@@ -108,6 +110,19 @@ def hbone_seeds() -> dict[str, Callable[[Client], None]]:
         c.ping(b"abcdefgh")
         c.increment_flow_control_window(1000)
         c.close_connection()
+
+    def end_stream(c: Client) -> None:
+        # How streams end (the session's END_STREAM shortcut, h2_connection.py): after
+        # data, then what a correct client never sends (END_STREAM twice, DATA after it,
+        # END_STREAM on a stream never opened), and with a declared length.
+        _connect(c, 1, "10.244.2.20:8080", [("forwarded", "for=10.244.1.10")])
+        c.send_data(1, b"abc", end_stream=True)
+        _connect(c, 5, "10.244.2.20:8080", [])
+        c.end_stream(5)
+        c._data_to_send += (h2_frames.empty_data(5, True) + h2_frames.data_header(1, 1) + b"x"
+                            + h2_frames.empty_data(99, True))
+        _connect(c, 7, "10.244.2.20:8080", [("content-length", "3")])
+        c.send_data(7, b"abc", end_stream=True)
 
     return {name: fn for name, fn in locals().items() if callable(fn) and name[0] != "_"}
 

@@ -195,3 +195,43 @@ def test_what_send_encoded_headers_drives_is_still_there() -> None:
     stream = client._get_or_create_stream(1, h2.connection.AllowedStreamIDs(True))
     assert isinstance(stream, h2.stream.H2Stream)
     assert stream._authority is None and stream.request_method is None
+
+
+def test_the_receive_paths_taken_over_still_mirror_h2s() -> None:
+    """ProxyH2Connection.receive_end_stream and receive_known_response give h2's state
+    machines the inputs h2's _receive_data_frame / _receive_headers_frame give them, and
+    read what those read (content-length, headers_received, the frame buffer); this fails
+    if h2 changes what they do."""
+    data_frame = _statements(h2.connection.H2Connection._receive_data_frame) + \
+        _statements(h2.stream.H2Stream.receive_data) + \
+        _statements(h2.stream.H2Stream._track_content_length)
+    for statement in (
+            "events = self.state_machine.process_input(ConnectionInputs.RECV_DATA)",
+            "events = self.state_machine.process_input(StreamInputs.RECV_DATA)",
+            "es_events = self.state_machine.process_input(StreamInputs.RECV_END_STREAM)",
+            "self._inbound_window_manager.window_consumed(flow_control_len)",
+            "self._track_content_length(len(data), end_stream)",
+            "expected = self._expected_content_length"):
+        assert statement in data_frame, statement
+    headers_frame = _statements(h2.connection.H2Connection._receive_headers_frame) + \
+        _statements(h2.stream.H2Stream.receive_headers)
+    for statement in (
+            "headers = _decode_headers(self.decoder, frame.data)",
+            "events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)",
+            "events = self.state_machine.process_input(input_)",
+            "input_ = StreamInputs.RECV_HEADERS",
+            "self._initialize_content_length(headers)"):
+        assert statement in headers_frame, statement
+    received = _statements(h2.stream.H2StreamStateMachine.response_received)
+    assert "if not self.headers_received:" in received, received
+    assert "self.headers_received = True" in received, received
+    assert {"OPEN", "HALF_CLOSED_LOCAL"} <= set(h2.stream.StreamState.__members__)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "a"),
+                            (":path", "/")])
+    stream = client.streams[1]
+    assert stream._expected_content_length is None
+    assert stream.state_machine.headers_received in (None, False)
+    buffer = client.incoming_buffer
+    assert not buffer._data and buffer._headers_buffer == []
