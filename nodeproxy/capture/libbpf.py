@@ -110,23 +110,14 @@ def map_delete(fd: int, key: ctypes.c_void_p) -> int:
     return 0 if result >= 0 else _errno(result)
 
 
-class _BatchOpts(ctypes.Structure):
-    """struct bpf_map_batch_opts (libbpf 1.x)."""
-
-    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64),
-                ("flags", ctypes.c_uint64)]
-
-
 def map_update_batch(fd: int, keys: ctypes.c_void_p, values: ctypes.c_void_p,
-                     count: int, flags: int = 0) -> tuple[int, int]:
+                     count: int) -> tuple[int, int]:
     """Write `count` elements (keys and values packed back to back) in one syscall, each
-    with `flags` (BPF_ANY, BPF_NOEXIST, ...); (0 or the errno, how many were written: on
-    an error, the first ones only)."""
+    as BPF_ANY (the kernel takes no other per-element flag but BPF_F_LOCK); (0 or the
+    errno, how many were written: on an error part-way, the first ones only; refused
+    before the first, `count` as given)."""
     done = ctypes.c_uint32(count)
-    opts = None
-    if flags:
-        opts = ctypes.byref(_BatchOpts(ctypes.sizeof(_BatchOpts), flags, 0))
-    result = _lib().bpf_map_update_batch(fd, keys, values, ctypes.byref(done), opts)
+    result = _lib().bpf_map_update_batch(fd, keys, values, ctypes.byref(done), None)
     return (0 if result >= 0 else _errno(result)), done.value
 
 

@@ -67,19 +67,19 @@ class BpfMap:
         if code:
             raise OSError(code, f"{self.spec.name}: update: {os.strerror(code)}")
 
-    def put_many(self, keys: bytes, values: ctypes.Array, flags: int = BPF_ANY) -> None:
+    def put_many(self, keys: bytes, values: ctypes.Array) -> None:
         """Write len(values) elements in one syscall (a per-connection path): keys packed
         back to back (len(values) keys of the key's size), values a ctypes array of the
-        value layout.  All or, on an error, the first ones (the error says how many)."""
+        value layout; each as BPF_ANY.  All or, on an error, maybe the first ones."""
         count = len(values)
         if len(keys) != count * self._key_size:
             raise ValueError(f"{self.spec.name}: {count} keys are "
                              f"{count * self._key_size} bytes, not {len(keys)}")
-        code, done = libbpf.map_update_batch(self.fd, keys, ctypes.byref(values), count,
-                                             flags)
+        code, done = libbpf.map_update_batch(self.fd, keys, ctypes.byref(values), count)
         if code:
-            raise OSError(code, f"{self.spec.name}: batch update ({done} of {count} "
-                                f"written): {os.strerror(code)}")
+            part = f" (the first {done} of {count} written)" if done < count else ""
+            raise OSError(code, f"{self.spec.name}: batch update{part}: "
+                                f"{os.strerror(code)}")
 
     def delete_many(self, keys: bytes) -> int:
         """Remove the keys packed back to back in `keys`, in as few syscalls as the kernel
