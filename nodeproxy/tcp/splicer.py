@@ -125,6 +125,10 @@ class _End:
     held: list[bytes] | None = None  # passed bytes waiting for the kernel's to be delivered
     checked_moved: int = 0  # moved and the loop time at the last flow-control check
     checked_at: float = 0.0
+    # What the verdict moved from this socket, read once its EOF reached Python: final
+    # (no byte follows a FIN, and the verdict handled every earlier segment before the
+    # socket let Python read the EOF), so the end of the flow need not ask again.
+    final_moved: int | None = None
 
 
 class SplicedFlow:
@@ -162,7 +166,10 @@ class SplicedFlow:
     # -- what the kernel and Python have moved -----------------------------------
 
     def moved(self, src: Side) -> int:
-        return self.maps.counters(self._end(src).cookie)[0]
+        end = self._end(src)
+        if end.final_moved is not None:
+            return end.final_moved
+        return self.maps.counters(end.cookie)[0]
 
     def backlog(self, src: Side, moved: int | None = None) -> int:
         """Bytes of src's direction not yet in the peer's kernel send queue: what the
@@ -171,14 +178,17 @@ class SplicedFlow:
         end, dst = self._end(src), self.relay.peer(src)
         dst_end = self._end(dst)
         buffered = dst.transport.get_write_buffer_size() if dst.transport else 0
+        if moved is None:
+            moved = self.moved(src)
+        owed = moved + end.from_python - buffered
+        if owed <= 0:
+            return 0  # nothing went the kernel's way (the queue's total only grows)
         try:
             with borrowed(dst_end.sock) as sock:
                 taken = sent_total(sock) - dst_end.sent_base
         except OSError:
             return 0  # the peer's socket is gone: nothing left to wait for
-        if moved is None:
-            moved = self.moved(src)
-        return max(0, moved + end.from_python - buffered - taken)
+        return max(0, owed - taken)
 
     def delivered(self, src: Side) -> bool:
         return self.backlog(src) == 0
@@ -251,7 +261,10 @@ class SplicedFlow:
         task that waits for them.  (A task per EOF made thousands of idle flows closing at
         once cost the daemon 9-13 MiB that it kept: docs/benchmarks.md.)"""
         self._wake()  # the reset watch of a half-closed flow
-        if (not self.relay.finished and self._end(src).held is None
+        end = self._end(src)
+        if end.final_moved is None:
+            end.final_moved = self.maps.counters(end.cookie)[0]
+        if (not self.relay.finished and end.held is None
                 and self.delivered(src)):
             self.relay.forward_eof(src)
             return
@@ -379,7 +392,7 @@ class SplicedFlow:
         self._cancel_timer()
         self._unwatch()
         for end in self._ends:
-            self.relay.account(end.side, self.maps.counters(end.cookie)[0])
+            self.relay.account(end.side, self.moved(end.side))
         self.maps.release(*(end.cookie for end in self._ends))
         self.splicer.flows.discard(self)
         for task in self._waiters or ():
