@@ -109,6 +109,8 @@ class SpliceMetrics:
             "nodeproxy_splice_wakes",
             "Times a sleeping spliced flow got transports back (bytes passed to the proxy, "
             "an EOF or reset, a take-back)", registry=registry)
+        # The flows counter's series, looked up once (not per connection).
+        self.spliced, self.ended = self.flows.labels("spliced"), self.flows.labels("ended")
 
 
 @dataclass(slots=True)
@@ -248,7 +250,9 @@ class SplicedFlow:
         delay = POLL_FIRST
         dst = self.relay.peer(src)
         while not self.relay.finished and not self.delivered(src):
-            if self._reset(dst):
+            # A reset is looked for from the second look on: the bytes are usually
+            # delivered by the first (the kernel's redirect runs in a worker of its own).
+            if delay > POLL_FIRST and self._reset(dst):
                 self.relay.abort()
                 return False
             await asyncio.sleep(delay)
@@ -638,7 +642,7 @@ class Splicer:
             # A socket whose FIN the proxy has read is in CLOSE_WAIT, which the sockhash
             # refuses: the attempt would fail.  Short connections end this way before their
             # splice (a request, an answer, a close); the relay finishes them.
-            self.metrics.flows.labels("ended").inc()
+            self.metrics.ended.inc()
             return
         if not relay.idle():
             if retries > 0:
@@ -660,7 +664,7 @@ class Splicer:
             if not all(established for established, _ in states):
                 # A FIN arrived that the relay has not read yet (CLOSE_WAIT): the kernel
                 # would refuse the socket.  The flow is ending; the relay finishes it.
-                self.metrics.flows.labels("ended").inc()
+                self.metrics.ended.inc()
                 return
             bases = [sent for _, sent in states]
             cookies = self.maps.join(socks[0], socks[1], CREDIT_WINDOW)
@@ -674,7 +678,7 @@ class Splicer:
         relay.splice = flow
         self.flows.add(flow)
         flow.start()
-        self.metrics.flows.labels("spliced").inc()
+        self.metrics.spliced.inc()
 
     async def take_back(self, which: Callable[[SplicedFlow], bool] = lambda f: True) -> int:
         """Take back every spliced flow `which` selects; returns how many."""
