@@ -26,7 +26,7 @@ from nodeproxy.config import watcher
 from nodeproxy.config.changes import WorkloadChanges
 from nodeproxy.config.loader import LoadedConfig
 from nodeproxy.config.model import NodeConfig
-from nodeproxy.daemon import memory_trim, views
+from nodeproxy.daemon import cyclic_gc, memory_trim, views
 from nodeproxy.daemon.control_api import ControlApi
 from nodeproxy.daemon.handover import Handover, HandoverRefused, close_listeners
 from nodeproxy.daemon.reload import UNCHANGED, ConfigReloader, apply_config
@@ -80,6 +80,7 @@ class Daemon:
         self._open_files.labels("open").set_function(open_descriptors)
         self._trimmer = memory_trim.MemoryTrimmer(
             memory_trim.MemoryTrimMetrics(self.registry), memory_trim.glibc_trim())
+        self._gc_pauses = cyclic_gc.register_gc_metrics(self.registry)
         self.admin = AdminServers(
             self, clusters=self._clusters_view,
             live=self._live_view if self.telemetry.live is not None else None)
@@ -145,6 +146,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(watcher.watch(
             self.loaded.source, cfg.proxy.netns_check_seconds,
             lambda: self.reloader.seen_digest, lambda: self.reload("file"))))
+        cyclic_gc.freeze_start_up()
         self._ready = True
         log.info("node %s ready: %d pods enrolled, %s capture on %s", cfg.node.name,
                  len(proxies.enrollment.pods), cfg.capture.mode, cgroup)

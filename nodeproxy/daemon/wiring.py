@@ -372,10 +372,11 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
     def write_probe_snat(snapshot: MeshSnapshot) -> None:
         """The node's probe SNAT rules follow inbound.probeSnat and the enrolled pods."""
         settings = snapshot.config.inbound.probe_snat
-        kernel.probe_snat.want(
-            settings.ipv4 if settings is not None else None,
-            settings.ipv6 if settings is not None else None,
-            [ip for pod in enrollment.pods.values() for ip in pod.workload.ips])
+        if settings is None:
+            kernel.probe_snat.want(None, None, ())
+            return
+        kernel.probe_snat.want(settings.ipv4, settings.ipv6,
+                               [ip for pod in enrollment.pods.values() for ip in pod.workload.ips])
 
     state.watch(write_probe_snat)
     runtime = RuntimePods(node=cfg.node.name, enrollment=enrollment, discovered=discovered,

@@ -16,6 +16,7 @@ import pytest
 
 from nodeproxy_dev.testbed import netns
 from nodeproxy_dev.testbed.cluster import Cluster
+from tests.integration.observe import metric_sum
 from tests.integration.probes import (
     DAEMON_CGROUP_ATTACH_TYPES,
     attached_programs,
@@ -173,3 +174,22 @@ def test_fail_open_crash_leaves_pods_talking_directly(one_node: Cluster):
     assert attached_programs(node.cgroup) == []
     answer = connect(c, "client", c.pods["web-0"].ip4, PORT)
     assert c.pods["client"].ip4 in answer
+
+
+def test_start_up_objects_are_frozen_and_the_collectors_pauses_counted(one_node: Cluster):
+    """Once ready, the daemon's start-up objects (imports, config, policies, the first
+    snapshot: tens of thousands) are out of the cyclic collector's passes, and the
+    passes it still makes while connections come and go are timed per generation."""
+    c = one_node
+    c.start_daemons()
+    before = c.metrics("node0")
+    assert metric_sum(before, "nodeproxy_gc_frozen_objects") > 20_000
+    for _ in range(30):
+        assert connect(c, "client", c.services["default/web"].vip4, 80).startswith("connected")
+    after = c.metrics("node0")
+    assert metric_sum(after, "python_gc_collections_total", generation="2") >= 1  # the freeze's
+    assert (metric_sum(after, "python_gc_collections_total", generation="0")
+            > metric_sum(before, "python_gc_collections_total", generation="0"))
+    assert (metric_sum(after, "nodeproxy_gc_pause_seconds_total", generation="0")
+            > metric_sum(before, "nodeproxy_gc_pause_seconds_total", generation="0"))
+    assert 0 < metric_sum(after, "nodeproxy_gc_longest_pause_seconds", generation="2") < 5
