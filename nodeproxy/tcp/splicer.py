@@ -262,28 +262,34 @@ class SplicedFlow:
     def on_eof(self, src: Side) -> None:
         """src's peer closed its writing: pass the FIN on after src's bytes, at once when
         they are all delivered already (the usual case: an idle flow closing), else from a
-        task that waits for them.  (A task per EOF made thousands of idle flows closing at
-        once cost the daemon 9-13 MiB that it kept: docs/benchmarks.md.)"""
+        timer that looks again (the kernel's redirect runs in a worker of its own: a
+        server that answers and closes at once has its FIN here before its answer is in
+        the client's send queue).  (A task per EOF made thousands of idle flows closing at
+        once cost the daemon 9-13 MiB that it kept: docs/benchmarks.md; a timer handle is
+        what is left per waiting FIN.)"""
         self._wake()  # the reset watch of a half-closed flow
         end = self._end(src)
         if end.final_moved is None:
             end.final_moved = self.maps.counters(end.cookie)[0]
-        if (not self.relay.finished and end.held is None
-                and self.delivered(src)):
-            self.relay.forward_eof(src)
-            return
-        self._spawn(self._forward_eof(src))
+        self._forward_eof(src, POLL_FIRST)
 
-    async def _forward_eof(self, src: Side) -> None:
-        # Bytes held before the FIN go first.  (An awake flow stops reading while it
-        # holds, so its FIN comes after; a sleeping flow's new transports read what
-        # waited, bytes and FIN, at once: bare_socket.adopt.)
-        end, delay = self._end(src), POLL_FIRST
-        while end.held is not None and not self.relay.finished:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, POLL_MAX)
-        if await self.wait_delivered(src):
-            self.relay.forward_eof(src)
+    def _forward_eof(self, src: Side, delay: float) -> None:
+        """Forward src's FIN once no byte before it is held in Python (an awake flow stops
+        reading while it holds, so its FIN comes after; a sleeping flow's new transports
+        read what waited, bytes and FIN, at once: bare_socket.adopt) and the kernel has
+        delivered the rest; else look again after `delay`, doubling up to POLL_MAX.  From
+        the second look on, a reset of the peer ends the wait (and the relay)."""
+        if self.relay.finished:
+            return
+        if self._end(src).held is None:
+            if self.delivered(src):
+                self.relay.forward_eof(src)
+                return
+            if delay > POLL_FIRST and self._reset(self.relay.peer(src)):
+                self.relay.abort()
+                return
+        asyncio.get_running_loop().call_later(
+            delay, self._forward_eof, src, min(delay * 2, POLL_MAX))
 
     def _reset(self, side: Side) -> bool:
         """The side's connection is over in the kernel although the proxy never sent its
