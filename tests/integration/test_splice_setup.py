@@ -277,3 +277,23 @@ def test_update_batch_on_a_map_without_it_fails_with_the_kernels_reason(loaded: 
     with pytest.raises(OSError, match="np_splice_sockets: batch update") as refused:
         sockets.put_many(struct.pack("Q", 1), (ctypes.c_int32 * 1)(0))
     assert refused.value.errno in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP)
+
+
+def test_the_preflight_batch_check_passes_here_and_names_a_refusal():
+    """`nodeproxy check` exercises the batches the splice set-up needs; on a map (or a
+    kernel) without them it fails with the kernel's reason, not a skip."""
+    import bcc
+
+    from nodeproxy.capture import preflight
+
+    good = bcc.BPF(text=b"BPF_HASH(npchk_batch, u64, u64, 4);")
+    try:
+        assert "batch update and delete" in preflight._try_map_batches(good, bcc)
+    finally:
+        good.cleanup()
+    refusing = bcc.BPF(text=b"BPF_SOCKHASH(npchk_batch, u64, 4);")  # no batch operations
+    try:
+        with pytest.raises(OSError, match="hash map batch update: "):
+            preflight._try_map_batches(refusing, bcc)
+    finally:
+        refusing.cleanup()
