@@ -666,13 +666,16 @@ class Splicer:
         if any(s is None for s in socks):
             return  # not a socket (an HBONE stream): nothing for the kernel to join
         try:
-            states = [send_state(s) for s in socks]
-            if not all(established for established, _ in states):
-                # A FIN arrived that the relay has not read yet (CLOSE_WAIT): the kernel
-                # would refuse the socket.  The flow is ending; the relay finishes it.
-                self.metrics.ended.inc()
-                return
-            bases = [sent for _, sent in states]
+            bases = []
+            for sock in socks:  # the client's first: a short flow's FIN comes from there
+                established, sent = send_state(sock)
+                if not established:
+                    # A FIN arrived that the relay has not read yet (CLOSE_WAIT): the
+                    # kernel would refuse the socket.  The flow is ending; the relay
+                    # finishes it.
+                    self.metrics.ended.inc()
+                    return
+                bases.append(sent)
             cookies = self.maps.join(socks[0], socks[1], CREDIT_WINDOW)
         except OSError as e:
             log.info("could not splice %s: %s", "/".join(pods) or "flow", e)
