@@ -14,7 +14,7 @@ import socket
 import struct
 from typing import Any
 
-from nodeproxy.capture import contract
+from nodeproxy.capture import contract, sockopt
 from nodeproxy.capture.constants import SPLICE_PROXY, SPLICE_REDIRECT
 from nodeproxy.capture.map_access import MapSet
 
@@ -30,14 +30,14 @@ class SpliceError(OSError):
 
 def socket_cookie(sock: Any) -> int:
     """The kernel's socket cookie (what the BPF programs key on)."""
-    return int(struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0])
+    return int(struct.unpack("Q", sockopt.get(sock, socket.SOL_SOCKET, SO_COOKIE, 8))[0])
 
 
 def _kick(sock: Any) -> None:
     """Bytes that reached the receive queue before the verdict was attached would wait
     for the next data-ready event; setting SO_RCVLOWAT raises one now."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        sockopt.set_int(sock, socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
     except OSError:
         pass
 
