@@ -52,6 +52,7 @@ from nodeproxy.policy.admission import AdmissionMetrics
 from nodeproxy.signer.node_identity import node_certificates
 from nodeproxy.tcp.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
 from nodeproxy.tcp.fairshare import ShareLimits, SourceShares
+from nodeproxy.tcp.relay_sleep import RelayNaps, RelaySleepMetrics
 from nodeproxy.tcp.splicer import SpliceMetrics, Splicer
 from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.identity_collector import IdentityCollector
@@ -340,15 +341,18 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
                      trust_domain=cfg.mesh.trust_domain, access_log=telemetry.access_log,
                      live=telemetry.live, tracing=Tracing(telemetry.registry, cfg.node.name),
                      tcp_metrics=telemetry.proxy, shares=shares.pods)
+    # Quiet relayed flows sleep, in the splicer's epoll and wheel (tcp/dormancy.py).
+    naps = RelayNaps(kernel.splicer.dormancy, RelaySleepMetrics(telemetry.registry))
     outbound = OutboundProxy(
         upstreams=upstreams, http=http, metrics=telemetry.proxy, state=state,
         on_captured=steering.on_outbound, tracker=tracker, splicer=kernel.splicer,
         trust_domain=cfg.mesh.trust_domain, port=cfg.proxy.outbound_port,
-        msg_redirect=kernel.msg_redirect, shares=shares.pods)
+        msg_redirect=kernel.msg_redirect, shares=shares.pods, naps=naps)
     inbound = InboundProxy(
         port=cfg.proxy.inbound_port, connect_timeout=cfg.proxy.connect_timeout_seconds,
         announcer=steering.announcer, state=state, tracker=tracker, splicer=kernel.splicer,
-        metrics=telemetry.proxy, on_captured=steering.on_inbound, shares=shares.plaintext)
+        metrics=telemetry.proxy, on_captured=steering.on_inbound, shares=shares.plaintext,
+        naps=naps)
     enrollment = Enrollment(
         maps=kernel.maps, steering=steering, proxy=outbound, inbound=inbound, hbone=hbone,
         tracker=tracker, metrics=telemetry.proxy, trust_domain=cfg.mesh.trust_domain,

@@ -31,6 +31,7 @@ from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.tcp.relay import Relay, Side, reset
+from nodeproxy.tcp.relay_sleep import RelayNaps
 from nodeproxy.tcp.splicer import Splicer
 from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
@@ -46,8 +47,9 @@ class InboundProxy:
                  state: MeshState, tracker: ConnectionTracker,
                  splicer: Splicer, metrics: ProxyMetrics,
                  on_captured: Callable[[EnrolledPod], None] | None = None,
-                 shares: SourceShares | None = None):
+                 shares: SourceShares | None = None, naps: RelayNaps | None = None):
         self.port = port
+        self._naps = naps  # relays that Python moves sleep while quiet (tcp/relay_sleep.py)
         self._shares = shares  # per client address
         self._refusals = RefusalLog(log)
         # Counts a connection the kernel steered here, where the kernel does not (iptables).
@@ -134,6 +136,8 @@ class InboundProxy:
         meter.opened()
         relay.start()
         self._splicer.offer(relay, (pod.key,), allowed=pod.workload.splice)
+        if self._naps is not None and relay.splice is None:
+            self._naps.offer(relay)  # a flow the splicer takes later is left to it
 
     def _done(self, relay: Relay, meter: ConnectionMeter) -> None:
         self._tracker.discard(relay)

@@ -44,6 +44,7 @@ from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.dial import relay_side
 from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.tcp.relay import Relay, Side, reset
+from nodeproxy.tcp.relay_sleep import RelayNaps
 from nodeproxy.tcp.splicer import Splicer
 from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics, TcpLabels
@@ -68,8 +69,10 @@ class OutboundProxy:
         on_captured: Callable[[EnrolledPod], None] | None = None,
         msg_redirect: MsgRedirect | None = None,
         shares: SourceShares | None = None,
+        naps: RelayNaps | None = None,
     ):
         self._upstreams = upstreams
+        self._naps = naps  # relays that Python moves sleep while quiet (tcp/relay_sleep.py)
         # Each source pod's fair share: connections at once and per second (fairshare.py).
         self._shares = shares
         self._refusals = RefusalLog(log)
@@ -259,6 +262,8 @@ class OutboundProxy:
         meter.opened()
         relay.start()
         self._splicer.offer(relay, pods, allowed=splice)
+        if self._naps is not None and relay.splice is None:
+            self._naps.offer(relay)  # a flow the splicer takes later is left to it
 
     def _fast_path(self, pod: EnrolledPod, down: Side) -> ProxyReads | None:
         """The one place a relayed connection joins the sk_msg fast path, before the proxy

@@ -4,7 +4,7 @@ A spliced flow's bytes are the kernel's (tcp/splicer.py): while Python has no pa
 it, the two transports only wait, at about 1.1 KiB each in uvloop.  `detach` keeps the
 socket (a duplicate descriptor of it) and closes the transport without touching the
 connection: no FIN, no reset, the socket stays in the kernel's maps.  The caller then
-watches the descriptor with one `loop.add_reader` (about 0.6 KiB).  `adopt` gives the
+watches the descriptor (tcp/dormancy.py: one epoll for all sleeping sockets).  `adopt` gives the
 sockets new transports, each reporting to its protocol only once all of them are made,
 so no byte, EOF or reset reaches a relay whose other side has no transport yet.
 """
@@ -18,6 +18,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.relay import WRITE_HIGH_WATER
 
 
@@ -33,8 +34,13 @@ _DETACHED = _Detached()
 def detach(transport: asyncio.Transport) -> socket.socket:
     """The transport's socket, kept; the transport is closed (its descriptor only: the
     connection goes on).  Call only with nothing in its write buffer.  OSError (the
-    socket has no descriptor any more, or no descriptor is free) leaves it as it was."""
+    socket has no descriptor any more, no descriptor is free, or the duplicate would be
+    one of the reserve proxied sockets never take: limits.reservedFiles) leaves it as it
+    was."""
     fd = os.dup(transport.get_extra_info("socket").fileno())
+    if not BUDGET.admits(fd):
+        os.close(fd)
+        raise OSError(f"descriptor {fd} is in the reserve (ceiling {BUDGET.ceiling})")
     sock = socket.socket(fileno=fd)
     transport.set_protocol(_DETACHED)
     transport.close()

@@ -9,7 +9,9 @@ A relay may hand its flow to the kernel (nodeproxy/tcp/splicer.py): while splice
 its bytes never reach Python; EOFs still arrive here and are forwarded by the splice
 once the kernel has delivered every byte before them.  While Python has no part in a
 spliced flow its sides may have no transport at all (SplicedFlow.sleep): the splice
-gives them new ones before anything here needs them.
+gives them new ones before anything here needs them.  A relayed flow sleeps the same
+way once it is quiet (tcp/relay_sleep.py, `Relay.nap`); close and abort reach its
+sockets through the nap.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nodeproxy.tcp.fairshare import Lease
+    from nodeproxy.tcp.relay_sleep import RelayNap
     from nodeproxy.tcp.splicer import SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
@@ -155,7 +158,7 @@ class Relay:
     """Joins a downstream (client) side and an upstream (server) side."""
 
     __slots__ = ("_on_bytes", "_on_done", "bytes_from_downstream", "bytes_from_upstream",
-                 "_done", "downstream", "finished", "last_active", "splice", "upstream")
+                 "_done", "downstream", "finished", "last_active", "nap", "splice", "upstream")
 
     def __init__(
         self,
@@ -174,6 +177,7 @@ class Relay:
         self.bytes_from_upstream = 0
         self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
         self.last_active = time.monotonic()  # the last byte either way (idle timeout)
+        self.nap: RelayNap | None = None  # set once offered to sleep while quiet
         downstream.relay = self
         upstream.relay = self
 
@@ -276,6 +280,8 @@ class Relay:
     def close(self) -> None:
         if self.splice is not None and self.splice.end_asleep(how_reset=False):
             return
+        if self.nap is not None and self.nap.end(how_reset=False):
+            return
         for side in (self.downstream, self.upstream):
             if side.transport is not None and not side.transport.is_closing():
                 side.transport.close()
@@ -284,12 +290,14 @@ class Relay:
         """Reset both sides (drain deadline passed, or the pod went away)."""
         if self.splice is not None and self.splice.end_asleep(how_reset=True):
             return
+        if self.nap is not None and self.nap.end(how_reset=True):
+            return
         reset(self.downstream.transport)
         reset(self.upstream.transport)
 
     def finish_lost(self) -> None:
         """Both sides' sockets were closed without their transports (an asleep splice,
-        tcp/splicer.py): the relay is over."""
+        tcp/splicer.py, or relay, tcp/relay_sleep.py): the relay is over."""
         self._finish()
 
     def _finish(self) -> None:
@@ -297,6 +305,8 @@ class Relay:
             self.finished = True
             if self.splice is not None:
                 self.splice.finish()
+            if self.nap is not None:
+                self.nap.finish()
             if self._done is not None:
                 self._done.set_result(None)
             self._on_done(self)

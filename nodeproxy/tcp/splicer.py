@@ -38,11 +38,7 @@ both sides and waited; the credit-and-hold design passed every run since.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
-import os
-import select
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,8 +47,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.capture.splice import SpliceMaps
-from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
-from nodeproxy.tcp.relay import _LINGER_RESET, Relay, Side
+from nodeproxy.tcp.bare_socket import borrowed
+from nodeproxy.tcp.dormancy import GONE, Dormancy, close_bare, detach_sides, readopt, take_back
+from nodeproxy.tcp.relay import Relay, Side
 from nodeproxy.tcp.send_state import is_closed, send_state, sent_total
 
 log = logging.getLogger(__name__)
@@ -73,19 +70,11 @@ CREDIT_WINDOW = 8 * 1024 * 1024
 # costs the daemon a look every QUIET_MAX, not every second: thousands of idle keep-alive
 # connections add up).  Python's part in the flow (bytes passed to it, an EOF) brings the
 # pace back at once.  A quiet flow waits without a timer of its own (about 600 bytes in
-# uvloop): in the splicer's wheel, one slot per second, turned by one timer.
+# uvloop): in the daemon's wheel (tcp/dormancy.py), one slot per second, turned by one timer.
 CHECK_MAX = 1.0
 QUIET_MAX = 16.0
-WHEEL_TICK = 1.0
 # How often half-closed spliced flows are checked for a reset on their quiet side.
 WATCH_SECONDS = 0.5
-
-
-# What an end's `sock` becomes once its descriptor is gone (a failed wake): every query
-# on it fails (EBADF), as on the transport's own socket after it closed; never a bare
-# number that another connection's socket may have taken since.
-_GONE = socket.socket()
-_GONE.close()
 
 
 class SpliceMetrics:
@@ -340,7 +329,7 @@ class SplicedFlow:
             # within CHECK_MAX, not after a quiet flow's growing wait.
             if not self.sleep():
                 wait, self._quiet = min(wait, CHECK_MAX), CHECK_MAX
-            self._parked = self.splicer.park(self, loop.time() + wait)
+            self._parked = self.splicer.dormancy.park(self, loop.time() + wait)
         else:
             self._timer = loop.call_later(wait, self._check)
 
@@ -349,7 +338,7 @@ class SplicedFlow:
         it to the next FLOW_TICK."""
         self._quiet = CHECK_MAX
         if self._parked is not None:
-            self.splicer.unpark(self, self._parked)
+            self.splicer.dormancy.unpark(self, self._parked)
             self._parked = None
             self._timer = asyncio.get_running_loop().call_later(FLOW_TICK, self._check)
 
@@ -433,26 +422,22 @@ class SplicedFlow:
                 return False
             if self.maps.counters(end.cookie)[1] != end.from_python:
                 return False  # the verdict passed bytes that Python has not read yet
-        socks: list[socket.socket] = []
-        try:
-            for end in self._ends:
-                socks.append(detach(end.side.transport))  # type: ignore[arg-type]
-        except OSError:
+        socks = detach_sides([end.side for end in self._ends])
+        if len(socks) < len(self._ends):
             # The first transport was detached, the second not: give the first its
             # transport back (no descriptor free: the flow simply stays awake).
-            self._asleep = True
             for end, sock in zip(self._ends, socks, strict=False):
-                end.side.transport, end.sock = None, sock
+                end.sock = sock
             self._wake_asleep(socks, self._ends[:len(socks)])
             return False
         for end, sock in zip(self._ends, socks, strict=True):
             # Only the descriptor's number is kept (a socket object is 88 bytes more).
-            end.side.transport, end.sock = None, sock.detach()
+            end.sock = sock.detach()
         self._asleep = True
         self.splicer.metrics.sleeps.inc()
         try:
             for end in self._ends:
-                self.splicer.watch(end.sock, self)
+                self.splicer.dormancy.watch(end.sock, self)
         except OSError:
             self.wake()  # the kernel would not watch it (memory): transports back
             return False
@@ -465,12 +450,7 @@ class SplicedFlow:
             return
         self._unwatch()
         for end in self._ends:
-            try:
-                end.sock = socket.socket(fileno=end.sock)  # owns the descriptor again
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.close(end.sock)
-                end.sock = _GONE  # adopt reports it lost
+            end.sock = take_back(end.sock)  # GONE if it cannot be: adopt reports it lost
         self._wake_asleep([end.sock for end in self._ends], self._ends)
         self.splicer.metrics.wakes.inc()
 
@@ -480,18 +460,16 @@ class SplicedFlow:
 
     async def _adopt(self, socks: list[socket.socket], ends: tuple[_End, ...]) -> None:
         try:
-            await adopt(socks, [end.side for end in ends])
+            await readopt(socks, [end.side for end in ends])
             for end in ends:
                 # As before the sleep: the transport's own socket object (it keeps
                 # answering for the descriptor after the transport closed); none made,
                 # adopt closed the descriptor.
                 transport = end.side.transport
-                end.sock = (transport.get_extra_info("socket") or _GONE
-                            if transport is not None else _GONE)
+                end.sock = (transport.get_extra_info("socket") or GONE
+                            if transport is not None else GONE)
         finally:
             self._waking = None
-        for end in ends:
-            end.side.resume()
 
     async def awake(self) -> None:
         """Return once the flow has its transports."""
@@ -502,7 +480,7 @@ class SplicedFlow:
     def _unwatch(self) -> None:
         if self._asleep:
             for end in self._ends:
-                self.splicer.unwatch(end.sock)
+                self.splicer.dormancy.unwatch(end.sock)
 
     def end_asleep(self, how_reset: bool) -> bool:
         """Close an asleep flow's sockets (reset, or FIN) and end the relay; True when it
@@ -517,12 +495,8 @@ class SplicedFlow:
         self._unwatch()
         self._asleep = False
         for end in self._ends:
-            fd, end.sock = end.sock, _GONE
-            if how_reset:
-                with contextlib.suppress(OSError), borrowed(fd) as sock:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            fd, end.sock = end.sock, GONE
+            close_bare(fd, how_reset)
             end.side.lost = True
         self.relay.finish_lost()
         return True
@@ -532,7 +506,7 @@ class SplicedFlow:
             self._timer.cancel()
             self._timer = None
         if self._parked is not None:
-            self.splicer.unpark(self, self._parked)
+            self.splicer.dormancy.unpark(self, self._parked)
             self._parked = None
 
     def _spawn(self, coro: Any) -> None:
@@ -561,72 +535,15 @@ def next_wait(wait: float, quiet_wait: float, quiet: bool) -> tuple[float, float
 class Splicer:
     """Decides which relays the kernel takes over and keeps track of them."""
 
-    def __init__(self, maps: SpliceMaps | None, metrics: SpliceMetrics, enabled: bool):
+    def __init__(self, maps: SpliceMaps | None, metrics: SpliceMetrics, enabled: bool,
+                 dormancy: Dormancy | None = None):
         self.maps: SpliceMaps = maps  # type: ignore[assignment]  # None: never splices
         self.metrics = metrics
         self.enabled = enabled and maps is not None
         self.flows: set[SplicedFlow] = set()
-        # Quiet flows by the loop second their next look is due (SplicedFlow._check).
-        self._wheel: dict[int, set[SplicedFlow]] = {}
-        self._wheel_timer: asyncio.TimerHandle | None = None
-        # The sockets of sleeping flows (SplicedFlow.sleep): one epoll of the splicer's,
-        # watched by the loop as one descriptor; the kernel keeps each socket's entry (a
-        # loop.add_reader per socket costs about 640 bytes of the daemon's memory).
-        self._epoll: select.epoll | None = None
-        self._sleeping: dict[int, SplicedFlow] = {}
-
-    def watch(self, fd: int, flow: SplicedFlow) -> None:
-        """Wake `flow` when the socket fd is readable, has hung up or failed."""
-        if self._epoll is None:
-            self._epoll = select.epoll()
-            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._ready)
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self._sleeping[fd] = flow
-
-    def unwatch(self, fd: int) -> None:
-        if self._sleeping.pop(fd, None) is not None and self._epoll is not None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass  # never registered (watch failed for it)
-
-    def _ready(self) -> None:
-        assert self._epoll is not None
-        for fd, _events in self._epoll.poll(0, 256):
-            flow = self._sleeping.get(fd)
-            if flow is not None:
-                flow.wake()  # unwatches both of its sockets
-            else:
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass
-
-    def park(self, flow: SplicedFlow, due: float) -> int:
-        """Keep a quiet flow until `due` (loop time; looked at within WHEEL_TICK after it);
-        returns its slot."""
-        slot = math.ceil(due)
-        self._wheel.setdefault(slot, set()).add(flow)
-        if self._wheel_timer is None:
-            self._wheel_timer = asyncio.get_running_loop().call_later(WHEEL_TICK, self._turn)
-        return slot
-
-    def unpark(self, flow: SplicedFlow, slot: int) -> None:
-        waiting = self._wheel.get(slot)
-        if waiting is not None:
-            waiting.discard(flow)
-            if not waiting:
-                del self._wheel[slot]
-
-    def _turn(self) -> None:
-        """Look at every parked flow whose slot is due; turn again while any is parked."""
-        self._wheel_timer = None
-        now = asyncio.get_running_loop().time()
-        for slot in sorted(slot for slot in self._wheel if slot <= now):
-            for flow in self._wheel.pop(slot):
-                flow.turned()
-        if self._wheel:
-            self._wheel_timer = asyncio.get_running_loop().call_later(WHEEL_TICK, self._turn)
+        # Where quiet flows wait for their next look and sleeping flows' sockets are
+        # watched (SplicedFlow._check, SplicedFlow.sleep); shared with the relays'.
+        self.dormancy = dormancy if dormancy is not None else Dormancy()
 
     def would_take(self, up: Side, allowed: bool) -> bool:
         """Whether offer() will try to splice a relay with this upstream side (the sk_msg

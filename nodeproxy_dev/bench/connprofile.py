@@ -173,7 +173,8 @@ def syscall_profile(cluster: Cluster, service: str, seconds: float,
                                if count / made >= 0.05}}
 
 
-def memory_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
+def memory_profile(cluster: Cluster, count: int, out: Path, settle: float = 1.0
+                   ) -> dict[str, Any]:
     pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
     snapshot_path = out / f"{pid}.snapshot"
 
@@ -190,7 +191,7 @@ def memory_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
     rss_before = procstat.rss_kib(pid)
     before = snapshot()
     with idle_connections(cluster, pid, count) as ready:
-        time.sleep(1.0)
+        time.sleep(settle)
         rss_after = procstat.rss_kib(pid)
         after = snapshot()
     diff = after.compare_to(before, "lineno")
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--app-protocol", choices=("tcp", "detect"), default="tcp")
     parser.add_argument("--splice", action="store_true")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds between the idle connections opened and the snapshot "
+                             "(a relayed flow sleeps after 1-2 s quiet)")
     parser.add_argument("--only", choices=("same-node", "cross-node"), default=None,
                         help="profile only this connect load (default: both)")
     parser.add_argument("--strace", action="store_true",
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop_daemons()
         with startup_hook(out, SITECUSTOMIZE, "NODEPROXY_PROFILE_DIR", str(out)):
             cluster.start_daemons()
-            report["memory"] = memory_profile(cluster, args.idle, out)
+            report["memory"] = memory_profile(cluster, args.idle, out, args.settle)
     (out / "profile.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     print(f"folded stacks and snapshots in {out}", file=sys.stderr)

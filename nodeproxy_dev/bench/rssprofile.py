@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from nodeproxy_dev.bench import procstat
 from nodeproxy_dev.bench.connprofile import build, idle_connections
 from nodeproxy_dev.bench.daemon_hook import DAEMON_CHECK, startup_hook
@@ -181,6 +183,23 @@ def take(pid: int, out: Path, name: str, action: str = "") -> dict[str, Any]:
     return result
 
 
+# The daemon's series that say whether the idle flows slept (spliced or relayed) and
+# whether any connection was refused while they opened.
+SLEEP_SERIES = ("nodeproxy_relay_sleeps_total", "nodeproxy_relay_wakes_total",
+                "nodeproxy_relays_asleep", "nodeproxy_splice_sleeps_total",
+                "nodeproxy_splice_wakes_total", "nodeproxy_outbound_refused_total",
+                "nodeproxy_inbound_refused_total")
+
+
+def sleep_metrics(cluster: Cluster) -> dict[str, float]:
+    sums = dict.fromkeys(SLEEP_SERIES, 0.0)
+    for family in text_string_to_metric_families(cluster.metrics("node0")):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return sums
+
+
 def profile(cluster: Cluster, count: int, out: Path, settle: float) -> dict[str, Any]:
     pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
     report: dict[str, Any] = {"before": take(pid, out, "before")}
@@ -188,6 +207,7 @@ def profile(cluster: Cluster, count: int, out: Path, settle: float) -> dict[str,
         report["ready"] = ready
         time.sleep(settle)
         report["idle"] = take(pid, out, "idle")
+        report["idle_metrics"] = sleep_metrics(cluster)
         report["idle_collected"] = take(pid, out, "collected", "collect")
         report["idle_trimmed"] = take(pid, out, "trimmed", "trim")
     time.sleep(settle)

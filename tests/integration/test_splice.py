@@ -21,6 +21,7 @@ import pytest
 
 from nodeproxy_dev.testbed.cluster import Cluster, scaled
 from tests.integration.observe import metric_sum, wait_for
+from tests.integration.sleeping import serve_script
 
 pytestmark = pytest.mark.privileged
 
@@ -314,13 +315,6 @@ def wakes(c: Cluster) -> float:
     return sample(c, "nodeproxy_splice_wakes_total")
 
 
-def serve_script(c: Cluster, script: str) -> subprocess.Popen[str]:
-    server = c.spawn_in_pod("web-0", [c.python, "-c", textwrap.dedent(script)],
-                            stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-    return server
-
-
 def test_a_sleeping_flow_falls_back_and_comes_back_intact_with_fins_both_ways(
         node: Cluster):
     """A quiet spliced flow gives up its transports; bytes the verdict passes to the
@@ -328,7 +322,7 @@ def test_a_sleeping_flow_falls_back_and_comes_back_intact_with_fins_both_ways(
     quiet, in both directions; every byte is intact (SHA-256) and each FIN arrives after
     the bytes before it, the server answering after the client's FIN."""
     n = 40 * MB
-    server = serve_script(node, f"""
+    server = serve_script(node, "web-0", f"""
         import hashlib, os, socket, time
         l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         l.bind(("0.0.0.0", 9402)); l.listen(); print("listening", flush=True)
@@ -408,7 +402,7 @@ def test_a_reset_on_a_sleeping_flow_reaches_the_other_side(node: Cluster, who: s
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
     """)
-    server = serve_script(node, f"""
+    server = serve_script(node, "web-0", f"""
         import os, socket, struct, time
         {textwrap.indent(wait_asleep, "        ").strip()}
         l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -462,7 +456,7 @@ def test_drain_resets_both_ends_of_a_sleeping_flow_at_its_deadline():
         c.write_configs(overrides={"fastPath": {"splice": True},
                                    "proxy": {"drainSeconds": 1}})
         c.start_daemons()
-        server = serve_script(c, """
+        server = serve_script(c, "web-0", """
             import socket
             l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             l.bind(("0.0.0.0", 9405)); l.listen(); print("listening", flush=True)

@@ -55,39 +55,3 @@ def test_a_flow_with_a_closed_side_is_not_offered_to_the_kernel_and_counted_ende
         assert registry.get_sample_value(
             "nodeproxy_splice_flows_total", {"event": "ended"}) == 2
     asyncio.run(main())
-
-
-def test_the_wheel_looks_at_a_parked_flow_once_due_and_never_after_unpark():
-    """Quiet flows wait in the splicer's wheel, not on timers of their own: each is looked
-    at once its slot is due, one that was unparked (woken, finished) never is, and the
-    wheel's one timer stops when nothing is parked."""
-    import asyncio
-
-    from prometheus_client import CollectorRegistry
-
-    from nodeproxy.tcp.splicer import WHEEL_TICK, SpliceMetrics, Splicer
-
-    class Parked:
-        def __init__(self) -> None:
-            self.turns: list[float] = []
-
-        def turned(self) -> None:
-            self.turns.append(asyncio.get_running_loop().time())
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        splicer = Splicer(None, SpliceMetrics(CollectorRegistry()), enabled=False)
-        due, later, woken = Parked(), Parked(), Parked()
-        now = loop.time()
-        splicer.park(due, now)  # type: ignore[arg-type]
-        slot = splicer.park(woken, now)  # type: ignore[arg-type]
-        splicer.park(later, now + 60)  # type: ignore[arg-type]
-        splicer.unpark(woken, slot)  # type: ignore[arg-type]
-        await asyncio.sleep(2.5 * WHEEL_TICK)
-        assert len(due.turns) == 1 and due.turns[0] >= now
-        assert woken.turns == [] and later.turns == []
-        assert splicer._wheel_timer is not None  # `later` is still parked
-        splicer.unpark(later, next(iter(splicer._wheel)))  # type: ignore[arg-type]
-        await asyncio.sleep(1.5 * WHEEL_TICK)
-        assert splicer._wheel == {} and splicer._wheel_timer is None
-    asyncio.run(main())

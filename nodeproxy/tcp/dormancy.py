@@ -1,0 +1,190 @@
+"""Flows asleep: a quiet flow's two sockets without transports, watched by the kernel.
+
+An idle proxied connection spends most of its memory in uvloop's two transports (about
+1.1 KiB each).  A flow with nothing of it in Python (no byte in a write buffer, no EOF,
+nothing held) may give them up: each socket is kept as a bare descriptor number, both
+go into one epoll of the daemon's, which the loop watches as one descriptor, and the
+first readability on either (bytes, a FIN, a reset) gives the flow new transports
+(bare_socket.adopt), which replay what they read in order once both are made.  Both the
+spliced flows (tcp/splicer.py) and the relayed ones (tcp/relay_sleep.py) sleep this way;
+this module owns what they share:
+
+- `Dormancy`: the epoll of sleeping sockets, and the wheel where quiet flows wait for
+  their next look (one slot per second, turned by one timer: no timer per flow);
+- `detach_sides`, `take_back`, `close_bare`, `readopt`: falling asleep, waking, and
+  ending a flow while it sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import select
+import socket
+from collections.abc import Sequence
+from typing import Protocol
+
+from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
+from nodeproxy.tcp.relay import _LINGER_RESET, Side
+
+WHEEL_TICK = 1.0
+# Flows looked at per loop iteration when many are due at once; the rest in the next
+# iterations.  Falling asleep closes a transport a loop turn after its socket was
+# duplicated, so a turn that put thousands of flows to sleep at once held thousands of
+# descriptors more until the next: an upstream dial in between got a number in
+# limits.reservedFiles and was refused (measured: 2 of 8,988 connections opening while
+# the first ones slept; docs/benchmarks.md, "Idle relayed flows, seventh round").  At
+# most 2 x TURN_BATCH descriptors are duplicated at once.
+TURN_BATCH = 64
+
+# What a socket becomes once its descriptor is gone (a failed wake): every query on it
+# fails (EBADF), as on a transport's own socket after it closed; never a bare number that
+# another connection's socket may have taken since.
+GONE = socket.socket()
+GONE.close()
+
+
+class Sleeper(Protocol):
+    def wake(self) -> None: ...
+
+
+class Parked(Protocol):
+    def turned(self) -> None: ...
+
+
+class Dormancy:
+    """The daemon's sleeping sockets and its wheel of quiet flows (one of each, shared
+    by the splicer and the relays)."""
+
+    def __init__(self) -> None:
+        # Quiet flows by the loop second their next look is due.
+        self._wheel: dict[int, set[Parked]] = {}
+        self._wheel_timer: asyncio.Handle | None = None
+        # The sockets of sleeping flows: one epoll, watched by the loop as one
+        # descriptor; the kernel keeps each socket's entry (a loop.add_reader per socket
+        # costs about 640 bytes of the daemon's memory).  Who sleeps on a descriptor, by
+        # its number: descriptors are small dense numbers, so a list indexed by them
+        # (8 bytes a number) costs less than a dict (about 37 bytes a sleeping socket).
+        self._epoll: select.epoll | None = None
+        self._sleeping: list[Sleeper | None] = []
+
+    def watch(self, fd: int, sleeper: Sleeper) -> None:
+        """Wake `sleeper` when the socket fd is readable, has hung up or failed."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._ready)
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        if fd >= len(self._sleeping):
+            self._sleeping.extend([None] * (fd + 1 - len(self._sleeping)))
+        self._sleeping[fd] = sleeper
+
+    def unwatch(self, fd: int) -> None:
+        if 0 <= fd < len(self._sleeping) and self._sleeping[fd] is not None:
+            self._sleeping[fd] = None
+            if self._epoll is not None:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass  # never registered (watch failed for it)
+
+    def _ready(self) -> None:
+        assert self._epoll is not None
+        for fd, _events in self._epoll.poll(0, 256):
+            sleeper = self._sleeping[fd] if fd < len(self._sleeping) else None
+            if sleeper is not None:
+                sleeper.wake()  # unwatches all of its sockets
+            else:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+
+    def park(self, flow: Parked, due: float) -> int:
+        """Keep a quiet flow until `due` (loop time; looked at within WHEEL_TICK after
+        it): its `turned()` is called then.  Returns its slot."""
+        slot = math.ceil(due)
+        self._wheel.setdefault(slot, set()).add(flow)
+        if self._wheel_timer is None:
+            self._wheel_timer = asyncio.get_running_loop().call_later(WHEEL_TICK, self._turn)
+        return slot
+
+    def unpark(self, flow: Parked, slot: int) -> None:
+        waiting = self._wheel.get(slot)
+        if waiting is not None:
+            waiting.discard(flow)
+            if not waiting:
+                del self._wheel[slot]
+
+    def _turn(self) -> None:
+        """Look at the parked flows whose slot is due, at most TURN_BATCH of them (the
+        rest at the next loop iteration); turn again while any is parked."""
+        self._wheel_timer = None
+        loop = asyncio.get_running_loop()
+        now, budget = loop.time(), TURN_BATCH
+        for slot in sorted(slot for slot in self._wheel if slot <= now):
+            flows = self._wheel[slot]
+            while flows and budget:
+                budget -= 1
+                flows.pop().turned()
+            if not flows and self._wheel.get(slot) is flows:
+                del self._wheel[slot]
+            if not budget:
+                break
+        if any(slot <= now for slot in self._wheel):
+            self._wheel_timer = loop.call_soon(self._turn)
+        elif self._wheel:
+            self._wheel_timer = loop.call_later(WHEEL_TICK, self._turn)
+
+
+def quiet_side(side: Side) -> bool:
+    """Nothing of this side is in Python: it has a live transport with an empty write
+    buffer, read no EOF, holds no early bytes."""
+    transport = side.transport
+    return not (transport is None or transport.is_closing() or side.got_eof or side.lost
+                or transport.get_write_buffer_size() or side.early)
+
+
+def detach_sides(sides: Sequence[Side]) -> list[socket.socket]:
+    """Each side's socket kept and its transport closed (no FIN, no reset), in order;
+    the sides' `transport` becomes None.  Stops at the first that cannot be (no
+    descriptor free, or the duplicate would take one of limits.reservedFiles): the list
+    is then shorter than `sides`, and the caller gives those back their transports."""
+    socks: list[socket.socket] = []
+    for side in sides:
+        assert side.transport is not None
+        try:
+            sock = detach(side.transport)
+        except OSError:
+            break
+        side.transport = None
+        socks.append(sock)
+    return socks
+
+
+def take_back(fd: int) -> socket.socket:
+    """A socket object owning the bare descriptor again, or GONE if it cannot be made
+    (the descriptor is closed then: adopt reports the side lost)."""
+    try:
+        return socket.socket(fileno=fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return GONE
+
+
+def close_bare(fd: int, how_reset: bool) -> None:
+    """Close an asleep flow's socket: with a reset (SO_LINGER 0) or a FIN."""
+    if how_reset:
+        with contextlib.suppress(OSError), borrowed(fd) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+async def readopt(socks: list[socket.socket], sides: Sequence[Side]) -> None:
+    """New transports for sockets taken back (bare_socket.adopt), then read again."""
+    await adopt(socks, list(sides))
+    for side in sides:
+        side.resume()

@@ -1,0 +1,68 @@
+"""The daemon's wheel of quiet flows and its sleeping sockets (tcp/dormancy.py), shared by
+spliced and relayed flows."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvloop
+
+from nodeproxy.tcp.dormancy import TURN_BATCH, WHEEL_TICK, Dormancy
+
+
+class Parked:
+    def __init__(self) -> None:
+        self.turns: list[float] = []
+
+    def turned(self) -> None:
+        self.turns.append(asyncio.get_running_loop().time())
+
+
+def test_the_wheel_looks_at_a_parked_flow_once_due_and_never_after_unpark():
+    """Quiet flows wait in the daemon's wheel (tcp/dormancy.py), not on timers of their
+    own: each is looked at once its slot is due, one that was unparked (woken,
+    finished) never is, and the wheel's one timer stops when nothing is parked."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wheel = Dormancy()
+        due, later, woken = Parked(), Parked(), Parked()
+        now = loop.time()
+        wheel.park(due, now)
+        slot = wheel.park(woken, now)
+        wheel.park(later, now + 60)
+        wheel.unpark(woken, slot)
+        await asyncio.sleep(2.5 * WHEEL_TICK)
+        assert len(due.turns) == 1 and due.turns[0] >= now
+        assert woken.turns == [] and later.turns == []
+        assert wheel._wheel_timer is not None  # `later` is still parked
+        wheel.unpark(later, next(iter(wheel._wheel)))
+        await asyncio.sleep(1.5 * WHEEL_TICK)
+        assert wheel._wheel == {} and wheel._wheel_timer is None
+    asyncio.run(main())
+
+
+def test_many_due_at_once_are_looked_at_a_batch_per_loop_iteration():
+    """Thousands of flows due in one slot are looked at TURN_BATCH per loop iteration
+    (each may fall asleep, holding a duplicate descriptor until the next iteration):
+    all of them within a few iterations, never more than a batch in one."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wheel = Dormancy()
+        flows = [Parked() for _ in range(5 * TURN_BATCH + 3)]
+        now = loop.time()
+        for flow in flows:
+            wheel.park(flow, now)
+        per_iteration: list[int] = []
+        seen = 0
+        deadline = now + 3 * WHEEL_TICK
+        while seen < len(flows):
+            assert loop.time() < deadline
+            await asyncio.sleep(0)
+            turned = sum(len(f.turns) for f in flows)
+            if turned > seen:
+                per_iteration.append(turned - seen)
+            seen = turned
+        assert max(per_iteration) <= TURN_BATCH and len(per_iteration) >= 6
+        assert all(len(f.turns) == 1 for f in flows)
+        assert wheel._wheel == {}
+    uvloop.run(main())
