@@ -212,7 +212,6 @@ BPF_TABLE_PINNED("lpm_trie", struct probe_key, u32, probe_sources, NP_MAX_PROBE_
 /* Kernel splice (bpf/splice.c): per daemon instance, not pinned (the sockets belong to
  * this process). */
 BPF_SOCKHASH(np_splice_sockets, u64, NP_MAX_FLOWS);
-BPF_SOCKHASH(np_splice_targets, u64, NP_MAX_FLOWS);
 BPF_HASH(splice_flows, u64, struct splice_peer, NP_MAX_FLOWS);
 BPF_HASH(splice_control, u64, struct splice_control, NP_MAX_FLOWS);
 

@@ -2,10 +2,13 @@
  *
  * Once the proxy has admitted a plaintext flow it may hand both of its sockets of that
  * flow (client side and server side) to the kernel: each gets a splice_flows entry
- * naming its peer and a splice_control entry, goes into np_splice_targets (a socket a
- * redirect may deliver to) and then np_splice_sockets (a socket whose incoming data
- * this verdict handles).  From then on every segment read from one socket is queued
- * onto the other's send side by the kernel; no byte enters Python.
+ * naming its peer, goes into np_splice_sockets (this verdict handles its incoming data,
+ * and a redirect may deliver to it), and only then gets its splice_control entry.  From
+ * then on every segment read from one socket is queued onto the other's send side by the
+ * kernel; no byte enters Python.  Until a socket has its control entry (its peer may not
+ * be in the sockhash yet) the verdict passes its data to the proxy and counts it, as it
+ * does beyond the credit: the proxy forwards those bytes itself, in order, and the
+ * verdict redirects only once the proxy has consumed every passed byte.
  *
  * The kernel's redirect has no flow control, and detaching the verdict from a socket
  * that is receiving can drop a segment in flight; so the daemon never detaches a live
@@ -44,7 +47,7 @@ int np_splice_verdict(struct __sk_buff *skb)
     }
     u64 peer = p->peer_cookie;
     __sync_fetch_and_add(&p->moved, len);
-    int verdict = np_splice_targets.sk_redirect_hash(skb, &peer, 0);
+    int verdict = np_splice_sockets.sk_redirect_hash(skb, &peer, 0);
     if (c) {
         if (verdict == SK_PASS)
             __sync_fetch_and_add(&c->splice_bytes, len);

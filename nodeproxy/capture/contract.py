@@ -200,7 +200,6 @@ PROXY_DIALS = MapSpec("proxy_dials", "lru_hash", CDialKey, u32, pinned=True)
 PROBE_SOURCES = MapSpec("probe_sources", "lpm_trie", CProbeKey, u32, pinned=True)
 # Kernel splice (bpf/splice.c).  Sockhash values are socket fds.
 SPLICE_SOCKETS = MapSpec("np_splice_sockets", "sockhash", u64, ctypes.c_int32, pinned=False)
-SPLICE_TARGETS = MapSpec("np_splice_targets", "sockhash", u64, ctypes.c_int32, pinned=False)
 SPLICE_FLOWS = MapSpec("splice_flows", "hash", u64, CSplicePeer, pinned=False)
 SPLICE_CONTROL = MapSpec("splice_control", "hash", u64, CSpliceControl, pinned=False)
 # The sk_msg fast path (bpf/redirect.c).
@@ -213,7 +212,7 @@ MAPS: tuple[MapSpec, ...] = (
     PODS, ORIGDST_BY_COOKIE, ORIGDST_BY_TUPLE, POD_STATS, CONNECT_DENIES, POLICY_DENIALS,
     COUNTED_SOCKETS, SOCK_STATES, FASTPATH_STATS,
     INBOUND_LISTENERS, INBOUND_IPS, PROXY_DIALS, PROBE_SOURCES,
-    SPLICE_SOCKETS, SPLICE_TARGETS, SPLICE_FLOWS, SPLICE_CONTROL,
+    SPLICE_SOCKETS, SPLICE_FLOWS, SPLICE_CONTROL,
     MSG_SOCKETS, MSG_FLOWS, MSG_PROXY_READ, MSG_SETTINGS,
 )
 

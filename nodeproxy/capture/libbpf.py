@@ -46,6 +46,13 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_map_update_elem.restype = ctypes.c_int
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.bpf_map_delete_elem.restype = ctypes.c_int
+    # Batches (Linux 5.6; opts may be NULL): several elements of one map in one syscall.
+    lib.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+    lib.bpf_map_update_batch.restype = ctypes.c_int
+    lib.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+    lib.bpf_map_delete_batch.restype = ctypes.c_int
     return lib
 
 
@@ -101,6 +108,25 @@ def map_delete(fd: int, key: ctypes.c_void_p) -> int:
     """Remove one element; 0, or the errno (ENOENT: no such key)."""
     result = _lib().bpf_map_delete_elem(fd, key)
     return 0 if result >= 0 else _errno(result)
+
+
+def map_update_batch(fd: int, keys: ctypes.c_void_p, values: ctypes.c_void_p,
+                     count: int) -> tuple[int, int]:
+    """Write `count` elements (keys and values packed back to back) in one syscall, each
+    as BPF_ANY (the kernel takes no other per-element flag but BPF_F_LOCK); (0 or the
+    errno, how many were written: on an error part-way, the first ones only; refused
+    before the first, `count` as given)."""
+    done = ctypes.c_uint32(count)
+    result = _lib().bpf_map_update_batch(fd, keys, values, ctypes.byref(done), None)
+    return (0 if result >= 0 else _errno(result)), done.value
+
+
+def map_delete_batch(fd: int, keys: ctypes.c_void_p, count: int) -> tuple[int, int]:
+    """Remove `count` elements (keys packed back to back) in one syscall; (0 or the errno,
+    how many were removed).  A missing key stops the batch there with ENOENT."""
+    done = ctypes.c_uint32(count)
+    result = _lib().bpf_map_delete_batch(fd, keys, ctypes.byref(done), None)
+    return (0 if result >= 0 else _errno(result)), done.value
 
 
 def map_next_key(fd: int, key: ctypes.c_void_p | None, next_key: ctypes.c_void_p) -> int:

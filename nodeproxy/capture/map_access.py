@@ -67,6 +67,36 @@ class BpfMap:
         if code:
             raise OSError(code, f"{self.spec.name}: update: {os.strerror(code)}")
 
+    def put_many(self, keys: bytes, values: ctypes.Array) -> None:
+        """Write len(values) elements in one syscall (a per-connection path): keys packed
+        back to back (len(values) keys of the key's size), values a ctypes array of the
+        value layout; each as BPF_ANY.  All or, on an error, maybe the first ones."""
+        count = len(values)
+        if len(keys) != count * self._key_size:
+            raise ValueError(f"{self.spec.name}: {count} keys are "
+                             f"{count * self._key_size} bytes, not {len(keys)}")
+        code, done = libbpf.map_update_batch(self.fd, keys, ctypes.byref(values), count)
+        if code:
+            part = f" (the first {done} of {count} written)" if done < count else ""
+            raise OSError(code, f"{self.spec.name}: batch update{part}: "
+                                f"{os.strerror(code)}")
+
+    def delete_many(self, keys: bytes) -> int:
+        """Remove the keys packed back to back in `keys`, in as few syscalls as the kernel
+        allows (one when all are there: a missing key ends the kernel's batch, the rest
+        are tried after it); returns how many were removed."""
+        size = self._key_size
+        if len(keys) % size:
+            raise ValueError(f"{self.spec.name}: keys of {size} bytes, not {len(keys)}")
+        removed, start, count = 0, 0, len(keys) // size
+        while start < count:
+            code, done = libbpf.map_delete_batch(self.fd, keys[start * size:], count - start)
+            removed += done
+            if code and code != errno.ENOENT:
+                raise OSError(code, f"{self.spec.name}: batch delete: {os.strerror(code)}")
+            start += done + (1 if code else 0)
+        return removed
+
     def delete(self, key: Any) -> bool:
         """Remove key; False when it was not there."""
         code = libbpf.map_delete(self.fd, self._key_ref(key))

@@ -22,6 +22,8 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
+from nodeproxy.capture import sockopt
+
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, at SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at SOL_IPV6
 SOCKADDR_IN_SIZE = 16
@@ -33,11 +35,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class SocketLike(Protocol):
-    """A socket, or what an asyncio transport gives for one (uvloop's PseudoSocket)."""
+    """A socket, or what an asyncio transport gives for one (uvloop's PseudoSocket): asked
+    on its descriptor (capture/sockopt.py: one system call, not two, per connection)."""
 
     @property
     def family(self) -> int: ...
-    def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
+    def fileno(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def original_destination(sock: SocketLike) -> Destination | None:
     else:
         level, option, size = socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE
     try:
-        raw = sock.getsockopt(level, option, size)
+        raw = sockopt.get(sock, level, option, size)
     except OSError as e:
         if e.errno in UNKNOWN_ERRNOS:
             return None

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
-from nodeproxy.capture import iptables, kernelfs, probe_snat
+from nodeproxy.capture import iptables, kernelfs, libbpf, probe_snat
 from nodeproxy.capture.namespaces import netns_cookie_of
 from nodeproxy.capture.original_dst import Destination, original_destination
 from nodeproxy.config.model import PROBE_SNAT_IPV4, PROBE_SNAT_IPV6
@@ -477,6 +477,25 @@ def _attach_msg_verdict(bpf: Any, bcc: ModuleType) -> str:
     return _MSG_PASSED
 
 
+_SPLICE_PASSED = ("loaded an sk_skb stream parser and a verdict that splices through a "
+                  "sockhash; hash map batch update and delete (a flow's splice set-up)")
+
+
+def _try_map_batches(bpf: Any, bcc: ModuleType) -> str:
+    """Write two elements of a hash map in one batch and delete them in one, as the splice
+    does per flow (capture/splice.py; Linux 5.6)."""
+    fd = bcc.lib.bpf_table_fd(bpf.module, b"npchk_batch")
+    keys = (ctypes.c_uint64 * 2)(1, 2)
+    values = (ctypes.c_uint64 * 2)(3, 4)
+    code, done = libbpf.map_update_batch(fd, ctypes.byref(keys), ctypes.byref(values), 2)
+    if code:
+        raise OSError(code, f"hash map batch update: {os.strerror(code)}")
+    code, done = libbpf.map_delete_batch(fd, ctypes.byref(keys), 2)
+    if code or done != 2:
+        raise OSError(code, f"hash map batch delete ({done} of 2): {os.strerror(code)}")
+    return _SPLICE_PASSED
+
+
 _FEATURES: tuple[_Feature, ...] = (
     _Feature(
         "cgroup/connect4", "loaded a cgroup/connect4 program that rewrites the destination",
@@ -561,11 +580,11 @@ int npchk_msg_redirect(struct sk_msg_md *msg) {
     ),
     _Feature(
         "sk_skb-stream-verdict",
-        "loaded an sk_skb stream parser and a verdict that splices through a sockhash",
-        _SOCKMAP_HINT,
+        _SPLICE_PASSED,
+        _SOCKMAP_HINT + "; hash map batches need >= 5.6",
         (_Program("npchk_skb_parser", "SK_SKB", ""),
          _Program("npchk_skb_verdict", "SK_SKB", "")),
-        maps="BPF_SOCKHASH(npchk_skb_hash, u64, 8);",
+        maps="BPF_SOCKHASH(npchk_skb_hash, u64, 8);\nBPF_HASH(npchk_batch, u64, u64, 4);",
         code="""
 int npchk_skb_parser(struct __sk_buff *skb) {
     return skb->len;
@@ -575,6 +594,7 @@ int npchk_skb_verdict(struct __sk_buff *skb) {
     return npchk_skb_hash.sk_redirect_hash(skb, &key, 0);
 }
 """,
+        after_load=_try_map_batches,
     ),
     _Feature(
         "sk_lookup", "loaded an sk_lookup program", "use a kernel >= 5.9 with CONFIG_NET",

@@ -1,4 +1,7 @@
-"""What the kernel's TCP state says about a socket's send side (tcp_info and ioctl)."""
+"""What the kernel's TCP state says about a socket's send side (tcp_info and ioctl).
+
+Asked on the descriptor (capture/sockopt.py), one system call per read: these run per
+spliced connection."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import socket
 import struct
 import termios
 from typing import Any
+
+from nodeproxy.capture import sockopt
 
 TCP_ESTABLISHED = 1  # tcpi_state, include/net/tcp_states.h
 TCP_CLOSE = 7
@@ -32,7 +37,7 @@ def send_state(sock: Any) -> tuple[bool, int]:
     """(whether the connection is ESTABLISHED, sent_total) from one tcp_info read.  A
     socket that has received its peer's FIN (CLOSE_WAIT), read or not, is not: the
     splice maps refuse it."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    info = sockopt.get(sock, socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     (acked,) = struct.unpack_from("Q", info, _BYTES_ACKED_OFFSET)
     buf = bytearray(4)
     fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
@@ -44,7 +49,7 @@ def is_closed(sock: Any) -> bool:
     """The connection is over in the kernel (reset, or both FINs done) while the socket
     is still open here; also true when the socket cannot be asked any more."""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+        info = sockopt.get(sock, socket.IPPROTO_TCP, socket.TCP_INFO, 1)
     except OSError:
         return True
     return info[0] == TCP_CLOSE

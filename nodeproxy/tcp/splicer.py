@@ -98,6 +98,8 @@ class SpliceMetrics:
             "nodeproxy_splice_wakes",
             "Times a sleeping spliced flow got transports back (bytes passed to the proxy, "
             "an EOF or reset, a take-back)", registry=registry)
+        # The flows counter's series, looked up once (not per connection).
+        self.spliced, self.ended = self.flows.labels("spliced"), self.flows.labels("ended")
 
 
 @dataclass(slots=True)
@@ -114,6 +116,10 @@ class _End:
     held: list[bytes] | None = None  # passed bytes waiting for the kernel's to be delivered
     checked_moved: int = 0  # moved and the loop time at the last flow-control check
     checked_at: float = 0.0
+    # What the verdict moved from this socket, read once its EOF reached Python: final
+    # (no byte follows a FIN, and the verdict handled every earlier segment before the
+    # socket let Python read the EOF), so the end of the flow need not ask again.
+    final_moved: int | None = None
 
 
 class SplicedFlow:
@@ -151,7 +157,10 @@ class SplicedFlow:
     # -- what the kernel and Python have moved -----------------------------------
 
     def moved(self, src: Side) -> int:
-        return self.maps.counters(self._end(src).cookie)[0]
+        end = self._end(src)
+        if end.final_moved is not None:
+            return end.final_moved
+        return self.maps.counters(end.cookie)[0]
 
     def backlog(self, src: Side, moved: int | None = None) -> int:
         """Bytes of src's direction not yet in the peer's kernel send queue: what the
@@ -160,14 +169,17 @@ class SplicedFlow:
         end, dst = self._end(src), self.relay.peer(src)
         dst_end = self._end(dst)
         buffered = dst.transport.get_write_buffer_size() if dst.transport else 0
+        if moved is None:
+            moved = self.moved(src)
+        owed = moved + end.from_python - buffered
+        if owed <= 0:
+            return 0  # nothing went the kernel's way (the queue's total only grows)
         try:
             with borrowed(dst_end.sock) as sock:
                 taken = sent_total(sock) - dst_end.sent_base
         except OSError:
             return 0  # the peer's socket is gone: nothing left to wait for
-        if moved is None:
-            moved = self.moved(src)
-        return max(0, moved + end.from_python - buffered - taken)
+        return max(0, owed - taken)
 
     def delivered(self, src: Side) -> bool:
         return self.backlog(src) == 0
@@ -227,7 +239,9 @@ class SplicedFlow:
         delay = POLL_FIRST
         dst = self.relay.peer(src)
         while not self.relay.finished and not self.delivered(src):
-            if self._reset(dst):
+            # A reset is looked for from the second look on: the bytes are usually
+            # delivered by the first (the kernel's redirect runs in a worker of its own).
+            if delay > POLL_FIRST and self._reset(dst):
                 self.relay.abort()
                 return False
             await asyncio.sleep(delay)
@@ -237,25 +251,34 @@ class SplicedFlow:
     def on_eof(self, src: Side) -> None:
         """src's peer closed its writing: pass the FIN on after src's bytes, at once when
         they are all delivered already (the usual case: an idle flow closing), else from a
-        task that waits for them.  (A task per EOF made thousands of idle flows closing at
-        once cost the daemon 9-13 MiB that it kept: docs/benchmarks.md.)"""
+        timer that looks again (the kernel's redirect runs in a worker of its own: a
+        server that answers and closes at once has its FIN here before its answer is in
+        the client's send queue).  (A task per EOF made thousands of idle flows closing at
+        once cost the daemon 9-13 MiB that it kept: docs/benchmarks.md; a timer handle is
+        what is left per waiting FIN.)"""
         self._wake()  # the reset watch of a half-closed flow
-        if (not self.relay.finished and self._end(src).held is None
-                and self.delivered(src)):
-            self.relay.forward_eof(src)
-            return
-        self._spawn(self._forward_eof(src))
+        end = self._end(src)
+        if end.final_moved is None:
+            end.final_moved = self.maps.counters(end.cookie)[0]
+        self._forward_eof(src, POLL_FIRST)
 
-    async def _forward_eof(self, src: Side) -> None:
-        # Bytes held before the FIN go first.  (An awake flow stops reading while it
-        # holds, so its FIN comes after; a sleeping flow's new transports read what
-        # waited, bytes and FIN, at once: bare_socket.adopt.)
-        end, delay = self._end(src), POLL_FIRST
-        while end.held is not None and not self.relay.finished:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, POLL_MAX)
-        if await self.wait_delivered(src):
-            self.relay.forward_eof(src)
+    def _forward_eof(self, src: Side, delay: float) -> None:
+        """Forward src's FIN once no byte before it is held in Python (an awake flow stops
+        reading while it holds, so its FIN comes after; a sleeping flow's new transports
+        read what waited, bytes and FIN, at once: bare_socket.adopt) and the kernel has
+        delivered the rest; else look again after `delay`, doubling up to POLL_MAX.  From
+        the second look on, a reset of the peer ends the wait (and the relay)."""
+        if self.relay.finished:
+            return
+        if self._end(src).held is None:
+            if self.delivered(src):
+                self.relay.forward_eof(src)
+                return
+            if delay > POLL_FIRST and self._reset(self.relay.peer(src)):
+                self.relay.abort()
+                return
+        asyncio.get_running_loop().call_later(
+            delay, self._forward_eof, src, min(delay * 2, POLL_MAX))
 
     def _reset(self, side: Side) -> bool:
         """The side's connection is over in the kernel although the proxy never sent its
@@ -368,7 +391,7 @@ class SplicedFlow:
         self._cancel_timer()
         self._unwatch()
         for end in self._ends:
-            self.relay.account(end.side, self.maps.counters(end.cookie)[0])
+            self.relay.account(end.side, self.moved(end.side))
         self.maps.release(*(end.cookie for end in self._ends))
         self.splicer.flows.discard(self)
         for task in self._waiters or ():
@@ -536,7 +559,7 @@ class Splicer:
             # A socket whose FIN the proxy has read is in CLOSE_WAIT, which the sockhash
             # refuses: the attempt would fail.  Short connections end this way before their
             # splice (a request, an answer, a close); the relay finishes them.
-            self.metrics.flows.labels("ended").inc()
+            self.metrics.ended.inc()
             return
         if not relay.idle():
             if retries > 0:
@@ -554,13 +577,16 @@ class Splicer:
         if any(s is None for s in socks):
             return  # not a socket (an HBONE stream): nothing for the kernel to join
         try:
-            states = [send_state(s) for s in socks]
-            if not all(established for established, _ in states):
-                # A FIN arrived that the relay has not read yet (CLOSE_WAIT): the kernel
-                # would refuse the socket.  The flow is ending; the relay finishes it.
-                self.metrics.flows.labels("ended").inc()
-                return
-            bases = [sent for _, sent in states]
+            bases = []
+            for sock in socks:  # the client's first: a short flow's FIN comes from there
+                established, sent = send_state(sock)
+                if not established:
+                    # A FIN arrived that the relay has not read yet (CLOSE_WAIT): the
+                    # kernel would refuse the socket.  The flow is ending; the relay
+                    # finishes it.
+                    self.metrics.ended.inc()
+                    return
+                bases.append(sent)
             cookies = self.maps.join(socks[0], socks[1], CREDIT_WINDOW)
         except OSError as e:
             log.info("could not splice %s: %s", "/".join(pods) or "flow", e)
@@ -572,7 +598,7 @@ class Splicer:
         relay.splice = flow
         self.flows.add(flow)
         flow.start()
-        self.metrics.flows.labels("spliced").inc()
+        self.metrics.spliced.inc()
 
     async def take_back(self, which: Callable[[SplicedFlow], bool] = lambda f: True) -> int:
         """Take back every spliced flow `which` selects; returns how many."""

@@ -1,8 +1,8 @@
 """Where a proxied connection's CPU and memory go in the daemon: a profile, not a benchmark.
 
 Run as ``python -m nodeproxy_dev.bench.connprofile [--seconds S] [--idle N] [--out DIR]
-[--app-protocol tcp|detect] [--splice] [--only same-node|cross-node]`` (root; ``--idle 0``
-skips the memory part).  One testbed cluster (two nodes, a meshed client on
+[--app-protocol tcp|detect] [--splice] [--only same-node|cross-node] [--strace]`` (root;
+``--idle 0`` skips the memory part).  One testbed cluster (two nodes, a meshed client on
 node0, a server pod on each node, a service for each, its port declared ``appProtocol:
 tcp`` as the bench's L4 servers are, so same-node flows are spliced; ``detect`` leaves it
 undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast path;
@@ -14,6 +14,8 @@ undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast 
   the connections made, each daemon's CPU time (user + system) per connection over the
   load, the share of samples in which the daemon was busy, and the
   functions with the largest inclusive share of the busy samples.
+- System calls (``--strace``): the same-node load once more under ``strace -c -f`` on
+  node0's daemon; its system calls per connection, by name.
 - Memory: the daemons restarted with tracemalloc on (a ``sitecustomize`` of this module's
   own, active only in ``nodeproxy run``, dumps a snapshot on SIGUSR2); N idle connections
   opened same node (``nodeproxy_dev.bench.idle``), and the snapshot difference after
@@ -98,11 +100,7 @@ def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float
     vip = cluster.services[f"default/{service}"].address(4)
     daemons = {node: cluster.nodes[node].daemon.pid for node in nodes}  # type: ignore[union-attr]
     cpu_before = {node: procstat.cpu_seconds(pid) for node, pid in daemons.items()}
-    load = cluster.spawn_in_pod("client", cluster.peer_argv(
-        "load", "--to", vip, "--mode", "transfer", "--send", "0", "--receive", "0",
-        "--rate", "0", "--concurrency", "16", "--duration", str(seconds + 2),
-        "--max-requests", "200000", "--timeout", "5"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    load = _connect_load(cluster, vip, seconds)
     time.sleep(1.0)  # past the first connections' warm-up
     spies = {}
     for node in nodes:
@@ -117,9 +115,7 @@ def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float
         spy.wait(timeout=seconds + 60)
         result[node] = folded_shares(path.read_text() if path.exists() else "",
                                      SAMPLE_RATE * int(seconds))
-    stdout, _ = load.communicate(timeout=seconds + 60)
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    summary = json.loads(lines[-1]) if lines else {}
+    summary = _load_summary(load, seconds)
     # The daemons' own CPU (user + system, all threads) over the whole load, per
     # connection made: less moved by other processes on the cores than a rate is.
     made = max(summary.get("succeeded", 0), 1)
@@ -131,6 +127,50 @@ def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float
     result["failed"] = summary.get("failed")
     result["errors"] = summary.get("errors")
     return result
+
+
+def _connect_load(cluster: Cluster, vip: str, seconds: float) -> subprocess.Popen[str]:
+    """The connect scenario's load (short connections back to back, 16 in flight)."""
+    return cluster.spawn_in_pod("client", cluster.peer_argv(
+        "load", "--to", vip, "--mode", "transfer", "--send", "0", "--receive", "0",
+        "--rate", "0", "--concurrency", "16", "--duration", str(seconds + 2),
+        "--max-requests", "200000", "--timeout", "5"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _load_summary(load: subprocess.Popen[str], seconds: float) -> dict[str, Any]:
+    stdout, _ = load.communicate(timeout=seconds + 60)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def syscall_profile(cluster: Cluster, service: str, seconds: float,
+                    out: Path) -> dict[str, Any]:
+    """System calls of node0's daemon per connection of the connect load: ``strace -c -f``
+    around the whole load (strace slows the daemon, so every connection counted was
+    traced)."""
+    # hboneprofile imports this module (its py-spy helpers): its strace reader is taken here.
+    from nodeproxy_dev.bench.hboneprofile import strace_counts
+
+    vip = cluster.services[f"default/{service}"].address(4)
+    pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
+    path = out / f"{service}-node0.strace"
+    tracer = subprocess.Popen(
+        ["timeout", "-s", "INT", str(int(seconds) + 30), "strace", "-c", "-f", "-p", str(pid),
+         "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # attached before the first connection
+        summary = _load_summary(_connect_load(cluster, vip, seconds), seconds)
+    finally:
+        tracer.send_signal(signal.SIGINT)  # strace prints its table on SIGINT
+        tracer.wait(timeout=30)
+    made = max(int(summary.get("succeeded", 0)), 1)
+    counts = strace_counts(path.read_text() if path.exists() else "")
+    return {"service": service, "connections": made,
+            "total_per_connection": round(sum(counts.values()) / made, 2),
+            "per_connection": {name: round(count / made, 2) for name, count in
+                               sorted(counts.items(), key=lambda kv: -kv[1])
+                               if count / made >= 0.05}}
 
 
 def memory_profile(cluster: Cluster, count: int, out: Path, settle: float = 1.0
@@ -212,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(a relayed flow sleeps after 1-2 s quiet)")
     parser.add_argument("--only", choices=("same-node", "cross-node"), default=None,
                         help="profile only this connect load (default: both)")
+    parser.add_argument("--strace", action="store_true",
+                        help="also count node0's system calls per connection (strace -c "
+                             "-f, a second same-node load of --seconds)")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 0 <= args.idle <= 9000:
         parser.error("--seconds 1..120, --idle 0..9000 (0: no memory profile)")
@@ -226,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         report["cpu"] = []
         if args.only in (None, "same-node"):
             report["cpu"].append(cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out))
+            if args.strace:
+                report["syscalls"] = syscall_profile(cluster, "web-z0", args.seconds, out)
         if args.only in (None, "cross-node"):
             report["cpu"].append(cpu_profile(cluster, "web-z1", ["node0", "node1"],
                                              args.seconds, out))
