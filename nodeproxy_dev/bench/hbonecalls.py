@@ -118,10 +118,6 @@ async def _path(connections: int) -> list[_Ping]:
     """Builds the tunnel and, per connection, a stream and both relays; returns the client
     applications."""
     loop = asyncio.get_running_loop()
-    ca = MeshCA.generate("cluster.local")
-    manager = CertificateManager(ca, "cluster.local", ttl_seconds=3600)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
     relays: list[Relay] = []
 
     async def serve_stream(session: H2Session, stream: StreamTransport) -> None:
@@ -134,20 +130,8 @@ async def _path(connections: int) -> list[_Ping]:
         relays.append(Relay(down, up, _ON_BYTES[0], _no_end))
         relays[-1].start()
 
-    server = H2Session(client_side=False, on_request=lambda session, stream:
-                       loop.create_task(serve_stream(session, stream)))
-
-    async def accept() -> None:
-        conn, _ = await loop.sock_accept(listener)
-        await tls_transport.accept(server, server_context(manager, "shop", "cart"), conn,
-                                   handshake_timeout=5)
-
-    accepting = loop.create_task(accept())
-    client = H2Session(client_side=True)
-    await tls_transport.connect(client, client_context(manager, "web", "frontend"),
-                                "127.0.0.1", listener.getsockname()[1], handshake_timeout=5)
-    await accepting
-    listener.close()
+    client = await _tunnel(lambda session, stream:
+                           loop.create_task(serve_stream(session, stream)))
     pings = []
     for _ in range(connections):
         stream = client.open_stream(CONNECT)
@@ -229,19 +213,14 @@ class _StreamServer(asyncio.Protocol):
 REQUEST, ANSWER = b"q" * 25, b"a" * 32  # the bench's connect scenario's sizes
 
 
-async def _tunnel() -> H2Session:
-    """A client session connected to a serving session that answers every CONNECT 200
-    and serves it with _StreamServer (no dial: the tunnel's own per-stream work)."""
+async def _tunnel(on_request: Callable[[H2Session, StreamTransport], object]) -> H2Session:
+    """A client session connected over mutual TLS on loopback to a serving session that
+    hands each CONNECT to `on_request`."""
     loop = asyncio.get_running_loop()
     ca = MeshCA.generate("cluster.local")
     manager = CertificateManager(ca, "cluster.local", ttl_seconds=3600)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
-
-    def on_request(session: H2Session, stream: StreamTransport) -> None:
-        session.respond(stream, 200)
-        stream.set_protocol(_StreamServer())
-
     server = H2Session(client_side=False, on_request=on_request)
 
     async def accept() -> None:
@@ -258,10 +237,17 @@ async def _tunnel() -> H2Session:
     return client
 
 
+def _answer_and_serve(session: H2Session, stream: StreamTransport) -> None:
+    """Every CONNECT answered 200 and served by _StreamServer (no dial: the tunnel's own
+    per-stream work)."""
+    session.respond(stream, 200)
+    stream.set_protocol(_StreamServer())
+
+
 async def _measure_streams(streams: int, in_flight: int, profile: bool) -> None:
     """Short connections' streams, `in_flight` at once: open (the encoded CONNECT),
     the 200, 25 bytes and END_STREAM one way, 32 bytes and END_STREAM back."""
-    client = await _tunnel()
+    client = await _tunnel(_answer_and_serve)
     loop = asyncio.get_running_loop()
     block, target = connect_block(ipaddress.ip_address("10.0.0.1"), 80,
                                   ipaddress.ip_address("10.0.1.1"), False)
