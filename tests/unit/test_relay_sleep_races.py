@@ -8,7 +8,7 @@ asleep gauge and the relay's nap end where they should.  The bugs they would cat
 sleep that closes a transport with an unread reset or FIN and never hears of it again
 (edge-triggered or wrong epoll events), a close during a wake that drops the bytes the
 wake read or ends the relay twice, an urgent byte that ends the flow, or that wakes it
-over and over (EPOLLPRI watched)."""
+over and over (EPOLLPRI watched), a wake that needs a descriptor (fails at the limit)."""
 
 from __future__ import annotations
 
@@ -148,4 +148,49 @@ def test_urgent_data_neither_ends_a_sleeping_flow_nor_keeps_waking_it(quick: Non
         assert await _recv_all(flow.server) == b""
         for sock in (flow.client, flow.server):
             sock.close()
+    uvloop.run(main())
+
+
+def test_hundreds_of_flows_wake_at_once_with_no_descriptor_free(quick: None):
+    """A wake takes no descriptor (each socket is adopted under its own number), so a
+    daemon at its descriptor limit still wakes every sleeping flow it holds, more of
+    them at once than one epoll read returns (256), each with its own bytes; none is
+    lost and none gets another's.  Asleep again they cannot be (a sleep duplicates a
+    descriptor): they stay awake and relay."""
+    import resource
+
+    count = 300
+
+    async def main() -> None:
+        naps, registry = _naps()
+        flows = [Flow() for _ in range(count)]
+        for flow in flows:
+            await flow.start(naps)
+        await until(lambda: naps.asleep == count, 20)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        probe = socket.socket()
+        highest = probe.fileno()
+        probe.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest, hard))  # none free
+        try:
+            with pytest.raises(OSError):
+                socket.socket()
+            for i, flow in enumerate(flows):
+                flow.client.send(b"%06d" % i)
+            for i, flow in enumerate(flows):
+                assert await read_exactly(flow.server, 6) == b"%06d" % i
+            assert naps.asleep == 0
+            assert registry.get_sample_value("nodeproxy_relay_wakes_total") == count
+            await asyncio.sleep(0.3)  # quiet waits pass: a sleep is refused, no harm
+            for i, flow in enumerate(flows):
+                flow.server.send(b"%06d" % i)
+            for i, flow in enumerate(flows):
+                assert await read_exactly(flow.client, 6) == b"%06d" % i
+            assert not any(flow.ended or flow.relay.finished for flow in flows)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for flow in flows:
+            flow.relay.abort()
+            flow.client.close()
+            flow.server.close()
     uvloop.run(main())
