@@ -1,25 +1,39 @@
 """Two spliced flows side by side in the real splice maps (capture/splice.py), one set up
-and released around the other, and a released flow's sockets offered again (the sockhash
-keeps a live socket after its release: see bpf/splice.c).
+and released around the other, a released flow's sockets offered again (the sockhash
+keeps a live socket after its release: see bpf/splice.c), and a join whose batch the
+kernel takes only in part (a map with room for one of its two entries).
 
 Judged by what the pods notice: bytes a client sends reach its own server once, in order,
 moved by the kernel (the proxy reads nothing), never the other flow's server.  The bugs
 these would catch: a release whose batch removes another flow's entries (a key packing
-or count off by one), a second release that fails, a refused re-join that leaves entries
-behind or loses the bytes that arrive after it.
+or count off by one), a second release that fails, a refused or partly written join that
+leaves entries behind (one direction redirected alone) or loses bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
+import struct
+from collections.abc import Iterator
 
 import pytest
 
+from nodeproxy.capture import contract
+from nodeproxy.capture.constants import MAX_FLOWS
 from nodeproxy.capture.map_access import MapSet
 from nodeproxy.capture.splice import SpliceError, SpliceMaps, socket_cookie
-from tests.integration.test_splice_setup import CREDIT, entries, flow, loaded, settle
+from tests.integration.test_splice_setup import (
+    CHUNK,
+    CREDIT,
+    entries,
+    flow,
+    loaded,
+    pump,
+    settle,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -109,3 +123,47 @@ def test_a_new_socket_never_gets_a_released_flows_cookie(loaded: MapSet):
     with flow() as (_p2, a2, b2, _q2):
         assert {socket_cookie(a2), socket_cookie(b2)}.isdisjoint(c1)
         assert entries(loaded, socket_cookie(a2), socket_cookie(b2)) == []
+
+
+@contextlib.contextmanager
+def _nearly_full(maps: MapSet, spec: contract.MapSpec, room: int) -> Iterator[None]:
+    """Fill a splice map with keys no socket has, leaving `room` entries; emptied after."""
+    table = maps.open(spec)
+    present = len(table.keys())
+    fill = MAX_FLOWS - present - room
+    base = 0xEEEE_0000_0000_0000
+    batch = 4096
+    try:
+        for start in range(0, fill, batch):
+            n = min(batch, fill - start)
+            table.put_many(struct.pack(f"{n}Q", *range(base + start, base + start + n)),
+                           (spec.value * n)())
+        yield
+    finally:
+        table.delete_many(struct.pack(f"{fill}Q", *range(base, base + fill)))
+        assert len(table.keys()) == present
+
+
+@pytest.mark.parametrize("spec", [contract.SPLICE_FLOWS, contract.SPLICE_CONTROL],
+                         ids=["peers-batch", "control-batch"])
+def test_a_join_whose_batch_the_kernel_takes_in_part_fails_whole_and_loses_no_byte(
+        loaded: MapSet, spec: contract.MapSpec):
+    """The map has room for one of the flow's two entries: the kernel writes the first
+    and refuses the second (E2BIG).  The join raises and leaves no entry (a control
+    entry written alone would have let the verdict redirect one way); A's bytes from
+    before and after reach B once, in order, through the proxy."""
+    splice = SpliceMaps(loaded)
+    with flow() as (a_peer, a, b, b_peer), _nearly_full(loaded, spec, 1):
+        ca, cb = socket_cookie(a), socket_cookie(b)
+        before, after = os.urandom(CHUNK), os.urandom(CHUNK)
+        a_peer.sendall(before)
+        with pytest.raises(OSError) as refused:
+            splice.join(a, b, CREDIT)
+        assert refused.value.errno == errno.E2BIG
+        assert "the first 1 of 2 written" in str(refused.value)
+        assert entries(loaded, ca, cb) == []
+        a_peer.sendall(after)
+        settle()
+        got, from_python, _eof = pump(a, b, b_peer, 2 * CHUNK, None, ca)
+        assert got == before + after
+        assert from_python == 2 * CHUNK
