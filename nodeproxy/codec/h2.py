@@ -19,8 +19,11 @@ streams.  Sending waits for the peer's window and for the transport to resume wr
 GOAWAY.  h2 treats any GOAWAY as the end of the connection (python-hyper/h2#1181) and then
 refuses every further frame; a graceful GOAWAY (the peer's, or our own NO_ERROR one) must
 let streams at or below its last stream id finish, so the connection
-(codec/h2_connection.py) keeps h2's connection state open after one; only an error GOAWAY
-closes it.  The codecs enforce "no new streams".
+(codec/h2_connection.py) keeps h2's connection state open after every GOAWAY it receives
+(RFC 9113 6.8: streams up to the last stream id may still complete, whatever the error
+code; the peer closes the connection when it is done) and after its own NO_ERROR one;
+only an error GOAWAY of its own closes it.  The codecs enforce "no new streams" (the
+tunnel's pool opens none on a session that received a GOAWAY).
 
 Header names and values are bytes on the wire and str in message.py: latin-1 both ways
 (lossless), values that latin-1 cannot encode go out as UTF-8.

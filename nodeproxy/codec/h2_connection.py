@@ -64,6 +64,10 @@ _END_STREAM_STATES = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLO
 KNOWN_RESPONSE_BLOCKS: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {
     b"\x88": ((b":status", b"200"),),
 }
+# Each known block's header-list size as hpack counts it (RFC 7541 §4.1: name, value and
+# 32 per field), which the decoder's limit must allow, as decoding it would check.
+_KNOWN_RESPONSE_SIZES = {block: sum(len(name) + len(value) + 32 for name, value in fields)
+                         for block, fields in KNOWN_RESPONSE_BLOCKS.items()}
 
 
 class GracefulStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -241,11 +245,11 @@ class ProxyH2Connection(h2.connection.H2Connection):
     def receive_known_response(self, stream_id: int, block: bytes) -> Any:
         """A client's HEADERS frame with END_HEADERS alone (no END_STREAM, padding or
         priority: the caller read the flags) whose header block is one of
-        KNOWN_RESPONSE_BLOCKS: the
-        ResponseReceived h2's _receive_headers_frame would give, with the same state
-        changes, where its outcome is fixed (the stream open, no response yet, the
-        connection open, no frame partly parsed, no guard).  None: nothing was done, the
-        frame is h2's."""
+        KNOWN_RESPONSE_BLOCKS: the ResponseReceived h2's _receive_headers_frame would give,
+        with the same state changes, where its outcome is fixed (the stream open, no
+        response yet, the connection open, no frame partly parsed, no guard, the block
+        within the decoder's table size and header-list limit).  None: nothing was done,
+        the frame is h2's."""
         fields = KNOWN_RESPONSE_BLOCKS.get(block)
         stream = self.streams.get(stream_id)
         if (fields is None or stream is None or not self.config.client_side
@@ -254,6 +258,13 @@ class ProxyH2Connection(h2.connection.H2Connection):
             return None
         machine = stream.state_machine
         if machine.state not in _END_STREAM_STATES or machine.headers_received:
+            return None
+        # hpack's checks at the end of any block: a table size this side lowered (and the
+        # peer never acknowledged with a size update) or a header-list limit below the
+        # block's size refuse it (COMPRESSION_ERROR, ENHANCE_YOUR_CALM): h2's to answer.
+        decoder = self.decoder
+        if (decoder.header_table_size > decoder.max_allowed_table_size
+                or _KNOWN_RESPONSE_SIZES[block] > decoder.max_header_list_size):
             return None
         self.state_machine.process_input(_Inputs.RECV_HEADERS)
         event = machine.process_input(_StreamInputs.RECV_HEADERS)[0]  # ResponseReceived
