@@ -163,14 +163,18 @@ async def _measure(round_trips: int, profile: bool, connections: int) -> None:
     print(f"{round_trips} round trips of {len(MESSAGE)} bytes on {connections} "
           f"connection(s) at once: {wall / round_trips * 1e6:.1f} µs wall, "
           f"{cpu / round_trips * 1e6:.1f} µs CPU each" + (" (profiled)" if profile else ""))
-    if profiler is None:
-        return
+    if profiler is not None:
+        _print_calls(profiler, round_trips, "round trip",
+                     "both tunnel ends, both relays, the two applications")
+
+
+def _print_calls(profiler: cProfile.Profile, count: int, unit: str, what: str) -> None:
+    """The profiled Python calls per `unit` (count of them), and the TOP functions."""
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     calls = sum(row[1] for row in stats.values())
-    print(f"Python calls per round trip: {calls / round_trips:.1f} "
-          "(both tunnel ends, both relays, the two applications)")
+    print(f"Python calls per {unit}: {calls / count:.1f} ({what})")
     for (path, line, name), row in sorted(stats.items(), key=lambda kv: -kv[1][1])[:TOP]:
-        print(f"  {row[1] / round_trips:6.2f}  {path.rsplit('/', 1)[-1]}:{line} {name}")
+        print(f"  {row[1] / count:6.2f}  {path.rsplit('/', 1)[-1]}:{line} {name}")
 
 
 class _StreamClient(asyncio.Protocol):
@@ -283,14 +287,8 @@ async def _measure_streams(streams: int, in_flight: int, profile: bool) -> None:
           f"END_STREAM, {len(ANSWER)} B and END_STREAM): {wall / total * 1e6:.1f} µs wall, "
           f"{cpu / total * 1e6:.1f} µs CPU each, both tunnel ends"
           + (" (profiled)" if profile else ""))
-    if profiler is None:
-        return
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    calls = sum(row[1] for row in stats.values())
-    print(f"Python calls per stream: {calls / total:.1f} (both tunnel ends, both "
-          "applications)")
-    for (path, line, name), row in sorted(stats.items(), key=lambda kv: -kv[1][1])[:TOP]:
-        print(f"  {row[1] / total:6.2f}  {path.rsplit('/', 1)[-1]}:{line} {name}")
+    if profiler is not None:
+        _print_calls(profiler, total, "stream", "both tunnel ends, both applications")
 
 
 def main(argv: list[str] | None = None) -> int:

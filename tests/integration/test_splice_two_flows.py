@@ -47,15 +47,23 @@ def _kernel_moves(a_peer: socket.socket, a: socket.socket, b_peer: socket.socket
     moved_before = splice.counters(cookie)[0]
     a_peer.sendall(data)
     settle()
-    b_peer.settimeout(2)
-    got = b""
-    while len(got) < len(data):
-        got += b_peer.recv(65536)
-    assert got == data
+    assert _receive(b_peer, len(data)) == data
     a.setblocking(False)
     with pytest.raises(BlockingIOError):
         a.recv(1)  # nothing was left to the proxy
     assert splice.counters(cookie)[0] - moved_before == len(data)
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes from sock (2 s at most between reads), or fewer if it closes."""
+    sock.settimeout(2)
+    got = b""
+    while len(got) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def _nothing_for(sock: socket.socket) -> None:
@@ -101,11 +109,7 @@ def test_a_released_flows_sockets_cannot_be_joined_again_and_lose_no_byte(loaded
             data = os.urandom(3000)
             p1.sendall(data)
             settle()
-            a1.settimeout(2)
-            got = b""
-            while len(got) < len(data):
-                got += a1.recv(65536)
-            assert got == data  # to the proxy, whole
+            assert _receive(a1, len(data)) == data  # to the proxy, whole
             _nothing_for(q1)
             _kernel_moves(p2, a2, q2, splice, c2[0])
         finally:
