@@ -194,7 +194,7 @@ class ProbeSnatKeeper:
                 last_error = ""
 
     async def settled(self) -> None:
-        """Wait until the last write asked for has run (tests, shutdown)."""
+        """Wait until the last write asked for has run (start-up before /ready, tests)."""
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
 

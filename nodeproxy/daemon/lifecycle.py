@@ -55,6 +55,10 @@ if TYPE_CHECKING:  # the client imports kubernetes_asyncio: only when discovery 
 
 log = logging.getLogger(__name__)
 
+# How long start-up waits for the first probe SNAT rules before /ready turns 200 anyway
+# (a failed write keeps being retried; its error is logged).
+PROBE_SNAT_READY_SECONDS = 10.0
+
 
 class Daemon:
     def __init__(self, loaded: LoadedConfig):
@@ -146,6 +150,12 @@ class Daemon:
         self._tasks.append(asyncio.create_task(watcher.watch(
             self.loaded.source, cfg.proxy.netns_check_seconds,
             lambda: self.reloader.seen_digest, lambda: self.reload("file"))))
+        # kubelet probes the pods from the moment the node is ready: their rules first.
+        try:
+            await asyncio.wait_for(kernel.probe_snat.settled(), PROBE_SNAT_READY_SECONDS)
+        except TimeoutError:
+            log.error("inbound.probeSnat: the rules are not written after %.0fs; ready "
+                      "without them", PROBE_SNAT_READY_SECONDS)
         cyclic_gc.freeze_start_up()
         self._ready = True
         log.info("node %s ready: %d pods enrolled, %s capture on %s", cfg.node.name,

@@ -62,9 +62,21 @@ def node(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         c.serve_peer("stranger", PORT)
         c.write_configs(overrides=_SNAT)
         c.start_daemons()
+        _AT_READY[request.param] = _chain(c, "iptables") or []
         for family in (4, 6):
             _node_port(c, family, "-A")
         yield c
+
+
+# The IPv4 chain as it was the moment the daemon answered /ready, per capture mode.
+_AT_READY: dict[str, list[str]] = {}
+
+
+def test_the_rules_are_written_before_the_node_is_ready(node: Cluster):
+    """kubelet probes a pod as soon as the node is ready: a probe in the gap before the
+    chain is written would be captured (a STRICT pod refuses it)."""
+    app = node.pods["app"]
+    assert any(app.ip4 in rule for rule in _AT_READY[node.capture_mode]), _AT_READY
 
 
 def _captured(c: Cluster) -> float:
