@@ -90,6 +90,39 @@ def _reason(status: int) -> bytes:
     return REASONS.get(status, "Status").encode()
 
 
+# The status line of every status REASONS names, made once (one lookup per response).
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
+                 for status in REASONS}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
+
+
+# Header names as they usually arrive, lowercased once: on_header looks a name up here
+# before decoding and lowercasing it.  A fixed table (never filled from the wire), so a
+# client cannot grow it; a name not in it is decoded as before, to the same string.
+_NAMES = {raw.encode("latin-1"): raw.lower() for name in (
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "accept-ranges",
+    "authorization", "cache-control", "connection", "content-encoding", "content-length",
+    "content-type", "cookie", "date", "etag", "expect", "keep-alive", "last-modified",
+    "location", "origin", "pragma", "referer", "server", "set-cookie", "te",
+    "traceparent", "tracestate", "transfer-encoding", "upgrade", "vary", "via",
+    "x-forwarded-for", "x-forwarded-proto", "x-request-id", "grpc-status",
+    "grpc-message", "grpc-encoding", "grpc-accept-encoding", "grpc-timeout",
+    "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3",
+) for raw in (name, name.title(), name.upper())}
+_NAMES[b"ETag"] = "etag"
+
+
+def _header_lines(headers: Headers) -> str:
+    """``name: value\r\n`` per header, hop-by-hop ones left out: one string, encoded
+    once by the caller (not two encodes per header)."""
+    return "".join([f"{name}: {value}\r\n" for name, value in headers
+                    if name not in HOP_BY_HOP])
+
+
 def _no_body_status(status: int) -> bool:
     return 100 <= status < 200 or status in (204, 304)
 
@@ -171,41 +204,48 @@ class H1Exchange:
             self._server.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def respond(self, head: ResponseHead, *, end: bool = False) -> None:
+        self._begin(head, end)
+        if end:
+            await self.finish()
+
+    def _begin(self, head: ResponseHead, end: bool) -> None:
+        """The response head, kept to go out with the first body bytes (one write, one
+        packet)."""
         if self.responded:
             raise RuntimeError("response already started")
         self.responded = True
-        lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, _reason(head.status))]
         length = head.header("content-length")
         self._no_body = self.request.method == "HEAD" or _no_body_status(head.status)
-        for name, value in head.headers:
-            if name in HOP_BY_HOP:
-                continue
-            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        framing = ""
         if not self._no_body:
             if length is not None:
                 self._remaining = int(length)
             elif end:
-                lines.append(b"content-length: 0\r\n")
+                framing = "content-length: 0\r\n"
                 self._remaining = 0
             elif self.request.version == "1.1":
-                lines.append(b"transfer-encoding: chunked\r\n")
+                framing = "transfer-encoding: chunked\r\n"
                 self._chunked = True
             else:
                 self.keep_alive = False  # an HTTP/1.0 client reads to the close
         elif length is not None and self.request.method == "HEAD":
             self._remaining = 0
         if not self.keep_alive:
-            lines.append(b"connection: close\r\n")
-        lines.append(b"\r\n")
-        data = b"".join(lines)
+            framing += "connection: close\r\n"
+        data = _status_line(head.status) + (
+            _header_lines(head.headers) + framing + "\r\n").encode("latin-1")
         self.bytes_sent += len(data)
-        self._head_bytes = data  # goes out with the first body bytes: one write, one packet
-        if end:
-            await self.finish()
+        self._head_bytes = data
 
     async def send(self, data: bytes) -> None:
+        if self._body_bytes(data):
+            await self._server.writer.drain()
+
+    def _body_bytes(self, data: bytes) -> bool:
+        """Write body bytes (with the head, if it has not gone yet); False when there was
+        nothing to write."""
         if not data or self._no_body or self.finished:
-            return
+            return False
         if self._remaining is not None:
             if len(data) > self._remaining:
                 data = data[:self._remaining]  # never more than the head declared
@@ -216,9 +256,30 @@ class H1Exchange:
             self._server.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
         else:
             self._server.write(head + data if head else data)
+        return True
+
+    def respond_whole(self, head: ResponseHead, data: bytes) -> bool:
+        """``respond``, ``send(data)`` and ``finish()`` in one call, for a response whose
+        whole body is at hand (ended, no trailers): the same bytes, no coroutine.  False
+        when the socket is full after the write: then the caller drains, checks
+        ``client_gone`` and finishes, as after ``send`` (also when the client has gone:
+        the caller's check after ``send`` is what flags it)."""
+        self._begin(head, not data)
+        if data:
+            wrote = self._body_bytes(data)
+            if (wrote and self._server.writer.paused) or self._server.lost:
+                return False
+        self._finish_now(None)
+        return True
+
+    async def drain(self) -> None:
+        """Wait while the client's socket is full."""
         await self._server.writer.drain()
 
     async def finish(self, trailers: Headers | None = None) -> None:
+        self._finish_now(trailers)
+
+    def _finish_now(self, trailers: Headers | None) -> None:
         if self.finished:
             return
         head, self._head_bytes = self._head_bytes, b""
@@ -423,10 +484,14 @@ class H1Server(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._quiet_bytes = 0
-        self._count_header_bytes(len(name) + len(value) + 4)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header_bytes:
+            self._count_header_bytes(0)  # raises the 431
         # RFC 9110 5.5: whitespace around a value is not part of it (llhttp leaves the
         # trailing part); policy must see the value the backend will.
-        self._headers.append((name.decode("latin-1").lower(),
+        lowered = _NAMES.get(name)
+        self._headers.append((lowered if lowered is not None
+                              else name.decode("latin-1").lower(),
                               value.decode("latin-1").strip(" \t")))
 
     def on_headers_complete(self) -> None:
@@ -549,9 +614,16 @@ class H1Server(asyncio.Protocol):
     async def _work(self, exchange: H1Exchange) -> None:
         """The worker: each exchange handed to it, in order, until the connection is lost
         (connection_lost cancels it) or leaves HTTP (detached: taken over or refused)."""
+        handler = self._handler
         try:
             while True:
-                await self._run(exchange)
+                try:  # (inline, not a coroutine of its own per request)
+                    await handler(exchange)
+                except Exception:
+                    log.exception("HTTP/1.1 request handler failed")
+                    exchange.reset()
+                if not exchange.finished:
+                    exchange.reset()
                 following, self._handoff = self._handoff, None
                 if following is None:
                     if self.lost or self._detached:
@@ -561,15 +633,6 @@ class H1Server(asyncio.Protocol):
                 exchange = following
         finally:
             self._worker = self._wakeup = self._handoff = None
-
-    async def _run(self, exchange: H1Exchange) -> None:
-        try:
-            await self._handler(exchange)
-        except Exception:
-            log.exception("HTTP/1.1 request handler failed")
-            exchange.reset()
-        if not exchange.finished:
-            exchange.reset()
 
     def exchange_done(self, exchange: H1Exchange) -> None:
         if exchange is not self._current:
@@ -748,18 +811,14 @@ class H1Server(asyncio.Protocol):
 def encode_request(head: RequestHead, *, chunked: bool, upgrade: str | None = None) -> bytes:
     """The request head for an upstream; hop-by-hop headers are the proxy's own, so only
     an `upgrade` offer (a token the proxy allowed) brings Upgrade and Connection back."""
-    lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (
-        head.method.encode(), head.path.encode("latin-1"), head.authority.encode("latin-1"))]
-    for name, value in head.headers:
-        if name in HOP_BY_HOP or name == "host":
-            continue
-        lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    text = f"{head.method} {head.path} HTTP/1.1\r\nhost: {head.authority}\r\n" + \
+        "".join([f"{name}: {value}\r\n" for name, value in head.headers
+                 if name not in HOP_BY_HOP and name != "host"])
     if chunked:
-        lines.append(b"transfer-encoding: chunked\r\n")
+        text += "transfer-encoding: chunked\r\n"
     if upgrade is not None:
-        lines.append(b"upgrade: %s\r\nconnection: upgrade\r\n" % upgrade.encode("latin-1"))
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        text += f"upgrade: {upgrade}\r\nconnection: upgrade\r\n"
+    return (text + "\r\n").encode("latin-1")
 
 
 class H1Client(asyncio.Protocol):
@@ -784,6 +843,7 @@ class H1Client(asyncio.Protocol):
         self._framed = False
         self._keep_alive = True
         self._sender: asyncio.Task[None] | None = None
+        self._held = False  # reading was paused for a body over its high-water mark
         self._loop: asyncio.AbstractEventLoop | None = None  # set when connected
         self.requests = 0
         self._offered: str | None = None  # the Upgrade token of the request in flight
@@ -925,7 +985,9 @@ class H1Client(asyncio.Protocol):
         if self._header_bytes > self._max_header_bytes:
             raise UpstreamError("UC", "response header block from upstream over "
                                       f"{self._max_header_bytes} bytes")
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        lowered = _NAMES.get(name)
+        self._headers.append((lowered if lowered is not None
+                              else name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -971,6 +1033,7 @@ class H1Client(asyncio.Protocol):
         if self._body is not None:
             self._body.feed(body)
             if self._body.over_high_water and self.transport is not None:
+                self._held = True
                 self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
@@ -983,10 +1046,12 @@ class H1Client(asyncio.Protocol):
         if self._body is not None:
             self._body.end()
             self._body = None
-        if self.transport is not None and not self.transport.is_closing():
+        if self._held:
             # Reading paused for this body's sake must not outlive it: the next
             # response on this connection has to be read.
-            self.transport.resume_reading()
+            self._held = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
         self._status = 0
         sender_done = self._sender is None or self._sender.done()
         if not self._keep_alive or not sender_done:

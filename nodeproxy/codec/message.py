@@ -169,6 +169,21 @@ class Body:
             self._on_consumed(len(data))
         return data
 
+    def take(self) -> bytes:
+        """Everything buffered, at once (b"" if nothing is), without waiting: for a
+        reader that found the body ended.  Raises BodyError if the body broke off."""
+        if self.error is not None and not self._chunks:
+            raise BodyError(str(self.error)) from self.error
+        if not self._chunks:
+            return b""
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self._on_consumed is not None:
+            self._on_consumed(len(data))
+        return data
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)

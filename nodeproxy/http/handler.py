@@ -84,8 +84,62 @@ class RequestHandler:
         if shares is not None and not shares.begin_request(ctx.pod.key):
             await self._overloaded(ctx, exchange)
             return
-        try:
-            await self._handle_admitted(ctx, exchange)
+        try:  # (the admitted request served inline: no coroutine of its own)
+            start = time.monotonic()
+            started_at = time.time()
+            head = exchange.request
+            outcome = Outcome(service=ctx.entry.fqdn)
+            refusal = self._one_meaning(head)
+            if refusal is not None:
+                await self._refuse(ctx, exchange, outcome, refusal, start, started_at)
+                return
+            request_id = head.header("x-request-id")
+            if request_id is None:
+                request_id = self._request_id()
+                head.headers.append(("x-request-id", request_id))
+            span = None if self._tracer is None else \
+                self._tracer.begin(head, request_id, int(started_at * 1e9))
+            assert self._routes is not None
+            rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
+            if rule is not None:
+                outcome.route = rule.route
+            # A rule without a request timeout is declared streaming: its requests may take
+            # as long as they take to arrive, too.
+            receiving = self._request_timer(exchange) if rule is None or \
+                rule.timeouts.request_seconds else None
+            tunnel: Tunnel | None = None
+            try:
+                if head.method == "CONNECT":
+                    await self._upgrades.refuse(exchange, outcome,
+                                                connect_refusal(head.path, head.version))
+                elif rule is None:
+                    outcome.flags.append("NR")
+                    await local_reply(exchange, outcome, 404)
+                elif rule.rate_limit is not None and (
+                        wait := rule.rate_limit.take(ctx.pod.principal)):  # no coroutine per pass
+                    await refuse_rate_limited(exchange, wait, outcome, self._metrics, "route")
+                elif rule.fault is not None and rule.fault.eligible(head) and await self._inject(
+                        exchange, rule.fault, outcome):
+                    pass
+                elif isinstance(exchange, H1Exchange) and exchange.upgrade:
+                    tunnel = await self._upgrades.start(ctx, exchange, rule, outcome)
+                else:
+                    await self._router.forward(ctx, exchange, rule, outcome)
+            except BodyError:
+                outcome.flags.append("DC")
+            except (ConnectionError, OSError):
+                outcome.flags.append("DC")
+            finally:
+                if receiving is not None:
+                    receiving.cancel()
+                if exchange.client_gone and "DC" not in outcome.flags:
+                    outcome.flags.append("DC")
+                if outcome.mirror_tap is not None:
+                    outcome.mirror_tap.primary_done()
+                self._recorder.record(ctx, exchange, outcome, start, started_at, request_id, span)
+            if tunnel is not None:
+                assert isinstance(exchange, H1Exchange)
+                await self._upgrades.relay(ctx, exchange, tunnel, outcome, request_id)
         finally:
             if shares is not None:
                 shares.end_request(ctx.pod.key)
@@ -125,63 +179,6 @@ class RequestHandler:
         # The forwarding path sees a malformed request and answers its status, unless it
         # has answered already (then the exchange is reset).
         body.fail(MalformedRequest(408, "request timeout"))
-
-    async def _handle_admitted(self, ctx: RequestContext, exchange: Exchange) -> None:
-        start = time.monotonic()
-        started_at = time.time()
-        head = exchange.request
-        outcome = Outcome(service=ctx.entry.fqdn)
-        refusal = self._one_meaning(head)
-        if refusal is not None:
-            await self._refuse(ctx, exchange, outcome, refusal, start, started_at)
-            return
-        request_id = head.header("x-request-id")
-        if request_id is None:
-            request_id = self._request_id()
-            head.headers.append(("x-request-id", request_id))
-        span = None if self._tracer is None else \
-            self._tracer.begin(head, request_id, int(started_at * 1e9))
-        assert self._routes is not None
-        rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
-        if rule is not None:
-            outcome.route = rule.route
-        # A rule without a request timeout is declared streaming: its requests may take
-        # as long as they take to arrive, too.
-        receiving = self._request_timer(exchange) if rule is None or \
-            rule.timeouts.request_seconds else None
-        tunnel: Tunnel | None = None
-        try:
-            if head.method == "CONNECT":
-                await self._upgrades.refuse(exchange, outcome,
-                                            connect_refusal(head.path, head.version))
-            elif rule is None:
-                outcome.flags.append("NR")
-                await local_reply(exchange, outcome, 404)
-            elif rule.rate_limit is not None and (
-                    wait := rule.rate_limit.take(ctx.pod.principal)):  # no coroutine per pass
-                await refuse_rate_limited(exchange, wait, outcome, self._metrics, "route")
-            elif rule.fault is not None and rule.fault.eligible(head) and await self._inject(
-                    exchange, rule.fault, outcome):
-                pass
-            elif isinstance(exchange, H1Exchange) and exchange.upgrade:
-                tunnel = await self._upgrades.start(ctx, exchange, rule, outcome)
-            else:
-                await self._router.forward(ctx, exchange, rule, outcome)
-        except BodyError:
-            outcome.flags.append("DC")
-        except (ConnectionError, OSError):
-            outcome.flags.append("DC")
-        finally:
-            if receiving is not None:
-                receiving.cancel()
-            if exchange.client_gone and "DC" not in outcome.flags:
-                outcome.flags.append("DC")
-            if outcome.mirror_tap is not None:
-                outcome.mirror_tap.primary_done()
-            self._recorder.record(ctx, exchange, outcome, start, started_at, request_id, span)
-        if tunnel is not None:
-            assert isinstance(exchange, H1Exchange)
-            await self._upgrades.relay(ctx, exchange, tunnel, outcome, request_id)
 
     def _one_meaning(self, head: RequestHead) -> Refusal | Normalized | None:
         """Give the request the one meaning routing, authorization and the upstream all

@@ -40,6 +40,9 @@ class Recorder:
         self._trust_domain = trust_domain
         self._labels: dict[tuple[object, ...], RequestLabels] = {}
         self._principals: dict[WorkloadRef, str] = {}
+        # The last request's key objects, its labels and destination principal: compared
+        # by identity, so a hit is always the same key (a miss takes the dicts above).
+        self._last: tuple[object, ...] | None = None
 
     def principal(self, dest: WorkloadRef | None) -> str:
         """The destination's SPIFFE ID, or "unknown" outside the mesh (remembered per
@@ -61,15 +64,24 @@ class Recorder:
         duration = time.monotonic() - start
         head = exchange.request
         dest = outcome.destination
-        dest_principal = self.principal(dest)
         request_bytes = exchange.body.received
-        label_key = (ctx.pod.key, ctx.pod.principal, dest, outcome.service, head.is_grpc)
-        labels = self._labels.get(label_key)
-        if labels is None:
-            if len(self._labels) > MAX_CACHED_LABELS:
-                self._labels.clear()
-            labels = self._labels[label_key] = _request_labels(ctx, dest, dest_principal,
-                                                               outcome.service, head)
+        pod, service, grpc = ctx.pod, outcome.service, head.is_grpc
+        last = self._last
+        if last is not None and last[0] is pod and last[1] is pod.principal \
+                and last[2] is dest and last[3] is service and last[4] is grpc:
+            # The same objects as the request before (one client pod, one destination):
+            # its labels, without hashing the key again.
+            labels, dest_principal = last[5], last[6]
+        else:
+            dest_principal = self.principal(dest)
+            label_key = (pod.key, pod.principal, dest, service, grpc)
+            labels = self._labels.get(label_key)
+            if labels is None:
+                if len(self._labels) > MAX_CACHED_LABELS:
+                    self._labels.clear()
+                labels = self._labels[label_key] = _request_labels(ctx, dest, dest_principal,
+                                                                   service, head)
+            self._last = (pod, pod.principal, dest, service, grpc, labels, dest_principal)
         self._metrics.observe(labels, code=outcome.status, grpc_status=outcome.grpc_status,
                               flags=outcome.flag_text, duration_s=duration,
                               request_bytes=request_bytes, response_bytes=outcome.bytes_sent)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+from nodeproxy.codec.h1 import H1Exchange
 from nodeproxy.codec.message import (
     Body,
     BodyError,
@@ -83,8 +84,67 @@ class Router:
             # timer per request (deadlines.py).
             async with self._deadlines.timeout(timeout):
                 slots = Slots()  # the circuit-breaker slots the request holds
-                try:
-                    await self._attempts(ctx, exchange, rule, outcome, slots)
+                try:  # the attempts, inline (no coroutine of their own)
+                    head = exchange.request
+                    policy = rule.retry
+                    source: Body = exchange.body
+                    if rule.mirrors:  # copies for shadow services; the body is read through a tap
+                        outcome.mirror_tap = self._mirrors.start(
+                            ctx, head, source, rule, self._settings.retry_buffer_bytes)
+                        source = outcome.mirror_tap or source  # type: ignore[assignment]
+                    body = ReplayableBody(
+                        source, self._settings.retry_buffer_bytes if policy.attempts else 0)
+                    budget: RetryBudget | None = None  # the first attempt's service's
+                    while True:
+                        outcome.attempts += 1
+                        picked = self._pick(ctx, head, rule, outcome)
+                        if isinstance(picked, Result) or self._workload_limits:  # else: choose()'s
+                            admitted = await self._admit(ctx, exchange, rule, outcome, picked)
+                            if admitted is None:
+                                return
+                            picked = admitted
+                        cluster, endpoint = picked
+                        if budget is None:
+                            budget = cluster.budget
+                            budget.record_request()
+                        upstream_head = RequestHead(
+                            head.method, head.path, head.authority,
+                            apply_modifier(head.headers, rule.request_headers), head.scheme,
+                            "2" if ctx.http2_upstream else "1.1")
+                        if outcome.attempts > 1:
+                            # A copy: without header modifiers the list is the client's own, and an
+                            # append would pile one count per attempt onto it.
+                            upstream_head.headers = [
+                                *upstream_head.headers,
+                                ("x-envoy-attempt-count", str(outcome.attempts))]
+                        result, response, connection, error = await self._attempt(
+                            ctx, exchange, cluster, endpoint, upstream_head, body, rule, slots)
+                        step = next_step(policy, head.method, result, Progress(
+                            attempts=outcome.attempts, body_replayable=body.replayable,
+                            client_gone=exchange.client_gone, budget_has_room=budget.has_room(),
+                            retry_slot_free=cluster.breaker.retry_slot_free()))
+                        if step.spend_budget and not budget.try_retry():
+                            self._metrics.count_budget_exhausted(outcome.service)
+                        if step.take_retry_slot:
+                            slots.retry(cluster.breaker)
+                        if step.upgrade_refusal:
+                            self._metrics.count_upgrade_refusal(wire_protocol(head), UNEXPECTED_101)
+                        if step.action is Action.RETRY:
+                            self._metrics.count_retry(outcome.service, step.retry_reason)
+                            if response is not None:
+                                _discard(response, connection)
+                            await asyncio.sleep(backoff_delay(outcome.attempts, policy.backoff,
+                                                              self._random))
+                            continue
+                        if step.action is Action.ABANDON:
+                            raise BodyError(str(error))
+                        if step.action is Action.RESPOND:
+                            assert response is not None
+                            outcome.flags.extend(step.flags)
+                            await stream_response(exchange, rule, response, connection, outcome)
+                            return
+                        await _answer(exchange, outcome, step)
+                        return
                 finally:
                     slots.release()
         except TimeoutError:
@@ -133,68 +193,6 @@ class Router:
         if not self._authorizer.allows(ctx, endpoint.backend, head):
             return Result(Ended.DENIED)
         return cluster, endpoint
-
-    async def _attempts(self, ctx: RequestContext, exchange: Exchange, rule: CompiledRule,
-                        outcome: Outcome, slots: Slots) -> None:
-        head = exchange.request
-        policy = rule.retry
-        source: Body = exchange.body
-        if rule.mirrors:  # copies for shadow services; the body is read through a tap
-            outcome.mirror_tap = self._mirrors.start(
-                ctx, head, source, rule, self._settings.retry_buffer_bytes)
-            source = outcome.mirror_tap or source  # type: ignore[assignment]
-        body = ReplayableBody(source,
-                              self._settings.retry_buffer_bytes if policy.attempts else 0)
-        budget: RetryBudget | None = None  # the first attempt's service's
-        while True:
-            outcome.attempts += 1
-            picked = self._pick(ctx, head, rule, outcome)
-            if isinstance(picked, Result) or self._workload_limits:  # else: choose()'s
-                admitted = await self._admit(ctx, exchange, rule, outcome, picked)
-                if admitted is None:
-                    return
-                picked = admitted
-            cluster, endpoint = picked
-            if budget is None:
-                budget = cluster.budget
-                budget.record_request()
-            upstream_head = RequestHead(
-                head.method, head.path, head.authority,
-                apply_modifier(head.headers, rule.request_headers), head.scheme,
-                "2" if ctx.http2_upstream else "1.1")
-            if outcome.attempts > 1:
-                # A copy: without header modifiers the list is the client's own, and an
-                # append would pile one count per attempt onto it.
-                upstream_head.headers = [*upstream_head.headers,
-                                         ("x-envoy-attempt-count", str(outcome.attempts))]
-            result, response, connection, error = await self._attempt(
-                ctx, exchange, cluster, endpoint, upstream_head, body, rule, slots)
-            step = next_step(policy, head.method, result, Progress(
-                attempts=outcome.attempts, body_replayable=body.replayable,
-                client_gone=exchange.client_gone, budget_has_room=budget.has_room(),
-                retry_slot_free=cluster.breaker.retry_slot_free()))
-            if step.spend_budget and not budget.try_retry():
-                self._metrics.count_budget_exhausted(outcome.service)
-            if step.take_retry_slot:
-                slots.retry(cluster.breaker)
-            if step.upgrade_refusal:
-                self._metrics.count_upgrade_refusal(wire_protocol(head), UNEXPECTED_101)
-            if step.action is Action.RETRY:
-                self._metrics.count_retry(outcome.service, step.retry_reason)
-                if response is not None:
-                    _discard(response, connection)
-                await asyncio.sleep(backoff_delay(outcome.attempts, policy.backoff,
-                                                  self._random))
-                continue
-            if step.action is Action.ABANDON:
-                raise BodyError(str(error))
-            if step.action is Action.RESPOND:
-                assert response is not None
-                outcome.flags.extend(step.flags)
-                await stream_response(exchange, rule, response, connection, outcome)
-                return
-            await _answer(exchange, outcome, step)
-            return
 
     async def _attempt(self, ctx: RequestContext, exchange: Exchange, cluster: Cluster,
                        endpoint: Endpoint, head: RequestHead, body: ReplayableBody,
@@ -280,20 +278,32 @@ async def stream_response(exchange: Exchange, rule: CompiledRule,
                         apply_modifier(response.head.headers, rule.response_headers))
     body = response.body
     try:
-        await exchange.respond(head, end=body.ended and body.buffered == 0
-                               and body.trailers is None)
-        while True:
-            data = await body.read()
-            if not data:
-                break
-            await exchange.send(data)
+        if body.ended and body.trailers is None and type(exchange) is H1Exchange:
+            # The whole response is here already (a small one arrives in one read): the
+            # same bytes in one write, and no coroutine per step.
+            data = body.take()
+            finished = exchange.respond_whole(head, data)
             outcome.bytes_sent += len(data)
-            if exchange.client_gone:
-                raise ConnectionResetError("client went away")
-        if body.trailers:
-            trailer_grpc = grpc_status_of(body.trailers)
-            grpc = trailer_grpc if trailer_grpc is not None else grpc
-        await exchange.finish(body.trailers)
+            if not finished:  # the client's socket is full: as after send(), wait for it
+                await exchange.drain()
+                if exchange.client_gone:
+                    raise ConnectionResetError("client went away")
+                await exchange.finish(None)
+        else:
+            await exchange.respond(head, end=body.ended and body.buffered == 0
+                                   and body.trailers is None)
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                await exchange.send(data)
+                outcome.bytes_sent += len(data)
+                if exchange.client_gone:
+                    raise ConnectionResetError("client went away")
+            if body.trailers:
+                trailer_grpc = grpc_status_of(body.trailers)
+                grpc = trailer_grpc if trailer_grpc is not None else grpc
+            await exchange.finish(body.trailers)
     except BodyError:
         outcome.flags.append("UC")  # the backend broke off mid-response
         exchange.reset()
