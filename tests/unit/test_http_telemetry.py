@@ -10,8 +10,16 @@ import threading
 from typing import Any
 
 import aiohttp
+import prometheus_client.metrics
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.admin.server import AdminServers
@@ -210,6 +218,111 @@ def test_request_series_expose_exactly_what_prometheus_client_would() -> None:
         assert got[name]  # something was compared
     assert registry_value(ours, "istio_requests_total", label_dict(LABELS, "200", "", "-")) \
         == registry_value(theirs, "istio_requests_total", label_dict(LABELS, "200", "", "-"))
+
+
+def _istio_text(registry: CollectorRegistry) -> bytes:
+    """The Istio request families' lines of a scrape, in the order they are written."""
+    return b"".join(line + b"\n" for line in generate_latest(registry).splitlines()
+                    if b"istio_re" in line)
+
+
+def test_request_series_text_is_byte_identical_to_prometheus_client() -> None:
+    """The scrape's text itself, not only its parsed values: prometheus_client's
+    Counter and Histogram children (the daemon's _created series off, as
+    Telemetry.create sets it) and the project's counts, fed the same requests in the
+    same order, write the same bytes: names, label order, series order, bucket bounds,
+    _count, _sum and float formatting."""
+    created = prometheus_client.metrics._use_created
+    disable_created_metrics()
+    try:
+        rng = random.Random(11)
+        ours = CollectorRegistry()
+        m = RequestMetrics(ours)
+        theirs = CollectorRegistry()
+        requests = Counter("istio_requests_total", "Requests the proxy handled",
+                           REQUEST_LABELS, registry=theirs)
+        hist = [Histogram(name, doc, REQUEST_LABELS, buckets=ISTIO_BUCKETS, registry=theirs)
+                for name, doc in (("istio_request_duration_milliseconds",
+                                   "Request duration in milliseconds"),
+                                  ("istio_request_bytes", "Request size in bytes"),
+                                  ("istio_response_bytes", "Response size in bytes"))]
+        other = RequestLabels.from_tcp(TCP, "grpc")
+        edges = [*ISTIO_BUCKETS, 0, 0.1, 7_200_000]
+        for _ in range(2000):
+            labels = rng.choice((LABELS, other))
+            code, grpc, flags = rng.choice(((200, "", "-"), (503, "", "UF,URX"), (0, "", ""),
+                                            (200, "14", "-"), (404, "", "NR")))
+            duration_s = rng.choice((rng.random() * 3, rng.choice(edges) / 1000.0))
+            sizes = [rng.choice((rng.randrange(0, 5_000_000), int(rng.choice(edges))))
+                     for _ in range(2)]
+            m.observe(labels, code=code, grpc_status=grpc, flags=flags, duration_s=duration_s,
+                      request_bytes=sizes[0], response_bytes=sizes[1])
+            values = label_dict(labels, str(code), grpc, flags or "-")
+            ordered = [values[name] for name in REQUEST_LABELS]
+            requests.labels(*ordered).inc()
+            # The same float the recorder computes (seconds to milliseconds).
+            for h, value in zip(hist, (duration_s * 1000.0, *sizes), strict=True):
+                h.labels(*ordered).observe(value)
+        got, want = _istio_text(ours), _istio_text(theirs)
+        assert want.count(b"\n") > 8 * (3 * 22 + 1)  # four families, eight label sets at least
+        assert got == want
+    finally:
+        if created:
+            enable_created_metrics()
+
+
+def test_request_series_scraped_from_another_thread_while_observed() -> None:
+    """A scrape on another thread (prometheus_client's own HTTP server would make one)
+    while the loop's thread observes and adds label sets: no error, every scrape
+    self-consistent (each histogram's _count is its +Inf bucket, buckets cumulative),
+    counts never going back, and the last scrape equal to what was observed."""
+    import sys
+
+    m = RequestMetrics(registry := CollectorRegistry())
+    done = threading.Event()
+    failures: list[BaseException] = []
+    scrapes: list[dict[tuple[str, str], float]] = []
+
+    def scrape() -> None:
+        try:
+            while not done.is_set():
+                seen: dict[tuple[str, str], float] = {}
+                for family in registry.collect():
+                    if not family.name.startswith("istio_re"):
+                        continue
+                    by_series: dict[str, list[float]] = {}
+                    for s in family.samples:
+                        key = repr(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+                        seen[(s.name + key, s.labels.get("le", ""))] = s.value
+                        if s.name.endswith("_bucket"):
+                            by_series.setdefault(key, []).append(s.value)
+                        elif s.name.endswith("_count"):
+                            buckets = by_series[key]
+                            assert buckets == sorted(buckets) and buckets[-1] == s.value
+                scrapes.append(seen)
+        except BaseException as e:  # reported by the main thread
+            failures.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    thread = threading.Thread(target=scrape)
+    thread.start()
+    try:
+        for i in range(40_000):
+            # New label sets keep appearing mid-scrape (the dict grows while read).
+            m.observe(LABELS, code=200 + i % 300, grpc_status="", flags="-",
+                      duration_s=0.001 * (i % 50), request_bytes=i % 700, response_bytes=10)
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not failures, failures[0]
+    assert len(scrapes) > 2
+    for before, after in zip(scrapes, scrapes[1:], strict=False):
+        assert all(after.get(k, 0) >= v for k, v in before.items() if not k[0].endswith(
+            "_sum"))
+    final = {f.name: f for f in registry.collect()}["istio_requests"]
+    assert sum(s.value for s in final.samples if s.name == "istio_requests_total") == 40_000
 
 
 def registry_value(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
