@@ -166,6 +166,17 @@ def next_step(policy: RetryPolicy, method: str, result: Result, progress: Progre
 _RESPOND = Step(Action.RESPOND)  # the common case, built once
 
 
+def settled(policy: RetryPolicy, method: str, result: Result) -> Step | None:
+    """next_step's decision when no part of the request's progress can change it: a
+    response the policy does not retry (the common case) is passed on, whatever the
+    attempts, body, client, budget and breaker.  None: ask next_step."""
+    if result.ended is Ended.RESPONSE and not should_retry(
+            policy, method, flag=result.flag, refused_stream=result.refused_stream,
+            status=result.status, grpc_status=result.grpc_status):
+        return _RESPOND
+    return None
+
+
 def _final(result: Result, flags: tuple[str, ...], not_retried: str | None = None, *,
            spend_budget: bool = False, take_retry_slot: bool = False) -> Step:
     """The attempt's failure goes back as it is: its response, or a local reply."""

@@ -153,7 +153,7 @@ class RetryBudget:
 
     def _advance(self) -> int:
         """Drops buckets that left the window; returns the slot of the current bucket."""
-        epoch = self._epoch_of(self._clock())
+        epoch = math.floor(self._clock() / self._width)  # _epoch_of, inline (per request)
         if epoch > self._epoch:
             if epoch - self._epoch >= self.BUCKETS:
                 self._requests = [0] * self.BUCKETS

@@ -35,7 +35,15 @@ from nodeproxy.codec.message import (
 from nodeproxy.codec.upgrade import UNEXPECTED_101
 from nodeproxy.config.model import HttpSettings
 from nodeproxy.http import attempts
-from nodeproxy.http.attempts import Action, Ended, Progress, Result, Step, next_step
+from nodeproxy.http.attempts import (
+    Action,
+    Ended,
+    Progress,
+    Result,
+    Step,
+    next_step,
+    settled,
+)
 from nodeproxy.http.authorize import RequestAuthorizer
 from nodeproxy.http.balancer import untried
 from nodeproxy.http.circuit_breaker import Overflow
@@ -119,7 +127,10 @@ class Router:
                                 ("x-envoy-attempt-count", str(outcome.attempts))]
                         result, response, connection, error = await self._attempt(
                             ctx, exchange, cluster, endpoint, upstream_head, body, rule, slots)
-                        step = next_step(policy, head.method, result, Progress(
+                        # The budget and the breaker are asked only when a retry is
+                        # possible (settled: a response the policy does not retry).
+                        step = settled(policy, head.method, result) or next_step(
+                            policy, head.method, result, Progress(
                             attempts=outcome.attempts, body_replayable=body.replayable,
                             client_gone=exchange.client_gone, budget_has_room=budget.has_room(),
                             retry_slot_free=cluster.breaker.retry_slot_free()))

@@ -34,6 +34,7 @@ from nodeproxy.http.attempts import (
     Result,
     Step,
     next_step,
+    settled,
 )
 from nodeproxy.http.balancer import RoundRobin
 from nodeproxy.http.circuit_breaker import OVERFLOW_TEXT, CircuitBreaker
@@ -453,3 +454,36 @@ def test_a_retry_goes_to_an_endpoint_no_earlier_attempt_used_then_to_any():
     exchange, outcome = forward(router, rule(policy("retriable-status-codes", attempts=3)))
     assert exchange.status == 200 and outcome.attempts == 4
     assert used == ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080", "10.0.0.1:8080"]
+
+
+def test_settled_is_next_steps_decision_whatever_the_progress() -> None:
+    """The router skips the budget and the breaker when ``settled`` decides: for every
+    policy, method and result it decides, next_step decides the same under every
+    progress (attempts, body, client, budget, breaker), and it decides the common case
+    (a 200)."""
+    rng = random.Random(9)
+    names = list(model.RetryOn.__args__)
+    results = [Result.response(s, g) for s in (200, 204, 404, 409, 500, 502, 503, 504)
+               for g in (None, 0, 1, 4, 8, 13, 14)]
+    results += [Result.no_response(f, refused_stream=r) for f in ("UF", "UC", "UT")
+                for r in (False, True)]
+    results += [Result(Ended.RESPONSE, 503, None, None, True)]
+    results += [Result(e) for e in (Ended.NO_HEALTHY_UPSTREAM, Ended.DENIED, Ended.OVERFLOW,
+                                    Ended.CLIENT_GONE, Ended.UNEXPECTED_101)]
+    decided = 0
+    for _ in range(300):
+        policy = model.RetryPolicy(
+            attempts=rng.choice((0, 1, 2, 5)), retry_on=rng.sample(names, rng.randrange(0, 5)),
+            status_codes=rng.sample([409, 500, 503, 504], rng.randrange(0, 3)),
+            non_idempotent=rng.random() < 0.5)
+        for method in ("GET", "POST"):
+            for result in results:
+                step = settled(policy, method, result)
+                if step is None:
+                    continue
+                decided += 1
+                for progress in itertools.product((1, 2, 7), (True, False), (True, False),
+                                                  (True, False), (True, False)):
+                    assert next_step(policy, method, result, Progress(*progress)) == step
+    assert decided > 1000
+    assert settled(model.RetryPolicy(), "GET", Result.response(200)) is not None
