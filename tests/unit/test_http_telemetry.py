@@ -7,6 +7,7 @@ import io
 import json
 import random
 import threading
+import time
 from typing import Any
 
 import aiohttp
@@ -307,22 +308,28 @@ def test_request_series_scraped_from_another_thread_while_observed() -> None:
     sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
     thread = threading.Thread(target=scrape)
     thread.start()
+    observed = 0
+    deadline = time.monotonic() + 10
     try:
-        for i in range(40_000):
-            # New label sets keep appearing mid-scrape (the dict grows while read).
-            m.observe(LABELS, code=200 + i % 300, grpc_status="", flags="-",
-                      duration_s=0.001 * (i % 50), request_bytes=i % 700, response_bytes=10)
+        # At least 40,000 observations and three scrapes (bounded: 10 s at most).
+        while (observed < 40_000 or len(scrapes) < 3) and time.monotonic() < deadline:
+            # A new label set every 1,000 observations, all along: the dict grows while
+            # scrapes read it.
+            m.observe(LABELS, code=200 + observed % 2, grpc_status=str(observed // 2000),
+                      flags="-", duration_s=0.001 * (observed % 50),
+                      request_bytes=observed % 700, response_bytes=10)
+            observed += 1
     finally:
         done.set()
-        thread.join()
         sys.setswitchinterval(interval)
+        thread.join()
     assert not failures, failures[0]
-    assert len(scrapes) > 2
+    assert len(scrapes) >= 3
     for before, after in zip(scrapes, scrapes[1:], strict=False):
         assert all(after.get(k, 0) >= v for k, v in before.items() if not k[0].endswith(
             "_sum"))
     final = {f.name: f for f in registry.collect()}["istio_requests"]
-    assert sum(s.value for s in final.samples if s.name == "istio_requests_total") == 40_000
+    assert sum(s.value for s in final.samples if s.name == "istio_requests_total") == observed
 
 
 def registry_value(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
