@@ -10,9 +10,9 @@ route answers HEAD too; an unknown path is 404 and a known path with another met
 with ``Allow``; a handler that raises is 500; a body over 1 MiB is 413 (aiohttp's
 ``client_max_size``); a request the parser refuses is 400 and the connection closes;
 keep-alive (HTTP/1.1, or ``Connection: keep-alive``) with pipelined requests answered in
-order, and an idle connection closed after 75 s.  Bounded per connection: the request
-line and headers (64 KiB), the body (1 MiB), the requests parsed ahead (reading pauses
-while one is answered).
+order, an idle connection closed after 75 s, ``Expect: 100-continue`` answered.  Bounded
+per connection: the request line and headers (64 KiB), the body (1 MiB), the requests
+parsed ahead (reading pauses while one is answered).
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ class _Connection(asyncio.Protocol):
         length = self._headers.get("content-length", "0")
         if length.isdigit() and int(length) > MAX_BODY:
             self._stop(413)
+        if self._headers.get("expect", "").lower() == "100-continue" and self._transport:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
