@@ -183,7 +183,11 @@ class _Connection(asyncio.Protocol):
         except (httptools.HttpParserError, _Refused):  # a callback's _Refused comes wrapped
             self._refuse(self._refusal)
         except httptools.HttpParserUpgrade:
-            self._refuse(400)
+            # Upgrade (h2c, websocket) is not offered: the request is answered over
+            # HTTP/1.1, as aiohttp did, and what follows it is not read.
+            self._closing_after = True
+            if not self._busy and not self._queue:
+                self._close()
 
     def eof_received(self) -> bool:
         if not self._busy and not self._queue:
@@ -265,7 +269,8 @@ class _Connection(asyncio.Protocol):
                                       request.path)
                         response = Response.text("500: Internal Server Error", 500)
                 assert response is not None
-                keep_alive = keep_alive and not self._server.stopping
+                keep_alive = (keep_alive and not self._server.stopping
+                              and not (self._closing_after and not self._queue))
                 if self._transport is None or self._transport.is_closing():
                     return
                 self._transport.write(_encode(response, request.method == "HEAD",

@@ -123,6 +123,11 @@ def test_malformed_oversized_and_expect_continue() -> None:
         raw = await exchange(server, b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n"
                                      b"Expect: 100-continue\r\n\r\n", close=False)
         assert raw == b"HTTP/1.1 100 Continue\r\n\r\n"
+        # An upgrade offer is answered over HTTP/1.1, then the connection closes.
+        [(status, headers, _)] = answers(await exchange(
+            server, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"))
+        assert (status, headers["connection"]) == (200, "close")
     serve(test)
 
 
