@@ -74,7 +74,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 _SEGMENT = re.compile(r"\{(\w+)\}")
 
 
-class Routes:
+class PathTable:
     """Method and path to handler; ``{name}`` in a path matches one non-empty segment."""
 
     def __init__(self) -> None:
@@ -314,7 +314,7 @@ class _Connection(asyncio.Protocol):
 class HttpServer:
     """One listening socket (TCP or Unix) serving ``routes``."""
 
-    def __init__(self, routes: Routes, name: str = "http"):
+    def __init__(self, routes: PathTable, name: str = "http"):
         self.routes = routes
         self.name = name
         self.connections: set[_Connection] = set()

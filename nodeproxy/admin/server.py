@@ -17,7 +17,7 @@ from typing import Any, NotRequired, Protocol, TypedDict
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from nodeproxy.admin.http_server import HttpServer, Request, Response, Routes
+from nodeproxy.admin.http_server import HttpServer, PathTable, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ class AdminServers:
             log.exception("admin: the /stats/live provider failed")
             return _json({"error": f"{type(e).__name__}: {e}"}, 500)
 
-    def admin_app(self) -> Routes:
+    def admin_app(self) -> PathTable:
         """The 127.0.0.1:15000 routes (their own method so tests can serve them alone)."""
-        admin = Routes()
+        admin = PathTable()
         admin.add_get("/ready", self._ready)
         admin.add_get("/config_dump", self._config_dump)
         admin.add_get("/pods", self._pods)
@@ -138,14 +138,14 @@ class AdminServers:
 
     async def start(self, *, admin_address: str, admin_port: int, metrics_address: str,
                     metrics_port: int, readiness_port: int, control_socket: str,
-                    control: Routes) -> None:
+                    control: PathTable) -> None:
         admin = self.admin_app()
 
-        metrics = Routes()
+        metrics = PathTable()
         metrics.add_get("/metrics", self._metrics)
         metrics.add_get("/stats/prometheus", self._metrics)
 
-        readiness = Routes()
+        readiness = PathTable()
         readiness.add_get("/healthz/ready", self._ready)
 
         await self._serve_tcp(admin, "admin", admin_address, admin_port)
@@ -160,7 +160,7 @@ class AdminServers:
         self._servers.append(server)
         self._control_socket = control_socket
 
-    async def _serve_tcp(self, routes: Routes, name: str, host: str, port: int) -> None:
+    async def _serve_tcp(self, routes: PathTable, name: str, host: str, port: int) -> None:
         server = HttpServer(routes, name)
         # reuse_port: during an upgrade the new instance binds while the old one still does.
         await server.start_tcp(host, port, reuse_port=True)

@@ -24,7 +24,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nodeproxy.admin.http_server import Request, Response, Routes
+from nodeproxy.admin.http_server import PathTable, Request, Response
 from nodeproxy.daemon.handover import HandoverRefused
 from nodeproxy.daemon.runtime_pods import (
     Enrolled,
@@ -52,8 +52,8 @@ class ControlApi:
         self._runtime = runtime
         self._hand_over = hand_over  # -> connections left to drain; HandoverRefused
 
-    def app(self) -> Routes:
-        control = Routes()
+    def app(self) -> PathTable:
+        control = PathTable()
         control.add_get("/v1/pods", self._list)
         control.add_post("/v1/pods", self._enroll)
         control.add_delete("/v1/pods/{namespace}/{name}", self._unenroll)

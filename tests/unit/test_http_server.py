@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from nodeproxy.admin.http_server import MAX_BODY, HttpServer, Request, Response, Routes
+from nodeproxy.admin.http_server import MAX_BODY, HttpServer, PathTable, Request, Response
 
 
 async def echo(request: Request) -> Response:
@@ -22,8 +22,8 @@ async def broken(_request: Request) -> Response:
     raise RuntimeError("handler broke")
 
 
-def routes() -> Routes:
-    r = Routes()
+def routes() -> PathTable:
+    r = PathTable()
     r.add_get("/a", echo)
     r.add_post("/a", echo)
     r.add_get("/p/{ns}/{name}", echo)
