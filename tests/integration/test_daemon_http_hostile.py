@@ -174,3 +174,22 @@ def exchange_endless(pod: Pod, host: str, port: int, limit: int) -> bytes:
             answered = f"<{e} after {sent} bytes>".encode()
     return answered
 
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/pods/default/web-0%2F",  # an escaped slash inside the name
+    "/v1/pods/default%2Fweb-0/x",
+    "/v1/pods/default/web-0%FF",  # not UTF-8: was U+FFFD, one name for many paths
+    "/v1/pods/default/..",
+    "/v1/pods/default/web-0%00",
+])
+def test_control_socket_pod_routes_name_exactly_one_pod(node: tuple[Cluster, Pod],
+                                                         path: str) -> None:
+    """DELETE on a path that does not name one pod exactly is refused before the handler,
+    and the pod is still enrolled."""
+    c, _ = node
+    n = c.nodes["node0"]
+    status, body = netns.unix_http(n.control_socket, "DELETE", path)
+    assert status == 400, (status, body)
+    status, body = netns.unix_http(n.control_socket, "GET", "/v1/pods/default/web-0")
+    assert status == 200 and '"web-0"' in body
