@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024  # request line and headers, bytes
 MAX_BODY = 1024 * 1024  # aiohttp's default client_max_size
+MAX_BODY_FRAMED = 2 * MAX_BODY + 64 * 1024  # with chunk framing and trailers, bytes
 KEEPALIVE_SECONDS = 75.0  # aiohttp's default keepalive_timeout
 HEAD_SECONDS = 10.0  # a request's first byte to its head's end (the proxy's own default)
 REQUEST_SECONDS = 30.0  # a request's first byte to its last
@@ -213,12 +214,13 @@ class _Connection(asyncio.Protocol):
     """One client connection: parse, queue, answer in order.
 
     Bounds (each a module constant): the head's bytes, even of a field that never ends
-    (MAX_HEAD); the body (MAX_BODY); the time from a request's first byte to its head's
-    end (HEAD_SECONDS) and to its last byte (REQUEST_SECONDS), 408 and closed after; an
-    idle connection (KEEPALIVE_SECONDS); requests parsed ahead of their answer
-    (MAX_PIPELINE: the rest of what was read waits unparsed and reading pauses); answers
-    the client does not read (writing waits while the transport's buffer is over its high
-    mark, and a client that takes none for SEND_SECONDS is cut)."""
+    (MAX_HEAD); the body (MAX_BODY; with its chunk framing and trailers,
+    MAX_BODY_FRAMED); the time from a request's first byte to its head's end
+    (HEAD_SECONDS) and to its last byte (REQUEST_SECONDS), 408 and closed after; an idle
+    connection (KEEPALIVE_SECONDS); requests parsed ahead of their answer (MAX_PIPELINE:
+    the rest of what was read waits unparsed and reading pauses); answers the client does
+    not read (writing waits while the transport's buffer is over its high mark, and a
+    client that takes none for SEND_SECONDS is cut)."""
 
     def __init__(self, server: HttpServer):
         self._server = server
@@ -238,6 +240,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = False
         self._in_body = False
         self._head_raw = 0  # bytes fed while this head was arriving (slice granularity)
+        self._body_raw = 0  # the same for its body, chunk framing and trailers
         self._started = 0.0  # when this request's first byte came
         self._task: asyncio.Task[None] | None = None
         self.peer = "?"
@@ -326,11 +329,17 @@ class _Connection(asyncio.Protocol):
                 if not self.busy and not self._queue:
                     self._close()
                 break
+            # httptools holds a header or trailer field until it ends, out of the
+            # callbacks' sight: count the bytes it was fed, too.
             if self._in_head:
-                # httptools holds a field until it ends: count what it was fed, too.
                 self._head_raw += len(piece)
                 if self._head_raw > MAX_HEAD + FEED_SLICE:
                     self._refuse(431, "head over the limit")
+                    break
+            elif self._in_body:
+                self._body_raw += len(piece)
+                if self._body_raw > MAX_BODY_FRAMED:
+                    self._refuse(413, "body and trailers over the limit")
                     break
         self._unparsed = data[offset:] if offset < len(data) and not self._closing_after \
             and not self._refused else b""
@@ -356,7 +365,7 @@ class _Connection(asyncio.Protocol):
         self._headers.setdefault(key, []).append(value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
-        self._in_head, self._in_body = False, True
+        self._in_head, self._in_body, self._body_raw = False, True, 0
         if self._parser.get_http_version() not in ("1.1", "1.0"):
             self._stop(505)  # llhttp takes HTTP/0.9 and 2.0 request lines
         length = self._headers.get("content-length", ["0"])[0]

@@ -227,6 +227,30 @@ def test_a_header_that_never_ends_is_refused_once_past_the_limit() -> None:
     serve(test)
 
 
+def test_a_trailer_that_never_ends_is_refused() -> None:
+    """The same for a trailer field after a chunked body: refused once the request's raw
+    bytes pass the body's limit with its framing (MAX_BODY_FRAMED)."""
+    async def test(server: HttpServer) -> None:
+        reader, writer = await connect(server)
+        writer.write(b"POST /ready HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"1\r\na\r\n0\r\nX-Trailer: ")
+        sent = 0
+        try:
+            while sent < 16 * MAX_BODY and not reader.at_eof():
+                writer.write(b"a" * 65536)
+                await asyncio.wait_for(writer.drain(), 2)
+                sent += 65536
+                if reader._buffer:  # type: ignore[attr-defined]
+                    break
+        except (ConnectionError, TimeoutError):
+            pass
+        answered = await asyncio.wait_for(reader.read(), 3)
+        writer.close()
+        assert status(answered) in (413, 431), (sent, answered[:100])
+        assert sent < 4 * MAX_BODY
+    serve(test)
+
+
 # -- bodies and framing ------------------------------------------------------------------
 
 
