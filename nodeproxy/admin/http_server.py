@@ -233,7 +233,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # idle, head or request deadline
         self._stall: asyncio.TimerHandle | None = None  # the client takes no answer
         self._writable: asyncio.Future[None] | None = None
-        self._write_paused = False
+        self.write_paused = False
         self._closing_after = False  # the client half-closed: answer what came, then close
         self._refusal = 400  # the status for a request the parser stops on
         self._unparsed = b""  # read, not parsed yet (parsing waits while answering)
@@ -282,12 +282,12 @@ class _Connection(asyncio.Protocol):
             self._writable.set_result(None)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
         if self._stall is None:
             self._stall = asyncio.get_running_loop().call_later(SEND_SECONDS, self._stalled)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
@@ -526,7 +526,7 @@ class _Connection(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         self._transport.write(data)
-        while self._write_paused and not self._closing:
+        while self.write_paused and not self._closing:
             self._writable = asyncio.get_running_loop().create_future()
             await self._writable
 
@@ -563,9 +563,13 @@ class _Connection(asyncio.Protocol):
             self._transport.close()  # what was written is sent first
 
     def evict(self) -> None:
-        """Closed to make room for another source's connection (HttpServer.admit)."""
+        """Cut to make room for another source's connection (HttpServer.admit): at once,
+        even with answers its client has not taken."""
         self._server.forget(self)
-        self._close()
+        self._closing = True
+        self._cancel_timers()
+        if self._transport is not None:
+            self._transport.abort()
 
     def shut_down(self) -> None:
         """The server stops: close now if idle, else after the answer in hand."""
@@ -588,7 +592,8 @@ class HttpServer:
 
     def admit(self, connection: _Connection) -> bool:
         """Whether a new connection is kept.  A source over MAX_PER_SOURCE is refused; when
-        the face is full, the oldest idle connection of the source holding the most goes
+        the face is full, the oldest connection of the source holding the most that is
+        idle or waits for its client to take an answer goes
         if that source holds more than the newcomer's would, else the newcomer is refused
         (so one address cannot keep another out: a kubelet probe, a Prometheus scrape)."""
         source = connection.source
@@ -600,7 +605,7 @@ class HttpServer:
             return False
         if len(self.connections) >= MAX_CONNECTIONS:
             heaviest = max(self.by_source.values(), key=len)
-            idle = [c for c in heaviest if not c.busy]
+            idle = [c for c in heaviest if not c.busy or c.write_paused]
             if len(heaviest) <= len(same) + 1 or not idle:
                 self.limiter.warn("full", "%s: refused a connection from %s: %d connections "
                                   "open (the most this face holds)", self.name,
