@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.capture.transparent import local_ports, transparent_socket
-from nodeproxy.tcp.descriptors import check_socket
+from nodeproxy.tcp.descriptors import BUDGET, check_socket
 from nodeproxy.tcp.relay import Side
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -157,7 +157,7 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
     kept = kept_port(source_port, local_ports(netns)) if source_port else 0
     if kept:
         try:
-            sock = transparent_socket(netns, source_ip, family, kept)
+            sock = transparent_socket(netns, source_ip, family, kept, BUDGET.ceiling)
         except OSError as e:
             if e.errno not in _PORT_TAKEN:
                 raise
@@ -169,7 +169,7 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
             except OSError as e:
                 if e.errno not in _PORT_TAKEN:
                     raise
-    sock = transparent_socket(netns, source_ip, family)
+    sock = transparent_socket(netns, source_ip, family, 0, BUDGET.ceiling)
     return await _announced_connect(sock, None, dest, timeout, announcer, protocol)
 
 
