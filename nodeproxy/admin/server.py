@@ -1,4 +1,4 @@
-"""HTTP servers of the daemon (aiohttp).
+"""HTTP servers of the daemon (nodeproxy.admin.http_server).
 
 - admin, 127.0.0.1:15000: /ready, /config_dump, /pods, /clusters, /metrics,
   /stats/live?window=SECONDS&namespace=NS (`nodeproxy top` and `nodeproxy stat` read it)
@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NotRequired, Protocol, TypedDict
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from nodeproxy.admin.http_server import HttpServer, PathTable, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ ClustersProvider = Callable[[], Sequence[Mapping[str, Any]]]
 LiveProvider = Callable[[int | None, str | None], Mapping[str, Any]]
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data, indent=2, default=str) + "\n", status=status,
-                        content_type="application/json")
+def _json(data: Any, status: int = 200) -> Response:
+    return Response.json(data, status)
 
 
 class AdminServers:
@@ -80,27 +79,26 @@ class AdminServers:
         self._d = daemon
         self._clusters = clusters
         self._live = live
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[HttpServer] = []
         self._control_socket: str | None = None
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, _request: Request) -> Response:
         body = generate_latest(self._d.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(body, content_type=CONTENT_TYPE_LATEST)
 
-    async def _ready(self, _request: web.Request) -> web.Response:
+    async def _ready(self, _request: Request) -> Response:
         detail = "".join(f"{line}\n" for line in self._d.ready_detail())
         if self._d.is_ready():
-            return web.Response(text="ready\n" + detail)
-        return web.Response(text="not ready\n" + detail, status=503)
+            return Response.text("ready\n" + detail)
+        return Response.text("not ready\n" + detail, 503)
 
-    # aiohttp handlers are coroutines (plain functions are deprecated there).
-    async def _config_dump(self, _request: web.Request) -> web.Response:
+    async def _config_dump(self, _request: Request) -> Response:
         return _json(self._d.config_dump())
 
-    async def _pods(self, _request: web.Request) -> web.Response:
+    async def _pods(self, _request: Request) -> Response:
         return _json(self._d.pods_view())
 
-    async def _clusters_page(self, _request: web.Request) -> web.Response:
+    async def _clusters_page(self, _request: Request) -> Response:
         if self._clusters is None:
             return _json([])
         try:
@@ -110,7 +108,7 @@ class AdminServers:
             return _json({"error": f"{type(e).__name__}: {e}"}, 500)
         return _json(clusters)
 
-    async def _live_page(self, request: web.Request) -> web.Response:
+    async def _live_page(self, request: Request) -> Response:
         if self._live is None:
             return _json({"error": "live figures are not kept (admin.liveStatsSeconds: 0)"},
                          404)
@@ -127,55 +125,53 @@ class AdminServers:
             log.exception("admin: the /stats/live provider failed")
             return _json({"error": f"{type(e).__name__}: {e}"}, 500)
 
-    def admin_app(self) -> web.Application:
-        """The 127.0.0.1:15000 application (its own method so tests can serve it alone)."""
-        admin = web.Application()
-        admin.router.add_get("/ready", self._ready)
-        admin.router.add_get("/config_dump", self._config_dump)
-        admin.router.add_get("/pods", self._pods)
-        admin.router.add_get("/clusters", self._clusters_page)
-        admin.router.add_get("/stats/live", self._live_page)
-        admin.router.add_get("/metrics", self._metrics)
+    def admin_app(self) -> PathTable:
+        """The 127.0.0.1:15000 routes (their own method so tests can serve them alone)."""
+        admin = PathTable()
+        admin.add_get("/ready", self._ready)
+        admin.add_get("/config_dump", self._config_dump)
+        admin.add_get("/pods", self._pods)
+        admin.add_get("/clusters", self._clusters_page)
+        admin.add_get("/stats/live", self._live_page)
+        admin.add_get("/metrics", self._metrics)
         return admin
 
     async def start(self, *, admin_address: str, admin_port: int, metrics_address: str,
                     metrics_port: int, readiness_port: int, control_socket: str,
-                    control: web.Application) -> None:
+                    control: PathTable) -> None:
         admin = self.admin_app()
 
-        metrics = web.Application()
-        metrics.router.add_get("/metrics", self._metrics)
-        metrics.router.add_get("/stats/prometheus", self._metrics)
+        metrics = PathTable()
+        metrics.add_get("/metrics", self._metrics)
+        metrics.add_get("/stats/prometheus", self._metrics)
 
-        readiness = web.Application()
-        readiness.router.add_get("/healthz/ready", self._ready)
+        readiness = PathTable()
+        readiness.add_get("/healthz/ready", self._ready)
 
-        await self._serve_tcp(admin, admin_address, admin_port)
-        await self._serve_tcp(metrics, metrics_address, metrics_port)
-        await self._serve_tcp(readiness, metrics_address, readiness_port)
+        await self._serve_tcp(admin, "admin", admin_address, admin_port)
+        await self._serve_tcp(metrics, "metrics", metrics_address, metrics_port)
+        await self._serve_tcp(readiness, "readiness", metrics_address, readiness_port)
         os.makedirs(os.path.dirname(control_socket) or ".", exist_ok=True)
         if os.path.exists(control_socket):
             os.unlink(control_socket)  # left by a crashed instance
-        runner = web.AppRunner(control, access_log=None)
-        await runner.setup()
-        await web.UnixSite(runner, control_socket).start()
+        server = HttpServer(control, "control")
+        await server.start_unix(control_socket)
         os.chmod(control_socket, 0o600)
-        self._runners.append(runner)
+        self._servers.append(server)
         self._control_socket = control_socket
 
-    async def _serve_tcp(self, app: web.Application, host: str, port: int) -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
+    async def _serve_tcp(self, routes: PathTable, name: str, host: str, port: int) -> None:
+        server = HttpServer(routes, name)
         # reuse_port: during an upgrade the new instance binds while the old one still does.
-        await web.TCPSite(runner, host, port, reuse_address=True, reuse_port=True).start()
-        self._runners.append(runner)
+        await server.start_tcp(host, port, reuse_port=True)
+        self._servers.append(server)
 
     async def stop(self, unlink_control_socket: bool = True) -> None:
         """Close every server; the control socket's path is left alone after a handover
         (it is the new instance's by then)."""
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        for server in reversed(self._servers):
+            await server.stop()
+        self._servers.clear()
         path = self._control_socket
         if unlink_control_socket and path and os.path.exists(path):
             os.unlink(path)

@@ -9,10 +9,11 @@ every distribution.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import re
 from dataclasses import dataclass
+
+from nodeproxy.capture.libc import libc
 
 PROC_MOUNTS = "/proc/mounts"
 DEFAULT_BPFFS = "/sys/fs/bpf"
@@ -128,16 +129,9 @@ def is_bpffs(path: str, proc_mounts: str = PROC_MOUNTS) -> bool:
     return mount is not None and mount.fstype == "bpf"
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def mount_bpffs(path: str) -> None:
     """Mount a new bpf filesystem on `path` (an existing directory), unconditionally."""
-    libc = _libc()
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                           ctypes.c_ulong, ctypes.c_void_p]
-    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
+    if libc().mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise KernelFsError(
             f"mount -t bpf bpf {path} failed: {os.strerror(err)} "
@@ -148,9 +142,7 @@ def mount_bpffs(path: str) -> None:
 
 def unmount(path: str) -> None:
     """Lazily unmount whatever is mounted on `path`."""
-    libc = _libc()
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    if libc.umount2(os.fsencode(path), _MNT_DETACH) != 0:
+    if libc().umount2(os.fsencode(path), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
         raise KernelFsError(f"umount {path} failed: {os.strerror(err)}")
 

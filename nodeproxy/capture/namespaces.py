@@ -8,7 +8,6 @@ the netns it was created in for its whole life.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from nodeproxy.capture.constants import SOCKET_MARK
+from nodeproxy.capture.libc import check, libc
 
 CLONE_NEWNET = 0x40000000
 # Dial sockets made per visit to a pod's netns (Netns.dial_socket): the spares hold this
@@ -25,14 +25,10 @@ CLONE_NEWNET = 0x40000000
 DIAL_BATCH = 4
 SO_NETNS_COOKIE = 71  # Linux 5.14+: the cookie the eBPF helpers see for this netns
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+    check(libc().setns(fd, CLONE_NEWNET), "setns")
 
 
 class _Home:

@@ -38,6 +38,7 @@ from types import ModuleType
 from typing import Any
 
 from nodeproxy.capture import iptables, kernelfs, libbpf, probe_snat
+from nodeproxy.capture.libc import check, libc
 from nodeproxy.capture.namespaces import netns_cookie_of
 from nodeproxy.capture.original_dst import Destination, original_destination
 from nodeproxy.config.model import PROBE_SNAT_IPV4, PROBE_SNAT_IPV6
@@ -790,10 +791,7 @@ def _in_scratch_netns(fn: Callable[[int], None], timeout: float = 60.0) -> None:
 
     def body() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(_CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            check(libc().unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
             fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
             try:
                 fn(fd)

@@ -12,22 +12,10 @@ descriptor number, is accepted; errors are OSError as the socket module raises t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-from functools import cache
 from typing import Any
 
-
-@cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                ctypes.POINTER(ctypes.c_uint32)]
-    libc.getsockopt.restype = ctypes.c_int
-    libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                ctypes.c_uint32]
-    libc.setsockopt.restype = ctypes.c_int
-    return libc
+from nodeproxy.capture.libc import libc
 
 
 def _fd(sock: Any) -> int:
@@ -38,7 +26,7 @@ def get(sock: Any, level: int, option: int, size: int) -> bytes:
     """The option's value, at most `size` bytes (fewer if the kernel wrote fewer)."""
     buf = ctypes.create_string_buffer(size)
     length = ctypes.c_uint32(size)
-    if _libc().getsockopt(_fd(sock), level, option, buf, ctypes.byref(length)) != 0:
+    if libc().getsockopt(_fd(sock), level, option, buf, ctypes.byref(length)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return buf.raw[:length.value]
@@ -47,7 +35,7 @@ def get(sock: Any, level: int, option: int, size: int) -> bytes:
 def set_int(sock: Any, level: int, option: int, value: int) -> None:
     """Set an int-valued option."""
     buf = ctypes.c_int(value)
-    if _libc().setsockopt(_fd(sock), level, option, ctypes.byref(buf),
+    if libc().setsockopt(_fd(sock), level, option, ctypes.byref(buf),
                           ctypes.sizeof(buf)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -20,6 +20,8 @@ import os
 import tempfile
 import threading
 
+from nodeproxy.capture.libc import libc
+
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
 _lock = threading.Lock()
 _private_proc: str | None = None
@@ -53,8 +55,7 @@ def private_proc() -> str:
     with _lock:
         if _private_proc is None:
             directory = tempfile.mkdtemp(prefix="nodeproxy-proc-")
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.mount(b"proc", directory.encode(), b"proc",
+            if libc().mount(b"proc", directory.encode(), b"proc",
                           _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
                 code = ctypes.get_errno()
                 os.rmdir(directory)

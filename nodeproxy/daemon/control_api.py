@@ -24,8 +24,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
+from nodeproxy.admin.http_server import PathTable, Request, Response
 from nodeproxy.daemon.handover import HandoverRefused
 from nodeproxy.daemon.runtime_pods import (
     Enrolled,
@@ -42,9 +41,8 @@ from nodeproxy.pods.enrollment import EnrollError
 OK, BAD_REQUEST, NOT_FOUND, CONFLICT = 200, 400, 404, 409
 
 
-def _json(data: Any, status: int = OK) -> web.Response:
-    return web.Response(text=json.dumps(data, indent=2, default=str) + "\n", status=status,
-                        content_type="application/json")
+def _json(data: Any, status: int = OK) -> Response:
+    return Response.json(data, status)
 
 
 class ControlApi:
@@ -54,19 +52,19 @@ class ControlApi:
         self._runtime = runtime
         self._hand_over = hand_over  # -> connections left to drain; HandoverRefused
 
-    def app(self) -> web.Application:
-        control = web.Application()
-        control.router.add_get("/v1/pods", self._list)
-        control.router.add_post("/v1/pods", self._enroll)
-        control.router.add_delete("/v1/pods/{namespace}/{name}", self._unenroll)
-        control.router.add_get("/v1/pods/{namespace}/{name}", self._pod)
-        control.router.add_post("/v1/handover", self._handover)
+    def app(self) -> PathTable:
+        control = PathTable()
+        control.add_get("/v1/pods", self._list)
+        control.add_post("/v1/pods", self._enroll)
+        control.add_delete("/v1/pods/{namespace}/{name}", self._unenroll)
+        control.add_get("/v1/pods/{namespace}/{name}", self._pod)
+        control.add_post("/v1/handover", self._handover)
         return control
 
-    async def _list(self, _request: web.Request) -> web.Response:
+    async def _list(self, _request: Request) -> Response:
         return _json(self._pods())
 
-    async def _pod(self, request: web.Request) -> web.Response:
+    async def _pod(self, request: Request) -> Response:
         key = f"{request.match_info['namespace']}/{request.match_info['name']}"
         reason = self._runtime.skipped.get(key)
         if reason is not None:
@@ -76,9 +74,9 @@ class ControlApi:
                 return _json(pod)
         return _json({"error": f"pod {key} is not enrolled"}, NOT_FOUND)
 
-    async def _enroll(self, request: web.Request) -> web.Response:
+    async def _enroll(self, request: Request) -> Response:
         try:
-            body = await request.json()
+            body = request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return _json({"error": f"request body is not JSON: {e}"}, BAD_REQUEST)
         try:
@@ -96,7 +94,7 @@ class ControlApi:
         assert isinstance(result, Skipped)
         return _json({"skipped": result.key, "reason": result.reason})
 
-    async def _unenroll(self, request: web.Request) -> web.Response:
+    async def _unenroll(self, request: Request) -> Response:
         try:
             done = await self._runtime.unenroll(request.match_info["namespace"],
                                                 request.match_info["name"])
@@ -108,7 +106,7 @@ class ControlApi:
             return _json({"unregistered": done.key})
         return _json({"unenrolled": done.key})
 
-    async def _handover(self, _request: web.Request) -> web.Response:
+    async def _handover(self, _request: Request) -> Response:
         try:
             open_connections = await self._hand_over()
         except HandoverRefused as e:

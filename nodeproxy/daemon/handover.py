@@ -19,13 +19,13 @@ exited by itself would be restarted and take the node back.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import aiohttp
-
+from nodeproxy.admin import control_client
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture.maps import PodMaps
 from nodeproxy.daemon.wiring import Kernel
@@ -51,17 +51,12 @@ class Stoppable(Protocol):
 
 async def _control(socket_path: str, method: str, path: str, timeout: float
                    ) -> tuple[int, Any]:
-    """One request to a daemon's control socket: (status, the JSON answer or its text)."""
-    connector = aiohttp.UnixConnector(path=socket_path)
-    async with aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
-            session.request(method, f"http://localhost{path}",
-                            json={} if method == "POST" else None) as response:
-        text = await response.text()
-        try:
-            return response.status, await response.json(content_type=None)
-        except ValueError:
-            return response.status, text
+    """One request to a daemon's control socket: (status, the JSON answer or its text).
+    The standard library's client in a thread (rare: at start and at a handover), so the
+    daemon loads no HTTP client of its own; bounded by ``timeout`` in all."""
+    return await asyncio.wait_for(asyncio.to_thread(
+        control_client.request, socket_path, method, path,
+        {} if method == "POST" else None, timeout), timeout)
 
 
 async def instance_alive(control_socket: str) -> bool:
@@ -70,7 +65,7 @@ async def instance_alive(control_socket: str) -> bool:
         return False
     try:
         status, _ = await _control(control_socket, "GET", "/v1/pods", ALIVE_TIMEOUT)
-    except (OSError, aiohttp.ClientError, TimeoutError):
+    except (OSError, http.client.HTTPException, TimeoutError):
         return False
     return status == 200
 

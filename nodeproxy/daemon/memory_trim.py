@@ -19,12 +19,13 @@ empty and are not touched here.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
+
+from nodeproxy.capture.libc import has, libc
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,9 @@ def trim_due(churn_since_trim: int, churn_last_interval: int, first: bool = Fals
 
 def glibc_trim() -> Callable[[], int] | None:
     """glibc's malloc_trim(0), or None where the C library has none (musl, ...)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    if not has("malloc_trim"):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
+    trim = libc().malloc_trim
     return lambda: int(trim(0))
 
 

@@ -209,14 +209,12 @@ class RelayNap:
         return True
 
     def finish(self) -> None:
-        """The relay ended: out of the wheel; the relay forgets this nap (no cycle)."""
+        """The relay ended: out of the wheel; the relay forgets this nap (no cycle).
+        Never asleep here: an asleep relay's ending goes through end(), which closes
+        its descriptors first."""
         if self._parked is not None:
             self._naps.dormancy.unpark(self, self._parked)
             self._parked = None
-        if self._fds is not None:  # not reached: an asleep relay ends through end()
-            self._unwatch(self._fds)
-            self._naps.asleep -= 1
-            self._fds = None
         self.relay.nap = None
 
     def _unwatch(self, fds: tuple[int, int]) -> None:

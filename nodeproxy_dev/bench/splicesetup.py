@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import os
 import shutil
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             for fd in loaded.programs.values():
                 os.close(fd)
     finally:
-        ctypes.CDLL(None, use_errno=True).umount2(root.encode(), 2)  # MNT_DETACH
+        kernelfs.unmount(root)
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"flows": len(times),
                       "median_us": round(statistics.median(times) * 1e6, 1),

@@ -9,7 +9,6 @@ the calling process itself never leaves its own netns.
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import os
 import signal
@@ -21,14 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from nodeproxy.capture.libc import check, libc
+
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-
 
 def path_of(name_or_path: str) -> str:
     """``/run/netns/NAME`` for a bare name; a path is returned as is."""
@@ -120,9 +117,7 @@ def sysctl(name_or_path: str, values: Mapping[str, str | int]) -> None:
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+    check(libc().setns(fd, CLONE_NEWNET), "setns")
 
 
 def in_netns(name_or_path: str, fn: Callable[[], T]) -> T:

@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from aiohttp import web
 
+from nodeproxy.admin.http_server import HttpServer
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.cli.top import ENTER, HOME, LEAVE
 from nodeproxy.telemetry.live_stats import DEFAULT_ROUTE, LiveStats
@@ -36,20 +36,18 @@ def admin() -> Iterator[str]:
     started = threading.Event()
     address: list[str] = []
 
-    async def serve() -> web.AppRunner:
-        runner = web.AppRunner(servers.admin_app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        address.append(f"http://{host}:{port}")
-        return runner
+    async def serve() -> HttpServer:
+        server = HttpServer(servers.admin_app())
+        await server.start_tcp("127.0.0.1", 0)
+        address.append(f"http://127.0.0.1:{server.port}")
+        return server
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        runner = loop.run_until_complete(serve())
+        server = loop.run_until_complete(serve())
         started.set()
         loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
+        loop.run_until_complete(server.stop())
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -29,6 +29,13 @@ KEPT_OUT = {
     "nodeproxy.cni": "the CNI plugin and its installer",
     "nodeproxy.signer.signing_service": "the CA's signing service (`nodeproxy ca serve`)",
     "nodeproxy.signer.kube": "the signing service's Kubernetes client",
+    "aiohttp": "the daemon's HTTP faces run on nodeproxy.admin.http_server; aiohttp's "
+               "package imports its client half on any import: about 11 MiB with yarl, "
+               "multidict, frozenlist, attrs (only with a remote signer or Kubernetes "
+               "discovery, which use its client)",
+    **{name: "aiohttp's own dependencies" for name in ("yarl", "multidict", "frozenlist",
+                                                       "aiosignal", "propcache")},
+    "nodeproxy.signer.signing_client": "only with identity.signer (it imports aiohttp)",
     "cryptography": "only with mTLS (identity.caCert): the CA or the signing client loads it "
                     "at start-up (signer/node_identity.py); about 7 MiB",
     **{f"nodeproxy.cli.{name}": "another subcommand"
@@ -74,7 +81,7 @@ def test_the_daemon_imports_what_it_serves_with() -> None:
     the config model and the admin server (so an empty or broken list would fail here)."""
     modules = daemon_modules()
     assert {"uvloop", "nodeproxy.daemon", "nodeproxy.daemon.lifecycle",
-            "nodeproxy.config.model", "nodeproxy.admin.server", "aiohttp",
+            "nodeproxy.config.model", "nodeproxy.admin.server", "httptools",
             "nodeproxy.capture.rtnetlink"} <= modules
 
 

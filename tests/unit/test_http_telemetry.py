@@ -10,10 +10,10 @@ import threading
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeproxy.admin.http_server import HttpServer
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import AccessLogSettings
@@ -399,17 +399,16 @@ CLUSTERS = [{
 
 
 async def get_clusters(servers: AdminServers) -> tuple[int, Any]:
-    runner = web.AppRunner(servers.admin_app(), access_log=None)
-    await runner.setup()
+    server = HttpServer(servers.admin_app())
+    await server.start_tcp("127.0.0.1", 0)
+    host, port = "127.0.0.1", server.port
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
         async with aiohttp.ClientSession() as session, \
                 session.get(f"http://{host}:{port}/clusters") as response:
             assert response.content_type == "application/json"
             return response.status, await response.json()
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 def test_admin_clusters_page() -> None:

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from nodeproxy.admin.http_server import HttpServer
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.cli import live_view
 from nodeproxy.telemetry.live_stats import (
@@ -191,16 +191,15 @@ def test_tables_show_the_rows() -> None:
 
 
 async def get_live(servers: AdminServers, query: str) -> tuple[int, Any]:
-    runner = web.AppRunner(servers.admin_app(), access_log=None)
-    await runner.setup()
+    server = HttpServer(servers.admin_app())
+    await server.start_tcp("127.0.0.1", 0)
+    host, port = "127.0.0.1", server.port
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
         async with aiohttp.ClientSession() as session, \
                 session.get(f"http://{host}:{port}/stats/live{query}") as response:
             return response.status, await response.json()
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 def test_admin_live_page() -> None:

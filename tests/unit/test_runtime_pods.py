@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
+from nodeproxy.admin.http_server import HttpServer
 from nodeproxy.config.model import Workload
 from nodeproxy.daemon.control_api import ControlApi
 from nodeproxy.daemon.handover import HandoverRefused
@@ -182,12 +183,17 @@ def test_an_unreadable_saved_file_restores_nothing_and_is_reported(
 
 async def _ask(api: ControlApi, calls: list[tuple[str, str, Any]]) -> list[tuple[int, Any]]:
     answers = []
-    async with TestClient(TestServer(api.app())) as client:
-        for method, path, body in calls:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            response = await client.request(method, path, data=data if body is not None
-                                            else None)
-            answers.append((response.status, await response.json()))
+    server = HttpServer(api.app())
+    await server.start_tcp("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as client:
+            for method, path, body in calls:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                async with client.request(method, path, data=data if body is not None
+                                          else None) as response:
+                    answers.append((response.status, await response.json()))
+    finally:
+        await server.stop()
     return answers
 
 
