@@ -283,8 +283,8 @@ class OutboundProxy:
         if sock is None or remote is None:
             return None
         # The accepted socket's own address is its listener's: each listens on one loopback
-        # address (open_listeners), so no getsockname() (two system calls and a socket
-        # object through uvloop's stand-in) is needed to know it.
+        # address (open_listeners).  (uvloop keeps both addresses from connection_made, so
+        # asking costs no system call, but a new tuple and address string each time.)
         local = (_LOOPBACK.get(sock.family), self.port)
         if local[0] is None:
             return None
