@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Boots the Vagrant VM on one of Debian 12's kernels and runs the kernel-focused
-# part of the test suite inside it, then destroys the VM.
+# Boots the Vagrant VM on one of Debian 12's kernels (or Debian 11's 5.10) and runs
+# the kernel-focused part of the test suite inside it, then destroys the VM.
 #
-#   scripts/vm_test.sh 6.1|6.12        (make vm-test KERNEL=6.1|6.12)
+#   scripts/vm_test.sh 6.1|6.12|5.10   (make vm-test KERNEL=6.1|6.12|5.10)
 #
 # Needs the box from scripts/vm_box.sh.  libvirtd and virtlogd are started by
 # hand when none runs (and stopped again, by PID, at the end); the VM runs under
