@@ -81,6 +81,7 @@ class CaptureMaps:
         self._fastpath = maps.open(contract.FASTPATH_STATS)
         self._inbound_ips = maps.open(contract.INBOUND_IPS)
         self._dials = maps.open(contract.PROXY_DIALS)
+        self._dial_keys: dict[tuple[tuple[str, int], tuple[str, int]], bytes] = {}  # in flight
         self._listeners = maps.open(contract.INBOUND_LISTENERS)
         self._probe_sources = maps.open(contract.PROBE_SOURCES)
 
@@ -131,10 +132,14 @@ class CaptureMaps:
     def expect_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
         """The proxy is about to connect from `source` (a client's address) into a pod at
         `dest`: inbound capture must not steer it back to the proxy."""
-        self._dials.put(self._dial_key(source, dest), 1)
+        key = self._dial_key(source, dest)
+        self._dials.put(key, 1)
+        # forget_dial follows within the dial: the packed key is kept for it, not built again.
+        self._dial_keys[(source, dest)] = key
 
     def forget_dial(self, source: tuple[str, int], dest: tuple[str, int]) -> None:
-        self._dials.delete(self._dial_key(source, dest))
+        key = self._dial_keys.pop((source, dest), None)
+        self._dials.delete(key if key is not None else self._dial_key(source, dest))
 
     def replace_denies(self, denies: list[tuple[int, IPAddress, int, int]]) -> None:
         """Make the kernel's connect-time DENY set exactly these (pod id, ip, port, policy

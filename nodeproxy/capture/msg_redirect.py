@@ -169,21 +169,23 @@ class MsgRedirect:
         if not self.enabled:
             return None
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
-        app_key = self._key(family, netns_cookie, remote, local)
+        # Each address packed once, for both keys (the application's socket sees them
+        # the other way round).
+        local_ip = contract.packed_address(family, local[0])
+        remote_ip = contract.packed_address(family, remote[0])
+        app_key = contract.msg_key(netns_cookie, family, remote_ip, remote[1], local_ip,
+                                   local[1])
         try:
             flow = self._flows.get(app_key)
         except OSError:
             return None
         if flow is None:
             return None
-        proxy_key = self._key(family, netns_cookie, local, remote)
+        proxy_key = contract.msg_key(netns_cookie, family, local_ip, local[1], remote_ip,
+                                     remote[1])
         try:
             self._sockets.put(proxy_key, sock.fileno())
         except OSError:
             return None  # e.g. the application already closed: nothing left to speed up
         return ProxyReads(self._reads, int(flow.app_cookie), self._flows, app_key)
 
-    @staticmethod
-    def _key(family: int, netns_cookie: int, local: tuple, remote: tuple) -> bytes:
-        return contract.msg_key(netns_cookie, family, contract.packed_address(family, local[0]),
-                                local[1], contract.packed_address(family, remote[0]), remote[1])

@@ -20,6 +20,9 @@ from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.libc import check, libc
 
 CLONE_NEWNET = 0x40000000
+# Dial sockets made per visit to a pod's netns (Netns.dial_socket): the spares hold this
+# many descriptors at most per pod and family, a few KiB of kernel memory each.
+DIAL_BATCH = 4
 SO_NETNS_COOKIE = 71  # Linux 5.14+: the cookie the eBPF helpers see for this netns
 
 
@@ -77,6 +80,9 @@ class Netns:
     device: int
     # net.ipv4.ip_local_port_range inside it, read on first use (transparent.local_ports)
     local_ports: range | None = field(default=None, compare=False)
+    # Dial sockets made ahead, by family, lowest descriptor last (dial_socket).
+    _spare: dict[int, list[socket.socket]] = field(default_factory=dict, compare=False,
+                                                   repr=False)
 
     @classmethod
     def open(cls, path: str) -> Netns:
@@ -107,6 +113,41 @@ class Netns:
             return socket.socket(family, type_)
         finally:
             _setns(own)
+
+    def dial_socket(self, family: int, below: int) -> socket.socket:
+        """A new non-blocking TCP socket inside this netns for a dial, with a descriptor
+        number below `below` if one was free when it was made (the caller checks it, as it
+        checks any socket).  Made DIAL_BATCH at a time in one visit to the netns (two setns
+        system calls and their ctypes calls per batch, not per dial); the spares are plain
+        new sockets, no option set, so a dial gets exactly what socket() would have made
+        then.  A spare whose descriptor came at or above `below` is closed at once, so
+        spares never sit on the descriptors the budget keeps for other work
+        (tcp/descriptors.py).  close() closes the spares."""
+        spare = self._spare.get(family)
+        if not spare:
+            spare = self._spare[family] = self._make_spares(family, below)
+            if not spare:
+                return self.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        return spare.pop()
+
+    def _make_spares(self, family: int, below: int) -> list[socket.socket]:
+        made: list[socket.socket] = []
+        own = _own_netns()
+        _setns(self.fd)
+        try:
+            for _ in range(DIAL_BATCH):
+                made.append(socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
+        except OSError:
+            if not made:
+                raise
+        finally:
+            _setns(own)
+        kept = [sock for sock in made if sock.fileno() < below]
+        for sock in made:
+            if sock.fileno() >= below:
+                sock.close()
+        kept.reverse()  # pop() hands out the lowest descriptor first
+        return kept
 
     def listener(self, family: int, host: str, port: int, backlog: int = 4096
                  ) -> socket.socket:
@@ -147,6 +188,10 @@ class Netns:
             return self.inode
 
     def close(self) -> None:
+        for spare in self._spare.values():
+            for sock in spare:
+                sock.close()
+        self._spare.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

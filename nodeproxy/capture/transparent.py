@@ -87,11 +87,12 @@ def local_ports(netns: Netns) -> range:
 
 
 def transparent_socket(netns: Netns, source_ip: str, family: int,
-                       port: int = 0) -> socket.socket:
+                       port: int = 0, below: int = 1 << 30) -> socket.socket:
     """A non-blocking socket inside the pod's netns, bound to the client's address and
-    `port` (0: a port the kernel searches).  OSError EADDRINUSE if `port` is taken."""
+    `port` (0: a port the kernel searches).  OSError EADDRINUSE if `port` is taken.
+    `below`: the descriptor ceiling of proxied sockets (Netns.dial_socket)."""
     # Made non-blocking by socket() itself: one system call less than setblocking().
-    sock = netns.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = netns.dial_socket(family, below)
     try:
         if family == socket.AF_INET:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)

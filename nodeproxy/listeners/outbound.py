@@ -52,6 +52,9 @@ from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics, TcpLabels
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
+# The one address each family's outbound listener is bound to in a pod's netns: also every
+# accepted connection's local address.
+_LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
 class OutboundProxy:
@@ -86,11 +89,13 @@ class OutboundProxy:
         self._trust_domain = trust_domain
         self.port = port
         self._msg_redirect = msg_redirect
+        self._opaque_of: object = None  # the HTTP settings self._opaque was built from
+        self._opaque: frozenset[int] = frozenset()
 
     async def open_listeners(self, pod: EnrolledPod) -> None:
         """Listen on 127.0.0.1 and [::1] at the outbound port inside the pod's netns."""
         loop = asyncio.get_running_loop()
-        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        for family, host in _LOOPBACK.items():
             try:
                 sock = pod.netns.listener(family, host, self.port, LISTEN_BACKLOG)
             except OSError as e:
@@ -175,8 +180,9 @@ class OutboundProxy:
                 or decision.port is None):
             return PortMode.OPAQUE
         settings = self._http.settings
-        return port_mode(decision.port.app_protocol, decision.port.port,
-                         frozenset(settings.opaque_ports))
+        if settings is not self._opaque_of:  # a reload: the set built once per settings
+            self._opaque_of, self._opaque = settings, frozenset(settings.opaque_ports)
+        return port_mode(decision.port.app_protocol, decision.port.port, self._opaque)
 
     async def _serve_http(self, pod: EnrolledPod, down: Side, decision: Resolution,
                           mode: PortMode, opened: Opened[Side] | None) -> bool:
@@ -273,8 +279,14 @@ class OutboundProxy:
             return None
         transport = down.transport
         sock = transport.get_extra_info("socket")
-        local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
-        if sock is None or local is None or remote is None:
+        remote = transport.get_extra_info("peername")  # asked already by the dial: kept
+        if sock is None or remote is None:
+            return None
+        # The accepted socket's own address is its listener's: each listens on one loopback
+        # address (open_listeners).  (uvloop keeps both addresses from connection_made, so
+        # asking costs no system call, but a new tuple and address string each time.)
+        local = (_LOOPBACK.get(sock.family), self.port)
+        if local[0] is None:
             return None
         return self._msg_redirect.enable(sock, pod.netns_cookie, local, remote)
 

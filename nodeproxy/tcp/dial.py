@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.capture.transparent import local_ports, transparent_socket
-from nodeproxy.tcp.descriptors import check_socket
+from nodeproxy.tcp.descriptors import BUDGET, check_socket
 from nodeproxy.tcp.relay import Side
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -30,17 +30,33 @@ def relay_side() -> Side:
 
 
 async def connect_socket(sock: socket.socket, address: tuple[str, int],
-                         timeout: float | None = None) -> None:
+                         timeout: float | None = None, *, on_host: bool = False) -> None:
     """Connect a non-blocking socket to a numeric address, as loop.sock_connect would,
     without its name resolution: uvloop's sock_connect passes every address, numeric or
     not, to getaddrinfo in its thread pool (a thread hop per dial, and a queue when many
     dials start at once).  OSError as connect() reports it; TimeoutError after `timeout`
-    seconds (a timer only when the connect does not complete at once)."""
+    seconds (a timer only when the connect does not complete at once).
+
+    on_host: the destination is a socket of this host (a pod's own address, from inside
+    its netns: the loopback device).  The kernel then runs the whole handshake inside
+    connect() (the SYN, the listener's SYN-ACK and its processing happen before the call
+    returns, though it still says EINPROGRESS), so the socket is asked once with
+    getpeername(), which succeeds only on a connected socket, and the wait for
+    writability (two epoll changes, a future, a loop turn and the SO_ERROR read) is
+    skipped.  Anything else (still SYN_SENT, refused, reset) takes the wait as before,
+    which reports it exactly as connect() does."""
     err = sock.connect_ex(address)
     if err == 0:
         return
     if err not in (errno.EINPROGRESS, errno.EINTR):  # EINTR: it goes on, as EINPROGRESS
         raise OSError(err, os.strerror(err))
+    if on_host and err == errno.EINPROGRESS:
+        try:
+            sock.getpeername()
+        except OSError:
+            pass  # not connected (yet): wait for it below
+        else:
+            return
     loop = asyncio.get_running_loop()
     writable: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
@@ -68,11 +84,11 @@ def _expire(future: asyncio.Future[None]) -> None:
 
 
 async def _connect(sock: socket.socket, dest: tuple[str, int], timeout: float,
-                   side: P) -> P:
+                   side: P, *, on_host: bool = False) -> P:
     loop = asyncio.get_running_loop()
     try:
         check_socket(sock)  # an upstream never takes a descriptor of the reserve
-        await connect_socket(sock, dest, timeout)
+        await connect_socket(sock, dest, timeout, on_host=on_host)
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()
@@ -141,7 +157,7 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
     kept = kept_port(source_port, local_ports(netns)) if source_port else 0
     if kept:
         try:
-            sock = transparent_socket(netns, source_ip, family, kept)
+            sock = transparent_socket(netns, source_ip, family, kept, BUDGET.ceiling)
         except OSError as e:
             if e.errno not in _PORT_TAKEN:
                 raise
@@ -153,7 +169,7 @@ async def dial_transparent(netns: Netns, source: IPAddress, ip: IPAddress, port:
             except OSError as e:
                 if e.errno not in _PORT_TAKEN:
                     raise
-    sock = transparent_socket(netns, source_ip, family)
+    sock = transparent_socket(netns, source_ip, family, 0, BUDGET.ceiling)
     return await _announced_connect(sock, None, dest, timeout, announcer, protocol)
 
 
@@ -170,7 +186,8 @@ async def _announced_connect(sock: socket.socket, local: tuple[str, int] | None,
             raise
     announcer.expect_dial(local, dest)
     try:
-        return await _connect(sock, dest, timeout, protocol)
+        # Into a pod of this node: the handshake completes inside connect().
+        return await _connect(sock, dest, timeout, protocol, on_host=True)
     finally:
         announcer.forget_dial(local, dest)
 

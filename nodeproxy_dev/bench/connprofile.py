@@ -1,12 +1,13 @@
 """Where a proxied connection's CPU and memory go in the daemon: a profile, not a benchmark.
 
 Run as ``python -m nodeproxy_dev.bench.connprofile [--seconds S] [--idle N] [--out DIR]
-[--app-protocol tcp|detect] [--splice] [--only same-node|cross-node] [--strace]`` (root;
-``--idle 0`` skips the memory part).  One testbed cluster (two nodes, a meshed client on
-node0, a server pod on each node, a service for each, its port declared ``appProtocol:
-tcp`` as the bench's L4 servers are, so same-node flows are spliced; ``detect`` leaves it
-undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast path;
-``--splice`` turns fastPath.splice on, as the bench's nodeproxy-splice does), then:
+[--app-protocol tcp|detect] [--splice] [--only same-node|cross-node] [--strace] [--perf]
+[--burst N] [--calls]`` (root; ``--idle 0`` skips the memory part).  One testbed cluster (two
+nodes, a meshed client on node0, a server pod on each node, a service for each, its port
+declared ``appProtocol: tcp`` as the bench's L4 servers are, so same-node flows are
+spliced; ``detect`` leaves it undeclared: the first bytes are sniffed and the flow relayed
+on the sk_msg fast path; ``--splice`` turns fastPath.splice on, as the bench's
+nodeproxy-splice does), then:
 
 - CPU: the connect scenario's load (short connections back to back, 16 in flight) to the
   same-node and to the cross-node service for S seconds each, with py-spy sampling every
@@ -16,6 +17,15 @@ undeclared: the first bytes are sniffed and the flow relayed on the sk_msg fast 
   functions with the largest inclusive share of the busy samples.
 - System calls (``--strace``): the same-node load once more under ``strace -c -f`` on
   node0's daemon; its system calls per connection, by name.
+- Where the CPU goes below Python (``--perf``): the same-node load once more under
+  ``perf record -g`` on node0's daemon (999 Hz); the samples' shares by shared object
+  (kernel, the interpreter, uvloop, libuv, ctypes' libffi ...) and the leading symbols.
+- The opening burst (``--burst N``): N idle connections opened same node 64 at a time, as
+  the bench's idle scenario does, with py-spy on node0's daemon; the opening's time, the
+  daemon's CPU per connection opened and the functions' shares.
+- Python calls per connection (``--calls``): the daemons restarted with a hook that runs
+  cProfile between two SIGUSR1s; the same-node load under it, and each function's calls
+  per connection made (exact counts; cProfile's own times are not the daemon's).
 - Memory: the daemons restarted with tracemalloc on (a ``sitecustomize`` of this module's
   own, active only in ``nodeproxy run``, dumps a snapshot on SIGUSR2); N idle connections
   opened same node (``nodeproxy_dev.bench.idle``), and the snapshot difference after
@@ -60,6 +70,24 @@ if os.environ.get("NODEPROXY_PROFILE_DIR") and _nodeproxy_daemon():
         tracemalloc.take_snapshot().dump(path + ".part")
         os.replace(path + ".part", path)
     signal.signal(signal.SIGUSR2, _dump)
+'''
+
+
+CALLS_SITECUSTOMIZE = DAEMON_CHECK + '''
+if os.environ.get("NODEPROXY_CALLS_DIR") and _nodeproxy_daemon():
+    import cProfile
+    _profile = [None]
+    def _toggle(signum, frame):
+        if _profile[0] is None:
+            _profile[0] = cProfile.Profile()
+            _profile[0].enable()
+            return
+        _profile[0].disable()
+        path = os.path.join(os.environ["NODEPROXY_CALLS_DIR"], f"{os.getpid()}.pstats")
+        _profile[0].dump_stats(path + ".part")
+        os.replace(path + ".part", path)
+        _profile[0] = None
+    signal.signal(signal.SIGUSR1, _toggle)
 '''
 
 
@@ -173,6 +201,88 @@ def syscall_profile(cluster: Cluster, service: str, seconds: float,
                                if count / made >= 0.05}}
 
 
+def perf_profile(cluster: Cluster, service: str, seconds: float, out: Path
+                 ) -> dict[str, Any]:
+    """Where node0's daemon spends the same-node load below Python: ``perf record -g`` around
+    it, then the samples' shares by shared object and by symbol (self time)."""
+    vip = cluster.services[f"default/{service}"].address(4)
+    pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
+    data = out / f"{service}-node0.perf.data"
+    load = _connect_load(cluster, vip, seconds)
+    time.sleep(1.0)
+    subprocess.run(["timeout", str(int(seconds) + 30), "perf", "record", "-F", "999", "-g",
+                    "-p", str(pid), "-o", str(data), "--", "sleep", str(int(seconds))],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    summary = _load_summary(load, seconds)
+
+    def report(sort: str) -> list[tuple[str, float]]:
+        text = subprocess.run(
+            ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",
+             "-g", "none", "--percent-limit", "0.7"], capture_output=True, text=True,
+            timeout=300, check=False).stdout
+        rows = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
+                rows.append((" ".join(parts[1:]), float(parts[0].rstrip("%"))))
+        return rows[:TOP * 2]
+
+    (out / "perf-dso.txt").write_text(json.dumps(report("dso")))
+    return {"service": service, "connections_per_s": summary.get("succeeded", 0) / max(
+        summary.get("elapsed_s", 1.0), 1e-9), "by_dso": report("dso"),
+        "by_symbol": report("dso,sym")}
+
+
+def burst_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
+    """Opening `count` idle connections same node (64 in flight, as the bench's idle
+    scenario): how long, node0's daemon CPU per connection, and py-spy's shares."""
+    pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
+    path = out / "burst-node0.folded"
+    cpu_before = procstat.cpu_seconds(pid)
+    spy = subprocess.Popen(
+        [_py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
+         "60", "--format", "raw", "--output", str(path), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    started = time.monotonic()
+    with idle_connections(cluster, pid, count) as ready:
+        opened_s = time.monotonic() - started
+        cpu = procstat.cpu_seconds(pid) - cpu_before
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+    folded = path.read_text() if path.exists() else ""
+    return {"connections": ready.get("open"), "failed": ready.get("failed"),
+            "client_setup_s": ready.get("setup_s"), "opened_s": round(opened_s, 3),
+            "cpu_ms_per_connection": round(cpu * 1000 / max(count, 1), 4),
+            "py_spy": folded_shares(folded, SAMPLE_RATE * opened_s)}
+
+
+def calls_profile(cluster: Cluster, service: str, seconds: float, out: Path
+                  ) -> dict[str, Any]:
+    """Each Python function's calls per connection of the same-node load in node0's daemon
+    (started with CALLS_SITECUSTOMIZE): cProfile on for the load, off after it."""
+    import pstats
+
+    vip = cluster.services[f"default/{service}"].address(4)
+    pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
+    path = out / f"{pid}.pstats"
+    os.kill(pid, signal.SIGUSR1)
+    summary = _load_summary(_connect_load(cluster, vip, seconds), seconds)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the daemon wrote no cProfile dump")
+        time.sleep(0.2)
+    made = max(int(summary.get("succeeded", 0)), 1)
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    rows = sorted(((calls, f"{func[2]} ({func[0].rsplit('site-packages/', 1)[-1]}:{func[1]})")
+                   for func, (_, calls, *_rest) in stats.items()), reverse=True)
+    return {"service": service, "connections": made,
+            "calls_per_connection": round(sum(c for c, _ in rows) / made, 1),
+            "top": [(name, round(calls / made, 2)) for calls, name in rows[:TOP * 4]]}
+
+
 def memory_profile(cluster: Cluster, count: int, out: Path, settle: float = 1.0
                    ) -> dict[str, Any]:
     pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
@@ -255,6 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strace", action="store_true",
                         help="also count node0's system calls per connection (strace -c "
                              "-f, a second same-node load of --seconds)")
+    parser.add_argument("--perf", action="store_true",
+                        help="also perf record node0's daemon under a second same-node load "
+                             "(shares by shared object and symbol)")
+    parser.add_argument("--burst", type=int, default=0,
+                        help="also open this many idle connections same node, 64 at a "
+                             "time, with py-spy on node0's daemon (the opening burst)")
+    parser.add_argument("--calls", action="store_true",
+                        help="also count node0's Python calls per connection (cProfile, "
+                             "daemons restarted with a hook; a third same-node load)")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 0 <= args.idle <= 9000:
         parser.error("--seconds 1..120, --idle 0..9000 (0: no memory profile)")
@@ -271,9 +390,18 @@ def main(argv: list[str] | None = None) -> int:
             report["cpu"].append(cpu_profile(cluster, "web-z0", ["node0"], args.seconds, out))
             if args.strace:
                 report["syscalls"] = syscall_profile(cluster, "web-z0", args.seconds, out)
+            if args.perf:
+                report["perf"] = perf_profile(cluster, "web-z0", args.seconds, out)
+            if args.burst:
+                report["burst"] = burst_profile(cluster, min(args.burst, 9000), out)
         if args.only in (None, "cross-node"):
             report["cpu"].append(cpu_profile(cluster, "web-z1", ["node0", "node1"],
                                              args.seconds, out))
+        if args.calls:
+            cluster.stop_daemons()
+            with startup_hook(out, CALLS_SITECUSTOMIZE, "NODEPROXY_CALLS_DIR", str(out)):
+                cluster.start_daemons()
+                report["calls"] = calls_profile(cluster, "web-z0", args.seconds, out)
         if not args.idle:
             cluster.stop_daemons()
             (out / "profile.json").write_text(json.dumps(report, indent=1))

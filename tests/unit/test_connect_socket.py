@@ -74,3 +74,48 @@ def test_a_timed_out_connect_leaves_no_writer_behind():
                 for filler in fillers:
                     filler.close()
     uvloop.run(main())
+
+
+def test_on_host_a_connect_done_inside_connect_waits_for_nothing(monkeypatch):
+    """A loopback connect is established before connect() returns: with on_host the dial
+    asks getpeername() and registers no writer (so no epoll change, no loop turn)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with _listener() as srv, _client() as sock:
+            def no_writer(*args: object) -> None:
+                raise AssertionError("the dial waited for writability")
+            monkeypatch.setattr(loop, "add_writer", no_writer)
+            await connect_socket(sock, srv.getsockname(), 5, on_host=True)
+            monkeypatch.undo()
+            peer, address = srv.accept()
+            with peer:
+                assert address == sock.getsockname()
+                sock.send(b"x")
+                assert peer.recv(1) == b"x"
+    uvloop.run(main())
+
+
+def test_on_host_a_refusal_and_a_dropped_syn_are_reported_as_before():
+    """on_host changes nothing for a connect that did not complete: refused is
+    ECONNREFUSED, a SYN the full listener dropped times out, nothing left registered."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with _listener() as srv:
+            address = srv.getsockname()
+        with _client() as sock, pytest.raises(ConnectionRefusedError):
+            await connect_socket(sock, address, 5, on_host=True)
+        with _listener(backlog=0) as srv:
+            fillers = []
+            try:
+                for _ in range(8):
+                    filler = _client()
+                    fillers.append(filler)
+                    filler.connect_ex(srv.getsockname())
+                with _client() as sock:
+                    with pytest.raises(TimeoutError):
+                        await connect_socket(sock, srv.getsockname(), 0.3, on_host=True)
+                    assert not loop.remove_writer(sock.fileno())
+            finally:
+                for filler in fillers:
+                    filler.close()
+    uvloop.run(main())
