@@ -57,17 +57,43 @@ def test_one_visit_per_batch_and_plain_new_sockets(netns: Netns, monkeypatch):
             sock.close()
 
 
-def test_a_spare_never_holds_a_descriptor_at_or_above_the_ceiling(netns: Netns):
+class _RecordingSocketModule:
+    """The socket module as namespaces.py sees it, recording each socket made and the
+    descriptor it got (a closed socket's fileno() is -1 afterwards)."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[socket.socket, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(socket, name)
+
+    def socket(self, *args, **kwargs) -> socket.socket:
+        sock = socket.socket(*args, **kwargs)
+        self.made.append((sock, sock.fileno()))
+        return sock
+
+
+def test_a_spare_never_holds_a_descriptor_at_or_above_the_ceiling(netns: Netns, monkeypatch):
+    # What the batch made is recorded, not inferred from descriptor numbers: in the whole
+    # suite other threads open and close descriptors at any time.
+    recording = _RecordingSocketModule()
+    monkeypatch.setattr(namespaces, "socket", recording)
+    namespaces._own_netns()  # the thread's home netns descriptor, opened on first use
     probe = socket.socket()
-    lowest = probe.fileno()
+    ceiling = probe.fileno() + 2  # room for two below the ceiling
     probe.close()
-    first = netns.dial_socket(socket.AF_INET6, lowest + 2)  # room for two below the ceiling
+    first = netns.dial_socket(socket.AF_INET6, ceiling)
     try:
-        assert first.fileno() < lowest + 2
+        assert len(recording.made) == DIAL_BATCH
+        assert any(fd >= ceiling for _sock, fd in recording.made)  # the case under test
         spares = netns._spare[socket.AF_INET6]
-        assert len(spares) == 1 and spares[0].fileno() < lowest + 2
-        for fd in range(lowest + 2, lowest + DIAL_BATCH):
-            assert not _is_open(fd)  # made, over the ceiling: closed at once
+        assert first.fileno() < ceiling
+        assert all(spare.fileno() < ceiling for spare in spares)
+        for sock, fd in recording.made:
+            if fd >= ceiling:
+                assert sock.fileno() == -1  # made over the ceiling: closed at once
+            else:
+                assert sock is first or sock in spares  # under it: kept
     finally:
         first.close()
 
@@ -84,7 +110,7 @@ def test_with_no_room_below_the_ceiling_a_dial_still_gets_a_socket_to_check(netn
 def test_close_closes_the_spares(netns: Netns):
     sock = netns.dial_socket(socket.AF_INET, 1 << 30)
     sock.close()
-    spares = [s.fileno() for s in netns._spare[socket.AF_INET]]
-    assert len(spares) == DIAL_BATCH - 1 and all(_is_open(fd) for fd in spares)
+    spares = list(netns._spare[socket.AF_INET])
+    assert len(spares) == DIAL_BATCH - 1 and all(_is_open(s.fileno()) for s in spares)
     netns.close()
-    assert not any(_is_open(fd) for fd in spares)
+    assert all(s.fileno() == -1 for s in spares)  # closed by close(), not by anyone else
