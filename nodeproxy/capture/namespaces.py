@@ -132,16 +132,14 @@ class Netns:
 
     def _make_spares(self, family: int, below: int) -> list[socket.socket]:
         made: list[socket.socket] = []
-        own = _own_netns()
-        _setns(self.fd)
-        try:
-            for _ in range(DIAL_BATCH):
-                made.append(socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
-        except OSError:
-            if not made:
-                raise
-        finally:
-            _setns(own)
+        with entered(self.fd):  # once per batch: the generator's cost is shared
+            try:
+                for _ in range(DIAL_BATCH):
+                    made.append(socket.socket(family,
+                                              socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
+            except OSError:
+                if not made:
+                    raise
         kept = [sock for sock in made if sock.fileno() < below]
         for sock in made:
             if sock.fileno() >= below:
