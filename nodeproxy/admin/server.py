@@ -69,9 +69,6 @@ ClustersProvider = Callable[[], Sequence[Mapping[str, Any]]]
 LiveProvider = Callable[[int | None, str | None], Mapping[str, Any]]
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response.json(data, status)
-
 
 class AdminServers:
     def __init__(self, daemon: DaemonView, clusters: ClustersProvider | None = None,
@@ -93,37 +90,37 @@ class AdminServers:
         return Response.text("not ready\n" + detail, 503)
 
     async def _config_dump(self, _request: Request) -> Response:
-        return _json(self._d.config_dump())
+        return Response.json(self._d.config_dump())
 
     async def _pods(self, _request: Request) -> Response:
-        return _json(self._d.pods_view())
+        return Response.json(self._d.pods_view())
 
     async def _clusters_page(self, _request: Request) -> Response:
         if self._clusters is None:
-            return _json([])
+            return Response.json([])
         try:
             clusters = [dict(c) for c in self._clusters()]
         except Exception as e:  # the admin page must answer even if the provider breaks
             log.exception("admin: the /clusters provider failed")
-            return _json({"error": f"{type(e).__name__}: {e}"}, 500)
-        return _json(clusters)
+            return Response.json({"error": f"{type(e).__name__}: {e}"}, 500)
+        return Response.json(clusters)
 
     async def _live_page(self, request: Request) -> Response:
         if self._live is None:
-            return _json({"error": "live figures are not kept (admin.liveStatsSeconds: 0)"},
+            return Response.json({"error": "live figures are not kept (admin.liveStatsSeconds: 0)"},
                          404)
         raw = request.query.get("window")
         if raw is not None and not raw.isdigit():
-            return _json({"error": f"window must be a whole number of seconds, not {raw!r}"},
-                         400)
+            return Response.json(
+                {"error": f"window must be a whole number of seconds, not {raw!r}"}, 400)
         try:
             window = int(raw) if raw is not None else None
-            return _json(dict(self._live(window, request.query.get("namespace") or None)))
+            return Response.json(dict(self._live(window, request.query.get("namespace") or None)))
         except ValueError as e:
-            return _json({"error": str(e)}, 400)
+            return Response.json({"error": str(e)}, 400)
         except Exception as e:  # the admin page must answer even if the provider breaks
             log.exception("admin: the /stats/live provider failed")
-            return _json({"error": f"{type(e).__name__}: {e}"}, 500)
+            return Response.json({"error": f"{type(e).__name__}: {e}"}, 500)
 
     def admin_app(self) -> PathTable:
         """The 127.0.0.1:15000 routes (their own method so tests can serve them alone)."""

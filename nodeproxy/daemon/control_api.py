@@ -41,9 +41,6 @@ from nodeproxy.pods.enrollment import EnrollError
 OK, BAD_REQUEST, NOT_FOUND, CONFLICT = 200, 400, 404, 409
 
 
-def _json(data: Any, status: int = OK) -> Response:
-    return Response.json(data, status)
-
 
 class ControlApi:
     def __init__(self, *, pods: Callable[[], list[dict[str, Any]]], runtime: RuntimePods,
@@ -62,53 +59,53 @@ class ControlApi:
         return control
 
     async def _list(self, _request: Request) -> Response:
-        return _json(self._pods())
+        return Response.json(self._pods())
 
     async def _pod(self, request: Request) -> Response:
         key = f"{request.match_info['namespace']}/{request.match_info['name']}"
         reason = self._runtime.skipped.get(key)
         if reason is not None:
-            return _json({"skipped": key, "reason": reason})
+            return Response.json({"skipped": key, "reason": reason})
         for pod in self._pods():
             if f"{pod['namespace']}/{pod['name']}" == key:
-                return _json(pod)
-        return _json({"error": f"pod {key} is not enrolled"}, NOT_FOUND)
+                return Response.json(pod)
+        return Response.json({"error": f"pod {key} is not enrolled"}, NOT_FOUND)
 
     async def _enroll(self, request: Request) -> Response:
         try:
             body = request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _json({"error": f"request body is not JSON: {e}"}, BAD_REQUEST)
+            return Response.json({"error": f"request body is not JSON: {e}"}, BAD_REQUEST)
         try:
             result = await self._runtime.enroll(parse_workload(body))
         except InvalidPod as e:
-            return _json({"error": "invalid pod", "problems": e.problems}, BAD_REQUEST)
+            return Response.json({"error": "invalid pod", "problems": e.problems}, BAD_REQUEST)
         except EnrollError as e:
-            return _json({"error": str(e)}, CONFLICT)
+            return Response.json({"error": str(e)}, CONFLICT)
         except PodSetupFailed as e:
-            return _json({"error": str(e)}, BAD_REQUEST)
+            return Response.json({"error": str(e)}, BAD_REQUEST)
         if isinstance(result, Enrolled):
-            return _json({"enrolled": result.key, "podId": result.pod_id})
+            return Response.json({"enrolled": result.key, "podId": result.pod_id})
         if isinstance(result, Registered):
-            return _json({"registered": result.key, "node": result.node})
+            return Response.json({"registered": result.key, "node": result.node})
         assert isinstance(result, Skipped)
-        return _json({"skipped": result.key, "reason": result.reason})
+        return Response.json({"skipped": result.key, "reason": result.reason})
 
     async def _unenroll(self, request: Request) -> Response:
         try:
             done = await self._runtime.unenroll(request.match_info["namespace"],
                                                 request.match_info["name"])
         except NotEnrolled as e:
-            return _json({"error": str(e)}, NOT_FOUND)
+            return Response.json({"error": str(e)}, NOT_FOUND)
         if done.was == "skipped":
-            return _json({"unenrolled": done.key, "wasSkipped": True})
+            return Response.json({"unenrolled": done.key, "wasSkipped": True})
         if done.was == "registered":
-            return _json({"unregistered": done.key})
-        return _json({"unenrolled": done.key})
+            return Response.json({"unregistered": done.key})
+        return Response.json({"unenrolled": done.key})
 
     async def _handover(self, _request: Request) -> Response:
         try:
             open_connections = await self._hand_over()
         except HandoverRefused as e:
-            return _json({"error": str(e)}, CONFLICT)
-        return _json({"openConnections": open_connections})
+            return Response.json({"error": str(e)}, CONFLICT)
+        return Response.json({"openConnections": open_connections})
