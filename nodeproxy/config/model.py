@@ -155,9 +155,15 @@ class FastPathSettings(Model):
     connection (app <-> outbound listener) exchange messages through an sk_msg
     redirect instead of the loopback TCP/IP stack.  A reload applies a change to new
     connections; splice(2) reads of an application's socket do not see redirected bytes.
+    splice_after_bytes: with splice on, a flow starts relayed by the proxy and is spliced
+    once it has carried this many bytes (both directions together): the kernel's
+    per-socket set-up and tear-down cost more than relaying a short or idle connection
+    (docs/benchmarks.md, "Same-node connection set-up, ninth round").  0 splices every
+    flow as soon as it is decided.
     """
 
     splice: bool = False
+    splice_after_bytes: int = Field(default=65536, ge=0, le=1 << 40)
     sk_msg: bool = True
 
 

@@ -27,7 +27,7 @@ from nodeproxy.config.changes import (
     restart_only_changes,
 )
 from nodeproxy.config.loader import ConfigError, LoadedConfig, load_config
-from nodeproxy.config.model import NodeConfig, Workload
+from nodeproxy.config.model import NodeConfig
 from nodeproxy.daemon.wiring import Kernel, Shares
 from nodeproxy.pods.enrollment import EnrollError, Enrollment
 
@@ -115,18 +115,27 @@ async def apply_config(config: NodeConfig, changes: WorkloadChanges, *, source: 
             log.error("%s: could not enroll pod %s: %s", source, w.key, e)
     # Tables, admission and the kernel's deny map switch together, in one step.
     publish()
-    await _apply_fast_path(kernel, config, changes.changed)
+    await _apply_fast_path(kernel, config, changes)
     if kernel.msg_redirect is not None:  # new connections only
         kernel.msg_redirect.set_enabled(config.fast_path.sk_msg)
     shares.apply(config.limits)
 
 
 async def _apply_fast_path(kernel: Kernel, config: NodeConfig,
-                           changed: tuple[Workload, ...]) -> None:
-    """Splicing switched off (globally or for a pod): the kernel gives those flows back."""
+                           changes: WorkloadChanges) -> None:
+    """Splicing switched off (globally or for a pod): the kernel gives those flows back,
+    and relayed flows waiting to be spliced (fastPath.spliceAfterBytes) never are."""
     splicer = kernel.splicer
     splicer.enabled = config.fast_path.splice
-    opted_out = {w.key for w in changed if not w.splice}
+    splicer.after_bytes = config.fast_path.splice_after_bytes
+    opted_out = {w.key for w in changes.changed if not w.splice}
+    for w in changes.removed:
+        splicer.opted_out.discard(w.key)
+    for w in changes.added + changes.changed:
+        if w.splice:
+            splicer.opted_out.discard(w.key)
+        else:
+            splicer.opted_out.add(w.key)
     taken = await splicer.take_back(
         lambda flow: not splicer.enabled or bool(opted_out.intersection(flow.pods)))
     if taken:

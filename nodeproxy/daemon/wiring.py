@@ -242,7 +242,8 @@ def start_kernel(config: NodeConfig, pod_cgroup: str, registry: CollectorRegistr
             steering = IptablesSteering(iptables.Ports(
                 config.proxy.outbound_port, config.proxy.inbound_port, config.proxy.hbone_port))
         splicer = Splicer(SpliceMaps(programs.maps) if programs is not None else None,
-                          SpliceMetrics(registry), enabled=config.fast_path.splice)
+                          SpliceMetrics(registry), enabled=config.fast_path.splice,
+                          after_bytes=config.fast_path.splice_after_bytes)
         msg_redirect = None
         if programs is not None:
             msg_redirect = MsgRedirect(programs.maps)

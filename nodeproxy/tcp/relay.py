@@ -7,7 +7,9 @@ side's reading so memory stays bounded.  Byte counts go to a callback.
 
 A relay may hand its flow to the kernel (nodeproxy/tcp/splicer.py): while spliced,
 its bytes never reach Python; EOFs still arrive here and are forwarded by the splice
-once the kernel has delivered every byte before them.  While Python has no part in a
+once the kernel has delivered every byte before them.  With fastPath.spliceAfterBytes a
+flow is relayed here first and spliced once it has carried that many bytes
+(`promotion`, checked where bytes are forwarded).  While Python has no part in a
 spliced flow its sides may have no transport at all (SplicedFlow.sleep): the splice
 gives them new ones before anything here needs them.  A relayed flow sleeps the same
 way once it is quiet (tcp/relay_sleep.py, `Relay.nap`); close and abort reach its
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nodeproxy.tcp.fairshare import Lease
     from nodeproxy.tcp.relay_sleep import RelayNap
-    from nodeproxy.tcp.splicer import SplicedFlow
+    from nodeproxy.tcp.splicer import Promotion, SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -158,7 +160,8 @@ class Relay:
     """Joins a downstream (client) side and an upstream (server) side."""
 
     __slots__ = ("_on_bytes", "_on_done", "bytes_from_downstream", "bytes_from_upstream",
-                 "_done", "downstream", "finished", "last_active", "nap", "splice", "upstream")
+                 "_done", "downstream", "finished", "last_active", "nap", "promotion", "splice",
+                 "upstream")
 
     def __init__(
         self,
@@ -176,6 +179,8 @@ class Relay:
         self.bytes_from_downstream = 0
         self.bytes_from_upstream = 0
         self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
+        # Set while the flow is to be spliced once it has carried enough (Splicer.offer).
+        self.promotion: Promotion | None = None
         self.last_active = time.monotonic()  # the last byte either way (idle timeout)
         self.nap: RelayNap | None = None  # set once offered to sleep while quiet
         downstream.relay = self
@@ -239,6 +244,9 @@ class Relay:
         self._on_bytes(from_downstream, n)
         if self.splice is not None:
             self.splice.python_forwarded(src, n)
+        elif self.promotion is not None and (
+                self.bytes_from_downstream + self.bytes_from_upstream >= self.promotion.at):
+            self.promotion.due(self, src, n)  # busy enough for the kernel: splice it
 
     def account(self, src: Side, n: int) -> None:
         """n bytes went from src to its peer (by Python or by the kernel)."""
@@ -303,6 +311,7 @@ class Relay:
     def _finish(self) -> None:
         if self.downstream.lost and self.upstream.lost and not self.finished:
             self.finished = True
+            self.promotion = None
             if self.splice is not None:
                 self.splice.finish()
             if self.nap is not None:

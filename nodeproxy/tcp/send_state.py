@@ -1,4 +1,5 @@
-"""What the kernel's TCP state says about a socket's send side (tcp_info and ioctl).
+"""What the kernel's TCP state says about a socket's send side (tcp_info and ioctl),
+and how much of its receive queue is unread.
 
 Asked on the descriptor (capture/sockopt.py), one system call per read: these run per
 spliced connection."""
@@ -53,3 +54,10 @@ def is_closed(sock: Any) -> bool:
     except OSError:
         return True
     return info[0] == TCP_CLOSE
+
+
+def unread(sock: Any) -> int:
+    """Bytes in the socket's receive queue that nobody has read yet (SIOCINQ)."""
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return int(struct.unpack("i", buf)[0])

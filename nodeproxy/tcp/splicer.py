@@ -50,7 +50,7 @@ from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.tcp.bare_socket import borrowed
 from nodeproxy.tcp.dormancy import GONE, Dormancy, close_bare, detach_sides, readopt, take_back
 from nodeproxy.tcp.relay import Relay, Side
-from nodeproxy.tcp.send_state import is_closed, send_state, sent_total
+from nodeproxy.tcp.send_state import is_closed, send_state, sent_total, unread
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 # this often, this many times, then left to Python.
 RETRY_SECONDS = 0.005
 RETRIES = 40
+# uvloop's read size (UV_STREAM_RECV_BUF_SIZE): a read shorter than this emptied the
+# socket's receive queue (unread_tail_safe).
+FULL_READ = 256000
 # Polling for the kernel to have delivered a direction's bytes: first wait, ceiling.
 POLL_FIRST = 0.0002
 POLL_MAX = 0.02
@@ -526,14 +529,57 @@ def next_wait(wait: float, quiet_wait: float, quiet: bool) -> tuple[float, float
     return max(wait, quiet_wait), min(quiet_wait * 2, QUIET_MAX)
 
 
+class Promotion:
+    """A relayed flow the splicer will take once it has carried `at` bytes (both ways):
+    set on the relay (`Relay.promotion`), which calls `due` from its forward."""
+
+    __slots__ = ("at", "pods", "splicer")
+
+    def __init__(self, splicer: Splicer, pods: tuple[str, ...], at: int):
+        self.splicer = splicer
+        self.pods = pods
+        self.at = at
+
+    def due(self, relay: Relay, src: Side, n: int) -> None:
+        """The relay has just forwarded n bytes read from src and carried `at` or more."""
+        relay.promotion = None
+        self.splicer.promote(relay, self.pods, src if n < FULL_READ else None)
+
+
+def unread_tail_safe(relay: Relay, drained: Side | None = None) -> bool:
+    """Whether the kernel may take over both sockets' receive queues now: neither holds
+    a segment that Python has read in part.  The verdict is handed whole segments from
+    the head of the queue (tcp_read_skb), the part Python already read and forwarded
+    included: that part would reach the peer twice (measured: a promotion after a full
+    256000-byte read delivered 195,584 bytes twice).  A queue is safe when it is empty
+    (SIOCINQ 0: what arrives after the check is whole) or when Python's last read from it
+    was short (`drained`: the read emptied it, so whatever is there came after)."""
+    for side in (relay.downstream, relay.upstream):
+        if side is drained or side.transport is None:
+            continue
+        sock = side.transport.get_extra_info("socket")
+        try:
+            if sock is None or unread(sock):
+                return False
+        except OSError:
+            return False
+    return True
+
+
 class Splicer:
     """Decides which relays the kernel takes over and keeps track of them."""
 
     def __init__(self, maps: SpliceMaps | None, metrics: SpliceMetrics, enabled: bool,
-                 dormancy: Dormancy | None = None):
+                 dormancy: Dormancy | None = None, after_bytes: int = 0):
         self.maps: SpliceMaps = maps  # type: ignore[assignment]  # None: never splices
         self.metrics = metrics
         self.enabled = enabled and maps is not None
+        # fastPath.spliceAfterBytes: a flow is relayed until it has carried this many
+        # bytes, then spliced (0: at once).  Live at reload, for flows offered afterwards.
+        self.after_bytes = after_bytes
+        # Workloads (keys) whose splice was switched off at reload: a flow offered before
+        # and due afterwards must not be spliced (reload.py keeps this).
+        self.opted_out: set[str] = set()
         self.flows: set[SplicedFlow] = set()
         # Where quiet flows wait for their next look and sleeping flows' sockets are
         # watched (SplicedFlow._check, SplicedFlow.sleep); shared with the relays'.
@@ -547,10 +593,35 @@ class Splicer:
 
     def offer(self, relay: Relay, pods: Iterable[str], allowed: bool = True) -> None:
         """A relay has just started; splice it if splicing is on and the flow's
-        workloads allow it (`allowed`), as soon as nothing of it waits in Python."""
+        workloads allow it (`allowed`): as soon as nothing of it waits in Python, or,
+        with `after_bytes`, once it has carried that many bytes (relayed until then)."""
         if not (self.enabled and allowed):
             return
-        self._attempt(relay, tuple(pods), RETRIES)
+        pods = tuple(pods)
+        carried = relay.bytes_from_downstream + relay.bytes_from_upstream
+        if self.after_bytes and carried < self.after_bytes:
+            relay.promotion = Promotion(self, pods, self.after_bytes)
+            return
+        self._attempt(relay, pods, RETRIES)
+
+    def promote(self, relay: Relay, pods: tuple[str, ...], drained: Side | None) -> None:
+        """A relayed flow has carried enough to be spliced (Promotion.due, from the
+        relay's forward, `drained` the side whose read was short).  Spliced now if
+        nothing of it waits in Python and no receive queue holds a segment read in part;
+        else looked at again once it has carried `after_bytes` more (a flow whose
+        queues never empty, a sender faster than the relay, stays relayed)."""
+        if relay.finished or relay.splice is not None:
+            return
+        if not self.enabled or not self.opted_out.isdisjoint(pods):
+            return  # switched off at reload since the flow was offered
+        if relay.downstream.got_eof or relay.upstream.got_eof:
+            self.metrics.ended.inc()  # CLOSE_WAIT: the sockhash would refuse it
+            return
+        if relay.idle() and unread_tail_safe(relay, drained):
+            self._splice(relay, pods)
+            return
+        carried = relay.bytes_from_downstream + relay.bytes_from_upstream
+        relay.promotion = Promotion(self, pods, carried + max(self.after_bytes, 1))
 
     def _attempt(self, relay: Relay, pods: tuple[str, ...], retries: int) -> None:
         if relay.finished or relay.splice is not None or not self.enabled:
@@ -561,7 +632,7 @@ class Splicer:
             # splice (a request, an answer, a close); the relay finishes them.
             self.metrics.ended.inc()
             return
-        if not relay.idle():
+        if not (relay.idle() and unread_tail_safe(relay)):
             if retries > 0:
                 asyncio.get_running_loop().call_later(
                     RETRY_SECONDS, self._attempt, relay, pods, retries - 1)

@@ -27,7 +27,9 @@ pytestmark = pytest.mark.privileged
 
 PORT = 7000
 MB = 1_000_000
-SPLICE_ON = {"fastPath": {"splice": True}}
+# Every flow spliced as soon as it is decided (fastPath.spliceAfterBytes 0): these tests
+# are about the splice itself; test_splice_promotion.py has flows spliced once busy.
+SPLICE_ON = {"fastPath": {"splice": True, "spliceAfterBytes": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,8 @@ def server_log(c: Cluster) -> list[dict]:
 
 def set_splice(c: Cluster, enabled: bool) -> None:
     """Rewrite the node YAML with fastPath.splice and reload it (SIGHUP)."""
-    c.write_configs(overrides={"fastPath": {"splice": enabled}})  # keeps the rest
+    c.write_configs(overrides={"fastPath": {"splice": enabled,  # keeps the rest
+                                            "spliceAfterBytes": 0}})
     c.reload_daemons()
 
 
@@ -453,7 +456,7 @@ def test_drain_resets_both_ends_of_a_sleeping_flow_at_its_deadline():
     with Cluster(1) as c:
         c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
         c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
-        c.write_configs(overrides={"fastPath": {"splice": True},
+        c.write_configs(overrides={"fastPath": {"splice": True, "spliceAfterBytes": 0},
                                    "proxy": {"drainSeconds": 1}})
         c.start_daemons()
         server = serve_script(c, "web-0", """
