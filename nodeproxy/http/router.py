@@ -120,8 +120,7 @@ class Router:
                             outcome.mirror_tap = self._mirrors.start(
                                 ctx, head, source, rule, self._settings.retry_buffer_bytes)
                             source = outcome.mirror_tap or source  # type: ignore[assignment]
-                        body = ReplayableBody(
-                            source, self._settings.retry_buffer_bytes if policy.attempts else 0)
+                        body = ReplayableBody(source, self.retry_buffer(rule))
                     while True:
                         if resume is not None:
                             cluster = resume.cluster
@@ -197,6 +196,10 @@ class Router:
                 ("x-envoy-attempt-count", str(outcome.attempts))]
         return upstream_head
 
+    def retry_buffer(self, rule: CompiledRule) -> int:
+        """The bytes of a request body kept for the rule's retries."""
+        return self._settings.retry_buffer_bytes if rule.retry.attempts else 0
+
     def start(self, ctx: RequestContext, exchange: H1Exchange, rule: CompiledRule,
               outcome: Outcome, done: Done) -> None:
         """``forward`` from a protocol callback, for an HTTP/1.1 request whose (empty) body
@@ -231,10 +234,8 @@ class Router:
             return
         budget = cluster.budget
         budget.record_request()
-        body = ReplayableBody(exchange.body,
-                              self._settings.retry_buffer_bytes if rule.retry.attempts else 0)
         flight = _Flight(self, ctx, exchange, rule, outcome, cluster, endpoint, connection,
-                         slots, body, budget, done)
+                         slots, budget, done)
         timeout = rule.timeouts.request_seconds
         if timeout:
             flight.alarm = self._deadlines.alarm(timeout, flight.expired)
@@ -359,13 +360,12 @@ class _Flight:
     goes, whichever is first; each does what ``forward``'s task does at that point."""
 
     __slots__ = ("_router", "_ctx", "_exchange", "_rule", "_outcome", "_cluster",
-                 "_endpoint", "_connection", "_slots", "_body", "_budget", "_done",
+                 "_endpoint", "_connection", "_slots", "_budget", "_done",
                  "_started", "alarm")
 
     def __init__(self, router: Router, ctx: RequestContext, exchange: H1Exchange,
                  rule: CompiledRule, outcome: Outcome, cluster: Cluster, endpoint: Endpoint,
-                 connection: H1Client, slots: Slots, body: ReplayableBody,
-                 budget: RetryBudget, done: Done):
+                 connection: H1Client, slots: Slots, budget: RetryBudget, done: Done):
         self._router = router
         self._ctx = ctx
         self._exchange = exchange
@@ -375,7 +375,6 @@ class _Flight:
         self._endpoint = endpoint
         self._connection = connection
         self._slots = slots
-        self._body = body
         self._budget = budget
         self._done = done
         self._started = endpoint.stats.begin()
@@ -427,9 +426,11 @@ class _Flight:
         else:
             assert error is not None
             attempt = _failed(exchange, error, connection)
+        # (The request's body is empty: its replayable view is made only here.)
+        body = ReplayableBody(exchange.body, self._router.retry_buffer(self._rule))
         self._done(self._router.forward(
             self._ctx, exchange, self._rule, outcome,
-            resume=Resumed(cluster, self._budget, self._slots, self._body, attempt,
+            resume=Resumed(cluster, self._budget, self._slots, body, attempt,
                            alarm.when if alarm is not None else None)))
 
     async def _finish(self, response: UpstreamResponse, grpc: int | None) -> None:
