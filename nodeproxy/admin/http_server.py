@@ -225,7 +225,10 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer):
         self._server = server
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        # The parser holds this protocol's callbacks: a cycle, broken when the connection
+        # ends (connection_lost) so a closed connection is freed at once, not by the cyclic
+        # collector.
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._queue: deque[_Item] = deque()
         self.busy = False
         self._closing = False
@@ -277,6 +280,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.forget(self)
         self._closing = True
+        self._parser = None
         self._cancel_timers()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -310,15 +314,18 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self) -> None:
         """Feed what was read, a slice at a time, until MAX_PIPELINE requests wait."""
-        data, offset = self._unparsed, 0
-        while (offset < len(data) and not self._closing and not self._refused
+        data, offset, parser = self._unparsed, 0, self._parser
+        while (parser is not None and offset < len(data) and not self._closing and not self._refused
                and len(self._queue) < MAX_PIPELINE):
             piece = data[offset:offset + FEED_SLICE]
             offset += len(piece)
             try:
-                self._parser.feed_data(piece)
+                parser.feed_data(piece)
             except (httptools.HttpParserError, _Refused) as e:  # a callback's comes wrapped
                 cause = e.__context__ if isinstance(e.__context__, _Refused) else e
+                # Their tracebacks hold the frames, and the frames this connection: drop
+                # them, or each refused connection lives until the cyclic collector runs.
+                e.__traceback__ = cause.__traceback__ = None
                 self._refuse(self._refusal, HTTPStatus(self._refusal).phrase
                              if isinstance(cause, _Refused) else str(cause))
                 break
@@ -366,6 +373,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._in_body, self._body_raw = False, True, 0
+        assert self._parser is not None  # callbacks run inside feed_data
         if self._parser.get_http_version() not in ("1.1", "1.0"):
             self._stop(505)  # llhttp takes HTTP/0.9 and 2.0 request lines
         length = self._headers.get("content-length", ["0"])[0]
@@ -396,6 +404,7 @@ class _Connection(asyncio.Protocol):
         for name, value in parse_qsl((parsed.query or b"").decode("latin-1"),
                                      keep_blank_values=True):
             query.setdefault(name, value)
+        assert self._parser is not None  # callbacks run inside feed_data
         method = self._parser.get_method().decode("latin-1")
         headers = {k: ", ".join(v) for k, v in self._headers.items()}
         request = Request(method, raw_path, query, headers, b"".join(self._body))
