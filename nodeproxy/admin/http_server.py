@@ -188,13 +188,16 @@ class _Refused(Exception):
 
 class _LogLimiter:
     """At most one line per reason per LOG_EVERY seconds, with the count of those left out
-    (a hostile peer must not fill the daemon's log; its address is named in the line)."""
+    (a hostile peer must not fill the daemon's log; its address is named in the line);
+    every occurrence is counted in ``counts`` by reason (the daemon exports them)."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
         self._dropped: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
 
     def warn(self, reason: str, message: str, *args: object) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
         now = asyncio.get_running_loop().time()
         if now - self._last.get(reason, -LOG_EVERY) < LOG_EVERY:
             self._dropped[reason] = self._dropped.get(reason, 0) + 1

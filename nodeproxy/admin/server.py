@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NotRequired, Protocol, TypedDict
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from nodeproxy.admin.http_server import HttpServer, PathTable, Request, Response
 
@@ -70,6 +72,30 @@ LiveProvider = Callable[[int | None, str | None], Mapping[str, Any]]
 
 
 
+class FaceCollector(Collector):
+    """The daemon's own HTTP faces at scrape time: connections open on each, and what each
+    refused, timed out or cut, by reason (the bounds in nodeproxy.admin.http_server), so an
+    operator sees a scraper or a probe being turned away before the kubelet does."""
+
+    def __init__(self, servers: Sequence[HttpServer]):
+        self._servers = servers
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        open_now = GaugeMetricFamily(
+            "nodeproxy_admin_connections", "Connections open on the daemon's own HTTP "
+            "face (admin, metrics, readiness, control)", labels=["face"])
+        refused = CounterMetricFamily(
+            "nodeproxy_admin_refusals", "Connections and requests the daemon's own HTTP "
+            "face refused, timed out or cut, by reason (per_source, full, evicted, "
+            "stalled, late_head, late_body, refused_<status>)", labels=["face", "reason"])
+        for server in self._servers:
+            open_now.add_metric([server.name], len(server.connections))
+            for reason, count in sorted(server.limiter.counts.items()):
+                refused.add_metric([server.name, reason], count)
+        yield open_now
+        yield refused
+
+
 class AdminServers:
     def __init__(self, daemon: DaemonView, clusters: ClustersProvider | None = None,
                  live: LiveProvider | None = None):
@@ -78,6 +104,7 @@ class AdminServers:
         self._live = live
         self._servers: list[HttpServer] = []
         self._control_socket: str | None = None
+        self._faces: FaceCollector | None = None
 
     async def _metrics(self, _request: Request) -> Response:
         body = generate_latest(self._d.registry)
@@ -137,6 +164,8 @@ class AdminServers:
                     metrics_port: int, readiness_port: int, control_socket: str,
                     control: PathTable) -> None:
         admin = self.admin_app()
+        self._faces = FaceCollector(self._servers)
+        self._d.registry.register(self._faces)
 
         metrics = PathTable()
         metrics.add_get("/metrics", self._metrics)
@@ -169,6 +198,9 @@ class AdminServers:
         for server in reversed(self._servers):
             await server.stop()
         self._servers.clear()
+        if self._faces is not None:
+            self._d.registry.unregister(self._faces)
+            self._faces = None
         path = self._control_socket
         if unlink_control_socket and path and os.path.exists(path):
             os.unlink(path)

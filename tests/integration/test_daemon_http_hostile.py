@@ -152,6 +152,12 @@ def test_a_hostile_pod_does_not_take_the_probe_and_the_scrape_away(
     assert f"readiness: {attacker.ip4}:" in log or f"metrics: {attacker.ip4}:" in log, log[-3000:]
     time.sleep(0.5)
     well_served(c, other, gateway)
+    # The operator sees it: the garbage and the TLS hello were two 400s on the readiness
+    # face, the endless field one 431 on the metrics face.
+    _, body = node_get(c, METRICS, "/metrics")
+    assert 'nodeproxy_admin_refusals_total{face="readiness",reason="refused_400"} 2.0' \
+        in body, [line for line in body.splitlines() if "admin_refusals" in line]
+    assert 'nodeproxy_admin_refusals_total{face="metrics",reason="refused_431"} 1.0' in body
 
 
 def exchange_endless(pod: Pod, host: str, port: int, limit: int) -> bytes:
