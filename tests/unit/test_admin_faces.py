@@ -4,6 +4,7 @@ reason, equals what a client did to them, and the connections open are counted."
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -71,3 +72,61 @@ def test_refusals_by_reason_and_open_connections_are_exported() -> None:
     text = generate_latest(registry).decode()
     assert 'nodeproxy_admin_refusals_total{face="readiness",reason="refused_400"} 3.0' in text
     assert "# TYPE nodeproxy_admin_refusals_total counter" in text
+
+
+def pipelined(port: int, count: int) -> tuple[list[int], float]:
+    """``count`` pipelined GETs on one connection: the statuses, and the seconds taken."""
+    async def main() -> tuple[list[int], float]:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        start = loop.time()
+        writer.write(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < count:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            assert chunk, data
+            data += chunk
+        writer.close()
+        statuses = [int(part[:3]) for part in data.split(b"HTTP/1.1 ")[1:]]
+        return statuses, loop.time() - start
+    return asyncio.run(main())
+
+
+def throttled_server(node_sources: frozenset[str]) -> tuple[HttpServer, CollectorRegistry]:
+    routes = PathTable()
+    routes.add_get("/healthz/ready", ok)
+    server = HttpServer(routes, "readiness", throttle=True, rate=50.0, burst=5,
+                        node_sources=node_sources)
+    registry = CollectorRegistry()
+    registry.register(FaceCollector([server]))
+    return server, registry
+
+
+def serve_in_thread(server: HttpServer, test: Any) -> Any:
+    result: list[Any] = []
+
+    async def main() -> None:
+        await server.start_tcp("127.0.0.1", 0)
+        try:
+            result.append(await asyncio.to_thread(test, server.port))
+        finally:
+            await server.stop()
+    asyncio.run(main())
+    return result[0]
+
+
+def test_a_pod_over_its_rate_waits_for_its_answers_and_every_wait_is_counted() -> None:
+    server, registry = throttled_server(frozenset())  # 127.0.0.1 is a pod here
+    statuses, seconds = serve_in_thread(server, lambda port: pipelined(port, 30))
+    assert statuses == [200] * 30  # nothing refused: answers wait
+    assert seconds >= (30 - 5) / 50 * 0.9  # the burst at once, then 50 a second
+    assert sample(registry, "nodeproxy_admin_refusals_total", face="readiness",
+                  reason="throttled") == 25
+
+
+def test_the_node_itself_is_never_throttled() -> None:
+    server, registry = throttled_server(frozenset({"127.0.0.1"}))
+    statuses, _ = serve_in_thread(server, lambda port: pipelined(port, 60))
+    assert statuses == [200] * 60
+    assert sample(registry, "nodeproxy_admin_refusals_total", face="readiness",
+                  reason="throttled") is None
