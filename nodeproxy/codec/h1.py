@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 
@@ -66,6 +67,11 @@ from nodeproxy.codec.message import (
 from nodeproxy.codec.request_target import Refusal, check_authority, check_target
 
 log = logging.getLogger(__name__)
+
+# NODEPROXY_L7_CALLBACKS=soon: the callback path's two hand-offs (a request to the
+# handler, a response head to its callback) run from the loop's ready queue, after the
+# read that brought them, as a task's wake-up would, instead of inside it.
+SOON = os.environ.get("NODEPROXY_L7_CALLBACKS") == "soon"
 
 WRITE_HIGH_WATER = 256 * 1024
 MAX_PIPELINED = 16  # parsed requests waiting for their turn before reading pauses
@@ -644,6 +650,9 @@ class H1Server(asyncio.Protocol):
                 if exchange.bodiless:
                     self._deferred = exchange
                     return
+            elif SOON:
+                (self._loop or asyncio.get_running_loop()).call_soon(self._dispatch, exchange)
+                return
             else:
                 self._dispatching = True
                 try:
@@ -651,6 +660,21 @@ class H1Server(asyncio.Protocol):
                         return
                 finally:
                     self._dispatching = False
+        self._to_worker(exchange)
+
+    def _dispatch(self, exchange: H1Exchange) -> None:
+        """SOON: the callback path's turn for `exchange`, from the ready queue."""
+        if self.lost or exchange is not self._current or self._fast is None:
+            return  # (the connection was lost: nothing started, as a cancelled worker)
+        self._dispatching = True
+        try:
+            if self._fast(exchange):
+                return
+        finally:
+            self._dispatching = False
+        self._to_worker(exchange)
+
+    def _to_worker(self, exchange: H1Exchange) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -912,6 +936,7 @@ class H1Client(asyncio.Protocol):
         self._landed: Landed | None = None
         self._ready: UpstreamResponse | None = None
         self._failed: UpstreamError | None = None
+        self._soon: asyncio.Handle | None = None  # SOON: _land, scheduled
 
     # -- UpstreamConnection ------------------------------------------------------------
 
@@ -960,6 +985,9 @@ class H1Client(asyncio.Protocol):
 
     def forget(self) -> None:
         """send_now's callback is not to be called (its exchange was given up)."""
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         self._landed = None
         self._ready = None
         self._failed = None
@@ -973,6 +1001,10 @@ class H1Client(asyncio.Protocol):
         if ready is None and failed is None:
             return
         self._landed = self._ready = self._failed = None
+        if SOON:  # (the connection may serve another request before it runs)
+            self._soon = (self._loop or asyncio.get_running_loop()).call_soon(
+                landed, ready, failed)
+            return
         landed(ready, failed)
 
     def close(self) -> None:
