@@ -45,9 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 
 import httptools
 
@@ -67,11 +66,6 @@ from nodeproxy.codec.message import (
 from nodeproxy.codec.request_target import Refusal, check_authority, check_target
 
 log = logging.getLogger(__name__)
-
-# NODEPROXY_L7_CALLBACKS=soon: the callback path's two hand-offs (a request to the
-# handler, a response head to its callback) run from the loop's ready queue, after the
-# read that brought them, as a task's wake-up would, instead of inside it.
-SOON = os.environ.get("NODEPROXY_L7_CALLBACKS") == "soon"
 
 WRITE_HIGH_WATER = 256 * 1024
 MAX_PIPELINED = 16  # parsed requests waiting for their turn before reading pauses
@@ -179,12 +173,6 @@ class H1Exchange:
     # An upgrade request that declares a body (Content-Length above 0, Transfer-Encoding):
     # llhttp treats what follows its head as the upgraded protocol, not as that body.
     declares_body = False
-    # Served from callbacks (the server's `fast` hook), not by a task: what to call if the
-    # client connection is lost before the exchange ends (H1Server.connection_lost).
-    on_lost: Callable[[], None] | None = None
-    # Neither Content-Length nor Transfer-Encoding (nor an upgrade): llhttp ends the
-    # request right after its head.
-    bodiless = False
 
     def __init__(self, server: H1Server, head: RequestHead, *, keep_alive: bool,
                  expect_continue: bool, upgrade: bool, header_bytes: int):
@@ -324,11 +312,6 @@ class H1Exchange:
         """The taken-over connection has ended (its tracker may forget it)."""
         self._server.detached_closed()
 
-    def spawn(self, work: Coroutine[object, object, None]) -> None:
-        """Run `work` (the rest of an exchange served from callbacks) in a task of the
-        connection's: cancelled, as the worker is, when the client connection is lost."""
-        self._server.spawn(work)
-
 
 class _ContinueBody(Body):
     """A body that answers ``Expect: 100-continue`` when it is first read."""
@@ -343,8 +326,6 @@ class _ContinueBody(Body):
 
 
 Handler = Callable[[H1Exchange], Awaitable[None]]
-# H1Client.send_now's callback: the response (head arrived), or the error before one.
-Landed = Callable[[UpstreamResponse | None, UpstreamError | None], None]
 
 
 def _unfinished_field(in_head: bool, limit: int) -> BadRequest:
@@ -364,14 +345,8 @@ class H1Server(asyncio.Protocol):
                  on_bad_request: Callable[[str], None] | None = None,
                  on_closed: Callable[[], None] | None = None,
                  request_headers_timeout: float | None = None,
-                 on_timeout: Callable[[str], None] | None = None,
-                 fast: Callable[[H1Exchange], bool] | None = None):
+                 on_timeout: Callable[[str], None] | None = None):
         self._handler = handler
-        # Serves an exchange from callbacks when it can (True), without the worker task;
-        # False: it touched nothing, the worker serves it (see _start).
-        self._fast = fast
-        self._dispatching = False  # inside _fast: an exchange it ends starts no other
-        self._deferred: H1Exchange | None = None  # its turn came before its (empty) end
         self._headers_timeout = request_headers_timeout
         self._on_timeout = on_timeout
         self._head_since: float | None = None  # loop time an unfinished head began
@@ -478,10 +453,6 @@ class H1Server(asyncio.Protocol):
         for exchange in (self._parsing, self._current, *self._queue):
             if exchange is not None:
                 exchange.body.fail(BodyError("client connection lost"))
-        current = self._current
-        if current is not None and current.on_lost is not None and not self._detached:
-            lost, current.on_lost = current.on_lost, None
-            lost()  # served from callbacks: given up as the worker's task would be
         if not self._detached:
             # The client is gone: what its request set going upstream is given up (an
             # upstream connection mid-request is closed, a request not sent never is).
@@ -530,19 +501,15 @@ class H1Server(asyncio.Protocol):
         headers: Headers = []
         authority = ""
         connection: set[str] = set()
-        expect_continue = upgrade = framed = False
+        expect_continue = upgrade = False
         hosts = 0
         for name, value in self._headers:
-            if name == "content-length":
-                framed = True
-                headers.append((name, value))
-            elif name == "host":
+            if name == "host":
                 authority = value
                 hosts += 1
             elif name == "connection":
                 connection.update(t.strip().lower() for t in value.split(","))
             elif name == "transfer-encoding":
-                framed = True
                 if value.strip().lower() != "chunked":
                     raise BadRequest(501, f"transfer coding {value!r} not supported",
                                      "transfer_coding")
@@ -578,7 +545,6 @@ class H1Server(asyncio.Protocol):
             self, RequestHead(method, url, authority, headers, version=version),
             keep_alive=keep_alive and not self._draining, expect_continue=expect_continue,
             upgrade=upgrade, header_bytes=self._header_bytes)
-        exchange.bodiless = not framed and not upgrade
         if upgrade:
             exchange.declares_body = any(
                 n == "transfer-encoding" or (n == "content-length" and v.strip() != "0")
@@ -601,10 +567,6 @@ class H1Server(asyncio.Protocol):
         if self._parsing is not None:
             self._parsing.body.end()
             self._parsing = None
-        deferred = self._deferred
-        if deferred is not None:
-            self._deferred = None
-            self._start(deferred)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -638,43 +600,6 @@ class H1Server(asyncio.Protocol):
         the connection's requests one after another (a task per request costs more than
         parsing the request): wake it if it waits, leave it to take this one next if it is
         still finishing the previous request, start it if there is none."""
-        fast = self._fast
-        if fast is not None and not self._dispatching and (
-                self._worker is None or self._wakeup is not None):
-            # The worker is idle (or there is none): the exchange may be served from
-            # callbacks.  Not while another is being dispatched (a pipelined request
-            # its end started): that one goes to the worker, no nesting.
-            if exchange is self._parsing:
-                # Its turn came with its head; a request without a body ends right
-                # after it (llhttp's next callback), and is dispatched then, whole.
-                if exchange.bodiless:
-                    self._deferred = exchange
-                    return
-            elif SOON:
-                (self._loop or asyncio.get_running_loop()).call_soon(self._dispatch, exchange)
-                return
-            else:
-                self._dispatching = True
-                try:
-                    if fast(exchange):
-                        return
-                finally:
-                    self._dispatching = False
-        self._to_worker(exchange)
-
-    def _dispatch(self, exchange: H1Exchange) -> None:
-        """SOON: the callback path's turn for `exchange`, from the ready queue."""
-        if self.lost or exchange is not self._current or self._fast is None:
-            return  # (the connection was lost: nothing started, as a cancelled worker)
-        self._dispatching = True
-        try:
-            if self._fast(exchange):
-                return
-        finally:
-            self._dispatching = False
-        self._to_worker(exchange)
-
-    def _to_worker(self, exchange: H1Exchange) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -685,12 +610,6 @@ class H1Server(asyncio.Protocol):
             task = self._worker = asyncio.get_running_loop().create_task(self._work(exchange))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def spawn(self, work: Coroutine[object, object, None]) -> None:
-        """A task of this connection's (cancelled when the connection is lost)."""
-        task = (self._loop or asyncio.get_running_loop()).create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _work(self, exchange: H1Exchange) -> None:
         """The worker: each exchange handed to it, in order, until the connection is lost
@@ -931,12 +850,6 @@ class H1Client(asyncio.Protocol):
         self.upgraded_to: str | None = None  # a 101's Upgrade header (None: none yet)
         self._switched = False  # a 101 arrived: what follows is not HTTP
         self._upgrade_rest = bytearray()
-        # send_now's callback, and what it is to be told once the read that brought it
-        # has been parsed whole (a response head, or the error before one).
-        self._landed: Landed | None = None
-        self._ready: UpstreamResponse | None = None
-        self._failed: UpstreamError | None = None
-        self._soon: asyncio.Handle | None = None  # SOON: _land, scheduled
 
     # -- UpstreamConnection ------------------------------------------------------------
 
@@ -966,46 +879,6 @@ class H1Client(asyncio.Protocol):
         if not body.ended:
             self._sender = loop.create_task(self._send_body(body, chunked))
         return await self._head
-
-    def send_now(self, head: RequestHead, landed: Landed) -> None:
-        """``send`` for a request whose body has arrived whole and is empty, from a
-        callback: no future, no task.  `landed(response, None)` is called once the read
-        that brought the response head has been parsed (a small response is whole by
-        then), or `landed(None, error)` where ``send`` would raise; never from inside
-        this call.  ``forget`` takes the callback back."""
-        if not self.can_take() or self.transport is None:
-            raise UpstreamError("UC", "upstream connection is not available")
-        self._busy = True
-        self.requests += 1
-        self._method = head.method
-        self._offered = None
-        self._head = None
-        self._landed = landed
-        self.transport.write(encode_request(head, chunked=False))
-
-    def forget(self) -> None:
-        """send_now's callback is not to be called (its exchange was given up)."""
-        if self._soon is not None:
-            self._soon.cancel()
-            self._soon = None
-        self._landed = None
-        self._ready = None
-        self._failed = None
-
-    def _land(self) -> None:
-        """Tell send_now's callback what the read brought (see send_now)."""
-        landed = self._landed
-        if landed is None:
-            return
-        ready, failed = self._ready, self._failed
-        if ready is None and failed is None:
-            return
-        self._landed = self._ready = self._failed = None
-        if SOON:  # (the connection may serve another request before it runs)
-            self._soon = (self._loop or asyncio.get_running_loop()).call_soon(
-                landed, ready, failed)
-            return
-        landed(ready, failed)
 
     def close(self) -> None:
         self._closed = True
@@ -1078,8 +951,6 @@ class H1Client(asyncio.Protocol):
             else:
                 self._fail(UpstreamError("UC", f"malformed response from upstream: {e}"))
             self.abort()
-        if self._landed is not None:
-            self._land()  # after the whole read: a small response is whole by now
 
     def eof_received(self) -> bool:
         if self._body is not None and not self._framed:
@@ -1092,8 +963,6 @@ class H1Client(asyncio.Protocol):
         self._closed = True
         self.writer.lost()
         self._fail(UpstreamError("UC", f"upstream connection closed ({exc or 'EOF'})"))
-        if self._landed is not None:
-            self._land()
         if self._sender is not None:
             self._sender.cancel()
 
@@ -1137,8 +1006,6 @@ class H1Client(asyncio.Protocol):
         response = UpstreamResponse(ResponseHead(status, headers), self._body)
         if self._head is not None and not self._head.done():
             self._head.set_result(response)
-        elif self._landed is not None and self._failed is None:
-            self._ready = response  # told at the end of this read (send_now)
         if self._method == "HEAD" or _no_body_status(status):
             # No body follows, whatever Content-Length says; llhttp cannot be told about
             # HEAD, so this parser is done and the next response gets a fresh one.
@@ -1202,8 +1069,6 @@ class H1Client(asyncio.Protocol):
     def _fail(self, error: UpstreamError) -> None:
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
-        if self._landed is not None and self._ready is None and self._failed is None:
-            self._failed = error  # no head yet: send_now's callback is told of the error
         if self._body is not None:
             self._body.fail(error)
             self._body = None

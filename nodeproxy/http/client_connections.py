@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable, Collection
 from functools import partial
 
-from nodeproxy.codec.h1 import H1Exchange, H1Server
+from nodeproxy.codec.h1 import H1Server
 from nodeproxy.codec.h2 import ErrorCodes, H2Server
 from nodeproxy.codec.message import Exchange
 from nodeproxy.config.model import Http2Limits, HttpSettings
@@ -37,12 +36,6 @@ log = logging.getLogger(__name__)
 
 # Serves one request of a connection: handler.RequestHandler.handle, bound.
 Handle = Callable[[RequestContext, Exchange], Awaitable[None]]
-# Serves an HTTP/1.1 request from the codec's callback when it can (handler.serve_now).
-ServeNow = Callable[[RequestContext, H1Exchange], bool]
-
-# NODEPROXY_L7_CALLBACKS=0 turns the HTTP/1.1 callback path off (every request is served
-# by the connection's worker task): the tests run the request path both ways.
-CALLBACKS = os.environ.get("NODEPROXY_L7_CALLBACKS", "1") != "0"
 
 
 class ClientConnection:
@@ -80,10 +73,8 @@ class ClientConnection:
 class ClientConnections:
     """The node's L7 client connections (see the module docstring)."""
 
-    def __init__(self, handle: Handle, metrics: RequestMetrics,
-                 serve_now: ServeNow | None = None):
+    def __init__(self, handle: Handle, metrics: RequestMetrics):
         self._handle = handle
-        self._serve_now = serve_now if CALLBACKS else None
         self._metrics = metrics
         self._settings = HttpSettings()
         self._clients: set[ClientConnection] = set()
@@ -142,9 +133,7 @@ class ClientConnections:
                                  on_bad_request=bad_request("http/1.1"),
                                  on_closed=connection.closed,
                                  request_headers_timeout=settings.request_headers_timeout_seconds,
-                                 on_timeout=timed_out("http/1.1"),
-                                 fast=None if self._serve_now is None
-                                 else partial(self._serve_now, context))
+                                 on_timeout=timed_out("http/1.1"))
             connection.server = h1_server
             h1_server.attach(transport, initial, accepted_at)
             if client_eof:

@@ -16,12 +16,8 @@ the rest).  ``timeout(None)`` is no deadline and costs nothing.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
-from collections.abc import Callable
 from types import TracebackType
-
-log = logging.getLogger(__name__)
 
 # A block's states, as asyncio.Timeout's: in force, cancelled by its deadline, ended.
 _ENTERED, _EXPIRING, _ENDED = 0, 1, 2
@@ -32,17 +28,17 @@ class _Queue:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.entries: deque[_Deadline | Alarm] = deque()
+        self.entries: deque[_Deadline] = deque()
         self.live = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, entry: _Deadline | Alarm) -> None:
+    def add(self, entry: _Deadline) -> None:
         self.entries.append(entry)
         self.live += 1
         if self._timer is None:
             self._timer = self.loop.call_at(self.entries[0].when, self._fire)
 
-    def done(self, entry: _Deadline | Alarm) -> None:
+    def done(self, entry: _Deadline) -> None:
         """entry's block ended before its deadline."""
         self.live -= 1
         entries = self.entries
@@ -85,20 +81,6 @@ class Deadlines:
             return _NO_DEADLINE
         return _Deadline(self, seconds)
 
-    def alarm(self, seconds: float, callback: Callable[[], None]) -> Alarm:
-        """`callback` called once `seconds` have passed, unless the alarm is cancelled
-        first: a deadline for work served from callbacks (no task to cancel), kept in the
-        same queues as the blocks' (no loop timer of its own).  From the loop's thread,
-        with the loop running."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
-        alarm = Alarm(callback)
-        queue = alarm._queue = self._queue(loop, seconds)
-        alarm.when = loop.time() + seconds
-        queue.add(alarm)
-        return alarm
-
     def _entered(self) -> tuple[asyncio.Task[object], asyncio.AbstractEventLoop]:
         """The task entering a block and its loop.  The loop of the last block is asked
         first: its current task is the caller only if it is the running loop (a loop
@@ -119,28 +101,6 @@ class Deadlines:
         if queue is None or queue.loop is not loop:
             queue = self._queues[seconds] = _Queue(loop)
         return queue
-
-
-class Alarm:
-    """Deadlines.alarm's: `when` (loop time) it rings, unless cancelled first."""
-
-    __slots__ = ("_callback", "_queue", "when", "state")
-
-    def __init__(self, callback: Callable[[], None]):
-        self._callback = callback
-        self.state = _ENTERED
-
-    def expire(self) -> None:
-        self.state = _ENDED
-        try:
-            self._callback()
-        except Exception:
-            log.exception("deadline callback failed")
-
-    def cancel(self) -> None:
-        if self.state == _ENTERED:
-            self.state = _ENDED
-            self._queue.done(self)
 
 
 class _NoDeadline:

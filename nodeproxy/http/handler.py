@@ -22,13 +22,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Coroutine
-from functools import partial
 from typing import TYPE_CHECKING
 
 from nodeproxy.codec.h1 import H1Exchange
 from nodeproxy.codec.header_fields import one_view
-from nodeproxy.codec.message import Body, BodyError, Exchange, MalformedRequest, RequestHead
+from nodeproxy.codec.message import BodyError, Exchange, MalformedRequest, RequestHead
 from nodeproxy.codec.request_target import (
     Normalized,
     Refusal,
@@ -43,13 +41,13 @@ from nodeproxy.http.fault import ABORT_BODY, Fault
 from nodeproxy.http.local_reply import local_reply, refuse_rate_limited
 from nodeproxy.http.recorder import Recorder
 from nodeproxy.http.router import Router
-from nodeproxy.http.routes import CompiledRule, Routes
+from nodeproxy.http.routes import Routes
 from nodeproxy.http.upgrade_flow import Tunnel, Upgrades
 from nodeproxy.tcp.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
 from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
 if TYPE_CHECKING:
-    from nodeproxy.telemetry.request_spans import RequestSpan, Tracer
+    from nodeproxy.telemetry.request_spans import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -87,155 +85,64 @@ class RequestHandler:
             await self._overloaded(ctx, exchange)
             return
         try:  # (the admitted request served inline: no coroutine of its own)
-            await self._serve(self._prepare(ctx, exchange))
+            start = time.monotonic()
+            started_at = time.time()
+            head = exchange.request
+            outcome = Outcome(service=ctx.entry.fqdn)
+            refusal = self._one_meaning(head)
+            if refusal is not None:
+                await self._refuse(ctx, exchange, outcome, refusal, start, started_at)
+                return
+            request_id = head.header("x-request-id")
+            if request_id is None:
+                request_id = self._request_id()
+                head.headers.append(("x-request-id", request_id))
+            span = None if self._tracer is None else \
+                self._tracer.begin(head, request_id, int(started_at * 1e9))
+            assert self._routes is not None
+            rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
+            if rule is not None:
+                outcome.route = rule.route
+            # A rule without a request timeout is declared streaming: its requests may take
+            # as long as they take to arrive, too.
+            receiving = self._request_timer(exchange) if rule is None or \
+                rule.timeouts.request_seconds else None
+            tunnel: Tunnel | None = None
+            try:
+                if head.method == "CONNECT":
+                    await self._upgrades.refuse(exchange, outcome,
+                                                connect_refusal(head.path, head.version))
+                elif rule is None:
+                    outcome.flags.append("NR")
+                    await local_reply(exchange, outcome, 404)
+                elif rule.rate_limit is not None and (
+                        wait := rule.rate_limit.take(ctx.pod.principal)):  # no coroutine per pass
+                    await refuse_rate_limited(exchange, wait, outcome, self._metrics, "route")
+                elif rule.fault is not None and rule.fault.eligible(head) and await self._inject(
+                        exchange, rule.fault, outcome):
+                    pass
+                elif isinstance(exchange, H1Exchange) and exchange.upgrade:
+                    tunnel = await self._upgrades.start(ctx, exchange, rule, outcome)
+                else:
+                    await self._router.forward(ctx, exchange, rule, outcome)
+            except BodyError:
+                outcome.flags.append("DC")
+            except (ConnectionError, OSError):
+                outcome.flags.append("DC")
+            finally:
+                if receiving is not None:
+                    receiving.cancel()
+                if exchange.client_gone and "DC" not in outcome.flags:
+                    outcome.flags.append("DC")
+                if outcome.mirror_tap is not None:
+                    outcome.mirror_tap.primary_done()
+                self._recorder.record(ctx, exchange, outcome, start, started_at, request_id, span)
+            if tunnel is not None:
+                assert isinstance(exchange, H1Exchange)
+                await self._upgrades.relay(ctx, exchange, tunnel, outcome, request_id)
         finally:
             if shares is not None:
                 shares.end_request(ctx.pod.key)
-
-    def serve_now(self, ctx: RequestContext, exchange: H1Exchange) -> bool:
-        """``handle`` from the HTTP/1.1 server's callback, without a task, for a request
-        whose (empty) body has arrived with its head: the same checks in the same order
-        (``_prepare``), then the router's callback path (``Router.start``); whatever needs
-        to wait (a local reply, a retry, a response still arriving) goes on in a task of
-        the connection's from where it stands.  False, having touched nothing: serve it
-        with ``handle`` (a body to come, an upgrade, CONNECT, the pod over its share)."""
-        head = exchange.request
-        body = exchange.body
-        if exchange.upgrade or not body.ended or body.buffered or type(body) is not Body \
-                or head.method == "CONNECT" or self._routes is None:
-            return False
-        shares = self._shares
-        if shares is not None and not shares.begin_request(ctx.pod.key):
-            return False  # handle() counts and answers the refusal
-        try:
-            request = self._prepare(ctx, exchange)
-            rule = request.rule
-            if request.refusal is not None or rule is None or request.wait \
-                    or (rule.fault is not None and rule.fault.eligible(head)):
-                exchange.spawn(self._rest(request, None))
-            else:
-                self._router.start(ctx, exchange, rule, request.outcome,
-                                   partial(self._landed, request))
-        except Exception:
-            log.exception("HTTP/1.1 request handler failed")
-            if shares is not None:
-                shares.end_request(ctx.pod.key)
-            exchange.reset()
-        return True
-
-    def _landed(self, request: _Served,
-                rest: Coroutine[object, object, None] | None) -> None:
-        """Router.start's end: the exchange ended (rest None: record it), or goes on in a
-        task (``_rest``)."""
-        if rest is not None:
-            request.exchange.spawn(self._rest(request, rest))
-            return
-        try:
-            self._served(request, None)
-        except Exception:
-            log.exception("HTTP/1.1 request handler failed")
-        finally:
-            self._ended(request)
-
-    async def _rest(self, request: _Served,
-                    forwarding: Coroutine[object, object, None] | None) -> None:
-        """The rest of a request begun by serve_now, in a task (as the worker runs
-        ``handle``: a handler error resets the exchange, as does one left unanswered)."""
-        try:
-            await self._serve(request, forwarding)
-        except Exception:
-            log.exception("HTTP/1.1 request handler failed")
-        finally:
-            self._ended(request)
-
-    def _ended(self, request: _Served) -> None:
-        exchange = request.exchange
-        if self._shares is not None:
-            self._shares.end_request(request.ctx.pod.key)
-        if not exchange.finished and not exchange.client_gone:
-            exchange.reset()
-
-    def _prepare(self, ctx: RequestContext, exchange: Exchange) -> _Served:
-        """What a request meets before it is answered or forwarded, in this order: its
-        one meaning (a refusal ends it), its id, its span, its route rule, the request
-        timer, and the rule's rate limit when it applies."""
-        request = _Served(ctx, exchange, time.monotonic(), time.time(),
-                           Outcome(service=ctx.entry.fqdn))
-        head = exchange.request
-        refusal = request.refusal = self._one_meaning(head)
-        if refusal is not None:
-            return request
-        request_id = head.header("x-request-id")
-        if request_id is None:
-            request_id = self._request_id()
-            head.headers.append(("x-request-id", request_id))
-        request.request_id = request_id
-        if self._tracer is not None:
-            request.span = self._tracer.begin(head, request_id, int(request.started_at * 1e9))
-        assert self._routes is not None
-        rule = request.rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
-        if rule is not None:
-            request.outcome.route = rule.route
-        # A rule without a request timeout is declared streaming: its requests may take
-        # as long as they take to arrive, too.
-        if rule is None or rule.timeouts.request_seconds:
-            request.receiving = self._request_timer(exchange)
-        if rule is not None and head.method != "CONNECT" and rule.rate_limit is not None:
-            request.wait = rule.rate_limit.take(ctx.pod.principal)  # no coroutine per pass
-        return request
-
-    async def _serve(self, request: _Served,
-                     forwarding: Coroutine[object, object, None] | None = None) -> None:
-        """The request after _prepare, to its record; `forwarding`: the router has it
-        already (serve_now), the checks before it passed."""
-        ctx, exchange, outcome = request.ctx, request.exchange, request.outcome
-        if request.refusal is not None:
-            await self._refuse(ctx, exchange, outcome, request.refusal, request.start,
-                               request.started_at)
-            return
-        head = exchange.request
-        rule = request.rule
-        tunnel: Tunnel | None = None
-        try:
-            if forwarding is not None:
-                await forwarding
-            elif head.method == "CONNECT":
-                await self._upgrades.refuse(exchange, outcome,
-                                            connect_refusal(head.path, head.version))
-            elif rule is None:
-                outcome.flags.append("NR")
-                await local_reply(exchange, outcome, 404)
-            elif request.wait:
-                await refuse_rate_limited(exchange, request.wait, outcome, self._metrics,
-                                          "route")
-            elif rule.fault is not None and rule.fault.eligible(head) and await self._inject(
-                    exchange, rule.fault, outcome):
-                pass
-            elif isinstance(exchange, H1Exchange) and exchange.upgrade:
-                tunnel = await self._upgrades.start(ctx, exchange, rule, outcome)
-            else:
-                await self._router.forward(ctx, exchange, rule, outcome)
-        except BodyError:
-            outcome.flags.append("DC")
-        except (ConnectionError, OSError):
-            outcome.flags.append("DC")
-        finally:
-            self._served(request, tunnel)
-        if tunnel is not None:
-            assert isinstance(exchange, H1Exchange)
-            await self._upgrades.relay(ctx, exchange, tunnel, outcome, request.request_id)
-
-    def _served(self, request: _Served, tunnel: Tunnel | None) -> None:
-        """The request's end (its upgraded connection's relay aside): its record."""
-        exchange, outcome = request.exchange, request.outcome
-        if request.receiving is not None:
-            request.receiving.cancel()
-        if exchange.client_gone and "DC" not in outcome.flags:
-            outcome.flags.append("DC")
-        if outcome.mirror_tap is not None:
-            outcome.mirror_tap.primary_done()
-        self._recorder.record(request.ctx, exchange, outcome, request.start,
-                              request.started_at, request.request_id, request.span)
 
     async def _overloaded(self, ctx: RequestContext, exchange: Exchange) -> None:
         """The source pod has maxRequests in flight: 503 OM at once, counted and logged
@@ -336,27 +243,6 @@ class RequestHandler:
         random pool on every call, a system call per request for an id that only has to
         be unique, not secret."""
         return request_id(self._random.getrandbits(128))
-
-
-class _Served:
-    """One request between handler stages: what _prepare found, and its outcome."""
-
-    __slots__ = ("ctx", "exchange", "start", "started_at", "outcome", "refusal",
-                 "request_id", "span", "rule", "receiving", "wait")
-
-    def __init__(self, ctx: RequestContext, exchange: Exchange, start: float,
-                 started_at: float, outcome: Outcome):
-        self.ctx = ctx
-        self.exchange = exchange
-        self.start = start  # monotonic
-        self.started_at = started_at  # wall clock
-        self.outcome = outcome
-        self.refusal: Refusal | Normalized | None = None
-        self.request_id = ""
-        self.span: RequestSpan | None = None
-        self.rule: CompiledRule | None = None
-        self.receiving: asyncio.TimerHandle | None = None
-        self.wait = 0.0  # the rule's rate limit: seconds until a token (0: passed)
 
 
 _UUID_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))  # the variant and version bits

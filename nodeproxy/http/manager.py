@@ -76,8 +76,7 @@ class HttpProxy:
         self._handler = RequestHandler(router=self._router, upgrades=self._upgrades,
                                        recorder=recorder, metrics=metrics, shares=shares,
                                        rng=rng)
-        self._connections = ClientConnections(self._handler.handle, metrics,
-                                              serve_now=self._handler.serve_now)
+        self._connections = ClientConnections(self._handler.handle, metrics)
         self._sweeper: asyncio.Task[None] | None = None
         self._refresh(state.current)
         state.watch(self._refresh)

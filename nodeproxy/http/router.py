@@ -16,12 +16,9 @@ starts its copies here, before the body is read (mirror.py).
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
-from collections.abc import Callable, Coroutine
-from typing import NamedTuple
 
-from nodeproxy.codec.h1 import H1Client, H1Exchange
+from nodeproxy.codec.h1 import H1Exchange
 from nodeproxy.codec.message import (
     Body,
     BodyError,
@@ -52,7 +49,7 @@ from nodeproxy.http.balancer import untried
 from nodeproxy.http.circuit_breaker import Overflow
 from nodeproxy.http.clusters import Cluster, Clusters
 from nodeproxy.http.context import Outcome, RequestContext
-from nodeproxy.http.deadlines import Alarm, Deadlines
+from nodeproxy.http.deadlines import Deadlines
 from nodeproxy.http.local_reply import local_reply, rate_limited
 from nodeproxy.http.mirror import Mirrors
 from nodeproxy.http.pool import Endpoint, abort_exchange
@@ -63,15 +60,7 @@ from nodeproxy.http.routes import CompiledRule, apply_modifier
 from nodeproxy.mesh.upstream import Refused
 from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
-log = logging.getLogger(__name__)
-
 Picked = tuple[Cluster, Endpoint]
-# One attempt's end as _attempt returns it: the result, the response, the connection it
-# came on, the error before a response.
-Attempted = tuple[Result, "UpstreamResponse | None", "UpstreamConnection | None",
-                  "UpstreamError | None"]
-# Router.start's callback: None, the exchange has ended; else the coroutine to run it on.
-Done = Callable[[Coroutine[object, object, None] | None], None]
 
 
 class Router:
@@ -95,56 +84,49 @@ class Router:
         self._workload_limits = workload_limits
 
     async def forward(self, ctx: RequestContext, exchange: Exchange, rule: CompiledRule,
-                      outcome: Outcome, first: Picked | Result | None = None,
-                      resume: Resumed | None = None) -> None:
-        """Forward under the rule's request timeout (504, UT, when it passes).  A request
-        that began on the callback path (``start``) goes on here: `first` is its first
-        attempt's pick (made, the attempt not), `resume` the attempt made and its result."""
+                      outcome: Outcome) -> None:
+        """Forward under the rule's request timeout (504, UT, when it passes)."""
         timeout = rule.timeouts.request_seconds or None
         try:
             # As asyncio.timeout (not wait_for: no extra task per request), without a loop
-            # timer per request (deadlines.py); a resumed request keeps its deadline.
-            async with (self._deadlines.timeout(timeout) if resume is None
-                        else asyncio.timeout_at(resume.when)):
-                slots = Slots() if resume is None else resume.slots  # circuit-breaker slots held
+            # timer per request (deadlines.py).
+            async with self._deadlines.timeout(timeout):
+                slots = Slots()  # the circuit-breaker slots the request holds
                 try:  # the attempts, inline (no coroutine of their own)
                     head = exchange.request
                     policy = rule.retry
-                    body: ReplayableBody
+                    source: Body = exchange.body
+                    if rule.mirrors:  # copies for shadow services; the body is read through a tap
+                        outcome.mirror_tap = self._mirrors.start(
+                            ctx, head, source, rule, self._settings.retry_buffer_bytes)
+                        source = outcome.mirror_tap or source  # type: ignore[assignment]
+                    body = ReplayableBody(
+                        source, self._settings.retry_buffer_bytes if policy.attempts else 0)
                     budget: RetryBudget | None = None  # the first attempt's service's
-                    if resume is not None:
-                        body, budget = resume.body, resume.budget
-                    else:
-                        source: Body = exchange.body
-                        if rule.mirrors:  # copies for shadow services; the body through a tap
-                            outcome.mirror_tap = self._mirrors.start(
-                                ctx, head, source, rule, self._settings.retry_buffer_bytes)
-                            source = outcome.mirror_tap or source  # type: ignore[assignment]
-                        body = ReplayableBody(source, self.retry_buffer(rule))
                     while True:
-                        if resume is not None:
-                            cluster = resume.cluster
-                            result, response, connection, error = resume.attempt
-                            resume = None
-                        else:
-                            if first is not None:
-                                picked, first = first, None
-                            else:
-                                outcome.attempts += 1
-                                picked = self._pick(ctx, head, rule, outcome)
-                            # (else: choose()'s)
-                            if isinstance(picked, Result) or self._workload_limits:
-                                admitted = await self._admit(ctx, exchange, rule, outcome, picked)
-                                if admitted is None:
-                                    return
-                                picked = admitted
-                            cluster, endpoint = picked
-                            if budget is None:
-                                budget = cluster.budget
-                                budget.record_request()
-                            upstream_head = self._upstream_head(ctx, head, rule, outcome)
-                            result, response, connection, error = await self._attempt(
-                                ctx, exchange, cluster, endpoint, upstream_head, body, rule, slots)
+                        outcome.attempts += 1
+                        picked = self._pick(ctx, head, rule, outcome)
+                        if isinstance(picked, Result) or self._workload_limits:  # else: choose()'s
+                            admitted = await self._admit(ctx, exchange, rule, outcome, picked)
+                            if admitted is None:
+                                return
+                            picked = admitted
+                        cluster, endpoint = picked
+                        if budget is None:
+                            budget = cluster.budget
+                            budget.record_request()
+                        upstream_head = RequestHead(
+                            head.method, head.path, head.authority,
+                            apply_modifier(head.headers, rule.request_headers), head.scheme,
+                            "2" if ctx.http2_upstream else "1.1")
+                        if outcome.attempts > 1:
+                            # A copy: without header modifiers the list is the client's own, and an
+                            # append would pile one count per attempt onto it.
+                            upstream_head.headers = [
+                                *upstream_head.headers,
+                                ("x-envoy-attempt-count", str(outcome.attempts))]
+                        result, response, connection, error = await self._attempt(
+                            ctx, exchange, cluster, endpoint, upstream_head, body, rule, slots)
                         # The budget and the breaker are asked only when a retry is
                         # possible (settled: a response the policy does not retry).
                         step = settled(policy, head.method, result) or next_step(
@@ -178,69 +160,6 @@ class Router:
                     slots.release()
         except TimeoutError:
             await _answer(exchange, outcome, attempts.request_timeout(exchange.responded))
-
-    @staticmethod
-    def _upstream_head(ctx: RequestContext, head: RequestHead, rule: CompiledRule,
-                       outcome: Outcome) -> RequestHead:
-        """The request as the attempt sends it: the rule's header modifiers applied, and
-        from the second attempt on, its count."""
-        upstream_head = RequestHead(
-            head.method, head.path, head.authority,
-            apply_modifier(head.headers, rule.request_headers), head.scheme,
-            "2" if ctx.http2_upstream else "1.1")
-        if outcome.attempts > 1:
-            # A copy: without header modifiers the list is the client's own, and an
-            # append would pile one count per attempt onto it.
-            upstream_head.headers = [
-                *upstream_head.headers,
-                ("x-envoy-attempt-count", str(outcome.attempts))]
-        return upstream_head
-
-    def retry_buffer(self, rule: CompiledRule) -> int:
-        """The bytes of a request body kept for the rule's retries."""
-        return self._settings.retry_buffer_bytes if rule.retry.attempts else 0
-
-    def start(self, ctx: RequestContext, exchange: H1Exchange, rule: CompiledRule,
-              outcome: Outcome, done: Done) -> None:
-        """``forward`` from a protocol callback, for an HTTP/1.1 request whose (empty) body
-        has arrived: the first attempt is picked, authorized and sent on a pooled
-        connection here, and when the response is small and passed on as it is (the
-        policy does not retry it), it is written from the upstream connection's callback
-        (``_Flight``): no task, no coroutine.  `done(None)` when the exchange has ended
-        that way; `done(rest)` with the coroutine that carries it on (``forward`` with
-        what is known so far) for anything else: no pooled connection, a retry, a
-        response still arriving, a full client socket, a timeout.  `done` is called
-        exactly once, maybe before this returns."""
-        if rule.mirrors or self._workload_limits or ctx.http2_upstream \
-                or rule.retry.per_try_timeout_seconds is not None:
-            done(self.forward(ctx, exchange, rule, outcome))
-            return
-        head = exchange.request
-        outcome.attempts += 1
-        picked = self._pick(ctx, head, rule, outcome)
-        if isinstance(picked, Result):
-            done(self.forward(ctx, exchange, rule, outcome, first=picked))
-            return
-        cluster, endpoint = picked
-        connection = self._clusters.pooled(ctx, endpoint, cluster)
-        if not isinstance(connection, H1Client):
-            done(self.forward(ctx, exchange, rule, outcome, first=picked))
-            return
-        slots = Slots()
-        try:
-            slots.request(cluster.breaker)
-        except Overflow:  # forward's attempt meets the same refusal and answers it
-            done(self.forward(ctx, exchange, rule, outcome, first=picked))
-            return
-        budget = cluster.budget
-        budget.record_request()
-        flight = _Flight(self, ctx, exchange, rule, outcome, cluster, endpoint, connection,
-                         slots, budget, done)
-        timeout = rule.timeouts.request_seconds
-        if timeout:
-            flight.alarm = self._deadlines.alarm(timeout, flight.expired)
-        exchange.on_lost = flight.lost
-        connection.send_now(self._upstream_head(ctx, head, rule, outcome), flight.landed)
 
     async def choose(self, ctx: RequestContext, exchange: Exchange, rule: CompiledRule,
                      outcome: Outcome) -> Picked | None:
@@ -339,171 +258,15 @@ class Router:
             return (Result(Ended.RESPONSE, status, grpc_status_of(response.head.headers)),
                     response, connection, None)
         assert error is not None
-        return _failed(exchange, error, connection)
-
-
-class Resumed(NamedTuple):
-    """A request begun on the callback path, handed to ``forward`` after its first
-    attempt: what forward's loop would hold at that point."""
-
-    cluster: Cluster
-    budget: RetryBudget
-    slots: Slots
-    body: ReplayableBody
-    attempt: Attempted
-    when: float | None  # the request timeout's deadline (loop time), None: none
-
-
-class _Flight:
-    """The first attempt of a request served from callbacks (``Router.start``): it ends
-    when the upstream's response head lands, the request timeout rings or the client
-    goes, whichever is first; each does what ``forward``'s task does at that point."""
-
-    __slots__ = ("_router", "_ctx", "_exchange", "_rule", "_outcome", "_cluster",
-                 "_endpoint", "_connection", "_slots", "_budget", "_done",
-                 "_started", "alarm")
-
-    def __init__(self, router: Router, ctx: RequestContext, exchange: H1Exchange,
-                 rule: CompiledRule, outcome: Outcome, cluster: Cluster, endpoint: Endpoint,
-                 connection: H1Client, slots: Slots, budget: RetryBudget, done: Done):
-        self._router = router
-        self._ctx = ctx
-        self._exchange = exchange
-        self._rule = rule
-        self._outcome = outcome
-        self._cluster = cluster
-        self._endpoint = endpoint
-        self._connection = connection
-        self._slots = slots
-        self._budget = budget
-        self._done = done
-        self._started = endpoint.stats.begin()
-        self.alarm: Alarm | None = None
-
-    def landed(self, response: UpstreamResponse | None, error: UpstreamError | None) -> None:
-        """The upstream answered (a head), or failed before it did: ``_attempt``'s
-        bookkeeping, then the response written here when it is whole and passed on as it
-        is, else ``forward`` carries on from this attempt.  (A failure here ends the
-        exchange as a handler's failure does: reset.)"""
-        try:
-            self._land(response, error)
-        except Exception:
-            log.exception("HTTP/1.1 request handler failed")
-            self._slots.release()
-            self._exchange.reset()
-            self._done(None)
-
-    def _land(self, response: UpstreamResponse | None, error: UpstreamError | None) -> None:
-        exchange, outcome = self._exchange, self._outcome
-        exchange.on_lost = None
-        alarm = self.alarm
-        if alarm is not None:
-            alarm.cancel()
-        endpoint, cluster, connection = self._endpoint, self._cluster, self._connection
-        status = response.head.status if response is not None else None
-        endpoint.stats.end(self._started, ok=status is not None and status < 500)
-        self._slots.attempt_done()
-        if cluster.outlier is not None and (error is None or error.flag != "DC"):
-            cluster.outlier.record(endpoint.key, status)
-        attempt: Attempted
-        if response is not None:
-            assert status is not None
-            result = Result(Ended.RESPONSE, status, grpc_status_of(response.head.headers))
-            body = response.body
-            if body.ended and body.trailers is None and settled(
-                    self._rule.retry, exchange.request.method, result) is not None:
-                # (settled's only step is RESPOND, without flags.)  The whole response,
-                # in one write, as stream_response's first branch writes it.
-                if respond_whole(exchange, self._rule, response, outcome):
-                    if result.grpc_status is not None:
-                        outcome.grpc_status = str(result.grpc_status)
-                    self._slots.release()
-                    self._done(None)
-                    return
-                self._done(self._finish(response, result.grpc_status))
-                return
-            attempt = (result, response, connection, None)
-        else:
-            assert error is not None
-            attempt = _failed(exchange, error, connection)
-        # (The request's body is empty: its replayable view is made only here.)
-        body = ReplayableBody(exchange.body, self._router.retry_buffer(self._rule))
-        self._done(self._router.forward(
-            self._ctx, exchange, self._rule, outcome,
-            resume=Resumed(cluster, self._budget, self._slots, body, attempt,
-                           alarm.when if alarm is not None else None)))
-
-    async def _finish(self, response: UpstreamResponse, grpc: int | None) -> None:
-        """The whole response was written and the client's socket is full (or the client
-        gone): stream_response's steps after its write, under the request timeout."""
-        exchange, outcome = self._exchange, self._outcome
-        alarm = self.alarm
-        try:
-            async with asyncio.timeout_at(alarm.when if alarm is not None else None):
-                try:
-                    await exchange.drain()
-                    if exchange.client_gone:
-                        raise ConnectionResetError("client went away")
-                    await exchange.finish(None)
-                except (ConnectionError, OSError):
-                    outcome.flags.append("DC")
-                    abort_exchange(self._connection, response)
-                finally:
-                    self._slots.release()
-                if grpc is not None:
-                    outcome.grpc_status = str(grpc)
-        except TimeoutError:
-            await _answer(exchange, outcome, attempts.request_timeout(exchange.responded))
-
-    def _give_up(self) -> None:
-        """The attempt is given up before its response (``_attempt`` cancelled)."""
-        self._connection.forget()
-        self._endpoint.stats.end(self._started, ok=False)
-        abort_exchange(self._connection)
-        self._slots.release()
-
-    def expired(self) -> None:
-        """The request timeout rang before the response head: 504 UT."""
-        self._exchange.on_lost = None
-        self._give_up()
-        self._done(_answer(self._exchange, self._outcome,
-                           attempts.request_timeout(self._exchange.responded)))
-
-    def lost(self) -> None:
-        """The client connection was lost before the response head."""
-        alarm = self.alarm
-        if alarm is not None:
-            alarm.cancel()
-        self._give_up()
-        self._done(None)
-
-
-def _failed(exchange: Exchange, error: UpstreamError,
-            connection: UpstreamConnection | None) -> Attempted:
-    """An attempt that ended in `error` before a response, as ``_attempt`` returns it."""
-    if error.flag == "DC":
-        broken = exchange.body.error
-        malformed = broken.status if isinstance(broken, MalformedRequest) \
-            and not exchange.responded else None
-        return Result(Ended.CLIENT_GONE, malformed_status=malformed), None, None, error
-    if error.flag == "UPE":
-        return Result(Ended.UNEXPECTED_101), None, None, error
-    return (Result.no_response(error.flag, refused_stream=error.refused_stream),
-            None, connection, error)
-
-
-def respond_whole(exchange: H1Exchange, rule: CompiledRule, response: UpstreamResponse,
-                  outcome: Outcome) -> bool:
-    """Pass on a response whose body has ended (no trailers) in one write, with the
-    rule's response header modifiers; False when the client's socket is full after the
-    write (or the client is gone): then drain, check and finish as after a send."""
-    head = response.head
-    outcome.status = head.status
-    data = response.body.take()
-    finished = exchange.respond_whole(
-        ResponseHead(head.status, apply_modifier(head.headers, rule.response_headers)), data)
-    outcome.bytes_sent += len(data)
-    return finished
+        if error.flag == "DC":
+            broken = exchange.body.error
+            malformed = broken.status if isinstance(broken, MalformedRequest) \
+                and not exchange.responded else None
+            return Result(Ended.CLIENT_GONE, malformed_status=malformed), None, None, error
+        if error.flag == "UPE":
+            return Result(Ended.UNEXPECTED_101), None, None, error
+        return (Result.no_response(error.flag, refused_stream=error.refused_stream),
+                None, connection, error)
 
 
 async def _answer(exchange: Exchange, outcome: Outcome, step: Step) -> None:
@@ -520,22 +283,24 @@ async def stream_response(exchange: Exchange, rule: CompiledRule,
                           outcome: Outcome) -> None:
     """Stream the upstream response back, with the rule's response header modifiers; a
     backend that breaks off mid-response resets the client's exchange (UC)."""
-    body = response.body
+    outcome.status = response.head.status
     grpc = grpc_status_of(response.head.headers)
+    head = ResponseHead(response.head.status,
+                        apply_modifier(response.head.headers, rule.response_headers))
+    body = response.body
     try:
         if body.ended and body.trailers is None and type(exchange) is H1Exchange:
             # The whole response is here already (a small one arrives in one read): the
             # same bytes in one write, and no coroutine per step.
-            if not respond_whole(exchange, rule, response, outcome):
-                # the client's socket is full: as after send(), wait for it
+            data = body.take()
+            finished = exchange.respond_whole(head, data)
+            outcome.bytes_sent += len(data)
+            if not finished:  # the client's socket is full: as after send(), wait for it
                 await exchange.drain()
                 if exchange.client_gone:
                     raise ConnectionResetError("client went away")
                 await exchange.finish(None)
         else:
-            outcome.status = response.head.status
-            head = ResponseHead(response.head.status,
-                                apply_modifier(response.head.headers, rule.response_headers))
             await exchange.respond(head, end=body.ended and body.buffered == 0
                                    and body.trailers is None)
             while True:
