@@ -47,7 +47,8 @@ GONE.close()
 
 
 class Sleeper(Protocol):
-    def wake(self) -> None: ...
+    def woken(self, fd: int) -> None:
+        """The socket fd, one of this sleeper's, is readable, has hung up or failed."""
 
 
 class Parked(Protocol):
@@ -94,7 +95,7 @@ class Dormancy:
         for fd, _events in self._epoll.poll(0, 256):
             sleeper = self._sleeping[fd] if fd < len(self._sleeping) else None
             if sleeper is not None:
-                sleeper.wake()  # unwatches all of its sockets
+                sleeper.woken(fd)  # unwatches all of the flow's sockets
             else:
                 try:
                     self._epoll.unregister(fd)

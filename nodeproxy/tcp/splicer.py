@@ -452,6 +452,10 @@ class SplicedFlow:
         self._wake_asleep([end.sock for end in self._ends], self._ends)
         self.splicer.metrics.wakes.inc()
 
+    def woken(self, _fd: int) -> None:
+        """The daemon's epoll saw one of the asleep flow's sockets readable."""
+        self.wake()
+
     def _wake_asleep(self, socks: list[socket.socket], ends: tuple[_End, ...]) -> None:
         self._asleep = False
         self._waking = asyncio.get_running_loop().create_task(self._adopt(socks, ends))
