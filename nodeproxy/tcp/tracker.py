@@ -13,6 +13,10 @@ from typing import Any, Protocol
 from nodeproxy.tcp.fairshare import Lease
 from nodeproxy.tcp.relay import Relay, Side, reset
 
+# Distinct tuples of pod keys kept for sharing before the cache starts again (the keys
+# are enrolled pods': a bound for a node with very many pairs of them talking).
+_PODS_CACHE = 4096
+
 # Decides on an accepted connection before anything is spawned for it: its lease, or None
 # (refused: the gate has reset the connection and counted why).
 Gate = Callable[[Side], Lease | None]
@@ -27,6 +31,9 @@ class Meter(Protocol):
 class ConnectionTracker:
     def __init__(self) -> None:
         self.relays: dict[Relay, tuple[str, ...]] = {}  # relay -> keys of the local pods it touches
+        # One tuple per distinct set of pod keys, shared by every connection between the
+        # same pods (about 50 bytes less per connection than a tuple each).
+        self._pods: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._leases: dict[Relay, Lease] = {}
         self._pending: set[asyncio.Task] = set()
         self._enders: dict[Meter, Callable[[Relay], None]] = {}
@@ -49,7 +56,12 @@ class ConnectionTracker:
         return _Accepted(self, serve, gate)
 
     def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> None:
-        self.relays[relay] = pods
+        shared = self._pods.get(pods)
+        if shared is None:
+            if len(self._pods) >= _PODS_CACHE:
+                self._pods.clear()
+            shared = self._pods[pods] = pods
+        self.relays[relay] = shared
         self.churn += 1
         if lease is not None:
             lease.adopted = True
