@@ -132,10 +132,10 @@ class InboundProxy:
         meter = self._metrics.meter(destination_labels(
             pod, self._state.current.table.pods.get(source_ip), None, "none"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
-        self._tracker.add(relay, pod.key, lease=down.lease)
+        pods = self._tracker.add(relay, pod.key, lease=down.lease)  # shared: kept by a splice
         meter.opened()
         relay.start()
-        self._splicer.offer(relay, (pod.key,), allowed=pod.workload.splice)
+        self._splicer.offer(relay, pods, allowed=pod.workload.splice)
         if self._naps is not None and relay.splice is None:
             self._naps.offer(relay)  # a flow the splicer takes later is left to it
 

@@ -46,14 +46,15 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeproxy.tcp.dormancy import (
+    ASLEEP_SIDES,
     Dormancy,
     close_bare,
     detach_sides,
+    fresh_sides,
     quiet_side,
     readopt,
     take_back,
 )
-from nodeproxy.tcp.relay import Side
 
 if TYPE_CHECKING:
     from nodeproxy.tcp.relay import Relay
@@ -93,26 +94,6 @@ class RelaySleepMetrics:
             registry=registry)
 
 
-class _AsleepSide(Side):
-    """What an asleep relay's side reads as: no transport, no EOF, not lost, nothing
-    held.  One per direction for all asleep relays, so nothing may be set on
-    it (a bug that would write to one relay's side through it fails loudly instead of
-    reaching every asleep relay)."""
-
-    __slots__ = ()
-
-    def __init__(self, name: str) -> None:
-        template = Side(name)
-        for slot in Side.__slots__:
-            object.__setattr__(self, slot, getattr(template, slot))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"an asleep relay's {self.name} side is shared: "
-                             f"{name} cannot be set")
-
-
-# The stand-ins of every asleep relay's sides (they hold nothing of any relay).
-ASLEEP_SIDES = (_AsleepSide("downstream"), _AsleepSide("upstream"))
 _FREE = -1
 
 
@@ -212,9 +193,7 @@ class RelayNaps:
             return
         down_fd, up_fd, restless, slept_at = row
         self.metrics.wakes.inc()
-        down, up = Side("downstream"), Side("upstream")
-        down.relay = up.relay = relay
-        relay.downstream, relay.upstream = down, up
+        down, up = fresh_sides(relay)
         nap = relay.nap = RelayNap(self, relay)
         nap._restless = restless_after_wake(restless, time.monotonic() - slept_at)
         socks = [take_back(down_fd), take_back(up_fd)]
@@ -227,10 +206,7 @@ class RelayNaps:
             return False
         for fd in row[:2]:
             close_bare(fd, how_reset)
-        down, up = Side("downstream"), Side("upstream")
-        down.relay = up.relay = relay
-        down.lost = up.lost = True
-        relay.downstream, relay.upstream = down, up
+        fresh_sides(relay, lost=True)
         relay.nap = None
         relay.finish_lost()
         return True

@@ -55,7 +55,9 @@ class ConnectionTracker:
         refuses it."""
         return _Accepted(self, serve, gate)
 
-    def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> None:
+    def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> tuple[str, ...]:
+        """Track a connection; returns its pod keys as the tracker keeps them (a tuple
+        shared with other connections between the same pods)."""
         shared = self._pods.get(pods)
         if shared is None:
             if len(self._pods) >= _PODS_CACHE:
@@ -66,6 +68,7 @@ class ConnectionTracker:
         if lease is not None:
             lease.adopted = True
             self._leases[relay] = lease
+        return shared
 
     def ender(self, meter: Meter) -> Callable[[Relay], None]:
         """What a relay calls when it ends: leave the tracker and count the end on meter.

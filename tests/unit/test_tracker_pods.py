@@ -21,9 +21,10 @@ def test_connections_between_the_same_pods_share_their_keys_and_abort_pod_still_
     tracker = ConnectionTracker()
     a, b, c = _Relay(), _Relay(), _Relay()
     tracker.add(a, "ns/p1", "ns/p2")  # type: ignore[arg-type]
-    tracker.add(b, *("ns/p1", "ns/p2"))  # type: ignore[arg-type]
+    shared = tracker.add(b, *("ns/p1", "ns/p2"))  # type: ignore[arg-type]
     tracker.add(c, "ns/p3")  # type: ignore[arg-type]
     assert tracker.relays[a] == ("ns/p1", "ns/p2") and tracker.relays[a] is tracker.relays[b]
+    assert shared is tracker.relays[b]
     assert tracker.relays[c] == ("ns/p3",)
     tracker.abort_pod("ns/p2")
     assert (a.aborted, b.aborted, c.aborted) == (1, 1, 0)
