@@ -6,7 +6,11 @@ later instead of returning them: 4-10 MiB of the daemon's RSS after 9,000 idle
 connections opened or closed (docs/benchmarks.md, "Idle memory, sixth round").
 `malloc_trim(0)` gives the free pages back (madvise), in about 1-2 ms for such a heap.
 A low-rate housekeeping check (proxy.memoryTrimSeconds) trims once the connections
-opened and closed since the last trim reach MIN_CHURN and the last interval was quiet
+opened and closed, and the sockets that fell asleep or woke (a sleep frees the flow's
+two transports, about 2 KiB of this heap: tcp/dormancy.py; the sleeps of a burst come
+a second or two after its connections opened, when a trim for the connections alone
+had already run: 2.8 MiB left in the heap with 8,988 asleep, docs/benchmarks.md, "Idle
+memory, ninth round"), since the last trim reach MIN_CHURN and the last interval was quiet
 (at most QUIET_CHURN of them): after a burst, not in the middle of one, where the pages
 would only be faulted back in; and once at its first check, after start-up.  HAProxy
 likewise trims its pools when it releases memory.

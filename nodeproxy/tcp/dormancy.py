@@ -106,6 +106,11 @@ class Dormancy:
         # (8 bytes a number) costs less than a dict (about 37 bytes a sleeping socket).
         self._epoll: select.epoll | None = None
         self._sleeping: list[Sleeper | None] = []
+        # Sockets that started or stopped sleeping since start: falling asleep frees a
+        # flow's transports (about 2 KiB of the C heap each), so the daemon's memory trim
+        # (daemon/memory_trim.py) waits for a burst of sleeps to be over as it does for
+        # one of connections.
+        self.churn = 0
 
     def watch(self, fd: int, sleeper: Sleeper) -> None:
         """Wake `sleeper` when the socket fd is readable, has hung up or failed."""
@@ -113,6 +118,7 @@ class Dormancy:
             self._epoll = select.epoll()
             asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._ready)
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self.churn += 1
         if fd >= len(self._sleeping):
             self._sleeping.extend([None] * (fd + 1 - len(self._sleeping)))
         self._sleeping[fd] = sleeper
@@ -120,6 +126,7 @@ class Dormancy:
     def unwatch(self, fd: int) -> None:
         if 0 <= fd < len(self._sleeping) and self._sleeping[fd] is not None:
             self._sleeping[fd] = None
+            self.churn += 1
             if self._epoll is not None:
                 try:
                     self._epoll.unregister(fd)
