@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.config.model import Workload
-from nodeproxy.policy.admission import AdmissionMetrics, Admitter, AdmittedAs
+from nodeproxy.policy.admission import AdmissionMetrics, AdmittedAs, Admitter
 from nodeproxy.tcp.tracker import ConnectionTracker
 from tests.unit.test_policy import FRONTEND, allow, config_with, deny, src
 from tests.unit.test_policy_l7 import CART, op, when
