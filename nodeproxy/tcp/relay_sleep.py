@@ -23,9 +23,10 @@ descriptor numbers, when it fell asleep and how restless it is, in arrays indexe
 descriptor number; the relay itself stays (the tracker, drain, the idle timeout and a
 vanished pod's resets find it as before) with the table's two shared stand-ins
 (`ASLEEP_SIDES`, read-only) for its sides and the table as its nap.  Waking makes two
-new sides and a new `RelayNap`.  With 10,000 idle connections that is about 4 MiB
-less than a nap object, a tuple of two descriptor numbers, a float and two sides each
-(docs/benchmarks.md, "Idle memory, ninth round").  The table grows to the highest
+new sides and a new `RelayNap`.  That is about 0.5 KiB of Python objects less per asleep
+relay than a nap object, a tuple of two descriptor numbers, a float and two sides each
+(4.6 MiB with 8,988 asleep; what the allocator gives back of it depends on what is
+allocated after: docs/benchmarks.md, "Idle memory, ninth round").  The table grows to the highest
 descriptor an asleep relay held and never shrinks (about 21 bytes a descriptor number:
 bounded by the open-file limit, as the epoll's map of sleepers is); a row is cleared
 before its descriptors are closed or taken back, so a number the kernel gives again
