@@ -19,6 +19,11 @@ integer operations instead of h2's per-frame state machine and copies:
 - a client's CONNECT response that is the one-byte static ":status: 200" block becomes
   h2's ResponseReceived without h2's frame parser, HPACK decoder and header checks
   (ProxyH2Connection.receive_known_response); any other response is h2's;
+- a server's CONNECT request whose header block neither reads nor changes HPACK's
+  dynamic table (static references and literals without indexing, as the tunnel's own
+  requests are: codec/hpack_static.py) becomes h2's RequestReceived without h2's frame
+  parser and HPACK decoder, its fields judged by the checks h2 makes
+  (ProxyH2Connection.receive_known_request); any other block is h2's;
 - sent DATA is framed straight from the writer's chunks (no copy but the one join per
   batch), as large as the peer allows, within the peer's stream and connection windows;
   everything a turn produced (frames of every stream, acknowledgements, h2's own output,
@@ -510,9 +515,14 @@ class H2Session(asyncio.Protocol):
         length, frame_type, flags, stream_id = frames.parse_header(head)
         if self._continuation or frame_type not in (frames.DATA, frames.WINDOW_UPDATE):
             if frame_type == frames.HEADERS and flags == frames.END_HEADERS \
-                    and self.client_side and not self._continuation:
-                # The CONNECT response: a 200 is known without h2's parser.
-                event = self.conn.receive_known_response(stream_id, body)
+                    and not self._continuation:
+                # The CONNECT response: a 200 is known without h2's parser; a CONNECT
+                # request whose block leaves HPACK's dynamic table alone is decoded
+                # without it (h2's checks still judge its fields).
+                if self.client_side:
+                    event = self.conn.receive_known_response(stream_id, body)
+                else:
+                    event = self.conn.receive_known_request(stream_id, body)
                 if event is not None:
                     self._dispatch(event)
                     return
