@@ -108,9 +108,13 @@ class StreamTransport:
         self.session = session
         self.stream_id = stream_id
         self.protocol: asyncio.Protocol | None = None
-        self.response: asyncio.Future = asyncio.get_running_loop().create_future()
-        # Only a client awaits the response; never leave its failure unretrieved.
-        self.response.add_done_callback(_retrieve)
+        # The CONNECT's response, which only a client awaits (never leave its failure
+        # unretrieved); a server's stream has none: no future, and no failure to set and
+        # retrieve in a loop callback when it ends.
+        self.response: asyncio.Future | None = None
+        if session.client_side:
+            self.response = asyncio.get_running_loop().create_future()
+            self.response.add_done_callback(_retrieve)
         self._pending: deque[bytes | memoryview] = deque()  # written, not yet framed
         self._pending_size = 0
         # What the peer still lets us send, and what we still let it send.
@@ -310,8 +314,9 @@ class StreamTransport:
         self._pending.clear()
         self._pending_size = 0
         self.session.forget(self.stream_id)
-        if not self.response.done():
-            self.response.set_exception(exc or ConnectionResetError("stream ended"))
+        response = self.response
+        if response is not None and not response.done():
+            response.set_exception(exc or ConnectionResetError("stream ended"))
         if self.protocol is not None:
             self.protocol.connection_lost(exc)  # type: ignore[arg-type]
 
@@ -581,7 +586,7 @@ class H2Session(asyncio.Protocol):
             # rules (STREAM_CLOSED, or a connection error); the payload is dropped.
             self._to_h2(frames.empty_data(stream_id, end_stream), made_up=True)
             return
-        if self.client_side and not stream.response.done():
+        if stream.response is not None and not stream.response.done():
             # DATA before the CONNECT response: no tunnel yet.
             self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             stream._finish(ConnectionResetError("DATA before the tunnel's response"))
@@ -697,7 +702,8 @@ class H2Session(asyncio.Protocol):
                 self._on_request(self, stream)
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is not None and not stream.response.done():
+            if stream is not None and stream.response is not None \
+                    and not stream.response.done():
                 stream.response.set_result(dict(event.headers))
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
