@@ -305,13 +305,15 @@ class ProxyH2Connection(h2.connection.H2Connection):
         fields = hpack_static.static_fields(block)
         if fields is None:
             return None
-        decoder = self.decoder
-        if (decoder.header_table_size > decoder.max_allowed_table_size
-                or hpack_static.list_size(fields) > decoder.max_header_list_size):
-            return None
-        for name, _ in fields:
+        size = 0  # the header list's size as the decoder's limit counts it (list_size)
+        for name, value in fields:
             if name in _H2_ACTS_ON:
                 return None
+            size += len(name) + len(value) + 32
+        decoder = self.decoder
+        if (decoder.header_table_size > decoder.max_allowed_table_size
+                or size > decoder.max_header_list_size):
+            return None
         try:
             check_received(fields, request=True, trailer=False)
             headers = [(name.decode(), value.decode()) for name, value in fields]

@@ -29,6 +29,7 @@ from hpack.table import HeaderTable
 
 # RFC 7541 Appendix A, as hpack has it (1-based: index i is STATIC[i - 1]).
 STATIC: tuple[tuple[bytes, bytes], ...] = tuple(HeaderTable.STATIC_TABLE)
+_STATIC_LENGTH = len(STATIC)
 # An integer's continuation bytes allowed after its prefix: up to 2^21 + 127, more than
 # any field of a block the proxy accepts (codec/h2.py MAX_HEADER_BYTES); hpack itself
 # allows 5.  A longer one is refused here, not judged.
@@ -57,13 +58,21 @@ def _integer(block: bytes, at: int, prefix_bits: int) -> tuple[int, int]:
     return -1, 0
 
 
-def _string(block: bytes, at: int) -> tuple[bytes | None, int]:
+def _string(block: bytes, at: int, end: int) -> tuple[bytes | None, int]:
     """A string literal (§5.2) at `at`, not Huffman-coded, and the offset after it; None
     if Huffman-coded, truncated or its length is refused."""
-    if at >= len(block) or block[at] & 0x80:
+    if at >= end:
         return None, 0
-    length, at = _integer(block, at, 7)
-    if length < 0 or at + length > len(block):
+    length = block[at]
+    if length & 0x80:  # Huffman-coded
+        return None, 0
+    if length < 0x7F:
+        at += 1
+    else:
+        length, at = _integer(block, at, 7)
+        if length < 0:
+            return None, 0
+    if at + length > end:
         return None, 0
     return block[at:at + length], at + length
 
@@ -74,27 +83,32 @@ def static_fields(block: bytes) -> list[tuple[bytes, bytes]] | None:
     fields: list[tuple[bytes, bytes]] = []
     end = len(block)
     at = 0
-    static_length = len(STATIC)
     while at < end:
         first = block[at]
-        if first & 0x80:  # indexed field (§6.1)
-            index, at = _integer(block, at, 7)
-            if not 1 <= index <= static_length:
-                return None  # 0, the dynamic table, or a bad integer
+        if first & 0x80:  # indexed field (§6.1); 127 and up is the dynamic table
+            index = first & 0x7F
+            if not 0 < index <= _STATIC_LENGTH:
+                return None
             fields.append(STATIC[index - 1])
+            at += 1
             continue
         if first & 0xF0:  # incremental indexing, a size update, or never indexed
             return None
+        name: bytes | None
         if first:  # literal without indexing, name from the static table (§6.2.2)
-            index, at = _integer(block, at, 4)
-            if not 1 <= index <= static_length:
-                return None
-            name: bytes | None = STATIC[index - 1][0]
+            if first < 0x0F:
+                index = first
+                at += 1
+            else:
+                index, at = _integer(block, at, 4)
+                if not 0 < index <= _STATIC_LENGTH:
+                    return None
+            name = STATIC[index - 1][0]
         else:  # literal without indexing, new name
-            name, at = _string(block, at + 1)
+            name, at = _string(block, at + 1, end)
             if name is None:
                 return None
-        value, at = _string(block, at)
+        value, at = _string(block, at, end)
         if value is None:
             return None
         fields.append((name, value))
