@@ -10,10 +10,13 @@ and the HBONE tunnel (tunnel/session.py) drive, with what h2 lacks for a proxy.
 - On a server, a FrameGuard (h2_guard.py) sees each frame before h2 acts on it.
 - A frame whose outcome is fixed is handled without h2's frame parser, with h2's state
   machines given the inputs its handler would give them: END_STREAM without payload on
-  an open stream (receive_end_stream) and, on a client, a final response whose header
-  block is a known static-table reference (receive_known_response).  Any other state
-  (a closed or reset stream, a declared content-length, a header block open, a guard to
-  judge the frame) is h2's, so a peer gets the same answer as before.
+  an open stream (receive_end_stream); on a client, a final response whose header
+  block is a known static-table reference (receive_known_response); on a server, a
+  request on a new stream whose header block neither reads nor changes HPACK's dynamic
+  table (receive_known_request, hpack_static.py), its fields checked as h2 checks them
+  and the FrameGuard told as h2's frame loop tells it.  Any other state (a closed or
+  reset stream, a declared content-length, a header block open, a block that touches
+  the dynamic table) is h2's, so a peer gets the same answer as before.
 - Per-frame work h2 does for nothing is skipped: a received frame is not formatted for a
   trace log that is off (h2 calls ``repr(frame)`` eagerly), a frame's header is read once
   more for its length only, and DATA on an open stream within the peer's windows (and the
