@@ -52,7 +52,8 @@ LOG_EVERY = 10.0  # seconds between two log lines of one kind
 # the wait is counted (reason "throttled").  The node itself is never throttled.
 RATE_PER_SOURCE = 10.0
 RATE_BURST = 20
-NODE_SOURCES = frozenset({"127.0.0.1", "::1", ""})  # loopback, and "" the Unix socket
+# loopback (also as a dual-stack socket shows it), and "" the Unix socket
+NODE_SOURCES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1", ""})
 MAX_BUCKETS = 1024  # past it, buckets that refilled (carry no state) are dropped
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json; charset=utf-8"

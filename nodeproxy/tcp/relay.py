@@ -21,15 +21,23 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from nodeproxy.tcp.fairshare import Lease
-    from nodeproxy.tcp.relay_sleep import RelayNap
     from nodeproxy.tcp.splicer import SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Nap(Protocol):
+    """A relayed flow's sleep (tcp/relay_sleep.py): the relay's own while it is awake
+    and may fall asleep, its naps' table while it is asleep (a row there, `sleep_row`)."""
+
+    def end(self, relay: Relay, how_reset: bool) -> bool: ...
+
+    def finish(self, relay: Relay) -> None: ...
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:
@@ -158,7 +166,8 @@ class Relay:
     """Joins a downstream (client) side and an upstream (server) side."""
 
     __slots__ = ("_on_bytes", "_on_done", "bytes_from_downstream", "bytes_from_upstream",
-                 "_done", "downstream", "finished", "last_active", "nap", "splice", "upstream")
+                 "_done", "downstream", "finished", "last_active", "nap", "sleep_row",
+                 "splice", "upstream")
 
     def __init__(
         self,
@@ -177,7 +186,10 @@ class Relay:
         self.bytes_from_upstream = 0
         self.splice: SplicedFlow | None = None  # set while the kernel moves the bytes
         self.last_active = time.monotonic()  # the last byte either way (idle timeout)
-        self.nap: RelayNap | None = None  # set once offered to sleep while quiet
+        self.nap: Nap | None = None  # set once offered to sleep while quiet
+        # Asleep: its row in the naps' table (tcp/relay_sleep.py), its sides then the
+        # table's two shared stand-ins; -1 awake.
+        self.sleep_row = -1
         downstream.relay = self
         upstream.relay = self
 
@@ -280,7 +292,7 @@ class Relay:
     def close(self) -> None:
         if self.splice is not None and self.splice.end_asleep(how_reset=False):
             return
-        if self.nap is not None and self.nap.end(how_reset=False):
+        if self.nap is not None and self.nap.end(self, how_reset=False):
             return
         for side in (self.downstream, self.upstream):
             if side.transport is not None and not side.transport.is_closing():
@@ -290,7 +302,7 @@ class Relay:
         """Reset both sides (drain deadline passed, or the pod went away)."""
         if self.splice is not None and self.splice.end_asleep(how_reset=True):
             return
-        if self.nap is not None and self.nap.end(how_reset=True):
+        if self.nap is not None and self.nap.end(self, how_reset=True):
             return
         reset(self.downstream.transport)
         reset(self.upstream.transport)
@@ -306,7 +318,7 @@ class Relay:
             if self.splice is not None:
                 self.splice.finish()
             if self.nap is not None:
-                self.nap.finish()
+                self.nap.finish(self)
             if self._done is not None:
                 self._done.set_result(None)
             self._on_done(self)

@@ -71,17 +71,17 @@ def test_a_shared_page_is_never_older_than_the_window() -> None:
 def test_the_node_itself_always_gets_a_fresh_page_and_refreshes_the_shared_one() -> None:
     page, sent, renders, clock = setup()
     page.body("10.0.0.5")
-    for source in ("127.0.0.1", "::1", ""):
+    for source in ("127.0.0.1", "::1", "::ffff:127.0.0.1", ""):
         sent.inc()
         assert value(page.body(source), "bytes_sent_total") == sent._value.get()
     # the pod now shares the node's last rendering, which counted all three
-    assert value(page.body("10.0.0.5"), "bytes_sent_total") == 3
-    assert page.rendered == 4 and page.shared == 1
+    assert value(page.body("10.0.0.5"), "bytes_sent_total") == 4
+    assert page.rendered == 5 and page.shared == 1
 
 
 def test_a_pod_address_that_looks_like_loopback_in_another_form_is_not_the_node() -> None:
     page, _, renders, _ = setup()
     page.body("10.0.0.5")
-    for source in ("::ffff:127.0.0.1", "127.0.0.2", "0.0.0.0", "localhost"):
+    for source in ("::ffff:127.0.0.2", "127.0.0.2", "0.0.0.0", "localhost", "::ffff:10.0.0.5"):
         page.body(source)
     assert renders.count == 1
