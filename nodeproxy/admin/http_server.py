@@ -30,6 +30,8 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
+from nodeproxy.tcp.token_bucket import TokenBucket
+
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024  # request line and headers, bytes
@@ -45,6 +47,14 @@ MAX_PER_SOURCE = 16  # per face and client address (TCP)
 FEED_SLICE = 1024  # bytes handed to the parser at a time
 LINGER_SECONDS = 2.0  # after a refusal, what the client still sends is read and dropped
 LOG_EVERY = 10.0  # seconds between two log lines of one kind
+# Requests answered per second to one client address on a throttled face (the ones every
+# pod reaches), with a burst; past it the next answer waits, reading stays paused, and
+# the wait is counted (reason "throttled").  The node itself is never throttled.
+RATE_PER_SOURCE = 10.0
+RATE_BURST = 20
+# loopback (also as a dual-stack socket shows it), and "" the Unix socket
+NODE_SOURCES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1", ""})
+MAX_BUCKETS = 1024  # past it, buckets that refilled (carry no state) are dropped
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json; charset=utf-8"
 
@@ -57,6 +67,7 @@ class Request:
     headers: Mapping[str, str]  # names in lower case
     body: bytes
     match_info: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""  # the client's address (TCP), "" on a Unix socket
 
     def json(self) -> Any:
         """The body as JSON (UTF-8); json.JSONDecodeError or UnicodeDecodeError if not."""
@@ -188,13 +199,16 @@ class _Refused(Exception):
 
 class _LogLimiter:
     """At most one line per reason per LOG_EVERY seconds, with the count of those left out
-    (a hostile peer must not fill the daemon's log; its address is named in the line)."""
+    (a hostile peer must not fill the daemon's log; its address is named in the line);
+    every occurrence is counted in ``counts`` by reason (the daemon exports them)."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
         self._dropped: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
 
     def warn(self, reason: str, message: str, *args: object) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
         now = asyncio.get_running_loop().time()
         if now - self._last.get(reason, -LOG_EVERY) < LOG_EVERY:
             self._dropped[reason] = self._dropped.get(reason, 0) + 1
@@ -225,7 +239,10 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer):
         self._server = server
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        # The parser holds this protocol's callbacks: a cycle, broken when the connection
+        # ends (connection_lost) so a closed connection is freed at once, not by the cyclic
+        # collector.
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._queue: deque[_Item] = deque()
         self.busy = False
         self._closing = False
@@ -234,6 +251,7 @@ class _Connection(asyncio.Protocol):
         self._stall: asyncio.TimerHandle | None = None  # the client takes no answer
         self._writable: asyncio.Future[None] | None = None
         self.write_paused = False
+        self.throttled = False  # an answer waits for its address's rate (evictable)
         self._closing_after = False  # the client half-closed: answer what came, then close
         self._refusal = 400  # the status for a request the parser stops on
         self._unparsed = b""  # read, not parsed yet (parsing waits while answering)
@@ -277,6 +295,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.forget(self)
         self._closing = True
+        self._parser = None
         self._cancel_timers()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -310,15 +329,18 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self) -> None:
         """Feed what was read, a slice at a time, until MAX_PIPELINE requests wait."""
-        data, offset = self._unparsed, 0
-        while (offset < len(data) and not self._closing and not self._refused
+        data, offset, parser = self._unparsed, 0, self._parser
+        while (parser is not None and offset < len(data) and not self._closing and not self._refused
                and len(self._queue) < MAX_PIPELINE):
             piece = data[offset:offset + FEED_SLICE]
             offset += len(piece)
             try:
-                self._parser.feed_data(piece)
+                parser.feed_data(piece)
             except (httptools.HttpParserError, _Refused) as e:  # a callback's comes wrapped
                 cause = e.__context__ if isinstance(e.__context__, _Refused) else e
+                # Their tracebacks hold the frames, and the frames this connection: drop
+                # them, or each refused connection lives until the cyclic collector runs.
+                e.__traceback__ = cause.__traceback__ = None
                 self._refuse(self._refusal, HTTPStatus(self._refusal).phrase
                              if isinstance(cause, _Refused) else str(cause))
                 break
@@ -366,6 +388,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._in_body, self._body_raw = False, True, 0
+        assert self._parser is not None  # callbacks run inside feed_data
         if self._parser.get_http_version() not in ("1.1", "1.0"):
             self._stop(505)  # llhttp takes HTTP/0.9 and 2.0 request lines
         length = self._headers.get("content-length", ["0"])[0]
@@ -396,6 +419,7 @@ class _Connection(asyncio.Protocol):
         for name, value in parse_qsl((parsed.query or b"").decode("latin-1"),
                                      keep_blank_values=True):
             query.setdefault(name, value)
+        assert self._parser is not None  # callbacks run inside feed_data
         method = self._parser.get_method().decode("latin-1")
         headers = {k: ", ".join(v) for k, v in self._headers.items()}
         request = Request(method, raw_path, query, headers, b"".join(self._body))
@@ -474,6 +498,7 @@ class _Connection(asyncio.Protocol):
                     self._linger()
                     return
                 request, keep_alive = item
+                await self._take_turn()
                 response = await self._respond(request)
                 keep_alive = (keep_alive and not self._server.stopping
                               and not (self._closing_after and not self._queue))
@@ -507,6 +532,24 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self._closing and not self._unparsed:
             self._transport.resume_reading()
 
+    async def _take_turn(self) -> None:
+        """Wait while this client's address is over its rate (throttled faces only)."""
+        counted = False
+        while not self._closing:
+            wait = self._server.wait_for_turn(self.source)
+            if wait <= 0.0:
+                break
+            if not counted:
+                counted = True
+                self._server.limiter.warn("throttled", "%s: %s asks faster than %.0f "
+                                          "requests/s; its answers wait", self._server.name,
+                                          self.peer, self._server.rate)
+            self.throttled = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.throttled = False
+
     async def _respond(self, request: Request) -> Response:
         handler, params, response = self._server.routes.resolve(request.method, request.path)
         if handler is None:
@@ -516,7 +559,7 @@ class _Connection(asyncio.Protocol):
         try:
             return await handler(Request(request.method, "/" + "/".join(segments),
                                          request.query, request.headers, request.body,
-                                         params))
+                                         params, self.source))
         except Exception:
             log.exception("%s: %s %s failed", self._server.name, request.method, request.path)
             return Response.text("500: Internal Server Error", 500)
@@ -579,11 +622,20 @@ class _Connection(asyncio.Protocol):
 
 class HttpServer:
     """One listening socket (TCP or Unix) serving ``routes``, holding at most
-    MAX_CONNECTIONS connections and MAX_PER_SOURCE from one address (TCP)."""
+    MAX_CONNECTIONS connections and MAX_PER_SOURCE from one address (TCP); with
+    ``throttle``, answering each address other than the node's at most RATE_PER_SOURCE
+    requests a second (burst RATE_BURST)."""
 
-    def __init__(self, routes: PathTable, name: str = "http"):
+    def __init__(self, routes: PathTable, name: str = "http", *, throttle: bool = False,
+                 rate: float = RATE_PER_SOURCE, burst: int = RATE_BURST,
+                 node_sources: frozenset[str] = NODE_SOURCES):
         self.routes = routes
         self.name = name
+        self.throttle = throttle
+        self.rate = rate
+        self._burst = burst
+        self._node_sources = node_sources
+        self._buckets: dict[str, TokenBucket] = {}
         self.connections: set[_Connection] = set()
         self.by_source: dict[str, list[_Connection]] = {}
         self.limiter = _LogLimiter()
@@ -605,7 +657,7 @@ class HttpServer:
             return False
         if len(self.connections) >= MAX_CONNECTIONS:
             heaviest = max(self.by_source.values(), key=len)
-            idle = [c for c in heaviest if not c.busy or c.write_paused]
+            idle = [c for c in heaviest if not c.busy or c.write_paused or c.throttled]
             if len(heaviest) <= len(same) + 1 or not idle:
                 self.limiter.warn("full", "%s: refused a connection from %s: %d connections "
                                   "open (the most this face holds)", self.name,
@@ -619,6 +671,19 @@ class HttpServer:
         self.connections.add(connection)
         self.by_source.setdefault(source, []).append(connection)
         return True
+
+    def wait_for_turn(self, source: str) -> float:
+        """0.0 if a request from ``source`` may be answered now, else the seconds until it
+        may (a token of its address's bucket is spent when 0.0)."""
+        if not self.throttle or source in self._node_sources:
+            return 0.0
+        now = asyncio.get_running_loop().time()
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
+            bucket = self._buckets[source] = TokenBucket(self.rate, self._burst, now)
+        return bucket.take(now)
 
     def forget(self, connection: _Connection) -> None:
         if connection in self.connections:

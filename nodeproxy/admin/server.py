@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NotRequired, Protocol, TypedDict
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from nodeproxy.admin.http_server import HttpServer, PathTable, Request, Response
+from nodeproxy.admin.metrics_page import MetricsPage
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,39 @@ LiveProvider = Callable[[int | None, str | None], Mapping[str, Any]]
 
 
 
+class FaceCollector(Collector):
+    """The daemon's own HTTP faces at scrape time: connections open on each, and what each
+    refused, timed out or cut, by reason (the bounds in nodeproxy.admin.http_server), so an
+    operator sees a scraper or a probe being turned away before the kubelet does."""
+
+    def __init__(self, servers: Sequence[HttpServer], page: MetricsPage | None = None):
+        self._servers = servers
+        self._page = page
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        open_now = GaugeMetricFamily(
+            "nodeproxy_admin_connections", "Connections open on the daemon's own HTTP "
+            "face (admin, metrics, readiness, control)", labels=["face"])
+        refused = CounterMetricFamily(
+            "nodeproxy_admin_refusals", "Connections and requests the daemon's own HTTP "
+            "face refused, timed out or cut, by reason (per_source, full, evicted, "
+            "stalled, late_head, late_body, refused_<status>)", labels=["face", "reason"])
+        for server in self._servers:
+            open_now.add_metric([server.name], len(server.connections))
+            for reason, count in sorted(server.limiter.counts.items()):
+                refused.add_metric([server.name, reason], count)
+        yield open_now
+        yield refused
+        if self._page is not None:
+            pages = CounterMetricFamily(
+                "nodeproxy_admin_metrics_pages", "Prometheus pages served by the daemon: "
+                "rendered, or shared (the last rendering, at most 1 s old, served to a "
+                "client other than the node itself)", labels=["served"])
+            pages.add_metric(["rendered"], self._page.rendered)
+            pages.add_metric(["shared"], self._page.shared)
+            yield pages
+
+
 class AdminServers:
     def __init__(self, daemon: DaemonView, clusters: ClustersProvider | None = None,
                  live: LiveProvider | None = None):
@@ -78,10 +114,11 @@ class AdminServers:
         self._live = live
         self._servers: list[HttpServer] = []
         self._control_socket: str | None = None
+        self._faces: FaceCollector | None = None
+        self._page = MetricsPage(daemon.registry)
 
-    async def _metrics(self, _request: Request) -> Response:
-        body = generate_latest(self._d.registry)
-        return Response(body, content_type=CONTENT_TYPE_LATEST)
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self._page.body(request.source), content_type=CONTENT_TYPE_LATEST)
 
     async def _ready(self, _request: Request) -> Response:
         detail = "".join(f"{line}\n" for line in self._d.ready_detail())
@@ -137,6 +174,8 @@ class AdminServers:
                     metrics_port: int, readiness_port: int, control_socket: str,
                     control: PathTable) -> None:
         admin = self.admin_app()
+        self._faces = FaceCollector(self._servers, self._page)
+        self._d.registry.register(self._faces)
 
         metrics = PathTable()
         metrics.add_get("/metrics", self._metrics)
@@ -158,7 +197,8 @@ class AdminServers:
         self._control_socket = control_socket
 
     async def _serve_tcp(self, routes: PathTable, name: str, host: str, port: int) -> None:
-        server = HttpServer(routes, name)
+        # Throttled: a pod may ask a face RATE_PER_SOURCE requests/s (the node itself, any).
+        server = HttpServer(routes, name, throttle=True)
         # reuse_port: during an upgrade the new instance binds while the old one still does.
         await server.start_tcp(host, port, reuse_port=True)
         self._servers.append(server)
@@ -169,6 +209,9 @@ class AdminServers:
         for server in reversed(self._servers):
             await server.stop()
         self._servers.clear()
+        if self._faces is not None:
+            self._d.registry.unregister(self._faces)
+            self._faces = None
         path = self._control_socket
         if unlink_control_socket and path and os.path.exists(path):
             os.unlink(path)

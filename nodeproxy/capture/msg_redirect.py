@@ -52,11 +52,12 @@ class ProxyReads:
     looked at again); none per read while the direction is redirected.
 
     One per relayed connection, idle ones included: slots, and the value and flow buffers
-    each post and look fill and use at once are shared (one event-loop thread).
+    each post and look fill and use at once are shared (one event-loop thread).  It is
+    also the relay's byte callback (`counting_reads`): one object per connection, not two.
     """
 
-    __slots__ = ("_app_key", "_cookie", "_flows", "_posted", "_reads", "_timer", "_watching",
-                 "total")
+    __slots__ = ("_app_key", "_cookie", "_flows", "_on_bytes", "_posted", "_reads", "_timer",
+                 "_watching", "total")
 
     _value = contract.MSG_PROXY_READ.value(0)  # scratch: filled, then written
     _flow = contract.CMsgFlow()  # scratch: each look reads into it, then tests it
@@ -71,6 +72,15 @@ class ProxyReads:
         self._timer: asyncio.TimerHandle | None = None  # the interval's end, while watching
         self._posted = 0
         self.total = 0
+        self._on_bytes: Callable[[bool, int], None] | None = None  # counting_reads
+
+    def __call__(self, from_downstream: bool, n: int) -> None:
+        """The relay's byte callback (counting_reads): count, and report what the proxy
+        read from the downstream side."""
+        assert self._on_bytes is not None
+        self._on_bytes(from_downstream, n)
+        if from_downstream:
+            self.consumed(n)
 
     def consumed(self, n: int) -> None:
         self.total += n
@@ -116,26 +126,14 @@ class ProxyReads:
         return bool(self._flow.send_on_tcp)
 
 
-class _CountedReads:
-    """A relay's byte callback that also reports what it read from the downstream side
-    (a slotted object: smaller than a closure, and one per connection)."""
-
-    __slots__ = ("_on_bytes", "_reads")
-
-    def __init__(self, on_bytes: Callable[[bool, int], None], reads: ProxyReads):
-        self._on_bytes = on_bytes
-        self._reads = reads
-
-    def __call__(self, from_downstream: bool, n: int) -> None:
-        self._on_bytes(from_downstream, n)
-        if from_downstream:
-            self._reads.consumed(n)
-
-
 def counting_reads(on_bytes: Callable[[bool, int], None], reads: ProxyReads | None
                    ) -> Callable[[bool, int], None]:
-    """A relay's byte callback that also reports what it read from the downstream side."""
-    return on_bytes if reads is None else _CountedReads(on_bytes, reads)
+    """A relay's byte callback that also reports what it read from the downstream side
+    (the ProxyReads itself, bound to on_bytes: one object per connection)."""
+    if reads is None:
+        return on_bytes
+    reads._on_bytes = on_bytes
+    return reads
 
 
 class MsgRedirect:

@@ -10,10 +10,13 @@ and the HBONE tunnel (tunnel/session.py) drive, with what h2 lacks for a proxy.
 - On a server, a FrameGuard (h2_guard.py) sees each frame before h2 acts on it.
 - A frame whose outcome is fixed is handled without h2's frame parser, with h2's state
   machines given the inputs its handler would give them: END_STREAM without payload on
-  an open stream (receive_end_stream) and, on a client, a final response whose header
-  block is a known static-table reference (receive_known_response).  Any other state
-  (a closed or reset stream, a declared content-length, a header block open, a guard to
-  judge the frame) is h2's, so a peer gets the same answer as before.
+  an open stream (receive_end_stream); on a client, a final response whose header
+  block is a known static-table reference (receive_known_response); on a server, a
+  request on a new stream whose header block neither reads nor changes HPACK's dynamic
+  table (receive_known_request, hpack_static.py), its fields checked as h2 checks them
+  and the FrameGuard told as h2's frame loop tells it.  Any other state (a closed or
+  reset stream, a declared content-length, a header block open, a block that touches
+  the dynamic table) is h2's, so a peer gets the same answer as before.
 - Per-frame work h2 does for nothing is skipped: a received frame is not formatted for a
   trace log that is off (h2 calls ``repr(frame)`` eagerly), a frame's header is read once
   more for its length only, and DATA on an open stream within the peer's windows (and the
@@ -40,7 +43,7 @@ import h2.utilities
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import RstStreamFrame
 
-from nodeproxy.codec import h2_frames
+from nodeproxy.codec import h2_frames, hpack_static
 from nodeproxy.codec.h2_guard import FrameGuard
 from nodeproxy.codec.h2_header_checks import check_received
 
@@ -66,6 +69,12 @@ KNOWN_RESPONSE_BLOCKS: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {
 }
 # Each known block's header-list size as hpack counts it (RFC 7541 §4.1: name, value and
 # 32 per field), which the decoder's limit must allow, as decoding it would check.
+# Where a server may receive a request (h2's RECV_HEADERS transitions: the first one
+# opens the connection, IDLE to SERVER_OPEN).
+_REQUEST_STATES = (_Connection_States.IDLE, _Connection_States.SERVER_OPEN)
+# Fields h2 acts on when it takes a request's header block (a declared body length, the
+# cookie fields it joins): a block with one is h2's to take.
+_H2_ACTS_ON = frozenset({b"content-length", b"cookie"})
 _KNOWN_RESPONSE_SIZES = {block: sum(len(name) + len(value) + 32 for name, value in fields)
                          for block, fields in KNOWN_RESPONSE_BLOCKS.items()}
 
@@ -271,6 +280,59 @@ class ProxyH2Connection(h2.connection.H2Connection):
         encoding = self.config.header_encoding
         event.headers = [(name.decode(encoding), value.decode(encoding))
                          for name, value in fields] if encoding else list(fields)
+        return event
+
+    def receive_known_request(self, stream_id: int, block: bytes) -> Any:
+        """A server's HEADERS frame with END_HEADERS alone (no END_STREAM, padding or
+        priority: the caller read the flags) opening a new stream with a header block
+        that neither reads nor changes HPACK's dynamic table (hpack_static.py: static
+        references and literals without indexing, no Huffman): the RequestReceived h2's
+        _receive_headers_frame would give, with the same state changes, the FrameGuard
+        told first as h2's frame loop tells it.  Only where the outcome is fixed: the
+        connection open, no frame or header block partly parsed, the stream id new, odd
+        and above every stream the peer opened, room under our stream limit without
+        counting, the block within the decoder's table size and header-list limit, no
+        content-length or cookie field (h2 acts on those), fields h2's checks accept and
+        UTF-8 (the tunnel's header encoding).  None: nothing was done (the guard not
+        told), the frame is h2's, which answers it as it always did.  A budget the guard
+        finds spent is raised as h2 raises it: its GOAWAY queued."""
+        if (self.config.client_side or self.state_machine.state not in _REQUEST_STATES
+                or stream_id % 2 != 1
+                or stream_id <= self.highest_inbound_stream_id or stream_id in self.streams
+                or not self._idle_buffer() or self.config.header_encoding != "utf-8"):
+            return None
+        # h2 counts the open streams (walking them all) when its dict could hold the
+        # limit; below that the count cannot reach it.
+        if len(self.streams) + 1 > self.local_settings.max_concurrent_streams:
+            return None
+        fields = hpack_static.static_fields(block)
+        if fields is None:
+            return None
+        size = 0  # the header list's size as the decoder's limit counts it (list_size)
+        for name, value in fields:
+            if name in _H2_ACTS_ON:
+                return None
+            size += len(name) + len(value) + 32
+        decoder = self.decoder
+        if (decoder.header_table_size > decoder.max_allowed_table_size
+                or size > decoder.max_header_list_size):
+            return None
+        try:
+            check_received(fields, request=True, trailer=False)
+            headers = [(name.decode(), value.decode()) for name, value in fields]
+        except (h2.exceptions.ProtocolError, UnicodeDecodeError):
+            return None
+        guard = self.guard
+        if guard is not None:
+            try:
+                guard.headers(stream_id)
+            except h2.exceptions.ProtocolError as e:  # Abuse: as h2's receive_data does
+                self._terminate_connection(e.error_code)
+                raise
+        self.state_machine.process_input(_Inputs.RECV_HEADERS)
+        stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
+        event = stream.state_machine.process_input(_StreamInputs.RECV_HEADERS)[0]
+        event.headers = headers  # RequestReceived
         return event
 
     def forget_closed(self, stream_id: int) -> None:

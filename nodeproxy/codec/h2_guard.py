@@ -140,16 +140,7 @@ class FrameGuard:
             return
         self.empty_run = 0
         if isinstance(frame, HeadersFrame):
-            if frame.stream_id > self.highest_stream_id and frame.stream_id % 2 == 1:
-                self.highest_stream_id = frame.stream_id
-                self.streams_opened += 1
-                now = self._clock()
-                if len(self._started) >= TRACKED_STREAMS:
-                    self._prune()
-                self._started[frame.stream_id] = now
-                if not self._stream_bucket.take(now):
-                    raise Abuse(STREAM_RATE, "more than "
-                                f"{self.limits.max_streams_per_second} new streams a second")
+            self.headers(frame.stream_id)
         elif isinstance(frame, WindowUpdateFrame):
             self.window_update()
         elif isinstance(frame, PriorityFrame):
@@ -178,6 +169,22 @@ class FrameGuard:
                 self._control(CONTROL_FLOOD, "RST_STREAM of a stream not open")
         elif isinstance(frame, ExtensionFrame | GoAwayFrame):
             self._control(CONTROL_FLOOD, type(frame).__name__)
+
+    def headers(self, stream_id: int) -> None:
+        """A HEADERS frame arrived on `stream_id`: a new stream if its id is odd and above
+        every earlier one.  (``frame`` calls this; so does the connection for a request
+        it takes without h2's parser, codec/h2_connection.py receive_known_request.)"""
+        self.empty_run = 0
+        if stream_id > self.highest_stream_id and stream_id % 2 == 1:
+            self.highest_stream_id = stream_id
+            self.streams_opened += 1
+            now = self._clock()
+            if len(self._started) >= TRACKED_STREAMS:
+                self._prune()
+            self._started[stream_id] = now
+            if not self._stream_bucket.take(now):
+                raise Abuse(STREAM_RATE, "more than "
+                            f"{self.limits.max_streams_per_second} new streams a second")
 
     def data_frame(self, useful: bool) -> None:
         """A DATA frame arrived; ``useful``: it has a payload, padding or END_STREAM.  (The

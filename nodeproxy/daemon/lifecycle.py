@@ -145,8 +145,12 @@ class Daemon:
         self._tasks.append(asyncio.create_task(
             proxies.enrollment.watch_vanished(cfg.proxy.netns_check_seconds)))
         self._tasks.append(asyncio.create_task(self._close_idle_flows()))
+        # Connections that came and went, and sockets that fell asleep or woke (a sleep
+        # frees the flow's transports): a burst of either leaves freed heap to give back.
+        dormancy = kernel.splicer.dormancy
         self._tasks.append(asyncio.create_task(memory_trim.run(
-            self._trimmer, lambda: self.tracker.churn, cfg.proxy.memory_trim_seconds)))
+            self._trimmer, lambda: self.tracker.churn, cfg.proxy.memory_trim_seconds,
+            lambda: dormancy.churn)))
         self._tasks.append(asyncio.create_task(watcher.watch(
             self.loaded.source, cfg.proxy.netns_check_seconds,
             lambda: self.reloader.seen_digest, lambda: self.reload("file"))))

@@ -31,6 +31,7 @@ from nodeproxy.capture.msg_redirect import MsgRedirect
 from nodeproxy.capture.programs import CapturePrograms
 from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.config.model import LimitSettings, NodeConfig, PodShare
+from nodeproxy.daemon.revocation import Revocation
 from nodeproxy.daemon.runtime_pods import RuntimePods
 from nodeproxy.daemon.saved_pods import SavedPods
 from nodeproxy.discovery.state import DiscoveredState
@@ -366,6 +367,8 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
                                 {p.pod_id: p for p in enrollment.pods.values()})
 
     state.watch(write_denies)  # after the HTTP layer's, as before
+    # Connections the new state no longer allows are reset (daemon/revocation.py).
+    state.watch(Revocation(tracker, telemetry.registry))
 
     def write_probe_sources(snapshot: MeshSnapshot) -> None:
         """Inbound capture's exemption for kubelet probes follows inbound.probeSources."""

@@ -32,6 +32,7 @@ from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.listeners.inbound_hbone_l7 import DestinationGate
 from nodeproxy.mesh.enrolled_pod import EnrolledPod, destination_labels
 from nodeproxy.mesh.holder import MeshState
+from nodeproxy.policy.admission import AdmittedAs
 from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
@@ -273,8 +274,10 @@ class HboneServer:
             self._stream_refused(session, stream, 403, "denied",
                                  f"policy {admission.policy or '-'}: {admission.reason}")
             return
+        admitted = admitter.admitted_as(pod.workload, session.peer_identity, source_ip, port,
+                                        l7_checked=trusted or gated)
         if gated:
-            self._serve_gated(session, stream, pod, ip, port, source_ip, lease)
+            self._serve_gated(session, stream, pod, ip, port, source_ip, lease, admitted)
             return
         try:
             up = await dial_transparent(pod.netns, source_ip, ip, port, self._connect_timeout,
@@ -297,14 +300,14 @@ class HboneServer:
             pod, self._state.current.table.pods.get(source_ip), session.peer_identity,
             "mutual_tls"))
         relay = Relay(down, up, meter.bytes, self.tracker.ender(meter))
-        self.tracker.add(relay, pod.key, lease=lease)
+        self.tracker.add(relay, pod.key, lease=lease, admitted=admitted)
         meter.opened()
         relay.start()
 
     def _serve_gated(self, session: H2Session, stream: StreamTransport, pod: EnrolledPod,
                      ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
                      source_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                     lease: Lease) -> None:
+                     lease: Lease, admitted: AdmittedAs) -> None:
         """The stream's requests are judged here one by one (DestinationGate); the
         application is dialled per request, so nothing is connected before the 200."""
         assert self._gate is not None
@@ -322,5 +325,6 @@ class HboneServer:
         gated = self._gate.open(stream, pod, str(session.peer_identity), source_ip, ip, port,
                                 closed)  # type: ignore[arg-type]
         # Tracked as relays are: drained at shutdown, aborted with its pod.
-        self.tracker.add(gated, pod.key, lease=lease)  # type: ignore[arg-type]
+        self.tracker.add(gated, pod.key, lease=lease,  # type: ignore[arg-type]
+                         admitted=admitted)
         gated.start()

@@ -115,10 +115,12 @@ class InboundProxy:
             return
         if self._on_captured is not None:
             self._on_captured(pod)
-        admission = self._state.current.admitter.admit(pod.workload, None, source_ip, port)
+        admitter = self._state.current.admitter
+        admission = admitter.admit(pod.workload, None, source_ip, port)
         if not admission.allowed:
             reset(down.transport)
             return
+        admitted = admitter.admitted_as(pod.workload, None, source_ip, port)
         # No source_port: the client's port is never kept here.  The captured connection
         # itself (client:port -> dest:port, accepted in this very netns) holds the tuple the
         # application's side of a kept-port dial would need, so the SYN would meet it.
@@ -132,10 +134,11 @@ class InboundProxy:
         meter = self._metrics.meter(destination_labels(
             pod, self._state.current.table.pods.get(source_ip), None, "none"))
         relay = Relay(down, up, meter.bytes, lambda r: self._done(r, meter))
-        self._tracker.add(relay, pod.key, lease=down.lease)
+        pods = self._tracker.add(relay, pod.key, lease=down.lease,  # shared: kept by a splice
+                                 admitted=admitted)
         meter.opened()
         relay.start()
-        self._splicer.offer(relay, (pod.key,), allowed=pod.workload.splice)
+        self._splicer.offer(relay, pods, allowed=pod.workload.splice)
         if self._naps is not None and relay.splice is None:
             self._naps.offer(relay)  # a flow the splicer takes later is left to it
 

@@ -264,7 +264,8 @@ class OutboundProxy:
         # reach the splice's stream verdict, not arrive by redirect.
         reads = None if self._splicer.would_take(up, splice) else self._fast_path(pod, down)
         relay = Relay(down, up, counting_reads(meter.bytes, reads), self._tracker.ender(meter))
-        self._tracker.add(relay, *pods, lease=down.lease)
+        pods = self._tracker.add(relay, *pods, lease=down.lease,  # shared: kept by a splice
+                                 admitted=opened.admitted)
         meter.opened()
         relay.start()
         self._splicer.offer(relay, pods, allowed=splice)

@@ -24,6 +24,7 @@ from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.mesh.destinations import Backend, DestinationTable
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.holder import MeshState
+from nodeproxy.policy.admission import AdmittedAs
 from nodeproxy.policy.authorization import DestinationWorkload
 from nodeproxy.tcp.descriptors import OverBudget
 from nodeproxy.tcp.dial import DialAnnouncer, dial_from, dial_transparent
@@ -47,6 +48,7 @@ class Opened(Generic[P]):
     protocol: P
     security: str  # connection_security_policy: "mutual_tls" or "none"
     targets: tuple[EnrolledPod, ...]  # destination pods on this node
+    admitted: AdmittedAs | None = None  # what its admission here read (an L4 local target)
 
 
 class Upstreams:
@@ -93,17 +95,21 @@ class Upstreams:
         try:
             target = self.local_target(backend)
             if target is not None:
+                admitted = None
                 if not l7_checked:
-                    admission = self._state.current.admitter.admit(target.workload, pod.principal,
-                                                       source_ip, backend.port)
+                    admitter = self._state.current.admitter
+                    admission = admitter.admit(target.workload, pod.principal, source_ip,
+                                               backend.port)
                     if not admission.allowed:
                         raise Refused("denied", f"policy {admission.policy or '-'}: "
                                                 f"{admission.reason}")
+                    admitted = admitter.admitted_as(target.workload, pod.principal,
+                                                    source_ip, backend.port)
                 opened = await dial_transparent(target.netns, source_ip, backend.address,
                                                 backend.port, self.connect_timeout,
                                                 self._announcer, protocol,
                                                 source_port=source_port)
-                return Opened(opened, "mutual_tls", (target,))
+                return Opened(opened, "mutual_tls", (target,), admitted)
             if ref is not None and ref.node not in (None, self._node) and self._pool:
                 stream = await self._pool.open(
                     source_namespace=pod.workload.namespace,

@@ -6,6 +6,11 @@ Inbound plaintext (15006), HBONE streams (15008) and same-node mesh traffic all
 ask here before the proxy connects to the application; nothing else decides.  When a
 destination has policies on HTTP (Authorizer.has_l7_rules), the proxy that sees the
 requests asks admit_request for each of them.
+
+A connection admitted here carries what the decision read (AdmittedAs); when the mesh
+state changes, the new Admitter judges it again (still_allows, which counts and logs
+nothing) and the daemon resets those no longer allowed, as ztunnel's connection manager
+closes connections a policy update denies.
 """
 
 from __future__ import annotations
@@ -49,6 +54,20 @@ REQUEST_WARNING_INTERVAL = 10.0
 DECISION_CACHE_LIMIT = 4096
 DECISION_KEY_CHARS = 1024
 _WARNING_KEYS_LIMIT = 1024
+# Distinct AdmittedAs records interned per admitter (one per source, destination and port
+# in use); past it the table starts again.
+_ADMITTED_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedAs:
+    """What a connection into a local pod was admitted as: every input of its decision."""
+
+    destination: str  # the local pod's namespace/name
+    source_principal: str | None  # verified SPIFFE ID; None for plaintext
+    source_ip: IPAddress
+    port: int
+    l7_checked: bool  # admitted on the promise that its HTTP requests are judged
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,7 @@ class Admitter:
         # Request decisions by everything they depend on (_decide_request); this admitter's
         # policies only, so a new configuration starts with none.
         self._decisions: dict[tuple[object, ...], _Remembered] = {}
+        self._admitted: dict[AdmittedAs, AdmittedAs] = {}
 
     def _target(self, dest: Workload) -> DestinationWorkload:
         known = self._targets.get(id(dest))
@@ -190,6 +210,33 @@ class Admitter:
                         source_principal or "plaintext", source_ip, dest.key, port,
                         " (requests checked at the source)" if l7_checked else "",
                         decision.policy or "-", decision.reason)
+        return Admission(decision.allowed, decision.policy or "", decision.reason)
+
+    def admitted_as(self, dest: Workload, source_principal: str | None,
+                    source_ip: IPAddress, port: int, *,
+                    l7_checked: bool = False) -> AdmittedAs:
+        """The record of a connection ``admit`` let in, for still_allows later (one object
+        for all the connections with the same inputs)."""
+        record = AdmittedAs(dest.key, source_principal, source_ip, port, l7_checked)
+        interned = self._admitted.get(record)
+        if interned is None:
+            if len(self._admitted) >= _ADMITTED_LIMIT:
+                self._admitted.clear()
+            interned = self._admitted[record] = record
+        return interned
+
+    def still_allows(self, admitted: AdmittedAs, dest: Workload) -> Admission:
+        """Would this configuration admit a connection admitted as ``admitted`` (by any
+        admitter) into ``dest``, the destination pod as this configuration knows it?  The
+        same peer authentication and authorization as admit.  Pure: counts and logs
+        nothing."""
+        target = self._target(dest)
+        if admitted.source_principal is None and not self._peer_auth.accepts_plaintext(
+                target, admitted.port, admitted.source_ip, self._probe_sources):
+            return Admission(False, "", "plaintext refused (STRICT)")
+        decision = self._judge(target, admitted.source_principal, admitted.source_ip,
+                               admitted.port,
+                               L7_CHECKED_UPSTREAM if admitted.l7_checked else None)
         return Admission(decision.allowed, decision.policy or "", decision.reason)
 
     def needs_requests(self, dest: Workload, source_principal: str,
@@ -283,12 +330,16 @@ class Admitter:
 
     def _decide(self, target: DestinationWorkload, source_principal: str | None,
                 source_ip: IPAddress, port: int, request: RequestInput) -> Decision:
-        namespace = _source_namespace(source_principal) if source_principal else None
-        decision = self._authorizer.decide(target, ConnectionAttributes(
-            source_principal=source_principal, source_namespace=namespace,
-            source_ip=source_ip, destination_port=port), request)
+        decision = self._judge(target, source_principal, source_ip, port, request)
         self._count(decision)
         return decision
+
+    def _judge(self, target: DestinationWorkload, source_principal: str | None,
+               source_ip: IPAddress, port: int, request: RequestInput) -> Decision:
+        namespace = _source_namespace(source_principal) if source_principal else None
+        return self._authorizer.decide(target, ConnectionAttributes(
+            source_principal=source_principal, source_namespace=namespace,
+            source_ip=source_ip, destination_port=port), request)
 
 
 def _printable(text: str, limit: int = 200) -> str:

@@ -23,15 +23,23 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from nodeproxy.tcp.fairshare import Lease
-    from nodeproxy.tcp.relay_sleep import RelayNap
     from nodeproxy.tcp.splicer import Promotion, SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Nap(Protocol):
+    """A relayed flow's sleep (tcp/relay_sleep.py): the relay's own while it is awake
+    and may fall asleep, its naps' table while it is asleep (a row there, `sleep_row`)."""
+
+    def end(self, relay: Relay, how_reset: bool) -> bool: ...
+
+    def finish(self, relay: Relay) -> None: ...
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:
@@ -160,8 +168,8 @@ class Relay:
     """Joins a downstream (client) side and an upstream (server) side."""
 
     __slots__ = ("_on_bytes", "_on_done", "bytes_from_downstream", "bytes_from_upstream",
-                 "_done", "downstream", "finished", "last_active", "nap", "promotion", "splice",
-                 "upstream")
+                 "_done", "downstream", "finished", "last_active", "nap", "promotion",
+                 "sleep_row", "splice", "upstream")
 
     def __init__(
         self,
@@ -182,7 +190,10 @@ class Relay:
         # Set while the flow is to be spliced once it has carried enough (Splicer.offer).
         self.promotion: Promotion | None = None
         self.last_active = time.monotonic()  # the last byte either way (idle timeout)
-        self.nap: RelayNap | None = None  # set once offered to sleep while quiet
+        self.nap: Nap | None = None  # set once offered to sleep while quiet
+        # Asleep: its row in the naps' table (tcp/relay_sleep.py), its sides then the
+        # table's two shared stand-ins; -1 awake.
+        self.sleep_row = -1
         downstream.relay = self
         upstream.relay = self
 
@@ -288,7 +299,7 @@ class Relay:
     def close(self) -> None:
         if self.splice is not None and self.splice.end_asleep(how_reset=False):
             return
-        if self.nap is not None and self.nap.end(how_reset=False):
+        if self.nap is not None and self.nap.end(self, how_reset=False):
             return
         for side in (self.downstream, self.upstream):
             if side.transport is not None and not side.transport.is_closing():
@@ -298,7 +309,7 @@ class Relay:
         """Reset both sides (drain deadline passed, or the pod went away)."""
         if self.splice is not None and self.splice.end_asleep(how_reset=True):
             return
-        if self.nap is not None and self.nap.end(how_reset=True):
+        if self.nap is not None and self.nap.end(self, how_reset=True):
             return
         reset(self.downstream.transport)
         reset(self.upstream.transport)
@@ -315,7 +326,7 @@ class Relay:
             if self.splice is not None:
                 self.splice.finish()
             if self.nap is not None:
-                self.nap.finish()
+                self.nap.finish(self)
             if self._done is not None:
                 self._done.set_result(None)
             self._on_done(self)

@@ -48,7 +48,16 @@ from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.capture.splice import SpliceMaps
 from nodeproxy.tcp.bare_socket import borrowed
-from nodeproxy.tcp.dormancy import GONE, Dormancy, close_bare, detach_sides, readopt, take_back
+from nodeproxy.tcp.dormancy import (
+    ASLEEP_SIDES,
+    GONE,
+    Dormancy,
+    close_bare,
+    detach_sides,
+    fresh_sides,
+    readopt,
+    take_back,
+)
 from nodeproxy.tcp.relay import Relay, Side
 from nodeproxy.tcp.send_state import is_closed, send_state, sent_total, unread
 
@@ -153,6 +162,9 @@ class SplicedFlow:
     @property
     def _ends(self) -> tuple[_End, _End]:
         return self._down, self._up
+
+    def _ends_sides(self) -> tuple[Side, Side]:
+        return self._down.side, self._up.side
 
     def _end(self, side: Side) -> _End:
         return self._down if side is self._down.side else self._up
@@ -435,6 +447,12 @@ class SplicedFlow:
             # Only the descriptor's number is kept (a socket object is 88 bytes more).
             end.sock = sock.detach()
         self._asleep = True
+        # The relay's sides, with nothing of the flow in them now, become the shared
+        # stand-ins (about 280 bytes less per asleep flow); waking makes new ones.
+        for side in self._ends_sides():
+            side.relay = None
+        self.relay.downstream, self.relay.upstream = ASLEEP_SIDES
+        self._down.side, self._up.side = ASLEEP_SIDES
         self.splicer.metrics.sleeps.inc()
         try:
             for end in self._ends:
@@ -452,8 +470,13 @@ class SplicedFlow:
         self._unwatch()
         for end in self._ends:
             end.sock = take_back(end.sock)  # GONE if it cannot be: adopt reports it lost
+        self._down.side, self._up.side = fresh_sides(self.relay)
         self._wake_asleep([end.sock for end in self._ends], self._ends)
         self.splicer.metrics.wakes.inc()
+
+    def woken(self, _fd: int) -> None:
+        """The daemon's epoll saw one of the asleep flow's sockets readable."""
+        self.wake()
 
     def _wake_asleep(self, socks: list[socket.socket], ends: tuple[_End, ...]) -> None:
         self._asleep = False
@@ -498,7 +521,7 @@ class SplicedFlow:
         for end in self._ends:
             fd, end.sock = end.sock, GONE
             close_bare(fd, how_reset)
-            end.side.lost = True
+        self._down.side, self._up.side = fresh_sides(self.relay, lost=True)
         self.relay.finish_lost()
         return True
 

@@ -1,14 +1,16 @@
-"""Every connection the proxy is relaying, whatever path it came by: for drain and for
-resetting a vanished pod's connections.  A connection accepted under a fair-share lease
-(tcp/fairshare.py) gives it back when it leaves the tracker, or, if it never joined
-(refused, failed), when its set-up ends."""
+"""Every connection the proxy is relaying, whatever path it came by: for drain, for
+resetting a vanished pod's connections, and for closing those a new policy no longer
+allows (each carries what it was admitted as, judged again by the daemon when the mesh
+state changes).  A connection accepted under a fair-share lease (tcp/fairshare.py) gives
+it back when it leaves the tracker, or, if it never joined (refused, failed), when its
+set-up ends."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, NamedTuple, Protocol
 
 from nodeproxy.tcp.fairshare import Lease
 from nodeproxy.tcp.relay import Relay, Side, reset
@@ -24,9 +26,23 @@ class Meter(Protocol):
     def closed(self) -> None: ...
 
 
+class Tracked(NamedTuple):
+    """What the tracker keeps beside a connection; shared by the connections that have the
+    same (interned: one object for a pod pair's thousands of idle connections)."""
+
+    pods: tuple[str, ...]  # keys of the local pods it touches
+    admitted: Hashable | None  # what its admission decided on (policy.admission.AdmittedAs)
+
+
+# Interned Tracked values kept at most; past it the table starts again (the values
+# connections hold stay valid, they are only no longer shared with newcomers).
+_INTERNED_LIMIT = 4096
+
+
 class ConnectionTracker:
     def __init__(self) -> None:
-        self.relays: dict[Relay, tuple[str, ...]] = {}  # relay -> keys of the local pods it touches
+        self.relays: dict[Relay, Tracked] = {}
+        self._interned: dict[Tracked, Tracked] = {}
         self._leases: dict[Relay, Lease] = {}
         self._pending: set[asyncio.Task] = set()
         self._enders: dict[Meter, Callable[[Relay], None]] = {}
@@ -48,12 +64,24 @@ class ConnectionTracker:
         refuses it."""
         return _Accepted(self, serve, gate)
 
-    def add(self, relay: Relay, *pods: str, lease: Lease | None = None) -> None:
-        self.relays[relay] = pods
+    def add(self, relay: Relay, *pods: str, lease: Lease | None = None,
+            admitted: Hashable | None = None) -> tuple[str, ...]:
+        """Track ``relay``; ``admitted``: what the decision that let it in read, for
+        ``revoke`` (None: no admission decided on it here).  Returns its pod keys as the
+        tracker keeps them (shared with the connections between the same pods: a splice
+        keeps that tuple rather than one of its own)."""
+        tracked = Tracked(pods, admitted)
+        interned = self._interned.get(tracked)
+        if interned is None:
+            if len(self._interned) >= _INTERNED_LIMIT:
+                self._interned.clear()
+            interned = self._interned[tracked] = tracked
+        self.relays[relay] = interned
         self.churn += 1
         if lease is not None:
             lease.adopted = True
             self._leases[relay] = lease
+        return interned.pods
 
     def ender(self, meter: Meter) -> Callable[[Relay], None]:
         """What a relay calls when it ends: leave the tracker and count the end on meter.
@@ -105,9 +133,26 @@ class ConnectionTracker:
         return len(idle)
 
     def abort_pod(self, key: str) -> None:
-        for relay, pods in list(self.relays.items()):
-            if key in pods:
+        for relay, tracked in list(self.relays.items()):
+            if key in tracked.pods:
                 relay.abort()
+
+    def revoke(self, still_allowed: Callable[[Hashable], bool]) -> list[Hashable]:
+        """Reset every connection whose admission ``still_allowed`` now refuses (asked once
+        per distinct admission); what each reset one was admitted as."""
+        verdicts: dict[Hashable, bool] = {}
+        revoked = []
+        for relay, tracked in list(self.relays.items()):
+            admitted = tracked.admitted
+            if admitted is None:
+                continue
+            allowed = verdicts.get(admitted)
+            if allowed is None:
+                allowed = verdicts[admitted] = still_allowed(admitted)
+            if not allowed:
+                revoked.append(admitted)
+                relay.abort()
+        return revoked
 
 
 class _Accepted(Side):

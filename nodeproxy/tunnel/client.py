@@ -97,6 +97,7 @@ class HbonePool:
             stream = None
             try:
                 stream = session.open_encoded_stream(block, target)
+                assert stream.response is not None  # a client's stream
                 async with asyncio.timeout(self._response_timeout):
                     response = await stream.response
             except Exception as e:  # noqa: BLE001 - sorted below

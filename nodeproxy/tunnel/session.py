@@ -19,6 +19,11 @@ integer operations instead of h2's per-frame state machine and copies:
 - a client's CONNECT response that is the one-byte static ":status: 200" block becomes
   h2's ResponseReceived without h2's frame parser, HPACK decoder and header checks
   (ProxyH2Connection.receive_known_response); any other response is h2's;
+- a server's CONNECT request whose header block neither reads nor changes HPACK's
+  dynamic table (static references and literals without indexing, as the tunnel's own
+  requests are: codec/hpack_static.py) becomes h2's RequestReceived without h2's frame
+  parser and HPACK decoder, its fields judged by the checks h2 makes
+  (ProxyH2Connection.receive_known_request); any other block is h2's;
 - sent DATA is framed straight from the writer's chunks (no copy but the one join per
   batch), as large as the peer allows, within the peer's stream and connection windows;
   everything a turn produced (frames of every stream, acknowledgements, h2's own output,
@@ -103,9 +108,13 @@ class StreamTransport:
         self.session = session
         self.stream_id = stream_id
         self.protocol: asyncio.Protocol | None = None
-        self.response: asyncio.Future = asyncio.get_running_loop().create_future()
-        # Only a client awaits the response; never leave its failure unretrieved.
-        self.response.add_done_callback(_retrieve)
+        # The CONNECT's response, which only a client awaits (never leave its failure
+        # unretrieved); a server's stream has none: no future, and no failure to set and
+        # retrieve in a loop callback when it ends.
+        self.response: asyncio.Future | None = None
+        if session.client_side:
+            self.response = asyncio.get_running_loop().create_future()
+            self.response.add_done_callback(_retrieve)
         self._pending: deque[bytes | memoryview] = deque()  # written, not yet framed
         self._pending_size = 0
         # What the peer still lets us send, and what we still let it send.
@@ -305,8 +314,9 @@ class StreamTransport:
         self._pending.clear()
         self._pending_size = 0
         self.session.forget(self.stream_id)
-        if not self.response.done():
-            self.response.set_exception(exc or ConnectionResetError("stream ended"))
+        response = self.response
+        if response is not None and not response.done():
+            response.set_exception(exc or ConnectionResetError("stream ended"))
         if self.protocol is not None:
             self.protocol.connection_lost(exc)  # type: ignore[arg-type]
 
@@ -510,9 +520,14 @@ class H2Session(asyncio.Protocol):
         length, frame_type, flags, stream_id = frames.parse_header(head)
         if self._continuation or frame_type not in (frames.DATA, frames.WINDOW_UPDATE):
             if frame_type == frames.HEADERS and flags == frames.END_HEADERS \
-                    and self.client_side and not self._continuation:
-                # The CONNECT response: a 200 is known without h2's parser.
-                event = self.conn.receive_known_response(stream_id, body)
+                    and not self._continuation:
+                # The CONNECT response: a 200 is known without h2's parser; a CONNECT
+                # request whose block leaves HPACK's dynamic table alone is decoded
+                # without it (h2's checks still judge its fields).
+                if self.client_side:
+                    event = self.conn.receive_known_response(stream_id, body)
+                else:
+                    event = self.conn.receive_known_request(stream_id, body)
                 if event is not None:
                     self._dispatch(event)
                     return
@@ -571,7 +586,7 @@ class H2Session(asyncio.Protocol):
             # rules (STREAM_CLOSED, or a connection error); the payload is dropped.
             self._to_h2(frames.empty_data(stream_id, end_stream), made_up=True)
             return
-        if self.client_side and not stream.response.done():
+        if stream.response is not None and not stream.response.done():
             # DATA before the CONNECT response: no tunnel yet.
             self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             stream._finish(ConnectionResetError("DATA before the tunnel's response"))
@@ -687,7 +702,8 @@ class H2Session(asyncio.Protocol):
                 self._on_request(self, stream)
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is not None and not stream.response.done():
+            if stream is not None and stream.response is not None \
+                    and not stream.response.done():
                 stream.response.set_result(dict(event.headers))
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)

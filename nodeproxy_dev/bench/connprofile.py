@@ -24,8 +24,10 @@ nodeproxy-splice does), then:
   the bench's idle scenario does, with py-spy on node0's daemon; the opening's time, the
   daemon's CPU per connection opened and the functions' shares.
 - Python calls per connection (``--calls``): the daemons restarted with a hook that runs
-  cProfile between two SIGUSR1s; the same-node load under it, and each function's calls
-  per connection made (exact counts; cProfile's own times are not the daemon's).
+  cProfile between two SIGUSR1s; the same-node load under it (node0), and with
+  ``--only cross-node`` (or neither) the cross-node load (node0 and node1, each its own
+  figures), and each function's calls per connection made (exact counts; cProfile's own
+  times are not the daemon's).
 - Memory: the daemons restarted with tracemalloc on (a ``sitecustomize`` of this module's
   own, active only in ``nodeproxy run``, dumps a snapshot on SIGUSR2); N idle connections
   opened same node (``nodeproxy_dev.bench.idle``), and the snapshot difference after
@@ -257,30 +259,42 @@ def burst_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
             "py_spy": folded_shares(folded, SAMPLE_RATE * opened_s)}
 
 
-def calls_profile(cluster: Cluster, service: str, seconds: float, out: Path
-                  ) -> dict[str, Any]:
-    """Each Python function's calls per connection of the same-node load in node0's daemon
-    (started with CALLS_SITECUSTOMIZE): cProfile on for the load, off after it."""
+def calls_profile(cluster: Cluster, service: str, seconds: float, out: Path,
+                  nodes: tuple[str, ...] = ("node0",)) -> dict[str, Any]:
+    """Each Python function's calls per connection of the connect load to `service` in the
+    daemons of `nodes` (started with CALLS_SITECUSTOMIZE): cProfile on for the load, off
+    after it.  Same node: node0 alone; cross node: node0 and node1 (the per-node figures
+    under the node's name)."""
     import pstats
 
     vip = cluster.services[f"default/{service}"].address(4)
-    pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
-    path = out / f"{pid}.pstats"
-    os.kill(pid, signal.SIGUSR1)
+    pids = {node: cluster.nodes[node].daemon.pid for node in nodes}  # type: ignore[union-attr]
+    for pid in pids.values():
+        (out / f"{pid}.pstats").unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
     summary = _load_summary(_connect_load(cluster, vip, seconds), seconds)
-    os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 60
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError("the daemon wrote no cProfile dump")
-        time.sleep(0.2)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGUSR1)
     made = max(int(summary.get("succeeded", 0)), 1)
-    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
-    rows = sorted(((calls, f"{func[2]} ({func[0].rsplit('site-packages/', 1)[-1]}:{func[1]})")
-                   for func, (_, calls, *_rest) in stats.items()), reverse=True)
-    return {"service": service, "connections": made,
-            "calls_per_connection": round(sum(c for c, _ in rows) / made, 1),
-            "top": [(name, round(calls / made, 2)) for calls, name in rows[:TOP * 4]]}
+    result: dict[str, Any] = {"service": service, "connections": made}
+    for node, pid in pids.items():
+        path = out / f"{pid}.pstats"
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node}'s daemon wrote no cProfile dump")
+            time.sleep(0.2)
+        stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+        rows = sorted(((calls, f"{func[2]} "
+                        f"({func[0].rsplit('site-packages/', 1)[-1]}:{func[1]})")
+                       for func, (_, calls, *_rest) in stats.items()), reverse=True)
+        figures = {"calls_per_connection": round(sum(c for c, _ in rows) / made, 1),
+                   "top": [(name, round(calls / made, 2)) for calls, name in rows[:TOP * 4]]}
+        if len(nodes) == 1:
+            result.update(figures)
+        else:
+            result[node] = figures
+    return result
 
 
 def memory_profile(cluster: Cluster, count: int, out: Path, settle: float = 1.0
@@ -372,8 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also open this many idle connections same node, 64 at a "
                              "time, with py-spy on node0's daemon (the opening burst)")
     parser.add_argument("--calls", action="store_true",
-                        help="also count node0's Python calls per connection (cProfile, "
-                             "daemons restarted with a hook; a third same-node load)")
+                        help="also count the daemons' Python calls per connection "
+                             "(cProfile, daemons restarted with a hook; one more load of "
+                             "each kind --only allows: node0 same node, both cross node)")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 0 <= args.idle <= 9000:
         parser.error("--seconds 1..120, --idle 0..9000 (0: no memory profile)")
@@ -401,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop_daemons()
             with startup_hook(out, CALLS_SITECUSTOMIZE, "NODEPROXY_CALLS_DIR", str(out)):
                 cluster.start_daemons()
-                report["calls"] = calls_profile(cluster, "web-z0", args.seconds, out)
+                if args.only in (None, "same-node"):
+                    report["calls"] = calls_profile(cluster, "web-z0", args.seconds, out)
+                if args.only in (None, "cross-node"):
+                    report["calls_cross_node"] = calls_profile(
+                        cluster, "web-z1", args.seconds, out, nodes=("node0", "node1"))
         if not args.idle:
             cluster.stop_daemons()
             (out / "profile.json").write_text(json.dumps(report, indent=1))

@@ -51,7 +51,8 @@ if os.environ.get("NODEPROXY_RSS_DIR") and _nodeproxy_daemon():
         with open(os.path.join(out, "command")) as f:
             name, _, action = f.read().strip().partition(" ")
         report = {}
-        libc = ctypes.CDLL(None)
+        from nodeproxy.capture.libc import libc as _shared_libc
+        libc = _shared_libc()
         def rss():
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024

@@ -124,6 +124,31 @@ def hbone_seeds() -> dict[str, Callable[[Client], None]]:
         _connect(c, 7, "10.244.2.20:8080", [("content-length", "3")])
         c.send_data(7, b"abc", end_stream=True)
 
+    def static_blocks(c: Client) -> None:
+        # CONNECTs whose blocks leave HPACK's dynamic table alone, as nodeproxy's source
+        # nodes send them (tunnel/header_block.py): the destination takes them without
+        # h2's decoder (h2_connection.py receive_known_request).  Repeated on new
+        # streams, between h2's indexed blocks, then with a field h2's checks refuse.
+        import ipaddress
+
+        from nodeproxy.tunnel.header_block import connect_block, literal, source_port_field
+
+        block, _ = connect_block(ipaddress.ip_address("10.244.2.20"), 8080,
+                                 ipaddress.ip_address("10.244.1.10"), False)
+
+        def static(sid: int, extra: bytes = b"") -> None:
+            whole = block + source_port_field(40000 + sid) + extra
+            c._data_to_send += h2_frames.header(len(whole), h2_frames.HEADERS,
+                                                h2_frames.END_HEADERS, sid) + whole
+            c.highest_outbound_stream_id = sid
+
+        static(1)
+        c._data_to_send += h2_frames.data_header(3, 1) + b"abc" + h2_frames.empty_data(1, True)
+        _connect(c, 3, "10.244.2.20:8080", [("forwarded", "for=10.244.1.10")])
+        static(5)
+        static(7, b"\xbe")  # a dynamic-table reference after static fields: h2's
+        static(9, literal("x-bad", "a\rb"))
+
     return {name: fn for name, fn in locals().items() if callable(fn) and name[0] != "_"}
 
 

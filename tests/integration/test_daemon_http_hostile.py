@@ -33,6 +33,7 @@ def node() -> Iterator[tuple[Cluster, Pod]]:
     with Cluster(1) as c:
         c.add_pod("node0", "web-0", labels={"app": "web"})
         attacker = c.add_pod("node0", "attacker", labels={"app": "attacker"})
+        c.add_pod("node0", "scraper", labels={"app": "scraper"})
         c.write_configs()
         c.start_daemons()
         yield c, attacker
@@ -152,6 +153,12 @@ def test_a_hostile_pod_does_not_take_the_probe_and_the_scrape_away(
     assert f"readiness: {attacker.ip4}:" in log or f"metrics: {attacker.ip4}:" in log, log[-3000:]
     time.sleep(0.5)
     well_served(c, other, gateway)
+    # The operator sees it: the garbage and the TLS hello were two 400s on the readiness
+    # face, the endless field one 431 on the metrics face.
+    _, body = node_get(c, METRICS, "/metrics")
+    assert 'nodeproxy_admin_refusals_total{face="readiness",reason="refused_400"} 2.0' \
+        in body, [line for line in body.splitlines() if "admin_refusals" in line]
+    assert 'nodeproxy_admin_refusals_total{face="metrics",reason="refused_431"} 1.0' in body
 
 
 def exchange_endless(pod: Pod, host: str, port: int, limit: int) -> bytes:
@@ -193,3 +200,60 @@ def test_control_socket_pod_routes_name_exactly_one_pod(node: tuple[Cluster, Pod
     assert status == 400, (status, body)
     status, body = netns.unix_http(n.control_socket, "GET", "/v1/pods/default/web-0")
     assert status == 200 and '"web-0"' in body
+
+
+def pages(c: Cluster) -> dict[str, float]:
+    _, body = node_get(c, METRICS, "/metrics")
+    out = {}
+    for line in body.splitlines():
+        if line.startswith("nodeproxy_admin_metrics_pages_total{"):
+            out[line.split('"')[1]] = float(line.split()[-1])
+    return out
+
+
+def test_a_pod_scraping_as_fast_as_it_can_is_throttled_and_shares_one_rendering(
+        node: tuple[Cluster, Pod]) -> None:
+    """Eight connections from one pod, 25 pipelined scrapes on each, read for 4 s: the
+    pod is answered at its address's rate (a burst, then RATE_PER_SOURCE a second, the
+    rest waiting, none refused) from at most one rendering a second, while the node's
+    own scrapes (the test's, the kubelet's) are answered at once and fresh."""
+    c, _ = node
+    scraper = c.pods["scraper"]  # its own pod: the attacker's silent connections may
+    gateway = c.nodes["node0"].gateway4  # still hold its per-address share (75 s)
+    before = pages(c)
+    started = time.monotonic()
+    seconds = 4.0
+    socks = [netns.connect(scraper.netns_path, gateway, METRICS, 3.0) for _ in range(8)]
+    received = [b""] * len(socks)
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /stats/prometheus HTTP/1.1\r\nHost: x\r\n\r\n" * 25)
+            sock.setblocking(False)
+        deadline = time.monotonic() + seconds
+        probes = 0
+        while time.monotonic() < deadline:
+            readable = select.select(socks, [], [], 0.1)[0]
+            for sock in readable:
+                i = socks.index(sock)
+                received[i] += sock.recv(1 << 20)
+            if probes < 5 and time.monotonic() > deadline - seconds / 2:
+                probes += 1  # the node is not throttled, and its page is fresh
+                assert node_get(c, READINESS, "/healthz/ready")[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+    answers = sum(r.count(b"HTTP/1.1 200 OK\r\n") for r in received)
+    assert not any(r.count(b"HTTP/1.1 4") or r.count(b"HTTP/1.1 5") for r in received)
+    after = pages(c)
+    elapsed = time.monotonic() - started
+    rendered = after["rendered"] - before["rendered"]
+    # the burst, then the rate, over the time read (and one turn of slack)
+    bound = http_server.RATE_BURST + http_server.RATE_PER_SOURCE * (seconds + 1)
+    assert http_server.RATE_BURST <= answers <= bound, (answers, bound)
+    # one a second at most for the pod, + the node's own two pages() calls (and a turn)
+    assert rendered <= elapsed + 3, (rendered, elapsed, answers)
+    _, body = node_get(c, METRICS, "/metrics")
+    throttled = [line for line in body.splitlines()
+                 if 'face="metrics",reason="throttled"' in line]
+    # every answer past the burst waited, and each of the 8 connections waits now
+    assert throttled and float(throttled[0].split()[-1]) >= answers - http_server.RATE_BURST

@@ -23,6 +23,7 @@ import pytest
 
 from nodeproxy_dev.testbed.cluster import Cluster, scaled
 from tests.integration.observe import metric_sum, wait_for
+from tests.integration.policy_reload import reload_with
 from tests.integration.sleeping import serve_script, spawn_script
 
 pytestmark = pytest.mark.privileged
@@ -293,6 +294,36 @@ def test_a_vanished_pod_has_its_sleeping_relays_reset(node: Cluster):
     assert outcomes(client, server) == ["ConnectionResetError", "ConnectionResetError"]
     assert 'cause="netns_vanished"' in node.metrics("node0")
     assert wait_for(lambda: asleep(node) == 0, 10)
+
+
+@pytest.mark.parametrize("route", list(CLIENTS))
+def test_a_policy_that_no_longer_allows_a_sleeping_relay_resets_it(node: Cluster,
+                                                                   route: str):
+    """A DENY applied while a flow sleeps (same-node mesh client, or plaintext from
+    outside the mesh into the pod's inbound listener): the daemon judges its admission
+    again and both ends see the reset; a flow the policy does not name sleeps on."""
+    port = 9507 if route == "outbound" else 9508
+    slept, revoked = sleeps(node), sample(node, "nodeproxy_connections_revoked_total")
+    doomed = quiet_pair(node, port, CLIENTS[route], LAST_WORD, LAST_WORD)
+    other = "outsider" if route == "outbound" else "client"
+    spared = quiet_pair(node, port + 10, other, reset_after(os.path.join(
+        node.dir, f"revoke-spared-{route}")), LAST_WORD)
+    try:
+        await_sleeps(node, slept, 2)
+        deny = ({"from": [{"source": {"principals": ["cluster.local/ns/default/sa/client"]}}]}
+                if route == "outbound" else
+                {"from": [{"source": {"ipBlocks": [f"{node.pods['outsider'].ip4}/32"]}}]})
+        reload_with(node, "node0", [{"name": "cut", "namespace": "default", "action": "DENY",
+                            "selector": {"app": "web"}, "rules": [deny]}])
+        assert outcomes(*doomed) == ["ConnectionResetError", "ConnectionResetError"]
+        assert sample(node, "nodeproxy_connections_revoked_total") == revoked + 1
+        assert asleep(node) >= 1  # the spared flow
+        open(os.path.join(node.dir, f"revoke-spared-{route}"), "w").close()
+        assert sorted(outcomes(*spared)) == ["ConnectionResetError", "reset"]
+    finally:
+        for proc in (*doomed, *spared):
+            proc.kill()
+        reload_with(node, "node0", [])
 
 
 @pytest.mark.parametrize("mode", ["ebpf", "iptables"])

@@ -37,6 +37,7 @@ def reloads(c: Cluster, result: str) -> float:
 def node() -> Iterator[Cluster]:
     with Cluster(1) as c:
         c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
+        c.add_pod("node0", "admin", labels={"app": "admin"}, service_account="admin")
         c.add_pod("node0", "web-0", labels={"app": "web"}, service_account="web")
         c.add_service("web", port=80, target_port=PORT)
         c.serve_peer("web-0", PORT)
@@ -59,15 +60,30 @@ def hup(c: Cluster) -> None:
     daemon.send_signal(signal.SIGHUP)
 
 
-def test_sighup_applies_a_new_policy_and_open_connections_continue(node: Cluster):
+def revoked(c: Cluster) -> float:
+    for family in text_string_to_metric_families(c.metrics("node0")):
+        for s in family.samples:
+            if s.name == "nodeproxy_connections_revoked_total":
+                return s.value
+    return 0.0
+
+
+def test_sighup_applies_a_new_policy_resets_what_it_denies_and_keeps_the_rest(node: Cluster):
+    """Two long conversations through the same service: the new policy allows the admin's
+    and no longer the client's.  The admin's goes on, every byte intact; the client's is
+    reset at once (as ztunnel closes what a policy update denies), and new connections
+    from the client are refused."""
     c = node
     vip = c.services["default/web"].vip4
     assert connect(c, "client", vip, 80).startswith("connected {")
     digest = c.admin_json("node0", "/config_dump")["digest"]
     slow = echo_conversation(vip, rounds=25, block=10_000)
-    conversation = c.spawn_in_pod("client", [c.python, "-c", slow], stdout=subprocess.PIPE,
-                                  text=True)
+    doomed = c.spawn_in_pod("client", [c.python, "-c", slow], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    kept = c.spawn_in_pod("admin", [c.python, "-c", slow], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
+    assert revoked(c) == 0
     rewrite(c, lambda doc: doc.update(authorizationPolicies=[{
         "name": "web-only-from-admin", "selector": {"app": "web"}, "action": "ALLOW",
         "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/admin"]}}]}],
@@ -76,8 +92,14 @@ def test_sighup_applies_a_new_policy_and_open_connections_continue(node: Cluster
     assert wait_for(lambda: reloads(c, "applied") == 1)
     assert c.admin_json("node0", "/config_dump")["digest"] != digest
     assert not connect(c, "client", vip, 80).startswith("connected {")  # new policy in force
-    out, _ = conversation.communicate(timeout=30)
-    assert out.strip() == "intact"  # the connection opened before the reload went on
+    out, err = kept.communicate(timeout=30)
+    assert out.strip() == "intact", err  # the allowed connection went on
+    out, err = doomed.communicate(timeout=30)
+    assert doomed.returncode != 0 and "ConnectionResetError" in err, (out, err)
+    assert revoked(c) == 1
+    log = c.daemon_output("node0")
+    assert "reset 1 connection(s) spiffe://cluster.local/ns/default/sa/client" in log
+    assert "no longer allowed by policy" in log
 
 
 def test_a_bad_policy_is_refused_and_the_last_good_one_stays(node: Cluster):

@@ -66,3 +66,25 @@ def test_many_due_at_once_are_looked_at_a_batch_per_loop_iteration():
         assert all(len(f.turns) == 1 for f in flows)
         assert wheel._wheel == {}
     uvloop.run(main())
+
+
+def test_sockets_falling_asleep_and_waking_count_as_churn_for_the_memory_trim():
+    """Each socket watched or unwatched counts once (a sleep frees transports: the trim
+    waits for a burst of sleeps to be over); unwatching one not watched does not."""
+    import socket
+
+    async def main() -> None:
+        wheel = Dormancy()
+        a, b = socket.socketpair()
+        try:
+            wheel.watch(a.fileno(), Parked())  # type: ignore[arg-type]
+            wheel.watch(b.fileno(), Parked())  # type: ignore[arg-type]
+            assert wheel.churn == 2
+            wheel.unwatch(a.fileno())
+            wheel.unwatch(a.fileno())  # not watched any more: no count
+            wheel.unwatch(b.fileno())
+            assert wheel.churn == 4
+        finally:
+            a.close()
+            b.close()
+    uvloop.run(main())

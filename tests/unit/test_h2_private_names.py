@@ -235,3 +235,43 @@ def test_the_receive_paths_taken_over_still_mirror_h2s() -> None:
     assert stream.state_machine.headers_received in (None, False)
     buffer = client.incoming_buffer
     assert not buffer._data and buffer._headers_buffer == []
+
+
+def test_what_receive_known_request_mirrors_is_still_h2s() -> None:
+    """ProxyH2Connection.receive_known_request gives h2's state machines the inputs h2's
+    _receive_headers_frame gives them for a new request, after the checks h2 makes there
+    (the stream limit, the stream id rules of _begin_new_stream), decodes only blocks
+    hpack would decode the same (its static table), and knows what h2's pipeline does
+    to a request's fields (cookies joined, content-length read, the fields checked and
+    decoded); this fails if h2 or hpack change any of it."""
+    import hpack.table
+
+    headers_frame = _statements(h2.connection.H2Connection._receive_headers_frame)
+    for statement in (
+            "max_open_streams = self.local_settings.max_concurrent_streams",
+            "value = self.open_inbound_streams",
+            "headers = _decode_headers(self.decoder, frame.data)",
+            "events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)",
+            "stream = self._get_or_create_stream(frame.stream_id, "
+            "AllowedStreamIDs(not self.config.client_side))"):
+        assert statement in headers_frame, statement
+    new_stream = _statements(h2.connection.H2Connection._begin_new_stream)
+    for statement in ("if stream_id <= highest_stream_id:",
+                      "if stream_id % 2 != int(allowed_ids):",
+                      "self.highest_inbound_stream_id = stream_id"):
+        assert statement in new_stream, statement
+    receive = _statements(h2.stream.H2Stream.receive_headers)
+    assert "self._initialize_content_length(headers)" in receive
+    assert "headers_event.headers = self._process_received_headers(headers, " \
+        "hdr_validation_flags, header_encoding)" in receive, receive
+    assert "if n == b'content-length':" in \
+        _statements(h2.stream.H2Stream._initialize_content_length)
+    assert "if header[0] == b'cookie':" in _statements(h2.utilities._combine_cookie_fields)
+    assert "event = RequestReceived(stream_id=self.stream_id)" in \
+        _statements(h2.stream.H2StreamStateMachine.request_received)
+    assert len(hpack.table.HeaderTable.STATIC_TABLE) == 61
+    assert hpack.table.HeaderTable.STATIC_TABLE[1] == (b":method", b"GET")
+    assert {"IDLE", "SERVER_OPEN"} <= set(h2.connection.ConnectionState.__members__)
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    assert server.highest_inbound_stream_id == 0
+    assert server.decoder.header_table_size == server.decoder.max_allowed_table_size

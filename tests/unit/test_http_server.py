@@ -148,3 +148,42 @@ def test_stop_closes_idle_connections_and_refuses_new_ones() -> None:
         else:
             raise AssertionError("a stopped server still accepts")
     serve(test)
+
+
+def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    """The parser holds the connection's callbacks; once the client has gone the server
+    must hold nothing of it, with the cyclic collector off (a face scraped every few
+    seconds must not leave a cycle per scrape for the collector)."""
+    import gc
+    import weakref
+
+    from nodeproxy.admin import http_server
+
+    made: list[weakref.ref[Any]] = []
+    original = http_server._Connection.__init__
+
+    def recording(self: Any, server: HttpServer) -> None:
+        original(self, server)
+        made.append(weakref.ref(self))
+
+    async def test(server: HttpServer) -> None:
+        for request in (b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n",
+                        b"GET /a HTTP/1.1\r\n\r\n",  # keep-alive, then the client leaves
+                        b"BAD\r\n\r\n"):  # a refusal
+            await exchange(server, request, close=request.startswith(b"GET /a HTTP/1.1\r\nC"))
+        for _ in range(50):  # the server sees each client go
+            await asyncio.sleep(0.05)
+            if not server.connections:
+                break
+        await asyncio.sleep(0.05)
+
+    gc.collect()
+    gc.disable()
+    http_server._Connection.__init__ = recording  # type: ignore[method-assign]
+    try:
+        serve(test)
+        assert len(made) == 3
+        assert [ref() for ref in made] == [None, None, None]
+    finally:
+        http_server._Connection.__init__ = original  # type: ignore[method-assign]
+        gc.enable()

@@ -13,6 +13,18 @@ from nodeproxy.capture.libc import check, has, libc
 
 
 def test_one_handle_for_every_caller() -> None:
+    """No module opens the C library itself: every call goes through libc(), whose
+    signatures are the only ones (libbpf, a different library, has its own handle)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    opened = re.compile(r"CDLL\(|cdll\.|LibraryLoader\(")
+    own = {root / "nodeproxy/capture/libc.py", root / "nodeproxy/capture/libbpf.py"}
+    offenders = [str(path.relative_to(root)) for package in ("nodeproxy", "nodeproxy_dev")
+                 for path in sorted((root / package).rglob("*.py"))
+                 if path not in own and opened.search(path.read_text())]
+    assert offenders == []
     assert libc() is libc()
 
 

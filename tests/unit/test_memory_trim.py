@@ -115,3 +115,28 @@ def test_glibc_trim_here_returns_memory_and_does_not_fail() -> None:
     del blocks
     assert trim() in (0, 1)
     assert trim() in (0, 1)
+
+
+def test_the_sleeps_after_a_burst_of_connections_get_a_trim_of_their_own() -> None:
+    """The relayed flows of a burst fall asleep a second or two after it (each sleep frees
+    two transports): the connections' trim comes as soon as they are quiet, whatever the
+    sleeps do, and a second one once the sleeps are over."""
+    heap = FakeHeap()
+    t, _ = trimmer(heap)
+    assert t.check(0, 0)
+    heap.trims = 0
+    churn = sleeps = 0
+    for step in (3000, 3000, 3000):    # the connections open
+        churn += step
+        assert not t.check(churn, sleeps)
+    sleeps += 4000                     # the first flows fall asleep
+    assert t.check(churn, sleeps)      # the connections are over: trimmed at once
+    sleeps += 9000                     # the rest fall asleep
+    assert not t.check(churn, sleeps)
+    sleeps += 4000
+    assert not t.check(churn, sleeps)
+    assert t.check(churn, sleeps)      # the sleeps are over: their trim
+    assert heap.trims == 2
+    for _ in range(5):                 # quiet on: nothing new to give back
+        assert not t.check(churn, sleeps)
+    assert heap.trims == 2

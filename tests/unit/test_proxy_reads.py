@@ -97,3 +97,24 @@ def test_a_gone_flow_stops_the_posts() -> None:
 def test_the_interval_is_short() -> None:
     """A direction stuck on TCP waits at most this long for its count to go back."""
     assert msg_redirect.WATCH_INTERVAL <= 0.005
+
+
+def test_the_relays_byte_callback_is_the_counter_itself_and_counts_only_downstream() -> None:
+    """counting_reads binds the relay's byte callback to the ProxyReads (one object per
+    connection): every byte reaches the meter's callback, and only the bytes read from
+    the downstream side (the application's) count as read from the proxy's socket."""
+    async def main() -> None:
+        maps = Maps()
+        counter = reads(maps)
+        seen: list[tuple[bool, int]] = []
+        callback = msg_redirect.counting_reads(lambda d, n: seen.append((d, n)), counter)
+        assert callback is counter
+        callback(True, 300)
+        callback(False, 5000)
+        callback(True, 20)
+        assert seen == [(True, 300), (False, 5000), (True, 20)]
+        assert counter.total == 320
+        await asyncio.sleep(WATCH_INTERVAL * 5)
+        assert maps.posted[-1] == 320
+        assert msg_redirect.counting_reads(print, None) is print
+    asyncio.run(main())

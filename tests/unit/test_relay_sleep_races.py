@@ -98,8 +98,8 @@ def test_the_idle_timeout_or_drain_during_a_wake_loses_no_byte_the_wake_read(
         await until(lambda: naps.asleep == 1)
         payload = b"w" * 50_000
         flow.client.sendall(payload)
-        assert relay.nap is not None
-        relay.nap.wake()  # as the epoll would, then at once:
+        assert relay.nap is naps and relay.sleep_row >= 0  # a row of the table
+        naps.wake(relay)  # as the epoll would, then at once:
         if how_reset:
             relay.abort()
         else:

@@ -1,0 +1,123 @@
+"""Connections judged again when the mesh state changes: Admitter.admitted_as and
+still_allows (policy/admission.py), ConnectionTracker.revoke (tcp/tracker.py) and the
+daemon's watcher (daemon/revocation.py).  What a new configuration resets must be exactly
+what it would refuse as a new connection, and judging counts and logs nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+from collections.abc import Hashable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from nodeproxy.config.model import Workload
+from nodeproxy.policy.admission import AdmissionMetrics, AdmittedAs, Admitter
+from nodeproxy.tcp.tracker import ConnectionTracker
+from tests.unit.test_policy import FRONTEND, allow, config_with, deny, src
+from tests.unit.test_policy_l7 import CART, op, when
+
+IPS = [ipaddress.ip_address(a) for a in ("10.244.1.10", "10.244.3.7", "fd00::5")]
+PRINCIPALS = [FRONTEND, CART, None]
+PORTS = [8080, 9000]
+
+POLICY_SETS: list[list[dict[str, Any]]] = [
+    [],
+    [allow(src(principals=["cluster.local/ns/shop/sa/frontend"]))],
+    [deny(src(principals=["cluster.local/ns/shop/sa/cart"]))],
+    [deny(src(ipBlocks=["10.244.3.0/24"]))],
+    [allow({**src(namespaces=["shop"]), **op(ports=["8080"])})],
+    [allow({**src(principals=["cluster.local/ns/shop/sa/frontend"]),
+            **op(methods=["GET"])})],  # rules on HTTP: fails closed unless l7_checked
+    [deny(when({"key": "destination.port", "values": ["9000"]}))],
+    [allow(op(ports=["8080"])), deny(src(notPrincipals=["cluster.local/ns/shop/sa/cart"]))],
+]
+PEER_SETS: list[list[dict[str, Any]]] = [[], [{"name": "mesh", "mode": "STRICT"}]]
+
+
+def build(policies: list[dict[str, Any]], peers: list[dict[str, Any]] | None = None
+          ) -> tuple[Admitter, CollectorRegistry, Workload]:
+    config = config_with(
+        workloads=[{"name": "web", "namespace": "shop", "node": "node-b",
+                    "labels": {"app": "web"}, "ips": ["10.244.2.20"]}],
+        authorization_policies=policies, peer_authentications=peers or [])
+    registry = CollectorRegistry()
+    return Admitter(config, AdmissionMetrics(registry)), registry, config.workloads[0]
+
+
+def samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+    return [(s.name, s.labels, s.value) for m in registry.collect() for s in m.samples]
+
+
+@pytest.mark.parametrize("before", range(len(POLICY_SETS)))
+def test_still_allows_is_what_a_new_connection_would_get_and_counts_nothing(
+        before: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Admitted under one configuration, judged by every other: the verdict equals what
+    admit() answers there for the same inputs, and judging leaves the counters and the
+    log alone."""
+    old, _, web_old = build(POLICY_SETS[before])
+    caplog.set_level(logging.DEBUG, "nodeproxy.policy.admission")
+    for policies, peers in itertools.product(POLICY_SETS, PEER_SETS):
+        new, registry, web = build(policies, peers)
+        for principal, ip, port, l7 in itertools.product(PRINCIPALS, IPS, PORTS,
+                                                         (False, True)):
+            record = old.admitted_as(web_old, principal, ip, port, l7_checked=l7)
+            counted, logged = samples(registry), len(caplog.records)
+            judged = new.still_allows(record, web)
+            assert samples(registry) == counted and len(caplog.records) == logged
+            fresh = new.admit(web, principal, ip, port, l7_checked=l7)
+            assert (judged.allowed, judged.policy) == (fresh.allowed, fresh.policy), (
+                policies, peers, principal, ip, port, l7)
+
+
+def test_plaintext_under_strict_is_revoked() -> None:
+    old, _, web = build([])
+    record = old.admitted_as(web, None, IPS[0], 8080)
+    assert old.still_allows(record, web).allowed
+    strict, _, web = build([], [{"name": "mesh", "mode": "STRICT"}])
+    verdict = strict.still_allows(record, web)
+    assert not verdict.allowed and "STRICT" in verdict.reason
+
+
+def test_the_same_inputs_are_one_record() -> None:
+    adm, _, web = build([])
+    a = adm.admitted_as(web, FRONTEND, IPS[0], 8080)
+    assert adm.admitted_as(web, FRONTEND, ipaddress.ip_address("10.244.1.10"), 8080) is a
+    assert adm.admitted_as(web, FRONTEND, IPS[0], 8080, l7_checked=True) is not a
+    assert a == AdmittedAs("shop/web", FRONTEND, IPS[0], 8080, False)
+
+
+class FakeRelay:
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+def test_revoke_resets_exactly_the_refused_and_asks_once_per_admission() -> None:
+    tracker = ConnectionTracker()
+    a = AdmittedAs("shop/web", FRONTEND, IPS[0], 8080, False)
+    b = AdmittedAs("shop/web", CART, IPS[1], 8080, False)
+    relays = {name: FakeRelay() for name in ("a1", "a2", "b1", "none")}
+    for name, admitted in (("a1", a), ("a2", a), ("b1", b), ("none", None)):
+        tracker.add(relays[name], "shop/client", "shop/web",  # type: ignore[arg-type]
+                    admitted=admitted)
+    asked: list[Hashable] = []
+
+    def judge(admitted: Hashable) -> bool:
+        asked.append(admitted)
+        return admitted is not b
+
+    assert tracker.revoke(judge) == [b]
+    assert sorted(asked, key=str) == sorted([a, b], key=str)  # once each
+    assert {n: r.aborted for n, r in relays.items()} == {"a1": 0, "a2": 0, "b1": 1, "none": 0}
+    # A connection with the same pods and admission shares one tracked value.
+    values = list(tracker.relays.values())
+    assert values[0] is values[1]
+    # abort_pod still finds its pods
+    tracker.abort_pod("shop/client")
+    assert all(r.aborted >= 1 for r in relays.values())
