@@ -103,6 +103,34 @@ def echo_conversation(vip: str, rounds: int, block: int, until: str | None = Non
     """)
 
 
+def echo_checksum_script(vip: str, n: int, *, pace: float | None = None,
+                         first_byte_after: float = 0.0) -> str:
+    """A script for a pod: "P" then n random bytes to port 80 of `vip` (the peer server
+    echoes what follows the "P"), sent after `first_byte_after` seconds, at once or, with
+    `pace`, in 16 KiB chunks that many seconds apart, half-closed after the last; reads
+    the echo while sending and prints "<bytes read> <True if their SHA-256 matches>"."""
+    return textwrap.dedent(f"""
+        import hashlib, os, socket, threading, time
+        data = b"P" + os.urandom({n})
+        s = socket.create_connection(({vip!r}, 80), 5)
+        time.sleep({first_byte_after!r})
+        def send():
+            if {pace!r} is None:
+                s.sendall(data)
+            else:
+                for at in range(0, len(data), 16384):
+                    s.sendall(data[at:at + 16384])
+                    time.sleep({pace!r})
+            s.shutdown(socket.SHUT_WR)
+        t = threading.Thread(target=send); t.start()
+        got = hashlib.sha256(); size = 0
+        while chunk := s.recv(1 << 20):
+            got.update(chunk); size += len(chunk)
+        t.join()
+        print(size, got.hexdigest() == hashlib.sha256(data[1:]).hexdigest())
+    """)
+
+
 # Attach types of the programs on a node's pod cgroup: connect4/6, getpeername4/6, sockops;
 # and on the daemon's own cgroup: getsockopt (the SO_ORIGINAL_DST answer).
 CGROUP_ATTACH_TYPES = (10, 11, 29, 30, 3)

@@ -21,6 +21,7 @@ import pytest
 
 from nodeproxy_dev.testbed.cluster import Cluster, scaled
 from tests.integration.observe import metric_sum, wait_for
+from tests.integration.probes import echo_checksum_script
 from tests.integration.sleeping import serve_script
 
 pytestmark = pytest.mark.privileged
@@ -123,20 +124,8 @@ def test_kernel_counters_equal_the_bytes_the_kernel_moved(node: Cluster):
     counts, the Istio byte series and the echo agree to the byte."""
     n = 5 * MB
     vip = node.services["default/web"].vip4
-    client = textwrap.dedent(f"""
-        import hashlib, os, socket, threading, time
-        data = b"P" + os.urandom({n})
-        s = socket.create_connection(({vip!r}, 80), 5)
-        time.sleep(0.3)                      # the proxy has spliced the flow by now
-        def send():
-            s.sendall(data); s.shutdown(socket.SHUT_WR)
-        t = threading.Thread(target=send); t.start()
-        got = hashlib.sha256(); size = 0
-        while chunk := s.recv(1 << 20):
-            got.update(chunk); size += len(chunk)
-        t.join()
-        print(size, got.hexdigest() == hashlib.sha256(data[1:]).hexdigest())
-    """)
+    # the first byte after 0.3 s: the proxy has spliced the flow by then
+    client = echo_checksum_script(vip, n, first_byte_after=0.3)
     flows, moved = spliced(node), spliced_socket_bytes(node)
     labels = {"destination_service": "web.default.svc.cluster.local"}
     received = sample(node, "istio_tcp_received_bytes_total", **labels)

@@ -8,13 +8,13 @@ segments read in part) are in test_splice_promotion.py.
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 
 import pytest
 
 from nodeproxy_dev.testbed.cluster import Cluster
 from tests.integration.observe import metric_sum, wait_for
+from tests.integration.probes import echo_checksum_script
 
 pytestmark = pytest.mark.privileged
 
@@ -42,22 +42,7 @@ def echo(c: Cluster, n: int, pace: float) -> None:
     """The peer server echoes what follows a "P": n random bytes sent in 16 KiB chunks
     `pace` seconds apart (a sender the relay keeps up with), read back and compared."""
     vip = c.services["default/web"].vip4
-    client = textwrap.dedent(f"""
-        import hashlib, os, socket, threading, time
-        data = b"P" + os.urandom({n})
-        s = socket.create_connection(({vip!r}, 80), 5)
-        def send():
-            for at in range(0, len(data), 16384):
-                s.sendall(data[at:at + 16384])
-                time.sleep({pace})
-            s.shutdown(socket.SHUT_WR)
-        t = threading.Thread(target=send); t.start()
-        got = hashlib.sha256(); size = 0
-        while chunk := s.recv(1 << 20):
-            got.update(chunk); size += len(chunk)
-        t.join()
-        print(size, got.hexdigest() == hashlib.sha256(data[1:]).hexdigest())
-    """)
+    client = echo_checksum_script(vip, n, pace=pace)
     out = c.run_in_pod("client", [c.python, "-c", client], timeout=120).stdout
     assert out.split() == [str(n), "True"]
 
