@@ -121,3 +121,35 @@ def test_revoke_resets_exactly_the_refused_and_asks_once_per_admission() -> None
     # abort_pod still finds its pods
     tracker.abort_pod("shop/client")
     assert all(r.aborted >= 1 for r in relays.values())
+
+
+def test_the_watcher_resets_what_the_new_snapshot_refuses_and_leaves_vanished_pods_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """daemon/revocation.py on a snapshot whose admitter denies the cart: its connection
+    is reset, counted and logged with the policy; a connection to a pod the snapshot no
+    longer has is left to that pod's unenrollment; the frontend's goes on."""
+    from types import SimpleNamespace
+
+    from nodeproxy.daemon.revocation import Revocation
+
+    old, _, web = build([])
+    new, _, web_now = build([deny(src(principals=["cluster.local/ns/shop/sa/cart"]))])
+    tracker = ConnectionTracker()
+    relays = {name: FakeRelay() for name in ("cart", "frontend", "gone")}
+    tracker.add(relays["cart"], "shop/web",  # type: ignore[arg-type]
+                admitted=old.admitted_as(web, CART, IPS[0], 8080))
+    tracker.add(relays["frontend"], "shop/web",  # type: ignore[arg-type]
+                admitted=old.admitted_as(web, FRONTEND, IPS[0], 8080))
+    tracker.add(relays["gone"], "shop/other",  # type: ignore[arg-type]
+                admitted=AdmittedAs("shop/other", CART, IPS[0], 8080, False))
+    registry = CollectorRegistry()
+    watcher = Revocation(tracker, registry)
+    snapshot = SimpleNamespace(admitter=new, inputs=SimpleNamespace(
+        local_pods=(SimpleNamespace(workload=web_now),)))
+    caplog.set_level(logging.WARNING, "nodeproxy.daemon.revocation")
+    watcher(snapshot)  # type: ignore[arg-type]
+    assert {n: r.aborted for n, r in relays.items()} == {"cart": 1, "frontend": 0, "gone": 0}
+    assert registry.get_sample_value("nodeproxy_connections_revoked_total") == 1
+    [record] = caplog.records
+    assert CART in record.getMessage() and "shop/web:8080" in record.getMessage()
+    assert "by policy shop/d" in record.getMessage()
