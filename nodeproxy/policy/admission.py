@@ -54,6 +54,7 @@ REQUEST_WARNING_INTERVAL = 10.0
 DECISION_CACHE_LIMIT = 4096
 DECISION_KEY_CHARS = 1024
 _WARNING_KEYS_LIMIT = 1024
+PLAINTEXT_REFUSED = "plaintext refused (STRICT)"
 # Distinct AdmittedAs records interned per admitter (one per source, destination and port
 # in use); past it the table starts again.
 _ADMITTED_LIMIT = 4096
@@ -231,9 +232,9 @@ class Admitter:
         same peer authentication and authorization as admit.  Pure: counts and logs
         nothing."""
         target = self._target(dest)
-        if admitted.source_principal is None and not self._peer_auth.accepts_plaintext(
-                target, admitted.port, admitted.source_ip, self._probe_sources):
-            return Admission(False, "", "plaintext refused (STRICT)")
+        if self._plaintext_refused(target, admitted.source_principal, admitted.source_ip,
+                                   admitted.port):
+            return Admission(False, "", PLAINTEXT_REFUSED)
         decision = self._judge(target, admitted.source_principal, admitted.source_ip,
                                admitted.port,
                                L7_CHECKED_UPSTREAM if admitted.l7_checked else None)
@@ -282,13 +283,18 @@ class Admitter:
     def _peer_refused(self, dest: Workload, target: DestinationWorkload,
                       source_principal: str | None, source_ip: IPAddress,
                       port: int) -> Admission | None:
-        if source_principal is None and not self._peer_auth.accepts_plaintext(
-                target, port, source_ip, self._probe_sources):
+        if self._plaintext_refused(target, source_principal, source_ip, port):
             self._metrics.plaintext_refused.labels(dest.namespace, dest.name).inc()
             log.warning("denied plaintext %s -> %s:%d: peer authentication STRICT",
                         source_ip, dest.key, port)
-            return Admission(False, "", "plaintext refused (STRICT)")
+            return Admission(False, "", PLAINTEXT_REFUSED)
         return None
+
+    def _plaintext_refused(self, target: DestinationWorkload, source_principal: str | None,
+                           source_ip: IPAddress, port: int) -> bool:
+        """Peer authentication: plaintext (no principal) where STRICT refuses it."""
+        return source_principal is None and not self._peer_auth.accepts_plaintext(
+            target, port, source_ip, self._probe_sources)
 
     def _decide_request(self, target: DestinationWorkload, source_principal: str | None,
                         source_ip: IPAddress, port: int,
