@@ -35,6 +35,7 @@ from tests.integration.hostile import (
     violations,
 )
 from tests.integration.observe import metric_sum as sample
+from tests.integration.observe import wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -176,8 +177,12 @@ def test_forged_marker_gets_the_destinations_own_decision(mesh: HostileMesh, var
     assert seen == expected
     # The permitted requests did reach nginx: the destination judged, it did not just refuse.
     allowed_count = 2 * sum(1 for *_, allowed in REQUESTS[variant] if allowed)
-    logged = len(backend_log(target.h1_dir)) + len(backend_log(target.h2_dir))
-    assert logged - before_logged == allowed_count
+
+    def logged() -> int:  # nginx writes its log line after the response has left
+        return len(backend_log(target.h1_dir)) + len(backend_log(target.h2_dir)) - before_logged
+
+    wait_for(lambda: logged() >= allowed_count, timeout=5)
+    assert logged() == allowed_count
     denied = sample(mesh.cluster.metrics("node1"), "nodeproxy_hbone_l7_requests_total",
                     result="denied")
     assert denied - before_denied == 2 * sum(1 for *_, ok in REQUESTS[variant] if not ok)
@@ -223,4 +228,6 @@ def test_trusting_the_marker_trusts_every_node_with_a_certificate() -> None:
             node.close()
         assert connect == "200"
         assert _h1_status(received) == 200
+        # nginx writes its log line after the response has left: give it that moment.
+        wait_for(lambda t=target: bool(violations(t)), timeout=5)
         assert [e["uri"] for e in violations(target)] == ["/admin"]
