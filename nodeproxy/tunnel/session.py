@@ -96,11 +96,6 @@ class StreamReset(ConnectionResetError):
         self.code = code
 
 
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class StreamTransport:
     """An HTTP/2 stream that looks like an asyncio transport to a protocol."""
 
@@ -108,13 +103,12 @@ class StreamTransport:
         self.session = session
         self.stream_id = stream_id
         self.protocol: asyncio.Protocol | None = None
-        # The CONNECT's response, which only a client awaits (never leave its failure
-        # unretrieved); a server's stream has none: no future, and no failure to set and
-        # retrieve in a loop callback when it ends.
+        # The CONNECT's response, which only a client awaits; a server's stream has none.
+        # Its failure is marked retrieved where it is set (_finish), not by a done
+        # callback, which costs a loop callback per connection.
         self.response: asyncio.Future | None = None
         if session.client_side:
             self.response = asyncio.get_running_loop().create_future()
-            self.response.add_done_callback(_retrieve)
         self._pending: deque[bytes | memoryview] = deque()  # written, not yet framed
         self._pending_size = 0
         # What the peer still lets us send, and what we still let it send.
@@ -317,6 +311,7 @@ class StreamTransport:
         response = self.response
         if response is not None and not response.done():
             response.set_exception(exc or ConnectionResetError("stream ended"))
+            response.exception()  # retrieved: a stream nobody awaits any more logs nothing
         if self.protocol is not None:
             self.protocol.connection_lost(exc)  # type: ignore[arg-type]
 
