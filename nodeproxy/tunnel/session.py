@@ -115,7 +115,9 @@ class StreamTransport:
         if session.client_side:
             self.response = asyncio.get_running_loop().create_future()
             self.response.add_done_callback(_retrieve)
-        self._pending: deque[bytes | memoryview] = deque()  # written, not yet framed
+        # Written, not yet framed: a deque only while something waits (an empty one is
+        # 760 bytes, and most streams are idle most of the time: _queue, _frame).
+        self._pending: deque[bytes | memoryview] | None = None
         self._pending_size = 0
         # What the peer still lets us send, and what we still let it send.
         self.send_window = session.conn.remote_settings.initial_window_size
@@ -128,7 +130,7 @@ class StreamTransport:
         self._reading_paused = False
         self._unacked = 0
         self._writing_paused = False
-        self._early: list[bytes | memoryview] = []
+        self._early: list[bytes | memoryview] | tuple[()] = ()  # DATA before a protocol
         self._takes_views = False
         self._early_eof = False
         self._error: BaseException | None = None
@@ -140,7 +142,7 @@ class StreamTransport:
         self.protocol = protocol
         self._takes_views = isinstance(protocol, Side)
         protocol.connection_made(self)  # type: ignore[arg-type]
-        early, self._early = self._early, []
+        early, self._early = self._early, ()
         for data in early:
             protocol.data_received(data if self._takes_views else bytes(data))  # type: ignore[arg-type]
         if self._early_eof:
@@ -185,8 +187,7 @@ class StreamTransport:
             if transport is not None and not transport.is_closing():
                 transport.write(frames.data_header(size, self.stream_id) + data)
             return
-        self._pending.append(data)
-        self._pending_size += len(data)
+        self._queue(data)
         self._flush()
         if self._pending_size > HIGH_WATER and not self._writing_paused and self.protocol:
             self._writing_paused = True
@@ -223,6 +224,13 @@ class StreamTransport:
         self.session.reset(self.stream_id, h2.errors.ErrorCodes.CONNECT_ERROR)
         self._finish(None)
 
+    def _queue(self, data: bytes) -> None:
+        """Keep written bytes until the windows let them be framed."""
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append(data)
+        self._pending_size += len(data)
+
     # -- called by the session -------------------------------------------------
 
     def _frame(self, out: list[bytes | memoryview]) -> None:
@@ -253,6 +261,8 @@ class StreamTransport:
             session.send_window -= size
             if session.guard is not None:
                 session.guard.data_frame_sent()
+        if not self._pending_size:
+            self._pending = None  # nothing waits: no deque kept (see __init__)
 
     def _flush(self) -> None:
         if self._finished:
@@ -281,7 +291,10 @@ class StreamTransport:
         if type(data) is not bytes and not self._takes_views:
             data = bytes(data)
         if self.protocol is None:
-            self._early.append(data)
+            if self._early:
+                self._early.append(data)  # type: ignore[union-attr]
+            else:
+                self._early = [data]
         else:
             self.protocol.data_received(data)
         self._unacked += flow_controlled
@@ -311,7 +324,7 @@ class StreamTransport:
             return
         self._finished = True
         self._error = exc
-        self._pending.clear()
+        self._pending = None
         self._pending_size = 0
         self.session.forget(self.stream_id)
         response = self.response
