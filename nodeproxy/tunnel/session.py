@@ -139,6 +139,7 @@ class StreamTransport:
     # -- wiring --------------------------------------------------------------
 
     def set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self._shed_open()
         self.protocol = protocol
         self._takes_views = isinstance(protocol, Side)
         protocol.connection_made(self)  # type: ignore[arg-type]
@@ -149,6 +150,16 @@ class StreamTransport:
             protocol.eof_received()
         if self._finished:
             protocol.connection_lost(self._error)  # type: ignore[arg-type]
+
+    def _shed_open(self) -> None:
+        """What only the stream's open needed, dropped once its reader joins: a client's
+        answered response (the future and its header dict, about 0.3 KiB: whoever awaited
+        it has read it; every check of it asks whether it is done) and a server's request
+        headers (read by the listener before it joins a reader)."""
+        if self.response is not None and self.response.done():
+            self.response = None
+        if self.request_headers:
+            self.request_headers = {}
 
     # -- asyncio transport API used by the relay -----------------------------
 

@@ -374,7 +374,6 @@ async def test_bytes_arriving_while_the_socket_is_being_adopted_keep_their_order
     await mesh.start()
     f = await mesh.flow()
     await until(lambda: mesh.asleep(f))
-    loop = asyncio.get_running_loop()
     chunks = [os.urandom(1 + i % 700) for i in range(400)]
     for chunk in chunks:
         f.server_app.send(chunk)
