@@ -235,6 +235,8 @@ class HalfNap(RelayNap):
             return False
         sides = (relay.downstream, relay.upstream)
         sock_side, stream_side = sides[which], sides[1 - which]
+        if type(stream_side) is not Side:
+            return False  # only a plain side becomes a bell (the same slots)
         socks = detach_sides([sock_side])
         if not socks:
             return False  # no descriptor free: the transport was left as it was
