@@ -16,6 +16,10 @@ integer operations instead of h2's per-frame state machine and copies:
   state directly (ProxyH2Connection.receive_end_stream); in any other state it, and DATA
   on a stream this side does not serve, reach h2 as an empty DATA frame, so its stream
   states and refusals stay exact;
+- a relayed connection's usual frame, a flagless DATA frame whole in one read for an open
+  stream a relay's side reads, within both windows, is judged, charged and forwarded in
+  one call (H2Session._whole_data); any other frame takes the general path above, which
+  refuses what breaks a rule;
 - a client's CONNECT response that is the one-byte static ":status: 200" block becomes
   h2's ResponseReceived without h2's frame parser, HPACK decoder and header checks
   (ProxyH2Connection.receive_known_response); any other response is h2's;
@@ -25,7 +29,9 @@ integer operations instead of h2's per-frame state machine and copies:
   parser and HPACK decoder, its fields judged by the checks h2 makes
   (ProxyH2Connection.receive_known_request); any other block is h2's;
 - sent DATA is framed straight from the writer's chunks (no copy but the one join per
-  batch), as large as the peer allows, within the peer's stream and connection windows;
+  batch), as large as the peer allows, within the peer's stream and connection windows; a
+  small write with nothing queued is one DATA frame straight into the TLS transport's
+  write (StreamTransport.write);
   everything a turn produced (frames of every stream, acknowledgements, h2's own output,
   in order) leaves in one transport write.
 
