@@ -337,6 +337,7 @@ class StreamTransport:
         # Let go of the protocol (a relay's side holds this transport): the two would be
         # a reference cycle per stream, left to the cyclic collector.
         protocol, self.protocol = self.protocol, None
+        self._side = None
         if protocol is not None:
             protocol.connection_lost(exc)  # type: ignore[arg-type]
 
