@@ -125,7 +125,9 @@ class StreamTransport:
         if session.client_side:
             self.response = asyncio.get_running_loop().create_future()
             self.response.add_done_callback(_retrieve)
-        self._pending: deque[bytes | memoryview] = deque()  # written, not yet framed
+        # Written, not yet framed: a deque only while something waits (an empty one is
+        # 760 bytes, and most streams are idle most of the time: _queue, _frame).
+        self._pending: deque[bytes | memoryview] | None = None
         self._pending_size = 0
         # What the peer still lets us send, and what we still let it send.
         self.send_window = session.conn.remote_settings.initial_window_size
@@ -138,7 +140,7 @@ class StreamTransport:
         self._reading_paused = False
         self._unacked = 0
         self._writing_paused = False
-        self._early: list[bytes | memoryview] = []
+        self._early: list[bytes | memoryview] | tuple[()] = ()  # DATA before a protocol
         self._takes_views = False
         self._side: Side | None = None  # the reader, when it is a relay's side
         self._early_eof = False
@@ -148,17 +150,28 @@ class StreamTransport:
     # -- wiring --------------------------------------------------------------
 
     def set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self._shed_open()
         self.protocol = protocol
         self._takes_views = isinstance(protocol, Side)
         self._side = protocol if isinstance(protocol, Side) else None
         protocol.connection_made(self)  # type: ignore[arg-type]
-        early, self._early = self._early, []
+        early, self._early = self._early, ()
         for data in early:
             protocol.data_received(data if self._takes_views else bytes(data))  # type: ignore[arg-type]
         if self._early_eof:
             protocol.eof_received()
         if self._finished:
             protocol.connection_lost(self._error)  # type: ignore[arg-type]
+
+    def _shed_open(self) -> None:
+        """What only the stream's open needed, dropped once its reader joins: a client's
+        answered response (the future and its header dict, about 0.3 KiB: whoever awaited
+        it has read it; every check of it asks whether it is done) and a server's request
+        headers (read by the listener before it joins a reader)."""
+        if self.response is not None and self.response.done():
+            self.response = None
+        if self.request_headers:
+            self.request_headers = {}
 
     # -- asyncio transport API used by the relay -----------------------------
 
@@ -202,8 +215,7 @@ class StreamTransport:
             if transport is not None and not transport.is_closing():
                 transport.write(head + data)
             return
-        self._pending.append(data)
-        self._pending_size += len(data)
+        self._queue(data)
         self._flush()
         if self._pending_size > HIGH_WATER and not self._writing_paused and self.protocol:
             self._writing_paused = True
@@ -240,6 +252,13 @@ class StreamTransport:
         self.session.reset(self.stream_id, h2.errors.ErrorCodes.CONNECT_ERROR)
         self._finish(None)
 
+    def _queue(self, data: bytes) -> None:
+        """Keep written bytes until the windows let them be framed."""
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append(data)
+        self._pending_size += len(data)
+
     # -- called by the session -------------------------------------------------
 
     def _frame(self, out: list[bytes | memoryview]) -> None:
@@ -270,6 +289,8 @@ class StreamTransport:
             session.send_window -= size
             if session.guard is not None:
                 session.guard.data_frame_sent()
+        if not self._pending_size:
+            self._pending = None  # nothing waits: no deque kept (see __init__)
 
     def _flush(self) -> None:
         if self._finished:
@@ -298,7 +319,10 @@ class StreamTransport:
         if type(data) is not bytes and not self._takes_views:
             data = bytes(data)
         if self.protocol is None:
-            self._early.append(data)
+            if self._early:
+                self._early.append(data)  # type: ignore[union-attr]
+            else:
+                self._early = [data]
         else:
             self.protocol.data_received(data)
         self._unacked += flow_controlled
@@ -328,7 +352,7 @@ class StreamTransport:
             return
         self._finished = True
         self._error = exc
-        self._pending.clear()
+        self._pending = None
         self._pending_size = 0
         self.session.forget(self.stream_id)
         response = self.response
