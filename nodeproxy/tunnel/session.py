@@ -616,9 +616,13 @@ class H2Session(asyncio.Protocol):
         stream.receive_window -= length
         side = stream._side
         relay = side.relay
-        if relay is not None:
+        if relay is not None and type(side) is Side:
+            # What a plain side's data_received would do, without its call.
             relay.forward(side, view[start:start + length])  # type: ignore[arg-type]
         else:
+            # No relay yet, or a side of another class, whose own data_received decides
+            # (an asleep relay's stream side, tcp/half_sleep.py's bell, holds the bytes
+            # and wakes the relay).
             side.data_received(view[start:start + length])  # type: ignore[arg-type]
         stream._unacked += length
         if stream._unacked >= STREAM_ACK and not stream._reading_paused \

@@ -793,3 +793,56 @@ async def test_relayed_small_messages_intact_both_ways_over_tls() -> None:
         sorted(hashlib.sha256(p).digest() for _, p in apps)
     assert took[0][0] > 100 and took[1][0] > 100  # both ends' whole-frame path ran
     client.close()
+
+
+class _Holding(Side):
+    """A side class swapped in over a plain relay side (as tcp/half_sleep.py's bell is):
+    keeps what it is handed instead of forwarding it."""
+
+    __slots__ = ()
+
+    def data_received(self, data) -> None:
+        self.hold_early(bytes(data))
+
+
+@on_uvloop
+async def test_a_side_whose_class_says_otherwise_gets_its_own_data_received() -> None:
+    """The whole-frame path forwards through the relay itself only for a plain Side; a
+    side whose class was swapped (an asleep relay's bell) gets its own data_received,
+    whole frames included, and nothing reaches the relay's other end."""
+    from nodeproxy.tcp.relay import Relay
+
+    loop = asyncio.get_running_loop()
+    sides: list[Side] = []
+    server = Server()
+
+    def on_request(sess: H2Session, stream) -> None:
+        sess.respond(stream, 200)
+        side = Side("tunnel")
+        stream.set_protocol(side)
+        sides.append(side)
+
+    server.on_request = on_request
+    peer = Peer(await server.start())
+    sid = await peer.open()
+    near, far = socket.socketpair()
+    _, up = await loop.create_connection(lambda: Side("tcp"), sock=near)
+    down = sides[0]
+    Relay(down, up, lambda d, n: None, lambda r: None).start()
+    took = taken(server)
+    await peer.send(data_frame(sid, b"awake;"))
+    far.setblocking(False)
+    assert await asyncio.wait_for(loop.sock_recv(far, 100), TIMEOUT) == b"awake;"
+    down.__class__ = _Holding
+    await peer.send(data_frame(sid, b"asleep;") + data_frame(sid, b"still;"))
+    for _ in range(50):
+        if down.early:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert b"".join(down.early) == b"asleep;still;"
+    assert took[0] == 3
+    with pytest.raises(BlockingIOError):
+        far.recv(100)  # nothing forwarded while the side held it
+    down.__class__ = Side
+    far.close()
