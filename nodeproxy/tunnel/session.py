@@ -106,11 +106,6 @@ class StreamReset(ConnectionResetError):
         self.code = code
 
 
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class StreamTransport:
     """An HTTP/2 stream that looks like an asyncio transport to a protocol."""
 
@@ -118,13 +113,12 @@ class StreamTransport:
         self.session = session
         self.stream_id = stream_id
         self.protocol: asyncio.Protocol | None = None
-        # The CONNECT's response, which only a client awaits (never leave its failure
-        # unretrieved); a server's stream has none: no future, and no failure to set and
-        # retrieve in a loop callback when it ends.
+        # The CONNECT's response, which only a client awaits; a server's stream has none.
+        # Its failure is marked retrieved where it is set (_finish), not by a done
+        # callback, which costs a loop callback per connection.
         self.response: asyncio.Future | None = None
         if session.client_side:
             self.response = asyncio.get_running_loop().create_future()
-            self.response.add_done_callback(_retrieve)
         # Written, not yet framed: a deque only while something waits (an empty one is
         # 760 bytes, and most streams are idle most of the time: _queue, _frame).
         self._pending: deque[bytes | memoryview] | None = None
@@ -358,6 +352,7 @@ class StreamTransport:
         response = self.response
         if response is not None and not response.done():
             response.set_exception(exc or ConnectionResetError("stream ended"))
+            response.exception()  # retrieved: a stream nobody awaits any more logs nothing
         # Let go of the protocol (a relay's side holds this transport): the two would be
         # a reference cycle per stream, left to the cyclic collector.
         protocol, self.protocol = self.protocol, None
