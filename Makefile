@@ -1,6 +1,6 @@
 # nodeproxy developer entry points.  Everything runs as root on Debian 12;
 # `make setup` is idempotent and every other target runs it first.
-.PHONY: all setup test lint demo bench fuzz fresh-check ci cni-plugin image clean vm-box vm-test
+.PHONY: all setup test lint demo bench fuzz fresh-check ci cni-plugin image clean vm-box vm-test native pure
 
 VENV := .venv
 SHELL := /bin/bash
@@ -9,6 +9,17 @@ all: test
 
 setup:
 	bash scripts/setup.sh
+
+# The L7 request path compiled with mypyc, in place (nodeproxy/native.py, setup.py): what
+# `pip install` builds, rebuilt after editing one of those modules (the daemon and the
+# tests use pure Python while the build is older than the sources).  `make pure` removes
+# it; NODEPROXY_NATIVE=0 runs pure Python beside it.
+native: setup
+	nice -n 10 $(VENV)/bin/python setup.py -q build_ext --inplace
+
+pure:
+	rm -f nodeproxy/_native__mypyc*.so nodeproxy/_native_build.json
+	find nodeproxy -name '*.cpython-*.so' -delete
 
 lint: setup
 	$(VENV)/bin/ruff check nodeproxy nodeproxy_dev tests
