@@ -72,7 +72,8 @@ fuzz: setup
 
 # nodeproxy-cni as one static executable (no python3 on the node); docs/install.md.
 CNI_PLUGIN := build/nodeproxy-cni
-CNI_SOURCES := $(wildcard nodeproxy/cni/*.py) nodeproxy/admin/control_client.py nodeproxy/__init__.py
+CNI_SOURCES := $(wildcard nodeproxy/cni/*.py) nodeproxy/admin/control_client.py nodeproxy/__init__.py \
+	nodeproxy/native.py
 cni-plugin: $(CNI_PLUGIN)
 $(CNI_PLUGIN): $(CNI_SOURCES) scripts/build-cni-plugin.sh pyproject.toml | setup
 	$(VENV)/bin/python -c 'import PyInstaller, staticx' 2>/dev/null || \

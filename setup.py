@@ -48,8 +48,29 @@ class BuildNative(build_ext):
 BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
+def missing_dependencies() -> list[str]:
+    """The runtime dependencies this environment lacks (mypyc must see their classes:
+    build_backend.py puts them in pip's build environment)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+    pyproject = (HERE / "pyproject.toml").read_text()
+    block = pyproject.split("\ndependencies = [", 1)[1].split("\n]", 1)[0]
+    missing = []
+    for name in re.findall(r'^\s*"([A-Za-z0-9_.-]+)', block, re.M):
+        try:
+            version(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def native_extensions() -> list:
     if os.environ.get(native["ENV"], "") == "0" or not BUILDS & set(sys.argv[1:]):
+        return []
+    missing = missing_dependencies()
+    if missing:
+        print(f"nodeproxy: {', '.join(missing)} not installed here; pure Python",
+              file=sys.stderr)
         return []
     try:
         from mypyc.build import mypycify
@@ -58,9 +79,8 @@ def native_extensions() -> list:
         return []
     paths = [str(native["source_path"](m, Path("."))) for m in native["NATIVE_MODULES"]]
     try:
-        # The build environment need not hold the runtime dependencies (pip's build
-        # isolation): their types count as Any there, which costs a little speed only.
-        # Only the compiled modules' own type errors count (follow-imports=silent).
+        # Packages without type information count as Any; only the compiled modules'
+        # own type errors count (follow-imports=silent).
         return mypycify(["--ignore-missing-imports", "--follow-imports=silent", *paths],
                         opt_level="3", group_name=native["GROUP"])
     except (Exception, SystemExit) as e:  # mypy refused the sources: no compiled path

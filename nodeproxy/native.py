@@ -62,6 +62,7 @@ NATIVE_MODULES: tuple[str, ...] = (
 )
 GROUP = "nodeproxy._native"  # mypyc's shared library: nodeproxy/_native__mypyc*.so
 MANIFEST = "_native_build.json"
+NO_BUILD = "pure Python: no compiled build"
 ENV = "NODEPROXY_NATIVE"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -95,7 +96,7 @@ def judge(root: Path = PACKAGE_DIR.parent,
     """(use the compiled form?, why) for the package under `root`."""
     built = [m for m in NATIVE_MODULES if _compiled_file(m, root) is not None]
     if not built:
-        return False, "pure Python: no compiled build"
+        return False, NO_BUILD
     if environ.get(ENV, "") == "0":
         return False, f"pure Python: {ENV}=0"
     try:
@@ -140,7 +141,7 @@ def install() -> None:
     _state = judge()
     if not _state[0] and any(m in sys.modules for m in NATIVE_MODULES):
         raise ImportError("nodeproxy.native.install() ran after a compiled module was loaded")
-    if not _state[0]:
+    if not _state[0] and _state[1] != NO_BUILD:  # a build is there, and refused
         sys.meta_path.insert(0, _Sources(PACKAGE_DIR.parent))
 
 
