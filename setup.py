@@ -20,7 +20,10 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-native = runpy.run_path(str(HERE / "nodeproxy" / "native.py"))
+NATIVE_PY = HERE / "nodeproxy" / "native.py"
+# Its names (NATIVE_MODULES, manifest, ...); none where the tree has no native.py (the
+# Containerfile installs the dependencies with a placeholder package).
+native = runpy.run_path(str(NATIVE_PY)) if NATIVE_PY.exists() else {}
 
 
 class BuildNative(build_ext):
@@ -28,6 +31,8 @@ class BuildNative(build_ext):
     every one of them was built (a partial build is no build: see native.py)."""
 
     def run(self) -> None:
+        if not self.extensions:
+            return super().run()
         for ext in self.extensions:
             ext.optional = True
         super().run()
@@ -65,7 +70,8 @@ def missing_dependencies() -> list[str]:
 
 
 def native_extensions() -> list:
-    if os.environ.get(native["ENV"], "") == "0" or not BUILDS & set(sys.argv[1:]):
+    if not native or os.environ.get(native["ENV"], "") == "0" \
+            or not BUILDS & set(sys.argv[1:]):
         return []
     missing = missing_dependencies()
     if missing:
