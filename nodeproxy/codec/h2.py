@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -539,8 +540,11 @@ class H2Exchange:
         self.server = server
         self.stream_id = stream_id
         self.request = request
-        self.inflow = _Inflow()
-        self.body = Body(on_consumed=self._consumed)
+        self.inflow = inflow = _Inflow()
+        # The body's callback names the server and the window, not the exchange: a bound
+        # method would make the exchange a reference cycle (body -> exchange -> body), left
+        # to the cyclic collector with its task, request and context after every request.
+        self.body = Body(on_consumed=functools.partial(server._consumed, stream_id, inflow))
         self.trailers: Headers | None = None
         self.reset_code: int | None = None  # the client's RST_STREAM code
         self.done = False  # its handler has ended
@@ -551,12 +555,12 @@ class H2Exchange:
         self._gone = False
         self._reset_sent = False
 
-    def _consumed(self, n: int) -> None:
-        self.server._consumed(self.stream_id, self.inflow, n)
-
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.server._tasks.discard(task)
         self.server._done(self)
+        # A cancelled task keeps its CancelledError, whose traceback holds the handler's
+        # frames, which hold this exchange: let go of the task, or that is a cycle.
+        self.task = None
 
     @property
     def client_gone(self) -> bool:
@@ -946,11 +950,13 @@ class UpstreamBody(Body):
 class _ClientStream:
     def __init__(self, client: H2Client, stream_id: int):
         self.stream_id = stream_id
-        self.inflow = _Inflow()
+        self.inflow = inflow = _Inflow()
         self.response: asyncio.Future[UpstreamResponse] = client._loop.create_future()
         self.response.add_done_callback(_retrieve)
-        self.body = UpstreamBody(lambda n: client._consumed(stream_id, self.inflow, n),
-                                 lambda: client._cancel(self))
+        # Callbacks that name the client and the stream id, never this object: a closure
+        # over it would make every stream a reference cycle for the cyclic collector.
+        self.body = UpstreamBody(functools.partial(client._consumed, stream_id, inflow),
+                                 functools.partial(client._cancel_stream, stream_id))
         self.trailers: Headers | None = None
         self.pump: asyncio.Task[None] | None = None
         self.local_ended = False
@@ -1080,10 +1086,16 @@ class H2Client(_H2Protocol):
             stream.local_ended = True
         else:
             stream.pump = self._loop.create_task(self._pump(stream, body))
+        response = stream.response
+        del stream
         try:
-            return await stream.response
-        except asyncio.CancelledError:
-            self._cancel(stream)
+            return await response
+        except BaseException as e:
+            # The future keeps the error, the error's traceback this frame: no local of
+            # the frame may lead back to the future, or each failed request is a cycle.
+            del response
+            if isinstance(e, asyncio.CancelledError):
+                self._cancel_stream(stream_id)
             raise
 
     def _peer_authority(self) -> str:
@@ -1216,6 +1228,13 @@ class H2Client(_H2Protocol):
     def _cancel(self, stream: _ClientStream) -> None:
         self._reset(stream.stream_id, ErrorCodes.CANCEL)
         self._finish(stream, UpstreamError("UC", "the request was cancelled"))
+
+    def _cancel_stream(self, stream_id: int) -> None:
+        """A response body given up before its end (UpstreamBody.cancel): its stream, if
+        still open here (one that ended or failed has been forgotten, and its body says so)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._cancel(stream)
 
     def _finish(self, stream: _ClientStream, exc: BaseException) -> None:
         stream.fail(exc)

@@ -14,8 +14,12 @@ about 2 KiB of this heap) are a second kind of burst, judged the same way on the
 count: a burst's relayed flows fall asleep a second or two after its connections
 opened, once the trim for the connections has run (2.8 MiB left free in the heap with
 8,988 asleep, docs/benchmarks.md, "Idle memory, ninth round"); counted with the
-connections, they would hold that first trim back until they too were over.  HAProxy
-likewise trims its pools when it releases memory.
+connections, they would hold that first trim back until they too were over.  A third
+kind is work that opens no connection at all: a bulk transfer over a kept connection
+leaves its buffers' chunks free in the heap (10 MiB after eight iperf3 streams cross
+node, docs/benchmarks.md, "The heap after a busy period"), so the daemon's own CPU time
+is a third count, in seconds: a busy period of at least MIN_BUSY_CPU_SECONDS, then an
+interval nearly idle.  HAProxy likewise trims its pools when it releases memory.
 
 glibc only: on another C library (musl has no `malloc_trim`) the check does nothing.
 pymalloc's arenas (Python objects up to 512 bytes) are returned by Python itself when
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
@@ -40,6 +45,11 @@ MIN_CHURN = 256
 # At most this many in the last interval: the burst is over.
 QUIET_CHURN = 16
 
+# The daemon's CPU seconds since the last trim before a busy period is worth a trim, and
+# at most this share of the last interval spent working: the busy period is over.
+MIN_BUSY_CPU_SECONDS = 2.0
+QUIET_CPU_SHARE = 0.05
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -51,6 +61,15 @@ def trim_due(churn_since_trim: int, churn_last_interval: int, first: bool = Fals
     if first:
         return True
     return churn_since_trim >= MIN_CHURN and churn_last_interval <= QUIET_CHURN
+
+
+def busy_period_over(cpu_since_trim: float, cpu_last_interval: float,
+                     interval_seconds: float) -> bool:
+    """Whether the daemon worked hard since the last trim (bulk bytes, HTTP requests on
+    kept-alive connections: work the connection count does not see) and has been nearly
+    idle over the last interval."""
+    return (cpu_since_trim >= MIN_BUSY_CPU_SECONDS
+            and cpu_last_interval <= QUIET_CPU_SHARE * interval_seconds)
 
 
 def glibc_trim() -> Callable[[], int] | None:
@@ -81,13 +100,19 @@ class MemoryTrimMetrics:
 
 class MemoryTrimmer:
     """Decides at each check, from the tracker's count of connections opened and closed
-    (`churn`), whether to trim; trims with `trim` (None: never)."""
+    (`churn`), the sockets' sleeps and wakes and the daemon's CPU time, whether to trim;
+    trims with `trim` (None: never)."""
 
     def __init__(self, metrics: MemoryTrimMetrics, trim: Callable[[], int] | None,
-                 rss: Callable[[], int] = rss_bytes):
+                 rss: Callable[[], int] = rss_bytes,
+                 clock: Callable[[], float] = time.monotonic):
         self.metrics = metrics
         self._trim = trim
         self._rss = rss
+        self._clock = clock
+        self._checked_at = clock()
+        self._cpu_at_trim = 0.0    # the daemon's CPU seconds at the last trim
+        self._cpu_at_check = 0.0
         self._at_trim = 0      # churn at the last trim
         self._at_check = 0     # churn at the last check
         self._sleeps_at_trim = 0   # the same for sockets falling asleep or waking
@@ -98,33 +123,39 @@ class MemoryTrimmer:
     def unavailable(self) -> bool:
         return self._trim is None
 
-    def check(self, churn: int, sleeps: int = 0) -> bool:
-        """One housekeeping look at the connections' churn and the sockets' sleeps and
-        wakes (each a running count); True when it trimmed: at the first look, or once
-        a burst of either is over."""
+    def check(self, churn: int, sleeps: int = 0, cpu_seconds: float | None = None) -> bool:
+        """One housekeeping look at the connections' churn, the sockets' sleeps and wakes
+        (each a running count) and the daemon's CPU seconds (None: not counted); True
+        when it trimmed: at the first look, or once a burst of any is over."""
         since_trim, last_interval = churn - self._at_trim, churn - self._at_check
         sleeps_since, sleeps_last = sleeps - self._sleeps_at_trim, sleeps - self._sleeps_at_check
         self._at_check, self._sleeps_at_check = churn, sleeps
+        cpu = self._cpu_at_check if cpu_seconds is None else cpu_seconds
+        cpu_since, cpu_last = cpu - self._cpu_at_trim, cpu - self._cpu_at_check
+        now = self._clock()
+        interval, self._checked_at, self._cpu_at_check = now - self._checked_at, now, cpu
         first, self._checked = not self._checked, True
         if self._trim is None or not (trim_due(since_trim, last_interval, first)
-                                      or trim_due(sleeps_since, sleeps_last)):
+                                      or trim_due(sleeps_since, sleeps_last)
+                                      or busy_period_over(cpu_since, cpu_last, interval)):
             return False
-        self._at_trim, self._sleeps_at_trim = churn, sleeps
+        self._at_trim, self._sleeps_at_trim, self._cpu_at_trim = churn, sleeps, cpu
         before = self._rss()
         self._trim()
         given = max(0, before - self._rss())
         self.metrics.trims.inc()
         self.metrics.trimmed.inc(given)
-        log.debug("malloc_trim after %d connections opened or closed, %d sleeps or wakes: "
-                  "%d KiB back", since_trim, sleeps_since, given // 1024)
+        log.debug("malloc_trim after %d connections opened or closed, %d sleeps or wakes, "
+                  "%.1f CPU s: %d KiB back", since_trim, sleeps_since, cpu_since, given // 1024)
         return True
 
 
 async def run(trimmer: MemoryTrimmer, churn: Callable[[], int], seconds: float,
-              sleeps: Callable[[], int] = lambda: 0) -> None:
+              sleeps: Callable[[], int] = lambda: 0,
+              cpu_seconds: Callable[[], float] = time.process_time) -> None:
     """Check every `seconds` (proxy.memoryTrimSeconds; 0: never)."""
     if not seconds or trimmer.unavailable:
         return
     while True:
         await asyncio.sleep(seconds)
-        trimmer.check(churn(), sleeps())
+        trimmer.check(churn(), sleeps(), cpu_seconds())

@@ -22,8 +22,9 @@ under HBONE"). Here:
   record costs OpenSSL and the `SSLObject` wrappers the same whether it carries 60 bytes
   or 16 KiB, on both ends, so a loaded tunnel's many small frames (one per request of a
   relayed HTTP connection) become one record instead of one each. A large write is
-  encrypted at once from the caller's bytes (no join, no copy), after what was held; at
-  most `FLUSH_AT` bytes of ciphertext wait. Flow control is the TCP transport's: its
+  encrypted at once from the caller's bytes (no join, no copy), after what was held, at
+  most `FLUSH_AT` bytes at a time; at most `FLUSH_AT` bytes of ciphertext wait (a memory
+  BIO never gives back the size it once reached). Flow control is the TCP transport's: its
   pause_writing and resume_writing reach the protocol unchanged, and the write buffer
   size counts the plaintext and ciphertext not yet handed over too.
 - TLS 1.3 only (the contexts of `nodeproxy.identity.tls`): no renegotiation; no
@@ -328,12 +329,8 @@ class _TlsRecords(asyncio.BufferedProtocol):
             self._turn_writes = 1
             self._loop.call_soon(self._end_turn)
             if not self._busy:
-                try:
-                    self.sslobj.write(data)
-                except ssl.SSLError as e:
-                    self.abort(e)
-                    return
-                self._send()
+                if self._encrypt(data):
+                    self._send()
                 return
         else:
             self._turn_writes += 1
@@ -347,13 +344,28 @@ class _TlsRecords(asyncio.BufferedProtocol):
             return
         if self.held and not self._encrypt_held():
             return
+        if self._encrypt(data) and self.outgoing.pending >= FLUSH_AT:
+            self._send()
+
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> bool:
+        """`data` into the outgoing BIO, at most FLUSH_AT plaintext bytes at a time, the
+        ciphertext sent whenever FLUSH_AT of it waits (False: the connection failed).  A
+        memory BIO keeps the largest size it ever held until the connection closes: one
+        8 MiB write (eight bulk streams' frames of a turn) would be 8 MiB of a pooled
+        connection's memory for good (docs/benchmarks.md, "The heap after a busy period")."""
         try:
-            self.sslobj.write(data)
+            if len(data) <= FLUSH_AT:
+                self.sslobj.write(data)
+                return True
+            view = memoryview(data)
+            for start in range(0, len(view), FLUSH_AT):
+                self.sslobj.write(view[start:start + FLUSH_AT])
+                if self.outgoing.pending >= FLUSH_AT:
+                    self._send()
         except ssl.SSLError as e:
             self.abort(e)
-            return
-        if self.outgoing.pending >= FLUSH_AT:
-            self._send()
+            return False
+        return True
 
     def close(self) -> None:
         if self.closing:

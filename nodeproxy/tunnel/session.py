@@ -317,8 +317,11 @@ class StreamTransport:
         response = self.response
         if response is not None and not response.done():
             response.set_exception(exc or ConnectionResetError("stream ended"))
-        if self.protocol is not None:
-            self.protocol.connection_lost(exc)  # type: ignore[arg-type]
+        # Let go of the protocol (a relay's side holds this transport): the two would be
+        # a reference cycle per stream, left to the cyclic collector.
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connection_lost(exc)  # type: ignore[arg-type]
 
 
 class H2Session(asyncio.Protocol):

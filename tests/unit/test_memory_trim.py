@@ -10,10 +10,13 @@ from prometheus_client import CollectorRegistry
 
 from nodeproxy.daemon import memory_trim
 from nodeproxy.daemon.memory_trim import (
+    MIN_BUSY_CPU_SECONDS,
     MIN_CHURN,
     QUIET_CHURN,
+    QUIET_CPU_SHARE,
     MemoryTrimmer,
     MemoryTrimMetrics,
+    busy_period_over,
     glibc_trim,
     trim_due,
 )
@@ -140,3 +143,58 @@ def test_the_sleeps_after_a_burst_of_connections_get_a_trim_of_their_own() -> No
     for _ in range(5):                 # quiet on: nothing new to give back
         assert not t.check(churn, sleeps)
     assert heap.trims == 2
+
+
+def test_busy_period_over_needs_work_then_an_idle_interval() -> None:
+    assert not busy_period_over(0.0, 0.0, 1.0)                         # nothing happened
+    assert not busy_period_over(MIN_BUSY_CPU_SECONDS - 0.01, 0.0, 1.0)  # too little work
+    assert busy_period_over(MIN_BUSY_CPU_SECONDS, 0.0, 1.0)            # work, then idle
+    assert busy_period_over(10.0, QUIET_CPU_SHARE * 1.0, 1.0)          # idle enough
+    assert not busy_period_over(10.0, QUIET_CPU_SHARE * 1.0 + 0.01, 1.0)  # still working
+    assert busy_period_over(10.0, 0.4, 10.0)                           # a long, quiet interval
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bulk_transfer_on_kept_connections_gets_a_trim_once_it_stops() -> None:
+    """Bytes on a kept connection open none: the churn stays flat, the CPU time is what
+    shows the busy period, and the trim comes in the first quiet interval after it, once;
+    a steady light load (a daemon at 20 % of a core) never trims mid-way."""
+    heap, clock = FakeHeap(), FakeClock()
+    metrics = MemoryTrimMetrics(CollectorRegistry())
+    t = MemoryTrimmer(metrics, heap.trim, rss=lambda: heap.rss, clock=clock)
+    cpu = 0.5                                  # start-up's own CPU
+    assert t.check(0, 0, cpu)                  # the first check
+    heap.trims = 0
+    for _ in range(30):                        # a steady 20 %: busy, but never quiet
+        clock.now += 1.0
+        cpu += 0.2
+        assert not t.check(0, 0, cpu)
+    for _ in range(5):                         # saturated for 5 s
+        clock.now += 1.0
+        cpu += 0.95
+        assert not t.check(0, 0, cpu)
+    clock.now += 1.0
+    cpu += 0.01                                # the load stops
+    assert t.check(0, 0, cpu)
+    assert heap.trims == 1
+    for _ in range(10):                        # idle on: nothing more to give back
+        clock.now += 1.0
+        cpu += 0.01
+        assert not t.check(0, 0, cpu)
+    assert heap.trims == 1
+
+
+def test_without_a_cpu_count_only_connections_and_sleeps_decide() -> None:
+    heap = FakeHeap()
+    t, _ = trimmer(heap)
+    assert t.check(0, 0)
+    for _ in range(5):
+        assert not t.check(0, 0)
+    assert heap.trims == 1

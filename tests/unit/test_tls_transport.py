@@ -483,3 +483,48 @@ def test_held_small_writes_are_dropped_by_abort_and_counted_until_sent(
     seen = run(main, loop_kind)
     assert seen["held"] >= 200
     assert seen["received"] == 12
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_a_large_write_is_encrypted_in_slices_the_bio_never_holds_it_whole(
+        manager: CertificateManager, loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memory BIO keeps the largest size it ever held until its connection closes, so a
+    pooled HBONE connection that once took an 8 MiB write (a turn of eight bulk streams)
+    would keep 8 MiB: writes are encrypted FLUSH_AT at a time, the ciphertext sent between
+    slices. Whole writes of 4 MiB and 3 MiB + 5 (the turn's first, then a later one) and
+    a memoryview: every byte arrives, in order."""
+    largest = {"plain": 0, "pending": 0}
+    original = ssl.SSLObject.write
+
+    def recording(self: ssl.SSLObject, data: Any) -> int:
+        largest["plain"] = max(largest["plain"], len(data))
+        written = original(self, data)
+        return written
+
+    monkeypatch.setattr(ssl.SSLObject, "write", recording)
+    original_send = tls_transport._TlsRecords._send
+
+    def measuring(self: Any) -> None:
+        largest["pending"] = max(largest["pending"], self.outgoing.pending)
+        original_send(self)
+
+    monkeypatch.setattr(tls_transport._TlsRecords, "_send", measuring)
+
+    async def main() -> dict[str, Any]:
+        server, client = Collector(), Collector()
+        transport, _ = await _pair(manager, server, client)
+        big, bigger = os.urandom(4 * 1024 * 1024), os.urandom(3 * 1024 * 1024 + 5)
+        transport.write(big)                       # the turn's first write
+        transport.write(memoryview(bigger))        # a later one in the same turn
+        sent = big + bigger
+        while server.received < len(sent):
+            await asyncio.sleep(0.01)
+        transport.close()
+        await asyncio.wait_for(server.lost, TIMEOUT)
+        return {"digest": server.digest.digest(), "expected": hashlib.sha256(sent).digest()}
+
+    seen = run(main, loop_kind)
+    assert seen["digest"] == seen["expected"]
+    assert 0 < largest["plain"] <= tls_transport.FLUSH_AT
+    # At most a slice's ciphertext on top of what had not reached FLUSH_AT yet.
+    assert largest["pending"] < 2 * tls_transport.FLUSH_AT + 4096
