@@ -38,12 +38,13 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
+import h2.settings
 import h2.stream
 import h2.utilities
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import RstStreamFrame
 
-from nodeproxy.codec import h2_frames, hpack_static
+from nodeproxy.codec import h2_frames, h2_stream_steps, hpack_static
 from nodeproxy.codec.h2_guard import FrameGuard
 from nodeproxy.codec.h2_header_checks import check_received
 
@@ -75,8 +76,21 @@ _REQUEST_STATES = (_Connection_States.IDLE, _Connection_States.SERVER_OPEN)
 # Fields h2 acts on when it takes a request's header block (a declared body length, the
 # cookie fields it joins): a block with one is h2's to take.
 _H2_ACTS_ON = frozenset({b"content-length", b"cookie"})
+_INITIAL_WINDOW_SIZE = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+_MAX_CONCURRENT_STREAMS = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+_NO_STREAM_LIMIT = 2**32 + 1  # h2's max_concurrent_streams when the peer sets none
+# h2's AllowedStreamIDs(client_side), looked up rather than made by Enum's __call__.
+_ALLOWED_IDS = {True: h2.connection.AllowedStreamIDs.ODD,
+                False: h2.connection.AllowedStreamIDs.EVEN}
 _KNOWN_RESPONSE_SIZES = {block: sum(len(name) + len(value) + 32 for name, value in fields)
                          for block, fields in KNOWN_RESPONSE_BLOCKS.items()}
+
+
+def _setting(settings: h2.settings.Settings, code: h2.settings.SettingCodes) -> int | None:
+    """A setting's current value as h2's Settings reads it (``Settings.__getitem__``:
+    the first of its deque), None where h2 raises KeyError (unset)."""
+    values = settings._settings.get(code)
+    return None if values is None else values[0]
 
 
 class GracefulStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -139,6 +153,7 @@ class ProxyH2Connection(h2.connection.H2Connection):
         self.processed_stream_id: int | None = None
         # No trace log to format received frames for (see _dispatch_frame).
         self._quiet = type(config.logger) is h2.config.DummyLogger
+        self._client_side = bool(config.client_side)  # not a descriptor call per stream
         # h2 would send header fields as given: a response head can be framed here.
         self._frame_headers = not (config.client_side or config.normalize_outbound_headers
                                    or config.validate_outbound_headers)
@@ -246,9 +261,10 @@ class ProxyH2Connection(h2.connection.H2Connection):
         if (machine.state not in _END_STREAM_STATES or not machine.headers_received
                 or stream._expected_content_length is not None):
             return False
-        self.state_machine.process_input(_Inputs.RECV_DATA)
-        machine.process_input(_StreamInputs.RECV_DATA)  # DataReceived: no bytes
-        machine.process_input(_StreamInputs.RECV_END_STREAM)  # StreamEnded
+        if not h2_stream_steps.received_end_stream(machine):  # the same, directly
+            self.state_machine.process_input(_Inputs.RECV_DATA)
+            machine.process_input(_StreamInputs.RECV_DATA)  # DataReceived: no bytes
+            machine.process_input(_StreamInputs.RECV_END_STREAM)  # StreamEnded
         return True
 
     def receive_known_response(self, stream_id: int, block: bytes) -> Any:
@@ -275,8 +291,11 @@ class ProxyH2Connection(h2.connection.H2Connection):
         if (decoder.header_table_size > decoder.max_allowed_table_size
                 or _KNOWN_RESPONSE_SIZES[block] > decoder.max_header_list_size):
             return None
-        self.state_machine.process_input(_Inputs.RECV_HEADERS)
-        event = machine.process_input(_StreamInputs.RECV_HEADERS)[0]  # ResponseReceived
+        # The connection's RECV_HEADERS changes nothing in an open state (checked above).
+        event = h2_stream_steps.received_response(machine)
+        if event is None:
+            self.state_machine.process_input(_Inputs.RECV_HEADERS)
+            event = machine.process_input(_StreamInputs.RECV_HEADERS)[0]  # ResponseReceived
         encoding = self.config.header_encoding
         event.headers = [(name.decode(encoding), value.decode(encoding))
                          for name, value in fields] if encoding else list(fields)
@@ -303,7 +322,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
             return None
         # h2 counts the open streams (walking them all) when its dict could hold the
         # limit; below that the count cannot reach it.
-        if len(self.streams) + 1 > self.local_settings.max_concurrent_streams:
+        limit = _setting(self.local_settings, _MAX_CONCURRENT_STREAMS)
+        if len(self.streams) + 1 > (_NO_STREAM_LIMIT if limit is None else limit):
             return None
         fields = hpack_static.static_fields(block)
         if fields is None:
@@ -329,11 +349,61 @@ class ProxyH2Connection(h2.connection.H2Connection):
             except h2.exceptions.ProtocolError as e:  # Abuse: as h2's receive_data does
                 self._terminate_connection(e.error_code)
                 raise
-        self.state_machine.process_input(_Inputs.RECV_HEADERS)
+        if not h2_stream_steps.connection_open(self.state_machine):
+            self.state_machine.process_input(_Inputs.RECV_HEADERS)  # IDLE: SERVER_OPEN
         stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
-        event = stream.state_machine.process_input(_StreamInputs.RECV_HEADERS)[0]
+        machine = stream.state_machine
+        event = h2_stream_steps.received_request(machine)  # a new stream: always taken
+        if event is None:
+            event = machine.process_input(_StreamInputs.RECV_HEADERS)[0]
         event.headers = headers  # RequestReceived
         return event
+
+    def _begin_new_stream(self, stream_id: int,
+                          allowed_ids: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
+        """h2's _begin_new_stream without its three ``logger.debug`` calls (one formats
+        every stream id's dict view) when the logger is h2's DummyLogger: the same checks,
+        the same H2Stream, the same highest-id bookkeeping (with a logger configured, h2's
+        own method runs)."""
+        if not self._quiet:
+            return super()._begin_new_stream(stream_id, allowed_ids)
+        client = self._client_side
+        outbound = stream_id % 2 == client
+        highest_stream_id = (self.highest_outbound_stream_id if outbound
+                             else self.highest_inbound_stream_id)
+        if stream_id <= highest_stream_id:
+            raise h2.exceptions.StreamIDTooLowError(stream_id, highest_stream_id)
+        if stream_id % 2 != int(allowed_ids):
+            raise h2.exceptions.ProtocolError("Invalid stream ID for peer.")
+        # The two windows as h2's properties read them (Settings.__getitem__: the
+        # deque's first value), without the two Python calls each.
+        inbound = _setting(self.local_settings, _INITIAL_WINDOW_SIZE)
+        outbound_window = _setting(self.remote_settings, _INITIAL_WINDOW_SIZE)
+        if inbound is None or outbound_window is None:
+            return super()._begin_new_stream(stream_id, allowed_ids)  # h2's KeyError
+        stream = h2.stream.H2Stream(stream_id, config=self.config,
+                                    inbound_window_size=inbound,
+                                    outbound_window_size=outbound_window)
+        stream.max_outbound_frame_size = self.max_outbound_frame_size  # h2's attribute
+        self.streams[stream_id] = stream
+        if outbound:
+            self.highest_outbound_stream_id = stream_id
+        else:
+            self.highest_inbound_stream_id = stream_id
+        return stream
+
+    def get_next_available_stream_id(self) -> int:
+        """h2's, without its ``logger.debug`` call when the logger is h2's DummyLogger."""
+        if not self._quiet:
+            return super().get_next_available_stream_id()
+        highest = self.highest_outbound_stream_id
+        if not highest:
+            next_stream_id = 1 if self._client_side else 2
+        else:
+            next_stream_id = highest + 2
+        if next_stream_id > self.HIGHEST_ALLOWED_STREAM_ID:
+            raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
+        return next_stream_id
 
     def forget_closed(self, stream_id: int) -> None:
         """Drop a closed stream as h2 drops them when it next counts open streams
@@ -397,8 +467,10 @@ class ProxyH2Connection(h2.connection.H2Connection):
                 or self.state_machine.state not in _DATA_CONNECTION_STATES):
             super().end_stream(stream_id)
             return
-        self.state_machine.process_input(_Inputs.SEND_DATA)
-        stream.state_machine.process_input(_StreamInputs.SEND_END_STREAM)
+        # The connection's SEND_DATA changes nothing in an open state (checked above).
+        if not h2_stream_steps.sent_end_stream(stream.state_machine):
+            self.state_machine.process_input(_Inputs.SEND_DATA)
+            stream.state_machine.process_input(_StreamInputs.SEND_END_STREAM)
         self._data_to_send += h2_frames.empty_data(stream_id, True)
 
     def send_encoded_headers(self, stream_id: int, block: bytes, *, end_stream: bool = False,
@@ -412,8 +484,11 @@ class ProxyH2Connection(h2.connection.H2Connection):
         if len(block) > self.max_outbound_frame_size:
             raise h2.exceptions.FrameTooLargeError(
                 f"a {len(block)}-byte header block in one frame")
-        if stream_id not in self.streams:
-            limit = self.remote_settings.max_concurrent_streams
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            limit = _setting(self.remote_settings, _MAX_CONCURRENT_STREAMS)
+            if limit is None:
+                limit = _NO_STREAM_LIMIT  # h2's max_concurrent_streams, unset
             # Every open stream is in self.streams (closed ones too until culled): below
             # the limit there, the exact count (which walks them all) cannot reach it.
             if len(self.streams) + 1 > limit:
@@ -421,15 +496,26 @@ class ProxyH2Connection(h2.connection.H2Connection):
                 if value + 1 > limit:
                     raise h2.exceptions.TooManyStreamsError(
                         f"Max outbound streams is {limit}, {value} open")
-        self.state_machine.process_input(_Inputs.SEND_HEADERS)
-        stream = self._get_or_create_stream(
-            stream_id, h2.connection.AllowedStreamIDs(self.config.client_side))
-        stream.state_machine.process_input(_StreamInputs.SEND_HEADERS)
+        client = self._client_side
+        if not h2_stream_steps.connection_open(self.state_machine):
+            self.state_machine.process_input(_Inputs.SEND_HEADERS)
+            stream = self._get_or_create_stream(stream_id, _ALLOWED_IDS[client])
+            stream.state_machine.process_input(_StreamInputs.SEND_HEADERS)
+        else:
+            # The connection's SEND_HEADERS changes nothing in an open state; the stream
+            # takes h2's steps for a request on a new stream or a response directly.
+            if stream is None:
+                stream = self._begin_new_stream(stream_id, _ALLOWED_IDS[client])
+            machine = stream.state_machine
+            if not (h2_stream_steps.sent_request(machine) if client
+                    else h2_stream_steps.sent_response(machine)):
+                machine.process_input(_StreamInputs.SEND_HEADERS)  # h2's answer
         flags = _END_HEADERS
         if end_stream:
-            stream.state_machine.process_input(_StreamInputs.SEND_END_STREAM)
+            if not h2_stream_steps.sent_end_stream(stream.state_machine):
+                stream.state_machine.process_input(_StreamInputs.SEND_END_STREAM)
             flags |= _END_STREAM
-        if self.config.client_side:
+        if client:
             if stream._authority is None:
                 stream._authority = authority
             stream.request_method = method

@@ -322,6 +322,9 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
     else:
         log.warning("identity.caCert not set: mTLS is off, cross-node traffic is plaintext")
     pods = _EnrolledPods()
+    # Quiet relayed flows sleep, in the splicer's epoll and wheel (tcp/dormancy.py);
+    # cross-node ones with their socket only (tcp/half_sleep.py).
+    naps = RelayNaps(kernel.splicer.dormancy, RelaySleepMetrics(telemetry.registry))
     if certificates is not None:
         hbone = HboneServer(
             certificates=certificates, trust_domain=cfg.mesh.trust_domain,
@@ -334,7 +337,8 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
                 admitter=lambda: state.current.admitter,
                 settings=lambda: state.current.config.http, announcer=steering.announcer,
                 connect_timeout=cfg.proxy.connect_timeout_seconds,
-                metrics=GateMetrics(telemetry.registry), request_metrics=telemetry.requests))
+                metrics=GateMetrics(telemetry.registry), request_metrics=telemetry.requests),
+            naps=naps)
     upstreams = Upstreams(
         announcer=steering.announcer, metrics=telemetry.proxy, state=state,
         local_pod=pods.by_key, pool=pool, node=cfg.node.name,
@@ -343,8 +347,6 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
                      trust_domain=cfg.mesh.trust_domain, access_log=telemetry.access_log,
                      live=telemetry.live, tracing=Tracing(telemetry.registry, cfg.node.name),
                      tcp_metrics=telemetry.proxy, shares=shares.pods)
-    # Quiet relayed flows sleep, in the splicer's epoll and wheel (tcp/dormancy.py).
-    naps = RelayNaps(kernel.splicer.dormancy, RelaySleepMetrics(telemetry.registry))
     outbound = OutboundProxy(
         upstreams=upstreams, http=http, metrics=telemetry.proxy, state=state,
         on_captured=steering.on_outbound, tracker=tracker, splicer=kernel.splicer,

@@ -37,6 +37,7 @@ from nodeproxy.tcp.descriptors import BUDGET
 from nodeproxy.tcp.dial import DialAnnouncer, dial_transparent, relay_side
 from nodeproxy.tcp.fairshare import DESCRIPTORS, Lease, RefusalLog, SourceShares
 from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.tcp.relay_sleep import RelayNaps
 from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.headers import (
@@ -87,8 +88,11 @@ class HboneServer:
                  tracker: ConnectionTracker, metrics: ProxyMetrics,
                  tunnel_metrics: TunnelMetrics,
                  shares: SourceShares | None = None,
-                 gate: DestinationGate | None = None):
+                 gate: DestinationGate | None = None, naps: RelayNaps | None = None):
         self._certs = certificates
+        # A quiet stream's relay gives up its server socket's transport while it sleeps
+        # (tcp/half_sleep.py).
+        self._naps = naps
         self._gate = gate  # None: a stream refused for rules on HTTP stays refused
         self._shares = shares  # streams per remote node
         self._refusals = RefusalLog(log)
@@ -303,6 +307,8 @@ class HboneServer:
         self.tracker.add(relay, pod.key, lease=lease, admitted=admitted)
         meter.opened()
         relay.start()
+        if self._naps is not None:
+            self._naps.offer(relay)
 
     def _serve_gated(self, session: H2Session, stream: StreamTransport, pod: EnrolledPod,
                      ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,

@@ -13,8 +13,8 @@ vanished pod) close an asleep relay's sockets themselves, with a FIN or a reset.
 
 Which relays: those whose two sides are sockets of this process (same-node pod to pod,
 inbound plaintext, a passthrough destination).  A relay with an HBONE stream on one side
-(cross-node) keeps its transports: the stream lives in its pooled TLS connection, which
-reads for every stream of it, so only one transport would be given up.  A half-closed
+(cross-node) gives up its socket's transport only (tcp/half_sleep.py: the stream lives
+in its pooled TLS connection, which reads for every stream of it).  A half-closed
 relay never sleeps (its remaining direction's end is near, and the reset watch of the
 closed side needs its transport).  A spliced relay sleeps by its own rules.
 
@@ -58,6 +58,7 @@ from nodeproxy.tcp.dormancy import (
 )
 
 if TYPE_CHECKING:
+    from nodeproxy.tcp.half_sleep import HalfRows
     from nodeproxy.tcp.relay import Relay
 
 # A relay that moved nothing for this long sleeps (looked at within the wheel's tick).
@@ -116,15 +117,28 @@ class RelayNaps:
         self._relay: list[Relay | None] = []
         self._slept_at = array("d")
         self._restless = array("B")
+        self.halves: HalfRows | None = None
 
     def offer(self, relay: Relay) -> None:
-        """A relay has just started: let it sleep when it is quiet, if both of its sides
-        are sockets of this process."""
-        for side in (relay.downstream, relay.upstream):
-            if side.transport is None or side.transport.get_extra_info("socket") is None:
-                return
+        """A relay has just started: let it sleep when it is quiet, whole if both of its
+        sides are sockets of this process, its socket only if one is (a tunnel stream
+        on the other: tcp/half_sleep.py)."""
+        sockets = [side.transport is not None
+                   and side.transport.get_extra_info("socket") is not None
+                   for side in (relay.downstream, relay.upstream)]
+        if not all(sockets):
+            if any(sockets):
+                self._halves().offer(relay)
+            return
         nap = relay.nap = RelayNap(self, relay)
         nap.park(relay.last_active)
+
+    def _halves(self) -> HalfRows:
+        """The table of relays asleep with one socket (made on first use)."""
+        if self.halves is None:
+            from nodeproxy.tcp.half_sleep import HalfRows  # imports this module
+            self.halves = HalfRows(self)
+        return self.halves
 
     # -- the table ----------------------------------------------------------------
 

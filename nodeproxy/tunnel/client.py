@@ -29,6 +29,7 @@ from nodeproxy.identity.spiffe import IdentityError, spiffe_id
 from nodeproxy.tcp.dial import connect_socket
 from nodeproxy.tunnel.header_block import connect_block, source_port_field
 from nodeproxy.tunnel.metrics import TunnelMetrics
+from nodeproxy.tunnel.response_deadlines import ResponseDeadlines
 from nodeproxy.tunnel.session import H2Session, StreamReset, StreamTransport
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class HbonePool:
         self._metrics = metrics
         # The server connects to the application before it answers: wait for that too.
         self._response_timeout = settings.handshake_timeout_seconds + connect_timeout
+        # One timer for every awaited response, not one per stream (response_deadlines.py).
+        self._deadlines = ResponseDeadlines(self._response_timeout)
         self._pools: dict[PoolKey, list[H2Session]] = {}
         self._dialing: dict[PoolKey, asyncio.Lock] = {}
         self.handshakes = 0
@@ -97,9 +100,7 @@ class HbonePool:
             stream = None
             try:
                 stream = session.open_encoded_stream(block, target)
-                assert stream.response is not None  # a client's stream
-                async with asyncio.timeout(self._response_timeout):
-                    response = await stream.response
+                response = await self._response(stream)
             except Exception as e:  # noqa: BLE001 - sorted below
                 last = e
                 if session.closed or isinstance(e, h2.exceptions.ProtocolError) or (
@@ -123,6 +124,19 @@ class HbonePool:
         result = "timeout" if isinstance(last, asyncio.TimeoutError) else "stream_failed"
         self._metrics.streams.labels("client", result).inc()
         raise TunnelError(result, f"tunnel stream to {ip}:{port} failed: {last!r}")
+
+    async def _response(self, stream: StreamTransport) -> dict[str, str]:
+        """The stream's CONNECT response; TimeoutError past the response timeout."""
+        future = stream.response
+        assert future is not None  # a client's stream
+        if future.done():
+            return future.result()
+        deadlines = self._deadlines
+        deadlines.watch(future)
+        try:
+            return await future
+        finally:
+            deadlines.done(future)
 
     async def _session(self, key: PoolKey, ip: IPAddress, namespace: str, sa: str,
                        fresh: bool) -> H2Session:
@@ -247,6 +261,7 @@ class HbonePool:
     def close(self) -> None:
         if self._maintainer is not None:
             self._maintainer.cancel()
+        self._deadlines.close()
         for key, sessions in list(self._pools.items()):
             for session in list(sessions):
                 self._lost(key, session)

@@ -75,8 +75,18 @@ _SOURCE_PORT_NAME = b"\x00" + string(SOURCE_PORT)
 
 
 def source_port_field(port: int) -> bytes:
-    """The SOURCE_PORT field, appended to a connect_block; b"" for 0 (none sent)."""
-    return _SOURCE_PORT_NAME + string(str(port)) if port else b""
+    """The SOURCE_PORT field, appended to a connect_block; b"" for 0 (none sent).  A
+    port's decimal text is at most 5 bytes, so its length is one byte (§5.1: below the
+    7-bit prefix's 127), written here without ``string`` and ``integer``."""
+    if not port:
+        return b""
+    text = b"%d" % port
+    if len(text) > 5:  # not a port: the general encoding
+        return _SOURCE_PORT_NAME + string(str(port))
+    return _SOURCE_PORT_NAME + _LENGTH_BYTE[len(text)] + text
+
+
+_LENGTH_BYTE = [bytes((n,)) for n in range(6)]
 
 
 @functools.lru_cache(maxsize=64)

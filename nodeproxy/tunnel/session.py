@@ -96,11 +96,6 @@ class StreamReset(ConnectionResetError):
         self.code = code
 
 
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class StreamTransport:
     """An HTTP/2 stream that looks like an asyncio transport to a protocol."""
 
@@ -108,14 +103,15 @@ class StreamTransport:
         self.session = session
         self.stream_id = stream_id
         self.protocol: asyncio.Protocol | None = None
-        # The CONNECT's response, which only a client awaits (never leave its failure
-        # unretrieved); a server's stream has none: no future, and no failure to set and
-        # retrieve in a loop callback when it ends.
+        # The CONNECT's response, which only a client awaits; a server's stream has none.
+        # Its failure is marked retrieved where it is set (_finish), not by a done
+        # callback, which costs a loop callback per connection.
         self.response: asyncio.Future | None = None
         if session.client_side:
             self.response = asyncio.get_running_loop().create_future()
-            self.response.add_done_callback(_retrieve)
-        self._pending: deque[bytes | memoryview] = deque()  # written, not yet framed
+        # Written, not yet framed: a deque only while something waits (an empty one is
+        # 760 bytes, and most streams are idle most of the time: _queue, _frame).
+        self._pending: deque[bytes | memoryview] | None = None
         self._pending_size = 0
         # What the peer still lets us send, and what we still let it send.
         self.send_window = session.conn.remote_settings.initial_window_size
@@ -128,7 +124,7 @@ class StreamTransport:
         self._reading_paused = False
         self._unacked = 0
         self._writing_paused = False
-        self._early: list[bytes | memoryview] = []
+        self._early: list[bytes | memoryview] | tuple[()] = ()  # DATA before a protocol
         self._takes_views = False
         self._early_eof = False
         self._error: BaseException | None = None
@@ -137,16 +133,27 @@ class StreamTransport:
     # -- wiring --------------------------------------------------------------
 
     def set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self._shed_open()
         self.protocol = protocol
         self._takes_views = isinstance(protocol, Side)
         protocol.connection_made(self)  # type: ignore[arg-type]
-        early, self._early = self._early, []
+        early, self._early = self._early, ()
         for data in early:
             protocol.data_received(data if self._takes_views else bytes(data))  # type: ignore[arg-type]
         if self._early_eof:
             protocol.eof_received()
         if self._finished:
             protocol.connection_lost(self._error)  # type: ignore[arg-type]
+
+    def _shed_open(self) -> None:
+        """What only the stream's open needed, dropped once its reader joins: a client's
+        answered response (the future and its header dict, about 0.3 KiB: whoever awaited
+        it has read it; every check of it asks whether it is done) and a server's request
+        headers (read by the listener before it joins a reader)."""
+        if self.response is not None and self.response.done():
+            self.response = None
+        if self.request_headers:
+            self.request_headers = {}
 
     # -- asyncio transport API used by the relay -----------------------------
 
@@ -185,8 +192,7 @@ class StreamTransport:
             if transport is not None and not transport.is_closing():
                 transport.write(frames.data_header(size, self.stream_id) + data)
             return
-        self._pending.append(data)
-        self._pending_size += len(data)
+        self._queue(data)
         self._flush()
         if self._pending_size > HIGH_WATER and not self._writing_paused and self.protocol:
             self._writing_paused = True
@@ -223,6 +229,13 @@ class StreamTransport:
         self.session.reset(self.stream_id, h2.errors.ErrorCodes.CONNECT_ERROR)
         self._finish(None)
 
+    def _queue(self, data: bytes) -> None:
+        """Keep written bytes until the windows let them be framed."""
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append(data)
+        self._pending_size += len(data)
+
     # -- called by the session -------------------------------------------------
 
     def _frame(self, out: list[bytes | memoryview]) -> None:
@@ -253,6 +266,8 @@ class StreamTransport:
             session.send_window -= size
             if session.guard is not None:
                 session.guard.data_frame_sent()
+        if not self._pending_size:
+            self._pending = None  # nothing waits: no deque kept (see __init__)
 
     def _flush(self) -> None:
         if self._finished:
@@ -281,7 +296,10 @@ class StreamTransport:
         if type(data) is not bytes and not self._takes_views:
             data = bytes(data)
         if self.protocol is None:
-            self._early.append(data)
+            if self._early:
+                self._early.append(data)  # type: ignore[union-attr]
+            else:
+                self._early = [data]
         else:
             self.protocol.data_received(data)
         self._unacked += flow_controlled
@@ -311,12 +329,13 @@ class StreamTransport:
             return
         self._finished = True
         self._error = exc
-        self._pending.clear()
+        self._pending = None
         self._pending_size = 0
         self.session.forget(self.stream_id)
         response = self.response
         if response is not None and not response.done():
             response.set_exception(exc or ConnectionResetError("stream ended"))
+            response.exception()  # retrieved: a stream nobody awaits any more logs nothing
         # Let go of the protocol (a relay's side holds this transport): the two would be
         # a reference cycle per stream, left to the cyclic collector.
         protocol, self.protocol = self.protocol, None

@@ -15,6 +15,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
+import h2.settings
 import h2.stream
 import h2.utilities
 import hyperframe.frame
@@ -23,6 +24,8 @@ import pytest
 # (object, method name, the parameters our override passes on)
 OVERRIDDEN_METHODS = [
     (h2.connection.H2Connection, "_receive_frame", ["frame"]),
+    (h2.connection.H2Connection, "_begin_new_stream", ["stream_id", "allowed_ids"]),
+    (h2.connection.H2Connection, "get_next_available_stream_id", []),
     (h2.connection.H2Connection, "_terminate_connection", ["error_code"]),
     (h2.connection.H2Connection, "_receive_goaway_frame", ["frame"]),
     (h2.connection.H2Connection, "_receive_headers_frame", ["frame"]),
@@ -284,3 +287,29 @@ def test_what_receive_known_request_mirrors_is_still_h2s() -> None:
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     assert server.highest_inbound_stream_id == 0
     assert server.decoder.header_table_size == server.decoder.max_allowed_table_size
+
+
+def test_what_the_direct_stream_steps_and_quiet_stream_opening_mirror_is_still_there() -> None:
+    """codec/h2_stream_steps.py sets these attributes of h2's stream state machine;
+    ProxyH2Connection._begin_new_stream and get_next_available_stream_id repeat h2's
+    bodies without their logging and read settings as Settings.__getitem__ does.
+    (tests/unit/test_h2_stream_steps.py compares the outcomes; this names the parts.)"""
+    machine = h2.stream.H2StreamStateMachine(1)
+    assert set(vars(machine)) == {"state", "stream_id", "client", "headers_sent",
+                                  "trailers_sent", "headers_received", "trailers_received",
+                                  "stream_closed_by"}
+    assert hasattr(h2.stream, "_transitions")
+    for name in ("request_sent", "response_sent", "request_received", "response_received",
+                 "data_received", "stream_half_closed", "stream_ended", "send_end_stream"):
+        assert callable(getattr(h2.stream.H2StreamStateMachine, name, None)), name
+    source = inspect.getsource(h2.connection.H2Connection._begin_new_stream)
+    for text in ("H2Stream(", "max_outbound_frame_size", "highest_outbound_stream_id",
+                 "highest_inbound_stream_id", "StreamIDTooLowError", "self.streams[stream_id]"):
+        assert text in source, text
+    source = inspect.getsource(h2.connection.H2Connection.get_next_available_stream_id)
+    assert "HIGHEST_ALLOWED_STREAM_ID" in source and "highest_outbound_stream_id" in source
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    assert isinstance(conn.local_settings._settings, dict)
+    assert conn.local_settings._settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE][0] \
+        == conn.local_settings.initial_window_size
+    assert isinstance(conn.max_outbound_frame_size, int)  # an attribute h2 keeps

@@ -138,3 +138,11 @@ def test_a_block_over_the_frame_size_is_refused_not_split() -> None:
     with pytest.raises(h2.exceptions.FrameTooLargeError):
         client.send_encoded_headers(1, b"\x00" * (client.max_outbound_frame_size + 1))
     assert 1 not in client.streams
+
+
+def test_the_source_port_field_is_the_literal_for_every_port() -> None:
+    field, literal = header_block.source_port_field, header_block.literal
+    for port in range(1, 65536):
+        assert field(port) == literal(SOURCE_PORT, str(port)), port
+    assert field(0) == b""
+    assert field(1_000_000) == literal(SOURCE_PORT, "1000000")

@@ -155,3 +155,84 @@ def test_a_hostile_clients_requests_get_what_h2_alone_gives(
         assert len(fast[0]) == 20 and all(lost for _, _, lost in fast[1].values())
     if scenario in ("lower-id", "same-id-twice"):
         assert fast[2] and fast[2][-1][0] == "GOAWAY" and fast[2][-1][2] in (0x1, 0x5)
+
+
+
+def _frames_sent(data: bytes) -> list[tuple[int, int, int]]:
+    """Every frame the server sent: (type, flags, stream id)."""
+    found, pos = [], 0
+    while pos + 9 <= len(data):
+        length, kind, flags, sid = frames.parse_header(data[pos:pos + 9])
+        found.append((kind, flags, sid))
+        pos += 9 + length
+    return found
+
+
+async def _play_echoing(scenario: bytes, limits: Http2Limits) -> tuple:
+    """_play with echoing readers (the server ends its direction after the client's
+    END_STREAM), every frame the server sent, and h2's view of the connection at the end."""
+    from tests.unit.test_tunnel_client_open import _h2_view
+    loop = asyncio.get_running_loop()
+    requests: list[tuple[int, list[tuple[str, str]]]] = []
+    readers: dict[int, Reader] = {}
+
+    def on_request(session: H2Session, stream: StreamTransport) -> None:
+        requests.append((stream.stream_id, sorted(stream.request_headers.items())))
+        session.respond(stream, 200)
+        readers[stream.stream_id] = Reader(echo=True)
+        stream.set_protocol(readers[stream.stream_id])
+
+    a, b = socket.socketpair()
+    session = H2Session(client_side=False, on_request=on_request, limits=limits)
+    await loop.create_connection(lambda: session, sock=a)
+    b.setblocking(False)
+    try:
+        try:
+            await loop.sock_sendall(b, PREFACE + scenario)
+        except ConnectionError:
+            pass
+        sent_back = await _recv_all(b)
+        return (requests,
+                {sid: (bytes(r.data), r.eof.is_set(), r.lost.is_set())
+                 for sid, r in readers.items()},
+                _frames_sent(sent_back), _h2_view(session.conn))
+    finally:
+        session.abort()
+        b.close()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_the_destinations_direct_stream_steps_give_what_h2_alone_gives(
+        monkeypatch: pytest.MonkeyPatch, scenario: str) -> None:
+    """The same hostile clients, with the direct stream steps (codec/h2_stream_steps.py:
+    the request received, the 200 sent, END_STREAM both ways) and the request shortcut,
+    against the code before both: every step declining, h2's own _begin_new_stream and
+    no shortcut.  The same requests, bytes, frames sent back (each reader echoes, so the
+    server ends its direction too) and h2's view of every stream at the end."""
+    from tests.unit.test_tunnel_client_open import _counting as counting_steps
+    from tests.unit.test_tunnel_client_open import _old_way
+    results = []
+    limits = Http2Limits(premature_reset_min_streams=10, premature_reset_lifetime_seconds=0)
+
+    @on_uvloop
+    async def both() -> None:
+        steps: list[str] = []
+        with monkeypatch.context() as m:
+            counting_steps(m, steps)
+            results.append(await _play_echoing(SCENARIOS[scenario], limits))
+        with monkeypatch.context() as m:
+            _old_way(m)
+            m.setattr(ProxyH2Connection, "receive_known_request",
+                      lambda self, stream_id, block: None)
+            results.append(await _play_echoing(SCENARIOS[scenario], limits))
+        results.append(steps)
+
+    both()
+    fast, slow, steps = results
+    assert fast == slow, (fast, slow)
+    if TAKEN.get(scenario):
+        assert "received_request" in steps and "sent_response" in steps, steps
+    if scenario == "own-block":  # the stream's whole life, both directions ended
+        assert sorted(set(steps)) == ["received_end_stream", "received_request",
+                                      "sent_end_stream", "sent_response"], steps
