@@ -80,9 +80,18 @@ class ProxyReads:
         assert self._on_bytes is not None
         self._on_bytes(from_downstream, n)
         if from_downstream:
-            self.consumed(n)
+            # consumed(n), written out.
+            self.total += n
+            if self._watching:
+                if self._timer is None:
+                    self._post()
+                    self._hold()
+            elif self.total - self._posted >= POST_EVERY:
+                self._post()
 
     def consumed(self, n: int) -> None:
+        """n bytes read from the application (what __call__ does for a downstream read,
+        written out there: one call per relayed read, not two)."""
         self.total += n
         if self._watching:
             if self._timer is None:

@@ -41,6 +41,15 @@ class FrameError(Exception):
         self.code = code
 
 
+# A frame header from its fields as _HEADER lays them out: pack_header(length >> 8,
+# length & 0xFF, type, flags, stream id).  A C call: the tunnel's per-message DATA path
+# uses it where data_header() would be a Python call around it.
+pack_header = _HEADER.pack
+# The header fields at an offset of a buffer: (length >> 8, length & 0xFF, type, flags,
+# stream id with its reserved bit); the frame reader's per-frame unpacking, without a slice.
+unpack_header_from = _HEADER.unpack_from
+
+
 def header(length: int, frame_type: int, flags: int, stream_id: int) -> bytes:
     return _HEADER.pack(length >> 8, length & 0xFF, frame_type, flags, stream_id)
 

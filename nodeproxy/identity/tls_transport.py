@@ -76,17 +76,25 @@ def _retrieve(future: asyncio.Future) -> None:
 
 
 class TlsTransport(asyncio.Transport):
-    """The protocol's side: plaintext in and out over `_TlsRecords`' TCP transport."""
+    """The protocol's side: plaintext in and out over `_TlsRecords`' TCP transport.
+
+    `write` is the records' own method (an instance attribute: one Python call per write,
+    not two, on the tunnel's per-message path); it drops what is written once the
+    transport is closing, so a caller need not ask `is_closing` first
+    (`drops_writes_when_closing`)."""
+
+    drops_writes_when_closing = True
 
     def __init__(self, records: _TlsRecords):
         super().__init__()
         self._records = records
+        self.write = records.write  # type: ignore[method-assign]
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._records.extra(name, default)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._records.write(data)
+        self._records.write(data)  # shadowed per instance by the records' write (above)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:

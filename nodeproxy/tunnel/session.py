@@ -16,6 +16,10 @@ integer operations instead of h2's per-frame state machine and copies:
   state directly (ProxyH2Connection.receive_end_stream); in any other state it, and DATA
   on a stream this side does not serve, reach h2 as an empty DATA frame, so its stream
   states and refusals stay exact;
+- a relayed connection's usual frame, a flagless DATA frame whole in one read for an open
+  stream a relay's side reads, within both windows, is judged, charged and forwarded in
+  one call (H2Session._whole_data); any other frame takes the general path above, which
+  refuses what breaks a rule;
 - a client's CONNECT response that is the one-byte static ":status: 200" block becomes
   h2's ResponseReceived without h2's frame parser, HPACK decoder and header checks
   (ProxyH2Connection.receive_known_response); any other response is h2's;
@@ -25,7 +29,9 @@ integer operations instead of h2's per-frame state machine and copies:
   parser and HPACK decoder, its fields judged by the checks h2 makes
   (ProxyH2Connection.receive_known_request); any other block is h2's;
 - sent DATA is framed straight from the writer's chunks (no copy but the one join per
-  batch), as large as the peer allows, within the peer's stream and connection windows;
+  batch), as large as the peer allows, within the peer's stream and connection windows; a
+  small write with nothing queued is one DATA frame straight into the TLS transport's
+  write (StreamTransport.write);
   everything a turn produced (frames of every stream, acknowledgements, h2's own output,
   in order) leaves in one transport write.
 
@@ -84,8 +90,12 @@ HIGH_WATER = 1024 * 1024
 # SETTINGS_MAX_FRAME_SIZE), so the check needs no look at the peer's settings.
 SMALL_FRAME = 16 * 1024
 LOW_WATER = 256 * 1024
+# The credit points (see ACK_SHARE).
+STREAM_ACK = STREAM_WINDOW // ACK_SHARE
+CONNECTION_ACK = CONNECTION_WINDOW // ACK_SHARE
 ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 PREFACE_LENGTH = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", a server's first bytes
+STREAM_MASK = 0x7FFFFFFF  # a stream identifier's reserved bit is ignored
 
 
 class StreamReset(ConnectionResetError):
@@ -126,6 +136,7 @@ class StreamTransport:
         self._writing_paused = False
         self._early: list[bytes | memoryview] | tuple[()] = ()  # DATA before a protocol
         self._takes_views = False
+        self._side: Side | None = None  # the reader, when it is a relay's side
         self._early_eof = False
         self._error: BaseException | None = None
         self.request_headers: dict[str, str] = {}
@@ -136,6 +147,7 @@ class StreamTransport:
         self._shed_open()
         self.protocol = protocol
         self._takes_views = isinstance(protocol, Side)
+        self._side = protocol if isinstance(protocol, Side) else None
         protocol.connection_made(self)  # type: ignore[arg-type]
         early, self._early = self._early, ()
         for data in early:
@@ -188,9 +200,14 @@ class StreamTransport:
             session.send_window -= size
             if session.guard is not None:
                 session.guard.data_frame_sent()
+            head = frames.pack_header(size >> 8, size & 0xFF, frames.DATA, 0, self.stream_id)
+            write = session.write_direct
+            if write is not None:  # the TLS transport: drops it itself once closing
+                write(head + data)
+                return
             transport = session.transport
             if transport is not None and not transport.is_closing():
-                transport.write(frames.data_header(size, self.stream_id) + data)
+                transport.write(head + data)
             return
         self._queue(data)
         self._flush()
@@ -304,7 +321,7 @@ class StreamTransport:
             self.protocol.data_received(data)
         self._unacked += flow_controlled
         if not (self._reading_paused or self.protocol is None or self._finished) \
-                and self._unacked >= STREAM_WINDOW // ACK_SHARE:
+                and self._unacked >= STREAM_ACK:
             self._acknowledge()
 
     def _acknowledge(self) -> None:
@@ -339,6 +356,7 @@ class StreamTransport:
         # Let go of the protocol (a relay's side holds this transport): the two would be
         # a reference cycle per stream, left to the cyclic collector.
         protocol, self.protocol = self.protocol, None
+        self._side = None
         if protocol is not None:
             protocol.connection_lost(exc)  # type: ignore[arg-type]
 
@@ -357,6 +375,10 @@ class H2Session(asyncio.Protocol):
         self.conn = ProxyH2Connection(config, MAX_HEADER_BYTES)
         self.client_side = client_side
         self.transport: asyncio.Transport | None = None
+        # The transport's write when it drops writes once closing (the TLS transport's
+        # `drops_writes_when_closing`): the small-write path calls it without asking
+        # is_closing first.  None: ask.
+        self.write_direct: Callable[[bytes], None] | None = None
         self.streams: dict[int, StreamTransport] = {}
         self.peername: Any = None
         self.closed = False
@@ -375,6 +397,10 @@ class H2Session(asyncio.Protocol):
         self._on_abuse = on_abuse
         self._abused = False
         self._failed = False  # a connection error was sent: nothing more is read
+        # Set wherever this session makes _stopped() true (abuse, a connection error,
+        # closing or aborting its transport, the connection lost): what the frame reader
+        # looks at after a frame _whole_data took, instead of the full _stopped().
+        self._halted = False
         # Connection flow control: what the peer still lets us send (its WINDOW_UPDATEs
         # and SETTINGS are read here, h2 never sees them), what we still let it send,
         # and what it used that we have not credited yet.
@@ -402,6 +428,8 @@ class H2Session(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if getattr(transport, "drops_writes_when_closing", False):
+            self.write_direct = transport.write  # type: ignore[attr-defined]
         self.peername = transport.get_extra_info("peername")
         if self._on_ready is not None and not self._on_ready(self):
             transport.close()
@@ -446,7 +474,7 @@ class H2Session(asyncio.Protocol):
         except h2.exceptions.ProtocolError as e:
             self._receiving = False
             log.info("HTTP/2 protocol error from %s: %s", self.peername, e)
-            self._failed = True
+            self._failed = self._halted = True
             self.flush()  # h2 queued a GOAWAY with the error code
             self._close_transport()
             return
@@ -481,6 +509,7 @@ class H2Session(asyncio.Protocol):
             self._preface_left -= n
             self._to_h2(data[:n])
             pos = n
+        taken = False  # the last frame was _whole_data's (it may only have halted us)
         while pos < end:
             if self._data_left:
                 n = min(self._data_left, end - pos)
@@ -503,8 +532,11 @@ class H2Session(asyncio.Protocol):
                 continue
             # A new frame: judged only while the session still reads (checked once per
             # frame; a DATA frame's payload follows its header without another look).
-            if self._stopped():
+            # After a frame _whole_data took, only this session's own halting can have
+            # happened (it ran the reader's relay forward and the stream's credit).
+            if self._halted if taken else self._stopped():
                 break
+            taken = False
             if self._head or end - pos < frames.HEADER_LENGTH:
                 n = min(frames.HEADER_LENGTH - len(self._head), end - pos)
                 self._head += view[pos:pos + n]
@@ -513,10 +545,21 @@ class H2Session(asyncio.Protocol):
                     break
                 head = bytes(self._head)
                 self._head.clear()
+                length, frame_type, flags, stream_id = frames.parse_header(head)
             else:
-                head = data[pos:pos + frames.HEADER_LENGTH]
-                pos += frames.HEADER_LENGTH
-            length, frame_type, flags, stream_id = frames.parse_header(head)
+                high, low, frame_type, flags, stream_id = frames.unpack_header_from(data, pos)
+                length = (high << 8) | low
+                start = pos + frames.HEADER_LENGTH
+                if frame_type == frames.DATA and not flags and length and \
+                        start + length <= end and length <= MAX_FRAME and \
+                        not self._continuation and \
+                        self._whole_data(view, start, length, stream_id & STREAM_MASK):
+                    pos = start + length
+                    taken = True
+                    continue
+                head = data[pos:start]
+                pos = start
+                stream_id &= STREAM_MASK
             if length > MAX_FRAME:
                 raise FrameError(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
                                  f"a {length}-byte frame (type {frame_type}); at most "
@@ -536,6 +579,51 @@ class H2Session(asyncio.Protocol):
                 self._frame_body += view[pos:]
                 self._frame_left -= end - pos
                 pos = end
+
+    def _whole_data(self, view: memoryview, start: int, length: int, stream_id: int) -> bool:
+        """The frame reader's common case in one call: a DATA frame without flags (no
+        padding, no END_STREAM) and with a payload, whole in this read (view[start:][:length]),
+        for a stream open both ways whose reader is a relay's side, within both receive
+        windows.  It is judged and accounted as _data_begin, StreamTransport._data and
+        _data_done would (the FrameGuard sees the frame first; both windows charged; the
+        connection credited at once; the payload a view of the read, forwarded by the
+        side's relay; the stream credited as its reader takes it).  Anything else, and any
+        frame that breaks a rule, returns False having done nothing: the general path
+        judges it, refusals and all."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream._side is None or stream._remote_ended \
+                or stream._finished or length > self.receive_window \
+                or length > stream.receive_window:
+            return False
+        response = stream.response
+        if response is not None and not response.done():
+            return False  # before the CONNECT's response: _data_begin resets it
+        if self.guard is not None:
+            self.guard.data_frame(True)
+        self.receive_window -= length
+        unacked = self._receive_unacked + length
+        if unacked >= CONNECTION_ACK:
+            self._receive_unacked = 0
+            self.receive_window += unacked
+            self.send_window_update(0, unacked)
+        else:
+            self._receive_unacked = unacked
+        stream.receive_window -= length
+        side = stream._side
+        relay = side.relay
+        if relay is not None and type(side) is Side:
+            # What a plain side's data_received would do, without its call.
+            relay.forward(side, view[start:start + length])  # type: ignore[arg-type]
+        else:
+            # No relay yet, or a side of another class, whose own data_received decides
+            # (an asleep relay's stream side, tcp/half_sleep.py's bell, holds the bytes
+            # and wakes the relay).
+            side.data_received(view[start:start + length])  # type: ignore[arg-type]
+        stream._unacked += length
+        if stream._unacked >= STREAM_ACK and not stream._reading_paused \
+                and not stream._finished:
+            stream._acknowledge()
+        return True
 
     def _frame(self, head: bytes, body: bytes) -> None:
         """A whole frame other than an unpadded DATA frame."""
@@ -594,7 +682,7 @@ class H2Session(asyncio.Protocol):
         if length:
             # Credited at once: the stream windows bound what waits for a reader.
             self._receive_unacked += length
-            if self._receive_unacked >= CONNECTION_WINDOW // ACK_SHARE:
+            if self._receive_unacked >= CONNECTION_ACK:
                 n, self._receive_unacked = self._receive_unacked, 0
                 self.receive_window += n
                 self.send_window_update(0, n)
@@ -653,7 +741,7 @@ class H2Session(asyncio.Protocol):
     def _connection_error(self, code: h2.errors.ErrorCodes, detail: str) -> None:
         log.info("HTTP/2 connection error from %s (%s): %s", self.peername, code.name,
                  detail)
-        self._failed = True
+        self._failed = self._halted = True
         try:
             self.conn.close_connection(code)
         except h2.exceptions.ProtocolError:
@@ -672,7 +760,7 @@ class H2Session(asyncio.Protocol):
         log.warning("HBONE peer %s (%s) over its HTTP/2 budget (%s): %s; "
                     "GOAWAY ENHANCE_YOUR_CALM", self.peername, self.peer_identity,
                     abuse.reason, abuse)
-        self._abused = True
+        self._abused = self._halted = True
         try:
             self.conn.close_connection(abuse.error_code)
         except h2.exceptions.ProtocolError:
@@ -689,7 +777,7 @@ class H2Session(asyncio.Protocol):
             self._on_abuse(abuse.reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self._halted = True
         self._out.clear()
         if not self.ready.done():
             self.ready.set_exception(exc or ConnectionResetError("tunnel closed"))
@@ -866,9 +954,12 @@ class H2Session(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None:
+            self._halted = True
             self.transport.abort()
 
     def _close_transport(self) -> None:
+        if self.transport is not None:
+            self._halted = True
         self._receiving = False
         self.flush()
         if self.transport is not None and not self.transport.is_closing():

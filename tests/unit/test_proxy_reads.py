@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+from collections.abc import Callable
+
+import pytest
 
 from nodeproxy.capture import msg_redirect
-from nodeproxy.capture.msg_redirect import POST_EVERY, WATCH_INTERVAL, ProxyReads
+from nodeproxy.capture.msg_redirect import POST_EVERY, WATCH_INTERVAL, ProxyReads, counting_reads
 
 
 class Maps:
@@ -35,11 +38,35 @@ class Maps:
         return True
 
 
-def reads(maps: Maps) -> ProxyReads:
-    return ProxyReads(maps, 7, maps, b"k")  # type: ignore[arg-type]
+class Feeder:
+    """Reads reach a ProxyReads as `consumed(n)`, or as the relay's byte callback does
+    (counting_reads: the relay's every read, the meter's too; __call__ writes consumed
+    out): both must post the same.  The callback's meter must see every read, both ways,
+    and an upstream read must post nothing."""
+
+    def __init__(self, counter: ProxyReads, via_relay: bool):
+        self.counter = counter
+        self.metered: list[tuple[bool, int]] = []
+        self._callback = counting_reads(lambda d, n: self.metered.append((d, n)), counter) \
+            if via_relay else None
+
+    def consumed(self, n: int) -> None:
+        if self._callback is None:
+            self.counter.consumed(n)
+            return
+        self._callback(False, 3)   # an upstream read between: metered, never posted
+        self._callback(True, n)
+        assert self.metered[-2:] == [(False, 3), (True, n)]
 
 
-def test_on_tcp_one_post_per_interval_and_the_exact_total_at_its_end() -> None:
+@pytest.fixture(params=[False, True], ids=["consumed", "relay_callback"])
+def reads(request: pytest.FixtureRequest) -> Callable[[Maps], Feeder]:
+    return lambda maps: Feeder(ProxyReads(maps, 7, maps, b"k"),  # type: ignore[arg-type]
+                               request.param)
+
+
+def test_on_tcp_one_post_per_interval_and_the_exact_total_at_its_end(
+        reads: Callable[[Maps], Feeder]) -> None:
     async def main() -> None:
         maps = Maps()
         counter = reads(maps)
@@ -57,7 +84,8 @@ def test_on_tcp_one_post_per_interval_and_the_exact_total_at_its_end() -> None:
     asyncio.run(main())
 
 
-def test_back_on_the_fast_path_posts_every_post_every_bytes() -> None:
+def test_back_on_the_fast_path_posts_every_post_every_bytes(
+        reads: Callable[[Maps], Feeder]) -> None:
     async def main() -> None:
         maps = Maps()
         counter = reads(maps)
@@ -77,7 +105,8 @@ def test_back_on_the_fast_path_posts_every_post_every_bytes() -> None:
     asyncio.run(main())
 
 
-def test_a_gone_flow_stops_the_posts() -> None:
+def test_a_gone_flow_stops_the_posts(
+        reads: Callable[[Maps], Feeder]) -> None:
     async def main() -> None:
         maps = Maps()
         counter = reads(maps)
@@ -99,13 +128,14 @@ def test_the_interval_is_short() -> None:
     assert msg_redirect.WATCH_INTERVAL <= 0.005
 
 
-def test_the_relays_byte_callback_is_the_counter_itself_and_counts_only_downstream() -> None:
+def test_the_relays_byte_callback_is_the_counter_itself_and_counts_only_downstream(
+        ) -> None:
     """counting_reads binds the relay's byte callback to the ProxyReads (one object per
     connection): every byte reaches the meter's callback, and only the bytes read from
     the downstream side (the application's) count as read from the proxy's socket."""
     async def main() -> None:
         maps = Maps()
-        counter = reads(maps)
+        counter = ProxyReads(maps, 7, maps, b"k")  # type: ignore[arg-type]
         seen: list[tuple[bool, int]] = []
         callback = msg_redirect.counting_reads(lambda d, n: seen.append((d, n)), counter)
         assert callback is counter

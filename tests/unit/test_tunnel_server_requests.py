@@ -84,7 +84,12 @@ TAKEN = {"own-block": [1], "own-block-repeated": list(range(1, 80, 2)),
          "lower-id": [5], "same-id-twice": [1]}  # the first block; the second is h2's
 
 
-async def _play(scenario: bytes, limits: Http2Limits) -> tuple:
+async def _play(scenario: bytes, limits: Http2Limits, *, echo: bool = False) -> tuple:
+    """A server session fed the client's preface and `scenario`: the requests it took,
+    what each stream's reader got, and the bytes it sent back (with `echo`, the readers
+    echo and end their direction after the client's END_STREAM, and h2's view of the
+    connection at the end comes too)."""
+    from tests.unit.test_tunnel_client_open import _h2_view
     loop = asyncio.get_running_loop()
     requests: list[tuple[int, list[tuple[str, str]]]] = []
     readers: dict[int, Reader] = {}
@@ -93,7 +98,7 @@ async def _play(scenario: bytes, limits: Http2Limits) -> tuple:
         requests.append((stream.stream_id, sorted(stream.request_headers.items())))
         assert stream.response is None  # a server's stream has no response future
         session.respond(stream, 200)
-        readers[stream.stream_id] = Reader()
+        readers[stream.stream_id] = Reader(echo=echo)
         stream.set_protocol(readers[stream.stream_id])
 
     a, b = socket.socketpair()
@@ -106,10 +111,11 @@ async def _play(scenario: bytes, limits: Http2Limits) -> tuple:
         except ConnectionError:
             pass
         sent_back = await _recv_all(b)
-        return (requests,
-                {sid: (bytes(r.data), r.eof.is_set(), r.lost.is_set())
-                 for sid, r in readers.items()},
-                _refusals(sent_back))
+        received = {sid: (bytes(r.data), r.eof.is_set(), r.lost.is_set())
+                    for sid, r in readers.items()}
+        if echo:
+            return requests, received, _frames_sent(sent_back), _h2_view(session.conn)
+        return requests, received, _refusals(sent_back)
     finally:
         session.abort()
         b.close()
@@ -168,40 +174,6 @@ def _frames_sent(data: bytes) -> list[tuple[int, int, int]]:
     return found
 
 
-async def _play_echoing(scenario: bytes, limits: Http2Limits) -> tuple:
-    """_play with echoing readers (the server ends its direction after the client's
-    END_STREAM), every frame the server sent, and h2's view of the connection at the end."""
-    from tests.unit.test_tunnel_client_open import _h2_view
-    loop = asyncio.get_running_loop()
-    requests: list[tuple[int, list[tuple[str, str]]]] = []
-    readers: dict[int, Reader] = {}
-
-    def on_request(session: H2Session, stream: StreamTransport) -> None:
-        requests.append((stream.stream_id, sorted(stream.request_headers.items())))
-        session.respond(stream, 200)
-        readers[stream.stream_id] = Reader(echo=True)
-        stream.set_protocol(readers[stream.stream_id])
-
-    a, b = socket.socketpair()
-    session = H2Session(client_side=False, on_request=on_request, limits=limits)
-    await loop.create_connection(lambda: session, sock=a)
-    b.setblocking(False)
-    try:
-        try:
-            await loop.sock_sendall(b, PREFACE + scenario)
-        except ConnectionError:
-            pass
-        sent_back = await _recv_all(b)
-        return (requests,
-                {sid: (bytes(r.data), r.eof.is_set(), r.lost.is_set())
-                 for sid, r in readers.items()},
-                _frames_sent(sent_back), _h2_view(session.conn))
-    finally:
-        session.abort()
-        b.close()
-        await asyncio.sleep(0)
-
-
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_the_destinations_direct_stream_steps_give_what_h2_alone_gives(
         monkeypatch: pytest.MonkeyPatch, scenario: str) -> None:
@@ -220,12 +192,12 @@ def test_the_destinations_direct_stream_steps_give_what_h2_alone_gives(
         steps: list[str] = []
         with monkeypatch.context() as m:
             counting_steps(m, steps)
-            results.append(await _play_echoing(SCENARIOS[scenario], limits))
+            results.append(await _play(SCENARIOS[scenario], limits, echo=True))
         with monkeypatch.context() as m:
             _old_way(m)
             m.setattr(ProxyH2Connection, "receive_known_request",
                       lambda self, stream_id, block: None)
-            results.append(await _play_echoing(SCENARIOS[scenario], limits))
+            results.append(await _play(SCENARIOS[scenario], limits, echo=True))
         results.append(steps)
 
     both()

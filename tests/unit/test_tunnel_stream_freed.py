@@ -36,3 +36,80 @@ def test_finished_streams_and_their_protocols_are_freed_without_the_collector(
     assert "64 streams, 4 at once" in capsys.readouterr().out
     assert len(made) >= 2 * 64  # both ends' transports of every stream
     assert alive == []
+
+
+def test_a_relay_sides_stream_is_freed_too() -> None:
+    """The same with a relay's side reading the stream (the tunnel keeps it twice: as
+    the protocol and for the whole-frame path), DATA through the whole-frame path both
+    ways: after both ends finish, the stream objects and the sides are gone without the
+    collector."""
+    import asyncio
+    import socket
+
+    from nodeproxy.tcp.relay import Side
+
+    class Echo(Side):
+        def data_received(self, data: Any) -> None:
+            self.transport.write(bytes(data))
+
+        def eof_received(self) -> bool:
+            self.transport.write_eof()
+            return True
+
+    class Back(Side):
+        def __init__(self) -> None:
+            super().__init__("tunnel")
+            self.got = bytearray()
+            self.ended = asyncio.get_event_loop().create_future()
+
+        def data_received(self, data: Any) -> None:
+            self.got += data
+
+        def eof_received(self) -> bool:
+            self.ended.set_result(None)
+            return True
+
+    refs: list[weakref.ref[Any]] = []
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+
+        def on_request(sess: session.H2Session, stream: session.StreamTransport) -> None:
+            sess.respond(stream, 200)
+            side = Echo("tunnel")
+            stream.set_protocol(side)
+            refs.extend((weakref.ref(stream), weakref.ref(side)))
+
+        server = session.H2Session(client_side=False, on_request=on_request)
+        await loop.create_connection(lambda: server, sock=a)
+        client = session.H2Session(client_side=True)
+        await loop.create_connection(lambda: client, sock=b)
+        stream = client.open_stream([(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        await asyncio.wait_for(stream.response, 10)
+        back = Back()
+        stream.set_protocol(back)
+        for i in range(50):
+            stream.write(b"%d;" % i)
+            await asyncio.sleep(0)
+        stream.write_eof()
+        await asyncio.wait_for(back.ended, 10)
+        got = bytes(back.got)
+        refs.extend((weakref.ref(stream), weakref.ref(back)))
+        del stream, back
+        for _ in range(5):
+            await asyncio.sleep(0)
+        client.close()
+        server.close()
+        await asyncio.sleep(0.05)
+        return got
+
+    gc.collect()
+    gc.disable()
+    try:
+        got = asyncio.run(main())
+        alive = [ref() for ref in refs if ref() is not None]
+    finally:
+        gc.enable()
+    assert got == b"".join(b"%d;" % i for i in range(50))
+    assert alive == []
