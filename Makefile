@@ -1,6 +1,6 @@
 # nodeproxy developer entry points.  Everything runs as root on Debian 12;
 # `make setup` is idempotent and every other target runs it first.
-.PHONY: all setup test lint demo bench fuzz fresh-check ci cni-plugin image clean vm-box vm-test
+.PHONY: all setup test lint demo bench fuzz fresh-check ci cni-plugin image clean vm-box vm-test native pure
 
 VENV := .venv
 SHELL := /bin/bash
@@ -10,14 +10,28 @@ all: test
 setup:
 	bash scripts/setup.sh
 
+# The L7 request path compiled with mypyc, in place (nodeproxy/native.py, setup.py): what
+# `pip install` builds, rebuilt after editing one of those modules (the daemon and the
+# tests use pure Python while the build is older than the sources).  `make pure` removes
+# it; NODEPROXY_NATIVE=0 runs pure Python beside it.
+native: setup
+	nice -n 10 $(VENV)/bin/python setup.py -q build_ext --inplace
+
+pure:
+	rm -f nodeproxy/_native__mypyc*.so nodeproxy/_native_build.json
+	find nodeproxy -name '*.cpython-*.so' -delete
+
 lint: setup
 	$(VENV)/bin/ruff check nodeproxy nodeproxy_dev tests
 
 # pytest's own exit status decides: any failure, and also 5 (no tests collected),
-# fails the target.
+# fails the target.  The whole suite runs with the compiled L7 path (when the install
+# built it: nodeproxy/native.py), then the unit tests again as pure Python
+# (NODEPROXY_NATIVE=0), the path a machine without a compiler runs.
 test: setup
 	$(VENV)/bin/ruff check nodeproxy nodeproxy_dev tests
 	$(VENV)/bin/pytest -v
+	NODEPROXY_NATIVE=0 $(VENV)/bin/pytest -q tests/unit
 
 demo: setup
 	$(VENV)/bin/nodeproxy demo
@@ -61,7 +75,8 @@ fuzz: setup
 
 # nodeproxy-cni as one static executable (no python3 on the node); docs/install.md.
 CNI_PLUGIN := build/nodeproxy-cni
-CNI_SOURCES := $(wildcard nodeproxy/cni/*.py) nodeproxy/admin/control_client.py nodeproxy/__init__.py
+CNI_SOURCES := $(wildcard nodeproxy/cni/*.py) nodeproxy/admin/control_client.py nodeproxy/__init__.py \
+	nodeproxy/native.py
 cni-plugin: $(CNI_PLUGIN)
 $(CNI_PLUGIN): $(CNI_SOURCES) scripts/build-cni-plugin.sh pyproject.toml | setup
 	$(VENV)/bin/python -c 'import PyInstaller, staticx' 2>/dev/null || \

@@ -11,6 +11,7 @@
 #      headers are never touched)
 #   3. .venv made with /usr/bin/python3 --system-site-packages (sees Debian's bcc)
 #   4. pip install -e '.[test]' when pyproject.toml changed since the last install
+#      (it compiles the L7 request path with mypyc: setup.py, nodeproxy/native.py)
 #   5. bpffs mounted at /sys/fs/bpf
 set -euo pipefail
 
@@ -29,6 +30,7 @@ APT_PACKAGES=(
     ruby  # tests/unit/test_vagrant.py: `ruby -c vagrant/Vagrantfile`
     make  # `make demo`, `make test` (a minimal Debian 12 has no make)
     procps  # `sysctl`: the testbed sets each simulated node's forwarding (not in minbase)
+    gcc python3-dev  # pip install compiles the L7 path with mypyc (setup.py; optional)
 )
 # tests/unit/test_manifests.py runs `kubectl kustomize`.  Debian's package is
 # kubernetes-client; a machine that already has a kubectl (another vendor's package,

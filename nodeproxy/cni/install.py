@@ -57,6 +57,7 @@ def _sources() -> dict[str, Path]:
     """Archive name -> source file of every module the plugin imports."""
     root = Path(nodeproxy.__file__).resolve().parent
     files = {"nodeproxy/__init__.py": root / "__init__.py",
+             "nodeproxy/native.py": root / "native.py",  # the package root runs it
              "nodeproxy/admin/__init__.py": root / "admin" / "__init__.py",
              "nodeproxy/admin/control_client.py": root / "admin" / "control_client.py"}
     for path in sorted((root / "cni").glob("*.py")):

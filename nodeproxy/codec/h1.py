@@ -47,6 +47,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import httptools
 
@@ -55,9 +56,9 @@ from nodeproxy.codec.message import (
     MAX_HEADER_BYTES,
     Body,
     BodyError,
-    BodyReader,
     Headers,
     MalformedRequest,
+    OutgoingBody,
     RequestHead,
     ResponseHead,
     UpstreamError,
@@ -395,10 +396,11 @@ class H1Server(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.writer.transport = self.transport
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.transport.resume_reading()
+        stream = cast(asyncio.Transport, transport)  # a stream protocol's transport
+        self.transport = stream
+        self.writer.transport = stream
+        stream.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        stream.resume_reading()
         self._loop = asyncio.get_running_loop()  # the idle and head timers' clock
         self._arm_idle()
         self._head_begins()  # the first request's head is awaited from now
@@ -539,7 +541,9 @@ class H1Server(asyncio.Protocol):
                 check_authority(authority)
                 check_target(method, url)
             except Refusal as e:
-                raise BadRequest(400, str(e), e.reason) from e
+                bad = BadRequest(400, str(e), e.reason)
+                bad.__cause__ = e  # not `from e`: see message.caused_by
+                raise bad  # noqa: B904 - chained above
         keep_alive = parser.should_keep_alive() and not upgrade
         exchange = H1Exchange(
             self, RequestHead(method, url, authority, headers, version=version),
@@ -860,7 +864,7 @@ class H1Client(asyncio.Protocol):
     def can_take(self) -> bool:
         return not self._busy and not self._closed
 
-    async def send(self, head: RequestHead, body: BodyReader, *,
+    async def send(self, head: RequestHead, body: OutgoingBody, *,
                    upgrade: str | None = None) -> UpstreamResponse:
         """Send one request; its response head.  With `upgrade` (an Upgrade token) the
         request offers that upgrade and a 101 answers it (then see `detach`)."""
@@ -890,7 +894,7 @@ class H1Client(asyncio.Protocol):
         from nodeproxy.tcp.relay import reset
         reset(self.transport)
 
-    async def _send_body(self, body: BodyReader, chunked: bool) -> None:
+    async def _send_body(self, body: OutgoingBody, chunked: bool) -> None:
         assert self.transport is not None
         try:
             while True:
@@ -913,10 +917,11 @@ class H1Client(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.writer.transport = self.transport
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.transport.resume_reading()
+        stream = cast(asyncio.Transport, transport)  # a stream protocol's transport
+        self.transport = stream
+        self.writer.transport = stream
+        stream.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        stream.resume_reading()
         self._loop = asyncio.get_running_loop()
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:

@@ -53,10 +53,10 @@ from nodeproxy.codec.message import (
     HOP_BY_HOP,
     Body,
     BodyError,
-    BodyReader,
     Exchange,
     Headers,
     MalformedRequest,
+    OutgoingBody,
     RequestHead,
     ResponseHead,
     UpstreamError,
@@ -1042,7 +1042,7 @@ class H2Client(_H2Protocol):
         """Wait for the server's SETTINGS (proof it speaks HTTP/2)."""
         await asyncio.wait_for(asyncio.shield(self.ready), timeout)
 
-    async def send(self, head: RequestHead, body: BodyReader) -> UpstreamResponse:
+    async def send(self, head: RequestHead, body: OutgoingBody) -> UpstreamResponse:
         """Open a stream, send the head, stream the body in the background; return the
         response head (1xx skipped) with its body.  UpstreamError("UC") when the server
         resets the stream before its head (refused_stream for REFUSED_STREAM, or a stream
@@ -1121,7 +1121,7 @@ class H2Client(_H2Protocol):
 
     # -- the request body ------------------------------------------------------------------
 
-    async def _pump(self, stream: _ClientStream, body: BodyReader) -> None:
+    async def _pump(self, stream: _ClientStream, body: OutgoingBody) -> None:
         sid = stream.stream_id
         try:
             while True:

@@ -14,7 +14,9 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
+
+from mypy_extensions import mypyc_attr
 
 Headers = list[tuple[str, str]]
 
@@ -27,6 +29,13 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
     "trailer", "proxy-authenticate", "proxy-authorization",
 })
+
+
+def caused_by(error: BodyError, cause: BaseException | None) -> BodyError:
+    """`error` with `cause` as its __cause__: ``raise caused_by(e, c)`` is ``raise e from c``,
+    which a mypyc build compiles without setting __cause__ (mypy 2.4)."""
+    error.__cause__ = cause
+    return error
 
 
 def header_value(headers: Headers, name: str) -> str | None:
@@ -92,6 +101,8 @@ class MalformedRequest(BodyError):
         self.status = status
 
 
+# HTTP/2's UpstreamBody (codec/h2.py, interpreted) extends it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Body:
     """One message body, streamed: a codec feeds chunks, one reader takes them.
 
@@ -100,7 +111,7 @@ class Body:
     reader holds the sender back instead of the proxy buffering the body.
     """
 
-    HIGH_WATER = 256 * 1024
+    HIGH_WATER: Final = 256 * 1024
 
     def __init__(self, on_consumed: Callable[[int], None] | None = None):
         self._chunks: deque[bytes] = deque()
@@ -155,7 +166,7 @@ class Body:
         """The next chunk; b"" at the end.  Raises BodyError if the body broke off."""
         while not self._chunks:
             if self.error is not None:
-                raise BodyError(str(self.error)) from self.error
+                raise caused_by(BodyError(str(self.error)), self.error)
             if self.ended:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
@@ -173,7 +184,7 @@ class Body:
         """Everything buffered, at once (b"" if nothing is), without waiting: for a
         reader that found the body ended.  Raises BodyError if the body broke off."""
         if self.error is not None and not self._chunks:
-            raise BodyError(str(self.error)) from self.error
+            raise caused_by(BodyError(str(self.error)), self.error)
         if not self._chunks:
             return b""
         chunks = self._chunks
@@ -189,6 +200,22 @@ class Body:
             self._waiter.set_result(None)
 
 
+class BodySource(Protocol):
+    """What a ReplayableBody reads from: the client's Body, or the mirrors' tap over it
+    (http/mirror.py's BodyTap).  A protocol, so a compiled build takes either."""
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def buffered(self) -> int: ...
+
+    @property
+    def trailers(self) -> Headers | None: ...
+
+    async def read(self) -> bytes: ...
+
+
 class ReplayableBody:
     """A request body an attempt can be re-sent from, while it stays small.
 
@@ -198,7 +225,7 @@ class ReplayableBody:
     dropped and ``replayable`` turns False: no further attempt may start.
     """
 
-    def __init__(self, source: Body, limit: int):
+    def __init__(self, source: BodySource, limit: int):
         self.source = source
         self._limit = limit
         self._recorded: list[bytes] = []
@@ -263,6 +290,20 @@ class BodyReader:
         return data
 
 
+class OutgoingBody(Protocol):
+    """What a codec sends a request body from: a BodyReader (one attempt's view of a
+    ReplayableBody) or a plain Body.  A protocol, not a class: a compiled codec (mypyc
+    checks annotations at run time) takes either."""
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def trailers(self) -> Headers | None: ...
+
+    async def read(self) -> bytes: ...
+
+
 # --- the two codec interfaces -------------------------------------------------------------
 
 
@@ -317,7 +358,7 @@ class UpstreamConnection(Protocol):
         """May another request be sent now (HTTP/1.1: idle; HTTP/2: a stream is free)?"""
         ...
 
-    async def send(self, head: RequestHead, body: BodyReader) -> UpstreamResponse:
+    async def send(self, head: RequestHead, body: OutgoingBody) -> UpstreamResponse:
         """Send a request, return when the response head arrives.  The body keeps
         streaming in the background.  Raises UpstreamError."""
         ...

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
 
+from nodeproxy import native
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.capture.programs import pin_root, remove_pins
 from nodeproxy.config import watcher
@@ -164,6 +165,9 @@ class Daemon:
         self._ready = True
         log.info("node %s ready: %d pods enrolled, %s capture on %s", cfg.node.name,
                  len(proxies.enrollment.pods), cfg.capture.mode, cgroup)
+        why = native.state()[1]
+        log.info("L7 request path: %s (%d of %d modules loaded compiled)", why,
+                 len(native.loaded_compiled()), len(native.NATIVE_MODULES))
 
     async def stop(self) -> None:
         """Stop accepting, drain, then remove everything this daemon put in the kernel —

@@ -168,8 +168,8 @@ class AccessLog:
             # line buffering (each batch is one write, so one flush).
             self._stream = open(settings.path, "a", buffering=1, encoding="utf-8")
             self._own_stream = True
-        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._writer.start()
 
     def write(self, entry: AccessLogEntry) -> None:
         """Queue one line; never blocks.  A full queue (or a closed log) drops and counts."""
@@ -199,8 +199,8 @@ class AccessLog:
             return
         self._closing = True
         self._wake.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        self._writer.join(timeout)
+        if self._writer.is_alive():
             log.warning("access log: the writer did not finish within %ss; %d lines unwritten",
                         timeout, len(self._pending))
             return

@@ -23,7 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from nodeproxy.config.model import LoadBalancer
 
@@ -255,7 +255,7 @@ class RingHash(Balancer):
     (the request lacks the header, say) the pick is random.
     """
 
-    CACHED_RINGS = 8
+    CACHED_RINGS: Final = 8
 
     def __init__(self, rng: random.Random | None = None,
                  virtual_nodes: int = DEFAULT_VIRTUAL_NODES):

@@ -98,9 +98,9 @@ class Clusters:
         self._resilience.update(policies)
         endpoints = {Endpoint(b).key for entry in table.service_ports.values()
                      for b in (*entry.backends_v4, *entry.backends_v6)}
-        for key in [k for k in self._pools if k[0] not in local_pods or k[1] not in endpoints
-                    or k[3] not in policies]:
-            self._pools.pop(key).close()
+        for pool_key in [k for k in self._pools if k[0] not in local_pods
+                         or k[1] not in endpoints or k[3] not in policies]:
+            self._pools.pop(pool_key).close()
         self._stats = {k: v for k, v in self._stats.items() if k in endpoints}
 
     def get(self, service: str, port: int, version: int) -> Cluster | None:

@@ -10,7 +10,7 @@ writes its own access-log line when it ends (upgrade_flow.py calls ``log``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nodeproxy.codec.message import Exchange, RequestHead
 from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
@@ -71,16 +71,17 @@ class Recorder:
                 and last[2] is dest and last[3] is service and last[4] is grpc:
             # The same objects as the request before (one client pod, one destination):
             # its labels, without hashing the key again.
-            labels, dest_principal = last[5], last[6]
+            labels, dest_principal = cast(RequestLabels, last[5]), cast(str, last[6])
         else:
             dest_principal = self.principal(dest)
             label_key = (pod.key, pod.principal, dest, service, grpc)
-            labels = self._labels.get(label_key)
-            if labels is None:
+            cached = self._labels.get(label_key)
+            if cached is None:
                 if len(self._labels) > MAX_CACHED_LABELS:
                     self._labels.clear()
-                labels = self._labels[label_key] = _request_labels(ctx, dest, dest_principal,
+                cached = self._labels[label_key] = _request_labels(ctx, dest, dest_principal,
                                                                    service, head)
+            labels = cached
             self._last = (pod, pod.principal, dest, service, grpc, labels, dest_principal)
         self._metrics.observe(labels, code=outcome.status, grpc_status=outcome.grpc_status,
                               flags=outcome.flag_text, duration_s=duration,

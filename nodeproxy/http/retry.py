@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import Final
 
 from nodeproxy.config import model
 
@@ -131,7 +132,7 @@ class RetryBudget:
     O(1): totals are kept as buckets enter and leave.
     """
 
-    BUCKETS = 10
+    BUCKETS: Final = 10
 
     def __init__(self, cfg: model.RetryBudgetSettings, *,
                  clock: Callable[[], float] = time.monotonic):

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Protocol
 
 from nodeproxy.codec.h1 import H1Exchange
 from nodeproxy.codec.message import (
     Body,
     BodyError,
+    BodySource,
     Exchange,
     MalformedRequest,
     ReplayableBody,
@@ -44,10 +46,9 @@ from nodeproxy.http.attempts import (
     next_step,
     settled,
 )
-from nodeproxy.http.authorize import RequestAuthorizer
 from nodeproxy.http.balancer import untried
 from nodeproxy.http.circuit_breaker import Overflow
-from nodeproxy.http.clusters import Cluster, Clusters
+from nodeproxy.http.clusters import Cluster
 from nodeproxy.http.context import Outcome, RequestContext
 from nodeproxy.http.deadlines import Deadlines
 from nodeproxy.http.local_reply import local_reply, rate_limited
@@ -57,16 +58,36 @@ from nodeproxy.http.rate_limit import Limiter
 from nodeproxy.http.resilience import Slots
 from nodeproxy.http.retry import RetryBudget, backoff_delay
 from nodeproxy.http.routes import CompiledRule, apply_modifier
+from nodeproxy.mesh.destinations import Backend
 from nodeproxy.mesh.upstream import Refused
 from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
 Picked = tuple[Cluster, Endpoint]
 
 
+class ClusterSource(Protocol):
+    """What the router asks of the clusters: http/clusters.py's Clusters (a protocol, so
+    the compiled build, which checks classes at run time, takes a test's fake too)."""
+
+    def get(self, service: str, port: int, version: int) -> Cluster | None: ...
+
+    def pooled(self, ctx: RequestContext, endpoint: Endpoint,
+               cluster: Cluster) -> UpstreamConnection | None: ...
+
+    async def connect(self, ctx: RequestContext, endpoint: Endpoint,
+                      cluster: Cluster) -> UpstreamConnection: ...
+
+
+class RequestCheck(Protocol):
+    """The destination's L7 check: http/authorize.py's RequestAuthorizer."""
+
+    def allows(self, ctx: RequestContext, backend: Backend, head: RequestHead) -> bool: ...
+
+
 class Router:
     """Forwards routed requests (see the module docstring); one per node."""
 
-    def __init__(self, *, clusters: Clusters, authorizer: RequestAuthorizer,
+    def __init__(self, *, clusters: ClusterSource, authorizer: RequestCheck,
                  mirrors: Mirrors, metrics: RequestMetrics, rng: random.Random):
         self._clusters = clusters
         self._authorizer = authorizer
@@ -95,11 +116,11 @@ class Router:
                 try:  # the attempts, inline (no coroutine of their own)
                     head = exchange.request
                     policy = rule.retry
-                    source: Body = exchange.body
+                    source: BodySource = exchange.body
                     if rule.mirrors:  # copies for shadow services; the body is read through a tap
                         outcome.mirror_tap = self._mirrors.start(
-                            ctx, head, source, rule, self._settings.retry_buffer_bytes)
-                        source = outcome.mirror_tap or source  # type: ignore[assignment]
+                            ctx, head, exchange.body, rule, self._settings.retry_buffer_bytes)
+                        source = outcome.mirror_tap or source
                     body = ReplayableBody(
                         source, self._settings.retry_buffer_bytes if policy.attempts else 0)
                     budget: RetryBudget | None = None  # the first attempt's service's

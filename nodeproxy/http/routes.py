@@ -214,14 +214,16 @@ class Routes:
                 for index, rule in enumerate(route.rules):
                     compiled = _compile_rule(route, rule, service, limiters,
                                              f"route/{route.key}/rules[{index}]")
-                    for match in rule.matches or [None]:
+                    matches: list[RouteMatch | None] = [*rule.matches] if rule.matches \
+                        else [None]
+                    for match in matches:
                         bucket.append(_compile_match(compiled, route, match, order))
                         order += 1
         self._tables: dict[tuple[str, int], RouteTable] = {}
         for service, service_ports in ports.items():
             for port in service_ports:
-                matches = attached.get((service, port))
-                self._tables[(service, port)] = RouteTable(matches, None) if matches else \
+                table = attached.get((service, port))
+                self._tables[(service, port)] = RouteTable(table, None) if table else \
                     RouteTable([], _compile_rule(None, RouteRule(), service))
 
     def table(self, service: str, port: int) -> RouteTable:

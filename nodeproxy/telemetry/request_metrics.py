@@ -225,7 +225,7 @@ _LE = [floatToGoString(b) for b in ISTIO_BUCKETS] + ["+Inf"]  # as prometheus_cl
 
 def _buckets(counts: list[int]) -> list[tuple[str, float]]:
     """Prometheus's cumulative buckets of per-bucket counts."""
-    out = []
+    out: list[tuple[str, float]] = []
     total = 0
     for le, n in zip(_LE, counts, strict=True):
         total += n

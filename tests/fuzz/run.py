@@ -15,8 +15,13 @@ libFuzzer's: 0 when the runs ended without a finding.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
+
+# atheris instruments Python bytecode: the L7 path's compiled build (nodeproxy/native.py)
+# would hide its branches from libFuzzer, so fuzzing runs the sources.
+os.environ["NODEPROXY_NATIVE"] = "0"
 
 INSTRUMENTED = ["nodeproxy", "h2", "hpack", "hyperframe", "yaml"]
 TARGETS = ("fuzz_h1_server", "fuzz_h2_server", "fuzz_hbone_server", "fuzz_config_loader",
@@ -29,6 +34,9 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in (*TARGETS, "selftest_crash"):
         sys.exit(f"usage: python -m tests.fuzz.run {{{','.join(TARGETS)}}} "
                  "[libFuzzer options] [corpus dirs]")
+    # The package root first: it puts native.py's finder (the sources) on sys.meta_path,
+    # where atheris then wraps it like the others.
+    import nodeproxy  # noqa: F401
     with atheris.instrument_imports(include=INSTRUMENTED):
         target = importlib.import_module(f"tests.fuzz.{argv[1]}")
     options = argv[2:]

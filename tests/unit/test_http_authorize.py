@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.loader import parse_config
 from nodeproxy.http.authorize import RequestAuthorizer
+from nodeproxy.http.context import RequestContext
 from nodeproxy.mesh.destinations import Backend, WorkloadRef
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.round_robin import PortRoundRobin
@@ -56,9 +57,11 @@ def snapshot(extra: str = "") -> MeshSnapshot:
 
 
 def ctx() -> Any:
-    # The two things the check reads of the source pod: its principal and addresses.
-    return SimpleNamespace(pod=SimpleNamespace(
-        principal=CLIENT, workload=SimpleNamespace(ips=[ipaddress.ip_address("10.244.1.2")])))
+    # The two things the check reads of the source pod: its principal and addresses (a
+    # real RequestContext: the compiled build checks its arguments' classes).
+    return RequestContext(pod=SimpleNamespace(  # type: ignore[arg-type]
+        principal=CLIENT, workload=SimpleNamespace(ips=[ipaddress.ip_address("10.244.1.2")])),
+        entry=SimpleNamespace(), version=4, http2_upstream=False, access_log=False)
 
 
 def test_each_snapshot_is_judged_by_its_own_policies_for_the_same_backend() -> None:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.codec.message import Body, RequestHead
-from nodeproxy.http.context import Outcome
+from nodeproxy.http.context import Outcome, RequestContext
 from nodeproxy.http.recorder import Recorder
 from nodeproxy.mesh.destinations import WorkloadRef
 from nodeproxy.telemetry.request_metrics import RequestMetrics
@@ -46,8 +46,8 @@ def test_requests_in_any_order_are_counted_under_their_own_labels() -> None:
                 pods[0].principal = "spiffe://cluster.local/ns/default/sa/a2"
         head = RequestHead("GET", "/", "web", [("content-type", "application/grpc")]
                            if grpc else [])
-        ctx = SimpleNamespace(pod=p, entry=SimpleNamespace(service=service),
-                              access_log=False)
+        ctx = RequestContext(pod=p, entry=SimpleNamespace(service=service),  # type: ignore[arg-type]
+                             version=4, http2_upstream=False, access_log=False)
         outcome = Outcome(status=200, destination=dest, service=service)
         recorder.record(ctx, SimpleNamespace(request=head, body=Body.of(b"")),  # type: ignore[arg-type]
                         outcome, 0.0, 0.0, "id")

@@ -18,6 +18,7 @@ RUNTIME = Path(nodeproxy.__file__).parent
 # package root (nodeproxy/__init__.py: the version); a top-level module (ports.py) is
 # a package of its own.
 LAYERS: tuple[tuple[str, ...], ...] = (
+    ("native",),                             # which modules run compiled (the root asks)
     ("", "ports"),                           # the default ports (the root: the version)
     ("config",),                             # what the node is told
     ("identity", "discovery", "capture"),    # who it is, what the cluster says, the kernel
@@ -149,11 +150,11 @@ def test_an_upward_import_is_named_by_file_line_and_module(tmp_path: Path):
         "    from nodeproxy.tunnel.session import H2Session\n")  # up a tier
     assert upward_imports(runtime_files(package)) == [
         "nodeproxy/codec/wire.py:5 imports nodeproxy.http.manager.HttpProxy "
-        "(tier 7 'http', from tier 4 'codec')",
+        "(tier 8 'http', from tier 5 'codec')",
         "nodeproxy/codec/wire.py:7 imports nodeproxy.listeners.outbound "
-        "(tier 8 'listeners', from tier 4 'codec')",
+        "(tier 9 'listeners', from tier 5 'codec')",
         "nodeproxy/codec/wire.py:10 imports nodeproxy.tunnel.session.H2Session "
-        "(tier 5 'tunnel', from tier 4 'codec')",
+        "(tier 6 'tunnel', from tier 5 'codec')",
     ]
 
 

@@ -1,0 +1,131 @@
+"""The compiled L7 path (nodeproxy/native.py, setup.py): used only when it was built from
+the sources beside it, all of it or none, and never when NODEPROXY_NATIVE=0."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nodeproxy import native
+
+REPO = Path(__file__).resolve().parents[2]
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def fake_tree(root: Path, *, built: tuple[str, ...] = native.NATIVE_MODULES,
+              manifest: bool = True) -> Path:
+    """A package tree with every NATIVE_MODULES source, a (fake) compiled file for those
+    in `built` and a build manifest of the sources as they are now."""
+    for module in native.NATIVE_MODULES:
+        source = native.source_path(module, root)
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(f"# {module}\n")
+        if module in built:
+            source.with_name(source.stem + SUFFIX).write_bytes(b"\x7fELF")
+    if manifest:
+        record = native.manifest(native.NATIVE_MODULES, root)
+        (root / "nodeproxy" / native.MANIFEST).write_text(json.dumps(record))
+    return root
+
+
+def test_a_build_of_the_current_sources_is_used(tmp_path: Path) -> None:
+    assert native.judge(fake_tree(tmp_path), {}) == (
+        True, f"compiled (mypyc): {len(native.NATIVE_MODULES)} modules")
+
+
+def test_no_build_is_pure_python(tmp_path: Path) -> None:
+    assert native.judge(fake_tree(tmp_path, built=()), {}) == (
+        False, "pure Python: no compiled build")
+
+
+def test_the_switch_turns_a_good_build_off(tmp_path: Path) -> None:
+    use, why = native.judge(fake_tree(tmp_path), {"NODEPROXY_NATIVE": "0"})
+    assert not use and "NODEPROXY_NATIVE=0" in why
+
+
+@pytest.mark.parametrize("module", [native.NATIVE_MODULES[0], native.NATIVE_MODULES[-1],
+                                    "nodeproxy.http.router"])
+def test_a_source_edited_after_the_build_refuses_the_whole_build(tmp_path: Path,
+                                                                 module: str) -> None:
+    root = fake_tree(tmp_path)
+    source = native.source_path(module, root)
+    source.write_text(source.read_text() + "x = 1\n")
+    use, why = native.judge(root, {})
+    assert not use and why == f"pure Python: the build is older than the source of {module}"
+
+
+def test_a_partial_build_is_refused(tmp_path: Path) -> None:
+    use, why = native.judge(fake_tree(tmp_path, built=native.NATIVE_MODULES[1:]), {})
+    assert not use and why == f"pure Python: the build lacks {native.NATIVE_MODULES[0]}"
+
+
+def test_compiled_files_without_a_manifest_are_refused(tmp_path: Path) -> None:
+    use, why = native.judge(fake_tree(tmp_path, manifest=False), {})
+    assert not use and native.MANIFEST in why
+
+
+def test_a_build_for_another_interpreter_is_refused(tmp_path: Path) -> None:
+    root = fake_tree(tmp_path)
+    path = root / "nodeproxy" / native.MANIFEST
+    record = json.loads(path.read_text())
+    record["cache_tag"] = "cpython-399"
+    path.write_text(json.dumps(record))
+    use, why = native.judge(root, {})
+    assert not use and "cpython-399" in why
+
+
+def test_every_compiled_module_is_a_source_in_the_tree() -> None:
+    for module in native.NATIVE_MODULES:
+        assert native.source_path(module).is_file(), module
+
+
+def _compiled_files() -> list[Path]:
+    found = []
+    for module in native.NATIVE_MODULES:
+        base = native.source_path(module).with_suffix("")
+        found += [base.with_name(base.name + s) for s in importlib.machinery.EXTENSION_SUFFIXES
+                  if base.with_name(base.name + s).exists()]
+    return found
+
+
+def test_a_build_in_this_tree_was_made_from_these_sources() -> None:
+    """Drift: with compiled modules beside the sources, the build must be of exactly
+    these sources (rebuild: `make native`), and then this process runs it."""
+    if not _compiled_files():
+        pytest.skip("no compiled build in this tree (pure Python)")
+    assert native.judge(environ={})[0], native.judge(environ={})[1]
+    if os.environ.get(native.ENV) != "0":
+        import nodeproxy.http.router  # noqa: F401 - loads the group
+        assert native.state()[0]
+        assert native.loaded_compiled() == [m for m in native.NATIVE_MODULES
+                                            if m in sys.modules]
+
+
+def _loaded_files(env: dict[str, str]) -> list[str]:
+    code = ("import importlib, nodeproxy.native as n\n"
+            "for m in n.NATIVE_MODULES: print(importlib.import_module(m).__file__)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return run.stdout.split()
+
+
+def test_the_switch_imports_every_module_from_its_source() -> None:
+    env = {**os.environ, "PYTHONPATH": str(native.PACKAGE_DIR.parent), native.ENV: "0"}
+    files = _loaded_files(env)
+    assert len(files) == len(native.NATIVE_MODULES)
+    assert all(f.endswith(".py") for f in files), files
+
+
+def test_without_the_switch_a_current_build_is_imported_whole() -> None:
+    if not _compiled_files():
+        pytest.skip("no compiled build in this tree (pure Python)")
+    env = {**os.environ, "PYTHONPATH": str(native.PACKAGE_DIR.parent)}
+    env.pop(native.ENV, None)
+    files = _loaded_files(env)
+    assert all(f.endswith(SUFFIX) for f in files), files
