@@ -45,6 +45,7 @@ import contextlib
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 READ_BUFFER = 256 * 1024     # ciphertext read from the socket at once
@@ -255,11 +256,14 @@ class _TlsRecords(asyncio.BufferedProtocol):
         """Decrypt every complete record into the plaintext buffer; hand each full buffer,
         then the rest, to the protocol as one bytes."""
         view = self._buffers[1]     # copied out before any other code runs
+        # SSLObject.read(n, buffer) returns a count, not the bytes typeshed declares
+        # (the compiled build checks a declared result).
+        read: Callable[[int, memoryview], Any] = self.sslobj.read
         size, filled = len(view), 0
         eof = False
         try:
             while self.incoming.pending or self.sslobj.pending():
-                n = self.sslobj.read(size - filled, view[filled:])
+                n: int = read(size - filled, view[filled:])
                 if not n:
                     eof = True
                     break
