@@ -24,6 +24,11 @@ and the HBONE tunnel (tunnel/session.py) drive, with what h2 lacks for a proxy.
   window counters charged and state machines driven, as h2 would; every other case
   (padding, a closed stream, a window overrun) is h2's to frame or refuse.
 
+- An open stream whose HBONE flow sleeps may have its H2Stream dropped (shelve) where it
+  is exactly what this connection would make again from its current settings and the
+  stream's authority, counted open meanwhile (_open_streams), and made again (unshelve)
+  before any frame or call for it reaches h2 (tunnel/session.py, tcp/half_sleep.py).
+
 It overrides private methods of h2 (tests/unit/test_h2_private_names.py names each, and
 fails if a release within pyproject.toml's bound drops or reshapes one).
 """
