@@ -436,3 +436,23 @@ async def test_the_tunnels_own_encoded_open_is_shelved_and_restored_with_its_aut
     assert stream._h2_shelf == b"10.0.0.7:8080"
     await exchange(ends, 4_194_305, 99, b"encoded")
     assert h2_state(stream) == before
+
+
+@on_uvloop
+async def test_a_shelved_stream_that_ends_leaves_no_count_behind():
+    """However a shelved stream ends (here the session's own end of it, no frame sent),
+    h2 gets it back first: the connection's count of shelved streams, which h2's stream
+    limits add, does not keep it."""
+    mesh = Mesh()
+    await mesh.start()
+    flows = [await mesh.flow() for _ in range(3)]
+    await until(lambda: all(mesh.asleep(f) and shelved(f) for f in flows))
+    assert mesh.client.conn.shelved == 3 and mesh.client.conn.open_outbound_streams == 3
+    victim = flows[0].source_stream
+    victim._finish(ConnectionResetError("ended here"))
+    assert victim._h2_shelf is session_module._AWAKE
+    assert mesh.client.conn.shelved == 2
+    assert victim.stream_id in mesh.client.conn.streams  # h2's, as if it never slept
+    await until(lambda: flows[0].source.finished)
+    for f in flows[1:]:
+        await exchange(f, 3_000, 4_000, b"left")
