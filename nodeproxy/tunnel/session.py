@@ -101,7 +101,7 @@ STREAM_MASK = 0x7FFFFFFF  # a stream identifier's reserved bit is ignored
 # one shared empty mapping, not an empty dict per stream.
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 # StreamTransport._h2_shelf of a stream whose H2Stream is h2's (see StreamTransport.shelve).
-_AWAKE: Any = object()
+_AWAKE: object = object()
 
 
 class StreamReset(ConnectionResetError):
@@ -155,7 +155,7 @@ class StreamTransport:
         self.request_headers: Mapping[str, str] = NO_HEADERS
         # While the stream's flow sleeps, its H2Stream is dropped and this is what makes
         # it again (its authority): see shelve.  _AWAKE: h2 holds it.
-        self._h2_shelf: bytes | None = _AWAKE
+        self._h2_shelf: object = _AWAKE
 
     # -- wiring --------------------------------------------------------------
 
@@ -211,6 +211,7 @@ class StreamTransport:
         authority = self._h2_shelf
         if authority is not _AWAKE:
             self._h2_shelf = _AWAKE
+            assert authority is None or isinstance(authority, bytes)
             self.session.conn.unshelve(self.stream_id, authority)
 
     # -- asyncio transport API used by the relay -----------------------------
