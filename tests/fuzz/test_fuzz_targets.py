@@ -117,3 +117,12 @@ def test_a_bounded_run_fails_on_a_finding(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="found a crash") as failure:
         judge("selftest_crash", status, output)
     assert base64.b64encode(b"a boom here").decode() in str(failure.value)
+
+
+def test_the_config_seed_is_the_example_node_policy() -> None:
+    """The config loader's main seed is config/example-node.yaml as it stands: a field
+    added to the example (and so to the loader) reaches the fuzzer as a seed."""
+    example = REPO / "config" / "example-node.yaml"
+    seed = CORPUS / "fuzz_config_loader" / "example-node.yaml"
+    assert seed.read_bytes() == example.read_bytes(), (
+        f"{seed} is stale: cp {example.relative_to(REPO)} {seed.relative_to(REPO)}")
