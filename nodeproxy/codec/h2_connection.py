@@ -24,6 +24,11 @@ and the HBONE tunnel (tunnel/session.py) drive, with what h2 lacks for a proxy.
   window counters charged and state machines driven, as h2 would; every other case
   (padding, a closed stream, a window overrun) is h2's to frame or refuse.
 
+- An open stream whose HBONE flow sleeps may have its H2Stream dropped (shelve) where it
+  is exactly what this connection would make again from its current settings and the
+  stream's authority, counted open meanwhile (_open_streams), and made again (unshelve)
+  before any frame or call for it reaches h2 (tunnel/session.py, tcp/half_sleep.py).
+
 It overrides private methods of h2 (tests/unit/test_h2_private_names.py names each, and
 fails if a release within pyproject.toml's bound drops or reshapes one).
 """
@@ -84,6 +89,31 @@ _ALLOWED_IDS = {True: h2.connection.AllowedStreamIDs.ODD,
                 False: h2.connection.AllowedStreamIDs.EVEN}
 _KNOWN_RESPONSE_SIZES = {block: sum(len(name) + len(value) + 32 for name, value in fields)
                          for block, fields in KNOWN_RESPONSE_BLOCKS.items()}
+
+
+def _same_stream(stream: h2.stream.H2Stream, twin: h2.stream.H2Stream) -> bool:
+    """Are two H2Streams the same state: every attribute of the stream, its state
+    machine and its window manager equal in type and value (the config the same one)?"""
+    mine, theirs = vars(stream), vars(twin)
+    if mine.keys() != theirs.keys():
+        return False
+    for name, value in mine.items():
+        other = theirs[name]
+        if name == "config":
+            if value is not other:
+                return False
+        elif name in ("state_machine", "_inbound_window_manager"):
+            if type(value) is not type(other) or not _same_values(vars(value), vars(other)):
+                return False
+        elif type(value) is not type(other) or value != other:
+            return False
+    return True
+
+
+def _same_values(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    return mine.keys() == theirs.keys() and all(
+        type(value) is type(theirs[name]) and value == theirs[name]
+        for name, value in mine.items())
 
 
 def _setting(settings: h2.settings.Settings, code: h2.settings.SettingCodes) -> int | None:
@@ -147,6 +177,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
         self._header_limit = header_limit
         self.decoder.max_header_list_size = header_limit
         self._keep_outbound = False
+        # Open streams shelved (see shelve), by stream id parity: h2's counts add them.
+        self._shelved = [0, 0]
         self.guard: FrameGuard | None = None
         # The last stream handed to a handler: an ENHANCE_YOUR_CALM GOAWAY names it, not
         # streams h2 parsed in the same read whose requests were never started.
@@ -323,7 +355,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
         # h2 counts the open streams (walking them all) when its dict could hold the
         # limit; below that the count cannot reach it.
         limit = _setting(self.local_settings, _MAX_CONCURRENT_STREAMS)
-        if len(self.streams) + 1 > (_NO_STREAM_LIMIT if limit is None else limit):
+        if len(self.streams) + self.shelved + 1 > \
+                (_NO_STREAM_LIMIT if limit is None else limit):
             return None
         fields = hpack_static.static_fields(block)
         if fields is None:
@@ -404,6 +437,73 @@ class ProxyH2Connection(h2.connection.H2Connection):
         if next_stream_id > self.HIGHEST_ALLOWED_STREAM_ID:
             raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
         return next_stream_id
+
+    # -- streams shelved while their flows sleep ---------------------------------
+
+    def shelve(self, stream_id: int) -> bool:
+        """Drop the H2Stream of an open tunnel stream whose flow sleeps (its state machine,
+        window manager and slot in `streams`, about 0.55 KiB), where the stream is
+        exactly what `_twin` makes again from the connection's current settings and its
+        authority: open both ways after its request and response, h2's window counters
+        untouched (the tunnel frames DATA and WINDOW_UPDATE itself), nothing else of it
+        changed.  The caller keeps the authority and calls `unshelve` before any frame
+        or call for the stream reaches h2.  While shelved the stream is counted open
+        (`_open_streams`, the stream limits).  False: nothing was done."""
+        stream = self.streams.get(stream_id)
+        if (stream is None or not self._idle_buffer()
+                or self.state_machine.state not in _DATA_CONNECTION_STATES):
+            return False
+        twin = self._twin(stream_id, stream._authority)
+        if twin is None or not _same_stream(stream, twin):
+            return False
+        del self.streams[stream_id]
+        self._shelved[stream_id % 2] += 1
+        return True
+
+    def unshelve(self, stream_id: int, authority: bytes | None) -> None:
+        """The shelved stream's H2Stream made again, as h2 would hold it now: what it was
+        when shelved, with the SETTINGS changes since applied as h2 applies them to every
+        stream it holds (INITIAL_WINDOW_SIZE both ways, MAX_FRAME_SIZE)."""
+        twin = self._twin(stream_id, authority)
+        if twin is None or stream_id in self.streams:  # cannot be: shelve checked both
+            raise h2.exceptions.ProtocolError(f"stream {stream_id} cannot be restored")
+        self._shelved[stream_id % 2] -= 1
+        self.streams[stream_id] = twin
+
+    def _twin(self, stream_id: int, authority: bytes | None) -> h2.stream.H2Stream | None:
+        """An open tunnel stream's H2Stream as h2 leaves it after the CONNECT request and
+        its response (h2's _begin_new_stream, then request_sent and response_received on
+        a client, request_received and response_sent on a server), with h2's windows
+        at the current initial sizes; None for a stream id that is not a request's."""
+        if stream_id % 2 != 1:
+            return None
+        inbound = _setting(self.local_settings, _INITIAL_WINDOW_SIZE)
+        outbound = _setting(self.remote_settings, _INITIAL_WINDOW_SIZE)
+        if inbound is None or outbound is None:
+            return None
+        stream = h2.stream.H2Stream(stream_id, config=self.config,
+                                    inbound_window_size=inbound,
+                                    outbound_window_size=outbound)
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        machine = stream.state_machine
+        machine.state = h2.stream.StreamState.OPEN
+        machine.client = self._client_side
+        machine.headers_sent = True
+        machine.headers_received = True
+        if self._client_side:
+            stream.request_method = b"CONNECT"
+            stream._authority = authority
+        return stream
+
+    def _open_streams(self, remainder: int) -> int:
+        """h2's count of open streams of a parity (it culls closed ones as it walks),
+        with the shelved ones, which are open."""
+        return super()._open_streams(remainder) + self._shelved[remainder]
+
+    @property
+    def shelved(self) -> int:
+        """How many streams are shelved (counted open, not in `streams`)."""
+        return self._shelved[0] + self._shelved[1]
 
     def forget_closed(self, stream_id: int) -> None:
         """Drop a closed stream as h2 drops them when it next counts open streams
@@ -491,7 +591,7 @@ class ProxyH2Connection(h2.connection.H2Connection):
                 limit = _NO_STREAM_LIMIT  # h2's max_concurrent_streams, unset
             # Every open stream is in self.streams (closed ones too until culled): below
             # the limit there, the exact count (which walks them all) cannot reach it.
-            if len(self.streams) + 1 > limit:
+            if len(self.streams) + self.shelved + 1 > limit:
                 value = self.open_outbound_streams
                 if value + 1 > limit:
                     raise h2.exceptions.TooManyStreamsError(

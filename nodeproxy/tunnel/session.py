@@ -52,7 +52,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import h2.config
@@ -96,6 +97,11 @@ CONNECTION_ACK = CONNECTION_WINDOW // ACK_SHARE
 ABUSE_CLOSE_DELAY = 1.0  # after an ENHANCE_YOUR_CALM GOAWAY (Envoy's delayed_close_timeout)
 PREFACE_LENGTH = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", a server's first bytes
 STREAM_MASK = 0x7FFFFFFF  # a stream identifier's reserved bit is ignored
+# A stream's request headers once read (StreamTransport._shed_open), and a client's:
+# one shared empty mapping, not an empty dict per stream.
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+# StreamTransport._h2_shelf of a stream whose H2Stream is h2's (see StreamTransport.shelve).
+_AWAKE: object = object()
 
 
 class StreamReset(ConnectionResetError):
@@ -108,6 +114,13 @@ class StreamReset(ConnectionResetError):
 
 class StreamTransport:
     """An HTTP/2 stream that looks like an asyncio transport to a protocol."""
+
+    __slots__ = ("_closing", "_early", "_early_eof", "_eof_pending", "_error", "_finished",
+                 "_h2_shelf", "_local_ended", "_pending", "_pending_size", "_reading_paused",
+                 "_remote_ended", "_side", "_takes_views", "_unacked", "_writing_paused",
+                 "protocol", "receive_window", "request_headers", "response",
+                 "send_window", "session", "stream_id",
+                 "__weakref__")  # tests see a finished stream freed (test_tunnel_stream_freed)
 
     def __init__(self, session: H2Session, stream_id: int):
         self.session = session
@@ -139,7 +152,10 @@ class StreamTransport:
         self._side: Side | None = None  # the reader, when it is a relay's side
         self._early_eof = False
         self._error: BaseException | None = None
-        self.request_headers: dict[str, str] = {}
+        self.request_headers: Mapping[str, str] = NO_HEADERS
+        # While the stream's flow sleeps, its H2Stream is dropped and this is what makes
+        # it again (its authority): see shelve.  _AWAKE: h2 holds it.
+        self._h2_shelf: object = _AWAKE
 
     # -- wiring --------------------------------------------------------------
 
@@ -165,7 +181,38 @@ class StreamTransport:
         if self.response is not None and self.response.done():
             self.response = None
         if self.request_headers:
-            self.request_headers = {}
+            self.request_headers = NO_HEADERS
+
+    # -- asleep --------------------------------------------------------------
+
+    def shelve(self) -> bool:
+        """The stream's flow fell asleep (tcp/half_sleep.py): drop h2's state of the stream
+        (ProxyH2Connection.shelve, about 0.55 KiB) if the stream is open both ways with
+        nothing queued, keeping only its authority.  Every path that hands h2 a frame of
+        this stream or calls h2 for it (a frame other than DATA or a nonzero
+        WINDOW_UPDATE, END_STREAM, a reset either way, the stream's end, its write_eof)
+        calls unshelve first; so does the relay's waking.  True: shelved."""
+        if self._h2_shelf is not _AWAKE or self._finished or self._closing \
+                or self._local_ended or self._remote_ended or self._eof_pending \
+                or self._pending_size:
+            return False
+        conn = self.session.conn
+        stream = conn.streams.get(self.stream_id)
+        if stream is None:
+            return False
+        authority = stream._authority
+        if not conn.shelve(self.stream_id):
+            return False
+        self._h2_shelf = authority
+        return True
+
+    def unshelve(self) -> None:
+        """h2's state of the stream back, as h2 would hold it now (a no-op unless shelved)."""
+        authority = self._h2_shelf
+        if authority is not _AWAKE:
+            self._h2_shelf = _AWAKE
+            assert authority is None or isinstance(authority, bytes)
+            self.session.conn.unshelve(self.stream_id, authority)
 
     # -- asyncio transport API used by the relay -----------------------------
 
@@ -293,6 +340,7 @@ class StreamTransport:
         if self._pending_size:
             session.queue_frames(self)
         if not self._pending_size and self._eof_pending and not self._local_ended:
+            self.unshelve()
             try:
                 session.conn.end_stream(self.stream_id)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -344,6 +392,7 @@ class StreamTransport:
     def _finish(self, exc: BaseException | None) -> None:
         if self._finished:
             return
+        self.unshelve()  # h2 ends it (forget) as it would have
         self._finished = True
         self._error = exc
         self._pending = None
@@ -629,6 +678,7 @@ class H2Session(asyncio.Protocol):
         """A whole frame other than an unpadded DATA frame."""
         length, frame_type, flags, stream_id = frames.parse_header(head)
         if self._continuation or frame_type not in (frames.DATA, frames.WINDOW_UPDATE):
+            self._unshelve(stream_id)  # h2 judges this frame: it holds the stream again
             if frame_type == frames.HEADERS and flags == frames.END_HEADERS \
                     and not self._continuation:
                 # The CONNECT response: a 200 is known without h2's parser; a CONNECT
@@ -710,6 +760,7 @@ class H2Session(asyncio.Protocol):
         stream = self._data_stream
         self._data_stream = None
         if stream is not None and self._data_end and not stream._finished:
+            stream.unshelve()
             # h2's stream state takes the END_STREAM: directly where the outcome is fixed
             # (an open stream), else through h2's parser, whose StreamEnded (or refusal)
             # reaches the stream.
@@ -722,6 +773,7 @@ class H2Session(asyncio.Protocol):
         increment = frames.window_increment(body)
         stream = self.streams.get(stream_id) if stream_id else None
         if increment == 0 or (stream_id and (stream is None or stream._finished)):
+            self._unshelve(stream_id)
             self._to_h2(head + body)  # h2's rules: an error, or a closed stream's
             return
         if self.guard is not None:
@@ -750,9 +802,20 @@ class H2Session(asyncio.Protocol):
         self._close_transport()
 
     def _stream_open(self, stream_id: int) -> bool:
-        """Is the stream open in h2 (judged as a frame arrives, before its events)?"""
+        """Is the stream open in h2 (judged as a frame arrives, before its events)?  A
+        shelved stream is (StreamTransport.shelve)."""
         stream = self.conn.streams.get(stream_id)
-        return stream is not None and not stream.closed
+        if stream is None:
+            ours = self.streams.get(stream_id)
+            return ours is not None and ours._h2_shelf is not _AWAKE
+        return not stream.closed
+
+    def _unshelve(self, stream_id: int) -> None:
+        """h2's state of a shelved stream back before h2 sees anything of it."""
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.unshelve()
 
     def _abuse(self, abuse: Abuse) -> None:
         """A budget was spent: GOAWAY ENHANCE_YOUR_CALM (h2 queued it if a frame raised),
@@ -874,6 +937,7 @@ class H2Session(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def reset(self, stream_id: int, code: int) -> None:
+        self._unshelve(stream_id)
         try:
             self.conn.reset_stream(stream_id, error_code=code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -919,6 +983,7 @@ class H2Session(asyncio.Protocol):
     def respond(self, stream: StreamTransport, status: int, end: bool = False) -> None:
         if self.guard is not None:
             self.guard.responded(stream.stream_id)
+        stream.unshelve()
         try:
             self.conn.send_encoded_headers(stream.stream_id, status_block(status),
                                            end_stream=end)

@@ -30,6 +30,7 @@ OVERRIDDEN_METHODS = [
     (h2.connection.H2Connection, "_receive_goaway_frame", ["frame"]),
     (h2.connection.H2Connection, "_receive_headers_frame", ["frame"]),
     (h2.connection.H2Connection, "_local_settings_acked", []),
+    (h2.connection.H2Connection, "_open_streams", ["remainder"]),
     (h2.connection.H2Connection, "clear_outbound_data_buffer", []),
     (h2.connection.H2Connection, "close_connection",
      ["error_code", "additional_data", "last_stream_id"]),
@@ -313,3 +314,18 @@ def test_what_the_direct_stream_steps_and_quiet_stream_opening_mirror_is_still_t
     assert conn.local_settings._settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE][0] \
         == conn.local_settings.initial_window_size
     assert isinstance(conn.max_outbound_frame_size, int)  # an attribute h2 keeps
+
+
+def test_the_open_stream_counts_go_through_open_streams() -> None:
+    """ProxyH2Connection counts its shelved streams in `_open_streams`: h2's two counts
+    (which its stream limits read) must still call it."""
+    for prop in ("open_outbound_streams", "open_inbound_streams"):
+        getter = getattr(h2.connection.H2Connection, prop).fget
+        assert "self._open_streams(" in inspect.getsource(getter), prop
+    stream = h2.stream.H2Stream(1, config=h2.config.H2Configuration(), inbound_window_size=1,
+                                outbound_window_size=1)
+    # ProxyH2Connection._twin sets these on the stream it makes again
+    for name in ("_authority", "request_method", "max_outbound_frame_size"):
+        assert hasattr(stream, name), name
+    for name in ("state", "client", "headers_sent", "headers_received"):
+        assert hasattr(stream.state_machine, name), name
