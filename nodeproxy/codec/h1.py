@@ -338,8 +338,13 @@ def _unfinished_field(in_head: bool, limit: int) -> BadRequest:
     return BadRequest(400, f"trailer field over {limit} bytes", "trailer_too_large")
 
 
-class H1Server(asyncio.Protocol):
-    """A client connection speaking HTTP/1.x (see the module docstring)."""
+class H1Server:
+    """A client connection speaking HTTP/1.x (see the module docstring).
+
+    An asyncio protocol by its methods, not by its base class: uvloop and asyncio call
+    a protocol's methods and never check its class, and without the Python base
+    ``asyncio.Protocol`` mypyc compiles this as a native class (attributes in C slots,
+    methods called directly; docs/benchmarks.md, "native protocol classes")."""
 
     def __init__(self, handler: Handler, *, max_header_bytes: int,
                  idle_timeout: float,
@@ -387,13 +392,13 @@ class H1Server(asyncio.Protocol):
                waiting_since: float | None = None) -> None:
         """Take over a connected transport whose first bytes have already been read (the
         first request head has been awaited since `waiting_since`, loop time)."""
-        transport.set_protocol(self)
+        transport.set_protocol(self)  # type: ignore[arg-type]  # a protocol by its methods
         self._waiting_since = waiting_since
         self.connection_made(transport)
         if initial:
             self.data_received(initial)
 
-    # -- asyncio.Protocol ----------------------------------------------------------------
+    # -- the asyncio protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream = cast(asyncio.Transport, transport)  # a stream protocol's transport
@@ -825,8 +830,9 @@ def encode_request(head: RequestHead, *, chunked: bool, upgrade: str | None = No
     return (text + "\r\n").encode("latin-1")
 
 
-class H1Client(asyncio.Protocol):
-    """One upstream HTTP/1.1 connection (the UpstreamConnection interface of message.py)."""
+class H1Client:
+    """One upstream HTTP/1.1 connection (the UpstreamConnection interface of message.py).
+    An asyncio protocol by its methods, native when compiled (see H1Server)."""
 
     def __init__(self, on_idle: Callable[[H1Client], None] | None = None, *,
                  max_header_bytes: int = MAX_HEADER_BYTES):
@@ -914,7 +920,7 @@ class H1Client(asyncio.Protocol):
             self._fail(UpstreamError("DC", str(e)))
             self.abort()
 
-    # -- asyncio.Protocol ----------------------------------------------------------------
+    # -- the asyncio protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream = cast(asyncio.Transport, transport)  # a stream protocol's transport

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from mypy_extensions import mypyc_attr
@@ -57,14 +57,30 @@ def grpc_status_of(headers: Headers | None) -> int | None:
     return None
 
 
-@dataclass
+# The per-request records below keep @dataclass for __eq__ and __repr__ but write their
+# own __init__ (init=False): a compiled build (nodeproxy/native.py) compiles a written
+# __init__, while the one dataclasses generates stays interpreted Python, several calls
+# per request (docs/benchmarks.md, "L7 per-request cost, tenth round").
+
+
+@dataclass(init=False)
 class RequestHead:
     method: str
     path: str  # origin form: /path?query
     authority: str  # Host (HTTP/1.1) or :authority (HTTP/2)
-    headers: Headers = field(default_factory=list)
-    scheme: str = "http"
-    version: str = "1.1"  # "1.0", "1.1" or "2"
+    headers: Headers
+    scheme: str
+    version: str  # "1.0", "1.1" or "2"
+
+    def __init__(self, method: str, path: str, authority: str,
+                 headers: Headers | None = None, scheme: str = "http",
+                 version: str = "1.1"):
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.headers = headers if headers is not None else []
+        self.scheme = scheme
+        self.version = version
 
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name)
@@ -79,10 +95,14 @@ class RequestHead:
         return (self.header("content-type") or "").startswith("application/grpc")
 
 
-@dataclass
+@dataclass(init=False)
 class ResponseHead:
     status: int
-    headers: Headers = field(default_factory=list)
+    headers: Headers
+
+    def __init__(self, status: int, headers: Headers | None = None):
+        self.status = status
+        self.headers = headers if headers is not None else []
 
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name)
@@ -342,10 +362,14 @@ class UpstreamError(Exception):
         self.refused_stream = refused_stream
 
 
-@dataclass
+@dataclass(init=False)
 class UpstreamResponse:
     head: ResponseHead
     body: Body
+
+    def __init__(self, head: ResponseHead, body: Body):
+        self.head = head
+        self.body = body
 
 
 class UpstreamConnection(Protocol):

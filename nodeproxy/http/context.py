@@ -11,7 +11,7 @@ destination chosen, bytes sent.  Plain data, no behaviour.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nodeproxy.mesh.destinations import ServicePortEntry, WorkloadRef
@@ -34,21 +34,39 @@ class RequestContext:
     access_log: bool
 
 
-@dataclass
+@dataclass(init=False)
 class Outcome:
-    """What one request did, for its metric and its access-log line."""
+    """What one request did, for its metric and its access-log line.  (Its own __init__,
+    compiled in a compiled build: see codec/message.py's RequestHead.)"""
 
-    flags: list[str] = field(default_factory=list)
-    attempts: int = 0
-    tried: set[str] = field(default_factory=set)  # endpoint keys earlier attempts went to
-    status: int = 0
-    grpc_status: str = ""  # Istio leaves it empty for requests that are not gRPC
-    endpoint: Endpoint | None = None
-    destination: WorkloadRef | None = None
-    service: str = UNKNOWN
-    bytes_sent: int = 0
-    route: str | None = None  # the matched rule's HTTPRoute ("" default, None: no match)
-    mirror_tap: BodyTap | None = None  # the request's body, copied for mirrors
+    flags: list[str]
+    attempts: int
+    tried: set[str]  # endpoint keys earlier attempts went to
+    status: int
+    grpc_status: str  # Istio leaves it empty for requests that are not gRPC
+    endpoint: Endpoint | None
+    destination: WorkloadRef | None
+    service: str
+    bytes_sent: int
+    route: str | None  # the matched rule's HTTPRoute ("" default, None: no match)
+    mirror_tap: BodyTap | None  # the request's body, copied for mirrors
+
+    def __init__(self, flags: list[str] | None = None, attempts: int = 0,
+                 tried: set[str] | None = None, status: int = 0, grpc_status: str = "",
+                 endpoint: Endpoint | None = None, destination: WorkloadRef | None = None,
+                 service: str = UNKNOWN, bytes_sent: int = 0, route: str | None = None,
+                 mirror_tap: BodyTap | None = None):
+        self.flags = flags if flags is not None else []
+        self.attempts = attempts
+        self.tried = tried if tried is not None else set()
+        self.status = status
+        self.grpc_status = grpc_status
+        self.endpoint = endpoint
+        self.destination = destination
+        self.service = service
+        self.bytes_sent = bytes_sent
+        self.route = route
+        self.mirror_tap = mirror_tap
 
     @property
     def flag_text(self) -> str:

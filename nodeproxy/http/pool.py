@@ -26,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from nodeproxy.codec.h1 import H1Client
@@ -43,19 +41,23 @@ log = logging.getLogger(__name__)
 Connector = Callable[[UpstreamConnection], Awaitable[object]]
 
 
-@dataclass(eq=False)
 class Endpoint:
-    """One backend address of a service, as the balancer sees it."""
+    """One backend address of a service, as the balancer sees it.
 
-    backend: Backend
-    stats: EndpointStats = field(default_factory=EndpointStats)
+    ``key`` ("address:port", "[v6]:port") is read several times per request, so it is
+    made here, once: an attribute, not a ``functools.cached_property``, which a compiled
+    build (nodeproxy/native.py) runs as a plain property, formatting the address again
+    at every read (docs/benchmarks.md, "L7 per-request cost, tenth round")."""
 
-    @cached_property
-    def key(self) -> str:
-        """"address:port" ("[v6]:port"): computed once, read several times per request."""
-        address = self.backend.address
+    def __init__(self, backend: Backend, stats: EndpointStats | None = None):
+        self.backend = backend
+        self.stats = stats if stats is not None else EndpointStats()
+        address = backend.address
         host = f"[{address}]" if address.version == 6 else str(address)
-        return f"{host}:{self.backend.port}"
+        self.key = f"{host}:{backend.port}"
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.key}, {self.stats!r})"
 
 
 class EndpointPool:

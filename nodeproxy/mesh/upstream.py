@@ -18,7 +18,7 @@ import errno
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.mesh.destinations import Backend, DestinationTable
@@ -27,12 +27,12 @@ from nodeproxy.mesh.holder import MeshState
 from nodeproxy.policy.admission import AdmittedAs
 from nodeproxy.policy.authorization import DestinationWorkload
 from nodeproxy.tcp.descriptors import OverBudget
-from nodeproxy.tcp.dial import DialAnnouncer, dial_from, dial_transparent
+from nodeproxy.tcp.dial import DialAnnouncer, StreamProtocol, dial_from, dial_transparent
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-P = TypeVar("P", bound=asyncio.Protocol)
+P = TypeVar("P", bound=StreamProtocol)
 
 
 class Refused(Exception):
@@ -118,7 +118,7 @@ class Upstreams:
                                           ref.service_account),
                     node=ref.node, ip=backend.address, port=backend.port,
                     source_ip=source_ip, l7_checked=l7_checked, source_port=source_port)
-                stream.set_protocol(protocol)
+                stream.set_protocol(cast(asyncio.Protocol, protocol))  # (by its methods)
                 return Opened(protocol, "mutual_tls", ())
             opened = await dial_from(pod.netns, backend.address, backend.port,
                                      self.connect_timeout, protocol)

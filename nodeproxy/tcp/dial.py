@@ -8,7 +8,7 @@ import errno
 import ipaddress
 import os
 import socket
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.namespaces import Netns
@@ -17,7 +17,22 @@ from nodeproxy.tcp.descriptors import BUDGET, check_socket
 from nodeproxy.tcp.relay import Side
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-P = TypeVar("P", bound=asyncio.Protocol)
+
+
+class StreamProtocol(Protocol):
+    """What the event loop calls on a stream's protocol.  asyncio.Protocol subclasses have
+    it, and so do codec/h1.py's H1Server and H1Client, which do not subclass it (mypyc
+    compiles them as native classes only without that Python base)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool | None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+P = TypeVar("P", bound=StreamProtocol)
 
 
 def _family(ip: IPAddress) -> int:
@@ -89,7 +104,7 @@ async def _connect(sock: socket.socket, dest: tuple[str, int], timeout: float,
     try:
         check_socket(sock)  # an upstream never takes a descriptor of the reserve
         await connect_socket(sock, dest, timeout, on_host=on_host)
-        await loop.create_connection(lambda: side, sock=sock)
+        await loop.create_connection(lambda: cast(asyncio.Protocol, side), sock=sock)
     except BaseException:
         sock.close()
         raise

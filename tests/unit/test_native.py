@@ -129,3 +129,23 @@ def test_without_the_switch_a_current_build_is_imported_whole() -> None:
     env.pop(native.ENV, None)
     files = _loaded_files(env)
     assert all(f.endswith(SUFFIX) for f in files), files
+
+
+def test_the_http1_protocol_classes_are_native_when_compiled() -> None:
+    """H1Server and H1Client are asyncio protocols by their methods only: with a Python
+    base class (asyncio.Protocol) mypyc would compile them as non-native classes, their
+    attributes in a per-object dict looked up generically on every request."""
+    if not _compiled_files() or os.environ.get(native.ENV) == "0":
+        pytest.skip("pure Python")
+    import nodeproxy.http.router  # noqa: F401 - loads the group
+    if not native.state()[0]:
+        pytest.skip(native.state()[1])
+    from nodeproxy.codec.h1 import H1Client, H1Exchange, H1Server
+
+    async def handler(_exchange: H1Exchange) -> None:
+        return None
+
+    for protocol in (H1Server(handler, max_header_bytes=8192, idle_timeout=5), H1Client()):
+        assert not hasattr(protocol, "__dict__"), type(protocol)
+        with pytest.raises(AttributeError):
+            protocol.not_an_attribute = 1  # type: ignore[union-attr]
