@@ -59,6 +59,13 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.http.routes",
     "nodeproxy.telemetry.live_stats",
     "nodeproxy.telemetry.request_metrics",
+    # The cross-node path (HBONE): the tunnel's frames and the TLS records under them
+    # (docs/benchmarks.md, "mypyc on the HBONE path").
+    "nodeproxy.codec.h2_frames",
+    "nodeproxy.identity.tls_transport",
+    "nodeproxy.tunnel.header_block",
+    "nodeproxy.tunnel.response_deadlines",
+    "nodeproxy.tunnel.session",
 )
 GROUP = "nodeproxy._native"  # mypyc's shared library: nodeproxy/_native__mypyc*.so
 MANIFEST = "_native_build.json"

@@ -45,7 +45,8 @@ import contextlib
 import socket
 import ssl
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 READ_BUFFER = 256 * 1024     # ciphertext read from the socket at once
 PLAIN_BUFFER = 256 * 1024    # plaintext decrypted before it is handed to the protocol
@@ -68,6 +69,23 @@ class _Buffers(threading.local):
 
 
 _BUFFERS = _Buffers()
+
+
+class App(Protocol):
+    """What the records call on the protocol above them: an asyncio.Protocol's methods
+    (HBONE's H2Session has them without the base class: tunnel/session.py)."""
+
+    def connection_made(self, transport: Any) -> None: ...
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def eof_received(self) -> bool | None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -138,13 +156,13 @@ class TlsTransport(asyncio.Transport):
         self._records.app = protocol  # type: ignore[assignment]
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._records.app
+        return self._records.app  # type: ignore[return-value]
 
 
 class _TlsRecords(asyncio.BufferedProtocol):
     """The TCP side: ciphertext in and out; runs the handshake, then the records."""
 
-    def __init__(self, app: asyncio.Protocol, context: ssl.SSLContext, *, server_side: bool,
+    def __init__(self, app: App, context: ssl.SSLContext, *, server_side: bool,
                  waiter: asyncio.Future):
         self.app = app
         self.incoming = ssl.MemoryBIO()
@@ -255,11 +273,14 @@ class _TlsRecords(asyncio.BufferedProtocol):
         """Decrypt every complete record into the plaintext buffer; hand each full buffer,
         then the rest, to the protocol as one bytes."""
         view = self._buffers[1]     # copied out before any other code runs
+        # SSLObject.read(n, buffer) returns a count, not the bytes typeshed declares
+        # (the compiled build checks a declared result).
+        read: Callable[[int, memoryview], Any] = self.sslobj.read
         size, filled = len(view), 0
         eof = False
         try:
             while self.incoming.pending or self.sslobj.pending():
-                n = self.sslobj.read(size - filled, view[filled:])
+                n: int = read(size - filled, view[filled:])
                 if not n:
                     eof = True
                     break
@@ -421,7 +442,7 @@ async def _established(records: _TlsRecords, timeout: float) -> TlsTransport:
     return records.app_transport
 
 
-async def connect(app: asyncio.Protocol, context: ssl.SSLContext, host: str, port: int, *,
+async def connect(app: App, context: ssl.SSLContext, host: str, port: int, *,
                   handshake_timeout: float) -> TlsTransport:
     """Dial host:port and run the client handshake; `app` gets `connection_made` once it is
     done. Raises what the handshake raised (TimeoutError past `handshake_timeout`)."""
@@ -433,7 +454,7 @@ async def connect(app: asyncio.Protocol, context: ssl.SSLContext, host: str, por
     return await _established(records, deadline - loop.time())
 
 
-async def handshake_connected(app: asyncio.Protocol, context: ssl.SSLContext, sock: socket.socket,
+async def handshake_connected(app: App, context: ssl.SSLContext, sock: socket.socket,
                          *, handshake_timeout: float) -> TlsTransport:
     """The client handshake on an already connected socket (as `connect`)."""
     loop = asyncio.get_running_loop()
@@ -443,7 +464,7 @@ async def handshake_connected(app: asyncio.Protocol, context: ssl.SSLContext, so
     return await _established(records, handshake_timeout)
 
 
-async def accept(app: asyncio.Protocol, context: ssl.SSLContext, sock: socket.socket, *,
+async def accept(app: App, context: ssl.SSLContext, sock: socket.socket, *,
                  handshake_timeout: float) -> TlsTransport:
     """The server handshake on an accepted socket; `app` gets `connection_made` once it is
     done. Raises what the handshake raised (TimeoutError past `handshake_timeout`)."""

@@ -61,6 +61,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from mypy_extensions import mypyc_attr
 
 from nodeproxy.codec import h2_frames as frames
 from nodeproxy.codec.h2 import MAX_HEADER_BYTES
@@ -104,6 +105,7 @@ NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _AWAKE: object = object()
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass (compiled build)
 class StreamReset(ConnectionResetError):
     """The peer reset the stream; `code` is the HTTP/2 error code."""
 
@@ -308,6 +310,8 @@ class StreamTransport:
         session = self.session
         max_frame = session.conn.max_outbound_frame_size
         pending = self._pending
+        if pending is None:
+            return
         while self._pending_size:
             size = min(self.send_window, session.send_window, max_frame, self._pending_size)
             if size <= 0:
@@ -366,7 +370,7 @@ class StreamTransport:
             else:
                 self._early = [data]
         else:
-            self.protocol.data_received(data)
+            self.protocol.data_received(data)  # type: ignore[arg-type]
         self._unacked += flow_controlled
         if not (self._reading_paused or self.protocol is None or self._finished) \
                 and self._unacked >= STREAM_ACK:
@@ -410,9 +414,14 @@ class StreamTransport:
             protocol.connection_lost(exc)  # type: ignore[arg-type]
 
 
-class H2Session(asyncio.Protocol):
+class H2Session:
     """The HTTP/2 side of one TLS connection; client or server.  A server with `limits`
-    enforces them (h2_guard.py) and reports a spent budget to ``on_abuse(reason)``."""
+    enforces them (h2_guard.py) and reports a spent budget to ``on_abuse(reason)``.
+
+    An asyncio protocol by its methods, not by inheritance: the compiled build
+    (nodeproxy/native.py) makes it a native class (attributes in C slots, methods
+    called directly), which a subclass of asyncio.Protocol cannot be; the TLS
+    transport and the event loops call only the methods."""
 
     def __init__(self, *, client_side: bool,
                  on_request: Callable[[H2Session, StreamTransport], None] | None = None,
@@ -839,6 +848,9 @@ class H2Session(asyncio.Protocol):
         if self._on_abuse is not None:
             self._on_abuse(abuse.reason)
 
+    def eof_received(self) -> bool | None:
+        return None  # asyncio.Protocol's: the transport closes itself
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self._halted = True
         self._out.clear()
@@ -865,19 +877,20 @@ class H2Session(asyncio.Protocol):
     # -- events ----------------------------------------------------------------
 
     def _dispatch(self, event: h2.events.Event) -> None:
+        stream: StreamTransport | None
         if isinstance(event, h2.events.RequestReceived):
-            stream = StreamTransport(self, event.stream_id)
-            stream.request_headers = dict(event.headers)
+            opened = StreamTransport(self, event.stream_id)
+            opened.request_headers = dict(event.headers)  # type: ignore[arg-type]
             if self._on_request is None:
                 self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
-                self.streams[event.stream_id] = stream
-                self._on_request(self, stream)
+                self.streams[event.stream_id] = opened
+                self._on_request(self, opened)
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.response is not None \
                     and not stream.response.done():
-                stream.response.set_result(dict(event.headers))
+                stream.response.set_result(dict(event.headers))  # type: ignore[arg-type]
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -889,9 +902,9 @@ class H2Session(asyncio.Protocol):
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             changed = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
             if changed is not None:
-                delta = changed.new_value - changed.original_value
-                for stream in self.streams.values():
-                    stream.send_window = frames.credit(stream.send_window, delta)
+                delta = changed.new_value - changed.original_value  # type: ignore[operator]
+                for each in self.streams.values():
+                    each.send_window = frames.credit(each.send_window, delta)
             self.queue_all()
         elif isinstance(event, h2.events.PingAckReceived):
             fut = self._pings.pop(event.ping_data, None)

@@ -34,6 +34,7 @@ import pytest
 import uvloop
 
 from nodeproxy.codec import h2_frames as frames
+from nodeproxy.tcp import half_sleep
 from nodeproxy.tcp.relay import Relay, Side
 from nodeproxy.tunnel import session as session_module
 from nodeproxy.tunnel.header_block import literal
@@ -156,10 +157,16 @@ async def test_shelved_streams_count_against_the_peers_stream_limit_when_opening
             literal(2, "CONNECT") + literal(1, "10.0.0.1:80"), b"10.0.0.1:80")
 
 
+
+def _never(stream: Any) -> None:
+    """The half-sleep's offer to shelve, withheld (its one caller of
+    StreamTransport.shelve; the compiled build's StreamTransport takes no patch)."""
+
+
 async def _past_limit(shelve: bool) -> tuple[Any, ...]:
     with pytest.MonkeyPatch.context() as mp:
         if not shelve:
-            mp.setattr(StreamTransport, "shelve", lambda self: False)
+            mp.setattr(half_sleep, "_shelve", _never)
         mesh = Mesh()
         await mesh.start()
         flows = await _limited(mesh, 2, shelve)
@@ -237,7 +244,7 @@ def _conn_view(session: Any, stream_id: int) -> tuple[Any, ...]:
 async def _outcome(shelve: bool, node: str, inject: Any) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as mp:
         if not shelve:
-            mp.setattr(StreamTransport, "shelve", lambda self: False)
+            mp.setattr(half_sleep, "_shelve", _never)
         return await _outcome_of(shelve, node, inject)
 
 
@@ -386,7 +393,7 @@ def test_the_twin_is_refused_when_the_stream_is_not_what_it_would_be_made() -> N
         mesh = Mesh()
         await mesh.start()
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(StreamTransport, "shelve", lambda self: False)
+            mp.setattr(half_sleep, "_shelve", _never)
             flows = [await mesh.flow() for _ in range(3)]
             await until(lambda: all(mesh.asleep(f) for f in flows))
         conn = mesh.client.conn

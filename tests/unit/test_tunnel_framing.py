@@ -21,6 +21,7 @@ import h2.settings
 import pytest
 import uvloop
 
+from nodeproxy import native
 from nodeproxy.codec import h2_frames as frames
 from nodeproxy.codec.h2_connection import ProxyH2Connection
 from nodeproxy.codec.h2_frames import FrameError
@@ -568,8 +569,11 @@ async def test_small_writes_stop_at_the_peers_stream_window(reader: type) -> Non
 
 # -- the whole-frame path (H2Session._whole_data: a relay's side, one frame per call) -------
 
-def taken(server: Server | H2Session) -> list[int]:
-    """Counts the frames _whole_data took (a spy on the (server's) session)."""
+def taken(server: Server | H2Session) -> list[int] | None:
+    """Counts the frames _whole_data took (a spy on the (server's) session); None where
+    the session is the compiled build's native class (nodeproxy/native.py), whose methods
+    cannot be replaced: there the frames' bytes and the peer's answers are still checked,
+    the count only on the pure-Python pass (`make test` runs both)."""
     count = [0]
     sess = server.session if isinstance(server, Server) else server
     real = sess._whole_data
@@ -579,7 +583,11 @@ def taken(server: Server | H2Session) -> list[int]:
         count[0] += took
         return took
 
-    sess._whole_data = spy  # type: ignore[method-assign]
+    try:
+        sess._whole_data = spy  # type: ignore[method-assign]
+    except AttributeError:
+        assert native.state()[0], "only the compiled session refuses the spy"
+        return None
     return count
 
 
@@ -601,7 +609,7 @@ async def test_whole_small_frames_fill_the_stream_window_and_one_byte_more_is_re
     assert peer.goaway() is None
     assert bytes(server.readers[sid].data) == chunk * (session.STREAM_WINDOW // len(chunk))
     # (a frame cut by a read's end takes the general path: most are whole)
-    assert (took[0] > 512) if reader is SideReader else (took[0] == 0)
+    assert took is None or ((took[0] > 512) if reader is SideReader else (took[0] == 0))
     await peer.send(data_frame(sid, b"!"))
     await peer.closed_with(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
     assert len(server.readers[sid].data) == session.STREAM_WINDOW
@@ -628,7 +636,7 @@ async def test_data_frames_with_other_flags_take_the_general_path_intact(
     ]))
     await asyncio.wait_for(server.readers[sid].eof.wait(), TIMEOUT)
     assert bytes(server.readers[sid].data) == b"one,two,three,four,five."
-    assert took[0] == (2 if reader is SideReader else 0)
+    assert took is None or took[0] == (2 if reader is SideReader else 0)
     assert peer.goaway() is None
 
 
@@ -680,7 +688,8 @@ async def test_whole_frames_reset_the_empty_frame_run() -> None:
     took = taken(server)
     await peer.send((data_frame(sid, b"") * run + data_frame(sid, b"x")) * 200)
     await peer.until(lambda: len(server.readers[sid].data) == 200)
-    assert took[0] == 200 and peer.goaway() is None
+    assert took is None or took[0] == 200
+    assert peer.goaway() is None
     await peer.send(data_frame(sid, b"") * (run + 1))
     await peer.closed_with(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
@@ -791,7 +800,8 @@ async def test_relayed_small_messages_intact_both_ways_over_tls() -> None:
         assert hashlib.sha256(app.data).digest() == hashlib.sha256(payload).digest()
     assert sorted(hashlib.sha256(s.data).digest() for s in servers) == \
         sorted(hashlib.sha256(p).digest() for _, p in apps)
-    assert took[0][0] > 100 and took[1][0] > 100  # both ends' whole-frame path ran
+    if took[0] is not None and took[1] is not None:  # both ends' whole-frame path ran
+        assert took[0][0] > 100 and took[1][0] > 100
     client.close()
 
 
@@ -841,7 +851,7 @@ async def test_a_side_whose_class_says_otherwise_gets_its_own_data_received() ->
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
     assert b"".join(down.early) == b"asleep;still;"
-    assert took[0] == 3
+    assert took is None or took[0] == 3
     with pytest.raises(BlockingIOError):
         far.recv(100)  # nothing forwarded while the side held it
     down.__class__ = Side
