@@ -1,4 +1,4 @@
-"""The build's one step beyond pyproject.toml: the L7 request path compiled with mypyc.
+"""The build's one step beyond pyproject.toml: the hot paths compiled with mypyc.
 
 The modules in nodeproxy/native.py's NATIVE_MODULES are compiled as one group when mypy
 (a build requirement) and a C compiler with Python's headers (Debian: gcc, python3-dev;

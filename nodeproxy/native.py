@@ -1,5 +1,5 @@
-"""The L7 request path's compiled form: which modules have one, and whether this process
-imports it.
+"""The hot paths' compiled form (the L7 request path and the HBONE tunnel): which modules
+have one, and whether this process imports it.
 
 `pip install` compiles the modules in NATIVE_MODULES with mypyc when it can (setup.py;
 Debian's gcc and python3-dev, which scripts/setup.sh installs) and records the SHA-256
