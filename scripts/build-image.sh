@@ -52,6 +52,15 @@ fi
 # ------------------------------------------------------------------ podman, as this machine allows
 # The container store is this build's own.
 PODMAN=(podman --root "$STORE/root" --runroot "$STORE/run" --storage-driver overlay)
+# Podman's overlay driver bind-mounts its layer directory onto itself; a build that fails
+# can leave that mount behind, and then nothing can remove the checkout.  Let it go on
+# any exit (the next podman call mounts it again).
+release_store() {
+    if mountpoint -q "$STORE/root/overlay"; then
+        umount --recursive "$STORE/root/overlay" || say "could not unmount $STORE/root/overlay"
+    fi
+}
+trap release_store EXIT
 # crun refuses a hybrid cgroup layout whose v2 hierarchy has controllers
 # ("cgroups in hybrid mode not supported"); runc runs there, and everywhere else.
 RUNTIME=(--runtime runc)
