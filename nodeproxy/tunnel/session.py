@@ -121,8 +121,7 @@ class StreamTransport:
                  "_h2_shelf", "_local_ended", "_pending", "_pending_size", "_reading_paused",
                  "_remote_ended", "_side", "_takes_views", "_unacked", "_writing_paused",
                  "protocol", "receive_window", "request_headers", "response",
-                 "send_window", "session", "stream_id",
-                 "__weakref__")  # tests see a finished stream freed (test_tunnel_stream_freed)
+                 "send_window", "session", "stream_id")
 
     def __init__(self, session: H2Session, stream_id: int):
         self.session = session
