@@ -46,7 +46,9 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
+
+from nodeproxy.stream_protocol import StreamProtocol
 
 READ_BUFFER = 256 * 1024     # ciphertext read from the socket at once
 PLAIN_BUFFER = 256 * 1024    # plaintext decrypted before it is handed to the protocol
@@ -69,23 +71,6 @@ class _Buffers(threading.local):
 
 
 _BUFFERS = _Buffers()
-
-
-class App(Protocol):
-    """What the records call on the protocol above them: an asyncio.Protocol's methods
-    (HBONE's H2Session has them without the base class: tunnel/session.py)."""
-
-    def connection_made(self, transport: Any) -> None: ...
-
-    def data_received(self, data: bytes) -> None: ...
-
-    def eof_received(self) -> bool | None: ...
-
-    def connection_lost(self, exc: Exception | None) -> None: ...
-
-    def pause_writing(self) -> None: ...
-
-    def resume_writing(self) -> None: ...
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -162,7 +147,7 @@ class TlsTransport(asyncio.Transport):
 class _TlsRecords(asyncio.BufferedProtocol):
     """The TCP side: ciphertext in and out; runs the handshake, then the records."""
 
-    def __init__(self, app: App, context: ssl.SSLContext, *, server_side: bool,
+    def __init__(self, app: StreamProtocol, context: ssl.SSLContext, *, server_side: bool,
                  waiter: asyncio.Future):
         self.app = app
         self.incoming = ssl.MemoryBIO()
@@ -442,7 +427,7 @@ async def _established(records: _TlsRecords, timeout: float) -> TlsTransport:
     return records.app_transport
 
 
-async def connect(app: App, context: ssl.SSLContext, host: str, port: int, *,
+async def connect(app: StreamProtocol, context: ssl.SSLContext, host: str, port: int, *,
                   handshake_timeout: float) -> TlsTransport:
     """Dial host:port and run the client handshake; `app` gets `connection_made` once it is
     done. Raises what the handshake raised (TimeoutError past `handshake_timeout`)."""
@@ -454,7 +439,7 @@ async def connect(app: App, context: ssl.SSLContext, host: str, port: int, *,
     return await _established(records, deadline - loop.time())
 
 
-async def handshake_connected(app: App, context: ssl.SSLContext, sock: socket.socket,
+async def handshake_connected(app: StreamProtocol, context: ssl.SSLContext, sock: socket.socket,
                          *, handshake_timeout: float) -> TlsTransport:
     """The client handshake on an already connected socket (as `connect`)."""
     loop = asyncio.get_running_loop()
@@ -464,7 +449,7 @@ async def handshake_connected(app: App, context: ssl.SSLContext, sock: socket.so
     return await _established(records, handshake_timeout)
 
 
-async def accept(app: App, context: ssl.SSLContext, sock: socket.socket, *,
+async def accept(app: StreamProtocol, context: ssl.SSLContext, sock: socket.socket, *,
                  handshake_timeout: float) -> TlsTransport:
     """The server handshake on an accepted socket; `app` gets `connection_made` once it is
     done. Raises what the handshake raised (TimeoutError past `handshake_timeout`)."""

@@ -26,8 +26,9 @@ from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.policy.admission import AdmittedAs
 from nodeproxy.policy.authorization import DestinationWorkload
+from nodeproxy.stream_protocol import StreamProtocol
 from nodeproxy.tcp.descriptors import OverBudget
-from nodeproxy.tcp.dial import DialAnnouncer, StreamProtocol, dial_from, dial_transparent
+from nodeproxy.tcp.dial import DialAnnouncer, dial_from, dial_transparent
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 

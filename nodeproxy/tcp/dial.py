@@ -13,23 +13,11 @@ from typing import Protocol, TypeVar, cast
 from nodeproxy.capture.constants import SOCKET_MARK
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.capture.transparent import local_ports, transparent_socket
+from nodeproxy.stream_protocol import StreamProtocol
 from nodeproxy.tcp.descriptors import BUDGET, check_socket
 from nodeproxy.tcp.relay import Side
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class StreamProtocol(Protocol):
-    """What the event loop calls on a stream's protocol.  asyncio.Protocol subclasses have
-    it, and so do codec/h1.py's H1Server and H1Client, which do not subclass it (mypyc
-    compiles them as native classes only without that Python base)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
-    def data_received(self, data: bytes) -> None: ...
-    def eof_received(self) -> bool | None: ...
-    def connection_lost(self, exc: Exception | None) -> None: ...
-    def pause_writing(self) -> None: ...
-    def resume_writing(self) -> None: ...
 
 
 P = TypeVar("P", bound=StreamProtocol)

@@ -19,7 +19,8 @@ RUNTIME = Path(nodeproxy.__file__).parent
 # a package of its own.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("native",),                             # which modules run compiled (the root asks)
-    ("", "ports"),                           # the default ports (the root: the version)
+    ("", "ports", "stream_protocol"),        # the default ports (the root: the version);
+                                             # what a stream's protocol has (asyncio's set)
     ("config",),                             # what the node is told
     ("identity", "discovery", "capture"),    # who it is, what the cluster says, the kernel
     ("tcp", "signer"),                       # one TCP connection's machinery; the
