@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import h2.errors
 
@@ -125,8 +126,9 @@ class HboneServer:
             await prepare(pod.workload.namespace, pod.workload.service_account)
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
-            pod.listeners.append(_AcceptLoop(
-                sock, lambda conn, pod=pod: self._accepted(pod, conn)))
+            # A listener closed as a server is (close() is all the pod asks of it).
+            pod.listeners.append(_AcceptLoop(  # type: ignore[arg-type]
+                sock, functools.partial(self._accepted, pod)))
 
     def _accepted(self, pod: EnrolledPod, conn: socket.socket) -> None:
         if not BUDGET.admits_socket(conn, headroom=1):
@@ -249,7 +251,7 @@ class HboneServer:
 
     async def _serve_admitted(self, session: H2Session, stream: StreamTransport,
                               pod: EnrolledPod, ip: ipaddress.IPv4Address |
-                              ipaddress.IPv6Address, port: int, headers: dict[str, str],
+                              ipaddress.IPv6Address, port: int, headers: Mapping[str, str],
                               lease: Lease) -> None:
         pod_identity = spiffe_id(self._trust_domain, pod.workload.namespace,
                                  pod.workload.service_account)
@@ -270,8 +272,9 @@ class HboneServer:
         admitter = snapshot.admitter
         trusted = (headers.get(L7_AUTHORIZED) == "1"
                    and snapshot.config.tunnel.trust_source_l7_authorization)
+        # An HBONE session's peer always has an identity (mutual TLS): never None here.
         gated = not trusted and self._gate is not None and admitter.needs_requests(
-            pod.workload, session.peer_identity, source_ip, port)
+            pod.workload, session.peer_identity, source_ip, port)  # type: ignore[arg-type]
         admission = admitter.admit(pod.workload, session.peer_identity, source_ip, port,
                                    l7_checked=trusted or gated)
         if not admission.allowed:
@@ -325,11 +328,11 @@ class HboneServer:
         meter.opened()
 
         def closed() -> None:
-            self.tracker.discard(gated)  # type: ignore[arg-type]  (releases the lease)
+            self.tracker.discard(gated)  # type: ignore[arg-type]  # releases the lease
             meter.closed()
 
-        gated = self._gate.open(stream, pod, str(session.peer_identity), source_ip, ip, port,
-                                closed)  # type: ignore[arg-type]
+        gated = self._gate.open(stream, pod,  # type: ignore[arg-type]
+                                str(session.peer_identity), source_ip, ip, port, closed)
         # Tracked as relays are: drained at shutdown, aborted with its pod.
         self.tracker.add(gated, pod.key, lease=lease,  # type: ignore[arg-type]
                          admitted=admitted)

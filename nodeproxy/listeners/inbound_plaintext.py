@@ -19,6 +19,7 @@ reset at once and counted (nodeproxy_inbound_refused_total).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -69,9 +70,9 @@ class InboundProxy:
         for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             sock = pod.netns.listener(family, host, self.port)
             server = await loop.create_server(
-                lambda pod=pod: self._tracker.client_side(
-                    lambda side, pod=pod: self._serve(pod, side),
-                    lambda side, pod=pod: self._admit(pod, side)),
+                functools.partial(self._tracker.client_side,
+                                  functools.partial(self._serve, pod),
+                                  functools.partial(self._admit, pod)),
                 sock=sock, backlog=LISTEN_BACKLOG)
             pod.inbound_listeners.append(server)
             sockets[family] = server.sockets[0]  # type: ignore[index]

@@ -17,7 +17,6 @@ import asyncio
 import errno
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from nodeproxy.identity.spiffe import spiffe_id
@@ -44,12 +43,17 @@ class Refused(Exception):
         self.reason = reason
 
 
-@dataclass
 class Opened(Generic[P]):
-    protocol: P
-    security: str  # connection_security_policy: "mutual_tls" or "none"
-    targets: tuple[EnrolledPod, ...]  # destination pods on this node
-    admitted: AdmittedAs | None = None  # what its admission here read (an L4 local target)
+    """An opened upstream: its protocol and what the metrics and the tracker read.  A
+    plain class, not a dataclass: mypyc's build of a generic dataclass fails at import
+    (``attribute '__dict__' of 'type' objects is not writable``)."""
+
+    def __init__(self, protocol: P, security: str, targets: tuple[EnrolledPod, ...],
+                 admitted: AdmittedAs | None = None):
+        self.protocol = protocol
+        self.security = security  # connection_security_policy: "mutual_tls" or "none"
+        self.targets = targets  # destination pods on this node
+        self.admitted = admitted  # what its admission here read (an L4 local target)
 
 
 class Upstreams:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import h2.errors
 import h2.exceptions
+from mypy_extensions import mypyc_attr
 
 from nodeproxy.config.model import TunnelSettings
 from nodeproxy.identity import tls, tls_transport
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass (compiled build)
 class TunnelError(ConnectionError):
     """The tunnel could not carry this connection; `result` is a short label."""
 

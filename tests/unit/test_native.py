@@ -149,3 +149,46 @@ def test_the_http1_protocol_classes_are_native_when_compiled() -> None:
         assert not hasattr(protocol, "__dict__"), type(protocol)
         with pytest.raises(AttributeError):
             protocol.not_an_attribute = 1  # type: ignore[union-attr]
+
+
+# The modules a connection's set-up runs, once per connection (docs/benchmarks.md,
+# "Connection set-up, eleventh round"); tcp/relay.py is not one of them on purpose
+# (its Side has its class swapped in place by the sleeping-flow code).
+CONNECTION_SETUP = (
+    "nodeproxy.capture.original_dst",
+    "nodeproxy.tcp.dial",
+    "nodeproxy.tcp.fairshare",
+    "nodeproxy.mesh.upstream",
+    "nodeproxy.tunnel.client",
+    "nodeproxy.listeners.inbound_hbone",
+    "nodeproxy.listeners.inbound_hbone_l7",
+    "nodeproxy.listeners.inbound_plaintext",
+    "nodeproxy.listeners.outbound",
+)
+
+
+def test_the_connection_set_up_is_in_the_group_and_the_relay_is_not() -> None:
+    assert set(CONNECTION_SETUP) <= set(native.NATIVE_MODULES)
+    assert len(set(native.NATIVE_MODULES)) == len(native.NATIVE_MODULES)
+    for interpreted in ("nodeproxy.tcp.relay", "nodeproxy.tcp.half_sleep",
+                        "nodeproxy.tcp.relay_sleep", "nodeproxy.tcp.dormancy",
+                        "nodeproxy.tcp.tracker"):
+        assert interpreted not in native.NATIVE_MODULES
+
+
+def test_the_connection_set_up_classes_are_native_when_compiled() -> None:
+    """The listeners, the pool and the upstreams are plain classes (no Python base): with
+    the group loaded they are mypyc's native classes, their attributes in a C struct."""
+    if not _compiled_files() or os.environ.get(native.ENV) == "0":
+        pytest.skip("pure Python")
+    import nodeproxy.listeners.outbound as outbound
+    if not native.state()[0]:
+        pytest.skip(native.state()[1])
+    from nodeproxy.listeners.inbound_hbone import HboneServer
+    from nodeproxy.listeners.inbound_plaintext import InboundProxy
+    from nodeproxy.mesh.upstream import Upstreams
+    from nodeproxy.tunnel.client import HbonePool
+    for module in CONNECTION_SETUP:
+        assert sys.modules[module].__file__.endswith(SUFFIX), module  # type: ignore[union-attr]
+    for cls in (outbound.OutboundProxy, HboneServer, InboundProxy, Upstreams, HbonePool):
+        assert cls.__dictoffset__ == 0, cls  # no per-object dict: a native class

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Any
 
 import h2.config
 import h2.connection
@@ -16,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.config.model import TunnelSettings
-from nodeproxy.tunnel.client import HbonePool, TunnelError
+from nodeproxy.tunnel.client import HbonePool, PoolKey, TunnelError
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.response_deadlines import ResponseDeadlines
 from nodeproxy.tunnel.session import H2Session
@@ -108,10 +107,10 @@ async def _open_with(delay: float | None, timeout: float) -> tuple[str, float]:
                      metrics=TunnelMetrics(CollectorRegistry()), connect_timeout=0.0)
     pool._deadlines.tick = 0.05
 
-    async def pooled(*_: Any, **__: Any) -> H2Session:
-        return session
-
-    pool._session = pooled  # the socketpair session instead of a dialled TLS one
+    # The socketpair session pooled for the key instead of a dialled TLS one (the
+    # compiled HbonePool is a native class: its methods cannot be replaced).
+    pool._pools[PoolKey("spiffe://cluster.local/ns/shop/sa/web",
+                        "spiffe://cluster.local/ns/shop/sa/db", "node-b")] = [session]
     start = loop.time()
     try:
         stream = await pool.open(

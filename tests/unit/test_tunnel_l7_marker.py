@@ -21,7 +21,7 @@ from nodeproxy.listeners.inbound_hbone import HboneServer
 from nodeproxy.policy.admission import Admission
 from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
-from nodeproxy.tunnel.client import HbonePool, TunnelError
+from nodeproxy.tunnel.client import HbonePool, PoolKey, TunnelError
 from nodeproxy.tunnel.metrics import TunnelMetrics
 from nodeproxy.tunnel.session import H2Session
 
@@ -87,10 +87,10 @@ async def _marker_round_trip(trusted: bool) -> tuple[list[dict[str, Any]], list[
                      port=15008, settings=TunnelSettings(), metrics=tunnel_metrics,
                      connect_timeout=1)
 
-    async def pooled(*_: Any, **__: Any) -> H2Session:
-        return client_session
-
-    pool._session = pooled  # the socketpair session instead of a dialled TLS one
+    # The socketpair session pooled for the key instead of a dialled TLS one (the
+    # compiled HbonePool is a native class: its methods cannot be replaced).
+    pool._pools[PoolKey("spiffe://cluster.local/ns/shop/sa/frontend",
+                        "spiffe://cluster.local/ns/shop/sa/web", "node-b")] = [client_session]
     results: list[str] = []
     for l7_checked in (True, False, True):
         options = {"l7_checked": True} if l7_checked else {}
