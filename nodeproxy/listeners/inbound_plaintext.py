@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from nodeproxy.capture.original_dst import original_destination
 from nodeproxy.mesh.enrolled_pod import EnrolledPod, destination_labels
@@ -75,7 +76,10 @@ class InboundProxy:
                                   functools.partial(self._admit, pod)),
                 sock=sock, backlog=LISTEN_BACKLOG)
             pod.inbound_listeners.append(server)
-            sockets[family] = server.sockets[0]  # type: ignore[index]
+            # uvloop's Server.sockets is a list where typeshed says tuple: read untyped
+            # (the compiled build checks a declared tuple).
+            listening: Any = getattr(server, "sockets")  # noqa: B009
+            sockets[family] = listening[0]
         return sockets
 
     def _admit(self, pod: EnrolledPod, down: Side) -> Lease | None:
