@@ -1,5 +1,5 @@
-"""The hot paths' compiled form (the L7 request path, the HBONE tunnel and a connection's
-set-up): which modules have one, and whether this process imports it.
+"""The hot paths' compiled form (the L7 request path and the HBONE tunnel): which modules
+have one, and whether this process imports it.
 
 `pip install` compiles the modules in NATIVE_MODULES with mypyc when it can (setup.py;
 Debian's gcc and python3-dev, which scripts/setup.sh installs) and records the SHA-256
@@ -66,19 +66,16 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.tunnel.header_block",
     "nodeproxy.tunnel.response_deadlines",
     "nodeproxy.tunnel.session",
-    # A connection's set-up and tear-down in the listeners, the dial and the pool
-    # (docs/benchmarks.md, "Connection set-up, eleventh round").  Not tcp/relay.py nor
-    # the sleeping-flow code: they swap a Side's class in place (see that section).
-    "nodeproxy.capture.original_dst",
-    "nodeproxy.tcp.dial",
-    "nodeproxy.tcp.fairshare",
-    "nodeproxy.mesh.upstream",
-    "nodeproxy.tunnel.client",
-    "nodeproxy.listeners.inbound_hbone",
-    "nodeproxy.listeners.inbound_hbone_l7",
-    "nodeproxy.listeners.inbound_plaintext",
-    "nodeproxy.listeners.outbound",
 )
+# Not compiled: a connection's set-up (the listeners, mesh/upstream.py, tunnel/client.py,
+# tcp/dial.py, capture/original_dst.py, tcp/fairshare.py).  They compile (mesh/upstream.py's
+# Refused would then need @mypyc_attr(native_class=False), as router.py rebinds
+# `except ... as e`), but compiled they took no measurable CPU off a cross-node
+# connection and added some to a same-node one: they are glue over interpreted objects
+# (sockets, transports, pods, metrics),
+# whose attributes CPython 3.11's specializing interpreter reads through inline caches
+# and mypyc's build reads generically (docs/benchmarks.md, "Connection set-up, eleventh
+# round").
 GROUP = "nodeproxy._native"  # mypyc's shared library: nodeproxy/_native__mypyc*.so
 MANIFEST = "_native_build.json"
 NO_BUILD = "pure Python: no compiled build"
