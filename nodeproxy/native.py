@@ -70,12 +70,11 @@ NATIVE_MODULES: tuple[str, ...] = (
 # Not compiled: a connection's set-up (the listeners, mesh/upstream.py, tunnel/client.py,
 # tcp/dial.py, capture/original_dst.py, tcp/fairshare.py).  They compile (mesh/upstream.py's
 # Refused would then need @mypyc_attr(native_class=False), as router.py rebinds
-# `except ... as e`), but compiled they took no measurable CPU off a cross-node
-# connection and added some to a same-node one: they are glue over interpreted objects
-# (sockets, transports, pods, metrics),
-# whose attributes CPython 3.11's specializing interpreter reads through inline caches
-# and mypyc's build reads generically (docs/benchmarks.md, "Connection set-up, eleventh
-# round").
+# `except ... as e`), but compiled they took no measurable CPU off a connection on either
+# path (same node, two of three profile pairs spent more): they are glue over interpreted
+# objects (sockets, transports, pods, metrics), whose attributes CPython 3.11's
+# specializing interpreter reads through inline caches and mypyc's build reads
+# generically (docs/benchmarks.md, "Connection set-up, eleventh round").
 GROUP = "nodeproxy._native"  # mypyc's shared library: nodeproxy/_native__mypyc*.so
 MANIFEST = "_native_build.json"
 NO_BUILD = "pure Python: no compiled build"

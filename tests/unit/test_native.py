@@ -149,4 +149,3 @@ def test_the_http1_protocol_classes_are_native_when_compiled() -> None:
         assert not hasattr(protocol, "__dict__"), type(protocol)
         with pytest.raises(AttributeError):
             protocol.not_an_attribute = 1  # type: ignore[union-attr]
-
