@@ -174,6 +174,15 @@ class StreamTransport:
         if self._finished:
             protocol.connection_lost(self._error)  # type: ignore[arg-type]
 
+    def swap_reader(self, protocol: Any) -> None:
+        """Another reader in this one's place, as it is: no connection_made, nothing
+        replayed.  An asleep cross-node flow's relay stands in for its side, and a new
+        side takes its place as it wakes (tcp/half_sleep.py); only a relay's side gets
+        views of the read and the frame reader's one-call path."""
+        self.protocol = protocol
+        self._takes_views = isinstance(protocol, Side)
+        self._side = protocol if isinstance(protocol, Side) else None
+
     def _shed_open(self) -> None:
         """What only the stream's open needed, dropped once its reader joins: a client's
         answered response (the future and its header dict, about 0.3 KiB: whoever awaited
@@ -672,9 +681,10 @@ class H2Session:
             # What a plain side's data_received would do, without its call.
             relay.forward(side, view[start:start + length])  # type: ignore[arg-type]
         else:
-            # No relay yet, or a side of another class, whose own data_received decides
-            # (an asleep relay's stream side, tcp/half_sleep.py's bell, holds the bytes
-            # and wakes the relay).
+            # No relay yet (a side holds the bytes until its relay joins: so does the
+            # new side of an asleep relay waking, tcp/half_sleep.py), or a side of
+            # another class, whose own data_received decides.  An asleep relay itself
+            # reads its stream with no side (_side is None): the general path wakes it.
             side.data_received(view[start:start + length])  # type: ignore[arg-type]
         stream._unacked += length
         if stream._unacked >= STREAM_ACK and not stream._reading_paused \
