@@ -20,7 +20,7 @@ from nodeproxy.mesh.destinations import Backend, WorkloadRef
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.snapshot import MeshSnapshot
 from nodeproxy.mesh.upstream import source_address
-from nodeproxy.policy.admission import Admitter
+from nodeproxy.policy.admission import AdmittedRequest, Admitter
 from nodeproxy.policy.authorization import DestinationWorkload
 
 MAX_REMEMBERED_REFS = 4096  # destination workloads looked up (emptied past it)
@@ -55,9 +55,21 @@ class RequestAuthorizer:
             backend.port, head)
         return admission.allowed
 
+    def admitted_as(self, ctx: RequestContext, backend: Backend, head: RequestHead
+                    ) -> AdmittedRequest | None:
+        """What an allowed request to backend was judged on (the inputs ``allows`` gives
+        the admitter), for judging it again while its upgraded connection lasts
+        (daemon/revocation.py); None for an endpoint outside the mesh (no policy)."""
+        ref = backend.workload
+        if ref is None:
+            return None
+        return AdmittedRequest.of(_workload_key(ref), ctx.pod.principal,
+                                  source_address(ctx.pod, backend.address), backend.port,
+                                  head)
+
     def _look_up(self, ref: WorkloadRef, snapshot: MeshSnapshot
                  ) -> tuple[WorkloadRef, MeshSnapshot, Workload | None, bool]:
-        workload = snapshot.table.workloads.get(f"{ref.namespace}/{ref.name}")
+        workload = snapshot.table.workloads.get(_workload_key(ref))
         policed = workload is not None and self._policed(snapshot.admitter, workload)
         if len(self._refs) >= MAX_REMEMBERED_REFS:
             self._refs.clear()
@@ -75,3 +87,7 @@ class RequestAuthorizer:
             policed = bool(admitter.authorizer.applicable(DestinationWorkload.of(workload)))
             self._policed_cache[key] = policed
         return policed
+
+
+def _workload_key(ref: WorkloadRef) -> str:
+    return f"{ref.namespace}/{ref.name}"
