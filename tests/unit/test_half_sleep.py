@@ -386,9 +386,8 @@ async def test_bytes_arriving_while_the_socket_is_being_adopted_keep_their_order
 
 
 def sides_reading(stream: StreamTransport) -> list[Side]:
-    """Every live `Side` whose transport is the stream (by `type`: isinstance on the
-    compiled build's `tls_transport._Buffers`, a threading.local, crashes the
-    interpreter)."""
+    """Every live `Side` whose transport is the stream (by exact type: a subclass does not
+    count)."""
     gc.collect()
     return [o for o in gc.get_objects() if type(o) is Side and o.transport is stream]
 
