@@ -31,6 +31,7 @@ class BuildNative(build_ext):
     every one of them was built (a partial build is no build: see native.py)."""
 
     def run(self) -> None:
+        self._remove_stale()
         if not self.extensions:
             return super().run()
         for ext in self.extensions:
@@ -46,6 +47,20 @@ class BuildNative(build_ext):
             target.unlink(missing_ok=True)
             print("nodeproxy: the compiled L7 path was not built; pure Python",
                   file=sys.stderr)
+
+
+    def _remove_stale(self) -> None:
+        """In place, the extension files of modules this build does not make (a module
+        taken out of NATIVE_MODULES, or a pure build) are removed: Python would import
+        such a file before the source beside it, whatever native.py decides."""
+        if not self.inplace:
+            return
+        built = {ext.name for ext in self.extensions}
+        for path in (HERE / "nodeproxy").rglob("*.cpython-*.so"):
+            relative = path.relative_to(HERE)
+            module = ".".join((*relative.parent.parts, relative.name.split(".")[0]))
+            if module not in built:
+                path.unlink()
 
 
 # The commands that build extensions; setuptools also runs this file for metadata

@@ -169,3 +169,20 @@ def test_every_object_of_the_loaded_group_survives_isinstance() -> None:
     assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])
     state, counts = run.stdout.splitlines()
     assert int(counts.split()[0]) > 10_000, counts  # the walk saw the heap
+
+
+def test_no_extension_file_in_the_tree_is_outside_the_group() -> None:
+    """An extension file is imported before the source beside it, whatever native.py
+    decides: every one in the package must be a module of the group (or its shared
+    library).  setup.py's in-place build removes the others."""
+    allowed = {native.GROUP + "__mypyc", *native.NATIVE_MODULES}
+    package = native.PACKAGE_DIR
+    found = {path for suffix in importlib.machinery.EXTENSION_SUFFIXES
+             for path in package.rglob("*" + suffix)}
+    strays = []
+    for path in sorted(found):
+        relative = path.relative_to(package.parent)
+        module = ".".join((*relative.parent.parts, relative.name.split(".")[0]))
+        if module not in allowed:
+            strays.append(str(path))
+    assert not strays, "stale extension files (rebuild: make native): " + ", ".join(strays)
