@@ -22,6 +22,8 @@ A denial is never remembered: each one goes through the admitter, which logs it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import Workload
 from nodeproxy.http.context import RequestContext
@@ -30,7 +32,7 @@ from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.snapshot import MeshSnapshot
 from nodeproxy.mesh.upstream import source_address
-from nodeproxy.policy.admission import Admitter, DecisionLabels
+from nodeproxy.policy.admission import Admitter
 from nodeproxy.policy.authorization import DestinationWorkload
 
 MAX_REMEMBERED_REFS = 4096  # destination workloads looked up (emptied past it)
@@ -41,10 +43,12 @@ MAX_VERDICT_KEY_CHARS = 2048
 # The destination as looked up in one snapshot: the reference, the snapshot, its
 # workload there, whether a policy selects it, and the header names its policies read.
 _Known = tuple[WorkloadRef, MeshSnapshot, Workload | None, bool, tuple[str, ...]]
-# An allowed verdict: the pod, its principal and workload, the backend, the destination
-# entry it was judged under, the counts and the labels a repeat is counted under.
-_Verdict = tuple[EnrolledPod, str, Workload, Backend, _Known, dict[DecisionLabels, int],
-                 DecisionLabels]
+# An allowed verdict: the pod, its principal and workload, the backend, the snapshot it
+# was judged in, the counts and the labels a repeat is counted under.  Each part is
+# compared by identity, so each is kept as the object it was (the labels too: a
+# compiled build unboxes a fixed-length tuple it reads and boxes a new one where an
+# object is needed, which would make every repeat a miss and a new key object).
+_Verdict = tuple[EnrolledPod, str, Workload, Backend, MeshSnapshot, dict[Any, int], object]
 
 
 class RequestAuthorizer:
@@ -66,7 +70,7 @@ class RequestAuthorizer:
         if ref is None:
             return True
         snapshot = self._state.current
-        known = self._refs.get(id(ref))
+        known = self._refs.get(id(ref))  # (compared by its parts: see _Verdict)
         if known is None or known[0] is not ref or known[1] is not snapshot:
             known = self._look_up(ref, snapshot)
         workload = known[2]
@@ -79,7 +83,7 @@ class RequestAuthorizer:
         verdict = self._verdicts.get(key)
         if verdict is not None and verdict[0] is pod and verdict[1] is pod.principal \
                 and verdict[2] is pod.workload and verdict[3] is backend \
-                and verdict[4] is known:
+                and verdict[4] is snapshot:  # (the destination's entry: per snapshot)
             counts, counted = verdict[5], verdict[6]
             counts[counted] = counts.get(counted, 0) + 1
             return True
@@ -90,8 +94,9 @@ class RequestAuthorizer:
         if admission.allowed and labels is not None and _short(key):
             if len(self._verdicts) >= MAX_REMEMBERED_VERDICTS:
                 self._verdicts.clear()
-            self._verdicts[key] = (pod, pod.principal, pod.workload, backend, known,
-                                   admitter.request_counts, labels)
+            counts: dict[Any, int] = admitter.request_counts
+            self._verdicts[key] = (pod, pod.principal, pod.workload, backend, snapshot,
+                                   counts, labels)
         return admission.allowed
 
     def _look_up(self, ref: WorkloadRef, snapshot: MeshSnapshot) -> _Known:

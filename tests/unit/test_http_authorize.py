@@ -126,8 +126,18 @@ def test_a_remembered_verdict_is_counted_per_request_and_never_lent_to_another_r
         headers = [("x-team", team)] if team is not None else []
         return check.allows(pod or source, backend, RequestHead(method, path, host, headers))
 
+    # Count the admitter's judgements: a repeat must not reach it (the point of the memo).
+    admitter = state.current.admitter
+    judged: list[str] = []
+    judge = admitter.judge_request
+
+    def counting_judge(*args: Any) -> Any:
+        judged.append(args[4].path)
+        return judge(*args)
+    admitter.judge_request = counting_judge  # type: ignore[method-assign]
     for _ in range(5):
         assert allows()
+    assert judged == ["/public/a"]  # judged once, remembered after
     assert decisions(state) == {("default/web-team", "ALLOW", "allowed"): 5}  # each one counted
     # Each input changed alone is judged on its own, before and after the allowed one.
     for _ in range(2):
@@ -139,6 +149,7 @@ def test_a_remembered_verdict_is_counted_per_request_and_never_lent_to_another_r
         assert allows()
     counts = decisions(state)
     assert counts[("default/web-team", "ALLOW", "allowed")] == 7
+    assert len(judged) == 11  # each denial judged (and logged) by the admitter, each time
     assert sum(n for labels, n in counts.items() if labels[2] == "denied") == 10
     # Another source pod (same principal, an address outside the ipBlocks) is judged
     # for itself, and so is the same pod object once its workload's addresses change.
