@@ -94,9 +94,9 @@ class RequestAuthorizer:
         if admission.allowed and labels is not None and _short(key):
             if len(self._verdicts) >= MAX_REMEMBERED_VERDICTS:
                 self._verdicts.clear()
-            counts: dict[Any, int] = admitter.request_counts
+            tally: dict[Any, int] = admitter.request_counts
             self._verdicts[key] = (pod, pod.principal, pod.workload, backend, snapshot,
-                                   counts, labels)
+                                   tally, labels)
         return admission.allowed
 
     def _look_up(self, ref: WorkloadRef, snapshot: MeshSnapshot) -> _Known:
