@@ -10,8 +10,13 @@ instead of leaving it to run for as long as its client keeps it.  ztunnel's conn
 manager does the same on a policy update.  Counted in
 nodeproxy_connections_revoked_total; logged once per distinct admission with the policy.
 
-Not covered here: HTTP connections (each request is judged against the policies in force
-when it arrives), and a WebSocket or other upgrade already turned into a byte relay.
+An HTTP upgrade (WebSocket) that turned into a byte relay is tracked with what its request
+was admitted as (AdmittedRequest), at the source node (http/upgrade_flow.py) and at a
+destination that judges requests itself (listeners/inbound_hbone_l7.py), and is judged
+again as that request; its destination may be on another node (the source judges the
+destination's policies), so it is looked up in the whole workload table.  Other HTTP
+connections are not judged here: each request is judged against the policies in force
+when it arrives.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from nodeproxy.config.model import Workload
 from nodeproxy.mesh.snapshot import MeshSnapshot
-from nodeproxy.policy.admission import Admission, AdmittedAs
+from nodeproxy.policy.admission import Admission, AdmittedAs, AdmittedRequest, printable
 from nodeproxy.tcp.tracker import ConnectionTracker
 
 log = logging.getLogger(__name__)
@@ -37,21 +42,28 @@ class Revocation:
         self._tracker = tracker
         self.revoked = Counter(
             "nodeproxy_connections_revoked",
-            "Connections into local pods reset because the mesh state put in force after "
-            "they were admitted (a policy, a pod's labels) no longer allows them",
+            "Connections into local pods, and upgraded HTTP connections (WebSocket) from "
+            "them, reset because the mesh state put in force after they were admitted (a "
+            "policy, a pod's labels) no longer allows them",
             registry=registry)
 
     def __call__(self, snapshot: MeshSnapshot) -> None:
         local: dict[str, Workload] = {p.workload.key: p.workload
                                       for p in snapshot.inputs.local_pods}
-        verdicts: dict[AdmittedAs, Admission] = {}
+        verdicts: dict[AdmittedAs | AdmittedRequest, Admission] = {}
 
         def still_allowed(admitted: Hashable) -> bool:
-            if not isinstance(admitted, AdmittedAs):
+            if isinstance(admitted, AdmittedAs):
+                dest = local.get(admitted.destination)
+            elif isinstance(admitted, AdmittedRequest):
+                dest = local.get(admitted.destination) or \
+                    snapshot.table.workloads.get(admitted.destination)
+            else:
                 return True
-            dest = local.get(admitted.destination)
             if dest is None:
-                return True  # the pod left: its unenrollment resets its connections
+                # The pod left: its unenrollment resets its connections (a remote one: the
+                # upstream's end of the connection is that node's to reset).
+                return True
             verdict = verdicts[admitted] = snapshot.admitter.still_allows(admitted, dest)
             return verdict.allowed
 
@@ -60,9 +72,12 @@ class Revocation:
             return
         self.revoked.inc(len(revoked))
         for admitted, count in Tally(revoked).items():
-            assert isinstance(admitted, AdmittedAs)
+            assert isinstance(admitted, AdmittedAs | AdmittedRequest)
             verdict = verdicts[admitted]
-            log.warning("reset %d connection(s) %s (%s) -> %s:%d: no longer allowed by "
+            request = "" if isinstance(admitted, AdmittedAs) else (
+                f" (upgraded {printable(admitted.request.method)} "
+                f"{printable(admitted.request.path)})")
+            log.warning("reset %d connection(s) %s (%s) -> %s:%d%s: no longer allowed by "
                         "policy %s: %s", count, admitted.source_principal or "plaintext",
-                        admitted.source_ip, admitted.destination, admitted.port,
+                        admitted.source_ip, admitted.destination, admitted.port, request,
                         verdict.policy or "-", verdict.reason)

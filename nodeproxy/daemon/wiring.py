@@ -337,14 +337,16 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
                 admitter=lambda: state.current.admitter,
                 settings=lambda: state.current.config.http, announcer=steering.announcer,
                 connect_timeout=cfg.proxy.connect_timeout_seconds,
-                metrics=GateMetrics(telemetry.registry), request_metrics=telemetry.requests),
+                metrics=GateMetrics(telemetry.registry), tracker=tracker,
+                request_metrics=telemetry.requests),
             naps=naps)
     upstreams = Upstreams(
         announcer=steering.announcer, metrics=telemetry.proxy, state=state,
         local_pod=pods.by_key, pool=pool, node=cfg.node.name,
         trust_domain=cfg.mesh.trust_domain, connect_timeout=cfg.proxy.connect_timeout_seconds)
     http = HttpProxy(upstreams=upstreams, metrics=telemetry.requests, state=state,
-                     trust_domain=cfg.mesh.trust_domain, access_log=telemetry.access_log,
+                     tracker=tracker, trust_domain=cfg.mesh.trust_domain,
+                     access_log=telemetry.access_log,
                      live=telemetry.live, tracing=Tracing(telemetry.registry, cfg.node.name),
                      tcp_metrics=telemetry.proxy, shares=shares.pods)
     outbound = OutboundProxy(

@@ -32,7 +32,7 @@ from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.snapshot import MeshSnapshot
 from nodeproxy.mesh.upstream import source_address
-from nodeproxy.policy.admission import Admitter
+from nodeproxy.policy.admission import AdmittedRequest, Admitter
 from nodeproxy.policy.authorization import DestinationWorkload
 
 MAX_REMEMBERED_REFS = 4096  # destination workloads looked up (emptied past it)
@@ -99,8 +99,20 @@ class RequestAuthorizer:
                                    tally, labels)
         return admission.allowed
 
+    def admitted_as(self, ctx: RequestContext, backend: Backend, head: RequestHead
+                    ) -> AdmittedRequest | None:
+        """What an allowed request to backend was judged on (the inputs ``allows`` gives
+        the admitter), for judging it again while its upgraded connection lasts
+        (daemon/revocation.py); None for an endpoint outside the mesh (no policy)."""
+        ref = backend.workload
+        if ref is None:
+            return None
+        return AdmittedRequest.of(_workload_key(ref), ctx.pod.principal,
+                                  source_address(ctx.pod, backend.address), backend.port,
+                                  head)
+
     def _look_up(self, ref: WorkloadRef, snapshot: MeshSnapshot) -> _Known:
-        workload = snapshot.table.workloads.get(f"{ref.namespace}/{ref.name}")
+        workload = snapshot.table.workloads.get(_workload_key(ref))
         policed = workload is not None and self._policed(snapshot.admitter, workload)
         headers = snapshot.admitter.authorizer.headers_read(
             DestinationWorkload.of(workload)) if workload is not None and policed else ()
@@ -133,3 +145,7 @@ def _short(key: tuple[object, ...]) -> bool:
     """Is a verdict's key small enough to remember (a long path or header is judged
     each time, so the memory held stays bounded)?"""
     return sum(len(part) for part in key if isinstance(part, str)) <= MAX_VERDICT_KEY_CHARS
+
+
+def _workload_key(ref: WorkloadRef) -> str:
+    return f"{ref.namespace}/{ref.name}"

@@ -41,6 +41,7 @@ from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.snapshot import MeshSnapshot
 from nodeproxy.mesh.upstream import Upstreams
 from nodeproxy.tcp.fairshare import SourceShares
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.live_stats import LiveStats
 from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.telemetry.request_metrics import RequestMetrics
@@ -53,7 +54,7 @@ class HttpProxy:
     """Node-wide L7 state: routes, clusters, upstream pools; rebuilt on every config."""
 
     def __init__(self, *, upstreams: Upstreams, metrics: RequestMetrics,
-                 state: MeshState, trust_domain: str,
+                 state: MeshState, tracker: ConnectionTracker, trust_domain: str,
                  access_log: AccessLog | None, live: LiveStats | None = None,
                  tracing: Tracing | None = None, tcp_metrics: ProxyMetrics | None = None,
                  shares: SourceShares | None = None):
@@ -71,8 +72,10 @@ class HttpProxy:
                               mirrors=self._mirrors, metrics=metrics, rng=rng)
         recorder = Recorder(metrics=metrics, live=live, access_log=access_log,
                             trust_domain=trust_domain)
-        self._upgrades = Upgrades(router=self._router, upstreams=upstreams, metrics=metrics,
-                                  recorder=recorder, tcp_metrics=tcp_metrics)
+        # tracker: upgraded connections join it, to be judged again (upgrade_flow.py).
+        self._upgrades = Upgrades(router=self._router, authorizer=self._authorizer,
+                                  upstreams=upstreams, metrics=metrics, recorder=recorder,
+                                  tcp_metrics=tcp_metrics, tracker=tracker)
         self._handler = RequestHandler(router=self._router, upgrades=self._upgrades,
                                        recorder=recorder, metrics=metrics, shares=shares,
                                        rng=rng)

@@ -8,6 +8,13 @@ and an access-log line when it ends), the client's early bytes first.  Any other
 goes back as an ordinary response and the client connection closes, its early bytes
 unread; a 101 naming another protocol is an upstream protocol error (502, UPE).  An
 ``Upgrade: h2c`` request is forwarded as an ordinary request without its upgrade.
+
+The relay joins the connection tracker for as long as it runs, with its source pod (reset
+when that pod goes, and at drain) and with what its request was admitted as: when the
+mesh state changes it is judged again as that request (daemon/revocation.py), so a
+policy that now denies it resets it instead of leaving a WebSocket opened before the
+policy to run for as long as its client keeps it.  (The client connection it came from
+stays tracked beside it until it ends: the tracker's count has both.)
 """
 
 from __future__ import annotations
@@ -27,13 +34,16 @@ from nodeproxy.codec.upgrade import (
     decide_upgrade,
 )
 from nodeproxy.config.model import HttpSettings
+from nodeproxy.http.authorize import RequestAuthorizer
 from nodeproxy.http.context import Outcome, RequestContext
 from nodeproxy.http.local_reply import local_reply
 from nodeproxy.http.recorder import Recorder
 from nodeproxy.http.router import Router, stream_response
 from nodeproxy.http.routes import CompiledRule, apply_modifier
 from nodeproxy.mesh.upstream import Refused, Upstreams
+from nodeproxy.policy.admission import AdmittedRequest
 from nodeproxy.tcp.relay import Relay, Side, reset
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
 from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
@@ -51,12 +61,16 @@ class Tunnel:
     down_rest: bytes
     up_transport: asyncio.Transport
     up_rest: bytes
+    admitted: AdmittedRequest | None  # what authorization judged (None: outside the mesh)
 
 
 class Upgrades:
-    def __init__(self, *, router: Router, upstreams: Upstreams, metrics: RequestMetrics,
-                 recorder: Recorder, tcp_metrics: ProxyMetrics | None):
+    def __init__(self, *, router: Router, authorizer: RequestAuthorizer,
+                 upstreams: Upstreams, metrics: RequestMetrics, recorder: Recorder,
+                 tcp_metrics: ProxyMetrics | None, tracker: ConnectionTracker):
         self._router = router
+        self._authorizer = authorizer
+        self._tracker = tracker
         self._upstreams = upstreams
         self._metrics = metrics
         self._recorder = recorder
@@ -158,7 +172,8 @@ class Upgrades:
         outcome.status = 101
         outcome.bytes_sent = len(switched)
         return Tunnel(decision.token, opened.security, down_transport, down_rest,
-                      up_transport, up_rest)
+                      up_transport, up_rest,
+                      self._authorizer.admitted_as(ctx, endpoint.backend, head))
 
     async def relay(self, ctx: RequestContext, exchange: H1Exchange, tunnel: Tunnel,
                     outcome: Outcome, request_id: str) -> None:
@@ -190,9 +205,11 @@ class Upgrades:
                       lambda _r: None)
         if meter is not None:
             meter.opened()
+        self._tracker.add(relay, ctx.pod.key, admitted=tunnel.admitted)
         try:
             await relay.run()
         finally:
+            self._tracker.discard(relay)
             if meter is not None:
                 meter.closed()
             exchange.released()

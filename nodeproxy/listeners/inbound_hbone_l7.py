@@ -21,7 +21,9 @@ refused as a whole only because the pod's policies have rules on HTTP
   the stream into a byte relay (as nodeproxy.http.manager does at the source); a 101
   naming another protocol, or answering a request that offered none, is a 502 counted
   in nodeproxy_http_upgrade_refusals_total here, where it is seen; CONNECT is refused
-  (403).
+  (403).  The relay joins the connection tracker with what its request was admitted as
+  (AdmittedRequest): a mesh state that would now deny that request resets it
+  (daemon/revocation.py).
 
 Every request is counted in nodeproxy_hbone_l7_requests_total{result}; denials are
 logged by the Admitter (rate-limited per destination and policy).
@@ -63,10 +65,11 @@ from nodeproxy.codec.upgrade import (
 from nodeproxy.config.model import HttpSettings
 from nodeproxy.http.pool import EndpointPool, abort_exchange
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
-from nodeproxy.policy.admission import Admitter
+from nodeproxy.policy.admission import AdmittedRequest, Admitter
 from nodeproxy.policy.authorization import RequestAttributes
 from nodeproxy.tcp.dial import DialAnnouncer, dial_transparent
 from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.request_metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -316,9 +319,14 @@ class GatedStream:
             down.hold_early(down_rest)
         if up_rest:
             up.hold_early(up_rest)
+        relay = Relay(down, up, lambda _d, _n: None, lambda _r: None)
+        tracker = self.gate.tracker
+        tracker.add(relay, self.pod.key, admitted=AdmittedRequest.of(
+            self.pod.workload.key, self.peer, self.source_ip, self.port, head))
         try:
-            await Relay(down, up, lambda _d, _n: None, lambda _r: None).run()
+            await relay.run()
         finally:
+            tracker.discard(relay)
             exchange.released()
 
     async def _forward(self, exchange: Exchange, head: RequestHead) -> None:
@@ -384,9 +392,10 @@ class DestinationGate:
 
     def __init__(self, *, admitter: Callable[[], Admitter],
                  settings: Callable[[], HttpSettings], announcer: DialAnnouncer,
-                 connect_timeout: float, metrics: GateMetrics,
+                 connect_timeout: float, metrics: GateMetrics, tracker: ConnectionTracker,
                  request_metrics: RequestMetrics | None = None):
         self.admitter = admitter
+        self.tracker = tracker  # upgraded streams join it, to be judged again
         self.settings = settings
         self.announcer = announcer
         self.connect_timeout = connect_timeout

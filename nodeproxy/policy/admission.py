@@ -10,7 +10,9 @@ requests asks admit_request for each of them.
 A connection admitted here carries what the decision read (AdmittedAs); when the mesh
 state changes, the new Admitter judges it again (still_allows, which counts and logs
 nothing) and the daemon resets those no longer allowed, as ztunnel's connection manager
-closes connections a policy update denies.
+closes connections a policy update denies.  A request whose connection then became a
+byte relay (an HTTP upgrade: WebSocket) carries what its request's decision read
+(AdmittedRequest) and is judged again the same way.
 """
 
 from __future__ import annotations
@@ -69,6 +71,31 @@ class AdmittedAs:
     source_ip: IPAddress
     port: int
     l7_checked: bool  # admitted on the promise that its HTTP requests are judged
+
+
+@dataclass(frozen=True, eq=False, slots=True)  # one per upgraded connection: by identity
+class AdmittedRequest:
+    """What an HTTP request that turned its connection into a byte relay (an upgrade, e.g.
+    WebSocket) was admitted as: the connection's inputs and the request as the policies
+    read it.  The relay goes on only while the mesh state in force would admit the same
+    request again."""
+
+    destination: str  # the destination workload's namespace/name
+    source_principal: str | None
+    source_ip: IPAddress
+    port: int
+    request: RequestAttributes
+
+    @classmethod
+    def of(cls, destination: str, source_principal: str | None, source_ip: IPAddress,
+           port: int, head: RequestHead) -> AdmittedRequest:
+        """From the parsed head admit_request judged, read as it reads one (a name given
+        twice joined: joined_header); copied, so what the head becomes afterwards changes
+        nothing."""
+        pairs = head.headers
+        return cls(destination, source_principal, source_ip, port, RequestAttributes(
+            head.method, head.path, head.authority,
+            {name: joined_header(pairs, name) or "" for name, _ in pairs}))
 
 
 @dataclass(frozen=True)
@@ -226,18 +253,23 @@ class Admitter:
             interned = self._admitted[record] = record
         return interned
 
-    def still_allows(self, admitted: AdmittedAs, dest: Workload) -> Admission:
+    def still_allows(self, admitted: AdmittedAs | AdmittedRequest, dest: Workload
+                     ) -> Admission:
         """Would this configuration admit a connection admitted as ``admitted`` (by any
-        admitter) into ``dest``, the destination pod as this configuration knows it?  The
-        same peer authentication and authorization as admit.  Pure: counts and logs
-        nothing."""
+        admitter) into ``dest``, the destination as this configuration knows it?  The same
+        peer authentication and authorization as admit (admit_request for an
+        AdmittedRequest).  Pure: counts and logs nothing."""
         target = self._target(dest)
         if self._plaintext_refused(target, admitted.source_principal, admitted.source_ip,
                                    admitted.port):
             return Admission(False, "", PLAINTEXT_REFUSED)
+        request: RequestInput
+        if isinstance(admitted, AdmittedRequest):
+            request = admitted.request
+        else:
+            request = L7_CHECKED_UPSTREAM if admitted.l7_checked else None
         decision = self._judge(target, admitted.source_principal, admitted.source_ip,
-                               admitted.port,
-                               L7_CHECKED_UPSTREAM if admitted.l7_checked else None)
+                               admitted.port, request)
         return Admission(decision.allowed, decision.policy or "", decision.reason)
 
     def needs_requests(self, dest: Workload, source_principal: str,
@@ -286,7 +318,7 @@ class Admitter:
             self._request_denials.denied(
                 (dest.key, policy), "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
                 source_principal or "plaintext", source_ip, dest.key, port,
-                _printable(request.method), _printable(request.path), policy, decision.reason)
+                printable(request.method), printable(request.path), policy, decision.reason)
         return admission, labels
 
     @property
@@ -363,7 +395,7 @@ class Admitter:
             source_ip=source_ip, destination_port=port), request)
 
 
-def _printable(text: str, limit: int = 200) -> str:
+def printable(text: str, limit: int = 200) -> str:
     """A request field as it may go into a log line: bounded, control characters escaped."""
     shown = text[:limit] + ("..." if len(text) > limit else "")
     return shown.encode("unicode_escape").decode("ascii") if not shown.isprintable() else shown

@@ -1,7 +1,8 @@
 """Connections judged again when the mesh state changes: Admitter.admitted_as and
 still_allows (policy/admission.py), ConnectionTracker.revoke (tcp/tracker.py) and the
 daemon's watcher (daemon/revocation.py).  What a new configuration resets must be exactly
-what it would refuse as a new connection, and judging counts and logs nothing."""
+what it would refuse as a new connection (an upgraded HTTP connection: as a new request),
+and judging counts and logs nothing."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import Workload
-from nodeproxy.policy.admission import AdmissionMetrics, AdmittedAs, Admitter
+from nodeproxy.policy.admission import AdmissionMetrics, AdmittedAs, AdmittedRequest, Admitter
 from nodeproxy.tcp.tracker import ConnectionTracker
 from tests.unit.test_policy import FRONTEND, allow, config_with, deny, src
 from tests.unit.test_policy_l7 import CART, op, when
@@ -153,3 +155,95 @@ def test_the_watcher_resets_what_the_new_snapshot_refuses_and_leaves_vanished_po
     [record] = caplog.records
     assert CART in record.getMessage() and "shop/web:8080" in record.getMessage()
     assert "by policy shop/d" in record.getMessage()
+
+
+# --- upgraded HTTP connections (WebSocket): judged again as their request ----------------
+
+REQUEST_POLICY_SETS: list[list[dict[str, Any]]] = [
+    [],
+    [deny(op(paths=["/chat/*"]))],
+    [deny({**src(principals=["cluster.local/ns/shop/sa/cart"]), **op(paths=["/chat/*"])})],
+    [allow(op(paths=["/public/*"], methods=["GET"]))],
+    [allow(op(hosts=["shop.example"]))],
+    [deny(when({"key": "request.headers[x-tenant]", "values": ["blocked"]}))],
+    [deny(when({"key": "request.headers[x-tenant]", "notValues": ["a, b"]}))],
+    [allow(src(principals=["cluster.local/ns/shop/sa/frontend"]))],
+    [deny(op(notMethods=["GET"]))],
+]
+HEADS = [
+    RequestHead("GET", "/chat/ws", "shop.example", [("upgrade", "websocket")]),
+    RequestHead("GET", "/public/ws", "shop.example", [("x-tenant", "blocked")]),
+    RequestHead("GET", "/public/ws", "other.example", [("x-tenant", "a"), ("x-tenant", "b")]),
+    RequestHead("POST", "/public/ws", "shop.example"),
+]
+
+
+@pytest.mark.parametrize("policies", range(len(REQUEST_POLICY_SETS)))
+def test_an_upgraded_request_is_judged_again_as_a_new_request_would_be(
+        policies: int, caplog: pytest.LogCaptureFixture) -> None:
+    """still_allows on an AdmittedRequest answers what admit_request answers for the same
+    request under the new configuration (peer authentication included), and counts and
+    logs nothing; a header given twice is read joined, as admit_request reads it."""
+    caplog.set_level(logging.DEBUG, "nodeproxy.policy.admission")
+    for peers in PEER_SETS:
+        new, registry, web = build(REQUEST_POLICY_SETS[policies], peers)
+        for head, principal, ip in itertools.product(HEADS, PRINCIPALS, IPS):
+            record = AdmittedRequest.of(web.key, principal, ip, 8080, head)
+            counted, logged = samples(registry), len(caplog.records)
+            judged = new.still_allows(record, web)
+            assert samples(registry) == counted and len(caplog.records) == logged
+            fresh = new.admit_request(web, principal, ip, 8080, head)
+            assert (judged.allowed, judged.policy) == (fresh.allowed, fresh.policy), (
+                REQUEST_POLICY_SETS[policies], peers, head.path, principal, ip)
+
+
+def test_the_admitted_request_is_a_copy_of_what_was_judged() -> None:
+    """Rewriting the head after the decision (as the route's header modifier does for the
+    upstream) does not change what is judged again; two records of the same request are
+    two connections, never merged."""
+    new, _, web = build([deny(op(paths=["/chat/*"]))])
+    head = RequestHead("GET", "/public/ws", "shop.example", [("x-tenant", "a")])
+    record = AdmittedRequest.of(web.key, FRONTEND, IPS[0], 8080, head)
+    head.path, head.headers[0] = "/chat/ws", ("x-tenant", "blocked")
+    assert new.still_allows(record, web).allowed
+    assert record.request.header("x-tenant") == "a"
+    twin = AdmittedRequest.of(web.key, FRONTEND, IPS[0], 8080, head)
+    assert twin != AdmittedRequest.of(web.key, FRONTEND, IPS[0], 8080, head)
+    assert not new.still_allows(twin, web).allowed
+
+
+def test_the_watcher_resets_upgraded_connections_to_local_and_remote_destinations(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An upgraded connection's destination may be on another node (the source judges the
+    destination's policies): it is found in the workload table.  A destination in neither
+    is left alone.  The log names the request."""
+    from types import SimpleNamespace
+
+    from nodeproxy.daemon.revocation import Revocation
+
+    new, _, web = build([deny(op(paths=["/chat/*"]))])
+    chat = RequestHead("GET", "/chat/ws", "shop.example")
+    public = RequestHead("GET", "/public/ws", "shop.example")
+    tracker = ConnectionTracker()
+    relays = {name: FakeRelay() for name in ("remote-chat", "remote-public", "local-chat",
+                                             "unknown-chat")}
+    for name, key, head in (("remote-chat", web.key, chat), ("remote-public", web.key, public),
+                            ("local-chat", "shop/local", chat),
+                            ("unknown-chat", "shop/gone", chat)):
+        tracker.add(relays[name], "shop/client",  # type: ignore[arg-type]
+                    admitted=AdmittedRequest.of(key, FRONTEND, IPS[0], 8080, head))
+    local = Workload.model_validate({"name": "local", "namespace": "shop", "node": "node-a",
+                                     "labels": {"app": "web"}, "ips": ["10.244.1.30"]})
+    registry = CollectorRegistry()
+    snapshot = SimpleNamespace(
+        admitter=new, table=SimpleNamespace(workloads={web.key: web}),
+        inputs=SimpleNamespace(local_pods=(SimpleNamespace(workload=local),)))
+    caplog.set_level(logging.WARNING, "nodeproxy.daemon.revocation")
+    Revocation(tracker, registry)(snapshot)  # type: ignore[arg-type]
+    assert {n: r.aborted for n, r in relays.items()} == {
+        "remote-chat": 1, "remote-public": 0, "local-chat": 1, "unknown-chat": 0}
+    assert registry.get_sample_value("nodeproxy_connections_revoked_total") == 2
+    messages = sorted(r.getMessage() for r in caplog.records)
+    assert len(messages) == 2
+    assert all("(upgraded GET /chat/ws)" in m and "by policy shop/d" in m for m in messages)
+    assert "shop/local:8080" in messages[0] and "shop/web:8080" in messages[1]
