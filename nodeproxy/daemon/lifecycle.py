@@ -149,6 +149,8 @@ class Daemon:
         # Connections that came and went, and sockets that fell asleep or woke (a sleep
         # frees the flow's transports): a burst of either leaves freed heap to give back.
         dormancy = kernel.splicer.dormancy
+        if cfg.proxy.memory_trim_seconds and not self._trimmer.unavailable:
+            dormancy.settled = self._trimmer.settled  # a burst of sleeps is over: trim
         self._tasks.append(asyncio.create_task(memory_trim.run(
             self._trimmer, lambda: self.tracker.churn, cfg.proxy.memory_trim_seconds,
             lambda: dormancy.churn)))

@@ -11,9 +11,11 @@ opened and closed since the last trim reach MIN_CHURN and the last interval was 
 would only be faulted back in; and once at its first check, after start-up.  Sockets
 falling asleep or waking (tcp/dormancy.py: a sleep frees the flow's two transports,
 about 2 KiB of this heap) are a second kind of burst, judged the same way on their own
-count: a burst's relayed flows fall asleep a second or two after its connections
-opened, once the trim for the connections has run (2.8 MiB left free in the heap with
-8,988 asleep, docs/benchmarks.md, "Idle memory, ninth round"); counted with the
+count, and also as soon as the dormancy's wheel says that burst is over (`settled`: the
+quiet flows it held were looked at and few wait), a second or so before a check can see
+a quiet interval.  A burst's relayed flows fall asleep a second or two after its
+connections opened, once the trim for the connections has run (2.8 MiB left free in the
+heap with 8,988 asleep, docs/benchmarks.md, "Idle memory, ninth round"); counted with the
 connections, they would hold that first trim back until they too were over.  A third
 kind is work that opens no connection at all: a bulk transfer over a kept connection
 leaves its buffers' chunks free in the heap (10 MiB after eight iperf3 streams cross
@@ -140,14 +142,34 @@ class MemoryTrimmer:
                                       or busy_period_over(cpu_since, cpu_last, interval)):
             return False
         self._at_trim, self._sleeps_at_trim, self._cpu_at_trim = churn, sleeps, cpu
+        given = self._trim_now()
+        log.debug("malloc_trim after %d connections opened or closed, %d sleeps or wakes, "
+                  "%.1f CPU s: %d KiB back", since_trim, sleeps_since, cpu_since, given // 1024)
+        return True
+
+    def settled(self, sleeps: int) -> bool:
+        """The dormancy's word that a burst of sleeps is over (tcp/dormancy.py,
+        `Dormancy.settled`, with its running count of sleeps and wakes): trim now if at
+        least MIN_CHURN came since the last trim, rather than at the next check after a
+        quiet interval.  True when it trimmed."""
+        sleeps_since = sleeps - self._sleeps_at_trim
+        if self._trim is None or sleeps_since < MIN_CHURN:
+            return False
+        self._sleeps_at_trim = sleeps
+        given = self._trim_now()
+        log.debug("malloc_trim after a burst of %d sleeps or wakes settled: %d KiB back",
+                  sleeps_since, given // 1024)
+        return True
+
+    def _trim_now(self) -> int:
+        """Trim, count it; the resident bytes it gave back."""
+        assert self._trim is not None
         before = self._rss()
         self._trim()
         given = max(0, before - self._rss())
         self.metrics.trims.inc()
         self.metrics.trimmed.inc(given)
-        log.debug("malloc_trim after %d connections opened or closed, %d sleeps or wakes, "
-                  "%.1f CPU s: %d KiB back", since_trim, sleeps_since, cpu_since, given // 1024)
-        return True
+        return given
 
 
 async def run(trimmer: MemoryTrimmer, churn: Callable[[], int], seconds: float,

@@ -10,7 +10,7 @@ under HBONE"). Here:
   OpenSSL at once; every complete record is decrypted *into* a 256 KiB plaintext buffer
   (`SSLObject.read(n, buffer)`: no allocation per record), and each full buffer, then the
   rest, reaches the protocol as one `bytes`: one copy per byte. The two buffers are shared
-  by every connection of the thread (`_Buffers`): their content matters only from a read
+  by every connection of the thread (`_thread_buffers`): their content matters only from a read
   to the copy that follows it, with no other code in between, so an idle connection holds
   none of them.
 - The first write of an event-loop turn is encrypted and goes to the socket at once (a
@@ -54,21 +54,20 @@ FLUSH_AT = 256 * 1024        # ciphertext sent at once rather than at the end of
 RECORD = 16 * 1024           # a TLS record's most plaintext: smaller writes are coalesced
 
 
-class _Buffers(threading.local):
-    """The read buffers of this thread's connections (see the module docstring)."""
-
-    cipher: memoryview | None = None
-    plain: memoryview | None = None
-
-    def get(self) -> tuple[memoryview, memoryview]:
-        if self.cipher is None or len(self.cipher) != READ_BUFFER:
-            self.cipher = memoryview(bytearray(READ_BUFFER))
-        if self.plain is None or len(self.plain) != PLAIN_BUFFER:
-            self.plain = memoryview(bytearray(PLAIN_BUFFER))
-        return self.cipher, self.plain
+# The thread's read buffers (see the module docstring).  A plain threading.local with
+# attributes, not a subclass of it: mypyc compiles a subclass of that C type into a class
+# on which isinstance() crashes the interpreter (tests/unit/test_native.py walks every
+# object with isinstance to keep it so).
+_THREAD = threading.local()
 
 
-_BUFFERS = _Buffers()
+def _thread_buffers() -> tuple[memoryview, memoryview]:
+    """This thread's two read buffers (ciphertext, plaintext), made on first use."""
+    buffers: tuple[memoryview, memoryview] | None = getattr(_THREAD, "buffers", None)
+    if buffers is None:
+        buffers = (memoryview(bytearray(READ_BUFFER)), memoryview(bytearray(PLAIN_BUFFER)))
+        _THREAD.buffers = buffers
+    return buffers
 
 
 class App(Protocol):
@@ -186,7 +185,7 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self.held = 0                 # their bytes
         self._busy = False            # the last turn that wrote had several writes
         self._loop = asyncio.get_running_loop()
-        self._buffers = _BUFFERS.get()
+        self._buffers = _thread_buffers()
 
     def tcp(self) -> asyncio.Transport:
         if self.transport is None:
@@ -214,7 +213,7 @@ class _TlsRecords(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # The thread's shared buffers (a reference, not a buffer of this connection's own).
-        self._buffers = _BUFFERS.get()
+        self._buffers = _thread_buffers()
         return self._buffers[0]
 
     def buffer_updated(self, nbytes: int) -> None:

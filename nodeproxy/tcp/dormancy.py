@@ -26,7 +26,7 @@ import math
 import os
 import select
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
@@ -41,6 +41,15 @@ WHEEL_TICK = 1.0
 # the first ones slept; docs/benchmarks.md, "Idle relayed flows, seventh round").  At
 # most 2 x TURN_BATCH descriptors are duplicated at once.
 TURN_BATCH = 64
+
+# A burst of sleeps is over ("settled", for the daemon's memory trim) once a turn of the
+# wheel leaves at most SETTLED_PARKED flows parked and nothing due, after at least
+# SETTLED_CHURN sockets fell asleep or woke since the last time it was: told
+# SETTLED_DELAY later, once the last flows' closed transports are freed (a loop turn or
+# two after their sleep).
+SETTLED_CHURN = 256
+SETTLED_PARKED = 16
+SETTLED_DELAY = 0.1
 
 # What a socket becomes once its descriptor is gone (a failed wake): every query on it
 # fails (EBADF), as on a transport's own socket after it closed; never a bare number that
@@ -111,6 +120,11 @@ class Dormancy:
         # (daemon/memory_trim.py) waits for a burst of sleeps to be over as it does for
         # one of connections.
         self.churn = 0
+        # Told (with `churn`) when a burst of sleeps is over, as the wheel sees it: the
+        # quiet flows it held have been looked at and few wait (the daemon's memory
+        # trim, which would otherwise see the burst's end only at its next check).
+        self.settled: Callable[[int], object] | None = None
+        self._churn_at_settled = 0
 
     def watch(self, fd: int, sleeper: Sleeper) -> None:
         """Wake `sleeper` when the socket fd is readable, has hung up or failed."""
@@ -178,8 +192,17 @@ class Dormancy:
                 break
         if any(slot <= now for slot in self._wheel):
             self._wheel_timer = loop.call_soon(self._turn)
-        elif self._wheel:
+            return
+        if self._wheel:
             self._wheel_timer = loop.call_later(WHEEL_TICK, self._turn)
+        if self.settled is not None and self.churn - self._churn_at_settled >= SETTLED_CHURN \
+                and sum(map(len, self._wheel.values())) <= SETTLED_PARKED:
+            self._churn_at_settled = self.churn
+            loop.call_later(SETTLED_DELAY, self._tell_settled)
+
+    def _tell_settled(self) -> None:
+        if self.settled is not None:
+            self.settled(self.churn)
 
 
 def quiet_side(side: Side) -> bool:

@@ -11,15 +11,19 @@ for the quiet wait (relay_sleep.quiet_wait) and nothing of it is in Python (no b
 either write buffer, no EOF, nothing held), it sleeps:
 
 - the socket is kept as a bare descriptor number, watched by the daemon's epoll
-  (tcp/dormancy.py), its row in `HalfRows` (keyed by that number: the relay, when it fell
-  asleep, its early wakes); its side becomes the shared read-only stand-in of its
-  direction (`dormancy.ASLEEP_SIDES`), the relay's nap the table;
-- the stream keeps its side, which becomes a `_Bell` (the same object: its class is
-  swapped, no allocation): what the stream reports (DATA, its END_STREAM, a reset,
-  the pooled connection's loss) is held on the side as before a relay joins (its
-  reading paused, so the stream withholds its WINDOW_UPDATEs: flow control stays exact)
-  and wakes the relay.  A WINDOW_UPDATE or SETTINGS from the peer reaches only the
-  stream's send window, and a GOAWAY only the connection: none of them wakes it;
+  (tcp/dormancy.py), its row in `HalfRows` (keyed by that number: the relay, its
+  stream, which side was the socket's, when it fell asleep, its early wakes); both of
+  the relay's sides become the shared read-only stand-ins (`dormancy.ASLEEP_SIDES`),
+  the relay's nap the table;
+- the stream's side is dropped too (about 130 bytes): while the flow sleeps the relay
+  itself is the stream's reader (`StreamTransport.swap_reader`; Relay's protocol
+  methods), so no object is swapped or made for it.  The first thing the stream
+  reports (DATA, its END_STREAM, a reset, the pooled connection's loss) wakes the
+  relay, which gives the stream a new side at once, not yet joined to the relay: it
+  holds what comes (as a side holds what comes before its relay joins: bytes, EOF,
+  loss), its reading paused so the stream withholds its WINDOW_UPDATEs for what is held
+  (flow control stays exact).  A WINDOW_UPDATE or SETTINGS from the peer reaches only
+  the stream's send window, and a GOAWAY only the connection: none of them wakes it;
 - the stream's state in h2 (its H2Stream, state machine and window manager, about
   0.55 KiB) is dropped if the stream offers to (`shelve()`, tunnel/session.py's
   StreamTransport.shelve: an open stream exactly as h2 would make it again), and made
@@ -28,8 +32,8 @@ either write buffer, no EOF, nothing held), it sleeps:
 
 Readability on the socket (bytes, a FIN, a reset) or anything the stream reports wakes
 it: the socket gets a transport again (bare_socket.adopt, which replays what it read),
-then the stream's side becomes a `Side` again and what it held is passed on in order,
-as Relay.start passes on what came before a relay joined.  close and abort (the idle
+then the stream's new side joins the relay and what it held is passed on in order, as
+Relay.start passes on what came before a relay joined.  close and abort (the idle
 timeout, drain, a revoked policy, a vanished pod) end an asleep relay directly: its
 socket closed with a FIN or a reset, its stream closed or reset.
 
@@ -85,50 +89,32 @@ def socket_side(relay: Relay) -> int | None:
     return None
 
 
-class _Bell(Side):
-    """An asleep relay's stream side: what the stream reports is held (as a side holds
-    what comes before its relay joins: early bytes, EOF, loss) and rings the relay's nap
-    (the table while asleep, the waking nap after).  Swapped in and out by class
-    assignment: a `Side` with nothing added."""
-
-    __slots__ = ()
-
-    def _ring(self) -> None:
-        relay = self.relay
-        if relay is not None and relay.nap is not None:
-            relay.nap.ring(relay)  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.hold_early(data)
-        self.pause()  # the stream withholds its WINDOW_UPDATEs for what is held
-        self._ring()
-
-    def eof_received(self) -> bool:
-        self.got_eof = True
-        self._ring()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.error = exc
-        self._ring()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
+def _may_drop(side: Side) -> bool:
+    """The stream's side holds nothing a new side would not: a plain `Side` whose
+    stream reads into it (a transport that can take another reader), its writing not
+    paused, no EOF forwarded, no lease, nobody waiting on it (quiet_side has checked the
+    rest: no EOF read, not lost, nothing held)."""
+    stream = side.transport
+    return (type(side) is Side and stream is not None
+            and getattr(stream, "protocol", None) is side
+            and hasattr(stream, "swap_reader")
+            and not side.write_paused and not side.eof_forwarded
+            and side.lease is None and side._arrival is None)
 
 
 class HalfRows:
     """The relays asleep with one socket, one row each keyed by its descriptor's number
     (the dormancy's sleeper for those numbers, and their relays' nap while asleep):
-    `_relay[fd]`, `_slept_at[fd]`, `_restless[fd]`.  Counted with the whole-asleep
-    relays (RelayNaps.asleep and its metrics)."""
+    `_relay[fd]`, `_stream[fd]` (its tunnel stream, whose reader the relay is while
+    asleep), `_which[fd]` (0: the socket was downstream, 1: upstream), `_slept_at[fd]`,
+    `_restless[fd]`.  Counted with the whole-asleep relays (RelayNaps.asleep and its
+    metrics)."""
 
     def __init__(self, naps: RelayNaps):
         self.naps = naps
         self._relay: list[Relay | None] = []
+        self._stream: list[Any] = []
+        self._which = array("B")
         self._slept_at = array("d")
         self._restless = array("B")
 
@@ -138,31 +124,36 @@ class HalfRows:
 
     # -- the table ----------------------------------------------------------------
 
-    def put(self, relay: Relay, fd: int, restless: int) -> bool:
+    def put(self, relay: Relay, fd: int, restless: int, stream: Any, which: int) -> bool:
         missing = fd + 1 - len(self._relay)
         if missing > 0:
             self._relay.extend([None] * missing)
+            self._stream.extend([None] * missing)
+            self._which.extend(bytes(missing))
             self._slept_at.extend([0.0] * missing)
             self._restless.extend(bytes(missing))
         if self._relay[fd] is not None or self.naps.row_of(fd) is not None:
             return False
         self._relay[fd] = relay
+        self._stream[fd] = stream
+        self._which[fd] = which
         self._slept_at[fd] = time.monotonic()
         self._restless[fd] = restless
         relay.sleep_row = fd
         return True
 
-    def take(self, relay: Relay) -> tuple[int, int, float] | None:
-        """Clear the relay's row: (fd, restless, slept at), or None; the descriptor is
-        unwatched, not closed."""
+    def take(self, relay: Relay) -> tuple[int, int, float, int, Any] | None:
+        """Clear the relay's row: (fd, restless, slept at, which side was the socket's,
+        the stream), or None; the descriptor is unwatched, not closed."""
         fd = relay.sleep_row
         if fd < 0 or fd >= len(self._relay) or self._relay[fd] is not relay:
             return None
-        self._relay[fd] = None
+        stream = self._stream[fd]
+        self._relay[fd] = self._stream[fd] = None
         relay.sleep_row = -1
         self.naps.dormancy.unwatch(fd)
         self.naps.asleep -= 1
-        return fd, self._restless[fd], self._slept_at[fd]
+        return fd, self._restless[fd], self._slept_at[fd], self._which[fd], stream
 
     def row_of(self, fd: int) -> Relay | None:
         return self._relay[fd] if 0 <= fd < len(self._relay) else None
@@ -176,16 +167,25 @@ class HalfRows:
         else:
             self.wake(relay)
 
-    def ring(self, relay: Relay) -> None:
-        """The asleep relay's stream reported something (held on its side)."""
+    def stream_reported(self, relay: Relay) -> asyncio.Protocol:
+        """The asleep relay's stream reported something (Relay's protocol methods, the
+        stream's reader while asleep): the relay wakes, and what was reported goes to the
+        stream's new side, which holds it until the socket's transport is made."""
+        fd = relay.sleep_row
+        stream = self._stream[fd] if 0 <= fd < len(self._stream) \
+            and self._relay[fd] is relay else None
+        if stream is None:
+            # Never: every way out of the row gives the stream its side back first.
+            raise RuntimeError("a relay is a stream's reader without a row")
         self.wake(relay)
+        protocol: asyncio.Protocol = stream.protocol
+        return protocol
 
     def wake(self, relay: Relay) -> None:
         row = self._take_row(relay)
         if row is None:
             return
         fd, restless, slept_at, which, stream_side = row
-        _unshelve(stream_side.transport)
         self.naps.metrics.wakes.inc()
         sock_side = _fresh_side(relay, which)
         nap = relay.nap = HalfNap(self.naps, relay, self)
@@ -200,11 +200,10 @@ class HalfRows:
         if row is None:
             return False
         fd, _restless, _slept_at, which, stream_side = row
-        _unshelve(stream_side.transport)
+        stream_side.relay = relay  # the stream's report of its end reaches the relay
         close_bare(fd, how_reset)
         _fresh_side(relay, which).lost = True
         relay.nap = None
-        stream_side.__class__ = Side  # the stream's report of its end reaches the relay
         stream = stream_side.transport
         if how_reset:
             reset(stream)
@@ -218,13 +217,22 @@ class HalfRows:
         relay.nap = None
 
     def _take_row(self, relay: Relay) -> tuple[int, int, float, int, Side] | None:
-        """The row cleared, with which side was the socket's and the stream's side."""
+        """The row cleared, with which side was the socket's; the stream has a new side
+        as its reader (the relay's, not yet joined to it: it holds what the stream
+        reports) and h2's state of the stream back."""
         row = self.take(relay)
         if row is None:
             return None
-        which = 0 if relay.downstream is ASLEEP_SIDES[0] else 1
-        stream_side = relay.upstream if which == 0 else relay.downstream
-        return (*row, which, stream_side)
+        fd, restless, slept_at, which, stream = row
+        stream_side = Side(ASLEEP_SIDES[1 - which].name)
+        stream_side.transport = stream
+        stream.swap_reader(stream_side)
+        if which == 0:
+            relay.upstream = stream_side
+        else:
+            relay.downstream = stream_side
+        _unshelve(stream)
+        return fd, restless, slept_at, which, stream_side
 
 
 def _fresh_side(relay: Relay, which: int) -> Side:
@@ -256,13 +264,14 @@ class HalfNap(RelayNap):
             return False
         sides = (relay.downstream, relay.upstream)
         sock_side, stream_side = sides[which], sides[1 - which]
-        if type(stream_side) is not Side:
-            return False  # only a plain side becomes a bell (the same slots)
+        if not _may_drop(stream_side):
+            return False
+        stream = stream_side.transport
         socks = detach_sides([sock_side])
         if not socks:
             return False  # no descriptor free: the transport was left as it was
         rows, naps = self._rows, self._naps
-        if not rows.put(relay, socks[0].fileno(), self._restless):
+        if not rows.put(relay, socks[0].fileno(), self._restless, stream, which):
             self._waking = asyncio.get_running_loop().create_task(
                 self._adopt(socks, (sock_side,)))
             return False
@@ -271,12 +280,11 @@ class HalfNap(RelayNap):
             self._parked = None
         sock_side.relay = None  # the old side goes with its closed transport
         fd = socks[0].detach()
-        stream_side.__class__ = _Bell
-        _shelve(stream_side.transport)
-        if which == 0:
-            relay.downstream = ASLEEP_SIDES[0]
-        else:
-            relay.upstream = ASLEEP_SIDES[1]
+        # The stream's side goes too: the relay is the stream's reader while asleep.
+        stream.swap_reader(relay)  # type: ignore[union-attr]
+        stream_side.relay = stream_side.transport = None
+        _shelve(stream)
+        relay.downstream, relay.upstream = ASLEEP_SIDES
         relay.nap = rows
         naps.asleep += 1
         naps.metrics.sleeps.inc()
@@ -287,19 +295,16 @@ class HalfNap(RelayNap):
             return False
         return True
 
-    def ring(self, relay: Relay) -> None:
-        """The stream reported something while the socket's transport is being made:
-        held on the stream's side until then."""
-
     async def readopt(self, sock: Any, sock_side: Side, stream_side: Side) -> None:
         """The socket's transport back (what it read is passed on once made); then the
-        stream's side is a Side again and passes on what it held, in order."""
+        stream's new side joins the relay and passes on what it held, in order."""
         relay = self.relay
         try:
             await adopt([sock], [sock_side])
         finally:
             self._waking = None
-            stream_side.__class__ = Side
+            if not relay.finished:  # an ended relay's sides forget it (no cycle)
+                stream_side.relay = relay
         if not relay.finished:
             early, stream_side.early = stream_side.early, ()
             for data in early:

@@ -314,6 +314,29 @@ class Relay:
         reset(self.downstream.transport)
         reset(self.upstream.transport)
 
+    # -- its tunnel stream's reader while the flow sleeps (tcp/half_sleep.py) --------
+    # An asleep cross-node flow keeps no side for its stream: the relay itself reads
+    # the stream, and whatever the stream reports wakes it (its nap, then the table of
+    # asleep relays, gives the stream a new side) and goes to that side.
+
+    def _stream_reported(self) -> asyncio.Protocol:
+        return self.nap.stream_reported(self)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        self._stream_reported().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._stream_reported().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stream_reported().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._stream_reported().pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream_reported().resume_writing()
+
     def finish_lost(self) -> None:
         """Both sides' sockets were closed without their transports (an asleep splice,
         tcp/splicer.py, or relay, tcp/relay_sleep.py): the relay is over."""

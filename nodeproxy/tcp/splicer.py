@@ -618,7 +618,13 @@ class Splicer:
         """A relay has just started; splice it if splicing is on and the flow's
         workloads allow it (`allowed`): as soon as nothing of it waits in Python, or,
         with `after_bytes`, once it has carried that many bytes (relayed until then)."""
-        if not (self.enabled and allowed):
+        if not (self.enabled and allowed) or any(
+                side.transport is not None
+                and side.transport.get_extra_info("socket") is None
+                for side in (relay.downstream, relay.upstream)):
+            # Off, not allowed, or a side that is not a socket (an HBONE stream: the
+            # kernel has nothing to join, _splice would refuse it): never a promotion
+            # to carry for the flow's whole life (56 bytes per idle cross-node flow).
             return
         pods = tuple(pods)
         carried = relay.bytes_from_downstream + relay.bytes_from_upstream

@@ -140,18 +140,21 @@ class StreamTransport:
         # What the peer still lets us send, and what we still let it send.
         self.send_window = session.conn.remote_settings.initial_window_size
         self.receive_window = STREAM_WINDOW
+        # The nine flags together: the compiled build lays a native class's attributes
+        # out in the order first assigned here, a byte per flag, so together they take
+        # 16 bytes, not 8 each (24 bytes less per stream).
         self._eof_pending = False
         self._local_ended = False
         self._remote_ended = False
         self._closing = False
         self._finished = False
         self._reading_paused = False
-        self._unacked = 0
         self._writing_paused = False
-        self._early: list[bytes | memoryview] | tuple[()] = ()  # DATA before a protocol
         self._takes_views = False
-        self._side: Side | None = None  # the reader, when it is a relay's side
         self._early_eof = False
+        self._unacked = 0
+        self._early: list[bytes | memoryview] | tuple[()] = ()  # DATA before a protocol
+        self._side: Side | None = None  # the reader, when it is a relay's side
         self._error: BaseException | None = None
         self.request_headers: Mapping[str, str] = NO_HEADERS
         # While the stream's flow sleeps, its H2Stream is dropped and this is what makes
@@ -173,6 +176,15 @@ class StreamTransport:
             protocol.eof_received()
         if self._finished:
             protocol.connection_lost(self._error)  # type: ignore[arg-type]
+
+    def swap_reader(self, protocol: Any) -> None:
+        """Another reader in this one's place, as it is: no connection_made, nothing
+        replayed.  An asleep cross-node flow's relay stands in for its side, and a new
+        side takes its place as it wakes (tcp/half_sleep.py); only a relay's side gets
+        views of the read and the frame reader's one-call path."""
+        self.protocol = protocol
+        self._takes_views = isinstance(protocol, Side)
+        self._side = protocol if isinstance(protocol, Side) else None
 
     def _shed_open(self) -> None:
         """What only the stream's open needed, dropped once its reader joins: a client's
@@ -672,9 +684,10 @@ class H2Session:
             # What a plain side's data_received would do, without its call.
             relay.forward(side, view[start:start + length])  # type: ignore[arg-type]
         else:
-            # No relay yet, or a side of another class, whose own data_received decides
-            # (an asleep relay's stream side, tcp/half_sleep.py's bell, holds the bytes
-            # and wakes the relay).
+            # No relay yet (a side holds the bytes until its relay joins: so does the
+            # new side of an asleep relay waking, tcp/half_sleep.py), or a side of
+            # another class, whose own data_received decides.  An asleep relay itself
+            # reads its stream with no side (_side is None): the general path wakes it.
             side.data_received(view[start:start + length])  # type: ignore[arg-type]
         stream._unacked += length
         if stream._unacked >= STREAM_ACK and not stream._reading_paused \

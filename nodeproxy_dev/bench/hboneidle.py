@@ -70,6 +70,9 @@ def _end(relay: Relay, stream: StreamTransport) -> list[tuple[str, int]]:
             rows.append((f"socket transport ({type(transport).__name__})",
                          _size(transport)))
     rows.append(("StreamTransport (+ __dict__)", _size(stream)))
+    reader = stream.protocol
+    rows.append((f"  its reader: {type(reader).__name__}"
+                 f"{' (the relay: no side while asleep)' if reader is relay else ''}", 0))
     for name in ("_pending", "_early", "request_headers", "response"):
         value = getattr(stream, name, None)
         if value is not None:

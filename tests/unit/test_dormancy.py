@@ -7,7 +7,14 @@ import asyncio
 
 import uvloop
 
-from nodeproxy.tcp.dormancy import TURN_BATCH, WHEEL_TICK, Dormancy
+from nodeproxy.tcp.dormancy import (
+    SETTLED_CHURN,
+    SETTLED_DELAY,
+    SETTLED_PARKED,
+    TURN_BATCH,
+    WHEEL_TICK,
+    Dormancy,
+)
 
 
 class Parked:
@@ -87,4 +94,55 @@ def test_sockets_falling_asleep_and_waking_count_as_churn_for_the_memory_trim():
         finally:
             a.close()
             b.close()
+    uvloop.run(main())
+
+
+class Sleeps(Parked):
+    """A quiet flow that falls asleep when looked at (its socket watched: churn)."""
+
+    def __init__(self, wheel: Dormancy) -> None:
+        super().__init__()
+        self.wheel = wheel
+
+    def turned(self) -> None:
+        super().turned()
+        self.wheel.churn += 1
+
+
+def test_the_wheel_says_a_burst_of_sleeps_is_over_once_it_is_and_only_then():
+    """`Dormancy.settled` (the daemon's memory trim) is told once after a burst: when
+    the burst's quiet flows have all been looked at and few others wait, SETTLED_DELAY
+    after that turn, with the churn then; never while more than SETTLED_PARKED wait,
+    never for fewer than SETTLED_CHURN sleeps, and not again for the same ones."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wheel = Dormancy()
+        told: list[tuple[float, int]] = []
+        wheel.settled = lambda churn: told.append((loop.time(), churn))
+        now = loop.time()
+        burst = [Sleeps(wheel) for _ in range(SETTLED_CHURN + 10)]
+        for f in burst:
+            wheel.park(f, now)
+        waiting = [Parked() for _ in range(SETTLED_PARKED + 1)]
+        slots = [wheel.park(f, now + 60) for f in waiting]
+        await asyncio.sleep(2.5 * WHEEL_TICK)
+        assert all(len(f.turns) == 1 for f in burst)
+        assert told == []  # the burst slept, but more than SETTLED_PARKED still wait
+        wheel.unpark(waiting[0], slots[0])  # SETTLED_PARKED wait now: few enough
+        await asyncio.sleep(1.5 * WHEEL_TICK)
+        assert len(told) == 1 and told[0][1] == SETTLED_CHURN + 10
+        for f, slot in zip(waiting[1:], slots[1:], strict=True):
+            wheel.unpark(f, slot)
+        # Too few sleeps since: never told, however quiet the wheel.
+        small = [Sleeps(wheel) for _ in range(SETTLED_CHURN - 1)]
+        for f in small:
+            wheel.park(f, loop.time())
+        await asyncio.sleep(2.5 * WHEEL_TICK)
+        assert all(len(f.turns) == 1 for f in small) and len(told) == 1
+        # One more makes a burst's worth since the last time: told, after the delay.
+        last = Sleeps(wheel)
+        wheel.park(last, loop.time())
+        await asyncio.sleep(2.5 * WHEEL_TICK)
+        assert len(told) == 2 and told[1][1] == 2 * SETTLED_CHURN + 10
+        assert told[1][0] - last.turns[0] >= SETTLED_DELAY - 0.01
     uvloop.run(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hashlib
 import os
 import socket
@@ -34,7 +35,6 @@ from nodeproxy.identity import (
 )
 from nodeproxy.tcp import relay_sleep
 from nodeproxy.tcp.dormancy import ASLEEP_SIDES, Dormancy
-from nodeproxy.tcp.half_sleep import _Bell
 from nodeproxy.tcp.relay import Relay, Side
 from nodeproxy.tcp.relay_sleep import RelayNaps, RelaySleepMetrics
 from nodeproxy.tunnel.session import STREAM_WINDOW, H2Session, StreamTransport
@@ -189,12 +189,14 @@ class Mesh:
         return ends
 
     def asleep(self, ends: Ends) -> bool:
-        """Both relays asleep: the socket's side the shared stand-in, the stream's a bell,
-        no transport for the socket anywhere."""
+        """Both relays asleep: both sides the shared stand-ins (no side of the flow's
+        own, no transport for the socket anywhere), each relay its stream's reader."""
         return (ends.source.downstream is ASLEEP_SIDES[0]
-                and type(ends.source.upstream) is _Bell
+                and ends.source.upstream is ASLEEP_SIDES[1]
+                and ends.source_stream.protocol is ends.source
+                and ends.destination.downstream is ASLEEP_SIDES[0]
                 and ends.destination.upstream is ASLEEP_SIDES[1]
-                and type(ends.destination.downstream) is _Bell)
+                and ends.destination_stream.protocol is ends.destination)
 
     def asleep_relays(self) -> set[int]:
         """The relays with a row in the table of half-asleep relays, by id."""
@@ -234,7 +236,7 @@ async def test_a_quiet_cross_node_flow_sleeps_at_both_ends_and_wakes_intact_both
     await until(lambda: all(mesh.asleep(f) for f in flows))
     assert mesh.naps.asleep == 6
     for f in flows:
-        assert f.source_stream.protocol is f.source.upstream
+        assert f.source_stream._side is None and not f.source_stream._takes_views
     # More than a stream window each way at once, from both applications: the wake, the
     # bytes held while the socket's transport is made, and flow control across it.
     big = STREAM_WINDOW + 300_001
@@ -381,3 +383,101 @@ async def test_bytes_arriving_while_the_socket_is_being_adopted_keep_their_order
     whole = b"".join(chunks)
     assert await read_all(f.client_app, len(whole)) == whole
     await exchange(f, 1000, 1000, b"after")
+
+
+def sides_reading(stream: StreamTransport) -> list[Side]:
+    """Every live `Side` whose transport is the stream (by exact type: a subclass does not
+    count)."""
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is Side and o.transport is stream]
+
+
+@on_uvloop
+async def test_an_asleep_flow_keeps_no_side_for_its_stream_and_wakes_with_one_joined():
+    """Asleep, each relay is its stream's reader and no side of either stream is alive
+    (the memory the sleep saves); woken, the stream reads into one new plain side
+    joined to the relay, the frame reader's one-call path (views, `_side`) again, and
+    it sleeps again the same way."""
+    mesh = Mesh()
+    await mesh.start()
+    f = await mesh.flow()
+    for rounds in range(2):
+        await until(lambda: mesh.asleep(f))
+        for stream, relay in ((f.source_stream, f.source),
+                              (f.destination_stream, f.destination)):
+            assert stream.protocol is relay
+            assert stream._side is None and not stream._takes_views
+            assert sides_reading(stream) == []
+        await exchange(f, 300_001 + rounds, 200_003 + rounds, b"side %d" % rounds)
+        for stream, relay, side in ((f.source_stream, f.source, f.source.upstream),
+                                    (f.destination_stream, f.destination,
+                                     f.destination.downstream)):
+            assert type(side) is Side and side.relay is relay
+            assert stream.protocol is side and stream._side is side
+            assert stream._takes_views
+            assert sides_reading(stream) == [side]
+
+
+@on_uvloop
+async def test_a_bare_fin_from_either_application_while_both_ends_sleep():
+    """A half-close with no byte before it, from each application in turn, while both
+    ends of its flow sleep: the FIN wakes the socket's end, the END_STREAM wakes the
+    stream's end as an EOF, and the open direction then carries megabytes intact
+    (SHA-256) before its own FIN."""
+    mesh = Mesh()
+    await mesh.start()
+    loop = asyncio.get_running_loop()
+    by_server, by_client = await mesh.flow(), await mesh.flow()
+    await until(lambda: mesh.asleep(by_server) and mesh.asleep(by_client))
+    for f, closer, other, n in ((by_server, "server_app", "client_app", 2_000_003),
+                                (by_client, "client_app", "server_app", 1_500_007)):
+        getattr(f, closer).shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(loop.sock_recv(getattr(f, other), 10), 5) == b""
+        data = payload(closer.encode(), n)
+        sent = loop.create_task(loop.sock_sendall(getattr(f, other), data))
+        got = await read_all(getattr(f, closer), n)
+        await sent
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        getattr(f, other).shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(loop.sock_recv(getattr(f, closer), 10), 5) == b""
+        await until(lambda f=f: f.source.finished and f.destination.finished)
+        expected = [n, 0] if closer == "server_app" else [0, n]
+        assert f.counted["source"] == expected and f.counted["destination"] == expected
+    assert mesh.naps.asleep == 0
+
+
+@on_uvloop
+async def test_a_hostile_peers_data_for_an_asleep_stream_arrives_exactly_or_resets():
+    """DATA frames a peer node injects for an asleep stream (no END_STREAM): within the
+    stream's window they reach the application exactly (SHA-256, the relay's count) and
+    the flow goes on carrying both ways; past the window, the peer has broken flow
+    control: the application is reset and never gets a byte beyond the window."""
+    mesh = Mesh()
+    await mesh.start()
+    f, g = await mesh.flow(), await mesh.flow()
+    await until(lambda: mesh.asleep(f) and mesh.asleep(g))
+    injected = payload(b"injected", 40_000)
+    sid = f.source_stream.stream_id
+    mesh.client.data_received(frames.data_header(16_384, sid) + injected[:16_384]
+                              + frames.data_header(40_000 - 16_384, sid)
+                              + injected[16_384:])
+    got = await read_all(f.client_app, len(injected))
+    assert hashlib.sha256(got).digest() == hashlib.sha256(injected).digest()
+    assert f.counted["source"] == [0, len(injected)]
+    await exchange(f, 70_001, 90_001, b"after injected")
+    await until(lambda: mesh.asleep(f) and mesh.asleep(g))
+    # Past the window: the stream's own window is STREAM_WINDOW while asleep (nothing
+    # credited for what the sleeping reader holds).
+    flood = payload(b"flood", STREAM_WINDOW + 16_384)
+    sid = g.source_stream.stream_id
+    window = g.source_stream.receive_window
+    wire = b"".join(frames.data_header(len(flood[i:i + 16_384]), sid) + flood[i:i + 16_384]
+                    for i in range(0, len(flood), 16_384))
+    mesh.client.data_received(wire)
+    received = bytearray()
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ConnectionResetError):
+        while chunk := await asyncio.wait_for(loop.sock_recv(g.client_app, 1 << 16), 5):
+            received += chunk
+    assert len(received) <= window and bytes(received) == flood[:len(received)]
+    await until(lambda: g.source.finished)

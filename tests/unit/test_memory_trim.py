@@ -145,6 +145,32 @@ def test_the_sleeps_after_a_burst_of_connections_get_a_trim_of_their_own() -> No
     assert heap.trims == 2
 
 
+def test_a_burst_of_sleeps_the_wheel_calls_settled_is_trimmed_at_once_and_once() -> None:
+    """The dormancy's word that the sleeps are over (Dormancy.settled) trims at once,
+    without waiting for a quiet interval between checks; the next checks do not trim
+    again for the same sleeps; too few sleeps since the last trim, or no malloc_trim,
+    no trim."""
+    heap = FakeHeap()
+    t, metrics = trimmer(heap)
+    assert t.check(0, 0)
+    heap.trims = 0
+    churn, sleeps = 9000, 0
+    assert not t.check(churn, sleeps)  # the connections open
+    sleeps += 6000
+    assert t.check(churn, sleeps)      # the connections are over (sleeps still coming)
+    sleeps += 3000
+    assert t.settled(sleeps)           # the last of them asleep: trimmed now
+    assert heap.trims == 2 and heap.rss == (100 - 12) << 20  # three trims of 4 MiB
+    assert metrics.trimmed._value.get() == 12 << 20
+    for _ in range(3):
+        assert not t.check(churn, sleeps)  # the same sleeps: nothing more
+    assert heap.trims == 2
+    assert not t.settled(sleeps + MIN_CHURN - 1)  # too few since
+    assert t.settled(sleeps + MIN_CHURN)
+    none, _ = trimmer(None)
+    assert not none.settled(10 * MIN_CHURN)
+
+
 def test_busy_period_over_needs_work_then_an_idle_interval() -> None:
     assert not busy_period_over(0.0, 0.0, 1.0)                         # nothing happened
     assert not busy_period_over(MIN_BUSY_CPU_SECONDS - 0.01, 0.0, 1.0)  # too little work

@@ -149,3 +149,23 @@ def test_the_http1_protocol_classes_are_native_when_compiled() -> None:
         assert not hasattr(protocol, "__dict__"), type(protocol)
         with pytest.raises(AttributeError):
             protocol.not_an_attribute = 1  # type: ignore[union-attr]
+
+
+def test_every_object_of_the_loaded_group_survives_isinstance() -> None:
+    """Every object alive after importing the whole group (compiled when built, else the
+    sources) is asked isinstance() and type(), as a heap walker (gc.get_objects: a leak
+    hunt, a debugger) would: a class mypyc compiled from a subclass of a C type such as
+    threading.local once crashed the interpreter here.  In a child: a crash is a failed
+    test, not a lost run."""
+    code = ("import gc, importlib, nodeproxy.native as n\n"
+            "for m in n.NATIVE_MODULES: importlib.import_module(m)\n"
+            "print(n.state()[1])\n"
+            "objects = gc.get_objects()\n"
+            "hits = sum(isinstance(o, int) + isinstance(o, (str, Exception)) for o in objects)\n"
+            "print(len(objects), hits)\n")
+    env = {**os.environ, "PYTHONPATH": str(native.PACKAGE_DIR.parent)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])
+    state, counts = run.stdout.splitlines()
+    assert int(counts.split()[0]) > 10_000, counts  # the walk saw the heap

@@ -55,3 +55,42 @@ def test_a_flow_with_a_closed_side_is_not_offered_to_the_kernel_and_counted_ende
         assert registry.get_sample_value(
             "nodeproxy_splice_flows_total", {"event": "ended"}) == 2
     asyncio.run(main())
+
+
+def test_a_relay_with_a_side_that_is_not_a_socket_gets_no_promotion():
+    """With fastPath.spliceAfterBytes a relay of two sockets carries a Promotion until it
+    has carried that many bytes; one with an HBONE stream on a side (no socket: the
+    kernel has nothing to join) never could be spliced, so it carries none (it would
+    hold one for its whole life, asleep too)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from nodeproxy.tcp.relay import Relay, Side
+    from nodeproxy.tcp.splicer import Promotion, SpliceMetrics, Splicer
+
+    class Transport:
+        def __init__(self, sock: object | None) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return self.sock if name == "socket" else default
+
+    class NoJoin:
+        def join(self, *args: object) -> None:
+            raise AssertionError("nothing is due yet")
+
+    async def main() -> None:
+        splicer = Splicer(NoJoin(), SpliceMetrics(CollectorRegistry()),  # type: ignore[arg-type]
+                          enabled=True, after_bytes=65536)
+        for down_sock, up_sock, promoted in ((object(), object(), True),
+                                             (object(), None, False),
+                                             (None, object(), False)):
+            down, up = Side("downstream"), Side("upstream")
+            down.transport = Transport(down_sock)  # type: ignore[assignment]
+            up.transport = Transport(up_sock)  # type: ignore[assignment]
+            relay = Relay(down, up, lambda *_: None, lambda _r: None)
+            splicer.offer(relay, ("ns/a",))
+            assert isinstance(relay.promotion, Promotion) is promoted
+            assert relay.splice is None
+    asyncio.run(main())
