@@ -59,6 +59,8 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.http.routes",
     "nodeproxy.telemetry.live_stats",
     "nodeproxy.telemetry.request_metrics",
+    "nodeproxy.telemetry.trace_start",
+    "nodeproxy.tcp.token_bucket",
     # The cross-node path (HBONE): the tunnel's frames and the TLS records under them
     # (docs/benchmarks.md, "mypyc on the HBONE path").
     "nodeproxy.codec.h2_frames",

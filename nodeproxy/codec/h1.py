@@ -870,10 +870,13 @@ class H1Client:
     def can_take(self) -> bool:
         return not self._busy and not self._closed
 
-    async def send(self, head: RequestHead, body: OutgoingBody, *,
-                   upgrade: str | None = None) -> UpstreamResponse:
-        """Send one request; its response head.  With `upgrade` (an Upgrade token) the
-        request offers that upgrade and a 101 answers it (then see `detach`)."""
+    def send(self, head: RequestHead, body: OutgoingBody, *,
+             upgrade: str | None = None) -> asyncio.Future[UpstreamResponse]:
+        """Send one request now; await the result for its response head.  With `upgrade`
+        (an Upgrade token) the request offers that upgrade and a 101 answers it (then see
+        `detach`).  Not a coroutine: the future itself is returned, so a request makes no
+        coroutine here (a compiled build's await of it is the same as of the
+        coroutine).  Raises UpstreamError at once when the connection cannot take it."""
         if not self.can_take() or self.transport is None:
             raise UpstreamError("UC", "upstream connection is not available")
         self._busy = True
@@ -882,13 +885,13 @@ class H1Client:
         self._offered = upgrade
         # The connection's loop, kept: get_running_loop() is a getpid system call on 3.11.
         loop = self._loop or asyncio.get_running_loop()
-        self._head = loop.create_future()
+        waiter = self._head = loop.create_future()
         has_length = head.header("content-length") is not None
         chunked = not has_length and not body.ended
         self.transport.write(encode_request(head, chunked=chunked, upgrade=upgrade))
         if not body.ended:
             self._sender = loop.create_task(self._send_body(body, chunked))
-        return await self._head
+        return waiter
 
     def close(self) -> None:
         self._closed = True

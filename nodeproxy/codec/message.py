@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -382,9 +382,10 @@ class UpstreamConnection(Protocol):
         """May another request be sent now (HTTP/1.1: idle; HTTP/2: a stream is free)?"""
         ...
 
-    async def send(self, head: RequestHead, body: OutgoingBody) -> UpstreamResponse:
-        """Send a request, return when the response head arrives.  The body keeps
-        streaming in the background.  Raises UpstreamError."""
+    def send(self, head: RequestHead, body: OutgoingBody) -> Awaitable[UpstreamResponse]:
+        """Send a request; awaited, the response head when it arrives.  The body keeps
+        streaming in the background.  Raises UpstreamError (at the call or the await).
+        A coroutine function is one (HTTP/2's); HTTP/1.1's returns its future."""
         ...
 
     def close(self) -> None: ...

@@ -11,16 +11,40 @@ time order, so one loop timer, armed for the oldest live one, serves them all.  
 exited block's entry is marked done and dropped when it reaches the queue's head, or
 when done entries outnumber the live ones (so a long request at the head does not pin
 the rest).  ``timeout(None)`` is no deadline and costs nothing.
+
+``begin(seconds)`` is the same block without ``async with``: the caller ends it with
+``_Deadline.end(cancelled)`` in a ``finally`` (True when the block's deadline was what
+cancelled it: the caller raises or answers the timeout).  Under a compiled build an
+``async with`` costs two coroutine objects per block (``__aenter__``, ``__aexit__``);
+the router's blocks, one or two per request, use ``begin``.  The current task is read
+from asyncio's own table of them (CPython 3.11's ``asyncio.current_task`` is Python
+code, a frame per call) where the interpreter has that table, else asked as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.tasks
 from collections import deque
-from types import TracebackType
+from collections.abc import Callable
+from types import BuiltinFunctionType, TracebackType
 
 # A block's states, as asyncio.Timeout's: in force, cancelled by its deadline, ended.
 _ENTERED, _EXPIRING, _ENDED = 0, 1, 2
+
+
+def _current_task_getter() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[object] | None]:
+    """asyncio.current_task(loop), as cheaply as this interpreter allows: a C function
+    (3.12 on) as it is; on 3.11, where it is Python reading ``_current_tasks`` (a dict by
+    loop that the C task steps keep), that dict's own ``get``."""
+    current = asyncio.current_task
+    table = getattr(asyncio.tasks, "_current_tasks", None)
+    if isinstance(current, BuiltinFunctionType) or type(table) is not dict:
+        return current
+    return table.get
+
+
+current_task = _current_task_getter()
 
 
 class _Queue:
@@ -81,16 +105,23 @@ class Deadlines:
             return _NO_DEADLINE
         return _Deadline(self, seconds)
 
+    def begin(self, seconds: float) -> _Deadline:
+        """A block with a deadline, entered now by the running task, without ``async
+        with``: end it with ``end()`` whatever happens (see the module docstring)."""
+        deadline = _Deadline(self, seconds)
+        deadline.enter()
+        return deadline
+
     def _entered(self) -> tuple[asyncio.Task[object], asyncio.AbstractEventLoop]:
         """The task entering a block and its loop.  The loop of the last block is asked
         first: its current task is the caller only if it is the running loop (a loop
         not running a task in this thread has none), else the running loop is looked
         up as asyncio.timeout does."""
         loop = self._loop
-        task = asyncio.current_task(loop) if loop is not None else None
+        task = current_task(loop) if loop is not None else None
         if task is None:
             loop = self._loop = asyncio.get_running_loop()
-            task = asyncio.current_task(loop)
+            task = current_task(loop)
             if task is None:
                 raise RuntimeError("Timeout should be used inside a task")
         assert loop is not None
@@ -127,13 +158,16 @@ class _Deadline:
         self._seconds = seconds
 
     async def __aenter__(self) -> _Deadline:
+        self.enter()
+        return self
+
+    def enter(self) -> None:
         owner = self._owner
         self._task, loop = owner._entered()
         self.state = _ENTERED
         queue = self._queue = owner._queue(loop, self._seconds)
         self.when = queue.loop.time() + self._seconds
         queue.add(self)
-        return self
 
     def expire(self) -> None:
         """The deadline passed: cancel the task (the block's end turns it into
@@ -143,12 +177,19 @@ class _Deadline:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self.state == _ENTERED:
-            self.state = _ENDED
-            self._queue.done(self)
-            return None
-        self.state = _ENDED
-        if self._task.uncancel() == 0 and exc_type is asyncio.CancelledError:
-            # No other cancellation is outstanding: this one was the deadline's.
+        if self.end(exc_type is asyncio.CancelledError):
             raise TimeoutError
-        return None
+
+    def end(self, cancelled: bool) -> bool:
+        """The block ends (`cancelled`: by a CancelledError).  True: the deadline's
+        cancellation, and no other, ended it: the block timed out (the caller raises
+        TimeoutError or answers it).  A second call does nothing and says False."""
+        state = self.state
+        if state == _ENDED:
+            return False
+        self.state = _ENDED
+        if state == _ENTERED:
+            self._queue.done(self)
+            return False
+        # No other cancellation outstanding: this one was the deadline's.
+        return self._task.uncancel() == 0 and cancelled

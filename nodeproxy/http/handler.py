@@ -45,9 +45,10 @@ from nodeproxy.http.routes import Routes
 from nodeproxy.http.upgrade_flow import Tunnel, Upgrades
 from nodeproxy.tcp.fairshare import REQUEST_LIMIT, RefusalLog, SourceShares
 from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
+from nodeproxy.telemetry.trace_start import UNSAMPLED, first_decision
 
 if TYPE_CHECKING:
-    from nodeproxy.telemetry.request_spans import Tracer
+    from nodeproxy.telemetry.request_spans import RequestSpan, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,13 @@ class RequestHandler:
             if request_id is None:
                 request_id = self._request_id()
                 head.headers.append(("x-request-id", request_id))
-            span = None if self._tracer is None else \
-                self._tracer.begin(head, request_id, int(started_at * 1e9))
+            tracer = self._tracer
+            span: RequestSpan | None = None
+            if tracer is not None:  # most requests: decided here, compiled (trace_start.py)
+                decided = first_decision(head.headers, tracer.random, tracer.ratio)
+                if decided != UNSAMPLED:
+                    span = tracer.begin_decided(decided, head, request_id,
+                                                int(started_at * 1e9))
             assert self._routes is not None
             rule = self._routes.table(ctx.entry.service, ctx.entry.port).match(head)
             if rule is not None:

@@ -107,79 +107,89 @@ class Router:
     async def forward(self, ctx: RequestContext, exchange: Exchange, rule: CompiledRule,
                       outcome: Outcome) -> None:
         """Forward under the rule's request timeout (504, UT, when it passes)."""
-        timeout = rule.timeouts.request_seconds or None
+        timeout = rule.timeouts.request_seconds
+        # As asyncio.timeout (not wait_for: no extra task per request), without a loop
+        # timer per request and without `async with`'s two coroutines (deadlines.py).
+        deadline = self._deadlines.begin(timeout) if timeout else None
+        timed_out = False
         try:
-            # As asyncio.timeout (not wait_for: no extra task per request), without a loop
-            # timer per request (deadlines.py).
-            async with self._deadlines.timeout(timeout):
-                slots = Slots()  # the circuit-breaker slots the request holds
-                try:  # the attempts, inline (no coroutine of their own)
-                    head = exchange.request
-                    policy = rule.retry
-                    source: BodySource = exchange.body
-                    if rule.mirrors:  # copies for shadow services; the body is read through a tap
-                        outcome.mirror_tap = self._mirrors.start(
-                            ctx, head, exchange.body, rule, self._settings.retry_buffer_bytes)
-                        source = outcome.mirror_tap or source
-                    body = ReplayableBody(
-                        source, self._settings.retry_buffer_bytes if policy.attempts else 0)
-                    budget: RetryBudget | None = None  # the first attempt's service's
-                    while True:
-                        outcome.attempts += 1
-                        picked = self._pick(ctx, head, rule, outcome)
-                        if isinstance(picked, Result) or self._workload_limits:  # else: choose()'s
-                            admitted = await self._admit(ctx, exchange, rule, outcome, picked)
-                            if admitted is None:
-                                return
-                            picked = admitted
-                        cluster, endpoint = picked
-                        if budget is None:
-                            budget = cluster.budget
-                            budget.record_request()
-                        upstream_head = RequestHead(
-                            head.method, head.path, head.authority,
-                            apply_modifier(head.headers, rule.request_headers), head.scheme,
-                            "2" if ctx.http2_upstream else "1.1")
-                        if outcome.attempts > 1:
-                            # A copy: without header modifiers the list is the client's own, and an
-                            # append would pile one count per attempt onto it.
-                            upstream_head.headers = [
-                                *upstream_head.headers,
-                                ("x-envoy-attempt-count", str(outcome.attempts))]
-                        result, response, connection, error = await self._attempt(
-                            ctx, exchange, cluster, endpoint, upstream_head, body, rule, slots)
-                        # The budget and the breaker are asked only when a retry is
-                        # possible (settled: a response the policy does not retry).
-                        step = settled(policy, head.method, result) or next_step(
-                            policy, head.method, result, Progress(
-                            attempts=outcome.attempts, body_replayable=body.replayable,
-                            client_gone=exchange.client_gone, budget_has_room=budget.has_room(),
-                            retry_slot_free=cluster.breaker.retry_slot_free()))
-                        if step.spend_budget and not budget.try_retry():
-                            self._metrics.count_budget_exhausted(outcome.service)
-                        if step.take_retry_slot:
-                            slots.retry(cluster.breaker)
-                        if step.upgrade_refusal:
-                            self._metrics.count_upgrade_refusal(wire_protocol(head), UNEXPECTED_101)
-                        if step.action is Action.RETRY:
-                            self._metrics.count_retry(outcome.service, step.retry_reason)
-                            if response is not None:
-                                _discard(response, connection)
-                            await asyncio.sleep(backoff_delay(outcome.attempts, policy.backoff,
-                                                              self._random))
-                            continue
-                        if step.action is Action.ABANDON:
-                            raise BodyError(str(error))
-                        if step.action is Action.RESPOND:
-                            assert response is not None
-                            outcome.flags.extend(step.flags)
-                            await stream_response(exchange, rule, response, connection, outcome)
+            slots = Slots()  # the circuit-breaker slots the request holds
+            try:  # the attempts, inline (no coroutine of their own)
+                head = exchange.request
+                policy = rule.retry
+                source: BodySource = exchange.body
+                if rule.mirrors:  # copies for shadow services; the body is read through a tap
+                    outcome.mirror_tap = self._mirrors.start(
+                        ctx, head, exchange.body, rule, self._settings.retry_buffer_bytes)
+                    source = outcome.mirror_tap or source
+                body = ReplayableBody(
+                    source, self._settings.retry_buffer_bytes if policy.attempts else 0)
+                budget: RetryBudget | None = None  # the first attempt's service's
+                while True:
+                    outcome.attempts += 1
+                    picked = self._pick(ctx, head, rule, outcome)
+                    if isinstance(picked, Result) or self._workload_limits:  # else: choose()'s
+                        admitted = await self._admit(ctx, exchange, rule, outcome, picked)
+                        if admitted is None:
                             return
-                        await _answer(exchange, outcome, step)
+                        picked = admitted
+                    cluster, endpoint = picked
+                    if budget is None:
+                        budget = cluster.budget
+                        budget.record_request()
+                    upstream_head = RequestHead(
+                        head.method, head.path, head.authority,
+                        apply_modifier(head.headers, rule.request_headers), head.scheme,
+                        "2" if ctx.http2_upstream else "1.1")
+                    if outcome.attempts > 1:
+                        # A copy: without header modifiers the list is the client's own, and an
+                        # append would pile one count per attempt onto it.
+                        upstream_head.headers = [
+                            *upstream_head.headers,
+                            ("x-envoy-attempt-count", str(outcome.attempts))]
+                    result, response, connection, error = await self._attempt(
+                        ctx, exchange, cluster, endpoint, upstream_head, body, rule, slots)
+                    # The budget and the breaker are asked only when a retry is
+                    # possible (settled: a response the policy does not retry).
+                    step = settled(policy, head.method, result) or next_step(
+                        policy, head.method, result, Progress(
+                        attempts=outcome.attempts, body_replayable=body.replayable,
+                        client_gone=exchange.client_gone, budget_has_room=budget.has_room(),
+                        retry_slot_free=cluster.breaker.retry_slot_free()))
+                    if step.spend_budget and not budget.try_retry():
+                        self._metrics.count_budget_exhausted(outcome.service)
+                    if step.take_retry_slot:
+                        slots.retry(cluster.breaker)
+                    if step.upgrade_refusal:
+                        self._metrics.count_upgrade_refusal(wire_protocol(head), UNEXPECTED_101)
+                    if step.action is Action.RETRY:
+                        self._metrics.count_retry(outcome.service, step.retry_reason)
+                        if response is not None:
+                            _discard(response, connection)
+                        await asyncio.sleep(backoff_delay(outcome.attempts, policy.backoff,
+                                                          self._random))
+                        continue
+                    if step.action is Action.ABANDON:
+                        raise BodyError(str(error))
+                    if step.action is Action.RESPOND:
+                        assert response is not None
+                        outcome.flags.extend(step.flags)
+                        await stream_response(exchange, rule, response, connection, outcome)
                         return
-                finally:
-                    slots.release()
+                    await _answer(exchange, outcome, step)
+                    return
+            finally:
+                slots.release()
+        except asyncio.CancelledError:
+            if deadline is None or not deadline.end(True):
+                raise
+            timed_out = True
         except TimeoutError:
+            timed_out = True
+        finally:
+            if deadline is not None:
+                deadline.end(False)  # (nothing when ended above)
+        if timed_out:
             await _answer(exchange, outcome, attempts.request_timeout(exchange.responded))
 
     async def choose(self, ctx: RequestContext, exchange: Exchange, rule: CompiledRule,
@@ -248,8 +258,15 @@ class Router:
             if per_try is None:
                 response = await connection.send(head, body.reader())
             else:
-                async with self._deadlines.timeout(per_try):
+                deadline = self._deadlines.begin(per_try)
+                try:
                     response = await connection.send(head, body.reader())
+                except asyncio.CancelledError:
+                    if deadline.end(True):
+                        raise TimeoutError from None
+                    raise
+                finally:
+                    deadline.end(False)
         except Refused as e:
             error = UpstreamError("UF", str(e))
             judged = e.reason != "denied"  # a policy refusal is not the endpoint's

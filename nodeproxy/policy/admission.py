@@ -297,20 +297,35 @@ class Admitter:
         as warnings at most every REQUEST_WARNING_INTERVAL per destination and policy.
         A parsed request head (one field per name) is judged as RequestAttributes.of(head)
         is, without making that object when the decision is remembered."""
+        return self.judge_request(dest, source_principal, source_ip, port, request)[0]
+
+    def judge_request(self, dest: Workload, source_principal: str | None,
+                      source_ip: IPAddress, port: int,
+                      request: RequestAttributes | RequestHead
+                      ) -> tuple[Admission, DecisionLabels | None]:
+        """admit_request, and the labels it was counted under (None: refused by peer
+        authentication, not by a decision): a caller that remembers an allowed request's
+        verdict itself (http/authorize.py) counts its repeats in request_counts."""
         target = self._target(dest)
         if source_principal is None:  # only plaintext can be refused by peer authentication
             refused = self._peer_refused(dest, target, source_principal, source_ip, port)
             if refused is not None:
-                return refused
-        decision, admission, _ = self._decide_request(target, source_principal, source_ip,
-                                                      port, request)
+                return refused, None
+        decision, admission, labels = self._decide_request(target, source_principal,
+                                                           source_ip, port, request)
         if not admission.allowed:
             policy = decision.policy or "-"
             self._request_denials.denied(
                 (dest.key, policy), "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
                 source_principal or "plaintext", source_ip, dest.key, port,
                 printable(request.method), printable(request.path), policy, decision.reason)
-        return admission
+        return admission, labels
+
+    @property
+    def request_counts(self) -> dict[DecisionLabels, int]:
+        """The decision counts (``nodeproxy_authorization_decisions_total``) by labels, for
+        the callers of judge_request to add to: the event loop's, no lock."""
+        return self._metrics.decisions.counts
 
     def _peer_refused(self, dest: Workload, target: DestinationWorkload,
                       source_principal: str | None, source_ip: IPAddress,

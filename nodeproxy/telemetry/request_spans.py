@@ -46,7 +46,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from nodeproxy.telemetry.trace_headers import NONE, TRACE_HEADERS, Incoming, extract, inject
+from nodeproxy.telemetry.trace_headers import NONE, Incoming, extract, inject
+from nodeproxy.telemetry.trace_start import SAMPLED, UNSAMPLED, first_decision
 from nodeproxy.telemetry.tracing import RateLimited, TracingMetrics
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 
 # The SDK exporter's logger: its messages are the reason our own failure log gives.
 _OTLP_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
-_SPAN_MASK = (1 << 64) - 1
 
 
 class _Reasons(logging.Handler):
@@ -235,17 +235,29 @@ class Tracer:
         A request that brought no trace header at all (most do) is decided first and,
         unsampled, costs one random draw, one for its ids and a ``traceparent``
         appended: no parsing, no header list rebuilt, no objects."""
-        headers = head.headers
-        for name, _ in headers:
-            if name in TRACE_HEADERS:
-                break
-        else:  # no context arrived
-            if self._random.random() >= self._ratio:
-                bits = self._random.getrandbits(192)
-                headers.append(("traceparent", f"00-{(bits >> 64) or 1:032x}-"
-                                                f"{(bits & _SPAN_MASK) or 1:016x}-00"))
-                return None
+        return self.begin_decided(first_decision(head.headers, self._random, self._ratio),
+                                  head, request_id, start_ns)
+
+    @property
+    def random(self) -> random.Random:
+        """The PRNG of the sampling decisions and the ids (first_decision's)."""
+        return self._random
+
+    @property
+    def ratio(self) -> float:
+        """The share of requests without an incoming decision that are sampled."""
+        return self._ratio
+
+    def begin_decided(self, decided: int, head: RequestHead, request_id: str,
+                      start_ns: int) -> RequestSpan | None:
+        """begin, after trace_start.first_decision(head.headers, self.random,
+        self.ratio) said `decided` (the request path makes that call itself, compiled,
+        and comes here only when it says other than UNSAMPLED)."""
+        if decided == UNSAMPLED:
+            return None
+        if decided == SAMPLED:
             return self._sampled(head, NONE, request_id, start_ns)
+        headers = head.headers
         incoming = extract(headers)
         for fmt in incoming.invalid:
             self._metrics.invalid[fmt].inc()

@@ -92,3 +92,75 @@ def test_a_backend_outside_the_snapshot_or_the_mesh_is_not_checked() -> None:
     gone = WorkloadRef("web-9", "default", "web", "web", "n2")  # not in the table
     assert check.allows(ctx(), Backend(ipaddress.ip_address("10.244.2.10"), 80, gone), head)
     assert check.allows(ctx(), Backend(ipaddress.ip_address("192.0.2.1"), 80, None), head)
+
+
+# The remembered verdicts (http/authorize.py): every input of the decision is part of
+# what is remembered, so a request that differs in any of them is judged again.
+BY_HEADER_AND_SOURCE = """
+authorizationPolicies:
+  - name: web-team
+    namespace: default
+    action: ALLOW
+    selector: {app: web}
+    rules:
+      - from: [{source: {ipBlocks: ["10.244.1.0/24"]}}]
+        to: [{operation: {methods: [GET], paths: ["/public/*"], hosts: ["web:8080"]}}]
+        when: [{key: "request.headers[x-team]", values: ["blue"]}]
+"""
+
+
+def decisions(state: MeshState) -> dict[tuple[str, str, str], int]:
+    return dict(state.current.admitter.request_counts)
+
+
+def test_a_remembered_verdict_is_counted_per_request_and_never_lent_to_another_request(
+        ) -> None:
+    state = MeshState(snapshot(BY_HEADER_AND_SOURCE))
+    check = RequestAuthorizer(state)
+    web = next(w for w in state.current.config.workloads if w.name == "web-1")
+    backend = Backend(ipaddress.ip_address("10.244.2.9"), 8080, WorkloadRef.of(web))
+    source = ctx()
+
+    def allows(method: str = "GET", path: str = "/public/a", host: str = "web:8080",
+               team: str | None = "blue", pod: Any = None) -> bool:
+        headers = [("x-team", team)] if team is not None else []
+        return check.allows(pod or source, backend, RequestHead(method, path, host, headers))
+
+    # Count the admitter's judgements: a repeat must not reach it (the point of the memo).
+    admitter = state.current.admitter
+    judged: list[str] = []
+    judge = admitter.judge_request
+
+    def counting_judge(*args: Any) -> Any:
+        judged.append(args[4].path)
+        return judge(*args)
+    admitter.judge_request = counting_judge  # type: ignore[method-assign]
+    for _ in range(5):
+        assert allows()
+    assert judged == ["/public/a"]  # judged once, remembered after
+    assert decisions(state) == {("default/web-team", "ALLOW", "allowed"): 5}  # each one counted
+    # Each input changed alone is judged on its own, before and after the allowed one.
+    for _ in range(2):
+        assert not allows(method="POST")
+        assert not allows(path="/private")
+        assert not allows(host="admin:8080")
+        assert not allows(team="red")
+        assert not allows(team=None)
+        assert allows()
+    counts = decisions(state)
+    assert counts[("default/web-team", "ALLOW", "allowed")] == 7
+    assert len(judged) == 11  # each denial judged (and logged) by the admitter, each time
+    assert sum(n for labels, n in counts.items() if labels[2] == "denied") == 10
+    # Another source pod (same principal, an address outside the ipBlocks) is judged
+    # for itself, and so is the same pod object once its workload's addresses change.
+    outside = RequestContext(pod=SimpleNamespace(  # type: ignore[arg-type]
+        principal=CLIENT, workload=SimpleNamespace(ips=[ipaddress.ip_address("10.9.1.2")])),
+        entry=SimpleNamespace(), version=4, http2_upstream=False, access_log=False)
+    assert not allows(pod=outside) and allows()
+    source.pod.workload = SimpleNamespace(ips=[ipaddress.ip_address("10.9.1.3")])
+    assert not allows()
+    # A header's lines are joined as the policies read them: two lines are not "blue".
+    source.pod.workload = SimpleNamespace(ips=[ipaddress.ip_address("10.244.1.2")])
+    assert allows()
+    assert not check.allows(source, backend, RequestHead(
+        "GET", "/public/a", "web:8080", [("x-team", "blue"), ("x-team", "red")]))

@@ -190,3 +190,72 @@ def test_a_block_outside_a_task_is_refused_as_asyncio_timeout_refuses_it() -> No
         loop.run_forever()
     finally:
         loop.close()
+
+
+def test_a_begun_block_ended_by_its_deadline_says_so_and_leaves_the_task_uncancelled() -> None:
+    """begin()/end(), the router's form without `async with`: the deadline's cancellation
+    is reported as a timeout once, the task is not left cancelling, and a second end()
+    does nothing."""
+    async def main() -> None:
+        deadlines = Deadlines()
+        started = time.monotonic()
+        deadline = deadlines.begin(0.05)
+        try:
+            await asyncio.sleep(5)
+            timed_out = False
+        except asyncio.CancelledError:
+            timed_out = deadline.end(True)
+        finally:
+            assert deadline.end(False) is False  # ended already
+        assert timed_out and time.monotonic() - started < 1.0
+        await asyncio.sleep(0.01)  # the task goes on
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        assert deadlines._queues[0.05].live == 0
+    run(main())
+
+
+def test_a_begun_block_that_ends_in_time_or_is_cancelled_elsewhere_is_no_timeout() -> None:
+    async def main() -> None:
+        deadlines = Deadlines()
+        for _ in range(100):
+            deadline = deadlines.begin(5)
+            await asyncio.sleep(0)
+            assert deadline.end(False) is False
+        queue = deadlines._queues[5]
+        assert (len(queue.entries), queue.live, queue._timer) == (0, 0, None)
+
+        async def victim() -> None:
+            deadline = deadlines.begin(5)
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                assert deadline.end(True) is False  # another's cancellation
+                raise
+        task = asyncio.create_task(victim())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert queue.live == 0
+    run(main())
+
+
+def test_the_current_task_lookup_answers_as_asyncio_current_task() -> None:
+    """deadlines.current_task: asyncio's table of running tasks read directly (3.11) must
+    name the same task asyncio.current_task does, and none outside a task."""
+    from nodeproxy.http import deadlines as module
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert module.current_task(loop) is asyncio.current_task()
+
+        async def inner() -> asyncio.Task[object] | None:
+            return module.current_task(loop)
+        task = asyncio.create_task(inner())
+        assert await task is task
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+        assert module.current_task(loop) is None
+    finally:
+        loop.close()

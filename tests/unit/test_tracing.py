@@ -18,6 +18,7 @@ from nodeproxy.config.loader import ConfigError, parse_config
 from nodeproxy.config.model import TracingSettings
 from nodeproxy.telemetry import trace_headers as tc
 from nodeproxy.telemetry.request_spans import Tracer
+from nodeproxy.telemetry.trace_start import UNSAMPLED, first_decision
 from nodeproxy.telemetry.tracing import Tracing, TracingMetrics
 from nodeproxy_dev.testbed.otlp_receiver import make_server, read_spans
 from tests.unit.test_config import VALID
@@ -364,3 +365,34 @@ def test_tracing_holder_swaps_tracers_only_on_change() -> None:
     assert second is not None and second is not first
     assert tracing.configure(TracingSettings()) is None
     tracing.close()
+
+
+def test_the_request_paths_own_first_decision_draws_as_begin_does() -> None:
+    """The handler decides most requests itself (trace_start.first_decision, compiled)
+    and calls begin_decided only for the rest: with the same PRNG state it must write the
+    same headers and sample the same requests as begin, context or none."""
+    settings = TracingSettings(enabled=True, endpoint="http://127.0.0.1:9/v1/traces",
+                               sampling_percent=25, schedule_delay_seconds=60)
+    whole, split = (Tracer(settings, TracingMetrics(CollectorRegistry()), "node-a")
+                    for _ in range(2))
+    whole.random.seed(7)
+    split.random.seed(7)
+    sampled = 0
+    try:
+        for i in range(400):
+            arrived = [("traceparent", f"00-{TRACE}-{SPAN}-00")] if i % 5 == 0 else []
+            first, second = head(*arrived), head(*arrived)
+            span = whole.begin(first, "r", 1)
+            decided = first_decision(second.headers, split.random, split.ratio)
+            other = None if decided == UNSAMPLED else split.begin_decided(
+                decided, second, "r", 1)
+            assert (span is None) == (other is None), i
+            if span is None:  # the ids drawn from the PRNG: the same
+                assert first.headers == second.headers, i
+            else:  # a sampled span's ids are the SDK's own
+                assert [n for n, _ in first.headers] == [n for n, _ in second.headers]
+            sampled += span is not None
+    finally:
+        whole.shutdown()
+        split.shutdown()
+    assert 40 < sampled < 200, sampled
