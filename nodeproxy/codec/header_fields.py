@@ -40,6 +40,16 @@ SINGLETONS = frozenset({
 SEMICOLON_JOINED = frozenset({"cookie"})
 
 
+def joined_value(headers: Headers, name: str) -> str | None:
+    """The one value of a (lowercase) name, its lines joined as one_view joins them; None
+    when absent.  What the policies read of a head (policy/authorization.py,
+    http/authorize.py)."""
+    values = [v for k, v in headers if k == name]
+    if not values:
+        return None
+    return ("; " if name in SEMICOLON_JOINED else ", ").join(values)
+
+
 def one_view(headers: Headers) -> Headers:
     """`headers` with each name once (see the module docstring).  Raises Refusal
     (reason ``repeated_<name>`` for a singleton, ``content_length_mismatch``)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nodeproxy.codec.header_fields import joined_value
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import Workload
 from nodeproxy.http.context import RequestContext
@@ -79,7 +80,7 @@ class RequestAuthorizer:
         pod = ctx.pod
         key: tuple[object, ...] = (id(pod), id(backend), head.method, head.path,
                                    head.authority,
-                                   *[_joined(head.headers, name) for name in known[4]])
+                                   *[joined_value(head.headers, name) for name in known[4]])
         verdict = self._verdicts.get(key)
         if verdict is not None and verdict[0] is pod and verdict[1] is pod.principal \
                 and verdict[2] is pod.workload and verdict[3] is backend \
@@ -132,13 +133,6 @@ class RequestAuthorizer:
             policed = bool(admitter.authorizer.applicable(DestinationWorkload.of(workload)))
             self._policed_cache[key] = policed
         return policed
-
-
-def _joined(pairs: list[tuple[str, str]], name: str) -> str | None:
-    """A header's lines joined as policy/authorization.py's joined_header joins them (the
-    value the policies read); None when absent."""
-    values = [v for k, v in pairs if k == name]
-    return ", ".join(values) if values else None
 
 
 def _short(key: tuple[object, ...]) -> bool:

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from nodeproxy.codec.header_fields import joined_value
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import NodeConfig, Workload
 from nodeproxy.identity.spiffe import IdentityError, parse_spiffe_id
@@ -39,7 +40,6 @@ from nodeproxy.policy.authorization import (
     DestinationWorkload,
     RequestAttributes,
     RequestInput,
-    joined_header,
 )
 from nodeproxy.policy.peer_authentication import PeerAuthenticator
 
@@ -90,12 +90,12 @@ class AdmittedRequest:
     def of(cls, destination: str, source_principal: str | None, source_ip: IPAddress,
            port: int, head: RequestHead) -> AdmittedRequest:
         """From the parsed head admit_request judged, read as it reads one (a name given
-        twice joined: joined_header); copied, so what the head becomes afterwards changes
+        twice joined: joined_value); copied, so what the head becomes afterwards changes
         nothing."""
         pairs = head.headers
         return cls(destination, source_principal, source_ip, port, RequestAttributes(
             head.method, head.path, head.authority,
-            {name: joined_header(pairs, name) or "" for name, _ in pairs}))
+            {name: joined_value(pairs, name) or "" for name, _ in pairs}))
 
 
 @dataclass(frozen=True)
@@ -358,7 +358,7 @@ class Admitter:
             key: tuple[object, ...] = (
                 target.scope_key, source_principal, source_ip, port, request.method,
                 request.path, request.authority,
-                *[joined_header(pairs, name) for name in headers])
+                *[joined_value(pairs, name) for name in headers])
         else:
             key = (target.scope_key, source_principal, source_ip, port, request.method,
                    request.path, request.host, *[request.header(name) for name in headers])

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
+from nodeproxy.codec.header_fields import joined_value
 from nodeproxy.codec.request_target import path_of
 from nodeproxy.config.model import (
     SPIFFE_SCHEME,
@@ -124,7 +125,7 @@ class RequestAttributes:
         pairs = head.headers
 
         def lookup(name: str) -> str | None:
-            return joined_header(pairs, name)
+            return joined_value(pairs, name)
 
         return cls(head.method, head.path, head.authority, lookup)
 
@@ -139,13 +140,6 @@ class RequestAttributes:
                 if key.lower() == name:
                     return candidate
         return value
-
-
-def joined_header(pairs: Sequence[tuple[str, str]], name: str) -> str | None:
-    """A (lowercase) header's lines in a request head joined with ", " as one_view joins
-    them; None when absent: the value RequestAttributes.of gives the policies."""
-    values = [v for k, v in pairs if k == name]
-    return ", ".join(values) if values else None
 
 
 class L7Checked(enum.Enum):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from nodeproxy.codec.header_fields import SINGLETONS, one_view
+from nodeproxy.codec.header_fields import SINGLETONS, joined_value, one_view
 from nodeproxy.codec.request_target import (
     ESCAPED_SLASH_ACTIONS,
     MODES,
@@ -233,6 +233,21 @@ def test_list_valued_and_unknown_headers_are_joined_in_order() -> None:
     assert one_view(headers) == [
         ("accept", "a/b, c/d"), ("x-role", "member, blocked"),
         ("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("cookie", "a=1; b=2"), ("x-empty", ", ")]
+
+
+def test_the_value_policies_read_is_the_value_one_view_forwards() -> None:
+    """joined_value (what authorization reads of a head) equals the one line one_view
+    keeps for that name, for every name of heads with lists, cookies and repeats; absent
+    names read None."""
+    import random
+    rng = random.Random(7)
+    names = ["accept", "cookie", "x-tenant", "x-Tenant", "via", "te"]
+    for _ in range(500):
+        head = [(rng.choice(names), rng.choice(["a", "b", "", " c", "a, b"]))
+                for _ in range(rng.randrange(0, 6))]
+        viewed = dict(one_view(head))
+        for name in {*names, "absent"}:
+            assert joined_value(head, name) == viewed.get(name), (head, name)
 
 
 @pytest.mark.parametrize("name", sorted(SINGLETONS))
