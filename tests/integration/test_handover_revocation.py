@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 import yaml
@@ -22,7 +23,7 @@ import yaml
 from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster, scaled
 from tests.integration.policy_reload import reload_with
 from tests.integration.probes import connect, echo_conversation
-from tests.integration.test_policy_revocation import DENY_CLIENT, PORT
+from tests.integration.test_policy_revocation import DENY_CLIENT, cluster
 
 pytestmark = pytest.mark.privileged
 
@@ -40,14 +41,8 @@ def wait_in_log(c: Cluster, node: str, path: str, text: str, seconds: float) -> 
                          ids=["same-node", "destination-node-across"])
 def test_connections_draining_after_a_handover_are_judged_by_a_new_policy(
         nodes: int, web_node: str) -> None:
-    with Cluster(nodes) as c:
-        c.add_pod("node0", "client", labels={"app": "client"}, service_account="client")
-        c.add_pod("node0", "admin", labels={"app": "admin"}, service_account="admin")
-        c.add_pod(web_node, "web-0", labels={"app": "web"}, service_account="web")
-        c.add_service("web", port=80, target_port=PORT, app_protocol="tcp")
-        c.serve_peer("web-0", PORT)
-        c.write_configs(overrides={"proxy": {"drainSeconds": DRAIN_SECONDS}})
-        c.start_daemons()
+    with contextmanager(cluster)(nodes, web_node,
+                                 {"proxy": {"drainSeconds": DRAIN_SECONDS}}) as c:
         vip = c.services["default/web"].vip4
         node = c.nodes[web_node]
         done = os.path.join(c.dir, "conversations-done")
