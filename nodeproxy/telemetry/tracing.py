@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
@@ -25,9 +24,6 @@ if TYPE_CHECKING:
     from nodeproxy.telemetry.request_spans import Tracer
 
 log = logging.getLogger(__name__)
-
-LOG_EVERY_SECONDS = 10.0
-
 
 class TracingMetrics:
     """nodeproxy_tracing_* counters (exporter-thread increments are safe: the client
@@ -54,23 +50,6 @@ class TracingMetrics:
             "nodeproxy_tracing_export_failures",
             "Export calls to the collector that failed (each a batch of spans)",
             registry=registry)
-
-
-class RateLimited:
-    """A warning at most every LOG_EVERY_SECONDS; how many were held back is told."""
-
-    def __init__(self) -> None:
-        self._last = -LOG_EVERY_SECONDS
-        self._held = 0
-
-    def warn(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < LOG_EVERY_SECONDS:
-            self._held += 1
-            return
-        held, self._held, self._last = self._held, 0, now
-        suffix = f" ({held} more since the last report)" if held else ""
-        log.warning(message + suffix, *args)
 
 
 class Tracing:
