@@ -49,7 +49,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from nodeproxy.log_limit import LogLimiter
 from nodeproxy.telemetry.trace_headers import NONE, Incoming, extract, inject
 from nodeproxy.telemetry.trace_start import SAMPLED, UNSAMPLED, first_decision
-from nodeproxy.telemetry.tracing import TracingMetrics
+from nodeproxy.telemetry.tracing_metrics import TracingMetrics
 
 if TYPE_CHECKING:
     from nodeproxy.codec.message import RequestHead
