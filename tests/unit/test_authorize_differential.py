@@ -300,7 +300,7 @@ class Judged:
         def counting(*args: Any) -> Any:
             self.calls += 1
             return judge(*args)
-        admitter.judge_request = counting  # type: ignore[method-assign]
+        admitter.judge_request = counting  # type: ignore[method-assign,assignment]
         return snapshot
 
 
