@@ -18,12 +18,13 @@ once, whichever way the connection ends.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodeproxy.log_limit import LogLimiter
+from nodeproxy.log_limit import LOG_EVERY_SECONDS, LogLimiter
 from nodeproxy.tcp.token_bucket import TokenBucket
 
 Clock = Callable[[], float]
@@ -189,10 +190,15 @@ class SourceShares:
             self._forget(key, share)
 
 
-class RefusalLog(LogLimiter):
+class RefusalLog:
     """Refusals can come thousands a second from one source: one warning per (source,
     reason) at most every `interval` seconds, saying how many it stands for."""
 
+    def __init__(self, logger: logging.Logger, interval: float = LOG_EVERY_SECONDS,
+                 clock: Clock = time.monotonic):
+        self._limiter = LogLimiter(logger, interval, clock)
+
     def refused(self, source: str, reason: str, what: str) -> bool:
         """Log this refusal (True) or count it into the next warning (False)."""
-        return self.warn((source, reason), "%s refused (%s) from %s", what, reason, source)
+        return self._limiter.warn((source, reason), "%s refused (%s) from %s", what, reason,
+                                  source)
