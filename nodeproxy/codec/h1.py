@@ -924,8 +924,8 @@ class H1Client:
         # The connection's loop, kept: get_running_loop() is a getpid system call on 3.11.
         loop = self._loop or asyncio.get_running_loop()
         waiter = self._head = loop.create_future()
-        has_length = head.header("content-length") is not None
-        chunked = not has_length and not body.ended
+        # (A body that has ended, NO_BODY's say, is never chunked: no header scan.)
+        chunked = not body.ended and head.header("content-length") is None
         self.transport.write(encode_request(head, chunked=chunked, upgrade=upgrade))
         if not body.ended:
             self._sender = loop.create_task(self._send_body(body, chunked))
@@ -1050,10 +1050,19 @@ class H1Client:
             return  # 100 Continue and friends: the final response follows
         self._status = status
         self._keep_alive = self._parser.should_keep_alive()
-        names = {n for n, _ in self._headers}
-        self._framed = "content-length" in names or "transfer-encoding" in names or (
-            self._method == "HEAD" or _no_body_status(status))
-        headers = [(n, v) for n, v in self._headers if n not in HOP_BY_HOP]
+        # One pass: the fields passed on (hop-by-hop ones left out) and whether the
+        # response is framed by a length or a transfer coding.
+        framed = self._method == "HEAD" or _no_body_status(status)
+        headers: Headers = []
+        for n, v in self._headers:
+            if n in HOP_BY_HOP:
+                if n == "transfer-encoding":
+                    framed = True
+                continue
+            if n == "content-length":
+                framed = True
+            headers.append((n, v))
+        self._framed = framed
         self._body = Body(on_consumed=self._consumed)
         response = UpstreamResponse(ResponseHead(status, headers), self._body)
         if self._head is not None and not self._head.done():

@@ -330,8 +330,9 @@ async def stream_response(exchange: Exchange, rule: CompiledRule,
     backend that breaks off mid-response resets the client's exchange (UC)."""
     outcome.status = response.head.status
     grpc = grpc_status_of(response.head.headers)
-    head = ResponseHead(response.head.status,
-                        apply_modifier(response.head.headers, rule.response_headers))
+    # Without a response modifier the upstream's head is passed on as it is (no copy).
+    head = response.head if rule.response_headers is None else ResponseHead(
+        response.head.status, apply_modifier(response.head.headers, rule.response_headers))
     body = response.body
     try:
         if body.ended and body.trailers is None and type(exchange) is H1Exchange:

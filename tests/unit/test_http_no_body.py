@@ -25,7 +25,14 @@ from nodeproxy.codec.h1 import (
     _header_lines,
     _status_line,
 )
-from nodeproxy.codec.message import NO_BODY, Body, OutgoingBody, ReplayableBody, RequestHead
+from nodeproxy.codec.message import (
+    HOP_BY_HOP,
+    NO_BODY,
+    Body,
+    OutgoingBody,
+    ReplayableBody,
+    RequestHead,
+)
 
 Seen = list[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]]
 
@@ -265,3 +272,37 @@ def test_a_repeated_response_head_is_the_bytes_a_fresh_encoding_gives() -> None:
         current = (status, headers, framing)
         assert heads.encode(status, headers, framing) == fresh(status, headers, framing)
     assert repeats > 1000
+
+
+def test_an_upstream_heads_fields_and_framing_are_what_the_two_pass_reading_gave() -> None:
+    """H1Client reads a response head's fields and framing in one pass: against the two
+    passes it replaced (a set of the names, a filtered list), over random heads."""
+    rng = random.Random(1818)
+    fields = [("Content-Length", "0"), ("content-length", "3"), ("Transfer-Encoding", "chunked"),
+              ("Connection", "close"), ("Keep-Alive", "timeout=5"), ("X-A", "1"), ("TE", "x"),
+              ("Upgrade", "h2c"), ("Date", "now"), ("Trailer", "x-t")]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        checked = 0
+        for _ in range(1500):
+            status = rng.choice((200, 204, 304, 404, 503))
+            method = rng.choice(("GET", "HEAD", "POST"))
+            chosen = rng.sample(fields, rng.randrange(0, 6))
+            raw = b"HTTP/1.1 %d X\r\n" % status + b"".join(
+                b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in chosen) + b"\r\n"
+            client = H1Client()
+            client._method = method
+            waiter = client._head = loop.create_future()
+            client.data_received(raw)
+            if not waiter.done() or waiter.exception() is not None:
+                continue  # refused by llhttp: nothing passed on
+            names = {n.lower() for n, _ in chosen}
+            framed = "content-length" in names or "transfer-encoding" in names or (
+                method == "HEAD" or 100 <= status < 200 or status in (204, 304))
+            assert client._framed == framed
+            assert waiter.result().head.headers == [
+                (n.lower(), v) for n, v in chosen if n.lower() not in HOP_BY_HOP]
+            checked += 1
+        assert checked > 500
+    asyncio.run(main())
