@@ -37,7 +37,7 @@ from nodeproxy.codec.message import (
     grpc_status_of,
 )
 from nodeproxy.codec.upgrade import UNEXPECTED_101
-from nodeproxy.config.model import HttpSettings
+from nodeproxy.config.model import HeaderModifier, HttpSettings
 from nodeproxy.http import attempts
 from nodeproxy.http.attempts import (
     Action,
@@ -179,7 +179,8 @@ class Router:
                     if step.action is Action.RESPOND:
                         assert response is not None
                         outcome.flags.extend(step.flags)
-                        await stream_response(exchange, rule, response, connection, outcome)
+                        await stream_response(exchange, rule.response_headers, response, connection,
+                                              outcome)
                         return
                     await _answer(exchange, outcome, step)
                     return
@@ -323,16 +324,19 @@ async def _answer(exchange: Exchange, outcome: Outcome, step: Step) -> None:
         await local_reply(exchange, outcome, step.status, step.text)
 
 
-async def stream_response(exchange: Exchange, rule: CompiledRule,
+async def stream_response(exchange: Exchange, modifier: HeaderModifier | None,
                           response: UpstreamResponse, connection: UpstreamConnection | None,
                           outcome: Outcome) -> None:
-    """Stream the upstream response back, with the rule's response header modifiers; a
-    backend that breaks off mid-response resets the client's exchange (UC)."""
+    """Stream the upstream response back, with the route's response header modifier; a
+    backend that breaks off mid-response resets the client's exchange (UC), a client
+    that goes away aborts the upstream exchange (DC).  The one loop that passes a
+    response on: the router's, a declined upgrade's, and a destination node's that
+    judges requests itself (listeners/inbound_hbone_l7.py)."""
     outcome.status = response.head.status
     grpc = grpc_status_of(response.head.headers)
     # Without a response modifier the upstream's head is passed on as it is (no copy).
-    head = response.head if rule.response_headers is None else ResponseHead(
-        response.head.status, apply_modifier(response.head.headers, rule.response_headers))
+    head = response.head if modifier is None else ResponseHead(
+        response.head.status, apply_modifier(response.head.headers, modifier))
     body = response.body
     try:
         if body.ended and body.trailers is None and type(exchange) is H1Exchange:

@@ -144,7 +144,7 @@ class Upgrades:
             # Declined: an ordinary response; the client connection closes after it.
             self._metrics.count_upgrade_refusal(wire_protocol(head), NOT_SWITCHED)
             try:
-                await stream_response(exchange, rule, response, client, outcome)
+                await stream_response(exchange, rule.response_headers, response, client, outcome)
             finally:
                 client.close()
             return None

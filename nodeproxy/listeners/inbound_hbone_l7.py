@@ -63,7 +63,9 @@ from nodeproxy.codec.upgrade import (
     decide_upgrade,
 )
 from nodeproxy.config.model import HttpSettings
+from nodeproxy.http.context import Outcome
 from nodeproxy.http.pool import EndpointPool, abort_exchange
+from nodeproxy.http.router import stream_response
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.policy.admission import AdmittedRequest, Admitter
 from nodeproxy.policy.authorization import RequestAttributes
@@ -357,24 +359,12 @@ class GatedStream:
 
     async def _respond(self, exchange: Exchange, response: UpstreamResponse,
                        connection: UpstreamConnection) -> None:
-        body = response.body
-        try:
-            await exchange.respond(ResponseHead(response.head.status, response.head.headers),
-                                   end=body.ended and body.buffered == 0
-                                   and body.trailers is None)
-            while True:
-                data = await body.read()
-                if not data:
-                    break
-                await exchange.send(data)
-                if exchange.client_gone:
-                    raise ConnectionResetError("the source went away")
-            await exchange.finish(body.trailers)
-        except BodyError:
-            exchange.reset()
-        except (ConnectionError, OSError, asyncio.CancelledError):
-            abort_exchange(connection, response)
-            raise
+        """Pass the response on as the source node's router does (the same loop); a
+        source that went away resets this exchange (the caller's reset)."""
+        outcome = Outcome()
+        await stream_response(exchange, None, response, connection, outcome)
+        if "DC" in outcome.flags:
+            raise ConnectionResetError("the source went away")
 
 
 async def _reply(exchange: Exchange, status: int, body: bytes) -> None:

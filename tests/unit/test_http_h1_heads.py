@@ -176,8 +176,7 @@ def test_a_whole_response_is_the_bytes_and_record_of_the_streamed_one() -> None:
                         keep_alive=keep_alive, expect_continue=False, upgrade=False,
                         header_bytes=0)
         outcome = Outcome()
-        rule = SimpleNamespace(response_headers=None)
-        await stream_response(exchange, rule, UpstreamResponse(head, Body.of(data)),  # type: ignore[arg-type]
+        await stream_response(exchange, None, UpstreamResponse(head, Body.of(data)),
                               None, outcome)
         return b"".join(server.written), outcome, exchange
 
@@ -202,7 +201,7 @@ def test_a_whole_response_to_a_client_already_gone_is_flagged_dc() -> None:
         exchange, server = exchange_for("GET", "1.1", True)
         server.lost = True
         outcome = Outcome()
-        await stream_response(exchange, SimpleNamespace(response_headers=None),  # type: ignore[arg-type]
+        await stream_response(exchange, None,
                               UpstreamResponse(ResponseHead(200, [("content-length", "2")]),
                                                Body.of(b"ok")), None, outcome)
         assert outcome.flags == ["DC"]
@@ -224,7 +223,7 @@ def test_a_whole_response_waits_for_a_full_socket_before_it_ends() -> None:
 
         server.write = write  # type: ignore[method-assign]
         task = asyncio.get_running_loop().create_task(stream_response(
-            exchange, SimpleNamespace(response_headers=None),  # type: ignore[arg-type]
+            exchange, None,
             UpstreamResponse(ResponseHead(200, [("content-length", "2")]), Body.of(b"ok")),
             None, Outcome()))
         await asyncio.sleep(0.01)
