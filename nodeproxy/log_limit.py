@@ -16,7 +16,7 @@ MAX_KINDS = 4096  # kinds remembered at once (a kind may name a peer: they must 
 
 class LogLimiter:
     """At most one warning per kind every ``interval`` seconds; the next one written for
-    a kind says how many were held back since the last."""
+    a kind says how many were held back since the last (each held line goes to debug)."""
 
     def __init__(self, logger: logging.Logger, interval: float = LOG_EVERY_SECONDS,
                  clock: Callable[[], float] = time.monotonic):
@@ -32,6 +32,8 @@ class LogLimiter:
         last = self._last.get(kind)
         if last is not None and now - last < self._interval:
             self._held[kind] = self._held.get(kind, 0) + 1
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug(message, *args)  # held back from the warnings only
             return False
         if len(self._last) >= MAX_KINDS:
             self._last.clear()

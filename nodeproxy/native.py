@@ -61,6 +61,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.telemetry.request_metrics",
     "nodeproxy.telemetry.trace_start",
     "nodeproxy.tcp.token_bucket",
+    "nodeproxy.owned_cache",
     # Each source's fair share: begin_request/end_request on every request (interpreted,
     # they were five Python calls per request; "L7 per-request cost, twelfth round").
     "nodeproxy.tcp.fairshare",

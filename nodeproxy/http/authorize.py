@@ -33,11 +33,12 @@ from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.mesh.holder import MeshState
 from nodeproxy.mesh.snapshot import MeshSnapshot
 from nodeproxy.mesh.upstream import source_address
+from nodeproxy.owned_cache import OwnedCache
 from nodeproxy.policy.admission import AdmittedRequest, Admitter
 from nodeproxy.policy.authorization import DestinationWorkload
 
 MAX_REMEMBERED_REFS = 4096  # destination workloads looked up (emptied past it)
-MAX_REMEMBERED_VERDICTS = 4096  # allowed requests' verdicts (emptied past it)
+MAX_REMEMBERED_VERDICTS = 4096  # allowed requests' verdicts (the largest pod's dropped past it)
 # A remembered request's key parts above this many characters are judged each time.
 MAX_VERDICT_KEY_CHARS = 2048
 
@@ -61,7 +62,9 @@ class RequestAuthorizer:
         # is never taken for another's): the snapshot it was looked up in, the workload
         # there and whether a policy selects it.  A new snapshot looks it up again.
         self._refs: dict[int, _Known] = {}
-        self._verdicts: dict[tuple[object, ...], _Verdict] = {}
+        # By source pod (its id; the pod itself is compared in the verdict): a pod that
+        # floods the cache with distinct requests forgets its own verdicts only.
+        self._verdicts: OwnedCache[_Verdict] = OwnedCache(MAX_REMEMBERED_VERDICTS)
 
     def allows(self, ctx: RequestContext, backend: Backend, head: RequestHead) -> bool:
         """May the request go to backend?  (head is one line per header name, so the
@@ -78,10 +81,9 @@ class RequestAuthorizer:
         if workload is None or not known[3]:
             return True
         pod = ctx.pod
-        key: tuple[object, ...] = (id(pod), id(backend), head.method, head.path,
-                                   head.authority,
+        key: tuple[object, ...] = (id(backend), head.method, head.path, head.authority,
                                    *[joined_value(head.headers, name) for name in known[4]])
-        verdict = self._verdicts.get(key)
+        verdict = self._verdicts.get(id(pod), key)
         if verdict is not None and verdict[0] is pod and verdict[1] is pod.principal \
                 and verdict[2] is pod.workload and verdict[3] is backend \
                 and verdict[4] is snapshot:  # (the destination's entry: per snapshot)
@@ -93,11 +95,9 @@ class RequestAuthorizer:
             workload, pod.principal, source_address(pod, backend.address), backend.port,
             head)
         if admission.allowed and labels is not None and _short(key):
-            if len(self._verdicts) >= MAX_REMEMBERED_VERDICTS:
-                self._verdicts.clear()
             tally: dict[Any, int] = admitter.request_counts
-            self._verdicts[key] = (pod, pod.principal, pod.workload, backend, snapshot,
-                                   tally, labels)
+            self._verdicts.put(id(pod), key, (pod, pod.principal, pod.workload, backend,
+                                              snapshot, tally, labels))
         return admission.allowed
 
     def admitted_as(self, ctx: RequestContext, backend: Backend, head: RequestHead

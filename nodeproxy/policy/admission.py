@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,8 @@ from nodeproxy.codec.header_fields import joined_value
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import NodeConfig, Workload
 from nodeproxy.identity.spiffe import IdentityError, parse_spiffe_id
+from nodeproxy.log_limit import LogLimiter
+from nodeproxy.owned_cache import OwnedCache
 from nodeproxy.policy.authorization import (
     L7_CHECKED_UPSTREAM,
     Authorizer,
@@ -50,7 +51,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Request denials: at most one warning per (destination, policy) in this many seconds; the
 # others go to debug and are counted in the next warning.
 REQUEST_WARNING_INTERVAL = 10.0
-# Request decisions remembered per admitter (one configuration): at most this many, and
+# Request decisions remembered per admitter (one configuration): at most this many (the
+# source address holding the most forgets its own past it: owned_cache.py), and
 # only for requests whose path, host and policy-read header values together fit in
 # DECISION_KEY_CHARS (a hostile pod's long paths are decided, not kept).
 DECISION_CACHE_LIMIT = 4096
@@ -158,33 +160,6 @@ def _source_namespace(principal: str) -> str | None:
         return None
 
 
-class _RequestDenialLog:
-    """Per-request denials could be one per request: warn once per interval and key."""
-
-    def __init__(self, interval: float = REQUEST_WARNING_INTERVAL):
-        self._interval = interval
-        self._last: dict[tuple[str, str], float] = {}
-        self._suppressed: dict[tuple[str, str], int] = {}
-
-    def denied(self, key: tuple[str, str], message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            log.debug(message, *args)
-            return
-        if len(self._last) >= _WARNING_KEYS_LIMIT:
-            self._last.clear()
-            self._suppressed.clear()
-        self._last[key] = now
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            log.warning(message + " (and %d more denied by it since the last warning)",
-                        *args, suppressed)
-        else:
-            log.warning(message, *args)
-
-
 _Remembered = tuple[Decision, Admission, DecisionLabels]
 
 
@@ -196,13 +171,15 @@ class Admitter:
         self._peer_auth = PeerAuthenticator(config)
         self._probe_sources = tuple(config.inbound.all_probe_sources())
         self._metrics = metrics
-        self._request_denials = _RequestDenialLog()
+        self._request_denials = LogLimiter(log, REQUEST_WARNING_INTERVAL)
         # Each workload's policy view, by id: made once, not on every request (the
         # workload is kept beside it, so an id is never taken for another's).
         self._targets: dict[int, tuple[Workload, DestinationWorkload]] = {}
         # Request decisions by everything they depend on (_decide_request); this admitter's
         # policies only, so a new configuration starts with none.
-        self._decisions: dict[tuple[object, ...], _Remembered] = {}
+        # By source address: a pod that floods it with distinct requests forgets only
+        # its own decisions (owned_cache.py).
+        self._decisions: OwnedCache[_Remembered] = OwnedCache(DECISION_CACHE_LIMIT)
         self._admitted: dict[AdmittedAs, AdmittedAs] = {}
 
     def _target(self, dest: Workload) -> DestinationWorkload:
@@ -315,7 +292,7 @@ class Admitter:
                                                            source_ip, port, request)
         if not admission.allowed:
             policy = decision.policy or "-"
-            self._request_denials.denied(
+            self._request_denials.warn(
                 (dest.key, policy), "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
                 source_principal or "plaintext", source_ip, dest.key, port,
                 printable(request.method), printable(request.path), policy, decision.reason)
@@ -362,7 +339,7 @@ class Admitter:
         else:
             key = (target.scope_key, source_principal, source_ip, port, request.method,
                    request.path, request.host, *[request.header(name) for name in headers])
-        remembered = self._decisions.get(key)
+        remembered = self._decisions.get(source_ip, key)
         if remembered is None:
             attributes = request if isinstance(request, RequestAttributes) \
                 else RequestAttributes.of(request)
@@ -371,9 +348,7 @@ class Admitter:
                                               decision.reason), _labels(decision))
             if len(attributes.path) + len(attributes.host) + sum(
                     len(v) for v in key[7:] if isinstance(v, str)) <= DECISION_KEY_CHARS:
-                if len(self._decisions) >= DECISION_CACHE_LIMIT:
-                    self._decisions.clear()
-                self._decisions[key] = remembered
+                self._decisions.put(source_ip, key, remembered)
             return remembered
         self._metrics.count(remembered[2])
         return remembered

@@ -19,9 +19,10 @@ RUNTIME = Path(nodeproxy.__file__).parent
 # a package of its own.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("native",),                             # which modules run compiled (the root asks)
-    ("", "ports", "stream_protocol", "log_limit"),  # the default ports (the root: the
-                                             # version); what a stream's protocol has
-                                             # (asyncio's set); warnings a peer causes
+    ("", "ports", "stream_protocol", "log_limit", "owned_cache"),  # the default ports
+                                             # (the root: the version); what a stream's
+                                             # protocol has (asyncio's set); warnings and
+                                             # caches a peer could flood
     ("config",),                             # what the node is told
     ("identity", "discovery", "capture"),    # who it is, what the cluster says, the kernel
     ("tcp", "signer"),                       # one TCP connection's machinery; the

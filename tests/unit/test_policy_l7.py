@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config import ConfigError, parse_config
 from nodeproxy.config.model import Condition, NodeConfig, Operation, Workload
+from nodeproxy.log_limit import LogLimiter
 from nodeproxy.policy import (
     L7_CHECKED_UPSTREAM,
     ConnectionAttributes,
@@ -490,19 +491,19 @@ def test_admit_with_and_without_l7_checked() -> None:
 
 
 def test_request_denial_log_warns_again_after_the_interval(
-        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        caplog: pytest.LogCaptureFixture) -> None:
     from nodeproxy.policy import admission
 
     now = [100.0]
-    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
-    denials = admission._RequestDenialLog(interval=10)
+    denials = LogLimiter(admission.log, admission.REQUEST_WARNING_INTERVAL,
+                         clock=lambda: now[0])
     caplog.set_level(logging.WARNING, "nodeproxy.policy.admission")
     for t in (100.0, 101.0, 102.0, 111.0):
         now[0] = t
-        denials.denied(("shop/web", "shop/d"), "denied %s", "x")
-    denials.denied(("shop/web", "shop/e"), "denied %s", "y")  # another policy: its own limit
+        denials.warn(("shop/web", "shop/d"), "denied %s", "x")
+    denials.warn(("shop/web", "shop/e"), "denied %s", "y")  # another policy: its own limit
     assert [r.getMessage() for r in caplog.records] == [
-        "denied x", "denied x (and 2 more denied by it since the last warning)", "denied y"]
+        "denied x", "denied x (2 more since the last warning)", "denied y"]
 
 
 def test_a_workload_s_policy_view_is_remembered_per_workload_object_not_per_name() -> None:
