@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
-from nodeproxy.tcp.relay import _LINGER_RESET, Relay, Side
+from nodeproxy.tcp.relay import _LINGER_RESET, SIDE_FIELDS, Relay, Side
 
 WHEEL_TICK = 1.0
 # Flows looked at per loop iteration when many are due at once; the rest in the next
@@ -68,7 +68,7 @@ class _AsleepSide(Side):
 
     def __init__(self, name: str) -> None:
         template = Side(name)
-        for slot in Side.__slots__:
+        for slot in SIDE_FIELDS:
             object.__setattr__(self, slot, getattr(template, slot))
 
     def __setattr__(self, name: str, value: object) -> None:

@@ -67,6 +67,11 @@ def reset(transport: asyncio.BaseTransport | None) -> None:
     cast(asyncio.Transport, transport).abort()
 
 
+# A side's attributes (its __slots__ in the pure-Python build; tcp/dormancy.py copies them).
+SIDE_FIELDS = ("_arrival", "_start_paused", "early", "eof_forwarded", "error", "got_eof",
+               "lease", "lost", "name", "relay", "transport", "write_paused")
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Side:
     """One of the two connections of a relay (an asyncio protocol).
@@ -74,8 +79,7 @@ class Side:
     Thousands of these sit idle at once (two per proxied connection), so they have slots
     and allocate nothing until bytes come: `early` is a shared empty tuple until then."""
 
-    __slots__ = ("_arrival", "_start_paused", "early", "eof_forwarded", "error", "got_eof",
-                 "lease", "lost", "name", "relay", "transport", "write_paused")
+    __slots__ = SIDE_FIELDS  # (a compiled Side has no __slots__: a native class's layout)
 
     def __init__(self, name: str, start_paused: bool = False):
         self.name = name
