@@ -62,7 +62,9 @@ class _AsleepSide(Side):
     """What an asleep flow's side reads as: no transport, no EOF, not lost, nothing
     held.  One per direction for all asleep flows, so nothing may be set on
     it (a bug that would write to one relay's side through it fails loudly instead of
-    reaching every asleep relay)."""
+    reaching every asleep relay).  With the compiled build (tcp/relay.py is in it) the
+    refusal catches writes from interpreted code; compiled code sets a native class's
+    attributes directly, so the pure-Python pass of the tests is what checks it there."""
 
     __slots__ = ()
 
