@@ -22,7 +22,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
+from nodeproxy.log_limit import LogLimiter
 from nodeproxy.tcp.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ MAX_CONNECTIONS = 128  # per face; the four faces stay well inside limits.reserv
 MAX_PER_SOURCE = 16  # per face and client address (TCP)
 FEED_SLICE = 1024  # bytes handed to the parser at a time
 LINGER_SECONDS = 2.0  # after a refusal, what the client still sends is read and dropped
-LOG_EVERY = 10.0  # seconds between two log lines of one kind
 # Requests answered per second to one client address on a throttled face (the ones every
 # pod reaches), with a burst; past it the next answer waits, reading stays paused, and
 # the wait is counted (reason "throttled").  The node itself is never throttled.
@@ -197,26 +197,19 @@ class _Refused(Exception):
     """Raised from a parser callback (httptools wraps it): the status is kept aside."""
 
 
-class _LogLimiter:
-    """At most one line per reason per LOG_EVERY seconds, with the count of those left out
-    (a hostile peer must not fill the daemon's log; its address is named in the line);
-    every occurrence is counted in ``counts`` by reason (the daemon exports them)."""
+class _CountedLog(LogLimiter):
+    """The face's refusals and stalls: every occurrence counted in ``counts`` by reason
+    (the daemon exports them), at most one log line per reason per interval (a hostile
+    peer must not fill the daemon's log; its address is named in the line)."""
 
     def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._dropped: dict[str, int] = {}
+        super().__init__(log)
         self.counts: dict[str, int] = {}
 
-    def warn(self, reason: str, message: str, *args: object) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        now = asyncio.get_running_loop().time()
-        if now - self._last.get(reason, -LOG_EVERY) < LOG_EVERY:
-            self._dropped[reason] = self._dropped.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        dropped = self._dropped.pop(reason, 0)
-        more = f" ({dropped} more like it in the last {LOG_EVERY:.0f} s)" if dropped else ""
-        log.warning(message + more, *args)
+    def warn(self, kind: Hashable, message: str, *args: object) -> bool:
+        assert isinstance(kind, str)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return super().warn(kind, message, *args)
 
 
 # A queued item: a parsed request and whether the connection stays open after it, or the
@@ -638,7 +631,7 @@ class HttpServer:
         self._buckets: dict[str, TokenBucket] = {}
         self.connections: set[_Connection] = set()
         self.by_source: dict[str, list[_Connection]] = {}
-        self.limiter = _LogLimiter()
+        self.limiter = _CountedLog()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
 

@@ -11,7 +11,10 @@ its own (`abort_takeover`): the pods, maps, pins and routing stay the running in
 
 The old instance, asked to hand over (`hand_over`), stops accepting, detaches its
 programs, stops its background work (nothing more is written to the shared maps), leaves
-its admin ports and control socket to the new instance and drains its connections; then
+its admin ports and control socket to the new instance and drains its connections; while
+they drain it still reads the node file, and a new version's policies judge them again
+(the lifecycle's `_judge_draining`: a DENY put in force during an upgrade resets what it
+refuses on both instances); then
 it stays, idle, until told to stop (`stop_after_handover`): in a DaemonSet a container that
 exited by itself would be restarted and take the node back.
 """

@@ -30,7 +30,7 @@ from nodeproxy.config.model import NodeConfig
 from nodeproxy.daemon import cyclic_gc, memory_trim, views
 from nodeproxy.daemon.control_api import ControlApi
 from nodeproxy.daemon.handover import Handover, HandoverRefused, close_listeners
-from nodeproxy.daemon.reload import UNCHANGED, ConfigReloader, apply_config
+from nodeproxy.daemon.reload import ConfigReloader, apply_config
 from nodeproxy.daemon.wiring import (
     Kernel,
     Proxies,
@@ -77,6 +77,7 @@ class Daemon:
         self.kernel: Kernel | None = None  # set by start
         self.proxies: Proxies | None = None  # set by start
         self._tasks: list[asyncio.Task[Any]] = []
+        self._file_watch: asyncio.Task[Any] | None = None
         self._ready = False
         self._open_files = Gauge(
             "nodeproxy_open_files", "The daemon's descriptor budget: limit (RLIMIT_NOFILE), "
@@ -154,9 +155,11 @@ class Daemon:
         self._tasks.append(asyncio.create_task(memory_trim.run(
             self._trimmer, lambda: self.tracker.churn, cfg.proxy.memory_trim_seconds,
             lambda: dormancy.churn)))
-        self._tasks.append(asyncio.create_task(watcher.watch(
+        # Not one of _tasks: after a handover the file is still read, to judge again the
+        # connections draining here.
+        self._file_watch = asyncio.create_task(watcher.watch(
             self.loaded.source, cfg.proxy.netns_check_seconds,
-            lambda: self.reloader.seen_digest, lambda: self.reload("file"))))
+            lambda: self.reloader.seen_digest, lambda: self.reload("file")))
         # kubelet probes the pods from the moment the node is ready: their rules first.
         try:
             await asyncio.wait_for(kernel.probe_snat.settled(), PROBE_SNAT_READY_SECONDS)
@@ -175,6 +178,8 @@ class Daemon:
         """Stop accepting, drain, then remove everything this daemon put in the kernel —
         or, after handing over to a new instance, only what is this instance's own."""
         self._ready = False
+        if self._file_watch is not None:
+            self._file_watch.cancel()
         proxies = self.proxies
         pool = proxies.pool if proxies is not None else None
         if self.handover.handed_over:
@@ -242,8 +247,10 @@ class Daemon:
     def _publish(self) -> None:
         """What the node knows changed: put the mesh state built from it in force."""
         proxies = self.proxies
-        if proxies is None or self.handover.handed_over:
-            return  # not started; or the shared maps are the new instance's to write
+        if proxies is None:
+            return  # not started
+        # After a handover the watchers that write the kernel's shared state are no
+        # longer called (MeshState.hand_kernel_over); the revocation still is.
         self.state.replace(self._build(MeshInputs(
             config=self.config, discovered=self._discovered,
             local_pods=tuple(LocalPod(p.pod_id, p.workload, p.source)
@@ -254,10 +261,11 @@ class Daemon:
 
     async def reload(self, trigger: str) -> str:
         """Validate the node file again and apply it whole, or keep the version in force
-        (nodeproxy.daemon.reload).  Returns the result: applied, unchanged or rejected."""
+        (nodeproxy.daemon.reload).  Returns the result: applied, unchanged or rejected.
+        After a handover only the judgement of the connections still draining here
+        follows the new version (`_judge_draining`)."""
         if self.handover.handed_over:
-            log.info("reload (%s) ignored: this instance handed the node over", trigger)
-            return UNCHANGED
+            return await self.reloader.reload(trigger, self._judge_draining)
         return await self.reloader.reload(trigger, self._apply_config)
 
     async def _apply_config(self, config: NodeConfig, changes: WorkloadChanges) -> None:
@@ -265,6 +273,20 @@ class Daemon:
         await apply_config(config, changes, source=self.loaded.source,
                            enrollment=self.proxies.enrollment, kernel=self.kernel,
                            shares=self.shares, publish=self._publish)
+
+    async def _judge_draining(self, config: NodeConfig, changes: WorkloadChanges) -> None:
+        """A new version of the node file while this instance drains after a handover:
+        the pods and the kernel are the new instance's to change, but the connections
+        still open here are judged by the new policies (and the pods' new labels) and
+        the ones refused are reset, as the new instance does with its own; requests on
+        HTTP connections still open here are judged by them too.  Pods the file no longer
+        lists keep their connections here until the drain ends."""
+        assert self.proxies is not None
+        for workload in changes.changed:
+            self.proxies.enrollment.update(workload)  # labels in place, or nothing
+        self._publish()
+        log.info("draining after handover: the open connections were judged again by "
+                 "the new version of %s", self.loaded.source)
 
     # -- Kubernetes API discovery ----------------------------------------------------------
 
@@ -295,6 +317,7 @@ class Daemon:
             raise HandoverRefused("not running")
         open_connections = self.handover.hand_over(
             self.proxies.enrollment, self.kernel, self.discovery, self._tasks)
+        self.state.hand_kernel_over()
         self._ready = False
         return open_connections
 

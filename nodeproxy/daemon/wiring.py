@@ -370,7 +370,7 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
         steering.replace_denies(snapshot.denies.denies, snapshot.denies.policy_names,
                                 {p.pod_id: p for p in enrollment.pods.values()})
 
-    state.watch(write_denies)  # after the HTTP layer's, as before
+    state.watch(write_denies, writes_kernel=True)  # after the HTTP layer's, as before
     # Connections the new state no longer allows are reset (daemon/revocation.py).
     state.watch(Revocation(tracker, telemetry.registry))
 
@@ -379,7 +379,7 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
         steering.replace_probe_sources(snapshot.config.inbound.all_probe_sources(),
                                        {p.pod_id: p for p in enrollment.pods.values()})
 
-    state.watch(write_probe_sources)
+    state.watch(write_probe_sources, writes_kernel=True)
 
     def write_probe_snat(snapshot: MeshSnapshot) -> None:
         """The node's probe SNAT rules follow inbound.probeSnat and the enrolled pods."""
@@ -390,7 +390,7 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
         kernel.probe_snat.want(settings.ipv4, settings.ipv6,
                                [ip for pod in enrollment.pods.values() for ip in pod.workload.ips])
 
-    state.watch(write_probe_snat)
+    state.watch(write_probe_snat, writes_kernel=True)
     runtime = RuntimePods(node=cfg.node.name, enrollment=enrollment, discovered=discovered,
                           saved=SavedPods(cfg.node.state_dir, cfg.node.name),
                           on_change=on_change)

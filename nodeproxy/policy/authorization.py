@@ -34,6 +34,9 @@ Semantics follow Istio exactly:
     list-valued or unknown header's lines joined with ", ", a repeated single-valued one
     refused before policy); an absent header matches no ``values`` and passes
     ``notValues``; a present but empty one matches ``"*"`` (presence) only.
+    ``request.headers[host]`` reads the Host / ``:authority`` (the request's authority,
+    which the codecs keep out of the fields and the upstream gets as its Host); an
+    empty one is absent.
 
 A rule *uses L7* if one of its operations sets hosts, methods or paths (or their ``not``
 forms) or it has a ``request.headers`` condition.  How such a rule is judged depends on
@@ -130,7 +133,10 @@ class RequestAttributes:
         return cls(head.method, head.path, head.authority, lookup)
 
     def header(self, name: str) -> str | None:
-        """The value of a header, by lowercase name; None when absent."""
+        """The value of a header, by lowercase name; None when absent.  ``host`` is the
+        authority (see the module docstring), whatever the fields say."""
+        if name == "host":
+            return self.host or None
         headers = self.headers
         if not isinstance(headers, Mapping):
             return headers(name)

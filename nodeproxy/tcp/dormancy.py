@@ -10,7 +10,7 @@ spliced flows (tcp/splicer.py) and the relayed ones (tcp/relay_sleep.py) sleep t
 this module owns what they share:
 
 - `Dormancy`: the epoll of sleeping sockets, and the wheel where quiet flows wait for
-  their next look (one slot per second, turned by one timer: no timer per flow);
+  their next look (one slot per WHEEL_TICK, turned by one timer: no timer per flow);
 - `detach_sides`, `take_back`, `close_bare`, `readopt`: falling asleep, waking, and
   ending a flow while it sleeps;
 - `ASLEEP_SIDES`: what an asleep flow's relay has for sides (two shared read-only
@@ -32,7 +32,13 @@ from typing import Protocol
 from nodeproxy.tcp.bare_socket import adopt, borrowed, detach
 from nodeproxy.tcp.relay import _LINGER_RESET, SIDE_FIELDS, Relay, Side
 
-WHEEL_TICK = 1.0
+# The wheel's slots: a parked flow is looked at within this long after it is due.  A
+# quarter of a second, not a whole one: a relayed flow that is due after its quiet wait
+# sleeps then, not up to a second later (while a burst of connections opens, the flows
+# awake and quiet at once are what the daemon's memory peaks with, and the pools their
+# freed transports leave are not given back: docs/benchmarks.md, "Idle cross-node
+# memory, thirteenth round").  Four timer calls a second while anything is parked.
+WHEEL_TICK = 0.25
 # Flows looked at per loop iteration when many are due at once; the rest in the next
 # iterations.  Falling asleep closes a transport a loop turn after its socket was
 # duplicated, so a turn that put thousands of flows to sleep at once held thousands of
@@ -50,6 +56,10 @@ TURN_BATCH = 64
 SETTLED_CHURN = 256
 SETTLED_PARKED = 16
 SETTLED_DELAY = 0.1
+
+# So many flows parked at once (awake and quiet, each with its transports) is a crowd:
+# the relays' sleep then waits less (relay_sleep.CROWDED_QUIET_SECONDS).
+CROWDED_PARKED = 512
 
 # What a socket becomes once its descriptor is gone (a failed wake): every query on it
 # fails (EBADF), as on a transport's own socket after it closed; never a bare number that
@@ -108,7 +118,9 @@ class Dormancy:
 
     def __init__(self) -> None:
         # Quiet flows by the loop second their next look is due.
+        # A slot is a multiple of WHEEL_TICK, counted in ticks.
         self._wheel: dict[int, set[Parked]] = {}
+        self.parked = 0  # flows in the wheel
         self._wheel_timer: asyncio.Handle | None = None
         # The sockets of sleeping flows: one epoll, watched by the loop as one
         # descriptor; the kernel keeps each socket's entry (a loop.add_reader per socket
@@ -164,16 +176,20 @@ class Dormancy:
     def park(self, flow: Parked, due: float) -> int:
         """Keep a quiet flow until `due` (loop time; looked at within WHEEL_TICK after
         it): its `turned()` is called then.  Returns its slot."""
-        slot = math.ceil(due)
-        self._wheel.setdefault(slot, set()).add(flow)
+        slot = math.ceil(due / WHEEL_TICK)
+        waiting = self._wheel.setdefault(slot, set())
+        if flow not in waiting:
+            waiting.add(flow)
+            self.parked += 1
         if self._wheel_timer is None:
             self._wheel_timer = asyncio.get_running_loop().call_later(WHEEL_TICK, self._turn)
         return slot
 
     def unpark(self, flow: Parked, slot: int) -> None:
         waiting = self._wheel.get(slot)
-        if waiting is not None:
-            waiting.discard(flow)
+        if waiting is not None and flow in waiting:
+            waiting.remove(flow)
+            self.parked -= 1
             if not waiting:
                 del self._wheel[slot]
 
@@ -183,24 +199,32 @@ class Dormancy:
         self._wheel_timer = None
         loop = asyncio.get_running_loop()
         now, budget = loop.time(), TURN_BATCH
-        for slot in sorted(slot for slot in self._wheel if slot <= now):
+        due = math.floor(now / WHEEL_TICK)  # the last slot that is due
+        for slot in sorted(slot for slot in self._wheel if slot <= due):
             flows = self._wheel[slot]
             while flows and budget:
                 budget -= 1
+                self.parked -= 1
                 flows.pop().turned()
             if not flows and self._wheel.get(slot) is flows:
                 del self._wheel[slot]
             if not budget:
                 break
-        if any(slot <= now for slot in self._wheel):
+        if any(slot <= due for slot in self._wheel):
             self._wheel_timer = loop.call_soon(self._turn)
             return
         if self._wheel:
             self._wheel_timer = loop.call_later(WHEEL_TICK, self._turn)
         if self.settled is not None and self.churn - self._churn_at_settled >= SETTLED_CHURN \
-                and sum(map(len, self._wheel.values())) <= SETTLED_PARKED:
+                and self.parked <= SETTLED_PARKED:
             self._churn_at_settled = self.churn
             loop.call_later(SETTLED_DELAY, self._tell_settled)
+
+    @property
+    def crowded(self) -> bool:
+        """Whether so many flows are parked, awake and quiet, that they should sleep
+        sooner (CROWDED_PARKED)."""
+        return self.parked >= CROWDED_PARKED
 
     def _tell_settled(self) -> None:
         if self.settled is not None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nodeproxy.log_limit import LOG_EVERY_SECONDS, LogLimiter
 from nodeproxy.tcp.token_bucket import TokenBucket
 
 Clock = Callable[[], float]
@@ -193,29 +194,11 @@ class RefusalLog:
     """Refusals can come thousands a second from one source: one warning per (source,
     reason) at most every `interval` seconds, saying how many it stands for."""
 
-    KEYS_LIMIT = 4096
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0,
+    def __init__(self, logger: logging.Logger, interval: float = LOG_EVERY_SECONDS,
                  clock: Clock = time.monotonic):
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._last: dict[tuple[str, str], float] = {}
-        self._suppressed: dict[tuple[str, str], int] = {}
+        self._limiter = LogLimiter(logger, interval, clock)
 
     def refused(self, source: str, reason: str, what: str) -> bool:
         """Log this refusal (True) or count it into the next warning (False)."""
-        key = (source, reason)
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return False
-        if len(self._last) >= self.KEYS_LIMIT:
-            self._last.clear()
-            self._suppressed.clear()
-        self._last[key] = now
-        more = self._suppressed.pop(key, 0)
-        self._log.warning("%s refused (%s) from %s%s", what, reason, source,
-                          f" (and {more} more since the last warning)" if more else "")
-        return True
+        return self._limiter.warn((source, reason), "%s refused (%s) from %s", what, reason,
+                                  source)

@@ -35,6 +35,16 @@ to another connection never finds the old row.
 A flow woken soon after it fell asleep (a peer that sends a byte just after each quiet
 while) waits twice as long before its next sleep, up to 2**MAX_RESTLESS times
 QUIET_SECONDS, so a hostile or chatty pod costs one sleep and one wake per that long.
+
+While a crowd of flows is awake and quiet at once (the dormancy's wheel holds at least
+CROWDED_PARKED: a burst of connections opening), a flow that never woke early sleeps
+after CROWDED_QUIET_SECONDS instead: each of them holds its transports (about 2 KiB)
+until it sleeps, and what a burst's flows free when they sleep at last is left in the
+allocator's pools among what the later connections keep (the daemon's RSS with 8,988
+idle cross-node connections, docs/benchmarks.md, "Idle cross-node memory, thirteenth
+round").  Whether a wake was early is still judged against QUIET_SECONDS, so a flow
+that wakes within a second of such a sleep waits 2 s before its next one, as any early
+waker does: a chatty pod costs at most one sleep and wake more than without a crowd.
 """
 
 from __future__ import annotations
@@ -63,6 +73,9 @@ if TYPE_CHECKING:
 
 # A relay that moved nothing for this long sleeps (looked at within the wheel's tick).
 QUIET_SECONDS = 1.0
+# ... and while the wheel is crowded (dormancy.CROWDED_PARKED), for a relay that never
+# woke early.
+CROWDED_QUIET_SECONDS = 0.25
 # Woken within its last quiet wait of falling asleep: the next wait doubles, up to
 # QUIET_SECONDS * 2**MAX_RESTLESS (64 s).
 MAX_RESTLESS = 6
@@ -249,8 +262,15 @@ class RelayNap:
         if self._parked is not None:  # never in two slots at once
             self._naps.dormancy.unpark(self, self._parked)
         loop = asyncio.get_running_loop()
-        due = loop.time() + max(0.0, since + quiet_wait(self._restless) - time.monotonic())
+        due = loop.time() + max(0.0, since + self._wait() - time.monotonic())
         self._parked = self._naps.dormancy.park(self, due)
+
+    def _wait(self) -> float:
+        """How long this relay must stay quiet before it sleeps: less in a crowd, unless
+        it woke early before."""
+        if self._restless == 0 and self._naps.dormancy.crowded:
+            return CROWDED_QUIET_SECONDS
+        return quiet_wait(self._restless)
 
     def turned(self) -> None:
         """The wheel reached this relay: sleep if it stayed quiet, else look again once
@@ -261,7 +281,7 @@ class RelayNap:
             return  # over, the splicer's, or asleep
         if relay.downstream.got_eof or relay.upstream.got_eof:
             return  # half-closed: never sleeps
-        if time.monotonic() - relay.last_active >= quiet_wait(self._restless) - 0.001:
+        if time.monotonic() - relay.last_active >= self._wait() - 0.001:
             if self.sleep():
                 return
             self.park(time.monotonic())  # refused for a passing reason: a full wait again

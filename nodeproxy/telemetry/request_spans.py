@@ -46,9 +46,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from nodeproxy.log_limit import LogLimiter
 from nodeproxy.telemetry.trace_headers import NONE, Incoming, extract, inject
 from nodeproxy.telemetry.trace_start import SAMPLED, UNSAMPLED, first_decision
-from nodeproxy.telemetry.tracing import RateLimited, TracingMetrics
+from nodeproxy.telemetry.tracing_metrics import TracingMetrics
 
 if TYPE_CHECKING:
     from nodeproxy.codec.message import RequestHead
@@ -82,6 +83,7 @@ class _Reasons(logging.Handler):
 
 
 _REASON = _Reasons()
+log = logging.getLogger(__name__)
 _otlp_log = logging.getLogger(_OTLP_LOGGER)
 _otlp_log.addHandler(_REASON)
 _otlp_log.propagate = False  # our own rate-limited warning tells it
@@ -94,7 +96,7 @@ class _CountingExporter(SpanExporter):
         self._inner = inner
         self._metrics = metrics
         self._endpoint = endpoint
-        self._log = RateLimited()
+        self._log = LogLimiter(log)
         self.finished = 0  # spans through export (written by the exporter thread only)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -109,7 +111,7 @@ class _CountingExporter(SpanExporter):
         else:
             self._metrics.export_failures.inc()
             self._metrics.export_failed.inc(len(spans))
-            self._log.warn("tracing: %d spans not exported to %s: %s", len(spans),
+            self._log.warn("export", "tracing: %d spans not exported to %s: %s", len(spans),
                            self._endpoint, _REASON.text)
         self.finished += len(spans)
         return result
@@ -208,7 +210,7 @@ class Tracer:
         self._metrics = metrics
         self._ratio = settings.sampling_percent / 100.0
         self._random = random.Random()
-        self._invalid_log = RateLimited()
+        self._invalid_log = LogLimiter(log)
         self._exporter = _CountingExporter(
             OTLPSpanExporter(endpoint=settings.endpoint,
                              timeout=settings.export_timeout_seconds),
@@ -261,7 +263,7 @@ class Tracer:
         incoming = extract(headers)
         for fmt in incoming.invalid:
             self._metrics.invalid[fmt].inc()
-            self._invalid_log.warn("tracing: malformed %s trace context from a client "
+            self._invalid_log.warn("invalid", "tracing: malformed %s trace context from a client "
                                    "(%s %s): replaced", fmt, head.method, head.path[:100])
         sampled = incoming.sampled
         if sampled is None:

@@ -13,65 +13,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
-from nodeproxy.telemetry.trace_headers import B3_MULTI, B3_SINGLE, TRACESTATE, W3C
+from nodeproxy.telemetry.tracing_metrics import TracingMetrics
 
 if TYPE_CHECKING:
     from nodeproxy.config.model import TracingSettings
     from nodeproxy.telemetry.request_spans import Tracer
 
 log = logging.getLogger(__name__)
-
-LOG_EVERY_SECONDS = 10.0
-
-
-class TracingMetrics:
-    """nodeproxy_tracing_* counters (exporter-thread increments are safe: the client
-    library locks its values)."""
-
-    def __init__(self, registry: CollectorRegistry):
-        invalid = Counter(
-            "nodeproxy_tracing_invalid_context",
-            "Requests whose trace headers were malformed and replaced, by format",
-            ("format",), registry=registry)
-        self.invalid = {f: invalid.labels(f) for f in (W3C, TRACESTATE, B3_MULTI, B3_SINGLE)}
-        self.exported = Counter("nodeproxy_tracing_spans_exported",
-                                "Spans the collector accepted", registry=registry)
-        dropped = Counter(
-            "nodeproxy_tracing_spans_dropped",
-            "Sampled spans not exported: queue_full (the exporter fell behind), "
-            "export_failed (the collector refused them or could not be reached), "
-            "shutdown (still queued when a tracer was replaced or the daemon stopped)",
-            ("reason",), registry=registry)
-        self.queue_full = dropped.labels("queue_full")
-        self.export_failed = dropped.labels("export_failed")
-        self.shutdown = dropped.labels("shutdown")
-        self.export_failures = Counter(
-            "nodeproxy_tracing_export_failures",
-            "Export calls to the collector that failed (each a batch of spans)",
-            registry=registry)
-
-
-class RateLimited:
-    """A warning at most every LOG_EVERY_SECONDS; how many were held back is told."""
-
-    def __init__(self) -> None:
-        self._last = -LOG_EVERY_SECONDS
-        self._held = 0
-
-    def warn(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < LOG_EVERY_SECONDS:
-            self._held += 1
-            return
-        held, self._held, self._last = self._held, 0, now
-        suffix = f" ({held} more since the last report)" if held else ""
-        log.warning(message + suffix, *args)
-
 
 class Tracing:
     """The daemon's tracing across configurations (see the module docstring)."""

@@ -42,25 +42,28 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import procstat
 from nodeproxy_dev.bench.daemon_hook import DAEMON_CHECK, startup_hook
+from nodeproxy_dev.bench.profile_reading import (
+    SAMPLE_RATE,
+    folded_shares,
+    py_spy,
+    strace_counts,
+)
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed.cluster import Cluster
 
 PORT = 7000
-SAMPLE_RATE = 200
 TOP = 18
 
 SITECUSTOMIZE = DAEMON_CHECK + '''
@@ -93,38 +96,6 @@ if os.environ.get("NODEPROXY_CALLS_DIR") and _nodeproxy_daemon():
 '''
 
 
-def folded_shares(raw: str, expected: float, top: int = TOP) -> dict[str, Any]:
-    """From py-spy's folded stacks (``frame;frame;... count`` per line; py-spy leaves out
-    the samples of an idle thread, the loop waiting in epoll): the busy samples, their share
-    of the ``expected`` ones (rate x seconds), and each function's inclusive share of them."""
-    busy = 0
-    inclusive: Counter[str] = Counter()
-    for line in raw.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        busy += count
-        for name in dict.fromkeys(_function(f) for f in stack.split(";")):
-            inclusive[name] += count
-    return {"samples": busy, "busy_share": busy / expected if expected else 0.0,
-            "top": [(name, round(n / busy, 4)) for name, n in inclusive.most_common(top)]
-            if busy else []}
-
-
-def _function(frame: str) -> str:
-    """'run_forever (asyncio/base_events.py:608)' -> 'run_forever (asyncio/base_events.py)'."""
-    name, _, where = frame.partition(" (")
-    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
-
-
-def _py_spy() -> str:
-    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(found).exists():
-        raise SystemExit("py-spy not found: pip install py-spy (the profile extra)")
-    return found
-
-
 def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float,
                 out: Path) -> dict[str, Any]:
     vip = cluster.services[f"default/{service}"].address(4)
@@ -137,7 +108,7 @@ def cpu_profile(cluster: Cluster, service: str, nodes: list[str], seconds: float
         path = out / f"{service}-{node}.folded"
         pid = cluster.nodes[node].daemon.pid  # type: ignore[union-attr]
         spies[node] = (path, subprocess.Popen(
-            [_py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
+            [py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
              str(int(seconds)), "--format", "raw", "--output", str(path), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     result: dict[str, Any] = {"service": service}
@@ -180,7 +151,6 @@ def syscall_profile(cluster: Cluster, service: str, seconds: float,
     around the whole load (strace slows the daemon, so every connection counted was
     traced)."""
     # hboneprofile imports this module (its py-spy helpers): its strace reader is taken here.
-    from nodeproxy_dev.bench.hboneprofile import strace_counts
 
     vip = cluster.services[f"default/{service}"].address(4)
     pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
@@ -242,7 +212,7 @@ def burst_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
     path = out / "burst-node0.folded"
     cpu_before = procstat.cpu_seconds(pid)
     spy = subprocess.Popen(
-        [_py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
+        [py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
          "60", "--format", "raw", "--output", str(path), "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)

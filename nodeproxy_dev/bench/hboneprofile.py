@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import sockperf
-from nodeproxy_dev.bench.connprofile import SAMPLE_RATE, _py_spy, folded_shares
+from nodeproxy_dev.bench.profile_reading import SAMPLE_RATE, folded_shares, py_spy, strace_counts
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed import nginx
 from nodeproxy_dev.testbed.cluster import Cluster
@@ -56,7 +56,6 @@ HTTP_CONNECTIONS = 32
 IDLE_SECONDS = 4
 TOP = 30
 _OBSERVATIONS = re.compile(r"Total\s+(\d+)\s+observations")
-_STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
 def build(cluster: Cluster) -> None:
@@ -86,16 +85,6 @@ def _pingpong(cluster: Cluster, vip: str, seconds: int, mps: int | None = None,
 def _observations(output: str) -> int:
     found = _OBSERVATIONS.search(re.sub(r"\x1b\[[0-9;]*m", "", output))
     return int(found.group(1)) if found else 0
-
-
-def strace_counts(text: str) -> dict[str, int]:
-    """System calls by name from ``strace -c``'s table."""
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        row = _STRACE_ROW.match(line)
-        if row and row.group(2) != "total":
-            counts[row.group(2)] = int(row.group(1))
-    return counts
 
 
 def profile_pingpong(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any]:
@@ -302,7 +291,7 @@ def _syscalls_all(pids: dict[str, int], out: Path, seconds: int, unit: str,
 
 def _spy(pid: int, path: Path, seconds: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [_py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE),
+        [py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE),
          "--duration", str(seconds), "--native", "--format", "raw", "--output", str(path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -325,7 +314,7 @@ def profile(cluster: Cluster, seconds: int, streams: int, out: Path) -> dict[str
         path = out / f"{node}.folded"
         pid = cluster.nodes[node].daemon.pid  # type: ignore[union-attr]
         spies[node] = (path, subprocess.Popen(
-            [_py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE),
+            [py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE),
              "--duration", str(seconds), "--native", "--format", "raw", "--output",
              str(path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))

@@ -27,7 +27,6 @@ import collections
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 from nodeproxy_dev.bench import configurations, haproxy, l7timeline, wrk
 from nodeproxy_dev.bench.daemon_hook import startup_hook
 from nodeproxy_dev.bench.procstat import cpu_seconds
+from nodeproxy_dev.bench.profile_reading import SAMPLE_RATE, py_spy
 from nodeproxy_dev.bench.topology import (
     BENCH_LIMITS,
     HTTP_VIP_PORT,
@@ -141,7 +141,7 @@ def main() -> int:
     if not 1 <= args.seconds <= 60:
         parser.error("--seconds must be in [1, 60]")
     connections = args.connections or (PACED_CONNECTIONS if args.paced else 32)
-    pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    pyspy = None if args.no_profile else py_spy()  # said before the cluster is built
     config = PROFILED[args.config]
     settings = overrides(config)
     if args.sampling is not None:
@@ -186,8 +186,8 @@ def main() -> int:
                      check=True)
         c.run_in_pod(MESH_CLIENT, ["wrk", "-t1", "-c", str(connections), "-d", "2", url],
                      timeout=30)  # warm-up: pools, caches
-        spy = None if args.no_profile else subprocess.Popen(
-            [pyspy, "record", "--pid", str(daemon.pid), "--rate", "200",
+        spy = None if pyspy is None else subprocess.Popen(
+            [pyspy, "record", "--pid", str(daemon.pid), "--rate", str(SAMPLE_RATE),
              "--format", "raw", "-o", args.out + ".raw", "--duration",
              str(int(args.seconds))] + (["--native"] if args.native else [])
             + (["--threads", "--idle"] if args.threads else []),

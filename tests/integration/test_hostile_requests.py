@@ -47,9 +47,13 @@ ANY = "any"  # the answer depends on the variant; only the judge's verdict count
 # One more DENY on the deny variant's backends: by host, what name-based virtual hosting
 # acts on (nginx logs $host: lowercase, without port and trailing dot).
 EVIL_HOST = "evil.test"
+# And the same by a condition on the Host header (request.headers[host]: the authority).
+EVIL_HOST_HEADER = "evil-header.test"
 HOST_POLICY = {"name": "deny-evil-host", "namespace": "default",
                "selector": {"app": "deny-web"}, "action": "DENY",
-               "rules": [{"to": [{"operation": {"hosts": [EVIL_HOST, f"{EVIL_HOST}:*"]}}]}]}
+               "rules": [{"to": [{"operation": {"hosts": [EVIL_HOST, f"{EVIL_HOST}:*"]}}]},
+                         {"when": [{"key": "request.headers[host]",
+                                    "values": [EVIL_HOST_HEADER, f"{EVIL_HOST_HEADER}:*"]}]}]}
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,12 @@ HEADER_VARIANTS = [
     Variant("h2-host-without-authority", "/public/a", deny_only(DENIED, SERVED),
             protocols=("h2",), pseudo=((":authority", OMIT),),
             headers=(("host", EVIL_HOST + "."),)),
+    Variant("host-header-evil", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", EVIL_HOST_HEADER),)),
+    Variant("host-header-evil-port", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", EVIL_HOST_HEADER + ":8080"),)),
+    Variant("host-header-evil-dot", "/public/a", deny_only(DENIED, SERVED),
+            headers=(("@host", EVIL_HOST_HEADER + "."),)),
     Variant("host-twice", "/admin", both(REFUSED), headers=(("host", "other"),),
             protocols=("h1",)),
     Variant("host-userinfo", "/admin", both(REFUSED), protocols=("h1",),
@@ -260,7 +270,7 @@ def host_violations(target: Target) -> list[dict[str, Any]]:
     if target.variant != "deny":
         return []
     return [e for d in (target.h1_dir, target.h2_dir) for e in backend_log(d)
-            if e.get("host") == EVIL_HOST]
+            if e.get("host") in (EVIL_HOST, EVIL_HOST_HEADER)]
 
 
 def with_probe(path: str, probe: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeproxy_dev.bench.connprofile import folded_shares
+from nodeproxy_dev.bench.profile_reading import folded_shares
 
 FOLDED = "\n".join([
     "<module> (nodeproxy/__main__.py:3);run (uvloop/__init__.py:105);"

@@ -8,6 +8,7 @@ import asyncio
 import uvloop
 
 from nodeproxy.tcp.dormancy import (
+    CROWDED_PARKED,
     SETTLED_CHURN,
     SETTLED_DELAY,
     SETTLED_PARKED,
@@ -145,4 +146,33 @@ def test_the_wheel_says_a_burst_of_sleeps_is_over_once_it_is_and_only_then():
         await asyncio.sleep(2.5 * WHEEL_TICK)
         assert len(told) == 2 and told[1][1] == 2 * SETTLED_CHURN + 10
         assert told[1][0] - last.turns[0] >= SETTLED_DELAY - 0.01
+    uvloop.run(main())
+
+
+def test_the_wheel_counts_its_parked_flows_and_says_when_they_are_a_crowd():
+    """`parked` is exactly the flows in the wheel however they leave it (unparked, looked
+    at, parked again in the same slot); `crowded` from CROWDED_PARKED of them on."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wheel = Dormancy()
+        now = loop.time()
+        flows = [Parked() for _ in range(CROWDED_PARKED)]
+        slots = [wheel.park(flow, now) for flow in flows[:-1]]
+        assert wheel.parked == CROWDED_PARKED - 1 and not wheel.crowded
+        wheel.park(flows[0], now)  # the same flow in the same slot again: not two
+        assert wheel.parked == CROWDED_PARKED - 1 and not wheel.crowded
+        last = wheel.park(flows[-1], now + 60)
+        assert wheel.parked == CROWDED_PARKED and wheel.crowded
+        wheel.unpark(flows[1], slots[1])
+        wheel.unpark(flows[1], slots[1])  # not there any more: nothing to count
+        wheel.unpark(flows[-1], slots[0])  # not in that slot: nothing to count
+        assert wheel.parked == CROWDED_PARKED - 1 and not wheel.crowded
+        deadline = now + 20 * WHEEL_TICK
+        while any(not f.turns for f in flows[2:-1]) or flows[0].turns == []:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert wheel.parked == 1  # the one due in a minute
+        wheel.unpark(flows[-1], last)
+        assert wheel.parked == 0 and wheel._wheel == {}
+        assert flows[1].turns == [] and flows[-1].turns == []
     uvloop.run(main())

@@ -19,8 +19,9 @@ RUNTIME = Path(nodeproxy.__file__).parent
 # a package of its own.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("native",),                             # which modules run compiled (the root asks)
-    ("", "ports", "stream_protocol"),        # the default ports (the root: the version);
-                                             # what a stream's protocol has (asyncio's set)
+    ("", "ports", "stream_protocol", "log_limit"),  # the default ports (the root: the
+                                             # version); what a stream's protocol has
+                                             # (asyncio's set); warnings a peer causes
     ("config",),                             # what the node is told
     ("identity", "discovery", "capture"),    # who it is, what the cluster says, the kernel
     ("tcp", "signer"),                       # one TCP connection's machinery; the

@@ -256,3 +256,24 @@ def test_the_holder_swaps_in_one_step_then_tells_its_watchers_in_order() -> None
     assert holder.current is second
     # Each watcher is handed the new snapshot, and reading the holder already gives it.
     assert seen == [("http", second, second), ("kernel", second, second)]
+
+
+def test_after_a_handover_only_the_watchers_that_leave_the_kernel_alone_are_told() -> None:
+    """The old instance of an upgrade still follows new snapshots (its draining
+    connections are judged again) but writes nothing of the node's kernel state."""
+    cfg = config(DENY_DB)
+    first, second, third = (build(MeshInputs(cfg)) for _ in range(3))
+    holder = MeshState(first)
+    seen: list[tuple[str, MeshSnapshot]] = []
+    holder.watch(lambda s: seen.append(("pools", s)))
+    holder.watch(lambda s: seen.append(("denies", s)), writes_kernel=True)
+    holder.watch(lambda s: seen.append(("revocation", s)))
+    holder.watch(lambda s: seen.append(("probe rules", s)), writes_kernel=True)
+    holder.replace(second)
+    assert seen == [("pools", second), ("denies", second), ("revocation", second),
+                    ("probe rules", second)]
+    seen.clear()
+    holder.hand_kernel_over()
+    holder.replace(third)
+    assert holder.current is third
+    assert seen == [("pools", third), ("revocation", third)]

@@ -597,3 +597,33 @@ def test_a_request_head_is_judged_as_its_attributes_remembered_or_not() -> None:
                              False, False, True, False]
     assert decisions(registry, "shop/p", "ALLOW", "allowed") == 6
     assert decisions(registry, "", "ALLOW", "denied") == 30
+
+
+def test_a_host_header_condition_reads_the_authority_the_upstream_gets() -> None:
+    """The codecs take Host (HTTP/1.1) and :authority (HTTP/2) out of a head's fields into
+    its authority (codec/h1.py on_headers_complete, codec/h2.py), and the upstream gets
+    that authority as its Host.  A ``request.headers[host]`` condition reads it too: a
+    DENY on it matched nothing before, whatever the Host, and an ALLOW on it nothing."""
+    policies = (deny(when({"key": "request.headers[host]", "values": ["admin*"]})),
+                allow(when({"key": "request.headers[Host]", "values": ["web.shop*"]})))
+    cached, _, web = admitter(*policies)
+    cases = [("admin.internal", False), ("ADMIN.internal:80", False),
+             ("web.shop", True), ("web.shop:8080", True), ("other", False), ("", False)]
+    for _ in range(2):  # fresh, then remembered
+        for authority, allowed in cases:
+            head = RequestHead("GET", "/", authority, [])  # as a codec makes it
+            got = cached.admit_request(web, FRONTEND, SOURCE_IP, 8080, head)
+            fresh, _, _ = admitter(*policies)
+            attributes = RequestAttributes("GET", "/", authority, {})
+            want = fresh.admit_request(web, FRONTEND, SOURCE_IP, 8080, attributes)
+            assert got.allowed == want.allowed == allowed, authority
+    # A "host" field among the others (no codec leaves one) is not what goes upstream.
+    head = RequestHead("GET", "/", "admin.internal", [("host", "web.shop")])
+    assert not cached.admit_request(web, FRONTEND, SOURCE_IP, 8080, head).allowed
+    # Present but empty (an HTTP/1.0 request without Host): absent, as no Host goes up.
+    only_absent = (allow(when({"key": "request.headers[host]", "notValues": ["*"]})),)
+    absent, _, _ = admitter(*only_absent)
+    assert absent.admit_request(web, FRONTEND, SOURCE_IP, 8080,
+                                RequestHead("GET", "/", "", [], version="1.0")).allowed
+    assert not absent.admit_request(web, FRONTEND, SOURCE_IP, 8080,
+                                    RequestHead("GET", "/", "a", [])).allowed

@@ -14,9 +14,10 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.tcp import relay_sleep
-from nodeproxy.tcp.dormancy import Dormancy
+from nodeproxy.tcp.dormancy import CROWDED_PARKED, Dormancy
 from nodeproxy.tcp.relay import Relay, Side
 from nodeproxy.tcp.relay_sleep import (
+    CROWDED_QUIET_SECONDS,
     MAX_RESTLESS,
     QUIET_SECONDS,
     RelayNaps,
@@ -222,3 +223,49 @@ def test_an_ended_relay_leaves_no_reference_cycle(quick: None, slept: bool):
         gc.garbage.clear()
         gc.enable()
     assert cyclic == []
+
+
+class _Waiting:
+    """A quiet flow of somebody else's in the wheel (never due in the test)."""
+
+    def turned(self) -> None:
+        raise AssertionError("not due")
+
+
+@pytest.mark.parametrize("case", ["crowd", "no crowd", "restless in a crowd"])
+def test_in_a_crowd_a_quiet_relay_sleeps_sooner_unless_it_woke_early_before(case: str):
+    """With CROWDED_PARKED flows awake and quiet in the wheel (a burst of connections
+    opening), a relay sleeps after CROWDED_QUIET_SECONDS of quiet, not QUIET_SECONDS;
+    without the crowd it waits the whole QUIET_SECONDS, and a relay that woke early
+    before waits its doubled wait even in a crowd.  Read from when the table says it
+    fell asleep against its last activity; the relay works after it (bytes intact)."""
+    async def main() -> None:
+        dormancy = Dormancy()
+        naps = RelayNaps(dormancy, RelaySleepMetrics(CollectorRegistry()))
+        loop = asyncio.get_running_loop()
+        crowd = [_Waiting() for _ in range(CROWDED_PARKED)]
+        if case != "no crowd":
+            for other in crowd:
+                dormancy.park(other, loop.time() + 600)
+        flow = Flow()
+        relay = await flow.start(naps)
+        if case == "restless in a crowd":
+            relay.nap._restless = 1
+        await until(lambda: naps.asleep == 1, seconds=10)
+        row = naps._relay.index(relay)  # its downstream's (duplicated) descriptor
+        quiet_for = naps._slept_at[row] - relay.last_active
+        if case == "crowd":
+            assert CROWDED_QUIET_SECONDS - 0.001 <= quiet_for < QUIET_SECONDS
+        elif case == "no crowd":
+            assert QUIET_SECONDS - 0.001 <= quiet_for
+        else:
+            assert quiet_wait(1) - 0.001 <= quiet_for
+        data = b"x" * 100_001
+        await loop.sock_sendall(flow.client, data)
+        assert await read_exactly(flow.server, len(data)) == data
+        assert flow.counted == [len(data), 0]
+        relay.close()
+        for sock in (flow.client, flow.server):
+            assert await loop.sock_recv(sock, 10) == b""
+            sock.close()
+    uvloop.run(main())

@@ -19,7 +19,8 @@ from nodeproxy.config.model import TracingSettings
 from nodeproxy.telemetry import trace_headers as tc
 from nodeproxy.telemetry.request_spans import Tracer
 from nodeproxy.telemetry.trace_start import UNSAMPLED, first_decision
-from nodeproxy.telemetry.tracing import Tracing, TracingMetrics
+from nodeproxy.telemetry.tracing import Tracing
+from nodeproxy.telemetry.tracing_metrics import TracingMetrics
 from nodeproxy_dev.testbed.otlp_receiver import make_server, read_spans
 from tests.unit.test_config import VALID
 
