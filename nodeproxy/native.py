@@ -61,6 +61,9 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.telemetry.request_metrics",
     "nodeproxy.telemetry.trace_start",
     "nodeproxy.tcp.token_bucket",
+    # Each source's fair share: begin_request/end_request on every request (interpreted,
+    # they were five Python calls per request; "L7 per-request cost, twelfth round").
+    "nodeproxy.tcp.fairshare",
     # The cross-node path (HBONE): the tunnel's frames and the TLS records under them
     # (docs/benchmarks.md, "mypyc on the HBONE path").
     "nodeproxy.codec.h2_frames",
@@ -73,7 +76,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.tcp.relay",
 )
 # Not compiled: a connection's set-up (the listeners, mesh/upstream.py, tunnel/client.py,
-# tcp/dial.py, capture/original_dst.py, tcp/fairshare.py).  They compile (mesh/upstream.py's
+# tcp/dial.py, capture/original_dst.py).  They compile (mesh/upstream.py's
 # Refused would then need @mypyc_attr(native_class=False), as router.py rebinds
 # `except ... as e`), but compiled they took no measurable CPU off a connection on either
 # path (same node, two of three profile pairs spent more): they are glue over interpreted

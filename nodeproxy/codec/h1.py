@@ -54,6 +54,7 @@ import httptools
 from nodeproxy.codec.message import (
     HOP_BY_HOP,
     MAX_HEADER_BYTES,
+    NO_BODY,
     Body,
     BodyError,
     Headers,
@@ -128,6 +129,31 @@ def _no_body_status(status: int) -> bool:
     return 100 <= status < 200 or status in (204, 304)
 
 
+class SentHeads:
+    """The response heads of one client connection, encoded: the last one is kept with
+    everything it was made of, and a head made of the same gets its bytes again without
+    encoding (a backend's heads repeat but for a Date that changes once a second)."""
+
+    def __init__(self) -> None:
+        self._status = -1
+        self._framing = ""
+        self._headers: Headers = []
+        self._bytes = b""
+
+    def encode(self, status: int, headers: Headers, framing: str) -> bytes:
+        """The status line, `headers` but the hop-by-hop ones, the codec's own `framing`
+        lines, the blank line.  The key is all of what the bytes are made of (a copy of
+        the header list, compared field by field, name and value), so what goes out is
+        always the encoding of the head passed in."""
+        if status == self._status and framing == self._framing and headers == self._headers:
+            return self._bytes
+        data = _status_line(status) + (
+            _header_lines(headers) + framing + "\r\n").encode("latin-1")
+        self._status, self._framing = status, framing
+        self._headers, self._bytes = list(headers), data
+        return data
+
+
 class BadRequest(Exception):
     """A request the proxy refuses to parse further: `status` is what the client gets,
     `label` the fixed reason it is counted under (`reason`, which may quote the request,
@@ -176,10 +202,16 @@ class H1Exchange:
     declares_body = False
 
     def __init__(self, server: H1Server, head: RequestHead, *, keep_alive: bool,
-                 expect_continue: bool, upgrade: bool, header_bytes: int):
+                 expect_continue: bool, upgrade: bool, header_bytes: int,
+                 has_body: bool = True):
         self._server = server
         self.request = head
-        self.body = Body(on_consumed=server.body_consumed)
+        # A request whose head ends it (no Content-Length, no Transfer-Encoding: RFC 9112
+        # 6.3, as llhttp frames it) gets the shared ended body: no Body, deque and bound
+        # method per GET.  on_body refuses bytes for it, should llhttp ever disagree.
+        self.body: Body = NO_BODY if not has_body and not expect_continue else (
+            _ContinueBody(self, server.body_consumed) if expect_continue
+            else Body(on_consumed=server.body_consumed))
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.header_bytes = header_bytes
@@ -192,8 +224,6 @@ class H1Exchange:
         self._remaining: int | None = None  # declared Content-Length still to send
         self._no_body = False
         self._head_bytes = b""
-        if expect_continue:
-            self.body = _ContinueBody(self, server.body_consumed)
 
     @property
     def client_gone(self) -> bool:
@@ -233,8 +263,7 @@ class H1Exchange:
             self._remaining = 0
         if not self.keep_alive:
             framing += "connection: close\r\n"
-        data = _status_line(head.status) + (
-            _header_lines(head.headers) + framing + "\r\n").encode("latin-1")
+        data = self._server.sent_heads.encode(head.status, head.headers, framing)
         self.bytes_sent += len(data)
         self._head_bytes = data
 
@@ -387,6 +416,7 @@ class H1Server:
         self._handoff: H1Exchange | None = None  # next, while the worker ends the last
         self._draining = False
         self._client_eof = False
+        self.sent_heads = SentHeads()  # the last response head, encoded
 
     def attach(self, transport: asyncio.Transport, initial: bytes,
                waiting_since: float | None = None) -> None:
@@ -508,7 +538,7 @@ class H1Server:
         headers: Headers = []
         authority = ""
         connection: set[str] = set()
-        expect_continue = upgrade = False
+        expect_continue = upgrade = framed = False
         hosts = 0
         for name, value in self._headers:
             if name == "host":
@@ -516,7 +546,11 @@ class H1Server:
                 hosts += 1
             elif name == "connection":
                 connection.update(t.strip().lower() for t in value.split(","))
+            elif name == "content-length":
+                framed = True
+                headers.append((name, value))
             elif name == "transfer-encoding":
+                framed = True
                 if value.strip().lower() != "chunked":
                     raise BadRequest(501, f"transfer coding {value!r} not supported",
                                      "transfer_coding")
@@ -553,7 +587,7 @@ class H1Server:
         exchange = H1Exchange(
             self, RequestHead(method, url, authority, headers, version=version),
             keep_alive=keep_alive and not self._draining, expect_continue=expect_continue,
-            upgrade=upgrade, header_bytes=self._header_bytes)
+            upgrade=upgrade, header_bytes=self._header_bytes, has_body=framed)
         if upgrade:
             exchange.declares_body = any(
                 n == "transfer-encoding" or (n == "content-length" and v.strip() != "0")
@@ -567,6 +601,10 @@ class H1Server:
     def on_body(self, body: bytes) -> None:
         self._quiet_bytes = 0
         if self._parsing is not None:
+            if self._parsing.body is NO_BODY:
+                # Body bytes for a request whose head declared none: llhttp and this codec
+                # disagree on where the request ends, which is where requests hide.
+                raise BadRequest(400, "body bytes for a request without one", "unframed_body")
             self._parsing.body.feed(body)
             if self._parsing.body.over_high_water:
                 self._pause()
@@ -886,8 +924,8 @@ class H1Client:
         # The connection's loop, kept: get_running_loop() is a getpid system call on 3.11.
         loop = self._loop or asyncio.get_running_loop()
         waiter = self._head = loop.create_future()
-        has_length = head.header("content-length") is not None
-        chunked = not has_length and not body.ended
+        # (A body that has ended, NO_BODY's say, is never chunked: no header scan.)
+        chunked = not body.ended and head.header("content-length") is None
         self.transport.write(encode_request(head, chunked=chunked, upgrade=upgrade))
         if not body.ended:
             self._sender = loop.create_task(self._send_body(body, chunked))
@@ -1012,10 +1050,19 @@ class H1Client:
             return  # 100 Continue and friends: the final response follows
         self._status = status
         self._keep_alive = self._parser.should_keep_alive()
-        names = {n for n, _ in self._headers}
-        self._framed = "content-length" in names or "transfer-encoding" in names or (
-            self._method == "HEAD" or _no_body_status(status))
-        headers = [(n, v) for n, v in self._headers if n not in HOP_BY_HOP]
+        # One pass: the fields passed on (hop-by-hop ones left out) and whether the
+        # response is framed by a length or a transfer coding.
+        framed = self._method == "HEAD" or _no_body_status(status)
+        headers: Headers = []
+        for n, v in self._headers:
+            if n in HOP_BY_HOP:
+                if n == "transfer-encoding":
+                    framed = True
+                continue
+            if n == "content-length":
+                framed = True
+            headers.append((n, v))
+        self._framed = framed
         self._body = Body(on_consumed=self._consumed)
         response = UpstreamResponse(ResponseHead(status, headers), self._body)
         if self._head is not None and not self._head.done():

@@ -220,6 +220,14 @@ class Body:
             self._waiter.set_result(None)
 
 
+# The body of every request whose head ends it (HTTP/1.1: neither Content-Length nor
+# Transfer-Encoding; a GET, say): one shared object, already ended, instead of a Body and
+# its deque per request.  An ended body never changes again (feed, end and fail do
+# nothing once it has ended; read and take give b""), so sharing it is safe.  Nothing may
+# assign its attributes: tests/unit/test_http_no_body.py keeps it ended and empty.
+NO_BODY: Final = Body.empty()
+
+
 class BodySource(Protocol):
     """What a ReplayableBody reads from: the client's Body, or the mirrors' tap over it
     (http/mirror.py's BodyTap).  A protocol, so a compiled build takes either."""

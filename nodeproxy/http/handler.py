@@ -71,6 +71,10 @@ class RequestHandler:
         self._target_policy = TargetPolicy.of(self._settings)
         self._routes: Routes | None = None
         self._tracer: Tracer | None = None  # None: tracing off, one check per request
+        # The tracer's PRNG and sampled share, read once per tracer (its properties are
+        # interpreted: two Python calls per request otherwise).
+        self._trace_random = rng
+        self._trace_ratio = 0.0
 
     def update(self, settings: HttpSettings, routes: Routes, tracer: Tracer | None) -> None:
         """A new configuration: its HTTP settings, route tables and tracer."""
@@ -78,6 +82,8 @@ class RequestHandler:
         self._target_policy = TargetPolicy.of(settings)
         self._routes = routes
         self._tracer = tracer
+        if tracer is not None:
+            self._trace_random, self._trace_ratio = tracer.random, tracer.ratio
 
     async def handle(self, ctx: RequestContext, exchange: Exchange) -> None:
         """Serve one request of a client connection to its end."""
@@ -101,7 +107,7 @@ class RequestHandler:
             tracer = self._tracer
             span: RequestSpan | None = None
             if tracer is not None:  # most requests: decided here, compiled (trace_start.py)
-                decided = first_decision(head.headers, tracer.random, tracer.ratio)
+                decided = first_decision(head.headers, self._trace_random, self._trace_ratio)
                 if decided != UNSAMPLED:
                     span = tracer.begin_decided(decided, head, request_id,
                                                 int(started_at * 1e9))

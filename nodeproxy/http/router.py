@@ -21,11 +21,13 @@ from typing import Protocol
 
 from nodeproxy.codec.h1 import H1Exchange
 from nodeproxy.codec.message import (
+    NO_BODY,
     Body,
     BodyError,
     BodySource,
     Exchange,
     MalformedRequest,
+    OutgoingBody,
     ReplayableBody,
     RequestHead,
     ResponseHead,
@@ -122,7 +124,9 @@ class Router:
                     outcome.mirror_tap = self._mirrors.start(
                         ctx, head, exchange.body, rule, self._settings.retry_buffer_bytes)
                     source = outcome.mirror_tap or source
-                body = ReplayableBody(
+                # A request its head ended (the shared NO_BODY, not a mirrors' tap) is sent
+                # as it is by every attempt: nothing to record for a replay.
+                body = None if source is NO_BODY else ReplayableBody(
                     source, self._settings.retry_buffer_bytes if policy.attempts else 0)
                 budget: RetryBudget | None = None  # the first attempt's service's
                 while True:
@@ -153,7 +157,8 @@ class Router:
                     # possible (settled: a response the policy does not retry).
                     step = settled(policy, head.method, result) or next_step(
                         policy, head.method, result, Progress(
-                        attempts=outcome.attempts, body_replayable=body.replayable,
+                        attempts=outcome.attempts,
+                        body_replayable=body is None or body.replayable,
                         client_gone=exchange.client_gone, budget_has_room=budget.has_room(),
                         retry_slot_free=cluster.breaker.retry_slot_free()))
                     if step.spend_budget and not budget.try_retry():
@@ -237,13 +242,14 @@ class Router:
         return cluster, endpoint
 
     async def _attempt(self, ctx: RequestContext, exchange: Exchange, cluster: Cluster,
-                       endpoint: Endpoint, head: RequestHead, body: ReplayableBody,
+                       endpoint: Endpoint, head: RequestHead, body: ReplayableBody | None,
                        rule: CompiledRule, slots: Slots
                        ) -> tuple[Result, UpstreamResponse | None,
                                   UpstreamConnection | None, UpstreamError | None]:
         """One exchange with the endpoint: a request slot, a connection, the send under
         the per-try timeout; recorded in the endpoint's statistics and, when the result
-        says something about the endpoint, its outlier detector."""
+        says something about the endpoint, its outlier detector.  `body` None: the
+        request has none (NO_BODY is sent)."""
         per_try = rule.retry.per_try_timeout_seconds
         response: UpstreamResponse | None = None
         connection: UpstreamConnection | None = None
@@ -255,12 +261,13 @@ class Router:
             connection = self._clusters.pooled(ctx, endpoint, cluster)
             if connection is None:
                 connection = await self._clusters.connect(ctx, endpoint, cluster)
+            outgoing: OutgoingBody = NO_BODY if body is None else body.reader()
             if per_try is None:
-                response = await connection.send(head, body.reader())
+                response = await connection.send(head, outgoing)
             else:
                 deadline = self._deadlines.begin(per_try)
                 try:
-                    response = await connection.send(head, body.reader())
+                    response = await connection.send(head, outgoing)
                 except asyncio.CancelledError:
                     if deadline.end(True):
                         raise TimeoutError from None
@@ -323,8 +330,9 @@ async def stream_response(exchange: Exchange, rule: CompiledRule,
     backend that breaks off mid-response resets the client's exchange (UC)."""
     outcome.status = response.head.status
     grpc = grpc_status_of(response.head.headers)
-    head = ResponseHead(response.head.status,
-                        apply_modifier(response.head.headers, rule.response_headers))
+    # Without a response modifier the upstream's head is passed on as it is (no copy).
+    head = response.head if rule.response_headers is None else ResponseHead(
+        response.head.status, apply_modifier(response.head.headers, rule.response_headers))
     body = response.body
     try:
         if body.ended and body.trailers is None and type(exchange) is H1Exchange:

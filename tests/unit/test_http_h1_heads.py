@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from nodeproxy import native
-from nodeproxy.codec.h1 import _NAMES, H1Exchange, _reason, encode_request
+from nodeproxy.codec.h1 import _NAMES, H1Exchange, SentHeads, _reason, encode_request
 from nodeproxy.codec.message import HOP_BY_HOP, Body, RequestHead, ResponseHead, UpstreamResponse
 from nodeproxy.http.context import Outcome
 from nodeproxy.http.router import stream_response
@@ -75,6 +75,7 @@ class FakeServer:
         self.done: list[H1Exchange] = []
         self.writer = SimpleNamespace(paused=False, drain=self._drain)
         self.resumed = asyncio.Event()
+        self.sent_heads = SentHeads()
 
     async def _drain(self) -> None:
         while self.writer.paused and not self.lost:
