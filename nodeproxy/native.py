@@ -72,6 +72,9 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.tunnel.header_block",
     "nodeproxy.tunnel.response_deadlines",
     "nodeproxy.tunnel.session",
+    # The byte relay both paths' relayed flows run through: its sides' reads and
+    # `Relay.forward` (docs/benchmarks.md, "The byte relay compiled").
+    "nodeproxy.tcp.relay",
 )
 # Not compiled: a connection's set-up (the listeners, mesh/upstream.py, tunnel/client.py,
 # tcp/dial.py, capture/original_dst.py).  They compile (mesh/upstream.py's

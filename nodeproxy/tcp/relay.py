@@ -14,6 +14,12 @@ spliced flow its sides may have no transport at all (SplicedFlow.sleep): the spl
 gives them new ones before anything here needs them.  A relayed flow sleeps the same
 way once it is quiet (tcp/relay_sleep.py, `Relay.nap`); close and abort reach its
 sockets through the nap.
+
+Compiled with the HBONE group when there is a build (nodeproxy/native.py): `Side` and
+`Relay` are then native classes that interpreted subclasses may extend (the accepted
+side of tcp/tracker.py, the asleep stand-ins of tcp/dormancy.py, tests' sides); `Side`
+does not subclass asyncio.Protocol (a subclass of it compiles as a Python-level class),
+it has a protocol's methods, which is all uvloop and the tunnel's streams call.
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
+
+from mypy_extensions import mypyc_attr
 
 if TYPE_CHECKING:
     from nodeproxy.tcp.fairshare import Lease
     from nodeproxy.tcp.splicer import Promotion, SplicedFlow
 
 WRITE_HIGH_WATER = 512 * 1024
+# What a side reads: bytes from a socket's transport, a view of the decrypted read from a
+# tunnel stream (tunnel/session.py hands a relay's side views; the compiled build checks
+# declared argument types, so the view is declared).
+Bytes = bytes | memoryview
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -52,17 +64,22 @@ def reset(transport: asyncio.BaseTransport | None) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError:
             pass
-    transport.abort()
+    cast(asyncio.Transport, transport).abort()
 
 
-class Side(asyncio.Protocol):
-    """One of the two connections of a relay.
+# A side's attributes (its __slots__ in the pure-Python build; tcp/dormancy.py copies them).
+SIDE_FIELDS = ("_arrival", "_start_paused", "early", "eof_forwarded", "error", "got_eof",
+               "lease", "lost", "name", "relay", "transport", "write_paused")
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Side:
+    """One of the two connections of a relay (an asyncio protocol).
 
     Thousands of these sit idle at once (two per proxied connection), so they have slots
     and allocate nothing until bytes come: `early` is a shared empty tuple until then."""
 
-    __slots__ = ("_arrival", "_start_paused", "early", "eof_forwarded", "error", "got_eof",
-                 "lease", "lost", "name", "relay", "transport", "write_paused")
+    __slots__ = SIDE_FIELDS  # (a compiled Side has no __slots__: a native class's layout)
 
     def __init__(self, name: str, start_paused: bool = False):
         self.name = name
@@ -77,12 +94,12 @@ class Side(asyncio.Protocol):
         # Bytes that arrived before the relay was joined (uvloop may start
         # reading right after connection_made despite pause_reading there): a list once
         # something came, the empty tuple before (take_early / hold_early).
-        self.early: list[bytes] | tuple[()] = ()
+        self.early: list[Bytes] | tuple[()] = ()
         self._arrival: asyncio.Future[None] | None = None
         # An accepted connection's hold on its source's fair share (tcp/fairshare.py).
         self.lease: Lease | None = None
 
-    def hold_early(self, data: bytes) -> None:
+    def hold_early(self, data: Bytes) -> None:
         """Keep bytes for the relay to send first once it joins."""
         if self.early:
             self.early.append(data)  # type: ignore[union-attr]
@@ -115,12 +132,12 @@ class Side(asyncio.Protocol):
             self._arrival.set_result(None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport = ours = cast(asyncio.Transport, transport)
+        ours.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self._start_paused:
-            transport.pause_reading()
+            ours.pause_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: Bytes) -> None:
         if self.relay is not None:
             self.relay.forward(self, data)
         else:
@@ -164,6 +181,7 @@ class Side(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Relay:
     """Joins a downstream (client) side and an upstream (server) side."""
 
@@ -235,7 +253,7 @@ class Relay:
     def peer(self, side: Side) -> Side:
         return self.upstream if side is self.downstream else self.downstream
 
-    def forward(self, src: Side, data: bytes) -> None:
+    def forward(self, src: Side, data: Bytes) -> None:
         """Every read of either side comes here: kept to a few operations (account is
         written out inline)."""
         if self.splice is not None and self.splice.hold(src, data):
@@ -322,8 +340,8 @@ class Relay:
     def _stream_reported(self) -> asyncio.Protocol:
         return self.nap.stream_reported(self)  # type: ignore[union-attr]
 
-    def data_received(self, data: bytes) -> None:
-        self._stream_reported().data_received(data)
+    def data_received(self, data: Bytes) -> None:
+        self._stream_reported().data_received(data)  # type: ignore[arg-type]
 
     def eof_received(self) -> bool | None:
         return self._stream_reported().eof_received()

@@ -58,7 +58,7 @@ from nodeproxy.tcp.dormancy import (
     readopt,
     take_back,
 )
-from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.tcp.relay import Bytes, Relay, Side
 from nodeproxy.tcp.send_state import is_closed, send_state, sent_total, unread
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class _End:
     credit: int             # as granted to the verdict
     from_python: int = 0    # bytes Python read from this socket since the splice
     consumed: int = 0       # ... of which the verdict was told they are in the peer's queue
-    held: list[bytes] | None = None  # passed bytes waiting for the kernel's to be delivered
+    held: list[Bytes] | None = None  # passed bytes waiting for the kernel's to be delivered
     checked_moved: int = 0  # moved and the loop time at the last flow-control check
     checked_at: float = 0.0
     # What the verdict moved from this socket, read once its EOF reached Python: final
@@ -199,7 +199,7 @@ class SplicedFlow:
     def delivered(self, src: Side) -> bool:
         return self.backlog(src) == 0
 
-    def hold(self, src: Side, data: bytes) -> bool:
+    def hold(self, src: Side, data: Bytes) -> bool:
         """The verdict passed data from src to Python (src ran out of credit).  If the
         kernel's earlier bytes are not all delivered yet, keep it (and stop reading src)
         until they are; True when held."""

@@ -18,7 +18,9 @@ daemon -> server.
 - ``http``: wrk (one thread, 32 keep-alive connections, the bench's saturated run) against
   nginx serving a 1 KiB file, relayed through L4 over HBONE: each daemon's CPU µs per
   request (user, system) unprofiled (``--runs N`` times), then (unless ``--cpu-only``)
-  py-spy on both daemons, then ``strace -c -f`` (system calls per request).
+  py-spy on both daemons, then ``strace -c -f`` (system calls per request); ``--perf``
+  adds one wrk run under ``perf record -g`` on both daemons (self shares by shared object
+  and symbol: how much is the interpreter, the compiled group, uvloop, OpenSSL, the kernel).
 
 Bounded: iperf3 and py-spy have timeouts; the cluster is torn down at the end.
 """
@@ -159,7 +161,7 @@ def _wrk(cluster: Cluster, url: str, seconds: int) -> int:
 
 
 def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
-                 cpu_only: bool = False) -> dict[str, Any]:
+                 cpu_only: bool = False, perf: bool = False) -> dict[str, Any]:
     """Per request of keep-alive HTTP relayed through L4 over HBONE: CPU (``runs`` wrk runs,
     each's figures), then unless ``cpu_only`` py-spy shares and system calls."""
     directory = out / "www"
@@ -193,6 +195,8 @@ def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
                 "system": round(system / max(n, 1) * 1e6, 1)}
         run["cpu_s_per_1000_requests"] = round(total / max(n, 1) * 1e3, 4)
         result["runs"].append(run)
+    if perf:
+        result["perf"] = _perf_all(pids, out, seconds, lambda: _wrk(cluster, url, seconds))
     if cpu_only:
         return result
     # 2. py-spy on both daemons.
@@ -206,6 +210,37 @@ def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
     result["traced_requests"] = _syscalls_all(pids, out, seconds, "request", result,
                                               lambda: _wrk(cluster, url, seconds))
     return result
+
+
+def _perf_all(pids: dict[str, int], out: Path, seconds: int,
+              run: Callable[[], int]) -> dict[str, Any]:
+    """``perf record -g`` (499 Hz) on every daemon around ``run`` (a load of about
+    ``seconds``): each one's samples' self shares by shared object and by symbol."""
+    recorders = {node: subprocess.Popen(
+        ["timeout", str(seconds + 30), "perf", "record", "-F", "499", "-g", "-p", str(pid),
+         "-o", str(out / f"{node}.perf.data"), "--", "sleep", str(max(seconds - 1, 1))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for node, pid in pids.items()}
+    done = run()
+    for recorder in recorders.values():
+        recorder.wait(timeout=seconds + 60)
+    result: dict[str, Any] = {"requests": done}
+    for node in pids:
+        data = out / f"{node}.perf.data"
+        result[node] = {sort: _perf_report(data, sort) for sort in ("dso", "dso,sym")}
+    return result
+
+
+def _perf_report(data: Path, sort: str) -> list[tuple[str, float]]:
+    text = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",
+         "-g", "none", "--percent-limit", "0.5"], capture_output=True, text=True,
+        timeout=300, check=False).stdout
+    rows = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
+            rows.append((" ".join(parts[1:]), float(parts[0].rstrip("%"))))
+    return rows[:TOP * 2]
 
 
 def _user_system(pid: int) -> tuple[float, float]:
@@ -310,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="http: unprofiled wrk runs for the CPU per request")
     parser.add_argument("--cpu-only", action="store_true",
                         help="http: only the CPU per request (no py-spy, no strace)")
+    parser.add_argument("--perf", action="store_true",
+                        help="http: also perf record -g both daemons under one more wrk run "
+                             "(self shares by shared object and symbol)")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 1 <= args.streams <= 64:
         parser.error("--seconds 1..120, --streams 1..64")
@@ -321,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.load == "pingpong":
             report = profile_pingpong(cluster, args.seconds, out)
         elif args.load == "http":
-            report = profile_http(cluster, args.seconds, out, args.runs, args.cpu_only)
+            report = profile_http(cluster, args.seconds, out, args.runs, args.cpu_only,
+                                  args.perf)
         else:
             report = profile(cluster, args.seconds, args.streams, out)
     (out / "profile.json").write_text(json.dumps(report, indent=1))

@@ -151,6 +151,37 @@ def test_the_http1_protocol_classes_are_native_when_compiled() -> None:
             protocol.not_an_attribute = 1  # type: ignore[union-attr]
 
 
+def test_the_relays_classes_are_native_and_take_interpreted_subclasses() -> None:
+    """Side is an asyncio protocol by its methods only (with asyncio.Protocol as base it
+    would compile as a non-native class); Side and Relay allow interpreted subclasses
+    (tcp/tracker.py's accepted side, dormancy's stand-ins), whose overrides compiled
+    callers must reach: Relay.start (compiled) calls the subclass's forward."""
+    if not _compiled_files() or os.environ.get(native.ENV) == "0":
+        pytest.skip("pure Python")
+    from nodeproxy.tcp.relay import Relay, Side
+    if not native.state()[0]:
+        pytest.skip(native.state()[1])
+    side = Side("x")
+    assert not hasattr(side, "__dict__")
+    with pytest.raises(AttributeError):
+        side.not_an_attribute = 1  # type: ignore[attr-defined]
+
+    class Noting(Relay):
+        def forward(self, src: Side, data: bytes | memoryview) -> None:
+            forwarded.append(bytes(data))
+
+    forwarded: list[bytes] = []
+    down, up = Side("downstream"), Side("upstream")
+    down.hold_early(b"early")
+    down.lost = up.lost = True  # start() then ends it without transports
+    relay = Noting(down, up, lambda d, n: None, lambda r: None)
+    try:
+        relay.start()
+    except RuntimeError:
+        pass  # _finish asks for the running loop: there is none here
+    assert forwarded == [b"early"]
+
+
 def test_every_object_of_the_loaded_group_survives_isinstance() -> None:
     """Every object alive after importing the whole group (compiled when built, else the
     sources) is asked isinstance() and type(), as a heap walker (gc.get_objects: a leak

@@ -85,7 +85,7 @@ async def _play(ending: bytes, paused: bool = False) -> tuple:
         sent_back = await _recv_all(sock)
         reader = server.readers[1]
         return (len(reader.data), bytes(reader.data[:16]), reader.eof.is_set(),
-                reader.lost.is_set(), _refusals(sent_back))
+                reader.gone.is_set(), _refusals(sent_back))
     finally:
         assert server.session is not None
         server.session.abort()

@@ -111,7 +111,7 @@ async def _play(scenario: bytes, limits: Http2Limits, *, echo: bool = False) -> 
         except ConnectionError:
             pass
         sent_back = await _recv_all(b)
-        received = {sid: (bytes(r.data), r.eof.is_set(), r.lost.is_set())
+        received = {sid: (bytes(r.data), r.eof.is_set(), r.gone.is_set())
                     for sid, r in readers.items()}
         if echo:
             return requests, received, _frames_sent(sent_back), _h2_view(session.conn)
