@@ -57,6 +57,7 @@ from nodeproxy_dev.bench.daemon_hook import DAEMON_CHECK, startup_hook
 from nodeproxy_dev.bench.profile_reading import (
     SAMPLE_RATE,
     folded_shares,
+    perf_shares,
     py_spy,
     strace_counts,
 )
@@ -188,16 +189,7 @@ def perf_profile(cluster: Cluster, service: str, seconds: float, out: Path
     summary = _load_summary(load, seconds)
 
     def report(sort: str) -> list[tuple[str, float]]:
-        text = subprocess.run(
-            ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",
-             "-g", "none", "--percent-limit", "0.7"], capture_output=True, text=True,
-            timeout=300, check=False).stdout
-        rows = []
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
-                rows.append((" ".join(parts[1:]), float(parts[0].rstrip("%"))))
-        return rows[:TOP * 2]
+        return perf_shares(data, sort, 0.7, TOP * 2)
 
     (out / "perf-dso.txt").write_text(json.dumps(report("dso")))
     return {"service": service, "connections_per_s": summary.get("succeeded", 0) / max(

@@ -41,7 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import sockperf
-from nodeproxy_dev.bench.profile_reading import SAMPLE_RATE, folded_shares, py_spy, strace_counts
+from nodeproxy_dev.bench.profile_reading import (
+    SAMPLE_RATE,
+    folded_shares,
+    perf_shares,
+    py_spy,
+    strace_counts,
+)
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed import nginx
 from nodeproxy_dev.testbed.cluster import Cluster
@@ -226,21 +232,8 @@ def _perf_all(pids: dict[str, int], out: Path, seconds: int,
     result: dict[str, Any] = {"requests": done}
     for node in pids:
         data = out / f"{node}.perf.data"
-        result[node] = {sort: _perf_report(data, sort) for sort in ("dso", "dso,sym")}
+        result[node] = {sort: perf_shares(data, sort, 0.5, TOP * 2) for sort in ("dso", "dso,sym")}
     return result
-
-
-def _perf_report(data: Path, sort: str) -> list[tuple[str, float]]:
-    text = subprocess.run(
-        ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",
-         "-g", "none", "--percent-limit", "0.5"], capture_output=True, text=True,
-        timeout=300, check=False).stdout
-    rows = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
-            rows.append((" ".join(parts[1:]), float(parts[0].rstrip("%"))))
-    return rows[:TOP * 2]
 
 
 def _user_system(pid: int) -> tuple[float, float]:

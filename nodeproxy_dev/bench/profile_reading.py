@@ -1,11 +1,13 @@
 """Reading what the profilers print, for the project's profile scripts (connprofile,
 hboneprofile, l7profile): where py-spy is, the rate they sample at, each function's
-inclusive share of py-spy's folded stacks, and the system call counts of ``strace -c``."""
+inclusive share of py-spy's folded stacks, ``perf report``'s self-time shares, and the
+system call counts of ``strace -c``."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -57,3 +59,19 @@ def strace_counts(text: str) -> dict[str, int]:
         if row and row.group(2) != "total":
             counts[row.group(2)] = int(row.group(1))
     return counts
+
+
+def perf_shares(data: Path, sort: str, percent_limit: float, top: int
+                ) -> list[tuple[str, float]]:
+    """``perf report``'s self-time shares of a recording (``sort``: "dso", "dso,sym"), the
+    rows at or over ``percent_limit`` %, at most ``top`` of them."""
+    text = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",
+         "-g", "none", "--percent-limit", str(percent_limit)], capture_output=True,
+        text=True, timeout=300, check=False).stdout
+    rows = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
+            rows.append((" ".join(parts[1:]), float(parts[0].rstrip("%"))))
+    return rows[:top]
