@@ -1,8 +1,8 @@
 """Warnings a peer can cause thousands of times a second, kept to one log line per kind
 per interval: a hostile pod or client must not fill the daemon's log, and the line that
 is written says how many it stands for.  Every component that logs what a peer did
-(refused connections and requests, the admin faces' refusals, tracing's export errors)
-goes through a LogLimiter."""
+(refused connections and requests, request denials, the admin faces' refusals,
+tracing's export errors) goes through a LogLimiter."""
 
 from __future__ import annotations
 

@@ -179,8 +179,8 @@ class Router:
                     if step.action is Action.RESPOND:
                         assert response is not None
                         outcome.flags.extend(step.flags)
-                        await stream_response(exchange, rule.response_headers, response, connection,
-                                              outcome)
+                        await stream_response(exchange, rule.response_headers, response,
+                                              connection, outcome)
                         return
                     await _answer(exchange, outcome, step)
                     return

@@ -117,8 +117,8 @@ class Dormancy:
     by the splicer and the relays)."""
 
     def __init__(self) -> None:
-        # Quiet flows by the loop second their next look is due.
-        # A slot is a multiple of WHEEL_TICK, counted in ticks.
+        # Quiet flows by the tick their next look is due in (loop time / WHEEL_TICK,
+        # rounded up); `parked` counts them, so `crowded` is not a walk of the wheel.
         self._wheel: dict[int, set[Parked]] = {}
         self.parked = 0  # flows in the wheel
         self._wheel_timer: asyncio.Handle | None = None
