@@ -37,6 +37,6 @@ def first_decision(headers: Headers, rng: random.Random, ratio: float) -> int:
     bits = rng.getrandbits(192)
     # One printf-style format (a compiled f-string with format specs calls format() per
     # field and joins the pieces): the same text.
-    headers.append(("traceparent", "00-%032x-%016x-00" % ((bits >> 64) or 1,
+    headers.append(("traceparent", "00-%032x-%016x-00" % ((bits >> 64) or 1,  # noqa: UP031
                                                           (bits & _SPAN_MASK) or 1)))
     return UNSAMPLED
