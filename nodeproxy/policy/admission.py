@@ -177,8 +177,11 @@ class Admitter:
         self._targets: dict[int, tuple[Workload, DestinationWorkload]] = {}
         # Request decisions by everything they depend on (_decide_request); this admitter's
         # policies only, so a new configuration starts with none.
-        # By source address: a pod that floods it with distinct requests forgets only
-        # its own decisions (owned_cache.py).
+        # By source identity (the address for plaintext): a peer that floods it with
+        # distinct requests forgets only its own decisions (owned_cache.py).  Not by the
+        # address alone: a peer node claims any source address in its CONNECT's
+        # Forwarded header, and spread over thousands of groups of one it made a
+        # neighbour's the largest group, dropped again and again.
         self._decisions: OwnedCache[_Remembered] = OwnedCache(DECISION_CACHE_LIMIT)
         self._admitted: dict[AdmittedAs, AdmittedAs] = {}
 
@@ -339,7 +342,10 @@ class Admitter:
         else:
             key = (target.scope_key, source_principal, source_ip, port, request.method,
                    request.path, request.host, *[request.header(name) for name in headers])
-        remembered = self._decisions.get(source_ip, key)
+        # Grouped by the verified identity when there is one: a peer node names any
+        # source address it likes (HBONE's Forwarded), not any identity.
+        owner: object = source_ip if source_principal is None else source_principal
+        remembered = self._decisions.get(owner, key)
         if remembered is None:
             attributes = request if isinstance(request, RequestAttributes) \
                 else RequestAttributes.of(request)
@@ -348,7 +354,7 @@ class Admitter:
                                               decision.reason), _labels(decision))
             if len(attributes.path) + len(attributes.host) + sum(
                     len(v) for v in key[7:] if isinstance(v, str)) <= DECISION_KEY_CHARS:
-                self._decisions.put(source_ip, key, remembered)
+                self._decisions.put(owner, key, remembered)
             return remembered
         self._metrics.count(remembered[2])
         return remembered
