@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Request denials: at most one warning per (destination, policy) in this many seconds; the
-# others go to debug and are counted in the next warning.
+# Request denials: at most one warning per (destination, policy, source) in this many
+# seconds; the others go to debug and are counted in the next warning.
 REQUEST_WARNING_INTERVAL = 10.0
 # Request decisions remembered per admitter (one configuration): at most this many (the
-# source address holding the most forgets its own past it: owned_cache.py), and
+# source identity holding the most forgets its own past it: owned_cache.py), and
 # only for requests whose path, host and policy-read header values together fit in
 # DECISION_KEY_CHARS (a hostile pod's long paths are decided, not kept).
 DECISION_CACHE_LIMIT = 4096
@@ -295,8 +295,12 @@ class Admitter:
                                                            source_ip, port, request)
         if not admission.allowed:
             policy = decision.policy or "-"
+            # One warning per source too: a hostile pod's denials must not hold back
+            # another's (by identity, the address for plaintext: a peer node's claimed
+            # addresses make no new kinds).
             self._request_denials.warn(
-                (dest.key, policy), "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
+                (dest.key, policy, source_principal or source_ip),
+                "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
                 source_principal or "plaintext", source_ip, dest.key, port,
                 printable(request.method), printable(request.path), policy, decision.reason)
         return admission, labels

@@ -8,11 +8,14 @@ owned_cache.py) attacked by what a hostile peer controls (review7, December 2026
 - A verdict keeps the snapshot it was judged in (and with it that snapshot's admitter
   and all its remembered decisions): one request per policy version kept every old
   version alive until the memory filled.
+- Request denials were logged once per (destination, policy) every 10 s: one pod's
+  denials held back every other pod's denial warning by the same policy.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 from typing import Any
 
@@ -119,3 +122,24 @@ def test_a_pod_cannot_keep_old_policy_versions_alive_with_one_request_each() -> 
     gc.collect()
     alive = sum(ref() is not None for ref in old)
     assert alive == 0, f"{alive} of 20 old snapshots kept alive by remembered verdicts"
+
+
+def test_a_pods_denials_do_not_hold_back_another_pods_denial_warning(caplog: Any) -> None:
+    """log_limit.LogLimiter keyed request denials by (destination, policy) only: a pod
+    sending one denied request every 10 s took the warning, and another pod's denials by
+    the same policy went to debug (counted, never named).  Each source gets its own."""
+    snapshot = snapshot_of(node_config(OPEN_POLICY))
+    admitter = snapshot.admitter
+    web = snapshot.table.workloads["default/web-1"]
+    caplog.set_level(logging.WARNING, logger="nodeproxy.policy.admission")
+    for i in range(50):  # the noise
+        admitter.judge_request(web, INTRUDER, ip("10.244.1.3"), 8080,
+                               RequestHead("GET", f"/decoy/{i}", "web"))
+    admitter.judge_request(web, VICTIM, ip("10.244.1.2"), 8080,
+                           RequestHead("GET", "/admin/secrets", "web"))
+    for i in range(50):  # the same source's repeats stay bounded
+        admitter.judge_request(web, INTRUDER, ip(f"10.244.9.{i}"), 8080,
+                               RequestHead("GET", f"/decoy/x{i}", "web"))
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(VICTIM in line and "/admin/secrets" in line for line in lines), lines
+    assert sum(INTRUDER in line for line in lines) == 1, lines  # forged addresses: no new kinds
