@@ -27,11 +27,9 @@ from nodeproxy.admin.server import AdminServers
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import AccessLogSettings
 from nodeproxy.http.access_log import FIELDS, AccessLog, AccessLogEntry, rfc3339_ms, trace_id
-from nodeproxy.telemetry.proxy_metrics import TcpLabels
+from nodeproxy.telemetry.labels import REQUEST_LABELS, RequestLabels, TcpLabels
 from nodeproxy.telemetry.request_metrics import (
     ISTIO_BUCKETS,
-    REQUEST_LABELS,
-    RequestLabels,
     RequestMetrics,
     istio_request_protocol,
 )

@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.capture.maps import FastPathCounters, PodCounters
 from nodeproxy.telemetry.kernel_collector import KernelCollector
-from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.labels import TcpLabels
+from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 LABELS = TcpLabels(
     reporter="source", source_workload="client", source_workload_namespace="default",
