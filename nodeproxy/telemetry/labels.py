@@ -27,6 +27,7 @@ TCP_LABELS = (
     "connection_security_policy",
 )
 
+
 @dataclass(frozen=True)
 class TcpLabels:
     """Label values of one proxied connection, in TCP_LABELS order."""
@@ -145,22 +146,14 @@ class RequestLabels:
             (UNKNOWN, UNKNOWN) if tcp.destination_service == UNKNOWN
             else _service_name_and_namespace(tcp.destination_service,
                                              tcp.destination_workload_namespace))
-        values: dict[str, Any] = {
-            "reporter": tcp.reporter,
-            "source_workload": tcp.source_workload,
-            "source_workload_namespace": tcp.source_workload_namespace,
-            "source_principal": tcp.source_principal,
-            "destination_workload": tcp.destination_workload,
-            "destination_workload_namespace": tcp.destination_workload_namespace,
-            "destination_principal": tcp.destination_principal,
-            "destination_service": tcp.destination_service,
-            "connection_security_policy": tcp.connection_security_policy,
+        values: dict[str, Any] = {name: getattr(tcp, name) for name in TCP_LABELS}
+        values.update({
             "request_protocol": request_protocol,
             "source_canonical_service": tcp.source_workload,
             "destination_canonical_service": tcp.destination_workload,
             "destination_service_name": name,
             "destination_service_namespace": namespace,
-        }
+        })
         known = {f.name for f in fields(cls) if f.init}
         unknown = set(extra) - known
         if unknown:
