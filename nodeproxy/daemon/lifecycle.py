@@ -307,6 +307,8 @@ class Daemon:
 
     def _on_discovery(self, state: DiscoveredState) -> None:
         self._discovered = state
+        if self.proxies is not None:
+            self.proxies.runtime.follow_api()  # relabels of pods enrolled here
         self._publish()
 
     # -- upgrade: a new instance takes over from this one ----------------------------------
