@@ -133,7 +133,7 @@ class Handover:
 
     # -- the old instance ------------------------------------------------------------------
 
-    def hand_over(self, enrollment: Enrollment, kernel: Kernel, discovery: Stoppable | None,
+    def hand_over(self, enrollment: Enrollment, kernel: Kernel,
                   tasks: Sequence[asyncio.Task[Any]]) -> int:
         """A new instance takes over: stop accepting, detach our programs, then drain (in
         the background).  Returns the connections left to drain."""

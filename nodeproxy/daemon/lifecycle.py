@@ -318,7 +318,7 @@ class Daemon:
         if self.proxies is None or self.kernel is None:
             raise HandoverRefused("not running")
         open_connections = self.handover.hand_over(
-            self.proxies.enrollment, self.kernel, self.discovery, self._tasks)
+            self.proxies.enrollment, self.kernel, self._tasks)
         self.state.hand_kernel_over()
         self._ready = False
         return open_connections
