@@ -54,12 +54,6 @@ READ_BUFFER = 256 * 1024     # ciphertext read from the socket at once
 PLAIN_BUFFER = 256 * 1024    # plaintext decrypted before it is handed to the protocol
 FLUSH_AT = 256 * 1024        # ciphertext sent at once rather than at the end of the turn
 RECORD = 16 * 1024           # a TLS record's most plaintext: smaller writes are coalesced
-# A turn with several writes (load) batches the next turn's writes too, but only this
-# long after it: a burst that follows a pause (a paced client's next requests) leaves its
-# first message at once, so the next daemon works on it while this one reads the rest
-# (docs/benchmarks.md, "Paced tail latency").  Saturated turns follow each other with no
-# such gap.
-BUSY_FOR = 0.002
 
 
 # The thread's read buffers (see the module docstring).  A plain threading.local with
@@ -175,7 +169,6 @@ class _TlsRecords(asyncio.BufferedProtocol):
         self._held: list[bytes] = []
         self.held = 0                 # their bytes
         self._busy = False            # the last turn that wrote had several writes
-        self._busy_at = 0.0           # its loop time
         self._loop = asyncio.get_running_loop()
         self._buffers = _thread_buffers()
 
@@ -314,8 +307,6 @@ class _TlsRecords(asyncio.BufferedProtocol):
         turn's first write may leave at once depends on how many writes this one had."""
         self._flush_scheduled = False
         self._busy = self._turn_writes > 1
-        if self._busy:
-            self._busy_at = self._loop.time()
         if self.held:
             self._encrypt_held()
         if self.outgoing.pending:
@@ -343,15 +334,14 @@ class _TlsRecords(asyncio.BufferedProtocol):
         if self.closing or not data:
             return
         if not self._flush_scheduled:
-            # The turn's first write leaves at once unless the last turn had several and
-            # was less than BUSY_FOR ago (a lone small message is not held to the end of
-            # the turn: that would be a loop pass on the latency path); later writes of
-            # the turn, and all of a turn right after a busy one (under load), are
-            # batched into one send at its end.
+            # The turn's first write leaves at once unless the last turn had several (a
+            # lone small message is not held to the end of the turn: that would be a loop
+            # pass on the latency path); later writes of the turn, and all of a turn after
+            # a busy one (under load), are batched into one send at its end.
             self._flush_scheduled = True
             self._turn_writes = 1
             self._loop.call_soon(self._end_turn)
-            if not self._busy or self._loop.time() - self._busy_at >= BUSY_FOR:
+            if not self._busy:
                 if self._encrypt(data):
                     self._send()
                 return
