@@ -50,26 +50,42 @@ class Ended(enum.Enum):
     DENIED = "denied"  # UAEX: the destination's authorization policy refused it
 
 
-class Result(NamedTuple):
-    """One attempt's end, as the router saw it.  (Named tuples: built on every attempt,
-    they cost a fraction of a frozen dataclass.)"""
+class Result:
+    """One attempt's end, as the router saw it.  One per attempt: a class with a written
+    ``__init__``, which a compiled build compiles (a NamedTuple's ``__new__`` stays
+    interpreted Python; docs/benchmarks.md, "L7 per-request cost, thirteenth round")."""
 
     ended: Ended
-    status: int | None = None  # RESPONSE: the response status
-    grpc_status: int | None = None  # RESPONSE: grpc-status of the response head
-    flag: str | None = None  # NO_RESPONSE: "UF", "UC" or "UT"
-    refused_stream: bool = False  # NO_RESPONSE: HTTP/2 REFUSED_STREAM
+    status: int | None  # RESPONSE: the response status
+    grpc_status: int | None  # RESPONSE: grpc-status of the response head
+    flag: str | None  # NO_RESPONSE: "UF", "UC" or "UT"
+    refused_stream: bool  # NO_RESPONSE: HTTP/2 REFUSED_STREAM
     # CLIENT_GONE: the status to answer when the client's request turned out malformed
     # or too slow (400, 408) and nothing was answered yet; None: the client left.
-    malformed_status: int | None = None
+    malformed_status: int | None
+
+    def __init__(self, ended: Ended, status: int | None = None,
+                 grpc_status: int | None = None, flag: str | None = None,
+                 refused_stream: bool = False, malformed_status: int | None = None):
+        self.ended = ended
+        self.status = status
+        self.grpc_status = grpc_status
+        self.flag = flag
+        self.refused_stream = refused_stream
+        self.malformed_status = malformed_status
+
+    def __repr__(self) -> str:
+        return (f"Result({self.ended}, status={self.status}, grpc_status={self.grpc_status}, "
+                f"flag={self.flag}, refused_stream={self.refused_stream}, "
+                f"malformed_status={self.malformed_status})")
 
     @classmethod
     def response(cls, status: int, grpc_status: int | None = None) -> Result:
-        return cls(Ended.RESPONSE, status, grpc_status)
+        return Result(Ended.RESPONSE, status, grpc_status)
 
     @classmethod
     def no_response(cls, flag: str, *, refused_stream: bool = False) -> Result:
-        return cls(Ended.NO_RESPONSE, None, None, flag, refused_stream)
+        return Result(Ended.NO_RESPONSE, None, None, flag, refused_stream)
 
 
 class Progress(NamedTuple):

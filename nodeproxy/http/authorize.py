@@ -90,8 +90,11 @@ class RequestAuthorizer:
         if workload is None or not known[3]:
             return True
         pod = ctx.pod
-        key: tuple[object, ...] = (id(backend), head.method, head.path, head.authority,
-                                   *[joined_value(head.headers, name) for name in known[4]])
+        read = known[4]
+        # (no list made when the policies read no header: the common case)
+        key: tuple[object, ...] = (id(backend), head.method, head.path, head.authority) \
+            if not read else (id(backend), head.method, head.path, head.authority,
+                              *[joined_value(head.headers, name) for name in read])
         verdict = self._verdicts.get(id(pod), key)
         if verdict is not None and verdict[0] is pod and verdict[1] is pod.principal \
                 and verdict[2] is pod.workload and verdict[3] is backend \

@@ -25,17 +25,17 @@ Watcher = Callable[[MeshSnapshot], None]
 
 class MeshState:
     def __init__(self, initial: MeshSnapshot):
-        self._current = initial
+        # A plain attribute, not a property: the request path reads it per request
+        # (http/authorize.py), and a property of this interpreted class is an
+        # interpreted call each time ("L7 per-request cost, thirteenth round").  Only
+        # `replace` assigns it.
+        self.current = initial
         self._watchers: list[tuple[Watcher, bool]] = []
         self._kernel_ours = True
 
-    @property
-    def current(self) -> MeshSnapshot:
-        return self._current
-
     def replace(self, snapshot: MeshSnapshot) -> None:
         """Put a new snapshot in force, then tell the watchers."""
-        self._current = snapshot
+        self.current = snapshot
         for watcher, writes_kernel in self._watchers:
             if self._kernel_ours or not writes_kernel:
                 watcher(snapshot)

@@ -164,3 +164,40 @@ def test_a_remembered_verdict_is_counted_per_request_and_never_lent_to_another_r
     assert allows()
     assert not check.allows(source, backend, RequestHead(
         "GET", "/public/a", "web:8080", [("x-team", "blue"), ("x-team", "red")]))
+
+
+def test_a_verdict_of_policies_that_read_no_header_is_keyed_on_the_rest() -> None:
+    """The key without header values (http/authorize.py makes no list then): the method,
+    path and authority still tell requests apart, and a header nobody reads does not."""
+    state = MeshState(snapshot(ONLY_PUBLIC))
+    check = RequestAuthorizer(state)
+    web = next(w for w in state.current.config.workloads if w.name == "web-1")
+    backend = Backend(ipaddress.ip_address("10.244.2.9"), 8080, WorkloadRef.of(web))
+    source = ctx()
+    admitter = state.current.admitter
+    judged: list[tuple[str, str, str]] = []
+    judge = admitter.judge_request
+
+    def counting_judge(*args: Any) -> Any:
+        judged.append((args[4].method, args[4].path, args[4].authority))
+        return judge(*args)
+    admitter.judge_request = counting_judge  # type: ignore[method-assign]
+
+    def allows(method: str = "GET", path: str = "/public/a", host: str = "web:8080",
+               headers: list[tuple[str, str]] | None = None) -> bool:
+        return check.allows(source, backend, RequestHead(method, path, host, headers or []))
+
+    for _ in range(4):
+        assert allows() and allows(headers=[("x-team", "red")])
+    assert judged == [("GET", "/public/a", "web:8080")]
+    for _ in range(2):
+        assert not allows(method="POST")
+        assert not allows(path="/private")
+        assert allows(path="/public/b")
+        assert allows(host="other:8080")  # the policy names no host
+    assert judged.count(("POST", "/public/a", "web:8080")) == 2  # denials each time
+    assert judged.count(("GET", "/private", "web:8080")) == 2
+    assert judged.count(("GET", "/public/b", "web:8080")) == 1  # allowed: remembered
+    assert judged.count(("GET", "/public/a", "other:8080")) == 1
+    counts = decisions(state)
+    assert counts[("default/web-public", "ALLOW", "allowed")] == 12

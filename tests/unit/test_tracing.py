@@ -4,6 +4,7 @@ the SDK pipeline end to end against a loopback OTLP/HTTP receiver (no daemon).""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import textwrap
 import threading
@@ -397,3 +398,40 @@ def test_the_request_paths_own_first_decision_draws_as_begin_does() -> None:
         whole.shutdown()
         split.shutdown()
     assert 40 < sampled < 200, sampled
+
+
+class _Bits(random.Random):
+    """A PRNG whose 192-bit draws are given (the ids' edge cases), its ratio draws high."""
+
+    def __init__(self, draws: list[int]):
+        super().__init__(0)
+        self._draws = draws
+
+    def random(self) -> float:
+        return 0.99
+
+    def getrandbits(self, k: int, /) -> int:
+        assert k == 192
+        return self._draws.pop(0)
+
+
+def test_an_unsampled_requests_traceparent_is_its_two_ids_in_w3c_form() -> None:
+    """first_decision's traceparent (a printf-style format in the compiled path) is the
+    W3C text of the drawn ids: 32 and 16 lower-case hex digits, zero-padded, an all-zero
+    id replaced by 1 (invalid in W3C), the sampled flag 0; and a receiver reads back the
+    same ids."""
+    top, span_max = (1 << 128) - 1, (1 << 64) - 1
+    draws = [0, (top << 64) | span_max, 1, 1 << 64, (0xabc << 64) | 0xdef,
+             ((1 << 127) << 64) | (1 << 63)]
+    draws += [random.Random(i).getrandbits(192) for i in range(200)]
+    for bits in list(draws):
+        headers: list[tuple[str, str]] = [("x-other", "kept")]
+        assert first_decision(headers, _Bits([bits]), 0.5) == UNSAMPLED
+        trace, span = (bits >> 64) or 1, (bits & span_max) or 1
+        assert headers == [("x-other", "kept"),
+                           ("traceparent", f"00-{trace:032x}-{span:016x}-00")], bits
+        value = headers[1][1]
+        assert len(value) == 55 and value == value.lower()
+        got = tc.extract(headers[1:])
+        assert (got.invalid, got.trace_id, got.span_id, got.sampled) == ((), trace, span,
+                                                                          False)
