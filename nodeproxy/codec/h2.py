@@ -245,7 +245,7 @@ class _H2Protocol(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None,
                                            validate_outbound_headers=self.client_side,
                                            normalize_outbound_headers=self.client_side)
-        self.conn = ProxyH2Connection(config, header_limit)
+        self.conn = ProxyH2Connection(config, header_limit, cache_hpack=True)
         self.transport: asyncio.Transport | None = None
         self._stream_window = stream_window
         self._connection_window = connection_window
