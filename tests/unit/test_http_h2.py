@@ -1245,9 +1245,8 @@ def test_finished_streams_are_freed_without_the_cyclic_collector(
     import gc
     import weakref
 
-    from nodeproxy.codec import h2 as codec_h2
-
     from nodeproxy import native
+    from nodeproxy.codec import h2 as codec_h2
 
     # The compiled build's classes take no patched __init__ nor weak references: there,
     # the collector's own list of objects is searched instead (with the collector off,
