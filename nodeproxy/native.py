@@ -65,14 +65,6 @@ NATIVE_MODULES: tuple[str, ...] = (
     # Each source's fair share: begin_request/end_request on every request (interpreted,
     # they were five Python calls per request; "L7 per-request cost, twelfth round").
     "nodeproxy.tcp.fairshare",
-    # The HTTP/2 codec joined to h2 (docs/benchmarks.md, "HTTP/2 and gRPC per-request
-    # cost, second round"): its per-stream code (the exchanges, the request head, the
-    # response fields, flushing).  Its protocol classes subclass asyncio.Protocol, so mypyc
-    # keeps them Python classes (subclassable: ClientH2Server, pool's _CountedH2) with
-    # compiled methods; h2_connection.py, which subclasses h2's classes, stays Python.
-    "nodeproxy.codec.h2",
-    # The server side's frame budgets, told of every received frame (both paths).
-    "nodeproxy.codec.h2_guard",
     # The cross-node path (HBONE): the tunnel's frames and the TLS records under them
     # (docs/benchmarks.md, "mypyc on the HBONE path").
     "nodeproxy.codec.h2_frames",

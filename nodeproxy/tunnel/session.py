@@ -532,15 +532,13 @@ class H2Session:
         self._receiving = True
         try:
             self._receive(data)
-        # (A name per clause: mypyc types an ``as`` name by its first clause, and Abuse is
-        # a compiled class of the group.)
-        except Abuse as abuse:
+        except Abuse as e:
             self._receiving = False
-            self._abuse(abuse)
+            self._abuse(e)
             return
-        except FrameError as framing:
+        except FrameError as e:
             self._receiving = False
-            self._connection_error(framing.code, str(framing))
+            self._connection_error(e.code, str(e))
             return
         except h2.exceptions.ProtocolError as e:
             self._receiving = False
