@@ -57,6 +57,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.http.retry",
     "nodeproxy.http.router",
     "nodeproxy.http.routes",
+    "nodeproxy.telemetry.labels",
     "nodeproxy.telemetry.live_stats",
     "nodeproxy.telemetry.request_metrics",
     "nodeproxy.telemetry.trace_start",

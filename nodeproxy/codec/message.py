@@ -230,7 +230,7 @@ NO_BODY: Final = Body.empty()
 
 class BodySource(Protocol):
     """What a ReplayableBody reads from: the client's Body, or the mirrors' tap over it
-    (http/mirror.py's BodyTap).  A protocol, so a compiled build takes either."""
+    (http/body_tap.py's BodyTap).  A protocol, so a compiled build takes either."""
 
     @property
     def ended(self) -> bool: ...

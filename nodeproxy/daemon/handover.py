@@ -94,7 +94,6 @@ class Handover:
         self.took_over = False  # ... and handed it over to this one
         self.handed_over = False  # this instance handed the node to a new one
         self._drain_task: asyncio.Task[None] | None = None
-        self._discovery_stop: asyncio.Task[None] | None = None
 
     async def detect(self) -> bool:
         """At start: is another instance running the node?  Then this one takes over."""
@@ -134,7 +133,7 @@ class Handover:
 
     # -- the old instance ------------------------------------------------------------------
 
-    def hand_over(self, enrollment: Enrollment, kernel: Kernel, discovery: Stoppable | None,
+    def hand_over(self, enrollment: Enrollment, kernel: Kernel,
                   tasks: Sequence[asyncio.Task[Any]]) -> int:
         """A new instance takes over: stop accepting, detach our programs, then drain (in
         the background).  Returns the connections left to drain."""
@@ -146,8 +145,8 @@ class Handover:
         close_listeners(enrollment)
         if kernel.programs is not None:
             kernel.programs.detach()
-        if discovery is not None:
-            self._discovery_stop = asyncio.create_task(discovery.stop())
+        # The discovery watch stays until the stop (stop_after_handover): the API's
+        # relabels judge the connections drained here, as the node file's versions do.
         open_connections = len(self._tracker.relays)
         log.info("handed over to a new instance; draining %d connections, then idle until "
                  "stopped", open_connections)

@@ -307,6 +307,8 @@ class Daemon:
 
     def _on_discovery(self, state: DiscoveredState) -> None:
         self._discovered = state
+        if self.proxies is not None:
+            self.proxies.runtime.follow_api()  # relabels of pods enrolled here
         self._publish()
 
     # -- upgrade: a new instance takes over from this one ----------------------------------
@@ -316,7 +318,7 @@ class Daemon:
         if self.proxies is None or self.kernel is None:
             raise HandoverRefused("not running")
         open_connections = self.handover.hand_over(
-            self.proxies.enrollment, self.kernel, self.discovery, self._tasks)
+            self.proxies.enrollment, self.kernel, self._tasks)
         self.state.hand_kernel_over()
         self._ready = False
         return open_connections

@@ -126,6 +126,9 @@ class RuntimePods:
         self._on_change = on_change  # the remote pods changed: the mesh state follows
         self.skipped: dict[str, str] = {}  # namespace/name -> why it is not meshed
         self.remote: dict[str, Workload] = {}  # pods on other nodes, by namespace/name
+        # Pods enrolled here at run time as the plugin sent them (before the API completed
+        # them), so the API's later labels can be followed (follow_api).
+        self._as_sent: dict[str, Workload] = {}
 
     def workloads(self) -> list[Workload]:
         """Every pod enrolled or registered at run time, as saved."""
@@ -135,6 +138,7 @@ class RuntimePods:
     async def enroll(self, workload: Workload, *, persist: bool = True) -> EnrollResult:
         """Enroll, register or skip the pod.  Raises EnrollError (it conflicts with an
         enrolled pod, or its cgroup or netns is not acceptable) or PodSetupFailed."""
+        sent = workload
         workload, not_meshed = complete_from_api(workload, self._discovered())
         if not_meshed:
             self.skipped[workload.key] = not_meshed
@@ -150,6 +154,7 @@ class RuntimePods:
             pod = await self._enrollment.enroll(workload, RUNTIME)
         except OSError as e:
             raise PodSetupFailed(f"pod {workload.key}: {e}") from e
+        self._as_sent[pod.key] = sent
         if persist:
             self.save()
         return Enrolled(pod.key, pod.pod_id)
@@ -164,10 +169,34 @@ class RuntimePods:
             self._on_change()
             self.save()
             return Unenrolled(key, "registered")
+        self._as_sent.pop(key, None)
         if await self._enrollment.unenroll(key, "request"):
             self.save()
             return Unenrolled(key, "enrolled")
         raise NotEnrolled(key)
+
+    def follow_api(self) -> None:
+        """The API's labels of the pods enrolled here at run time, followed on each
+        discovery update: a relabel (kubectl label) reaches the policies' selectors and the
+        judgement of open connections, as a relabel in the node file does.  Before, a pod
+        kept the labels it was enrolled with.  Only the labels (under the plugin's own, as
+        at enrollment); a pod restored after a restart counts its saved labels as the
+        plugin's, so there only labels the API adds are followed."""
+        state = self._discovered()
+        if state is None:
+            return
+        for key, sent in list(self._as_sent.items()):
+            pod = self._enrollment.pods.get(key)
+            if pod is None or pod.source != RUNTIME:
+                del self._as_sent[key]
+                continue
+            if key not in state.pods:
+                continue
+            completed, _ = complete_from_api(sent, state)
+            if completed.labels != pod.workload.labels:
+                log.info("pod %s relabelled in the API: %s", key, completed.labels)
+                self._enrollment.update(pod.workload.model_copy(
+                    update={"labels": completed.labels}))
 
     def save(self) -> None:
         self._saved.save(self.workloads())

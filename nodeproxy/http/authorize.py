@@ -65,6 +65,11 @@ class RequestAuthorizer:
         # By source pod (its id; the pod itself is compared in the verdict): a pod that
         # floods the cache with distinct requests forgets its own verdicts only.
         self._verdicts: OwnedCache[_Verdict] = OwnedCache(MAX_REMEMBERED_VERDICTS)
+        # The snapshot the verdicts and refs were made in: a verdict is taken only in
+        # its own, and each keeps its snapshot (admitter, remembered decisions) alive,
+        # so both are dropped when a new one is in force (one request per version kept
+        # every old version alive before).
+        self._made_in: MeshSnapshot | None = None
 
     def allows(self, ctx: RequestContext, backend: Backend, head: RequestHead) -> bool:
         """May the request go to backend?  (head is one line per header name, so the
@@ -74,6 +79,10 @@ class RequestAuthorizer:
         if ref is None:
             return True
         snapshot = self._state.current
+        if snapshot is not self._made_in:
+            self._made_in = snapshot
+            self._refs.clear()
+            self._verdicts = OwnedCache(MAX_REMEMBERED_VERDICTS)
         known = self._refs.get(id(ref))  # (compared by its parts: see _Verdict)
         if known is None or known[0] is not ref or known[1] is not snapshot:
             known = self._look_up(ref, snapshot)

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from nodeproxy.mesh.destinations import ServicePortEntry, WorkloadRef
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN
+from nodeproxy.telemetry.labels import UNKNOWN
 
 if TYPE_CHECKING:
-    from nodeproxy.http.mirror import BodyTap
+    from nodeproxy.http.body_tap import BodyTap
     from nodeproxy.http.pool import Endpoint
 
 

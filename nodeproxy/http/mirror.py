@@ -5,11 +5,12 @@ count in ``nodeproxy_http_mirrored_requests_total``:
 
 - the authority rewrite (``shadow_authority``: ``-shadow`` on the host, before any port,
   as Envoy does);
-- the request body (``BodyTap``): the primary reads the client's body as before, and the
-  tap keeps a copy while the whole body stays within ``http.retryBufferBytes``.  A copy
-  is sent only once the body is complete, so a shadow never sees a truncated request; a
-  larger body is not mirrored (reason ``body_too_large``).  The tap never waits for a
-  mirror, so a mirror cannot hold the primary back;
+- the request body (``BodyTap``, body_tap.py): the primary reads the client's body as
+  before, and the tap keeps a copy while the whole body stays within
+  ``http.retryBufferBytes``.  A copy is sent only once the body is complete, so a shadow
+  never sees a truncated request; a larger body is not mirrored (reason
+  ``body_too_large``).  The tap never waits for a mirror, so a mirror cannot hold the
+  primary back;
 - the copy itself (``Mirrors``): endpoint picked by the shadow service's balancer,
   authorized like any request, sent over the same pools (HBONE to other nodes, with the
   source pod's identity), its response read and discarded, under its own timeout (the
@@ -34,13 +35,13 @@ from typing import TYPE_CHECKING
 from nodeproxy.codec.message import (
     Body,
     BodyError,
-    Headers,
     ReplayableBody,
     RequestHead,
     UpstreamConnection,
     UpstreamError,
     UpstreamResponse,
 )
+from nodeproxy.http.body_tap import BodyTap
 from nodeproxy.http.circuit_breaker import Overflow
 from nodeproxy.http.pool import abort_exchange
 from nodeproxy.http.routes import CompiledRule, Mirror, apply_modifier
@@ -84,79 +85,6 @@ def shadow_authority(authority: str) -> str:
 def chosen(mirrors: tuple[Mirror, ...], rng: random.Random) -> list[Mirror]:
     """The mirrors one request is copied to: each draws on its own percentage."""
     return [m for m in mirrors if m.percentage >= 100.0 or rng.random() * 100.0 < m.percentage]
-
-
-class BodyTap:
-    """The client's request body as the primary reads it (ReplayableBody's source), with
-    a copy kept for mirrors while the whole body stays within ``limit`` bytes.
-
-    ``copy()`` waits until the body is complete and returns it, or returns why there is
-    none: ``body_too_large`` (past the limit, or a Content-Length above it),
-    ``body_incomplete`` (the client broke off, or the primary ended without reading it
-    all).  Reading never waits for a mirror.
-    """
-
-    def __init__(self, source: Body, limit: int, content_length: int | None):
-        self.source = source
-        self._limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._settled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        if content_length is not None and content_length > limit:
-            self._settle("body_too_large")
-        elif source.ended and source.buffered == 0:
-            self._settle("")
-
-    # What ReplayableBody reads of its source.
-    @property
-    def ended(self) -> bool:
-        return self.source.ended
-
-    @property
-    def buffered(self) -> int:
-        return self.source.buffered
-
-    @property
-    def trailers(self) -> Headers | None:
-        return self.source.trailers
-
-    async def read(self) -> bytes:
-        try:
-            data = await self.source.read()
-        except BodyError:
-            self._settle("body_incomplete")
-            raise
-        if self._settled.done():
-            return data
-        if not data:
-            self._settle("")
-        else:
-            self._size += len(data)
-            if self._size > self._limit:
-                self._chunks.clear()
-                self._settle("body_too_large")
-            else:
-                self._chunks.append(data)
-        return data
-
-    def primary_done(self) -> None:
-        """The primary exchange ended: a body not read to its end cannot be mirrored."""
-        self._settle("body_incomplete")
-
-    def _settle(self, reason: str) -> None:
-        if not self._settled.done():
-            self._settled.set_result(reason)
-
-    async def copy(self) -> Body | str:
-        """The whole body (a fresh Body, trailers included), or the reason there is none."""
-        reason = await self._settled
-        if reason:
-            return reason
-        body = Body()
-        for chunk in self._chunks:
-            body.feed(chunk)
-        body.end(self.source.trailers)
-        return body
 
 
 # What Mirrors needs of the request path, all public: clusters.Clusters.get,

@@ -17,13 +17,9 @@ from nodeproxy.http.access_log import AccessLog, AccessLogEntry, trace_id
 from nodeproxy.http.context import Outcome, RequestContext
 from nodeproxy.identity.spiffe import spiffe_id
 from nodeproxy.mesh.destinations import WorkloadRef
+from nodeproxy.telemetry.labels import UNKNOWN, RequestLabels, TcpLabels
 from nodeproxy.telemetry.live_stats import LiveStats, route_name
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
-from nodeproxy.telemetry.request_metrics import (
-    RequestLabels,
-    RequestMetrics,
-    istio_request_protocol,
-)
+from nodeproxy.telemetry.request_metrics import RequestMetrics, istio_request_protocol
 
 if TYPE_CHECKING:
     from nodeproxy.telemetry.request_spans import RequestSpan

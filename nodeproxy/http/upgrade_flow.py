@@ -44,7 +44,8 @@ from nodeproxy.mesh.upstream import Refused, Upstreams
 from nodeproxy.policy.admission import AdmittedRequest
 from nodeproxy.tcp.relay import Relay, Side, reset
 from nodeproxy.tcp.tracker import ConnectionTracker
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.labels import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 from nodeproxy.telemetry.request_metrics import RequestMetrics, wire_protocol
 
 UPGRADE_REFUSED = "upgrade not allowed"

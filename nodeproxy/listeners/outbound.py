@@ -47,7 +47,8 @@ from nodeproxy.tcp.relay import Relay, Side, reset
 from nodeproxy.tcp.relay_sleep import RelayNaps
 from nodeproxy.tcp.splicer import Splicer
 from nodeproxy.tcp.tracker import ConnectionTracker
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.labels import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 

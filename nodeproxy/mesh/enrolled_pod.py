@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from nodeproxy.capture.namespaces import Netns
 from nodeproxy.config.model import Workload
 from nodeproxy.mesh.destinations import WorkloadRef
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.labels import UNKNOWN, TcpLabels
 
 
 @dataclass

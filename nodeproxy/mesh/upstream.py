@@ -28,7 +28,8 @@ from nodeproxy.policy.authorization import DestinationWorkload
 from nodeproxy.stream_protocol import StreamProtocol
 from nodeproxy.tcp.descriptors import OverBudget
 from nodeproxy.tcp.dial import DialAnnouncer, dial_from, dial_transparent
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics
+from nodeproxy.telemetry.labels import UNKNOWN
+from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.client import HbonePool, TunnelError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

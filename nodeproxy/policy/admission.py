@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Request denials: at most one warning per (destination, policy) in this many seconds; the
-# others go to debug and are counted in the next warning.
+# Request denials: at most one warning per (destination, policy, source) in this many
+# seconds; the others go to debug and are counted in the next warning.
 REQUEST_WARNING_INTERVAL = 10.0
 # Request decisions remembered per admitter (one configuration): at most this many (the
-# source address holding the most forgets its own past it: owned_cache.py), and
+# source identity holding the most forgets its own past it: owned_cache.py), and
 # only for requests whose path, host and policy-read header values together fit in
 # DECISION_KEY_CHARS (a hostile pod's long paths are decided, not kept).
 DECISION_CACHE_LIMIT = 4096
@@ -177,8 +177,11 @@ class Admitter:
         self._targets: dict[int, tuple[Workload, DestinationWorkload]] = {}
         # Request decisions by everything they depend on (_decide_request); this admitter's
         # policies only, so a new configuration starts with none.
-        # By source address: a pod that floods it with distinct requests forgets only
-        # its own decisions (owned_cache.py).
+        # By source identity (the address for plaintext): a peer that floods it with
+        # distinct requests forgets only its own decisions (owned_cache.py).  Not by the
+        # address alone: a peer node claims any source address in its CONNECT's
+        # Forwarded header, and spread over thousands of groups of one it made a
+        # neighbour's the largest group, dropped again and again.
         self._decisions: OwnedCache[_Remembered] = OwnedCache(DECISION_CACHE_LIMIT)
         self._admitted: dict[AdmittedAs, AdmittedAs] = {}
 
@@ -292,8 +295,12 @@ class Admitter:
                                                            source_ip, port, request)
         if not admission.allowed:
             policy = decision.policy or "-"
+            # One warning per source too: a hostile pod's denials must not hold back
+            # another's (by identity, the address for plaintext: a peer node's claimed
+            # addresses make no new kinds).
             self._request_denials.warn(
-                (dest.key, policy), "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
+                (dest.key, policy, source_principal or source_ip),
+                "denied request %s (%s) -> %s:%d %s %s by policy %s: %s",
                 source_principal or "plaintext", source_ip, dest.key, port,
                 printable(request.method), printable(request.path), policy, decision.reason)
         return admission, labels
@@ -339,7 +346,10 @@ class Admitter:
         else:
             key = (target.scope_key, source_principal, source_ip, port, request.method,
                    request.path, request.host, *[request.header(name) for name in headers])
-        remembered = self._decisions.get(source_ip, key)
+        # Grouped by the verified identity when there is one: a peer node names any
+        # source address it likes (HBONE's Forwarded), not any identity.
+        owner: object = source_ip if source_principal is None else source_principal
+        remembered = self._decisions.get(owner, key)
         if remembered is None:
             attributes = request if isinstance(request, RequestAttributes) \
                 else RequestAttributes.of(request)
@@ -348,7 +358,7 @@ class Admitter:
                                               decision.reason), _labels(decision))
             if len(attributes.path) + len(attributes.host) + sum(
                     len(v) for v in key[7:] if isinstance(v, str)) <= DECISION_KEY_CHARS:
-                self._decisions.put(source_ip, key, remembered)
+                self._decisions.put(owner, key, remembered)
             return remembered
         self._metrics.count(remembered[2])
         return remembered

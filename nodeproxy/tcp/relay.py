@@ -100,7 +100,10 @@ class Side:
         self.lease: Lease | None = None
 
     def hold_early(self, data: Bytes) -> None:
-        """Keep bytes for the relay to send first once it joins."""
+        """Keep bytes for the relay to send first once it joins (a tunnel's view copied:
+        it would keep its whole read alive while the relay is not joined)."""
+        if type(data) is not bytes:
+            data = bytes(data)
         if self.early:
             self.early.append(data)  # type: ignore[union-attr]
         else:
@@ -263,6 +266,11 @@ class Relay:
         transport = dst.transport
         if transport is None or transport.is_closing():
             return
+        if type(data) is not bytes and transport.get_write_buffer_size():
+            # A tunnel's view keeps its whole read alive, and the buffer counts only the
+            # view: one queued behind others is copied, or a peer's 1-byte frames, one
+            # per read, made a stalled flow hold a read per byte past the high-water mark.
+            data = bytes(data)
         transport.write(data)
         n = len(data)
         self.last_active = time.monotonic()

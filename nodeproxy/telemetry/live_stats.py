@@ -36,9 +36,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nodeproxy.telemetry.labels import UNKNOWN
+
 if TYPE_CHECKING:
-    from nodeproxy.telemetry.proxy_metrics import TcpLabels
-    from nodeproxy.telemetry.request_metrics import RequestLabels
+    from nodeproxy.telemetry.labels import RequestLabels, TcpLabels
 
 GROWTH = 2.0 ** (1.0 / 32.0)
 QUANTILE_ERROR = GROWTH - 1.0  # a reported quantile is in [true, true * (1 + this)]
@@ -46,7 +47,6 @@ _LOG_GROWTH = math.log(GROWTH)
 MIN_MS = 0.001  # durations at or below 1 µs share the first bucket
 QUANTILES = (0.5, 0.95, 0.99)
 DEFAULT_WINDOW = 60  # seconds, as `linkerd viz stat`
-UNKNOWN = "unknown"
 DEFAULT_ROUTE = "[default]"  # a service with no HTTPRoute: its one implicit rule
 NO_ROUTE = "[no route]"  # a request no rule matched (answered 404, flag NR)
 

@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from nodeproxy.telemetry.labels import TCP_LABELS, TcpLabels
+
 if TYPE_CHECKING:
     from nodeproxy.telemetry.live_stats import LiveStats
-
-TCP_LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_service",
-    "connection_security_policy",
-)
-
-UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True)
-class TcpLabels:
-    """Label values of one proxied connection, in TCP_LABELS order."""
-
-    reporter: str
-    source_workload: str
-    source_workload_namespace: str
-    source_principal: str
-    destination_workload: str
-    destination_workload_namespace: str
-    destination_principal: str
-    destination_service: str
-    connection_security_policy: str
-
-    def values(self) -> tuple[str, ...]:
-        return tuple(getattr(self, name) for name in TCP_LABELS)
 
 
 class ConnectionMeter:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -54,53 +53,20 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, TcpLabels
+from nodeproxy.telemetry.labels import REQUEST_LABELS, RESPONSE_LABELS
 from nodeproxy.telemetry.resilience_metrics import ResilienceMetrics
 
 if TYPE_CHECKING:
     from nodeproxy.codec.message import RequestHead
+    from nodeproxy.telemetry.labels import RequestLabels
 
 # Envoy's default histogram buckets (ms for durations, bytes for sizes); Istio's request
 # histograms use them unless overridden.
 ISTIO_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
                  60000, 300000, 600000, 1800000, 3600000)
 
-# Istio's value for an unknown canonical revision.
-LATEST = "latest"
 # response_flags when there is none (Envoy's "-").
 NO_FLAGS = "-"
-
-# The labels every request series carries, as Istio names them.
-REQUEST_LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-)
-
-# Set per response, not per request stream: observe()'s arguments.
-RESPONSE_LABELS = ("response_code", "grpc_response_status", "response_flags")
 
 
 def istio_request_protocol(head: RequestHead) -> str:
@@ -111,95 +77,6 @@ def istio_request_protocol(head: RequestHead) -> str:
 def wire_protocol(head: RequestHead) -> str:
     """The protocol label of the proxy's own counters ("http/1.1", "http/2")."""
     return "http/2" if head.version == "2" else "http/1.1"
-
-
-def _service_name_and_namespace(service: str, workload_namespace: str) -> tuple[str, str]:
-    """destination_service_name/namespace from destination_service, as Istio derives them:
-    <name>.<namespace>.svc.<domain> gives name and namespace; any other value (a Host
-    header, an address) is the name whole, and the namespace is the destination
-    workload's."""
-    parts = service.split(".")
-    if len(parts) >= 4 and parts[2] == "svc":
-        return parts[0], parts[1]
-    return service, workload_namespace
-
-
-@dataclass(frozen=True)
-class RequestLabels:
-    """Label values of one request, all but the RESPONSE_LABELS (REQUEST_LABELS order).
-
-    One client connection to one destination usually shares one RequestLabels for all its
-    requests: build it once (``from_tcp``) and pass it to every ``observe``.
-    """
-
-    reporter: str
-    source_workload: str
-    source_workload_namespace: str
-    source_principal: str
-    destination_workload: str
-    destination_workload_namespace: str
-    destination_principal: str
-    destination_service: str
-    request_protocol: str
-    connection_security_policy: str
-    source_app: str = UNKNOWN
-    source_version: str = UNKNOWN
-    source_canonical_service: str = UNKNOWN
-    source_canonical_revision: str = LATEST
-    source_cluster: str = UNKNOWN
-    destination_app: str = UNKNOWN
-    destination_version: str = UNKNOWN
-    destination_service_name: str = UNKNOWN
-    destination_service_namespace: str = UNKNOWN
-    destination_canonical_service: str = UNKNOWN
-    destination_canonical_revision: str = LATEST
-    destination_cluster: str = UNKNOWN
-    # The values in REQUEST_LABELS order, without the response labels (computed once).
-    _values: tuple[str, ...] = field(init=False, repr=False, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_values", tuple(
-            getattr(self, name) for name in REQUEST_LABELS if name not in RESPONSE_LABELS))
-
-    def values(self) -> tuple[str, ...]:
-        """Label values in REQUEST_LABELS order, the three response labels left out."""
-        return self._values
-
-    @classmethod
-    def from_tcp(cls, tcp: TcpLabels, request_protocol: str, **extra: str) -> RequestLabels:
-        """A connection's TCP labels plus what HTTP adds.
-
-        destination_service_name/namespace come from destination_service; the canonical
-        services are the workloads (nodeproxy's workload label already is the canonical
-        name, by Istio's rule); ``extra`` sets or overrides any other label (source_app,
-        destination_version, ...).
-        """
-        name, namespace = (
-            (UNKNOWN, UNKNOWN) if tcp.destination_service == UNKNOWN
-            else _service_name_and_namespace(tcp.destination_service,
-                                             tcp.destination_workload_namespace))
-        values: dict[str, Any] = {
-            "reporter": tcp.reporter,
-            "source_workload": tcp.source_workload,
-            "source_workload_namespace": tcp.source_workload_namespace,
-            "source_principal": tcp.source_principal,
-            "destination_workload": tcp.destination_workload,
-            "destination_workload_namespace": tcp.destination_workload_namespace,
-            "destination_principal": tcp.destination_principal,
-            "destination_service": tcp.destination_service,
-            "connection_security_policy": tcp.connection_security_policy,
-            "request_protocol": request_protocol,
-            "source_canonical_service": tcp.source_workload,
-            "destination_canonical_service": tcp.destination_workload,
-            "destination_service_name": name,
-            "destination_service_namespace": namespace,
-        }
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = set(extra) - known
-        if unknown:
-            raise TypeError(f"not request labels: {sorted(unknown)}")
-        values.update(extra)
-        return cls(**values)
 
 
 class _Series:

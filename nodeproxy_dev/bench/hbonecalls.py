@@ -39,8 +39,9 @@ from nodeproxy.identity import (
     tls_transport,
 )
 from nodeproxy.tcp.relay import Relay, Side
+from nodeproxy.telemetry.labels import UNKNOWN, TcpLabels
 from nodeproxy.telemetry.live_stats import LiveStats
-from nodeproxy.telemetry.proxy_metrics import UNKNOWN, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.proxy_metrics import ProxyMetrics
 from nodeproxy.tunnel.header_block import connect_block, source_port_field
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 

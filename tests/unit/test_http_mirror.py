@@ -25,7 +25,8 @@ from nodeproxy.codec.message import (
 from nodeproxy.config.loader import parse_config
 from nodeproxy.config.model import HeaderModifier, HttpHeader, Timeouts
 from nodeproxy.http.balancer import RoundRobin
-from nodeproxy.http.mirror import BodyTap, Mirrors, chosen, shadow_authority
+from nodeproxy.http.body_tap import BodyTap
+from nodeproxy.http.mirror import Mirrors, chosen, shadow_authority
 from nodeproxy.http.pool import Endpoint
 from nodeproxy.http.routes import CompiledRule, Mirror, Routes, WeightedBackend
 from nodeproxy.mesh.destinations import Backend

@@ -8,6 +8,7 @@ import json
 import random
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -27,11 +28,9 @@ from nodeproxy.admin.server import AdminServers
 from nodeproxy.codec.message import RequestHead
 from nodeproxy.config.model import AccessLogSettings
 from nodeproxy.http.access_log import FIELDS, AccessLog, AccessLogEntry, rfc3339_ms, trace_id
-from nodeproxy.telemetry.proxy_metrics import TcpLabels
+from nodeproxy.telemetry.labels import REQUEST_LABELS, RequestLabels, TcpLabels
 from nodeproxy.telemetry.request_metrics import (
     ISTIO_BUCKETS,
-    REQUEST_LABELS,
-    RequestLabels,
     RequestMetrics,
     istio_request_protocol,
 )
@@ -138,7 +137,7 @@ def test_labels_from_tcp_fill_what_istio_derives() -> None:
     assert LABELS.destination_canonical_revision == "latest"  # Istio's unknown revision
     # Not a service FQDN (a passthrough address, a Host header): the name is the whole value.
     raw = RequestLabels.from_tcp(
-        TcpLabels(**{**vars(TCP), "destination_service": "10.0.0.7"}), "http")
+        replace(TCP, destination_service="10.0.0.7"), "http")
     assert (raw.destination_service_name, raw.destination_service_namespace) == \
         ("10.0.0.7", "prod")
 

@@ -14,6 +14,7 @@ import pytest
 from nodeproxy.admin.http_server import HttpServer
 from nodeproxy.admin.server import AdminServers
 from nodeproxy.cli import live_view
+from nodeproxy.telemetry.labels import RequestLabels, TcpLabels
 from nodeproxy.telemetry.live_stats import (
     DEFAULT_ROUTE,
     NO_ROUTE,
@@ -25,8 +26,6 @@ from nodeproxy.telemetry.live_stats import (
     quantile_ms,
     route_name,
 )
-from nodeproxy.telemetry.proxy_metrics import TcpLabels
-from nodeproxy.telemetry.request_metrics import RequestLabels
 from tests.unit.test_http_telemetry import Daemon
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy.capture.maps import FastPathCounters, PodCounters
 from nodeproxy.telemetry.kernel_collector import KernelCollector
-from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics, TcpLabels
+from nodeproxy.telemetry.labels import TcpLabels
+from nodeproxy.telemetry.proxy_metrics import ConnectionMeter, ProxyMetrics
 
 LABELS = TcpLabels(
     reporter="source", source_workload="client", source_workload_namespace="default",
@@ -52,7 +54,7 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def test_istio_tcp_series_and_labels():
     got = samples(exposition())
-    key = tuple(sorted(vars(LABELS).items()))
+    key = tuple(sorted(asdict(LABELS).items()))
     assert got[("istio_tcp_connections_opened_total", key)] == 1
     assert got[("istio_tcp_connections_closed_total", key)] == 1
     # Istio: received = what the client sent; sent = what it got back.
@@ -111,7 +113,7 @@ def test_meter_bytes_of_a_turn_are_counted_at_its_end_exactly():
     async def main() -> list[tuple[float, float]]:
         registry = CollectorRegistry()
         meter = ConnectionMeter(ProxyMetrics(registry), LABELS)
-        key = tuple(sorted(vars(LABELS).items()))
+        key = tuple(sorted(asdict(LABELS).items()))
 
         def read() -> tuple[float, float]:
             got = samples(generate_latest(registry).decode())

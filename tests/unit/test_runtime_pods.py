@@ -252,3 +252,38 @@ def test_the_control_api_answers_each_result_and_error_with_its_status(
     assert answers[14][1] == {"openConnections": 3}
     assert answers[15][1] == {"error": "not running"}
 
+
+
+def test_a_relabel_in_the_api_reaches_a_pod_enrolled_at_run_time(tmp_path: Path) -> None:
+    """review7: the API's labels were read once, at enrollment, so a DENY selecting a
+    label put on the pod later (kubectl label) never applied to it.  follow_api (each
+    discovery update) applies the API's labels, under the plugin's own, in place."""
+    def api(labels: dict[str, str]) -> DiscoveredState:
+        known = Workload.model_validate({"name": "web", "namespace": "shop",
+                                         "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
+                                         "labels": labels})
+        return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
+
+    current = [api({"app": "web", "tier": "api"})]
+
+    class Updating(StandInEnrollment):
+        def update(self, workload: Workload) -> bool:
+            self.pods[workload.key].workload = workload
+            return True
+
+    enrollment = Updating()
+    pods = RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
+                       discovered=lambda: current[0], saved=SavedPods(str(tmp_path), "n1"),
+                       on_change=lambda: None)
+    asyncio.run(pods.enroll(parse_workload({**LOCAL, "labels": {"tier": "front"}})))
+    labels = lambda: enrollment.pods["shop/web"].workload.labels  # noqa: E731
+    assert labels() == {"app": "web", "tier": "front"}
+    current[0] = api({"app": "web", "tier": "api", "lock": "yes"})
+    pods.follow_api()
+    assert labels() == {"app": "web", "tier": "front", "lock": "yes"}
+    assert enrollment.pods["shop/web"].workload.service_account == "web-sa"
+    current[0] = api({"app": "web"})  # a label taken off in the API comes off
+    pods.follow_api()
+    assert labels() == {"app": "web", "tier": "front"}  # the plugin's own stays
+    asyncio.run(pods.unenroll("shop", "web"))
+    pods.follow_api()  # nothing left to follow
