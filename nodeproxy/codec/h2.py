@@ -245,7 +245,7 @@ class _H2Protocol(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None,
                                            validate_outbound_headers=self.client_side,
                                            normalize_outbound_headers=self.client_side)
-        self.conn = ProxyH2Connection(config, header_limit)
+        self.conn = ProxyH2Connection(config, header_limit, cache_hpack=True)
         self.transport: asyncio.Transport | None = None
         self._stream_window = stream_window
         self._connection_window = connection_window
@@ -269,7 +269,7 @@ class _H2Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.conn.local_settings = h2.settings.Settings(
-            client=self.client_side, initial_values=self._settings)
+            client=self.client_side, initial_values=self._settings)  # type: ignore[arg-type]
         # h2 applies our frame size when the peer acknowledges; it is ours from the start.
         self.conn.max_inbound_frame_size = MAX_FRAME
         self.conn.initiate_connection()
@@ -282,19 +282,20 @@ class _H2Protocol(asyncio.Protocol):
             return
         try:
             events = self.conn.receive_data(data)
-        except Abuse as e:
-            self._abuse(e)
+        # (A name per clause: mypyc types an ``as`` name by its first clause.)
+        except Abuse as abuse:
+            self._abuse(abuse)
             return
-        except h2.exceptions.ProtocolError as e:
-            self._protocol_error(int(e.error_code), str(e) or type(e).__name__)
+        except h2.exceptions.ProtocolError as error:
+            self._protocol_error(int(error.error_code), str(error) or type(error).__name__)
             return
-        except Exception as e:  # a bug of ours or h2's: never let one kill the loop
+        except Exception as bug:  # a bug of ours or h2's: never let one kill the loop
             log.exception("HTTP/2 connection failed")
             try:
                 self.conn.close_connection(ErrorCodes.INTERNAL_ERROR)
             except h2.exceptions.ProtocolError:
                 pass
-            self._protocol_error(int(ErrorCodes.INTERNAL_ERROR), repr(e))
+            self._protocol_error(int(ErrorCodes.INTERNAL_ERROR), repr(bug))
             return
         for event in events:
             self._dispatch(event)
@@ -890,8 +891,8 @@ class H2Server(_H2Protocol):
             raise ConnectionResetError("the client connection is closed")
         try:
             self.conn.send_headers(exchange.stream_id, fields, end_stream=end)
-        except h2.exceptions.StreamClosedError as e:
-            raise ConnectionResetError("the stream is closed") from e
+        except h2.exceptions.StreamClosedError as closed:
+            raise ConnectionResetError("the stream is closed") from closed
         except h2.exceptions.ProtocolError as e:
             # h2 refused them part way through HPACK encoding: the connection's header
             # compression state can no longer be trusted.
@@ -1036,7 +1037,16 @@ class H2Client(_H2Protocol):
         return limit if self.ready.done() else min(limit, INITIAL_STREAMS)
 
     def can_take(self) -> bool:
-        return not self.closed and self.conn.open_outbound_streams < self.max_streams
+        if self.closed:
+            return False
+        limit = self.max_streams
+        conn = self.conn
+        # Every open stream is in h2's `streams` (closed ones too until h2 culls them) or
+        # shelved: below the limit there, h2's exact count (a walk over every stream, an
+        # interpreted property per stream) cannot reach it.
+        if len(conn.streams) + conn.shelved < limit:
+            return True
+        return conn.open_outbound_streams < limit
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait for the server's SETTINGS (proof it speaks HTTP/2)."""
@@ -1067,9 +1077,10 @@ class H2Client(_H2Protocol):
             fields.append((b"te", b"trailers"))
         try:
             stream_id = self.conn.get_next_available_stream_id()
-        except h2.exceptions.NoAvailableStreamIDError as e:
+        except h2.exceptions.NoAvailableStreamIDError as used_up:
             self.shutdown()
-            raise UpstreamError("UC", "HTTP/2 stream ids used up", refused_stream=True) from e
+            raise UpstreamError("UC", "HTTP/2 stream ids used up",
+                                refused_stream=True) from used_up
         stream = _ClientStream(self, stream_id)
         end = body.ended and not body.trailers
         try:
@@ -1090,11 +1101,11 @@ class H2Client(_H2Protocol):
         del stream
         try:
             return await response
-        except BaseException as e:
+        except BaseException as failure:
             # The future keeps the error, the error's traceback this frame: no local of
             # the frame may lead back to the future, or each failed request is a cycle.
             del response
-            if isinstance(e, asyncio.CancelledError):
+            if isinstance(failure, asyncio.CancelledError):
                 self._cancel_stream(stream_id)
             raise
 
@@ -1129,9 +1140,9 @@ class H2Client(_H2Protocol):
                 if not data:
                     break
                 await self._send_data(sid, data, lambda: stream.error)
-        except BodyError as e:  # the request body broke off: its client went away
+        except BodyError as broken:  # the request body broke off: its client went away
             self._reset(sid, ErrorCodes.CANCEL)
-            self._finish(stream, e)
+            self._finish(stream, broken)
             return
         except (ConnectionResetError, UpstreamError):
             return  # the stream or the connection ended; its events have said why
@@ -1190,7 +1201,7 @@ class H2Client(_H2Protocol):
                 self.ready.set_result(None)
             self._wake()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway(int(event.error_code), event.last_stream_id)
+            self._goaway(int(event.error_code or 0), event.last_stream_id)
         else:
             self._window_event(event)
 
@@ -1265,8 +1276,11 @@ def _code_name(code: int) -> str:
         return str(code)
 
 
-async def open_h2c(host: str, port: int, *, timeout: float = 5.0, **options: Any) -> H2Client:
-    """A prior-knowledge h2c connection over TCP (options go to H2Client)."""
+async def open_h2c(host: str, port: int, **options: Any) -> H2Client:
+    """A prior-knowledge h2c connection over TCP: ``timeout`` (seconds, 5 by default) to
+    connect; the other options go to H2Client.  (No default before ``**options``: mypyc
+    cannot build such a coroutine's signature.)"""
+    timeout = float(options.pop("timeout", 5.0))
     loop = asyncio.get_running_loop()
     _, client = await asyncio.wait_for(
         loop.create_connection(lambda: H2Client(**options), host, port), timeout)

@@ -17,6 +17,9 @@ and the HBONE tunnel (tunnel/session.py) drive, with what h2 lacks for a proxy.
   and the FrameGuard told as h2's frame loop tells it.  Any other state (a closed or
   reset stream, a declared content-length, a header block open, a block that touches
   the dynamic table) is h2's, so a peer gets the same answer as before.
+- With ``cache_hpack`` (the L7 codec), HPACK results that leave the dynamic table as it
+  was are kept while it stays so (hpack_cache.py): a repeated header block is not
+  decoded, nor a repeated head encoded, again.
 - Per-frame work h2 does for nothing is skipped: a received frame is not formatted for a
   trace log that is off (h2 calls ``repr(frame)`` eagerly), a frame's header is read once
   more for its length only, and DATA on an open stream within the peer's windows (and the
@@ -52,6 +55,7 @@ from hyperframe.frame import RstStreamFrame
 from nodeproxy.codec import h2_frames, h2_stream_steps, hpack_static
 from nodeproxy.codec.h2_guard import FrameGuard
 from nodeproxy.codec.h2_header_checks import check_received
+from nodeproxy.codec.hpack_cache import CachingDecoder, CachingEncoder
 
 ErrorCodes = h2.errors.ErrorCodes
 _Connection_States = h2.connection.ConnectionState
@@ -164,7 +168,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
     blocks (h2 says PROTOCOL_ERROR), a header-list limit of our own (see H2Server) and,
     on a server, a FrameGuard that sees each frame first (h2_guard.py)."""
 
-    def __init__(self, config: h2.config.H2Configuration, header_limit: int):
+    def __init__(self, config: h2.config.H2Configuration, header_limit: int, *,
+                 cache_hpack: bool = False):
         # h2's inbound header checks are made by check_received instead (same verdicts,
         # one pass) where h2 hands header blocks over as bytes.
         self._check_headers = bool(config.validate_inbound_headers) and \
@@ -174,6 +179,9 @@ class ProxyH2Connection(h2.connection.H2Connection):
         super().__init__(config=config)
         self.state_machine = GracefulStateMachine()
         self.incoming_buffer = CheckedFrameBuffer(server=not config.client_side)
+        if cache_hpack:  # the L7 codec: header blocks that repeat (hpack_cache.py)
+            self.encoder = CachingEncoder()
+            self.decoder = CachingDecoder(self.decoder.max_header_list_size)
         self._header_limit = header_limit
         self.decoder.max_header_list_size = header_limit
         self._keep_outbound = False

@@ -5,7 +5,8 @@ limits, the service's trafficPolicy, an OTLP receiver where it traces), wrk for 
 bounded time, py-spy sampling the daemon.
 
 ``python -m nodeproxy_dev.bench.l7profile OUT [--seconds S] [--config l7|full|authz]
-[--sampling PERCENT] [--threads] [--paced] [--timeline] [--calls]`` writes OUT.raw
+[--client wrk|h2load|grpc] [--sampling PERCENT] [--threads] [--paced] [--timeline] [--calls]
+[--perf]`` writes OUT.raw
 (py-spy's collapsed stacks), OUT.txt (the top functions, self and inclusive) and prints
 wrk's summary with the daemon's CPU seconds per 1000 requests.  ``--sampling`` traces
 that percentage of requests to the node's OTLP receiver (tracing's cost at 1 % against
@@ -16,6 +17,11 @@ fixed-rate load instead (wrk -c10, 10 ms between a response and the next request
 latency percentiles; ``--timeline`` times each request's phases inside the daemon
 (l7timeline.py); ``--calls`` counts the event loop's Python function calls per request
 under cProfile (OUT.calls.txt), a figure the machine's load does not move.
+``--client h2load`` loads the same service with HTTP/2 (prior knowledge, 10 streams per
+connection); ``--client grpc`` runs the bench's gRPC unary client (grpcunary.py, 16 calls
+in flight, every answer checked) against the grpcio server behind an ``appProtocol:
+grpc`` service, ``--calls`` calls (the load is counted, not timed).  ``--perf`` also
+prints perf's shares by DSO and by symbol.
 A development aid, not a benchmark: py-spy's sampling costs the daemon a little.
 Needs root and py-spy (``pip install py-spy``).  Everything is torn down at the end.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import os
 import re
 import signal
@@ -34,10 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nodeproxy_dev.bench import configurations, haproxy, l7timeline, wrk
+from nodeproxy_dev.bench import configurations, grpcload, haproxy, l7timeline, wrk
 from nodeproxy_dev.bench.daemon_hook import startup_hook
 from nodeproxy_dev.bench.procstat import cpu_seconds
-from nodeproxy_dev.bench.profile_reading import SAMPLE_RATE, py_spy
+from nodeproxy_dev.bench.profile_reading import SAMPLE_RATE, perf_shares, py_spy
 from nodeproxy_dev.bench.topology import (
     BENCH_LIMITS,
     HTTP_VIP_PORT,
@@ -57,6 +64,10 @@ SERVICE = service_name("node0", ServerKind.HTTP)
 SERVER = server_pod("node0", meshed=True)
 PORT = HTTP_VIP_PORT
 APP = ServerKind.HTTP.port
+# --client grpc: the bench's gRPC service (always appProtocol grpc) and its server's port.
+GRPC_SERVICE = service_name("node0", ServerKind.GRPC)
+GRPC_PORT = ServerKind.GRPC.port
+GRPC_WARMUP_CALLS = 2000
 # --paced: the bench's fixed-rate load (wrk.py: FIXED_RATE requests/s, by default over
 # FIXED_RATE_CONNECTIONS connections, each pausing connections * 1000 / FIXED_RATE ms).
 PACED_CONNECTIONS = wrk.FIXED_RATE_CONNECTIONS
@@ -107,9 +118,12 @@ def main() -> int:
                         help="l7: nodeproxy-l7, full: nodeproxy-l7-full (its tracing "
                              "exported to an OTLP receiver in the node), authz: "
                              "nodeproxy-l7-authz; as the bench sets them up")
-    parser.add_argument("--client", choices=("wrk", "h2load"), default="wrk",
+    parser.add_argument("--client", choices=("wrk", "h2load", "grpc"), default="wrk",
                         help="h2load: HTTP/2 (prior knowledge) from the client, 10 streams "
-                             "per connection, for --seconds")
+                             "per connection, for --seconds; grpc: the bench's gRPC unary "
+                             "client, --grpc-calls calls, 16 in flight")
+    parser.add_argument("--grpc-calls", type=int, default=20000,
+                        help="with --client grpc: calls in the measured run")
     parser.add_argument("--sampling", type=float, metavar="PERCENT",
                         help="trace this percentage of requests instead of the "
                              "configuration's (turns tracing on, to the node's OTLP "
@@ -168,6 +182,12 @@ def main() -> int:
                   service_account=MESH_CLIENT_ACCOUNT)
         c.add_pod("node0", SERVER, labels={"app": "srv0"}, service_account="server")
         c.serve_guarded(SERVER, APP)
+        if args.client == "grpc":
+            c.spawn_in_pod(SERVER, [c.python, "-m", grpcload.MODULE, "serve", "--port",
+                                    str(GRPC_PORT)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            c.add_service(GRPC_SERVICE, port=GRPC_PORT, target_port=GRPC_PORT,
+                          selector={"app": "srv0"}, app_protocol="grpc")
         c.add_service(SERVICE, port=PORT, target_port=APP, selector={"app": "srv0"},
                       app_protocol=config.http_app_protocol,
                       traffic_policy=config.http_traffic_policy)
@@ -184,8 +204,19 @@ def main() -> int:
                f"{haproxy.ROUTE_PATH_PREFIX}/x")
         c.run_in_pod(MESH_CLIENT, ["curl", "-sf", "-o", "/dev/null", url], timeout=10,
                      check=True)
-        c.run_in_pod(MESH_CLIENT, ["wrk", "-t1", "-c", str(connections), "-d", "2", url],
-                     timeout=30)  # warm-up: pools, caches
+        grpc_target = f"{c.services[f'default/{GRPC_SERVICE}'].vip4}:{GRPC_PORT}" \
+            if args.client == "grpc" else ""
+
+        def grpc_call(calls: int) -> list[str]:
+            return [c.python, "-m", grpcload.MODULE, "call", grpc_target, "--calls",
+                    str(calls), "--concurrency", "16"]
+
+        if args.client == "grpc":
+            wait_listening(c.pods[SERVER].netns_path, GRPC_PORT)
+            c.run_in_pod(MESH_CLIENT, grpc_call(GRPC_WARMUP_CALLS), timeout=120, check=True)
+        else:
+            c.run_in_pod(MESH_CLIENT, ["wrk", "-t1", "-c", str(connections), "-d", "2", url],
+                         timeout=30)  # warm-up: pools, caches
         spy = None if pyspy is None else subprocess.Popen(
             [pyspy, "record", "--pid", str(daemon.pid), "--rate", str(SAMPLE_RATE),
              "--format", "raw", "-o", args.out + ".raw", "--duration",
@@ -207,9 +238,10 @@ def main() -> int:
             os.kill(daemon.pid, signal.SIGUSR2)
         load = (["h2load", "-t1", "-c", str(connections), "-m", "10", "-D",
                  str(int(args.seconds)), url] if args.client == "h2load" else
+                grpc_call(args.grpc_calls) if args.client == "grpc" else
                 ["wrk", "-t1", "-c", str(connections),
                  "-d", f"{int(args.seconds)}s", *paced, url])
-        result = c.run_in_pod(MESH_CLIENT, load, timeout=args.seconds + 30)
+        result = c.run_in_pod(MESH_CLIENT, load, timeout=args.seconds + 120)
         cpu = cpu_seconds(daemon.pid) - cpu0
         for sampler in (spy, perf):
             if sampler is not None:
@@ -230,9 +262,18 @@ def main() -> int:
                 time.sleep(0.1)
     text = result.stdout if isinstance(result.stdout, str) else result.stdout.decode()
     print(text)
-    match = re.search(r"(\d+) requests in", text) or re.search(r"(\d+) succeeded", text)
-    if match:
-        requests = int(match.group(1))
+    requests = 0
+    if args.client == "grpc":
+        report = json.loads(text.strip().splitlines()[-1])
+        why = grpcload.problem(report, args.grpc_calls)
+        if why:
+            print(why, file=sys.stderr)
+            return 1
+        requests = int(report["ok"])
+    else:
+        match = re.search(r"(\d+) requests in", text) or re.search(r"(\d+) succeeded", text)
+        requests = int(match.group(1)) if match else 0
+    if requests:
         print(f"daemon CPU: {cpu:.2f} s for {requests} requests = "
               f"{1000 * cpu / requests:.4f} CPU s per 1000 requests")
         for dump in timeline_dir.glob("calls-*.prof") if args.calls else ():
@@ -242,6 +283,12 @@ def main() -> int:
     for dump in timeline_dir.glob("timeline-*.json") if args.timeline else ():
         time.sleep(0.2)  # written whole by now
         print(l7timeline.summarize(dump))
+    if perf is not None and os.path.exists(args.out + ".perf"):
+        for sort in ("dso", "dso,sym"):
+            rows = perf_shares(Path(args.out + ".perf"), sort, 0.5, 40)
+            text = "\n".join(f"{share:5.1f}%  {name}" for name, share in rows)
+            Path(f"{args.out}.perf-{sort.replace(',', '-')}.txt").write_text(text + "\n")
+            print(f"perf, self by {sort}:\n{text}\n")
     if spy is not None and os.path.exists(args.out + ".raw"):
         summary = summarize(args.out + ".raw")
         with open(args.out + ".txt", "w") as f:

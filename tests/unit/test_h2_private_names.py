@@ -329,3 +329,31 @@ def test_the_open_stream_counts_go_through_open_streams() -> None:
         assert hasattr(stream, name), name
     for name in ("state", "client", "headers_sent", "headers_received"):
         assert hasattr(stream.state_machine, name), name
+
+
+def test_the_hpack_names_the_caching_coders_read_and_override_are_still_there() -> None:
+    """codec/hpack_cache.py overrides hpack's public Encoder.encode and Decoder.decode,
+    replaces h2's ``encoder`` and ``decoder`` attributes, and reads the dynamic table's
+    state (a change it did not see would be a wrong kept result)."""
+    import hpack
+    import hpack.table
+
+    for owner, name, params in ((hpack.Encoder, "encode", ["headers", "huffman"]),
+                                (hpack.Decoder, "decode", ["data", "raw"])):
+        found = [p for p in inspect.signature(getattr(owner, name)).parameters if p != "self"]
+        assert found == params, (owner.__name__, name, found)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    assert type(conn.encoder) is hpack.Encoder and type(conn.decoder) is hpack.Decoder
+    for coder in (hpack.Encoder(), hpack.Decoder()):
+        table = coder.header_table
+        assert isinstance(table, hpack.table.HeaderTable)
+        assert len(table.dynamic_entries) == 0 and table.resized is False
+        assert isinstance(table.maxsize, int)
+        # an addition puts a new tuple object first
+        table.add(b"a", b"b")
+        first = table.dynamic_entries[0]
+        table.add(b"a", b"b")
+        assert table.dynamic_entries[0] == first and table.dynamic_entries[0] is not first
+    decoder = hpack.Decoder()
+    assert isinstance(decoder.max_header_list_size, int)
+    assert isinstance(decoder.max_allowed_table_size, int)
