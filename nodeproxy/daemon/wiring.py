@@ -53,7 +53,8 @@ from nodeproxy.policy.admission import AdmissionMetrics
 from nodeproxy.signer.node_identity import node_certificates
 from nodeproxy.tcp.descriptors import BUDGET, OpenFileLimit, raise_open_file_limit
 from nodeproxy.tcp.fairshare import ShareLimits, SourceShares
-from nodeproxy.tcp.relay_sleep import RelayNaps, RelaySleepMetrics
+from nodeproxy.tcp.half_sleep import HalfNaps
+from nodeproxy.tcp.relay_sleep import RelaySleepMetrics
 from nodeproxy.tcp.splicer import SpliceMetrics, Splicer
 from nodeproxy.tcp.tracker import ConnectionTracker
 from nodeproxy.telemetry.identity_collector import IdentityCollector
@@ -324,7 +325,7 @@ def build_proxies(config: NodeConfig, kernel: Kernel, state: MeshState,
     pods = _EnrolledPods()
     # Quiet relayed flows sleep, in the splicer's epoll and wheel (tcp/dormancy.py);
     # cross-node ones with their socket only (tcp/half_sleep.py).
-    naps = RelayNaps(kernel.splicer.dormancy, RelaySleepMetrics(telemetry.registry))
+    naps = HalfNaps(kernel.splicer.dormancy, RelaySleepMetrics(telemetry.registry))
     if certificates is not None:
         hbone = HboneServer(
             certificates=certificates, trust_domain=cfg.mesh.trust_domain,

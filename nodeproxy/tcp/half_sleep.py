@@ -46,21 +46,24 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nodeproxy.tcp.bare_socket import adopt
 from nodeproxy.tcp.dormancy import (
     ASLEEP_SIDES,
+    Dormancy,
     close_bare,
     detach_sides,
     quiet_side,
     take_back,
 )
 from nodeproxy.tcp.relay import Relay, Side, reset
-from nodeproxy.tcp.relay_sleep import RelayNap, restless_after_wake
-
-if TYPE_CHECKING:
-    from nodeproxy.tcp.relay_sleep import RelayNaps
+from nodeproxy.tcp.relay_sleep import (
+    RelayNap,
+    RelayNaps,
+    RelaySleepMetrics,
+    restless_after_wake,
+)
 
 
 def _shelve(stream: Any) -> None:
@@ -100,6 +103,20 @@ def _may_drop(side: Side) -> bool:
             and hasattr(stream, "swap_reader")
             and not side.write_paused and not side.eof_forwarded
             and side.lease is None and side._arrival is None)
+
+
+class HalfNaps(RelayNaps):
+    """The daemon's naps: whole relays as RelayNaps sleeps them, and relays with one socket
+    (a tunnel stream on the other side) in `halves`, made on the first such relay."""
+
+    def __init__(self, dormancy: Dormancy, metrics: RelaySleepMetrics):
+        super().__init__(dormancy, metrics)
+        self.halves: HalfRows | None = None
+
+    def offer_half(self, relay: Relay) -> None:
+        if self.halves is None:
+            self.halves = HalfRows(self)
+        self.halves.offer(relay)
 
 
 class HalfRows:

@@ -68,7 +68,6 @@ from nodeproxy.tcp.dormancy import (
 )
 
 if TYPE_CHECKING:
-    from nodeproxy.tcp.half_sleep import HalfRows
     from nodeproxy.tcp.relay import Relay
 
 # A relay that moved nothing for this long sleeps (looked at within the wheel's tick).
@@ -130,28 +129,24 @@ class RelayNaps:
         self._relay: list[Relay | None] = []
         self._slept_at = array("d")
         self._restless = array("B")
-        self.halves: HalfRows | None = None
 
     def offer(self, relay: Relay) -> None:
         """A relay has just started: let it sleep when it is quiet, whole if both of its
-        sides are sockets of this process, its socket only if one is (a tunnel stream
-        on the other: tcp/half_sleep.py)."""
+        sides are sockets of this process; one with a single socket (a tunnel stream on
+        the other) goes to `offer_half`."""
         sockets = [side.transport is not None
                    and side.transport.get_extra_info("socket") is not None
                    for side in (relay.downstream, relay.upstream)]
         if not all(sockets):
             if any(sockets):
-                self._halves().offer(relay)
+                self.offer_half(relay)
             return
         nap = relay.nap = RelayNap(self, relay)
         nap.park(relay.last_active)
 
-    def _halves(self) -> HalfRows:
-        """The table of relays asleep with one socket (made on first use)."""
-        if self.halves is None:
-            from nodeproxy.tcp.half_sleep import HalfRows  # imports this module
-            self.halves = HalfRows(self)
-        return self.halves
+    def offer_half(self, relay: Relay) -> None:
+        """A relay with one socket of this process: these naps sleep whole relays only
+        (tcp/half_sleep.py's HalfNaps sleeps its socket too)."""
 
     # -- the table ----------------------------------------------------------------
 

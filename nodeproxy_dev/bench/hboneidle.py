@@ -34,8 +34,9 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from nodeproxy.tcp.dormancy import Dormancy
+from nodeproxy.tcp.half_sleep import HalfNaps
 from nodeproxy.tcp.relay import Relay, Side
-from nodeproxy.tcp.relay_sleep import RelayNaps, RelaySleepMetrics
+from nodeproxy.tcp.relay_sleep import RelaySleepMetrics
 from nodeproxy.tunnel.session import H2Session, StreamTransport
 from nodeproxy_dev.bench.hbonecalls import CONNECT, _Echo, _tunnel
 
@@ -95,7 +96,7 @@ def _end(relay: Relay, stream: StreamTransport) -> list[tuple[str, int]]:
 
 async def _run(flows: int, settle: float, top: int) -> None:
     loop = asyncio.get_running_loop()
-    naps = RelayNaps(Dormancy(), RelaySleepMetrics(CollectorRegistry()))
+    naps = HalfNaps(Dormancy(), RelaySleepMetrics(CollectorRegistry()))
     server_ends: list[tuple[Relay, StreamTransport]] = []
     client_ends: list[tuple[Relay, StreamTransport]] = []
     keep: list[Any] = []

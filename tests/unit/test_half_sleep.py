@@ -35,8 +35,9 @@ from nodeproxy.identity import (
 )
 from nodeproxy.tcp import relay_sleep
 from nodeproxy.tcp.dormancy import ASLEEP_SIDES, Dormancy
+from nodeproxy.tcp.half_sleep import HalfNaps
 from nodeproxy.tcp.relay import Relay, Side
-from nodeproxy.tcp.relay_sleep import RelayNaps, RelaySleepMetrics
+from nodeproxy.tcp.relay_sleep import RelaySleepMetrics
 from nodeproxy.tunnel.session import STREAM_WINDOW, H2Session, StreamTransport
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
@@ -126,7 +127,7 @@ class Mesh:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.naps = RelayNaps(Dormancy(), RelaySleepMetrics(self.registry))
+        self.naps = HalfNaps(Dormancy(), RelaySleepMetrics(self.registry))
         self.served: asyncio.Queue[tuple[Relay, StreamTransport, socket.socket]] = \
             asyncio.Queue()
         self.client: H2Session
