@@ -44,7 +44,7 @@ from nodeproxy_dev.bench import sockperf
 from nodeproxy_dev.bench.profile_reading import (
     SAMPLE_RATE,
     folded_shares,
-    perf_shares,
+    perf_around,
     py_spy,
     strace_counts,
 )
@@ -202,7 +202,8 @@ def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
         run["cpu_s_per_1000_requests"] = round(total / max(n, 1) * 1e3, 4)
         result["runs"].append(run)
     if perf:
-        result["perf"] = _perf_all(pids, out, seconds, lambda: _wrk(cluster, url, seconds))
+        result["perf"] = perf_around(pids, out, seconds, lambda: _wrk(cluster, url, seconds),
+                                     top=TOP * 2)
     if cpu_only:
         return result
     # 2. py-spy on both daemons.
@@ -215,24 +216,6 @@ def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
     # 3. strace -c -f on both daemons around a whole wrk run.
     result["traced_requests"] = _syscalls_all(pids, out, seconds, "request", result,
                                               lambda: _wrk(cluster, url, seconds))
-    return result
-
-
-def _perf_all(pids: dict[str, int], out: Path, seconds: int,
-              run: Callable[[], int]) -> dict[str, Any]:
-    """``perf record -g`` (499 Hz) on every daemon around ``run`` (a load of about
-    ``seconds``): each one's samples' self shares by shared object and by symbol."""
-    recorders = {node: subprocess.Popen(
-        ["timeout", str(seconds + 30), "perf", "record", "-F", "499", "-g", "-p", str(pid),
-         "-o", str(out / f"{node}.perf.data"), "--", "sleep", str(max(seconds - 1, 1))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for node, pid in pids.items()}
-    done = run()
-    for recorder in recorders.values():
-        recorder.wait(timeout=seconds + 60)
-    result: dict[str, Any] = {"requests": done}
-    for node in pids:
-        data = out / f"{node}.perf.data"
-        result[node] = {sort: perf_shares(data, sort, 0.5, TOP * 2) for sort in ("dso", "dso,sym")}
     return result
 
 

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nodeproxy_dev.bench.profile_reading import perf_shares
+from nodeproxy_dev.bench.profile_reading import perf_around
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed import nginx
 from nodeproxy_dev.testbed.cluster import Cluster
@@ -229,22 +229,6 @@ def _strace_window(cluster: Cluster, pods: dict[str, int], client: str, script: 
     return result
 
 
-def _perf(pods: dict[str, int], out: Path, seconds: int, tag: str,
-          run: Any) -> dict[str, Any]:
-    recorders = {node: subprocess.Popen(
-        ["timeout", str(seconds + 30), "perf", "record", "-F", "999", "-g", "-p", str(pid),
-         "-o", str(out / f"{tag}.{node}.perf.data"), "--", "sleep", str(max(seconds - 1, 1))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for node, pid in pods.items()}
-    done = run()
-    for recorder in recorders.values():
-        recorder.wait(timeout=seconds + 60)
-    result: dict[str, Any] = {"requests": done}
-    for node in pods:
-        data = out / f"{tag}.{node}.perf.data"
-        result[node] = {sort: perf_shares(data, sort, 0.7, TOP) for sort in ("dso", "dso,sym")}
-    return result
-
-
 def profile(cluster: Cluster, seconds: int, out: Path, only: tuple[str, ...], perf: bool,
             strace_seconds: int, runs: int) -> dict[str, Any]:
     directory = out / "www"
@@ -284,10 +268,12 @@ def profile(cluster: Cluster, seconds: int, out: Path, only: tuple[str, ...], pe
                                                  strace_seconds + 4, strace_seconds, out, name)
             if perf:
                 for paced in (True, False):
-                    entry["perf_paced" if paced else "perf_saturated"] = _perf(
-                        pods, out, seconds, f"{name}.{'paced' if paced else 'saturated'}",
+                    entry["perf_paced" if paced else "perf_saturated"] = perf_around(
+                        pods, out, seconds,
                         lambda c=client, u=url, p=paced:
-                            _wrk(cluster, c, script, u, seconds, paced=p)["requests"])
+                            _wrk(cluster, c, script, u, seconds, paced=p)["requests"],
+                        tag=f"{name}.{'paced' if paced else 'saturated'}", hertz=999,
+                        percent_limit=0.7, top=TOP)
         result[name] = entry
     return result
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,26 @@ def perf_shares(data: Path, sort: str, percent_limit: float, top: int
         if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
             rows.append((" ".join(parts[1:]), float(parts[0].rstrip("%"))))
     return rows[:top]
+
+
+def perf_around(pids: dict[str, int], out: Path, seconds: int, run: Callable[[], int], *,
+                tag: str = "", hertz: int = 499, percent_limit: float = 0.5,
+                top: int = 60) -> dict[str, Any]:
+    """``perf record -g`` at ``hertz`` on every named process (a daemon per node) around
+    ``run`` (a load of about ``seconds``, returning its requests): each one's self shares
+    by shared object and by symbol (perf_shares), and the requests."""
+    prefix = f"{tag}." if tag else ""
+    recorders = {name: subprocess.Popen(
+        ["timeout", str(seconds + 30), "perf", "record", "-F", str(hertz), "-g", "-p",
+         str(pid), "-o", str(out / f"{prefix}{name}.perf.data"), "--", "sleep",
+         str(max(seconds - 1, 1))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()}
+    done = run()
+    for recorder in recorders.values():
+        recorder.wait(timeout=seconds + 60)
+    result: dict[str, Any] = {"requests": done}
+    for name in pids:
+        data = out / f"{prefix}{name}.perf.data"
+        result[name] = {sort: perf_shares(data, sort, percent_limit, top)
+                        for sort in ("dso", "dso,sym")}
+    return result
