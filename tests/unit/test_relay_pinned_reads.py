@@ -22,6 +22,30 @@ READS = 600
 FLOWING_PER_READ = 16_384
 
 
+async def held_while_sending(peer: Peer, stalled: int, flowing: int, flowing_reader: Reader,
+                             byte: bytes) -> int:
+    """READS tunnel reads, each a byte for the stalled stream and FLOWING_PER_READ for the
+    flowing one (read on by its reader): the heap the proxy keeps for them, beyond what
+    the flowing reader got."""
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        sent = 0
+        for _ in range(READS):
+            await peer.send(data_frame(stalled, byte)
+                            + data_frame(flowing, os.urandom(FLOWING_PER_READ)))
+            await asyncio.sleep(0)
+            sent += FLOWING_PER_READ
+            if len(flowing_reader.data) < sent - 1_000_000:
+                await peer.pump(0.01)
+        await peer.until(lambda: len(flowing_reader.data) == sent)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before - len(flowing_reader.data)
+    finally:
+        tracemalloc.stop()
+
+
 @on_uvloop
 async def test_one_byte_frames_for_a_stalled_stream_do_not_pin_whole_reads() -> None:
     loop = asyncio.get_running_loop()
@@ -52,24 +76,7 @@ async def test_one_byte_frames_for_a_stalled_stream_do_not_pin_whole_reads() -> 
     await peer.send(data_frame(stalled, os.urandom(64 * 1024)))  # fill the pod's socket
     for _ in range(20):
         await peer.pump(0.02)
-    tracemalloc.start()
-    try:
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        sent = 0
-        for _ in range(READS):
-            # one read: a byte for the stalled stream, 16 KiB for the flowing one
-            await peer.send(data_frame(stalled, b"x")
-                            + data_frame(flowing, os.urandom(FLOWING_PER_READ)))
-            await asyncio.sleep(0)
-            sent += FLOWING_PER_READ
-            if len(flowing_reader.data) < sent - 1_000_000:
-                await peer.pump(0.01)
-        await peer.until(lambda: len(flowing_reader.data) == sent)
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before - len(flowing_reader.data)
-    finally:
-        tracemalloc.stop()
+    held = await held_while_sending(peer, stalled, flowing, flowing_reader, b"x")
     buffered = relays[0].upstream.transport.get_write_buffer_size()
     assert buffered >= READS // 2  # the stalled stream's bytes wait in the proxy
     # What the proxy holds for them is about what it counts (a few KiB), not a read each
@@ -102,23 +109,7 @@ async def test_one_byte_frames_before_the_relay_joins_do_not_pin_whole_reads() -
     peer.conn.increment_flow_control_window(2**24)
     stalled = await peer.open()
     flowing = await peer.open()
-    tracemalloc.start()
-    try:
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        sent = 0
-        for _ in range(READS):
-            await peer.send(data_frame(stalled, b"y")
-                            + data_frame(flowing, os.urandom(FLOWING_PER_READ)))
-            await asyncio.sleep(0)
-            sent += FLOWING_PER_READ
-            if len(flowing_reader.data) < sent - 1_000_000:
-                await peer.pump(0.01)
-        await peer.until(lambda: len(flowing_reader.data) == sent)
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before - len(flowing_reader.data)
-    finally:
-        tracemalloc.stop()
+    held = await held_while_sending(peer, stalled, flowing, flowing_reader, b"y")
     assert held < 2 * 1024 * 1024, held
     near, far = socket.socketpair()
     pod = Side("pod")
