@@ -23,6 +23,16 @@ PORT = 7000
 VIP = "10.96.7.7"
 
 
+def put_peer_service(api: kube.ApiThread, web_ip: str, vip: str = VIP) -> None:
+    """Service api-web (vip, port 80) and its EndpointSlice: web_ip's PORT on node0."""
+    api.do(api.api.put, "services", kube.service(
+        "api-web", vips=[vip], ports=[{"name": "tcp-peer", "port": 80,
+                                       "targetPort": PORT, "protocol": "TCP"}]))
+    api.do(api.api.put, "endpointslices", kube.endpoint_slice(
+        "api-web-1", "api-web", ports=[{"name": "tcp-peer", "port": PORT, "protocol": "TCP"}],
+        endpoints=[kube.slice_endpoint(web_ip, node="node0")]))
+
+
 @pytest.fixture
 def cluster() -> Iterator[tuple[Cluster, kube.ApiThread]]:
     with Cluster(1) as c:
@@ -42,13 +52,7 @@ def cluster() -> Iterator[tuple[Cluster, kube.ApiThread]]:
                 labels={"nodeproxy.io/dataplane-mode": "none"}))
             # The peer protocol is not HTTP: the port is named as Istio's convention
             # says (a port named "http" would be parsed as HTTP).
-            api.do(api.api.put, "services", kube.service(
-                "api-web", vips=[VIP], ports=[{"name": "tcp-peer", "port": 80,
-                                               "targetPort": PORT, "protocol": "TCP"}]))
-            api.do(api.api.put, "endpointslices", kube.endpoint_slice(
-                "api-web-1", "api-web", ports=[{"name": "tcp-peer", "port": PORT,
-                                                "protocol": "TCP"}],
-                endpoints=[kube.slice_endpoint(web_ip, node="node0")]))
+            put_peer_service(api, web_ip)
             c.write_configs(overrides={"discovery": {"kubernetes": True,
                                                      "apiServer": api.url}})
             c.start_daemons()

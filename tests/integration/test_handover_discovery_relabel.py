@@ -24,12 +24,11 @@ import pytest
 from nodeproxy_dev.testbed.cluster import REPO_ROOT, Cluster, scaled
 from tests.integration import fake_kube_api as kube
 from tests.integration.probes import connect, echo_conversation
-from tests.integration.test_discovery_daemon import enroll_minimal
+from tests.integration.test_discovery_daemon import PORT, enroll_minimal, put_peer_service
 from tests.integration.test_handover_revocation import wait_in_log
 
 pytestmark = pytest.mark.privileged
 
-PORT = 7000
 VIP = "10.96.7.8"
 LOCKED = [{"name": "locked", "namespace": "default", "action": "DENY",
            "selector": {"tier": "locked"},
@@ -53,13 +52,7 @@ def cluster(web_labels: dict[str, str]) -> Iterator[tuple[Cluster, kube.ApiThrea
             api.do(api.api.put, "pods", kube.pod(
                 "client", ip=c.pods["client"].ip4, node="node0", sa="client",
                 labels={"app": "client"}))
-            api.do(api.api.put, "services", kube.service(
-                "api-web", vips=[VIP], ports=[{"name": "tcp-peer", "port": 80,
-                                               "targetPort": PORT, "protocol": "TCP"}]))
-            api.do(api.api.put, "endpointslices", kube.endpoint_slice(
-                "api-web-1", "api-web", ports=[{"name": "tcp-peer", "port": PORT,
-                                                "protocol": "TCP"}],
-                endpoints=[kube.slice_endpoint(c.pods["web-0"].ip4, node="node0")]))
+            put_peer_service(api, c.pods["web-0"].ip4, VIP)
             c.write_configs(overrides={"discovery": {"kubernetes": True, "apiServer": api.url},
                                        "proxy": {"drainSeconds": 600},
                                        "authorizationPolicies": LOCKED})
