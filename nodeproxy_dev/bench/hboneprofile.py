@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeproxy_dev.bench import sockperf
+from nodeproxy_dev.bench.procstat import user_system
 from nodeproxy_dev.bench.profile_reading import (
     SAMPLE_RATE,
     folded_shares,
@@ -106,34 +107,34 @@ def profile_pingpong(cluster: Cluster, seconds: int, out: Path) -> dict[str, Any
     result: dict[str, Any] = {"load": "pingpong", "message": MESSAGE, "seconds": seconds}
     # 0. idle: what the daemons spend with no traffic (it counts in the paced run's CPU per
     # round trip).
-    idle = {node: _user_system(pid) for node, pid in pids.items()}
+    idle = {node: user_system(pid) for node, pid in pids.items()}
     time.sleep(IDLE_SECONDS)
     for node, pid in pids.items():
-        after = _user_system(pid)
+        after = user_system(pid)
         result[f"{node}_idle_cpu_ms_per_s"] = round(
             (sum(after) - sum(idle[node])) / IDLE_SECONDS * 1e3, 2)
     # 1. plain: latency and CPU per round trip.
-    cpu = {node: _user_system(pid) for node, pid in pids.items()}
+    cpu = {node: user_system(pid) for node, pid in pids.items()}
     load = _pingpong(cluster, vip, seconds)
     output, _ = load.communicate(timeout=seconds + 60)
     n = _observations(output)
     result["round_trips"] = n
     result["sockperf"] = sockperf.parse(output) if n else output[-2000:]
     for node, pid in pids.items():
-        (user_before, system_before), (user_after, system_after) = cpu[node], _user_system(pid)
+        (user_before, system_before), (user_after, system_after) = cpu[node], user_system(pid)
         user, system = user_after - user_before, system_after - system_before
         result[f"{node}_cpu_us_per_round_trip"] = {
             "user": round(user / max(n, 1) * 1e6, 1),
             "system": round(system / max(n, 1) * 1e6, 1)}
     # 1b. paced at PACED_RATE round trips a second (the processes sleep between them, as
     # at the bench's ~1000 req/s): latency and CPU per round trip.
-    cpu = {node: _user_system(pid) for node, pid in pids.items()}
+    cpu = {node: user_system(pid) for node, pid in pids.items()}
     output, _ = _pingpong(cluster, vip, seconds, PACED_RATE).communicate(timeout=seconds + 60)
     paced = _observations(output)
     result["paced"] = {"rate": PACED_RATE, "round_trips": paced,
                        "sockperf": sockperf.parse(output) if paced else output[-2000:]}
     for node, pid in pids.items():
-        (user_before, system_before), (user_after, system_after) = cpu[node], _user_system(pid)
+        (user_before, system_before), (user_after, system_after) = cpu[node], user_system(pid)
         result["paced"][f"{node}_cpu_us_per_round_trip"] = {
             "user": round((user_after - user_before) / max(paced, 1) * 1e6, 1),
             "system": round((system_after - system_before) / max(paced, 1) * 1e6, 1)}
@@ -187,13 +188,13 @@ def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
     # 1. plain: requests/s and CPU per request (both daemons summed: "total").
     result["runs"] = []
     for _ in range(runs):
-        cpu = {node: _user_system(pid) for node, pid in pids.items()}
+        cpu = {node: user_system(pid) for node, pid in pids.items()}
         n = _wrk(cluster, url, seconds)
         run: dict[str, Any] = {"requests": n, "requests_per_s": round(n / seconds)}
         total = 0.0
         for node, pid in pids.items():
             (user_before, system_before), (user_after, system_after) = \
-                cpu[node], _user_system(pid)
+                cpu[node], user_system(pid)
             user, system = user_after - user_before, system_after - system_before
             total += user + system
             run[f"{node}_cpu_us_per_request"] = {
@@ -217,13 +218,6 @@ def profile_http(cluster: Cluster, seconds: int, out: Path, runs: int = 1,
     result["traced_requests"] = _syscalls_all(pids, out, seconds, "request", result,
                                               lambda: _wrk(cluster, url, seconds))
     return result
-
-
-def _user_system(pid: int) -> tuple[float, float]:
-    """utime and stime of the process (all threads), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def _spy_all(pids: dict[str, int], out: Path, seconds: int, result: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nodeproxy_dev.bench.procstat import user_system
 from nodeproxy_dev.bench.profile_reading import perf_around
 from nodeproxy_dev.bench.topology import BENCH_LIMITS
 from nodeproxy_dev.testbed import nginx
@@ -100,12 +101,6 @@ def _tasks(pid: int) -> dict[int, tuple[str, float, int, int]]:
     return out
 
 
-def _user_system(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
-
-
 def _wrk_argv(script: Path, url: str, seconds: int, paced: bool = True) -> list[str]:
     argv = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s"]
     if paced:
@@ -131,7 +126,7 @@ def _paced_run(cluster: Cluster, pods: dict[str, int], client: str, script: Path
                seconds: int) -> dict[str, Any]:
     """One paced wrk run: latency percentiles (ms), each daemon's CPU, switches and threads
     per request."""
-    before = {node: (_user_system(pid), _tasks(pid)) for node, pid in pods.items()}
+    before = {node: (user_system(pid), _tasks(pid)) for node, pid in pods.items()}
     wrk = _wrk(cluster, client, script, url, seconds)
     n = max(wrk.get("requests", 0), 1)
     run: dict[str, Any] = {"wrk_ms": {k: round(v / 1000, 3) if isinstance(v, float) else v
@@ -139,7 +134,7 @@ def _paced_run(cluster: Cluster, pods: dict[str, int], client: str, script: Path
                            "requests_per_s": round(n / seconds)}
     for node, pid in pods.items():
         (u0, s0), tasks0 = before[node]
-        u1, s1 = _user_system(pid)
+        u1, s1 = user_system(pid)
         tasks1 = _tasks(pid)
         vol = sum(t[2] for t in tasks1.values()) - sum(t[2] for t in tasks0.values())
         invol = sum(t[3] for t in tasks1.values()) - sum(t[3] for t in tasks0.values())
@@ -281,11 +276,11 @@ def profile(cluster: Cluster, seconds: int, out: Path, only: tuple[str, ...], pe
 def _paced_run_saturated(cluster: Cluster, pods: dict[str, int], client: str, script: Path,
                          url: str, seconds: int) -> dict[str, Any]:
     """The same ten connections without the pause: CPU per request when hot."""
-    before = {node: _user_system(pid) for node, pid in pods.items()}
+    before = {node: user_system(pid) for node, pid in pods.items()}
     n = max(_wrk(cluster, client, script, url, seconds, paced=False)["requests"], 1)
     run: dict[str, Any] = {"requests_per_s": round(n / seconds)}
     for node, pid in pods.items():
-        u1, s1 = _user_system(pid)
+        u1, s1 = user_system(pid)
         run[node] = {"user": round((u1 - before[node][0]) / n * 1e6, 1),
                      "system": round((s1 - before[node][1]) / n * 1e6, 1)}
     return run

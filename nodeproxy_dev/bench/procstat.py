@@ -15,12 +15,17 @@ from typing import Any
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """utime and stime of the process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command: state is field 3, utime 14 and stime 15 (1-based) -> 11, 12 here.
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process (all its threads), in seconds."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text.rsplit(")", 1)[1].split()
-    # After the command: state is field 3, utime 14 and stime 15 (1-based) -> 11, 12 here.
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    user, system = user_system(pid)
+    return user + system
 
 
 def memory_kib(pid: int) -> dict[str, int]:
