@@ -51,14 +51,47 @@ def _table_state(table: Any) -> tuple[Any, int, int, bool]:
     return (entries[0] if entries else None, len(entries), table.maxsize, table.resized)
 
 
+def _same(state: tuple[Any, ...], other: tuple[Any, ...] | None) -> bool:
+    """The same table: equal figures and the very same newest entry (equal tuples can be
+    two entries)."""
+    return other is not None and state == other and state[0] is other[0]
+
+
+class _Kept:
+    """A coder's results kept while its table stands still: valid only for the table
+    state they were made in, at most ENTRIES of them."""
+
+    def __init__(self) -> None:
+        self._results: dict[Any, Any] = {}
+        self._state: tuple[Any, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def get(self, state: tuple[Any, ...], key: Any) -> Any:
+        return self._results.get(key) if _same(state, self._state) else None
+
+    def put(self, before: tuple[Any, ...], after: tuple[Any, ...], key: Any,
+            result: Any) -> None:
+        """A result made from the table in `before`, which the call left in `after`."""
+        if not _same(after, before):  # the table changed: nothing kept holds
+            self._results.clear()
+            self._state = None
+            return
+        if not _same(before, self._state):
+            self._results.clear()
+            self._state = before
+        if len(self._results) < ENTRIES:
+            self._results[key] = result
+
+
 class CachingEncoder(Encoder):
     """hpack's Encoder; a header list encoded while the table stood still is encoded again
     from what was kept, as long as the table is still that table."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._kept: dict[Any, bytes] = {}
-        self._kept_state: Any = None
+        self._kept = _Kept()
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         if isinstance(headers, dict):
@@ -71,24 +104,12 @@ class CachingEncoder(Encoder):
             return super().encode(fields, huffman)
         key = (tuple(fields), kinds, huffman)
         state = _table_state(self.header_table)
-        if state == self._kept_state and state[0] is self._kept_state[0]:
-            block = self._kept.get(key)
-            if block is not None:
-                return block
-        block = super().encode(fields, huffman)
-        after = _table_state(self.header_table)
-        if after != state or after[0] is not state[0]:  # the table changed: nothing holds
-            self._kept.clear()
-            self._kept_state = None
+        block = self._kept.get(state, key)
+        if block is not None:
             return block
-        if self._kept_state is None or not (state == self._kept_state
-                                            and state[0] is self._kept_state[0]):
-            self._kept.clear()
-            self._kept_state = state
-        if len(self._kept) < ENTRIES:
-            self._kept[key] = block
+        block = super().encode(fields, huffman)
+        self._kept.put(state, _table_state(self.header_table), key, block)
         return block
-
 
 class CachingDecoder(Decoder):
     """hpack's Decoder; a block decoded while the table stood still is decoded again from
@@ -97,8 +118,7 @@ class CachingDecoder(Decoder):
 
     def __init__(self, max_header_list_size: int) -> None:
         super().__init__(max_header_list_size=max_header_list_size)
-        self._kept: dict[tuple[bytes, bool], list[Any]] = {}
-        self._kept_state: Any = None
+        self._kept = _Kept()
 
     def _state(self) -> tuple[Any, ...]:
         return (*_table_state(self.header_table), self.max_header_list_size,
@@ -109,20 +129,9 @@ class CachingDecoder(Decoder):
             return super().decode(data, raw)
         block = data if type(data) is bytes else bytes(data)
         state = self._state()
-        kept = self._kept_state
-        if kept is not None and state == kept and state[0] is kept[0]:
-            fields = self._kept.get((block, raw))
-            if fields is not None:
-                return list(fields)
+        fields = self._kept.get(state, (block, raw))
+        if fields is not None:
+            return list(fields)
         result = super().decode(block, raw)
-        after = self._state()
-        if after != state or after[0] is not state[0]:
-            self._kept.clear()
-            self._kept_state = None
-            return result
-        if kept is None or not (state == kept and state[0] is kept[0]):
-            self._kept.clear()
-            self._kept_state = state
-        if len(self._kept) < ENTRIES:
-            self._kept[(block, raw)] = list(result)
+        self._kept.put(state, self._state(), (block, raw), list(result))
         return result
