@@ -22,9 +22,18 @@ def _fd(sock: Any) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
 
+# A char array type per size asked (a handful: sockaddrs, cookies, tcp_info): made once,
+# not by create_string_buffer's type multiplication on every call (each accepted
+# connection asks its original destination here).
+_BUFFER_TYPES: dict[int, Any] = {}
+
+
 def get(sock: Any, level: int, option: int, size: int) -> bytes:
     """The option's value, at most `size` bytes (fewer if the kernel wrote fewer)."""
-    buf = ctypes.create_string_buffer(size)
+    buffer_type = _BUFFER_TYPES.get(size)
+    if buffer_type is None:
+        buffer_type = _BUFFER_TYPES[size] = ctypes.c_char * size
+    buf = buffer_type()
     length = ctypes.c_uint32(size)
     if libc().getsockopt(_fd(sock), level, option, buf, ctypes.byref(length)) != 0:
         err = ctypes.get_errno()

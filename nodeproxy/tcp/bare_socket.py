@@ -37,11 +37,20 @@ def detach(transport: asyncio.Transport) -> socket.socket:
     socket has no descriptor any more, no descriptor is free, or the duplicate would be
     one of the reserve proxied sockets never take: limits.reservedFiles) leaves it as it
     was."""
-    fd = os.dup(transport.get_extra_info("socket").fileno())
+    held = transport.get_extra_info("socket")
+    fd = os.dup(held.fileno())
     if not BUDGET.admits(fd):
         os.close(fd)
         raise OSError(f"descriptor {fd} is in the reserve (ceiling {BUDGET.ceiling})")
-    sock = socket.socket(fileno=fd)
+    try:
+        # Family, type and protocol as the transport knows them: CPython asks the kernel
+        # for each one it is not given (two getsockopt per socket of every relay that
+        # falls asleep, thousands in a burst of idle connections); it still checks the
+        # descriptor with a getsockname.
+        sock = socket.socket(held.family, held.type, held.proto, fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise
     transport.set_protocol(_DETACHED)
     transport.close()
     return sock

@@ -197,28 +197,94 @@ def perf_profile(cluster: Cluster, service: str, seconds: float, out: Path
         "by_symbol": report("dso,sym")}
 
 
-def burst_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
+_BURST_SUFFIX = {"py-spy": "folded", "strace": "strace", "perf": "perf.data",
+                 "strace-stacks": "stacks"}
+# The system calls whose callers strace-stacks shows (strace -k: a stack per call).
+_STACKED_CALLS = "getsockname,getsockopt,getpeername,fcntl,ioctl,close,setsockopt"
+
+
+def burst_profile(cluster: Cluster, count: int, out: Path, tool: str = "py-spy"
+                  ) -> dict[str, Any]:
     """Opening `count` idle connections same node (64 in flight, as the bench's idle
-    scenario): how long, node0's daemon CPU per connection, and py-spy's shares."""
+    scenario): how long, node0's daemon CPU per connection and its busy share of the
+    opening's wall time, the TCP counters of the client's and the node's netns that show a
+    full backlog or a retransmitted SYN (nstat: ListenOverflows, ListenDrops, TCPTimeouts,
+    ...; a SYN retransmitted after 1 s shows as a cliff in the opening time), and what
+    `tool` says: py-spy's shares, strace -c's system calls per connection (strace slows
+    the daemon: the opening's time is then not the daemon's), or perf's shares by shared
+    object and symbol."""
     pid = cluster.nodes["node0"].daemon.pid  # type: ignore[union-attr]
-    path = out / "burst-node0.folded"
+    netns_of = {"client": cluster.pods["client"].netns, "node0": cluster.nodes["node0"].netns}
+    counters_before = {name: _nstat(ns) for name, ns in netns_of.items()}
     cpu_before = procstat.cpu_seconds(pid)
-    spy = subprocess.Popen(
-        [py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
-         "60", "--format", "raw", "--output", str(path), "--nonblocking"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    path = out / ("burst-node0." + _BURST_SUFFIX[tool])
+    if tool == "py-spy":
+        argv = [py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE),
+                "--duration", "60", "--format", "raw", "--output", str(path), "--nonblocking"]
+    elif tool == "strace":
+        argv = ["timeout", "-s", "INT", "120", "strace", "-c", "-f", "-p", str(pid), "-o",
+                str(path)]
+    elif tool == "strace-stacks":
+        argv = ["timeout", "-s", "INT", "120", "strace", "-f", "-k", "-e",
+                f"trace={_STACKED_CALLS}", "-p", str(pid), "-o", str(path)]
+    else:
+        argv = ["timeout", "-s", "INT", "120", "perf", "record", "-F", "999", "-g", "-p",
+                str(pid), "-o", str(path)]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
     started = time.monotonic()
     with idle_connections(cluster, pid, count) as ready:
         opened_s = time.monotonic() - started
         cpu = procstat.cpu_seconds(pid) - cpu_before
         spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
-    folded = path.read_text() if path.exists() else ""
-    return {"connections": ready.get("open"), "failed": ready.get("failed"),
-            "client_setup_s": ready.get("setup_s"), "opened_s": round(opened_s, 3),
-            "cpu_ms_per_connection": round(cpu * 1000 / max(count, 1), 4),
-            "py_spy": folded_shares(folded, SAMPLE_RATE * opened_s)}
+        spy.wait(timeout=120)
+    counters = {name: _nstat_delta(counters_before[name], _nstat(ns))
+                for name, ns in netns_of.items()}
+    result: dict[str, Any] = {
+        "tool": tool, "connections": ready.get("open"), "failed": ready.get("failed"),
+        "client_setup_s": ready.get("setup_s"), "opened_s": round(opened_s, 3),
+        "cpu_ms_per_connection": round(cpu * 1000 / max(count, 1), 4),
+        "daemon_busy_share": round(cpu / max(float(ready.get("setup_s") or opened_s), 1e-9),
+                                   3),
+        "nstat": counters}
+    if tool == "py-spy":
+        result["py_spy"] = folded_shares(path.read_text() if path.exists() else "",
+                                         SAMPLE_RATE * opened_s)
+    elif tool == "strace-stacks":
+        result["stacks"] = str(path)
+    elif tool == "strace":
+        calls = strace_counts(path.read_text() if path.exists() else "")
+        result["syscalls_per_connection"] = {
+            name: round(n / max(count, 1), 2) for name, n in
+            sorted(calls.items(), key=lambda kv: -kv[1]) if n / max(count, 1) >= 0.05}
+        result["syscalls_total_per_connection"] = round(sum(calls.values()) / max(count, 1), 2)
+    else:
+        result["by_dso"] = perf_shares(path, "dso", 0.7, TOP * 2)
+        result["by_symbol"] = perf_shares(path, "dso,sym", 0.7, TOP * 2)
+    return result
+
+
+# The TCP counters that tell a full accept queue, a dropped SYN or a retransmission.
+_NSTAT_KEYS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPTimeouts",
+               "TcpRetransSegs", "TcpExtTCPReqQFullDrop", "TcpExtTCPReqQFullDoCookies",
+               "TcpExtSyncookiesSent", "TcpExtTCPSynRetrans", "TcpActiveOpens",
+               "TcpPassiveOpens", "TcpExtTCPBacklogDrop", "TcpExtTCPAbortOnData")
+
+
+def _nstat(netns_name: str) -> dict[str, int]:
+    """The netns's absolute TCP counters (nstat -a -z, without touching nstat's history)."""
+    text = subprocess.run(["ip", "netns", "exec", netns_name, "nstat", "-a", "-z", "-s"],
+                          capture_output=True, text=True, timeout=30, check=False).stdout
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in _NSTAT_KEYS and parts[1].isdigit():
+            values[parts[0]] = int(parts[1])
+    return values
+
+
+def _nstat_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {key: after.get(key, 0) - before.get(key, 0) for key in _NSTAT_KEYS}
 
 
 def calls_profile(cluster: Cluster, service: str, seconds: float, out: Path,
@@ -347,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=0,
                         help="also open this many idle connections same node, 64 at a "
                              "time, with py-spy on node0's daemon (the opening burst)")
+    parser.add_argument("--burst-tool", choices=tuple(_BURST_SUFFIX),
+                        default="py-spy",
+                        help="what watches node0's daemon during the opening burst")
     parser.add_argument("--calls", action="store_true",
                         help="also count the daemons' Python calls per connection "
                              "(cProfile, daemons restarted with a hook; one more load of "
@@ -370,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.perf:
                 report["perf"] = perf_profile(cluster, "web-z0", args.seconds, out)
             if args.burst:
-                report["burst"] = burst_profile(cluster, min(args.burst, 9000), out)
+                report["burst"] = burst_profile(cluster, min(args.burst, 9000), out,
+                                                args.burst_tool)
         if args.only in (None, "cross-node"):
             report["cpu"].append(cpu_profile(cluster, "web-z1", ["node0", "node1"],
                                              args.seconds, out))
