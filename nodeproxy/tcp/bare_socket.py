@@ -46,14 +46,23 @@ def detach(transport: asyncio.Transport) -> socket.socket:
         # Family, type and protocol as the transport knows them: CPython asks the kernel
         # for each one it is not given (two getsockopt per socket of every relay that
         # falls asleep, thousands in a burst of idle connections); it still checks the
-        # descriptor with a getsockname.
-        sock = socket.socket(held.family, held.type, held.proto, fileno=fd)
+        # descriptor with a getsockname.  uvloop's stand-in says protocol 0 for its TCP
+        # sockets; the kernel says IPPROTO_TCP, and so does the kept socket.
+        sock = socket.socket(held.family, held.type, _protocol(held), fileno=fd)
     except OSError:
         os.close(fd)
         raise
     transport.set_protocol(_DETACHED)
     transport.close()
     return sock
+
+
+def _protocol(held: Any) -> int:
+    """The protocol of a transport's socket as the kernel would say it (SO_PROTOCOL)."""
+    if held.proto == 0 and held.type == socket.SOCK_STREAM and \
+            held.family in (socket.AF_INET, socket.AF_INET6):
+        return socket.IPPROTO_TCP
+    return int(held.proto)
 
 
 class _Adopting(asyncio.Protocol):

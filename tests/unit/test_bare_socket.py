@@ -127,3 +127,69 @@ def test_adopting_a_closed_socket_object_is_lost_not_an_error() -> None:
         assert lost.transport is None and lost.events[0][0] == "lost"
 
     uvloop.run(main())
+
+
+def test_detached_socket_is_what_the_kernel_says_without_asking_it_twice() -> None:
+    """The kept socket's family, type and protocol are taken from the transport (no
+    getsockopt for them), and they are the kernel's own: IPv4 and IPv6 alike, and the
+    kept socket still reaches its peer."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            listener = socket.socket(family)
+            listener.bind((host, 0))
+            listener.listen()
+            peer = socket.create_connection(listener.getsockname()[:2])
+            accepted, _ = listener.accept()
+            listener.close()
+            accepted.setblocking(False)
+            transport, _protocol = await loop.create_connection(Recorder, sock=accepted)
+            kept = detach(transport)
+            try:
+                asked = socket.socket(fileno=kept.fileno())  # the kernel's answer
+                try:
+                    assert (kept.family, kept.type, kept.proto) == \
+                        (asked.family, asked.type, asked.proto) == \
+                        (family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+                finally:
+                    asked.detach()
+                kept.setblocking(True)
+                peer.sendall(b"still here")
+                assert kept.recv(64) == b"still here"
+            finally:
+                kept.close()
+                peer.close()
+
+    uvloop.run(main())
+
+
+def test_a_detach_that_fails_leaves_no_descriptor_behind(monkeypatch) -> None:
+    """The socket object cannot be made (here: the descriptor table full for it): the
+    duplicate is closed again, the transport keeps its socket."""
+    import os
+
+    from nodeproxy.tcp import bare_socket
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        peer, transport, _protocol = await pair(loop)
+        before = set(os.listdir("/proc/self/fd"))
+
+        def refuse(*_args: object, **_kwargs: object) -> socket.socket:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(bare_socket.socket, "socket", refuse)
+        try:
+            detach(transport)
+        except OSError:
+            pass
+        else:
+            raise AssertionError("detach should have failed")
+        finally:
+            monkeypatch.undo()
+        assert set(os.listdir("/proc/self/fd")) == before
+        assert not transport.is_closing()
+        transport.close()
+        peer.close()
+
+    uvloop.run(main())
