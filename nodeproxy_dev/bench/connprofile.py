@@ -273,8 +273,13 @@ _NSTAT_KEYS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPTimeouts"
 
 def _nstat(netns_name: str) -> dict[str, int]:
     """The netns's absolute TCP counters (nstat -a -z, without touching nstat's history)."""
-    text = subprocess.run(["ip", "netns", "exec", netns_name, "nstat", "-a", "-z", "-s"],
-                          capture_output=True, text=True, timeout=30, check=False).stdout
+    return parse_nstat(subprocess.run(
+        ["ip", "netns", "exec", netns_name, "nstat", "-a", "-z", "-s"],
+        capture_output=True, text=True, timeout=30, check=False).stdout)
+
+
+def parse_nstat(text: str) -> dict[str, int]:
+    """The counters of _NSTAT_KEYS from nstat's output (``name value rate`` per line)."""
     values = {}
     for line in text.splitlines():
         parts = line.split()

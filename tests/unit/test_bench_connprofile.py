@@ -29,3 +29,20 @@ def test_inclusive_shares_count_a_function_once_per_stack_whatever_the_line():
 
 def test_no_samples_is_an_idle_process_not_an_error():
     assert folded_shares("", expected=1600) == {"samples": 0, "busy_share": 0.0, "top": []}
+
+
+def test_nstat_counters_are_read_by_name_and_differenced() -> None:
+    from nodeproxy_dev.bench.connprofile import _nstat_delta, parse_nstat
+
+    before = parse_nstat("#kernel\nTcpActiveOpens                  10                 0.0\n"
+                         "TcpExtListenOverflows           2                  0.0\n"
+                         "TcpExtSomethingElse             99                 0.0\n")
+    after = parse_nstat("#kernel\nTcpActiveOpens                  8998               0.0\n"
+                        "TcpExtListenOverflows           5                  0.0\n"
+                        "TcpExtTCPSynRetrans             1                  0.0\n")
+    assert "TcpExtSomethingElse" not in before
+    delta = _nstat_delta(before, after)
+    assert delta["TcpActiveOpens"] == 8988
+    assert delta["TcpExtListenOverflows"] == 3
+    assert delta["TcpExtTCPSynRetrans"] == 1  # absent before: counted from 0
+    assert delta["TcpExtListenDrops"] == 0  # absent from both
