@@ -21,8 +21,11 @@ nodeproxy-splice does), then:
   ``perf record -g`` on node0's daemon (999 Hz); the samples' shares by shared object
   (kernel, the interpreter, uvloop, libuv, ctypes' libffi ...) and the leading symbols.
 - The opening burst (``--burst N``): N idle connections opened same node 64 at a time, as
-  the bench's idle scenario does, with py-spy on node0's daemon; the opening's time, the
-  daemon's CPU per connection opened and the functions' shares.
+  the bench's idle scenario does, with py-spy on node0's daemon (``--burst-tool``: strace,
+  perf or strace -k instead); the opening's time, the daemon's CPU per connection opened,
+  its busy share of the opening, the client's and node0's TCP counters (nstat) and the
+  functions' shares.  With the cross-node load (``--only cross-node`` or neither) also N
+  opened cross node (to web-z1 over HBONE) with py-spy on both daemons.
 - Python calls per connection (``--calls``): the daemons restarted with a hook that runs
   cProfile between two SIGUSR1s; the same-node load under it (node0), and with
   ``--only cross-node`` (or neither) the cross-node load (node0 and node1, each its own
@@ -203,6 +206,43 @@ _BURST_SUFFIX = {"py-spy": "folded", "strace": "strace", "perf": "perf.data",
 _STACKED_CALLS = "getsockname,getsockopt,getpeername,fcntl,ioctl,close,setsockopt"
 
 
+def cross_node_burst_profile(cluster: Cluster, count: int, out: Path) -> dict[str, Any]:
+    """Opening `count` idle connections cross node (the client on node0 to web-z1 over
+    HBONE, 64 in flight): how long, and py-spy on both daemons (each one's CPU per
+    connection, busy share of the opening and the functions' shares)."""
+    pids = {node: cluster.nodes[node].daemon.pid  # type: ignore[union-attr]
+            for node in ("node0", "node1")}
+    cpu_before = {node: procstat.cpu_seconds(pid) for node, pid in pids.items()}
+    spies = {node: subprocess.Popen(
+        [py_spy(), "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--duration",
+         "60", "--format", "raw", "--output", str(out / f"burst-cross-{node}.folded"),
+         "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for node, pid in pids.items()}
+    time.sleep(1.0)
+    started = time.monotonic()
+    with idle_connections(cluster, pids["node0"], count, "web-z1",
+                          also=(pids["node1"],)) as ready:
+        opened_s = time.monotonic() - started
+        cpu = {node: procstat.cpu_seconds(pid) - cpu_before[node]
+               for node, pid in pids.items()}
+        for spy in spies.values():
+            spy.send_signal(signal.SIGINT)
+        for spy in spies.values():
+            spy.wait(timeout=120)
+    wall = max(float(ready.get("setup_s") or opened_s), 1e-9)
+    result: dict[str, Any] = {"connections": ready.get("open"), "failed": ready.get("failed"),
+                              "client_setup_s": ready.get("setup_s"),
+                              "opened_s": round(opened_s, 3)}
+    for node in pids:
+        path = out / f"burst-cross-{node}.folded"
+        result[node] = {
+            "cpu_ms_per_connection": round(cpu[node] * 1000 / max(count, 1), 4),
+            "daemon_busy_share": round(cpu[node] / wall, 3),
+            "py_spy": folded_shares(path.read_text() if path.exists() else "",
+                                    SAMPLE_RATE * opened_s)}
+    return result
+
+
 def burst_profile(cluster: Cluster, count: int, out: Path, tool: str = "py-spy"
                   ) -> dict[str, Any]:
     """Opening `count` idle connections same node (64 in flight, as the bench's idle
@@ -360,12 +400,15 @@ def memory_profile(cluster: Cluster, count: int, out: Path, settle: float = 1.0
 
 
 @contextlib.contextmanager
-def idle_connections(cluster: Cluster, pid: int, count: int) -> Iterator[dict[str, Any]]:
-    """``count`` idle connections from the client pod to web-z0 through node0's daemon
-    (``pid``, its open-file limit raised to fit), held for the block; yields the idle
+def idle_connections(cluster: Cluster, pid: int, count: int, service: str = "web-z0",
+                     also: tuple[int, ...] = ()) -> Iterator[dict[str, Any]]:
+    """``count`` idle connections from the client pod to `service` (web-z0: same node,
+    web-z1: cross node) through node0's daemon (``pid``; ``also``: the other daemons on
+    the way; their open-file limits raised to fit), held for the block; yields the idle
     client's ready line.  The client closes them and exits at the block's end."""
-    procstat.raise_nofile(pid, 2 * count + 2000)
-    vip = cluster.services["default/web-z0"].address(4)
+    for daemon in (pid, *also):
+        procstat.raise_nofile(daemon, 2 * count + 2000)
+    vip = cluster.services[f"default/{service}"].address(4)
     idle = cluster.spawn_in_pod("client", [cluster.python, "-m", "nodeproxy_dev.bench.idle",
                                            "--to", vip, "--count", str(count), "--timeout",
                                            "60", "--hold", "300"],
@@ -416,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also perf record node0's daemon under a second same-node load "
                              "(shares by shared object and symbol)")
     parser.add_argument("--burst", type=int, default=0,
-                        help="also open this many idle connections same node, 64 at a "
-                             "time, with py-spy on node0's daemon (the opening burst)")
+                        help="also open this many idle connections, 64 at a time, with "
+                             "py-spy on node0's daemon (the opening burst; with --only "
+                             "cross-node, or neither, cross node too: py-spy on both)")
     parser.add_argument("--burst-tool", choices=tuple(_BURST_SUFFIX),
                         default="py-spy",
                         help="what watches node0's daemon during the opening burst")
@@ -449,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "cross-node"):
             report["cpu"].append(cpu_profile(cluster, "web-z1", ["node0", "node1"],
                                              args.seconds, out))
+            if args.burst:
+                report["burst_cross_node"] = cross_node_burst_profile(
+                    cluster, min(args.burst, 9000), out)
         if args.calls:
             cluster.stop_daemons()
             with startup_hook(out, CALLS_SITECUSTOMIZE, "NODEPROXY_CALLS_DIR", str(out)):
