@@ -155,6 +155,9 @@ class RuntimePods:
         except OSError as e:
             raise PodSetupFailed(f"pod {workload.key}: {e}") from e
         self._as_sent[pod.key] = sent
+        # A discovery update while the kernel was set up found no pod to follow (it is in
+        # _as_sent only now): a relabel then would wait for the next update, however late.
+        self._follow(pod.key, sent, self._discovered())
         if persist:
             self.save()
         return Enrolled(pod.key, pod.pod_id)
@@ -186,17 +189,21 @@ class RuntimePods:
         if state is None:
             return
         for key, sent in list(self._as_sent.items()):
-            pod = self._enrollment.pods.get(key)
-            if pod is None or pod.source != RUNTIME:
-                del self._as_sent[key]
-                continue
-            if key not in state.pods:
-                continue
-            completed, _ = complete_from_api(sent, state)
-            if completed.labels != pod.workload.labels:
-                log.info("pod %s relabelled in the API: %s", key, completed.labels)
-                self._enrollment.update(pod.workload.model_copy(
-                    update={"labels": completed.labels}))
+            self._follow(key, sent, state)
+
+    def _follow(self, key: str, sent: Workload, state: DiscoveredState | None) -> None:
+        """One pod of follow_api: its labels as the API now completes what was sent."""
+        pod = self._enrollment.pods.get(key)
+        if pod is None or pod.source != RUNTIME:
+            self._as_sent.pop(key, None)
+            return
+        if state is None or key not in state.pods:
+            return
+        completed, _ = complete_from_api(sent, state)
+        if completed.labels != pod.workload.labels:
+            log.info("pod %s relabelled in the API: %s", key, completed.labels)
+            self._enrollment.update(pod.workload.model_copy(
+                update={"labels": completed.labels}))
 
     def save(self) -> None:
         self._saved.save(self.workloads())

@@ -287,3 +287,42 @@ def test_a_relabel_in_the_api_reaches_a_pod_enrolled_at_run_time(tmp_path: Path)
     assert labels() == {"app": "web", "tier": "front"}  # the plugin's own stays
     asyncio.run(pods.unenroll("shop", "web"))
     pods.follow_api()  # nothing left to follow
+
+
+def test_a_relabel_while_the_pod_is_being_set_up_is_not_lost(tmp_path: Path) -> None:
+    """review8: enroll completed the pod from the API, then awaited the kernel's set-up;
+    a discovery update in that await (the pod relabelled into a DENY's selector) found no
+    pod to follow yet, so the pod kept the labels from before the relabel until some later
+    update, however late.  Enrollment follows the API once more when set-up ends."""
+    def api(labels: dict[str, str]) -> DiscoveredState:
+        known = Workload.model_validate({"name": "web", "namespace": "shop",
+                                         "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
+                                         "labels": labels})
+        return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
+
+    current = [api({"app": "web"})]
+    pods_box: list[RuntimePods] = []
+
+    class SlowSetUp(StandInEnrollment):
+        async def enroll(self, workload: Workload, source: str) -> _Pod:
+            await asyncio.sleep(0)
+            # the relabel lands while the kernel is being set up: the daemon's
+            # _on_discovery stores the state and calls follow_api
+            current[0] = api({"app": "web", "quarantine": "yes"})
+            pods_box[0].follow_api()
+            await asyncio.sleep(0)
+            return await super().enroll(workload, source)
+
+        def update(self, workload: Workload) -> bool:
+            self.pods[workload.key].workload = workload
+            return True
+
+    enrollment = SlowSetUp()
+    pods = RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
+                       discovered=lambda: current[0], saved=SavedPods(str(tmp_path), "n1"),
+                       on_change=lambda: None)
+    pods_box.append(pods)
+    asyncio.run(pods.enroll(parse_workload(LOCAL)))
+    assert enrollment.pods["shop/web"].workload.labels == {"app": "web", "quarantine": "yes"}
+    # and what is saved is what is in force
+    assert saved(tmp_path)[0]["labels"] == {"app": "web", "quarantine": "yes"}
