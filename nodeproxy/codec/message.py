@@ -251,15 +251,21 @@ class ReplayableBody:
     then new chunks from the source, recorded while the total stays within ``limit``
     (Envoy and Linkerd retry only bodies they could keep: 64 KiB by default).  Past the
     limit the record is dropped and ``replayable`` turns False: no further attempt may
-    start.  The record is one buffer, not the chunks as read: a client's body in 2-byte
-    chunks (HTTP/1.1 chunks and HTTP/2 DATA frames are fed one by one) kept a bytes object
-    and a list slot per chunk, ~21 bytes per byte counted (review8).
+    start.  Chunks of SMALL_CHUNK bytes or more are recorded as they are (no copy); smaller
+    ones are gathered into one buffer (flushed into the record at SMALL_RUN bytes or
+    before a large chunk): a client's body in 2-byte chunks (HTTP/1.1 chunks and HTTP/2
+    DATA frames are fed one by one) kept a bytes object and a list slot per chunk, ~21
+    bytes per byte counted (review8).  A retry reads the record at once, by byte offset.
     """
+
+    SMALL_CHUNK: Final = 1024
+    SMALL_RUN: Final = 16 * 1024
 
     def __init__(self, source: BodySource, limit: int):
         self.source = source
         self._limit = limit
-        self._recorded = bytearray()
+        self._recorded: list[bytes] = []
+        self._run = bytearray()  # small chunks after the last recorded one
         self._pulled = 0  # bytes taken from the source so far
         self.replayable = True
 
@@ -276,7 +282,7 @@ class ReplayableBody:
         """What follows byte `offset` of the body (b"" at the end)."""
         if offset != self._pulled:
             if offset < self._pulled and self.replayable:
-                return bytes(self._recorded[offset:])
+                return b"".join([*self._recorded, self._run])[offset:]
             raise BodyError("the request body outgrew the retry buffer")
         data = await self.source.read()
         if not data:
@@ -285,9 +291,18 @@ class ReplayableBody:
         if self.replayable:
             if self._pulled > self._limit:
                 self.replayable = False
-                self._recorded = bytearray()
+                self._recorded.clear()
+                self._run = bytearray()
+            elif len(data) >= self.SMALL_CHUNK:
+                if self._run:
+                    self._recorded.append(bytes(self._run))
+                    self._run = bytearray()
+                self._recorded.append(data)
             else:
-                self._recorded += data
+                self._run += data
+                if len(self._run) >= self.SMALL_RUN:
+                    self._recorded.append(bytes(self._run))
+                    self._run = bytearray()
         return data
 
     def complete(self, offset: int) -> bool:
