@@ -66,6 +66,17 @@ NATIVE_MODULES: tuple[str, ...] = (
     # Each source's fair share: begin_request/end_request on every request (interpreted,
     # they were five Python calls per request; "L7 per-request cost, twelfth round").
     "nodeproxy.tcp.fairshare",
+    # The HTTP/2 codec joined to h2 (docs/benchmarks.md, "HTTP/2 compiled, third round"):
+    # its per-stream code (the exchanges, the request head, the response fields,
+    # flushing).  H2Server and H2Client are native classes here (asyncio.Protocol's base
+    # notwithstanding), and a native class refuses to construct an interpreted subclass:
+    # their subclasses must be in the group too (http/client_h2.py's ClientH2Server,
+    # pool.py's _CountedH2; tests/unit/test_native.py checks every such subclass).
+    # h2_connection.py, which subclasses h2's classes, stays Python.
+    "nodeproxy.codec.h2",
+    "nodeproxy.http.client_h2",
+    # The server side's frame budgets, told of every received frame (both paths).
+    "nodeproxy.codec.h2_guard",
     # The cross-node path (HBONE): the tunnel's frames and the TLS records under them
     # (docs/benchmarks.md, "mypyc on the HBONE path").
     "nodeproxy.codec.h2_frames",

@@ -351,7 +351,11 @@ class _H2Protocol(asyncio.Protocol):
 
     def _protocol_error(self, code: int, message: str) -> None:
         """Send the GOAWAY h2 has queued with `code` (or one: a bad preface raises before
-        h2 queues anything) and close."""
+        h2 queues anything) and close.  (H2Server's override also counts it.)"""
+        self._close_for_error(code, message)
+
+    def _close_for_error(self, code: int, message: str) -> None:
+        """_protocol_error's work, uncounted (a subclass's timeout, counted as one)."""
         self._failed = True
         if not self.conn.terminated:
             try:

@@ -15,6 +15,7 @@ rate_limit.py  local rate limits per route, destination workload and source iden
 fault.py     fault injection: delays and aborts
 manager.py   HttpProxy: builds the parts below and hands them each mesh snapshot
 client_connections.py  HTTP/1.1 or HTTP/2 server protocol per client connection, its limits
+client_h2.py  the HTTP/2 server of a client connection: H2Server plus its header timeout
 handler.py   one request: fair share, one meaning, route, rate limit, faults, its record
 router.py    one routed request upstream, attempt by attempt
 attempts.py  the router's pure decision after each attempt: retry, reply, or respond

@@ -7,7 +7,7 @@ told) speaks HTTP, wraps it in h1.H1Server or ``ClientH2Server`` and hands every
 the codec parses to the request handler (handler.py), with the connection's
 ``RequestContext``.  This module owns what lives as long as a connection:
 
-- the request-header timeout (HTTP/1.1: h1.py; HTTP/2: ``ClientH2Server`` below) and
+- the request-header timeout (HTTP/1.1: h1.py; HTTP/2: ``ClientH2Server``, client_h2.py) and
   the idle timeout of HTTP/2 connections (``expire``, from the proxy's sweep);
 - the HTTP/2 abuse budgets of a new connection, a tenth of them while its pod is
   penalized for an earlier abuse (``http.http2.abusePenaltySeconds``);
@@ -18,21 +18,19 @@ the codec parses to the request handler (handler.py), with the connection's
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Collection
 from functools import partial
 
 from nodeproxy.codec.h1 import H1Server
-from nodeproxy.codec.h2 import ErrorCodes, H2Server
+from nodeproxy.codec.h2 import ErrorCodes
 from nodeproxy.codec.message import Exchange
 from nodeproxy.config.model import Http2Limits, HttpSettings
+from nodeproxy.http.client_h2 import ClientH2Server
 from nodeproxy.http.context import RequestContext
 from nodeproxy.mesh.destinations import ServicePortEntry
 from nodeproxy.mesh.enrolled_pod import EnrolledPod
 from nodeproxy.tcp.relay import reset
 from nodeproxy.telemetry.request_metrics import RequestMetrics
-
-log = logging.getLogger(__name__)
 
 # Serves one request of a connection: handler.RequestHandler.handle, bound.
 Handle = Callable[[RequestContext, Exchange], Awaitable[None]]
@@ -156,73 +154,6 @@ class ClientConnections:
         self._metrics.count_http2_abuse(reason)
         if self._settings.http2.abuse_penalty_seconds:
             self._h2_abusers[pod.key] = asyncio.get_running_loop().time()
-
-
-class ClientH2Server(H2Server):
-    """An HTTP/2 client connection that tells its tracker when it ends, and holds the
-    client to the request-header timeout: its first request's header block must be
-    complete within it of the connection's start, and any header block (HEADERS and its
-    CONTINUATIONs: h2 refuses every other frame until it ends, so one unfinished block
-    stalls the whole connection) within it of its first byte.  Past it: GOAWAY
-    (ENHANCE_YOUR_CALM) and close."""
-
-    on_closed: Callable[[], None] | None = None
-    _headers_timeout: float | None = None
-    _on_timeout: Callable[[str], None] | None = None
-    _head_since: float | None = None
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def watch_heads(self, timeout: float, since: float | None,
-                    on_timeout: Callable[[str], None]) -> None:
-        """Start the first request's clock (at loop time `since`, default now)."""
-        self._headers_timeout = timeout
-        self._on_timeout = on_timeout
-        self._head_since = since if since is not None else self._loop.time()
-        self._arm_head_timer()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._headers_timeout is None or self.requests == 0:
-            return  # before the first request the connection's own clock runs
-        if self.conn.incoming_buffer.head_pending:
-            if self._head_since is None:
-                self._head_since = self._loop.time()
-                self._arm_head_timer()
-        else:
-            self._head_since = None
-
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None and self._headers_timeout is not None \
-                and self._head_since is not None:
-            delay = self._head_since + self._headers_timeout - self._loop.time()
-            self._head_timer = self._loop.call_later(max(delay, 0.0), self._head_check)
-
-    def _head_check(self) -> None:
-        self._head_timer = None
-        if self._head_since is None or not self.usable or self._headers_timeout is None:
-            return
-        if self.requests and not self.conn.incoming_buffer.head_pending:
-            self._head_since = None
-            return
-        left = self._head_since + self._headers_timeout - self._loop.time()
-        if left > 0:
-            self._arm_head_timer()
-            return
-        self._head_since = None
-        if self._on_timeout is not None:
-            self._on_timeout("request_headers")
-        log.info("HTTP/2 client %s sent no whole request head within %.1fs: closing",
-                 self.peername, self._headers_timeout)
-        # Past H2Server's override: a timeout is counted as one, not as a bad request.
-        super(H2Server, self)._protocol_error(int(ErrorCodes.ENHANCE_YOUR_CALM),
-                                              "request header timeout")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().connection_lost(exc)
-        if self.on_closed is not None:
-            self.on_closed()
 
 
 def _h2_error_label(code: int) -> str:

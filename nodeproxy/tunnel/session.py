@@ -532,13 +532,15 @@ class H2Session:
         self._receiving = True
         try:
             self._receive(data)
-        except Abuse as e:
+        # (A name per clause: mypyc types an ``as`` name by its first clause, and Abuse is
+        # a compiled class of the group.)
+        except Abuse as abuse:
             self._receiving = False
-            self._abuse(e)
+            self._abuse(abuse)
             return
-        except FrameError as e:
+        except FrameError as framing:
             self._receiving = False
-            self._connection_error(e.code, str(e))
+            self._connection_error(framing.code, str(framing))
             return
         except h2.exceptions.ProtocolError as e:
             self._receiving = False
