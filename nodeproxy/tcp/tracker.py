@@ -3,17 +3,21 @@ resetting a vanished pod's connections, and for closing those a new policy no lo
 allows (each carries what it was admitted as, judged again by the daemon when the mesh
 state changes).  A connection accepted under a fair-share lease (tcp/fairshare.py) gives
 it back when it leaves the tracker, or, if it never joined (refused, failed), when its
-set-up ends."""
+set-up ends.  A set-up that fails with an unexpected error resets its connection and
+logs the peer, so the client is never left waiting on a connection nobody serves."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, NamedTuple, Protocol
 
 from nodeproxy.tcp.fairshare import Lease
 from nodeproxy.tcp.relay import Relay, Side, reset
+
+log = logging.getLogger(__name__)
 
 # Decides on an accepted connection before anything is spawned for it: its lease, or None
 # (refused: the gate has reset the connection and counted why).
@@ -179,6 +183,13 @@ class _Accepted(Side):
     async def _run(self) -> None:
         try:
             await self._serve(self)
+        except Exception:
+            # A defect in the set-up (the serve's own refusals reset and return): the
+            # connection is reset, not left open with nobody reading it.
+            transport = self.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            log.exception("connection from %s: set-up failed; reset", peer)
+            reset(transport)
         finally:
             lease = self.lease
             if lease is not None and not lease.adopted:
