@@ -7,7 +7,13 @@ that is emptied whole when full lets one pod, sending distinct paths, make every
 pod's requests be judged afresh again and again.  Here, when the cache holds ``limit``
 entries, the group of the owner holding the most is dropped: a flooder holds the most,
 so it loses its own entries and the others keep theirs.  Compiled in a compiled build
-(the request path calls it)."""
+(the request path calls it).
+
+The largest group is found without a scan of every group: owners are indexed by how many
+entries they hold.  A peer that names thousands of owners (forged identities where nodes
+hold the CA key, a plaintext client's many IPv6 addresses) with one entry each made
+every put, once full, scan them all (105 us per put with 4,096 groups, pure Python;
+review8)."""
 
 from __future__ import annotations
 
@@ -24,6 +30,10 @@ class OwnedCache(Generic[V]):
         self.limit = limit
         self.size = 0
         self._groups: dict[Hashable, dict[Hashable, V]] = {}
+        # Owners by the number of entries they hold, each size's in the order they
+        # reached it (the first there is dropped first), and the largest size held.
+        self._by_size: dict[int, dict[Hashable, None]] = {}
+        self._most = 0
 
     def get(self, owner: Hashable, key: Hashable) -> V | None:
         group = self._groups.get(owner)
@@ -39,7 +49,17 @@ class OwnedCache(Generic[V]):
             group = self._groups.get(owner)
         if group is None:
             group = self._groups[owner] = {}
+        held = len(group)
+        if held:
+            self._leave(held, owner)
         group[key] = value
+        held += 1
+        bucket = self._by_size.get(held)
+        if bucket is None:
+            bucket = self._by_size[held] = {}
+        bucket[owner] = None
+        if held > self._most:
+            self._most = held
         self.size += 1
 
     def held_by(self, owner: Hashable) -> int:
@@ -49,10 +69,18 @@ class OwnedCache(Generic[V]):
     def keys(self) -> list[Hashable]:
         return [key for group in self._groups.values() for key in group]
 
+    def _leave(self, held: int, owner: Hashable) -> None:
+        """The owner no longer holds `held` entries."""
+        bucket = self._by_size[held]
+        del bucket[owner]
+        if not bucket:
+            del self._by_size[held]
+
     def _drop_largest(self) -> None:
-        largest: Hashable = None
-        most = -1
-        for owner, group in self._groups.items():
-            if len(group) > most:
-                largest, most = owner, len(group)
+        most = self._most
+        largest = next(iter(self._by_size[most]))
+        self._leave(most, largest)
         self.size -= len(self._groups.pop(largest))
+        while most > 0 and most not in self._by_size:  # each step paid for by a put
+            most -= 1
+        self._most = most

@@ -22,8 +22,15 @@ so its identity cannot be reused; its ``maxsize`` and ``resized``).
 
 At most ``ENTRIES`` results per connection, for blocks and lists of bounded size (a
 hostile peer sending distinct blocks fills nothing): anything larger or past the bound is
-hpack's every time.  tests/unit/test_hpack_cache.py plays random histories through a
-cached and a plain coder and requires the same bytes, headers, errors and tables.
+hpack's every time.  Bounded on both sides of each result: a block of MAX_BLOCK bytes
+decodes to over a thousand fields (one byte names a table entry), so a decoding is kept
+only up to MAX_FIELDS fields; a list's fields can be any length (a value past the
+table's size leaves an empty table empty), so an encoding is kept only up to MAX_TEXT
+bytes of names and values.  What one connection keeps stays tens of KB whatever its
+peer sends (review8: 0.45 MB decoding, 0.65 MB encoding, before these bounds).
+
+tests/unit/test_hpack_cache.py plays random histories through a cached and a plain coder
+and requires the same bytes, headers, errors and tables.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
 
 ENTRIES = 8  # results kept per coder
 MAX_BLOCK = 1024  # bytes of a header block whose decoding may be kept
-MAX_FIELDS = 64  # fields of a header list whose encoding may be kept
+MAX_FIELDS = 64  # fields of a list whose encoding, or of a decoding, that may be kept
+MAX_TEXT = 4096  # characters of a list's names and values whose encoding may be kept
 # What a cacheable header list holds: 2-tuples (plain or hpack's) of str or bytes, whose
 # equality is their encoding's (a 3-tuple's flag, an int value, a subclass: hpack's).
 _FIELD_TYPES = frozenset({tuple, HeaderTuple, NeverIndexedHeaderTuple})
@@ -100,7 +108,8 @@ class CachingEncoder(Encoder):
         kinds = tuple(map(type, fields))
         if (len(fields) > MAX_FIELDS or not _FIELD_TYPES.issuperset(kinds)
                 or not _PAIRS.issuperset(map(len, fields))
-                or not _TEXT_TYPES.issuperset(map(type, chain.from_iterable(fields)))):
+                or not _TEXT_TYPES.issuperset(map(type, chain.from_iterable(fields)))
+                or sum(map(len, chain.from_iterable(fields))) > MAX_TEXT):
             return super().encode(fields, huffman)
         key = (tuple(fields), kinds, huffman)
         state = _table_state(self.header_table)
@@ -133,5 +142,8 @@ class CachingDecoder(Decoder):
         if fields is not None:
             return list(fields)
         result = super().decode(block, raw)
-        self._kept.put(state, self._state(), (block, raw), list(result))
+        fields = list(result)
+        if len(fields) <= MAX_FIELDS:  # else, as for a long block: what is kept is
+            # only ever taken on the very table it was made on (the state held keeps it so)
+            self._kept.put(state, self._state(), (block, raw), fields)
         return result

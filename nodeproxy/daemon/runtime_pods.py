@@ -135,11 +135,19 @@ class RuntimePods:
         return [p.workload for p in self._enrollment.pods.values() if p.source == RUNTIME] \
             + list(self.remote.values())
 
-    async def enroll(self, workload: Workload, *, persist: bool = True) -> EnrollResult:
+    async def enroll(self, workload: Workload, *, persist: bool = True,
+                     sent: Workload | None = None) -> EnrollResult:
         """Enroll, register or skip the pod.  Raises EnrollError (it conflicts with an
-        enrolled pod, or its cgroup or netns is not acceptable) or PodSetupFailed."""
-        sent = workload
-        workload, not_meshed = complete_from_api(workload, self._discovered())
+        enrolled pod, or its cgroup or netns is not acceptable) or PodSetupFailed.
+        `sent`: a restored pod as the plugin sent it, `workload` as it was saved (what
+        the API then said): the API completes `sent` again when it knows the pod (a label
+        it took off meanwhile stays off), else the pod is enrolled as saved."""
+        state = self._discovered()
+        if sent is None:
+            sent = workload
+        elif state is not None and sent.key in state.pods:
+            workload = sent
+        workload, not_meshed = complete_from_api(workload, state)
         if not_meshed:
             self.skipped[workload.key] = not_meshed
             log.info("pod %s not enrolled: %s", workload.key, not_meshed)
@@ -155,6 +163,9 @@ class RuntimePods:
         except OSError as e:
             raise PodSetupFailed(f"pod {workload.key}: {e}") from e
         self._as_sent[pod.key] = sent
+        # A discovery update while the kernel was set up found no pod to follow (it is in
+        # _as_sent only now): a relabel then would wait for the next update, however late.
+        self._follow(pod.key, sent, self._discovered())
         if persist:
             self.save()
         return Enrolled(pod.key, pod.pod_id)
@@ -181,31 +192,46 @@ class RuntimePods:
         judgement of open connections, as a relabel in the node file does.  Before, a pod
         kept the labels it was enrolled with.  Only the labels (under the plugin's own, as
         at enrollment); a pod restored after a restart counts its saved labels as the
-        plugin's, so there only labels the API adds are followed."""
+        plugin's, so there only labels the API adds are followed (unless it was saved with
+        the plugin's labels, ``labelsSent``: then as for any other pod)."""
         state = self._discovered()
         if state is None:
             return
         for key, sent in list(self._as_sent.items()):
-            pod = self._enrollment.pods.get(key)
-            if pod is None or pod.source != RUNTIME:
-                del self._as_sent[key]
-                continue
-            if key not in state.pods:
-                continue
-            completed, _ = complete_from_api(sent, state)
-            if completed.labels != pod.workload.labels:
-                log.info("pod %s relabelled in the API: %s", key, completed.labels)
-                self._enrollment.update(pod.workload.model_copy(
-                    update={"labels": completed.labels}))
+            self._follow(key, sent, state)
+
+    def _follow(self, key: str, sent: Workload, state: DiscoveredState | None) -> None:
+        """One pod of follow_api: its labels as the API now completes what was sent."""
+        pod = self._enrollment.pods.get(key)
+        if pod is None or pod.source != RUNTIME:
+            self._as_sent.pop(key, None)
+            return
+        if state is None or key not in state.pods:
+            return
+        completed, _ = complete_from_api(sent, state)
+        if completed.labels != pod.workload.labels:
+            log.info("pod %s relabelled in the API: %s", key, completed.labels)
+            self._enrollment.update(pod.workload.model_copy(
+                update={"labels": completed.labels}))
 
     def save(self) -> None:
-        self._saved.save(self.workloads())
+        """The pods in force, each enrolled one with the labels the plugin sent when the API
+        added others (so a restart follows the API from the plugin's labels, not from
+        labels the API may take off while this daemon is down)."""
+        sent = {key: w.labels for key, w in self._as_sent.items()
+                if (pod := self._enrollment.pods.get(key)) is not None
+                and pod.workload.labels != w.labels}
+        self._saved.save(self.workloads(), sent)
 
     async def restore(self) -> None:
         """Enroll again the pods saved before a restart; one that fails is logged."""
         for item in self._saved.load():
             try:
-                await self.enroll(parse_workload(item), persist=False)
+                sent_labels = item.pop("labelsSent", None) if isinstance(item, dict) else None
+                workload = parse_workload(item)
+                sent = None if sent_labels is None else \
+                    parse_workload({**item, "labels": sent_labels})
+                await self.enroll(workload, persist=False, sent=sent)
             except (InvalidPod, EnrollError, PodSetupFailed) as e:
                 log.warning("pod enrolled before the restart not restored: %s", e)
         self.save()

@@ -194,3 +194,52 @@ def test_the_l7_codecs_connection_uses_the_caching_coders_with_hpacks_settings()
     assert conn.decoder.max_allowed_table_size == plain.decoder.max_allowed_table_size
     assert _table(conn.decoder) == _table(plain.decoder)
     assert _table(conn.encoder) == _table(plain.encoder)
+
+
+def _retained(make_calls) -> int:  # type: ignore[no-untyped-def]
+    """Bytes still allocated once make_calls' own references are gone: what the coder it
+    returns keeps."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        coder = make_calls()
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del coder
+    return kept
+
+
+def _hostile_decodes() -> CachingDecoder:
+    """A client's blocks within MAX_BLOCK that leave the table alone and decode to as many
+    fields as one byte each can name: a valid GET with ~1,000 `accept-encoding` fields
+    (static index 16; repeating a field is legal), each block distinct by one field."""
+    decoder = CachingDecoder(2 * 60 * 1024)  # H2Server's header_limit
+    for i in range(hpack_cache.ENTRIES):
+        block = bytes([0x82, 0x87, 0x84]) + bytes([0x90]) * (hpack_cache.MAX_BLOCK - 8 + i)
+        assert len(decoder.decode(block, raw=True)) > 1000
+    return decoder
+
+
+def _hostile_encodes() -> CachingEncoder:
+    """An upstream's response heads with one field past the table's size: hpack empties
+    the table to add it, and once empty it stays so, so each head is kept, value and all."""
+    encoder = CachingEncoder()
+    for i in range(hpack_cache.ENTRIES + 1):
+        encoder.encode([(b":status", b"200"), (b"x-pad", b"a" * 50_000 + str(i).encode())])
+    return encoder
+
+
+@pytest.mark.parametrize("calls", [_hostile_decodes, _hostile_encodes])
+def test_what_a_connection_keeps_stays_small_whatever_its_peer_sends(calls) -> None:  # type: ignore[no-untyped-def]
+    """review8: the decoder kept any block up to MAX_BLOCK bytes, which expands to over a
+    thousand fields (590 KB kept per connection, for its whole life); the encoder kept
+    lists of up to MAX_FIELDS fields of any length (a 50 KB value and its encoding, 8
+    times: 0.65 MB).  A pod or upstream with many connections multiplied that.  What is
+    kept is now bounded by fields (decoding) and text (encoding): per connection well
+    under what one flow may buffer."""
+    assert _retained(calls) < 96 * 1024

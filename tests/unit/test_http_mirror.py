@@ -155,6 +155,46 @@ def test_a_body_the_primary_never_finished_is_not_mirrored():
     asyncio.run(main())
 
 
+def test_a_body_in_tiny_chunks_costs_the_tap_what_it_counts():
+    """review8: the tap kept the chunks as read; a client's body in 2-byte chunks (each
+    HTTP/1.1 chunk, each HTTP/2 DATA frame, is fed alone) within the 64 KiB limit kept a
+    bytes object and a list slot per chunk, ~21 bytes held per byte counted (1.4 MB per
+    mirrored request, up to 100 of them per HTTP/2 connection; 1-byte chunks are
+    CPython's shared bytes, 8 bytes each).  The copy is one buffer now, and the mirror
+    gets the very bytes the primary read."""
+    import gc
+    import hashlib
+    import tracemalloc
+
+    limit, size = 64 * 1024, 60_000
+    payload = bytes(random.Random(8).randrange(256) for _ in range(size))
+
+    async def main() -> tuple[int, bytes, bytes]:
+        source = Body()
+        tap = BodyTap(source, limit=limit, content_length=None)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            primary = hashlib.sha256()
+            for i in range(0, size, 2):
+                source.feed(payload[i:i + 2])
+                primary.update(await tap.read())
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        source.end()
+        assert await tap.read() == b""
+        copy = await tap.copy()
+        assert isinstance(copy, Body)
+        return held, primary.digest(), hashlib.sha256(await read_all(copy)).digest()
+
+    held, primary, mirrored = asyncio.run(main())
+    assert primary == mirrored == hashlib.sha256(payload).digest()
+    assert held < 2 * size, held
+
+
 # --- Mirrors with a fake upstream ----------------------------------------------------------
 
 

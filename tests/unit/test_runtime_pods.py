@@ -287,3 +287,83 @@ def test_a_relabel_in_the_api_reaches_a_pod_enrolled_at_run_time(tmp_path: Path)
     assert labels() == {"app": "web", "tier": "front"}  # the plugin's own stays
     asyncio.run(pods.unenroll("shop", "web"))
     pods.follow_api()  # nothing left to follow
+
+
+def test_a_relabel_while_the_pod_is_being_set_up_is_not_lost(tmp_path: Path) -> None:
+    """review8: enroll completed the pod from the API, then awaited the kernel's set-up;
+    a discovery update in that await (the pod relabelled into a DENY's selector) found no
+    pod to follow yet, so the pod kept the labels from before the relabel until some later
+    update, however late.  Enrollment follows the API once more when set-up ends."""
+    def api(labels: dict[str, str]) -> DiscoveredState:
+        known = Workload.model_validate({"name": "web", "namespace": "shop",
+                                         "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
+                                         "labels": labels})
+        return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
+
+    current = [api({"app": "web"})]
+    pods_box: list[RuntimePods] = []
+
+    class SlowSetUp(StandInEnrollment):
+        async def enroll(self, workload: Workload, source: str) -> _Pod:
+            await asyncio.sleep(0)
+            # the relabel lands while the kernel is being set up: the daemon's
+            # _on_discovery stores the state and calls follow_api
+            current[0] = api({"app": "web", "quarantine": "yes"})
+            pods_box[0].follow_api()
+            await asyncio.sleep(0)
+            return await super().enroll(workload, source)
+
+        def update(self, workload: Workload) -> bool:
+            self.pods[workload.key].workload = workload
+            return True
+
+    enrollment = SlowSetUp()
+    pods = RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
+                       discovered=lambda: current[0], saved=SavedPods(str(tmp_path), "n1"),
+                       on_change=lambda: None)
+    pods_box.append(pods)
+    asyncio.run(pods.enroll(parse_workload(LOCAL)))
+    assert enrollment.pods["shop/web"].workload.labels == {"app": "web", "quarantine": "yes"}
+    # and what is saved is what is in force
+    assert saved(tmp_path)[0]["labels"] == {"app": "web", "quarantine": "yes"}
+
+
+@pytest.mark.parametrize("api_at_restart", [True, False])
+def test_a_label_the_api_took_off_while_the_daemon_was_down_comes_off_after_the_restart(
+        tmp_path: Path, api_at_restart: bool) -> None:
+    """review8: a restored pod counted all its saved labels as the plugin's, so a label
+    the API had added and then took off (a PERMISSIVE PeerAuthentication's selector, an
+    ALLOW's) stayed on the pod for good.  The saved file now carries the plugin's own
+    labels: the API completes them again at restore, or, when the API has not answered
+    by then, at its first update (the pod is enrolled as saved meanwhile)."""
+    def api(labels: dict[str, str]) -> DiscoveredState:
+        known = Workload.model_validate({"name": "web", "namespace": "shop",
+                                         "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
+                                         "labels": labels})
+        return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
+
+    class Updating(StandInEnrollment):
+        def update(self, workload: Workload) -> bool:
+            self.pods[workload.key].workload = workload
+            return True
+
+    def daemon(current: list[DiscoveredState | None]) -> tuple[RuntimePods, Updating]:
+        enrollment = Updating()
+        return RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
+                           discovered=lambda: current[0],
+                           saved=SavedPods(str(tmp_path), "n1"),
+                           on_change=lambda: None), enrollment
+
+    first, _ = daemon([api({"app": "web", "mode": "permissive"})])
+    asyncio.run(first.enroll(parse_workload({**LOCAL, "labels": {"tier": "front"}})))
+    # the daemon stops; meanwhile the label is taken off in the API; the daemon starts
+    current: list[DiscoveredState | None] = [api({"app": "web"}) if api_at_restart else None]
+    second, enrollment = daemon(current)
+    asyncio.run(second.restore())
+    labels = lambda: enrollment.pods["shop/web"].workload.labels  # noqa: E731
+    if not api_at_restart:  # as saved until the API answers
+        assert labels() == {"app": "web", "mode": "permissive", "tier": "front"}
+        current[0] = api({"app": "web"})
+        second.follow_api()
+    assert labels() == {"app": "web", "tier": "front"}
+    assert enrollment.pods["shop/web"].workload.service_account == "web-sa"
