@@ -59,6 +59,9 @@ NATIVE_MODULES: tuple[str, ...] = (
     "nodeproxy.http.routes",
     "nodeproxy.telemetry.labels",
     "nodeproxy.telemetry.live_stats",
+    # The relayed bytes' meter: ConnectionMeter.bytes on every relayed read of both paths
+    # (docs/benchmarks.md, "A quiet message's path, second round").
+    "nodeproxy.telemetry.proxy_metrics",
     "nodeproxy.telemetry.request_metrics",
     "nodeproxy.telemetry.trace_start",
     "nodeproxy.tcp.token_bucket",

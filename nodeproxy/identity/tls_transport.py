@@ -154,6 +154,11 @@ class _TlsRecords(asyncio.BufferedProtocol):
         # No SNI from a client: the server's SPIFFE ID is what is checked (tls.verify_peer).
         self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                        server_hostname=None)
+        # The records' calls go to the C object under ssl.SSLObject: its read, write and
+        # pending are one-line Python wrappers (a Python frame each, three per message
+        # through a daemon).  CPython's own asyncio.sslproto calls the same object the
+        # same way; test_tls_transport.py fails if the attribute goes away.
+        self._ssl: Any = self.sslobj._sslobj  # type: ignore[attr-defined]
         self.transport: asyncio.Transport | None = None
         self.app_transport = TlsTransport(self)
         self.closing = False
@@ -259,11 +264,13 @@ class _TlsRecords(asyncio.BufferedProtocol):
         view = self._buffers[1]     # copied out before any other code runs
         # SSLObject.read(n, buffer) returns a count, not the bytes typeshed declares
         # (the compiled build checks a declared result).
-        read: Callable[[int, memoryview], Any] = self.sslobj.read
+        sslobj = self._ssl
+        read: Callable[[int, memoryview], Any] = sslobj.read
+        incoming = self.incoming
         size, filled = len(view), 0
         eof = False
         try:
-            while self.incoming.pending or self.sslobj.pending():
+            while incoming.pending or sslobj.pending():
                 n: int = read(size - filled, view[filled:])
                 if not n:
                     eof = True
@@ -317,7 +324,7 @@ class _TlsRecords(asyncio.BufferedProtocol):
         held, self._held = self._held, []
         self.held = 0
         try:
-            self.sslobj.write(held[0] if len(held) == 1 else b"".join(held))
+            self._ssl.write(held[0] if len(held) == 1 else b"".join(held))
         except ssl.SSLError as e:
             self.abort(e)
             return False
@@ -368,11 +375,11 @@ class _TlsRecords(asyncio.BufferedProtocol):
         connection's memory for good (docs/benchmarks.md, "The heap after a busy period")."""
         try:
             if len(data) <= FLUSH_AT:
-                self.sslobj.write(data)
+                self._ssl.write(data)
                 return True
             view = memoryview(data)
             for start in range(0, len(view), FLUSH_AT):
-                self.sslobj.write(view[start:start + FLUSH_AT])
+                self._ssl.write(view[start:start + FLUSH_AT])
                 if self.outgoing.pending >= FLUSH_AT:
                     self._send()
         except ssl.SSLError as e:

@@ -172,6 +172,9 @@ class LiveStats:
         self._slot = _Slot(int(clock()))
         self._slots: deque[_Slot] = deque([self._slot])
         self._open: dict[TcpKey, int] = {}
+        # Called before a snapshot: the relayed bytes' meters count what they hold (they
+        # report at most once a second otherwise; telemetry/proxy_metrics.py).
+        self.before_snapshot: Callable[[], None] | None = None
 
     def _current(self, now: float) -> _Slot:
         second = int(now)
@@ -243,6 +246,8 @@ class LiveStats:
             window = min(DEFAULT_WINDOW, self.keep_seconds)
         if not 1 <= window <= self.keep_seconds:
             raise ValueError(f"window must be 1..{self.keep_seconds} seconds, not {window}")
+        if self.before_snapshot is not None:
+            self.before_snapshot()
         now = self.clock() if now is None else now
         first = int(now) - window  # slots after this second are in the window
         workloads: dict[TcpKey, _WorkloadTotals] = {}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -12,33 +13,38 @@ from nodeproxy.telemetry.labels import TCP_LABELS, TcpLabels
 if TYPE_CHECKING:
     from nodeproxy.telemetry.live_stats import LiveStats
 
+FLUSH_SECONDS = 1.0  # at most this late, the relayed bytes reach the live figures
+
 
 class ConnectionMeter:
     """The four Istio TCP series bound to one set of connection labels (and its share of the
     live figures of `nodeproxy top`, when they are kept).  It holds nothing of one
     connection: every connection with the same labels shares one (ProxyMetrics.meter).
 
-    Relayed bytes come once per relay read, several per event-loop turn under load (every
-    relayed request and response of every connection with these labels): they are added
-    up here and reach the counters and the live figures once, at the end of the turn
-    (`loop.call_soon`), so a turn's reads cost one counter update per direction instead of
-    one each.  A scrape runs in a turn of its own, so it sees every byte relayed before it;
-    outside an event loop (and at `closed`) they are counted at once."""
+    Relayed bytes come once per relay read (every relayed request and response of every
+    connection with these labels): they are added up here, as two integers, and reach the
+    counters and the live figures at most once a second (`ProxyMetrics.held`: one timer for
+    all meters), at every reading of the registry (a scrape, `get_sample_value`: the
+    registry's first collector flushes every meter, so a scrape is exact), at every live
+    snapshot, and at `closed`.  A quiet flow's message used to pay a flush of its own
+    (`loop.call_soon`, two counter updates, the live figures: ~1.5 µs per message and
+    daemon, docs/benchmarks.md "Paced tail latency"); now it pays two additions.  Outside
+    an event loop the bytes are counted at once."""
 
     __slots__ = ("_closed", "_live", "_opened", "_received", "_sent", "_held_received",
-                 "_held_sent", "_flush_due", "_loop")
+                 "_held_sent", "_flush_due", "_metrics")
 
     def __init__(self, metrics: ProxyMetrics, labels: TcpLabels):
         values = labels.values()
+        self._metrics = metrics
         self._opened = metrics.tcp_opened.labels(*values)
         self._closed = metrics.tcp_closed.labels(*values)
         self._received = metrics.tcp_received.labels(*values)
         self._sent = metrics.tcp_sent.labels(*values)
         self._live = metrics.live.flow(labels) if metrics.live is not None else None
-        self._held_received = 0  # bytes of this turn not counted yet, from the client
+        self._held_received = 0  # bytes relayed since the last flush, from the client
         self._held_sent = 0      # and to it
-        self._flush_due = False  # the end-of-turn count is scheduled
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it is scheduled on
+        self._flush_due = False  # in ProxyMetrics' held meters
 
     def opened(self) -> None:
         self._opened.inc()
@@ -57,18 +63,9 @@ class ConnectionMeter:
             self._held_received += n
         else:
             self._held_sent += n
-        if self._flush_due:
-            return
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            # Looked up once (get_running_loop makes a getpid system call each time).
-            try:
-                loop = self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-        self._flush_due = True
-        loop.call_soon(self.flush)
+        if not self._flush_due:
+            self._flush_due = True
+            self._metrics.held(self)
 
     def flush(self) -> None:
         """Count the bytes held since the last flush."""
@@ -86,29 +83,29 @@ class ConnectionMeter:
                 live.bytes(False, sent)
 
 
+class _FlushFirst:
+    """The registry's first collector: every reading of the registry (a scrape,
+    `get_sample_value`) counts the meters' held bytes before the byte counters are read."""
+
+    def __init__(self, flush: Callable[[], None]):
+        self._flush = flush
+
+    def collect(self) -> list[Any]:
+        self._flush()
+        return []
+
+
 class ProxyMetrics:
     # The live figures relayed connections feed (set by the daemon; None: not kept).
     _live: LiveStats | None = None
 
-    @property
-    def live(self) -> LiveStats | None:
-        return self._live
-
-    @live.setter
-    def live(self, live: LiveStats | None) -> None:
-        self._live = live
-        self._meters.clear()  # bound to the previous live figures
-
-    def meter(self, labels: TcpLabels) -> ConnectionMeter:
-        """The meter of these labels, made once: a connection does not look its four
-        series up again (the series themselves live as long as the registry)."""
-        meter = self._meters.get(labels)
-        if meter is None:
-            meter = self._meters[labels] = ConnectionMeter(self, labels)
-        return meter
-
     def __init__(self, registry: CollectorRegistry):
         self._meters: dict[TcpLabels, ConnectionMeter] = {}
+        self._held: list[ConnectionMeter] = []  # meters holding bytes not counted yet
+        # The loop their flush is armed on (None: not armed).
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        # Registered before the byte counters, so it runs before they are read.
+        registry.register(_FlushFirst(self.flush_held))  # type: ignore[arg-type]
         self.tcp_opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened through the proxy",
             TCP_LABELS, registry=registry)
@@ -147,3 +144,48 @@ class ProxyMetrics:
         self.pod_enrollments = Counter(
             "nodeproxy_pod_enrollments", "Enroll and unenroll events, by cause",
             ("event", "cause"), registry=registry)
+
+    @property
+    def live(self) -> LiveStats | None:
+        return self._live
+
+    @live.setter
+    def live(self, live: LiveStats | None) -> None:
+        self.flush_held()     # what the meters hold belongs to the previous live figures
+        self._live = live
+        self._meters.clear()  # bound to the previous live figures
+        if live is not None:
+            live.before_snapshot = self.flush_held
+
+    def held(self, meter: ConnectionMeter) -> None:
+        """`meter` holds bytes not counted yet: count them within FLUSH_SECONDS (one timer
+        for every meter), at the next reading of the registry, or at once outside a loop."""
+        self._held.append(meter)
+        timer_loop = self._timer_loop
+        if timer_loop is not None and not timer_loop.is_closed():
+            return   # armed (on a loop that may still run it)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush_held()
+            return
+        self._timer_loop = loop
+        loop.call_later(FLUSH_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        self._timer_loop = None
+        self.flush_held()
+
+    def flush_held(self) -> None:
+        """Count every meter's held bytes now."""
+        held, self._held = self._held, []
+        for meter in held:
+            meter.flush()
+
+    def meter(self, labels: TcpLabels) -> ConnectionMeter:
+        """The meter of these labels, made once: a connection does not look its four
+        series up again (the series themselves live as long as the registry)."""
+        meter = self._meters.get(labels)
+        if meter is None:
+            meter = self._meters[labels] = ConnectionMeter(self, labels)
+        return meter

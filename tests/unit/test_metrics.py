@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -105,34 +106,89 @@ def test_series_a_capture_mode_does_not_keep_are_absent_not_zero():
                      "nodeproxy_kernel_inbound_connections_captured_total"}
 
 
-def test_meter_bytes_of_a_turn_are_counted_at_its_end_exactly():
-    """In the daemon's loop a turn's relayed bytes reach the series once, at the turn's end
-    (not a counter update per read): a scrape, which runs in a turn of its own, sees every
-    byte relayed before it, and a connection's end counts what is held at once."""
+def test_meter_bytes_are_exact_at_every_scrape_without_a_flush_per_message():
+    """In the daemon's loop relayed bytes are held in the meter (no counter update, no
+    callback per message), yet every scrape, even in the same turn as the reads, sees
+    every byte relayed before it, once; a connection's end counts what is held at once."""
 
-    async def main() -> list[tuple[float, float]]:
+    async def main() -> tuple[list[tuple[float, float]], list[float]]:
         registry = CollectorRegistry()
-        meter = ConnectionMeter(ProxyMetrics(registry), LABELS)
+        metrics = ProxyMetrics(registry)
+        meter = ConnectionMeter(metrics, LABELS)
         key = tuple(sorted(asdict(LABELS).items()))
+        counter = metrics.tcp_received.labels(*LABELS.values())
 
         def read() -> tuple[float, float]:
             got = samples(generate_latest(registry).decode())
             return (got[("istio_tcp_received_bytes_total", key)],
                     got[("istio_tcp_sent_bytes_total", key)])
 
-        seen = []
+        seen, raw = [], []
         meter.opened()
         for _ in range(1000):
             meter.bytes(True, 7)
             meter.bytes(False, 3)
-        seen.append(read())               # the same turn: not counted yet
+        raw.append(counter._value.get())  # held: the counter itself not touched yet
         await asyncio.sleep(0)
-        seen.append(read())               # the next turn: all of it
+        raw.append(counter._value.get())  # nor at the turn's end (no flush per turn)
+        seen.append(read())               # a scrape: all of it
+        seen.append(read())               # and nothing twice
         meter.bytes(True, 5)
+        seen.append((registry.get_sample_value("istio_tcp_received_bytes_total",
+                                               asdict(LABELS)) or 0, 3000))
+        meter.bytes(True, 6)
         meter.closed()                    # the end counts what is held at once
+        raw.append(counter._value.get())
         seen.append(read())
         await asyncio.sleep(0)
-        seen.append(read())               # and nothing twice
-        return seen
+        seen.append(read())
+        return seen, raw
 
-    assert asyncio.run(main()) == [(0, 0), (7000, 3000), (7005, 3000), (7005, 3000)]
+    seen, raw = asyncio.run(main())
+    assert raw == [0, 0, 7011]
+    assert seen == [(7000, 3000), (7000, 3000), (7005, 3000), (7011, 3000), (7011, 3000)]
+
+
+def test_meter_bytes_reach_the_counters_and_live_figures_within_the_flush_period(
+        monkeypatch):
+    """Unscraped, the held bytes reach the counter and the live figures by one timer for all
+    meters (FLUSH_SECONDS); a live snapshot counts them at once; with no loop running they
+    are counted at once."""
+    from nodeproxy.telemetry import proxy_metrics
+    from nodeproxy.telemetry.live_stats import LiveStats
+
+    monkeypatch.setattr(proxy_metrics, "FLUSH_SECONDS", 0.05)
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    metrics.live = LiveStats(60)
+    other = dataclasses.replace(LABELS, destination_workload="api")
+    meters = [metrics.meter(LABELS), metrics.meter(other)]
+
+    def tcp_bytes() -> int:  # both meters' connections are the client's (one row)
+        return sum(row["tcp"]["bytes_in"] + row["tcp"]["bytes_out"]
+                   for row in metrics.live.snapshot()["workloads"])  # type: ignore[union-attr]
+
+    async def main() -> list[object]:
+        counters = [metrics.tcp_sent.labels(*m.values()) for m in (LABELS, other)]
+        out: list[object] = []
+        for meter in meters:
+            meter.bytes(False, 400)
+        out.append([c._value.get() for c in counters])
+        out.append(tcp_bytes())          # a snapshot flushes first
+        for meter in meters:
+            meter.bytes(False, 100)
+        out.append([c._value.get() for c in counters])
+        await asyncio.sleep(0.2)         # the timer's flush, one for both meters
+        out.append([c._value.get() for c in counters])
+        return out
+
+    assert asyncio.run(main()) == [[0, 0], 800, [400, 400], [500, 500]]
+    meters[0].bytes(True, 9)             # no loop: at once (and a dead loop's timer
+    assert metrics.tcp_received.labels(*LABELS.values())._value.get() == 9  # is not waited on)
+    assert asyncio.run(_bytes_in_a_new_loop(metrics, meters[0])) == 9 + 11
+
+
+async def _bytes_in_a_new_loop(metrics: ProxyMetrics, meter: ConnectionMeter) -> float:
+    meter.bytes(True, 11)
+    await asyncio.sleep(0.2)
+    return metrics.tcp_received.labels(*LABELS.values())._value.get()

@@ -494,14 +494,29 @@ def test_a_large_write_is_encrypted_in_slices_the_bio_never_holds_it_whole(
     slices. Whole writes of 4 MiB and 3 MiB + 5 (the turn's first, then a later one) and
     a memoryview: every byte arrives, in order."""
     largest = {"plain": 0, "pending": 0}
-    original = ssl.SSLObject.write
 
-    def recording(self: ssl.SSLObject, data: Any) -> int:
-        largest["plain"] = max(largest["plain"], len(data))
-        written = original(self, data)
-        return written
+    class Recording:
+        """The C object under an SSLObject (what the records call), its writes measured."""
 
-    monkeypatch.setattr(ssl.SSLObject, "write", recording)
+        def __init__(self, inner: Any):
+            self._inner = inner
+
+        def write(self, data: Any) -> int:
+            largest["plain"] = max(largest["plain"], len(data))
+            written: int = self._inner.write(data)
+            return written
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+    original_wrap = ssl.SSLContext.wrap_bio
+
+    def wrapping(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        sslobj = original_wrap(self, *args, **kwargs)
+        sslobj._sslobj = Recording(sslobj._sslobj)  # type: ignore[attr-defined]
+        return sslobj
+
+    monkeypatch.setattr(ssl.SSLContext, "wrap_bio", wrapping)
     original_send = tls_transport._TlsRecords._send
 
     def measuring(self: Any) -> None:
@@ -528,3 +543,22 @@ def test_a_large_write_is_encrypted_in_slices_the_bio_never_holds_it_whole(
     assert 0 < largest["plain"] <= tls_transport.FLUSH_AT
     # At most a slice's ciphertext on top of what had not reached FLUSH_AT yet.
     assert largest["pending"] < 2 * tls_transport.FLUSH_AT + 4096
+
+
+def test_the_records_call_the_c_object_under_ssl_sslobject() -> None:
+    """The records call `SSLObject._sslobj`'s read, write and pending directly (no Python
+    wrapper frame per call); if a Python release renames or reshapes that attribute, this
+    fails naming it instead of the transport breaking at run time."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    sslobj = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=None)
+    inner = sslobj._sslobj  # type: ignore[attr-defined]
+    for name in ("read", "write", "pending"):
+        assert callable(getattr(inner, name, None)), f"ssl.SSLObject._sslobj.{name} is gone"
+    assert inner.pending() == 0
+    with pytest.raises(ssl.SSLWantReadError):
+        inner.read(16, bytearray(16))
+    # The wrappers the records skip still only forward (what they would have added).
+    import inspect
+    for name in ("read", "write", "pending"):
+        assert "self._sslobj." + name in inspect.getsource(getattr(ssl.SSLObject, name))
