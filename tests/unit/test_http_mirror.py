@@ -33,6 +33,7 @@ from nodeproxy.mesh.destinations import Backend
 from nodeproxy.mesh.upstream import Refused
 from nodeproxy.telemetry.request_metrics import RequestMetrics
 from tests.unit.test_config import HEAD
+from tests.unit.tiny_chunks import feed_in_tiny_chunks
 
 FQDN = "shadow.default.svc.cluster.local"
 
@@ -162,9 +163,7 @@ def test_a_body_in_tiny_chunks_costs_the_tap_what_it_counts():
     mirrored request, up to 100 of them per HTTP/2 connection; 1-byte chunks are
     CPython's shared bytes, 8 bytes each).  The copy is one buffer now, and the mirror
     gets the very bytes the primary read."""
-    import gc
     import hashlib
-    import tracemalloc
 
     limit, size = 64 * 1024, 60_000
     payload = bytes(random.Random(8).randrange(256) for _ in range(size))
@@ -172,23 +171,12 @@ def test_a_body_in_tiny_chunks_costs_the_tap_what_it_counts():
     async def main() -> tuple[int, bytes, bytes]:
         source = Body()
         tap = BodyTap(source, limit=limit, content_length=None)
-        gc.collect()
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            primary = hashlib.sha256()
-            for i in range(0, size, 2):
-                source.feed(payload[i:i + 2])
-                primary.update(await tap.read())
-            gc.collect()
-            held = tracemalloc.get_traced_memory()[0] - before
-        finally:
-            tracemalloc.stop()
+        held, primary = await feed_in_tiny_chunks(source, tap.read, payload)
         source.end()
         assert await tap.read() == b""
         copy = await tap.copy()
         assert isinstance(copy, Body)
-        return held, primary.digest(), hashlib.sha256(await read_all(copy)).digest()
+        return held, primary, hashlib.sha256(await read_all(copy)).digest()
 
     held, primary, mirrored = asyncio.run(main())
     assert primary == mirrored == hashlib.sha256(payload).digest()

@@ -4,14 +4,13 @@ record costs, and every attempt sending exactly the client's bytes (review8)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import random
-import tracemalloc
 
 import pytest
 
 from nodeproxy.codec.message import Body, BodyError, ReplayableBody
+from tests.unit.tiny_chunks import feed_in_tiny_chunks
 
 LIMIT = 64 * 1024  # retry_buffer_bytes' default
 
@@ -35,22 +34,11 @@ def test_a_body_in_tiny_chunks_costs_the_record_what_it_counts() -> None:
         source = Body()
         body = ReplayableBody(source, LIMIT)
         first = body.reader()
-        gc.collect()
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            sent = hashlib.sha256()
-            for i in range(0, size, 2):
-                source.feed(payload[i:i + 2])
-                sent.update(await first.read())
-            gc.collect()
-            held = tracemalloc.get_traced_memory()[0] - before
-        finally:
-            tracemalloc.stop()
+        held, sent = await feed_in_tiny_chunks(source, first.read, payload)
         source.end()
         assert await first.read() == b"" and first.ended
         retry = await _drain(body.reader())  # a second attempt replays the record
-        return held, sent.digest(), hashlib.sha256(retry).digest()
+        return held, sent, hashlib.sha256(retry).digest()
 
     held, first, retry = asyncio.run(main())
     assert first == retry == hashlib.sha256(payload).digest()

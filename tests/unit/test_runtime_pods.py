@@ -40,6 +40,14 @@ LOCAL = {"name": "web", "namespace": "shop", "netns": "/run/netns/web",
          "cgroup": "/sys/fs/cgroup/pods/web", "ips": ["10.244.1.5"]}
 
 
+def _api_state(labels: dict[str, str]) -> DiscoveredState:
+    """What the Kubernetes API says of LOCAL's pod: `labels`, in an ambient namespace."""
+    known = Workload.model_validate({"name": "web", "namespace": "shop",
+                                     "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
+                                     "labels": labels})
+    return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
+
+
 @dataclass
 class _Pod:
     workload: Workload
@@ -258,13 +266,7 @@ def test_a_relabel_in_the_api_reaches_a_pod_enrolled_at_run_time(tmp_path: Path)
     """review7: the API's labels were read once, at enrollment, so a DENY selecting a
     label put on the pod later (kubectl label) never applied to it.  follow_api (each
     discovery update) applies the API's labels, under the plugin's own, in place."""
-    def api(labels: dict[str, str]) -> DiscoveredState:
-        known = Workload.model_validate({"name": "web", "namespace": "shop",
-                                         "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
-                                         "labels": labels})
-        return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
-
-    current = [api({"app": "web", "tier": "api"})]
+    current = [_api_state({"app": "web", "tier": "api"})]
 
     class Updating(StandInEnrollment):
         def update(self, workload: Workload) -> bool:
@@ -278,11 +280,11 @@ def test_a_relabel_in_the_api_reaches_a_pod_enrolled_at_run_time(tmp_path: Path)
     asyncio.run(pods.enroll(parse_workload({**LOCAL, "labels": {"tier": "front"}})))
     labels = lambda: enrollment.pods["shop/web"].workload.labels  # noqa: E731
     assert labels() == {"app": "web", "tier": "front"}
-    current[0] = api({"app": "web", "tier": "api", "lock": "yes"})
+    current[0] = _api_state({"app": "web", "tier": "api", "lock": "yes"})
     pods.follow_api()
     assert labels() == {"app": "web", "tier": "front", "lock": "yes"}
     assert enrollment.pods["shop/web"].workload.service_account == "web-sa"
-    current[0] = api({"app": "web"})  # a label taken off in the API comes off
+    current[0] = _api_state({"app": "web"})  # a label taken off in the API comes off
     pods.follow_api()
     assert labels() == {"app": "web", "tier": "front"}  # the plugin's own stays
     asyncio.run(pods.unenroll("shop", "web"))
@@ -294,13 +296,7 @@ def test_a_relabel_while_the_pod_is_being_set_up_is_not_lost(tmp_path: Path) -> 
     a discovery update in that await (the pod relabelled into a DENY's selector) found no
     pod to follow yet, so the pod kept the labels from before the relabel until some later
     update, however late.  Enrollment follows the API once more when set-up ends."""
-    def api(labels: dict[str, str]) -> DiscoveredState:
-        known = Workload.model_validate({"name": "web", "namespace": "shop",
-                                         "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
-                                         "labels": labels})
-        return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
-
-    current = [api({"app": "web"})]
+    current = [_api_state({"app": "web"})]
     pods_box: list[RuntimePods] = []
 
     class SlowSetUp(StandInEnrollment):
@@ -308,7 +304,7 @@ def test_a_relabel_while_the_pod_is_being_set_up_is_not_lost(tmp_path: Path) -> 
             await asyncio.sleep(0)
             # the relabel lands while the kernel is being set up: the daemon's
             # _on_discovery stores the state and calls follow_api
-            current[0] = api({"app": "web", "quarantine": "yes"})
+            current[0] = _api_state({"app": "web", "quarantine": "yes"})
             pods_box[0].follow_api()
             await asyncio.sleep(0)
             return await super().enroll(workload, source)
@@ -336,12 +332,6 @@ def test_a_label_the_api_took_off_while_the_daemon_was_down_comes_off_after_the_
     ALLOW's) stayed on the pod for good.  The saved file now carries the plugin's own
     labels: the API completes them again at restore, or, when the API has not answered
     by then, at its first update (the pod is enrolled as saved meanwhile)."""
-    def api(labels: dict[str, str]) -> DiscoveredState:
-        known = Workload.model_validate({"name": "web", "namespace": "shop",
-                                         "ips": ["10.244.1.5"], "serviceAccount": "web-sa",
-                                         "labels": labels})
-        return DiscoveredState.build(1, [known], [], {"shop": AMBIENT})
-
     class Updating(StandInEnrollment):
         def update(self, workload: Workload) -> bool:
             self.pods[workload.key].workload = workload
@@ -354,16 +344,17 @@ def test_a_label_the_api_took_off_while_the_daemon_was_down_comes_off_after_the_
                            saved=SavedPods(str(tmp_path), "n1"),
                            on_change=lambda: None), enrollment
 
-    first, _ = daemon([api({"app": "web", "mode": "permissive"})])
+    first, _ = daemon([_api_state({"app": "web", "mode": "permissive"})])
     asyncio.run(first.enroll(parse_workload({**LOCAL, "labels": {"tier": "front"}})))
     # the daemon stops; meanwhile the label is taken off in the API; the daemon starts
-    current: list[DiscoveredState | None] = [api({"app": "web"}) if api_at_restart else None]
+    current: list[DiscoveredState | None] = [
+        _api_state({"app": "web"}) if api_at_restart else None]
     second, enrollment = daemon(current)
     asyncio.run(second.restore())
     labels = lambda: enrollment.pods["shop/web"].workload.labels  # noqa: E731
     if not api_at_restart:  # as saved until the API answers
         assert labels() == {"app": "web", "mode": "permissive", "tier": "front"}
-        current[0] = api({"app": "web"})
+        current[0] = _api_state({"app": "web"})
         second.follow_api()
     assert labels() == {"app": "web", "tier": "front"}
     assert enrollment.pods["shop/web"].workload.service_account == "web-sa"
