@@ -19,16 +19,17 @@ import os
 import sys
 from pathlib import Path
 
-# atheris instruments Python bytecode: the L7 path's compiled build (nodeproxy/native.py)
-# would hide its branches from libFuzzer, so fuzzing runs the sources.
-os.environ["NODEPROXY_NATIVE"] = "0"
-
 INSTRUMENTED = ["nodeproxy", "h2", "hpack", "hyperframe", "yaml"]
 TARGETS = ("fuzz_h1_server", "fuzz_h2_server", "fuzz_hbone_server", "fuzz_config_loader",
            "fuzz_cni_netconf", "fuzz_authorization")
 
 
 def main(argv: list[str]) -> None:
+    # atheris instruments Python bytecode: the compiled build (nodeproxy/native.py) would
+    # hide its branches from libFuzzer, so fuzzing runs the sources.  Set here, not at
+    # import: the suite imports TARGETS from this module, and an assignment at import set
+    # the switch for the whole test process and every daemon it started.
+    os.environ["NODEPROXY_NATIVE"] = "0"
     import atheris
 
     if len(argv) < 2 or argv[1] not in (*TARGETS, "selftest_crash"):
