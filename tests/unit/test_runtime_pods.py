@@ -78,6 +78,10 @@ class StandInEnrollment:
     async def unenroll(self, key: str, cause: str) -> bool:
         return self.pods.pop(key, None) is not None
 
+    def update(self, workload: Workload) -> bool:
+        self.pods[workload.key].workload = workload
+        return True
+
 
 def runtime(tmp_path: Path, discovered: DiscoveredState | None = None
             ) -> tuple[RuntimePods, StandInEnrollment, list[str]]:
@@ -87,6 +91,15 @@ def runtime(tmp_path: Path, discovered: DiscoveredState | None = None
                        discovered=lambda: discovered, saved=SavedPods(str(tmp_path), "n1"),
                        on_change=lambda: changes.append("changed"))
     return pods, enrollment, changes
+
+
+def following_api(tmp_path: Path, enrollment: StandInEnrollment,
+                  current: list[DiscoveredState] | list[DiscoveredState | None]
+                  ) -> RuntimePods:
+    """Run-time pods whose API view is whatever `current[0]` holds when read."""
+    return RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
+                       discovered=lambda: current[0], saved=SavedPods(str(tmp_path), "n1"),
+                       on_change=lambda: None)
 
 
 def saved(tmp_path: Path) -> list[Any]:
@@ -268,15 +281,8 @@ def test_a_relabel_in_the_api_reaches_a_pod_enrolled_at_run_time(tmp_path: Path)
     discovery update) applies the API's labels, under the plugin's own, in place."""
     current = [_api_state({"app": "web", "tier": "api"})]
 
-    class Updating(StandInEnrollment):
-        def update(self, workload: Workload) -> bool:
-            self.pods[workload.key].workload = workload
-            return True
-
-    enrollment = Updating()
-    pods = RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
-                       discovered=lambda: current[0], saved=SavedPods(str(tmp_path), "n1"),
-                       on_change=lambda: None)
+    enrollment = StandInEnrollment()
+    pods = following_api(tmp_path, enrollment, current)
     asyncio.run(pods.enroll(parse_workload({**LOCAL, "labels": {"tier": "front"}})))
     labels = lambda: enrollment.pods["shop/web"].workload.labels  # noqa: E731
     assert labels() == {"app": "web", "tier": "front"}
@@ -309,14 +315,8 @@ def test_a_relabel_while_the_pod_is_being_set_up_is_not_lost(tmp_path: Path) -> 
             await asyncio.sleep(0)
             return await super().enroll(workload, source)
 
-        def update(self, workload: Workload) -> bool:
-            self.pods[workload.key].workload = workload
-            return True
-
     enrollment = SlowSetUp()
-    pods = RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
-                       discovered=lambda: current[0], saved=SavedPods(str(tmp_path), "n1"),
-                       on_change=lambda: None)
+    pods = following_api(tmp_path, enrollment, current)
     pods_box.append(pods)
     asyncio.run(pods.enroll(parse_workload(LOCAL)))
     assert enrollment.pods["shop/web"].workload.labels == {"app": "web", "quarantine": "yes"}
@@ -332,17 +332,10 @@ def test_a_label_the_api_took_off_while_the_daemon_was_down_comes_off_after_the_
     ALLOW's) stayed on the pod for good.  The saved file now carries the plugin's own
     labels: the API completes them again at restore, or, when the API has not answered
     by then, at its first update (the pod is enrolled as saved meanwhile)."""
-    class Updating(StandInEnrollment):
-        def update(self, workload: Workload) -> bool:
-            self.pods[workload.key].workload = workload
-            return True
-
-    def daemon(current: list[DiscoveredState | None]) -> tuple[RuntimePods, Updating]:
-        enrollment = Updating()
-        return RuntimePods(node="n1", enrollment=enrollment,  # type: ignore[arg-type]
-                           discovered=lambda: current[0],
-                           saved=SavedPods(str(tmp_path), "n1"),
-                           on_change=lambda: None), enrollment
+    def daemon(current: list[DiscoveredState | None]
+               ) -> tuple[RuntimePods, StandInEnrollment]:
+        enrollment = StandInEnrollment()
+        return following_api(tmp_path, enrollment, current), enrollment
 
     first, _ = daemon([_api_state({"app": "web", "mode": "permissive"})])
     asyncio.run(first.enroll(parse_workload({**LOCAL, "labels": {"tier": "front"}})))
